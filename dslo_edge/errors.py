@@ -1,0 +1,49 @@
+"""Exceptions raised by dslo-edge.
+
+Every error the runtime raises on purpose derives from ``DsloError``, so the
+CLI can print one line and exit non-zero::
+
+    DsloError
+    ├── ConfigError          device TOML or CLI input is invalid
+    ├── BundleError          bundle missing, corrupt or incompatible
+    ├── ConversionError      a Keras model cannot become a trainable bundle
+    ├── InvalidUpdate        a soft-label payload failed decoding or validation
+    └── BrokerError          an MQTT broker could not be started or reached
+"""
+
+from __future__ import annotations
+
+
+class DsloError(Exception):
+    """Root of all errors raised on purpose by dslo-edge."""
+
+
+class ConfigError(DsloError):
+    """Invalid configuration file or option value."""
+
+
+class BundleError(DsloError):
+    """A model bundle is missing, corrupt or does not match what is expected."""
+
+
+class ConversionError(DsloError):
+    """A Keras teacher or student cannot be converted into a bundle."""
+
+
+class InvalidUpdate(DsloError):
+    """A soft-label update was rejected.
+
+    Attributes:
+        reason: short machine-readable rejection kind, used as a metrics
+            counter name (for example ``"non_finite"``).
+        message_id: hex id of the update when it could be decoded, else None.
+    """
+
+    def __init__(self, reason: str, detail: str, message_id: str | None = None):
+        super().__init__(detail)
+        self.reason = reason
+        self.message_id = message_id
+
+
+class BrokerError(DsloError):
+    """An MQTT broker could not be started, reached or used."""
