@@ -1,0 +1,45 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dslo_edge.broker import Broker, amqtt_available, find_mosquitto
+
+# MQTT brokers on 127.0.0.1, stopped at the end of each test.
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Return a function that starts brokers of a given kind, skipping if missing.
+
+    Each broker gets its own directory under ``tmp_path``, which keeps its log
+    for a failing test.
+    """
+    started: list[Broker] = []
+
+    def start(kind: str = "auto", port: int | None = None) -> Broker:
+        if kind == "mosquitto" and find_mosquitto() is None:
+            pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
+        if kind == "amqtt" and not amqtt_available():
+            pytest.skip("amqtt is not installed")
+        if kind == "auto" and find_mosquitto() is None and not amqtt_available():
+            pytest.skip("no MQTT broker: neither mosquitto nor amqtt is installed")
+        broker = Broker.start(
+            port=port, kind=kind, workdir=tmp_path / f"broker-{len(started)}"
+        )
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., Broker]) -> Broker:
+    """A running broker: mosquitto when installed, else amqtt."""
+    return broker_factory("auto")
