@@ -1,0 +1,121 @@
+"""Load a converted bundle on the device and verify it before use."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dslo_edge.errors import BundleError
+from dslo_edge.protocol import ModelSpec
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STUDENT_SIGNATURES = ("infer", "train", "get_weights", "set_weights")
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def student_path(self) -> Path:
+        return self.path / self.manifest["student"]["file"]
+
+    @property
+    def teacher_path(self) -> Path:
+        return self.path / self.manifest["teacher"]["file"]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.manifest["input"]["shape"][1:])
+
+    @property
+    def class_count(self) -> int:
+        return int(self.manifest["class_count"])
+
+    @property
+    def teacher_output_kind(self) -> str:
+        return str(self.manifest["teacher"].get("output_kind", "probabilities"))
+
+    @property
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        weights = self.manifest["student"]["weights"]
+        return {name: tuple(shape) for name, shape in weights.items()}
+
+    def model_spec(self) -> ModelSpec:
+        """Return the shapes an update must match to train this student."""
+        return ModelSpec(input_shape=self.input_shape, class_count=self.class_count)
+
+
+def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Read a bundle's manifest and check its files.
+
+    Args:
+        path: the bundle directory written by ``dslo-edge convert``.
+        verify: compare each model file's sha256 with the manifest.
+
+    Raises:
+        BundleError: a missing or unreadable manifest, an unsupported format
+            version, a missing signature, a missing file or a checksum
+            mismatch.
+    """
+    folder = Path(path)
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(
+            f"no {MANIFEST_NAME} in {folder}; expected a directory written by "
+            "'dslo-edge convert'"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BundleError(f"cannot read {manifest_path}: {error}") from error
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path} has format_version {version!r}; this dslo-edge "
+            f"reads version {FORMAT_VERSION}: convert the models again"
+        )
+    bundle = Bundle(folder, manifest)
+    _check_signatures(bundle)
+    for role in ("student", "teacher"):
+        _check_file(folder, manifest[role], verify)
+    return bundle
+
+
+def _check_signatures(bundle: Bundle) -> None:
+    present = set(bundle.manifest["student"].get("signatures", {}))
+    missing = [name for name in STUDENT_SIGNATURES if name not in present]
+    if missing:
+        raise BundleError(
+            f"student in {bundle.path} lacks signatures {', '.join(missing)}; "
+            "convert it again with 'dslo-edge convert'"
+        )
+
+
+def _check_file(folder: Path, entry: dict[str, Any], verify: bool) -> None:
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise BundleError(f"bundle file {path} is missing")
+    if verify:
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise BundleError(
+                f"checksum mismatch for {path}: manifest says {entry['sha256']}, "
+                f"file has {actual}; the copy is corrupt, so copy the bundle again"
+            )

@@ -1,0 +1,121 @@
+"""Atomic checkpoints of the student weights and the adaptation state.
+
+Each checkpoint is one safetensors file: the weights and any state arrays as
+tensors, the rest as JSON in the file metadata, plus a sha256 over all tensor
+bytes so a torn or corrupt file is detected on load. A save writes a
+temporary file, fsyncs it, renames it into place and fsyncs the directory;
+the newest ``keep`` generations stay on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^checkpoint-(\d{8})\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back from disk."""
+
+    path: Path
+    sequence: int
+    tensors: dict[str, np.ndarray]
+    state: dict[str, Any]
+
+
+def _digest(tensors: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(tensors[name]).tobytes())
+    return digest.hexdigest()
+
+
+def _fsync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Return (sequence, path) of checkpoint files, newest first."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(
+    folder: Path, tensors: dict[str, np.ndarray], state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write a new checkpoint generation atomically and prune old ones.
+
+    Raises:
+        OSError: the write failed (for example a full disk); the previous
+            checkpoints are left untouched.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = list_checkpoints(folder)
+    sequence = existing[0][0] + 1 if existing else 1
+    target = folder / f"checkpoint-{sequence:08d}.safetensors"
+    metadata = {"state": json.dumps(state), "sha256": _digest(tensors)}
+    data = save_tensors(tensors, metadata=metadata)
+    temporary = target.with_suffix(".tmp")
+    try:
+        with open(temporary, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+        _fsync_directory(folder)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    for _, old in list_checkpoints(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def _read(path: Path, sequence: int) -> Checkpoint:
+    data = path.read_bytes()
+    tensors = load_tensors(data)
+    header_length = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
+    if metadata.get("sha256") != _digest(tensors):
+        raise ValueError("tensor checksum does not match")
+    return Checkpoint(path, sequence, tensors, json.loads(metadata["state"]))
+
+
+def load_latest_checkpoint(folder: Path) -> Checkpoint | None:
+    """Return the newest checkpoint that reads back intact, or None.
+
+    A corrupt or truncated generation is logged and skipped, so a crash in
+    the middle of a save falls back to the generation before it.
+    """
+    for sequence, path in list_checkpoints(folder):
+        try:
+            return _read(path, sequence)
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            logger.warning("Skipping unreadable checkpoint %s: %s", path, error)
+    return None

@@ -1,0 +1,323 @@
+"""Device configuration: a TOML file, validated before anything starts.
+
+Every error names the file, the key path and the value, and says what is
+allowed. Relative paths are resolved against the file's directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dslo_edge.errors import ConfigError
+from dslo_edge.protocol import PayloadLimits, Topics
+from dslo_edge.softlabels import AlphaPolicy, Schedule
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10 devices
+    import tomli as tomllib
+
+HARD_LABEL_FALLBACKS = ("argmax", "mask")
+MQTT_PROTOCOLS = ("5", "3.1.1")
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_prefix: str = "dslo"
+    keepalive: int = 30
+    client_id: str = ""
+    protocol: str = "5"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    learning_rate: float = 0.05
+    temperature: float = 2.0
+    planned_updates: int = 1000
+    checkpoint_every: int = 20
+    metrics_every: int = 5
+    queue_size: int = 256
+    hard_label_fallback: str = "argmax"
+    smoothing_lambda: float = 0.3
+    smoothing_capacity: int = 10000
+    alpha: AlphaPolicy = field(default_factory=AlphaPolicy)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Everything the edge daemon needs to start."""
+
+    source: Path
+    device_id: str
+    bundle: Path
+    state_dir: Path
+    runtime: str = "auto"
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    limits: PayloadLimits = field(default_factory=PayloadLimits)
+    sum_tolerance: float = 1e-3
+
+    @property
+    def topics(self) -> Topics:
+        return Topics.for_device(self.device_id, self.mqtt.topic_prefix)
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"dslo-edge-{self.device_id}-device"
+
+
+class _Reader:
+    """Typed access to one TOML table with errors that name file and key."""
+
+    def __init__(self, source: Path, table: dict[str, Any], path: str):
+        self.source = source
+        self.table = table
+        self.path = path
+        self.used: set[str] = set()
+
+    def fail(self, key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(
+            f"{self.source}: {self.path}{key} = {value!r} is invalid; "
+            f"expected {expected}"
+        )
+
+    def get(
+        self,
+        key: str,
+        kind: type,
+        default: Any,
+        check: Callable[[Any], bool] | None = None,
+        expected: str = "",
+    ) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is _REQUIRED:
+                raise ConfigError(
+                    f"{self.source}: missing required key {self.path}{key}"
+                )
+            return default
+        value = self.table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(key, value, expected or f"a {kind.__name__}")
+        if check is not None and not check(value):
+            raise self.fail(key, value, expected)
+        return value
+
+    def section(self, key: str) -> _Reader:
+        self.used.add(key)
+        value = self.table.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, value, "a table")
+        return _Reader(self.source, value, f"{self.path}{key}.")
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise ConfigError(
+                f"{self.source}: unknown key {self.path}{unknown[0]}; "
+                f"known keys here: {known}"
+            )
+
+
+_REQUIRED = object()
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _mqtt(reader: _Reader) -> MqttSettings:
+    settings = MqttSettings(
+        host=reader.get("host", str, "127.0.0.1", bool, "a host name or address"),
+        port=reader.get(
+            "port", int, 1883, lambda v: 0 < v < 65536, "a port in 1..65535"
+        ),
+        topic_prefix=reader.get("topic_prefix", str, "dslo"),
+        keepalive=reader.get(
+            "keepalive", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"
+        ),
+        client_id=reader.get("client_id", str, ""),
+        protocol=reader.get(
+            "protocol", str, "5", lambda v: v in MQTT_PROTOCOLS, "'5' or '3.1.1'"
+        ),
+    )
+    reader.reject_unknown()
+    return settings
+
+
+def _alpha(reader: _Reader) -> AlphaPolicy:
+    unit = (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    try:
+        policy = AlphaPolicy(
+            alpha_start=reader.get("start", float, 0.8, *unit),
+            alpha_end=reader.get("end", float, 0.2, *unit),
+            w_conf=reader.get("w_conf", float, 0.7, *unit),
+            w_time=reader.get("w_time", float, 0.3, *unit),
+            schedule=Schedule(reader.get("schedule", str, "linear")),
+        )
+    except ConfigError as error:
+        raise ConfigError(
+            f"{reader.source}: [{reader.path.rstrip('.')}] {error}"
+        ) from error
+    reader.reject_unknown()
+    return policy
+
+
+def _training(
+    reader: _Reader, alpha: AlphaPolicy, smoothing: _Reader
+) -> TrainingSettings:
+    settings = TrainingSettings(
+        learning_rate=reader.get(
+            "learning_rate", float, 0.05, lambda v: 0 < v <= 10, "a number in (0, 10]"
+        ),
+        temperature=reader.get(
+            "temperature", float, 2.0, lambda v: 0 < v <= 100, "a number in (0, 100]"
+        ),
+        planned_updates=reader.get(
+            "planned_updates", int, 1000, _positive, "a positive count of updates"
+        ),
+        checkpoint_every=reader.get(
+            "checkpoint_every", int, 20, _positive, "a positive count of updates"
+        ),
+        metrics_every=reader.get(
+            "metrics_every", int, 5, _positive, "a positive count of updates"
+        ),
+        queue_size=reader.get(
+            "queue_size", int, 256, lambda v: 1 <= v <= 100000, "a count in 1..100000"
+        ),
+        hard_label_fallback=reader.get(
+            "hard_label_fallback",
+            str,
+            "argmax",
+            lambda v: v in HARD_LABEL_FALLBACKS,
+            "'argmax' or 'mask'",
+        ),
+        smoothing_lambda=smoothing.get(
+            "lambda", float, 0.3, lambda v: 0 <= v <= 100, "a number in [0, 100]"
+        ),
+        smoothing_capacity=smoothing.get(
+            "capacity", int, 10000, _positive, "a positive count of sample ids"
+        ),
+        alpha=alpha,
+    )
+    reader.reject_unknown()
+    smoothing.reject_unknown()
+    return settings
+
+
+def _limits(reader: _Reader) -> tuple[PayloadLimits, float]:
+    limits = PayloadLimits(
+        max_payload_bytes=reader.get(
+            "max_payload_bytes",
+            int,
+            4 * 1024 * 1024,
+            _positive,
+            "a positive byte count",
+        ),
+        max_samples=reader.get(
+            "max_samples", int, 4096, _positive, "a positive sample count"
+        ),
+    )
+    tolerance = reader.get(
+        "sum_tolerance", float, 1e-3, lambda v: 0 < v < 0.5, "a number in (0, 0.5)"
+    )
+    reader.reject_unknown()
+    return limits, tolerance
+
+
+def load_config(path: str | Path) -> DeviceConfig:
+    """Read and validate a device TOML file.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or has an invalid,
+            missing or unknown key.
+    """
+    source = Path(path)
+    try:
+        data = tomllib.loads(source.read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file not found: {source}") from error
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot read {source}: {error}") from error
+    root = _Reader(source, data, "")
+    device = root.section("device")
+    base = source.parent
+    device_id = device.get("id", str, _REQUIRED)
+    bundle = base / device.get("bundle", str, _REQUIRED)
+    state_dir = base / device.get("state_dir", str, "state")
+    runtime = device.get("runtime", str, "auto")
+    device.reject_unknown()
+    mqtt = _mqtt(root.section("mqtt"))
+    alpha = _alpha(root.section("alpha"))
+    training = _training(root.section("training"), alpha, root.section("smoothing"))
+    limits, tolerance = _limits(root.section("limits"))
+    root.reject_unknown()
+    config = DeviceConfig(
+        source, device_id, bundle, state_dir, runtime, mqtt, training, limits, tolerance
+    )
+    try:
+        _ = config.topics
+    except ConfigError as error:
+        raise ConfigError(
+            f"{source}: device.id or mqtt.topic_prefix: {error}"
+        ) from error
+    return config
+
+
+def render_config(
+    device_id: str,
+    bundle: Path,
+    state_dir: Path,
+    port: int,
+    *,
+    planned_updates: int = 1000,
+    protocol: str = "5",
+    learning_rate: float = 0.05,
+) -> str:
+    """Return a device TOML text with the given values and the defaults."""
+    return f"""[device]
+id = "{device_id}"
+bundle = "{bundle}"
+state_dir = "{state_dir}"
+runtime = "auto"
+
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+topic_prefix = "dslo"
+protocol = "{protocol}"
+
+[training]
+learning_rate = {learning_rate}
+temperature = 2.0
+planned_updates = {planned_updates}
+checkpoint_every = 20
+metrics_every = 5
+queue_size = 256
+hard_label_fallback = "argmax"
+
+[alpha]
+start = 0.8
+end = 0.2
+w_conf = 0.7
+w_time = 0.3
+schedule = "linear"
+
+[smoothing]
+lambda = 0.3
+capacity = 10000
+
+[limits]
+max_payload_bytes = 4194304
+max_samples = 4096
+sum_tolerance = 0.001
+"""

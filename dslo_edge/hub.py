@@ -1,0 +1,266 @@
+"""The hub side: run teacher snapshots on samples and publish soft labels.
+
+Each teacher file passed to ``push`` is one round. Within a round the samples
+are sent in messages of ``batch_size``; with ``wait`` the hub waits until the
+device reports (on its retained metrics topic) that it has processed every
+message of the round before it starts the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from dslo_edge.errors import BrokerError, ConfigError
+from dslo_edge.models import TeacherModel
+from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """Samples the hub labels: inputs, optional hard labels and sample ids."""
+
+    x: np.ndarray
+    ids: list[str]
+    y: np.ndarray | None = None
+
+
+def load_samples(path: str | Path) -> SampleSet:
+    """Read an ``.npz`` file with ``x`` and optional ``y`` and ``ids`` arrays.
+
+    Raises:
+        ConfigError: the file is missing, lacks ``x``, or the arrays disagree
+            in length.
+    """
+    source = Path(path)
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except FileNotFoundError as error:
+        raise ConfigError(f"sample file not found: {source}") from error
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read {source} as .npz: {error}") from error
+    if "x" not in arrays:
+        raise ConfigError(
+            f"{source} has arrays {sorted(arrays)}; expected at least 'x' (inputs)"
+        )
+    x = np.asarray(arrays["x"], dtype=np.float32)
+    ids = (
+        [str(i) for i in arrays["ids"]]
+        if "ids" in arrays
+        else [f"s{i}" for i in range(len(x))]
+    )
+    y = np.asarray(arrays["y"], dtype=np.int32) if "y" in arrays else None
+    if len(ids) != len(x) or (y is not None and len(y) != len(x)):
+        raise ConfigError(f"{source}: x, y and ids must have the same length")
+    return SampleSet(x, ids, y)
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """Split ``mqtt://host:port`` into host and port (port 1883 by default)."""
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    if parsed.scheme != "mqtt" or not parsed.hostname:
+        raise ConfigError(f"broker URL {url!r} is invalid; expected mqtt://HOST[:PORT]")
+    return parsed.hostname, parsed.port or 1883
+
+
+def build_updates(
+    teacher: TeacherModel,
+    samples: SampleSet,
+    *,
+    teacher_version: str,
+    teacher_round: int,
+    batch_size: int = 32,
+    send_hard_labels: bool = False,
+) -> Iterator[SoftLabelUpdate]:
+    """Label samples with the teacher and cut them into updates."""
+    for start in range(0, len(samples.x), batch_size):
+        x = samples.x[start : start + batch_size]
+        labels = teacher.predict(x)
+        hard = None
+        if send_hard_labels and samples.y is not None:
+            hard = samples.y[start : start + batch_size]
+        yield SoftLabelUpdate(
+            message_id=new_message_id(),
+            teacher_version=teacher_version,
+            teacher_round=teacher_round,
+            timestamp=time.time(),
+            sample_ids=samples.ids[start : start + batch_size],
+            inputs=x,
+            labels=labels.astype(np.float32),
+            label_kind=teacher.output_kind,
+            hard_labels=hard,
+        )
+
+
+class HubClient:
+    """An MQTT client that publishes updates and follows a device's metrics."""
+
+    def __init__(
+        self, host: str, port: int, device_id: str, protocol: Any = mqtt.MQTTv5
+    ):
+        self.topics = Topics.for_device(device_id)
+        self.device_id = device_id
+        self.latest_metrics: dict[str, Any] | None = None
+        self._metrics_changed = threading.Condition()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"dslo-hub-{device_id}-{uuid.uuid4().hex[:8]}",
+            protocol=protocol,
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self._connected = threading.Event()
+        try:
+            self.client.connect(host, port, keepalive=30)
+        except OSError as error:
+            raise BrokerError(
+                f"cannot reach the broker at {host}:{port}: {error}"
+            ) from error
+        self.client.loop_start()
+        if not self._connected.wait(10):
+            self.close()
+            raise BrokerError(
+                f"the broker at {host}:{port} did not accept the hub within 10 s"
+            )
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any
+    ) -> None:
+        if reason.is_failure:
+            logger.error("Broker refused the hub: %s", reason)
+            return
+        client.subscribe(self.topics.metrics, qos=1)
+        self._connected.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            report = json.loads(message.payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("Ignoring unreadable metrics from device %s", self.device_id)
+            return
+        with self._metrics_changed:
+            self.latest_metrics = report
+            self._metrics_changed.notify_all()
+
+    def publish(self, payload: bytes) -> None:
+        info = self.client.publish(self.topics.updates, payload, qos=1)
+        info.wait_for_publish(timeout=30)
+        if not info.is_published():
+            raise BrokerError(
+                f"update for device {self.device_id} was not acknowledged by the broker"
+            )
+
+    def processed(self) -> int | None:
+        with self._metrics_changed:
+            if self.latest_metrics is None:
+                return None
+            return int(self.latest_metrics.get("processed", 0))
+
+    def wait_for_metrics(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        """Wait until the device's metrics satisfy ``predicate``."""
+        deadline = time.monotonic() + timeout
+        with self._metrics_changed:
+            while self.latest_metrics is None or not predicate(self.latest_metrics):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerError(
+                        f"device {self.device_id} did not report the expected progress "
+                        f"within {timeout:.0f} s; last metrics: {self.latest_metrics}"
+                    )
+                self._metrics_changed.wait(remaining)
+            return dict(self.latest_metrics)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@dataclass
+class PushResult:
+    """What a push sent, and the device's metrics at the end when waited for."""
+
+    rounds: int = 0
+    messages: int = 0
+    samples: int = 0
+    payload_bytes: int = 0
+    device_metrics: dict[str, Any] | None = None
+
+
+def push(
+    teachers: list[Path],
+    output_kind: str,
+    samples: SampleSet,
+    device_id: str,
+    broker_url: str,
+    *,
+    batch_size: int = 32,
+    wait: bool = True,
+    timeout: float = 120.0,
+    protocol: Any = mqtt.MQTTv5,
+    on_message_sent: Callable[[], None] | None = None,
+) -> PushResult:
+    """Publish soft labels from each teacher snapshot in turn, one round each."""
+    host, port = parse_broker_url(broker_url)
+    hub = HubClient(host, port, device_id, protocol)
+    result = PushResult()
+    try:
+        baseline = _wait_for_baseline(hub) if wait else 0
+        for round_number, path in enumerate(teachers, start=1):
+            teacher = TeacherModel(path, output_kind)
+            version = Path(path).stem
+            for update in build_updates(
+                teacher,
+                samples,
+                teacher_version=version,
+                teacher_round=round_number,
+                batch_size=batch_size,
+            ):
+                payload = encode_update(update)
+                hub.publish(payload)
+                result.messages += 1
+                result.samples += update.sample_count
+                result.payload_bytes += len(payload)
+                if on_message_sent:
+                    on_message_sent()
+            result.rounds += 1
+            logger.info(
+                "Round %d (%s) sent to device %s", round_number, version, device_id
+            )
+            if wait:
+                target = baseline + result.messages
+                result.device_metrics = hub.wait_for_metrics(
+                    lambda m, target=target: m.get("processed", 0) >= target, timeout
+                )
+    finally:
+        hub.close()
+    return result
+
+
+def _wait_for_baseline(hub: HubClient, timeout: float = 10.0) -> int:
+    """Return the device's processed count before this push starts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        processed = hub.processed()
+        if processed is not None:
+            return processed
+        time.sleep(0.05)
+    raise BrokerError(
+        f"device {hub.device_id} has published no metrics; start the daemon "
+        "('dslo-edge run') before pushing with --wait"
+    )

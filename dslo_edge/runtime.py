@@ -1,0 +1,79 @@
+"""Pick a LiteRT interpreter package and run bundle models through it.
+
+Devices have either ``ai-edge-litert`` (the maintained package, numpy 2) or
+the older ``tflite-runtime`` 2.14 (numpy < 2 only); both expose the same
+``Interpreter`` class and signature runners.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dslo_edge.errors import BundleError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+RUNTIME_MODULES = {
+    "ai-edge-litert": "ai_edge_litert.interpreter",
+    "tflite-runtime": "tflite_runtime.interpreter",
+}
+
+
+def interpreter_class(preference: str = "auto") -> tuple[Any, str]:
+    """Return the ``Interpreter`` class to use and the package it came from.
+
+    Args:
+        preference: "auto" (ai-edge-litert first, then tflite-runtime) or one
+            of the package names in ``RUNTIME_MODULES``.
+
+    Raises:
+        ConfigError: unknown preference.
+        BundleError: no interpreter package is installed.
+    """
+    if preference == "auto":
+        candidates = list(RUNTIME_MODULES)
+    elif preference in RUNTIME_MODULES:
+        candidates = [preference]
+    else:
+        raise ConfigError(
+            f"unknown runtime '{preference}'; expected auto, "
+            + " or ".join(RUNTIME_MODULES)
+        )
+    errors = []
+    for name in candidates:
+        try:
+            module = importlib.import_module(RUNTIME_MODULES[name])
+        except ImportError as error:
+            errors.append(f"{name}: {error}")
+            continue
+        return module.Interpreter, name
+    raise BundleError(
+        "no LiteRT interpreter could be imported ("
+        + "; ".join(errors)
+        + "); install one with: pip install ai-edge-litert"
+    )
+
+
+def load_interpreter(
+    model_path: str | Path | None = None,
+    model_content: bytes | None = None,
+    preference: str = "auto",
+) -> Any:
+    """Create an interpreter for a model file or model bytes."""
+    cls, _ = interpreter_class(preference)
+    try:
+        if model_content is not None:
+            return cls(model_content=model_content, num_threads=1)
+        return cls(model_path=str(model_path), num_threads=1)
+    except (ValueError, RuntimeError, SystemError) as error:
+        raise BundleError(f"the interpreter cannot load the model: {error}") from error
+
+
+def as_float32(array: Any) -> np.ndarray:
+    """Return a C-contiguous float32 view or copy, as the interpreter expects."""
+    return np.ascontiguousarray(array, dtype=np.float32)
