@@ -56,7 +56,9 @@ class StudentModel:
         return float(result["loss"])
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        return {name: np.array(value) for name, value in self._get_weights().items()}
+        """Return every weight by name, in the manifest's layer order."""
+        values = self._get_weights()
+        return {name: np.array(values[name]) for name in self.bundle.weight_shapes}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Assign every weight; shapes must match the manifest."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,3 +45,41 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
 def broker(broker_factory: Callable[..., Broker]) -> Broker:
     """A running broker: mosquitto when installed, else amqtt."""
     return broker_factory("auto")
+
+
+# A small converted bundle shared by the converter, trainer and daemon tests.
+
+
+@dataclass
+class ConvertedPair:
+    """Keras teacher and student and the bundle converted from them."""
+
+    teacher: Any
+    student: Any
+    bundle: Path
+
+
+@pytest.fixture(scope="session")
+def mlp_pair(tmp_path_factory: pytest.TempPathFactory) -> ConvertedPair:
+    """Convert a 64-16-10 MLP student and a 64-32-10 teacher, both untrained."""
+    keras = pytest.importorskip("keras")
+    from converters.bundle import convert_bundle
+
+    keras.utils.set_random_seed(7)
+    student = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    teacher = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(32, activation="tanh"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    bundle = tmp_path_factory.mktemp("mlp") / "bundle"
+    convert_bundle(teacher, student, bundle)
+    return ConvertedPair(teacher, student, bundle)

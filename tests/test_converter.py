@@ -1,0 +1,215 @@
+"""Converted bundles against TensorFlow: inference, one train step, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from converters.bundle import convert_bundle  # noqa: E402
+from dslo_edge.bundle import load_bundle  # noqa: E402
+from dslo_edge.errors import BundleError, ConversionError  # noqa: E402
+from dslo_edge.models import StudentModel  # noqa: E402
+
+TEMPERATURE = 2.0
+LEARNING_RATE = 0.1
+
+
+def _batch(size: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    hard = rng.integers(0, 10, size=size).astype(np.int32)
+    hard[::3] = -1  # every third sample has no hard label
+    return {
+        "x": rng.random((size, 64), dtype=np.float32),
+        "soft": rng.dirichlet(np.ones(10), size=size).astype(np.float32),
+        "hard": hard,
+        "alpha": rng.uniform(0.2, 0.8, size=size).astype(np.float32),
+    }
+
+
+def _tensorflow_step(model, batch: dict[str, np.ndarray]):
+    """One SGD step of the distillation loss with TensorFlow's own autodiff."""
+    logits_model = keras.models.clone_model(model)
+    logits_model.set_weights(model.get_weights())
+    logits_model.layers[-1].activation = keras.activations.linear
+    x = tf.constant(batch["x"])
+    soft = tf.constant(batch["soft"])
+    alpha = tf.constant(batch["alpha"])
+    with tf.GradientTape() as tape:
+        z = logits_model(x)
+        log_q_t = tf.nn.log_softmax(z / TEMPERATURE)
+        kl = tf.reduce_sum(tf.math.xlogy(soft, soft) - soft * log_q_t, axis=-1)
+        one_hot = tf.one_hot(batch["hard"], 10)  # -1 gives an all-zero row
+        ce = -tf.reduce_sum(one_hot * tf.nn.log_softmax(z), axis=-1)
+        per_sample = alpha * TEMPERATURE**2 * kl + (1.0 - alpha) * ce
+        loss = tf.reduce_mean(per_sample)
+    grads = tape.gradient(loss, logits_model.trainable_variables)
+    updated = [
+        (v - LEARNING_RATE * g).numpy()
+        for v, g in zip(logits_model.trainable_variables, grads, strict=True)
+    ]
+    return float(loss), updated
+
+
+def test_infer_matches_keras_predict(mlp_pair) -> None:
+    student = StudentModel(load_bundle(mlp_pair.bundle))
+    x = np.random.default_rng(1).random((7, 64), dtype=np.float32)
+    expected = mlp_pair.student.predict(x, verbose=0)
+    np.testing.assert_allclose(student.infer(x), expected, rtol=0, atol=1e-5)
+
+
+def test_teacher_file_matches_keras_predict(mlp_pair) -> None:
+    from dslo_edge.models import TeacherModel
+
+    bundle = load_bundle(mlp_pair.bundle)
+    teacher = TeacherModel(bundle.teacher_path, bundle.teacher_output_kind)
+    x = np.random.default_rng(2).random((5, 64), dtype=np.float32)
+    expected = mlp_pair.teacher.predict(x, verbose=0)
+    assert bundle.teacher_output_kind == "probabilities"
+    np.testing.assert_allclose(teacher.predict(x), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_train_step_matches_tensorflow(mlp_pair, batch_size: int) -> None:
+    student = StudentModel(load_bundle(mlp_pair.bundle))
+    before = list(student.get_weights().values())
+    batch = _batch(batch_size, seed=batch_size)
+
+    loss = student.train_step(
+        batch["x"],
+        batch["soft"],
+        batch["hard"],
+        batch["alpha"],
+        TEMPERATURE,
+        LEARNING_RATE,
+    )
+    expected_loss, expected_weights = _tensorflow_step(mlp_pair.student, batch)
+
+    assert loss == pytest.approx(expected_loss, rel=1e-4)
+    after = list(student.get_weights().values())
+    for old, new, reference in zip(before, after, expected_weights, strict=True):
+        step = new - old
+        reference_step = reference - old
+        error = np.max(np.abs(step - reference_step))
+        assert error <= 1e-4 * np.max(np.abs(reference_step))
+
+
+def test_kd_term_golden_value(tmp_path) -> None:
+    # Inputs are log(q) and the student is one identity Dense layer, so the
+    # student's probabilities are exactly q.
+    student = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(3, activation="softmax")]
+    )
+    student.set_weights([np.eye(3, dtype=np.float32), np.zeros(3, np.float32)])
+    teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+    convert_bundle(teacher, student, tmp_path / "bundle")
+    model = StudentModel(load_bundle(tmp_path / "bundle"))
+    q = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=np.float32)
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
+
+    loss = model.train_step(
+        np.log(q), p, np.array([-1, -1], np.int32), np.ones(2, np.float32), 1.0, 0.0
+    )
+
+    expected = np.mean(np.sum(p * np.log(p / q), axis=1))
+    assert expected == pytest.approx(0.0592, abs=5e-5)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_manifest_lists_builtin_ops_and_checksums(mlp_pair) -> None:
+    manifest = json.loads((mlp_pair.bundle / "manifest.json").read_text())
+    train = manifest["student"]["signatures"]["train"]
+
+    assert manifest["format_version"] == 1
+    assert manifest["class_count"] == 10
+    assert manifest["input"] == {"shape": [None, 64], "dtype": "float32"}
+    assert manifest["runtime"]["flex"] is False
+    assert "ASSIGN_VARIABLE" in train["ops"]
+    assert not [op for op in train["ops"] if op.startswith("Flex")]
+    assert sorted(train["inputs"]) == [
+        "alpha",
+        "hard",
+        "learning_rate",
+        "soft",
+        "temperature",
+        "x",
+    ]
+    assert train["inputs"]["hard"]["dtype"] == "int32"
+    assert len(manifest["student"]["sha256"]) == 64
+    assert set(manifest["student"]["signatures"]) == {
+        "infer",
+        "train",
+        "get_weights",
+        "set_weights",
+    }
+
+
+def test_corrupt_bundle_file_is_rejected(mlp_pair, tmp_path) -> None:
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    for path in mlp_pair.bundle.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    data = bytearray((copy / "student.tflite").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "student.tflite").write_bytes(bytes(data))
+
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        load_bundle(copy)
+
+
+def test_unsupported_layer_is_named(tmp_path) -> None:
+    student = keras.Sequential(
+        [
+            keras.Input((8, 4)),
+            keras.layers.LSTM(4, name="memory"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    teacher = keras.Sequential(
+        [keras.Input((8, 4)), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+
+    with pytest.raises(ConversionError, match="'memory'.*LSTM.*supported"):
+        convert_bundle(teacher, student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_existing_output_is_not_overwritten(mlp_pair, tmp_path) -> None:
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+
+    with pytest.raises(ConversionError, match="not empty"):
+        convert_bundle(mlp_pair.teacher, mlp_pair.student, out)
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_class_count_mismatch_is_rejected(mlp_pair, tmp_path) -> None:
+    teacher = keras.Sequential([keras.Input((64,)), keras.layers.Dense(7)])
+
+    with pytest.raises(ConversionError, match="7 classes.*10"):
+        convert_bundle(teacher, mlp_pair.student, tmp_path / "bundle")
+
+
+def test_device_modules_do_not_import_tensorflow() -> None:
+    # Runs in a fresh interpreter because this test process has TensorFlow.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dslo_edge.daemon, dslo_edge.hub, dslo_edge.cli;"
+        "print('tensorflow' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.stdout.strip() == "False"

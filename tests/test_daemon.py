@@ -1,0 +1,244 @@
+"""The edge daemon against a real mosquitto broker on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from dslo_edge.bundle import load_bundle
+from dslo_edge.config import DeviceConfig, load_config, render_config
+from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.hub import HubClient
+from dslo_edge.models import StudentModel
+from dslo_edge.protocol import SoftLabelUpdate, encode_update, new_message_id
+from dslo_edge.trainer import Trainer
+
+DEVICE = "test-device"
+WAIT_S = 30.0
+
+
+def write_config(tmp_path: Path, bundle: Path, port: int) -> DeviceConfig:
+    path = tmp_path / "device.toml"
+    text = render_config(DEVICE, bundle, tmp_path / "state", port, planned_updates=50)
+    path.write_text(text)
+    return load_config(path)
+
+
+def make_update(seed: int, samples: int = 8, **changes: object) -> SoftLabelUpdate:
+    rng = np.random.default_rng(seed)
+    update = SoftLabelUpdate(
+        message_id=new_message_id(),
+        teacher_version="test-teacher",
+        teacher_round=1,
+        timestamp=time.time(),
+        sample_ids=[f"s{seed}-{i}" for i in range(samples)],
+        inputs=rng.random((samples, 64), dtype=np.float32),
+        labels=rng.dirichlet(np.ones(10), size=samples).astype(np.float32),
+        label_kind="probabilities",
+    )
+    for name, value in changes.items():
+        setattr(update, name, value)
+    return update
+
+
+def wait_processed(hub: HubClient, count: int) -> dict:
+    return hub.wait_for_metrics(lambda m: m["processed"] >= count, WAIT_S)
+
+
+@pytest.fixture
+def running_daemon(mlp_pair, broker, tmp_path):
+    config = write_config(tmp_path, mlp_pair.bundle, broker.port)
+    daemon = EdgeDaemon(config)
+    daemon.start()
+    hub = HubClient(broker.host, broker.port, DEVICE)
+    wait_processed(hub, 0)
+    yield daemon, hub
+    hub.close()
+    daemon.stop()
+
+
+def invalid_payloads() -> dict[str, bytes]:
+    valid = encode_update(make_update(1))
+    rng = np.random.default_rng(2)
+    nan_inputs = rng.random((8, 64), dtype=np.float32)
+    nan_inputs[3, 5] = np.nan
+    logits = rng.normal(size=(8, 10)).astype(np.float32)
+    scaled = rng.dirichlet(np.ones(10), size=8).astype(np.float32) * 1.3
+    negative = rng.dirichlet(np.ones(10), size=8).astype(np.float32)
+    negative[0, :2] = [-0.1, negative[0, 0] + negative[0, 1] + 0.1]
+    return {
+        "truncated": valid[: len(valid) // 2],
+        "shape_mismatch": encode_update(
+            make_update(3, inputs=rng.random((8, 32), dtype=np.float32))
+        ),
+        "non_finite": encode_update(make_update(4, inputs=nan_inputs)),
+        "negative_probability": encode_update(make_update(5, labels=negative)),
+        "unnormalised": encode_update(make_update(6, labels=scaled)),
+        "logits_as_probabilities": encode_update(make_update(7, labels=logits)),
+    }
+
+
+def test_invalid_updates_never_touch_weights(running_daemon) -> None:
+    daemon, hub = running_daemon
+    factory = daemon.student.get_weights()
+    payloads = invalid_payloads()
+
+    for payload in payloads.values():
+        hub.publish(payload)
+    metrics = wait_processed(hub, len(payloads))
+
+    assert metrics["applied"] == 0
+    assert metrics["rejected"] == {
+        "truncated": 1,
+        "shape_mismatch": 1,
+        "non_finite": 1,
+        # logits have negative entries, so they fail the same check
+        "negative_probability": 2,
+        "unnormalised": 1,
+    }
+    for name, value in daemon.student.get_weights().items():
+        assert np.array_equal(value, factory[name]), name
+
+    hub.publish(encode_update(make_update(8)))
+    metrics = wait_processed(hub, len(payloads) + 1)
+
+    assert metrics["applied"] == 1
+    changed = daemon.student.get_weights()
+    assert any(not np.array_equal(changed[n], factory[n]) for n in factory)
+
+
+def test_daemon_trains_with_dynamic_alpha(running_daemon) -> None:
+    daemon, hub = running_daemon
+
+    for seed in range(5):
+        hub.publish(encode_update(make_update(10 + seed)))
+    metrics = wait_processed(hub, 5)
+
+    assert metrics["applied"] == 5
+    assert metrics["samples_applied"] == 40
+    assert 0.2 <= metrics["mean_alpha"] <= 0.8
+    assert metrics["train_ms"]["count"] == 5
+    assert metrics["end_to_end_ms"]["p50"] > 0
+    assert metrics["progress"] == pytest.approx(5 / 50)
+
+
+def replay(bundle: Path, config: DeviceConfig, updates: list[SoftLabelUpdate]):
+    """Apply updates in-process, as the daemon would, and return the student."""
+    student = StudentModel(load_bundle(bundle))
+    trainer = Trainer(student, config.training)
+    for update in updates:
+        trainer.apply(trainer.decode(encode_update(update)))
+    return student
+
+
+def start_process(config: DeviceConfig) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dslo_edge.cli", "run", "--config", str(config.source)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def read_retained(broker, topic: str) -> bytes | None:
+    received: list[bytes] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, message: received.append(message.payload)
+    client.connect(broker.host, broker.port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    deadline = time.monotonic() + 5
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    return received[0] if received else None
+
+
+def test_restart_restores_adapted_weights(mlp_pair, broker, tmp_path) -> None:
+    config = write_config(tmp_path, mlp_pair.bundle, broker.port)
+    updates = [make_update(20 + seed) for seed in range(6)]
+    process = start_process(config)
+    hub = HubClient(broker.host, broker.port, DEVICE)
+    try:
+        wait_processed(hub, 0)
+        for update in updates:
+            hub.publish(encode_update(update))
+        wait_processed(hub, len(updates))
+    finally:
+        hub.close()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=WAIT_S)
+    assert process.returncode == 0, output
+    assert read_retained(broker, config.topics.status) == b"offline"
+
+    restarted = EdgeDaemon(config)
+    restarted._restore()
+    x = np.random.default_rng(30).random((4, 64), dtype=np.float32)
+    expected = replay(mlp_pair.bundle, config, updates).infer(x)
+    factory = StudentModel(load_bundle(mlp_pair.bundle)).infer(x)
+
+    assert restarted.restored_from.startswith("checkpoint-")
+    assert restarted.trainer.applied_updates == len(updates)
+    np.testing.assert_array_equal(restarted.student.infer(x), expected)
+    assert np.max(np.abs(restarted.student.infer(x) - factory)) > 1e-4
+
+
+def test_daemon_keeps_consuming_after_broker_restart(running_daemon, broker) -> None:
+    daemon, hub = running_daemon
+    hub.publish(encode_update(make_update(40)))
+    wait_processed(hub, 1)
+    hub.close()
+
+    broker.restart()
+    hub = HubClient(broker.host, broker.port, DEVICE)
+    # The broker kept nothing, so the device's next metrics prove it reconnected.
+    hub.wait_for_metrics(lambda m: m["processed"] == 1, WAIT_S)
+    hub.publish(encode_update(make_update(41)))
+    metrics = wait_processed(hub, 2)
+    hub.close()
+
+    assert metrics["applied"] == 2
+    assert daemon.connected.is_set()
+
+
+def test_daemon_code_path_imports_no_tensorflow(mlp_pair, broker, tmp_path) -> None:
+    config = write_config(tmp_path, mlp_pair.bundle, broker.port)
+    payload_path = tmp_path / "update.bin"
+    payload_path.write_bytes(encode_update(make_update(50)))
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from dslo_edge.config import load_config
+        from dslo_edge.daemon import EdgeDaemon
+        from dslo_edge.hub import HubClient
+        daemon = EdgeDaemon(load_config({str(config.source)!r}))
+        daemon.start()
+        hub = HubClient("127.0.0.1", {broker.port}, {DEVICE!r})
+        hub.wait_for_metrics(lambda m: True, 30)
+        hub.publish(open({str(payload_path)!r}, "rb").read())
+        hub.wait_for_metrics(lambda m: m["applied"] == 1, 30)
+        hub.close()
+        daemon.stop()
+        print("tensorflow" in sys.modules, "keras" in sys.modules)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False False"
