@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,11 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
 
 @pytest.fixture
 def broker(broker_factory: Callable[..., Broker]) -> Broker:
-    """A running broker: mosquitto when installed, else amqtt."""
-    return broker_factory("auto")
+    """A running broker: mosquitto when installed, else amqtt.
+
+    Set DSLO_TEST_BROKER=amqtt (or mosquitto) to force one kind.
+    """
+    return broker_factory(os.environ.get("DSLO_TEST_BROKER", "auto"))
 
 
 # A small converted bundle shared by the converter, trainer and daemon tests.

@@ -26,9 +26,18 @@ DEVICE = "test-device"
 WAIT_S = 30.0
 
 
-def write_config(tmp_path: Path, bundle: Path, port: int) -> DeviceConfig:
+def write_config(tmp_path: Path, bundle: Path, broker) -> DeviceConfig:
+    # amqtt, the fallback broker, speaks MQTT 3.1.1 only.
+    protocol = "5" if broker.kind == "mosquitto" else "3.1.1"
     path = tmp_path / "device.toml"
-    text = render_config(DEVICE, bundle, tmp_path / "state", port, planned_updates=50)
+    text = render_config(
+        DEVICE,
+        bundle,
+        tmp_path / "state",
+        broker.port,
+        planned_updates=50,
+        protocol=protocol,
+    )
     path.write_text(text)
     return load_config(path)
 
@@ -50,16 +59,21 @@ def make_update(seed: int, samples: int = 8, **changes: object) -> SoftLabelUpda
     return update
 
 
+def hub_client(broker) -> HubClient:
+    protocol = mqtt.MQTTv5 if broker.kind == "mosquitto" else mqtt.MQTTv311
+    return HubClient(broker.host, broker.port, DEVICE, protocol)
+
+
 def wait_processed(hub: HubClient, count: int) -> dict:
     return hub.wait_for_metrics(lambda m: m["processed"] >= count, WAIT_S)
 
 
 @pytest.fixture
 def running_daemon(mlp_pair, broker, tmp_path):
-    config = write_config(tmp_path, mlp_pair.bundle, broker.port)
+    config = write_config(tmp_path, mlp_pair.bundle, broker)
     daemon = EdgeDaemon(config)
     daemon.start()
-    hub = HubClient(broker.host, broker.port, DEVICE)
+    hub = hub_client(broker)
     wait_processed(hub, 0)
     yield daemon, hub
     hub.close()
@@ -151,8 +165,15 @@ def start_process(config: DeviceConfig) -> subprocess.Popen:
 
 def read_retained(broker, topic: str) -> bytes | None:
     received: list[bytes] = []
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.append(message.payload)
+    protocol = mqtt.MQTTv5 if broker.kind == "mosquitto" else mqtt.MQTTv311
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+
+    def on_message(_client, _userdata, message) -> None:
+        # amqtt 0.12 also delivers other retained messages of the device.
+        if message.topic == topic:
+            received.append(message.payload)
+
+    client.on_message = on_message
     client.connect(broker.host, broker.port)
     client.subscribe(topic, qos=1)
     client.loop_start()
@@ -165,10 +186,10 @@ def read_retained(broker, topic: str) -> bytes | None:
 
 
 def test_restart_restores_adapted_weights(mlp_pair, broker, tmp_path) -> None:
-    config = write_config(tmp_path, mlp_pair.bundle, broker.port)
+    config = write_config(tmp_path, mlp_pair.bundle, broker)
     updates = [make_update(20 + seed) for seed in range(6)]
     process = start_process(config)
-    hub = HubClient(broker.host, broker.port, DEVICE)
+    hub = hub_client(broker)
     try:
         wait_processed(hub, 0)
         for update in updates:
@@ -200,7 +221,7 @@ def test_daemon_keeps_consuming_after_broker_restart(running_daemon, broker) -> 
     hub.close()
 
     broker.restart()
-    hub = HubClient(broker.host, broker.port, DEVICE)
+    hub = hub_client(broker)
     # The broker kept nothing, so the device's next metrics prove it reconnected.
     hub.wait_for_metrics(lambda m: m["processed"] == 1, WAIT_S)
     hub.publish(encode_update(make_update(41)))
@@ -212,9 +233,10 @@ def test_daemon_keeps_consuming_after_broker_restart(running_daemon, broker) -> 
 
 
 def test_daemon_code_path_imports_no_tensorflow(mlp_pair, broker, tmp_path) -> None:
-    config = write_config(tmp_path, mlp_pair.bundle, broker.port)
+    config = write_config(tmp_path, mlp_pair.bundle, broker)
     payload_path = tmp_path / "update.bin"
     payload_path.write_bytes(encode_update(make_update(50)))
+    protocol = 5 if broker.kind == "mosquitto" else 4
     script = textwrap.dedent(
         f"""
         import sys, time
@@ -223,7 +245,7 @@ def test_daemon_code_path_imports_no_tensorflow(mlp_pair, broker, tmp_path) -> N
         from dslo_edge.hub import HubClient
         daemon = EdgeDaemon(load_config({str(config.source)!r}))
         daemon.start()
-        hub = HubClient("127.0.0.1", {broker.port}, {DEVICE!r})
+        hub = HubClient("127.0.0.1", {broker.port}, {DEVICE!r}, {protocol})
         hub.wait_for_metrics(lambda m: True, 30)
         hub.publish(open({str(payload_path)!r}, "rb").read())
         hub.wait_for_metrics(lambda m: m["applied"] == 1, 30)
