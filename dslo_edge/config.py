@@ -33,6 +33,46 @@ class MqttSettings:
     keepalive: int = 30
     client_id: str = ""
     protocol: str = "5"
+    # MQTT 5 only: how long the broker keeps the session and queued updates
+    # while the device is offline.
+    session_expiry_s: int = 7 * 24 * 3600
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    username: str = ""
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_insecure: bool = False
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_ca_file is not None
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """Update authentication: HMAC-SHA256 with a per-device key."""
+
+    hmac_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Probe-set checks after every ``probe_every`` updates (0 turns them off)."""
+
+    probe_every: int = 0
+    max_accuracy_drop: float = 0.1
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """Optional log and metrics files, each rotated at ``max_bytes``."""
+
+    file: Path | None = None
+    metrics_file: Path | None = None
+    max_bytes: int = 5 * 1024 * 1024
+    backups: int = 2
 
 
 @dataclass(frozen=True)
@@ -47,6 +87,13 @@ class TrainingSettings:
     smoothing_lambda: float = 0.3
     smoothing_capacity: int = 10000
     alpha: AlphaPolicy = field(default_factory=AlphaPolicy)
+    # Updates whose payload timestamp is older than this are dropped.
+    max_age_s: float = 3600.0
+    # Payload timestamps this far in the future are rejected as clock skew.
+    max_clock_skew_s: float = 300.0
+    applied_id_capacity: int = 100_000
+    # Idle time after the last update before a checkpoint is written.
+    checkpoint_idle_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +109,9 @@ class DeviceConfig:
     training: TrainingSettings = field(default_factory=TrainingSettings)
     limits: PayloadLimits = field(default_factory=PayloadLimits)
     sum_tolerance: float = 1e-3
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
     def topics(self) -> Topics:
@@ -69,7 +119,31 @@ class DeviceConfig:
 
     @property
     def client_id(self) -> str:
-        return self.mqtt.client_id or f"dslo-edge-{self.device_id}-device"
+        """The configured client id, else one derived from the machine id."""
+        return self.mqtt.client_id or default_client_id(self.device_id, "device")
+
+
+MACHINE_ID_PATHS = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+
+
+def machine_id() -> str:
+    """Return this machine's id from systemd or D-Bus, else a hash of the hostname."""
+    for path in MACHINE_ID_PATHS:
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()
+
+
+def default_client_id(device_id: str, role: str) -> str:
+    """Return a client id unique per device, role and machine."""
+    return f"dslo-{role}-{device_id}-{machine_id()[:12]}"
 
 
 class _Reader:
@@ -111,6 +185,16 @@ class _Reader:
             raise self.fail(key, value, expected)
         return value
 
+    def path(self, key: str) -> Path | None:
+        """Return an optional file path, resolved against the config's folder."""
+        value = self.get(key, str, "")
+        if not value:
+            return None
+        path = self.source.parent / value
+        if not path.is_file():
+            raise self.fail(key, value, "an existing file (relative to the config)")
+        return path
+
     def section(self, key: str) -> _Reader:
         self.used.add(key)
         value = self.table.get(key, {})
@@ -149,7 +233,42 @@ def _mqtt(reader: _Reader) -> MqttSettings:
         protocol=reader.get(
             "protocol", str, "5", lambda v: v in MQTT_PROTOCOLS, "'5' or '3.1.1'"
         ),
+        session_expiry_s=reader.get(
+            "session_expiry_s",
+            int,
+            7 * 24 * 3600,
+            lambda v: 0 <= v < 2**32,
+            "seconds in 0..4294967295",
+        ),
+        reconnect_min_s=reader.get(
+            "reconnect_min_s",
+            float,
+            1.0,
+            lambda v: 0.1 <= v <= 60,
+            "seconds in 0.1..60",
+        ),
+        reconnect_max_s=reader.get(
+            "reconnect_max_s",
+            float,
+            60.0,
+            lambda v: 1 <= v <= 3600,
+            "seconds in 1..3600",
+        ),
+        username=reader.get("username", str, ""),
+        password_file=reader.path("password_file"),
+        tls_ca_file=reader.path("tls_ca_file"),
+        tls_cert_file=reader.path("tls_cert_file"),
+        tls_key_file=reader.path("tls_key_file"),
+        tls_insecure=reader.get("tls_insecure", bool, False),
     )
+    if settings.reconnect_max_s < settings.reconnect_min_s:
+        raise reader.fail(
+            "reconnect_max_s", settings.reconnect_max_s, "at least reconnect_min_s"
+        )
+    if settings.tls_cert_file and not settings.tls_ca_file:
+        raise reader.fail(
+            "tls_cert_file", str(settings.tls_cert_file), "tls_ca_file to be set too"
+        )
     reader.reject_unknown()
     return settings
 
@@ -208,9 +327,76 @@ def _training(
             "capacity", int, 10000, _positive, "a positive count of sample ids"
         ),
         alpha=alpha,
+        max_age_s=reader.get(
+            "max_age_s", float, 3600.0, _positive, "a positive number of seconds"
+        ),
+        max_clock_skew_s=reader.get(
+            "max_clock_skew_s", float, 300.0, _positive, "a positive number of seconds"
+        ),
+        applied_id_capacity=reader.get(
+            "applied_id_capacity",
+            int,
+            100_000,
+            lambda v: 1000 <= v <= 10_000_000,
+            "a count of message ids in 1000..10000000",
+        ),
+        checkpoint_idle_s=reader.get(
+            "checkpoint_idle_s",
+            float,
+            2.0,
+            lambda v: 0 <= v <= 3600,
+            "seconds in 0..3600",
+        ),
     )
+    if settings.checkpoint_every * 2 > settings.queue_size:
+        raise reader.fail(
+            "checkpoint_every",
+            settings.checkpoint_every,
+            f"at most half of queue_size ({settings.queue_size}), because updates "
+            "are acknowledged to the broker only after a checkpoint",
+        )
     reader.reject_unknown()
     smoothing.reject_unknown()
+    return settings
+
+
+def _security(reader: _Reader) -> SecuritySettings:
+    settings = SecuritySettings(hmac_key_file=reader.path("hmac_key_file"))
+    reader.reject_unknown()
+    return settings
+
+
+def _health(reader: _Reader) -> HealthSettings:
+    settings = HealthSettings(
+        probe_every=reader.get(
+            "probe_every", int, 0, lambda v: v >= 0, "a count of updates, 0 for off"
+        ),
+        max_accuracy_drop=reader.get(
+            "max_accuracy_drop", float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"
+        ),
+    )
+    reader.reject_unknown()
+    return settings
+
+
+def _logging(reader: _Reader) -> LoggingSettings:
+    def optional_path(key: str) -> Path | None:
+        value = reader.get(key, str, "")
+        return reader.source.parent / value if value else None
+
+    settings = LoggingSettings(
+        file=optional_path("file"),
+        metrics_file=optional_path("metrics_file"),
+        max_bytes=reader.get(
+            "max_bytes",
+            int,
+            5 * 1024 * 1024,
+            lambda v: v >= 4096,
+            "a byte count of at least 4096",
+        ),
+        backups=reader.get("backups", int, 2, lambda v: 0 <= v <= 100, "0..100"),
+    )
+    reader.reject_unknown()
     return settings
 
 
@@ -260,9 +446,23 @@ def load_config(path: str | Path) -> DeviceConfig:
     alpha = _alpha(root.section("alpha"))
     training = _training(root.section("training"), alpha, root.section("smoothing"))
     limits, tolerance = _limits(root.section("limits"))
+    security = _security(root.section("security"))
+    health = _health(root.section("health"))
+    log_settings = _logging(root.section("logging"))
     root.reject_unknown()
     config = DeviceConfig(
-        source, device_id, bundle, state_dir, runtime, mqtt, training, limits, tolerance
+        source,
+        device_id,
+        bundle,
+        state_dir,
+        runtime,
+        mqtt,
+        training,
+        limits,
+        tolerance,
+        security,
+        health,
+        log_settings,
     )
     try:
         _ = config.topics
