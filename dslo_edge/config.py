@@ -185,7 +185,7 @@ class _Reader:
             raise self.fail(key, value, expected)
         return value
 
-    def path(self, key: str) -> Path | None:
+    def file(self, key: str) -> Path | None:
         """Return an optional file path, resolved against the config's folder."""
         value = self.get(key, str, "")
         if not value:
@@ -255,10 +255,10 @@ def _mqtt(reader: _Reader) -> MqttSettings:
             "seconds in 1..3600",
         ),
         username=reader.get("username", str, ""),
-        password_file=reader.path("password_file"),
-        tls_ca_file=reader.path("tls_ca_file"),
-        tls_cert_file=reader.path("tls_cert_file"),
-        tls_key_file=reader.path("tls_key_file"),
+        password_file=reader.file("password_file"),
+        tls_ca_file=reader.file("tls_ca_file"),
+        tls_cert_file=reader.file("tls_cert_file"),
+        tls_key_file=reader.file("tls_key_file"),
         tls_insecure=reader.get("tls_insecure", bool, False),
     )
     if settings.reconnect_max_s < settings.reconnect_min_s:
@@ -361,7 +361,7 @@ def _training(
 
 
 def _security(reader: _Reader) -> SecuritySettings:
-    settings = SecuritySettings(hmac_key_file=reader.path("hmac_key_file"))
+    settings = SecuritySettings(hmac_key_file=reader.file("hmac_key_file"))
     reader.reject_unknown()
     return settings
 
