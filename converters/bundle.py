@@ -19,7 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 from converters.layers import read_student
+from converters.optimizers import OptimizerConfig
 from converters.student_graph import StudentModule
+from converters.trainable import TrainableScope
 from dslo_edge import __version__
 from dslo_edge.bundle import FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from dslo_edge.errors import ConversionError
@@ -151,6 +153,8 @@ def convert_bundle(
     out_dir: str | os.PathLike[str],
     *,
     overwrite: bool = False,
+    optimizer: OptimizerConfig | None = None,
+    trainable: TrainableScope | None = None,
 ) -> dict[str, Any]:
     """Convert a Keras teacher and student into a bundle directory.
 
@@ -185,8 +189,8 @@ def convert_bundle(
             f"teacher input shape {teacher_shape} differs from student input "
             f"shape {input_shape}; both must read the same samples"
         )
-    steps = read_student(student_model)
-    student_module = StudentModule(steps, input_shape)
+    graph = read_student(student_model)
+    student_module = StudentModule(graph, optimizer=optimizer, scope=trainable)
     class_count = student_module.class_count
     teacher_classes = int(teacher_model.output_shape[-1])
     if teacher_classes != class_count:
