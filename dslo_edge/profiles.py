@@ -1,0 +1,367 @@
+"""Firmware profiles: what a board offers, and whether a bundle fits it.
+
+A profile is one TOML file per board in ``firmware_profiles/``. Loading
+validates every key, and an error names the file, the key and the value.
+``check_bundle`` compares a bundle's runtime estimates with the profile's RAM
+and storage budget and looks for an interpreter wheel that the board's OS and
+Python can install.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from dslo_edge.errors import ConfigError
+from dslo_edge.power.sources import POWER_FILE_UNITS, PowerModel
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10 devices
+    import tomli as tomllib
+
+PROFILES_ENV = "DSLO_EDGE_PROFILES"
+ARCHITECTURES = ("aarch64", "armv7l", "x86_64")
+# dslo-edge's own requires-python in pyproject.toml.
+DSLO_EDGE_PYTHON = SpecifierSet(">=3.10")
+
+
+def default_profiles_dir() -> Path:
+    """Return ``$DSLO_EDGE_PROFILES`` or the ``firmware_profiles`` of the checkout.
+
+    NOTE: the profiles are not package data, so an installed wheel without
+    the source tree needs ``DSLO_EDGE_PROFILES`` or ``--profiles-dir``.
+    """
+    configured = os.environ.get(PROFILES_ENV)
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parent.parent / "firmware_profiles"
+
+
+@dataclass(frozen=True)
+class InterpreterWheel:
+    """A LiteRT interpreter release with a wheel for the board's architecture.
+
+    Attributes:
+        package: PyPI name, ``ai-edge-litert`` or ``tflite-runtime``.
+        version: the release.
+        python: CPython versions that have a wheel, as a specifier.
+        numpy: the numpy versions the interpreter works with, as a specifier.
+        min_glibc: the glibc the wheel's manylinux tag requires.
+    """
+
+    package: str
+    version: Version
+    python: SpecifierSet
+    numpy: SpecifierSet
+    min_glibc: Version
+
+
+@dataclass(frozen=True)
+class FirmwareProfile:
+    """One board with its OS image, budgets, power figures and sensors."""
+
+    name: str
+    source: Path
+    title: str
+    architecture: str
+    cores: int
+    ram_mb: int
+    storage_mb: int
+    os_name: str
+    python: Version
+    numpy: Version
+    glibc: Version
+    budget_ram_mb: int
+    budget_storage_mb: int
+    idle_watts: float
+    active_watts: float
+    battery_wh: float | None
+    thermal_limit_c: float
+    power_files: tuple[tuple[str, str], ...] = ()
+    interpreters: tuple[InterpreterWheel, ...] = field(default_factory=tuple)
+
+    def power_model(self) -> PowerModel:
+        """Return the idle and active power figures as a CPU-time power model."""
+        return PowerModel(self.name, self.idle_watts, self.active_watts, self.cores)
+
+
+class _Table:
+    """Typed reads from one TOML table, with errors naming file, key and value."""
+
+    def __init__(self, source: Path, data: dict[str, Any], prefix: str = ""):
+        self.source = source
+        self.data = data
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def error(self, key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(
+            f"{self.source}: {self.prefix}{key} = {value!r} is invalid; "
+            f"expected {expected}"
+        )
+
+    def value(
+        self,
+        key: str,
+        kind: type | tuple[type, ...],
+        expected: str,
+        check: Callable[[Any], bool] | None = None,
+        *,
+        required: bool = True,
+    ) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if required:
+                raise ConfigError(
+                    f"{self.source}: missing required key {self.prefix}{key} "
+                    f"({expected})"
+                )
+            return None
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise self.error(key, value, expected)
+        if check is not None and not check(value):
+            raise self.error(key, value, expected)
+        return value
+
+    def parsed(self, key: str, parse: Callable[[str], Any], expected: str) -> Any:
+        text = self.value(key, str, expected)
+        try:
+            return parse(text)
+        except (InvalidVersion, InvalidSpecifier) as error:
+            raise self.error(key, text, expected) from error
+
+    def table(self, key: str) -> _Table:
+        self.used.add(key)
+        if key not in self.data:
+            raise ConfigError(f"{self.source}: missing required table [{key}]")
+        value = self.data[key]
+        if not isinstance(value, dict):
+            raise self.error(key, value, "a table")
+        return _Table(self.source, value, f"{self.prefix}{key}.")
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.source}: unknown key {self.prefix}{unknown[0]}; "
+                f"known keys here: {', '.join(sorted(self.used))}"
+            )
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def load_profile_file(path: str | Path) -> FirmwareProfile:
+    """Read and validate one profile file.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or a key is missing,
+            unknown or invalid. The message names the file, key and value.
+    """
+    source = Path(path)
+    try:
+        data = tomllib.loads(source.read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"firmware profile not found: {source}") from error
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot read firmware profile {source}: {error}") from error
+    root = _Table(source, data)
+    name = root.value("name", str, f'"{source.stem}", the file name without .toml')
+    if name != source.stem:
+        raise root.error("name", name, f'"{source.stem}", the file name without .toml')
+    title = root.value("title", str, "a board description", bool)
+    board = _board(root.table("board"))
+    os_fields = _os(root.table("os"))
+    budget = _budget(root.table("budget"), board)
+    power = _power(root.table("power"))
+    thermal = root.table("thermal")
+    limit = thermal.value(
+        "limit_c", (int, float), "degrees Celsius in 30..120", lambda v: 30 <= v <= 120
+    )
+    thermal.reject_unknown()
+    power_files = _sensors(root.table("sensors")) if "sensors" in data else ()
+    interpreters = _interpreters(root, data.get("interpreters"))
+    root.reject_unknown()
+    return FirmwareProfile(
+        name=name,
+        source=source,
+        title=title,
+        **board,
+        **os_fields,
+        **budget,
+        **power,
+        thermal_limit_c=float(limit),
+        power_files=power_files,
+        interpreters=interpreters,
+    )
+
+
+def _board(table: _Table) -> dict[str, Any]:
+    fields = {
+        "architecture": table.value(
+            "architecture",
+            str,
+            f"one of {', '.join(ARCHITECTURES)} (uname -m)",
+            lambda v: v in ARCHITECTURES,
+        ),
+        "cores": table.value("cores", int, "a positive core count", _positive),
+        "ram_mb": table.value("ram_mb", int, "a positive size in MiB", _positive),
+        "storage_mb": table.value(
+            "storage_mb", int, "a positive size in MiB", _positive
+        ),
+    }
+    table.reject_unknown()
+    return fields
+
+
+def _os(table: _Table) -> dict[str, Any]:
+    fields = {
+        "os_name": table.value("name", str, "the OS image name", bool),
+        "python": table.parsed("python", Version, 'a Python version such as "3.11"'),
+        "numpy": table.parsed("numpy", Version, 'a numpy version such as "1.24"'),
+        "glibc": table.parsed("glibc", Version, 'a glibc version such as "2.36"'),
+    }
+    table.reject_unknown()
+    return fields
+
+
+def _budget(table: _Table, board: dict[str, Any]) -> dict[str, Any]:
+    ram = table.value(
+        "ram_mb",
+        int,
+        f"a positive size in MiB, at most the board's {board['ram_mb']} MiB",
+        lambda v: 0 < v <= board["ram_mb"],
+    )
+    storage = table.value(
+        "storage_mb",
+        int,
+        f"a positive size in MiB, at most the board's {board['storage_mb']} MiB",
+        lambda v: 0 < v <= board["storage_mb"],
+    )
+    table.reject_unknown()
+    return {"budget_ram_mb": ram, "budget_storage_mb": storage}
+
+
+def _power(table: _Table) -> dict[str, Any]:
+    idle = table.value("idle_watts", (int, float), "positive watts", _positive)
+    active = table.value(
+        "active_watts",
+        (int, float),
+        f"watts above idle_watts ({idle})",
+        lambda v: v > idle,
+    )
+    battery = table.value(
+        "battery_wh",
+        (int, float),
+        "a positive capacity in Wh",
+        _positive,
+        required=False,
+    )
+    table.reject_unknown()
+    return {
+        "idle_watts": float(idle),
+        "active_watts": float(active),
+        "battery_wh": None if battery is None else float(battery),
+    }
+
+
+def _sensors(table: _Table) -> tuple[tuple[str, str], ...]:
+    entries = table.value(
+        "power_files", list, "a list of {path, unit} tables", required=False
+    )
+    files = []
+    for index, entry in enumerate(entries or []):
+        if not isinstance(entry, dict):
+            raise table.error(f"power_files[{index}]", entry, "a {path, unit} table")
+        item = _Table(table.source, entry, f"{table.prefix}power_files[{index}].")
+        path = item.value("path", str, "an absolute path", lambda v: v.startswith("/"))
+        unit = item.value(
+            "unit",
+            str,
+            f"one of {', '.join(POWER_FILE_UNITS)}",
+            lambda v: v in POWER_FILE_UNITS,
+        )
+        item.reject_unknown()
+        files.append((path, unit))
+    table.reject_unknown()
+    return tuple(files)
+
+
+def _interpreters(root: _Table, entries: Any) -> tuple[InterpreterWheel, ...]:
+    root.used.add("interpreters")
+    if entries is None:
+        raise ConfigError(
+            f"{root.source}: missing [[interpreters]] tables; list the LiteRT "
+            "wheels that exist for this board, or write interpreters = []"
+        )
+    if not isinstance(entries, list):
+        raise root.error("interpreters", entries, "a list of [[interpreters]] tables")
+    wheels = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise root.error(f"interpreters[{index}]", entry, "a table")
+        table = _Table(root.source, entry, f"interpreters[{index}].")
+        wheels.append(
+            InterpreterWheel(
+                package=table.value(
+                    "package",
+                    str,
+                    "ai-edge-litert or tflite-runtime",
+                    lambda v: v in ("ai-edge-litert", "tflite-runtime"),
+                ),
+                version=table.parsed("version", Version, 'a version such as "2.3.0"'),
+                python=table.parsed(
+                    "python", SpecifierSet, 'a specifier such as ">=3.10"'
+                ),
+                numpy=table.parsed("numpy", SpecifierSet, 'a specifier such as "<2"'),
+                min_glibc=table.parsed(
+                    "min_glibc", Version, 'a version such as "2.27"'
+                ),
+            )
+        )
+        table.reject_unknown()
+    return tuple(wheels)
+
+
+def list_profiles(directory: str | Path | None = None) -> list[FirmwareProfile]:
+    """Load every ``*.toml`` profile in a directory, sorted by name.
+
+    Raises:
+        ConfigError: the directory is missing or any profile is invalid.
+    """
+    folder = Path(directory) if directory else default_profiles_dir()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"firmware profile directory not found: {folder}; pass --profiles-dir "
+            f"or set {PROFILES_ENV}"
+        )
+    return [load_profile_file(path) for path in sorted(folder.glob("*.toml"))]
+
+
+def load_profile(name: str, directory: str | Path | None = None) -> FirmwareProfile:
+    """Load a profile by name (file stem) or by path to a ``.toml`` file.
+
+    Raises:
+        ConfigError: no such profile, or the profile is invalid.
+    """
+    if name.endswith(".toml"):
+        return load_profile_file(name)
+    folder = Path(directory) if directory else default_profiles_dir()
+    path = folder / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+        raise ConfigError(
+            f"firmware profile {name!r} not found in {folder}; "
+            f"known profiles: {', '.join(known) or 'none'}"
+        )
+    return load_profile_file(path)

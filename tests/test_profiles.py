@@ -1,0 +1,266 @@
+"""Firmware profiles: validation, the shipped boards and bundle fit checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dslo_edge.bundle import load_bundle
+from dslo_edge.errors import ConfigError
+from dslo_edge.fit import check_bundle
+from dslo_edge.footprint import (
+    BASELINE_RSS_BYTES,
+    MIB,
+    estimate_memory,
+    estimate_storage,
+)
+from dslo_edge.profiles import list_profiles, load_profile, load_profile_file
+from tests.bundle_files import write_bundle
+
+SHIPPED_BOARDS = {
+    "raspberry-pi-zero-2w",
+    "raspberry-pi-4b",
+    "raspberry-pi-5",
+    "jetson-nano",
+    "coral-dev-board-mini",
+    "generic-x86_64",
+    "generic-aarch64",
+}
+
+VALID_PROFILE = """\
+name = "{name}"
+title = "Test board"
+
+[board]
+architecture = "aarch64"
+cores = 4
+ram_mb = 1024
+storage_mb = 4096
+
+[budget]
+ram_mb = 256
+storage_mb = 1024
+
+[os]
+name = "Debian 12"
+python = "3.11"
+numpy = "1.24"
+glibc = "2.36"
+
+[power]
+idle_watts = 1.0
+active_watts = 4.0
+
+[thermal]
+limit_c = 75
+
+[[interpreters]]
+package = "ai-edge-litert"
+version = "2.3.0"
+python = ">=3.10,<3.15"
+numpy = ">=1.23.2"
+min_glibc = "2.27"
+"""
+
+
+def write_profile(folder: Path, text: str | None = None, name: str = "board") -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(text if text is not None else VALID_PROFILE.format(name=name))
+    return path
+
+
+# The shipped profiles
+
+
+def test_shipped_profiles_all_load() -> None:
+    profiles = {profile.name: profile for profile in list_profiles()}
+    assert SHIPPED_BOARDS <= set(profiles)
+    for profile in profiles.values():
+        assert profile.idle_watts < profile.active_watts
+        assert profile.budget_ram_mb <= profile.ram_mb
+        assert profile.interpreters
+
+
+def test_shipped_profile_power_model() -> None:
+    model = load_profile("raspberry-pi-4b").power_model()
+    assert model.name == "raspberry-pi-4b"
+    assert model.cores == 4
+    assert model.idle_watts == pytest.approx(2.7)
+
+
+def test_jetson_profile_names_its_power_sensor() -> None:
+    profile = load_profile("jetson-nano")
+    [(path, unit)] = profile.power_files
+    assert path.endswith("in_power0_input")
+    assert unit == "mW"
+
+
+# Validation errors name the file, the key and the value
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            'architecture = "aarch64"',
+            'architecture = "arm64"',
+            "board.architecture = 'arm64'",
+        ),
+        ("cores = 4", "cores = 0", "board.cores = 0 is invalid"),
+        ("cores = 4", 'cores = "4"', "board.cores = '4' is invalid"),
+        ("ram_mb = 256", "ram_mb = 2048", "budget.ram_mb = 2048 is invalid"),
+        ('python = "3.11"', 'python = "three"', "os.python = 'three' is invalid"),
+        ("active_watts = 4.0", "active_watts = 0.5", "power.active_watts = 0.5"),
+        ("limit_c = 75", "limit_c = 500", "thermal.limit_c = 500 is invalid"),
+        ('python = ">=3.10,<3.15"', 'python = "~=>3"', "interpreters[0].python"),
+        (
+            'package = "ai-edge-litert"',
+            'package = "tensorflow"',
+            "interpreters[0].package",
+        ),
+        ("cores = 4", "cores = 4\ncolour = 1", "unknown key board.colour"),
+        ("idle_watts = 1.0\n", "", "missing required key power.idle_watts"),
+    ],
+)
+def test_invalid_value_names_file_key_and_value(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    text = VALID_PROFILE.format(name="board")
+    assert old in text
+    path = write_profile(tmp_path, text.replace(old, new, 1))
+    with pytest.raises(ConfigError) as caught:
+        load_profile_file(path)
+    assert str(path) in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_name_must_match_file_name(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, VALID_PROFILE.format(name="other"), name="board")
+    with pytest.raises(
+        ConfigError, match="name = 'other' is invalid; expected \"board\""
+    ):
+        load_profile_file(path)
+
+
+def test_missing_table_and_bad_toml(tmp_path: Path) -> None:
+    text = VALID_PROFILE.format(name="board").replace("[thermal]\nlimit_c = 75\n", "")
+    with pytest.raises(ConfigError, match=r"missing required table \[thermal\]"):
+        load_profile_file(write_profile(tmp_path, text))
+    with pytest.raises(ConfigError, match="cannot read firmware profile"):
+        load_profile_file(write_profile(tmp_path, "name = ", name="broken"))
+
+
+def test_power_file_unit_is_checked(tmp_path: Path) -> None:
+    text = VALID_PROFILE.format(name="board") + (
+        '\n[sensors]\npower_files = [{ path = "/sys/x", unit = "kW" }]\n'
+    )
+    with pytest.raises(ConfigError, match=r"sensors.power_files\[0\].unit = 'kW'"):
+        load_profile_file(write_profile(tmp_path, text))
+
+
+def test_unknown_profile_lists_known_ones(tmp_path: Path) -> None:
+    write_profile(tmp_path, name="board")
+    with pytest.raises(ConfigError, match="'pi9' not found .* known profiles: board"):
+        load_profile("pi9", tmp_path)
+
+
+# Footprint estimates
+
+
+def test_memory_estimate_parts(tmp_path: Path) -> None:
+    bundle = load_bundle(write_bundle(tmp_path / "bundle"))
+    memory = estimate_memory(bundle, batch_size=32, queue_size=256)
+    weights = 64 * 32 + 32 + 32 * 10 + 10
+    assert memory.baseline == BASELINE_RSS_BYTES
+    assert memory.model_file == 27_296
+    assert memory.weights == weights * 4 * 3
+    assert memory.activations == 32 * (32 + 10) * 4 * 3
+    # infer: x, logits, probabilities; train: x, soft, hard, alpha and three
+    # scalars; get_weights and set_weights: the weights, plus one scalar.
+    infer = 32 * (64 + 10 + 10)
+    train = 32 * (64 + 10 + 1 + 1) + 3
+    assert memory.signature_tensors == 4 * (infer + train + 2 * weights + 1)
+    per_sample = 64 * 4 + 10 * 4 + 4 + 16
+    assert memory.update_queue == 256 * (64 + 32 * per_sample)
+    assert memory.total == sum(
+        value for key, value in memory.as_dict().items() if key != "total"
+    )
+
+
+def test_storage_estimate_counts_update_copies(tmp_path: Path) -> None:
+    bundle = load_bundle(write_bundle(tmp_path / "bundle"))
+    storage = estimate_storage(bundle, smoothing_capacity=100)
+    size = sum(p.stat().st_size for p in bundle.path.iterdir())
+    assert storage.bundle == size
+    assert storage.model_update == 2 * size
+    weights = 64 * 32 + 32 + 32 * 10 + 10
+    assert storage.checkpoints == 2 * (weights * 4 + 100 * 10 * 4)
+
+
+# Bundle fit checks
+
+
+def test_small_bundle_fits_raspberry_pi_4(tmp_path: Path) -> None:
+    bundle = load_bundle(write_bundle(tmp_path / "bundle"))
+    report = check_bundle(bundle, load_profile("raspberry-pi-4b"))
+    assert report.fits
+    assert report.problems == ()
+    assert report.interpreter == "ai-edge-litert==2.3.0"
+    assert "needs numpy >=1.23.2" in report.notes[0]
+
+
+def test_large_student_exceeds_zero_2w_budget(tmp_path: Path) -> None:
+    bundle = load_bundle(
+        write_bundle(tmp_path / "bundle", inputs=4096, hidden=2048, classes=100)
+    )
+    profile = load_profile("raspberry-pi-zero-2w")
+    report = check_bundle(bundle, profile)
+    assert not report.fits
+    assert report.memory.total > profile.budget_ram_mb * MIB
+    assert "exceeds the RAM budget of 128 MiB" in report.problems[0]
+
+
+def test_old_python_boards_are_rejected(tmp_path: Path) -> None:
+    bundle = load_bundle(write_bundle(tmp_path / "bundle"))
+    for name, version in (("jetson-nano", "3.6"), ("coral-dev-board-mini", "3.7")):
+        report = check_bundle(bundle, load_profile(name))
+        assert not report.fits
+        assert report.interpreter is None
+        assert any(f"ships Python {version}" in p for p in report.problems)
+        assert any("no LiteRT interpreter" in p for p in report.problems)
+
+
+def test_interpreter_needs_newer_glibc(tmp_path: Path) -> None:
+    text = VALID_PROFILE.format(name="board").replace(
+        'glibc = "2.36"', 'glibc = "2.31"'
+    )
+    old_wheel = text[text.index("[[interpreters]]") :]
+    tflite_wheel = (
+        "[[interpreters]]\n"
+        'package = "tflite-runtime"\n'
+        'version = "2.14.0"\n'
+        'python = ">=3.8,<3.12"\n'
+        'numpy = "<2"\n'
+        'min_glibc = "2.34"\n'
+    )
+    profile = load_profile_file(
+        write_profile(tmp_path, text.replace(old_wheel, tflite_wheel))
+    )
+    bundle = load_bundle(write_bundle(tmp_path / "bundle"))
+    report = check_bundle(bundle, profile)
+    assert not report.fits
+    assert (
+        "tflite-runtime 2.14.0 needs glibc 2.34, the board has 2.31"
+        in (report.problems[0])
+    )
+
+
+def test_bundle_that_accepts_only_other_interpreter(tmp_path: Path) -> None:
+    bundle = load_bundle(
+        write_bundle(tmp_path / "bundle", interpreters=["tflite-runtime>=2.14"])
+    )
+    profile = load_profile_file(write_profile(tmp_path))
+    report = check_bundle(bundle, profile)
+    assert not report.fits
+    assert "ai-edge-litert 2.3.0 is not one the bundle accepts" in report.problems[0]
