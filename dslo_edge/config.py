@@ -12,16 +12,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dslo_edge.dynamic import (
+    HARD_LABEL_FALLBACKS,
+    PROGRESS_UNITS,
+    DriftBoost,
+    ProgressSettings,
+    TaskSettings,
+)
 from dslo_edge.errors import ConfigError
 from dslo_edge.protocol import PayloadLimits, Topics
-from dslo_edge.softlabels import AlphaPolicy, Schedule
+from dslo_edge.softlabels import SCHEDULE_KINDS, AlphaPolicy, Schedule
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10 devices
     import tomli as tomllib
 
-HARD_LABEL_FALLBACKS = ("argmax", "mask")
 MQTT_PROTOCOLS = ("5", "3.1.1")
 
 
@@ -87,6 +93,11 @@ class TrainingSettings:
     smoothing_lambda: float = 0.3
     smoothing_capacity: int = 10000
     alpha: AlphaPolicy = field(default_factory=AlphaPolicy)
+    # Progress t counts applied updates or teacher rounds (PROGRESS_UNITS).
+    progress: str = "updates"
+    planned_rounds: int = 10
+    monitor_decay: float = 0.9
+    drift: DriftBoost = field(default_factory=DriftBoost)
     # Updates whose payload timestamp is older than this are dropped.
     max_age_s: float = 3600.0
     # Payload timestamps this far in the future are rejected as clock skew.
@@ -94,6 +105,24 @@ class TrainingSettings:
     applied_id_capacity: int = 100_000
     # Idle time after the last update before a checkpoint is written.
     checkpoint_idle_s: float = 2.0
+
+    def task(self) -> TaskSettings:
+        """Return the dynamic soft-label settings of the student's one head."""
+        return TaskSettings(
+            alpha=self.alpha,
+            temperature=self.temperature,
+            smoothing_lambda=self.smoothing_lambda,
+            smoothing_capacity=self.smoothing_capacity,
+            hard_label_fallback=self.hard_label_fallback,
+            monitor_decay=self.monitor_decay,
+            drift=self.drift,
+        )
+
+    def progress_settings(self) -> ProgressSettings:
+        """Return how training progress t is measured."""
+        return ProgressSettings(
+            self.progress, self.planned_updates, self.planned_rounds
+        )
 
 
 @dataclass(frozen=True)
@@ -281,7 +310,21 @@ def _alpha(reader: _Reader) -> AlphaPolicy:
             alpha_end=reader.get("end", float, 0.2, *unit),
             w_conf=reader.get("w_conf", float, 0.7, *unit),
             w_time=reader.get("w_time", float, 0.3, *unit),
-            schedule=Schedule(reader.get("schedule", str, "linear")),
+            schedule=Schedule(
+                reader.get(
+                    "schedule",
+                    str,
+                    "linear",
+                    lambda v: v in SCHEDULE_KINDS,
+                    "one of " + ", ".join(SCHEDULE_KINDS),
+                ),
+                decay=reader.get(
+                    "decay", float, 5.0, lambda v: 0 < v <= 100, "a number in (0, 100]"
+                ),
+                steps=reader.get(
+                    "steps", int, 4, lambda v: 1 <= v <= 1000, "an integer in 1..1000"
+                ),
+            ),
         )
     except ConfigError as error:
         raise ConfigError(
@@ -291,9 +334,36 @@ def _alpha(reader: _Reader) -> AlphaPolicy:
     return policy
 
 
+def _drift(reader: _Reader) -> tuple[float, DriftBoost]:
+    """Read the [monitor] table: moving-average decay and the drift boost."""
+    decay = reader.get("decay", float, 0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    boost = DriftBoost(
+        threshold=reader.get(
+            "drift_threshold",
+            float,
+            0.5,
+            lambda v: 0 < v <= 100,
+            "a KL divergence in nats in (0, 100]",
+        ),
+        smoothing_lambda=reader.get(
+            "drift_lambda", float, 3.0, lambda v: 0 <= v <= 100, "a number in [0, 100]"
+        ),
+        updates=reader.get(
+            "drift_updates",
+            int,
+            20,
+            lambda v: 0 <= v <= 1_000_000,
+            "a count of updates in 0..1000000 (0 switches the boost off)",
+        ),
+    )
+    reader.reject_unknown()
+    return decay, boost
+
+
 def _training(
-    reader: _Reader, alpha: AlphaPolicy, smoothing: _Reader
+    reader: _Reader, alpha: AlphaPolicy, smoothing: _Reader, monitor: _Reader
 ) -> TrainingSettings:
+    monitor_decay, drift = _drift(monitor)
     settings = TrainingSettings(
         learning_rate=reader.get(
             "learning_rate", float, 0.05, lambda v: 0 < v <= 10, "a number in (0, 10]"
@@ -303,6 +373,16 @@ def _training(
         ),
         planned_updates=reader.get(
             "planned_updates", int, 1000, _positive, "a positive count of updates"
+        ),
+        progress=reader.get(
+            "progress",
+            str,
+            "updates",
+            lambda v: v in PROGRESS_UNITS,
+            " or ".join(repr(unit) for unit in PROGRESS_UNITS),
+        ),
+        planned_rounds=reader.get(
+            "planned_rounds", int, 10, _positive, "a positive count of teacher rounds"
         ),
         checkpoint_every=reader.get(
             "checkpoint_every", int, 20, _positive, "a positive count of updates"
@@ -327,6 +407,8 @@ def _training(
             "capacity", int, 10000, _positive, "a positive count of sample ids"
         ),
         alpha=alpha,
+        monitor_decay=monitor_decay,
+        drift=drift,
         max_age_s=reader.get(
             "max_age_s", float, 3600.0, _positive, "a positive number of seconds"
         ),
@@ -444,7 +526,12 @@ def load_config(path: str | Path) -> DeviceConfig:
     device.reject_unknown()
     mqtt = _mqtt(root.section("mqtt"))
     alpha = _alpha(root.section("alpha"))
-    training = _training(root.section("training"), alpha, root.section("smoothing"))
+    training = _training(
+        root.section("training"),
+        alpha,
+        root.section("smoothing"),
+        root.section("monitor"),
+    )
     limits, tolerance = _limits(root.section("limits"))
     security = _security(root.section("security"))
     health = _health(root.section("health"))
@@ -500,6 +587,8 @@ protocol = "{protocol}"
 learning_rate = {learning_rate}
 temperature = 2.0
 planned_updates = {planned_updates}
+progress = "updates"
+planned_rounds = 10
 checkpoint_every = 20
 metrics_every = 5
 queue_size = 256
@@ -511,10 +600,18 @@ end = 0.2
 w_conf = 0.7
 w_time = 0.3
 schedule = "linear"
+decay = 5.0
+steps = 4
 
 [smoothing]
 lambda = 0.3
 capacity = 10000
+
+[monitor]
+decay = 0.9
+drift_threshold = 0.5
+drift_lambda = 3.0
+drift_updates = 20
 
 [limits]
 max_payload_bytes = 4194304

@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from dslo_edge.errors import ConfigError
+from dslo_edge.lru_rows import LruRowTable
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "exponential", "step")
 
 # Added to the second argument of KL inside the log, so that a class the
 # previous teacher gave probability 0 yields a large finite term, not inf.
 KL_EPSILON = 1e-12
+
+_TINY = np.finfo(np.float64).tiny
 
 
 def _as_probability_rows(p: np.ndarray, name: str = "p") -> np.ndarray:
@@ -45,15 +47,56 @@ def _as_probability_rows(p: np.ndarray, name: str = "p") -> np.ndarray:
 
 
 def _entropy_rows(rows: np.ndarray) -> np.ndarray:
-    """Return H(p) / log K per row in float64, with 0 log 0 = 0."""
-    num_classes = rows.shape[1]
+    """Return H(p) / log K per row in float64 within [0, 1], with 0 log 0 = 0."""
+    entropy = _normalise_entropy(_sum_p_log_p(rows), rows.shape[1])
+    return np.clip(entropy, 0.0, 1.0)
+
+
+def _sum_p_log_p(rows: np.ndarray) -> np.ndarray:
+    """Return sum_k p log p per row (minus the entropy), with 0 log 0 = 0."""
+    # p = 0 becomes 0 * log(tiny) = 0 exactly, with no masked copies.
+    log_p = np.log(np.maximum(rows, _TINY))
+    return np.einsum("ij,ij->i", rows, log_p)
+
+
+def _normalise_entropy(sum_p_log_p: np.ndarray, num_classes: int) -> np.ndarray:
     if num_classes == 1:
         # A single class carries no uncertainty, and log 1 = 0 would divide by 0.
-        return np.zeros(rows.shape[0], dtype=np.float64)
-    positive = rows > 0
-    log_p = np.log(np.where(positive, rows, 1.0))
-    entropy = -np.sum(np.where(positive, rows * log_p, 0.0), axis=1)
-    return np.clip(entropy / math.log(num_classes), 0.0, 1.0)
+        return np.zeros(sum_p_log_p.shape[0], dtype=np.float64)
+    # Not clipped: rounding can put a uniform row a few ulp above 1, and
+    # every consumer (alpha, the monitor means) is bounded or clips itself.
+    return sum_p_log_p * (-1.0 / math.log(num_classes))
+
+
+@dataclass(frozen=True)
+class BatchStatistics:
+    """Per-row quantities of one batch of teacher probabilities, computed once.
+
+    The alpha policy and the teacher monitor both need the entropy, so the
+    hot path computes it once and passes this object to both.
+
+    Attributes:
+        rows: the probabilities as float64, shape (N, K).
+        sum_p_log_p: ``sum_k p log p`` per row (minus the entropy in nats).
+        entropy: normalised entropy ``H(p) / log K`` per row, in [0, 1] up
+            to float rounding.
+    """
+
+    rows: np.ndarray
+    sum_p_log_p: np.ndarray
+    entropy: np.ndarray
+
+    @classmethod
+    def of(cls, p: np.ndarray) -> BatchStatistics:
+        """Compute the statistics of probabilities of shape (N, K).
+
+        Raises:
+            ValueError: ``p`` is not a 2-D array with at least one column.
+        """
+        rows = _as_probability_rows(p)
+        sum_p_log_p = _sum_p_log_p(rows)
+        entropy = _normalise_entropy(sum_p_log_p, rows.shape[1])
+        return cls(rows, sum_p_log_p, entropy)
 
 
 def normalised_entropy(p: np.ndarray) -> np.ndarray:
@@ -74,9 +117,13 @@ def normalised_entropy(p: np.ndarray) -> np.ndarray:
 
 def _kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Return KL(p || q) per row in float64, with 0 log 0 = 0."""
-    positive = p > 0
-    log_ratio = np.log(np.where(positive, p, 1.0)) - np.log(q + KL_EPSILON)
-    return np.sum(np.where(positive, p * log_ratio, 0.0), axis=1)
+    return _sum_p_log_p(p) - _cross_term(p, q)
+
+
+def _cross_term(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Return sum_k p log(q + KL_EPSILON) per row."""
+    # q may be a float32 stored row; the log is taken in float64.
+    return np.einsum("ij,ij->i", p, np.log(q + np.float64(KL_EPSILON)))
 
 
 def _is_real(value: object) -> bool:
@@ -196,101 +243,32 @@ class AlphaPolicy:
         Raises:
             ValueError: ``probabilities`` is not (N, K) or ``progress`` is not finite.
         """
+        return self.alpha_from_entropy(
+            _entropy_rows(_as_probability_rows(probabilities)), progress
+        )
+
+    def alpha_from_entropy(self, entropy: np.ndarray, progress: float) -> np.ndarray:
+        """Compute alpha from normalised teacher entropies of shape (N,).
+
+        This is ``alpha`` for callers that already hold the entropy, such as
+        the trainer, which computes it once per batch (``BatchStatistics``).
+
+        Raises:
+            ValueError: ``progress`` is not finite.
+        """
         # The weight is a bounded convex mix, not 1 / (entropy + eps): that
         # form is unbounded, and a one-hot teacher (entropy 0) would get an
         # alpha near 1e5 with eps = 1e-5, which swamps the hard-label term.
-        confidence = 1.0 - _entropy_rows(_as_probability_rows(probabilities))
         time_term = self.schedule.value(progress)
-        mix = self.w_conf * confidence + self.w_time * time_term
-        alpha = self.alpha_end + (self.alpha_start - self.alpha_end) * mix
+        span = self.alpha_start - self.alpha_end
+        # alpha_end + span * (w_conf * (1 - h) + w_time * time), folded into
+        # one multiply-add on the batch.
+        offset = self.alpha_end + span * (self.w_conf + self.w_time * time_term)
+        alpha = offset - (span * self.w_conf) * np.asarray(entropy, dtype=np.float64)
         low = min(self.alpha_start, self.alpha_end)
         high = max(self.alpha_start, self.alpha_end)
         # Clipping only absorbs float rounding because mix is already in [0, 1].
         return np.clip(alpha, low, high).astype(np.float32)
-
-
-class _RowStore:
-    """Fixed-capacity table of float32 rows keyed by id, with LRU eviction.
-
-    Rows live in one preallocated (capacity, K) array; ``_index`` maps each id
-    to its row and keeps ids in least-recently-used-first order. K is fixed by
-    the first write.
-    """
-
-    def __init__(self, capacity: int, owner: str) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ConfigError(
-                f"invalid {owner} capacity {capacity!r}: expected an integer >= 1"
-            )
-        self.capacity = capacity
-        self._owner = owner
-        self._index: OrderedDict[str, int] = OrderedDict()
-        self._rows: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    @property
-    def num_classes(self) -> int | None:
-        return None if self._rows is None else self._rows.shape[1]
-
-    def check_classes(self, num_classes: int) -> None:
-        """Allocate the row array on first use, else raise ValueError on a new K."""
-        if self._rows is None:
-            self._rows = np.zeros((self.capacity, num_classes), dtype=np.float32)
-        elif self._rows.shape[1] != num_classes:
-            raise ValueError(
-                f"{self._owner} was created for {self._rows.shape[1]} classes, "
-                f"got rows of {num_classes}; use one store per task head"
-            )
-
-    def lookup(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Return a found-mask and the row index of each id (-1 if absent)."""
-        positions = np.fromiter(
-            (self._index.get(sample_id, -1) for sample_id in ids),
-            dtype=np.int64,
-            count=len(ids),
-        )
-        return positions >= 0, positions
-
-    def rows_at(self, positions: np.ndarray) -> np.ndarray:
-        assert self._rows is not None
-        return self._rows[positions]
-
-    def write(self, ids: Sequence[str], values: np.ndarray) -> np.ndarray:
-        """Store ``values[i]`` under ``ids[i]`` and return the row index used.
-
-        Each written id becomes the most recently used. When the store is full,
-        a new id takes the row of the least-recently-used id. If an id repeats,
-        or a later new id evicts an earlier one of the same call, the later
-        value is what remains stored.
-        """
-        assert self._rows is not None
-        positions = np.empty(len(ids), dtype=np.int64)
-        owner_of_row: dict[int, int] = {}
-        for i, sample_id in enumerate(ids):
-            row = self._index.get(sample_id)
-            if row is not None:
-                self._index.move_to_end(sample_id)
-            elif len(self._index) < self.capacity:
-                row = len(self._index)
-                self._index[sample_id] = row
-            else:
-                _, row = self._index.popitem(last=False)
-                self._index[sample_id] = row
-            positions[i] = row
-            owner_of_row[row] = i
-        rows = np.fromiter(owner_of_row.keys(), dtype=np.int64)
-        sources = np.fromiter(owner_of_row.values(), dtype=np.int64)
-        self._rows[rows] = values[sources]
-        return positions
-
-    def to_arrays(self) -> tuple[list[str], np.ndarray]:
-        ids = list(self._index)
-        if self._rows is None:
-            return ids, np.zeros((0, 0), dtype=np.float32)
-        positions = np.fromiter(self._index.values(), dtype=np.int64, count=len(ids))
-        return ids, self._rows[positions].copy()
 
 
 def _validate_batch(sample_ids: Sequence[str], p: np.ndarray) -> np.ndarray:
@@ -316,7 +294,7 @@ class SmoothingStore:
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
-        self._store = _RowStore(capacity, "smoothing store")
+        self._store = LruRowTable(capacity, "smoothing store")
 
     def __len__(self) -> int:
         return len(self._store)
@@ -355,12 +333,17 @@ class SmoothingStore:
         self._store.check_classes(rows.shape[1])
 
         found, positions = self._store.lookup(sample_ids)
-        smoothed = rows.copy()
-        if lam > 0 and found.any():
-            previous = self._store.rows_at(positions[found]).astype(np.float64)
-            smoothed[found] = (rows[found] + lam * previous) / (1.0 + lam)
-        result = smoothed.astype(np.float32)
-        self._store.write(sample_ids, result)
+        if lam > 0 and found.all():
+            previous = self._store.rows_at(positions)
+            result = ((rows + lam * previous) * (1.0 / (1.0 + lam))).astype(np.float32)
+        elif lam > 0 and found.any():
+            smoothed = rows.copy()
+            previous = self._store.rows_at(positions[found])
+            smoothed[found] = (rows[found] + lam * previous) * (1.0 / (1.0 + lam))
+            result = smoothed.astype(np.float32)
+        else:
+            result = rows.astype(np.float32)
+        self._store.write(sample_ids, result, positions)
         return result
 
     def to_arrays(self) -> tuple[list[str], np.ndarray]:
@@ -368,7 +351,8 @@ class SmoothingStore:
 
         The rows array has shape (len(self), K), or (0, 0) if nothing was stored.
         """
-        return self._store.to_arrays()
+        ids, rows, _ = self._store.to_arrays()
+        return ids, rows
 
     @classmethod
     def from_arrays(
@@ -409,7 +393,8 @@ class TeacherMonitor:
     started at the first batch) and as last-batch values. Drift is the mean
     ``KL(p(r) || p(r'))`` over samples of round r that were last seen in an
     earlier round r', accumulated over all batches of the latest round that
-    had such samples. A new teacher version shows as a drift spike.
+    had such samples. A new teacher version shows as a drift spike, first in
+    the batch drift that ``observe`` returns.
 
     The last raw ``p`` and its round are kept for at most ``capacity`` ids,
     evicting the least recently observed id, like ``SmoothingStore``.
@@ -419,48 +404,98 @@ class TeacherMonitor:
         if not (_is_real(decay) and 0.0 <= decay < 1.0):
             raise ConfigError(f"invalid monitor decay {decay!r}: expected [0, 1)")
         self.decay = float(decay)
-        self._store = _RowStore(capacity, "teacher monitor")
+        self._store = LruRowTable(capacity, "teacher monitor")
         self._rounds = np.full(capacity, -1, dtype=np.int64)
         self._mean_entropy: float | None = None
         self._mean_confidence: float | None = None
         self._batch_entropy = 0.0
         self._batch_confidence = 0.0
+        self._batch_drift: float | None = None
+        self._latest_round: int | None = None
         self._drift_round: int | None = None
         self._drift_sum = 0.0
         self._drift_count = 0
 
-    def observe(self, sample_ids: list[str], p: np.ndarray, teacher_round: int) -> None:
+    @property
+    def capacity(self) -> int:
+        """Maximum number of sample ids kept for drift."""
+        return self._store.capacity
+
+    def observe(
+        self,
+        sample_ids: list[str],
+        p: np.ndarray,
+        teacher_round: int,
+        statistics: BatchStatistics | None = None,
+    ) -> float | None:
         """Update the statistics with one batch of teacher probabilities (N, K).
 
         Rows whose id was last stored with a later round (a stale, reordered
         update) count towards entropy and confidence but neither add drift
         nor replace the stored row.
 
+        Args:
+            sample_ids: one id per row of ``p``.
+            p: teacher probabilities of shape (N, K).
+            teacher_round: round number of the teacher that produced ``p``.
+            statistics: ``BatchStatistics.of(p)`` when the caller already has
+                it, which saves computing the entropy twice.
+
+        Returns:
+            The batch drift: mean KL(p || previous p) over the rows whose id was
+            last seen in an earlier round, or None when there is no such row.
+
         Raises:
             ValueError: shapes disagree or K differs from the first call.
         """
-        rows = _validate_batch(sample_ids, p)
+        if statistics is None:
+            statistics = BatchStatistics.of(p)
+        rows = statistics.rows
+        if len(sample_ids) != rows.shape[0]:
+            raise ValueError(
+                f"got {len(sample_ids)} sample ids for {rows.shape[0]} probability rows"
+            )
+        self._batch_drift = None
         if rows.shape[0] == 0:
-            return
+            return None
         self._store.check_classes(rows.shape[1])
-        self._update_means(rows)
+        self._update_means(statistics)
+        if self._latest_round is None or teacher_round > self._latest_round:
+            self._latest_round = teacher_round
 
         found, positions = self._store.lookup(sample_ids)
-        stored_rounds = np.where(found, self._rounds[np.maximum(positions, 0)], -1)
+        stored_rounds = np.where(found, self._rounds[positions], -1)
         earlier = found & (stored_rounds < teacher_round)
-        if earlier.any():
-            previous = self._store.rows_at(positions[earlier]).astype(np.float64)
-            self._add_drift(teacher_round, _kl_rows(rows[earlier], previous))
+        if earlier.all():
+            previous = self._store.rows_at(positions)
+            kl = statistics.sum_p_log_p - _cross_term(rows, previous)
+        elif earlier.any():
+            previous = self._store.rows_at(positions[earlier])
+            kl = statistics.sum_p_log_p[earlier] - _cross_term(rows[earlier], previous)
+        else:
+            kl = None
+        if kl is not None:
+            self._batch_drift = float(kl.sum()) / kl.shape[0]
+            self._add_drift(teacher_round, kl)
 
-        current = ~found | (stored_rounds <= teacher_round)
-        if current.any():
-            kept_ids = [sample_ids[i] for i in np.flatnonzero(current)]
-            written = self._store.write(kept_ids, rows[current].astype(np.float32))
-            self._rounds[written] = teacher_round
+        current = stored_rounds <= teacher_round
+        if current.all():
+            written = self._store.write(sample_ids, rows, positions)
+        elif current.any():
+            kept = np.flatnonzero(current)
+            kept_ids = [sample_ids[i] for i in kept]
+            written = self._store.write(kept_ids, rows[kept], positions[kept])
+        else:
+            return self._batch_drift
+        self._rounds[written[written >= 0]] = teacher_round
+        return self._batch_drift
 
-    def _update_means(self, rows: np.ndarray) -> None:
-        self._batch_entropy = float(np.mean(_entropy_rows(rows)))
-        self._batch_confidence = float(np.mean(np.max(rows, axis=1)))
+    def _update_means(self, statistics: BatchStatistics) -> None:
+        # sum / n: np.mean costs several microseconds of Python per call.
+        count = statistics.rows.shape[0]
+        entropy = float(statistics.entropy.sum()) / count
+        self._batch_entropy = min(max(entropy, 0.0), 1.0)
+        self._batch_confidence = float(statistics.rows.max(axis=1).sum()) / count
         if self._mean_entropy is None or self._mean_confidence is None:
             self._mean_entropy = self._batch_entropy
             self._mean_confidence = self._batch_confidence
@@ -488,7 +523,9 @@ class TeacherMonitor:
 
         Keys: ``mean_entropy`` and ``mean_confidence`` (moving averages),
         ``batch_entropy`` and ``batch_confidence`` (last batch), ``drift``
-        (0.0 until a sample reappears in a later round).
+        (0.0 until a sample reappears in a later round), ``batch_drift``
+        (the last batch's drift, 0.0 when it had no such sample) and
+        ``latest_round`` (highest teacher round seen, 0 before the first).
         """
         drift = self._drift_sum / self._drift_count if self._drift_count else 0.0
         return {
@@ -497,4 +534,83 @@ class TeacherMonitor:
             "batch_entropy": self._batch_entropy,
             "batch_confidence": self._batch_confidence,
             "drift": drift,
+            "batch_drift": self._batch_drift or 0.0,
+            "latest_round": float(self._latest_round or 0),
         }
+
+    def state(self) -> tuple[dict[str, object], list[str], np.ndarray]:
+        """Return what a checkpoint needs to rebuild the monitor.
+
+        Returns:
+            A JSON-ready dict of scalars, the stored ids (least recently used
+            first) and an array of shape (len(ids), K + 1) whose rows are the
+            last probabilities of each id followed by its round.
+        """
+        ids, rows, positions = self._store.to_arrays()
+        rounds = self._rounds[positions].astype(np.float32)[:, None]
+        table = np.concatenate([rows, rounds], axis=1) if ids else rows
+        scalars = {
+            "decay": self.decay,
+            "mean_entropy": self._mean_entropy,
+            "mean_confidence": self._mean_confidence,
+            "latest_round": self._latest_round,
+            "drift_round": self._drift_round,
+            "drift_sum": self._drift_sum,
+            "drift_count": self._drift_count,
+        }
+        return scalars, ids, table
+
+    @classmethod
+    def from_state(
+        cls,
+        scalars: dict[str, object],
+        ids: Sequence[str],
+        table: np.ndarray,
+        capacity: int,
+        decay: float | None = None,
+    ) -> TeacherMonitor:
+        """Rebuild a monitor from ``state`` output.
+
+        ``decay`` overrides the decay stored in ``scalars``, so a changed
+        configuration takes effect after a restart.
+
+        Rounds are stored as float32 in the table, so they are exact up to
+        2**24; a teacher round beyond that is restored rounded.
+
+        Raises:
+            ValueError: the table does not have one row per id, or there are
+                more ids than ``capacity``.
+        """
+        if decay is None:
+            decay = float(scalars.get("decay", 0.9))  # type: ignore[arg-type]
+        monitor = cls(capacity, decay)
+        ids = list(ids)
+        table = np.asarray(table, dtype=np.float32)
+        if ids and (table.ndim != 2 or table.shape[0] != len(ids)):
+            raise ValueError(
+                f"expected a monitor table of shape ({len(ids)}, K + 1), "
+                f"got {table.shape}"
+            )
+        if len(ids) > capacity:
+            raise ValueError(
+                f"checkpoint contains {len(ids)} monitored ids, more than "
+                f"capacity {capacity}; raise the smoothing capacity"
+            )
+        if ids:
+            monitor._store.check_classes(table.shape[1] - 1)
+            written = monitor._store.write(ids, table[:, :-1])
+            monitor._rounds[written] = table[:, -1].astype(np.int64)
+        monitor._restore_scalars(scalars)
+        return monitor
+
+    def _restore_scalars(self, scalars: dict[str, object]) -> None:
+        def optional(name: str, kind: type) -> object:
+            value = scalars.get(name)
+            return None if value is None else kind(value)
+
+        self._mean_entropy = optional("mean_entropy", float)  # type: ignore[assignment]
+        self._mean_confidence = optional("mean_confidence", float)  # type: ignore[assignment]
+        self._latest_round = optional("latest_round", int)  # type: ignore[assignment]
+        self._drift_round = optional("drift_round", int)  # type: ignore[assignment]
+        self._drift_sum = float(scalars.get("drift_sum", 0.0))  # type: ignore[arg-type]
+        self._drift_count = int(scalars.get("drift_count", 0))  # type: ignore[call-overload]

@@ -15,6 +15,7 @@ import numpy as np
 
 from dslo_edge.checkpoint import Checkpoint
 from dslo_edge.config import TrainingSettings
+from dslo_edge.dynamic import SoftLabelEngine, Targets
 from dslo_edge.models import StudentModel
 from dslo_edge.protocol import (
     ModelSpec,
@@ -27,7 +28,9 @@ from dslo_edge.protocol import (
 from dslo_edge.softlabels import SmoothingStore, TeacherMonitor
 
 WEIGHT_PREFIX = "weights/"
-SMOOTHING_ROWS = "smoothing/rows"
+# Engine tensors of the single head have no prefix, so checkpoints written
+# before the monitor was saved still restore their smoothing rows.
+ENGINE_PREFIX = ""
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,13 @@ class TrainBatch:
 
 @dataclass(frozen=True)
 class AppliedUpdate:
-    """What one applied update did, for metrics."""
+    """What one applied update did, for metrics.
+
+    ``prepare_ms`` covers label conversion and the dynamic part, and
+    ``dynamic_ms`` the dynamic part alone (entropy, monitor, smoothing and
+    alpha). ``batch_drift`` is None when no sample was seen in an earlier
+    round.
+    """
 
     message_id: str
     samples: int
@@ -51,6 +60,13 @@ class AppliedUpdate:
     mean_alpha: float
     prepare_ms: float
     train_ms: float
+    dynamic_ms: float = 0.0
+    min_alpha: float = 0.0
+    max_alpha: float = 0.0
+    smoothing_lambda: float = 0.0
+    progress: float = 0.0
+    teacher_round: int = 0
+    batch_drift: float | None = None
 
 
 class Trainer:
@@ -68,14 +84,31 @@ class Trainer:
         self.limits = limits or PayloadLimits()
         self.sum_tolerance = sum_tolerance
         self.spec: ModelSpec = student.bundle.model_spec()
-        self.store = SmoothingStore(settings.smoothing_capacity)
-        self.monitor = TeacherMonitor(settings.smoothing_capacity)
-        self.applied_updates = 0
+        self.engine = SoftLabelEngine(settings.task(), settings.progress_settings())
+
+    @property
+    def store(self) -> SmoothingStore:
+        """The smoothing store of the student's head."""
+        return self.engine.store
+
+    @property
+    def monitor(self) -> TeacherMonitor:
+        """The teacher monitor of the student's head."""
+        return self.engine.monitor
+
+    @property
+    def applied_updates(self) -> int:
+        """Updates trained on, including those before the last restore."""
+        return self.engine.applied_updates
 
     @property
     def progress(self) -> float:
-        """Training progress t in [0, 1]: applied updates over planned updates."""
-        return min(1.0, self.applied_updates / self.settings.planned_updates)
+        """Training progress t in [0, 1] for the next update.
+
+        Applied updates over planned updates, or the highest teacher round
+        seen over planned rounds, as ``settings.progress`` selects.
+        """
+        return self.engine.progress
 
     def decode(self, payload: bytes) -> SoftLabelUpdate:
         """Decode and validate a payload; raises InvalidUpdate on any fault."""
@@ -85,31 +118,33 @@ class Trainer:
 
     def prepare(self, update: SoftLabelUpdate) -> TrainBatch:
         """Compute smoothed targets, hard labels and per-sample alpha."""
-        temperature = float(update.temperature or self.settings.temperature)
+        return self._batch(update, self._targets(update))
+
+    def _targets(self, update: SoftLabelUpdate) -> Targets:
         probabilities = label_probabilities(update, self.settings.temperature)
-        self.monitor.observe(update.sample_ids, probabilities, update.teacher_round)
-        soft = self.store.smooth(
-            update.sample_ids, probabilities, self.settings.smoothing_lambda
-        )
-        alpha = self.settings.alpha.alpha(probabilities, self.progress)
-        return TrainBatch(
-            update.inputs, soft, self._hard_labels(update, soft), alpha, temperature
+        return self.engine.prepare(
+            update.sample_ids,
+            probabilities,
+            update.teacher_round,
+            update.hard_labels,
+            update.temperature,
         )
 
-    def _hard_labels(self, update: SoftLabelUpdate, soft: np.ndarray) -> np.ndarray:
-        if update.hard_labels is None:
-            hard = np.full(update.sample_count, -1, dtype=np.int32)
-        else:
-            hard = update.hard_labels.astype(np.int32, copy=True)
-        if self.settings.hard_label_fallback == "argmax":
-            missing = hard < 0
-            hard[missing] = np.argmax(soft[missing], axis=1)
-        return hard
+    @staticmethod
+    def _batch(update: SoftLabelUpdate, targets: Targets) -> TrainBatch:
+        return TrainBatch(
+            update.inputs,
+            targets.soft,
+            targets.hard,
+            targets.alpha,
+            targets.temperature,
+        )
 
     def apply(self, update: SoftLabelUpdate) -> AppliedUpdate:
         """Train one step on a validated update."""
         started = time.perf_counter()
-        batch = self.prepare(update)
+        targets = self._targets(update)
+        batch = self._batch(update, targets)
         prepared = time.perf_counter()
         loss = self.student.train_step(
             batch.x,
@@ -120,7 +155,7 @@ class Trainer:
             self.settings.learning_rate,
         )
         finished = time.perf_counter()
-        self.applied_updates += 1
+        self.engine.finish_update()
         return AppliedUpdate(
             message_id=update.message_id_hex,
             samples=update.sample_count,
@@ -128,7 +163,21 @@ class Trainer:
             mean_alpha=float(batch.alpha.mean()),
             prepare_ms=(prepared - started) * 1000,
             train_ms=(finished - prepared) * 1000,
+            dynamic_ms=targets.dynamic_ms,
+            min_alpha=float(batch.alpha.min()),
+            max_alpha=float(batch.alpha.max()),
+            smoothing_lambda=targets.smoothing_lambda,
+            progress=targets.progress,
+            teacher_round=update.teacher_round,
+            batch_drift=targets.batch_drift,
         )
+
+    def dynamic_metrics(self) -> dict[str, Any]:
+        """Return progress, alpha, smoothing and teacher-monitor figures.
+
+        The result is JSON-ready; ``SoftLabelEngine.snapshot`` lists its keys.
+        """
+        return self.engine.snapshot()
 
     def checkpoint_content(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Return the tensors and JSON state that a checkpoint stores."""
@@ -136,29 +185,16 @@ class Trainer:
             WEIGHT_PREFIX + name: value
             for name, value in self.student.get_weights().items()
         }
-        ids, rows = self.store.to_arrays()
-        if ids:
-            tensors[SMOOTHING_ROWS] = rows
-        state = {
-            "applied_updates": self.applied_updates,
-            "smoothing_ids": ids,
-            "monitor": self.monitor.snapshot(),
-        }
+        engine_tensors, state = self.engine.checkpoint_content(ENGINE_PREFIX)
+        tensors.update(engine_tensors)
         return tensors, state
 
     def restore(self, checkpoint: Checkpoint) -> None:
-        """Load weights, smoothing store and progress from a checkpoint."""
+        """Load weights, smoothing store, monitor and progress from a checkpoint."""
         weights = {
             name[len(WEIGHT_PREFIX) :]: value
             for name, value in checkpoint.tensors.items()
             if name.startswith(WEIGHT_PREFIX)
         }
         self.student.set_weights(weights)
-        ids = list(checkpoint.state.get("smoothing_ids", []))
-        if ids:
-            self.store = SmoothingStore.from_arrays(
-                ids,
-                checkpoint.tensors[SMOOTHING_ROWS],
-                self.settings.smoothing_capacity,
-            )
-        self.applied_updates = int(checkpoint.state.get("applied_updates", 0))
+        self.engine.restore(checkpoint.tensors, checkpoint.state, ENGINE_PREFIX)

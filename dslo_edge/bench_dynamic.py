@@ -1,0 +1,186 @@
+"""Measure the dynamic part's share of the device's update time.
+
+The dynamic part is what DSL-O adds to plain distillation on every update:
+entropy, teacher monitor, drift boost, smoothing and alpha. This module
+times it against the whole update as the daemon's trainer thread runs it:
+decode and validate the payload, convert labels, the dynamic part, hard
+labels, then one step of the student's ``train`` signature.
+
+Run ``python -m dslo_edge.bench_dynamic [--bundle DIR]``. Without a bundle it
+converts an untrained digits-shaped student (64-32-10 MLP, as in the demo),
+which needs the ``convert`` extra. The timing does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dslo_edge.bundle import load_bundle
+from dslo_edge.config import TrainingSettings
+from dslo_edge.models import StudentModel
+from dslo_edge.protocol import SoftLabelUpdate, encode_update, new_message_id
+from dslo_edge.trainer import Trainer
+
+# The demo's device sees 360 samples, twice per round, over 5 rounds.
+DISTINCT_SAMPLES = 360
+UPDATES_PER_ROUND = 23
+
+
+@dataclass(frozen=True)
+class DynamicShare:
+    """Median times per update in microseconds, and the dynamic share.
+
+    Attributes:
+        batch_size: samples per update.
+        updates: updates timed (after the warm-up).
+        decode_us: decoding and validating the payload.
+        prepare_us: label conversion, dynamic part and hard labels.
+        dynamic_us: the dynamic part alone.
+        train_us: the ``train`` signature call.
+        update_us: median of decode + prepare + train per update.
+        share: ``dynamic_us / update_us``.
+        share_of_train: ``dynamic_us / train_us``.
+    """
+
+    batch_size: int
+    updates: int
+    decode_us: float
+    prepare_us: float
+    dynamic_us: float
+    train_us: float
+    update_us: float
+    share: float
+    share_of_train: float
+
+
+def _payloads(
+    spec_shape: tuple[int, ...], classes: int, batch_size: int, count: int, seed: int
+) -> list[bytes]:
+    """Encode ``count`` updates whose sample ids recur across teacher rounds."""
+    rng = np.random.default_rng(seed)
+    payloads = []
+    for index in range(count):
+        first = index * batch_size
+        ids = [f"s{(first + j) % DISTINCT_SAMPLES}" for j in range(batch_size)]
+        update = SoftLabelUpdate(
+            message_id=new_message_id(),
+            teacher_version="bench",
+            teacher_round=1 + index // UPDATES_PER_ROUND,
+            timestamp=time.time(),
+            sample_ids=ids,
+            inputs=rng.random((batch_size, *spec_shape), dtype=np.float32),
+            labels=rng.dirichlet(np.full(classes, 0.3), batch_size).astype(np.float32),
+            label_kind="probabilities",
+        )
+        payloads.append(encode_update(update))
+    return payloads
+
+
+def measure_dynamic_share(
+    bundle_path: str | Path,
+    *,
+    batch_size: int = 32,
+    updates: int = 300,
+    warmup: int = 50,
+    seed: int = 0,
+    settings: TrainingSettings | None = None,
+) -> DynamicShare:
+    """Time ``warmup + updates`` updates through a Trainer and return medians.
+
+    The warm-up updates fill the smoothing store and the monitor, so the
+    timed ones take the steady-state path where most ids are known.
+    """
+    bundle = load_bundle(bundle_path)
+    trainer = Trainer(StudentModel(bundle), settings or TrainingSettings())
+    spec = bundle.model_spec()
+    payloads = _payloads(
+        spec.input_shape, spec.class_count, batch_size, warmup + updates, seed
+    )
+    rows = []
+    for index, payload in enumerate(payloads):
+        started = time.perf_counter()
+        update = trainer.decode(payload)
+        decoded = time.perf_counter()
+        result = trainer.apply(update)
+        if index >= warmup:
+            decode_ms = (decoded - started) * 1000
+            rows.append(
+                (decode_ms, result.prepare_ms, result.dynamic_ms, result.train_ms)
+            )
+    return _summary(batch_size, rows)
+
+
+def _summary(
+    batch_size: int, rows: list[tuple[float, float, float, float]]
+) -> DynamicShare:
+    def median_us(column: int) -> float:
+        return statistics.median(row[column] for row in rows) * 1000
+
+    update_us = statistics.median((row[0] + row[1] + row[3]) for row in rows) * 1000
+    dynamic_us = median_us(2)
+    train_us = median_us(3)
+    return DynamicShare(
+        batch_size=batch_size,
+        updates=len(rows),
+        decode_us=round(median_us(0), 1),
+        prepare_us=round(median_us(1), 1),
+        dynamic_us=round(dynamic_us, 1),
+        train_us=round(train_us, 1),
+        update_us=round(update_us, 1),
+        share=round(dynamic_us / update_us, 4),
+        share_of_train=round(dynamic_us / train_us, 4),
+    )
+
+
+def convert_digits_student(out: Path) -> Path:
+    """Convert an untrained 64-32-10 student and teacher into ``out/bundle``."""
+    from converters.bundle import convert_bundle
+    from converters.demo_models import build_student, build_teacher
+
+    bundle = out / "bundle"
+    convert_bundle(build_teacher(64, 10), build_student(64, 10), bundle)
+    return bundle
+
+
+def format_share(result: DynamicShare) -> str:
+    """Return the figures as a few lines of text."""
+    return (
+        f"batch {result.batch_size}, {result.updates} updates, medians in us: "
+        f"decode+validate {result.decode_us}, prepare {result.prepare_us} "
+        f"(dynamic part {result.dynamic_us}), train step {result.train_us}, "
+        f"whole update {result.update_us}\n"
+        f"dynamic part: {result.share:.1%} of the update time, "
+        f"{result.share_of_train:.0%} of the train step"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m dslo_edge.bench_dynamic``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, help="converted bundle directory")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--updates", type=int, default=300)
+    parser.add_argument("--json", action="store_true", help="print JSON instead")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="dslo-bench-") as tmp:
+        bundle = args.bundle or convert_digits_student(Path(tmp))
+        result = measure_dynamic_share(
+            bundle, batch_size=args.batch_size, updates=args.updates
+        )
+    if args.json:
+        import json
+
+        print(json.dumps(asdict(result)))
+    else:
+        print(format_share(result))
+
+
+if __name__ == "__main__":
+    main()

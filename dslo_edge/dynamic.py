@@ -1,0 +1,392 @@
+"""The per-update dynamic part of DSL-O for one output head.
+
+``SoftLabelEngine.prepare`` turns one batch of teacher probabilities into
+training targets. It updates the teacher monitor and raises the smoothing
+strength for a while after a drift spike. Then it smooths the targets per
+sample id, picks hard labels, and computes the per-sample alpha at the
+current progress. Everything runs vectorised over the batch. The only per-id Python
+work is one dictionary lookup per id in each of the two row tables.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dslo_edge.errors import ConfigError
+from dslo_edge.softlabels import (
+    AlphaPolicy,
+    BatchStatistics,
+    SmoothingStore,
+    TeacherMonitor,
+)
+
+PROGRESS_UNITS = ("updates", "rounds")
+HARD_LABEL_FALLBACKS = ("argmax", "mask")
+
+
+def _require(condition: bool, name: str, value: object, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"invalid {name} {value!r}: expected {expected}")
+
+
+def _is_count(value: object, minimum: int) -> bool:
+    return (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and int(value) >= minimum
+    )
+
+
+def _is_number(value: object) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+@dataclass(frozen=True)
+class ProgressSettings:
+    """Definition of the training progress t in [0, 1].
+
+    Attributes:
+        unit: ``updates`` for t = applied updates / ``planned_updates``, or
+            ``rounds`` for t = highest teacher round seen / ``planned_rounds``.
+        planned_updates: updates after which t reaches 1, at least 1.
+        planned_rounds: teacher rounds after which t reaches 1, at least 1.
+    """
+
+    unit: str = "updates"
+    planned_updates: int = 1000
+    planned_rounds: int = 10
+
+    def __post_init__(self) -> None:
+        _require(
+            self.unit in PROGRESS_UNITS,
+            "progress unit",
+            self.unit,
+            " or ".join(repr(unit) for unit in PROGRESS_UNITS),
+        )
+        _require(
+            _is_count(self.planned_updates, 1),
+            "planned_updates",
+            self.planned_updates,
+            "an integer >= 1",
+        )
+        _require(
+            _is_count(self.planned_rounds, 1),
+            "planned_rounds",
+            self.planned_rounds,
+            "an integer >= 1",
+        )
+
+    def value(self, applied_updates: int, highest_round: int) -> float:
+        """Return t for the given counters, clipped to [0, 1]."""
+        if self.unit == "rounds":
+            return min(1.0, max(0, highest_round) / self.planned_rounds)
+        return min(1.0, applied_updates / self.planned_updates)
+
+
+@dataclass(frozen=True)
+class DriftBoost:
+    """Stronger smoothing after the teacher changes abruptly.
+
+    When the drift of a batch (mean KL between each sample's new and previous
+    teacher probabilities, in nats) exceeds ``threshold``, the smoothing
+    lambda becomes at least ``smoothing_lambda`` for that update and the
+    next ``updates - 1`` ones. A later batch above the threshold restarts the
+    count, so the boost lasts while the drift stays high.
+
+    Attributes:
+        threshold: batch drift in nats that counts as a spike, > 0.
+        smoothing_lambda: lambda while boosted, >= 0.
+        updates: number of boosted updates, 0 to switch the boost off.
+    """
+
+    threshold: float = 0.5
+    smoothing_lambda: float = 3.0
+    updates: int = 20
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_number(self.threshold) and self.threshold > 0,
+            "drift threshold",
+            self.threshold,
+            "a finite number > 0 (nats)",
+        )
+        _require(
+            _is_number(self.smoothing_lambda) and self.smoothing_lambda >= 0,
+            "drift smoothing lambda",
+            self.smoothing_lambda,
+            "a finite number >= 0",
+        )
+        _require(
+            _is_count(self.updates, 0),
+            "drift boost updates",
+            self.updates,
+            "an integer >= 0",
+        )
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Dynamic soft-label settings for one output head (task).
+
+    Attributes:
+        alpha: per-sample alpha policy, including the time schedule.
+        temperature: softmax temperature when an update carries none, in
+            (0, 100].
+        smoothing_lambda: lambda of the smoothing constraint, >= 0; 0 is off.
+        smoothing_capacity: sample ids kept by the smoothing store and by the
+            monitor, each evicting the least recently used id.
+        hard_label_fallback: for samples without a hard label, ``argmax``
+            trains on the smoothed target's argmax, ``mask`` drops their
+            cross-entropy term.
+        monitor_decay: decay of the monitor's moving averages, in [0, 1).
+        drift: the smoothing boost after a drift spike.
+        weight: weight of this task's loss in a multi-task student, >= 0.
+    """
+
+    alpha: AlphaPolicy = field(default_factory=AlphaPolicy)
+    temperature: float = 2.0
+    smoothing_lambda: float = 0.3
+    smoothing_capacity: int = 10_000
+    hard_label_fallback: str = "argmax"
+    monitor_decay: float = 0.9
+    drift: DriftBoost = field(default_factory=DriftBoost)
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_number(self.temperature) and 0 < self.temperature <= 100,
+            "temperature",
+            self.temperature,
+            "a number in (0, 100]",
+        )
+        _require(
+            _is_number(self.smoothing_lambda) and self.smoothing_lambda >= 0,
+            "smoothing lambda",
+            self.smoothing_lambda,
+            "a finite number >= 0",
+        )
+        _require(
+            self.hard_label_fallback in HARD_LABEL_FALLBACKS,
+            "hard_label_fallback",
+            self.hard_label_fallback,
+            "'argmax' or 'mask'",
+        )
+        _require(
+            _is_number(self.weight) and self.weight >= 0,
+            "task weight",
+            self.weight,
+            "a finite number >= 0",
+        )
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Training targets of one head for the train step, plus figures for metrics.
+
+    Attributes:
+        soft: smoothed teacher targets, float32 (N, K).
+        hard: class index per sample, int32 (N,); -1 masks the CE term.
+        alpha: distillation weight per sample, float32 (N,).
+        temperature: softmax temperature of the distillation term.
+        smoothing_lambda: lambda used for this batch (boosted or not).
+        progress: t used for the alpha time term.
+        batch_drift: the monitor's drift for this batch, None without
+            samples seen in an earlier round.
+        dynamic_ms: time spent in entropy, monitor, smoothing and alpha.
+    """
+
+    soft: np.ndarray
+    hard: np.ndarray
+    alpha: np.ndarray
+    temperature: float
+    smoothing_lambda: float
+    progress: float
+    batch_drift: float | None
+    dynamic_ms: float
+
+
+class SoftLabelEngine:
+    """Monitor, smoothing store, drift boost and alpha for one output head."""
+
+    def __init__(
+        self, settings: TaskSettings, progress: ProgressSettings | None = None
+    ) -> None:
+        self.settings = settings
+        self.progress_settings = progress or ProgressSettings()
+        self.store = SmoothingStore(settings.smoothing_capacity)
+        self.monitor = TeacherMonitor(
+            settings.smoothing_capacity, settings.monitor_decay
+        )
+        self.applied_updates = 0
+        self.highest_round = 0
+        self.boost_remaining = 0
+        self._last: Targets | None = None
+
+    @property
+    def progress(self) -> float:
+        """Training progress t in [0, 1] for the next update."""
+        return self.progress_settings.value(self.applied_updates, self.highest_round)
+
+    def prepare(
+        self,
+        sample_ids: Sequence[str],
+        probabilities: np.ndarray,
+        teacher_round: int,
+        hard_labels: np.ndarray | None = None,
+        temperature: float | None = None,
+    ) -> Targets:
+        """Compute smoothed targets, hard labels and alpha for one batch.
+
+        Args:
+            sample_ids: one id per row, unique within the batch.
+            probabilities: teacher probabilities of shape (N, K).
+            teacher_round: round of the teacher that labelled the batch.
+            hard_labels: int array (N,) with -1 where a sample has none, or
+                None when no sample has one.
+            temperature: the update's temperature, or None for the default.
+
+        Raises:
+            ValueError: shapes disagree or K changed since the first batch.
+        """
+        started = time.perf_counter()
+        ids = list(sample_ids)
+        statistics = BatchStatistics.of(probabilities)
+        self.highest_round = max(self.highest_round, int(teacher_round))
+        batch_drift = self.monitor.observe(
+            ids, statistics.rows, teacher_round, statistics
+        )
+        lam = self._smoothing_lambda(batch_drift)
+        soft = self.store.smooth(ids, statistics.rows, lam)
+        progress = self.progress
+        alpha = self.settings.alpha.alpha_from_entropy(statistics.entropy, progress)
+        dynamic_ms = (time.perf_counter() - started) * 1000
+        targets = Targets(
+            soft=soft,
+            hard=self._hard_labels(soft, hard_labels),
+            alpha=alpha,
+            temperature=float(temperature or self.settings.temperature),
+            smoothing_lambda=lam,
+            progress=progress,
+            batch_drift=batch_drift,
+            dynamic_ms=dynamic_ms,
+        )
+        self._last = targets
+        return targets
+
+    def _smoothing_lambda(self, batch_drift: float | None) -> float:
+        boost = self.settings.drift
+        if boost.updates and batch_drift is not None and batch_drift > boost.threshold:
+            self.boost_remaining = boost.updates
+        if self.boost_remaining > 0:
+            return max(self.settings.smoothing_lambda, boost.smoothing_lambda)
+        return self.settings.smoothing_lambda
+
+    def _hard_labels(self, soft: np.ndarray, hard: np.ndarray | None) -> np.ndarray:
+        if hard is None:
+            if self.settings.hard_label_fallback == "argmax":
+                return np.argmax(soft, axis=1).astype(np.int32)
+            return np.full(soft.shape[0], -1, dtype=np.int32)
+        labels = np.array(hard, dtype=np.int32)
+        if self.settings.hard_label_fallback == "argmax":
+            missing = labels < 0
+            if missing.any():
+                labels[missing] = np.argmax(soft[missing], axis=1)
+        return labels
+
+    def finish_update(self) -> None:
+        """Count one applied update: advances progress and the drift boost."""
+        self.applied_updates += 1
+        if self.boost_remaining > 0:
+            self.boost_remaining -= 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the engine's state for metrics, JSON-ready.
+
+        Keys: ``progress``, ``applied_updates``, ``highest_round``,
+        ``smoothing_lambda`` (of the last batch), ``drift_boost_remaining``,
+        ``alpha`` (``mean``, ``min``, ``max`` of the last batch, or None
+        before it), ``smoothed_ids`` and ``teacher`` (the monitor snapshot).
+        """
+        last = self._last
+        alpha = None
+        if last is not None and last.alpha.size:
+            alpha = {
+                "mean": float(last.alpha.mean()),
+                "min": float(last.alpha.min()),
+                "max": float(last.alpha.max()),
+            }
+        return {
+            "progress": self.progress,
+            "applied_updates": self.applied_updates,
+            "highest_round": self.highest_round,
+            "smoothing_lambda": (
+                self.settings.smoothing_lambda
+                if last is None
+                else last.smoothing_lambda
+            ),
+            "drift_boost_remaining": self.boost_remaining,
+            "alpha": alpha,
+            "smoothed_ids": len(self.store),
+            "teacher": self.monitor.snapshot(),
+        }
+
+    def checkpoint_content(
+        self, prefix: str
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Return tensors and JSON state to save, tensor names under ``prefix``."""
+        tensors: dict[str, np.ndarray] = {}
+        ids, rows = self.store.to_arrays()
+        if ids:
+            tensors[prefix + "smoothing/rows"] = rows
+        scalars, monitor_ids, monitor_table = self.monitor.state()
+        if monitor_ids:
+            tensors[prefix + "monitor/rows"] = monitor_table
+        state = {
+            "applied_updates": self.applied_updates,
+            "highest_round": self.highest_round,
+            "drift_boost_remaining": self.boost_remaining,
+            "smoothing_ids": ids,
+            "monitor_ids": monitor_ids,
+            "monitor_state": scalars,
+            "monitor": self.monitor.snapshot(),
+        }
+        return tensors, state
+
+    def restore(
+        self, tensors: dict[str, np.ndarray], state: dict[str, Any], prefix: str
+    ) -> None:
+        """Load what ``checkpoint_content`` saved; absent keys keep defaults.
+
+        Raises:
+            ValueError: stored ids and tables disagree, or exceed the capacity.
+        """
+        capacity = self.settings.smoothing_capacity
+        ids = list(state.get("smoothing_ids", []))
+        if ids:
+            self.store = SmoothingStore.from_arrays(
+                ids, tensors[prefix + "smoothing/rows"], capacity
+            )
+        monitor_ids = list(state.get("monitor_ids", []))
+        if "monitor_state" in state:
+            table = tensors.get(prefix + "monitor/rows", np.zeros((0, 0)))
+            self.monitor = TeacherMonitor.from_state(
+                state["monitor_state"],
+                monitor_ids,
+                table,
+                capacity,
+                decay=self.settings.monitor_decay,
+            )
+        self.applied_updates = int(state.get("applied_updates", 0))
+        self.highest_round = int(state.get("highest_round", 0))
+        self.boost_remaining = int(state.get("drift_boost_remaining", 0))
