@@ -1,0 +1,241 @@
+"""Device-side commands: firmware profiles, flash and metrics reports.
+
+``dslo_edge.cli`` registers these on its ``main`` group. This module imports
+``dslo_edge.cli`` only when a command runs, because ``cli`` imports this
+module while it is itself being imported.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from dslo_edge.errors import BundleError
+
+PROFILES_DIR_OPTION = click.option(
+    "--profiles-dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory of firmware profile TOML files (default: firmware_profiles "
+    "of the source tree, or $DSLO_EDGE_PROFILES).",
+)
+
+
+def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply ``dslo_edge.cli.handle_errors`` when the command runs."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dslo_edge.cli import handle_errors as cli_handle_errors
+
+        return cli_handle_errors(command)(*args, **kwargs)
+
+    return wrapper
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+@click.group()
+def profiles() -> None:
+    """List, show and check firmware profiles of edge boards."""
+
+
+@profiles.command("list")
+@PROFILES_DIR_OPTION
+@handle_errors
+def list_command(profiles_dir: str | None) -> None:
+    """List the known boards with their RAM budget and power figures."""
+    from dslo_edge.profiles import list_profiles
+
+    rows = [("NAME", "ARCH", "RAM", "BUDGET", "IDLE-ACTIVE W", "TITLE")]
+    for profile in list_profiles(profiles_dir):
+        rows.append(
+            (
+                profile.name,
+                profile.architecture,
+                f"{profile.ram_mb} MiB",
+                f"{profile.budget_ram_mb} MiB",
+                f"{profile.idle_watts:g}-{profile.active_watts:g}",
+                profile.title,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[-1]]))
+
+
+@profiles.command("show")
+@click.argument("name")
+@PROFILES_DIR_OPTION
+@handle_errors
+def show_command(name: str, profiles_dir: str | None) -> None:
+    """Print every field of one profile."""
+    from dslo_edge.profiles import load_profile
+
+    profile = load_profile(name, profiles_dir)
+    battery = f"{profile.battery_wh:g} Wh" if profile.battery_wh else "none"
+    lines = [
+        f"{profile.name}: {profile.title}",
+        f"  file            {profile.source}",
+        f"  architecture    {profile.architecture}, {profile.cores} cores",
+        f"  RAM             {profile.ram_mb} MiB (budget {profile.budget_ram_mb} MiB)",
+        f"  storage         {profile.storage_mb} MiB "
+        f"(budget {profile.budget_storage_mb} MiB)",
+        f"  OS              {profile.os_name}: Python {profile.python}, "
+        f"numpy {profile.numpy}, glibc {profile.glibc}",
+        f"  power           {profile.idle_watts:g} W idle, "
+        f"{profile.active_watts:g} W all cores busy",
+        f"  battery         {battery}",
+        f"  thermal limit   {profile.thermal_limit_c:g} C",
+    ]
+    for path, unit in profile.power_files:
+        lines.append(f"  power sensor    {path} ({unit})")
+    for wheel in profile.interpreters:
+        lines.append(
+            f"  interpreter     {wheel.package} {wheel.version}: Python "
+            f"{wheel.python}, numpy {wheel.numpy}, glibc >= {wheel.min_glibc}"
+        )
+    click.echo("\n".join(lines))
+
+
+@profiles.command("check")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--profile", "profile_name", required=True, help="Profile name or file.")
+@click.option(
+    "--batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Samples per update the hub sends.",
+)
+@click.option(
+    "--queue-size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1, 100000),
+    help="Updates the daemon may hold waiting.",
+)
+@PROFILES_DIR_OPTION
+@handle_errors
+def check_command(
+    bundle: str,
+    profile_name: str,
+    batch_size: int,
+    queue_size: int,
+    profiles_dir: str | None,
+) -> None:
+    """Check that BUNDLE fits a board's RAM and storage and has an interpreter."""
+    from dslo_edge.bundle import load_bundle
+    from dslo_edge.fit import check_bundle
+    from dslo_edge.profiles import load_profile
+
+    profile = load_profile(profile_name, profiles_dir)
+    report = check_bundle(
+        load_bundle(bundle), profile, batch_size=batch_size, queue_size=queue_size
+    )
+    click.echo(f"{bundle} on {profile.name} ({profile.title})")
+    click.echo(
+        f"  memory   {_mib(report.memory.total)} estimated, budget "
+        f"{profile.budget_ram_mb} MiB"
+    )
+    for part, size in report.memory.as_dict().items():
+        if part != "total":
+            click.echo(f"    {part:<18} {_mib(size)}")
+    click.echo(
+        f"  storage  {_mib(report.storage.total)} estimated, budget "
+        f"{profile.budget_storage_mb} MiB"
+    )
+    click.echo(f"  interpreter  {report.interpreter or 'none'}")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+    for problem in report.problems:
+        click.echo(f"  problem: {problem}")
+    if not report.fits:
+        raise BundleError(f"{bundle} does not fit profile {profile.name}")
+    click.echo("  fits")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--profile", "profile_name", required=True, help="Profile name or file.")
+@click.option(
+    "--target",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Mounted device root filesystem, or any directory.",
+)
+@click.option("--device-id", help="Device id for the config (default: profile name).")
+@click.option(
+    "--broker-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="MQTT broker host the device connects to.",
+)
+@click.option(
+    "--broker-port",
+    default=1883,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="MQTT broker port.",
+)
+@PROFILES_DIR_OPTION
+@handle_errors
+def flash(
+    bundle: str,
+    profile_name: str,
+    target: str,
+    device_id: str | None,
+    broker_host: str,
+    broker_port: int,
+    profiles_dir: str | None,
+) -> None:
+    """Install BUNDLE, a device config and a systemd unit onto a device root."""
+    from dslo_edge.flash import FlashOptions
+    from dslo_edge.flash import flash as run_flash
+    from dslo_edge.profiles import load_profile
+
+    profile = load_profile(profile_name, profiles_dir)
+    options = FlashOptions(device_id or profile.name, broker_host, broker_port)
+    result = run_flash(bundle, profile, target, options)
+    click.echo(
+        f"installed release {result.release} for {profile.name} into {target}: "
+        f"{len(result.changed)} paths written, {len(result.unchanged)} unchanged"
+    )
+    for path in result.changed:
+        click.echo(f"  wrote {path}")
+    click.echo(
+        "on the device, create the environment the unit runs: "
+        "python3 -m venv /opt/dslo-edge/venv && "
+        "/opt/dslo-edge/venv/bin/pip install dslo-edge"
+    )
+
+
+@click.command()
+@click.option(
+    "--metrics",
+    "metrics_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Metrics log: one JSON metrics report per line.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the PNG plots.",
+)
+@handle_errors
+def report(metrics_path: str, out: str) -> None:
+    """Plot latency, adaptation and energy from a metrics log (needs matplotlib)."""
+    from dslo_edge.report import read_metrics_log, write_report
+
+    records = read_metrics_log(metrics_path)
+    paths = write_report(records, out)
+    click.echo(f"read {len(records)} metrics reports from {metrics_path}")
+    for path in paths:
+        click.echo(f"  wrote {path}")

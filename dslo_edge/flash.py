@@ -1,0 +1,365 @@
+"""Install a bundle, its device config and a systemd unit onto a device root.
+
+The target is a mounted root filesystem of the device (or any directory). The
+installed layout, with paths as the device sees them::
+
+    /opt/dslo-edge/releases/<id>/       the bundle files, one directory per bundle
+    /opt/dslo-edge/bundle -> releases/<id>
+    /opt/dslo-edge/installed.json       every installed file with its sha256
+    /etc/dslo-edge/device.toml
+    /etc/systemd/system/dslo-edge.service
+    /etc/systemd/system/multi-user.target.wants/dslo-edge.service (link to the unit)
+    /var/lib/dslo-edge/                 the daemon's state directory
+
+A release directory is staged under a temporary name and renamed into place,
+and the ``bundle`` link, config, unit and file list are each replaced with one
+rename, so an interrupted run leaves the previous installation usable and a
+second run completes it. Files whose content is already right are not
+rewritten, so running it again with the same inputs changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from dslo_edge import __version__
+from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from dslo_edge.config import load_config, render_config
+from dslo_edge.errors import BundleError
+from dslo_edge.fit import FitReport, check_bundle
+from dslo_edge.footprint import MIB, directory_size
+from dslo_edge.profiles import FirmwareProfile
+from dslo_edge.service import DEFAULT_CONFIG, DEFAULT_STATE_DIR, UNIT_NAME, render_unit
+
+logger = logging.getLogger(__name__)
+
+INSTALL_DIR = PurePosixPath("/opt/dslo-edge")
+RELEASES_DIR = INSTALL_DIR / "releases"
+BUNDLE_LINK = INSTALL_DIR / "bundle"
+FILE_LIST = INSTALL_DIR / "installed.json"
+UNIT_PATH = PurePosixPath("/etc/systemd/system") / UNIT_NAME
+WANTS_LINK = PurePosixPath("/etc/systemd/system/multi-user.target.wants") / UNIT_NAME
+# Room left free beyond the files themselves, for directory entries and the
+# file list, so the device's filesystem is not filled to the last block.
+SPACE_MARGIN_BYTES = 1 * MIB
+
+DiskUsage = Callable[[str | Path], Any]
+
+
+@dataclass(frozen=True)
+class FlashOptions:
+    """Values written into the generated device config."""
+
+    device_id: str
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    batch_size: int = 32
+
+
+@dataclass
+class FlashResult:
+    """The outcome of one flash run.
+
+    Attributes:
+        release: the bundle's release id (start of the manifest's sha256).
+        changed: device paths written in this run.
+        unchanged: device paths that already had the right content.
+        fit: the profile check the bundle passed.
+    """
+
+    target: Path
+    release: str
+    fit: FitReport
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+def on_target(target: Path, device_path: PurePosixPath) -> Path:
+    """Return where a device path lies under the target directory."""
+    return target / str(device_path).lstrip("/")
+
+
+def release_id(bundle: Bundle) -> str:
+    """Return the first 16 hex digits of the sha256 of the bundle manifest.
+
+    The manifest lists every model file's sha256, so it identifies the bundle.
+    """
+    return sha256_file(bundle.path / MANIFEST_NAME)[:16]
+
+
+def flash(
+    bundle_path: str | Path,
+    profile: FirmwareProfile,
+    target: str | Path,
+    options: FlashOptions,
+    *,
+    disk_usage: DiskUsage = shutil.disk_usage,
+) -> FlashResult:
+    """Install a bundle for a board onto a target root directory.
+
+    Args:
+        bundle_path: the bundle directory.
+        profile: the board the target belongs to.
+        target: the device's root filesystem, mounted, or any directory.
+        options: values for the generated device config.
+        disk_usage: ``shutil.disk_usage`` or a replacement for tests.
+
+    Raises:
+        BundleError: the bundle is invalid, the profile cannot run it, the
+            target lacks free space, or writing failed. The previous
+            installation, if any, is left as it was.
+    """
+    root = Path(target)
+    if not root.is_dir():
+        raise BundleError(f"target {root} is not a directory; mount the device first")
+    bundle = load_bundle(bundle_path)
+    fit = check_bundle(bundle, profile, batch_size=options.batch_size)
+    if not fit.fits:
+        raise BundleError(
+            f"profile {profile.name} cannot run {bundle.path}: "
+            + "; ".join(fit.problems)
+        )
+
+    result = FlashResult(root, release_id(bundle), fit)
+    files = {
+        DEFAULT_CONFIG: _device_config(options).encode(),
+        UNIT_PATH: render_unit().encode(),
+    }
+    release_dir = on_target(root, RELEASES_DIR / result.release)
+    release_needed = not _release_intact(release_dir, bundle)
+    _check_free_space(root, bundle, release_needed, files, disk_usage)
+
+    try:
+        _install_release(root, bundle, result, release_needed)
+        for device_path, content in files.items():
+            _write_if_changed(root, device_path, content, result)
+        _link_if_changed(root, WANTS_LINK, PurePosixPath("..") / UNIT_NAME, result)
+        on_target(root, DEFAULT_STATE_DIR).mkdir(parents=True, exist_ok=True)
+        _write_if_changed(root, FILE_LIST, _file_list(root, result, profile), result)
+    except OSError as error:
+        raise BundleError(
+            f"installing onto {root} failed: {error}; the previous installation "
+            "is unchanged, so fix the cause and run flash again"
+        ) from error
+    _prune_releases(root, result.release)
+    logger.info(
+        "Installed release %s for profile %s onto %s (%d paths changed)",
+        result.release,
+        profile.name,
+        root,
+        len(result.changed),
+    )
+    return result
+
+
+def _device_config(options: FlashOptions) -> str:
+    text = render_config(
+        options.device_id,
+        Path(str(BUNDLE_LINK)),
+        Path(str(DEFAULT_STATE_DIR)),
+        options.broker_port,
+    )
+    # NOTE: render_config has no broker host parameter yet, so the host line it
+    # writes is replaced here and the result is validated below.
+    text = text.replace(
+        'host = "127.0.0.1"', f"host = {json.dumps(options.broker_host)}"
+    )
+    _validate_config(text)
+    return text
+
+
+def _validate_config(text: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "device.toml"
+        path.write_text(text)
+        load_config(path)
+
+
+def _release_intact(release_dir: Path, bundle: Bundle) -> bool:
+    if not release_dir.is_dir():
+        return False
+    try:
+        load_bundle(release_dir)
+    except BundleError:
+        return False
+    return (release_dir / MANIFEST_NAME).read_bytes() == (
+        bundle.path / MANIFEST_NAME
+    ).read_bytes()
+
+
+def _check_free_space(
+    root: Path,
+    bundle: Bundle,
+    release_needed: bool,
+    files: dict[PurePosixPath, bytes],
+    disk_usage: DiskUsage,
+) -> None:
+    needed = SPACE_MARGIN_BYTES + sum(len(content) for content in files.values())
+    if release_needed:
+        needed += directory_size(bundle.path)
+    free = int(disk_usage(root).free)
+    if free < needed:
+        raise BundleError(
+            f"not enough free space on {root}: the installation needs "
+            f"{needed / MIB:.1f} MiB, the filesystem has {free / MIB:.1f} MiB free; "
+            "free some space or use a larger storage device"
+        )
+
+
+def _install_release(
+    root: Path, bundle: Bundle, result: FlashResult, needed: bool
+) -> None:
+    releases = on_target(root, RELEASES_DIR)
+    final = releases / result.release
+    device_release = str(RELEASES_DIR / result.release)
+    if needed:
+        releases.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".staging-{result.release}-", dir=releases)
+        )
+        try:
+            _copy_bundle(bundle, staging)
+            if final.exists():
+                shutil.rmtree(final)  # a damaged earlier copy
+            staging.rename(final)
+            _fsync_directory(releases)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+        result.changed.append(device_release)
+    else:
+        result.unchanged.append(device_release)
+    _link_if_changed(
+        root, BUNDLE_LINK, PurePosixPath("releases") / result.release, result
+    )
+
+
+def _copy_bundle(bundle: Bundle, staging: Path) -> None:
+    """Copy the bundle's files, then check them against its manifest."""
+    for source in sorted(bundle.path.iterdir()):
+        if source.is_file():
+            with (
+                open(source, "rb") as reader,
+                open(staging / source.name, "wb") as writer,
+            ):
+                shutil.copyfileobj(reader, writer, 1 << 20)
+                writer.flush()
+                os.fsync(writer.fileno())
+    load_bundle(staging)  # raises BundleError on a bad copy
+
+
+def _write_if_changed(
+    root: Path, device_path: PurePosixPath, content: bytes, result: FlashResult
+) -> None:
+    path = on_target(root, device_path)
+    if path.is_file() and path.read_bytes() == content:
+        result.unchanged.append(str(device_path))
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "wb") as stream:
+            stream.write(content)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+    result.changed.append(str(device_path))
+
+
+def _link_if_changed(
+    root: Path,
+    device_path: PurePosixPath,
+    link_target: PurePosixPath,
+    result: FlashResult,
+) -> None:
+    path = on_target(root, device_path)
+    if path.is_symlink() and os.readlink(path) == str(link_target):
+        result.unchanged.append(str(device_path))
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    os.symlink(link_target, temporary)
+    os.replace(temporary, path)
+    _fsync_directory(path.parent)
+    result.changed.append(str(device_path))
+
+
+def _file_list(root: Path, result: FlashResult, profile: FirmwareProfile) -> bytes:
+    """Return the JSON list of installed files with sizes and sha256 digests."""
+    entries = {}
+    tracked = [RELEASES_DIR / result.release, DEFAULT_CONFIG, UNIT_PATH]
+    for device_path in tracked:
+        path = on_target(root, device_path)
+        paths = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in paths:
+            if file.is_file():
+                key = "/" + str(file.relative_to(root))
+                entries[key] = {
+                    "bytes": file.stat().st_size,
+                    "sha256": sha256_file(file),
+                }
+    document = {
+        "installed_by": f"dslo-edge {__version__}",
+        "profile": profile.name,
+        "release": result.release,
+        "bundle_link": str(BUNDLE_LINK),
+        "files": entries,
+    }
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _prune_releases(root: Path, current: str) -> None:
+    """Remove releases other than the current one and the newest older one.
+
+    The newest older release stays so an operator can point the link back.
+    """
+    releases = on_target(root, RELEASES_DIR)
+    older = [
+        path
+        for path in releases.iterdir()
+        if path.is_dir() and path.name != current and not path.name.startswith(".")
+    ]
+    older.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    for path in older[1:]:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("Removed old release %s from %s", path.name, root)
+
+
+def _fsync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def verify_installation(target: str | Path) -> list[str]:
+    """Return the installed files whose sha256 no longer matches the file list.
+
+    Raises:
+        BundleError: the target has no readable file list.
+    """
+    root = Path(target)
+    path = on_target(root, FILE_LIST)
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BundleError(f"cannot read the file list {path}: {error}") from error
+    mismatched = []
+    for device_path, entry in sorted(document["files"].items()):
+        file = on_target(root, PurePosixPath(device_path))
+        if not file.is_file() or sha256_file(file) != entry["sha256"]:
+            mismatched.append(device_path)
+    return mismatched

@@ -1,0 +1,64 @@
+"""The systemd unit that runs the edge daemon on a device."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+UNIT_NAME = "dslo-edge.service"
+DEFAULT_EXEC = PurePosixPath("/opt/dslo-edge/venv/bin/dslo-edge")
+DEFAULT_CONFIG = PurePosixPath("/etc/dslo-edge/device.toml")
+DEFAULT_STATE_DIR = PurePosixPath("/var/lib/dslo-edge")
+# sysexits.h EX_CONFIG, the status `dslo-edge run` exits with on a config error.
+EXIT_CONFIG = 78
+
+
+def render_unit(
+    *,
+    exec_path: PurePosixPath = DEFAULT_EXEC,
+    config_path: PurePosixPath = DEFAULT_CONFIG,
+    state_dir: PurePosixPath = DEFAULT_STATE_DIR,
+    user: str | None = None,
+    restart_sec: int = 10,
+    start_limit_burst: int = 5,
+    start_limit_interval_sec: int = 600,
+) -> str:
+    """Return the text of ``dslo-edge.service``.
+
+    Args:
+        exec_path: the ``dslo-edge`` console script on the device.
+        config_path: the device TOML file on the device.
+        state_dir: the only directory the service may write.
+        user: run as this user. None runs as root, which reading RAPL energy
+            counters needs on Linux 5.10 and later.
+        restart_sec: seconds between a failure and the restart.
+        start_limit_burst: starts allowed within ``start_limit_interval_sec``
+            before systemd stops restarting the service.
+        start_limit_interval_sec: the window for ``start_limit_burst``.
+    """
+    user_line = f"User={user}\n" if user else ""
+    return f"""[Unit]
+Description=dslo-edge on-device distillation daemon
+After=network-online.target
+Wants=network-online.target
+StartLimitIntervalSec={start_limit_interval_sec}
+StartLimitBurst={start_limit_burst}
+
+[Service]
+# The daemon does not call sd_notify yet, so systemd counts it as started as
+# soon as the process runs.
+Type=simple
+ExecStart={exec_path} run --config {config_path}
+{user_line}Restart=on-failure
+RestartSec={restart_sec}
+# Exit status {EXIT_CONFIG} (EX_CONFIG) means the configuration is invalid, and a
+# restart cannot fix that.
+RestartPreventExitStatus={EXIT_CONFIG}
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+ReadWritePaths={state_dir}
+
+[Install]
+WantedBy=multi-user.target
+"""

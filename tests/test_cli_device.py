@@ -1,0 +1,77 @@
+"""The profiles and flash commands through the dslo-edge command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from dslo_edge.cli import EXIT_CONFIG, EXIT_ERROR, main
+from tests.bundle_files import write_bundle
+
+
+def run(*arguments: str):
+    return CliRunner().invoke(main, list(arguments))
+
+
+def test_profiles_list_shows_every_board() -> None:
+    result = run("profiles", "list")
+    assert result.exit_code == 0, result.output
+    for name in ("raspberry-pi-zero-2w", "jetson-nano", "generic-x86_64"):
+        assert name in result.output
+    assert result.output.splitlines()[0].startswith("NAME")
+
+
+def test_profiles_show_prints_fields() -> None:
+    result = run("profiles", "show", "raspberry-pi-5")
+    assert result.exit_code == 0, result.output
+    assert "Raspberry Pi 5" in result.output
+    assert "2.7 W idle, 7.5 W all cores busy" in result.output
+    assert "thermal limit   75 C" in result.output
+
+
+def test_profiles_show_unknown_name_is_config_error() -> None:
+    result = run("profiles", "show", "pi9")
+    assert result.exit_code == EXIT_CONFIG
+    assert "firmware profile 'pi9' not found" in result.output
+
+
+def test_profiles_check_fits_and_fails(tmp_path: Path) -> None:
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    fits = run("profiles", "check", bundle, "--profile", "raspberry-pi-4b")
+    assert fits.exit_code == 0, fits.output
+    assert "interpreter  ai-edge-litert==2.3.0" in fits.output
+    assert fits.output.rstrip().endswith("fits")
+
+    fails = run("profiles", "check", bundle, "--profile", "jetson-nano")
+    assert fails.exit_code == EXIT_ERROR
+    assert "problem: JetPack 4.6" in fails.output
+    assert "does not fit profile jetson-nano" in fails.output
+
+
+def test_flash_command_installs_and_repeats(tmp_path: Path) -> None:
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    arguments = [
+        "flash",
+        bundle,
+        "--profile",
+        "raspberry-pi-zero-2w",
+        "--target",
+        str(target),
+        "--device-id",
+        "porch",
+        "--broker-host",
+        "hub.lan",
+    ]
+    first = run(*arguments)
+    assert first.exit_code == 0, first.output
+    assert "wrote /etc/dslo-edge/device.toml" in first.output
+    device_toml = (target / "etc/dslo-edge/device.toml").read_text()
+    assert 'id = "porch"' in device_toml
+    assert 'host = "hub.lan"' in device_toml
+
+    second = run(*arguments)
+    assert second.exit_code == 0, second.output
+    assert "0 paths written, 6 unchanged" in second.output

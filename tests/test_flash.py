@@ -1,0 +1,222 @@
+"""Flash: install a bundle, config and unit into a temporary device root."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import namedtuple
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dslo_edge.bundle import load_bundle
+from dslo_edge.cli import EXIT_CONFIG
+from dslo_edge.config import load_config
+from dslo_edge.errors import BundleError
+from dslo_edge.flash import FlashOptions, flash, release_id, verify_installation
+from dslo_edge.profiles import load_profile
+from dslo_edge.service import EXIT_CONFIG as UNIT_EXIT_CONFIG
+from dslo_edge.service import render_unit
+from tests.bundle_files import write_bundle
+
+OPTIONS = FlashOptions("kitchen-cam", broker_host="hub.local", broker_port=8883)
+Usage = namedtuple("Usage", "total used free")
+
+
+@pytest.fixture
+def pi4():
+    return load_profile("raspberry-pi-4b")
+
+
+def installed_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and not path.is_symlink()
+    }
+
+
+def test_flash_installs_complete_layout(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    result = flash(bundle, pi4, root, OPTIONS)
+    release = release_id(load_bundle(bundle))
+
+    assert result.release == release
+    link = root / "opt/dslo-edge/bundle"
+    assert os.readlink(link) == f"releases/{release}"
+    assert load_bundle(link).manifest["class_count"] == 10
+    wants = root / "etc/systemd/system/multi-user.target.wants/dslo-edge.service"
+    assert os.readlink(wants) == "../dslo-edge.service"
+    assert (root / "var/lib/dslo-edge").is_dir()
+    unit = (root / "etc/systemd/system/dslo-edge.service").read_text()
+    assert "ExecStart=/opt/dslo-edge/venv/bin/dslo-edge run --config" in unit
+
+    config = load_config(root / "etc/dslo-edge/device.toml")
+    assert config.device_id == "kitchen-cam"
+    assert config.mqtt.host == "hub.local"
+    assert config.mqtt.port == 8883
+    assert config.bundle == Path("/opt/dslo-edge/bundle")
+    assert config.state_dir == Path("/var/lib/dslo-edge")
+
+    listing = json.loads((root / "opt/dslo-edge/installed.json").read_text())
+    assert listing["profile"] == "raspberry-pi-4b"
+    assert listing["release"] == release
+    assert set(listing["files"]) == {
+        f"/opt/dslo-edge/releases/{release}/manifest.json",
+        f"/opt/dslo-edge/releases/{release}/student.tflite",
+        f"/opt/dslo-edge/releases/{release}/teacher.tflite",
+        "/etc/dslo-edge/device.toml",
+        "/etc/systemd/system/dslo-edge.service",
+    }
+    assert verify_installation(root) == []
+
+
+def test_flash_again_changes_nothing(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(bundle, pi4, root, OPTIONS)
+    before = installed_files(root)
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+    again = flash(bundle, pi4, root, OPTIONS)
+
+    assert again.changed == []
+    assert len(again.unchanged) == 6
+    assert installed_files(root) == before
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_flash_new_bundle_keeps_previous_release(tmp_path: Path, pi4) -> None:
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    releases = []
+    for seed in range(3):
+        bundle = write_bundle(tmp_path / f"bundle-{seed}", seed=seed)
+        releases.append(flash(bundle, pi4, root, OPTIONS).release)
+    remaining = sorted(p.name for p in (root / "opt/dslo-edge/releases").iterdir())
+    assert remaining == sorted(releases[1:])
+    assert os.readlink(root / "opt/dslo-edge/bundle") == f"releases/{releases[2]}"
+    assert verify_installation(root) == []
+
+
+def test_flash_repairs_a_damaged_release(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    result = flash(bundle, pi4, root, OPTIONS)
+    student = root / f"opt/dslo-edge/releases/{result.release}/student.tflite"
+    student.write_bytes(b"corrupt")
+    assert verify_installation(root) == [
+        f"/opt/dslo-edge/releases/{result.release}/student.tflite"
+    ]
+
+    repaired = flash(bundle, pi4, root, OPTIONS)
+
+    assert f"/opt/dslo-edge/releases/{result.release}" in repaired.changed
+    assert verify_installation(root) == []
+
+
+def test_flash_rejects_bundle_profile_cannot_run(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    with pytest.raises(BundleError, match="profile jetson-nano cannot run"):
+        flash(bundle, load_profile("jetson-nano"), root, OPTIONS)
+    assert list(root.iterdir()) == []
+
+
+def test_flash_rejects_invalid_device_id(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    with pytest.raises(Exception, match="device id"):
+        flash(bundle, pi4, root, FlashOptions("kitchen/cam"))
+    assert list(root.iterdir()) == []
+
+
+def test_flash_free_space_check_with_injected_usage(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    with pytest.raises(BundleError, match="not enough free space on .* 0.5 MiB free"):
+        flash(bundle, pi4, root, OPTIONS, disk_usage=lambda _: Usage(1, 1, 512 * 1024))
+    assert list(root.iterdir()) == []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs mounted for the test; skipped where mounting is not allowed."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_flash_full_disk_is_rejected(tmp_path: Path, small_filesystem: Path, pi4):
+    bundle = write_bundle(tmp_path / "bundle", student_bytes=3 * 1024 * 1024)
+    with pytest.raises(BundleError, match="not enough free space") as caught:
+        flash(bundle, pi4, small_filesystem, OPTIONS)
+    assert "MiB free" in str(caught.value)
+    assert list(small_filesystem.iterdir()) == []
+
+
+def test_flash_write_failure_keeps_previous_install(
+    tmp_path: Path, small_filesystem: Path, pi4
+) -> None:
+    first = write_bundle(tmp_path / "first", student_bytes=100_000)
+    flash(first, pi4, small_filesystem, OPTIONS)
+    before = installed_files(small_filesystem)
+    link_before = os.readlink(small_filesystem / "opt/dslo-edge/bundle")
+    # A free-space figure that lies lets the copy start and run out of room.
+    big = write_bundle(tmp_path / "big", student_bytes=3 * 1024 * 1024, seed=1)
+    lying = lambda _: Usage(1 << 30, 0, 1 << 30)  # noqa: E731
+
+    with pytest.raises(BundleError, match="No space left on device") as caught:
+        flash(big, pi4, small_filesystem, OPTIONS, disk_usage=lying)
+
+    assert "previous installation is unchanged" in str(caught.value)
+    assert installed_files(small_filesystem) == before
+    assert os.readlink(small_filesystem / "opt/dslo-edge/bundle") == link_before
+    leftovers = list((small_filesystem / "opt/dslo-edge/releases").glob(".staging-*"))
+    assert leftovers == []
+    assert verify_installation(small_filesystem) == []
+
+
+def test_unit_has_restart_and_sandbox_settings() -> None:
+    unit = render_unit(user="dslo")
+    lines = set(unit.splitlines())
+    for expected in (
+        "Type=simple",
+        "Restart=on-failure",
+        "RestartSec=10",
+        "StartLimitBurst=5",
+        "StartLimitIntervalSec=600",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "RestartPreventExitStatus=78",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/dslo-edge",
+        "User=dslo",
+        "WantedBy=multi-user.target",
+    ):
+        assert expected in lines, expected
+    assert UNIT_EXIT_CONFIG == EXIT_CONFIG
+
+
+def test_unit_runs_as_root_by_default() -> None:
+    assert "User=" not in render_unit()
