@@ -11,6 +11,15 @@ from typing import Any
 
 import numpy as np
 
+# Histogram bucket edges in milliseconds, a 1-2-5 series from 10 us to 100 s.
+# Samples below the first edge count in the first bucket and samples above
+# the last edge in the last one.
+HISTOGRAM_EDGES_MS = tuple(
+    round(mantissa * 10.0**exponent, 2)
+    for exponent in range(-2, 5)
+    for mantissa in (1, 2, 5)
+) + (100_000.0,)
+
 
 class LatencyWindow:
     """The last ``size`` latency samples in milliseconds, with percentiles."""
@@ -32,6 +41,20 @@ class LatencyWindow:
             "p99": round(float(p99), 3),
             "count": len(values),
         }
+
+    def histogram(self) -> dict[str, list[float] | list[int]]:
+        """Return sample counts per bucket between ``HISTOGRAM_EDGES_MS``."""
+        edges = np.asarray(HISTOGRAM_EDGES_MS)
+        values = np.fromiter(self._samples, dtype=np.float64)
+        clipped = np.clip(values, edges[0], edges[-1])
+        counts, _ = np.histogram(clipped, bins=edges)
+        return {"edges_ms": list(HISTOGRAM_EDGES_MS), "counts": counts.tolist()}
+
+    def summary(self) -> dict[str, Any]:
+        """Return the percentiles together with the histogram."""
+        report: dict[str, Any] = dict(self.percentiles())
+        report["histogram"] = self.histogram()
+        return report
 
 
 def peak_rss_mb() -> float:
@@ -106,8 +129,8 @@ class DaemonMetrics:
                 "processed": self.applied + sum(self.rejected.values()),
                 "loss": self.last_loss,
                 "mean_alpha": self.last_mean_alpha,
-                "train_ms": self.train_ms.percentiles(),
-                "end_to_end_ms": self.end_to_end_ms.percentiles(),
+                "train_ms": self.train_ms.summary(),
+                "end_to_end_ms": self.end_to_end_ms.summary(),
                 "peak_rss_mb": peak_rss_mb(),
             }
         if extra:

@@ -1,0 +1,266 @@
+"""PNG plots from a metrics log, and the log writer the daemon can use.
+
+A metrics log is a JSON Lines file: one metrics report (the JSON object the
+daemon publishes on ``dslo/<device>/metrics``) per line. Plotting needs
+matplotlib, from the ``report`` extra. Writing the log does not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dslo_edge.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+LATENCY_FIELDS = (
+    ("infer_ms", "infer"),
+    ("train_ms", "train step"),
+    ("end_to_end_ms", "end to end (hub publish to applied)"),
+)
+DEFAULT_LOG_MAX_BYTES = 8 * 1024 * 1024
+
+
+def append_metrics(
+    path: str | Path, report: dict[str, Any], max_bytes: int = DEFAULT_LOG_MAX_BYTES
+) -> None:
+    """Append one report as a JSON line, rotating the file past ``max_bytes``.
+
+    Rotation renames the log to ``<name>.1``, replacing an older one, so the
+    log never takes more than about twice ``max_bytes``.
+    """
+    log = Path(path)
+    if log.exists() and log.stat().st_size >= max_bytes:
+        os.replace(log, log.with_name(log.name + ".1"))
+    with open(log, "a") as stream:
+        stream.write(json.dumps(report, separators=(",", ":")) + "\n")
+
+
+def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
+    """Read a metrics log, skipping lines that are not JSON objects.
+
+    A daemon killed mid-write leaves a torn last line, so unreadable lines are
+    counted and logged instead of failing the report.
+
+    Raises:
+        ConfigError: the file cannot be read or contains no report at all.
+    """
+    source = Path(path)
+    try:
+        lines = source.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read metrics log {source}: {error}") from error
+    records = []
+    skipped = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped += 1
+    if skipped:
+        logger.warning("Skipped %d unreadable lines in %s", skipped, source)
+    if not records:
+        raise ConfigError(
+            f"metrics log {source} has no metrics reports; expected one JSON "
+            "object per line as published on dslo/<device>/metrics"
+        )
+    return records
+
+
+def _lookup(record: dict[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for key in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def series(
+    records: Sequence[dict[str, Any]], dotted: str
+) -> tuple[list[float], list[float]]:
+    """Return (minutes since the first report, value) for a numeric field.
+
+    ``dotted`` names a nested field, for example ``teacher.mean_entropy``.
+    Reports without the field, or with null, are left out.
+    """
+    start = next(
+        (
+            r["timestamp"]
+            for r in records
+            if isinstance(r.get("timestamp"), int | float)
+        ),
+        0.0,
+    )
+    times, values = [], []
+    for index, record in enumerate(records):
+        value = _lookup(record, dotted)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        stamp = record.get("timestamp")
+        minutes = (stamp - start) / 60 if isinstance(stamp, int | float) else index
+        times.append(minutes)
+        values.append(float(value))
+    return times, values
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ConfigError(
+            "plotting needs matplotlib; install it with: "
+            "pip install 'dslo-edge[report]'"
+        ) from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write ``latency.png``, ``training.png`` and ``energy.png`` into a directory.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        ConfigError: matplotlib is not installed.
+    """
+    pyplot = _pyplot()
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = records[-1].get("device", "device")
+    written = [
+        _plot_latency(pyplot, records, folder / "latency.png", device),
+        _plot_training(pyplot, records, folder / "training.png", device),
+        _plot_energy(pyplot, records, folder / "energy.png", device),
+    ]
+    return written
+
+
+def _empty(axes: Any, text: str) -> None:
+    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes)
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def _plot_latency(
+    pyplot: Any, records: Sequence[dict[str, Any]], path: Path, device: str
+) -> Path:
+    last = records[-1]
+    figure, axes_row = pyplot.subplots(1, len(LATENCY_FIELDS), figsize=(15, 4.2))
+    for axes, (field, title) in zip(axes_row, LATENCY_FIELDS, strict=True):
+        value = last.get(field)
+        summary: dict[str, Any] = value if isinstance(value, dict) else {}
+        histogram = summary.get("histogram")
+        if not histogram or not sum(histogram["counts"]):
+            axes.set_title(title)
+            _empty(axes, f"no {field} histogram in the log")
+            continue
+        axes.set_title(f"{title}, last {summary.get('count', 0)} updates")
+        edges = histogram["edges_ms"]
+        widths = [high - low for low, high in zip(edges[:-1], edges[1:], strict=True)]
+        axes.bar(
+            edges[:-1],
+            histogram["counts"],
+            width=widths,
+            align="edge",
+            color="#4c72b0",
+            edgecolor="white",
+        )
+        axes.set_xscale("log")
+        axes.set_xlabel("latency (ms)")
+        axes.set_ylabel("updates")
+        for name, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
+            value = summary.get(name)
+            if isinstance(value, int | float):
+                axes.axvline(
+                    value,
+                    color="#c44e52",
+                    linestyle=style,
+                    label=f"{name} {value:.3g} ms",
+                )
+        axes.legend(fontsize="small")
+    figure.suptitle(f"Latency on {device}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return path
+
+
+def _plot_training(
+    pyplot: Any, records: Sequence[dict[str, Any]], path: Path, device: str
+) -> Path:
+    panels = (
+        ("mean_alpha", "mean alpha (distillation weight)"),
+        ("teacher.mean_entropy", "teacher entropy (normalised)"),
+        ("loss", "training loss"),
+        ("probe_accuracy", "probe accuracy"),
+    )
+    figure, grid = pyplot.subplots(2, 2, figsize=(12, 7), sharex=True)
+    for axes, (field, title) in zip(grid.flat, panels, strict=True):
+        times, values = series(records, field)
+        axes.set_title(title)
+        if not values:
+            _empty(axes, f"no {field} in the log")
+            continue
+        axes.plot(times, values, marker="." if len(values) < 50 else None)
+        axes.grid(alpha=0.3)
+    for axes in grid[1]:
+        axes.set_xlabel("minutes since the first report")
+    figure.suptitle(f"Adaptation on {device}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return path
+
+
+def _plot_energy(
+    pyplot: Any, records: Sequence[dict[str, Any]], path: Path, device: str
+) -> Path:
+    figure, axes = pyplot.subplots(figsize=(9, 4.2))
+    times, values = series(records, "energy.joules_per_update")
+    energy = _lookup(records[-1], "energy") or {}
+    source = energy.get("source") or "no source"
+    if energy.get("estimated"):
+        source += ", an estimate"
+    axes.set_title(f"Energy per update on {device} ({source})", fontsize="medium")
+    if not values:
+        _empty(axes, "no energy.joules_per_update in the log")
+    else:
+        axes.plot(
+            times, [v * 1000 for v in values], marker="." if len(values) < 50 else None
+        )
+        axes.set_xlabel("minutes since the first report")
+        axes.set_ylabel("mJ per update")
+        axes.grid(alpha=0.3)
+        battery = energy.get("battery") or {}
+        per_thousand = battery.get("percent_per_1000_updates")
+        if per_thousand is not None:
+            axes.text(
+                0.99,
+                0.95,
+                f"battery: {per_thousand:.3g}% per 1,000 updates "
+                f"({battery.get('capacity_source')})",
+                ha="right",
+                va="top",
+                transform=axes.transAxes,
+                fontsize="small",
+            )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return path

@@ -1,0 +1,152 @@
+"""Metrics log writing, reading and the PNG report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dslo_edge.cli import main
+from dslo_edge.errors import ConfigError
+from dslo_edge.metrics import HISTOGRAM_EDGES_MS, DaemonMetrics, LatencyWindow
+from dslo_edge.power import BatteryCapacity, EnergyMeter, PowerModel
+from dslo_edge.power.sources import CpuModelSource
+from dslo_edge.report import append_metrics, read_metrics_log, series, write_report
+from tests.sysfs_tree import FakeClock
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def metrics_log(path: Path, reports: int = 40) -> Path:
+    """Write a metrics log from real DaemonMetrics and EnergyMeter objects."""
+    rng = np.random.default_rng(0)
+    clock = FakeClock(start=0.0)
+    cpu = FakeClock(start=0.0)
+    model = PowerModel("raspberry-pi-4b", 2.7, 6.4, 4)
+    meter = EnergyMeter(
+        [CpuModelSource(model, cpu_seconds=cpu, clock=clock)],
+        fallback_capacity=BatteryCapacity(37.0, "config battery_wh"),
+        clock=clock,
+    )
+    metrics = DaemonMetrics()
+    for index in range(reports):
+        for _ in range(5):
+            train_ms = float(rng.lognormal(mean=-1.5, sigma=0.6))
+            with meter.measure():
+                clock.advance(train_ms / 1000)
+                cpu.advance(train_ms / 1000)
+            clock.advance(1.0)
+            metrics.record_applied(
+                32,
+                loss=2.0 * math.exp(-index / 15) + 0.2,
+                mean_alpha=0.8 - 0.5 * index / reports,
+                train_ms=train_ms,
+                e2e_ms=train_ms + float(rng.lognormal(2.0, 0.5)),
+            )
+        extra = {
+            "teacher": {"mean_entropy": 0.9 * math.exp(-index / 10) + 0.05},
+            "probe_accuracy": 0.45 + 0.4 * (1 - math.exp(-index / 12)),
+            "energy": meter.report(),
+        }
+        report = metrics.snapshot("kitchen-cam", extra)
+        report["timestamp"] = 1_700_000_000 + 30.0 * index
+        append_metrics(path, report)
+    return path
+
+
+def test_histogram_counts_samples_per_bucket() -> None:
+    window = LatencyWindow()
+    for value in (0.001, 0.015, 0.3, 0.3, 7.0, 1e6):
+        window.add(value)
+    histogram = window.histogram()
+    assert histogram["edges_ms"] == list(HISTOGRAM_EDGES_MS)
+    counts = histogram["counts"]
+    assert len(counts) == len(HISTOGRAM_EDGES_MS) - 1
+    assert sum(counts) == 6
+    assert counts[0] == 2  # 0.001 ms is clipped into the first bucket
+    assert counts[HISTOGRAM_EDGES_MS.index(0.2)] == 2
+    assert counts[HISTOGRAM_EDGES_MS.index(5.0)] == 1
+    assert counts[-1] == 1  # 1e6 ms is clipped into the last bucket
+
+
+def test_snapshot_includes_latency_histograms() -> None:
+    metrics = DaemonMetrics()
+    metrics.record_applied(8, 1.0, 0.5, train_ms=0.4, e2e_ms=12.0)
+    report = metrics.snapshot("cam")
+    assert report["train_ms"]["p50"] == pytest.approx(0.4)
+    assert sum(report["train_ms"]["histogram"]["counts"]) == 1
+    assert sum(report["end_to_end_ms"]["histogram"]["counts"]) == 1
+
+
+def test_log_rotates_past_size_limit(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    for index in range(3):
+        append_metrics(log, {"applied": index, "pad": "x" * 100}, max_bytes=150)
+    rotated = tmp_path / "metrics.jsonl.1"
+    assert [json.loads(line)["applied"] for line in log.read_text().splitlines()] == [2]
+    rotated_lines = rotated.read_text().splitlines()
+    assert [json.loads(line)["applied"] for line in rotated_lines] == [0, 1]
+
+
+def test_read_skips_torn_lines(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"applied": 1}\n\n[1, 2]\n{"applied": 2}\n{"appl')
+    assert [r["applied"] for r in read_metrics_log(log)] == [1, 2]
+
+
+def test_read_rejects_log_without_reports(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("not json\n")
+    with pytest.raises(ConfigError, match="has no metrics reports"):
+        read_metrics_log(log)
+    with pytest.raises(ConfigError, match="cannot read metrics log"):
+        read_metrics_log(tmp_path / "missing.jsonl")
+
+
+def test_series_reads_nested_fields() -> None:
+    records: list[dict[str, Any]] = [
+        {"timestamp": 100.0, "teacher": {"mean_entropy": 0.9}},
+        {"timestamp": 160.0, "teacher": {"mean_entropy": None}},
+        {"timestamp": 220.0, "teacher": {"mean_entropy": 0.5}},
+    ]
+    assert series(records, "teacher.mean_entropy") == ([0.0, 2.0], [0.9, 0.5])
+    assert series(records, "loss") == ([], [])
+
+
+def test_report_writes_three_pngs(tmp_path: Path) -> None:
+    records = read_metrics_log(metrics_log(tmp_path / "metrics.jsonl"))
+    assert records[-1]["energy"]["source"] == (
+        "profile raspberry-pi-4b power model (CPU time)"
+    )
+    paths = write_report(records, tmp_path / "report")
+    assert [p.name for p in paths] == ["latency.png", "training.png", "energy.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        assert path.stat().st_size > 10_000
+
+
+def test_report_handles_log_without_optional_fields(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    append_metrics(log, {"device": "old", "applied": 1, "loss": 0.5})
+    paths = write_report(read_metrics_log(log), tmp_path / "report")
+    assert all(path.is_file() for path in paths)
+
+
+def test_report_command(tmp_path: Path) -> None:
+    log = metrics_log(tmp_path / "metrics.jsonl", reports=5)
+    out = tmp_path / "plots"
+    result = CliRunner().invoke(
+        main, ["report", "--metrics", str(log), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "read 5 metrics reports" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "energy.png",
+        "latency.png",
+        "training.png",
+    ]
