@@ -1,8 +1,10 @@
 """MQTT topics and the binary soft-label update format sent from hub to device.
 
 An update carries a batch of inputs with the teacher's soft labels. The payload
-layout (format version 1, little-endian) is documented byte by byte in
-``docs/protocol.md``. ``decode_update`` parses untrusted bytes and raises only
+layout (format versions 1 and 2, little-endian) is documented byte by byte in
+``docs/protocol.md``. Version 2 adds top-k labels: the k largest probabilities
+of each row, their class indices and the remaining mass, which the device
+expands back to K classes. ``decode_update`` parses untrusted bytes and raises only
 ``InvalidUpdate``. ``validate_update`` then checks a decoded update against the
 student's input shape and class count before it reaches the trainer.
 
@@ -22,6 +24,7 @@ from dslo_edge.errors import ConfigError, InvalidUpdate
 
 __all__ = [
     "FORMAT_VERSION",
+    "FORMAT_VERSION_TOP_K",
     "MAGIC",
     "REJECTION_REASONS",
     "STATUS_OFFLINE",
@@ -30,8 +33,10 @@ __all__ = [
     "PayloadLimits",
     "SoftLabelUpdate",
     "Topics",
+    "compress_top_k",
     "decode_update",
     "encode_update",
+    "expand_top_k",
     "label_probabilities",
     "new_message_id",
     "validate_update",
@@ -41,12 +46,23 @@ STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
 
 MAGIC = b"DSLO"
+# Full labels are written as version 1, so devices that read only version 1
+# keep working. Top-k labels need version 2.
 FORMAT_VERSION = 1
+FORMAT_VERSION_TOP_K = 2
+SUPPORTED_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_TOP_K)
 
 FLAG_LOGITS = 0x01
 FLAG_HARD_LABELS = 0x02
 FLAG_TEMPERATURE = 0x04
-_KNOWN_FLAGS = FLAG_LOGITS | FLAG_HARD_LABELS | FLAG_TEMPERATURE
+FLAG_TOP_K = 0x08
+_KNOWN_FLAGS = {
+    FORMAT_VERSION: FLAG_LOGITS | FLAG_HARD_LABELS | FLAG_TEMPERATURE,
+    FORMAT_VERSION_TOP_K: FLAG_LOGITS
+    | FLAG_HARD_LABELS
+    | FLAG_TEMPERATURE
+    | FLAG_TOP_K,
+}
 
 LABEL_KINDS = ("probabilities", "logits")
 
@@ -73,6 +89,7 @@ REJECTION_REASONS = (
 )
 
 _U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
 # flags, message id, teacher round, timestamp, sample count, input rank
 _HEADER_PREFIX = struct.Struct("<B16sIdIB")
 # class count, temperature (0 when the temperature flag is clear)
@@ -80,6 +97,7 @@ _CLASSES_AND_TEMPERATURE = struct.Struct("<Hf")
 
 _FLOAT32 = np.dtype("<f4")
 _INT32 = np.dtype("<i4")
+_UINT16 = np.dtype("<u2")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _ITEM_BYTES = 4  # float32 inputs and labels, int32 hard labels
 
@@ -156,6 +174,9 @@ class SoftLabelUpdate:
     label_kind: str  # "probabilities" or "logits"
     hard_labels: np.ndarray | None = None  # int32, shape (N,), -1 = no hard label
     temperature: float | None = None  # softmax temperature, None = device default
+    # Encode only the k largest probabilities per row (format version 2).
+    # A decoded top-k update has labels expanded to (N, K) and keeps k here.
+    top_k: int | None = None
 
     @property
     def message_id_hex(self) -> str:
@@ -195,10 +216,11 @@ class ModelSpec:
 
 
 def encode_update(update: SoftLabelUpdate) -> bytes:
-    """Serialise an update to the version 1 binary payload.
+    """Serialise an update to the binary payload.
 
     Inputs and labels are written as float32 and hard labels as int32, so arrays
-    of other numeric dtypes are converted.
+    of other numeric dtypes are converted. With ``update.top_k`` set the
+    payload is format version 2 with top-k labels, else version 1.
 
     Raises:
         ValueError: if a field does not fit the format or the array shapes
@@ -215,11 +237,14 @@ def encode_update(update: SoftLabelUpdate) -> bytes:
         flags |= FLAG_HARD_LABELS
     if update.temperature is not None:
         flags |= FLAG_TEMPERATURE
+    top_k = _checked_top_k(update, labels.shape[1])
+    if top_k is not None:
+        flags |= FLAG_TOP_K
     input_shape = inputs.shape[1:]
 
     parts = [
         MAGIC,
-        _U8.pack(FORMAT_VERSION),
+        _U8.pack(FORMAT_VERSION if top_k is None else FORMAT_VERSION_TOP_K),
         _HEADER_PREFIX.pack(
             flags,
             update.message_id,
@@ -233,6 +258,7 @@ def encode_update(update: SoftLabelUpdate) -> bytes:
             labels.shape[1],
             0.0 if update.temperature is None else float(update.temperature),
         ),
+        b"" if top_k is None else _U16.pack(top_k),
         _U8.pack(len(version_bytes)),
         version_bytes,
     ]
@@ -240,10 +266,74 @@ def encode_update(update: SoftLabelUpdate) -> bytes:
         parts.append(_U8.pack(len(encoded)))
         parts.append(encoded)
     parts.append(inputs.tobytes())
-    parts.append(labels.tobytes())
+    if top_k is None:
+        parts.append(labels.tobytes())
+    else:
+        parts.extend(part.tobytes() for part in compress_top_k(labels, top_k))
     if hard_labels is not None:
         parts.append(hard_labels.tobytes())
     return b"".join(parts)
+
+
+def _checked_top_k(update: SoftLabelUpdate, class_count: int) -> int | None:
+    top_k = update.top_k
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ValueError(f"top_k is {top_k!r}, expected an integer or None")
+    if not 1 <= top_k < class_count:
+        raise ValueError(
+            f"top_k is {top_k}, expected 1 to {class_count - 1} for "
+            f"{class_count} classes; send full labels with top_k=None"
+        )
+    if update.label_kind != "probabilities":
+        raise ValueError(
+            "top_k needs probability labels, got logits; convert them with "
+            "softmax(logits / T) at the hub first"
+        )
+    return top_k
+
+
+def compress_top_k(
+    labels: np.ndarray, top_k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the top-k part of a version 2 payload for probabilities (N, K).
+
+    Returns:
+        Class indices as little-endian uint16 (N, k), largest probability
+        first; their probabilities as float32 (N, k); and the remaining mass
+        per row as float32 (N,), ``row sum - top-k sum`` clipped at 0, so an
+        expanded row has the same sum as the original.
+    """
+    rows = np.asarray(labels, dtype=np.float32)
+    largest = np.argpartition(-rows, top_k - 1, axis=1)[:, :top_k]
+    picked = np.take_along_axis(rows, largest, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    indices = np.take_along_axis(largest, order, axis=1)
+    values = np.take_along_axis(picked, order, axis=1)
+    remaining = rows.sum(axis=1, dtype=np.float64) - values.sum(
+        axis=1, dtype=np.float64
+    )
+    return (
+        np.ascontiguousarray(indices, dtype=_UINT16),
+        np.ascontiguousarray(values, dtype=_FLOAT32),
+        np.maximum(remaining, 0.0).astype(_FLOAT32),
+    )
+
+
+def expand_top_k(
+    indices: np.ndarray, values: np.ndarray, remaining: np.ndarray, class_count: int
+) -> np.ndarray:
+    """Rebuild (N, K) probabilities from top-k indices, values and remaining mass.
+
+    The remaining mass is spread evenly over the K - k classes that are not
+    listed, which is the maximum-entropy completion of the row.
+    """
+    count, top_k = indices.shape
+    share = (remaining / (class_count - top_k)).astype(np.float32)
+    labels = np.repeat(share[:, None], class_count, axis=1)
+    np.put_along_axis(labels, indices.astype(np.intp), values, axis=1)
+    return labels
 
 
 def _checked_arrays(
@@ -409,11 +499,15 @@ class _PayloadReader:
 def decode_update(
     payload: bytes, limits: PayloadLimits = PayloadLimits()
 ) -> SoftLabelUpdate:
-    """Parse a version 1 payload into a SoftLabelUpdate.
+    """Parse a version 1 or 2 payload into a SoftLabelUpdate.
 
-    The payload is untrusted. The size limit is checked before any parsing, and
-    array lengths declared in the header are compared with the real payload
-    length before any array is allocated. The returned arrays own their memory.
+    Top-k labels (version 2) are expanded to (N, K) by ``expand_top_k``, so
+    the rest of the device sees full rows.
+
+    The payload is untrusted. The size limit is checked before any parsing,
+    and array lengths declared in the header are compared with the real
+    payload length before any array is allocated. The returned arrays own
+    their memory.
 
     Raises:
         InvalidUpdate: with reason ``too_large``, ``truncated``, ``bad_magic``,
@@ -427,23 +521,29 @@ def decode_update(
             f"{limits.max_payload_bytes}. The hub should send smaller batches",
         )
     reader = _PayloadReader(payload)
-    _read_magic_and_version(reader)
+    version = _read_magic_and_version(reader)
 
     flags, message_id, teacher_round, timestamp, sample_count, rank = reader.unpack(
         _HEADER_PREFIX, "header"
     )
     reader.message_id = message_id.hex()
-    _check_flags(reader, flags)
+    _check_flags(reader, flags, version)
     _check_sample_count(reader, sample_count, limits)
     input_shape = _read_input_shape(reader, rank)
     class_count, temperature = _read_class_count_and_temperature(reader, flags)
+    top_k = _read_top_k(reader, flags, class_count)
     teacher_version = _read_teacher_version(reader)
 
     has_hard_labels = bool(flags & FLAG_HARD_LABELS)
     input_count = sample_count * math.prod(input_shape)
-    label_count = sample_count * class_count
-    array_bytes = _ITEM_BYTES * (
-        input_count + label_count + (sample_count if has_hard_labels else 0)
+    if top_k is None:
+        label_bytes = _ITEM_BYTES * sample_count * class_count
+    else:
+        # uint16 index and float32 value per kept class, float32 remaining mass.
+        label_bytes = sample_count * (6 * top_k + 4)
+    array_bytes = (
+        _ITEM_BYTES * (input_count + (sample_count if has_hard_labels else 0))
+        + label_bytes
     )
     # Each sample id takes at least its length byte, so this bound catches a huge
     # declared size before the id loop or any allocation.
@@ -452,7 +552,10 @@ def decode_update(
     _check_exact_length(reader, array_bytes)
 
     inputs = reader.array((sample_count, *input_shape), _FLOAT32)
-    labels = reader.array((sample_count, class_count), _FLOAT32)
+    if top_k is None:
+        labels = reader.array((sample_count, class_count), _FLOAT32)
+    else:
+        labels = _read_top_k_labels(reader, sample_count, class_count, top_k)
     hard_labels = reader.array((sample_count,), _INT32) if has_hard_labels else None
     return SoftLabelUpdate(
         message_id=message_id,
@@ -465,10 +568,11 @@ def decode_update(
         label_kind="logits" if flags & FLAG_LOGITS else "probabilities",
         hard_labels=hard_labels,
         temperature=temperature,
+        top_k=top_k,
     )
 
 
-def _read_magic_and_version(reader: _PayloadReader) -> None:
+def _read_magic_and_version(reader: _PayloadReader) -> int:
     head = bytes(reader.view[: len(MAGIC)])
     if not MAGIC.startswith(head):
         raise reader.error(
@@ -478,21 +582,30 @@ def _read_magic_and_version(reader: _PayloadReader) -> None:
         )
     reader.take(len(MAGIC), "magic")
     version = reader.unpack(_U8, "format version")[0]
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise reader.error(
             "unsupported_version",
-            f"payload format version is {version}, this device reads version "
-            f"{FORMAT_VERSION}. Update dslo-edge on the device or make the hub "
-            f"send version {FORMAT_VERSION}",
+            f"payload format version is {version}, this device reads versions "
+            f"{FORMAT_VERSION} and {FORMAT_VERSION_TOP_K}. Update dslo-edge on the "
+            f"device or make the hub send version {FORMAT_VERSION}",
         )
+    return int(version)
 
 
-def _check_flags(reader: _PayloadReader, flags: int) -> None:
-    if flags & ~_KNOWN_FLAGS:
+def _check_flags(reader: _PayloadReader, flags: int, version: int) -> None:
+    known = _KNOWN_FLAGS[version]
+    if flags & ~known:
         raise reader.error(
             "malformed",
-            f"flags byte is {flags:#04x}, expected only bits 0 to 2 "
-            f"(mask {_KNOWN_FLAGS:#04x}) to be set",
+            f"flags byte is {flags:#04x}, expected only bits 0 to "
+            f"{known.bit_length() - 1} (mask {known:#04x}) in format version "
+            f"{version}",
+        )
+    if flags & FLAG_TOP_K and flags & FLAG_LOGITS:
+        raise reader.error(
+            "malformed",
+            "flags set both top-k and logits, expected top-k labels to be "
+            "probabilities",
         )
 
 
@@ -541,6 +654,39 @@ def _read_class_count_and_temperature(
             "set, expected 0",
         )
     return class_count, None
+
+
+def _read_top_k(reader: _PayloadReader, flags: int, class_count: int) -> int | None:
+    if not flags & FLAG_TOP_K:
+        return None
+    top_k = reader.unpack(_U16, "top-k count")[0]
+    if not 1 <= top_k < class_count:
+        raise reader.error(
+            "malformed",
+            f"top-k count is {top_k}, expected 1 to {class_count - 1} for "
+            f"{class_count} classes",
+        )
+    return int(top_k)
+
+
+def _read_top_k_labels(
+    reader: _PayloadReader, sample_count: int, class_count: int, top_k: int
+) -> np.ndarray:
+    indices = reader.array((sample_count, top_k), _UINT16)
+    values = reader.array((sample_count, top_k), _FLOAT32)
+    remaining = reader.array((sample_count,), _FLOAT32)
+    if int(indices.max()) >= class_count:
+        raise reader.error(
+            "malformed",
+            f"top-k class index {int(indices.max())} is out of range, expected "
+            f"0 to {class_count - 1}",
+        )
+    ordered = np.sort(indices, axis=1)
+    if top_k > 1 and (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise reader.error(
+            "malformed", "a top-k row lists one class twice, expected distinct classes"
+        )
+    return expand_top_k(indices, values, remaining, class_count)
 
 
 def _read_teacher_version(reader: _PayloadReader) -> str:

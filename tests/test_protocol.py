@@ -318,8 +318,8 @@ DECODE_CASES: list[tuple[str, bytes, PayloadLimits | None, str]] = [
     ("truncated", VALID_PAYLOAD[:-1], None, "truncated"),
     ("bad magic", b"JSON" + VALID_PAYLOAD[4:], None, "bad_magic"),
     (
-        "version 2",
-        patched(VALID_PAYLOAD, VERSION_OFFSET, "<B", 2),
+        "version 3",
+        patched(VALID_PAYLOAD, VERSION_OFFSET, "<B", 3),
         None,
         "unsupported_version",
     ),
