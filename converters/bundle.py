@@ -1,23 +1,25 @@
 """Convert a Keras teacher and student into a dslo-edge bundle directory.
 
-A bundle holds ``student.tflite`` (infer, train, get_weights, set_weights),
-``teacher.tflite`` (infer) and ``manifest.json``. Every file is built from
-LiteRT builtin ops only, so it runs on the plain pip interpreters.
+A bundle contains ``student.tflite`` (infer, train, get_weights, set_weights),
+``teacher.tflite`` (infer), optionally ``student-int8.tflite`` (an
+inference-only int8 copy of the student) and ``manifest.json``. Every file is
+built from LiteRT builtin ops only, so it runs on the plain pip interpreters.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from converters.export import InferenceModule, check_precision, to_tflite
 from converters.layers import read_student
 from converters.optimizers import OptimizerConfig
 from converters.student_graph import StudentModule
@@ -25,10 +27,43 @@ from converters.trainable import TrainableScope
 from dslo_edge import __version__
 from dslo_edge.bundle import FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from dslo_edge.errors import ConversionError
-from dslo_edge.modelfile import flex_ops, signature_ops
+from dslo_edge.modelfile import flex_ops, signature_ops, summarize_model
 
-_FLEX_OP_PATTERN = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
 RUNTIMES = ["ai-edge-litert>=2.0", "tflite-runtime>=2.14"]
+STUDENT_FILE = "student.tflite"
+TEACHER_FILE = "teacher.tflite"
+STUDENT_INT8_FILE = "student-int8.tflite"
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """Precision of each bundle file.
+
+    Attributes:
+        student: "float32" or "float16" (float16 weight storage, float32
+            training); "int8" is rejected because an int8 student cannot train.
+        teacher: "float32", "float16" or "int8".
+        int8_student_copy: also write an int8 inference-only student.
+        representative_data: input samples (N, *input_shape) that calibrate
+            int8 activation ranges; required for any int8 file.
+    """
+
+    student: str = "float32"
+    teacher: str = "float32"
+    int8_student_copy: bool = False
+    representative_data: np.ndarray | None = None
+
+    def check(self) -> None:
+        """Raise ConversionError for an unsupported combination."""
+        check_precision(self.student, "student", trainable=True)
+        check_precision(self.teacher, "teacher", trainable=False)
+        wants_int8 = self.teacher == "int8" or self.int8_student_copy
+        if wants_int8 and self.representative_data is None:
+            raise ConversionError(
+                "int8 export needs a representative dataset to calibrate "
+                "activation ranges; pass representative_data "
+                "(--representative FILE.npz with an x array)"
+            )
 
 
 def load_keras_model(model: Any) -> Any:
@@ -53,45 +88,6 @@ def _check_single_chain(model: Any, role: str) -> None:
             f"the {role} has {len(model.inputs)} inputs and {len(model.outputs)} "
             "outputs; expected exactly one of each"
         )
-
-
-def _to_tflite(module: tf.Module, signatures: dict[str, Any], role: str) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="dslo-convert-") as tmp:
-        tf.saved_model.save(module, tmp, signatures=signatures)
-        converter = tf.lite.TFLiteConverter.from_saved_model(
-            tmp, signature_keys=list(signatures)
-        )
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        converter.experimental_enable_resource_variables = True
-        try:
-            return bytes(converter.convert())
-        except Exception as error:
-            ops = sorted(set(_FLEX_OP_PATTERN.findall(str(error))))
-            if ops:
-                raise ConversionError(
-                    f"the {role} needs TensorFlow ops that LiteRT runs only with "
-                    f"Flex: {', '.join(ops)}; remove or replace the layers that "
-                    "use them, since device interpreters have no Flex support"
-                ) from error
-            raise ConversionError(
-                f"LiteRT conversion of the {role} failed: {error}"
-            ) from error
-
-
-class _TeacherModule(tf.Module):
-    def __init__(self, model: Any):
-        super().__init__(name="teacher")
-        self.model = model
-        # Keras 3 variables are invisible to tf.Module tracking; holding the
-        # backing tf.Variables makes the saved model (and LiteRT) keep them.
-        self.tracked_variables = [variable.value for variable in model.weights]
-
-    def signatures(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
-        def infer(x: tf.Tensor) -> dict[str, tf.Tensor]:
-            return {"output": self.model(x, training=False)}
-
-        spec = tf.TensorSpec([None, *input_shape], tf.float32, name="x")
-        return {"infer": tf.function(infer).get_concrete_function(spec)}
 
 
 def _output_kind(model: Any) -> str:
@@ -127,7 +123,7 @@ def _tensor_specs(tensors: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _file_entry(path: Path, model: bytes, role: str) -> dict[str, Any]:
+def _file_entry(path: Path, model: bytes, role: str, precision: str) -> dict[str, Any]:
     ops = signature_ops(model)
     flex = flex_ops(ops)
     if flex:
@@ -135,6 +131,8 @@ def _file_entry(path: Path, model: bytes, role: str) -> dict[str, Any]:
             f"the {role} model still contains Flex ops {', '.join(flex)}; "
             "it would not run on device interpreters"
         )
+    summary = summarize_model(model)
+    _verify_precision(summary.constant_bytes, precision, role)
     signatures = _signature_details(model)
     for key, names in ops.items():
         signatures[key]["ops"] = names
@@ -142,9 +140,23 @@ def _file_entry(path: Path, model: bytes, role: str) -> dict[str, Any]:
         "file": path.name,
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
-        "precision": "float32",
+        "precision": precision,
+        "constant_bytes": summary.constant_bytes,
         "signatures": signatures,
     }
+
+
+def _verify_precision(
+    constant_bytes: dict[str, int], precision: str, role: str
+) -> None:
+    # The converter falls back to float32 silently when it cannot quantize,
+    # so the manifest states a precision only after finding it in the file.
+    expected = {"float16": "FLOAT16", "int8": "INT8"}.get(precision)
+    if expected and not constant_bytes.get(expected):
+        raise ConversionError(
+            f"the {role} was requested as {precision} but the converted file "
+            f"has no {expected} constants ({constant_bytes}); convert it as float32"
+        )
 
 
 def convert_bundle(
@@ -155,22 +167,28 @@ def convert_bundle(
     overwrite: bool = False,
     optimizer: OptimizerConfig | None = None,
     trainable: TrainableScope | None = None,
+    precision: PrecisionOptions | None = None,
 ) -> dict[str, Any]:
     """Convert a Keras teacher and student into a bundle directory.
 
     Args:
         teacher: Keras model or path to a ``.keras`` file; any layers that
             LiteRT can run for inference.
-        student: Keras model or path; a chain of Dense and activation layers.
+        student: Keras model or path; layers from
+            ``converters.layers.SUPPORTED_LAYERS``, as a Sequential model or
+            a functional graph.
         out_dir: directory to create. It must not exist unless ``overwrite``.
         overwrite: replace an existing bundle directory.
+        optimizer: the optimizer the ``train`` signature runs (default SGD).
+        trainable: which weights ``train`` updates (default all).
+        precision: precision of each file (default float32 everywhere).
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
 
     Raises:
-        ConversionError: unsupported layers, mismatched shapes, Flex ops, or
-            an existing output directory.
+        ConversionError: unsupported layers or precision, mismatched shapes,
+            Flex ops, or an existing output directory.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -178,45 +196,93 @@ def convert_bundle(
             f"output directory {out} exists and is not empty; "
             "choose another path or pass overwrite=True (--overwrite)"
         )
+    options = precision or PrecisionOptions()
+    options.check()
     teacher_model = load_keras_model(teacher)
     student_model = load_keras_model(student)
-    _check_single_chain(teacher_model, "teacher")
-    _check_single_chain(student_model, "student")
-    input_shape = tuple(int(d) for d in student_model.input_shape[1:])
-    teacher_shape = tuple(int(d) for d in teacher_model.input_shape[1:])
+    input_shape = _check_pair(teacher_model, student_model)
+    module = StudentModule(
+        read_student(student_model), optimizer=optimizer, scope=trainable
+    )
+    _check_classes(teacher_model, module)
+
+    files = _convert_files(teacher_model, student_model, module, input_shape, options)
+    _write_bundle(
+        out, files, module, input_shape, options, teacher_model, student_model
+    )
+    return json.loads((out / MANIFEST_NAME).read_text())
+
+
+def _check_pair(teacher: Any, student: Any) -> tuple[int, ...]:
+    _check_single_chain(teacher, "teacher")
+    _check_single_chain(student, "student")
+    input_shape = tuple(int(d) for d in student.input_shape[1:])
+    teacher_shape = tuple(int(d) for d in teacher.input_shape[1:])
     if teacher_shape != input_shape:
         raise ConversionError(
             f"teacher input shape {teacher_shape} differs from student input "
             f"shape {input_shape}; both must read the same samples"
         )
-    graph = read_student(student_model)
-    student_module = StudentModule(graph, optimizer=optimizer, scope=trainable)
-    class_count = student_module.class_count
-    teacher_classes = int(teacher_model.output_shape[-1])
-    if teacher_classes != class_count:
+    return input_shape
+
+
+def _check_classes(teacher: Any, module: StudentModule) -> None:
+    teacher_classes = int(teacher.output_shape[-1])
+    if teacher_classes != module.class_count:
         raise ConversionError(
             f"teacher has {teacher_classes} classes but the student has "
-            f"{class_count}; they must match"
+            f"{module.class_count}; they must match"
         )
 
-    student_bytes = _to_tflite(student_module, student_module.signatures(), "student")
-    teacher_module = _TeacherModule(teacher_model)
-    teacher_bytes = _to_tflite(
-        teacher_module, teacher_module.signatures(input_shape), "teacher"
-    )
 
+def _convert_files(
+    teacher: Any,
+    student: Any,
+    module: StudentModule,
+    input_shape: tuple[int, ...],
+    options: PrecisionOptions,
+) -> dict[str, bytes]:
+    data = options.representative_data
+    files = {
+        STUDENT_FILE: to_tflite(module, module.signatures(), "student", options.student)
+    }
+    teacher_module = InferenceModule(teacher, "teacher")
+    files[TEACHER_FILE] = to_tflite(
+        teacher_module,
+        teacher_module.signatures(input_shape),
+        "teacher",
+        options.teacher,
+        data,
+    )
+    if options.int8_student_copy:
+        copy = InferenceModule(student, "student_int8")
+        files[STUDENT_INT8_FILE] = to_tflite(
+            copy, copy.signatures(input_shape), "int8 student copy", "int8", data
+        )
+    return files
+
+
+def _write_bundle(
+    out: Path,
+    files: dict[str, bytes],
+    module: StudentModule,
+    input_shape: tuple[int, ...],
+    options: PrecisionOptions,
+    teacher: Any,
+    student: Any,
+) -> None:
     staging = Path(
         tempfile.mkdtemp(
             prefix=".bundle-", dir=out.parent if out.parent.exists() else None
         )
     )
     try:
-        (staging / "student.tflite").write_bytes(student_bytes)
-        (staging / "teacher.tflite").write_bytes(teacher_bytes)
-        manifest = _manifest(
-            staging, student_bytes, teacher_bytes, student_module, input_shape
-        )
-        manifest["teacher"]["output_kind"] = _output_kind(teacher_model)
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        manifest = _manifest(staging, files, module, input_shape, options)
+        manifest["teacher"]["output_kind"] = _output_kind(teacher)
+        if "student_int8" in manifest:
+            manifest["student_int8"]["output_kind"] = _output_kind(student)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -224,42 +290,82 @@ def convert_bundle(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return manifest
 
 
 def _manifest(
     folder: Path,
-    student_bytes: bytes,
-    teacher_bytes: bytes,
+    files: dict[str, bytes],
     module: StudentModule,
     input_shape: tuple[int, ...],
+    options: PrecisionOptions,
 ) -> dict[str, Any]:
-    student = _file_entry(folder / "student.tflite", student_bytes, "student")
-    student["weights"] = {
-        name: list(variable.shape)
-        for name, variable in zip(
-            module.weight_names, module.variables_list, strict=True
-        )
-    }
-    student["optimizer"] = "sgd"
-    return {
+    student = _file_entry(
+        folder / STUDENT_FILE, files[STUDENT_FILE], "student", options.student
+    )
+    student.update(_student_state(module))
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "created_by": f"dslo-edge {__version__}",
         "runtime": {"interpreters": RUNTIMES, "flex": False},
         "input": {"shape": [None, *input_shape], "dtype": "float32"},
         "class_count": module.class_count,
         "student": student,
-        "teacher": _file_entry(folder / "teacher.tflite", teacher_bytes, "teacher"),
+        "teacher": _file_entry(
+            folder / TEACHER_FILE, files[TEACHER_FILE], "teacher", options.teacher
+        ),
+    }
+    if STUDENT_INT8_FILE in files:
+        manifest["student_int8"] = _file_entry(
+            folder / STUDENT_INT8_FILE,
+            files[STUDENT_INT8_FILE],
+            "int8 student copy",
+            "int8",
+        )
+    return manifest
+
+
+def _student_state(module: StudentModule) -> dict[str, Any]:
+    """Describe every tensor that get_weights exports, and how training runs."""
+    variables = {
+        name: {
+            "shape": list(variable.shape),
+            "kind": module.kinds[name],
+            "bytes": int(np.prod(variable.shape)) * 4,
+        }
+        for name, variable in zip(
+            module.weight_names, module.variables_list, strict=True
+        )
+    }
+    return {
+        "weights": {name: entry["shape"] for name, entry in variables.items()},
+        "variables": variables,
+        "optimizer": module.optimizer_config.manifest_entry(),
+        "trainable": {
+            "scope": module.scope.describe(),
+            "layers": [n for n in module.graph.layers if n in module.trained_layers],
+        },
     }
 
 
-def convert_teacher(teacher: Any, path: str | os.PathLike[str]) -> Path:
+def convert_teacher(
+    teacher: Any,
+    path: str | os.PathLike[str],
+    precision: str = "float32",
+    representative_data: np.ndarray | None = None,
+) -> Path:
     """Write an inference-only ``.tflite`` of a teacher snapshot (one hub round)."""
+    check_precision(precision, "teacher", trainable=False)
     model = load_keras_model(teacher)
     _check_single_chain(model, "teacher")
     input_shape = tuple(int(d) for d in model.input_shape[1:])
-    module = _TeacherModule(model)
-    data = _to_tflite(module, module.signatures(input_shape), "teacher")
+    module = InferenceModule(model, "teacher")
+    data = to_tflite(
+        module,
+        module.signatures(input_shape),
+        "teacher",
+        precision,
+        representative_data,
+    )
     target = Path(path)
     target.write_bytes(data)
     return target

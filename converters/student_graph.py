@@ -90,13 +90,14 @@ class StudentModule(tf.Module):
             node.name
             for node in graph.nodes
             if node.op == "batch_norm"
-            and node.layer in self._layers
+            and node.layer in self.trained_layers
             and not node.params.get("frozen")
         }
         self.forward = ForwardPass(graph, node_variables, training_nodes)
 
     def _create_weights(self) -> dict[str, dict[str, tf.Variable]]:
-        self._layers = trained_layers(self.graph, self.scope)
+        # Layers with at least one trained weight; see converters.trainable.
+        self.trained_layers = trained_layers(self.graph, self.scope)
         node_variables: dict[str, dict[str, tf.Variable]] = {}
         for node in self.graph.nodes:
             node_variables[node.name] = {}
@@ -106,7 +107,7 @@ class StudentModule(tf.Module):
                 node_variables[node.name][part] = variable
                 if part in ("moving_mean", "moving_variance"):
                     kind = "moving_statistic"
-                elif is_trained(node, part, self._layers, self.scope):
+                elif is_trained(node, part, self.trained_layers, self.scope):
                     kind = "trained"
                 else:
                     kind = "frozen"

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from converters.bundle import _to_tflite  # noqa: E402
+from converters.export import to_tflite  # noqa: E402
 from converters.layers import read_student  # noqa: E402
 from converters.ops import dropout as dropout_ops  # noqa: E402
 from converters.optimizers import OptimizerConfig  # noqa: E402
@@ -144,7 +144,7 @@ def convert_student(
 ) -> tuple[StudentModule, bytes]:
     """Build the student module for a Keras model and convert it to LiteRT."""
     module = StudentModule(read_student(model), optimizer=optimizer, scope=scope)
-    return module, _to_tflite(module, module.signatures(), "student")
+    return module, to_tflite(module, module.signatures(), "student")
 
 
 class InterpreterStudent:
