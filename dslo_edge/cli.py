@@ -73,22 +73,157 @@ def main(verbose: bool) -> None:
     help="Bundle directory to create.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
+@click.option(
+    "--optimizer",
+    default="sgd",
+    show_default=True,
+    type=click.Choice(["sgd", "momentum", "adam", "adamw"]),
+    help="Optimizer that the train signature runs.",
+)
+@click.option(
+    "--momentum",
+    default=0.9,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Momentum factor for --optimizer momentum.",
+)
+@click.option("--nesterov", is_flag=True, help="Nesterov momentum.")
+@click.option(
+    "--weight-decay",
+    default=0.004,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Decoupled weight decay for --optimizer adamw.",
+)
+@click.option(
+    "--clip-global-norm",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Rescale gradients so their global L2 norm is at most this value.",
+)
+@click.option(
+    "--trainable",
+    default="all",
+    show_default=True,
+    help="Weights to train: all, from:LAYER, last:N or biases-and-batchnorm.",
+)
+@click.option(
+    "--student-precision",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "float16", "int8"]),
+    help="Trainable student file: float16 stores weights as float16 and "
+    "trains in float32; int8 cannot train and is rejected.",
+)
+@click.option(
+    "--teacher-precision",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "float16", "int8"]),
+    help="Teacher file precision; int8 needs --representative.",
+)
+@click.option(
+    "--int8-student-copy",
+    is_flag=True,
+    help="Also write an int8 inference-only student; needs --representative.",
+)
+@click.option(
+    "--representative",
+    type=click.Path(exists=True, dir_okay=False),
+    help=".npz file whose x array calibrates int8 files (a few hundred samples).",
+)
 @handle_errors
-def convert(teacher: str, student: str, out: str, overwrite: bool) -> None:
+def convert(
+    teacher: str,
+    student: str,
+    out: str,
+    overwrite: bool,
+    optimizer: str,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    clip_global_norm: float | None,
+    trainable: str,
+    student_precision: str,
+    teacher_precision: str,
+    int8_student_copy: bool,
+    representative: str | None,
+) -> None:
     """Convert a Keras teacher and student into a bundle (needs the convert extra)."""
     try:
-        from converters.bundle import convert_bundle
+        from converters.bundle import PrecisionOptions, convert_bundle
+        from converters.optimizers import OptimizerConfig
+        from converters.trainable import TrainableScope
     except ImportError as error:
         raise ConfigError(
             f"conversion needs TensorFlow ({error}); "
             "install it with: pip install 'dslo-edge[convert]'"
         ) from error
-    manifest = convert_bundle(teacher, student, out, overwrite=overwrite)
+    config = OptimizerConfig(
+        optimizer,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        clip_global_norm=clip_global_norm,
+    )
+    precision = PrecisionOptions(
+        student=student_precision,
+        teacher=teacher_precision,
+        int8_student_copy=int8_student_copy,
+        representative_data=_representative_samples(representative),
+    )
+    manifest = convert_bundle(
+        teacher,
+        student,
+        out,
+        overwrite=overwrite,
+        optimizer=config,
+        trainable=TrainableScope.parse(trainable),
+        precision=precision,
+    )
     student_ops = manifest["student"]["signatures"]["train"]["ops"]
     click.echo(
         f"wrote {out}: {manifest['class_count']} classes, train signature uses "
         f"{len(student_ops)} builtin op types, no Flex ops"
     )
+
+
+def _representative_samples(path: str | None) -> Any:
+    if path is None:
+        return None
+    import numpy as np
+
+    with np.load(path) as data:
+        if "x" not in data:
+            raise click.BadParameter(
+                f"{path} has arrays {', '.join(data.files)} but no 'x'",
+                param_hint="--representative",
+            )
+        return np.asarray(data["x"], dtype=np.float32)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1, 65536),
+    help="Batch size for the memory estimate.",
+)
+@click.option("--variables", is_flag=True, help="List every variable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def inspect(bundle: str, batch_size: int, variables: bool, as_json: bool) -> None:
+    """Show a bundle's ops, variables, memory estimate and Flex use."""
+    import json
+
+    from dslo_edge.inspect import format_report, inspect_bundle
+
+    report = inspect_bundle(bundle, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_report(report, show_variables=variables))
 
 
 @main.command()
