@@ -1,0 +1,215 @@
+"""Bundle precision options, the manifest record and ``dslo-edge inspect``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from converters.bundle import PrecisionOptions, convert_bundle
+from converters.optimizers import OptimizerConfig
+from converters.trainable import TrainableScope
+from dslo_edge.bundle import load_bundle
+from dslo_edge.cli import main
+from dslo_edge.errors import ConversionError
+from dslo_edge.inspect import inspect_bundle
+from dslo_edge.models import StudentModel, TeacherModel
+
+keras = pytest.importorskip("keras")
+layers = keras.layers
+
+INPUT_SHAPE = (8, 8, 3)
+
+
+def _student() -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.Input(INPUT_SHAPE),
+            layers.Conv2D(16, 3, padding="same", use_bias=False, name="stem"),
+            layers.BatchNormalization(name="stem_norm"),
+            layers.ReLU(6.0),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(256, activation="relu", name="hidden"),
+            layers.Dense(4, activation="softmax", name="logits"),
+        ]
+    )
+
+
+def _teacher() -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.Input(INPUT_SHAPE),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.Flatten(),
+            layers.Dense(4, activation="softmax"),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A float32 bundle and one with every precision option switched on."""
+    keras.utils.set_random_seed(11)
+    folder = tmp_path_factory.mktemp("bundles")
+    student, teacher = _student(), _teacher()
+    samples = np.random.default_rng(0).random((64, *INPUT_SHAPE), np.float32)
+    plain = folder / "plain"
+    convert_bundle(teacher, student, plain)
+    mixed = folder / "mixed"
+    convert_bundle(
+        teacher,
+        student,
+        mixed,
+        optimizer=OptimizerConfig("adamw", clip_global_norm=1.0),
+        trainable=TrainableScope.parse("from:hidden"),
+        precision=PrecisionOptions(
+            student="float16",
+            teacher="int8",
+            int8_student_copy=True,
+            representative_data=samples,
+        ),
+    )
+    return SimpleNamespace(
+        plain=plain, mixed=mixed, samples=samples, student=student, teacher=teacher
+    )
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_manifest_records_precision_per_file(bundles: SimpleNamespace) -> None:
+    manifest = _manifest(bundles.mixed)
+
+    assert manifest["student"]["precision"] == "float16"
+    assert manifest["student"]["constant_bytes"]["FLOAT16"] >= 256 * 16 * 2
+    assert manifest["teacher"]["precision"] == "int8"
+    assert manifest["teacher"]["constant_bytes"]["INT8"] > 0
+    assert manifest["student_int8"]["precision"] == "int8"
+    assert manifest["student_int8"]["output_kind"] == "probabilities"
+    assert _manifest(bundles.plain)["student"]["precision"] == "float32"
+
+
+@pytest.mark.slow
+def test_float16_student_halves_weights_and_trains(bundles: SimpleNamespace) -> None:
+    plain = _manifest(bundles.plain)["student"]["constant_bytes"]
+    mixed = _manifest(bundles.mixed)["student"]["constant_bytes"]
+    kernel_bytes = 16 * 256 * 4
+    assert plain["FLOAT32"] - mixed.get("FLOAT32", 0) >= kernel_bytes
+    assert mixed["FLOAT16"] >= kernel_bytes // 2
+
+    model = StudentModel(load_bundle(bundles.mixed))
+    x = bundles.samples[:16]
+    soft = model.infer(x)
+    hard = np.argmax(soft, axis=1).astype(np.int32)
+    alpha = np.full(16, 0.5, np.float32)
+    losses = [model.train_step(x, soft * 0.5 + 0.125, hard, alpha, 2.0, 0.05)]
+    for _ in range(20):
+        losses.append(model.train_step(x, soft * 0.5 + 0.125, hard, alpha, 2.0, 0.05))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_int8_files_agree_with_float_models(bundles: SimpleNamespace) -> None:
+    manifest = _manifest(bundles.mixed)
+    x = bundles.samples
+    teacher = TeacherModel(bundles.mixed / "teacher.tflite", "probabilities")
+    copy = TeacherModel(
+        bundles.mixed / manifest["student_int8"]["file"], "probabilities"
+    )
+
+    expected_teacher = bundles.teacher(x, training=False).numpy()
+    expected_student = bundles.student(x, training=False).numpy()
+    assert np.abs(teacher.predict(x) - expected_teacher).max() < 0.05
+    assert np.abs(copy.predict(x) - expected_student).max() < 0.05
+
+
+@pytest.mark.slow
+def test_manifest_records_optimizer_and_state(bundles: SimpleNamespace) -> None:
+    student = _manifest(bundles.mixed)["student"]
+    variables = student["variables"]
+
+    assert student["optimizer"]["name"] == "adamw"
+    assert student["optimizer"]["clip_global_norm"] == 1.0
+    assert student["trainable"] == {
+        "scope": "from:hidden",
+        "layers": ["hidden", "logits"],
+    }
+    assert variables["stem_kernel"]["kind"] == "frozen"
+    assert variables["hidden_kernel"]["kind"] == "trained"
+    assert variables["optimizer__m__hidden_kernel"]["kind"] == "optimizer_state"
+    assert variables["stem_norm_moving_mean"]["kind"] == "moving_statistic"
+    assert set(student["weights"]) == set(variables)
+
+
+def test_int8_trainable_student_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="int8 trainable student.*float32"):
+        convert_bundle(
+            _teacher(),
+            _student(),
+            tmp_path / "bundle",
+            precision=PrecisionOptions(student="int8"),
+        )
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_int8_without_samples_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="representative dataset"):
+        convert_bundle(
+            _teacher(),
+            _student(),
+            tmp_path / "bundle",
+            precision=PrecisionOptions(teacher="int8"),
+        )
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (layers.Conv1D(2, 3, name="temporal"), "'temporal' of type Conv1D.*Conv2D"),
+        (layers.Activation("elu", name="smooth"), "'smooth'.*'elu'"),
+        (layers.Dropout(0.2, noise_shape=(None, 1, 1), name="drop"), "noise_shape"),
+    ],
+)
+def test_unsupported_layer_names_the_fix(
+    tmp_path: Path, layer: keras.layers.Layer, message: str
+) -> None:
+    student = keras.Sequential(
+        [keras.Input((8, 4)), layer, layers.Flatten(), layers.Dense(3)]
+    )
+    teacher = keras.Sequential([keras.Input((8, 4)), layers.Flatten(), layers.Dense(3)])
+
+    with pytest.raises(ConversionError, match=message):
+        convert_bundle(teacher, student, tmp_path / "bundle")
+
+
+@pytest.mark.slow
+def test_inspect_reports_ops_variables_memory(bundles: SimpleNamespace) -> None:
+    report = inspect_bundle(bundles.mixed, batch_size=16)
+    student = report["files"]["student"]
+
+    assert report["flex_free"] is True
+    assert set(report["files"]) == {"student", "teacher", "student_int8"}
+    assert student["op_counts"]["train"]["ASSIGN_VARIABLE"] > 0
+    assert student["op_counts"]["infer"]["CONV_2D"] == 1
+    assert student["variables"]["hidden_kernel"]["bytes"] == 16 * 256 * 4
+    assert (
+        student["memory_estimate_bytes"] > student["bytes"] + student["variable_bytes"]
+    )
+
+
+@pytest.mark.slow
+def test_inspect_command_prints_summary(bundles: SimpleNamespace) -> None:
+    result = CliRunner().invoke(main, ["inspect", str(bundles.mixed), "--variables"])
+
+    assert result.exit_code == 0, result.output
+    assert "Flex-free: yes" in result.output
+    assert "signature train:" in result.output
+    assert "optimizer: adamw" in result.output
+    assert "optimizer__v__logits_kernel" in result.output
+    assert "runtime memory estimate at batch 32" in result.output
