@@ -292,6 +292,34 @@ def run(config_path: str) -> None:
     type=click.FloatRange(min=1),
     help="Seconds to wait per round.",
 )
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    help="Send only the k largest probabilities per sample (payload version 2).",
+)
+@click.option(
+    "--dp-noise-multiplier",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Add Gaussian noise of this many times the L2 sensitivity sqrt(2) to "
+    "every probability vector (needs the hub extra).",
+)
+@click.option(
+    "--dp-epsilon",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Privacy budget per device; a push that would exceed it stops.",
+)
+@click.option(
+    "--dp-delta",
+    default=1e-5,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Delta of the (epsilon, delta) privacy guarantee.",
+)
+@click.option(
+    "--dp-ledger",
+    type=click.Path(dir_okay=False),
+    help="JSON file that keeps the privacy spent per device across pushes.",
+)
 @handle_errors
 def push(
     bundle: str,
@@ -303,10 +331,19 @@ def push(
     hard_labels: bool,
     wait: bool,
     timeout: float,
+    top_k: int | None,
+    dp_noise_multiplier: float | None,
+    dp_epsilon: float | None,
+    dp_delta: float,
+    dp_ledger: str | None,
 ) -> None:
     """Publish soft labels from the hub's teacher to one device."""
     from dslo_edge import hub
     from dslo_edge.bundle import load_bundle
+
+    privacy = _private_release(
+        device_id, dp_noise_multiplier, dp_epsilon, dp_delta, dp_ledger
+    )
 
     loaded = load_bundle(bundle)
     paths = [Path(t) for t in teachers] or [loaded.teacher_path]
@@ -322,6 +359,8 @@ def push(
         batch_size=batch_size,
         wait=wait,
         timeout=timeout,
+        top_k=top_k,
+        privacy=privacy,
     )
     click.echo(
         f"sent {result.messages} messages ({result.samples} samples, "
@@ -333,6 +372,31 @@ def push(
             f"device {device_id}: applied {metrics['applied']}, "
             f"rejected {sum(metrics['rejected'].values())}"
         )
+
+
+def _private_release(
+    device_id: str,
+    noise_multiplier: float | None,
+    epsilon: float | None,
+    delta: float,
+    ledger_path: str | None,
+) -> Any:
+    """Return the privacy settings of a push, or None when no option is given."""
+    if noise_multiplier is None and epsilon is None and ledger_path is None:
+        return None
+    if noise_multiplier is None or epsilon is None or ledger_path is None:
+        raise click.BadParameter(
+            "private release needs --dp-noise-multiplier, --dp-epsilon and "
+            "--dp-ledger together",
+            param_hint="--dp-*",
+        )
+    import numpy as np
+
+    from dslo_edge.privacy import PrivacyLedger, PrivacySettings, PrivateRelease
+
+    settings = PrivacySettings(noise_multiplier, epsilon, delta)
+    ledger = PrivacyLedger(settings, ledger_path)
+    return PrivateRelease(ledger, device_id, np.random.default_rng())
 
 
 @main.command()

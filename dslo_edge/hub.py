@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 
 from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.models import TeacherModel
+from dslo_edge.privacy import PrivateRelease
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
 
 logger = logging.getLogger(__name__)
@@ -85,11 +86,28 @@ def build_updates(
     teacher_round: int,
     batch_size: int = 32,
     send_hard_labels: bool = False,
+    top_k: int | None = None,
+    privacy: PrivateRelease | None = None,
 ) -> Iterator[SoftLabelUpdate]:
-    """Label samples with the teacher and cut them into updates."""
+    """Label samples with the teacher and cut them into updates.
+
+    Args:
+        top_k: send only the k largest probabilities per sample (payload
+            format version 2). Logits are then sent as softmax(logits) at T = 1.
+        privacy: add Gaussian noise to every probability vector and charge
+            the device's privacy ledger. An update whose release would exceed
+            the budget raises ``PrivacyBudgetExceeded`` before it is yielded.
+    """
     for start in range(0, len(samples.x), batch_size):
         x = samples.x[start : start + batch_size]
         labels = teacher.predict(x)
+        kind = teacher.output_kind
+        if privacy is not None:
+            labels = privacy.labels(labels, kind)
+            kind = "probabilities"
+        elif top_k is not None and kind == "logits":
+            labels = label_probabilities_of(labels)
+            kind = "probabilities"
         hard = None
         if send_hard_labels and samples.y is not None:
             hard = samples.y[start : start + batch_size]
@@ -101,9 +119,18 @@ def build_updates(
             sample_ids=samples.ids[start : start + batch_size],
             inputs=x,
             labels=labels.astype(np.float32),
-            label_kind=teacher.output_kind,
+            label_kind=kind,
             hard_labels=hard,
+            top_k=top_k,
         )
+
+
+def label_probabilities_of(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Return ``softmax(logits / T)`` per row, as the hub sends for top-k labels."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exponentials = np.exp(scaled)
+    return (exponentials / exponentials.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class HubClient:
@@ -214,8 +241,15 @@ def push(
     timeout: float = 120.0,
     protocol: Any = mqtt.MQTTv5,
     on_message_sent: Callable[[], None] | None = None,
+    top_k: int | None = None,
+    privacy: PrivateRelease | None = None,
 ) -> PushResult:
-    """Publish soft labels from each teacher snapshot in turn, one round each."""
+    """Publish soft labels from each teacher snapshot in turn, one round each.
+
+    ``top_k`` and ``privacy`` are passed to ``build_updates``. With privacy,
+    a push stops with ``PrivacyBudgetExceeded`` at the first update that
+    would exceed the budget, after publishing the updates before it.
+    """
     host, port = parse_broker_url(broker_url)
     hub = HubClient(host, port, device_id, protocol)
     result = PushResult()
@@ -230,6 +264,8 @@ def push(
                 teacher_version=version,
                 teacher_round=round_number,
                 batch_size=batch_size,
+                top_k=top_k,
+                privacy=privacy,
             ):
                 payload = encode_update(update)
                 hub.publish(payload)

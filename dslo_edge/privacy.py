@@ -1,0 +1,304 @@
+"""Differential privacy for the soft labels a hub releases to devices.
+
+Soft labels are the outputs of the hub's teacher on query samples, so they
+can leak the hub's training data. The hub can release each probability vector
+through the Gaussian mechanism: add ``N(0, sigma^2 I)`` noise with
+``sigma = noise_multiplier * sqrt(2)``, because two probability vectors
+differ by at most sqrt(2) in L2 norm (all mass on one class against all
+mass on another), then project the result back onto the probability simplex.
+The projection is post-processing and costs no privacy.
+
+Every released vector is one Gaussian mechanism on the same training data,
+so the hub composes them per device with the RDP (or PLD) accountant of the
+``dp-accounting`` library and rejects a release once the device's
+``(epsilon, delta)`` budget would be exceeded. The ledger is a JSON file, so
+the spent budget survives hub restarts.
+
+Noise is added at the hub only. ``dp-accounting`` is an optional dependency:
+``pip install 'dslo-edge[hub]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dslo_edge.errors import ConfigError, DsloError
+
+logger = logging.getLogger(__name__)
+
+# Largest L2 distance between two probability vectors, reached by two
+# different one-hot vectors.
+L2_SENSITIVITY = math.sqrt(2.0)
+ACCOUNTANTS = ("rdp", "pld")
+LEDGER_FORMAT = 1
+
+
+class PrivacyBudgetExceeded(DsloError):
+    """Releasing more soft labels to a device would exceed its privacy budget."""
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Noise level and budget of the hub's soft-label releases.
+
+    Attributes:
+        noise_multiplier: noise standard deviation divided by the L2
+            sensitivity sqrt(2), > 0.
+        epsilon_budget: maximum epsilon spent per device, > 0.
+        delta: the delta of the ``(epsilon, delta)`` guarantee, in (0, 1).
+        accountant: ``rdp`` (Renyi DP, the common conservative choice) or
+            ``pld`` (privacy loss distributions, tighter and slower).
+    """
+
+    noise_multiplier: float
+    epsilon_budget: float
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("noise_multiplier", self.noise_multiplier > 0, "a number > 0"),
+            ("epsilon_budget", self.epsilon_budget > 0, "a number > 0"),
+            ("delta", 0 < self.delta < 1, "a number in (0, 1)"),
+        ]
+        for name, valid, expected in checks:
+            value = getattr(self, name)
+            if not (valid and math.isfinite(value)):
+                raise ConfigError(
+                    f"invalid privacy {name} {value!r}: expected {expected}"
+                )
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(
+                f"invalid privacy accountant {self.accountant!r}: expected 'rdp' "
+                "or 'pld'"
+            )
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise added to each probability."""
+        return self.noise_multiplier * L2_SENSITIVITY
+
+
+def project_to_simplex(values: np.ndarray) -> np.ndarray:
+    """Return the Euclidean projection of each row onto the probability simplex.
+
+    Uses the sort-based algorithm of Duchi et al., "Efficient projections
+    onto the l1-ball for learning in high dimensions" (ICML 2008): with the
+    row sorted in decreasing order ``u``, find the largest ``j`` with
+    ``u_j - (sum_{i<=j} u_i - 1) / j > 0`` and subtract that threshold.
+
+    Args:
+        values: float array of shape (N, K).
+
+    Returns:
+        float64 array of shape (N, K), rows non-negative and summing to 1.
+    """
+    rows = np.asarray(values, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] == 0:
+        raise ValueError(f"expected an array of shape (N, K), got {rows.shape}")
+    ordered = -np.sort(-rows, axis=1)
+    cumulative = np.cumsum(ordered, axis=1) - 1.0
+    ranks = np.arange(1, rows.shape[1] + 1)
+    positive = ordered - cumulative / ranks > 0
+    # positive is true on a prefix of each row, and always for j = 1.
+    count = positive.sum(axis=1)
+    threshold = cumulative[np.arange(rows.shape[0]), count - 1] / count
+    return np.maximum(rows - threshold[:, None], 0.0)
+
+
+def add_gaussian_noise(
+    probabilities: np.ndarray, settings: PrivacySettings, rng: np.random.Generator
+) -> np.ndarray:
+    """Return the probabilities plus Gaussian noise, before projection."""
+    rows = np.asarray(probabilities, dtype=np.float64)
+    return rows + rng.normal(0.0, settings.noise_std, size=rows.shape)
+
+
+def privatise(
+    probabilities: np.ndarray, settings: PrivacySettings, rng: np.random.Generator
+) -> np.ndarray:
+    """Return noisy probabilities projected back onto the simplex, as float32."""
+    noisy = add_gaussian_noise(probabilities, settings, rng)
+    return project_to_simplex(noisy).astype(np.float32)
+
+
+def epsilon_spent(
+    releases: dict[float, int], delta: float, accountant: str = "rdp"
+) -> float:
+    """Return the epsilon of a set of Gaussian releases, from dp-accounting.
+
+    Args:
+        releases: count of released vectors per noise multiplier.
+        delta: target delta.
+        accountant: ``rdp`` or ``pld``.
+    """
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    events = [
+        dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(multiplier), count)
+        for multiplier, count in sorted(releases.items())
+        if count > 0
+    ]
+    if not events:
+        return 0.0
+    if accountant == "pld":
+        engine: Any = pld_privacy_accountant.PLDAccountant()
+    else:
+        engine = rdp_privacy_accountant.RdpAccountant()
+    engine.compose(dp_event.ComposedDpEvent(events))
+    return float(engine.get_epsilon(delta))
+
+
+class PrivacyLedger:
+    """Released vectors per device and noise multiplier, kept in a JSON file.
+
+    ``release`` charges the ledger before it adds noise, and raises
+    ``PrivacyBudgetExceeded`` without charging when the release would take
+    the device past its budget.
+    """
+
+    def __init__(self, settings: PrivacySettings, path: str | Path | None = None):
+        """Load the ledger file when it exists.
+
+        Raises:
+            ConfigError: dp-accounting is not installed, or the file is not a
+                ledger.
+        """
+        try:
+            import dp_accounting  # noqa: F401
+        except ImportError as error:
+            raise ConfigError(
+                f"private release needs dp-accounting ({error}); install it "
+                "with: pip install 'dslo-edge[hub]'"
+            ) from error
+        self.settings = settings
+        self.path = Path(path) if path is not None else None
+        self._releases: dict[str, dict[float, int]] = {}
+        if self.path is not None and self.path.exists():
+            self._releases = _read_ledger(self.path)
+
+    def releases(self, device_id: str) -> dict[float, int]:
+        """Return the released vector count per noise multiplier for a device."""
+        return dict(self._releases.get(device_id, {}))
+
+    def epsilon(self, device_id: str, extra: int = 0) -> float:
+        """Return the device's epsilon, after ``extra`` more releases if given."""
+        releases = self.releases(device_id)
+        multiplier = self.settings.noise_multiplier
+        releases[multiplier] = releases.get(multiplier, 0) + extra
+        return epsilon_spent(releases, self.settings.delta, self.settings.accountant)
+
+    def charge(self, device_id: str, count: int) -> float:
+        """Record ``count`` released vectors for a device and return its epsilon.
+
+        Raises:
+            PrivacyBudgetExceeded: the epsilon after the release would exceed
+                the budget. Nothing is recorded then.
+        """
+        after = self.epsilon(device_id, count)
+        if after > self.settings.epsilon_budget:
+            before = self.epsilon(device_id)
+            raise PrivacyBudgetExceeded(
+                f"releasing {count} more soft labels to device {device_id!r} would "
+                f"spend epsilon {after:.3g} (delta {self.settings.delta:g}), above "
+                f"its budget {self.settings.epsilon_budget:g}; {before:.3g} is spent "
+                "already. Raise the noise multiplier or the budget, or stop "
+                "sending to this device"
+            )
+        device = self._releases.setdefault(device_id, {})
+        multiplier = self.settings.noise_multiplier
+        device[multiplier] = device.get(multiplier, 0) + count
+        if self.path is not None:
+            _write_ledger(self.path, self._releases)
+        return after
+
+    def release(
+        self,
+        device_id: str,
+        probabilities: np.ndarray,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """Charge the ledger for the rows and return them privatised.
+
+        Raises:
+            PrivacyBudgetExceeded: the device's budget would be exceeded.
+        """
+        spent = self.charge(device_id, int(np.asarray(probabilities).shape[0]))
+        logger.debug("Device %s privacy spent: epsilon %.4g", device_id, spent)
+        return privatise(probabilities, self.settings, rng)
+
+
+def _read_ledger(path: Path) -> dict[str, dict[float, int]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read privacy ledger {path}: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
+        raise ConfigError(
+            f"privacy ledger {path} is not a format {LEDGER_FORMAT} ledger; "
+            "move it away only if no labels were released with it"
+        )
+    return {
+        device: {float(multiplier): int(count) for multiplier, count in counts.items()}
+        for device, counts in data.get("devices", {}).items()
+    }
+
+
+def _write_ledger(path: Path, releases: dict[str, dict[float, int]]) -> None:
+    """Replace the ledger file atomically, so a crash leaves the old or new one."""
+    document = {
+        "format": LEDGER_FORMAT,
+        "devices": {
+            device: {repr(multiplier): count for multiplier, count in counts.items()}
+            for device, counts in releases.items()
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".ledger-")
+    with os.fdopen(descriptor, "w") as stream:
+        json.dump(document, stream, indent=2)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+@dataclass
+class PrivateRelease:
+    """Settings and state for releasing one device's labels privately.
+
+    Attributes:
+        ledger: the ledger charged for every released vector.
+        device_id: the device the labels are for.
+        rng: source of the Gaussian noise.
+        temperature: converts teacher logits into probabilities first.
+    """
+
+    ledger: PrivacyLedger
+    device_id: str
+    rng: np.random.Generator
+    temperature: float = 1.0
+
+    def labels(self, teacher_output: np.ndarray, output_kind: str) -> np.ndarray:
+        """Return privatised probabilities for one batch of teacher outputs.
+
+        Raises:
+            PrivacyBudgetExceeded: the device's budget would be exceeded.
+        """
+        rows = np.asarray(teacher_output, dtype=np.float64)
+        if output_kind == "logits":
+            scaled = rows / self.temperature
+            scaled -= scaled.max(axis=1, keepdims=True)
+            rows = np.exp(scaled)
+            rows /= rows.sum(axis=1, keepdims=True)
+        return self.ledger.release(self.device_id, rows, self.rng)
