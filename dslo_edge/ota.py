@@ -1,0 +1,360 @@
+"""Model updates over the air: chunked bundle transfer, verification and swap.
+
+The hub packs a bundle directory into a tar archive and publishes it in
+chunks on ``<prefix>/<device>/ota``. Every chunk repeats the transfer id, the
+archive size and its sha256, so the device can check each chunk on its own
+and detect a chunk from another transfer. Chunk layout (format version 1,
+little-endian)::
+
+    offset size  field
+    0      4     magic b"DSLB"
+    4      1     format version, 1
+    5      16    transfer id
+    21     8     archive size in bytes (u64)
+    29     4     chunk size in bytes, the size of every chunk but the last (u32)
+    33     4     chunk index (u32)
+    37     4     chunk count (u32)
+    41     32    sha256 of the whole archive
+    73     ...   chunk data
+
+On the device, ``OtaReceiver`` writes chunks into a preallocated file in the
+state directory, ignores repeats (QoS 1 may deliver twice) and verifies the
+sha256 once every chunk arrived. ``BundleStore`` unpacks a verified archive
+into its own release directory and switches an ``active`` link to it,
+keeping the previous release behind a ``previous`` link for rollback.
+``swap_student`` loads the new student, carries over adapted weights whose
+name and shape match, runs a health check and rolls back if it fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+import struct
+import tarfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dslo_edge.bundle import load_bundle, sha256_file
+from dslo_edge.errors import BundleError
+from dslo_edge.protocol import Topics
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"DSLB"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sB16sQIII32s")
+HEADER_BYTES = _HEADER.size
+DEFAULT_CHUNK_BYTES = 64 * 1024
+DEFAULT_MAX_ARCHIVE_BYTES = 64 * 1024 * 1024
+DEFAULT_STALE_AFTER_S = 300.0
+MAX_ARCHIVE_MEMBERS = 16
+
+
+class OtaError(BundleError):
+    """A model update was rejected.
+
+    Attributes:
+        reason: short machine-readable kind, for the status message and
+            metrics (for example ``checksum_mismatch``).
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def ota_topics(topics: Topics) -> tuple[str, str]:
+    """Return the (chunk topic, status topic) next to a device's other topics."""
+    base = topics.status.rsplit("/", 1)[0]
+    return f"{base}/ota", f"{base}/ota/status"
+
+
+# Hub side
+
+
+def pack_bundle(bundle_dir: str | Path) -> bytes:
+    """Return a tar archive of a verified bundle directory's top-level files.
+
+    Member order, owners and times are fixed, so the same bundle always packs
+    to the same bytes and the same sha256.
+
+    Raises:
+        BundleError: the directory is not a valid bundle.
+    """
+    bundle = load_bundle(bundle_dir)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for path in sorted(bundle.path.iterdir()):
+            if not path.is_file():
+                continue
+            info = tarfile.TarInfo(path.name)
+            info.size = path.stat().st_size
+            info.mode = 0o644
+            with open(path, "rb") as stream:
+                archive.addfile(info, stream)
+    return buffer.getvalue()
+
+
+def split_archive(
+    archive: bytes,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    transfer_id: bytes | None = None,
+    digest: bytes | None = None,
+) -> list[bytes]:
+    """Split an archive into chunk payloads.
+
+    Args:
+        archive: the bytes from ``pack_bundle``.
+        chunk_bytes: data bytes per chunk; keep header plus chunk below the
+            broker's and the device's maximum payload size.
+        transfer_id: 16 bytes; a random UUID by default.
+        digest: the sha256 to announce; tests pass a wrong one.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    transfer = transfer_id or uuid.uuid4().bytes
+    checksum = digest or hashlib.sha256(archive).digest()
+    count = max(1, math.ceil(len(archive) / chunk_bytes))
+    chunks = []
+    for index in range(count):
+        data = archive[index * chunk_bytes : (index + 1) * chunk_bytes]
+        header = _HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            transfer,
+            len(archive),
+            chunk_bytes,
+            index,
+            count,
+            checksum,
+        )
+        chunks.append(header + data)
+    return chunks
+
+
+def send_bundle(
+    client: Any,
+    topics: Topics,
+    bundle_dir: str | Path,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    timeout: float = 30.0,
+) -> str:
+    """Publish a bundle in chunks at QoS 1 and return the transfer id in hex.
+
+    Each chunk waits for its acknowledgement before the next is sent, so a
+    slow device link is not flooded.
+    """
+    chunk_topic, _ = ota_topics(topics)
+    transfer_id = uuid.uuid4().bytes
+    for chunk in split_archive(pack_bundle(bundle_dir), chunk_bytes, transfer_id):
+        client.publish(chunk_topic, chunk, qos=1).wait_for_publish(timeout=timeout)
+    return transfer_id.hex()
+
+
+# Device side: assembling chunks
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """The fields in front of every chunk's data."""
+
+    transfer_id: bytes
+    total_bytes: int
+    chunk_bytes: int
+    index: int
+    count: int
+    sha256: bytes
+
+
+def parse_chunk(payload: bytes, max_archive_bytes: int) -> tuple[ChunkHeader, bytes]:
+    """Split a chunk payload into its header and data, checking every field.
+
+    Raises:
+        OtaError: ``malformed`` for a bad header or data length,
+            ``too_large`` for an archive above ``max_archive_bytes``.
+    """
+    if len(payload) < HEADER_BYTES:
+        raise OtaError(
+            "malformed", f"chunk of {len(payload)} bytes is shorter than its header"
+        )
+    magic, version, transfer, total, size, index, count, digest = _HEADER.unpack_from(
+        payload
+    )
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise OtaError(
+            "malformed",
+            f"chunk starts with {magic!r} version {version}, expected {MAGIC!r} "
+            f"version {FORMAT_VERSION}",
+        )
+    if total > max_archive_bytes:
+        raise OtaError(
+            "too_large",
+            f"bundle archive of {total} bytes exceeds the limit of "
+            f"{max_archive_bytes} bytes",
+        )
+    expected_count = max(1, math.ceil(total / size)) if size else 0
+    if size == 0 or count != expected_count or index >= count:
+        raise OtaError(
+            "malformed",
+            f"chunk {index} of {count} with chunk size {size} does not fit an "
+            f"archive of {total} bytes",
+        )
+    data = payload[HEADER_BYTES:]
+    expected_length = min(size, total - index * size)
+    if len(data) != expected_length:
+        raise OtaError(
+            "malformed",
+            f"chunk {index} carries {len(data)} bytes, expected {expected_length}",
+        )
+    return ChunkHeader(transfer, total, size, index, count, digest), data
+
+
+@dataclass
+class _Transfer:
+    header: ChunkHeader
+    path: Path
+    received: set[int] = field(default_factory=set)
+    last_chunk_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReceivedArchive:
+    """A complete archive whose sha256 matched the announced one."""
+
+    transfer_id: str
+    path: Path
+    size: int
+
+
+class OtaReceiver:
+    """Assembles chunks of one transfer at a time into a verified archive file.
+
+    Args:
+        folder: directory for partial and complete archives (in the state
+            directory, so it survives a restart of the daemon).
+        max_archive_bytes: reject larger archives before writing anything.
+        stale_after_s: drop a transfer that received no chunk for this long.
+        clock: monotonic seconds, injected in tests.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.folder = folder
+        self.max_archive_bytes = max_archive_bytes
+        self.stale_after_s = stale_after_s
+        self._clock = clock
+        self._transfer: _Transfer | None = None
+
+    @property
+    def progress(self) -> tuple[int, int] | None:
+        """(chunks received, chunk count) of the transfer in progress, or None."""
+        if self._transfer is None:
+            return None
+        return len(self._transfer.received), self._transfer.header.count
+
+    def receive(self, payload: bytes) -> ReceivedArchive | None:
+        """Store one chunk; return the archive once the last chunk arrived.
+
+        Raises:
+            OtaError: the chunk is malformed or too large, or the complete
+                archive's sha256 differs from the announced one. The partial
+                file is deleted in the last case.
+        """
+        header, data = parse_chunk(payload, self.max_archive_bytes)
+        transfer = self._transfer_for(header)
+        if header.index in transfer.received:
+            return None  # a QoS 1 repeat
+        with open(transfer.path, "r+b") as stream:
+            stream.seek(header.index * header.chunk_bytes)
+            stream.write(data)
+        transfer.received.add(header.index)
+        transfer.last_chunk_at = self._clock()
+        if len(transfer.received) < header.count:
+            return None
+        self._transfer = None
+        return self._verify(transfer)
+
+    def _transfer_for(self, header: ChunkHeader) -> _Transfer:
+        current = self._transfer
+        now = self._clock()
+        if current is not None and now - current.last_chunk_at > self.stale_after_s:
+            logger.warning(
+                "Dropping model transfer %s: no chunk for %.0f s",
+                current.header.transfer_id.hex(),
+                now - current.last_chunk_at,
+            )
+            self._discard(current)
+            current = None
+        if current is not None and current.header.transfer_id == header.transfer_id:
+            if _same_archive(current.header, header):
+                return current
+            raise OtaError(
+                "malformed",
+                f"chunk {header.index} of transfer {header.transfer_id.hex()} "
+                "announces a different archive than earlier chunks",
+            )
+        if current is not None:
+            logger.warning(
+                "Model transfer %s replaced by %s before it completed",
+                current.header.transfer_id.hex(),
+                header.transfer_id.hex(),
+            )
+            self._discard(current)
+        return self._start(header, now)
+
+    def _start(self, header: ChunkHeader, now: float) -> _Transfer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{header.transfer_id.hex()}.part"
+        with open(path, "wb") as stream:
+            stream.truncate(header.total_bytes)
+        self._transfer = _Transfer(header, path, last_chunk_at=now)
+        logger.info(
+            "Receiving model transfer %s: %d bytes in %d chunks",
+            header.transfer_id.hex(),
+            header.total_bytes,
+            header.count,
+        )
+        return self._transfer
+
+    def _discard(self, transfer: _Transfer) -> None:
+        transfer.path.unlink(missing_ok=True)
+        self._transfer = None
+
+    def _verify(self, transfer: _Transfer) -> ReceivedArchive:
+        expected = transfer.header.sha256.hex()
+        actual = sha256_file(transfer.path)
+        transfer_id = transfer.header.transfer_id.hex()
+        if actual != expected:
+            transfer.path.unlink(missing_ok=True)
+            raise OtaError(
+                "checksum_mismatch",
+                f"model transfer {transfer_id}: archive sha256 is {actual}, the hub "
+                f"announced {expected}; the update is discarded, so send it again",
+            )
+        final = transfer.path.with_suffix(".tar")
+        os.replace(transfer.path, final)
+        return ReceivedArchive(transfer_id, final, transfer.header.total_bytes)
+
+
+def _same_archive(first: ChunkHeader, second: ChunkHeader) -> bool:
+    return (
+        first.total_bytes == second.total_bytes
+        and first.chunk_bytes == second.chunk_bytes
+        and first.count == second.count
+        and first.sha256 == second.sha256
+    )

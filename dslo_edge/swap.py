@@ -1,0 +1,281 @@
+"""Install received bundles next to the current one and swap students safely.
+
+Layout under the daemon's state directory::
+
+    bundles/<release>/     one directory per installed bundle
+    bundles/active         link to the bundle the daemon runs
+    bundles/previous       link to the bundle before it, for rollback
+
+Each link is replaced with one rename, so a power cut leaves either the old
+or the new link, never none. The factory bundle named in the device config
+stays where it is and is used while no ``active`` link exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from dslo_edge.errors import BundleError
+from dslo_edge.ota import MAX_ARCHIVE_MEMBERS, OtaError
+
+logger = logging.getLogger(__name__)
+
+ACTIVE = "active"
+PREVIOUS = "previous"
+
+
+class Student(Protocol):
+    """The part of ``models.StudentModel`` that a swap uses."""
+
+    bundle: Bundle
+
+    def get_weights(self) -> dict[str, np.ndarray]: ...
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+    def infer(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class BundleStore:
+    """Installed bundles in ``<state_dir>/bundles`` with active and previous links."""
+
+    def __init__(self, state_dir: Path):
+        self.folder = state_dir / "bundles"
+
+    def active_path(self, factory: Path) -> Path:
+        """Return the bundle the daemon should load: the active link, else factory."""
+        link = self.folder / ACTIVE
+        if link.is_symlink() and link.resolve().is_dir():
+            return link.resolve()
+        return factory
+
+    def install_archive(self, archive: Path) -> Path:
+        """Unpack a verified archive into its own release directory.
+
+        The archive must hold only regular files at its top level, and the
+        unpacked bundle must pass ``load_bundle`` with checksums. An already
+        installed identical release is reused.
+
+        Raises:
+            OtaError: ``bad_bundle`` when the archive or the bundle is invalid.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.folder))
+        try:
+            _extract(archive, staging)
+            try:
+                load_bundle(staging)
+            except BundleError as error:
+                raise OtaError(
+                    "bad_bundle", f"received bundle is invalid: {error}"
+                ) from error
+            release = self.folder / sha256_file(staging / MANIFEST_NAME)[:16]
+            if release.is_dir():
+                shutil.rmtree(staging)
+                return release
+            staging.rename(release)
+            return release
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+
+    def activate(self, release: Path) -> None:
+        """Point ``active`` at a release and ``previous`` at the one it replaces."""
+        current = self.folder / ACTIVE
+        if current.is_symlink() and current.resolve() != release.resolve():
+            _replace_link(self.folder / PREVIOUS, os.readlink(current))
+        _replace_link(current, release.name)
+        self._prune()
+
+    def rollback(self) -> Path | None:
+        """Point ``active`` back at ``previous``; return it, or None if there is none.
+
+        With no previous release the ``active`` link is removed, so the
+        daemon falls back to the factory bundle.
+        """
+        previous = self.folder / PREVIOUS
+        active = self.folder / ACTIVE
+        if not previous.is_symlink():
+            active.unlink(missing_ok=True)
+            return None
+        _replace_link(active, os.readlink(previous))
+        previous.unlink()
+        return active.resolve()
+
+    def _prune(self) -> None:
+        keep = {
+            (self.folder / name).resolve().name
+            for name in (ACTIVE, PREVIOUS)
+            if (self.folder / name).is_symlink()
+        }
+        for path in self.folder.iterdir():
+            if path.is_dir() and not path.is_symlink() and path.name not in keep:
+                if not path.name.startswith("."):
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+def _extract(archive: Path, target: Path) -> None:
+    """Extract regular top-level files only, rejecting links and paths."""
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            members = tar.getmembers()
+            if len(members) > MAX_ARCHIVE_MEMBERS:
+                raise OtaError(
+                    "bad_bundle",
+                    f"archive has {len(members)} members, at most "
+                    f"{MAX_ARCHIVE_MEMBERS} are allowed",
+                )
+            for member in members:
+                name = member.name
+                if not member.isfile() or "/" in name or name in ("", ".", ".."):
+                    raise OtaError(
+                        "bad_bundle",
+                        f"archive member {name!r} is not a plain top-level file",
+                    )
+                source = tar.extractfile(member)
+                assert source is not None
+                with source, open(target / name, "wb") as stream:
+                    shutil.copyfileobj(source, stream)
+    except tarfile.TarError as error:
+        raise OtaError("bad_bundle", f"cannot read the archive: {error}") from error
+
+
+def _replace_link(link: Path, target: str) -> None:
+    temporary = link.with_name(f".{link.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    os.symlink(target, temporary)
+    os.replace(temporary, link)
+
+
+@dataclass(frozen=True)
+class CarryOver:
+    """Weights for a new student and which of them came from the old one."""
+
+    weights: dict[str, np.ndarray]
+    carried: tuple[str, ...]
+    reset: tuple[str, ...]
+
+
+def carry_over_weights(
+    old: dict[str, np.ndarray], new: dict[str, np.ndarray]
+) -> CarryOver:
+    """Take each old weight whose name and shape match the new student's.
+
+    Weights that are new, renamed or reshaped keep the new bundle's values.
+    """
+    weights: dict[str, np.ndarray] = {}
+    carried, reset = [], []
+    for name, initial in new.items():
+        previous = old.get(name)
+        if previous is not None and previous.shape == initial.shape:
+            weights[name] = previous
+            carried.append(name)
+        else:
+            weights[name] = initial
+            reset.append(name)
+    return CarryOver(weights, tuple(carried), tuple(reset))
+
+
+def check_student_health(student: Student, samples: np.ndarray | None = None) -> None:
+    """Run the student on probe inputs and check its outputs and weights.
+
+    Args:
+        student: the loaded student.
+        samples: inputs to run; a fixed random batch of 4 by default.
+
+    Raises:
+        OtaError: ``health_check`` when outputs have the wrong shape, are not
+            finite, or rows do not sum to 1, or a weight is not finite.
+    """
+    bundle = student.bundle
+    if samples is None:
+        rng = np.random.default_rng(0)
+        samples = rng.normal(size=(4, *bundle.input_shape)).astype(np.float32)
+    probabilities = student.infer(samples)
+    expected = (len(samples), bundle.class_count)
+    if probabilities.shape != expected:
+        raise OtaError(
+            "health_check",
+            f"student output shape {probabilities.shape}, expected {expected}",
+        )
+    if not np.all(np.isfinite(probabilities)):
+        raise OtaError("health_check", "student output contains NaN or infinity")
+    sums = probabilities.sum(axis=1)
+    if not np.allclose(sums, 1.0, atol=1e-3):
+        raise OtaError(
+            "health_check",
+            f"student probabilities sum to {sums.min():.4f}..{sums.max():.4f}, "
+            "expected 1",
+        )
+    for name, value in student.get_weights().items():
+        if not np.all(np.isfinite(value)):
+            raise OtaError("health_check", f"weight {name} contains NaN or infinity")
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """The student now in use and what the swap did."""
+
+    student: Student
+    swapped: bool
+    release: Path | None
+    carried: tuple[str, ...] = ()
+    reset: tuple[str, ...] = ()
+    reason: str | None = None
+
+
+def swap_student(
+    store: BundleStore,
+    release: Path,
+    current: Student,
+    load_student: Callable[[Bundle], Student],
+    *,
+    health_check: Callable[[Student], None] = check_student_health,
+) -> SwapResult:
+    """Switch to a new release, carrying weights over, or keep the current one.
+
+    Steps: load the new student, copy matching weights from ``current``,
+    activate the release, run the health check, and roll the ``active`` link
+    back if the check fails. ``current`` is never modified.
+
+    Returns:
+        The new student with ``swapped=True``, or ``current`` with the reason.
+    """
+    try:
+        student = load_student(load_bundle(release))
+        carry = carry_over_weights(current.get_weights(), student.get_weights())
+        student.set_weights(carry.weights)
+    except (BundleError, ValueError) as error:
+        logger.warning("Model update %s cannot be loaded: %s", release.name, error)
+        return SwapResult(current, False, None, reason=str(error))
+
+    store.activate(release)
+    try:
+        health_check(student)
+    except OtaError as error:
+        restored = store.rollback()
+        logger.warning(
+            "Model update %s failed its health check (%s); rolled back to %s",
+            release.name,
+            error,
+            restored.name if restored else "the factory bundle",
+        )
+        return SwapResult(current, False, restored, reason=str(error))
+    logger.info(
+        "Switched to model %s: %d weights carried over, %d reset",
+        release.name,
+        len(carry.carried),
+        len(carry.reset),
+    )
+    return SwapResult(student, True, release, carry.carried, carry.reset)

@@ -1,0 +1,469 @@
+"""Model updates over the air: chunks, verification, install, swap, rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import queue
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from dslo_edge.broker import Broker
+from dslo_edge.bundle import Bundle, load_bundle
+from dslo_edge.ota import (
+    HEADER_BYTES,
+    OtaError,
+    OtaReceiver,
+    ReceivedArchive,
+    ota_topics,
+    pack_bundle,
+    send_bundle,
+    split_archive,
+)
+from dslo_edge.protocol import Topics
+from dslo_edge.swap import (
+    BundleStore,
+    carry_over_weights,
+    check_student_health,
+    swap_student,
+)
+from tests.bundle_files import write_bundle
+from tests.sysfs_tree import FakeClock
+
+TIMEOUT_S = 10.0
+TOPICS = Topics.for_device("kitchen-cam")
+
+
+def receive_all(receiver: OtaReceiver, chunks: list[bytes]) -> ReceivedArchive:
+    results = [receiver.receive(chunk) for chunk in chunks]
+    assert all(result is None for result in results[:-1])
+    assert results[-1] is not None
+    return results[-1]
+
+
+class FakeStudent:
+    """A student with plain weight arrays and a softmax over zero logits."""
+
+    def __init__(self, bundle: Bundle, seed: int = 0, broken: bool = False):
+        rng = np.random.default_rng(seed)
+        self.bundle = bundle
+        self.broken = broken
+        self.weights = {
+            name: rng.normal(size=shape).astype(np.float32)
+            for name, shape in bundle.weight_shapes.items()
+        }
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {name: value.copy() for name, value in self.weights.items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.weights = {name: np.array(value) for name, value in weights.items()}
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        value = np.nan if self.broken else 1.0 / self.bundle.class_count
+        return np.full((len(x), self.bundle.class_count), value, dtype=np.float32)
+
+
+# Chunking and assembly
+
+
+def test_archive_round_trip_in_chunks(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle", student_bytes=200_000)
+    archive = pack_bundle(bundle)
+    assert pack_bundle(bundle) == archive  # deterministic
+    chunks = split_archive(archive, chunk_bytes=32 * 1024)
+    assert len(chunks) == -(-len(archive) // (32 * 1024))
+    assert all(len(c) <= HEADER_BYTES + 32 * 1024 for c in chunks)
+
+    received = receive_all(OtaReceiver(tmp_path / "ota"), chunks)
+
+    assert received.path.read_bytes() == archive
+    assert received.size == len(archive)
+    assert not list((tmp_path / "ota").glob("*.part"))
+
+
+def test_chunks_out_of_order_and_repeated(tmp_path: Path) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=100_000))
+    chunks = split_archive(archive, chunk_bytes=16 * 1024)
+    receiver = OtaReceiver(tmp_path / "ota")
+    order = list(reversed(chunks)) + [chunks[0]]
+    for chunk in order[:-2]:
+        assert receiver.receive(chunk) is None
+    assert receiver.receive(chunks[-1]) is None  # a repeat
+    assert receiver.progress == (len(chunks) - 1, len(chunks))
+    received = receiver.receive(order[-2])
+    assert received is not None
+    assert received.path.read_bytes() == archive
+    assert receiver.progress is None
+
+
+def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "bundle"))
+    wrong = hashlib.sha256(b"another archive").digest()
+    chunks = split_archive(archive, chunk_bytes=8 * 1024, digest=wrong)
+    receiver = OtaReceiver(tmp_path / "ota")
+    for chunk in chunks[:-1]:
+        receiver.receive(chunk)
+    with pytest.raises(
+        OtaError, match="archive sha256 is .* the hub announced"
+    ) as caught:
+        receiver.receive(chunks[-1])
+    assert caught.value.reason == "checksum_mismatch"
+    assert list((tmp_path / "ota").iterdir()) == []
+
+
+def test_corrupted_chunk_fails_checksum(tmp_path: Path) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "bundle"))
+    chunks = split_archive(archive, chunk_bytes=8 * 1024)
+    damaged = bytearray(chunks[1])
+    damaged[HEADER_BYTES + 100] ^= 0xFF
+    chunks[1] = bytes(damaged)
+    with pytest.raises(OtaError) as caught:
+        receive_all(OtaReceiver(tmp_path / "ota"), chunks)
+    assert caught.value.reason == "checksum_mismatch"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason", "message"),
+    [
+        (lambda c: c[:10], "malformed", "shorter than its header"),
+        (lambda c: b"XXXX" + c[4:], "malformed", "expected b'DSLB'"),
+        (lambda c: c + b"extra", "malformed", "carries"),
+        (
+            lambda c: c[:33] + (7).to_bytes(4, "little") + c[37:],
+            "malformed",
+            "does not fit",
+        ),
+    ],
+)
+def test_malformed_chunks_are_rejected(
+    tmp_path: Path, mutate: Any, reason: str, message: str
+) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "bundle"))
+    chunk = split_archive(archive, chunk_bytes=8 * 1024)[0]
+    with pytest.raises(OtaError, match=message) as caught:
+        OtaReceiver(tmp_path / "ota").receive(mutate(chunk))
+    assert caught.value.reason == reason
+
+
+def test_oversized_archive_is_rejected_before_writing(tmp_path: Path) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "bundle"))
+    receiver = OtaReceiver(tmp_path / "ota", max_archive_bytes=1024)
+    with pytest.raises(OtaError, match="exceeds the limit of 1024 bytes") as caught:
+        receiver.receive(split_archive(archive)[0])
+    assert caught.value.reason == "too_large"
+    assert not (tmp_path / "ota").exists()
+
+
+def test_new_transfer_replaces_unfinished_one(tmp_path: Path) -> None:
+    first = split_archive(pack_bundle(write_bundle(tmp_path / "a")), 8 * 1024)
+    second_archive = pack_bundle(write_bundle(tmp_path / "b", seed=1))
+    second = split_archive(second_archive, 8 * 1024)
+    receiver = OtaReceiver(tmp_path / "ota")
+    receiver.receive(first[0])
+    received = receive_all(receiver, second)
+    assert received.path.read_bytes() == second_archive
+    assert list((tmp_path / "ota").glob("*.part")) == []
+
+
+def test_stale_transfer_is_dropped(tmp_path: Path) -> None:
+    chunks = split_archive(pack_bundle(write_bundle(tmp_path / "a")), 8 * 1024)
+    clock = FakeClock()
+    receiver = OtaReceiver(tmp_path / "ota", stale_after_s=60, clock=clock)
+    receiver.receive(chunks[0])
+    clock.advance(61)
+    for chunk in chunks[1:]:
+        assert receiver.receive(chunk) is None
+    assert receiver.progress == (len(chunks) - 1, len(chunks))
+
+
+# Installing and switching releases
+
+
+def test_install_activate_and_rollback(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "state")
+    factory = write_bundle(tmp_path / "factory")
+    assert store.active_path(factory) == factory
+
+    releases = []
+    for seed in (1, 2, 3):
+        archive = tmp_path / f"update-{seed}.tar"
+        archive.write_bytes(pack_bundle(write_bundle(tmp_path / f"b{seed}", seed=seed)))
+        releases.append(store.install_archive(archive))
+        store.activate(releases[-1])
+
+    assert store.active_path(factory) == releases[2]
+    assert load_bundle(store.active_path(factory)).manifest["class_count"] == 10
+    installed = {p.name for p in store.folder.iterdir() if not p.is_symlink()}
+    assert installed == {releases[1].name, releases[2].name}
+
+    assert store.rollback() == releases[1]
+    assert store.active_path(factory) == releases[1]
+    assert store.rollback() is None
+    assert store.active_path(factory) == factory
+
+
+def test_install_rejects_unsafe_archive(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    archive = tmp_path / "evil.tar"
+    archive.write_bytes(buffer.getvalue())
+    store = BundleStore(tmp_path / "state")
+    with pytest.raises(OtaError, match="not a plain top-level file") as caught:
+        store.install_archive(archive)
+    assert caught.value.reason == "bad_bundle"
+    assert not (tmp_path / "escape.txt").exists()
+    assert [p.name for p in store.folder.iterdir()] == []
+
+
+def test_install_rejects_bundle_with_bad_file(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    archive_bytes = pack_bundle(bundle)
+    (bundle / "student.tflite").write_bytes(b"changed after packing")
+    buffer = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(archive_bytes)) as source,
+        tarfile.open(fileobj=buffer, mode="w") as target,
+    ):
+        for member in source.getmembers():
+            data = source.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name == "student.tflite":
+                data = b"corrupt"
+                member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+    archive = tmp_path / "bad.tar"
+    archive.write_bytes(buffer.getvalue())
+    with pytest.raises(OtaError, match="received bundle is invalid: checksum mismatch"):
+        BundleStore(tmp_path / "state").install_archive(archive)
+
+
+# Weight carry-over and the swap
+
+
+def test_carry_over_matches_name_and_shape() -> None:
+    old = {
+        "dense_kernel": np.ones((64, 16)),
+        "dense_bias": np.ones(16),
+        "dense_1_kernel": np.ones((16, 10)),
+        "dense_1_bias": np.ones(10),
+    }
+    new = {
+        "dense_kernel": np.zeros((64, 24)),
+        "dense_bias": np.zeros(24),
+        "dense_1_kernel": np.zeros((24, 10)),
+        "dense_1_bias": np.zeros(10),
+        "extra_bias": np.zeros(3),
+    }
+    carry = carry_over_weights(old, new)
+    assert carry.carried == ("dense_1_bias",)
+    assert carry.reset == ("dense_kernel", "dense_bias", "dense_1_kernel", "extra_bias")
+    assert np.all(carry.weights["dense_1_bias"] == 1)
+    assert np.all(carry.weights["dense_kernel"] == 0)
+
+
+def install(tmp_path: Path, store: BundleStore, seed: int, **shape: int) -> Path:
+    archive = tmp_path / f"update-{seed}.tar"
+    archive.write_bytes(
+        pack_bundle(write_bundle(tmp_path / f"b{seed}", seed=seed, **shape))
+    )
+    return store.install_archive(archive)
+
+
+def test_swap_carries_weights_and_activates(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "state")
+    current = FakeStudent(load_bundle(write_bundle(tmp_path / "factory")), seed=5)
+    release = install(tmp_path, store, 1)
+
+    result = swap_student(store, release, current, lambda b: FakeStudent(b, seed=9))
+
+    assert result.swapped
+    assert result.student is not current
+    assert set(result.carried) == set(current.weights)
+    for name, value in current.get_weights().items():
+        np.testing.assert_array_equal(result.student.get_weights()[name], value)
+    assert store.active_path(tmp_path) == release
+
+
+def test_swap_rolls_back_on_failed_health_check(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "state")
+    current = FakeStudent(load_bundle(write_bundle(tmp_path / "factory")))
+    good = install(tmp_path, store, 1)
+    first = swap_student(store, good, current, FakeStudent)
+    assert first.swapped
+    bad = install(tmp_path, store, 2)
+
+    result = swap_student(
+        store, bad, first.student, lambda b: FakeStudent(b, broken=True)
+    )
+
+    assert not result.swapped
+    assert result.student is first.student
+    assert "NaN or infinity" in (result.reason or "")
+    assert result.release == good
+    assert store.active_path(tmp_path) == good
+
+
+def test_swap_keeps_current_when_bundle_cannot_load(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "state")
+    current = FakeStudent(load_bundle(write_bundle(tmp_path / "factory")))
+    release = install(tmp_path, store, 1)
+    (release / "student.tflite").write_bytes(b"damaged on disk")
+    result = swap_student(store, release, current, FakeStudent)
+    assert not result.swapped
+    assert "checksum mismatch" in (result.reason or "")
+    assert store.active_path(tmp_path / "factory") == tmp_path / "factory"
+
+
+# Through a real broker
+
+
+class DeviceReceiver:
+    """A device-side client that feeds OTA chunks into an OtaReceiver."""
+
+    def __init__(self, broker: Broker, receiver: OtaReceiver):
+        self.receiver = receiver
+        self.results: queue.Queue[ReceivedArchive | OtaError] = queue.Queue()
+        subscribed = threading.Event()
+        chunk_topic, _ = ota_topics(TOPICS)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="device")
+        self.client.on_connect = lambda client, *_: client.subscribe(chunk_topic, qos=1)
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port, keepalive=30)
+        self.client.loop_start()
+        assert subscribed.wait(TIMEOUT_S), "subscription timed out"
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        try:
+            result = self.receiver.receive(bytes(message.payload))
+        except OtaError as error:
+            self.results.put(error)
+            return
+        if result is not None:
+            self.results.put(result)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def hub_client(broker: Broker) -> mqtt.Client:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="hub")
+    client.connect(broker.host, broker.port, keepalive=30)
+    client.loop_start()
+    return client
+
+
+def test_update_over_broker_is_installed(tmp_path: Path, broker: Broker) -> None:
+    store = BundleStore(tmp_path / "state")
+    device = DeviceReceiver(broker, OtaReceiver(tmp_path / "state/ota"))
+    hub = hub_client(broker)
+    bundle = write_bundle(tmp_path / "new", student_bytes=300_000, seed=4)
+
+    transfer = send_bundle(hub, TOPICS, bundle, chunk_bytes=32 * 1024)
+
+    result = device.results.get(timeout=TIMEOUT_S)
+    assert isinstance(result, ReceivedArchive)
+    assert result.transfer_id == transfer
+    release = store.install_archive(result.path)
+    store.activate(release)
+    assert load_bundle(store.active_path(tmp_path)).path == release
+    assert (release / "student.tflite").read_bytes() == (
+        bundle / "student.tflite"
+    ).read_bytes()
+    hub.disconnect()
+    hub.loop_stop()
+    device.close()
+
+
+def test_bad_checksum_over_broker_keeps_old(tmp_path: Path, broker: Broker) -> None:
+    store = BundleStore(tmp_path / "state")
+    old = install(tmp_path, store, 1)
+    store.activate(old)
+    device = DeviceReceiver(broker, OtaReceiver(tmp_path / "state/ota"))
+    hub = hub_client(broker)
+    archive = pack_bundle(write_bundle(tmp_path / "new", seed=2))
+    chunk_topic, _ = ota_topics(TOPICS)
+    wrong = hashlib.sha256(b"not this archive").digest()
+
+    for chunk in split_archive(archive, 8 * 1024, digest=wrong):
+        hub.publish(chunk_topic, chunk, qos=1).wait_for_publish(timeout=TIMEOUT_S)
+
+    result = device.results.get(timeout=TIMEOUT_S)
+    assert isinstance(result, OtaError)
+    assert result.reason == "checksum_mismatch"
+    assert store.active_path(tmp_path) == old
+    assert list((tmp_path / "state/ota").iterdir()) == []
+    hub.disconnect()
+    hub.loop_stop()
+    device.close()
+
+
+# With real converted students
+
+
+@pytest.fixture(scope="module")
+def converted_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Convert three 64-input students: two 64-16-10 and one 64-24-10.
+
+    The layers are named, because weight names come from layer names and
+    Keras numbers unnamed layers per process.
+    """
+    keras = pytest.importorskip("keras")
+    from converters.bundle import convert_bundle
+
+    folder = tmp_path_factory.mktemp("ota-students")
+    bundles = {}
+    for name, hidden, seed in (("old", 16, 1), ("same", 16, 2), ("wider", 24, 3)):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(hidden, activation="relu", name="hidden"),
+                keras.layers.Dense(10, activation="softmax", name="scores"),
+            ]
+        )
+        bundles[name] = folder / name
+        convert_bundle(model, model, bundles[name])
+    return bundles
+
+
+@pytest.mark.slow
+def test_real_students_swap_and_carry_weights(
+    tmp_path: Path, converted_bundles: dict[str, Path]
+) -> None:
+    from dslo_edge.models import StudentModel
+
+    current = StudentModel(load_bundle(converted_bundles["old"]))
+    adapted = {name: value + 0.5 for name, value in current.get_weights().items()}
+    current.set_weights(adapted)
+    check_student_health(current)
+    store = BundleStore(tmp_path / "state")
+
+    for name in ("same", "wider"):
+        archive = tmp_path / f"{name}.tar"
+        archive.write_bytes(pack_bundle(converted_bundles[name]))
+        release = store.install_archive(archive)
+        result = swap_student(store, release, current, StudentModel)
+        assert result.swapped, result.reason
+        weights = result.student.get_weights()
+        if name == "same":
+            assert set(result.carried) == set(adapted)
+            for key, value in adapted.items():
+                np.testing.assert_allclose(weights[key], value, rtol=1e-6)
+        else:
+            assert result.carried == ("scores_bias",)
+            np.testing.assert_allclose(weights["scores_bias"], adapted["scores_bias"])
+            assert weights["hidden_kernel"].shape == (64, 24)
+        probabilities = result.student.infer(np.zeros((3, 64), dtype=np.float32))
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert store.active_path(tmp_path) == release
