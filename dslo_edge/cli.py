@@ -446,11 +446,12 @@ def demo(out: str, report_path: str | None, seed: int, broker_kind: str) -> None
 
 # Imported here, after main and handle_errors exist, because cli_device
 # imports this module when its commands run.
-from dslo_edge.cli_device import flash, profiles, report  # noqa: E402
+from dslo_edge.cli_device import flash, ota_send, profiles, report  # noqa: E402
 
 main.add_command(profiles)
 main.add_command(flash)
 main.add_command(report)
+main.add_command(ota_send)
 
 
 if __name__ == "__main__":

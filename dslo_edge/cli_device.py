@@ -239,3 +239,67 @@ def report(metrics_path: str, out: str) -> None:
     click.echo(f"read {len(records)} metrics reports from {metrics_path}")
     for path in paths:
         click.echo(f"  wrote {path}")
+
+
+@click.command("ota-send")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--device", "device_id", required=True, help="Device id, as in its config."
+)
+@click.option(
+    "--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker URL."
+)
+@click.option("--topic-prefix", default="dslo", show_default=True, help="Topic prefix.")
+@click.option(
+    "--chunk-size",
+    default=64 * 1024,
+    show_default=True,
+    type=click.IntRange(1024, 1024 * 1024),
+    help="Bundle bytes per MQTT message.",
+)
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds to wait for the broker to acknowledge each chunk.",
+)
+@handle_errors
+def ota_send(
+    bundle: str,
+    device_id: str,
+    broker: str,
+    topic_prefix: str,
+    chunk_size: int,
+    timeout: float,
+) -> None:
+    """Send BUNDLE to a device as an over-the-air model update."""
+    import paho.mqtt.client as mqtt
+
+    from dslo_edge.errors import BrokerError
+    from dslo_edge.hub import parse_broker_url
+    from dslo_edge.ota import send_bundle
+    from dslo_edge.protocol import Topics
+
+    host, port = parse_broker_url(broker)
+    topics = Topics.for_device(device_id, topic_prefix)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"dslo-edge-{device_id}-ota"
+    )
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as error:
+        raise BrokerError(f"cannot connect to broker {host}:{port}: {error}") from error
+    client.loop_start()
+    try:
+        transfer = send_bundle(
+            client, topics, bundle, chunk_bytes=chunk_size, timeout=timeout
+        )
+    except (ValueError, RuntimeError) as error:
+        raise BrokerError(
+            f"sending the bundle to {host}:{port} failed: {error}"
+        ) from error
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    click.echo(f"sent {bundle} to device {device_id} as transfer {transfer}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.bundle import load_bundle, sha256_file
-from dslo_edge.errors import BundleError
+from dslo_edge.errors import BrokerError, BundleError
 from dslo_edge.protocol import Topics
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,41 @@ def ota_topics(topics: Topics) -> tuple[str, str]:
     """Return the (chunk topic, status topic) next to a device's other topics."""
     base = topics.status.rsplit("/", 1)[0]
     return f"{base}/ota", f"{base}/ota/status"
+
+
+OTA_STATES = ("receiving", "rejected", "installed", "rolled_back")
+
+
+def status_payload(
+    state: str,
+    transfer_id: str | None,
+    *,
+    release: str | None = None,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> str:
+    """Return the JSON the device publishes on its OTA status topic.
+
+    Args:
+        state: one of ``OTA_STATES``.
+        transfer_id: hex id of the transfer concerned, if known.
+        release: the release directory name now active, if any.
+        reason: ``OtaError.reason`` for a rejection or rollback.
+        detail: the error message for a rejection or rollback.
+    """
+    if state not in OTA_STATES:
+        raise ValueError(
+            f"OTA state {state!r} is invalid; expected one of {OTA_STATES}"
+        )
+    document = {
+        "state": state,
+        "transfer": transfer_id,
+        "release": release,
+        "reason": reason,
+        "detail": detail,
+        "timestamp": time.time(),
+    }
+    return json.dumps(document)
 
 
 # Hub side
@@ -150,13 +186,25 @@ def send_bundle(
 ) -> str:
     """Publish a bundle in chunks at QoS 1 and return the transfer id in hex.
 
-    Each chunk waits for its acknowledgement before the next is sent, so a
-    slow device link is not flooded.
+    Each chunk waits for the broker's acknowledgement before the next is
+    sent, so a slow link is not flooded.
+
+    Raises:
+        BundleError: the directory is not a valid bundle.
+        BrokerError: a chunk was not acknowledged within ``timeout`` seconds.
     """
     chunk_topic, _ = ota_topics(topics)
     transfer_id = uuid.uuid4().bytes
-    for chunk in split_archive(pack_bundle(bundle_dir), chunk_bytes, transfer_id):
-        client.publish(chunk_topic, chunk, qos=1).wait_for_publish(timeout=timeout)
+    chunks = split_archive(pack_bundle(bundle_dir), chunk_bytes, transfer_id)
+    for index, chunk in enumerate(chunks):
+        info = client.publish(chunk_topic, chunk, qos=1)
+        info.wait_for_publish(timeout=timeout)
+        if not info.is_published():
+            raise BrokerError(
+                f"chunk {index} of {len(chunks)} for transfer {transfer_id.hex()} "
+                f"was not acknowledged within {timeout:g} s; check the broker "
+                "connection and send the bundle again"
+            )
     return transfer_id.hex()
 
 

@@ -467,3 +467,45 @@ def test_real_students_swap_and_carry_weights(
         probabilities = result.student.infer(np.zeros((3, 64), dtype=np.float32))
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert store.active_path(tmp_path) == release
+
+
+def test_ota_send_command(tmp_path: Path, broker: Broker) -> None:
+    from click.testing import CliRunner
+
+    from dslo_edge.cli import main
+
+    device = DeviceReceiver(broker, OtaReceiver(tmp_path / "state/ota"))
+    bundle = write_bundle(tmp_path / "new", seed=6)
+    arguments = [
+        "ota-send",
+        str(bundle),
+        "--device",
+        "kitchen-cam",
+        "--broker",
+        f"mqtt://{broker.host}:{broker.port}",
+        "--chunk-size",
+        "4096",
+    ]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    received = device.results.get(timeout=TIMEOUT_S)
+    assert isinstance(received, ReceivedArchive)
+    assert result.output.strip().endswith(f"as transfer {received.transfer_id}")
+    assert received.path.read_bytes() == pack_bundle(bundle)
+    device.close()
+
+
+def test_status_payload_fields() -> None:
+    import json
+
+    from dslo_edge.ota import status_payload
+
+    document = json.loads(
+        status_payload("rejected", "ab12", reason="checksum_mismatch", detail="x")
+    )
+    assert document["state"] == "rejected"
+    assert document["transfer"] == "ab12"
+    assert document["reason"] == "checksum_mismatch"
+    assert document["release"] is None
+    with pytest.raises(ValueError, match="OTA state 'done' is invalid"):
+        status_payload("done", None)
