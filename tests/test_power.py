@@ -11,6 +11,7 @@ from dslo_edge.power import (
     BatteryCapacity,
     EnergyMeter,
     PowerModel,
+    describe_energy,
     discover_sources,
     external_power_online,
     process_cpu_seconds,
@@ -420,3 +421,33 @@ def test_thermal_zones_with_trip_points(tmp_path: Path) -> None:
     assert zones[0].kind == "cpu-thermal"
     assert zones[0].throttle_c == pytest.approx(80.0)
     assert zones[1].throttle_c is None
+
+
+def test_describe_energy_names_sources() -> None:
+    clock = FakeClock()
+    cpu = FakeClock(start=0.0)
+    meter = EnergyMeter(
+        [CpuModelSource(PI4_MODEL, cpu_seconds=cpu, clock=clock)],
+        fallback_capacity=BatteryCapacity(37.0, "config battery_wh"),
+        clock=clock,
+    )
+    for _ in range(2):
+        with meter.measure(updates=4):
+            clock.advance(0.01)
+            cpu.advance(0.01)
+        clock.advance(1.0)
+    lines = describe_energy(meter.report())
+    label = "profile raspberry-pi-4b power model (CPU time), an estimate"
+    assert lines[0].startswith("energy per update: ")
+    assert lines[0].endswith(f"mJ ({label})")
+    assert lines[1].startswith("average power while adapting: 3.62 W")
+    assert lines[2].startswith("battery impact: ")
+    assert "% per 1,000 updates" in lines[2]
+    assert "% per hour at the recent update rate" in lines[2]
+    assert "capacity 37 Wh from config battery_wh" in lines[2]
+
+
+def test_describe_energy_without_measurement() -> None:
+    assert describe_energy(EnergyMeter([]).report()) == [
+        "energy per update: not measured (no energy source was readable)"
+    ]

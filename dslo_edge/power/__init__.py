@@ -6,7 +6,12 @@ sources are preferred and ``meter`` for the figures reported per update.
 """
 
 from dslo_edge.power.battery import BatteryState, external_power_online, read_batteries
-from dslo_edge.power.meter import BatteryCapacity, EnergyMeter, SpanEnergy
+from dslo_edge.power.meter import (
+    BatteryCapacity,
+    EnergyMeter,
+    SpanEnergy,
+    describe_energy,
+)
 from dslo_edge.power.sources import (
     EnergySource,
     PowerModel,
@@ -23,6 +28,7 @@ __all__ = [
     "PowerModel",
     "SpanEnergy",
     "ThermalZone",
+    "describe_energy",
     "discover_sources",
     "external_power_online",
     "process_cpu_seconds",

@@ -237,3 +237,39 @@ def _updates_per_hour(spans: list[SpanEnergy]) -> float | None:
 
 def _rounded(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def describe_energy(report: dict[str, Any]) -> list[str]:
+    """Return report lines for an ``EnergyMeter.report()``, each naming its source.
+
+    Example output::
+
+        energy per update: 0.912 mJ (profile raspberry-pi-4b power model
+        (CPU time), an estimate)
+    """
+    source = report.get("source")
+    if source is None or report.get("joules_per_update") is None:
+        return ["energy per update: not measured (no energy source was readable)"]
+    label = f"{source}, an estimate" if report.get("estimated") else source
+    lines = [
+        f"energy per update: {report['joules_per_update'] * 1000:.4g} mJ ({label})",
+    ]
+    if report.get("average_power_w") is not None:
+        lines.append(
+            f"average power while adapting: {report['average_power_w']:.3g} W ({label})"
+        )
+    battery = report.get("battery")
+    if not battery:
+        lines.append("battery impact: no battery capacity known")
+        return lines
+    capacity = f"{battery['capacity_wh']:g} Wh from {battery['capacity_source']}"
+    per_thousand = battery.get("percent_per_1000_updates")
+    per_hour = battery.get("percent_per_hour")
+    parts = []
+    if per_thousand is not None:
+        parts.append(f"{per_thousand:.3g}% per 1,000 updates")
+    if per_hour is not None:
+        parts.append(f"{per_hour:.3g}% per hour at the recent update rate")
+    impact = ", ".join(parts) or "not measured yet"
+    lines.append(f"battery impact: {impact} (capacity {capacity}; energy {label})")
+    return lines
