@@ -1,0 +1,324 @@
+"""A supervised MQTT connection: persistent session, TLS, backoff with jitter.
+
+paho's own reconnect loop backs off without jitter, so two devices that share
+a client id by mistake would kick each other off in lockstep. This module
+runs paho's network loop in its own thread and reconnects with capped
+exponential backoff and random jitter, logging one line per attempt, and
+names the check that failed when a TLS handshake is rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from dslo_edge.config import MqttSettings
+from dslo_edge.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# MQTT 5 DISCONNECT reason code sent when another client connects with the
+# same client id.
+SESSION_TAKEN_OVER = 142
+# A connection that stayed up this long resets the backoff to its minimum.
+STABLE_CONNECTION_S = 10.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with "equal jitter": half fixed, half random."""
+
+    minimum: float
+    maximum: float
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.maximum, self.minimum * 2 ** min(attempt, 30))
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def describe_tls_failure(error: ssl.SSLError) -> str:
+    """Return which TLS check failed, in words an operator can act on."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        code = getattr(error, "verify_code", None)
+        message = getattr(error, "verify_message", "") or str(error)
+        if code in (19, 20, 21):
+            return f"unknown CA ({message}); check mqtt.tls_ca_file"
+        if code == 62 or "hostname" in message.lower():
+            return f"hostname mismatch ({message}); check mqtt.host"
+        if code == 10:
+            return f"certificate expired ({message})"
+        return f"certificate verification failed ({message})"
+    return f"TLS handshake failed ({error.reason or error})"
+
+
+class MqttConnection:
+    """One client, its network thread, and the reconnect policy.
+
+    Args:
+        settings: broker address, session, TLS and authentication settings.
+        client_id: the MQTT client id; keep it stable so the broker can resume
+            the persistent session.
+        will: (topic, payload) published retained by the broker if the
+            connection drops without a DISCONNECT.
+        on_connected: called on the network thread after each accepted
+            CONNACK, with the session-present flag.
+        on_message: called on the network thread for each message; with
+            ``manual_ack`` the callee must later call ``ack``.
+        label: a name for log lines, such as "device kitchen-pi".
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        *,
+        will: tuple[str, str] | None = None,
+        on_connected: Callable[[bool], None] | None = None,
+        on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
+        manual_ack: bool = False,
+        receive_maximum: int | None = None,
+        label: str = "client",
+    ):
+        self.settings = settings
+        self.client_id = client_id
+        self.label = label
+        self.receive_maximum = receive_maximum
+        self.connected = threading.Event()
+        self.stopping = threading.Event()
+        self.last_error: str | None = None
+        self.takeovers = 0
+        self.connects = 0
+        self._reconnect_now = threading.Event()
+        self._short_connections = 0
+        self._on_connected = on_connected
+        self._on_message = on_message
+        self._rng = random.Random()
+        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
+        self._thread = threading.Thread(
+            target=self._supervise, name=f"mqtt-{label}", daemon=True
+        )
+        self.client = self._make_client(will, manual_ack)
+
+    @property
+    def is_v5(self) -> bool:
+        return self.settings.protocol == "5"
+
+    def _make_client(
+        self, will: tuple[str, str] | None, manual_ack: bool
+    ) -> mqtt.Client:
+        protocol = mqtt.MQTTv5 if self.is_v5 else mqtt.MQTTv311
+        extra: dict[str, Any] = {} if self.is_v5 else {"clean_session": False}
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=protocol,
+            reconnect_on_failure=False,
+            manual_ack=manual_ack,
+            **extra,
+        )
+        if will:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        self._configure_auth(client)
+        self._configure_tls(client)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        return client
+
+    def _configure_auth(self, client: mqtt.Client) -> None:
+        if not self.settings.username:
+            return
+        password = None
+        if self.settings.password_file is not None:
+            password = self.settings.password_file.read_text().strip()
+        client.username_pw_set(self.settings.username, password)
+
+    def _configure_tls(self, client: mqtt.Client) -> None:
+        settings = self.settings
+        if not settings.uses_tls:
+            return
+        try:
+            client.tls_set(
+                ca_certs=str(settings.tls_ca_file),
+                certfile=str(settings.tls_cert_file)
+                if settings.tls_cert_file
+                else None,
+                keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(
+                f"cannot load the TLS files for {self.label}: {error}"
+            ) from error
+        if settings.tls_insecure:
+            logger.warning(
+                "TLS hostname verification is off for %s (mqtt.tls_insecure); "
+                "anyone holding a certificate from this CA can impersonate the broker",
+                self.label,
+            )
+            client.tls_insecure_set(True)
+
+    def _connect_properties(self) -> Properties | None:
+        if not self.is_v5:
+            return None
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.settings.session_expiry_s
+        if self.receive_maximum:
+            properties.ReceiveMaximum = self.receive_maximum
+        return properties
+
+    # Lifecycle
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Disconnect cleanly (the broker then discards the will) and join."""
+        self.stopping.set()
+        self.client.disconnect()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def request_reconnect(self) -> None:
+        """Drop the connection and reconnect at once, resuming the session.
+
+        The broker then sends every unacknowledged message again.
+        """
+        self._reconnect_now.set()
+        self.client.disconnect()
+
+    def _supervise(self) -> None:
+        attempt = 0
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            if self._connect_once():
+                self.client.loop_forever(timeout=0.5)
+                lasted = time.monotonic() - started
+                if lasted >= STABLE_CONNECTION_S:
+                    attempt = 0
+                    self._short_connections = 0
+                self._check_takeover(lasted)
+            if self.stopping.is_set():
+                return
+            if self._reconnect_now.is_set():
+                self._reconnect_now.clear()
+                continue
+            delay = self._backoff.delay(attempt, self._rng)
+            attempt += 1
+            logger.warning(
+                "%s: broker %s:%d unavailable (%s); reconnecting in %.1f s",
+                self.label,
+                self.settings.host,
+                self.settings.port,
+                self.last_error or "connection closed",
+                delay,
+            )
+            self.stopping.wait(delay)
+
+    def _check_takeover(self, lasted: float) -> None:
+        # Brokers that send no DISCONNECT reason (mosquitto 2.0.11 closes the
+        # socket) show a takeover only as connections that keep dropping
+        # right after they were accepted.
+        if self._reconnect_now.is_set() or self.connects == 0:
+            return
+        closed_without_reason = self.last_error == "disconnected: Unspecified error"
+        if lasted < STABLE_CONNECTION_S and closed_without_reason:
+            self._short_connections += 1
+            if self._short_connections == 3:
+                self.takeovers += 1
+                logger.error(
+                    "%s: the broker closed 3 connections in a row within %.0f s of "
+                    "accepting them; another client is probably using client id %s "
+                    "(session taken over); give each device its own id",
+                    self.label,
+                    STABLE_CONNECTION_S,
+                    self.client_id,
+                )
+
+    def _connect_once(self) -> bool:
+        clean_start: Any = False if self.is_v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        try:
+            self.client.connect(
+                self.settings.host,
+                self.settings.port,
+                self.settings.keepalive,
+                clean_start=clean_start,
+                properties=self._connect_properties(),
+            )
+        except ssl.SSLError as error:
+            self.last_error = describe_tls_failure(error)
+            return False
+        except OSError as error:
+            self.last_error = str(error) or type(error).__name__
+            return False
+        return True
+
+    # paho callbacks, on this connection's thread
+
+    def _handle_connect(
+        self, _c: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any
+    ) -> None:
+        if reason.is_failure:
+            self.last_error = f"broker refused the connection: {reason}"
+            logger.error("%s: %s", self.label, self.last_error)
+            self.client.disconnect()
+            return
+        self.connects += 1
+        self.last_error = None
+        self.connected.set()
+        session_present = bool(getattr(flags, "session_present", False))
+        logger.info(
+            "%s connected to %s:%d as %s (session %s)",
+            self.label,
+            self.settings.host,
+            self.settings.port,
+            self.client_id,
+            "resumed" if session_present else "new",
+        )
+        if self._on_connected:
+            self._on_connected(session_present)
+
+    def _handle_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any
+    ) -> None:
+        self.connected.clear()
+        if self.stopping.is_set():
+            return
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self.takeovers += 1
+            self.last_error = (
+                f"session taken over: another client connected with id "
+                f"{self.client_id}; give each device its own id"
+            )
+            logger.error("%s: %s", self.label, self.last_error)
+        else:
+            self.last_error = f"disconnected: {reason}"
+
+    def _handle_message(
+        self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage
+    ) -> None:
+        if self._on_message:
+            self._on_message(message)
+
+    # Used from any thread
+
+    def publish(
+        self, topic: str, payload: bytes | str, *, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.client.ack(mid, qos)
