@@ -110,15 +110,23 @@ def _check_port_free(port: int) -> None:
             ) from exc
 
 
-def _mosquitto_config(port: int, log_path: Path) -> str:
-    lines = [
-        f"listener {port} {HOST}",
-        "allow_anonymous true",
-        "persistence false",
-        "max_queued_messages 10000",
-        "max_inflight_messages 100",
-        f"log_dest file {log_path}",
-    ]
+def _mosquitto_config(
+    port: int, log_path: Path, persistence: bool, custom: str | None
+) -> str:
+    if custom is not None:
+        lines = [custom.format(port=port, workdir=log_path.parent)]
+    else:
+        lines = [
+            f"listener {port} {HOST}",
+            "allow_anonymous true",
+            "max_queued_messages 10000",
+            "max_inflight_messages 100",
+        ]
+    if persistence:
+        lines += ["persistence true", f"persistence_location {log_path.parent}/"]
+    else:
+        lines.append("persistence false")
+    lines.append(f"log_dest file {log_path}")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # Started as root, mosquitto switches to the "mosquitto" user, which
         # cannot write the log file in our private work directory.
@@ -158,8 +166,18 @@ class Broker:
 
     host = HOST
 
-    def __init__(self, kind: str, port: int, workdir: Path, owns_workdir: bool):
+    def __init__(
+        self,
+        kind: str,
+        port: int,
+        workdir: Path,
+        owns_workdir: bool,
+        persistence: bool = False,
+        config_text: str | None = None,
+    ):
         """Store the settings; call ``Broker.start`` instead to get a running one."""
+        self.persistence = persistence
+        self.config_text = config_text
         self.kind = kind
         self.port = port
         self.workdir = workdir
@@ -183,7 +201,13 @@ class Broker:
 
     @classmethod
     def start(
-        cls, port: int | None = None, kind: str = "auto", workdir: Path | None = None
+        cls,
+        port: int | None = None,
+        kind: str = "auto",
+        workdir: Path | None = None,
+        *,
+        persistence: bool = False,
+        config_text: str | None = None,
     ) -> Broker:
         """Start a broker on 127.0.0.1 and wait until it accepts TCP connections.
 
@@ -193,6 +217,12 @@ class Broker:
                 when installed, else amqtt.
             workdir: directory for the configuration and log files; None
                 creates a temporary directory, removed by ``stop``.
+            persistence: mosquitto only; keep sessions and queued messages
+                in the work directory across ``restart``.
+            config_text: mosquitto only; the configuration to use instead of
+                the default anonymous listener, with ``{port}`` and
+                ``{workdir}`` placeholders. Log and persistence lines are
+                added.
 
         Raises:
             ConfigError: ``kind`` is not one of ``BROKER_KINDS``.
@@ -207,7 +237,14 @@ class Broker:
         else:
             workdir = Path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
-        broker = cls(resolved, port or free_port(), workdir, owns_workdir)
+        broker = cls(
+            resolved,
+            port or free_port(),
+            workdir,
+            owns_workdir,
+            persistence,
+            config_text,
+        )
         try:
             broker._launch()
         except BaseException:
@@ -239,7 +276,11 @@ class Broker:
         if self.kind == "amqtt":
             return [sys.executable, "-m", "dslo_edge.broker", "--amqtt", str(self.port)]
         config_path = self.workdir / "mosquitto.conf"
-        config_path.write_text(_mosquitto_config(self.port, self.log_path))
+        config_path.write_text(
+            _mosquitto_config(
+                self.port, self.log_path, self.persistence, self.config_text
+            )
+        )
         binary = find_mosquitto()
         if binary is None:
             raise BrokerError("mosquitto not found on PATH or at /usr/sbin/mosquitto")

@@ -107,15 +107,27 @@ def _read(path: Path, sequence: int) -> Checkpoint:
     return Checkpoint(path, sequence, tensors, json.loads(metadata["state"]))
 
 
-def load_latest_checkpoint(folder: Path) -> Checkpoint | None:
+def load_latest_checkpoint(folder: Path, quarantine: bool = False) -> Checkpoint | None:
     """Return the newest checkpoint that reads back intact, or None.
 
     A corrupt or truncated generation is logged and skipped, so a crash in
-    the middle of a save falls back to the generation before it.
+    the middle of a save falls back to the generation before it. With
+    ``quarantine``, skipped files get a ``.corrupt`` suffix, so they are kept
+    for inspection but never counted as a generation again.
     """
     for sequence, path in list_checkpoints(folder):
         try:
             return _read(path, sequence)
         except (OSError, ValueError, KeyError, SafetensorError) as error:
             logger.warning("Skipping unreadable checkpoint %s: %s", path, error)
+            if quarantine:
+                _quarantine(path)
     return None
+
+
+def _quarantine(path: Path) -> None:
+    """Rename a bad generation so pruning never keeps it over a good one."""
+    try:
+        path.rename(path.with_name(path.name + ".corrupt"))
+    except OSError as error:
+        logger.warning("Cannot rename unreadable checkpoint %s: %s", path, error)

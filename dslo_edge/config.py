@@ -560,6 +560,15 @@ def load_config(path: str | Path) -> DeviceConfig:
     return config
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 def render_config(
     device_id: str,
     bundle: Path,
@@ -569,52 +578,65 @@ def render_config(
     planned_updates: int = 1000,
     protocol: str = "5",
     learning_rate: float = 0.05,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """Return a device TOML text with the given values and the defaults."""
-    return f"""[device]
-id = "{device_id}"
-bundle = "{bundle}"
-state_dir = "{state_dir}"
-runtime = "auto"
+    """Return a device TOML text with the given values and the defaults.
 
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-topic_prefix = "dslo"
-protocol = "{protocol}"
-
-[training]
-learning_rate = {learning_rate}
-temperature = 2.0
-planned_updates = {planned_updates}
-progress = "updates"
-planned_rounds = 10
-checkpoint_every = 20
-metrics_every = 5
-queue_size = 256
-hard_label_fallback = "argmax"
-
-[alpha]
-start = 0.8
-end = 0.2
-w_conf = 0.7
-w_time = 0.3
-schedule = "linear"
-decay = 5.0
-steps = 4
-
-[smoothing]
-lambda = 0.3
-capacity = 10000
-
-[monitor]
-decay = 0.9
-drift_threshold = 0.5
-drift_lambda = 3.0
-drift_updates = 20
-
-[limits]
-max_payload_bytes = 4194304
-max_samples = 4096
-sum_tolerance = 0.001
-"""
+    Args:
+        overrides: section -> key -> value, added to or replacing the
+            defaults, e.g. ``{"mqtt": {"reconnect_max_s": 2.0}}``.
+    """
+    sections: dict[str, dict[str, Any]] = {
+        "device": {
+            "id": device_id,
+            "bundle": str(bundle),
+            "state_dir": str(state_dir),
+            "runtime": "auto",
+        },
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": port,
+            "topic_prefix": "dslo",
+            "protocol": protocol,
+        },
+        "training": {
+            "learning_rate": learning_rate,
+            "temperature": 2.0,
+            "planned_updates": planned_updates,
+            "progress": "updates",
+            "planned_rounds": 10,
+            "checkpoint_every": 20,
+            "metrics_every": 5,
+            "queue_size": 256,
+            "hard_label_fallback": "argmax",
+        },
+        "alpha": {
+            "start": 0.8,
+            "end": 0.2,
+            "w_conf": 0.7,
+            "w_time": 0.3,
+            "schedule": "linear",
+            "decay": 5.0,
+            "steps": 4,
+        },
+        "smoothing": {"lambda": 0.3, "capacity": 10000},
+        "monitor": {
+            "decay": 0.9,
+            "drift_threshold": 0.5,
+            "drift_lambda": 3.0,
+            "drift_updates": 20,
+        },
+        "limits": {
+            "max_payload_bytes": 4194304,
+            "max_samples": 4096,
+            "sum_tolerance": 0.001,
+        },
+    }
+    for section, values in (overrides or {}).items():
+        sections.setdefault(section, {}).update(values)
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)

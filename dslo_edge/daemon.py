@@ -1,45 +1,96 @@
 """The edge daemon: MQTT in, train steps out, checkpoints and metrics.
 
 Threads:
-- paho's network thread receives updates and only enqueues the raw payload;
-- one trainer thread decodes, validates and trains, so a slow step never
-  blocks MQTT keepalives;
-- the main thread waits for SIGTERM or SIGINT and then shuts down in order:
-  the trainer finishes the queued updates, a checkpoint is written, and the
-  retained status becomes "offline".
+- the connection thread (``MqttConnection``) receives updates and only
+  enqueues them, so a slow train step never delays keepalives;
+- the trainer thread verifies, decodes, validates and applies updates, and
+  writes checkpoints;
+- the watchdog thread checks that both are alive and progressing, pings
+  systemd, and exits the process with ``EXIT_WATCHDOG`` if one is not, so the
+  service manager restarts it;
+- the main thread waits for SIGTERM or SIGINT, then stops in order.
+
+Delivery is at least once and application exactly once: an update is
+acknowledged to the broker (MQTT PUBACK) only once two checkpoint generations
+hold its effect and its message id. A crash before that makes the broker
+deliver it again, and the restored id record skips any copy already applied.
+Waiting for the second generation means that falling back to the previous
+checkpoint, when the newest one is corrupt, loses no acknowledged update.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
 import queue
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from dslo_edge import systemd
+from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import load_latest_checkpoint, save_checkpoint
 from dslo_edge.config import DeviceConfig
+from dslo_edge.connection import MqttConnection
 from dslo_edge.errors import InvalidUpdate
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.models import StudentModel
-from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
+from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE, SoftLabelUpdate
+from dslo_edge.signing import load_key, verify
 from dslo_edge.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-QUEUE_FULL = "queue_full"
 TRAIN_ERROR = "train_error"
+DUPLICATE = "duplicate"
+STALE = "stale"
+CLOCK_SKEW = "clock_skew"
+APPLIED_IDS = "applied_ids"
+# sysexits.h EX_SOFTWARE: an internal thread died or hung.
+EXIT_WATCHDOG = 70
+# A train step that has not returned after this long counts as a hang.
+TRAINER_STALL_S = 60.0
+REJECTION_LOG_LIMIT = 10
+REJECTION_LOG_WINDOW_S = 60.0
 
 
-def mqtt_protocol(name: str) -> Any:
-    """Return paho's protocol constant for "5" or "3.1.1"."""
-    return mqtt.MQTTv5 if name == "5" else mqtt.MQTTv311
+@dataclass(frozen=True)
+class Received:
+    """One MQTT message waiting for the trainer."""
+
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float
+
+
+class RejectionLog:
+    """Logs at most ``limit`` rejections per reason per window, then a count."""
+
+    def __init__(
+        self, limit: int = REJECTION_LOG_LIMIT, window_s: float = REJECTION_LOG_WINDOW_S
+    ):
+        self.limit = limit
+        self.window_s = window_s
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def should_log(self, reason: str, now: float) -> tuple[bool, int]:
+        """Return whether to log this one and how many were suppressed before it."""
+        start, count = self._windows.get(reason, (now, 0))
+        if now - start >= self.window_s:
+            suppressed = max(0, count - self.limit)
+            self._windows[reason] = (now, 1)
+            return True, suppressed
+        self._windows[reason] = (start, count + 1)
+        return count < self.limit, 0
 
 
 class EdgeDaemon:
@@ -47,102 +98,146 @@ class EdgeDaemon:
 
     def __init__(self, config: DeviceConfig):
         self.config = config
+        self.device_id = config.device_id
         self.topics = config.topics
         self.bundle = load_bundle(config.bundle)
         self.student = StudentModel(self.bundle, config.runtime)
         self.trainer = Trainer(
             self.student, config.training, config.limits, config.sum_tolerance
         )
+        self.applied_ids = AppliedIds(config.training.applied_id_capacity)
+        key_file = config.security.hmac_key_file
+        self.hmac_key = load_key(key_file) if key_file else None
         self.metrics = DaemonMetrics()
-        self.updates: queue.Queue[tuple[bytes, float]] = queue.Queue(
-            maxsize=config.training.queue_size
-        )
+        queue_size = config.training.queue_size
+        # MQTT 5 receive-maximum keeps the broker from sending more than
+        # queue_size unacknowledged updates, so this queue cannot overflow;
+        # the spare room covers redeliveries after a reconnect.
+        self.updates: queue.Queue[Received] = queue.Queue(maxsize=queue_size * 2)
         self.stopping = threading.Event()
-        self.connected = threading.Event()
+        self.failed = threading.Event()
         self.restored_from = "factory weights"
+        self.storage_error: str | None = None
+        self.checkpoints_written = 0
+        self.deferred = 0
+        self._deferred_since_reconnect = False
+        # PUBACKs wait in two groups: handled since the last checkpoint, and
+        # contained in the newest checkpoint only.
+        self._acks_unsaved: list[tuple[int, int]] = []
+        self._acks_saved_once: list[tuple[int, int]] = []
         self._unsaved = 0
+        self._last_update_at = time.monotonic()
+        self._trainer_beat = time.monotonic()
+        self._rejection_log = RejectionLog()
+        self._metrics_log = self._make_metrics_log()
         self._trainer_thread = threading.Thread(
             target=self._train_loop, name="dslo-trainer", daemon=True
         )
-        self.client = self._make_client()
+        self._watchdog_thread = threading.Thread(
+            target=self._watchdog_loop, name="dslo-watchdog", daemon=True
+        )
+        self.connection = MqttConnection(
+            config.mqtt,
+            config.client_id,
+            will=(self.topics.status, STATUS_OFFLINE),
+            on_connected=self._on_connected,
+            on_message=self._on_message,
+            manual_ack=True,
+            receive_maximum=queue_size,
+            label=f"device {self.device_id}",
+        )
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.config.state_dir / "checkpoints"
 
-    def _make_client(self) -> mqtt.Client:
-        protocol = mqtt_protocol(self.config.mqtt.protocol)
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=self.config.client_id,
-            protocol=protocol,
+    @property
+    def connected(self) -> threading.Event:
+        return self.connection.connected
+
+    def _make_metrics_log(self) -> logging.Logger | None:
+        settings = self.config.logging
+        if settings.metrics_file is None:
+            return None
+        settings.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            settings.metrics_file,
+            maxBytes=settings.max_bytes,
+            backupCount=settings.backups,
         )
-        client.will_set(self.topics.status, STATUS_OFFLINE, qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        return client
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        metrics_logger = logging.getLogger(f"dslo_edge.metrics_log.{self.device_id}")
+        metrics_logger.propagate = False
+        metrics_logger.setLevel(logging.INFO)
+        metrics_logger.handlers = [handler]
+        return metrics_logger
 
     # Lifecycle
 
     def start(self) -> None:
-        """Restore state, start the trainer thread and connect in the background."""
+        """Restore state, then start the trainer, the watchdog and the connection."""
         self._restore()
-        self._trainer_thread.start()
-        mqtt_settings = self.config.mqtt
         logger.info(
             "Starting device %s with %s (runtime %s), broker %s:%d",
-            self.config.device_id,
+            self.device_id,
             self.bundle.path,
             self.student.runtime_name,
-            mqtt_settings.host,
-            mqtt_settings.port,
+            self.config.mqtt.host,
+            self.config.mqtt.port,
         )
-        # connect_async + loop_start keep retrying while the broker is down.
-        self.client.connect_async(
-            mqtt_settings.host, mqtt_settings.port, mqtt_settings.keepalive
-        )
-        self.client.loop_start()
+        self._trainer_thread.start()
+        self._watchdog_thread.start()
+        self.connection.start()
+        systemd.notify("READY=1")
 
     def _restore(self) -> None:
-        checkpoint = load_latest_checkpoint(self.checkpoint_dir)
+        checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
         if checkpoint is None:
-            logger.info(
-                "Device %s starts from the factory weights", self.config.device_id
-            )
+            logger.info("Device %s starts from the factory weights", self.device_id)
             return
         self.trainer.restore(checkpoint)
+        if APPLIED_IDS in checkpoint.tensors:
+            self.applied_ids = AppliedIds.from_array(
+                checkpoint.tensors[APPLIED_IDS],
+                self.config.training.applied_id_capacity,
+            )
+        self.metrics.restore_rejected(checkpoint.state.get("rejected", {}))
         self.restored_from = checkpoint.path.name
         logger.info(
             "Device %s restored %s (%d updates applied before)",
-            self.config.device_id,
+            self.device_id,
             checkpoint.path.name,
             self.trainer.applied_updates,
         )
 
     def stop(self) -> None:
-        """Drain queued updates, checkpoint, publish "offline" and disconnect."""
+        """Finish the current step, checkpoint, publish "offline", disconnect."""
+        systemd.notify("STOPPING=1")
         self.stopping.set()
         self._trainer_thread.join()
-        self.save_checkpoint()
+        # Two generations, so every handled update is acknowledged.
+        self._checkpoint_and_ack()
+        self._checkpoint_and_ack()
         self.publish_metrics()
-        info = self.client.publish(
-            self.topics.status, STATUS_OFFLINE, qos=1, retain=True
-        )
-        if self.connected.is_set():
+        if self.connection.connected.is_set():
+            info = self.connection.publish(
+                self.topics.status, STATUS_OFFLINE, retain=True
+            )
             info.wait_for_publish(timeout=5)
-        self.client.disconnect()
-        self.client.loop_stop()
-        logger.info("Device %s stopped", self.config.device_id)
+        self.connection.stop()
+        logger.info(
+            "Device %s stopped; %d updates left queued for redelivery",
+            self.device_id,
+            self.updates.qsize(),
+        )
 
-    def run(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop cleanly."""
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the process exit code."""
         stop_requested = threading.Event()
 
         def request_stop(signum: int, _frame: object) -> None:
             logger.info(
-                "Device %s received signal %d, stopping", self.config.device_id, signum
+                "Device %s received signal %d, stopping", self.device_id, signum
             )
             stop_requested.set()
 
@@ -152,91 +247,144 @@ class EdgeDaemon:
         while not stop_requested.wait(0.5):
             pass
         self.stop()
+        return 0
 
-    # MQTT callbacks run on paho's network thread.
+    # Connection callbacks, on the connection thread
 
-    def _on_connect(
-        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
-    ) -> None:
-        if reason.is_failure:
-            logger.error("Broker refused device %s: %s", self.config.device_id, reason)
-            return
-        # Subscribing here renews the subscription after every reconnect.
-        client.subscribe(self.topics.updates, qos=1)
-        client.publish(self.topics.status, STATUS_ONLINE, qos=1, retain=True)
-        self.connected.set()
-        logger.info(
-            "Device %s connected, subscribed to %s",
-            self.config.device_id,
-            self.topics.updates,
-        )
+    def _on_connected(self, _session_present: bool) -> None:
+        # Subscribing on every connect also covers a broker that lost the session.
+        self.connection.client.subscribe(self.topics.updates, qos=1)
+        self.connection.publish(self.topics.status, STATUS_ONLINE, retain=True)
         self.publish_metrics()
 
-    def _on_disconnect(
-        self,
-        _client: mqtt.Client,
-        _userdata: Any,
-        _flags: Any,
-        reason: Any,
-        _props: Any,
-    ) -> None:
-        self.connected.clear()
-        if not self.stopping.is_set():
-            logger.warning(
-                "Device %s lost the broker connection (%s); retrying every 1 to 30 s",
-                self.config.device_id,
-                reason,
-            )
-
-    def _on_message(
-        self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage
-    ) -> None:
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
+        item = Received(bytes(message.payload), message.mid, message.qos, time.time())
         try:
-            self.updates.put_nowait((bytes(message.payload), time.time()))
+            self.updates.put_nowait(item)
         except queue.Full:
-            # Drop policy: the newest update is dropped and counted, because
-            # blocking here would stall keepalives for every other message.
-            self.metrics.record_rejected(QUEUE_FULL)
-            logger.warning(
-                "Device %s dropped an update: queue of %d is full",
-                self.config.device_id,
-                self.updates.maxsize,
-            )
+            # Drop policy: the update is left unacknowledged, and once the
+            # queue has drained the trainer reconnects, so the broker sends it
+            # again. Brokers that ignore receive-maximum (mosquitto 2.0.11
+            # after the first PUBACK, MQTT 3.1.1) can overrun the queue.
+            self.deferred += 1
+            if not self._deferred_since_reconnect:
+                self._deferred_since_reconnect = True
+                logger.warning(
+                    "Device %s queue of %d is full; leaving updates for redelivery",
+                    self.device_id,
+                    self.updates.maxsize,
+                )
 
     # Trainer thread
 
     def _train_loop(self) -> None:
-        while True:
+        while not self.stopping.is_set():
+            self._trainer_beat = time.monotonic()
             try:
-                payload, received = self.updates.get(timeout=0.2)
+                item = self.updates.get(timeout=0.2)
             except queue.Empty:
-                if self.stopping.is_set():
-                    return
+                self._on_idle()
                 continue
             try:
-                self._handle(payload)
-            except Exception:  # keep the trainer alive whatever one update does
+                self._process(item)
+            except Exception:  # one bad update must not stop the trainer
                 self.metrics.record_rejected(TRAIN_ERROR)
-                logger.exception(
-                    "Device %s failed to apply an update", self.config.device_id
-                )
-            if self.updates.empty():
+                logger.exception("Device %s failed to apply an update", self.device_id)
+            every = self.config.training.metrics_every
+            if self.updates.empty() or self.metrics.processed % every == 0:
                 self.publish_metrics()
 
-    def _handle(self, payload: bytes) -> None:
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._acks_unsaved) + len(self._acks_saved_once)
+
+    def _on_idle(self) -> None:
+        if self._deferred_since_reconnect:
+            self._checkpoint_and_ack()
+            self._checkpoint_and_ack()
+            self._deferred_since_reconnect = False
+            logger.info(
+                "Device %s reconnects to receive the updates it left queued",
+                self.device_id,
+            )
+            self.connection.request_reconnect()
+            return
+        if not self.unacknowledged:
+            return
+        if self._unsaved == 0 and not self._acks_saved_once:
+            # Only rejected updates are waiting: nothing to make durable.
+            self._send_acks(self._acks_unsaved)
+            return
+        idle_s = time.monotonic() - self._last_update_at
+        if idle_s >= self.config.training.checkpoint_idle_s:
+            self._checkpoint_and_ack()
+            self.publish_metrics()
+
+    def _process(self, item: Received) -> None:
+        self._last_update_at = time.monotonic()
+        self._acks_unsaved.append((item.mid, item.qos))
         try:
-            update = self.trainer.decode(payload)
+            update = self._accept(item)
         except InvalidUpdate as error:
-            self.metrics.record_rejected(error.reason)
+            self._reject(error)
+        else:
+            self._apply(update)
+        training = self.config.training
+        if (
+            self._unsaved >= training.checkpoint_every
+            or self.unacknowledged >= training.queue_size * 3 // 4
+        ):
+            self._checkpoint_and_ack()
+
+    def _accept(self, item: Received) -> SoftLabelUpdate:
+        body = item.payload
+        if self.hmac_key is not None:
+            body = verify(self.hmac_key, self.topics.updates, body)
+        update = self.trainer.decode(body)
+        if update.message_id in self.applied_ids:
+            raise InvalidUpdate(DUPLICATE, "already applied", update.message_id_hex)
+        age = item.received_at - update.timestamp
+        training = self.config.training
+        if age > training.max_age_s:
+            raise InvalidUpdate(
+                STALE,
+                f"published {age:.0f} s ago, older than "
+                f"max_age_s = {training.max_age_s:.0f}",
+                update.message_id_hex,
+            )
+        if -age > training.max_clock_skew_s:
+            raise InvalidUpdate(
+                CLOCK_SKEW,
+                f"timestamp is {-age:.0f} s in the future; check the hub's clock",
+                update.message_id_hex,
+            )
+        return update
+
+    def _reject(self, error: InvalidUpdate) -> None:
+        self.metrics.record_rejected(error.reason)
+        should_log, suppressed = self._rejection_log.should_log(
+            error.reason, time.monotonic()
+        )
+        if suppressed:
+            logger.warning(
+                "Device %s suppressed %d log lines for rejected updates (%s)",
+                self.device_id,
+                suppressed,
+                error.reason,
+            )
+        if should_log:
             logger.warning(
                 "Rejected update %s for device %s (%s): %s",
                 error.message_id or "(no id)",
-                self.config.device_id,
+                self.device_id,
                 error.reason,
                 error,
             )
-            return
+
+    def _apply(self, update: SoftLabelUpdate) -> None:
         result = self.trainer.apply(update)
+        self.applied_ids.add(update.message_id)
+        self._unsaved += 1
         end_to_end_ms = (time.time() - update.timestamp) * 1000
         self.metrics.record_applied(
             result.samples,
@@ -245,32 +393,84 @@ class EdgeDaemon:
             result.train_ms,
             end_to_end_ms,
         )
-        self._unsaved += 1
-        training = self.config.training
-        if self._unsaved >= training.checkpoint_every:
-            self.save_checkpoint()
-        if self.metrics.applied % training.metrics_every == 0:
-            self.publish_metrics()
 
-    # Outputs
+    # Checkpoints and acknowledgements
 
-    def save_checkpoint(self) -> None:
-        """Write a checkpoint if anything was applied since the last one."""
-        if self._unsaved == 0:
+    def _checkpoint_and_ack(self) -> None:
+        """Write a checkpoint, then acknowledge what two generations now hold."""
+        if not self.unacknowledged:
             return
+        if not self.save_checkpoint():
+            return
+        self._send_acks(self._acks_saved_once)
+        self._acks_saved_once = self._acks_unsaved
+        self._acks_unsaved = []
+
+    def _send_acks(self, acks: list[tuple[int, int]]) -> None:
+        # MQTT requires PUBACKs in the order the PUBLISH packets arrived.
+        for mid, qos in acks:
+            self.connection.ack(mid, qos)
+        acks.clear()
+
+    def save_checkpoint(self) -> bool:
+        """Write a checkpoint of weights, adaptation state and applied ids."""
         tensors, state = self.trainer.checkpoint_content()
+        tensors[APPLIED_IDS] = self.applied_ids.to_array()
+        # Rejections since this checkpoint are redelivered and counted again
+        # after a crash, so restored counters count each update once.
+        state["rejected"] = self.metrics.rejected_counts()
         try:
             path = save_checkpoint(self.checkpoint_dir, tensors, state)
         except OSError as error:
-            logger.error(
-                "Device %s could not write a checkpoint to %s: %s; trying again later",
-                self.config.device_id,
-                self.checkpoint_dir,
-                error,
-            )
-            return
+            if self.storage_error is None:
+                logger.error(
+                    "Device %s cannot write checkpoints to %s: %s; updates stay "
+                    "unacknowledged and the next save tries again",
+                    self.device_id,
+                    self.checkpoint_dir,
+                    error,
+                )
+            self.storage_error = f"{type(error).__name__}: {error.strerror or error}"
+            return False
+        if self.storage_error is not None:
+            logger.info("Device %s can write checkpoints again", self.device_id)
+        self.storage_error = None
         self._unsaved = 0
-        logger.info("Device %s saved %s", self.config.device_id, path.name)
+        self.checkpoints_written += 1
+        logger.debug("Device %s saved %s", self.device_id, path.name)
+        return True
+
+    # Watchdog thread
+
+    def _watchdog_loop(self) -> None:
+        ping_every = systemd.watchdog_interval_s()
+        last_ping = 0.0
+        while not self.stopping.wait(1.0):
+            problem = self._health_problem()
+            if problem:
+                logger.critical(
+                    "Device %s watchdog: %s; exiting", self.device_id, problem
+                )
+                self.failed.set()
+                logging.shutdown()
+                os._exit(EXIT_WATCHDOG)
+            if ping_every and time.monotonic() - last_ping >= ping_every:
+                systemd.notify("WATCHDOG=1")
+                last_ping = time.monotonic()
+
+    def _health_problem(self) -> str | None:
+        if self.stopping.is_set():
+            return None
+        if not self._trainer_thread.is_alive():
+            return "the trainer thread died"
+        stalled = time.monotonic() - self._trainer_beat
+        if stalled > TRAINER_STALL_S:
+            return f"the trainer made no progress for {stalled:.0f} s"
+        if not self.connection.alive:
+            return "the MQTT connection thread died"
+        return None
+
+    # Outputs
 
     def status_report(self) -> dict[str, Any]:
         extra = {
@@ -278,11 +478,19 @@ class EdgeDaemon:
             "applied_total": self.trainer.applied_updates,
             "restored_from": self.restored_from,
             "queue_depth": self.updates.qsize(),
+            "unacknowledged": self.unacknowledged,
+            "deferred_for_redelivery": self.deferred,
+            "checkpoints_written": self.checkpoints_written,
+            "storage_error": self.storage_error,
+            "session_takeovers": self.connection.takeovers,
+            "connects": self.connection.connects,
             "teacher": self.trainer.monitor.snapshot(),
         }
-        return self.metrics.snapshot(self.config.device_id, extra)
+        return self.metrics.snapshot(self.device_id, extra)
 
     def publish_metrics(self) -> None:
         """Publish the metrics report, retained so a late subscriber sees it."""
         payload = json.dumps(self.status_report())
-        self.client.publish(self.topics.metrics, payload, qos=1, retain=True)
+        self.connection.publish(self.topics.metrics, payload, retain=True)
+        if self._metrics_log is not None:
+            self._metrics_log.info(payload)

@@ -110,6 +110,15 @@ class DaemonMetrics:
         with self._lock:
             self.rejected[reason] += 1
 
+    def rejected_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.rejected)
+
+    def restore_rejected(self, counts: dict[str, int]) -> None:
+        """Continue counting rejections from a checkpoint's totals."""
+        with self._lock:
+            self.rejected.update({str(k): int(v) for k, v in counts.items()})
+
     @property
     def processed(self) -> int:
         """Updates handled so far, applied or rejected."""
