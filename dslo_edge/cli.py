@@ -240,7 +240,24 @@ def run(config_path: str) -> None:
     from dslo_edge.config import load_config
     from dslo_edge.daemon import EdgeDaemon
 
-    EdgeDaemon(load_config(config_path)).run()
+    config = load_config(config_path)
+    if config.logging.file is not None:
+        _add_log_file(config.logging)
+    sys.exit(EdgeDaemon(config).run())
+
+
+def _add_log_file(settings: Any) -> None:
+    """Also log to a size-capped file, rotated at settings.max_bytes."""
+    import logging.handlers
+
+    settings.file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        settings.file, maxBytes=settings.max_bytes, backupCount=settings.backups
+    )
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.getLogger().addHandler(handler)
 
 
 @main.command()
@@ -320,6 +337,18 @@ def run(config_path: str) -> None:
     type=click.Path(dir_okay=False),
     help="JSON file that keeps the privacy spent per device across pushes.",
 )
+@click.option(
+    "--hmac-key-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Sign updates with this device key (see 'dslo-edge keygen').",
+)
+@click.option(
+    "--mqtt-protocol",
+    type=click.Choice(["5", "3.1.1"]),
+    default="5",
+    show_default=True,
+    help="MQTT protocol version of the broker.",
+)
 @handle_errors
 def push(
     bundle: str,
@@ -336,10 +365,13 @@ def push(
     dp_epsilon: float | None,
     dp_delta: float,
     dp_ledger: str | None,
+    hmac_key_file: str | None,
+    mqtt_protocol: str,
 ) -> None:
     """Publish soft labels from the hub's teacher to one device."""
     from dslo_edge import hub
     from dslo_edge.bundle import load_bundle
+    from dslo_edge.signing import load_key
 
     privacy = _private_release(
         device_id, dp_noise_multiplier, dp_epsilon, dp_delta, dp_ledger
@@ -361,6 +393,8 @@ def push(
         timeout=timeout,
         top_k=top_k,
         privacy=privacy,
+        hmac_key=load_key(Path(hmac_key_file)) if hmac_key_file else None,
+        protocol=5 if mqtt_protocol == "5" else 4,
     )
     click.echo(
         f"sent {result.messages} messages ({result.samples} samples, "
@@ -397,6 +431,107 @@ def _private_release(
     settings = PrivacySettings(noise_multiplier, epsilon, delta)
     ledger = PrivacyLedger(settings, ledger_path)
     return PrivateRelease(ledger, device_id, np.random.default_rng())
+
+
+@main.command()
+@click.option("--faults", is_flag=True, required=True, help="Run the fault suite.")
+@click.option(
+    "--bundle",
+    type=click.Path(exists=True, file_okay=False),
+    help="Bundle to run; default: convert a small MLP (needs the convert extra).",
+)
+@click.option(
+    "--out",
+    default="selftest-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Work directory for brokers, daemons and their logs.",
+)
+@click.option("--quick", is_flag=True, help="Fewer updates, kills and fuzz payloads.")
+@click.option(
+    "--only",
+    multiple=True,
+    help="Run only this scenario; repeat for several. Default: all.",
+)
+@click.option(
+    "--report", type=click.Path(dir_okay=False), help="Also write the table here."
+)
+@handle_errors
+def selftest(
+    faults: bool,
+    bundle: str | None,
+    out: str,
+    quick: bool,
+    only: tuple[str, ...],
+    report: str | None,
+) -> None:
+    """Run the daemon against mosquitto under faults and print a table."""
+    from dslo_edge.fault_scenarios import SCENARIOS, Scale, format_table, run_suite
+
+    unknown = sorted(set(only) - set(SCENARIOS))
+    if unknown:
+        raise click.BadParameter(
+            f"unknown scenario {unknown[0]}; choose from {', '.join(SCENARIOS)}",
+            param_hint="--only",
+        )
+    workdir = Path(out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    bundle_path = Path(bundle) if bundle else _selftest_bundle(workdir / "bundle")
+    scale = Scale.quick() if quick else Scale()
+    rows = run_suite(
+        workdir,
+        bundle_path,
+        scale,
+        list(only) or None,
+        on_row=lambda row: click.echo(
+            f"{'pass' if row.passed else 'FAIL'}: {row.scenario}", err=True
+        ),
+    )
+    table = format_table(rows)
+    click.echo(table)
+    if report:
+        Path(report).write_text(table + "\n")
+    if not all(row.passed for row in rows):
+        sys.exit(EXIT_ERROR)
+
+
+def _selftest_bundle(path: Path) -> Path:
+    """Convert an untrained 64-32-10 MLP pair into a bundle, once."""
+    if (path / "manifest.json").is_file():
+        return path
+    try:
+        import keras
+
+        from converters.bundle import convert_bundle
+    except ImportError as error:
+        raise ConfigError(
+            f"no --bundle given and TensorFlow is missing ({error}); pass a "
+            "bundle or install the convert extra"
+        ) from error
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    student = keras.Sequential(
+        [keras.Input((64,)), layers.Dense(32, "relu"), layers.Dense(10, "softmax")]
+    )
+    teacher = keras.Sequential(
+        [keras.Input((64,)), layers.Dense(64, "relu"), layers.Dense(10, "softmax")]
+    )
+    convert_bundle(teacher, student, path, overwrite=True)
+    return path
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@handle_errors
+def keygen(path: str) -> None:
+    """Write a new random HMAC key for one device (mode 0600)."""
+    from dslo_edge.signing import generate_key_file
+
+    try:
+        generate_key_file(Path(path))
+    except FileExistsError:
+        raise ConfigError(f"{path} exists; keys are never overwritten") from None
+    click.echo(f"wrote {path}; give it to the device and to the hub")
 
 
 @main.command()

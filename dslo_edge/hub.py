@@ -21,11 +21,14 @@ from urllib.parse import urlparse
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import PrivateRelease
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+from dslo_edge.signing import sign
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +186,19 @@ class HubClient:
             self.latest_metrics = report
             self._metrics_changed.notify_all()
 
-    def publish(self, payload: bytes) -> None:
-        info = self.client.publish(self.topics.updates, payload, qos=1)
+    def publish(self, payload: bytes, expiry_s: int | None = None) -> None:
+        """Publish one update at QoS 1 and wait for the broker's PUBACK.
+
+        With MQTT 5, ``expiry_s`` sets the message expiry interval, so the
+        broker drops an update that waited longer than that for the device.
+        """
+        properties = None
+        if expiry_s is not None and self.client.protocol == mqtt.MQTTv5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = expiry_s
+        info = self.client.publish(
+            self.topics.updates, payload, qos=1, properties=properties
+        )
         info.wait_for_publish(timeout=30)
         if not info.is_published():
             raise BrokerError(
@@ -243,12 +257,22 @@ def push(
     on_message_sent: Callable[[], None] | None = None,
     top_k: int | None = None,
     privacy: PrivateRelease | None = None,
+    hmac_key: bytes | None = None,
+    expiry_s: int | None = 3600,
+    window: int = 128,
 ) -> PushResult:
     """Publish soft labels from each teacher snapshot in turn, one round each.
 
     ``top_k`` and ``privacy`` are passed to ``build_updates``. With privacy,
     a push stops with ``PrivacyBudgetExceeded`` at the first update that
     would exceed the budget, after publishing the updates before it.
+
+    Args:
+        wait: follow the device's metrics; wait after each round until it has
+            processed every update, and keep at most ``window`` updates
+            outstanding so a burst cannot overrun the broker's queue.
+        hmac_key: sign every update with the device's key.
+        expiry_s: MQTT 5 message expiry; match the device's max_age_s.
     """
     host, port = parse_broker_url(broker_url)
     hub = HubClient(host, port, device_id, protocol)
@@ -268,7 +292,15 @@ def push(
                 privacy=privacy,
             ):
                 payload = encode_update(update)
-                hub.publish(payload)
+                if hmac_key is not None:
+                    payload = sign(hmac_key, hub.topics.updates, payload)
+                if wait and result.messages >= window:
+                    target = baseline + result.messages - window + 1
+                    hub.wait_for_metrics(
+                        lambda m, target=target: m.get("processed", 0) >= target,
+                        timeout,
+                    )
+                hub.publish(payload, expiry_s)
                 result.messages += 1
                 result.samples += update.sample_count
                 result.payload_bytes += len(payload)
