@@ -39,8 +39,17 @@ def conv2d(x: tf.Tensor, kernel: tf.Tensor, window: Window) -> tf.Tensor:
     return op(x, kernel)
 
 
+def _flip(kernel: tf.Tensor) -> tf.Tensor:
+    """Reverse a kernel along height and width.
+
+    A negative-stride slice, not tf.reverse: REVERSE_V2 over two axes gives
+    wrong results in tflite-runtime 2.14 (checked by the runtime parity tests).
+    """
+    return kernel[::-1, ::-1]
+
+
 def _conv_input_grad(dy: tf.Tensor, kernel: tf.Tensor, window: Window) -> tf.Tensor:
-    flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])
+    flipped = tf.transpose(_flip(kernel), [0, 1, 3, 2])
     spread = pad_spatial(dilate(dy, window.strides), backward_pads(window))
     return tf.nn.conv2d(spread, flipped, strides=1, padding="VALID")
 
@@ -80,9 +89,7 @@ def _depthwise_input_grad(
     dy: tf.Tensor, kernel: tf.Tensor, window: Window
 ) -> tf.Tensor:
     kh, kw, channels, multiplier = kernel.shape
-    flipped = tf.reshape(
-        tf.reverse(kernel, axis=[0, 1]), [kh, kw, channels * multiplier, 1]
-    )
+    flipped = tf.reshape(_flip(kernel), [kh, kw, channels * multiplier, 1])
     spread = pad_spatial(dilate(dy, window.strides), backward_pads(window))
     dx = tf.nn.depthwise_conv2d(spread, flipped, strides=[1, 1, 1, 1], padding="VALID")
     if multiplier == 1:
