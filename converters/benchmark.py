@@ -76,7 +76,7 @@ def _peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM line in /proc/self/status; peak RSS needs Linux")
 
 
-def _time_steps(step: Any, steps: int, warmup: int) -> dict[str, float]:
+def _time_steps(step: Any, steps: int, warmup: int) -> dict[str, Any]:
     for _ in range(warmup):
         step()
     times = []

@@ -46,7 +46,7 @@ def _activation_nodes(
     activation = name or _activation_name(layer)
     if activation == "linear":
         return []
-    params = {"function": activation}
+    params: dict[str, Any] = {"function": activation}
     if activation == "leaky_relu":
         params["negative_slope"] = 0.2  # keras.activations.leaky_relu default
     return [

@@ -213,3 +213,21 @@ def test_inspect_command_prints_summary(bundles: SimpleNamespace) -> None:
     assert "optimizer: adamw" in result.output
     assert "optimizer__v__logits_kernel" in result.output
     assert "runtime memory estimate at batch 32" in result.output
+
+
+def test_flex_only_teacher_names_the_op(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from converters.bundle import convert_teacher
+
+    teacher = keras.Sequential(
+        [
+            keras.Input((4,)),
+            layers.Lambda(lambda v: tf.math.cumprod(v, axis=1)),
+            layers.Dense(3),
+        ]
+    )
+
+    with pytest.raises(ConversionError, match="only with Flex: Cumprod; remove"):
+        convert_teacher(teacher, tmp_path / "teacher.tflite")
+    assert not (tmp_path / "teacher.tflite").exists()
