@@ -408,6 +408,60 @@ def push(
         )
 
 
+@main.command()
+@click.option(
+    "--out",
+    default="docs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for evaluation.md and the evaluation/ plots.",
+)
+@click.option(
+    "--seeds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Number of seeds, 0 to N-1.",
+)
+@click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    type=click.Choice(["digits", "segment"]),
+    help="Dataset to run; repeat for several (default all).",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="One grid point and shorter teacher training, for CI (minutes).",
+)
+@handle_errors
+def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> None:
+    """Compare DSL-O with static and annealed KD on shifted real data."""
+    import time
+
+    from dslo_edge.eval_data import DATASETS
+    from dslo_edge.eval_report import write_report
+    from dslo_edge.evaluate import run_evaluation
+
+    started = time.monotonic()
+    chosen = datasets or DATASETS
+    results = run_evaluation(
+        chosen, seeds, quick=quick, progress=lambda line: click.echo(line, err=True)
+    )
+    command = "dslo-edge evaluate" + (" --quick" if quick else "")
+    if seeds != 5:
+        command += f" --seeds {seeds}"
+    command += "".join(f" --dataset {name}" for name in datasets)
+    summary = write_report(results, Path(out), command, time.monotonic() - started)
+    for dataset, entry in summary.items():
+        diff, spread = entry["dslo_minus_static"]
+        click.echo(
+            f"{dataset}: DSL-O minus static KD {diff:+.1f} ± {spread:.1f} points"
+        )
+    click.echo(f"wrote {Path(out) / 'evaluation.md'}")
+
+
 def _private_release(
     device_id: str,
     noise_multiplier: float | None,

@@ -1,0 +1,73 @@
+"""The evaluation: dataset splits, the quick run and its report files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dslo_edge.eval_data import load_eval_splits, read_segment
+from dslo_edge.evaluate import METHODS, QUICK_GRID, Grid, _candidates
+
+
+def test_segment_data_ships_with_river() -> None:
+    pytest.importorskip("river")
+    x, y, names = read_segment()
+    assert x.shape == (2310, 18)
+    assert sorted(set(y.tolist())) == list(range(7))
+    assert "rawblue-mean" in names
+
+
+@pytest.mark.parametrize("dataset", ["digits", "segment"])
+def test_splits_cover_data_once(dataset: str) -> None:
+    pytest.importorskip("river" if dataset == "segment" else "sklearn")
+    splits = load_eval_splits(dataset, seed=3)
+    parts = [splits.base, splits.adapt, splits.val, splits.test]
+    sizes = [len(part[1]) for part in parts]
+    total = {"digits": 1797, "segment": 2310}[dataset]
+    # The hub split only feeds the teacher, so these four are at most the total.
+    assert sum(sizes) < total
+    assert min(sizes) > 0.1 * total
+    for x, y in parts:
+        assert x.dtype == np.float32
+        assert len(x) == len(y)
+    # The teacher trains on base and hub images, clean and in 3 augmented copies.
+    assert len(splits.teacher[1]) % 4 == 0
+    assert len(splits.teacher[1]) > 4 * sizes[0]
+
+
+def test_splits_depend_on_seed() -> None:
+    first = load_eval_splits("digits", seed=0)
+    second = load_eval_splits("digits", seed=1)
+    assert not np.array_equal(first.test[1], second.test[1])
+
+
+def test_grid_sizes_per_method() -> None:
+    sizes = {method.name: len(_candidates(method, Grid())) for method in METHODS}
+    assert sizes["factory student"] == 1
+    assert sizes["hard labels only"] == 3
+    assert sizes["static KD"] == 3 * 3 * 4
+    assert sizes["DSL-O"] == 3 * 3 * 3
+    assert all(len(_candidates(m, QUICK_GRID)) == 1 for m in METHODS)
+
+
+def test_quick_evaluation_writes_report(tmp_path) -> None:
+    pytest.importorskip("keras")
+    pytest.importorskip("matplotlib")
+    from dslo_edge.eval_report import write_report
+    from dslo_edge.evaluate import run_evaluation
+
+    results = run_evaluation(("digits",), seeds=1, quick=True, workdir=tmp_path)
+    summary = write_report(results, tmp_path / "docs", "dslo-edge evaluate", 1.0)
+
+    page = (tmp_path / "docs" / "evaluation.md").read_text()
+    for method in METHODS:
+        assert f"| {method.name} |" in page
+    assert "DSL-O minus static KD" in page
+    for field in ("alpha", "entropy", "accuracy"):
+        image = tmp_path / "docs" / "evaluation" / f"digits-{field}.png"
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = results[0].runs
+    assert runs["factory student"].alpha == []
+    assert len(runs["DSL-O"].alpha) == len(runs["static KD"].alpha) > 0
+    assert all(0.2 <= a <= 0.8 for a in runs["DSL-O"].alpha)
+    assert summary["digits"]["dslo_minus_static"][1] == 0.0
