@@ -166,6 +166,12 @@ class PrivacyLedger:
     ``release`` charges the ledger before it adds noise, and raises
     ``PrivacyBudgetExceeded`` without charging when the release would take
     the device past its budget.
+
+    NOTE: budgets are per device, as configured. Every device's labels come
+    from the same training data, so devices that pool what they received
+    hold the composition of all their releases, which is more than any one
+    device's epsilon. Hard labels sent with ``--hard-labels`` are not noised
+    or counted.
     """
 
     def __init__(self, settings: PrivacySettings, path: str | Path | None = None):

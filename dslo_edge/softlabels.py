@@ -268,7 +268,9 @@ class AlphaPolicy:
         low = min(self.alpha_start, self.alpha_end)
         high = max(self.alpha_start, self.alpha_end)
         # Clipping only absorbs float rounding because mix is already in [0, 1].
-        return np.clip(alpha, low, high).astype(np.float32)
+        # np.minimum and np.maximum skip np.clip's Python-level dispatch,
+        # which costs several microseconds per call on the hot path.
+        return np.minimum(np.maximum(alpha, low), high).astype(np.float32)
 
 
 def _validate_batch(sample_ids: Sequence[str], p: np.ndarray) -> np.ndarray:
@@ -475,8 +477,9 @@ class TeacherMonitor:
         else:
             kl = None
         if kl is not None:
-            self._batch_drift = float(kl.sum()) / kl.shape[0]
-            self._add_drift(teacher_round, kl)
+            total = float(kl.sum())
+            self._batch_drift = total / kl.shape[0]
+            self._add_drift(teacher_round, total, kl.shape[0])
 
         current = stored_rounds <= teacher_round
         if current.all():
@@ -487,7 +490,9 @@ class TeacherMonitor:
             written = self._store.write(kept_ids, rows[kept], positions[kept])
         else:
             return self._batch_drift
-        self._rounds[written[written >= 0]] = teacher_round
+        if written.min(initial=0) < 0:
+            written = written[written >= 0]
+        self._rounds[written] = teacher_round
         return self._batch_drift
 
     def _update_means(self, statistics: BatchStatistics) -> None:
@@ -508,15 +513,15 @@ class TeacherMonitor:
             self._batch_confidence
         )
 
-    def _add_drift(self, teacher_round: int, kl: np.ndarray) -> None:
+    def _add_drift(self, teacher_round: int, total: float, count: int) -> None:
         if self._drift_round is not None and teacher_round < self._drift_round:
             return
         if teacher_round != self._drift_round:
             self._drift_round = teacher_round
             self._drift_sum = 0.0
             self._drift_count = 0
-        self._drift_sum += float(np.sum(kl))
-        self._drift_count += int(kl.shape[0])
+        self._drift_sum += total
+        self._drift_count += count
 
     def snapshot(self) -> dict[str, float]:
         """Return the current statistics; all are 0.0 before the first batch.
