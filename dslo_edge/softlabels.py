@@ -554,7 +554,7 @@ class TeacherMonitor:
         ids, rows, positions = self._store.to_arrays()
         rounds = self._rounds[positions].astype(np.float32)[:, None]
         table = np.concatenate([rows, rounds], axis=1) if ids else rows
-        scalars = {
+        scalars: dict[str, object] = {
             "decay": self.decay,
             "mean_entropy": self._mean_entropy,
             "mean_confidence": self._mean_confidence,

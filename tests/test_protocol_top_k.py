@@ -13,17 +13,46 @@ from dslo_edge.protocol import (
     FORMAT_VERSION,
     FORMAT_VERSION_TOP_K,
     ModelSpec,
+    SoftLabelUpdate,
     compress_top_k,
     decode_update,
     encode_update,
     expand_top_k,
     validate_update,
 )
-from tests.test_protocol import make_update
 
 VERSION_OFFSET = 4
 FLAGS_OFFSET = 5
 DIMS_OFFSET = 39
+
+
+def make_update(
+    sample_count: int = 3,
+    input_shape: tuple[int, ...] = (4,),
+    class_count: int = 3,
+    *,
+    with_hard_labels: bool = False,
+    temperature: float | None = None,
+) -> SoftLabelUpdate:
+    """Build a valid update with random inputs and softmax probabilities."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(sample_count, class_count))
+    labels = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    hard_labels = None
+    if with_hard_labels:
+        hard_labels = rng.integers(-1, class_count, size=sample_count).astype(np.int32)
+    return SoftLabelUpdate(
+        message_id=bytes(16),
+        teacher_version="teacher-2024.06-r3",
+        teacher_round=7,
+        timestamp=1_718_000_000.25,
+        sample_ids=[f"s{index}" for index in range(sample_count)],
+        inputs=rng.normal(size=(sample_count, *input_shape)).astype(np.float32),
+        labels=labels.astype(np.float32),
+        label_kind="probabilities",
+        hard_labels=hard_labels,
+        temperature=temperature,
+    )
 
 
 def top_k_offset(rank: int) -> int:
