@@ -8,6 +8,7 @@ CLI can print one line and exit non-zero::
     ├── BundleError          bundle missing, corrupt or incompatible
     ├── ConversionError      a Keras model cannot become a trainable bundle
     ├── InvalidUpdate        a soft-label payload failed decoding or validation
+    ├── InvalidRequest       a label request failed decoding or validation
     └── BrokerError          an MQTT broker could not be started or reached
 """
 
@@ -43,6 +44,18 @@ class InvalidUpdate(DsloError):
         super().__init__(detail)
         self.reason = reason
         self.message_id = message_id
+
+
+class InvalidRequest(DsloError):
+    """A label request from a device was rejected by the hub.
+
+    Attributes:
+        reason: short machine-readable rejection kind, such as ``"truncated"``.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 
 class BrokerError(DsloError):
