@@ -642,6 +642,10 @@ main.add_command(flash)
 main.add_command(report)
 main.add_command(ota_send)
 
+from dslo_edge.cli_hub import hub  # noqa: E402
+
+main.add_command(hub)
+
 
 if __name__ == "__main__":
     main()

@@ -62,3 +62,61 @@ ReadWritePaths={state_dir}
 [Install]
 WantedBy=multi-user.target
 """
+
+
+HUB_UNIT_NAME = "dslo-edge-hub@.service"
+DEFAULT_HUB_CONFIG = PurePosixPath("/etc/dslo-edge/hub.toml")
+DEFAULT_HUB_STATE_DIR = PurePosixPath("/var/lib/dslo-edge-hub")
+
+
+def render_hub_unit(
+    *,
+    exec_path: PurePosixPath = DEFAULT_EXEC,
+    config_path: PurePosixPath = DEFAULT_HUB_CONFIG,
+    state_dir: PurePosixPath = DEFAULT_HUB_STATE_DIR,
+    user: str | None = None,
+    restart_sec: int = 2,
+    stop_timeout_sec: int = 30,
+) -> str:
+    """Return the text of the ``dslo-edge-hub@.service`` template unit.
+
+    Each instance is one worker, and its instance name is the worker id:
+    ``systemctl enable --now dslo-edge-hub@1 dslo-edge-hub@2`` starts two
+    workers that share ``config_path`` and the state file in ``state_dir``.
+
+    Args:
+        exec_path: the ``dslo-edge`` console script on the hub.
+        config_path: the hub TOML file.
+        state_dir: the only directory the service may write; put the hub's
+            ``state_file`` here.
+        user: run as this user; None runs as root.
+        restart_sec: seconds between a crash and the restart. A restarted
+            worker resumes its MQTT session and serves the requests it held,
+            so keep this short.
+        stop_timeout_sec: time to answer the received requests on SIGTERM.
+    """
+    user_line = f"User={user}\n" if user else ""
+    return f"""[Unit]
+Description=dslo-edge hub worker %i
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+# The worker sends READY=1 once its teacher is loaded and its threads run.
+Type=notify
+ExecStart={exec_path} hub --config {config_path} --worker-id %i
+# SIGHUP makes the worker look for a new teacher version at once.
+ExecReload=/bin/kill -HUP $MAINPID
+{user_line}Restart=on-failure
+RestartSec={restart_sec}
+TimeoutStopSec={stop_timeout_sec}
+RestartPreventExitStatus={EXIT_CONFIG}
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+ReadWritePaths={state_dir}
+
+[Install]
+WantedBy=multi-user.target
+"""

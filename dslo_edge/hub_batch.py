@@ -1,0 +1,323 @@
+"""Serve a batch of label requests from many devices with one teacher call.
+
+``BatchLabeller.serve`` runs on the hub worker's batcher thread:
+
+1. decode each request and check its device, response topic and shape;
+2. admit them in one shared-state transaction (repeats, rate limits,
+   privacy budgets), which also charges the admitted ones;
+3. label every admitted sample in one teacher call and split the output;
+4. store the answers, publish them on each request's response topic with
+   its correlation data, wait for the broker's PUBACKs, and only then
+   acknowledge the requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from dslo_edge.errors import InvalidRequest
+from dslo_edge.hub import label_probabilities_of
+from dslo_edge.hub_config import HubConfig
+from dslo_edge.hub_state import (
+    ADMITTED,
+    BUDGET_EXHAUSTED,
+    CACHED,
+    IN_PROGRESS,
+    RATE_LIMITED,
+    Admission,
+    HubState,
+    RequestKey,
+)
+from dslo_edge.hub_teacher import TeacherRegistry
+from dslo_edge.label_protocol import (
+    STATUS_BUDGET_EXHAUSTED,
+    STATUS_OK,
+    STATUS_RATE_LIMITED,
+    STATUS_REJECTED,
+    LabelRequest,
+    RequestTopics,
+    decode_request,
+    response_properties,
+)
+from dslo_edge.privacy import privatise
+from dslo_edge.protocol import SoftLabelUpdate, encode_update
+from dslo_edge.signing import load_key, sign
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 30.0
+# Header bytes of a request before its shape, used to estimate sample counts.
+_COUNT_OFFSET = 30
+
+
+class Acknowledger(Protocol):
+    """Anything that sends a PUBACK for a received message, like mqtt.Client."""
+
+    def ack(self, mid: int, qos: int) -> Any: ...
+
+
+@dataclass(eq=False)
+class Incoming:
+    """A request message waiting for the batcher."""
+
+    device: str | None
+    payload: bytes
+    response_topic: str | None
+    correlation: bytes | None
+    redelivered: bool
+    ack: Callable[[], None]
+    received_at: float
+
+
+@dataclass
+class BatchCounters:
+    """Counts of the outcomes of the requests one worker received."""
+
+    requests: int = 0
+    answered: int = 0
+    cached: int = 0
+    in_progress: int = 0
+    rate_limited: int = 0
+    budget_exhausted: int = 0
+    rejected: int = 0
+    unanswerable: int = 0
+    redelivered: int = 0
+    teacher_calls: int = 0
+    labelled_samples: int = 0
+    largest_batch: int = 0
+
+
+@dataclass(eq=False)
+class _Reply:
+    item: Incoming
+    key: RequestKey
+    status: str
+    payload: bytes
+    retry_after_s: float | None = None
+
+
+class BatchLabeller:
+    """Admits, labels and responds to batches of requests for one worker."""
+
+    def __init__(self, config: HubConfig, state: HubState, teacher: TeacherRegistry):
+        self.config = config
+        self.state = state
+        self.teacher = teacher
+        self.counters = BatchCounters()
+        # Set by the worker once its MQTT client exists.
+        self.client: mqtt.Client | None = None
+        self._keys: dict[str, bytes | None] = {}
+        self._rng = np.random.default_rng()
+
+    @staticmethod
+    def estimate_samples(item: Incoming) -> int:
+        """Return the sample count in a request header, or 1 if unreadable."""
+        header = item.payload[_COUNT_OFFSET : _COUNT_OFFSET + 4]
+        if len(header) < 4:
+            return 1
+        return max(1, int.from_bytes(header, "little"))
+
+    def serve(self, batch: list[Incoming]) -> None:
+        """Respond to every request in the batch, then acknowledge them all."""
+        self.counters.requests += len(batch)
+        self.counters.redelivered += sum(item.redelivered for item in batch)
+        accepted: list[tuple[Incoming, LabelRequest, RequestKey]] = []
+        replies: list[_Reply] = []
+        for item in batch:
+            checked = self._check(item, replies)
+            if checked is not None:
+                accepted.append(checked)
+        admissions = self.state.admit(
+            [key for _, _, key in accepted],
+            time.time(),
+            self.config.rate,
+            self.config.privacy,
+            self.config.requests.claim_timeout_s,
+        )
+        to_label = []
+        for (item, request, key), admission in zip(accepted, admissions, strict=True):
+            if admission.kind == ADMITTED:
+                to_label.append((item, request, key))
+            else:
+                self._refusal(item, key, admission, replies)
+        replies += self._label(to_label)
+        self._send(replies)
+        for item in batch:
+            item.ack()
+
+    def _check(
+        self, item: Incoming, replies: list[_Reply]
+    ) -> tuple[Incoming, LabelRequest, RequestKey] | None:
+        if item.device is None or not self._response_topic_valid(item):
+            self.counters.unanswerable += 1
+            logger.warning(
+                "Ignoring a request from %s with response topic %s; expected the "
+                "device's own labels topic",
+                item.device or "(no device)",
+                item.response_topic,
+            )
+            return None
+        settings = self.config.requests
+        try:
+            request = decode_request(
+                item.payload, settings.max_samples, settings.max_payload_bytes
+            )
+            self._check_request(item, request)
+        except InvalidRequest as error:
+            key = RequestKey(item.device, item.correlation or b"", 0)
+            replies.append(_Reply(item, key, STATUS_REJECTED, str(error).encode()))
+            self.counters.rejected += 1
+            return None
+        return (
+            item,
+            request,
+            RequestKey(item.device, request.request_id, request.sample_count),
+        )
+
+    def _response_topic_valid(self, item: Incoming) -> bool:
+        assert item.device is not None
+        expected = RequestTopics.for_device(item.device, self.config.prefix).labels
+        return item.response_topic == expected
+
+    def _check_request(self, item: Incoming, request: LabelRequest) -> None:
+        if item.correlation != request.request_id:
+            raise InvalidRequest(
+                "malformed",
+                "correlation data does not match the request id in the payload",
+            )
+        expected = self.teacher.input_shape
+        if tuple(request.inputs.shape[1:]) != expected:
+            raise InvalidRequest(
+                "shape_mismatch",
+                f"inputs have shape {request.inputs.shape[1:]} per sample, the "
+                f"teacher expects {expected}",
+            )
+        if not np.isfinite(request.inputs).all():
+            raise InvalidRequest("non_finite", "inputs contain NaN or infinity")
+        key = self._key(item.device or "")
+        if self.config.keys_dir is not None and key is None:
+            raise InvalidRequest(
+                "no_key",
+                f"no HMAC key {item.device}.key in {self.config.keys_dir}; add the "
+                "device's key so the hub can sign its labels",
+            )
+
+    def _refusal(
+        self,
+        item: Incoming,
+        key: RequestKey,
+        admission: Admission,
+        replies: list[_Reply],
+    ) -> None:
+        if admission.kind == CACHED:
+            self.counters.cached += 1
+            status = admission.status or STATUS_REJECTED
+            replies.append(_Reply(item, key, status, admission.payload or b""))
+        elif admission.kind == IN_PROGRESS:
+            self.counters.in_progress += 1
+        elif admission.kind == RATE_LIMITED:
+            self.counters.rate_limited += 1
+            message = f"device {key.device} exceeds its label request rate"
+            replies.append(
+                _Reply(
+                    item,
+                    key,
+                    STATUS_RATE_LIMITED,
+                    message.encode(),
+                    admission.retry_after_s,
+                )
+            )
+        elif admission.kind == BUDGET_EXHAUSTED:
+            self.counters.budget_exhausted += 1
+            replies.append(
+                _Reply(item, key, STATUS_BUDGET_EXHAUSTED, admission.detail.encode())
+            )
+
+    def _label(
+        self, admitted: list[tuple[Incoming, LabelRequest, RequestKey]]
+    ) -> list[_Reply]:
+        if not admitted:
+            return []
+        inputs = np.concatenate([request.inputs for _, request, _ in admitted])
+        outputs = self.teacher.predict(inputs)
+        self.counters.teacher_calls += 1
+        self.counters.labelled_samples += len(inputs)
+        self.counters.largest_batch = max(self.counters.largest_batch, len(admitted))
+        replies = []
+        start = 0
+        for item, request, key in admitted:
+            rows = outputs[start : start + request.sample_count]
+            start += request.sample_count
+            payload = self._encode(item.device or "", request, rows)
+            replies.append(_Reply(item, key, STATUS_OK, payload))
+            self.counters.answered += 1
+        return replies
+
+    def _encode(self, device: str, request: LabelRequest, rows: np.ndarray) -> bytes:
+        current = self.teacher.current
+        kind = current.output_kind
+        top_k = self.config.requests.top_k or None
+        privacy = self.config.privacy
+        if privacy is not None or top_k is not None:
+            if kind == "logits":
+                rows = label_probabilities_of(rows)
+                kind = "probabilities"
+        if privacy is not None:
+            rows = privatise(rows, privacy, self._rng)
+        update = SoftLabelUpdate(
+            message_id=request.request_id,
+            teacher_version=current.version,
+            teacher_round=current.round,
+            timestamp=time.time(),
+            sample_ids=request.sample_ids,
+            inputs=request.inputs,
+            labels=np.asarray(rows, dtype=np.float32),
+            label_kind=kind,
+            top_k=top_k,
+        )
+        body = encode_update(update)
+        key = self._key(device)
+        if key is None:
+            return body
+        topic = RequestTopics.for_device(device, self.config.prefix).labels
+        return sign(key, topic, body)
+
+    def _key(self, device: str) -> bytes | None:
+        if self.config.keys_dir is None:
+            return None
+        if device not in self._keys:
+            path = Path(self.config.keys_dir) / f"{device}.key"
+            self._keys[device] = load_key(path) if path.is_file() else None
+        return self._keys[device]
+
+    def _send(self, replies: list[_Reply]) -> None:
+        if not replies:
+            return
+        stored = [(reply.key, reply.status, reply.payload) for reply in replies]
+        self.state.record_answers(
+            [entry for entry in stored if entry[0].request_id], time.time()
+        )
+        assert self.client is not None
+        sent = []
+        for reply in replies:
+            properties = response_properties(
+                reply.key.request_id, reply.status, reply.retry_after_s
+            )
+            sent.append(
+                self.client.publish(
+                    reply.item.response_topic or "",
+                    reply.payload,
+                    qos=1,
+                    properties=properties,
+                )
+            )
+        for info in sent:
+            info.wait_for_publish(timeout=PUBLISH_TIMEOUT_S)

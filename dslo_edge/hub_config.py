@@ -1,0 +1,432 @@
+"""Hub configuration: a TOML file, validated before the hub worker starts.
+
+Every error names the file, the key path and the value, and states what is
+allowed. Relative paths are resolved against the file's directory. The
+``[mqtt]`` table has the keys of the device's, with a shorter default
+session expiry, because a dead worker's session keeps receiving a share of
+the requests until it expires or another worker ends it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dslo_edge.config import MqttSettings
+from dslo_edge.errors import ConfigError
+from dslo_edge.label_protocol import HUB_LEVEL
+from dslo_edge.privacy import ACCOUNTANTS, PrivacySettings
+from dslo_edge.protocol import Topics
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+OUTPUT_KINDS = ("probabilities", "logits")
+HUB_SESSION_EXPIRY_S = 300
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """Location of the teacher and how often to look for a new version.
+
+    ``path`` is a bundle directory (its manifest names the teacher file and
+    output kind) or a ``.tflite`` file, for which ``output_kind`` is needed.
+    """
+
+    path: Path
+    output_kind: str | None = None
+    reload_poll_s: float = 5.0
+    runtime: str = "auto"
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """Limits and batching of the label requests a worker serves.
+
+    Attributes:
+        max_samples: samples per request; larger requests are rejected.
+        max_payload_bytes: request payload size limit.
+        batch_max_samples: samples per teacher call, summed over the
+            requests of many devices.
+        batch_wait_s: how long the first request of a batch may wait for
+            more to join it.
+        top_k: send only the k largest probabilities per sample, 0 for all.
+        claim_timeout_s: a request claimed by a worker that has not answered
+            within this time may be answered by another worker.
+        answered_ttl_s: how long answers stay cached for repeated requests.
+    """
+
+    max_samples: int = 256
+    max_payload_bytes: int = 4 * 1024 * 1024
+    batch_max_samples: int = 1024
+    batch_wait_s: float = 0.02
+    top_k: int = 0
+    claim_timeout_s: float = 30.0
+    answered_ttl_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket of label requests per device.
+
+    A device may send ``burst`` requests at once and ``requests_per_s`` on
+    average. ``share`` scales both for the workers of one machine when
+    several machines serve the same devices without a shared state file,
+    for example 0.5 on each of two machines.
+    """
+
+    requests_per_s: float = 1.0
+    burst: int = 5
+    share: float = 1.0
+
+    @property
+    def rate(self) -> float:
+        """Tokens added per second."""
+        return self.requests_per_s * self.share
+
+    @property
+    def capacity(self) -> float:
+        """Largest number of tokens in the bucket."""
+        return max(1.0, self.burst * self.share)
+
+
+@dataclass(frozen=True)
+class PushSchedule:
+    """Soft labels for a dataset, pushed to devices every ``every_s`` seconds."""
+
+    name: str
+    devices: tuple[str, ...]
+    data: Path
+    every_s: float
+    batch_size: int = 32
+    expiry_s: int = 3600
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Everything a hub worker needs to start."""
+
+    source: Path
+    worker_id: str
+    group: str
+    state_file: Path
+    teacher: TeacherSettings
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    requests: RequestSettings = field(default_factory=RequestSettings)
+    rate: RateLimit = field(default_factory=RateLimit)
+    privacy: PrivacySettings | None = None
+    keys_dir: Path | None = None
+    pushes: tuple[PushSchedule, ...] = ()
+    metrics_every_s: float = 10.0
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id: stable, so a restarted worker resumes its session."""
+        return self.mqtt.client_id or f"dslo-hub-{self.worker_id}"
+
+    @property
+    def prefix(self) -> str:
+        return self.mqtt.topic_prefix
+
+
+_REQUIRED = object()
+
+
+class _Table:
+    """Typed access to one TOML table with errors that name file and key."""
+
+    def __init__(self, source: Path, table: dict[str, Any], path: str):
+        self.source = source
+        self.table = table
+        self.path = path
+        self.used: set[str] = set()
+
+    def fail(self, key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(
+            f"{self.source}: {self.path}{key} = {value!r} is invalid; "
+            f"expected {expected}"
+        )
+
+    def get(
+        self,
+        key: str,
+        kind: type,
+        default: Any,
+        check: Callable[[Any], bool] | None = None,
+        expected: str = "",
+    ) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is _REQUIRED:
+                raise ConfigError(
+                    f"{self.source}: missing required key {self.path}{key}"
+                )
+            return default
+        value = self.table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        wrong_type = not isinstance(value, kind) or (
+            kind in (int, float) and isinstance(value, bool)
+        )
+        if wrong_type or (kind is float and not math.isfinite(value)):
+            raise self.fail(key, value, expected or f"a {kind.__name__}")
+        if check is not None and not check(value):
+            raise self.fail(key, value, expected)
+        return value
+
+    def path_value(self, key: str, default: Any, must_exist: bool = False) -> Any:
+        value = self.get(key, str, default, bool, "a non-empty path")
+        if value is None:
+            return None
+        path = self.source.parent / value
+        if must_exist and not path.exists():
+            raise self.fail(key, value, "an existing path (relative to the config)")
+        return path
+
+    def section(self, key: str) -> _Table:
+        self.used.add(key)
+        value = self.table.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, value, "a table")
+        return _Table(self.source, value, f"{self.path}{key}.")
+
+    def tables(self, key: str) -> list[_Table]:
+        self.used.add(key)
+        value = self.table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(key, value, "an array of tables ([[push]])")
+        return [
+            _Table(self.source, item, f"{self.path}{key}[{index}].")
+            for index, item in enumerate(value)
+        ]
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise ConfigError(
+                f"{self.source}: unknown key {self.path}{unknown[0]}; "
+                f"known keys here: {known}"
+            )
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _topic_level(value: str) -> bool:
+    try:
+        Topics.for_device(value)
+    except ConfigError:
+        return False
+    return value != HUB_LEVEL
+
+
+TOPIC_LEVEL = "a name without '/', '+', '#', whitespace or NUL"
+
+
+def _mqtt(table: _Table) -> MqttSettings:
+    port_range = (lambda v: 0 < v < 65536, "a port in 1..65535")
+    settings = MqttSettings(
+        host=table.get("host", str, "127.0.0.1", bool, "a host name or address"),
+        port=table.get("port", int, 1883, *port_range),
+        topic_prefix=table.get("topic_prefix", str, "dslo", _topic_level, TOPIC_LEVEL),
+        keepalive=table.get(
+            "keepalive", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"
+        ),
+        client_id=table.get("client_id", str, ""),
+        protocol=table.get(
+            "protocol", str, "5", lambda v: v == "5", "'5' (label requests need it)"
+        ),
+        session_expiry_s=table.get(
+            "session_expiry_s",
+            int,
+            HUB_SESSION_EXPIRY_S,
+            lambda v: 0 <= v < 2**32,
+            "seconds in 0..4294967295",
+        ),
+        reconnect_min_s=table.get(
+            "reconnect_min_s", float, 1.0, lambda v: 0.1 <= v <= 60, "seconds 0.1..60"
+        ),
+        reconnect_max_s=table.get(
+            "reconnect_max_s", float, 30.0, lambda v: 1 <= v <= 3600, "seconds 1..3600"
+        ),
+        username=table.get("username", str, ""),
+        password_file=table.path_value("password_file", None, must_exist=True),
+        tls_ca_file=table.path_value("tls_ca_file", None, must_exist=True),
+        tls_cert_file=table.path_value("tls_cert_file", None, must_exist=True),
+        tls_key_file=table.path_value("tls_key_file", None, must_exist=True),
+        tls_insecure=table.get("tls_insecure", bool, False),
+    )
+    if settings.reconnect_max_s < settings.reconnect_min_s:
+        raise table.fail(
+            "reconnect_max_s", settings.reconnect_max_s, "at least reconnect_min_s"
+        )
+    table.reject_unknown()
+    return settings
+
+
+def _teacher(table: _Table) -> TeacherSettings:
+    settings = TeacherSettings(
+        path=table.path_value("path", _REQUIRED, must_exist=True),
+        output_kind=table.get(
+            "output_kind",
+            str,
+            None,
+            lambda v: v in OUTPUT_KINDS,
+            "'probabilities' or 'logits'",
+        ),
+        reload_poll_s=table.get("reload_poll_s", float, 5.0, _positive, "seconds > 0"),
+        runtime=table.get(
+            "runtime",
+            str,
+            "auto",
+            lambda v: v in ("auto", "ai-edge-litert", "tflite-runtime"),
+            "'auto', 'ai-edge-litert' or 'tflite-runtime'",
+        ),
+    )
+    if settings.path.is_file() and settings.output_kind is None:
+        raise table.fail(
+            "output_kind", None, "'probabilities' or 'logits' for a .tflite file"
+        )
+    table.reject_unknown()
+    return settings
+
+
+def _requests(table: _Table) -> RequestSettings:
+    count = (lambda v: 1 <= v <= 4096, "an integer in 1..4096")
+    settings = RequestSettings(
+        max_samples=table.get("max_samples", int, 256, *count),
+        max_payload_bytes=table.get(
+            "max_payload_bytes", int, 4 * 1024 * 1024, _positive, "bytes > 0"
+        ),
+        batch_max_samples=table.get(
+            "batch_max_samples", int, 1024, lambda v: 1 <= v <= 65536, "1..65536"
+        ),
+        batch_wait_s=table.get(
+            "batch_wait_s", float, 0.02, lambda v: 0 <= v <= 5, "seconds in 0..5"
+        ),
+        top_k=table.get("top_k", int, 0, lambda v: v >= 0, "0 (all) or k >= 1"),
+        claim_timeout_s=table.get(
+            "claim_timeout_s", float, 30.0, _positive, "seconds > 0"
+        ),
+        answered_ttl_s=table.get(
+            "answered_ttl_s", float, 3600.0, _positive, "seconds > 0"
+        ),
+    )
+    table.reject_unknown()
+    return settings
+
+
+def _rate(table: _Table) -> RateLimit:
+    limit = RateLimit(
+        requests_per_s=table.get(
+            "requests_per_s", float, 1.0, _positive, "requests per second > 0"
+        ),
+        burst=table.get("burst", int, 5, lambda v: v >= 1, "an integer >= 1"),
+        share=table.get("share", float, 1.0, lambda v: 0 < v <= 1, "(0, 1]"),
+    )
+    table.reject_unknown()
+    return limit
+
+
+def _privacy(table: _Table) -> PrivacySettings | None:
+    if not table.table:
+        return None
+    settings = PrivacySettings(
+        noise_multiplier=table.get(
+            "noise_multiplier", float, _REQUIRED, _positive, "a number > 0"
+        ),
+        epsilon_budget=table.get(
+            "epsilon_budget", float, _REQUIRED, _positive, "a number > 0"
+        ),
+        delta=table.get("delta", float, 1e-5, lambda v: 0 < v < 1, "(0, 1)"),
+        accountant=table.get(
+            "accountant", str, "rdp", lambda v: v in ACCOUNTANTS, "'rdp' or 'pld'"
+        ),
+    )
+    table.reject_unknown()
+    return settings
+
+
+def _push(table: _Table) -> PushSchedule:
+    devices = table.get("devices", list, _REQUIRED, bool, "a non-empty list of ids")
+    for device in devices:
+        if not isinstance(device, str) or not _topic_level(device):
+            raise table.fail("devices", device, f"device ids, each {TOPIC_LEVEL}")
+    schedule = PushSchedule(
+        name=table.get("name", str, _REQUIRED, bool, "a non-empty name"),
+        devices=tuple(devices),
+        data=table.path_value("data", _REQUIRED, must_exist=True),
+        every_s=table.get("every_s", float, _REQUIRED, _positive, "seconds > 0"),
+        batch_size=table.get(
+            "batch_size", int, 32, lambda v: 1 <= v <= 4096, "1..4096"
+        ),
+        expiry_s=table.get("expiry_s", int, 3600, _positive, "seconds > 0"),
+    )
+    table.reject_unknown()
+    return schedule
+
+
+def load_hub_config(path: str | Path, worker_id: str | None = None) -> HubConfig:
+    """Read and validate a hub TOML file.
+
+    Args:
+        path: the TOML file.
+        worker_id: overrides ``hub.worker_id``, so one file can serve every
+            worker of a systemd template unit.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or has an invalid,
+            missing or unknown key.
+    """
+    source = Path(path)
+    try:
+        data = tomllib.loads(source.read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"hub config file not found: {source}") from error
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot read {source}: {error}") from error
+    root = _Table(source, data, "")
+    hub = root.section("hub")
+    configured_id = hub.get("worker_id", str, "hub-1", _topic_level, TOPIC_LEVEL)
+    if worker_id is not None and not _topic_level(worker_id):
+        raise ConfigError(f"worker id {worker_id!r} is invalid; expected {TOPIC_LEVEL}")
+    group = hub.get("group", str, "dslo-hub", _topic_level, TOPIC_LEVEL)
+    state_file = hub.path_value("state_file", "hub-state.sqlite")
+    keys_dir = hub.path_value("keys_dir", None, must_exist=True)
+    metrics_every_s = hub.get("metrics_every_s", float, 10.0, _positive, "seconds > 0")
+    hub.reject_unknown()
+    config = HubConfig(
+        source=source,
+        worker_id=worker_id or configured_id,
+        group=group,
+        state_file=state_file,
+        teacher=_teacher(root.section("teacher")),
+        mqtt=_mqtt(root.section("mqtt")),
+        requests=_requests(root.section("requests")),
+        rate=_rate(root.section("rate_limit")),
+        privacy=_privacy(root.section("privacy")),
+        keys_dir=keys_dir,
+        pushes=tuple(_push(table) for table in root.tables("push")),
+        metrics_every_s=metrics_every_s,
+    )
+    _check_unique_pushes(source, config.pushes)
+    root.reject_unknown()
+    return config
+
+
+def _check_unique_pushes(source: Path, pushes: tuple[PushSchedule, ...]) -> None:
+    names = [push.name for push in pushes]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(
+                f"{source}: push name {name!r} is used twice; give each "
+                "[[push]] table its own name, because workers claim runs by name"
+            )

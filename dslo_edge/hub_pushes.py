@@ -1,0 +1,185 @@
+"""Scheduled pushes: soft labels for a dataset the hub holds, sent to devices.
+
+Each ``[[push]]`` table names a dataset (``.npz`` with ``x`` and optional
+``ids`` and ``y``), its devices and a period. Workers that share the state
+file claim each run there, so one worker runs it per period. A run labels
+the dataset with the current teacher and publishes updates on each
+device's ``updates`` topic, signed when the device has a key, with the
+privacy noise and budget of the request path. A device whose budget is spent
+gets nothing more from that run.
+
+The scheduler has its own ``TeacherModel``, because the batcher thread uses
+the registry's interpreter and LiteRT interpreters are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from dslo_edge.errors import DsloError
+from dslo_edge.hub import SampleSet, label_probabilities_of, load_samples
+from dslo_edge.hub_config import HubConfig, PushSchedule
+from dslo_edge.hub_state import HubState
+from dslo_edge.hub_teacher import TeacherRegistry
+from dslo_edge.models import TeacherModel
+from dslo_edge.privacy import privatise
+from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+from dslo_edge.signing import load_key, sign
+
+logger = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 1.0
+
+
+class PushScheduler(threading.Thread):
+    """Runs the configured pushes when they are due."""
+
+    def __init__(
+        self,
+        config: HubConfig,
+        state: HubState,
+        teacher: TeacherRegistry,
+        client: mqtt.Client,
+    ):
+        super().__init__(name="dslo-hub-pushes", daemon=True)
+        self.config = config
+        self.state = state
+        self.teacher = teacher
+        self.client = client
+        self.runs = 0
+        self.updates = 0
+        self.skipped_devices = 0
+        self._stopping = threading.Event()
+        self._model: tuple[str, TeacherModel] | None = None
+        self._samples: dict[Path, SampleSet] = {}
+        self._rng = np.random.default_rng()
+
+    def counters(self) -> dict[str, int]:
+        """Return runs, updates sent and devices skipped for a spent budget."""
+        return {
+            "runs": self.runs,
+            "updates": self.updates,
+            "skipped_devices": self.skipped_devices,
+        }
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def run(self) -> None:
+        while not self._stopping.wait(CHECK_EVERY_S):
+            for schedule in self.config.pushes:
+                if self._stopping.is_set():
+                    return
+                if not self.state.claim_run(
+                    schedule.name, time.time(), schedule.every_s
+                ):
+                    continue
+                try:
+                    self.run_once(schedule)
+                except (DsloError, OSError, RuntimeError) as error:
+                    logger.error(
+                        "Push %s failed: %s; the next run is in %.0f s",
+                        schedule.name,
+                        error,
+                        schedule.every_s,
+                    )
+
+    def run_once(self, schedule: PushSchedule) -> None:
+        """Label the schedule's dataset and publish it to each of its devices."""
+        samples = self._load(schedule.data)
+        current = self.teacher.current
+        outputs = self._teacher_model().predict(samples.x)
+        for device in schedule.devices:
+            sent = self._push_device(schedule, device, samples, outputs)
+            self.updates += sent
+        self.runs += 1
+        logger.info(
+            "Push %s sent %d samples of teacher %s (round %d) to %d devices",
+            schedule.name,
+            len(samples.x),
+            current.version,
+            current.round,
+            len(schedule.devices),
+        )
+
+    def _load(self, path: Path) -> SampleSet:
+        if path not in self._samples:
+            self._samples[path] = load_samples(path)
+        return self._samples[path]
+
+    def _teacher_model(self) -> TeacherModel:
+        current = self.teacher.current
+        if self._model is None or self._model[0] != current.identity:
+            model = TeacherModel(
+                current.file, current.output_kind, self.config.teacher.runtime
+            )
+            self._model = (current.identity, model)
+        return self._model[1]
+
+    def _push_device(
+        self,
+        schedule: PushSchedule,
+        device: str,
+        samples: SampleSet,
+        outputs: np.ndarray,
+    ) -> int:
+        topic = Topics.for_device(device, self.config.prefix).updates
+        key = self._key(device)
+        sent = []
+        for start in range(0, len(samples.x), schedule.batch_size):
+            stop = start + schedule.batch_size
+            labels, kind = self._release(device, outputs[start:stop])
+            if labels is None:
+                self.skipped_devices += 1
+                break
+            update = SoftLabelUpdate(
+                message_id=new_message_id(),
+                teacher_version=self.teacher.current.version,
+                teacher_round=self.teacher.current.round,
+                timestamp=time.time(),
+                sample_ids=samples.ids[start:stop],
+                inputs=samples.x[start:stop],
+                labels=labels,
+                label_kind=kind,
+                hard_labels=None if samples.y is None else samples.y[start:stop],
+            )
+            body = encode_update(update)
+            payload = body if key is None else sign(key, topic, body)
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = schedule.expiry_s
+            sent.append(
+                self.client.publish(topic, payload, qos=1, properties=properties)
+            )
+        for info in sent:
+            info.wait_for_publish(timeout=30)
+        return len(sent)
+
+    def _release(self, device: str, rows: np.ndarray) -> tuple[np.ndarray | None, str]:
+        """Return the labels to send and their kind; None when the budget is spent."""
+        privacy = self.config.privacy
+        kind = self.teacher.current.output_kind
+        if privacy is None:
+            return np.asarray(rows, dtype=np.float32), kind
+        refusal = self.state.charge_releases(device, len(rows), privacy)
+        if refusal:
+            logger.warning("Push to device %s stopped: %s", device, refusal)
+            return None, kind
+        if kind == "logits":
+            rows = label_probabilities_of(rows)
+        return privatise(rows, privacy, self._rng), "probabilities"
+
+    def _key(self, device: str) -> bytes | None:
+        if self.config.keys_dir is None:
+            return None
+        path = self.config.keys_dir / f"{device}.key"
+        return load_key(path) if path.is_file() else None

@@ -1,0 +1,367 @@
+"""The hub worker: serves label requests, runs pushes, announces the teacher.
+
+Threads:
+
+- the connection thread (``MqttConnection``) receives requests through the
+  shared subscription ``$share/<group>/<prefix>/+/requests`` and only
+  enqueues them;
+- the batcher thread takes the requests of many devices at once, admits
+  them against the shared state (rate limits, privacy budgets, repeats),
+  labels all admitted samples with one teacher call, publishes one response
+  per request and only then acknowledges the requests (manual PUBACK), so a
+  worker that dies before answering leaves them unacknowledged;
+- the push scheduler thread (``hub_pushes``) when pushes are configured;
+- a drain thread per dead peer (``hub_drain``).
+
+Requests a dead worker held: mosquitto 2.0.11 keeps them, and a share of
+new ones, in the dead worker's persistent session and never passes them to
+another member of the group. When a worker sees a peer's will (its status
+turns ``offline``), it resumes the peer's session under the peer's client
+id, receives those requests again (the broker redelivers them with the DUP
+flag), answers them, and ends the session. A restarted worker resumes its
+own session the same way. Devices also resend a request that is not
+answered in time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from dslo_edge import systemd
+from dslo_edge.connection import MqttConnection
+from dslo_edge.hub_batch import Acknowledger, BatchLabeller, Incoming
+from dslo_edge.hub_config import HubConfig
+from dslo_edge.hub_drain import SessionDrain
+from dslo_edge.hub_pushes import PushScheduler
+from dslo_edge.hub_state import HubState
+from dslo_edge.hub_teacher import TeacherRegistry
+from dslo_edge.label_protocol import (
+    WORKER_OFFLINE,
+    WORKER_ONLINE,
+    WORKER_STOPPED,
+    correlation_of,
+    device_of_request_topic,
+    response_topic_of,
+    shared_request_filter,
+    teacher_topic,
+    worker_metrics_topic,
+    worker_status_topic,
+)
+
+logger = logging.getLogger(__name__)
+
+# Receive maximum: requests the broker may have in flight to one worker.
+RECEIVE_MAXIMUM = 1000
+# Idle time after the unsubscribe before a stopping worker ends its session.
+STOP_IDLE_S = 0.5
+
+
+def status_payload(state: str, client_id: str, **extra: Any) -> str:
+    """Return the JSON text of a worker's retained status."""
+    return json.dumps({"state": state, "client_id": client_id, **extra})
+
+
+def end_session_properties() -> Properties:
+    """Return DISCONNECT properties that end the session on the broker."""
+    properties = Properties(PacketTypes.DISCONNECT)
+    properties.SessionExpiryInterval = 0
+    return properties
+
+
+@dataclass
+class _Timers:
+    next_metrics: float = 0.0
+    next_forget: float = 0.0
+
+
+class HubWorker:
+    """One hub worker process.
+
+    Args:
+        config: the validated hub configuration; ``config.worker_id`` must
+            differ between the workers that share a broker.
+    """
+
+    def __init__(self, config: HubConfig):
+        self.config = config
+        self.worker_id = config.worker_id
+        self.prefix = config.prefix
+        self.state = HubState(config.state_file, config.worker_id)
+        self.teacher = TeacherRegistry(config.teacher, self.state)
+        self.labeller = BatchLabeller(config, self.state, self.teacher)
+        self.incoming: queue.Queue[Incoming] = queue.Queue()
+        self.stopping = threading.Event()
+        self._reload_requested = threading.Event()
+        self._drains: dict[str, SessionDrain] = {}
+        self._drains_lock = threading.Lock()
+        self._timers = _Timers()
+        self.status_topic = worker_status_topic(self.prefix, self.worker_id)
+        self.connection = MqttConnection(
+            config.mqtt,
+            config.client_id,
+            will=(self.status_topic, status_payload(WORKER_OFFLINE, config.client_id)),
+            on_connected=self._on_connected,
+            on_message=self._on_message,
+            manual_ack=True,
+            receive_maximum=RECEIVE_MAXIMUM,
+            label=f"hub worker {self.worker_id}",
+        )
+        self.labeller.client = self.connection.client
+        self.pushes = (
+            PushScheduler(config, self.state, self.teacher, self.connection.client)
+            if config.pushes
+            else None
+        )
+        self._batcher = threading.Thread(
+            target=self._batch_loop, name="dslo-hub-batcher", daemon=True
+        )
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Counts of requests, responses and teacher calls of this worker."""
+        return asdict(self.labeller.counters)
+
+    # Lifecycle
+
+    def start(self) -> None:
+        """Start the batcher, the connection and the push scheduler."""
+        current = self.teacher.current
+        logger.info(
+            "Starting hub worker %s with teacher %s (round %d), broker %s:%d",
+            self.worker_id,
+            current.version,
+            current.round,
+            self.config.mqtt.host,
+            self.config.mqtt.port,
+        )
+        self._batcher.start()
+        self.connection.start()
+        if self.pushes is not None:
+            self.pushes.start()
+        systemd.notify("READY=1")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Serve what was received, then end the session so no request waits."""
+        systemd.notify("STOPPING=1")
+        client = self.connection.client
+        if self.connection.connected.is_set():
+            client.unsubscribe(shared_request_filter(self.prefix, self.config.group))
+            self._wait_idle(timeout)
+        self.stopping.set()
+        self._batcher.join(timeout)
+        if self.pushes is not None:
+            self.pushes.stop()
+        with self._drains_lock:
+            drains = list(self._drains.values())
+        for drain in drains:
+            drain.join(timeout)
+        self._publish_metrics()
+        if self.connection.connected.is_set():
+            client.publish(
+                self.status_topic,
+                status_payload(WORKER_STOPPED, self.config.client_id),
+                qos=1,
+                retain=True,
+            ).wait_for_publish(timeout=5)
+        self.connection.stopping.set()
+        client.disconnect(properties=end_session_properties())
+        self.connection.stop(timeout)
+        self.state.close()
+        logger.info("Hub worker %s stopped: %s", self.worker_id, self.counters)
+
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = self.labeller.counters.requests
+        while time.monotonic() < deadline:
+            time.sleep(STOP_IDLE_S)
+            now = self.labeller.counters.requests
+            if now == last and self.incoming.empty():
+                return
+            last = now
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads the teacher."""
+        stop_requested = threading.Event()
+
+        def request_stop(signum: int, _frame: object) -> None:
+            logger.info("Hub worker %s received signal %d", self.worker_id, signum)
+            stop_requested.set()
+
+        def request_reload(_signum: int, _frame: object) -> None:
+            self._reload_requested.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGHUP, request_reload)
+        self.start()
+        while not stop_requested.wait(0.5):
+            pass
+        self.stop()
+        return 0
+
+    def request_reload(self) -> None:
+        """Look for a new teacher version before the next batch."""
+        self._reload_requested.set()
+
+    # Connection callbacks, on the connection thread
+
+    def _on_connected(self, _session_present: bool) -> None:
+        client = self.connection.client
+        client.subscribe(shared_request_filter(self.prefix, self.config.group), qos=1)
+        client.subscribe(worker_status_topic(self.prefix, "+"), qos=1)
+        client.publish(
+            self.status_topic,
+            status_payload(WORKER_ONLINE, self.config.client_id),
+            qos=1,
+            retain=True,
+        )
+        self._announce_teacher()
+
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
+        if message.topic.endswith("/status"):
+            self._on_worker_status(message)
+            client = self.connection.client
+            client.ack(message.mid, message.qos)
+            return
+        self.enqueue(message, self.connection.client, drained=False)
+
+    def enqueue(
+        self, message: mqtt.MQTTMessage, ack_client: Acknowledger, drained: bool
+    ) -> None:
+        """Queue a request for the batcher; ``ack_client`` acknowledges it."""
+        device = device_of_request_topic(message.topic, self.prefix)
+        item = Incoming(
+            device=device,
+            payload=bytes(message.payload),
+            response_topic=response_topic_of(message.properties),
+            correlation=correlation_of(message.properties),
+            redelivered=bool(message.dup) or drained,
+            ack=_acker(ack_client, message.mid, message.qos),
+            received_at=time.monotonic(),
+        )
+        self.incoming.put(item)
+
+    def _on_worker_status(self, message: mqtt.MQTTMessage) -> None:
+        peer = message.topic.split("/")[-2]
+        if peer == self.worker_id:
+            return
+        try:
+            status = json.loads(message.payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return
+        if not isinstance(status, dict) or status.get("state") != WORKER_OFFLINE:
+            return
+        with self._drains_lock:
+            running = self._drains.get(peer)
+            if running is not None and running.is_alive():
+                return
+            drain = SessionDrain(
+                self, peer, str(status.get("client_id") or f"dslo-hub-{peer}")
+            )
+            self._drains[peer] = drain
+        drain.start()
+
+    # Batcher thread
+
+    def _batch_loop(self) -> None:
+        while not (self.stopping.is_set() and self.incoming.empty()):
+            self._housekeeping()
+            batch = self._collect()
+            if not batch:
+                continue
+            try:
+                self.labeller.serve(batch)
+            except Exception:  # one bad batch must not stop the worker
+                logger.exception(
+                    "Hub worker %s failed to serve %d requests; devices resend them",
+                    self.worker_id,
+                    len(batch),
+                )
+
+    def _collect(self) -> list[Incoming]:
+        try:
+            first = self.incoming.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        samples = self.labeller.estimate_samples(first)
+        settings = self.config.requests
+        deadline = time.monotonic() + settings.batch_wait_s
+        while samples < settings.batch_max_samples:
+            remaining = deadline - time.monotonic()
+            try:
+                item = (
+                    self.incoming.get(timeout=remaining)
+                    if remaining > 0
+                    else self.incoming.get_nowait()
+                )
+            except queue.Empty:
+                break
+            batch.append(item)
+            samples += self.labeller.estimate_samples(item)
+        return batch
+
+    def _housekeeping(self) -> None:
+        force = self._reload_requested.is_set()
+        self._reload_requested.clear()
+        if self.teacher.reload_if_changed(force=force):
+            self._announce_teacher()
+        now = time.monotonic()
+        if now >= self._timers.next_metrics:
+            self._timers.next_metrics = now + self.config.metrics_every_s
+            self._publish_metrics()
+        if now >= self._timers.next_forget:
+            self._timers.next_forget = now + 60.0
+            ttl = self.config.requests.answered_ttl_s
+            self.state.forget_answers(time.time() - ttl)
+
+    # Outputs
+
+    def _announce_teacher(self) -> None:
+        self.connection.client.publish(
+            teacher_topic(self.prefix),
+            self.teacher.current.announcement(),
+            qos=1,
+            retain=True,
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        """Return this worker's metrics report."""
+        current = self.teacher.current
+        return {
+            "worker": self.worker_id,
+            **self.counters,
+            "teacher": {"version": current.version, "round": current.round},
+            "pushes": self.pushes.counters() if self.pushes else {},
+            "queue_depth": self.incoming.qsize(),
+            "timestamp": time.time(),
+        }
+
+    def _publish_metrics(self) -> None:
+        if not self.connection.connected.is_set():
+            return
+        self.connection.client.publish(
+            worker_metrics_topic(self.prefix, self.worker_id),
+            json.dumps(self.metrics()),
+            qos=1,
+            retain=True,
+        )
+
+
+def _acker(client: Acknowledger, mid: int, qos: int) -> Callable[[], None]:
+    def ack() -> None:
+        client.ack(mid, qos)
+
+    return ack

@@ -1,0 +1,338 @@
+"""State shared by the hub workers of one machine, in one SQLite file.
+
+Workers that share the file agree on:
+
+- per-device rate limits: one token bucket per device;
+- per-device privacy budgets: released vectors per noise multiplier,
+  composed with ``privacy.epsilon_spent``;
+- request claims and responses: a request id is labelled and charged once,
+  and a repeated request (a device resend, or a broker redelivery to
+  another worker) gets the stored response again;
+- teacher rounds: every worker gives the same teacher file the same round;
+- push runs: each scheduled push runs on one worker per period.
+
+Every check-and-charge runs in one ``BEGIN IMMEDIATE`` transaction, which
+holds SQLite's write lock, so two workers cannot both spend a device's last
+token. The journal is WAL with ``synchronous=FULL``: a privacy charge is on
+disk before the labels it pays for are published.
+
+Workers on other machines cannot share the file (SQLite locking is not safe
+on network file systems). Give them their own file and a ``rate_limit.share``
+below 1, or a device partition of their own.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dslo_edge.hub_config import RateLimit
+from dslo_edge.privacy import PrivacySettings, epsilon_spent
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS buckets (
+    device TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS releases (
+    device TEXT NOT NULL, multiplier REAL NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (device, multiplier));
+CREATE TABLE IF NOT EXISTS requests (
+    device TEXT NOT NULL, request_id BLOB NOT NULL, worker TEXT NOT NULL,
+    claimed REAL NOT NULL, answered REAL, status TEXT, payload BLOB,
+    PRIMARY KEY (device, request_id));
+CREATE INDEX IF NOT EXISTS requests_answered ON requests (answered);
+CREATE TABLE IF NOT EXISTS teachers (
+    identity TEXT PRIMARY KEY, round INTEGER NOT NULL, version TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS schedule (
+    name TEXT PRIMARY KEY, next_due REAL NOT NULL);
+"""
+
+# Admission.kind values.
+ADMITTED = "admitted"
+CACHED = "cached"
+IN_PROGRESS = "in_progress"
+RATE_LIMITED = "rate_limited"
+BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+@dataclass(frozen=True)
+class RequestKey:
+    """One request of one device, with its sample count."""
+
+    device: str
+    request_id: bytes
+    samples: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether a worker may label a request, and what to send otherwise.
+
+    Attributes:
+        kind: ``admitted`` (label it), ``cached`` (send ``payload`` again
+            with ``status``), ``in_progress`` (another worker is labelling
+            it), ``rate_limited`` or ``budget_exhausted``.
+        retry_after_s: for ``rate_limited``, when the next token is due.
+    """
+
+    kind: str
+    status: str | None = None
+    payload: bytes | None = None
+    retry_after_s: float | None = None
+    detail: str = ""
+
+
+class HubState:
+    """The shared SQLite state; one instance per worker process.
+
+    Args:
+        path: the database file, created when missing.
+        worker_id: this worker, recorded with its claims.
+    """
+
+    def __init__(self, path: str | Path, worker_id: str):
+        self.path = Path(path)
+        self.worker_id = worker_id
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # Requests
+
+    def admit(
+        self,
+        requests: list[RequestKey],
+        now: float,
+        rate: RateLimit,
+        privacy: PrivacySettings | None,
+        claim_timeout_s: float,
+    ) -> list[Admission]:
+        """Decide for each request whether to label it, and charge it if so.
+
+        A new request takes one token from its device's bucket and, with
+        privacy, charges one release per sample. It is then claimed by this
+        worker. A request seen before is never charged again.
+        """
+        with self._transaction() as db:
+            return [
+                self._admit_one(db, key, now, rate, privacy, claim_timeout_s)
+                for key in requests
+            ]
+
+    def _admit_one(
+        self,
+        db: sqlite3.Connection,
+        key: RequestKey,
+        now: float,
+        rate: RateLimit,
+        privacy: PrivacySettings | None,
+        claim_timeout_s: float,
+    ) -> Admission:
+        row = db.execute(
+            "SELECT worker, claimed, answered, status, payload FROM requests "
+            "WHERE device = ? AND request_id = ?",
+            (key.device, key.request_id),
+        ).fetchone()
+        if row is not None:
+            return self._admit_known(db, key, row, now, claim_timeout_s)
+        tokens = self._tokens(db, key.device, now, rate)
+        if tokens < 1.0:
+            wait = (1.0 - tokens) / rate.rate
+            return Admission(RATE_LIMITED, retry_after_s=wait)
+        if privacy is not None:
+            refusal = self._charge_privacy(db, key, privacy)
+            if refusal:
+                return Admission(BUDGET_EXHAUSTED, detail=refusal)
+        db.execute(
+            "UPDATE buckets SET tokens = ?, updated = ? WHERE device = ?",
+            (tokens - 1.0, now, key.device),
+        )
+        db.execute(
+            "INSERT INTO requests (device, request_id, worker, claimed) "
+            "VALUES (?, ?, ?, ?)",
+            (key.device, key.request_id, self.worker_id, now),
+        )
+        return Admission(ADMITTED)
+
+    def _admit_known(
+        self,
+        db: sqlite3.Connection,
+        key: RequestKey,
+        row: tuple[str, float, float | None, str | None, bytes | None],
+        now: float,
+        claim_timeout_s: float,
+    ) -> Admission:
+        worker, claimed, answered, status, payload = row
+        if answered is not None:
+            return Admission(CACHED, status=status, payload=payload)
+        if worker != self.worker_id and now - claimed < claim_timeout_s:
+            return Admission(IN_PROGRESS)
+        # This worker's own claim (a redelivery after a reconnect) or a stale
+        # claim of a worker that died: label it, already paid for.
+        db.execute(
+            "UPDATE requests SET worker = ?, claimed = ? "
+            "WHERE device = ? AND request_id = ?",
+            (self.worker_id, now, key.device, key.request_id),
+        )
+        return Admission(ADMITTED)
+
+    def _tokens(
+        self, db: sqlite3.Connection, device: str, now: float, rate: RateLimit
+    ) -> float:
+        row = db.execute(
+            "SELECT tokens, updated FROM buckets WHERE device = ?", (device,)
+        ).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO buckets (device, tokens, updated) VALUES (?, ?, ?)",
+                (device, rate.capacity, now),
+            )
+            return rate.capacity
+        tokens, updated = row
+        return float(min(rate.capacity, tokens + max(0.0, now - updated) * rate.rate))
+
+    def _charge_privacy(
+        self, db: sqlite3.Connection, key: RequestKey, privacy: PrivacySettings
+    ) -> str:
+        """Charge the releases and return "", or the reason they exceed the budget."""
+        releases = self._releases(db, key.device)
+        multiplier = privacy.noise_multiplier
+        releases[multiplier] = releases.get(multiplier, 0) + key.samples
+        epsilon = epsilon_spent(releases, privacy.delta, privacy.accountant)
+        if epsilon > privacy.epsilon_budget:
+            return (
+                f"labelling {key.samples} more samples would spend epsilon "
+                f"{epsilon:.3g} of the budget {privacy.epsilon_budget:g}"
+            )
+        db.execute(
+            "INSERT INTO releases (device, multiplier, count) VALUES (?, ?, ?) "
+            "ON CONFLICT (device, multiplier) DO UPDATE SET count = count + ?",
+            (key.device, multiplier, key.samples, key.samples),
+        )
+        return ""
+
+    def charge_releases(self, device: str, count: int, privacy: PrivacySettings) -> str:
+        """Charge ``count`` released vectors outside a request, as pushes do.
+
+        Returns "" when charged, else why the budget does not allow them.
+        """
+        with self._transaction() as db:
+            return self._charge_privacy(db, RequestKey(device, b"", count), privacy)
+
+    def _releases(self, db: sqlite3.Connection, device: str) -> dict[float, int]:
+        rows = db.execute(
+            "SELECT multiplier, count FROM releases WHERE device = ?", (device,)
+        ).fetchall()
+        return {float(multiplier): int(count) for multiplier, count in rows}
+
+    def releases(self, device: str) -> dict[float, int]:
+        """Return the released vectors of a device per noise multiplier."""
+        with self._lock:
+            return self._releases(self._db, device)
+
+    def epsilon(self, device: str, privacy: PrivacySettings) -> float:
+        """Return the epsilon spent on a device so far."""
+        return epsilon_spent(self.releases(device), privacy.delta, privacy.accountant)
+
+    def record_answers(
+        self, answers: list[tuple[RequestKey, str, bytes]], now: float
+    ) -> None:
+        """Store the status and payload sent for each request.
+
+        Rate-limit and budget responses are stored too, so a repeated request
+        gets the same response and is not charged.
+        """
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO requests "
+                "(device, request_id, worker, claimed, answered, status, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (device, request_id) DO UPDATE SET "
+                "answered = excluded.answered, status = excluded.status, "
+                "payload = excluded.payload",
+                [
+                    (
+                        key.device,
+                        key.request_id,
+                        self.worker_id,
+                        now,
+                        now,
+                        status,
+                        payload,
+                    )
+                    for key, status, payload in answers
+                ],
+            )
+
+    def forget_answers(self, before: float) -> int:
+        """Delete answers stored before ``before``; return how many."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM requests WHERE answered IS NOT NULL AND answered < ?",
+                (before,),
+            )
+            return cursor.rowcount
+
+    def answer_counts(self) -> dict[str, int]:
+        """Return the stored answers per status, for tests and metrics."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, COUNT(*) FROM requests GROUP BY status"
+            ).fetchall()
+        return {str(status): int(count) for status, count in rows}
+
+    # Teachers and schedules
+
+    def teacher_round(self, identity: str, version: str) -> int:
+        """Return the round of a teacher file, numbering new files 1, 2, ..."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT round FROM teachers WHERE identity = ?", (identity,)
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            (latest,) = db.execute("SELECT MAX(round) FROM teachers").fetchone()
+            number = int(latest or 0) + 1
+            db.execute(
+                "INSERT INTO teachers (identity, round, version) VALUES (?, ?, ?)",
+                (identity, number, version),
+            )
+            return number
+
+    def claim_run(self, name: str, now: float, every_s: float) -> bool:
+        """Return True, once per period across workers, when a push is due."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT next_due FROM schedule WHERE name = ?", (name,)
+            ).fetchone()
+            if row is not None and row[0] > now:
+                return False
+            db.execute(
+                "INSERT INTO schedule (name, next_due) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET next_due = excluded.next_due",
+                (name, now + every_s),
+            )
+            return True

@@ -1,0 +1,163 @@
+"""Teacher versions on the hub: find the current file, number it, reload it.
+
+The configured path is a bundle directory or a ``.tflite`` file. A new
+version is a changed file (a new sha256). The hub checks the file's size and
+modification time every ``reload_poll_s`` and on SIGHUP, and hashes it only
+when they changed. Each new version gets the next round from the shared
+state, so all workers agree on it, and is announced on the retained
+``<prefix>/_hub/teacher`` topic.
+
+Replace a teacher by writing the new bundle next to the old one and renaming
+it into place. A bundle whose checksum does not match its manifest (a copy
+still in progress) is skipped with a warning and tried again at the next
+poll, and the old version stays in use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dslo_edge.bundle import MANIFEST_NAME, load_bundle, sha256_file
+from dslo_edge.errors import BundleError, ConfigError
+from dslo_edge.hub_config import TeacherSettings
+from dslo_edge.hub_state import HubState
+from dslo_edge.models import TeacherModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherVersion:
+    """One version of the teacher: its file, identity and round."""
+
+    file: Path
+    output_kind: str
+    identity: str  # sha256 of the teacher file
+    version: str  # at most 64 bytes, sent in every update
+    round: int
+    loaded_at: float
+
+    def announcement(self) -> str:
+        """Return the JSON text of the retained teacher announcement."""
+        return json.dumps(
+            {
+                "version": self.version,
+                "round": self.round,
+                "sha256": self.identity,
+                "output_kind": self.output_kind,
+                "loaded_at": self.loaded_at,
+            }
+        )
+
+
+def _resolve(settings: TeacherSettings) -> tuple[Path, str]:
+    """Return the teacher file and output kind; checks a bundle's checksums."""
+    path = settings.path
+    if path.is_dir():
+        bundle = load_bundle(path)
+        return bundle.teacher_path, settings.output_kind or bundle.teacher_output_kind
+    if settings.output_kind is None:
+        raise ConfigError(f"teacher.output_kind is needed for the file {path}")
+    return path, settings.output_kind
+
+
+def _fingerprint(settings: TeacherSettings) -> tuple[Any, ...]:
+    """Return what changes when the teacher is replaced, without hashing."""
+    path = settings.path
+    watched = path / MANIFEST_NAME if path.is_dir() else path
+    try:
+        stat = watched.stat()
+    except OSError:
+        return ("missing",)
+    return (path.resolve(), stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+class TeacherRegistry:
+    """The current teacher version of one worker, reloaded when it changes.
+
+    ``model`` and ``predict`` may be called from one thread only, because a
+    LiteRT interpreter is not thread-safe. Other threads keep their own
+    ``TeacherModel`` for ``current``.
+    """
+
+    def __init__(self, settings: TeacherSettings, state: HubState):
+        self.settings = settings
+        self.state = state
+        self.current = self._load()
+        self._model = TeacherModel(
+            self.current.file, self.current.output_kind, settings.runtime
+        )
+        self._fingerprint = _fingerprint(settings)
+        self._next_poll = time.monotonic() + settings.reload_poll_s
+
+    def _load(self) -> TeacherVersion:
+        file, output_kind = _resolve(self.settings)
+        identity = sha256_file(file)
+        name = self.settings.path.name if self.settings.path.is_dir() else file.stem
+        version = f"{name[:50]}-{identity[:12]}"
+        return TeacherVersion(
+            file,
+            output_kind,
+            identity,
+            version,
+            self.state.teacher_round(identity, version),
+            time.time(),
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input sample of the current teacher."""
+        runner = self._model.interpreter.get_signature_runner("infer")
+        shape = runner.get_input_details()["x"]["shape"]
+        return tuple(int(d) for d in shape[1:])
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Run the current teacher on a batch."""
+        return self._model.predict(x)
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Load a new version if the file changed; return True if one was loaded.
+
+        Without ``force`` it looks at the file only every ``reload_poll_s``.
+        """
+        now = time.monotonic()
+        if not force and now < self._next_poll:
+            return False
+        self._next_poll = now + self.settings.reload_poll_s
+        fingerprint = _fingerprint(self.settings)
+        if fingerprint == self._fingerprint and not force:
+            return False
+        try:
+            candidate = self._load()
+        except (BundleError, ConfigError, OSError) as error:
+            logger.warning(
+                "Teacher at %s is not loadable (%s); keeping %s and trying again "
+                "in %.0f s",
+                self.settings.path,
+                error,
+                self.current.version,
+                self.settings.reload_poll_s,
+            )
+            return False
+        self._fingerprint = fingerprint
+        if candidate.identity == self.current.identity:
+            return False
+        self._model = TeacherModel(
+            candidate.file, candidate.output_kind, self.settings.runtime
+        )
+        logger.info(
+            "Teacher %s (round %d) replaces %s (round %d)",
+            candidate.version,
+            candidate.round,
+            self.current.version,
+            self.current.round,
+        )
+        self.current = candidate
+        return True

@@ -1,0 +1,184 @@
+"""Hub configuration, shared hub state and the hub's systemd unit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dslo_edge.errors import ConfigError
+from dslo_edge.hub_config import RateLimit, load_hub_config
+from dslo_edge.hub_state import (
+    ADMITTED,
+    BUDGET_EXHAUSTED,
+    CACHED,
+    IN_PROGRESS,
+    RATE_LIMITED,
+    HubState,
+    RequestKey,
+)
+from dslo_edge.service import render_hub_unit, render_unit
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "teacher.tflite").write_bytes(b"model")
+    (tmp_path / "data.npz").write_bytes(b"npz")
+    path = tmp_path / "hub.toml"
+    path.write_text(
+        '[hub]\nworker_id = "w1"\n[teacher]\npath = "teacher.tflite"\n'
+        'output_kind = "logits"\n' + extra
+    )
+    return path
+
+
+def test_defaults_and_override(tmp_path) -> None:
+    config = load_hub_config(write_config(tmp_path), worker_id="w7")
+    assert config.worker_id == "w7"
+    assert config.client_id == "dslo-hub-w7"
+    assert config.group == "dslo-hub"
+    assert config.mqtt.session_expiry_s == 300
+    assert config.state_file == tmp_path / "hub-state.sqlite"
+    assert config.teacher.path == tmp_path / "teacher.tflite"
+    assert config.privacy is None
+    assert config.pushes == ()
+
+
+def test_pushes_and_privacy_are_read(tmp_path) -> None:
+    extra = (
+        "[privacy]\nnoise_multiplier = 2.0\nepsilon_budget = 8\n"
+        '[[push]]\nname = "nightly"\ndevices = ["a", "b"]\ndata = "data.npz"\n'
+        "every_s = 3600\n"
+    )
+    config = load_hub_config(write_config(tmp_path, extra))
+    assert config.privacy is not None
+    assert config.privacy.epsilon_budget == 8.0
+    assert config.pushes[0].devices == ("a", "b")
+    assert config.pushes[0].data == tmp_path / "data.npz"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("[rate_limit]\nburst = 0\n", r"rate_limit\.burst = 0 is invalid"),
+        ("[rate_limit]\nshare = 1.5\n", r"rate_limit\.share = 1\.5"),
+        ('[mqtt]\nprotocol = "3.1.1"\n', r"mqtt\.protocol = '3\.1\.1'"),
+        ("[requests]\nbatch_wait_s = -1\n", r"requests\.batch_wait_s = -1\.0"),
+        ("[requests]\ncolour = 1\n", r"unknown key requests\.colour"),
+        ("[privacy]\nnoise_multiplier = 1.0\n", r"missing required key privacy"),
+        (
+            '[[push]]\nname = "n"\ndevices = ["a/b"]\ndata = "data.npz"\nevery_s = 1\n',
+            r"push\[0\]\.devices = 'a/b'",
+        ),
+        (
+            '[[push]]\nname = "n"\ndevices = ["a"]\ndata = "missing.npz"\n'
+            "every_s = 1\n",
+            r"push\[0\]\.data = 'missing\.npz'",
+        ),
+    ],
+)
+def test_invalid_values_name_file_and_key(tmp_path, extra, message) -> None:
+    path = write_config(tmp_path, extra)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_hub_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_tflite_teacher_needs_output_kind(tmp_path) -> None:
+    (tmp_path / "teacher.tflite").write_bytes(b"model")
+    path = tmp_path / "hub.toml"
+    path.write_text('[teacher]\npath = "teacher.tflite"\n')
+    with pytest.raises(ConfigError, match=r"teacher\.output_kind"):
+        load_hub_config(path)
+
+
+def key(request: int, device: str = "cam", samples: int = 4) -> RequestKey:
+    return RequestKey(device, request.to_bytes(16, "little"), samples)
+
+
+RATE = RateLimit(requests_per_s=1.0, burst=2)
+
+
+def test_rate_limit_is_a_token_bucket(tmp_path) -> None:
+    state = HubState(tmp_path / "state.sqlite", "w1")
+    kinds = [a.kind for a in state.admit([key(1), key(2), key(3)], 0.0, RATE, None, 30)]
+    assert kinds == [ADMITTED, ADMITTED, RATE_LIMITED]
+    refused = state.admit([key(4)], 0.5, RATE, None, 30)[0]
+    assert refused.kind == RATE_LIMITED
+    assert refused.retry_after_s == pytest.approx(0.5)
+    assert state.admit([key(5)], 1.0, RATE, None, 30)[0].kind == ADMITTED
+    other = state.admit([key(6, device="door")], 1.0, RATE, None, 30)[0]
+    assert other.kind == ADMITTED
+
+
+def test_two_workers_share_one_bucket(tmp_path) -> None:
+    first = HubState(tmp_path / "state.sqlite", "w1")
+    second = HubState(tmp_path / "state.sqlite", "w2")
+    assert first.admit([key(1)], 0.0, RATE, None, 30)[0].kind == ADMITTED
+    assert second.admit([key(2)], 0.0, RATE, None, 30)[0].kind == ADMITTED
+    assert first.admit([key(3)], 0.0, RATE, None, 30)[0].kind == RATE_LIMITED
+
+
+def test_repeated_request_is_answered_from_the_store(tmp_path) -> None:
+    first = HubState(tmp_path / "state.sqlite", "w1")
+    second = HubState(tmp_path / "state.sqlite", "w2")
+    assert first.admit([key(1)], 0.0, RATE, None, 30)[0].kind == ADMITTED
+    assert second.admit([key(1)], 1.0, RATE, None, 30)[0].kind == IN_PROGRESS
+    # A claim older than the timeout belongs to a worker that died.
+    assert second.admit([key(1)], 40.0, RATE, None, 30)[0].kind == ADMITTED
+    second.record_answers([(key(1), "ok", b"labels")], 41.0)
+    cached = first.admit([key(1)], 42.0, RATE, None, 30)[0]
+    assert cached.kind == CACHED
+    assert cached.payload == b"labels"
+    assert first.answer_counts() == {"ok": 1}
+    assert first.forget_answers(before=50.0) == 1
+
+
+def test_privacy_budget_stops_admission(tmp_path) -> None:
+    pytest.importorskip("dp_accounting")
+    from dslo_edge.privacy import PrivacySettings
+
+    privacy = PrivacySettings(noise_multiplier=10.0, epsilon_budget=2.0)
+    state = HubState(tmp_path / "state.sqlite", "w1")
+    rate = RateLimit(requests_per_s=1000.0, burst=1000)
+    kinds = [
+        state.admit([key(i, samples=10)], 0.0, rate, privacy, 30)[0].kind
+        for i in range(40)
+    ]
+    admitted = kinds.count(ADMITTED)
+    assert 0 < admitted < 40
+    assert kinds[admitted:] == [BUDGET_EXHAUSTED] * (40 - admitted)
+    assert state.releases("cam") == {10.0: 10 * admitted}
+    assert state.epsilon("cam", privacy) <= 2.0
+
+
+def test_teacher_rounds_are_shared(tmp_path) -> None:
+    first = HubState(tmp_path / "state.sqlite", "w1")
+    second = HubState(tmp_path / "state.sqlite", "w2")
+    assert first.teacher_round("sha-a", "a") == 1
+    assert second.teacher_round("sha-a", "a") == 1
+    assert second.teacher_round("sha-b", "b") == 2
+    assert first.teacher_round("sha-b", "b") == 2
+
+
+def test_push_run_is_claimed_once_per_period(tmp_path) -> None:
+    first = HubState(tmp_path / "state.sqlite", "w1")
+    second = HubState(tmp_path / "state.sqlite", "w2")
+    assert first.claim_run("nightly", 0.0, 60.0)
+    assert not second.claim_run("nightly", 30.0, 60.0)
+    assert second.claim_run("nightly", 60.0, 60.0)
+
+
+def test_hub_unit_runs_one_worker_per_instance() -> None:
+    unit = render_hub_unit()
+    assert "ExecStart=/opt/dslo-edge/venv/bin/dslo-edge hub --config" in unit
+    assert "--worker-id %i" in unit
+    assert "Type=notify" in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert "RestartPreventExitStatus=78" in unit
+    assert "ReadWritePaths=/var/lib/dslo-edge-hub" in unit
+
+
+def test_device_unit_is_unchanged() -> None:
+    unit = render_unit()
+    assert "ExecStart=/opt/dslo-edge/venv/bin/dslo-edge run --config" in unit
+    assert "Type=simple" in unit
