@@ -1,0 +1,27 @@
+"""The fault suite at a small scale: no update applied twice, none lost.
+
+``dslo-edge selftest --faults`` runs the same scenarios at full scale
+(1,000 updates, 20 SIGKILLs, 10,000 fuzzed payloads).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dslo_edge.broker import find_mosquitto
+from dslo_edge.fault_scenarios import SCENARIOS, Scale, run_suite
+
+if find_mosquitto() is None:
+    pytest.skip("the fault suite needs mosquitto", allow_module_level=True)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fault_scenario(name: str, mlp_pair, tmp_path) -> None:
+    (row,) = run_suite(tmp_path, mlp_pair.bundle, Scale.quick(), [name])
+
+    if row.detail.startswith("skipped"):
+        pytest.skip(row.detail)
+    assert row.applied_twice == 0, row.detail
+    assert row.lost == 0, row.detail
+    assert row.applied > 0, row.detail
+    assert row.passed, row.detail
