@@ -53,7 +53,7 @@ def describe_tls_failure(error: ssl.SSLError) -> str:
         message = getattr(error, "verify_message", "") or str(error)
         if code in (19, 20, 21):
             return f"unknown CA ({message}); check mqtt.tls_ca_file"
-        if code == 62 or "hostname" in message.lower():
+        if code in (62, 64) or "mismatch" in message.lower():
             return f"hostname mismatch ({message}); check mqtt.host"
         if code == 10:
             return f"certificate expired ({message})"
@@ -304,7 +304,8 @@ class MqttConnection:
                 f"{self.client_id}; give each device its own id"
             )
             logger.error("%s: %s", self.label, self.last_error)
-        else:
+        elif not (self.last_error or "").startswith("broker refused"):
+            # A refused CONNACK already set the more useful reason.
             self.last_error = f"disconnected: {reason}"
 
     def _handle_message(
