@@ -574,6 +574,78 @@ def _selftest_bundle(path: Path) -> Path:
     return path
 
 
+@main.group()
+def service() -> None:
+    """Install the edge daemon as a systemd service."""
+
+
+@service.command("install")
+@click.option(
+    "--unit-dir",
+    default="/etc/systemd/system",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory to write dslo-edge.service into.",
+)
+@click.option(
+    "--exec",
+    "exec_path",
+    help="Path of the dslo-edge script on the device; default: this one.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    default="/etc/dslo-edge/device.toml",
+    show_default=True,
+    help="Device TOML file on the device.",
+)
+@click.option(
+    "--state-dir",
+    default="/var/lib/dslo-edge",
+    show_default=True,
+    help="The only directory the service may write; match device.state_dir.",
+)
+@click.option("--user", help="Run as this user instead of root.")
+@click.option(
+    "--watchdog-sec",
+    default=60,
+    show_default=True,
+    type=click.IntRange(10, 3600),
+    help="Restart the daemon when it stops pinging for this many seconds.",
+)
+@handle_errors
+def service_install(
+    unit_dir: str,
+    exec_path: str | None,
+    config_path: str,
+    state_dir: str,
+    user: str | None,
+    watchdog_sec: int,
+) -> None:
+    """Write dslo-edge.service with a watchdog, restarts and sandboxing."""
+    import shutil
+    from pathlib import PurePosixPath
+
+    from dslo_edge.service import install_unit, render_unit
+
+    executable = exec_path or shutil.which("dslo-edge") or sys.argv[0]
+    text = render_unit(
+        exec_path=PurePosixPath(executable),
+        config_path=PurePosixPath(config_path),
+        state_dir=PurePosixPath(state_dir),
+        user=user,
+        watchdog_sec=watchdog_sec,
+    )
+    try:
+        path = install_unit(Path(unit_dir), text)
+    except OSError as error:
+        raise ConfigError(f"cannot write the unit into {unit_dir}: {error}") from error
+    click.echo(
+        f"wrote {path}; enable it with: systemctl daemon-reload && "
+        "systemctl enable --now dslo-edge"
+    )
+
+
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 @handle_errors

@@ -126,6 +126,7 @@ class EdgeDaemon:
         self._acks_unsaved: list[tuple[int, int]] = []
         self._acks_saved_once: list[tuple[int, int]] = []
         self._unsaved = 0
+        self._changed_since_save = False
         self._last_update_at = time.monotonic()
         self._trainer_beat = time.monotonic()
         self._rejection_log = RejectionLog()
@@ -218,6 +219,8 @@ class EdgeDaemon:
         # Two generations, so every handled update is acknowledged.
         self._checkpoint_and_ack()
         self._checkpoint_and_ack()
+        if self._changed_since_save:
+            self.save_checkpoint()  # keeps the last rejection counts
         self.publish_metrics()
         if self.connection.connected.is_set():
             info = self.connection.publish(
@@ -322,6 +325,7 @@ class EdgeDaemon:
 
     def _process(self, item: Received) -> None:
         self._last_update_at = time.monotonic()
+        self._changed_since_save = True
         self._acks_unsaved.append((item.mid, item.qos))
         try:
             update = self._accept(item)
@@ -436,6 +440,7 @@ class EdgeDaemon:
             logger.info("Device %s can write checkpoints again", self.device_id)
         self.storage_error = None
         self._unsaved = 0
+        self._changed_since_save = False
         self.checkpoints_written += 1
         logger.debug("Device %s saved %s", self.device_id, path.name)
         return True

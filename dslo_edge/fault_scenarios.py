@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import struct
 import subprocess
 import time
@@ -553,7 +554,12 @@ def run_suite(
     names: list[str] | None = None,
     on_row: Callable[[Row], None] | None = None,
 ) -> list[Row]:
-    """Run the named scenarios (all by default) and return their rows."""
+    """Run the named scenarios (all by default) and return their rows.
+
+    Scenario folders left in ``workdir`` by an earlier run are removed first,
+    because their checkpoints and broker sessions would change the counts.
+    """
+    _remove_old_runs(workdir)
     suite = Suite(workdir, bundle, scale)
     rows = []
     try:
@@ -571,6 +577,28 @@ def run_suite(
     finally:
         suite.close()
     return rows
+
+
+# The folders the scenarios create; only these are removed before a run.
+SCENARIO_FOLDERS = (
+    "broker-restart",
+    "broker-down",
+    "network-outage",
+    "sigkill",
+    "checkpoint-corrupt",
+    "checkpoint-truncate",
+    "disk-full",
+    "duplicate-id",
+    "fuzz",
+    "signed",
+)
+
+
+def _remove_old_runs(workdir: Path) -> None:
+    for name in SCENARIO_FOLDERS:
+        folder = workdir / name
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
 
 def format_table(rows: list[Row]) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+import os
+from pathlib import Path, PurePosixPath
 
 UNIT_NAME = "dslo-edge.service"
 DEFAULT_EXEC = PurePosixPath("/opt/dslo-edge/venv/bin/dslo-edge")
@@ -21,6 +22,7 @@ def render_unit(
     restart_sec: int = 10,
     start_limit_burst: int = 5,
     start_limit_interval_sec: int = 600,
+    watchdog_sec: int = 60,
 ) -> str:
     """Return the text of ``dslo-edge.service``.
 
@@ -34,6 +36,9 @@ def render_unit(
         start_limit_burst: starts allowed within ``start_limit_interval_sec``
             before systemd stops restarting the service.
         start_limit_interval_sec: the window for ``start_limit_burst``.
+        watchdog_sec: systemd restarts the daemon when it sends no
+            WATCHDOG=1 for this long; the daemon pings at half this period
+            while its trainer and MQTT threads are healthy.
     """
     user_line = f"User={user}\n" if user else ""
     return f"""[Unit]
@@ -44,9 +49,12 @@ StartLimitIntervalSec={start_limit_interval_sec}
 StartLimitBurst={start_limit_burst}
 
 [Service]
-# The daemon does not call sd_notify yet, so systemd counts it as started as
-# soon as the process runs.
-Type=simple
+# The daemon sends READY=1 once its state is restored and WATCHDOG=1 while
+# its threads are healthy; it exits with status 70 when one dies.
+Type=notify
+NotifyAccess=main
+WatchdogSec={watchdog_sec}
+TimeoutStopSec=90
 ExecStart={exec_path} run --config {config_path}
 {user_line}Restart=on-failure
 RestartSec={restart_sec}
@@ -120,3 +128,14 @@ ReadWritePaths={state_dir}
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def install_unit(unit_dir: Path, unit_text: str) -> Path:
+    """Write the unit file atomically into ``unit_dir`` and return its path."""
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    target = unit_dir / UNIT_NAME
+    temporary = target.with_name(f".{UNIT_NAME}.tmp")
+    temporary.write_text(unit_text)
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, target)
+    return target

@@ -200,7 +200,9 @@ def test_unit_has_restart_and_sandbox_settings() -> None:
     unit = render_unit(user="dslo")
     lines = set(unit.splitlines())
     for expected in (
-        "Type=simple",
+        "Type=notify",
+        "WatchdogSec=60",
+        "NotifyAccess=main",
         "Restart=on-failure",
         "RestartSec=10",
         "StartLimitBurst=5",
