@@ -479,6 +479,7 @@ class EdgeDaemon:
 
     def status_report(self) -> dict[str, Any]:
         extra = {
+            "pid": os.getpid(),
             "progress": round(self.trainer.progress, 4),
             "applied_total": self.trainer.applied_updates,
             "restored_from": self.restored_from,

@@ -176,8 +176,15 @@ def make_row(
     return row
 
 
-def wait_applied(hub: Publisher, total: int) -> dict[str, Any]:
-    return hub.wait(lambda m: m.get("applied_total", 0) >= total)
+def wait_applied(hub: Publisher, total: int, daemon: DaemonProcess) -> dict[str, Any]:
+    """Wait until this daemon process reports ``total`` applied updates.
+
+    Metrics are retained, so a report from a killed process can still be on
+    the broker; the pid check skips it.
+    """
+    return hub.wait(
+        lambda m: m.get("pid") == daemon.pid and m.get("applied_total", 0) >= total
+    )
 
 
 def scenario_broker_restart(suite: Suite) -> Row:
@@ -190,7 +197,7 @@ def scenario_broker_restart(suite: Suite) -> Row:
     hub.publish(payloads[:50])
     broker.restart()
     hub.publish(payloads[50:])
-    metrics = wait_applied(hub, 100)
+    metrics = wait_applied(hub, 100, daemon)
     hub.close()
     daemon.terminate()
     detail = f"device connected {metrics['connects']} times"
@@ -211,7 +218,7 @@ def scenario_broker_down_at_boot(suite: Suite) -> Row:
     connect_s = time.monotonic() - started
     payloads = suite.updates(50)
     hub.publish(payloads)
-    wait_applied(hub, 50)
+    wait_applied(hub, 50, daemon)
     hub.close()
     same_process = daemon.alive() and daemon.pid == pid
     daemon.terminate()
@@ -240,7 +247,7 @@ def scenario_network_outage(suite: Suite) -> Row:
     hub.publish(payloads[30:])
     time.sleep(3.0)
     proxy.up()
-    metrics = wait_applied(hub, 70)
+    metrics = wait_applied(hub, 70, daemon)
     hub.close()
     daemon.terminate()
     proxy.down()
@@ -267,7 +274,7 @@ def scenario_sigkill(suite: Suite) -> Row:
             daemon.kill()
             killed += 1
             daemon.start()
-    wait_applied(hub, total)
+    wait_applied(hub, total, daemon)
     hub.close()
     daemon.terminate()
     detail = f"{killed} SIGKILLs at random points"
@@ -301,12 +308,12 @@ def scenario_damaged_checkpoint(suite: Suite, how: str) -> Row:
     payloads = suite.updates(100)
     hub.wait(lambda m: True)
     hub.publish(payloads[:60])
-    wait_applied(hub, 60)
+    wait_applied(hub, 60, daemon)
     daemon.kill()
     damaged = _damage_newest(config, how)
     daemon.start()
     hub.publish(payloads[60:])
-    wait_applied(hub, 100)
+    wait_applied(hub, 100, daemon)
     hub.close()
     daemon.terminate()
     log = daemon.log_text()
@@ -413,7 +420,7 @@ def scenario_duplicate_client_id(suite: Suite) -> Row:
     second.terminate()
     payloads = suite.updates(30)
     hub.publish(payloads)
-    wait_applied(hub, 30)
+    wait_applied(hub, 30, first)
     hub.close()
     first.terminate()
     logs = first.log_text() + second.log_text()
@@ -469,7 +476,7 @@ def scenario_fuzz(suite: Suite) -> Row:
     fuzzed = fuzz_payloads(valid[:100], suite.scale.fuzz, seed=11)
     hub.wait(lambda m: True)
     hub.publish(valid[:100])
-    wait_applied(hub, 100)
+    wait_applied(hub, 100, daemon)
     chunk = 100
     for start in range(0, len(fuzzed), chunk):
         hub.publish(fuzzed[start : start + chunk])
@@ -513,7 +520,7 @@ def scenario_unsigned_and_replayed(suite: Suite) -> Row:
     ]
     hub.wait(lambda m: True)
     hub.publish(signed)
-    wait_applied(hub, 50)
+    wait_applied(hub, 50, daemon)
     hub.publish(unsigned + wrong_key + other_topic + signed[:20])
     hub.publish(signed[20:21], retain=True)
     total = 50 + 20 + 20 + 20 + 20 + 1
