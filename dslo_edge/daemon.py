@@ -3,8 +3,8 @@
 Threads:
 - the connection thread (``MqttConnection``) receives updates and only
   enqueues them, so a slow train step never delays keepalives;
-- the trainer thread verifies, decodes, validates and applies updates, and
-  writes checkpoints;
+- the trainer thread admits (``dslo_edge.admission``) and applies updates,
+  writes checkpoints and pauses while the training budget says so;
 - the watchdog thread checks that both are alive and progressing, pings
   systemd, and exits the process with ``EXIT_WATCHDOG`` if one is not, so the
   service manager restarts it;
@@ -28,69 +28,41 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from dslo_edge import systemd
+from dslo_edge.admission import (
+    TRAIN_ERROR,
+    AckLedger,
+    Received,
+    RejectionLog,
+    admit,
+)
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.bundle import load_bundle
-from dslo_edge.checkpoint import load_latest_checkpoint, save_checkpoint
+from dslo_edge.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from dslo_edge.config import DeviceConfig
 from dslo_edge.connection import MqttConnection
+from dslo_edge.costs import AdaptationCosts
 from dslo_edge.errors import InvalidUpdate
+from dslo_edge.health import PROBE_FILE, HealthGuard, load_probe
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.models import StudentModel
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE, SoftLabelUpdate
-from dslo_edge.signing import load_key, verify
+from dslo_edge.signing import load_key
 from dslo_edge.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-TRAIN_ERROR = "train_error"
-DUPLICATE = "duplicate"
-STALE = "stale"
-CLOCK_SKEW = "clock_skew"
 APPLIED_IDS = "applied_ids"
+METRICS_LOG = "metrics.jsonl"
 # sysexits.h EX_SOFTWARE: an internal thread died or hung.
 EXIT_WATCHDOG = 70
 # A train step that has not returned after this long counts as a hang.
 TRAINER_STALL_S = 60.0
-REJECTION_LOG_LIMIT = 10
-REJECTION_LOG_WINDOW_S = 60.0
-
-
-@dataclass(frozen=True)
-class Received:
-    """One MQTT message waiting for the trainer."""
-
-    payload: bytes
-    mid: int
-    qos: int
-    received_at: float
-
-
-class RejectionLog:
-    """Logs at most ``limit`` rejections per reason per window, then a count."""
-
-    def __init__(
-        self, limit: int = REJECTION_LOG_LIMIT, window_s: float = REJECTION_LOG_WINDOW_S
-    ):
-        self.limit = limit
-        self.window_s = window_s
-        self._windows: dict[str, tuple[float, int]] = {}
-
-    def should_log(self, reason: str, now: float) -> tuple[bool, int]:
-        """Return whether to log this one and how many were suppressed before it."""
-        start, count = self._windows.get(reason, (now, 0))
-        if now - start >= self.window_s:
-            suppressed = max(0, count - self.limit)
-            self._windows[reason] = (now, 1)
-            return True, suppressed
-        self._windows[reason] = (start, count + 1)
-        return count < self.limit, 0
 
 
 class EdgeDaemon:
@@ -108,25 +80,31 @@ class EdgeDaemon:
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
         key_file = config.security.hmac_key_file
         self.hmac_key = load_key(key_file) if key_file else None
+        self.profile = _load_profile(config.profile)
+        self.costs = AdaptationCosts(
+            self.device_id, self.profile, config.budget, battery_wh=config.battery_wh
+        )
+        self.health = HealthGuard(
+            self._load_probe(), config.health.max_accuracy_drop, self.costs.infer_ms
+        )
         self.metrics = DaemonMetrics()
         queue_size = config.training.queue_size
-        # MQTT 5 receive-maximum keeps the broker from sending more than
-        # queue_size unacknowledged updates, so this queue cannot overflow;
-        # the spare room covers redeliveries after a reconnect.
+        # The broker is asked for at most queue_size unacknowledged updates
+        # (MQTT 5 receive maximum); the spare room covers redeliveries.
         self.updates: queue.Queue[Received] = queue.Queue(maxsize=queue_size * 2)
         self.stopping = threading.Event()
-        self.failed = threading.Event()
         self.restored_from = "factory weights"
         self.storage_error: str | None = None
         self.checkpoints_written = 0
+        self.rollbacks = 0
+        self.last_rollback: str | None = None
         self.deferred = 0
         self._deferred_since_reconnect = False
-        # PUBACKs wait in two groups: handled since the last checkpoint, and
-        # contained in the newest checkpoint only.
-        self._acks_unsaved: list[tuple[int, int]] = []
-        self._acks_saved_once: list[tuple[int, int]] = []
+        self._acks = AckLedger()
         self._unsaved = 0
         self._changed_since_save = False
+        self._since_probe = 0
+        self._paused_reason: str | None = None
         self._last_update_at = time.monotonic()
         self._trainer_beat = time.monotonic()
         self._rejection_log = RejectionLog()
@@ -156,18 +134,25 @@ class EdgeDaemon:
     def connected(self) -> threading.Event:
         return self.connection.connected
 
-    def _make_metrics_log(self) -> logging.Logger | None:
-        settings = self.config.logging
-        if settings.metrics_file is None:
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._acks)
+
+    def _load_probe(self) -> Any:
+        path = self.bundle.path / PROBE_FILE
+        if not path.is_file():
             return None
-        settings.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        return load_probe(path, self.bundle.input_shape, self.bundle.class_count)
+
+    def _make_metrics_log(self) -> logging.Logger:
+        settings = self.config.logging
+        path = settings.metrics_file or self.config.state_dir / METRICS_LOG
+        path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.handlers.RotatingFileHandler(
-            settings.metrics_file,
-            maxBytes=settings.max_bytes,
-            backupCount=settings.backups,
+            path, maxBytes=settings.max_bytes, backupCount=settings.backups
         )
         handler.setFormatter(logging.Formatter("%(message)s"))
-        metrics_logger = logging.getLogger(f"dslo_edge.metrics_log.{self.device_id}")
+        metrics_logger = logging.getLogger(f"dslo_edge.metrics_log.{id(self)}")
         metrics_logger.propagate = False
         metrics_logger.setLevel(logging.INFO)
         metrics_logger.handlers = [handler]
@@ -179,10 +164,11 @@ class EdgeDaemon:
         """Restore state, then start the trainer, the watchdog and the connection."""
         self._restore()
         logger.info(
-            "Starting device %s with %s (runtime %s), broker %s:%d",
+            "Starting device %s with %s (runtime %s, profile %s), broker %s:%d",
             self.device_id,
             self.bundle.path,
             self.student.runtime_name,
+            self.profile.name if self.profile else "none",
             self.config.mqtt.host,
             self.config.mqtt.port,
         )
@@ -195,21 +181,26 @@ class EdgeDaemon:
         checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
         if checkpoint is None:
             logger.info("Device %s starts from the factory weights", self.device_id)
-            return
+        else:
+            self._load(checkpoint)
+            self.metrics.restore_rejected(checkpoint.state.get("rejected", {}))
+            self.restored_from = checkpoint.path.name
+            logger.info(
+                "Device %s restored %s (%d updates applied before)",
+                self.device_id,
+                checkpoint.path.name,
+                self.trainer.applied_updates,
+            )
+        self.health.accuracy(self.student)
+        self.health.accept()
+
+    def _load(self, checkpoint: Checkpoint) -> None:
         self.trainer.restore(checkpoint)
         if APPLIED_IDS in checkpoint.tensors:
             self.applied_ids = AppliedIds.from_array(
                 checkpoint.tensors[APPLIED_IDS],
                 self.config.training.applied_id_capacity,
             )
-        self.metrics.restore_rejected(checkpoint.state.get("rejected", {}))
-        self.restored_from = checkpoint.path.name
-        logger.info(
-            "Device %s restored %s (%d updates applied before)",
-            self.device_id,
-            checkpoint.path.name,
-            self.trainer.applied_updates,
-        )
 
     def stop(self) -> None:
         """Finish the current step, checkpoint, publish "offline", disconnect."""
@@ -258,7 +249,22 @@ class EdgeDaemon:
         # Subscribing on every connect also covers a broker that lost the session.
         self.connection.client.subscribe(self.topics.updates, qos=1)
         self.connection.publish(self.topics.status, STATUS_ONLINE, retain=True)
+        if self.config.homeassistant.enabled:
+            self._publish_discovery()
         self.publish_metrics()
+
+    def _publish_discovery(self) -> None:
+        from dslo_edge.homeassistant import discovery_messages
+
+        model = self.profile.title if self.profile else "dslo-edge device"
+        messages = discovery_messages(
+            self.device_id,
+            self.topics,
+            prefix=self.config.homeassistant.prefix,
+            model=model,
+        )
+        for topic, payload in messages:
+            self.connection.publish(topic, payload, retain=True)
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
         item = Received(bytes(message.payload), message.mid, message.qos, time.time())
@@ -283,6 +289,9 @@ class EdgeDaemon:
     def _train_loop(self) -> None:
         while not self.stopping.is_set():
             self._trainer_beat = time.monotonic()
+            if self._budget_paused():
+                self.stopping.wait(0.5)
+                continue
             try:
                 item = self.updates.get(timeout=0.2)
             except queue.Empty:
@@ -297,9 +306,13 @@ class EdgeDaemon:
             if self.updates.empty() or self.metrics.processed % every == 0:
                 self.publish_metrics()
 
-    @property
-    def unacknowledged(self) -> int:
-        return len(self._acks_unsaved) + len(self._acks_saved_once)
+    def _budget_paused(self) -> bool:
+        """Check the budget; while paused, updates wait in the queue."""
+        decision = self.costs.decision()
+        if decision.reason != self._paused_reason:
+            self._paused_reason = decision.reason
+            self.publish_metrics()
+        return decision.paused
 
     def _on_idle(self) -> None:
         if self._deferred_since_reconnect:
@@ -314,9 +327,9 @@ class EdgeDaemon:
             return
         if not self.unacknowledged:
             return
-        if self._unsaved == 0 and not self._acks_saved_once:
+        if self._unsaved == 0 and self._acks.only_unsaved:
             # Only rejected updates are waiting: nothing to make durable.
-            self._send_acks(self._acks_unsaved)
+            self._send_acks(self._acks.release_unsaved())
             return
         idle_s = time.monotonic() - self._last_update_at
         if idle_s >= self.config.training.checkpoint_idle_s:
@@ -326,43 +339,29 @@ class EdgeDaemon:
     def _process(self, item: Received) -> None:
         self._last_update_at = time.monotonic()
         self._changed_since_save = True
-        self._acks_unsaved.append((item.mid, item.qos))
+        self._acks.add(item.mid, item.qos)
         try:
-            update = self._accept(item)
+            update = admit(
+                item,
+                self.trainer,
+                self.applied_ids,
+                self.config.training,
+                hmac_key=self.hmac_key,
+                topic=self.topics.updates,
+            )
         except InvalidUpdate as error:
             self._reject(error)
         else:
             self._apply(update)
         training = self.config.training
+        probe_every = self.config.health.probe_every
+        if probe_every and self._since_probe >= probe_every:
+            self._check_health()
         if (
             self._unsaved >= training.checkpoint_every
             or self.unacknowledged >= training.queue_size * 3 // 4
         ):
             self._checkpoint_and_ack()
-
-    def _accept(self, item: Received) -> SoftLabelUpdate:
-        body = item.payload
-        if self.hmac_key is not None:
-            body = verify(self.hmac_key, self.topics.updates, body)
-        update = self.trainer.decode(body)
-        if update.message_id in self.applied_ids:
-            raise InvalidUpdate(DUPLICATE, "already applied", update.message_id_hex)
-        age = item.received_at - update.timestamp
-        training = self.config.training
-        if age > training.max_age_s:
-            raise InvalidUpdate(
-                STALE,
-                f"published {age:.0f} s ago, older than "
-                f"max_age_s = {training.max_age_s:.0f}",
-                update.message_id_hex,
-            )
-        if -age > training.max_clock_skew_s:
-            raise InvalidUpdate(
-                CLOCK_SKEW,
-                f"timestamp is {-age:.0f} s in the future; check the hub's clock",
-                update.message_id_hex,
-            )
-        return update
 
     def _reject(self, error: InvalidUpdate) -> None:
         self.metrics.record_rejected(error.reason)
@@ -386,9 +385,12 @@ class EdgeDaemon:
             )
 
     def _apply(self, update: SoftLabelUpdate) -> None:
+        self.costs.begin_step()
         result = self.trainer.apply(update)
+        self.costs.end_step(1)
         self.applied_ids.add(update.message_id)
         self._unsaved += 1
+        self._since_probe += 1
         end_to_end_ms = (time.time() - update.timestamp) * 1000
         self.metrics.record_applied(
             result.samples,
@@ -398,23 +400,57 @@ class EdgeDaemon:
             end_to_end_ms,
         )
 
-    # Checkpoints and acknowledgements
+    # Health, checkpoints and acknowledgements
+
+    def _check_health(self) -> bool:
+        """Roll back to the last checkpoint if the student got worse.
+
+        Returns:
+            True when the student is healthy and may be saved.
+        """
+        self._since_probe = 0
+        problem = self.health.problem(self.student, self.student.get_weights())
+        if problem is None:
+            return True
+        self.rollbacks += 1
+        self.last_rollback = problem
+        checkpoint = load_latest_checkpoint(self.checkpoint_dir)
+        if checkpoint is None:
+            self.student.set_weights(self._factory_weights())
+            self.trainer.applied_updates = 0
+            target = "the factory weights"
+        else:
+            self._load(checkpoint)
+            target = checkpoint.path.name
+        logger.error(
+            "Device %s rolled back to %s: %s; %d updates since then are dropped",
+            self.device_id,
+            target,
+            problem,
+            self._unsaved,
+        )
+        # The dropped updates are acknowledged: sending them again would
+        # repeat the harm.
+        self._unsaved = 0
+        self._send_acks(self._acks.release_all())
+        self.publish_metrics()
+        return False
+
+    def _factory_weights(self) -> dict[str, Any]:
+        return StudentModel(self.bundle, self.config.runtime).get_weights()
 
     def _checkpoint_and_ack(self) -> None:
         """Write a checkpoint, then acknowledge what two generations now hold."""
         if not self.unacknowledged:
             return
-        if not self.save_checkpoint():
+        if self._unsaved and not self._check_health():
             return
-        self._send_acks(self._acks_saved_once)
-        self._acks_saved_once = self._acks_unsaved
-        self._acks_unsaved = []
+        if self.save_checkpoint():
+            self._send_acks(self._acks.saved())
 
     def _send_acks(self, acks: list[tuple[int, int]]) -> None:
-        # MQTT requires PUBACKs in the order the PUBLISH packets arrived.
         for mid, qos in acks:
             self.connection.ack(mid, qos)
-        acks.clear()
 
     def save_checkpoint(self) -> bool:
         """Write a checkpoint of weights, adaptation state and applied ids."""
@@ -442,6 +478,7 @@ class EdgeDaemon:
         self._unsaved = 0
         self._changed_since_save = False
         self.checkpoints_written += 1
+        self.health.accept()
         logger.debug("Device %s saved %s", self.device_id, path.name)
         return True
 
@@ -451,19 +488,18 @@ class EdgeDaemon:
         ping_every = systemd.watchdog_interval_s()
         last_ping = 0.0
         while not self.stopping.wait(1.0):
-            problem = self._health_problem()
+            problem = self._thread_problem()
             if problem:
                 logger.critical(
                     "Device %s watchdog: %s; exiting", self.device_id, problem
                 )
-                self.failed.set()
                 logging.shutdown()
                 os._exit(EXIT_WATCHDOG)
             if ping_every and time.monotonic() - last_ping >= ping_every:
                 systemd.notify("WATCHDOG=1")
                 last_ping = time.monotonic()
 
-    def _health_problem(self) -> str | None:
+    def _thread_problem(self) -> str | None:
         if self.stopping.is_set():
             return None
         if not self._trainer_thread.is_alive():
@@ -488,9 +524,13 @@ class EdgeDaemon:
             "deferred_for_redelivery": self.deferred,
             "checkpoints_written": self.checkpoints_written,
             "storage_error": self.storage_error,
+            "probe_accuracy": self.health.last_accuracy,
+            "rollbacks": self.rollbacks,
+            "last_rollback": self.last_rollback,
             "session_takeovers": self.connection.takeovers,
             "connects": self.connection.connects,
             "teacher": self.trainer.monitor.snapshot(),
+            **self.costs.report(),
         }
         return self.metrics.snapshot(self.device_id, extra)
 
@@ -498,5 +538,12 @@ class EdgeDaemon:
         """Publish the metrics report, retained so a late subscriber sees it."""
         payload = json.dumps(self.status_report())
         self.connection.publish(self.topics.metrics, payload, retain=True)
-        if self._metrics_log is not None:
-            self._metrics_log.info(payload)
+        self._metrics_log.info(payload)
+
+
+def _load_profile(name: str) -> Any:
+    if not name:
+        return None
+    from dslo_edge.profiles import load_profile
+
+    return load_profile(name)

@@ -1,0 +1,126 @@
+"""Checks an update passes before the trainer may apply it.
+
+In order: the HMAC envelope (when the device has a key), decoding and
+validation against the model, the applied-id record, and the freshness
+window. Each failure raises ``InvalidUpdate`` with its own reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dslo_edge.applied_ids import AppliedIds
+from dslo_edge.config import TrainingSettings
+from dslo_edge.errors import InvalidUpdate
+from dslo_edge.protocol import SoftLabelUpdate
+from dslo_edge.signing import verify
+from dslo_edge.trainer import Trainer
+
+DUPLICATE = "duplicate"
+STALE = "stale"
+CLOCK_SKEW = "clock_skew"
+TRAIN_ERROR = "train_error"
+REJECTION_LOG_LIMIT = 10
+REJECTION_LOG_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class Received:
+    """One MQTT message waiting for the trainer."""
+
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float
+
+
+def admit(
+    item: Received,
+    trainer: Trainer,
+    applied_ids: AppliedIds,
+    settings: TrainingSettings,
+    *,
+    hmac_key: bytes | None,
+    topic: str,
+) -> SoftLabelUpdate:
+    """Return the decoded update if it may be applied, else raise InvalidUpdate."""
+    body = item.payload
+    if hmac_key is not None:
+        body = verify(hmac_key, topic, body)
+    update = trainer.decode(body)
+    if update.message_id in applied_ids:
+        raise InvalidUpdate(DUPLICATE, "already applied", update.message_id_hex)
+    age = item.received_at - update.timestamp
+    if age > settings.max_age_s:
+        raise InvalidUpdate(
+            STALE,
+            f"published {age:.0f} s ago, older than "
+            f"max_age_s = {settings.max_age_s:.0f}",
+            update.message_id_hex,
+        )
+    if -age > settings.max_clock_skew_s:
+        raise InvalidUpdate(
+            CLOCK_SKEW,
+            f"timestamp is {-age:.0f} s in the future; check the hub's clock",
+            update.message_id_hex,
+        )
+    return update
+
+
+class RejectionLog:
+    """Logs at most ``limit`` rejections per reason per window, then a count."""
+
+    def __init__(
+        self, limit: int = REJECTION_LOG_LIMIT, window_s: float = REJECTION_LOG_WINDOW_S
+    ):
+        self.limit = limit
+        self.window_s = window_s
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def should_log(self, reason: str, now: float) -> tuple[bool, int]:
+        """Return whether to log this one and how many were suppressed before it."""
+        start, count = self._windows.get(reason, (now, 0))
+        if now - start >= self.window_s:
+            suppressed = max(0, count - self.limit)
+            self._windows[reason] = (now, 1)
+            return True, suppressed
+        self._windows[reason] = (start, count + 1)
+        return count < self.limit, 0
+
+
+class AckLedger:
+    """PUBACKs held back until two checkpoint generations contain the update.
+
+    ``add`` records a handled message; ``saved`` is called after each
+    successful checkpoint and returns the acknowledgements now safe to send,
+    in the order the messages arrived (MQTT requires that order).
+    """
+
+    def __init__(self) -> None:
+        self._unsaved: list[tuple[int, int]] = []
+        self._saved_once: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._unsaved) + len(self._saved_once)
+
+    @property
+    def only_unsaved(self) -> bool:
+        """True when nothing waits for a second generation."""
+        return not self._saved_once
+
+    def add(self, mid: int, qos: int) -> None:
+        self._unsaved.append((mid, qos))
+
+    def saved(self) -> list[tuple[int, int]]:
+        ready, self._saved_once, self._unsaved = self._saved_once, self._unsaved, []
+        return ready
+
+    def release_unsaved(self) -> list[tuple[int, int]]:
+        """Return the unsaved group for sending now (nothing in it changed state)."""
+        ready, self._unsaved = self._unsaved, []
+        return ready
+
+    def release_all(self) -> list[tuple[int, int]]:
+        ready = self._saved_once + self._unsaved
+        self._saved_once, self._unsaved = [], []
+        return ready

@@ -1,0 +1,110 @@
+"""Model health: probe-set accuracy and finite weights, checked before saving.
+
+A small labelled probe set travels with the bundle (``probe.npz`` with ``x``
+and ``y``). The daemon measures the student's accuracy on it every few
+updates and before every checkpoint. A drop of more than the configured
+margin below the accuracy at the last good checkpoint, or any non-finite
+weight, makes the daemon roll back to that checkpoint instead of saving.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dslo_edge.errors import BundleError
+from dslo_edge.metrics import LatencyWindow
+from dslo_edge.models import StudentModel
+
+PROBE_FILE = "probe.npz"
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    x: np.ndarray
+    y: np.ndarray
+
+
+def load_probe(path: Path, input_shape: tuple[int, ...], class_count: int) -> ProbeSet:
+    """Read and check a probe file against the student's shapes.
+
+    Raises:
+        BundleError: the file is unreadable or its arrays do not fit.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x = np.asarray(data["x"], dtype=np.float32)
+            y = np.asarray(data["y"], dtype=np.int64)
+    except (OSError, KeyError, ValueError) as error:
+        raise BundleError(
+            f"cannot read probe set {path}: {error}; expected an .npz with x and y"
+        ) from error
+    if x.shape[1:] != input_shape or y.shape != (len(x),) or len(x) == 0:
+        raise BundleError(
+            f"probe set {path} has x {x.shape} and y {y.shape}; expected "
+            f"x (N, {', '.join(map(str, input_shape))}) and y (N,) with N > 0"
+        )
+    if y.min() < 0 or y.max() >= class_count:
+        raise BundleError(f"probe labels in {path} must be in 0..{class_count - 1}")
+    return ProbeSet(x, y)
+
+
+class HealthGuard:
+    """Decides whether the student is still healthy enough to checkpoint.
+
+    Args:
+        probe: the probe set, or None to check finite weights only.
+        max_drop: largest accepted fall in probe accuracy (fraction, 0..1)
+            below the accuracy at the last good checkpoint.
+        infer_ms: latency window that records each probe inference.
+    """
+
+    def __init__(
+        self,
+        probe: ProbeSet | None,
+        max_drop: float,
+        infer_ms: LatencyWindow | None = None,
+    ):
+        self.probe = probe
+        self.max_drop = max_drop
+        self.infer_ms = infer_ms
+        self.baseline: float | None = None
+        self.last_accuracy: float | None = None
+
+    def accuracy(self, student: StudentModel) -> float | None:
+        """Measure probe accuracy now, or return None without a probe set."""
+        if self.probe is None:
+            return None
+        started = time.perf_counter()
+        predicted = np.argmax(student.infer(self.probe.x), axis=1)
+        if self.infer_ms is not None:
+            self.infer_ms.add((time.perf_counter() - started) * 1000)
+        self.last_accuracy = float(np.mean(predicted == self.probe.y))
+        return self.last_accuracy
+
+    def problem(
+        self, student: StudentModel, weights: dict[str, np.ndarray]
+    ) -> str | None:
+        """Return why the student must be rolled back, or None if healthy."""
+        bad = [
+            name for name, value in weights.items() if not np.all(np.isfinite(value))
+        ]
+        if bad:
+            return f"non-finite values in weights {', '.join(bad)}"
+        accuracy = self.accuracy(student)
+        if accuracy is None or self.baseline is None:
+            return None
+        if accuracy < self.baseline - self.max_drop:
+            return (
+                f"probe accuracy fell to {accuracy:.3f} from {self.baseline:.3f}, "
+                f"more than the allowed {self.max_drop:.3f}"
+            )
+        return None
+
+    def accept(self) -> None:
+        """Mark the current state as good: its accuracy is the new baseline."""
+        if self.last_accuracy is not None:
+            self.baseline = self.last_accuracy
