@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dslo_edge.budget import BudgetSettings
 from dslo_edge.dynamic import (
     HARD_LABEL_FALLBACKS,
     PROGRESS_UNITS,
@@ -69,6 +70,14 @@ class HealthSettings:
 
     probe_every: int = 0
     max_accuracy_drop: float = 0.1
+
+
+@dataclass(frozen=True)
+class HomeAssistantSettings:
+    """MQTT discovery messages published by the device on every connect."""
+
+    enabled: bool = True
+    prefix: str = "homeassistant"
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,11 @@ class DeviceConfig:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    # Firmware profile name (firmware_profiles/<name>.toml); "" for none.
+    profile: str = ""
+    battery_wh: float | None = None
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    homeassistant: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
 
     @property
     def topics(self) -> Topics:
@@ -461,6 +475,45 @@ def _health(reader: _Reader) -> HealthSettings:
     return settings
 
 
+def _budget(reader: _Reader) -> BudgetSettings:
+    def optional(key: str) -> float | None:
+        value = reader.get(key, float, -1.0)
+        return None if value == -1.0 else value
+
+    percent = (lambda v: 0 <= v <= 100, "a percentage in 0..100")
+    try:
+        settings = BudgetSettings(
+            battery_min_percent=reader.get(
+                "battery_min_percent", float, 20.0, *percent
+            ),
+            battery_resume_percent=reader.get(
+                "battery_resume_percent", float, 25.0, *percent
+            ),
+            thermal_limit_c=optional("thermal_limit_c"),
+            thermal_resume_margin_c=reader.get(
+                "thermal_resume_margin_c",
+                float,
+                5.0,
+                lambda v: 0 <= v <= 50,
+                "degrees in 0..50",
+            ),
+            energy_budget_j_per_hour=optional("energy_budget_j_per_hour"),
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{reader.source}: [budget] {error}") from error
+    reader.reject_unknown()
+    return settings
+
+
+def _homeassistant(reader: _Reader) -> HomeAssistantSettings:
+    settings = HomeAssistantSettings(
+        enabled=reader.get("enabled", bool, True),
+        prefix=reader.get("prefix", str, "homeassistant", bool, "a topic prefix"),
+    )
+    reader.reject_unknown()
+    return settings
+
+
 def _logging(reader: _Reader) -> LoggingSettings:
     def optional_path(key: str) -> Path | None:
         value = reader.get(key, str, "")
@@ -523,6 +576,10 @@ def load_config(path: str | Path) -> DeviceConfig:
     bundle = base / device.get("bundle", str, _REQUIRED)
     state_dir = base / device.get("state_dir", str, "state")
     runtime = device.get("runtime", str, "auto")
+    profile = device.get("profile", str, "")
+    battery_wh = device.get(
+        "battery_wh", float, 0.0, lambda v: v >= 0, "watt-hours >= 0"
+    )
     device.reject_unknown()
     mqtt = _mqtt(root.section("mqtt"))
     alpha = _alpha(root.section("alpha"))
@@ -536,6 +593,8 @@ def load_config(path: str | Path) -> DeviceConfig:
     security = _security(root.section("security"))
     health = _health(root.section("health"))
     log_settings = _logging(root.section("logging"))
+    budget = _budget(root.section("budget"))
+    homeassistant = _homeassistant(root.section("homeassistant"))
     root.reject_unknown()
     config = DeviceConfig(
         source,
@@ -550,6 +609,10 @@ def load_config(path: str | Path) -> DeviceConfig:
         security,
         health,
         log_settings,
+        profile,
+        battery_wh or None,
+        budget,
+        homeassistant,
     )
     try:
         _ = config.topics
