@@ -483,14 +483,14 @@ def scenario_fuzz(suite: Suite) -> Row:
         hub.wait(lambda m, n=start: m.get("processed", 0) >= 100 + n)
     hub.publish(valid[100:])
     total = len(valid) + len(fuzzed)
-    metrics = hub.wait(lambda m: m.get("processed", 0) >= total)
+    hub.wait(lambda m: m.get("processed", 0) >= total)
     hub.close()
     daemon.terminate()
     final = read_final_state(config)
     mutants_applied = final.applied_total - len(_ids(valid) & final.applied_ids)
     detail = (
-        f"{len(fuzzed)} fuzzed payloads; {mutants_applied} were well-formed new "
-        f"updates (a flipped id byte), the rest rejected: {metrics['rejected']}"
+        f"{mutants_applied} mutants were well-formed new updates "
+        "(a changed id byte) and were applied once"
     )
     row = make_row(f"{len(fuzzed)} fuzzed payloads", total, valid, final, detail)
     row.passed = row.passed and row.rejected + mutants_applied == len(fuzzed)

@@ -264,3 +264,51 @@ def test_daemon_code_path_imports_no_tensorflow(mlp_pair, broker, tmp_path) -> N
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_stale_and_future_updates_are_dropped(running_daemon) -> None:
+    daemon, hub = running_daemon
+    now = time.time()
+
+    hub.publish(encode_update(make_update(60, timestamp=now - 7200)))
+    hub.publish(encode_update(make_update(61, timestamp=now + 3600)))
+    hub.publish(encode_update(make_update(62)))
+    metrics = wait_processed(hub, 3)
+
+    assert metrics["rejected"] == {"stale": 1, "clock_skew": 1}
+    assert metrics["applied"] == 1
+
+
+def test_replayed_update_is_applied_once(running_daemon) -> None:
+    daemon, hub = running_daemon
+    payload = encode_update(make_update(70))
+
+    hub.publish(payload)
+    wait_processed(hub, 1)
+    hub.publish(payload)
+    metrics = wait_processed(hub, 2)
+
+    assert metrics["applied"] == 1
+    assert metrics["rejected"] == {"duplicate": 1}
+
+
+def test_metrics_log_is_size_capped(mlp_pair, broker, tmp_path) -> None:
+    path = tmp_path / "device.toml"
+    protocol = "5" if broker.kind == "mosquitto" else "3.1.1"
+    path.write_text(
+        render_config(
+            DEVICE,
+            mlp_pair.bundle,
+            tmp_path / "state",
+            broker.port,
+            protocol=protocol,
+            overrides={"logging": {"max_bytes": 4096, "backups": 1}},
+        )
+    )
+    daemon = EdgeDaemon(load_config(path))
+    for _ in range(40):
+        daemon.publish_metrics()
+
+    logs = sorted((tmp_path / "state").glob("metrics.jsonl*"))
+    assert [p.name for p in logs] == ["metrics.jsonl", "metrics.jsonl.1"]
+    assert all(p.stat().st_size <= 4096 + 4096 for p in logs)
