@@ -718,6 +718,10 @@ from dslo_edge.cli_hub import hub  # noqa: E402
 
 main.add_command(hub)
 
+from dslo_edge.cli_bench import bench  # noqa: E402
+
+main.add_command(bench)
+
 
 if __name__ == "__main__":
     main()

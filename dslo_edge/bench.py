@@ -1,0 +1,437 @@
+"""``dslo-edge bench``: each performance figure beside its reference, in one run.
+
+The machines this runs on are shared and noisy. So every figure is measured
+next to a reference in the same run and reported as a median over repeats,
+and a target stated as a ratio is judged on that ratio. The run needs the
+``convert`` extra (TensorFlow converts the bundle and runs the reference
+train step) and mosquitto.
+
+| figure | reference |
+|---|---|
+| train step, digits MLP, batch 32 | the same step as a TensorFlow ``tf.function`` |
+| dynamic part (decode, validate, smoothing, alpha) | the train step |
+| samples per second applied by the daemon | two plain clients, same payloads |
+| end-to-end latency p50 and p99, light load | broker-only latency plus one train step |
+| daemon peak RSS and start-up time | a bare Python process importing numpy |
+| bytes per sample on the wire | the same update as JSON |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dslo_edge.bench_local import (
+    measure_train_step,
+    measure_update_split,
+    measure_wire_bytes,
+)
+from dslo_edge.bench_mqtt import (
+    DaemonProcess,
+    make_payloads,
+    reference_latency,
+    reference_throughput,
+    with_new_ids,
+)
+from dslo_edge.bench_process import measure_startup
+from dslo_edge.broker import Broker, find_mosquitto
+from dslo_edge.errors import DsloError
+
+THROUGHPUT_TARGET = 20_000.0
+RSS_TARGET_MB = 80.0
+STARTUP_TARGET_S = 1.5
+# dslo_edge.broker's default mosquitto settings plus set_tcp_nodelay.
+MOSQUITTO_NODELAY = (
+    "listener {port} 127.0.0.1\n"
+    "allow_anonymous true\n"
+    "max_queued_messages 10000\n"
+    "max_inflight_messages 100\n"
+    "set_tcp_nodelay true\n"
+)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Sizes of one bench run.
+
+    Attributes:
+        quick: the short run for CI; its figures are too few to judge.
+        message_samples: samples per MQTT message.
+        train_repeats: blocks of ``train_steps`` steps per side.
+        dynamic_updates: updates timed for the dynamic part.
+        latency_messages: messages sent at light load, one per
+            ``latency_gap_s``.
+        throughput_messages: messages per throughput run.
+        throughput_repeats: throughput runs per side.
+        startup_repeats: process starts per side.
+        tcp_nodelay: start mosquitto with ``set_tcp_nodelay true``, which
+            turns off Nagle's algorithm on its client sockets.
+    """
+
+    quick: bool = False
+    message_samples: int = 32
+    train_repeats: int = 15
+    train_steps: int = 200
+    dynamic_updates: int = 300
+    latency_messages: int = 300
+    latency_gap_s: float = 0.02
+    throughput_messages: int = 2000
+    throughput_repeats: int = 3
+    startup_repeats: int = 5
+    tcp_nodelay: bool = False
+
+    @classmethod
+    def quick_run(
+        cls, message_samples: int = 32, tcp_nodelay: bool = False
+    ) -> BenchOptions:
+        """Return the options of ``--quick``: seconds per figure."""
+        return cls(
+            quick=True,
+            message_samples=message_samples,
+            train_repeats=3,
+            train_steps=50,
+            dynamic_updates=30,
+            latency_messages=20,
+            throughput_messages=100,
+            throughput_repeats=1,
+            startup_repeats=1,
+            tcp_nodelay=tcp_nodelay,
+        )
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One row of the table: a figure, its reference and the target.
+
+    ``ratio`` is defined per figure (see ``_figures``) so that the target
+    can be stated on it. ``met`` is True when this run reached the target.
+    """
+
+    name: str
+    unit: str
+    value: float
+    reference: float
+    reference_name: str
+    ratio: float
+    target: str
+    met: bool
+
+
+def run_bench(out: Path, options: BenchOptions) -> dict[str, Any]:
+    """Run every measurement, write ``out/bench.json`` and return the report.
+
+    Raises:
+        DsloError: TensorFlow or mosquitto is missing, or a run failed.
+    """
+    if find_mosquitto() is None:
+        raise DsloError(
+            "the bench needs mosquitto (apt-get install mosquitto) for its "
+            "throughput and latency runs"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    bundle, reference = _tensorflow_side(out)
+
+    measured: dict[str, Any] = {}
+    measured["train_step"] = asdict(
+        measure_train_step(
+            bundle,
+            reference,
+            repeats=options.train_repeats,
+            steps=options.train_steps,
+        )
+    )
+    measured["update_split"] = measure_update_split(
+        bundle, updates=options.dynamic_updates, warmup=min(50, options.dynamic_updates)
+    )
+    measured["wire"] = measure_wire_bytes()
+    measured.update(_mqtt_figures(out, bundle, options))
+
+    report = {
+        "command": _command(options),
+        "quick": options.quick,
+        "options": asdict(options),
+        "environment": _environment(),
+        "figures": {f.name: asdict(f) for f in _figures(measured)},
+        "measured": measured,
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _tensorflow_side(out: Path) -> tuple[Path, Any]:
+    try:
+        from converters.bench_reference import (
+            TensorFlowTrainStep,
+            convert_digits_pair,
+        )
+    except ImportError as error:
+        raise DsloError(
+            f"the bench needs TensorFlow ({error}); install the convert extra: "
+            'pip install -e ".[convert]"'
+        ) from error
+    student, bundle = convert_digits_pair(out)
+    return bundle, TensorFlowTrainStep(student)
+
+
+def _mqtt_figures(out: Path, bundle: Path, options: BenchOptions) -> dict[str, Any]:
+    samples = options.message_samples
+    latency_payloads = make_payloads(options.latency_messages, samples)
+    throughput_payloads = make_payloads(options.throughput_messages, samples)
+    device = out / "device"
+    device.mkdir(exist_ok=True)
+    for old in (device / "state" / "checkpoints").glob("*"):
+        old.unlink()
+    config_text = MOSQUITTO_NODELAY if options.tcp_nodelay else None
+    with Broker.start(
+        kind="mosquitto", workdir=out / "broker", config_text=config_text
+    ) as broker:
+        host, port = broker.host, broker.port
+        broker_latency = reference_latency(
+            host, port, latency_payloads, options.latency_gap_s
+        )
+        daemon = DaemonProcess.start(device, bundle, host, port)
+        try:
+            daemon_latency = daemon.latency(
+                with_new_ids(latency_payloads), options.latency_gap_s
+            )
+            broker_rates, daemon_rates = [], []
+            for _ in range(options.throughput_repeats):
+                payloads = with_new_ids(throughput_payloads)
+                broker_rates.append(reference_throughput(host, port, payloads))
+                daemon_rates.append(daemon.throughput(with_new_ids(payloads)))
+            metrics = daemon.metrics()
+        finally:
+            exit_code = daemon.stop()
+        startup = measure_startup(
+            device / "device.toml", device / "daemon.log", options.startup_repeats
+        )
+    return {
+        "latency_ms": {"daemon": daemon_latency, "broker_only": broker_latency},
+        "throughput_samples_per_s": {
+            "daemon": [round(rate) for rate in daemon_rates],
+            "broker_only": [round(rate) for rate in broker_rates],
+        },
+        "daemon": {
+            "peak_rss_mb": metrics.get("peak_rss_mb"),
+            "applied": metrics.get("applied"),
+            "rejected": metrics.get("rejected"),
+            "train_ms": _without_histogram(metrics.get("train_ms")),
+            "exit_code": exit_code,
+        },
+        "startup": startup,
+    }
+
+
+def _without_histogram(window: Any) -> Any:
+    if not isinstance(window, dict):
+        return window
+    return {key: value for key, value in window.items() if key != "histogram"}
+
+
+def _figures(measured: dict[str, Any]) -> list[Figure]:
+    return (
+        _compute_figures(measured)
+        + _latency_figures(measured)
+        + _process_figures(measured)
+        + _wire_figures(measured["wire"])
+    )
+
+
+def _compute_figures(measured: dict[str, Any]) -> list[Figure]:
+    step = measured["train_step"]
+    split = measured["update_split"]
+    rates = measured["throughput_samples_per_s"]
+    daemon_rate = statistics.median(rates["daemon"])
+    broker_rate = statistics.median(rates["broker_only"])
+    return [
+        Figure(
+            "train_step",
+            "us",
+            step["interpreter_us"],
+            step["tensorflow_us"],
+            "TensorFlow tf.function",
+            _ratio(step["tensorflow_us"], step["interpreter_us"]),
+            ">= 30x faster",
+            step["tensorflow_us"] >= 30 * step["interpreter_us"],
+        ),
+        Figure(
+            "dynamic_part",
+            "us",
+            split["dynamic_us"],
+            split["train_us"],
+            "train step",
+            split["share"],
+            "<= 10% of update time",
+            split["share"] <= 0.10,
+        ),
+        Figure(
+            "throughput",
+            "samples/s",
+            round(daemon_rate),
+            round(broker_rate),
+            "broker only",
+            _ratio(daemon_rate, broker_rate),
+            ">= 20,000/s and >= 50% of broker only",
+            daemon_rate >= THROUGHPUT_TARGET and daemon_rate >= 0.5 * broker_rate,
+        ),
+    ]
+
+
+def _latency_figures(measured: dict[str, Any]) -> list[Figure]:
+    latency = measured["latency_ms"]
+    step_ms = measured["train_step"]["interpreter_us"] / 1000
+    figures = []
+    for percentile in ("p50", "p99"):
+        value = latency["daemon"][percentile]
+        reference = latency["broker_only"][percentile] + step_ms
+        figures.append(
+            Figure(
+                f"latency_{percentile}",
+                "ms",
+                value,
+                round(reference, 3),
+                "broker only + train step",
+                _ratio(value, reference),
+                "<= 2x reference",
+                value <= 2 * reference,
+            )
+        )
+    return figures
+
+
+def _process_figures(measured: dict[str, Any]) -> list[Figure]:
+    startup = measured["startup"]
+    peak_rss = float(measured["daemon"]["peak_rss_mb"] or 0.0)
+    return [
+        Figure(
+            "peak_rss",
+            "MiB",
+            peak_rss,
+            startup["bare_numpy_rss_mb"],
+            "python -c 'import numpy'",
+            _ratio(peak_rss, startup["bare_numpy_rss_mb"]),
+            "<= 80 MiB",
+            peak_rss <= RSS_TARGET_MB,
+        ),
+        Figure(
+            "startup",
+            "s",
+            startup["daemon_s"],
+            startup["bare_numpy_s"],
+            "python -c 'import numpy'",
+            _ratio(startup["daemon_s"], startup["bare_numpy_s"]),
+            "<= 1.5 s",
+            startup["daemon_s"] <= STARTUP_TARGET_S,
+        ),
+    ]
+
+
+def _wire_figures(wire: dict[str, Any]) -> list[Figure]:
+    return [
+        Figure(
+            "wire_bytes",
+            "B/sample",
+            wire["binary_bytes_per_sample"],
+            wire["json_bytes_per_sample"],
+            "JSON",
+            _ratio(wire["binary_bytes_per_sample"], wire["json_bytes_per_sample"]),
+            "<= 1/3 of JSON",
+            wire["binary_bytes_per_sample"] * 3 <= wire["json_bytes_per_sample"],
+        ),
+        Figure(
+            "wire_bytes_top_k",
+            "B/sample",
+            wire["top_k_bytes_per_sample"],
+            wire["binary_bytes_per_sample"],
+            "full labels",
+            _ratio(wire["top_k_bytes_per_sample"], wire["binary_bytes_per_sample"]),
+            "smaller than full labels",
+            wire["top_k_bytes_per_sample"] < wire["binary_bytes_per_sample"],
+        ),
+    ]
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return round(numerator / denominator, 3) if denominator else float("nan")
+
+
+def _command(options: BenchOptions) -> str:
+    command = "dslo-edge bench" + (" --quick" if options.quick else "")
+    if options.message_samples != 32:
+        command += f" --message-samples {options.message_samples}"
+    if options.tcp_nodelay:
+        command += " --tcp-nodelay"
+    return command
+
+
+def _environment() -> dict[str, Any]:
+    from dslo_edge.runtime import interpreter_class
+
+    _, runtime = interpreter_class()
+    environment: dict[str, Any] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "numpy": np.__version__,
+        "runtime": f"{runtime} {_package_version(runtime)}",
+        "tensorflow": _package_version("tensorflow-cpu")
+        or _package_version("tensorflow"),
+        "mosquitto": _mosquitto_version(),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+    }
+    return environment
+
+
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _mosquitto_version() -> str | None:
+    binary = find_mosquitto()
+    if binary is None:
+        return None
+    result = subprocess.run(
+        [str(binary), "-h"], capture_output=True, text=True, check=False
+    )
+    first = (result.stdout or result.stderr).splitlines()
+    return first[0].strip() if first else None
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Return the figures as a plain-text table."""
+    header = ("figure", "value", "reference", "ratio", "target", "met")
+    rows = [header]
+    for figure in report["figures"].values():
+        unit = figure["unit"]
+        rows.append(
+            (
+                figure["name"],
+                f"{figure['value']:g} {unit}",
+                f"{figure['reference']:g} {unit} ({figure['reference_name']})",
+                f"{figure['ratio']:g}",
+                figure["target"],
+                "yes" if figure["met"] else "no",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if report["quick"]:
+        lines.append("quick run: too few repeats to judge the targets")
+    return "\n".join(line.rstrip() for line in lines)
