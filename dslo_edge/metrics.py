@@ -6,7 +6,7 @@ import resource
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -22,39 +22,71 @@ HISTOGRAM_EDGES_MS = tuple(
 
 
 class LatencyWindow:
-    """The last ``size`` latency samples in milliseconds, with percentiles."""
+    """The last ``size`` latency samples in milliseconds, with percentiles.
+
+    The samples sit in a preallocated ring buffer. A report sorts a copy
+    once and reads the percentiles and the histogram from it, because the
+    daemon reports after every few updates.
+    """
 
     def __init__(self, size: int = 2048):
-        self._samples: deque[float] = deque(maxlen=size)
+        if size < 1:
+            raise ValueError(f"window size must be at least 1, got {size}")
+        self._samples = np.zeros(size, dtype=np.float64)
+        self._added = 0
 
     def add(self, milliseconds: float) -> None:
-        self._samples.append(milliseconds)
+        self._samples[self._added % len(self._samples)] = milliseconds
+        self._added += 1
+
+    def _sorted(self) -> np.ndarray:
+        return np.sort(self._samples[: min(self._added, len(self._samples))])
 
     def percentiles(self) -> dict[str, float | None]:
-        if not self._samples:
-            return {"p50": None, "p95": None, "p99": None, "count": 0}
-        values = np.fromiter(self._samples, dtype=np.float64)
-        p50, p95, p99 = np.percentile(values, [50, 95, 99])
-        return {
-            "p50": round(float(p50), 3),
-            "p95": round(float(p95), 3),
-            "p99": round(float(p99), 3),
-            "count": len(values),
-        }
+        return _percentiles(self._sorted())
 
     def histogram(self) -> dict[str, list[float] | list[int]]:
         """Return sample counts per bucket between ``HISTOGRAM_EDGES_MS``."""
-        edges = np.asarray(HISTOGRAM_EDGES_MS)
-        values = np.fromiter(self._samples, dtype=np.float64)
-        clipped = np.clip(values, edges[0], edges[-1])
-        counts, _ = np.histogram(clipped, bins=edges)
-        return {"edges_ms": list(HISTOGRAM_EDGES_MS), "counts": counts.tolist()}
+        return _histogram(self._sorted())
 
     def summary(self) -> dict[str, Any]:
         """Return the percentiles together with the histogram."""
-        report: dict[str, Any] = dict(self.percentiles())
-        report["histogram"] = self.histogram()
+        ordered = self._sorted()
+        report: dict[str, Any] = dict(_percentiles(ordered))
+        report["histogram"] = _histogram(ordered)
         return report
+
+
+_QUANTILES = np.array([0.50, 0.95, 0.99])
+_INNER_EDGES = np.asarray(HISTOGRAM_EDGES_MS[1:-1])
+
+
+def _percentiles(ordered: np.ndarray) -> dict[str, float | None]:
+    """Return p50, p95 and p99 of sorted samples, interpolated as np.percentile."""
+    count = len(ordered)
+    if not count:
+        return {"p50": None, "p95": None, "p99": None, "count": 0}
+    position = _QUANTILES * (count - 1)
+    below = np.floor(position).astype(np.intp)
+    above = np.minimum(below + 1, count - 1)
+    low, high = ordered[below], ordered[above]
+    p50, p95, p99 = (low + (high - low) * (position - below)).tolist()
+    return {
+        "p50": round(p50, 3),
+        "p95": round(p95, 3),
+        "p99": round(p99, 3),
+        "count": count,
+    }
+
+
+def _histogram(ordered: np.ndarray) -> dict[str, list[float] | list[int]]:
+    """Return counts per bucket of sorted samples, clipped to the outer edges."""
+    # Bucket i counts edges[i] <= v < edges[i + 1]. Samples below the first
+    # edge count in the first bucket and samples from the last inner edge up
+    # in the last one, as np.histogram of the clipped samples counts them.
+    starts = np.searchsorted(ordered, _INNER_EDGES, side="left")
+    bounds = np.concatenate(([0], starts, [len(ordered)]))
+    return {"edges_ms": list(HISTOGRAM_EDGES_MS), "counts": np.diff(bounds).tolist()}
 
 
 def peak_rss_mb() -> float:
@@ -65,12 +97,14 @@ def peak_rss_mb() -> float:
     parent's peak.
     """
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
+        with open("/proc/self/status", "rb") as status:
+            text = status.read()
     except OSError:
-        pass
+        text = b""
+    start = text.find(b"VmHWM:")
+    if start >= 0:
+        end = text.find(b"kB", start)
+        return round(int(text[start + 6 : end]) / 1024, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     divisor = 1024 * 1024 if sys.platform == "darwin" else 1024
