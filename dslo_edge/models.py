@@ -10,6 +10,46 @@ from dslo_edge.bundle import Bundle
 from dslo_edge.runtime import as_float32, interpreter_class, load_interpreter
 
 
+class SignatureCall:
+    """Calls one signature, resizing and allocating only when a shape changes.
+
+    The interpreters' ``SignatureRunner`` resizes every input and allocates
+    tensors on every call, which costs more than the train step itself for
+    a small student. This wrapper feeds inputs of unchanged shapes straight
+    to the runner's interpreter wrapper and calls the runner otherwise.
+    NOTE: the fast path reads private ``SignatureRunner`` attributes, which
+    ai-edge-litert 2.3 and tflite-runtime 2.14 both have. When any is
+    missing, every call goes through the runner.
+    """
+
+    def __init__(self, runner: Any):
+        self._runner = runner
+        self._shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+        try:
+            self._wrapper = runner._interpreter_wrapper
+            self._inputs: dict[str, int] = dict(runner._inputs)
+            self._outputs: list[tuple[str, int]] = list(runner._outputs)
+            self._subgraph: int = runner._subgraph_index
+        except (AttributeError, TypeError):
+            self._wrapper = None
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the signature; inputs are keyword arguments, as for the runner."""
+        shapes = tuple((name, np.shape(value)) for name, value in inputs.items())
+        if self._wrapper is None or shapes != self._shapes:
+            # The runner resizes and allocates, and its checks raise on bad names.
+            result: dict[str, np.ndarray] = self._runner(**inputs)
+            self._shapes = shapes
+            return result
+        wrapper, subgraph = self._wrapper, self._subgraph
+        for name, value in inputs.items():
+            wrapper.SetTensor(self._inputs[name], value, subgraph)
+        wrapper.Invoke(subgraph)
+        return {
+            name: wrapper.GetTensor(index, subgraph) for name, index in self._outputs
+        }
+
+
 class StudentModel:
     """The trainable student: infer, one train step, and weights in and out.
 
@@ -20,8 +60,8 @@ class StudentModel:
         self.bundle = bundle
         _, self.runtime_name = interpreter_class(runtime)
         self.interpreter = load_interpreter(bundle.student_path, preference=runtime)
-        self._infer = self.interpreter.get_signature_runner("infer")
-        self._train = self.interpreter.get_signature_runner("train")
+        self._infer = SignatureCall(self.interpreter.get_signature_runner("infer"))
+        self._train = SignatureCall(self.interpreter.get_signature_runner("train"))
         self._get_weights = self.interpreter.get_signature_runner("get_weights")
         self._set_weights = self.interpreter.get_signature_runner("set_weights")
 
