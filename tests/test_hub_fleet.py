@@ -107,6 +107,9 @@ def run_fleet(devices, inbox, victim) -> tuple[float, float]:
         drain_inbox(inbox)
         if not killed and time.monotonic() >= frozen_at:
             victim.send_signal(signal.SIGSTOP)
+            # Requests sent now pile up unacknowledged in the frozen session.
+            for device in devices:
+                device.step()
             drain_inbox(inbox, timeout=1.0)
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
