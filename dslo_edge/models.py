@@ -14,9 +14,10 @@ class SignatureCall:
     """Calls one signature, resizing and allocating only when a shape changes.
 
     The interpreters' ``SignatureRunner`` resizes every input and allocates
-    tensors on every call, which costs more than the train step itself for
-    a small student. This wrapper feeds inputs of unchanged shapes straight
-    to the runner's interpreter wrapper and calls the runner otherwise.
+    tensors on every call: about 14 of 62 us per train step of a 64-32-10
+    student at batch 32 (ai-edge-litert 2.3, one x86-64 core). This wrapper
+    feeds inputs of unchanged shapes straight to the runner's interpreter
+    wrapper and calls the runner otherwise.
     NOTE: the fast path reads private ``SignatureRunner`` attributes, which
     ai-edge-litert 2.3 and tflite-runtime 2.14 both have. When any is
     missing, every call goes through the runner.
