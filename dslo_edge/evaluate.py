@@ -12,7 +12,10 @@ device would. Every method trains on the same stream of update batches:
 - ``annealed KD``: the evolving teacher, time term only (linear 0.8 to 0.2),
   no confidence term, no smoothing;
 - ``DSL-O``: the evolving teacher with confidence and time terms, smoothing
-  and the drift boost, at the library defaults;
+  and the drift boost, at the library defaults, with the teacher's argmax as
+  the CE label;
+- ``DSL-O with masked CE``: the same without a CE term, because the stream
+  has no hard labels;
 - ``DSL-O`` with the confidence term, the time term, smoothing or the drift
   boost switched off in turn.
 
@@ -132,6 +135,7 @@ METHODS = (
         _dslo(alpha=TIME_ONLY, smoothing_lambda=0.0, drift=NO_BOOST),
     ),
     Method("DSL-O", "evolving", _dslo()),
+    Method("DSL-O with masked CE", "evolving", _dslo(hard_label_fallback="mask")),
     Method("DSL-O without confidence", "evolving", _dslo(alpha=TIME_ONLY)),
     Method("DSL-O without time term", "evolving", _dslo(alpha=CONFIDENCE_ONLY)),
     Method(
