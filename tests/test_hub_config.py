@@ -178,7 +178,7 @@ def test_hub_unit_runs_one_worker_per_instance() -> None:
     assert "ReadWritePaths=/var/lib/dslo-edge-hub" in unit
 
 
-def test_device_unit_is_unchanged() -> None:
+def test_device_unit_still_runs_daemon() -> None:
     unit = render_unit()
     assert "ExecStart=/opt/dslo-edge/venv/bin/dslo-edge run --config" in unit
-    assert "Type=simple" in unit
+    assert "hub" not in unit
