@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,6 +59,7 @@ DUPLICATE = "duplicate"
 UNEXPECTED = "unexpected"
 # Finished request ids remembered to tell a duplicate from a stray response.
 FINISHED_MEMORY = 4096
+LATENCY_WINDOW = 1024
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,10 @@ class RequestCounters:
     timed_out: int = 0
     duplicates: int = 0
     unexpected: int = 0
-    latencies_s: list[float] = field(default_factory=list)
+    # Seconds from first send to response of the latest labelled requests.
+    latencies_s: deque[float] = field(
+        default_factory=lambda: deque(maxlen=LATENCY_WINDOW)
+    )
 
 
 class LabelRequester:
