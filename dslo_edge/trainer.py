@@ -8,11 +8,13 @@ alpha, then one step of the ``train`` signature.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from dslo_edge.batching import batch_slices
 from dslo_edge.checkpoint import Checkpoint
 from dslo_edge.config import TrainingSettings
 from dslo_edge.dynamic import SoftLabelEngine, Targets
@@ -101,6 +103,21 @@ class Trainer:
         """Updates trained on, including those before the last restore."""
         return self.engine.applied_updates
 
+    @applied_updates.setter
+    def applied_updates(self, count: int) -> None:
+        # The daemon resets the count when it rolls back to factory weights.
+        self.engine.applied_updates = count
+
+    def reset_dynamic_state(self) -> None:
+        """Forget progress, smoothing targets, monitor history and drift boost.
+
+        For a rollback to factory weights: the stored targets and statistics
+        describe updates whose effect on the weights was discarded.
+        """
+        self.engine = SoftLabelEngine(
+            self.settings.task(), self.settings.progress_settings()
+        )
+
     @property
     def progress(self) -> float:
         """Training progress t in [0, 1] for the next update.
@@ -156,21 +173,73 @@ class Trainer:
         )
         finished = time.perf_counter()
         self.engine.finish_update()
-        return AppliedUpdate(
-            message_id=update.message_id_hex,
-            samples=update.sample_count,
-            loss=loss,
-            mean_alpha=float(batch.alpha.mean()),
-            prepare_ms=(prepared - started) * 1000,
-            train_ms=(finished - prepared) * 1000,
-            dynamic_ms=targets.dynamic_ms,
-            min_alpha=float(batch.alpha.min()),
-            max_alpha=float(batch.alpha.max()),
-            smoothing_lambda=targets.smoothing_lambda,
-            progress=targets.progress,
-            teacher_round=update.teacher_round,
-            batch_drift=targets.batch_drift,
+        prepare_ms = (prepared - started) * 1000
+        train_ms = (finished - prepared) * 1000
+        return _applied(update, targets, prepare_ms, loss, train_ms)
+
+    def apply_many(
+        self, updates: Sequence[SoftLabelUpdate], batch_size: int
+    ) -> list[AppliedUpdate]:
+        """Train on the samples of validated updates in steps of ``batch_size``.
+
+        Each update goes through the dynamic part in order, as ``apply``
+        would take it, and counts as applied right after, so progress and
+        alpha match one ``apply`` per update. The rows are then trained in
+        steps of ``batch_size``. Rows of updates with different temperatures
+        never share a step, because the ``train`` signature takes one
+        temperature; such a run ends with a shorter step.
+
+        Returns:
+            One result per update. Its ``loss`` is the mean loss of the steps
+            that trained its rows, weighted by its row count in each step,
+            and its ``train_ms`` is its row share of those steps' time.
+        """
+        prepared = []
+        for update in updates:
+            started = time.perf_counter()
+            targets = self._targets(update)
+            self.engine.finish_update()
+            prepared.append((targets, (time.perf_counter() - started) * 1000))
+        losses, train_ms = self._train_rows(
+            updates, [targets for targets, _ in prepared], batch_size
         )
+        return [
+            _applied(update, targets, prepare_ms, losses[index], train_ms[index])
+            for index, (update, (targets, prepare_ms)) in enumerate(
+                zip(updates, prepared, strict=True)
+            )
+        ]
+
+    def _train_rows(
+        self,
+        updates: Sequence[SoftLabelUpdate],
+        targets: list[Targets],
+        batch_size: int,
+    ) -> tuple[list[float], list[float]]:
+        """Run the train steps of ``apply_many``; return loss and ms per update."""
+        counts = [update.sample_count for update in updates]
+        owner = np.repeat(np.arange(len(updates)), counts)
+        x = np.concatenate([update.inputs for update in updates])
+        soft = np.concatenate([t.soft for t in targets])
+        hard = np.concatenate([t.hard for t in targets])
+        alpha = np.concatenate([t.alpha for t in targets])
+        loss_sums = np.zeros(len(updates))
+        train_ms = np.zeros(len(updates))
+        for rows, temperature in _step_rows(counts, targets, batch_size):
+            started = time.perf_counter()
+            loss = self.student.train_step(
+                x[rows],
+                soft[rows],
+                hard[rows],
+                alpha[rows],
+                temperature,
+                self.settings.learning_rate,
+            )
+            step_ms = (time.perf_counter() - started) * 1000
+            rows_per_update = np.bincount(owner[rows], minlength=len(updates))
+            loss_sums += rows_per_update * loss
+            train_ms += rows_per_update * (step_ms / (rows.stop - rows.start))
+        return (loss_sums / counts).tolist(), train_ms.tolist()
 
     def dynamic_metrics(self) -> dict[str, Any]:
         """Return progress, alpha, smoothing and teacher-monitor figures.
@@ -198,3 +267,48 @@ class Trainer:
         }
         self.student.set_weights(weights)
         self.engine.restore(checkpoint.tensors, checkpoint.state, ENGINE_PREFIX)
+
+
+def _applied(
+    update: SoftLabelUpdate,
+    targets: Targets,
+    prepare_ms: float,
+    loss: float,
+    train_ms: float,
+) -> AppliedUpdate:
+    alpha = targets.alpha
+    return AppliedUpdate(
+        message_id=update.message_id_hex,
+        samples=update.sample_count,
+        loss=loss,
+        mean_alpha=float(alpha.mean()),
+        prepare_ms=prepare_ms,
+        train_ms=train_ms,
+        dynamic_ms=targets.dynamic_ms,
+        min_alpha=float(alpha.min()),
+        max_alpha=float(alpha.max()),
+        smoothing_lambda=targets.smoothing_lambda,
+        progress=targets.progress,
+        teacher_round=update.teacher_round,
+        batch_drift=targets.batch_drift,
+    )
+
+
+def _step_rows(
+    counts: list[int], targets: list[Targets], batch_size: int
+) -> list[tuple[slice, float]]:
+    """Return (rows, temperature) of each train step over concatenated updates."""
+    steps = []
+    start = 0
+    index = 0
+    while index < len(counts):
+        # A run of consecutive updates that share one temperature.
+        temperature = targets[index].temperature
+        end = start
+        while index < len(counts) and targets[index].temperature == temperature:
+            end += counts[index]
+            index += 1
+        for rows in batch_slices(end - start, batch_size):
+            steps.append((slice(start + rows.start, start + rows.stop), temperature))
+        start = end
+    return steps

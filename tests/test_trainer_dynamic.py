@@ -84,3 +84,18 @@ def test_bench_reports_dynamic_share(mlp_pair) -> None:
     assert 0 < result.dynamic_us < result.prepare_us
     assert result.update_us >= result.train_us
     assert 0 < result.share < 1
+
+
+def test_rollback_resets_progress_and_engine(mlp_pair) -> None:
+    trainer = Trainer(StudentModel(load_bundle(mlp_pair.bundle)), TrainingSettings())
+    for teacher_round in (1, 2):
+        trainer.apply(trainer.decode(encode_update(update(teacher_round, 3))))
+
+    trainer.applied_updates = 0
+    assert trainer.progress == 0.0
+    assert len(trainer.store) == 8
+
+    trainer.reset_dynamic_state()
+    assert trainer.applied_updates == 0
+    assert len(trainer.store) == 0
+    assert trainer.monitor.snapshot()["latest_round"] == 0.0
