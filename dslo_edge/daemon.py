@@ -50,7 +50,9 @@ from dslo_edge.costs import AdaptationCosts
 from dslo_edge.errors import InvalidUpdate
 from dslo_edge.health import PROBE_FILE, HealthGuard, load_probe
 from dslo_edge.metrics import DaemonMetrics
+from dslo_edge.model_update import ModelUpdater
 from dslo_edge.models import StudentModel
+from dslo_edge.ota import ota_topics
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE, SoftLabelUpdate
 from dslo_edge.signing import load_key
 from dslo_edge.trainer import Trainer
@@ -72,11 +74,14 @@ class EdgeDaemon:
         self.config = config
         self.device_id = config.device_id
         self.topics = config.topics
-        self.bundle = load_bundle(config.bundle)
-        self.student = StudentModel(self.bundle, config.runtime)
-        self.trainer = Trainer(
-            self.student, config.training, config.limits, config.sum_tolerance
+        self.updater = ModelUpdater(
+            config.state_dir, lambda bundle: StudentModel(bundle, config.runtime)
         )
+        self.bundle = load_bundle(self.updater.active_bundle(config.bundle))
+        self.student = StudentModel(self.bundle, config.runtime)
+        self.ota_topic, self.ota_status_topic = ota_topics(self.topics)
+        self.ota_chunks: queue.Queue[Received] = queue.Queue()
+        self.trainer = self._new_trainer()
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
         key_file = config.security.hmac_key_file
         self.hmac_key = load_key(key_file) if key_file else None
@@ -124,6 +129,12 @@ class EdgeDaemon:
             manual_ack=True,
             receive_maximum=queue_size,
             label=f"device {self.device_id}",
+        )
+
+    def _new_trainer(self) -> Trainer:
+        config = self.config
+        return Trainer(
+            self.student, config.training, config.limits, config.sum_tolerance
         )
 
     @property
@@ -181,8 +192,7 @@ class EdgeDaemon:
         checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
         if checkpoint is None:
             logger.info("Device %s starts from the factory weights", self.device_id)
-        else:
-            self._load(checkpoint)
+        elif self._load_matching(checkpoint):
             self.metrics.restore_rejected(checkpoint.state.get("rejected", {}))
             self.restored_from = checkpoint.path.name
             logger.info(
@@ -193,6 +203,22 @@ class EdgeDaemon:
             )
         self.health.accuracy(self.student)
         self.health.accept()
+
+    def _load_matching(self, checkpoint: Checkpoint) -> bool:
+        try:
+            self._load(checkpoint)
+        except ValueError as error:
+            # A model update switched the bundle before its first checkpoint.
+            logger.warning(
+                "Device %s cannot use %s with bundle %s (%s); starting from the "
+                "bundle's own weights",
+                self.device_id,
+                checkpoint.path.name,
+                self.bundle.path.name,
+                error,
+            )
+            return False
+        return True
 
     def _load(self, checkpoint: Checkpoint) -> None:
         self.trainer.restore(checkpoint)
@@ -247,7 +273,9 @@ class EdgeDaemon:
 
     def _on_connected(self, _session_present: bool) -> None:
         # Subscribing on every connect also covers a broker that lost the session.
-        self.connection.client.subscribe(self.topics.updates, qos=1)
+        self.connection.client.subscribe(
+            [(self.topics.updates, 1), (self.ota_topic, 1)]
+        )
         self.connection.publish(self.topics.status, STATUS_ONLINE, retain=True)
         if self.config.homeassistant.enabled:
             self._publish_discovery()
@@ -268,6 +296,9 @@ class EdgeDaemon:
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
         item = Received(bytes(message.payload), message.mid, message.qos, time.time())
+        if message.topic == self.ota_topic:
+            self.ota_chunks.put(item)
+            return
         try:
             self.updates.put_nowait(item)
         except queue.Full:
@@ -289,6 +320,12 @@ class EdgeDaemon:
     def _train_loop(self) -> None:
         while not self.stopping.is_set():
             self._trainer_beat = time.monotonic()
+            try:
+                self._apply_model_updates()
+            except Exception:  # a bad bundle must not stop training
+                logger.exception(
+                    "Device %s failed to apply a model update", self.device_id
+                )
             if self._budget_paused():
                 self.stopping.wait(0.5)
                 continue
@@ -400,6 +437,44 @@ class EdgeDaemon:
             end_to_end_ms,
         )
 
+    # Model updates over the air
+
+    def _apply_model_updates(self) -> None:
+        while not self.ota_chunks.empty():
+            item = self.ota_chunks.get_nowait()
+            outcome = self.updater.handle_chunk(item.payload, self.student)
+            if outcome.student is not None and outcome.bundle is not None:
+                self._switch_model(outcome.student, outcome.bundle)
+            # The chunk is on disk (or its transfer is finished), so ack it.
+            self.connection.ack(item.mid, item.qos)
+            if outcome.status is not None:
+                self.connection.publish(self.ota_status_topic, outcome.status)
+
+    def _switch_model(self, student: StudentModel, bundle: Any) -> None:
+        """Make the new student current, keeping progress and compatible state."""
+        self._checkpoint_and_ack()
+        self._checkpoint_and_ack()
+        old_trainer = self.trainer
+        self.bundle = bundle
+        self.student = student
+        self.trainer = self._new_trainer()
+        if bundle.class_count == old_trainer.spec.class_count:
+            # Smoothing store, monitor and progress stay valid for the same classes.
+            self.trainer.engine = old_trainer.engine
+        else:
+            self.trainer.engine.applied_updates = old_trainer.applied_updates
+        self.health = HealthGuard(
+            self._load_probe(),
+            self.config.health.max_accuracy_drop,
+            self.costs.infer_ms,
+        )
+        self.health.accuracy(student)
+        self.health.accept()
+        # Two generations of the new model, so no older one is ever restored.
+        self.save_checkpoint()
+        self.save_checkpoint()
+        logger.info("Device %s now trains %s", self.device_id, bundle.path.name)
+
     # Health, checkpoints and acknowledgements
 
     def _check_health(self) -> bool:
@@ -417,7 +492,7 @@ class EdgeDaemon:
         checkpoint = load_latest_checkpoint(self.checkpoint_dir)
         if checkpoint is None:
             self.student.set_weights(self._factory_weights())
-            self.trainer.applied_updates = 0
+            self.trainer = self._new_trainer()
             target = "the factory weights"
         else:
             self._load(checkpoint)

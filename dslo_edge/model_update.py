@@ -1,0 +1,102 @@
+"""Over-the-air model updates, applied by the daemon's trainer thread.
+
+Chunks arrive on ``dslo/<device>/ota``; ``OtaReceiver`` assembles and
+verifies them in the state directory. A complete archive is unpacked into
+its own release (``BundleStore``), the new student gets every weight whose
+name and shape match the adapted one, and a health check on the new student
+decides between keeping it and rolling the ``active`` link back. The outcome
+is published on ``dslo/<device>/ota/status``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dslo_edge.bundle import Bundle, load_bundle
+from dslo_edge.errors import BundleError
+from dslo_edge.models import StudentModel
+from dslo_edge.ota import OtaError, OtaReceiver, status_payload
+from dslo_edge.swap import BundleStore, swap_student
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    """What one OTA chunk led to: a status to publish and maybe a new student."""
+
+    status: str | None
+    student: StudentModel | None = None
+    bundle: Bundle | None = None
+
+
+class ModelUpdater:
+    """Receives OTA chunks and swaps the student when a bundle is complete.
+
+    Args:
+        state_dir: the daemon's state directory; releases go to
+            ``bundles/`` and partial archives to ``ota/``.
+        load_student: builds a student for a bundle (with the daemon's
+            interpreter choice).
+    """
+
+    def __init__(self, state_dir: Path, load_student: Callable[[Bundle], StudentModel]):
+        self.store = BundleStore(state_dir)
+        self.receiver = OtaReceiver(state_dir / "ota")
+        self.load_student = load_student
+
+    def active_bundle(self, factory: Path) -> Path:
+        """Return the bundle to load at start: the installed release, else factory."""
+        return self.store.active_path(factory)
+
+    def handle_chunk(self, payload: bytes, current: StudentModel) -> UpdateOutcome:
+        """Store a chunk; on the last one install, swap and health-check."""
+        try:
+            archive = self.receiver.receive(payload)
+        except OtaError as error:
+            logger.warning("Rejected model update chunk: %s", error)
+            return UpdateOutcome(
+                status_payload("rejected", None, reason=error.reason, detail=str(error))
+            )
+        if archive is None:
+            return UpdateOutcome(None)
+        try:
+            release = self.store.install_archive(archive.path)
+        except OtaError as error:
+            return UpdateOutcome(
+                status_payload(
+                    "rejected",
+                    archive.transfer_id,
+                    reason=error.reason,
+                    detail=str(error),
+                )
+            )
+        finally:
+            archive.path.unlink(missing_ok=True)
+        result = swap_student(self.store, release, current, self.load_student)
+        if not result.swapped:
+            return UpdateOutcome(
+                status_payload(
+                    "rolled_back",
+                    archive.transfer_id,
+                    release=result.release.name if result.release else None,
+                    reason="health_check",
+                    detail=result.reason,
+                )
+            )
+        try:
+            bundle = load_bundle(release)
+        except BundleError as error:  # the store checked it, so this is rare
+            self.store.rollback()
+            return UpdateOutcome(
+                status_payload("rolled_back", archive.transfer_id, detail=str(error))
+            )
+        assert isinstance(result.student, StudentModel)
+        return UpdateOutcome(
+            status_payload("installed", archive.transfer_id, release=release.name),
+            result.student,
+            bundle,
+        )

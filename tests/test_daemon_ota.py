@@ -1,0 +1,103 @@
+"""A model update over the air, applied by the running daemon."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from dslo_edge.config import load_config, render_config
+from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.ota import ota_topics, send_bundle
+from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+
+DEVICE = "ota-device"
+
+
+def update(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode_update(
+        SoftLabelUpdate(
+            message_id=new_message_id(),
+            teacher_version="t",
+            teacher_round=1,
+            timestamp=time.time(),
+            sample_ids=[f"o{seed}-{i}" for i in range(8)],
+            inputs=rng.random((8, 64), dtype=np.float32),
+            labels=rng.dirichlet(np.ones(10), size=8).astype(np.float32),
+            label_kind="probabilities",
+        )
+    )
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_ota_swaps_bundle_and_keeps_adapted_weights(mlp_pair, broker, tmp_path) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    config_path = tmp_path / "device.toml"
+    config_path.write_text(
+        render_config(DEVICE, mlp_pair.bundle, tmp_path / "state", broker.port)
+    )
+    new_bundle = tmp_path / "new-bundle"
+    shutil.copytree(mlp_pair.bundle, new_bundle)
+    topics = Topics.for_device(DEVICE)
+    statuses: list[dict] = []
+    hub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    subscribed = threading.Event()
+    hub.on_subscribe = lambda *_: subscribed.set()
+    online = threading.Event()
+
+    def on_message(_client, _userdata, message) -> None:
+        if message.topic == topics.status:
+            if message.payload == b"online":
+                online.set()
+        else:
+            statuses.append(json.loads(message.payload))
+
+    hub.on_message = on_message
+    hub.connect(broker.host, broker.port)
+    hub.loop_start()
+    hub.subscribe([(ota_topics(topics)[1], 1), (topics.status, 1)])
+    assert subscribed.wait(10)
+
+    daemon = EdgeDaemon(load_config(config_path))
+    daemon.start()
+    x = np.random.default_rng(5).random((4, 64), dtype=np.float32)
+    try:
+        # The device publishes "online" after subscribing, on the same connection.
+        assert online.wait(30)
+        for seed in range(3):
+            hub.publish(topics.updates, update(seed), qos=1).wait_for_publish()
+        wait_until(lambda: daemon.metrics.applied == 3)
+        adapted = daemon.student.infer(x)
+
+        send_bundle(hub, topics, new_bundle, chunk_bytes=4096)
+        wait_until(lambda: statuses)
+        swapped = daemon.student.infer(x)
+        active = daemon.bundle.path
+        hub.publish(topics.updates, update(10), qos=1).wait_for_publish()
+        wait_until(lambda: daemon.metrics.applied == 4)
+        final = daemon.student.infer(x)
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+
+    assert statuses[-1]["state"] == "installed"
+    assert active.parent == tmp_path / "state" / "bundles"
+    np.testing.assert_array_equal(swapped, adapted)
+    restarted = EdgeDaemon(load_config(config_path))
+    restarted._restore()
+    assert restarted.bundle.path == active
+    assert restarted.trainer.applied_updates == 4
+    np.testing.assert_array_equal(restarted.student.infer(x), final)
