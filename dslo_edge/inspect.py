@@ -54,21 +54,18 @@ def _file_report(path: Path, entry: dict[str, Any], batch_size: int) -> dict[str
         summary = summarize_model(path.read_bytes(), batch_size)
     except BundleError:
         summary = None
-    if summary is None:
-        op_counts = {
-            key: {name: 1 for name in signature.get("ops", [])}
-            for key, signature in entry["signatures"].items()
-        }
-        arena = None
-        source = "manifest (op types only; install ai-edge-litert for counts)"
-    else:
-        op_counts = summary.op_counts
-        arena = summary.activation_bytes
-        source = "model file"
+    op_types = {
+        key: list(signature.get("ops", []))
+        for key, signature in entry["signatures"].items()
+    }
+    op_counts = None if summary is None else summary.op_counts
+    if op_counts is not None:
+        op_types = {key: sorted(counts) for key, counts in op_counts.items()}
+    arena = None if summary is None else summary.activation_bytes
     flex = sorted(
         {
             name
-            for ops in op_counts.values()
+            for ops in op_types.values()
             for name in ops
             if name.startswith(FLEX_PREFIX)
         }
@@ -77,7 +74,7 @@ def _file_report(path: Path, entry: dict[str, Any], batch_size: int) -> dict[str
         "file": entry["file"],
         "bytes": int(entry["bytes"]),
         "precision": entry.get("precision", "float32"),
-        "op_source": source,
+        "op_types": op_types,
         "op_counts": op_counts,
         "flex_ops": flex,
         "variables": variables,
@@ -128,10 +125,16 @@ def _format_file(
             f"  trainable: {trainable.get('scope', 'all')}, "
             f"{len(trainable.get('layers', []))} layers"
         )
-    for key, counts in file["op_counts"].items():
-        total = sum(counts.values())
-        listed = ", ".join(f"{name} {count}" for name, count in counts.items())
-        lines.append(f"  signature {key}: {total} ops ({listed})")
+    if file["op_counts"] is None:
+        lines.append("  op counts need ai-edge-litert; op types from the manifest:")
+        for key, names in file["op_types"].items():
+            listed = ", ".join(names)
+            lines.append(f"  signature {key}: {len(names)} op types ({listed})")
+    else:
+        for key, counts in file["op_counts"].items():
+            total = sum(counts.values())
+            listed = ", ".join(f"{name} {count}" for name, count in counts.items())
+            lines.append(f"  signature {key}: {total} ops ({listed})")
     if file["flex_ops"]:
         lines.append(f"  Flex ops: {', '.join(file['flex_ops'])}")
     lines.extend(_format_variables(file, show_variables))
