@@ -28,7 +28,7 @@ from dslo_edge.models import StudentModel
 from dslo_edge.protocol import SoftLabelUpdate, encode_update, new_message_id
 from dslo_edge.trainer import Trainer
 
-# The demo's device sees 360 samples, twice per round, over 5 rounds.
+# The demo streams 360 samples to the device, twice per round, for 5 rounds.
 DISTINCT_SAMPLES = 360
 UPDATES_PER_ROUND = 23
 

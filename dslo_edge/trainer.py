@@ -48,7 +48,7 @@ class TrainBatch:
 
 @dataclass(frozen=True)
 class AppliedUpdate:
-    """What one applied update did, for metrics.
+    """Figures of one applied update, for metrics.
 
     ``prepare_ms`` covers label conversion and the dynamic part, and
     ``dynamic_ms`` the dynamic part alone (entropy, monitor, smoothing and

@@ -280,7 +280,7 @@ def test_engine_checkpoint_round_trip() -> None:
         assert restored.monitor.snapshot()[key] == pytest.approx(
             engine.monitor.snapshot()[key]
         )
-    # The restored monitor still knows round 2, so a switch in round 3 drifts.
+    # The restored monitor still stores round 2, so a switch in round 3 drifts.
     drift = restored.monitor.observe(ids(4), sharp(4, 3, 2), 3)
     assert drift == pytest.approx(SWITCH_KL_3, rel=1e-5)
 
