@@ -42,13 +42,17 @@ class BatchPolicy:
         batch_size: samples per train step, at least 1.
         max_wait_s: longest wait after the first update for samples that
             would complete a batch, in seconds, at least 0.
-        max_batches: ``gather`` stops taking updates once they hold this
-            many batches, so a long queue still reaches a checkpoint.
+        max_batches: ``gather`` stops taking updates once they contain
+            this many batches of samples.
+        max_updates: ``gather`` stops after this many updates, accepted or
+            rejected, so a queue of small updates still reaches the
+            daemon's checkpoint and acknowledgement between calls.
     """
 
     batch_size: int = 32
     max_wait_s: float = 0.005
     max_batches: int = 8
+    max_updates: int = 64
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -57,6 +61,8 @@ class BatchPolicy:
             raise ValueError(f"max_wait_s must be at least 0, got {self.max_wait_s}")
         if self.max_batches < 1:
             raise ValueError(f"max_batches must be at least 1, got {self.max_batches}")
+        if self.max_updates < 1:
+            raise ValueError(f"max_updates must be at least 1, got {self.max_updates}")
 
 
 class UpdateBatcher(Generic[Item, Update]):
@@ -102,14 +108,16 @@ class UpdateBatcher(Generic[Item, Update]):
         limit = batch_size * self.policy.max_batches
         updates: list[Update] = []
         samples = 0
+        taken = 0
         item = source.get(timeout=timeout)
         deadline = self._clock() + self.policy.max_wait_s
         while True:
             update = accept(item)
+            taken += 1
             if update is not None:
                 updates.append(update)
                 samples += update.sample_count
-            if samples >= limit:
+            if samples >= limit or taken >= self.policy.max_updates:
                 return updates
             try:
                 item = source.get_nowait()

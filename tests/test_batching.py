@@ -140,6 +140,19 @@ def test_gather_stops_at_max_batches() -> None:
     assert source.qsize() == 8
 
 
+def test_gather_stops_at_max_updates() -> None:
+    items = [Sized(f"u{i}", 1) for i in range(10)]
+    source = RecordingQueue(items)
+    policy = BatchPolicy(batch_size=32, max_updates=4)
+
+    gathered = UpdateBatcher(policy, clock=FakeClock()).gather(
+        source, lambda item: item, 1.0
+    )
+
+    assert names(gathered) == ["u0", "u1", "u2", "u3"]
+    assert source.qsize() == 6
+
+
 def test_uneven_updates_keep_gathering_until_whole_batches() -> None:
     items = [Sized(f"u{i}", 20) for i in range(8)]
     source = RecordingQueue(items)
@@ -164,7 +177,14 @@ def test_batch_slices_end_with_short_step() -> None:
 
 
 @pytest.mark.parametrize(
-    "arguments", [(0, 0.005, 8), (32, -1.0, 8), (32, float("nan"), 8), (32, 0.0, 0)]
+    "arguments",
+    [
+        (0, 0.005, 8, 64),
+        (32, -1.0, 8, 64),
+        (32, float("nan"), 8, 64),
+        (32, 0.0, 0, 64),
+        (32, 0.0, 8, 0),
+    ],
 )
 def test_batch_policy_rejects_invalid_values(arguments: tuple) -> None:
     with pytest.raises(ValueError):
