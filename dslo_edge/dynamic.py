@@ -6,6 +6,13 @@ strength for a while after a drift spike. Then it smooths the targets per
 sample id, picks hard labels, and computes the per-sample alpha at the
 current progress. Everything runs vectorised over the batch. The only per-id Python
 work is one dictionary lookup per id in each of the two row tables.
+
+NOTE: with the 64-32-10 digits student at batch 32, the dynamic part takes
+about 45 % of the update time, not the intended 10 % at most. The figures are
+70 to 130 us against a 35 to 60 us train step, from ``python -m
+dslo_edge.bench_dynamic`` on a shared 2-core x86 machine. The part makes about
+45 numpy calls, and each costs 1 to 3 us of dispatch at this batch size. The
+cost does not grow with the student: a 64-512-512-10 student measured 9 %.
 """
 
 from __future__ import annotations
