@@ -8,6 +8,7 @@ window. Each failure raises ``InvalidUpdate`` with its own reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.config import TrainingSettings
@@ -26,12 +27,18 @@ REJECTION_LOG_WINDOW_S = 60.0
 
 @dataclass(frozen=True)
 class Received:
-    """One MQTT message waiting for the trainer."""
+    """One MQTT message waiting for the trainer.
+
+    ``response`` is set for the answer to one of the device's label requests
+    (a ``label_requests.Response``); its labels are checked against the
+    request instead of the update topic's signature.
+    """
 
     payload: bytes
     mid: int
     qos: int
     received_at: float
+    response: Any = None
 
 
 def admit(
@@ -48,9 +55,20 @@ def admit(
     if hmac_key is not None:
         body = verify(hmac_key, topic, body)
     update = trainer.decode(body)
+    check_new_and_fresh(update, item.received_at, applied_ids, settings)
+    return update
+
+
+def check_new_and_fresh(
+    update: SoftLabelUpdate,
+    received_at: float,
+    applied_ids: AppliedIds,
+    settings: TrainingSettings,
+) -> None:
+    """Reject an update already applied, too old, or from the future."""
     if update.message_id in applied_ids:
         raise InvalidUpdate(DUPLICATE, "already applied", update.message_id_hex)
-    age = item.received_at - update.timestamp
+    age = received_at - update.timestamp
     if age > settings.max_age_s:
         raise InvalidUpdate(
             STALE,
@@ -64,7 +82,6 @@ def admit(
             f"timestamp is {-age:.0f} s in the future; check the hub's clock",
             update.message_id_hex,
         )
-    return update
 
 
 class RejectionLog:

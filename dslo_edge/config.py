@@ -73,6 +73,23 @@ class HealthSettings:
 
 
 @dataclass(frozen=True)
+class RequestsSettings:
+    """Label requests for uncertain inputs seen on ``dslo/<id>/infer``.
+
+    Off by default; they need MQTT 5 and a running ``dslo-edge hub``.
+    """
+
+    enabled: bool = False
+    rule: str = "confidence"
+    max_confidence: float = 0.6
+    min_disagreement: float = 0.3
+    max_samples: int = 32
+    timeout_s: float = 5.0
+    max_attempts: int = 4
+    max_pending: int = 8
+
+
+@dataclass(frozen=True)
 class HomeAssistantSettings:
     """MQTT discovery messages published by the device on every connect."""
 
@@ -155,6 +172,7 @@ class DeviceConfig:
     battery_wh: float | None = None
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     homeassistant: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
+    requests: RequestsSettings = field(default_factory=RequestsSettings)
 
     @property
     def topics(self) -> Topics:
@@ -505,6 +523,42 @@ def _budget(reader: _Reader) -> BudgetSettings:
     return settings
 
 
+def _requests(reader: _Reader, mqtt: MqttSettings) -> RequestsSettings:
+    unit = (lambda v: 0 < v <= 1, "a number in (0, 1]")
+    settings = RequestsSettings(
+        enabled=reader.get("enabled", bool, False),
+        rule=reader.get(
+            "rule",
+            str,
+            "confidence",
+            lambda v: v in ("confidence", "disagreement", "either"),
+            "'confidence', 'disagreement' or 'either'",
+        ),
+        max_confidence=reader.get("max_confidence", float, 0.6, *unit),
+        min_disagreement=reader.get("min_disagreement", float, 0.3, *unit),
+        max_samples=reader.get(
+            "max_samples", int, 32, lambda v: 1 <= v <= 4096, "a count in 1..4096"
+        ),
+        timeout_s=reader.get(
+            "timeout_s", float, 5.0, lambda v: 0.1 <= v <= 3600, "seconds in 0.1..3600"
+        ),
+        max_attempts=reader.get(
+            "max_attempts", int, 4, lambda v: 1 <= v <= 100, "a count in 1..100"
+        ),
+        max_pending=reader.get(
+            "max_pending", int, 8, lambda v: 1 <= v <= 1000, "a count in 1..1000"
+        ),
+    )
+    if settings.enabled and mqtt.protocol != "5":
+        raise reader.fail(
+            "enabled",
+            True,
+            "false, or mqtt.protocol = '5': label requests use MQTT 5 response topics",
+        )
+    reader.reject_unknown()
+    return settings
+
+
 def _homeassistant(reader: _Reader) -> HomeAssistantSettings:
     settings = HomeAssistantSettings(
         enabled=reader.get("enabled", bool, True),
@@ -595,6 +649,7 @@ def load_config(path: str | Path) -> DeviceConfig:
     log_settings = _logging(root.section("logging"))
     budget = _budget(root.section("budget"))
     homeassistant = _homeassistant(root.section("homeassistant"))
+    requests = _requests(root.section("requests"), mqtt)
     root.reject_unknown()
     config = DeviceConfig(
         source,
@@ -613,6 +668,7 @@ def load_config(path: str | Path) -> DeviceConfig:
         battery_wh or None,
         budget,
         homeassistant,
+        requests,
     )
     try:
         _ = config.topics

@@ -317,9 +317,18 @@ class MqttConnection:
     # Used from any thread
 
     def publish(
-        self, topic: str, payload: bytes | str, *, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        retain: bool = False,
+        properties: Properties | None = None,
     ) -> mqtt.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=1, retain=retain)
+        if not self.is_v5:
+            properties = None
+        return self.client.publish(
+            topic, payload, qos=1, retain=retain, properties=properties
+        )
 
     def ack(self, mid: int, qos: int) -> None:
         self.client.ack(mid, qos)

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from dslo_edge import systemd
@@ -40,6 +41,7 @@ from dslo_edge.admission import (
     Received,
     RejectionLog,
     admit,
+    check_new_and_fresh,
 )
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.bundle import load_bundle
@@ -49,9 +51,10 @@ from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
 from dslo_edge.errors import InvalidUpdate
 from dslo_edge.health import PROBE_FILE, HealthGuard, load_probe
+from dslo_edge.inference import InferenceService, inference_topics, make_requester
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.model_update import ModelUpdater
-from dslo_edge.models import StudentModel
+from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.ota import ota_topics
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE, SoftLabelUpdate
 from dslo_edge.signing import load_key
@@ -60,6 +63,7 @@ from dslo_edge.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 APPLIED_IDS = "applied_ids"
+INFER_QUEUE = 64
 METRICS_LOG = "metrics.jsonl"
 # sysexits.h EX_SOFTWARE: an internal thread died or hung.
 EXIT_WATCHDOG = 70
@@ -81,6 +85,8 @@ class EdgeDaemon:
         self.student = StudentModel(self.bundle, config.runtime)
         self.ota_topic, self.ota_status_topic = ota_topics(self.topics)
         self.ota_chunks: queue.Queue[Received] = queue.Queue()
+        self.infer_topic, predictions_topic = inference_topics(self.topics)
+        self.infer_inputs: queue.Queue[Received] = queue.Queue(maxsize=INFER_QUEUE)
         self.trainer = self._new_trainer()
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
         key_file = config.security.hmac_key_file
@@ -93,6 +99,27 @@ class EdgeDaemon:
             self._load_probe(), config.health.max_accuracy_drop, self.costs.infer_ms
         )
         self.metrics = DaemonMetrics()
+        self.requester = None
+        if config.requests.enabled:
+            self.requester = make_requester(
+                self.device_id, config.mqtt.topic_prefix, config.requests
+            )
+        reference = None
+        if self.requester is not None and config.requests.rule != "confidence":
+            reference = TeacherModel(
+                self.bundle.teacher_path,
+                self.bundle.teacher_output_kind,
+                config.runtime,
+            )
+        self.inference = InferenceService(
+            lambda topic, payload, properties=None: self.connection.publish(
+                topic, payload, properties=properties
+            ),
+            predictions_topic,
+            self.requester,
+            reference,
+            self.costs.infer_ms,
+        )
         queue_size = config.training.queue_size
         # The broker is asked for at most queue_size unacknowledged updates
         # (MQTT 5 receive maximum); the spare room covers redeliveries.
@@ -273,9 +300,14 @@ class EdgeDaemon:
 
     def _on_connected(self, _session_present: bool) -> None:
         # Subscribing on every connect also covers a broker that lost the session.
-        self.connection.client.subscribe(
-            [(self.topics.updates, 1), (self.ota_topic, 1)]
-        )
+        subscriptions = [
+            (self.topics.updates, 1),
+            (self.ota_topic, 1),
+            (self.infer_topic, 1),
+        ]
+        if self.requester is not None:
+            subscriptions.append((self.requester.topics.labels, 1))
+        self.connection.client.subscribe(subscriptions)
         self.connection.publish(self.topics.status, STATUS_ONLINE, retain=True)
         if self.config.homeassistant.enabled:
             self._publish_discovery()
@@ -299,6 +331,18 @@ class EdgeDaemon:
         if message.topic == self.ota_topic:
             self.ota_chunks.put(item)
             return
+        if message.topic == self.infer_topic:
+            self._queue_inputs(item)
+            return
+        if self.requester is not None and message.topic == self.requester.topics.labels:
+            response = self.requester.match(message)
+            if response.kind != "ok":
+                # Refusals, repeats and strays change nothing to make durable.
+                self.connection.ack(message.mid, message.qos)
+                return
+            item = Received(
+                item.payload, item.mid, item.qos, item.received_at, response
+            )
         try:
             self.updates.put_nowait(item)
         except queue.Full:
@@ -315,12 +359,32 @@ class EdgeDaemon:
                     self.updates.maxsize,
                 )
 
+    def _queue_inputs(self, item: Received) -> None:
+        try:
+            self.infer_inputs.put_nowait(item)
+        except queue.Full:
+            self.metrics.record_rejected("inference_queue_full")
+            self.connection.ack(item.mid, item.qos)
+
     # Trainer thread
+
+    def _answer_inputs(self) -> None:
+        """Answer queued inference payloads; they come before training."""
+        while not self.infer_inputs.empty():
+            item = self.infer_inputs.get_nowait()
+            try:
+                self.inference.handle(item.payload, self.student)
+            except InvalidUpdate as error:
+                self._reject(error)
+            finally:
+                self.connection.ack(item.mid, item.qos)
+        self.inference.resend_due()
 
     def _train_loop(self) -> None:
         while not self.stopping.is_set():
             self._trainer_beat = time.monotonic()
             try:
+                self._answer_inputs()
                 self._apply_model_updates()
             except Exception:  # a bad bundle must not stop training
                 logger.exception(
@@ -378,14 +442,7 @@ class EdgeDaemon:
         self._changed_since_save = True
         self._acks.add(item.mid, item.qos)
         try:
-            update = admit(
-                item,
-                self.trainer,
-                self.applied_ids,
-                self.config.training,
-                hmac_key=self.hmac_key,
-                topic=self.topics.updates,
-            )
+            update = self._admit(item)
         except InvalidUpdate as error:
             self._reject(error)
         else:
@@ -399,6 +456,25 @@ class EdgeDaemon:
             or self.unacknowledged >= training.queue_size * 3 // 4
         ):
             self._checkpoint_and_ack()
+
+    def _admit(self, item: Received) -> SoftLabelUpdate:
+        if item.response is None:
+            return admit(
+                item,
+                self.trainer,
+                self.applied_ids,
+                self.config.training,
+                hmac_key=self.hmac_key,
+                topic=self.topics.updates,
+            )
+        assert self.requester is not None
+        update = self.requester.labels_update(
+            item.response, self.trainer.decode, self.hmac_key
+        )
+        check_new_and_fresh(
+            update, item.received_at, self.applied_ids, self.config.training
+        )
+        return update
 
     def _reject(self, error: InvalidUpdate) -> None:
         self.metrics.record_rejected(error.reason)
@@ -605,9 +681,34 @@ class EdgeDaemon:
             "session_takeovers": self.connection.takeovers,
             "connects": self.connection.connects,
             "teacher": self.trainer.monitor.snapshot(),
+            "label_requests": self._request_report(),
             **self.costs.report(),
         }
         return self.metrics.snapshot(self.device_id, extra)
+
+    def _request_report(self) -> dict[str, Any] | None:
+        if self.requester is None:
+            return None
+        counters = self.requester.counters
+        report: dict[str, Any] = {
+            name: getattr(counters, name)
+            for name in (
+                "sent",
+                "resent",
+                "answered",
+                "rate_limited",
+                "budget_exhausted",
+                "rejected",
+                "timed_out",
+                "duplicates",
+                "unexpected",
+            )
+        }
+        latencies = [s * 1000 for s in counters.latencies_s]
+        if latencies:
+            report["latency_ms_p50"] = round(float(np.percentile(latencies, 50)), 3)
+            report["latency_ms_p95"] = round(float(np.percentile(latencies, 95)), 3)
+        return report
 
     def publish_metrics(self) -> None:
         """Publish the metrics report, retained so a late subscriber sees it."""

@@ -1,0 +1,180 @@
+"""On-device inference for local applications, and label requests from it.
+
+A local application publishes inputs to ``dslo/<device>/infer`` as an
+``.npz`` payload (``x`` float32 of shape (N, *input_shape), optional ``ids``)
+and receives the student's answer on ``dslo/<device>/predictions`` as JSON:
+``{"ids": [...], "classes": [...], "confidence": [...]}``. When label
+requests are on, the inputs the student is unsure about are sent to the hub,
+and its labels come back as training updates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from dslo_edge.config import RequestsSettings
+from dslo_edge.errors import InvalidUpdate
+from dslo_edge.label_requests import LabelRequester, RequestSettings, SelectionSettings
+from dslo_edge.metrics import LatencyWindow
+from dslo_edge.models import StudentModel, TeacherModel
+from dslo_edge.protocol import Topics
+
+logger = logging.getLogger(__name__)
+
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+
+
+def inference_topics(topics: Topics) -> tuple[str, str]:
+    """Return the (inputs, predictions) topics next to the device's others."""
+    base = topics.status.rsplit("/", 1)[0]
+    return f"{base}/infer", f"{base}/predictions"
+
+
+def decode_inputs(
+    payload: bytes, input_shape: tuple[int, ...]
+) -> tuple[list[str], np.ndarray]:
+    """Read an inference payload.
+
+    Raises:
+        InvalidUpdate: reason ``bad_inputs`` for an oversized, unreadable or
+            wrongly shaped payload.
+    """
+    if len(payload) > MAX_INPUT_BYTES:
+        raise InvalidUpdate(
+            "bad_inputs", f"{len(payload)} bytes, limit {MAX_INPUT_BYTES}"
+        )
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+            x = np.asarray(data["x"], dtype=np.float32)
+            ids = [str(i) for i in data["ids"]] if "ids" in data.files else None
+    except (OSError, KeyError, ValueError, EOFError) as error:
+        raise InvalidUpdate(
+            "bad_inputs", f"expected an .npz with x (and ids): {error}"
+        ) from error
+    if x.ndim != len(input_shape) + 1 or x.shape[1:] != input_shape or not len(x):
+        raise InvalidUpdate(
+            "bad_inputs", f"x has shape {x.shape}, expected (N, {input_shape})"
+        )
+    if not np.all(np.isfinite(x)):
+        raise InvalidUpdate("bad_inputs", "x contains NaN or infinity")
+    if ids is None:
+        stamp = time.time_ns()
+        ids = [f"i{stamp}-{i}" for i in range(len(x))]
+    if len(ids) != len(x):
+        raise InvalidUpdate("bad_inputs", f"{len(ids)} ids for {len(x)} inputs")
+    return ids, x
+
+
+def encode_inputs(x: np.ndarray, ids: list[str] | None = None) -> bytes:
+    """Return an inference payload for ``decode_inputs``."""
+    buffer = io.BytesIO()
+    arrays: dict[str, Any] = {"x": np.asarray(x, dtype=np.float32)}
+    if ids is not None:
+        arrays["ids"] = np.asarray(ids)
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def make_requester(
+    device_id: str, prefix: str, settings: RequestsSettings
+) -> LabelRequester:
+    return LabelRequester(
+        device_id,
+        prefix,
+        selection=SelectionSettings(
+            rule=settings.rule,
+            max_confidence=settings.max_confidence,
+            min_disagreement=settings.min_disagreement,
+            max_samples=settings.max_samples,
+        ),
+        settings=RequestSettings(
+            timeout_s=settings.timeout_s,
+            max_attempts=settings.max_attempts,
+            max_pending=settings.max_pending,
+        ),
+    )
+
+
+class InferenceService:
+    """Answers inference payloads and opens label requests for unsure inputs.
+
+    Args:
+        publish: publishes (topic, payload) at QoS 1.
+        predictions_topic: where answers go.
+        requester: opens and resends label requests; None turns them off.
+        reference: a model whose disagreement with the student also marks a
+            sample as unsure (the bundle's teacher); None for confidence only.
+        infer_ms: records the latency of each student inference.
+    """
+
+    def __init__(
+        self,
+        publish: Callable[[str, bytes | str], Any],
+        predictions_topic: str,
+        requester: LabelRequester | None,
+        reference: TeacherModel | None,
+        infer_ms: LatencyWindow,
+    ):
+        self.publish = publish
+        self.predictions_topic = predictions_topic
+        self.requester = requester
+        self.reference = reference
+        self.infer_ms = infer_ms
+
+    def handle(self, payload: bytes, student: StudentModel) -> None:
+        """Answer one payload; raises InvalidUpdate for a bad one."""
+        ids, x = decode_inputs(payload, student.bundle.input_shape)
+        started = time.perf_counter()
+        probabilities = student.infer(x)
+        self.infer_ms.add((time.perf_counter() - started) * 1000)
+        answer = {
+            "ids": ids,
+            "classes": np.argmax(probabilities, axis=1).tolist(),
+            "confidence": np.round(probabilities.max(axis=1), 6).tolist(),
+        }
+        self.publish(self.predictions_topic, json.dumps(answer))
+        if self.requester is None:
+            return
+        reference = None
+        if self.reference is not None:
+            reference = _as_probabilities(self.reference.predict(x), self.reference)
+        pending = self.requester.propose(ids, x, probabilities, reference)
+        if pending is not None:
+            self.publish_request(pending)
+
+    def publish_request(self, pending: Any) -> None:
+        assert self.requester is not None
+        self.requester.publish(_PublishAdapter(self.publish), pending)
+
+    def resend_due(self) -> None:
+        if self.requester is None:
+            return
+        for pending in self.requester.due():
+            self.publish_request(pending)
+
+
+class _PublishAdapter:
+    """Lets ``LabelRequester.publish`` use the daemon's connection."""
+
+    def __init__(self, publish: Callable[..., Any]):
+        self._publish = publish
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, properties: Any = None
+    ) -> Any:
+        return self._publish(topic, payload, properties=properties)
+
+
+def _as_probabilities(output: np.ndarray, model: TeacherModel) -> np.ndarray:
+    if model.output_kind == "probabilities":
+        return output
+    shifted = output - output.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)

@@ -1,0 +1,137 @@
+"""Local inference through the daemon, and label requests answered by a hub."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from dslo_edge.bundle import load_bundle
+from dslo_edge.config import load_config, render_config
+from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.hub_config import load_hub_config
+from dslo_edge.hub_service import HubWorker
+from dslo_edge.inference import encode_inputs, inference_topics
+from dslo_edge.protocol import Topics
+from tests.hub_fleet import write_hub_config
+
+DEVICE = "asking-device"
+
+
+@pytest.fixture
+def mosquitto(broker_factory):
+    return broker_factory("mosquitto")
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+class LocalApp:
+    """An application on the device that asks the daemon for predictions."""
+
+    def __init__(self, port: int):
+        self.infer_topic, predictions = inference_topics(Topics.for_device(DEVICE))
+        self.answers: list[dict] = []
+        ready = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5
+        )
+        self.client.on_subscribe = lambda *_: ready.set()
+        self.client.on_message = lambda _c, _u, m: self.answers.append(
+            json.loads(m.payload)
+        )
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(predictions, qos=1)
+        assert ready.wait(10)
+
+    def ask(self, payload: bytes) -> None:
+        self.client.publish(self.infer_topic, payload, qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def start_daemon(tmp_path, bundle, port, requests: dict) -> EdgeDaemon:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "device.toml"
+    path.write_text(
+        render_config(
+            DEVICE, bundle, tmp_path / "state", port, overrides={"requests": requests}
+        )
+    )
+    daemon = EdgeDaemon(load_config(path))
+    daemon.start()
+    wait_until(daemon.connected.is_set)
+    time.sleep(0.3)  # let the subscriptions settle
+    return daemon
+
+
+def test_inference_answers_and_rejects_bad_inputs(
+    mlp_pair, mosquitto, tmp_path
+) -> None:
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, {})
+    app = LocalApp(mosquitto.port)
+    x = np.random.default_rng(1).random((5, 64), dtype=np.float32)
+    try:
+        app.ask(encode_inputs(x, [f"cam-{i}" for i in range(5)]))
+        app.ask(encode_inputs(np.zeros((2, 10), np.float32)))
+        wait_until(lambda: app.answers and daemon.metrics.processed >= 1)
+        expected = daemon.student.infer(x)
+    finally:
+        app.close()
+        daemon.stop()
+
+    (answer,) = app.answers
+    assert answer["ids"] == [f"cam-{i}" for i in range(5)]
+    assert answer["classes"] == np.argmax(expected, axis=1).tolist()
+    assert answer["confidence"] == pytest.approx(expected.max(axis=1), abs=1e-6)
+    assert daemon.metrics.rejected["bad_inputs"] == 1
+    assert daemon.costs.infer_ms.summary()["count"] == 1
+
+
+def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) -> None:
+    teacher = tmp_path / "teacher.tflite"
+    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
+    hub_config = write_hub_config(
+        tmp_path / "hub",
+        mosquitto.port,
+        teacher,
+        {"teacher": 'output_kind = "probabilities"'},
+    )
+    worker = HubWorker(load_hub_config(hub_config, "w1"))
+    worker.start()
+    # max_confidence 1.0: every prediction counts as unsure.
+    daemon = start_daemon(
+        tmp_path / "device",
+        mlp_pair.bundle,
+        mosquitto.port,
+        {"enabled": True, "max_confidence": 1.0, "max_samples": 4},
+    )
+    app = LocalApp(mosquitto.port)
+    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+    try:
+        app.ask(encode_inputs(x))
+        wait_until(lambda: daemon.metrics.applied >= 1)
+        report = daemon.status_report()
+    finally:
+        app.close()
+        daemon.stop()
+        worker.stop()
+
+    requests = report["label_requests"]
+    assert requests["sent"] == 1
+    assert requests["answered"] == 1
+    assert requests["latency_ms_p50"] > 0
+    assert report["samples_applied"] == 4
+    assert report["applied_total"] == 1
