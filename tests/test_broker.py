@@ -211,7 +211,7 @@ def test_start_failure_reports_log_tail(
     monkeypatch.setattr(
         broker_module,
         "_mosquitto_config",
-        lambda port, log_path: f"listener {port} 127.0.0.1\nno_such_option 1\n",
+        lambda port, log_path, *_: f"listener {port} 127.0.0.1\nno_such_option 1\n",
     )
     with pytest.raises(BrokerError) as raised:
         Broker.start(kind="mosquitto", workdir=tmp_path)
