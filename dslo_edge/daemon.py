@@ -681,6 +681,7 @@ class EdgeDaemon:
             "session_takeovers": self.connection.takeovers,
             "connects": self.connection.connects,
             "teacher": self.trainer.monitor.snapshot(),
+            "dynamic": self.trainer.dynamic_metrics(),
             "label_requests": self._request_report(),
             **self.costs.report(),
         }
