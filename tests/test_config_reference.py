@@ -1,0 +1,25 @@
+"""The configuration reference in docs/ is a valid device file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from dslo_edge.config import DeviceConfig, load_config
+
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+
+def test_reference_example_loads_with_documented_defaults(tmp_path) -> None:
+    text = re.search(r"```toml\n(.*?)```", REFERENCE.read_text(), re.S).group(1)
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "device.toml").write_text(text)
+
+    config = load_config(tmp_path / "device.toml")
+
+    assert isinstance(config, DeviceConfig)
+    assert config.training.queue_size == 256
+    assert config.mqtt.session_expiry_s == 7 * 24 * 3600
+    assert config.requests.enabled is False
+    assert config.budget.thermal_limit_c is None
+    assert config.security.hmac_key_file is None
