@@ -24,7 +24,7 @@ from typing import Generic, Protocol, TypeVar
 
 
 class HasSamples(Protocol):
-    """An update as the batcher sees it: only its sample count matters."""
+    """The part of an update that the batcher reads: its sample count."""
 
     @property
     def sample_count(self) -> int: ...
@@ -40,7 +40,7 @@ class BatchPolicy:
 
     Attributes:
         batch_size: samples per train step, at least 1.
-        max_wait_s: longest wait after the first update for samples that
+        max_wait_s: maximum wait after the first update for samples that
             would complete a batch, in seconds, at least 0.
         max_batches: ``gather`` stops taking updates once they contain
             this many batches of samples.
@@ -95,7 +95,7 @@ class UpdateBatcher(Generic[Item, Update]):
                 rejected the item. It is called once per item taken, in
                 queue order, and must not raise: the items taken before a
                 raising call would be lost.
-            timeout: longest wait for the first item, in seconds.
+            timeout: maximum wait for the first item, in seconds.
 
         Returns:
             The accepted updates in queue order; empty when every item taken

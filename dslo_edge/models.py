@@ -34,7 +34,7 @@ class SignatureCall:
         except (AttributeError, TypeError):
             self._wrapper = None
 
-    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
         """Run the signature; inputs are keyword arguments, as for the runner."""
         shapes = tuple((name, np.shape(value)) for name, value in inputs.items())
         if self._wrapper is None or shapes != self._shapes:
