@@ -7,12 +7,28 @@ allowed. Relative paths are resolved against the file's directory.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dslo_edge.budget import BudgetSettings
+from dslo_edge.config_reader import REQUIRED, TableReader, positive
+from dslo_edge.config_service import (
+    HealthSettings,
+    HomeAssistantSettings,
+    LoggingSettings,
+    MqttSettings,
+    RequestsSettings,
+    SecuritySettings,
+    default_client_id,
+    read_budget,
+    read_health,
+    read_homeassistant,
+    read_logging,
+    read_mqtt,
+    read_requests,
+    read_security,
+)
 from dslo_edge.dynamic import (
     HARD_LABEL_FALLBACKS,
     PROGRESS_UNITS,
@@ -28,83 +44,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10 devices
     import tomli as tomllib
-
-MQTT_PROTOCOLS = ("5", "3.1.1")
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    topic_prefix: str = "dslo"
-    keepalive: int = 30
-    client_id: str = ""
-    protocol: str = "5"
-    # MQTT 5 only: how long the broker keeps the session and queued updates
-    # while the device is offline.
-    session_expiry_s: int = 7 * 24 * 3600
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 60.0
-    username: str = ""
-    password_file: Path | None = None
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_insecure: bool = False
-
-    @property
-    def uses_tls(self) -> bool:
-        return self.tls_ca_file is not None
-
-
-@dataclass(frozen=True)
-class SecuritySettings:
-    """Update authentication: HMAC-SHA256 with a per-device key."""
-
-    hmac_key_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class HealthSettings:
-    """Probe-set checks after every ``probe_every`` updates (0 turns them off)."""
-
-    probe_every: int = 0
-    max_accuracy_drop: float = 0.1
-
-
-@dataclass(frozen=True)
-class RequestsSettings:
-    """Label requests for uncertain inputs seen on ``dslo/<id>/infer``.
-
-    Off by default; they need MQTT 5 and a running ``dslo-edge hub``.
-    """
-
-    enabled: bool = False
-    rule: str = "confidence"
-    max_confidence: float = 0.6
-    min_disagreement: float = 0.3
-    max_samples: int = 32
-    timeout_s: float = 5.0
-    max_attempts: int = 4
-    max_pending: int = 8
-
-
-@dataclass(frozen=True)
-class HomeAssistantSettings:
-    """MQTT discovery messages published by the device on every connect."""
-
-    enabled: bool = True
-    prefix: str = "homeassistant"
-
-
-@dataclass(frozen=True)
-class LoggingSettings:
-    """Optional log and metrics files, each rotated at ``max_bytes``."""
-
-    file: Path | None = None
-    metrics_file: Path | None = None
-    max_bytes: int = 5 * 1024 * 1024
-    backups: int = 2
 
 
 @dataclass(frozen=True)
@@ -184,157 +123,7 @@ class DeviceConfig:
         return self.mqtt.client_id or default_client_id(self.device_id, "device")
 
 
-MACHINE_ID_PATHS = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
-
-
-def machine_id() -> str:
-    """Return this machine's id from systemd or D-Bus, else a hash of the hostname."""
-    for path in MACHINE_ID_PATHS:
-        try:
-            value = path.read_text().strip()
-        except OSError:
-            continue
-        if value:
-            return value
-    import hashlib
-    import socket
-
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()
-
-
-def default_client_id(device_id: str, role: str) -> str:
-    """Return a client id unique per device, role and machine."""
-    return f"dslo-{role}-{device_id}-{machine_id()[:12]}"
-
-
-class _Reader:
-    """Typed access to one TOML table with errors that name file and key."""
-
-    def __init__(self, source: Path, table: dict[str, Any], path: str):
-        self.source = source
-        self.table = table
-        self.path = path
-        self.used: set[str] = set()
-
-    def fail(self, key: str, value: Any, expected: str) -> ConfigError:
-        return ConfigError(
-            f"{self.source}: {self.path}{key} = {value!r} is invalid; "
-            f"expected {expected}"
-        )
-
-    def get(
-        self,
-        key: str,
-        kind: type,
-        default: Any,
-        check: Callable[[Any], bool] | None = None,
-        expected: str = "",
-    ) -> Any:
-        self.used.add(key)
-        if key not in self.table:
-            if default is _REQUIRED:
-                raise ConfigError(
-                    f"{self.source}: missing required key {self.path}{key}"
-                )
-            return default
-        value = self.table[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(key, value, expected or f"a {kind.__name__}")
-        if check is not None and not check(value):
-            raise self.fail(key, value, expected)
-        return value
-
-    def file(self, key: str) -> Path | None:
-        """Return an optional file path, resolved against the config's folder."""
-        value = self.get(key, str, "")
-        if not value:
-            return None
-        path = self.source.parent / value
-        if not path.is_file():
-            raise self.fail(key, value, "an existing file (relative to the config)")
-        return path
-
-    def section(self, key: str) -> _Reader:
-        self.used.add(key)
-        value = self.table.get(key, {})
-        if not isinstance(value, dict):
-            raise self.fail(key, value, "a table")
-        return _Reader(self.source, value, f"{self.path}{key}.")
-
-    def reject_unknown(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            known = ", ".join(sorted(self.used))
-            raise ConfigError(
-                f"{self.source}: unknown key {self.path}{unknown[0]}; "
-                f"known keys here: {known}"
-            )
-
-
-_REQUIRED = object()
-
-
-def _positive(value: float) -> bool:
-    return value > 0
-
-
-def _mqtt(reader: _Reader) -> MqttSettings:
-    settings = MqttSettings(
-        host=reader.get("host", str, "127.0.0.1", bool, "a host name or address"),
-        port=reader.get(
-            "port", int, 1883, lambda v: 0 < v < 65536, "a port in 1..65535"
-        ),
-        topic_prefix=reader.get("topic_prefix", str, "dslo"),
-        keepalive=reader.get(
-            "keepalive", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"
-        ),
-        client_id=reader.get("client_id", str, ""),
-        protocol=reader.get(
-            "protocol", str, "5", lambda v: v in MQTT_PROTOCOLS, "'5' or '3.1.1'"
-        ),
-        session_expiry_s=reader.get(
-            "session_expiry_s",
-            int,
-            7 * 24 * 3600,
-            lambda v: 0 <= v < 2**32,
-            "seconds in 0..4294967295",
-        ),
-        reconnect_min_s=reader.get(
-            "reconnect_min_s",
-            float,
-            1.0,
-            lambda v: 0.1 <= v <= 60,
-            "seconds in 0.1..60",
-        ),
-        reconnect_max_s=reader.get(
-            "reconnect_max_s",
-            float,
-            60.0,
-            lambda v: 1 <= v <= 3600,
-            "seconds in 1..3600",
-        ),
-        username=reader.get("username", str, ""),
-        password_file=reader.file("password_file"),
-        tls_ca_file=reader.file("tls_ca_file"),
-        tls_cert_file=reader.file("tls_cert_file"),
-        tls_key_file=reader.file("tls_key_file"),
-        tls_insecure=reader.get("tls_insecure", bool, False),
-    )
-    if settings.reconnect_max_s < settings.reconnect_min_s:
-        raise reader.fail(
-            "reconnect_max_s", settings.reconnect_max_s, "at least reconnect_min_s"
-        )
-    if settings.tls_cert_file and not settings.tls_ca_file:
-        raise reader.fail(
-            "tls_cert_file", str(settings.tls_cert_file), "tls_ca_file to be set too"
-        )
-    reader.reject_unknown()
-    return settings
-
-
-def _alpha(reader: _Reader) -> AlphaPolicy:
+def _alpha(reader: TableReader) -> AlphaPolicy:
     unit = (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     try:
         policy = AlphaPolicy(
@@ -366,7 +155,7 @@ def _alpha(reader: _Reader) -> AlphaPolicy:
     return policy
 
 
-def _drift(reader: _Reader) -> tuple[float, DriftBoost]:
+def _drift(reader: TableReader) -> tuple[float, DriftBoost]:
     """Read the [monitor] table: moving-average decay and the drift boost."""
     decay = reader.get("decay", float, 0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
     boost = DriftBoost(
@@ -393,7 +182,10 @@ def _drift(reader: _Reader) -> tuple[float, DriftBoost]:
 
 
 def _training(
-    reader: _Reader, alpha: AlphaPolicy, smoothing: _Reader, monitor: _Reader
+    reader: TableReader,
+    alpha: AlphaPolicy,
+    smoothing: TableReader,
+    monitor: TableReader,
 ) -> TrainingSettings:
     monitor_decay, drift = _drift(monitor)
     settings = TrainingSettings(
@@ -404,7 +196,7 @@ def _training(
             "temperature", float, 2.0, lambda v: 0 < v <= 100, "a number in (0, 100]"
         ),
         planned_updates=reader.get(
-            "planned_updates", int, 1000, _positive, "a positive count of updates"
+            "planned_updates", int, 1000, positive, "a positive count of updates"
         ),
         progress=reader.get(
             "progress",
@@ -414,13 +206,13 @@ def _training(
             " or ".join(repr(unit) for unit in PROGRESS_UNITS),
         ),
         planned_rounds=reader.get(
-            "planned_rounds", int, 10, _positive, "a positive count of teacher rounds"
+            "planned_rounds", int, 10, positive, "a positive count of teacher rounds"
         ),
         checkpoint_every=reader.get(
-            "checkpoint_every", int, 20, _positive, "a positive count of updates"
+            "checkpoint_every", int, 20, positive, "a positive count of updates"
         ),
         metrics_every=reader.get(
-            "metrics_every", int, 5, _positive, "a positive count of updates"
+            "metrics_every", int, 5, positive, "a positive count of updates"
         ),
         queue_size=reader.get(
             "queue_size", int, 256, lambda v: 1 <= v <= 100000, "a count in 1..100000"
@@ -436,16 +228,16 @@ def _training(
             "lambda", float, 0.3, lambda v: 0 <= v <= 100, "a number in [0, 100]"
         ),
         smoothing_capacity=smoothing.get(
-            "capacity", int, 10000, _positive, "a positive count of sample ids"
+            "capacity", int, 10000, positive, "a positive count of sample ids"
         ),
         alpha=alpha,
         monitor_decay=monitor_decay,
         drift=drift,
         max_age_s=reader.get(
-            "max_age_s", float, 3600.0, _positive, "a positive number of seconds"
+            "max_age_s", float, 3600.0, positive, "a positive number of seconds"
         ),
         max_clock_skew_s=reader.get(
-            "max_clock_skew_s", float, 300.0, _positive, "a positive number of seconds"
+            "max_clock_skew_s", float, 300.0, positive, "a positive number of seconds"
         ),
         applied_id_capacity=reader.get(
             "applied_id_capacity",
@@ -474,132 +266,17 @@ def _training(
     return settings
 
 
-def _security(reader: _Reader) -> SecuritySettings:
-    settings = SecuritySettings(hmac_key_file=reader.file("hmac_key_file"))
-    reader.reject_unknown()
-    return settings
-
-
-def _health(reader: _Reader) -> HealthSettings:
-    settings = HealthSettings(
-        probe_every=reader.get(
-            "probe_every", int, 0, lambda v: v >= 0, "a count of updates, 0 for off"
-        ),
-        max_accuracy_drop=reader.get(
-            "max_accuracy_drop", float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"
-        ),
-    )
-    reader.reject_unknown()
-    return settings
-
-
-def _budget(reader: _Reader) -> BudgetSettings:
-    def optional(key: str) -> float | None:
-        value = reader.get(key, float, -1.0)
-        return None if value == -1.0 else value
-
-    percent = (lambda v: 0 <= v <= 100, "a percentage in 0..100")
-    try:
-        settings = BudgetSettings(
-            battery_min_percent=reader.get(
-                "battery_min_percent", float, 20.0, *percent
-            ),
-            battery_resume_percent=reader.get(
-                "battery_resume_percent", float, 25.0, *percent
-            ),
-            thermal_limit_c=optional("thermal_limit_c"),
-            thermal_resume_margin_c=reader.get(
-                "thermal_resume_margin_c",
-                float,
-                5.0,
-                lambda v: 0 <= v <= 50,
-                "degrees in 0..50",
-            ),
-            energy_budget_j_per_hour=optional("energy_budget_j_per_hour"),
-        )
-    except ConfigError as error:
-        raise ConfigError(f"{reader.source}: [budget] {error}") from error
-    reader.reject_unknown()
-    return settings
-
-
-def _requests(reader: _Reader, mqtt: MqttSettings) -> RequestsSettings:
-    unit = (lambda v: 0 < v <= 1, "a number in (0, 1]")
-    settings = RequestsSettings(
-        enabled=reader.get("enabled", bool, False),
-        rule=reader.get(
-            "rule",
-            str,
-            "confidence",
-            lambda v: v in ("confidence", "disagreement", "either"),
-            "'confidence', 'disagreement' or 'either'",
-        ),
-        max_confidence=reader.get("max_confidence", float, 0.6, *unit),
-        min_disagreement=reader.get("min_disagreement", float, 0.3, *unit),
-        max_samples=reader.get(
-            "max_samples", int, 32, lambda v: 1 <= v <= 4096, "a count in 1..4096"
-        ),
-        timeout_s=reader.get(
-            "timeout_s", float, 5.0, lambda v: 0.1 <= v <= 3600, "seconds in 0.1..3600"
-        ),
-        max_attempts=reader.get(
-            "max_attempts", int, 4, lambda v: 1 <= v <= 100, "a count in 1..100"
-        ),
-        max_pending=reader.get(
-            "max_pending", int, 8, lambda v: 1 <= v <= 1000, "a count in 1..1000"
-        ),
-    )
-    if settings.enabled and mqtt.protocol != "5":
-        raise reader.fail(
-            "enabled",
-            True,
-            "false, or mqtt.protocol = '5': label requests use MQTT 5 response topics",
-        )
-    reader.reject_unknown()
-    return settings
-
-
-def _homeassistant(reader: _Reader) -> HomeAssistantSettings:
-    settings = HomeAssistantSettings(
-        enabled=reader.get("enabled", bool, True),
-        prefix=reader.get("prefix", str, "homeassistant", bool, "a topic prefix"),
-    )
-    reader.reject_unknown()
-    return settings
-
-
-def _logging(reader: _Reader) -> LoggingSettings:
-    def optional_path(key: str) -> Path | None:
-        value = reader.get(key, str, "")
-        return reader.source.parent / value if value else None
-
-    settings = LoggingSettings(
-        file=optional_path("file"),
-        metrics_file=optional_path("metrics_file"),
-        max_bytes=reader.get(
-            "max_bytes",
-            int,
-            5 * 1024 * 1024,
-            lambda v: v >= 4096,
-            "a byte count of at least 4096",
-        ),
-        backups=reader.get("backups", int, 2, lambda v: 0 <= v <= 100, "0..100"),
-    )
-    reader.reject_unknown()
-    return settings
-
-
-def _limits(reader: _Reader) -> tuple[PayloadLimits, float]:
+def _limits(reader: TableReader) -> tuple[PayloadLimits, float]:
     limits = PayloadLimits(
         max_payload_bytes=reader.get(
             "max_payload_bytes",
             int,
             4 * 1024 * 1024,
-            _positive,
+            positive,
             "a positive byte count",
         ),
         max_samples=reader.get(
-            "max_samples", int, 4096, _positive, "a positive sample count"
+            "max_samples", int, 4096, positive, "a positive sample count"
         ),
     )
     tolerance = reader.get(
@@ -623,11 +300,11 @@ def load_config(path: str | Path) -> DeviceConfig:
         raise ConfigError(f"config file not found: {source}") from error
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"cannot read {source}: {error}") from error
-    root = _Reader(source, data, "")
+    root = TableReader(source, data, "")
     device = root.section("device")
     base = source.parent
-    device_id = device.get("id", str, _REQUIRED)
-    bundle = base / device.get("bundle", str, _REQUIRED)
+    device_id = device.get("id", str, REQUIRED)
+    bundle = base / device.get("bundle", str, REQUIRED)
     state_dir = base / device.get("state_dir", str, "state")
     runtime = device.get("runtime", str, "auto")
     profile = device.get("profile", str, "")
@@ -635,7 +312,7 @@ def load_config(path: str | Path) -> DeviceConfig:
         "battery_wh", float, 0.0, lambda v: v >= 0, "watt-hours >= 0"
     )
     device.reject_unknown()
-    mqtt = _mqtt(root.section("mqtt"))
+    mqtt = read_mqtt(root.section("mqtt"))
     alpha = _alpha(root.section("alpha"))
     training = _training(
         root.section("training"),
@@ -644,12 +321,12 @@ def load_config(path: str | Path) -> DeviceConfig:
         root.section("monitor"),
     )
     limits, tolerance = _limits(root.section("limits"))
-    security = _security(root.section("security"))
-    health = _health(root.section("health"))
-    log_settings = _logging(root.section("logging"))
-    budget = _budget(root.section("budget"))
-    homeassistant = _homeassistant(root.section("homeassistant"))
-    requests = _requests(root.section("requests"), mqtt)
+    security = read_security(root.section("security"))
+    health = read_health(root.section("health"))
+    log_settings = read_logging(root.section("logging"))
+    budget = read_budget(root.section("budget"))
+    homeassistant = read_homeassistant(root.section("homeassistant"))
+    requests = read_requests(root.section("requests"), mqtt)
     root.reject_unknown()
     config = DeviceConfig(
         source,

@@ -1,0 +1,83 @@
+"""Typed access to TOML tables, with errors that name the file and key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dslo_edge.errors import ConfigError
+
+
+class TableReader:
+    """Typed access to one TOML table with errors that name file and key."""
+
+    def __init__(self, source: Path, table: dict[str, Any], path: str):
+        self.source = source
+        self.table = table
+        self.path = path
+        self.used: set[str] = set()
+
+    def fail(self, key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(
+            f"{self.source}: {self.path}{key} = {value!r} is invalid; "
+            f"expected {expected}"
+        )
+
+    def get(
+        self,
+        key: str,
+        kind: type,
+        default: Any,
+        check: Callable[[Any], bool] | None = None,
+        expected: str = "",
+    ) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is REQUIRED:
+                raise ConfigError(
+                    f"{self.source}: missing required key {self.path}{key}"
+                )
+            return default
+        value = self.table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(key, value, expected or f"a {kind.__name__}")
+        if check is not None and not check(value):
+            raise self.fail(key, value, expected)
+        return value
+
+    def file(self, key: str) -> Path | None:
+        """Return an optional file path, resolved against the config's folder."""
+        value = self.get(key, str, "")
+        if not value:
+            return None
+        path = self.source.parent / value
+        if not path.is_file():
+            raise self.fail(key, value, "an existing file (relative to the config)")
+        return path
+
+    def section(self, key: str) -> TableReader:
+        self.used.add(key)
+        value = self.table.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, value, "a table")
+        return TableReader(self.source, value, f"{self.path}{key}.")
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise ConfigError(
+                f"{self.source}: unknown key {self.path}{unknown[0]}; "
+                f"known keys here: {known}"
+            )
+
+
+# Default that marks a key as required.
+REQUIRED = object()
+
+
+def positive(value: float) -> bool:
+    return value > 0

@@ -1,0 +1,283 @@
+"""Device settings for connection, security, health, logging and costs.
+
+Each table of the device TOML file outside training has a frozen dataclass
+here and a ``read_<table>`` function that validates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dslo_edge.budget import BudgetSettings
+from dslo_edge.config_reader import TableReader
+from dslo_edge.errors import ConfigError
+
+MQTT_PROTOCOLS = ("5", "3.1.1")
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_prefix: str = "dslo"
+    keepalive: int = 30
+    client_id: str = ""
+    protocol: str = "5"
+    # MQTT 5 only: how long the broker keeps the session and queued updates
+    # while the device is offline.
+    session_expiry_s: int = 7 * 24 * 3600
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    username: str = ""
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_insecure: bool = False
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_ca_file is not None
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """Update authentication: HMAC-SHA256 with a per-device key."""
+
+    hmac_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Probe-set checks after every ``probe_every`` updates (0 turns them off)."""
+
+    probe_every: int = 0
+    max_accuracy_drop: float = 0.1
+
+
+@dataclass(frozen=True)
+class RequestsSettings:
+    """Label requests for uncertain inputs seen on ``dslo/<id>/infer``.
+
+    Off by default; they need MQTT 5 and a running ``dslo-edge hub``.
+    """
+
+    enabled: bool = False
+    rule: str = "confidence"
+    max_confidence: float = 0.6
+    min_disagreement: float = 0.3
+    max_samples: int = 32
+    timeout_s: float = 5.0
+    max_attempts: int = 4
+    max_pending: int = 8
+
+
+@dataclass(frozen=True)
+class HomeAssistantSettings:
+    """MQTT discovery messages published by the device on every connect."""
+
+    enabled: bool = True
+    prefix: str = "homeassistant"
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """Optional log and metrics files, each rotated at ``max_bytes``."""
+
+    file: Path | None = None
+    metrics_file: Path | None = None
+    max_bytes: int = 5 * 1024 * 1024
+    backups: int = 2
+
+
+MACHINE_ID_PATHS = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+
+
+def machine_id() -> str:
+    """Return this machine's id from systemd or D-Bus, else a hash of the hostname."""
+    for path in MACHINE_ID_PATHS:
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()
+
+
+def default_client_id(device_id: str, role: str) -> str:
+    """Return a client id unique per device, role and machine."""
+    return f"dslo-{role}-{device_id}-{machine_id()[:12]}"
+
+
+def read_mqtt(reader: TableReader) -> MqttSettings:
+    settings = MqttSettings(
+        host=reader.get("host", str, "127.0.0.1", bool, "a host name or address"),
+        port=reader.get(
+            "port", int, 1883, lambda v: 0 < v < 65536, "a port in 1..65535"
+        ),
+        topic_prefix=reader.get("topic_prefix", str, "dslo"),
+        keepalive=reader.get(
+            "keepalive", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"
+        ),
+        client_id=reader.get("client_id", str, ""),
+        protocol=reader.get(
+            "protocol", str, "5", lambda v: v in MQTT_PROTOCOLS, "'5' or '3.1.1'"
+        ),
+        session_expiry_s=reader.get(
+            "session_expiry_s",
+            int,
+            7 * 24 * 3600,
+            lambda v: 0 <= v < 2**32,
+            "seconds in 0..4294967295",
+        ),
+        reconnect_min_s=reader.get(
+            "reconnect_min_s",
+            float,
+            1.0,
+            lambda v: 0.1 <= v <= 60,
+            "seconds in 0.1..60",
+        ),
+        reconnect_max_s=reader.get(
+            "reconnect_max_s",
+            float,
+            60.0,
+            lambda v: 1 <= v <= 3600,
+            "seconds in 1..3600",
+        ),
+        username=reader.get("username", str, ""),
+        password_file=reader.file("password_file"),
+        tls_ca_file=reader.file("tls_ca_file"),
+        tls_cert_file=reader.file("tls_cert_file"),
+        tls_key_file=reader.file("tls_key_file"),
+        tls_insecure=reader.get("tls_insecure", bool, False),
+    )
+    if settings.reconnect_max_s < settings.reconnect_min_s:
+        raise reader.fail(
+            "reconnect_max_s", settings.reconnect_max_s, "at least reconnect_min_s"
+        )
+    if settings.tls_cert_file and not settings.tls_ca_file:
+        raise reader.fail(
+            "tls_cert_file", str(settings.tls_cert_file), "tls_ca_file to be set too"
+        )
+    reader.reject_unknown()
+    return settings
+
+
+def read_security(reader: TableReader) -> SecuritySettings:
+    settings = SecuritySettings(hmac_key_file=reader.file("hmac_key_file"))
+    reader.reject_unknown()
+    return settings
+
+
+def read_health(reader: TableReader) -> HealthSettings:
+    settings = HealthSettings(
+        probe_every=reader.get(
+            "probe_every", int, 0, lambda v: v >= 0, "a count of updates, 0 for off"
+        ),
+        max_accuracy_drop=reader.get(
+            "max_accuracy_drop", float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"
+        ),
+    )
+    reader.reject_unknown()
+    return settings
+
+
+def read_budget(reader: TableReader) -> BudgetSettings:
+    def optional(key: str) -> float | None:
+        value = reader.get(key, float, -1.0)
+        return None if value == -1.0 else value
+
+    percent = (lambda v: 0 <= v <= 100, "a percentage in 0..100")
+    try:
+        settings = BudgetSettings(
+            battery_min_percent=reader.get(
+                "battery_min_percent", float, 20.0, *percent
+            ),
+            battery_resume_percent=reader.get(
+                "battery_resume_percent", float, 25.0, *percent
+            ),
+            thermal_limit_c=optional("thermal_limit_c"),
+            thermal_resume_margin_c=reader.get(
+                "thermal_resume_margin_c",
+                float,
+                5.0,
+                lambda v: 0 <= v <= 50,
+                "degrees in 0..50",
+            ),
+            energy_budget_j_per_hour=optional("energy_budget_j_per_hour"),
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{reader.source}: [budget] {error}") from error
+    reader.reject_unknown()
+    return settings
+
+
+def read_requests(reader: TableReader, mqtt: MqttSettings) -> RequestsSettings:
+    unit = (lambda v: 0 < v <= 1, "a number in (0, 1]")
+    settings = RequestsSettings(
+        enabled=reader.get("enabled", bool, False),
+        rule=reader.get(
+            "rule",
+            str,
+            "confidence",
+            lambda v: v in ("confidence", "disagreement", "either"),
+            "'confidence', 'disagreement' or 'either'",
+        ),
+        max_confidence=reader.get("max_confidence", float, 0.6, *unit),
+        min_disagreement=reader.get("min_disagreement", float, 0.3, *unit),
+        max_samples=reader.get(
+            "max_samples", int, 32, lambda v: 1 <= v <= 4096, "a count in 1..4096"
+        ),
+        timeout_s=reader.get(
+            "timeout_s", float, 5.0, lambda v: 0.1 <= v <= 3600, "seconds in 0.1..3600"
+        ),
+        max_attempts=reader.get(
+            "max_attempts", int, 4, lambda v: 1 <= v <= 100, "a count in 1..100"
+        ),
+        max_pending=reader.get(
+            "max_pending", int, 8, lambda v: 1 <= v <= 1000, "a count in 1..1000"
+        ),
+    )
+    if settings.enabled and mqtt.protocol != "5":
+        raise reader.fail(
+            "enabled",
+            True,
+            "false, or mqtt.protocol = '5': label requests use MQTT 5 response topics",
+        )
+    reader.reject_unknown()
+    return settings
+
+
+def read_homeassistant(reader: TableReader) -> HomeAssistantSettings:
+    settings = HomeAssistantSettings(
+        enabled=reader.get("enabled", bool, True),
+        prefix=reader.get("prefix", str, "homeassistant", bool, "a topic prefix"),
+    )
+    reader.reject_unknown()
+    return settings
+
+
+def read_logging(reader: TableReader) -> LoggingSettings:
+    def optional_path(key: str) -> Path | None:
+        value = reader.get(key, str, "")
+        return reader.source.parent / value if value else None
+
+    settings = LoggingSettings(
+        file=optional_path("file"),
+        metrics_file=optional_path("metrics_file"),
+        max_bytes=reader.get(
+            "max_bytes",
+            int,
+            5 * 1024 * 1024,
+            lambda v: v >= 4096,
+            "a byte count of at least 4096",
+        ),
+        backups=reader.get("backups", int, 2, lambda v: 0 <= v <= 100, "0..100"),
+    )
+    reader.reject_unknown()
+    return settings
