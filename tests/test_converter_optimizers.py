@@ -112,9 +112,7 @@ def test_exported_state_names_are_labelled() -> None:
     from converters.layers import read_student
     from converters.student_graph import StudentModule
 
-    module = StudentModule(
-        read_student(small_cnn()), optimizer=OptimizerConfig("adam")
-    )
+    module = StudentModule(read_student(small_cnn()), optimizer=OptimizerConfig("adam"))
     kinds = module.kinds
     assert kinds["conv_kernel"] == "trained"
     assert kinds["norm_gamma"] == "trained"
