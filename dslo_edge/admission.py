@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.config import TrainingSettings
 from dslo_edge.errors import InvalidUpdate
@@ -20,6 +22,7 @@ from dslo_edge.trainer import Trainer
 DUPLICATE = "duplicate"
 STALE = "stale"
 CLOCK_SKEW = "clock_skew"
+OUT_OF_RANGE = "out_of_range"
 TRAIN_ERROR = "train_error"
 REJECTION_LOG_LIMIT = 10
 REJECTION_LOG_WINDOW_S = 60.0
@@ -49,14 +52,28 @@ def admit(
     *,
     hmac_key: bytes | None,
     topic: str,
+    max_abs_input: float = float("inf"),
 ) -> SoftLabelUpdate:
     """Return the decoded update if it may be applied, else raise InvalidUpdate."""
     body = item.payload
     if hmac_key is not None:
         body = verify(hmac_key, topic, body)
     update = trainer.decode(body)
+    check_input_range(update, max_abs_input)
     check_new_and_fresh(update, item.received_at, applied_ids, settings)
     return update
+
+
+def check_input_range(update: SoftLabelUpdate, max_abs_input: float) -> None:
+    """Reject inputs of a magnitude no real sensor sends, such as 1e38."""
+    largest = float(np.max(np.abs(update.inputs)))
+    if largest > max_abs_input:
+        raise InvalidUpdate(
+            OUT_OF_RANGE,
+            f"an input has magnitude {largest:.3g}, above limits.max_abs_input "
+            f"= {max_abs_input:.3g}; raise the limit if the model expects that",
+            update.message_id_hex,
+        )
 
 
 def check_new_and_fresh(

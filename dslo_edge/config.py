@@ -112,6 +112,9 @@ class DeviceConfig:
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     homeassistant: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
     requests: RequestsSettings = field(default_factory=RequestsSettings)
+    # Inputs beyond this magnitude are rejected: finite but huge values from
+    # a corrupt update would drive the weights to infinity.
+    max_abs_input: float = 1e6
 
     @property
     def topics(self) -> Topics:
@@ -266,7 +269,7 @@ def _training(
     return settings
 
 
-def _limits(reader: TableReader) -> tuple[PayloadLimits, float]:
+def _limits(reader: TableReader) -> tuple[PayloadLimits, float, float]:
     limits = PayloadLimits(
         max_payload_bytes=reader.get(
             "max_payload_bytes",
@@ -282,8 +285,11 @@ def _limits(reader: TableReader) -> tuple[PayloadLimits, float]:
     tolerance = reader.get(
         "sum_tolerance", float, 1e-3, lambda v: 0 < v < 0.5, "a number in (0, 0.5)"
     )
+    max_abs_input = reader.get(
+        "max_abs_input", float, 1e6, positive, "a positive magnitude"
+    )
     reader.reject_unknown()
-    return limits, tolerance
+    return limits, tolerance, max_abs_input
 
 
 def load_config(path: str | Path) -> DeviceConfig:
@@ -320,7 +326,7 @@ def load_config(path: str | Path) -> DeviceConfig:
         root.section("smoothing"),
         root.section("monitor"),
     )
-    limits, tolerance = _limits(root.section("limits"))
+    limits, tolerance, max_abs_input = _limits(root.section("limits"))
     security = read_security(root.section("security"))
     health = read_health(root.section("health"))
     log_settings = read_logging(root.section("logging"))
@@ -346,6 +352,7 @@ def load_config(path: str | Path) -> DeviceConfig:
         budget,
         homeassistant,
         requests,
+        max_abs_input,
     )
     try:
         _ = config.topics

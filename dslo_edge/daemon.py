@@ -41,6 +41,7 @@ from dslo_edge.admission import (
     Received,
     RejectionLog,
     admit,
+    check_input_range,
     check_new_and_fresh,
 )
 from dslo_edge.applied_ids import AppliedIds
@@ -64,6 +65,9 @@ logger = logging.getLogger(__name__)
 
 APPLIED_IDS = "applied_ids"
 INFER_QUEUE = 64
+# Reports in a burst come at most this often; a report on every idle moment
+# still tells the hub how far the device has got.
+METRICS_MIN_INTERVAL_S = 0.25
 METRICS_LOG = "metrics.jsonl"
 # sysexits.h EX_SOFTWARE: an internal thread died or hung.
 EXIT_WATCHDOG = 70
@@ -139,6 +143,8 @@ class EdgeDaemon:
         self._paused_reason: str | None = None
         self._last_update_at = time.monotonic()
         self._trainer_beat = time.monotonic()
+        self._last_metrics_at = float("-inf")
+        self._last_logged_at = float("-inf")
         self._rejection_log = RejectionLog()
         self._metrics_log = self._make_metrics_log()
         self._trainer_thread = threading.Thread(
@@ -403,9 +409,10 @@ class EdgeDaemon:
             except Exception:  # one bad update must not stop the trainer
                 self.metrics.record_rejected(TRAIN_ERROR)
                 logger.exception("Device %s failed to apply an update", self.device_id)
-            every = self.config.training.metrics_every
-            if self.updates.empty() or self.metrics.processed % every == 0:
+            if self.updates.empty():
                 self.publish_metrics()
+            elif self.metrics.processed % self.config.training.metrics_every == 0:
+                self.publish_metrics(busy=True)
 
     def _budget_paused(self) -> bool:
         """Check the budget; while paused, updates wait in the queue."""
@@ -466,11 +473,13 @@ class EdgeDaemon:
                 self.config.training,
                 hmac_key=self.hmac_key,
                 topic=self.topics.updates,
+                max_abs_input=self.config.max_abs_input,
             )
         assert self.requester is not None
         update = self.requester.labels_update(
             item.response, self.trainer.decode, self.hmac_key
         )
+        check_input_range(update, self.config.max_abs_input)
         check_new_and_fresh(
             update, item.received_at, self.applied_ids, self.config.training
         )
@@ -711,11 +720,22 @@ class EdgeDaemon:
             report["latency_ms_p95"] = round(float(np.percentile(latencies, 95)), 3)
         return report
 
-    def publish_metrics(self) -> None:
-        """Publish the metrics report, retained so a late subscriber sees it."""
+    def publish_metrics(self, busy: bool = False) -> None:
+        """Publish the metrics report, retained so a late subscriber sees it.
+
+        With ``busy`` (reports in the middle of a burst) the report is skipped
+        when the last one is under ``METRICS_MIN_INTERVAL_S`` old, and the
+        metrics log keeps at most one line a second in any case.
+        """
+        now = time.monotonic()
+        if busy and now - self._last_metrics_at < METRICS_MIN_INTERVAL_S:
+            return
+        self._last_metrics_at = now
         payload = json.dumps(self.status_report())
         self.connection.publish(self.topics.metrics, payload, retain=True)
-        self._metrics_log.info(payload)
+        if now - self._last_logged_at >= 1.0:
+            self._last_logged_at = now
+            self._metrics_log.info(payload)
 
 
 def _load_profile(name: str) -> Any:
