@@ -70,6 +70,10 @@ class TrainingSettings:
     applied_id_capacity: int = 100_000
     # Idle time after the last update before a checkpoint is written.
     checkpoint_idle_s: float = 2.0
+    # Samples per train step when queued updates are coalesced; 0 trains
+    # each update as its own step.
+    batch_size: int = 0
+    batch_wait_ms: float = 5.0
 
     def task(self) -> TaskSettings:
         """Return the dynamic soft-label settings of the student's one head."""
@@ -255,6 +259,12 @@ def _training(
             2.0,
             lambda v: 0 <= v <= 3600,
             "seconds in 0..3600",
+        ),
+        batch_size=reader.get(
+            "batch_size", int, 0, lambda v: 0 <= v <= 4096, "samples in 0..4096"
+        ),
+        batch_wait_ms=reader.get(
+            "batch_wait_ms", float, 5.0, lambda v: 0 <= v <= 1000, "ms in 0..1000"
         ),
     )
     if settings.checkpoint_every * 2 > settings.queue_size:

@@ -45,6 +45,7 @@ from dslo_edge.admission import (
     check_new_and_fresh,
 )
 from dslo_edge.applied_ids import AppliedIds
+from dslo_edge.batching import BatchPolicy, UpdateBatcher
 from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from dslo_edge.config import DeviceConfig
@@ -124,6 +125,16 @@ class EdgeDaemon:
             reference,
             self.costs.infer_ms,
         )
+        training = config.training
+        self.batcher: UpdateBatcher[Received, SoftLabelUpdate] | None = None
+        if training.batch_size:
+            policy = BatchPolicy(
+                training.batch_size,
+                training.batch_wait_ms / 1000,
+                max_batches=8,
+                max_updates=training.checkpoint_every,
+            )
+            self.batcher = UpdateBatcher(policy)
         queue_size = config.training.queue_size
         # The broker is asked for at most queue_size unacknowledged updates
         # (MQTT 5 receive maximum); the spare room covers redeliveries.
@@ -400,15 +411,10 @@ class EdgeDaemon:
                 self.stopping.wait(0.5)
                 continue
             try:
-                item = self.updates.get(timeout=0.2)
+                self._take_and_train()
             except queue.Empty:
                 self._on_idle()
                 continue
-            try:
-                self._process(item)
-            except Exception:  # one bad update must not stop the trainer
-                self.metrics.record_rejected(TRAIN_ERROR)
-                logger.exception("Device %s failed to apply an update", self.device_id)
             if self.updates.empty():
                 self.publish_metrics()
             elif self.metrics.processed % self.config.training.metrics_every == 0:
@@ -444,16 +450,45 @@ class EdgeDaemon:
             self._checkpoint_and_ack()
             self.publish_metrics()
 
-    def _process(self, item: Received) -> None:
+    def _take_and_train(self) -> None:
+        """Train on the next queued update, or a coalesced batch of them.
+
+        Raises:
+            queue.Empty: nothing arrived within 0.2 s.
+        """
+        if self.batcher is None:
+            item = self.updates.get(timeout=0.2)
+            update = self._admit_or_reject(item)
+            updates = [update] if update is not None else []
+        else:
+            updates = self.batcher.gather(
+                self.updates, self._admit_or_reject, timeout=0.2
+            )
+        try:
+            self._apply_all(updates)
+        except Exception:  # one bad update must not stop the trainer
+            for _ in updates:
+                self.metrics.record_rejected(TRAIN_ERROR)
+            logger.exception(
+                "Device %s failed to apply %d updates", self.device_id, len(updates)
+            )
+        self._after_updates()
+
+    def _admit_or_reject(self, item: Received) -> SoftLabelUpdate | None:
+        """Admit one queued item, or count and log its rejection; never raises."""
         self._last_update_at = time.monotonic()
         self._changed_since_save = True
         self._acks.add(item.mid, item.qos)
         try:
-            update = self._admit(item)
+            return self._admit(item)
         except InvalidUpdate as error:
             self._reject(error)
-        else:
-            self._apply(update)
+        except Exception:
+            self.metrics.record_rejected(TRAIN_ERROR)
+            logger.exception("Device %s failed to admit an update", self.device_id)
+        return None
+
+    def _after_updates(self) -> None:
         training = self.config.training
         probe_every = self.config.health.probe_every
         if probe_every and self._since_probe >= probe_every:
@@ -506,21 +541,27 @@ class EdgeDaemon:
                 error,
             )
 
-    def _apply(self, update: SoftLabelUpdate) -> None:
+    def _apply_all(self, updates: list[SoftLabelUpdate]) -> None:
+        if not updates:
+            return
         self.costs.begin_step()
-        result = self.trainer.apply(update)
-        self.costs.end_step(1)
-        self.applied_ids.add(update.message_id)
-        self._unsaved += 1
-        self._since_probe += 1
-        end_to_end_ms = (time.time() - update.timestamp) * 1000
-        self.metrics.record_applied(
-            result.samples,
-            result.loss,
-            result.mean_alpha,
-            result.train_ms,
-            end_to_end_ms,
-        )
+        if self.batcher is None:
+            results = [self.trainer.apply(update) for update in updates]
+        else:
+            results = self.trainer.apply_many(updates, self.batcher.policy.batch_size)
+        self.costs.end_step(len(updates))
+        now = time.time()
+        for update, result in zip(updates, results, strict=True):
+            self.applied_ids.add(update.message_id)
+            self._unsaved += 1
+            self._since_probe += 1
+            self.metrics.record_applied(
+                result.samples,
+                result.loss,
+                result.mean_alpha,
+                result.train_ms,
+                (now - update.timestamp) * 1000,
+            )
 
     # Model updates over the air
 

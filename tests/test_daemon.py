@@ -313,3 +313,35 @@ def test_metrics_log_is_size_capped(mlp_pair, broker, tmp_path) -> None:
     logs = sorted((tmp_path / "state").glob("metrics.jsonl*"))
     assert [p.name for p in logs] == ["metrics.jsonl", "metrics.jsonl.1"]
     assert all(p.stat().st_size <= 4096 + 4096 for p in logs)
+
+
+def test_batched_daemon_applies_every_update_once(mlp_pair, broker, tmp_path) -> None:
+    path = tmp_path / "device.toml"
+    protocol = "5" if broker.kind == "mosquitto" else "3.1.1"
+    path.write_text(
+        render_config(
+            DEVICE,
+            mlp_pair.bundle,
+            tmp_path / "state",
+            broker.port,
+            protocol=protocol,
+            overrides={"training": {"batch_size": 32, "batch_wait_ms": 20.0}},
+        )
+    )
+    daemon = EdgeDaemon(load_config(path))
+    daemon.start()
+    hub = hub_client(broker)
+    try:
+        wait_processed(hub, 0)
+        for seed in range(12):
+            hub.publish(encode_update(make_update(80 + seed)))
+        # Same sample ids as an earlier update, new message id: applied too.
+        hub.publish(encode_update(make_update(81)))
+        metrics = wait_processed(hub, 13)
+    finally:
+        hub.close()
+        daemon.stop()
+
+    assert metrics["applied"] == 13
+    assert metrics["samples_applied"] == 13 * 8
+    assert daemon.trainer.applied_updates == 13
