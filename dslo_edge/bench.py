@@ -347,14 +347,24 @@ def _wire_figures(wire: dict[str, Any]) -> list[Figure]:
             wire["binary_bytes_per_sample"] * 3 <= wire["json_bytes_per_sample"],
         ),
         Figure(
+            "wire_bytes_float16",
+            "B/sample",
+            wire["float16_bytes_per_sample"],
+            wire["json_bytes_per_sample"],
+            "JSON",
+            _ratio(wire["float16_bytes_per_sample"], wire["json_bytes_per_sample"]),
+            "<= 1/3 of JSON",
+            wire["float16_bytes_per_sample"] * 3 <= wire["json_bytes_per_sample"],
+        ),
+        Figure(
             "wire_bytes_top_k",
             "B/sample",
             wire["top_k_bytes_per_sample"],
-            wire["binary_bytes_per_sample"],
-            "full labels",
-            _ratio(wire["top_k_bytes_per_sample"], wire["binary_bytes_per_sample"]),
+            wire["float16_bytes_per_sample"],
+            "float16 inputs, full labels",
+            _ratio(wire["top_k_bytes_per_sample"], wire["float16_bytes_per_sample"]),
             "smaller than full labels",
-            wire["top_k_bytes_per_sample"] < wire["binary_bytes_per_sample"],
+            wire["top_k_bytes_per_sample"] < wire["float16_bytes_per_sample"],
         ),
     ]
 

@@ -173,19 +173,23 @@ def update_as_json(update: SoftLabelUpdate) -> bytes:
 
 
 def measure_wire_bytes(batch_size: int = 32) -> dict[str, Any]:
-    """Return bytes per sample of one digits update in three encodings.
+    """Return bytes per sample of one digits update in four encodings.
 
     The sizes are exact, not timed: binary format version 1, binary format
-    version 2 with the ``TOP_K`` largest probabilities, and JSON.
+    version 2 with float16 inputs, version 2 with float16 inputs and the
+    ``TOP_K`` largest probabilities, and JSON.
     """
     inputs, source = digits_inputs()
     update = make_update(inputs, 0, batch_size)
     binary = len(encode_update(update))
     as_json = len(update_as_json(update))
+    update.input_dtype = "float16"
+    float16 = len(encode_update(update))
     update.top_k = TOP_K
     top_k = len(encode_update(update))
     return {
         "binary_bytes_per_sample": round(binary / batch_size, 1),
+        "float16_bytes_per_sample": round(float16 / batch_size, 1),
         "top_k_bytes_per_sample": round(top_k / batch_size, 1),
         "json_bytes_per_sample": round(as_json / batch_size, 1),
         "top_k": TOP_K,

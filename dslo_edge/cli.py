@@ -338,6 +338,11 @@ def _add_log_file(settings: Any) -> None:
     help="JSON file that keeps the privacy spent per device across pushes.",
 )
 @click.option(
+    "--float16-inputs",
+    is_flag=True,
+    help="Send inputs as float16, half the bytes (payload version 2).",
+)
+@click.option(
     "--hmac-key-file",
     type=click.Path(exists=True, dir_okay=False),
     help="Sign updates with this device key (see 'dslo-edge keygen').",
@@ -365,6 +370,7 @@ def push(
     dp_epsilon: float | None,
     dp_delta: float,
     dp_ledger: str | None,
+    float16_inputs: bool,
     hmac_key_file: str | None,
     mqtt_protocol: str,
 ) -> None:
@@ -395,6 +401,7 @@ def push(
         privacy=privacy,
         hmac_key=load_key(Path(hmac_key_file)) if hmac_key_file else None,
         protocol=5 if mqtt_protocol == "5" else 4,
+        input_dtype="float16" if float16_inputs else "float32",
     )
     click.echo(
         f"sent {result.messages} messages ({result.samples} samples, "

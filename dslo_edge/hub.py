@@ -260,6 +260,7 @@ def push(
     hmac_key: bytes | None = None,
     expiry_s: int | None = 3600,
     window: int = 128,
+    input_dtype: str = "float32",
 ) -> PushResult:
     """Publish soft labels from each teacher snapshot in turn, one round each.
 
@@ -273,6 +274,8 @@ def push(
             outstanding so a burst cannot overrun the broker's queue.
         hmac_key: sign every update with the device's key.
         expiry_s: MQTT 5 message expiry; match the device's max_age_s.
+        input_dtype: "float16" sends inputs at half the size (payload
+            version 2); the device still trains on float32.
     """
     host, port = parse_broker_url(broker_url)
     hub = HubClient(host, port, device_id, protocol)
@@ -291,6 +294,7 @@ def push(
                 top_k=top_k,
                 privacy=privacy,
             ):
+                update.input_dtype = input_dtype
                 payload = encode_update(update)
                 if hmac_key is not None:
                     payload = sign(hmac_key, hub.topics.updates, payload)

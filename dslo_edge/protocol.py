@@ -56,12 +56,16 @@ FLAG_LOGITS = 0x01
 FLAG_HARD_LABELS = 0x02
 FLAG_TEMPERATURE = 0x04
 FLAG_TOP_K = 0x08
+# Inputs are float16 instead of float32 (format version 2 only).
+FLAG_FLOAT16_INPUTS = 0x10
+INPUT_DTYPES = ("float32", "float16")
 _KNOWN_FLAGS = {
     FORMAT_VERSION: FLAG_LOGITS | FLAG_HARD_LABELS | FLAG_TEMPERATURE,
     FORMAT_VERSION_TOP_K: FLAG_LOGITS
     | FLAG_HARD_LABELS
     | FLAG_TEMPERATURE
-    | FLAG_TOP_K,
+    | FLAG_TOP_K
+    | FLAG_FLOAT16_INPUTS,
 }
 
 LABEL_KINDS = ("probabilities", "logits")
@@ -177,6 +181,9 @@ class SoftLabelUpdate:
     # Encode only the k largest probabilities per row (format version 2).
     # A decoded top-k update has labels expanded to (N, K) and keeps k here.
     top_k: int | None = None
+    # "float16" halves the input bytes on the wire (format version 2); the
+    # device always trains on float32.
+    input_dtype: str = "float32"
 
     @property
     def message_id_hex(self) -> str:
@@ -240,11 +247,15 @@ def encode_update(update: SoftLabelUpdate) -> bytes:
     top_k = _checked_top_k(update, labels.shape[1])
     if top_k is not None:
         flags |= FLAG_TOP_K
+    inputs = _wire_inputs(inputs, update.input_dtype)
+    if update.input_dtype == "float16":
+        flags |= FLAG_FLOAT16_INPUTS
+    extended = top_k is not None or update.input_dtype == "float16"
     input_shape = inputs.shape[1:]
 
     parts = [
         MAGIC,
-        _U8.pack(FORMAT_VERSION if top_k is None else FORMAT_VERSION_TOP_K),
+        _U8.pack(FORMAT_VERSION_TOP_K if extended else FORMAT_VERSION),
         _HEADER_PREFIX.pack(
             flags,
             update.message_id,
@@ -273,6 +284,22 @@ def encode_update(update: SoftLabelUpdate) -> bytes:
     if hard_labels is not None:
         parts.append(hard_labels.tobytes())
     return b"".join(parts)
+
+
+def _wire_inputs(inputs: np.ndarray, input_dtype: str) -> np.ndarray:
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(
+            f"input_dtype is {input_dtype!r}, expected one of {INPUT_DTYPES}"
+        )
+    if input_dtype == "float32":
+        return inputs
+    largest = float(np.max(np.abs(inputs))) if inputs.size else 0.0
+    if largest > float(np.finfo(np.float16).max):
+        raise ValueError(
+            f"an input has magnitude {largest:.3g}, beyond float16's 65504; "
+            "send float32 inputs"
+        )
+    return inputs.astype("<f2")
 
 
 def _checked_top_k(update: SoftLabelUpdate, class_count: int) -> int | None:
@@ -535,14 +562,17 @@ def decode_update(
     teacher_version = _read_teacher_version(reader)
 
     has_hard_labels = bool(flags & FLAG_HARD_LABELS)
+    float16_inputs = bool(flags & FLAG_FLOAT16_INPUTS)
     input_count = sample_count * math.prod(input_shape)
     if top_k is None:
         label_bytes = _ITEM_BYTES * sample_count * class_count
     else:
         # uint16 index and float32 value per kept class, float32 remaining mass.
         label_bytes = sample_count * (6 * top_k + 4)
+    input_bytes = (2 if float16_inputs else _ITEM_BYTES) * input_count
     array_bytes = (
-        _ITEM_BYTES * (input_count + (sample_count if has_hard_labels else 0))
+        input_bytes
+        + _ITEM_BYTES * (sample_count if has_hard_labels else 0)
         + label_bytes
     )
     # Each sample id takes at least its length byte, so this bound catches a huge
@@ -551,7 +581,11 @@ def decode_update(
     sample_ids = _read_sample_ids(reader, sample_count)
     _check_exact_length(reader, array_bytes)
 
-    inputs = reader.array((sample_count, *input_shape), _FLOAT32)
+    if float16_inputs:
+        half = reader.array((sample_count, *input_shape), np.dtype("<f2"))
+        inputs = half.astype(np.float32)
+    else:
+        inputs = reader.array((sample_count, *input_shape), _FLOAT32)
     if top_k is None:
         labels = reader.array((sample_count, class_count), _FLOAT32)
     else:
@@ -569,6 +603,7 @@ def decode_update(
         hard_labels=hard_labels,
         temperature=temperature,
         top_k=top_k,
+        input_dtype="float16" if float16_inputs else "float32",
     )
 
 

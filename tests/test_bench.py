@@ -24,6 +24,7 @@ FIGURES = {
     "peak_rss",
     "startup",
     "wire_bytes",
+    "wire_bytes_float16",
     "wire_bytes_top_k",
 }
 
