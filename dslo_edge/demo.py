@@ -43,6 +43,9 @@ STATIC_ALPHA = 0.5
 # This machine's own board profile: its power model gives the energy figures
 # when no battery, power monitor or RAPL counter is readable.
 DEMO_PROFILE = "generic-x86_64"
+# The demo device runs from a 20 Wh power bank, so the report can show the
+# battery impact; the machine itself reports no battery.
+DEMO_BATTERY_WH = 20.0
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -89,7 +92,9 @@ def _start_daemon(
             broker.port,
             planned_updates=planned,
             protocol=protocol,
-            overrides={"device": {"profile": DEMO_PROFILE}},
+            overrides={
+                "device": {"profile": DEMO_PROFILE, "battery_wh": DEMO_BATTERY_WH}
+            },
         )
     )
     log = open(out / "daemon.log", "wb")  # noqa: SIM115 - owned by the child
