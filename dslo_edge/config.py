@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.budget import BudgetSettings
-from dslo_edge.config_reader import REQUIRED, TableReader, positive
+from dslo_edge.config_reader import REQUIRED, TableReader, positive, read_toml
 from dslo_edge.config_service import (
     HealthSettings,
     HomeAssistantSettings,
@@ -41,9 +41,9 @@ from dslo_edge.protocol import PayloadLimits, Topics
 from dslo_edge.softlabels import SCHEDULE_KINDS, AlphaPolicy, Schedule
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - exercised only on Python 3.10 devices
-    import tomli as tomllib
+    pass
 
 
 @dataclass(frozen=True)
@@ -310,12 +310,7 @@ def load_config(path: str | Path) -> DeviceConfig:
             missing or unknown key.
     """
     source = Path(path)
-    try:
-        data = tomllib.loads(source.read_text())
-    except FileNotFoundError as error:
-        raise ConfigError(f"config file not found: {source}") from error
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"cannot read {source}: {error}") from error
+    data = read_toml(source, "config")
     root = TableReader(source, data, "")
     device = root.section("device")
     base = source.parent

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dslo_edge.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10 devices
+    import tomli as tomllib
+
+
+def read_toml(source: Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file; ``what`` names it in errors ("config", "hub config").
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not TOML.
+    """
+    try:
+        return tomllib.loads(source.read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"{what} file not found: {source}") from error
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot read {source}: {error}") from error
 
 
 class TableReader:
@@ -42,7 +63,10 @@ class TableReader:
         value = self.table[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        wrong_type = not isinstance(value, kind) or (
+            kind in (int, float) and isinstance(value, bool)
+        )
+        if wrong_type or (kind is float and not math.isfinite(value)):
             raise self.fail(key, value, expected or f"a {kind.__name__}")
         if check is not None and not check(value):
             raise self.fail(key, value, expected)
@@ -57,6 +81,27 @@ class TableReader:
         if not path.is_file():
             raise self.fail(key, value, "an existing file (relative to the config)")
         return path
+
+    def path_value(self, key: str, default: Any, must_exist: bool = False) -> Any:
+        """Return a path relative to the config's folder, or ``default`` if unset."""
+        value = self.get(key, str, default, bool, "a non-empty path")
+        if value is None:
+            return None
+        path = self.source.parent / value
+        if must_exist and not path.exists():
+            raise self.fail(key, value, "an existing path (relative to the config)")
+        return path
+
+    def tables(self, key: str) -> list[TableReader]:
+        """Return the readers of an array of tables such as ``[[push]]``."""
+        self.used.add(key)
+        value = self.table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(key, value, "an array of tables ([[push]])")
+        return [
+            TableReader(self.source, item, f"{self.path}{key}[{index}].")
+            for index, item in enumerate(value)
+        ]
 
     def section(self, key: str) -> TableReader:
         self.used.add(key)

@@ -9,23 +9,23 @@ the requests until it expires or another worker ends it.
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dslo_edge.config import MqttSettings
+from dslo_edge.config_reader import REQUIRED as _REQUIRED
+from dslo_edge.config_reader import TableReader as _Table
+from dslo_edge.config_reader import read_toml
 from dslo_edge.errors import ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.privacy import ACCOUNTANTS, PrivacySettings
 from dslo_edge.protocol import Topics
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
+    pass
 
 OUTPUT_KINDS = ("probabilities", "logits")
 HUB_SESSION_EXPIRY_S = 300
@@ -133,87 +133,6 @@ class HubConfig:
     @property
     def prefix(self) -> str:
         return self.mqtt.topic_prefix
-
-
-_REQUIRED = object()
-
-
-class _Table:
-    """Typed access to one TOML table with errors that name file and key."""
-
-    def __init__(self, source: Path, table: dict[str, Any], path: str):
-        self.source = source
-        self.table = table
-        self.path = path
-        self.used: set[str] = set()
-
-    def fail(self, key: str, value: Any, expected: str) -> ConfigError:
-        return ConfigError(
-            f"{self.source}: {self.path}{key} = {value!r} is invalid; "
-            f"expected {expected}"
-        )
-
-    def get(
-        self,
-        key: str,
-        kind: type,
-        default: Any,
-        check: Callable[[Any], bool] | None = None,
-        expected: str = "",
-    ) -> Any:
-        self.used.add(key)
-        if key not in self.table:
-            if default is _REQUIRED:
-                raise ConfigError(
-                    f"{self.source}: missing required key {self.path}{key}"
-                )
-            return default
-        value = self.table[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        wrong_type = not isinstance(value, kind) or (
-            kind in (int, float) and isinstance(value, bool)
-        )
-        if wrong_type or (kind is float and not math.isfinite(value)):
-            raise self.fail(key, value, expected or f"a {kind.__name__}")
-        if check is not None and not check(value):
-            raise self.fail(key, value, expected)
-        return value
-
-    def path_value(self, key: str, default: Any, must_exist: bool = False) -> Any:
-        value = self.get(key, str, default, bool, "a non-empty path")
-        if value is None:
-            return None
-        path = self.source.parent / value
-        if must_exist and not path.exists():
-            raise self.fail(key, value, "an existing path (relative to the config)")
-        return path
-
-    def section(self, key: str) -> _Table:
-        self.used.add(key)
-        value = self.table.get(key, {})
-        if not isinstance(value, dict):
-            raise self.fail(key, value, "a table")
-        return _Table(self.source, value, f"{self.path}{key}.")
-
-    def tables(self, key: str) -> list[_Table]:
-        self.used.add(key)
-        value = self.table.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self.fail(key, value, "an array of tables ([[push]])")
-        return [
-            _Table(self.source, item, f"{self.path}{key}[{index}].")
-            for index, item in enumerate(value)
-        ]
-
-    def reject_unknown(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            known = ", ".join(sorted(self.used))
-            raise ConfigError(
-                f"{self.source}: unknown key {self.path}{unknown[0]}; "
-                f"known keys here: {known}"
-            )
 
 
 def _positive(value: float) -> bool:
@@ -387,13 +306,7 @@ def load_hub_config(path: str | Path, worker_id: str | None = None) -> HubConfig
             missing or unknown key.
     """
     source = Path(path)
-    try:
-        data = tomllib.loads(source.read_text())
-    except FileNotFoundError as error:
-        raise ConfigError(f"hub config file not found: {source}") from error
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"cannot read {source}: {error}") from error
-    root = _Table(source, data, "")
+    root = _Table(source, read_toml(source, "hub config"), "")
     hub = root.section("hub")
     configured_id = hub.get("worker_id", str, "hub-1", _topic_level, TOPIC_LEVEL)
     if worker_id is not None and not _topic_level(worker_id):
