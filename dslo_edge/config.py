@@ -6,7 +6,6 @@ allowed. Relative paths are resolved against the file's directory.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,6 @@ from dslo_edge.dynamic import (
 from dslo_edge.errors import ConfigError
 from dslo_edge.protocol import PayloadLimits, Topics
 from dslo_edge.softlabels import SCHEDULE_KINDS, AlphaPolicy, Schedule
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - exercised only on Python 3.10 devices
-    pass
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ the requests until it expires or another worker ends it.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +20,6 @@ from dslo_edge.errors import ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.privacy import ACCOUNTANTS, PrivacySettings
 from dslo_edge.protocol import Topics
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - exercised only on Python 3.10
-    pass
 
 OUTPUT_KINDS = ("probabilities", "logits")
 HUB_SESSION_EXPIRY_S = 300
