@@ -7,6 +7,7 @@ window. Each failure raises ``InvalidUpdate`` with its own reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ class Received:
     qos: int
     received_at: float
     response: Any = None
+    # Broker session the message came in; its packet id is valid only there.
+    epoch: int = 0
 
 
 def admit(
@@ -83,6 +86,12 @@ def check_new_and_fresh(
     settings: TrainingSettings,
 ) -> None:
     """Reject an update already applied, too old, or from the future."""
+    if not math.isfinite(update.timestamp):
+        raise InvalidUpdate(
+            "non_finite",
+            f"timestamp is {update.timestamp}, expected Unix seconds",
+            update.message_id_hex,
+        )
     if update.message_id in applied_ids:
         raise InvalidUpdate(DUPLICATE, "already applied", update.message_id_hex)
     age = received_at - update.timestamp
@@ -131,8 +140,8 @@ class AckLedger:
     """
 
     def __init__(self) -> None:
-        self._unsaved: list[tuple[int, int]] = []
-        self._saved_once: list[tuple[int, int]] = []
+        self._unsaved: list[tuple[int, int, int]] = []
+        self._saved_once: list[tuple[int, int, int]] = []
 
     def __len__(self) -> int:
         return len(self._unsaved) + len(self._saved_once)
@@ -142,19 +151,19 @@ class AckLedger:
         """True when nothing waits for a second generation."""
         return not self._saved_once
 
-    def add(self, mid: int, qos: int) -> None:
-        self._unsaved.append((mid, qos))
+    def add(self, mid: int, qos: int, epoch: int = 0) -> None:
+        self._unsaved.append((mid, qos, epoch))
 
-    def saved(self) -> list[tuple[int, int]]:
+    def saved(self) -> list[tuple[int, int, int]]:
         ready, self._saved_once, self._unsaved = self._saved_once, self._unsaved, []
         return ready
 
-    def release_unsaved(self) -> list[tuple[int, int]]:
+    def release_unsaved(self) -> list[tuple[int, int, int]]:
         """Return the unsaved group for sending now (nothing in it changed state)."""
         ready, self._unsaved = self._unsaved, []
         return ready
 
-    def release_all(self) -> list[tuple[int, int]]:
+    def release_all(self) -> list[tuple[int, int, int]]:
         ready = self._saved_once + self._unsaved
         self._saved_once, self._unsaved = [], []
         return ready

@@ -264,6 +264,11 @@ def report(metrics_path: str, out: str) -> None:
     type=click.FloatRange(min=1),
     help="Seconds to wait for the broker to acknowledge each chunk.",
 )
+@click.option(
+    "--hmac-key-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Sign every chunk with the device's key; devices with a key require it.",
+)
 @handle_errors
 def ota_send(
     bundle: str,
@@ -272,14 +277,18 @@ def ota_send(
     topic_prefix: str,
     chunk_size: int,
     timeout: float,
+    hmac_key_file: str | None,
 ) -> None:
     """Send BUNDLE to a device as an over-the-air model update."""
+    from pathlib import Path
+
     import paho.mqtt.client as mqtt
 
     from dslo_edge.errors import BrokerError
     from dslo_edge.hub import parse_broker_url
     from dslo_edge.ota import send_bundle
     from dslo_edge.protocol import Topics
+    from dslo_edge.signing import load_key
 
     host, port = parse_broker_url(broker)
     topics = Topics.for_device(device_id, topic_prefix)
@@ -293,7 +302,12 @@ def ota_send(
     client.loop_start()
     try:
         transfer = send_bundle(
-            client, topics, bundle, chunk_bytes=chunk_size, timeout=timeout
+            client,
+            topics,
+            bundle,
+            chunk_bytes=chunk_size,
+            timeout=timeout,
+            hmac_key=load_key(Path(hmac_key_file)) if hmac_key_file else None,
         )
     except (ValueError, RuntimeError) as error:
         raise BrokerError(

@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 APPLIED_IDS = "applied_ids"
 INFER_QUEUE = 64
+OTA_QUEUE = 256
 # Reports in a burst come at most this often; a report on every idle moment
 # still tells the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
@@ -83,26 +84,27 @@ class EdgeDaemon:
         self.config = config
         self.device_id = config.device_id
         self.topics = config.topics
+        key_file = config.security.hmac_key_file
+        self.hmac_key = load_key(key_file) if key_file else None
+        self.ota_topic, self.ota_status_topic = ota_topics(self.topics)
         self.updater = ModelUpdater(
-            config.state_dir, lambda bundle: StudentModel(bundle, config.runtime)
+            config.state_dir,
+            lambda bundle: StudentModel(bundle, config.runtime),
+            hmac_key=self.hmac_key,
+            topic=self.ota_topic,
         )
         self.bundle = load_bundle(self.updater.active_bundle(config.bundle))
         self.student = StudentModel(self.bundle, config.runtime)
-        self.ota_topic, self.ota_status_topic = ota_topics(self.topics)
-        self.ota_chunks: queue.Queue[Received] = queue.Queue()
+        self.ota_chunks: queue.Queue[Received] = queue.Queue(maxsize=OTA_QUEUE)
         self.infer_topic, predictions_topic = inference_topics(self.topics)
         self.infer_inputs: queue.Queue[Received] = queue.Queue(maxsize=INFER_QUEUE)
         self.trainer = self._new_trainer()
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
-        key_file = config.security.hmac_key_file
-        self.hmac_key = load_key(key_file) if key_file else None
         self.profile = _load_profile(config.profile)
         self.costs = AdaptationCosts(
             self.device_id, self.profile, config.budget, battery_wh=config.battery_wh
         )
-        self.health = HealthGuard(
-            self._load_probe(), config.health.max_accuracy_drop, self.costs.infer_ms
-        )
+        self.health = self._new_health_guard()
         self.metrics = DaemonMetrics()
         self.requester = None
         if config.requests.enabled:
@@ -147,6 +149,7 @@ class EdgeDaemon:
         self.last_rollback: str | None = None
         self.deferred = 0
         self._deferred_since_reconnect = False
+        self._session_epoch = 0
         self._acks = AckLedger()
         self._unsaved = 0
         self._changed_since_save = False
@@ -192,6 +195,16 @@ class EdgeDaemon:
     @property
     def unacknowledged(self) -> int:
         return len(self._acks)
+
+    def _new_health_guard(self) -> HealthGuard:
+        variables = self.bundle.manifest["student"].get("variables", {})
+        trained = {n for n, v in variables.items() if v.get("kind") == "trained"}
+        return HealthGuard(
+            self._load_probe(),
+            self.config.health.max_accuracy_drop,
+            self.costs.infer_ms,
+            norm_names=trained or None,
+        )
 
     def _load_probe(self) -> Any:
         path = self.bundle.path / PROBE_FILE
@@ -246,7 +259,7 @@ class EdgeDaemon:
                 self.trainer.applied_updates,
             )
         self.health.accuracy(self.student)
-        self.health.accept()
+        self.health.accept(self.student.get_weights())
 
     def _load_matching(self, checkpoint: Checkpoint) -> bool:
         try:
@@ -315,7 +328,11 @@ class EdgeDaemon:
 
     # Connection callbacks, on the connection thread
 
-    def _on_connected(self, _session_present: bool) -> None:
+    def _on_connected(self, session_present: bool) -> None:
+        if not session_present:
+            # Packet ids held for acknowledgement belong to the lost session;
+            # acknowledging them now could confirm other messages.
+            self._session_epoch += 1
         # Subscribing on every connect also covers a broker that lost the session.
         subscriptions = [
             (self.topics.updates, 1),
@@ -344,9 +361,21 @@ class EdgeDaemon:
             self.connection.publish(topic, payload, retain=True)
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
-        item = Received(bytes(message.payload), message.mid, message.qos, time.time())
+        item = Received(
+            bytes(message.payload),
+            message.mid,
+            message.qos,
+            time.time(),
+            epoch=self._session_epoch,
+        )
         if message.topic == self.ota_topic:
-            self.ota_chunks.put(item)
+            try:
+                self.ota_chunks.put_nowait(item)
+            except queue.Full:
+                # Left unacknowledged: the broker sends it again on reconnect.
+                logger.warning(
+                    "Device %s has too many model update chunks queued", self.device_id
+                )
             return
         if message.topic == self.infer_topic:
             self._queue_inputs(item)
@@ -358,7 +387,12 @@ class EdgeDaemon:
                 self.connection.ack(message.mid, message.qos)
                 return
             item = Received(
-                item.payload, item.mid, item.qos, item.received_at, response
+                item.payload,
+                item.mid,
+                item.qos,
+                item.received_at,
+                response,
+                epoch=item.epoch,
             )
         try:
             self.updates.put_nowait(item)
@@ -439,7 +473,7 @@ class EdgeDaemon:
             )
             self.connection.request_reconnect()
             return
-        if not self.unacknowledged:
+        if not self.unacknowledged and not self._unsaved:
             return
         if self._unsaved == 0 and self._acks.only_unsaved:
             # Only rejected updates are waiting: nothing to make durable.
@@ -478,7 +512,7 @@ class EdgeDaemon:
         """Admit one queued item, or count and log its rejection; never raises."""
         self._last_update_at = time.monotonic()
         self._changed_since_save = True
-        self._acks.add(item.mid, item.qos)
+        self._acks.add(item.mid, item.qos, item.epoch)
         try:
             return self._admit(item)
         except InvalidUpdate as error:
@@ -589,13 +623,9 @@ class EdgeDaemon:
             self.trainer.engine = old_trainer.engine
         else:
             self.trainer.engine.applied_updates = old_trainer.applied_updates
-        self.health = HealthGuard(
-            self._load_probe(),
-            self.config.health.max_accuracy_drop,
-            self.costs.infer_ms,
-        )
+        self.health = self._new_health_guard()
         self.health.accuracy(student)
-        self.health.accept()
+        self.health.accept(student.get_weights())
         # Two generations of the new model, so no older one is ever restored.
         self.save_checkpoint()
         self.save_checkpoint()
@@ -642,16 +672,18 @@ class EdgeDaemon:
 
     def _checkpoint_and_ack(self) -> None:
         """Write a checkpoint, then acknowledge what two generations now hold."""
-        if not self.unacknowledged:
+        if not self.unacknowledged and not self._unsaved:
             return
         if self._unsaved and not self._check_health():
             return
         if self.save_checkpoint():
             self._send_acks(self._acks.saved())
 
-    def _send_acks(self, acks: list[tuple[int, int]]) -> None:
-        for mid, qos in acks:
-            self.connection.ack(mid, qos)
+    def _send_acks(self, acks: list[tuple[int, int, int]]) -> None:
+        for mid, qos, epoch in acks:
+            # Packet ids of an earlier broker session may now name other messages.
+            if epoch == self._session_epoch:
+                self.connection.ack(mid, qos)
 
     def save_checkpoint(self) -> bool:
         """Write a checkpoint of weights, adaptation state and applied ids."""

@@ -3,8 +3,10 @@
 A small labelled probe set travels with the bundle (``probe.npz`` with ``x``
 and ``y``). The daemon measures the student's accuracy on it every few
 updates and before every checkpoint. A drop of more than the configured
-margin below the accuracy at the last good checkpoint, or any non-finite
-weight, makes the daemon roll back to that checkpoint instead of saving.
+margin below the accuracy at the last good checkpoint, any non-finite
+weight, or trained weights whose L2 norm grew beyond a factor of the last
+good norm, makes the daemon roll back to that checkpoint instead of saving.
+The norm check needs no probe set, so it also guards bundles without one.
 """
 
 from __future__ import annotations
@@ -67,12 +69,18 @@ class HealthGuard:
         probe: ProbeSet | None,
         max_drop: float,
         infer_ms: LatencyWindow | None = None,
+        max_norm_growth: float = 10.0,
+        norm_names: set[str] | None = None,
     ):
         self.probe = probe
         self.max_drop = max_drop
         self.infer_ms = infer_ms
+        self.max_norm_growth = max_norm_growth
+        self.norm_names = norm_names
         self.baseline: float | None = None
         self.last_accuracy: float | None = None
+        self.baseline_norm: float | None = None
+        self.last_norm: float | None = None
 
     def accuracy(self, student: StudentModel) -> float | None:
         """Measure probe accuracy now, or return None without a probe set."""
@@ -94,6 +102,15 @@ class HealthGuard:
         ]
         if bad:
             return f"non-finite values in weights {', '.join(bad)}"
+        self.last_norm = self.norm(weights)
+        if (
+            self.baseline_norm
+            and self.last_norm > self.baseline_norm * self.max_norm_growth
+        ):
+            return (
+                f"weight norm grew to {self.last_norm:.3g} from "
+                f"{self.baseline_norm:.3g}, more than {self.max_norm_growth:g} times"
+            )
         accuracy = self.accuracy(student)
         if accuracy is None or self.baseline is None:
             return None
@@ -104,7 +121,19 @@ class HealthGuard:
             )
         return None
 
-    def accept(self) -> None:
-        """Mark the current state as good: its accuracy is the new baseline."""
+    def norm(self, weights: dict[str, np.ndarray]) -> float:
+        """Return the L2 norm over the trained weights (all, without a list)."""
+        total = 0.0
+        for name, value in weights.items():
+            if self.norm_names is None or name in self.norm_names:
+                total += float(np.sum(np.square(value, dtype=np.float64)))
+        return float(np.sqrt(total))
+
+    def accept(self, weights: dict[str, np.ndarray] | None = None) -> None:
+        """Mark the current state as good: its accuracy and norm become baselines."""
         if self.last_accuracy is not None:
             self.baseline = self.last_accuracy
+        if weights is not None:
+            self.last_norm = self.norm(weights)
+        if self.last_norm is not None:
+            self.baseline_norm = self.last_norm

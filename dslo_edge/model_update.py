@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dslo_edge.bundle import Bundle, load_bundle
-from dslo_edge.errors import BundleError
+from dslo_edge.errors import BundleError, InvalidUpdate
 from dslo_edge.models import StudentModel
 from dslo_edge.ota import OtaError, OtaReceiver, status_payload
+from dslo_edge.signing import verify
 from dslo_edge.swap import BundleStore, swap_student
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,23 @@ class ModelUpdater:
             ``bundles/`` and partial archives to ``ota/``.
         load_student: builds a student for a bundle (with the daemon's
             interpreter choice).
+        hmac_key: the device's key; with it, every chunk must be signed for
+            ``topic``, as updates are, before anything is written to disk.
     """
 
-    def __init__(self, state_dir: Path, load_student: Callable[[Bundle], StudentModel]):
+    def __init__(
+        self,
+        state_dir: Path,
+        load_student: Callable[[Bundle], StudentModel],
+        *,
+        hmac_key: bytes | None = None,
+        topic: str = "",
+    ):
         self.store = BundleStore(state_dir)
         self.receiver = OtaReceiver(state_dir / "ota")
         self.load_student = load_student
+        self.hmac_key = hmac_key
+        self.topic = topic
 
     def active_bundle(self, factory: Path) -> Path:
         """Return the bundle to load at start: the installed release, else factory."""
@@ -54,6 +66,16 @@ class ModelUpdater:
 
     def handle_chunk(self, payload: bytes, current: StudentModel) -> UpdateOutcome:
         """Store a chunk; on the last one install, swap and health-check."""
+        if self.hmac_key is not None:
+            try:
+                payload = verify(self.hmac_key, self.topic, payload)
+            except InvalidUpdate as error:
+                logger.warning("Rejected model update chunk: %s", error)
+                return UpdateOutcome(
+                    status_payload(
+                        "rejected", None, reason=error.reason, detail=str(error)
+                    )
+                )
         try:
             archive = self.receiver.receive(payload)
         except OtaError as error:

@@ -46,6 +46,7 @@ from typing import Any
 from dslo_edge.bundle import load_bundle, sha256_file
 from dslo_edge.errors import BrokerError, BundleError
 from dslo_edge.protocol import Topics
+from dslo_edge.signing import sign
 
 logger = logging.getLogger(__name__)
 
@@ -183,11 +184,13 @@ def send_bundle(
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     timeout: float = 30.0,
+    hmac_key: bytes | None = None,
 ) -> str:
     """Publish a bundle in chunks at QoS 1 and return the transfer id in hex.
 
     Each chunk waits for the broker's acknowledgement before the next is
-    sent, so a slow link is not flooded.
+    sent, so a slow link is not flooded. With ``hmac_key`` every chunk is
+    signed for the OTA topic, as devices with a key require.
 
     Raises:
         BundleError: the directory is not a valid bundle.
@@ -197,6 +200,8 @@ def send_bundle(
     transfer_id = uuid.uuid4().bytes
     chunks = split_archive(pack_bundle(bundle_dir), chunk_bytes, transfer_id)
     for index, chunk in enumerate(chunks):
+        if hmac_key is not None:
+            chunk = sign(hmac_key, chunk_topic, chunk)
         info = client.publish(chunk_topic, chunk, qos=1)
         info.wait_for_publish(timeout=timeout)
         if not info.is_published():

@@ -167,3 +167,31 @@ def test_energy_budget_pauses_training(mlp_pair, broker, tmp_path) -> None:
     assert "energy" in metrics["training"]["reason"]
     assert applied == 1
     assert held == 3
+
+
+def test_weight_blow_up_rolls_back_without_probe(mlp_pair, broker, tmp_path) -> None:
+    daemon, hub = start(tmp_path, mlp_pair.bundle, broker)
+    factory = daemon.student.get_weights()
+    rng = np.random.default_rng(300)
+    update = SoftLabelUpdate(
+        message_id=new_message_id(),
+        teacher_version="t",
+        teacher_round=1,
+        timestamp=time.time(),
+        sample_ids=[f"huge-{i}" for i in range(8)],
+        # Finite and under max_abs_input, but far outside any real sensor.
+        inputs=np.full((8, 64), 9e5, dtype=np.float32),
+        labels=rng.dirichlet(np.ones(10), size=8).astype(np.float32),
+        label_kind="probabilities",
+    )
+    try:
+        hub.publish(encode_update(update))
+        metrics = hub.wait_for_metrics(lambda m: m["rollbacks"] >= 1, 30)
+        weights = daemon.student.get_weights()
+    finally:
+        hub.close()
+        daemon.stop()
+
+    assert "weight norm grew" in metrics["last_rollback"]
+    for name, value in factory.items():
+        np.testing.assert_array_equal(weights[name], value)

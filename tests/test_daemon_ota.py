@@ -101,3 +101,54 @@ def test_ota_swaps_bundle_and_keeps_adapted_weights(mlp_pair, broker, tmp_path) 
     assert restarted.bundle.path == active
     assert restarted.trainer.applied_updates == 4
     np.testing.assert_array_equal(restarted.student.infer(x), final)
+
+
+def test_device_with_key_rejects_unsigned_bundle(mlp_pair, broker, tmp_path) -> None:
+    from dslo_edge.signing import generate_key_file, load_key
+
+    if broker.kind != "mosquitto":
+        return
+    key_file = tmp_path / "device.key"
+    generate_key_file(key_file)
+    config_path = tmp_path / "device.toml"
+    config_path.write_text(
+        render_config(
+            DEVICE,
+            mlp_pair.bundle,
+            tmp_path / "state",
+            broker.port,
+            overrides={"security": {"hmac_key_file": str(key_file)}},
+        )
+    )
+    topics = Topics.for_device(DEVICE)
+    statuses: list[dict] = []
+    subscribed = threading.Event()
+    hub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    hub.on_subscribe = lambda *_: subscribed.set()
+    hub.on_message = lambda _c, _u, m: statuses.append(json.loads(m.payload))
+    hub.connect(broker.host, broker.port)
+    hub.loop_start()
+    hub.subscribe(ota_topics(topics)[1], qos=1)
+    assert subscribed.wait(10)
+    daemon = EdgeDaemon(load_config(config_path))
+    daemon.start()
+    factory_path = daemon.bundle.path
+    try:
+        wait_until(daemon.connected.is_set)
+        time.sleep(0.3)
+        send_bundle(hub, topics, mlp_pair.bundle, chunk_bytes=4096)
+        wait_until(lambda: statuses)
+        rejected = list(statuses)
+        statuses.clear()
+        send_bundle(
+            hub, topics, mlp_pair.bundle, chunk_bytes=4096, hmac_key=load_key(key_file)
+        )
+        wait_until(lambda: any(s["state"] == "installed" for s in statuses))
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+
+    assert rejected[0]["state"] == "rejected"
+    assert rejected[0]["reason"] == "unsigned"
+    assert daemon.bundle.path != factory_path
