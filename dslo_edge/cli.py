@@ -241,6 +241,11 @@ def run(config_path: str) -> None:
     from dslo_edge.daemon import EdgeDaemon
 
     config = load_config(config_path)
+    if not config.bundle.is_dir():
+        raise ConfigError(
+            f"{config_path}: device.bundle is {config.bundle}, which does not "
+            "exist; expected a directory written by 'dslo-edge convert'"
+        )
     if config.logging.file is not None:
         _add_log_file(config.logging)
     sys.exit(EdgeDaemon(config).run())
@@ -386,6 +391,7 @@ def push(
     loaded = load_bundle(bundle)
     paths = [Path(t) for t in teachers] or [loaded.teacher_path]
     samples = hub.load_samples(data)
+    hub.check_samples(samples, loaded.input_shape, loaded.class_count, data)
     if not hard_labels:
         samples = hub.SampleSet(samples.x, samples.ids)
     result = hub.push(

@@ -149,6 +149,8 @@ def _alpha(reader: TableReader) -> AlphaPolicy:
             ),
         )
     except ConfigError as error:
+        if str(error).startswith(str(reader.source)):
+            raise  # the reader already named the file and key
         raise ConfigError(
             f"{reader.source}: [{reader.path.rstrip('.')}] {error}"
         ) from error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dslo_edge.budget import BudgetSettings
 from dslo_edge.config_reader import TableReader
@@ -160,10 +161,10 @@ def read_mqtt(reader: TableReader) -> MqttSettings:
         raise reader.fail(
             "reconnect_max_s", settings.reconnect_max_s, "at least reconnect_min_s"
         )
-    if settings.tls_cert_file and not settings.tls_ca_file:
-        raise reader.fail(
-            "tls_cert_file", str(settings.tls_cert_file), "tls_ca_file to be set too"
-        )
+    for key in ("tls_cert_file", "tls_key_file"):
+        value = getattr(settings, key)
+        if value and not settings.tls_ca_file:
+            raise reader.fail(key, str(value), "tls_ca_file to be set too")
     reader.reject_unknown()
     return settings
 
@@ -188,9 +189,9 @@ def read_health(reader: TableReader) -> HealthSettings:
 
 
 def read_budget(reader: TableReader) -> BudgetSettings:
-    def optional(key: str) -> float | None:
-        value = reader.get(key, float, -1.0)
-        return None if value == -1.0 else value
+    def optional(key: str, check: Any, expected: str) -> float | None:
+        # A missing key means "not set"; any written value must be valid.
+        return reader.get(key, float, None, lambda v: v is None or check(v), expected)
 
     percent = (lambda v: 0 <= v <= 100, "a percentage in 0..100")
     try:
@@ -201,7 +202,9 @@ def read_budget(reader: TableReader) -> BudgetSettings:
             battery_resume_percent=reader.get(
                 "battery_resume_percent", float, 25.0, *percent
             ),
-            thermal_limit_c=optional("thermal_limit_c"),
+            thermal_limit_c=optional(
+                "thermal_limit_c", lambda v: 20 <= v <= 150, "degrees C in 20..150"
+            ),
             thermal_resume_margin_c=reader.get(
                 "thermal_resume_margin_c",
                 float,
@@ -209,7 +212,9 @@ def read_budget(reader: TableReader) -> BudgetSettings:
                 lambda v: 0 <= v <= 50,
                 "degrees in 0..50",
             ),
-            energy_budget_j_per_hour=optional("energy_budget_j_per_hour"),
+            energy_budget_j_per_hour=optional(
+                "energy_budget_j_per_hour", lambda v: v > 0, "positive joules"
+            ),
         )
     except ConfigError as error:
         raise ConfigError(f"{reader.source}: [budget] {error}") from error

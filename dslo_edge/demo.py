@@ -27,7 +27,7 @@ from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import load_latest_checkpoint
 from dslo_edge.config import TrainingSettings, load_config, render_config
 from dslo_edge.digits import SHIFT_DESCRIPTION, load_splits, teacher_training_set
-from dslo_edge.errors import DsloError
+from dslo_edge.errors import ConfigError, DsloError
 from dslo_edge.hub import SampleSet, build_updates, push
 from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.power import describe_energy
@@ -151,13 +151,33 @@ def _static_kd(
     return student
 
 
+DEMO_MARKER = ".dslo-demo"
+
+
+def _claim_folder(out: Path) -> None:
+    """Use ``out`` only if it is new, empty, or an earlier demo's folder.
+
+    The demo replaces its bundle, state and models, so a folder holding
+    anything else is rejected rather than overwritten.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; choose a directory for --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
+        raise ConfigError(
+            f"{out} already holds files that are not from a dslo-edge demo; "
+            "choose a new or empty directory for --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("Written by dslo-edge demo; safe to delete.\n")
+
+
 def run_demo(
     out: Path, report_path: Path | None, *, seed: int = 0, broker_kind: str = "auto"
 ) -> dict[str, Any]:
     """Run the demo end to end and return (and write) its report."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     started = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out)
     messages_per_round = PASSES_PER_ROUND * -(-int(0.2 * 1797) // BATCH_SIZE)
     total_messages = messages_per_round * len(ROUND_EPOCHS)
     with click.progressbar(

@@ -70,15 +70,49 @@ def load_samples(path: str | Path) -> SampleSet:
     y = np.asarray(arrays["y"], dtype=np.int32) if "y" in arrays else None
     if len(ids) != len(x) or (y is not None and len(y) != len(x)):
         raise ConfigError(f"{source}: x, y and ids must have the same length")
+    if len(x) == 0:
+        raise ConfigError(f"{source}: x is empty; expected at least one sample")
+    if not np.all(np.isfinite(x)):
+        raise ConfigError(f"{source}: x contains NaN or infinity")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{source}: ids repeat; expected one unique id per sample")
     return SampleSet(x, ids, y)
+
+
+def check_samples(
+    samples: SampleSet, input_shape: tuple[int, ...], class_count: int, source: str
+) -> None:
+    """Check samples against the bundle before anything is sent.
+
+    Raises:
+        ConfigError: wrong input shape, or hard labels outside 0..K-1.
+    """
+    if samples.x.shape[1:] != input_shape:
+        raise ConfigError(
+            f"{source}: x has samples of shape {samples.x.shape[1:]}, but the "
+            f"bundle's student takes {input_shape}"
+        )
+    y = samples.y
+    if y is not None and (y.min() < 0 or y.max() >= class_count):
+        raise ConfigError(
+            f"{source}: y has labels {y.min()}..{y.max()}, "
+            f"expected 0..{class_count - 1}"
+        )
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
     """Split ``mqtt://host:port`` into host and port (port 1883 by default)."""
     parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise ConfigError(f"broker URL {url!r} is invalid; expected mqtt://HOST[:PORT]")
-    return parsed.hostname, parsed.port or 1883
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if parsed.scheme != "mqtt" or not parsed.hostname or port == -1:
+        raise ConfigError(
+            f"broker URL {url!r} is invalid; expected mqtt://HOST[:PORT] with a "
+            "port in 1..65535"
+        )
+    return parsed.hostname, port or 1883
 
 
 def build_updates(

@@ -34,15 +34,16 @@ DSLO_EDGE_PYTHON = SpecifierSet(">=3.10")
 
 
 def default_profiles_dir() -> Path:
-    """Return ``$DSLO_EDGE_PROFILES`` or the ``firmware_profiles`` of the checkout.
+    """Return ``$DSLO_EDGE_PROFILES``, else the installed ``firmware_profiles``.
 
-    NOTE: the profiles are not package data, so an installed wheel without
-    the source tree needs ``DSLO_EDGE_PROFILES`` or ``--profiles-dir``.
+    The profiles ship as package data, so a wheel install has them too.
     """
     configured = os.environ.get(PROFILES_ENV)
     if configured:
         return Path(configured)
-    return Path(__file__).resolve().parent.parent / "firmware_profiles"
+    import firmware_profiles
+
+    return Path(firmware_profiles.__file__).resolve().parent
 
 
 @dataclass(frozen=True)

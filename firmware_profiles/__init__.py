@@ -1,0 +1,1 @@
+"""Firmware profiles of edge boards, one TOML file each (package data)."""
