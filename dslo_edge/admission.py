@@ -33,7 +33,7 @@ REJECTION_LOG_WINDOW_S = 60.0
 class Received:
     """One MQTT message waiting for the trainer.
 
-    ``response`` is set for the answer to one of the device's label requests
+    ``response`` is set for the response to one of the device's label requests
     (a ``label_requests.Response``); its labels are checked against the
     request instead of the update topic's signature.
     """
@@ -134,9 +134,9 @@ class RejectionLog:
 class AckLedger:
     """PUBACKs held back until two checkpoint generations contain the update.
 
-    ``add`` records a handled message; ``saved`` is called after each
-    successful checkpoint and returns the acknowledgements now safe to send,
-    in the order the messages arrived (MQTT requires that order).
+    ``add`` records a handled message. ``saved`` is called after each
+    successful checkpoint and returns the acknowledgements that are now safe
+    to send, in arrival order, because MQTT requires that order.
     """
 
     def __init__(self) -> None:

@@ -2,7 +2,7 @@
 
 One object per daemon bundles the energy meter (best source first, see
 ``dslo_edge.power``), the training budget policy and the inference latency
-window, so the daemon only brackets train steps and asks whether to pause.
+window, so the daemon only brackets train steps and checks whether to pause.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Threads:
 - the connection thread (``MqttConnection``) receives updates and only
   enqueues them, so a slow train step never delays keepalives;
 - the trainer thread admits (``dslo_edge.admission``) and applies updates,
-  writes checkpoints and pauses while the training budget says so;
+  writes checkpoints and pauses while the training budget requires it;
 - the watchdog thread checks that both are alive and progressing, pings
   systemd, and exits the process with ``EXIT_WATCHDOG`` if one is not, so the
   service manager restarts it;
@@ -67,8 +67,8 @@ logger = logging.getLogger(__name__)
 APPLIED_IDS = "applied_ids"
 INFER_QUEUE = 64
 OTA_QUEUE = 256
-# Reports in a burst come at most this often; a report on every idle moment
-# still tells the hub how far the device has got.
+# Reports in a burst come at most this often. A report at every idle moment
+# still shows the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
 METRICS_LOG = "metrics.jsonl"
 # sysexits.h EX_SOFTWARE: an internal thread died or hung.
@@ -420,7 +420,7 @@ class EdgeDaemon:
     # Trainer thread
 
     def _answer_inputs(self) -> None:
-        """Answer queued inference payloads; they come before training."""
+        """Handle queued inference payloads, which come before training."""
         while not self.infer_inputs.empty():
             item = self.infer_inputs.get_nowait()
             try:
@@ -509,7 +509,11 @@ class EdgeDaemon:
         self._after_updates()
 
     def _admit_or_reject(self, item: Received) -> SoftLabelUpdate | None:
-        """Admit one queued item, or count and log its rejection; never raises."""
+        """Admit one queued item, or count and log its rejection.
+
+        Exceptions are caught here, because ``UpdateBatcher.gather`` would lose
+        the items it took before a raising call.
+        """
         self._last_update_at = time.monotonic()
         self._changed_since_save = True
         self._acks.add(item.mid, item.qos, item.epoch)
@@ -794,7 +798,7 @@ class EdgeDaemon:
         return report
 
     def publish_metrics(self, busy: bool = False) -> None:
-        """Publish the metrics report, retained so a late subscriber sees it.
+        """Publish the metrics report, retained so a late subscriber receives it.
 
         With ``busy`` (reports in the middle of a burst) the report is skipped
         when the last one is under ``METRICS_MIN_INTERVAL_S`` old, and the

@@ -2,7 +2,7 @@
 
 A local application publishes inputs to ``dslo/<device>/infer`` as an
 ``.npz`` payload (``x`` float32 of shape (N, *input_shape), optional ``ids``)
-and receives the student's answer on ``dslo/<device>/predictions`` as JSON:
+and receives the student's predictions on ``dslo/<device>/predictions`` as JSON:
 ``{"ids": [...], "classes": [...], "confidence": [...]}``. When label
 requests are on, the inputs the student is unsure about are sent to the hub,
 and its labels come back as training updates.
@@ -103,11 +103,11 @@ def make_requester(
 
 
 class InferenceService:
-    """Answers inference payloads and opens label requests for unsure inputs.
+    """Handles inference payloads and opens label requests for unsure inputs.
 
     Args:
         publish: publishes (topic, payload) at QoS 1.
-        predictions_topic: where answers go.
+        predictions_topic: where predictions go.
         requester: opens and resends label requests; None turns them off.
         reference: a model whose disagreement with the student also marks a
             sample as unsure (the bundle's teacher); None for confidence only.
@@ -129,7 +129,7 @@ class InferenceService:
         self.infer_ms = infer_ms
 
     def handle(self, payload: bytes, student: StudentModel) -> None:
-        """Answer one payload; raises InvalidUpdate for a bad one."""
+        """Publish predictions for one payload; raises InvalidUpdate for a bad one."""
         ids, x = decode_inputs(payload, student.bundle.input_shape)
         started = time.perf_counter()
         probabilities = student.infer(x)

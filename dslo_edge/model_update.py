@@ -1,9 +1,9 @@
 """Over-the-air model updates, applied by the daemon's trainer thread.
 
-Chunks arrive on ``dslo/<device>/ota``; ``OtaReceiver`` assembles and
+Chunks arrive on ``dslo/<device>/ota``, and ``OtaReceiver`` assembles and
 verifies them in the state directory. A complete archive is unpacked into
-its own release (``BundleStore``), the new student gets every weight whose
-name and shape match the adapted one, and a health check on the new student
+its own release (``BundleStore``). The new student gets every weight whose
+name and shape match the adapted one. A health check on the new student then
 decides between keeping it and rolling the ``active`` link back. The outcome
 is published on ``dslo/<device>/ota/status``.
 """
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UpdateOutcome:
-    """What one OTA chunk led to: a status to publish and maybe a new student."""
+    """Result of one OTA chunk: a status to publish and maybe a new student."""
 
     status: str | None
     student: StudentModel | None = None
