@@ -1,7 +1,7 @@
 """The record of message ids already applied, saved with each checkpoint.
 
-QoS 1 delivers at least once, and a restored device sees the updates it
-applied after its last checkpoint again. Because the record and the weights
+QoS 1 delivers at least once, and a restored device receives the updates
+it applied after its last checkpoint again. Because the record and the weights
 are written in the same checkpoint, an id is in the record exactly when its
 update is in the weights, so a redelivered, replayed or retained update is
 skipped instead of trained on twice.

@@ -116,6 +116,6 @@ def _check_file(folder: Path, entry: dict[str, Any], verify: bool) -> None:
         actual = sha256_file(path)
         if actual != entry["sha256"]:
             raise BundleError(
-                f"checksum mismatch for {path}: manifest says {entry['sha256']}, "
+                f"checksum mismatch for {path}: manifest has {entry['sha256']}, "
                 f"file has {actual}; the copy is corrupt, so copy the bundle again"
             )

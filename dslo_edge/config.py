@@ -1,6 +1,6 @@
 """Device configuration: a TOML file, validated before anything starts.
 
-Every error names the file, the key path and the value, and says what is
+Every error names the file, the key path and the value, and states what is
 allowed. Relative paths are resolved against the file's directory.
 """
 

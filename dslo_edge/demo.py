@@ -164,7 +164,7 @@ def _claim_folder(out: Path) -> None:
         raise ConfigError(f"{out} is a file; choose a directory for --out")
     if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise ConfigError(
-            f"{out} already holds files that are not from a dslo-edge demo; "
+            f"{out} already contains files that are not from a dslo-edge demo; "
             "choose a new or empty directory for --out"
         )
     out.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ def load_splits(seed: int) -> DigitsSplits:
 
     base (40 %): clean images the student and teacher first learn from.
     hub (20 %): clean images the hub's teacher also trains on, augmented.
-    adapt (20 %): shifted images the device sees, unlabelled on the device.
+    adapt (20 %): shifted images the device receives, unlabelled on the device.
     test (20 %): shifted images held out for every accuracy figure.
     """
     from sklearn.datasets import load_digits

@@ -49,7 +49,7 @@ FAST_SETTINGS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Scale:
-    """How hard each scenario pushes; ``full`` is the published table."""
+    """Load of each scenario; the defaults produce the published table."""
 
     updates: int = 1000
     kills: int = 20

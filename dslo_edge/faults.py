@@ -3,7 +3,7 @@
 Each scenario publishes updates with known message ids, injects one kind of
 fault, and reads the daemon's final checkpoint. Because a checkpoint stores
 the applied-id record and the applied-update counter together with the
-weights, it tells exactly which updates are in the model:
+weights, it records exactly which updates are in the model:
 
 - applied: valid updates whose id is in the record;
 - applied twice: the counter minus the number of ids in the record;

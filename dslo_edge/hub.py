@@ -205,7 +205,7 @@ class HubClient:
         self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any
     ) -> None:
         if reason.is_failure:
-            logger.error("Broker refused the hub: %s", reason)
+            logger.error("Broker rejected the hub connection: %s", reason)
             return
         client.subscribe(self.topics.metrics, qos=1)
         self._connected.set()
@@ -268,7 +268,7 @@ class HubClient:
 
 @dataclass
 class PushResult:
-    """What a push sent, and the device's metrics at the end when waited for."""
+    """Counts of a push, and the device's last metrics when the push waited."""
 
     rounds: int = 0
     messages: int = 0

@@ -33,7 +33,7 @@ def load_key(path: Path) -> bytes:
     """Read a key file: hex text (as ``generate_key_file`` writes) or raw bytes.
 
     Raises:
-        ConfigError: the file is unreadable or holds fewer than 16 bytes of key.
+        ConfigError: the file is unreadable or contains fewer than 16 key bytes.
     """
     try:
         data = path.read_bytes().strip()
