@@ -235,20 +235,14 @@ class DaemonProcess:
 
     @classmethod
     def start(cls, work: Path, bundle: Path, host: str, port: int) -> DaemonProcess:
-        """Write a device config and start the daemon.
+        """Write a device config with the defaults and start the daemon.
 
-        The defaults, except that queued updates are coalesced into train
-        steps of 32 samples, which is how a busy device should run.
+        The defaults train one step per update; coalescing (training.batch_size)
+        helps small messages but adds about 0.3 ms per update at 32 samples.
         """
         config = work / "device.toml"
         config.write_text(
-            render_config(
-                DEVICE_ID,
-                bundle.resolve(),
-                (work / "state").resolve(),
-                port,
-                overrides={"training": {"batch_size": 32}},
-            )
+            render_config(DEVICE_ID, bundle.resolve(), (work / "state").resolve(), port)
         )
         log = open(work / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
         process = subprocess.Popen(
