@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from converters.export import InferenceModule, check_precision, to_tflite
+from converters.heads import check_teacher_heads, manifest_heads, output_kinds
 from converters.layers import read_student
 from converters.optimizers import OptimizerConfig
 from converters.student_graph import StudentModule
@@ -82,11 +83,12 @@ def load_keras_model(model: Any) -> Any:
         ) from error
 
 
-def _check_single_chain(model: Any, role: str) -> None:
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+def _check_io_counts(model: Any, role: str, outputs: int = 1) -> None:
+    if len(model.inputs) != 1 or len(model.outputs) != outputs:
+        expected = "1 output" if outputs == 1 else f"{outputs} outputs"
         raise ConversionError(
             f"the {role} has {len(model.inputs)} inputs and {len(model.outputs)} "
-            "outputs; expected exactly one of each"
+            f"outputs; expected 1 input and {expected}"
         )
 
 
@@ -176,7 +178,10 @@ def convert_bundle(
             LiteRT can run for inference.
         student: Keras model or path; layers from
             ``converters.layers.SUPPORTED_LAYERS``, as a Sequential model or
-            a functional graph.
+            a functional graph. A functional student may have several
+            outputs (heads). The teacher then needs one output per head with
+            the same output layer name and class count, and the manifest
+            lists the heads under "heads" instead of one "class_count".
         out_dir: directory to create. It must not exist unless ``overwrite``.
         overwrite: replace an existing bundle directory.
         optimizer: the optimizer the ``train`` signature runs (default SGD).
@@ -214,8 +219,12 @@ def convert_bundle(
 
 
 def _check_pair(teacher: Any, student: Any) -> tuple[int, ...]:
-    _check_single_chain(teacher, "teacher")
-    _check_single_chain(student, "student")
+    # With several student heads, _check_classes matches the teacher's
+    # outputs to them once the heads are read.
+    single_head = len(student.outputs) == 1
+    teacher_outputs = 1 if single_head else len(teacher.outputs)
+    _check_io_counts(teacher, "teacher", outputs=teacher_outputs)
+    _check_io_counts(student, "student", outputs=len(student.outputs))
     input_shape = tuple(int(d) for d in student.input_shape[1:])
     teacher_shape = tuple(int(d) for d in teacher.input_shape[1:])
     if teacher_shape != input_shape:
@@ -227,6 +236,9 @@ def _check_pair(teacher: Any, student: Any) -> tuple[int, ...]:
 
 
 def _check_classes(teacher: Any, module: StudentModule) -> None:
+    if module.graph.multi_head:
+        check_teacher_heads(teacher, module.graph.heads)
+        return
     teacher_classes = int(teacher.output_shape[-1])
     if teacher_classes != module.class_count:
         raise ConversionError(
@@ -280,9 +292,7 @@ def _write_bundle(
         for name, data in files.items():
             (staging / name).write_bytes(data)
         manifest = _manifest(staging, files, module, input_shape, options)
-        manifest["teacher"]["output_kind"] = _output_kind(teacher)
-        if "student_int8" in manifest:
-            manifest["student_int8"]["output_kind"] = _output_kind(student)
+        _add_output_kinds(manifest, module, teacher, student)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -290,6 +300,22 @@ def _write_bundle(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _add_output_kinds(
+    manifest: dict[str, Any], module: StudentModule, teacher: Any, student: Any
+) -> None:
+    if not module.graph.multi_head:
+        manifest["teacher"]["output_kind"] = _output_kind(teacher)
+        if "student_int8" in manifest:
+            manifest["student_int8"]["output_kind"] = _output_kind(student)
+        return
+    # Several heads: one kind per head name instead of one output_kind.
+    teacher_kinds = output_kinds(teacher)
+    manifest["heads"] = manifest_heads(module.graph.heads, teacher_kinds)
+    manifest["teacher"]["output_kinds"] = teacher_kinds
+    if "student_int8" in manifest:
+        manifest["student_int8"]["output_kinds"] = output_kinds(student)
 
 
 def _manifest(
@@ -314,6 +340,9 @@ def _manifest(
             folder / TEACHER_FILE, files[TEACHER_FILE], "teacher", options.teacher
         ),
     }
+    if module.graph.multi_head:
+        # Each head has its own class count, listed under "heads".
+        del manifest["class_count"]
     if STUDENT_INT8_FILE in files:
         manifest["student_int8"] = _file_entry(
             folder / STUDENT_INT8_FILE,
@@ -356,7 +385,7 @@ def convert_teacher(
     """Write an inference-only ``.tflite`` of a teacher snapshot (one hub round)."""
     check_precision(precision, "teacher", trainable=False)
     model = load_keras_model(teacher)
-    _check_single_chain(model, "teacher")
+    _check_io_counts(model, "teacher")
     input_shape = tuple(int(d) for d in model.input_shape[1:])
     module = InferenceModule(model, "teacher")
     data = to_tflite(

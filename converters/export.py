@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from converters.heads import head_name, output_layer_names
 from dslo_edge.errors import ConversionError
 
 PRECISIONS = ("float32", "float16", "int8")
@@ -37,7 +38,12 @@ INT8_TRAINABLE_REFUSAL = (
 
 
 class InferenceModule(tf.Module):
-    """A Keras model exported with one ``infer(x) -> output`` signature."""
+    """A Keras model exported with one ``infer`` signature.
+
+    A model with one output returns it as ``output``. A model with several
+    outputs returns ``output_<head>`` for each, with the head names of
+    ``converters.heads``.
+    """
 
     def __init__(self, model: Any, name: str):
         super().__init__(name=name)
@@ -50,7 +56,15 @@ class InferenceModule(tf.Module):
         """Build the ``infer`` concrete function for inputs of this shape."""
 
         def infer(x: tf.Tensor) -> dict[str, tf.Tensor]:
-            return {"output": self.model(x, training=False)}
+            result = self.model(x, training=False)
+            if len(self.model.outputs) == 1:
+                return {"output": result}
+            names = output_layer_names(self.model)
+            values = tf.nest.flatten(result)
+            return {
+                f"output_{head_name(name)}": value
+                for name, value in zip(names, values, strict=True)
+            }
 
         spec = tf.TensorSpec([None, *input_shape], tf.float32, name="x")
         return {"infer": tf.function(infer).get_concrete_function(spec)}

@@ -61,13 +61,30 @@ class ForwardPass:
                 active Dropout.
             step: int32 train step counter for the dropout masks.
         """
+        values = self._run(x, training, step)
+        return values[self.graph.logits], self._updates
+
+    def heads(
+        self, x: tf.Tensor, training: bool, step: tf.Tensor | None
+    ) -> tuple[dict[str, tf.Tensor], list[StateUpdate]]:
+        """Run the graph once and return every head's logits by head name.
+
+        The arguments are those of ``__call__``.
+        """
+        values = self._run(x, training, step)
+        logits = {head.name: values[head.logits] for head in self.graph.heads}
+        return logits, self._updates
+
+    def _run(
+        self, x: tf.Tensor, training: bool, step: tf.Tensor | None
+    ) -> dict[str, tf.Tensor]:
         self._training, self._step = training, step
         self._updates: list[StateUpdate] = []
         values = {INPUT: x}
         for node in self.graph.nodes:
             inputs = [values[name] for name in node.inputs]
             values[node.name] = self.handlers[node.op](node, inputs)
-        return values[self.graph.logits], self._updates
+        return values
 
     def _weight(self, node: GraphNode, part: str) -> tf.Variable | None:
         return self.variables[node.name].get(part)

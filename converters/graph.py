@@ -36,6 +36,29 @@ class GraphNode:
     weights: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class OutputHead:
+    """One classification output (task) of the student.
+
+    Attributes:
+        name: the Keras output layer name with every non-word character
+            replaced by "_". Signature tensor names end in it.
+        logits: name of the node whose output is this head's logits.
+        final_softmax: whether the Keras model applies softmax after them.
+        class_count: number of classes K of this head.
+    """
+
+    name: str
+    logits: str
+    final_softmax: bool
+    class_count: int
+
+    @property
+    def output_kind(self) -> str:
+        """What the Keras output holds: "probabilities" or "logits"."""
+        return "probabilities" if self.final_softmax else "logits"
+
+
 @dataclass
 class StudentGraph:
     """The student as nodes in topological order.
@@ -44,10 +67,14 @@ class StudentGraph:
         input_shape: shape of one input sample.
         nodes: the ops; node inputs always come earlier in the list, and the
             name "input" is the model input.
-        logits: name of the node whose output is the logits.
+        logits: name of the node whose output is the logits. In a student
+            with several heads, these are the first head's logits.
         final_softmax: whether the Keras model applies softmax after logits.
         layers: Keras layer names in topological order (trainable scopes
             refer to these).
+        heads: every output head in Keras output order. A single-head
+            student has one entry, which matches ``logits`` and
+            ``final_softmax``.
     """
 
     input_shape: tuple[int, ...]
@@ -55,6 +82,12 @@ class StudentGraph:
     logits: str
     final_softmax: bool
     layers: list[str]
+    heads: list[OutputHead]
+
+    @property
+    def multi_head(self) -> bool:
+        """Whether the student has more than one output head."""
+        return len(self.heads) > 1
 
     @property
     def class_count(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from converters.graph import INPUT, GraphNode, StudentGraph
+from converters.heads import read_heads
 from dslo_edge.errors import ConversionError
 
 ACTIVATIONS = (
@@ -339,7 +340,8 @@ def read_student(model: Any) -> StudentGraph:
     """Turn a built Keras student (Sequential or functional) into a graph.
 
     Args:
-        model: a Keras model with one input and one output.
+        model: a Keras model with one input and one or more outputs; each
+            output is a classification head ending in logits or softmax.
 
     Returns:
         The graph, in topological order.
@@ -388,18 +390,17 @@ def _finish(
     outputs: dict[str, str],
     order: list[str],
 ) -> StudentGraph:
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+    if len(graph.inputs) != 1:
         raise ConversionError(
-            f"the student has {len(graph.inputs)} inputs and {len(graph.outputs)} "
-            "outputs; expected exactly one of each"
+            f"the student has {len(graph.inputs)} inputs; expected exactly one"
         )
-    output = outputs[graph.outputs[0]._keras_history.operation.name]
-    last = next(node for node in nodes if node.name == output)
-    final_softmax = last.op == "activation" and last.params["function"] == "softmax"
-    logits = last.inputs[0] if final_softmax else output
+    heads = read_heads(graph, nodes, outputs)
     if not any(node.weights for node in nodes):
         raise ConversionError(
             "the student has no layer with weights, so there is nothing to train"
         )
     input_shape = tuple(int(d) for d in graph.inputs[0].shape[1:])
-    return StudentGraph(input_shape, nodes, logits, final_softmax, order)
+    first = heads[0]
+    return StudentGraph(
+        input_shape, nodes, first.logits, first.final_softmax, order, heads
+    )

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from converters import multihead
 from converters.forward import ForwardPass, StateUpdate
 from converters.graph import StudentGraph
 from converters.loss import distillation_loss, log_softmax
@@ -138,11 +140,26 @@ class StudentModule(tf.Module):
         learning_rate: tf.Tensor,
     ) -> tf.Tensor:
         """Run one optimizer step on the distillation loss and return the loss."""
+        head = self.graph.heads[0].name
+
+        def loss_of(logits: dict[str, tf.Tensor]) -> tf.Tensor:
+            return distillation_loss(logits[head], soft, hard, alpha, temperature)
+
+        return self._optimize(x, learning_rate, loss_of)
+
+    def _optimize(
+        self,
+        x: tf.Tensor,
+        learning_rate: tf.Tensor,
+        loss_of: Callable[[dict[str, tf.Tensor]], tf.Tensor],
+    ) -> tf.Tensor:
+        # One forward pass in training mode, one optimizer step, then the
+        # BatchNorm and dropout state updates.
         trained = [variable for _, variable in self.trained]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(trained)
-            z, updates = self.forward(x, True, self._step())
-            loss = distillation_loss(z, soft, hard, alpha, temperature)
+            logits, updates = self.forward.heads(x, True, self._step())
+            loss = loss_of(logits)
         grads = tape.gradient(loss, trained)
         self.optimizer.apply(grads, learning_rate)
         _assign(updates)
@@ -154,7 +171,26 @@ class StudentModule(tf.Module):
         return tf.TensorSpec([None, *self.input_shape], tf.float32, name="x")
 
     def signatures(self) -> dict[str, Any]:
-        """Build the concrete functions to export, keyed by signature name."""
+        """Build the concrete functions to export, keyed by signature name.
+
+        A single-head student gets ``train(x, soft, hard, alpha, temperature,
+        learning_rate)`` and ``infer`` outputs ``logits`` and
+        ``probabilities``. A student with several heads gets the per-head
+        inputs and outputs described in ``converters.multihead``.
+        """
+        if self.graph.multi_head:
+            infer, train = self._multi_head_functions()
+        else:
+            infer, train = self._single_head_functions()
+        get_weights = tf.function(self._get_weights).get_concrete_function()
+        return {
+            "infer": infer,
+            "train": train,
+            "get_weights": get_weights,
+            "set_weights": self._set_weights_function(),
+        }
+
+    def _single_head_functions(self) -> tuple[Any, Any]:
         k = self.class_count
         infer = tf.function(self._infer).get_concrete_function(self._x_spec())
         train = tf.function(self._train).get_concrete_function(
@@ -165,13 +201,31 @@ class StudentModule(tf.Module):
             tf.TensorSpec([], tf.float32, name="temperature"),
             tf.TensorSpec([], tf.float32, name="learning_rate"),
         )
-        get_weights = tf.function(self._get_weights).get_concrete_function()
-        return {
-            "infer": infer,
-            "train": train,
-            "get_weights": get_weights,
-            "set_weights": self._set_weights_function(),
-        }
+        return infer, train
+
+    def _multi_head_functions(self) -> tuple[Any, Any]:
+        heads = self.graph.heads
+
+        def infer(x: tf.Tensor) -> dict[str, tf.Tensor]:
+            logits, _ = self.forward.heads(x, False, self._step())
+            return multihead.infer_outputs(logits, heads)
+
+        def train(**inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+            losses: dict[str, tf.Tensor] = {}
+
+            def loss_of(logits: dict[str, tf.Tensor]) -> tf.Tensor:
+                losses.update(multihead.head_losses(logits, inputs, heads))
+                return multihead.weighted_loss(losses, inputs)
+
+            loss = self._optimize(inputs["x"], inputs["learning_rate"], loss_of)
+            per_head = {f"loss_{name}": value for name, value in losses.items()}
+            return {"loss": loss, **per_head}
+
+        specs = multihead.train_specs(self.input_shape, heads)
+        return (
+            tf.function(infer).get_concrete_function(self._x_spec()),
+            multihead.keyword_concrete_function(train, specs),
+        )
 
     def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         z = self.logits(x)

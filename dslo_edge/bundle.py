@@ -46,6 +46,19 @@ class Bundle:
 
     @property
     def class_count(self) -> int:
+        """Class count of a single-head student.
+
+        Raises:
+            BundleError: the student has several heads, which this runtime
+                cannot train or label yet.
+        """
+        if "class_count" not in self.manifest and "heads" in self.manifest:
+            names = [head["name"] for head in self.manifest["heads"]]
+            raise BundleError(
+                f"the student in {self.path} has several heads ({', '.join(names)})"
+                "; this dslo-edge trains and labels single-head students only, "
+                "so convert a student with one output"
+            )
         return int(self.manifest["class_count"])
 
     @property

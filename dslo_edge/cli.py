@@ -194,9 +194,16 @@ def convert(
     )
     student_ops = manifest["student"]["signatures"]["train"]["ops"]
     click.echo(
-        f"wrote {out}: {manifest['class_count']} classes, train signature uses "
+        f"wrote {out}: {_class_summary(manifest)}, train signature uses "
         f"{len(student_ops)} builtin op types, no Flex ops"
     )
+
+
+def _class_summary(manifest: dict[str, Any]) -> str:
+    if "heads" not in manifest:
+        return f"{manifest['class_count']} classes"
+    heads = [f"{h['name']}: {h['class_count']} classes" for h in manifest["heads"]]
+    return f"{len(heads)} heads ({', '.join(heads)})"
 
 
 def _representative_samples(path: str | None) -> Any:

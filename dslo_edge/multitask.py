@@ -7,9 +7,11 @@ the per-task losses weighted by ``TaskSettings.weight``::
 
     L = sum_t weight_t * L_t(z_t, s_t, y_t, alpha_t, T_t)
 
-NOTE: this is the device-side engine only. The converter exports one output
-head, so no bundle can train a multi-head student yet. ``loss`` gives the
-numpy reference that a multi-head ``train`` signature must reproduce.
+NOTE: the converter exports multi-head bundles (per-head ``train`` inputs
+such as ``soft_<head>`` and ``weight_<head>``), but the trainer and daemon
+drive single-head students only, so nothing on the device runs this engine
+yet. ``loss`` is the numpy reference that the multi-head ``train`` signature
+reproduces.
 """
 
 from __future__ import annotations

@@ -1,0 +1,120 @@
+"""Find the output heads (tasks) of a Keras student in its op graph.
+
+Each Keras output becomes one head. A head ends in its logits, optionally
+followed by a softmax (a Dense activation, an ``Activation`` or a ``Softmax``
+layer), so the logits node is the softmax's input when there is one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from converters.graph import GraphNode, OutputHead
+from dslo_edge.errors import ConversionError
+
+
+def head_name(layer_name: str) -> str:
+    """Return the signature-safe head name of a Keras output layer name."""
+    return re.sub(r"\W", "_", layer_name)
+
+
+def output_layer_names(model: Any) -> list[str]:
+    """Return the names of the Keras layers that produce a model's outputs."""
+    return [tensor._keras_history.operation.name for tensor in model.outputs]
+
+
+def read_heads(
+    keras_graph: Any, nodes: list[GraphNode], outputs: dict[str, str]
+) -> list[OutputHead]:
+    """Return one head per Keras output, in output order.
+
+    Args:
+        keras_graph: the functional Keras graph the nodes were read from.
+        nodes: the op graph in topological order.
+        outputs: the last op node of each Keras layer, by layer name.
+
+    Raises:
+        ConversionError: two outputs come from the same layer, or two layer
+            names give the same head name.
+    """
+    by_name = {node.name: node for node in nodes}
+    heads: list[OutputHead] = []
+    for layer_name in output_layer_names(keras_graph):
+        last = by_name[outputs[layer_name]]
+        final_softmax = last.op == "activation" and last.params["function"] == "softmax"
+        logits = last.inputs[0] if final_softmax else last.name
+        class_count = int(by_name[logits].output_shape[-1])
+        heads.append(
+            OutputHead(head_name(layer_name), logits, final_softmax, class_count)
+        )
+    _check_unique([head.name for head in heads])
+    return heads
+
+
+def _check_unique(names: list[str]) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConversionError(
+            f"the student's output layers give the head names {names}, in "
+            f"which {', '.join(repeated)} occurs more than once; rename the "
+            "output layers so that their names differ in letters or digits"
+        )
+
+
+def output_kinds(model: Any) -> dict[str, str]:
+    """Return "probabilities" or "logits" for each output of a Keras model.
+
+    An output counts as probabilities when its layer is a ``Softmax`` layer
+    or has a softmax activation. The keys are head names.
+    """
+    layers = [tensor._keras_history.operation for tensor in model.outputs]
+    return {head_name(layer.name): _layer_output_kind(layer) for layer in layers}
+
+
+def _layer_output_kind(layer: Any) -> str:
+    activation = getattr(layer, "activation", None)
+    softmax = type(layer).__name__ == "Softmax" or (
+        getattr(activation, "__name__", "") == "softmax"
+    )
+    return "probabilities" if softmax else "logits"
+
+
+def check_teacher_heads(teacher: Any, heads: list[OutputHead]) -> None:
+    """Check that a teacher has one output per student head.
+
+    The teacher must have exactly the student's head names, which come from
+    its output layer names sanitised the same way. Each head needs the same
+    class count, but the outputs may come in any order.
+
+    Raises:
+        ConversionError: a head is missing, extra or has another class count.
+    """
+    teacher_classes = {
+        head_name(layer_name): int(tensor.shape[-1])
+        for layer_name, tensor in zip(
+            output_layer_names(teacher), teacher.outputs, strict=True
+        )
+    }
+    student_classes = {head.name: head.class_count for head in heads}
+    if teacher_classes != student_classes:
+        raise ConversionError(
+            f"teacher outputs (head name: classes) {teacher_classes} differ from "
+            f"the student heads {student_classes}; give the teacher one output "
+            "per student head, with the same output layer name and class count"
+        )
+
+
+def manifest_heads(
+    heads: list[OutputHead], teacher_kinds: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Describe each head for the bundle manifest, in student output order."""
+    return [
+        {
+            "name": head.name,
+            "class_count": head.class_count,
+            "output_kind": head.output_kind,
+            "teacher_output_kind": teacher_kinds[head.name],
+        }
+        for head in heads
+    ]
