@@ -40,6 +40,18 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
+def _require_modules(modules: tuple[str, ...], extras: str) -> None:
+    """Raise a ConfigError naming the extras to install if a module is missing."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"this command needs {', '.join(missing)}; install them with: "
+            f"pip install 'dslo-edge[{extras}]'"
+        )
+
+
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Print a DsloError as one line and exit non-zero; traceback with --verbose."""
 
@@ -472,6 +484,8 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     """Compare DSL-O with static and annealed KD on shifted real data."""
     import time
 
+    _require_modules(("keras", "sklearn", "river", "matplotlib"), "convert,eval")
+
     from dslo_edge.eval_data import DATASETS
     from dslo_edge.eval_report import write_report
     from dslo_edge.evaluate import run_evaluation
@@ -725,6 +739,7 @@ def keygen(path: str) -> None:
 def demo(out: str, report_path: str | None, seed: int, broker_kind: str) -> None:
     """Run the whole loop on scikit-learn's digits: train, convert, adapt, report."""
     _quiet_tensorflow()
+    _require_modules(("keras", "sklearn", "scipy"), "convert,demo")
     from dslo_edge.demo import run_demo
 
     report = run_demo(

@@ -28,6 +28,7 @@ import queue
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,7 @@ class EdgeDaemon:
         self.rollbacks = 0
         self.last_rollback: str | None = None
         self.deferred = 0
+        self.inference_rejected: Counter[str] = Counter()
         self._deferred_since_reconnect = False
         self._session_epoch = 0
         self._acks = AckLedger()
@@ -414,7 +416,7 @@ class EdgeDaemon:
         try:
             self.infer_inputs.put_nowait(item)
         except queue.Full:
-            self.metrics.record_rejected("inference_queue_full")
+            self.inference_rejected["queue_full"] += 1
             self.connection.ack(item.mid, item.qos)
 
     # Trainer thread
@@ -426,7 +428,14 @@ class EdgeDaemon:
             try:
                 self.inference.handle(item.payload, self.student)
             except InvalidUpdate as error:
-                self._reject(error)
+                # Counted apart from updates, because hubs pace on those counts.
+                self.inference_rejected[error.reason] += 1
+                logger.warning(
+                    "Rejected inference input for device %s (%s): %s",
+                    self.device_id,
+                    error.reason,
+                    error,
+                )
             finally:
                 self.connection.ack(item.mid, item.qos)
         self.inference.resend_due()
@@ -759,6 +768,11 @@ class EdgeDaemon:
             "queue_depth": self.updates.qsize(),
             "unacknowledged": self.unacknowledged,
             "deferred_for_redelivery": self.deferred,
+            "inference_rejected": dict(self.inference_rejected),
+            # Survives restarts (both parts are in the checkpoints), so a hub
+            # can pace against it across a device restart.
+            "processed_total": self.trainer.applied_updates
+            + sum(self.metrics.rejected_counts().values()),
             "checkpoints_written": self.checkpoints_written,
             "storage_error": self.storage_error,
             "probe_accuracy": self.health.last_accuracy,

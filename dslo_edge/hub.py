@@ -243,7 +243,7 @@ class HubClient:
         with self._metrics_changed:
             if self.latest_metrics is None:
                 return None
-            return int(self.latest_metrics.get("processed", 0))
+            return _processed(self.latest_metrics)
 
     def wait_for_metrics(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float
@@ -335,7 +335,7 @@ def push(
                 if wait and result.messages >= window:
                     target = baseline + result.messages - window + 1
                     hub.wait_for_metrics(
-                        lambda m, target=target: m.get("processed", 0) >= target,
+                        lambda m, target=target: _processed(m) >= target,
                         timeout,
                     )
                 hub.publish(payload, expiry_s)
@@ -351,11 +351,20 @@ def push(
             if wait:
                 target = baseline + result.messages
                 result.device_metrics = hub.wait_for_metrics(
-                    lambda m, target=target: m.get("processed", 0) >= target, timeout
+                    lambda m, target=target: _processed(m) >= target, timeout
                 )
     finally:
         hub.close()
     return result
+
+
+def _processed(metrics: dict[str, Any]) -> int:
+    """Return the device's count of handled updates, kept across restarts.
+
+    ``processed_total`` includes updates applied or rejected before the last
+    restart; older daemons only report ``processed``, which restarts at 0.
+    """
+    return int(metrics.get("processed_total", metrics.get("processed", 0)))
 
 
 def _wait_for_baseline(hub: HubClient, timeout: float = 10.0) -> int:

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import time
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -29,12 +30,38 @@ from dslo_edge.protocol import Topics
 logger = logging.getLogger(__name__)
 
 MAX_INPUT_BYTES = 4 * 1024 * 1024
+MAX_INPUT_ROWS = 4096
 
 
 def inference_topics(topics: Topics) -> tuple[str, str]:
     """Return the (inputs, predictions) topics next to the device's others."""
     base = topics.status.rsplit("/", 1)[0]
     return f"{base}/infer", f"{base}/predictions"
+
+
+def _check_uncompressed(payload: bytes) -> None:
+    """Reject compressed members, whose unpacked size the payload does not bound.
+
+    A few hundred kilobytes of deflated zeros unpack to gigabytes, which would
+    exhaust a small board's memory; stored members are never larger than the
+    payload.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as error:
+        raise InvalidUpdate(
+            "bad_inputs", f"expected an .npz archive: {error}"
+        ) from error
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED or member.file_size > len(
+            payload
+        ):
+            raise InvalidUpdate(
+                "bad_inputs",
+                f"member {member.filename} is compressed; send np.savez, not "
+                "np.savez_compressed",
+            )
 
 
 def decode_inputs(
@@ -50,6 +77,7 @@ def decode_inputs(
         raise InvalidUpdate(
             "bad_inputs", f"{len(payload)} bytes, limit {MAX_INPUT_BYTES}"
         )
+    _check_uncompressed(payload)
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as data:
             x = np.asarray(data["x"], dtype=np.float32)
@@ -58,6 +86,8 @@ def decode_inputs(
         raise InvalidUpdate(
             "bad_inputs", f"expected an .npz with x (and ids): {error}"
         ) from error
+    if len(x) > MAX_INPUT_ROWS:
+        raise InvalidUpdate("bad_inputs", f"{len(x)} inputs, limit {MAX_INPUT_ROWS}")
     if x.ndim != len(input_shape) + 1 or x.shape[1:] != input_shape or not len(x):
         raise InvalidUpdate(
             "bad_inputs", f"x has shape {x.shape}, expected (N, {input_shape})"
@@ -137,7 +167,7 @@ class InferenceService:
         answer = {
             "ids": ids,
             "classes": np.argmax(probabilities, axis=1).tolist(),
-            "confidence": np.round(probabilities.max(axis=1), 6).tolist(),
+            "confidence": [round(float(c), 6) for c in probabilities.max(axis=1)],
         }
         self.publish(self.predictions_topic, json.dumps(answer))
         if self.requester is None:

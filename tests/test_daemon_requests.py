@@ -86,7 +86,7 @@ def test_inference_answers_and_rejects_bad_inputs(
     try:
         app.ask(encode_inputs(x, [f"cam-{i}" for i in range(5)]))
         app.ask(encode_inputs(np.zeros((2, 10), np.float32)))
-        wait_until(lambda: app.answers and daemon.metrics.processed >= 1)
+        wait_until(lambda: app.answers and daemon.inference_rejected)
         expected = daemon.student.infer(x)
     finally:
         app.close()
@@ -96,7 +96,8 @@ def test_inference_answers_and_rejects_bad_inputs(
     assert answer["ids"] == [f"cam-{i}" for i in range(5)]
     assert answer["classes"] == np.argmax(expected, axis=1).tolist()
     assert answer["confidence"] == pytest.approx(expected.max(axis=1), abs=1e-6)
-    assert daemon.metrics.rejected["bad_inputs"] == 1
+    assert daemon.inference_rejected["bad_inputs"] == 1
+    assert "bad_inputs" not in daemon.metrics.rejected
     assert daemon.costs.infer_ms.summary()["count"] == 1
 
 
@@ -135,3 +136,17 @@ def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) ->
     assert requests["latency_ms_p50"] > 0
     assert report["samples_applied"] == 4
     assert report["applied_total"] == 1
+
+
+def test_compressed_inference_payload_is_rejected() -> None:
+    import io
+
+    from dslo_edge.errors import InvalidUpdate
+    from dslo_edge.inference import decode_inputs
+
+    buffer = io.BytesIO()
+    # Half a megabyte compressed, half a gigabyte unpacked.
+    np.savez_compressed(buffer, x=np.zeros((2_000_000, 64), np.float32))
+
+    with pytest.raises(InvalidUpdate, match="compressed"):
+        decode_inputs(buffer.getvalue(), (64,))
