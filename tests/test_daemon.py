@@ -26,7 +26,9 @@ DEVICE = "test-device"
 WAIT_S = 30.0
 
 
-def write_config(tmp_path: Path, bundle: Path, broker) -> DeviceConfig:
+def write_config(
+    tmp_path: Path, bundle: Path, broker, **overrides: dict
+) -> DeviceConfig:
     # amqtt, the fallback broker, speaks MQTT 3.1.1 only.
     protocol = "5" if broker.kind == "mosquitto" else "3.1.1"
     path = tmp_path / "device.toml"
@@ -37,6 +39,7 @@ def write_config(tmp_path: Path, bundle: Path, broker) -> DeviceConfig:
         broker.port,
         planned_updates=50,
         protocol=protocol,
+        overrides=overrides,
     )
     path.write_text(text)
     return load_config(path)
@@ -293,19 +296,10 @@ def test_replayed_update_is_applied_once(running_daemon) -> None:
 
 
 def test_metrics_log_is_size_capped(mlp_pair, broker, tmp_path) -> None:
-    path = tmp_path / "device.toml"
-    protocol = "5" if broker.kind == "mosquitto" else "3.1.1"
-    path.write_text(
-        render_config(
-            DEVICE,
-            mlp_pair.bundle,
-            tmp_path / "state",
-            broker.port,
-            protocol=protocol,
-            overrides={"logging": {"max_bytes": 4096, "backups": 1}},
-        )
+    config = write_config(
+        tmp_path, mlp_pair.bundle, broker, logging={"max_bytes": 4096, "backups": 1}
     )
-    daemon = EdgeDaemon(load_config(path))
+    daemon = EdgeDaemon(config)
     for _ in range(40):
         daemon._last_logged_at = float("-inf")  # the log takes one line a second
         daemon.publish_metrics()
@@ -316,19 +310,13 @@ def test_metrics_log_is_size_capped(mlp_pair, broker, tmp_path) -> None:
 
 
 def test_batched_daemon_applies_every_update_once(mlp_pair, broker, tmp_path) -> None:
-    path = tmp_path / "device.toml"
-    protocol = "5" if broker.kind == "mosquitto" else "3.1.1"
-    path.write_text(
-        render_config(
-            DEVICE,
-            mlp_pair.bundle,
-            tmp_path / "state",
-            broker.port,
-            protocol=protocol,
-            overrides={"training": {"batch_size": 32, "batch_wait_ms": 20.0}},
-        )
+    config = write_config(
+        tmp_path,
+        mlp_pair.bundle,
+        broker,
+        training={"batch_size": 32, "batch_wait_ms": 20.0},
     )
-    daemon = EdgeDaemon(load_config(path))
+    daemon = EdgeDaemon(config)
     daemon.start()
     hub = hub_client(broker)
     try:
