@@ -10,9 +10,9 @@ Threads:
   service manager restarts it;
 - the main thread waits for SIGTERM or SIGINT, then stops in order.
 
-Delivery is at least once and application exactly once: an update is
+Delivery is at least once and application exactly once. An update is
 acknowledged to the broker (MQTT PUBACK) only once two checkpoint generations
-hold its effect and its message id. A crash before that makes the broker
+contain its effect and its message id. A crash before that makes the broker
 deliver it again, and the restored id record skips any copy already applied.
 Waiting for the second generation means that falling back to the previous
 checkpoint, when the newest one is corrupt, loses no acknowledged update.
@@ -87,6 +87,15 @@ class EdgeDaemon:
         self.topics = config.topics
         key_file = config.security.hmac_key_file
         self.hmac_key = load_key(key_file) if key_file else None
+
+        self._init_model()
+        self._init_costs_and_inference()
+        self._init_queues_and_state()
+        self._init_threads_and_connection()
+
+    def _init_model(self) -> None:
+        """Load the active bundle, its student and trainer, and the OTA updater."""
+        config = self.config
         self.ota_topic, self.ota_status_topic = ota_topics(self.topics)
         self.updater = ModelUpdater(
             config.state_dir,
@@ -96,11 +105,12 @@ class EdgeDaemon:
         )
         self.bundle = load_bundle(self.updater.active_bundle(config.bundle))
         self.student = StudentModel(self.bundle, config.runtime)
-        self.ota_chunks: queue.Queue[Received] = queue.Queue(maxsize=OTA_QUEUE)
-        self.infer_topic, predictions_topic = inference_topics(self.topics)
-        self.infer_inputs: queue.Queue[Received] = queue.Queue(maxsize=INFER_QUEUE)
         self.trainer = self._new_trainer()
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
+
+    def _init_costs_and_inference(self) -> None:
+        """Set up the energy budget, health checks and the inference service."""
+        config = self.config
         self.profile = _load_profile(config.profile)
         self.costs = AdaptationCosts(
             self.device_id, self.profile, config.budget, battery_wh=config.battery_wh
@@ -119,6 +129,7 @@ class EdgeDaemon:
                 self.bundle.teacher_output_kind,
                 config.runtime,
             )
+        self.infer_topic, predictions_topic = inference_topics(self.topics)
         self.inference = InferenceService(
             lambda topic, payload, properties=None: self.connection.publish(
                 topic, payload, properties=properties
@@ -128,7 +139,12 @@ class EdgeDaemon:
             reference,
             self.costs.infer_ms,
         )
-        training = config.training
+
+    def _init_queues_and_state(self) -> None:
+        """Create the bounded queues, the batcher and the counters."""
+        training = self.config.training
+        self.ota_chunks: queue.Queue[Received] = queue.Queue(maxsize=OTA_QUEUE)
+        self.infer_inputs: queue.Queue[Received] = queue.Queue(maxsize=INFER_QUEUE)
         self.batcher: UpdateBatcher[Received, SoftLabelUpdate] | None = None
         if training.batch_size:
             policy = BatchPolicy(
@@ -138,10 +154,11 @@ class EdgeDaemon:
                 max_updates=training.checkpoint_every,
             )
             self.batcher = UpdateBatcher(policy)
-        queue_size = config.training.queue_size
         # The broker is asked for at most queue_size unacknowledged updates
-        # (MQTT 5 receive maximum); the spare room covers redeliveries.
-        self.updates: queue.Queue[Received] = queue.Queue(maxsize=queue_size * 2)
+        # (MQTT 5 receive maximum), and the spare room covers redeliveries.
+        self.updates: queue.Queue[Received] = queue.Queue(
+            maxsize=training.queue_size * 2
+        )
         self.stopping = threading.Event()
         self.restored_from = "factory weights"
         self.storage_error: str | None = None
@@ -163,6 +180,9 @@ class EdgeDaemon:
         self._last_logged_at = float("-inf")
         self._rejection_log = RejectionLog()
         self._metrics_log = self._make_metrics_log()
+
+    def _init_threads_and_connection(self) -> None:
+        """Create the trainer and watchdog threads and the MQTT connection."""
         self._trainer_thread = threading.Thread(
             target=self._train_loop, name="dslo-trainer", daemon=True
         )
@@ -170,13 +190,13 @@ class EdgeDaemon:
             target=self._watchdog_loop, name="dslo-watchdog", daemon=True
         )
         self.connection = MqttConnection(
-            config.mqtt,
-            config.client_id,
+            self.config.mqtt,
+            self.config.client_id,
             will=(self.topics.status, STATUS_OFFLINE),
             on_connected=self._on_connected,
             on_message=self._on_message,
             manual_ack=True,
-            receive_maximum=queue_size,
+            receive_maximum=self.config.training.queue_size,
             label=f"device {self.device_id}",
         )
 
