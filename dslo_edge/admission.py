@@ -34,7 +34,7 @@ class Received:
     """One MQTT message waiting for the trainer.
 
     ``response`` is set for the response to one of the device's label requests
-    (a ``label_requests.Response``); its labels are checked against the
+    (a ``label_requests.Response``). Its labels are checked against the
     request instead of the update topic's signature.
     """
 

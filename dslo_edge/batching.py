@@ -36,7 +36,7 @@ Update = TypeVar("Update", bound=HasSamples)
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """How the trainer coalesces updates.
+    """Coalescing policy of the trainer.
 
     Attributes:
         batch_size: samples per train step, at least 1.

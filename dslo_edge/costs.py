@@ -1,4 +1,4 @@
-"""What adaptation costs on this device: energy, battery, budget, latency.
+"""Adaptation costs on this device: energy, battery, budget and latency.
 
 One object per daemon bundles the energy meter (best source first, see
 ``dslo_edge.power``), the training budget policy and the inference latency

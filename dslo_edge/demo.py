@@ -1,10 +1,11 @@
 """The main job on real data: adapt a digits student to a shifted device.
 
-Steps: split scikit-learn's digits and shift the device's share; train a
-teacher (one snapshot per round) and a student on the hub; convert; start a
-broker on loopback and the edge daemon as its own process; push the rounds;
-stop the daemon and compare its adapted student with the factory student and
-with static distillation on the same updates.
+The demo splits scikit-learn's digits and shifts the device's share. It
+trains a teacher (one snapshot per round) and a student, and converts them.
+It then starts a broker on loopback and the edge daemon as its own process,
+and pushes the rounds. Finally it stops the daemon and compares the adapted
+student with the factory student and with static distillation on the same
+updates.
 """
 
 from __future__ import annotations

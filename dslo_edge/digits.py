@@ -1,6 +1,6 @@
 """scikit-learn's bundled digits, split for the demo, with a device-style shift.
 
-The shift imitates one new device whose camera sees the same digits
+The shift imitates one new device whose camera captures the same digits
 differently: every image is rotated by 8 to 14 degrees (a tilted mount),
 moved by about 0.6 pixel right and 0.4 pixel down, dimmed to 85 % contrast,
 and given Gaussian sensor noise (sigma 0.05 on the 0..1 pixel scale).

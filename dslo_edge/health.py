@@ -3,10 +3,10 @@
 A small labelled probe set travels with the bundle (``probe.npz`` with ``x``
 and ``y``). The daemon measures the student's accuracy on it every few
 updates and before every checkpoint. Three findings make the daemon roll
-back to the last good checkpoint instead of saving: accuracy more than the
-configured margin below the accuracy at that checkpoint, any non-finite
-weight, and trained weights whose L2 norm grew beyond a factor of the norm
-at that checkpoint.
+back to the last good checkpoint instead of saving. The first is accuracy
+more than the configured margin below the accuracy at that checkpoint. The
+others are any non-finite weight, and trained weights whose L2 norm grew
+beyond a factor of the norm at that checkpoint.
 The norm check needs no probe set, so it also guards bundles without one.
 """
 

@@ -1,9 +1,9 @@
 """The hub side: run teacher snapshots on samples and publish soft labels.
 
 Each teacher file passed to ``push`` is one round. Within a round the samples
-are sent in messages of ``batch_size``; with ``wait`` the hub waits until the
-device reports (on its retained metrics topic) that it has processed every
-message of the round before it starts the next one.
+are sent in messages of ``batch_size``. With ``wait``, the hub waits until the
+device reports on its retained metrics topic that it has processed every
+message of the round, and only then starts the next one.
 """
 
 from __future__ import annotations
@@ -303,9 +303,9 @@ def push(
     would exceed the budget, after publishing the updates before it.
 
     Args:
-        wait: follow the device's metrics; wait after each round until it has
-            processed every update, and keep at most ``window`` updates
-            outstanding so a burst cannot overrun the broker's queue.
+        wait: follow the device's metrics. After each round, wait until the
+            device has processed every update, and keep at most ``window``
+            updates outstanding so a burst cannot overrun the broker's queue.
         hmac_key: sign every update with the device's key.
         expiry_s: MQTT 5 message expiry; match the device's max_age_s.
         input_dtype: "float16" sends inputs at half the size (payload

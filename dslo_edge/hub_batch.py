@@ -6,7 +6,7 @@
 2. admit them in one shared-state transaction (repeats, rate limits,
    privacy budgets), which also charges the admitted ones;
 3. label every admitted sample in one teacher call and split the output;
-4. store the answers, publish them on each request's response topic with
+4. store the responses, publish them on each request's response topic with
    its correlation data, wait for the broker's PUBACKs, and only then
    acknowledge the requests.
 """

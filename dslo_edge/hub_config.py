@@ -51,8 +51,8 @@ class RequestSettings:
         batch_wait_s: how long the first request of a batch may wait for
             more to join it.
         top_k: send only the k largest probabilities per sample, 0 for all.
-        claim_timeout_s: a request claimed by a worker that has not answered
-            within this time may be answered by another worker.
+        claim_timeout_s: a request claimed by a worker that has not responded
+            within this time may be served by another worker.
         answered_ttl_s: how long answers stay cached for repeated requests.
     """
 

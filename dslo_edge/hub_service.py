@@ -9,7 +9,7 @@ Threads:
   them against the shared state (rate limits, privacy budgets, repeats),
   labels all admitted samples with one teacher call, publishes one response
   per request and only then acknowledges the requests (manual PUBACK), so a
-  worker that dies before answering leaves them unacknowledged;
+  worker that dies before responding leaves them unacknowledged;
 - the push scheduler thread (``hub_pushes``) when pushes are configured;
 - a drain thread per dead peer (``hub_drain``).
 

@@ -288,7 +288,7 @@ class HubState:
             )
 
     def forget_answers(self, before: float) -> int:
-        """Delete answers stored before ``before``; return how many."""
+        """Delete responses stored before ``before`` and return their number."""
         with self._transaction() as db:
             cursor = db.execute(
                 "DELETE FROM requests WHERE answered IS NOT NULL AND answered < ?",
@@ -297,7 +297,7 @@ class HubState:
             return cursor.rowcount
 
     def answer_counts(self) -> dict[str, int]:
-        """Return the stored answers per status, for tests and metrics."""
+        """Return the number of stored responses per status, for tests and metrics."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT status, COUNT(*) FROM requests GROUP BY status"

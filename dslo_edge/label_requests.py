@@ -1,6 +1,6 @@
 """The device side of label requests: select samples, send requests, match responses.
 
-The device runs its student on inputs it sees. ``select_samples`` picks the
+The device runs its student on the inputs it receives. ``select_samples`` picks the
 ones it is unsure about: a low top-1 probability (least confidence), or a
 large total variation distance between the student and a reference model on
 the device, such as the teacher copy in its bundle. ``LabelRequester`` turns

@@ -84,7 +84,7 @@ class StudentModel:
     ) -> float:
         """Run one SGD step on the distillation loss and return the loss.
 
-        ``hard`` holds class indices, with -1 where a sample has no hard label.
+        ``hard`` contains class indices, with -1 where a sample has no hard label.
         """
         result = self._train(
             x=as_float32(x),

@@ -529,7 +529,7 @@ def decode_update(
     """Parse a version 1 or 2 payload into a SoftLabelUpdate.
 
     Top-k labels (version 2) are expanded to (N, K) by ``expand_top_k``, so
-    the rest of the device sees full rows.
+    the rest of the device receives full rows.
 
     The payload is untrusted. The size limit is checked before any parsing,
     and array lengths declared in the header are compared with the real
@@ -738,7 +738,7 @@ def _read_teacher_version(reader: _PayloadReader) -> str:
 def _read_sample_ids(reader: _PayloadReader, sample_count: int) -> list[str]:
     # One pass over the id block without per-id method calls or field names:
     # this loop runs for every sample of every update. The caller has checked
-    # that the payload holds at least one length byte per id.
+    # that the payload contains at least one length byte per id.
     view = reader.view
     end = len(view)
     offset = reader.offset

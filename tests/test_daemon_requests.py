@@ -1,4 +1,4 @@
-"""Local inference through the daemon, and label requests answered by a hub."""
+"""Local inference through the daemon, and label requests served by a hub."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def wait_until(condition, timeout: float = 30.0) -> None:
 
 
 class LocalApp:
-    """An application on the device that asks the daemon for predictions."""
+    """An application on the device that requests predictions from the daemon."""
 
     def __init__(self, port: int):
         self.infer_topic, predictions = inference_topics(Topics.for_device(DEVICE))

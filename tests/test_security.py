@@ -11,11 +11,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from tls_files import make_authority, make_server_certificate
 
 from dslo_edge.broker import Broker, find_mosquitto
 from dslo_edge.config import MqttSettings
 from dslo_edge.connection import MqttConnection
-from tls_files import make_authority, make_server_certificate
 
 pytest.importorskip("cryptography")
 if find_mosquitto() is None:
