@@ -128,3 +128,23 @@ def test_bad_hard_label_is_rejected(label: int) -> None:
 
     assert error.reason == "bad_hard_label"
     assert "'id1'" in str(error)
+
+
+@pytest.mark.parametrize(
+    "sample_ids",
+    [
+        ["a", "id-2", "s/3/x"],
+        ["a", "gr\u00fcn", "z"],
+        ["a", "x" * 200, "b"],
+        ["x" * 255, "", "y" * 127],
+    ],
+    ids=["ascii", "non-ascii", "length-byte-above-127", "longest-and-empty"],
+)
+def test_sample_ids_round_trip(sample_ids: list[str]) -> None:
+    update = make_update(3)
+    update.sample_ids = sample_ids
+
+    decoded = decode_update(encode_update(update))
+
+    assert decoded.sample_ids == sample_ids
+    np.testing.assert_array_equal(decoded.inputs, update.inputs)
