@@ -177,6 +177,8 @@ class EdgeDaemon:
         self._last_update_at = time.monotonic()
         self._trainer_beat = time.monotonic()
         self._last_metrics_at = float("-inf")
+        # True when the rate limit skipped a report that is not yet sent.
+        self._metrics_pending = False
         self._last_logged_at = float("-inf")
         self._rejection_log = RejectionLog()
         self._metrics_log = self._make_metrics_log()
@@ -478,9 +480,10 @@ class EdgeDaemon:
             except queue.Empty:
                 self._on_idle()
                 continue
-            if self.updates.empty():
-                self.publish_metrics()
-            elif self.metrics.processed % self.config.training.metrics_every == 0:
+            if (
+                self.updates.empty()
+                or self.metrics.processed % self.config.training.metrics_every == 0
+            ):
                 self.publish_metrics(busy=True)
 
     def _budget_paused(self) -> bool:
@@ -492,6 +495,8 @@ class EdgeDaemon:
         return decision.paused
 
     def _on_idle(self) -> None:
+        if self._metrics_pending:
+            self.publish_metrics()
         if self._deferred_since_reconnect:
             self._checkpoint_and_ack()
             self._checkpoint_and_ack()
@@ -834,14 +839,17 @@ class EdgeDaemon:
     def publish_metrics(self, busy: bool = False) -> None:
         """Publish the metrics report, retained so a late subscriber receives it.
 
-        With ``busy`` (reports in the middle of a burst) the report is skipped
-        when the last one is under ``METRICS_MIN_INTERVAL_S`` old, and the
+        With ``busy`` (reports after updates) the report is skipped when the
+        last one is under ``METRICS_MIN_INTERVAL_S`` old. The trainer sends
+        the skipped report once the queue has stayed empty for 0.2 s. The
         metrics log keeps at most one line a second in any case.
         """
         now = time.monotonic()
         if busy and now - self._last_metrics_at < METRICS_MIN_INTERVAL_S:
+            self._metrics_pending = True
             return
         self._last_metrics_at = now
+        self._metrics_pending = False
         payload = json.dumps(self.status_report())
         self.connection.publish(self.topics.metrics, payload, retain=True)
         if now - self._last_logged_at >= 1.0:
