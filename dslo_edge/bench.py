@@ -214,7 +214,10 @@ def _mqtt_figures(out: Path, bundle: Path, options: BenchOptions) -> dict[str, A
             device / "device.toml", device / "daemon.log", options.startup_repeats
         )
     return {
-        "latency_ms": {"daemon": daemon_latency, "broker_only": broker_latency},
+        "latency_ms": {
+            "daemon": _without_histogram(daemon_latency),
+            "broker_only": broker_latency,
+        },
         "throughput_samples_per_s": {
             "daemon": [round(rate) for rate in daemon_rates],
             "broker_only": [round(rate) for rate in broker_rates],
@@ -286,24 +289,45 @@ def _compute_figures(measured: dict[str, Any]) -> list[Figure]:
 
 
 def _latency_figures(measured: dict[str, Any]) -> list[Figure]:
+    """Return end-to-end latency against two references.
+
+    The first adds the median train step of the hot loop in ``train_step``.
+    The second adds the daemon's own train step at the same percentile in
+    the latency run. With updates 20 ms apart that step takes several times
+    as long as in a hot loop (0.16 against 0.035 ms at p50 in one run),
+    likely because caches are cold.
+    """
     latency = measured["latency_ms"]
-    step_ms = measured["train_step"]["interpreter_us"] / 1000
+    hot_step_ms = measured["train_step"]["interpreter_us"] / 1000
+    light_step_ms = latency["daemon"].get("train_step_ms", {})
     figures = []
     for percentile in ("p50", "p99"):
         value = latency["daemon"][percentile]
-        reference = latency["broker_only"][percentile] + step_ms
-        figures.append(
-            Figure(
-                f"latency_{percentile}",
-                "ms",
-                value,
-                round(reference, 3),
-                "broker only + train step",
-                _ratio(value, reference),
-                "<= 2x reference",
-                value <= 2 * reference,
+        broker_ms = latency["broker_only"][percentile]
+        references = [
+            (f"latency_{percentile}", hot_step_ms, "broker only + train step"),
+            (
+                f"latency_{percentile}_light_step",
+                light_step_ms.get(percentile),
+                "broker only + train step at light load",
+            ),
+        ]
+        for name, step_ms, reference_name in references:
+            if step_ms is None:
+                continue
+            reference = broker_ms + step_ms
+            figures.append(
+                Figure(
+                    name,
+                    "ms",
+                    value,
+                    round(reference, 3),
+                    reference_name,
+                    _ratio(value, reference),
+                    "<= 2x reference",
+                    value <= 2 * reference,
+                )
             )
-        )
     return figures
 
 

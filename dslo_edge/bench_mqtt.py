@@ -277,14 +277,21 @@ class DaemonProcess:
         return _samples(payloads) / (float(metrics["timestamp"]) - started)
 
     def latency(self, payloads: list[bytes], gap_s: float) -> dict[str, Any]:
-        """Publish at light load and return the daemon's end-to-end percentiles.
+        """Publish at light load and return the daemon's latency percentiles.
 
-        The daemon reports percentiles over its recent updates, so call this
-        first on a fresh daemon.
+        Returns the end-to-end percentiles, and under ``train_step_ms`` those
+        of the train step at this load. The daemon reports percentiles over
+        its recent updates, so call this first on a fresh daemon.
         """
         self.publisher.publish_paced(payloads, gap_s)
         metrics = self._wait_processed(len(payloads))
-        return dict(metrics["end_to_end_ms"])
+        latency = dict(metrics["end_to_end_ms"])
+        latency["train_step_ms"] = {
+            key: value
+            for key, value in metrics["train_ms"].items()
+            if key != "histogram"
+        }
+        return latency
 
     def metrics(self) -> dict[str, Any]:
         return dict(self.hub.latest_metrics or {})

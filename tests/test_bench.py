@@ -21,6 +21,8 @@ FIGURES = {
     "throughput",
     "latency_p50",
     "latency_p99",
+    "latency_p50_light_step",
+    "latency_p99_light_step",
     "peak_rss",
     "startup",
     "wire_bytes",
