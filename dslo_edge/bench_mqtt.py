@@ -279,9 +279,10 @@ class DaemonProcess:
     def latency(self, payloads: list[bytes], gap_s: float) -> dict[str, Any]:
         """Publish at light load and return the daemon's latency percentiles.
 
-        Returns the end-to-end percentiles, and under ``train_step_ms`` those
-        of the train step at this load. The daemon reports percentiles over
-        its recent updates, so call this first on a fresh daemon.
+        Returns the end-to-end percentiles, under ``train_step_ms`` those of
+        the train step at this load, and under ``stage_ms`` those of the
+        daemon's stages before it. The daemon reports percentiles over its
+        recent updates, so call this first on a fresh daemon.
         """
         self.publisher.publish_paced(payloads, gap_s)
         metrics = self._wait_processed(len(payloads))
@@ -291,6 +292,7 @@ class DaemonProcess:
             for key, value in metrics["train_ms"].items()
             if key != "histogram"
         }
+        latency["stage_ms"] = metrics.get("stage_ms", {})
         return latency
 
     def metrics(self) -> dict[str, Any]:

@@ -551,8 +551,14 @@ class EdgeDaemon:
         self._last_update_at = time.monotonic()
         self._changed_since_save = True
         self._acks.add(item.mid, item.qos, item.epoch)
+        started = time.perf_counter()
+        queue_ms = (time.time() - item.received_at) * 1000
         try:
-            return self._admit(item)
+            update = self._admit(item)
+            self.metrics.record_admission(
+                queue_ms, (time.perf_counter() - started) * 1000
+            )
+            return update
         except InvalidUpdate as error:
             self._reject(error)
         except Exception:
@@ -633,6 +639,7 @@ class EdgeDaemon:
                 result.mean_alpha,
                 result.train_ms,
                 (now - update.timestamp) * 1000,
+                prepare_ms=result.prepare_ms,
             )
 
     # Model updates over the air

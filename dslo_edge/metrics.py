@@ -123,6 +123,10 @@ class DaemonMetrics:
         self.last_mean_alpha: float | None = None
         self.train_ms = LatencyWindow()
         self.end_to_end_ms = LatencyWindow()
+        # These windows split the device time before an update's train step.
+        self.queue_ms = LatencyWindow()
+        self.admit_ms = LatencyWindow()
+        self.prepare_ms = LatencyWindow()
 
     def record_applied(
         self,
@@ -131,6 +135,7 @@ class DaemonMetrics:
         mean_alpha: float,
         train_ms: float,
         e2e_ms: float,
+        prepare_ms: float | None = None,
     ) -> None:
         with self._lock:
             self.applied += 1
@@ -139,6 +144,18 @@ class DaemonMetrics:
             self.last_mean_alpha = mean_alpha
             self.train_ms.add(train_ms)
             self.end_to_end_ms.add(e2e_ms)
+            if prepare_ms is not None:
+                self.prepare_ms.add(prepare_ms)
+
+    def record_admission(self, queue_ms: float, admit_ms: float) -> None:
+        """Record the time an update waited in the queue and its admission time.
+
+        Admission is signature check, decoding, validation and the checks for
+        repeats, age and input range.
+        """
+        with self._lock:
+            self.queue_ms.add(queue_ms)
+            self.admit_ms.add(admit_ms)
 
     def record_rejected(self, reason: str) -> None:
         with self._lock:
@@ -174,6 +191,11 @@ class DaemonMetrics:
                 "mean_alpha": self.last_mean_alpha,
                 "train_ms": self.train_ms.summary(),
                 "end_to_end_ms": self.end_to_end_ms.summary(),
+                "stage_ms": {
+                    "queue": self.queue_ms.percentiles(),
+                    "admit": self.admit_ms.percentiles(),
+                    "prepare": self.prepare_ms.percentiles(),
+                },
                 "peak_rss_mb": peak_rss_mb(),
             }
         if extra:

@@ -145,6 +145,9 @@ def test_daemon_trains_with_dynamic_alpha(running_daemon) -> None:
     assert 0.2 <= metrics["mean_alpha"] <= 0.8
     assert metrics["train_ms"]["count"] == 5
     assert metrics["end_to_end_ms"]["p50"] > 0
+    assert metrics["stage_ms"]["queue"]["count"] == 5
+    assert metrics["stage_ms"]["admit"]["count"] == 5
+    assert metrics["stage_ms"]["prepare"]["count"] == 5
     assert metrics["progress"] == pytest.approx(5 / 50)
 
 
