@@ -56,6 +56,7 @@ __all__ = [
     "encode_multi_head_update",
     "head_update",
     "is_multi_head_payload",
+    "payload_message_id",
     "validate_multi_head_update",
 ]
 
@@ -159,6 +160,17 @@ def is_multi_head_payload(payload: bytes) -> bool:
     """Return True when a payload starts like a format version 3 update."""
     prefix = bytes(payload[: len(MAGIC) + 1])
     return prefix == MAGIC + bytes([FORMAT_VERSION_MULTI_HEAD])
+
+
+def payload_message_id(payload: bytes) -> str | None:
+    """Return the hex message id of a version 1, 2 or 3 payload, if it has one.
+
+    The id sits at the same offset in all three versions, after the magic,
+    the version byte and the flags byte.
+    """
+    start = len(MAGIC) + 2
+    message_id = payload[start : start + MESSAGE_ID_BYTES]
+    return message_id.hex() if len(message_id) == MESSAGE_ID_BYTES else None
 
 
 # --- Encoding ---------------------------------------------------------------
