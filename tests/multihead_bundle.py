@@ -26,7 +26,7 @@ def convert_two_head_bundle(folder: Path) -> Path:
     from converters.bundle import convert_bundle
 
     keras.utils.set_random_seed(11)
-    convert_bundle(_teacher(keras), _student(keras), folder)
+    convert_bundle(two_head_teacher(), _student(keras), folder)
     return folder
 
 
@@ -40,7 +40,10 @@ def _student(keras: Any) -> Any:
     return keras.Model(x, [digit, shape])
 
 
-def _teacher(keras: Any) -> Any:
+def two_head_teacher() -> Any:
+    """Return an untrained Keras teacher with one softmax output per head."""
+    import keras
+
     x = keras.Input((INPUT_SIZE,))
     hidden = keras.layers.Dense(48, activation="tanh")(x)
     outputs = [
