@@ -58,9 +58,10 @@ from dslo_edge.inference import InferenceService, inference_topics, make_request
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.model_update import ModelUpdater
 from dslo_edge.models import StudentModel, TeacherModel
-from dslo_edge.multihead import MultiHeadTrainer, load_student, make_trainer
+from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer, make_trainer
+from dslo_edge.multihead_model import load_student
 from dslo_edge.ota import ota_topics
-from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE, SoftLabelUpdate
+from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
 from dslo_edge.trainer import Trainer
 
@@ -152,7 +153,7 @@ class EdgeDaemon:
         training = self.config.training
         self.ota_chunks: queue.Queue[Received] = queue.Queue(maxsize=OTA_QUEUE)
         self.infer_inputs: queue.Queue[Received] = queue.Queue(maxsize=INFER_QUEUE)
-        self.batcher: UpdateBatcher[Received, SoftLabelUpdate] | None = None
+        self.batcher: UpdateBatcher[Received, AnyUpdate] | None = None
         if training.batch_size:
             policy = BatchPolicy(
                 training.batch_size,
@@ -554,7 +555,7 @@ class EdgeDaemon:
             )
         self._after_updates()
 
-    def _admit_or_reject(self, item: Received) -> SoftLabelUpdate | None:
+    def _admit_or_reject(self, item: Received) -> AnyUpdate | None:
         """Admit one queued item, or count and log its rejection.
 
         Exceptions are caught here, because ``UpdateBatcher.gather`` would lose
@@ -583,7 +584,7 @@ class EdgeDaemon:
         ):
             self._checkpoint_and_ack()
 
-    def _admit(self, item: Received) -> SoftLabelUpdate:
+    def _admit(self, item: Received) -> AnyUpdate:
         if item.response is None:
             return admit(
                 item,
@@ -595,6 +596,13 @@ class EdgeDaemon:
                 max_abs_input=self.config.max_abs_input,
             )
         assert self.requester is not None
+        if not isinstance(self.trainer, Trainer):
+            # A model update switched to a multi-head student after start.
+            raise InvalidUpdate(
+                "shape_mismatch",
+                "label responses are single-head updates, but the student now "
+                "has several heads",
+            )
         update = self.requester.labels_update(
             item.response, self.trainer.decode, self.hmac_key
         )
@@ -625,14 +633,17 @@ class EdgeDaemon:
                 error,
             )
 
-    def _apply_all(self, updates: list[SoftLabelUpdate]) -> None:
+    def _apply_all(self, updates: list[AnyUpdate]) -> None:
         if not updates:
             return
+        # Typed loosely because each update was decoded by this trainer, so
+        # it has the kind that the trainer applies.
+        trainer: Any = self.trainer
         self.costs.begin_step()
         if self.batcher is None:
-            results = [self.trainer.apply(update) for update in updates]
+            results = [trainer.apply(update) for update in updates]
         else:
-            results = self.trainer.apply_many(updates, self.batcher.policy.batch_size)
+            results = trainer.apply_many(updates, self.batcher.policy.batch_size)
         self.costs.end_step(len(updates))
         now = time.time()
         for update, result in zip(updates, results, strict=True):

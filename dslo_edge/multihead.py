@@ -5,8 +5,8 @@ signatures that the converter exports for a student with several outputs.
 ``MultiHeadTrainer`` turns format version 3 updates into one train step for
 all heads: each head's labels go through its own ``SoftLabelEngine`` (in a
 ``MultiTaskEngine``), and the step minimises ``sum_t weight_t * L_t``.
-``make_trainer`` and ``load_student`` pick the single- or multi-head classes
-from the bundle, so the daemon drives both the same way.
+``make_trainer`` and ``multihead_model.load_student`` pick the single- or
+multi-head classes from the bundle, so the daemon drives both the same way.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from dslo_edge.batching import batch_slices
-from dslo_edge.bundle import Bundle
 from dslo_edge.checkpoint import Checkpoint
 from dslo_edge.config import TrainingSettings
 from dslo_edge.dynamic import Targets, TaskSettings
 from dslo_edge.errors import ConfigError, InvalidUpdate
 from dslo_edge.models import StudentModel
 from dslo_edge.multihead_decode import decode_multi_head_update
+from dslo_edge.multihead_model import MultiHeadStudentModel
 from dslo_edge.multihead_protocol import (
     MultiHeadSpec,
     MultiHeadUpdate,
@@ -37,76 +37,13 @@ from dslo_edge.protocol import (
     MAGIC,
     SUPPORTED_VERSIONS,
     PayloadLimits,
+    SoftLabelUpdate,
     label_probabilities,
 )
-from dslo_edge.runtime import as_float32
 from dslo_edge.trainer import WEIGHT_PREFIX, AppliedUpdate, Trainer
 
-HeadTargets = Mapping[str, Targets]
-
-
-class MultiHeadStudentModel(StudentModel):
-    """A student with several heads: per-head inference and one joint step.
-
-    ``get_weights`` and ``set_weights`` are those of ``StudentModel``.
-    """
-
-    def __init__(self, bundle: Bundle, runtime: str = "auto"):
-        super().__init__(bundle, runtime)
-        self.head_names = list(bundle.multi_head_spec().heads)
-
-    def logits(self, x: np.ndarray) -> dict[str, np.ndarray]:  # type: ignore[override]
-        """Return the logits (N, K_t) of every head for inputs (N, *input_shape)."""
-        outputs = self._infer(x=as_float32(x))
-        return {name: np.array(outputs[f"logits_{name}"]) for name in self.head_names}
-
-    def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:  # type: ignore[override]
-        """Return the class probabilities (N, K_t) of every head."""
-        outputs = self._infer(x=as_float32(x))
-        return {
-            name: np.array(outputs[f"probabilities_{name}"]) for name in self.head_names
-        }
-
-    def train_step(  # type: ignore[override]
-        self,
-        x: np.ndarray,
-        targets: HeadTargets,
-        weights: Mapping[str, float],
-        learning_rate: float,
-    ) -> tuple[float, dict[str, float]]:
-        """Run one SGD step on ``sum_t weight_t * L_t`` over all heads.
-
-        Args:
-            x: inputs (N, *input_shape), shared by the heads.
-            targets: per head, the soft targets, hard labels (-1 for none),
-                per-sample alpha and temperature of the step.
-            weights: per head, the weight of its loss; 0 leaves the head's
-                own layers unchanged.
-            learning_rate: SGD step size.
-
-        Returns:
-            The weighted loss and each head's unweighted loss, both computed
-            before the step.
-        """
-        inputs: dict[str, Any] = {"x": as_float32(x)}
-        for name in self.head_names:
-            target = targets[name]
-            inputs[f"soft_{name}"] = as_float32(target.soft)
-            inputs[f"hard_{name}"] = np.ascontiguousarray(target.hard, dtype=np.int32)
-            inputs[f"alpha_{name}"] = as_float32(target.alpha)
-            inputs[f"temperature_{name}"] = np.float32(target.temperature)
-            inputs[f"weight_{name}"] = np.float32(weights[name])
-        inputs["learning_rate"] = np.float32(learning_rate)
-        result = self._train(**inputs)
-        head_losses = {name: float(result[f"loss_{name}"]) for name in self.head_names}
-        return float(result["loss"]), head_losses
-
-
-def load_student(bundle: Bundle, runtime: str = "auto") -> StudentModel:
-    """Return the student of a bundle, with per-head methods when it has heads."""
-    if bundle.is_multi_head:
-        return MultiHeadStudentModel(bundle, runtime)
-    return StudentModel(bundle, runtime)
+# An update of either kind. Each trainer accepts only the kind it decodes.
+AnyUpdate = SoftLabelUpdate | MultiHeadUpdate
 
 
 def make_trainer(

@@ -14,12 +14,8 @@ from dslo_edge.config import TrainingSettings, load_config, render_config
 from dslo_edge.dynamic import TaskSettings
 from dslo_edge.errors import ConfigError, InvalidUpdate
 from dslo_edge.models import StudentModel
-from dslo_edge.multihead import (
-    MultiHeadStudentModel,
-    MultiHeadTrainer,
-    load_student,
-    make_trainer,
-)
+from dslo_edge.multihead import MultiHeadTrainer, make_trainer
+from dslo_edge.multihead_model import MultiHeadStudentModel, load_student
 from dslo_edge.multihead_protocol import encode_multi_head_update, head_update
 from dslo_edge.multitask import MultiTaskEngine
 from dslo_edge.protocol import encode_update, label_probabilities
