@@ -382,10 +382,14 @@ def convert_teacher(
     precision: str = "float32",
     representative_data: np.ndarray | None = None,
 ) -> Path:
-    """Write an inference-only ``.tflite`` of a teacher snapshot (one hub round)."""
+    """Write an inference-only ``.tflite`` of a teacher snapshot (one hub round).
+
+    A teacher with several outputs, for a student with several heads, gets
+    an ``output_<head>`` per output, named as in ``convert_bundle``.
+    """
     check_precision(precision, "teacher", trainable=False)
     model = load_keras_model(teacher)
-    _check_io_counts(model, "teacher")
+    _check_io_counts(model, "teacher", outputs=max(1, len(model.outputs)))
     input_shape = tuple(int(d) for d in model.input_shape[1:])
     module = InferenceModule(model, "teacher")
     data = to_tflite(

@@ -16,7 +16,7 @@ import numpy as np
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.config import TrainingSettings
 from dslo_edge.errors import InvalidUpdate
-from dslo_edge.protocol import SoftLabelUpdate
+from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer
 from dslo_edge.signing import verify
 from dslo_edge.trainer import Trainer
 
@@ -49,14 +49,14 @@ class Received:
 
 def admit(
     item: Received,
-    trainer: Trainer,
+    trainer: Trainer | MultiHeadTrainer,
     applied_ids: AppliedIds,
     settings: TrainingSettings,
     *,
     hmac_key: bytes | None,
     topic: str,
     max_abs_input: float = float("inf"),
-) -> SoftLabelUpdate:
+) -> AnyUpdate:
     """Return the decoded update if it may be applied, else raise InvalidUpdate."""
     body = item.payload
     if hmac_key is not None:
@@ -67,7 +67,7 @@ def admit(
     return update
 
 
-def check_input_range(update: SoftLabelUpdate, max_abs_input: float) -> None:
+def check_input_range(update: AnyUpdate, max_abs_input: float) -> None:
     """Reject inputs of a magnitude no real sensor sends, such as 1e38."""
     largest = float(np.max(np.abs(update.inputs)))
     if largest > max_abs_input:
@@ -80,7 +80,7 @@ def check_input_range(update: SoftLabelUpdate, max_abs_input: float) -> None:
 
 
 def check_new_and_fresh(
-    update: SoftLabelUpdate,
+    update: AnyUpdate,
     received_at: float,
     applied_ids: AppliedIds,
     settings: TrainingSettings,

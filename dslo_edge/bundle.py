@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.errors import BundleError
+from dslo_edge.multihead_protocol import MultiHeadSpec
 from dslo_edge.protocol import ModelSpec
 
 FORMAT_VERSION = 1
@@ -49,17 +50,32 @@ class Bundle:
         """Class count of a single-head student.
 
         Raises:
-            BundleError: the student has several heads, which this runtime
-                cannot train or label yet.
+            BundleError: the student has several heads, each with its own
+                class count (``heads``).
         """
-        if "class_count" not in self.manifest and "heads" in self.manifest:
-            names = [head["name"] for head in self.manifest["heads"]]
+        if self.is_multi_head:
+            names = ", ".join(self.heads)
             raise BundleError(
-                f"the student in {self.path} has several heads ({', '.join(names)})"
-                "; this dslo-edge trains and labels single-head students only, "
-                "so convert a student with one output"
+                f"the student in {self.path} has several heads ({names}) and no "
+                "single class count; read Bundle.heads and train it with "
+                "dslo_edge.multihead.MultiHeadTrainer"
             )
         return int(self.manifest["class_count"])
+
+    @property
+    def is_multi_head(self) -> bool:
+        """True for a student converted with several outputs (heads)."""
+        return "class_count" not in self.manifest and "heads" in self.manifest
+
+    @property
+    def heads(self) -> dict[str, int]:
+        """Class count of each head, in output order; empty for one head."""
+        if not self.is_multi_head:
+            return {}
+        return {
+            str(head["name"]): int(head["class_count"])
+            for head in self.manifest["heads"]
+        }
 
     @property
     def teacher_output_kind(self) -> str:
@@ -73,6 +89,19 @@ class Bundle:
     def model_spec(self) -> ModelSpec:
         """Return the shapes an update must match to train this student."""
         return ModelSpec(input_shape=self.input_shape, class_count=self.class_count)
+
+    def multi_head_spec(self) -> MultiHeadSpec:
+        """Return the shapes a multi-head update must match to train this student.
+
+        Raises:
+            BundleError: the student has one head; use ``model_spec``.
+        """
+        if not self.is_multi_head:
+            raise BundleError(
+                f"the student in {self.path} has one head; train it with "
+                "dslo_edge.trainer.Trainer and single-head updates"
+            )
+        return MultiHeadSpec(input_shape=self.input_shape, heads=self.heads)
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:

@@ -422,9 +422,14 @@ def push(
     loaded = load_bundle(bundle)
     paths = [Path(t) for t in teachers] or [loaded.teacher_path]
     samples = hub.load_samples(data)
-    hub.check_samples(samples, loaded.input_shape, loaded.class_count, data)
+    head_output_kinds = _head_output_kinds(loaded, hard_labels)
     if not hard_labels:
         samples = hub.SampleSet(samples.x, samples.ids)
+    if head_output_kinds is None:
+        hub.check_samples(samples, loaded.input_shape, loaded.class_count, data)
+    else:
+        # Without hard labels, the class count is not read.
+        hub.check_samples(samples, loaded.input_shape, 0, data)
     result = hub.push(
         paths,
         loaded.teacher_output_kind,
@@ -439,6 +444,7 @@ def push(
         hmac_key=load_key(Path(hmac_key_file)) if hmac_key_file else None,
         protocol=5 if mqtt_protocol == "5" else 4,
         input_dtype="float16" if float16_inputs else "float32",
+        head_output_kinds=head_output_kinds,
     )
     click.echo(
         f"sent {result.messages} messages ({result.samples} samples, "
@@ -450,6 +456,21 @@ def push(
             f"device {device_id}: applied {metrics['applied']}, "
             f"rejected {sum(metrics['rejected'].values())}"
         )
+
+
+def _head_output_kinds(bundle: Any, hard_labels: bool) -> dict[str, str] | None:
+    """Return the teacher output kind per head, or None for a single-head bundle."""
+    if not bundle.is_multi_head:
+        return None
+    if hard_labels:
+        raise click.BadParameter(
+            f"the student in {bundle.path} has several heads, and the data's y "
+            "has one label per sample; push without --hard-labels",
+            param_hint="--hard-labels",
+        )
+    from dslo_edge.hub_multihead import head_output_kinds
+
+    return head_output_kinds(bundle.manifest)
 
 
 @main.command()

@@ -6,7 +6,7 @@ allowed. Relative paths are resolved against the file's directory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from dslo_edge.config_service import (
     read_requests,
     read_security,
 )
+from dslo_edge.config_tasks import read_tasks
 from dslo_edge.dynamic import (
     HARD_LABEL_FALLBACKS,
     PROGRESS_UNITS,
@@ -68,6 +69,9 @@ class TrainingSettings:
     # each update as its own step.
     batch_size: int = 0
     batch_wait_ms: float = 5.0
+    # Settings of each head of a multi-head student, by head name, from the
+    # [training.tasks.<head>] tables. Heads without a table use task().
+    tasks: dict[str, TaskSettings] = field(default_factory=dict)
 
     def task(self) -> TaskSettings:
         """Return the dynamic soft-label settings of the student's one head."""
@@ -80,6 +84,10 @@ class TrainingSettings:
             monitor_decay=self.monitor_decay,
             drift=self.drift,
         )
+
+    def head_task(self, name: str) -> TaskSettings:
+        """Return the settings of one head of a multi-head student."""
+        return self.tasks.get(name) or self.task()
 
     def progress_settings(self) -> ProgressSettings:
         """Return how training progress t is measured."""
@@ -263,6 +271,9 @@ def _training(
             "batch_wait_ms", float, 5.0, lambda v: 0 <= v <= 1000, "ms in 0..1000"
         ),
     )
+    tasks = read_tasks(reader.section("tasks"), settings.task())
+    if tasks:
+        settings = replace(settings, tasks=tasks)
     if settings.checkpoint_every * 2 > settings.queue_size:
         raise reader.fail(
             "checkpoint_every",

@@ -52,14 +52,16 @@ from dslo_edge.checkpoint import Checkpoint, load_latest_checkpoint, save_checkp
 from dslo_edge.config import DeviceConfig
 from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
-from dslo_edge.errors import InvalidUpdate
+from dslo_edge.errors import ConfigError, InvalidUpdate
 from dslo_edge.health import PROBE_FILE, HealthGuard, load_probe
 from dslo_edge.inference import InferenceService, inference_topics, make_requester
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.model_update import ModelUpdater
 from dslo_edge.models import StudentModel, TeacherModel
+from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer, make_trainer
+from dslo_edge.multihead_model import load_student
 from dslo_edge.ota import ota_topics
-from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE, SoftLabelUpdate
+from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
 from dslo_edge.trainer import Trainer
 
@@ -99,12 +101,12 @@ class EdgeDaemon:
         self.ota_topic, self.ota_status_topic = ota_topics(self.topics)
         self.updater = ModelUpdater(
             config.state_dir,
-            lambda bundle: StudentModel(bundle, config.runtime),
+            lambda bundle: load_student(bundle, config.runtime),
             hmac_key=self.hmac_key,
             topic=self.ota_topic,
         )
         self.bundle = load_bundle(self.updater.active_bundle(config.bundle))
-        self.student = StudentModel(self.bundle, config.runtime)
+        self.student = load_student(self.bundle, config.runtime)
         self.trainer = self._new_trainer()
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
 
@@ -118,6 +120,12 @@ class EdgeDaemon:
         self.health = self._new_health_guard()
         self.metrics = DaemonMetrics()
         self.requester = None
+        if config.requests.enabled and self.bundle.is_multi_head:
+            raise ConfigError(
+                f"{config.source}: requests.enabled = true needs a single-head "
+                f"student, but {self.bundle.path} has the heads "
+                f"{', '.join(self.bundle.heads)}; set requests.enabled = false"
+            )
         if config.requests.enabled:
             self.requester = make_requester(
                 self.device_id, config.mqtt.topic_prefix, config.requests
@@ -145,7 +153,7 @@ class EdgeDaemon:
         training = self.config.training
         self.ota_chunks: queue.Queue[Received] = queue.Queue(maxsize=OTA_QUEUE)
         self.infer_inputs: queue.Queue[Received] = queue.Queue(maxsize=INFER_QUEUE)
-        self.batcher: UpdateBatcher[Received, SoftLabelUpdate] | None = None
+        self.batcher: UpdateBatcher[Received, AnyUpdate] | None = None
         if training.batch_size:
             policy = BatchPolicy(
                 training.batch_size,
@@ -202,9 +210,9 @@ class EdgeDaemon:
             label=f"device {self.device_id}",
         )
 
-    def _new_trainer(self) -> Trainer:
+    def _new_trainer(self) -> Trainer | MultiHeadTrainer:
         config = self.config
-        return Trainer(
+        return make_trainer(
             self.student, config.training, config.limits, config.sum_tolerance
         )
 
@@ -233,6 +241,16 @@ class EdgeDaemon:
     def _load_probe(self) -> Any:
         path = self.bundle.path / PROBE_FILE
         if not path.is_file():
+            return None
+        if self.bundle.is_multi_head:
+            # NOTE: probe.npz has one label column, so a multi-head student is
+            # checked for non-finite weights only.
+            logger.warning(
+                "Device %s ignores %s: probe sets are read for single-head "
+                "students only",
+                self.device_id,
+                path,
+            )
             return None
         return load_probe(path, self.bundle.input_shape, self.bundle.class_count)
 
@@ -542,7 +560,7 @@ class EdgeDaemon:
             )
         self._after_updates()
 
-    def _admit_or_reject(self, item: Received) -> SoftLabelUpdate | None:
+    def _admit_or_reject(self, item: Received) -> AnyUpdate | None:
         """Admit one queued item, or count and log its rejection.
 
         Exceptions are caught here, because ``UpdateBatcher.gather`` would lose
@@ -577,7 +595,7 @@ class EdgeDaemon:
         ):
             self._checkpoint_and_ack()
 
-    def _admit(self, item: Received) -> SoftLabelUpdate:
+    def _admit(self, item: Received) -> AnyUpdate:
         if item.response is None:
             return admit(
                 item,
@@ -589,6 +607,13 @@ class EdgeDaemon:
                 max_abs_input=self.config.max_abs_input,
             )
         assert self.requester is not None
+        if not isinstance(self.trainer, Trainer):
+            # A model update switched to a multi-head student after start.
+            raise InvalidUpdate(
+                "shape_mismatch",
+                "label responses are single-head updates, but the student now "
+                "has several heads",
+            )
         update = self.requester.labels_update(
             item.response, self.trainer.decode, self.hmac_key
         )
@@ -619,14 +644,17 @@ class EdgeDaemon:
                 error,
             )
 
-    def _apply_all(self, updates: list[SoftLabelUpdate]) -> None:
+    def _apply_all(self, updates: list[AnyUpdate]) -> None:
         if not updates:
             return
+        # Typed loosely because each update was decoded by this trainer, so
+        # it has the kind that the trainer applies.
+        trainer: Any = self.trainer
         self.costs.begin_step()
         if self.batcher is None:
-            results = [self.trainer.apply(update) for update in updates]
+            results = [trainer.apply(update) for update in updates]
         else:
-            results = self.trainer.apply_many(updates, self.batcher.policy.batch_size)
+            results = trainer.apply_many(updates, self.batcher.policy.batch_size)
         self.costs.end_step(len(updates))
         now = time.time()
         for update, result in zip(updates, results, strict=True):
@@ -663,11 +691,11 @@ class EdgeDaemon:
         self.bundle = bundle
         self.student = student
         self.trainer = self._new_trainer()
-        if bundle.class_count == old_trainer.spec.class_count:
+        if _same_labels(self.trainer, old_trainer):
             # Smoothing store, monitor and progress stay valid for the same classes.
-            self.trainer.engine = old_trainer.engine
+            self.trainer.engine = old_trainer.engine  # type: ignore[assignment]
         else:
-            self.trainer.engine.applied_updates = old_trainer.applied_updates
+            self.trainer.applied_updates = old_trainer.applied_updates
         self.health = self._new_health_guard()
         self.health.accuracy(student)
         self.health.accept(student.get_weights())
@@ -812,7 +840,7 @@ class EdgeDaemon:
             "last_rollback": self.last_rollback,
             "session_takeovers": self.connection.takeovers,
             "connects": self.connection.connects,
-            "teacher": self.trainer.monitor.snapshot(),
+            "teacher": self.trainer.teacher_snapshot(),
             "dynamic": self.trainer.dynamic_metrics(),
             "label_requests": self._request_report(),
             **self.costs.report(),
@@ -862,6 +890,19 @@ class EdgeDaemon:
         if now - self._last_logged_at >= 1.0:
             self._last_logged_at = now
             self._metrics_log.info(payload)
+
+
+def _same_labels(
+    trainer: Trainer | MultiHeadTrainer, other: Trainer | MultiHeadTrainer
+) -> bool:
+    """Return True when both trainers take labels of the same heads and classes."""
+    if isinstance(trainer, MultiHeadTrainer) or isinstance(other, MultiHeadTrainer):
+        return (
+            isinstance(trainer, MultiHeadTrainer)
+            and isinstance(other, MultiHeadTrainer)
+            and dict(trainer.spec.heads) == dict(other.spec.heads)
+        )
+    return trainer.spec.class_count == other.spec.class_count
 
 
 def _load_profile(name: str) -> Any:

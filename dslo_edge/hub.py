@@ -295,6 +295,7 @@ def push(
     expiry_s: int | None = 3600,
     window: int = 128,
     input_dtype: str = "float32",
+    head_output_kinds: dict[str, str] | None = None,
 ) -> PushResult:
     """Publish soft labels from each teacher snapshot in turn, one round each.
 
@@ -310,26 +311,36 @@ def push(
         expiry_s: MQTT 5 message expiry; match the device's max_age_s.
         input_dtype: "float16" sends inputs at half the size (payload
             version 2); the device still trains on float32.
+        head_output_kinds: for a student with several heads, each head's
+            teacher output kind. The teachers must then have one output per
+            head, and the updates carry one label set per head (format
+            version 3). ``output_kind`` is then unused.
+
+    Raises:
+        ConfigError: ``head_output_kinds`` is combined with ``privacy``.
     """
+    if head_output_kinds is not None and privacy is not None:
+        raise ConfigError(
+            "private labels (privacy) are released for single-head students "
+            "only; push to this multi-head student without a privacy budget"
+        )
     host, port = parse_broker_url(broker_url)
     hub = HubClient(host, port, device_id, protocol)
     result = PushResult()
     try:
         baseline = _wait_for_baseline(hub) if wait else 0
         for round_number, path in enumerate(teachers, start=1):
-            teacher = TeacherModel(path, output_kind)
             version = Path(path).stem
-            for update in build_updates(
-                teacher,
+            rounds = _RoundSettings(version, round_number, batch_size, top_k)
+            for update, payload in _encoded_updates(
+                path,
+                output_kind,
+                head_output_kinds,
                 samples,
-                teacher_version=version,
-                teacher_round=round_number,
-                batch_size=batch_size,
-                top_k=top_k,
-                privacy=privacy,
+                rounds,
+                privacy,
+                input_dtype,
             ):
-                update.input_dtype = input_dtype
-                payload = encode_update(update)
                 if hmac_key is not None:
                     payload = sign(hmac_key, hub.topics.updates, payload)
                 if wait and result.messages >= window:
@@ -356,6 +367,67 @@ def push(
     finally:
         hub.close()
     return result
+
+
+@dataclass(frozen=True)
+class _RoundSettings:
+    """Labelling settings of one teacher round: version, round, batching, top-k."""
+
+    teacher_version: str
+    teacher_round: int
+    batch_size: int
+    top_k: int | None
+
+
+def _encoded_updates(
+    path: Path,
+    output_kind: str,
+    head_output_kinds: dict[str, str] | None,
+    samples: SampleSet,
+    rounds: _RoundSettings,
+    privacy: PrivateRelease | None,
+    input_dtype: str,
+) -> Iterator[tuple[Any, bytes]]:
+    """Yield each update of one round with its payload."""
+    if head_output_kinds is not None:
+        yield from _encoded_multi_head_updates(
+            path, head_output_kinds, samples, rounds, input_dtype
+        )
+        return
+    for update in build_updates(
+        TeacherModel(path, output_kind),
+        samples,
+        teacher_version=rounds.teacher_version,
+        teacher_round=rounds.teacher_round,
+        batch_size=rounds.batch_size,
+        top_k=rounds.top_k,
+        privacy=privacy,
+    ):
+        update.input_dtype = input_dtype
+        yield update, encode_update(update)
+
+
+def _encoded_multi_head_updates(
+    path: Path,
+    head_output_kinds: dict[str, str],
+    samples: SampleSet,
+    rounds: _RoundSettings,
+    input_dtype: str,
+) -> Iterator[tuple[Any, bytes]]:
+    # Imported here because hub_multihead imports SampleSet from this module.
+    from dslo_edge.hub_multihead import MultiHeadTeacherModel, build_multi_head_updates
+    from dslo_edge.multihead_protocol import encode_multi_head_update
+
+    for update in build_multi_head_updates(
+        MultiHeadTeacherModel(path, head_output_kinds),
+        samples,
+        teacher_version=rounds.teacher_version,
+        teacher_round=rounds.teacher_round,
+        batch_size=rounds.batch_size,
+        top_k=rounds.top_k,
+    ):
+        update.input_dtype = input_dtype
+        yield update, encode_multi_head_update(update)
 
 
 def _processed(metrics: dict[str, Any]) -> int:

@@ -3,7 +3,9 @@
 A local application publishes inputs to ``dslo/<device>/infer`` as an
 ``.npz`` payload (``x`` float32 of shape (N, *input_shape), optional ``ids``)
 and receives the student's predictions on ``dslo/<device>/predictions`` as JSON:
-``{"ids": [...], "classes": [...], "confidence": [...]}``. When label
+``{"ids": [...], "classes": [...], "confidence": [...]}``. A multi-head
+student answers ``{"ids": [...], "heads": {<head>: {"classes": [...],
+"confidence": [...]}}}``. When label
 requests are on, the inputs the student is unsure about are sent to the hub,
 and its labels come back as training updates.
 """
@@ -164,6 +166,10 @@ class InferenceService:
         started = time.perf_counter()
         probabilities = student.infer(x)
         self.infer_ms.add((time.perf_counter() - started) * 1000)
+        if isinstance(probabilities, dict):
+            # A multi-head student; the daemon allows no label requests for it.
+            self.publish(self.predictions_topic, _head_answers(ids, probabilities))
+            return
         answer = {
             "ids": ids,
             "classes": np.argmax(probabilities, axis=1).tolist(),
@@ -200,6 +206,18 @@ class _PublishAdapter:
         self, topic: str, payload: bytes, qos: int = 1, properties: Any = None
     ) -> Any:
         return self._publish(topic, payload, properties=properties)
+
+
+def _head_answers(ids: list[str], probabilities: dict[str, np.ndarray]) -> str:
+    """Return the predictions JSON of a multi-head student: classes per head."""
+    heads = {
+        name: {
+            "classes": np.argmax(rows, axis=1).tolist(),
+            "confidence": [round(float(c), 6) for c in rows.max(axis=1)],
+        }
+        for name, rows in probabilities.items()
+    }
+    return json.dumps({"ids": ids, "heads": heads})
 
 
 def _as_probabilities(output: np.ndarray, model: TeacherModel) -> np.ndarray:

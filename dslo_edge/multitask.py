@@ -7,11 +7,9 @@ the per-task losses weighted by ``TaskSettings.weight``::
 
     L = sum_t weight_t * L_t(z_t, s_t, y_t, alpha_t, T_t)
 
-NOTE: the converter exports multi-head bundles (per-head ``train`` inputs
-such as ``soft_<head>`` and ``weight_<head>``), but the trainer and daemon
-drive single-head students only, so nothing on the device runs this engine
-yet. ``loss`` is the numpy reference that the multi-head ``train`` signature
-reproduces.
+``dslo_edge.multihead.MultiHeadTrainer`` runs this engine on the device and
+feeds its targets to the multi-head ``train`` signature. ``loss`` is the
+numpy reference that the signature's ``loss`` output reproduces.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from dslo_edge.batching import batch_slices
 from dslo_edge.checkpoint import Checkpoint
 from dslo_edge.config import TrainingSettings
 from dslo_edge.dynamic import SoftLabelEngine, Targets
+from dslo_edge.errors import InvalidUpdate
 from dslo_edge.models import StudentModel
+from dslo_edge.multihead_protocol import is_multi_head_payload, payload_message_id
 from dslo_edge.protocol import (
     ModelSpec,
     PayloadLimits,
@@ -129,7 +131,13 @@ class Trainer:
 
     def decode(self, payload: bytes) -> SoftLabelUpdate:
         """Decode and validate a payload; raises InvalidUpdate on any fault."""
-        update = decode_update(payload, self.limits)
+        try:
+            update = decode_update(payload, self.limits)
+        except InvalidUpdate as error:
+            # A version 3 payload fails as an unknown version: name the cause.
+            if error.reason == "unsupported_version":
+                _reject_multi_head_payload(payload)
+            raise
         validate_update(update, self.spec, sum_tolerance=self.sum_tolerance)
         return update
 
@@ -248,6 +256,10 @@ class Trainer:
         """
         return self.engine.snapshot()
 
+    def teacher_snapshot(self) -> dict[str, float]:
+        """Return the teacher monitor's figures (``TeacherMonitor.snapshot``)."""
+        return self.monitor.snapshot()
+
     def checkpoint_content(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Return the tensors and JSON state that a checkpoint stores."""
         tensors = {
@@ -267,6 +279,17 @@ class Trainer:
         }
         self.student.set_weights(weights)
         self.engine.restore(checkpoint.tensors, checkpoint.state, ENGINE_PREFIX)
+
+
+def _reject_multi_head_payload(payload: bytes) -> None:
+    """Raise ``shape_mismatch`` for a multi-head payload sent to this student."""
+    if is_multi_head_payload(payload):
+        raise InvalidUpdate(
+            "shape_mismatch",
+            "payload is a multi-head update (format version 3), but this student "
+            "has one head; the hub must send format version 1 or 2",
+            payload_message_id(payload),
+        ) from None
 
 
 def _applied(

@@ -87,3 +87,12 @@ def mlp_pair(tmp_path_factory: pytest.TempPathFactory) -> ConvertedPair:
     bundle = tmp_path_factory.mktemp("mlp") / "bundle"
     convert_bundle(teacher, student, bundle)
     return ConvertedPair(teacher, student, bundle)
+
+
+@pytest.fixture(scope="session")
+def two_head_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Convert the two-head student of ``tests/multihead_bundle.py`` once."""
+    pytest.importorskip("keras")
+    from tests.multihead_bundle import convert_two_head_bundle
+
+    return convert_two_head_bundle(tmp_path_factory.mktemp("two-head") / "bundle")

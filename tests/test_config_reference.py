@@ -23,3 +23,22 @@ def test_reference_example_loads_with_documented_defaults(tmp_path) -> None:
     assert config.requests.enabled is False
     assert config.budget.thermal_limit_c is None
     assert config.security.hmac_key_file is None
+
+
+def test_multi_head_example_loads(tmp_path) -> None:
+    blocks = re.findall(r"```toml\n(.*?)```", REFERENCE.read_text(), re.S)
+    device = '[device]\nid = "two-head"\nbundle = "bundle"\n'
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "device.toml").write_text(device + blocks[1])
+
+    config = load_config(tmp_path / "device.toml")
+
+    shape = config.training.tasks["shape"]
+    assert list(config.training.tasks) == ["shape"]
+    assert shape.weight == 0.5
+    assert shape.temperature == 4.0
+    assert shape.alpha.alpha_start == 0.6
+    assert shape.alpha.alpha_end == 0.6
+    assert shape.alpha.w_conf == 0.7  # from the device-wide [alpha] default
+    assert shape.alpha.schedule.kind == "constant"
+    assert shape.drift.updates == 20

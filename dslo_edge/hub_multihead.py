@@ -1,0 +1,105 @@
+"""The hub's labels for a student with several heads: one label set per head.
+
+A teacher for such a student has one output per head. ``convert_bundle`` and
+``convert_teacher`` export its ``infer`` signature with an ``output_<head>``
+tensor for each head, and the bundle manifest lists each head's output kind
+under ``teacher.output_kinds``. ``build_multi_head_updates`` cuts the labelled
+samples into format version 3 updates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dslo_edge.errors import ConfigError
+from dslo_edge.hub import SampleSet, label_probabilities_of
+from dslo_edge.multihead_protocol import HeadLabels, MultiHeadUpdate
+from dslo_edge.protocol import new_message_id
+from dslo_edge.runtime import as_float32, load_interpreter
+
+
+class MultiHeadTeacherModel:
+    """A teacher ``.tflite`` whose ``infer`` returns ``output_<head>`` per head."""
+
+    def __init__(
+        self, path: str | Path, output_kinds: Mapping[str, str], runtime: str = "auto"
+    ):
+        """Load the teacher and check that it has an output for every head.
+
+        Raises:
+            ConfigError: the teacher file lacks the output of a head.
+        """
+        self.output_kinds = dict(output_kinds)
+        self.interpreter = load_interpreter(path, preference=runtime)
+        self._infer = self.interpreter.get_signature_runner("infer")
+        outputs = set(self.interpreter.get_signature_list()["infer"]["outputs"])
+        missing = [name for name in output_kinds if f"output_{name}" not in outputs]
+        if missing:
+            raise ConfigError(
+                f"teacher {path} has the outputs {sorted(outputs)}, but the "
+                f"student's heads need output_{missing[0]}; convert the teacher "
+                "with one output per head, named like the student's output layers"
+            )
+
+    def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Return each head's teacher output (probabilities or logits)."""
+        outputs = self._infer(x=as_float32(x))
+        return {name: np.array(outputs[f"output_{name}"]) for name in self.output_kinds}
+
+
+def build_multi_head_updates(
+    teacher: MultiHeadTeacherModel,
+    samples: SampleSet,
+    *,
+    teacher_version: str,
+    teacher_round: int,
+    batch_size: int = 32,
+    top_k: int | None = None,
+) -> Iterator[MultiHeadUpdate]:
+    """Label samples with the teacher and cut them into multi-head updates.
+
+    Args:
+        top_k: send only the k largest probabilities of each row, for every
+            head with more than k classes. Logits of such a head are sent as
+            softmax(logits) at T = 1. Heads with k classes or fewer get full
+            labels.
+
+    Hard labels are not sent, because ``SampleSet.y`` has one label per
+    sample, not one per head.
+    """
+    for start in range(0, len(samples.x), batch_size):
+        x = samples.x[start : start + batch_size]
+        outputs = teacher.predict(x)
+        heads = {
+            name: _head_labels(outputs[name], teacher.output_kinds[name], top_k)
+            for name in teacher.output_kinds
+        }
+        yield MultiHeadUpdate(
+            message_id=new_message_id(),
+            teacher_version=teacher_version,
+            teacher_round=teacher_round,
+            timestamp=time.time(),
+            sample_ids=samples.ids[start : start + batch_size],
+            inputs=x,
+            heads=heads,
+        )
+
+
+def _head_labels(output: np.ndarray, kind: str, top_k: int | None) -> HeadLabels:
+    head_top_k = top_k if top_k is not None and top_k < output.shape[1] else None
+    if head_top_k is not None and kind == "logits":
+        return HeadLabels(label_probabilities_of(output), top_k=head_top_k)
+    return HeadLabels(output.astype(np.float32), kind, top_k=head_top_k)
+
+
+def head_output_kinds(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Return each head's teacher output kind from a multi-head bundle manifest."""
+    return {
+        str(head["name"]): str(head["teacher_output_kind"])
+        for head in manifest["heads"]
+    }

@@ -1,0 +1,47 @@
+"""The [training.tasks.<head>] tables of the device config."""
+
+from __future__ import annotations
+
+import pytest
+
+from dslo_edge.config import load_config
+from dslo_edge.errors import ConfigError
+
+DEVICE = '[device]\nid = "two-head"\nbundle = "bundle"\n'
+
+
+def _load(tmp_path, text: str):
+    (tmp_path / "bundle").mkdir(exist_ok=True)
+    (tmp_path / "device.toml").write_text(DEVICE + text)
+    return load_config(tmp_path / "device.toml")
+
+
+def test_task_inherits_device_settings(tmp_path) -> None:
+    config = _load(
+        tmp_path,
+        "[training]\ntemperature = 3.0\n[alpha]\nstart = 0.7\n"
+        "[smoothing]\nlambda = 0.5\n[training.tasks.digit]\nweight = 2.0\n",
+    )
+
+    digit = config.training.tasks["digit"]
+    assert digit.weight == 2.0
+    assert digit.temperature == 3.0
+    assert digit.alpha.alpha_start == 0.7
+    assert digit.smoothing_lambda == 0.5
+    assert config.training.head_task("shape").weight == 1.0
+
+
+def test_task_table_errors_name_key(tmp_path) -> None:
+    cases = {
+        "[training.tasks.digit]\nspeed = 1\n": "unknown key training.tasks.digit.speed",
+        "[training.tasks.digit]\nweight = -1.0\n": "training.tasks.digit.weight = -1.0",
+        '[training.tasks]\n"a-b" = {}\n': "training.tasks.a-b = {} is invalid",
+        "[training.tasks.digit.alpha]\nw_conf = 0.5\n": (
+            "[training.tasks.digit.alpha] invalid weights w_conf=0.5"
+        ),
+        "[training.tasks]\ndigit = 3\n": "training.tasks.digit = 3 is invalid",
+    }
+    for text, fragment in cases.items():
+        with pytest.raises(ConfigError) as raised:
+            _load(tmp_path, text)
+        assert fragment in str(raised.value), text

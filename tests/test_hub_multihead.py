@@ -1,0 +1,152 @@
+"""The hub labels for a two-head student and the daemon trains on its updates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dslo_edge.bundle import load_bundle
+from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.errors import ConfigError
+from dslo_edge.hub import SampleSet, push
+from dslo_edge.hub_multihead import (
+    MultiHeadTeacherModel,
+    build_multi_head_updates,
+    head_output_kinds,
+)
+from dslo_edge.models import StudentModel
+from tests.multihead_bundle import HEADS, two_head_teacher
+from tests.test_daemon import DEVICE, write_config
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = 20
+
+
+def _samples() -> SampleSet:
+    x = np.random.default_rng(0).random((SAMPLES, 64), dtype=np.float32)
+    return SampleSet(x, [f"h{i}" for i in range(SAMPLES)])
+
+
+@pytest.fixture(scope="module")
+def second_round(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second teacher snapshot for the two-head student."""
+    import keras
+
+    from converters.bundle import convert_teacher
+
+    keras.utils.set_random_seed(12)
+    path = tmp_path_factory.mktemp("round-2") / "teacher-r2.tflite"
+    return convert_teacher(two_head_teacher(), path)
+
+
+def test_converted_teacher_outputs_each_head(
+    two_head_bundle: Path, second_round: Path
+) -> None:
+    kinds = head_output_kinds(load_bundle(two_head_bundle).manifest)
+    teacher = MultiHeadTeacherModel(second_round, kinds)
+
+    outputs = teacher.predict(_samples().x[:5])
+
+    assert kinds == {"digit": "probabilities", "shape": "probabilities"}
+    for name, classes in HEADS.items():
+        assert outputs[name].shape == (5, classes)
+        np.testing.assert_allclose(outputs[name].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_updates_carry_top_k_per_head(two_head_bundle: Path) -> None:
+    bundle = load_bundle(two_head_bundle)
+    teacher = MultiHeadTeacherModel(
+        bundle.teacher_path, head_output_kinds(bundle.manifest)
+    )
+
+    updates = list(
+        build_multi_head_updates(
+            teacher,
+            _samples(),
+            teacher_version="r1",
+            teacher_round=1,
+            batch_size=8,
+            top_k=3,
+        )
+    )
+
+    assert [update.sample_count for update in updates] == [8, 8, 4]
+    assert updates[0].heads["digit"].top_k == 3
+    # Three classes are not more than k = 3, so the head gets full labels.
+    assert updates[0].heads["shape"].top_k is None
+    assert updates[2].sample_ids == ["h16", "h17", "h18", "h19"]
+
+
+def test_push_trains_two_head_daemon(
+    two_head_bundle: Path, second_round: Path, broker_factory, tmp_path: Path
+) -> None:
+    broker = broker_factory("mosquitto")
+    config = write_config(tmp_path, two_head_bundle, broker)
+    bundle = load_bundle(two_head_bundle)
+    factory = StudentModel(bundle).get_weights()
+    daemon = EdgeDaemon(config)
+    daemon.start()
+    try:
+        result = push(
+            [bundle.teacher_path, second_round],
+            "probabilities",
+            _samples(),
+            DEVICE,
+            f"mqtt://{broker.host}:{broker.port}",
+            batch_size=8,
+            timeout=30.0,
+            top_k=2,
+            head_output_kinds=head_output_kinds(bundle.manifest),
+        )
+        trained = daemon.student.get_weights()
+    finally:
+        daemon.stop()
+
+    assert result.rounds == 2
+    assert result.messages == 6
+    assert result.samples == 2 * SAMPLES
+    assert result.device_metrics["applied"] == 6
+    assert result.device_metrics["rejected"] == {}
+    assert result.device_metrics["teacher"]["shape"]["latest_round"] == 2.0
+    assert any(not np.array_equal(trained[n], factory[n]) for n in factory)
+
+
+def test_push_rejects_privacy_for_heads(two_head_bundle: Path, tmp_path) -> None:
+    pytest.importorskip("dp_accounting")
+    from dslo_edge.privacy import PrivacyLedger, PrivacySettings, PrivateRelease
+
+    settings = PrivacySettings(noise_multiplier=10.0, epsilon_budget=2.0)
+    ledger = PrivacyLedger(settings, tmp_path / "ledger.json")
+    release = PrivateRelease(ledger, DEVICE, np.random.default_rng(0))
+
+    with pytest.raises(ConfigError, match="single-head students only"):
+        push(
+            [load_bundle(two_head_bundle).teacher_path],
+            "probabilities",
+            _samples(),
+            DEVICE,
+            "mqtt://127.0.0.1:1",
+            privacy=release,
+            head_output_kinds={"digit": "probabilities", "shape": "probabilities"},
+        )
+
+
+def test_push_command_rejects_hard_labels(two_head_bundle: Path, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from dslo_edge.cli import main
+
+    samples = _samples()
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=samples.x, y=np.zeros(SAMPLES, dtype=np.int32))
+    arguments = ["push", "--bundle", str(two_head_bundle), "--data", str(data)]
+    arguments += ["--device", DEVICE, "--broker", "mqtt://127.0.0.1:1"]
+
+    result = CliRunner().invoke(main, [*arguments, "--hard-labels"])
+
+    assert result.exit_code == 2
+    assert "has several heads" in result.output
+    assert "push without --hard-labels" in result.output
