@@ -48,7 +48,12 @@ from dslo_edge.admission import (
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.batching import BatchPolicy, UpdateBatcher
 from dslo_edge.bundle import load_bundle
-from dslo_edge.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
+from dslo_edge.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from dslo_edge.config import DeviceConfig
 from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
@@ -63,6 +68,7 @@ from dslo_edge.multihead_model import load_student
 from dslo_edge.ota import ota_topics
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
+from dslo_edge.state_lock import StateLock
 from dslo_edge.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -90,10 +96,15 @@ class EdgeDaemon:
         key_file = config.security.hmac_key_file
         self.hmac_key = load_key(key_file) if key_file else None
 
-        self._init_model()
-        self._init_costs_and_inference()
-        self._init_queues_and_state()
-        self._init_threads_and_connection()
+        self._state_lock = StateLock(config.state_dir, self.device_id)
+        try:
+            self._init_model()
+            self._init_costs_and_inference()
+            self._init_queues_and_state()
+            self._init_threads_and_connection()
+        except BaseException:
+            self._state_lock.release()
+            raise
 
     def _init_model(self) -> None:
         """Load the active bundle, its student and trainer, and the OTA updater."""
@@ -271,8 +282,16 @@ class EdgeDaemon:
     # Lifecycle
 
     def start(self) -> None:
-        """Restore state, then start the trainer, the watchdog and the connection."""
-        self._restore()
+        """Restore state, then start the trainer, the watchdog and the connection.
+
+        Raises:
+            ConfigError: the newest checkpoint was written by another device.
+        """
+        try:
+            self._restore()
+        except ConfigError:
+            self._state_lock.release()
+            raise
         logger.info(
             "Starting device %s with %s (runtime %s, profile %s), broker %s:%d",
             self.device_id,
@@ -288,20 +307,43 @@ class EdgeDaemon:
         systemd.notify("READY=1")
 
     def _restore(self) -> None:
+        generations = len(list_checkpoints(self.checkpoint_dir))
         checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
-        if checkpoint is None:
-            logger.info("Device %s starts from the factory weights", self.device_id)
-        elif self._load_matching(checkpoint):
-            self.metrics.restore_rejected(checkpoint.state.get("rejected", {}))
-            self.restored_from = checkpoint.path.name
-            logger.info(
-                "Device %s restored %s (%d updates applied before)",
+        if checkpoint is None and generations:
+            logger.warning(
+                "Device %s could read none of its %d checkpoints in %s (renamed "
+                "to *.corrupt); it starts from the factory weights",
                 self.device_id,
-                checkpoint.path.name,
-                self.trainer.applied_updates,
+                generations,
+                self.checkpoint_dir,
             )
+        elif checkpoint is None:
+            logger.info("Device %s starts from the factory weights", self.device_id)
+        else:
+            self._check_owner(checkpoint)
+            if self._load_matching(checkpoint):
+                self.metrics.restore_rejected(checkpoint.state.get("rejected", {}))
+                self.restored_from = checkpoint.path.name
+                logger.info(
+                    "Device %s restored %s (%d updates applied before)",
+                    self.device_id,
+                    checkpoint.path.name,
+                    self.trainer.applied_updates,
+                )
         self.health.accuracy(self.student)
         self.health.accept(self.student.get_weights())
+
+    def _check_owner(self, checkpoint: Checkpoint) -> None:
+        """Raise ConfigError when another device wrote ``checkpoint``."""
+        owner = checkpoint.state.get("device_id")
+        # Checkpoints written before the device id was saved have none.
+        if owner is not None and owner != self.device_id:
+            raise ConfigError(
+                f"{self.config.source}: device.state_dir {self.config.state_dir} "
+                f"holds checkpoints of device {owner!r}, but this config is for "
+                f"{self.device_id!r}; give each device its own state_dir, or "
+                f"set device.id = {owner!r} if the device was renamed"
+            )
 
     def _load_matching(self, checkpoint: Checkpoint) -> bool:
         try:
@@ -344,6 +386,7 @@ class EdgeDaemon:
             )
             info.wait_for_publish(timeout=5)
         self.connection.stop()
+        self._state_lock.release()
         logger.info(
             "Device %s stopped; %d updates left queued for redelivery",
             self.device_id,
@@ -765,6 +808,7 @@ class EdgeDaemon:
         # Rejections since this checkpoint are redelivered and counted again
         # after a crash, so restored counters count each update once.
         state["rejected"] = self.metrics.rejected_counts()
+        state["device_id"] = self.device_id
         try:
             path = save_checkpoint(self.checkpoint_dir, tensors, state)
         except OSError as error:

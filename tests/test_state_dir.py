@@ -1,0 +1,120 @@
+"""One daemon per state directory, and checkpoints that name their device."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dslo_edge.config import load_config, render_config
+from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.errors import ConfigError
+from dslo_edge.state_lock import StateLock
+
+
+def device_config(tmp_path: Path, bundle: Path, device_id: str, state: Path):
+    path = tmp_path / f"{device_id}.toml"
+    # Port 9 is never contacted, because no test here connects: the one
+    # start() call raises before it reaches the broker.
+    path.write_text(render_config(device_id, bundle, state, 9))
+    return load_config(path)
+
+
+def test_second_daemon_on_state_dir_is_rejected(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    first = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+
+    with pytest.raises(ConfigError) as caught:
+        EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-b", state))
+
+    message = str(caught.value)
+    assert "is in use by another dslo-edge daemon" in message
+    assert "device dev-a" in message
+    assert "give each device its own state_dir" in message
+    first._state_lock.release()
+    # Once the first daemon lets go, the directory can be used again.
+    EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-b", state))
+
+
+def test_state_dir_that_is_a_file_is_rejected(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    state.write_text("not a folder")
+
+    with pytest.raises(ConfigError) as caught:
+        EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+
+    assert "is a file, expected a directory" in str(caught.value)
+    assert state.read_text() == "not a folder"
+
+
+def test_lock_is_released_when_holder_dies(tmp_path) -> None:
+    state = tmp_path / "state"
+    code = (
+        "import os, sys; from pathlib import Path; "
+        "from dslo_edge.state_lock import StateLock; "
+        f"StateLock(Path({str(state)!r}), 'dev-a'); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+    lock = StateLock(state, "dev-b")
+
+    assert (state / ".lock").read_text().endswith("device dev-b\n")
+    lock.release()
+
+
+def test_checkpoint_of_other_device_is_rejected(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    owner = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    assert owner.save_checkpoint()
+    owner._state_lock.release()
+    saved = sorted((state / "checkpoints").iterdir())
+
+    other = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-b", state))
+    with pytest.raises(ConfigError) as caught:
+        other.start()
+
+    message = str(caught.value)
+    assert "holds checkpoints of device 'dev-a'" in message
+    assert "this config is for 'dev-b'" in message
+    assert sorted((state / "checkpoints").iterdir()) == saved
+    # start released the lock when it raised.
+    StateLock(state, "dev-c").release()
+
+
+def test_unreadable_checkpoints_log_a_warning(mlp_pair, tmp_path, caplog) -> None:
+    state = tmp_path / "state"
+    writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    assert writer.save_checkpoint()
+    assert writer.save_checkpoint()
+    writer._state_lock.release()
+    for path in (state / "checkpoints").iterdir():
+        path.write_bytes(b"damaged")
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon._restore()
+    daemon._state_lock.release()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("could read none of its 2 checkpoints" in w for w in warnings)
+
+
+def test_run_with_state_dir_file_exits_78(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    state.write_text("not a folder")
+    config = tmp_path / "device.toml"
+    config.write_text(render_config("dev-a", mlp_pair.bundle, state, 9))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dslo_edge.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 78
+    assert "is a file, expected a directory" in result.stderr
+    assert "Traceback" not in result.stderr
