@@ -6,8 +6,9 @@ Each table sets the fields of ``dynamic.TaskSettings``: ``weight``,
 ``drift_threshold``, ``drift_lambda`` and ``drift_updates`` (the names of the
 ``[monitor]`` table), and an ``alpha`` sub-table with the keys of the
 device-wide ``[alpha]`` table. A key that a table leaves out takes the
-device-wide value, except ``weight``, which defaults to 1. Head names are checked against
-the bundle when the trainer is built, because the config does not know them.
+device-wide value, except ``weight``, which defaults to 1. Head names are
+checked against the bundle when the trainer is built, because the config does
+not know them.
 """
 
 from __future__ import annotations

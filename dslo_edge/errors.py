@@ -6,6 +6,7 @@ CLI can print one line and exit non-zero::
     DsloError
     ├── ConfigError          device TOML or CLI input is invalid
     ├── BundleError          bundle missing, corrupt or incompatible
+    │   └── RuntimeMissing   no interpreter package (also a ConfigError)
     ├── ConversionError      a Keras model cannot become a trainable bundle
     ├── InvalidUpdate        a soft-label payload failed decoding or validation
     ├── InvalidRequest       a label request failed decoding or validation
@@ -25,6 +26,14 @@ class ConfigError(DsloError):
 
 class BundleError(DsloError):
     """A model bundle is missing, corrupt or does not match what is expected."""
+
+
+class RuntimeMissing(BundleError, ConfigError):
+    """No LiteRT interpreter package can be imported.
+
+    It is a ``ConfigError`` too, so the CLI exits with status 78 and systemd
+    does not restart a daemon that cannot start until a package is installed.
+    """
 
 
 class ConversionError(DsloError):

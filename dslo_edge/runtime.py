@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dslo_edge.errors import BundleError, ConfigError
+from dslo_edge.errors import BundleError, ConfigError, RuntimeMissing
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def interpreter_class(preference: str = "auto") -> tuple[Any, str]:
 
     Raises:
         ConfigError: unknown preference.
-        BundleError: no interpreter package is installed.
+        RuntimeMissing: no interpreter package is installed.
     """
     if preference == "auto":
         candidates = list(RUNTIME_MODULES)
@@ -52,10 +52,11 @@ def interpreter_class(preference: str = "auto") -> tuple[Any, str]:
             errors.append(f"{name}: {error}")
             continue
         return module.Interpreter, name
-    raise BundleError(
+    packages = " or ".join(f"pip install {name}" for name in candidates)
+    raise RuntimeMissing(
         "no LiteRT interpreter could be imported ("
         + "; ".join(errors)
-        + "); install one with: pip install ai-edge-litert"
+        + f"); install one with: {packages}"
     )
 
 
