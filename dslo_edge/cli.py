@@ -273,9 +273,10 @@ def run(config_path: str) -> None:
 
     config = load_config(config_path)
     if not config.bundle.is_dir():
+        problem = "a file" if config.bundle.exists() else "missing"
         raise ConfigError(
-            f"{config_path}: device.bundle is {config.bundle}, which does not "
-            "exist; expected a directory written by 'dslo-edge convert'"
+            f"{config_path}: device.bundle {config.bundle} is {problem}; "
+            "expected a directory written by 'dslo-edge convert'"
         )
     if config.logging.file is not None:
         _add_log_file(config.logging)

@@ -38,6 +38,7 @@ from dslo_edge.dynamic import (
 )
 from dslo_edge.errors import ConfigError
 from dslo_edge.protocol import PayloadLimits, Topics
+from dslo_edge.runtime import RUNTIME_MODULES
 from dslo_edge.softlabels import SCHEDULE_KINDS, AlphaPolicy, Schedule
 
 
@@ -324,7 +325,13 @@ def load_config(path: str | Path) -> DeviceConfig:
     device_id = device.get("id", str, REQUIRED)
     bundle = base / device.get("bundle", str, REQUIRED)
     state_dir = base / device.get("state_dir", str, "state")
-    runtime = device.get("runtime", str, "auto")
+    runtime = device.get(
+        "runtime",
+        str,
+        "auto",
+        lambda v: v == "auto" or v in RUNTIME_MODULES,
+        "auto, " + " or ".join(RUNTIME_MODULES),
+    )
     profile = device.get("profile", str, "")
     battery_wh = device.get(
         "battery_wh", float, 0.0, lambda v: v >= 0, "watt-hours >= 0"

@@ -23,9 +23,15 @@ def read_toml(source: Path, what: str) -> dict[str, Any]:
         ConfigError: the file is missing, unreadable or not TOML.
     """
     try:
-        return tomllib.loads(source.read_text())
+        # utf-8-sig drops the byte-order mark that some Windows editors add.
+        return tomllib.loads(source.read_text(encoding="utf-8-sig"))
     except FileNotFoundError as error:
         raise ConfigError(f"{what} file not found: {source}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"cannot read {source}: it is not UTF-8 text ({error.reason} at byte "
+            f"{error.start}); save the file as UTF-8"
+        ) from error
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"cannot read {source}: {error}") from error
 

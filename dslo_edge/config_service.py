@@ -194,28 +194,29 @@ def read_budget(reader: TableReader) -> BudgetSettings:
         return reader.get(key, float, None, lambda v: v is None or check(v), expected)
 
     percent = (lambda v: 0 <= v <= 100, "a percentage in 0..100")
+    # The reader's errors name the file and key. Only the cross-key checks of
+    # BudgetSettings need the prefix added below.
+    values = {
+        "battery_min_percent": reader.get("battery_min_percent", float, 20.0, *percent),
+        "battery_resume_percent": reader.get(
+            "battery_resume_percent", float, 25.0, *percent
+        ),
+        "thermal_limit_c": optional(
+            "thermal_limit_c", lambda v: 20 <= v <= 150, "degrees C in 20..150"
+        ),
+        "thermal_resume_margin_c": reader.get(
+            "thermal_resume_margin_c",
+            float,
+            5.0,
+            lambda v: 0 <= v <= 50,
+            "degrees in 0..50",
+        ),
+        "energy_budget_j_per_hour": optional(
+            "energy_budget_j_per_hour", lambda v: v > 0, "positive joules"
+        ),
+    }
     try:
-        settings = BudgetSettings(
-            battery_min_percent=reader.get(
-                "battery_min_percent", float, 20.0, *percent
-            ),
-            battery_resume_percent=reader.get(
-                "battery_resume_percent", float, 25.0, *percent
-            ),
-            thermal_limit_c=optional(
-                "thermal_limit_c", lambda v: 20 <= v <= 150, "degrees C in 20..150"
-            ),
-            thermal_resume_margin_c=reader.get(
-                "thermal_resume_margin_c",
-                float,
-                5.0,
-                lambda v: 0 <= v <= 50,
-                "degrees in 0..50",
-            ),
-            energy_budget_j_per_hour=optional(
-                "energy_budget_j_per_hour", lambda v: v > 0, "positive joules"
-            ),
-        )
+        settings = BudgetSettings(**values)
     except ConfigError as error:
         raise ConfigError(f"{reader.source}: [budget] {error}") from error
     reader.reject_unknown()

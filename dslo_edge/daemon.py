@@ -124,7 +124,7 @@ class EdgeDaemon:
     def _init_costs_and_inference(self) -> None:
         """Set up the energy budget, health checks and the inference service."""
         config = self.config
-        self.profile = _load_profile(config.profile)
+        self.profile = _load_profile(config)
         self.costs = AdaptationCosts(
             self.device_id, self.profile, config.budget, battery_wh=config.battery_wh
         )
@@ -405,6 +405,9 @@ class EdgeDaemon:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        # A closed terminal sends SIGHUP, which would otherwise end the
+        # process without a final checkpoint.
+        signal.signal(signal.SIGHUP, request_stop)
         self.start()
         while not stop_requested.wait(0.5):
             pass
@@ -949,9 +952,14 @@ def _same_labels(
     return trainer.spec.class_count == other.spec.class_count
 
 
-def _load_profile(name: str) -> Any:
-    if not name:
+def _load_profile(config: DeviceConfig) -> Any:
+    if not config.profile:
         return None
     from dslo_edge.profiles import load_profile
 
-    return load_profile(name)
+    try:
+        return load_profile(config.profile)
+    except ConfigError as error:
+        raise ConfigError(
+            f"{config.source}: device.profile = {config.profile!r}: {error}"
+        ) from error

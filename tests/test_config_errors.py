@@ -1,0 +1,121 @@
+"""Device config mistakes that must give one clear line each."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dslo_edge.config import load_config, render_config
+from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.errors import ConfigError
+
+
+def write(tmp_path: Path, bundle: Path, overrides: dict | None = None) -> Path:
+    path = tmp_path / "device.toml"
+    text = render_config("dev-a", bundle, tmp_path / "state", 9, overrides=overrides)
+    path.write_text(text)
+    return path
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dslo_edge.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, tmp_path / "bundle")
+    plain = load_config(path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+    marked = load_config(path)
+
+    assert marked.device_id == plain.device_id
+    assert marked.bundle == plain.bundle
+
+
+def test_non_utf8_config_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, tmp_path / "bundle")
+    path.write_bytes(path.read_bytes().replace(b'"dev-a"', b'"dev-\xe9"'))
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert "is not UTF-8 text" in str(caught.value)
+    assert "save the file as UTF-8" in str(caught.value)
+
+
+def test_unknown_runtime_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, tmp_path / "bundle", {"device": {"runtime": "tflite"}})
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    message = str(caught.value)
+    assert f"{path}: device.runtime = 'tflite' is invalid" in message
+    assert "auto, ai-edge-litert or tflite-runtime" in message
+
+
+def test_budget_error_names_file_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, tmp_path / "bundle", {"budget": {"battery_min_percent": 150.0}}
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    message = str(caught.value)
+    assert message.count(str(path)) == 1
+    assert "battery_min_percent = 150.0 is invalid" in message
+
+
+def test_unknown_profile_names_key(mlp_pair, tmp_path: Path) -> None:
+    path = write(tmp_path, mlp_pair.bundle, {"device": {"profile": "no-such-board"}})
+
+    with pytest.raises(ConfigError) as caught:
+        EdgeDaemon(load_config(path))
+
+    message = str(caught.value)
+    assert f"{path}: device.profile = 'no-such-board'" in message
+    assert "known profiles: " in message
+
+
+def test_bundle_that_is_a_file_is_named(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.tflite"
+    bundle.write_bytes(b"not a bundle folder")
+    path = write(tmp_path, bundle)
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78
+    assert f"device.bundle {bundle} is a file" in result.stderr
+
+
+def test_sighup_stops_daemon_cleanly(mlp_pair, tmp_path: Path) -> None:
+    path = write(tmp_path, mlp_pair.bundle)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dslo_edge.cli", "run", "--config", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # run() installs its signal handlers before start() logs this line.
+    assert process.stderr is not None
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "Starting device dev-a" in line:
+            break
+    assert seen and "Starting device dev-a" in seen[-1], "".join(seen)
+
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 0
+    assert "received signal 1, stopping" in stderr
