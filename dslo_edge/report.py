@@ -24,6 +24,8 @@ LATENCY_FIELDS = (
     ("end_to_end_ms", "end to end (hub publish to applied)"),
 )
 DEFAULT_LOG_MAX_BYTES = 8 * 1024 * 1024
+# Keys present in every metrics report the daemon publishes.
+REPORT_KEYS = frozenset({"device"})
 
 
 def append_metrics(
@@ -42,10 +44,12 @@ def append_metrics(
 
 
 def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
-    """Read a metrics log, skipping lines that are not JSON objects.
+    """Read a metrics log, skipping lines that are not metrics reports.
 
     A daemon killed mid-write leaves a torn last line, so unreadable lines are
-    counted and logged instead of failing the report.
+    counted and logged instead of failing the report. A line counts as a
+    report when it is a JSON object with the ``device`` key that every
+    published report has.
 
     Raises:
         ConfigError: the file cannot be read or contains no report at all.
@@ -65,7 +69,7 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             skipped += 1
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and REPORT_KEYS <= record.keys():
             records.append(record)
         else:
             skipped += 1
@@ -153,8 +157,9 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list
 
 def _empty(axes: Any, text: str) -> None:
     axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes)
-    axes.set_xticks([])
-    axes.set_yticks([])
+    # tick_params hides this panel's ticks only. set_xticks([]) would also
+    # clear the ticks of every panel that shares the x axis.
+    axes.tick_params(bottom=False, left=False, labelbottom=False, labelleft=False)
 
 
 def _plot_latency(

@@ -95,13 +95,20 @@ def test_log_rotates_past_size_limit(tmp_path: Path) -> None:
 
 def test_read_skips_torn_lines(tmp_path: Path) -> None:
     log = tmp_path / "metrics.jsonl"
-    log.write_text('{"applied": 1}\n\n[1, 2]\n{"applied": 2}\n{"appl')
+    log.write_text(
+        '{"device": "d", "applied": 1}\n\n[1, 2]\n{"bad": 1}\n'
+        '{"device": "d", "applied": 2}\n{"appl'
+    )
     assert [r["applied"] for r in read_metrics_log(log)] == [1, 2]
 
 
 def test_read_rejects_log_without_reports(tmp_path: Path) -> None:
     log = tmp_path / "metrics.jsonl"
     log.write_text("not json\n")
+    with pytest.raises(ConfigError, match="has no metrics reports"):
+        read_metrics_log(log)
+    # JSON objects without the device key are not reports either.
+    log.write_text('{"bad": 1}\n{"applied": 3}\n')
     with pytest.raises(ConfigError, match="has no metrics reports"):
         read_metrics_log(log)
     with pytest.raises(ConfigError, match="cannot read metrics log"):
@@ -150,3 +157,18 @@ def test_report_command(tmp_path: Path) -> None:
         "latency.png",
         "training.png",
     ]
+
+
+def test_empty_panel_keeps_shared_ticks(tmp_path: Path) -> None:
+    pyplot = pytest.importorskip("matplotlib.pyplot")
+    from dslo_edge.report import _empty
+
+    figure, (top, bottom) = pyplot.subplots(2, 1, sharex=True)
+    top.plot([0.0, 5.0, 10.0], [1.0, 2.0, 3.0])
+    _empty(bottom, "no data")
+    figure.canvas.draw()
+
+    assert len(top.get_xticks()) > 0
+    assert len(bottom.get_xticks()) == len(top.get_xticks())
+    assert not any(label.get_visible() for label in bottom.get_xticklabels())
+    pyplot.close(figure)
