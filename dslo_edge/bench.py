@@ -251,6 +251,8 @@ def _figures(measured: dict[str, Any]) -> list[Figure]:
 def _compute_figures(measured: dict[str, Any]) -> list[Figure]:
     step = measured["train_step"]
     split = measured["update_split"]
+    floor_us = split["numpy_floor_us"]
+    floor_share = round(floor_us / (floor_us + split["train_us"]), 4)
     rates = measured["throughput_samples_per_s"]
     daemon_rate = statistics.median(rates["daemon"])
     broker_rate = statistics.median(rates["broker_only"])
@@ -274,6 +276,16 @@ def _compute_figures(measured: dict[str, Any]) -> list[Figure]:
             split["share"],
             "<= 10% of update time",
             split["share"] <= 0.10,
+        ),
+        Figure(
+            "dynamic_part_floor",
+            "us",
+            floor_us,
+            split["train_us"],
+            "train step",
+            floor_share,
+            "<= 10% of update time",
+            floor_share <= 0.10,
         ),
         Figure(
             "throughput",

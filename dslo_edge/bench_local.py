@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dslo_edge.bench_dynamic import measure_dynamic_share
+from dslo_edge.bench_dynamic import measure_dynamic_share, measure_numpy_floor
 from dslo_edge.bundle import load_bundle
 from dslo_edge.models import StudentModel
 from dslo_edge.protocol import SoftLabelUpdate, encode_update, new_message_id
@@ -154,6 +154,7 @@ def measure_update_split(
         "train_us": result.train_us,
         "share": round(before_train / (before_train + result.train_us), 4),
         "updates": result.updates,
+        "numpy_floor_us": measure_numpy_floor(batch_size, updates=updates),
     }
 
 

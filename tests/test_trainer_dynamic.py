@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import pytest
 
-from dslo_edge.bench_dynamic import measure_dynamic_share
+from dslo_edge.bench_dynamic import measure_dynamic_share, measure_numpy_floor
 from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import Checkpoint
 from dslo_edge.config import TrainingSettings
@@ -84,6 +85,13 @@ def test_bench_reports_dynamic_share(mlp_pair) -> None:
     assert 0 < result.dynamic_us < result.prepare_us
     assert result.update_us >= result.train_us
     assert 0 < result.share < 1
+
+
+def test_numpy_floor_runs_at_other_sizes() -> None:
+    floor_us = measure_numpy_floor(batch_size=8, class_count=3, updates=20, warmup=5)
+
+    assert math.isfinite(floor_us)
+    assert floor_us > 0
 
 
 def test_rollback_resets_progress_and_engine(mlp_pair) -> None:
