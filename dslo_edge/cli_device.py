@@ -195,11 +195,16 @@ def flash(
     profiles_dir: str | None,
 ) -> None:
     """Install BUNDLE, a device config and a systemd unit onto a device root."""
-    from dslo_edge.flash import FlashOptions
     from dslo_edge.flash import flash as run_flash
+    from dslo_edge.flash_config import FlashOptions, check_device_id
     from dslo_edge.profiles import load_profile
 
+    if device_id is not None:
+        check_device_id(device_id, "--device-id")
     profile = load_profile(profile_name, profiles_dir)
+    if device_id is None:
+        fix = "; the device id defaults to the profile name, so pass --device-id"
+        check_device_id(profile.name, fix=fix)
     options = FlashOptions(device_id or profile.name, broker_host, broker_port)
     result = run_flash(bundle, profile, target, options)
     click.echo(

@@ -7,6 +7,7 @@ installed layout, with paths as the device sees them::
     /opt/dslo-edge/bundle -> releases/<id>
     /opt/dslo-edge/installed.json       every installed file with its sha256
     /etc/dslo-edge/device.toml
+    /etc/dslo-edge/profiles/<name>.toml  a firmware profile dslo-edge does not ship
     /etc/systemd/system/dslo-edge.service
     /etc/systemd/system/multi-user.target.wants/dslo-edge.service (link to the unit)
     /var/lib/dslo-edge/                 the daemon's state directory
@@ -32,9 +33,14 @@ from typing import Any
 
 from dslo_edge import __version__
 from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
-from dslo_edge.config import load_config, render_config
 from dslo_edge.errors import BundleError
 from dslo_edge.fit import FitReport, check_bundle
+from dslo_edge.flash_config import (
+    FlashOptions,
+    check_device_id,
+    profile_reference,
+    render_device_config,
+)
 from dslo_edge.footprint import MIB, directory_size
 from dslo_edge.profiles import FirmwareProfile
 from dslo_edge.service import DEFAULT_CONFIG, DEFAULT_STATE_DIR, UNIT_NAME, render_unit
@@ -52,16 +58,6 @@ WANTS_LINK = PurePosixPath("/etc/systemd/system/multi-user.target.wants") / UNIT
 SPACE_MARGIN_BYTES = 1 * MIB
 
 DiskUsage = Callable[[str | Path], Any]
-
-
-@dataclass(frozen=True)
-class FlashOptions:
-    """Values written into the generated device config."""
-
-    device_id: str
-    broker_host: str = "127.0.0.1"
-    broker_port: int = 1883
-    batch_size: int = 32
 
 
 @dataclass
@@ -113,10 +109,13 @@ def flash(
         disk_usage: ``shutil.disk_usage`` or a replacement for tests.
 
     Raises:
+        ConfigError: an option makes the device config invalid, such as a
+            device id that is not one MQTT topic level.
         BundleError: the bundle is invalid, the profile cannot run it, the
             target lacks free space, or writing failed. The previous
             installation, if any, is left as it was.
     """
+    check_device_id(options.device_id)
     root = Path(target)
     if not root.is_dir():
         raise BundleError(f"target {root} is not a directory; mount the device first")
@@ -129,10 +128,15 @@ def flash(
         )
 
     result = FlashResult(root, release_id(bundle), fit)
+    profile_value, profile_copy = profile_reference(profile)
     files = {
-        DEFAULT_CONFIG: _device_config(options).encode(),
+        DEFAULT_CONFIG: render_device_config(
+            options, BUNDLE_LINK, profile_value
+        ).encode(),
         UNIT_PATH: render_unit().encode(),
     }
+    if profile_copy is not None:
+        files[PurePosixPath(profile_value)] = profile_copy
     release_dir = on_target(root, RELEASES_DIR / result.release)
     release_needed = not _release_intact(release_dir, bundle)
     _check_free_space(root, bundle, release_needed, files, disk_usage)
@@ -143,7 +147,8 @@ def flash(
             _write_if_changed(root, device_path, content, result)
         _link_if_changed(root, WANTS_LINK, PurePosixPath("..") / UNIT_NAME, result)
         on_target(root, DEFAULT_STATE_DIR).mkdir(parents=True, exist_ok=True)
-        _write_if_changed(root, FILE_LIST, _file_list(root, result, profile), result)
+        file_list = _file_list(root, result, profile, list(files))
+        _write_if_changed(root, FILE_LIST, file_list, result)
     except OSError as error:
         raise BundleError(
             f"installing onto {root} failed: {error}; the previous installation "
@@ -158,29 +163,6 @@ def flash(
         len(result.changed),
     )
     return result
-
-
-def _device_config(options: FlashOptions) -> str:
-    text = render_config(
-        options.device_id,
-        Path(str(BUNDLE_LINK)),
-        Path(str(DEFAULT_STATE_DIR)),
-        options.broker_port,
-    )
-    # NOTE: render_config has no broker host parameter yet, so the host line it
-    # writes is replaced here and the result is validated below.
-    text = text.replace(
-        'host = "127.0.0.1"', f"host = {json.dumps(options.broker_host)}"
-    )
-    _validate_config(text)
-    return text
-
-
-def _validate_config(text: str) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "device.toml"
-        path.write_text(text)
-        load_config(path)
 
 
 def _release_intact(release_dir: Path, bundle: Bundle) -> bool:
@@ -296,10 +278,15 @@ def _link_if_changed(
     result.changed.append(str(device_path))
 
 
-def _file_list(root: Path, result: FlashResult, profile: FirmwareProfile) -> bytes:
+def _file_list(
+    root: Path,
+    result: FlashResult,
+    profile: FirmwareProfile,
+    installed: list[PurePosixPath],
+) -> bytes:
     """Return the JSON list of installed files with sizes and sha256 digests."""
     entries = {}
-    tracked = [RELEASES_DIR / result.release, DEFAULT_CONFIG, UNIT_PATH]
+    tracked = [RELEASES_DIR / result.release, *installed]
     for device_path in tracked:
         path = on_target(root, device_path)
         paths = sorted(path.rglob("*")) if path.is_dir() else [path]

@@ -7,6 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from dslo_edge.cli import EXIT_CONFIG, EXIT_ERROR, main
+from dslo_edge.profiles import load_profile
 from tests.bundle_files import write_bundle
 
 
@@ -75,3 +76,45 @@ def test_flash_command_installs_and_repeats(tmp_path: Path) -> None:
     second = run(*arguments)
     assert second.exit_code == 0, second.output
     assert "0 paths written, 6 unchanged" in second.output
+
+
+def test_flash_command_rejects_bad_device_id(tmp_path: Path) -> None:
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+
+    result = run(
+        "flash",
+        bundle,
+        "--profile",
+        "raspberry-pi-4b",
+        "--target",
+        str(target),
+        "--device-id",
+        "my/dev",
+    )
+
+    assert result.exit_code == EXIT_CONFIG
+    assert result.output == (
+        "error: --device-id 'my/dev' is invalid: expected a non-empty name "
+        "without '/', '+', '#', whitespace or NUL, for example 'kitchen-cam'\n"
+    )
+    assert list(target.iterdir()) == []
+
+
+def test_flash_command_rejects_profile_name_as_id(tmp_path: Path) -> None:
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    profile = tmp_path / "my board.toml"
+    text = load_profile("raspberry-pi-4b").source.read_text()
+    profile.write_text(text.replace('"raspberry-pi-4b"', '"my board"', 1))
+
+    result = run("flash", bundle, "--profile", str(profile), "--target", str(target))
+
+    assert result.exit_code == EXIT_CONFIG
+    assert "error: device id 'my board' is invalid" in result.output
+    assert "the device id defaults to the profile name, so pass --device-id" in (
+        result.output
+    )
+    assert list(target.iterdir()) == []
