@@ -17,6 +17,11 @@ and the ``bundle`` link, config, unit and file list are each replaced with one
 rename, so an interrupted run leaves the previous installation usable and a
 second run completes it. Files whose content is already right are not
 rewritten, so running it again with the same inputs changes nothing.
+
+An existing ``device.toml`` that differs from the generated one, for example
+one edited by hand, is kept, and the generated text goes to
+``device.toml.new`` beside it. A caller can instead replace the file, which
+first copies it to ``device.toml.bak``.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ BUNDLE_LINK = INSTALL_DIR / "bundle"
 FILE_LIST = INSTALL_DIR / "installed.json"
 UNIT_PATH = PurePosixPath("/etc/systemd/system") / UNIT_NAME
 WANTS_LINK = PurePosixPath("/etc/systemd/system/multi-user.target.wants") / UNIT_NAME
+# The generated config when an existing device.toml differs from it.
+PENDING_CONFIG = DEFAULT_CONFIG.with_name(DEFAULT_CONFIG.name + ".new")
+BACKUP_CONFIG = DEFAULT_CONFIG.with_name(DEFAULT_CONFIG.name + ".bak")
 # Room left free beyond the files themselves, for directory entries and the
 # file list, so the device's filesystem is not filled to the last block.
 SPACE_MARGIN_BYTES = 1 * MIB
@@ -69,6 +77,9 @@ class FlashResult:
         changed: device paths written in this run.
         unchanged: device paths that already had the right content.
         fit: the profile check the bundle passed.
+        removed: device paths deleted in this run.
+        warnings: what the user has to act on, such as a kept device config
+            that needs merging.
     """
 
     target: Path
@@ -76,6 +87,8 @@ class FlashResult:
     fit: FitReport
     changed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def on_target(target: Path, device_path: PurePosixPath) -> Path:
@@ -97,6 +110,7 @@ def flash(
     target: str | Path,
     options: FlashOptions,
     *,
+    replace_config: bool = False,
     disk_usage: DiskUsage = shutil.disk_usage,
 ) -> FlashResult:
     """Install a bundle for a board onto a target root directory.
@@ -106,6 +120,9 @@ def flash(
         profile: the board the target belongs to.
         target: the device's root filesystem, mounted, or any directory.
         options: values for the generated device config.
+        replace_config: replace a device.toml that differs from the generated
+            one, after copying it to device.toml.bak. False keeps it and
+            writes the generated text to device.toml.new.
         disk_usage: ``shutil.disk_usage`` or a replacement for tests.
 
     Raises:
@@ -144,7 +161,10 @@ def flash(
     try:
         _install_release(root, bundle, result, release_needed)
         for device_path, content in files.items():
-            _write_if_changed(root, device_path, content, result)
+            if device_path == DEFAULT_CONFIG:
+                _install_config(root, content, result, replace_config)
+            else:
+                _write_if_changed(root, device_path, content, result)
         _link_if_changed(root, WANTS_LINK, PurePosixPath("..") / UNIT_NAME, result)
         on_target(root, DEFAULT_STATE_DIR).mkdir(parents=True, exist_ok=True)
         file_list = _file_list(root, result, profile, list(files))
@@ -238,9 +258,73 @@ def _copy_bundle(bundle: Bundle, staging: Path) -> None:
     load_bundle(staging)  # raises BundleError on a bad copy
 
 
-def _write_if_changed(
-    root: Path, device_path: PurePosixPath, content: bytes, result: FlashResult
+def _install_config(
+    root: Path, content: bytes, result: FlashResult, replace: bool
 ) -> None:
+    """Write device.toml, keeping an existing file that differs from ``content``."""
+    path = on_target(root, DEFAULT_CONFIG)
+    if not path.is_file() or path.read_bytes() == content:
+        _write_if_changed(root, DEFAULT_CONFIG, content, result)
+        _remove_pending_copy(root, content, result)
+        return
+    existing = path.read_bytes()
+    mode = path.stat().st_mode & 0o7777
+    if replace:
+        backup = _backup_path(root, existing)
+        _write_if_changed(root, backup, existing, result, mode=mode)
+        _write_if_changed(root, DEFAULT_CONFIG, content, result, mode=mode)
+        _remove_pending_copy(root, content, result)
+        result.warnings.append(
+            f"replaced {DEFAULT_CONFIG}; the previous file is kept as {backup}"
+        )
+        return
+    _write_if_changed(root, PENDING_CONFIG, content, result, mode=mode)
+    result.unchanged.append(str(DEFAULT_CONFIG))
+    result.warnings.append(
+        f"kept {DEFAULT_CONFIG} because it differs from the generated config, "
+        f"which is in {PENDING_CONFIG}: merge the two by hand, or run flash again "
+        f"with --replace-config to install it and keep the old file as "
+        f"{BACKUP_CONFIG}"
+    )
+
+
+def _remove_pending_copy(root: Path, content: bytes, result: FlashResult) -> None:
+    """Remove device.toml.new once device.toml has the same content."""
+    pending = on_target(root, PENDING_CONFIG)
+    if pending.is_file() and pending.read_bytes() == content:
+        pending.unlink()
+        _fsync_directory(pending.parent)
+        result.removed.append(str(PENDING_CONFIG))
+
+
+def _backup_path(root: Path, content: bytes) -> PurePosixPath:
+    """Return the first of device.toml.bak, .bak.1, ... that is free or equal.
+
+    A backup that already has ``content`` is reused rather than duplicated.
+    """
+    candidate = BACKUP_CONFIG
+    number = 0
+    while True:
+        path = on_target(root, candidate)
+        if not path.exists() or (path.is_file() and path.read_bytes() == content):
+            return candidate
+        number += 1
+        candidate = BACKUP_CONFIG.with_name(f"{BACKUP_CONFIG.name}.{number}")
+
+
+def _write_if_changed(
+    root: Path,
+    device_path: PurePosixPath,
+    content: bytes,
+    result: FlashResult,
+    *,
+    mode: int | None = None,
+) -> None:
+    """Replace a file atomically unless it already has ``content``.
+
+    ``mode`` sets the permission bits of a written file. None leaves them to
+    the umask.
+    """
     path = on_target(root, device_path)
     if path.is_file() and path.read_bytes() == content:
         result.unchanged.append(str(device_path))
@@ -249,6 +333,8 @@ def _write_if_changed(
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as stream:
+            if mode is not None:
+                os.fchmod(stream.fileno(), mode)
             stream.write(content)
             stream.flush()
             os.fsync(stream.fileno())

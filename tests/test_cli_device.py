@@ -78,6 +78,40 @@ def test_flash_command_installs_and_repeats(tmp_path: Path) -> None:
     assert "0 paths written, 6 unchanged" in second.output
 
 
+def test_flash_command_keeps_edited_config(tmp_path: Path) -> None:
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    arguments = ["flash", bundle, "--profile", "raspberry-pi-4b"]
+    arguments += ["--target", str(target)]
+    assert run(*arguments).exit_code == 0
+    config = target / "etc/dslo-edge/device.toml"
+    generated = config.read_text()
+    assert 'profile = "raspberry-pi-4b"' in generated
+    edited = generated + '\n[security]\nhmac_key_file = "hmac.key"\n'
+    config.write_text(edited)
+
+    second = run(*arguments)
+
+    assert second.exit_code == 0, second.output
+    assert "wrote /etc/dslo-edge/device.toml\n" not in second.output
+    assert "wrote /etc/dslo-edge/device.toml.new" in second.output
+    assert "warning: kept /etc/dslo-edge/device.toml because it differs" in (
+        second.output
+    )
+    assert config.read_text() == edited
+    assert (target / "etc/dslo-edge/device.toml.new").read_text() == generated
+
+    replaced = run(*arguments, "--replace-config")
+
+    assert replaced.exit_code == 0, replaced.output
+    assert "wrote /etc/dslo-edge/device.toml.bak" in replaced.output
+    assert "wrote /etc/dslo-edge/device.toml\n" in replaced.output
+    assert "removed /etc/dslo-edge/device.toml.new" in replaced.output
+    assert config.read_text() == generated
+    assert (target / "etc/dslo-edge/device.toml.bak").read_text() == edited
+
+
 def test_flash_command_rejects_bad_device_id(tmp_path: Path) -> None:
     bundle = str(write_bundle(tmp_path / "bundle"))
     target = tmp_path / "rootfs"

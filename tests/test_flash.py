@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import subprocess
 from collections import namedtuple
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from dslo_edge.service import render_unit
 from tests.bundle_files import write_bundle
 
 OPTIONS = FlashOptions("kitchen-cam", broker_host="hub.local", broker_port=8883)
+SECURITY_TABLE = '\n[security]\nhmac_key_file = "/etc/dslo-edge/hmac.key"\n'
 Usage = namedtuple("Usage", "total used free")
 
 
@@ -95,6 +97,8 @@ def test_flash_again_changes_nothing(tmp_path: Path, pi4) -> None:
 
     assert again.changed == []
     assert len(again.unchanged) == 6
+    assert "/etc/dslo-edge/device.toml" in again.unchanged
+    assert again.warnings == []
     assert installed_files(root) == before
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
@@ -161,6 +165,81 @@ def test_flash_config_error_names_device_path(tmp_path: Path, pi4) -> None:
         "generated /etc/dslo-edge/device.toml: mqtt.host = '' is invalid"
     )
     assert list(root.iterdir()) == []
+
+
+def test_flash_keeps_edited_config(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(bundle, pi4, root, OPTIONS)
+    config = root / "etc/dslo-edge/device.toml"
+    generated = config.read_bytes()
+    config.write_text(config.read_text() + SECURITY_TABLE)
+    config.chmod(0o600)
+    edited = config.read_bytes()
+
+    second = flash(bundle, pi4, root, OPTIONS)
+
+    pending = root / "etc/dslo-edge/device.toml.new"
+    assert config.read_bytes() == edited
+    assert pending.read_bytes() == generated
+    assert stat.S_IMODE(pending.stat().st_mode) == 0o600
+    assert not (root / "etc/dslo-edge/device.toml.bak").exists()
+    assert "/etc/dslo-edge/device.toml" not in second.changed
+    assert "/etc/dslo-edge/device.toml.new" in second.changed
+    assert second.warnings == [
+        "kept /etc/dslo-edge/device.toml because it differs from the generated "
+        "config, which is in /etc/dslo-edge/device.toml.new: merge the two by "
+        "hand, or run flash again with --replace-config to install it and keep "
+        "the old file as /etc/dslo-edge/device.toml.bak"
+    ]
+    assert config.read_text().endswith(SECURITY_TABLE)
+
+    third = flash(bundle, pi4, root, OPTIONS)
+
+    assert third.changed == []
+    assert third.warnings == second.warnings
+    assert config.read_bytes() == edited
+    assert verify_installation(root) == []
+
+
+def test_flash_replace_config_keeps_backup(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(bundle, pi4, root, OPTIONS)
+    config = root / "etc/dslo-edge/device.toml"
+    generated = config.read_bytes()
+    config.write_text(config.read_text() + SECURITY_TABLE)
+    config.chmod(0o600)
+    edited = config.read_bytes()
+    flash(bundle, pi4, root, OPTIONS)
+
+    replaced = flash(bundle, pi4, root, OPTIONS, replace_config=True)
+
+    backup = root / "etc/dslo-edge/device.toml.bak"
+    assert config.read_bytes() == generated
+    assert backup.read_bytes() == edited
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert not (root / "etc/dslo-edge/device.toml.new").exists()
+    assert replaced.removed == ["/etc/dslo-edge/device.toml.new"]
+    assert replaced.changed[:2] == [
+        "/etc/dslo-edge/device.toml.bak",
+        "/etc/dslo-edge/device.toml",
+    ]
+    assert replaced.warnings == [
+        "replaced /etc/dslo-edge/device.toml; the previous file is kept as "
+        "/etc/dslo-edge/device.toml.bak"
+    ]
+
+    config.write_text(config.read_text() + "# second edit\n")
+    second_edit = config.read_bytes()
+    flash(bundle, pi4, root, OPTIONS, replace_config=True)
+
+    assert backup.read_bytes() == edited
+    assert (root / "etc/dslo-edge/device.toml.bak.1").read_bytes() == second_edit
+    assert config.read_bytes() == generated
 
 
 def test_flash_writes_builtin_profile_name(tmp_path: Path, pi4) -> None:
