@@ -24,7 +24,7 @@ _QUOTE_TRIGGER = re.compile(r"""[\s"'\\]""")
 
 
 def check_unit_path(value: str, option: str) -> PurePosixPath:
-    """Return ``value`` as an absolute device path for a unit file.
+    """Return ``value`` as an absolute path to write into a unit file.
 
     Args:
         value: the path as given.
@@ -36,8 +36,8 @@ def check_unit_path(value: str, option: str) -> PurePosixPath:
     """
     if not value.startswith("/"):
         raise ConfigError(
-            f"{option} {value!r} is not an absolute path; pass the path as the "
-            "device sees it, starting with /"
+            f"{option} {value!r} is not an absolute path; pass the absolute "
+            "path that the service will use, starting with /"
         )
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
         raise ConfigError(
@@ -100,9 +100,12 @@ def _user_line(user: str | None) -> str:
     return f"User={check_user_name(user, 'user')}\n" if user else ""
 
 
-def _check_paths(**paths: PurePosixPath) -> None:
-    for name, path in paths.items():
-        check_unit_path(str(path), name)
+def _check_paths(
+    exec_path: PurePosixPath, config_path: PurePosixPath, state_dir: PurePosixPath
+) -> None:
+    check_unit_path(str(exec_path), "executable path")
+    check_unit_path(str(config_path), "config path")
+    check_unit_path(str(state_dir), "state directory")
 
 
 def render_unit(
@@ -136,7 +139,7 @@ def render_unit(
         ConfigError: a path is not absolute or contains a control character,
             or ``user`` is not a valid user name.
     """
-    _check_paths(exec_path=exec_path, config_path=config_path, state_dir=state_dir)
+    _check_paths(exec_path, config_path, state_dir)
     user_line = _user_line(user)
     command = _exec_line(str(exec_path), "run", "--config", str(config_path))
     return f"""[Unit]
@@ -205,7 +208,7 @@ def render_hub_unit(
         ConfigError: a path is not absolute or contains a control character,
             or ``user`` is not a valid user name.
     """
-    _check_paths(exec_path=exec_path, config_path=config_path, state_dir=state_dir)
+    _check_paths(exec_path, config_path, state_dir)
     user_line = _user_line(user)
     command = _exec_line(str(exec_path), "hub", "--config", str(config_path))
     return f"""[Unit]

@@ -17,7 +17,12 @@ from click.testing import CliRunner
 from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.config import render_config
 from dslo_edge.daemon import EXIT_WATCHDOG
-from dslo_edge.service import quote_exec_word, quote_path_list_entry
+from dslo_edge.errors import ConfigError
+from dslo_edge.service import (
+    quote_exec_word,
+    quote_path_list_entry,
+    render_hub_unit,
+)
 
 
 def test_service_install_writes_notify_unit(tmp_path) -> None:
@@ -131,6 +136,15 @@ def test_quote_exec_word_follows_systemd_rules(word: str, written: str) -> None:
     assert quote_exec_word(word) == written
 
 
+def test_hub_unit_rejects_relative_config() -> None:
+    with pytest.raises(ConfigError) as caught:
+        render_hub_unit(config_path=PurePosixPath("hub.toml"))
+    assert str(caught.value) == (
+        "config path 'hub.toml' is not an absolute path; pass the absolute "
+        "path that the service will use, starting with /"
+    )
+
+
 def test_path_list_entry_keeps_dollar() -> None:
     assert quote_path_list_entry(PurePosixPath("/var/lib/$x y")) == '"/var/lib/$x y"'
 
@@ -141,7 +155,7 @@ def test_path_list_entry_keeps_dollar() -> None:
         (
             ["--config", "etc/device.toml"],
             "error: --config 'etc/device.toml' is not an absolute path; pass the "
-            "path as the device sees it, starting with /",
+            "absolute path that the service will use, starting with /",
         ),
         (
             ["--state-dir", "relative/dir"],
