@@ -665,15 +665,16 @@ def service() -> None:
     "config_path",
     default="/etc/dslo-edge/device.toml",
     show_default=True,
-    help="Device TOML file on the device.",
+    help="Device TOML file, as an absolute path on the device.",
 )
 @click.option(
     "--state-dir",
     default="/var/lib/dslo-edge",
     show_default=True,
-    help="The only directory the service may write; match device.state_dir.",
+    help="The only directory the service may write, as an absolute path on the "
+    "device; match device.state_dir.",
 )
-@click.option("--user", help="Run as this user instead of root.")
+@click.option("--user", help="Run as this user instead of root, e.g. dslo.")
 @click.option(
     "--watchdog-sec",
     default=60,
@@ -692,16 +693,20 @@ def service_install(
 ) -> None:
     """Write dslo-edge.service with a watchdog, restarts and sandboxing."""
     import shutil
-    from pathlib import PurePosixPath
 
-    from dslo_edge.service import install_unit, render_unit
+    from dslo_edge.service import (
+        check_unit_path,
+        check_user_name,
+        install_unit,
+        render_unit,
+    )
 
     executable = exec_path or shutil.which("dslo-edge") or sys.argv[0]
     text = render_unit(
-        exec_path=PurePosixPath(executable),
-        config_path=PurePosixPath(config_path),
-        state_dir=PurePosixPath(state_dir),
-        user=user,
+        exec_path=check_unit_path(executable, "--exec"),
+        config_path=check_unit_path(config_path, "--config"),
+        state_dir=check_unit_path(state_dir, "--state-dir"),
+        user=check_user_name(user, "--user") if user is not None else None,
         watchdog_sec=watchdog_sec,
     )
     try:

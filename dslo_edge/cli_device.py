@@ -183,6 +183,13 @@ def check_command(
     type=click.IntRange(1, 65535),
     help="MQTT broker port.",
 )
+@click.option(
+    "--replace-config",
+    is_flag=True,
+    help="Replace an existing device.toml that differs from the generated one, "
+    "after copying it to device.toml.bak (default: keep it and write "
+    "device.toml.new).",
+)
 @PROFILES_DIR_OPTION
 @handle_errors
 def flash(
@@ -192,22 +199,32 @@ def flash(
     device_id: str | None,
     broker_host: str,
     broker_port: int,
+    replace_config: bool,
     profiles_dir: str | None,
 ) -> None:
     """Install BUNDLE, a device config and a systemd unit onto a device root."""
-    from dslo_edge.flash import FlashOptions
     from dslo_edge.flash import flash as run_flash
+    from dslo_edge.flash_config import FlashOptions, check_device_id
     from dslo_edge.profiles import load_profile
 
+    if device_id is not None:
+        check_device_id(device_id, "--device-id")
     profile = load_profile(profile_name, profiles_dir)
+    if device_id is None:
+        fix = "; the device id defaults to the profile name, so pass --device-id"
+        check_device_id(profile.name, fix=fix)
     options = FlashOptions(device_id or profile.name, broker_host, broker_port)
-    result = run_flash(bundle, profile, target, options)
+    result = run_flash(bundle, profile, target, options, replace_config=replace_config)
     click.echo(
         f"installed release {result.release} for {profile.name} into {target}: "
         f"{len(result.changed)} paths written, {len(result.unchanged)} unchanged"
     )
     for path in result.changed:
         click.echo(f"  wrote {path}")
+    for path in result.removed:
+        click.echo(f"  removed {path}")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(
         "on the device, create the environment the unit runs: "
         "python3 -m venv /opt/dslo-edge/venv && "

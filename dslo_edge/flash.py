@@ -7,6 +7,7 @@ installed layout, with paths as the device sees them::
     /opt/dslo-edge/bundle -> releases/<id>
     /opt/dslo-edge/installed.json       every installed file with its sha256
     /etc/dslo-edge/device.toml
+    /etc/dslo-edge/profiles/<name>.toml  a firmware profile dslo-edge does not ship
     /etc/systemd/system/dslo-edge.service
     /etc/systemd/system/multi-user.target.wants/dslo-edge.service (link to the unit)
     /var/lib/dslo-edge/                 the daemon's state directory
@@ -16,6 +17,11 @@ and the ``bundle`` link, config, unit and file list are each replaced with one
 rename, so an interrupted run leaves the previous installation usable and a
 second run completes it. Files whose content is already right are not
 rewritten, so running it again with the same inputs changes nothing.
+
+An existing ``device.toml`` that differs from the generated one, for example
+one edited by hand, is kept, and the generated text goes to
+``device.toml.new`` beside it. A caller can instead replace the file, which
+first copies it to ``device.toml.bak``.
 """
 
 from __future__ import annotations
@@ -32,9 +38,14 @@ from typing import Any
 
 from dslo_edge import __version__
 from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
-from dslo_edge.config import load_config, render_config
 from dslo_edge.errors import BundleError
 from dslo_edge.fit import FitReport, check_bundle
+from dslo_edge.flash_config import (
+    FlashOptions,
+    check_device_id,
+    profile_reference,
+    render_device_config,
+)
 from dslo_edge.footprint import MIB, directory_size
 from dslo_edge.profiles import FirmwareProfile
 from dslo_edge.service import DEFAULT_CONFIG, DEFAULT_STATE_DIR, UNIT_NAME, render_unit
@@ -47,21 +58,14 @@ BUNDLE_LINK = INSTALL_DIR / "bundle"
 FILE_LIST = INSTALL_DIR / "installed.json"
 UNIT_PATH = PurePosixPath("/etc/systemd/system") / UNIT_NAME
 WANTS_LINK = PurePosixPath("/etc/systemd/system/multi-user.target.wants") / UNIT_NAME
+# The generated config when an existing device.toml differs from it.
+PENDING_CONFIG = DEFAULT_CONFIG.with_name(DEFAULT_CONFIG.name + ".new")
+BACKUP_CONFIG = DEFAULT_CONFIG.with_name(DEFAULT_CONFIG.name + ".bak")
 # Room left free beyond the files themselves, for directory entries and the
 # file list, so the device's filesystem is not filled to the last block.
 SPACE_MARGIN_BYTES = 1 * MIB
 
 DiskUsage = Callable[[str | Path], Any]
-
-
-@dataclass(frozen=True)
-class FlashOptions:
-    """Values written into the generated device config."""
-
-    device_id: str
-    broker_host: str = "127.0.0.1"
-    broker_port: int = 1883
-    batch_size: int = 32
 
 
 @dataclass
@@ -73,6 +77,9 @@ class FlashResult:
         changed: device paths written in this run.
         unchanged: device paths that already had the right content.
         fit: the profile check the bundle passed.
+        removed: device paths deleted in this run.
+        warnings: what the user has to act on, such as a kept device config
+            that needs merging.
     """
 
     target: Path
@@ -80,6 +87,8 @@ class FlashResult:
     fit: FitReport
     changed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def on_target(target: Path, device_path: PurePosixPath) -> Path:
@@ -101,6 +110,7 @@ def flash(
     target: str | Path,
     options: FlashOptions,
     *,
+    replace_config: bool = False,
     disk_usage: DiskUsage = shutil.disk_usage,
 ) -> FlashResult:
     """Install a bundle for a board onto a target root directory.
@@ -110,13 +120,19 @@ def flash(
         profile: the board the target belongs to.
         target: the device's root filesystem, mounted, or any directory.
         options: values for the generated device config.
+        replace_config: replace a device.toml that differs from the generated
+            one, after copying it to device.toml.bak. False keeps it and
+            writes the generated text to device.toml.new.
         disk_usage: ``shutil.disk_usage`` or a replacement for tests.
 
     Raises:
+        ConfigError: an option makes the device config invalid, such as a
+            device id that is not one MQTT topic level.
         BundleError: the bundle is invalid, the profile cannot run it, the
             target lacks free space, or writing failed. The previous
             installation, if any, is left as it was.
     """
+    check_device_id(options.device_id)
     root = Path(target)
     if not root.is_dir():
         raise BundleError(f"target {root} is not a directory; mount the device first")
@@ -129,10 +145,15 @@ def flash(
         )
 
     result = FlashResult(root, release_id(bundle), fit)
+    profile_value, profile_copy = profile_reference(profile)
     files = {
-        DEFAULT_CONFIG: _device_config(options).encode(),
+        DEFAULT_CONFIG: render_device_config(
+            options, BUNDLE_LINK, profile_value
+        ).encode(),
         UNIT_PATH: render_unit().encode(),
     }
+    if profile_copy is not None:
+        files[PurePosixPath(profile_value)] = profile_copy
     release_dir = on_target(root, RELEASES_DIR / result.release)
     release_needed = not _release_intact(release_dir, bundle)
     _check_free_space(root, bundle, release_needed, files, disk_usage)
@@ -140,10 +161,14 @@ def flash(
     try:
         _install_release(root, bundle, result, release_needed)
         for device_path, content in files.items():
-            _write_if_changed(root, device_path, content, result)
+            if device_path == DEFAULT_CONFIG:
+                _install_config(root, content, result, replace_config)
+            else:
+                _write_if_changed(root, device_path, content, result)
         _link_if_changed(root, WANTS_LINK, PurePosixPath("..") / UNIT_NAME, result)
         on_target(root, DEFAULT_STATE_DIR).mkdir(parents=True, exist_ok=True)
-        _write_if_changed(root, FILE_LIST, _file_list(root, result, profile), result)
+        file_list = _file_list(root, result, profile, list(files))
+        _write_if_changed(root, FILE_LIST, file_list, result)
     except OSError as error:
         raise BundleError(
             f"installing onto {root} failed: {error}; the previous installation "
@@ -158,29 +183,6 @@ def flash(
         len(result.changed),
     )
     return result
-
-
-def _device_config(options: FlashOptions) -> str:
-    text = render_config(
-        options.device_id,
-        Path(str(BUNDLE_LINK)),
-        Path(str(DEFAULT_STATE_DIR)),
-        options.broker_port,
-    )
-    # NOTE: render_config has no broker host parameter yet, so the host line it
-    # writes is replaced here and the result is validated below.
-    text = text.replace(
-        'host = "127.0.0.1"', f"host = {json.dumps(options.broker_host)}"
-    )
-    _validate_config(text)
-    return text
-
-
-def _validate_config(text: str) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "device.toml"
-        path.write_text(text)
-        load_config(path)
 
 
 def _release_intact(release_dir: Path, bundle: Bundle) -> bool:
@@ -256,9 +258,73 @@ def _copy_bundle(bundle: Bundle, staging: Path) -> None:
     load_bundle(staging)  # raises BundleError on a bad copy
 
 
-def _write_if_changed(
-    root: Path, device_path: PurePosixPath, content: bytes, result: FlashResult
+def _install_config(
+    root: Path, content: bytes, result: FlashResult, replace: bool
 ) -> None:
+    """Write device.toml, keeping an existing file that differs from ``content``."""
+    path = on_target(root, DEFAULT_CONFIG)
+    if not path.is_file() or path.read_bytes() == content:
+        _write_if_changed(root, DEFAULT_CONFIG, content, result)
+        _remove_pending_copy(root, content, result)
+        return
+    existing = path.read_bytes()
+    mode = path.stat().st_mode & 0o7777
+    if replace:
+        backup = _backup_path(root, existing)
+        _write_if_changed(root, backup, existing, result, mode=mode)
+        _write_if_changed(root, DEFAULT_CONFIG, content, result, mode=mode)
+        _remove_pending_copy(root, content, result)
+        result.warnings.append(
+            f"replaced {DEFAULT_CONFIG}; the previous file is kept as {backup}"
+        )
+        return
+    _write_if_changed(root, PENDING_CONFIG, content, result, mode=mode)
+    result.unchanged.append(str(DEFAULT_CONFIG))
+    result.warnings.append(
+        f"kept {DEFAULT_CONFIG} because it differs from the generated config, "
+        f"which is in {PENDING_CONFIG}: merge the two by hand, or run flash again "
+        f"with --replace-config to install it and keep the old file as "
+        f"{BACKUP_CONFIG}"
+    )
+
+
+def _remove_pending_copy(root: Path, content: bytes, result: FlashResult) -> None:
+    """Remove device.toml.new once device.toml has the same content."""
+    pending = on_target(root, PENDING_CONFIG)
+    if pending.is_file() and pending.read_bytes() == content:
+        pending.unlink()
+        _fsync_directory(pending.parent)
+        result.removed.append(str(PENDING_CONFIG))
+
+
+def _backup_path(root: Path, content: bytes) -> PurePosixPath:
+    """Return the first of device.toml.bak, .bak.1, ... that is free or equal.
+
+    A backup that already has ``content`` is reused rather than duplicated.
+    """
+    candidate = BACKUP_CONFIG
+    number = 0
+    while True:
+        path = on_target(root, candidate)
+        if not path.exists() or (path.is_file() and path.read_bytes() == content):
+            return candidate
+        number += 1
+        candidate = BACKUP_CONFIG.with_name(f"{BACKUP_CONFIG.name}.{number}")
+
+
+def _write_if_changed(
+    root: Path,
+    device_path: PurePosixPath,
+    content: bytes,
+    result: FlashResult,
+    *,
+    mode: int | None = None,
+) -> None:
+    """Replace a file atomically unless it already has ``content``.
+
+    ``mode`` sets the permission bits of a written file. None leaves them to
+    the umask.
+    """
     path = on_target(root, device_path)
     if path.is_file() and path.read_bytes() == content:
         result.unchanged.append(str(device_path))
@@ -267,6 +333,8 @@ def _write_if_changed(
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as stream:
+            if mode is not None:
+                os.fchmod(stream.fileno(), mode)
             stream.write(content)
             stream.flush()
             os.fsync(stream.fileno())
@@ -296,10 +364,15 @@ def _link_if_changed(
     result.changed.append(str(device_path))
 
 
-def _file_list(root: Path, result: FlashResult, profile: FirmwareProfile) -> bytes:
+def _file_list(
+    root: Path,
+    result: FlashResult,
+    profile: FirmwareProfile,
+    installed: list[PurePosixPath],
+) -> bytes:
     """Return the JSON list of installed files with sizes and sha256 digests."""
     entries = {}
-    tracked = [RELEASES_DIR / result.release, DEFAULT_CONFIG, UNIT_PATH]
+    tracked = [RELEASES_DIR / result.release, *installed]
     for device_path in tracked:
         path = on_target(root, device_path)
         paths = sorted(path.rglob("*")) if path.is_dir() else [path]

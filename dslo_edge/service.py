@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path, PurePosixPath
+
+from dslo_edge.errors import ConfigError
 
 UNIT_NAME = "dslo-edge.service"
 DEFAULT_EXEC = PurePosixPath("/opt/dslo-edge/venv/bin/dslo-edge")
@@ -11,6 +14,98 @@ DEFAULT_CONFIG = PurePosixPath("/etc/dslo-edge/device.toml")
 DEFAULT_STATE_DIR = PurePosixPath("/var/lib/dslo-edge")
 # sysexits.h EX_CONFIG, the status `dslo-edge run` exits with on a config error.
 EXIT_CONFIG = 78
+# The user name rule of shadow's useradd (useradd(8) and libmisc/chkname.c): a
+# lower-case letter or '_', then lower-case letters, digits, '_' or '-', and
+# an optional ending '$' for Samba machine accounts, at most 32 characters.
+USER_NAME_PATTERN = re.compile(r"[a-z_][a-z0-9_-]*[$]?")
+USER_NAME_MAX_LENGTH = 32
+# Characters that make systemd split a word or read it as a quote or escape.
+_QUOTE_TRIGGER = re.compile(r"""[\s"'\\]""")
+
+
+def check_unit_path(value: str, option: str) -> PurePosixPath:
+    """Return ``value`` as an absolute path to write into a unit file.
+
+    Args:
+        value: the path as given.
+        option: the option or argument name that error messages name.
+
+    Raises:
+        ConfigError: the path is relative or contains a control character,
+            which would end the unit file line.
+    """
+    if not value.startswith("/"):
+        raise ConfigError(
+            f"{option} {value!r} is not an absolute path; pass the absolute "
+            "path that the service will use, starting with /"
+        )
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise ConfigError(
+            f"{option} {value!r} contains a control character; pass a path "
+            "without newlines, tabs or other control characters"
+        )
+    return PurePosixPath(value)
+
+
+def check_user_name(value: str, option: str = "--user") -> str:
+    """Return ``value`` if it is a valid user name for ``User=``.
+
+    Raises:
+        ConfigError: the name does not match ``USER_NAME_PATTERN`` or is
+            longer than ``USER_NAME_MAX_LENGTH`` characters.
+    """
+    if len(value) > USER_NAME_MAX_LENGTH or not USER_NAME_PATTERN.fullmatch(value):
+        raise ConfigError(
+            f"{option} {value!r} is not a valid user name; expected at most "
+            f"{USER_NAME_MAX_LENGTH} characters: a lower-case letter or '_', then "
+            "lower-case letters, digits, '_' or '-', for example dslo"
+        )
+    return value
+
+
+def quote_exec_word(word: str) -> str:
+    """Return ``word`` written as one argument of a systemd ``Exec*=`` line.
+
+    systemd (systemd.service, "Command lines") splits the line on whitespace
+    outside quotes, reads C escapes inside double quotes, expands ``%``
+    specifiers and ``$`` variables in every word. ``%%`` and ``$$`` are the
+    literal characters. A lone ``;`` (a command separator) is not handled,
+    because the units here pass only absolute paths and fixed words.
+    """
+    return _quote_word(word.replace("$", "$$"))
+
+
+def quote_path_list_entry(path: PurePosixPath) -> str:
+    """Return ``path`` written as one entry of a ``ReadWritePaths=`` list.
+
+    systemd splits the list on whitespace outside quotes and expands ``%``
+    specifiers, but not ``$`` variables.
+    """
+    return _quote_word(str(path))
+
+
+def _quote_word(word: str) -> str:
+    escaped = word.replace("%", "%%")
+    if not _QUOTE_TRIGGER.search(word):
+        return escaped
+    escaped = escaped.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _exec_line(*words: str) -> str:
+    return " ".join(quote_exec_word(word) for word in words)
+
+
+def _user_line(user: str | None) -> str:
+    return f"User={check_user_name(user, 'user')}\n" if user else ""
+
+
+def _check_paths(
+    exec_path: PurePosixPath, config_path: PurePosixPath, state_dir: PurePosixPath
+) -> None:
+    check_unit_path(str(exec_path), "executable path")
+    check_unit_path(str(config_path), "config path")
+    check_unit_path(str(state_dir), "state directory")
 
 
 def render_unit(
@@ -39,8 +134,14 @@ def render_unit(
         watchdog_sec: systemd restarts the daemon when it sends no
             WATCHDOG=1 for this long; the daemon pings at half this period
             while its trainer and MQTT threads are healthy.
+
+    Raises:
+        ConfigError: a path is not absolute or contains a control character,
+            or ``user`` is not a valid user name.
     """
-    user_line = f"User={user}\n" if user else ""
+    _check_paths(exec_path, config_path, state_dir)
+    user_line = _user_line(user)
+    command = _exec_line(str(exec_path), "run", "--config", str(config_path))
     return f"""[Unit]
 Description=dslo-edge on-device distillation daemon
 After=network-online.target
@@ -55,7 +156,7 @@ Type=notify
 NotifyAccess=main
 WatchdogSec={watchdog_sec}
 TimeoutStopSec=90
-ExecStart={exec_path} run --config {config_path}
+ExecStart={command}
 {user_line}Restart=on-failure
 RestartSec={restart_sec}
 # Exit status {EXIT_CONFIG} (EX_CONFIG) means the configuration is invalid, and a
@@ -65,7 +166,7 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
-ReadWritePaths={state_dir}
+ReadWritePaths={quote_path_list_entry(state_dir)}
 
 [Install]
 WantedBy=multi-user.target
@@ -102,8 +203,14 @@ def render_hub_unit(
             worker resumes its MQTT session and serves the requests it held,
             so keep this short.
         stop_timeout_sec: time to answer the received requests on SIGTERM.
+
+    Raises:
+        ConfigError: a path is not absolute or contains a control character,
+            or ``user`` is not a valid user name.
     """
-    user_line = f"User={user}\n" if user else ""
+    _check_paths(exec_path, config_path, state_dir)
+    user_line = _user_line(user)
+    command = _exec_line(str(exec_path), "hub", "--config", str(config_path))
     return f"""[Unit]
 Description=dslo-edge hub worker %i
 After=network-online.target
@@ -112,7 +219,7 @@ Wants=network-online.target
 [Service]
 # The worker sends READY=1 once its teacher is loaded and its threads run.
 Type=notify
-ExecStart={exec_path} hub --config {config_path} --worker-id %i
+ExecStart={command} --worker-id %i
 # SIGHUP makes the worker look for a new teacher version at once.
 ExecReload=/bin/kill -HUP $MAINPID
 {user_line}Restart=on-failure
@@ -123,7 +230,7 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
-ReadWritePaths={state_dir}
+ReadWritePaths={quote_path_list_entry(state_dir)}
 
 [Install]
 WantedBy=multi-user.target

@@ -7,6 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from dslo_edge.cli import EXIT_CONFIG, EXIT_ERROR, main
+from dslo_edge.profiles import load_profile
 from tests.bundle_files import write_bundle
 
 
@@ -75,3 +76,79 @@ def test_flash_command_installs_and_repeats(tmp_path: Path) -> None:
     second = run(*arguments)
     assert second.exit_code == 0, second.output
     assert "0 paths written, 6 unchanged" in second.output
+
+
+def test_flash_command_keeps_edited_config(tmp_path: Path) -> None:
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    arguments = ["flash", bundle, "--profile", "raspberry-pi-4b"]
+    arguments += ["--target", str(target)]
+    assert run(*arguments).exit_code == 0
+    config = target / "etc/dslo-edge/device.toml"
+    generated = config.read_text()
+    assert 'profile = "raspberry-pi-4b"' in generated
+    edited = generated + '\n[security]\nhmac_key_file = "hmac.key"\n'
+    config.write_text(edited)
+
+    second = run(*arguments)
+
+    assert second.exit_code == 0, second.output
+    assert "wrote /etc/dslo-edge/device.toml\n" not in second.output
+    assert "wrote /etc/dslo-edge/device.toml.new" in second.output
+    assert "warning: kept /etc/dslo-edge/device.toml because it differs" in (
+        second.output
+    )
+    assert config.read_text() == edited
+    assert (target / "etc/dslo-edge/device.toml.new").read_text() == generated
+
+    replaced = run(*arguments, "--replace-config")
+
+    assert replaced.exit_code == 0, replaced.output
+    assert "wrote /etc/dslo-edge/device.toml.bak" in replaced.output
+    assert "wrote /etc/dslo-edge/device.toml\n" in replaced.output
+    assert "removed /etc/dslo-edge/device.toml.new" in replaced.output
+    assert config.read_text() == generated
+    assert (target / "etc/dslo-edge/device.toml.bak").read_text() == edited
+
+
+def test_flash_command_rejects_bad_device_id(tmp_path: Path) -> None:
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+
+    result = run(
+        "flash",
+        bundle,
+        "--profile",
+        "raspberry-pi-4b",
+        "--target",
+        str(target),
+        "--device-id",
+        "my/dev",
+    )
+
+    assert result.exit_code == EXIT_CONFIG
+    assert result.output == (
+        "error: --device-id 'my/dev' is invalid: expected a non-empty name "
+        "without '/', '+', '#', whitespace or NUL, for example 'kitchen-cam'\n"
+    )
+    assert list(target.iterdir()) == []
+
+
+def test_flash_command_rejects_profile_name_as_id(tmp_path: Path) -> None:
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    profile = tmp_path / "my board.toml"
+    text = load_profile("raspberry-pi-4b").source.read_text()
+    profile.write_text(text.replace('"raspberry-pi-4b"', '"my board"', 1))
+
+    result = run("flash", bundle, "--profile", str(profile), "--target", str(target))
+
+    assert result.exit_code == EXIT_CONFIG
+    assert "error: device id 'my board' is invalid" in result.output
+    assert "the device id defaults to the profile name, so pass --device-id" in (
+        result.output
+    )
+    assert list(target.iterdir()) == []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import stat
 import subprocess
 from collections import namedtuple
 from collections.abc import Iterator
@@ -14,14 +16,22 @@ import pytest
 from dslo_edge.bundle import load_bundle
 from dslo_edge.cli import EXIT_CONFIG
 from dslo_edge.config import load_config
-from dslo_edge.errors import BundleError
-from dslo_edge.flash import FlashOptions, flash, release_id, verify_installation
-from dslo_edge.profiles import load_profile
+from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.errors import BundleError, ConfigError
+from dslo_edge.flash import (
+    FlashOptions,
+    flash,
+    on_target,
+    release_id,
+    verify_installation,
+)
+from dslo_edge.profiles import load_profile, load_profile_file
 from dslo_edge.service import EXIT_CONFIG as UNIT_EXIT_CONFIG
 from dslo_edge.service import render_unit
 from tests.bundle_files import write_bundle
 
 OPTIONS = FlashOptions("kitchen-cam", broker_host="hub.local", broker_port=8883)
+SECURITY_TABLE = '\n[security]\nhmac_key_file = "/etc/dslo-edge/hmac.key"\n'
 Usage = namedtuple("Usage", "total used free")
 
 
@@ -87,6 +97,8 @@ def test_flash_again_changes_nothing(tmp_path: Path, pi4) -> None:
 
     assert again.changed == []
     assert len(again.unchanged) == 6
+    assert "/etc/dslo-edge/device.toml" in again.unchanged
+    assert again.warnings == []
     assert installed_files(root) == before
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
@@ -134,9 +146,154 @@ def test_flash_rejects_invalid_device_id(tmp_path: Path, pi4) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
     root.mkdir()
-    with pytest.raises(Exception, match="device id"):
+    with pytest.raises(ConfigError) as caught:
         flash(bundle, pi4, root, FlashOptions("kitchen/cam"))
+    assert str(caught.value) == (
+        "device id 'kitchen/cam' is invalid: expected a non-empty name without "
+        "'/', '+', '#', whitespace or NUL, for example 'kitchen-cam'"
+    )
     assert list(root.iterdir()) == []
+
+
+def test_flash_config_error_names_device_path(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    with pytest.raises(ConfigError) as caught:
+        flash(bundle, pi4, root, FlashOptions("porch", broker_host=""))
+    assert str(caught.value).startswith(
+        "generated /etc/dslo-edge/device.toml: mqtt.host = '' is invalid"
+    )
+    assert list(root.iterdir()) == []
+
+
+def test_flash_keeps_edited_config(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(bundle, pi4, root, OPTIONS)
+    config = root / "etc/dslo-edge/device.toml"
+    generated = config.read_bytes()
+    config.write_text(config.read_text() + SECURITY_TABLE)
+    config.chmod(0o600)
+    edited = config.read_bytes()
+
+    second = flash(bundle, pi4, root, OPTIONS)
+
+    pending = root / "etc/dslo-edge/device.toml.new"
+    assert config.read_bytes() == edited
+    assert pending.read_bytes() == generated
+    assert stat.S_IMODE(pending.stat().st_mode) == 0o600
+    assert not (root / "etc/dslo-edge/device.toml.bak").exists()
+    assert "/etc/dslo-edge/device.toml" not in second.changed
+    assert "/etc/dslo-edge/device.toml.new" in second.changed
+    assert second.warnings == [
+        "kept /etc/dslo-edge/device.toml because it differs from the generated "
+        "config, which is in /etc/dslo-edge/device.toml.new: merge the two by "
+        "hand, or run flash again with --replace-config to install it and keep "
+        "the old file as /etc/dslo-edge/device.toml.bak"
+    ]
+    assert config.read_text().endswith(SECURITY_TABLE)
+
+    third = flash(bundle, pi4, root, OPTIONS)
+
+    assert third.changed == []
+    assert third.warnings == second.warnings
+    assert config.read_bytes() == edited
+    assert verify_installation(root) == []
+
+
+def test_flash_replace_config_keeps_backup(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(bundle, pi4, root, OPTIONS)
+    config = root / "etc/dslo-edge/device.toml"
+    generated = config.read_bytes()
+    config.write_text(config.read_text() + SECURITY_TABLE)
+    config.chmod(0o600)
+    edited = config.read_bytes()
+    flash(bundle, pi4, root, OPTIONS)
+
+    replaced = flash(bundle, pi4, root, OPTIONS, replace_config=True)
+
+    backup = root / "etc/dslo-edge/device.toml.bak"
+    assert config.read_bytes() == generated
+    assert backup.read_bytes() == edited
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert not (root / "etc/dslo-edge/device.toml.new").exists()
+    assert replaced.removed == ["/etc/dslo-edge/device.toml.new"]
+    assert replaced.changed[:2] == [
+        "/etc/dslo-edge/device.toml.bak",
+        "/etc/dslo-edge/device.toml",
+    ]
+    assert replaced.warnings == [
+        "replaced /etc/dslo-edge/device.toml; the previous file is kept as "
+        "/etc/dslo-edge/device.toml.bak"
+    ]
+
+    config.write_text(config.read_text() + "# second edit\n")
+    second_edit = config.read_bytes()
+    flash(bundle, pi4, root, OPTIONS, replace_config=True)
+
+    assert backup.read_bytes() == edited
+    assert (root / "etc/dslo-edge/device.toml.bak.1").read_bytes() == second_edit
+    assert config.read_bytes() == generated
+
+
+def test_flash_writes_builtin_profile_name(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(bundle, pi4, root, OPTIONS)
+
+    config = load_config(root / "etc/dslo-edge/device.toml")
+
+    assert config.profile == "raspberry-pi-4b"
+    assert load_profile(config.profile).thermal_limit_c == 75.0
+    assert not (root / "etc/dslo-edge/profiles").exists()
+
+
+def test_flash_installs_custom_profile_file(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    custom = tmp_path / "shed-pi.toml"
+    text = pi4.source.read_text()
+    text = text.replace('name = "raspberry-pi-4b"', 'name = "shed-pi"')
+    custom.write_text(text.replace("idle_watts = 2.7", "idle_watts = 3.1"))
+
+    result = flash(bundle, load_profile(str(custom)), root, OPTIONS)
+
+    config = load_config(root / "etc/dslo-edge/device.toml")
+    assert config.profile == "/etc/dslo-edge/profiles/shed-pi.toml"
+    copy = on_target(root, config.profile)
+    assert copy.read_bytes() == custom.read_bytes()
+    assert load_profile_file(copy).idle_watts == 3.1
+    assert "/etc/dslo-edge/profiles/shed-pi.toml" in result.changed
+    listing = json.loads((root / "opt/dslo-edge/installed.json").read_text())
+    assert "/etc/dslo-edge/profiles/shed-pi.toml" in listing["files"]
+    assert verify_installation(root) == []
+
+
+def test_flashed_daemon_runs_with_profile(tmp_path: Path, pi4, mlp_pair) -> None:
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(mlp_pair.bundle, pi4, root, OPTIONS)
+    config = load_config(root / "etc/dslo-edge/device.toml")
+    # The paths in the config are device paths, so point them into the target.
+    config = dataclasses.replace(
+        config,
+        bundle=on_target(root, config.bundle),
+        state_dir=on_target(root, config.state_dir),
+    )
+
+    daemon = EdgeDaemon(config)
+
+    assert daemon.profile is not None
+    assert daemon.profile.name == "raspberry-pi-4b"
+    assert daemon.profile.thermal_limit_c == 75.0
 
 
 def test_flash_free_space_check_with_injected_usage(tmp_path: Path, pi4) -> None:

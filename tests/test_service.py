@@ -9,13 +9,20 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import PurePosixPath
 
 import pytest
 from click.testing import CliRunner
 
-from dslo_edge.cli import main
+from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.config import render_config
 from dslo_edge.daemon import EXIT_WATCHDOG
+from dslo_edge.errors import ConfigError
+from dslo_edge.service import (
+    quote_exec_word,
+    quote_path_list_entry,
+    render_hub_unit,
+)
 
 
 def test_service_install_writes_notify_unit(tmp_path) -> None:
@@ -57,11 +64,20 @@ def test_service_install_writes_notify_unit(tmp_path) -> None:
 @pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
 )
-def test_unit_passes_systemd_analyze_verify(tmp_path) -> None:
-    CliRunner().invoke(
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--config", "/etc/dslo edge/device.toml", "--state-dir", "/var/lib/dslo 1"],
+    ],
+)
+def test_unit_passes_systemd_analyze_verify(tmp_path, options) -> None:
+    installed = CliRunner().invoke(
         main,
-        ["service", "install", "--unit-dir", str(tmp_path), "--exec", sys.executable],
+        ["service", "install", "--unit-dir", str(tmp_path), "--exec", sys.executable]
+        + options,
     )
+    assert installed.exit_code == 0, installed.output
 
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(tmp_path / "dslo-edge.service")],
@@ -76,6 +92,114 @@ def test_unit_passes_systemd_analyze_verify(tmp_path) -> None:
     ]
     assert result.returncode == 0, result.stderr
     assert problems == []
+
+
+def test_service_install_quotes_path_with_space(tmp_path) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "service",
+            "install",
+            "--unit-dir",
+            str(tmp_path),
+            "--exec",
+            sys.executable,
+            "--config",
+            "/etc/dslo edge/100% device.toml",
+            "--state-dir",
+            "/var/lib/dslo edge",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    lines = set((tmp_path / "dslo-edge.service").read_text().splitlines())
+    expected_exec = (
+        f'ExecStart={sys.executable} run --config "/etc/dslo edge/100%% device.toml"'
+    )
+    assert expected_exec in lines
+    assert 'ReadWritePaths="/var/lib/dslo edge"' in lines
+
+
+@pytest.mark.parametrize(
+    ("word", "written"),
+    [
+        ("/opt/dslo-edge/venv/bin/dslo-edge", "/opt/dslo-edge/venv/bin/dslo-edge"),
+        ("/etc/a b.toml", '"/etc/a b.toml"'),
+        ('/etc/say "hi".toml', '"/etc/say \\"hi\\".toml"'),
+        ("/etc/back\\slash", '"/etc/back\\\\slash"'),
+        ("/etc/it's", '"/etc/it\'s"'),
+        ("/etc/50%", "/etc/50%%"),
+        ("/etc/$HOME", "/etc/$$HOME"),
+    ],
+)
+def test_quote_exec_word_follows_systemd_rules(word: str, written: str) -> None:
+    assert quote_exec_word(word) == written
+
+
+def test_hub_unit_rejects_relative_config() -> None:
+    with pytest.raises(ConfigError) as caught:
+        render_hub_unit(config_path=PurePosixPath("hub.toml"))
+    assert str(caught.value) == (
+        "config path 'hub.toml' is not an absolute path; pass the absolute "
+        "path that the service will use, starting with /"
+    )
+
+
+def test_path_list_entry_keeps_dollar() -> None:
+    assert quote_path_list_entry(PurePosixPath("/var/lib/$x y")) == '"/var/lib/$x y"'
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--config", "etc/device.toml"],
+            "error: --config 'etc/device.toml' is not an absolute path; pass the "
+            "absolute path that the service will use, starting with /",
+        ),
+        (
+            ["--state-dir", "relative/dir"],
+            "error: --state-dir 'relative/dir' is not an absolute path",
+        ),
+        (["--exec", "bin/dslo-edge"], "error: --exec 'bin/dslo-edge' is not an"),
+        (
+            ["--config", "/etc/device.toml\nExecStartPre=/bin/sh"],
+            "contains a control character; pass a path without newlines",
+        ),
+        (
+            ["--user", "bad user"],
+            "error: --user 'bad user' is not a valid user name; expected at most "
+            "32 characters: a lower-case letter or '_', then lower-case letters, "
+            "digits, '_' or '-', for example dslo",
+        ),
+        (["--user", ""], "error: --user '' is not a valid user name"),
+        (["--user", "Dslo"], "error: --user 'Dslo' is not a valid user name"),
+        (["--user", "a" * 33], "is not a valid user name; expected at most 32"),
+    ],
+)
+def test_service_install_rejects_bad_option(tmp_path, arguments, message) -> None:
+    unit_dir = tmp_path / "units"
+    result = CliRunner().invoke(
+        main,
+        ["service", "install", "--unit-dir", str(unit_dir), "--exec", sys.executable]
+        + arguments,
+    )
+
+    assert result.exit_code == EXIT_CONFIG
+    assert message in result.output
+    assert len(result.output.splitlines()) == 1
+    assert not unit_dir.exists()
+
+
+@pytest.mark.parametrize("user", ["dslo", "_dslo", "dslo-edge_2", "host$", "a" * 32])
+def test_service_install_accepts_user(tmp_path, user: str) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["service", "install", "--unit-dir", str(tmp_path), "--user", user],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert f"User={user}" in (tmp_path / "dslo-edge.service").read_text()
 
 
 def _config(tmp_path, mlp_pair, broker) -> str:

@@ -1,0 +1,100 @@
+"""The device config and firmware profile that flash installs on a device."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from dslo_edge.config import load_config, render_config
+from dslo_edge.errors import ConfigError
+from dslo_edge.profiles import FirmwareProfile
+from dslo_edge.protocol import Topics
+from dslo_edge.service import DEFAULT_CONFIG, DEFAULT_STATE_DIR
+
+PROFILES_DIR = PurePosixPath("/etc/dslo-edge/profiles")
+
+
+@dataclass(frozen=True)
+class FlashOptions:
+    """Values written into the generated device config."""
+
+    device_id: str
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    batch_size: int = 32
+
+
+def check_device_id(device_id: str, name: str = "device id", fix: str = "") -> None:
+    """Raise ConfigError unless ``device_id`` can be one MQTT topic level.
+
+    ``name`` is what the message calls the value, such as an option name, and
+    ``fix`` is appended to the message.
+    """
+    try:
+        Topics.for_device(device_id)
+    except ConfigError:
+        raise ConfigError(
+            f"{name} {device_id!r} is invalid: expected a non-empty name without "
+            f"'/', '+', '#', whitespace or NUL, for example 'kitchen-cam'{fix}"
+        ) from None
+
+
+def profile_reference(profile: FirmwareProfile) -> tuple[str, bytes | None]:
+    """Return the ``device.profile`` value and the profile file to install, if any.
+
+    A profile that dslo-edge ships unchanged is referenced by name, which the
+    daemon finds in its installed ``firmware_profiles``. Any other profile
+    file is installed under ``PROFILES_DIR`` and referenced by that path.
+    """
+    content = profile.source.read_bytes()
+    shipped = _shipped_profile(profile.name)
+    if shipped is not None and shipped.read_bytes() == content:
+        return profile.name, None
+    return str(PROFILES_DIR / f"{profile.name}.toml"), content
+
+
+def _shipped_profile(name: str) -> Path | None:
+    import firmware_profiles
+
+    path = Path(firmware_profiles.__file__).resolve().parent / f"{name}.toml"
+    return path if path.is_file() else None
+
+
+def render_device_config(
+    options: FlashOptions, bundle: PurePosixPath, profile: str
+) -> str:
+    """Return the device.toml text flash installs, validated by the loader.
+
+    ``bundle`` is the bundle directory and ``profile`` the ``device.profile``
+    value, both as paths on the device.
+
+    Raises:
+        ConfigError: an option makes the config invalid.
+    """
+    text = render_config(
+        options.device_id,
+        Path(str(bundle)),
+        Path(str(DEFAULT_STATE_DIR)),
+        options.broker_port,
+        overrides={"device": {"profile": profile}},
+    )
+    # NOTE: render_config has no broker host parameter yet, so the host line it
+    # writes is replaced here and the result is validated below.
+    text = text.replace(
+        'host = "127.0.0.1"', f"host = {json.dumps(options.broker_host)}"
+    )
+    _validate_config(text)
+    return text
+
+
+def _validate_config(text: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "device.toml"
+        path.write_text(text)
+        try:
+            load_config(path)
+        except ConfigError as error:
+            message = str(error).replace(str(path), f"generated {DEFAULT_CONFIG}")
+            raise ConfigError(message) from None
