@@ -596,9 +596,13 @@ def selftest(
             f"unknown scenario {unknown[0]}; choose from {', '.join(SCENARIOS)}",
             param_hint="--only",
         )
-    workdir = Path(out)
+    # Absolute, because the device configs written under it resolve relative
+    # paths against their own folder.
+    workdir = Path(out).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    bundle_path = Path(bundle) if bundle else _selftest_bundle(workdir / "bundle")
+    bundle_path = (
+        Path(bundle).resolve() if bundle else _selftest_bundle(workdir / "bundle")
+    )
     scale = Scale.quick() if quick else Scale()
     rows = run_suite(
         workdir,

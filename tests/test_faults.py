@@ -25,3 +25,20 @@ def test_fault_scenario(name: str, mlp_pair, tmp_path) -> None:
     assert row.lost == 0, row.detail
     assert row.applied > 0, row.detail
     assert row.passed, row.detail
+
+
+def test_selftest_with_relative_out(mlp_pair, tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from dslo_edge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    arguments = ["selftest", "--faults", "--quick", "--only", "broker-restart"]
+    arguments += ["--bundle", str(mlp_pair.bundle), "--out", "relative-out"]
+
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 0, result.output
+    assert "pass: broker restart" in result.output
+    state = tmp_path / "relative-out" / "broker-restart" / "state"
+    assert any((state / "checkpoints").iterdir())
