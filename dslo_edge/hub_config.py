@@ -344,7 +344,7 @@ def _check_push_data(config: HubConfig) -> None:
     """Load each push's data and check it against the teacher, as ``push`` does.
 
     Raises:
-        ConfigError: the teacher is not a teacher model, or a push's data
+        ConfigError: the teacher has no teacher signature, or a push's data
             cannot be read or does not fit the teacher.
     """
     if not config.pushes:

@@ -57,10 +57,10 @@ def read_teacher_signature(
     if signature is None or "x" not in signature["inputs"] or set(expected) - outputs:
         found = ", ".join(sorted(signatures)) or "none"
         raise ConfigError(
-            f"{source} is not a teacher model: expected an '{TEACHER_SIGNATURE}' "
-            f"signature with input 'x' and outputs {', '.join(map(repr, expected))} "
-            f"(its signatures: {found}); pass a teacher file written by "
-            "'dslo-edge convert', not a student"
+            f"{source} has no matching teacher signature: expected an "
+            f"'{TEACHER_SIGNATURE}' signature with input 'x' and outputs "
+            f"{', '.join(map(repr, expected))} (its signatures: {found}); pass "
+            "a teacher file that 'dslo-edge convert' wrote for this model"
         )
     runner = interpreter.get_signature_runner(TEACHER_SIGNATURE)
     input_shape = runner.get_input_details()["x"]["shape"][1:]
@@ -78,8 +78,8 @@ def check_teacher(path: Path, bundle: Bundle, source: str) -> None:
         source: how the file was given, such as ``--teacher t1.tflite``.
 
     Raises:
-        ConfigError: the file is not a teacher model, or its input shape or
-            class counts differ from the student's.
+        ConfigError: the file has no matching teacher signature, or its input
+            shape or class counts differ from the student's.
     """
     expected = expected_teacher_outputs(bundle)
     teacher = read_teacher_signature(path, source, expected)
