@@ -8,11 +8,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from dslo_edge.cli_broker import broker_login_options
 from dslo_edge.errors import ConfigError, DsloError
+
+if TYPE_CHECKING:
+    from dslo_edge.broker_login import BrokerLogin
 
 # sysexits.h EX_CONFIG: a service manager can exclude it from restarts.
 EXIT_CONFIG = 78
@@ -321,8 +325,13 @@ def _add_log_file(settings: Any) -> None:
     "--device", "device_id", required=True, help="Device id, as in its config."
 )
 @click.option(
-    "--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker URL."
+    "--broker",
+    default="mqtt://127.0.0.1:1883",
+    show_default=True,
+    help="Broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS, port 8883 "
+    "by default); give the login with --username and --password-file.",
 )
+@broker_login_options
 @click.option(
     "--batch-size",
     default=32,
@@ -337,7 +346,8 @@ def _add_log_file(settings: Any) -> None:
     "--wait/--no-wait",
     default=True,
     show_default=True,
-    help="Wait for the device to process each round.",
+    help="Wait for the device to process each round, and exit 1 if it rejected "
+    "any update of this push.",
 )
 @click.option(
     "--timeout",
@@ -398,6 +408,7 @@ def push(
     data: str,
     device_id: str,
     broker: str,
+    login: BrokerLogin,
     batch_size: int,
     hard_labels: bool,
     wait: bool,
@@ -413,30 +424,28 @@ def push(
 ) -> None:
     """Publish soft labels from the hub's teacher to one device."""
     from dslo_edge import hub
+    from dslo_edge.broker_login import broker_settings
     from dslo_edge.bundle import load_bundle
+    from dslo_edge.push_checks import check_top_k
     from dslo_edge.signing import load_key
 
     privacy = _private_release(
         device_id, dp_noise_multiplier, dp_epsilon, dp_delta, dp_ledger
     )
+    broker_settings(broker, login)
 
     loaded = load_bundle(bundle)
-    paths = [Path(t) for t in teachers] or [loaded.teacher_path]
-    samples = hub.load_samples(data)
     head_output_kinds = _head_output_kinds(loaded, hard_labels)
-    if not hard_labels:
-        samples = hub.SampleSet(samples.x, samples.ids)
-    if head_output_kinds is None:
-        hub.check_samples(samples, loaded.input_shape, loaded.class_count, data)
-    else:
-        # Without hard labels, the class count is not read.
-        hub.check_samples(samples, loaded.input_shape, 0, data)
+    paths = _checked_teachers(loaded, teachers)
+    check_top_k(top_k, loaded)
+    samples = _push_samples(loaded, data, hard_labels)
     result = hub.push(
         paths,
         loaded.teacher_output_kind,
         samples,
         device_id,
         broker,
+        login=login,
         batch_size=batch_size,
         wait=wait,
         timeout=timeout,
@@ -451,12 +460,56 @@ def push(
         f"sent {result.messages} messages ({result.samples} samples, "
         f"{result.payload_bytes} bytes) in {result.rounds} rounds"
     )
-    if result.device_metrics:
-        metrics = result.device_metrics
+    counts = result.device_counts
+    if counts is None:
+        return
+    click.echo(f"device {device_id}: {counts.describe()} of this push's updates")
+    if counts.rejected_count:
+        advice = "; ".join(counts.hints()) or "its log names each update and reason"
         click.echo(
-            f"device {device_id}: applied {metrics['applied']}, "
-            f"rejected {sum(metrics['rejected'].values())}"
+            f"error: device {device_id} rejected {counts.rejected_count} of the "
+            f"{result.messages} updates of this push ({counts.reasons()}); {advice}",
+            err=True,
         )
+        sys.exit(EXIT_ERROR)
+
+
+def _checked_teachers(bundle: Any, teachers: tuple[str, ...]) -> list[Path]:
+    """Return the teacher files of a push, each checked against the student."""
+    from dslo_edge.push_checks import check_teacher
+
+    if not teachers:
+        source = f"the bundle's teacher {bundle.teacher_path}"
+        check_teacher(bundle.teacher_path, bundle, source)
+        return [bundle.teacher_path]
+    for teacher in teachers:
+        check_teacher(Path(teacher), bundle, f"--teacher {teacher}")
+    return [Path(teacher) for teacher in teachers]
+
+
+def _push_samples(bundle: Any, data: str, hard_labels: bool) -> Any:
+    """Load and check the --data samples; keep y only with --hard-labels."""
+    from dslo_edge import hub
+
+    try:
+        samples = hub.load_samples(data)
+    except ConfigError as error:
+        raise ConfigError(f"invalid --data: {error}") from error
+    if hard_labels and samples.y is None:
+        raise ConfigError(
+            f"--hard-labels needs a 'y' array (one class index per sample) in "
+            f"--data {data}, which has none; add y to the .npz or drop --hard-labels"
+        )
+    if not hard_labels:
+        samples = hub.SampleSet(samples.x, samples.ids)
+    # Without hard labels the class count is not read, so a multi-head
+    # student passes 0.
+    class_count = 0 if bundle.is_multi_head else bundle.class_count
+    try:
+        hub.check_samples(samples, bundle.input_shape, class_count, data)
+    except ConfigError as error:
+        raise ConfigError(f"invalid --data: {error}") from error
+    return samples
 
 
 def _head_output_kinds(bundle: Any, hard_labels: bool) -> dict[str, str] | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from dslo_edge.cli_broker import broker_login_options
 from dslo_edge.errors import BundleError
 
 PROFILES_DIR_OPTION = click.option(
@@ -266,6 +267,7 @@ def report(metrics_path: str, out: str) -> None:
 @click.option(
     "--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker URL."
 )
+@broker_login_options
 @click.option("--topic-prefix", default="dslo", show_default=True, help="Topic prefix.")
 @click.option(
     "--chunk-size",
@@ -291,6 +293,7 @@ def ota_send(
     bundle: str,
     device_id: str,
     broker: str,
+    login: Any,
     topic_prefix: str,
     chunk_size: int,
     timeout: float,
@@ -301,22 +304,19 @@ def ota_send(
 
     import paho.mqtt.client as mqtt
 
+    from dslo_edge.broker_login import broker_settings, start_client
     from dslo_edge.errors import BrokerError
-    from dslo_edge.hub import parse_broker_url
     from dslo_edge.ota import send_bundle
     from dslo_edge.protocol import Topics
     from dslo_edge.signing import load_key
 
-    host, port = parse_broker_url(broker)
+    settings = broker_settings(broker, login)
+    host, port = settings.host, settings.port
     topics = Topics.for_device(device_id, topic_prefix)
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2, client_id=f"dslo-edge-{device_id}-ota"
     )
-    try:
-        client.connect(host, port, keepalive=30)
-    except OSError as error:
-        raise BrokerError(f"cannot connect to broker {host}:{port}: {error}") from error
-    client.loop_start()
+    start_client(client, settings, f"ota-send to {device_id}")
     try:
         transfer = send_bundle(
             client,

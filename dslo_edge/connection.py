@@ -46,19 +46,60 @@ class Backoff:
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
-def describe_tls_failure(error: ssl.SSLError) -> str:
-    """Return which TLS check failed, in words an operator can act on."""
+def describe_tls_failure(
+    error: ssl.SSLError, ca_key: str = "mqtt.tls_ca_file", host_key: str = "mqtt.host"
+) -> str:
+    """Return which TLS check failed, in words an operator can act on.
+
+    ``ca_key`` and ``host_key`` name the setting or option to check.
+    """
     if isinstance(error, ssl.SSLCertVerificationError):
         code = getattr(error, "verify_code", None)
         message = getattr(error, "verify_message", "") or str(error)
         if code in (19, 20, 21):
-            return f"unknown CA ({message}); check mqtt.tls_ca_file"
+            return f"unknown CA ({message}); check {ca_key}"
         if code in (62, 64) or "mismatch" in message.lower():
-            return f"hostname mismatch ({message}); check mqtt.host"
+            return f"hostname mismatch ({message}); check {host_key}"
         if code == 10:
             return f"certificate expired ({message})"
         return f"certificate verification failed ({message})"
     return f"TLS handshake failed ({error.reason or error})"
+
+
+def configure_auth(client: mqtt.Client, settings: MqttSettings) -> None:
+    """Set the user name and the password read from ``settings.password_file``."""
+    if not settings.username:
+        return
+    password = None
+    if settings.password_file is not None:
+        password = settings.password_file.read_text().strip()
+    client.username_pw_set(settings.username, password)
+
+
+def configure_tls(client: mqtt.Client, settings: MqttSettings, label: str) -> None:
+    """Turn on TLS with the settings' CA and client files, if a CA file is set.
+
+    Raises:
+        ConfigError: a TLS file cannot be read or is not PEM.
+    """
+    if not settings.uses_tls:
+        return
+    try:
+        client.tls_set(
+            ca_certs=str(settings.tls_ca_file),
+            certfile=str(settings.tls_cert_file) if settings.tls_cert_file else None,
+            keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    except (ssl.SSLError, OSError) as error:
+        raise ConfigError(f"cannot load the TLS files for {label}: {error}") from error
+    if settings.tls_insecure:
+        logger.warning(
+            "TLS hostname verification is off for %s (mqtt.tls_insecure); "
+            "anyone holding a certificate from this CA can impersonate the broker",
+            label,
+        )
+        client.tls_insecure_set(True)
 
 
 class MqttConnection:
@@ -136,37 +177,10 @@ class MqttConnection:
         return client
 
     def _configure_auth(self, client: mqtt.Client) -> None:
-        if not self.settings.username:
-            return
-        password = None
-        if self.settings.password_file is not None:
-            password = self.settings.password_file.read_text().strip()
-        client.username_pw_set(self.settings.username, password)
+        configure_auth(client, self.settings)
 
     def _configure_tls(self, client: mqtt.Client) -> None:
-        settings = self.settings
-        if not settings.uses_tls:
-            return
-        try:
-            client.tls_set(
-                ca_certs=str(settings.tls_ca_file),
-                certfile=str(settings.tls_cert_file)
-                if settings.tls_cert_file
-                else None,
-                keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-        except (ssl.SSLError, OSError) as error:
-            raise ConfigError(
-                f"cannot load the TLS files for {self.label}: {error}"
-            ) from error
-        if settings.tls_insecure:
-            logger.warning(
-                "TLS hostname verification is off for %s (mqtt.tls_insecure); "
-                "anyone holding a certificate from this CA can impersonate the broker",
-                self.label,
-            )
-            client.tls_insecure_set(True)
+        configure_tls(client, self.settings, self.label)
 
     def _connect_properties(self) -> Properties | None:
         if not self.is_v5:

@@ -17,17 +17,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from dslo_edge import broker_login
+from dslo_edge.broker_login import BrokerLogin
 from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import PrivateRelease
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+from dslo_edge.push_progress import (
+    DeviceCounts,
+    key_counters,
+    wait_for_baseline,
+    wait_for_processed,
+)
 from dslo_edge.signing import sign
 
 logger = logging.getLogger(__name__)
@@ -51,12 +58,18 @@ def load_samples(path: str | Path) -> SampleSet:
     """
     source = Path(path)
     try:
-        with np.load(source, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+        loaded = np.load(source, allow_pickle=False)
     except FileNotFoundError as error:
         raise ConfigError(f"sample file not found: {source}") from error
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read {source} as .npz: {error}") from error
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ConfigError(
+            f"{source} is a single .npy array of shape {loaded.shape}; expected "
+            "an .npz archive with an 'x' array, written by numpy.savez(path, x=x)"
+        )
+    with loaded as data:
+        arrays = {key: data[key] for key in data.files}
     if "x" not in arrays:
         raise ConfigError(
             f"{source} has arrays {sorted(arrays)}; expected at least 'x' (inputs)"
@@ -80,17 +93,24 @@ def load_samples(path: str | Path) -> SampleSet:
 
 
 def check_samples(
-    samples: SampleSet, input_shape: tuple[int, ...], class_count: int, source: str
+    samples: SampleSet,
+    input_shape: tuple[int, ...],
+    class_count: int,
+    source: str,
+    model: str = "the bundle's student",
 ) -> None:
-    """Check samples against the bundle before anything is sent.
+    """Check samples against the model before anything is sent.
+
+    Args:
+        model: the model that takes ``input_shape``, for the error message.
 
     Raises:
         ConfigError: wrong input shape, or hard labels outside 0..K-1.
     """
     if samples.x.shape[1:] != input_shape:
         raise ConfigError(
-            f"{source}: x has samples of shape {samples.x.shape[1:]}, but the "
-            f"bundle's student takes {input_shape}"
+            f"{source}: x has samples of shape {samples.x.shape[1:]}, but "
+            f"{model} takes {input_shape}"
         )
     y = samples.y
     if y is not None and (y.min() < 0 or y.max() >= class_count):
@@ -101,18 +121,13 @@ def check_samples(
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
-    """Split ``mqtt://host:port`` into host and port (port 1883 by default)."""
-    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    try:
-        port = parsed.port
-    except ValueError:
-        port = -1
-    if parsed.scheme != "mqtt" or not parsed.hostname or port == -1:
-        raise ConfigError(
-            f"broker URL {url!r} is invalid; expected mqtt://HOST[:PORT] with a "
-            "port in 1..65535"
-        )
-    return parsed.hostname, port or 1883
+    """Split ``mqtt[s]://HOST[:PORT]`` into host and port (1883 or 8883 by default).
+
+    Raises:
+        ConfigError: see ``broker_login.parse_broker_url``.
+    """
+    _, host, port = broker_login.parse_broker_url(url)
+    return host, port
 
 
 def build_updates(
@@ -171,14 +186,26 @@ def label_probabilities_of(logits: np.ndarray, temperature: float = 1.0) -> np.n
 
 
 class HubClient:
-    """An MQTT client that publishes updates and follows a device's metrics."""
+    """An MQTT client that publishes updates and follows a device's status and metrics.
+
+    Raises:
+        BrokerError: the broker cannot be reached or refused the login.
+    """
 
     def __init__(
-        self, host: str, port: int, device_id: str, protocol: Any = mqtt.MQTTv5
+        self,
+        host: str,
+        port: int,
+        device_id: str,
+        protocol: Any = mqtt.MQTTv5,
+        *,
+        login: BrokerLogin | None = None,
     ):
         self.topics = Topics.for_device(device_id)
         self.device_id = device_id
         self.latest_metrics: dict[str, Any] | None = None
+        # The retained presence string, STATUS_ONLINE or STATUS_OFFLINE.
+        self.status: str | None = None
         self._metrics_changed = threading.Condition()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -187,30 +214,20 @@ class HubClient:
         )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
-        self._connected = threading.Event()
-        try:
-            self.client.connect(host, port, keepalive=30)
-        except OSError as error:
-            raise BrokerError(
-                f"cannot reach the broker at {host}:{port}: {error}"
-            ) from error
-        self.client.loop_start()
-        if not self._connected.wait(10):
-            self.close()
-            raise BrokerError(
-                f"the broker at {host}:{port} did not accept the hub within 10 s"
-            )
+        settings = (login or BrokerLogin()).settings(host, port)
+        broker_login.start_client(self.client, settings, f"hub of {device_id}")
 
     def _on_connect(
-        self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any
+        self, client: mqtt.Client, _u: Any, _f: Any, _r: Any, _p: Any
     ) -> None:
-        if reason.is_failure:
-            logger.error("Broker rejected the hub connection: %s", reason)
-            return
-        client.subscribe(self.topics.metrics, qos=1)
-        self._connected.set()
+        client.subscribe([(self.topics.status, 1), (self.topics.metrics, 1)])
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.topics.status:
+            with self._metrics_changed:
+                self.status = message.payload.decode("utf-8", "replace")
+                self._metrics_changed.notify_all()
+            return
         try:
             report = json.loads(message.payload)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -239,12 +256,6 @@ class HubClient:
                 f"update for device {self.device_id} was not acknowledged by the broker"
             )
 
-    def processed(self) -> int | None:
-        with self._metrics_changed:
-            if self.latest_metrics is None:
-                return None
-            return _processed(self.latest_metrics)
-
     def wait_for_metrics(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float
     ) -> dict[str, Any]:
@@ -256,7 +267,8 @@ class HubClient:
                 if remaining <= 0:
                     raise BrokerError(
                         f"device {self.device_id} did not report the expected progress "
-                        f"within {timeout:.0f} s; last metrics: {self.latest_metrics}"
+                        f"within {timeout:.0f} s; status {self.status or 'unknown'}, "
+                        f"{key_counters(self.latest_metrics)}"
                     )
                 self._metrics_changed.wait(remaining)
             return dict(self.latest_metrics)
@@ -268,13 +280,15 @@ class HubClient:
 
 @dataclass
 class PushResult:
-    """Counts of a push, and the device's last metrics when the push waited."""
+    """Counts of a push, and the device's metrics and counts when the push waited."""
 
     rounds: int = 0
     messages: int = 0
     samples: int = 0
     payload_bytes: int = 0
     device_metrics: dict[str, Any] | None = None
+    # The updates the device applied and rejected during this push.
+    device_counts: DeviceCounts | None = None
 
 
 def push(
@@ -284,6 +298,7 @@ def push(
     device_id: str,
     broker_url: str,
     *,
+    login: BrokerLogin | None = None,
     batch_size: int = 32,
     wait: bool = True,
     timeout: float = 120.0,
@@ -304,9 +319,14 @@ def push(
     would exceed the budget, after publishing the updates before it.
 
     Args:
-        wait: follow the device's metrics. After each round, wait until the
+        broker_url: ``mqtt://HOST[:PORT]``, or ``mqtts://`` with a CA file in
+            ``login``.
+        login: user name, password file and TLS files for the broker.
+        wait: follow the device's status and metrics. Fail at once when its
+            retained status is offline. After each round, wait until the
             device has processed every update, and keep at most ``window``
             updates outstanding so a burst cannot overrun the broker's queue.
+            ``device_counts`` of the result then has this push's counts.
         hmac_key: sign every update with the device's key.
         expiry_s: MQTT 5 message expiry; match the device's max_age_s.
         input_dtype: "float16" sends inputs at half the size (payload
@@ -317,18 +337,22 @@ def push(
             version 3). ``output_kind`` is then unused.
 
     Raises:
-        ConfigError: ``head_output_kinds`` is combined with ``privacy``.
+        ConfigError: ``head_output_kinds`` is combined with ``privacy``, or
+            the broker URL or login is invalid.
+        BrokerError: the broker cannot be used, the device is offline, or it
+            did not process the updates within ``timeout``.
     """
     if head_output_kinds is not None and privacy is not None:
         raise ConfigError(
             "private labels (privacy) are released for single-head students "
             "only; push to this multi-head student without a privacy budget"
         )
-    host, port = parse_broker_url(broker_url)
-    hub = HubClient(host, port, device_id, protocol)
+    login = login or BrokerLogin()
+    settings = broker_login.broker_settings(broker_url, login)
+    hub = HubClient(settings.host, settings.port, device_id, protocol, login=login)
     result = PushResult()
     try:
-        baseline = _wait_for_baseline(hub) if wait else 0
+        before = wait_for_baseline(hub) if wait else {}
         for round_number, path in enumerate(teachers, start=1):
             version = Path(path).stem
             rounds = _RoundSettings(version, round_number, batch_size, top_k)
@@ -344,11 +368,8 @@ def push(
                 if hmac_key is not None:
                     payload = sign(hmac_key, hub.topics.updates, payload)
                 if wait and result.messages >= window:
-                    target = baseline + result.messages - window + 1
-                    hub.wait_for_metrics(
-                        lambda m, target=target: _processed(m) >= target,
-                        timeout,
-                    )
+                    count = result.messages - window + 1
+                    wait_for_processed(hub, before, count, result.messages, timeout)
                 hub.publish(payload, expiry_s)
                 result.messages += 1
                 result.samples += update.sample_count
@@ -360,9 +381,11 @@ def push(
                 "Round %d (%s) sent to device %s", round_number, version, device_id
             )
             if wait:
-                target = baseline + result.messages
-                result.device_metrics = hub.wait_for_metrics(
-                    lambda m, target=target: _processed(m) >= target, timeout
+                result.device_metrics = wait_for_processed(
+                    hub, before, result.messages, result.messages, timeout
+                )
+                result.device_counts = DeviceCounts.between(
+                    before, result.device_metrics
                 )
     finally:
         hub.close()
@@ -428,26 +451,3 @@ def _encoded_multi_head_updates(
     ):
         update.input_dtype = input_dtype
         yield update, encode_multi_head_update(update)
-
-
-def _processed(metrics: dict[str, Any]) -> int:
-    """Return the device's count of handled updates, kept across restarts.
-
-    ``processed_total`` includes updates applied or rejected before the last
-    restart; older daemons only report ``processed``, which restarts at 0.
-    """
-    return int(metrics.get("processed_total", metrics.get("processed", 0)))
-
-
-def _wait_for_baseline(hub: HubClient, timeout: float = 10.0) -> int:
-    """Return the device's processed count before this push starts."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        processed = hub.processed()
-        if processed is not None:
-            return processed
-        time.sleep(0.05)
-    raise BrokerError(
-        f"device {hub.device_id} has published no metrics; start the daemon "
-        "('dslo-edge run') before pushing with --wait"
-    )

@@ -326,6 +326,7 @@ def load_hub_config(path: str | Path, worker_id: str | None = None) -> HubConfig
     )
     _check_unique_pushes(source, config.pushes)
     root.reject_unknown()
+    _check_push_data(config)
     return config
 
 
@@ -337,3 +338,37 @@ def _check_unique_pushes(source: Path, pushes: tuple[PushSchedule, ...]) -> None
                 f"{source}: push name {name!r} is used twice; give each "
                 "[[push]] table its own name, because workers claim runs by name"
             )
+
+
+def _check_push_data(config: HubConfig) -> None:
+    """Load each push's data and check it against the teacher, as ``push`` does.
+
+    Raises:
+        ConfigError: the teacher has no teacher signature, or a push's data
+            cannot be read or does not fit the teacher.
+    """
+    if not config.pushes:
+        return
+    # Imported here because these modules load numpy and the interpreter.
+    from dslo_edge.bundle import load_bundle
+    from dslo_edge.hub import check_samples, load_samples
+    from dslo_edge.push_checks import read_teacher_signature
+
+    path = config.teacher.path
+    file = load_bundle(path).teacher_path if path.is_dir() else path
+    source = f"{config.source}: teacher.path {file}"
+    teacher = read_teacher_signature(file, source, ["output"], config.teacher.runtime)
+    for schedule in config.pushes:
+        try:
+            samples = load_samples(schedule.data)
+            check_samples(
+                samples,
+                teacher.input_shape,
+                teacher.class_counts["output"],
+                str(schedule.data),
+                model="the teacher",
+            )
+        except ConfigError as error:
+            raise ConfigError(
+                f"{config.source}: [[push]] {schedule.name!r}: {error}"
+            ) from error

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dslo_edge.errors import ConfigError
 from dslo_edge.hub_config import RateLimit
 from dslo_edge.privacy import PrivacySettings, epsilon_spent
 
@@ -102,9 +103,22 @@ class HubState:
         self._db = sqlite3.connect(
             self.path, timeout=30.0, isolation_level=None, check_same_thread=False
         )
-        self._enable_wal()
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._enable_wal()
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            # OperationalError (locked, unreadable) is a DatabaseError too, but
+            # it does not mean that the file is damaged.
+            if isinstance(error, sqlite3.OperationalError):
+                raise
+            raise ConfigError(
+                f"hub.state_file {self.path} is not a hub state database "
+                f"({error}); move it aside, for example to {self.path}.corrupt, "
+                "and start again to create a new one, which starts with empty "
+                "rate limits, privacy budgets and stored responses"
+            ) from error
 
     def _enable_wal(self, timeout_s: float = 30.0) -> None:
         # Switching to WAL does not wait on SQLite's busy timeout: when two

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from dslo_edge.bundle import load_bundle
+from dslo_edge.cli import main
 from dslo_edge.errors import ConfigError
 from dslo_edge.hub_config import RateLimit, load_hub_config
 from dslo_edge.hub_state import (
@@ -43,13 +48,24 @@ def test_defaults_and_override(tmp_path) -> None:
     assert config.pushes == ()
 
 
-def test_pushes_and_privacy_are_read(tmp_path) -> None:
-    extra = (
-        "[privacy]\nnoise_multiplier = 2.0\nepsilon_budget = 8\n"
-        '[[push]]\nname = "nightly"\ndevices = ["a", "b"]\ndata = "data.npz"\n'
-        "every_s = 3600\n"
-    )
-    config = load_hub_config(write_config(tmp_path, extra))
+PUSH = (
+    '[[push]]\nname = "nightly"\ndevices = ["a", "b"]\ndata = "data.npz"\n'
+    "every_s = 3600\n"
+)
+
+
+def write_push_files(tmp_path: Path, mlp_pair, input_width: int = 64) -> None:
+    """Replace the placeholder teacher and data with real ones."""
+    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, tmp_path / "teacher.tflite")
+    x = np.zeros((4, input_width), dtype=np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+
+
+def test_pushes_and_privacy_are_read(tmp_path, mlp_pair) -> None:
+    extra = "[privacy]\nnoise_multiplier = 2.0\nepsilon_budget = 8\n" + PUSH
+    path = write_config(tmp_path, extra)
+    write_push_files(tmp_path, mlp_pair)
+    config = load_hub_config(path)
     assert config.privacy is not None
     assert config.privacy.epsilon_budget == 8.0
     assert config.pushes[0].devices == ("a", "b")
@@ -81,6 +97,36 @@ def test_invalid_values_name_file_and_key(tmp_path, extra, message) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         load_hub_config(path)
     assert str(path) in str(caught.value)
+
+
+def test_push_data_of_other_shape_fails_at_start(tmp_path, mlp_pair) -> None:
+    path = write_config(tmp_path, PUSH)
+    write_push_files(tmp_path, mlp_pair, input_width=32)
+
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(path)
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: [[push]] 'nightly': ")
+    assert "x has samples of shape (32,), but the teacher takes (64,)" in message
+    assert result.exit_code == 78
+    assert result.output == f"error: {message}\n"
+
+
+def test_corrupt_state_file_is_named_and_kept(tmp_path) -> None:
+    path = write_config(tmp_path)
+    state_file = tmp_path / "hub-state.sqlite"
+    content = b"not a database, " * 16
+    state_file.write_bytes(content)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert f"hub.state_file {state_file} is not a hub state database" in result.output
+    assert "move it aside" in result.output
+    assert result.output.count("\n") == 1
+    assert state_file.read_bytes() == content
 
 
 def test_tflite_teacher_needs_output_kind(tmp_path) -> None:

@@ -1,0 +1,117 @@
+"""Checks of a push's teacher files and options against the bundle's student.
+
+``dslo-edge push`` runs them before it connects, so a teacher of another
+model or an impossible ``--top-k`` fails with one line instead of an
+interpreter error after some updates were sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dslo_edge.bundle import Bundle
+from dslo_edge.errors import BundleError, ConfigError
+from dslo_edge.runtime import load_interpreter
+
+TEACHER_SIGNATURE = "infer"
+
+
+def expected_teacher_outputs(bundle: Bundle) -> dict[str, int]:
+    """Return the teacher output tensor names and their class counts."""
+    if bundle.is_multi_head:
+        return {f"output_{name}": count for name, count in bundle.heads.items()}
+    return {"output": bundle.class_count}
+
+
+@dataclass(frozen=True)
+class TeacherSignature:
+    """Input shape of one sample and class count per output of a teacher file."""
+
+    input_shape: tuple[int, ...]
+    class_counts: dict[str, int]
+
+
+def read_teacher_signature(
+    path: Path, source: str, output_names: Iterable[str], runtime: str = "auto"
+) -> TeacherSignature:
+    """Read the input and output shapes of a teacher's ``infer`` signature.
+
+    Args:
+        source: how the file was given, such as ``--teacher t1.tflite``.
+        output_names: the output tensors the teacher must have.
+
+    Raises:
+        ConfigError: the file cannot be loaded or lacks the signature, its
+            input ``x`` or one of ``output_names``.
+    """
+    try:
+        interpreter = load_interpreter(path, preference=runtime)
+    except BundleError as error:
+        raise ConfigError(f"{source}: {error}") from error
+    expected = list(output_names)
+    signatures = interpreter.get_signature_list()
+    signature = signatures.get(TEACHER_SIGNATURE)
+    outputs = set(signature["outputs"]) if signature else set()
+    if signature is None or "x" not in signature["inputs"] or set(expected) - outputs:
+        found = ", ".join(sorted(signatures)) or "none"
+        raise ConfigError(
+            f"{source} has no matching teacher signature: expected an "
+            f"'{TEACHER_SIGNATURE}' signature with input 'x' and outputs "
+            f"{', '.join(map(repr, expected))} (its signatures: {found}); pass "
+            "a teacher file that 'dslo-edge convert' wrote for this model"
+        )
+    runner = interpreter.get_signature_runner(TEACHER_SIGNATURE)
+    input_shape = runner.get_input_details()["x"]["shape"][1:]
+    details = runner.get_output_details()
+    return TeacherSignature(
+        tuple(int(d) for d in input_shape),
+        {name: int(details[name]["shape"][-1]) for name in expected},
+    )
+
+
+def check_teacher(path: Path, bundle: Bundle, source: str) -> None:
+    """Check that a teacher file takes the student's inputs and gives its classes.
+
+    Args:
+        source: how the file was given, such as ``--teacher t1.tflite``.
+
+    Raises:
+        ConfigError: the file has no matching teacher signature, or its input
+            shape or class counts differ from the student's.
+    """
+    expected = expected_teacher_outputs(bundle)
+    teacher = read_teacher_signature(path, source, expected)
+    if teacher.input_shape != bundle.input_shape:
+        raise ConfigError(
+            f"{source} takes inputs of shape {teacher.input_shape}, but the "
+            f"bundle's student takes {bundle.input_shape}; pass a teacher of this "
+            "student"
+        )
+    for name, class_count in expected.items():
+        if teacher.class_counts[name] != class_count:
+            raise ConfigError(
+                f"{source} gives {teacher.class_counts[name]} classes in '{name}', "
+                f"but the bundle's student has {class_count}; pass a teacher of "
+                "this student"
+            )
+
+
+def check_top_k(top_k: int | None, bundle: Bundle) -> None:
+    """Check ``--top-k`` against the student's class count.
+
+    A multi-head student sends full labels for heads of k classes or fewer,
+    so only a single-head student limits k.
+
+    Raises:
+        ConfigError: k is not below the class count of a single-head student.
+    """
+    if top_k is None or bundle.is_multi_head:
+        return
+    if top_k >= bundle.class_count:
+        raise ConfigError(
+            f"--top-k is {top_k}, but the bundle's student has "
+            f"{bundle.class_count} classes; expected 1 to {bundle.class_count - 1}, "
+            "or no --top-k to send every probability"
+        )

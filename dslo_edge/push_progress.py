@@ -1,0 +1,152 @@
+"""A push's progress on the device, read from its retained status and metrics.
+
+The device's counters are totals: ``applied_total`` and ``rejected`` (per
+reason) are kept in its checkpoints, and ``processed_total`` is their sum. A
+push reads them before it publishes and counts only the difference.
+NOTE: updates from other sources, such as another push or label requests,
+that the device handles meanwhile are counted as this push's updates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dslo_edge.errors import BrokerError
+from dslo_edge.protocol import STATUS_OFFLINE
+
+if TYPE_CHECKING:
+    from dslo_edge.hub import HubClient
+
+BASELINE_TIMEOUT_S = 10.0
+# How long to wait for a retained status once the retained metrics arrived.
+STATUS_GRACE_S = 1.0
+
+REJECTION_HINTS = {
+    "unsigned": "the device requires signed updates: pass --hmac-key-file",
+    "bad_signature": "the signature does not verify: pass the device's own key",
+    "shape_mismatch": "the device runs another model: push with its bundle",
+}
+
+
+def processed_count(metrics: dict[str, Any]) -> int:
+    """Return the device's count of handled updates, kept across restarts.
+
+    ``processed_total`` includes updates applied or rejected before the last
+    restart; older daemons only report ``processed``, which restarts at 0.
+    """
+    return int(metrics.get("processed_total", metrics.get("processed", 0)))
+
+
+def _applied_count(metrics: dict[str, Any]) -> int:
+    return int(metrics.get("applied_total", metrics.get("applied", 0)))
+
+
+def _rejected_counts(metrics: dict[str, Any]) -> dict[str, int]:
+    rejected = metrics.get("rejected") or {}
+    return {str(reason): int(count) for reason, count in rejected.items()}
+
+
+@dataclass(frozen=True)
+class DeviceCounts:
+    """Updates that a device applied, and rejected by reason, during one push."""
+
+    applied: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def between(cls, before: dict[str, Any], after: dict[str, Any]) -> DeviceCounts:
+        """Return the counts of ``after`` minus those of ``before``."""
+        earlier = _rejected_counts(before)
+        rejected = {
+            reason: count - earlier.get(reason, 0)
+            for reason, count in sorted(_rejected_counts(after).items())
+            if count > earlier.get(reason, 0)
+        }
+        applied = max(0, _applied_count(after) - _applied_count(before))
+        return cls(applied, rejected)
+
+    @property
+    def rejected_count(self) -> int:
+        return sum(self.rejected.values())
+
+    def reasons(self) -> str:
+        """Return the rejection counts as ``reason: n, ...``."""
+        return ", ".join(f"{r}: {n}" for r, n in self.rejected.items())
+
+    def describe(self) -> str:
+        """Return ``applied A, rejected R (reason: n, ...)``."""
+        text = f"applied {self.applied}, rejected {self.rejected_count}"
+        return f"{text} ({self.reasons()})" if self.rejected else text
+
+    def hints(self) -> list[str]:
+        """Return what to do about each rejection reason that has a known fix."""
+        return [REJECTION_HINTS[r] for r in self.rejected if r in REJECTION_HINTS]
+
+
+def key_counters(metrics: dict[str, Any] | None) -> str:
+    """Return the few counters that tell how far a device got, as one line."""
+    if metrics is None:
+        return "no metrics received"
+    rejected = _rejected_counts(metrics)
+    return (
+        f"processed_total {processed_count(metrics)}, applied_total "
+        f"{_applied_count(metrics)}, rejected {sum(rejected.values())}, "
+        f"queue_depth {metrics.get('queue_depth', 'unknown')}"
+    )
+
+
+def wait_for_baseline(hub: HubClient, timeout: float = BASELINE_TIMEOUT_S) -> dict:
+    """Return the device's metrics before a push starts.
+
+    Raises:
+        BrokerError: the device's retained status is offline, or it has
+            published no metrics within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    metrics_seen_at: float | None = None
+    while time.monotonic() < deadline:
+        if hub.status == STATUS_OFFLINE:
+            raise BrokerError(
+                f"device {hub.device_id} is offline (retained status on "
+                f"{hub.topics.status}); start its daemon and push again, or push "
+                "with --no-wait to leave the updates queued on the broker"
+            )
+        metrics = hub.latest_metrics
+        if metrics is not None:
+            metrics_seen_at = metrics_seen_at or time.monotonic()
+            if hub.status is not None or (
+                time.monotonic() - metrics_seen_at >= STATUS_GRACE_S
+            ):
+                return dict(metrics)
+        time.sleep(0.05)
+    raise BrokerError(
+        f"device {hub.device_id} has published no metrics within {timeout:.0f} s; "
+        "start the daemon ('dslo-edge run') before pushing with --wait, and check "
+        "that its device id and topic prefix match"
+    )
+
+
+def wait_for_processed(
+    hub: HubClient, before: dict[str, Any], count: int, sent: int, timeout: float
+) -> dict[str, Any]:
+    """Wait until the device has processed ``count`` more updates than ``before``.
+
+    Raises:
+        BrokerError: not within ``timeout``; the message has the counts of
+            this push and the device's status.
+    """
+    target = processed_count(before) + count
+    try:
+        return hub.wait_for_metrics(lambda m: processed_count(m) >= target, timeout)
+    except BrokerError:
+        latest = hub.latest_metrics or before
+        done = processed_count(latest) - processed_count(before)
+        counts = DeviceCounts.between(before, latest)
+        raise BrokerError(
+            f"device {hub.device_id} processed {done} of the {sent} updates sent "
+            f"so far within {timeout:.0f} s ({counts.describe()}, status "
+            f"{hub.status or 'unknown'}); check the device's log, or raise "
+            "--timeout"
+        ) from None

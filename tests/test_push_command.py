@@ -1,0 +1,354 @@
+"""`dslo-edge push` against a real mosquitto and a real edge daemon."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from click.testing import CliRunner, Result
+
+from dslo_edge.broker import Broker, find_mosquitto
+from dslo_edge.cli import main
+from dslo_edge.config import load_config, render_config
+from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.signing import generate_key_file
+
+pytest.importorskip("keras")
+if find_mosquitto() is None:
+    pytest.skip("mosquitto is not installed", allow_module_level=True)
+
+DEVICE = "kitchen"
+SAMPLES = 48
+BATCH = 8
+MESSAGES = SAMPLES // BATCH
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "samples.npz"
+    np.savez(path, x=rng.random((SAMPLES, 64), dtype=np.float32))
+    return path
+
+
+def start_daemon(
+    bundle: Path, broker: Broker, folder: Path, device: str = DEVICE, **overrides
+) -> EdgeDaemon:
+    config_path = folder / f"{device}.toml"
+    text = render_config(
+        device,
+        bundle,
+        folder / f"{device}-state",
+        broker.port,
+        planned_updates=50,
+        overrides=overrides,
+    )
+    config_path.write_text(text)
+    daemon = EdgeDaemon(load_config(config_path))
+    daemon.start()
+    return daemon
+
+
+def run_push(bundle: Path, data: Path, url: str, *extra: str) -> Result:
+    arguments = ["push", "--bundle", str(bundle), "--data", str(data)]
+    arguments += ["--device", DEVICE, "--broker", url, "--batch-size", str(BATCH)]
+    arguments += ["--timeout", "30", *extra]
+    return CliRunner().invoke(main, arguments)
+
+
+def test_push_counts_only_its_own_updates(
+    mlp_pair, broker_factory, tmp_path, data_file
+):
+    broker = broker_factory("mosquitto")
+    daemon = start_daemon(mlp_pair.bundle, broker, tmp_path)
+    try:
+        first = run_push(mlp_pair.bundle, data_file, broker.url)
+        second = run_push(mlp_pair.bundle, data_file, broker.url)
+    finally:
+        daemon.stop()
+
+    for result in (first, second):
+        assert result.exit_code == 0, result.output
+        assert f"sent {MESSAGES} messages" in result.output
+        expected = f"device {DEVICE}: applied {MESSAGES}, rejected 0 of this push"
+        assert expected in result.output
+
+
+def test_push_rejected_by_device_exits_1(mlp_pair, broker_factory, tmp_path, data_file):
+    broker = broker_factory("mosquitto")
+    key_file = tmp_path / "device.key"
+    generate_key_file(key_file)
+    security = {"hmac_key_file": str(key_file)}
+    daemon = start_daemon(mlp_pair.bundle, broker, tmp_path, security=security)
+    try:
+        unsigned = run_push(mlp_pair.bundle, data_file, broker.url)
+        signed = run_push(
+            mlp_pair.bundle, data_file, broker.url, "--hmac-key-file", str(key_file)
+        )
+    finally:
+        daemon.stop()
+
+    assert unsigned.exit_code == 1
+    assert f"applied 0, rejected {MESSAGES} (unsigned: {MESSAGES})" in unsigned.output
+    assert f"rejected {MESSAGES} of the {MESSAGES} updates" in unsigned.output
+    assert "pass --hmac-key-file" in unsigned.output
+    assert signed.exit_code == 0, signed.output
+    assert f"applied {MESSAGES}, rejected 0 of this push" in signed.output
+
+
+def test_push_to_offline_device_fails_fast(
+    mlp_pair, broker_factory, tmp_path, data_file
+):
+    broker = broker_factory("mosquitto")
+    daemon = start_daemon(mlp_pair.bundle, broker, tmp_path)
+    daemon.stop()
+
+    started = time.monotonic()
+    result = run_push(mlp_pair.bundle, data_file, broker.url)
+    elapsed = time.monotonic() - started
+
+    assert result.exit_code == 1
+    assert f"device {DEVICE} is offline" in result.output
+    assert "sent" not in result.output
+    assert elapsed < 10
+
+
+def publish_retained(broker: Broker, topic: str, payload: str) -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fake-device")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_push_timeout_names_key_counters(mlp_pair, broker_factory, data_file):
+    broker = broker_factory("mosquitto")
+    # A device that reports itself online but never processes anything.
+    metrics = {"processed_total": 3, "applied_total": 3, "rejected": {}}
+    metrics["train_ms"] = {"p50": 1.0, "p95": 2.0, "samples": [0.5] * 200}
+    publish_retained(broker, f"dslo/{DEVICE}/status", "online")
+    publish_retained(broker, f"dslo/{DEVICE}/metrics", json.dumps(metrics))
+
+    result = run_push(mlp_pair.bundle, data_file, broker.url, "--timeout", "1")
+
+    assert result.exit_code == 1
+    assert f"processed 0 of the {MESSAGES} updates sent so far within 1 s" in (
+        result.output
+    )
+    assert "status online" in result.output
+    assert "train_ms" not in result.output
+    assert len(result.output.splitlines()[-1]) < 300
+
+
+@pytest.fixture(scope="module")
+def other_bundle(tmp_path_factory) -> Path:
+    """A bundle of another task: 32 inputs and 5 classes."""
+    import keras
+
+    from converters.bundle import convert_bundle
+
+    def model(hidden: int) -> keras.Sequential:
+        return keras.Sequential(
+            [
+                keras.Input((32,)),
+                keras.layers.Dense(hidden, activation="relu"),
+                keras.layers.Dense(5, activation="softmax"),
+            ]
+        )
+
+    path = tmp_path_factory.mktemp("other") / "bundle"
+    convert_bundle(model(16), model(8), path)
+    return path
+
+
+def bad_input_cases(bundle: Path, other: Path, folder: Path) -> list:
+    rng = np.random.default_rng(1)
+    npy = folder / "samples.npy"
+    np.save(npy, rng.random((4, 64), dtype=np.float32))
+    unlabelled = folder / "unlabelled.npz"
+    np.savez(unlabelled, x=rng.random((4, 64), dtype=np.float32))
+    narrow = folder / "narrow.npz"
+    np.savez(narrow, x=rng.random((4, 32), dtype=np.float32))
+    other_teacher = str(other / "teacher.tflite")
+    student = str(bundle / "student.tflite")
+    return [
+        (["--data", str(npy)], "is a single .npy array of shape (4, 64)"),
+        (["--data", str(narrow)], "x has samples of shape (32,), but the bundle's"),
+        (["--data", str(unlabelled), "--hard-labels"], "needs a 'y' array"),
+        (["--teacher", other_teacher], "takes inputs of shape (32,)"),
+        (["--teacher", student], "has no matching teacher signature"),
+        (["--top-k", "50"], "--top-k is 50, but the bundle's student has 10 classes"),
+    ]
+
+
+def test_push_rejects_bad_inputs_in_one_line(
+    mlp_pair, other_bundle, tmp_path, data_file
+):
+    cases = bad_input_cases(mlp_pair.bundle, other_bundle, tmp_path)
+    for options, fragment in cases:
+        arguments = ["push", "--bundle", str(mlp_pair.bundle), "--device", DEVICE]
+        arguments += ["--broker", "mqtt://127.0.0.1:1"]
+        if "--data" not in options:
+            arguments += ["--data", str(data_file)]
+
+        result = CliRunner().invoke(main, [*arguments, *options])
+
+        assert result.exit_code == 78, (options, result.output)
+        assert fragment in result.output, options
+        assert result.output.count("\n") == 1, result.output
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "fragment"),
+    [
+        ("mqtt://hub:secret@127.0.0.1:1883", [], "--username and --password-file"),
+        ("mqtt://127.0.0.1:0", [], "port in 1..65535"),
+        ("mqtts://127.0.0.1", [], "pass --tls-ca-file"),
+        ("mqtt://127.0.0.1", ["--tls-ca-file", "{ca}"], "use mqtts://127.0.0.1:1883"),
+        ("mqtt://127.0.0.1", ["--password-file", "{ca}"], "needs --username"),
+    ],
+)
+def test_push_rejects_bad_broker_options(
+    mlp_pair, tmp_path, data_file, url, options, fragment
+):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("placeholder")
+    options = [option.format(ca=ca) for option in options]
+    arguments = ["push", "--bundle", str(mlp_pair.bundle), "--data", str(data_file)]
+
+    result = CliRunner().invoke(
+        main, [*arguments, "--device", DEVICE, "--broker", url, *options]
+    )
+
+    assert result.exit_code == 78
+    assert fragment in result.output
+    assert "secret" not in result.output
+
+
+# Login and TLS against mosquitto without anonymous access.
+
+
+def write_password_file(path: Path, users: dict[str, str]) -> None:
+    for index, (user, password) in enumerate(users.items()):
+        command = ["mosquitto_passwd", "-b", str(path), user, password]
+        if index == 0:
+            command.insert(1, "-c")
+        subprocess.run(command, check=True, capture_output=True)
+
+
+def test_push_logs_in_to_password_broker(mlp_pair, tmp_path, data_file):
+    write_password_file(tmp_path / "passwd", {"hub": "hub-secret"})
+    (tmp_path / "hub.password").write_text("hub-secret\n")
+    (tmp_path / "wrong.password").write_text("guess\n")
+    text = (
+        "listener {port} 127.0.0.1\nallow_anonymous false\n"
+        f"password_file {tmp_path / 'passwd'}\n"
+    )
+    login = ["--username", "hub", "--password-file"]
+    with Broker.start(
+        kind="mosquitto", workdir=tmp_path / "broker", config_text=text
+    ) as broker:
+        anonymous = run_push(mlp_pair.bundle, data_file, broker.url, "--no-wait")
+        wrong = run_push(
+            mlp_pair.bundle,
+            data_file,
+            broker.url,
+            "--no-wait",
+            *login,
+            str(tmp_path / "wrong.password"),
+        )
+        right = run_push(
+            mlp_pair.bundle,
+            data_file,
+            broker.url,
+            "--no-wait",
+            *login,
+            str(tmp_path / "hub.password"),
+        )
+
+    for refused in (anonymous, wrong):
+        assert refused.exit_code == 1
+        assert "refused the connection (Not authorized)" in refused.output
+        assert "check --username and --password-file" in refused.output
+    assert right.exit_code == 0, right.output
+    assert f"sent {MESSAGES} messages" in right.output
+
+
+def test_push_and_ota_send_over_tls_with_login(mlp_pair, tmp_path, data_file):
+    pytest.importorskip("cryptography")
+    from tls_files import make_authority, make_server_certificate
+
+    authority = make_authority(tmp_path, "test-ca")
+    stranger = make_authority(tmp_path, "other-ca")
+    certificate, key = make_server_certificate(
+        authority, tmp_path, "broker", ["127.0.0.1"]
+    )
+    passwords = {"hub": "hub-secret", DEVICE: "device-secret"}
+    write_password_file(tmp_path / "passwd", passwords)
+    for user, password in passwords.items():
+        (tmp_path / f"{user}.password").write_text(password + "\n")
+    text = (
+        "listener {port} 127.0.0.1\nallow_anonymous false\n"
+        f"password_file {tmp_path / 'passwd'}\ncafile {authority.path}\n"
+        f"certfile {certificate}\nkeyfile {key}\n"
+    )
+    broker = Broker.start(
+        kind="mosquitto", workdir=tmp_path / "broker", config_text=text
+    )
+    device_tls = {
+        "username": DEVICE,
+        "password_file": str(tmp_path / f"{DEVICE}.password"),
+        "tls_ca_file": str(authority.path),
+    }
+    daemon = start_daemon(mlp_pair.bundle, broker, tmp_path, mqtt=device_tls)
+    url = f"mqtts://127.0.0.1:{broker.port}"
+    login = ["--username", "hub", "--password-file", str(tmp_path / "hub.password")]
+    try:
+        pushed = run_push(
+            mlp_pair.bundle,
+            data_file,
+            url,
+            *login,
+            "--tls-ca-file",
+            str(authority.path),
+        )
+        unknown_ca = run_push(
+            mlp_pair.bundle,
+            data_file,
+            url,
+            *login,
+            "--tls-ca-file",
+            str(stranger.path),
+        )
+        sent = CliRunner().invoke(
+            main,
+            [
+                "ota-send",
+                str(mlp_pair.bundle),
+                "--device",
+                DEVICE,
+                "--broker",
+                url,
+                "--tls-ca-file",
+                str(authority.path),
+                *login,
+            ],
+        )
+    finally:
+        daemon.stop()
+        broker.stop()
+
+    assert pushed.exit_code == 0, pushed.output
+    assert f"applied {MESSAGES}, rejected 0 of this push" in pushed.output
+    assert unknown_ca.exit_code == 1
+    assert "unknown CA" in unknown_ca.output
+    assert "check --tls-ca-file" in unknown_ca.output
+    assert sent.exit_code == 0, sent.output
+    assert f"to device {DEVICE} as transfer" in sent.output
