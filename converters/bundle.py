@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,14 @@ from converters.export import InferenceModule, check_precision, to_tflite
 from converters.heads import check_teacher_heads, manifest_heads, output_kinds
 from converters.layers import read_student
 from converters.optimizers import OptimizerConfig
+from converters.output_dir import (
+    STUDENT_FILE,
+    STUDENT_INT8_FILE,
+    TEACHER_FILE,
+    make_staging_dir,
+    move_into_place,
+    prepare_output_dir,
+)
 from converters.student_graph import StudentModule
 from converters.trainable import TrainableScope
 from dslo_edge import __version__
@@ -31,9 +38,6 @@ from dslo_edge.errors import ConversionError
 from dslo_edge.modelfile import flex_ops, signature_ops, summarize_model
 
 RUNTIMES = ["ai-edge-litert>=2.0", "tflite-runtime>=2.14"]
-STUDENT_FILE = "student.tflite"
-TEACHER_FILE = "teacher.tflite"
-STUDENT_INT8_FILE = "student-int8.tflite"
 
 
 @dataclass(frozen=True)
@@ -182,8 +186,10 @@ def convert_bundle(
             outputs (heads). The teacher then needs one output per head with
             the same output layer name and class count, and the manifest
             lists the heads under "heads" instead of one "class_count".
-        out_dir: directory to create. It must not exist unless ``overwrite``.
-        overwrite: replace an existing bundle directory.
+        out_dir: directory to create, with any missing parents. It must be
+            missing or empty unless ``overwrite``.
+        overwrite: replace an existing bundle directory. A directory that
+            contains anything besides bundle files is never replaced.
         optimizer: the optimizer the ``train`` signature runs (default SGD).
         trainable: which weights ``train`` updates (default all).
         precision: precision of each file (default float32 everywhere).
@@ -193,14 +199,15 @@ def convert_bundle(
 
     Raises:
         ConversionError: unsupported layers or precision, mismatched shapes,
-            Flex ops, or an existing output directory.
+            Flex ops, an output directory that exists and is not empty (or,
+            with ``overwrite``, is not a bundle), or an output path that
+            cannot be written. An earlier bundle in ``out_dir`` stays
+            unchanged when any of these is raised; the one exception is a
+            failed move back after a failed swap, whose message names the
+            directory that then contains the earlier bundle.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConversionError(
-            f"output directory {out} exists and is not empty; "
-            "choose another path or pass overwrite=True (--overwrite)"
-        )
+    prepare_output_dir(out, overwrite=overwrite)
     options = precision or PrecisionOptions()
     options.check()
     teacher_model = load_keras_model(teacher)
@@ -211,11 +218,24 @@ def convert_bundle(
     )
     _check_classes(teacher_model, module)
 
-    files = _convert_files(teacher_model, student_model, module, input_shape, options)
-    _write_bundle(
-        out, files, module, input_shape, options, teacher_model, student_model
-    )
-    return json.loads((out / MANIFEST_NAME).read_text())
+    # The staging directory is made before the slow conversion, so an
+    # unwritable output path fails first.
+    staging = make_staging_dir(out)
+    try:
+        files = _convert_files(
+            teacher_model, student_model, module, input_shape, options
+        )
+        _write_files(
+            staging, files, module, input_shape, options, teacher_model, student_model
+        )
+        # Read before the move: a relative ``out`` such as "." may name the
+        # replaced directory afterwards.
+        manifest = json.loads((staging / MANIFEST_NAME).read_text())
+        move_into_place(staging, out, overwrite)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return manifest
 
 
 def _check_pair(teacher: Any, student: Any) -> tuple[int, ...]:
@@ -274,8 +294,8 @@ def _convert_files(
     return files
 
 
-def _write_bundle(
-    out: Path,
+def _write_files(
+    staging: Path,
     files: dict[str, bytes],
     module: StudentModule,
     input_shape: tuple[int, ...],
@@ -283,23 +303,21 @@ def _write_bundle(
     teacher: Any,
     student: Any,
 ) -> None:
-    staging = Path(
-        tempfile.mkdtemp(
-            prefix=".bundle-", dir=out.parent if out.parent.exists() else None
-        )
-    )
+    for name, data in files.items():
+        _write(staging / name, data)
+    manifest = _manifest(staging, files, module, input_shape, options)
+    _add_output_kinds(manifest, module, teacher, student)
+    _write(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _write(path: Path, data: bytes) -> None:
     try:
-        for name, data in files.items():
-            (staging / name).write_bytes(data)
-        manifest = _manifest(staging, files, module, input_shape, options)
-        _add_output_kinds(manifest, module, teacher, student)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        path.write_bytes(data)
+    except OSError as error:
+        raise ConversionError(
+            f"cannot write {path}: {error.strerror or error}; "
+            "free some space or choose another output path"
+        ) from error
 
 
 def _add_output_kinds(

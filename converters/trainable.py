@@ -62,8 +62,8 @@ def trained_layers(graph: StudentGraph, scope: TrainableScope) -> set[str]:
     """Return the Keras layer names whose weights (some or all) are trained.
 
     Raises:
-        ConversionError: the named layer does not exist or the scope selects
-            no weights.
+        ConversionError: the named layer does not exist, "last:N" names more
+            layers than have weights, or the scope selects no weights.
     """
     weighted = [name for name in graph.layers if _has_weights(graph, name)]
     if scope.kind == "from-layer":
@@ -76,6 +76,7 @@ def trained_layers(graph: StudentGraph, scope: TrainableScope) -> set[str]:
         chosen = set(graph.layers[start:]) & set(weighted)
     elif scope.kind == "last-layers":
         assert scope.count is not None
+        _check_count(scope.count, weighted)
         chosen = set(weighted[-scope.count :])
     else:
         chosen = set(weighted)
@@ -85,6 +86,17 @@ def trained_layers(graph: StudentGraph, scope: TrainableScope) -> set[str]:
             "choose an earlier layer"
         )
     return chosen
+
+
+def _check_count(count: int, weighted: list[str]) -> None:
+    if count <= len(weighted) or not weighted:
+        return
+    raise ConversionError(
+        f"trainable scope last:{count} names {count} layers, but the student "
+        f"has {len(weighted)} layers with weights; "
+        f"expected last:N with N from 1 to {len(weighted)}, from:LAYER, all "
+        "or biases-and-batchnorm"
+    )
 
 
 def _has_weights(graph: StudentGraph, layer: str) -> bool:

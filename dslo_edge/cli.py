@@ -97,9 +97,13 @@ def main(verbose: bool) -> None:
     "--out",
     required=True,
     type=click.Path(file_okay=False),
-    help="Bundle directory to create.",
+    help="Bundle directory to create, with any missing parent directories.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing bundle; a directory with other files is never replaced.",
+)
 @click.option(
     "--optimizer",
     default="sgd",
@@ -176,6 +180,7 @@ def convert(
     representative: str | None,
 ) -> None:
     """Convert a Keras teacher and student into a bundle (needs the convert extra)."""
+    _prepare_bundle_dir(Path(out), overwrite)
     _quiet_tensorflow()
     try:
         from converters.bundle import PrecisionOptions, convert_bundle
@@ -213,6 +218,16 @@ def convert(
         f"wrote {out}: {_class_summary(manifest)}, train signature uses "
         f"{len(student_ops)} builtin op types, no Flex ops"
     )
+
+
+def _prepare_bundle_dir(out: Path, overwrite: bool) -> None:
+    """Check --out and create its parents before TensorFlow loads."""
+    from converters.output_dir import prepare_output_dir
+
+    try:
+        prepare_output_dir(out, overwrite=overwrite, overwrite_hint="--overwrite")
+    except DsloError as error:
+        raise ConfigError(str(error)) from error
 
 
 def _class_summary(manifest: dict[str, Any]) -> str:
@@ -808,8 +823,9 @@ def keygen(path: str) -> None:
     "--seed",
     default=0,
     show_default=True,
-    type=int,
-    help="Random seed for splits and training.",
+    # numpy.random.seed, which Keras calls, accepts 0 to 2**32 - 1.
+    type=click.IntRange(0, 2**32 - 1),
+    help="Random seed for splits and training, from 0 to 4294967295.",
 )
 @click.option(
     "--broker",

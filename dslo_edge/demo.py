@@ -168,8 +168,43 @@ def _claim_folder(out: Path) -> None:
             f"{out} already contains files that are not from a dslo-edge demo; "
             "choose a new or empty directory for --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("Written by dslo-edge demo; safe to delete.\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DEMO_MARKER).write_text("Written by dslo-edge demo; safe to delete.\n")
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the demo directory {out}: {error.strerror or error}; "
+            "choose a writable path for --out"
+        ) from error
+
+
+def _prepare_report_path(path: Path) -> None:
+    """Create the parent of --report and check that it can be written.
+
+    This runs before the demo starts, so a bad path cannot discard a finished
+    run's results.
+    """
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; choose a file path for --report")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(
+            f"{path.parent} is a file, not a directory; "
+            "choose another path for --report"
+        ) from None
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create directory {path.parent} for --report: "
+            f"{error.strerror or error}; choose a path in a writable directory"
+        ) from error
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (
+        path.exists() and not os.access(path, os.W_OK)
+    ):
+        raise ConfigError(
+            f"cannot write the report to {path}: permission denied; "
+            "choose a path in a writable directory for --report"
+        )
 
 
 def run_demo(
@@ -178,6 +213,8 @@ def run_demo(
     """Run the demo end to end and return (and write) its report."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     started = time.monotonic()
+    if report_path is not None:
+        _prepare_report_path(report_path)
     _claim_folder(out)
     messages_per_round = PASSES_PER_ROUND * -(-int(0.2 * 1797) // BATCH_SIZE)
     total_messages = messages_per_round * len(ROUND_EPOCHS)
@@ -232,10 +269,25 @@ def run_demo(
         time.monotonic() - started,
         seed,
     )
-    target = report_path or out / "report.json"
-    target.write_text(json.dumps(report, indent=2) + "\n")
-    report["report_path"] = str(target)
+    report["report_path"] = str(_write_report(report, report_path, out))
     return report
+
+
+def _write_report(report: dict[str, Any], path: Path | None, out: Path) -> Path:
+    """Write the report to ``path``, or to OUT/report.json if that fails."""
+    text = json.dumps(report, indent=2) + "\n"
+    fallback = out / "report.json"
+    try:
+        (path or fallback).write_text(text)
+    except OSError as error:
+        if path is None:
+            raise
+        fallback.write_text(text)
+        raise DsloError(
+            f"cannot write the report to {path}: {error.strerror or error}; "
+            f"it was written to {fallback} instead"
+        ) from error
+    return path or fallback
 
 
 def _report(

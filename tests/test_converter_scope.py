@@ -126,3 +126,15 @@ def test_unknown_scope_layer_is_rejected() -> None:
 def test_invalid_scope_text_is_rejected(text: str) -> None:
     with pytest.raises(ConversionError, match="invalid trainable scope"):
         TrainableScope.parse(text)
+
+
+def test_last_count_too_large_is_rejected() -> None:
+    # stem, stem_norm, body, hidden and logits have weights.
+    scope = TrainableScope.parse("last:6")
+
+    with pytest.raises(ConversionError) as raised:
+        convert_student(two_conv_student(), scope=scope)
+    message = str(raised.value)
+    assert "last:6 names 6 layers" in message
+    assert "has 5 layers with weights" in message
+    assert "last:N with N from 1 to 5, from:LAYER, all" in message

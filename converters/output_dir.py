@@ -1,0 +1,176 @@
+"""The bundle output directory: checks before conversion, then a swap.
+
+``convert_bundle`` writes a new bundle into a hidden staging directory next
+to the output path and moves it into place only when every file is written,
+so a failed conversion leaves an earlier bundle untouched. With
+``overwrite`` it replaces only a directory that contains a bundle and
+nothing else, never a directory of other files.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from dslo_edge.bundle import MANIFEST_NAME
+from dslo_edge.errors import ConversionError
+
+STUDENT_FILE = "student.tflite"
+TEACHER_FILE = "teacher.tflite"
+STUDENT_INT8_FILE = "student-int8.tflite"
+BUNDLE_FILES = (MANIFEST_NAME, STUDENT_FILE, TEACHER_FILE, STUDENT_INT8_FILE)
+STAGING_PREFIX = ".bundle-"
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_output_dir(
+    out: Path, *, overwrite: bool, overwrite_hint: str = "overwrite=True"
+) -> None:
+    """Check that ``out`` can receive a bundle and create its parent directories.
+
+    Args:
+        out: the bundle directory to write.
+        overwrite: whether an existing bundle in ``out`` may be replaced.
+        overwrite_hint: how the caller spells the overwrite switch in error
+            messages, such as ``--overwrite`` on the command line.
+
+    Raises:
+        ConversionError: ``out`` is a file, a non-empty directory without
+            ``overwrite``, a directory that is not a bundle, or its parent
+            cannot be created.
+    """
+    check_output_dir(out, overwrite=overwrite, overwrite_hint=overwrite_hint)
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConversionError(
+            f"{parent} is a file, not a directory; choose another output path"
+        ) from None
+    except OSError as error:
+        raise ConversionError(
+            f"cannot create directory {parent} for the bundle {out}: "
+            f"{error.strerror or error}; choose an output path whose parent "
+            "is a directory or can be created"
+        ) from error
+
+
+def check_output_dir(
+    out: Path, *, overwrite: bool, overwrite_hint: str = "overwrite=True"
+) -> None:
+    """Raise ConversionError unless ``out`` is missing, empty or a bundle to replace."""
+    if out.exists() and not out.is_dir():
+        raise ConversionError(
+            f"output path {out} is a file; choose a directory path for the bundle"
+        )
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConversionError(
+            f"output directory {out} exists and is not empty; choose another "
+            f"path or, if it contains a bundle, pass {overwrite_hint} to replace it"
+        )
+    problem = _not_bundle_reason(out)
+    if problem:
+        raise ConversionError(
+            f"output directory {out} is not a bundle: {problem}. "
+            f"{overwrite_hint} replaces only a directory written by convert, so "
+            "nothing was removed; choose a new or empty directory"
+        )
+
+
+def _not_bundle_reason(folder: Path) -> str | None:
+    names = sorted(entry.name for entry in folder.iterdir())
+    others = [name for name in names if name not in BUNDLE_FILES]
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        return f"it contains {listed}, which convert does not write"
+    if MANIFEST_NAME not in names:
+        return f"it has no {MANIFEST_NAME}"
+    return None
+
+
+def make_staging_dir(out: Path) -> Path:
+    """Create the hidden directory, next to ``out``, that receives the new files.
+
+    It is on the same file system as ``out``, so the final move is a rename.
+    """
+    parent = out.resolve().parent
+    try:
+        return _make_unique_dir(parent, STAGING_PREFIX)
+    except OSError as error:
+        raise ConversionError(
+            f"cannot write to {parent}: {error.strerror or error}; "
+            "choose an output path in a writable directory"
+        ) from error
+
+
+def _make_unique_dir(parent: Path, prefix: str) -> Path:
+    # Unlike tempfile.mkdtemp (mode 0700), mkdir applies the umask, so the
+    # bundle gets the permissions of any other new directory and a service
+    # running as another user can read it.
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"100 names starting with {prefix} exist in {parent}")
+
+
+def move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``staging`` directory to ``out``.
+
+    An earlier bundle is first renamed to a hidden sibling and deleted only
+    after the new one is in place. When the second rename fails, the earlier
+    bundle is renamed back.
+    """
+    # The directory may have changed while the models were converting.
+    check_output_dir(out, overwrite=overwrite)
+    target = out.resolve()
+    try:
+        _swap(staging, target)
+    except OSError as error:
+        raise ConversionError(
+            f"cannot move the new bundle from {staging} to {out}: "
+            f"{error.strerror or error}; an earlier bundle there is unchanged"
+        ) from error
+
+
+def _swap(staging: Path, target: Path) -> None:
+    if not target.exists():
+        staging.rename(target)
+        return
+    # NOTE: two renames, so the target is missing for the moment between
+    # them. Linux renameat2(RENAME_EXCHANGE) would close that gap, but
+    # Python's os module (checked on 3.11) has no call for it.
+    backup = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}old-", dir=target.parent))
+    try:
+        target.rename(backup)  # replaces the empty backup directory
+    except OSError:
+        backup.rmdir()
+        raise
+    try:
+        staging.rename(target)
+    except OSError:
+        _restore(backup, target)
+        raise
+    try:
+        shutil.rmtree(backup)
+    except OSError as error:
+        logger.warning("Could not delete the replaced bundle %s: %s", backup, error)
+
+
+def _restore(backup: Path, target: Path) -> None:
+    try:
+        backup.rename(target)
+    except OSError as error:
+        raise ConversionError(
+            f"cannot move the earlier bundle back from {backup} to {target}: "
+            f"{error.strerror or error}; move it back by hand"
+        ) from error
