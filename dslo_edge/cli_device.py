@@ -286,7 +286,7 @@ def ota_send(
 
     from dslo_edge.errors import BrokerError
     from dslo_edge.hub import parse_broker_url
-    from dslo_edge.ota import send_bundle
+    from dslo_edge.ota_sender import send_bundle
     from dslo_edge.protocol import Topics
     from dslo_edge.signing import load_key
 

@@ -29,24 +29,20 @@ name and shape match, runs a health check and rolls back if it fails.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import struct
-import tarfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from dslo_edge.bundle import load_bundle, sha256_file
-from dslo_edge.errors import BrokerError, BundleError
+from dslo_edge.bundle import sha256_file
+from dslo_edge.errors import BundleError
 from dslo_edge.protocol import Topics
-from dslo_edge.signing import sign
 
 logger = logging.getLogger(__name__)
 
@@ -114,30 +110,7 @@ def status_payload(
     return json.dumps(document)
 
 
-# Hub side
-
-
-def pack_bundle(bundle_dir: str | Path) -> bytes:
-    """Return a tar archive of a verified bundle directory's top-level files.
-
-    Member order, owners and times are fixed, so the same bundle always packs
-    to the same bytes and the same sha256.
-
-    Raises:
-        BundleError: the directory is not a valid bundle.
-    """
-    bundle = load_bundle(bundle_dir)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for path in sorted(bundle.path.iterdir()):
-            if not path.is_file():
-                continue
-            info = tarfile.TarInfo(path.name)
-            info.size = path.stat().st_size
-            info.mode = 0o644
-            with open(path, "rb") as stream:
-                archive.addfile(info, stream)
-    return buffer.getvalue()
+# Chunks
 
 
 def split_archive(
@@ -175,42 +148,6 @@ def split_archive(
         )
         chunks.append(header + data)
     return chunks
-
-
-def send_bundle(
-    client: Any,
-    topics: Topics,
-    bundle_dir: str | Path,
-    *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    timeout: float = 30.0,
-    hmac_key: bytes | None = None,
-) -> str:
-    """Publish a bundle in chunks at QoS 1 and return the transfer id in hex.
-
-    Each chunk waits for the broker's acknowledgement before the next is
-    sent, so a slow link is not flooded. With ``hmac_key`` every chunk is
-    signed for the OTA topic, as devices with a key require.
-
-    Raises:
-        BundleError: the directory is not a valid bundle.
-        BrokerError: a chunk was not acknowledged within ``timeout`` seconds.
-    """
-    chunk_topic, _ = ota_topics(topics)
-    transfer_id = uuid.uuid4().bytes
-    chunks = split_archive(pack_bundle(bundle_dir), chunk_bytes, transfer_id)
-    for index, chunk in enumerate(chunks):
-        if hmac_key is not None:
-            chunk = sign(hmac_key, chunk_topic, chunk)
-        info = client.publish(chunk_topic, chunk, qos=1)
-        info.wait_for_publish(timeout=timeout)
-        if not info.is_published():
-            raise BrokerError(
-                f"chunk {index} of {len(chunks)} for transfer {transfer_id.hex()} "
-                f"was not acknowledged within {timeout:g} s; check the broker "
-                "connection and send the bundle again"
-            )
-    return transfer_id.hex()
 
 
 # Device side: assembling chunks

@@ -12,7 +12,8 @@ import paho.mqtt.client as mqtt
 
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
-from dslo_edge.ota import ota_topics, send_bundle
+from dslo_edge.ota import ota_topics
+from dslo_edge.ota_sender import send_bundle
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
 
 DEVICE = "ota-device"

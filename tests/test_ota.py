@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import queue
 import tarfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +18,17 @@ import pytest
 
 from dslo_edge.broker import Broker
 from dslo_edge.bundle import Bundle, load_bundle
+from dslo_edge.errors import BundleError
 from dslo_edge.ota import (
+    DEFAULT_MAX_ARCHIVE_BYTES,
     HEADER_BYTES,
     OtaError,
     OtaReceiver,
     ReceivedArchive,
     ota_topics,
-    pack_bundle,
-    send_bundle,
     split_archive,
 )
+from dslo_edge.ota_sender import pack_bundle, send_bundle
 from dslo_edge.protocol import Topics
 from dslo_edge.swap import (
     BundleStore,
@@ -86,6 +89,51 @@ def test_archive_round_trip_in_chunks(tmp_path: Path) -> None:
     assert received.path.read_bytes() == archive
     assert received.size == len(archive)
     assert not list((tmp_path / "ota").glob("*.part"))
+
+
+def archive_members(archive: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return tar.getnames()
+
+
+def test_pack_takes_only_bundle_files(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    (bundle / "extra.bin").write_bytes(b"x" * 100_000)
+    (bundle / "notes").mkdir()
+    (bundle / "notes" / "todo.txt").write_text("not part of the bundle")
+    np.savez(bundle / "probe.npz", x=np.zeros((2, 64)), y=np.zeros(2))
+
+    archive = pack_bundle(bundle)
+
+    assert archive_members(archive) == [
+        "manifest.json",
+        "probe.npz",
+        "student.tflite",
+        "teacher.tflite",
+    ]
+    assert len(archive) < 100_000
+
+
+def test_pack_rejects_archive_above_limit(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle", student_bytes=50_000)
+    size = len(pack_bundle(bundle))
+    assert size % 10_240 == 0  # tar pads to records of 20 blocks
+    with pytest.raises(
+        BundleError, match=r"packs to about 0\.1 MiB, above the 0\.0488281 MiB"
+    ):
+        pack_bundle(bundle, max_archive_bytes=size - 10_240)
+    assert len(pack_bundle(bundle, max_archive_bytes=size)) == size
+
+
+def test_pack_names_missing_manifest_file(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["student_int8"] = {"file": "student-int8.tflite"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        BundleError, match="bundle file .*student-int8.tflite is missing"
+    ):
+        pack_bundle(bundle)
 
 
 def test_chunks_out_of_order_and_repeated(tmp_path: Path) -> None:
@@ -493,6 +541,55 @@ def test_ota_send_command(tmp_path: Path, broker: Broker) -> None:
     assert result.output.strip().endswith(f"as transfer {received.transfer_id}")
     assert received.path.read_bytes() == pack_bundle(bundle)
     device.close()
+
+
+def ota_send(broker: Broker, bundle: Path, *options: str) -> Any:
+    from click.testing import CliRunner
+
+    from dslo_edge.cli import main
+
+    arguments = [
+        "ota-send",
+        str(bundle),
+        "--device",
+        "kitchen-cam",
+        "--broker",
+        f"mqtt://{broker.host}:{broker.port}",
+        "--chunk-size",
+        "4096",
+        *options,
+    ]
+    return CliRunner().invoke(main, arguments)
+
+
+def test_ota_send_rejects_oversized_bundle(tmp_path: Path, broker: Broker) -> None:
+    bundle = write_bundle(tmp_path / "big", student_bytes=DEFAULT_MAX_ARCHIVE_BYTES)
+    published: list[str] = []
+    subscribed = threading.Event()
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher")
+    watcher.on_subscribe = lambda *_: subscribed.set()
+    watcher.on_message = lambda _c, _u, message: published.append(message.topic)
+    watcher.connect(broker.host, broker.port, keepalive=30)
+    watcher.loop_start()
+    watcher.subscribe("dslo/#", qos=1)
+    assert subscribed.wait(TIMEOUT_S)
+
+    result = ota_send(broker, bundle)
+
+    # ota-send has exited, so any chunk it published reached the broker
+    # before this marker, and the broker forwards both in that order.
+    watcher.publish("dslo/marker", b"end", qos=1).wait_for_publish(TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while "dslo/marker" not in published and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watcher.disconnect()
+    watcher.loop_stop()
+    assert result.exit_code == 1
+    assert "packs to about 64.0 MiB, above the 64 MiB a device accepts" in (
+        result.output
+    )
+    assert "sent" not in result.output
+    assert published == ["dslo/marker"]
 
 
 def test_status_payload_fields() -> None:
