@@ -262,7 +262,8 @@ def report(metrics_path: str, out: str) -> None:
     default=30.0,
     show_default=True,
     type=click.FloatRange(min=1),
-    help="Seconds to wait for the broker to acknowledge each chunk.",
+    help="Seconds to wait for the broker to acknowledge each chunk, and then "
+    "for the device to report the outcome.",
 )
 @click.option(
     "--hmac-key-file",
@@ -279,19 +280,32 @@ def ota_send(
     timeout: float,
     hmac_key_file: str | None,
 ) -> None:
-    """Send BUNDLE to a device as an over-the-air model update."""
+    """Send BUNDLE to a device as an over-the-air model update.
+
+    Waits for the device's outcome and exits non-zero when the device
+    rejected or rolled back the update, or reported nothing within --timeout.
+    """
+    import uuid
     from pathlib import Path
 
     import paho.mqtt.client as mqtt
 
     from dslo_edge.errors import BrokerError
     from dslo_edge.hub import parse_broker_url
-    from dslo_edge.ota_sender import send_bundle
+    from dslo_edge.ota_sender import (
+        StatusWatcher,
+        check_outcome,
+        pack_bundle,
+        send_archive,
+    )
     from dslo_edge.protocol import Topics
     from dslo_edge.signing import load_key
 
     host, port = parse_broker_url(broker)
     topics = Topics.for_device(device_id, topic_prefix)
+    key = load_key(Path(hmac_key_file)) if hmac_key_file else None
+    # Packed before connecting, so an invalid or oversized bundle sends nothing.
+    archive = pack_bundle(bundle)
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2, client_id=f"dslo-edge-{device_id}-ota"
     )
@@ -300,15 +314,25 @@ def ota_send(
     except OSError as error:
         raise BrokerError(f"cannot connect to broker {host}:{port}: {error}") from error
     client.loop_start()
+    transfer = uuid.uuid4().bytes
     try:
-        transfer = send_bundle(
+        watcher = StatusWatcher(client, topics)
+        watcher.subscribe(timeout)
+        sent = send_archive(
             client,
             topics,
-            bundle,
+            archive,
+            transfer,
             chunk_bytes=chunk_size,
             timeout=timeout,
-            hmac_key=load_key(Path(hmac_key_file)) if hmac_key_file else None,
+            hmac_key=key,
+            stop=lambda: watcher.outcome(transfer.hex()) is not None,
         )
+        click.echo(
+            f"sent {bundle} to device {device_id} as transfer {transfer.hex()} "
+            f"({sent} chunks, {len(archive)} bytes)"
+        )
+        status = watcher.wait(transfer.hex(), timeout)
     except (ValueError, RuntimeError) as error:
         raise BrokerError(
             f"sending the bundle to {host}:{port} failed: {error}"
@@ -316,4 +340,4 @@ def ota_send(
     finally:
         client.disconnect()
         client.loop_stop()
-    click.echo(f"sent {bundle} to device {device_id} as transfer {transfer}")
+    click.echo(check_outcome(status, topics, device_id, transfer.hex(), timeout))

@@ -681,7 +681,10 @@ class EdgeDaemon:
             # The chunk is on disk (or its transfer is finished), so ack it.
             self.connection.ack(item.mid, item.qos)
             if outcome.status is not None:
-                self.connection.publish(self.ota_status_topic, outcome.status)
+                # Retained, so a client that subscribes later still reads the outcome.
+                self.connection.publish(
+                    self.ota_status_topic, outcome.status, retain=True
+                )
 
     def _switch_model(self, student: StudentModel, bundle: Any) -> None:
         """Make the new student current, keeping progress and compatible state."""

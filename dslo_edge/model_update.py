@@ -5,7 +5,7 @@ verifies them in the state directory. A complete archive is unpacked into
 its own release (``BundleStore``). The new student gets every weight whose
 name and shape match the adapted one. A health check on the new student then
 decides between keeping it and rolling the ``active`` link back. The outcome
-is published on ``dslo/<device>/ota/status``.
+is published, retained, on ``dslo/<device>/ota/status``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ from pathlib import Path
 from dslo_edge.bundle import Bundle, load_bundle
 from dslo_edge.errors import BundleError, InvalidUpdate
 from dslo_edge.models import StudentModel
-from dslo_edge.ota import OtaError, OtaReceiver, status_payload
+from dslo_edge.ota import (
+    OtaError,
+    OtaReceiver,
+    ReceivedArchive,
+    peek_transfer_id,
+    status_payload,
+)
 from dslo_edge.signing import verify
 from dslo_edge.swap import BundleStore, swap_student
 
@@ -66,44 +72,36 @@ class ModelUpdater:
 
     def handle_chunk(self, payload: bytes, current: StudentModel) -> UpdateOutcome:
         """Store a chunk; on the last one install, swap and health-check."""
-        if self.hmac_key is not None:
-            try:
-                payload = verify(self.hmac_key, self.topic, payload)
-            except InvalidUpdate as error:
-                logger.warning("Rejected model update chunk: %s", error)
-                return UpdateOutcome(
-                    status_payload(
-                        "rejected", None, reason=error.reason, detail=str(error)
-                    )
-                )
         try:
-            archive = self.receiver.receive(payload)
-        except OtaError as error:
+            if self.hmac_key is not None:
+                body = verify(self.hmac_key, self.topic, payload)
+            else:
+                body = payload
+            archive = self.receiver.receive(body)
+        except (InvalidUpdate, OtaError) as error:
             logger.warning("Rejected model update chunk: %s", error)
-            return UpdateOutcome(
-                status_payload("rejected", None, reason=error.reason, detail=str(error))
-            )
+            return _rejected(peek_transfer_id(payload), error)
         if archive is None:
             return UpdateOutcome(None)
         try:
-            release = self.store.install_archive(archive.path)
+            return self._install(archive, current)
         except OtaError as error:
-            return UpdateOutcome(
-                status_payload(
-                    "rejected",
-                    archive.transfer_id,
-                    reason=error.reason,
-                    detail=str(error),
-                )
-            )
+            logger.warning("Rejected model update %s: %s", archive.transfer_id, error)
+            return _rejected(archive.transfer_id, error)
         finally:
             archive.path.unlink(missing_ok=True)
+
+    def _install(
+        self, archive: ReceivedArchive, current: StudentModel
+    ) -> UpdateOutcome:
+        release = self.store.install_archive(archive.path)
         result = swap_student(self.store, release, current, self.load_student)
+        transfer = archive.transfer_id
         if not result.swapped:
             return UpdateOutcome(
                 status_payload(
                     "rolled_back",
-                    archive.transfer_id,
+                    transfer,
                     release=result.release.name if result.release else None,
                     reason="health_check",
                     detail=result.reason,
@@ -114,11 +112,19 @@ class ModelUpdater:
         except BundleError as error:  # the store checked it, so this is rare
             self.store.rollback()
             return UpdateOutcome(
-                status_payload("rolled_back", archive.transfer_id, detail=str(error))
+                status_payload("rolled_back", transfer, detail=str(error))
             )
         assert isinstance(result.student, StudentModel)
         return UpdateOutcome(
-            status_payload("installed", archive.transfer_id, release=release.name),
+            status_payload("installed", transfer, release=release.name),
             result.student,
             bundle,
         )
+
+
+def _rejected(
+    transfer_id: str | None, error: InvalidUpdate | OtaError
+) -> UpdateOutcome:
+    return UpdateOutcome(
+        status_payload("rejected", transfer_id, reason=error.reason, detail=str(error))
+    )

@@ -43,6 +43,8 @@ from pathlib import Path
 from dslo_edge.bundle import sha256_file
 from dslo_edge.errors import BundleError
 from dslo_edge.protocol import Topics
+from dslo_edge.signing import HEADER_BYTES as SIGNED_HEADER_BYTES
+from dslo_edge.signing import SIGNED_MAGIC
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,19 @@ def status_payload(
 
 
 # Chunks
+
+
+def peek_transfer_id(payload: bytes) -> str | None:
+    """Return the transfer id of a chunk, signed or not, without checking it.
+
+    Only for labelling a rejection in the status message: the id of a chunk
+    that failed its signature check is not authenticated.
+    """
+    if payload.startswith(SIGNED_MAGIC):
+        payload = payload[SIGNED_HEADER_BYTES:]
+    if len(payload) < HEADER_BYTES or not payload.startswith(MAGIC):
+        return None
+    return payload[5:21].hex()
 
 
 def split_archive(

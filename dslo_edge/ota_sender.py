@@ -1,16 +1,24 @@
-"""Hub side of over-the-air model updates: pack and send a bundle.
+"""Hub side of over-the-air model updates: pack, send, wait for the outcome.
 
 ``pack_bundle`` packs only the files of a bundle and checks the archive
 against the size a device accepts, before anything is published.
 ``send_archive`` publishes the chunks (format in ``dslo_edge.ota``).
+``StatusWatcher`` subscribes to the device's ``ota/status`` topic before
+the first chunk, so the sender learns whether its transfer was installed,
+rejected or rolled back. The device publishes each status retained, and
+the watcher matches statuses by transfer id, so an older retained status
+is never taken for the new transfer's.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tarfile
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,7 @@ from dslo_edge.ota import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_ARCHIVE_BYTES,
     MAX_ARCHIVE_MEMBERS,
+    OtaError,
     ota_topics,
     split_archive,
 )
@@ -28,6 +37,8 @@ from dslo_edge.protocol import Topics
 from dslo_edge.signing import sign
 
 logger = logging.getLogger(__name__)
+
+FINAL_STATES = ("installed", "rejected", "rolled_back")
 
 
 def bundle_files(bundle: Bundle) -> list[Path]:
@@ -155,12 +166,15 @@ def send_archive(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     timeout: float = 30.0,
     hmac_key: bytes | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> int:
     """Publish an archive in chunks at QoS 1 and return the chunks sent.
 
     Each chunk waits for the broker's acknowledgement before the next is
     sent, so a slow link is not flooded. With ``hmac_key`` every chunk is
-    signed for the OTA topic, as devices with a key require.
+    signed for the OTA topic, as devices with a key require. ``stop`` is
+    called before each chunk; when it returns True the rest is not sent
+    (for example once the device rejected the transfer).
 
     Raises:
         BrokerError: a chunk was not acknowledged within ``timeout`` seconds.
@@ -168,6 +182,8 @@ def send_archive(
     chunk_topic, _ = ota_topics(topics)
     chunks = split_archive(archive, chunk_bytes, transfer_id)
     for index, chunk in enumerate(chunks):
+        if stop is not None and stop():
+            return index
         if hmac_key is not None:
             chunk = sign(hmac_key, chunk_topic, chunk)
         info = client.publish(chunk_topic, chunk, qos=1)
@@ -179,3 +195,116 @@ def send_archive(
                 "connection and send the bundle again"
             )
     return len(chunks)
+
+
+class StatusWatcher:
+    """Collects the first final OTA status of each transfer from one device.
+
+    Args:
+        client: a connected paho client with its network loop running; the
+            watcher sets its ``on_subscribe`` callback.
+        topics: the device's topics.
+    """
+
+    def __init__(self, client: Any, topics: Topics):
+        _, self.topic = ota_topics(topics)
+        self._client = client
+        self._outcomes: dict[str, dict[str, Any]] = {}
+        self._changed = threading.Condition()
+        self._subscribed = threading.Event()
+        self._rejection: str | None = None
+
+    def subscribe(self, timeout: float) -> None:
+        """Subscribe to the status topic and wait for the broker's SUBACK.
+
+        Raises:
+            BrokerError: no SUBACK within ``timeout`` seconds, or the broker
+                rejected the subscription.
+        """
+        self._client.message_callback_add(self.topic, self._on_message)
+        self._client.on_subscribe = self._on_subscribe
+        self._client.subscribe(self.topic, qos=1)
+        if not self._subscribed.wait(timeout):
+            raise BrokerError(
+                f"the broker did not acknowledge the subscription to {self.topic} "
+                f"within {timeout:g} s; check the broker connection"
+            )
+        if self._rejection is not None:
+            raise BrokerError(
+                f"the broker rejected the subscription to {self.topic} "
+                f"({self._rejection}); give the hub user read access to it"
+            )
+
+    def outcome(self, transfer_id: str) -> dict[str, Any] | None:
+        """Return the final status of a transfer, or None while there is none."""
+        with self._changed:
+            return self._outcomes.get(transfer_id)
+
+    def wait(self, transfer_id: str, timeout: float) -> dict[str, Any] | None:
+        """Wait up to ``timeout`` seconds for the final status of a transfer."""
+        with self._changed:
+            self._changed.wait_for(lambda: transfer_id in self._outcomes, timeout)
+            return self._outcomes.get(transfer_id)
+
+    def _on_subscribe(
+        self, _client: Any, _userdata: Any, _mid: int, codes: Any, *_: Any
+    ) -> None:
+        failed = [code for code in codes if code.is_failure]
+        if failed:
+            self._rejection = str(failed[0])
+        self._subscribed.set()
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        try:
+            status = json.loads(message.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            logger.warning(
+                "Ignoring a status on %s that is not JSON: %s", self.topic, error
+            )
+            return
+        if not isinstance(status, dict) or status.get("state") not in FINAL_STATES:
+            return
+        transfer = status.get("transfer")
+        if not isinstance(transfer, str):
+            return
+        with self._changed:
+            self._outcomes.setdefault(transfer, status)
+            self._changed.notify_all()
+
+
+def check_outcome(
+    status: dict[str, Any] | None,
+    topics: Topics,
+    device_id: str,
+    transfer_id: str,
+    timeout: float,
+) -> str:
+    """Return a line for an installed release, or raise for any other outcome.
+
+    Raises:
+        OtaError: the device rejected or rolled back the transfer (with its
+            reason), or sent no outcome (``timeout``).
+    """
+    if status is None:
+        raise OtaError(
+            "timeout",
+            f"device {device_id} reported no outcome for transfer {transfer_id} "
+            f"within {timeout:g} s; check that it is online ({topics.status}) "
+            f"and read {ota_topics(topics)[1]}, or raise --timeout for a large "
+            "bundle on a slow device",
+        )
+    reason = status.get("reason") or "unknown"
+    detail = status.get("detail") or "no detail"
+    if status["state"] == "rejected":
+        raise OtaError(
+            reason,
+            f"device {device_id} rejected transfer {transfer_id}: {reason}: {detail}",
+        )
+    if status["state"] == "rolled_back":
+        running = status.get("release") or "its factory bundle"
+        raise OtaError(
+            reason,
+            f"device {device_id} rolled back transfer {transfer_id} and runs "
+            f"{running} again: {reason}: {detail}",
+        )
+    return f"device {device_id} installed release {status.get('release')}"

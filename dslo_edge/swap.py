@@ -35,6 +35,15 @@ ACTIVE = "active"
 PREVIOUS = "previous"
 
 
+def release_id(bundle_dir: Path) -> str:
+    """Return a bundle's release id: the first 16 hex digits of its manifest sha256.
+
+    The manifest lists every model file's sha256, so the id names the bundle
+    wherever it is installed (``flash`` uses the same id).
+    """
+    return sha256_file(bundle_dir / MANIFEST_NAME)[:16]
+
+
 class Student(Protocol):
     """The part of ``models.StudentModel`` that a swap uses."""
 
@@ -80,7 +89,7 @@ class BundleStore:
                 raise OtaError(
                     "bad_bundle", f"received bundle is invalid: {error}"
                 ) from error
-            release = self.folder / sha256_file(staging / MANIFEST_NAME)[:16]
+            release = self.folder / release_id(staging)
             if release.is_dir():
                 shutil.rmtree(staging)
                 return release

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from dslo_edge.broker import Broker
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.ota import ota_topics
 from dslo_edge.ota_sender import send_bundle
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+from dslo_edge.swap import release_id
 
 DEVICE = "ota-device"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def update(seed: int) -> bytes:
@@ -153,3 +162,93 @@ def test_device_with_key_rejects_unsigned_bundle(mlp_pair, broker, tmp_path) -> 
     assert rejected[0]["state"] == "rejected"
     assert rejected[0]["reason"] == "unsigned"
     assert daemon.bundle.path != factory_path
+
+
+# The ota-send command against a running daemon
+
+
+def ota_send(
+    broker: Broker, bundle: Path, *options: str
+) -> subprocess.CompletedProcess:
+    """Run ``dslo-edge ota-send`` in its own process, as an operator would."""
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [
+        sys.executable,
+        "-m",
+        "dslo_edge.cli",
+        "ota-send",
+        str(bundle),
+        "--device",
+        DEVICE,
+        "--broker",
+        f"mqtt://{broker.host}:{broker.port}",
+        "--chunk-size",
+        "8192",
+        *options,
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=environment
+    )
+
+
+def start_daemon(tmp_path: Path, bundle: Path, broker: Broker, **overrides: Any):
+    config_path = tmp_path / "device.toml"
+    config_path.write_text(
+        render_config(
+            DEVICE, bundle, tmp_path / "state", broker.port, overrides=overrides
+        )
+    )
+    daemon = EdgeDaemon(load_config(config_path))
+    daemon.start()
+    wait_until(daemon.connected.is_set)
+    return daemon
+
+
+def test_ota_send_exit_status_follows_device(mlp_pair, broker, tmp_path) -> None:
+    from dslo_edge.signing import generate_key_file
+
+    if broker.kind != "mosquitto":
+        return
+    key_file = tmp_path / "device.key"
+    generate_key_file(key_file)
+    daemon = start_daemon(
+        tmp_path,
+        mlp_pair.bundle,
+        broker,
+        security={"hmac_key_file": str(key_file)},
+    )
+    try:
+        unsigned = ota_send(broker, mlp_pair.bundle)
+        unsigned_bundle = daemon.bundle.path
+        signed = ota_send(broker, mlp_pair.bundle, "--hmac-key-file", str(key_file))
+        signed_bundle = daemon.bundle.path
+    finally:
+        daemon.stop()
+
+    # A subscriber that connects after the transfer still reads its outcome.
+    retained: list[mqtt.MQTTMessage] = []
+    late = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    late.on_message = lambda _c, _u, message: retained.append(message)
+    late.connect(broker.host, broker.port)
+    late.loop_start()
+    late.subscribe(ota_topics(Topics.for_device(DEVICE))[1], qos=1)
+    try:
+        wait_until(lambda: retained, timeout=10)
+    finally:
+        late.loop_stop()
+        late.disconnect()
+
+    assert unsigned.returncode == 1, unsigned.stderr
+    assert f"error: device {DEVICE} rejected transfer " in unsigned.stderr
+    assert ": unsigned: update is not signed" in unsigned.stderr
+    assert unsigned_bundle == mlp_pair.bundle
+    release = release_id(mlp_pair.bundle)
+    assert signed.returncode == 0, signed.stderr
+    assert f"device {DEVICE} installed release {release}" in signed.stdout
+    assert signed_bundle == tmp_path / "state" / "bundles" / release
+    transfer = re.search(r"as transfer ([0-9a-f]{32})", signed.stdout)
+    assert transfer is not None
+    status = json.loads(retained[0].payload)
+    assert retained[0].retain
+    assert status["state"] == "installed"
+    assert status["transfer"] == transfer.group(1)

@@ -26,6 +26,7 @@ from dslo_edge.ota import (
     OtaReceiver,
     ReceivedArchive,
     ota_topics,
+    peek_transfer_id,
     split_archive,
 )
 from dslo_edge.ota_sender import pack_bundle, send_bundle
@@ -134,6 +135,16 @@ def test_pack_names_missing_manifest_file(tmp_path: Path) -> None:
         BundleError, match="bundle file .*student-int8.tflite is missing"
     ):
         pack_bundle(bundle)
+
+
+def test_peek_transfer_id_of_signed_chunk(tmp_path: Path) -> None:
+    from dslo_edge.signing import sign
+
+    transfer = bytes(range(16))
+    chunk = split_archive(b"archive bytes", 1024, transfer)[0]
+    assert peek_transfer_id(chunk) == transfer.hex()
+    assert peek_transfer_id(sign(b"k" * 32, "dslo/x/ota", chunk)) == transfer.hex()
+    assert peek_transfer_id(b"garbage") is None
 
 
 def test_chunks_out_of_order_and_repeated(tmp_path: Path) -> None:
@@ -517,32 +528,6 @@ def test_real_students_swap_and_carry_weights(
     assert store.active_path(tmp_path) == release
 
 
-def test_ota_send_command(tmp_path: Path, broker: Broker) -> None:
-    from click.testing import CliRunner
-
-    from dslo_edge.cli import main
-
-    device = DeviceReceiver(broker, OtaReceiver(tmp_path / "state/ota"))
-    bundle = write_bundle(tmp_path / "new", seed=6)
-    arguments = [
-        "ota-send",
-        str(bundle),
-        "--device",
-        "kitchen-cam",
-        "--broker",
-        f"mqtt://{broker.host}:{broker.port}",
-        "--chunk-size",
-        "4096",
-    ]
-    result = CliRunner().invoke(main, arguments)
-    assert result.exit_code == 0, result.output
-    received = device.results.get(timeout=TIMEOUT_S)
-    assert isinstance(received, ReceivedArchive)
-    assert result.output.strip().endswith(f"as transfer {received.transfer_id}")
-    assert received.path.read_bytes() == pack_bundle(bundle)
-    device.close()
-
-
 def ota_send(broker: Broker, bundle: Path, *options: str) -> Any:
     from click.testing import CliRunner
 
@@ -560,6 +545,26 @@ def ota_send(broker: Broker, bundle: Path, *options: str) -> Any:
         *options,
     ]
     return CliRunner().invoke(main, arguments)
+
+
+def test_ota_send_times_out_without_outcome(tmp_path: Path, broker: Broker) -> None:
+    # This receiver assembles the chunks but, unlike a daemon, reports nothing.
+    device = DeviceReceiver(broker, OtaReceiver(tmp_path / "state/ota"))
+    bundle = write_bundle(tmp_path / "new", seed=6)
+
+    result = ota_send(broker, bundle, "--timeout", "1")
+
+    device.close()
+    received = device.results.get(timeout=TIMEOUT_S)
+    assert isinstance(received, ReceivedArchive)
+    assert f"as transfer {received.transfer_id}" in result.output
+    assert received.path.read_bytes() == pack_bundle(bundle)
+    assert result.exit_code == 1
+    assert (
+        f"error: device kitchen-cam reported no outcome for transfer "
+        f"{received.transfer_id} within 1 s" in result.output
+    )
+    assert "raise --timeout" in result.output
 
 
 def test_ota_send_rejects_oversized_bundle(tmp_path: Path, broker: Broker) -> None:
@@ -606,3 +611,28 @@ def test_status_payload_fields() -> None:
     assert document["release"] is None
     with pytest.raises(ValueError, match="OTA state 'done' is invalid"):
         status_payload("done", None)
+
+
+def test_check_outcome_messages() -> None:
+    from dslo_edge.ota_sender import check_outcome
+
+    installed = {"state": "installed", "transfer": "ab12", "release": "r1"}
+    assert check_outcome(installed, TOPICS, "kitchen-cam", "ab12", 5) == (
+        "device kitchen-cam installed release r1"
+    )
+    rolled_back = {
+        "state": "rolled_back",
+        "transfer": "ab12",
+        "release": "r0",
+        "reason": "health_check",
+        "detail": "student output contains NaN or infinity",
+    }
+    with pytest.raises(OtaError) as caught:
+        check_outcome(rolled_back, TOPICS, "kitchen-cam", "ab12", 5)
+    assert caught.value.reason == "health_check"
+    assert str(caught.value) == (
+        "device kitchen-cam rolled back transfer ab12 and runs r0 again: "
+        "health_check: student output contains NaN or infinity"
+    )
+    with pytest.raises(OtaError, match="no outcome for transfer ab12 within 5 s"):
+        check_outcome(None, TOPICS, "kitchen-cam", "ab12", 5)
