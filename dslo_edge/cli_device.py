@@ -270,6 +270,12 @@ def report(metrics_path: str, out: str) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="Sign every chunk with the device's key; devices with a key require it.",
 )
+@click.option(
+    "--allow-model-change",
+    is_flag=True,
+    help="Let the device install a model with another input shape, classes or "
+    "heads; it keeps the old model's last checkpoint to switch back.",
+)
 @handle_errors
 def ota_send(
     bundle: str,
@@ -279,6 +285,7 @@ def ota_send(
     chunk_size: int,
     timeout: float,
     hmac_key_file: str | None,
+    allow_model_change: bool,
 ) -> None:
     """Send BUNDLE to a device as an over-the-air model update.
 
@@ -292,6 +299,7 @@ def ota_send(
 
     from dslo_edge.errors import BrokerError
     from dslo_edge.hub import parse_broker_url
+    from dslo_edge.ota import ReleaseOptions
     from dslo_edge.ota_sender import (
         StatusWatcher,
         check_outcome,
@@ -305,7 +313,9 @@ def ota_send(
     topics = Topics.for_device(device_id, topic_prefix)
     key = load_key(Path(hmac_key_file)) if hmac_key_file else None
     # Packed before connecting, so an invalid or oversized bundle sends nothing.
-    archive = pack_bundle(bundle)
+    archive = pack_bundle(
+        bundle, options=ReleaseOptions(allow_model_change=allow_model_change)
+    )
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2, client_id=f"dslo-edge-{device_id}-ota"
     )

@@ -17,6 +17,12 @@ little-endian)::
     41     32    sha256 of the whole archive
     73     ...   chunk data
 
+The archive contains the files the bundle manifest lists, ``probe.npz`` when the
+bundle has one, and ``ota-release.json`` with the sender's options for this
+release (``allow_model_change``). The release file is inside the archive, so
+the sha256 in every chunk and, on devices with a key, the HMAC of every chunk
+cover it.
+
 On the device, ``OtaReceiver`` writes chunks into a preallocated file in the
 state directory, ignores repeats (QoS 1 may deliver twice) and verifies the
 sha256 once every chunk arrived. ``BundleStore`` unpacks a verified archive
@@ -34,6 +40,7 @@ import logging
 import math
 import os
 import struct
+import tarfile
 import time
 import uuid
 from collections.abc import Callable
@@ -56,6 +63,7 @@ DEFAULT_CHUNK_BYTES = 64 * 1024
 DEFAULT_MAX_ARCHIVE_BYTES = 64 * 1024 * 1024
 DEFAULT_STALE_AFTER_S = 300.0
 MAX_ARCHIVE_MEMBERS = 16
+RELEASE_FILE = "ota-release.json"
 
 
 class OtaError(BundleError):
@@ -112,7 +120,73 @@ def status_payload(
     return json.dumps(document)
 
 
-# Chunks
+# Release options and chunks
+
+
+@dataclass(frozen=True)
+class ReleaseOptions:
+    """Options the sender attaches to one release, read by the device.
+
+    Attributes:
+        allow_model_change: install the release even when its input shape,
+            classes or heads differ from the running model's, which resets
+            the adapted weights (the device keeps a copy of them).
+    """
+
+    allow_model_change: bool = False
+
+    def to_json(self) -> bytes:
+        document = {"format_version": 1, "allow_model_change": self.allow_model_change}
+        return json.dumps(document, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ReleaseOptions:
+        """Parse ``ota-release.json``.
+
+        Raises:
+            OtaError: ``bad_bundle`` when the file is not the expected JSON.
+        """
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise OtaError(
+                "bad_bundle", f"{RELEASE_FILE} in the archive is not JSON: {error}"
+            ) from error
+        valid = (
+            isinstance(document, dict)
+            and document.get("format_version") == 1
+            and isinstance(document.get("allow_model_change"), bool)
+        )
+        if not valid:
+            raise OtaError(
+                "bad_bundle",
+                f"{RELEASE_FILE} in the archive is {document!r}; expected "
+                '{"format_version": 1, "allow_model_change": true or false}',
+            )
+        return cls(allow_model_change=document["allow_model_change"])
+
+
+def read_release_options(archive: Path) -> ReleaseOptions:
+    """Read ``ota-release.json`` from a received archive.
+
+    An archive without it comes from an older sender: no model change.
+
+    Raises:
+        OtaError: ``bad_bundle`` when the archive or the file is unreadable.
+    """
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            try:
+                member = tar.getmember(RELEASE_FILE)
+            except KeyError:
+                return ReleaseOptions()
+            stream = tar.extractfile(member) if member.isfile() else None
+            if stream is None:
+                raise OtaError("bad_bundle", f"{RELEASE_FILE} is not a plain file")
+            with stream:
+                return ReleaseOptions.from_json(stream.read(64 * 1024))
+    except tarfile.TarError as error:
+        raise OtaError("bad_bundle", f"cannot read the archive: {error}") from error
 
 
 def peek_transfer_id(payload: bytes) -> str | None:

@@ -29,7 +29,9 @@ from dslo_edge.ota import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_ARCHIVE_BYTES,
     MAX_ARCHIVE_MEMBERS,
+    RELEASE_FILE,
     OtaError,
+    ReleaseOptions,
     ota_topics,
     split_archive,
 )
@@ -56,7 +58,7 @@ def bundle_files(bundle: Bundle) -> list[Path]:
     for key, entry in bundle.manifest.items():
         if isinstance(entry, dict) and "file" in entry:
             name = str(entry["file"])
-            if "/" in name or name in ("", ".", ".."):
+            if "/" in name or name in ("", ".", "..", RELEASE_FILE):
                 raise BundleError(
                     f"manifest entry {key!r} in {bundle.path} names file {name!r}; "
                     "expected a plain file name in the bundle directory"
@@ -74,16 +76,18 @@ def bundle_files(bundle: Bundle) -> list[Path]:
 def pack_bundle(
     bundle_dir: str | Path,
     *,
+    options: ReleaseOptions | None = None,
     max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
 ) -> bytes:
-    """Return a tar archive of a verified bundle.
+    """Return a tar archive of a verified bundle and its release options.
 
     Only the files of ``bundle_files`` are packed. Member order, owners and
-    times are fixed, so the same bundle always packs to the same bytes and
-    the same sha256.
+    times are fixed, so the same bundle and options always pack to the same
+    bytes and the same sha256.
 
     Args:
         bundle_dir: the bundle directory.
+        options: release options for the device (defaults: no model change).
         max_archive_bytes: the largest archive the device accepts, 64 MiB
             for ``OtaReceiver``'s default.
 
@@ -93,20 +97,22 @@ def pack_bundle(
     """
     bundle = load_bundle(bundle_dir)
     paths = bundle_files(bundle)
-    if len(paths) > MAX_ARCHIVE_MEMBERS:
+    if len(paths) + 1 > MAX_ARCHIVE_MEMBERS:
         raise BundleError(
             f"bundle {bundle.path} has {len(paths)} files; a device accepts at most "
-            f"{MAX_ARCHIVE_MEMBERS}"
+            f"{MAX_ARCHIVE_MEMBERS - 1} plus the release options"
         )
+    release = (options or ReleaseOptions()).to_json()
     # The files alone are a lower bound of the archive size, so a bundle far
     # above the limit is rejected before its files are read.
-    content = sum(path.stat().st_size for path in paths)
+    content = sum(path.stat().st_size for path in paths) + len(release)
     _check_archive_size(bundle.path, content, max_archive_bytes)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for path in paths:
             with open(path, "rb") as stream:
                 archive.addfile(_member(path.name, path.stat().st_size), stream)
+        archive.addfile(_member(RELEASE_FILE, len(release)), io.BytesIO(release))
     packed = buffer.getvalue()
     _check_archive_size(bundle.path, len(packed), max_archive_bytes)
     return packed
@@ -136,6 +142,7 @@ def send_bundle(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     timeout: float = 30.0,
     hmac_key: bytes | None = None,
+    options: ReleaseOptions | None = None,
 ) -> str:
     """Pack a bundle, publish it in chunks and return the transfer id in hex.
 
@@ -143,7 +150,7 @@ def send_bundle(
         BundleError: the directory is not a valid bundle or is too large.
         BrokerError: a chunk was not acknowledged within ``timeout`` seconds.
     """
-    archive = pack_bundle(bundle_dir)
+    archive = pack_bundle(bundle_dir, options=options)
     transfer_id = uuid.uuid4().bytes
     send_archive(
         client,

@@ -19,14 +19,17 @@ import pytest
 from dslo_edge.broker import Broker
 from dslo_edge.bundle import Bundle, load_bundle
 from dslo_edge.errors import BundleError
+from dslo_edge.model_update import ModelUpdater, UpdateOutcome
 from dslo_edge.ota import (
     DEFAULT_MAX_ARCHIVE_BYTES,
     HEADER_BYTES,
     OtaError,
     OtaReceiver,
     ReceivedArchive,
+    ReleaseOptions,
     ota_topics,
     peek_transfer_id,
+    read_release_options,
     split_archive,
 )
 from dslo_edge.ota_sender import pack_bundle, send_bundle
@@ -35,6 +38,7 @@ from dslo_edge.swap import (
     BundleStore,
     carry_over_weights,
     check_student_health,
+    model_change,
     swap_student,
 )
 from tests.bundle_files import write_bundle
@@ -111,6 +115,7 @@ def test_pack_takes_only_bundle_files(tmp_path: Path) -> None:
         "probe.npz",
         "student.tflite",
         "teacher.tflite",
+        "ota-release.json",
     ]
     assert len(archive) < 100_000
 
@@ -120,7 +125,7 @@ def test_pack_rejects_archive_above_limit(tmp_path: Path) -> None:
     size = len(pack_bundle(bundle))
     assert size % 10_240 == 0  # tar pads to records of 20 blocks
     with pytest.raises(
-        BundleError, match=r"packs to about 0\.1 MiB, above the 0\.0488281 MiB"
+        BundleError, match=r"packs to about 0\.1 MiB, above the 0\.0585938 MiB"
     ):
         pack_bundle(bundle, max_archive_bytes=size - 10_240)
     assert len(pack_bundle(bundle, max_archive_bytes=size)) == size
@@ -135,6 +140,27 @@ def test_pack_names_missing_manifest_file(tmp_path: Path) -> None:
         BundleError, match="bundle file .*student-int8.tflite is missing"
     ):
         pack_bundle(bundle)
+
+
+def test_release_options_travel_in_archive(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    plain = pack_bundle(bundle)
+    allowed = pack_bundle(bundle, options=ReleaseOptions(allow_model_change=True))
+    assert plain != allowed
+    for name, archive, expected in (("a", plain, False), ("b", allowed, True)):
+        path = tmp_path / f"{name}.tar"
+        path.write_bytes(archive)
+        assert read_release_options(path).allow_model_change is expected
+        release = BundleStore(tmp_path / "state").install_archive(path)
+        assert not (release / "ota-release.json").exists()
+
+
+def test_release_options_reject_bad_json() -> None:
+    with pytest.raises(OtaError, match="is not JSON") as caught:
+        ReleaseOptions.from_json(b"{")
+    assert caught.value.reason == "bad_bundle"
+    with pytest.raises(OtaError, match='expected {"format_version": 1'):
+        ReleaseOptions.from_json(b'{"format_version": 1, "allow_model_change": 1}')
 
 
 def test_peek_transfer_id_of_signed_chunk(tmp_path: Path) -> None:
@@ -380,6 +406,88 @@ def test_swap_keeps_current_when_bundle_cannot_load(tmp_path: Path) -> None:
     assert not result.swapped
     assert "checksum mismatch" in (result.reason or "")
     assert store.active_path(tmp_path / "factory") == tmp_path / "factory"
+
+
+def manifest_bundle(inputs: int, classes: int | dict[str, int]) -> Bundle:
+    manifest: dict[str, Any] = {"input": {"shape": [None, inputs]}}
+    if isinstance(classes, int):
+        manifest["class_count"] = classes
+    else:
+        manifest["heads"] = [
+            {"name": name, "class_count": count} for name, count in classes.items()
+        ]
+    return Bundle(Path("bundle"), manifest)
+
+
+@pytest.mark.parametrize(
+    ("new", "change"),
+    [
+        (manifest_bundle(64, 10), None),
+        (
+            manifest_bundle(32, 10),
+            "input 32 and 10 classes, but the running model has input 64 and "
+            "10 classes",
+        ),
+        (manifest_bundle(64, 5), "input 64 and 5 classes, but"),
+        (manifest_bundle(64, {"kind": 10}), "input 64 and heads kind 10 (classes)"),
+    ],
+)
+def test_model_change_single_head(new: Bundle, change: str | None) -> None:
+    described = model_change(manifest_bundle(64, 10), new)
+    if change is None:
+        assert described is None
+    else:
+        assert described is not None
+        assert described.startswith(change)
+
+
+def test_model_change_heads() -> None:
+    current = manifest_bundle(64, {"kind": 3, "size": 4})
+    assert model_change(current, manifest_bundle(64, {"kind": 3, "size": 4})) is None
+    changed = model_change(current, manifest_bundle(64, {"kind": 3, "size": 5}))
+    assert changed == (
+        "input 64 and heads kind 3, size 5 (classes), but the running model has "
+        "input 64 and heads kind 3, size 4 (classes)"
+    )
+    renamed = model_change(current, manifest_bundle(64, {"kind": 3, "shape": 4}))
+    assert renamed is not None
+
+
+def send_to_updater(
+    updater: ModelUpdater, current: FakeStudent, archive: bytes
+) -> UpdateOutcome:
+    outcomes = [
+        updater.handle_chunk(chunk, current)  # type: ignore[arg-type]
+        for chunk in split_archive(archive, 8 * 1024)
+    ]
+    assert all(outcome.status is None for outcome in outcomes[:-1])
+    return outcomes[-1]
+
+
+def test_updater_rejects_other_model(tmp_path: Path) -> None:
+    factory = write_bundle(tmp_path / "factory")
+    current = FakeStudent(load_bundle(factory), seed=5)
+    before = current.get_weights()
+    updater = ModelUpdater(tmp_path / "state", FakeStudent)  # type: ignore[arg-type]
+    other = write_bundle(tmp_path / "other", inputs=32, classes=5, seed=3)
+
+    outcome = send_to_updater(updater, current, pack_bundle(other))
+
+    assert outcome.status is not None
+    status = json.loads(outcome.status)
+    assert status["state"] == "rejected"
+    assert status["reason"] == "model_mismatch"
+    assert status["transfer"] is not None
+    assert (
+        "has input 32 and 5 classes, but the running model has input 64 and "
+        in (status["detail"])
+    )
+    assert "'ota-send --allow-model-change'" in status["detail"]
+    assert outcome.student is None
+    assert updater.store.active_path(factory) == factory
+    assert list(updater.store.folder.iterdir()) == []
+    for name, value in before.items():
+        np.testing.assert_array_equal(current.get_weights()[name], value)
 
 
 # Through a real broker
