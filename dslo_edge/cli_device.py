@@ -281,12 +281,19 @@ def report(metrics_path: str, out: str) -> None:
     default=30.0,
     show_default=True,
     type=click.FloatRange(min=1),
-    help="Seconds to wait for the broker to acknowledge each chunk.",
+    help="Seconds to wait for the broker to acknowledge each chunk, and then "
+    "for the device to report the outcome.",
 )
 @click.option(
     "--hmac-key-file",
     type=click.Path(exists=True, dir_okay=False),
     help="Sign every chunk with the device's key; devices with a key require it.",
+)
+@click.option(
+    "--allow-model-change",
+    is_flag=True,
+    help="Let the device install a model with another input shape, classes or "
+    "heads; it keeps the old model's last checkpoint to switch back.",
 )
 @handle_errors
 def ota_send(
@@ -298,34 +305,61 @@ def ota_send(
     chunk_size: int,
     timeout: float,
     hmac_key_file: str | None,
+    allow_model_change: bool,
 ) -> None:
-    """Send BUNDLE to a device as an over-the-air model update."""
+    """Send BUNDLE to a device as an over-the-air model update.
+
+    Waits for the device's outcome and exits non-zero when the device
+    rejected or rolled back the update, or reported nothing within --timeout.
+    """
+    import uuid
     from pathlib import Path
 
     import paho.mqtt.client as mqtt
 
     from dslo_edge.broker_login import broker_settings, start_client
     from dslo_edge.errors import BrokerError
-    from dslo_edge.ota import send_bundle
+    from dslo_edge.ota import ReleaseOptions
+    from dslo_edge.ota_sender import (
+        StatusWatcher,
+        check_outcome,
+        pack_bundle,
+        send_archive,
+    )
     from dslo_edge.protocol import Topics
     from dslo_edge.signing import load_key
 
     settings = broker_settings(broker, login)
     host, port = settings.host, settings.port
     topics = Topics.for_device(device_id, topic_prefix)
+    key = load_key(Path(hmac_key_file)) if hmac_key_file else None
+    # Packed before connecting, so an invalid or oversized bundle sends nothing.
+    archive = pack_bundle(
+        bundle, options=ReleaseOptions(allow_model_change=allow_model_change)
+    )
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2, client_id=f"dslo-edge-{device_id}-ota"
     )
     start_client(client, settings, f"ota-send to {device_id}")
+    transfer = uuid.uuid4().bytes
     try:
-        transfer = send_bundle(
+        watcher = StatusWatcher(client, topics)
+        watcher.subscribe(timeout)
+        sent = send_archive(
             client,
             topics,
-            bundle,
+            archive,
+            transfer,
             chunk_bytes=chunk_size,
             timeout=timeout,
-            hmac_key=load_key(Path(hmac_key_file)) if hmac_key_file else None,
+            hmac_key=key,
+            stop=lambda: watcher.outcome(transfer.hex()) is not None,
         )
+        click.echo(
+            f"sent {bundle} to device {device_id} as transfer {transfer.hex()} "
+            f"({sent} chunks, {len(archive)} bytes)"
+        )
+        status = watcher.wait(transfer.hex(), timeout)
     except (ValueError, RuntimeError) as error:
         raise BrokerError(
             f"sending the bundle to {host}:{port} failed: {error}"
@@ -333,4 +367,4 @@ def ota_send(
     finally:
         client.disconnect()
         client.loop_stop()
-    click.echo(f"sent {bundle} to device {device_id} as transfer {transfer}")
+    click.echo(check_outcome(status, topics, device_id, transfer.hex(), timeout))

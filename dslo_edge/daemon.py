@@ -69,6 +69,7 @@ from dslo_edge.ota import ota_topics
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
 from dslo_edge.state_lock import StateLock
+from dslo_edge.swap import KeptCheckpoints
 from dslo_edge.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -723,16 +724,29 @@ class EdgeDaemon:
             item = self.ota_chunks.get_nowait()
             outcome = self.updater.handle_chunk(item.payload, self.student)
             if outcome.student is not None and outcome.bundle is not None:
-                self._switch_model(outcome.student, outcome.bundle)
+                self._switch_model(
+                    outcome.student, outcome.bundle, outcome.model_changed
+                )
             # The chunk is on disk (or its transfer is finished), so ack it.
             self.connection.ack(item.mid, item.qos)
             if outcome.status is not None:
-                self.connection.publish(self.ota_status_topic, outcome.status)
+                # Retained, so a client that subscribes later still reads the outcome.
+                self.connection.publish(
+                    self.ota_status_topic, outcome.status, retain=True
+                )
 
-    def _switch_model(self, student: StudentModel, bundle: Any) -> None:
-        """Make the new student current, keeping progress and compatible state."""
+    def _switch_model(
+        self, student: StudentModel, bundle: Any, model_changed: bool = False
+    ) -> None:
+        """Make the new student current, keeping progress and compatible state.
+
+        After a model change the old model's last checkpoint is kept, and a
+        checkpoint kept earlier for the new bundle is restored.
+        """
         self._checkpoint_and_ack()
         self._checkpoint_and_ack()
+        if model_changed:
+            self._keep_old_checkpoint()
         old_trainer = self.trainer
         self.bundle = bundle
         self.student = student
@@ -742,6 +756,9 @@ class EdgeDaemon:
             self.trainer.engine = old_trainer.engine  # type: ignore[assignment]
         else:
             self.trainer.applied_updates = old_trainer.applied_updates
+        if model_changed:
+            self._restore_kept_checkpoint()
+            self.trainer.applied_updates = old_trainer.applied_updates
         self.health = self._new_health_guard()
         self.health.accuracy(student)
         self.health.accept(student.get_weights())
@@ -749,6 +766,44 @@ class EdgeDaemon:
         self.save_checkpoint()
         self.save_checkpoint()
         logger.info("Device %s now trains %s", self.device_id, bundle.path.name)
+
+    def _keep_old_checkpoint(self) -> None:
+        kept = KeptCheckpoints(self.config.state_dir).keep(
+            self.bundle, self.checkpoint_dir
+        )
+        if kept is None:
+            logger.info(
+                "Device %s has no checkpoint of %s to keep before the model change",
+                self.device_id,
+                self.bundle.path.name,
+            )
+        else:
+            logger.info(
+                "Device %s kept the last checkpoint of %s in %s",
+                self.device_id,
+                self.bundle.path.name,
+                kept,
+            )
+
+    def _restore_kept_checkpoint(self) -> None:
+        checkpoint = KeptCheckpoints(self.config.state_dir).load(self.bundle)
+        if checkpoint is None:
+            return
+        try:
+            self.trainer.restore(checkpoint)
+        except ValueError as error:
+            logger.warning(
+                "Device %s cannot restore the kept checkpoint %s: %s; starting "
+                "from the bundle's own weights",
+                self.device_id,
+                checkpoint.path,
+                error,
+            )
+            self.trainer = self._new_trainer()
+            return
+        logger.info(
+            "Device %s restored the kept checkpoint %s", self.device_id, checkpoint.path
+        )
 
     # Health, checkpoints and acknowledgements
 

@@ -17,6 +17,12 @@ little-endian)::
     41     32    sha256 of the whole archive
     73     ...   chunk data
 
+The archive contains the files the bundle manifest lists, ``probe.npz`` when the
+bundle has one, and ``ota-release.json`` with the sender's options for this
+release (``allow_model_change``). The release file is inside the archive, so
+the sha256 in every chunk and, on devices with a key, the HMAC of every chunk
+cover it.
+
 On the device, ``OtaReceiver`` writes chunks into a preallocated file in the
 state directory, ignores repeats (QoS 1 may deliver twice) and verifies the
 sha256 once every chunk arrived. ``BundleStore`` unpacks a verified archive
@@ -29,7 +35,6 @@ name and shape match, runs a health check and rolls back if it fails.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -41,12 +46,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from dslo_edge.bundle import load_bundle, sha256_file
-from dslo_edge.errors import BrokerError, BundleError
+from dslo_edge.bundle import sha256_file
+from dslo_edge.errors import BundleError
 from dslo_edge.protocol import Topics
-from dslo_edge.signing import sign
+from dslo_edge.signing import HEADER_BYTES as SIGNED_HEADER_BYTES
+from dslo_edge.signing import SIGNED_MAGIC
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ DEFAULT_CHUNK_BYTES = 64 * 1024
 DEFAULT_MAX_ARCHIVE_BYTES = 64 * 1024 * 1024
 DEFAULT_STALE_AFTER_S = 300.0
 MAX_ARCHIVE_MEMBERS = 16
+RELEASE_FILE = "ota-release.json"
 
 
 class OtaError(BundleError):
@@ -114,30 +120,86 @@ def status_payload(
     return json.dumps(document)
 
 
-# Hub side
+# Release options and chunks
 
 
-def pack_bundle(bundle_dir: str | Path) -> bytes:
-    """Return a tar archive of a verified bundle directory's top-level files.
+@dataclass(frozen=True)
+class ReleaseOptions:
+    """Options the sender attaches to one release, read by the device.
 
-    Member order, owners and times are fixed, so the same bundle always packs
-    to the same bytes and the same sha256.
+    Attributes:
+        allow_model_change: install the release even when its input shape,
+            classes or heads differ from the running model's, which resets
+            the adapted weights (the device keeps a copy of them).
+    """
+
+    allow_model_change: bool = False
+
+    def to_json(self) -> bytes:
+        document = {"format_version": 1, "allow_model_change": self.allow_model_change}
+        return json.dumps(document, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ReleaseOptions:
+        """Parse ``ota-release.json``.
+
+        Raises:
+            OtaError: ``bad_bundle`` when the file is not the expected JSON.
+        """
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise OtaError(
+                "bad_bundle", f"{RELEASE_FILE} in the archive is not JSON: {error}"
+            ) from error
+        valid = (
+            isinstance(document, dict)
+            and document.get("format_version") == 1
+            and isinstance(document.get("allow_model_change"), bool)
+        )
+        if not valid:
+            raise OtaError(
+                "bad_bundle",
+                f"{RELEASE_FILE} in the archive is {document!r}; expected "
+                '{"format_version": 1, "allow_model_change": true or false}',
+            )
+        return cls(allow_model_change=document["allow_model_change"])
+
+
+def read_release_options(archive: Path) -> ReleaseOptions:
+    """Read ``ota-release.json`` from a received archive.
+
+    An archive without it comes from an older sender: no model change.
 
     Raises:
-        BundleError: the directory is not a valid bundle.
+        OtaError: ``bad_bundle`` when the archive or the file is unreadable.
     """
-    bundle = load_bundle(bundle_dir)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for path in sorted(bundle.path.iterdir()):
-            if not path.is_file():
-                continue
-            info = tarfile.TarInfo(path.name)
-            info.size = path.stat().st_size
-            info.mode = 0o644
-            with open(path, "rb") as stream:
-                archive.addfile(info, stream)
-    return buffer.getvalue()
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            try:
+                member = tar.getmember(RELEASE_FILE)
+            except KeyError:
+                return ReleaseOptions()
+            stream = tar.extractfile(member) if member.isfile() else None
+            if stream is None:
+                raise OtaError("bad_bundle", f"{RELEASE_FILE} is not a plain file")
+            with stream:
+                return ReleaseOptions.from_json(stream.read(64 * 1024))
+    except tarfile.TarError as error:
+        raise OtaError("bad_bundle", f"cannot read the archive: {error}") from error
+
+
+def peek_transfer_id(payload: bytes) -> str | None:
+    """Return the transfer id of a chunk, signed or not, without checking it.
+
+    Only for labelling a rejection in the status message: the id of a chunk
+    that failed its signature check is not authenticated.
+    """
+    if payload.startswith(SIGNED_MAGIC):
+        payload = payload[SIGNED_HEADER_BYTES:]
+    if len(payload) < HEADER_BYTES or not payload.startswith(MAGIC):
+        return None
+    return payload[5:21].hex()
 
 
 def split_archive(
@@ -175,42 +237,6 @@ def split_archive(
         )
         chunks.append(header + data)
     return chunks
-
-
-def send_bundle(
-    client: Any,
-    topics: Topics,
-    bundle_dir: str | Path,
-    *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    timeout: float = 30.0,
-    hmac_key: bytes | None = None,
-) -> str:
-    """Publish a bundle in chunks at QoS 1 and return the transfer id in hex.
-
-    Each chunk waits for the broker's acknowledgement before the next is
-    sent, so a slow link is not flooded. With ``hmac_key`` every chunk is
-    signed for the OTA topic, as devices with a key require.
-
-    Raises:
-        BundleError: the directory is not a valid bundle.
-        BrokerError: a chunk was not acknowledged within ``timeout`` seconds.
-    """
-    chunk_topic, _ = ota_topics(topics)
-    transfer_id = uuid.uuid4().bytes
-    chunks = split_archive(pack_bundle(bundle_dir), chunk_bytes, transfer_id)
-    for index, chunk in enumerate(chunks):
-        if hmac_key is not None:
-            chunk = sign(hmac_key, chunk_topic, chunk)
-        info = client.publish(chunk_topic, chunk, qos=1)
-        info.wait_for_publish(timeout=timeout)
-        if not info.is_published():
-            raise BrokerError(
-                f"chunk {index} of {len(chunks)} for transfer {transfer_id.hex()} "
-                f"was not acknowledged within {timeout:g} s; check the broker "
-                "connection and send the bundle again"
-            )
-    return transfer_id.hex()
 
 
 # Device side: assembling chunks

@@ -5,6 +5,9 @@ Layout under the daemon's state directory::
     bundles/<release>/     one directory per installed bundle
     bundles/active         link to the bundle the daemon runs
     bundles/previous       link to the bundle before it, for rollback
+    kept-checkpoints/<release>/
+                           the last checkpoint of a model that a release with
+                           another input shape, classes or heads replaced
 
 Each link is replaced with one rename, so a power cut leaves either the old
 or the new link, never none. The factory bundle named in the device config
@@ -26,13 +29,25 @@ from typing import Protocol
 import numpy as np
 
 from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from dslo_edge.checkpoint import Checkpoint, load_latest_checkpoint
 from dslo_edge.errors import BundleError
-from dslo_edge.ota import MAX_ARCHIVE_MEMBERS, OtaError
+from dslo_edge.ota import MAX_ARCHIVE_MEMBERS, RELEASE_FILE, OtaError
 
 logger = logging.getLogger(__name__)
 
 ACTIVE = "active"
 PREVIOUS = "previous"
+KEPT_CHECKPOINTS = "kept-checkpoints"
+MAX_KEPT_MODELS = 3
+
+
+def release_id(bundle_dir: Path) -> str:
+    """Return a bundle's release id: the first 16 hex digits of its manifest sha256.
+
+    The manifest lists every model file's sha256, so the id names the bundle
+    wherever it is installed (``flash`` uses the same id).
+    """
+    return sha256_file(bundle_dir / MANIFEST_NAME)[:16]
 
 
 class Student(Protocol):
@@ -74,13 +89,15 @@ class BundleStore:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.folder))
         try:
             _extract(archive, staging)
+            # The release options travel with the transfer, not the bundle.
+            (staging / RELEASE_FILE).unlink(missing_ok=True)
             try:
                 load_bundle(staging)
             except BundleError as error:
                 raise OtaError(
                     "bad_bundle", f"received bundle is invalid: {error}"
                 ) from error
-            release = self.folder / sha256_file(staging / MANIFEST_NAME)[:16]
+            release = self.folder / release_id(staging)
             if release.is_dir():
                 shutil.rmtree(staging)
                 return release
@@ -98,6 +115,11 @@ class BundleStore:
         _replace_link(current, release.name)
         self._prune()
 
+    def discard(self, release: Path) -> None:
+        """Delete an installed release unless ``active`` or ``previous`` names it."""
+        if release.name not in self._linked() and release.parent == self.folder:
+            shutil.rmtree(release, ignore_errors=True)
+
     def rollback(self) -> Path | None:
         """Point ``active`` back at ``previous``; return it, or None if there is none.
 
@@ -113,12 +135,15 @@ class BundleStore:
         previous.unlink()
         return active.resolve()
 
-    def _prune(self) -> None:
-        keep = {
+    def _linked(self) -> set[str]:
+        return {
             (self.folder / name).resolve().name
             for name in (ACTIVE, PREVIOUS)
             if (self.folder / name).is_symlink()
         }
+
+    def _prune(self) -> None:
+        keep = self._linked()
         for path in self.folder.iterdir():
             if path.is_dir() and not path.is_symlink() and path.name not in keep:
                 if not path.name.startswith("."):
@@ -156,6 +181,72 @@ def _replace_link(link: Path, target: str) -> None:
     temporary.unlink(missing_ok=True)
     os.symlink(target, temporary)
     os.replace(temporary, link)
+
+
+def describe_model(bundle: Bundle) -> str:
+    """Return the input shape and classes (or heads) of a bundle as text."""
+    shape = "x".join(str(size) for size in bundle.input_shape)
+    if bundle.is_multi_head:
+        heads = ", ".join(f"{name} {count}" for name, count in bundle.heads.items())
+        return f"input {shape} and heads {heads} (classes)"
+    return f"input {shape} and {bundle.class_count} classes"
+
+
+def model_change(current: Bundle, new: Bundle) -> str | None:
+    """Describe how ``new`` takes other inputs or labels than ``current``.
+
+    Returns:
+        None when the input shape and the classes (or every head's name and
+        classes) are equal, so updates for one model also fit the other.
+    """
+    same = current.input_shape == new.input_shape and (
+        current.is_multi_head == new.is_multi_head
+        and current.heads == new.heads
+        and (current.is_multi_head or current.class_count == new.class_count)
+    )
+    if same:
+        return None
+    return f"{describe_model(new)}, but the running model has {describe_model(current)}"
+
+
+class KeptCheckpoints:
+    """The last checkpoint of each model replaced by a model change.
+
+    One folder per release id under ``<state_dir>/kept-checkpoints``, so
+    installing that release again restores its adapted weights. The
+    ``MAX_KEPT_MODELS`` newest folders are kept.
+    """
+
+    def __init__(self, state_dir: Path):
+        self.folder = state_dir / KEPT_CHECKPOINTS
+
+    def keep(self, bundle: Bundle, checkpoint_dir: Path) -> Path | None:
+        """Copy the newest checkpoint for ``bundle``; return the copy, or None."""
+        latest = load_latest_checkpoint(checkpoint_dir)
+        if latest is None:
+            return None
+        target = self.folder / release_id(bundle.path)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        copy = target / latest.path.name
+        shutil.copy2(latest.path, copy)
+        self._prune()
+        return copy
+
+    def load(self, bundle: Bundle) -> Checkpoint | None:
+        """Return the kept checkpoint of a bundle, or None if there is none."""
+        folder = self.folder / release_id(bundle.path)
+        return load_latest_checkpoint(folder) if folder.is_dir() else None
+
+    def _prune(self) -> None:
+        folders = sorted(
+            (path for path in self.folder.iterdir() if path.is_dir()),
+            key=lambda path: path.stat().st_mtime,
+            reverse=True,
+        )
+        for old in folders[MAX_KEPT_MODELS:]:
+            logger.info("Deleting the kept checkpoint of release %s", old.name)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 
+from dslo_edge.broker import Broker
+from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
-from dslo_edge.ota import ota_topics, send_bundle
+from dslo_edge.ota import ota_topics
+from dslo_edge.ota_sender import send_bundle
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+from dslo_edge.swap import KEPT_CHECKPOINTS, release_id
+from dslo_edge.trainer import WEIGHT_PREFIX
 
 DEVICE = "ota-device"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def update(seed: int) -> bytes:
+def update(seed: int, inputs: int = 64, classes: int = 10) -> bytes:
     rng = np.random.default_rng(seed)
     return encode_update(
         SoftLabelUpdate(
@@ -27,8 +40,8 @@ def update(seed: int) -> bytes:
             teacher_round=1,
             timestamp=time.time(),
             sample_ids=[f"o{seed}-{i}" for i in range(8)],
-            inputs=rng.random((8, 64), dtype=np.float32),
-            labels=rng.dirichlet(np.ones(10), size=8).astype(np.float32),
+            inputs=rng.random((8, inputs), dtype=np.float32),
+            labels=rng.dirichlet(np.ones(classes), size=8).astype(np.float32),
             label_kind="probabilities",
         )
     )
@@ -152,3 +165,199 @@ def test_device_with_key_rejects_unsigned_bundle(mlp_pair, broker, tmp_path) -> 
     assert rejected[0]["state"] == "rejected"
     assert rejected[0]["reason"] == "unsigned"
     assert daemon.bundle.path != factory_path
+
+
+# The ota-send command against a running daemon
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Convert a 32-8-5 MLP: another input shape and class count than mlp_pair."""
+    keras = pytest.importorskip("keras")
+    from converters.bundle import convert_bundle
+
+    keras.utils.set_random_seed(11)
+    model = keras.Sequential(
+        [
+            keras.Input((32,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(5, activation="softmax"),
+        ]
+    )
+    bundle = tmp_path_factory.mktemp("small") / "bundle"
+    convert_bundle(model, model, bundle)
+    return bundle
+
+
+def ota_send(
+    broker: Broker, bundle: Path, *options: str
+) -> subprocess.CompletedProcess:
+    """Run ``dslo-edge ota-send`` in its own process, as an operator would."""
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [
+        sys.executable,
+        "-m",
+        "dslo_edge.cli",
+        "ota-send",
+        str(bundle),
+        "--device",
+        DEVICE,
+        "--broker",
+        f"mqtt://{broker.host}:{broker.port}",
+        "--chunk-size",
+        "8192",
+        *options,
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=environment
+    )
+
+
+def start_daemon(tmp_path: Path, bundle: Path, broker: Broker, **overrides: Any):
+    config_path = tmp_path / "device.toml"
+    config_path.write_text(
+        render_config(
+            DEVICE, bundle, tmp_path / "state", broker.port, overrides=overrides
+        )
+    )
+    daemon = EdgeDaemon(load_config(config_path))
+    daemon.start()
+    wait_until(daemon.connected.is_set)
+    return daemon
+
+
+def hub_client(broker: Broker) -> mqtt.Client:
+    hub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    hub.connect(broker.host, broker.port)
+    hub.loop_start()
+    return hub
+
+
+def push(hub: mqtt.Client, daemon: EdgeDaemon, payload: bytes) -> None:
+    """Publish one update and wait until it is applied and checkpointed."""
+    applied = daemon.metrics.applied
+    hub.publish(Topics.for_device(DEVICE).updates, payload, qos=1).wait_for_publish()
+    wait_until(lambda: daemon.metrics.applied == applied + 1)
+    wait_until(lambda: daemon.unacknowledged == 0)
+
+
+def checkpoint_files(state: Path) -> dict[str, bytes]:
+    return {
+        path.name: path.read_bytes()
+        for _, path in list_checkpoints(state / "checkpoints")
+    }
+
+
+def test_ota_send_rejects_other_model_unless_allowed(
+    mlp_pair, small_bundle, broker, tmp_path
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    state = tmp_path / "state"
+    hub = hub_client(broker)
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, broker)
+    try:
+        for seed in range(3):
+            push(hub, daemon, update(seed))
+        before = daemon.student.get_weights()
+        checkpoints = checkpoint_files(state)
+
+        rejected = ota_send(broker, small_bundle)
+
+        weights_after_reject = daemon.student.get_weights()
+        checkpoints_after_reject = checkpoint_files(state)
+        bundle_after_reject = daemon.bundle.path
+        installed_after_reject = sorted(os.listdir(state / "bundles"))
+        push(hub, daemon, update(10))
+        adapted = daemon.student.get_weights()
+
+        allowed = ota_send(broker, small_bundle, "--allow-model-change")
+
+        switched_shape = daemon.bundle.input_shape
+        push(hub, daemon, update(11, inputs=32, classes=5))
+
+        back = ota_send(broker, mlp_pair.bundle, "--allow-model-change")
+
+        restored = daemon.student.get_weights()
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+
+    assert rejected.returncode == 1, rejected.stderr
+    assert "rejected transfer" in rejected.stderr
+    assert ": model_mismatch: release " in rejected.stderr
+    assert "has input 32 and 5 classes, but the running model has input 64" in (
+        rejected.stderr
+    )
+    assert "--allow-model-change" in rejected.stderr
+    assert bundle_after_reject == mlp_pair.bundle
+    assert installed_after_reject == []
+    assert checkpoints_after_reject == checkpoints
+    assert set(weights_after_reject) == set(before)
+    for name, value in before.items():
+        np.testing.assert_array_equal(weights_after_reject[name], value)
+
+    assert allowed.returncode == 0, allowed.stderr
+    assert "installed release" in allowed.stdout
+    assert switched_shape == (32,)
+    kept = load_latest_checkpoint(
+        state / KEPT_CHECKPOINTS / release_id(mlp_pair.bundle)
+    )
+    assert kept is not None
+    for name, value in adapted.items():
+        np.testing.assert_array_equal(kept.tensors[WEIGHT_PREFIX + name], value)
+
+    assert back.returncode == 0, back.stderr
+    for name, value in adapted.items():
+        np.testing.assert_array_equal(restored[name], value)
+
+
+def test_ota_send_exit_status_follows_device(mlp_pair, broker, tmp_path) -> None:
+    from dslo_edge.signing import generate_key_file
+
+    if broker.kind != "mosquitto":
+        return
+    key_file = tmp_path / "device.key"
+    generate_key_file(key_file)
+    daemon = start_daemon(
+        tmp_path,
+        mlp_pair.bundle,
+        broker,
+        security={"hmac_key_file": str(key_file)},
+    )
+    try:
+        unsigned = ota_send(broker, mlp_pair.bundle)
+        unsigned_bundle = daemon.bundle.path
+        signed = ota_send(broker, mlp_pair.bundle, "--hmac-key-file", str(key_file))
+        signed_bundle = daemon.bundle.path
+    finally:
+        daemon.stop()
+
+    # A subscriber that connects after the transfer still reads its outcome.
+    retained: list[mqtt.MQTTMessage] = []
+    late = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    late.on_message = lambda _c, _u, message: retained.append(message)
+    late.connect(broker.host, broker.port)
+    late.loop_start()
+    late.subscribe(ota_topics(Topics.for_device(DEVICE))[1], qos=1)
+    try:
+        wait_until(lambda: retained, timeout=10)
+    finally:
+        late.loop_stop()
+        late.disconnect()
+
+    assert unsigned.returncode == 1, unsigned.stderr
+    assert f"error: device {DEVICE} rejected transfer " in unsigned.stderr
+    assert ": unsigned: update is not signed" in unsigned.stderr
+    assert unsigned_bundle == mlp_pair.bundle
+    release = release_id(mlp_pair.bundle)
+    assert signed.returncode == 0, signed.stderr
+    assert f"device {DEVICE} installed release {release}" in signed.stdout
+    assert signed_bundle == tmp_path / "state" / "bundles" / release
+    transfer = re.search(r"as transfer ([0-9a-f]{32})", signed.stdout)
+    assert transfer is not None
+    status = json.loads(retained[0].payload)
+    assert retained[0].retain
+    assert status["state"] == "installed"
+    assert status["transfer"] == transfer.group(1)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import queue
 import tarfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +18,27 @@ import pytest
 
 from dslo_edge.broker import Broker
 from dslo_edge.bundle import Bundle, load_bundle
+from dslo_edge.errors import BundleError
+from dslo_edge.model_update import ModelUpdater, UpdateOutcome
 from dslo_edge.ota import (
+    DEFAULT_MAX_ARCHIVE_BYTES,
     HEADER_BYTES,
     OtaError,
     OtaReceiver,
     ReceivedArchive,
+    ReleaseOptions,
     ota_topics,
-    pack_bundle,
-    send_bundle,
+    peek_transfer_id,
+    read_release_options,
     split_archive,
 )
+from dslo_edge.ota_sender import pack_bundle, send_bundle
 from dslo_edge.protocol import Topics
 from dslo_edge.swap import (
     BundleStore,
     carry_over_weights,
     check_student_health,
+    model_change,
     swap_student,
 )
 from tests.bundle_files import write_bundle
@@ -86,6 +94,83 @@ def test_archive_round_trip_in_chunks(tmp_path: Path) -> None:
     assert received.path.read_bytes() == archive
     assert received.size == len(archive)
     assert not list((tmp_path / "ota").glob("*.part"))
+
+
+def archive_members(archive: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return tar.getnames()
+
+
+def test_pack_takes_only_bundle_files(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    (bundle / "extra.bin").write_bytes(b"x" * 100_000)
+    (bundle / "notes").mkdir()
+    (bundle / "notes" / "todo.txt").write_text("not part of the bundle")
+    np.savez(bundle / "probe.npz", x=np.zeros((2, 64)), y=np.zeros(2))
+
+    archive = pack_bundle(bundle)
+
+    assert archive_members(archive) == [
+        "manifest.json",
+        "probe.npz",
+        "student.tflite",
+        "teacher.tflite",
+        "ota-release.json",
+    ]
+    assert len(archive) < 100_000
+
+
+def test_pack_rejects_archive_above_limit(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle", student_bytes=50_000)
+    size = len(pack_bundle(bundle))
+    assert size % 10_240 == 0  # tar pads to records of 20 blocks
+    with pytest.raises(
+        BundleError, match=r"packs to about 0\.1 MiB, above the 0\.0585938 MiB"
+    ):
+        pack_bundle(bundle, max_archive_bytes=size - 10_240)
+    assert len(pack_bundle(bundle, max_archive_bytes=size)) == size
+
+
+def test_pack_names_missing_manifest_file(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["student_int8"] = {"file": "student-int8.tflite"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        BundleError, match="bundle file .*student-int8.tflite is missing"
+    ):
+        pack_bundle(bundle)
+
+
+def test_release_options_travel_in_archive(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    plain = pack_bundle(bundle)
+    allowed = pack_bundle(bundle, options=ReleaseOptions(allow_model_change=True))
+    assert plain != allowed
+    for name, archive, expected in (("a", plain, False), ("b", allowed, True)):
+        path = tmp_path / f"{name}.tar"
+        path.write_bytes(archive)
+        assert read_release_options(path).allow_model_change is expected
+        release = BundleStore(tmp_path / "state").install_archive(path)
+        assert not (release / "ota-release.json").exists()
+
+
+def test_release_options_reject_bad_json() -> None:
+    with pytest.raises(OtaError, match="is not JSON") as caught:
+        ReleaseOptions.from_json(b"{")
+    assert caught.value.reason == "bad_bundle"
+    with pytest.raises(OtaError, match='expected {"format_version": 1'):
+        ReleaseOptions.from_json(b'{"format_version": 1, "allow_model_change": 1}')
+
+
+def test_peek_transfer_id_of_signed_chunk(tmp_path: Path) -> None:
+    from dslo_edge.signing import sign
+
+    transfer = bytes(range(16))
+    chunk = split_archive(b"archive bytes", 1024, transfer)[0]
+    assert peek_transfer_id(chunk) == transfer.hex()
+    assert peek_transfer_id(sign(b"k" * 32, "dslo/x/ota", chunk)) == transfer.hex()
+    assert peek_transfer_id(b"garbage") is None
 
 
 def test_chunks_out_of_order_and_repeated(tmp_path: Path) -> None:
@@ -323,6 +408,88 @@ def test_swap_keeps_current_when_bundle_cannot_load(tmp_path: Path) -> None:
     assert store.active_path(tmp_path / "factory") == tmp_path / "factory"
 
 
+def manifest_bundle(inputs: int, classes: int | dict[str, int]) -> Bundle:
+    manifest: dict[str, Any] = {"input": {"shape": [None, inputs]}}
+    if isinstance(classes, int):
+        manifest["class_count"] = classes
+    else:
+        manifest["heads"] = [
+            {"name": name, "class_count": count} for name, count in classes.items()
+        ]
+    return Bundle(Path("bundle"), manifest)
+
+
+@pytest.mark.parametrize(
+    ("new", "change"),
+    [
+        (manifest_bundle(64, 10), None),
+        (
+            manifest_bundle(32, 10),
+            "input 32 and 10 classes, but the running model has input 64 and "
+            "10 classes",
+        ),
+        (manifest_bundle(64, 5), "input 64 and 5 classes, but"),
+        (manifest_bundle(64, {"kind": 10}), "input 64 and heads kind 10 (classes)"),
+    ],
+)
+def test_model_change_single_head(new: Bundle, change: str | None) -> None:
+    described = model_change(manifest_bundle(64, 10), new)
+    if change is None:
+        assert described is None
+    else:
+        assert described is not None
+        assert described.startswith(change)
+
+
+def test_model_change_heads() -> None:
+    current = manifest_bundle(64, {"kind": 3, "size": 4})
+    assert model_change(current, manifest_bundle(64, {"kind": 3, "size": 4})) is None
+    changed = model_change(current, manifest_bundle(64, {"kind": 3, "size": 5}))
+    assert changed == (
+        "input 64 and heads kind 3, size 5 (classes), but the running model has "
+        "input 64 and heads kind 3, size 4 (classes)"
+    )
+    renamed = model_change(current, manifest_bundle(64, {"kind": 3, "shape": 4}))
+    assert renamed is not None
+
+
+def send_to_updater(
+    updater: ModelUpdater, current: FakeStudent, archive: bytes
+) -> UpdateOutcome:
+    outcomes = [
+        updater.handle_chunk(chunk, current)  # type: ignore[arg-type]
+        for chunk in split_archive(archive, 8 * 1024)
+    ]
+    assert all(outcome.status is None for outcome in outcomes[:-1])
+    return outcomes[-1]
+
+
+def test_updater_rejects_other_model(tmp_path: Path) -> None:
+    factory = write_bundle(tmp_path / "factory")
+    current = FakeStudent(load_bundle(factory), seed=5)
+    before = current.get_weights()
+    updater = ModelUpdater(tmp_path / "state", FakeStudent)  # type: ignore[arg-type]
+    other = write_bundle(tmp_path / "other", inputs=32, classes=5, seed=3)
+
+    outcome = send_to_updater(updater, current, pack_bundle(other))
+
+    assert outcome.status is not None
+    status = json.loads(outcome.status)
+    assert status["state"] == "rejected"
+    assert status["reason"] == "model_mismatch"
+    assert status["transfer"] is not None
+    assert (
+        "has input 32 and 5 classes, but the running model has input 64 and "
+        in (status["detail"])
+    )
+    assert "'ota-send --allow-model-change'" in status["detail"]
+    assert outcome.student is None
+    assert updater.store.active_path(factory) == factory
+    assert list(updater.store.folder.iterdir()) == []
+    for name, value in before.items():
+        np.testing.assert_array_equal(current.get_weights()[name], value)
+
+
 # Through a real broker
 
 
@@ -469,13 +636,11 @@ def test_real_students_swap_and_carry_weights(
     assert store.active_path(tmp_path) == release
 
 
-def test_ota_send_command(tmp_path: Path, broker: Broker) -> None:
+def ota_send(broker: Broker, bundle: Path, *options: str) -> Any:
     from click.testing import CliRunner
 
     from dslo_edge.cli import main
 
-    device = DeviceReceiver(broker, OtaReceiver(tmp_path / "state/ota"))
-    bundle = write_bundle(tmp_path / "new", seed=6)
     arguments = [
         "ota-send",
         str(bundle),
@@ -485,14 +650,59 @@ def test_ota_send_command(tmp_path: Path, broker: Broker) -> None:
         f"mqtt://{broker.host}:{broker.port}",
         "--chunk-size",
         "4096",
+        *options,
     ]
-    result = CliRunner().invoke(main, arguments)
-    assert result.exit_code == 0, result.output
+    return CliRunner().invoke(main, arguments)
+
+
+def test_ota_send_times_out_without_outcome(tmp_path: Path, broker: Broker) -> None:
+    # This receiver assembles the chunks but, unlike a daemon, reports nothing.
+    device = DeviceReceiver(broker, OtaReceiver(tmp_path / "state/ota"))
+    bundle = write_bundle(tmp_path / "new", seed=6)
+
+    result = ota_send(broker, bundle, "--timeout", "1")
+
+    device.close()
     received = device.results.get(timeout=TIMEOUT_S)
     assert isinstance(received, ReceivedArchive)
-    assert result.output.strip().endswith(f"as transfer {received.transfer_id}")
+    assert f"as transfer {received.transfer_id}" in result.output
     assert received.path.read_bytes() == pack_bundle(bundle)
-    device.close()
+    assert result.exit_code == 1
+    assert (
+        f"error: device kitchen-cam reported no outcome for transfer "
+        f"{received.transfer_id} within 1 s" in result.output
+    )
+    assert "raise --timeout" in result.output
+
+
+def test_ota_send_rejects_oversized_bundle(tmp_path: Path, broker: Broker) -> None:
+    bundle = write_bundle(tmp_path / "big", student_bytes=DEFAULT_MAX_ARCHIVE_BYTES)
+    published: list[str] = []
+    subscribed = threading.Event()
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher")
+    watcher.on_subscribe = lambda *_: subscribed.set()
+    watcher.on_message = lambda _c, _u, message: published.append(message.topic)
+    watcher.connect(broker.host, broker.port, keepalive=30)
+    watcher.loop_start()
+    watcher.subscribe("dslo/#", qos=1)
+    assert subscribed.wait(TIMEOUT_S)
+
+    result = ota_send(broker, bundle)
+
+    # ota-send has exited, so any chunk it published reached the broker
+    # before this marker, and the broker forwards both in that order.
+    watcher.publish("dslo/marker", b"end", qos=1).wait_for_publish(TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while "dslo/marker" not in published and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watcher.disconnect()
+    watcher.loop_stop()
+    assert result.exit_code == 1
+    assert "packs to about 64.0 MiB, above the 64 MiB a device accepts" in (
+        result.output
+    )
+    assert "sent" not in result.output
+    assert published == ["dslo/marker"]
 
 
 def test_status_payload_fields() -> None:
@@ -509,3 +719,28 @@ def test_status_payload_fields() -> None:
     assert document["release"] is None
     with pytest.raises(ValueError, match="OTA state 'done' is invalid"):
         status_payload("done", None)
+
+
+def test_check_outcome_messages() -> None:
+    from dslo_edge.ota_sender import check_outcome
+
+    installed = {"state": "installed", "transfer": "ab12", "release": "r1"}
+    assert check_outcome(installed, TOPICS, "kitchen-cam", "ab12", 5) == (
+        "device kitchen-cam installed release r1"
+    )
+    rolled_back = {
+        "state": "rolled_back",
+        "transfer": "ab12",
+        "release": "r0",
+        "reason": "health_check",
+        "detail": "student output contains NaN or infinity",
+    }
+    with pytest.raises(OtaError) as caught:
+        check_outcome(rolled_back, TOPICS, "kitchen-cam", "ab12", 5)
+    assert caught.value.reason == "health_check"
+    assert str(caught.value) == (
+        "device kitchen-cam rolled back transfer ab12 and runs r0 again: "
+        "health_check: student output contains NaN or infinity"
+    )
+    with pytest.raises(OtaError, match="no outcome for transfer ab12 within 5 s"):
+        check_outcome(None, TOPICS, "kitchen-cam", "ab12", 5)
