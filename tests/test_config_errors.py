@@ -12,6 +12,7 @@ import pytest
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import ConfigError
+from tests.cli_process import run_cli
 
 
 def write(tmp_path: Path, bundle: Path, overrides: dict | None = None) -> Path:
@@ -19,15 +20,6 @@ def write(tmp_path: Path, bundle: Path, overrides: dict | None = None) -> Path:
     text = render_config("dev-a", bundle, tmp_path / "state", 9, overrides=overrides)
     path.write_text(text)
     return path
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dslo_edge.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 
 import pytest
 
 from dslo_edge.config import render_config
 from dslo_edge.errors import ConfigError, RuntimeMissing
 from dslo_edge.runtime import interpreter_class
+from tests.cli_process import run_cli
 
 needs_missing_package = pytest.mark.skipif(
     importlib.util.find_spec("tflite_runtime") is not None,
@@ -38,12 +37,7 @@ def test_run_without_runtime_exits_78(mlp_pair, tmp_path) -> None:
         )
     )
 
-    result = subprocess.run(
-        [sys.executable, "-m", "dslo_edge.cli", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("run", "--config", str(config))
 
     assert result.returncode == 78
     assert "pip install tflite-runtime" in result.stderr

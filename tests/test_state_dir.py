@@ -13,6 +13,7 @@ from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import ConfigError
 from dslo_edge.state_lock import StateLock
+from tests.cli_process import run_cli
 
 
 def device_config(tmp_path: Path, bundle: Path, device_id: str, state: Path):
@@ -108,12 +109,7 @@ def test_run_with_state_dir_file_exits_78(mlp_pair, tmp_path) -> None:
     config = tmp_path / "device.toml"
     config.write_text(render_config("dev-a", mlp_pair.bundle, state, 9))
 
-    result = subprocess.run(
-        [sys.executable, "-m", "dslo_edge.cli", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("run", "--config", str(config))
 
     assert result.returncode == 78
     assert "is a file, expected a directory" in result.stderr
