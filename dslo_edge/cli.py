@@ -334,7 +334,8 @@ def _add_log_file(settings: Any) -> None:
     "--data",
     required=True,
     type=click.Path(exists=True, dir_okay=False),
-    help=".npz file with x and optional y and ids arrays.",
+    help=".npz file with x and optional y and ids arrays. Without ids, each "
+    "sample's id is a hash of its x row, so an input keeps its id across files.",
 )
 @click.option(
     "--device", "device_id", required=True, help="Device id, as in its config."

@@ -8,6 +8,7 @@ message of the round, and only then starts the next one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -75,11 +76,7 @@ def load_samples(path: str | Path) -> SampleSet:
             f"{source} has arrays {sorted(arrays)}; expected at least 'x' (inputs)"
         )
     x = np.asarray(arrays["x"], dtype=np.float32)
-    ids = (
-        [str(i) for i in arrays["ids"]]
-        if "ids" in arrays
-        else [f"s{i}" for i in range(len(x))]
-    )
+    ids = [str(i) for i in arrays["ids"]] if "ids" in arrays else default_sample_ids(x)
     y = np.asarray(arrays["y"], dtype=np.int32) if "y" in arrays else None
     if len(ids) != len(x) or (y is not None and len(y) != len(x)):
         raise ConfigError(f"{source}: x, y and ids must have the same length")
@@ -90,6 +87,27 @@ def load_samples(path: str | Path) -> SampleSet:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: ids repeat; expected one unique id per sample")
     return SampleSet(x, ids, y)
+
+
+def default_sample_ids(x: np.ndarray) -> list[str]:
+    """Return an id per row of ``x``, derived from the row's float32 bytes.
+
+    The device keeps smoothing state per sample id, so the same input must
+    keep its id across files and pushes, and different inputs must not
+    share one. An id is "x" and 12 hex digits of a BLAKE2b hash (48 bits),
+    so two of a million distinct rows collide with a chance of about 0.2 %.
+    A row that repeats earlier in ``x`` gets ``-2``, ``-3`` and so on after
+    its id, so the ids stay unique.
+    """
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
+    seen: dict[str, int] = {}
+    ids = []
+    for row in rows:
+        digest = "x" + hashlib.blake2b(row.tobytes(), digest_size=6).hexdigest()
+        count = seen.get(digest, 0) + 1
+        seen[digest] = count
+        ids.append(digest if count == 1 else f"{digest}-{count}")
+    return ids
 
 
 def check_samples(

@@ -11,6 +11,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from dslo_edge.bundle import load_bundle
+from dslo_edge.hub import default_sample_ids
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
 from dslo_edge.label_protocol import request_properties
@@ -98,7 +99,7 @@ def test_scheduled_push_reaches_device(mlp_pair, mosquitto, tmp_path) -> None:
         client.disconnect()
         client.loop_stop()
     assert [u.sample_count for u in updates] == [16, 16, 8]
-    assert updates[0].sample_ids[:2] == ["s0", "s1"]
+    assert updates[0].sample_ids[:2] == default_sample_ids(x[:2])
     assert {u.teacher_round for u in updates} == {1}
     assert worker.pushes is not None
     assert worker.pushes.counters()["runs"] == 1
