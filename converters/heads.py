@@ -12,6 +12,7 @@ from typing import Any
 
 from converters.graph import GraphNode, OutputHead
 from dslo_edge.errors import ConversionError
+from dslo_edge.multihead_protocol import MAX_HEAD_NAME_BYTES
 
 
 def head_name(layer_name: str) -> str:
@@ -49,7 +50,21 @@ def read_heads(
             OutputHead(head_name(layer_name), logits, final_softmax, class_count)
         )
     _check_unique([head.name for head in heads])
+    if len(heads) > 1:
+        _check_lengths([head.name for head in heads])
     return heads
+
+
+def _check_lengths(names: list[str]) -> None:
+    """Reject head names that format version 3 payloads cannot carry."""
+    for name in names:
+        size = len(name.encode("utf-8"))
+        if size > MAX_HEAD_NAME_BYTES:
+            raise ConversionError(
+                f"the student's output layer {name[:40]!r}... gives a head name "
+                f"of {size} bytes, but updates carry head names of at most "
+                f"{MAX_HEAD_NAME_BYTES} bytes; rename the output layer"
+            )
 
 
 def _check_unique(names: list[str]) -> None:

@@ -312,6 +312,23 @@ def test_teacher_without_matching_heads_rejected(tmp_path: Path) -> None:
             convert_bundle(teacher, _student(), tmp_path / case.replace(" ", "-"))
 
 
+def test_overlong_head_name_rejected(tmp_path: Path) -> None:
+    x = keras.Input((64,))
+    trunk = keras.layers.Dense(8, activation="relu")(x)
+    outputs = [
+        keras.layers.Dense(3, name="h" * 70)(trunk),
+        keras.layers.Dense(3, name="short")(trunk),
+    ]
+    student = keras.Model(x, outputs)
+
+    with pytest.raises(ConversionError) as caught:
+        convert_bundle(_teacher({"h" * 70: 3, "short": 3}), student, tmp_path / "b")
+
+    assert "gives a head name of 70 bytes" in str(caught.value)
+    assert "at most 64 bytes" in str(caught.value)
+    assert not (tmp_path / "b").exists()
+
+
 def test_trainer_rejects_multi_head_bundle(pair: MultiHeadPair) -> None:
     from dslo_edge.config import TrainingSettings
     from dslo_edge.models import StudentModel
