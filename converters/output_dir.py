@@ -17,11 +17,20 @@ from pathlib import Path
 
 from dslo_edge.bundle import MANIFEST_NAME
 from dslo_edge.errors import ConversionError
+from dslo_edge.health import PROBE_FILE
 
 STUDENT_FILE = "student.tflite"
 TEACHER_FILE = "teacher.tflite"
 STUDENT_INT8_FILE = "student-int8.tflite"
-BUNDLE_FILES = (MANIFEST_NAME, STUDENT_FILE, TEACHER_FILE, STUDENT_INT8_FILE)
+# The probe set is not written by convert, but it belongs in a bundle
+# (docs/configuration.md, [health]), so an overwrite carries it over.
+BUNDLE_FILES = (
+    MANIFEST_NAME,
+    STUDENT_FILE,
+    TEACHER_FILE,
+    STUDENT_INT8_FILE,
+    PROBE_FILE,
+)
 STAGING_PREFIX = ".bundle-"
 
 logger = logging.getLogger(__name__)
@@ -134,12 +143,26 @@ def move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
     check_output_dir(out, overwrite=overwrite)
     target = out.resolve()
     try:
+        _carry_probe(target, staging)
         _swap(staging, target)
     except OSError as error:
         raise ConversionError(
             f"cannot move the new bundle from {staging} to {out}: "
             f"{error.strerror or error}; an earlier bundle there is unchanged"
         ) from error
+
+
+def _carry_probe(target: Path, staging: Path) -> None:
+    """Copy the earlier bundle's probe set into the new bundle."""
+    probe = target / PROBE_FILE
+    if probe.is_file() and not (staging / PROBE_FILE).exists():
+        shutil.copy2(probe, staging / PROBE_FILE)
+        logger.info(
+            "Kept %s from the earlier bundle in %s; replace it if the classes "
+            "or inputs changed",
+            PROBE_FILE,
+            target,
+        )
 
 
 def _swap(staging: Path, target: Path) -> None:

@@ -114,3 +114,14 @@ def test_overwrite_replaces_earlier_bundle(mlp_pair, tmp_path) -> None:
     ]
     # Neither the staging directory nor the replaced bundle is left behind.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_overwrite_carries_probe_set_over(mlp_pair, tmp_path) -> None:
+    out = tmp_path / "bundle"
+    shutil.copytree(mlp_pair.bundle, out)
+    (out / "probe.npz").write_bytes(b"probe set of the user")
+
+    convert_bundle(mlp_pair.teacher, mlp_pair.student, out, overwrite=True)
+
+    assert (out / "probe.npz").read_bytes() == b"probe set of the user"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]
