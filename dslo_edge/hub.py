@@ -31,6 +31,7 @@ from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import PrivateRelease
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
 from dslo_edge.push_progress import (
+    BASELINE_TIMEOUT_S,
     DeviceCounts,
     key_counters,
     wait_for_baseline,
@@ -370,7 +371,9 @@ def push(
     hub = HubClient(settings.host, settings.port, device_id, protocol, login=login)
     result = PushResult()
     try:
-        before = wait_for_baseline(hub) if wait else {}
+        before = (
+            wait_for_baseline(hub, min(timeout, BASELINE_TIMEOUT_S)) if wait else {}
+        )
         for round_number, path in enumerate(teachers, start=1):
             version = Path(path).stem
             rounds = _RoundSettings(version, round_number, batch_size, top_k)

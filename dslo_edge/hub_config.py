@@ -344,18 +344,28 @@ def _check_push_data(config: HubConfig) -> None:
     """Load each push's data and check it against the teacher, as ``push`` does.
 
     Raises:
-        ConfigError: the teacher has no teacher signature, or a push's data
-            cannot be read or does not fit the teacher.
+        ConfigError: the teacher is a bundle with several heads or has no
+            teacher signature, or a push's data cannot be read or does not
+            fit the teacher.
     """
-    if not config.pushes:
-        return
     # Imported here because these modules load numpy and the interpreter.
     from dslo_edge.bundle import load_bundle
+
+    path = config.teacher.path
+    bundle = load_bundle(path) if path.is_dir() else None
+    if bundle is not None and bundle.is_multi_head:
+        raise ConfigError(
+            f"{config.source}: teacher.path {path} is a bundle whose student has "
+            f"several heads ({', '.join(bundle.heads)}), but the hub service "
+            "labels for students with one head only; push to such a device "
+            "with 'dslo-edge push --bundle'"
+        )
+    if not config.pushes:
+        return
     from dslo_edge.hub import check_samples, load_samples
     from dslo_edge.push_checks import read_teacher_signature
 
-    path = config.teacher.path
-    file = load_bundle(path).teacher_path if path.is_dir() else path
+    file = bundle.teacher_path if bundle is not None else path
     source = f"{config.source}: teacher.path {file}"
     teacher = read_teacher_signature(file, source, ["output"], config.teacher.runtime)
     for schedule in config.pushes:

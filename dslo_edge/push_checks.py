@@ -55,12 +55,19 @@ def read_teacher_signature(
     signature = signatures.get(TEACHER_SIGNATURE)
     outputs = set(signature["outputs"]) if signature else set()
     if signature is None or "x" not in signature["inputs"] or set(expected) - outputs:
-        found = ", ".join(sorted(signatures)) or "none"
+        if signature is None:
+            found = f"its signatures: {', '.join(sorted(signatures)) or 'none'}"
+        else:
+            found = (
+                f"its '{TEACHER_SIGNATURE}' signature has inputs "
+                f"{', '.join(map(repr, signature['inputs']))} and outputs "
+                f"{', '.join(map(repr, sorted(outputs)))}"
+            )
         raise ConfigError(
             f"{source} has no matching teacher signature: expected an "
             f"'{TEACHER_SIGNATURE}' signature with input 'x' and outputs "
-            f"{', '.join(map(repr, expected))} (its signatures: {found}); pass "
-            "a teacher file that 'dslo-edge convert' wrote for this model"
+            f"{', '.join(map(repr, expected))} ({found}); pass a teacher file "
+            "that 'dslo-edge convert' wrote for this model"
         )
     runner = interpreter.get_signature_runner(TEACHER_SIGNATURE)
     input_shape = runner.get_input_details()["x"]["shape"][1:]

@@ -23,6 +23,7 @@ from dslo_edge.hub_state import (
     RequestKey,
 )
 from dslo_edge.service import render_hub_unit, render_unit
+from tests.hub_fleet import write_hub_config
 
 
 def write_config(tmp_path: Path, extra: str = "") -> Path:
@@ -228,3 +229,14 @@ def test_device_unit_still_runs_daemon() -> None:
     unit = render_unit()
     assert "ExecStart=/opt/dslo-edge/venv/bin/dslo-edge run --config" in unit
     assert "hub" not in unit
+
+
+def test_multi_head_teacher_bundle_is_rejected(two_head_bundle, tmp_path) -> None:
+    config = write_hub_config(tmp_path / "hub", 1883, two_head_bundle)
+
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(config, "w1")
+
+    message = str(caught.value)
+    assert "is a bundle whose student has several heads" in message
+    assert "labels for students with one head only" in message

@@ -183,6 +183,7 @@ def bad_input_cases(bundle: Path, other: Path, folder: Path) -> list:
         (["--data", str(unlabelled), "--hard-labels"], "needs a 'y' array"),
         (["--teacher", other_teacher], "takes inputs of shape (32,)"),
         (["--teacher", student], "has no matching teacher signature"),
+        (["--teacher", student], "outputs 'logits', 'probabilities'"),
         (["--top-k", "50"], "--top-k is 50, but the bundle's student has 10 classes"),
     ]
 
