@@ -52,6 +52,16 @@ def test_profiles_check_fits_and_fails(tmp_path: Path) -> None:
     assert "does not fit profile jetson-nano" in fails.output
 
 
+def test_profiles_check_two_head_bundle(two_head_bundle: Path) -> None:
+    result = run(
+        "profiles", "check", str(two_head_bundle), "--profile", "raspberry-pi-4b"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "smoothing_store" in result.output
+    assert result.output.rstrip().endswith("fits")
+
+
 def test_flash_command_installs_and_repeats(tmp_path: Path) -> None:
     bundle = str(write_bundle(tmp_path / "bundle"))
     target = tmp_path / "rootfs"

@@ -322,6 +322,24 @@ def test_flashed_daemon_runs_with_profile(tmp_path: Path, pi4, mlp_pair) -> None
     assert daemon.profile.thermal_limit_c == 75.0
 
 
+def test_flashed_two_head_daemon_starts(tmp_path: Path, pi4, two_head_bundle) -> None:
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    result = flash(two_head_bundle, pi4, root, OPTIONS)
+    config = load_config(root / "etc/dslo-edge/device.toml")
+    config = dataclasses.replace(
+        config,
+        bundle=on_target(root, config.bundle),
+        state_dir=on_target(root, config.state_dir),
+    )
+
+    daemon = EdgeDaemon(config)
+
+    assert result.fit.fits
+    assert verify_installation(root) == []
+    assert daemon.bundle.heads == {"digit": 10, "shape": 3}
+
+
 def test_flash_free_space_check_with_injected_usage(tmp_path: Path, pi4) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
