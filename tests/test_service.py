@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -242,6 +243,37 @@ def test_daemon_sends_ready_and_watchdog(tmp_path, mlp_pair, broker) -> None:
     assert messages[0] == "READY=1"
     assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
     assert process.returncode == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_daemon_stop_signal_exits_zero(tmp_path, mlp_pair, broker, signum) -> None:
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(10)
+    log_path = tmp_path / "daemon.log"
+    config = _config(tmp_path, mlp_pair, broker)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dslo_edge.cli", "run", "--config", config],
+            env={**os.environ, "NOTIFY_SOCKET": address},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        ready = sock.recv(256).decode()
+        process.send_signal(signum)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+        sock.close()
+
+    assert ready == "READY=1"
+    # Restart=on-failure does not restart a service that exits with status 0.
+    assert process.returncode == 0
+    assert f"received signal {int(signum)}, stopping" in log_path.read_text()
 
 
 def test_watchdog_exits_when_trainer_thread_dies(tmp_path, mlp_pair, broker) -> None:
