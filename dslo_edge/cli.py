@@ -725,8 +725,7 @@ def service() -> None:
     "--unit-dir",
     default="/etc/systemd/system",
     show_default=True,
-    type=click.Path(file_okay=False),
-    help="Directory to write dslo-edge.service into.",
+    help="Existing directory to write dslo-edge.service into.",
 )
 @click.option(
     "--exec",
@@ -768,6 +767,9 @@ def service_install(
     import shutil
 
     from dslo_edge.service import (
+        check_normalized_path,
+        check_state_dir,
+        check_unit_dir,
         check_unit_path,
         check_user_name,
         install_unit,
@@ -777,13 +779,14 @@ def service_install(
     executable = exec_path or shutil.which("dslo-edge") or sys.argv[0]
     text = render_unit(
         exec_path=check_unit_path(executable, "--exec"),
-        config_path=check_unit_path(config_path, "--config"),
-        state_dir=check_unit_path(state_dir, "--state-dir"),
+        config_path=check_normalized_path(config_path, "--config"),
+        state_dir=check_state_dir(state_dir, "--state-dir"),
         user=check_user_name(user, "--user") if user is not None else None,
         watchdog_sec=watchdog_sec,
     )
+    directory = check_unit_dir(unit_dir, "--unit-dir")
     try:
-        path = install_unit(Path(unit_dir), text)
+        path = install_unit(directory, text)
     except OSError as error:
         raise ConfigError(f"cannot write the unit into {unit_dir}: {error}") from error
     click.echo(

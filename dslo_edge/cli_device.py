@@ -175,14 +175,13 @@ def check_command(
     "--broker-host",
     default="127.0.0.1",
     show_default=True,
-    help="MQTT broker host the device connects to.",
+    help="MQTT broker host name or IP address the device connects to.",
 )
 @click.option(
     "--broker-port",
-    default=1883,
+    default="1883",
     show_default=True,
-    type=click.IntRange(1, 65535),
-    help="MQTT broker port.",
+    help="MQTT broker TCP port, from 1 to 65535.",
 )
 @click.option(
     "--replace-config",
@@ -199,22 +198,29 @@ def flash(
     target: str,
     device_id: str | None,
     broker_host: str,
-    broker_port: int,
+    broker_port: str,
     replace_config: bool,
     profiles_dir: str | None,
 ) -> None:
     """Install BUNDLE, a device config and a systemd unit onto a device root."""
     from dslo_edge.flash import flash as run_flash
-    from dslo_edge.flash_config import FlashOptions, check_device_id
+    from dslo_edge.flash_config import (
+        FlashOptions,
+        check_broker_host,
+        check_broker_port,
+        check_device_id,
+    )
     from dslo_edge.profiles import load_profile
 
     if device_id is not None:
         check_device_id(device_id, "--device-id")
+    check_broker_host(broker_host, "--broker-host")
+    port = check_broker_port(broker_port, "--broker-port")
     profile = load_profile(profile_name, profiles_dir)
     if device_id is None:
         fix = "; the device id defaults to the profile name, so pass --device-id"
         check_device_id(profile.name, fix=fix)
-    options = FlashOptions(device_id or profile.name, broker_host, broker_port)
+    options = FlashOptions(device_id or profile.name, broker_host, port)
     result = run_flash(bundle, profile, target, options, replace_config=replace_config)
     click.echo(
         f"installed release {result.release} for {profile.name} into {target}: "

@@ -8,7 +8,7 @@ Threads:
 - the watchdog thread checks that both are alive and progressing, pings
   systemd, and exits the process with ``EXIT_WATCHDOG`` if one is not, so the
   service manager restarts it;
-- the main thread waits for SIGTERM or SIGINT, then stops in order.
+- the main thread waits for SIGTERM, SIGINT or SIGHUP, then stops in order.
 
 Delivery is at least once and application exactly once. An update is
 acknowledged to the broker (MQTT PUBACK) only once two checkpoint generations
@@ -395,7 +395,7 @@ class EdgeDaemon:
         )
 
     def run(self) -> int:
-        """Run until SIGTERM or SIGINT; return the process exit code."""
+        """Run until SIGTERM, SIGINT or SIGHUP; return the process exit code."""
         stop_requested = threading.Event()
 
         def request_stop(signum: int, _frame: object) -> None:

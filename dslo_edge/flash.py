@@ -42,6 +42,8 @@ from dslo_edge.errors import BundleError
 from dslo_edge.fit import FitReport, check_bundle
 from dslo_edge.flash_config import (
     FlashOptions,
+    check_broker_host,
+    check_broker_port,
     check_device_id,
     profile_reference,
     render_device_config,
@@ -127,12 +129,15 @@ def flash(
 
     Raises:
         ConfigError: an option makes the device config invalid, such as a
-            device id that is not one MQTT topic level.
+            device id that is not one MQTT topic level or a broker host with
+            a quote.
         BundleError: the bundle is invalid, the profile cannot run it, the
             target lacks free space, or writing failed. The previous
             installation, if any, is left as it was.
     """
     check_device_id(options.device_id)
+    check_broker_host(options.broker_host)
+    check_broker_port(options.broker_port)
     root = Path(target)
     if not root.is_dir():
         raise BundleError(f"target {root} is not a directory; mount the device first")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -14,6 +15,10 @@ from dslo_edge.protocol import Topics
 from dslo_edge.service import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 
 PROFILES_DIR = PurePosixPath("/etc/dslo-edge/profiles")
+# A DNS name (at most 253 characters) or an IPv4 or IPv6 address literal.
+# It keeps quotes, spaces and other characters that no host has out of
+# device.toml. It does not check label lengths or IP address syntax.
+BROKER_HOST_PATTERN = re.compile(r"[A-Za-z0-9.:-]{1,253}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,35 @@ def check_device_id(device_id: str, name: str = "device id", fix: str = "") -> N
             f"{name} {device_id!r} is invalid: expected a non-empty name without "
             f"'/', '+', '#', whitespace or NUL, for example 'kitchen-cam'{fix}"
         ) from None
+
+
+def check_broker_host(host: str, name: str = "broker host") -> None:
+    """Raise ConfigError unless ``host`` matches ``BROKER_HOST_PATTERN``.
+
+    ``name`` is what the message calls the value, such as an option name.
+    """
+    if not BROKER_HOST_PATTERN.fullmatch(host):
+        raise ConfigError(
+            f"{name} {host!r} is invalid: expected a host name or IP address of "
+            "1 to 253 letters, digits, '-', '.' or ':', without spaces or quotes, "
+            "for example hub.local or 192.168.1.10"
+        )
+
+
+def check_broker_port(port: int | str, name: str = "broker port") -> int:
+    """Return ``port`` as an int if it is a TCP port number, 1 to 65535.
+
+    Raises:
+        ConfigError: ``port`` is not an integer in that range.
+    """
+    text = str(port)
+    digits = text.isascii() and text.isdigit()
+    if isinstance(port, bool) or not digits or not 1 <= int(text) <= 65535:
+        raise ConfigError(
+            f"{name} {text!r} is invalid: expected a port number from 1 to 65535, "
+            "for example 1883 (MQTT) or 8883 (MQTT over TLS)"
+        )
+    return int(text)
 
 
 def profile_reference(profile: FirmwareProfile) -> tuple[str, bytes | None]:

@@ -103,6 +103,10 @@ def estimate_memory(
     """
     weight_count = sum(math.prod(shape) for shape in bundle.weight_shapes.values())
     update_bytes = estimate_update_bytes(bundle, batch_size)
+    # Each head's store has one row of K floats per sample id plus the id.
+    smoothing_row_bytes = (
+        _label_values(bundle) * FLOAT_BYTES + _head_count(bundle) * SAMPLE_ID_BYTES
+    )
     return MemoryEstimate(
         baseline=BASELINE_RSS_BYTES,
         model_file=_file_size(bundle.student_path),
@@ -110,9 +114,7 @@ def estimate_memory(
         signature_tensors=_signature_tensor_bytes(bundle, batch_size),
         activations=_activation_bytes(bundle, batch_size),
         update_queue=queue_size * update_bytes,
-        # One row of K floats per sample id plus the id itself.
-        smoothing_store=smoothing_capacity
-        * (bundle.class_count * FLOAT_BYTES + SAMPLE_ID_BYTES),
+        smoothing_store=smoothing_capacity * smoothing_row_bytes,
     )
 
 
@@ -124,7 +126,7 @@ def estimate_storage(
     weight_count = sum(math.prod(shape) for shape in bundle.weight_shapes.values())
     checkpoint = (
         weight_count * FLOAT_BYTES
-        + smoothing_capacity * bundle.class_count * FLOAT_BYTES
+        + smoothing_capacity * _label_values(bundle) * FLOAT_BYTES
     )
     return StorageEstimate(
         bundle=bundle_bytes,
@@ -139,8 +141,8 @@ def estimate_update_bytes(bundle: Bundle, batch_size: int) -> int:
     """Return the size of one soft-label update of ``batch_size`` samples."""
     per_sample = (
         math.prod(bundle.input_shape) * FLOAT_BYTES
-        + bundle.class_count * FLOAT_BYTES
-        + FLOAT_BYTES  # hard label
+        + _label_values(bundle) * FLOAT_BYTES
+        + _head_count(bundle) * FLOAT_BYTES  # a hard label per head
         + SAMPLE_ID_BYTES
     )
     return UPDATE_HEADER_BYTES + batch_size * per_sample
@@ -149,6 +151,17 @@ def estimate_update_bytes(bundle: Bundle, batch_size: int) -> int:
 def directory_size(folder: Path) -> int:
     """Return the total size of the regular files under a directory."""
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _label_values(bundle: Bundle) -> int:
+    """Return the soft-label values per sample: the class counts of all heads."""
+    if bundle.is_multi_head:
+        return sum(bundle.heads.values())
+    return bundle.class_count
+
+
+def _head_count(bundle: Bundle) -> int:
+    return len(bundle.heads) if bundle.is_multi_head else 1
 
 
 def _file_size(path: Path) -> int:

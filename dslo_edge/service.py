@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from pathlib import Path, PurePosixPath
 
@@ -21,6 +22,28 @@ USER_NAME_PATTERN = re.compile(r"[a-z_][a-z0-9_-]*[$]?")
 USER_NAME_MAX_LENGTH = 32
 # Characters that make systemd split a word or read it as a quote or escape.
 _QUOTE_TRIGGER = re.compile(r"""[\s"'\\]""")
+# Directories the system owns. ReadWritePaths= on one of them opens all of it
+# to writes, and ReadWritePaths=/ turns the ProtectSystem=strict sandbox off.
+SYSTEM_DIRECTORIES = frozenset(
+    {
+        "/",
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/lib",
+        "/proc",
+        "/run",
+        "/sbin",
+        "/sys",
+        "/tmp",
+        "/usr",
+        "/var",
+        "/var/tmp",
+    }
+)
+# PrivateTmp=yes gives the service new, empty copies of these on every start.
+PRIVATE_TMP_DIRECTORIES = frozenset({"/tmp", "/var/tmp"})
 
 
 def check_unit_path(value: str, option: str) -> PurePosixPath:
@@ -45,6 +68,74 @@ def check_unit_path(value: str, option: str) -> PurePosixPath:
             "without newlines, tabs or other control characters"
         )
     return PurePosixPath(value)
+
+
+def check_normalized_path(value: str, option: str) -> PurePosixPath:
+    """Return ``value`` as an absolute path without ``.``, ``..`` or extra slashes.
+
+    systemd ignores a ``ReadWritePaths=`` entry that is not normalized
+    ("path is not normalized, ignoring", systemd 252), and under
+    ``ProtectSystem=strict`` the service then cannot write there.
+
+    Raises:
+        ConfigError: the path fails ``check_unit_path`` or is not normalized.
+            The message shows the normalized form.
+    """
+    path = check_unit_path(value, option)
+    normalized = "/" + posixpath.normpath(value).lstrip("/")
+    if value != normalized:
+        raise ConfigError(
+            f"{option} {value!r} is not a normalized path; pass {normalized!r}, "
+            "without '.' or '..' components or repeated or trailing slashes"
+        )
+    return path
+
+
+def check_state_dir(value: str, option: str) -> PurePosixPath:
+    """Return ``value`` as the directory for ``ReadWritePaths=``.
+
+    Raises:
+        ConfigError: the path fails ``check_normalized_path`` or is one of
+            ``SYSTEM_DIRECTORIES``.
+    """
+    path = check_normalized_path(value, option)
+    if value in PRIVATE_TMP_DIRECTORIES:
+        reason = (
+            "PrivateTmp=yes gives the service an empty one on every start, so "
+            "its checkpoints would be lost"
+        )
+    elif value == "/":
+        reason = "ReadWritePaths=/ turns the ProtectSystem=strict sandbox off"
+    elif value in SYSTEM_DIRECTORIES:
+        reason = "ReadWritePaths= would let the service write all of it"
+    else:
+        # NOTE: directories below /tmp and /var/tmp are accepted, although
+        # PrivateTmp=yes hides their content from the service as well.
+        return path
+    raise ConfigError(
+        f"{option} {value!r} is a system directory, and {reason}; pass a "
+        "directory of the service's own, such as /var/lib/dslo-edge"
+    )
+
+
+def check_unit_dir(value: str, option: str) -> Path:
+    """Return ``value`` as the existing directory to write a unit file into.
+
+    Raises:
+        ConfigError: the path does not exist or is not a directory.
+    """
+    path = Path(value)
+    if not path.exists():
+        raise ConfigError(
+            f"{option} {value!r} does not exist; create it first or check the "
+            "path (systemd reads units from /etc/systemd/system)"
+        )
+    if not path.is_dir():
+        raise ConfigError(
+            f"{option} {value!r} is not a directory; pass the directory that "
+            "systemd reads units from, such as /etc/systemd/system"
+        )
+    return path
 
 
 def check_user_name(value: str, option: str = "--user") -> str:
@@ -104,8 +195,8 @@ def _check_paths(
     exec_path: PurePosixPath, config_path: PurePosixPath, state_dir: PurePosixPath
 ) -> None:
     check_unit_path(str(exec_path), "executable path")
-    check_unit_path(str(config_path), "config path")
-    check_unit_path(str(state_dir), "state directory")
+    check_normalized_path(str(config_path), "config path")
+    check_state_dir(str(state_dir), "state directory")
 
 
 def render_unit(
@@ -137,7 +228,9 @@ def render_unit(
 
     Raises:
         ConfigError: a path is not absolute or contains a control character,
-            or ``user`` is not a valid user name.
+            the config path or state directory is not normalized, the state
+            directory is a system directory, or ``user`` is not a valid user
+            name.
     """
     _check_paths(exec_path, config_path, state_dir)
     user_line = _user_line(user)
@@ -206,7 +299,9 @@ def render_hub_unit(
 
     Raises:
         ConfigError: a path is not absolute or contains a control character,
-            or ``user`` is not a valid user name.
+            the config path or state directory is not normalized, the state
+            directory is a system directory, or ``user`` is not a valid user
+            name.
     """
     _check_paths(exec_path, config_path, state_dir)
     user_line = _user_line(user)
@@ -238,8 +333,11 @@ WantedBy=multi-user.target
 
 
 def install_unit(unit_dir: Path, unit_text: str) -> Path:
-    """Write the unit file atomically into ``unit_dir`` and return its path."""
-    unit_dir.mkdir(parents=True, exist_ok=True)
+    """Write the unit file atomically into the existing ``unit_dir``.
+
+    Returns:
+        The path of the unit file.
+    """
     target = unit_dir / UNIT_NAME
     temporary = target.with_name(f".{UNIT_NAME}.tmp")
     temporary.write_text(unit_text)

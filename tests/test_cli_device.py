@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from dslo_edge.cli import EXIT_CONFIG, EXIT_ERROR, main
+from dslo_edge.config import load_config
 from dslo_edge.profiles import load_profile
 from tests.bundle_files import write_bundle
 
@@ -48,6 +50,16 @@ def test_profiles_check_fits_and_fails(tmp_path: Path) -> None:
     assert fails.exit_code == EXIT_ERROR
     assert "problem: JetPack 4.6" in fails.output
     assert "does not fit profile jetson-nano" in fails.output
+
+
+def test_profiles_check_two_head_bundle(two_head_bundle: Path) -> None:
+    result = run(
+        "profiles", "check", str(two_head_bundle), "--profile", "raspberry-pi-4b"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "smoothing_store" in result.output
+    assert result.output.rstrip().endswith("fits")
 
 
 def test_flash_command_installs_and_repeats(tmp_path: Path) -> None:
@@ -152,3 +164,60 @@ def test_flash_command_rejects_profile_name_as_id(tmp_path: Path) -> None:
         result.output
     )
     assert list(target.iterdir()) == []
+
+
+def _flash_into_empty_target(tmp_path: Path, *options: str):
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    arguments = ["flash", bundle, "--profile", "raspberry-pi-4b"]
+    return run(*arguments, "--target", str(target), *options), target
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--broker-host", 'evil"host'],
+            "error: --broker-host 'evil\"host' is invalid: expected a host name or "
+            "IP address of 1 to 253 letters, digits, '-', '.' or ':', without "
+            "spaces or quotes, for example hub.local or 192.168.1.10\n",
+        ),
+        (["--broker-host", ""], "error: --broker-host '' is invalid: expected"),
+        (["--broker-host", "hub local"], "error: --broker-host 'hub local' is"),
+        (["--broker-host", "hub\nlocal"], "error: --broker-host 'hub\\nlocal' is"),
+        (["--broker-host", "a" * 254], "is invalid: expected a host name"),
+        (
+            ["--broker-port", "0"],
+            "error: --broker-port '0' is invalid: expected a port number from 1 "
+            "to 65535, for example 1883 (MQTT) or 8883 (MQTT over TLS)\n",
+        ),
+        (["--broker-port", "65536"], "error: --broker-port '65536' is invalid"),
+        (["--broker-port", "-1"], "error: --broker-port '-1' is invalid"),
+        (["--broker-port", "mqtt"], "error: --broker-port 'mqtt' is invalid"),
+    ],
+)
+def test_flash_command_rejects_bad_broker(tmp_path: Path, options, message) -> None:
+    result, target = _flash_into_empty_target(tmp_path, *options)
+
+    assert result.exit_code == EXIT_CONFIG
+    assert message in result.output
+    assert len(result.output.splitlines()) == 1
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "host", "port"),
+    [
+        (["--broker-host", "hub.local", "--broker-port", "8883"], "hub.local", 8883),
+        (["--broker-host", "fd00::1"], "fd00::1", 1883),
+        (["--broker-host", "10.0.0.2", "--broker-port", "65535"], "10.0.0.2", 65535),
+    ],
+)
+def test_flash_command_writes_broker(tmp_path: Path, options, host, port) -> None:
+    result, target = _flash_into_empty_target(tmp_path, *options)
+
+    assert result.exit_code == 0, result.output
+    config = load_config(target / "etc/dslo-edge/device.toml")
+    assert config.mqtt.host == host
+    assert config.mqtt.port == port

@@ -19,12 +19,14 @@ from dslo_edge.config import load_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import BundleError, ConfigError
 from dslo_edge.flash import (
+    BUNDLE_LINK,
     FlashOptions,
     flash,
     on_target,
     release_id,
     verify_installation,
 )
+from dslo_edge.flash_config import render_device_config
 from dslo_edge.profiles import load_profile, load_profile_file
 from dslo_edge.service import EXIT_CONFIG as UNIT_EXIT_CONFIG
 from dslo_edge.service import render_unit
@@ -155,15 +157,39 @@ def test_flash_rejects_invalid_device_id(tmp_path: Path, pi4) -> None:
     assert list(root.iterdir()) == []
 
 
-def test_flash_config_error_names_device_path(tmp_path: Path, pi4) -> None:
+def test_flash_config_error_names_device_path() -> None:
+    options = FlashOptions("porch", broker_port=0)
+    with pytest.raises(ConfigError) as caught:
+        render_device_config(options, BUNDLE_LINK, "raspberry-pi-4b")
+    assert str(caught.value).startswith(
+        "generated /etc/dslo-edge/device.toml: mqtt.port = 0 is invalid"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            FlashOptions("porch", broker_host=""),
+            "broker host '' is invalid: expected a host name or IP address",
+        ),
+        (
+            FlashOptions("porch", broker_host='hub"local'),
+            "broker host 'hub\"local' is invalid",
+        ),
+        (
+            FlashOptions("porch", broker_port=65536),
+            "broker port '65536' is invalid: expected a port number from 1 to 65535",
+        ),
+    ],
+)
+def test_flash_rejects_bad_broker(tmp_path: Path, pi4, options, message) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
     root.mkdir()
     with pytest.raises(ConfigError) as caught:
-        flash(bundle, pi4, root, FlashOptions("porch", broker_host=""))
-    assert str(caught.value).startswith(
-        "generated /etc/dslo-edge/device.toml: mqtt.host = '' is invalid"
-    )
+        flash(bundle, pi4, root, options)
+    assert str(caught.value).startswith(message)
     assert list(root.iterdir()) == []
 
 
@@ -294,6 +320,24 @@ def test_flashed_daemon_runs_with_profile(tmp_path: Path, pi4, mlp_pair) -> None
     assert daemon.profile is not None
     assert daemon.profile.name == "raspberry-pi-4b"
     assert daemon.profile.thermal_limit_c == 75.0
+
+
+def test_flashed_two_head_daemon_starts(tmp_path: Path, pi4, two_head_bundle) -> None:
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    result = flash(two_head_bundle, pi4, root, OPTIONS)
+    config = load_config(root / "etc/dslo-edge/device.toml")
+    config = dataclasses.replace(
+        config,
+        bundle=on_target(root, config.bundle),
+        state_dir=on_target(root, config.state_dir),
+    )
+
+    daemon = EdgeDaemon(config)
+
+    assert result.fit.fits
+    assert verify_installation(root) == []
+    assert daemon.bundle.heads == {"digit": 10, "shape": 3}
 
 
 def test_flash_free_space_check_with_injected_usage(tmp_path: Path, pi4) -> None:

@@ -198,6 +198,19 @@ def test_storage_estimate_counts_update_copies(tmp_path: Path) -> None:
     assert storage.checkpoints == 2 * (weights * 4 + 100 * 10 * 4)
 
 
+def test_estimates_count_every_head(two_head_bundle: Path) -> None:
+    bundle = load_bundle(two_head_bundle)
+    memory = estimate_memory(bundle, batch_size=32, queue_size=256)
+    storage = estimate_storage(bundle, smoothing_capacity=100)
+    # A 64-32 trunk with a 10-class head "digit" and a 3-class head "shape".
+    weights = 64 * 32 + 32 + 32 * 10 + 10 + 32 * 3 + 3
+    assert memory.weights == weights * 4 * 3
+    assert memory.smoothing_store == 10000 * ((10 + 3) * 4 + 2 * 16)
+    per_sample = 64 * 4 + (10 + 3) * 4 + 2 * 4 + 16
+    assert memory.update_queue == 256 * (64 + 32 * per_sample)
+    assert storage.checkpoints == 2 * (weights * 4 + 100 * (10 + 3) * 4)
+
+
 # Bundle fit checks
 
 
@@ -208,6 +221,13 @@ def test_small_bundle_fits_raspberry_pi_4(tmp_path: Path) -> None:
     assert report.problems == ()
     assert report.interpreter == "ai-edge-litert==2.3.0"
     assert "needs numpy >=1.23.2" in report.notes[0]
+
+
+def test_two_head_bundle_fits_raspberry_pi_4(two_head_bundle: Path) -> None:
+    report = check_bundle(load_bundle(two_head_bundle), load_profile("raspberry-pi-4b"))
+    assert report.fits
+    assert report.problems == ()
+    assert report.interpreter == "ai-edge-litert==2.3.0"
 
 
 def test_large_student_exceeds_zero_2w_budget(tmp_path: Path) -> None:

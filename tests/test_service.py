@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from dslo_edge.service import (
     quote_exec_word,
     quote_path_list_entry,
     render_hub_unit,
+    render_unit,
 )
 
 
@@ -243,6 +245,37 @@ def test_daemon_sends_ready_and_watchdog(tmp_path, mlp_pair, broker) -> None:
     assert process.returncode == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_daemon_stop_signal_exits_zero(tmp_path, mlp_pair, broker, signum) -> None:
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(10)
+    log_path = tmp_path / "daemon.log"
+    config = _config(tmp_path, mlp_pair, broker)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dslo_edge.cli", "run", "--config", config],
+            env={**os.environ, "NOTIFY_SOCKET": address},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        ready = sock.recv(256).decode()
+        process.send_signal(signum)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+        sock.close()
+
+    assert ready == "READY=1"
+    # Restart=on-failure does not restart a service that exits with status 0.
+    assert process.returncode == 0
+    assert f"received signal {int(signum)}, stopping" in log_path.read_text()
+
+
 def test_watchdog_exits_when_trainer_thread_dies(tmp_path, mlp_pair, broker) -> None:
     script = textwrap.dedent(
         f"""
@@ -263,3 +296,121 @@ def test_watchdog_exits_when_trainer_thread_dies(tmp_path, mlp_pair, broker) -> 
     assert result.returncode == EXIT_WATCHDOG, result.stderr
     assert "the trainer thread died" in result.stderr
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--state-dir", "/var/lib/../../etc"],
+            "error: --state-dir '/var/lib/../../etc' is not a normalized path; "
+            "pass '/etc', without '.' or '..' components or repeated or trailing "
+            "slashes",
+        ),
+        (
+            ["--state-dir", "/var/lib/dslo-edge/"],
+            "error: --state-dir '/var/lib/dslo-edge/' is not a normalized path; "
+            "pass '/var/lib/dslo-edge',",
+        ),
+        (
+            ["--state-dir", "/var/lib/./dslo-edge"],
+            "pass '/var/lib/dslo-edge',",
+        ),
+        (
+            ["--state-dir", "//var//lib/dslo-edge"],
+            "pass '/var/lib/dslo-edge',",
+        ),
+        (
+            ["--config", "/etc/dslo-edge/../dslo-edge/device.toml"],
+            "error: --config '/etc/dslo-edge/../dslo-edge/device.toml' is not a "
+            "normalized path; pass '/etc/dslo-edge/device.toml',",
+        ),
+        (
+            ["--config", "/etc//dslo-edge/device.toml"],
+            "pass '/etc/dslo-edge/device.toml',",
+        ),
+        (
+            ["--state-dir", "/"],
+            "error: --state-dir '/' is a system directory, and ReadWritePaths=/ "
+            "turns the ProtectSystem=strict sandbox off; pass a directory of the "
+            "service's own, such as /var/lib/dslo-edge",
+        ),
+        (
+            ["--state-dir", "/tmp"],
+            "error: --state-dir '/tmp' is a system directory, and PrivateTmp=yes "
+            "gives the service an empty one on every start",
+        ),
+        (["--state-dir", "/var/tmp"], "PrivateTmp=yes gives the service an empty"),
+        (
+            ["--state-dir", "/etc"],
+            "error: --state-dir '/etc' is a system directory, and ReadWritePaths= "
+            "would let the service write all of it; pass a directory of the "
+            "service's own, such as /var/lib/dslo-edge",
+        ),
+    ]
+    + [
+        (["--state-dir", path], f"error: --state-dir '{path}' is a system directory")
+        for path in ("/bin", "/boot", "/dev", "/lib", "/proc", "/run", "/sbin")
+        + ("/sys", "/usr", "/var")
+    ],
+)
+def test_service_install_rejects_bad_path(tmp_path, arguments, message) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["service", "install", "--unit-dir", str(tmp_path), "--exec", sys.executable]
+        + arguments,
+    )
+
+    assert result.exit_code == EXIT_CONFIG
+    assert message in result.output
+    assert len(result.output.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("state_dir", ["/var/lib/dslo-edge", "/srv/tmp", "/var/lib"])
+def test_service_install_accepts_state_dir(tmp_path, state_dir: str) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["service", "install", "--unit-dir", str(tmp_path), "--state-dir", state_dir],
+    )
+
+    assert result.exit_code == 0, result.output
+    unit = (tmp_path / "dslo-edge.service").read_text()
+    assert f"ReadWritePaths={state_dir}\n" in unit
+
+
+def test_service_install_rejects_missing_unit_dir(tmp_path) -> None:
+    unit_dir = tmp_path / "nonexist"
+    result = CliRunner().invoke(
+        main, ["service", "install", "--unit-dir", str(unit_dir)]
+    )
+
+    assert result.exit_code == EXIT_CONFIG
+    assert (
+        f"error: --unit-dir '{unit_dir}' does not exist; create it first or "
+        "check the path" in result.output
+    )
+    assert len(result.output.splitlines()) == 1
+    assert not unit_dir.exists()
+
+
+def test_service_install_rejects_file_as_unit_dir(tmp_path) -> None:
+    unit_file = tmp_path / "units"
+    unit_file.write_text("")
+    result = CliRunner().invoke(
+        main, ["service", "install", "--unit-dir", str(unit_file)]
+    )
+
+    assert result.exit_code == EXIT_CONFIG
+    assert f"error: --unit-dir '{unit_file}' is not a directory" in result.output
+    assert len(result.output.splitlines()) == 1
+    assert unit_file.read_text() == ""
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["units"]
+
+
+def test_render_unit_rejects_unnormalized_state_dir() -> None:
+    with pytest.raises(ConfigError) as caught:
+        render_unit(state_dir=PurePosixPath("/var/lib/../../etc"))
+    assert "state directory '/var/lib/../../etc' is not a normalized path" in str(
+        caught.value
+    )
