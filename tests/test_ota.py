@@ -512,7 +512,7 @@ def test_updater_rejects_other_model(tmp_path: Path) -> None:
         in (status["detail"])
     )
     assert "'ota-send --allow-model-change'" in status["detail"]
-    assert outcome.student is None
+    assert outcome.candidate is None
     assert updater.store.active_path(factory) == factory
     assert list(updater.store.folder.iterdir()) == []
     for name, value in before.items():
