@@ -596,3 +596,31 @@ def test_unwritable_checkpoint_rolls_switch_back(mlp_pair, broker, tmp_path) -> 
     assert bundle_after == mlp_pair.bundle
     assert_same_weights(weights_after, adapted)
     assert applied == 3
+
+
+def test_label_requests_block_switch_to_two_heads(
+    mlp_pair, two_head_bundle, broker, tmp_path
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    state = tmp_path / "state"
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, broker, requests={"enabled": True})
+    try:
+        weights = daemon.student.get_weights()
+
+        rejected = ota_send(broker, two_head_bundle, "--allow-model-change")
+
+        weights_after = daemon.student.get_weights()
+        bundle_after = daemon.bundle.path
+        trainer = daemon.trainer
+    finally:
+        daemon.stop()
+
+    assert rejected.returncode == 1, rejected.stderr
+    assert ": config_mismatch: release " in rejected.stderr
+    assert "requests.enabled = true needs a single-head student" in rejected.stderr
+    assert link_targets(state) == {}
+    assert sorted(os.listdir(state / "bundles")) == []
+    assert bundle_after == mlp_pair.bundle
+    assert isinstance(trainer, Trainer)
+    assert_same_weights(weights_after, weights)
