@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from dslo_edge.admission import (
 )
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.batching import BatchPolicy, UpdateBatcher
-from dslo_edge.bundle import load_bundle
+from dslo_edge.bundle import Bundle, load_bundle
 from dslo_edge.checkpoint import (
     Checkpoint,
     list_checkpoints,
@@ -57,15 +58,15 @@ from dslo_edge.checkpoint import (
 from dslo_edge.config import DeviceConfig
 from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
-from dslo_edge.errors import ConfigError, InvalidUpdate
+from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.health import PROBE_FILE, HealthGuard, load_probe
 from dslo_edge.inference import InferenceService, inference_topics, make_requester
 from dslo_edge.metrics import DaemonMetrics
-from dslo_edge.model_update import ModelUpdater
+from dslo_edge.model_update import ModelUpdater, ReleaseCandidate
 from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer, make_trainer
 from dslo_edge.multihead_model import load_student
-from dslo_edge.ota import ota_topics
+from dslo_edge.ota import ota_topics, peek_transfer_id, status_payload
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
 from dslo_edge.state_lock import StateLock
@@ -85,6 +86,16 @@ METRICS_LOG = "metrics.jsonl"
 EXIT_WATCHDOG = 70
 # A train step that has not returned after this long counts as a hang.
 TRAINER_STALL_S = 60.0
+
+
+@dataclass(frozen=True)
+class _ModelState:
+    """The model the daemon trains: bundle, student, trainer and health guard."""
+
+    bundle: Bundle
+    student: StudentModel
+    trainer: Trainer | MultiHeadTrainer
+    health: HealthGuard
 
 
 class EdgeDaemon:
@@ -132,12 +143,7 @@ class EdgeDaemon:
         self.health = self._new_health_guard()
         self.metrics = DaemonMetrics()
         self.requester = None
-        if config.requests.enabled and self.bundle.is_multi_head:
-            raise ConfigError(
-                f"{config.source}: requests.enabled = true needs a single-head "
-                f"student, but {self.bundle.path} has the heads "
-                f"{', '.join(self.bundle.heads)}; set requests.enabled = false"
-            )
+        self._check_requests_fit(self.bundle)
         if config.requests.enabled:
             self.requester = make_requester(
                 self.device_id, config.mqtt.topic_prefix, config.requests
@@ -222,10 +228,30 @@ class EdgeDaemon:
             label=f"device {self.device_id}",
         )
 
-    def _new_trainer(self) -> Trainer | MultiHeadTrainer:
+    def _check_requests_fit(self, bundle: Bundle) -> None:
+        """Raise ConfigError if label requests are enabled for a multi-head student."""
+        if self.config.requests.enabled and bundle.is_multi_head:
+            raise ConfigError(
+                f"{self.config.source}: requests.enabled = true needs a single-head "
+                f"student, but {bundle.path} has the heads "
+                f"{', '.join(bundle.heads)}; set requests.enabled = false"
+            )
+
+    def _new_trainer(
+        self, student: StudentModel | None = None
+    ) -> Trainer | MultiHeadTrainer:
+        """Build a trainer for ``student`` (the current one by default).
+
+        Raises:
+            ConfigError: a ``[training.tasks.<head>]`` table names a head that
+                the student lacks.
+        """
         config = self.config
         return make_trainer(
-            self.student, config.training, config.limits, config.sum_tolerance
+            student or self.student,
+            config.training,
+            config.limits,
+            config.sum_tolerance,
         )
 
     @property
@@ -240,21 +266,22 @@ class EdgeDaemon:
     def unacknowledged(self) -> int:
         return len(self._acks)
 
-    def _new_health_guard(self) -> HealthGuard:
-        variables = self.bundle.manifest["student"].get("variables", {})
+    def _new_health_guard(self, bundle: Bundle | None = None) -> HealthGuard:
+        bundle = bundle or self.bundle
+        variables = bundle.manifest["student"].get("variables", {})
         trained = {n for n, v in variables.items() if v.get("kind") == "trained"}
         return HealthGuard(
-            self._load_probe(),
+            self._load_probe(bundle),
             self.config.health.max_accuracy_drop,
             self.costs.infer_ms,
             norm_names=trained or None,
         )
 
-    def _load_probe(self) -> Any:
-        path = self.bundle.path / PROBE_FILE
+    def _load_probe(self, bundle: Bundle) -> Any:
+        path = bundle.path / PROBE_FILE
         if not path.is_file():
             return None
-        if self.bundle.is_multi_head:
+        if bundle.is_multi_head:
             # NOTE: probe.npz has one label column, so a multi-head student is
             # checked for non-finite weights only.
             logger.warning(
@@ -264,7 +291,7 @@ class EdgeDaemon:
                 path,
             )
             return None
-        return load_probe(path, self.bundle.input_shape, self.bundle.class_count)
+        return load_probe(path, bundle.input_shape, bundle.class_count)
 
     def _make_metrics_log(self) -> logging.Logger:
         settings = self.config.logging
@@ -722,50 +749,114 @@ class EdgeDaemon:
     def _apply_model_updates(self) -> None:
         while not self.ota_chunks.empty():
             item = self.ota_chunks.get_nowait()
-            outcome = self.updater.handle_chunk(item.payload, self.student)
-            if outcome.student is not None and outcome.bundle is not None:
-                self._switch_model(
-                    outcome.student, outcome.bundle, outcome.model_changed
+            try:
+                status = self._handle_ota_chunk(item.payload)
+            except Exception as error:
+                logger.exception(
+                    "Device %s failed to handle a model update chunk", self.device_id
                 )
-            # The chunk is on disk (or its transfer is finished), so ack it.
+                status = status_payload(
+                    "rejected",
+                    peek_transfer_id(item.payload),
+                    reason="install_failed",
+                    detail=f"{type(error).__name__}: {error}",
+                )
+            # Every chunk is acknowledged, whatever the outcome. Its data is on
+            # disk or its transfer is finished, and a redelivered copy would
+            # only fail the same way again.
             self.connection.ack(item.mid, item.qos)
-            if outcome.status is not None:
+            if status is not None:
                 # Retained, so a client that subscribes later still reads the outcome.
-                self.connection.publish(
-                    self.ota_status_topic, outcome.status, retain=True
-                )
+                self.connection.publish(self.ota_status_topic, status, retain=True)
 
-    def _switch_model(
-        self, student: StudentModel, bundle: Any, model_changed: bool = False
-    ) -> None:
-        """Make the new student current, keeping progress and compatible state.
+    def _handle_ota_chunk(self, payload: bytes) -> str | None:
+        """Store one chunk and switch models once a release is complete.
 
-        After a model change the old model's last checkpoint is kept, and a
-        checkpoint kept earlier for the new bundle is restored.
+        Returns:
+            The OTA status to publish, or None while the transfer goes on.
         """
-        self._checkpoint_and_ack()
-        self._checkpoint_and_ack()
-        if model_changed:
-            self._keep_old_checkpoint()
-        old_trainer = self.trainer
-        self.bundle = bundle
-        self.student = student
-        self.trainer = self._new_trainer()
-        if _same_labels(self.trainer, old_trainer):
+        outcome = self.updater.handle_chunk(payload, self.student)
+        candidate = outcome.candidate
+        if candidate is None:
+            return outcome.status
+        try:
+            prepared = self._prepare_model(candidate)
+        except Exception as error:
+            if not isinstance(error, (ConfigError, BundleError, ValueError)):
+                logger.exception(
+                    "Device %s cannot prepare release %s",
+                    self.device_id,
+                    candidate.release.name,
+                )
+            return self.updater.reject(candidate, error)
+        return self._switch_model(candidate, prepared)
+
+    def _prepare_model(self, candidate: ReleaseCandidate) -> _ModelState:
+        """Build the trainer and health guard of a candidate, changing nothing.
+
+        Raises:
+            ConfigError: the device config does not fit the new model, for
+                example a task table names a head that it lacks.
+            BundleError: the release's probe set is invalid.
+        """
+        bundle, student = candidate.bundle, candidate.student
+        self._check_requests_fit(bundle)
+        old = self.trainer
+        trainer = self._new_trainer(student)
+        restored = False
+        if candidate.model_changed:
+            trainer, restored = self._restore_kept_checkpoint(bundle, trainer)
+        # A restored engine is the new model's own, and the old engine stays
+        # untouched, so a failed switch keeps the old trainer as it was.
+        if not restored and _same_labels(trainer, old):
             # Smoothing store, monitor and progress stay valid for the same classes.
-            self.trainer.engine = old_trainer.engine  # type: ignore[assignment]
+            trainer.engine = old.engine  # type: ignore[assignment]
         else:
-            self.trainer.applied_updates = old_trainer.applied_updates
-        if model_changed:
-            self._restore_kept_checkpoint()
-            self.trainer.applied_updates = old_trainer.applied_updates
-        self.health = self._new_health_guard()
-        self.health.accuracy(student)
-        self.health.accept(student.get_weights())
+            trainer.applied_updates = old.applied_updates
+        health = self._new_health_guard(bundle)
+        health.accuracy(student)
+        health.accept(student.get_weights())
+        return _ModelState(bundle, student, trainer, health)
+
+    def _switch_model(self, candidate: ReleaseCandidate, prepared: _ModelState) -> str:
+        """Make a prepared model current and return the status to publish.
+
+        The old model's updates are checkpointed and acknowledged first, and
+        after a model change its last checkpoint is kept. If a step fails,
+        the old model stays current and the ``active`` link is rolled back.
+        """
+        old = _ModelState(self.bundle, self.student, self.trainer, self.health)
+        # None until ``activate`` ran, then whether it changed the link.
+        activated: bool | None = None
+        try:
+            self._checkpoint_and_ack()
+            self._checkpoint_and_ack()
+            if candidate.model_changed:
+                self._keep_old_checkpoint()
+            activated = self.updater.activate(candidate)
+            self._set_model(prepared)
+            # Without a checkpoint of the new model, a restart would load the
+            # new bundle with the old weights, so a failed save undoes the switch.
+            if not self.save_checkpoint():
+                raise OSError(
+                    f"cannot write a checkpoint to {self.checkpoint_dir}: "
+                    f"{self.storage_error}"
+                )
+        except Exception as error:
+            self._set_model(old)
+            if activated is None:
+                return self.updater.reject(candidate, error)
+            return self.updater.roll_back(candidate, activated, error)
         # Two generations of the new model, so no older one is ever restored.
         self.save_checkpoint()
-        self.save_checkpoint()
-        logger.info("Device %s now trains %s", self.device_id, bundle.path.name)
+        logger.info("Device %s now trains %s", self.device_id, candidate.release.name)
+        return self.updater.installed(candidate)
+
+    def _set_model(self, state: _ModelState) -> None:
+        self.bundle = state.bundle
+        self.student = state.student
+        self.trainer = state.trainer
+        self.health = state.health
 
     def _keep_old_checkpoint(self) -> None:
         kept = KeptCheckpoints(self.config.state_dir).keep(
@@ -785,12 +876,19 @@ class EdgeDaemon:
                 kept,
             )
 
-    def _restore_kept_checkpoint(self) -> None:
-        checkpoint = KeptCheckpoints(self.config.state_dir).load(self.bundle)
+    def _restore_kept_checkpoint(
+        self, bundle: Bundle, trainer: Trainer | MultiHeadTrainer
+    ) -> tuple[Trainer | MultiHeadTrainer, bool]:
+        """Restore the checkpoint kept for ``bundle`` into a new trainer.
+
+        Returns:
+            The trainer to use and whether it restored a kept checkpoint.
+        """
+        checkpoint = KeptCheckpoints(self.config.state_dir).load(bundle)
         if checkpoint is None:
-            return
+            return trainer, False
         try:
-            self.trainer.restore(checkpoint)
+            trainer.restore(checkpoint)
         except ValueError as error:
             logger.warning(
                 "Device %s cannot restore the kept checkpoint %s: %s; starting "
@@ -799,11 +897,11 @@ class EdgeDaemon:
                 checkpoint.path,
                 error,
             )
-            self.trainer = self._new_trainer()
-            return
+            return self._new_trainer(trainer.student), False
         logger.info(
             "Device %s restored the kept checkpoint %s", self.device_id, checkpoint.path
         )
+        return trainer, True
 
     # Health, checkpoints and acknowledgements
 

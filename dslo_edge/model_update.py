@@ -3,8 +3,12 @@
 Chunks arrive on ``dslo/<device>/ota``, and ``OtaReceiver`` assembles and
 verifies them in the state directory. A complete archive is unpacked into
 its own release (``BundleStore``). The new student gets every weight whose
-name and shape match the adapted one. A health check on the new student then
-decides between keeping it and rolling the ``active`` link back.
+name and shape match the adapted one, and a health check on it decides
+whether the release becomes a ``ReleaseCandidate``. The daemon then builds
+the trainer and health guard for the candidate and activates the release
+only once they are ready (``ModelUpdater.activate``). A candidate that the
+daemon cannot run is discarded (``ModelUpdater.reject``), so the ``active``
+link, the weights and the checkpoints stay as they were.
 
 A release whose input shape, classes or heads differ from the running
 model's is rejected (``model_mismatch``), because its updates would not fit
@@ -22,38 +26,55 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dslo_edge.bundle import Bundle, load_bundle
-from dslo_edge.errors import BundleError, InvalidUpdate
+from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.models import StudentModel
 from dslo_edge.ota import (
     OtaError,
     OtaReceiver,
     ReceivedArchive,
+    ReleaseOptions,
     peek_transfer_id,
     read_release_options,
     status_payload,
 )
 from dslo_edge.signing import verify
-from dslo_edge.swap import BundleStore, model_change, swap_student
+from dslo_edge.swap import (
+    BundleStore,
+    check_student_health,
+    load_new_student,
+    model_change,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class UpdateOutcome:
-    """Result of one OTA chunk: a status to publish and maybe a new student.
+class ReleaseCandidate:
+    """A received release whose student loaded and passed the health check.
 
-    ``model_changed`` is True when the new student takes other inputs or
-    labels than the old one, which the sender allowed.
+    The ``active`` link does not name it yet, unless the same release was
+    sent again. ``model_changed`` is True when
+    its student takes other inputs or labels than the running one, which
+    the sender allowed.
     """
 
+    transfer_id: str
+    release: Path
+    bundle: Bundle
+    student: StudentModel
+    model_changed: bool
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    """Result of one OTA chunk: a status to publish, or a release to switch to."""
+
     status: str | None
-    student: StudentModel | None = None
-    bundle: Bundle | None = None
-    model_changed: bool = False
+    candidate: ReleaseCandidate | None = None
 
 
 class ModelUpdater:
-    """Receives OTA chunks and swaps the student when a bundle is complete.
+    """Receives OTA chunks and loads the student of each complete release.
 
     Args:
         state_dir: the daemon's state directory; releases go to
@@ -83,7 +104,13 @@ class ModelUpdater:
         return self.store.active_path(factory)
 
     def handle_chunk(self, payload: bytes, current: StudentModel) -> UpdateOutcome:
-        """Store a chunk; on the last one install, swap and health-check."""
+        """Store a chunk; on the last one install the release and load its student.
+
+        Returns:
+            An outcome with a status for a rejected chunk or release, with a
+            candidate for a release ready to switch to, or with neither while
+            the transfer is incomplete.
+        """
         try:
             if self.hmac_key is not None:
                 body = verify(self.hmac_key, self.topic, payload)
@@ -103,52 +130,140 @@ class ModelUpdater:
         finally:
             archive.path.unlink(missing_ok=True)
 
+    def activate(self, candidate: ReleaseCandidate) -> bool:
+        """Point the ``active`` link at the candidate's release.
+
+        Returns:
+            True when the link changed, so ``roll_back`` must undo it.
+        """
+        return self.store.activate(candidate.release)
+
+    def installed(self, candidate: ReleaseCandidate) -> str:
+        """Return the ``installed`` status of an activated candidate."""
+        return status_payload(
+            "installed", candidate.transfer_id, release=candidate.release.name
+        )
+
+    def reject(self, candidate: ReleaseCandidate, error: Exception) -> str:
+        """Discard a candidate that the device cannot run; return the status.
+
+        The ``active`` link must not name the candidate yet (or must have
+        named it before the transfer, as when the same release is sent again).
+        """
+        self.store.discard(candidate.release)
+        reason, detail = _failure(candidate.release, error)
+        logger.warning(
+            "Rejected model update %s (release %s, %s): %s",
+            candidate.transfer_id,
+            candidate.release.name,
+            reason,
+            detail,
+        )
+        return status_payload(
+            "rejected", candidate.transfer_id, reason=reason, detail=detail
+        )
+
+    def roll_back(
+        self, candidate: ReleaseCandidate, activated: bool, error: Exception
+    ) -> str:
+        """Undo ``activate`` after the switch failed; return the status."""
+        restored = self.store.rollback() if activated else self.store.active_release()
+        self.store.discard(candidate.release)
+        reason, detail = _failure(candidate.release, error)
+        logger.error(
+            "Model update %s (release %s) failed after activation and was rolled "
+            "back to %s: %s",
+            candidate.transfer_id,
+            candidate.release.name,
+            restored.name if restored else "the factory bundle",
+            detail,
+        )
+        return status_payload(
+            "rolled_back",
+            candidate.transfer_id,
+            release=restored.name if restored else None,
+            reason=reason,
+            detail=detail,
+        )
+
     def _install(
         self, archive: ReceivedArchive, current: StudentModel
     ) -> UpdateOutcome:
         options = read_release_options(archive.path)
         release = self.store.install_archive(archive.path)
         try:
+            return self._load_candidate(archive.transfer_id, release, options, current)
+        except Exception:
+            self.store.discard(release)
+            raise
+
+    def _load_candidate(
+        self,
+        transfer: str,
+        release: Path,
+        options: ReleaseOptions,
+        current: StudentModel,
+    ) -> UpdateOutcome:
+        try:
             change = model_change(current.bundle, load_bundle(release))
         except BundleError as error:
-            self.store.discard(release)
             raise OtaError(
                 "bad_bundle", f"received bundle is invalid: {error}"
             ) from error
         if change is not None and not options.allow_model_change:
-            self.store.discard(release)
             raise OtaError(
                 "model_mismatch",
                 f"release {release.name} has {change}; updates for the running "
                 "model would not fit it and its adapted weights would be lost. "
                 "Send it with 'ota-send --allow-model-change' to switch models",
             )
-        result = swap_student(self.store, release, current, self.load_student)
-        transfer = archive.transfer_id
-        if not result.swapped:
+        try:
+            new = load_new_student(release, current, self.load_student)
+        except (BundleError, ValueError) as error:
+            raise OtaError(
+                "bad_bundle", f"release {release.name} cannot be loaded: {error}"
+            ) from error
+        try:
+            check_student_health(new.student)
+        except OtaError as error:
+            self.store.discard(release)
+            logger.warning(
+                "Model update %s failed its health check: %s", release.name, error
+            )
+            kept = self.store.active_release()
             return UpdateOutcome(
                 status_payload(
                     "rolled_back",
                     transfer,
-                    release=result.release.name if result.release else None,
+                    release=kept.name if kept else None,
                     reason="health_check",
-                    detail=result.reason,
+                    detail=str(error),
                 )
             )
-        try:
-            bundle = load_bundle(release)
-        except BundleError as error:  # the store checked it, so this is rare
-            self.store.rollback()
-            return UpdateOutcome(
-                status_payload("rolled_back", transfer, detail=str(error))
-            )
-        assert isinstance(result.student, StudentModel)
-        return UpdateOutcome(
-            status_payload("installed", transfer, release=release.name),
-            result.student,
-            bundle,
-            model_changed=change is not None,
+        assert isinstance(new.student, StudentModel)
+        candidate = ReleaseCandidate(
+            transfer, release, new.bundle, new.student, change is not None
         )
+        return UpdateOutcome(None, candidate)
+
+
+def _failure(release: Path, error: Exception) -> tuple[str, str]:
+    """Return the status reason and detail for an error raised by a switch."""
+    if isinstance(error, OtaError):
+        return error.reason, str(error)
+    if isinstance(error, BundleError):
+        return "bad_bundle", f"release {release.name} is invalid: {error}"
+    if isinstance(error, ConfigError):
+        return (
+            "config_mismatch",
+            f"release {release.name} does not fit the device config: {error}. "
+            "Change the device config first, restart the daemon, then send "
+            "the release again",
+        )
+    return (
+        "install_failed",
+        f"switching to release {release.name} failed: {type(error).__name__}: {error}",
+    )
 
 
 def _rejected(

@@ -29,7 +29,8 @@ sha256 once every chunk arrived. ``BundleStore`` unpacks a verified archive
 into its own release directory and switches an ``active`` link to it,
 keeping the previous release behind a ``previous`` link for rollback.
 ``swap_student`` loads the new student, carries over adapted weights whose
-name and shape match, runs a health check and rolls back if it fails.
+name and shape match, runs a health check and activates the release only if
+it passes.
 """
 
 from __future__ import annotations

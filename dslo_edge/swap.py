@@ -21,10 +21,10 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -59,7 +59,8 @@ class Student(Protocol):
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None: ...
 
-    def infer(self, x: np.ndarray) -> np.ndarray: ...
+    # An array (N, classes) for one head, or such an array per head name.
+    def infer(self, x: np.ndarray) -> Any: ...
 
 
 class BundleStore:
@@ -107,13 +108,29 @@ class BundleStore:
             if staging.exists():
                 shutil.rmtree(staging)
 
-    def activate(self, release: Path) -> None:
-        """Point ``active`` at a release and ``previous`` at the one it replaces."""
+    def active_release(self) -> Path | None:
+        """Return the release the ``active`` link names, or None for the factory."""
+        link = self.folder / ACTIVE
+        if link.is_symlink() and link.resolve().is_dir():
+            return link.resolve()
+        return None
+
+    def activate(self, release: Path) -> bool:
+        """Point ``active`` at a release and ``previous`` at the one it replaces.
+
+        Returns:
+            True when ``active`` named another release (or none) before, so
+            ``rollback`` undoes this call. False when it already named
+            ``release`` and nothing changed.
+        """
         current = self.folder / ACTIVE
-        if current.is_symlink() and current.resolve() != release.resolve():
+        if current.is_symlink() and current.resolve() == release.resolve():
+            return False
+        if current.is_symlink():
             _replace_link(self.folder / PREVIOUS, os.readlink(current))
         _replace_link(current, release.name)
         self._prune()
+        return True
 
     def discard(self, release: Path) -> None:
         """Delete an installed release unless ``active`` or ``previous`` names it."""
@@ -281,37 +298,90 @@ def carry_over_weights(
 def check_student_health(student: Student, samples: np.ndarray | None = None) -> None:
     """Run the student on probe inputs and check its outputs and weights.
 
+    A multi-head student is checked on every head's probabilities. The
+    bundle's ``probe.npz`` has one label column, so it is not used here.
+
     Args:
         student: the loaded student.
         samples: inputs to run; a fixed random batch of 4 by default.
 
     Raises:
-        OtaError: ``health_check`` when outputs have the wrong shape, are not
-            finite, or rows do not sum to 1, or a weight is not finite.
+        OtaError: ``health_check`` when outputs (of any head) have the wrong
+            shape, are not finite, or rows do not sum to 1, when a head is
+            missing, or when a weight is not finite.
     """
     bundle = student.bundle
     if samples is None:
         rng = np.random.default_rng(0)
         samples = rng.normal(size=(4, *bundle.input_shape)).astype(np.float32)
-    probabilities = student.infer(samples)
-    expected = (len(samples), bundle.class_count)
+    outputs = student.infer(samples)
+    if bundle.is_multi_head:
+        _check_head_outputs(outputs, bundle.heads, len(samples))
+    else:
+        expected = (len(samples), bundle.class_count)
+        _check_probabilities(np.asarray(outputs), expected, "student output")
+    for name, value in student.get_weights().items():
+        if not np.all(np.isfinite(value)):
+            raise OtaError("health_check", f"weight {name} contains NaN or infinity")
+
+
+def _check_head_outputs(outputs: Any, heads: dict[str, int], samples: int) -> None:
+    names = list(outputs) if isinstance(outputs, Mapping) else []
+    if sorted(names) != sorted(heads):
+        raise OtaError(
+            "health_check",
+            f"student outputs the heads {names}, expected {list(heads)}",
+        )
+    for name, classes in heads.items():
+        probabilities = np.asarray(outputs[name])
+        _check_probabilities(probabilities, (samples, classes), f"head {name!r} output")
+
+
+def _check_probabilities(
+    probabilities: np.ndarray, expected: tuple[int, int], label: str
+) -> None:
     if probabilities.shape != expected:
         raise OtaError(
             "health_check",
-            f"student output shape {probabilities.shape}, expected {expected}",
+            f"{label} shape {probabilities.shape}, expected {expected}",
         )
     if not np.all(np.isfinite(probabilities)):
-        raise OtaError("health_check", "student output contains NaN or infinity")
+        raise OtaError("health_check", f"{label} contains NaN or infinity")
     sums = probabilities.sum(axis=1)
     if not np.allclose(sums, 1.0, atol=1e-3):
         raise OtaError(
             "health_check",
-            f"student probabilities sum to {sums.min():.4f}..{sums.max():.4f}, "
+            f"{label} probabilities sum to {sums.min():.4f}..{sums.max():.4f}, "
             "expected 1",
         )
-    for name, value in student.get_weights().items():
-        if not np.all(np.isfinite(value)):
-            raise OtaError("health_check", f"weight {name} contains NaN or infinity")
+
+
+@dataclass(frozen=True)
+class NewStudent:
+    """The student of a received release, with weights carried over."""
+
+    student: Student
+    bundle: Bundle
+    carried: tuple[str, ...]
+    reset: tuple[str, ...]
+
+
+def load_new_student(
+    release: Path, current: Student, load_student: Callable[[Bundle], Student]
+) -> NewStudent:
+    """Load a release's student and copy matching weights from ``current``.
+
+    Nothing on disk changes and ``current`` is not modified.
+
+    Raises:
+        BundleError: the release is not a valid bundle.
+        ValueError: the student cannot take the carried weights.
+    """
+    bundle = load_bundle(release)
+    student = load_student(bundle)
+    carry = carry_over_weights(current.get_weights(), student.get_weights())
+    student.set_weights(carry.weights)
+    return NewStudent(student, bundle, carry.carried, carry.reset)
 
 
 @dataclass(frozen=True)
@@ -336,37 +406,37 @@ def swap_student(
 ) -> SwapResult:
     """Switch to a new release, carrying weights over, or keep the current one.
 
-    Steps: load the new student, copy matching weights from ``current``,
-    activate the release, run the health check, and roll the ``active`` link
-    back if the check fails. ``current`` is never modified.
+    Steps: load the new student, copy matching weights from ``current``, run
+    the health check, and activate the release only if the check passes. A
+    failure leaves the ``active`` link as it was. ``current`` is never
+    modified.
 
     Returns:
-        The new student with ``swapped=True``, or ``current`` with the reason.
+        The new student with ``swapped=True``, or ``current`` with the reason
+        and the release that stays active (None for the factory bundle).
     """
     try:
-        student = load_student(load_bundle(release))
-        carry = carry_over_weights(current.get_weights(), student.get_weights())
-        student.set_weights(carry.weights)
+        new = load_new_student(release, current, load_student)
     except (BundleError, ValueError) as error:
         logger.warning("Model update %s cannot be loaded: %s", release.name, error)
         return SwapResult(current, False, None, reason=str(error))
 
-    store.activate(release)
     try:
-        health_check(student)
+        health_check(new.student)
     except OtaError as error:
-        restored = store.rollback()
+        kept = store.active_release()
         logger.warning(
-            "Model update %s failed its health check (%s); rolled back to %s",
+            "Model update %s failed its health check (%s); keeping %s",
             release.name,
             error,
-            restored.name if restored else "the factory bundle",
+            kept.name if kept else "the factory bundle",
         )
-        return SwapResult(current, False, restored, reason=str(error))
+        return SwapResult(current, False, kept, reason=str(error))
+    store.activate(release)
     logger.info(
         "Switched to model %s: %d weights carried over, %d reset",
         release.name,
-        len(carry.carried),
-        len(carry.reset),
+        len(new.carried),
+        len(new.reset),
     )
-    return SwapResult(student, True, release, carry.carried, carry.reset)
+    return SwapResult(new.student, True, release, new.carried, new.reset)

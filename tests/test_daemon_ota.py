@@ -21,11 +21,14 @@ from dslo_edge.broker import Broker
 from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.multihead import MultiHeadTrainer
+from dslo_edge.multihead_protocol import encode_multi_head_update
 from dslo_edge.ota import ota_topics
 from dslo_edge.ota_sender import send_bundle
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
 from dslo_edge.swap import KEPT_CHECKPOINTS, release_id
-from dslo_edge.trainer import WEIGHT_PREFIX
+from dslo_edge.trainer import WEIGHT_PREFIX, Trainer
+from tests.multihead_bundle import make_multi_head_update
 
 DEVICE = "ota-device"
 REPO = Path(__file__).resolve().parents[1]
@@ -361,3 +364,263 @@ def test_ota_send_exit_status_follows_device(mlp_pair, broker, tmp_path) -> None
     assert retained[0].retain
     assert status["state"] == "installed"
     assert status["transfer"] == transfer.group(1)
+
+
+# Multi-head bundles
+
+
+def multi_head_update(seed: int) -> bytes:
+    return encode_multi_head_update(make_multi_head_update(seed, id_prefix="ota"))
+
+
+def status_listener(broker: Broker) -> tuple[mqtt.Client, list[dict]]:
+    """Subscribe to the device's OTA status topic and collect every status."""
+    statuses: list[dict] = []
+    subscribed = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = lambda _c, _u, message: statuses.append(
+        json.loads(message.payload)
+    )
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    client.subscribe(ota_topics(Topics.for_device(DEVICE))[1], qos=1)
+    assert subscribed.wait(10)
+    return client, statuses
+
+
+def link_targets(state: Path) -> dict[str, str]:
+    bundles = state / "bundles"
+    return {
+        name: os.readlink(bundles / name)
+        for name in ("active", "previous")
+        if (bundles / name).is_symlink()
+    }
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(actual[name], value)
+
+
+def test_same_multi_head_bundle_installs_again(
+    two_head_bundle, broker, tmp_path
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    hub = hub_client(broker)
+    daemon = start_daemon(
+        tmp_path, two_head_bundle, broker, **{"training.tasks.shape": {"weight": 0.5}}
+    )
+    try:
+        for seed in range(3):
+            push(hub, daemon, multi_head_update(seed))
+        adapted = daemon.student.get_weights()
+
+        sent = ota_send(broker, two_head_bundle)
+
+        installed = daemon.student.get_weights()
+        bundle_path = daemon.bundle.path
+        push(hub, daemon, multi_head_update(3))
+        trainer = daemon.trainer
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+
+    release = release_id(two_head_bundle)
+    assert sent.returncode == 0, sent.stderr
+    assert f"device {DEVICE} installed release {release}" in sent.stdout
+    assert bundle_path == tmp_path / "state" / "bundles" / release
+    assert_same_weights(installed, adapted)
+    assert isinstance(trainer, MultiHeadTrainer)
+    assert trainer.tasks["shape"].weight == 0.5
+    assert trainer.applied_updates == 4
+
+
+def test_task_table_blocks_switch_to_one_head(
+    two_head_bundle, mlp_pair, broker, tmp_path
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    state = tmp_path / "state"
+    listener, statuses = status_listener(broker)
+    hub = hub_client(broker)
+    daemon = start_daemon(
+        tmp_path, two_head_bundle, broker, **{"training.tasks.shape": {"weight": 0.5}}
+    )
+    try:
+        installed = ota_send(broker, two_head_bundle)
+        for seed in range(3):
+            push(hub, daemon, multi_head_update(seed))
+        links = link_targets(state)
+        releases = sorted(os.listdir(state / "bundles"))
+        checkpoints = checkpoint_files(state)
+        adapted = daemon.student.get_weights()
+
+        rejected = ota_send(broker, mlp_pair.bundle, "--allow-model-change")
+
+        links_after = link_targets(state)
+        releases_after = sorted(os.listdir(state / "bundles"))
+        checkpoints_after = checkpoint_files(state)
+        weights_after = daemon.student.get_weights()
+        bundle_after = daemon.bundle.path
+        statuses_after = len(statuses)
+        # The broker would deliver an unacknowledged chunk again after a reconnect.
+        connects = daemon.connection.connects
+        daemon.connection.request_reconnect()
+        wait_until(lambda: daemon.connection.connects > connects)
+        time.sleep(2.0)
+        statuses_after_reconnect = len(statuses)
+
+        push(hub, daemon, multi_head_update(3))
+        again = ota_send(broker, two_head_bundle)
+        final = daemon.student.get_weights()
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+        listener.loop_stop()
+        listener.disconnect()
+
+    assert installed.returncode == 0, installed.stderr
+    assert rejected.returncode == 1, rejected.stderr
+    assert ": config_mismatch: release " in rejected.stderr
+    assert "[training.tasks.shape] names head 'shape'" in rejected.stderr
+    assert "Change the device config first" in rejected.stderr
+    status = statuses[statuses_after - 1]
+    assert status["state"] == "rejected"
+    assert status["reason"] == "config_mismatch"
+    assert statuses_after_reconnect == statuses_after
+    assert links_after == links
+    assert links["active"] == release_id(two_head_bundle)
+    assert releases_after == releases
+    assert checkpoints_after == checkpoints
+    assert not (state / KEPT_CHECKPOINTS).exists()
+    assert bundle_after == state / "bundles" / release_id(two_head_bundle)
+    assert_same_weights(weights_after, adapted)
+    assert again.returncode == 0, again.stderr
+    assert "installed release" in again.stdout
+
+    restarted = EdgeDaemon(load_config(tmp_path / "device.toml"))
+    restarted._restore()
+    assert restarted.bundle.path == state / "bundles" / release_id(two_head_bundle)
+    assert restarted.restored_from.startswith("checkpoint-")
+    assert restarted.trainer.applied_updates == 4
+    assert_same_weights(restarted.student.get_weights(), final)
+
+
+def test_switch_between_one_and_two_heads(
+    two_head_bundle, mlp_pair, broker, tmp_path
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    state = tmp_path / "state"
+    hub = hub_client(broker)
+    daemon = start_daemon(tmp_path, two_head_bundle, broker)
+    try:
+        for seed in range(2):
+            push(hub, daemon, multi_head_update(seed))
+        adapted = daemon.student.get_weights()
+
+        to_one = ota_send(broker, mlp_pair.bundle, "--allow-model-change")
+
+        one_head_trainer = daemon.trainer
+        push(hub, daemon, update(20))
+        one_head_applied = daemon.trainer.applied_updates
+
+        back = ota_send(broker, two_head_bundle, "--allow-model-change")
+
+        restored = daemon.student.get_weights()
+        push(hub, daemon, multi_head_update(2))
+        two_head_trainer = daemon.trainer
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+
+    assert to_one.returncode == 0, to_one.stderr
+    assert f"installed release {release_id(mlp_pair.bundle)}" in to_one.stdout
+    assert isinstance(one_head_trainer, Trainer)
+    assert one_head_applied == 3
+    kept = load_latest_checkpoint(
+        state / KEPT_CHECKPOINTS / release_id(two_head_bundle)
+    )
+    assert kept is not None
+    for name, value in adapted.items():
+        np.testing.assert_array_equal(kept.tensors[WEIGHT_PREFIX + name], value)
+
+    assert back.returncode == 0, back.stderr
+    assert f"installed release {release_id(two_head_bundle)}" in back.stdout
+    assert_same_weights(restored, adapted)
+    assert isinstance(two_head_trainer, MultiHeadTrainer)
+    assert two_head_trainer.applied_updates == 4
+
+
+def test_unwritable_checkpoint_rolls_switch_back(mlp_pair, broker, tmp_path) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    state = tmp_path / "state"
+    hub = hub_client(broker)
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, broker)
+    try:
+        for seed in range(2):
+            push(hub, daemon, update(seed))
+        adapted = daemon.student.get_weights()
+        # A file where the checkpoint directory was makes every save fail.
+        (state / "checkpoints").rename(state / "checkpoints.aside")
+        (state / "checkpoints").write_text("not a directory")
+
+        failed = ota_send(broker, mlp_pair.bundle)
+
+        links = link_targets(state)
+        releases = sorted(os.listdir(state / "bundles"))
+        bundle_after = daemon.bundle.path
+        weights_after = daemon.student.get_weights()
+        (state / "checkpoints").unlink()
+        (state / "checkpoints.aside").rename(state / "checkpoints")
+        push(hub, daemon, update(2))
+        applied = daemon.trainer.applied_updates
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+
+    assert failed.returncode == 1, failed.stderr
+    assert "rolled back" in failed.stderr
+    assert "install_failed" in failed.stderr
+    assert "cannot write a checkpoint to" in failed.stderr
+    assert links == {}
+    assert releases == []
+    assert bundle_after == mlp_pair.bundle
+    assert_same_weights(weights_after, adapted)
+    assert applied == 3
+
+
+def test_label_requests_block_switch_to_two_heads(
+    mlp_pair, two_head_bundle, broker, tmp_path
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    state = tmp_path / "state"
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, broker, requests={"enabled": True})
+    try:
+        weights = daemon.student.get_weights()
+
+        rejected = ota_send(broker, two_head_bundle, "--allow-model-change")
+
+        weights_after = daemon.student.get_weights()
+        bundle_after = daemon.bundle.path
+        trainer = daemon.trainer
+    finally:
+        daemon.stop()
+
+    assert rejected.returncode == 1, rejected.stderr
+    assert ": config_mismatch: release " in rejected.stderr
+    assert "requests.enabled = true needs a single-head student" in rejected.stderr
+    assert link_targets(state) == {}
+    assert sorted(os.listdir(state / "bundles")) == []
+    assert bundle_after == mlp_pair.bundle
+    assert isinstance(trainer, Trainer)
+    assert_same_weights(weights_after, weights)

@@ -294,6 +294,19 @@ def test_install_activate_and_rollback(tmp_path: Path) -> None:
     assert store.active_path(factory) == factory
 
 
+def test_activate_same_release_keeps_previous(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "state")
+    first = install(tmp_path, store, 1)
+    assert store.activate(first)
+    second = install(tmp_path, store, 2)
+    assert store.activate(second)
+
+    assert not store.activate(second)
+
+    assert store.active_release() == second
+    assert store.rollback() == first
+
+
 def test_install_rejects_unsafe_archive(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -408,6 +421,22 @@ def test_swap_keeps_current_when_bundle_cannot_load(tmp_path: Path) -> None:
     assert store.active_path(tmp_path / "factory") == tmp_path / "factory"
 
 
+def test_failed_health_check_leaves_factory_active(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "state")
+    factory = write_bundle(tmp_path / "factory")
+    current = FakeStudent(load_bundle(factory))
+    release = install(tmp_path, store, 1)
+
+    result = swap_student(
+        store, release, current, lambda b: FakeStudent(b, broken=True)
+    )
+
+    assert not result.swapped
+    assert result.release is None
+    assert store.active_release() is None
+    assert store.active_path(factory) == factory
+
+
 def manifest_bundle(inputs: int, classes: int | dict[str, int]) -> Bundle:
     manifest: dict[str, Any] = {"input": {"shape": [None, inputs]}}
     if isinstance(classes, int):
@@ -483,7 +512,7 @@ def test_updater_rejects_other_model(tmp_path: Path) -> None:
         in (status["detail"])
     )
     assert "'ota-send --allow-model-change'" in status["detail"]
-    assert outcome.student is None
+    assert outcome.candidate is None
     assert updater.store.active_path(factory) == factory
     assert list(updater.store.folder.iterdir()) == []
     for name, value in before.items():
@@ -634,6 +663,21 @@ def test_real_students_swap_and_carry_weights(
         probabilities = result.student.infer(np.zeros((3, 64), dtype=np.float32))
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert store.active_path(tmp_path) == release
+
+
+@pytest.mark.slow
+def test_health_check_of_two_head_student(two_head_bundle: Path) -> None:
+    from dslo_edge.multihead_model import MultiHeadStudentModel
+
+    student = MultiHeadStudentModel(load_bundle(two_head_bundle))
+    check_student_health(student)
+
+    weights = student.get_weights()
+    weights["shape_bias"] = np.full_like(weights["shape_bias"], np.nan)
+    student.set_weights(weights)
+    with pytest.raises(OtaError, match="head 'shape' output contains NaN") as error:
+        check_student_health(student)
+    assert error.value.reason == "health_check"
 
 
 def ota_send(broker: Broker, bundle: Path, *options: str) -> Any:
