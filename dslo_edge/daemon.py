@@ -247,12 +247,15 @@ class EdgeDaemon:
                 the student lacks.
         """
         config = self.config
-        return make_trainer(
-            student or self.student,
-            config.training,
-            config.limits,
-            config.sum_tolerance,
-        )
+        try:
+            return make_trainer(
+                student or self.student,
+                config.training,
+                config.limits,
+                config.sum_tolerance,
+            )
+        except ConfigError as error:
+            raise ConfigError(f"{config.source}: {error}") from error
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -111,3 +111,14 @@ def test_sighup_stops_daemon_cleanly(mlp_pair, tmp_path: Path) -> None:
 
     assert process.returncode == 0
     assert "received signal 1, stopping" in stderr
+
+
+def test_unknown_task_head_names_file(two_head_bundle, tmp_path: Path) -> None:
+    overrides = {"training.tasks.colour": {"weight": 0.5}}
+    path = write(tmp_path, two_head_bundle, overrides)
+
+    with pytest.raises(ConfigError) as caught:
+        EdgeDaemon(load_config(path))
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: [training.tasks.colour] names head")
