@@ -28,7 +28,7 @@ from dslo_edge.config_service import (
     read_requests,
     read_security,
 )
-from dslo_edge.config_tasks import read_tasks
+from dslo_edge.config_tasks import read_alpha, read_drift_boost, read_tasks
 from dslo_edge.dynamic import (
     HARD_LABEL_FALLBACKS,
     PROGRESS_UNITS,
@@ -39,7 +39,7 @@ from dslo_edge.dynamic import (
 from dslo_edge.errors import ConfigError
 from dslo_edge.protocol import PayloadLimits, Topics
 from dslo_edge.runtime import RUNTIME_MODULES
-from dslo_edge.softlabels import SCHEDULE_KINDS, AlphaPolicy, Schedule
+from dslo_edge.softlabels import AlphaPolicy
 
 
 @dataclass(frozen=True)
@@ -133,62 +133,10 @@ class DeviceConfig:
         return self.mqtt.client_id or default_client_id(self.device_id, "device")
 
 
-def _alpha(reader: TableReader) -> AlphaPolicy:
-    unit = (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-    try:
-        policy = AlphaPolicy(
-            alpha_start=reader.get("start", float, 0.8, *unit),
-            alpha_end=reader.get("end", float, 0.2, *unit),
-            w_conf=reader.get("w_conf", float, 0.7, *unit),
-            w_time=reader.get("w_time", float, 0.3, *unit),
-            schedule=Schedule(
-                reader.get(
-                    "schedule",
-                    str,
-                    "linear",
-                    lambda v: v in SCHEDULE_KINDS,
-                    "one of " + ", ".join(SCHEDULE_KINDS),
-                ),
-                decay=reader.get(
-                    "decay", float, 5.0, lambda v: 0 < v <= 100, "a number in (0, 100]"
-                ),
-                steps=reader.get(
-                    "steps", int, 4, lambda v: 1 <= v <= 1000, "an integer in 1..1000"
-                ),
-            ),
-        )
-    except ConfigError as error:
-        if str(error).startswith(str(reader.source)):
-            raise  # the reader already named the file and key
-        raise ConfigError(
-            f"{reader.source}: [{reader.path.rstrip('.')}] {error}"
-        ) from error
-    reader.reject_unknown()
-    return policy
-
-
 def _drift(reader: TableReader) -> tuple[float, DriftBoost]:
     """Read the [monitor] table: moving-average decay and the drift boost."""
     decay = reader.get("decay", float, 0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
-    boost = DriftBoost(
-        threshold=reader.get(
-            "drift_threshold",
-            float,
-            0.5,
-            lambda v: 0 < v <= 100,
-            "a KL divergence in nats in (0, 100]",
-        ),
-        smoothing_lambda=reader.get(
-            "drift_lambda", float, 3.0, lambda v: 0 <= v <= 100, "a number in [0, 100]"
-        ),
-        updates=reader.get(
-            "drift_updates",
-            int,
-            20,
-            lambda v: 0 <= v <= 1_000_000,
-            "a count of updates in 0..1000000 (0 switches the boost off)",
-        ),
-    )
+    boost = read_drift_boost(reader, DriftBoost())
     reader.reject_unknown()
     return decay, boost
 
@@ -338,7 +286,7 @@ def load_config(path: str | Path) -> DeviceConfig:
     )
     device.reject_unknown()
     mqtt = read_mqtt(root.section("mqtt"))
-    alpha = _alpha(root.section("alpha"))
+    alpha = read_alpha(root.section("alpha"), AlphaPolicy())
     training = _training(
         root.section("training"),
         alpha,

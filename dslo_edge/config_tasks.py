@@ -44,7 +44,7 @@ def read_tasks(reader: TableReader, base: TaskSettings) -> dict[str, TaskSetting
 
 def _task(reader: TableReader, base: TaskSettings) -> TaskSettings:
     settings = TaskSettings(
-        alpha=_alpha(reader.section("alpha"), base.alpha),
+        alpha=read_alpha(reader.section("alpha"), base.alpha),
         temperature=reader.get(
             "temperature",
             float,
@@ -80,7 +80,7 @@ def _task(reader: TableReader, base: TaskSettings) -> TaskSettings:
             lambda v: 0 <= v < 1,
             "a number in [0, 1)",
         ),
-        drift=_drift(reader, base.drift),
+        drift=read_drift_boost(reader, base.drift),
         weight=reader.get(
             "weight", float, 1.0, lambda v: 0 <= v <= 1000, "a number in [0, 1000]"
         ),
@@ -89,7 +89,8 @@ def _task(reader: TableReader, base: TaskSettings) -> TaskSettings:
     return settings
 
 
-def _drift(reader: TableReader, base: DriftBoost) -> DriftBoost:
+def read_drift_boost(reader: TableReader, base: DriftBoost) -> DriftBoost:
+    """Read the drift boost keys of a table; absent keys take ``base``'s values."""
     return DriftBoost(
         threshold=reader.get(
             "drift_threshold",
@@ -115,8 +116,8 @@ def _drift(reader: TableReader, base: DriftBoost) -> DriftBoost:
     )
 
 
-def _alpha(reader: TableReader, base: AlphaPolicy) -> AlphaPolicy:
-    """Read a task's alpha sub-table; absent keys take the device-wide policy."""
+def read_alpha(reader: TableReader, base: AlphaPolicy) -> AlphaPolicy:
+    """Read an alpha table, such as ``[alpha]``; absent keys take ``base``'s values."""
     try:
         policy = AlphaPolicy(
             alpha_start=reader.get("start", float, base.alpha_start, *_UNIT),
