@@ -40,7 +40,12 @@ from dslo_edge.protocol import (
     SoftLabelUpdate,
     label_probabilities,
 )
-from dslo_edge.trainer import WEIGHT_PREFIX, AppliedUpdate, Trainer
+from dslo_edge.trainer import (
+    AppliedUpdate,
+    Trainer,
+    checkpoint_weights,
+    weight_tensors,
+)
 
 # An update of either kind. Each trainer accepts only the kind it decodes.
 AnyUpdate = SoftLabelUpdate | MultiHeadUpdate
@@ -251,10 +256,7 @@ class MultiHeadTrainer:
 
     def checkpoint_content(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Return the weights and every head's smoothing store and monitor."""
-        tensors = {
-            WEIGHT_PREFIX + name: value
-            for name, value in self.student.get_weights().items()
-        }
+        tensors = weight_tensors(self.student.get_weights())
         engine_tensors, state = self.engine.checkpoint_content()
         tensors.update(engine_tensors)
         state["applied_updates"] = self.applied_updates
@@ -268,12 +270,7 @@ class MultiHeadTrainer:
         Raises:
             ValueError: the checkpoint's weights do not fit this student.
         """
-        weights = {
-            name[len(WEIGHT_PREFIX) :]: value
-            for name, value in checkpoint.tensors.items()
-            if name.startswith(WEIGHT_PREFIX)
-        }
-        self.student.set_weights(weights)
+        self.student.set_weights(checkpoint_weights(checkpoint))
         self.engine.restore(checkpoint.tensors, checkpoint.state)
         self.applied_updates = int(checkpoint.state.get("applied_updates", 0))
 

@@ -262,22 +262,14 @@ class Trainer:
 
     def checkpoint_content(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Return the tensors and JSON state that a checkpoint stores."""
-        tensors = {
-            WEIGHT_PREFIX + name: value
-            for name, value in self.student.get_weights().items()
-        }
+        tensors = weight_tensors(self.student.get_weights())
         engine_tensors, state = self.engine.checkpoint_content(ENGINE_PREFIX)
         tensors.update(engine_tensors)
         return tensors, state
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Load weights, smoothing store, monitor and progress from a checkpoint."""
-        weights = {
-            name[len(WEIGHT_PREFIX) :]: value
-            for name, value in checkpoint.tensors.items()
-            if name.startswith(WEIGHT_PREFIX)
-        }
-        self.student.set_weights(weights)
+        self.student.set_weights(checkpoint_weights(checkpoint))
         self.engine.restore(checkpoint.tensors, checkpoint.state, ENGINE_PREFIX)
 
 
@@ -290,6 +282,20 @@ def _reject_multi_head_payload(payload: bytes) -> None:
             "has one head; the hub must send format version 1 or 2",
             payload_message_id(payload),
         ) from None
+
+
+def weight_tensors(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Return student weights under their checkpoint tensor names."""
+    return {WEIGHT_PREFIX + name: value for name, value in weights.items()}
+
+
+def checkpoint_weights(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
+    """Return the student weights stored in a checkpoint, by weight name."""
+    return {
+        name[len(WEIGHT_PREFIX) :]: value
+        for name, value in checkpoint.tensors.items()
+        if name.startswith(WEIGHT_PREFIX)
+    }
 
 
 def _applied(
