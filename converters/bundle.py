@@ -202,8 +202,8 @@ def convert_bundle(
             Flex ops, an output directory that exists and is not empty (or,
             with ``overwrite``, is not a bundle), or an output path that
             cannot be written. An earlier bundle in ``out_dir`` stays
-            unchanged when any of these is raised; the one exception is a
-            failed move back after a failed swap, whose message names the
+            unchanged when any of these is raised. The one exception is a
+            failed move back after a failed swap, and its message names the
             directory that then contains the earlier bundle.
     """
     out = Path(out_dir)

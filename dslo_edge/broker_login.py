@@ -142,14 +142,14 @@ def start_client(client: mqtt.Client, settings: MqttSettings, label: str) -> Non
     configure_tls(client, settings, label)
     address = f"{settings.host}:{settings.port}"
     answered = threading.Event()
-    refused_reasons: list[str] = []
+    failure_reasons: list[str] = []
     accepted_callback: Any = client.on_connect
 
     def on_connect(
         own: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         if reason.is_failure:
-            refused_reasons.append(str(reason))
+            failure_reasons.append(str(reason))
         elif accepted_callback is not None:
             accepted_callback(own, userdata, flags, reason, properties)
         answered.set()
@@ -163,13 +163,13 @@ def start_client(client: mqtt.Client, settings: MqttSettings, label: str) -> Non
     except OSError as error:
         raise BrokerError(f"cannot reach the broker at {address}: {error}") from error
     client.loop_start()
-    if answered.wait(CONNECT_TIMEOUT_S) and not refused_reasons:
+    if answered.wait(CONNECT_TIMEOUT_S) and not failure_reasons:
         return
     client.disconnect()
     client.loop_stop()
-    if refused_reasons:
+    if failure_reasons:
         raise BrokerError(
-            f"the broker at {address} refused the connection ({refused_reasons[0]}); "
+            f"the broker at {address} refused the connection ({failure_reasons[0]}); "
             "check --username and --password-file"
         )
     raise BrokerError(

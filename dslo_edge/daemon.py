@@ -862,10 +862,10 @@ class EdgeDaemon:
         self.health = state.health
 
     def _keep_old_checkpoint(self) -> None:
-        kept = KeptCheckpoints(self.config.state_dir).keep(
+        copy = KeptCheckpoints(self.config.state_dir).keep(
             self.bundle, self.checkpoint_dir
         )
-        if kept is None:
+        if copy is None:
             logger.info(
                 "Device %s has no checkpoint of %s to keep before the model change",
                 self.device_id,
@@ -876,7 +876,7 @@ class EdgeDaemon:
                 "Device %s kept the last checkpoint of %s in %s",
                 self.device_id,
                 self.bundle.path.name,
-                kept,
+                copy,
             )
 
     def _restore_kept_checkpoint(

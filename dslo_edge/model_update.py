@@ -230,12 +230,12 @@ class ModelUpdater:
             logger.warning(
                 "Model update %s failed its health check: %s", release.name, error
             )
-            kept = self.store.active_release()
+            active = self.store.active_release()
             return UpdateOutcome(
                 status_payload(
                     "rolled_back",
                     transfer,
-                    release=kept.name if kept else None,
+                    release=active.name if active else None,
                     reason="health_check",
                     detail=str(error),
                 )

@@ -85,8 +85,9 @@ HEAD_NAME_PATTERN = re.compile(r"\w+")
 class HeadLabels:
     """The teacher labels of one head for every sample of an update.
 
-    ``top_k`` asks the encoder to send only the k largest probabilities per
-    row. A decoded top-k head has labels expanded to (N, K) and keeps k here.
+    With ``top_k`` set, the encoder sends only the k largest probabilities
+    per row. A decoded top-k head has labels expanded to (N, K) and keeps k
+    here.
     """
 
     labels: np.ndarray  # float32, shape (N, K)

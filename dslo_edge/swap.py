@@ -424,14 +424,14 @@ def swap_student(
     try:
         health_check(new.student)
     except OtaError as error:
-        kept = store.active_release()
+        active = store.active_release()
         logger.warning(
             "Model update %s failed its health check (%s); keeping %s",
             release.name,
             error,
-            kept.name if kept else "the factory bundle",
+            active.name if active else "the factory bundle",
         )
-        return SwapResult(current, False, kept, reason=str(error))
+        return SwapResult(current, False, active, reason=str(error))
     store.activate(release)
     logger.info(
         "Switched to model %s: %d weights carried over, %d reset",

@@ -304,12 +304,14 @@ def test_ota_send_rejects_other_model_unless_allowed(
     assert allowed.returncode == 0, allowed.stderr
     assert "installed release" in allowed.stdout
     assert switched_shape == (32,)
-    kept = load_latest_checkpoint(
+    old_checkpoint = load_latest_checkpoint(
         state / KEPT_CHECKPOINTS / release_id(mlp_pair.bundle)
     )
-    assert kept is not None
+    assert old_checkpoint is not None
     for name, value in adapted.items():
-        np.testing.assert_array_equal(kept.tensors[WEIGHT_PREFIX + name], value)
+        np.testing.assert_array_equal(
+            old_checkpoint.tensors[WEIGHT_PREFIX + name], value
+        )
 
     assert back.returncode == 0, back.stderr
     for name, value in adapted.items():

@@ -274,10 +274,10 @@ def test_push_logs_in_to_password_broker(mlp_pair, tmp_path, data_file):
             str(tmp_path / "hub.password"),
         )
 
-    for refused in (anonymous, wrong):
-        assert refused.exit_code == 1
-        assert "refused the connection (Not authorized)" in refused.output
-        assert "check --username and --password-file" in refused.output
+    for result in (anonymous, wrong):
+        assert result.exit_code == 1
+        assert "refused the connection (Not authorized)" in result.output
+        assert "check --username and --password-file" in result.output
     assert right.exit_code == 0, right.output
     assert f"sent {MESSAGES} messages" in right.output
 
