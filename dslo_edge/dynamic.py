@@ -4,15 +4,19 @@
 training targets. It updates the teacher monitor and raises the smoothing
 strength for a while after a drift spike. Then it smooths the targets per
 sample id, picks hard labels, and computes the per-sample alpha at the
-current progress. Everything runs vectorised over the batch. The only per-id Python
-work is one dictionary lookup per id in each of the two row tables.
+current progress. Where the install built the compiled loops
+(``dynamic_compiled.py``), one call to them does all of this for a batch;
+otherwise, and for the batches they do not take, numpy runs it vectorised
+over the batch, with one dictionary lookup per id in each of the two row
+tables as the only per-id Python work.
 
 NOTE: with the 64-32-10 digits student at batch 32, the dynamic part takes
-about 45 % of the update time, not the intended 10 % at most. The figures are
-70 to 130 us against a 35 to 60 us train step, from ``python -m
-dslo_edge.bench_dynamic`` on a shared 2-core x86 machine. The part makes about
-45 numpy calls, and each costs 1 to 3 us of dispatch at this batch size. The
-cost does not grow with the student: a 64-512-512-10 student measured 9 %.
+about 15 % of the update time with the compiled loops and about 45 % in
+numpy, not the intended 10 % at most. ``python -m dslo_edge.bench_dynamic``
+on a shared 2-core x86 machine measured 25 to 45 us compiled and 130 to 210
+us in numpy, against a 55 to 85 us train step. The kernel call takes about
+half of the compiled figure, mostly its float64 logs (entropy and drift);
+the Python around it takes the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from dslo_edge.dynamic_compiled import prepare_compiled
 from dslo_edge.errors import ConfigError
 from dslo_edge.softlabels import (
     AlphaPolicy,
@@ -33,6 +38,7 @@ from dslo_edge.softlabels import (
     SmoothingStore,
     TeacherMonitor,
 )
+from dslo_edge.targets import Targets
 
 PROGRESS_UNITS = ("updates", "rounds")
 HARD_LABEL_FALLBACKS = ("argmax", "mask")
@@ -197,32 +203,6 @@ class TaskSettings:
         )
 
 
-@dataclass(frozen=True)
-class Targets:
-    """Training targets of one head for the train step, plus figures for metrics.
-
-    Attributes:
-        soft: smoothed teacher targets, float32 (N, K).
-        hard: class index per sample, int32 (N,); -1 masks the CE term.
-        alpha: distillation weight per sample, float32 (N,).
-        temperature: softmax temperature of the distillation term.
-        smoothing_lambda: lambda used for this batch (boosted or not).
-        progress: t used for the alpha time term.
-        batch_drift: the monitor's drift for this batch, None without
-            samples seen in an earlier round.
-        dynamic_ms: time spent in entropy, monitor, smoothing and alpha.
-    """
-
-    soft: np.ndarray
-    hard: np.ndarray
-    alpha: np.ndarray
-    temperature: float
-    smoothing_lambda: float
-    progress: float
-    batch_drift: float | None
-    dynamic_ms: float
-
-
 class SoftLabelEngine:
     """Monitor, smoothing store, drift boost and alpha for one output head."""
 
@@ -238,6 +218,8 @@ class SoftLabelEngine:
         self.applied_updates = 0
         self.highest_round = 0
         self.boost_remaining = 0
+        # False runs every batch through the numpy code, for comparisons.
+        self.compiled = True
         self._last: Targets | None = None
 
     @property
@@ -268,6 +250,14 @@ class SoftLabelEngine:
         """
         started = time.perf_counter()
         ids = list(sample_ids)
+        if self.compiled and ids and type(probabilities) is np.ndarray:
+            targets = prepare_compiled(
+                self, ids, probabilities, teacher_round, hard_labels, temperature
+            )
+            if targets is not None:
+                targets.dynamic_ms = (time.perf_counter() - started) * 1000
+                self._last = targets
+                return targets
         statistics = BatchStatistics.of(probabilities)
         self.highest_round = max(self.highest_round, int(teacher_round))
         batch_drift = self.monitor.observe(

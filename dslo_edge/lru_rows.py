@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dslo_edge.dynamic_kernel import kernel
 from dslo_edge.errors import ConfigError
 
 
@@ -43,6 +44,7 @@ class LruRowTable:
         self._queue = np.zeros(0, dtype=np.int64)
         self._queue_stamps = np.zeros(0, dtype=np.int64)
         self._queue_position = 0
+        self._view: tuple[dict[str, int], np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self._index)
@@ -64,6 +66,9 @@ class LruRowTable:
 
     def lookup(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Return a found-mask and the row index of each id (-1 if absent)."""
+        if kernel is not None:
+            positions = self.lookup_compiled(ids)[0]
+            return positions >= 0, positions
         positions = np.fromiter(
             map(self._index.get, ids, itertools.repeat(-1)),
             dtype=np.int64,
@@ -109,6 +114,57 @@ class LruRowTable:
         self._last_used[positions[sources]] = stamps[sources]
         self._rows[positions[sources]] = values[sources]
         return positions
+
+    def lookup_compiled(self, ids: Sequence[str]) -> tuple[np.ndarray, int]:
+        """Return the row index of each id (-1 if absent) and the absent count.
+
+        Needs the compiled loops (``dynamic_kernel.kernel``).
+        """
+        assert kernel is not None
+        positions = np.empty(len(ids), dtype=np.int64)
+        return positions, kernel.lookup(self._index, ids, positions)
+
+    def reserve(
+        self, ids: Sequence[str], positions: np.ndarray, missing: int
+    ) -> tuple[np.ndarray, int]:
+        """Give each id a row as ``write`` would, without writing the rows.
+
+        For compiled loops that write the rows themselves: the caller must
+        store ``ids[i]``'s row at the returned index ``i`` and set its entry
+        of ``last_used`` to ``first_stamp + i``. ``ids`` must be unique and
+        no more than the capacity, and ``positions`` and ``missing`` must
+        come from ``lookup_compiled(ids)``. ``positions`` is not changed.
+
+        Returns:
+            The row index of each id and ``first_stamp``.
+        """
+        assert self._rows is not None and len(ids) <= self.capacity
+        first_stamp = self._clock + 1
+        self._clock += len(ids)
+        if missing:
+            positions = positions.copy()
+            stamps = np.arange(first_stamp, self._clock + 1, dtype=np.int64)
+            self._allocate(ids, positions, stamps)
+        return positions, first_stamp
+
+    def compiled_view(self) -> tuple[dict[str, int], np.ndarray, np.ndarray] | None:
+        """Return the id index, row array and stamps for compiled loops to use.
+
+        The loops write rows and stamps in place. None until the first
+        ``check_classes`` allocates the rows.
+        """
+        if self._view is None and self._rows is not None:
+            self._view = (self._index, self._rows, self._last_used)
+        return self._view
+
+    @property
+    def next_stamp(self) -> int:
+        """The stamp that the next written row gets."""
+        return self._clock + 1
+
+    def advance(self, count: int) -> None:
+        """Count ``count`` stamps as used by rows written in compiled loops."""
+        self._clock += count
 
     def _allocate(
         self, ids: Sequence[str], positions: np.ndarray, stamps: np.ndarray

@@ -59,13 +59,18 @@ def _sum_p_log_p(rows: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", rows, log_p)
 
 
+def entropy_scale(num_classes: int) -> float:
+    """Return the factor from sum p log p to H(p) / log K; 0 for one class."""
+    return 0.0 if num_classes == 1 else -1.0 / math.log(num_classes)
+
+
 def _normalise_entropy(sum_p_log_p: np.ndarray, num_classes: int) -> np.ndarray:
     if num_classes == 1:
         # A single class carries no uncertainty, and log 1 = 0 would divide by 0.
         return np.zeros(sum_p_log_p.shape[0], dtype=np.float64)
     # Not clipped: rounding can put a uniform row a few ulp above 1, and
     # every consumer (alpha, the monitor means) is bounded or clips itself.
-    return sum_p_log_p * (-1.0 / math.log(num_classes))
+    return sum_p_log_p * entropy_scale(num_classes)
 
 
 @dataclass(frozen=True)
@@ -259,18 +264,28 @@ class AlphaPolicy:
         # The weight is a bounded convex mix, not 1 / (entropy + eps): that
         # form is unbounded, and a one-hot teacher (entropy 0) would get an
         # alpha near 1e5 with eps = 1e-5, which swamps the hard-label term.
-        time_term = self.schedule.value(progress)
-        span = self.alpha_start - self.alpha_end
-        # alpha_end + span * (w_conf * (1 - h) + w_time * time), folded into
-        # one multiply-add on the batch.
-        offset = self.alpha_end + span * (self.w_conf + self.w_time * time_term)
-        alpha = offset - (span * self.w_conf) * np.asarray(entropy, dtype=np.float64)
-        low = min(self.alpha_start, self.alpha_end)
-        high = max(self.alpha_start, self.alpha_end)
+        offset, slope, low, high = self.coefficients(progress)
+        alpha = offset - slope * np.asarray(entropy, dtype=np.float64)
         # Clipping only absorbs float rounding because mix is already in [0, 1].
         # np.minimum and np.maximum skip np.clip's Python-level dispatch,
         # which costs several microseconds per call on the hot path.
         return np.minimum(np.maximum(alpha, low), high).astype(np.float32)
+
+    def coefficients(self, progress: float) -> tuple[float, float, float, float]:
+        """Return ``(offset, slope, low, high)``: alpha is ``offset - slope * h``.
+
+        alpha_end + span * (w_conf * (1 - h) + w_time * time) folded into one
+        multiply-add on the batch, then clipped to ``[low, high]``.
+
+        Raises:
+            ValueError: ``progress`` is not finite.
+        """
+        time_term = self.schedule.value(progress)
+        span = self.alpha_start - self.alpha_end
+        offset = self.alpha_end + span * (self.w_conf + self.w_time * time_term)
+        low = min(self.alpha_start, self.alpha_end)
+        high = max(self.alpha_start, self.alpha_end)
+        return offset, span * self.w_conf, low, high
 
 
 def _validate_batch(sample_ids: Sequence[str], p: np.ndarray) -> np.ndarray:
@@ -348,6 +363,11 @@ class SmoothingStore:
         self._store.write(sample_ids, result, positions)
         return result
 
+    @property
+    def table(self) -> LruRowTable:
+        """The row table, for the compiled loops of the dynamic part."""
+        return self._store
+
     def to_arrays(self) -> tuple[list[str], np.ndarray]:
         """Return ids and their stored rows, least recently used first.
 
@@ -417,6 +437,7 @@ class TeacherMonitor:
         self._drift_round: int | None = None
         self._drift_sum = 0.0
         self._drift_count = 0
+        self._view: tuple[object, ...] | None = None
 
     @property
     def capacity(self) -> int:
@@ -495,12 +516,66 @@ class TeacherMonitor:
         self._rounds[written] = teacher_round
         return self._batch_drift
 
+    @property
+    def table(self) -> LruRowTable:
+        """The row table, for the compiled loops of the dynamic part."""
+        return self._store
+
+    def compiled_view(self) -> tuple[object, ...] | None:
+        """Return the table's ``compiled_view`` followed by the round array.
+
+        None until the first batch allocates the table.
+        """
+        if self._view is None:
+            view = self._store.compiled_view()
+            if view is not None:
+                self._view = (*view, self._rounds)
+        return self._view
+
+    def has_stale_rows(self, known: np.ndarray, teacher_round: int) -> bool:
+        """Whether a looked-up row holds a round later than ``teacher_round``."""
+        return bool((self._rounds[known[known >= 0]] > teacher_round).any())
+
+    def record_batch(
+        self,
+        sums: tuple[float, float, float, int],
+        count: int,
+        teacher_round: int,
+    ) -> float | None:
+        """Update the statistics from a batch observed in the compiled loops.
+
+        Args:
+            sums: the batch's entropy, top-1 confidence and drift sums, and
+                the number of rows with drift.
+            count: rows in the batch, at least 1.
+            teacher_round: round of the teacher that produced the batch.
+
+        Returns:
+            The batch drift, as ``observe`` returns it.
+        """
+        entropy_sum, confidence_sum, drift_sum, drift_count = sums
+        self._batch_drift = None
+        self._update_means_from(entropy_sum, confidence_sum, count)
+        if self._latest_round is None or teacher_round > self._latest_round:
+            self._latest_round = teacher_round
+        if drift_count:
+            self._batch_drift = drift_sum / drift_count
+            self._add_drift(teacher_round, drift_sum, drift_count)
+        return self._batch_drift
+
     def _update_means(self, statistics: BatchStatistics) -> None:
         # sum / n: np.mean costs several microseconds of Python per call.
-        count = statistics.rows.shape[0]
-        entropy = float(statistics.entropy.sum()) / count
-        self._batch_entropy = min(max(entropy, 0.0), 1.0)
-        self._batch_confidence = float(statistics.rows.max(axis=1).sum()) / count
+        self._update_means_from(
+            float(statistics.entropy.sum()),
+            float(statistics.rows.max(axis=1).sum()),
+            statistics.rows.shape[0],
+        )
+
+    def _update_means_from(
+        self, entropy_sum: float, confidence_sum: float, count: int
+    ) -> None:
+        self._batch_entropy = min(max(entropy_sum / count, 0.0), 1.0)
+        self._batch_confidence = confidence_sum / count
         if self._mean_entropy is None or self._mean_confidence is None:
             self._mean_entropy = self._batch_entropy
             self._mean_confidence = self._batch_confidence

@@ -1,0 +1,149 @@
+"""``SoftLabelEngine.prepare`` through the compiled loops of the dynamic part.
+
+``prepare_compiled`` gives the same targets and leaves the same store and
+monitor state as the numpy code in ``dynamic.py`` and ``softlabels.py``, up
+to the summation order of the entropy and drift sums
+(``tests/test_dynamic_kernel.py`` compares the two). One call of
+``kernel.prepare`` looks the ids up, computes entropy, drift, the smoothed
+targets, alpha and hard labels, and writes the two row tables in place.
+
+It takes batches of unique ids, no more than the capacity, with C-contiguous
+float32 or float64 probabilities, once the first batch has allocated the
+tables. It hands every other batch back to the numpy code, having changed
+nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dslo_edge.dynamic_kernel import kernel
+from dslo_edge.softlabels import entropy_scale
+from dslo_edge.targets import Targets
+
+if TYPE_CHECKING:
+    from dslo_edge.dynamic import SoftLabelEngine
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def prepare_compiled(
+    engine: SoftLabelEngine,
+    ids: list[str],
+    probabilities: np.ndarray,
+    teacher_round: int,
+    hard_labels: np.ndarray | None,
+    temperature: float | None,
+) -> Targets | None:
+    """Return the batch's targets, or None to send it to the numpy code.
+
+    The kernel looks the ids up itself and returns None, having changed
+    nothing, for a new or repeated id; then the new ids get rows here and the
+    kernel runs again. ``dynamic_ms`` of the result is left at 0 for the
+    caller to set.
+    """
+    monitor_view = engine.monitor.compiled_view()
+    store_view = engine.store.table.compiled_view()
+    if kernel is None or monitor_view is None or store_view is None:
+        return None
+    settings = engine.settings
+    count = len(ids)
+    classes = probabilities.shape[1] if probabilities.ndim == 2 else 0
+    engine.highest_round = max(engine.highest_round, int(teacher_round))
+    progress = engine.progress
+    soft = np.empty((count, classes), dtype=np.float32)
+    alpha = np.empty(count, dtype=np.float32)
+    hard = np.empty(count, dtype=np.int32)
+    if hard_labels is not None:
+        hard_labels = np.ascontiguousarray(hard_labels, dtype=np.int32)
+    boost = settings.drift
+    monitor, store = engine.monitor.table, engine.store.table
+    arguments = [
+        ids,
+        probabilities,
+        monitor_view,
+        store_view,
+        None,
+        (monitor.next_stamp, store.next_stamp),
+        int(teacher_round),
+        entropy_scale(classes),
+        (
+            settings.smoothing_lambda,
+            boost.smoothing_lambda,
+            boost.threshold,
+            engine.boost_remaining,
+            boost.updates,
+        ),
+        settings.alpha.coefficients(progress),
+        hard_labels,
+        settings.hard_label_fallback == "argmax",
+        soft,
+        alpha,
+        hard,
+    ]
+    try:
+        result = kernel.prepare(*arguments)
+    except (TypeError, ValueError):
+        # A shape or dtype the loops do not take. They check their arguments
+        # before changing anything, and the numpy code raises the precise
+        # error or handles the batch.
+        return None
+    if result is not None:
+        monitor.advance(count)
+        store.advance(count)
+    else:
+        if not _fits(engine, ids, probabilities):
+            return None
+        given = _reserve_rows(engine, ids, int(teacher_round))
+        if given is None:
+            return None
+        arguments[4], arguments[5] = given
+        result = kernel.prepare(*arguments)
+    batch_drift = engine.monitor.record_batch(result[:4], count, teacher_round)
+    if result[5]:
+        engine.boost_remaining = boost.updates
+    return Targets(
+        soft=soft,
+        hard=hard,
+        alpha=alpha,
+        temperature=float(temperature or settings.temperature),
+        smoothing_lambda=result[4],
+        progress=progress,
+        batch_drift=batch_drift,
+        dynamic_ms=0.0,
+    )
+
+
+def _fits(engine: SoftLabelEngine, ids: list[str], probabilities: np.ndarray) -> bool:
+    """Whether the loops take the batch once its new ids have rows."""
+    return (
+        probabilities.dtype in _DTYPES
+        and probabilities.ndim == 2
+        and probabilities.flags.c_contiguous
+        and 0 < probabilities.shape[0] == len(ids)
+        and probabilities.shape[1] > 0
+        and len(ids) <= engine.settings.smoothing_capacity
+        and len(set(ids)) == len(ids)
+    )
+
+
+def _reserve_rows(
+    engine: SoftLabelEngine, ids: list[str], teacher_round: int
+) -> tuple[tuple[np.ndarray, ...], tuple[int, int]] | None:
+    """Give new ids rows in both tables for the kernel's second call.
+
+    Returns the looked-up and reserved rows of each table and the first
+    stamps, or None, with nothing changed, when the batch also holds a stale
+    row: the numpy code then keeps the monitor's exact LRU order.
+    """
+    monitor, store = engine.monitor.table, engine.store.table
+    monitor_known, monitor_missing = monitor.lookup_compiled(ids)
+    if engine.monitor.has_stale_rows(monitor_known, teacher_round):
+        return None
+    store_known, store_missing = store.lookup_compiled(ids)
+    monitor_rows, monitor_stamp = monitor.reserve(ids, monitor_known, monitor_missing)
+    store_rows, store_stamp = store.reserve(ids, store_known, store_missing)
+    given = (monitor_known, monitor_rows, store_known, store_rows)
+    return given, (monitor_stamp, store_stamp)

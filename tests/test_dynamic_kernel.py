@@ -1,0 +1,262 @@
+"""The compiled loops of the dynamic part give the numpy engine's results."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from dslo_edge import dynamic, dynamic_compiled, lru_rows
+from dslo_edge.dynamic import DriftBoost, SoftLabelEngine, TaskSettings
+from dslo_edge.dynamic_kernel import KERNEL_VARIABLE, kernel
+from dslo_edge.lru_rows import LruRowTable
+from dslo_edge.softlabels import AlphaPolicy, Schedule
+
+pytestmark = pytest.mark.skipif(
+    kernel is None, reason="the compiled loops were not built (no C compiler)"
+)
+
+CLASSES = 6
+
+
+class CountingKernel:
+    """Passes calls to the kernel and counts the batches it prepared."""
+
+    def __init__(self) -> None:
+        self.prepared = 0
+
+    def prepare(self, *arguments):
+        result = kernel.prepare(*arguments)
+        self.prepared += result is not None
+        return result
+
+    def lookup(self, *arguments):
+        return kernel.lookup(*arguments)
+
+
+@pytest.fixture()
+def counting(monkeypatch: pytest.MonkeyPatch) -> CountingKernel:
+    counter = CountingKernel()
+    monkeypatch.setattr(dynamic_compiled, "kernel", counter)
+    return counter
+
+
+def _engines(settings: TaskSettings) -> tuple[SoftLabelEngine, SoftLabelEngine]:
+    compiled = SoftLabelEngine(settings)
+    reference = SoftLabelEngine(settings)
+    reference.compiled = False
+    return compiled, reference
+
+
+def _stream(seed: int, batches: int):
+    """Batches with new, repeated and evicted ids, late rounds and hard labels."""
+    rng = np.random.default_rng(seed)
+    pool = [f"id-{i}" for i in range(90)]
+    teacher_round = 1
+    for index in range(batches):
+        count = int(rng.integers(1, 28))
+        ids = list(rng.choice(pool, size=count, replace=False))
+        if index % 11 == 5:
+            ids[-1] = ids[0]  # a repeated id: the numpy code takes the batch
+        concentration = 0.2 if index % 2 else 2.0
+        p = rng.dirichlet(np.full(CLASSES, concentration), count)
+        if index % 3 == 0:
+            p = p.astype(np.float32)
+        if index % 7 == 3:
+            p[0] = np.eye(CLASSES)[int(rng.integers(CLASSES))]  # one-hot row
+        hard = None
+        if index % 4 == 1:
+            hard = rng.integers(-1, CLASSES, size=count)
+        if index % 9 == 0:
+            teacher_round += 1
+        late = index % 13 == 8  # an update from an earlier round, reordered
+        yield ids, p, teacher_round - 2 if late else teacher_round, hard
+
+
+def _assert_same_state(compiled: SoftLabelEngine, reference: SoftLabelEngine) -> None:
+    ids, rows = compiled.store.to_arrays()
+    reference_ids, reference_rows = reference.store.to_arrays()
+    assert ids == reference_ids
+    np.testing.assert_array_equal(rows, reference_rows)
+    scalars, monitor_ids, table = compiled.monitor.state()
+    reference_scalars, reference_monitor_ids, reference_table = (
+        reference.monitor.state()
+    )
+    assert monitor_ids == reference_monitor_ids
+    np.testing.assert_array_equal(table, reference_table)
+    for name, value in reference_scalars.items():
+        assert scalars[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+    assert compiled.boost_remaining == reference.boost_remaining
+    assert compiled.highest_round == reference.highest_round
+
+
+SETTINGS = {
+    "defaults, capacity 40": TaskSettings(smoothing_capacity=40),
+    "mask, no smoothing, cosine": TaskSettings(
+        smoothing_capacity=40,
+        smoothing_lambda=0.0,
+        hard_label_fallback="mask",
+        alpha=AlphaPolicy(0.9, 0.1, 0.5, 0.5, Schedule("cosine")),
+    ),
+    "boost on small drift, large capacity": TaskSettings(
+        smoothing_capacity=1000,
+        drift=DriftBoost(threshold=0.05, smoothing_lambda=2.0, updates=3),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_compiled_matches_numpy_engine(name: str, counting: CountingKernel) -> None:
+    compiled, reference = _engines(SETTINGS[name])
+    for ids, p, teacher_round, hard in _stream(seed=7, batches=160):
+        got = compiled.prepare(ids, p, teacher_round, hard)
+        want = reference.prepare(ids, p, teacher_round, hard)
+        # Smoothing and labels do the same float operations: equal bits.
+        np.testing.assert_array_equal(got.soft, want.soft)
+        np.testing.assert_array_equal(got.hard, want.hard)
+        # Entropy sums run in another order: alpha within one float32 step.
+        np.testing.assert_allclose(got.alpha, want.alpha, rtol=0, atol=1.2e-7)
+        assert got.smoothing_lambda == want.smoothing_lambda
+        assert got.progress == want.progress
+        if want.batch_drift is None:
+            assert got.batch_drift is None
+        else:
+            assert got.batch_drift == pytest.approx(want.batch_drift, rel=1e-12)
+        compiled.finish_update()
+        reference.finish_update()
+    _assert_same_state(compiled, reference)
+    # Most batches took the compiled loops; the rest (the first, repeated
+    # ids, stale rows beside new ids) took numpy.
+    assert counting.prepared > 120
+
+
+def test_compiled_smoothing_closed_form(counting: CountingKernel) -> None:
+    engine = SoftLabelEngine(TaskSettings(smoothing_lambda=0.5))
+    first = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
+    second = np.array([[0.1, 0.8, 0.1], [0.3, 0.3, 0.4]], dtype=np.float32)
+    engine.prepare(["a", "b"], first, 1)
+    targets = engine.prepare(["a", "b"], second, 1)
+    # s = (p + 0.5 * s_prev) / 1.5 with s_prev = p of the first batch
+    expected = (second.astype(np.float64) + 0.5 * first) / 1.5
+    np.testing.assert_allclose(targets.soft, expected, rtol=1e-6)
+    assert counting.prepared == 1
+
+
+def test_compiled_boost_after_teacher_switch(
+    counting: CountingKernel,
+) -> None:
+    settings = TaskSettings(
+        smoothing_lambda=0.1, drift=DriftBoost(threshold=0.5, smoothing_lambda=4.0)
+    )
+    engine = SoftLabelEngine(settings)
+    ids = [f"s{i}" for i in range(16)]
+    old = np.tile(np.array([0.9, 0.05, 0.05]), (16, 1))
+    new = np.tile(np.array([0.05, 0.05, 0.9]), (16, 1))
+    engine.prepare(ids, old, 1)
+    calm = engine.prepare(ids, old, 2)
+    switched = engine.prepare(ids, new, 3)
+    # The stored rows are float32, so an unchanged teacher drifts by ~1e-8.
+    assert calm.batch_drift == pytest.approx(0.0, abs=1e-6)
+    assert calm.smoothing_lambda == 0.1
+    # KL(new || old) per row: the 0.9 and one 0.05 swap places.
+    expected = 0.9 * np.log(0.9 / 0.05) + 0.05 * np.log(0.05 / 0.9)
+    assert switched.batch_drift == pytest.approx(expected, rel=1e-6)
+    assert switched.smoothing_lambda == 4.0
+    assert engine.boost_remaining == settings.drift.updates
+    assert counting.prepared == 2
+
+
+def test_untaken_batch_gets_numpy_result(
+    counting: CountingKernel,
+) -> None:
+    compiled, reference = _engines(TaskSettings())
+    ids = ["a", "b", "c"]
+    warm = np.full((3, 4), 0.25)
+    compiled.prepare(ids, warm, 1)
+    reference.prepare(ids, warm, 1)
+    # float16 rows are converted by the numpy code; Fortran order likewise.
+    half = np.array([[0.5, 0.25, 0.125, 0.125]] * 3, dtype=np.float16)
+    strided = np.asfortranarray(np.array([[0.1, 0.2, 0.3, 0.4]] * 3))
+    for p in (half, strided):
+        got = compiled.prepare(ids, p, 2)
+        want = reference.prepare(ids, p, 2)
+        np.testing.assert_array_equal(got.soft, want.soft)
+        np.testing.assert_array_equal(got.alpha, want.alpha)
+    assert counting.prepared == 0
+
+
+def test_kernel_error_names_argument() -> None:
+    engine = SoftLabelEngine(TaskSettings())
+    engine.prepare(["a"], np.array([[0.5, 0.5]]), 1)
+    store_view = engine.store.table.compiled_view()
+    index, rows, last_used = store_view
+    with pytest.raises(TypeError, match="rows must have 2 dimension"):
+        kernel.prepare(
+            ["a"],
+            np.array([[0.5, 0.5]]),
+            engine.monitor.compiled_view(),
+            (index, rows.astype(np.float64), last_used),
+            None,
+            (1, 1),
+            1,
+            -1.0,
+            (0.3, 3.0, 0.5, 0, 20),
+            (0.7, 0.4, 0.2, 0.8),
+            None,
+            True,
+            np.empty((1, 2), np.float32),
+            np.empty(1, np.float32),
+            np.empty(1, np.int32),
+        )
+
+
+def test_compiled_lookup_matches_numpy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = LruRowTable(8, "test table")
+    table.check_classes(2)
+    table.write(["a", "b", "c"], np.ones((3, 2), dtype=np.float32))
+    query = ["c", "x", "a", "b", "y"]
+    found, positions = table.lookup(query)
+    monkeypatch.setattr(lru_rows, "kernel", None)
+    numpy_found, numpy_positions = table.lookup(query)
+    np.testing.assert_array_equal(found, numpy_found)
+    np.testing.assert_array_equal(positions, numpy_positions)
+    assert positions.tolist() == [2, -1, 0, 1, -1]
+
+
+def test_environment_selects_numpy_code() -> None:
+    environment = {**os.environ, KERNEL_VARIABLE: "numpy"}
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from dslo_edge import dynamic_kernel as k; print(k.kernel_name())",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert output.strip() == "numpy"
+
+
+def test_rounds_progress_matches_numpy(
+    counting: CountingKernel,
+) -> None:
+    progress = dynamic.ProgressSettings(unit="rounds", planned_rounds=4)
+    settings = replace(TaskSettings(), smoothing_capacity=64)
+    compiled = SoftLabelEngine(settings, progress)
+    reference = SoftLabelEngine(settings, progress)
+    reference.compiled = False
+    for ids, p, teacher_round, hard in _stream(seed=3, batches=40):
+        got = compiled.prepare(ids, p, teacher_round, hard)
+        want = reference.prepare(ids, p, teacher_round, hard)
+        assert got.progress == want.progress
+        np.testing.assert_allclose(got.alpha, want.alpha, rtol=0, atol=1.2e-7)
+    _assert_same_state(compiled, reference)
+    assert counting.prepared > 20
