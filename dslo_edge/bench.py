@@ -10,6 +10,7 @@ train step) and mosquitto.
 |---|---|
 | train step, digits MLP, batch 32 | the same step as a TensorFlow ``tf.function`` |
 | dynamic part (decode, validate, smoothing, alpha) | the train step |
+| dynamic part alone (entropy, monitor, smoothing, alpha) | the whole update |
 | samples per second applied by the daemon | two plain clients, same payloads |
 | end-to-end latency p50 and p99, light load | broker-only latency plus one train step |
 | daemon peak RSS and start-up time | a bare Python process importing numpy |
@@ -278,6 +279,16 @@ def _compute_figures(measured: dict[str, Any]) -> list[Figure]:
             split["share"] <= 0.10,
         ),
         Figure(
+            "dynamic_engine",
+            "us",
+            split["smoothing_alpha_us"],
+            split["update_us"],
+            "whole update",
+            split["engine_share"],
+            "<= 10% of update time",
+            split["engine_share"] <= 0.10,
+        ),
+        Figure(
             "dynamic_part_floor",
             "us",
             floor_us,
@@ -478,6 +489,9 @@ def format_table(report: dict[str, Any]) -> str:
         for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    code = report["measured"]["update_split"].get("code")
+    if code:
+        lines.append(f"dynamic part run by the {code} code")
     if report["quick"]:
         lines.append("quick run: too few repeats to judge the targets")
     return "\n".join(line.rstrip() for line in lines)

@@ -24,6 +24,7 @@ import numpy as np
 
 from dslo_edge.bundle import load_bundle
 from dslo_edge.config import TrainingSettings
+from dslo_edge.dynamic_kernel import kernel_name
 from dslo_edge.models import StudentModel
 from dslo_edge.protocol import SoftLabelUpdate, encode_update, new_message_id
 from dslo_edge.trainer import Trainer
@@ -40,6 +41,7 @@ class DynamicShare:
     Attributes:
         batch_size: samples per update.
         updates: updates timed (after the warm-up).
+        code: ``compiled`` or ``numpy``, the code that ran the dynamic part.
         decode_us: decoding and validating the payload.
         prepare_us: label conversion, dynamic part and hard labels.
         dynamic_us: the dynamic part alone.
@@ -51,6 +53,7 @@ class DynamicShare:
 
     batch_size: int
     updates: int
+    code: str
     decode_us: float
     prepare_us: float
     dynamic_us: float
@@ -91,14 +94,18 @@ def measure_dynamic_share(
     warmup: int = 50,
     seed: int = 0,
     settings: TrainingSettings | None = None,
+    compiled: bool = True,
 ) -> DynamicShare:
     """Time ``warmup + updates`` updates through a Trainer and return medians.
 
     The warm-up updates fill the smoothing store and the monitor, so the
     timed ones take the steady-state path where most ids are known.
+    ``compiled=False`` runs the dynamic part in numpy even where the
+    compiled loops are built.
     """
     bundle = load_bundle(bundle_path)
     trainer = Trainer(StudentModel(bundle), settings or TrainingSettings())
+    trainer.engine.compiled = compiled
     spec = bundle.model_spec()
     payloads = _payloads(
         spec.input_shape, spec.class_count, batch_size, warmup + updates, seed
@@ -114,11 +121,12 @@ def measure_dynamic_share(
             rows.append(
                 (decode_ms, result.prepare_ms, result.dynamic_ms, result.train_ms)
             )
-    return _summary(batch_size, rows)
+    code = kernel_name() if compiled else "numpy"
+    return _summary(batch_size, code, rows)
 
 
 def _summary(
-    batch_size: int, rows: list[tuple[float, float, float, float]]
+    batch_size: int, code: str, rows: list[tuple[float, float, float, float]]
 ) -> DynamicShare:
     def median_us(column: int) -> float:
         return statistics.median(row[column] for row in rows) * 1000
@@ -129,6 +137,7 @@ def _summary(
     return DynamicShare(
         batch_size=batch_size,
         updates=len(rows),
+        code=code,
         decode_us=round(median_us(0), 1),
         prepare_us=round(median_us(1), 1),
         dynamic_us=round(dynamic_us, 1),
@@ -213,8 +222,8 @@ def format_share(result: DynamicShare) -> str:
         f"decode+validate {result.decode_us}, prepare {result.prepare_us} "
         f"(dynamic part {result.dynamic_us}), train step {result.train_us}, "
         f"whole update {result.update_us}\n"
-        f"dynamic part: {result.share:.1%} of the update time, "
-        f"{result.share_of_train:.0%} of the train step"
+        f"dynamic part ({result.code} code): {result.share:.1%} of the update "
+        f"time, {result.share_of_train:.0%} of the train step"
     )
 
 
@@ -228,16 +237,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dslo-bench-") as tmp:
         bundle = args.bundle or convert_digits_student(Path(tmp))
-        result = measure_dynamic_share(
-            bundle, batch_size=args.batch_size, updates=args.updates
-        )
+        results = [
+            measure_dynamic_share(
+                bundle,
+                batch_size=args.batch_size,
+                updates=args.updates,
+                compiled=compiled,
+            )
+            for compiled in (True, False)
+        ]
     floor_us = measure_numpy_floor(batch_size=args.batch_size)
+    result = results[0]
     if args.json:
         import json
 
-        print(json.dumps({**asdict(result), "numpy_floor_us": floor_us}))
+        rows = [asdict(result) for result in results]
+        print(json.dumps({"runs": rows, "numpy_floor_us": floor_us}))
     else:
-        print(format_share(result))
+        print("\n".join(format_share(result) for result in results))
         print(
             f"least numpy work for the same arithmetic: {floor_us} us, "
             f"{floor_us / result.train_us:.0%} of the train step"

@@ -141,6 +141,9 @@ def measure_update_split(
     ``dynamic_us`` is everything before the train step: decode, validate,
     label conversion, the dynamic part (entropy, monitor, smoothing, alpha)
     and hard labels. ``share`` is its fraction of the whole update.
+    ``smoothing_alpha_us`` is the dynamic part alone, ``engine_share`` its
+    fraction of the whole update, and ``code`` says whether the compiled
+    loops or numpy ran it.
     """
     result = measure_dynamic_share(
         bundle_path, batch_size=batch_size, updates=updates, warmup=warmup
@@ -150,6 +153,9 @@ def measure_update_split(
         "decode_validate_us": result.decode_us,
         "prepare_us": result.prepare_us,
         "smoothing_alpha_us": result.dynamic_us,
+        "engine_share": result.share,
+        "update_us": result.update_us,
+        "code": result.code,
         "dynamic_us": round(before_train, 1),
         "train_us": result.train_us,
         "share": round(before_train / (before_train + result.train_us), 4),

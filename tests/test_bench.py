@@ -18,6 +18,7 @@ pytest.importorskip("keras")
 FIGURES = {
     "train_step",
     "dynamic_part",
+    "dynamic_engine",
     "dynamic_part_floor",
     "throughput",
     "latency_p50",
