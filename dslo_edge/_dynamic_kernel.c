@@ -59,10 +59,11 @@ static int take(PyObject *object, Array *array, const char *name,
         itemsize = format[0] == 'f' ? 4 : 8;
     }
     if (array->view.ndim != ndim || array->view.itemsize != itemsize ||
-        strlen(format) != 1 || strchr(formats, format[0]) == NULL) {
+        strlen(format) != 1 || strchr(formats, format[0]) == NULL ||
+        (uintptr_t)array->view.buf % (uintptr_t)itemsize != 0) {
         PyErr_Format(PyExc_TypeError,
-                     "%s must have %d dimension(s) of items '%s' with %zd bytes, "
-                     "got %d dimension(s) of '%s' with %zd bytes",
+                     "%s must have %d dimension(s) of aligned items '%s' with "
+                     "%zd bytes, got %d dimension(s) of '%s' with %zd bytes",
                      name, ndim, formats, itemsize, array->view.ndim, format,
                      array->view.itemsize);
         return -1;
@@ -109,8 +110,9 @@ static inline double value_at(const Array *p, Py_ssize_t index) {
 }
 
 /* Row of each id in `index`, or -1; returns the number of absent ids, or -1
- * with an exception set. */
-static Py_ssize_t find_rows(PyObject *index, PyObject **ids, Py_ssize_t count,
+ * with an exception set. A row outside [0, capacity) is an error. */
+static Py_ssize_t find_rows(PyObject *index, PyObject *const *ids,
+                            Py_ssize_t count, Py_ssize_t capacity,
                             int64_t *positions) {
     Py_ssize_t missing = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -125,6 +127,12 @@ static Py_ssize_t find_rows(PyObject *index, PyObject **ids, Py_ssize_t count,
         }
         long long value = PyLong_AsLongLong(row);
         if (value == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (value < 0 || value >= capacity) {
+            PyErr_Format(PyExc_ValueError,
+                         "the index maps sample %zd to row %lld, outside [0, %zd)",
+                         i, value, capacity);
             return -1;
         }
         positions[i] = value;
@@ -142,19 +150,21 @@ static PyObject *lookup(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!OO", &PyDict_Type, &index, &ids, &out_object)) {
         return NULL;
     }
-    PyObject *sequence = PySequence_Fast(ids, "ids must be a list or tuple");
+    /* A tuple copy owns a reference to each id, so an id's __hash__ or
+     * __eq__ cannot free the others while the lookups run. */
+    PyObject *sequence = PySequence_Tuple(ids);
     if (sequence == NULL) {
         return NULL;
     }
     Array out = {0};
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    Py_ssize_t count = PyTuple_GET_SIZE(sequence);
     Py_ssize_t missing = 0;
     if (take(out_object, &out, "out", "lq", 8, 1, 1) != 0 ||
         same_rows(&out, count, "out") != 0) {
         goto fail;
     }
-    missing = find_rows(index, PySequence_Fast_ITEMS(sequence), count,
-                        (int64_t *)out.view.buf);
+    missing = find_rows(index, &PyTuple_GET_ITEM(sequence, 0), count,
+                        PY_SSIZE_T_MAX, (int64_t *)out.view.buf);
     if (missing < 0) {
         goto fail;
     }
@@ -178,6 +188,10 @@ typedef struct {
 static int take_table(PyObject *tuple, Table *table, const char *name,
                       int with_rounds, Py_ssize_t classes) {
     PyObject *index, *rows, *last_used, *rounds = NULL;
+    if (!PyTuple_Check(tuple)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a tuple", name);
+        return -1;
+    }
     int parsed = with_rounds
         ? PyArg_ParseTuple(tuple, "O!OOO", &PyDict_Type, &index, &rows,
                            &last_used, &rounds)
@@ -399,7 +413,7 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
     Array *p = &a[0], *soft = &a[1], *alpha = &a[2], *labels = &a[3], *hard = &a[4];
     int64_t stack_scratch[3 * STACK_ROWS], *scratch = NULL;
     double stack_entropy[STACK_ROWS], *entropy = NULL;
-    PyObject *result = NULL;
+    PyObject *result = NULL, *id_tuple = NULL;
     Py_ssize_t count = PyList_GET_SIZE(ids);
 
     if (take_probabilities(p_object, p) != 0) {
@@ -440,11 +454,18 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
 
     const int64_t *monitor_known, *monitor_rows, *store_known, *store_rows;
     if (given_object == Py_None) {
-        PyObject **items = PySequence_Fast_ITEMS(ids);
-        Py_ssize_t monitor_missing = find_rows(monitor.index, items, count, scratch);
+        /* As in lookup: the tuple keeps every id alive during the lookups. */
+        id_tuple = PyList_AsTuple(ids);
+        if (id_tuple == NULL) {
+            goto done;
+        }
+        PyObject *const *items = &PyTuple_GET_ITEM(id_tuple, 0);
+        Py_ssize_t monitor_missing =
+            find_rows(monitor.index, items, count, monitor.capacity, scratch);
         Py_ssize_t store_missing =
             monitor_missing ? monitor_missing
-                            : find_rows(store.index, items, count, scratch + count);
+                            : find_rows(store.index, items, count, store.capacity,
+                                        scratch + count);
         if (monitor_missing < 0 || store_missing < 0) {
             goto done;
         }
@@ -457,6 +478,10 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
         store_known = store_rows = scratch + count;
     } else {
         PyObject *objects[4];
+        if (!PyTuple_Check(given_object)) {
+            PyErr_SetString(PyExc_TypeError, "given must be None or a tuple");
+            goto done;
+        }
         if (!PyArg_ParseTuple(given_object, "OOOO", &objects[0], &objects[1],
                               &objects[2], &objects[3]) ||
             take_given(objects[0], objects[1], &a[5], &a[6], count,
@@ -490,6 +515,7 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
                            sums.drift_sum, sums.drift_count, lam,
                            spike ? Py_True : Py_False);
 done:
+    Py_XDECREF(id_tuple);
     if (scratch != stack_scratch) {
         PyMem_Free(scratch);
         PyMem_Free(entropy);

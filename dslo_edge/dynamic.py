@@ -146,6 +146,11 @@ class DriftBoost:
             self.updates,
             "an integer >= 0",
         )
+        # Plain floats, so that numpy mixes rows in the same precision
+        # whether a config or a numpy scalar set them.
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "smoothing_lambda", float(self.smoothing_lambda))
+        object.__setattr__(self, "updates", int(self.updates))
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,7 @@ class TaskSettings:
             self.weight,
             "a finite number >= 0",
         )
+        object.__setattr__(self, "smoothing_lambda", float(self.smoothing_lambda))
 
 
 class SoftLabelEngine:

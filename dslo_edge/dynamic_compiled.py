@@ -8,9 +8,13 @@ to the summation order of the entropy and drift sums
 targets, alpha and hard labels, and writes the two row tables in place.
 
 It takes batches of unique ids, no more than the capacity, with C-contiguous
-float32 or float64 probabilities, once the first batch has allocated the
-tables. It hands every other batch back to the numpy code, having changed
-nothing.
+float32 or float64 probabilities and an integer round >= 0, once the first
+batch has allocated the tables. It hands every other batch back to the numpy
+code, having changed nothing.
+
+NOTE: the loops follow numpy 2's type rules. Under numpy 1 the numpy code
+takes the drift's log of the stored float32 rows in float32, so the two
+drifts then differ by float32 rounding.
 """
 
 from __future__ import annotations
@@ -37,21 +41,24 @@ def prepare_compiled(
     hard_labels: np.ndarray | None,
     temperature: float | None,
 ) -> Targets | None:
-    """Return the batch's targets, or None to send it to the numpy code.
+    """Compute the batch's targets, or return None to send it to numpy.
 
-    The kernel looks the ids up itself and returns None, having changed
-    nothing, for a new or repeated id; then the new ids get rows here and the
-    kernel runs again. ``dynamic_ms`` of the result is left at 0 for the
-    caller to set.
+    The kernel looks the ids up itself. For a new or repeated id it returns
+    None and changes nothing. Then the new ids get rows here and the kernel
+    runs again. ``dynamic_ms`` of the result is 0, for the caller to set.
     """
     monitor_view = engine.monitor.compiled_view()
     store_view = engine.store.table.compiled_view()
     if kernel is None or monitor_view is None or store_view is None:
         return None
+    round_number = int(teacher_round)
+    # The loops compare rounds as int64 and mark new rows with round -1.
+    if round_number != teacher_round or round_number < 0:
+        return None
     settings = engine.settings
     count = len(ids)
     classes = probabilities.shape[1] if probabilities.ndim == 2 else 0
-    engine.highest_round = max(engine.highest_round, int(teacher_round))
+    engine.highest_round = max(engine.highest_round, round_number)
     progress = engine.progress
     soft = np.empty((count, classes), dtype=np.float32)
     alpha = np.empty(count, dtype=np.float32)
@@ -67,7 +74,7 @@ def prepare_compiled(
         store_view,
         None,
         (monitor.next_stamp, store.next_stamp),
-        int(teacher_round),
+        round_number,
         entropy_scale(classes),
         (
             settings.smoothing_lambda,
@@ -85,10 +92,11 @@ def prepare_compiled(
     ]
     try:
         result = kernel.prepare(*arguments)
-    except (TypeError, ValueError):
-        # A shape or dtype the loops do not take. They check their arguments
-        # before changing anything, and the numpy code raises the precise
-        # error or handles the batch.
+    except (TypeError, ValueError, OverflowError):
+        # An argument the loops do not take, such as an unaligned array or a
+        # count beyond int64. They check their arguments before changing
+        # anything, and the numpy code raises the precise error or handles
+        # the batch.
         return None
     if result is not None:
         monitor.advance(count)
@@ -96,10 +104,10 @@ def prepare_compiled(
     else:
         if not _fits(engine, ids, probabilities):
             return None
-        given = _reserve_rows(engine, ids, int(teacher_round))
-        if given is None:
+        reserved = _reserve_rows(engine, ids, round_number)
+        if reserved is None:
             return None
-        arguments[4], arguments[5] = given
+        arguments[4], arguments[5] = reserved
         result = kernel.prepare(*arguments)
     batch_drift = engine.monitor.record_batch(result[:4], count, teacher_round)
     if result[5]:
@@ -117,7 +125,7 @@ def prepare_compiled(
 
 
 def _fits(engine: SoftLabelEngine, ids: list[str], probabilities: np.ndarray) -> bool:
-    """Whether the loops take the batch once its new ids have rows."""
+    """Check that the loops take the batch once its new ids have rows."""
     return (
         probabilities.dtype in _DTYPES
         and probabilities.ndim == 2
@@ -135,8 +143,9 @@ def _reserve_rows(
     """Give new ids rows in both tables for the kernel's second call.
 
     Returns the looked-up and reserved rows of each table and the first
-    stamps, or None, with nothing changed, when the batch also holds a stale
-    row: the numpy code then keeps the monitor's exact LRU order.
+    stamps. Returns None, with nothing changed, when the batch also contains
+    a stale row, because only the numpy code keeps the monitor's exact LRU
+    order then.
     """
     monitor, store = engine.monitor.table, engine.store.table
     monitor_known, monitor_missing = monitor.lookup_compiled(ids)
@@ -145,5 +154,5 @@ def _reserve_rows(
     store_known, store_missing = store.lookup_compiled(ids)
     monitor_rows, monitor_stamp = monitor.reserve(ids, monitor_known, monitor_missing)
     store_rows, store_stamp = store.reserve(ids, store_known, store_missing)
-    given = (monitor_known, monitor_rows, store_known, store_rows)
-    return given, (monitor_stamp, store_stamp)
+    rows = (monitor_known, monitor_rows, store_known, store_rows)
+    return rows, (monitor_stamp, store_stamp)
