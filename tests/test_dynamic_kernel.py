@@ -398,3 +398,24 @@ def test_boost_count_beyond_int64_gets_numpy_result() -> None:
     want = reference.prepare(ids, p, 2)
     np.testing.assert_array_equal(got.soft, want.soft)
     assert got.smoothing_lambda == want.smoothing_lambda
+
+
+def test_restored_engine_matches_numpy(counting: CountingKernel) -> None:
+    # A restore replaces the store and the monitor, so the kernel must use
+    # the new tables, not keep writing the old ones.
+    compiled, reference = _engines(TaskSettings(smoothing_capacity=50))
+    stream = list(_stream(seed=11, batches=60))
+    for ids, p, teacher_round, hard in stream[:30]:
+        compiled.prepare(ids, p, teacher_round, hard)
+        reference.prepare(ids, p, teacher_round, hard)
+    for engine in (compiled, reference):
+        tensors, state = engine.checkpoint_content("head/")
+        engine.restore(tensors, state, "head/")
+    prepared_before = counting.prepared
+    for ids, p, teacher_round, hard in stream[30:]:
+        got = compiled.prepare(ids, p, teacher_round, hard)
+        want = reference.prepare(ids, p, teacher_round, hard)
+        np.testing.assert_array_equal(got.soft, want.soft)
+        np.testing.assert_array_equal(got.hard, want.hard)
+    _assert_same_state(compiled, reference)
+    assert counting.prepared > prepared_before + 15
