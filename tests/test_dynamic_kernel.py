@@ -195,26 +195,11 @@ def test_untaken_batch_gets_numpy_result(
 def test_kernel_error_names_argument() -> None:
     engine = SoftLabelEngine(TaskSettings())
     engine.prepare(["a"], np.array([[0.5, 0.5]]), 1)
-    store_view = engine.store.table.compiled_view()
-    index, rows, last_used = store_view
+    arguments = _kernel_arguments(engine, ["a"])
+    index, rows, last_used = arguments[3]
+    arguments[3] = (index, rows.astype(np.float64), last_used)
     with pytest.raises(TypeError, match="rows must have 2 dimension"):
-        kernel.prepare(
-            ["a"],
-            np.array([[0.5, 0.5]]),
-            engine.monitor.compiled_view(),
-            (index, rows.astype(np.float64), last_used),
-            None,
-            (1, 1),
-            1,
-            -1.0,
-            (0.3, 3.0, 0.5, 0, 20),
-            (0.7, 0.4, 0.2, 0.8),
-            None,
-            True,
-            np.empty((1, 2), np.float32),
-            np.empty(1, np.float32),
-            np.empty(1, np.int32),
-        )
+        kernel.prepare(*arguments)
 
 
 def test_compiled_lookup_matches_numpy(
