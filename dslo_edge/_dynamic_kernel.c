@@ -459,6 +459,10 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
         if (id_tuple == NULL) {
             goto done;
         }
+        if (PyTuple_GET_SIZE(id_tuple) != count) {
+            PyErr_SetString(PyExc_ValueError, "ids changed length during the call");
+            goto done;
+        }
         PyObject *const *items = &PyTuple_GET_ITEM(id_tuple, 0);
         Py_ssize_t monitor_missing =
             find_rows(monitor.index, items, count, monitor.capacity, scratch);
