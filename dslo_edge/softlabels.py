@@ -533,7 +533,7 @@ class TeacherMonitor:
         return self._view
 
     def has_stale_rows(self, known: np.ndarray, teacher_round: int) -> bool:
-        """Whether a looked-up row holds a round later than ``teacher_round``."""
+        """Check whether a looked-up row has a round later than ``teacher_round``."""
         return bool((self._rounds[known[known >= 0]] > teacher_round).any())
 
     def record_batch(
