@@ -9,6 +9,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from dslo_edge import dynamic, dynamic_compiled, lru_rows
 from dslo_edge.dynamic import DriftBoost, SoftLabelEngine, TaskSettings
@@ -404,3 +407,52 @@ def test_restored_engine_matches_numpy(counting: CountingKernel) -> None:
         np.testing.assert_array_equal(got.hard, want.hard)
     _assert_same_state(compiled, reference)
     assert counting.prepared > prepared_before + 15
+
+
+@st.composite
+def _small_streams(draw):
+    """Settings and a short stream over a few ids, for tiny capacities."""
+    classes = draw(st.integers(1, 5))
+    pool = [f"id{i}" for i in range(draw(st.integers(1, 10)))]
+    task = TaskSettings(
+        smoothing_capacity=draw(st.integers(1, 6)),
+        smoothing_lambda=draw(st.sampled_from([0.0, 0.3, 2.0])),
+        hard_label_fallback=draw(st.sampled_from(["argmax", "mask"])),
+        drift=DriftBoost(
+            threshold=draw(st.sampled_from([1e-3, 0.5])),
+            smoothing_lambda=draw(st.sampled_from([0.0, 3.0])),
+            updates=draw(st.integers(0, 3)),
+        ),
+    )
+    batches = []
+    teacher_round = 0
+    for _ in range(draw(st.integers(1, 10))):
+        ids = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=8))
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        p = rng.dirichlet(np.full(classes, 0.3), len(ids))
+        if draw(st.booleans()):
+            p = np.eye(classes)[rng.integers(classes, size=len(ids))]
+        p = p.astype(draw(st.sampled_from(["f8", "f4", "f2"])))
+        teacher_round = max(0, teacher_round + draw(st.sampled_from([0, 1, -1, 2])))
+        hard = None
+        if draw(st.booleans()):
+            hard = rng.integers(-1, classes, size=len(ids))
+        batches.append((ids, p, teacher_round, hard))
+    return task, batches
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(_small_streams())
+def test_random_streams_match_numpy(stream) -> None:
+    task, batches = stream
+    compiled, reference = _engines(task)
+    for ids, p, teacher_round, hard in batches:
+        got = compiled.prepare(ids, p, teacher_round, hard)
+        want = reference.prepare(ids, p, teacher_round, hard)
+        np.testing.assert_array_equal(got.soft, want.soft)
+        np.testing.assert_array_equal(got.hard, want.hard)
+        np.testing.assert_allclose(got.alpha, want.alpha, rtol=0, atol=1.2e-7)
+        assert got.smoothing_lambda == want.smoothing_lambda
+        compiled.finish_update()
+        reference.finish_update()
+    _assert_same_state(compiled, reference)
