@@ -2,11 +2,11 @@
  * Compiled per-row loops of the dynamic part: sample id lookups, entropy,
  * teacher monitor, smoothing, alpha and hard labels.
  *
- * dslo_edge/dynamic_compiled.py is the only caller, and it decides which
- * batches take this path. The numpy code in dslo_edge/softlabels.py stays the
- * reference. Each loop here does the same float64 arithmetic on the same
- * values, one row at a time, and tests/test_dynamic_kernel.py compares the
- * two.
+ * dslo_edge/dynamic_compiled.py calls prepare and decides which batches take
+ * this path, and dslo_edge/lru_rows.py calls lookup. The numpy code in
+ * dslo_edge/softlabels.py stays the reference. Each loop here does the
+ * arithmetic that numpy 2 does on the same values, one row at a time, and
+ * tests/test_dynamic_kernel.py compares the two.
  *
  * Arrays arrive through the buffer protocol, so the module does not depend on
  * the numpy C API and works with numpy 1 and 2 alike.
