@@ -101,7 +101,7 @@ static int positions_in_range(const int64_t *positions, Py_ssize_t count,
     return 0;
 }
 
-/* Teacher probabilities are float32 or float64; both are read as float64. */
+/* Read one teacher probability, stored as float32 or float64, as float64. */
 static inline double value_at(const Array *p, Py_ssize_t index) {
     if (p->view.itemsize == 4) {
         return (double)((const float *)p->view.buf)[index];
@@ -109,8 +109,9 @@ static inline double value_at(const Array *p, Py_ssize_t index) {
     return ((const double *)p->view.buf)[index];
 }
 
-/* Row of each id in `index`, or -1; returns the number of absent ids, or -1
- * with an exception set. A row outside [0, capacity) is an error. */
+/* Write the row of each id in `index` to `positions`, or -1 for an absent id.
+ * Return the number of absent ids, or -1 with an exception set. A row outside
+ * [0, capacity) is an error. */
 static Py_ssize_t find_rows(PyObject *index, PyObject *const *ids,
                             Py_ssize_t count, Py_ssize_t capacity,
                             int64_t *positions) {
@@ -232,8 +233,8 @@ static int compare_rows(const void *left, const void *right) {
     return (a > b) - (a < b);
 }
 
-/* Whether a row index occurs twice, that is, an id repeats in the batch.
- * `spare` has room for `count` values. */
+/* Check whether a row index occurs twice, that is, whether an id repeats in
+ * the batch. `spare` has room for `count` values. */
 static int has_repeats(const int64_t *rows, Py_ssize_t count, int64_t *spare) {
     if (count <= 64) {
         for (Py_ssize_t i = 1; i < count; i++) {
@@ -255,7 +256,7 @@ static int has_repeats(const int64_t *rows, Py_ssize_t count, int64_t *spare) {
     return 0;
 }
 
-/* The given (known, positions) pair of one table, from the caller's lookup. */
+/* Take the (known, positions) pair of one table from the caller's lookup. */
 static int take_given(PyObject *known_object, PyObject *positions_object,
                       Array *known, Array *positions, Py_ssize_t count,
                       Py_ssize_t capacity) {
@@ -274,7 +275,8 @@ typedef struct {
     Py_ssize_t drift_count;
 } MonitorSums;
 
-/* Entropy of each row into `entropy`; the monitor's sums, drift and rows. */
+/* Write each row's entropy to `entropy`, sum the monitor's statistics and
+ * drift, and store the rows in the monitor. */
 static MonitorSums observe_rows(const Array *p, const int64_t *known,
                                 const int64_t *where, Table *monitor,
                                 long long first_stamp, long long teacher_round,
@@ -317,7 +319,7 @@ static MonitorSums observe_rows(const Array *p, const int64_t *known,
     return sums;
 }
 
-/* Smoothed targets into `soft` and the store; alpha and hard labels. */
+/* Write the smoothed targets to `soft` and to the store. */
 static void smooth_rows(const Array *p, const int64_t *known,
                         const int64_t *where, Table *store,
                         long long first_stamp, double lam, float *soft) {
@@ -345,6 +347,8 @@ static void smooth_rows(const Array *p, const int64_t *known,
     }
 }
 
+/* Write alpha from each row's entropy, clipped to [low, high], and the hard
+ * labels, with the argmax or -1 where a row has none. */
 static void alpha_and_labels(const double *entropy, const float *soft,
                              Py_ssize_t count, Py_ssize_t classes,
                              const double coefficients[4], const int32_t *given,

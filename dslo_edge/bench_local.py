@@ -142,7 +142,7 @@ def measure_update_split(
     label conversion, the dynamic part (entropy, monitor, smoothing, alpha)
     and hard labels. ``share`` is its fraction of the whole update.
     ``smoothing_alpha_us`` is the dynamic part alone, ``engine_share`` its
-    fraction of the whole update, and ``code`` says whether the compiled
+    fraction of the whole update, and ``code`` names whether the compiled
     loops or numpy ran it.
     """
     result = measure_dynamic_share(

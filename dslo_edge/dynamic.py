@@ -5,8 +5,8 @@ training targets. It updates the teacher monitor and raises the smoothing
 strength for a while after a drift spike. Then it smooths the targets per
 sample id, picks hard labels, and computes the per-sample alpha at the
 current progress. Where the install built the compiled loops
-(``dynamic_compiled.py``), one call to them does all of this for a batch;
-otherwise, and for the batches they do not take, numpy runs it vectorised
+(``dynamic_compiled.py``), one call to them does all of this for a batch.
+Otherwise, and for the batches they do not take, numpy runs it vectorised
 over the batch, with one dictionary lookup per id in each of the two row
 tables as the only per-id Python work.
 

@@ -129,8 +129,8 @@ class LruRowTable:
     ) -> tuple[np.ndarray, int]:
         """Give each id a row as ``write`` would, without writing the rows.
 
-        For compiled loops that write the rows themselves: the caller must
-        store ``ids[i]``'s row at the returned index ``i`` and set its entry
+        This is for compiled loops that write the rows themselves. The caller
+        must store ``ids[i]``'s row at the returned index ``i`` and set its entry
         of ``last_used`` to ``first_stamp + i``. ``ids`` must be unique and
         no more than the capacity, and ``positions`` and ``missing`` must
         come from ``lookup_compiled(ids)``. ``positions`` is not changed.

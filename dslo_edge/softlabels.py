@@ -60,7 +60,7 @@ def _sum_p_log_p(rows: np.ndarray) -> np.ndarray:
 
 
 def entropy_scale(num_classes: int) -> float:
-    """Return the factor from sum p log p to H(p) / log K; 0 for one class."""
+    """Return the factor from sum p log p to H(p) / log K, which is 0 for K = 1."""
     return 0.0 if num_classes == 1 else -1.0 / math.log(num_classes)
 
 
@@ -272,10 +272,11 @@ class AlphaPolicy:
         return np.minimum(np.maximum(alpha, low), high).astype(np.float32)
 
     def coefficients(self, progress: float) -> tuple[float, float, float, float]:
-        """Return ``(offset, slope, low, high)``: alpha is ``offset - slope * h``.
+        """Return ``(offset, slope, low, high)``, with alpha = ``offset - slope * h``.
 
-        alpha_end + span * (w_conf * (1 - h) + w_time * time) folded into one
-        multiply-add on the batch, then clipped to ``[low, high]``.
+        This folds alpha_end + span * (w_conf * (1 - h) + w_time * time) into
+        one multiply-add on the batch, whose result is clipped to
+        ``[low, high]``.
 
         Raises:
             ValueError: ``progress`` is not finite.

@@ -118,10 +118,10 @@ def test_compiled_matches_numpy_engine(name: str, counting: CountingKernel) -> N
     for ids, p, teacher_round, hard in _stream(seed=7, batches=160):
         got = compiled.prepare(ids, p, teacher_round, hard)
         want = reference.prepare(ids, p, teacher_round, hard)
-        # Smoothing and labels do the same float operations: equal bits.
+        # Smoothing and labels do the same float operations, so the bits match.
         np.testing.assert_array_equal(got.soft, want.soft)
         np.testing.assert_array_equal(got.hard, want.hard)
-        # Entropy sums run in another order: alpha within one float32 step.
+        # Entropy sums run in another order, so alpha may differ by a float32 step.
         np.testing.assert_allclose(got.alpha, want.alpha, rtol=0, atol=1.2e-7)
         assert got.smoothing_lambda == want.smoothing_lambda
         assert got.progress == want.progress
@@ -135,7 +135,7 @@ def test_compiled_matches_numpy_engine(name: str, counting: CountingKernel) -> N
         compiled.finish_update()
         reference.finish_update()
     _assert_same_state(compiled, reference)
-    # Most batches took the compiled loops; the rest (the first, repeated
+    # Most batches took the compiled loops. The rest (the first, repeated
     # ids, stale rows beside new ids) took numpy.
     assert counting.prepared > 120
 
@@ -168,7 +168,7 @@ def test_compiled_boost_after_teacher_switch(
     # The stored rows are float32, so an unchanged teacher drifts by ~1e-8.
     assert calm.batch_drift == pytest.approx(0.0, abs=1e-6)
     assert calm.smoothing_lambda == 0.1
-    # KL(new || old) per row: the 0.9 and one 0.05 swap places.
+    # In each row the 0.9 and one 0.05 swap places, which gives this KL.
     expected = 0.9 * np.log(0.9 / 0.05) + 0.05 * np.log(0.05 / 0.9)
     assert switched.batch_drift == pytest.approx(expected, rel=1e-6)
     assert switched.smoothing_lambda == 4.0
@@ -184,7 +184,7 @@ def test_untaken_batch_gets_numpy_result(
     warm = np.full((3, 4), 0.25)
     compiled.prepare(ids, warm, 1)
     reference.prepare(ids, warm, 1)
-    # float16 rows are converted by the numpy code; Fortran order likewise.
+    # The numpy code converts float16 rows and Fortran-order rows.
     half = np.array([[0.5, 0.25, 0.125, 0.125]] * 3, dtype=np.float16)
     strided = np.asfortranarray(np.array([[0.1, 0.2, 0.3, 0.4]] * 3))
     for p in (half, strided):
@@ -275,7 +275,7 @@ def _kernel_arguments(engine: SoftLabelEngine, ids: list[str]) -> list:
     ]
 
 
-def test_kernel_rejects_index_rows_out_of_range() -> None:
+def test_kernel_rejects_rows_outside_table() -> None:
     engine = SoftLabelEngine(TaskSettings(smoothing_capacity=2))
     engine.prepare(["a", "b"], np.full((2, 2), 0.5), 1)
     index = engine.store.table.compiled_view()[0]
@@ -285,7 +285,7 @@ def test_kernel_rejects_index_rows_out_of_range() -> None:
             kernel.prepare(*_kernel_arguments(engine, ["a", "b"]))
 
 
-def test_kernel_rejects_a_list_for_a_table() -> None:
+def test_kernel_rejects_list_for_table() -> None:
     engine = SoftLabelEngine(TaskSettings())
     engine.prepare(["a"], np.full((1, 2), 0.5), 1)
     arguments = _kernel_arguments(engine, ["a"])
@@ -294,7 +294,7 @@ def test_kernel_rejects_a_list_for_a_table() -> None:
         kernel.prepare(*arguments)
 
 
-def test_kernel_survives_an_id_that_clears_the_list() -> None:
+def test_kernel_survives_list_clearing_id() -> None:
     # An id whose __hash__ empties the list of ids while the kernel looks
     # them up. Run in a child process, so that a crash fails only this test.
     script = """
@@ -375,7 +375,7 @@ def test_unusual_inputs_get_numpy_results(case: str) -> None:
     _assert_same_state(compiled, reference)
 
 
-def test_boost_count_beyond_int64_gets_numpy_result() -> None:
+def test_huge_boost_count_gets_numpy_result() -> None:
     compiled, reference = _engines(TaskSettings())
     ids = ["a", "b"]
     p = np.array([[0.6, 0.4], [0.3, 0.7]])
