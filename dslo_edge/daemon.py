@@ -666,9 +666,10 @@ class EdgeDaemon:
         probe_every = self.config.health.probe_every
         if probe_every and self._since_probe >= probe_every:
             self._check_health()
-        if (
-            self._unsaved >= training.checkpoint_every
-            or self.unacknowledged >= training.queue_size * 3 // 4
+        # While updates wait in the queue, the save waits until 3/4 of
+        # queue_size are unacknowledged, so a burst writes fewer checkpoints.
+        if self.unacknowledged >= training.queue_size * 3 // 4 or (
+            self._unsaved >= training.checkpoint_every and self.updates.empty()
         ):
             self._checkpoint_and_ack()
 

@@ -336,3 +336,39 @@ def test_batched_daemon_applies_every_update_once(mlp_pair, broker, tmp_path) ->
     assert metrics["applied"] == 13
     assert metrics["samples_applied"] == 13 * 8
     assert daemon.trainer.applied_updates == 13
+
+
+def test_backlog_defers_checkpoints(mlp_pair, broker, tmp_path) -> None:
+    if broker.kind != "mosquitto":
+        pytest.skip("the backlog needs an MQTT 5 session kept by mosquitto")
+    config = write_config(
+        tmp_path,
+        mlp_pair.bundle,
+        broker,
+        training={"checkpoint_every": 5, "queue_size": 64, "checkpoint_idle_s": 0.2},
+    )
+    offline = EdgeDaemon(config)
+    offline.start()
+    hub = hub_client(broker)
+    try:
+        wait_processed(hub, 0)
+        offline.stop()
+        # The broker keeps these for the device's session until it returns.
+        for seed in range(150):
+            hub.publish(encode_update(make_update(300 + seed, samples=4)))
+        daemon = EdgeDaemon(config)
+        daemon.start()
+        try:
+            metrics = hub.wait_for_metrics(
+                lambda m: m["processed"] >= 150 and m["unacknowledged"] == 0, WAIT_S
+            )
+        finally:
+            daemon.stop()
+    finally:
+        hub.close()
+
+    assert metrics["applied"] == 150
+    assert daemon.trainer.applied_updates == 150
+    # One checkpoint per 5 updates would be 30. Saving at 48 unacknowledged
+    # (3/4 of the queue) or on an empty queue writes far fewer.
+    assert metrics["checkpoints_written"] <= 15
