@@ -8,15 +8,23 @@ expands back to K classes. ``decode_update`` parses untrusted bytes and raises o
 ``InvalidUpdate``. ``validate_update`` then checks a decoded update against the
 student's input shape and class count before it reaches the trainer.
 
-This module uses numpy and the standard library only.
+``decode_checked`` does both for the trainer. Where the install built the
+compiled decoder (``_payload_decoder.c``), it reads the common payload there
+and leaves every other payload, and every payload that fails a check, to the
+Python code, which raises the precise error.
+
+This module uses numpy and the standard library only, besides that optional
+decoder.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import struct
 import uuid
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
@@ -34,6 +42,7 @@ __all__ = [
     "SoftLabelUpdate",
     "Topics",
     "compress_top_k",
+    "decode_checked",
     "decode_update",
     "encode_update",
     "expand_top_k",
@@ -106,6 +115,34 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _ITEM_BYTES = 4  # float32 inputs and labels, int32 hard labels
 
 _FORBIDDEN_TOPIC_CHARS = {"/", "+", "#", "\x00"}
+
+DECODER_VARIABLE = "DSLO_PAYLOAD_DECODER"
+# Offsets of the flags byte and of the sample count (docs/protocol.md).
+_FLAGS_OFFSET = 5
+_SAMPLE_COUNT_OFFSET = 34
+_U32 = struct.Struct("<I")
+
+
+def _load_decoder() -> ModuleType | None:
+    if os.environ.get(DECODER_VARIABLE, "").strip().lower() == "python":
+        return None
+    try:
+        from dslo_edge import _payload_decoder
+    except ImportError:
+        return None
+    return _payload_decoder
+
+
+_decoder = _load_decoder()
+
+
+def decoder_name() -> str:
+    """Return ``compiled`` when the compiled decoder is built and enabled.
+
+    Else ``python``: the install found no C compiler, or the environment sets
+    ``DSLO_PAYLOAD_DECODER=python``.
+    """
+    return "python" if _decoder is None else "compiled"
 
 
 # --- Topics -----------------------------------------------------------------
@@ -809,6 +846,83 @@ def _check_exact_length(reader: _PayloadReader, array_bytes: int) -> None:
             f"payload has {extra} trailing byte(s) after the last array, expected "
             "none. The header declares sizes that do not match the payload",
         )
+
+
+# --- Decoding and validation in one call ---------------------------------------
+
+
+def decode_checked(
+    payload: bytes,
+    spec: ModelSpec,
+    limits: PayloadLimits = PayloadLimits(),
+    *,
+    sum_tolerance: float = 1e-3,
+) -> SoftLabelUpdate:
+    """Decode a payload and check it against the model.
+
+    Gives the result of ``decode_update`` followed by ``validate_update``,
+    and raises the same errors.
+
+    Raises:
+        InvalidUpdate: as those two functions raise it.
+    """
+    update = _decode_compiled(payload, spec, limits, sum_tolerance)
+    if update is None:
+        update = decode_update(payload, limits)
+        validate_update(update, spec, sum_tolerance=sum_tolerance)
+    return update
+
+
+def _decode_compiled(
+    payload: bytes, spec: ModelSpec, limits: PayloadLimits, sum_tolerance: float
+) -> SoftLabelUpdate | None:
+    """Return the update that the compiled decoder read and checked, or None."""
+    if _decoder is None or len(payload) < _SAMPLE_COUNT_OFFSET + 4:
+        return None
+    count = _U32.unpack_from(payload, _SAMPLE_COUNT_OFFSET)[0]
+    input_size = math.prod(spec.input_shape)
+    # The arrays are allocated before the decoder reads the payload, so a
+    # header that declares more samples than the payload can carry stops here.
+    smallest_sample = 1 + 2 * input_size + _ITEM_BYTES * spec.class_count
+    if not 0 < count <= limits.max_samples or count * smallest_sample > len(payload):
+        return None
+
+    inputs = np.empty((count, *spec.input_shape), dtype=np.float32)
+    labels = np.empty((count, spec.class_count), dtype=np.float32)
+    has_hard_labels = payload[_FLAGS_OFFSET] & FLAG_HARD_LABELS
+    hard_labels = np.empty(count, dtype=np.int32) if has_hard_labels else None
+    fields = _decoder.decode(
+        payload,
+        limits.max_payload_bytes,
+        limits.max_samples,
+        tuple(spec.input_shape),
+        spec.class_count,
+        sum_tolerance,
+        inputs,
+        labels,
+        hard_labels,
+    )
+    if fields is None:
+        return None
+
+    flags, message_id, teacher_round, timestamp, version, sample_ids, temperature = (
+        fields
+    )
+    if len(set(sample_ids)) != count:
+        return None
+    return SoftLabelUpdate(
+        message_id=message_id,
+        teacher_version=version,
+        teacher_round=teacher_round,
+        timestamp=timestamp,
+        sample_ids=sample_ids,
+        inputs=inputs,
+        labels=labels,
+        label_kind="logits" if flags & FLAG_LOGITS else "probabilities",
+        hard_labels=hard_labels,
+        temperature=temperature,
+        input_dtype="float16" if flags & FLAG_FLOAT16_INPUTS else "float32",
+    )
 
 
 # --- Validation against the model --------------------------------------------

@@ -25,9 +25,8 @@ from dslo_edge.protocol import (
     ModelSpec,
     PayloadLimits,
     SoftLabelUpdate,
-    decode_update,
+    decode_checked,
     label_probabilities,
-    validate_update,
 )
 from dslo_edge.softlabels import SmoothingStore, TeacherMonitor
 
@@ -132,14 +131,14 @@ class Trainer:
     def decode(self, payload: bytes) -> SoftLabelUpdate:
         """Decode and validate a payload; raises InvalidUpdate on any fault."""
         try:
-            update = decode_update(payload, self.limits)
+            return decode_checked(
+                payload, self.spec, self.limits, sum_tolerance=self.sum_tolerance
+            )
         except InvalidUpdate as error:
             # A version 3 payload fails as an unknown version: name the cause.
             if error.reason == "unsupported_version":
                 _reject_multi_head_payload(payload)
             raise
-        validate_update(update, self.spec, sum_tolerance=self.sum_tolerance)
-        return update
 
     def prepare(self, update: SoftLabelUpdate) -> TrainBatch:
         """Compute smoothed targets, hard labels and per-sample alpha."""
