@@ -261,7 +261,9 @@ static PyObject *decode(PyObject *self, PyObject *args) {
      * below within int64_t, on 32-bit hosts too. */
     int64_t per_sample = 1, largest = (int64_t)size / (2 * count);
     for (Py_ssize_t d = 0; d < rank; d++) {
-        Py_ssize_t expected = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, d));
+        /* Any integer type, numpy's too. A value beyond Py_ssize_t is clipped
+         * and then matches no dimension. */
+        Py_ssize_t expected = PyNumber_AsSsize_t(PyTuple_GET_ITEM(shape, d), NULL);
         if (expected == -1 && PyErr_Occurred()) {
             goto error;
         }
@@ -320,11 +322,12 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         }
         goto fallback;
     }
-    if ((int64_t)(size - offset) != array_bytes) {
+    /* With float16 inputs the float32 output is twice their payload bytes,
+     * which can exceed Py_ssize_t on a 32-bit host. */
+    if ((int64_t)(size - offset) != array_bytes ||
+        input_count > (int64_t)(PY_SSIZE_T_MAX / 4)) {
         goto fallback;
     }
-    /* From here every count fits in Py_ssize_t, as the arrays are in the
-     * payload. */
     if (!take_output(inputs_object, &inputs_out, (Py_ssize_t)(4 * input_count)) ||
         !take_output(labels_object, &labels_out, (Py_ssize_t)(4 * label_count))) {
         goto fallback;

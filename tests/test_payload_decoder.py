@@ -310,6 +310,15 @@ def test_mutated_payloads_decode_alike(payload: bytes) -> None:
     assert compiled_outcome(payload, spec) == python_outcome(payload, spec)
 
 
+def test_numpy_integers_in_model_shape() -> None:
+    update = make_update(np.random.default_rng(6), count=2, shape=(4,), classes=3)
+    payload = encode_update(update)
+    spec = ModelSpec(tuple(np.array([4])), np.int64(3))
+
+    assert took_compiled_path(payload, spec)
+    assert compiled_outcome(payload, spec) == python_outcome(payload, spec)
+
+
 def test_environment_variable_selects_python_decoder() -> None:
     environment = dict(os.environ, DSLO_PAYLOAD_DECODER="python")
     result = subprocess.run(
