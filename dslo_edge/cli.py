@@ -480,11 +480,18 @@ def push(
     if counts is None:
         return
     click.echo(f"device {device_id}: {counts.describe()} of this push's updates")
-    if counts.rejected_count:
+    if counts.duplicates:
+        click.echo(
+            f"{counts.duplicates} duplicate rejections were copies of updates "
+            "the device had already applied, which the broker delivered again "
+            "after a restart or reconnect; they are not errors"
+        )
+    if counts.failed_count:
         advice = "; ".join(counts.hints()) or "its log names each update and reason"
         click.echo(
-            f"error: device {device_id} rejected {counts.rejected_count} of the "
-            f"{result.messages} updates of this push ({counts.reasons()}); {advice}",
+            f"error: device {device_id} rejected {counts.failed_count} of the "
+            f"{result.messages} updates of this push "
+            f"({counts.reasons(failed_only=True)}); {advice}",
             err=True,
         )
         sys.exit(EXIT_ERROR)

@@ -23,6 +23,11 @@ BASELINE_TIMEOUT_S = 10.0
 # How long to wait for a retained status once the retained metrics arrived.
 STATUS_GRACE_S = 1.0
 
+# The device applied an update with this message id before. After a restart
+# or a reconnect the broker delivers unacknowledged updates again, and these
+# copies are rejected with this reason: not a failure of the push.
+DUPLICATE = "duplicate"
+
 REJECTION_HINTS = {
     "unsigned": "the device requires signed updates: pass --hmac-key-file",
     "bad_signature": "the signature does not verify: pass the device's own key",
@@ -37,6 +42,12 @@ def processed_count(metrics: dict[str, Any]) -> int:
     restart; older daemons only report ``processed``, which restarts at 0.
     """
     return int(metrics.get("processed_total", metrics.get("processed", 0)))
+
+
+def handled_count(metrics: dict[str, Any]) -> int:
+    """Return the updates applied or rejected, not counting duplicate copies."""
+    rejected = _rejected_counts(metrics)
+    return _applied_count(metrics) + sum(rejected.values()) - rejected.get(DUPLICATE, 0)
 
 
 def _applied_count(metrics: dict[str, Any]) -> int:
@@ -71,9 +82,24 @@ class DeviceCounts:
     def rejected_count(self) -> int:
         return sum(self.rejected.values())
 
-    def reasons(self) -> str:
+    @property
+    def duplicates(self) -> int:
+        """Copies of updates that the device had applied, rejected again."""
+        return self.rejected.get(DUPLICATE, 0)
+
+    @property
+    def failed(self) -> dict[str, int]:
+        """Rejections by reason, without the duplicate copies."""
+        return {r: n for r, n in self.rejected.items() if r != DUPLICATE}
+
+    @property
+    def failed_count(self) -> int:
+        return self.rejected_count - self.duplicates
+
+    def reasons(self, *, failed_only: bool = False) -> str:
         """Return the rejection counts as ``reason: n, ...``."""
-        return ", ".join(f"{r}: {n}" for r, n in self.rejected.items())
+        counts = self.failed if failed_only else self.rejected
+        return ", ".join(f"{r}: {n}" for r, n in counts.items())
 
     def describe(self) -> str:
         """Return ``applied A, rejected R (reason: n, ...)``."""
@@ -131,18 +157,22 @@ def wait_for_baseline(hub: HubClient, timeout: float = BASELINE_TIMEOUT_S) -> di
 def wait_for_processed(
     hub: HubClient, before: dict[str, Any], count: int, sent: int, timeout: float
 ) -> dict[str, Any]:
-    """Wait until the device has processed ``count`` more updates than ``before``.
+    """Wait until the device has handled ``count`` more updates than ``before``.
+
+    Duplicate copies do not count, so copies that the broker delivers again
+    after a device restart do not end the wait before the push's own
+    updates are handled.
 
     Raises:
         BrokerError: not within ``timeout``; the message has the counts of
             this push and the device's status.
     """
-    target = processed_count(before) + count
+    target = handled_count(before) + count
     try:
-        return hub.wait_for_metrics(lambda m: processed_count(m) >= target, timeout)
+        return hub.wait_for_metrics(lambda m: handled_count(m) >= target, timeout)
     except BrokerError:
         latest = hub.latest_metrics or before
-        done = processed_count(latest) - processed_count(before)
+        done = handled_count(latest) - handled_count(before)
         counts = DeviceCounts.between(before, latest)
         raise BrokerError(
             f"device {hub.device_id} processed {done} of the {sent} updates sent "
