@@ -175,7 +175,12 @@ def _training(
             "metrics_every", int, 5, positive, "a positive count of updates"
         ),
         queue_size=reader.get(
-            "queue_size", int, 256, lambda v: 1 <= v <= 100000, "a count in 1..100000"
+            # At least 2, so that checkpoint_every = 1 fits in half of it.
+            "queue_size",
+            int,
+            256,
+            lambda v: 2 <= v <= 100000,
+            "a count in 2..100000",
         ),
         hard_label_fallback=reader.get(
             "hard_label_fallback",

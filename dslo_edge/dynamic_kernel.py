@@ -10,6 +10,7 @@ which gives the same results, only slower.
 
 from __future__ import annotations
 
+import logging
 import os
 from types import ModuleType
 
@@ -17,8 +18,16 @@ KERNEL_VARIABLE = "DSLO_DYNAMIC_KERNEL"
 
 
 def _load() -> ModuleType | None:
-    if os.environ.get(KERNEL_VARIABLE, "").strip().lower() == "numpy":
+    choice = os.environ.get(KERNEL_VARIABLE, "").strip().lower()
+    if choice == "numpy":
         return None
+    if choice not in ("", "compiled"):
+        logging.getLogger(__name__).warning(
+            "%s is %r, expected 'numpy' or 'compiled'; using the compiled "
+            "loops where they are built",
+            KERNEL_VARIABLE,
+            choice,
+        )
     try:
         from dslo_edge import _dynamic_kernel
     except ImportError:

@@ -19,6 +19,7 @@ decoder.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import struct
@@ -44,6 +45,7 @@ __all__ = [
     "compress_top_k",
     "decode_checked",
     "decode_update",
+    "decoder_name",
     "encode_update",
     "expand_top_k",
     "label_probabilities",
@@ -124,8 +126,16 @@ _U32 = struct.Struct("<I")
 
 
 def _load_decoder() -> ModuleType | None:
-    if os.environ.get(DECODER_VARIABLE, "").strip().lower() == "python":
+    choice = os.environ.get(DECODER_VARIABLE, "").strip().lower()
+    if choice == "python":
         return None
+    if choice not in ("", "compiled"):
+        logging.getLogger(__name__).warning(
+            "%s is %r, expected 'python' or 'compiled'; using the compiled "
+            "decoder where it is built",
+            DECODER_VARIABLE,
+            choice,
+        )
     try:
         from dslo_edge import _payload_decoder
     except ImportError:
@@ -1007,7 +1017,10 @@ def _check_finite(update: SoftLabelUpdate) -> None:
     for name, array in (("inputs", update.inputs), ("labels", update.labels)):
         # A float64 sum of float32 values cannot overflow, and it is NaN or
         # infinite exactly when some value is: one reduction, no mask array.
-        if math.isfinite(array.sum(dtype=np.float64)):
+        # Adding +inf and -inf warns, and the check below names the row.
+        with np.errstate(invalid="ignore"):
+            total = array.sum(dtype=np.float64)
+        if math.isfinite(total):
             continue
         bad_rows = ~np.isfinite(array).reshape(array.shape[0], -1).all(axis=1)
         if bad_rows.any():

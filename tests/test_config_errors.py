@@ -122,3 +122,13 @@ def test_unknown_task_head_names_file(two_head_bundle, tmp_path: Path) -> None:
 
     message = str(caught.value)
     assert message.startswith(f"{path}: [training.tasks.colour] names head")
+
+
+def test_queue_size_of_one_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, tmp_path / "bundle", {"training": {"queue_size": 1}})
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert "queue_size" in str(caught.value)
+    assert "2..100000" in str(caught.value)

@@ -334,3 +334,21 @@ def test_environment_variable_selects_python_decoder() -> None:
     )
 
     assert result.stdout.strip() == "python"
+
+
+def test_unknown_decoder_choice_is_logged() -> None:
+    environment = dict(os.environ, DSLO_PAYLOAD_DECODER="fast")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from dslo_edge.protocol import decoder_name; print(decoder_name())",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+    assert result.stdout.strip() == "compiled"
+    assert "DSLO_PAYLOAD_DECODER is 'fast', expected 'python'" in result.stderr
