@@ -86,6 +86,8 @@ METRICS_LOG = "metrics.jsonl"
 EXIT_WATCHDOG = 70
 # A train step that has not returned after this long counts as a hang.
 TRAINER_STALL_S = 60.0
+# Maximum wait of the network thread for room in a full update queue.
+QUEUE_WAIT_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ class EdgeDaemon:
         self._changed_since_save = False
         self._since_probe = 0
         self._paused_reason: str | None = None
+        self._trainer_paused = False
         self._last_update_at = time.monotonic()
         self._trainer_beat = time.monotonic()
         self._last_metrics_at = float("-inf")
@@ -514,7 +517,7 @@ class EdgeDaemon:
                 epoch=item.epoch,
             )
         try:
-            self.updates.put_nowait(item)
+            self.updates.put(item, timeout=self._queue_wait_s())
         except queue.Full:
             # Drop policy: the update is left unacknowledged, and once the
             # queue has drained the trainer reconnects, so the broker sends it
@@ -528,6 +531,18 @@ class EdgeDaemon:
                     self.device_id,
                     self.updates.maxsize,
                 )
+
+    def _queue_wait_s(self) -> float:
+        """Return how long the network thread may wait for queue room.
+
+        While it waits it reads nothing, so TCP flow control keeps the
+        broker's next messages back. That is worth it only while the trainer drains the
+        queue. A paused or stopping trainer does not, so the update is
+        then deferred at once.
+        """
+        if self.stopping.is_set() or self._trainer_paused:
+            return 0.0
+        return QUEUE_WAIT_S
 
     def _queue_inputs(self, item: Received) -> None:
         try:
@@ -587,6 +602,7 @@ class EdgeDaemon:
         if decision.reason != self._paused_reason:
             self._paused_reason = decision.reason
             self.publish_metrics()
+        self._trainer_paused = decision.paused
         return decision.paused
 
     def _on_idle(self) -> None:

@@ -372,3 +372,33 @@ def test_backlog_defers_checkpoints(mlp_pair, broker, tmp_path) -> None:
     # One checkpoint per 5 updates would be 30. Saving at 48 unacknowledged
     # (3/4 of the queue) or on an empty queue writes far fewer.
     assert metrics["checkpoints_written"] <= 15
+
+
+def test_full_queue_slows_the_broker(mlp_pair, broker, tmp_path) -> None:
+    if broker.kind != "mosquitto":
+        pytest.skip("amqtt paces its sends differently")
+    config = write_config(
+        tmp_path,
+        mlp_pair.bundle,
+        broker,
+        training={"checkpoint_every": 4, "queue_size": 8, "checkpoint_idle_s": 0.2},
+    )
+    daemon = EdgeDaemon(config)
+    daemon.start()
+    hub = hub_client(broker)
+    try:
+        wait_processed(hub, 0)
+        for seed in range(400):
+            hub.publish(encode_update(make_update(800 + seed, samples=4)))
+        metrics = hub.wait_for_metrics(
+            lambda m: m["processed"] >= 400 and m["unacknowledged"] == 0, WAIT_S
+        )
+    finally:
+        hub.close()
+        daemon.stop()
+
+    assert metrics["applied"] == 400
+    # The publisher outpaces the trainer, and the 16 places of the queue fill.
+    # The network thread then waits for room, so nothing is left for
+    # redelivery.
+    assert metrics["deferred_for_redelivery"] == 0
