@@ -10,32 +10,11 @@ which gives the same results, only slower.
 
 from __future__ import annotations
 
-import logging
-import os
-from types import ModuleType
+from dslo_edge.extensions import load_extension
 
 KERNEL_VARIABLE = "DSLO_DYNAMIC_KERNEL"
 
-
-def _load() -> ModuleType | None:
-    choice = os.environ.get(KERNEL_VARIABLE, "").strip().lower()
-    if choice == "numpy":
-        return None
-    if choice not in ("", "compiled"):
-        logging.getLogger(__name__).warning(
-            "%s is %r, expected 'numpy' or 'compiled'; using the compiled "
-            "loops where they are built",
-            KERNEL_VARIABLE,
-            choice,
-        )
-    try:
-        from dslo_edge import _dynamic_kernel
-    except ImportError:
-        return None
-    return _dynamic_kernel
-
-
-kernel = _load()
+kernel = load_extension("_dynamic_kernel", KERNEL_VARIABLE, "numpy")
 
 
 def kernel_name() -> str:

@@ -19,17 +19,15 @@ decoder.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import struct
 import uuid
 from dataclasses import dataclass
-from types import ModuleType
 
 import numpy as np
 
 from dslo_edge.errors import ConfigError, InvalidUpdate
+from dslo_edge.extensions import load_extension
 
 __all__ = [
     "FORMAT_VERSION",
@@ -125,25 +123,7 @@ _SAMPLE_COUNT_OFFSET = 34
 _U32 = struct.Struct("<I")
 
 
-def _load_decoder() -> ModuleType | None:
-    choice = os.environ.get(DECODER_VARIABLE, "").strip().lower()
-    if choice == "python":
-        return None
-    if choice not in ("", "compiled"):
-        logging.getLogger(__name__).warning(
-            "%s is %r, expected 'python' or 'compiled'; using the compiled "
-            "decoder where it is built",
-            DECODER_VARIABLE,
-            choice,
-        )
-    try:
-        from dslo_edge import _payload_decoder
-    except ImportError:
-        return None
-    return _payload_decoder
-
-
-_decoder = _load_decoder()
+_decoder = load_extension("_payload_decoder", DECODER_VARIABLE, "python")
 
 
 def decoder_name() -> str:

@@ -338,15 +338,28 @@ def test_batched_daemon_applies_every_update_once(mlp_pair, broker, tmp_path) ->
     assert daemon.trainer.applied_updates == 13
 
 
-def test_backlog_defers_checkpoints(mlp_pair, broker, tmp_path) -> None:
+def burst_config(
+    tmp_path: Path, bundle: Path, broker, checkpoint_every: int, queue_size: int
+) -> DeviceConfig:
+    """Return a config whose small queue a burst of updates fills."""
     if broker.kind != "mosquitto":
-        pytest.skip("the backlog needs an MQTT 5 session kept by mosquitto")
-    config = write_config(
-        tmp_path,
-        mlp_pair.bundle,
-        broker,
-        training={"checkpoint_every": 5, "queue_size": 64, "checkpoint_idle_s": 0.2},
+        pytest.skip("bursts need mosquitto's MQTT 5 session and flow control")
+    training = {
+        "checkpoint_every": checkpoint_every,
+        "queue_size": queue_size,
+        "checkpoint_idle_s": 0.2,
+    }
+    return write_config(tmp_path, bundle, broker, training=training)
+
+
+def wait_all_acknowledged(hub: HubClient, count: int) -> dict:
+    return hub.wait_for_metrics(
+        lambda m: m["processed"] >= count and m["unacknowledged"] == 0, WAIT_S
     )
+
+
+def test_backlog_defers_checkpoints(mlp_pair, broker, tmp_path) -> None:
+    config = burst_config(tmp_path, mlp_pair.bundle, broker, 5, 64)
     offline = EdgeDaemon(config)
     offline.start()
     hub = hub_client(broker)
@@ -359,9 +372,7 @@ def test_backlog_defers_checkpoints(mlp_pair, broker, tmp_path) -> None:
         daemon = EdgeDaemon(config)
         daemon.start()
         try:
-            metrics = hub.wait_for_metrics(
-                lambda m: m["processed"] >= 150 and m["unacknowledged"] == 0, WAIT_S
-            )
+            metrics = wait_all_acknowledged(hub, 150)
         finally:
             daemon.stop()
     finally:
@@ -375,14 +386,7 @@ def test_backlog_defers_checkpoints(mlp_pair, broker, tmp_path) -> None:
 
 
 def test_full_queue_slows_the_broker(mlp_pair, broker, tmp_path) -> None:
-    if broker.kind != "mosquitto":
-        pytest.skip("amqtt paces its sends differently")
-    config = write_config(
-        tmp_path,
-        mlp_pair.bundle,
-        broker,
-        training={"checkpoint_every": 4, "queue_size": 8, "checkpoint_idle_s": 0.2},
-    )
+    config = burst_config(tmp_path, mlp_pair.bundle, broker, 4, 8)
     daemon = EdgeDaemon(config)
     daemon.start()
     hub = hub_client(broker)
@@ -390,9 +394,7 @@ def test_full_queue_slows_the_broker(mlp_pair, broker, tmp_path) -> None:
         wait_processed(hub, 0)
         for seed in range(400):
             hub.publish(encode_update(make_update(800 + seed, samples=4)))
-        metrics = hub.wait_for_metrics(
-            lambda m: m["processed"] >= 400 and m["unacknowledged"] == 0, WAIT_S
-        )
+        metrics = wait_all_acknowledged(hub, 400)
     finally:
         hub.close()
         daemon.stop()

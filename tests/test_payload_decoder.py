@@ -319,36 +319,25 @@ def test_numpy_integers_in_model_shape() -> None:
     assert compiled_outcome(payload, spec) == python_outcome(payload, spec)
 
 
-def test_environment_variable_selects_python_decoder() -> None:
-    environment = dict(os.environ, DSLO_PAYLOAD_DECODER="python")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from dslo_edge.protocol import decoder_name; print(decoder_name())",
-        ],
+def decoder_with(choice: str) -> subprocess.CompletedProcess[str]:
+    """Return the output of ``decoder_name()`` in a process with ``choice`` set."""
+    environment = dict(os.environ, DSLO_PAYLOAD_DECODER=choice)
+    code = "from dslo_edge.protocol import decoder_name; print(decoder_name())"
+    return subprocess.run(
+        [sys.executable, "-c", code],
         env=environment,
         capture_output=True,
         text=True,
         check=True,
     )
 
-    assert result.stdout.strip() == "python"
+
+def test_environment_variable_selects_python_decoder() -> None:
+    assert decoder_with("python").stdout.strip() == "python"
 
 
 def test_unknown_decoder_choice_is_logged() -> None:
-    environment = dict(os.environ, DSLO_PAYLOAD_DECODER="fast")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from dslo_edge.protocol import decoder_name; print(decoder_name())",
-        ],
-        env=environment,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = decoder_with("fast")
 
     assert result.stdout.strip() == "compiled"
     assert "DSLO_PAYLOAD_DECODER is 'fast', expected 'python'" in result.stderr
