@@ -88,6 +88,30 @@ EXIT_WATCHDOG = 70
 TRAINER_STALL_S = 60.0
 # Maximum wait of the network thread for room in a full update queue.
 QUEUE_WAIT_S = 0.5
+# The trainer's wait for the next update: long when idle, short in a burst,
+# where a longer gap means the broker has stopped sending.
+IDLE_WAIT_S = 0.2
+BURST_GAP_S = 0.01
+# Updates that arrive this soon after a burst gap's acknowledgements show
+# that the broker's in-flight window had stopped it.
+WINDOW_PROOF_S = 0.05
+
+
+def burst_checkpoint_every(
+    checkpoint_every: int, queue_size: int, ack_window: int | None
+) -> int:
+    """Return the updates between checkpoints while more wait in the queue.
+
+    An update is acknowledged after two checkpoints, so a save every k
+    updates keeps up to 2k unacknowledged. k is half of the broker's
+    window: 3/4 of queue_size (the receive maximum that the device
+    requests), or ``ack_window`` when the broker stopped there. It is never
+    below ``checkpoint_every``.
+    """
+    window = queue_size * 3 // 4
+    if ack_window is not None:
+        window = min(window, ack_window)
+    return max(checkpoint_every, window // 2)
 
 
 @dataclass(frozen=True)
@@ -200,6 +224,12 @@ class EdgeDaemon:
         self._acks = AckLedger()
         self._unsaved = 0
         self._changed_since_save = False
+        self._in_burst = False
+        # Largest count of unacknowledged updates at which the broker was
+        # seen to stop in a burst, or None.
+        self._ack_window: int | None = None
+        # (unacknowledged count, time) of the last burst gap's save.
+        self._gap: tuple[int, float] | None = None
         self._since_probe = 0
         self._paused_reason: str | None = None
         self._trainer_paused = False
@@ -588,7 +618,10 @@ class EdgeDaemon:
             try:
                 self._take_and_train()
             except queue.Empty:
-                self._on_idle()
+                if self._in_burst:
+                    self._on_burst_gap()
+                else:
+                    self._on_idle()
                 continue
             if (
                 self.updates.empty()
@@ -633,15 +666,17 @@ class EdgeDaemon:
         """Train on the next queued update, or a coalesced batch of them.
 
         Raises:
-            queue.Empty: nothing arrived within 0.2 s.
+            queue.Empty: nothing arrived within 0.2 s, or within
+                ``BURST_GAP_S`` in a burst.
         """
+        timeout = BURST_GAP_S if self._in_burst else IDLE_WAIT_S
         if self.batcher is None:
-            item = self.updates.get(timeout=0.2)
+            item = self.updates.get(timeout=timeout)
             update = self._admit_or_reject(item)
             updates = [update] if update is not None else []
         else:
             updates = self.batcher.gather(
-                self.updates, self._admit_or_reject, timeout=0.2
+                self.updates, self._admit_or_reject, timeout=timeout
             )
         try:
             self._apply_all(updates)
@@ -682,12 +717,40 @@ class EdgeDaemon:
         probe_every = self.config.health.probe_every
         if probe_every and self._since_probe >= probe_every:
             self._check_health()
-        # While updates wait in the queue, the save waits until 3/4 of
-        # queue_size are unacknowledged, so a burst writes fewer checkpoints.
-        if self.unacknowledged >= training.queue_size * 3 // 4 or (
-            self._unsaved >= training.checkpoint_every and self.updates.empty()
+        if self._gap is not None:
+            waiting, saved_at = self._gap
+            self._gap = None
+            if time.monotonic() - saved_at <= WINDOW_PROOF_S:
+                self._ack_window = max(self._ack_window or 0, waiting)
+        every = training.checkpoint_every
+        if not self.updates.empty():
+            self._in_burst = True
+            every = burst_checkpoint_every(
+                training.checkpoint_every, training.queue_size, self._ack_window
+            )
+        if (
+            self._unsaved >= every
+            or self.unacknowledged >= training.queue_size * 3 // 4
         ):
             self._checkpoint_and_ack()
+
+    def _on_burst_gap(self) -> None:
+        """Release acknowledgements when a burst stops for ``BURST_GAP_S``.
+
+        The broker may have stopped because its own in-flight window is
+        full of updates that wait for checkpoints. Saving now lets their
+        acknowledgements go out, twice when none has its first checkpoint
+        yet. If updates then arrive at once, the window was the cause, and
+        ``_after_updates`` lowers the burst interval to fit it.
+        """
+        self._in_burst = False
+        waiting = self.unacknowledged
+        if waiting < self.config.training.checkpoint_every:
+            return
+        if self._acks.only_unsaved:
+            self._checkpoint_and_ack()
+        self._checkpoint_and_ack()
+        self._gap = (waiting, time.monotonic())
 
     def _admit(self, item: Received) -> AnyUpdate:
         if item.response is None:

@@ -16,7 +16,7 @@ import pytest
 
 from dslo_edge.bundle import load_bundle
 from dslo_edge.config import DeviceConfig, load_config, render_config
-from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.daemon import EdgeDaemon, burst_checkpoint_every
 from dslo_edge.hub import HubClient
 from dslo_edge.models import StudentModel
 from dslo_edge.protocol import SoftLabelUpdate, encode_update, new_message_id
@@ -380,8 +380,8 @@ def test_backlog_defers_checkpoints(mlp_pair, broker, tmp_path) -> None:
 
     assert metrics["applied"] == 150
     assert daemon.trainer.applied_updates == 150
-    # One checkpoint per 5 updates would be 30. Saving at 48 unacknowledged
-    # (3/4 of the queue) or on an empty queue writes far fewer.
+    # One checkpoint per 5 updates would be 30. In a burst the daemon saves
+    # every 24 updates (half of 3/4 of the queue), which writes far fewer.
     assert metrics["checkpoints_written"] <= 15
 
 
@@ -404,3 +404,21 @@ def test_full_queue_slows_the_broker(mlp_pair, broker, tmp_path) -> None:
     # The network thread then waits for room, so nothing is left for
     # redelivery.
     assert metrics["deferred_for_redelivery"] == 0
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_every", "queue_size", "ack_window", "expected"),
+    [
+        (20, 256, None, 96),  # half of 3/4 of the receive maximum
+        (20, 256, 100, 50),  # half of the window the broker stopped at
+        (20, 256, 30, 20),  # never below checkpoint_every
+        (5, 64, None, 24),
+        (4, 8, None, 4),
+    ],
+)
+def test_burst_checkpoint_interval(
+    checkpoint_every: int, queue_size: int, ack_window: int | None, expected: int
+) -> None:
+    every = burst_checkpoint_every(checkpoint_every, queue_size, ack_window)
+
+    assert every == expected
