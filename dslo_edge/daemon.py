@@ -738,9 +738,9 @@ class EdgeDaemon:
         """Release acknowledgements when a burst stops for ``BURST_GAP_S``.
 
         The broker may have stopped because its own in-flight window is
-        full of updates that wait for checkpoints. Saving now lets their
-        acknowledgements go out, twice when none has its first checkpoint
-        yet. If updates then arrive at once, the window was the cause, and
+        full of updates that wait for checkpoints. With at least
+        ``checkpoint_every`` of them, saving now lets their acknowledgements
+        go out, twice when none has its first checkpoint yet. If updates then arrive at once, the window was the cause, and
         ``_after_updates`` lowers the burst interval to fit it.
         """
         self._in_burst = False
