@@ -566,9 +566,9 @@ class EdgeDaemon:
         """Return how long the network thread may wait for queue room.
 
         While it waits it reads nothing, so TCP flow control keeps the
-        broker's next messages back. That is worth it only while the trainer drains the
-        queue. A paused or stopping trainer does not, so the update is
-        then deferred at once.
+        broker's next messages back. That is worth it only while the
+        trainer drains the queue. A paused or stopping trainer does not, so
+        the update is then deferred at once.
         """
         if self.stopping.is_set() or self._trainer_paused:
             return 0.0
@@ -740,7 +740,8 @@ class EdgeDaemon:
         The broker may have stopped because its own in-flight window is
         full of updates that wait for checkpoints. With at least
         ``checkpoint_every`` of them, saving now lets their acknowledgements
-        go out, twice when none has its first checkpoint yet. If updates then arrive at once, the window was the cause, and
+        go out, twice when none has its first checkpoint yet. If updates
+        then arrive at once, the window was the cause, and
         ``_after_updates`` lowers the burst interval to fit it.
         """
         self._in_burst = False
