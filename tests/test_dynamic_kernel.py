@@ -18,6 +18,7 @@ from dslo_edge.dynamic import DriftBoost, SoftLabelEngine, TaskSettings
 from dslo_edge.dynamic_kernel import KERNEL_VARIABLE, kernel
 from dslo_edge.lru_rows import LruRowTable
 from dslo_edge.softlabels import AlphaPolicy, Schedule
+from dslo_edge.targets import Targets
 
 pytestmark = pytest.mark.skipif(
     kernel is None, reason="the compiled loops were not built (no C compiler)"
@@ -80,6 +81,15 @@ def _stream(seed: int, batches: int):
         yield ids, p, teacher_round - 2 if late else teacher_round, hard
 
 
+def _assert_same_targets(got: Targets, want: Targets) -> None:
+    # Smoothing and labels do the same float operations, so the bits match.
+    np.testing.assert_array_equal(got.soft, want.soft)
+    np.testing.assert_array_equal(got.hard, want.hard)
+    # Entropy sums run in another order, so alpha may differ by a float32 step.
+    np.testing.assert_allclose(got.alpha, want.alpha, rtol=0, atol=1.2e-7)
+    assert got.smoothing_lambda == want.smoothing_lambda
+
+
 def _assert_same_state(compiled: SoftLabelEngine, reference: SoftLabelEngine) -> None:
     ids, rows = compiled.store.to_arrays()
     reference_ids, reference_rows = reference.store.to_arrays()
@@ -118,12 +128,7 @@ def test_compiled_matches_numpy_engine(name: str, counting: CountingKernel) -> N
     for ids, p, teacher_round, hard in _stream(seed=7, batches=160):
         got = compiled.prepare(ids, p, teacher_round, hard)
         want = reference.prepare(ids, p, teacher_round, hard)
-        # Smoothing and labels do the same float operations, so the bits match.
-        np.testing.assert_array_equal(got.soft, want.soft)
-        np.testing.assert_array_equal(got.hard, want.hard)
-        # Entropy sums run in another order, so alpha may differ by a float32 step.
-        np.testing.assert_allclose(got.alpha, want.alpha, rtol=0, atol=1.2e-7)
-        assert got.smoothing_lambda == want.smoothing_lambda
+        _assert_same_targets(got, want)
         assert got.progress == want.progress
         if want.batch_drift is None:
             assert got.batch_drift is None
@@ -449,10 +454,7 @@ def test_random_streams_match_numpy(stream) -> None:
     for ids, p, teacher_round, hard in batches:
         got = compiled.prepare(ids, p, teacher_round, hard)
         want = reference.prepare(ids, p, teacher_round, hard)
-        np.testing.assert_array_equal(got.soft, want.soft)
-        np.testing.assert_array_equal(got.hard, want.hard)
-        np.testing.assert_allclose(got.alpha, want.alpha, rtol=0, atol=1.2e-7)
-        assert got.smoothing_lambda == want.smoothing_lambda
+        _assert_same_targets(got, want)
         compiled.finish_update()
         reference.finish_update()
     _assert_same_state(compiled, reference)
