@@ -258,7 +258,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     }
     /* Each input takes at least 2 bytes and each label 4, so larger
      * samples cannot fit in the payload. Stopping there keeps every product
-     * below within int64_t, on 32-bit hosts too. */
+     * below in the range of int64_t, also on 32-bit hosts. */
     int64_t per_sample = 1, largest = (int64_t)size / (2 * count);
     for (Py_ssize_t d = 0; d < rank; d++) {
         /* Any integer type, numpy's too. A value beyond Py_ssize_t is clipped

@@ -11,12 +11,12 @@ over the batch, with one dictionary lookup per id in each of the two row
 tables as the only per-id Python work.
 
 NOTE: with the 64-32-10 digits student at batch 32, the dynamic part takes
-about 17 % of the update time with the compiled loops and about 45 % in
-numpy, not the intended 10 % at most. ``python -m dslo_edge.bench_dynamic``
-on a shared 2-core x86 machine measured 28 to 50 us compiled and 135 to 205
-us in numpy, against a 52 to 90 us train step. The kernel call takes about
-half of the compiled figure, mostly its float64 logs (entropy and drift),
-and the Python around it takes the rest.
+about 26 % of the update time with the compiled loops and about 45 to 60 %
+in numpy, not the intended 10 % at most. On a shared 2-core x86 machine,
+``dslo-edge bench`` and ``python -m dslo_edge.bench_dynamic`` measured 23
+to 50 us compiled and 135 to 205 us in numpy, against a 35 to 90 us train
+step. The kernel call takes about half of the compiled figure, mostly its
+float64 logs (entropy and drift), and the Python around it takes the rest.
 """
 
 from __future__ import annotations

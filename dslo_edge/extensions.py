@@ -27,7 +27,7 @@ def load_extension(name: str, variable: str, fallback: str) -> ModuleType | None
         return None
     if choice not in ("", "compiled"):
         logger.warning(
-            "%s is %r, expected %r or 'compiled'; using the compiled code "
+            "%s is %r, expected %r or 'compiled'. Using the compiled code "
             "where it is built",
             variable,
             choice,

@@ -24,8 +24,8 @@ BASELINE_TIMEOUT_S = 10.0
 STATUS_GRACE_S = 1.0
 
 # The device applied an update with this message id before. After a restart
-# or a reconnect the broker delivers unacknowledged updates again, and these
-# copies are rejected with this reason: not a failure of the push.
+# or a reconnect the broker delivers unacknowledged updates again, and the
+# device rejects these copies with this reason, so they do not fail a push.
 DUPLICATE = "duplicate"
 
 REJECTION_HINTS = {

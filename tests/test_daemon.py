@@ -400,7 +400,7 @@ def test_full_queue_slows_the_broker(mlp_pair, broker, tmp_path) -> None:
         daemon.stop()
 
     assert metrics["applied"] == 400
-    # The publisher outpaces the trainer, and the 16 places of the queue fill.
+    # The publisher outpaces the trainer, and the queue's 16 slots fill.
     # The network thread then waits for room, so nothing is left for
     # redelivery.
     assert metrics["deferred_for_redelivery"] == 0
