@@ -23,6 +23,10 @@ class AppliedIds:
     freshness window (payload timestamp) must expire updates before their id
     could be evicted: at 100,000 ids and one update per second that is more
     than a day.
+
+    The ids are also kept joined in insertion order, so a checkpoint copies
+    one buffer instead of joining up to ``capacity`` bytes objects (about
+    7 ms at 100,000 ids, against 0.1 ms for the copy).
     """
 
     def __init__(self, capacity: int = 100_000):
@@ -30,6 +34,9 @@ class AppliedIds:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.capacity = capacity
         self._ids: OrderedDict[bytes, None] = OrderedDict()
+        self._joined = bytearray()
+        # Bytes at the front of _joined that belong to evicted ids.
+        self._evicted_bytes = 0
 
     def __contains__(self, message_id: bytes) -> bool:
         return message_id in self._ids
@@ -38,16 +45,25 @@ class AppliedIds:
         return len(self._ids)
 
     def add(self, message_id: bytes) -> None:
+        if len(message_id) != ID_BYTES:
+            raise ValueError(
+                f"message ids have {ID_BYTES} bytes, got {len(message_id)}"
+            )
+        if message_id in self._ids:
+            return
         self._ids[message_id] = None
+        self._joined += message_id
         while len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
+            self._evicted_bytes += ID_BYTES
+        if self._evicted_bytes > len(self._joined) // 2:
+            del self._joined[: self._evicted_bytes]
+            self._evicted_bytes = 0
 
     def to_array(self) -> np.ndarray:
         """Return the ids, oldest first, as a uint8 array of shape (N, 16)."""
-        if not self._ids:
-            return np.zeros((0, ID_BYTES), dtype=np.uint8)
-        joined = b"".join(self._ids)
-        return np.frombuffer(joined, dtype=np.uint8).reshape(-1, ID_BYTES).copy()
+        ids = np.frombuffer(self._joined, dtype=np.uint8, offset=self._evicted_bytes)
+        return ids.reshape(-1, ID_BYTES).copy()
 
     @classmethod
     def from_array(cls, rows: np.ndarray, capacity: int) -> AppliedIds:

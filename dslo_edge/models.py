@@ -9,6 +9,8 @@ import numpy as np
 from dslo_edge.bundle import Bundle
 from dslo_edge.runtime import as_float32, interpreter_class, load_interpreter
 
+_NUMPY = (np.ndarray, np.generic)
+
 
 class SignatureCall:
     """Calls one signature, resizing and allocating only when a shape changes.
@@ -36,7 +38,13 @@ class SignatureCall:
 
     def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
         """Run the signature; inputs are keyword arguments, as for the runner."""
-        shapes = tuple((name, np.shape(value)) for name, value in inputs.items())
+        # value.shape where it exists: np.shape costs about 0.4 us per input.
+        shapes = tuple(
+            [
+                (name, value.shape if isinstance(value, _NUMPY) else np.shape(value))
+                for name, value in inputs.items()
+            ]
+        )
         if self._wrapper is None or shapes != self._shapes:
             # The runner resizes and allocates, and its checks raise on bad names.
             result: dict[str, np.ndarray] = self._runner(**inputs)

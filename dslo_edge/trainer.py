@@ -304,17 +304,18 @@ def _applied(
     loss: float,
     train_ms: float,
 ) -> AppliedUpdate:
-    alpha = targets.alpha
+    # Python floats: three numpy reductions of 32 values cost about 8 us.
+    alpha = targets.alpha.tolist()
     return AppliedUpdate(
         message_id=update.message_id_hex,
         samples=update.sample_count,
         loss=loss,
-        mean_alpha=float(alpha.mean()),
+        mean_alpha=sum(alpha) / len(alpha),
         prepare_ms=prepare_ms,
         train_ms=train_ms,
         dynamic_ms=targets.dynamic_ms,
-        min_alpha=float(alpha.min()),
-        max_alpha=float(alpha.max()),
+        min_alpha=min(alpha),
+        max_alpha=max(alpha),
         smoothing_lambda=targets.smoothing_lambda,
         progress=targets.progress,
         teacher_round=update.teacher_round,
