@@ -108,26 +108,37 @@ static void release_output(Output *output) {
     }
 }
 
-/* Copy n float32 values and check that each is finite. */
-static int copy_float32(const unsigned char *source, Py_ssize_t n, char *target) {
+/* Copy n float32 values and check that each is finite. When `peak` is not
+ * NULL, it receives the largest magnitude (0 for n = 0). */
+static int copy_float32(const unsigned char *source, Py_ssize_t n, char *target,
+                        float *peak) {
+    float largest = 0.0f;
     for (Py_ssize_t i = 0; i < n; i++) {
         float value = f32_at(source + 4 * i);
         if (!isfinite(value)) {
             return 0;
         }
+        largest = fmaxf(largest, fabsf(value));
         memcpy(target + 4 * i, &value, sizeof value);
+    }
+    if (peak != NULL) {
+        *peak = largest;
     }
     return 1;
 }
 
-static int copy_float16(const unsigned char *source, Py_ssize_t n, char *target) {
+static int copy_float16(const unsigned char *source, Py_ssize_t n, char *target,
+                        float *peak) {
+    float largest = 0.0f;
     for (Py_ssize_t i = 0; i < n; i++) {
         float value;
         if (!half_to_float(u16_at(source + 2 * i), &value)) {
             return 0;
         }
+        largest = fmaxf(largest, fabsf(value));
         memcpy(target + 4 * i, &value, sizeof value);
     }
+    *peak = largest;
     return 1;
 }
 
@@ -205,14 +216,14 @@ PyDoc_STRVAR(decode_doc,
 "decode(payload, max_payload_bytes, max_samples, input_shape, class_count,\n"
 "       sum_tolerance, inputs_out, labels_out, hard_out)\n"
 "    -> (flags, message_id, teacher_round, timestamp, teacher_version,\n"
-"        sample_ids, temperature) or None\n\n"
+"        sample_ids, temperature, input_peak) or None\n\n"
 "Decode a payload of format version 1 or 2 with full labels and ASCII\n"
 "sample ids, check it against the model, and write its inputs as float32,\n"
 "its labels and its hard labels to the three writable buffers, which must\n"
 "have exactly the payload's sizes (hard_out is None without hard labels).\n"
 "Returns None for any payload it does not read or that fails a check,\n"
 "leaving the buffers in an undefined state. Sample ids are not checked for\n"
-"repeats.");
+"repeats. input_peak is the largest input magnitude.");
 
 static PyObject *decode(PyObject *self, PyObject *args) {
     Py_buffer payload;
@@ -341,10 +352,13 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     }
 
     const unsigned char *arrays = data + offset;
-    int ok = half ? copy_float16(arrays, input_count, inputs_out.view.buf)
-              : copy_float32(arrays, input_count, inputs_out.view.buf);
+    float input_peak = 0.0f;
+    int ok = half ? copy_float16(arrays, input_count, inputs_out.view.buf,
+                                 &input_peak)
+                  : copy_float32(arrays, input_count, inputs_out.view.buf,
+                                 &input_peak);
     arrays += (half ? 2 : 4) * input_count;
-    ok = ok && copy_float32(arrays, label_count, labels_out.view.buf);
+    ok = ok && copy_float32(arrays, label_count, labels_out.view.buf, NULL);
     arrays += 4 * label_count;
     if (ok && !(flags & FLAG_LOGITS)) {
         ok = probability_rows(labels_out.view.buf, count, classes, tolerance);
@@ -364,9 +378,10 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     } else {
         Py_INCREF(Py_None);
     }
-    result = Py_BuildValue("iy#kdNNN", flags, (const char *)data + 6,
+    result = Py_BuildValue("iy#kdNNNd", flags, (const char *)data + 6,
                            (Py_ssize_t)16, (unsigned long)teacher_round,
-                           timestamp, version_text, ids, temperature_object);
+                           timestamp, version_text, ids, temperature_object,
+                           (double)input_peak);
     version_text = NULL;
     ids = NULL;
     goto done;

