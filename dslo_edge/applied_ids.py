@@ -45,14 +45,14 @@ class AppliedIds:
         return len(self._ids)
 
     def add(self, message_id: bytes) -> None:
-        if len(message_id) != ID_BYTES:
-            raise ValueError(
-                f"message ids have {ID_BYTES} bytes, got {len(message_id)}"
-            )
-        if message_id in self._ids:
+        key = bytes(message_id)
+        if len(key) != ID_BYTES:
+            raise ValueError(f"message ids have {ID_BYTES} bytes, got {len(key)}")
+        if key in self._ids:
             return
-        self._ids[message_id] = None
-        self._joined += message_id
+        # The buffer first: if it cannot grow, the record stays as it was.
+        self._joined += key
+        self._ids[key] = None
         while len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
             self._evicted_bytes += ID_BYTES

@@ -73,3 +73,25 @@ def test_id_of_the_wrong_length_is_refused():
         record.add(b"abc")
     assert len(record) == 0
     assert record.to_array().shape == (0, ID_BYTES)
+
+
+def test_id_that_is_not_bytes_is_refused():
+    record = AppliedIds(capacity=4)
+    with pytest.raises(TypeError):
+        record.add("0123456789abcdef")  # type: ignore[arg-type]
+    record.add(memoryview(message_id(9)))
+    assert numbers(record) == [9]
+    assert message_id(9) in record
+
+
+def test_failed_append_leaves_the_record_unchanged():
+    record = AppliedIds(capacity=2)
+    record.add(message_id(1))
+    view = np.frombuffer(record._joined, dtype=np.uint8)
+    with pytest.raises(BufferError):
+        record.add(message_id(2))
+    del view
+    assert message_id(2) not in record
+    for number in (3, 4):
+        record.add(message_id(number))
+    assert numbers(record) == [3, 4]
