@@ -228,6 +228,7 @@ def _mqtt_figures(out: Path, bundle: Path, options: BenchOptions) -> dict[str, A
             "applied": metrics.get("applied"),
             "rejected": metrics.get("rejected"),
             "train_ms": _without_histogram(metrics.get("train_ms")),
+            "thread_cpu_us_per_message": daemon.thread_cpu,
             "exit_code": exit_code,
         },
         "startup": startup,
@@ -492,6 +493,27 @@ def format_table(report: dict[str, Any]) -> str:
     code = report["measured"]["update_split"].get("code")
     if code:
         lines.append(f"dynamic part run by the {code} code")
+    cpu_line = _thread_cpu_line(report)
+    if cpu_line:
+        lines.append(cpu_line)
     if report["quick"]:
         lines.append("quick run: too few repeats to judge the targets")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _thread_cpu_line(report: dict[str, Any]) -> str | None:
+    """Describe the daemon threads' CPU per message in the median throughput run."""
+    measured = report["measured"]
+    rates = measured["throughput_samples_per_s"]["daemon"]
+    cpu = measured["daemon"].get("thread_cpu_us_per_message") or []
+    if not rates or len(cpu) != len(rates):
+        return None
+    run = sorted(range(len(rates)), key=rates.__getitem__)[len(rates) // 2]
+    if not cpu[run] or not rates[run]:
+        return None
+    threads = ", ".join(f"{value:g}" for value in cpu[run][:3])
+    wall_us = report["options"]["message_samples"] / rates[run] * 1e6
+    return (
+        f"daemon CPU per message in the median throughput run, busiest threads: "
+        f"{threads} us, against {wall_us:.0f} us of wall time"
+    )

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from dslo_edge.bench_local import digits_inputs, make_update
+from dslo_edge.bench_process import cpu_us_per_message, thread_cpu_s
 from dslo_edge.config import render_config
 from dslo_edge.errors import BrokerError, DsloError
 from dslo_edge.hub import HubClient
@@ -232,6 +233,8 @@ class DaemonProcess:
     hub: HubClient
     publisher: Publisher
     processed: int = 0
+    # CPU us per message of each daemon thread, busiest first, per throughput run.
+    thread_cpu: list[list[float] | None] = field(default_factory=list)
 
     @classmethod
     def start(cls, work: Path, bundle: Path, host: str, port: int) -> DaemonProcess:
@@ -271,9 +274,15 @@ class DaemonProcess:
         return metrics
 
     def throughput(self, payloads: list[bytes]) -> float:
-        """Return samples per second from the first publish to the last applied."""
+        """Return samples per second from the first publish to the last applied.
+
+        Also appends the daemon threads' CPU time per message to ``thread_cpu``.
+        """
+        cpu_before = thread_cpu_s(self.process.pid)
         started = self.publisher.publish_all(payloads)
         metrics = self._wait_processed(len(payloads))
+        cpu_after = thread_cpu_s(self.process.pid)
+        self.thread_cpu.append(cpu_us_per_message(cpu_before, cpu_after, len(payloads)))
         return _samples(payloads) / (float(metrics["timestamp"]) - started)
 
     def latency(self, payloads: list[bytes], gap_s: float) -> dict[str, Any]:

@@ -95,6 +95,47 @@ def _peak_rss_mb(pid: int) -> float:
     raise DsloError(f"/proc/{pid}/status has no VmHWM line")
 
 
+def thread_cpu_s(pid: int) -> dict[int, float] | None:
+    """Return CPU seconds (user + system) per thread of a process, by thread id.
+
+    Reads ``/proc/PID/task/*/stat``, which counts whole clock ticks: 10 ms
+    where ``SC_CLK_TCK`` is 100. Returns None where ``/proc`` has no such
+    entries.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                # Fields after the ")" that ends the thread name: utime is the
+                # 12th and stime the 13th.
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # the thread ended
+        seconds[int(task)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def cpu_us_per_message(
+    before: dict[int, float] | None, after: dict[int, float] | None, messages: int
+) -> list[float] | None:
+    """Return each thread's CPU microseconds per message, busiest first.
+
+    Threads that used no CPU between the two readings are left out.
+    """
+    if before is None or after is None or messages < 1:
+        return None
+    used = [after[task] - before.get(task, 0.0) for task in after]
+    return sorted(
+        (round(seconds / messages * 1e6, 1) for seconds in used if seconds > 0),
+        reverse=True,
+    )
+
+
 def measure_startup(config: Path, log: Path, repeats: int) -> dict[str, float]:
     """Alternate daemon starts with bare numpy processes and return medians."""
     daemon_s, daemon_mb, bare_s, bare_mb = [], [], [], []

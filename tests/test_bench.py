@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
+import time
 
 import pytest
 from click.testing import CliRunner
 
+from dslo_edge.bench_process import cpu_us_per_message, thread_cpu_s
 from dslo_edge.broker import find_mosquitto
 
 pytest.importorskip("keras")
@@ -59,3 +63,31 @@ def test_quick_bench_writes_every_figure(tmp_path) -> None:
     assert daemon["exit_code"] == 0
     assert daemon["rejected"] == {}
     assert daemon["applied"] == 120
+    # One reading per throughput run: busiest thread first, all positive.
+    (cpu,) = daemon["thread_cpu_us_per_message"]
+    assert cpu
+    assert cpu == sorted(cpu, reverse=True)
+    assert cpu[-1] > 0
+    assert "daemon CPU per message in the median throughput run" in result.output
+
+
+def test_thread_cpu_counts_this_thread() -> None:
+    pid, thread = os.getpid(), threading.get_native_id()
+    before = thread_cpu_s(pid)
+    started = time.thread_time()
+    while time.thread_time() - started < 0.2:
+        pass
+    after = thread_cpu_s(pid)
+
+    assert before is not None and after is not None
+    assert after[thread] - before[thread] >= 0.15
+    assert thread_cpu_s(2**22 + 1) is None
+
+
+def test_cpu_per_message_leaves_out_idle_threads() -> None:
+    before = {1: 1.0, 2: 5.0, 3: 0.5}
+    after = {1: 1.2, 2: 5.0, 3: 0.6, 4: 0.02}
+
+    assert cpu_us_per_message(before, after, 100) == [2000.0, 1000.0, 200.0]
+    assert cpu_us_per_message(None, after, 100) is None
+    assert cpu_us_per_message(before, after, 0) is None
