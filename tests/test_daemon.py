@@ -92,6 +92,11 @@ def invalid_payloads() -> dict[str, bytes]:
     scaled = rng.dirichlet(np.ones(10), size=8).astype(np.float32) * 1.3
     negative = rng.dirichlet(np.ones(10), size=8).astype(np.float32)
     negative[0, :2] = [-0.1, negative[0, 0] + negative[0, 1] + 0.1]
+    # Finite, but above the default limits.max_abs_input of 1e6.
+    huge = rng.random((8, 64), dtype=np.float32)
+    huge[2, 7] = 2.5e6
+    huge_negative = rng.random((8, 64), dtype=np.float32)
+    huge_negative[6, 0] = -3e38
     return {
         "truncated": valid[: len(valid) // 2],
         "shape_mismatch": encode_update(
@@ -101,6 +106,8 @@ def invalid_payloads() -> dict[str, bytes]:
         "negative_probability": encode_update(make_update(5, labels=negative)),
         "unnormalised": encode_update(make_update(6, labels=scaled)),
         "logits_as_probabilities": encode_update(make_update(7, labels=logits)),
+        "out_of_range": encode_update(make_update(9, inputs=huge)),
+        "out_of_range_negative": encode_update(make_update(10, inputs=huge_negative)),
     }
 
 
@@ -121,11 +128,12 @@ def test_invalid_updates_never_touch_weights(running_daemon) -> None:
         # logits have negative entries, so they fail the same check
         "negative_probability": 2,
         "unnormalised": 1,
+        "out_of_range": 2,
     }
     for name, value in daemon.student.get_weights().items():
         assert np.array_equal(value, factory[name]), name
 
-    hub.publish(encode_update(make_update(8)))
+    hub.publish(encode_update(make_update(8, input_dtype="float16")))
     metrics = wait_processed(hub, len(payloads) + 1)
 
     assert metrics["applied"] == 1
