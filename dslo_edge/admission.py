@@ -72,10 +72,15 @@ def check_input_range(update: AnyUpdate, max_abs_input: float) -> None:
     peak = getattr(update, "input_peak", None)
     largest = float(np.abs(update.inputs).max()) if peak is None else peak
     if largest > max_abs_input:
+        # Enough digits that a value just above the limit does not print as it.
+        digits = 3
+        while digits < 17 and f"{largest:.{digits}g}" == f"{max_abs_input:.{digits}g}":
+            digits += 1
         raise InvalidUpdate(
             OUT_OF_RANGE,
-            f"an input has magnitude {largest:.3g}, above limits.max_abs_input "
-            f"= {max_abs_input:.3g}; raise the limit if the model expects that",
+            f"an input has magnitude {largest:.{digits}g}, above "
+            f"limits.max_abs_input = {max_abs_input:.{digits}g}; raise the limit "
+            "if the model expects that",
             update.message_id_hex,
         )
 

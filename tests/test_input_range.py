@@ -71,3 +71,12 @@ def test_compiled_decoder_reports_the_peak() -> None:
     assert decoders(payload_with(-7.5))["checked"].input_peak == 7.5
     assert decoders(payload_with(-7.5))["python"].input_peak is None
     assert decoders(payload_with(60000.0, "float16"))["checked"].input_peak == 60000.0
+
+
+def test_rejection_shows_digits_that_tell_value_from_limit() -> None:
+    update = decoders(payload_with(1000000.0625))["checked"]
+    with pytest.raises(InvalidUpdate) as caught:
+        check_input_range(update, LIMIT)
+    assert "magnitude 1000000.1, above limits.max_abs_input = 1000000;" in str(
+        caught.value
+    )
