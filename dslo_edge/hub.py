@@ -149,6 +149,25 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     return host, port
 
 
+def _check_finite_labels(labels: np.ndarray, x: np.ndarray, ids: list[str]) -> None:
+    """Stop before publishing labels the device would reject as non-finite.
+
+    Finite inputs of extreme magnitude, such as 1e38, can overflow a
+    teacher's layers; the device would then name the labels, not the inputs.
+    """
+    bad = ~np.isfinite(labels).reshape(len(labels), -1).all(axis=1)
+    if not bad.any():
+        return
+    row = int(np.argmax(bad))
+    largest = float(np.abs(x[row]).max())
+    raise ConfigError(
+        f"the teacher gave NaN or infinite labels for sample {ids[row]!r} "
+        f"({int(bad.sum())} of {len(labels)} samples in its batch); its largest "
+        f"input magnitude is {largest:.3g}. Check or rescale the inputs in the "
+        "sample file; updates of earlier batches were already sent"
+    )
+
+
 def build_updates(
     teacher: TeacherModel,
     samples: SampleSet,
@@ -172,6 +191,7 @@ def build_updates(
     for start in range(0, len(samples.x), batch_size):
         x = samples.x[start : start + batch_size]
         labels = teacher.predict(x)
+        _check_finite_labels(labels, x, samples.ids[start : start + batch_size])
         kind = teacher.output_kind
         if privacy is not None:
             labels = privacy.labels(labels, kind)

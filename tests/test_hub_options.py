@@ -76,3 +76,37 @@ def test_private_updates_charge_the_ledger(mlp_pair, tmp_path) -> None:
         assert update.label_kind == "probabilities"
         assert np.all(update.labels >= 0)
         np.testing.assert_allclose(update.labels.sum(axis=1), 1.0, atol=1e-5)
+
+
+class LinearTeacher:
+    """A float32 linear teacher whose logits overflow on extreme inputs."""
+
+    output_kind = "logits"
+
+    def __init__(self) -> None:
+        self.weights = np.random.default_rng(1).normal(size=(64, 10))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return x @ self.weights.astype(np.float32)
+
+
+def test_inputs_that_overflow_the_teacher_stop_the_push() -> None:
+    from dslo_edge.errors import ConfigError
+
+    data = samples(40)
+    data.x[37] = -3e38
+    updates = build_updates(
+        LinearTeacher(),  # type: ignore[arg-type]
+        data,
+        teacher_version="t",
+        teacher_round=1,
+        batch_size=16,
+    )
+    assert [u.sample_count for u in (next(updates), next(updates))] == [16, 16]
+    with pytest.raises(ConfigError) as caught:
+        next(updates)
+    message = str(caught.value)
+    assert "NaN or infinite labels for sample 's37'" in message
+    assert "1 of 8 samples in its batch" in message
+    assert "input magnitude is 3e+38" in message
