@@ -72,17 +72,21 @@ def check_input_range(update: AnyUpdate, max_abs_input: float) -> None:
     peak = getattr(update, "input_peak", None)
     largest = float(np.abs(update.inputs).max()) if peak is None else peak
     if largest > max_abs_input:
-        # Enough digits that a value just above the limit does not print as it.
-        digits = 3
-        while digits < 17 and f"{largest:.{digits}g}" == f"{max_abs_input:.{digits}g}":
-            digits += 1
+        shown, limit = _distinct_figures(largest, max_abs_input)
         raise InvalidUpdate(
             OUT_OF_RANGE,
-            f"an input has magnitude {largest:.{digits}g}, above "
-            f"limits.max_abs_input = {max_abs_input:.{digits}g}; raise the limit "
-            "if the model expects that",
+            f"an input has magnitude {shown}, above limits.max_abs_input = "
+            f"{limit}; raise the limit if the model expects that",
             update.message_id_hex,
         )
+
+
+def _distinct_figures(value: float, limit: float) -> tuple[str, str]:
+    """Format both numbers with 3 significant digits, or more until they differ."""
+    digits = 3
+    while digits < 17 and f"{value:.{digits}g}" == f"{limit:.{digits}g}":
+        digits += 1
+    return f"{value:.{digits}g}", f"{limit:.{digits}g}"
 
 
 def check_new_and_fresh(
