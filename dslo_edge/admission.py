@@ -72,11 +72,11 @@ def check_input_range(update: AnyUpdate, max_abs_input: float) -> None:
     peak = getattr(update, "input_peak", None)
     largest = float(np.abs(update.inputs).max()) if peak is None else peak
     if largest > max_abs_input:
-        shown, limit = _distinct_figures(largest, max_abs_input)
+        magnitude_text, limit_text = _distinct_figures(largest, max_abs_input)
         raise InvalidUpdate(
             OUT_OF_RANGE,
-            f"an input has magnitude {shown}, above limits.max_abs_input = "
-            f"{limit}; raise the limit if the model expects that",
+            f"an input has magnitude {magnitude_text}, above limits.max_abs_input = "
+            f"{limit_text}; raise the limit if the model expects that",
             update.message_id_hex,
         )
 

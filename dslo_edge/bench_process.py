@@ -115,7 +115,7 @@ def thread_cpu_s(pid: int) -> dict[int, float] | None:
                 # 12th and stime the 13th.
                 fields = stat.read().rpartition(")")[2].split()
         except OSError:
-            continue  # the thread ended
+            continue  # The thread ended after the listing.
         seconds[int(task)] = (int(fields[11]) + int(fields[12])) / tick
     return seconds
 

@@ -150,10 +150,10 @@ def parse_broker_url(url: str) -> tuple[str, int]:
 
 
 def _check_finite_labels(labels: np.ndarray, x: np.ndarray, ids: list[str]) -> None:
-    """Stop before publishing labels the device would reject as non-finite.
+    """Raise ConfigError for labels that the device would reject as non-finite.
 
     Finite inputs of extreme magnitude, such as 1e38, can overflow a
-    teacher's layers; the device would then name the labels, not the inputs.
+    teacher's layers. The device would then name the labels, not the inputs.
     """
     bad = ~np.isfinite(labels).reshape(len(labels), -1).all(axis=1)
     if not bad.any():

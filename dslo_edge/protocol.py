@@ -212,8 +212,8 @@ class SoftLabelUpdate:
     # device always trains on float32.
     input_dtype: str = "float32"
     # Largest input magnitude, set by the compiled decoder while it converts
-    # the inputs, so admission need not scan them again. None: not known.
-    # Stale if ``inputs`` is changed after decoding.
+    # the inputs, so admission need not scan them again. None when unknown.
+    # It is stale if code changes ``inputs`` after decoding.
     input_peak: float | None = field(default=None, repr=False)
 
     @property

@@ -304,7 +304,8 @@ def _applied(
     loss: float,
     train_ms: float,
 ) -> AppliedUpdate:
-    # Python floats: three numpy reductions of 32 values cost about 8 us.
+    # A Python list, because three numpy reductions of 32 values cost about
+    # 8 us in a hot loop.
     alpha = targets.alpha.tolist()
     return AppliedUpdate(
         message_id=update.message_id_hex,

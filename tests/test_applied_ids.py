@@ -30,7 +30,7 @@ def test_eviction_keeps_the_newest_ids_in_order():
     assert message_id(5) in record
 
 
-def test_table_stays_right_across_many_evictions():
+def test_table_order_after_many_evictions():
     record = AppliedIds(capacity=10)
     for number in range(1000):
         record.add(message_id(number))
@@ -39,7 +39,7 @@ def test_table_stays_right_across_many_evictions():
     assert numbers(record) == list(range(990, 1000))
 
 
-def test_adding_a_known_id_keeps_its_place():
+def test_known_id_keeps_its_place():
     record = AppliedIds(capacity=3)
     for number in (1, 2, 1, 3):
         record.add(message_id(number))
@@ -67,7 +67,7 @@ def test_table_is_a_copy():
     assert table.shape == (1, ID_BYTES)
 
 
-def test_id_of_the_wrong_length_is_refused():
+def test_wrong_length_id_rejected():
     record = AppliedIds(capacity=4)
     with pytest.raises(ValueError, match="message ids have 16 bytes, got 3"):
         record.add(b"abc")
@@ -75,7 +75,7 @@ def test_id_of_the_wrong_length_is_refused():
     assert record.to_array().shape == (0, ID_BYTES)
 
 
-def test_id_that_is_not_bytes_is_refused():
+def test_non_bytes_id_rejected():
     record = AppliedIds(capacity=4)
     with pytest.raises(TypeError):
         record.add("0123456789abcdef")  # type: ignore[arg-type]
@@ -84,7 +84,7 @@ def test_id_that_is_not_bytes_is_refused():
     assert message_id(9) in record
 
 
-def test_failed_append_leaves_the_record_unchanged():
+def test_failed_append_leaves_record_unchanged():
     record = AppliedIds(capacity=2)
     record.add(message_id(1))
     view = np.frombuffer(record._joined, dtype=np.uint8)

@@ -91,7 +91,7 @@ class LinearTeacher:
             return x @ self.weights.astype(np.float32)
 
 
-def test_inputs_that_overflow_the_teacher_stop_the_push() -> None:
+def test_teacher_overflow_stops_push() -> None:
     from dslo_edge.errors import ConfigError
 
     data = samples(40)

@@ -42,7 +42,7 @@ def payload_with(value: float, input_dtype: str = "float32") -> bytes:
 
 
 def decoders(payload: bytes) -> dict[str, SoftLabelUpdate]:
-    """Decode with the compiled decoder (where built) and the Python code."""
+    """Return the updates that decode_checked and decode_update read."""
     return {
         "checked": decode_checked(payload, SPEC, PayloadLimits()),
         "python": decode_update(payload, PayloadLimits()),
@@ -50,7 +50,7 @@ def decoders(payload: bytes) -> dict[str, SoftLabelUpdate]:
 
 
 @pytest.mark.parametrize("value", [-2.5e6, 2.5e6, 3.0e38])
-def test_large_input_is_rejected_by_both_decoders(value: float) -> None:
+def test_large_input_rejected_by_both_decoders(value: float) -> None:
     for name, update in decoders(payload_with(value)).items():
         with pytest.raises(InvalidUpdate) as caught:
             check_input_range(update, LIMIT)
@@ -60,7 +60,7 @@ def test_large_input_is_rejected_by_both_decoders(value: float) -> None:
 
 
 @pytest.mark.parametrize("value", [-1e6, 0.0, 1e6])
-def test_input_at_the_limit_passes(value: float) -> None:
+def test_input_at_limit_passes(value: float) -> None:
     for update in decoders(payload_with(value)).values():
         check_input_range(update, LIMIT)
 
@@ -73,7 +73,7 @@ def test_compiled_decoder_reports_the_peak() -> None:
     assert decoders(payload_with(60000.0, "float16"))["checked"].input_peak == 60000.0
 
 
-def test_rejection_shows_digits_that_tell_value_from_limit() -> None:
+def test_message_tells_value_from_limit() -> None:
     update = decoders(payload_with(1000000.0625))["checked"]
     with pytest.raises(InvalidUpdate) as caught:
         check_input_range(update, LIMIT)
