@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,23 +149,35 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     return host, port
 
 
-def _check_finite_labels(labels: np.ndarray, x: np.ndarray, ids: list[str]) -> None:
-    """Raise ConfigError for labels that the device would reject as non-finite.
+def describe_non_finite_labels(
+    labels: np.ndarray, x: np.ndarray, ids: Sequence[str]
+) -> str | None:
+    """Name the first sample whose teacher labels are NaN or infinite, or None.
 
     Finite inputs of extreme magnitude, such as 1e38, can overflow a
-    teacher's layers. The device would then name the labels, not the inputs.
+    teacher's layers. The device would then reject the labels and could not
+    name the inputs, so the hub checks before it sends.
     """
     bad = ~np.isfinite(labels).reshape(len(labels), -1).all(axis=1)
     if not bad.any():
-        return
+        return None
     row = int(np.argmax(bad))
     largest = float(np.abs(x[row]).max())
-    raise ConfigError(
+    return (
         f"the teacher gave NaN or infinite labels for sample {ids[row]!r} "
-        f"({int(bad.sum())} of {len(labels)} samples in its batch); its largest "
-        f"input magnitude is {largest:.3g}. Check or rescale the inputs in the "
-        "sample file; updates of earlier batches were already sent"
+        f"({int(bad.sum())} of {len(labels)} samples labelled together); its "
+        f"largest input magnitude is {largest:.3g}"
     )
+
+
+def _check_finite_labels(labels: np.ndarray, x: np.ndarray, ids: list[str]) -> None:
+    """Raise ConfigError for labels that the device would reject as non-finite."""
+    problem = describe_non_finite_labels(labels, x, ids)
+    if problem is not None:
+        raise ConfigError(
+            f"{problem}. Check or rescale the inputs in the sample file; updates "
+            "of earlier batches were already sent"
+        )
 
 
 def build_updates(

@@ -24,7 +24,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from dslo_edge.errors import InvalidRequest
-from dslo_edge.hub import label_probabilities_of
+from dslo_edge.hub import describe_non_finite_labels, label_probabilities_of
 from dslo_edge.hub_config import HubConfig
 from dslo_edge.hub_state import (
     ADMITTED,
@@ -256,6 +256,21 @@ class BatchLabeller:
         for item, request, key in admitted:
             rows = outputs[start : start + request.sample_count]
             start += request.sample_count
+            problem = describe_non_finite_labels(
+                rows, request.inputs, request.sample_ids
+            )
+            if problem is not None:
+                # Finite inputs of extreme magnitude overflowed the teacher.
+                self.counters.rejected += 1
+                logger.warning(
+                    "Rejected request %s from device %s: %s",
+                    request.request_id_hex,
+                    item.device,
+                    problem,
+                )
+                message = f"{problem}; rescale the inputs and ask again"
+                replies.append(_Reply(item, key, STATUS_REJECTED, message.encode()))
+                continue
             payload = self._encode(item.device or "", request, rows)
             replies.append(_Reply(item, key, STATUS_OK, payload))
             self.counters.answered += 1

@@ -17,7 +17,11 @@ from typing import Any
 import numpy as np
 
 from dslo_edge.errors import ConfigError
-from dslo_edge.hub import SampleSet, label_probabilities_of
+from dslo_edge.hub import (
+    SampleSet,
+    describe_non_finite_labels,
+    label_probabilities_of,
+)
 from dslo_edge.multihead_protocol import HeadLabels, MultiHeadUpdate
 from dslo_edge.protocol import new_message_id
 from dslo_edge.runtime import as_float32, load_interpreter
@@ -71,10 +75,15 @@ def build_multi_head_updates(
 
     Hard labels are not sent, because ``SampleSet.y`` has one label per
     sample, not one per head.
+
+    Raises:
+        ConfigError: the teacher gave NaN or infinite labels for a batch; the
+            updates of earlier batches were already yielded.
     """
     for start in range(0, len(samples.x), batch_size):
         x = samples.x[start : start + batch_size]
         outputs = teacher.predict(x)
+        _check_finite_heads(outputs, x, samples.ids[start : start + batch_size])
         heads = {
             name: _head_labels(outputs[name], teacher.output_kinds[name], top_k)
             for name in teacher.output_kinds
@@ -88,6 +97,18 @@ def build_multi_head_updates(
             inputs=x,
             heads=heads,
         )
+
+
+def _check_finite_heads(
+    outputs: Mapping[str, np.ndarray], x: np.ndarray, ids: list[str]
+) -> None:
+    for name, labels in outputs.items():
+        problem = describe_non_finite_labels(labels, x, ids)
+        if problem is not None:
+            raise ConfigError(
+                f"head {name}: {problem}. Check or rescale the inputs in the "
+                "sample file; updates of earlier batches were already sent"
+            )
 
 
 def _head_labels(output: np.ndarray, kind: str, top_k: int | None) -> HeadLabels:

@@ -24,8 +24,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from dslo_edge.errors import DsloError
-from dslo_edge.hub import SampleSet, label_probabilities_of, load_samples
+from dslo_edge.errors import ConfigError, DsloError
+from dslo_edge.hub import (
+    SampleSet,
+    describe_non_finite_labels,
+    label_probabilities_of,
+    load_samples,
+)
 from dslo_edge.hub_config import HubConfig, PushSchedule
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherRegistry
@@ -95,10 +100,21 @@ class PushScheduler(threading.Thread):
                     )
 
     def run_once(self, schedule: PushSchedule) -> None:
-        """Label the schedule's dataset and publish it to each of its devices."""
+        """Label the schedule's dataset and publish it to each of its devices.
+
+        Raises:
+            ConfigError: the teacher gave NaN or infinite labels; nothing was
+                sent.
+        """
         samples = self._load(schedule.data)
         current = self.teacher.current
         outputs = self._teacher_model().predict(samples.x)
+        problem = describe_non_finite_labels(outputs, samples.x, samples.ids)
+        if problem is not None:
+            raise ConfigError(
+                f"{problem}. Check or rescale the inputs in {schedule.data}; "
+                "nothing was sent"
+            )
         for device in schedule.devices:
             sent = self._push_device(schedule, device, samples, outputs)
             self.updates += sent

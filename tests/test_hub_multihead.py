@@ -80,6 +80,39 @@ def test_updates_carry_top_k_per_head(two_head_bundle: Path) -> None:
     assert updates[2].sample_ids == ["h16", "h17", "h18", "h19"]
 
 
+class OverflowingTwoHeadTeacher:
+    """A fake two-head teacher whose float32 ``shape`` logits overflow."""
+
+    output_kinds = {"digit": "probabilities", "shape": "logits"}
+
+    def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        weights = np.random.default_rng(1).normal(size=(64, 3)).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            shape = x @ weights
+        return {"digit": np.full((len(x), 10), 0.1, np.float32), "shape": shape}
+
+
+def test_teacher_overflow_stops_multi_head_push() -> None:
+    samples = _samples()
+    samples.x[13] = 3e38
+
+    updates = build_multi_head_updates(
+        OverflowingTwoHeadTeacher(),  # type: ignore[arg-type]
+        samples,
+        teacher_version="r1",
+        teacher_round=1,
+        batch_size=8,
+    )
+
+    assert next(updates).sample_ids[0] == "h0"
+    with pytest.raises(ConfigError) as caught:
+        next(updates)
+    message = str(caught.value)
+    assert message.startswith("head shape: the teacher gave NaN or infinite labels")
+    assert "sample 'h13' (1 of 8 samples labelled together)" in message
+    assert "input magnitude is 3e+38" in message
+
+
 def test_push_trains_two_head_daemon(
     two_head_bundle: Path, second_round: Path, broker_factory, tmp_path: Path
 ) -> None:

@@ -108,5 +108,5 @@ def test_teacher_overflow_stops_push() -> None:
         next(updates)
     message = str(caught.value)
     assert "NaN or infinite labels for sample 's37'" in message
-    assert "1 of 8 samples in its batch" in message
+    assert "1 of 8 samples labelled together" in message
     assert "input magnitude is 3e+38" in message

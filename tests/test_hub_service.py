@@ -14,7 +14,12 @@ from dslo_edge.bundle import load_bundle
 from dslo_edge.hub import default_sample_ids
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
-from dslo_edge.label_protocol import request_properties
+from dslo_edge.label_protocol import (
+    LabelRequest,
+    encode_request,
+    request_properties,
+    user_properties,
+)
 from dslo_edge.label_requests import RequestSettings
 from dslo_edge.protocol import decode_update
 from tests.hub_fleet import HubWatcher, SimulatedDevice, drain_inbox, write_hub_config
@@ -139,3 +144,111 @@ def test_foreign_response_topic_gets_no_labels(mlp_pair, mosquitto, tmp_path) ->
         client.loop_stop()
     assert counters["unanswerable"] == 1
     assert counters["rejected"] == 1
+
+
+@pytest.fixture(scope="module")
+def relu_teacher(tmp_path_factory: pytest.TempPathFactory):
+    """A 64-32-10 ReLU teacher: inputs of 3e38 make its probabilities NaN.
+
+    The tanh teacher of ``mlp_pair`` saturates instead.
+    """
+    keras = pytest.importorskip("keras")
+    from converters.bundle import convert_teacher
+
+    keras.utils.set_random_seed(3)
+    teacher = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    path = tmp_path_factory.mktemp("relu-teacher") / "teacher.tflite"
+    return convert_teacher(teacher, path)
+
+
+def test_teacher_overflow_stops_scheduled_push(
+    relu_teacher, mosquitto, tmp_path, caplog
+) -> None:
+    data = tmp_path / "hub" / "data.npz"
+    data.parent.mkdir()
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    x[25] = 3e38
+    np.savez(data, x=x)
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, relu_teacher, extra)
+    push = (
+        '\n[[push]]\nname = "nightly"\ndevices = ["kitchen"]\ndata = "data.npz"\n'
+        "every_s = 3600\nbatch_size = 16\n"
+    )
+    config.write_text(config.read_text() + push)
+
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, message: received.put(message.payload)
+    client.connect("127.0.0.1", mosquitto.port)
+    client.subscribe("dslo/kitchen/updates", qos=1)
+    client.loop_start()
+    worker = HubWorker(load_hub_config(config, "w1"))
+    caplog.set_level("ERROR", logger="dslo_edge.hub_pushes")
+    worker.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    [record] = caplog.records
+    message = record.getMessage()
+    ids = default_sample_ids(x)
+    assert message.startswith("Push nightly failed: the teacher gave NaN or infinite")
+    assert f"for sample {ids[25]!r} (1 of 40 samples labelled together)" in message
+    assert "input magnitude is 3e+38" in message
+    assert "nothing was sent" in message
+    assert received.empty()
+    assert worker.pushes is not None
+    assert worker.pushes.counters() == {"runs": 0, "updates": 0, "skipped_devices": 0}
+
+
+def test_teacher_overflow_rejects_label_request(
+    relu_teacher, mosquitto, tmp_path
+) -> None:
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, relu_teacher, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, message: received.put(message)
+    client.connect("127.0.0.1", mosquitto.port)
+    client.subscribe("dslo/kitchen/labels", qos=1)
+    client.loop_start()
+    worker.start()
+
+    inputs = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    inputs[1] = 3e38
+    request = LabelRequest(b"q" * 16, time.time(), ["a", "b", "c"], inputs)
+    try:
+        time.sleep(0.5)
+        client.publish(
+            "dslo/kitchen/requests",
+            encode_request(request),
+            qos=1,
+            properties=request_properties("dslo/kitchen/labels", request.request_id),
+        )
+        reply = received.get(timeout=10)
+        counters = worker.counters
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    assert user_properties(reply.properties)["status"] == "rejected"
+    text = reply.payload.decode()
+    assert "NaN or infinite labels for sample 'b' (1 of 3 samples" in text
+    assert "input magnitude is 3e+38" in text
+    assert counters["rejected"] == 1
+    assert counters["answered"] == 0
