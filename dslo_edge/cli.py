@@ -771,8 +771,6 @@ def service_install(
     watchdog_sec: int,
 ) -> None:
     """Write dslo-edge.service with a watchdog, restarts and sandboxing."""
-    import shutil
-
     from dslo_edge.service import (
         check_normalized_path,
         check_state_dir,
@@ -781,9 +779,10 @@ def service_install(
         check_user_name,
         install_unit,
         render_unit,
+        running_script,
     )
 
-    executable = exec_path or shutil.which("dslo-edge") or sys.argv[0]
+    executable = exec_path or running_script()
     text = render_unit(
         exec_path=check_unit_path(executable, "--exec"),
         config_path=check_normalized_path(config_path, "--config"),

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import shutil
+import sys
 from pathlib import Path, PurePosixPath
 
 from dslo_edge.errors import ConfigError
 
 UNIT_NAME = "dslo-edge.service"
 DEFAULT_EXEC = PurePosixPath("/opt/dslo-edge/venv/bin/dslo-edge")
+SCRIPT_NAME = "dslo-edge"
 DEFAULT_CONFIG = PurePosixPath("/etc/dslo-edge/device.toml")
 DEFAULT_STATE_DIR = PurePosixPath("/var/lib/dslo-edge")
 # sysexits.h EX_CONFIG, the status `dslo-edge run` exits with on a config error.
@@ -136,6 +139,22 @@ def check_unit_dir(value: str, option: str) -> Path:
             "systemd reads units from, such as /etc/systemd/system"
         )
     return path
+
+
+def running_script() -> str:
+    """Return the path of the ``dslo-edge`` script that runs this process.
+
+    That is the install the unit should start, even when another
+    ``dslo-edge`` comes first on PATH. Under ``python -m dslo_edge.cli`` it
+    is the script beside the interpreter, then the one on PATH.
+    """
+    started_as = Path(sys.argv[0])
+    if started_as.name == SCRIPT_NAME and started_as.is_file():
+        return os.path.abspath(started_as)
+    beside = Path(sys.executable).parent / SCRIPT_NAME
+    if beside.is_file():
+        return str(beside)
+    return shutil.which(SCRIPT_NAME) or sys.argv[0]
 
 
 def check_user_name(value: str, option: str = "--user") -> str:

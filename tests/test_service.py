@@ -63,6 +63,41 @@ def test_service_install_writes_notify_unit(tmp_path) -> None:
         assert expected in lines, expected
 
 
+def _console_script(folder) -> str:
+    """Write a ``dslo-edge`` script like the one pip installs; return its path."""
+    folder.mkdir()
+    script = folder / "dslo-edge"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "from dslo_edge.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_service_install_uses_running_script(tmp_path) -> None:
+    running = _console_script(tmp_path / "venv-bin")
+    other = _console_script(tmp_path / "path-bin")
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    env = dict(os.environ)
+    env["PATH"] = f"{os.path.dirname(other)}{os.pathsep}{env['PATH']}"
+
+    result = subprocess.run(
+        [running, "service", "install", "--unit-dir", str(unit_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    lines = (unit_dir / "dslo-edge.service").read_text().splitlines()
+    assert f"ExecStart={running} run --config /etc/dslo-edge/device.toml" in lines
+
+
 @pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
 )
