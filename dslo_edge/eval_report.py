@@ -65,8 +65,16 @@ def summarise(results: list[SeedResult]) -> dict[str, Any]:
     return summary
 
 
+def _spread(mean: float, std: float, seeds: int, sign: str = "") -> str:
+    """Format a mean with its standard deviation, which one seed does not have."""
+    if seeds < 2:
+        return f"{mean:{sign}.1f}"
+    return f"{mean:{sign}.1f} ± {std:.1f}"
+
+
 def markdown_table(dataset: str, entry: dict[str, Any]) -> str:
     """Return the markdown table of one dataset's summary."""
+    seeds = len(entry["seeds"])
     lines = [
         "| method | test accuracy (%) | gap to final teacher (points) |",
         "|---|---|---|",
@@ -74,9 +82,9 @@ def markdown_table(dataset: str, entry: dict[str, Any]) -> str:
     for name, row in entry["methods"].items():
         mean, std = row["test"]
         gap_mean, gap_std = row["gap"]
-        lines.append(
-            f"| {name} | {mean:.1f} ± {std:.1f} | {gap_mean:.1f} ± {gap_std:.1f} |"
-        )
+        test = _spread(mean, std, seeds)
+        gap = _spread(gap_mean, gap_std, seeds)
+        lines.append(f"| {name} | {test} | {gap} |")
     rounds = ", ".join(f"{mean:.1f}" for mean, _ in entry["teacher_rounds"])
     diff, spread = entry["dslo_minus_static"]
     per_seed = ", ".join(f"{d:+.1f}" for d in entry["dslo_minus_static_per_seed"])
@@ -85,7 +93,7 @@ def markdown_table(dataset: str, entry: dict[str, Any]) -> str:
         "",
         f"Teacher test accuracy by round (%): {rounds}.",
         f"Updates in which the drift boost raised DSL-O's lambda, per seed: {boosted}.",
-        f"DSL-O minus static KD: {diff:+.1f} ± {spread:.1f} points "
+        f"DSL-O minus static KD: {_spread(diff, spread, seeds, '+')} points "
         f"(per seed: {per_seed}).",
     ]
     return "\n".join(lines)
@@ -133,7 +141,8 @@ def write_plots(results: list[SeedResult], folder: Path) -> list[Path]:
                 )
             axes.set_xlabel("applied updates (5 teacher rounds)")
             axes.set_ylabel(label)
-            axes.set_title(f"{dataset}: {title}, mean of {len(seeds)} seeds")
+            averaged = "1 seed" if len(seeds) == 1 else f"mean of {len(seeds)} seeds"
+            axes.set_title(f"{dataset}: {title}, {averaged}")
             axes.grid(alpha=0.3)
             axes.legend()
             figure.tight_layout()
@@ -158,13 +167,26 @@ def write_json(results: list[SeedResult], path: Path) -> None:
 
 def _verdict(dataset: str, entry: dict[str, Any]) -> str:
     diff, spread = entry["dslo_minus_static"]
+    if len(entry["seeds"]) < 2:
+        side = "beats" if diff > 0 else "loses to"
+        return (
+            f"On {dataset}, DSL-O {side} static KD by {abs(diff):.1f} points in "
+            "one seed, which gives no spread: run more seeds before concluding."
+        )
     if abs(diff) <= spread:
         return (
             f"On {dataset}, DSL-O and static KD are within one standard deviation "
             f"of each other ({diff:+.1f} ± {spread:.1f} points): no clear winner."
         )
     side = "beats" if diff > 0 else "loses to"
-    return f"On {dataset}, DSL-O {side} static KD by {diff:+.1f} ± {spread:.1f} points."
+    return (
+        f"On {dataset}, DSL-O {side} static KD by {abs(diff):.1f} ± {spread:.1f} "
+        "points."
+    )
+
+
+def _seeds(count: int) -> str:
+    return "1 seed (so no standard deviation)" if count == 1 else f"{count} seeds"
 
 
 def render_page(
@@ -185,7 +207,7 @@ def render_page(
         "project's `Trainer`. Each method's learning rate, temperature and "
         "alpha (static KD's constant alpha, alpha_start of the others) are "
         "chosen per seed on a shifted validation split. "
-        f"Numbers are mean ± sample standard deviation over {seeds} seeds, on "
+        f"Numbers are mean ± sample standard deviation over {_seeds(seeds)}, on "
         "the shifted test split, which no choice looked at. The gap is the "
         "final teacher's test accuracy minus the student's.",
         "",

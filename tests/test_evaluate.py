@@ -71,3 +71,43 @@ def test_quick_evaluation_writes_report(tmp_path) -> None:
     assert len(runs["DSL-O"].alpha) == len(runs["static KD"].alpha) > 0
     assert all(0.2 <= a <= 0.8 for a in runs["DSL-O"].alpha)
     assert summary["digits"]["dslo_minus_static"][1] == 0.0
+
+
+def _entry(seeds: list[int], diff: float, spread: float) -> dict:
+    return {
+        "seeds": seeds,
+        "methods": {"DSL-O": {"test": (80.0, spread), "gap": (5.0, spread)}},
+        "teacher_rounds": [(85.0, 1.0)],
+        "dslo_minus_static": (diff, spread),
+        "dslo_minus_static_per_seed": [diff] * len(seeds),
+        "dslo_boosted_updates": [0] * len(seeds),
+    }
+
+
+def test_report_of_one_seed_shows_no_spread() -> None:
+    from dslo_edge.eval_report import markdown_table, render_page
+
+    entry = _entry([0], -5.3, 0.0)
+    page = render_page({"digits": entry}, "dslo-edge evaluate --seeds 1", 60.0, 1)
+
+    assert "On digits, DSL-O loses to static KD by 5.3 points in one seed" in page
+    assert "over 1 seed (so no standard deviation)" in page
+    assert "| DSL-O | 80.0 | 5.0 |" in markdown_table("digits", entry)
+    assert "DSL-O minus static KD: -5.3 points" in page
+    assert "±" not in markdown_table("digits", entry)
+
+
+def test_report_verdict_names_size_without_sign() -> None:
+    from dslo_edge.eval_report import markdown_table, render_page
+
+    losing = render_page({"digits": _entry([0, 1, 2], -3.9, 2.3)}, "cmd", 60.0, 3)
+    winning = render_page({"digits": _entry([0, 1, 2], 2.5, 1.0)}, "cmd", 60.0, 3)
+    tied = render_page({"digits": _entry([0, 1, 2], -0.1, 1.9)}, "cmd", 60.0, 3)
+
+    assert "On digits, DSL-O loses to static KD by 3.9 ± 2.3 points." in losing
+    assert "On digits, DSL-O beats static KD by 2.5 ± 1.0 points." in winning
+    assert "within one standard deviation of each other (-0.1 ± 1.9" in tied
+    assert "over 3 seeds, on" in losing
+    table = markdown_table("digits", _entry([0, 1, 2], -3.9, 2.3))
+    assert "| DSL-O | 80.0 ± 2.3 | 5.0 ± 2.3 |" in table
+    assert "DSL-O minus static KD: -3.9 ± 2.3 points" in table
