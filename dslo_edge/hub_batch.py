@@ -202,6 +202,13 @@ class BatchLabeller:
             )
         if not np.isfinite(request.inputs).all():
             raise InvalidRequest("non_finite", "inputs contain NaN or infinity")
+        repeated = _first_repeat(request.sample_ids)
+        if repeated is not None:
+            raise InvalidRequest(
+                "duplicate_sample_id",
+                f"sample id {repeated!r} occurs more than once; devices reject "
+                "such updates, so give each sample of a request its own id",
+            )
         key = self._key(item.device or "")
         if self.config.keys_dir is not None and key is None:
             raise InvalidRequest(
@@ -336,3 +343,15 @@ class BatchLabeller:
             )
         for info in sent:
             info.wait_for_publish(timeout=PUBLISH_TIMEOUT_S)
+
+
+def _first_repeat(ids: list[str]) -> str | None:
+    """Return the first id that occurs twice, or None when all differ."""
+    if len(set(ids)) == len(ids):
+        return None
+    seen: set[str] = set()
+    for sample_id in ids:
+        if sample_id in seen:
+            return sample_id
+        seen.add(sample_id)
+    return None

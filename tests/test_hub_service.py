@@ -252,3 +252,39 @@ def test_teacher_overflow_rejects_label_request(
     assert "input magnitude is 3e+38" in text
     assert counters["rejected"] == 1
     assert counters["answered"] == 0
+
+
+def test_repeated_sample_id_rejects_label_request(
+    mlp_pair, mosquitto, tmp_path
+) -> None:
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, message: received.put(message)
+    client.connect("127.0.0.1", mosquitto.port)
+    client.subscribe("dslo/kitchen/labels", qos=1)
+    client.loop_start()
+    worker.start()
+
+    inputs = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    request = LabelRequest(b"d" * 16, time.time(), ["a", "b", "a"], inputs)
+    try:
+        time.sleep(0.5)
+        client.publish(
+            "dslo/kitchen/requests",
+            encode_request(request),
+            qos=1,
+            properties=request_properties("dslo/kitchen/labels", request.request_id),
+        )
+        reply = received.get(timeout=10)
+        counters = worker.counters
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    assert user_properties(reply.properties)["status"] == "rejected"
+    assert reply.payload.decode().startswith("sample id 'a' occurs more than once")
+    assert counters["rejected"] == 1
+    assert counters["teacher_calls"] == 0
