@@ -1122,6 +1122,7 @@ class EdgeDaemon:
             "processed_total": self.trainer.applied_updates
             + sum(self.metrics.rejected_counts().values()),
             "checkpoints_written": self.checkpoints_written,
+            "unsaved": self._unsaved,
             "storage_error": self.storage_error,
             "probe_accuracy": self.health.last_accuracy,
             "rollbacks": self.rollbacks,

@@ -36,6 +36,7 @@ from dslo_edge.push_progress import (
     key_counters,
     wait_for_baseline,
     wait_for_processed,
+    wait_for_saved,
 )
 from dslo_edge.signing import sign
 
@@ -390,8 +391,9 @@ def push(
     Raises:
         ConfigError: ``head_output_kinds`` is combined with ``privacy``, or
             the broker URL or login is invalid.
-        BrokerError: the broker cannot be used, the device is offline, or it
-            did not process the updates within ``timeout``.
+        BrokerError: the broker cannot be used, the device is offline, it
+            did not process and save the updates within ``timeout``, or it
+            rolled back during the push.
     """
     if head_output_kinds is not None and privacy is not None:
         raise ConfigError(
@@ -437,9 +439,9 @@ def push(
                 result.device_metrics = wait_for_processed(
                     hub, before, result.messages, result.messages, timeout
                 )
-                result.device_counts = DeviceCounts.between(
-                    before, result.device_metrics
-                )
+        if wait:
+            result.device_metrics = wait_for_saved(hub, before, timeout)
+            result.device_counts = DeviceCounts.between(before, result.device_metrics)
     finally:
         hub.close()
     return result

@@ -111,6 +111,24 @@ class DeviceCounts:
         return [REJECTION_HINTS[r] for r in self.rejected if r in REJECTION_HINTS]
 
 
+def _rolled_back(before: dict[str, Any], metrics: dict[str, Any]) -> bool:
+    """Check whether the device rolled back its student since ``before``."""
+    return int(metrics.get("rollbacks") or 0) > int(before.get("rollbacks") or 0)
+
+
+def _rollback_error(
+    hub: HubClient, before: dict[str, Any], metrics: dict[str, Any]
+) -> BrokerError:
+    counts = DeviceCounts.between(before, metrics)
+    reason = metrics.get("last_rollback") or "its health check failed"
+    return BrokerError(
+        f"device {hub.device_id} rolled back its student during the push "
+        f"({reason}) and dropped the updates applied since its last "
+        f"checkpoint, so part of this push is lost ({counts.describe()} so "
+        "far). Look for samples of extreme magnitude in the data, then push again"
+    )
+
+
 def key_counters(metrics: dict[str, Any] | None) -> str:
     """Return the few counters that tell how far a device got, as one line."""
     if metrics is None:
@@ -169,9 +187,13 @@ def wait_for_processed(
     """
     target = handled_count(before) + count
     try:
-        return hub.wait_for_metrics(lambda m: handled_count(m) >= target, timeout)
+        metrics = hub.wait_for_metrics(
+            lambda m: handled_count(m) >= target or _rolled_back(before, m), timeout
+        )
     except BrokerError:
         latest = hub.latest_metrics or before
+        if _rolled_back(before, latest):
+            raise _rollback_error(hub, before, latest) from None
         done = handled_count(latest) - handled_count(before)
         counts = DeviceCounts.between(before, latest)
         raise BrokerError(
@@ -180,3 +202,38 @@ def wait_for_processed(
             f"{hub.status or 'unknown'}); check the device's log, or raise "
             "--timeout"
         ) from None
+    if _rolled_back(before, metrics):
+        raise _rollback_error(hub, before, metrics)
+    return metrics
+
+
+def wait_for_saved(
+    hub: HubClient, before: dict[str, Any], timeout: float
+) -> dict[str, Any]:
+    """Wait until the device has saved every update it applied in a checkpoint.
+
+    The device checks its student before each checkpoint and rolls back
+    when the check fails, dropping the updates applied since the last one.
+    Until the next checkpoint, applied updates can still be lost. A device
+    that does not report ``unsaved`` is not waited for.
+
+    Raises:
+        BrokerError: the device rolled back, or saved no checkpoint within
+            ``timeout``.
+    """
+    try:
+        metrics = hub.wait_for_metrics(
+            lambda m: not m.get("unsaved") or _rolled_back(before, m), timeout
+        )
+    except BrokerError:
+        latest = hub.latest_metrics or before
+        storage = latest.get("storage_error")
+        cause = f"storage_error {storage}" if storage else key_counters(latest)
+        raise BrokerError(
+            f"device {hub.device_id} applied the updates but saved no checkpoint "
+            f"within {timeout:.0f} s ({cause}, {latest.get('unsaved')} updates "
+            "unsaved); check the device's log and its state_dir, or raise --timeout"
+        ) from None
+    if _rolled_back(before, metrics):
+        raise _rollback_error(hub, before, metrics)
+    return metrics

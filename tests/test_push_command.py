@@ -146,6 +146,43 @@ def test_push_timeout_names_key_counters(mlp_pair, broker_factory, data_file):
     assert len(result.output.splitlines()[-1]) < 300
 
 
+def test_push_reports_rollback_of_its_updates(mlp_pair, broker_factory, tmp_path):
+    broker = broker_factory("mosquitto")
+    x = np.random.default_rng(0).random((SAMPLES, 64), dtype=np.float32)
+    # Below max_abs_input (1e6), yet its gradients grow the weights past the
+    # health check's limit.
+    x[40] = 9e5
+    data = tmp_path / "harmful.npz"
+    np.savez(data, x=x)
+    daemon = start_daemon(mlp_pair.bundle, broker, tmp_path)
+    try:
+        result = run_push(mlp_pair.bundle, data, broker.url)
+        rollbacks = daemon.rollbacks
+    finally:
+        daemon.stop()
+
+    assert result.exit_code == 1
+    assert f"device {DEVICE} rolled back its student during the push" in (result.output)
+    assert "weight norm grew" in result.output
+    assert "part of this push is lost" in result.output
+    assert rollbacks == 1
+
+
+def test_push_waits_for_checkpoint(mlp_pair, broker_factory, tmp_path, data_file):
+    broker = broker_factory("mosquitto")
+    daemon = start_daemon(mlp_pair.bundle, broker, tmp_path)
+    try:
+        result = run_push(mlp_pair.bundle, data_file, broker.url)
+        written = daemon.checkpoints_written
+        unsaved = daemon.status_report()["unsaved"]
+    finally:
+        daemon.stop()
+
+    assert result.exit_code == 0, result.output
+    assert written >= 1
+    assert unsaved == 0
+
+
 @pytest.fixture(scope="module")
 def other_bundle(tmp_path_factory) -> Path:
     """A bundle of another task: 32 inputs and 5 classes."""
