@@ -190,6 +190,7 @@ class EdgeDaemon:
             self.requester,
             reference,
             self.costs.infer_ms,
+            self.config.max_abs_input,
         )
 
     def _init_queues_and_state(self) -> None:

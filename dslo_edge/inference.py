@@ -104,6 +104,32 @@ def decode_inputs(
     return ids, x
 
 
+def _check_range(ids: list[str], x: np.ndarray, max_abs_input: float) -> None:
+    """Reject inputs above ``max_abs_input``, as updates are rejected."""
+    magnitudes = np.abs(x).reshape(len(x), -1).max(axis=1)
+    row = int(np.argmax(magnitudes))
+    if magnitudes[row] > max_abs_input:
+        raise InvalidUpdate(
+            "out_of_range",
+            f"input {ids[row]!r} has magnitude {magnitudes[row]:.3g}, above "
+            f"limits.max_abs_input = {max_abs_input:.3g}; raise the limit if the "
+            "model expects that",
+        )
+
+
+def _check_finite_output(ids: list[str], x: np.ndarray, rows: np.ndarray) -> None:
+    """Reject inputs that overflow the student, rather than publish NaN."""
+    bad = ~np.isfinite(rows).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InvalidUpdate(
+            "non_finite_output",
+            f"the student's probabilities for input {ids[row]!r} are NaN or "
+            f"infinite (its largest magnitude is {float(np.abs(x[row]).max()):.3g}); "
+            "rescale the inputs or lower limits.max_abs_input",
+        )
+
+
 def encode_inputs(x: np.ndarray, ids: list[str] | None = None) -> bytes:
     """Return an inference payload for ``decode_inputs``."""
     buffer = io.BytesIO()
@@ -144,6 +170,8 @@ class InferenceService:
         reference: a model whose disagreement with the student also marks a
             sample as unsure (the bundle's teacher); None for confidence only.
         infer_ms: records the latency of each student inference.
+        max_abs_input: the largest input magnitude accepted, as for updates
+            (``limits.max_abs_input``).
     """
 
     def __init__(
@@ -153,29 +181,35 @@ class InferenceService:
         requester: LabelRequester | None,
         reference: TeacherModel | None,
         infer_ms: LatencyWindow,
+        max_abs_input: float = float("inf"),
     ):
         self.publish = publish
         self.predictions_topic = predictions_topic
         self.requester = requester
         self.reference = reference
         self.infer_ms = infer_ms
+        self.max_abs_input = max_abs_input
 
     def handle(self, payload: bytes, student: StudentModel) -> None:
         """Publish predictions for one payload; raises InvalidUpdate for a bad one."""
         ids, x = decode_inputs(payload, student.bundle.input_shape)
+        _check_range(ids, x, self.max_abs_input)
         started = time.perf_counter()
         probabilities = student.infer(x)
         self.infer_ms.add((time.perf_counter() - started) * 1000)
         if isinstance(probabilities, dict):
             # A multi-head student; the daemon allows no label requests for it.
+            for rows in probabilities.values():
+                _check_finite_output(ids, x, rows)
             self.publish(self.predictions_topic, _head_answers(ids, probabilities))
             return
+        _check_finite_output(ids, x, probabilities)
         answer = {
             "ids": ids,
             "classes": np.argmax(probabilities, axis=1).tolist(),
             "confidence": [round(float(c), 6) for c in probabilities.max(axis=1)],
         }
-        self.publish(self.predictions_topic, json.dumps(answer))
+        self.publish(self.predictions_topic, json.dumps(answer, allow_nan=False))
         if self.requester is None:
             return
         reference = None
@@ -217,7 +251,7 @@ def _head_answers(ids: list[str], probabilities: dict[str, np.ndarray]) -> str:
         }
         for name, rows in probabilities.items()
     }
-    return json.dumps({"ids": ids, "heads": heads})
+    return json.dumps({"ids": ids, "heads": heads}, allow_nan=False)
 
 
 def _as_probabilities(output: np.ndarray, model: TeacherModel) -> np.ndarray:

@@ -101,6 +101,59 @@ def test_inference_answers_and_rejects_bad_inputs(
     assert daemon.costs.infer_ms.summary()["count"] == 1
 
 
+def test_inference_rejects_inputs_above_limit(mlp_pair, mosquitto, tmp_path) -> None:
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, {})
+    app = LocalApp(mosquitto.port)
+    x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
+    extreme = x.copy()
+    extreme[2, 5] = -3e38
+    try:
+        app.ask(encode_inputs(extreme, ["a", "b", "c"]))
+        app.ask(encode_inputs(x, ["a", "b", "c"]))
+        wait_until(lambda: app.answers and daemon.inference_rejected)
+    finally:
+        app.close()
+        daemon.stop()
+
+    (answer,) = app.answers
+    assert answer["ids"] == ["a", "b", "c"]
+    assert daemon.inference_rejected == {"out_of_range": 1}
+
+
+class NaNStudent:
+    """A student stand-in whose probabilities overflow to NaN."""
+
+    class bundle:  # noqa: N801 - mimics the attribute of StudentModel
+        input_shape = (4,)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return np.full((len(x), 3), np.nan, np.float32)
+
+
+def test_inference_never_publishes_nan() -> None:
+    from dslo_edge.errors import InvalidUpdate
+    from dslo_edge.inference import InferenceService
+    from dslo_edge.metrics import LatencyWindow
+
+    published: list = []
+    service = InferenceService(
+        lambda topic, payload, properties=None: published.append(payload),
+        "dslo/d/predictions",
+        None,
+        None,
+        LatencyWindow(),
+    )
+    x = np.ones((2, 4), np.float32)
+    x[1] = 5e5
+
+    with pytest.raises(InvalidUpdate) as caught:
+        service.handle(encode_inputs(x, ["p", "q"]), NaNStudent())  # type: ignore[arg-type]
+
+    assert caught.value.reason == "non_finite_output"
+    assert "input 'p' are NaN or infinite" in str(caught.value)
+    assert published == []
+
+
 def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) -> None:
     teacher = tmp_path / "teacher.tflite"
     shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
