@@ -443,7 +443,9 @@ def test_describe_energy_names_sources() -> None:
     assert lines[1].startswith("average power while adapting: 3.62 W")
     assert lines[2].startswith("battery impact: ")
     assert "% per 1,000 updates" in lines[2]
-    assert "% per hour at the recent update rate" in lines[2]
+    # 8 updates from 0 s to the end of the second span at 1.02 s.
+    assert "% per hour if updates kept coming at the recent rate" in lines[2]
+    assert "(28,235 per hour)" in lines[2]
     assert "capacity 37 Wh from config battery_wh" in lines[2]
 
 

@@ -268,8 +268,12 @@ def describe_energy(report: dict[str, Any]) -> list[str]:
     parts = []
     if per_thousand is not None:
         parts.append(f"{per_thousand:.3g}% per 1,000 updates")
-    if per_hour is not None:
-        parts.append(f"{per_hour:.3g}% per hour at the recent update rate")
+    rate = report.get("updates_per_hour")
+    if per_hour is not None and rate is not None:
+        parts.append(
+            f"{per_hour:.3g}% per hour if updates kept coming at the recent rate "
+            f"({rate:,.0f} per hour)"
+        )
     impact = ", ".join(parts) or "not measured yet"
     lines.append(f"battery impact: {impact} (capacity {capacity}; energy {label})")
     return lines
