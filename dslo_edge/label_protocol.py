@@ -211,9 +211,15 @@ def decode_request(
         raise InvalidRequest(
             "unsupported_version", f"request format version {version}, expected 1"
         )
-    if flags or not 1 <= rank <= MAX_INPUT_RANK or not math.isfinite(timestamp):
+    if flags:
+        raise InvalidRequest("malformed", f"flags byte is {flags}, expected 0")
+    if not 1 <= rank <= MAX_INPUT_RANK:
         raise InvalidRequest(
-            "malformed", f"flags {flags}, rank {rank} or timestamp {timestamp}"
+            "malformed", f"input rank is {rank}, expected 1 to {MAX_INPUT_RANK}"
+        )
+    if not math.isfinite(timestamp):
+        raise InvalidRequest(
+            "malformed", f"timestamp is {timestamp}, expected finite Unix seconds"
         )
     if not 1 <= count <= max_samples:
         raise InvalidRequest(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from types import SimpleNamespace
 
 import numpy as np
@@ -71,6 +73,25 @@ def test_bad_request_payloads_raise(mangle, reason) -> None:
     with pytest.raises(InvalidRequest) as caught:
         decode_request(payload, max_samples=16)
     assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda p: p[:5] + b"\x01" + p[6:], "flags byte is 1, expected 0"),
+        (lambda p: p[:34] + b"\x09" + p[35:], "input rank is 9, expected 1 to 4"),
+        (
+            lambda p: p[:22] + struct.pack("<d", math.nan) + p[30:],
+            "timestamp is nan, expected finite Unix seconds",
+        ),
+    ],
+)
+def test_malformed_request_names_field(mangle, message) -> None:
+    payload = mangle(encode_request(make_request()))
+    with pytest.raises(InvalidRequest) as caught:
+        decode_request(payload, max_samples=16)
+    assert caught.value.reason == "malformed"
+    assert str(caught.value) == message
 
 
 def test_request_sample_limit() -> None:
