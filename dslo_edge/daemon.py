@@ -580,6 +580,7 @@ class EdgeDaemon:
             self.infer_inputs.put_nowait(item)
         except queue.Full:
             self.inference_rejected["queue_full"] += 1
+            self._metrics_pending = True
             self.connection.ack(item.mid, item.qos)
 
     # Trainer thread
@@ -593,6 +594,8 @@ class EdgeDaemon:
             except InvalidUpdate as error:
                 # Counted apart from updates, because hubs pace on those counts.
                 self.inference_rejected[error.reason] += 1
+                # Published when the trainer is next idle, not only with updates.
+                self._metrics_pending = True
                 logger.warning(
                     "Rejected inference input for device %s (%s): %s",
                     self.device_id,

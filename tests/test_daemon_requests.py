@@ -14,6 +14,7 @@ import pytest
 from dslo_edge.bundle import load_bundle
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.hub import HubClient
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
 from dslo_edge.inference import encode_inputs, inference_topics
@@ -107,17 +108,24 @@ def test_inference_rejects_inputs_above_limit(mlp_pair, mosquitto, tmp_path) -> 
     x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
     extreme = x.copy()
     extreme[2, 5] = -3e38
+    hub = HubClient("127.0.0.1", mosquitto.port, DEVICE)
     try:
         app.ask(encode_inputs(extreme, ["a", "b", "c"]))
         app.ask(encode_inputs(x, ["a", "b", "c"]))
         wait_until(lambda: app.answers and daemon.inference_rejected)
+        # No update follows, so the idle trainer publishes the count.
+        metrics = hub.wait_for_metrics(
+            lambda m: m.get("inference_rejected") == {"out_of_range": 1}, 10
+        )
     finally:
+        hub.close()
         app.close()
         daemon.stop()
 
     (answer,) = app.answers
     assert answer["ids"] == ["a", "b", "c"]
     assert daemon.inference_rejected == {"out_of_range": 1}
+    assert metrics["applied"] == 0
 
 
 class NaNStudent:
