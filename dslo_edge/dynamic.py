@@ -21,6 +21,7 @@ float64 logs (entropy and drift), and the Python around it takes the rest.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import time
@@ -39,6 +40,8 @@ from dslo_edge.softlabels import (
     TeacherMonitor,
 )
 from dslo_edge.targets import Targets
+
+logger = logging.getLogger(__name__)
 
 PROGRESS_UNITS = ("updates", "rounds")
 HARD_LABEL_FALLBACKS = ("argmax", "mask")
@@ -217,6 +220,13 @@ class SoftLabelEngine:
     ) -> None:
         self.settings = settings
         self.progress_settings = progress or ProgressSettings()
+        # A round further than this past the highest seen ends progress in
+        # rounds at once, so it is logged as a warning.
+        self._round_jump = (
+            self.progress_settings.planned_rounds
+            if self.progress_settings.unit == "rounds"
+            else math.inf
+        )
         self.store = SmoothingStore(settings.smoothing_capacity)
         self.monitor = TeacherMonitor(
             settings.smoothing_capacity, settings.monitor_decay
@@ -255,6 +265,8 @@ class SoftLabelEngine:
             ValueError: shapes disagree or K changed since the first batch.
         """
         started = time.perf_counter()
+        if teacher_round > self.highest_round + self._round_jump:
+            self._warn_round_jump(teacher_round)
         ids = list(sample_ids)
         if self.compiled and ids and type(probabilities) is np.ndarray:
             targets = prepare_compiled(
@@ -286,6 +298,17 @@ class SoftLabelEngine:
         )
         self._last = targets
         return targets
+
+    def _warn_round_jump(self, teacher_round: int) -> None:
+        logger.warning(
+            "Teacher round %s is %s rounds past the highest seen (%d), so the "
+            "rounds schedule (planned_rounds = %d) is at its end from now on; "
+            "check the hub's round numbers if that is unexpected",
+            teacher_round,
+            teacher_round - self.highest_round,
+            self.highest_round,
+            self.progress_settings.planned_rounds,
+        )
 
     def _smoothing_lambda(self, batch_drift: float | None) -> float:
         boost = self.settings.drift

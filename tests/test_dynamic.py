@@ -128,6 +128,31 @@ def test_engine_progress_in_rounds_ignores_stale_rounds() -> None:
     assert targets.progress == 0.5
 
 
+def test_round_jump_past_plan_warns_once(caplog) -> None:
+    engine = SoftLabelEngine(TaskSettings(), ProgressSettings("rounds", 1000, 4))
+    caplog.set_level("WARNING", logger="dslo_edge.dynamic")
+
+    engine.prepare(ids(2), sharp(2, 3, 0), teacher_round=3)
+    engine.prepare(ids(2, "u"), sharp(2, 3, 0), teacher_round=4294967295)
+    engine.prepare(ids(2, "v"), sharp(2, 3, 0), teacher_round=5)
+
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        "Teacher round 4294967295 is 4294967292 rounds past the highest seen (3)"
+    )
+    assert "planned_rounds = 4" in record.getMessage()
+    assert engine.progress == 1.0
+
+
+def test_round_jump_in_updates_unit_is_silent(caplog) -> None:
+    engine = SoftLabelEngine(TaskSettings(), ProgressSettings("updates", 1000, 4))
+    caplog.set_level("WARNING", logger="dslo_edge.dynamic")
+
+    engine.prepare(ids(2), sharp(2, 3, 0), teacher_round=4294967295)
+
+    assert caplog.records == []
+
+
 def test_engine_alpha_follows_progress_in_rounds() -> None:
     policy = AlphaPolicy(w_conf=0.0, w_time=1.0, schedule=Schedule("linear"))
     engine = SoftLabelEngine(
