@@ -808,11 +808,26 @@ def keygen(path: str) -> None:
     """Write a new random HMAC key for one device (mode 0600)."""
     from dslo_edge.signing import generate_key_file
 
+    key_path = Path(path)
     try:
-        generate_key_file(Path(path))
+        generate_key_file(key_path)
     except FileExistsError:
         raise ConfigError(f"{path} exists; keys are never overwritten") from None
+    except OSError as error:
+        raise ConfigError(_key_write_error(key_path, error)) from None
     click.echo(f"wrote {path}; give it to the device and to the hub")
+
+
+def _key_write_error(path: Path, error: OSError) -> str:
+    directory = path.parent
+    if not directory.exists():
+        return (
+            f"cannot write {path}: directory {directory} does not exist; "
+            "create it first or choose another path"
+        )
+    if not directory.is_dir():
+        return f"cannot write {path}: {directory} is a file, not a directory"
+    return f"cannot write {path}: {error.strerror}; choose a writable directory"
 
 
 @main.command()

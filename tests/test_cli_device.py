@@ -1,4 +1,4 @@
-"""The profiles and flash commands through the dslo-edge command line."""
+"""The profiles, flash and keygen commands through the dslo-edge command line."""
 
 from __future__ import annotations
 
@@ -221,3 +221,38 @@ def test_flash_command_writes_broker(tmp_path: Path, options, host, port) -> Non
     config = load_config(target / "etc/dslo-edge/device.toml")
     assert config.mqtt.host == host
     assert config.mqtt.port == port
+
+
+def test_keygen_names_missing_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "missing"
+
+    result = run("keygen", str(directory / "device.key"))
+
+    assert result.exit_code == EXIT_CONFIG
+    assert result.output == (
+        f"error: cannot write {directory / 'device.key'}: directory {directory} does "
+        "not exist; create it first or choose another path\n"
+    )
+    assert not directory.exists()
+
+
+def test_keygen_rejects_file_as_directory(tmp_path: Path) -> None:
+    parent = tmp_path / "notes.txt"
+    parent.write_text("not a directory\n")
+
+    result = run("keygen", str(parent / "device.key"))
+
+    assert result.exit_code == EXIT_CONFIG
+    assert f"{parent} is a file, not a directory" in result.output
+    assert len(result.output.splitlines()) == 1
+    assert parent.read_text() == "not a directory\n"
+
+
+def test_keygen_writes_owner_only_key(tmp_path: Path) -> None:
+    path = tmp_path / "device.key"
+
+    result = run("keygen", str(path))
+
+    assert result.exit_code == 0, result.output
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(bytes.fromhex(path.read_text().strip())) == 32
