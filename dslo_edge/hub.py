@@ -56,10 +56,38 @@ def load_samples(path: str | Path) -> SampleSet:
     """Read an ``.npz`` file with ``x`` and optional ``y`` and ``ids`` arrays.
 
     Raises:
-        ConfigError: the file is missing, lacks ``x``, or the arrays disagree
-            in length.
+        ConfigError: the file is missing or unreadable, lacks ``x``, ``x`` or
+            ``y`` is not numeric, an array is a scalar, ``x`` has no samples,
+            or the arrays disagree in length.
     """
     source = Path(path)
+    arrays = _read_npz(source)
+    if "x" not in arrays:
+        raise ConfigError(
+            f"{source} has arrays {sorted(arrays)}; expected at least 'x' (inputs)"
+        )
+    x = _numeric_array(arrays, "x", source, np.float32)
+    if len(x) == 0:
+        raise ConfigError(
+            f"{source}: x has shape {x.shape}, so the file has no samples; "
+            "expected at least one row in x"
+        )
+    y = _numeric_array(arrays, "y", source, np.int32) if "y" in arrays else None
+    if "ids" in arrays:
+        ids = [str(i) for i in _per_sample_array(arrays, "ids", source)]
+    else:
+        ids = default_sample_ids(x)
+    if len(ids) != len(x) or (y is not None and len(y) != len(x)):
+        raise ConfigError(f"{source}: x, y and ids must have the same length")
+    if not np.all(np.isfinite(x)):
+        raise ConfigError(f"{source}: x contains NaN or infinity")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{source}: ids repeat; expected one unique id per sample")
+    return SampleSet(x, ids, y)
+
+
+def _read_npz(source: Path) -> dict[str, np.ndarray]:
+    """Return every array of an ``.npz`` file by name."""
     try:
         loaded = np.load(source, allow_pickle=False)
     except FileNotFoundError as error:
@@ -72,23 +100,41 @@ def load_samples(path: str | Path) -> SampleSet:
             "an .npz archive with an 'x' array, written by numpy.savez(path, x=x)"
         )
     with loaded as data:
-        arrays = {key: data[key] for key in data.files}
-    if "x" not in arrays:
+        try:
+            return {key: data[key] for key in data.files}
+        except (OSError, ValueError) as error:
+            # Object arrays need pickle, which stays off because unpickling
+            # an untrusted file can run code.
+            raise ConfigError(f"cannot read {source} as .npz: {error}") from error
+
+
+def _per_sample_array(
+    arrays: dict[str, np.ndarray], name: str, source: Path
+) -> np.ndarray:
+    """Return the named array, rejecting a scalar that has no sample axis."""
+    array = arrays[name]
+    if array.ndim == 0:
         raise ConfigError(
-            f"{source} has arrays {sorted(arrays)}; expected at least 'x' (inputs)"
+            f"{source}: array '{name}' is a scalar; expected one entry per "
+            "sample along its first axis"
         )
-    x = np.asarray(arrays["x"], dtype=np.float32)
-    ids = [str(i) for i in arrays["ids"]] if "ids" in arrays else default_sample_ids(x)
-    y = np.asarray(arrays["y"], dtype=np.int32) if "y" in arrays else None
-    if len(ids) != len(x) or (y is not None and len(y) != len(x)):
-        raise ConfigError(f"{source}: x, y and ids must have the same length")
-    if len(x) == 0:
-        raise ConfigError(f"{source}: x is empty; expected at least one sample")
-    if not np.all(np.isfinite(x)):
-        raise ConfigError(f"{source}: x contains NaN or infinity")
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"{source}: ids repeat; expected one unique id per sample")
-    return SampleSet(x, ids, y)
+    return array
+
+
+def _numeric_array(
+    arrays: dict[str, np.ndarray], name: str, source: Path, dtype: type
+) -> np.ndarray:
+    """Return a per-sample array as ``dtype``, rejecting non-numeric dtypes."""
+    array = _per_sample_array(arrays, name, source)
+    # Kinds b, i, u and f are booleans, integers and floats. Strings, bytes,
+    # complex numbers and dates are rejected.
+    if array.dtype.kind not in "biuf":
+        raise ConfigError(
+            f"{source}: array '{name}' has dtype {array.dtype}; expected a "
+            f"numeric dtype (integer or floating point, such as "
+            f"{np.dtype(dtype).name}), so save {name} as numbers"
+        )
+    return np.asarray(array, dtype=dtype)
 
 
 def default_sample_ids(x: np.ndarray) -> list[str]:

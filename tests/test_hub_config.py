@@ -115,6 +115,34 @@ def test_push_data_of_other_shape_fails_at_start(tmp_path, mlp_pair) -> None:
     assert result.output == f"error: {message}\n"
 
 
+@pytest.mark.parametrize(
+    ("x", "fragment"),
+    [
+        (
+            np.zeros((0, 64), dtype=np.float32),
+            "x has shape (0, 64), so the file has no samples",
+        ),
+        (
+            np.full((4, 64), "0.5"),
+            "array 'x' has dtype <U3; expected a numeric dtype",
+        ),
+    ],
+)
+def test_push_data_empty_or_text_fails(tmp_path, mlp_pair, x, fragment) -> None:
+    path = write_config(tmp_path, PUSH)
+    write_push_files(tmp_path, mlp_pair)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output.startswith(f"error: {path}: [[push]] 'nightly': {data}: ")
+    assert fragment in result.output
+    assert len(result.output.splitlines()) == 1
+    assert not (tmp_path / "hub-state.sqlite").exists()
+
+
 def test_corrupt_state_file_is_named_and_kept(tmp_path) -> None:
     path = write_config(tmp_path)
     state_file = tmp_path / "hub-state.sqlite"

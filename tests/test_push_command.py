@@ -212,11 +212,20 @@ def bad_input_cases(bundle: Path, other: Path, folder: Path) -> list:
     np.savez(unlabelled, x=rng.random((4, 64), dtype=np.float32))
     narrow = folder / "narrow.npz"
     np.savez(narrow, x=rng.random((4, 32), dtype=np.float32))
+    empty = folder / "empty.npz"
+    np.savez(empty, x=np.zeros((0, 64), dtype=np.float32))
+    text = folder / "text.npz"
+    np.savez(text, x=np.full((4, 64), "0.5"))
+    scalar = folder / "scalar.npz"
+    np.savez(scalar, x=np.float32(0.5))
     other_teacher = str(other / "teacher.tflite")
     student = str(bundle / "student.tflite")
     return [
         (["--data", str(npy)], "is a single .npy array of shape (4, 64)"),
         (["--data", str(narrow)], "x has samples of shape (32,), but the bundle's"),
+        (["--data", str(empty)], f"{empty}: x has shape (0, 64), so the file has no"),
+        (["--data", str(text)], f"{text}: array 'x' has dtype <U3; expected a"),
+        (["--data", str(scalar)], f"{scalar}: array 'x' is a scalar; expected one"),
         (["--data", str(unlabelled), "--hard-labels"], "needs a 'y' array"),
         (["--teacher", other_teacher], "takes inputs of shape (32,)"),
         (["--teacher", student], "has no matching teacher signature"),
