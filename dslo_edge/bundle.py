@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.errors import BundleError
+from dslo_edge.manifest import check_manifest_keys, check_top_level
 from dslo_edge.multihead_protocol import MultiHeadSpec
 from dslo_edge.protocol import ModelSpec
 
@@ -112,8 +113,9 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         verify: compare each model file's sha256 with the manifest.
 
     Raises:
-        BundleError: a missing or unreadable manifest, an unsupported format
-            version, a missing signature, a missing file or a checksum
+        BundleError: a missing or unreadable manifest, a manifest that is not
+            a JSON object or has a key of the wrong type, an unsupported
+            format version, a missing signature, a missing file or a checksum
             mismatch.
     """
     folder = Path(path)
@@ -127,12 +129,14 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise BundleError(f"cannot read {manifest_path}: {error}") from error
+    manifest = check_top_level(manifest, manifest_path)
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise BundleError(
             f"{manifest_path} has format_version {version!r}; this dslo-edge "
             f"reads version {FORMAT_VERSION}: convert the models again"
         )
+    check_manifest_keys(manifest, manifest_path)
     bundle = Bundle(folder, manifest)
     _check_signatures(bundle)
     for role in ("student", "teacher"):

@@ -1,8 +1,10 @@
-"""The profiles, flash and keygen commands through the dslo-edge command line."""
+"""profiles, flash, inspect, ota-send and keygen through the dslo-edge command line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -221,6 +223,77 @@ def test_flash_command_writes_broker(tmp_path: Path, options, host, port) -> Non
     config = load_config(target / "etc/dslo-edge/device.toml")
     assert config.mqtt.host == host
     assert config.mqtt.port == port
+
+
+def _set_class_count(manifest: dict[str, Any]) -> Any:
+    manifest["class_count"] = "ten"
+    return manifest
+
+
+def _set_weight_shape(manifest: dict[str, Any]) -> Any:
+    manifest["student"]["weights"]["dense_bias"] = "32"
+    return manifest
+
+
+def _drop_teacher_file(manifest: dict[str, Any]) -> Any:
+    del manifest["teacher"]["file"]
+    return manifest
+
+
+def _set_input_shape(manifest: dict[str, Any]) -> Any:
+    manifest["input"]["shape"] = [None, 64.5]
+    return manifest
+
+
+BAD_MANIFESTS = [
+    (
+        lambda manifest: [1, 2],
+        "contains [1, 2] (an array); expected an object with the keys "
+        "format_version, input, student and teacher",
+    ),
+    (
+        _set_class_count,
+        ': key class_count is "ten" (a string); expected an integer of at least 1',
+    ),
+    (
+        _set_weight_shape,
+        ': key student.weights.dense_bias is "32" (a string); expected an array',
+    ),
+    (_drop_teacher_file, ": key teacher.file is missing; expected a string"),
+    (
+        _set_input_shape,
+        ": key input.shape[1] is 64.5 (a number); expected an integer of at least 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("edit", "fragment"), BAD_MANIFESTS)
+@pytest.mark.parametrize("command", ["inspect", "flash", "ota-send"])
+def test_bad_manifest_names_file_and_key(
+    tmp_path: Path, command: str, edit, fragment: str
+) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    manifest_path = bundle / "manifest.json"
+    manifest = edit(json.loads(manifest_path.read_text()))
+    manifest_path.write_text(json.dumps(manifest))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    options = {
+        "inspect": [],
+        "flash": ["--profile", "raspberry-pi-4b", "--target", str(target)],
+        "ota-send": ["--device", "kitchen", "--broker", "mqtt://127.0.0.1:1"],
+    }[command]
+
+    result = run(command, str(bundle), *options)
+
+    assert result.exit_code == EXIT_ERROR, result.output
+    assert result.output.startswith(f"error: {manifest_path}")
+    assert fragment in result.output
+    assert result.output.rstrip().endswith(
+        "convert the models again with 'dslo-edge convert'"
+    )
+    assert len(result.output.splitlines()) == 1
+    assert list(target.iterdir()) == []
 
 
 def test_keygen_names_missing_directory(tmp_path: Path) -> None:

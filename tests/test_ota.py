@@ -134,7 +134,11 @@ def test_pack_rejects_archive_above_limit(tmp_path: Path) -> None:
 def test_pack_names_missing_manifest_file(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["student_int8"] = {"file": "student-int8.tflite"}
+    manifest["student_int8"] = {
+        "file": "student-int8.tflite",
+        "sha256": "0" * 64,
+        "bytes": 1024,
+    }
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         BundleError, match="bundle file .*student-int8.tflite is missing"
