@@ -611,6 +611,11 @@ class EdgeDaemon:
             self._trainer_beat = time.monotonic()
             try:
                 self._answer_inputs()
+            except Exception:  # a failed inference must not stop training
+                logger.exception(
+                    "Device %s failed to handle an inference input", self.device_id
+                )
+            try:
                 self._apply_model_updates()
             except Exception:  # a bad bundle must not stop training
                 logger.exception(

@@ -72,8 +72,8 @@ def decode_inputs(
     """Read an inference payload.
 
     Raises:
-        InvalidUpdate: reason ``bad_inputs`` for an oversized, unreadable or
-            wrongly shaped payload.
+        InvalidUpdate: reason ``bad_inputs`` for an oversized, unreadable,
+            non-numeric or wrongly shaped payload.
     """
     if len(payload) > MAX_INPUT_BYTES:
         raise InvalidUpdate(
@@ -82,26 +82,43 @@ def decode_inputs(
     _check_uncompressed(payload)
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-            x = np.asarray(data["x"], dtype=np.float32)
-            ids = [str(i) for i in data["ids"]] if "ids" in data.files else None
+            raw_x = data["x"]
+            raw_ids = data["ids"] if "ids" in data.files else None
     except (OSError, KeyError, ValueError, EOFError) as error:
         raise InvalidUpdate(
             "bad_inputs", f"expected an .npz with x (and ids): {error}"
         ) from error
-    if len(x) > MAX_INPUT_ROWS:
-        raise InvalidUpdate("bad_inputs", f"{len(x)} inputs, limit {MAX_INPUT_ROWS}")
+    x = _checked_inputs(raw_x, input_shape)
+    if raw_ids is None:
+        stamp = time.time_ns()
+        return [f"i{stamp}-{i}" for i in range(len(x))], x
+    if raw_ids.shape != (len(x),):
+        raise InvalidUpdate(
+            "bad_inputs", f"ids has shape {raw_ids.shape}, expected ({len(x)},)"
+        )
+    return [str(i) for i in raw_ids], x
+
+
+def _checked_inputs(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """Return ``x`` as float32 after checking its dtype, shape and values."""
+    # Kinds b, i, u and f are booleans, integers and floats. Strings, bytes,
+    # complex numbers and dates are rejected.
+    if x.dtype.kind not in "biuf":
+        raise InvalidUpdate(
+            "bad_inputs",
+            f"x has dtype {x.dtype}, expected a numeric dtype such as float32",
+        )
+    # The shape check comes first because a scalar x has no length.
     if x.ndim != len(input_shape) + 1 or x.shape[1:] != input_shape or not len(x):
         raise InvalidUpdate(
             "bad_inputs", f"x has shape {x.shape}, expected (N, {input_shape})"
         )
+    if len(x) > MAX_INPUT_ROWS:
+        raise InvalidUpdate("bad_inputs", f"{len(x)} inputs, limit {MAX_INPUT_ROWS}")
+    x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise InvalidUpdate("bad_inputs", "x contains NaN or infinity")
-    if ids is None:
-        stamp = time.time_ns()
-        ids = [f"i{stamp}-{i}" for i in range(len(x))]
-    if len(ids) != len(x):
-        raise InvalidUpdate("bad_inputs", f"{len(ids)} ids for {len(x)} inputs")
-    return ids, x
+    return x
 
 
 def _check_range(ids: list[str], x: np.ndarray, max_abs_input: float) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import shutil
 import threading
 import time
@@ -160,6 +162,41 @@ def test_inference_never_publishes_nan() -> None:
     assert caught.value.reason == "non_finite_output"
     assert "input 'p' are NaN or infinite" in str(caught.value)
     assert published == []
+
+
+def npz_payload(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_inference_rejects_scalar_and_text(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    caplog.set_level(logging.WARNING)
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, {})
+    app = LocalApp(mosquitto.port)
+    x = np.zeros((2, 64), np.float32)
+    try:
+        app.ask(npz_payload(x=np.float32(0.5)))
+        app.ask(npz_payload(x=np.full((2, 64), "0.5")))
+        app.ask(npz_payload(x=x, ids=np.array("cam-0")))
+        app.ask(encode_inputs(x, ["cam-0", "cam-1"]))
+        wait_until(lambda: app.answers)
+    finally:
+        app.close()
+        daemon.stop()
+
+    assert daemon.inference_rejected["bad_inputs"] == 3
+    assert app.answers[0]["ids"] == ["cam-0", "cam-1"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    prefix = f"Rejected inference input for device {DEVICE} (bad_inputs): "
+    assert prefix + "x has shape (), expected (N, (64,))" in warnings
+    assert prefix + "x has dtype <U3, expected a numeric dtype such as float32" in (
+        warnings
+    )
+    assert prefix + "ids has shape (), expected (2,)" in warnings
+    assert not [w for w in warnings if "failed to" in w]
 
 
 def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) -> None:
