@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dslo_edge.cli_broker import broker_login_options
-from dslo_edge.errors import ConfigError, DsloError
+from dslo_edge.errors import BundleError, ConfigError, DsloError
 
 if TYPE_CHECKING:
     from dslo_edge.broker_login import BrokerLogin
@@ -299,7 +299,13 @@ def run(config_path: str) -> None:
         )
     if config.logging.file is not None:
         _add_log_file(config.logging)
-    sys.exit(EdgeDaemon(config).run())
+    try:
+        daemon = EdgeDaemon(config)
+    except BundleError as error:
+        # A restart cannot repair a corrupt or incompatible bundle, so exit
+        # with EX_CONFIG like a config error and keep systemd from restarting.
+        raise ConfigError(str(error)) from error
+    sys.exit(daemon.run())
 
 
 def _add_log_file(settings: Any) -> None:

@@ -12,6 +12,7 @@ import pytest
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import ConfigError
+from tests.bundle_files import write_bundle
 from tests.cli_process import run_cli
 
 
@@ -88,6 +89,38 @@ def test_bundle_that_is_a_file_is_named(tmp_path: Path) -> None:
 
     assert result.returncode == 78
     assert f"device.bundle {bundle} is a file" in result.stderr
+
+
+def _break_manifest_json(bundle: Path) -> str:
+    (bundle / "manifest.json").write_text('{"format_version": 1,')
+    return f"cannot read {bundle / 'manifest.json'}: Expecting property name"
+
+
+def _break_student_checksum(bundle: Path) -> str:
+    (bundle / "student.tflite").write_bytes(b"truncated copy")
+    return f"checksum mismatch for {bundle / 'student.tflite'}: manifest has "
+
+
+def _make_manifest_an_array(bundle: Path) -> str:
+    (bundle / "manifest.json").write_text("[1, 2]")
+    return f"{bundle / 'manifest.json'} contains [1, 2] (an array); expected"
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [_break_manifest_json, _break_student_checksum, _make_manifest_an_array],
+)
+def test_corrupt_bundle_exits_78(tmp_path: Path, corrupt) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    fragment = corrupt(bundle)
+    path = write(tmp_path, bundle)
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78
+    assert result.stderr.startswith(f"error: {fragment}")
+    assert len(result.stderr.splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [".lock"]
 
 
 def test_sighup_stops_daemon_cleanly(mlp_pair, tmp_path: Path) -> None:
