@@ -368,15 +368,17 @@ def _add_log_file(settings: Any) -> None:
     "--wait/--no-wait",
     default=True,
     show_default=True,
-    help="Wait for the device to process each round, and exit 1 if it rejected "
-    "any update of this push.",
+    help="Wait for the device to process each round and then to save a "
+    "checkpoint, and exit 1 if it rejected any update of this push or rolled "
+    "back.",
 )
 @click.option(
     "--timeout",
     default=120.0,
     show_default=True,
     type=click.FloatRange(min=1),
-    help="Seconds to wait per round.",
+    help="Seconds to wait per round, and for the final checkpoint, which "
+    "the device saves after training.checkpoint_idle_s without updates.",
 )
 @click.option(
     "--top-k",

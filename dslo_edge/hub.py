@@ -424,7 +424,9 @@ def push(
             retained status is offline. After each round, wait until the
             device has processed every update, and keep at most ``window``
             updates outstanding so a burst cannot overrun the broker's queue.
-            ``device_counts`` of the result then has this push's counts.
+            After the last round, also wait until the device has saved them
+            in a checkpoint. ``device_counts`` of the result then has this
+            push's counts.
         hmac_key: sign every update with the device's key.
         expiry_s: MQTT 5 message expiry; match the device's max_age_s.
         input_dtype: "float16" sends inputs at half the size (payload

@@ -9,6 +9,7 @@ that the device handles meanwhile are counted as this push's updates.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ from dslo_edge.protocol import STATUS_OFFLINE
 
 if TYPE_CHECKING:
     from dslo_edge.hub import HubClient
+
+logger = logging.getLogger(__name__)
 
 BASELINE_TIMEOUT_S = 10.0
 # How long to wait for a retained status once the retained metrics arrived.
@@ -112,20 +115,24 @@ class DeviceCounts:
 
 
 def _rolled_back(before: dict[str, Any], metrics: dict[str, Any]) -> bool:
-    """Check whether the device rolled back its student since ``before``."""
-    return int(metrics.get("rollbacks") or 0) > int(before.get("rollbacks") or 0)
+    """Check whether the device rolled back its student since ``before``.
+
+    ``rollbacks`` counts from 0 in each daemon process, so a device that
+    restarted (another ``pid``) counts every rollback of its new process.
+    """
+    count = int(metrics.get("rollbacks") or 0)
+    if metrics.get("pid") != before.get("pid"):
+        return count > 0
+    return count > int(before.get("rollbacks") or 0)
 
 
-def _rollback_error(
-    hub: HubClient, before: dict[str, Any], metrics: dict[str, Any]
-) -> BrokerError:
-    counts = DeviceCounts.between(before, metrics)
+def _rollback_error(hub: HubClient, metrics: dict[str, Any]) -> BrokerError:
     reason = metrics.get("last_rollback") or "its health check failed"
     return BrokerError(
         f"device {hub.device_id} rolled back its student during the push "
-        f"({reason}) and dropped the updates applied since its last "
-        f"checkpoint, so part of this push is lost ({counts.describe()} so "
-        "far). Look for samples of extreme magnitude in the data, then push again"
+        f"({reason}) and dropped the updates it had applied since its last "
+        "checkpoint, so part of this push is lost. Check the samples and the "
+        "teacher's labels (the device's log names the rollback), then push again"
     )
 
 
@@ -193,7 +200,7 @@ def wait_for_processed(
     except BrokerError:
         latest = hub.latest_metrics or before
         if _rolled_back(before, latest):
-            raise _rollback_error(hub, before, latest) from None
+            raise _rollback_error(hub, latest) from None
         done = handled_count(latest) - handled_count(before)
         counts = DeviceCounts.between(before, latest)
         raise BrokerError(
@@ -203,7 +210,7 @@ def wait_for_processed(
             "--timeout"
         ) from None
     if _rolled_back(before, metrics):
-        raise _rollback_error(hub, before, metrics)
+        raise _rollback_error(hub, metrics)
     return metrics
 
 
@@ -214,26 +221,51 @@ def wait_for_saved(
 
     The device checks its student before each checkpoint and rolls back
     when the check fails, dropping the updates applied since the last one.
-    Until the next checkpoint, applied updates can still be lost. A device
-    that does not report ``unsaved`` is not waited for.
+    Until the next checkpoint, applied updates can still be lost. The
+    device saves once it has had no update for ``training.checkpoint_idle_s``.
+    A device that does not report ``unsaved`` is not waited for, and one
+    whose training is paused (battery, heat or energy budget) saves later,
+    so the wait ends with a warning.
 
     Raises:
-        BrokerError: the device rolled back, or saved no checkpoint within
-            ``timeout``.
+        BrokerError: the device rolled back, cannot write checkpoints, or
+            saved none within ``timeout``.
     """
-    try:
-        metrics = hub.wait_for_metrics(
-            lambda m: not m.get("unsaved") or _rolled_back(before, m), timeout
+
+    def settled(metrics: dict[str, Any]) -> bool:
+        return bool(
+            not metrics.get("unsaved")
+            or _rolled_back(before, metrics)
+            or metrics.get("storage_error")
+            or (metrics.get("training") or {}).get("paused")
         )
+
+    try:
+        metrics = hub.wait_for_metrics(settled, timeout)
     except BrokerError:
         latest = hub.latest_metrics or before
-        storage = latest.get("storage_error")
-        cause = f"storage_error {storage}" if storage else key_counters(latest)
         raise BrokerError(
             f"device {hub.device_id} applied the updates but saved no checkpoint "
-            f"within {timeout:.0f} s ({cause}, {latest.get('unsaved')} updates "
-            "unsaved); check the device's log and its state_dir, or raise --timeout"
+            f"within {timeout:.0f} s ({latest.get('unsaved')} updates unsaved, "
+            f"{key_counters(latest)}). It saves after training.checkpoint_idle_s "
+            "without updates: raise --timeout above that, or check the device's log"
         ) from None
     if _rolled_back(before, metrics):
-        raise _rollback_error(hub, before, metrics)
+        raise _rollback_error(hub, metrics)
+    if not metrics.get("unsaved"):
+        return metrics
+    storage = metrics.get("storage_error")
+    if storage:
+        raise BrokerError(
+            f"device {hub.device_id} applied the updates but cannot save a "
+            f"checkpoint ({storage}); they stay unacknowledged and come again "
+            "after a restart. Free space in the device's state_dir"
+        )
+    logger.warning(
+        "Device %s paused training (%s) with %s updates not yet saved; they are "
+        "saved when training resumes",
+        hub.device_id,
+        (metrics.get("training") or {}).get("reason"),
+        metrics.get("unsaved"),
+    )
     return metrics

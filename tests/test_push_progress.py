@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dslo_edge.push_progress import DeviceCounts, handled_count
+import pytest
+
+from dslo_edge.errors import BrokerError
+from dslo_edge.push_progress import DeviceCounts, handled_count, wait_for_saved
 
 BEFORE = {"applied_total": 10, "processed_total": 11, "rejected": {"stale": 1}}
 # 40 updates applied and 2 rejected as unsigned, and 42 copies of applied
@@ -42,3 +45,65 @@ def test_handled_count_leaves_out_duplicates() -> None:
     assert handled_count(AFTER) == 53
     # Without applied_total (an older daemon), applied is read instead.
     assert handled_count({"applied": 3, "rejected": {"duplicate": 5}}) == 3
+
+
+def _hub_with_metrics(broker, metrics: dict):
+    """Return a HubClient once it has the device's retained ``metrics``."""
+    import json
+
+    import paho.mqtt.client as mqtt
+
+    from dslo_edge.hub import HubClient
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    info = client.publish("dslo/d1/metrics", json.dumps(metrics), qos=1, retain=True)
+    info.wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    hub = HubClient("127.0.0.1", broker.port, "d1")
+    hub.wait_for_metrics(lambda m: m == metrics, 10)
+    return hub
+
+
+SAVE_CASES = [
+    (
+        {"pid": 7, "unsaved": 3, "storage_error": "OSError: No space left on device"},
+        "applied the updates but cannot save a checkpoint (OSError: No space left",
+    ),
+    (
+        {"pid": 8, "rollbacks": 1, "unsaved": 0, "last_rollback": "weight norm grew"},
+        "rolled back its student during the push (weight norm grew)",
+    ),
+    (
+        {"pid": 7, "unsaved": 3},
+        "saved no checkpoint within 1 s (3 updates unsaved",
+    ),
+]
+
+
+@pytest.mark.parametrize(("metrics", "message"), SAVE_CASES)
+def test_save_wait_names_what_stopped_it(broker_factory, metrics, message) -> None:
+    # The baseline comes from process 7, which had rolled back twice.
+    before = {"pid": 7, "rollbacks": 2}
+    hub = _hub_with_metrics(broker_factory("mosquitto"), metrics)
+    try:
+        with pytest.raises(BrokerError) as caught:
+            wait_for_saved(hub, before, timeout=1)
+    finally:
+        hub.close()
+
+    assert message in str(caught.value)
+
+
+def test_save_wait_ends_when_training_pauses(broker_factory, caplog) -> None:
+    paused = {"pid": 7, "unsaved": 2, "training": {"paused": True, "reason": "hot"}}
+    hub = _hub_with_metrics(broker_factory("mosquitto"), paused)
+    try:
+        metrics = wait_for_saved(hub, {"pid": 7}, timeout=30)
+    finally:
+        hub.close()
+
+    assert metrics["unsaved"] == 2
+    assert "paused training (hot) with 2 updates not yet saved" in caplog.text
