@@ -111,6 +111,8 @@ class PushScheduler(threading.Thread):
         outputs = self._teacher_model().predict(samples.x)
         problem = describe_non_finite_labels(outputs, samples.x, samples.ids)
         if problem is not None:
+            # Read the file again at the next run, in case it was fixed.
+            self._samples.pop(schedule.data, None)
             raise ConfigError(
                 f"{problem}. Check or rescale the inputs in {schedule.data}; "
                 "nothing was sent"
