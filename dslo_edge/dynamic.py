@@ -220,9 +220,9 @@ class SoftLabelEngine:
     ) -> None:
         self.settings = settings
         self.progress_settings = progress or ProgressSettings()
-        # A round further than this past the highest seen ends progress in
-        # rounds at once, so it is logged as a warning.
-        self._round_jump = (
+        # With progress in rounds, an update of this round or later ends the
+        # schedule. One that gets there by a jump is logged as a warning.
+        self._last_round = (
             self.progress_settings.planned_rounds
             if self.progress_settings.unit == "rounds"
             else math.inf
@@ -265,7 +265,10 @@ class SoftLabelEngine:
             ValueError: shapes disagree or K changed since the first batch.
         """
         started = time.perf_counter()
-        if teacher_round > self.highest_round + self._round_jump:
+        if (
+            teacher_round >= self._last_round > self.highest_round
+            and teacher_round > self.highest_round + 1
+        ):
             self._warn_round_jump(teacher_round)
         ids = list(sample_ids)
         if self.compiled and ids and type(probabilities) is np.ndarray:
@@ -301,11 +304,10 @@ class SoftLabelEngine:
 
     def _warn_round_jump(self, teacher_round: int) -> None:
         logger.warning(
-            "Teacher round %s is %s rounds past the highest seen (%d), so the "
-            "rounds schedule (planned_rounds = %d) is at its end from now on; "
-            "check the hub's round numbers if that is unexpected",
+            "Teacher round %s jumps from the highest seen (%d) to or past "
+            "planned_rounds = %d, so alpha's schedule is at its end from now "
+            "on; check the hub's round numbers if that is unexpected",
             teacher_round,
-            teacher_round - self.highest_round,
             self.highest_round,
             self.progress_settings.planned_rounds,
         )

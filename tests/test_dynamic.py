@@ -128,19 +128,31 @@ def test_engine_progress_in_rounds_ignores_stale_rounds() -> None:
     assert targets.progress == 0.5
 
 
-def test_round_jump_past_plan_warns_once(caplog) -> None:
+@pytest.mark.parametrize(
+    ("rounds", "warned"),
+    [
+        ([1, 2, 3, 4, 5], []),
+        ([3, 4294967295, 5], [(4294967295, 3)]),
+        ([1, 10], [(10, 1)]),
+        ([5, 4294967295], [(5, 0)]),
+    ],
+)
+def test_round_jump_to_end_of_plan_warns(caplog, rounds, warned) -> None:
     engine = SoftLabelEngine(TaskSettings(), ProgressSettings("rounds", 1000, 4))
     caplog.set_level("WARNING", logger="dslo_edge.dynamic")
 
-    engine.prepare(ids(2), sharp(2, 3, 0), teacher_round=3)
-    engine.prepare(ids(2, "u"), sharp(2, 3, 0), teacher_round=4294967295)
-    engine.prepare(ids(2, "v"), sharp(2, 3, 0), teacher_round=5)
+    for index, teacher_round in enumerate(rounds):
+        engine.prepare(ids(2, f"r{index}-"), sharp(2, 3, 0), teacher_round)
 
-    [record] = caplog.records
-    assert record.getMessage().startswith(
-        "Teacher round 4294967295 is 4294967292 rounds past the highest seen (3)"
-    )
-    assert "planned_rounds = 4" in record.getMessage()
+    expected = [
+        f"Teacher round {jump} jumps from the highest seen ({highest}) to or past "
+        "planned_rounds = 4"
+        for jump, highest in warned
+    ]
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == len(expected)
+    for message, start in zip(messages, expected, strict=True):
+        assert message.startswith(start)
     assert engine.progress == 1.0
 
 
