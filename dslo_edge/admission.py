@@ -72,7 +72,7 @@ def check_input_range(update: AnyUpdate, max_abs_input: float) -> None:
     peak = getattr(update, "input_peak", None)
     largest = float(np.abs(update.inputs).max()) if peak is None else peak
     if largest > max_abs_input:
-        magnitude_text, limit_text = _distinct_figures(largest, max_abs_input)
+        magnitude_text, limit_text = distinct_figures(largest, max_abs_input)
         raise InvalidUpdate(
             OUT_OF_RANGE,
             f"an input has magnitude {magnitude_text}, above limits.max_abs_input = "
@@ -81,7 +81,7 @@ def check_input_range(update: AnyUpdate, max_abs_input: float) -> None:
         )
 
 
-def _distinct_figures(value: float, limit: float) -> tuple[str, str]:
+def distinct_figures(value: float, limit: float) -> tuple[str, str]:
     """Format both numbers with 3 significant digits, or more until they differ."""
     digits = 3
     while digits < 17 and f"{value:.{digits}g}" == f"{limit:.{digits}g}":

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dslo_edge.admission import distinct_figures
 from dslo_edge.config import RequestsSettings
 from dslo_edge.errors import InvalidUpdate
 from dslo_edge.label_requests import LabelRequester, RequestSettings, SelectionSettings
@@ -126,11 +127,12 @@ def _check_range(ids: list[str], x: np.ndarray, max_abs_input: float) -> None:
     magnitudes = np.abs(x).reshape(len(x), -1).max(axis=1)
     row = int(np.argmax(magnitudes))
     if magnitudes[row] > max_abs_input:
+        magnitude, limit = distinct_figures(float(magnitudes[row]), max_abs_input)
         raise InvalidUpdate(
             "out_of_range",
-            f"input {ids[row]!r} has magnitude {magnitudes[row]:.3g}, above "
-            f"limits.max_abs_input = {max_abs_input:.3g}; raise the limit if the "
-            "model expects that",
+            f"input {ids[row]!r} has magnitude {magnitude}, above "
+            f"limits.max_abs_input = {limit}; raise the limit if the model "
+            "expects that",
         )
 
 

@@ -154,7 +154,6 @@ def test_inference_never_publishes_nan() -> None:
         LatencyWindow(),
     )
     x = np.ones((2, 4), np.float32)
-    x[1] = 5e5
 
     with pytest.raises(InvalidUpdate) as caught:
         service.handle(encode_inputs(x, ["p", "q"]), NaNStudent())  # type: ignore[arg-type]
@@ -162,6 +161,31 @@ def test_inference_never_publishes_nan() -> None:
     assert caught.value.reason == "non_finite_output"
     assert "input 'p' are NaN or infinite" in str(caught.value)
     assert published == []
+
+
+def test_inference_limit_message_tells_numbers_apart() -> None:
+    from dslo_edge.errors import InvalidUpdate
+    from dslo_edge.inference import InferenceService
+    from dslo_edge.metrics import LatencyWindow
+
+    service = InferenceService(
+        lambda topic, payload, properties=None: None,
+        "dslo/d/predictions",
+        None,
+        None,
+        LatencyWindow(),
+        max_abs_input=1e6,
+    )
+    x = np.ones((2, 4), np.float32)
+    x[1, 2] = 1000400.0
+
+    with pytest.raises(InvalidUpdate) as caught:
+        service.handle(encode_inputs(x, ["p", "q"]), NaNStudent())  # type: ignore[arg-type]
+
+    assert caught.value.reason == "out_of_range"
+    assert str(caught.value).startswith(
+        "input 'q' has magnitude 1.0004e+06, above limits.max_abs_input = 1e+06;"
+    )
 
 
 def npz_payload(**arrays) -> bytes:
