@@ -22,12 +22,28 @@ from dslo_edge.label_protocol import (
 )
 from dslo_edge.label_requests import RequestSettings
 from dslo_edge.protocol import decode_update
-from tests.hub_fleet import HubWatcher, SimulatedDevice, drain_inbox, write_hub_config
+from tests.hub_fleet import (
+    HubWatcher,
+    SimulatedDevice,
+    drain_inbox,
+    wait_online,
+    write_hub_config,
+)
 
 
 @pytest.fixture
 def mosquitto(broker_factory):
     return broker_factory("mosquitto")
+
+
+def start_online(worker: HubWorker, port: int) -> None:
+    """Start the worker and wait until it reports itself online (subscribed)."""
+    watcher = HubWatcher(port)
+    try:
+        worker.start()
+        wait_online(watcher, [worker.config.worker_id])
+    finally:
+        watcher.close()
 
 
 def serve_one_request(device: SimulatedDevice, inbox: queue.Queue) -> int:
@@ -119,9 +135,8 @@ def test_foreign_response_topic_gets_no_labels(mlp_pair, mosquitto, tmp_path) ->
     client.connect("127.0.0.1", mosquitto.port)
     client.subscribe("dslo/+/labels", qos=1)
     client.loop_start()
-    worker.start()
+    start_online(worker, mosquitto.port)
     try:
-        time.sleep(0.5)
         client.publish(
             "dslo/intruder/requests",
             b"DSLQ",
@@ -144,6 +159,14 @@ def test_foreign_response_topic_gets_no_labels(mlp_pair, mosquitto, tmp_path) ->
         client.loop_stop()
     assert counters["unanswerable"] == 1
     assert counters["rejected"] == 1
+
+
+def push_errors(caplog) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "dslo_edge.hub_pushes" and record.levelname == "ERROR"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +217,7 @@ def test_teacher_overflow_stops_scheduled_push(
     worker.start()
     try:
         deadline = time.monotonic() + 15
-        while not caplog.records and time.monotonic() < deadline:
+        while not push_errors(caplog) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
     finally:
@@ -202,8 +225,7 @@ def test_teacher_overflow_stops_scheduled_push(
         client.disconnect()
         client.loop_stop()
 
-    [record] = caplog.records
-    message = record.getMessage()
+    [message] = push_errors(caplog)
     ids = default_sample_ids(x)
     assert message.startswith("Push nightly failed: the teacher gave NaN or infinite")
     assert f"for sample {ids[25]!r} (1 of 40 samples labelled together)" in message
@@ -226,13 +248,12 @@ def test_teacher_overflow_rejects_label_request(
     client.connect("127.0.0.1", mosquitto.port)
     client.subscribe("dslo/kitchen/labels", qos=1)
     client.loop_start()
-    worker.start()
+    start_online(worker, mosquitto.port)
 
     inputs = np.random.default_rng(0).random((3, 64), dtype=np.float32)
     inputs[1] = 3e38
     request = LabelRequest(b"q" * 16, time.time(), ["a", "b", "c"], inputs)
     try:
-        time.sleep(0.5)
         client.publish(
             "dslo/kitchen/requests",
             encode_request(request),
@@ -265,12 +286,11 @@ def test_repeated_sample_id_rejects_label_request(
     client.connect("127.0.0.1", mosquitto.port)
     client.subscribe("dslo/kitchen/labels", qos=1)
     client.loop_start()
-    worker.start()
+    start_online(worker, mosquitto.port)
 
     inputs = np.random.default_rng(0).random((3, 64), dtype=np.float32)
     request = LabelRequest(b"d" * 16, time.time(), ["a", "b", "a"], inputs)
     try:
-        time.sleep(0.5)
         client.publish(
             "dslo/kitchen/requests",
             encode_request(request),
