@@ -168,6 +168,11 @@ def write_json(results: list[SeedResult], path: Path) -> None:
 def _verdict(dataset: str, entry: dict[str, Any]) -> str:
     diff, spread = entry["dslo_minus_static"]
     if len(entry["seeds"]) < 2:
+        if diff == 0:
+            return (
+                f"On {dataset}, DSL-O and static KD tie in one seed, which gives "
+                "no spread: run more seeds before concluding."
+            )
         side = "beats" if diff > 0 else "loses to"
         return (
             f"On {dataset}, DSL-O {side} static KD by {abs(diff):.1f} points in "

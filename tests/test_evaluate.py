@@ -95,6 +95,8 @@ def test_report_of_one_seed_shows_no_spread() -> None:
     assert "| DSL-O | 80.0 | 5.0 |" in markdown_table("digits", entry)
     assert "DSL-O minus static KD: -5.3 points" in page
     assert "±" not in markdown_table("digits", entry)
+    tie = render_page({"digits": _entry([0], 0.0, 0.0)}, "cmd", 60.0, 1)
+    assert "On digits, DSL-O and static KD tie in one seed" in tie
 
 
 def test_report_verdict_names_size_without_sign() -> None:
