@@ -236,23 +236,16 @@ def test_teacher_overflow_stops_scheduled_push(
     assert worker.pushes.counters() == {"runs": 0, "updates": 0, "skipped_devices": 0}
 
 
-def test_teacher_overflow_rejects_label_request(
-    relu_teacher, mosquitto, tmp_path
-) -> None:
-    extra = {"teacher": 'output_kind = "probabilities"'}
-    config = write_hub_config(tmp_path / "hub", mosquitto.port, relu_teacher, extra)
+def ask_for_labels(config, port: int, request: LabelRequest) -> tuple:
+    """Start a worker, send ``request`` for device kitchen, return (reply, counters)."""
     worker = HubWorker(load_hub_config(config, "w1"))
     received: queue.Queue = queue.Queue()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.on_message = lambda _c, _u, message: received.put(message)
-    client.connect("127.0.0.1", mosquitto.port)
+    client.connect("127.0.0.1", port)
     client.subscribe("dslo/kitchen/labels", qos=1)
     client.loop_start()
-    start_online(worker, mosquitto.port)
-
-    inputs = np.random.default_rng(0).random((3, 64), dtype=np.float32)
-    inputs[1] = 3e38
-    request = LabelRequest(b"q" * 16, time.time(), ["a", "b", "c"], inputs)
+    start_online(worker, port)
     try:
         client.publish(
             "dslo/kitchen/requests",
@@ -260,12 +253,23 @@ def test_teacher_overflow_rejects_label_request(
             qos=1,
             properties=request_properties("dslo/kitchen/labels", request.request_id),
         )
-        reply = received.get(timeout=10)
-        counters = worker.counters
+        return received.get(timeout=10), worker.counters
     finally:
         worker.stop()
         client.disconnect()
         client.loop_stop()
+
+
+def test_teacher_overflow_rejects_label_request(
+    relu_teacher, mosquitto, tmp_path
+) -> None:
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, relu_teacher, extra)
+    inputs = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    inputs[1] = 3e38
+    request = LabelRequest(b"q" * 16, time.time(), ["a", "b", "c"], inputs)
+
+    reply, counters = ask_for_labels(config, mosquitto.port, request)
 
     assert user_properties(reply.properties)["status"] == "rejected"
     text = reply.payload.decode()
@@ -279,30 +283,10 @@ def test_repeated_sample_id_rejects_label_request(
     mlp_pair, mosquitto, tmp_path
 ) -> None:
     config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
-    worker = HubWorker(load_hub_config(config, "w1"))
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message)
-    client.connect("127.0.0.1", mosquitto.port)
-    client.subscribe("dslo/kitchen/labels", qos=1)
-    client.loop_start()
-    start_online(worker, mosquitto.port)
-
     inputs = np.random.default_rng(0).random((3, 64), dtype=np.float32)
     request = LabelRequest(b"d" * 16, time.time(), ["a", "b", "a"], inputs)
-    try:
-        client.publish(
-            "dslo/kitchen/requests",
-            encode_request(request),
-            qos=1,
-            properties=request_properties("dslo/kitchen/labels", request.request_id),
-        )
-        reply = received.get(timeout=10)
-        counters = worker.counters
-    finally:
-        worker.stop()
-        client.disconnect()
-        client.loop_stop()
+
+    reply, counters = ask_for_labels(config, mosquitto.port, request)
 
     assert user_properties(reply.properties)["status"] == "rejected"
     assert reply.payload.decode().startswith("sample id 'a' occurs more than once")
