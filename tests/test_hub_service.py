@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -94,23 +95,36 @@ def test_new_teacher_file_bumps_round(mlp_pair, mosquitto, tmp_path) -> None:
         watcher.close()
 
 
-def test_scheduled_push_reaches_device(mlp_pair, mosquitto, tmp_path) -> None:
-    data = tmp_path / "hub" / "data.npz"
-    data.parent.mkdir()
-    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
-    np.savez(data, x=x)
-    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+def nightly_push_config(
+    folder: Path, port: int, teacher: Path, x: np.ndarray, extra=None
+) -> Path:
+    """Write x to data.npz and a hub config that pushes it to device kitchen."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "data.npz", x=x)
+    config = write_hub_config(folder, port, teacher, extra)
     push = (
         '\n[[push]]\nname = "nightly"\ndevices = ["kitchen"]\ndata = "data.npz"\n'
         "every_s = 3600\nbatch_size = 16\n"
     )
     config.write_text(config.read_text() + push)
+    return config
+
+
+def kitchen_updates(port: int) -> tuple[mqtt.Client, queue.Queue]:
+    """Subscribe to device kitchen's updates; return the client and its queue."""
     received: queue.Queue = queue.Queue()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.on_message = lambda _c, _u, message: received.put(message.payload)
-    client.connect("127.0.0.1", mosquitto.port)
+    client.connect("127.0.0.1", port)
     client.subscribe("dslo/kitchen/updates", qos=1)
     client.loop_start()
+    return client, received
+
+
+def test_scheduled_push_reaches_device(mlp_pair, mosquitto, tmp_path) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    config = nightly_push_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x)
+    client, received = kitchen_updates(mosquitto.port)
     worker = HubWorker(load_hub_config(config, "w1"))
     worker.start()
     try:
@@ -193,25 +207,13 @@ def relu_teacher(tmp_path_factory: pytest.TempPathFactory):
 def test_teacher_overflow_stops_scheduled_push(
     relu_teacher, mosquitto, tmp_path, caplog
 ) -> None:
-    data = tmp_path / "hub" / "data.npz"
-    data.parent.mkdir()
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     x[25] = 3e38
-    np.savez(data, x=x)
     extra = {"teacher": 'output_kind = "probabilities"'}
-    config = write_hub_config(tmp_path / "hub", mosquitto.port, relu_teacher, extra)
-    push = (
-        '\n[[push]]\nname = "nightly"\ndevices = ["kitchen"]\ndata = "data.npz"\n'
-        "every_s = 3600\nbatch_size = 16\n"
+    config = nightly_push_config(
+        tmp_path / "hub", mosquitto.port, relu_teacher, x, extra
     )
-    config.write_text(config.read_text() + push)
-
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message.payload)
-    client.connect("127.0.0.1", mosquitto.port)
-    client.subscribe("dslo/kitchen/updates", qos=1)
-    client.loop_start()
+    client, received = kitchen_updates(mosquitto.port)
     worker = HubWorker(load_hub_config(config, "w1"))
     caplog.set_level("ERROR", logger="dslo_edge.hub_pushes")
     worker.start()
