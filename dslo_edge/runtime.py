@@ -76,5 +76,9 @@ def load_interpreter(
 
 
 def as_float32(array: Any) -> np.ndarray:
-    """Return a C-contiguous float32 view or copy, as the interpreter expects."""
-    return np.ascontiguousarray(array, dtype=np.float32)
+    """Return a C-contiguous float32 view or copy, as the interpreter expects.
+
+    Scalars keep shape (): ``np.ascontiguousarray`` would make them (1,),
+    which scalar weights such as an optimizer's step count do not accept.
+    """
+    return np.asarray(array, dtype=np.float32, order="C")

@@ -126,3 +126,45 @@ def test_exported_state_names_are_labelled() -> None:
 def test_unknown_optimizer_is_rejected() -> None:
     with pytest.raises(ConversionError, match="unknown optimizer 'rmsprop'"):
         OptimizerConfig("rmsprop")
+
+
+@pytest.mark.slow
+def test_student_model_round_trips_scalar_state(tmp_path) -> None:
+    from converters.bundle import convert_bundle
+    from dslo_edge.bundle import load_bundle
+    from dslo_edge.models import StudentModel
+
+    keras.utils.set_random_seed(4)
+    teacher = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            layers.Flatten(),
+            layers.Dense(4, activation="softmax"),
+        ]
+    )
+    convert_bundle(
+        teacher, small_cnn(), tmp_path / "bundle", optimizer=OptimizerConfig("adam")
+    )
+    bundle = load_bundle(tmp_path / "bundle")
+    shapes = bundle.weight_shapes
+    batches = make_batches((6, 6, 2), 4, 4, size=8, seed=6)
+
+    def step(student: StudentModel, batch) -> float:
+        return student.train_step(
+            batch.x, batch.soft, batch.hard, batch.alpha, 1.0, LEARNING_RATE
+        )
+
+    original = StudentModel(bundle)
+    for batch in batches[:2]:
+        step(original, batch)
+    restored = StudentModel(bundle)
+    restored.set_weights(original.get_weights())
+    losses = [(step(original, batch), step(restored, batch)) for batch in batches[2:]]
+
+    assert shapes["optimizer__iterations"] == ()
+    assert shapes["dropout_step"] == ()
+    assert restored.get_weights()["optimizer__iterations"].shape == ()
+    for expected, got in losses:
+        assert got == expected
+    for name, value in restored.get_weights().items():
+        assert np.array_equal(value, original.get_weights()[name]), name
