@@ -99,7 +99,9 @@ class TeacherRegistry:
 
     def _load(self) -> TeacherVersion:
         file, output_kind = _resolve(self.settings)
-        identity = sha256_file(file)
+        return self._version(file, output_kind, sha256_file(file))
+
+    def _version(self, file: Path, output_kind: str, identity: str) -> TeacherVersion:
         name = self.settings.path.name if self.settings.path.is_dir() else file.stem
         version = f"{name[:50]}-{identity[:12]}"
         return TeacherVersion(
@@ -114,9 +116,7 @@ class TeacherRegistry:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input sample of the current teacher."""
-        runner = self._model.interpreter.get_signature_runner("infer")
-        shape = runner.get_input_details()["x"]["shape"]
-        return tuple(int(d) for d in shape[1:])
+        return _shapes(self._model)[0]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Run the current teacher on a batch."""
@@ -135,8 +135,11 @@ class TeacherRegistry:
         if fingerprint == self._fingerprint and not force:
             return False
         try:
-            candidate = self._load()
-        except (BundleError, ConfigError, OSError) as error:
+            file, output_kind = _resolve(self.settings)
+            identity = sha256_file(file)
+            model = TeacherModel(file, output_kind, self.settings.runtime)
+            shapes = _shapes(model)
+        except (BundleError, ConfigError, OSError, ValueError, KeyError) as error:
             logger.warning(
                 "Teacher at %s is not loadable (%s); keeping %s and trying again "
                 "in %.0f s",
@@ -147,11 +150,23 @@ class TeacherRegistry:
             )
             return False
         self._fingerprint = fingerprint
-        if candidate.identity == self.current.identity:
+        if identity == self.current.identity:
             return False
-        self._model = TeacherModel(
-            candidate.file, candidate.output_kind, self.settings.runtime
-        )
+        if shapes != _shapes(self._model):
+            logger.error(
+                "Teacher at %s takes inputs %s and gives %d classes, but %s takes "
+                "%s and gives %d; keeping %s. A new teacher must fit the same "
+                "student: restart the hub to change models",
+                file,
+                shapes[0],
+                shapes[1],
+                self.current.version,
+                *_shapes(self._model),
+                self.current.version,
+            )
+            return False
+        candidate = self._version(file, output_kind, identity)
+        self._model = model
         logger.info(
             "Teacher %s (round %d) replaces %s (round %d)",
             candidate.version,
@@ -161,3 +176,11 @@ class TeacherRegistry:
         )
         self.current = candidate
         return True
+
+
+def _shapes(model: TeacherModel) -> tuple[tuple[int, ...], int]:
+    """Return a teacher's input shape per sample and its class count."""
+    runner = model.interpreter.get_signature_runner("infer")
+    inputs = runner.get_input_details()["x"]["shape"]
+    outputs = runner.get_output_details()["output"]["shape"]
+    return tuple(int(d) for d in inputs[1:]), int(outputs[-1])

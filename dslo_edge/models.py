@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dslo_edge.bundle import Bundle
+from dslo_edge.errors import BundleError
 from dslo_edge.runtime import as_float32, interpreter_class, load_interpreter
 
 _NUMPY = (np.ndarray, np.generic)
@@ -136,7 +138,14 @@ class TeacherModel:
 
     def __init__(self, path: Any, output_kind: str, runtime: str = "auto"):
         self.output_kind = output_kind
-        self.interpreter = load_interpreter(path, preference=runtime)
+        # Read into memory rather than mapped: the hub reloads teacher files
+        # that users replace, and copying a new file over a mapped one in
+        # place crashes the process that maps it.
+        try:
+            content = Path(path).read_bytes()
+        except OSError as error:
+            raise BundleError(f"cannot read the teacher {path}: {error}") from error
+        self.interpreter = load_interpreter(model_content=content, preference=runtime)
         self._infer = self.interpreter.get_signature_runner("infer")
 
     def predict(self, x: np.ndarray) -> np.ndarray:

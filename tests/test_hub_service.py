@@ -121,6 +121,31 @@ def kitchen_updates(port: int) -> tuple[mqtt.Client, queue.Queue]:
     return client, received
 
 
+def test_teacher_for_another_model_is_not_loaded(mlp_pair, tmp_path, caplog) -> None:
+    keras = pytest.importorskip("keras")
+    from converters.bundle import convert_teacher
+
+    teacher = tmp_path / "teacher.tflite"
+    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    config = write_hub_config(tmp_path / "hub", 1883, teacher, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    first = worker.teacher.current
+    five_classes = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(5, activation="softmax")]
+    )
+    convert_teacher(five_classes, teacher)
+    caplog.set_level("ERROR", logger="dslo_edge.hub_teacher")
+
+    loaded = worker.teacher.reload_if_changed(force=True)
+
+    assert loaded is False
+    assert worker.teacher.current == first
+    assert worker.teacher.predict(np.zeros((2, 64), np.float32)).shape == (2, 10)
+    assert "takes inputs (64,) and gives 5 classes, but" in caplog.text
+    assert f"keeping {first.version}" in caplog.text
+
+
 def test_scheduled_push_reaches_device(mlp_pair, mosquitto, tmp_path) -> None:
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     config = nightly_push_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x)
