@@ -1175,7 +1175,8 @@ class EdgeDaemon:
         With ``busy`` (reports after updates) the report is skipped when the
         last one is under ``METRICS_MIN_INTERVAL_S`` old. The trainer sends
         the skipped report once the queue has stayed empty for 0.2 s. The
-        metrics log keeps at most one line a second in any case.
+        metrics log keeps at most one line a second of the reports after
+        updates, and every other report, such as the one at a burst's end.
         """
         now = time.monotonic()
         if busy and now - self._last_metrics_at < METRICS_MIN_INTERVAL_S:
@@ -1185,7 +1186,7 @@ class EdgeDaemon:
         self._metrics_pending = False
         payload = json.dumps(self.status_report())
         self.connection.publish(self.topics.metrics, payload, retain=True)
-        if now - self._last_logged_at >= 1.0:
+        if not busy or now - self._last_logged_at >= 1.0:
             self._last_logged_at = now
             self._metrics_log.info(payload)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -304,6 +305,30 @@ def test_replayed_update_is_applied_once(running_daemon) -> None:
 
     assert metrics["applied"] == 1
     assert metrics["rejected"] == {"duplicate": 1}
+
+
+def test_metrics_log_ends_with_final_counts(mlp_pair, broker, tmp_path) -> None:
+    # No idle checkpoint, so only the report at the burst's end can log 30.
+    config = write_config(
+        tmp_path, mlp_pair.bundle, broker, training={"checkpoint_idle_s": 600.0}
+    )
+    daemon = EdgeDaemon(config)
+    daemon.start()
+    hub = hub_client(broker)
+    try:
+        wait_processed(hub, 0)
+        for seed in range(30):
+            hub.publish(encode_update(make_update(200 + seed, samples=1)))
+        wait_processed(hub, 30)
+        time.sleep(1.0)
+        lines = (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()
+    finally:
+        hub.close()
+        daemon.stop()
+
+    assert json.loads(lines[-1])["applied"] == 30
+    # A burst of 30 updates logs far fewer lines than updates.
+    assert len(lines) < 15
 
 
 def test_metrics_log_is_size_capped(mlp_pair, broker, tmp_path) -> None:
