@@ -45,6 +45,7 @@ def read_heads(
         last = by_name[outputs[layer_name]]
         final_softmax = last.op == "activation" and last.params["function"] == "softmax"
         logits = last.inputs[0] if final_softmax else last.name
+        _check_logits(layer_name, by_name, logits)
         class_count = int(by_name[logits].output_shape[-1])
         heads.append(
             OutputHead(head_name(layer_name), logits, final_softmax, class_count)
@@ -53,6 +54,27 @@ def read_heads(
     if len(heads) > 1:
         _check_lengths([head.name for head in heads])
     return heads
+
+
+def _check_logits(layer_name: str, by_name: dict[str, GraphNode], logits: str) -> None:
+    """Reject a head whose logits come out of an activation.
+
+    The runtime applies softmax to the logits, so a sigmoid output, or a
+    softmax followed by Dropout, would be squashed a second time. Dropout
+    passes its input through at inference, so the check looks past it.
+    """
+    node = by_name[logits]
+    while node.op == "dropout":
+        node = by_name[node.inputs[0]]
+    if node.op == "activation":
+        function = node.params["function"]
+        raise ConversionError(
+            f"the student's output '{layer_name}' gives {function} values "
+            f"(layer '{node.layer}'), not logits, and the converter adds its own "
+            f"softmax after them; end the output in a layer without activation, "
+            "optionally followed by softmax as the very last layer, and put any "
+            "Dropout before the last Dense layer"
+        )
 
 
 def _check_lengths(names: list[str]) -> None:

@@ -179,6 +179,32 @@ def test_unsupported_layer_is_named(tmp_path) -> None:
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.parametrize(
+    ("ending", "message"),
+    [
+        (
+            [keras.layers.Dense(3, activation="sigmoid", name="out")],
+            "output 'out' gives sigmoid values \\(layer 'out'\\), not logits",
+        ),
+        (
+            [
+                keras.layers.Dense(3, name="scores"),
+                keras.layers.Activation("softmax", name="probs"),
+                keras.layers.Dropout(0.1, name="out"),
+            ],
+            "output 'out' gives softmax values \\(layer 'probs'\\), not logits",
+        ),
+    ],
+)
+def test_activation_before_head_is_rejected(tmp_path, ending, message) -> None:
+    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), *ending])
+    teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+
+    with pytest.raises(ConversionError, match=message):
+        convert_bundle(teacher, student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_existing_output_is_not_overwritten(mlp_pair, tmp_path) -> None:
     out = tmp_path / "bundle"
     out.mkdir()
