@@ -400,6 +400,7 @@ class OtaReceiver:
     def _start(self, header: ChunkHeader, now: float) -> _Transfer:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{header.transfer_id.hex()}.part"
+        self._remove_abandoned(keep=path)
         with open(path, "wb") as stream:
             stream.truncate(header.total_bytes)
         self._transfer = _Transfer(header, path, last_chunk_at=now)
@@ -410,6 +411,17 @@ class OtaReceiver:
             header.count,
         )
         return self._transfer
+
+    def _remove_abandoned(self, keep: Path) -> None:
+        """Delete partial archives of transfers that a restart cut off.
+
+        One transfer runs at a time, so any other ``.part`` file is left
+        over from a transfer that stopped with the daemon.
+        """
+        for old in self.folder.glob("*.part"):
+            if old != keep:
+                logger.info("Deleting %s, left by an interrupted model transfer", old)
+                old.unlink(missing_ok=True)
 
     def _discard(self, transfer: _Transfer) -> None:
         transfer.path.unlink(missing_ok=True)

@@ -192,6 +192,22 @@ def test_chunks_out_of_order_and_repeated(tmp_path: Path) -> None:
     assert receiver.progress is None
 
 
+def test_new_transfer_deletes_abandoned_part(tmp_path: Path) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
+    chunks = split_archive(archive, chunk_bytes=16 * 1024)
+    folder = tmp_path / "ota"
+    folder.mkdir()
+    # Left by a transfer that a daemon restart cut off.
+    abandoned = folder / ("ab" * 16 + ".part")
+    abandoned.write_bytes(b"\0" * 51_200)
+
+    received = receive_all(OtaReceiver(folder), chunks)
+
+    assert not abandoned.exists()
+    assert received.path.read_bytes() == archive
+    assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
+
+
 def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
     archive = pack_bundle(write_bundle(tmp_path / "bundle"))
     wrong = hashlib.sha256(b"another archive").digest()
