@@ -38,6 +38,7 @@ from dslo_edge.push_progress import (
     wait_for_processed,
     wait_for_saved,
 )
+from dslo_edge.runtime import is_numeric
 from dslo_edge.signing import sign
 
 logger = logging.getLogger(__name__)
@@ -126,9 +127,7 @@ def _numeric_array(
 ) -> np.ndarray:
     """Return a per-sample array as ``dtype``, rejecting non-numeric dtypes."""
     array = _per_sample_array(arrays, name, source)
-    # Kinds b, i, u and f are booleans, integers and floats. Strings, bytes,
-    # complex numbers and dates are rejected.
-    if array.dtype.kind not in "biuf":
+    if not is_numeric(array):
         raise ConfigError(
             f"{source}: array '{name}' has dtype {array.dtype}; expected a "
             f"numeric dtype (integer or floating point, such as "

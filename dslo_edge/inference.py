@@ -29,6 +29,7 @@ from dslo_edge.label_requests import LabelRequester, RequestSettings, SelectionS
 from dslo_edge.metrics import LatencyWindow
 from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.protocol import Topics
+from dslo_edge.runtime import is_numeric
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,7 @@ def decode_inputs(
 
 def _checked_inputs(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
     """Return ``x`` as float32 after checking its dtype, shape and values."""
-    # Kinds b, i, u and f are booleans, integers and floats. Strings, bytes,
-    # complex numbers and dates are rejected.
-    if x.dtype.kind not in "biuf":
+    if not is_numeric(x):
         raise InvalidUpdate(
             "bad_inputs",
             f"x has dtype {x.dtype}, expected a numeric dtype such as float32",

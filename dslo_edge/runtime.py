@@ -75,6 +75,14 @@ def load_interpreter(
         raise BundleError(f"the interpreter cannot load the model: {error}") from error
 
 
+def is_numeric(array: np.ndarray) -> bool:
+    """Check that an array holds booleans, integers or floats.
+
+    Strings, bytes, complex numbers and dates are not numeric here.
+    """
+    return array.dtype.kind in "biuf"
+
+
 def as_float32(array: Any) -> np.ndarray:
     """Return a C-contiguous float32 view or copy, as the interpreter expects.
 
