@@ -76,7 +76,7 @@ def load_interpreter(
 
 
 def is_numeric(array: np.ndarray) -> bool:
-    """Check that an array holds booleans, integers or floats.
+    """Check that an array contains booleans, integers or floats.
 
     Strings, bytes, complex numbers and dates are not numeric here.
     """
