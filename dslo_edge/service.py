@@ -218,6 +218,35 @@ def _check_paths(
     check_state_dir(str(state_dir), "state directory")
 
 
+# systemd's ProtectHome= hides these directories from the service.
+HOME_DIRECTORIES = (
+    PurePosixPath("/home"),
+    PurePosixPath("/root"),
+    PurePosixPath("/run/user"),
+)
+
+
+def _protect_home_lines(*paths: PurePosixPath) -> str:
+    """Return the ``ProtectHome=`` line, with a comment when it is read-only.
+
+    ``yes`` hides the home directories from the service. When the script,
+    config or state directory lies inside one, the unit uses ``read-only``.
+    ``ReadWritePaths=`` still lets the service write its state directory.
+    """
+    inside = [
+        str(path)
+        for path in paths
+        if any(path.is_relative_to(home) for home in HOME_DIRECTORIES)
+    ]
+    if not inside:
+        return "ProtectHome=yes\n"
+    return (
+        "# read-only, because yes would hide these paths inside a home directory:\n"
+        f"# {' '.join(inside)}\n"
+        "ProtectHome=read-only\n"
+    )
+
+
 def render_unit(
     *,
     exec_path: PurePosixPath = DEFAULT_EXEC,
@@ -276,8 +305,7 @@ RestartSec={restart_sec}
 RestartPreventExitStatus={EXIT_CONFIG}
 NoNewPrivileges=yes
 ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
+{_protect_home_lines(exec_path, config_path, state_dir)}PrivateTmp=yes
 ReadWritePaths={quote_path_list_entry(state_dir)}
 
 [Install]
@@ -342,8 +370,7 @@ TimeoutStopSec={stop_timeout_sec}
 RestartPreventExitStatus={EXIT_CONFIG}
 NoNewPrivileges=yes
 ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
+{_protect_home_lines(exec_path, config_path, state_dir)}PrivateTmp=yes
 ReadWritePaths={quote_path_list_entry(state_dir)}
 
 [Install]

@@ -449,3 +449,47 @@ def test_render_unit_rejects_unnormalized_state_dir() -> None:
     assert "state directory '/var/lib/../../etc' is not a normalized path" in str(
         caught.value
     )
+
+
+@pytest.mark.parametrize(
+    ("paths", "protect_home"),
+    [
+        ({}, "yes"),
+        ({"exec_path": PurePosixPath("/homework/bin/dslo-edge")}, "yes"),
+        ({"exec_path": PurePosixPath("/home/pi/venv/bin/dslo-edge")}, "read-only"),
+        ({"config_path": PurePosixPath("/root/device.toml")}, "read-only"),
+        ({"state_dir": PurePosixPath("/run/user/1000/dslo")}, "read-only"),
+    ],
+)
+def test_unit_keeps_home_paths_readable(paths, protect_home: str) -> None:
+    for render in (render_unit, render_hub_unit):
+        lines = render(**paths).splitlines()
+
+        assert [line for line in lines if line.startswith("ProtectHome=")] == [
+            f"ProtectHome={protect_home}"
+        ]
+        state_dir = paths.get("state_dir")
+        if state_dir is not None:
+            assert f"ReadWritePaths={state_dir}" in lines
+
+
+def test_service_install_state_dir_in_home(tmp_path) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "service",
+            "install",
+            "--unit-dir",
+            str(tmp_path),
+            "--exec",
+            "/usr/local/bin/dslo-edge",
+            "--state-dir",
+            "/home/pi/dslo-state",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "dslo-edge.service").read_text().splitlines()
+    assert "ProtectHome=read-only" in lines
+    assert "# /home/pi/dslo-state" in lines
+    assert "ReadWritePaths=/home/pi/dslo-state" in lines
