@@ -275,6 +275,8 @@ def _convert_files(
     options: PrecisionOptions,
 ) -> dict[str, bytes]:
     data = options.representative_data
+    if data is not None and (options.teacher == "int8" or options.int8_student_copy):
+        check_representative(data, input_shape)
     files = {
         STUDENT_FILE: to_tflite(module, module.signatures(), "student", options.student)
     }
@@ -292,6 +294,31 @@ def _convert_files(
             copy, copy.signatures(input_shape), "int8 student copy", "int8", data
         )
     return files
+
+
+def check_representative(data: np.ndarray, input_shape: tuple[int, ...]) -> None:
+    """Raise ConversionError unless ``data`` contains finite samples of ``input_shape``.
+
+    The converter would otherwise fail inside the TFLite calibration with a
+    message that does not name the representative data.
+    """
+    expected = f"(N, {', '.join(str(size) for size in input_shape)})"
+    if data.ndim != len(input_shape) + 1 or tuple(data.shape[1:]) != input_shape:
+        raise ConversionError(
+            f"the representative data has shape {tuple(data.shape)}, but the "
+            f"models take inputs of shape {input_shape}; save an x array of "
+            f"shape {expected}"
+        )
+    if data.shape[0] == 0:
+        raise ConversionError(
+            f"the representative data has no samples; save an x array of shape "
+            f"{expected} with a few hundred samples"
+        )
+    if not np.isfinite(data).all():
+        raise ConversionError(
+            "the representative data contains NaN or infinite values; "
+            "calibration needs finite inputs"
+        )
 
 
 def _write_files(

@@ -180,6 +180,9 @@ def convert(
     representative: str | None,
 ) -> None:
     """Convert a Keras teacher and student into a bundle (needs the convert extra)."""
+    _check_given_options(
+        optimizer, int8=teacher_precision == "int8" or int8_student_copy
+    )
     _prepare_bundle_dir(Path(out), overwrite)
     _quiet_tensorflow()
     try:
@@ -218,6 +221,31 @@ def convert(
         f"wrote {out}: {_class_summary(manifest)}, train signature uses "
         f"{len(student_ops)} builtin op types, no Flex ops"
     )
+
+
+def _check_given_options(optimizer: str, *, int8: bool) -> None:
+    """Reject an option given on the command line that the conversion would ignore."""
+    readers = {
+        "momentum": "--optimizer momentum",
+        "nesterov": "--optimizer momentum",
+        "weight_decay": "--optimizer adamw",
+        "representative": "--teacher-precision int8 or --int8-student-copy",
+    }
+    used = set()
+    if optimizer == "momentum":
+        used |= {"momentum", "nesterov"}
+    if optimizer == "adamw":
+        used.add("weight_decay")
+    if int8:
+        used.add("representative")
+    context = click.get_current_context()
+    for name, reader in readers.items():
+        source = context.get_parameter_source(name)
+        if source == click.core.ParameterSource.COMMANDLINE and name not in used:
+            raise click.UsageError(
+                f"--{name.replace('_', '-')} is used only with {reader}; remove "
+                "it, or add that choice if you meant it"
+            )
 
 
 def _prepare_bundle_dir(out: Path, overwrite: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -72,6 +73,40 @@ def test_convert_error_names_overwrite_option(keras_files, tmp_path) -> None:
     assert "exists and is not empty" in result.output
     assert "pass --overwrite to replace it" in result.output
     assert "overwrite=True" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--optimizer", "adam", "--weight-decay", "0.01"],
+            "--weight-decay is used only with --optimizer adamw",
+        ),
+        (["--momentum", "0.5"], "--momentum is used only with --optimizer momentum"),
+        (
+            ["--optimizer", "adamw", "--nesterov"],
+            "--nesterov is used only with --optimizer momentum",
+        ),
+        (
+            ["--representative", "REPRESENTATIVE"],
+            "--representative is used only with --teacher-precision int8 or "
+            "--int8-student-copy",
+        ),
+    ],
+)
+def test_convert_rejects_ignored_options(
+    keras_files, tmp_path, options, message
+) -> None:
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=np.zeros((4, 64), np.float32))
+    options = [str(samples) if word == "REPRESENTATIVE" else word for word in options]
+    out = tmp_path / "bundle"
+
+    result = run(*keras_files, "--out", str(out), *options)
+
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists()
 
 
 def test_demo_rejects_negative_seed(tmp_path) -> None:

@@ -169,6 +169,27 @@ def test_int8_without_samples_is_rejected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("samples", "message"),
+    [
+        (np.zeros((4, 64), np.float32), r"shape \(4, 64\).*\(N, 8, 8, 3\)"),
+        (np.zeros((0, 8, 8, 3), np.float32), "no samples"),
+        (np.full((4, 8, 8, 3), np.nan, np.float32), "NaN or infinite"),
+    ],
+)
+def test_bad_representative_data_rejected(tmp_path: Path, samples, message) -> None:
+    with pytest.raises(ConversionError, match=f"representative data.*{message}"):
+        convert_bundle(
+            _teacher(),
+            _student(),
+            tmp_path / "bundle",
+            precision=PrecisionOptions(
+                int8_student_copy=True, representative_data=samples
+            ),
+        )
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize(
     ("layer", "message"),
     [
         (layers.Conv1D(2, 3, name="temporal"), "'temporal' of type Conv1D.*Conv2D"),
