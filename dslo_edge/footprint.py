@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.bundle import Bundle
+from dslo_edge.errors import BundleError
+from dslo_edge.modelfile import summarize_model
 
 MIB = 1024 * 1024
 FLOAT_BYTES = 4
@@ -28,7 +30,8 @@ BASELINE_RSS_BYTES = 55 * MIB
 SOFTWARE_BYTES = 150 * MIB
 # Variable, gradient and the update's temporary for every weight.
 WEIGHT_COPIES = 3
-# Forward activation, its gradient and one temporary per hidden unit.
+# Without the file's tensor list: forward activation, its gradient and one
+# temporary per hidden unit.
 ACTIVATION_COPIES = 3
 CHECKPOINTS_KEPT = 2
 UPDATE_HEADER_BYTES = 64
@@ -188,10 +191,19 @@ def _tensor_bytes(spec: dict[str, Any], batch_size: int) -> int:
 
 
 def _activation_bytes(bundle: Bundle, batch_size: int) -> int:
-    """Estimate layer activations kept for the backward pass.
+    """Estimate the tensors that the ``train`` signature allocates at a batch.
 
-    Each rank-2 weight is read as a dense kernel whose second dimension is a
-    layer width. A student with other layer kinds gets a rougher estimate.
+    This is the summed size of the signature's non-constant tensors in the
+    student file, an upper bound because LiteRT reuses memory between
+    tensors, and it counts convolution outputs too. Without ai-edge-litert's
+    schema module to read the file, each rank-2 weight is read as a dense
+    kernel whose second dimension is a layer width, which misses
+    convolution activations.
     """
+    try:
+        summary = summarize_model(bundle.student_path.read_bytes(), batch_size)
+        return summary.activation_bytes["train"]
+    except (BundleError, OSError, KeyError):
+        pass
     widths = [shape[-1] for shape in bundle.weight_shapes.values() if len(shape) == 2]
     return batch_size * sum(widths) * FLOAT_BYTES * ACTIVATION_COPIES

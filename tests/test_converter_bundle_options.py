@@ -16,6 +16,7 @@ from converters.trainable import TrainableScope
 from dslo_edge.bundle import load_bundle
 from dslo_edge.cli import main
 from dslo_edge.errors import ConversionError
+from dslo_edge.footprint import estimate_memory
 from dslo_edge.inspect import inspect_bundle
 from dslo_edge.models import StudentModel, TeacherModel
 
@@ -145,6 +146,14 @@ def test_manifest_records_optimizer_and_state(bundles: SimpleNamespace) -> None:
     assert variables["optimizer__m__hidden_kernel"]["kind"] == "optimizer_state"
     assert variables["stem_norm_moving_mean"]["kind"] == "moving_statistic"
     assert set(student["weights"]) == set(variables)
+
+
+def test_memory_estimate_counts_conv_activations(bundles: SimpleNamespace) -> None:
+    memory = estimate_memory(load_bundle(bundles.plain), batch_size=32, queue_size=1)
+    # The stem's output, its batch norm and ReLU6: 32 x 8 x 8 x 16 floats each.
+    stem_output = 32 * 8 * 8 * 16 * 4
+
+    assert memory.activations >= 3 * stem_output
 
 
 def test_int8_trainable_student_is_rejected(tmp_path: Path) -> None:

@@ -175,6 +175,8 @@ def test_memory_estimate_parts(tmp_path: Path) -> None:
     assert memory.baseline == BASELINE_RSS_BYTES
     assert memory.model_file == 27_296
     assert memory.weights == weights * 4 * 3
+    # The placeholder model file cannot be read, so the estimate falls back
+    # to the dense layer widths.
     assert memory.activations == 32 * (32 + 10) * 4 * 3
     # infer: x, logits, probabilities; train: x, soft, hard, alpha and three
     # scalars; get_weights and set_weights: the weights, plus one scalar.
