@@ -116,6 +116,8 @@ class MqttConnection:
         on_message: called on the network thread for each message; with
             ``manual_ack`` the callee must later call ``ack``.
         label: a name for log lines, such as "device kitchen-pi".
+        takeover_fix: what to do when another client uses the same client
+            id, ending the log line about the takeover.
     """
 
     def __init__(
@@ -129,8 +131,10 @@ class MqttConnection:
         manual_ack: bool = False,
         receive_maximum: int | None = None,
         label: str = "client",
+        takeover_fix: str = "give each device its own id",
     ):
         self.settings = settings
+        self.takeover_fix = takeover_fix
         self.client_id = client_id
         self.label = label
         self.receive_maximum = receive_maximum
@@ -256,10 +260,11 @@ class MqttConnection:
                 logger.error(
                     "%s: the broker closed 3 connections in a row within %.0f s of "
                     "accepting them; another client is probably using client id %s "
-                    "(session taken over); give each device its own id",
+                    "(session taken over); %s",
                     self.label,
                     STABLE_CONNECTION_S,
                     self.client_id,
+                    self.takeover_fix,
                 )
 
     def _connect_once(self) -> bool:
@@ -315,7 +320,7 @@ class MqttConnection:
             self.takeovers += 1
             self.last_error = (
                 f"session taken over: another client connected with id "
-                f"{self.client_id}; give each device its own id"
+                f"{self.client_id}; {self.takeover_fix}"
             )
             logger.error("%s: %s", self.label, self.last_error)
         elif not (self.last_error or "").startswith("broker refused"):

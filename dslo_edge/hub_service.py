@@ -117,6 +117,11 @@ class HubWorker:
             manual_ack=True,
             receive_maximum=RECEIVE_MAXIMUM,
             label=f"hub worker {self.worker_id}",
+            takeover_fix=(
+                f"another worker probably runs with worker id {self.worker_id}: give "
+                "each worker its own --worker-id, and leave mqtt.client_id unset "
+                "when workers share a config file"
+            ),
         )
         self.labeller.client = self.connection.client
         self.pushes = (

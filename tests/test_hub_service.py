@@ -319,3 +319,26 @@ def test_repeated_sample_id_rejects_label_request(
     assert reply.payload.decode().startswith("sample id 'a' occurs more than once")
     assert counters["rejected"] == 1
     assert counters["teacher_calls"] == 0
+
+
+def test_duplicate_worker_id_is_named(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    config = load_hub_config(
+        write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle),
+        "w1",
+    )
+    first, second = HubWorker(config), HubWorker(config)
+    start_online(first, mosquitto.port)
+    second.start()
+    try:
+        deadline = time.monotonic() + 15
+        while first.connection.takeovers == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        second.stop()
+        first.stop()
+
+    assert first.connection.takeovers >= 1
+    taken_over = [r.getMessage() for r in caplog.records if "taken over" in r.message]
+    assert taken_over
+    assert "another worker probably runs with worker id w1" in taken_over[0]
+    assert "give each worker its own --worker-id" in taken_over[0]
