@@ -474,18 +474,14 @@ def test_unit_keeps_home_paths_readable(paths, protect_home: str) -> None:
 
 
 def test_service_install_state_dir_in_home(tmp_path) -> None:
+    options = [
+        "--exec",
+        "/usr/local/bin/dslo-edge",
+        "--state-dir",
+        "/home/pi/dslo-state",
+    ]
     result = CliRunner().invoke(
-        main,
-        [
-            "service",
-            "install",
-            "--unit-dir",
-            str(tmp_path),
-            "--exec",
-            "/usr/local/bin/dslo-edge",
-            "--state-dir",
-            "/home/pi/dslo-state",
-        ],
+        main, ["service", "install", "--unit-dir", str(tmp_path), *options]
     )
 
     assert result.exit_code == 0, result.output
