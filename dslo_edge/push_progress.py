@@ -144,7 +144,8 @@ def key_counters(metrics: dict[str, Any] | None) -> str:
     return (
         f"processed_total {processed_count(metrics)}, applied_total "
         f"{_applied_count(metrics)}, rejected {sum(rejected.values())}, "
-        f"queue_depth {metrics.get('queue_depth', 'unknown')}"
+        f"queue_depth {metrics.get('queue_depth', 'unknown')}, "
+        f"unacknowledged {metrics.get('unacknowledged', 'unknown')}"
     )
 
 
