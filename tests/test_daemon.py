@@ -385,8 +385,9 @@ def burst_config(
     return write_config(tmp_path, bundle, broker, training=training)
 
 
-# A burst test writes a checkpoint every few updates. On a loaded 2-core
-# machine 400 such updates once took longer than WAIT_S to be acknowledged.
+# NOTE: in one full-suite run on a loaded 2-core machine, all 400 updates of
+# a burst test were applied but not all acknowledged within WAIT_S. It did
+# not recur in 10 runs under load, and its cause is unknown.
 BURST_WAIT_S = 3 * WAIT_S
 
 
