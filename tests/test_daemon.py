@@ -387,7 +387,7 @@ def burst_config(
 
 # NOTE: in one full-suite run on a loaded 2-core machine, all 400 updates of
 # a burst test were applied but not all acknowledged within WAIT_S. It did
-# not recur in 10 runs under load, and its cause is unknown.
+# not recur in 7 more runs, 4 of them under load, and its cause is unknown.
 BURST_WAIT_S = 3 * WAIT_S
 
 
