@@ -237,15 +237,27 @@ class DaemonProcess:
     thread_cpu: list[list[float] | None] = field(default_factory=list)
 
     @classmethod
-    def start(cls, work: Path, bundle: Path, host: str, port: int) -> DaemonProcess:
-        """Write a device config with the defaults and start the daemon.
+    def start(
+        cls,
+        work: Path,
+        bundle: Path,
+        host: str,
+        port: int,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        device_id: str = DEVICE_ID,
+    ) -> DaemonProcess:
+        """Write a device config and start the daemon.
 
-        The defaults train one step per update; coalescing (training.batch_size)
-        helps small messages but adds about 0.3 ms per update at 32 samples.
+        The defaults train one step per update. ``overrides`` changes
+        settings, such as ``{"training": {"batch_size": 256}}`` to coalesce
+        queued updates into larger steps. A second daemon on the same broker
+        needs another ``device_id``, because the first one's retained metrics
+        stay on the broker.
         """
         config = work / "device.toml"
+        state = (work / "state").resolve()
         config.write_text(
-            render_config(DEVICE_ID, bundle.resolve(), (work / "state").resolve(), port)
+            render_config(device_id, bundle.resolve(), state, port, overrides=overrides)
         )
         log = open(work / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
         process = subprocess.Popen(
@@ -255,12 +267,12 @@ class DaemonProcess:
         )
         log.close()
         try:
-            hub = HubClient(host, port, DEVICE_ID)
+            hub = HubClient(host, port, device_id)
             hub.wait_for_metrics(lambda m: "processed" in m, WAIT_S)
         except DsloError:
             process.kill()
             raise
-        updates = Topics.for_device(DEVICE_ID).updates
+        updates = Topics.for_device(device_id).updates
         daemon = cls(process, hub, Publisher(host, port, updates))
         daemon.processed = int(hub.latest_metrics["processed"])  # type: ignore[index]
         return daemon

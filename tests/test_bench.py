@@ -34,6 +34,7 @@ FIGURES = {
     "wire_bytes",
     "wire_bytes_float16",
     "wire_bytes_top_k",
+    "throughput_coalesced",
 }
 
 
@@ -69,6 +70,11 @@ def test_quick_bench_writes_every_figure(tmp_path) -> None:
     assert cpu == sorted(cpu, reverse=True)
     assert cpu[-1] > 0
     assert "daemon CPU per message in the median throughput run" in result.output
+    coalesced = report["measured"]["throughput_coalesced_samples_per_s"]
+    assert coalesced["batch_size"] == 256
+    assert coalesced["exit_code"] == 0
+    # The quick run sends 100 messages of 32 samples once: no warm-up here.
+    assert coalesced["applied"] == 100
 
 
 def test_thread_cpu_counts_this_thread() -> None:
