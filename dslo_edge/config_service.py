@@ -259,10 +259,22 @@ def read_requests(reader: TableReader, mqtt: MqttSettings) -> RequestsSettings:
     return settings
 
 
+def _publishable_prefix(value: str) -> bool:
+    # Discovery messages are published under this prefix, and MQTT forbids
+    # wildcards and NUL in a publish topic.
+    return bool(value) and not any(char in value for char in "+#\0")
+
+
 def read_homeassistant(reader: TableReader) -> HomeAssistantSettings:
     settings = HomeAssistantSettings(
         enabled=reader.get("enabled", bool, True),
-        prefix=reader.get("prefix", str, "homeassistant", bool, "a topic prefix"),
+        prefix=reader.get(
+            "prefix",
+            str,
+            "homeassistant",
+            _publishable_prefix,
+            "a topic prefix without '+', '#' or NUL, such as 'homeassistant'",
+        ),
     )
     reader.reject_unknown()
     return settings

@@ -165,3 +165,25 @@ def test_queue_size_of_one_is_rejected(tmp_path: Path) -> None:
 
     assert "queue_size" in str(caught.value)
     assert "2..100000" in str(caught.value)
+
+
+@pytest.mark.parametrize("prefix", ["home/+/x", "homeassistant/#"])
+def test_homeassistant_prefix_with_wildcard_rejected(
+    tmp_path: Path, prefix: str
+) -> None:
+    path = write(tmp_path, tmp_path / "bundle", {"homeassistant": {"prefix": prefix}})
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    message = str(caught.value)
+    assert f"{path}: homeassistant.prefix = {prefix!r} is invalid" in message
+    assert "without '+', '#' or NUL" in message
+
+
+def test_homeassistant_prefix_may_have_levels(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, tmp_path / "bundle", {"homeassistant": {"prefix": "site-1/ha"}}
+    )
+
+    assert load_config(path).homeassistant.prefix == "site-1/ha"
