@@ -618,6 +618,8 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     """Compare DSL-O with static and annealed KD on shifted real data."""
     import time
 
+    # The run takes minutes, so an unwritable --out is reported before it.
+    _check_writable_dir(Path(out) / "evaluation", "--out")
     _require_modules(("keras", "sklearn", "river", "matplotlib"), "convert,eval")
 
     from dslo_edge.eval_data import DATASETS
@@ -633,13 +635,32 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     if seeds != 5:
         command += f" --seeds {seeds}"
     command += "".join(f" --dataset {name}" for name in datasets)
-    summary = write_report(results, Path(out), command, time.monotonic() - started)
+    try:
+        summary = write_report(results, Path(out), command, time.monotonic() - started)
+    except OSError as error:
+        raise DsloError(f"cannot write the evaluation report: {error}") from error
     for dataset, entry in summary.items():
         diff, spread = entry["dslo_minus_static"]
         click.echo(
             f"{dataset}: DSL-O minus static KD {diff:+.1f} ± {spread:.1f} points"
         )
     click.echo(f"wrote {Path(out) / 'evaluation.md'}")
+
+
+def _check_writable_dir(folder: Path, option: str) -> None:
+    """Create ``folder`` and write a probe file in it, or raise BadParameter."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise click.BadParameter(
+            f"cannot write into {folder}: {error.strerror or error}; "
+            "choose a directory you can write to",
+            param_hint=option,
+        ) from error
 
 
 def _private_release(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from dslo_edge.cli import main
 from dslo_edge.eval_data import load_eval_splits, read_segment
 from dslo_edge.evaluate import METHODS, QUICK_GRID, Grid, _candidates
 
@@ -113,3 +117,25 @@ def test_report_verdict_names_size_without_sign() -> None:
     table = markdown_table("digits", _entry([0, 1, 2], -3.9, 2.3))
     assert "| DSL-O | 80.0 ± 2.3 | 5.0 ± 2.3 |" in table
     assert "DSL-O minus static KD: -3.9 ± 2.3 points" in table
+
+
+def test_evaluate_rejects_unwritable_out(tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / "report"
+
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        main, ["evaluate", "--quick", "--seeds", "1", "--out", str(out)]
+    )
+    seconds = time.monotonic() - started
+
+    assert result.exit_code == 2
+    assert "Invalid value for --out" in result.output
+    assert f"cannot write into {out / 'evaluation'}" in result.output
+    assert "Not a directory" in result.output
+    assert "Traceback" not in result.output
+    # Rejected before the run: a quick one-seed run of digits alone took 45 to
+    # 55 s on a 2-core machine.
+    assert seconds < 10
+    assert blocker.read_text() == "not a directory"
