@@ -141,11 +141,18 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list
         The paths written.
 
     Raises:
-        ConfigError: matplotlib is not installed.
+        ConfigError: matplotlib is not installed, or the directory or a plot
+            cannot be written.
     """
     pyplot = _pyplot()
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the report directory {folder}: {error}; "
+            "choose another --out"
+        ) from error
     device = records[-1].get("device", "device")
     written = [
         _plot_latency(pyplot, records, folder / "latency.png", device),
@@ -153,6 +160,16 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list
         _plot_energy(pyplot, records, folder / "energy.png", device),
     ]
     return written
+
+
+def _save(pyplot: Any, figure: Any, path: Path) -> Path:
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as error:
+        raise ConfigError(f"cannot write the plot {path}: {error}") from error
+    finally:
+        pyplot.close(figure)
+    return path
 
 
 def _empty(axes: Any, text: str) -> None:
@@ -201,9 +218,7 @@ def _plot_latency(
         axes.legend(fontsize="small")
     figure.suptitle(f"Latency on {device}")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
-    return path
+    return _save(pyplot, figure, path)
 
 
 def _plot_training(
@@ -228,9 +243,7 @@ def _plot_training(
         axes.set_xlabel("minutes since the first report")
     figure.suptitle(f"Adaptation on {device}")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
-    return path
+    return _save(pyplot, figure, path)
 
 
 def _plot_energy(
@@ -266,6 +279,4 @@ def _plot_energy(
                 fontsize="small",
             )
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
-    return path
+    return _save(pyplot, figure, path)

@@ -172,3 +172,20 @@ def test_empty_panel_keeps_shared_ticks(tmp_path: Path) -> None:
     assert len(bottom.get_xticks()) == len(top.get_xticks())
     assert not any(label.get_visible() for label in bottom.get_xticklabels())
     pyplot.close(figure)
+
+
+def test_report_command_unwritable_out(tmp_path: Path) -> None:
+    log = metrics_log(tmp_path / "metrics.jsonl", reports=2)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / "plots"
+
+    result = CliRunner().invoke(
+        main, ["report", "--metrics", str(log), "--out", str(out)]
+    )
+
+    assert result.exit_code == 78
+    assert result.output.startswith(f"error: cannot create the report directory {out}:")
+    assert "choose another --out" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a directory"
