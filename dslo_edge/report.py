@@ -162,6 +162,35 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list
     return written
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """Return ``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _histogram(summary: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+    """Return a latency histogram's (edges, counts), or None if it is unusable.
+
+    A usable histogram has numeric edges and one numeric count per bucket,
+    with at least one sample.
+    """
+    histogram = _mapping(summary.get("histogram"))
+    edges = histogram.get("edges_ms")
+    counts = histogram.get("counts")
+    if not isinstance(edges, list) or not isinstance(counts, list):
+        return None
+    if len(edges) != len(counts) + 1 or not counts:
+        return None
+    if not all(_is_number(value) for value in edges + counts):
+        return None
+    if not sum(counts):
+        return None
+    return edges, counts
+
+
 def _save(pyplot: Any, figure: Any, path: Path) -> Path:
     try:
         figure.savefig(path, dpi=100)
@@ -185,19 +214,18 @@ def _plot_latency(
     last = records[-1]
     figure, axes_row = pyplot.subplots(1, len(LATENCY_FIELDS), figsize=(15, 4.2))
     for axes, (field, title) in zip(axes_row, LATENCY_FIELDS, strict=True):
-        value = last.get(field)
-        summary: dict[str, Any] = value if isinstance(value, dict) else {}
-        histogram = summary.get("histogram")
-        if not histogram or not sum(histogram["counts"]):
+        summary = _mapping(last.get(field))
+        histogram = _histogram(summary)
+        if histogram is None:
             axes.set_title(title)
             _empty(axes, f"no {field} histogram in the log")
             continue
         axes.set_title(f"{title}, last {summary.get('count', 0)} updates")
-        edges = histogram["edges_ms"]
+        edges, counts = histogram
         widths = [high - low for low, high in zip(edges[:-1], edges[1:], strict=True)]
         axes.bar(
             edges[:-1],
-            histogram["counts"],
+            counts,
             width=widths,
             align="edge",
             color="#4c72b0",
@@ -208,7 +236,7 @@ def _plot_latency(
         axes.set_ylabel("updates")
         for name, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
             value = summary.get(name)
-            if isinstance(value, int | float):
+            if _is_number(value):
                 axes.axvline(
                     value,
                     color="#c44e52",
@@ -251,8 +279,8 @@ def _plot_energy(
 ) -> Path:
     figure, axes = pyplot.subplots(figsize=(9, 4.2))
     times, values = series(records, "energy.joules_per_update")
-    energy = _lookup(records[-1], "energy") or {}
-    source = energy.get("source") or "no source"
+    energy = _mapping(records[-1].get("energy"))
+    source = str(energy.get("source") or "no source")
     if energy.get("estimated"):
         source += ", an estimate"
     axes.set_title(f"Energy per update on {device} ({source})", fontsize="medium")
@@ -265,9 +293,9 @@ def _plot_energy(
         axes.set_xlabel("minutes since the first report")
         axes.set_ylabel("mJ per update")
         axes.grid(alpha=0.3)
-        battery = energy.get("battery") or {}
+        battery = _mapping(energy.get("battery"))
         per_thousand = battery.get("percent_per_1000_updates")
-        if per_thousand is not None:
+        if _is_number(per_thousand):
             axes.text(
                 0.99,
                 0.95,

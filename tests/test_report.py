@@ -16,7 +16,13 @@ from dslo_edge.errors import ConfigError
 from dslo_edge.metrics import HISTOGRAM_EDGES_MS, DaemonMetrics, LatencyWindow
 from dslo_edge.power import BatteryCapacity, EnergyMeter, PowerModel
 from dslo_edge.power.sources import CpuModelSource
-from dslo_edge.report import append_metrics, read_metrics_log, series, write_report
+from dslo_edge.report import (
+    _histogram,
+    append_metrics,
+    read_metrics_log,
+    series,
+    write_report,
+)
 from tests.sysfs_tree import FakeClock
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -189,3 +195,47 @@ def test_report_command_unwritable_out(tmp_path: Path) -> None:
     assert "choose another --out" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert blocker.read_text() == "not a directory"
+
+
+MALFORMED_FIELDS = {
+    "energy is a string": {"energy": "x"},
+    "battery is a string": {"energy": {"joules_per_update": 0.1, "battery": "x"}},
+    "battery figure is a string": {
+        "energy": {
+            "joules_per_update": 0.1,
+            "battery": {"percent_per_1000_updates": "x"},
+        }
+    },
+    "histogram without counts": {"train_ms": {"histogram": {"edges_ms": [1, 2]}}},
+    "histogram is a list": {"train_ms": {"histogram": [1, 2]}},
+    "histogram count is text": {
+        "train_ms": {"histogram": {"edges_ms": [1, 2], "counts": ["a"]}}
+    },
+    "histogram of wrong length": {
+        "train_ms": {"histogram": {"edges_ms": [1, 2, 3], "counts": [1]}}
+    },
+}
+
+
+@pytest.mark.parametrize("fields", MALFORMED_FIELDS.values(), ids=MALFORMED_FIELDS)
+def test_report_skips_malformed_fields(tmp_path: Path, fields: dict) -> None:
+    log = tmp_path / "metrics.jsonl"
+    append_metrics(log, {"device": "cam", "timestamp": 1.0, "loss": 0.5, **fields})
+    out = tmp_path / "plots"
+
+    result = CliRunner().invoke(
+        main, ["report", "--metrics", str(log), "--out", str(out)]
+    )
+
+    assert result.exit_code == 0, result.output
+    for name in ("latency.png", "training.png", "energy.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_histogram_checks_shape_and_counts() -> None:
+    summary = {"histogram": {"edges_ms": [0.1, 1.0, 10.0], "counts": [3, 0]}}
+
+    assert _histogram(summary) == ([0.1, 1.0, 10.0], [3, 0])
+    assert _histogram({"histogram": {"edges_ms": [0.1, 1.0], "counts": [0]}}) is None
+    assert _histogram({"histogram": {"edges_ms": [], "counts": []}}) is None
+    assert _histogram({"histogram": {"edges_ms": [1, True], "counts": [1]}}) is None
