@@ -44,6 +44,18 @@ POSITIVE = JsonKind(
     "an integer of at least 1", lambda value: _is_integer(value) and value >= 1
 )
 
+# A model file must sit in the bundle directory itself, because flash and
+# ota-send copy only that directory's files.
+FILE_NAME = JsonKind(
+    "a file name in the bundle directory, without '/'",
+    lambda value: (
+        isinstance(value, str)
+        and "/" not in value
+        and "\0" not in value
+        and value not in ("", ".", "..")
+    ),
+)
+
 
 def json_type_name(value: Any) -> str:
     """Return the JSON name of a loaded value's type, with an article."""
@@ -183,7 +195,7 @@ def _check_file_entry(
     entry = _typed(path, manifest, role, OBJECT, optional=optional)
     if entry is None:
         return
-    _typed(path, entry, "file", STRING, f"{role}.file")
+    _typed(path, entry, "file", FILE_NAME, f"{role}.file")
     _typed(path, entry, "sha256", STRING, f"{role}.sha256")
     _typed(path, entry, "bytes", NON_NEGATIVE, f"{role}.bytes")
     _typed(path, entry, "precision", STRING, f"{role}.precision", optional=True)

@@ -240,6 +240,12 @@ def _drop_teacher_file(manifest: dict[str, Any]) -> Any:
     return manifest
 
 
+def _point_student_outside(manifest: dict[str, Any]) -> Any:
+    # The path leads back to the same file, so only the path itself is wrong.
+    manifest["student"]["file"] = "../bundle/student.tflite"
+    return manifest
+
+
 def _set_input_shape(manifest: dict[str, Any]) -> Any:
     manifest["input"]["shape"] = [None, 64.5]
     return manifest
@@ -259,7 +265,16 @@ BAD_MANIFESTS = [
         _set_weight_shape,
         ': key student.weights.dense_bias is "32" (a string); expected an array',
     ),
-    (_drop_teacher_file, ": key teacher.file is missing; expected a string"),
+    (
+        _drop_teacher_file,
+        ": key teacher.file is missing; expected a file name in the bundle "
+        "directory, without '/'",
+    ),
+    (
+        _point_student_outside,
+        ': key student.file is "../bundle/student.tflite" (a string); expected '
+        "a file name in the bundle directory, without '/'",
+    ),
     (
         _set_input_shape,
         ": key input.shape[1] is 64.5 (a number); expected an integer of at least 1",
