@@ -98,11 +98,17 @@ class HubState:
     def __init__(self, path: str | Path, worker_id: str):
         self.path = Path(path)
         self.worker_id = worker_id
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.OperationalError) as error:
+            raise ConfigError(
+                f"cannot open hub.state_file {self.path}: {error}; set it to a "
+                "file path in a directory this worker can write to"
+            ) from error
         try:
             self._enable_wal()
             self._db.execute("PRAGMA synchronous=FULL")

@@ -158,6 +158,24 @@ def test_corrupt_state_file_is_named_and_kept(tmp_path) -> None:
     assert state_file.read_bytes() == content
 
 
+@pytest.mark.parametrize("state_file", [".", "data.npz/state.sqlite"])
+def test_unopenable_state_file_is_named(tmp_path, state_file: str) -> None:
+    path = write_config(tmp_path)
+    path.write_text(
+        path.read_text().replace("[hub]\n", f'[hub]\nstate_file = "{state_file}"\n', 1)
+    )
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output.startswith(
+        f"error: cannot open hub.state_file {tmp_path / state_file}: "
+    )
+    assert "a directory this worker can write to" in result.output
+    assert result.output.count("\n") == 1
+    assert (tmp_path / "data.npz").read_bytes() == b"npz"
+
+
 def test_tflite_teacher_needs_output_kind(tmp_path) -> None:
     (tmp_path / "teacher.tflite").write_bytes(b"model")
     path = tmp_path / "hub.toml"
