@@ -117,16 +117,25 @@ class PushScheduler(threading.Thread):
                 f"{problem}. Check or rescale the inputs in {schedule.data}; "
                 "nothing was sent"
             )
+        sent_samples = 0
+        reached = 0
         for device in schedule.devices:
-            sent = self._push_device(schedule, device, samples, outputs)
-            self.updates += sent
+            updates, count = self._push_device(schedule, device, samples, outputs)
+            self.updates += updates
+            sent_samples += count
+            reached += count > 0
         self.runs += 1
+        # A spent privacy budget stops a device's push early, so the counts
+        # can fall short of the dataset and the device list.
         logger.info(
-            "Push %s sent %d samples of teacher %s (round %d) to %d devices",
+            "Push %s sent %d samples in all (dataset %d) of teacher %s "
+            "(round %d) to %d of %d devices",
             schedule.name,
+            sent_samples,
             len(samples.x),
             current.version,
             current.round,
+            reached,
             len(schedule.devices),
         )
 
@@ -150,10 +159,12 @@ class PushScheduler(threading.Thread):
         device: str,
         samples: SampleSet,
         outputs: np.ndarray,
-    ) -> int:
+    ) -> tuple[int, int]:
+        """Publish one device's batches; return the updates and samples sent."""
         topic = Topics.for_device(device, self.config.prefix).updates
         key = self._key(device)
         sent = []
+        sent_samples = 0
         for start in range(0, len(samples.x), schedule.batch_size):
             stop = start + schedule.batch_size
             labels, kind = self._release(device, outputs[start:stop])
@@ -178,9 +189,10 @@ class PushScheduler(threading.Thread):
             sent.append(
                 self.client.publish(topic, payload, qos=1, properties=properties)
             )
+            sent_samples += len(labels)
         for info in sent:
             info.wait_for_publish(timeout=30)
-        return len(sent)
+        return len(sent), sent_samples
 
     def _release(self, device: str, rows: np.ndarray) -> tuple[np.ndarray | None, str]:
         """Return the labels to send and their kind; None when the budget is spent."""

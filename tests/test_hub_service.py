@@ -165,6 +165,45 @@ def test_scheduled_push_reaches_device(mlp_pair, mosquitto, tmp_path) -> None:
     assert worker.pushes.counters()["runs"] == 1
 
 
+def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    # With noise multiplier 8, the RDP accountant gives epsilon 2.17 for 16
+    # releases and 3.19 for 32, so only the first batch of 16 fits in 2.5.
+    privacy = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 2.5"}
+    config = nightly_push_config(
+        tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x, privacy
+    )
+    client, received = kitchen_updates(mosquitto.port)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    worker.start()
+    try:
+        first = decode_update(received.get(timeout=15))
+        deadline = time.monotonic() + 15
+        while not push_summaries(caplog) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    [summary] = push_summaries(caplog)
+    assert summary.startswith("Push nightly sent 16 samples in all (dataset 40)")
+    assert summary.endswith("to 1 of 1 devices")
+    assert first.sample_count == 16
+    assert received.empty()
+    assert worker.pushes is not None
+    assert worker.pushes.counters() == {"runs": 1, "updates": 1, "skipped_devices": 1}
+
+
+def push_summaries(caplog) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "dslo_edge.hub_pushes" and record.levelname == "INFO"
+    ]
+
+
 def test_foreign_response_topic_gets_no_labels(mlp_pair, mosquitto, tmp_path) -> None:
     config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
     worker = HubWorker(load_hub_config(config, "w1"))
