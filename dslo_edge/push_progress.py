@@ -207,12 +207,23 @@ def wait_for_processed(
         raise BrokerError(
             f"device {hub.device_id} processed {done} of the {sent} updates sent "
             f"so far within {timeout:.0f} s ({counts.describe()}, status "
-            f"{hub.status or 'unknown'}); check the device's log, or raise "
-            "--timeout"
+            f"{hub.status or 'unknown'}); {_stall_hint(latest)}"
         ) from None
     if _rolled_back(before, metrics):
         raise _rollback_error(hub, metrics)
     return metrics
+
+
+def _stall_hint(metrics: dict[str, Any]) -> str:
+    """Return what to do about a device that stopped processing a push."""
+    training = metrics.get("training")
+    if isinstance(training, dict) and training.get("paused"):
+        return (
+            f"the device paused training ({training.get('reason')}), so the "
+            "rest of the updates wait queued until it resumes; push with "
+            "--no-wait to leave them queued without waiting"
+        )
+    return "check the device's log, or raise --timeout"
 
 
 def wait_for_saved(

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from dslo_edge.errors import BrokerError
-from dslo_edge.push_progress import DeviceCounts, handled_count, wait_for_saved
+from dslo_edge.push_progress import (
+    DeviceCounts,
+    handled_count,
+    wait_for_processed,
+    wait_for_saved,
+)
 
 BEFORE = {"applied_total": 10, "processed_total": 11, "rejected": {"stale": 1}}
 # 40 updates applied and 2 rejected as unsigned, and 42 copies of applied
@@ -107,3 +112,29 @@ def test_save_wait_ends_when_training_pauses(broker_factory, caplog) -> None:
 
     assert metrics["unsaved"] == 2
     assert "paused training (hot) with 2 updates not yet saved" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("training", "hint"),
+    [
+        (
+            {"paused": True, "reason": "energy budget spent"},
+            "the device paused training (energy budget spent), so the rest of "
+            "the updates wait queued until it resumes; push with --no-wait",
+        ),
+        ({"paused": False}, "check the device's log, or raise --timeout"),
+    ],
+)
+def test_process_wait_names_pause(broker_factory, training, hint) -> None:
+    before = {"pid": 7, "processed_total": 4, "applied_total": 4}
+    metrics = {**before, "training": training}
+    hub = _hub_with_metrics(broker_factory("mosquitto"), metrics)
+    try:
+        with pytest.raises(BrokerError) as caught:
+            wait_for_processed(hub, before, count=5, sent=5, timeout=1)
+    finally:
+        hub.close()
+
+    message = str(caught.value)
+    assert "processed 0 of the 5 updates sent so far within 1 s" in message
+    assert hint in message
