@@ -57,6 +57,7 @@ SELECTION_RULES = ("confidence", "disagreement", "either")
 # Kinds of Response.kind besides the response statuses.
 DUPLICATE = "duplicate"
 UNEXPECTED = "unexpected"
+MAX_LOGGED_MESSAGE_BYTES = 300
 # Finished request ids remembered to tell a duplicate from a stray response.
 FINISHED_MEMORY = 4096
 LATENCY_WINDOW = 1024
@@ -341,7 +342,42 @@ class LabelRequester:
             self._finish(pending.request.request_id)
             latency = now - pending.first_sent
             self._count(status, properties, now, latency)
-            return Response(status, pending.request, payload, latency)
+            blocked_s = max(0.0, self._blocked_until - now)
+        if status != STATUS_OK:
+            self._log_rejection(status, pending.request, payload, blocked_s)
+        return Response(status, pending.request, payload, latency)
+
+    def _log_rejection(
+        self, status: str, request: LabelRequest, payload: bytes, blocked_s: float
+    ) -> None:
+        # The hub sends a short UTF-8 message with every status other than ok.
+        text = payload[:MAX_LOGGED_MESSAGE_BYTES].decode("utf-8", "replace")
+        request_id = request.request_id.hex()
+        if status == STATUS_RATE_LIMITED:
+            logger.info(
+                "Hub rate-limited label request %s of device %s; the next "
+                "request waits %.1f s",
+                request_id,
+                self.device_id,
+                blocked_s,
+            )
+        elif status == STATUS_BUDGET_EXHAUSTED:
+            logger.warning(
+                "Hub rejected label request %s of device %s because the privacy "
+                "budget is spent (%s); no label requests for %.0f s",
+                request_id,
+                self.device_id,
+                text,
+                blocked_s,
+            )
+        else:
+            logger.warning(
+                "Hub responded to label request %s of device %s with status %s: %s",
+                request_id,
+                self.device_id,
+                status,
+                text,
+            )
 
     def _count(
         self, status: str, properties: dict[str, str], now: float, latency: float

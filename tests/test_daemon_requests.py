@@ -272,3 +272,50 @@ def test_compressed_inference_payload_is_rejected() -> None:
 
     with pytest.raises(InvalidUpdate, match="compressed"):
         decode_inputs(buffer.getvalue(), (64,))
+
+
+def test_spent_budget_is_logged_on_device(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    teacher = tmp_path / "teacher.tflite"
+    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
+    # With noise multiplier 1, four releases spend epsilon 10.7 (RDP), so
+    # this budget refuses the first request.
+    hub_config = write_hub_config(
+        tmp_path / "hub",
+        mosquitto.port,
+        teacher,
+        {
+            "teacher": 'output_kind = "probabilities"',
+            "privacy": "noise_multiplier = 1.0\nepsilon_budget = 4.0",
+        },
+    )
+    worker = HubWorker(load_hub_config(hub_config, "w1"))
+    worker.start()
+    daemon = start_daemon(
+        tmp_path / "device",
+        mlp_pair.bundle,
+        mosquitto.port,
+        {"enabled": True, "max_confidence": 1.0, "max_samples": 4},
+    )
+    app = LocalApp(mosquitto.port)
+    caplog.set_level(logging.INFO, logger="dslo_edge.label_requests")
+    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+    try:
+        app.ask(encode_inputs(x))
+        wait_until(lambda: daemon.status_report()["label_requests"]["sent"] == 1)
+        wait_until(lambda: daemon.requester.counters.budget_exhausted == 1)
+        report = daemon.status_report()
+    finally:
+        app.close()
+        daemon.stop()
+        worker.stop()
+
+    [record] = [r for r in caplog.records if r.name == "dslo_edge.label_requests"]
+    message = record.getMessage()
+    assert record.levelname == "WARNING"
+    assert f"of device {DEVICE} because the privacy budget is spent" in message
+    assert "would spend epsilon" in message
+    assert "no label requests for 3600 s" in message
+    assert report["label_requests"]["budget_exhausted"] == 1
+    assert report["applied_total"] == 0
