@@ -623,7 +623,7 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     _require_modules(("keras", "sklearn", "river", "matplotlib"), "convert,eval")
 
     from dslo_edge.eval_data import DATASETS
-    from dslo_edge.eval_report import write_report
+    from dslo_edge.eval_report import summary_line, write_report
     from dslo_edge.evaluate import run_evaluation
 
     started = time.monotonic()
@@ -640,10 +640,7 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     except OSError as error:
         raise DsloError(f"cannot write the evaluation report: {error}") from error
     for dataset, entry in summary.items():
-        diff, spread = entry["dslo_minus_static"]
-        click.echo(
-            f"{dataset}: DSL-O minus static KD {diff:+.1f} ± {spread:.1f} points"
-        )
+        click.echo(summary_line(dataset, entry))
     click.echo(f"wrote {Path(out) / 'evaluation.md'}")
 
 

@@ -165,6 +165,16 @@ def write_json(results: list[SeedResult], path: Path) -> None:
     path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def summary_line(dataset: str, entry: dict[str, Any]) -> str:
+    """Return the one-line DSL-O minus static KD result that the CLI prints."""
+    diff, spread = entry["dslo_minus_static"]
+    if len(entry["seeds"]) < 2:
+        return (
+            f"{dataset}: DSL-O minus static KD {diff:+.1f} points (one seed, no spread)"
+        )
+    return f"{dataset}: DSL-O minus static KD {diff:+.1f} ± {spread:.1f} points"
+
+
 def _verdict(dataset: str, entry: dict[str, Any]) -> str:
     diff, spread = entry["dslo_minus_static"]
     if len(entry["seeds"]) < 2:
