@@ -862,6 +862,11 @@ def keygen(path: str) -> None:
     """Write a new random HMAC key for one device (mode 0600)."""
     from dslo_edge.signing import generate_key_file
 
+    if not path.strip():
+        # Path("") is the current directory, so the error would say the key exists.
+        raise click.BadParameter(
+            "expected a file path, got an empty string", param_hint="'PATH'"
+        )
     key_path = Path(path)
     try:
         generate_key_file(key_path)

@@ -336,6 +336,14 @@ def test_keygen_rejects_file_as_directory(tmp_path: Path) -> None:
     assert parent.read_text() == "not a directory\n"
 
 
+def test_keygen_rejects_empty_path() -> None:
+    result = run("keygen", "")
+
+    assert result.exit_code == 2
+    assert "Invalid value for 'PATH': expected a file path" in result.output
+    assert "exists" not in result.output
+
+
 def test_keygen_writes_owner_only_key(tmp_path: Path) -> None:
     path = tmp_path / "device.key"
 
