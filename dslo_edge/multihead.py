@@ -77,7 +77,7 @@ def head_tasks(
 
     Raises:
         ConfigError: a ``[training.tasks.<head>]`` table names a head that the
-            student does not have.
+            student does not have, or every head has weight 0.
     """
     for name in settings.tasks:
         if name not in heads:
@@ -87,7 +87,14 @@ def head_tasks(
                 f"{bundle_path} has no such head; its heads are: {expected}. "
                 "Rename or remove the table"
             )
-    return {name: settings.head_task(name) for name in heads}
+    tasks = {name: settings.head_task(name) for name in heads}
+    if tasks and all(task.weight == 0 for task in tasks.values()):
+        raise ConfigError(
+            f"every head of the student in {bundle_path} has weight 0 in its "
+            "[training.tasks.<head>] table, so no head's loss would train the "
+            "student; give at least one head a weight above 0"
+        )
+    return tasks
 
 
 class MultiHeadTrainer:

@@ -153,6 +153,21 @@ def test_config_with_unknown_head_rejected(two_head_bundle: Path) -> None:
     assert "its heads are: digit, shape" in str(raised.value)
 
 
+def test_all_zero_head_weights_rejected(two_head_bundle: Path) -> None:
+    frozen = TaskSettings(weight=0.0)
+    settings = TrainingSettings(tasks={"digit": frozen, "shape": frozen})
+    student = load_student(load_bundle(two_head_bundle))
+
+    with pytest.raises(ConfigError) as raised:
+        make_trainer(student, settings)
+
+    message = str(raised.value)
+    assert message.startswith(f"every head of the student in {two_head_bundle}")
+    assert "give at least one head a weight above 0" in message
+    one_frozen = TrainingSettings(tasks={"shape": frozen})
+    assert make_trainer(student, one_frozen).tasks["digit"].weight == 1.0
+
+
 def test_single_head_student_rejects_task_tables(mlp_pair) -> None:
     settings = TrainingSettings(tasks={"digit": TaskSettings()})
     student = load_student(load_bundle(mlp_pair.bundle))
