@@ -120,7 +120,14 @@ class PushScheduler(threading.Thread):
         sent_samples = 0
         reached = 0
         for device in schedule.devices:
-            updates, count = self._push_device(schedule, device, samples, outputs)
+            try:
+                updates, count = self._push_device(schedule, device, samples, outputs)
+            except (DsloError, OSError) as error:
+                # One device's unreadable key must not stop the other devices.
+                logger.error(
+                    "Push %s to device %s failed: %s", schedule.name, device, error
+                )
+                continue
             self.updates += updates
             sent_samples += count
             reached += count > 0

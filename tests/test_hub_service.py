@@ -23,6 +23,7 @@ from dslo_edge.label_protocol import (
 )
 from dslo_edge.label_requests import RequestSettings
 from dslo_edge.protocol import decode_update
+from dslo_edge.signing import generate_key_file, load_key, verify
 from tests.hub_fleet import (
     HubWatcher,
     SimulatedDevice,
@@ -194,6 +195,58 @@ def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -
     assert received.empty()
     assert worker.pushes is not None
     assert worker.pushes.counters() == {"runs": 1, "updates": 1, "skipped_devices": 1}
+
+
+def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    folder = tmp_path / "hub"
+    keys = folder / "keys"
+    keys.mkdir(parents=True)
+    (keys / "kitchen.key").write_text("short\n")
+    generate_key_file(keys / "porch.key")
+    extra = {"hub": 'keys_dir = "keys"'}
+    config = nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, x, extra)
+    config.write_text(
+        config.read_text().replace(
+            'devices = ["kitchen"]', 'devices = ["kitchen", "porch"]'
+        )
+    )
+    kitchen_client, kitchen = kitchen_updates(mosquitto.port)
+    porch_client, porch = device_updates(mosquitto.port, "porch")
+    worker = HubWorker(load_hub_config(config, "w1"))
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    worker.start()
+    try:
+        signed = [porch.get(timeout=15) for _ in range(3)]
+        deadline = time.monotonic() + 15
+        while not push_summaries(caplog) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        worker.stop()
+        for client in (kitchen_client, porch_client):
+            client.disconnect()
+            client.loop_stop()
+
+    key = load_key(keys / "porch.key")
+    updates = [decode_update(verify(key, "dslo/porch/updates", p)) for p in signed]
+    assert [u.sample_count for u in updates] == [16, 16, 8]
+    assert kitchen.empty()
+    [error] = push_errors(caplog)
+    assert error.startswith("Push nightly to device kitchen failed: HMAC key in ")
+    [summary] = push_summaries(caplog)
+    assert summary.startswith("Push nightly sent 40 samples in all (dataset 40)")
+    assert summary.endswith("to 1 of 2 devices")
+
+
+def device_updates(port: int, device: str) -> tuple[mqtt.Client, queue.Queue]:
+    """Subscribe to a device's updates; return the client and its queue."""
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, message: received.put(message.payload)
+    client.connect("127.0.0.1", port)
+    client.subscribe(f"dslo/{device}/updates", qos=1)
+    client.loop_start()
+    return client, received
 
 
 def push_summaries(caplog) -> list[str]:
