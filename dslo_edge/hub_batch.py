@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from dslo_edge.errors import InvalidRequest
+from dslo_edge.errors import ConfigError, InvalidRequest
 from dslo_edge.hub import describe_non_finite_labels, label_probabilities_of
 from dslo_edge.hub_config import HubConfig
 from dslo_edge.hub_state import (
@@ -115,6 +115,8 @@ class BatchLabeller:
         # Set by the worker once its MQTT client exists.
         self.client: mqtt.Client | None = None
         self._keys: dict[str, bytes | None] = {}
+        # Devices whose unusable key was logged, so resends add no log lines.
+        self._bad_keys_logged: set[str] = set()
         self._rng = np.random.default_rng()
 
     @staticmethod
@@ -209,7 +211,16 @@ class BatchLabeller:
                 f"sample id {repeated!r} occurs more than once; devices reject "
                 "such updates, so give each sample of a request its own id",
             )
-        key = self._key(item.device or "")
+        try:
+            key = self._key(item.device or "")
+        except ConfigError as error:
+            # Rejecting this request keeps the rest of the batch served.
+            if item.device not in self._bad_keys_logged:
+                self._bad_keys_logged.add(item.device or "")
+                logger.error("Cannot sign labels for device %s: %s", item.device, error)
+            raise InvalidRequest(
+                "no_key", f"the hub cannot use the device's HMAC key: {error}"
+            ) from error
         if self.config.keys_dir is not None and key is None:
             raise InvalidRequest(
                 "no_key",

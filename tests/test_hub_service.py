@@ -434,3 +434,58 @@ def test_duplicate_worker_id_is_named(mlp_pair, mosquitto, tmp_path, caplog) -> 
     assert taken_over
     assert "another worker probably runs with worker id w1" in taken_over[0]
     assert "give each worker its own --worker-id" in taken_over[0]
+
+
+def test_bad_key_rejects_only_its_request(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    keys = folder / "keys"
+    keys.mkdir(parents=True)
+    (keys / "kitchen.key").write_text("short\n")
+    generate_key_file(keys / "porch.key")
+    extra = {"hub": 'keys_dir = "keys"'}
+    config = write_hub_config(folder, mosquitto.port, mlp_pair.bundle, extra)
+    # A long batch wait puts both requests into one batch.
+    text = config.read_text()
+    config.write_text(text.replace("batch_wait_s = 0.02", "batch_wait_s = 1.0"))
+    worker = HubWorker(load_hub_config(config, "w1"))
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, message: received.put(message)
+    client.connect("127.0.0.1", mosquitto.port)
+    client.subscribe("dslo/+/labels", qos=1)
+    client.loop_start()
+    start_online(worker, mosquitto.port)
+    inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+    try:
+        for device, request_id in (("kitchen", b"k" * 16), ("porch", b"p" * 16)):
+            request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
+            labels = f"dslo/{device}/labels"
+            client.publish(
+                f"dslo/{device}/requests",
+                encode_request(request),
+                qos=1,
+                properties=request_properties(labels, request_id),
+            )
+        replies = {}
+        for _ in range(2):
+            message = received.get(timeout=10)
+            replies[message.topic.split("/")[1]] = message
+        counters = worker.counters
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    kitchen = replies["kitchen"]
+    assert user_properties(kitchen.properties)["status"] == "rejected"
+    assert kitchen.payload.decode().startswith(
+        "the hub cannot use the device's HMAC key: HMAC key in "
+    )
+    porch = replies["porch"]
+    assert user_properties(porch.properties)["status"] == "ok"
+    key = load_key(keys / "porch.key")
+    update = decode_update(verify(key, "dslo/porch/labels", porch.payload))
+    assert update.sample_ids == ["a", "b"]
+    assert counters["rejected"] == 1
+    assert counters["answered"] == 1
+    assert counters["teacher_calls"] == 1
