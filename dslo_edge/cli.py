@@ -627,6 +627,8 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     from dslo_edge.evaluate import run_evaluation
 
     started = time.monotonic()
+    # A repeated --dataset would run again and count as more seeds.
+    datasets = tuple(dict.fromkeys(datasets))
     chosen = datasets or DATASETS
     results = run_evaluation(
         chosen, seeds, quick=quick, progress=lambda line: click.echo(line, err=True)

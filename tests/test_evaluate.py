@@ -149,3 +149,21 @@ def test_evaluate_rejects_unwritable_out(tmp_path) -> None:
     # 55 s on a 2-core machine.
     assert seconds < 10
     assert blocker.read_text() == "not a directory"
+
+
+def test_evaluate_runs_repeated_dataset_once(tmp_path) -> None:
+    pytest.importorskip("keras")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "docs"
+    arguments = ["evaluate", "--quick", "--seeds", "1", "--out", str(out)]
+
+    result = CliRunner().invoke(
+        main, [*arguments, "--dataset", "digits", "--dataset", "digits"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.output.count("digits seed 0:") == 1
+    assert "(one seed, no spread)" in result.output
+    page = (out / "evaluation.md").read_text()
+    assert "over 1 seed (so no standard deviation)" in page
+    assert "`dslo-edge evaluate --quick --seeds 1 --dataset digits`" in page
