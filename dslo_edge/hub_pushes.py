@@ -98,6 +98,14 @@ class PushScheduler(threading.Thread):
                         error,
                         schedule.every_s,
                     )
+                except Exception:
+                    # Without this, one bug would end every later push while
+                    # the worker keeps serving requests as if all were well.
+                    logger.exception(
+                        "Push %s failed unexpectedly; the next run is in %.0f s",
+                        schedule.name,
+                        schedule.every_s,
+                    )
 
     def run_once(self, schedule: PushSchedule) -> None:
         """Label the schedule's dataset and publish it to each of its devices.

@@ -249,6 +249,33 @@ def device_updates(port: int, device: str) -> tuple[mqtt.Client, queue.Queue]:
     return client, received
 
 
+def test_push_thread_survives_unexpected_error(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    config = nightly_push_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x)
+    # MQTT's message expiry is a 32-bit field, so paho raises struct.error on
+    # publish. The config check does not catch this value.
+    text = config.read_text().replace("every_s = 3600", "every_s = 1")
+    config.write_text(text + "expiry_s = 4294967296\n")
+    worker = HubWorker(load_hub_config(config, "w1"))
+    caplog.set_level("ERROR", logger="dslo_edge.hub_pushes")
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(push_errors(caplog)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.pushes is not None
+        alive = worker.pushes.is_alive()
+    finally:
+        worker.stop()
+
+    errors = push_errors(caplog)
+    assert len(errors) >= 2
+    assert errors[0] == "Push nightly failed unexpectedly; the next run is in 1 s"
+    assert alive
+
+
 def push_summaries(caplog) -> list[str]:
     return [
         record.getMessage()
