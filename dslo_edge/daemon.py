@@ -590,6 +590,7 @@ class EdgeDaemon:
         while not self.infer_inputs.empty():
             item = self.infer_inputs.get_nowait()
             try:
+                self.inference.requests_paused = self._trainer_paused
                 self.inference.handle(item.payload, self.student)
             except InvalidUpdate as error:
                 # Counted apart from updates, because hubs pace on those counts.

@@ -207,6 +207,10 @@ class InferenceService:
         self.reference = reference
         self.infer_ms = infer_ms
         self.max_abs_input = max_abs_input
+        # The daemon sets this while its training budget pauses training.
+        # Labels requested then would wait in the queue, maybe until they are
+        # stale, after the hub has charged the device's privacy budget for them.
+        self.requests_paused = False
 
     def handle(self, payload: bytes, student: StudentModel) -> None:
         """Publish predictions for one payload; raises InvalidUpdate for a bad one."""
@@ -228,7 +232,7 @@ class InferenceService:
             "confidence": [round(float(c), 6) for c in probabilities.max(axis=1)],
         }
         self.publish(self.predictions_topic, json.dumps(answer, allow_nan=False))
-        if self.requester is None:
+        if self.requester is None or self.requests_paused:
             return
         reference = None
         if self.reference is not None:

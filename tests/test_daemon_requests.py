@@ -319,3 +319,57 @@ def test_spent_budget_is_logged_on_device(
     assert "no label requests for 3600 s" in message
     assert report["label_requests"]["budget_exhausted"] == 1
     assert report["applied_total"] == 0
+
+
+def test_paused_training_sends_no_requests(mlp_pair, mosquitto, tmp_path) -> None:
+    teacher = tmp_path / "teacher.tflite"
+    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
+    hub_config = write_hub_config(
+        tmp_path / "hub",
+        mosquitto.port,
+        teacher,
+        {"teacher": 'output_kind = "probabilities"'},
+    )
+    worker = HubWorker(load_hub_config(hub_config, "w1"))
+    worker.start()
+    # The profile's power model charges energy for the first train step, which
+    # spends this budget, so training pauses after the first labels.
+    path = tmp_path / "device" / "device.toml"
+    path.parent.mkdir()
+    overrides = {
+        "device": {"profile": "generic-x86_64"},
+        "budget": {"energy_budget_j_per_hour": 1e-9},
+        "requests": {"enabled": True, "max_confidence": 1.0, "max_samples": 4},
+    }
+    path.write_text(
+        render_config(
+            DEVICE,
+            mlp_pair.bundle,
+            path.parent / "state",
+            mosquitto.port,
+            overrides=overrides,
+        )
+    )
+    daemon = EdgeDaemon(load_config(path))
+    daemon.start()
+    wait_until(daemon.connected.is_set)
+    time.sleep(0.3)
+    app = LocalApp(mosquitto.port)
+    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+    try:
+        app.ask(encode_inputs(x))
+        wait_until(lambda: daemon.metrics.applied >= 1)
+        wait_until(lambda: daemon.status_report()["training"]["paused"])
+        app.ask(encode_inputs(x + 0.5))
+        wait_until(lambda: len(app.answers) == 2)
+        time.sleep(0.5)
+        report = daemon.status_report()
+    finally:
+        app.close()
+        daemon.stop()
+        worker.stop()
+
+    assert report["training"]["codes"] == ["energy"]
+    assert report["label_requests"]["sent"] == 1
+    assert report["label_requests"]["answered"] == 1
+    assert report["applied_total"] == 1
