@@ -273,6 +273,11 @@ def _push(table: _Table) -> PushSchedule:
     for device in devices:
         if not isinstance(device, str) or not _topic_level(device):
             raise table.fail("devices", device, f"device ids, each {TOPIC_LEVEL}")
+    repeated = sorted({device for device in devices if devices.count(device) > 1})
+    if repeated:
+        raise table.fail(
+            "devices", devices, f"each device id once, but {repeated[0]!r} repeats"
+        )
     schedule = PushSchedule(
         name=table.get("name", str, _REQUIRED, bool, "a non-empty name"),
         devices=tuple(devices),
@@ -281,7 +286,14 @@ def _push(table: _Table) -> PushSchedule:
         batch_size=table.get(
             "batch_size", int, 32, lambda v: 1 <= v <= 4096, "1..4096"
         ),
-        expiry_s=table.get("expiry_s", int, 3600, _positive, "seconds > 0"),
+        # MQTT 5 sends the message expiry interval as a 4-byte integer.
+        expiry_s=table.get(
+            "expiry_s",
+            int,
+            3600,
+            lambda v: 0 < v < 2**32,
+            "seconds in 1..4294967295",
+        ),
     )
     table.reject_unknown()
     return schedule

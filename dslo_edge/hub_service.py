@@ -41,6 +41,7 @@ from paho.mqtt.properties import Properties
 
 from dslo_edge import systemd
 from dslo_edge.connection import MqttConnection
+from dslo_edge.errors import ConfigError
 from dslo_edge.hub_batch import Acknowledger, BatchLabeller, Incoming
 from dslo_edge.hub_config import HubConfig
 from dslo_edge.hub_drain import SessionDrain
@@ -86,6 +87,17 @@ class _Timers:
     next_forget: float = 0.0
 
 
+def _check_top_k(config: HubConfig, class_count: int) -> None:
+    """Raise ConfigError unless requests.top_k is 0 or below the class count."""
+    top_k = config.requests.top_k
+    if top_k >= class_count:
+        raise ConfigError(
+            f"{config.source}: requests.top_k = {top_k} is invalid for a teacher "
+            f"with {class_count} classes; expected 0 (all probabilities) or "
+            f"1..{class_count - 1}"
+        )
+
+
 class HubWorker:
     """One hub worker process.
 
@@ -100,6 +112,7 @@ class HubWorker:
         self.prefix = config.prefix
         self.state = HubState(config.state_file, config.worker_id)
         self.teacher = TeacherRegistry(config.teacher, self.state)
+        _check_top_k(config, self.teacher.class_count)
         self.labeller = BatchLabeller(config, self.state, self.teacher)
         self.incoming: queue.Queue[Incoming] = queue.Queue()
         self.stopping = threading.Event()

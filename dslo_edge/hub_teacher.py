@@ -118,6 +118,11 @@ class TeacherRegistry:
         """Shape of one input sample of the current teacher."""
         return _shapes(self._model)[0]
 
+    @property
+    def class_count(self) -> int:
+        """Class count of the current teacher."""
+        return _shapes(self._model)[1]
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Run the current teacher on a batch."""
         return self._model.predict(x)

@@ -9,6 +9,7 @@ Python can install.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -159,7 +160,7 @@ class _Table:
 
 
 def _positive(value: float) -> bool:
-    return value > 0
+    return 0 < value < math.inf
 
 
 def load_profile_file(path: str | Path) -> FirmwareProfile:
@@ -258,8 +259,8 @@ def _power(table: _Table) -> dict[str, Any]:
     active = table.value(
         "active_watts",
         (int, float),
-        f"watts above idle_watts ({idle})",
-        lambda v: v > idle,
+        f"finite watts above idle_watts ({idle})",
+        lambda v: idle < v < math.inf,
     )
     battery = table.value(
         "battery_wh",

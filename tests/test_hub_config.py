@@ -91,6 +91,18 @@ def test_pushes_and_privacy_are_read(tmp_path, mlp_pair) -> None:
             "every_s = 1\n",
             r"push\[0\]\.data = 'missing\.npz'",
         ),
+        (
+            '[[push]]\nname = "n"\ndevices = ["a", "b", "a"]\ndata = "data.npz"\n'
+            "every_s = 1\n",
+            r"push\[0\]\.devices = \['a', 'b', 'a'\] is invalid; expected each "
+            r"device id once, but 'a' repeats",
+        ),
+        (
+            '[[push]]\nname = "n"\ndevices = ["a"]\ndata = "data.npz"\n'
+            "every_s = 1\nexpiry_s = 4294967296\n",
+            r"push\[0\]\.expiry_s = 4294967296 is invalid; expected seconds in "
+            r"1\.\.4294967295",
+        ),
     ],
 )
 def test_invalid_values_name_file_and_key(tmp_path, extra, message) -> None:

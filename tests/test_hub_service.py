@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import shutil
 import time
@@ -10,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from click.testing import CliRunner
 
 from dslo_edge.bundle import load_bundle
+from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.hub import default_sample_ids
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
@@ -254,11 +257,13 @@ def test_push_thread_survives_unexpected_error(
 ) -> None:
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     config = nightly_push_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x)
+    config.write_text(config.read_text().replace("every_s = 3600", "every_s = 1"))
+    loaded = load_hub_config(config, "w1")
     # MQTT's message expiry is a 32-bit field, so paho raises struct.error on
-    # publish. The config check does not catch this value.
-    text = config.read_text().replace("every_s = 3600", "every_s = 1")
-    config.write_text(text + "expiry_s = 4294967296\n")
-    worker = HubWorker(load_hub_config(config, "w1"))
+    # publish. The config check rejects this value, so it is set after the
+    # check, to stand in for any bug in a push run.
+    schedule = dataclasses.replace(loaded.pushes[0], expiry_s=2**32)
+    worker = HubWorker(dataclasses.replace(loaded, pushes=(schedule,)))
     caplog.set_level("ERROR", logger="dslo_edge.hub_pushes")
     worker.start()
     try:
@@ -516,3 +521,16 @@ def test_bad_key_rejects_only_its_request(mlp_pair, mosquitto, tmp_path) -> None
     assert counters["rejected"] == 1
     assert counters["answered"] == 1
     assert counters["teacher_calls"] == 1
+
+
+def test_top_k_not_below_class_count_stops_start(mlp_pair, tmp_path) -> None:
+    extra = {"requests": "top_k = 10"}
+    config = write_hub_config(tmp_path / "hub", 1883, mlp_pair.bundle, extra)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(config)])
+
+    assert result.exit_code == EXIT_CONFIG
+    assert (
+        "requests.top_k = 10 is invalid for a teacher with 10 classes; expected 0 "
+        "(all probabilities) or 1..9" in result.output
+    )

@@ -112,6 +112,8 @@ def test_jetson_profile_names_its_power_sensor() -> None:
         ("ram_mb = 256", "ram_mb = 2048", "budget.ram_mb = 2048 is invalid"),
         ('python = "3.11"', 'python = "three"', "os.python = 'three' is invalid"),
         ("active_watts = 4.0", "active_watts = 0.5", "power.active_watts = 0.5"),
+        ("active_watts = 4.0", "active_watts = inf", "power.active_watts = inf"),
+        ("idle_watts = 1.0", "idle_watts = inf", "power.idle_watts = inf"),
         ("limit_c = 75", "limit_c = 500", "thermal.limit_c = 500 is invalid"),
         ('python = ">=3.10,<3.15"', 'python = "~=>3"', "interpreters[0].python"),
         (
