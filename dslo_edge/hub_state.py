@@ -115,6 +115,15 @@ class HubState:
             self._db.executescript(SCHEMA)
         except sqlite3.DatabaseError as error:
             self._db.close()
+            # SQLite opens a file without write permission in read-only mode
+            # and fails at the first write, here the switch to WAL. An earlier
+            # run as another user can leave such a file.
+            if "readonly" in str(error):
+                raise ConfigError(
+                    f"cannot write hub.state_file {self.path}: {error}; give "
+                    "this worker's user write access to the file and its "
+                    "directory, or set hub.state_file to another path"
+                ) from error
             # OperationalError (locked, unreadable) is a DatabaseError too, but
             # it does not mean that the file is damaged.
             if isinstance(error, sqlite3.OperationalError):

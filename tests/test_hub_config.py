@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,32 @@ def test_corrupt_state_file_is_named_and_kept(tmp_path) -> None:
     assert result.exit_code == 78
     assert f"hub.state_file {state_file} is not a hub state database" in result.output
     assert "move it aside" in result.output
+    assert result.output.count("\n") == 1
+    assert state_file.read_bytes() == content
+
+
+def test_read_only_state_file_is_named(tmp_path, monkeypatch) -> None:
+    path = write_config(tmp_path)
+    state_file = tmp_path / "hub-state.sqlite"
+    with contextlib.closing(sqlite3.connect(state_file)) as database:
+        database.execute("CREATE TABLE other (value INTEGER)")
+    content = state_file.read_bytes()
+    connect = sqlite3.connect
+
+    # SQLite opens a file without write permission in read-only mode, so the
+    # switch to WAL fails. Root may write any file, so the test opens the
+    # file with a read-only URI in place of changing its permissions.
+    def connect_read_only(database, **options):
+        return connect(f"file:{database}?mode=ro", uri=True, **options)
+
+    monkeypatch.setattr("dslo_edge.hub_state.sqlite3.connect", connect_read_only)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output.startswith(f"error: cannot write hub.state_file {state_file}")
+    assert "attempt to write a readonly database" in result.output
+    assert "give this worker's user write access" in result.output
     assert result.output.count("\n") == 1
     assert state_file.read_bytes() == content
 
