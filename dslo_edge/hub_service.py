@@ -98,6 +98,20 @@ def _check_top_k(config: HubConfig, class_count: int) -> None:
         )
 
 
+def _takeover_fix(config: HubConfig) -> str:
+    """Return what to do when another client takes over this worker's session."""
+    if config.mqtt.client_id:
+        return (
+            f"{config.source} sets mqtt.client_id = {config.mqtt.client_id!r}, "
+            "which every worker that reads it uses: leave mqtt.client_id unset "
+            "so that each worker connects as dslo-hub-<worker id>"
+        )
+    return (
+        f"another worker probably runs with worker id {config.worker_id}: give "
+        "each worker its own --worker-id"
+    )
+
+
 class HubWorker:
     """One hub worker process.
 
@@ -130,11 +144,7 @@ class HubWorker:
             manual_ack=True,
             receive_maximum=RECEIVE_MAXIMUM,
             label=f"hub worker {self.worker_id}",
-            takeover_fix=(
-                f"another worker probably runs with worker id {self.worker_id}: give "
-                "each worker its own --worker-id, and leave mqtt.client_id unset "
-                "when workers share a config file"
-            ),
+            takeover_fix=_takeover_fix(config),
         )
         self.labeller.client = self.connection.client
         self.pushes = (

@@ -17,7 +17,7 @@ from dslo_edge.bundle import load_bundle
 from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.hub import default_sample_ids
 from dslo_edge.hub_config import load_hub_config
-from dslo_edge.hub_service import HubWorker
+from dslo_edge.hub_service import HubWorker, _takeover_fix
 from dslo_edge.label_protocol import (
     LabelRequest,
     encode_request,
@@ -466,6 +466,26 @@ def test_duplicate_worker_id_is_named(mlp_pair, mosquitto, tmp_path, caplog) -> 
     assert taken_over
     assert "another worker probably runs with worker id w1" in taken_over[0]
     assert "give each worker its own --worker-id" in taken_over[0]
+
+
+def test_takeover_fix_names_client_id(tmp_path) -> None:
+    teacher = tmp_path / "teacher.tflite"
+    teacher.write_bytes(b"model")
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    own_ids = write_hub_config(tmp_path / "own", 1883, teacher, extra)
+    client_id = {**extra, "mqtt": 'client_id = "hub"'}
+    shared_id = write_hub_config(tmp_path / "shared", 1883, teacher, client_id)
+
+    own = _takeover_fix(load_hub_config(own_ids, "w1"))
+    shared = _takeover_fix(load_hub_config(shared_id, "w1"))
+
+    assert own == (
+        "another worker probably runs with worker id w1: give each worker its "
+        "own --worker-id"
+    )
+    assert shared.startswith(f"{shared_id} sets mqtt.client_id = 'hub', ")
+    assert "leave mqtt.client_id unset" in shared
+    assert "worker id w1" not in shared
 
 
 def test_bad_key_rejects_only_its_request(mlp_pair, mosquitto, tmp_path) -> None:
