@@ -867,7 +867,7 @@ def keygen(path: str) -> None:
     if not path.strip():
         # Path("") is the current directory, so the error would say the key exists.
         raise click.BadParameter(
-            "expected a file path, got an empty string", param_hint="'PATH'"
+            f"expected a file path, got {path!r}", param_hint="'PATH'"
         )
     key_path = Path(path)
     try:

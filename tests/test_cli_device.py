@@ -336,11 +336,14 @@ def test_keygen_rejects_file_as_directory(tmp_path: Path) -> None:
     assert parent.read_text() == "not a directory\n"
 
 
-def test_keygen_rejects_empty_path() -> None:
-    result = run("keygen", "")
+@pytest.mark.parametrize("path", ["", "  "])
+def test_keygen_rejects_empty_path(path: str) -> None:
+    result = run("keygen", path)
 
     assert result.exit_code == 2
-    assert "Invalid value for 'PATH': expected a file path" in result.output
+    assert f"Invalid value for 'PATH': expected a file path, got {path!r}" in (
+        result.output
+    )
     assert "exists" not in result.output
 
 
