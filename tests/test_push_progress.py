@@ -8,6 +8,7 @@ from dslo_edge.errors import BrokerError
 from dslo_edge.push_progress import (
     DeviceCounts,
     handled_count,
+    key_counters,
     wait_for_processed,
     wait_for_saved,
 )
@@ -43,6 +44,16 @@ def test_duplicates_alone_are_no_failure() -> None:
     assert counts.applied == 40
     assert counts.duplicates == 7
     assert counts.failed_count == 0
+
+
+def test_key_counters_show_unacknowledged() -> None:
+    metrics = {**AFTER, "queue_depth": 0, "unacknowledged": 3}
+
+    line = key_counters(metrics)
+    without_fields = key_counters(AFTER)
+
+    assert line.endswith("queue_depth 0, unacknowledged 3")
+    assert without_fields.endswith("queue_depth unknown, unacknowledged unknown")
 
 
 def test_handled_count_leaves_out_duplicates() -> None:
