@@ -836,6 +836,7 @@ def service_install(
         install_unit,
         render_unit,
         running_script,
+        script_paths,
     )
 
     executable = exec_path or running_script()
@@ -845,6 +846,7 @@ def service_install(
         state_dir=check_state_dir(state_dir, "--state-dir"),
         user=check_user_name(user, "--user") if user is not None else None,
         watchdog_sec=watchdog_sec,
+        read_paths=script_paths(executable),
     )
     directory = check_unit_dir(unit_dir, "--unit-dir")
     try:

@@ -226,6 +226,32 @@ HOME_DIRECTORIES = (
 )
 
 
+def script_paths(script: str) -> tuple[PurePosixPath, ...]:
+    """Return the files that running ``script`` reads, as far as this machine shows.
+
+    These are the script's resolved path, the interpreter on its ``#!``
+    line, and that interpreter's resolved path. A virtualenv's script may
+    lie in /opt while its Python links into a home directory, such as a pyenv
+    install under /root. Returns nothing when the script is not
+    a readable file here.
+    """
+    path = Path(script)
+    try:
+        with path.open("rb") as stream:
+            first_line = stream.readline(4096)
+    except OSError:
+        return ()
+    found = [os.path.realpath(path)]
+    words = first_line[2:].decode(errors="replace").split()
+    if first_line.startswith(b"#!") and words:
+        interpreter = words[0]
+        if Path(interpreter).name == "env" and len(words) > 1:
+            interpreter = shutil.which(words[1]) or ""
+        if interpreter.startswith("/"):
+            found += [interpreter, os.path.realpath(interpreter)]
+    return tuple(PurePosixPath(item) for item in dict.fromkeys(found))
+
+
 def _protect_home_lines(*paths: PurePosixPath) -> str:
     """Return the ``ProtectHome=`` line, with a comment when it is read-only.
 
@@ -257,11 +283,15 @@ def render_unit(
     start_limit_burst: int = 5,
     start_limit_interval_sec: int = 600,
     watchdog_sec: int = 60,
+    read_paths: tuple[PurePosixPath, ...] = (),
 ) -> str:
     """Return the text of ``dslo-edge.service``.
 
     Args:
         exec_path: the ``dslo-edge`` console script on the device.
+        read_paths: more files the service reads, such as the script's
+            interpreter (``script_paths``); one inside a home directory
+            makes ``ProtectHome=read-only``.
         config_path: the device TOML file on the device.
         state_dir: the only directory the service may write.
         user: run as this user. None runs as root, which reading RAPL energy
@@ -305,7 +335,7 @@ RestartSec={restart_sec}
 RestartPreventExitStatus={EXIT_CONFIG}
 NoNewPrivileges=yes
 ProtectSystem=strict
-{_protect_home_lines(exec_path, config_path, state_dir)}PrivateTmp=yes
+{_protect_home_lines(exec_path, config_path, state_dir, *read_paths)}PrivateTmp=yes
 ReadWritePaths={quote_path_list_entry(state_dir)}
 
 [Install]

@@ -24,6 +24,7 @@ from dslo_edge.service import (
     quote_path_list_entry,
     render_hub_unit,
     render_unit,
+    script_paths,
 )
 
 
@@ -489,3 +490,25 @@ def test_service_install_state_dir_in_home(tmp_path) -> None:
     assert "ProtectHome=read-only" in lines
     assert "# /home/pi/dslo-state" in lines
     assert "ReadWritePaths=/home/pi/dslo-state" in lines
+
+
+def test_service_install_reads_script_interpreter(tmp_path) -> None:
+    script = tmp_path / "bin" / "dslo-edge"
+    script.parent.mkdir()
+    script.write_text("#!/home/pi/venv/bin/python\nprint('dslo-edge')\n")
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+
+    result = CliRunner().invoke(
+        main, ["service", "install", "--unit-dir", str(unit_dir), "--exec", str(script)]
+    )
+
+    assert result.exit_code == 0, result.output
+    lines = (unit_dir / "dslo-edge.service").read_text().splitlines()
+    assert "ProtectHome=read-only" in lines
+    assert "# /home/pi/venv/bin/python" in lines
+    assert f"ExecStart={script} run --config /etc/dslo-edge/device.toml" in lines
+
+
+def test_script_paths_of_missing_script() -> None:
+    assert script_paths("/nonexistent/bin/dslo-edge") == ()
