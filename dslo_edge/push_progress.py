@@ -218,8 +218,9 @@ def _stall_hint(metrics: dict[str, Any]) -> str:
     """Return what to do about a device that stopped processing a push."""
     training = metrics.get("training")
     if isinstance(training, dict) and training.get("paused"):
+        reason = training.get("reason") or "no reason given"
         return (
-            f"the device paused training ({training.get('reason')}), so the "
+            f"the device paused training ({reason}), so the "
             "rest of the updates wait queued until it resumes; push with "
             "--no-wait to leave them queued without waiting"
         )

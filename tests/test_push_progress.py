@@ -133,6 +133,7 @@ def test_save_wait_ends_when_training_pauses(broker_factory, caplog) -> None:
             "the device paused training (energy budget spent), so the rest of "
             "the updates wait queued until it resumes; push with --no-wait",
         ),
+        ({"paused": True}, "the device paused training (no reason given), so"),
         ({"paused": False}, "check the device's log, or raise --timeout"),
     ],
 )
