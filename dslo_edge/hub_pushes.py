@@ -135,6 +135,7 @@ class PushScheduler(threading.Thread):
                 logger.error(
                     "Push %s to device %s failed: %s", schedule.name, device, error
                 )
+                self.skipped_devices += 1
                 continue
             self.updates += updates
             sent_samples += count

@@ -125,8 +125,12 @@ class HubWorker:
         self.worker_id = config.worker_id
         self.prefix = config.prefix
         self.state = HubState(config.state_file, config.worker_id)
-        self.teacher = TeacherRegistry(config.teacher, self.state)
-        _check_top_k(config, self.teacher.class_count)
+        try:
+            self.teacher = TeacherRegistry(config.teacher, self.state)
+            _check_top_k(config, self.teacher.class_count)
+        except BaseException:
+            self.state.close()
+            raise
         self.labeller = BatchLabeller(config, self.state, self.teacher)
         self.incoming: queue.Queue[Incoming] = queue.Queue()
         self.stopping = threading.Event()

@@ -239,6 +239,8 @@ def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) ->
     [summary] = push_summaries(caplog)
     assert summary.startswith("Push nightly sent 40 samples in all (dataset 40)")
     assert summary.endswith("to 1 of 2 devices")
+    assert worker.pushes is not None
+    assert worker.pushes.counters()["skipped_devices"] == 1
 
 
 def device_updates(port: int, device: str) -> tuple[mqtt.Client, queue.Queue]:
