@@ -73,8 +73,9 @@ def test_quick_bench_writes_every_figure(tmp_path) -> None:
     coalesced = report["measured"]["throughput_coalesced_samples_per_s"]
     assert coalesced["batch_size"] == 256
     assert coalesced["exit_code"] == 0
-    # The quick run sends 100 messages of 32 samples once: no warm-up here.
-    assert coalesced["applied"] == 100
+    # A warm-up of 10 messages, then the quick run's 100.
+    assert coalesced["applied"] == 110
+    assert len(coalesced["thread_cpu_us_per_message"]) == 1
 
 
 def test_thread_cpu_counts_this_thread() -> None:
