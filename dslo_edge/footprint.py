@@ -194,8 +194,9 @@ def _activation_bytes(bundle: Bundle, batch_size: int) -> int:
     """Estimate the tensors that the ``train`` signature allocates at a batch.
 
     This is the summed size of the signature's non-constant tensors in the
-    student file, an upper bound because LiteRT reuses memory between
-    tensors, and it counts convolution outputs too. Without ai-edge-litert's
+    student file, and it counts convolution outputs too. It is an upper
+    bound: LiteRT reuses memory between tensors, and the sum includes the
+    train inputs and outputs that ``signature_tensors`` counts as well. Without ai-edge-litert's
     schema module to read the file, each rank-2 weight is read as a dense
     kernel whose second dimension is a layer width, which misses
     convolution activations.
