@@ -8,6 +8,7 @@ import logging
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -223,24 +224,32 @@ def test_inference_rejects_scalar_and_text(
     assert not [w for w in warnings if "failed to" in w]
 
 
-def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) -> None:
+def start_hub_worker(
+    mlp_pair, port: int, tmp_path: Path, privacy: str | None = None
+) -> HubWorker:
+    """Start a hub worker with the pair's teacher and an optional [privacy] table."""
     teacher = tmp_path / "teacher.tflite"
     shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
-    hub_config = write_hub_config(
-        tmp_path / "hub",
-        mosquitto.port,
-        teacher,
-        {"teacher": 'output_kind = "probabilities"'},
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    if privacy is not None:
+        extra["privacy"] = privacy
+    worker = HubWorker(
+        load_hub_config(write_hub_config(tmp_path / "hub", port, teacher, extra), "w1")
     )
-    worker = HubWorker(load_hub_config(hub_config, "w1"))
     worker.start()
+    return worker
+
+
+def start_unsure_daemon(mlp_pair, port: int, tmp_path: Path) -> EdgeDaemon:
+    """Start a daemon that asks for labels of up to 4 samples of every input."""
     # max_confidence 1.0: every prediction counts as unsure.
-    daemon = start_daemon(
-        tmp_path / "device",
-        mlp_pair.bundle,
-        mosquitto.port,
-        {"enabled": True, "max_confidence": 1.0, "max_samples": 4},
-    )
+    settings = {"enabled": True, "max_confidence": 1.0, "max_samples": 4}
+    return start_daemon(tmp_path / "device", mlp_pair.bundle, port, settings)
+
+
+def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) -> None:
+    worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path)
+    daemon = start_unsure_daemon(mlp_pair, mosquitto.port, tmp_path)
     app = LocalApp(mosquitto.port)
     x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
     try:
@@ -277,27 +286,11 @@ def test_compressed_inference_payload_is_rejected() -> None:
 def test_spent_budget_is_logged_on_device(
     mlp_pair, mosquitto, tmp_path, caplog
 ) -> None:
-    teacher = tmp_path / "teacher.tflite"
-    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
     # With noise multiplier 1, four releases spend epsilon 10.7 (RDP), so
     # this budget refuses the first request.
-    hub_config = write_hub_config(
-        tmp_path / "hub",
-        mosquitto.port,
-        teacher,
-        {
-            "teacher": 'output_kind = "probabilities"',
-            "privacy": "noise_multiplier = 1.0\nepsilon_budget = 4.0",
-        },
-    )
-    worker = HubWorker(load_hub_config(hub_config, "w1"))
-    worker.start()
-    daemon = start_daemon(
-        tmp_path / "device",
-        mlp_pair.bundle,
-        mosquitto.port,
-        {"enabled": True, "max_confidence": 1.0, "max_samples": 4},
-    )
+    privacy = "noise_multiplier = 1.0\nepsilon_budget = 4.0"
+    worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path, privacy)
+    daemon = start_unsure_daemon(mlp_pair, mosquitto.port, tmp_path)
     app = LocalApp(mosquitto.port)
     caplog.set_level(logging.INFO, logger="dslo_edge.label_requests")
     x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
@@ -322,16 +315,7 @@ def test_spent_budget_is_logged_on_device(
 
 
 def test_paused_training_sends_no_requests(mlp_pair, mosquitto, tmp_path) -> None:
-    teacher = tmp_path / "teacher.tflite"
-    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
-    hub_config = write_hub_config(
-        tmp_path / "hub",
-        mosquitto.port,
-        teacher,
-        {"teacher": 'output_kind = "probabilities"'},
-    )
-    worker = HubWorker(load_hub_config(hub_config, "w1"))
-    worker.start()
+    worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path)
     # The profile's power model charges energy for the first train step, which
     # spends this budget, so training pauses after the first labels.
     path = tmp_path / "device" / "device.toml"

@@ -200,13 +200,19 @@ def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -
     assert worker.pushes.counters() == {"runs": 1, "updates": 1, "skipped_devices": 1}
 
 
-def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) -> None:
-    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
-    folder = tmp_path / "hub"
+def write_keys(folder: Path) -> Path:
+    """Write a keys folder: kitchen's key is too short, porch's is valid."""
     keys = folder / "keys"
     keys.mkdir(parents=True)
     (keys / "kitchen.key").write_text("short\n")
     generate_key_file(keys / "porch.key")
+    return keys
+
+
+def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    folder = tmp_path / "hub"
+    keys = write_keys(folder)
     extra = {"hub": 'keys_dir = "keys"'}
     config = nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, x, extra)
     config.write_text(
@@ -492,10 +498,7 @@ def test_takeover_fix_names_client_id(tmp_path) -> None:
 
 def test_bad_key_rejects_only_its_request(mlp_pair, mosquitto, tmp_path) -> None:
     folder = tmp_path / "hub"
-    keys = folder / "keys"
-    keys.mkdir(parents=True)
-    (keys / "kitchen.key").write_text("short\n")
-    generate_key_file(keys / "porch.key")
+    keys = write_keys(folder)
     extra = {"hub": 'keys_dir = "keys"'}
     config = write_hub_config(folder, mosquitto.port, mlp_pair.bundle, extra)
     # A long batch wait puts both requests into one batch.
