@@ -867,7 +867,7 @@ def keygen(path: str) -> None:
     from dslo_edge.signing import generate_key_file
 
     if not path.strip():
-        # Path("") is the current directory, so the error would say the key exists.
+        # Path("") is the current directory, so the error would claim the key exists.
         raise click.BadParameter(
             f"expected a file path, got {path!r}", param_hint="'PATH'"
         )

@@ -241,7 +241,7 @@ def start_hub_worker(
 
 
 def start_unsure_daemon(mlp_pair, port: int, tmp_path: Path) -> EdgeDaemon:
-    """Start a daemon that asks for labels of up to 4 samples of every input."""
+    """Start a daemon that requests labels for up to 4 samples of every input."""
     # max_confidence 1.0: every prediction counts as unsure.
     settings = {"enabled": True, "max_confidence": 1.0, "max_samples": 4}
     return start_daemon(tmp_path / "device", mlp_pair.bundle, port, settings)
