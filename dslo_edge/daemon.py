@@ -666,6 +666,7 @@ class EdgeDaemon:
         if self._unsaved == 0 and self._acks.only_unsaved:
             # Only rejected updates are waiting: nothing to make durable.
             self._send_acks(self._acks.release_unsaved())
+            self.publish_metrics()
             return
         idle_s = time.monotonic() - self._last_update_at
         if idle_s >= self.config.training.checkpoint_idle_s:
@@ -766,6 +767,9 @@ class EdgeDaemon:
             self._checkpoint_and_ack()
         self._checkpoint_and_ack()
         self._gap = (waiting, time.monotonic())
+        # Once every update is saved and acknowledged, the idle loop publishes
+        # nothing, so this report is the one that shows the released acks.
+        self.publish_metrics()
 
     def _admit(self, item: Received) -> AnyUpdate:
         if item.response is None:
