@@ -196,10 +196,10 @@ def _activation_bytes(bundle: Bundle, batch_size: int) -> int:
     This is the summed size of the signature's non-constant tensors in the
     student file, and it counts convolution outputs too. It is an upper
     bound: LiteRT reuses memory between tensors, and the sum includes the
-    train inputs and outputs that ``signature_tensors`` counts as well. Without ai-edge-litert's
-    schema module to read the file, each rank-2 weight is read as a dense
-    kernel whose second dimension is a layer width, which misses
-    convolution activations.
+    train inputs and outputs that ``signature_tensors`` counts as well.
+    Without ai-edge-litert's schema module to read the file, each rank-2
+    weight is read as a dense kernel whose second dimension is a layer
+    width, which misses convolution activations.
     """
     try:
         summary = summarize_model(bundle.student_path.read_bytes(), batch_size)
