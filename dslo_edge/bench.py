@@ -191,10 +191,7 @@ def _mqtt_figures(out: Path, bundle: Path, options: BenchOptions) -> dict[str, A
     samples = options.message_samples
     latency_payloads = make_payloads(options.latency_messages, samples)
     throughput_payloads = make_payloads(options.throughput_messages, samples)
-    device = out / "device"
-    device.mkdir(exist_ok=True)
-    for old in (device / "state" / "checkpoints").glob("*"):
-        old.unlink()
+    device = _fresh_device_dir(out / "device")
     config_text = MOSQUITTO_NODELAY if options.tcp_nodelay else None
     with Broker.start(
         kind="mosquitto", workdir=out / "broker", config_text=config_text
@@ -208,11 +205,9 @@ def _mqtt_figures(out: Path, bundle: Path, options: BenchOptions) -> dict[str, A
             daemon_latency = daemon.latency(
                 with_new_ids(latency_payloads), options.latency_gap_s
             )
-            broker_rates, daemon_rates = [], []
-            for _ in range(options.throughput_repeats):
-                payloads = with_new_ids(throughput_payloads)
-                broker_rates.append(reference_throughput(host, port, payloads))
-                daemon_rates.append(daemon.throughput(with_new_ids(payloads)))
+            broker_rates, daemon_rates = _alternating_throughput(
+                daemon, host, port, throughput_payloads, options.throughput_repeats
+            )
             metrics = daemon.metrics()
         finally:
             exit_code = daemon.stop()
@@ -244,6 +239,26 @@ def _mqtt_figures(out: Path, bundle: Path, options: BenchOptions) -> dict[str, A
     }
 
 
+def _fresh_device_dir(device: Path) -> Path:
+    """Create ``device`` and delete checkpoints that an earlier run left there."""
+    device.mkdir(exist_ok=True)
+    for old in (device / "state" / "checkpoints").glob("*"):
+        old.unlink()
+    return device
+
+
+def _alternating_throughput(
+    daemon: DaemonProcess, host: str, port: int, payloads: list[bytes], repeats: int
+) -> tuple[list[float], list[float]]:
+    """Return broker-only and daemon rates of ``repeats`` alternating runs."""
+    broker_rates, daemon_rates = [], []
+    for _ in range(repeats):
+        run = with_new_ids(payloads)
+        broker_rates.append(reference_throughput(host, port, run))
+        daemon_rates.append(daemon.throughput(with_new_ids(run)))
+    return broker_rates, daemon_rates
+
+
 def _coalesced_throughput(
     device: Path,
     bundle: Path,
@@ -259,20 +274,20 @@ def _coalesced_throughput(
     not counted, warms the daemon up, as the latency run does for the
     daemon with the defaults.
     """
-    device.mkdir(exist_ok=True)
-    for old in (device / "state" / "checkpoints").glob("*"):
-        old.unlink()
     daemon = DaemonProcess.start(
-        device, bundle, host, port, COALESCED_SETTINGS, device_id="bench-coalesced"
+        _fresh_device_dir(device),
+        bundle,
+        host,
+        port,
+        COALESCED_SETTINGS,
+        device_id="bench-coalesced",
     )
-    broker_rates, daemon_rates = [], []
     try:
         daemon.throughput(with_new_ids(payloads[: max(1, len(payloads) // 10)]))
         daemon.thread_cpu.clear()
-        for _ in range(options.throughput_repeats):
-            run = with_new_ids(payloads)
-            broker_rates.append(reference_throughput(host, port, run))
-            daemon_rates.append(daemon.throughput(with_new_ids(run)))
+        broker_rates, daemon_rates = _alternating_throughput(
+            daemon, host, port, payloads, options.throughput_repeats
+        )
         applied = daemon.metrics().get("applied")
     finally:
         exit_code = daemon.stop()
