@@ -243,12 +243,13 @@ def script_paths(script: str) -> tuple[PurePosixPath, ...]:
         return ()
     found = [os.path.realpath(path)]
     words = first_line[2:].decode(errors="replace").split()
-    if first_line.startswith(b"#!") and words:
-        interpreter = words[0]
-        if Path(interpreter).name == "env" and len(words) > 1:
-            interpreter = shutil.which(words[1]) or ""
-        if interpreter.startswith("/"):
-            found += [interpreter, os.path.realpath(interpreter)]
+    if not first_line.startswith(b"#!") or not words:
+        return (PurePosixPath(found[0]),)
+    interpreter = words[0]
+    if Path(interpreter).name == "env" and len(words) > 1:
+        interpreter = shutil.which(words[1]) or ""
+    if interpreter.startswith("/"):
+        found += [interpreter, os.path.realpath(interpreter)]
     return tuple(PurePosixPath(item) for item in dict.fromkeys(found))
 
 
@@ -289,9 +290,6 @@ def render_unit(
 
     Args:
         exec_path: the ``dslo-edge`` console script on the device.
-        read_paths: more files the service reads, such as the script's
-            interpreter (``script_paths``); one inside a home directory
-            makes ``ProtectHome=read-only``.
         config_path: the device TOML file on the device.
         state_dir: the only directory the service may write.
         user: run as this user. None runs as root, which reading RAPL energy
@@ -303,6 +301,9 @@ def render_unit(
         watchdog_sec: systemd restarts the daemon when it sends no
             WATCHDOG=1 for this long; the daemon pings at half this period
             while its trainer and MQTT threads are healthy.
+        read_paths: more files the service reads, such as the script's
+            interpreter (``script_paths``). One inside a home directory
+            makes ``ProtectHome=read-only``.
 
     Raises:
         ConfigError: a path is not absolute or contains a control character,
