@@ -211,13 +211,14 @@ class BatchLabeller:
                 f"sample id {repeated!r} occurs more than once; devices reject "
                 "such updates, so give each sample of a request its own id",
             )
+        device = item.device or ""
         try:
-            key = self._key(item.device or "")
+            key = self._key(device)
         except ConfigError as error:
             # Rejecting this request keeps the rest of the batch served.
-            if item.device not in self._bad_keys_logged:
-                self._bad_keys_logged.add(item.device or "")
-                logger.error("Cannot sign labels for device %s: %s", item.device, error)
+            if device not in self._bad_keys_logged:
+                self._bad_keys_logged.add(device)
+                logger.error("Cannot sign labels for device %s: %s", device, error)
             raise InvalidRequest(
                 "no_key", f"the hub cannot use the device's HMAC key: {error}"
             ) from error

@@ -157,7 +157,8 @@ class TeacherRegistry:
         self._fingerprint = fingerprint
         if identity == self.current.identity:
             return False
-        if shapes != _shapes(self._model):
+        current_shapes = _shapes(self._model)
+        if shapes != current_shapes:
             logger.error(
                 "Teacher at %s takes inputs %s and gives %d classes, but %s takes "
                 "%s and gives %d; keeping %s. A new teacher must fit the same "
@@ -166,7 +167,7 @@ class TeacherRegistry:
                 shapes[0],
                 shapes[1],
                 self.current.version,
-                *_shapes(self._model),
+                *current_shapes,
                 self.current.version,
             )
             return False
