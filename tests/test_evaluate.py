@@ -122,11 +122,11 @@ def test_report_verdict_names_size_without_sign() -> None:
 def test_summary_line_of_one_seed() -> None:
     from dslo_edge.eval_report import summary_line
 
-    one = summary_line("digits", _entry([0], -5.3, 0.0))
-    three = summary_line("digits", _entry([0, 1, 2], -3.9, 2.3))
+    one_seed = summary_line("digits", _entry([0], -5.3, 0.0))
+    three_seeds = summary_line("digits", _entry([0, 1, 2], -3.9, 2.3))
 
-    assert one == "digits: DSL-O minus static KD -5.3 points (one seed, no spread)"
-    assert three == "digits: DSL-O minus static KD -3.9 ± 2.3 points"
+    assert one_seed == "digits: DSL-O minus static KD -5.3 points (one seed, no spread)"
+    assert three_seeds == "digits: DSL-O minus static KD -3.9 ± 2.3 points"
 
 
 def test_evaluate_rejects_unwritable_out(tmp_path) -> None:
