@@ -261,6 +261,12 @@ class EdgeDaemon:
             receive_maximum=self.config.training.queue_size,
             label=f"device {self.device_id}",
         )
+        # Set when the broker confirms this connection's subscriptions, so that
+        # a caller can tell that updates published from now on reach the device.
+        self.subscribed = threading.Event()
+        self._subscribe_mid: int | None = None
+        self._subscriptions: list[tuple[str, int]] = []
+        self.connection.client.on_subscribe = self._on_subscribed
 
     def _check_requests_fit(self, bundle: Bundle) -> None:
         """Raise ConfigError if label requests are enabled for a multi-head student."""
@@ -494,11 +500,33 @@ class EdgeDaemon:
         ]
         if self.requester is not None:
             subscriptions.append((self.requester.topics.labels, 1))
-        self.connection.client.subscribe(subscriptions)
+        self.subscribed.clear()
+        self._subscriptions = subscriptions
+        _, self._subscribe_mid = self.connection.client.subscribe(subscriptions)
         self.connection.publish(self.topics.status, STATUS_ONLINE, retain=True)
         if self.config.homeassistant.enabled:
             self._publish_discovery()
         self.publish_metrics()
+
+    def _on_subscribed(
+        self, _client: Any, _userdata: Any, mid: int, reasons: Any, _props: Any
+    ) -> None:
+        if mid != self._subscribe_mid:
+            return
+        rejected = [
+            topic
+            for (topic, _qos), reason in zip(self._subscriptions, reasons, strict=False)
+            if reason.is_failure
+        ]
+        if rejected:
+            logger.error(
+                "device %s: the broker rejected the subscription to %s; give this "
+                "client read access to those topics in the broker's access list",
+                self.device_id,
+                ", ".join(rejected),
+            )
+            return
+        self.subscribed.set()
 
     def _publish_discovery(self) -> None:
         from dslo_edge.homeassistant import discovery_messages

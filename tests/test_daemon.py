@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from dslo_edge.admission import Received
 from dslo_edge.bundle import load_bundle
@@ -246,6 +248,34 @@ def test_daemon_keeps_consuming_after_broker_restart(running_daemon, broker) -> 
 
     assert metrics["applied"] == 2
     assert daemon.connected.is_set()
+
+
+def test_subscribed_is_set_once_the_broker_confirms(running_daemon) -> None:
+    daemon, _hub = running_daemon
+    # The first metrics report follows the subscription on one connection.
+    assert daemon.subscribed.wait(WAIT_S)
+    assert daemon.connected.is_set()
+
+
+def test_rejected_subscription_is_logged(mlp_pair, broker, tmp_path, caplog) -> None:
+    daemon = EdgeDaemon(write_config(tmp_path, mlp_pair.bundle, broker))
+    topics = [(daemon.topics.updates, 1), (daemon.ota_topic, 1)]
+    daemon._subscriptions, daemon._subscribe_mid = topics, 7
+    granted = ReasonCode(PacketTypes.SUBACK, identifier=1)
+    rejected = ReasonCode(PacketTypes.SUBACK, identifier=0x87)
+
+    daemon._on_subscribed(None, None, 8, [granted, granted], None)
+    other_mid = daemon.subscribed.is_set()
+    with caplog.at_level("ERROR", logger="dslo_edge.daemon"):
+        daemon._on_subscribed(None, None, 7, [granted, rejected], None)
+    after_rejection = daemon.subscribed.is_set()
+    daemon._on_subscribed(None, None, 7, [granted, granted], None)
+
+    assert not other_mid
+    assert not after_rejection
+    assert daemon.subscribed.is_set()
+    assert f"rejected the subscription to {daemon.ota_topic};" in caplog.text
+    assert daemon.topics.updates not in caplog.text
 
 
 def test_daemon_code_path_imports_no_tensorflow(mlp_pair, broker, tmp_path) -> None:

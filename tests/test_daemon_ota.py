@@ -150,8 +150,7 @@ def test_device_with_key_rejects_unsigned_bundle(mlp_pair, broker, tmp_path) -> 
     daemon.start()
     factory_path = daemon.bundle.path
     try:
-        wait_until(daemon.connected.is_set)
-        time.sleep(0.3)
+        wait_until(daemon.subscribed.is_set)
         send_bundle(hub, topics, mlp_pair.bundle, chunk_bytes=4096)
         wait_until(lambda: statuses)
         rejected = list(statuses)
@@ -225,7 +224,7 @@ def start_daemon(tmp_path: Path, bundle: Path, broker: Broker, **overrides: Any)
     )
     daemon = EdgeDaemon(load_config(config_path))
     daemon.start()
-    wait_until(daemon.connected.is_set)
+    wait_until(daemon.subscribed.is_set)
     return daemon
 
 

@@ -76,8 +76,7 @@ def start_daemon(tmp_path, bundle, port, requests: dict) -> EdgeDaemon:
     )
     daemon = EdgeDaemon(load_config(path))
     daemon.start()
-    wait_until(daemon.connected.is_set)
-    time.sleep(0.3)  # let the subscriptions settle
+    wait_until(daemon.subscribed.is_set)
     return daemon
 
 
@@ -336,8 +335,7 @@ def test_paused_training_sends_no_requests(mlp_pair, mosquitto, tmp_path) -> Non
     )
     daemon = EdgeDaemon(load_config(path))
     daemon.start()
-    wait_until(daemon.connected.is_set)
-    time.sleep(0.3)
+    wait_until(daemon.subscribed.is_set)
     app = LocalApp(mosquitto.port)
     x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
     try:
