@@ -9,6 +9,7 @@ Python can install.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import sys
@@ -29,6 +30,18 @@ else:  # pragma: no cover - exercised only on Python 3.10 devices
     import tomli as tomllib
 
 PROFILES_ENV = "DSLO_EDGE_PROFILES"
+# The top-level keys and tables of a profile file.
+PROFILE_KEYS = (
+    "name",
+    "title",
+    "board",
+    "os",
+    "budget",
+    "power",
+    "thermal",
+    "sensors",
+    "interpreters",
+)
 ARCHITECTURES = ("aarch64", "armv7l", "x86_64")
 # dslo-edge's own requires-python in pyproject.toml.
 DSLO_EDGE_PYTHON = SpecifierSet(">=3.10")
@@ -178,6 +191,7 @@ def load_profile_file(path: str | Path) -> FirmwareProfile:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"cannot read firmware profile {source}: {error}") from error
     root = _Table(source, data)
+    _reject_unknown_tables(source, data)
     name = root.value("name", str, f'"{source.stem}", the file name without .toml')
     if name != source.stem:
         raise root.error("name", name, f'"{source.stem}", the file name without .toml')
@@ -205,6 +219,23 @@ def load_profile_file(path: str | Path) -> FirmwareProfile:
         thermal_limit_c=float(limit),
         power_files=power_files,
         interpreters=interpreters,
+    )
+
+
+def _reject_unknown_tables(source: Path, data: dict[str, Any]) -> None:
+    """Raise for an unknown top-level key before a missing table is reported.
+
+    A misspelt table such as ``[thermals]`` then reads as a typo, not as a
+    missing ``[thermal]``.
+    """
+    unknown = sorted(set(data) - set(PROFILE_KEYS))
+    if not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], PROFILE_KEYS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(
+        f"{source}: unknown key {unknown[0]}{hint}; known keys here: "
+        f"{', '.join(sorted(PROFILE_KEYS))}"
     )
 
 
@@ -347,7 +378,14 @@ def list_profiles(directory: str | Path | None = None) -> list[FirmwareProfile]:
             f"firmware profile directory not found: {folder}; pass --profiles-dir "
             f"or set {PROFILES_ENV}"
         )
-    return [load_profile_file(path) for path in sorted(folder.glob("*.toml"))]
+    paths = sorted(folder.glob("*.toml"))
+    if not paths:
+        raise ConfigError(
+            f"no firmware profiles (*.toml files) in {folder}; copy one from "
+            f"firmware_profiles/ of the source tree there, or pass another "
+            f"--profiles-dir"
+        )
+    return [load_profile_file(path) for path in paths]
 
 
 def load_profile(name: str, directory: str | Path | None = None) -> FirmwareProfile:

@@ -153,6 +153,24 @@ def test_missing_table_and_bad_toml(tmp_path: Path) -> None:
         load_profile_file(write_profile(tmp_path, "name = ", name="broken"))
 
 
+def test_misspelt_table_is_named_as_unknown(tmp_path: Path) -> None:
+    text = VALID_PROFILE.format(name="board").replace("[thermal]", "[thermals]")
+    with pytest.raises(ConfigError) as raised:
+        load_profile_file(write_profile(tmp_path, text))
+
+    message = str(raised.value)
+    assert "unknown key thermals (did you mean thermal?)" in message
+    assert "missing" not in message
+
+
+def test_empty_profile_directory_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a profile\n")
+    with pytest.raises(
+        ConfigError, match=r"no firmware profiles \(\*\.toml files\) in "
+    ):
+        list_profiles(tmp_path)
+
+
 def test_power_file_unit_is_checked(tmp_path: Path) -> None:
     text = VALID_PROFILE.format(name="board") + (
         '\n[sensors]\npower_files = [{ path = "/sys/x", unit = "kW" }]\n'
