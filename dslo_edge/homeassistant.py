@@ -13,6 +13,7 @@ own restart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -180,8 +181,17 @@ ENTITIES: tuple[Entity, ...] = (
 
 
 def node_id(device_id: str) -> str:
-    """Return the device id with characters Home Assistant rejects replaced by _."""
-    return _UNSAFE_ID_CHARS.sub("_", device_id)
+    """Return the device id as a node id that Home Assistant accepts.
+
+    An id of letters, digits, ``_`` and ``-`` is used as it is. In any other
+    id the other characters are replaced by ``_`` and 8 hex digits of the id's
+    SHA-256 are added, so ``cam.1`` and ``cam_1`` get different nodes.
+    """
+    safe = _UNSAFE_ID_CHARS.sub("_", device_id)
+    if safe == device_id:
+        return device_id
+    digest = hashlib.sha256(device_id.encode()).hexdigest()[:8]
+    return f"{safe}_{digest}"
 
 
 def discovery_messages(

@@ -90,12 +90,19 @@ def test_payloads_tie_availability_to_status() -> None:
         assert payload["device"]["identifiers"] == ["dslo_edge_kitchen-cam"]
 
 
+def test_node_ids_differ_for_replaced_characters() -> None:
+    assert node_id("kitchen-cam_2") == "kitchen-cam_2"
+    assert node_id("cam_1") == "cam_1"
+    assert node_id("cam.1") == "cam_1_66498bf0"
+
+
 def test_topics_and_unique_ids() -> None:
     messages = dict(discovery_messages("porch.cam 2", TOPICS))
-    assert node_id("porch.cam 2") == "porch_cam_2"
-    topic = "homeassistant/binary_sensor/porch_cam_2/training_active/config"
+    # The first 8 hex digits of sha256(b"porch.cam 2").
+    assert node_id("porch.cam 2") == "porch_cam_2_c8616efd"
+    topic = "homeassistant/binary_sensor/porch_cam_2_c8616efd/training_active/config"
     assert json.loads(messages[topic])["unique_id"] == (
-        "dslo_edge_porch_cam_2_training_active"
+        "dslo_edge_porch_cam_2_c8616efd_training_active"
     )
     unique_ids = [json.loads(text)["unique_id"] for text in messages.values()]
     assert len(set(unique_ids)) == len(unique_ids)
