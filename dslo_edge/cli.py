@@ -618,9 +618,9 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     """Compare DSL-O with static and annealed KD on shifted real data."""
     import time
 
+    _require_modules(("keras", "sklearn", "river", "matplotlib"), "convert,eval")
     # The run takes minutes, so an unwritable --out is reported before it.
     _check_writable_dir(Path(out) / "evaluation", "--out")
-    _require_modules(("keras", "sklearn", "river", "matplotlib"), "convert,eval")
 
     from dslo_edge.eval_data import DATASETS
     from dslo_edge.eval_report import summary_line, write_report
@@ -640,10 +640,36 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     try:
         summary = write_report(results, Path(out), command, time.monotonic() - started)
     except OSError as error:
-        raise DsloError(f"cannot write the evaluation report: {error}") from error
+        saved = _save_results_elsewhere(results)
+        raise DsloError(
+            f"cannot write the evaluation report: {error}; {saved}"
+        ) from error
     for dataset, entry in summary.items():
         click.echo(summary_line(dataset, entry))
     click.echo(f"wrote {Path(out) / 'evaluation.md'}")
+
+
+def _save_results_elsewhere(results: list[Any]) -> str:
+    """Write the results as JSON into the temporary directory.
+
+    Used when the report cannot be written, so that a run of many minutes is
+    not lost. Returns the end of the error message, which names the file.
+    """
+    import dataclasses
+    import json
+    import tempfile
+
+    rows = [dataclasses.asdict(result) for result in results]
+    try:
+        handle, name = tempfile.mkstemp(prefix="dslo-evaluation-", suffix=".json")
+        with os.fdopen(handle, "w") as file:
+            json.dump(rows, file, indent=1)
+    except OSError as error:
+        return f"saving the results in the temporary directory also failed: {error}"
+    return (
+        f"the results of every run are saved in {name}; free space or fix the "
+        "permissions of --out, then run again"
+    )
 
 
 def _check_writable_dir(folder: Path, option: str) -> None:

@@ -167,3 +167,47 @@ def test_evaluate_runs_repeated_dataset_once(tmp_path) -> None:
     page = (out / "evaluation.md").read_text()
     assert "over 1 seed (so no standard deviation)" in page
     assert "`dslo-edge evaluate --quick --seeds 1 --dataset digits`" in page
+
+
+def test_report_write_error_keeps_results(tmp_path, monkeypatch) -> None:
+    import json
+    import tempfile
+
+    import dslo_edge.evaluate as evaluate_module
+    from dslo_edge.evaluate import RunResult, SeedResult
+
+    pytest.importorskip("keras")
+    pytest.importorskip("matplotlib")
+    runs = {
+        method.name: RunResult(
+            method.name,
+            {},
+            0.5,
+            0.6 + index / 100,
+            alpha=[0.9, 0.8],
+            entropy=[0.5, 0.4],
+            accuracy=[0.6, 0.7],
+        )
+        for index, method in enumerate(METHODS)
+    }
+    results = [SeedResult("digits", 0, [0.7, 0.9], runs, 1.0)]
+    monkeypatch.setattr(evaluate_module, "run_evaluation", lambda *_a, **_k: results)
+    saved_dir = tmp_path / "tmp"
+    saved_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(saved_dir))
+    out = tmp_path / "docs"
+    # A directory at the report's path, so the probe passes and the write fails.
+    (out / "evaluation.md").mkdir(parents=True)
+
+    result = CliRunner().invoke(main, ["evaluate", "--seeds", "1", "--out", str(out)])
+
+    saved = list(saved_dir.glob("dslo-evaluation-*.json"))
+    assert result.exit_code == 1
+    assert "cannot write the evaluation report" in result.output
+    assert "Is a directory" in result.output
+    assert len(saved) == 1
+    assert f"the results of every run are saved in {saved[0]}" in result.output
+    rows = json.loads(saved[0].read_text())
+    assert rows[0]["teacher_test_accuracy"] == [0.7, 0.9]
+    assert rows[0]["runs"]["DSL-O"]["test_accuracy"] == runs["DSL-O"].test_accuracy
+    assert rows[0]["runs"]["DSL-O"]["alpha"] == [0.9, 0.8]
