@@ -23,6 +23,7 @@ the MQTT network thread while the trainer thread calls ``propose`` and
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -60,6 +61,11 @@ UNEXPECTED = "unexpected"
 MAX_LOGGED_MESSAGE_BYTES = 300
 # Finished request ids remembered to tell a duplicate from a stray response.
 FINISHED_MEMORY = 4096
+# A rejection with the same status and message as one logged less than this
+# many seconds ago is only counted. The next line logged for it gives the count.
+REPEAT_LOG_INTERVAL_S = 60.0
+# Distinct rejection messages remembered for that. Beyond it, all are forgotten.
+REPEAT_LOG_MEMORY = 64
 LATENCY_WINDOW = 1024
 
 
@@ -236,6 +242,8 @@ class LabelRequester:
         self._pending: dict[bytes, PendingRequest] = {}
         self._finished: OrderedDict[bytes, None] = OrderedDict()
         self._blocked_until = 0.0
+        # (status, message) -> (when last logged, rejections not logged since).
+        self._logged_rejections: dict[tuple[str, str], tuple[float, int]] = {}
 
     @property
     def pending(self) -> int:
@@ -371,13 +379,32 @@ class LabelRequester:
                 blocked_s,
             )
         else:
+            skipped = self._skip_repeat(status, text)
+            if skipped is None:
+                return
             logger.warning(
-                "Hub responded to label request %s of device %s with status %s: %s",
+                "Hub responded to label request %s of device %s with status %s: %s%s",
                 request_id,
                 self.device_id,
                 status,
                 text,
+                f" ({skipped} more such responses since the last line)"
+                if skipped
+                else "",
             )
+
+    def _skip_repeat(self, status: str, text: str) -> int | None:
+        """Return None to skip logging a repeated rejection, else the count skipped."""
+        key = (status, text)
+        now = self._clock()
+        last, skipped = self._logged_rejections.get(key, (-math.inf, 0))
+        if now - last < REPEAT_LOG_INTERVAL_S:
+            self._logged_rejections[key] = (last, skipped + 1)
+            return None
+        if len(self._logged_rejections) >= REPEAT_LOG_MEMORY:
+            self._logged_rejections.clear()
+        self._logged_rejections[key] = (now, 0)
+        return skipped
 
     def _count(
         self, status: str, properties: dict[str, str], now: float, latency: float

@@ -214,3 +214,29 @@ def test_labels_update_checks_request_id() -> None:
     with pytest.raises(InvalidUpdate) as caught:
         requester.labels_update(good, decode_update)
     assert caught.value.reason == "response_mismatch"
+
+
+def test_repeated_rejection_is_logged_once_a_minute(caplog) -> None:
+    clock = FakeClock()
+    requester = LabelRequester("cam", clock=clock)
+
+    def reject(text: bytes) -> None:
+        pending = requester.open(["a"], np.zeros((1, 4), np.float32))
+        requester.match(message(pending.request.request_id, "rejected", text))
+
+    with caplog.at_level("WARNING", logger="dslo_edge.label_requests"):
+        for _ in range(5):
+            reject(b"bad key")
+            clock.now += 10.0
+        reject(b"unknown device")
+        clock.now += 20.0
+        reject(b"bad key")
+
+    lines = [record.getMessage() for record in caplog.records]
+    assert requester.counters.rejected == 7
+    assert len(lines) == 3
+    assert lines[0].endswith("with status rejected: bad key")
+    assert lines[1].endswith("with status rejected: unknown device")
+    assert lines[2].endswith(
+        "with status rejected: bad key (4 more such responses since the last line)"
+    )
