@@ -114,7 +114,7 @@ class BatchLabeller:
         self.counters = BatchCounters()
         # Set by the worker once its MQTT client exists.
         self.client: mqtt.Client | None = None
-        self._keys: dict[str, bytes | None] = {}
+        self._keys: dict[str, bytes] = {}
         # Devices whose unusable key was logged, so resends add no log lines.
         self._bad_keys_logged: set[str] = set()
         self._rng = np.random.default_rng()
@@ -327,10 +327,18 @@ class BatchLabeller:
     def _key(self, device: str) -> bytes | None:
         if self.config.keys_dir is None:
             return None
-        if device not in self._keys:
-            path = Path(self.config.keys_dir) / f"{device}.key"
-            self._keys[device] = load_key(path) if path.is_file() else None
-        return self._keys[device]
+        key = self._keys.get(device)
+        if key is not None:
+            return key
+        # A missing or unusable key is looked for again on the next request,
+        # so a key added or fixed while the hub runs is used from then on.
+        path = Path(self.config.keys_dir) / f"{device}.key"
+        if not path.is_file():
+            return None
+        key = load_key(path)
+        self._keys[device] = key
+        self._bad_keys_logged.discard(device)
+        return key
 
     def _send(self, replies: list[_Reply]) -> None:
         if not replies:

@@ -496,6 +496,67 @@ def test_takeover_fix_names_client_id(tmp_path) -> None:
     assert "worker id w1" not in shared
 
 
+def labels_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
+    """Connect a client that queues every message on the labels topics."""
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, message: received.put(message)
+    client.connect("127.0.0.1", port)
+    client.subscribe("dslo/+/labels", qos=1)
+    client.loop_start()
+    return client, received
+
+
+def send_request(client: mqtt.Client, device: str, request_id: bytes) -> None:
+    """Publish a label request for samples a and b as ``device``."""
+    inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+    request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
+    client.publish(
+        f"dslo/{device}/requests",
+        encode_request(request),
+        qos=1,
+        properties=request_properties(f"dslo/{device}/labels", request_id),
+    )
+
+
+def test_key_added_while_running_is_used(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    keys = write_keys(folder)
+    extra = {"hub": 'keys_dir = "keys"'}
+    config = write_hub_config(folder, mosquitto.port, mlp_pair.bundle, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = labels_client(mosquitto.port)
+    start_online(worker, mosquitto.port)
+    replies = []
+    try:
+        for device, request_id in (("garage", b"g" * 16), ("kitchen", b"k" * 16)):
+            send_request(client, device, request_id)
+            replies.append(received.get(timeout=10))
+        generate_key_file(keys / "garage.key")
+        (keys / "kitchen.key").unlink()
+        generate_key_file(keys / "kitchen.key")
+        for device, request_id in (("garage", b"G" * 16), ("kitchen", b"K" * 16)):
+            send_request(client, device, request_id)
+            replies.append(received.get(timeout=10))
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    statuses = [user_properties(reply.properties)["status"] for reply in replies]
+    assert statuses == ["rejected", "rejected", "ok", "ok"]
+    assert replies[0].payload.decode().startswith("no HMAC key garage.key in ")
+    assert (
+        replies[1]
+        .payload.decode()
+        .startswith("the hub cannot use the device's HMAC key: ")
+    )
+    for reply, device in zip(replies[2:], ("garage", "kitchen"), strict=True):
+        key = load_key(keys / f"{device}.key")
+        update = decode_update(verify(key, f"dslo/{device}/labels", reply.payload))
+        assert update.sample_ids == ["a", "b"]
+
+
 def test_bad_key_rejects_only_its_request(mlp_pair, mosquitto, tmp_path) -> None:
     folder = tmp_path / "hub"
     keys = write_keys(folder)
@@ -505,24 +566,11 @@ def test_bad_key_rejects_only_its_request(mlp_pair, mosquitto, tmp_path) -> None
     text = config.read_text()
     config.write_text(text.replace("batch_wait_s = 0.02", "batch_wait_s = 1.0"))
     worker = HubWorker(load_hub_config(config, "w1"))
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message)
-    client.connect("127.0.0.1", mosquitto.port)
-    client.subscribe("dslo/+/labels", qos=1)
-    client.loop_start()
+    client, received = labels_client(mosquitto.port)
     start_online(worker, mosquitto.port)
-    inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
     try:
         for device, request_id in (("kitchen", b"k" * 16), ("porch", b"p" * 16)):
-            request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
-            labels = f"dslo/{device}/labels"
-            client.publish(
-                f"dslo/{device}/requests",
-                encode_request(request),
-                qos=1,
-                properties=request_properties(labels, request_id),
-            )
+            send_request(client, device, request_id)
         replies = {}
         for _ in range(2):
             message = received.get(timeout=10)
