@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -395,15 +396,36 @@ def test_teacher_overflow_stops_scheduled_push(
     assert worker.pushes.counters() == {"runs": 0, "updates": 0, "skipped_devices": 0}
 
 
-def ask_for_labels(config, port: int, request: LabelRequest) -> tuple:
-    """Start a worker, send ``request`` for device kitchen, return (reply, counters)."""
-    worker = HubWorker(load_hub_config(config, "w1"))
+def labels_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
+    """Connect a client that queues every message on the labels topics."""
     received: queue.Queue = queue.Queue()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.on_message = lambda _c, _u, message: received.put(message)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_: subscribed.set()
     client.connect("127.0.0.1", port)
-    client.subscribe("dslo/kitchen/labels", qos=1)
+    client.subscribe("dslo/+/labels", qos=1)
     client.loop_start()
+    assert subscribed.wait(10), "the broker did not confirm the subscription"
+    return client, received
+
+
+def send_request(client: mqtt.Client, device: str, request_id: bytes) -> None:
+    """Publish a label request for samples a and b as ``device``."""
+    inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+    request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
+    client.publish(
+        f"dslo/{device}/requests",
+        encode_request(request),
+        qos=1,
+        properties=request_properties(f"dslo/{device}/labels", request_id),
+    )
+
+
+def ask_for_labels(config, port: int, request: LabelRequest) -> tuple:
+    """Start a worker, send ``request`` for device kitchen, return (reply, counters)."""
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = labels_client(port)
     start_online(worker, port)
     try:
         client.publish(
@@ -494,29 +516,6 @@ def test_takeover_fix_names_client_id(tmp_path) -> None:
     assert shared.startswith(f"{shared_id} sets mqtt.client_id = 'hub', ")
     assert "leave mqtt.client_id unset" in shared
     assert "worker id w1" not in shared
-
-
-def labels_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
-    """Connect a client that queues every message on the labels topics."""
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message)
-    client.connect("127.0.0.1", port)
-    client.subscribe("dslo/+/labels", qos=1)
-    client.loop_start()
-    return client, received
-
-
-def send_request(client: mqtt.Client, device: str, request_id: bytes) -> None:
-    """Publish a label request for samples a and b as ``device``."""
-    inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
-    request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
-    client.publish(
-        f"dslo/{device}/requests",
-        encode_request(request),
-        qos=1,
-        properties=request_properties(f"dslo/{device}/labels", request_id),
-    )
 
 
 def test_key_added_while_running_is_used(mlp_pair, mosquitto, tmp_path) -> None:
