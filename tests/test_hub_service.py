@@ -7,7 +7,9 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -115,15 +117,35 @@ def nightly_push_config(
     return config
 
 
-def kitchen_updates(port: int) -> tuple[mqtt.Client, queue.Queue]:
-    """Subscribe to device kitchen's updates; return the client and its queue."""
+def subscribed_client(
+    port: int, topic: str, keep: Callable[[Any], Any] = lambda message: message
+) -> tuple[mqtt.Client, queue.Queue]:
+    """Subscribe to ``topic`` and wait for the broker's confirmation.
+
+    Returns the client and a queue of ``keep(message)`` for each message.
+    """
     received: queue.Queue = queue.Queue()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message.payload)
+    client.on_message = lambda _c, _u, message: received.put(keep(message))
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_: subscribed.set()
     client.connect("127.0.0.1", port)
-    client.subscribe("dslo/kitchen/updates", qos=1)
+    client.subscribe(topic, qos=1)
     client.loop_start()
+    assert subscribed.wait(10), f"the broker did not confirm the subscription {topic}"
     return client, received
+
+
+def device_updates(port: int, device: str) -> tuple[mqtt.Client, queue.Queue]:
+    """Subscribe to a device's updates; return the client and a payload queue."""
+    return subscribed_client(
+        port, f"dslo/{device}/updates", lambda message: message.payload
+    )
+
+
+def kitchen_updates(port: int) -> tuple[mqtt.Client, queue.Queue]:
+    """Subscribe to device kitchen's updates; return the client and its queue."""
+    return device_updates(port, "kitchen")
 
 
 def test_teacher_for_another_model_is_not_loaded(mlp_pair, tmp_path, caplog) -> None:
@@ -250,17 +272,6 @@ def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) ->
     assert worker.pushes.counters()["skipped_devices"] == 1
 
 
-def device_updates(port: int, device: str) -> tuple[mqtt.Client, queue.Queue]:
-    """Subscribe to a device's updates; return the client and its queue."""
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message.payload)
-    client.connect("127.0.0.1", port)
-    client.subscribe(f"dslo/{device}/updates", qos=1)
-    client.loop_start()
-    return client, received
-
-
 def test_push_thread_survives_unexpected_error(
     mlp_pair, mosquitto, tmp_path, caplog
 ) -> None:
@@ -301,12 +312,9 @@ def push_summaries(caplog) -> list[str]:
 def test_foreign_response_topic_gets_no_labels(mlp_pair, mosquitto, tmp_path) -> None:
     config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
     worker = HubWorker(load_hub_config(config, "w1"))
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message.topic)
-    client.connect("127.0.0.1", mosquitto.port)
-    client.subscribe("dslo/+/labels", qos=1)
-    client.loop_start()
+    client, received = subscribed_client(
+        mosquitto.port, "dslo/+/labels", lambda message: message.topic
+    )
     start_online(worker, mosquitto.port)
     try:
         client.publish(
@@ -396,20 +404,6 @@ def test_teacher_overflow_stops_scheduled_push(
     assert worker.pushes.counters() == {"runs": 0, "updates": 0, "skipped_devices": 0}
 
 
-def labels_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
-    """Connect a client that queues every message on the labels topics."""
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message)
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.connect("127.0.0.1", port)
-    client.subscribe("dslo/+/labels", qos=1)
-    client.loop_start()
-    assert subscribed.wait(10), "the broker did not confirm the subscription"
-    return client, received
-
-
 def send_request(client: mqtt.Client, device: str, request_id: bytes) -> None:
     """Publish a label request for samples a and b as ``device``."""
     inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
@@ -425,7 +419,7 @@ def send_request(client: mqtt.Client, device: str, request_id: bytes) -> None:
 def ask_for_labels(config, port: int, request: LabelRequest) -> tuple:
     """Start a worker, send ``request`` for device kitchen, return (reply, counters)."""
     worker = HubWorker(load_hub_config(config, "w1"))
-    client, received = labels_client(port)
+    client, received = subscribed_client(port, "dslo/+/labels")
     start_online(worker, port)
     try:
         client.publish(
@@ -524,7 +518,7 @@ def test_key_added_while_running_is_used(mlp_pair, mosquitto, tmp_path) -> None:
     extra = {"hub": 'keys_dir = "keys"'}
     config = write_hub_config(folder, mosquitto.port, mlp_pair.bundle, extra)
     worker = HubWorker(load_hub_config(config, "w1"))
-    client, received = labels_client(mosquitto.port)
+    client, received = subscribed_client(mosquitto.port, "dslo/+/labels")
     start_online(worker, mosquitto.port)
     replies = []
     try:
@@ -565,7 +559,7 @@ def test_bad_key_rejects_only_its_request(mlp_pair, mosquitto, tmp_path) -> None
     text = config.read_text()
     config.write_text(text.replace("batch_wait_s = 0.02", "batch_wait_s = 1.0"))
     worker = HubWorker(load_hub_config(config, "w1"))
-    client, received = labels_client(mosquitto.port)
+    client, received = subscribed_client(mosquitto.port, "dslo/+/labels")
     start_online(worker, mosquitto.port)
     try:
         for device, request_id in (("kitchen", b"k" * 16), ("porch", b"p" * 16)):
