@@ -137,14 +137,14 @@ def subscribed_client(
 
 
 def device_updates(port: int, device: str) -> tuple[mqtt.Client, queue.Queue]:
-    """Subscribe to a device's updates; return the client and a payload queue."""
+    """Subscribe to a device's updates and return the client and a payload queue."""
     return subscribed_client(
         port, f"dslo/{device}/updates", lambda message: message.payload
     )
 
 
 def kitchen_updates(port: int) -> tuple[mqtt.Client, queue.Queue]:
-    """Subscribe to device kitchen's updates; return the client and its queue."""
+    """Subscribe to device kitchen's updates and return the client and its queue."""
     return device_updates(port, "kitchen")
 
 
