@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +58,9 @@ def load_samples(path: str | Path) -> SampleSet:
     """Read an ``.npz`` file with ``x`` and optional ``y`` and ``ids`` arrays.
 
     Raises:
-        ConfigError: the file is missing or unreadable, lacks ``x``, ``x`` or
-            ``y`` is not numeric, an array is a scalar, ``x`` has no samples,
-            or the arrays disagree in length.
+        ConfigError: the file is missing, unreadable or not a valid zip
+            archive, lacks ``x``, ``x`` or ``y`` is not numeric, an array is a
+            scalar, ``x`` has no samples, or the arrays disagree in length.
     """
     source = Path(path)
     arrays = _read_npz(source)
@@ -93,7 +94,7 @@ def _read_npz(source: Path) -> dict[str, np.ndarray]:
         loaded = np.load(source, allow_pickle=False)
     except FileNotFoundError as error:
         raise ConfigError(f"sample file not found: {source}") from error
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ConfigError(f"cannot read {source} as .npz: {error}") from error
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ConfigError(
@@ -103,7 +104,7 @@ def _read_npz(source: Path) -> dict[str, np.ndarray]:
     with loaded as data:
         try:
             return {key: data[key] for key in data.files}
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
             # Object arrays need pickle, which stays off because unpickling
             # an untrusted file can run code.
             raise ConfigError(f"cannot read {source} as .npz: {error}") from error
