@@ -59,8 +59,10 @@ def load_samples(path: str | Path) -> SampleSet:
 
     Raises:
         ConfigError: the file is missing, unreadable or not a valid zip
-            archive, lacks ``x``, ``x`` or ``y`` is not numeric, an array is a
-            scalar, ``x`` has no samples, or the arrays disagree in length.
+            archive, or it lacks ``x``. Also when ``x`` or ``y`` is not
+            numeric, an array is a scalar, ``x`` has no samples, or the arrays
+            disagree in length. Also when ``y`` has more than one axis or a
+            value that is not a whole int32 class index.
     """
     source = Path(path)
     arrays = _read_npz(source)
@@ -74,7 +76,7 @@ def load_samples(path: str | Path) -> SampleSet:
             f"{source}: x has shape {x.shape}, so the file has no samples; "
             "expected at least one row in x"
         )
-    y = _numeric_array(arrays, "y", source, np.int32) if "y" in arrays else None
+    y = _class_labels(arrays, source) if "y" in arrays else None
     if "ids" in arrays:
         ids = [str(i) for i in _per_sample_array(arrays, "ids", source)]
     else:
@@ -135,6 +137,33 @@ def _numeric_array(
             f"{np.dtype(dtype).name}), so save {name} as numbers"
         )
     return np.asarray(array, dtype=dtype)
+
+
+def _class_labels(arrays: dict[str, np.ndarray], source: Path) -> np.ndarray:
+    """Return ``y`` as int32, rejecting values that the cast would change.
+
+    A float label such as 1.5 or NaN, or an integer outside int32, would
+    otherwise turn silently into another class index.
+    """
+    exact = _numeric_array(arrays, "y", source, np.float64)
+    if exact.ndim != 1:
+        raise ConfigError(
+            f"{source}: y has shape {exact.shape}; expected one class index per "
+            f"sample, shape ({len(exact)},). For one-hot rows save "
+            "y.argmax(axis=1)"
+        )
+    # float64 represents every int32 exactly, so a label survives the round trip
+    # through int32 only when the cast keeps its value.
+    with np.errstate(invalid="ignore"):
+        labels = exact.astype(np.int32)
+    changed = np.flatnonzero(labels != exact)
+    if len(changed):
+        index = int(changed[0])
+        raise ConfigError(
+            f"{source}: y[{index}] is {arrays['y'][index].item()!r}; expected "
+            "a whole class index that fits int32, such as 0, 1 or 2"
+        )
+    return labels
 
 
 def default_sample_ids(x: np.ndarray) -> list[str]:

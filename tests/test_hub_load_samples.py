@@ -1,4 +1,4 @@
-"""Reading the hub's .npz sample files: damaged files."""
+"""Reading the hub's .npz sample files: damaged files and bad labels."""
 
 from __future__ import annotations
 
@@ -35,3 +35,45 @@ def test_npz_with_bad_crc_is_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="Bad CRC-32"):
         load_samples(path)
+
+
+@pytest.mark.parametrize(
+    ("labels", "shown"),
+    [
+        (np.array([0.0, 1.5, 2.0]), "y[1] is 1.5"),
+        (np.array([0.0, np.nan, 2.0]), "y[1] is nan"),
+        (np.array([0, 2**32 + 3, 2], dtype=np.int64), "y[1] is 4294967299"),
+    ],
+)
+def test_labels_that_change_in_int32_are_rejected(
+    tmp_path: Path, labels: np.ndarray, shown: str
+) -> None:
+    path = write_samples(tmp_path / "labels.npz", y=labels)
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(path)
+
+    assert shown in str(caught.value)
+    assert "expected a whole class index that fits int32" in str(caught.value)
+
+
+def test_whole_float_labels_are_read(tmp_path: Path) -> None:
+    path = write_samples(tmp_path / "labels.npz", y=np.array([0.0, 1.0, 9.0]))
+
+    labels = load_samples(path).y
+
+    assert labels is not None
+    assert labels.dtype == np.int32
+    assert labels.tolist() == [0, 1, 9]
+
+
+def test_one_hot_labels_are_rejected(tmp_path: Path) -> None:
+    path = write_samples(tmp_path / "one_hot.npz", y=np.eye(10)[[1, 2, 3]])
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(path)
+
+    assert "y has shape (3, 10); expected one class index per sample" in str(
+        caught.value
+    )
+    assert "y.argmax(axis=1)" in str(caught.value)
