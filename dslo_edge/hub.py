@@ -446,6 +446,8 @@ def push(
     would exceed the budget, after publishing the updates before it.
 
     Args:
+        samples: inputs and ids to label. Their ``y``, when set, is sent as
+            hard labels of a single-head student.
         broker_url: ``mqtt://HOST[:PORT]``, or ``mqtts://`` with a CA file in
             ``login``.
         login: user name, password file and TLS files for the broker.
@@ -555,6 +557,7 @@ def _encoded_updates(
         teacher_version=rounds.teacher_version,
         teacher_round=rounds.teacher_round,
         batch_size=rounds.batch_size,
+        send_hard_labels=samples.y is not None,
         top_k=rounds.top_k,
         privacy=privacy,
     ):

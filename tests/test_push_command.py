@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from dslo_edge.broker import Broker, find_mosquitto
 from dslo_edge.cli import main
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.protocol import decode_update
 from dslo_edge.signing import generate_key_file
 
 pytest.importorskip("keras")
@@ -116,6 +119,54 @@ def test_push_to_offline_device_fails_fast(
     assert f"device {DEVICE} is offline" in result.output
     assert "sent" not in result.output
     assert elapsed < 10
+
+
+def capture_updates(broker: Broker, push: Callable[[], Result]) -> list[bytes]:
+    """Run ``push`` and return the payloads published on the device's topic."""
+    payloads: list[bytes] = []
+    subscribed = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="capture")
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.on_message = lambda client, userdata, message: payloads.append(
+        message.payload
+    )
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        client.subscribe(f"dslo/{DEVICE}/updates", qos=1)
+        assert subscribed.wait(10)
+        result = push()
+        assert result.exit_code == 0, result.output
+        deadline = time.monotonic() + 10
+        while len(payloads) < MESSAGES and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return payloads
+
+
+def test_push_hard_labels_sends_y(mlp_pair, broker_factory, tmp_path):
+    broker = broker_factory("mosquitto")
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 10, SAMPLES)
+    data = tmp_path / "labelled.npz"
+    np.savez(data, x=rng.random((SAMPLES, 64), dtype=np.float32), y=labels)
+
+    labelled = ("--no-wait", "--hard-labels")
+    with_y = capture_updates(
+        broker, lambda: run_push(mlp_pair.bundle, data, broker.url, *labelled)
+    )
+    without_y = capture_updates(
+        broker, lambda: run_push(mlp_pair.bundle, data, broker.url, "--no-wait")
+    )
+
+    assert len(with_y) == MESSAGES
+    sent = [decode_update(payload).hard_labels for payload in with_y]
+    assert all(batch is not None for batch in sent)
+    assert np.concatenate(sent).tolist() == labels.tolist()
+    assert len(without_y) == MESSAGES
+    assert all(decode_update(payload).hard_labels is None for payload in without_y)
 
 
 def publish_retained(broker: Broker, topic: str, payload: str) -> None:
