@@ -30,7 +30,13 @@ from dslo_edge.broker_login import BrokerLogin
 from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import PrivateRelease
-from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+from dslo_edge.protocol import (
+    MAX_SAMPLE_ID_BYTES,
+    SoftLabelUpdate,
+    Topics,
+    encode_update,
+    new_message_id,
+)
 from dslo_edge.push_progress import (
     BASELINE_TIMEOUT_S,
     DeviceCounts,
@@ -62,7 +68,8 @@ def load_samples(path: str | Path) -> SampleSet:
             archive, or it lacks ``x``. Also when ``x`` or ``y`` is not
             numeric, an array is a scalar, ``x`` has no samples, or the arrays
             disagree in length. Also when ``y`` has more than one axis or a
-            value that is not a whole int32 class index.
+            value that is not a whole int32 class index, or an id is not
+            UTF-8 text of at most 255 bytes.
     """
     source = Path(path)
     arrays = _read_npz(source)
@@ -79,6 +86,7 @@ def load_samples(path: str | Path) -> SampleSet:
     y = _class_labels(arrays, source) if "y" in arrays else None
     if "ids" in arrays:
         ids = [str(i) for i in _per_sample_array(arrays, "ids", source)]
+        _check_sample_ids(ids, source)
     else:
         ids = default_sample_ids(x)
     if len(ids) != len(x) or (y is not None and len(y) != len(x)):
@@ -164,6 +172,23 @@ def _class_labels(arrays: dict[str, np.ndarray], source: Path) -> np.ndarray:
             "a whole class index that fits int32, such as 0, 1 or 2"
         )
     return labels
+
+
+def _check_sample_ids(ids: list[str], source: Path) -> None:
+    """Reject ids that the update payload cannot carry."""
+    for index, sample_id in enumerate(ids):
+        try:
+            size = len(sample_id.encode("utf-8"))
+        except UnicodeEncodeError as error:
+            raise ConfigError(
+                f"{source}: ids[{index}] {sample_id[:40]!r} is not valid "
+                f"Unicode text ({error.reason}); expected ids that encode as UTF-8"
+            ) from error
+        if size > MAX_SAMPLE_ID_BYTES:
+            raise ConfigError(
+                f"{source}: ids[{index}] {sample_id[:40]!r}... is {size} bytes of "
+                f"UTF-8; expected at most {MAX_SAMPLE_ID_BYTES}, so shorten the ids"
+            )
 
 
 def default_sample_ids(x: np.ndarray) -> list[str]:

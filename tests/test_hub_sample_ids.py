@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from dslo_edge.errors import ConfigError
 from dslo_edge.hub import default_sample_ids, load_samples
 
 
@@ -41,3 +43,23 @@ def test_given_ids_are_kept(tmp_path: Path) -> None:
     np.savez(tmp_path / "c.npz", x=x, ids=np.array(["left", "right"]))
 
     assert load_samples(tmp_path / "c.npz").ids == ["left", "right"]
+
+
+def test_ids_over_255_bytes_are_rejected(tmp_path: Path) -> None:
+    x = np.zeros((2, 64), dtype=np.float32) + np.array([[0.0], [1.0]], np.float32)
+    # 128 two-byte characters: 256 bytes of UTF-8.
+    np.savez(tmp_path / "long.npz", x=x, ids=np.array(["short", "é" * 128]))
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(tmp_path / "long.npz")
+
+    assert "ids[1]" in str(caught.value)
+    assert "is 256 bytes of UTF-8; expected at most 255" in str(caught.value)
+
+
+def test_ids_that_are_not_utf8_are_rejected(tmp_path: Path) -> None:
+    x = np.zeros((2, 64), dtype=np.float32) + np.array([[0.0], [1.0]], np.float32)
+    np.savez(tmp_path / "surrogate.npz", x=x, ids=np.array(["a\ud800", "b"]))
+
+    with pytest.raises(ConfigError, match=r"ids\[0\] .* is not valid Unicode text"):
+        load_samples(tmp_path / "surrogate.npz")
