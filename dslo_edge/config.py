@@ -28,7 +28,12 @@ from dslo_edge.config_service import (
     read_requests,
     read_security,
 )
-from dslo_edge.config_tasks import read_alpha, read_drift_boost, read_tasks
+from dslo_edge.config_tasks import (
+    SMOOTHING_CAPACITY,
+    read_alpha,
+    read_drift_boost,
+    read_tasks,
+)
 from dslo_edge.dynamic import (
     HARD_LABEL_FALLBACKS,
     PROGRESS_UNITS,
@@ -192,9 +197,7 @@ def _training(
         smoothing_lambda=smoothing.get(
             "lambda", float, 0.3, lambda v: 0 <= v <= 100, "a number in [0, 100]"
         ),
-        smoothing_capacity=smoothing.get(
-            "capacity", int, 10000, positive, "a positive count of sample ids"
-        ),
+        smoothing_capacity=smoothing.get("capacity", int, 10000, *SMOOTHING_CAPACITY),
         alpha=alpha,
         monitor_decay=monitor_decay,
         drift=drift,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from dslo_edge.config_reader import TableReader, positive
+from dslo_edge.config_reader import TableReader
 from dslo_edge.dynamic import HARD_LABEL_FALLBACKS, DriftBoost, TaskSettings
 from dslo_edge.errors import ConfigError
 from dslo_edge.softlabels import SCHEDULE_KINDS, AlphaPolicy, Schedule
@@ -23,6 +23,14 @@ from dslo_edge.softlabels import SCHEDULE_KINDS, AlphaPolicy, Schedule
 # Head names as the converter writes them (converters.heads.head_name).
 HEAD_NAME = re.compile(r"\w+")
 _UNIT = (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+# The smoothing store and the teacher monitor each allocate one row per sample
+# id, so a mistyped capacity such as 1e17 would fail to allocate at start-up.
+# The maximum is that of training.applied_id_capacity.
+# NOTE: the daemon does not check the capacity against the board's RAM.
+SMOOTHING_CAPACITY = (
+    lambda v: 1 <= v <= 10_000_000,
+    "a count of sample ids in 1..10000000",
+)
 
 
 def read_tasks(reader: TableReader, base: TaskSettings) -> dict[str, TaskSettings]:
@@ -63,8 +71,7 @@ def _task(reader: TableReader, base: TaskSettings) -> TaskSettings:
             "smoothing_capacity",
             int,
             base.smoothing_capacity,
-            positive,
-            "a positive count of sample ids",
+            *SMOOTHING_CAPACITY,
         ),
         hard_label_fallback=reader.get(
             "hard_label_fallback",

@@ -187,3 +187,26 @@ def test_homeassistant_prefix_may_have_levels(tmp_path: Path) -> None:
     )
 
     assert load_config(path).homeassistant.prefix == "site-1/ha"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"smoothing": {"capacity": 10**17}}, "smoothing.capacity"),
+        (
+            {"training.tasks.shape": {"smoothing_capacity": 10**17}},
+            "training.tasks.shape.smoothing_capacity",
+        ),
+    ],
+)
+def test_huge_smoothing_capacity_is_rejected(
+    tmp_path: Path, overrides: dict, key: str
+) -> None:
+    path = write(tmp_path, tmp_path / "bundle", overrides)
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    message = str(caught.value)
+    assert f"{key} = {10**17} is invalid" in message
+    assert "a count of sample ids in 1..10000000" in message
