@@ -1,8 +1,9 @@
 """Checks an update passes before the trainer may apply it.
 
-In order: the HMAC envelope (when the device has a key), decoding and
-validation against the model, the applied-id record, and the freshness
-window. Each failure raises ``InvalidUpdate`` with its own reason.
+In order: the HMAC envelope (verified with the device's key, or rejected
+when the device has none), decoding and validation against the model, the
+applied-id record, and the freshness window. Each failure raises
+``InvalidUpdate`` with its own reason.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.config import TrainingSettings
 from dslo_edge.errors import InvalidUpdate
 from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer
-from dslo_edge.signing import verify
+from dslo_edge.signing import verified_body
 from dslo_edge.trainer import Trainer
 
 DUPLICATE = "duplicate"
@@ -58,9 +59,7 @@ def admit(
     max_abs_input: float = float("inf"),
 ) -> AnyUpdate:
     """Return the decoded update if it may be applied, else raise InvalidUpdate."""
-    body = item.payload
-    if hmac_key is not None:
-        body = verify(hmac_key, topic, body)
+    body = verified_body(hmac_key, topic, item.payload)
     update = trainer.decode(body)
     check_input_range(update, max_abs_input)
     check_new_and_fresh(update, item.received_at, applied_ids, settings)

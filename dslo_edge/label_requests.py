@@ -50,7 +50,7 @@ from dslo_edge.label_protocol import (
     user_properties,
 )
 from dslo_edge.protocol import SoftLabelUpdate
-from dslo_edge.signing import verify
+from dslo_edge.signing import verified_body
 
 logger = logging.getLogger(__name__)
 
@@ -451,9 +451,7 @@ class LabelRequester:
         """
         if response.kind != STATUS_OK or response.request is None:
             raise ValueError(f"response of kind {response.kind!r} carries no labels")
-        body = response.payload
-        if hmac_key is not None:
-            body = verify(hmac_key, self.topics.labels, body)
+        body = verified_body(hmac_key, self.topics.labels, response.payload)
         update = decode(body)
         request = response.request
         if (

@@ -37,7 +37,7 @@ from dslo_edge.ota import (
     read_release_options,
     status_payload,
 )
-from dslo_edge.signing import verify
+from dslo_edge.signing import verified_body
 from dslo_edge.swap import (
     BundleStore,
     check_student_health,
@@ -112,10 +112,7 @@ class ModelUpdater:
             the transfer is incomplete.
         """
         try:
-            if self.hmac_key is not None:
-                body = verify(self.hmac_key, self.topic, payload)
-            else:
-                body = payload
+            body = verified_body(self.hmac_key, self.topic, payload)
             archive = self.receiver.receive(body)
         except (InvalidUpdate, OtaError) as error:
             logger.warning("Rejected model update chunk: %s", error)

@@ -34,6 +34,8 @@ DUPLICATE = "duplicate"
 REJECTION_HINTS = {
     "unsigned": "the device requires signed updates: pass --hmac-key-file",
     "bad_signature": "the signature does not verify: pass the device's own key",
+    "unexpected_signature": "the device has no HMAC key: set its "
+    "security.hmac_key_file or push without --hmac-key-file",
     "shape_mismatch": "the device runs another model: push with its bundle",
 }
 

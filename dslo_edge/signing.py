@@ -27,6 +27,7 @@ ENVELOPE_VERSION = 1
 TAG_BYTES = 32
 HEADER_BYTES = len(SIGNED_MAGIC) + 1 + TAG_BYTES
 MIN_KEY_BYTES = 16
+UNEXPECTED_SIGNATURE = "unexpected_signature"
 
 
 def load_key(path: Path) -> bytes:
@@ -66,6 +67,31 @@ def _tag(key: bytes, topic: str, body: bytes) -> bytes:
 def sign(key: bytes, topic: str, body: bytes) -> bytes:
     """Wrap an encoded update in a signed envelope for ``topic``."""
     return SIGNED_MAGIC + bytes([ENVELOPE_VERSION]) + _tag(key, topic, body) + body
+
+
+def verified_body(key: bytes | None, topic: str, payload: bytes) -> bytes:
+    """Return the update body of a payload, verifying its envelope with ``key``.
+
+    A device without a key takes plain payloads only. It rejects a signed
+    one with a reason of its own, because the envelope's magic "DSLS" would
+    otherwise fail the body's magic check with a message that blames another
+    publisher.
+
+    Raises:
+        InvalidUpdate: as ``verify`` when ``key`` is set. Without a key,
+            reason "unexpected_signature" for a signed payload.
+    """
+    if key is not None:
+        return verify(key, topic, payload)
+    if payload.startswith(SIGNED_MAGIC):
+        raise InvalidUpdate(
+            UNEXPECTED_SIGNATURE,
+            "update is signed, but this device has no HMAC key to verify it; "
+            "set security.hmac_key_file in the device config to the key the "
+            "sender signs with, or send unsigned (no --hmac-key-file, and no "
+            "key for this device in the hub's keys_dir)",
+        )
+    return payload
 
 
 def verify(key: bytes, topic: str, payload: bytes) -> bytes:

@@ -513,6 +513,26 @@ def send_to_updater(
     return outcomes[-1]
 
 
+def test_updater_without_key_names_signed_chunk(tmp_path: Path) -> None:
+    from dslo_edge.signing import sign
+
+    factory = write_bundle(tmp_path / "factory")
+    current = FakeStudent(load_bundle(factory))
+    updater = ModelUpdater(tmp_path / "state", FakeStudent)  # type: ignore[arg-type]
+    chunk = split_archive(pack_bundle(factory), 1 << 20)[0]
+
+    outcome = updater.handle_chunk(
+        sign(b"k" * 32, "dslo/porch/ota", chunk),
+        current,  # type: ignore[arg-type]
+    )
+
+    assert outcome.status is not None
+    status = json.loads(outcome.status)
+    assert status["state"] == "rejected"
+    assert status["reason"] == "unexpected_signature"
+    assert "this device has no HMAC key" in status["detail"]
+
+
 def test_updater_rejects_other_model(tmp_path: Path) -> None:
     factory = write_bundle(tmp_path / "factory")
     current = FakeStudent(load_bundle(factory), seed=5)
