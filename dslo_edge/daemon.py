@@ -154,10 +154,27 @@ class EdgeDaemon:
             hmac_key=self.hmac_key,
             topic=self.ota_topic,
         )
-        self.bundle = load_bundle(self.updater.active_bundle(config.bundle))
+        self.bundle = load_bundle(self._active_bundle_path())
         self.student = load_student(self.bundle, config.runtime)
         self.trainer = self._new_trainer()
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
+
+    def _active_bundle_path(self) -> Path:
+        """Return the installed over-the-air release, else device.bundle."""
+        configured = self.config.bundle
+        active = self.updater.active_bundle(configured)
+        if active != configured:
+            # A changed device.bundle, for example from a new flash, is not
+            # loaded while a release is active, so log which one runs.
+            logger.info(
+                "Device %s runs the over-the-air release in %s, not device.bundle "
+                "%s, which is used only until the first release is installed; "
+                "send a bundle with 'dslo-edge ota-send' to replace the release",
+                self.device_id,
+                active,
+                configured,
+            )
+        return active
 
     def _init_costs_and_inference(self) -> None:
         """Set up the energy budget, health checks and the inference service."""

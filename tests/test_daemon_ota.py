@@ -24,9 +24,9 @@ from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.multihead import MultiHeadTrainer
 from dslo_edge.multihead_protocol import encode_multi_head_update
 from dslo_edge.ota import ota_topics
-from dslo_edge.ota_sender import send_bundle
+from dslo_edge.ota_sender import pack_bundle, send_bundle
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
-from dslo_edge.swap import KEPT_CHECKPOINTS, release_id
+from dslo_edge.swap import KEPT_CHECKPOINTS, BundleStore, release_id
 from dslo_edge.trainer import WEIGHT_PREFIX, Trainer
 from tests.multihead_bundle import make_multi_head_update
 
@@ -117,6 +117,27 @@ def test_ota_swaps_bundle_and_keeps_adapted_weights(mlp_pair, broker, tmp_path) 
     assert restarted.bundle.path == active
     assert restarted.trainer.applied_updates == 4
     np.testing.assert_array_equal(restarted.student.infer(x), final)
+
+
+def test_start_names_release_over_config_bundle(mlp_pair, tmp_path, caplog) -> None:
+    state = tmp_path / "state"
+    archive = tmp_path / "release.tar"
+    archive.write_bytes(pack_bundle(mlp_pair.bundle))
+    store = BundleStore(state)
+    release = store.install_archive(archive)
+    store.activate(release)
+    config_path = tmp_path / "device.toml"
+    config_path.write_text(render_config(DEVICE, mlp_pair.bundle, state, 1883))
+
+    with caplog.at_level("INFO", logger="dslo_edge.daemon"):
+        daemon = EdgeDaemon(load_config(config_path))
+
+    assert daemon.bundle.path == release
+    expected = (
+        f"Device {DEVICE} runs the over-the-air release in {release}, not "
+        f"device.bundle {mlp_pair.bundle}"
+    )
+    assert expected in caplog.text
 
 
 def test_device_with_key_rejects_unsigned_bundle(mlp_pair, broker, tmp_path) -> None:
