@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,32 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
+
+
+def move_generations(folder: Path, destination: Path) -> Path | None:
+    """Move every generation in ``folder`` into a new folder under ``destination``.
+
+    The new folder is named after the current UTC time and is unique, so
+    generations moved earlier are never replaced. Pruning reads ``folder``
+    only, so it never deletes the moved files.
+
+    Returns:
+        The new folder, or None when ``folder`` contains no generation.
+
+    Raises:
+        OSError: a folder cannot be created or a file cannot be moved.
+    """
+    generations = list_checkpoints(folder)
+    if not generations:
+        return None
+    destination.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime())
+    target = Path(tempfile.mkdtemp(prefix=stamp, dir=destination))
+    for _, path in generations:
+        path.rename(target / path.name)
+    _fsync_directory(folder)
+    _fsync_directory(target)
+    return target
 
 
 def save_checkpoint(

@@ -53,6 +53,7 @@ from dslo_edge.checkpoint import (
     Checkpoint,
     list_checkpoints,
     load_latest_checkpoint,
+    move_generations,
     save_checkpoint,
 )
 from dslo_edge.config import DeviceConfig
@@ -82,6 +83,8 @@ OTA_QUEUE = 256
 # still shows the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
 METRICS_LOG = "metrics.jsonl"
+# Folder of state_dir for checkpoints that do not fit the bundle at start-up.
+MISMATCHED_CHECKPOINTS = "mismatched-checkpoints"
 # sysexits.h EX_SOFTWARE: an internal thread died or hung.
 EXIT_WATCHDOG = 70
 # A train step that has not returned after this long counts as a hang.
@@ -437,7 +440,8 @@ class EdgeDaemon:
         try:
             self._load(checkpoint)
         except ValueError as error:
-            # A model update switched the bundle before its first checkpoint.
+            # A model update switched the bundle before its first checkpoint,
+            # or device.bundle now names another model.
             logger.warning(
                 "Device %s cannot use %s with bundle %s (%s); starting from the "
                 "bundle's own weights",
@@ -446,8 +450,32 @@ class EdgeDaemon:
                 self.bundle.path.name,
                 error,
             )
+            self._set_aside_checkpoints()
             return False
         return True
+
+    def _set_aside_checkpoints(self) -> None:
+        """Move checkpoints of another model where pruning cannot delete them."""
+        destination = self.config.state_dir / MISMATCHED_CHECKPOINTS
+        try:
+            moved = move_generations(self.checkpoint_dir, destination)
+        except OSError as error:
+            logger.warning(
+                "Device %s cannot move the checkpoints of the other model out of "
+                "%s (%s); the next checkpoints will replace them",
+                self.device_id,
+                self.checkpoint_dir,
+                error,
+            )
+            return
+        logger.warning(
+            "Device %s moved the checkpoints of the other model to %s; to train "
+            "that model again, stop the daemon, point device.bundle at it and "
+            "swap those files with the ones in %s",
+            self.device_id,
+            moved,
+            self.checkpoint_dir,
+        )
 
     def _load(self, checkpoint: Checkpoint) -> None:
         self.trainer.restore(checkpoint)

@@ -7,12 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from dslo_edge.checkpoint import (
+    list_checkpoints,
+    load_latest_checkpoint,
+    move_generations,
+    save_checkpoint,
+)
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import ConfigError
 from dslo_edge.state_lock import StateLock
+from dslo_edge.trainer import WEIGHT_PREFIX
 from tests.cli_process import run_cli
 
 
@@ -114,3 +122,58 @@ def test_run_with_state_dir_file_exits_78(mlp_pair, tmp_path) -> None:
     assert result.returncode == 78
     assert "is a file, expected a directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_checkpoints_of_other_model_are_kept(mlp_pair, tmp_path, caplog) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    assert writer.save_checkpoint()
+    writer._state_lock.release()
+    # The same state under other weight names: a checkpoint of another model.
+    written = load_latest_checkpoint(folder)
+    assert written is not None
+    written.path.unlink()
+    renamed = {
+        name.replace(WEIGHT_PREFIX, f"{WEIGHT_PREFIX}other_", 1): value
+        for name, value in written.tensors.items()
+    }
+    save_checkpoint(folder, renamed, written.state)
+    save_checkpoint(folder, renamed, written.state)
+    other_model = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon._restore()
+    # More saves than the two generations kept, so pruning runs.
+    for _ in range(3):
+        assert daemon.save_checkpoint()
+    daemon._state_lock.release()
+
+    kept = list((state / "mismatched-checkpoints").glob("*/*"))
+    assert {path.name: path.read_bytes() for path in kept} == other_model
+    assert len(list_checkpoints(folder)) == 2
+    assert (
+        f"moved the checkpoints of the other model to {kept[0].parent}" in caplog.text
+    )
+
+
+def test_moved_generations_never_replace_earlier(tmp_path) -> None:
+    folder = tmp_path / "checkpoints"
+    destination = tmp_path / "moved"
+    save_checkpoint(folder, {"w": np.zeros(2, np.float32)}, {"run": 1})
+    first = move_generations(folder, destination)
+    # Numbering starts again at 1, so the second move has the same file name.
+    save_checkpoint(folder, {"w": np.ones(2, np.float32)}, {"run": 2})
+    second = move_generations(folder, destination)
+
+    name = "checkpoint-00000001.safetensors"
+    assert first is not None
+    assert second is not None
+    assert first != second
+    assert [path.name for path in first.iterdir()] == [name]
+    assert [path.name for path in second.iterdir()] == [name]
+    assert load_latest_checkpoint(first).state == {"run": 1}
+    assert load_latest_checkpoint(second).state == {"run": 2}
+    assert list_checkpoints(folder) == []
+    assert move_generations(folder, destination) is None
