@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -190,6 +191,11 @@ def check_command(
     "after copying it to device.toml.bak (default: keep it and write "
     "device.toml.new).",
 )
+@click.option(
+    "--this-machine",
+    is_flag=True,
+    help="Allow --target /, which installs onto the machine that runs flash.",
+)
 @PROFILES_DIR_OPTION
 @handle_errors
 def flash(
@@ -200,9 +206,18 @@ def flash(
     broker_host: str,
     broker_port: str,
     replace_config: bool,
+    this_machine: bool,
     profiles_dir: str | None,
 ) -> None:
     """Install BUNDLE, a device config and a systemd unit onto a device root."""
+    if Path(target).resolve() == Path("/") and not this_machine:
+        raise click.BadParameter(
+            f"{target} is the root of this machine, so flash would install the "
+            "unit into its /etc/systemd/system; point --target at the device's "
+            "mounted root filesystem, such as /mnt/rootfs, or pass --this-machine "
+            "when this machine is the device",
+            param_hint="--target",
+        )
     from dslo_edge.flash import flash as run_flash
     from dslo_edge.flash_config import (
         FlashOptions,

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from dslo_edge.bundle import load_bundle
-from dslo_edge.cli import EXIT_CONFIG
+from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.config import load_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import BundleError, ConfigError
@@ -155,6 +156,23 @@ def test_flash_rejects_invalid_device_id(tmp_path: Path, pi4) -> None:
         "'/', '+', '#', whitespace or NUL, for example 'kitchen-cam'"
     )
     assert list(root.iterdir()) == []
+
+
+def test_flash_to_this_machine_root_needs_flag(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    # The bad port stops flash before it writes anything, even without the
+    # check of --target.
+    arguments = ["flash", str(bundle), "--profile", "raspberry-pi-4b"]
+    arguments += ["--target", "/", "--broker-port", "0"]
+
+    rejected = CliRunner().invoke(main, arguments)
+    allowed = CliRunner().invoke(main, [*arguments, "--this-machine"])
+
+    assert rejected.exit_code == 2
+    assert "/ is the root of this machine" in rejected.output
+    assert "pass --this-machine when this machine is the device" in rejected.output
+    assert allowed.exit_code == EXIT_CONFIG
+    assert "--broker-port" in allowed.output
 
 
 def test_flash_config_error_names_device_path() -> None:
