@@ -74,7 +74,15 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
         else:
             skipped += 1
     if skipped:
-        logger.warning("Skipped %d unreadable lines in %s", skipped, source)
+        logger.warning(
+            "Skipped %d %s in %s that %s no metrics report (not JSON, or JSON "
+            "without the keys %s)",
+            skipped,
+            "line" if skipped == 1 else "lines",
+            source,
+            "is" if skipped == 1 else "are",
+            ", ".join(sorted(REPORT_KEYS)),
+        )
     if not records:
         raise ConfigError(
             f"metrics log {source} has no metrics reports; expected one JSON "

@@ -99,13 +99,27 @@ def test_log_rotates_past_size_limit(tmp_path: Path) -> None:
     assert [json.loads(line)["applied"] for line in rotated_lines] == [0, 1]
 
 
-def test_read_skips_torn_lines(tmp_path: Path) -> None:
+def test_read_skips_torn_lines(tmp_path: Path, caplog) -> None:
     log = tmp_path / "metrics.jsonl"
     log.write_text(
         '{"device": "d", "applied": 1}\n\n[1, 2]\n{"bad": 1}\n'
         '{"device": "d", "applied": 2}\n{"appl'
     )
-    assert [r["applied"] for r in read_metrics_log(log)] == [1, 2]
+    with caplog.at_level("WARNING", logger="dslo_edge.report"):
+        records = read_metrics_log(log)
+    several = caplog.text
+    log.write_text('{"device": "d", "applied": 3}\n{}\n')
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dslo_edge.report"):
+        read_metrics_log(log)
+
+    assert [r["applied"] for r in records] == [1, 2]
+    assert "Skipped 3 lines in " in several
+    assert "that are no metrics report" in several
+    assert f"Skipped 1 line in {log} that is no metrics report (not JSON, or " in (
+        caplog.text
+    )
+    assert "JSON without the keys device)" in caplog.text
 
 
 def test_read_rejects_log_without_reports(tmp_path: Path) -> None:
