@@ -160,6 +160,14 @@ def _check_input(path: Path, manifest: dict[str, Any]) -> None:
     # The first entry is the batch dimension (null in converted bundles),
     # which dslo-edge does not read.
     _check_items(path, shape, "input.shape", POSITIVE, start=1)
+    # The daemon decodes the inputs of every update to float32, the only input
+    # type the converter writes.
+    dtype = _typed(path, table, "dtype", STRING, "input.dtype", optional=True)
+    if dtype not in (None, "float32"):
+        raise BundleError(
+            f"{path}: key input.dtype is {describe_value(dtype)}; expected "
+            f'"float32", the input type of dslo-edge updates; {CONVERT_HINT}'
+        )
 
 
 def _check_classes(path: Path, manifest: dict[str, Any]) -> None:

@@ -251,6 +251,11 @@ def _set_input_shape(manifest: dict[str, Any]) -> Any:
     return manifest
 
 
+def _set_input_dtype(manifest: dict[str, Any]) -> Any:
+    manifest["input"]["dtype"] = "complex128"
+    return manifest
+
+
 BAD_MANIFESTS = [
     (
         lambda manifest: [1, 2],
@@ -278,6 +283,11 @@ BAD_MANIFESTS = [
     (
         _set_input_shape,
         ": key input.shape[1] is 64.5 (a number); expected an integer of at least 1",
+    ),
+    (
+        _set_input_dtype,
+        ': key input.dtype is "complex128" (a string); expected "float32", the '
+        "input type of dslo-edge updates",
     ),
 ]
 
