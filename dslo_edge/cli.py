@@ -876,9 +876,16 @@ def service_install(
     )
     directory = check_unit_dir(unit_dir, "--unit-dir")
     try:
-        path = install_unit(directory, text)
+        path, backup = install_unit(directory, text)
     except OSError as error:
         raise ConfigError(f"cannot write the unit into {unit_dir}: {error}") from error
+    if backup is not None:
+        click.echo(
+            f"warning: replaced {path}, which differed from the generated unit; "
+            f"the previous file is kept as {backup}. Put local settings in a "
+            f"drop-in such as {path}.d/local.conf, which install does not change",
+            err=True,
+        )
     click.echo(
         f"wrote {path}; enable it with: systemctl daemon-reload && "
         "systemctl enable --now dslo-edge"

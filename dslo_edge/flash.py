@@ -21,7 +21,9 @@ rewritten, so running it again with the same inputs changes nothing.
 An existing ``device.toml`` that differs from the generated one, for example
 one edited by hand, is kept, and the generated text goes to
 ``device.toml.new`` beside it. A caller can instead replace the file, which
-first copies it to ``device.toml.bak``.
+first copies it to ``device.toml.bak``. A unit file that differs from the
+generated one is replaced, after copying it to ``dslo-edge.service.bak``:
+local changes to a unit belong in a drop-in file, which flash leaves alone.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ WANTS_LINK = PurePosixPath("/etc/systemd/system/multi-user.target.wants") / UNIT
 # The generated config when an existing device.toml differs from it.
 PENDING_CONFIG = DEFAULT_CONFIG.with_name(DEFAULT_CONFIG.name + ".new")
 BACKUP_CONFIG = DEFAULT_CONFIG.with_name(DEFAULT_CONFIG.name + ".bak")
+# Its suffix .bak is no unit type, so systemd does not load the file.
+BACKUP_UNIT = UNIT_PATH.with_name(UNIT_PATH.name + ".bak")
 # Room left free beyond the files themselves, for directory entries and the
 # file list, so the device's filesystem is not filled to the last block.
 SPACE_MARGIN_BYTES = 1 * MIB
@@ -168,6 +172,8 @@ def flash(
         for device_path, content in files.items():
             if device_path == DEFAULT_CONFIG:
                 _install_config(root, content, result, replace_config)
+            elif device_path == UNIT_PATH:
+                _install_unit(root, content, result)
             else:
                 _write_if_changed(root, device_path, content, result)
         _link_if_changed(root, WANTS_LINK, PurePosixPath("..") / UNIT_NAME, result)
@@ -275,7 +281,7 @@ def _install_config(
     existing = path.read_bytes()
     mode = path.stat().st_mode & 0o7777
     if replace:
-        backup = _backup_path(root, existing)
+        backup = _backup_path(root, existing, BACKUP_CONFIG)
         _write_if_changed(root, backup, existing, result, mode=mode)
         _write_if_changed(root, DEFAULT_CONFIG, content, result, mode=mode)
         _remove_pending_copy(root, content, result)
@@ -293,6 +299,21 @@ def _install_config(
     )
 
 
+def _install_unit(root: Path, content: bytes, result: FlashResult) -> None:
+    """Write the unit file, first copying an existing one that differs."""
+    path = on_target(root, UNIT_PATH)
+    if path.is_file() and path.read_bytes() != content:
+        existing = path.read_bytes()
+        backup = _backup_path(root, existing, BACKUP_UNIT)
+        _write_if_changed(root, backup, existing, result)
+        result.warnings.append(
+            f"replaced {UNIT_PATH}, which differed from the generated unit; the "
+            f"previous file is kept as {backup}. Put local settings in a drop-in "
+            f"such as {UNIT_PATH}.d/local.conf, which flash does not change"
+        )
+    _write_if_changed(root, UNIT_PATH, content, result)
+
+
 def _remove_pending_copy(root: Path, content: bytes, result: FlashResult) -> None:
     """Remove device.toml.new once device.toml has the same content."""
     pending = on_target(root, PENDING_CONFIG)
@@ -302,19 +323,19 @@ def _remove_pending_copy(root: Path, content: bytes, result: FlashResult) -> Non
         result.removed.append(str(PENDING_CONFIG))
 
 
-def _backup_path(root: Path, content: bytes) -> PurePosixPath:
-    """Return the first of device.toml.bak, .bak.1, ... that is free or equal.
+def _backup_path(root: Path, content: bytes, first: PurePosixPath) -> PurePosixPath:
+    """Return the first of ``first``, ``first``.1, ... that is free or equal.
 
     A backup that already has ``content`` is reused rather than duplicated.
     """
-    candidate = BACKUP_CONFIG
+    candidate = first
     number = 0
     while True:
         path = on_target(root, candidate)
         if not path.exists() or (path.is_file() and path.read_bytes() == content):
             return candidate
         number += 1
-        candidate = BACKUP_CONFIG.with_name(f"{BACKUP_CONFIG.name}.{number}")
+        candidate = first.with_name(f"{first.name}.{number}")
 
 
 def _write_if_changed(

@@ -409,15 +409,36 @@ WantedBy=multi-user.target
 """
 
 
-def install_unit(unit_dir: Path, unit_text: str) -> Path:
+def install_unit(unit_dir: Path, unit_text: str) -> tuple[Path, Path | None]:
     """Write the unit file atomically into the existing ``unit_dir``.
 
+    A unit file there with other content is first copied to
+    ``dslo-edge.service.bak`` (or ``.bak.1`` and so on, when an older backup
+    with other content is there), which systemd does not read as a unit.
+
     Returns:
-        The path of the unit file.
+        The path of the unit file, and of the backup or None.
     """
     target = unit_dir / UNIT_NAME
+    backup = None
+    if target.is_file() and target.read_text() != unit_text:
+        backup = _free_backup(target)
+        shutil.copy2(target, backup)
     temporary = target.with_name(f".{UNIT_NAME}.tmp")
     temporary.write_text(unit_text)
     os.chmod(temporary, 0o644)
     os.replace(temporary, target)
-    return target
+    return target, backup
+
+
+def _free_backup(path: Path) -> Path:
+    """Return the first of PATH.bak, PATH.bak.1, ... that is free or equal to PATH."""
+    content = path.read_bytes()
+    candidate = path.with_name(path.name + ".bak")
+    number = 0
+    while candidate.exists() and not (
+        candidate.is_file() and candidate.read_bytes() == content
+    ):
+        number += 1
+        candidate = path.with_name(f"{path.name}.bak.{number}")
+    return candidate

@@ -286,6 +286,38 @@ def test_flash_replace_config_keeps_backup(tmp_path: Path, pi4) -> None:
     assert config.read_bytes() == generated
 
 
+def test_flash_replaces_edited_unit_with_backup(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(bundle, pi4, root, OPTIONS)
+    unit = root / "etc/systemd/system/dslo-edge.service"
+    generated = unit.read_bytes()
+    unit.write_text(unit.read_text().replace("RestartSec=10", "RestartSec=30"))
+    edited = unit.read_bytes()
+
+    replaced = flash(bundle, pi4, root, OPTIONS)
+    again = flash(bundle, pi4, root, OPTIONS)
+
+    backup = root / "etc/systemd/system/dslo-edge.service.bak"
+    assert unit.read_bytes() == generated
+    assert backup.read_bytes() == edited
+    assert replaced.changed[:2] == [
+        "/etc/systemd/system/dslo-edge.service.bak",
+        "/etc/systemd/system/dslo-edge.service",
+    ]
+    assert replaced.warnings == [
+        "replaced /etc/systemd/system/dslo-edge.service, which differed from the "
+        "generated unit; the previous file is kept as "
+        "/etc/systemd/system/dslo-edge.service.bak. Put local settings in a "
+        "drop-in such as /etc/systemd/system/dslo-edge.service.d/local.conf, "
+        "which flash does not change"
+    ]
+    assert again.changed == []
+    assert again.warnings == []
+    assert verify_installation(root) == []
+
+
 def test_flash_writes_builtin_profile_name(tmp_path: Path, pi4) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"

@@ -64,6 +64,28 @@ def test_service_install_writes_notify_unit(tmp_path) -> None:
         assert expected in lines, expected
 
 
+def test_service_install_backs_up_edited_unit(tmp_path) -> None:
+    arguments = ["service", "install", "--unit-dir", str(tmp_path)]
+    arguments += ["--exec", sys.executable]
+    unit = tmp_path / "dslo-edge.service"
+
+    first = CliRunner().invoke(main, arguments)
+    generated = unit.read_text()
+    again = CliRunner().invoke(main, arguments)
+    backup_before_edit = (tmp_path / "dslo-edge.service.bak").exists()
+    unit.write_text(generated.replace("RestartSec=10", "RestartSec=30"))
+    edited = unit.read_text()
+    replaced = CliRunner().invoke(main, arguments)
+
+    assert first.exit_code == again.exit_code == replaced.exit_code == 0
+    assert "warning" not in first.output + again.output
+    assert not backup_before_edit
+    assert unit.read_text() == generated
+    assert (tmp_path / "dslo-edge.service.bak").read_text() == edited
+    assert f"the previous file is kept as {unit}.bak" in replaced.output
+    assert f"drop-in such as {unit}.d/local.conf" in replaced.output
+
+
 def _console_script(folder) -> str:
     """Write a ``dslo-edge`` script like the one pip installs; return its path."""
     folder.mkdir()
