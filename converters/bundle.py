@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,12 @@ def load_keras_model(model: Any) -> Any:
     path = Path(model)
     if not path.is_file():
         raise ConversionError(f"model file not found: {path}")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        # Keras reports such a file as not found.
+        raise ConversionError(
+            f"cannot load Keras model {path}: the file is not a zip archive; "
+            "expected a .keras file written by model.save()"
+        )
     try:
         return tf.keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises many unrelated types here

@@ -261,3 +261,21 @@ def test_flex_only_teacher_names_the_op(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="only with Flex: Cumprod; remove"):
         convert_teacher(teacher, tmp_path / "teacher.tflite")
     assert not (tmp_path / "teacher.tflite").exists()
+
+
+def test_damaged_keras_file_is_named(tmp_path: Path) -> None:
+    damaged = tmp_path / "teacher.keras"
+    damaged.write_bytes(b"not a zip archive")
+
+    result = CliRunner().invoke(
+        main,
+        ["convert", "--teacher", str(damaged), "--student", str(damaged)]
+        + ["--out", str(tmp_path / "bundle")],
+    )
+
+    assert result.exit_code == 1
+    assert f"cannot load Keras model {damaged}: the file is not a zip archive" in (
+        result.output
+    )
+    assert "File not found" not in result.output
+    assert not (tmp_path / "bundle").exists()
