@@ -22,6 +22,7 @@ from dslo_edge.errors import BundleError, ConfigError
 from dslo_edge.flash import (
     BUNDLE_LINK,
     FlashOptions,
+    FlashResult,
     flash,
     on_target,
     release_id,
@@ -158,21 +159,33 @@ def test_flash_rejects_invalid_device_id(tmp_path: Path, pi4) -> None:
     assert list(root.iterdir()) == []
 
 
-def test_flash_to_this_machine_root_needs_flag(tmp_path: Path) -> None:
+def test_flash_to_this_machine_root_needs_flag(tmp_path: Path, monkeypatch) -> None:
     bundle = write_bundle(tmp_path / "bundle")
-    # The bad port stops flash before it writes anything, even without the
-    # check of --target.
-    arguments = ["flash", str(bundle), "--profile", "raspberry-pi-4b"]
-    arguments += ["--target", "/", "--broker-port", "0"]
+    # A stand-in for the install, so that no run of this test writes into /.
+    targets: list[str] = []
 
-    rejected = CliRunner().invoke(main, arguments)
-    allowed = CliRunner().invoke(main, [*arguments, "--this-machine"])
+    def record_target(_bundle, _profile, target, _options, replace_config):
+        targets.append(target)
+        return FlashResult(Path(target), "0123456789ab", None)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("dslo_edge.flash.flash", record_target)
+    link_to_root = tmp_path / "root-link"
+    link_to_root.symlink_to("/")
+    arguments = ["flash", str(bundle), "--profile", "raspberry-pi-4b"]
+
+    rejected = CliRunner().invoke(main, [*arguments, "--target", "/"])
+    rejected_link = CliRunner().invoke(
+        main, [*arguments, "--target", str(link_to_root)]
+    )
+    allowed = CliRunner().invoke(main, [*arguments, "--target", "/", "--this-machine"])
 
     assert rejected.exit_code == 2
     assert "/ is the root of this machine" in rejected.output
     assert "pass --this-machine when this machine is the device" in rejected.output
-    assert allowed.exit_code == EXIT_CONFIG
-    assert "--broker-port" in allowed.output
+    assert rejected_link.exit_code == 2
+    assert f"{link_to_root} is the root of this machine" in rejected_link.output
+    assert allowed.exit_code == 0, allowed.output
+    assert targets == ["/"]
 
 
 def test_flash_config_error_names_device_path() -> None:
