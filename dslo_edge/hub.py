@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,13 +99,19 @@ def load_samples(path: str | Path) -> SampleSet:
     return SampleSet(x, ids, y)
 
 
+# Exceptions of np.load for a damaged archive: BadZipFile for a truncated file
+# or a bad CRC, EOFError for a cut-off member, zlib.error for a damaged member
+# of numpy.savez_compressed.
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def _read_npz(source: Path) -> dict[str, np.ndarray]:
     """Return every array of an ``.npz`` file by name."""
     try:
         loaded = np.load(source, allow_pickle=False)
     except FileNotFoundError as error:
         raise ConfigError(f"sample file not found: {source}") from error
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except _NPZ_ERRORS as error:
         raise ConfigError(f"cannot read {source} as .npz: {error}") from error
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ConfigError(
@@ -114,7 +121,7 @@ def _read_npz(source: Path) -> dict[str, np.ndarray]:
     with loaded as data:
         try:
             return {key: data[key] for key in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        except _NPZ_ERRORS as error:
             # Object arrays need pickle, which stays off because unpickling
             # an untrusted file can run code.
             raise ConfigError(f"cannot read {source} as .npz: {error}") from error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,23 @@ def test_npz_with_bad_crc_is_config_error(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
 
     with pytest.raises(ConfigError, match="Bad CRC-32"):
+        load_samples(path)
+
+
+def test_damaged_compressed_npz_is_config_error(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    np.savez_compressed(tmp_path / "compressed.npz", x=x)
+    data = bytearray((tmp_path / "compressed.npz").read_bytes())
+    # The local file header of the only member, x.npy, is 30 bytes, then its
+    # name and extra field. The deflate data follows them.
+    name_length, extra_length = struct.unpack_from("<HH", data, 26)
+    start = 30 + name_length + extra_length
+    # A final block of the reserved type 3, which zlib rejects.
+    data[start] = 0b111
+    path = tmp_path / "damaged.npz"
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(ConfigError, match="cannot read .*damaged.npz as .npz: "):
         load_samples(path)
 
 
