@@ -551,7 +551,7 @@ def _push_samples(bundle: Any, data: str, hard_labels: bool) -> Any:
     from dslo_edge import hub
 
     try:
-        samples = hub.load_samples(data)
+        samples = hub.load_samples(data, read_labels=hard_labels)
     except ConfigError as error:
         raise ConfigError(f"invalid --data: {error}") from error
     if hard_labels and samples.y is None:
@@ -559,8 +559,6 @@ def _push_samples(bundle: Any, data: str, hard_labels: bool) -> Any:
             f"--hard-labels needs a 'y' array (one class index per sample) in "
             f"--data {data}, which has none; add y to the .npz or drop --hard-labels"
         )
-    if not hard_labels:
-        samples = hub.SampleSet(samples.x, samples.ids)
     # Without hard labels the class count is not read, so a multi-head
     # student passes 0.
     class_count = 0 if bundle.is_multi_head else bundle.class_count

@@ -61,8 +61,12 @@ class SampleSet:
     y: np.ndarray | None = None
 
 
-def load_samples(path: str | Path) -> SampleSet:
+def load_samples(path: str | Path, *, read_labels: bool = True) -> SampleSet:
     """Read an ``.npz`` file with ``x`` and optional ``y`` and ``ids`` arrays.
+
+    Args:
+        read_labels: False ignores ``y``, so the result has none and ``y``
+            is not checked.
 
     Raises:
         ConfigError: the file is missing, unreadable or not a valid zip
@@ -84,7 +88,7 @@ def load_samples(path: str | Path) -> SampleSet:
             f"{source}: x has shape {x.shape}, so the file has no samples; "
             "expected at least one row in x"
         )
-    y = _class_labels(arrays, source) if "y" in arrays else None
+    y = _class_labels(arrays, source) if read_labels and "y" in arrays else None
     if "ids" in arrays:
         ids = [str(i) for i in _per_sample_array(arrays, "ids", source)]
         _check_sample_ids(ids, source)

@@ -169,6 +169,22 @@ def test_push_hard_labels_sends_y(mlp_pair, broker_factory, tmp_path):
     assert all(decode_update(payload).hard_labels is None for payload in without_y)
 
 
+def test_push_without_hard_labels_ignores_y(mlp_pair, broker_factory, tmp_path):
+    broker = broker_factory("mosquitto")
+    rng = np.random.default_rng(3)
+    # --hard-labels rejects one-hot rows, but a push without it does not send y.
+    one_hot = np.eye(10)[rng.integers(0, 10, SAMPLES)]
+    data = tmp_path / "one_hot.npz"
+    np.savez(data, x=rng.random((SAMPLES, 64), dtype=np.float32), y=one_hot)
+
+    payloads = capture_updates(
+        broker, lambda: run_push(mlp_pair.bundle, data, broker.url, "--no-wait")
+    )
+
+    assert len(payloads) == MESSAGES
+    assert all(decode_update(payload).hard_labels is None for payload in payloads)
+
+
 def publish_retained(broker: Broker, topic: str, payload: str) -> None:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fake-device")
     client.connect(broker.host, broker.port)
