@@ -441,7 +441,7 @@ class EdgeDaemon:
             self._load(checkpoint)
         except ValueError as error:
             # A model update switched the bundle before its first checkpoint,
-            # or device.bundle now names another model.
+            # device.bundle now names another model, or a capacity was lowered.
             logger.warning(
                 "Device %s cannot use %s with bundle %s (%s); starting from the "
                 "bundle's own weights",
@@ -455,13 +455,17 @@ class EdgeDaemon:
         return True
 
     def _set_aside_checkpoints(self) -> None:
-        """Move checkpoints of another model where pruning cannot delete them."""
+        """Move checkpoints that do not load where pruning cannot delete them.
+
+        They may belong to another model, or to this one under a config that
+        lowered a capacity below what they contain.
+        """
         destination = self.config.state_dir / MISMATCHED_CHECKPOINTS
         try:
             moved = move_generations(self.checkpoint_dir, destination)
         except OSError as error:
             logger.warning(
-                "Device %s cannot move the checkpoints of the other model out of "
+                "Device %s cannot move the checkpoints it cannot load out of "
                 "%s (%s); the next checkpoints will replace them",
                 self.device_id,
                 self.checkpoint_dir,
@@ -469,9 +473,10 @@ class EdgeDaemon:
             )
             return
         logger.warning(
-            "Device %s moved the checkpoints of the other model to %s; to train "
-            "that model again, stop the daemon, point device.bundle at it and "
-            "swap those files with the ones in %s",
+            "Device %s moved the checkpoints it cannot load to %s; to use them "
+            "again, stop the daemon, undo the cause logged above (another "
+            "device.bundle or a lower capacity) and swap those files with the "
+            "ones in %s",
             self.device_id,
             moved,
             self.checkpoint_dir,

@@ -153,9 +153,38 @@ def test_checkpoints_of_other_model_are_kept(mlp_pair, tmp_path, caplog) -> None
     kept = list((state / "mismatched-checkpoints").glob("*/*"))
     assert {path.name: path.read_bytes() for path in kept} == other_model
     assert len(list_checkpoints(folder)) == 2
-    assert (
-        f"moved the checkpoints of the other model to {kept[0].parent}" in caplog.text
+    assert f"moved the checkpoints it cannot load to {kept[0].parent}" in caplog.text
+
+
+def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    assert writer.save_checkpoint()
+    writer._state_lock.release()
+    # A checkpoint of this model whose smoothing store has three ids.
+    written = load_latest_checkpoint(folder)
+    assert written is not None
+    written.path.unlink()
+    tensors = {**written.tensors, "smoothing/rows": np.zeros((3, 10), np.float32)}
+    state_values = {**written.state, "smoothing_ids": ["a", "b", "c"]}
+    save_checkpoint(folder, tensors, state_values)
+    path = tmp_path / "lowered.toml"
+    overrides = {"smoothing": {"capacity": 2}}
+    path.write_text(
+        render_config("dev-a", mlp_pair.bundle, state, 9, overrides=overrides)
     )
+
+    daemon = EdgeDaemon(load_config(path))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon._restore()
+    daemon._state_lock.release()
+
+    kept = list((state / "mismatched-checkpoints").glob("*/*"))
+    assert len(kept) == 1
+    assert "raise the smoothing capacity" in caplog.text
+    assert "moved the checkpoints it cannot load to " in caplog.text
+    assert "other model" not in caplog.text
 
 
 def test_moved_generations_never_replace_earlier(tmp_path) -> None:
