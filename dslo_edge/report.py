@@ -75,12 +75,13 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
             skipped += 1
     if skipped:
         logger.warning(
-            "Skipped %d %s in %s that %s no metrics report (not JSON, or JSON "
-            "without the keys %s)",
+            "Skipped %d %s in %s that %s not a metrics report, which is a JSON "
+            "object with the %s %s",
             skipped,
             "line" if skipped == 1 else "lines",
             source,
             "is" if skipped == 1 else "are",
+            "key" if len(REPORT_KEYS) == 1 else "keys",
             ", ".join(sorted(REPORT_KEYS)),
         )
     if not records:
