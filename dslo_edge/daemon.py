@@ -450,6 +450,10 @@ class EdgeDaemon:
                 self.bundle.path.name,
                 error,
             )
+            # The weights may have loaded before a later part of the
+            # checkpoint failed, so the student and trainer start over.
+            self.student.set_weights(self._factory_weights())
+            self.trainer = self._new_trainer()
             self._set_aside_checkpoints()
             return False
         return True

@@ -162,11 +162,15 @@ def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) 
     writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
     assert writer.save_checkpoint()
     writer._state_lock.release()
-    # A checkpoint of this model whose smoothing store has three ids.
+    # A checkpoint of this model with adapted weights and three smoothing ids.
     written = load_latest_checkpoint(folder)
     assert written is not None
     written.path.unlink()
-    tensors = {**written.tensors, "smoothing/rows": np.zeros((3, 10), np.float32)}
+    tensors = {
+        name: value + 1.0 if name.startswith(WEIGHT_PREFIX) else value
+        for name, value in written.tensors.items()
+    }
+    tensors["smoothing/rows"] = np.zeros((3, 10), np.float32)
     state_values = {**written.state, "smoothing_ids": ["a", "b", "c"]}
     save_checkpoint(folder, tensors, state_values)
     path = tmp_path / "lowered.toml"
@@ -176,12 +180,16 @@ def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) 
     )
 
     daemon = EdgeDaemon(load_config(path))
+    factory = daemon.student.get_weights()
     with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
         daemon._restore()
     daemon._state_lock.release()
 
     kept = list((state / "mismatched-checkpoints").glob("*/*"))
     assert len(kept) == 1
+    # The weights loaded before the smoothing store failed, and were reset.
+    for name, value in daemon.student.get_weights().items():
+        np.testing.assert_array_equal(value, factory[name])
     assert "raise the smoothing capacity" in caplog.text
     assert "moved the checkpoints it cannot load to " in caplog.text
     assert "other model" not in caplog.text
