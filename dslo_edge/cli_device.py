@@ -8,8 +8,8 @@ module while it is itself being imported.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -210,7 +210,7 @@ def flash(
     profiles_dir: str | None,
 ) -> None:
     """Install BUNDLE, a device config and a systemd unit onto a device root."""
-    if Path(target).resolve() == Path("/") and not this_machine:
+    if _is_this_root(target) and not this_machine:
         raise click.BadParameter(
             f"{target} is the root of this machine, so flash would install the "
             "unit into its /etc/systemd/system; point --target at the device's "
@@ -252,6 +252,14 @@ def flash(
         "python3 -m venv /opt/dslo-edge/venv && "
         "/opt/dslo-edge/venv/bin/pip install dslo-edge"
     )
+
+
+def _is_this_root(target: str) -> bool:
+    """Return True when ``target`` is this machine's /, also through a bind mount."""
+    try:
+        return os.path.samefile(target, "/")
+    except OSError:
+        return False
 
 
 @click.command()

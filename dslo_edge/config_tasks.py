@@ -24,7 +24,7 @@ from dslo_edge.softlabels import SCHEDULE_KINDS, AlphaPolicy, Schedule
 HEAD_NAME = re.compile(r"\w+")
 _UNIT = (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 # The smoothing store and the teacher monitor each allocate one row per sample
-# id, so a mistyped capacity such as 1e17 would fail to allocate at start-up.
+# id, so a mistyped capacity such as 1e17 would fail to allocate once they fill.
 # The maximum is that of training.applied_id_capacity.
 # NOTE: the daemon does not check the capacity against the board's RAM.
 SMOOTHING_CAPACITY = (
