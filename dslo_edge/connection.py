@@ -115,6 +115,8 @@ class MqttConnection:
             CONNACK, with the session-present flag.
         on_message: called on the network thread for each message; with
             ``manual_ack`` the callee must later call ``ack``.
+        on_disconnected: called on the network thread each time the
+            connection drops or closes.
         label: a name for log lines, such as "device kitchen-pi".
         takeover_fix: what to do when another client uses the same client
             id, ending the log line about the takeover.
@@ -128,6 +130,7 @@ class MqttConnection:
         will: tuple[str, str] | None = None,
         on_connected: Callable[[bool], None] | None = None,
         on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
+        on_disconnected: Callable[[], None] | None = None,
         manual_ack: bool = False,
         receive_maximum: int | None = None,
         label: str = "client",
@@ -147,6 +150,7 @@ class MqttConnection:
         self._short_connections = 0
         self._on_connected = on_connected
         self._on_message = on_message
+        self._on_disconnected = on_disconnected
         self._rng = random.Random()
         self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self._thread = threading.Thread(
@@ -314,6 +318,8 @@ class MqttConnection:
         self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any
     ) -> None:
         self.connected.clear()
+        if self._on_disconnected:
+            self._on_disconnected()
         if self.stopping.is_set():
             return
         if getattr(reason, "value", None) == SESSION_TAKEN_OVER:

@@ -277,12 +277,14 @@ class EdgeDaemon:
             will=(self.topics.status, STATUS_OFFLINE),
             on_connected=self._on_connected,
             on_message=self._on_message,
+            on_disconnected=self._on_disconnected,
             manual_ack=True,
             receive_maximum=self.config.training.queue_size,
             label=f"device {self.device_id}",
         )
-        # Set when the broker confirms this connection's subscriptions, so that
-        # a caller can tell that updates published from now on reach the device.
+        # Set while the broker has confirmed this connection's subscriptions, so
+        # that a caller can tell that updates published from now on reach the
+        # device. Cleared when the connection drops.
         self.subscribed = threading.Event()
         self._subscribe_mid: int | None = None
         self._subscriptions: list[tuple[str, int]] = []
@@ -561,6 +563,9 @@ class EdgeDaemon:
         if self.config.homeassistant.enabled:
             self._publish_discovery()
         self.publish_metrics()
+
+    def _on_disconnected(self) -> None:
+        self.subscribed.clear()
 
     def _on_subscribed(
         self, _client: Any, _userdata: Any, mid: int, reasons: Any, _props: Any

@@ -248,13 +248,21 @@ def test_daemon_keeps_consuming_after_broker_restart(running_daemon, broker) -> 
 
     assert metrics["applied"] == 2
     assert daemon.connected.is_set()
+    assert daemon.subscribed.is_set()
 
 
-def test_subscribed_is_set_once_the_broker_confirms(running_daemon) -> None:
+def test_subscribed_is_cleared_when_connection_drops(running_daemon, broker) -> None:
     daemon, _hub = running_daemon
-    # The first metrics report follows the subscription on one connection.
-    assert daemon.subscribed.wait(WAIT_S)
-    assert daemon.connected.is_set()
+    set_while_connected = daemon.subscribed.wait(WAIT_S)
+
+    broker.stop()
+    deadline = time.monotonic() + WAIT_S
+    while daemon.subscribed.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert set_while_connected
+    assert not daemon.subscribed.is_set()
+    assert not daemon.connected.is_set()
 
 
 def test_rejected_subscription_is_logged(mlp_pair, broker, tmp_path, caplog) -> None:
