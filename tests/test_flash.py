@@ -52,6 +52,15 @@ def installed_files(root: Path) -> dict[str, bytes]:
     }
 
 
+def flash_once(tmp_path: Path, pi4) -> tuple[Path, Path]:
+    """Flash a test bundle into tmp_path/rootfs; return the bundle and the root."""
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(bundle, pi4, root, OPTIONS)
+    return bundle, root
+
+
 def test_flash_installs_complete_layout(tmp_path: Path, pi4) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
@@ -90,10 +99,7 @@ def test_flash_installs_complete_layout(tmp_path: Path, pi4) -> None:
 
 
 def test_flash_again_changes_nothing(tmp_path: Path, pi4) -> None:
-    bundle = write_bundle(tmp_path / "bundle")
-    root = tmp_path / "rootfs"
-    root.mkdir()
-    flash(bundle, pi4, root, OPTIONS)
+    bundle, root = flash_once(tmp_path, pi4)
     before = installed_files(root)
     mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
@@ -225,10 +231,7 @@ def test_flash_rejects_bad_broker(tmp_path: Path, pi4, options, message) -> None
 
 
 def test_flash_keeps_edited_config(tmp_path: Path, pi4) -> None:
-    bundle = write_bundle(tmp_path / "bundle")
-    root = tmp_path / "rootfs"
-    root.mkdir()
-    flash(bundle, pi4, root, OPTIONS)
+    bundle, root = flash_once(tmp_path, pi4)
     config = root / "etc/dslo-edge/device.toml"
     generated = config.read_bytes()
     config.write_text(config.read_text() + SECURITY_TABLE)
@@ -261,10 +264,7 @@ def test_flash_keeps_edited_config(tmp_path: Path, pi4) -> None:
 
 
 def test_flash_replace_config_keeps_backup(tmp_path: Path, pi4) -> None:
-    bundle = write_bundle(tmp_path / "bundle")
-    root = tmp_path / "rootfs"
-    root.mkdir()
-    flash(bundle, pi4, root, OPTIONS)
+    bundle, root = flash_once(tmp_path, pi4)
     config = root / "etc/dslo-edge/device.toml"
     generated = config.read_bytes()
     config.write_text(config.read_text() + SECURITY_TABLE)
@@ -300,10 +300,7 @@ def test_flash_replace_config_keeps_backup(tmp_path: Path, pi4) -> None:
 
 
 def test_flash_replaces_edited_unit_with_backup(tmp_path: Path, pi4) -> None:
-    bundle = write_bundle(tmp_path / "bundle")
-    root = tmp_path / "rootfs"
-    root.mkdir()
-    flash(bundle, pi4, root, OPTIONS)
+    bundle, root = flash_once(tmp_path, pi4)
     unit = root / "etc/systemd/system/dslo-edge.service"
     generated = unit.read_bytes()
     unit.write_text(unit.read_text().replace("RestartSec=10", "RestartSec=30"))
@@ -332,10 +329,7 @@ def test_flash_replaces_edited_unit_with_backup(tmp_path: Path, pi4) -> None:
 
 
 def test_flash_writes_builtin_profile_name(tmp_path: Path, pi4) -> None:
-    bundle = write_bundle(tmp_path / "bundle")
-    root = tmp_path / "rootfs"
-    root.mkdir()
-    flash(bundle, pi4, root, OPTIONS)
+    bundle, root = flash_once(tmp_path, pi4)
 
     config = load_config(root / "etc/dslo-edge/device.toml")
 

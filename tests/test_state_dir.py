@@ -124,16 +124,22 @@ def test_run_with_state_dir_file_exits_78(mlp_pair, tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def take_first_checkpoint(tmp_path: Path, bundle: Path, state: Path):
+    """Save a daemon's first checkpoint, then remove the file and return it."""
+    writer = EdgeDaemon(device_config(tmp_path, bundle, "dev-a", state))
+    assert writer.save_checkpoint()
+    writer._state_lock.release()
+    written = load_latest_checkpoint(state / "checkpoints")
+    assert written is not None
+    written.path.unlink()
+    return written
+
+
 def test_checkpoints_of_other_model_are_kept(mlp_pair, tmp_path, caplog) -> None:
     state = tmp_path / "state"
     folder = state / "checkpoints"
-    writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
-    assert writer.save_checkpoint()
-    writer._state_lock.release()
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
     # The same state under other weight names: a checkpoint of another model.
-    written = load_latest_checkpoint(folder)
-    assert written is not None
-    written.path.unlink()
     renamed = {
         name.replace(WEIGHT_PREFIX, f"{WEIGHT_PREFIX}other_", 1): value
         for name, value in written.tensors.items()
@@ -159,13 +165,8 @@ def test_checkpoints_of_other_model_are_kept(mlp_pair, tmp_path, caplog) -> None
 def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) -> None:
     state = tmp_path / "state"
     folder = state / "checkpoints"
-    writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
-    assert writer.save_checkpoint()
-    writer._state_lock.release()
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
     # A checkpoint of this model with adapted weights and three smoothing ids.
-    written = load_latest_checkpoint(folder)
-    assert written is not None
-    written.path.unlink()
     tensors = {
         name: value + 1.0 if name.startswith(WEIGHT_PREFIX) else value
         for name, value in written.tensors.items()
