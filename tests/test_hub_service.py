@@ -132,7 +132,10 @@ def subscribed_client(
     client.connect("127.0.0.1", port)
     client.subscribe(topic, qos=1)
     client.loop_start()
-    assert subscribed.wait(10), f"the broker did not confirm the subscription {topic}"
+    if not subscribed.wait(10):
+        client.disconnect()
+        client.loop_stop()
+        pytest.fail(f"the broker did not confirm the subscription {topic}")
     return client, received
 
 
