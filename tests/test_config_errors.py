@@ -23,6 +23,14 @@ def write(tmp_path: Path, bundle: Path, overrides: dict | None = None) -> Path:
     return path
 
 
+def config_error(tmp_path: Path, overrides: dict) -> tuple[Path, str]:
+    """Write a config with ``overrides`` and return its path and load error."""
+    path = write(tmp_path, tmp_path / "bundle", overrides)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return path, str(caught.value)
+
+
 def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = write(tmp_path, tmp_path / "bundle")
     plain = load_config(path)
@@ -46,12 +54,8 @@ def test_non_utf8_config_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_runtime_is_rejected(tmp_path: Path) -> None:
-    path = write(tmp_path, tmp_path / "bundle", {"device": {"runtime": "tflite"}})
+    path, message = config_error(tmp_path, {"device": {"runtime": "tflite"}})
 
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-
-    message = str(caught.value)
     assert f"{path}: device.runtime = 'tflite' is invalid" in message
     assert "auto, ai-edge-litert or tflite-runtime" in message
 
@@ -171,12 +175,8 @@ def test_queue_size_of_one_is_rejected(tmp_path: Path) -> None:
 def test_homeassistant_prefix_with_wildcard_rejected(
     tmp_path: Path, prefix: str
 ) -> None:
-    path = write(tmp_path, tmp_path / "bundle", {"homeassistant": {"prefix": prefix}})
+    path, message = config_error(tmp_path, {"homeassistant": {"prefix": prefix}})
 
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-
-    message = str(caught.value)
     assert f"{path}: homeassistant.prefix = {prefix!r} is invalid" in message
     assert "without '+', '#' or NUL" in message
 
@@ -202,11 +202,7 @@ def test_homeassistant_prefix_may_have_levels(tmp_path: Path) -> None:
 def test_huge_smoothing_capacity_is_rejected(
     tmp_path: Path, overrides: dict, key: str
 ) -> None:
-    path = write(tmp_path, tmp_path / "bundle", overrides)
+    _, message = config_error(tmp_path, overrides)
 
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-
-    message = str(caught.value)
     assert f"{key} = {10**17} is invalid" in message
     assert "a count of sample ids in 1..10000000" in message
