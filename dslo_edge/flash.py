@@ -52,7 +52,13 @@ from dslo_edge.flash_config import (
 )
 from dslo_edge.footprint import MIB, directory_size
 from dslo_edge.profiles import FirmwareProfile
-from dslo_edge.service import DEFAULT_CONFIG, DEFAULT_STATE_DIR, UNIT_NAME, render_unit
+from dslo_edge.service import (
+    DEFAULT_CONFIG,
+    DEFAULT_STATE_DIR,
+    UNIT_NAME,
+    free_backup_path,
+    render_unit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +308,8 @@ def _install_config(
 def _install_unit(root: Path, content: bytes, result: FlashResult) -> None:
     """Write the unit file, first copying an existing one that differs."""
     path = on_target(root, UNIT_PATH)
-    if path.is_file() and path.read_bytes() != content:
-        existing = path.read_bytes()
+    existing = path.read_bytes() if path.is_file() else content
+    if existing != content:
         backup = _backup_path(root, existing, BACKUP_UNIT)
         _write_if_changed(root, backup, existing, result)
         result.warnings.append(
@@ -324,18 +330,9 @@ def _remove_pending_copy(root: Path, content: bytes, result: FlashResult) -> Non
 
 
 def _backup_path(root: Path, content: bytes, first: PurePosixPath) -> PurePosixPath:
-    """Return the first of ``first``, ``first``.1, ... that is free or equal.
-
-    A backup that already has ``content`` is reused rather than duplicated.
-    """
-    candidate = first
-    number = 0
-    while True:
-        path = on_target(root, candidate)
-        if not path.exists() or (path.is_file() and path.read_bytes() == content):
-            return candidate
-        number += 1
-        candidate = first.with_name(f"{first.name}.{number}")
+    """Return the device path of ``free_backup_path`` for ``first`` on the target."""
+    found = free_backup_path(on_target(root, first), content)
+    return first.with_name(found.name)
 
 
 def _write_if_changed(

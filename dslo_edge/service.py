@@ -422,7 +422,8 @@ def install_unit(unit_dir: Path, unit_text: str) -> tuple[Path, Path | None]:
     target = unit_dir / UNIT_NAME
     backup = None
     if target.is_file() and target.read_text() != unit_text:
-        backup = _free_backup(target)
+        existing = target.read_bytes()
+        backup = free_backup_path(target.with_name(UNIT_NAME + ".bak"), existing)
         shutil.copy2(target, backup)
     temporary = target.with_name(f".{UNIT_NAME}.tmp")
     temporary.write_text(unit_text)
@@ -431,14 +432,16 @@ def install_unit(unit_dir: Path, unit_text: str) -> tuple[Path, Path | None]:
     return target, backup
 
 
-def _free_backup(path: Path) -> Path:
-    """Return the first of PATH.bak, PATH.bak.1, ... that is free or equal to PATH."""
-    content = path.read_bytes()
-    candidate = path.with_name(path.name + ".bak")
+def free_backup_path(first: Path, content: bytes) -> Path:
+    """Return the first of ``first``, ``first``.1, ... that is free or has ``content``.
+
+    A backup that already has ``content`` is reused rather than duplicated.
+    """
+    candidate = first
     number = 0
     while candidate.exists() and not (
         candidate.is_file() and candidate.read_bytes() == content
     ):
         number += 1
-        candidate = path.with_name(f"{path.name}.bak.{number}")
+        candidate = first.with_name(f"{first.name}.{number}")
     return candidate
