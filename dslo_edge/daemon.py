@@ -579,7 +579,7 @@ class EdgeDaemon:
         ]
         if rejected:
             logger.error(
-                "device %s: the broker rejected the subscription to %s; give this "
+                "Device %s: the broker rejected the subscription to %s; give this "
                 "client read access to those topics in the broker's access list",
                 self.device_id,
                 ", ".join(rejected),
@@ -674,10 +674,10 @@ class EdgeDaemon:
 
     def _answer_inputs(self) -> None:
         """Handle queued inference payloads, which come before training."""
+        self.inference.requests_paused = self._trainer_paused
         while not self.infer_inputs.empty():
             item = self.infer_inputs.get_nowait()
             try:
-                self.inference.requests_paused = self._trainer_paused
                 self.inference.handle(item.payload, self.student)
             except InvalidUpdate as error:
                 # Counted apart from updates, because hubs pace on those counts.
