@@ -53,7 +53,7 @@ def installed_files(root: Path) -> dict[str, bytes]:
 
 
 def flash_once(tmp_path: Path, pi4) -> tuple[Path, Path]:
-    """Flash a test bundle into tmp_path/rootfs; return the bundle and the root."""
+    """Flash a test bundle into tmp_path/rootfs and return the bundle and root."""
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
     root.mkdir()

@@ -156,10 +156,11 @@ def test_checkpoints_of_other_model_are_kept(mlp_pair, tmp_path, caplog) -> None
         assert daemon.save_checkpoint()
     daemon._state_lock.release()
 
-    kept = list((state / "mismatched-checkpoints").glob("*/*"))
-    assert {path.name: path.read_bytes() for path in kept} == other_model
+    moved_files = list((state / "mismatched-checkpoints").glob("*/*"))
+    assert {path.name: path.read_bytes() for path in moved_files} == other_model
     assert len(list_checkpoints(folder)) == 2
-    assert f"moved the checkpoints it cannot load to {kept[0].parent}" in caplog.text
+    moved_to = moved_files[0].parent
+    assert f"moved the checkpoints it cannot load to {moved_to}" in caplog.text
 
 
 def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) -> None:
@@ -186,8 +187,8 @@ def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) 
         daemon._restore()
     daemon._state_lock.release()
 
-    kept = list((state / "mismatched-checkpoints").glob("*/*"))
-    assert len(kept) == 1
+    moved_files = list((state / "mismatched-checkpoints").glob("*/*"))
+    assert len(moved_files) == 1
     # The weights loaded before the smoothing store failed, and were reset.
     for name, value in daemon.student.get_weights().items():
         np.testing.assert_array_equal(value, factory[name])
