@@ -33,6 +33,7 @@ import numpy as np
 
 from dslo_edge.dynamic_compiled import prepare_compiled
 from dslo_edge.errors import ConfigError
+from dslo_edge.lru_rows import lru_order, pack_ids, unpack_ids
 from dslo_edge.softlabels import (
     AlphaPolicy,
     BatchStatistics,
@@ -374,21 +375,19 @@ class SoftLabelEngine:
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Return tensors and JSON state to save, tensor names under ``prefix``."""
         tensors: dict[str, np.ndarray] = {}
-        ids, rows = self.store.to_arrays()
-        if ids:
-            tensors[prefix + "smoothing/rows"] = rows
-        scalars, monitor_ids, monitor_table = self.monitor.state()
-        if monitor_ids:
-            tensors[prefix + "monitor/rows"] = monitor_table
-        state = {
+        scalars, monitor_ids, monitor_rows, monitor_stamps = self.monitor.saved_state()
+        state: dict[str, Any] = {
             "applied_updates": self.applied_updates,
             "highest_round": self.highest_round,
             "drift_boost_remaining": self.boost_remaining,
-            "smoothing_ids": ids,
-            "monitor_ids": monitor_ids,
             "monitor_state": scalars,
             "monitor": self.monitor.snapshot(),
         }
+        ids, rows, stamps = self.store.saved_arrays()
+        _put_rows(tensors, state, prefix, "smoothing", ids, rows, stamps)
+        _put_rows(
+            tensors, state, prefix, "monitor", monitor_ids, monitor_rows, monitor_stamps
+        )
         return tensors, state
 
     def restore(
@@ -400,14 +399,11 @@ class SoftLabelEngine:
             ValueError: stored ids and tables disagree, or exceed the capacity.
         """
         capacity = self.settings.smoothing_capacity
-        ids = list(state.get("smoothing_ids", []))
+        ids, rows = _take_rows(tensors, state, prefix, "smoothing")
         if ids:
-            self.store = SmoothingStore.from_arrays(
-                ids, tensors[prefix + "smoothing/rows"], capacity
-            )
-        monitor_ids = list(state.get("monitor_ids", []))
+            self.store = SmoothingStore.from_arrays(ids, rows, capacity)
+        monitor_ids, table = _take_rows(tensors, state, prefix, "monitor")
         if "monitor_state" in state:
-            table = tensors.get(prefix + "monitor/rows", np.zeros((0, 0)))
             self.monitor = TeacherMonitor.from_state(
                 state["monitor_state"],
                 monitor_ids,
@@ -418,3 +414,60 @@ class SoftLabelEngine:
         self.applied_updates = int(state.get("applied_updates", 0))
         self.highest_round = int(state.get("highest_round", 0))
         self.boost_remaining = int(state.get("drift_boost_remaining", 0))
+
+
+def _put_rows(
+    tensors: dict[str, np.ndarray],
+    state: dict[str, Any],
+    prefix: str,
+    table: str,
+    ids: list[str],
+    rows: np.ndarray,
+    stamps: np.ndarray,
+) -> None:
+    """Add one row table of the engine to checkpoint content, in row order.
+
+    The rows go under ``<prefix><table>/rows`` and their use stamps under
+    ``<table>/stamps``. The ids go under ``<table>/ids`` as NUL-separated
+    UTF-8, with their count in the state, or into the state as a JSON list
+    when an id contains NUL. An empty table adds nothing.
+    """
+    if not ids:
+        return
+    tensors[f"{prefix}{table}/rows"] = rows
+    tensors[f"{prefix}{table}/stamps"] = stamps
+    packed = pack_ids(ids)
+    if packed is None:
+        state[f"{table}_ids"] = ids
+    else:
+        tensors[f"{prefix}{table}/ids"] = packed
+        state[f"{table}_id_count"] = len(ids)
+
+
+def _take_rows(
+    tensors: dict[str, np.ndarray], state: dict[str, Any], prefix: str, table: str
+) -> tuple[list[str], np.ndarray]:
+    """Return the ids and rows that ``_put_rows`` saved, oldest first.
+
+    Checkpoints of earlier versions hold the ids as a JSON list, oldest
+    first, and no stamps; they are read as they are.
+
+    Raises:
+        ValueError: the ids, rows and stamps disagree in length.
+    """
+    rows = tensors.get(f"{prefix}{table}/rows", np.zeros((0, 0), dtype=np.float32))
+    packed = tensors.get(f"{prefix}{table}/ids")
+    if packed is None:
+        ids = list(state.get(f"{table}_ids", []))
+    else:
+        ids = unpack_ids(packed, int(state.get(f"{table}_id_count", -1)))
+    stamps = tensors.get(f"{prefix}{table}/stamps")
+    if stamps is None:
+        return ids, rows
+    if not len(ids) == len(stamps) == len(rows):
+        raise ValueError(
+            f"the checkpoint's {table} table has {len(ids)} ids, {len(rows)} rows "
+            f"and {len(stamps)} stamps; expected one of each per id"
+        )
+    order = lru_order(stamps)
+    return [ids[row] for row in order.tolist()], rows[order]

@@ -233,6 +233,24 @@ class LruRowTable:
             needed -= len(chosen)
         return np.concatenate(taken)
 
+    def saved_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Return ids, rows and stamps in row order, for a checkpoint.
+
+        This is ``to_arrays`` without the sort and the per-id Python work,
+        because a checkpoint is written every few dozen updates. The stamps
+        give the least recently used order: ``lru_order(stamps)``.
+        """
+        count = len(self._row_ids)
+        if self._rows is None or not count:
+            width = 0 if self._rows is None else self._rows.shape[1]
+            empty = np.zeros((0, width), dtype=np.float32)
+            return [], empty, np.zeros(0, dtype=np.int64)
+        return (
+            list(self._row_ids),
+            self._rows[:count].copy(),
+            self._last_used[:count].copy(),
+        )
+
     def to_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Return ids, their rows and their row indices, least recently used first."""
         if self._rows is None or not self._index:
@@ -249,3 +267,49 @@ def _last_occurrences(ids: Sequence[str], kept: np.ndarray) -> np.ndarray:
     """Return the index of the last occurrence of each kept id, in id order."""
     last = {sample_id: i for i, sample_id in enumerate(ids) if kept[i]}
     return np.fromiter(sorted(last.values()), dtype=np.int64, count=len(last))
+
+
+def lru_order(stamps: np.ndarray) -> np.ndarray:
+    """Return the indices that put rows of ``saved_arrays`` oldest first."""
+    return np.argsort(stamps, kind="stable")
+
+
+# Ids are joined with NUL, which sample ids almost never contain.
+_ID_SEPARATOR = "\x00"
+
+
+def pack_ids(ids: Sequence[str]) -> np.ndarray | None:
+    """Return ids as one uint8 array of NUL-separated UTF-8.
+
+    Returns None when an id contains NUL or is not valid Unicode (a lone
+    surrogate); such ids must be saved some other way, such as a JSON list.
+    ``unpack_ids`` needs the id count to read the array back.
+    """
+    joined = _ID_SEPARATOR.join(ids)
+    if joined.count(_ID_SEPARATOR) != max(len(ids) - 1, 0):
+        return None
+    try:
+        encoded = joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return np.frombuffer(encoded, dtype=np.uint8).copy()
+
+
+def unpack_ids(packed: np.ndarray, count: int) -> list[str]:
+    """Return the ``count`` ids that ``pack_ids`` packed.
+
+    Raises:
+        ValueError: the array is not 1-D uint8, is not UTF-8, or holds
+            another number of ids.
+    """
+    if packed.ndim != 1 or packed.dtype != np.uint8:
+        raise ValueError(
+            f"expected packed ids as a 1-D uint8 array, got {packed.dtype} "
+            f"of shape {packed.shape}"
+        )
+    if count == 0 and packed.size == 0:
+        return []
+    ids = packed.tobytes().decode("utf-8").split(_ID_SEPARATOR)
+    if len(ids) != count:
+        raise ValueError(f"expected {count} packed ids, found {len(ids)}")
+    return ids

@@ -377,6 +377,13 @@ class SmoothingStore:
         ids, rows, _ = self._store.to_arrays()
         return ids, rows
 
+    def saved_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Return ids, rows and use stamps in row order, for a checkpoint.
+
+        ``lru_rows.lru_order(stamps)`` puts them in ``to_arrays`` order.
+        """
+        return self._store.saved_arrays()
+
     @classmethod
     def from_arrays(
         cls, ids: Sequence[str], rows: np.ndarray, capacity: int
@@ -630,7 +637,10 @@ class TeacherMonitor:
         ids, rows, positions = self._store.to_arrays()
         rounds = self._rounds[positions].astype(np.float32)[:, None]
         table = np.concatenate([rows, rounds], axis=1) if ids else rows
-        scalars: dict[str, object] = {
+        return self._scalars(), ids, table
+
+    def _scalars(self) -> dict[str, object]:
+        return {
             "decay": self.decay,
             "mean_entropy": self._mean_entropy,
             "mean_confidence": self._mean_confidence,
@@ -639,7 +649,20 @@ class TeacherMonitor:
             "drift_sum": self._drift_sum,
             "drift_count": self._drift_count,
         }
-        return scalars, ids, table
+
+    def saved_state(
+        self,
+    ) -> tuple[dict[str, object], list[str], np.ndarray, np.ndarray]:
+        """Return ``state`` in row order, plus the rows' use stamps.
+
+        This is the cheaper form for checkpoints.
+        ``lru_rows.lru_order(stamps)`` puts ids and table in ``state`` order.
+        """
+        ids, rows, stamps = self._store.saved_arrays()
+        if ids:
+            rounds = self._rounds[: len(ids)].astype(np.float32)[:, None]
+            rows = np.concatenate([rows, rounds], axis=1)
+        return self._scalars(), ids, rows, stamps
 
     @classmethod
     def from_state(

@@ -18,7 +18,7 @@ from dslo_edge.dynamic import (
 )
 from dslo_edge.errors import ConfigError
 from dslo_edge.losses import distillation_loss, kl_divergence, log_softmax
-from dslo_edge.lru_rows import LruRowTable
+from dslo_edge.lru_rows import LruRowTable, pack_ids, unpack_ids
 from dslo_edge.softlabels import AlphaPolicy, Schedule, TeacherMonitor
 
 TEACHER = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
@@ -320,6 +320,98 @@ def test_engine_checkpoint_round_trip() -> None:
     # The restored monitor still stores round 2, so a switch in round 3 drifts.
     drift = restored.monitor.observe(ids(4), sharp(4, 3, 2), 3)
     assert drift == pytest.approx(SWITCH_KL_3, rel=1e-5)
+
+
+def reordered_engine(sample_ids: list[str]) -> SoftLabelEngine:
+    """Return an engine whose least recently used order differs from row order.
+
+    Rows are given in the order of ``sample_ids``. The first two ids are then
+    written again, second before first.
+    """
+    engine = SoftLabelEngine(TaskSettings(smoothing_capacity=8))
+    engine.prepare(sample_ids, sharp(4, 3, 0), 1)
+    engine.finish_update()
+    engine.prepare([sample_ids[1], sample_ids[0]], sharp(2, 3, 1), 2)
+    engine.finish_update()
+    return engine
+
+
+def test_checkpoint_keeps_least_recently_used_order() -> None:
+    engine = reordered_engine(ids(4))
+    tensors, state = engine.checkpoint_content("")
+    # Rows are saved in row order, and the stamps give the use order.
+    assert unpack_ids(tensors["smoothing/ids"], state["smoothing_id_count"]) == ids(4)
+    assert "smoothing_ids" not in state
+
+    restored = SoftLabelEngine(TaskSettings(smoothing_capacity=8))
+    restored.restore(tensors, state, "")
+
+    assert restored.store.to_arrays()[0] == ["s2", "s3", "s1", "s0"]
+    np.testing.assert_array_equal(
+        restored.store.to_arrays()[1], engine.store.to_arrays()[1]
+    )
+    assert restored.monitor.state()[1] == ["s2", "s3", "s1", "s0"]
+    np.testing.assert_array_equal(
+        restored.monitor.state()[2], engine.monitor.state()[2]
+    )
+
+
+def test_checkpoint_ids_with_nul_stay_json() -> None:
+    sample_ids = ["a\x00b", "c", "", "\u00e9"]
+    engine = reordered_engine(sample_ids)
+    tensors, state = engine.checkpoint_content("")
+    assert "smoothing/ids" not in tensors
+    assert state["smoothing_ids"] == sample_ids
+
+    restored = SoftLabelEngine(TaskSettings(smoothing_capacity=8))
+    restored.restore(tensors, state, "")
+
+    assert restored.store.to_arrays()[0] == ["", "\u00e9", "c", "a\x00b"]
+    assert restored.monitor.state()[1] == engine.monitor.state()[1]
+
+
+def test_checkpoint_of_an_earlier_version_restores() -> None:
+    engine = reordered_engine(ids(4))
+    # The earlier layout: ids as JSON lists, oldest first, and no stamps.
+    smoothing_ids, rows = engine.store.to_arrays()
+    scalars, monitor_ids, table = engine.monitor.state()
+    tensors = {"smoothing/rows": rows, "monitor/rows": table}
+    state = {
+        "applied_updates": 2,
+        "highest_round": 2,
+        "smoothing_ids": smoothing_ids,
+        "monitor_ids": monitor_ids,
+        "monitor_state": scalars,
+    }
+
+    restored = SoftLabelEngine(TaskSettings(smoothing_capacity=8))
+    restored.restore(tensors, state, "")
+
+    assert restored.store.to_arrays()[0] == ["s2", "s3", "s1", "s0"]
+    np.testing.assert_array_equal(restored.store.to_arrays()[1], rows)
+    assert restored.monitor.state()[1] == ["s2", "s3", "s1", "s0"]
+    assert restored.applied_updates == 2
+
+
+def test_checkpoint_short_stamps_rejected() -> None:
+    tensors, state = reordered_engine(ids(4)).checkpoint_content("")
+    tensors["smoothing/stamps"] = tensors["smoothing/stamps"][:3]
+
+    with pytest.raises(ValueError, match="4 ids, 4 rows and 3 stamps"):
+        SoftLabelEngine(TaskSettings(smoothing_capacity=8)).restore(tensors, state, "")
+
+
+def test_packed_ids_round_trip() -> None:
+    for sample_ids in (["", "a b", "\u00e9t\u00e9", "\U0001f600"], [""], ["x"], []):
+        packed = pack_ids(sample_ids)
+        assert packed is not None and packed.dtype == np.uint8
+        assert unpack_ids(packed, len(sample_ids)) == sample_ids
+    assert pack_ids(["a", "b\x00"]) is None
+    assert pack_ids(["\ud800"]) is None
+    with pytest.raises(ValueError, match="expected 3 packed ids, found 2"):
+        unpack_ids(pack_ids(["a", "b"]), 3)
+    with pytest.raises(ValueError, match="1-D uint8"):
+        unpack_ids(np.zeros(3, dtype=np.int32), 1)
 
 
 def test_monitor_state_of_empty_monitor() -> None:
