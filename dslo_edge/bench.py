@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from dslo_edge.bench_local import (
+    measure_checkpoint,
     measure_train_step,
     measure_update_split,
     measure_wire_bytes,
@@ -158,6 +159,7 @@ def run_bench(out: Path, options: BenchOptions) -> dict[str, Any]:
         bundle, updates=options.dynamic_updates, warmup=min(50, options.dynamic_updates)
     )
     measured["wire"] = measure_wire_bytes()
+    measured["checkpoint"] = measure_checkpoint(bundle, out / "checkpoint")
     measured.update(_mqtt_figures(out, bundle, options))
 
     report = {
@@ -569,6 +571,14 @@ def format_table(report: dict[str, Any]) -> str:
     cpu_line = _thread_cpu_line(report)
     if cpu_line:
         lines.append(cpu_line)
+    checkpoint = report["measured"].get("checkpoint")
+    if checkpoint:
+        lines.append(
+            f"checkpoint of {checkpoint['stored_ids']:,} smoothing and monitor ids "
+            f"({checkpoint['tensor_bytes'] / 2**20:.1f} MiB of tensors): "
+            f"{checkpoint['content_ms']:g} ms to build, "
+            f"{checkpoint['write_ms']:g} ms to write"
+        )
     if report["quick"]:
         lines.append("quick run: too few repeats to judge the targets")
     return "\n".join(line.rstrip() for line in lines)

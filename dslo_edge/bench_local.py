@@ -203,3 +203,48 @@ def measure_wire_bytes(batch_size: int = 32) -> dict[str, Any]:
         "batch_size": batch_size,
         "inputs": source,
     }
+
+
+def measure_checkpoint(
+    bundle_path: Path, folder: Path, repeats: int = 20
+) -> dict[str, float]:
+    """Return median milliseconds to build and to write a trainer checkpoint.
+
+    The smoothing store and teacher monitor are first filled to the default
+    capacity with distinct sample ids, which is their size on a device that
+    has run for a while. ``content_ms`` builds the tensors and state from
+    the trainer, and ``write_ms`` is ``save_checkpoint`` into ``folder``:
+    checksum, serialisation, write, fsync, rename and pruning. The daemon
+    also saves its applied message ids, which this leaves out.
+    """
+    from dslo_edge.checkpoint import save_checkpoint
+    from dslo_edge.config import TrainingSettings
+    from dslo_edge.trainer import Trainer
+
+    bundle = load_bundle(bundle_path)
+    settings = TrainingSettings()
+    trainer = Trainer(StudentModel(bundle), settings)
+    classes = bundle.model_spec().class_count
+    capacity = settings.smoothing_capacity
+    labels = teacher_probabilities(capacity, classes, seed=1)
+    for first in range(0, capacity, 32):
+        rows = slice(first, min(first + 32, capacity))
+        sample_ids = [f"sample-{i}" for i in range(rows.start, rows.stop)]
+        trainer.engine.prepare(sample_ids, labels[rows], 1)
+        trainer.engine.finish_update()
+    content_ms, write_ms = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        tensors, state = trainer.checkpoint_content()
+        built = time.perf_counter()
+        save_checkpoint(folder, tensors, state)
+        content_ms.append((built - started) * 1000)
+        write_ms.append((time.perf_counter() - built) * 1000)
+    size = sum(value.nbytes for value in tensors.values())
+    return {
+        "stored_ids": len(trainer.engine.store),
+        "tensor_bytes": size,
+        "content_ms": round(statistics.median(content_ms), 3),
+        "write_ms": round(statistics.median(write_ms), 3),
+        "repeats": repeats,
+    }

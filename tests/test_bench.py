@@ -76,6 +76,12 @@ def test_quick_bench_writes_every_figure(tmp_path) -> None:
     # A warm-up of 10 messages, then the quick run's 100.
     assert coalesced["applied"] == 110
     assert len(coalesced["thread_cpu_us_per_message"]) == 1
+    # The checkpoint is timed with the stores at their default capacity.
+    checkpoint = report["measured"]["checkpoint"]
+    assert checkpoint["stored_ids"] == 10_000
+    assert checkpoint["content_ms"] > 0
+    assert checkpoint["write_ms"] > 0
+    assert "checkpoint of 10,000 smoothing and monitor ids" in result.output
 
 
 def test_thread_cpu_counts_this_thread() -> None:
