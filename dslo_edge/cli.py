@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from dslo_edge.cli_broker import broker_login_options
 from dslo_edge.errors import BundleError, ConfigError, DsloError
@@ -611,11 +612,40 @@ def _head_output_kinds(bundle: Any, hard_labels: bool) -> dict[str, str] | None:
     is_flag=True,
     help="One grid point and shorter teacher training, for CI (minutes).",
 )
+@click.option(
+    "--from-results",
+    "from_results",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Write the report from results that an earlier run saved, without a new run.",
+)
+@click.pass_context
 @handle_errors
-def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> None:
+def evaluate(
+    context: click.Context,
+    out: str,
+    seeds: int,
+    datasets: tuple[str, ...],
+    quick: bool,
+    from_results: Path | None,
+) -> None:
     """Compare DSL-O with static and annealed KD on shifted real data."""
     import time
 
+    if from_results is not None:
+        run_options = {"seeds": "--seeds", "datasets": "--dataset", "quick": "--quick"}
+        passed = [
+            option
+            for name, option in run_options.items()
+            if context.get_parameter_source(name) is not ParameterSource.DEFAULT
+        ]
+        if passed:
+            raise click.BadParameter(
+                f"the saved results fix the seeds and datasets; drop "
+                f"{' and '.join(passed)}",
+                param_hint="--from-results",
+            )
+        _report_from_results(from_results, out)
+        return
     _require_modules(("keras", "sklearn", "river", "matplotlib"), "convert,eval")
     # The run takes minutes, so an unwritable --out is reported before it.
     _check_writable_dir(Path(out) / "evaluation", "--out")
@@ -635,10 +665,11 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     if seeds != 5:
         command += f" --seeds {seeds}"
     command += "".join(f" --dataset {name}" for name in datasets)
+    seconds = time.monotonic() - started
     try:
-        summary = write_report(results, Path(out), command, time.monotonic() - started)
+        summary = write_report(results, Path(out), command, seconds)
     except OSError as error:
-        saved = _save_results_elsewhere(results)
+        saved = _save_results_elsewhere(results, command, seconds, out)
         raise DsloError(
             f"cannot write the evaluation report: {error}; {saved}"
         ) from error
@@ -647,26 +678,50 @@ def evaluate(out: str, seeds: int, datasets: tuple[str, ...], quick: bool) -> No
     click.echo(f"wrote {Path(out) / 'evaluation.md'}")
 
 
-def _save_results_elsewhere(results: list[Any]) -> str:
+def _report_from_results(path: Path, out: str) -> None:
+    """Write the evaluation report from a file of saved results, without a run."""
+    _require_modules(("matplotlib",), "eval")
+    _check_writable_dir(Path(out) / "evaluation", "--out")
+    from dslo_edge.eval_report import load_results, summary_line, write_report
+
+    results, command, seconds = load_results(path)
+    try:
+        summary = write_report(results, Path(out), command, seconds)
+    except OSError as error:
+        raise DsloError(
+            f"cannot write the evaluation report: {error}; the results stay in {path}"
+        ) from error
+    for dataset, entry in summary.items():
+        click.echo(summary_line(dataset, entry))
+    click.echo(f"wrote {Path(out) / 'evaluation.md'}")
+
+
+def _save_results_elsewhere(
+    results: list[Any], command: str, seconds: float, out: str
+) -> str:
     """Write the results as JSON into the temporary directory.
 
     Used when the report cannot be written, so that a run of many minutes is
-    not lost. Returns the end of the error message, which names the file.
+    not lost. Returns the end of the error message, which names the file and
+    the command that writes the report from it.
     """
-    import dataclasses
     import json
+    import shlex
     import tempfile
 
-    rows = [dataclasses.asdict(result) for result in results]
+    from dslo_edge.eval_report import results_document
+
     try:
         handle, name = tempfile.mkstemp(prefix="dslo-evaluation-", suffix=".json")
         with os.fdopen(handle, "w") as file:
-            json.dump(rows, file, indent=1)
+            json.dump(results_document(results, command, seconds), file, indent=1)
     except OSError as error:
         return f"saving the results in the temporary directory also failed: {error}"
     return (
         f"the results of every run are saved in {name}; free space or fix the "
-        "permissions of --out, then run again"
+        "permissions of --out, then write the report from them with "
+        f"dslo-edge evaluate --from-results {shlex.quote(name)} "
+        f"--out {shlex.quote(out)}"
     )
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from dslo_edge.evaluate import METHODS, SeedResult
+from dslo_edge.errors import ConfigError
+from dslo_edge.evaluate import METHODS, RunResult, SeedResult
 
 CURVE_METHODS = ("static KD", "annealed KD", "DSL-O")
 ENTROPY_LABELS = {
@@ -165,6 +166,70 @@ def write_json(results: list[SeedResult], path: Path) -> None:
     path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def results_document(
+    results: list[SeedResult], command: str, seconds: float
+) -> dict[str, Any]:
+    """Return every seed's runs with their curves, and the run's command and time.
+
+    ``load_results`` reads it back, so that ``write_report`` can run again
+    without the evaluation.
+    """
+    return {
+        "command": command,
+        "seconds": seconds,
+        "results": [asdict(result) for result in results],
+    }
+
+
+def load_results(path: Path) -> tuple[list[SeedResult], str, float]:
+    """Read a ``results_document`` file: the results, the command and the time.
+
+    Raises:
+        ConfigError: the file cannot be read, is not JSON, or does not hold
+            the runs of every method for each seed.
+    """
+    expected = (
+        "expected the JSON file that dslo-edge evaluate saved when it could not "
+        "write its report"
+    )
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read {path}: {error}; {expected}") from error
+    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+        raise ConfigError(f"{path} has no list of results; {expected}")
+    try:
+        results = [_seed_result(row) for row in document["results"]]
+        command = str(document["command"])
+        seconds = float(document["seconds"])
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ConfigError(
+            f"{path} is not a complete results file ({type(error).__name__}: "
+            f"{error}); {expected}"
+        ) from error
+    if not results:
+        raise ConfigError(f"{path} contains no results; {expected}")
+    for result in results:
+        missing = [m.name for m in METHODS if m.name not in result.runs]
+        if missing:
+            raise ConfigError(
+                f"{path}: {result.dataset} seed {result.seed} has no runs of "
+                f"{', '.join(missing)}; {expected}"
+            )
+    return results, command, seconds
+
+
+def _seed_result(row: dict[str, Any]) -> SeedResult:
+    runs = {str(name): _run_result(run) for name, run in row["runs"].items()}
+    return SeedResult(
+        dataset=str(row["dataset"]),
+        seed=int(row["seed"]),
+        teacher_test_accuracy=[float(value) for value in row["teacher_test_accuracy"]],
+        runs=runs,
+        seconds=float(row["seconds"]),
+    )
+
+
 def summary_line(dataset: str, entry: dict[str, Any]) -> str:
     """Return the one-line DSL-O minus static KD result that the CLI prints."""
     diff, spread = entry["dslo_minus_static"]
@@ -260,3 +325,19 @@ def write_report(
     seeds = len({result.seed for result in results})
     (out / "evaluation.md").write_text(render_page(summary, command, seconds, seeds))
     return summary
+
+
+def _run_result(run: dict[str, Any]) -> RunResult:
+    def floats(name: str) -> list[float]:
+        return [float(value) for value in run.get(name, [])]
+
+    return RunResult(
+        method=str(run["method"]),
+        values={str(key): float(value) for key, value in run["values"].items()},
+        val_accuracy=float(run["val_accuracy"]),
+        test_accuracy=float(run["test_accuracy"]),
+        boosted_updates=int(run.get("boosted_updates", 0)),
+        alpha=floats("alpha"),
+        entropy=floats("entropy"),
+        accuracy=floats("accuracy"),
+    )

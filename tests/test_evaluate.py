@@ -207,7 +207,86 @@ def test_report_write_error_keeps_results(tmp_path, monkeypatch) -> None:
     assert "Is a directory" in result.output
     assert len(saved) == 1
     assert f"the results of every run are saved in {saved[0]}" in result.output
-    rows = json.loads(saved[0].read_text())
+    document = json.loads(saved[0].read_text())
+    assert document["command"] == "dslo-edge evaluate --seeds 1"
+    rows = document["results"]
     assert rows[0]["teacher_test_accuracy"] == [0.7, 0.9]
     assert rows[0]["runs"]["DSL-O"]["test_accuracy"] == runs["DSL-O"].test_accuracy
     assert rows[0]["runs"]["DSL-O"]["alpha"] == [0.9, 0.8]
+    rerun = f"dslo-edge evaluate --from-results {saved[0]} --out {out}"
+    assert rerun in result.output
+
+    # The command in the message writes the report once --out is fixed.
+    (out / "evaluation.md").rmdir()
+    monkeypatch.setattr(evaluate_module, "run_evaluation", None)
+    written = CliRunner().invoke(main, rerun.split()[1:])
+
+    assert written.exit_code == 0, written.output
+    # Each method's test accuracy is 0.6 + its index in METHODS / 100.
+    names = [method.name for method in METHODS]
+    difference = names.index("DSL-O") - names.index("static KD")
+    assert f"digits: DSL-O minus static KD {difference:+.1f} points" in written.output
+    page = (out / "evaluation.md").read_text()
+    assert "`dslo-edge evaluate --seeds 1`" in page
+    image = out / "evaluation" / "digits-alpha.png"
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def saved_results(tmp_path, document) -> str:
+    import json
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ([1, 2], "has no list of results"),
+        ({"results": [], "command": "c", "seconds": 1}, "contains no results"),
+        (
+            {"results": [{"dataset": "digits"}], "command": "c", "seconds": 1},
+            "KeyError",
+        ),
+        (
+            {
+                "results": [
+                    {
+                        "dataset": "digits",
+                        "seed": 0,
+                        "teacher_test_accuracy": [0.9],
+                        "runs": {},
+                        "seconds": 1.0,
+                    }
+                ],
+                "command": "dslo-edge evaluate",
+                "seconds": 1.0,
+            },
+            "digits seed 0 has no runs of factory student",
+        ),
+    ],
+)
+def test_report_from_bad_results_rejected(tmp_path, document, message) -> None:
+    pytest.importorskip("matplotlib")
+    path = saved_results(tmp_path, document)
+
+    result = CliRunner().invoke(
+        main, ["evaluate", "--from-results", path, "--out", str(tmp_path / "docs")]
+    )
+
+    assert result.exit_code == 78
+    assert message in result.output
+    assert "expected the JSON file that dslo-edge evaluate saved" in result.output
+    assert not (tmp_path / "docs" / "evaluation.md").exists()
+
+
+def test_report_from_results_rejects_run_options(tmp_path) -> None:
+    path = saved_results(tmp_path, {"results": []})
+
+    result = CliRunner().invoke(
+        main, ["evaluate", "--from-results", path, "--quick", "--seeds", "3"]
+    )
+
+    assert result.exit_code == 2
+    assert "drop --seeds and --quick" in result.output
