@@ -23,6 +23,7 @@ below 1, or a device partition of their own.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -34,6 +35,8 @@ from pathlib import Path
 from dslo_edge.errors import ConfigError
 from dslo_edge.hub_config import RateLimit
 from dslo_edge.privacy import PrivacySettings, epsilon_spent
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS buckets (
@@ -100,7 +103,12 @@ class HubState:
         self.worker_id = worker_id
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.parent.is_dir():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # A mistyped path creates folders, so the log names them.
+                logger.info(
+                    "Created the directory %s for hub.state_file", self.path.parent
+                )
             self._db = sqlite3.connect(
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import sqlite3
 from pathlib import Path
@@ -229,6 +230,19 @@ def key(request: int, device: str = "cam", samples: int = 4) -> RequestKey:
 
 
 RATE = RateLimit(requests_per_s=1.0, burst=2)
+
+
+def test_state_file_directory_creation_logged(tmp_path, caplog) -> None:
+    path = tmp_path / "new" / "dir" / "state.sqlite"
+
+    with caplog.at_level(logging.INFO, logger="dslo_edge.hub_state"):
+        HubState(path, "w1")
+        HubState(path, "w2")
+
+    assert path.is_file()
+    created = [r for r in caplog.records if "Created the directory" in r.message]
+    assert len(created) == 1
+    assert str(tmp_path / "new" / "dir") in created[0].message
 
 
 def test_rate_limit_is_a_token_bucket(tmp_path) -> None:
