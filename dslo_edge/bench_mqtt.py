@@ -295,7 +295,9 @@ class DaemonProcess:
         metrics = self._wait_processed(len(payloads))
         cpu_after = thread_cpu_s(self.process.pid)
         self.thread_cpu.append(cpu_us_per_message(cpu_before, cpu_after, len(payloads)))
-        return _samples(payloads) / (float(metrics["timestamp"]) - started)
+        # The report comes after the burst's end, which waits at least 10 ms
+        # and saves checkpoints, so its timestamp is later than the last update.
+        return _samples(payloads) / (float(metrics["last_processed_at"]) - started)
 
     def latency(self, payloads: list[bytes], gap_s: float) -> dict[str, Any]:
         """Publish at light load and return the daemon's latency percentiles.

@@ -121,6 +121,8 @@ class DaemonMetrics:
         self.rejected: Counter[str] = Counter()
         self.last_loss: float | None = None
         self.last_mean_alpha: float | None = None
+        # Unix seconds when the latest update was applied or rejected.
+        self.last_processed_at: float | None = None
         self.train_ms = LatencyWindow()
         self.end_to_end_ms = LatencyWindow()
         # These windows split the device time before an update's train step.
@@ -138,6 +140,7 @@ class DaemonMetrics:
         prepare_ms: float | None = None,
     ) -> None:
         with self._lock:
+            self.last_processed_at = time.time()
             self.applied += 1
             self.samples_applied += samples
             self.last_loss = loss
@@ -159,6 +162,7 @@ class DaemonMetrics:
 
     def record_rejected(self, reason: str) -> None:
         with self._lock:
+            self.last_processed_at = time.time()
             self.rejected[reason] += 1
 
     def rejected_counts(self) -> dict[str, int]:
@@ -187,6 +191,7 @@ class DaemonMetrics:
                 "samples_applied": self.samples_applied,
                 "rejected": dict(self.rejected),
                 "processed": self.applied + sum(self.rejected.values()),
+                "last_processed_at": self.last_processed_at,
                 "loss": self.last_loss,
                 "mean_alpha": self.last_mean_alpha,
                 "train_ms": self.train_ms.summary(),

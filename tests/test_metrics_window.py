@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
-from dslo_edge.metrics import HISTOGRAM_EDGES_MS, LatencyWindow, peak_rss_mb
+from dslo_edge.metrics import (
+    HISTOGRAM_EDGES_MS,
+    DaemonMetrics,
+    LatencyWindow,
+    peak_rss_mb,
+)
 
 
 def reference_counts(values: np.ndarray) -> list[int]:
@@ -54,3 +61,21 @@ def test_empty_window_reports_no_percentiles() -> None:
 
 def test_peak_rss_is_positive() -> None:
     assert peak_rss_mb() > 0
+
+
+def test_last_processed_time_follows_updates() -> None:
+    metrics = DaemonMetrics()
+    assert metrics.snapshot("dev")["last_processed_at"] is None
+
+    before = time.time()
+    metrics.record_applied(32, 0.5, 0.4, train_ms=0.1, e2e_ms=1.0)
+    applied_at = metrics.snapshot("dev")["last_processed_at"]
+    metrics.record_rejected("stale")
+    rejected_at = metrics.snapshot("dev")["last_processed_at"]
+
+    assert before <= applied_at <= rejected_at <= time.time()
+    # The report's own timestamp is when it was built, not when an update was.
+    time.sleep(0.05)
+    report = metrics.snapshot("dev")
+    assert report["last_processed_at"] == rejected_at
+    assert report["timestamp"] >= rejected_at + 0.05
