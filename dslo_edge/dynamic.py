@@ -396,7 +396,8 @@ class SoftLabelEngine:
         """Load what ``checkpoint_content`` saved; absent keys keep defaults.
 
         Raises:
-            ValueError: stored ids and tables disagree, or exceed the capacity.
+            ValueError: stored ids and tables are malformed, disagree, or exceed
+                the capacity.
         """
         capacity = self.settings.smoothing_capacity
         ids, rows = _take_rows(tensors, state, prefix, "smoothing")
@@ -450,20 +451,27 @@ def _take_rows(
     """Return the ids and rows that ``_put_rows`` saved, oldest first.
 
     Checkpoints of earlier versions hold the ids as a JSON list, oldest
-    first, and no stamps; they are read as they are.
+    first, and no stamps. They are read as they are.
 
     Raises:
-        ValueError: the ids, rows and stamps disagree in length.
+        ValueError: the ids, rows or stamps are malformed, or disagree in
+            length.
     """
     rows = tensors.get(f"{prefix}{table}/rows", np.zeros((0, 0), dtype=np.float32))
-    packed = tensors.get(f"{prefix}{table}/ids")
-    if packed is None:
-        ids = list(state.get(f"{table}_ids", []))
-    else:
-        ids = unpack_ids(packed, int(state.get(f"{table}_id_count", -1)))
+    ids = _take_ids(tensors, state, prefix, table)
     stamps = tensors.get(f"{prefix}{table}/stamps")
     if stamps is None:
         return ids, rows
+    if stamps.ndim != 1 or not np.issubdtype(stamps.dtype, np.integer):
+        raise ValueError(
+            f"invalid {prefix}{table}/stamps tensor: expected a 1-D integer "
+            f"array, got {stamps.dtype} of shape {stamps.shape}"
+        )
+    if rows.ndim != 2:
+        raise ValueError(
+            f"invalid {prefix}{table}/rows tensor: expected a 2-D array, "
+            f"got shape {rows.shape}"
+        )
     if not len(ids) == len(stamps) == len(rows):
         raise ValueError(
             f"the checkpoint's {table} table has {len(ids)} ids, {len(rows)} rows "
@@ -471,3 +479,37 @@ def _take_rows(
         )
     order = lru_order(stamps)
     return [ids[row] for row in order.tolist()], rows[order]
+
+
+def _take_ids(
+    tensors: dict[str, np.ndarray], state: dict[str, Any], prefix: str, table: str
+) -> list[str]:
+    """Return the ids of one row table, from the packed tensor or the JSON list.
+
+    Raises:
+        ValueError: the packed ids, their count or the JSON list is invalid.
+    """
+    packed = tensors.get(f"{prefix}{table}/ids")
+    if packed is None:
+        ids = state.get(f"{table}_ids", [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(
+                f"invalid {table}_ids {ids!r} in the checkpoint state: "
+                "expected a list of strings"
+            )
+        return list(ids)
+    key = f"{table}_id_count"
+    if key not in state:
+        raise ValueError(
+            f"missing {key} in the checkpoint state, which the "
+            f"{prefix}{table}/ids tensor needs"
+        )
+    count = state[key]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(
+            f"invalid {key} {count!r} in the checkpoint state: expected an integer >= 0"
+        )
+    try:
+        return unpack_ids(packed, count)
+    except ValueError as error:
+        raise ValueError(f"invalid {prefix}{table}/ids tensor: {error}") from error

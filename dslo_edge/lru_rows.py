@@ -309,7 +309,10 @@ def unpack_ids(packed: np.ndarray, count: int) -> list[str]:
         )
     if count == 0 and packed.size == 0:
         return []
-    ids = packed.tobytes().decode("utf-8").split(_ID_SEPARATOR)
+    try:
+        ids = packed.tobytes().decode("utf-8").split(_ID_SEPARATOR)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"packed ids are not valid UTF-8: {error}") from error
     if len(ids) != count:
         raise ValueError(f"expected {count} packed ids, found {len(ids)}")
     return ids

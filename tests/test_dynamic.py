@@ -401,6 +401,68 @@ def test_checkpoint_short_stamps_rejected() -> None:
         SoftLabelEngine(TaskSettings(smoothing_capacity=8)).restore(tensors, state, "")
 
 
+TASK = "tasks/digit/"
+INVALID_TABLES = [
+    ("smoothing_id_count", None, r"invalid smoothing_id_count None"),
+    ("smoothing_id_count", -2, r"invalid smoothing_id_count -2"),
+    ("smoothing_id_count", "4", r"invalid smoothing_id_count '4'"),
+    ("smoothing_id_count", 4.0, r"invalid smoothing_id_count 4\.0"),
+    ("smoothing_id_count", [4], r"invalid smoothing_id_count \[4\]"),
+    ("monitor_id_count", None, r"invalid monitor_id_count None"),
+    ("smoothing_ids", 4, r"invalid smoothing_ids 4"),
+    ("smoothing_ids", "s0s1", r"invalid smoothing_ids 's0s1'"),
+    ("smoothing_ids", [0, 1, 2, 3], r"invalid smoothing_ids \[0, 1, 2, 3\]"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), INVALID_TABLES)
+def test_checkpoint_invalid_id_state_rejected(key, value, message) -> None:
+    tensors, state = reordered_engine(ids(4)).checkpoint_content(TASK)
+    if key == "smoothing_ids":
+        del tensors[TASK + "smoothing/ids"]
+    state[key] = value
+
+    with pytest.raises(ValueError, match=message):
+        SoftLabelEngine(TaskSettings(smoothing_capacity=8)).restore(
+            tensors, state, TASK
+        )
+
+
+def test_checkpoint_missing_id_count_rejected() -> None:
+    tensors, state = reordered_engine(ids(4)).checkpoint_content(TASK)
+    del state["monitor_id_count"]
+
+    with pytest.raises(ValueError, match="missing monitor_id_count"):
+        SoftLabelEngine(TaskSettings(smoothing_capacity=8)).restore(
+            tensors, state, TASK
+        )
+
+
+INVALID_TENSORS = [
+    ("smoothing/stamps", np.arange(4, dtype=np.int64)[:, None], "stamps"),
+    ("smoothing/stamps", np.array(3, dtype=np.int64), "stamps"),
+    ("smoothing/stamps", np.array([np.nan, 1, 2, 3]), "stamps"),
+    ("monitor/stamps", np.ones(4, dtype=bool), "stamps"),
+    ("smoothing/rows", np.array(1.0, dtype=np.float32), "rows"),
+    ("monitor/rows", np.zeros(4, dtype=np.float32), "rows"),
+    ("smoothing/ids", np.frombuffer(b"\xff\x00a\x00b\x00c", np.uint8), "ids"),
+    ("monitor/ids", np.zeros((2, 4), dtype=np.uint8), "ids"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "part"), INVALID_TENSORS)
+def test_checkpoint_invalid_tensor_rejected(name, value, part) -> None:
+    tensors, state = reordered_engine(ids(4)).checkpoint_content(TASK)
+    tensors[TASK + name] = value
+
+    # The message names the tensor, with the task prefix.
+    table = name.split("/")[0]
+    with pytest.raises(ValueError, match=f"invalid {TASK}{table}/{part} tensor"):
+        SoftLabelEngine(TaskSettings(smoothing_capacity=8)).restore(
+            tensors, state, TASK
+        )
+
+
 def test_packed_ids_round_trip() -> None:
     for sample_ids in (["", "a b", "\u00e9t\u00e9", "\U0001f600"], [""], ["x"], []):
         packed = pack_ids(sample_ids)

@@ -197,6 +197,29 @@ def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) 
     assert "other model" not in caplog.text
 
 
+def test_checkpoint_with_invalid_ids_is_kept(mlp_pair, tmp_path, caplog) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    # Two packed smoothing ids whose count in the JSON state is null.
+    tensors = {
+        **written.tensors,
+        "smoothing/rows": np.zeros((2, 10), np.float32),
+        "smoothing/stamps": np.arange(2, dtype=np.int64),
+        "smoothing/ids": np.frombuffer(b"a\x00b", np.uint8).copy(),
+    }
+    save_checkpoint(folder, tensors, {**written.state, "smoothing_id_count": None})
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon._restore()
+    daemon._state_lock.release()
+
+    assert len(list((state / "mismatched-checkpoints").glob("*/*"))) == 1
+    assert len(daemon.trainer.engine.store) == 0
+    assert "invalid smoothing_id_count None" in caplog.text
+
+
 def test_moved_generations_never_replace_earlier(tmp_path) -> None:
     folder = tmp_path / "checkpoints"
     destination = tmp_path / "moved"
