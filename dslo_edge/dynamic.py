@@ -426,23 +426,29 @@ def _put_rows(
     rows: np.ndarray,
     stamps: np.ndarray,
 ) -> None:
-    """Add one row table of the engine to checkpoint content, in row order.
+    """Add one row table of the engine to checkpoint content.
 
     The rows go under ``<prefix><table>/rows`` and their use stamps under
     ``<table>/stamps``. The ids go under ``<table>/ids`` as NUL-separated
-    UTF-8, with their count in the state, or into the state as a JSON list
-    when an id contains NUL. An empty table adds nothing.
+    UTF-8, with their count in the state, and the rows stay in row order.
+    When an id contains NUL, the ids go into the state as a JSON list and
+    everything is put oldest first, so earlier versions, which read that
+    list without stamps, restore the same order. An empty table adds nothing.
     """
     if not ids:
         return
-    tensors[f"{prefix}{table}/rows"] = rows
-    tensors[f"{prefix}{table}/stamps"] = stamps
     packed = pack_ids(ids)
     if packed is None:
+        order = lru_order(stamps)
+        ids = [ids[row] for row in order.tolist()]
+        rows = rows[order]
+        stamps = stamps[order]
         state[f"{table}_ids"] = ids
     else:
         tensors[f"{prefix}{table}/ids"] = packed
         state[f"{table}_id_count"] = len(ids)
+    tensors[f"{prefix}{table}/rows"] = rows
+    tensors[f"{prefix}{table}/stamps"] = stamps
 
 
 def _take_rows(

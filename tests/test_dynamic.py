@@ -19,7 +19,12 @@ from dslo_edge.dynamic import (
 from dslo_edge.errors import ConfigError
 from dslo_edge.losses import distillation_loss, kl_divergence, log_softmax
 from dslo_edge.lru_rows import LruRowTable, pack_ids, unpack_ids
-from dslo_edge.softlabels import AlphaPolicy, Schedule, TeacherMonitor
+from dslo_edge.softlabels import (
+    AlphaPolicy,
+    Schedule,
+    SmoothingStore,
+    TeacherMonitor,
+)
 
 TEACHER = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
 STUDENT = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
@@ -361,13 +366,42 @@ def test_checkpoint_ids_with_nul_stay_json() -> None:
     engine = reordered_engine(sample_ids)
     tensors, state = engine.checkpoint_content("")
     assert "smoothing/ids" not in tensors
-    assert state["smoothing_ids"] == sample_ids
+    # The JSON list is saved oldest first, unlike the packed ids.
+    assert state["smoothing_ids"] == ["", "\u00e9", "c", "a\x00b"]
 
     restored = SoftLabelEngine(TaskSettings(smoothing_capacity=8))
     restored.restore(tensors, state, "")
 
     assert restored.store.to_arrays()[0] == ["", "\u00e9", "c", "a\x00b"]
+    np.testing.assert_array_equal(
+        restored.store.to_arrays()[1], engine.store.to_arrays()[1]
+    )
     assert restored.monitor.state()[1] == engine.monitor.state()[1]
+    np.testing.assert_array_equal(
+        restored.monitor.state()[2], engine.monitor.state()[2]
+    )
+
+
+def test_json_ids_restore_in_earlier_versions() -> None:
+    engine = reordered_engine(["a\x00b", "c", "", "\u00e9"])
+    tensors, state = engine.checkpoint_content("")
+
+    # Earlier versions read the JSON list and the rows as oldest first,
+    # and ignore the stamps.
+    store = SmoothingStore.from_arrays(
+        state["smoothing_ids"], tensors["smoothing/rows"], capacity=8
+    )
+    monitor = TeacherMonitor.from_state(
+        state["monitor_state"],
+        state["monitor_ids"],
+        tensors["monitor/rows"],
+        capacity=8,
+    )
+
+    assert store.to_arrays()[0] == ["", "\u00e9", "c", "a\x00b"]
+    np.testing.assert_array_equal(store.to_arrays()[1], engine.store.to_arrays()[1])
+    assert monitor.state()[1] == ["", "\u00e9", "c", "a\x00b"]
+    np.testing.assert_array_equal(monitor.state()[2], engine.monitor.state()[2])
 
 
 def test_checkpoint_of_an_earlier_version_restores() -> None:
