@@ -1084,16 +1084,21 @@ class EdgeDaemon:
         checkpoint = KeptCheckpoints(self.config.state_dir).load(bundle)
         if checkpoint is None:
             return trainer, False
+        loaded = trainer.student.get_weights()
         try:
             trainer.restore(checkpoint)
         except ValueError as error:
             logger.warning(
                 "Device %s cannot restore the kept checkpoint %s: %s; starting "
-                "from the bundle's own weights",
+                "from the weights carried over from the old model and the "
+                "bundle's own weights for the rest",
                 self.device_id,
                 checkpoint.path,
                 error,
             )
+            # The checkpoint's weights may have loaded before a later part
+            # failed, so the student gets back the weights it was loaded with.
+            trainer.student.set_weights(loaded)
             return self._new_trainer(trainer.student), False
         logger.info(
             "Device %s restored the kept checkpoint %s", self.device_id, checkpoint.path

@@ -19,7 +19,9 @@ from dslo_edge.checkpoint import (
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import ConfigError
+from dslo_edge.multihead_model import load_student
 from dslo_edge.state_lock import StateLock
+from dslo_edge.swap import KEPT_CHECKPOINTS, release_id
 from dslo_edge.trainer import WEIGHT_PREFIX
 from tests.cli_process import run_cli
 
@@ -218,6 +220,40 @@ def test_checkpoint_with_invalid_ids_is_kept(mlp_pair, tmp_path, caplog) -> None
     assert len(list((state / "mismatched-checkpoints").glob("*/*"))) == 1
     assert len(daemon.trainer.engine.store) == 0
     assert "invalid smoothing_id_count None" in caplog.text
+
+
+def test_kept_checkpoint_with_invalid_ids_resets_weights(
+    mlp_pair, tmp_path, caplog
+) -> None:
+    state = tmp_path / "state"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    # Adapted weights and two packed smoothing ids without their count.
+    tensors = {
+        name: value + 1.0 if name.startswith(WEIGHT_PREFIX) else value
+        for name, value in written.tensors.items()
+    }
+    tensors["smoothing/rows"] = np.zeros((2, 10), np.float32)
+    tensors["smoothing/stamps"] = np.arange(2, dtype=np.int64)
+    tensors["smoothing/ids"] = np.frombuffer(b"a\x00b", np.uint8).copy()
+    kept = state / KEPT_CHECKPOINTS / release_id(daemon.bundle.path)
+    save_checkpoint(kept, tensors, written.state)
+    student = load_student(daemon.bundle, daemon.config.runtime)
+    loaded = student.get_weights()
+
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        trainer, restored = daemon._restore_kept_checkpoint(
+            daemon.bundle, daemon._new_trainer(student)
+        )
+    daemon._state_lock.release()
+
+    assert not restored
+    assert trainer.student is student
+    assert len(trainer.engine.store) == 0
+    # The weights loaded before the smoothing store failed, and were reset.
+    for name, value in student.get_weights().items():
+        np.testing.assert_array_equal(value, loaded[name])
+    assert "missing smoothing_id_count" in caplog.text
 
 
 def test_moved_generations_never_replace_earlier(tmp_path) -> None:
