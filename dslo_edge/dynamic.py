@@ -401,8 +401,12 @@ class SoftLabelEngine:
         """
         capacity = self.settings.smoothing_capacity
         ids, rows = _take_rows(tensors, state, prefix, "smoothing")
+        # A rollback restores into the live engine, so an empty store in the
+        # checkpoint must replace the rows written since.
         if ids:
             self.store = SmoothingStore.from_arrays(ids, rows, capacity)
+        else:
+            self.store = SmoothingStore(capacity)
         monitor_ids, table = _take_rows(tensors, state, prefix, "monitor")
         if "monitor_state" in state:
             self.monitor = TeacherMonitor.from_state(

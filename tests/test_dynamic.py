@@ -497,6 +497,16 @@ def test_checkpoint_invalid_tensor_rejected(name, value, part) -> None:
         )
 
 
+def test_restore_of_empty_store_clears_rows() -> None:
+    tensors, state = SoftLabelEngine(TaskSettings()).checkpoint_content("")
+    engine = reordered_engine(ids(4))
+
+    engine.restore(tensors, state, "")
+
+    assert len(engine.store) == 0
+    assert engine.monitor.state()[1] == []
+
+
 def test_packed_ids_round_trip() -> None:
     for sample_ids in (["", "a b", "\u00e9t\u00e9", "\U0001f600"], [""], ["x"], []):
         packed = pack_ids(sample_ids)

@@ -256,6 +256,26 @@ def test_kept_checkpoint_with_invalid_ids_resets_weights(
     assert "missing smoothing_id_count" in caplog.text
 
 
+def test_rollback_to_empty_store_clears_it(mlp_pair, tmp_path, monkeypatch) -> None:
+    state = tmp_path / "state"
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    # A checkpoint saved before any update has an empty smoothing store.
+    assert daemon.save_checkpoint()
+    engine = daemon.trainer.engine
+    engine.prepare(["a", "b"], np.full((2, 10), 0.1, np.float32), 1)
+    engine.finish_update()
+    monkeypatch.setattr(daemon.health, "problem", lambda *_: "forced failure")
+
+    healthy = daemon._check_health()
+    daemon._state_lock.release()
+
+    assert not healthy
+    assert daemon.rollbacks == 1
+    # The rows of the dropped update are gone with it.
+    assert len(daemon.trainer.engine.store) == 0
+    assert len(daemon.trainer.engine.monitor.state()[1]) == 0
+
+
 def test_moved_generations_never_replace_earlier(tmp_path) -> None:
     folder = tmp_path / "checkpoints"
     destination = tmp_path / "moved"
