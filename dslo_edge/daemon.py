@@ -544,9 +544,13 @@ class EdgeDaemon:
         # reach. Reference counting still frees them when they are dropped.
         gc.collect()
         gc.freeze()
-        while not stop_requested.wait(0.5):
-            pass
-        self.stop()
+        try:
+            while not stop_requested.wait(0.5):
+                pass
+            self.stop()
+        finally:
+            # run() may be called in a process that goes on, such as a test.
+            gc.unfreeze()
         return 0
 
     # Connection callbacks, on the connection thread
