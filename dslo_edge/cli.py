@@ -651,7 +651,6 @@ def evaluate(
     _check_writable_dir(Path(out) / "evaluation", "--out")
 
     from dslo_edge.eval_data import DATASETS
-    from dslo_edge.eval_report import summary_line, write_report
     from dslo_edge.evaluate import run_evaluation
 
     started = time.monotonic()
@@ -666,30 +665,46 @@ def evaluate(
         command += f" --seeds {seeds}"
     command += "".join(f" --dataset {name}" for name in datasets)
     seconds = time.monotonic() - started
-    try:
-        summary = write_report(results, Path(out), command, seconds)
-    except OSError as error:
-        saved = _save_results_elsewhere(results, command, seconds, out)
-        raise DsloError(
-            f"cannot write the evaluation report: {error}; {saved}"
-        ) from error
-    for dataset, entry in summary.items():
-        click.echo(summary_line(dataset, entry))
-    click.echo(f"wrote {Path(out) / 'evaluation.md'}")
+    _write_evaluation_report(
+        results,
+        out,
+        command,
+        seconds,
+        lambda: _save_results_elsewhere(results, command, seconds, out),
+    )
 
 
 def _report_from_results(path: Path, out: str) -> None:
     """Write the evaluation report from a file of saved results, without a run."""
     _require_modules(("matplotlib",), "eval")
     _check_writable_dir(Path(out) / "evaluation", "--out")
-    from dslo_edge.eval_report import load_results, summary_line, write_report
+    from dslo_edge.eval_report import load_results
 
     results, command, seconds = load_results(path)
+    _write_evaluation_report(
+        results, out, command, seconds, lambda: f"the results stay in {path}"
+    )
+
+
+def _write_evaluation_report(
+    results: list[Any],
+    out: str,
+    command: str,
+    seconds: float,
+    keep_results: Callable[[], str],
+) -> None:
+    """Write the report into ``out`` and print the summary lines.
+
+    When the report cannot be written, ``keep_results`` returns the end of
+    the error message, which says where the results are.
+    """
+    from dslo_edge.eval_report import summary_line, write_report
+
     try:
         summary = write_report(results, Path(out), command, seconds)
     except OSError as error:
         raise DsloError(
-            f"cannot write the evaluation report: {error}; the results stay in {path}"
+            f"cannot write the evaluation report: {error}; {keep_results()}"
         ) from error
     for dataset, entry in summary.items():
         click.echo(summary_line(dataset, entry))
