@@ -1128,9 +1128,12 @@ class EdgeDaemon:
             self.student.set_weights(self._factory_weights())
             self.trainer = self._new_trainer()
             target = "the factory weights"
-        else:
-            self._load(checkpoint)
+        elif self._load_matching(checkpoint):
             target = checkpoint.path.name
+        else:
+            # _load_matching reset the student and trainer and set the
+            # checkpoints aside.
+            target = "the factory weights"
         logger.error(
             "Device %s rolled back to %s: %s; %d updates since then are dropped",
             self.device_id,

@@ -19,6 +19,7 @@ from dslo_edge.checkpoint import (
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import ConfigError
+from dslo_edge.lru_rows import pack_ids
 from dslo_edge.multihead_model import load_student
 from dslo_edge.state_lock import StateLock
 from dslo_edge.swap import KEPT_CHECKPOINTS, release_id
@@ -274,6 +275,41 @@ def test_rollback_to_empty_store_clears_it(mlp_pair, tmp_path, monkeypatch) -> N
     # The rows of the dropped update are gone with it.
     assert len(daemon.trainer.engine.store) == 0
     assert len(daemon.trainer.engine.monitor.state()[1]) == 0
+
+
+def test_rollback_to_unloadable_checkpoint_resets(
+    mlp_pair, tmp_path, monkeypatch, caplog
+) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    factory = daemon.student.get_weights()
+    assert daemon.save_checkpoint()
+    written = load_latest_checkpoint(folder)
+    # Adapted weights, and packed ids that do not match their count.
+    tensors = {
+        name: value + 1.0 if name.startswith(WEIGHT_PREFIX) else value
+        for name, value in written.tensors.items()
+    }
+    tensors["smoothing/rows"] = np.zeros((3, 10), np.float32)
+    tensors["smoothing/stamps"] = np.arange(3)
+    tensors["smoothing/ids"] = pack_ids(["a", "b"])
+    save_checkpoint(folder, tensors, {**written.state, "smoothing_id_count": 3})
+    monkeypatch.setattr(daemon.health, "problem", lambda *_: "forced failure")
+
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        healthy = daemon._check_health()
+    daemon._state_lock.release()
+
+    assert not healthy
+    assert daemon.rollbacks == 1
+    for name, value in daemon.student.get_weights().items():
+        np.testing.assert_array_equal(value, factory[name])
+    assert "expected 3 packed ids, found 2" in caplog.text
+    assert "rolled back to the factory weights: forced failure" in caplog.text
+    # Both generations are kept out of reach of the next saves' pruning.
+    assert len(list((state / "mismatched-checkpoints").glob("*/*"))) == 2
+    assert list_checkpoints(folder) == []
 
 
 def test_moved_generations_never_replace_earlier(tmp_path) -> None:
