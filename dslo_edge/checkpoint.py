@@ -2,7 +2,8 @@
 
 Each checkpoint is one safetensors file: the weights and any state arrays as
 tensors, the rest as JSON in the file metadata, plus a sha256 over all tensor
-bytes so a torn or corrupt file is detected on load. A save writes a
+bytes and one over the JSON text, so a torn or corrupt file is detected on
+load. A save writes a
 temporary file, fsyncs it, renames it into place and fsyncs the directory;
 the newest ``keep`` generations stay on disk.
 """
@@ -107,7 +108,12 @@ def save_checkpoint(
     existing = list_checkpoints(folder)
     sequence = existing[0][0] + 1 if existing else 1
     target = folder / f"checkpoint-{sequence:08d}.safetensors"
-    metadata = {"state": json.dumps(state), "sha256": _digest(tensors)}
+    state_text = json.dumps(state)
+    metadata = {
+        "state": state_text,
+        "sha256": _digest(tensors),
+        "state_sha256": hashlib.sha256(state_text.encode()).hexdigest(),
+    }
     data = save_tensors(tensors, metadata=metadata)
     temporary = target.with_suffix(".tmp")
     try:
@@ -132,7 +138,15 @@ def _read(path: Path, sequence: int) -> Checkpoint:
     metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
     if metadata.get("sha256") != _digest(tensors):
         raise ValueError("tensor checksum does not match")
-    return Checkpoint(path, sequence, tensors, json.loads(metadata["state"]))
+    state_text = metadata["state"]
+    # Checkpoints of earlier versions have no checksum of their state.
+    expected = metadata.get("state_sha256")
+    if (
+        expected is not None
+        and expected != hashlib.sha256(state_text.encode()).hexdigest()
+    ):
+        raise ValueError("state checksum does not match")
+    return Checkpoint(path, sequence, tensors, json.loads(state_text))
 
 
 def load_latest_checkpoint(folder: Path, quarantine: bool = False) -> Checkpoint | None:

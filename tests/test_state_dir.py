@@ -312,6 +312,45 @@ def test_rollback_to_unloadable_checkpoint_resets(
     assert list_checkpoints(folder) == []
 
 
+def rewrite_metadata(path: Path, change: dict[str, str | None]) -> None:
+    """Write ``path`` again with its tensors and changed metadata entries."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(path)
+    with safe_open(path, framework="numpy") as opened:
+        metadata = dict(opened.metadata())
+    metadata.update(change)
+    kept = {key: value for key, value in metadata.items() if value is not None}
+    save_file(tensors, path, metadata=kept)
+
+
+def test_edited_state_falls_back_a_generation(tmp_path) -> None:
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(folder, {"w": np.zeros(2, np.float32)}, {"run": 1})
+    newest = save_checkpoint(folder, {"w": np.ones(2, np.float32)}, {"run": 2})
+    # Valid JSON with another value, as a flipped bit in a digit would give.
+    rewrite_metadata(newest, {"state": '{"run": 3}'})
+
+    restored = load_latest_checkpoint(folder, quarantine=True)
+
+    assert restored is not None
+    assert restored.state == {"run": 1}
+    assert newest.with_name(newest.name + ".corrupt").exists()
+
+
+def test_state_without_checksum_still_loads(tmp_path) -> None:
+    folder = tmp_path / "checkpoints"
+    written = save_checkpoint(folder, {"w": np.ones(2, np.float32)}, {"run": 1})
+    # Earlier versions wrote no checksum of the state.
+    rewrite_metadata(written, {"state_sha256": None})
+
+    restored = load_latest_checkpoint(folder)
+
+    assert restored is not None
+    assert restored.state == {"run": 1}
+
+
 def test_moved_generations_never_replace_earlier(tmp_path) -> None:
     folder = tmp_path / "checkpoints"
     destination = tmp_path / "moved"
