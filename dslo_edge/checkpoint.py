@@ -168,8 +168,19 @@ def load_latest_checkpoint(folder: Path, quarantine: bool = False) -> Checkpoint
 
 
 def _quarantine(path: Path) -> None:
-    """Rename a bad generation so pruning never keeps it over a good one."""
+    """Rename a bad generation so pruning never keeps it over a good one.
+
+    The next save reuses the generation's number, so a later bad file of
+    that number gets ``.corrupt-2`` and so on, and never replaces the first.
+    """
+    target = path.with_name(path.name + ".corrupt")
+    number = 2
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{number}")
+        number += 1
     try:
-        path.rename(path.with_name(path.name + ".corrupt"))
+        path.rename(target)
     except OSError as error:
         logger.warning("Cannot rename unreadable checkpoint %s: %s", path, error)
+        return
+    logger.info("Renamed unreadable checkpoint %s to %s", path, target.name)

@@ -370,3 +370,31 @@ def test_moved_generations_never_replace_earlier(tmp_path) -> None:
     assert load_latest_checkpoint(second).state == {"run": 2}
     assert list_checkpoints(folder) == []
     assert move_generations(folder, destination) is None
+
+
+def test_quarantine_keeps_earlier_corrupt_file(tmp_path) -> None:
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(folder, {"w": np.zeros(2, np.float32)}, {"run": 1})
+    newest = save_checkpoint(folder, {"w": np.ones(2, np.float32)}, {"run": 2})
+    rewrite_metadata(newest, {"state": '{"run": 3}'})
+    load_latest_checkpoint(folder, quarantine=True)
+    # The daemon saves the next generation under the quarantined number.
+    again = save_checkpoint(folder, {"w": np.ones(2, np.float32)}, {"run": 4})
+    rewrite_metadata(again, {"state": '{"run": 5}'})
+
+    restored = load_latest_checkpoint(folder, quarantine=True)
+
+    first = newest.with_name(newest.name + ".corrupt")
+    second = newest.with_name(newest.name + ".corrupt-2")
+    assert again == newest
+    assert restored is not None
+    assert restored.state == {"run": 1}
+    assert saved_state(first) == '{"run": 3}'
+    assert saved_state(second) == '{"run": 5}'
+
+
+def saved_state(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as opened:
+        return opened.metadata()["state"]
