@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from dslo_edge.errors import ConfigError
+from dslo_edge.eval_data import DATASETS
 from dslo_edge.evaluate import METHODS, RunResult, SeedResult
 
 CURVE_METHODS = ("static KD", "annealed KD", "DSL-O")
@@ -186,7 +187,9 @@ def load_results(path: Path) -> tuple[list[SeedResult], str, float]:
 
     Raises:
         ConfigError: the file cannot be read, is not JSON, or does not hold
-            the runs of every method for each seed.
+            the runs of every method for each seed. Also raised when it names
+            an unknown dataset or a seed twice, or when the seeds of one
+            dataset differ in their number of teacher rounds.
     """
     expected = (
         "expected the JSON file that dslo-edge evaluate saved when it could not "
@@ -202,7 +205,7 @@ def load_results(path: Path) -> tuple[list[SeedResult], str, float]:
         results = [_seed_result(row) for row in document["results"]]
         command = str(document["command"])
         seconds = float(document["seconds"])
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
         raise ConfigError(
             f"{path} is not a complete results file ({type(error).__name__}: "
             f"{error}); {expected}"
@@ -216,7 +219,39 @@ def load_results(path: Path) -> tuple[list[SeedResult], str, float]:
                 f"{path}: {result.dataset} seed {result.seed} has no runs of "
                 f"{', '.join(missing)}; {expected}"
             )
+    problem = _inconsistency(results)
+    if problem:
+        raise ConfigError(f"{path}: {problem}; {expected}")
     return results, command, seconds
+
+
+def _inconsistency(results: list[SeedResult]) -> str | None:
+    """Return what makes the results unfit for one report, or None."""
+    rounds: dict[str, tuple[int, int]] = {}
+    seen = set()
+    for result in results:
+        name = f"{result.dataset} seed {result.seed}"
+        # The dataset name becomes part of the plot file names.
+        if result.dataset not in DATASETS:
+            return (
+                f"unknown dataset {result.dataset!r}, expected one of "
+                f"{', '.join(DATASETS)}"
+            )
+        if (result.dataset, result.seed) in seen:
+            return f"{name} appears twice"
+        seen.add((result.dataset, result.seed))
+        count = len(result.teacher_test_accuracy)
+        if count == 0:
+            return f"{name} has no teacher accuracy"
+        first_seed, first_count = rounds.setdefault(
+            result.dataset, (result.seed, count)
+        )
+        if count != first_count:
+            return (
+                f"{name} has {count} teacher rounds, seed {first_seed} has "
+                f"{first_count}"
+            )
+    return None
 
 
 def _seed_result(row: dict[str, Any]) -> SeedResult:

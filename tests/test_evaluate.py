@@ -281,6 +281,65 @@ def test_report_from_bad_results_rejected(tmp_path, document, message) -> None:
     assert not (tmp_path / "docs" / "evaluation.md").exists()
 
 
+def results_row(dataset: str, seed: int, teacher: list[float]) -> dict:
+    """Return one seed's saved results, with a run of every method."""
+    run = {"values": {}, "val_accuracy": 0.5, "test_accuracy": 0.6}
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "teacher_test_accuracy": teacher,
+        "runs": {method.name: {"method": method.name, **run} for method in METHODS},
+        "seconds": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        # A dataset name is part of the plot file names.
+        ([results_row("../../x", 0, [0.9])], "unknown dataset '../../x'"),
+        ([results_row("digits", 0, [])], "digits seed 0 has no teacher accuracy"),
+        (
+            [results_row("digits", 0, [0.8, 0.9]), results_row("digits", 1, [0.9])],
+            "digits seed 1 has 1 teacher rounds, seed 0 has 2",
+        ),
+        (
+            [results_row("digits", 0, [0.9]), results_row("digits", 0, [0.9])],
+            "digits seed 0 appears twice",
+        ),
+    ],
+)
+def test_report_from_inconsistent_results_rejected(tmp_path, rows, message) -> None:
+    pytest.importorskip("matplotlib")
+    document = {"results": rows, "command": "dslo-edge evaluate", "seconds": 1.0}
+    path = saved_results(tmp_path, document)
+
+    result = CliRunner().invoke(
+        main, ["evaluate", "--from-results", path, "--out", str(tmp_path / "docs")]
+    )
+
+    assert result.exit_code == 78, result.output
+    assert message in result.output
+    assert "expected the JSON file that dslo-edge evaluate saved" in result.output
+    assert not (tmp_path / "x-alpha.png").exists()
+    assert not (tmp_path / "docs" / "evaluation.md").exists()
+
+
+def test_report_from_infinite_count_rejected(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    row = results_row("digits", 0, [0.9])
+    row["runs"]["DSL-O"]["boosted_updates"] = float("inf")
+    document = {"results": [row], "command": "dslo-edge evaluate", "seconds": 1.0}
+    path = saved_results(tmp_path, document)
+
+    result = CliRunner().invoke(
+        main, ["evaluate", "--from-results", path, "--out", str(tmp_path / "docs")]
+    )
+
+    assert result.exit_code == 78, result.output
+    assert "OverflowError" in result.output
+
+
 def test_report_from_results_rejects_run_options(tmp_path) -> None:
     path = saved_results(tmp_path, {"results": []})
 
