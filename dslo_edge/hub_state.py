@@ -103,12 +103,7 @@ class HubState:
         self.worker_id = worker_id
         self._lock = threading.Lock()
         try:
-            if not self.path.parent.is_dir():
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                # A mistyped path creates folders, so the log names them.
-                logger.info(
-                    "Created the directory %s for hub.state_file", self.path.parent
-                )
+            self._create_directories()
             self._db = sqlite3.connect(
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
             )
@@ -142,6 +137,21 @@ class HubState:
                 "and start again to create a new one, which starts with empty "
                 "rate limits, privacy budgets and stored responses"
             ) from error
+
+    def _create_directories(self) -> None:
+        """Create the missing directories of the state file's path."""
+        missing = []
+        for folder in (self.path.parent, *self.path.parent.parents):
+            if folder.is_dir():
+                break
+            missing.append(folder)
+        if not missing:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A mistyped path creates folders, so the log names every level.
+        noun = "directory" if len(missing) == 1 else "directories"
+        names = ", ".join(str(folder) for folder in reversed(missing))
+        logger.info("Created the %s %s for hub.state_file", noun, names)
 
     def _enable_wal(self, timeout_s: float = 30.0) -> None:
         # Switching to WAL does not wait on SQLite's busy timeout: when two

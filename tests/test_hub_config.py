@@ -240,8 +240,10 @@ def test_state_file_directory_creation_logged(tmp_path, caplog) -> None:
         HubState(path, "w2")
 
     assert path.is_file()
-    created = [r for r in caplog.records if "Created the directory" in r.message]
+    created = [r for r in caplog.records if "Created the director" in r.message]
     assert len(created) == 1
+    # Both missing levels are named, so a mistyped path can be removed whole.
+    assert str(tmp_path / "new") + "," in created[0].message
     assert str(tmp_path / "new" / "dir") in created[0].message
 
 
