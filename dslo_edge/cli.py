@@ -678,6 +678,14 @@ def _report_from_results(path: Path, out: str) -> None:
     """Write the evaluation report from a file of saved results, without a run."""
     _require_modules(("matplotlib",), "eval")
     _check_writable_dir(Path(out) / "evaluation", "--out")
+    written = Path(out) / "evaluation" / "results.json"
+    # That file gets the results without their curves, which the report needs.
+    if written.exists() and written.samefile(path):
+        raise click.BadParameter(
+            f"{path} is the results.json that the report writes, so the report "
+            "would replace it; move the file out of --out first",
+            param_hint="--from-results",
+        )
     from dslo_edge.eval_report import load_results
 
     results, command, seconds = load_results(path)

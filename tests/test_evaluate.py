@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -338,6 +339,26 @@ def test_report_from_infinite_count_rejected(tmp_path) -> None:
 
     assert result.exit_code == 78, result.output
     assert "OverflowError" in result.output
+
+
+def test_report_from_results_keeps_input_file(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    row = results_row("digits", 0, [0.9])
+    document = {"results": [row], "command": "dslo-edge evaluate", "seconds": 1.0}
+    out = tmp_path / "docs"
+    # The report writes evaluation/results.json, without the curves.
+    (out / "evaluation").mkdir(parents=True)
+    path = out / "evaluation" / "results.json"
+    path.write_text(json.dumps(document))
+
+    result = CliRunner().invoke(
+        main, ["evaluate", "--from-results", str(path), "--out", str(out)]
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "the report would replace it" in result.output
+    assert json.loads(path.read_text()) == document
+    assert not (out / "evaluation.md").exists()
 
 
 def test_report_from_results_rejects_run_options(tmp_path) -> None:
