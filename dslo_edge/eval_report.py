@@ -259,7 +259,9 @@ def _seed_result(row: dict[str, Any]) -> SeedResult:
     return SeedResult(
         dataset=str(row["dataset"]),
         seed=int(row["seed"]),
-        teacher_test_accuracy=[float(value) for value in row["teacher_test_accuracy"]],
+        teacher_test_accuracy=[
+            _accuracy(value) for value in row["teacher_test_accuracy"]
+        ],
         runs=runs,
         seconds=float(row["seconds"]),
     )
@@ -369,10 +371,19 @@ def _run_result(run: dict[str, Any]) -> RunResult:
     return RunResult(
         method=str(run["method"]),
         values={str(key): float(value) for key, value in run["values"].items()},
-        val_accuracy=float(run["val_accuracy"]),
-        test_accuracy=float(run["test_accuracy"]),
+        val_accuracy=_accuracy(run["val_accuracy"]),
+        test_accuracy=_accuracy(run["test_accuracy"]),
         boosted_updates=int(run.get("boosted_updates", 0)),
         alpha=floats("alpha"),
         entropy=floats("entropy"),
         accuracy=floats("accuracy"),
     )
+
+
+def _accuracy(value: Any) -> float:
+    """Return ``value`` as a float, or raise ValueError outside [0, 1]."""
+    accuracy = float(value)
+    # NaN fails both comparisons.
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy {value!r} is not a fraction in [0, 1]")
+    return accuracy

@@ -247,6 +247,22 @@ def saved_results(tmp_path, document) -> str:
         ([1, 2], "has no list of results"),
         ({"results": [], "command": "c", "seconds": 1}, "contains no results"),
         (
+            {
+                "results": [
+                    {
+                        "dataset": "digits",
+                        "seed": 0,
+                        "teacher_test_accuracy": [float("nan")],
+                        "runs": {},
+                        "seconds": 1.0,
+                    }
+                ],
+                "command": "dslo-edge evaluate",
+                "seconds": 1.0,
+            },
+            "accuracy nan is not a fraction in [0, 1]",
+        ),
+        (
             {"results": [{"dataset": "digits"}], "command": "c", "seconds": 1},
             "KeyError",
         ),
