@@ -3,9 +3,8 @@
 Each checkpoint is one safetensors file: the weights and any state arrays as
 tensors, the rest as JSON in the file metadata, plus a sha256 over all tensor
 bytes and one over the JSON text, so a torn or corrupt file is detected on
-load. A save writes a
-temporary file, fsyncs it, renames it into place and fsyncs the directory;
-the newest ``keep`` generations stay on disk.
+load. A save writes a temporary file, fsyncs it, renames it into place and
+fsyncs the directory; the newest ``keep`` generations stay on disk.
 """
 
 from __future__ import annotations
