@@ -94,6 +94,23 @@ def move_generations(folder: Path, destination: Path) -> Path | None:
     return target
 
 
+def move_file(path: Path, destination: Path) -> Path:
+    """Move one generation into a new folder under ``destination``.
+
+    This is ``move_generations`` for a single file. Returns the new path.
+
+    Raises:
+        OSError: the folder cannot be created or the file cannot be moved.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime())
+    target = Path(tempfile.mkdtemp(prefix=stamp, dir=destination)) / path.name
+    path.rename(target)
+    _fsync_directory(path.parent)
+    _fsync_directory(target.parent)
+    return target
+
+
 def save_checkpoint(
     folder: Path, tensors: dict[str, np.ndarray], state: dict[str, Any], keep: int = 2
 ) -> Path:
@@ -146,6 +163,21 @@ def _read(path: Path, sequence: int) -> Checkpoint:
     ):
         raise ValueError("state checksum does not match")
     return Checkpoint(path, sequence, tensors, json.loads(state_text))
+
+
+def load_older_checkpoint(folder: Path, sequence: int) -> Checkpoint | None:
+    """Return the newest generation older than ``sequence`` that reads back intact.
+
+    Unreadable generations are logged and skipped, and left as they are.
+    """
+    for older, path in list_checkpoints(folder):
+        if older >= sequence:
+            continue
+        try:
+            return _read(path, older)
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            logger.warning("Skipping unreadable checkpoint %s: %s", path, error)
+    return None
 
 
 def load_latest_checkpoint(folder: Path, quarantine: bool = False) -> Checkpoint | None:

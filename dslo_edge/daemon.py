@@ -54,6 +54,8 @@ from dslo_edge.checkpoint import (
     Checkpoint,
     list_checkpoints,
     load_latest_checkpoint,
+    load_older_checkpoint,
+    move_file,
     move_generations,
     save_checkpoint,
 )
@@ -415,13 +417,19 @@ class EdgeDaemon:
             logger.info("Device %s starts from the factory weights", self.device_id)
         else:
             self._check_owner(checkpoint)
-            if self._load_matching(checkpoint):
-                self.metrics.restore_rejected(checkpoint.state.get("rejected", {}))
-                self.restored_from = checkpoint.path.name
+            try:
+                self._load(checkpoint)
+            except ValueError as error:
+                restored = self._restore_older(checkpoint, error)
+            else:
+                restored = checkpoint
+            if restored is not None:
+                self.metrics.restore_rejected(restored.state.get("rejected", {}))
+                self.restored_from = restored.path.name
                 logger.info(
                     "Device %s restored %s (%d updates applied before)",
                     self.device_id,
-                    checkpoint.path.name,
+                    restored.path.name,
                     self.trainer.applied_updates,
                 )
         self.health.accuracy(self.student)
@@ -439,27 +447,82 @@ class EdgeDaemon:
                 f"set device.id = {owner!r} if the device was renamed"
             )
 
+    def _restore_older(
+        self, newest: Checkpoint, error: ValueError
+    ) -> Checkpoint | None:
+        """Restore the generation before ``newest``, which failed with ``error``.
+
+        A newest generation that reads back intact but does not restore,
+        while the one before it does, was written wrongly or edited. It is
+        moved out of the checkpoints folder. Every update acknowledged to the
+        broker is in both, because acknowledgements wait for two generations.
+        When the one before does not restore either, the checkpoints do not
+        fit the bundle or the config, and ``_start_from_bundle_weights`` handles them.
+
+        Returns:
+            The restored checkpoint, or None when the daemon starts from the
+            bundle's own weights.
+        """
+        older = load_older_checkpoint(self.checkpoint_dir, newest.sequence)
+        if older is not None and older.state.get("device_id") in (
+            None,
+            self.device_id,
+        ):
+            # The failed load may have set some of the newest's weights.
+            self.student.set_weights(self._factory_weights())
+            self.trainer = self._new_trainer()
+            try:
+                self._load(older)
+            except ValueError:
+                older = None
+        else:
+            older = None
+        if older is None:
+            self._start_from_bundle_weights(newest, error)
+            return None
+        destination = self.config.state_dir / MISMATCHED_CHECKPOINTS
+        try:
+            moved: Path | str = move_file(newest.path, destination)
+        except OSError as move_error:
+            moved = f"nowhere ({move_error}), so it stays in {self.checkpoint_dir}"
+        logger.warning(
+            "Device %s cannot restore its newest checkpoint %s (%s) and restores "
+            "%s instead; moved the newest to %s",
+            self.device_id,
+            newest.path.name,
+            error,
+            older.path.name,
+            moved,
+        )
+        return older
+
     def _load_matching(self, checkpoint: Checkpoint) -> bool:
         try:
             self._load(checkpoint)
         except ValueError as error:
-            # A model update switched the bundle before its first checkpoint,
-            # device.bundle now names another model, or a capacity was lowered.
-            logger.warning(
-                "Device %s cannot use %s with bundle %s (%s); starting from the "
-                "bundle's own weights",
-                self.device_id,
-                checkpoint.path.name,
-                self.bundle.path.name,
-                error,
-            )
-            # The weights may have loaded before a later part of the
-            # checkpoint failed, so the student and trainer start over.
-            self.student.set_weights(self._factory_weights())
-            self.trainer = self._new_trainer()
-            self._set_aside_checkpoints()
+            self._start_from_bundle_weights(checkpoint, error)
             return False
         return True
+
+    def _start_from_bundle_weights(
+        self, checkpoint: Checkpoint, error: ValueError
+    ) -> None:
+        """Start from the bundle's weights after ``checkpoint`` failed to load."""
+        # A model update switched the bundle before its first checkpoint,
+        # device.bundle now names another model, or a capacity was lowered.
+        logger.warning(
+            "Device %s cannot use %s with bundle %s (%s); starting from the "
+            "bundle's own weights",
+            self.device_id,
+            checkpoint.path.name,
+            self.bundle.path.name,
+            error,
+        )
+        # The weights may have loaded before a later part of the
+        # checkpoint failed, so the student and trainer start over.
+        self.student.set_weights(self._factory_weights())
+        self.trainer = self._new_trainer()
+        self._set_aside_checkpoints()
 
     def _set_aside_checkpoints(self) -> None:
         """Move checkpoints that do not load where pruning cannot delete them.

@@ -223,6 +223,47 @@ def test_checkpoint_with_invalid_ids_is_kept(mlp_pair, tmp_path, caplog) -> None
     assert "invalid smoothing_id_count None" in caplog.text
 
 
+def test_unrestorable_newest_falls_back_a_generation(
+    mlp_pair, tmp_path, caplog
+) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    adapted = {
+        name: value + 0.5 if name.startswith(WEIGHT_PREFIX) else value
+        for name, value in written.tensors.items()
+    }
+    save_checkpoint(folder, adapted, written.state)
+    # Intact on disk, but its packed ids do not match their count.
+    broken = {
+        **adapted,
+        "smoothing/rows": np.zeros((2, 10), np.float32),
+        "smoothing/stamps": np.arange(2),
+        "smoothing/ids": pack_ids(["a", "b"]),
+    }
+    newest = save_checkpoint(folder, broken, {**written.state, "smoothing_id_count": 3})
+    broken_bytes = newest.read_bytes()
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon._restore()
+    daemon._state_lock.release()
+
+    assert daemon.restored_from == "checkpoint-00000001.safetensors"
+    for name, value in daemon.student.get_weights().items():
+        np.testing.assert_array_equal(value, adapted[WEIGHT_PREFIX + name])
+    moved = list((state / "mismatched-checkpoints").glob("*/*"))
+    assert [path.name for path in moved] == ["checkpoint-00000002.safetensors"]
+    assert moved[0].read_bytes() == broken_bytes
+    remaining = [path.name for _, path in list_checkpoints(folder)]
+    assert remaining == ["checkpoint-00000001.safetensors"]
+    assert (
+        "cannot restore its newest checkpoint checkpoint-00000002.safetensors"
+        in caplog.text
+    )
+    assert "expected 3 packed ids, found 2" in caplog.text
+
+
 def test_kept_checkpoint_with_invalid_ids_resets_weights(
     mlp_pair, tmp_path, caplog
 ) -> None:
