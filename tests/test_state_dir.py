@@ -127,6 +127,14 @@ def test_run_with_state_dir_file_exits_78(mlp_pair, tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def adapted_weights(tensors: dict, offset: float) -> dict:
+    """Return ``tensors`` with ``offset`` added to every weight, unlike the bundle."""
+    return {
+        name: value + offset if name.startswith(WEIGHT_PREFIX) else value
+        for name, value in tensors.items()
+    }
+
+
 def take_first_checkpoint(tmp_path: Path, bundle: Path, state: Path):
     """Save a daemon's first checkpoint, then remove the file and return it."""
     writer = EdgeDaemon(device_config(tmp_path, bundle, "dev-a", state))
@@ -171,10 +179,7 @@ def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) 
     folder = state / "checkpoints"
     written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
     # A checkpoint of this model with adapted weights and three smoothing ids.
-    tensors = {
-        name: value + 1.0 if name.startswith(WEIGHT_PREFIX) else value
-        for name, value in written.tensors.items()
-    }
+    tensors = adapted_weights(written.tensors, 1.0)
     tensors["smoothing/rows"] = np.zeros((3, 10), np.float32)
     state_values = {**written.state, "smoothing_ids": ["a", "b", "c"]}
     save_checkpoint(folder, tensors, state_values)
@@ -229,10 +234,7 @@ def test_unrestorable_newest_falls_back_a_generation(
     state = tmp_path / "state"
     folder = state / "checkpoints"
     written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
-    adapted = {
-        name: value + 0.5 if name.startswith(WEIGHT_PREFIX) else value
-        for name, value in written.tensors.items()
-    }
+    adapted = adapted_weights(written.tensors, 0.5)
     save_checkpoint(folder, adapted, written.state)
     # Intact on disk, but its packed ids do not match their count.
     broken = {
@@ -271,10 +273,7 @@ def test_kept_checkpoint_with_invalid_ids_resets_weights(
     written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
     daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
     # Adapted weights and two packed smoothing ids without their count.
-    tensors = {
-        name: value + 1.0 if name.startswith(WEIGHT_PREFIX) else value
-        for name, value in written.tensors.items()
-    }
+    tensors = adapted_weights(written.tensors, 1.0)
     tensors["smoothing/rows"] = np.zeros((2, 10), np.float32)
     tensors["smoothing/stamps"] = np.arange(2, dtype=np.int64)
     tensors["smoothing/ids"] = np.frombuffer(b"a\x00b", np.uint8).copy()
@@ -328,10 +327,7 @@ def test_rollback_to_unloadable_checkpoint_resets(
     assert daemon.save_checkpoint()
     written = load_latest_checkpoint(folder)
     # Adapted weights, and packed ids that do not match their count.
-    tensors = {
-        name: value + 1.0 if name.startswith(WEIGHT_PREFIX) else value
-        for name, value in written.tensors.items()
-    }
+    tensors = adapted_weights(written.tensors, 1.0)
     tensors["smoothing/rows"] = np.zeros((3, 10), np.float32)
     tensors["smoothing/stamps"] = np.arange(3)
     tensors["smoothing/ids"] = pack_ids(["a", "b"])
