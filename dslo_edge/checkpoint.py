@@ -165,19 +165,18 @@ def _read(path: Path, sequence: int) -> Checkpoint:
     return Checkpoint(path, sequence, tensors, json.loads(state_text))
 
 
-def load_older_checkpoint(folder: Path, sequence: int) -> Checkpoint | None:
+def load_older_checkpoint(
+    folder: Path, sequence: int, quarantine: bool = False
+) -> Checkpoint | None:
     """Return the newest generation older than ``sequence`` that reads back intact.
 
-    Unreadable generations are logged and skipped, and left as they are.
+    Unreadable generations are logged and skipped, and with ``quarantine``
+    renamed as in ``load_latest_checkpoint``.
     """
-    for older, path in list_checkpoints(folder):
-        if older >= sequence:
-            continue
-        try:
-            return _read(path, older)
-        except (OSError, ValueError, KeyError, SafetensorError) as error:
-            logger.warning("Skipping unreadable checkpoint %s: %s", path, error)
-    return None
+    generations = [
+        (older, path) for older, path in list_checkpoints(folder) if older < sequence
+    ]
+    return _load_first_readable(generations, quarantine)
 
 
 def load_latest_checkpoint(folder: Path, quarantine: bool = False) -> Checkpoint | None:
@@ -188,7 +187,13 @@ def load_latest_checkpoint(folder: Path, quarantine: bool = False) -> Checkpoint
     ``quarantine``, skipped files get a ``.corrupt`` suffix, so they are kept
     for inspection but never counted as a generation again.
     """
-    for sequence, path in list_checkpoints(folder):
+    return _load_first_readable(list_checkpoints(folder), quarantine)
+
+
+def _load_first_readable(
+    generations: list[tuple[int, Path]], quarantine: bool
+) -> Checkpoint | None:
+    for sequence, path in generations:
         try:
             return _read(path, sequence)
         except (OSError, ValueError, KeyError, SafetensorError) as error:

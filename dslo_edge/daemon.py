@@ -463,7 +463,11 @@ class EdgeDaemon:
             The restored checkpoint, or None when the daemon starts from the
             bundle's own weights.
         """
-        older = load_older_checkpoint(self.checkpoint_dir, newest.sequence)
+        # Pruning counts an unreadable generation left in the folder, so it
+        # would delete the restored one first.
+        older = load_older_checkpoint(
+            self.checkpoint_dir, newest.sequence, quarantine=True
+        )
         if older is not None and older.state.get("device_id") in (
             None,
             self.device_id,

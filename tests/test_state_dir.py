@@ -435,3 +435,40 @@ def saved_state(path: Path) -> str:
 
     with safe_open(path, framework="numpy") as opened:
         return opened.metadata()["state"]
+
+
+def unrestorable(tensors: dict, state: dict) -> tuple[dict, dict]:
+    """Return checkpoint content that reads back intact but fails to restore."""
+    # Two packed smoothing ids, but the JSON state counts three.
+    broken = {
+        **tensors,
+        "smoothing/rows": np.zeros((2, 10), np.float32),
+        "smoothing/stamps": np.arange(2),
+        "smoothing/ids": pack_ids(["a", "b"]),
+    }
+    return broken, {**state, "smoothing_id_count": 3}
+
+
+def test_unreadable_older_generation_is_quarantined(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    adapted = adapted_weights(written.tensors, 0.5)
+    save_checkpoint(folder, adapted, written.state, keep=3)
+    damaged = save_checkpoint(folder, adapted, written.state, keep=3)
+    damaged.write_bytes(b"damaged")
+    # Three generations, as a crash between a save and its pruning leaves.
+    save_checkpoint(folder, *unrestorable(adapted, written.state), keep=3)
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    daemon._restore()
+    assert daemon.save_checkpoint()
+    daemon._state_lock.release()
+
+    assert daemon.restored_from == "checkpoint-00000001.safetensors"
+    remaining = [path.name for _, path in list_checkpoints(folder)]
+    assert remaining == [
+        "checkpoint-00000002.safetensors",
+        "checkpoint-00000001.safetensors",
+    ]
+    assert damaged.with_name(damaged.name + ".corrupt").read_bytes() == b"damaged"
