@@ -203,19 +203,32 @@ def _load_first_readable(
     return None
 
 
-def _quarantine(path: Path) -> None:
-    """Rename a bad generation so pruning never keeps it over a good one.
+def rename_aside(path: Path, suffix: str) -> Path:
+    """Rename a generation in its folder so it no longer counts as one.
 
-    The next save reuses the generation's number, so a later bad file of
-    that number gets ``.corrupt-2`` and so on, and never replaces the first.
+    The new name is the old one plus ``suffix``. The next save reuses the
+    generation's number, so when that name is taken by an earlier file the
+    new one gets ``<suffix>-2`` and so on, and never replaces it.
+
+    Returns:
+        The new path.
+
+    Raises:
+        OSError: the rename failed.
     """
-    target = path.with_name(path.name + ".corrupt")
+    target = path.with_name(path.name + suffix)
     number = 2
     while target.exists():
-        target = path.with_name(f"{path.name}.corrupt-{number}")
+        target = path.with_name(f"{path.name}{suffix}-{number}")
         number += 1
+    path.rename(target)
+    return target
+
+
+def _quarantine(path: Path) -> None:
+    """Rename a bad generation so pruning never keeps it over a good one."""
     try:
-        path.rename(target)
+        target = rename_aside(path, ".corrupt")
     except OSError as error:
         logger.warning("Cannot rename unreadable checkpoint %s: %s", path, error)
         return

@@ -57,6 +57,7 @@ from dslo_edge.checkpoint import (
     load_older_checkpoint,
     move_file,
     move_generations,
+    rename_aside,
     save_checkpoint,
 )
 from dslo_edge.config import DeviceConfig
@@ -88,6 +89,8 @@ METRICS_MIN_INTERVAL_S = 0.25
 METRICS_LOG = "metrics.jsonl"
 # Folder of state_dir for checkpoints that do not fit the bundle at start-up.
 MISMATCHED_CHECKPOINTS = "mismatched-checkpoints"
+# Suffix of a checkpoint that does not restore and cannot be moved to that folder.
+MISMATCHED_SUFFIX = ".mismatched"
 # sysexits.h EX_SOFTWARE: an internal thread died or hung.
 EXIT_WATCHDOG = 70
 # A train step that has not returned after this long counts as a hang.
@@ -484,21 +487,42 @@ class EdgeDaemon:
         if older is None:
             self._start_from_bundle_weights(newest, error)
             return None
-        destination = self.config.state_dir / MISMATCHED_CHECKPOINTS
-        try:
-            moved: Path | str = move_file(newest.path, destination)
-        except OSError as move_error:
-            moved = f"nowhere ({move_error}), so it stays in {self.checkpoint_dir}"
         logger.warning(
             "Device %s cannot restore its newest checkpoint %s (%s) and restores "
-            "%s instead; moved the newest to %s",
+            "%s instead; %s",
             self.device_id,
             newest.path.name,
             error,
             older.path.name,
-            moved,
+            self._set_aside_newest(newest),
         )
         return older
+
+    def _set_aside_newest(self, newest: Checkpoint) -> str:
+        """Move ``newest`` out of the generations and describe where it went.
+
+        Pruning counts every generation in the checkpoints folder, so a newest
+        left there would make the next save delete the restored one.
+        """
+        destination = self.config.state_dir / MISMATCHED_CHECKPOINTS
+        try:
+            return f"moved the newest to {move_file(newest.path, destination)}"
+        except OSError as error:
+            move_error = error
+        # Renaming in the same folder needs no new directory, so it still
+        # works when, for example, the disk is too full to create one.
+        try:
+            renamed = rename_aside(newest.path, MISMATCHED_SUFFIX)
+        except OSError as rename_error:
+            return (
+                f"moving the newest to {destination} failed ({move_error}) and "
+                f"renaming it failed ({rename_error}), so it stays in "
+                f"{self.checkpoint_dir} and the next save deletes the restored one"
+            )
+        return (
+            f"renamed the newest to {renamed.name} because moving it to "
+            f"{destination} failed ({move_error})"
+        )
 
     def _load_matching(self, checkpoint: Checkpoint) -> bool:
         try:

@@ -472,3 +472,32 @@ def test_unreadable_older_generation_is_quarantined(mlp_pair, tmp_path) -> None:
         "checkpoint-00000001.safetensors",
     ]
     assert damaged.with_name(damaged.name + ".corrupt").read_bytes() == b"damaged"
+
+
+def test_unmovable_newest_stops_counting(mlp_pair, tmp_path, caplog) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    adapted = adapted_weights(written.tensors, 0.5)
+    save_checkpoint(folder, adapted, written.state)
+    newest = save_checkpoint(folder, *unrestorable(adapted, written.state))
+    broken_bytes = newest.read_bytes()
+    # A file where the folder for moved checkpoints goes, so the move fails.
+    (state / "mismatched-checkpoints").write_text("")
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon._restore()
+    assert daemon.save_checkpoint()
+    daemon._state_lock.release()
+
+    assert daemon.restored_from == "checkpoint-00000001.safetensors"
+    # The restored generation survives the next save's pruning.
+    remaining = [path.name for _, path in list_checkpoints(folder)]
+    assert remaining == [
+        "checkpoint-00000002.safetensors",
+        "checkpoint-00000001.safetensors",
+    ]
+    renamed = folder / "checkpoint-00000002.safetensors.mismatched"
+    assert renamed.read_bytes() == broken_bytes
+    assert f"renamed the newest to {renamed.name}" in caplog.text
