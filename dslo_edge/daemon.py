@@ -471,18 +471,7 @@ class EdgeDaemon:
         older = load_older_checkpoint(
             self.checkpoint_dir, newest.sequence, quarantine=True
         )
-        if older is not None and older.state.get("device_id") in (
-            None,
-            self.device_id,
-        ):
-            # The failed load may have set some of the newest's weights.
-            self.student.set_weights(self._factory_weights())
-            self.trainer = self._new_trainer()
-            try:
-                self._load(older)
-            except ValueError:
-                older = None
-        else:
+        if older is not None and not self._load_older(older, newest):
             older = None
         if older is None:
             self._start_from_bundle_weights(newest, error)
@@ -497,6 +486,30 @@ class EdgeDaemon:
             self._set_aside_newest(newest),
         )
         return older
+
+    def _load_older(self, older: Checkpoint, newest: Checkpoint) -> bool:
+        """Load ``older`` in place of ``newest``, or log why it cannot be used."""
+        owner = older.state.get("device_id")
+        if owner is not None and owner != self.device_id:
+            reason = f"written by device {owner!r}"
+        else:
+            # The failed load may have set some of the newest's weights.
+            self.student.set_weights(self._factory_weights())
+            self.trainer = self._new_trainer()
+            try:
+                self._load(older)
+            except ValueError as error:
+                reason = str(error)
+            else:
+                return True
+        logger.warning(
+            "Device %s cannot restore %s, the generation before %s, either (%s)",
+            self.device_id,
+            older.path.name,
+            newest.path.name,
+            reason,
+        )
+        return False
 
     def _set_aside_newest(self, newest: Checkpoint) -> str:
         """Move ``newest`` out of the generations and describe where it went.

@@ -501,3 +501,39 @@ def test_unmovable_newest_stops_counting(mlp_pair, tmp_path, caplog) -> None:
     renamed = folder / "checkpoint-00000002.safetensors.mismatched"
     assert renamed.read_bytes() == broken_bytes
     assert f"renamed the newest to {renamed.name}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("older_state", "logged"),
+    [
+        ({"smoothing_id_count": None}, "invalid smoothing_id_count None"),
+        ({"device_id": "dev-b"}, "written by device 'dev-b'"),
+    ],
+)
+def test_unrestorable_older_is_logged(
+    mlp_pair, tmp_path, caplog, older_state, logged
+) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    older_tensors = {
+        **written.tensors,
+        "smoothing/rows": np.zeros((2, 10), np.float32),
+        "smoothing/stamps": np.arange(2),
+        "smoothing/ids": pack_ids(["a", "b"]),
+    }
+    save_checkpoint(folder, older_tensors, {**written.state, **older_state})
+    save_checkpoint(folder, *unrestorable(written.tensors, written.state))
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon._restore()
+    daemon._state_lock.release()
+
+    assert daemon.restored_from == "factory weights"
+    expected = (
+        "cannot restore checkpoint-00000001.safetensors, the generation before "
+        "checkpoint-00000002.safetensors, either"
+    )
+    assert expected in caplog.text
+    assert logged in caplog.text
