@@ -87,7 +87,7 @@ OTA_QUEUE = 256
 # still shows the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
 METRICS_LOG = "metrics.jsonl"
-# Folder of state_dir for checkpoints that do not fit the bundle at start-up.
+# Folder of state_dir for checkpoints that do not restore at start-up or rollback.
 MISMATCHED_CHECKPOINTS = "mismatched-checkpoints"
 # Suffix of a checkpoint that does not restore and cannot be moved to that folder.
 MISMATCHED_SUFFIX = ".mismatched"
@@ -420,12 +420,7 @@ class EdgeDaemon:
             logger.info("Device %s starts from the factory weights", self.device_id)
         else:
             self._check_owner(checkpoint)
-            try:
-                self._load(checkpoint)
-            except ValueError as error:
-                restored = self._restore_older(checkpoint, error)
-            else:
-                restored = checkpoint
+            restored = self._restore_checkpoint(checkpoint)
             if restored is not None:
                 self.metrics.restore_rejected(restored.state.get("rejected", {}))
                 self.restored_from = restored.path.name
@@ -449,6 +444,19 @@ class EdgeDaemon:
                 f"{self.device_id!r}; give each device its own state_dir, or "
                 f"set device.id = {owner!r} if the device was renamed"
             )
+
+    def _restore_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint | None:
+        """Restore ``checkpoint``, else the generation before it.
+
+        Returns:
+            The restored checkpoint, or None when neither restores and the
+            daemon starts from the bundle's own weights.
+        """
+        try:
+            self._load(checkpoint)
+        except ValueError as error:
+            return self._restore_older(checkpoint, error)
+        return checkpoint
 
     def _restore_older(
         self, newest: Checkpoint, error: ValueError
@@ -536,14 +544,6 @@ class EdgeDaemon:
             f"renamed the newest to {renamed.name} because moving it to "
             f"{destination} failed ({move_error})"
         )
-
-    def _load_matching(self, checkpoint: Checkpoint) -> bool:
-        try:
-            self._load(checkpoint)
-        except ValueError as error:
-            self._start_from_bundle_weights(checkpoint, error)
-            return False
-        return True
 
     def _start_from_bundle_weights(
         self, checkpoint: Checkpoint, error: ValueError
@@ -1228,18 +1228,18 @@ class EdgeDaemon:
         self.rollbacks += 1
         self.last_rollback = problem
         checkpoint = load_latest_checkpoint(self.checkpoint_dir)
+        restored = None
         if checkpoint is None:
             self.student.set_weights(self._factory_weights())
             self.trainer = self._new_trainer()
-            target = "the factory weights"
-        elif self._load_matching(checkpoint):
-            target = checkpoint.path.name
         else:
-            # _load_matching reset the student and trainer and set the
-            # checkpoints aside.
-            target = "the factory weights"
+            # The generation before the newest contains every acknowledged
+            # update, so it is tried before the bundle's own weights.
+            restored = self._restore_checkpoint(checkpoint)
+        target = "the factory weights" if restored is None else restored.path.name
         logger.error(
-            "Device %s rolled back to %s: %s; %d updates since then are dropped",
+            "Device %s rolled back to %s: %s; %d updates since the last "
+            "checkpoint are dropped",
             self.device_id,
             target,
             problem,

@@ -326,12 +326,12 @@ def test_rollback_to_unloadable_checkpoint_resets(
     factory = daemon.student.get_weights()
     assert daemon.save_checkpoint()
     written = load_latest_checkpoint(folder)
-    # Adapted weights, and packed ids that do not match their count.
-    tensors = adapted_weights(written.tensors, 1.0)
-    tensors["smoothing/rows"] = np.zeros((3, 10), np.float32)
-    tensors["smoothing/stamps"] = np.arange(3)
-    tensors["smoothing/ids"] = pack_ids(["a", "b"])
-    save_checkpoint(folder, tensors, {**written.state, "smoothing_id_count": 3})
+    written.path.unlink()
+    # Two generations with adapted weights, and packed ids that do not match
+    # their count.
+    adapted = adapted_weights(written.tensors, 1.0)
+    save_checkpoint(folder, *unrestorable(adapted, written.state))
+    save_checkpoint(folder, *unrestorable(adapted, written.state))
     monkeypatch.setattr(daemon.health, "problem", lambda *_: "forced failure")
 
     with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
@@ -537,3 +537,33 @@ def test_unrestorable_older_is_logged(
     )
     assert expected in caplog.text
     assert logged in caplog.text
+
+
+def test_rollback_restores_older_generation(
+    mlp_pair, tmp_path, monkeypatch, caplog
+) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    assert daemon.save_checkpoint()
+    written = load_latest_checkpoint(folder)
+    written.path.unlink()
+    # Every acknowledged update is in the older generation.
+    adapted = adapted_weights(written.tensors, 0.5)
+    save_checkpoint(folder, adapted, written.state)
+    save_checkpoint(folder, *unrestorable(adapted, written.state))
+    monkeypatch.setattr(daemon.health, "problem", lambda *_: "forced failure")
+
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        healthy = daemon._check_health()
+    daemon._state_lock.release()
+
+    assert not healthy
+    for name, value in daemon.student.get_weights().items():
+        np.testing.assert_array_equal(value, adapted[WEIGHT_PREFIX + name])
+    remaining = [path.name for _, path in list_checkpoints(folder)]
+    assert remaining == ["checkpoint-00000001.safetensors"]
+    moved = list((state / "mismatched-checkpoints").glob("*/*"))
+    assert [path.name for path in moved] == ["checkpoint-00000002.safetensors"]
+    expected = "rolled back to checkpoint-00000001.safetensors: forced failure"
+    assert expected in caplog.text
