@@ -135,6 +135,28 @@ def adapted_weights(tensors: dict, offset: float) -> dict:
     }
 
 
+def restore_then_save(tmp_path: Path, bundle: Path, state: Path) -> EdgeDaemon:
+    """Restore a daemon from ``state``, save one checkpoint and return it."""
+    daemon = EdgeDaemon(device_config(tmp_path, bundle, "dev-a", state))
+    daemon._restore()
+    assert daemon.save_checkpoint()
+    daemon._state_lock.release()
+    return daemon
+
+
+def forced_rollback(daemon: EdgeDaemon, monkeypatch, caplog) -> bool:
+    """Run the health check with a forced failure, then release the state lock."""
+    monkeypatch.setattr(daemon.health, "problem", lambda *_: "forced failure")
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        healthy = daemon._check_health()
+    daemon._state_lock.release()
+    return healthy
+
+
+def generation_names(folder: Path) -> list[str]:
+    return [path.name for _, path in list_checkpoints(folder)]
+
+
 def take_first_checkpoint(tmp_path: Path, bundle: Path, state: Path):
     """Save a daemon's first checkpoint, then remove the file and return it."""
     writer = EdgeDaemon(device_config(tmp_path, bundle, "dev-a", state))
@@ -257,8 +279,7 @@ def test_unrestorable_newest_falls_back_a_generation(
     moved = list((state / "mismatched-checkpoints").glob("*/*"))
     assert [path.name for path in moved] == ["checkpoint-00000002.safetensors"]
     assert moved[0].read_bytes() == broken_bytes
-    remaining = [path.name for _, path in list_checkpoints(folder)]
-    assert remaining == ["checkpoint-00000001.safetensors"]
+    assert generation_names(folder) == ["checkpoint-00000001.safetensors"]
     assert (
         "cannot restore its newest checkpoint checkpoint-00000002.safetensors"
         in caplog.text
@@ -332,11 +353,8 @@ def test_rollback_to_unloadable_checkpoint_resets(
     adapted = adapted_weights(written.tensors, 1.0)
     save_checkpoint(folder, *unrestorable(adapted, written.state))
     save_checkpoint(folder, *unrestorable(adapted, written.state))
-    monkeypatch.setattr(daemon.health, "problem", lambda *_: "forced failure")
 
-    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
-        healthy = daemon._check_health()
-    daemon._state_lock.release()
+    healthy = forced_rollback(daemon, monkeypatch, caplog)
 
     assert not healthy
     assert daemon.rollbacks == 1
@@ -460,14 +478,11 @@ def test_unreadable_older_generation_is_quarantined(mlp_pair, tmp_path) -> None:
     # Three generations, as a crash between a save and its pruning leaves.
     save_checkpoint(folder, *unrestorable(adapted, written.state), keep=3)
 
-    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
-    daemon._restore()
-    assert daemon.save_checkpoint()
-    daemon._state_lock.release()
+    daemon = restore_then_save(tmp_path, mlp_pair.bundle, state)
 
     assert daemon.restored_from == "checkpoint-00000001.safetensors"
-    remaining = [path.name for _, path in list_checkpoints(folder)]
-    assert remaining == [
+    # The restored generation survives the next save's pruning.
+    assert generation_names(folder) == [
         "checkpoint-00000002.safetensors",
         "checkpoint-00000001.safetensors",
     ]
@@ -485,16 +500,12 @@ def test_unmovable_newest_stops_counting(mlp_pair, tmp_path, caplog) -> None:
     # A file where the folder for moved checkpoints goes, so the move fails.
     (state / "mismatched-checkpoints").write_text("")
 
-    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
     with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
-        daemon._restore()
-    assert daemon.save_checkpoint()
-    daemon._state_lock.release()
+        daemon = restore_then_save(tmp_path, mlp_pair.bundle, state)
 
     assert daemon.restored_from == "checkpoint-00000001.safetensors"
     # The restored generation survives the next save's pruning.
-    remaining = [path.name for _, path in list_checkpoints(folder)]
-    assert remaining == [
+    assert generation_names(folder) == [
         "checkpoint-00000002.safetensors",
         "checkpoint-00000001.safetensors",
     ]
@@ -552,17 +563,13 @@ def test_rollback_restores_older_generation(
     adapted = adapted_weights(written.tensors, 0.5)
     save_checkpoint(folder, adapted, written.state)
     save_checkpoint(folder, *unrestorable(adapted, written.state))
-    monkeypatch.setattr(daemon.health, "problem", lambda *_: "forced failure")
 
-    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
-        healthy = daemon._check_health()
-    daemon._state_lock.release()
+    healthy = forced_rollback(daemon, monkeypatch, caplog)
 
     assert not healthy
     for name, value in daemon.student.get_weights().items():
         np.testing.assert_array_equal(value, adapted[WEIGHT_PREFIX + name])
-    remaining = [path.name for _, path in list_checkpoints(folder)]
-    assert remaining == ["checkpoint-00000001.safetensors"]
+    assert generation_names(folder) == ["checkpoint-00000001.safetensors"]
     moved = list((state / "mismatched-checkpoints").glob("*/*"))
     assert [path.name for path in moved] == ["checkpoint-00000002.safetensors"]
     expected = "rolled back to checkpoint-00000001.safetensors: forced failure"
