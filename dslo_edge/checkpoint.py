@@ -84,14 +84,7 @@ def move_generations(folder: Path, destination: Path) -> Path | None:
     generations = list_checkpoints(folder)
     if not generations:
         return None
-    destination.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime())
-    target = Path(tempfile.mkdtemp(prefix=stamp, dir=destination))
-    for _, path in generations:
-        path.rename(target / path.name)
-    _fsync_directory(folder)
-    _fsync_directory(target)
-    return target
+    return _move_into_new_folder([path for _, path in generations], destination)
 
 
 def move_file(path: Path, destination: Path) -> Path:
@@ -102,12 +95,22 @@ def move_file(path: Path, destination: Path) -> Path:
     Raises:
         OSError: the folder cannot be created or the file cannot be moved.
     """
+    return _move_into_new_folder([path], destination) / path.name
+
+
+def _move_into_new_folder(paths: list[Path], destination: Path) -> Path:
+    """Move files of one folder into a new folder under ``destination``.
+
+    The new folder is named after the current UTC time plus a unique suffix.
+    Returns it.
+    """
     destination.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime())
-    target = Path(tempfile.mkdtemp(prefix=stamp, dir=destination)) / path.name
-    path.rename(target)
-    _fsync_directory(path.parent)
-    _fsync_directory(target.parent)
+    target = Path(tempfile.mkdtemp(prefix=stamp, dir=destination))
+    for path in paths:
+        path.rename(target / path.name)
+    _fsync_directory(paths[0].parent)
+    _fsync_directory(target)
     return target
 
 

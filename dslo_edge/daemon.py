@@ -502,8 +502,7 @@ class EdgeDaemon:
             reason = f"written by device {owner!r}"
         else:
             # The failed load may have set some of the newest's weights.
-            self.student.set_weights(self._factory_weights())
-            self.trainer = self._new_trainer()
+            self._reset_to_bundle_weights()
             try:
                 self._load(older)
             except ValueError as error:
@@ -561,8 +560,7 @@ class EdgeDaemon:
         )
         # The weights may have loaded before a later part of the
         # checkpoint failed, so the student and trainer start over.
-        self.student.set_weights(self._factory_weights())
-        self.trainer = self._new_trainer()
+        self._reset_to_bundle_weights()
         self._set_aside_checkpoints()
 
     def _set_aside_checkpoints(self) -> None:
@@ -1230,8 +1228,7 @@ class EdgeDaemon:
         checkpoint = load_latest_checkpoint(self.checkpoint_dir)
         restored = None
         if checkpoint is None:
-            self.student.set_weights(self._factory_weights())
-            self.trainer = self._new_trainer()
+            self._reset_to_bundle_weights()
         else:
             # The generation before the newest contains every acknowledged
             # update, so it is tried before the bundle's own weights.
@@ -1251,6 +1248,11 @@ class EdgeDaemon:
         self._send_acks(self._acks.release_all())
         self.publish_metrics()
         return False
+
+    def _reset_to_bundle_weights(self) -> None:
+        """Give the student the bundle's weights and a new trainer."""
+        self.student.set_weights(self._factory_weights())
+        self.trainer = self._new_trainer()
 
     def _factory_weights(self) -> dict[str, Any]:
         return StudentModel(self.bundle, self.config.runtime).get_weights()
