@@ -704,7 +704,7 @@ def _write_evaluation_report(
     """Write the report into ``out`` and print the summary lines.
 
     When the report cannot be written, ``keep_results`` returns the end of
-    the error message, which says where the results are.
+    the error message, which names the file that contains the results.
     """
     from dslo_edge.eval_report import summary_line, write_report
 

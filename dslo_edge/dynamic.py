@@ -460,7 +460,7 @@ def _take_rows(
 ) -> tuple[list[str], np.ndarray]:
     """Return the ids and rows that ``_put_rows`` saved, oldest first.
 
-    Checkpoints of earlier versions hold the ids as a JSON list, oldest
+    Checkpoints of earlier versions contain the ids as a JSON list, oldest
     first, and no stamps. They are read as they are.
 
     Raises:

@@ -282,8 +282,8 @@ def pack_ids(ids: Sequence[str]) -> np.ndarray | None:
     """Return ids as one uint8 array of NUL-separated UTF-8.
 
     Returns None when an id contains NUL or is not valid Unicode (a lone
-    surrogate); such ids must be saved some other way, such as a JSON list.
-    ``unpack_ids`` needs the id count to read the array back.
+    surrogate). The caller then saves the ids another way, such as a JSON
+    list. ``unpack_ids`` needs the id count to read the array back.
     """
     joined = _ID_SEPARATOR.join(ids)
     if joined.count(_ID_SEPARATOR) != max(len(ids) - 1, 0):
@@ -299,7 +299,7 @@ def unpack_ids(packed: np.ndarray, count: int) -> list[str]:
     """Return the ``count`` ids that ``pack_ids`` packed.
 
     Raises:
-        ValueError: the array is not 1-D uint8, is not UTF-8, or holds
+        ValueError: the array is not 1-D uint8, is not UTF-8, or contains
             another number of ids.
     """
     if packed.ndim != 1 or packed.dtype != np.uint8:

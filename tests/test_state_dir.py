@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dslo_edge.checkpoint import (
+    Checkpoint,
     list_checkpoints,
     load_latest_checkpoint,
     move_generations,
@@ -155,6 +156,21 @@ def forced_rollback(daemon: EdgeDaemon, monkeypatch, caplog) -> bool:
 
 def generation_names(folder: Path) -> list[str]:
     return [path.name for _, path in list_checkpoints(folder)]
+
+
+def daemon_and_first_checkpoint(
+    tmp_path: Path, bundle: Path, state: Path
+) -> tuple[EdgeDaemon, Checkpoint]:
+    """Return a daemon and its first checkpoint, whose file is removed.
+
+    The daemon keeps its state lock, so the test releases it.
+    """
+    daemon = EdgeDaemon(device_config(tmp_path, bundle, "dev-a", state))
+    assert daemon.save_checkpoint()
+    written = load_latest_checkpoint(state / "checkpoints")
+    assert written is not None
+    written.path.unlink()
+    return daemon, written
 
 
 def take_first_checkpoint(tmp_path: Path, bundle: Path, state: Path):
@@ -343,11 +359,8 @@ def test_rollback_to_unloadable_checkpoint_resets(
 ) -> None:
     state = tmp_path / "state"
     folder = state / "checkpoints"
-    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    daemon, written = daemon_and_first_checkpoint(tmp_path, mlp_pair.bundle, state)
     factory = daemon.student.get_weights()
-    assert daemon.save_checkpoint()
-    written = load_latest_checkpoint(folder)
-    written.path.unlink()
     # Two generations with adapted weights, and packed ids that do not match
     # their count.
     adapted = adapted_weights(written.tensors, 1.0)
@@ -555,10 +568,7 @@ def test_rollback_restores_older_generation(
 ) -> None:
     state = tmp_path / "state"
     folder = state / "checkpoints"
-    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
-    assert daemon.save_checkpoint()
-    written = load_latest_checkpoint(folder)
-    written.path.unlink()
+    daemon, written = daemon_and_first_checkpoint(tmp_path, mlp_pair.bundle, state)
     # Every acknowledged update is in the older generation.
     adapted = adapted_weights(written.tensors, 0.5)
     save_checkpoint(folder, adapted, written.state)
