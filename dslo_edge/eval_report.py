@@ -186,7 +186,7 @@ def load_results(path: Path) -> tuple[list[SeedResult], str, float]:
     """Read a ``results_document`` file: the results, the command and the time.
 
     Raises:
-        ConfigError: the file cannot be read, is not JSON, or does not hold
+        ConfigError: the file cannot be read, is not JSON, or does not contain
             the runs of every method for each seed. Also raised when it names
             an unknown dataset or a seed twice, or when the seeds of one
             dataset differ in their number of teacher rounds.
