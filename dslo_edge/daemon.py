@@ -592,7 +592,13 @@ class EdgeDaemon:
         )
 
     def _load(self, checkpoint: Checkpoint) -> None:
-        self.trainer.restore(checkpoint)
+        """Restore ``checkpoint`` into the trainer and the applied ids.
+
+        Raises:
+            ValueError: the checkpoint does not fit the bundle or the config,
+                or a value in its state has the wrong type.
+        """
+        restore_trainer(self.trainer, checkpoint)
         if APPLIED_IDS in checkpoint.tensors:
             self.applied_ids = AppliedIds.from_array(
                 checkpoint.tensors[APPLIED_IDS],
@@ -1192,7 +1198,7 @@ class EdgeDaemon:
             return trainer, False
         loaded = trainer.student.get_weights()
         try:
-            trainer.restore(checkpoint)
+            restore_trainer(trainer, checkpoint)
         except ValueError as error:
             logger.warning(
                 "Device %s cannot restore the kept checkpoint %s: %s; starting "
@@ -1420,6 +1426,26 @@ def _same_labels(
             and dict(trainer.spec.heads) == dict(other.spec.heads)
         )
     return trainer.spec.class_count == other.spec.class_count
+
+
+def restore_trainer(
+    trainer: Trainer | MultiHeadTrainer, checkpoint: Checkpoint
+) -> None:
+    """Restore ``checkpoint`` into ``trainer``.
+
+    Raises:
+        ValueError: the checkpoint does not fit the bundle or the config, or
+            a value in its state has the wrong type.
+    """
+    try:
+        trainer.restore(checkpoint)
+    except (TypeError, KeyError, AttributeError) as error:
+        # The state's checksum matched, so the writer put a wrong value there.
+        # Callers fall back as for any other checkpoint that does not fit.
+        raise ValueError(
+            f"invalid state in {checkpoint.path.name} "
+            f"({type(error).__name__}: {error})"
+        ) from error
 
 
 def _load_profile(config: DeviceConfig) -> Any:

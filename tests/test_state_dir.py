@@ -334,6 +334,31 @@ def test_kept_checkpoint_with_invalid_ids_resets_weights(
     assert "missing smoothing_id_count" in caplog.text
 
 
+def test_kept_checkpoint_of_wrong_type_resets(mlp_pair, tmp_path, caplog) -> None:
+    state = tmp_path / "state"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    kept = state / KEPT_CHECKPOINTS / release_id(daemon.bundle.path)
+    save_checkpoint(
+        kept,
+        adapted_weights(written.tensors, 1.0),
+        {**written.state, "highest_round": {"round": 3}},
+    )
+    student = load_student(daemon.bundle, daemon.config.runtime)
+    loaded = student.get_weights()
+
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        trainer, restored = daemon._restore_kept_checkpoint(
+            daemon.bundle, daemon._new_trainer(student)
+        )
+    daemon._state_lock.release()
+
+    assert not restored
+    for name, value in student.get_weights().items():
+        np.testing.assert_array_equal(value, loaded[name])
+    assert "invalid state in checkpoint-00000001.safetensors" in caplog.text
+
+
 def test_rollback_to_empty_store_clears_it(mlp_pair, tmp_path, monkeypatch) -> None:
     state = tmp_path / "state"
     daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
@@ -584,3 +609,31 @@ def test_rollback_restores_older_generation(
     assert [path.name for path in moved] == ["checkpoint-00000002.safetensors"]
     expected = "rolled back to checkpoint-00000001.safetensors: forced failure"
     assert expected in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("wrong_value", "logged"),
+    [
+        ({"applied_updates": [1, 2]}, "invalid state in checkpoint-00000002"),
+        ({"monitor_state": [0.5]}, "invalid state in checkpoint-00000002"),
+    ],
+)
+def test_state_of_wrong_type_falls_back(
+    mlp_pair, tmp_path, caplog, wrong_value, logged
+) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    adapted = adapted_weights(written.tensors, 0.5)
+    save_checkpoint(folder, adapted, written.state)
+    # Checksummed, so it reads back intact, but a value has the wrong type.
+    save_checkpoint(folder, adapted, {**written.state, **wrong_value})
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon._restore()
+    daemon._state_lock.release()
+
+    assert daemon.restored_from == "checkpoint-00000001.safetensors"
+    assert generation_names(folder) == ["checkpoint-00000001.safetensors"]
+    assert logged in caplog.text
