@@ -647,16 +647,17 @@ def evaluate(
         _report_from_results(from_results, out)
         return
     _require_modules(("keras", "sklearn", "river", "matplotlib"), "convert,eval")
-    # The run takes minutes, so an unwritable --out is reported before it.
-    _check_writable_dir(Path(out) / "evaluation", "--out")
-
     from dslo_edge.eval_data import DATASETS
     from dslo_edge.evaluate import run_evaluation
 
-    started = time.monotonic()
     # A repeated --dataset would run again and count as more seeds.
     datasets = tuple(dict.fromkeys(datasets))
     chosen = datasets or DATASETS
+    # The run takes minutes, so an unwritable --out is reported before it.
+    _check_writable_dir(Path(out) / "evaluation", "--out")
+    _check_report_paths(Path(out), list(chosen))
+
+    started = time.monotonic()
     results = run_evaluation(
         chosen, seeds, quick=quick, progress=lambda line: click.echo(line, err=True)
     )
@@ -689,6 +690,7 @@ def _report_from_results(path: Path, out: str) -> None:
     from dslo_edge.eval_report import load_results
 
     results, command, seconds = load_results(path)
+    _check_report_paths(Path(out), [result.dataset for result in results])
     _write_evaluation_report(
         results, out, command, seconds, lambda: f"the results stay in {path}"
     )
@@ -712,7 +714,8 @@ def _write_evaluation_report(
         summary = write_report(results, Path(out), command, seconds)
     except OSError as error:
         raise DsloError(
-            f"cannot write the evaluation report: {error}; {keep_results()}"
+            f"cannot write the evaluation report: {error}; the files of an "
+            f"earlier report in {out} are unchanged; {keep_results()}"
         ) from error
     for dataset, entry in summary.items():
         click.echo(summary_line(dataset, entry))
@@ -741,11 +744,24 @@ def _save_results_elsewhere(
     except OSError as error:
         return f"saving the results in the temporary directory also failed: {error}"
     return (
-        f"the results of every run are saved in {name}; free space or fix the "
-        "permissions of --out, then write the report from them with "
+        f"the results of every run are saved in {name}; once the error is "
+        "fixed, write the report from them with "
         f"dslo-edge evaluate --from-results {shlex.quote(name)} "
         f"--out {shlex.quote(out)}"
     )
+
+
+def _check_report_paths(out: Path, datasets: list[str]) -> None:
+    """Raise BadParameter when a directory or other non-file is at a report path."""
+    from dslo_edge.eval_report import report_paths
+
+    for path in report_paths(out, list(dict.fromkeys(datasets))):
+        if path.exists() and not path.is_file():
+            raise click.BadParameter(
+                f"{path} is not a regular file, so the report cannot replace "
+                "it; move it away or choose another --out",
+                param_hint="--out",
+            )
 
 
 def _check_writable_dir(folder: Path, option: str) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,12 @@ from dslo_edge.eval_data import DATASETS
 from dslo_edge.evaluate import METHODS, RunResult, SeedResult
 
 CURVE_METHODS = ("static KD", "annealed KD", "DSL-O")
+# Per dataset: the curve field, the y-axis label and the title of each plot.
+PLOTS = (
+    ("alpha", "mean alpha of the update", "alpha(t)"),
+    ("entropy", "teacher normalised entropy", "teacher entropy(t)"),
+    ("accuracy", "student test accuracy", "student accuracy(t)"),
+)
 ENTROPY_LABELS = {
     "static KD": "final teacher (static KD)",
     "DSL-O": "evolving teacher (annealed KD, DSL-O)",
@@ -121,14 +130,9 @@ def write_plots(results: list[SeedResult], folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    plots = [
-        ("alpha", "mean alpha of the update", "alpha(t)"),
-        ("entropy", "teacher normalised entropy", "teacher entropy(t)"),
-        ("accuracy", "student test accuracy", "student accuracy(t)"),
-    ]
     for dataset in dict.fromkeys(result.dataset for result in results):
         seeds = [result for result in results if result.dataset == dataset]
-        for field, label, title in plots:
+        for field, label, title in PLOTS:
             figure, axes = plt.subplots(figsize=(6.4, 3.6))
             for name, curve in _curves(seeds, dataset, field).items():
                 if field == "entropy" and name == "annealed KD":
@@ -354,14 +358,40 @@ def render_page(
 def write_report(
     results: list[SeedResult], out: Path, command: str, seconds: float
 ) -> dict[str, Any]:
-    """Write evaluation.md, evaluation/*.png and evaluation/results.json."""
+    """Write evaluation.md, evaluation/*.png and evaluation/results.json.
+
+    Every file is written into a staging folder inside ``out/evaluation``
+    first and then renamed into place, so a failed write, such as a full
+    disk, leaves the files of an earlier report as they were.
+    """
     summary = summarise(results)
     folder = out / "evaluation"
-    write_plots(results, folder)
-    write_json(results, folder / "results.json")
-    seeds = len({result.seed for result in results})
-    (out / "evaluation.md").write_text(render_page(summary, command, seconds, seeds))
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        written = write_plots(results, staging)
+        written.append(staging / "results.json")
+        write_json(results, written[-1])
+        page = staging / "evaluation.md"
+        seeds = len({result.seed for result in results})
+        page.write_text(render_page(summary, command, seconds, seeds))
+        for path in written:
+            os.replace(path, folder / path.name)
+        os.replace(page, out / "evaluation.md")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+def report_paths(out: Path, datasets: list[str]) -> list[Path]:
+    """Return the paths that ``write_report`` replaces for ``datasets``."""
+    folder = out / "evaluation"
+    plots = [
+        folder / f"{dataset}-{field}.png"
+        for dataset in datasets
+        for field, _, _ in PLOTS
+    ]
+    return [out / "evaluation.md", folder / "results.json", *plots]
 
 
 def _run_result(run: dict[str, Any]) -> RunResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from dslo_edge import eval_report
 from dslo_edge.cli import main
 from dslo_edge.eval_data import load_eval_splits, read_segment
 from dslo_edge.evaluate import METHODS, QUICK_GRID, Grid, _candidates
@@ -197,15 +199,29 @@ def test_report_write_error_keeps_results(tmp_path, monkeypatch) -> None:
     saved_dir.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(saved_dir))
     out = tmp_path / "docs"
-    # A directory at the report's path, so the probe passes and the write fails.
-    (out / "evaluation.md").mkdir(parents=True)
+    (out / "evaluation").mkdir(parents=True)
+    (out / "evaluation.md").write_text("earlier report\n")
+    earlier_plot = out / "evaluation" / "digits-alpha.png"
+    earlier_plot.write_bytes(b"earlier plot")
 
+    def disk_full(*_args) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The plots are written, then the disk fills up.
+    monkeypatch.setattr(eval_report, "write_json", disk_full)
     result = CliRunner().invoke(main, ["evaluate", "--seeds", "1", "--out", str(out)])
+    monkeypatch.undo()
 
     saved = list(saved_dir.glob("dslo-evaluation-*.json"))
     assert result.exit_code == 1
     assert "cannot write the evaluation report" in result.output
-    assert "Is a directory" in result.output
+    assert "No space left on device" in result.output
+    assert f"the files of an earlier report in {out} are unchanged" in result.output
+    assert (out / "evaluation.md").read_text() == "earlier report\n"
+    assert earlier_plot.read_bytes() == b"earlier plot"
+    assert sorted(path.name for path in (out / "evaluation").iterdir()) == [
+        "digits-alpha.png"
+    ]
     assert len(saved) == 1
     assert f"the results of every run are saved in {saved[0]}" in result.output
     document = json.loads(saved[0].read_text())
@@ -217,8 +233,7 @@ def test_report_write_error_keeps_results(tmp_path, monkeypatch) -> None:
     rerun = f"dslo-edge evaluate --from-results {saved[0]} --out {out}"
     assert rerun in result.output
 
-    # The command in the message writes the report once --out is fixed.
-    (out / "evaluation.md").rmdir()
+    # The command in the message writes the report once the disk has room.
     monkeypatch.setattr(evaluate_module, "run_evaluation", None)
     written = CliRunner().invoke(main, rerun.split()[1:])
 
@@ -231,6 +246,29 @@ def test_report_write_error_keeps_results(tmp_path, monkeypatch) -> None:
     assert "`dslo-edge evaluate --seeds 1`" in page
     image = out / "evaluation" / "digits-alpha.png"
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "taken", ["evaluation.md", "evaluation/results.json", "evaluation/digits-alpha.png"]
+)
+def test_evaluate_rejects_directory_in_the_way(tmp_path, monkeypatch, taken) -> None:
+    import dslo_edge.evaluate as evaluate_module
+
+    pytest.importorskip("keras")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "docs"
+    (out / taken).mkdir(parents=True)
+    # The run must not start, so a call of it fails the test.
+    monkeypatch.setattr(evaluate_module, "run_evaluation", None)
+
+    result = CliRunner().invoke(
+        main, ["evaluate", "--seeds", "1", "--dataset", "digits", "--out", str(out)]
+    )
+
+    assert result.exit_code == 2, result.output
+    assert f"{out / taken} is not a regular file" in result.output
+    assert "move it away or choose another --out" in result.output
+    assert (out / taken).is_dir()
 
 
 def saved_results(tmp_path, document) -> str:
