@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -64,6 +65,8 @@ FINISHED_MEMORY = 4096
 # A rejection with the same status and message as one logged less than this
 # many seconds ago is only counted. The next line logged for it gives the count.
 REPEAT_LOG_INTERVAL_S = 60.0
+# Hex ids and numbers, replaced by "#" before two messages are compared.
+VARIABLE_PART = re.compile(r"\b[0-9a-fA-F]{8,}\b|\d+(?:\.\d+)?")
 # Distinct rejection messages remembered for that. Beyond it, all are forgotten.
 REPEAT_LOG_MEMORY = 64
 LATENCY_WINDOW = 1024
@@ -394,8 +397,12 @@ class LabelRequester:
             )
 
     def _skip_repeat(self, status: str, text: str) -> int | None:
-        """Return None to skip logging a repeated rejection, else the count skipped."""
-        key = (status, text)
+        """Return None to skip logging a repeated rejection, else the count skipped.
+
+        Messages that differ only in numbers or hex ids, such as a request id
+        or a sample count, count as repeats of each other.
+        """
+        key = (status, VARIABLE_PART.sub("#", text))
         now = self._clock()
         last, skipped = self._logged_rejections.get(key, (-math.inf, 0))
         if now - last < REPEAT_LOG_INTERVAL_S:

@@ -240,3 +240,26 @@ def test_repeated_rejection_is_logged_once_a_minute(caplog) -> None:
     assert lines[2].endswith(
         "with status rejected: bad key (4 more such responses since the last line)"
     )
+
+
+def test_rejections_differing_in_numbers_repeat(caplog) -> None:
+    clock = FakeClock()
+    requester = LabelRequester("cam", clock=clock)
+
+    with caplog.at_level("WARNING", logger="dslo_edge.label_requests"):
+        for count in range(40, 45):
+            pending = requester.open(["a"], np.zeros((1, 4), np.float32))
+            request_hex = pending.request.request_id.hex()
+            text = f"request {request_hex} has {count} samples, max 32.5"
+            requester.match(
+                message(pending.request.request_id, "rejected", text.encode())
+            )
+            clock.now += 10.0
+        pending = requester.open(["a"], np.zeros((1, 4), np.float32))
+        requester.match(message(pending.request.request_id, "rejected", b"bad key"))
+
+    lines = [record.getMessage() for record in caplog.records]
+    assert requester.counters.rejected == 6
+    assert len(lines) == 2
+    assert "has 40 samples, max 32.5" in lines[0]
+    assert lines[1].endswith("with status rejected: bad key")
