@@ -51,7 +51,10 @@ class SecuritySettings:
 
 @dataclass(frozen=True)
 class HealthSettings:
-    """Probe-set checks after every ``probe_every`` updates (0 turns them off)."""
+    """Health checks every ``probe_every`` updates and before every checkpoint.
+
+    With ``probe_every`` 0 the checks run only before checkpoints.
+    """
 
     probe_every: int = 0
     max_accuracy_drop: float = 0.1
@@ -178,7 +181,11 @@ def read_security(reader: TableReader) -> SecuritySettings:
 def read_health(reader: TableReader) -> HealthSettings:
     settings = HealthSettings(
         probe_every=reader.get(
-            "probe_every", int, 0, lambda v: v >= 0, "a count of updates, 0 for off"
+            "probe_every",
+            int,
+            0,
+            lambda v: v >= 0,
+            "a count of updates >= 0 (0 checks only before checkpoints)",
         ),
         max_accuracy_drop=reader.get(
             "max_accuracy_drop", float, 0.1, lambda v: 0 < v <= 1, "a number in (0, 1]"

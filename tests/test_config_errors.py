@@ -206,3 +206,10 @@ def test_huge_smoothing_capacity_is_rejected(
 
     assert f"{key} = {10**17} is invalid" in message
     assert "a count of sample ids in 1..10000000" in message
+
+
+def test_negative_probe_every_is_rejected(tmp_path: Path) -> None:
+    path, message = config_error(tmp_path, {"health": {"probe_every": -1}})
+
+    assert f"{path}: health.probe_every = -1 is invalid" in message
+    assert "0 checks only before checkpoints" in message
