@@ -289,6 +289,10 @@ def load_config(path: str | Path) -> DeviceConfig:
         "auto, " + " or ".join(RUNTIME_MODULES),
     )
     profile = device.get("profile", str, "")
+    if profile.endswith(".toml"):
+        # A profile file is relative to the config file, like every other path,
+        # not to the daemon's working directory ("/" under systemd).
+        profile = str(base / profile)
     battery_wh = device.get(
         "battery_wh", float, 0.0, lambda v: v >= 0, "watt-hours >= 0"
     )

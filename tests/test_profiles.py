@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from dslo_edge.bundle import load_bundle
+from dslo_edge.config import load_config
+from dslo_edge.daemon import _load_profile
 from dslo_edge.errors import ConfigError
 from dslo_edge.fit import check_bundle
 from dslo_edge.footprint import (
@@ -306,3 +308,32 @@ def test_bundle_that_accepts_only_other_interpreter(tmp_path: Path) -> None:
     report = check_bundle(bundle, profile)
     assert not report.fits
     assert "ai-edge-litert 2.3.0 is not one the bundle accepts" in report.problems[0]
+
+
+def test_profile_path_is_relative_to_config(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "boards").mkdir()
+    profile = write_profile(tmp_path / "boards", name="shed-pi")
+    config_path = tmp_path / "device.toml"
+    config_path.write_text(
+        '[device]\nid = "shed"\nbundle = "bundle"\nprofile = "boards/shed-pi.toml"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    config = load_config(config_path)
+
+    assert config.profile == str(profile)
+    assert _load_profile(config).name == "shed-pi"
+
+
+def test_profile_name_stays_a_name(tmp_path: Path) -> None:
+    config_path = tmp_path / "device.toml"
+    config_path.write_text(
+        '[device]\nid = "pi"\nbundle = "bundle"\nprofile = "raspberry-pi-4b"\n'
+    )
+
+    config = load_config(config_path)
+
+    assert config.profile == "raspberry-pi-4b"
+    assert _load_profile(config).name == "raspberry-pi-4b"
