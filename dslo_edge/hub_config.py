@@ -141,7 +141,10 @@ def _topic_level(value: str) -> bool:
     return value != HUB_LEVEL
 
 
-TOPIC_LEVEL = "a name without '/', '+', '#', whitespace or NUL"
+# Hub topics live under HUB_LEVEL, so _topic_level rejects it too.
+TOPIC_LEVEL = (
+    f"a name without '/', '+', '#', whitespace or NUL, other than {HUB_LEVEL!r}"
+)
 
 
 def _mqtt(table: _Table) -> MqttSettings:

@@ -90,6 +90,12 @@ def test_pushes_and_privacy_are_read(tmp_path, mlp_pair) -> None:
             r"push\[0\]\.devices = 'a/b'",
         ),
         (
+            '[[push]]\nname = "n"\ndevices = ["_hub"]\ndata = "data.npz"\n'
+            "every_s = 1\n",
+            r"push\[0\]\.devices = '_hub' is invalid; expected device ids, each a "
+            r"name without .* other than '_hub'",
+        ),
+        (
             '[[push]]\nname = "n"\ndevices = ["a"]\ndata = "missing.npz"\n'
             "every_s = 1\n",
             r"push\[0\]\.data = 'missing\.npz'",
@@ -113,6 +119,14 @@ def test_invalid_values_name_file_and_key(tmp_path, extra, message) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         load_hub_config(path)
     assert str(path) in str(caught.value)
+
+
+def test_reserved_worker_id_is_named(tmp_path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(write_config(tmp_path), worker_id="_hub")
+
+    assert str(caught.value).startswith("worker id '_hub' is invalid")
+    assert str(caught.value).endswith("other than '_hub'")
 
 
 def test_push_data_of_other_shape_fails_at_start(tmp_path, mlp_pair) -> None:
