@@ -164,12 +164,21 @@ def read_mqtt(reader: TableReader) -> MqttSettings:
         raise reader.fail(
             "reconnect_max_s", settings.reconnect_max_s, "at least reconnect_min_s"
         )
+    check_tls_client_files(reader, settings)
+    reader.reject_unknown()
+    return settings
+
+
+def check_tls_client_files(reader: TableReader, settings: MqttSettings) -> None:
+    """Raise ConfigError when a TLS client file is set without ``tls_ca_file``.
+
+    TLS is on only with a CA file, so a client certificate or key alone
+    would be ignored and the client would connect without TLS.
+    """
     for key in ("tls_cert_file", "tls_key_file"):
         value = getattr(settings, key)
         if value and not settings.tls_ca_file:
             raise reader.fail(key, str(value), "tls_ca_file to be set too")
-    reader.reject_unknown()
-    return settings
 
 
 def read_security(reader: TableReader) -> SecuritySettings:

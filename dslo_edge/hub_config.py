@@ -16,6 +16,7 @@ from dslo_edge.config import MqttSettings
 from dslo_edge.config_reader import REQUIRED as _REQUIRED
 from dslo_edge.config_reader import TableReader as _Table
 from dslo_edge.config_reader import read_toml
+from dslo_edge.config_service import check_tls_client_files
 from dslo_edge.errors import ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.privacy import ACCOUNTANTS, PrivacySettings
@@ -174,16 +175,17 @@ def _mqtt(table: _Table) -> MqttSettings:
             "reconnect_max_s", float, 30.0, lambda v: 1 <= v <= 3600, "seconds 1..3600"
         ),
         username=table.get("username", str, ""),
-        password_file=table.path_value("password_file", None, must_exist=True),
-        tls_ca_file=table.path_value("tls_ca_file", None, must_exist=True),
-        tls_cert_file=table.path_value("tls_cert_file", None, must_exist=True),
-        tls_key_file=table.path_value("tls_key_file", None, must_exist=True),
+        password_file=table.file("password_file"),
+        tls_ca_file=table.file("tls_ca_file"),
+        tls_cert_file=table.file("tls_cert_file"),
+        tls_key_file=table.file("tls_key_file"),
         tls_insecure=table.get("tls_insecure", bool, False),
     )
     if settings.reconnect_max_s < settings.reconnect_min_s:
         raise table.fail(
             "reconnect_max_s", settings.reconnect_max_s, "at least reconnect_min_s"
         )
+    check_tls_client_files(table, settings)
     table.reject_unknown()
     return settings
 

@@ -84,6 +84,15 @@ def test_pushes_and_privacy_are_read(tmp_path, mlp_pair) -> None:
         ('[mqtt]\nprotocol = "3.1.1"\n', r"mqtt\.protocol = '3\.1\.1'"),
         ("[requests]\nbatch_wait_s = -1\n", r"requests\.batch_wait_s = -1\.0"),
         ("[requests]\ncolour = 1\n", r"unknown key requests\.colour"),
+        (
+            '[mqtt]\ntls_cert_file = "data.npz"\n',
+            r"mqtt\.tls_cert_file = '.*data\.npz' is invalid; expected tls_ca_file "
+            r"to be set too",
+        ),
+        (
+            '[mqtt]\ntls_ca_file = "."\n',
+            r"mqtt\.tls_ca_file = '\.' is invalid; expected an existing file",
+        ),
         ("[privacy]\nnoise_multiplier = 1.0\n", r"missing required key privacy"),
         (
             '[[push]]\nname = "n"\ndevices = ["a/b"]\ndata = "data.npz"\nevery_s = 1\n',
@@ -119,6 +128,16 @@ def test_invalid_values_name_file_and_key(tmp_path, extra, message) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         load_hub_config(path)
     assert str(path) in str(caught.value)
+
+
+def test_empty_mqtt_file_keys_mean_unset(tmp_path) -> None:
+    extra = '[mqtt]\npassword_file = ""\ntls_ca_file = ""\n'
+
+    config = load_hub_config(write_config(tmp_path, extra))
+
+    assert config.mqtt.password_file is None
+    assert config.mqtt.tls_ca_file is None
+    assert not config.mqtt.uses_tls
 
 
 def test_reserved_worker_id_is_named(tmp_path) -> None:
