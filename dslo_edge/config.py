@@ -42,6 +42,7 @@ from dslo_edge.dynamic import (
     TaskSettings,
 )
 from dslo_edge.errors import ConfigError
+from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.protocol import PayloadLimits, Topics
 from dslo_edge.runtime import RUNTIME_MODULES
 from dslo_edge.softlabels import AlphaPolicy
@@ -339,6 +340,13 @@ def load_config(path: str | Path) -> DeviceConfig:
         raise ConfigError(
             f"{source}: device.id or mqtt.topic_prefix: {error}"
         ) from error
+    if device_id == HUB_LEVEL:
+        raise device.fail(
+            "id",
+            device_id,
+            f"a device id other than {HUB_LEVEL!r}, because the hub's own topics "
+            "use that level and the hub ignores requests from it",
+        )
     return config
 
 

@@ -213,3 +213,10 @@ def test_negative_probe_every_is_rejected(tmp_path: Path) -> None:
 
     assert f"{path}: health.probe_every = -1 is invalid" in message
     assert "0 checks only before checkpoints" in message
+
+
+def test_reserved_hub_device_id_is_rejected(tmp_path: Path) -> None:
+    path, message = config_error(tmp_path, {"device": {"id": "_hub"}})
+
+    assert f"{path}: device.id = '_hub' is invalid" in message
+    assert "a device id other than '_hub'" in message
