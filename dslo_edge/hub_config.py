@@ -210,8 +210,11 @@ def _teacher(table: _Table) -> TeacherSettings:
         ),
     )
     if settings.path.is_file() and settings.output_kind is None:
-        raise table.fail(
-            "output_kind", None, "'probabilities' or 'logits' for a .tflite file"
+        raise ConfigError(
+            f"{table.source}: missing key {table.path}output_kind, which "
+            f"teacher.path {settings.path.name} needs because it is a model file, "
+            "not a bundle whose manifest names the kind; set it to "
+            "'probabilities' or 'logits'"
         )
     table.reject_unknown()
     return settings

@@ -254,8 +254,13 @@ def test_tflite_teacher_needs_output_kind(tmp_path) -> None:
     (tmp_path / "teacher.tflite").write_bytes(b"model")
     path = tmp_path / "hub.toml"
     path.write_text('[teacher]\npath = "teacher.tflite"\n')
-    with pytest.raises(ConfigError, match=r"teacher\.output_kind"):
+    with pytest.raises(ConfigError) as caught:
         load_hub_config(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: missing key teacher.output_kind, ")
+    assert "teacher.path teacher.tflite needs because it is a model file" in message
+    assert message.endswith("set it to 'probabilities' or 'logits'")
 
 
 def key(request: int, device: str = "cam", samples: int = 4) -> RequestKey:
