@@ -47,7 +47,7 @@ class TableReader:
 
     def fail(self, key: str, value: Any, expected: str) -> ConfigError:
         return ConfigError(
-            f"{self.source}: {self.path}{key} = {value!r} is invalid; "
+            f"{self.source}: {self.path}{key} = {_shown(value)} is invalid; "
             f"expected {expected}"
         )
 
@@ -124,6 +124,13 @@ class TableReader:
                 f"{self.source}: unknown key {self.path}{unknown[0]}; "
                 f"known keys here: {known}"
             )
+
+
+def _shown(value: Any) -> str:
+    """Return a value for an error message, with booleans as TOML writes them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
 
 
 # Default that marks a key as required.

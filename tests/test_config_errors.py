@@ -220,3 +220,13 @@ def test_reserved_hub_device_id_is_rejected(tmp_path: Path) -> None:
 
     assert f"{path}: device.id = '_hub' is invalid" in message
     assert "a device id other than '_hub'" in message
+
+
+def test_boolean_values_are_shown_as_toml(tmp_path: Path) -> None:
+    _, port_message = config_error(tmp_path, {"mqtt": {"port": True}})
+    _, requests_message = config_error(
+        tmp_path, {"mqtt": {"protocol": "3.1.1"}, "requests": {"enabled": True}}
+    )
+
+    assert "mqtt.port = true is invalid" in port_message
+    assert "requests.enabled = true is invalid" in requests_message
