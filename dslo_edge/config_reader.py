@@ -73,7 +73,7 @@ class TableReader:
             kind in (int, float) and isinstance(value, bool)
         )
         if wrong_type or (kind is float and not math.isfinite(value)):
-            raise self.fail(key, value, expected or f"a {kind.__name__}")
+            raise self.fail(key, value, expected or _type_name(kind))
         if check is not None and not check(value):
             raise self.fail(key, value, expected)
         return value
@@ -124,6 +124,20 @@ class TableReader:
                 f"{self.source}: unknown key {self.path}{unknown[0]}; "
                 f"known keys here: {known}"
             )
+
+
+# The TOML names of the types that ``TableReader.get`` reads.
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a finite number",
+    bool: "true or false",
+    list: "an array",
+}
+
+
+def _type_name(kind: type) -> str:
+    return _TYPE_NAMES.get(kind, f"a {kind.__name__}")
 
 
 def _shown(value: Any) -> str:

@@ -230,3 +230,21 @@ def test_boolean_values_are_shown_as_toml(tmp_path: Path) -> None:
 
     assert "mqtt.port = true is invalid" in port_message
     assert "requests.enabled = true is invalid" in requests_message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"logging": {"file": 3}}, "logging.file = 3 is invalid; expected a string"),
+        (
+            {"mqtt": {"tls_insecure": 1}},
+            "mqtt.tls_insecure = 1 is invalid; expected true or false",
+        ),
+    ],
+)
+def test_wrong_type_names_toml_type(
+    tmp_path: Path, overrides: dict, fragment: str
+) -> None:
+    _, message = config_error(tmp_path, overrides)
+
+    assert fragment in message
