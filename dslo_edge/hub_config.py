@@ -2,9 +2,10 @@
 
 Every error names the file, the key path and the value, and states what is
 allowed. Relative paths are resolved against the file's directory. The
-``[mqtt]`` table has the keys of the device's, with a shorter default
-session expiry, because a dead worker's session keeps receiving a share of
-the requests until it expires or another worker ends it.
+``[mqtt]`` table has the keys of the device's, with two shorter defaults.
+The session expiry is 300 s, because a dead worker's session keeps
+receiving a share of the requests until it expires or another worker ends
+it. The longest reconnect delay is 30 s, not 60 s. The protocol must be 5.
 """
 
 from __future__ import annotations
