@@ -1443,8 +1443,7 @@ def restore_trainer(
         # The state's checksum matched, so the writer put a wrong value there.
         # Callers fall back as for any other checkpoint that does not fit.
         raise ValueError(
-            f"invalid state in {checkpoint.path.name} "
-            f"({type(error).__name__}: {error})"
+            f"invalid state in {checkpoint.path.name} ({type(error).__name__}: {error})"
         ) from error
 
 
