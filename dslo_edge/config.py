@@ -280,8 +280,9 @@ def load_config(path: str | Path) -> DeviceConfig:
     device = root.section("device")
     base = source.parent
     device_id = device.get("id", str, REQUIRED)
-    bundle = base / device.get("bundle", str, REQUIRED)
-    state_dir = base / device.get("state_dir", str, "state")
+    # An empty path would name the config's own folder.
+    bundle = base / device.get("bundle", str, REQUIRED, bool, "a non-empty path")
+    state_dir = base / device.get("state_dir", str, "state", bool, "a non-empty path")
     runtime = device.get(
         "runtime",
         str,

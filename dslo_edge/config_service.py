@@ -165,8 +165,24 @@ def read_mqtt(reader: TableReader) -> MqttSettings:
             "reconnect_max_s", settings.reconnect_max_s, "at least reconnect_min_s"
         )
     check_tls_client_files(reader, settings)
+    check_login(reader, settings)
     reader.reject_unknown()
     return settings
+
+
+def check_login(reader: TableReader, settings: MqttSettings) -> None:
+    """Raise ConfigError when ``password_file`` is set without ``username``.
+
+    The broker checks the password of a named user, so a password alone
+    fails the login. ``dslo-edge push`` rejects the same options.
+    """
+    if settings.password_file and not settings.username:
+        raise reader.fail(
+            "password_file",
+            str(settings.password_file),
+            "username to be set too, because the broker checks the password "
+            "of a named user",
+        )
 
 
 def check_tls_client_files(reader: TableReader, settings: MqttSettings) -> None:

@@ -17,7 +17,7 @@ from dslo_edge.config import MqttSettings
 from dslo_edge.config_reader import REQUIRED as _REQUIRED
 from dslo_edge.config_reader import TableReader as _Table
 from dslo_edge.config_reader import read_toml
-from dslo_edge.config_service import check_tls_client_files
+from dslo_edge.config_service import check_login, check_tls_client_files
 from dslo_edge.errors import ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.privacy import ACCOUNTANTS, PrivacySettings
@@ -187,6 +187,7 @@ def _mqtt(table: _Table) -> MqttSettings:
             "reconnect_max_s", settings.reconnect_max_s, "at least reconnect_min_s"
         )
     check_tls_client_files(table, settings)
+    check_login(table, settings)
     table.reject_unknown()
     return settings
 

@@ -248,3 +248,20 @@ def test_wrong_type_names_toml_type(
     _, message = config_error(tmp_path, overrides)
 
     assert fragment in message
+
+
+@pytest.mark.parametrize("key", ["bundle", "state_dir"])
+def test_empty_device_path_is_rejected(tmp_path: Path, key: str) -> None:
+    path, message = config_error(tmp_path, {"device": {key: ""}})
+
+    assert f"{path}: device.{key} = '' is invalid; expected a non-empty path" in message
+
+
+def test_password_without_username_is_rejected(tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("secret\n")
+
+    path, message = config_error(tmp_path, {"mqtt": {"password_file": "password"}})
+
+    assert f"{path}: mqtt.password_file = '{password}' is invalid" in message
+    assert "expected username to be set too" in message

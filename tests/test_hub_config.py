@@ -90,6 +90,11 @@ def test_pushes_and_privacy_are_read(tmp_path, mlp_pair) -> None:
             r"to be set too",
         ),
         (
+            '[mqtt]\npassword_file = "data.npz"\n',
+            r"mqtt\.password_file = '.*data\.npz' is invalid; expected username "
+            r"to be set too",
+        ),
+        (
             '[mqtt]\ntls_ca_file = "."\n',
             r"mqtt\.tls_ca_file = '\.' is invalid; expected an existing file",
         ),
