@@ -173,8 +173,8 @@ def read_mqtt(reader: TableReader) -> MqttSettings:
 def check_login(reader: TableReader, settings: MqttSettings) -> None:
     """Raise ConfigError when ``password_file`` is set without ``username``.
 
-    The broker checks the password of a named user, so a password alone
-    fails the login. ``dslo-edge push`` rejects the same options.
+    The broker checks a password against a user name, so a password
+    without one is not a usable login. ``dslo-edge push`` rejects it too.
     """
     if settings.password_file and not settings.username:
         raise reader.fail(
