@@ -339,12 +339,7 @@ def run(config_path: str) -> None:
 
 def _add_log_file(settings: Any) -> None:
     """Also log to a size-capped file, rotated at settings.max_bytes."""
-    import logging.handlers
-
-    settings.file.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
-        settings.file, maxBytes=settings.max_bytes, backupCount=settings.backups
-    )
+    handler = settings.open_file(settings.file, "logging.file")
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )

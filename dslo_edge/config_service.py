@@ -6,6 +6,7 @@ here and a ``read_<table>`` function that validates it.
 
 from __future__ import annotations
 
+import logging.handlers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,31 @@ class LoggingSettings:
     metrics_file: Path | None = None
     max_bytes: int = 5 * 1024 * 1024
     backups: int = 2
+
+    def open_file(self, path: Path, key: str) -> logging.handlers.RotatingFileHandler:
+        """Open ``path`` for appending, rotated at max_bytes, creating its directories.
+
+        ``key`` is the config key that sets the path, such as ``logging.file``.
+
+        Raises:
+            ConfigError: the path is a directory, part of it is a file, or
+                it cannot be created or written.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return logging.handlers.RotatingFileHandler(
+                path, maxBytes=self.max_bytes, backupCount=self.backups
+            )
+        except IsADirectoryError:
+            problem = "it is a directory"
+        except (FileExistsError, NotADirectoryError):
+            problem = "part of its path is a file, not a directory"
+        except OSError as error:
+            problem = error.strerror or str(error)
+        raise ConfigError(
+            f"cannot open {key} {path}: {problem}; set {key} to a file in a "
+            "directory that the daemon's user can write"
+        )
 
 
 MACHINE_ID_PATHS = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import logging.handlers
 import os
 import queue
 import signal
@@ -367,10 +366,7 @@ class EdgeDaemon:
     def _make_metrics_log(self) -> logging.Logger:
         settings = self.config.logging
         path = settings.metrics_file or self.config.state_dir / METRICS_LOG
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=settings.max_bytes, backupCount=settings.backups
-        )
+        handler = settings.open_file(path, "logging.metrics_file")
         handler.setFormatter(logging.Formatter("%(message)s"))
         metrics_logger = logging.getLogger(f"dslo_edge.metrics_log.{id(self)}")
         metrics_logger.propagate = False

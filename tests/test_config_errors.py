@@ -265,3 +265,40 @@ def test_password_without_username_is_rejected(tmp_path: Path) -> None:
 
     assert f"{path}: mqtt.password_file = '{password}' is invalid" in message
     assert "expected username to be set too" in message
+
+
+def test_log_file_under_file_exits_78(tmp_path: Path) -> None:
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the log folder should be\n")
+    log_file = blocker / "daemon.log"
+    bundle = write_bundle(tmp_path / "bundle")
+    path = write(tmp_path, bundle, {"logging": {"file": str(log_file)}})
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78
+    assert result.stderr == (
+        f"error: cannot open logging.file {log_file}: part of its path is a "
+        "file, not a directory; set logging.file to a file in a directory that "
+        "the daemon's user can write\n"
+    )
+    assert blocker.read_text() == "a file where the log folder should be\n"
+
+
+def test_metrics_file_directory_exits_78(mlp_pair, tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    path = write(
+        tmp_path, mlp_pair.bundle, {"logging": {"metrics_file": str(metrics_dir)}}
+    )
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        f"error: cannot open logging.metrics_file {metrics_dir}: it is a "
+        "directory; set logging.metrics_file to a file in a directory that the "
+        "daemon's user can write"
+    ]
+    assert "Traceback" not in result.stderr
+    assert list(metrics_dir.iterdir()) == []
