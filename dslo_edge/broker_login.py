@@ -75,11 +75,18 @@ def parse_broker_url(url: str) -> tuple[str, str, int]:
     The port defaults to 1883 for ``mqtt`` and 8883 for ``mqtts``.
 
     Raises:
-        ConfigError: another scheme, no host, user info, or a port outside
-            1..65535.
+        ConfigError: another scheme, no host, an unbalanced or invalid IPv6
+            address in brackets, user info, or a port outside 1..65535.
     """
-    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
     expected = "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+    try:
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    except ValueError as error:
+        raise ConfigError(
+            f"broker URL {_without_user_info(url)!r} is invalid ({error}); "
+            f"{expected}, with an IPv6 address in brackets, such as "
+            "mqtt://[::1]:1883"
+        ) from None
     if parsed.username is not None or parsed.password is not None:
         raise ConfigError(
             f"broker URL {_without_user_info(url)!r} contains a user name or "

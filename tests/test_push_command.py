@@ -324,6 +324,9 @@ def test_push_rejects_bad_inputs_in_one_line(
     [
         ("mqtt://hub:secret@127.0.0.1:1883", [], "--username and --password-file"),
         ("mqtt://127.0.0.1:0", [], "port in 1..65535"),
+        ("mqtt://[::1:1883", [], "'mqtt://[::1:1883' is invalid (Invalid IPv6 URL)"),
+        ("mqtt://[hub]:1883", [], "such as mqtt://[::1]:1883"),
+        ("mqtt://hub:secret@[::1", [], "'mqtt://[::1' is invalid"),
         ("mqtts://127.0.0.1", [], "pass --tls-ca-file"),
         ("mqtt://127.0.0.1", ["--tls-ca-file", "{ca}"], "use mqtts://127.0.0.1:1883"),
         ("mqtt://127.0.0.1", ["--password-file", "{ca}"], "needs --username"),
