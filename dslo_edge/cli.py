@@ -184,6 +184,7 @@ def convert(
     _check_given_options(
         optimizer, int8=teacher_precision == "int8" or int8_student_copy
     )
+    representative_data = _representative_samples(representative)
     _prepare_bundle_dir(Path(out), overwrite)
     _quiet_tensorflow()
     try:
@@ -206,7 +207,7 @@ def convert(
         student=student_precision,
         teacher=teacher_precision,
         int8_student_copy=int8_student_copy,
-        representative_data=_representative_samples(representative),
+        representative_data=representative_data,
     )
     manifest = convert_bundle(
         teacher,
@@ -267,17 +268,20 @@ def _class_summary(manifest: dict[str, Any]) -> str:
 
 
 def _representative_samples(path: str | None) -> Any:
+    """Read the x array of --representative as float32, or return None.
+
+    Raises:
+        ConfigError: the file is not an .npz archive, or its x is missing,
+            empty, not numeric or not finite.
+    """
     if path is None:
         return None
-    import numpy as np
+    from dslo_edge.hub import load_samples
 
-    with np.load(path) as data:
-        if "x" not in data:
-            raise click.BadParameter(
-                f"{path} has arrays {', '.join(data.files)} but no 'x'",
-                param_hint="--representative",
-            )
-        return np.asarray(data["x"], dtype=np.float32)
+    try:
+        return load_samples(path, read_labels=False).x
+    except ConfigError as error:
+        raise ConfigError(f"invalid --representative: {error}") from error
 
 
 @main.command()

@@ -109,6 +109,46 @@ def test_convert_rejects_ignored_options(
     assert not out.exists()
 
 
+def _write_text_file(path: Path) -> str:
+    path.write_text("0.1,0.2,0.3\n")
+    return f"invalid --representative: cannot read {path} as .npz"
+
+
+def _write_npy_file(path: Path) -> str:
+    np.save(path, np.zeros((4, 64), np.float32))
+    return f"invalid --representative: {path} is a single .npy array"
+
+
+def _write_text_x(path: Path) -> str:
+    np.savez(path, x=np.full((4, 64), "0.5"))
+    return f"invalid --representative: {path}: array 'x' has dtype <U3"
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("samples.csv", _write_text_file),
+        ("samples.npy", _write_npy_file),
+        ("samples.npz", _write_text_x),
+    ],
+)
+def test_convert_rejects_unreadable_representative(
+    keras_files, tmp_path, name, write
+) -> None:
+    samples = tmp_path / name
+    message = write(samples)
+    out = tmp_path / "bundle"
+    options = ["--int8-student-copy", "--representative", str(samples)]
+
+    result = run(*keras_files, "--out", str(out), *options)
+
+    assert result.exit_code == EXIT_CONFIG, result.output
+    assert result.output.startswith(f"error: {message}")
+    assert result.output.count("\n") == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not out.exists()
+
+
 def test_demo_rejects_negative_seed(tmp_path) -> None:
     out = tmp_path / "demo"
 
