@@ -109,9 +109,24 @@ def load_samples(path: str | Path, *, read_labels: bool = True) -> SampleSet:
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
+# First bytes of the files np.load reads without pickle: a zip archive (.npz,
+# "PK\x05\x06" when it is empty) or a single .npy array.
+_NUMPY_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")
+
+
 def _read_npz(source: Path) -> dict[str, np.ndarray]:
     """Return every array of an ``.npz`` file by name."""
     try:
+        with open(source, "rb") as stream:
+            head = stream.read(len(_NUMPY_SIGNATURES[-1]))
+        if not head.startswith(_NUMPY_SIGNATURES):
+            # np.load would try pickle and report "pickled (object) data",
+            # which misleads for a CSV or other file that is not numpy's.
+            found = f"it starts with {head!r}" if head else "it is empty"
+            raise ConfigError(
+                f"cannot read {source} as .npz: it is not a zip archive "
+                f"({found}); save the arrays with numpy.savez(path, x=x)"
+            )
         loaded = np.load(source, allow_pickle=False)
     except FileNotFoundError as error:
         raise ConfigError(f"sample file not found: {source}") from error

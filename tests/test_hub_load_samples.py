@@ -55,6 +55,33 @@ def test_damaged_compressed_npz_is_config_error(tmp_path: Path) -> None:
         load_samples(path)
 
 
+def test_text_file_is_not_called_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "samples.npz"
+    path.write_text("0.1,0.2,0.3\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(path)
+
+    assert str(caught.value) == (
+        f"cannot read {path} as .npz: it is not a zip archive (it starts with "
+        "b'0.1,0.'); save the arrays with numpy.savez(path, x=x)"
+    )
+    assert "pickle" not in str(caught.value)
+
+
+def test_empty_file_is_named_empty(tmp_path: Path) -> None:
+    path = tmp_path / "samples.npz"
+    path.write_bytes(b"")
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(path)
+
+    assert str(caught.value) == (
+        f"cannot read {path} as .npz: it is not a zip archive (it is empty); "
+        "save the arrays with numpy.savez(path, x=x)"
+    )
+
+
 @pytest.mark.parametrize(
     ("labels", "shown"),
     [
