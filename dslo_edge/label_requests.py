@@ -37,6 +37,7 @@ import paho.mqtt.client as mqtt
 
 from dslo_edge.errors import ConfigError, InvalidUpdate
 from dslo_edge.label_protocol import (
+    MAX_SAMPLE_ID_BYTES,
     RETRY_AFTER_PROPERTY,
     STATUS_BUDGET_EXHAUSTED,
     STATUS_OK,
@@ -268,14 +269,47 @@ class LabelRequester:
     ) -> PendingRequest | None:
         """Select uncertain samples and open a request for them.
 
-        Returns None when no sample is uncertain, the hub asked the device to
-        wait, or ``max_pending`` requests are open already. The caller then
-        publishes the returned request with ``publish``.
+        Returns None when no uncertain sample has an id that a request can
+        carry, the hub asked the device to wait, or ``max_pending`` requests
+        are open already. The caller then publishes the returned request with
+        ``publish``.
         """
-        chosen = select_samples(student, self.selection, reference)
+        candidates = select_samples(student, self.selection, reference)
+        chosen = self._requestable(candidates, sample_ids)
         if len(chosen) == 0:
             return None
         return self.open([sample_ids[i] for i in chosen], np.asarray(inputs)[chosen])
+
+    def _requestable(self, chosen: np.ndarray, sample_ids: list[str]) -> list[int]:
+        """Keep the chosen samples whose ids the hub's labels update can carry.
+
+        An update may not repeat an id or carry one of more than 255 bytes of
+        UTF-8, so the device would reject the labels for such samples. They
+        are left out of the request, except the first sample of a repeated id.
+        """
+        usable: list[int] = []
+        seen: set[str] = set()
+        for index in chosen:
+            sample_id = sample_ids[index]
+            try:
+                size = len(sample_id.encode("utf-8"))
+            except UnicodeEncodeError:
+                continue
+            if size > MAX_SAMPLE_ID_BYTES or sample_id in seen:
+                continue
+            seen.add(sample_id)
+            usable.append(int(index))
+        if len(usable) < len(chosen):
+            logger.warning(
+                "Device %s left %d of %d uncertain samples out of a label request "
+                "because their ids repeat, are not UTF-8 text or are longer than "
+                "%d bytes; give each inference input its own shorter id",
+                self.device_id,
+                len(chosen) - len(usable),
+                len(chosen),
+                MAX_SAMPLE_ID_BYTES,
+            )
+        return usable
 
     def open(self, sample_ids: list[str], inputs: np.ndarray) -> PendingRequest | None:
         """Open a request for these samples, bypassing the selection rule."""

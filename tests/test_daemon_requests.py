@@ -268,6 +268,40 @@ def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) ->
     assert report["applied_total"] == 1
 
 
+def test_requests_skip_unusable_sample_ids(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path)
+    settings = {"enabled": True, "max_confidence": 1.0, "max_samples": 32}
+    daemon = start_daemon(
+        tmp_path / "device", mlp_pair.bundle, mosquitto.port, settings
+    )
+    app = LocalApp(mosquitto.port)
+    caplog.set_level(logging.WARNING, logger="dslo_edge.label_requests")
+    # An update rejects a repeated id and one of more than 255 bytes, so the
+    # second "cam-0" and the long id must stay out of the request.
+    ids = ["cam-0", "cam-0", "x" * 300, "cam-1", "cam-2", "cam-3"]
+    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+    try:
+        app.ask(encode_inputs(x, ids))
+        wait_until(lambda: daemon.metrics.applied >= 1)
+        report = daemon.status_report()
+    finally:
+        app.close()
+        daemon.stop()
+        worker.stop()
+
+    requests = report["label_requests"]
+    assert requests["sent"] == 1
+    assert requests["answered"] == 1
+    assert requests["rejected"] == 0
+    assert report["samples_applied"] == 4
+    assert report["rejected"] == {}
+    [record] = [r for r in caplog.records if r.name == "dslo_edge.label_requests"]
+    assert f"Device {DEVICE} left 2 of 6 uncertain samples" in record.getMessage()
+    assert len(app.answers[0]["ids"]) == 6
+
+
 def test_compressed_inference_payload_is_rejected() -> None:
     import io
 
