@@ -151,6 +151,7 @@ def flash(
     root = Path(target)
     if not root.is_dir():
         raise BundleError(f"target {root} is not a directory; mount the device first")
+    _check_paths_inside_target(root, profile)
     bundle = load_bundle(bundle_path)
     fit = check_bundle(bundle, profile, batch_size=options.batch_size)
     if not fit.fits:
@@ -200,6 +201,38 @@ def flash(
         len(result.changed),
     )
     return result
+
+
+def _check_paths_inside_target(root: Path, profile: FirmwareProfile) -> None:
+    """Raise BundleError if a path flash writes leads out of the target.
+
+    A device image may contain absolute symlinks such as ``etc/dslo-edge ->
+    /etc/dslo-edge``. Under the mount point they resolve on the machine that
+    runs flash, so writing through them would change that machine's files.
+    """
+    profile_value, profile_copy = profile_reference(profile)
+    device_paths = [
+        RELEASES_DIR,
+        FILE_LIST,
+        DEFAULT_CONFIG,
+        PENDING_CONFIG,
+        UNIT_PATH,
+        WANTS_LINK.parent,
+        DEFAULT_STATE_DIR,
+    ]
+    if profile_copy is not None:
+        device_paths.append(PurePosixPath(profile_value))
+    real_root = root.resolve()
+    for device_path in device_paths:
+        path = on_target(root, device_path)
+        resolved = path.resolve()
+        if not resolved.is_relative_to(real_root):
+            raise BundleError(
+                f"{path} resolves to {resolved}, outside the target {root}, "
+                "because of a symlink on its path; flash writes only inside "
+                "the target, so replace that symlink with a relative one or a "
+                "directory and run flash again"
+            )
 
 
 def _release_intact(release_dir: Path, bundle: Bundle) -> bool:

@@ -165,6 +165,48 @@ def test_flash_rejects_invalid_device_id(tmp_path: Path, pi4) -> None:
     assert list(root.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "linked",
+    ["etc/dslo-edge", "opt", "etc/systemd/system", "var/lib/dslo-edge"],
+)
+def test_flash_rejects_link_out_of_target(tmp_path: Path, pi4, linked: str) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    # An absolute link as a device image may hold. Under the mount point it
+    # names a directory of the machine that runs flash.
+    outside = tmp_path / "host" / linked
+    outside.mkdir(parents=True)
+    link = root / linked
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    before = sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+    result = CliRunner().invoke(
+        main,
+        ["flash", str(bundle), "--profile", "raspberry-pi-4b", "--target", str(root)],
+    )
+
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1
+    assert f"outside the target {root}, because of a symlink" in result.output
+    assert list(outside.iterdir()) == []
+    after = sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+    assert after == before
+
+
+def test_flash_follows_relative_link(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    (root / "data" / "opt").mkdir(parents=True)
+    (root / "opt").symlink_to("data/opt")
+
+    result = flash(bundle, pi4, root, OPTIONS)
+
+    installed = root / "data/opt/dslo-edge/releases" / result.release
+    assert load_bundle(installed).manifest["class_count"] == 10
+    assert (root / "data/opt/dslo-edge/installed.json").is_file()
+
+
 def test_flash_to_this_machine_root_needs_flag(tmp_path: Path, monkeypatch) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     # A stand-in for the install, so that no run of this test writes into /.
