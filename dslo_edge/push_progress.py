@@ -274,7 +274,7 @@ def wait_for_saved(
         raise BrokerError(
             f"device {hub.device_id} applied the updates but cannot save a "
             f"checkpoint ({storage}); they stay unacknowledged and come again "
-            "after a restart. Free space in the device's state_dir"
+            f"after a restart. {_storage_fix(storage)}"
         )
     logger.warning(
         "Device %s paused training (%s) with %s updates not yet saved; they are "
@@ -284,3 +284,17 @@ def wait_for_saved(
         metrics.get("unsaved"),
     )
     return metrics
+
+
+# strerror texts of ENOSPC and EDQUOT, as the daemon reports them.
+_FULL_DISK_ERRORS = ("No space left on device", "Disk quota exceeded")
+
+
+def _storage_fix(storage_error: str) -> str:
+    """Return what to do about the device's ``storage_error`` metric."""
+    if any(text in storage_error for text in _FULL_DISK_ERRORS):
+        return "Free space in the device's state_dir"
+    return (
+        "Fix the device's state_dir, for example its permissions or a file "
+        "where its checkpoints directory belongs; the device's log names the path"
+    )

@@ -89,6 +89,15 @@ SAVE_CASES = [
         "applied the updates but cannot save a checkpoint (OSError: No space left",
     ),
     (
+        {"pid": 7, "unsaved": 3, "storage_error": "OSError: No space left on device"},
+        "come again after a restart. Free space in the device's state_dir",
+    ),
+    (
+        {"pid": 7, "unsaved": 3, "storage_error": "FileExistsError: File exists"},
+        "come again after a restart. Fix the device's state_dir, for example its "
+        "permissions or a file where its checkpoints directory belongs",
+    ),
+    (
         {"pid": 8, "rollbacks": 1, "unsaved": 0, "last_rollback": "weight norm grew"},
         "rolled back its student during the push (weight norm grew)",
     ),
