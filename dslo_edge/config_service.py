@@ -144,9 +144,27 @@ def default_client_id(device_id: str, role: str) -> str:
     return f"dslo-{role}-{device_id}-{machine_id()[:12]}"
 
 
+MQTT_HOST_EXPECTED = (
+    "a host name or IP address without a scheme, port, '/' or whitespace, such "
+    "as hub.local or 192.168.1.10; set the port in mqtt.port"
+)
+
+
+def is_mqtt_host(value: str) -> bool:
+    """Return whether ``value`` can be a broker host name or IP address.
+
+    Rejects the usual slips that no lookup can resolve: a URL such as
+    ``mqtt://hub.lan``, a ``host:port`` pair, whitespace and control
+    characters. An IPv6 address has at least two colons, so it passes.
+    """
+    if not value or "/" in value or value.count(":") == 1:
+        return False
+    return value.isprintable() and not any(c.isspace() for c in value)
+
+
 def read_mqtt(reader: TableReader) -> MqttSettings:
     settings = MqttSettings(
-        host=reader.get("host", str, "127.0.0.1", bool, "a host name or address"),
+        host=reader.get("host", str, "127.0.0.1", is_mqtt_host, MQTT_HOST_EXPECTED),
         port=reader.get(
             "port", int, 1883, lambda v: 0 < v < 65536, "a port in 1..65535"
         ),

@@ -17,7 +17,12 @@ from dslo_edge.config import MqttSettings
 from dslo_edge.config_reader import REQUIRED as _REQUIRED
 from dslo_edge.config_reader import TableReader as _Table
 from dslo_edge.config_reader import read_toml
-from dslo_edge.config_service import check_login, check_tls_client_files
+from dslo_edge.config_service import (
+    MQTT_HOST_EXPECTED,
+    check_login,
+    check_tls_client_files,
+    is_mqtt_host,
+)
 from dslo_edge.errors import ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.privacy import ACCOUNTANTS, PrivacySettings
@@ -152,7 +157,7 @@ TOPIC_LEVEL = (
 def _mqtt(table: _Table) -> MqttSettings:
     port_range = (lambda v: 0 < v < 65536, "a port in 1..65535")
     settings = MqttSettings(
-        host=table.get("host", str, "127.0.0.1", bool, "a host name or address"),
+        host=table.get("host", str, "127.0.0.1", is_mqtt_host, MQTT_HOST_EXPECTED),
         port=table.get("port", int, 1883, *port_range),
         topic_prefix=table.get("topic_prefix", str, "dslo", _topic_level, TOPIC_LEVEL),
         keepalive=table.get(

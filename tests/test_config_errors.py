@@ -302,3 +302,23 @@ def test_metrics_file_directory_exits_78(mlp_pair, tmp_path: Path) -> None:
     ]
     assert "Traceback" not in result.stderr
     assert list(metrics_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "host", ["mqtt://hub.lan", "hub.lan:1883", "hub lan", "hub.lan/x", "hub\tlan"]
+)
+def test_unresolvable_mqtt_host_is_rejected(tmp_path: Path, host: str) -> None:
+    path, message = config_error(tmp_path, {"mqtt": {"host": host}})
+
+    assert message == (
+        f"{path}: mqtt.host = {host!r} is invalid; expected a host name or IP "
+        "address without a scheme, port, '/' or whitespace, such as hub.local or "
+        "192.168.1.10; set the port in mqtt.port"
+    )
+
+
+@pytest.mark.parametrize("host", ["hub.local", "10.0.0.2", "::1", "fe80::1%eth0"])
+def test_mqtt_host_forms_are_accepted(tmp_path: Path, host: str) -> None:
+    path = write(tmp_path, tmp_path / "bundle", {"mqtt": {"host": host}})
+
+    assert load_config(path).mqtt.host == host

@@ -121,6 +121,11 @@ def test_pushes_and_privacy_are_read(tmp_path, mlp_pair) -> None:
             r"device id once, but 'a' repeats",
         ),
         (
+            '[mqtt]\nhost = "mqtt://hub.lan"\n',
+            r"mqtt\.host = 'mqtt://hub\.lan' is invalid; expected a host name or "
+            r"IP address without a scheme, port",
+        ),
+        (
             '[[push]]\nname = "n"\ndevices = ["a"]\ndata = "data.npz"\n'
             "every_s = 1\nexpiry_s = 4294967296\n",
             r"push\[0\]\.expiry_s = 4294967296 is invalid; expected seconds in "
