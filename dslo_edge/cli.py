@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +74,29 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_CONFIG if isinstance(error, ConfigError) else EXIT_ERROR)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Raise SystemExit(143) on SIGTERM while the block runs.
+
+    Python's default action for SIGTERM ends the process at once, so the
+    finally blocks that stop the brokers and daemons a command started never
+    run and those children keep running. Raising lets them run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        # signal.signal works only in the main thread.
+        yield
+        return
+
+    def exit_now(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group()
@@ -853,15 +879,16 @@ def selftest(
         Path(bundle).resolve() if bundle else _selftest_bundle(workdir / "bundle")
     )
     scale = Scale.quick() if quick else Scale()
-    rows = run_suite(
-        workdir,
-        bundle_path,
-        scale,
-        list(only) or None,
-        on_row=lambda row: click.echo(
-            f"{'pass' if row.passed else 'FAIL'}: {row.scenario}", err=True
-        ),
-    )
+    with sigterm_as_exit():
+        rows = run_suite(
+            workdir,
+            bundle_path,
+            scale,
+            list(only) or None,
+            on_row=lambda row: click.echo(
+                f"{'pass' if row.passed else 'FAIL'}: {row.scenario}", err=True
+            ),
+        )
     table = format_table(rows)
     click.echo(table)
     if report:
@@ -1054,12 +1081,13 @@ def demo(out: str, report_path: str | None, seed: int, broker_kind: str) -> None
     _require_modules(("keras", "sklearn", "scipy"), "convert,demo")
     from dslo_edge.demo import run_demo
 
-    report = run_demo(
-        Path(out),
-        Path(report_path) if report_path else None,
-        seed=seed,
-        broker_kind=broker_kind,
-    )
+    with sigterm_as_exit():
+        report = run_demo(
+            Path(out),
+            Path(report_path) if report_path else None,
+            seed=seed,
+            broker_kind=broker_kind,
+        )
     from dslo_edge.demo import format_report
 
     click.echo(format_report(report))

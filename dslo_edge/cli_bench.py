@@ -39,6 +39,7 @@ from dslo_edge.cli_device import handle_errors
 def bench(quick: bool, out: str, message_samples: int, tcp_nodelay: bool) -> None:
     """Measure each performance figure beside its reference and print a table."""
     from dslo_edge.bench import BenchOptions, format_table, run_bench
+    from dslo_edge.cli import sigterm_as_exit
 
     options = (
         BenchOptions.quick_run(message_samples, tcp_nodelay)
@@ -46,7 +47,8 @@ def bench(quick: bool, out: str, message_samples: int, tcp_nodelay: bool) -> Non
         else BenchOptions(message_samples=message_samples, tcp_nodelay=tcp_nodelay)
     )
     started = time.monotonic()
-    report = run_bench(Path(out), options)
+    with sigterm_as_exit():
+        report = run_bench(Path(out), options)
     click.echo(format_table(report))
     click.echo(
         f"wrote {Path(out) / 'bench.json'} in {time.monotonic() - started:.0f} s"

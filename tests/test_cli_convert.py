@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from dslo_edge.broker import find_mosquitto
 from dslo_edge.cli import EXIT_CONFIG, main
 
 
@@ -169,3 +175,55 @@ def test_demo_report_under_file_fails_first(tmp_path) -> None:
     assert result.exit_code == EXIT_CONFIG
     assert f"error: {blocker} is a file, not a directory" in result.output
     assert not out.exists()
+
+
+def _live_processes_naming(text: str) -> dict[int, str]:
+    """Return the command lines, by pid, of running processes that contain ``text``."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The state follows the command name in parentheses; Z is a zombie.
+            state = stat.read_text().rpartition(")")[2].split()[0]
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and text.encode() in command:
+            found[int(stat.parent.name)] = command.decode(errors="replace")
+    return found
+
+
+@pytest.mark.slow
+def test_demo_sigterm_stops_broker_and_daemon(tmp_path) -> None:
+    pytest.importorskip("keras")
+    pytest.importorskip("sklearn")
+    mosquitto = find_mosquitto()
+    if mosquitto is None:
+        pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
+    out = tmp_path / "demo"
+    command = ["demo", "--out", str(out), "--broker", "mosquitto"]
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "dslo_edge.cli", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        daemon_log = out / "daemon.log"
+        deadline = time.monotonic() + 120
+        while not (daemon_log.exists() and "connected to" in daemon_log.read_text()):
+            assert demo.poll() is None, "the demo ended before its daemon connected"
+            assert time.monotonic() < deadline, "the daemon did not connect in 120 s"
+            time.sleep(0.1)
+        children = _live_processes_naming(str(out))
+        del children[demo.pid]
+        brokers = [c for c in children.values() if c.startswith(f"{mosquitto} -c ")]
+        daemons = [c for c in children.values() if " dslo_edge.cli run " in c]
+        assert len(brokers) == 1
+        assert len(daemons) == 1
+
+        demo.send_signal(signal.SIGTERM)
+
+        assert demo.wait(timeout=90) == 143
+        assert _live_processes_naming(str(out)) == {}
+    finally:
+        for pid in _live_processes_naming(str(out)):
+            os.kill(pid, signal.SIGKILL)
