@@ -96,6 +96,8 @@ class TeacherRegistry:
         )
         self._fingerprint = _fingerprint(settings)
         self._next_poll = time.monotonic() + settings.reload_poll_s
+        # (fingerprint, error text) of the last failed load, logged once.
+        self._failure: tuple[Any, ...] | None = None
 
     def _load(self) -> TeacherVersion:
         file, output_kind = _resolve(self.settings)
@@ -145,15 +147,9 @@ class TeacherRegistry:
             model = TeacherModel(file, output_kind, self.settings.runtime)
             shapes = _shapes(model)
         except (BundleError, ConfigError, OSError, ValueError, KeyError) as error:
-            logger.warning(
-                "Teacher at %s is not loadable (%s); keeping %s and trying again "
-                "in %.0f s",
-                self.settings.path,
-                error,
-                self.current.version,
-                self.settings.reload_poll_s,
-            )
+            self._log_failure(fingerprint, error, force)
             return False
+        self._failure = None
         self._fingerprint = fingerprint
         if identity == self.current.identity:
             return False
@@ -182,6 +178,26 @@ class TeacherRegistry:
         )
         self.current = candidate
         return True
+
+    def _log_failure(self, fingerprint: Any, error: Exception, force: bool) -> None:
+        """Log a failed load unless the same file failed the same way last poll.
+
+        A broken file is loaded again at every poll, because a bundle copy in
+        progress leaves the manifest unchanged. Only a changed file, a new
+        error or a SIGHUP logs the failure again.
+        """
+        failure = (fingerprint, str(error))
+        repeated = failure == self._failure and not force
+        self._failure = failure
+        logger.log(
+            logging.DEBUG if repeated else logging.WARNING,
+            "Teacher at %s is not loadable (%s); keeping %s and trying again "
+            "every %g s, logging again when the file or the error changes",
+            self.settings.path,
+            error,
+            self.current.version,
+            self.settings.reload_poll_s,
+        )
 
 
 def _shapes(model: TeacherModel) -> tuple[tuple[int, ...], int]:

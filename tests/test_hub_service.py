@@ -176,6 +176,39 @@ def test_teacher_for_another_model_is_not_loaded(mlp_pair, tmp_path, caplog) -> 
     assert f"keeping {first.version}" in caplog.text
 
 
+def test_broken_teacher_is_logged_once(mlp_pair, tmp_path, caplog) -> None:
+    teacher = tmp_path / "teacher.tflite"
+    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    config = write_hub_config(tmp_path / "hub", 1883, teacher, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    first = worker.teacher.current
+    caplog.set_level("WARNING", logger="dslo_edge.hub_teacher")
+
+    def poll_three_times() -> list[bool]:
+        results = []
+        for _ in range(3):
+            # write_hub_config sets reload_poll_s = 0.5.
+            time.sleep(0.6)
+            results.append(worker.teacher.reload_if_changed())
+        return results
+
+    teacher.write_bytes(b"not a model")
+    first_polls = poll_three_times()
+    teacher.write_bytes(b"another broken model")
+    second_polls = poll_three_times()
+
+    assert first_polls == [False, False, False]
+    assert second_polls == [False, False, False]
+    assert worker.teacher.current == first
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert all("is not loadable" in message for message in warnings)
+    assert all(f"keeping {first.version}" in message for message in warnings)
+    assert worker.teacher.reload_if_changed(force=True) is False
+    assert len(caplog.records) == 3
+
+
 def test_scheduled_push_reaches_device(mlp_pair, mosquitto, tmp_path) -> None:
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     config = nightly_push_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x)
