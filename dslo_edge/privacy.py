@@ -211,6 +211,8 @@ class PrivacyLedger:
         Raises:
             PrivacyBudgetExceeded: the epsilon after the release would exceed
                 the budget. Nothing is recorded then.
+            ConfigError: the ledger file cannot be written. Nothing is
+                recorded then, so the caller must not release the labels.
         """
         after = self.epsilon(device_id, count)
         if after > self.settings.epsilon_budget:
@@ -222,11 +224,24 @@ class PrivacyLedger:
                 "already. Raise the noise multiplier or the budget, or stop "
                 "sending to this device"
             )
-        device = self._releases.setdefault(device_id, {})
+        previous = self._releases.get(device_id)
+        device = dict(previous or {})
         multiplier = self.settings.noise_multiplier
         device[multiplier] = device.get(multiplier, 0) + count
+        self._releases[device_id] = device
         if self.path is not None:
-            _write_ledger(self.path, self._releases)
+            try:
+                _write_ledger(self.path, self._releases)
+            except OSError as error:
+                if previous is None:
+                    del self._releases[device_id]
+                else:
+                    self._releases[device_id] = previous
+                raise ConfigError(
+                    f"cannot write privacy ledger {self.path}: {error}; these "
+                    "labels were not released, so give a ledger path in a "
+                    "writable directory with free space and send them again"
+                ) from error
         return after
 
     def release(
@@ -272,11 +287,15 @@ def _write_ledger(path: Path, releases: dict[str, dict[float, int]]) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".ledger-")
-    with os.fdopen(descriptor, "w") as stream:
-        json.dump(document, stream, indent=2)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            json.dump(document, stream, indent=2)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 @dataclass

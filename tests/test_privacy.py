@@ -177,6 +177,24 @@ def test_ledger_survives_restart(tmp_path) -> None:
     assert json.loads(path.read_text())["format"] == 1
 
 
+def test_unwritable_ledger_charges_nothing(tmp_path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    path = blocker / "ledger.json"
+    ledger = PrivacyLedger(
+        PrivacySettings(noise_multiplier=5.0, epsilon_budget=10.0), path
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        ledger.charge("kitchen", 32)
+
+    assert str(caught.value).startswith(f"cannot write privacy ledger {path}: ")
+    assert "these labels were not released" in str(caught.value)
+    assert ledger.releases("kitchen") == {}
+    assert ledger.epsilon("kitchen") == 0.0
+    assert blocker.read_text() == ""
+
+
 def test_ledger_rejects_foreign_file(tmp_path) -> None:
     path = tmp_path / "ledger.json"
     path.write_text('{"devices": {}}')

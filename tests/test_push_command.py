@@ -319,6 +319,48 @@ def test_push_rejects_bad_inputs_in_one_line(
         assert "Traceback" not in result.output
 
 
+def test_push_unwritable_ledger_sends_nothing(
+    mlp_pair, broker_factory, tmp_path, data_file
+):
+    pytest.importorskip("dp_accounting")
+    broker = broker_factory("mosquitto")
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    ledger = blocker / "ledger.json"
+    received: list[bytes] = []
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda _client, _userdata, message: received.append(
+        message.payload
+    )
+    watcher.connect("127.0.0.1", broker.port)
+    watcher.subscribe(f"dslo/{DEVICE}/updates", qos=1)
+    watcher.loop_start()
+    try:
+        time.sleep(0.5)
+        result = run_push(
+            mlp_pair.bundle,
+            data_file,
+            broker.url,
+            "--no-wait",
+            "--dp-noise-multiplier",
+            "8",
+            "--dp-epsilon",
+            "100",
+            "--dp-ledger",
+            str(ledger),
+        )
+        time.sleep(0.5)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+
+    assert result.exit_code == 78, result.output
+    assert result.output.startswith(f"error: cannot write privacy ledger {ledger}")
+    assert result.output.count("\n") == 1
+    assert received == []
+    assert blocker.read_text() == ""
+
+
 @pytest.mark.parametrize(
     ("url", "options", "fragment"),
     [
