@@ -874,7 +874,9 @@ def selftest(
     # Absolute, because the device configs written under it resolve relative
     # paths against their own folder.
     workdir = Path(out).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    _check_writable_dir(workdir, "--out")
+    if report:
+        _check_writable_dir(Path(report).resolve().parent, "--report")
     bundle_path = (
         Path(bundle).resolve() if bundle else _selftest_bundle(workdir / "bundle")
     )

@@ -39,7 +39,9 @@ from dslo_edge.cli_device import handle_errors
 def bench(quick: bool, out: str, message_samples: int, tcp_nodelay: bool) -> None:
     """Measure each performance figure beside its reference and print a table."""
     from dslo_edge.bench import BenchOptions, format_table, run_bench
-    from dslo_edge.cli import sigterm_as_exit
+    from dslo_edge.cli import _check_writable_dir, sigterm_as_exit
+
+    _check_writable_dir(Path(out), "--out")
 
     options = (
         BenchOptions.quick_run(message_samples, tcp_nodelay)

@@ -84,6 +84,22 @@ def test_quick_bench_writes_every_figure(tmp_path) -> None:
     assert "checkpoint of 10,000 smoothing and monitor ids" in result.output
 
 
+def test_bench_out_under_file_fails_first(tmp_path) -> None:
+    from dslo_edge.cli import main
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+
+    result = CliRunner().invoke(main, ["bench", "--out", str(blocker / "out")])
+
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for --out: cannot write into {blocker}/out" in (
+        result.output
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert blocker.read_text() == ""
+
+
 def test_thread_cpu_counts_this_thread() -> None:
     pid, thread = os.getpid(), threading.get_native_id()
     before = thread_cpu_s(pid)

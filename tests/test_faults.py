@@ -42,3 +42,27 @@ def test_selftest_with_relative_out(mlp_pair, tmp_path, monkeypatch) -> None:
     assert "pass: broker restart" in result.output
     state = tmp_path / "relative-out" / "broker-restart" / "state"
     assert any((state / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("option", ["--out", "--report"])
+def test_selftest_path_under_file_fails_first(tmp_path, option: str) -> None:
+    from click.testing import CliRunner
+
+    from dslo_edge.cli import main
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    paths = {"--out": str(tmp_path / "out"), "--report": str(tmp_path / "r.txt")}
+    paths[option] = str(blocker / "sub" / "x")
+    arguments = ["selftest", "--faults", "--quick", "--bundle", str(tmp_path)]
+    arguments += ["--out", paths["--out"], "--report", paths["--report"]]
+
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {option}: cannot write into {blocker}/sub" in (
+        result.output
+    )
+    assert "Not a directory" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert blocker.read_text() == ""
