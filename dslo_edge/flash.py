@@ -142,8 +142,10 @@ def flash(
             device id that is not one MQTT topic level or a broker host with
             a quote.
         BundleError: the bundle is invalid, the profile cannot run it, the
-            target lacks free space, or writing failed. The previous
-            installation, if any, is left as it was.
+            target lacks free space, a path leads out of the target, or
+            writing failed. Each file is replaced whole, but a failure can
+            come after some of them, such as the ``bundle`` link, were
+            replaced. The message then names them.
     """
     check_device_id(options.device_id)
     check_broker_host(options.broker_host)
@@ -188,10 +190,7 @@ def flash(
         file_list = _file_list(root, result, profile, list(files))
         _write_if_changed(root, FILE_LIST, file_list, result)
     except OSError as error:
-        raise BundleError(
-            f"installing onto {root} failed: {error}; the previous installation "
-            "is unchanged, so fix the cause and run flash again"
-        ) from error
+        raise BundleError(_install_failure(root, error, result)) from error
     _prune_releases(root, result.release)
     logger.info(
         "Installed release %s for profile %s onto %s (%d paths changed)",
@@ -201,6 +200,20 @@ def flash(
         len(result.changed),
     )
     return result
+
+
+def _install_failure(root: Path, error: OSError, result: FlashResult) -> str:
+    """Describe a failed install, naming the paths that it had already written."""
+    if not result.changed:
+        return (
+            f"installing onto {root} failed: {error}; the previous installation "
+            "is unchanged, so fix the cause and run flash again"
+        )
+    return (
+        f"installing onto {root} failed: {error}, after writing "
+        f"{', '.join(result.changed)}; fix the cause and run flash again to "
+        "finish the installation"
+    )
 
 
 def _check_paths_inside_target(root: Path, profile: FirmwareProfile) -> None:

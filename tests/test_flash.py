@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import stat
 import subprocess
 from collections import namedtuple
@@ -494,6 +495,26 @@ def test_flash_write_failure_keeps_previous_install(
     leftovers = list((small_filesystem / "opt/dslo-edge/releases").glob(".staging-*"))
     assert leftovers == []
     assert verify_installation(small_filesystem) == []
+
+
+def test_flash_failure_names_written_paths(tmp_path: Path, pi4) -> None:
+    _, root = flash_once(tmp_path, pi4)
+    unit_dir = root / "etc/systemd/system"
+    shutil.rmtree(unit_dir)
+    unit_dir.write_text("a file where the unit directory belongs\n")
+    second = write_bundle(tmp_path / "second", seed=1)
+    release = release_id(load_bundle(second))
+
+    with pytest.raises(BundleError) as caught:
+        flash(second, pi4, root, OPTIONS)
+
+    message = str(caught.value)
+    assert "previous installation is unchanged" not in message
+    assert (
+        f"after writing /opt/dslo-edge/releases/{release}, /opt/dslo-edge/bundle; "
+        "fix the cause and run flash again to finish the installation"
+    ) in message
+    assert os.readlink(root / "opt/dslo-edge/bundle") == f"releases/{release}"
 
 
 def test_unit_has_restart_and_sandbox_settings() -> None:
