@@ -60,6 +60,22 @@ def _require_modules(modules: tuple[str, ...], extras: str) -> None:
         )
 
 
+def file_path_only(
+    _context: click.Context, _parameter: click.Parameter, value: str | None
+) -> str | None:
+    """Reject a path that ends in "/", which names a folder, not a file.
+
+    ``Path()`` drops the slash, so the file would be written under the
+    folder's name.
+    """
+    if value is not None and value.endswith("/"):
+        raise click.BadParameter(
+            f"expected a file path, got the folder {value!r}; add a file name "
+            "after the slash"
+        )
+    return value
+
+
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Print a DsloError as one line and exit non-zero; traceback with --verbose."""
 
@@ -851,7 +867,10 @@ def _private_release(
     help="Run only this scenario; repeat for several. Default: all.",
 )
 @click.option(
-    "--report", type=click.Path(dir_okay=False), help="Also write the table here."
+    "--report",
+    type=click.Path(dir_okay=False),
+    callback=file_path_only,
+    help="Also write the table here.",
 )
 @handle_errors
 def selftest(
@@ -1013,7 +1032,7 @@ def service_install(
 
 
 @main.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path(dir_okay=False), callback=file_path_only)
 @handle_errors
 def keygen(path: str) -> None:
     """Write a new random HMAC key for one device (mode 0600)."""
@@ -1058,6 +1077,7 @@ def _key_write_error(path: Path, error: OSError) -> str:
     "--report",
     "report_path",
     type=click.Path(dir_okay=False),
+    callback=file_path_only,
     help="Write the report as JSON here (default OUT/report.json).",
 )
 @click.option(

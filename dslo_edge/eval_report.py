@@ -203,6 +203,11 @@ def load_results(path: Path) -> tuple[list[SeedResult], str, float]:
         document = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"cannot read {path}: {error}; {expected}") from error
+    if isinstance(document, list):
+        raise ConfigError(
+            f"{path} is a list, like the results.json that a report writes "
+            f"without the per-update curves the plots need; {expected}"
+        )
     if not isinstance(document, dict) or not isinstance(document.get("results"), list):
         raise ConfigError(f"{path} has no list of results; {expected}")
     try:

@@ -373,6 +373,12 @@ def list_profiles(directory: str | Path | None = None) -> list[FirmwareProfile]:
         ConfigError: the directory is missing or any profile is invalid.
     """
     folder = Path(directory) if directory else default_profiles_dir()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"firmware profile directory {folder} is a file, not a directory; "
+            f"pass the directory that holds the *.toml profiles with "
+            f"--profiles-dir or {PROFILES_ENV}"
+        )
     if not folder.is_dir():
         raise ConfigError(
             f"firmware profile directory not found: {folder}; pass --profiles-dir "

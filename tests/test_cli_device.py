@@ -357,6 +357,20 @@ def test_keygen_rejects_empty_path(path: str) -> None:
     assert "exists" not in result.output
 
 
+@pytest.mark.parametrize(
+    "command", [["keygen"], ["demo", "--report"], ["selftest", "--report"]]
+)
+def test_file_option_rejects_folder_path(tmp_path: Path, command: list) -> None:
+    folder = f"{tmp_path}/keys/"
+
+    result = run(*command, folder)
+
+    assert result.exit_code == 2
+    assert f"expected a file path, got the folder {folder!r}" in result.output
+    assert "add a file name after the slash" in result.output
+    assert not (tmp_path / "keys").exists()
+
+
 def test_keygen_writes_owner_only_key(tmp_path: Path) -> None:
     path = tmp_path / "device.key"
 

@@ -282,7 +282,8 @@ def saved_results(tmp_path, document) -> str:
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        ([1, 2], "has no list of results"),
+        ([1, 2], "is a list, like the results.json that a report writes"),
+        ({"results": 3}, "has no list of results"),
         ({"results": [], "command": "c", "seconds": 1}, "contains no results"),
         (
             {

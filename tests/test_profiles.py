@@ -173,6 +173,18 @@ def test_empty_profile_directory_is_an_error(tmp_path: Path) -> None:
         list_profiles(tmp_path)
 
 
+def test_profile_directory_that_is_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "raspberry-pi-4b.toml"
+    path.write_text("")
+
+    with pytest.raises(ConfigError) as caught:
+        list_profiles(path)
+
+    assert str(caught.value).startswith(
+        f"firmware profile directory {path} is a file, not a directory; "
+    )
+
+
 def test_power_file_unit_is_checked(tmp_path: Path) -> None:
     text = VALID_PROFILE.format(name="board") + (
         '\n[sensors]\npower_files = [{ path = "/sys/x", unit = "kW" }]\n'
