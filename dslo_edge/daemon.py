@@ -380,7 +380,8 @@ class EdgeDaemon:
         """Restore state, then start the trainer, the watchdog and the connection.
 
         Raises:
-            ConfigError: the newest checkpoint was written by another device.
+            ConfigError: the newest checkpoint was written by another device,
+                or the checkpoints folder in the state directory is a file.
         """
         try:
             self._restore()
@@ -402,7 +403,14 @@ class EdgeDaemon:
         systemd.notify("READY=1")
 
     def _restore(self) -> None:
-        generations = len(list_checkpoints(self.checkpoint_dir))
+        folder = self.checkpoint_dir
+        if folder.exists() and not folder.is_dir():
+            # Every save would fail, so no update could ever be acknowledged.
+            raise ConfigError(
+                f"{self.config.source}: {folder} in device.state_dir is a file, "
+                "expected the checkpoints folder; move the file away"
+            )
+        generations = len(list_checkpoints(folder))
         checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
         if checkpoint is None and generations:
             logger.warning(

@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 from dslo_edge import broker_login
 from dslo_edge.broker_login import BrokerLogin
 from dslo_edge.errors import BrokerError, ConfigError
+from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import PrivateRelease
 from dslo_edge.protocol import (
@@ -380,6 +381,11 @@ class HubClient:
         login: BrokerLogin | None = None,
     ):
         self.topics = Topics.for_device(device_id)
+        if device_id == HUB_LEVEL:
+            raise ConfigError(
+                f"device id {device_id!r} is invalid: the hub workers' own topics "
+                "use that level, so no device can have it"
+            )
         self.device_id = device_id
         self.latest_metrics: dict[str, Any] | None = None
         # The retained presence string, STATUS_ONLINE or STATUS_OFFLINE.

@@ -121,6 +121,19 @@ def test_push_to_offline_device_fails_fast(
     assert elapsed < 10
 
 
+def test_push_to_hub_level_is_rejected(mlp_pair, broker_factory, data_file):
+    broker = broker_factory("mosquitto")
+    arguments = ["push", "--bundle", str(mlp_pair.bundle), "--data", str(data_file)]
+
+    result = CliRunner().invoke(
+        main, [*arguments, "--device", "_hub", "--broker", broker.url]
+    )
+
+    assert result.exit_code == 78, result.output
+    assert "device id '_hub' is invalid: the hub workers' own topics" in result.output
+    assert "sent" not in result.output
+
+
 def capture_updates(broker: Broker, push: Callable[[], Result]) -> list[bytes]:
     """Run ``push`` and return the payloads published on the device's topic."""
     payloads: list[bytes] = []

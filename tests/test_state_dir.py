@@ -63,6 +63,20 @@ def test_state_dir_that_is_a_file_is_rejected(mlp_pair, tmp_path) -> None:
     assert state.read_text() == "not a folder"
 
 
+def test_checkpoints_path_that_is_a_file(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "checkpoints").write_text("not a folder")
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+
+    with pytest.raises(ConfigError) as caught:
+        daemon._restore()
+    daemon._state_lock.release()
+
+    assert "checkpoints in device.state_dir is a file" in str(caught.value)
+    assert (state / "checkpoints").read_text() == "not a folder"
+
+
 def test_lock_is_released_when_holder_dies(tmp_path) -> None:
     state = tmp_path / "state"
     code = (
