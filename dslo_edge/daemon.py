@@ -74,7 +74,7 @@ from dslo_edge.ota import ota_topics, peek_transfer_id, status_payload
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
 from dslo_edge.state_lock import StateLock
-from dslo_edge.swap import KeptCheckpoints
+from dslo_edge.swap import ACTIVE, KeptCheckpoints
 from dslo_edge.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -162,10 +162,31 @@ class EdgeDaemon:
             hmac_key=self.hmac_key,
             topic=self.ota_topic,
         )
-        self.bundle = load_bundle(self._active_bundle_path())
+        self.bundle = self._load_active_bundle()
         self.student = load_student(self.bundle, config.runtime)
         self.trainer = self._new_trainer()
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
+
+    def _load_active_bundle(self) -> Bundle:
+        """Load the installed over-the-air release, else device.bundle.
+
+        Raises:
+            BundleError: the bundle is missing or corrupt. For a release, the
+                message says how to fall back to device.bundle.
+        """
+        path = self._active_bundle_path()
+        try:
+            return load_bundle(path)
+        except BundleError as error:
+            if path == self.config.bundle:
+                raise
+            link = self.updater.store.folder / ACTIVE
+            raise BundleError(
+                f"{error}; this is the over-the-air release that {link} points "
+                f"to: send a new release with 'dslo-edge ota-send', or stop the "
+                f"daemon and remove {link} to start from device.bundle "
+                f"{self.config.bundle}"
+            ) from error
 
     def _active_bundle_path(self) -> Path:
         """Return the installed over-the-air release, else device.bundle."""

@@ -21,6 +21,7 @@ from dslo_edge.broker import Broker
 from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.errors import BundleError
 from dslo_edge.multihead import MultiHeadTrainer
 from dslo_edge.multihead_protocol import encode_multi_head_update
 from dslo_edge.ota import ota_topics
@@ -138,6 +139,31 @@ def test_start_names_release_over_config_bundle(mlp_pair, tmp_path, caplog) -> N
         f"device.bundle {mlp_pair.bundle}"
     )
     assert expected in caplog.text
+
+
+def test_corrupt_release_names_the_fallback(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    archive = tmp_path / "release.tar"
+    archive.write_bytes(pack_bundle(mlp_pair.bundle))
+    store = BundleStore(state)
+    release = store.install_archive(archive)
+    store.activate(release)
+    # A byte changed on the device's storage after the install.
+    student = release / "student.tflite"
+    data = bytearray(student.read_bytes())
+    data[-1] ^= 0xFF
+    student.write_bytes(bytes(data))
+    config_path = tmp_path / "device.toml"
+    config_path.write_text(render_config(DEVICE, mlp_pair.bundle, state, 1883))
+
+    with pytest.raises(BundleError) as caught:
+        EdgeDaemon(load_config(config_path))
+
+    message = str(caught.value)
+    link = state / "bundles" / "active"
+    assert "copy the bundle again" in message
+    assert f"this is the over-the-air release that {link} points to" in message
+    assert f"remove {link} to start from device.bundle {mlp_pair.bundle}" in message
 
 
 def test_device_with_key_rejects_unsigned_bundle(mlp_pair, broker, tmp_path) -> None:
