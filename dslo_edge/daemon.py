@@ -172,7 +172,7 @@ class EdgeDaemon:
 
         Raises:
             BundleError: the bundle is missing or corrupt. For a release, the
-                message says how to fall back to device.bundle.
+                message also gives the steps back to device.bundle.
         """
         path = self._active_bundle_path()
         try:
