@@ -172,7 +172,8 @@ class EdgeDaemon:
 
         Raises:
             BundleError: the bundle is missing or corrupt. For a release, the
-                message also gives the steps back to device.bundle.
+                message also gives the steps back to device.bundle, because
+                the daemon cannot receive a new release without starting.
         """
         path = self._active_bundle_path()
         try:
@@ -181,11 +182,14 @@ class EdgeDaemon:
             if path == self.config.bundle:
                 raise
             link = self.updater.store.folder / ACTIVE
+            # The daemon stops here, before it connects, so it cannot receive
+            # another release over the air until it starts from device.bundle.
             raise BundleError(
                 f"{error}; this is the over-the-air release that {link} points "
-                f"to: send a new release with 'dslo-edge ota-send', or stop the "
-                f"daemon and remove {link} to start from device.bundle "
-                f"{self.config.bundle}"
+                f"to, and the daemon cannot start to receive another one: stop "
+                f"the daemon, remove {link} so that it starts from device.bundle "
+                f"{self.config.bundle}, then send a new release with "
+                "'dslo-edge ota-send'"
             ) from error
 
     def _active_bundle_path(self) -> Path:

@@ -161,9 +161,20 @@ def test_corrupt_release_names_the_fallback(mlp_pair, tmp_path) -> None:
 
     message = str(caught.value)
     link = state / "bundles" / "active"
-    assert "copy the bundle again" in message
     assert f"this is the over-the-air release that {link} points to" in message
-    assert f"remove {link} to start from device.bundle {mlp_pair.bundle}" in message
+    assert "the daemon cannot start to receive another one" in message
+    assert (
+        f"remove {link} so that it starts from device.bundle {mlp_pair.bundle}, "
+        "then send a new release with 'dslo-edge ota-send'"
+    ) in message
+    assert "ota-send', or" not in message
+
+    # The step that the message gives first lets the daemon start.
+    link.unlink()
+    daemon = EdgeDaemon(load_config(config_path))
+    daemon._state_lock.release()
+
+    assert daemon.bundle.path == mlp_pair.bundle
 
 
 def test_device_with_key_rejects_unsigned_bundle(mlp_pair, broker, tmp_path) -> None:
