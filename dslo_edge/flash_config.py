@@ -19,6 +19,9 @@ PROFILES_DIR = PurePosixPath("/etc/dslo-edge/profiles")
 # It keeps quotes, spaces and other characters that no host has out of
 # device.toml. It does not check label lengths or IP address syntax.
 BROKER_HOST_PATTERN = re.compile(r"[A-Za-z0-9.:-]{1,253}")
+# An IPv6 address with a zone id, such as the link-local fe80::1%eth0, which
+# the device config accepts as mqtt.host too.
+SCOPED_IPV6_PATTERN = re.compile(r"[0-9A-Fa-f:.]{2,45}%[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,19 @@ def check_device_id(device_id: str, name: str = "device id", fix: str = "") -> N
 
 
 def check_broker_host(host: str, name: str = "broker host") -> None:
-    """Raise ConfigError unless ``host`` matches ``BROKER_HOST_PATTERN``.
+    """Raise ConfigError unless ``host`` is a host name or an IP address.
 
-    ``name`` is what the message calls the value, such as an option name.
+    ``host`` must match ``BROKER_HOST_PATTERN``, or ``SCOPED_IPV6_PATTERN``
+    with at least two colons. ``name`` is what the message calls the value,
+    such as an option name.
     """
-    if not BROKER_HOST_PATTERN.fullmatch(host):
+    scoped = host.count(":") >= 2 and SCOPED_IPV6_PATTERN.fullmatch(host)
+    if not BROKER_HOST_PATTERN.fullmatch(host) and not scoped:
         raise ConfigError(
             f"{name} {host!r} is invalid: expected a host name or IP address of "
             "1 to 253 letters, digits, '-', '.' or ':', without spaces or quotes, "
-            "for example hub.local or 192.168.1.10"
+            "for example hub.local or 192.168.1.10, or an IPv6 address with a "
+            "zone id, such as fe80::1%eth0"
         )
 
 

@@ -183,9 +183,13 @@ def _flash_into_empty_target(tmp_path: Path, *options: str):
             ["--broker-host", 'evil"host'],
             "error: --broker-host 'evil\"host' is invalid: expected a host name or "
             "IP address of 1 to 253 letters, digits, '-', '.' or ':', without "
-            "spaces or quotes, for example hub.local or 192.168.1.10\n",
+            "spaces or quotes, for example hub.local or 192.168.1.10, or an IPv6 "
+            "address with a zone id, such as fe80::1%eth0\n",
         ),
         (["--broker-host", ""], "error: --broker-host '' is invalid: expected"),
+        (["--broker-host", "hub%eth0"], "error: --broker-host 'hub%eth0' is"),
+        (["--broker-host", "fe80::1%"], "error: --broker-host 'fe80::1%' is"),
+        (["--broker-host", 'fe80::1%"x'], "error: --broker-host 'fe80::1%\"x' is"),
         (["--broker-host", "hub local"], "error: --broker-host 'hub local' is"),
         (["--broker-host", "hub\nlocal"], "error: --broker-host 'hub\\nlocal' is"),
         (["--broker-host", "a" * 254], "is invalid: expected a host name"),
@@ -213,6 +217,7 @@ def test_flash_command_rejects_bad_broker(tmp_path: Path, options, message) -> N
     [
         (["--broker-host", "hub.local", "--broker-port", "8883"], "hub.local", 8883),
         (["--broker-host", "fd00::1"], "fd00::1", 1883),
+        (["--broker-host", "fe80::1%eth0"], "fe80::1%eth0", 1883),
         (["--broker-host", "10.0.0.2", "--broker-port", "65535"], "10.0.0.2", 65535),
     ],
 )
