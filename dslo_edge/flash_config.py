@@ -56,6 +56,14 @@ def check_broker_host(host: str, name: str = "broker host") -> None:
     with at least two colons. ``name`` is what the message calls the value,
     such as an option name.
     """
+    if host.count(":") == 1:
+        # The device config rejects a HOST:PORT pair, but its message names
+        # mqtt.port, which a flash user does not set.
+        raise ConfigError(
+            f"{name} {host!r} is invalid: it contains a port; give the host "
+            f"alone, such as {host.partition(':')[0]!r}, and the port with "
+            "--broker-port"
+        )
     scoped = host.count(":") >= 2 and SCOPED_IPV6_PATTERN.fullmatch(host)
     if not BROKER_HOST_PATTERN.fullmatch(host) and not scoped:
         raise ConfigError(

@@ -188,6 +188,12 @@ def _flash_into_empty_target(tmp_path: Path, *options: str):
         ),
         (["--broker-host", ""], "error: --broker-host '' is invalid: expected"),
         (["--broker-host", "hub%eth0"], "error: --broker-host 'hub%eth0' is"),
+        (
+            ["--broker-host", "10.0.0.2:8883"],
+            "error: --broker-host '10.0.0.2:8883' is invalid: it contains a port; "
+            "give the host alone, such as '10.0.0.2', and the port with "
+            "--broker-port\n",
+        ),
         (["--broker-host", "fe80::1%"], "error: --broker-host 'fe80::1%' is"),
         (["--broker-host", 'fe80::1%"x'], "error: --broker-host 'fe80::1%\"x' is"),
         (["--broker-host", "hub local"], "error: --broker-host 'hub local' is"),
