@@ -373,12 +373,7 @@ def list_profiles(directory: str | Path | None = None) -> list[FirmwareProfile]:
         ConfigError: the directory is missing or any profile is invalid.
     """
     folder = Path(directory) if directory else default_profiles_dir()
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(
-            f"firmware profile directory {folder} is a file, not a directory; "
-            f"pass the directory that holds the *.toml profiles with "
-            f"--profiles-dir or {PROFILES_ENV}"
-        )
+    _reject_file_as_directory(folder)
     if not folder.is_dir():
         raise ConfigError(
             f"firmware profile directory not found: {folder}; pass --profiles-dir "
@@ -403,6 +398,7 @@ def load_profile(name: str, directory: str | Path | None = None) -> FirmwareProf
     if name.endswith(".toml"):
         return load_profile_file(name)
     folder = Path(directory) if directory else default_profiles_dir()
+    _reject_file_as_directory(folder)
     path = folder / f"{name}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
@@ -411,3 +407,13 @@ def load_profile(name: str, directory: str | Path | None = None) -> FirmwareProf
             f"known profiles: {', '.join(known) or 'none'}"
         )
     return load_profile_file(path)
+
+
+def _reject_file_as_directory(folder: Path) -> None:
+    """Raise ConfigError when the profile directory ``folder`` is a file."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"firmware profile directory {folder} is a file, not a directory; "
+            f"pass the directory that holds the *.toml profiles with "
+            f"--profiles-dir or {PROFILES_ENV}"
+        )

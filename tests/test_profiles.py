@@ -173,16 +173,20 @@ def test_empty_profile_directory_is_an_error(tmp_path: Path) -> None:
         list_profiles(tmp_path)
 
 
-def test_profile_directory_that_is_a_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "load", [list_profiles, lambda folder: load_profile("raspberry-pi-4b", folder)]
+)
+def test_profile_directory_that_is_a_file(tmp_path: Path, load) -> None:
     path = tmp_path / "raspberry-pi-4b.toml"
     path.write_text("")
 
     with pytest.raises(ConfigError) as caught:
-        list_profiles(path)
+        load(path)
 
     assert str(caught.value).startswith(
         f"firmware profile directory {path} is a file, not a directory; "
     )
+    assert "not found" not in str(caught.value)
 
 
 def test_power_file_unit_is_checked(tmp_path: Path) -> None:
