@@ -76,7 +76,8 @@ def parse_broker_url(url: str) -> tuple[str, str, int]:
 
     Raises:
         ConfigError: another scheme, no host, an unbalanced or invalid IPv6
-            address in brackets, user info, or a port outside 1..65535.
+            address in brackets, an IPv6 address without brackets, user info,
+            or a port outside 1..65535.
     """
     expected = "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
     try:
@@ -92,6 +93,12 @@ def parse_broker_url(url: str) -> tuple[str, str, int]:
             f"broker URL {_without_user_info(url)!r} contains a user name or "
             "password, which would show in the process list; remove it and "
             "pass --username and --password-file"
+        )
+    if parsed.netloc.count(":") >= 2 and "[" not in parsed.netloc:
+        # urlparse reads the text after the last colon as the port.
+        raise ConfigError(
+            f"broker URL {url!r} is invalid: an IPv6 address needs brackets; "
+            f"{expected}, such as mqtt://[::1]:1883"
         )
     try:
         port = parsed.port

@@ -382,6 +382,8 @@ def test_push_unwritable_ledger_sends_nothing(
         ("mqtt://[::1:1883", [], "'mqtt://[::1:1883' is invalid (Invalid IPv6 URL)"),
         ("mqtt://[hub]:1883", [], "such as mqtt://[::1]:1883"),
         ("mqtt://hub:secret@[::1", [], "'mqtt://[::1' is invalid"),
+        ("mqtt://::1", [], "'mqtt://::1' is invalid: an IPv6 address needs brackets"),
+        ("fd00::1:1883", [], "such as mqtt://[::1]:1883"),
         ("mqtts://127.0.0.1", [], "pass --tls-ca-file"),
         ("mqtt://127.0.0.1", ["--tls-ca-file", "{ca}"], "use mqtts://127.0.0.1:1883"),
         ("mqtt://127.0.0.1", ["--password-file", "{ca}"], "needs --username"),
