@@ -120,15 +120,23 @@ def test_ota_swaps_bundle_and_keeps_adapted_weights(mlp_pair, broker, tmp_path) 
     np.testing.assert_array_equal(restarted.student.infer(x), final)
 
 
-def test_start_names_release_over_config_bundle(mlp_pair, tmp_path, caplog) -> None:
-    state = tmp_path / "state"
-    archive = tmp_path / "release.tar"
-    archive.write_bytes(pack_bundle(mlp_pair.bundle))
+def active_release(bundle: Path, state: Path) -> tuple[Path, Path]:
+    """Install ``bundle`` as the active release in ``state``; return it and a config.
+
+    The config, beside ``state``, names ``bundle`` as device.bundle.
+    """
+    archive = state.parent / "release.tar"
+    archive.write_bytes(pack_bundle(bundle))
     store = BundleStore(state)
     release = store.install_archive(archive)
     store.activate(release)
-    config_path = tmp_path / "device.toml"
-    config_path.write_text(render_config(DEVICE, mlp_pair.bundle, state, 1883))
+    config_path = state.parent / "device.toml"
+    config_path.write_text(render_config(DEVICE, bundle, state, 1883))
+    return release, config_path
+
+
+def test_start_names_release_over_config_bundle(mlp_pair, tmp_path, caplog) -> None:
+    release, config_path = active_release(mlp_pair.bundle, tmp_path / "state")
 
     with caplog.at_level("INFO", logger="dslo_edge.daemon"):
         daemon = EdgeDaemon(load_config(config_path))
@@ -143,18 +151,12 @@ def test_start_names_release_over_config_bundle(mlp_pair, tmp_path, caplog) -> N
 
 def test_corrupt_release_names_the_fallback(mlp_pair, tmp_path) -> None:
     state = tmp_path / "state"
-    archive = tmp_path / "release.tar"
-    archive.write_bytes(pack_bundle(mlp_pair.bundle))
-    store = BundleStore(state)
-    release = store.install_archive(archive)
-    store.activate(release)
+    release, config_path = active_release(mlp_pair.bundle, state)
     # A byte changed on the device's storage after the install.
     student = release / "student.tflite"
     data = bytearray(student.read_bytes())
     data[-1] ^= 0xFF
     student.write_bytes(bytes(data))
-    config_path = tmp_path / "device.toml"
-    config_path.write_text(render_config(DEVICE, mlp_pair.bundle, state, 1883))
 
     with pytest.raises(BundleError) as caught:
         EdgeDaemon(load_config(config_path))

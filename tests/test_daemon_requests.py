@@ -246,19 +246,30 @@ def start_unsure_daemon(mlp_pair, port: int, tmp_path: Path) -> EdgeDaemon:
     return start_daemon(tmp_path / "device", mlp_pair.bundle, port, settings)
 
 
-def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) -> None:
-    worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path)
-    daemon = start_unsure_daemon(mlp_pair, mosquitto.port, tmp_path)
-    app = LocalApp(mosquitto.port)
-    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+def ask_once(
+    daemon: EdgeDaemon, worker: HubWorker, port: int, payload: bytes
+) -> tuple[dict, LocalApp]:
+    """Send one inference request, wait for one applied update, stop everything.
+
+    Returns the daemon's status report and the closed app with its answers.
+    """
+    app = LocalApp(port)
     try:
-        app.ask(encode_inputs(x))
+        app.ask(payload)
         wait_until(lambda: daemon.metrics.applied >= 1)
-        report = daemon.status_report()
+        return daemon.status_report(), app
     finally:
         app.close()
         daemon.stop()
         worker.stop()
+
+
+def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) -> None:
+    worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path)
+    daemon = start_unsure_daemon(mlp_pair, mosquitto.port, tmp_path)
+    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+
+    report, _ = ask_once(daemon, worker, mosquitto.port, encode_inputs(x))
 
     requests = report["label_requests"]
     assert requests["sent"] == 1
@@ -276,20 +287,13 @@ def test_requests_skip_unusable_sample_ids(
     daemon = start_daemon(
         tmp_path / "device", mlp_pair.bundle, mosquitto.port, settings
     )
-    app = LocalApp(mosquitto.port)
     caplog.set_level(logging.WARNING, logger="dslo_edge.label_requests")
     # An update rejects a repeated id and one of more than 255 bytes, so the
     # second "cam-0" and the long id must stay out of the request.
     ids = ["cam-0", "cam-0", "x" * 300, "cam-1", "cam-2", "cam-3"]
     x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
-    try:
-        app.ask(encode_inputs(x, ids))
-        wait_until(lambda: daemon.metrics.applied >= 1)
-        report = daemon.status_report()
-    finally:
-        app.close()
-        daemon.stop()
-        worker.stop()
+
+    report, app = ask_once(daemon, worker, mosquitto.port, encode_inputs(x, ids))
 
     requests = report["label_requests"]
     assert requests["sent"] == 1

@@ -151,15 +151,20 @@ def kitchen_updates(port: int) -> tuple[mqtt.Client, queue.Queue]:
     return device_updates(port, "kitchen")
 
 
+def worker_with_teacher_copy(bundle: Path, tmp_path: Path) -> tuple[Path, HubWorker]:
+    """Return a copy of the bundle's teacher and a worker that serves it."""
+    teacher = tmp_path / "teacher.tflite"
+    shutil.copy(load_bundle(bundle).teacher_path, teacher)
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    config = write_hub_config(tmp_path / "hub", 1883, teacher, extra)
+    return teacher, HubWorker(load_hub_config(config, "w1"))
+
+
 def test_teacher_for_another_model_is_not_loaded(mlp_pair, tmp_path, caplog) -> None:
     keras = pytest.importorskip("keras")
     from converters.bundle import convert_teacher
 
-    teacher = tmp_path / "teacher.tflite"
-    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
-    extra = {"teacher": 'output_kind = "probabilities"'}
-    config = write_hub_config(tmp_path / "hub", 1883, teacher, extra)
-    worker = HubWorker(load_hub_config(config, "w1"))
+    teacher, worker = worker_with_teacher_copy(mlp_pair.bundle, tmp_path)
     first = worker.teacher.current
     five_classes = keras.Sequential(
         [keras.Input((64,)), keras.layers.Dense(5, activation="softmax")]
@@ -177,11 +182,7 @@ def test_teacher_for_another_model_is_not_loaded(mlp_pair, tmp_path, caplog) -> 
 
 
 def test_broken_teacher_is_logged_once(mlp_pair, tmp_path, caplog) -> None:
-    teacher = tmp_path / "teacher.tflite"
-    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
-    extra = {"teacher": 'output_kind = "probabilities"'}
-    config = write_hub_config(tmp_path / "hub", 1883, teacher, extra)
-    worker = HubWorker(load_hub_config(config, "w1"))
+    teacher, worker = worker_with_teacher_copy(mlp_pair.bundle, tmp_path)
     first = worker.teacher.current
     caplog.set_level("WARNING", logger="dslo_edge.hub_teacher")
 
