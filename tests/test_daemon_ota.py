@@ -121,9 +121,10 @@ def test_ota_swaps_bundle_and_keeps_adapted_weights(mlp_pair, broker, tmp_path) 
 
 
 def active_release(bundle: Path, state: Path) -> tuple[Path, Path]:
-    """Install ``bundle`` as the active release in ``state``; return it and a config.
+    """Install ``bundle`` as the active release in ``state``.
 
-    The config, beside ``state``, names ``bundle`` as device.bundle.
+    Returns the release and a device config beside ``state`` whose
+    device.bundle is ``bundle``.
     """
     archive = state.parent / "release.tar"
     archive.write_bytes(pack_bundle(bundle))
