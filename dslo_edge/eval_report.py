@@ -365,19 +365,23 @@ def write_report(
 ) -> dict[str, Any]:
     """Write evaluation.md, evaluation/*.png and evaluation/results.json.
 
-    Every file is written into a staging folder inside ``out/evaluation``
-    first and then renamed into place, so a failed write, such as a full
-    disk, leaves the files of an earlier report as they were.
+    Every file is written first, the plots and results.json into a staging
+    folder inside ``out/evaluation`` and the page into a temporary file in
+    ``out``, and then renamed into place within its own folder. So a failed
+    write, such as a full disk, leaves the files of an earlier report as
+    they were.
     """
     summary = summarise(results)
     folder = out / "evaluation"
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    handle, page_name = tempfile.mkstemp(prefix=".evaluation-", suffix=".md", dir=out)
+    os.close(handle)
+    page = Path(page_name)
     try:
         written = write_plots(results, staging)
         written.append(staging / "results.json")
         write_json(results, written[-1])
-        page = staging / "evaluation.md"
         seeds = len({result.seed for result in results})
         page.write_text(render_page(summary, command, seconds, seeds))
         for path in written:
@@ -385,6 +389,7 @@ def write_report(
         os.replace(page, out / "evaluation.md")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        page.unlink(missing_ok=True)
     return summary
 
 

@@ -222,6 +222,10 @@ def test_report_write_error_keeps_results(tmp_path, monkeypatch) -> None:
     assert sorted(path.name for path in (out / "evaluation").iterdir()) == [
         "digits-alpha.png"
     ]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "evaluation",
+        "evaluation.md",
+    ]
     assert len(saved) == 1
     assert f"the results of every run are saved in {saved[0]}" in result.output
     document = json.loads(saved[0].read_text())
