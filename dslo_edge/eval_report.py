@@ -365,11 +365,10 @@ def write_report(
 ) -> dict[str, Any]:
     """Write evaluation.md, evaluation/*.png and evaluation/results.json.
 
-    Every file is written first, the plots and results.json into a staging
-    folder inside ``out/evaluation`` and the page into a temporary file in
-    ``out``, and then renamed into place within its own folder. So a failed
-    write, such as a full disk, leaves the files of an earlier report as
-    they were.
+    The plots and results.json are written into a staging folder inside
+    ``out/evaluation``, and the page into a temporary file in ``out``. Only
+    then is each renamed into place within its own folder, so a failed
+    write, such as a full disk, leaves an earlier report as it was.
     """
     summary = summarise(results)
     folder = out / "evaluation"
