@@ -132,11 +132,21 @@ class BatchLabeller:
         self.counters.requests += len(batch)
         self.counters.redelivered += sum(item.redelivered for item in batch)
         accepted: list[tuple[Incoming, LabelRequest, RequestKey]] = []
+        # Later copies of a request id in this batch get the first copy's reply.
+        repeats: list[tuple[Incoming, RequestKey]] = []
+        seen: set[tuple[str, bytes]] = set()
         replies: list[_Reply] = []
         for item in batch:
             checked = self._check(item, replies)
-            if checked is not None:
+            if checked is None:
+                continue
+            key = checked[2]
+            if (key.device, key.request_id) in seen:
+                repeats.append((item, key))
+            else:
+                seen.add((key.device, key.request_id))
                 accepted.append(checked)
+        rejections = len(replies)
         admissions = self.state.admit(
             [key for _, _, key in accepted],
             time.time(),
@@ -151,6 +161,7 @@ class BatchLabeller:
             else:
                 self._refusal(item, key, admission, replies)
         replies += self._label(to_label)
+        replies += self._repeat_replies(repeats, replies[rejections:])
         self._send(replies)
         for item in batch:
             item.ack()
@@ -260,6 +271,32 @@ class BatchLabeller:
                 _Reply(item, key, STATUS_BUDGET_EXHAUSTED, admission.detail.encode())
             )
 
+    def _repeat_replies(
+        self, repeats: list[tuple[Incoming, RequestKey]], replies: list[_Reply]
+    ) -> list[_Reply]:
+        """Give each repeat in a batch the reply of the first copy of its id.
+
+        The admission of the first copy charges the request. Labelling the
+        copies too would release fresh privacy noise for the same samples
+        without a charge, and a copy with more samples would get them
+        labelled for the first copy's price.
+        """
+        copies = []
+        for item, key in repeats:
+            first = next(
+                (reply for reply in replies if _same_request(reply.key, key)), None
+            )
+            if first is None:
+                # The first copy got no reply because another worker has claimed it.
+                self.counters.in_progress += 1
+                continue
+            self.counters.cached += 1
+            copy = _Reply(
+                item, first.key, first.status, first.payload, first.retry_after_s
+            )
+            copies.append(copy)
+        return copies
+
     def _label(
         self, admitted: list[tuple[Incoming, LabelRequest, RequestKey]]
     ) -> list[_Reply]:
@@ -363,6 +400,11 @@ class BatchLabeller:
             )
         for info in sent:
             info.wait_for_publish(timeout=PUBLISH_TIMEOUT_S)
+
+
+def _same_request(first: RequestKey, second: RequestKey) -> bool:
+    """Return True when both keys name one request of one device."""
+    return first.device == second.device and first.request_id == second.request_id
 
 
 def _first_repeat(ids: list[str]) -> str | None:

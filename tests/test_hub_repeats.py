@@ -1,0 +1,91 @@
+"""Copies of one request id that reach a hub worker in one batch."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from dslo_edge.hub_config import load_hub_config
+from dslo_edge.hub_service import HubWorker
+from dslo_edge.label_protocol import (
+    LabelRequest,
+    encode_request,
+    request_properties,
+    user_properties,
+)
+from tests.hub_fleet import HubWatcher, wait_online, write_hub_config
+
+REQUEST_ID = b"r" * 16
+
+
+@pytest.fixture
+def mosquitto(broker_factory):
+    return broker_factory("mosquitto")
+
+
+def labels_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
+    """Subscribe to kitchen's labels topic and wait for the confirmation."""
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, message: received.put(message)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe("dslo/kitchen/labels", qos=1)
+    client.loop_start()
+    assert subscribed.wait(10), "the broker did not confirm the subscription"
+    return client, received
+
+
+def request_payload(sample_count: int) -> bytes:
+    inputs = np.random.default_rng(sample_count).random(
+        (sample_count, 64), dtype=np.float32
+    )
+    ids = [f"s{index}" for index in range(sample_count)]
+    return encode_request(LabelRequest(REQUEST_ID, time.time(), ids, inputs))
+
+
+def test_repeated_id_in_batch_charged_once(mlp_pair, mosquitto, tmp_path) -> None:
+    extra = {"privacy": "noise_multiplier = 10.0\nepsilon_budget = 100.0"}
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, extra)
+    # A long batch wait puts all copies into one batch.
+    text = config.read_text().replace("batch_wait_s = 0.02", "batch_wait_s = 1.0")
+    config.write_text(text)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = labels_client(mosquitto.port)
+    watcher = HubWatcher(mosquitto.port)
+    try:
+        worker.start()
+        wait_online(watcher, ["w1"])
+        properties = request_properties("dslo/kitchen/labels", REQUEST_ID)
+        # Four copies of a 2-sample request, then the same id with 8 samples.
+        for payload in [request_payload(2)] * 4 + [request_payload(8)]:
+            client.publish(
+                "dslo/kitchen/requests", payload, qos=1, properties=properties
+            )
+        replies = [received.get(timeout=10) for _ in range(5)]
+        time.sleep(0.5)
+        extra_replies = received.qsize()
+        releases = worker.state.releases("kitchen")
+        counters = worker.counters
+    finally:
+        worker.stop()
+        watcher.close()
+        client.disconnect()
+        client.loop_stop()
+
+    statuses = [user_properties(reply.properties)["status"] for reply in replies]
+    assert statuses == ["ok"] * 5
+    assert extra_replies == 0
+    # Every copy gets the same noisy labels, so averaging them gains nothing.
+    assert len({reply.payload for reply in replies}) == 1
+    assert releases == {10.0: 2}
+    assert counters["teacher_calls"] == 1
+    assert counters["labelled_samples"] == 2
+    assert counters["answered"] == 1
+    assert counters["cached"] == 4
