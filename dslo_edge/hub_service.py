@@ -29,6 +29,7 @@ import json
 import logging
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,10 @@ logger = logging.getLogger(__name__)
 RECEIVE_MAXIMUM = 1000
 # Idle time after the unsubscribe before a stopping worker ends its session.
 STOP_IDLE_S = 0.5
+# How often a worker checks that its state file was not deleted or replaced.
+# NOTE: after one worker writes a deleted file back, the charges that other
+# workers commit to the deleted file within this interval are lost.
+STATE_CHECK_S = 1.0
 
 
 def status_payload(state: str, client_id: str, **extra: Any) -> str:
@@ -85,6 +90,9 @@ def end_session_properties() -> Properties:
 class _Timers:
     next_metrics: float = 0.0
     next_forget: float = 0.0
+    next_state_check: float = 0.0
+    # The last failure to reopen the state file, so repeats are not logged.
+    state_error: str = ""
 
 
 def _check_top_k(config: HubConfig, class_count: int) -> None:
@@ -351,6 +359,9 @@ class HubWorker:
         if self.teacher.reload_if_changed(force=force):
             self._announce_teacher()
         now = time.monotonic()
+        if now >= self._timers.next_state_check:
+            self._timers.next_state_check = now + STATE_CHECK_S
+            self._check_state_file()
         if now >= self._timers.next_metrics:
             self._timers.next_metrics = now + self.config.metrics_every_s
             self._publish_metrics()
@@ -358,6 +369,23 @@ class HubWorker:
             self._timers.next_forget = now + 60.0
             ttl = self.config.requests.answered_ttl_s
             self.state.forget_answers(time.time() - ttl)
+
+    def _check_state_file(self) -> None:
+        try:
+            self.state.reopen_if_moved()
+        except (ConfigError, OSError, sqlite3.Error) as error:
+            if str(error) != self._timers.state_error:
+                logger.error(
+                    "Hub worker %s cannot restore or reopen hub.state_file %s: "
+                    "%s; it keeps using its open copy and tries again every %g s",
+                    self.worker_id,
+                    self.config.state_file,
+                    error,
+                    STATE_CHECK_S,
+                )
+            self._timers.state_error = str(error)
+            return
+        self._timers.state_error = ""
 
     # Outputs
 

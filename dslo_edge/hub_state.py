@@ -24,6 +24,7 @@ below 1, or a device partition of their own.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -61,6 +62,29 @@ CACHED = "cached"
 IN_PROGRESS = "in_progress"
 RATE_LIMITED = "rate_limited"
 BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+def _enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    # Switching to WAL does not wait on SQLite's busy timeout: when two
+    # workers open a new file at once, one gets "database is locked".
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """Return the device and inode numbers of a file, or None when it is missing."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 @dataclass(frozen=True)
@@ -102,9 +126,19 @@ class HubState:
         self.path = Path(path)
         self.worker_id = worker_id
         self._lock = threading.Lock()
+        self._db = self._connect()
+        self._identity = _file_identity(self.path)
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open the database file, creating it and its directories when missing.
+
+        Raises:
+            ConfigError: the file cannot be opened or written, or it is not a
+                hub state database.
+        """
         try:
             self._create_directories()
-            self._db = sqlite3.connect(
+            db = sqlite3.connect(
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
             )
         except (OSError, sqlite3.OperationalError) as error:
@@ -113,11 +147,11 @@ class HubState:
                 "file path in a directory this worker can write to"
             ) from error
         try:
-            self._enable_wal()
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            _enable_wal(db)
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
         except sqlite3.DatabaseError as error:
-            self._db.close()
+            db.close()
             # SQLite opens a file without write permission in read-only mode
             # and fails at the first write, here the switch to WAL. An earlier
             # run as another user can leave such a file.
@@ -137,6 +171,7 @@ class HubState:
                 "and start again to create a new one, which starts with empty "
                 "rate limits, privacy budgets and stored responses"
             ) from error
+        return db
 
     def _create_directories(self) -> None:
         """Create the missing directories of the state file's path."""
@@ -153,22 +188,74 @@ class HubState:
         names = ", ".join(str(folder) for folder in reversed(missing))
         logger.info("Created the %s %s for hub.state_file", noun, names)
 
-    def _enable_wal(self, timeout_s: float = 30.0) -> None:
-        # Switching to WAL does not wait on SQLite's busy timeout: when two
-        # workers open a new file at once, one gets "database is locked".
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def reopen_if_moved(self) -> bool:
+        """Reopen the state file if it was deleted or replaced; return True if so.
+
+        SQLite goes on using a deleted file through its open descriptor, so
+        without this check a worker would charge devices in a file that no
+        other worker, and no restart, ever reads. A deleted file is first
+        written back from this worker's open copy, so the rate limits,
+        budgets and stored responses survive.
+
+        Raises:
+            ConfigError, OSError, sqlite3.Error: the file could not be written
+                back or opened. The worker then keeps its open copy.
+        """
+        with self._lock:
+            identity = _file_identity(self.path)
+            if identity == self._identity:
+                return False
+            if identity is None:
+                restored = self._restore()
+                logger.error(
+                    "hub.state_file %s was deleted while worker %s ran; %s",
+                    self.path,
+                    self.worker_id,
+                    "wrote its rate limits, privacy budgets and stored responses "
+                    "back from this worker's open copy"
+                    if restored
+                    else "another worker wrote it back first, so this worker uses it",
+                )
+            else:
+                logger.error(
+                    "hub.state_file %s was replaced while worker %s ran, by another "
+                    "worker that wrote a deleted file back or by another file; this "
+                    "worker now uses the file at that path and its rate limits, "
+                    "privacy budgets and stored responses",
+                    self.path,
+                    self.worker_id,
+                )
+            db = self._connect()
+            self._db.close()
+            self._db = db
+            self._identity = _file_identity(self.path)
+            return True
+
+    def _restore(self) -> bool:
+        """Write the open database to the missing path, unless another worker did first.
+
+        Returns False when the path already names a file.
+        """
+        self._create_directories()
+        temporary = self.path.with_name(f"{self.path.name}.{self.worker_id}.restore")
+        temporary.unlink(missing_ok=True)
+        target = sqlite3.connect(temporary)
+        try:
+            self._db.backup(target)
+        finally:
+            target.close()
+        try:
+            # A link never replaces a file that another worker restored first.
+            os.link(temporary, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            temporary.unlink()
+        return True
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
