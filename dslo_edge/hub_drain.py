@@ -32,6 +32,7 @@ from paho.mqtt.properties import Properties
 from dslo_edge.connection import MqttConnection
 from dslo_edge.label_protocol import (
     WORKER_STOPPED,
+    device_of_request_topic,
     shared_request_filter,
     worker_status_topic,
 )
@@ -121,10 +122,20 @@ class SessionDrain(threading.Thread):
         self._session_present = session_present
         if session_present:
             prefix, group = self.worker.prefix, self.worker.config.group
-            self.client.unsubscribe(shared_request_filter(prefix, group))
+            self.client.unsubscribe(
+                [
+                    shared_request_filter(prefix, group),
+                    worker_status_topic(prefix, "+"),
+                ]
+            )
         self._connected.set()
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
+        if device_of_request_topic(message.topic, self.worker.prefix) is None:
+            # The peer's session also queued the status messages of the
+            # workers, which are not requests, so they do not go to the batcher.
+            self.client.ack(message.mid, message.qos)
+            return
         with self._lock:
             self.received += 1
             self._outstanding += 1
