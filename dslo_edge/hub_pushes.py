@@ -33,7 +33,7 @@ from dslo_edge.hub import (
 )
 from dslo_edge.hub_config import HubConfig, PushSchedule
 from dslo_edge.hub_state import HubState
-from dslo_edge.hub_teacher import TeacherRegistry
+from dslo_edge.hub_teacher import TeacherRegistry, TeacherVersion
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
@@ -115,8 +115,9 @@ class PushScheduler(threading.Thread):
                 sent.
         """
         samples = self._load(schedule.data)
+        # One version for the whole run, even when the teacher is reloaded.
         current = self.teacher.current
-        outputs = self._teacher_model().predict(samples.x)
+        outputs = self._teacher_model(current).predict(samples.x)
         problem = describe_non_finite_labels(outputs, samples.x, samples.ids)
         if problem is not None:
             # Read the file again at the next run, in case it was fixed.
@@ -129,7 +130,9 @@ class PushScheduler(threading.Thread):
         reached = 0
         for device in schedule.devices:
             try:
-                updates, count = self._push_device(schedule, device, samples, outputs)
+                updates, count = self._push_device(
+                    schedule, device, samples, (current, outputs)
+                )
             except (DsloError, OSError) as error:
                 # One device's unreadable key must not stop the other devices.
                 logger.error(
@@ -160,12 +163,9 @@ class PushScheduler(threading.Thread):
             self._samples[path] = load_samples(path)
         return self._samples[path]
 
-    def _teacher_model(self) -> TeacherModel:
-        current = self.teacher.current
+    def _teacher_model(self, current: TeacherVersion) -> TeacherModel:
         if self._model is None or self._model[0] != current.identity:
-            model = TeacherModel(
-                current.file, current.output_kind, self.config.teacher.runtime
-            )
+            model = current.new_model(self.config.teacher.runtime)
             self._model = (current.identity, model)
         return self._model[1]
 
@@ -174,23 +174,28 @@ class PushScheduler(threading.Thread):
         schedule: PushSchedule,
         device: str,
         samples: SampleSet,
-        outputs: np.ndarray,
+        labelled: tuple[TeacherVersion, np.ndarray],
     ) -> tuple[int, int]:
-        """Publish one device's batches; return the updates and samples sent."""
+        """Publish one device's batches and return the updates and samples sent.
+
+        Args:
+            labelled: the teacher version and its outputs for ``samples``.
+        """
+        current, outputs = labelled
         topic = Topics.for_device(device, self.config.prefix).updates
         key = self._key(device)
         sent = []
         sent_samples = 0
         for start in range(0, len(samples.x), schedule.batch_size):
             stop = start + schedule.batch_size
-            labels, kind = self._release(device, outputs[start:stop])
+            labels, kind = self._release(device, outputs[start:stop], current)
             if labels is None:
                 self.skipped_devices += 1
                 break
             update = SoftLabelUpdate(
                 message_id=new_message_id(),
-                teacher_version=self.teacher.current.version,
-                teacher_round=self.teacher.current.round,
+                teacher_version=current.version,
+                teacher_round=current.round,
                 timestamp=time.time(),
                 sample_ids=samples.ids[start:stop],
                 inputs=samples.x[start:stop],
@@ -210,10 +215,12 @@ class PushScheduler(threading.Thread):
             info.wait_for_publish(timeout=30)
         return len(sent), sent_samples
 
-    def _release(self, device: str, rows: np.ndarray) -> tuple[np.ndarray | None, str]:
+    def _release(
+        self, device: str, rows: np.ndarray, current: TeacherVersion
+    ) -> tuple[np.ndarray | None, str]:
         """Return the labels to send and their kind; None when the budget is spent."""
         privacy = self.config.privacy
-        kind = self.teacher.current.output_kind
+        kind = current.output_kind
         if privacy is None:
             return np.asarray(rows, dtype=np.float32), kind
         refusal = self.state.charge_releases(device, len(rows), privacy)

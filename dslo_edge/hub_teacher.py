@@ -15,20 +15,21 @@ poll, and the old version stays in use.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dslo_edge.bundle import MANIFEST_NAME, load_bundle, sha256_file
+from dslo_edge.bundle import MANIFEST_NAME, load_bundle
 from dslo_edge.errors import BundleError, ConfigError
 from dslo_edge.hub_config import TeacherSettings
 from dslo_edge.hub_state import HubState
-from dslo_edge.models import TeacherModel
+from dslo_edge.models import TeacherModel, read_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,14 @@ class TeacherVersion:
     version: str  # at most 64 bytes, sent in every update
     round: int
     loaded_at: float
+    # The file's bytes as loaded. Other threads build their models from these,
+    # because the file may have been replaced since by a teacher that was not
+    # loaded.
+    content: bytes = field(default=b"", repr=False, compare=False)
+
+    def new_model(self, runtime: str = "auto") -> TeacherModel:
+        """Return a new interpreter of this version, for a thread of its own."""
+        return TeacherModel(self.file, self.output_kind, runtime, content=self.content)
 
     def announcement(self) -> str:
         """Return the JSON text of the retained teacher announcement."""
@@ -91,9 +100,7 @@ class TeacherRegistry:
         self.settings = settings
         self.state = state
         self.current = self._load()
-        self._model = TeacherModel(
-            self.current.file, self.current.output_kind, settings.runtime
-        )
+        self._model = self.current.new_model(settings.runtime)
         self._fingerprint = _fingerprint(settings)
         self._next_poll = time.monotonic() + settings.reload_poll_s
         # (fingerprint, error text) of the last failed load, logged once.
@@ -101,9 +108,12 @@ class TeacherRegistry:
 
     def _load(self) -> TeacherVersion:
         file, output_kind = _resolve(self.settings)
-        return self._version(file, output_kind, sha256_file(file))
+        content = read_teacher(file)
+        return self._version(file, output_kind, _sha256(content), content)
 
-    def _version(self, file: Path, output_kind: str, identity: str) -> TeacherVersion:
+    def _version(
+        self, file: Path, output_kind: str, identity: str, content: bytes
+    ) -> TeacherVersion:
         name = self.settings.path.name if self.settings.path.is_dir() else file.stem
         version = f"{name[:50]}-{identity[:12]}"
         return TeacherVersion(
@@ -113,6 +123,7 @@ class TeacherRegistry:
             version,
             self.state.teacher_round(identity, version),
             time.time(),
+            content,
         )
 
     @property
@@ -143,8 +154,11 @@ class TeacherRegistry:
             return False
         try:
             file, output_kind = _resolve(self.settings)
-            identity = sha256_file(file)
-            model = TeacherModel(file, output_kind, self.settings.runtime)
+            content = read_teacher(file)
+            identity = _sha256(content)
+            model = TeacherModel(
+                file, output_kind, self.settings.runtime, content=content
+            )
             shapes = _shapes(model)
         except (BundleError, ConfigError, OSError, ValueError, KeyError) as error:
             self._log_failure(fingerprint, error, force)
@@ -167,7 +181,7 @@ class TeacherRegistry:
                 self.current.version,
             )
             return False
-        candidate = self._version(file, output_kind, identity)
+        candidate = self._version(file, output_kind, identity, content)
         self._model = model
         logger.info(
             "Teacher %s (round %d) replaces %s (round %d)",
@@ -198,6 +212,10 @@ class TeacherRegistry:
             self.current.version,
             self.settings.reload_poll_s,
         )
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
 
 
 def _shapes(model: TeacherModel) -> tuple[tuple[int, ...], int]:

@@ -133,18 +133,37 @@ class StudentModel:
         self._set_weights(**arrays)
 
 
+def read_teacher(path: Any) -> bytes:
+    """Return the bytes of a teacher file.
+
+    The hub loads teachers from memory rather than mapping the file: it
+    reloads teacher files that users replace, and copying a new file over a
+    mapped one in place crashes the process that maps it.
+
+    Raises:
+        BundleError: the file cannot be read.
+    """
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise BundleError(f"cannot read the teacher {path}: {error}") from error
+
+
 class TeacherModel:
     """The teacher's inference model, used by the hub to make soft labels."""
 
-    def __init__(self, path: Any, output_kind: str, runtime: str = "auto"):
+    def __init__(
+        self,
+        path: Any,
+        output_kind: str,
+        runtime: str = "auto",
+        *,
+        content: bytes | None = None,
+    ):
+        """Load the teacher from ``content``, or else from the file at ``path``."""
         self.output_kind = output_kind
-        # Read into memory rather than mapped: the hub reloads teacher files
-        # that users replace, and copying a new file over a mapped one in
-        # place crashes the process that maps it.
-        try:
-            content = Path(path).read_bytes()
-        except OSError as error:
-            raise BundleError(f"cannot read the teacher {path}: {error}") from error
+        if content is None:
+            content = read_teacher(path)
         self.interpreter = load_interpreter(model_content=content, preference=runtime)
         self._infer = self.interpreter.get_signature_runner("infer")
 
