@@ -15,6 +15,7 @@ the registry's interpreter and LiteRT interpreters are not thread-safe.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -66,6 +67,8 @@ class PushScheduler(threading.Thread):
         self._model: tuple[str, TeacherModel] | None = None
         self._samples: dict[Path, SampleSet] = {}
         self._rng = np.random.default_rng()
+        # The last error of each push's claim, so repeats are not logged.
+        self._claim_errors: dict[str, str] = {}
 
     def counters(self) -> dict[str, int]:
         """Return runs, updates sent and devices skipped for a spent budget."""
@@ -85,9 +88,7 @@ class PushScheduler(threading.Thread):
             for schedule in self.config.pushes:
                 if self._stopping.is_set():
                     return
-                if not self.state.claim_run(
-                    schedule.name, time.time(), schedule.every_s
-                ):
+                if not self._claim(schedule):
                     continue
                 try:
                     self.run_once(schedule)
@@ -106,6 +107,26 @@ class PushScheduler(threading.Thread):
                         schedule.name,
                         schedule.every_s,
                     )
+
+    def _claim(self, schedule: PushSchedule) -> bool:
+        """Claim a due run in the state file, logging a failure once per error."""
+        try:
+            claimed = self.state.claim_run(schedule.name, time.time(), schedule.every_s)
+        except sqlite3.Error as error:
+            # A locked or damaged state file must not end the scheduler thread.
+            if str(error) != self._claim_errors.get(schedule.name):
+                logger.error(
+                    "Push %s cannot be claimed in hub.state_file %s: %s; trying "
+                    "again every %g s",
+                    schedule.name,
+                    self.state.path,
+                    error,
+                    CHECK_EVERY_S,
+                )
+            self._claim_errors[schedule.name] = str(error)
+            return False
+        self._claim_errors.pop(schedule.name, None)
+        return claimed
 
     def run_once(self, schedule: PushSchedule) -> None:
         """Label the schedule's dataset and publish it to each of its devices.

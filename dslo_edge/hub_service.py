@@ -317,7 +317,15 @@ class HubWorker:
 
     def _batch_loop(self) -> None:
         while not (self.stopping.is_set() and self.incoming.empty()):
-            self._housekeeping()
+            try:
+                self._housekeeping()
+            except Exception:  # requests must still be served
+                logger.exception(
+                    "Hub worker %s failed a teacher check, metrics report or "
+                    "clean-up of stored responses; it tries again at the next "
+                    "interval",
+                    self.worker_id,
+                )
             batch = self._collect()
             if not batch:
                 continue
