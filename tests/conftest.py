@@ -43,6 +43,12 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
 
 
 @pytest.fixture
+def mosquitto(broker_factory: Callable[..., Broker]) -> Broker:
+    """Return a mosquitto broker on loopback, skipping when it is not installed."""
+    return broker_factory("mosquitto")
+
+
+@pytest.fixture
 def broker(broker_factory: Callable[..., Broker]) -> Broker:
     """A running broker: mosquitto when installed, else amqtt.
 

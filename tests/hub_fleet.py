@@ -16,11 +16,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 
 from dslo_edge.bundle import Bundle
 from dslo_edge.config import TrainingSettings
@@ -223,3 +226,25 @@ def drain_inbox(inbox: queue.Queue, timeout: float = 0.0) -> int:
             return handled
         device.apply(response)
         handled += 1
+
+
+def subscribed_client(
+    port: int, topic: str, keep: Callable[[Any], Any] = lambda message: message
+) -> tuple[mqtt.Client, queue.Queue]:
+    """Subscribe to ``topic`` and wait for the broker's confirmation.
+
+    Returns the client and a queue of ``keep(message)`` for each message.
+    """
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda _c, _u, message: received.put(keep(message))
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    if not subscribed.wait(10):
+        client.disconnect()
+        client.loop_stop()
+        pytest.fail(f"the broker did not confirm the subscription {topic}")
+    return client, received

@@ -27,11 +27,6 @@ from tests.hub_fleet import write_hub_config
 DEVICE = "asking-device"
 
 
-@pytest.fixture
-def mosquitto(broker_factory):
-    return broker_factory("mosquitto")
-
-
 def wait_until(condition, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

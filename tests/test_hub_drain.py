@@ -6,16 +6,9 @@ import logging
 import signal
 import time
 
-import pytest
-
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
 from tests.hub_fleet import HubWatcher, start_worker, wait_online, write_hub_config
-
-
-@pytest.fixture
-def mosquitto(broker_factory):
-    return broker_factory("mosquitto")
 
 
 def drain_messages(caplog) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -17,12 +16,12 @@ from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
 from dslo_edge.models import TeacherModel
 from dslo_edge.protocol import decode_update
-from tests.hub_fleet import HubWatcher, wait_online, write_hub_config
-
-
-@pytest.fixture
-def mosquitto(broker_factory):
-    return broker_factory("mosquitto")
+from tests.hub_fleet import (
+    HubWatcher,
+    subscribed_client,
+    wait_online,
+    write_hub_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +43,9 @@ def other_teachers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 
 def updates_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
     """Subscribe to kitchen's updates and wait for the confirmation."""
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message.payload)
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.connect("127.0.0.1", port)
-    client.subscribe("dslo/kitchen/updates", qos=1)
-    client.loop_start()
-    assert subscribed.wait(10), "the broker did not confirm the subscription"
-    return client, received
+    return subscribed_client(
+        port, "dslo/kitchen/updates", lambda message: message.payload
+    )
 
 
 def write_config(folder: Path, port: int, teacher: Path, x: np.ndarray) -> Path:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import queue
-import threading
 import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import pytest
 
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
@@ -18,28 +16,19 @@ from dslo_edge.label_protocol import (
     request_properties,
     user_properties,
 )
-from tests.hub_fleet import HubWatcher, wait_online, write_hub_config
+from tests.hub_fleet import (
+    HubWatcher,
+    subscribed_client,
+    wait_online,
+    write_hub_config,
+)
 
 REQUEST_ID = b"r" * 16
 
 
-@pytest.fixture
-def mosquitto(broker_factory):
-    return broker_factory("mosquitto")
-
-
 def labels_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
     """Subscribe to kitchen's labels topic and wait for the confirmation."""
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message)
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.connect("127.0.0.1", port)
-    client.subscribe("dslo/kitchen/labels", qos=1)
-    client.loop_start()
-    assert subscribed.wait(10), "the broker did not confirm the subscription"
-    return client, received
+    return subscribed_client(port, "dslo/kitchen/labels")
 
 
 def request_payload(sample_count: int) -> bytes:

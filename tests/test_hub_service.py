@@ -5,11 +5,8 @@ from __future__ import annotations
 import dataclasses
 import queue
 import shutil
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -34,14 +31,10 @@ from tests.hub_fleet import (
     HubWatcher,
     SimulatedDevice,
     drain_inbox,
+    subscribed_client,
     wait_online,
     write_hub_config,
 )
-
-
-@pytest.fixture
-def mosquitto(broker_factory):
-    return broker_factory("mosquitto")
 
 
 def start_online(worker: HubWorker, port: int) -> None:
@@ -115,28 +108,6 @@ def nightly_push_config(
     )
     config.write_text(config.read_text() + push)
     return config
-
-
-def subscribed_client(
-    port: int, topic: str, keep: Callable[[Any], Any] = lambda message: message
-) -> tuple[mqtt.Client, queue.Queue]:
-    """Subscribe to ``topic`` and wait for the broker's confirmation.
-
-    Returns the client and a queue of ``keep(message)`` for each message.
-    """
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(keep(message))
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.connect("127.0.0.1", port)
-    client.subscribe(topic, qos=1)
-    client.loop_start()
-    if not subscribed.wait(10):
-        client.disconnect()
-        client.loop_stop()
-        pytest.fail(f"the broker did not confirm the subscription {topic}")
-    return client, received
 
 
 def device_updates(port: int, device: str) -> tuple[mqtt.Client, queue.Queue]:

@@ -6,13 +6,11 @@ import logging
 import queue
 import shutil
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import pytest
 
 from dslo_edge.bundle import load_bundle
 from dslo_edge.hub_config import load_hub_config
@@ -24,12 +22,12 @@ from dslo_edge.label_protocol import (
     request_properties,
     user_properties,
 )
-from tests.hub_fleet import HubWatcher, wait_online, write_hub_config
-
-
-@pytest.fixture
-def mosquitto(broker_factory):
-    return broker_factory("mosquitto")
+from tests.hub_fleet import (
+    HubWatcher,
+    subscribed_client,
+    wait_online,
+    write_hub_config,
+)
 
 
 def run_sql(path: Path, script: str) -> None:
@@ -90,16 +88,7 @@ def test_push_claim_error_keeps_scheduler(
 
 def labels_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
     """Subscribe to kitchen's labels topic and wait for the confirmation."""
-    received: queue.Queue = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, message: received.put(message)
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.connect("127.0.0.1", port)
-    client.subscribe("dslo/kitchen/labels", qos=1)
-    client.loop_start()
-    assert subscribed.wait(10), "the broker did not confirm the subscription"
-    return client, received
+    return subscribed_client(port, "dslo/kitchen/labels")
 
 
 def test_teacher_round_error_keeps_batcher(

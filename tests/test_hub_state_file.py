@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import pytest
 
 from dslo_edge.hub_config import RateLimit, load_hub_config
 from dslo_edge.hub_service import HubWorker
@@ -22,11 +21,6 @@ from dslo_edge.label_protocol import (
 from tests.hub_fleet import HubWatcher, wait_online, write_hub_config
 
 RATE = RateLimit(requests_per_s=1.0, burst=5)
-
-
-@pytest.fixture
-def mosquitto(broker_factory):
-    return broker_factory("mosquitto")
 
 
 def delete_state_file(path: Path) -> None:
