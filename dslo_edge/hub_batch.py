@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ from dslo_edge.signing import load_key, sign
 logger = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 30.0
+# Ignored requests of one device are logged at most once per this many
+# seconds, and the next line gives the count. At most this many devices are
+# remembered for that, and beyond it all are forgotten.
+UNANSWERABLE_LOG_INTERVAL_S = 60.0
+UNANSWERABLE_LOG_MEMORY = 1024
 # Header bytes of a request before its shape, used to estimate sample counts.
 _COUNT_OFFSET = 30
 
@@ -117,7 +123,29 @@ class BatchLabeller:
         self._keys: dict[str, bytes] = {}
         # Devices whose unusable key was logged, so resends add no log lines.
         self._bad_keys_logged: set[str] = set()
+        # Per device: when an ignored request was last logged, and how many
+        # were ignored since without a log line.
+        self._unanswerable_logged: dict[str, tuple[float, int]] = {}
         self._rng = np.random.default_rng()
+
+    def _log_unanswerable(self, item: Incoming) -> None:
+        """Log an ignored request, at most once a minute per device with a count."""
+        device = item.device or "(no device)"
+        now = time.monotonic()
+        last, skipped = self._unanswerable_logged.get(device, (-math.inf, 0))
+        if now - last < UNANSWERABLE_LOG_INTERVAL_S:
+            self._unanswerable_logged[device] = (last, skipped + 1)
+            return
+        if len(self._unanswerable_logged) >= UNANSWERABLE_LOG_MEMORY:
+            self._unanswerable_logged.clear()
+        self._unanswerable_logged[device] = (now, 0)
+        logger.warning(
+            "Ignoring a request from %s with response topic %s; expected the "
+            "device's own labels topic%s",
+            device,
+            item.response_topic,
+            f" ({skipped} more such requests since the last line)" if skipped else "",
+        )
 
     @staticmethod
     def estimate_samples(item: Incoming) -> int:
@@ -171,12 +199,7 @@ class BatchLabeller:
     ) -> tuple[Incoming, LabelRequest, RequestKey] | None:
         if item.device is None or not self._response_topic_valid(item):
             self.counters.unanswerable += 1
-            logger.warning(
-                "Ignoring a request from %s with response topic %s; expected the "
-                "device's own labels topic",
-                item.device or "(no device)",
-                item.response_topic,
-            )
+            self._log_unanswerable(item)
             return None
         settings = self.config.requests
         try:

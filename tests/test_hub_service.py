@@ -317,20 +317,25 @@ def push_summaries(caplog) -> list[str]:
     ]
 
 
-def test_foreign_response_topic_gets_no_labels(mlp_pair, mosquitto, tmp_path) -> None:
+def test_foreign_response_topic_gets_no_labels(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
     config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
     worker = HubWorker(load_hub_config(config, "w1"))
     client, received = subscribed_client(
         mosquitto.port, "dslo/+/labels", lambda message: message.topic
     )
+    caplog.set_level("WARNING", logger="dslo_edge.hub_batch")
     start_online(worker, mosquitto.port)
     try:
-        client.publish(
-            "dslo/intruder/requests",
-            b"DSLQ",
-            qos=1,
-            properties=request_properties("dslo/victim/labels", b"r" * 16),
-        )
+        for index in range(5):
+            request_id = bytes([index]) * 16
+            client.publish(
+                "dslo/intruder/requests",
+                b"DSLQ",
+                qos=1,
+                properties=request_properties("dslo/victim/labels", request_id),
+            )
         client.publish(
             "dslo/broken/requests",
             b"DSLQ",
@@ -345,8 +350,12 @@ def test_foreign_response_topic_gets_no_labels(mlp_pair, mosquitto, tmp_path) ->
         worker.stop()
         client.disconnect()
         client.loop_stop()
-    assert counters["unanswerable"] == 1
+    assert counters["unanswerable"] == 5
     assert counters["rejected"] == 1
+    ignored = [r.getMessage() for r in caplog.records if "Ignoring" in r.getMessage()]
+    # The first of the intruder's requests is logged, the other four counted.
+    assert len(ignored) == 1
+    assert ignored[0].startswith("Ignoring a request from intruder with response ")
 
 
 def push_errors(caplog) -> list[str]:
