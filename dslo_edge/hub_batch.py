@@ -108,6 +108,9 @@ class _Reply:
     status: str
     payload: bytes
     retry_after_s: float | None = None
+    # A reply that depends only on the message's own bytes is not stored, so
+    # a malformed copy cannot replace the stored reply of a valid request.
+    stored: bool = True
 
 
 class BatchLabeller:
@@ -209,7 +212,9 @@ class BatchLabeller:
             self._check_request(item, request)
         except InvalidRequest as error:
             key = RequestKey(item.device, item.correlation or b"", 0)
-            replies.append(_Reply(item, key, STATUS_REJECTED, str(error).encode()))
+            replies.append(
+                _Reply(item, key, STATUS_REJECTED, str(error).encode(), stored=False)
+            )
             self.counters.rejected += 1
             return None
         return (
@@ -224,6 +229,12 @@ class BatchLabeller:
         return item.response_topic == expected
 
     def _check_request(self, item: Incoming, request: LabelRequest) -> None:
+        if not item.correlation:
+            raise InvalidRequest(
+                "malformed",
+                "the request has no correlation data; set it to the request id "
+                "in the payload",
+            )
         if item.correlation != request.request_id:
             raise InvalidRequest(
                 "malformed",
@@ -403,10 +414,12 @@ class BatchLabeller:
     def _send(self, replies: list[_Reply]) -> None:
         if not replies:
             return
-        stored = [(reply.key, reply.status, reply.payload) for reply in replies]
-        self.state.record_answers(
-            [entry for entry in stored if entry[0].request_id], time.time()
-        )
+        stored = [
+            (reply.key, reply.status, reply.payload)
+            for reply in replies
+            if reply.stored and reply.key.request_id
+        ]
+        self.state.record_answers(stored, time.time())
         assert self.client is not None
         sent = []
         for reply in replies:

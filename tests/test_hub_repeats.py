@@ -1,4 +1,4 @@
-"""Copies of one request id that reach a hub worker in one batch."""
+"""Request ids at a hub worker: repeats in one batch, malformed copies, no id."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
@@ -78,3 +80,61 @@ def test_repeated_id_in_batch_charged_once(mlp_pair, mosquitto, tmp_path) -> Non
     assert counters["labelled_samples"] == 2
     assert counters["answered"] == 1
     assert counters["cached"] == 4
+
+
+def test_malformed_copy_keeps_stored_reply(mlp_pair, mosquitto, tmp_path) -> None:
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = labels_client(mosquitto.port)
+    watcher = HubWatcher(mosquitto.port)
+    properties = request_properties("dslo/kitchen/labels", REQUEST_ID)
+
+    def send(payload: bytes):
+        client.publish("dslo/kitchen/requests", payload, qos=1, properties=properties)
+        return received.get(timeout=10)
+
+    try:
+        worker.start()
+        wait_online(watcher, ["w1"])
+        first = send(request_payload(2))
+        malformed = send(b"DSLQ")
+        resent = send(request_payload(2))
+        counters = worker.counters
+        stored = worker.state.answer_counts()
+    finally:
+        worker.stop()
+        watcher.close()
+        client.disconnect()
+        client.loop_stop()
+
+    assert user_properties(first.properties)["status"] == "ok"
+    assert user_properties(malformed.properties)["status"] == "rejected"
+    # The resend gets the stored reply of the first request, not the rejection.
+    assert user_properties(resent.properties)["status"] == "ok"
+    assert resent.payload == first.payload
+    assert counters["teacher_calls"] == 1
+    assert stored == {"ok": 1}
+
+
+def test_request_without_correlation_data(mlp_pair, mosquitto, tmp_path) -> None:
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = labels_client(mosquitto.port)
+    watcher = HubWatcher(mosquitto.port)
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = "dslo/kitchen/labels"
+    try:
+        worker.start()
+        wait_online(watcher, ["w1"])
+        client.publish(
+            "dslo/kitchen/requests", request_payload(2), qos=1, properties=properties
+        )
+        reply = received.get(timeout=10)
+    finally:
+        worker.stop()
+        watcher.close()
+        client.disconnect()
+        client.loop_stop()
+
+    assert user_properties(reply.properties)["status"] == "rejected"
+    assert reply.payload.decode().startswith("the request has no correlation data")
