@@ -164,11 +164,13 @@ class TeacherRegistry:
             self._log_failure(fingerprint, error, force)
             return False
         self._failure = None
-        self._fingerprint = fingerprint
         if identity == self.current.identity:
+            self._fingerprint = fingerprint
             return False
         current_shapes = _shapes(self._model)
         if shapes != current_shapes:
+            # Remembered, so the same file is not checked and logged again.
+            self._fingerprint = fingerprint
             logger.error(
                 "Teacher at %s takes inputs %s and gives %d classes, but %s takes "
                 "%s and gives %d; keeping %s. A new teacher must fit the same "
@@ -181,7 +183,11 @@ class TeacherRegistry:
                 self.current.version,
             )
             return False
+        # The round lookup can fail, for example while another process holds
+        # the state file's lock. The fingerprint is set only after it, so the
+        # next poll tries this file again.
         candidate = self._version(file, output_kind, identity, content)
+        self._fingerprint = fingerprint
         self._model = model
         logger.info(
             "Teacher %s (round %d) replaces %s (round %d)",

@@ -120,6 +120,15 @@ def test_teacher_round_error_keeps_batcher(
         )
         reply = received.get(timeout=10)
         alive = worker._batcher.is_alive()
+        first_version = worker.teacher.current.version
+        # Once the state file works again, a later poll loads the new teacher.
+        run_sql(
+            tmp_path / "hub" / "state.sqlite",
+            "CREATE TABLE teachers (identity TEXT PRIMARY KEY, "
+            "round INTEGER NOT NULL, version TEXT NOT NULL)",
+        )
+        reloaded = wait_until(lambda: worker.teacher.current.version != first_version)
+        new_round = worker.teacher.current.round
     finally:
         worker.stop()
         watcher.close()
@@ -129,5 +138,7 @@ def test_teacher_round_error_keeps_batcher(
     assert failed
     assert alive
     assert user_properties(reply.properties)["status"] == "ok"
+    assert reloaded
+    assert new_round == 1
     message = caplog.records[0].getMessage()
     assert message.startswith("Hub worker w1 failed a teacher check")
