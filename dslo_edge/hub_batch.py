@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from dslo_edge.label_protocol import (
 )
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, encode_update
+from dslo_edge.repeat_log import RepeatLimiter
 from dslo_edge.signing import load_key, sign
 
 logger = logging.getLogger(__name__)
@@ -126,22 +126,17 @@ class BatchLabeller:
         self._keys: dict[str, bytes] = {}
         # Devices whose unusable key was logged, so resends add no log lines.
         self._bad_keys_logged: set[str] = set()
-        # Per device: when an ignored request was last logged, and how many
-        # were ignored since without a log line.
-        self._unanswerable_logged: dict[str, tuple[float, int]] = {}
+        self._unanswerable_log = RepeatLimiter(
+            UNANSWERABLE_LOG_INTERVAL_S, UNANSWERABLE_LOG_MEMORY
+        )
         self._rng = np.random.default_rng()
 
     def _log_unanswerable(self, item: Incoming) -> None:
         """Log an ignored request, at most once a minute per device with a count."""
         device = item.device or "(no device)"
-        now = time.monotonic()
-        last, skipped = self._unanswerable_logged.get(device, (-math.inf, 0))
-        if now - last < UNANSWERABLE_LOG_INTERVAL_S:
-            self._unanswerable_logged[device] = (last, skipped + 1)
+        skipped = self._unanswerable_log.skipped_before(device)
+        if skipped is None:
             return
-        if len(self._unanswerable_logged) >= UNANSWERABLE_LOG_MEMORY:
-            self._unanswerable_logged.clear()
-        self._unanswerable_logged[device] = (now, 0)
         logger.warning(
             "Ignoring a request from %s with response topic %s; expected the "
             "device's own labels topic%s",

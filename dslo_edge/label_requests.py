@@ -23,7 +23,6 @@ the MQTT network thread while the trainer thread calls ``propose`` and
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 import time
@@ -52,6 +51,7 @@ from dslo_edge.label_protocol import (
     user_properties,
 )
 from dslo_edge.protocol import SoftLabelUpdate
+from dslo_edge.repeat_log import RepeatLimiter
 from dslo_edge.signing import verified_body
 
 logger = logging.getLogger(__name__)
@@ -246,8 +246,9 @@ class LabelRequester:
         self._pending: dict[bytes, PendingRequest] = {}
         self._finished: OrderedDict[bytes, None] = OrderedDict()
         self._blocked_until = 0.0
-        # (status, message) -> (when last logged, rejections not logged since).
-        self._logged_rejections: dict[tuple[str, str], tuple[float, int]] = {}
+        self._rejection_log = RepeatLimiter(
+            REPEAT_LOG_INTERVAL_S, REPEAT_LOG_MEMORY, clock
+        )
 
     @property
     def pending(self) -> int:
@@ -436,16 +437,9 @@ class LabelRequester:
         Messages that differ only in numbers or hex ids, such as a request id
         or a sample count, count as repeats of each other.
         """
-        key = (status, VARIABLE_PART.sub("#", text))
-        now = self._clock()
-        last, skipped = self._logged_rejections.get(key, (-math.inf, 0))
-        if now - last < REPEAT_LOG_INTERVAL_S:
-            self._logged_rejections[key] = (last, skipped + 1)
-            return None
-        if len(self._logged_rejections) >= REPEAT_LOG_MEMORY:
-            self._logged_rejections.clear()
-        self._logged_rejections[key] = (now, 0)
-        return skipped
+        return self._rejection_log.skipped_before(
+            (status, VARIABLE_PART.sub("#", text))
+        )
 
     def _count(
         self, status: str, properties: dict[str, str], now: float, latency: float

@@ -246,7 +246,7 @@ def ask_once(
 ) -> tuple[dict, LocalApp]:
     """Send one inference request, wait for one applied update, stop everything.
 
-    Returns the daemon's status report and the closed app with its answers.
+    Returns the daemon's status report and the closed app with its ``answers``.
     """
     app = LocalApp(port)
     try:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import queue
 import time
 
 import numpy as np
-import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -28,11 +26,6 @@ from tests.hub_fleet import (
 REQUEST_ID = b"r" * 16
 
 
-def labels_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
-    """Subscribe to kitchen's labels topic and wait for the confirmation."""
-    return subscribed_client(port, "dslo/kitchen/labels")
-
-
 def request_payload(sample_count: int) -> bytes:
     inputs = np.random.default_rng(sample_count).random(
         (sample_count, 64), dtype=np.float32
@@ -48,7 +41,7 @@ def test_repeated_id_in_batch_charged_once(mlp_pair, mosquitto, tmp_path) -> Non
     text = config.read_text().replace("batch_wait_s = 0.02", "batch_wait_s = 1.0")
     config.write_text(text)
     worker = HubWorker(load_hub_config(config, "w1"))
-    client, received = labels_client(mosquitto.port)
+    client, received = subscribed_client(mosquitto.port, "dslo/kitchen/labels")
     watcher = HubWatcher(mosquitto.port)
     try:
         worker.start()
@@ -85,7 +78,7 @@ def test_repeated_id_in_batch_charged_once(mlp_pair, mosquitto, tmp_path) -> Non
 def test_malformed_copy_keeps_stored_reply(mlp_pair, mosquitto, tmp_path) -> None:
     config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
     worker = HubWorker(load_hub_config(config, "w1"))
-    client, received = labels_client(mosquitto.port)
+    client, received = subscribed_client(mosquitto.port, "dslo/kitchen/labels")
     watcher = HubWatcher(mosquitto.port)
     properties = request_properties("dslo/kitchen/labels", REQUEST_ID)
 
@@ -119,7 +112,7 @@ def test_malformed_copy_keeps_stored_reply(mlp_pair, mosquitto, tmp_path) -> Non
 def test_request_without_correlation_data(mlp_pair, mosquitto, tmp_path) -> None:
     config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
     worker = HubWorker(load_hub_config(config, "w1"))
-    client, received = labels_client(mosquitto.port)
+    client, received = subscribed_client(mosquitto.port, "dslo/kitchen/labels")
     watcher = HubWatcher(mosquitto.port)
     properties = Properties(PacketTypes.PUBLISH)
     properties.ResponseTopic = "dslo/kitchen/labels"

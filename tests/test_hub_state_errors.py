@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import queue
 import shutil
 import sqlite3
 import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from dslo_edge.bundle import load_bundle
 from dslo_edge.hub_config import load_hub_config
@@ -86,11 +84,6 @@ def test_push_claim_error_keeps_scheduler(
     assert "no such table: schedule" in messages[0]
 
 
-def labels_client(port: int) -> tuple[mqtt.Client, queue.Queue]:
-    """Subscribe to kitchen's labels topic and wait for the confirmation."""
-    return subscribed_client(port, "dslo/kitchen/labels")
-
-
 def test_teacher_round_error_keeps_batcher(
     mlp_pair, mosquitto, tmp_path, caplog
 ) -> None:
@@ -99,7 +92,7 @@ def test_teacher_round_error_keeps_batcher(
     extra = {"teacher": 'output_kind = "probabilities"'}
     config = write_hub_config(tmp_path / "hub", mosquitto.port, teacher, extra)
     worker = HubWorker(load_hub_config(config, "w1"))
-    client, received = labels_client(mosquitto.port)
+    client, received = subscribed_client(mosquitto.port, "dslo/kitchen/labels")
     watcher = HubWatcher(mosquitto.port)
     caplog.set_level(logging.ERROR, logger="dslo_edge.hub_service")
     try:

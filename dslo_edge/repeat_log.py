@@ -1,0 +1,42 @@
+"""Limit repeated log lines to one per key and interval, with a count."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Hashable
+
+
+class RepeatLimiter:
+    """Decides whether a repeated event gets a log line, and counts the rest.
+
+    Args:
+        interval_s: an event whose key was logged less than this many seconds
+            ago is only counted.
+        memory: keys remembered; beyond it, all are forgotten.
+        clock: monotonic time in seconds.
+    """
+
+    def __init__(
+        self,
+        interval_s: float,
+        memory: int,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.interval_s = interval_s
+        self.memory = memory
+        self._clock = clock
+        # key -> (when last logged, events not logged since).
+        self._logged: dict[Hashable, tuple[float, int]] = {}
+
+    def skipped_before(self, key: Hashable) -> int | None:
+        """Return None to skip logging this event, else the count skipped since."""
+        now = self._clock()
+        last, skipped = self._logged.get(key, (-math.inf, 0))
+        if now - last < self.interval_s:
+            self._logged[key] = (last, skipped + 1)
+            return None
+        if len(self._logged) >= self.memory:
+            self._logged.clear()
+        self._logged[key] = (now, 0)
+        return skipped
