@@ -8,7 +8,7 @@ from collections.abc import Callable, Hashable
 
 
 class RepeatLimiter:
-    """Decides whether a repeated event gets a log line, and counts the rest.
+    """A per-key limit on repeated log lines, with a count of those skipped.
 
     Args:
         interval_s: an event whose key was logged less than this many seconds
