@@ -38,11 +38,15 @@ from dslo_edge.hub_teacher import TeacherRegistry, TeacherVersion
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+from dslo_edge.repeat_log import RepeatLimiter
 from dslo_edge.signing import load_key, sign
 
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 1.0
+# Budgets are never refilled, so a device stopped once is stopped at each later run.
+BUDGET_LOG_INTERVAL_S = 3600.0
+BUDGET_LOG_MEMORY = 1024
 
 
 class PushScheduler(threading.Thread):
@@ -69,6 +73,7 @@ class PushScheduler(threading.Thread):
         self._rng = np.random.default_rng()
         # The last error of each push's claim, so repeats are not logged.
         self._claim_errors: dict[str, str] = {}
+        self._budget_log = RepeatLimiter(BUDGET_LOG_INTERVAL_S, BUDGET_LOG_MEMORY)
 
     def counters(self) -> dict[str, int]:
         """Return runs, updates sent and devices skipped for a spent budget."""
@@ -246,11 +251,24 @@ class PushScheduler(threading.Thread):
             return np.asarray(rows, dtype=np.float32), kind
         refusal = self.state.charge_releases(device, len(rows), privacy)
         if refusal:
-            logger.warning("Push to device %s stopped: %s", device, refusal)
+            self._log_spent(device, refusal)
             return None, kind
         if kind == "logits":
             rows = label_probabilities_of(rows)
         return privatise(rows, privacy, self._rng), "probabilities"
+
+    def _log_spent(self, device: str, refusal: str) -> None:
+        """Log a push stopped by the budget, at most once an hour per device."""
+        skipped = self._budget_log.skipped_before(device)
+        if skipped is None:
+            return
+        logger.warning(
+            "Push to device %s stopped: %s%s. Later stops for this device are "
+            "logged at most once an hour",
+            device,
+            refusal,
+            f" ({skipped} more stopped runs since the last line)" if skipped else "",
+        )
 
     def _key(self, device: str) -> bytes | None:
         if self.config.keys_dir is None:

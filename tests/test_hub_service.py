@@ -26,6 +26,7 @@ from dslo_edge.label_protocol import (
 )
 from dslo_edge.label_requests import RequestSettings
 from dslo_edge.protocol import decode_update
+from dslo_edge.repeat_log import RepeatLimiter
 from dslo_edge.signing import generate_key_file, load_key, verify
 from tests.hub_fleet import (
     HubWatcher,
@@ -229,6 +230,42 @@ def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -
     assert received.empty()
     assert worker.pushes is not None
     assert worker.pushes.counters() == {"runs": 1, "updates": 1, "skipped_devices": 1}
+
+
+def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    privacy = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 2.5"}
+    config = load_hub_config(
+        nightly_push_config(
+            tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x, privacy
+        ),
+        "w1",
+    )
+    worker = HubWorker(config)
+    assert worker.pushes is not None
+    now = [0.0]
+    worker.pushes._budget_log = RepeatLimiter(3600.0, 16, clock=lambda: now[0])
+    caplog.set_level("WARNING", logger="dslo_edge.hub_pushes")
+    [schedule] = config.pushes
+    # The first batch of 16 fits in the budget, so the first run sends it.
+    worker.connection.client.connect("127.0.0.1", mosquitto.port)
+    worker.connection.client.loop_start()
+    try:
+        for minute in range(4):
+            now[0] = minute * 60.0
+            worker.pushes.run_once(schedule)
+        now[0] = 3600.0
+        worker.pushes.run_once(schedule)
+    finally:
+        worker.connection.client.disconnect()
+        worker.connection.client.loop_stop()
+
+    stops = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+    assert len(stops) == 2
+    assert stops[0].startswith("Push to device kitchen stopped: labelling 16 more")
+    assert "more stopped runs" not in stops[0]
+    assert "(3 more stopped runs since the last line)" in stops[1]
+    assert worker.pushes.counters()["skipped_devices"] == 5
 
 
 def write_keys(folder: Path) -> Path:
