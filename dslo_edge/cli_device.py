@@ -189,7 +189,8 @@ def check_command(
     is_flag=True,
     help="Replace an existing device.toml that differs from the generated one, "
     "after copying it to device.toml.bak (default: keep it and write "
-    "device.toml.new).",
+    "device.toml.new). A device.toml that an earlier flash generated and "
+    "that was not edited since is replaced either way.",
 )
 @click.option(
     "--this-machine",

@@ -18,16 +18,19 @@ rename, so an interrupted run leaves the previous installation usable and a
 second run completes it. Files whose content is already right are not
 rewritten, so running it again with the same inputs changes nothing.
 
-An existing ``device.toml`` that differs from the generated one, for example
-one edited by hand, is kept, and the generated text goes to
-``device.toml.new`` beside it. A caller can instead replace the file, which
-first copies it to ``device.toml.bak``. A unit file that differs from the
-generated one is replaced, after copying it to ``dslo-edge.service.bak``:
+The file list also records the sha256 of the config and unit that flash
+generated. An existing ``device.toml`` that is still what an earlier flash
+generated is replaced. One that differs, for example one edited by hand, is
+kept, and the generated text goes to ``device.toml.new`` beside it. A caller
+can instead replace the file, which first copies it to ``device.toml.bak``.
+A unit file that differs from both the generated one and the one an earlier
+flash generated is replaced, after copying it to ``dslo-edge.service.bak``:
 local changes to a unit belong in a drop-in file, which flash leaves alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -187,7 +190,11 @@ def flash(
                 _write_if_changed(root, device_path, content, result)
         _link_if_changed(root, WANTS_LINK, PurePosixPath("..") / UNIT_NAME, result)
         on_target(root, DEFAULT_STATE_DIR).mkdir(parents=True, exist_ok=True)
-        file_list = _file_list(root, result, profile, list(files))
+        generated = {
+            str(path): hashlib.sha256(files[path]).hexdigest()
+            for path in (DEFAULT_CONFIG, UNIT_PATH)
+        }
+        file_list = _file_list(root, result, profile, list(files), generated)
         _write_if_changed(root, FILE_LIST, file_list, result)
     except OSError as error:
         raise BundleError(_install_failure(root, error, result)) from error
@@ -332,6 +339,11 @@ def _install_config(
         return
     existing = path.read_bytes()
     mode = path.stat().st_mode & 0o7777
+    if _generated_before(root, DEFAULT_CONFIG, existing):
+        # The file was not edited since, so the generated config replaces it.
+        _write_if_changed(root, DEFAULT_CONFIG, content, result, mode=mode)
+        _remove_pending_copy(root, content, result)
+        return
     if replace:
         backup = _backup_path(root, existing, BACKUP_CONFIG)
         _write_if_changed(root, backup, existing, result, mode=mode)
@@ -355,7 +367,7 @@ def _install_unit(root: Path, content: bytes, result: FlashResult) -> None:
     """Write the unit file, first copying an existing one that differs."""
     path = on_target(root, UNIT_PATH)
     existing = path.read_bytes() if path.is_file() else content
-    if existing != content:
+    if existing != content and not _generated_before(root, UNIT_PATH, existing):
         backup = _backup_path(root, existing, BACKUP_UNIT)
         _write_if_changed(root, backup, existing, result)
         result.warnings.append(
@@ -364,6 +376,20 @@ def _install_unit(root: Path, content: bytes, result: FlashResult) -> None:
             f"such as {UNIT_PATH}.d/local.conf, which flash does not change"
         )
     _write_if_changed(root, UNIT_PATH, content, result)
+
+
+def _generated_before(root: Path, device_path: PurePosixPath, existing: bytes) -> bool:
+    """Return whether ``existing`` is the text an earlier flash generated there.
+
+    A file list that is missing, unreadable or written by a version without
+    the ``generated`` record counts as no, so the file is treated as edited.
+    """
+    try:
+        document = json.loads(on_target(root, FILE_LIST).read_text())
+        recorded = document["generated"][str(device_path)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return recorded == hashlib.sha256(existing).hexdigest()
 
 
 def _remove_pending_copy(root: Path, content: bytes, result: FlashResult) -> None:
@@ -438,8 +464,13 @@ def _file_list(
     result: FlashResult,
     profile: FirmwareProfile,
     installed: list[PurePosixPath],
+    generated: dict[str, str],
 ) -> bytes:
-    """Return the JSON list of installed files with sizes and sha256 digests."""
+    """Return the JSON list of installed files with sizes and sha256 digests.
+
+    ``generated`` maps the config and unit paths to the sha256 of the text
+    flash generated for them, which an edited file no longer matches.
+    """
     entries = {}
     tracked = [RELEASES_DIR / result.release, *installed]
     for device_path in tracked:
@@ -458,6 +489,7 @@ def _file_list(
         "release": result.release,
         "bundle_link": str(BUNDLE_LINK),
         "files": entries,
+        "generated": generated,
     }
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 

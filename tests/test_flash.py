@@ -306,6 +306,59 @@ def test_flash_keeps_edited_config(tmp_path: Path, pi4) -> None:
     assert verify_installation(root) == []
 
 
+def test_new_options_replace_unedited_config(tmp_path: Path, pi4) -> None:
+    bundle, root = flash_once(tmp_path, pi4)
+    config = root / "etc/dslo-edge/device.toml"
+    config.chmod(0o600)
+    moved = FlashOptions("kitchen-cam", broker_host="hub2.local", broker_port=8883)
+
+    second = flash(bundle, pi4, root, moved)
+
+    assert load_config(config).mqtt.host == "hub2.local"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert "/etc/dslo-edge/device.toml" in second.changed
+    assert second.warnings == []
+    assert not (root / "etc/dslo-edge/device.toml.new").exists()
+    assert not (root / "etc/dslo-edge/device.toml.bak").exists()
+    assert verify_installation(root) == []
+
+
+def test_config_kept_without_generated_record(tmp_path: Path, pi4) -> None:
+    bundle, root = flash_once(tmp_path, pi4)
+    listing_path = root / "opt/dslo-edge/installed.json"
+    listing = json.loads(listing_path.read_text())
+    del listing["generated"]
+    listing_path.write_text(json.dumps(listing))
+    config = root / "etc/dslo-edge/device.toml"
+    before = config.read_bytes()
+    moved = FlashOptions("kitchen-cam", broker_host="hub2.local", broker_port=8883)
+
+    second = flash(bundle, pi4, root, moved)
+
+    assert config.read_bytes() == before
+    assert load_config(root / "etc/dslo-edge/device.toml.new").mqtt.host == (
+        "hub2.local"
+    )
+    assert len(second.warnings) == 1
+    assert second.warnings[0].startswith("kept /etc/dslo-edge/device.toml")
+
+
+def test_unedited_old_unit_replaced(tmp_path: Path, pi4, monkeypatch) -> None:
+    monkeypatch.setattr(
+        "dslo_edge.flash.render_unit", lambda: render_unit() + "# older version\n"
+    )
+    bundle, root = flash_once(tmp_path, pi4)
+    monkeypatch.undo()
+
+    second = flash(bundle, pi4, root, OPTIONS)
+
+    unit = root / "etc/systemd/system/dslo-edge.service"
+    assert unit.read_text() == render_unit()
+    assert "/etc/systemd/system/dslo-edge.service" in second.changed
+    assert second.warnings == []
+    assert not (root / "etc/systemd/system/dslo-edge.service.bak").exists()
+
+
 def test_flash_replace_config_keeps_backup(tmp_path: Path, pi4) -> None:
     bundle, root = flash_once(tmp_path, pi4)
     config = root / "etc/dslo-edge/device.toml"
