@@ -30,6 +30,7 @@ local changes to a unit belong in a drop-in file, which flash leaves alone.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -145,10 +146,10 @@ def flash(
             device id that is not one MQTT topic level or a broker host with
             a quote.
         BundleError: the bundle is invalid, the profile cannot run it, the
-            target lacks free space, a path leads out of the target, or
-            writing failed. Each file is replaced whole, but a failure can
-            come after some of them, such as the ``bundle`` link, were
-            replaced. The message then names them.
+            target lacks free space, a path leads out of the target or
+            through a symlink loop, or writing failed. Each file is replaced
+            whole, but a failure can come after some of them, such as the
+            ``bundle`` link, were replaced. The message then names them.
     """
     check_device_id(options.device_id)
     check_broker_host(options.broker_host)
@@ -245,6 +246,7 @@ def _check_paths_inside_target(root: Path, profile: FirmwareProfile) -> None:
     real_root = root.resolve()
     for device_path in device_paths:
         path = on_target(root, device_path)
+        _check_no_symlink_loop(root, path)
         resolved = path.resolve()
         if not resolved.is_relative_to(real_root):
             raise BundleError(
@@ -253,6 +255,31 @@ def _check_paths_inside_target(root: Path, profile: FirmwareProfile) -> None:
                 "the target, so replace that symlink with a relative one or a "
                 "directory and run flash again"
             )
+
+
+def _check_no_symlink_loop(root: Path, path: Path) -> None:
+    """Raise BundleError if a symlink loop lies on ``path`` under ``root``.
+
+    ``Path.resolve`` raises RuntimeError for a loop up to Python 3.12 and
+    returns a path through it from 3.13, so each component is checked with
+    ``os.stat``, which fails with ELOOP on the first one that loops.
+    """
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        try:
+            os.stat(current)
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                # A missing component is created later, and other errors
+                # come up with their cause when flash writes there.
+                return
+            raise BundleError(
+                f"{current} is a symlink loop: following it never reaches a "
+                f"file or directory, so flash cannot write {path}; remove that "
+                "symlink (flash creates what is missing) or point it at a path "
+                "inside the target, and run flash again"
+            ) from None
 
 
 def _release_intact(release_dir: Path, bundle: Bundle) -> bool:

@@ -195,6 +195,40 @@ def test_flash_rejects_link_out_of_target(tmp_path: Path, pi4, linked: str) -> N
     assert after == before
 
 
+@pytest.mark.parametrize(
+    ("links", "loop"),
+    [
+        ({"opt": "opt"}, "opt"),
+        ({"etc/dslo-edge": "../etc/dslo-edge"}, "etc/dslo-edge"),
+        # Two links that name each other, reached through a third.
+        (
+            {"var/lib/a": "b", "var/lib/b": "a", "var/lib/dslo-edge": "a"},
+            "var/lib/dslo-edge",
+        ),
+    ],
+)
+def test_flash_rejects_symlink_loop(tmp_path: Path, links: dict, loop: str) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    for name, link_target in links.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(link_target)
+    before = sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+    result = CliRunner().invoke(
+        main,
+        ["flash", str(bundle), "--profile", "raspberry-pi-4b", "--target", str(root)],
+    )
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.output.count("\n") == 1
+    assert result.output.startswith(f"error: {root / loop} is a symlink loop")
+    assert "remove that symlink (flash creates what is missing)" in result.output
+    after = sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+    assert after == before
+
+
 def test_flash_follows_relative_link(tmp_path: Path, pi4) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
