@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,12 @@ BACKUP_UNIT = UNIT_PATH.with_name(UNIT_PATH.name + ".bak")
 # Room left free beyond the files themselves, for directory entries and the
 # file list, so the device's filesystem is not filled to the last block.
 SPACE_MARGIN_BYTES = 1 * MIB
+# Permission bits of the directories and files flash creates, whatever the
+# umask of the user running flash. Every user can read them, so a unit that
+# runs the daemon as another user than root (User= in a drop-in, or the unit
+# of `dslo-edge service install --user`) can load the bundle and config.
+DIR_MODE = 0o755
+FILE_MODE = 0o644
 
 DiskUsage = Callable[[str | Path], Any]
 
@@ -190,7 +197,7 @@ def flash(
             else:
                 _write_if_changed(root, device_path, content, result)
         _link_if_changed(root, WANTS_LINK, PurePosixPath("..") / UNIT_NAME, result)
-        on_target(root, DEFAULT_STATE_DIR).mkdir(parents=True, exist_ok=True)
+        _make_directories(on_target(root, DEFAULT_STATE_DIR))
         generated = {
             str(path): hashlib.sha256(files[path]).hexdigest()
             for path in (DEFAULT_CONFIG, UNIT_PATH)
@@ -320,12 +327,14 @@ def _install_release(
     final = releases / result.release
     device_release = str(RELEASES_DIR / result.release)
     if needed:
-        releases.mkdir(parents=True, exist_ok=True)
+        _make_directories(releases)
         staging = Path(
             tempfile.mkdtemp(prefix=f".staging-{result.release}-", dir=releases)
         )
         try:
             _copy_bundle(bundle, staging)
+            # mkdtemp creates the directory with mode 0700.
+            os.chmod(staging, DIR_MODE)
             if final.exists():
                 shutil.rmtree(final)  # a damaged earlier copy
             staging.rename(final)
@@ -333,6 +342,8 @@ def _install_release(
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
+        result.changed.append(device_release)
+    elif _make_readable(final):
         result.changed.append(device_release)
     else:
         result.unchanged.append(device_release)
@@ -349,10 +360,29 @@ def _copy_bundle(bundle: Bundle, staging: Path) -> None:
                 open(source, "rb") as reader,
                 open(staging / source.name, "wb") as writer,
             ):
+                os.fchmod(writer.fileno(), FILE_MODE)
                 shutil.copyfileobj(reader, writer, 1 << 20)
                 writer.flush()
                 os.fsync(writer.fileno())
     load_bundle(staging)  # raises BundleError on a bad copy
+
+
+def _make_readable(release: Path) -> bool:
+    """Set DIR_MODE and FILE_MODE on an installed release; return True on a change.
+
+    Earlier versions of flash left each release directory with mode 0700.
+    """
+    entries = [(release, DIR_MODE)]
+    for path in release.iterdir():
+        if path.is_file() and not path.is_symlink():
+            entries.append((path, FILE_MODE))
+    changed = False
+    for path, mode in entries:
+        if path.is_symlink() or stat.S_IMODE(path.stat().st_mode) == mode:
+            continue
+        os.chmod(path, mode)
+        changed = True
+    return changed
 
 
 def _install_config(
@@ -444,19 +474,18 @@ def _write_if_changed(
 ) -> None:
     """Replace a file atomically unless it already has ``content``.
 
-    ``mode`` sets the permission bits of a written file. None leaves them to
-    the umask.
+    ``mode`` sets the permission bits of a written file. None sets
+    ``FILE_MODE``.
     """
     path = on_target(root, device_path)
     if path.is_file() and path.read_bytes() == content:
         result.unchanged.append(str(device_path))
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_directories(path.parent)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb") as stream:
-            if mode is not None:
-                os.fchmod(stream.fileno(), mode)
+            os.fchmod(stream.fileno(), FILE_MODE if mode is None else mode)
             stream.write(content)
             stream.flush()
             os.fsync(stream.fileno())
@@ -477,7 +506,7 @@ def _link_if_changed(
     if path.is_symlink() and os.readlink(path) == str(link_target):
         result.unchanged.append(str(device_path))
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_directories(path.parent)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.unlink(missing_ok=True)
     os.symlink(link_target, temporary)
@@ -536,6 +565,23 @@ def _prune_releases(root: Path, current: str) -> None:
     for path in older[1:]:
         shutil.rmtree(path, ignore_errors=True)
         logger.info("Removed old release %s from %s", path.name, root)
+
+
+def _make_directories(folder: Path) -> None:
+    """Create ``folder`` and its missing parents with ``DIR_MODE``.
+
+    Directories that exist keep their mode. A file on the path raises
+    FileExistsError or NotADirectoryError.
+    """
+    missing = []
+    current = folder
+    while not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        # mkdir applies the umask to its mode argument, chmod does not.
+        os.chmod(path, DIR_MODE)
 
 
 def _fsync_directory(folder: Path) -> None:

@@ -114,6 +114,57 @@ def test_flash_again_changes_nothing(tmp_path: Path, pi4) -> None:
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
+@pytest.fixture
+def strict_umask() -> Iterator[None]:
+    """Run the test with umask 077, which leaves new files readable by the owner."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def modes_under(root: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(root)): stat.S_IMODE(path.stat().st_mode)
+        for path in sorted(root.rglob("*"))
+        if not path.is_symlink()
+    }
+
+
+def test_flash_output_is_readable_by_all(tmp_path: Path, pi4, strict_umask) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+
+    result = flash(bundle, pi4, root, OPTIONS)
+
+    modes = modes_under(root)
+    release = f"opt/dslo-edge/releases/{result.release}"
+    assert modes[release] == 0o755
+    assert modes[f"{release}/student.tflite"] == 0o644
+    assert modes["etc/dslo-edge/device.toml"] == 0o644
+    assert modes["var/lib/dslo-edge"] == 0o755
+    for name, mode in modes.items():
+        expected = 0o755 if (root / name).is_dir() else 0o644
+        assert mode == expected, name
+
+
+def test_flash_repairs_private_release_mode(tmp_path: Path, pi4) -> None:
+    bundle, root = flash_once(tmp_path, pi4)
+    release = root / "opt/dslo-edge/releases" / release_id(load_bundle(bundle))
+    # Earlier versions of flash left the release directory with mode 0700.
+    release.chmod(0o700)
+    (release / "manifest.json").chmod(0o600)
+
+    again = flash(bundle, pi4, root, OPTIONS)
+
+    assert stat.S_IMODE(release.stat().st_mode) == 0o755
+    assert stat.S_IMODE((release / "manifest.json").stat().st_mode) == 0o644
+    assert again.changed == [f"/opt/dslo-edge/releases/{release.name}"]
+    assert flash(bundle, pi4, root, OPTIONS).changed == []
+
+
 def test_flash_new_bundle_keeps_previous_release(tmp_path: Path, pi4) -> None:
     root = tmp_path / "rootfs"
     root.mkdir()
