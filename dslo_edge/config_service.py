@@ -95,10 +95,15 @@ class LoggingSettings:
     max_bytes: int = 5 * 1024 * 1024
     backups: int = 2
 
-    def open_file(self, path: Path, key: str) -> logging.handlers.RotatingFileHandler:
+    def open_file(
+        self, path: Path, key: str, default: str | None = None
+    ) -> logging.handlers.RotatingFileHandler:
         """Open ``path`` for appending, rotated at max_bytes, creating its directories.
 
         ``key`` is the config key that sets the path, such as ``logging.file``.
+        ``default`` describes where the path comes from when ``key`` is unset,
+        such as ``metrics.jsonl in device.state_dir``, and None means that
+        ``key`` set it.
 
         Raises:
             ConfigError: the path is a directory, part of it is a file, or
@@ -115,9 +120,15 @@ class LoggingSettings:
             problem = "part of its path is a file, not a directory"
         except OSError as error:
             problem = error.strerror or str(error)
+        if default is None:
+            raise ConfigError(
+                f"cannot open {key} {path}: {problem}; set {key} to a file in a "
+                "directory that the daemon's user can write"
+            )
         raise ConfigError(
-            f"cannot open {key} {path}: {problem}; set {key} to a file in a "
-            "directory that the daemon's user can write"
+            f"cannot open {path} ({key} is unset, so the daemon uses {default}): "
+            f"{problem}; make {path} a file that the daemon's user can write, or "
+            f"set {key} to another file"
         )
 
 

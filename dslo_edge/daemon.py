@@ -390,8 +390,12 @@ class EdgeDaemon:
 
     def _make_metrics_log(self) -> logging.Logger:
         settings = self.config.logging
-        path = settings.metrics_file or self.config.state_dir / METRICS_LOG
-        handler = settings.open_file(path, "logging.metrics_file")
+        if settings.metrics_file is None:
+            path = self.config.state_dir / METRICS_LOG
+            default = f"{METRICS_LOG} in device.state_dir"
+            handler = settings.open_file(path, "logging.metrics_file", default)
+        else:
+            handler = settings.open_file(settings.metrics_file, "logging.metrics_file")
         handler.setFormatter(logging.Formatter("%(message)s"))
         metrics_logger = logging.getLogger(f"dslo_edge.metrics_log.{id(self)}")
         metrics_logger.propagate = False

@@ -304,6 +304,24 @@ def test_metrics_file_directory_exits_78(mlp_pair, tmp_path: Path) -> None:
     assert list(metrics_dir.iterdir()) == []
 
 
+def test_default_metrics_file_error_names_default(mlp_pair, tmp_path: Path) -> None:
+    # logging.metrics_file is unset, so the daemon opens state/metrics.jsonl.
+    metrics_dir = tmp_path / "state" / "metrics.jsonl"
+    metrics_dir.mkdir(parents=True)
+    path = write(tmp_path, mlp_pair.bundle)
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        f"error: cannot open {metrics_dir} (logging.metrics_file is unset, so the "
+        "daemon uses metrics.jsonl in device.state_dir): it is a directory; make "
+        f"{metrics_dir} a file that the daemon's user can write, or set "
+        "logging.metrics_file to another file"
+    ]
+    assert list(metrics_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "host", ["mqtt://hub.lan", "hub.lan:1883", "hub lan", "hub.lan/x", "hub\tlan"]
 )
