@@ -6,8 +6,10 @@
 2. admit them in one shared-state transaction (repeats, rate limits,
    privacy budgets), which also charges the admitted ones;
 3. label every admitted sample in one teacher call and split the output;
-4. store the responses, publish them on each request's response topic with
-   its correlation data, wait for the broker's PUBACKs, and only then
+4. store the responses, taking back the privacy charge of a request whose
+   labels came out NaN or infinite and were not released;
+5. publish the responses on each request's response topic with its
+   correlation data, wait for the broker's PUBACKs, and only then
    acknowledge the requests.
 """
 
@@ -111,6 +113,9 @@ class _Reply:
     # A reply that depends only on the message's own bytes is not stored, so
     # a malformed copy cannot replace the stored reply of a valid request.
     stored: bool = True
+    # True when the admission charged the privacy budget for labels that
+    # this reply does not release, so the charge is taken back.
+    refund: bool = False
 
 
 class BatchLabeller:
@@ -354,7 +359,9 @@ class BatchLabeller:
                     problem,
                 )
                 message = f"{problem}; rescale the inputs and ask again"
-                replies.append(_Reply(item, key, STATUS_REJECTED, message.encode()))
+                replies.append(
+                    _Reply(item, key, STATUS_REJECTED, message.encode(), refund=True)
+                )
                 continue
             payload = self._encode(item.device or "", request, rows)
             replies.append(_Reply(item, key, STATUS_OK, payload))
@@ -414,7 +421,14 @@ class BatchLabeller:
             for reply in replies
             if reply.stored and reply.key.request_id
         ]
-        self.state.record_answers(stored, time.time())
+        refunds = [
+            reply.key
+            for reply in replies
+            if reply.refund and reply.stored and reply.key.request_id
+        ]
+        self.state.record_answers(
+            stored, time.time(), refunds=refunds, privacy=self.config.privacy
+        )
         assert self.client is not None
         sent = []
         for reply in replies:

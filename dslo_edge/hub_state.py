@@ -406,14 +406,30 @@ class HubState:
         return epsilon_spent(self.releases(device), privacy.delta, privacy.accountant)
 
     def record_answers(
-        self, answers: list[tuple[RequestKey, str, bytes]], now: float
+        self,
+        answers: list[tuple[RequestKey, str, bytes]],
+        now: float,
+        *,
+        refunds: list[RequestKey] | None = None,
+        privacy: PrivacySettings | None = None,
     ) -> None:
         """Store the status and payload sent for each request.
 
         Rate-limit and budget responses are stored too, so a repeated request
         gets the same response and is not charged.
+
+        Args:
+            refunds: requests among ``answers`` that were admitted, and so
+                charged, but whose labels are not released, such as labels
+                the teacher made NaN. With ``privacy``, their samples leave
+                the device's release count. A request answered before is not
+                refunded, so each charge is taken back at most once.
+            privacy: the settings the admission charged with.
         """
         with self._transaction() as db:
+            if privacy is not None:
+                for key in refunds or []:
+                    self._refund_privacy(db, key, privacy)
             db.executemany(
                 "INSERT INTO requests "
                 "(device, request_id, worker, claimed, answered, status, payload) "
@@ -434,6 +450,30 @@ class HubState:
                     for key, status, payload in answers
                 ],
             )
+
+    def _refund_privacy(
+        self, db: sqlite3.Connection, key: RequestKey, privacy: PrivacySettings
+    ) -> None:
+        """Take back the admission charge of a request that is still unanswered."""
+        row = db.execute(
+            "SELECT answered FROM requests WHERE device = ? AND request_id = ?",
+            (key.device, key.request_id),
+        ).fetchone()
+        if row is None or row[0] is not None:
+            return
+        db.execute(
+            "UPDATE releases SET count = MAX(0, count - ?) "
+            "WHERE device = ? AND multiplier = ?",
+            (key.samples, key.device, privacy.noise_multiplier),
+        )
+        logger.info(
+            "Hub worker %s refunded the privacy charge of %d samples to device %s "
+            "for request %s, whose labels were not released",
+            self.worker_id,
+            key.samples,
+            key.device,
+            key.request_id.hex(),
+        )
 
     def forget_answers(self, before: float) -> int:
         """Delete responses stored before ``before`` and return their number."""

@@ -18,6 +18,7 @@ from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.hub import default_sample_ids
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker, _takeover_fix
+from dslo_edge.hub_state import HubState
 from dslo_edge.label_protocol import (
     LabelRequest,
     encode_request,
@@ -25,6 +26,7 @@ from dslo_edge.label_protocol import (
     user_properties,
 )
 from dslo_edge.label_requests import RequestSettings
+from dslo_edge.privacy import epsilon_spent
 from dslo_edge.protocol import decode_update
 from dslo_edge.repeat_log import RepeatLimiter
 from dslo_edge.signing import generate_key_file, load_key, verify
@@ -506,6 +508,41 @@ def test_teacher_overflow_rejects_label_request(
     assert "input magnitude is 3e+38" in text
     assert counters["rejected"] == 1
     assert counters["answered"] == 0
+
+
+def test_rejected_labels_cost_no_privacy(relu_teacher, mosquitto, tmp_path) -> None:
+    pytest.importorskip("dp_accounting")
+    extra = {
+        "teacher": 'output_kind = "probabilities"',
+        "privacy": "noise_multiplier = 2.0\nepsilon_budget = 50",
+    }
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, relu_teacher, extra)
+    inputs = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    overflowing = inputs.copy()
+    overflowing[1] = 3e38
+    rejected = LabelRequest(b"n" * 16, time.time(), ["a", "b", "c"], overflowing)
+    released = LabelRequest(b"r" * 16, time.time(), ["d", "e"], inputs[:2])
+
+    first, _ = ask_for_labels(config, mosquitto.port, rejected)
+    second, _ = ask_for_labels(config, mosquitto.port, released)
+    # The device sends the rejected request again, as after a lost reply.
+    repeat, _ = ask_for_labels(config, mosquitto.port, rejected)
+
+    assert user_properties(first.properties)["status"] == "rejected"
+    assert user_properties(second.properties)["status"] == "ok"
+    assert user_properties(repeat.properties)["status"] == "rejected"
+    settings = load_hub_config(config, "w1").privacy
+    assert settings is not None
+    state = HubState(tmp_path / "hub" / "state.sqlite", "check")
+    try:
+        releases = state.releases("kitchen")
+        epsilon = state.epsilon("kitchen", settings)
+    finally:
+        state.close()
+    # Only the two samples of the released request are charged.
+    assert releases == {2.0: 2}
+    assert epsilon == pytest.approx(epsilon_spent({2.0: 2}, settings.delta))
+    assert epsilon < epsilon_spent({2.0: 5}, settings.delta)
 
 
 def test_repeated_sample_id_rejects_label_request(
