@@ -507,11 +507,7 @@ class EdgeDaemon:
             The restored checkpoint, or None when the daemon starts from the
             bundle's own weights.
         """
-        # Pruning counts an unreadable generation left in the folder, so it
-        # would delete the restored one first.
-        older = load_older_checkpoint(
-            self.checkpoint_dir, newest.sequence, quarantine=True
-        )
+        older = self._older_of_this_device(newest.sequence)
         if older is not None and not self._load_older(older, newest):
             older = None
         if older is None:
@@ -528,28 +524,49 @@ class EdgeDaemon:
         )
         return older
 
+    def _older_of_this_device(self, sequence: int) -> Checkpoint | None:
+        """Return the newest readable generation before ``sequence`` of this device.
+
+        A generation that another device wrote is set aside on its own, so it
+        is neither restored nor moved along with this device's generations.
+        Unreadable generations are quarantined, because pruning counts every
+        generation left in the folder and would delete the restored one first.
+        """
+        while True:
+            older = load_older_checkpoint(
+                self.checkpoint_dir, sequence, quarantine=True
+            )
+            if older is None:
+                return None
+            owner = older.state.get("device_id")
+            # Checkpoints written before the device id was saved have none.
+            if owner is None or owner == self.device_id:
+                return older
+            logger.warning(
+                "Device %s does not restore %s, which device %r wrote; %s",
+                self.device_id,
+                older.path.name,
+                owner,
+                self._set_aside(older, "it", ""),
+            )
+            sequence = older.sequence
+
     def _load_older(self, older: Checkpoint, newest: Checkpoint) -> bool:
         """Load ``older`` in place of ``newest``, or log why it cannot be used."""
-        owner = older.state.get("device_id")
-        if owner is not None and owner != self.device_id:
-            reason = f"written by device {owner!r}"
-        else:
-            # The failed load may have set some of the newest's weights.
-            self._reset_to_bundle_weights()
-            try:
-                self._load(older)
-            except ValueError as error:
-                reason = str(error)
-            else:
-                return True
-        logger.warning(
-            "Device %s cannot restore %s, the generation before %s, either (%s)",
-            self.device_id,
-            older.path.name,
-            newest.path.name,
-            reason,
-        )
-        return False
+        # The failed load may have set some of the newest's weights.
+        self._reset_to_bundle_weights()
+        try:
+            self._load(older)
+        except ValueError as error:
+            logger.warning(
+                "Device %s cannot restore %s, the generation before %s, either (%s)",
+                self.device_id,
+                older.path.name,
+                newest.path.name,
+                error,
+            )
+            return False
+        return True
 
     def _set_aside_newest(self, newest: Checkpoint) -> str:
         """Move ``newest`` out of the generations and describe where it went.
@@ -557,23 +574,33 @@ class EdgeDaemon:
         Pruning counts every generation in the checkpoints folder, so a newest
         left there would make the next save delete the restored one.
         """
+        return self._set_aside(
+            newest, "the newest", " and the next save deletes the restored one"
+        )
+
+    def _set_aside(self, checkpoint: Checkpoint, noun: str, if_left: str) -> str:
+        """Move one checkpoint out of the checkpoints folder; describe where it went.
+
+        ``noun`` names the generation in the description, and ``if_left``
+        ends it when the generation stays in the checkpoints folder.
+        """
         destination = self.config.state_dir / MISMATCHED_CHECKPOINTS
         try:
-            return f"moved the newest to {move_file(newest.path, destination)}"
+            return f"moved {noun} to {move_file(checkpoint.path, destination)}"
         except OSError as error:
             move_error = error
         # Renaming in the same folder needs no new directory, so it still
         # works when, for example, the disk is too full to create one.
         try:
-            renamed = rename_aside(newest.path, MISMATCHED_SUFFIX)
+            renamed = rename_aside(checkpoint.path, MISMATCHED_SUFFIX)
         except OSError as rename_error:
             return (
-                f"moving the newest to {destination} failed ({move_error}) and "
+                f"moving {noun} to {destination} failed ({move_error}) and "
                 f"renaming it failed ({rename_error}), so it stays in "
-                f"{self.checkpoint_dir} and the next save deletes the restored one"
+                f"{self.checkpoint_dir}{if_left}"
             )
         return (
-            f"renamed the newest to {renamed.name} because moving it to "
+            f"renamed {noun} to {renamed.name} because moving it to "
             f"{destination} failed ({move_error})"
         )
 

@@ -572,16 +572,7 @@ def test_unmovable_newest_stops_counting(mlp_pair, tmp_path, caplog) -> None:
     assert f"renamed the newest to {renamed.name}" in caplog.text
 
 
-@pytest.mark.parametrize(
-    ("older_state", "logged"),
-    [
-        ({"smoothing_id_count": None}, "invalid smoothing_id_count None"),
-        ({"device_id": "dev-b"}, "written by device 'dev-b'"),
-    ],
-)
-def test_unrestorable_older_is_logged(
-    mlp_pair, tmp_path, caplog, older_state, logged
-) -> None:
+def test_unrestorable_older_is_logged(mlp_pair, tmp_path, caplog) -> None:
     state = tmp_path / "state"
     folder = state / "checkpoints"
     written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
@@ -591,7 +582,8 @@ def test_unrestorable_older_is_logged(
         "smoothing/stamps": np.arange(2),
         "smoothing/ids": pack_ids(["a", "b"]),
     }
-    save_checkpoint(folder, older_tensors, {**written.state, **older_state})
+    older_state = {**written.state, "smoothing_id_count": None}
+    save_checkpoint(folder, older_tensors, older_state)
     save_checkpoint(folder, *unrestorable(written.tensors, written.state))
 
     daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
@@ -605,7 +597,76 @@ def test_unrestorable_older_is_logged(
         "checkpoint-00000002.safetensors, either"
     )
     assert expected in caplog.text
-    assert logged in caplog.text
+    assert "invalid smoothing_id_count None" in caplog.text
+
+
+def moved_folders(state: Path) -> list[list[str]]:
+    """Return the file names in each folder of mismatched-checkpoints."""
+    folders = sorted((state / "mismatched-checkpoints").iterdir())
+    return sorted(sorted(path.name for path in folder.iterdir()) for folder in folders)
+
+
+def test_other_device_generation_is_set_aside_alone(mlp_pair, tmp_path, caplog) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    adapted = adapted_weights(written.tensors, 0.5)
+    save_checkpoint(folder, adapted, written.state, keep=3)
+    other = adapted_weights(written.tensors, 2.0)
+    foreign = save_checkpoint(
+        folder, other, {**written.state, "device_id": "dev-b"}, keep=3
+    )
+    foreign_bytes = foreign.read_bytes()
+    save_checkpoint(folder, *unrestorable(adapted, written.state), keep=3)
+
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon = restore_then_save(tmp_path, mlp_pair.bundle, state)
+
+    assert daemon.restored_from == "checkpoint-00000001.safetensors"
+    restored = load_latest_checkpoint(folder)
+    assert restored is not None
+    for name, value in adapted.items():
+        if name.startswith(WEIGHT_PREFIX):
+            np.testing.assert_array_equal(restored.tensors[name], value)
+    assert generation_names(folder) == [
+        "checkpoint-00000002.safetensors",
+        "checkpoint-00000001.safetensors",
+    ]
+    # One folder for the other device's generation, one for the newest.
+    assert moved_folders(state) == [
+        ["checkpoint-00000002.safetensors"],
+        ["checkpoint-00000003.safetensors"],
+    ]
+    [moved] = (state / "mismatched-checkpoints").glob("*/checkpoint-00000002.*")
+    assert moved.read_bytes() == foreign_bytes
+    expected = (
+        "Device dev-a does not restore checkpoint-00000002.safetensors, which "
+        f"device 'dev-b' wrote; moved it to {moved}"
+    )
+    assert expected in caplog.text
+
+
+def test_other_device_generation_not_moved_along(mlp_pair, tmp_path, caplog) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    save_checkpoint(folder, written.tensors, {**written.state, "device_id": "dev-b"})
+    save_checkpoint(folder, *unrestorable(written.tensors, written.state))
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon._restore()
+    daemon._state_lock.release()
+
+    assert daemon.restored_from == "factory weights"
+    assert list_checkpoints(folder) == []
+    # This device's generation and the other device's are in separate folders.
+    assert moved_folders(state) == [
+        ["checkpoint-00000001.safetensors"],
+        ["checkpoint-00000002.safetensors"],
+    ]
+    assert "which device 'dev-b' wrote; moved it to" in caplog.text
+    assert "moved the checkpoints it cannot load to" in caplog.text
 
 
 def test_rollback_restores_older_generation(
