@@ -16,6 +16,7 @@ stays where it is and is used while no ``active`` link exists.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -70,10 +71,22 @@ class BundleStore:
         self.folder = state_dir / "bundles"
 
     def active_path(self, factory: Path) -> Path:
-        """Return the bundle the daemon should load: the active link, else factory."""
+        """Return the bundle the daemon should load: the active link, else factory.
+
+        Raises:
+            BundleError: the active link is a symlink loop.
+        """
         link = self.folder / ACTIVE
-        if link.is_symlink() and link.resolve().is_dir():
-            return link.resolve()
+        if _is_symlink_loop(link):
+            raise BundleError(
+                f"{link} is a symlink loop, expected a link to a release "
+                f"directory in {self.folder}; remove {link} so that the daemon "
+                f"starts from device.bundle {factory}, or point it at one of the "
+                "release directories there"
+            )
+        target = _link_target(link)
+        if target is not None and target.is_dir():
+            return target
         return factory
 
     def install_archive(self, archive: Path) -> Path:
@@ -110,9 +123,9 @@ class BundleStore:
 
     def active_release(self) -> Path | None:
         """Return the release the ``active`` link names, or None for the factory."""
-        link = self.folder / ACTIVE
-        if link.is_symlink() and link.resolve().is_dir():
-            return link.resolve()
+        target = _link_target(self.folder / ACTIVE)
+        if target is not None and target.is_dir():
+            return target
         return None
 
     def activate(self, release: Path) -> bool:
@@ -124,9 +137,11 @@ class BundleStore:
             ``release`` and nothing changed.
         """
         current = self.folder / ACTIVE
-        if current.is_symlink() and current.resolve() == release.resolve():
+        target = _link_target(current)
+        if target == release.resolve():
             return False
-        if current.is_symlink():
+        # A looping link names no release to roll back to.
+        if target is not None:
             _replace_link(self.folder / PREVIOUS, os.readlink(current))
         _replace_link(current, release.name)
         self._prune()
@@ -153,11 +168,8 @@ class BundleStore:
         return active.resolve()
 
     def _linked(self) -> set[str]:
-        return {
-            (self.folder / name).resolve().name
-            for name in (ACTIVE, PREVIOUS)
-            if (self.folder / name).is_symlink()
-        }
+        targets = [_link_target(self.folder / name) for name in (ACTIVE, PREVIOUS)]
+        return {target.name for target in targets if target is not None}
 
     def _prune(self) -> None:
         keep = self._linked()
@@ -191,6 +203,25 @@ def _extract(archive: Path, target: Path) -> None:
                     shutil.copyfileobj(source, stream)
     except tarfile.TarError as error:
         raise OtaError("bad_bundle", f"cannot read the archive: {error}") from error
+
+
+def _link_target(link: Path) -> Path | None:
+    """Return the path a symlink resolves to, or None if ``link`` is no symlink.
+
+    A symlink loop gives None as well. Up to Python 3.12 ``Path.resolve``
+    raises RuntimeError for it.
+    """
+    if not link.is_symlink() or _is_symlink_loop(link):
+        return None
+    return link.resolve()
+
+
+def _is_symlink_loop(link: Path) -> bool:
+    try:
+        os.stat(link)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
 
 
 def _replace_link(link: Path, target: str) -> None:

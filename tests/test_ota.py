@@ -18,6 +18,7 @@ import pytest
 
 from dslo_edge.broker import Broker
 from dslo_edge.bundle import Bundle, load_bundle
+from dslo_edge.config import render_config
 from dslo_edge.errors import BundleError
 from dslo_edge.model_update import ModelUpdater, UpdateOutcome
 from dslo_edge.ota import (
@@ -42,6 +43,7 @@ from dslo_edge.swap import (
     swap_student,
 )
 from tests.bundle_files import write_bundle
+from tests.cli_process import run_cli
 from tests.sysfs_tree import FakeClock
 
 TIMEOUT_S = 10.0
@@ -325,6 +327,45 @@ def test_activate_same_release_keeps_previous(tmp_path: Path) -> None:
 
     assert store.active_release() == second
     assert store.rollback() == first
+
+
+def test_active_link_loop_is_named(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "state")
+    first = install(tmp_path, store, 1)
+    factory = write_bundle(tmp_path / "factory")
+    store.folder.joinpath("active").symlink_to("active")
+
+    with pytest.raises(BundleError) as caught:
+        store.active_path(factory)
+
+    link = store.folder / "active"
+    assert str(caught.value) == (
+        f"{link} is a symlink loop, expected a link to a release directory in "
+        f"{store.folder}; remove {link} so that the daemon starts from "
+        f"device.bundle {factory}, or point it at one of the release directories "
+        "there"
+    )
+    assert store.active_release() is None
+    # Activating a release replaces the loop, which does not become "previous".
+    assert store.activate(first)
+    assert store.active_path(factory) == first
+    assert not (store.folder / "previous").is_symlink()
+
+
+def test_daemon_with_active_link_loop_exits_78(mlp_pair, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "bundles").mkdir(parents=True)
+    link = state / "bundles" / "active"
+    link.symlink_to("active")
+    config = tmp_path / "device.toml"
+    config.write_text(render_config("dev-a", mlp_pair.bundle, state, 9))
+
+    result = run_cli("run", "--config", str(config))
+
+    assert result.returncode == 78
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {link} is a symlink loop")
+    assert link.is_symlink()
 
 
 def test_install_rejects_unsafe_archive(tmp_path: Path) -> None:
