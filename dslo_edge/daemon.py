@@ -433,8 +433,15 @@ class EdgeDaemon:
 
     def _restore(self) -> None:
         folder = self.checkpoint_dir
+        # Every save would fail, so no update could ever be acknowledged.
+        if folder.is_symlink() and not folder.is_dir():
+            raise ConfigError(
+                f"{self.config.source}: {folder} in device.state_dir is a symlink "
+                "that leads to no directory (a loop, or a missing or non-directory "
+                "target), expected the checkpoints folder; remove the symlink or "
+                "point it at a directory"
+            )
         if folder.exists() and not folder.is_dir():
-            # Every save would fail, so no update could ever be acknowledged.
             raise ConfigError(
                 f"{self.config.source}: {folder} in device.state_dir is a file, "
                 "expected the checkpoints folder; move the file away"

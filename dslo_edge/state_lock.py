@@ -37,6 +37,11 @@ class StateLock:
                 f"device.state_dir {state_dir} is a file, expected a directory; "
                 "point state_dir at a folder for this device's checkpoints"
             ) from None
+        except IsADirectoryError:
+            raise ConfigError(
+                f"{self.path} is a directory, expected the daemon's lock file; "
+                "move it out of device.state_dir"
+            ) from None
         except OSError as error:
             raise ConfigError(
                 f"cannot use device.state_dir {state_dir}: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,39 @@ def test_checkpoints_path_that_is_a_file(mlp_pair, tmp_path) -> None:
 
     assert "checkpoints in device.state_dir is a file" in str(caught.value)
     assert (state / "checkpoints").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("link_target", ["checkpoints", "missing-folder"])
+def test_checkpoints_link_to_nowhere(mlp_pair, tmp_path, link_target) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    # A loop, or a link whose target does not exist: saves could never work.
+    (state / "checkpoints").symlink_to(link_target)
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+
+    with pytest.raises(ConfigError) as caught:
+        daemon._restore()
+    daemon._state_lock.release()
+
+    message = str(caught.value)
+    assert f"{state / 'checkpoints'} in device.state_dir is a symlink" in message
+    assert "that leads to no directory" in message
+    assert "remove the symlink or point it at a directory" in message
+    assert os.readlink(state / "checkpoints") == link_target
+
+
+def test_lock_file_that_is_a_directory(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    (state / ".lock").mkdir(parents=True)
+
+    with pytest.raises(ConfigError) as caught:
+        EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+
+    assert str(caught.value) == (
+        f"{state / '.lock'} is a directory, expected the daemon's lock file; "
+        "move it out of device.state_dir"
+    )
+    assert (state / ".lock").is_dir()
 
 
 def test_lock_is_released_when_holder_dies(tmp_path) -> None:
