@@ -183,6 +183,7 @@ def flash(
     }
     if profile_copy is not None:
         files[PurePosixPath(profile_value)] = profile_copy
+    _check_path_types(root, result.release, list(files))
     release_dir = on_target(root, RELEASES_DIR / result.release)
     release_needed = not _release_intact(release_dir, bundle)
     _check_free_space(root, bundle, release_needed, files, disk_usage)
@@ -262,6 +263,43 @@ def _check_paths_inside_target(root: Path, profile: FirmwareProfile) -> None:
                 "the target, so replace that symlink with a relative one or a "
                 "directory and run flash again"
             )
+
+
+def _check_path_types(root: Path, release: str, installed: list[PurePosixPath]) -> None:
+    """Raise BundleError if a file is where flash needs a directory, or the reverse.
+
+    Checking before the first write keeps a failed run from replacing only
+    some of the installed paths. ``installed`` are the files flash writes
+    besides the file list.
+    """
+    directories = [RELEASES_DIR / release, DEFAULT_STATE_DIR]
+    # Files, and the two links, which may point at a directory.
+    files = [*installed, FILE_LIST, PENDING_CONFIG, BUNDLE_LINK, WANTS_LINK]
+    for device_path in directories + [file.parent for file in files]:
+        _check_directories(root, device_path)
+    for device_path in files:
+        path = on_target(root, device_path)
+        if path.is_dir() and not path.is_symlink():
+            raise BundleError(
+                f"{path} is a directory, but flash writes {device_path} there "
+                "as a file or symlink; move the directory away and run flash again"
+            )
+
+
+def _check_directories(root: Path, device_path: PurePosixPath) -> None:
+    """Raise BundleError if a part of ``device_path`` on the target is no directory."""
+    current = root
+    for part in PurePosixPath(str(device_path).lstrip("/")).parts:
+        current = current / part
+        if current.is_dir():
+            continue
+        if current.exists() or current.is_symlink():
+            raise BundleError(
+                f"{current} is not a directory (a file, or a symlink to no "
+                f"directory), but flash needs one there for {device_path}; move "
+                "it away or fix the symlink, and run flash again"
+            )
+        return
 
 
 def _check_no_symlink_loop(root: Path, path: Path) -> None:

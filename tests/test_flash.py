@@ -53,6 +53,14 @@ def installed_files(root: Path) -> dict[str, bytes]:
     }
 
 
+def symlinks_under(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): os.readlink(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_symlink()
+    }
+
+
 def flash_once(tmp_path: Path, pi4) -> tuple[Path, Path]:
     """Flash a test bundle into tmp_path/rootfs and return the bundle and root."""
     bundle = write_bundle(tmp_path / "bundle")
@@ -635,11 +643,48 @@ def test_flash_write_failure_keeps_previous_install(
     assert verify_installation(small_filesystem) == []
 
 
+@pytest.mark.parametrize(
+    ("blocker", "kind", "message"),
+    [
+        ("var/lib/dslo-edge", "file", "is not a directory (a file, or a symlink"),
+        ("etc/systemd/system", "file", "but flash needs one there for"),
+        ("etc/dslo-edge/device.toml", "directory", "is a directory, but flash"),
+        ("opt/dslo-edge/bundle", "directory", "writes /opt/dslo-edge/bundle there"),
+        ("opt/dslo-edge/installed.json", "directory", "as a file or symlink"),
+    ],
+)
+def test_flash_checks_path_types_first(
+    tmp_path: Path, pi4, blocker: str, kind: str, message: str
+) -> None:
+    _, root = flash_once(tmp_path, pi4)
+    path = root / blocker
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    if kind == "file":
+        path.write_text("a file where flash needs a directory\n")
+    else:
+        path.mkdir()
+    before = installed_files(root)
+    links_before = symlinks_under(root)
+    second = write_bundle(tmp_path / "second", seed=1)
+
+    with pytest.raises(BundleError) as caught:
+        flash(second, pi4, root, OPTIONS)
+
+    assert str(caught.value).startswith(str(path))
+    assert message in str(caught.value)
+    assert str(caught.value).endswith("and run flash again")
+    # Nothing was written: no new release, link or config.
+    assert installed_files(root) == before
+    assert symlinks_under(root) == links_before
+
+
 def test_flash_failure_names_written_paths(tmp_path: Path, pi4) -> None:
     _, root = flash_once(tmp_path, pi4)
-    unit_dir = root / "etc/systemd/system"
-    shutil.rmtree(unit_dir)
-    unit_dir.write_text("a file where the unit directory belongs\n")
+    # A directory at the temporary name makes writing the file list fail.
+    (root / "opt/dslo-edge/.installed.json.tmp").mkdir()
     second = write_bundle(tmp_path / "second", seed=1)
     release = release_id(load_bundle(second))
 
