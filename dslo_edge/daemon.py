@@ -446,6 +446,7 @@ class EdgeDaemon:
                 f"{self.config.source}: {folder} in device.state_dir is a file, "
                 "expected the checkpoints folder; move the file away"
             )
+        self._check_checkpoints_readable()
         generations = len(list_checkpoints(folder))
         checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
         if checkpoint is None and generations:
@@ -472,6 +473,29 @@ class EdgeDaemon:
                 )
         self.health.accuracy(self.student)
         self.health.accept(self.student.get_weights())
+
+    def _check_checkpoints_readable(self) -> None:
+        """Raise ConfigError when the daemon's user may not read a checkpoint.
+
+        Such a file is not damaged, so it must not be renamed to ``*.corrupt``
+        and given up for the factory weights. One cause is a daemon
+        that now runs as another user than the one that wrote the files.
+        """
+        denied = []
+        for _, path in list_checkpoints(self.checkpoint_dir):
+            try:
+                with open(path, "rb"):
+                    pass
+            except PermissionError:
+                denied.append(path.name)
+        if denied:
+            raise ConfigError(
+                f"{self.config.source}: the daemon's user may not read "
+                f"{', '.join(denied)} in {self.checkpoint_dir} (permission denied); "
+                "give that user read and write access to device.state_dir "
+                f"{self.config.state_dir}, for example with chown -R, or run the "
+                "daemon as the user that wrote the checkpoints"
+            )
 
     def _check_owner(self, checkpoint: Checkpoint) -> None:
         """Raise ConfigError when another device wrote ``checkpoint``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -470,6 +471,55 @@ def rewrite_metadata(path: Path, change: dict[str, str | None]) -> None:
     metadata.update(change)
     kept = {key: value for key, value in metadata.items() if value is not None}
     save_file(tensors, path, metadata=kept)
+
+
+def file_permissions_apply() -> list[str]:
+    """Return a command prefix under which file permissions apply, also to root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root ignores file permissions and setpriv is missing")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def test_unreadable_checkpoint_stops_daemon(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    assert writer.save_checkpoint()
+    assert writer.save_checkpoint()
+    writer._state_lock.release()
+    folder = state / "checkpoints"
+    newest = folder / "checkpoint-00000002.safetensors"
+    saved = {path.name: path.read_bytes() for path in folder.iterdir()}
+    newest.chmod(0)
+    config = tmp_path / "device.toml"
+    config.write_text(render_config("dev-a", mlp_pair.bundle, state, 9))
+
+    result = subprocess.run(
+        [
+            *file_permissions_apply(),
+            sys.executable,
+            "-m",
+            "dslo_edge.cli",
+            "run",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: {config}: the daemon's user may not read {newest.name} in "
+        f"{folder} (permission denied); give that user read and write access "
+        f"to device.state_dir {state}, for example with chown -R, or run the "
+        "daemon as the user that wrote the checkpoints"
+    )
+    # Not renamed to *.corrupt: both generations stay as they were.
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == saved
 
 
 def test_edited_state_falls_back_a_generation(tmp_path) -> None:
