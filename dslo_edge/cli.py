@@ -20,6 +20,7 @@ from dslo_edge.cli_broker import broker_login_options
 from dslo_edge.errors import BundleError, ConfigError, DsloError
 
 if TYPE_CHECKING:
+    from converters.trainable import TrainableScope
     from dslo_edge.broker_login import BrokerLogin
 
 # sysexits.h EX_CONFIG: a service manager can exclude it from restarts.
@@ -74,6 +75,18 @@ def file_path_only(
             "after the slash"
         )
     return value
+
+
+def _trainable_scope(
+    _context: click.Context, _parameter: click.Parameter, text: str
+) -> TrainableScope:
+    """Parse --trainable, or raise BadParameter naming the accepted forms."""
+    from converters.trainable import TrainableScope
+
+    try:
+        return TrainableScope.parse(text)
+    except DsloError as error:
+        raise click.BadParameter(str(error), param_hint="--trainable") from error
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -178,6 +191,7 @@ def main(verbose: bool) -> None:
     "--trainable",
     default="all",
     show_default=True,
+    callback=_trainable_scope,
     help="Weights to train: all, from:LAYER, last:N or biases-and-batchnorm.",
 )
 @click.option(
@@ -216,23 +230,23 @@ def convert(
     nesterov: bool,
     weight_decay: float,
     clip_global_norm: float | None,
-    trainable: str,
+    trainable: TrainableScope,
     student_precision: str,
     teacher_precision: str,
     int8_student_copy: bool,
     representative: str | None,
 ) -> None:
     """Convert a Keras teacher and student into a bundle (needs the convert extra)."""
-    _check_given_options(
-        optimizer, int8=teacher_precision == "int8" or int8_student_copy
-    )
+    # The option checks run before the TensorFlow import, which takes seconds.
+    int8_options = _int8_options(teacher_precision, int8_student_copy)
+    _check_given_options(optimizer, int8=bool(int8_options))
+    _check_precision_options(student_precision, int8_options, representative)
     representative_data = _representative_samples(representative)
     _prepare_bundle_dir(Path(out), overwrite)
     _quiet_tensorflow()
     try:
         from converters.bundle import PrecisionOptions, convert_bundle
         from converters.optimizers import OptimizerConfig
-        from converters.trainable import TrainableScope
     except ImportError as error:
         raise ConfigError(
             f"conversion needs TensorFlow ({error}); "
@@ -257,7 +271,7 @@ def convert(
         out,
         overwrite=overwrite,
         optimizer=config,
-        trainable=TrainableScope.parse(trainable),
+        trainable=trainable,
         precision=precision,
     )
     student_ops = manifest["student"]["signatures"]["train"]["ops"]
@@ -265,6 +279,35 @@ def convert(
         f"wrote {out}: {_class_summary(manifest)}, train signature uses "
         f"{len(student_ops)} builtin op types, no Flex ops"
     )
+
+
+def _int8_options(teacher_precision: str, int8_student_copy: bool) -> list[str]:
+    """Return the convert options that request an int8 file."""
+    options = []
+    if teacher_precision == "int8":
+        options.append("--teacher-precision int8")
+    if int8_student_copy:
+        options.append("--int8-student-copy")
+    return options
+
+
+def _check_precision_options(
+    student_precision: str, int8_options: list[str], representative: str | None
+) -> None:
+    """Reject precision options that the conversion cannot carry out."""
+    if student_precision == "int8":
+        raise click.BadParameter(
+            "an int8 student cannot train, because gradient updates are far "
+            "smaller than one int8 step of the weights; choose float32 or "
+            "float16, and add --int8-student-copy for an int8 inference copy",
+            param_hint="--student-precision",
+        )
+    if int8_options and representative is None:
+        raise click.UsageError(
+            "int8 files need --representative FILE.npz, an x array of a few "
+            "hundred input samples that calibrates their ranges; add it, or "
+            f"drop {' and '.join(int8_options)}"
+        )
 
 
 def _check_given_options(optimizer: str, *, int8: bool) -> None:

@@ -227,3 +227,64 @@ def test_demo_sigterm_stops_broker_and_daemon(tmp_path) -> None:
     finally:
         for pid in _live_processes_naming(str(out)):
             os.kill(pid, signal.SIGKILL)
+
+
+# Prints whether TensorFlow was imported when the command exits.
+_REPORT_TENSORFLOW = """
+import sys
+from dslo_edge.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("tensorflow imported:", "tensorflow" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--trainable", "bogus"],
+            "Invalid value for --trainable: invalid trainable scope 'bogus'; "
+            "expected all, from:LAYER, last:N (N >= 1) or biases-and-batchnorm",
+        ),
+        (["--trainable", "last:0"], "invalid trainable scope 'last:0'"),
+        (["--trainable", "from:"], "invalid trainable scope 'from:'"),
+        (
+            ["--student-precision", "int8"],
+            "Invalid value for --student-precision: an int8 student cannot train",
+        ),
+        (
+            ["--teacher-precision", "int8"],
+            "int8 files need --representative FILE.npz, an x array of a few "
+            "hundred input samples that calibrates their ranges; add it, or "
+            "drop --teacher-precision int8",
+        ),
+        (
+            ["--int8-student-copy", "--teacher-precision", "int8"],
+            "drop --teacher-precision int8 and --int8-student-copy",
+        ),
+    ],
+)
+def test_convert_rejects_option_before_tensorflow(tmp_path, options, message) -> None:
+    # The option checks come first, so the model files are never read.
+    teacher = tmp_path / "teacher.keras"
+    student = tmp_path / "student.keras"
+    teacher.write_bytes(b"")
+    student.write_bytes(b"")
+    out = tmp_path / "bundle"
+    arguments = ["--teacher", str(teacher), "--student", str(student)]
+
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORT_TENSORFLOW, "convert", *arguments]
+        + ["--out", str(out), *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "tensorflow imported: False" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
