@@ -181,6 +181,7 @@ def convert_bundle(
     optimizer: OptimizerConfig | None = None,
     trainable: TrainableScope | None = None,
     precision: PrecisionOptions | None = None,
+    overwrite_hint: str = "overwrite=True",
 ) -> dict[str, Any]:
     """Convert a Keras teacher and student into a bundle directory.
 
@@ -200,6 +201,8 @@ def convert_bundle(
         optimizer: the optimizer the ``train`` signature runs (default SGD).
         trainable: which weights ``train`` updates (default all).
         precision: precision of each file (default float32 everywhere).
+        overwrite_hint: how the caller spells ``overwrite`` in error
+            messages, such as ``--overwrite`` on the command line.
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
@@ -214,7 +217,7 @@ def convert_bundle(
             directory that then contains the earlier bundle.
     """
     out = Path(out_dir)
-    prepare_output_dir(out, overwrite=overwrite)
+    prepare_output_dir(out, overwrite=overwrite, overwrite_hint=overwrite_hint)
     options = precision or PrecisionOptions()
     options.check()
     teacher_model = load_keras_model(teacher)
@@ -238,7 +241,7 @@ def convert_bundle(
         # Read before the move: a relative ``out`` such as "." may name the
         # replaced directory afterwards.
         manifest = json.loads((staging / MANIFEST_NAME).read_text())
-        move_into_place(staging, out, overwrite)
+        move_into_place(staging, out, overwrite, overwrite_hint)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -132,15 +132,17 @@ def _make_unique_dir(parent: Path, prefix: str) -> Path:
     raise FileExistsError(f"100 names starting with {prefix} exist in {parent}")
 
 
-def move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
+def move_into_place(
+    staging: Path, out: Path, overwrite: bool, overwrite_hint: str = "overwrite=True"
+) -> None:
     """Move the finished ``staging`` directory to ``out``.
 
     An earlier bundle is first renamed to a hidden sibling and deleted only
     after the new one is in place. When the second rename fails, the earlier
-    bundle is renamed back.
+    bundle is renamed back. ``overwrite_hint`` is as in ``prepare_output_dir``.
     """
     # The directory may have changed while the models were converting.
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, overwrite_hint=overwrite_hint)
     target = out.resolve()
     try:
         _carry_probe(target, staging)

@@ -273,6 +273,7 @@ def convert(
         optimizer=config,
         trainable=trainable,
         precision=precision,
+        overwrite_hint="--overwrite",
     )
     student_ops = manifest["student"]["signatures"]["train"]["ops"]
     click.echo(

@@ -288,3 +288,34 @@ def test_convert_rejects_option_before_tensorflow(tmp_path, options, message) ->
     assert "tensorflow imported: False" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_convert_race_names_overwrite_option(
+    keras_files, tmp_path, monkeypatch
+) -> None:
+    import converters.bundle
+
+    out = tmp_path / "bundle"
+    convert_files = converters.bundle._convert_files
+
+    def another_writer_first(*args, **kwargs):
+        # Another program fills the directory while the models convert.
+        out.mkdir()
+        (out / "notes.txt").write_text("user data")
+        return convert_files(*args, **kwargs)
+
+    monkeypatch.setattr(converters.bundle, "_convert_files", another_writer_first)
+
+    result = run(*keras_files, "--out", str(out))
+
+    assert result.exit_code == 1, result.output
+    assert f"output directory {out} exists and is not empty" in result.output
+    assert "pass --overwrite to replace it" in result.output
+    assert "overwrite=True" not in result.output
+    assert (out / "notes.txt").read_text() == "user data"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "bundle",
+        "student.keras",
+        "teacher.keras",
+    ]
