@@ -130,12 +130,21 @@ def _write_text_x(path: Path) -> str:
     return f"invalid --representative: {path}: array 'x' has dtype <U3"
 
 
+def _write_without_x(path: Path) -> str:
+    np.savez(path, inputs=np.zeros((4, 64), np.float32))
+    return (
+        f"invalid --representative: {path} has arrays ['inputs']; "
+        "expected at least 'x' (inputs)"
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "write"),
     [
         ("samples.csv", _write_text_file),
         ("samples.npy", _write_npy_file),
         ("samples.npz", _write_text_x),
+        ("samples.npz", _write_without_x),
     ],
 )
 def test_convert_rejects_unreadable_representative(
