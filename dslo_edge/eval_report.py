@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 
 from dslo_edge.errors import ConfigError
 from dslo_edge.eval_data import DATASETS
+from dslo_edge.eval_staging import make_page_file, make_staging_dir, remove_stale
 from dslo_edge.evaluate import METHODS, RunResult, SeedResult
 
 CURVE_METHODS = ("static KD", "annealed KD", "DSL-O")
@@ -368,16 +368,17 @@ def write_report(
     The plots and results.json are written into a staging folder inside
     ``out/evaluation``, and the page into a temporary file in ``out``. Only
     then is each renamed into place within its own folder, so a failed
-    write, such as a full disk, leaves an earlier report as it was.
+    write, such as a full disk, leaves an earlier report as it was. Those
+    temporary files of earlier writers that were killed are deleted first.
     """
     summary = summarise(results)
     folder = out / "evaluation"
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
-    handle, page_name = tempfile.mkstemp(prefix=".evaluation-", suffix=".md", dir=out)
-    os.close(handle)
-    page = Path(page_name)
+    remove_stale(out)
+    staging = make_staging_dir(folder)
+    page: Path | None = None
     try:
+        page = make_page_file(out)
         written = write_plots(results, staging)
         written.append(staging / "results.json")
         write_json(results, written[-1])
@@ -388,7 +389,8 @@ def write_report(
         os.replace(page, out / "evaluation.md")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        page.unlink(missing_ok=True)
+        if page is not None:
+            page.unlink(missing_ok=True)
     return summary
 
 

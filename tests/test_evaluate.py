@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import socket
 import time
 
 import numpy as np
@@ -429,3 +430,63 @@ def test_report_from_results_rejects_run_options(tmp_path) -> None:
 
     assert result.exit_code == 2
     assert "drop --seeds and --quick" in result.output
+
+
+# Creates the temporary files of a report in OUT, then dies as on SIGKILL.
+_KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from dslo_edge.eval_staging import make_page_file, make_staging_dir
+out = Path(sys.argv[1])
+staging = make_staging_dir(out / "evaluation")
+(staging / "digits-alpha.png").write_bytes(b"half a plot")
+make_page_file(out).write_text("half a page")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_report_deletes_stale_staging(tmp_path, caplog) -> None:
+    import subprocess
+    import sys
+
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "docs"
+    (out / "evaluation").mkdir(parents=True)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(out)], timeout=60
+    )
+    assert killed.returncode == -9
+    stale = sorted(out.glob(".evaluation-*.md"))
+    stale += sorted((out / "evaluation").glob(".staging-*"))
+    assert len(stale) == 2
+    # A run that is still writing, and a folder named without its writer.
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = out / "evaluation" / f".staging-{socket.gethostname()}-{running.pid}-ab_1"
+    live.mkdir()
+    unnamed = out / "evaluation" / ".staging-ab12cd34"
+    unnamed.mkdir()
+    row = results_row("digits", 0, [0.9])
+    document = {"results": [row], "command": "dslo-edge evaluate", "seconds": 1.0}
+    path = saved_results(tmp_path, document)
+
+    try:
+        with caplog.at_level("INFO", logger="dslo_edge"):
+            result = CliRunner().invoke(
+                main, ["evaluate", "--from-results", path, "--out", str(out)]
+            )
+    finally:
+        running.kill()
+        running.wait()
+
+    assert result.exit_code == 0, result.output
+    for leftover in stale:
+        assert not leftover.exists()
+        assert f"Deleted {leftover}, left by process" in caplog.text
+    assert live.is_dir()
+    assert f"Kept {live}: process {running.pid}" in caplog.text
+    assert unnamed.is_dir()
+    assert f"{unnamed} may be left by a killed dslo-edge evaluate" in caplog.text
+    hidden = sorted(entry.name for entry in (out / "evaluation").glob(".*"))
+    assert hidden == sorted([live.name, unnamed.name])
+    assert list(out.glob(".*")) == []
+    assert (out / "evaluation.md").read_text().startswith("#")

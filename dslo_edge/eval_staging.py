@@ -1,0 +1,116 @@
+"""Temporary files of ``write_report`` and the removal of stale ones.
+
+``write_report`` writes into a staging folder in ``out/evaluation`` and a
+temporary page in ``out`` and renames them into place. A process killed in
+between (SIGKILL, a power cut) leaves them behind, so each name contains the
+host name and the process id of its writer. A later report removes those of
+processes that no longer run on this host and leaves any other alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+STAGING_PREFIX = ".staging-"
+PAGE_PREFIX = ".evaluation-"
+PAGE_SUFFIX = ".md"
+
+logger = logging.getLogger(__name__)
+
+
+def make_staging_dir(folder: Path) -> Path:
+    """Create a staging folder in ``folder`` whose name contains this process."""
+    return Path(tempfile.mkdtemp(prefix=_owned_prefix(STAGING_PREFIX), dir=folder))
+
+
+def make_page_file(out: Path) -> Path:
+    """Create an empty temporary page in ``out`` whose name contains this process."""
+    handle, name = tempfile.mkstemp(
+        prefix=_owned_prefix(PAGE_PREFIX), suffix=PAGE_SUFFIX, dir=out
+    )
+    os.close(handle)
+    return Path(name)
+
+
+def remove_stale(out: Path) -> None:
+    """Delete the temporary files that killed report writers left in ``out``.
+
+    A file whose writer still runs on this host is kept, because that run
+    may be writing its own report. A file of another host, or one named
+    before names contained the writer, is kept and named in a warning.
+    """
+    leftovers = [*_entries(out / "evaluation", STAGING_PREFIX, "")]
+    leftovers += _entries(out, PAGE_PREFIX, PAGE_SUFFIX)
+    host = socket.gethostname()
+    for path, owner in leftovers:
+        if owner is None or owner[0] != host:
+            logger.warning(
+                "%s may be left by a killed dslo-edge evaluate; delete it when "
+                "no evaluate run writes into %s",
+                path,
+                out,
+            )
+        elif _process_running(owner[1]):
+            logger.info(
+                "Kept %s: process %d, which may be writing it, is running",
+                path,
+                owner[1],
+            )
+        else:
+            _remove(path, owner[1])
+
+
+def _owned_prefix(prefix: str) -> str:
+    return f"{prefix}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _entries(
+    folder: Path, prefix: str, suffix: str
+) -> list[tuple[Path, tuple[str, int] | None]]:
+    """Return each temporary entry in ``folder`` with its (host, pid) owner."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob(f"{prefix}*{suffix}")):
+        middle = path.name[len(prefix) : len(path.name) - len(suffix)]
+        # mkstemp's random part has no "-", but a host name may.
+        parts = middle.rsplit("-", 2)
+        owner = None
+        if len(parts) == 3 and parts[1].isdigit():
+            owner = (parts[0], int(parts[1]))
+        found.append((path, owner))
+    return found
+
+
+def _process_running(pid: int) -> bool:
+    # NOTE: a new process can reuse the id of a killed writer, and then the
+    # writer's files stay until that process ends.
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs as another user
+    return True
+
+
+def _remove(path: Path, pid: int) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as error:
+        logger.warning(
+            "Could not delete %s, left by process %d, which no longer runs: %s",
+            path,
+            pid,
+            error,
+        )
+        return
+    logger.info("Deleted %s, left by process %d, which no longer runs", path, pid)
