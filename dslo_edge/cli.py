@@ -714,8 +714,6 @@ def evaluate(
     from_results: Path | None,
 ) -> None:
     """Compare DSL-O with static and annealed KD on shifted real data."""
-    import time
-
     if from_results is not None:
         run_options = {"seeds": "--seeds", "datasets": "--dataset", "quick": "--quick"}
         passed = [
@@ -733,7 +731,6 @@ def evaluate(
         return
     _require_modules(("keras", "sklearn", "river", "matplotlib"), "convert,eval")
     from dslo_edge.eval_data import DATASETS
-    from dslo_edge.evaluate import run_evaluation
 
     # A repeated --dataset would run again and count as more seeds.
     datasets = tuple(dict.fromkeys(datasets))
@@ -741,6 +738,24 @@ def evaluate(
     # The run takes minutes, so an unwritable --out is reported before it.
     _check_writable_dir(Path(out) / "evaluation", "--out")
     _check_report_paths(Path(out), list(chosen))
+
+    # SIGTERM then deletes the run's temporary directory and the report's
+    # staging files, as Ctrl-C does.
+    with sigterm_as_exit():
+        _run_and_report(chosen, datasets, seeds, quick, out)
+
+
+def _run_and_report(
+    chosen: tuple[str, ...],
+    datasets: tuple[str, ...],
+    seeds: int,
+    quick: bool,
+    out: str,
+) -> None:
+    """Run the evaluation of the ``chosen`` datasets and write its report."""
+    import time
+
+    from dslo_edge.evaluate import run_evaluation
 
     started = time.monotonic()
     results = run_evaluation(
@@ -776,9 +791,10 @@ def _report_from_results(path: Path, out: str) -> None:
 
     results, command, seconds = load_results(path)
     _check_report_paths(Path(out), [result.dataset for result in results])
-    _write_evaluation_report(
-        results, out, command, seconds, lambda: f"the results stay in {path}"
-    )
+    with sigterm_as_exit():
+        _write_evaluation_report(
+            results, out, command, seconds, lambda: f"the results stay in {path}"
+        )
 
 
 def _write_evaluation_report(

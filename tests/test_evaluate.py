@@ -490,3 +490,43 @@ def test_report_deletes_stale_staging(tmp_path, caplog) -> None:
     assert hidden == sorted([live.name, unnamed.name])
     assert list(out.glob(".*")) == []
     assert (out / "evaluation.md").read_text().startswith("#")
+
+
+@pytest.mark.slow
+def test_evaluate_sigterm_deletes_temporary_files(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pytest.importorskip("keras")
+    pytest.importorskip("matplotlib")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    out = tmp_path / "docs"
+    command = ["evaluate", "--quick", "--seeds", "1", "--dataset", "digits"]
+    evaluate = subprocess.Popen(
+        [sys.executable, "-m", "dslo_edge.cli", *command, "--out", str(out)],
+        env={**os.environ, "TMPDIR": str(temporary)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(temporary.glob("dslo-eval-*")):
+            assert evaluate.poll() is None, "evaluate ended before its run started"
+            assert time.monotonic() < deadline, "no run directory within 120 s"
+            time.sleep(0.1)
+
+        evaluate.send_signal(signal.SIGTERM)
+        _, stderr = evaluate.communicate(timeout=60)
+    finally:
+        if evaluate.poll() is None:
+            evaluate.kill()
+            evaluate.wait()
+
+    assert evaluate.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert list(temporary.iterdir()) == []
+    assert not (out / "evaluation.md").exists()
