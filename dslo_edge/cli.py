@@ -736,7 +736,7 @@ def evaluate(
     datasets = tuple(dict.fromkeys(datasets))
     chosen = datasets or DATASETS
     # The run takes minutes, so an unwritable --out is reported before it.
-    _check_writable_dir(Path(out) / "evaluation", "--out")
+    _check_report_dirs(Path(out))
     _check_report_paths(Path(out), list(chosen))
 
     # SIGTERM then deletes the run's temporary directory and the report's
@@ -778,7 +778,7 @@ def _run_and_report(
 def _report_from_results(path: Path, out: str) -> None:
     """Write the evaluation report from a file of saved results, without a run."""
     _require_modules(("matplotlib",), "eval")
-    _check_writable_dir(Path(out) / "evaluation", "--out")
+    _check_report_dirs(Path(out))
     written = Path(out) / "evaluation" / "results.json"
     # That file gets the results without their curves, which the report needs.
     if written.exists() and written.samefile(path):
@@ -865,10 +865,22 @@ def _check_report_paths(out: Path, datasets: list[str]) -> None:
             )
 
 
+def _check_report_dirs(out: Path) -> None:
+    """Check that the report can write its page into ``out`` and plots below it."""
+    _check_writable_dir(out / "evaluation", "--out")
+    _check_writable_dir(out, "--out")
+
+
 def _check_writable_dir(folder: Path, option: str) -> None:
     """Create ``folder`` and write a probe file in it, or raise BadParameter."""
     import tempfile
 
+    if folder.exists() and not folder.is_dir():
+        raise click.BadParameter(
+            f"{folder} is a file, not a directory; move it away or choose "
+            f"another {option}",
+            param_hint=option,
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -446,9 +450,6 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_report_deletes_stale_staging(tmp_path, caplog) -> None:
-    import subprocess
-    import sys
-
     pytest.importorskip("matplotlib")
     out = tmp_path / "docs"
     (out / "evaluation").mkdir(parents=True)
@@ -494,10 +495,7 @@ def test_report_deletes_stale_staging(tmp_path, caplog) -> None:
 
 @pytest.mark.slow
 def test_evaluate_sigterm_deletes_temporary_files(tmp_path) -> None:
-    import os
     import signal
-    import subprocess
-    import sys
 
     pytest.importorskip("keras")
     pytest.importorskip("matplotlib")
@@ -530,3 +528,57 @@ def test_evaluate_sigterm_deletes_temporary_files(tmp_path) -> None:
     assert "Traceback" not in stderr
     assert list(temporary.iterdir()) == []
     assert not (out / "evaluation.md").exists()
+
+
+def test_evaluate_rejects_file_as_report_folder(tmp_path) -> None:
+    out = tmp_path / "docs"
+    out.mkdir()
+    (out / "evaluation").write_text("not a folder")
+
+    result = CliRunner().invoke(
+        main, ["evaluate", "--quick", "--seeds", "1", "--out", str(out)]
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --out" in result.output
+    assert f"{out / 'evaluation'} is a file, not a directory" in result.output
+    assert "move it away or choose another --out" in result.output
+    assert (out / "evaluation").read_text() == "not a folder"
+
+
+def run_without_write_override(*arguments: str) -> subprocess.CompletedProcess:
+    """Run the CLI so that a read-only directory rejects writes, even for root."""
+    prefix = []
+    if os.geteuid() == 0:
+        # Root writes anywhere through CAP_DAC_OVERRIDE, which this drops.
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root and setpriv is not installed")
+        prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "dslo_edge.cli", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_evaluate_rejects_read_only_out(tmp_path) -> None:
+    out = tmp_path / "docs"
+    # The plot folder is writable, but the page goes into out itself.
+    (out / "evaluation").mkdir(parents=True)
+    out.chmod(0o555)
+    arguments = ["--quick", "--seeds", "1", "--dataset", "digits"]
+
+    try:
+        started = time.monotonic()
+        result = run_without_write_override("evaluate", *arguments, "--out", str(out))
+        seconds = time.monotonic() - started
+    finally:
+        out.chmod(0o755)
+
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write into {out}: Permission denied" in result.stderr
+    assert "Traceback" not in result.stderr
+    # Rejected before the run, which takes about a minute.
+    assert seconds < 10
+    assert sorted(path.name for path in out.iterdir()) == ["evaluation"]
