@@ -29,11 +29,20 @@ def make_staging_dir(folder: Path) -> Path:
 
 
 def make_page_file(out: Path) -> Path:
-    """Create an empty temporary page in ``out`` whose name contains this process."""
+    """Create an empty temporary page in ``out`` whose name contains this process.
+
+    The page gets the mode of any new file under the umask, like the plots,
+    and not mkstemp's 0600, because it becomes evaluation.md.
+    """
     handle, name = tempfile.mkstemp(
         prefix=_owned_prefix(PAGE_PREFIX), suffix=PAGE_SUFFIX, dir=out
     )
-    os.close(handle)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
+    finally:
+        os.close(handle)
     return Path(name)
 
 

@@ -582,3 +582,25 @@ def test_evaluate_rejects_read_only_out(tmp_path) -> None:
     # Rejected before the run, which takes about a minute.
     assert seconds < 10
     assert sorted(path.name for path in out.iterdir()) == ["evaluation"]
+
+
+def test_report_page_mode_follows_umask(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    row = results_row("digits", 0, [0.9])
+    document = {"results": [row], "command": "dslo-edge evaluate", "seconds": 1.0}
+    path = saved_results(tmp_path, document)
+    out = tmp_path / "docs"
+    previous = os.umask(0o022)
+
+    try:
+        result = CliRunner().invoke(
+            main, ["evaluate", "--from-results", path, "--out", str(out)]
+        )
+    finally:
+        os.umask(previous)
+
+    assert result.exit_code == 0, result.output
+    page_mode = (out / "evaluation.md").stat().st_mode & 0o777
+    plot_mode = (out / "evaluation" / "digits-alpha.png").stat().st_mode & 0o777
+    assert page_mode == 0o644
+    assert plot_mode == 0o644
