@@ -241,6 +241,8 @@ def convert(
     int8_options = _int8_options(teacher_precision, int8_student_copy)
     _check_given_options(optimizer, int8=bool(int8_options))
     _check_precision_options(student_precision, int8_options, representative)
+    _check_keras_file(teacher, "--teacher")
+    _check_keras_file(student, "--student")
     representative_data = _representative_samples(representative)
     _prepare_bundle_dir(Path(out), overwrite)
     _quiet_tensorflow()
@@ -334,6 +336,36 @@ def _check_given_options(optimizer: str, *, int8: bool) -> None:
                 f"--{name.replace('_', '-')} is used only with {reader}; remove "
                 "it, or add that choice if you meant it"
             )
+
+
+def _check_keras_file(path: str, option: str) -> None:
+    """Raise ConfigError unless ``path`` can be a model file that Keras loads.
+
+    It rejects a wrong file before the TensorFlow import, which takes
+    seconds. Keras 3 chooses the format by the file name's ending.
+    """
+    expected = "expected a .keras file written by model.save(), or a legacy .h5 file"
+    if path.endswith((".h5", ".hdf5")):
+        return
+    if not path.endswith(".keras"):
+        raise ConfigError(
+            f"invalid {option} {path}: Keras loads only .keras, .h5 and .hdf5 "
+            f"files; {expected}"
+        )
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ConfigError(
+            f"invalid {option} {path}: the file is not a zip archive; {expected}"
+        ) from error
+    if "config.json" not in names:
+        raise ConfigError(
+            f"invalid {option} {path}: the zip archive has no config.json, so "
+            f"it is not a saved Keras model; {expected}"
+        )
 
 
 def _prepare_bundle_dir(out: Path, overwrite: bool) -> None:

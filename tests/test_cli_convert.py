@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -328,3 +329,52 @@ def test_convert_race_names_overwrite_option(
         "student.keras",
         "teacher.keras",
     ]
+
+
+def _write_npz_model(path: Path) -> None:
+    # Given a file object, savez keeps the name instead of adding ".npz".
+    with path.open("wb") as file:
+        np.savez(file, x=np.zeros((4, 64), np.float32))
+
+
+def _write_zip_without_config(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
+
+
+def _write_text(path: Path) -> None:
+    path.write_text("not a model")
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "message"),
+    [
+        ("teacher.npz", _write_npz_model, "Keras loads only .keras, .h5 and .hdf5"),
+        ("teacher.keras", _write_npz_model, "the zip archive has no config.json"),
+        ("teacher.keras", _write_zip_without_config, "the zip archive has no config"),
+        ("teacher.keras", _write_text, "the file is not a zip archive"),
+    ],
+)
+def test_convert_rejects_non_model_before_tensorflow(
+    tmp_path, name, write, message
+) -> None:
+    teacher = tmp_path / name
+    write(teacher)
+    student = tmp_path / "student.keras"
+    _write_zip_without_config(student)
+    out = tmp_path / "bundle"
+    arguments = ["--teacher", str(teacher), "--student", str(student)]
+
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORT_TENSORFLOW, "convert", *arguments]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert result.stderr.startswith(f"error: invalid --teacher {teacher}: {message}")
+    assert "expected a .keras file written by model.save()" in result.stderr
+    assert "tensorflow imported: False" in result.stderr
+    assert not out.exists()

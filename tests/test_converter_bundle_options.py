@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converters.bundle import PrecisionOptions, convert_bundle
+from converters.bundle import PrecisionOptions, convert_bundle, load_keras_model
 from converters.optimizers import OptimizerConfig
 from converters.trainable import TrainableScope
 from dslo_edge.bundle import load_bundle
-from dslo_edge.cli import main
+from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.errors import ConversionError
 from dslo_edge.footprint import estimate_memory
 from dslo_edge.inspect import inspect_bundle
@@ -273,9 +273,11 @@ def test_damaged_keras_file_is_named(tmp_path: Path) -> None:
         + ["--out", str(tmp_path / "bundle")],
     )
 
-    assert result.exit_code == 1
-    assert f"cannot load Keras model {damaged}: the file is not a zip archive" in (
+    assert result.exit_code == EXIT_CONFIG
+    assert f"invalid --teacher {damaged}: the file is not a zip archive" in (
         result.output
     )
     assert "File not found" not in result.output
     assert not (tmp_path / "bundle").exists()
+    with pytest.raises(ConversionError, match="the file is not a zip archive"):
+        load_keras_model(damaged)
