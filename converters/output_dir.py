@@ -50,7 +50,7 @@ def prepare_output_dir(
     Raises:
         ConversionError: ``out`` is a file, a non-empty directory without
             ``overwrite``, a directory that is not a bundle, or its parent
-            cannot be created.
+            cannot be created or written to.
     """
     check_output_dir(out, overwrite=overwrite, overwrite_hint=overwrite_hint)
     parent = out.resolve().parent
@@ -66,6 +66,9 @@ def prepare_output_dir(
             f"{error.strerror or error}; choose an output path whose parent "
             "is a directory or can be created"
         ) from error
+    # The staging directory goes into the parent, after the slow model
+    # loading, so a parent that rejects it is found now.
+    make_staging_dir(out).rmdir()
 
 
 def check_output_dir(

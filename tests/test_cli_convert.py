@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -378,3 +379,50 @@ def test_convert_rejects_non_model_before_tensorflow(
     assert "expected a .keras file written by model.save()" in result.stderr
     assert "tensorflow imported: False" in result.stderr
     assert not out.exists()
+
+
+def run_without_write_override(*arguments: str) -> subprocess.CompletedProcess:
+    """Run the CLI so that a read-only directory rejects writes, even for root."""
+    prefix = []
+    if os.geteuid() == 0:
+        # Root writes anywhere through CAP_DAC_OVERRIDE, which this drops.
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root and setpriv is not installed")
+        prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", _REPORT_TENSORFLOW, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_convert_rejects_read_only_parent(tmp_path, existing) -> None:
+    # Zip archives with a config.json pass the file checks, which is enough
+    # here because the output check fails before Keras reads them.
+    teacher = tmp_path / "teacher.keras"
+    student = tmp_path / "student.keras"
+    for path in (teacher, student):
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("config.json", "{}")
+    parent = tmp_path / "read-only"
+    out = parent / "bundle"
+    parent.mkdir()
+    if existing:
+        out.mkdir()
+    parent.chmod(0o555)
+    arguments = ["--teacher", str(teacher), "--student", str(student)]
+
+    try:
+        result = run_without_write_override("convert", *arguments, "--out", str(out))
+    finally:
+        parent.chmod(0o755)
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert result.stderr.startswith(f"error: cannot write to {parent}: ")
+    assert "Permission denied" in result.stderr
+    assert "choose an output path in a writable directory" in result.stderr
+    assert "tensorflow imported: False" in result.stderr
+    expected = ["bundle"] if existing else []
+    assert sorted(path.name for path in parent.iterdir()) == expected
