@@ -88,10 +88,25 @@ def load_keras_model(model: Any) -> Any:
     try:
         return tf.keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises many unrelated types here
+        if "safe_mode" in str(error):
+            raise ConversionError(_unsafe_layer_message(path, error)) from error
         raise ConversionError(
             f"cannot load Keras model {path}: {error}; "
             "expected a .keras file written by model.save()"
         ) from error
+
+
+def _unsafe_layer_message(path: Path, error: Exception) -> str:
+    # Keras's text suggests safe_mode=False, which convert does not offer,
+    # because loading such a file runs the Python code stored in it.
+    first_sentence = str(error).split(". ")[0]
+    return (
+        f"cannot load Keras model {path}: {first_sentence}. convert loads "
+        "models in Keras's safe mode, which runs no Python code stored in "
+        "the file; replace the Lambda layer with built-in layers or, for a "
+        "teacher file you trust, load it with safe_mode=False and pass the "
+        "model to convert_bundle from Python"
+    )
 
 
 def _check_io_counts(model: Any, role: str, outputs: int = 1) -> None:

@@ -281,3 +281,20 @@ def test_damaged_keras_file_is_named(tmp_path: Path) -> None:
     assert not (tmp_path / "bundle").exists()
     with pytest.raises(ConversionError, match="the file is not a zip archive"):
         load_keras_model(damaged)
+
+
+def test_lambda_model_file_names_safe_mode(tmp_path: Path) -> None:
+    path = tmp_path / "teacher.keras"
+    keras.Sequential(
+        [keras.Input((4,)), layers.Lambda(lambda v: v * 2), layers.Dense(3)]
+    ).save(path)
+
+    with pytest.raises(ConversionError) as raised:
+        load_keras_model(path)
+
+    message = str(raised.value)
+    assert message.startswith(f"cannot load Keras model {path}: ")
+    assert "`Lambda` layer whose `function` is a Python lambda" in message
+    assert "convert loads models in Keras's safe mode" in message
+    assert "replace the Lambda layer with built-in layers" in message
+    assert "expected a .keras file written by model.save()" not in message
