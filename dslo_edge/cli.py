@@ -77,6 +77,22 @@ def file_path_only(
     return value
 
 
+def non_empty_path(
+    _context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | None:
+    """Reject an empty path, which Path() reads as the current directory.
+
+    An empty value usually comes from an unset shell variable, as in
+    ``--out "$OUT"``.
+    """
+    if value == "":
+        raise click.BadParameter(
+            f"expected a path, got an empty value; write {parameter.opts[0]} . "
+            "for the current directory"
+        )
+    return value
+
+
 def _trainable_scope(
     _context: click.Context, _parameter: click.Parameter, text: str
 ) -> TrainableScope:
@@ -153,6 +169,7 @@ def main(verbose: bool) -> None:
     "--out",
     required=True,
     type=click.Path(file_okay=False),
+    callback=non_empty_path,
     help="Bundle directory to create, with any missing parent directories.",
 )
 @click.option(
@@ -708,6 +725,7 @@ def _head_output_kinds(bundle: Any, hard_labels: bool) -> dict[str, str] | None:
     default="docs",
     show_default=True,
     type=click.Path(file_okay=False),
+    callback=non_empty_path,
     help="Folder for evaluation.md and the evaluation/ plots.",
 )
 @click.option(

@@ -426,3 +426,21 @@ def test_convert_rejects_read_only_parent(tmp_path, existing) -> None:
     assert "tensorflow imported: False" in result.stderr
     expected = ["bundle"] if existing else []
     assert sorted(path.name for path in parent.iterdir()) == expected
+
+
+@pytest.mark.parametrize("command", ["convert", "evaluate"])
+def test_empty_out_rejected(tmp_path, command) -> None:
+    teacher = tmp_path / "teacher.keras"
+    teacher.write_bytes(b"")
+    models = ["--teacher", str(teacher), "--student", str(teacher)]
+    arguments = models if command == "convert" else []
+    before = sorted(Path.cwd().iterdir())
+
+    result = run(command, *arguments, "--out", "")
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--out': expected a path, got an empty value" in (
+        result.output
+    )
+    assert "write --out . for the current directory" in result.output
+    assert sorted(Path.cwd().iterdir()) == before
