@@ -284,16 +284,18 @@ def convert(
         int8_student_copy=int8_student_copy,
         representative_data=representative_data,
     )
-    manifest = convert_bundle(
-        teacher,
-        student,
-        out,
-        overwrite=overwrite,
-        optimizer=config,
-        trainable=trainable,
-        precision=precision,
-        overwrite_hint="--overwrite",
-    )
+    # SIGTERM then deletes the staging directory next to --out.
+    with sigterm_as_exit():
+        manifest = convert_bundle(
+            teacher,
+            student,
+            out,
+            overwrite=overwrite,
+            optimizer=config,
+            trainable=trainable,
+            precision=precision,
+            overwrite_hint="--overwrite",
+        )
     student_ops = manifest["student"]["signatures"]["train"]["ops"]
     click.echo(
         f"wrote {out}: {_class_summary(manifest)}, train signature uses "

@@ -444,3 +444,38 @@ def test_empty_out_rejected(tmp_path, command) -> None:
     )
     assert "write --out . for the current directory" in result.output
     assert sorted(Path.cwd().iterdir()) == before
+
+
+@pytest.mark.slow
+def test_convert_sigterm_deletes_staging(keras_files, tmp_path) -> None:
+    parent = tmp_path / "bundles"
+    parent.mkdir()
+    out = parent / "bundle"
+    convert = subprocess.Popen(
+        [sys.executable, "-m", "dslo_edge.cli", *keras_files, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # The output check creates and removes a probe directory of the same
+        # prefix at once, so a name seen in two polls in a row is the staging.
+        previous: set[Path] = set()
+        current = set(parent.glob(".bundle-*"))
+        while not previous & current:
+            assert convert.poll() is None, "convert ended before it staged files"
+            assert time.monotonic() < deadline, "no staging directory within 120 s"
+            time.sleep(0.05)
+            previous, current = current, set(parent.glob(".bundle-*"))
+
+        convert.send_signal(signal.SIGTERM)
+        _, stderr = convert.communicate(timeout=60)
+    finally:
+        if convert.poll() is None:
+            convert.kill()
+            convert.wait()
+
+    assert convert.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert list(parent.iterdir()) == []
