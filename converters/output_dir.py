@@ -111,6 +111,9 @@ def make_staging_dir(out: Path) -> Path:
 
     It is on the same file system as ``out``, so the final move is a rename.
     """
+    # NOTE: a process killed with SIGKILL leaves the directory behind, and
+    # later runs do not delete it, because a .bundle-old-* sibling of the
+    # same prefix can contain the only copy of an earlier bundle.
     parent = out.resolve().parent
     try:
         return _make_unique_dir(parent, STAGING_PREFIX)
