@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -1126,13 +1127,15 @@ def service_install(
         render_unit,
         running_script,
         script_paths,
+        state_directory_name,
     )
 
     executable = exec_path or running_script()
+    state_path = check_state_dir(state_dir, "--state-dir")
     text = render_unit(
         exec_path=check_unit_path(executable, "--exec"),
         config_path=check_normalized_path(config_path, "--config"),
-        state_dir=check_state_dir(state_dir, "--state-dir"),
+        state_dir=state_path,
         user=check_user_name(user, "--user") if user is not None else None,
         watchdog_sec=watchdog_sec,
         read_paths=script_paths(executable),
@@ -1149,9 +1152,22 @@ def service_install(
             f"drop-in such as {path}.d/local.conf, which install does not change",
             err=True,
         )
+    if user is not None and state_directory_name(state_path) is None:
+        click.echo(_chown_state_dir_warning(state_dir, user), err=True)
     click.echo(
         f"wrote {path}; enable it with: systemctl daemon-reload && "
         "systemctl enable --now dslo-edge"
+    )
+
+
+def _chown_state_dir_warning(state_dir: str, user: str) -> str:
+    quoted = shlex.quote(state_dir)
+    return (
+        f"warning: the unit runs as user {user!r}, but systemd's StateDirectory= "
+        f"cannot give it --state-dir {state_dir!r}, because it covers only "
+        "directories below /var/lib whose name has no ':', quote or backslash. "
+        "Before you start the service, run on the device: "
+        f"mkdir -p {quoted} && chown -R {shlex.quote(user + ':')} {quoted}"
     )
 
 

@@ -47,6 +47,12 @@ SYSTEM_DIRECTORIES = frozenset(
 )
 # PrivateTmp=yes gives the service new, empty copies of these on every start.
 PRIVATE_TMP_DIRECTORIES = frozenset({"/tmp", "/var/tmp"})
+# systemd creates each StateDirectory= name below this directory.
+STATE_DIRECTORY_ROOT = PurePosixPath("/var/lib")
+# Characters that StateDirectory= reads as more than part of a name. systemd 250
+# and later read ':' as the start of a symlink path, and quotes and backslashes
+# take part in quoting and escapes.
+_STATE_DIRECTORY_SPECIAL = re.compile(r"""[:"'\\]""")
 
 
 def check_unit_path(value: str, option: str) -> PurePosixPath:
@@ -210,6 +216,41 @@ def _user_line(user: str | None) -> str:
     return f"User={check_user_name(user, 'user')}\n" if user else ""
 
 
+def state_directory_name(state_dir: PurePosixPath) -> str | None:
+    """Return ``state_dir`` as a ``StateDirectory=`` name, or None if it has none.
+
+    systemd (systemd.exec(5), version 252) creates a ``StateDirectory=``
+    below /var/lib and, at every start, changes its owner recursively to
+    ``User=``. A directory elsewhere, /var/lib itself and a name with ``:``,
+    a quote or a backslash cannot be written that way.
+    """
+    if state_dir == STATE_DIRECTORY_ROOT:
+        return None
+    if not state_dir.is_relative_to(STATE_DIRECTORY_ROOT):
+        return None
+    name = str(state_dir.relative_to(STATE_DIRECTORY_ROOT))
+    if _STATE_DIRECTORY_SPECIAL.search(name):
+        return None
+    return name
+
+
+def _state_directory_lines(state_dir: PurePosixPath, user: str | None) -> str:
+    """Return the ``StateDirectory=`` line that gives ``state_dir`` to ``user``.
+
+    Root can write the state directory anyway, so a unit without ``User=``
+    gets no line. When ``state_dir`` has no ``StateDirectory=`` name, the
+    returned text is empty, and the caller has to tell the user to chown it.
+    """
+    name = state_directory_name(state_dir) if user else None
+    if name is None:
+        return ""
+    return (
+        "# systemd creates the state directory and, at every start, makes User=\n"
+        "# the owner of it and of its content.\n"
+        f"StateDirectory={_quote_word(name)}\n"
+    )
+
+
 def _check_paths(
     exec_path: PurePosixPath, config_path: PurePosixPath, state_dir: PurePosixPath
 ) -> None:
@@ -338,7 +379,7 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 {_protect_home_lines(exec_path, config_path, state_dir, *read_paths)}PrivateTmp=yes
 ReadWritePaths={quote_path_list_entry(state_dir)}
-
+{_state_directory_lines(state_dir, user)}
 [Install]
 WantedBy=multi-user.target
 """
@@ -403,7 +444,7 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 {_protect_home_lines(exec_path, config_path, state_dir)}PrivateTmp=yes
 ReadWritePaths={quote_path_list_entry(state_dir)}
-
+{_state_directory_lines(state_dir, user)}
 [Install]
 WantedBy=multi-user.target
 """

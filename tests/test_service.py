@@ -129,6 +129,7 @@ def test_service_install_uses_running_script(tmp_path) -> None:
     [
         [],
         ["--config", "/etc/dslo edge/device.toml", "--state-dir", "/var/lib/dslo 1"],
+        ["--user", "root", "--state-dir", "/var/lib/dslo 1/kitchen"],
     ],
 )
 def test_unit_passes_systemd_analyze_verify(tmp_path, options) -> None:
@@ -260,6 +261,85 @@ def test_service_install_accepts_user(tmp_path, user: str) -> None:
 
     assert result.exit_code == 0, result.output
     assert f"User={user}" in (tmp_path / "dslo-edge.service").read_text()
+
+
+@pytest.mark.parametrize(
+    ("state_dir", "line"),
+    [
+        ("/var/lib/dslo-edge", "StateDirectory=dslo-edge"),
+        ("/var/lib/dslo-edge/kitchen", "StateDirectory=dslo-edge/kitchen"),
+        ("/var/lib/dslo 1", 'StateDirectory="dslo 1"'),
+        ("/var/lib/100%", "StateDirectory=100%%"),
+    ],
+)
+def test_service_install_user_gets_state_directory(
+    tmp_path, state_dir: str, line: str
+) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["service", "install", "--unit-dir", str(tmp_path), "--user", "dslo"]
+        + ["--state-dir", state_dir],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+    lines = (tmp_path / "dslo-edge.service").read_text().splitlines()
+    assert "User=dslo" in lines
+    assert [item for item in lines if item.startswith("StateDirectory=")] == [line]
+
+
+def test_service_install_root_has_no_state_directory(tmp_path) -> None:
+    result = CliRunner().invoke(
+        main, ["service", "install", "--unit-dir", str(tmp_path)]
+    )
+
+    assert result.exit_code == 0, result.output
+    unit = (tmp_path / "dslo-edge.service").read_text()
+    assert "StateDirectory=" not in unit
+    assert "warning" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("state_dir", "command"),
+    [
+        ("/srv/dslo", "mkdir -p /srv/dslo && chown -R dslo: /srv/dslo"),
+        (
+            "/home/pi/dslo state",
+            "mkdir -p '/home/pi/dslo state' && chown -R dslo: '/home/pi/dslo state'",
+        ),
+        ("/var/lib", "mkdir -p /var/lib && chown -R dslo: /var/lib"),
+        ("/var/lib/a:b", "mkdir -p /var/lib/a:b && chown -R dslo: /var/lib/a:b"),
+        ("/var/lib/it's", """mkdir -p '/var/lib/it'"'"'s' && chown -R dslo:"""),
+    ],
+)
+def test_service_install_user_warns_to_chown(
+    tmp_path, state_dir: str, command: str
+) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["service", "install", "--unit-dir", str(tmp_path), "--user", "dslo"]
+        + ["--state-dir", state_dir],
+    )
+
+    assert result.exit_code == 0, result.output
+    unit = (tmp_path / "dslo-edge.service").read_text()
+    assert "User=dslo\n" in unit
+    assert "StateDirectory=" not in unit
+    warning = result.output.splitlines()[0]
+    assert warning.startswith(
+        f"warning: the unit runs as user 'dslo', but systemd's StateDirectory= "
+        f"cannot give it --state-dir {state_dir!r}, because it covers only "
+        "directories below /var/lib"
+    )
+    assert f"run on the device: {command}" in warning
+
+
+def test_hub_unit_user_gets_state_directory() -> None:
+    lines = render_hub_unit(user="dslo").splitlines()
+
+    assert "User=dslo" in lines
+    assert "StateDirectory=dslo-edge-hub" in lines
+    assert "StateDirectory=" not in render_hub_unit()
 
 
 def _config(tmp_path, mlp_pair, broker) -> str:
