@@ -73,6 +73,14 @@ from dslo_edge.multihead_model import load_student
 from dslo_edge.ota import ota_topics, peek_transfer_id, status_payload
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
+from dslo_edge.state_folders import (
+    BUNDLES,
+    CHECKPOINTS,
+    KEPT_CHECKPOINTS,
+    OTA,
+    STATE_FOLDERS,
+    state_folder_problem,
+)
 from dslo_edge.state_lock import StateLock
 from dslo_edge.swap import ACTIVE, KeptCheckpoints
 from dslo_edge.trainer import Trainer
@@ -144,6 +152,8 @@ class EdgeDaemon:
 
         self._state_lock = StateLock(config.state_dir, self.device_id)
         try:
+            # The active release is read from bundles/ in _init_model.
+            self._check_state_folders(BUNDLES, OTA, KEPT_CHECKPOINTS)
             self._init_model()
             self._init_costs_and_inference()
             self._init_queues_and_state()
@@ -351,7 +361,7 @@ class EdgeDaemon:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.config.state_dir / "checkpoints"
+        return self.config.state_dir / CHECKPOINTS
 
     @property
     def connected(self) -> threading.Event:
@@ -410,7 +420,8 @@ class EdgeDaemon:
 
         Raises:
             ConfigError: the newest checkpoint was written by another device,
-                or the checkpoints folder in the state directory is a file.
+                or the checkpoints folder in the state directory is a file or
+                a broken symlink.
         """
         try:
             self._restore()
@@ -432,20 +443,8 @@ class EdgeDaemon:
         systemd.notify("READY=1")
 
     def _restore(self) -> None:
+        self._check_state_folders(CHECKPOINTS)
         folder = self.checkpoint_dir
-        # Every save would fail, so no update could ever be acknowledged.
-        if folder.is_symlink() and not folder.is_dir():
-            raise ConfigError(
-                f"{self.config.source}: {folder} in device.state_dir is a symlink "
-                "that leads to no directory (a loop, or a missing or non-directory "
-                "target), expected the checkpoints folder; remove the symlink or "
-                "point it at a directory"
-            )
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(
-                f"{self.config.source}: {folder} in device.state_dir is a file, "
-                "expected the checkpoints folder; move the file away"
-            )
         self._check_checkpoints_readable()
         generations = len(list_checkpoints(folder))
         checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
@@ -473,6 +472,19 @@ class EdgeDaemon:
                 )
         self.health.accuracy(self.student)
         self.health.accept(self.student.get_weights())
+
+    def _check_state_folders(self, *names: str) -> None:
+        """Raise ConfigError when a folder of the state directory is a file.
+
+        With a file in place of ``checkpoints`` every save would fail, so no
+        update could ever be acknowledged. In place of ``bundles``, ``ota``
+        or ``kept-checkpoints`` it would make every over-the-air update fail.
+        """
+        for name in names:
+            folder = self.config.state_dir / name
+            problem = state_folder_problem(folder, STATE_FOLDERS[name])
+            if problem is not None:
+                raise ConfigError(f"{self.config.source}: {problem}")
 
     def _check_checkpoints_readable(self) -> None:
         """Raise ConfigError when the daemon's user may not read a checkpoint.

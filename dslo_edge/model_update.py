@@ -29,6 +29,7 @@ from dslo_edge.bundle import Bundle, load_bundle
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.models import StudentModel
 from dslo_edge.ota import (
+    STATE_DIR_INVALID,
     OtaError,
     OtaReceiver,
     ReceivedArchive,
@@ -38,6 +39,7 @@ from dslo_edge.ota import (
     status_payload,
 )
 from dslo_edge.signing import verified_body
+from dslo_edge.state_folders import OTA
 from dslo_edge.swap import (
     BundleStore,
     check_student_health,
@@ -94,7 +96,7 @@ class ModelUpdater:
         topic: str = "",
     ):
         self.store = BundleStore(state_dir)
-        self.receiver = OtaReceiver(state_dir / "ota")
+        self.receiver = OtaReceiver(state_dir / OTA)
         self.load_student = load_student
         self.hmac_key = hmac_key
         self.topic = topic
@@ -115,14 +117,19 @@ class ModelUpdater:
             body = verified_body(self.hmac_key, self.topic, payload)
             archive = self.receiver.receive(body)
         except (InvalidUpdate, OtaError) as error:
-            logger.warning("Rejected model update chunk: %s", error)
+            logger.log(_log_level(error), "Rejected model update chunk: %s", error)
             return _rejected(peek_transfer_id(payload), error)
         if archive is None:
             return UpdateOutcome(None)
         try:
             return self._install(archive, current)
         except OtaError as error:
-            logger.warning("Rejected model update %s: %s", archive.transfer_id, error)
+            logger.log(
+                _log_level(error),
+                "Rejected model update %s: %s",
+                archive.transfer_id,
+                error,
+            )
             return _rejected(archive.transfer_id, error)
         finally:
             archive.path.unlink(missing_ok=True)
@@ -261,6 +268,16 @@ def _failure(release: Path, error: Exception) -> tuple[str, str]:
         "install_failed",
         f"switching to release {release.name} failed: {type(error).__name__}: {error}",
     )
+
+
+def _log_level(error: InvalidUpdate | OtaError) -> int:
+    """Return ERROR for a fault in the device's state directory, else WARNING.
+
+    The sender cannot fix such a fault, so the device's operator must see it.
+    """
+    if isinstance(error, OtaError) and error.reason == STATE_DIR_INVALID:
+        return logging.ERROR
+    return logging.WARNING
 
 
 def _rejected(

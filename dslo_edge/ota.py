@@ -53,6 +53,7 @@ from dslo_edge.errors import BundleError
 from dslo_edge.protocol import Topics
 from dslo_edge.signing import HEADER_BYTES as SIGNED_HEADER_BYTES
 from dslo_edge.signing import SIGNED_MAGIC
+from dslo_edge.state_folders import OTA, STATE_FOLDERS, state_folder_problem
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,28 @@ class OtaError(BundleError):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+
+
+# OtaError.reason when a folder in the state directory is not a directory.
+STATE_DIR_INVALID = "state_dir_invalid"
+
+
+def make_state_folder(folder: Path, role: str) -> None:
+    """Create ``folder`` in the daemon's state directory unless it exists.
+
+    Raises:
+        OtaError: ``state_dir_invalid`` when a file or a broken symlink is
+            at ``folder``. The message names the path and the fix.
+    """
+    problem = state_folder_problem(folder, role)
+    if problem is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        except (FileExistsError, NotADirectoryError) as error:
+            # A parent folder is a file, or ``folder`` changed since the check.
+            problem = f"cannot create {role} {folder}: {error.strerror}"
+    raise OtaError(STATE_DIR_INVALID, f"{problem}, then send the release again")
 
 
 def ota_topics(topics: Topics) -> tuple[str, str]:
@@ -339,6 +362,9 @@ class OtaReceiver:
         self.stale_after_s = stale_after_s
         self._clock = clock
         self._transfer: _Transfer | None = None
+        # The transfer whose first chunk found no usable folder. Its other
+        # chunks are dropped, because the transfer cannot complete.
+        self._failed_transfer: bytes | None = None
 
     @property
     def progress(self) -> tuple[int, int] | None:
@@ -353,9 +379,13 @@ class OtaReceiver:
         Raises:
             OtaError: the chunk is malformed or too large, or the complete
                 archive's sha256 differs from the announced one. The partial
-                file is deleted in the last case.
+                file is deleted in the last case. ``state_dir_invalid`` when
+                ``folder`` is not a directory, and the transfer's later chunks
+                then return None.
         """
         header, data = parse_chunk(payload, self.max_archive_bytes)
+        if header.transfer_id == self._failed_transfer:
+            return None
         transfer = self._transfer_for(header)
         if header.index in transfer.received:
             return None  # a QoS 1 repeat
@@ -398,7 +428,11 @@ class OtaReceiver:
         return self._start(header, now)
 
     def _start(self, header: ChunkHeader, now: float) -> _Transfer:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            make_state_folder(self.folder, STATE_FOLDERS[OTA])
+        except OtaError:
+            self._failed_transfer = header.transfer_id
+            raise
         path = self.folder / f"{header.transfer_id.hex()}.part"
         self._remove_abandoned(keep=path)
         with open(path, "wb") as stream:

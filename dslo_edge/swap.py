@@ -32,13 +32,18 @@ import numpy as np
 from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
 from dslo_edge.checkpoint import Checkpoint, load_latest_checkpoint
 from dslo_edge.errors import BundleError
-from dslo_edge.ota import MAX_ARCHIVE_MEMBERS, RELEASE_FILE, OtaError
+from dslo_edge.ota import (
+    MAX_ARCHIVE_MEMBERS,
+    RELEASE_FILE,
+    OtaError,
+    make_state_folder,
+)
+from dslo_edge.state_folders import BUNDLES, KEPT_CHECKPOINTS, STATE_FOLDERS
 
 logger = logging.getLogger(__name__)
 
 ACTIVE = "active"
 PREVIOUS = "previous"
-KEPT_CHECKPOINTS = "kept-checkpoints"
 MAX_KEPT_MODELS = 3
 
 
@@ -68,7 +73,7 @@ class BundleStore:
     """Installed bundles in ``<state_dir>/bundles`` with active and previous links."""
 
     def __init__(self, state_dir: Path):
-        self.folder = state_dir / "bundles"
+        self.folder = state_dir / BUNDLES
 
     def active_path(self, factory: Path) -> Path:
         """Return the bundle the daemon should load: the active link, else factory.
@@ -97,9 +102,10 @@ class BundleStore:
         installed identical release is reused.
 
         Raises:
-            OtaError: ``bad_bundle`` when the archive or the bundle is invalid.
+            OtaError: ``bad_bundle`` when the archive or the bundle is invalid,
+                ``state_dir_invalid`` when ``bundles`` is not a directory.
         """
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_state_folder(self.folder, STATE_FOLDERS[BUNDLES])
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.folder))
         try:
             _extract(archive, staging)

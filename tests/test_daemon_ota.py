@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -658,6 +659,51 @@ def test_unwritable_checkpoint_rolls_switch_back(mlp_pair, broker, tmp_path) -> 
     assert bundle_after == mlp_pair.bundle
     assert_same_weights(weights_after, adapted)
     assert applied == 3
+
+
+@pytest.mark.parametrize(
+    ("folder", "role"),
+    [
+        ("bundles", "the folder of over-the-air releases"),
+        ("ota", "the folder of incoming over-the-air transfers"),
+    ],
+)
+def test_state_folder_file_rejects_update(
+    mlp_pair, broker, tmp_path, caplog, folder: str, role: str
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    state = tmp_path / "state"
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, broker)
+    try:
+        # A file appears where the daemon would create the folder.
+        (state / folder).write_text("not a folder")
+        with caplog.at_level(logging.WARNING):
+            failed = ota_send(broker, mlp_pair.bundle)
+        problems = [
+            record for record in caplog.records if record.levelno >= logging.WARNING
+        ]
+        file_after = (state / folder).read_text()
+        (state / folder).unlink()
+        installed = ota_send(broker, mlp_pair.bundle)
+        bundle_after = daemon.bundle.path
+    finally:
+        daemon.stop()
+
+    detail = (
+        f"{state / folder} in device.state_dir is a file, expected {role}; "
+        "move the file away, then send the release again"
+    )
+    assert failed.returncode == 1, failed.stderr
+    assert f"state_dir_invalid: {detail}" in failed.stderr
+    # One line for the transfer, not one for each of its chunks.
+    assert len(problems) == 1
+    assert problems[0].levelno == logging.ERROR
+    assert detail in problems[0].getMessage()
+    assert problems[0].exc_info is None
+    assert file_after == "not a folder"
+    assert installed.returncode == 0, installed.stderr
+    assert bundle_after.parent == state / "bundles"
 
 
 def test_label_requests_block_switch_to_two_heads(

@@ -210,6 +210,53 @@ def test_new_transfer_deletes_abandoned_part(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
 
 
+def test_file_as_folder_rejects_transfer_once(tmp_path: Path) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
+    chunks = split_archive(archive, chunk_bytes=16 * 1024)
+    folder = tmp_path / "ota"
+    folder.write_text("not a folder")
+    receiver = OtaReceiver(folder)
+
+    with pytest.raises(OtaError) as caught:
+        receiver.receive(chunks[0])
+    later = [receiver.receive(chunk) for chunk in chunks[1:]]
+    content_after = folder.read_text()
+    folder.unlink()
+    again = split_archive(archive, chunk_bytes=16 * 1024)
+    received = receive_all(receiver, again)
+
+    assert caught.value.reason == "state_dir_invalid"
+    assert str(caught.value) == (
+        f"{folder} in device.state_dir is a file, expected the folder of "
+        "incoming over-the-air transfers; move the file away, then send the "
+        "release again"
+    )
+    assert len(chunks) > 1
+    assert later == [None] * (len(chunks) - 1)
+    assert content_after == "not a folder"
+    assert received.path.read_bytes() == archive
+
+
+def test_bundle_store_rejects_file_as_folder(tmp_path: Path) -> None:
+    archive = tmp_path / "release.tar"
+    archive.write_bytes(pack_bundle(write_bundle(tmp_path / "bundle")))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "bundles").symlink_to("missing-folder")
+
+    with pytest.raises(OtaError) as caught:
+        BundleStore(state).install_archive(archive)
+
+    assert caught.value.reason == "state_dir_invalid"
+    assert str(caught.value) == (
+        f"{state / 'bundles'} in device.state_dir is a symlink that leads to no "
+        "directory (a loop, or a missing or non-directory target), expected the "
+        "folder of over-the-air releases; remove the symlink or point it at a "
+        "directory, then send the release again"
+    )
+    assert not (state / "missing-folder").exists()
+
+
 def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
     archive = pack_bundle(write_bundle(tmp_path / "bundle"))
     wrong = hashlib.sha256(b"another archive").digest()

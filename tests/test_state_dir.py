@@ -98,6 +98,47 @@ def test_checkpoints_link_to_nowhere(mlp_pair, tmp_path, link_target) -> None:
     assert os.readlink(state / "checkpoints") == link_target
 
 
+@pytest.mark.parametrize(
+    ("folder", "role"),
+    [
+        ("bundles", "the folder of over-the-air releases"),
+        ("ota", "the folder of incoming over-the-air transfers"),
+        ("kept-checkpoints", "the folder of checkpoints kept across model changes"),
+    ],
+)
+def test_ota_folder_that_is_a_file(mlp_pair, tmp_path, folder, role) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / folder).write_text("not a folder")
+    config = device_config(tmp_path, mlp_pair.bundle, "dev-a", state)
+
+    with pytest.raises(ConfigError) as caught:
+        EdgeDaemon(config)
+
+    assert str(caught.value) == (
+        f"{config.source}: {state / folder} in device.state_dir is a file, "
+        f"expected {role}; move the file away"
+    )
+    assert (state / folder).read_text() == "not a folder"
+    # The daemon released its lock, so a corrected start can take it.
+    (state / folder).unlink()
+    EdgeDaemon(config)._state_lock.release()
+
+
+def test_bundles_link_to_nowhere(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "bundles").symlink_to("bundles")
+
+    with pytest.raises(ConfigError) as caught:
+        EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+
+    message = str(caught.value)
+    assert f"{state / 'bundles'} in device.state_dir is a symlink" in message
+    assert "expected the folder of over-the-air releases" in message
+    assert "remove the symlink or point it at a directory" in message
+
+
 def test_lock_file_that_is_a_directory(mlp_pair, tmp_path) -> None:
     state = tmp_path / "state"
     (state / ".lock").mkdir(parents=True)
@@ -162,6 +203,23 @@ def test_unreadable_checkpoints_log_a_warning(mlp_pair, tmp_path, caplog) -> Non
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("could read none of its 2 checkpoints" in w for w in warnings)
+
+
+def test_run_with_bundles_file_exits_78(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "bundles").write_text("not a folder")
+    config = tmp_path / "device.toml"
+    config.write_text(render_config("dev-a", mlp_pair.bundle, state, 9))
+
+    result = run_cli("run", "--config", str(config))
+
+    assert result.returncode == 78
+    assert (
+        f"{state / 'bundles'} in device.state_dir is a file, expected the folder "
+        "of over-the-air releases; move the file away" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_run_with_state_dir_file_exits_78(mlp_pair, tmp_path) -> None:
