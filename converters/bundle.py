@@ -35,7 +35,7 @@ from converters.student_graph import StudentModule
 from converters.trainable import TrainableScope
 from dslo_edge import __version__
 from dslo_edge.bundle import FORMAT_VERSION, MANIFEST_NAME, sha256_file
-from dslo_edge.errors import ConversionError
+from dslo_edge.errors import ConversionError, RepresentativeDataError
 from dslo_edge.modelfile import flex_ops, signature_ops, summarize_model
 
 RUNTIMES = ["ai-edge-litert>=2.0", "tflite-runtime>=2.14"]
@@ -238,6 +238,9 @@ def convert_bundle(
     teacher_model = load_keras_model(teacher)
     student_model = load_keras_model(student)
     input_shape = _check_pair(teacher_model, student_model)
+    data = options.representative_data
+    if data is not None and (options.teacher == "int8" or options.int8_student_copy):
+        check_representative(data, input_shape)
     module = StudentModule(
         read_student(student_model), optimizer=optimizer, scope=trainable
     )
@@ -300,8 +303,6 @@ def _convert_files(
     options: PrecisionOptions,
 ) -> dict[str, bytes]:
     data = options.representative_data
-    if data is not None and (options.teacher == "int8" or options.int8_student_copy):
-        check_representative(data, input_shape)
     files = {
         STUDENT_FILE: to_tflite(module, module.signatures(), "student", options.student)
     }
@@ -322,25 +323,26 @@ def _convert_files(
 
 
 def check_representative(data: np.ndarray, input_shape: tuple[int, ...]) -> None:
-    """Raise ConversionError unless ``data`` contains finite samples of ``input_shape``.
+    """Raise RepresentativeDataError unless ``data`` fits ``input_shape``.
 
-    The converter would otherwise fail inside the TFLite calibration with a
+    ``data`` must contain at least one sample of that shape, all finite. The
+    converter would otherwise fail inside the TFLite calibration with a
     message that does not name the representative data.
     """
     expected = f"(N, {', '.join(str(size) for size in input_shape)})"
     if data.ndim != len(input_shape) + 1 or tuple(data.shape[1:]) != input_shape:
-        raise ConversionError(
+        raise RepresentativeDataError(
             f"the representative data has shape {tuple(data.shape)}, but the "
             f"models take inputs of shape {input_shape}; save an x array of "
             f"shape {expected}"
         )
     if data.shape[0] == 0:
-        raise ConversionError(
+        raise RepresentativeDataError(
             f"the representative data has no samples; save an x array of shape "
             f"{expected} with a few hundred samples"
         )
     if not np.isfinite(data).all():
-        raise ConversionError(
+        raise RepresentativeDataError(
             "the representative data contains NaN or infinite values; "
             "calibration needs finite inputs"
         )

@@ -18,7 +18,12 @@ import click
 from click.core import ParameterSource
 
 from dslo_edge.cli_broker import broker_login_options
-from dslo_edge.errors import BundleError, ConfigError, DsloError
+from dslo_edge.errors import (
+    BundleError,
+    ConfigError,
+    DsloError,
+    RepresentativeDataError,
+)
 
 if TYPE_CHECKING:
     from converters.trainable import TrainableScope
@@ -287,16 +292,22 @@ def convert(
     )
     # SIGTERM then deletes the staging directory next to --out.
     with sigterm_as_exit():
-        manifest = convert_bundle(
-            teacher,
-            student,
-            out,
-            overwrite=overwrite,
-            optimizer=config,
-            trainable=trainable,
-            precision=precision,
-            overwrite_hint="--overwrite",
-        )
+        try:
+            manifest = convert_bundle(
+                teacher,
+                student,
+                out,
+                overwrite=overwrite,
+                optimizer=config,
+                trainable=trainable,
+                precision=precision,
+                overwrite_hint="--overwrite",
+            )
+        except RepresentativeDataError as error:
+            # The models' input shape is known only once TensorFlow loaded them.
+            raise ConfigError(
+                f"invalid --representative: {representative}: {error}"
+            ) from error
     student_ops = manifest["student"]["signatures"]["train"]["ops"]
     click.echo(
         f"wrote {out}: {_class_summary(manifest)}, train signature uses "

@@ -8,6 +8,7 @@ CLI can print one line and exit non-zero::
     ├── BundleError          bundle missing, corrupt or incompatible
     │   └── RuntimeMissing   no interpreter package (also a ConfigError)
     ├── ConversionError      a Keras model cannot become a trainable bundle
+    │   └── RepresentativeDataError  int8 calibration samples do not fit the models
     ├── InvalidUpdate        a soft-label payload failed decoding or validation
     ├── InvalidRequest       a label request failed decoding or validation
     └── BrokerError          an MQTT broker could not be started or reached
@@ -38,6 +39,14 @@ class RuntimeMissing(BundleError, ConfigError):
 
 class ConversionError(DsloError):
     """A Keras teacher or student cannot be converted into a bundle."""
+
+
+class RepresentativeDataError(ConversionError):
+    """Samples for int8 calibration have another shape, none, or NaN values.
+
+    The CLI reports it as an invalid ``--representative`` file, with exit
+    status 78 like other input files that lack what the command expects.
+    """
 
 
 class InvalidUpdate(DsloError):

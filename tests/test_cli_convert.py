@@ -166,6 +166,30 @@ def test_convert_rejects_unreadable_representative(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("shape", [(4, 32), (4, 8, 8), (4,)])
+def test_convert_rejects_representative_shape(keras_files, tmp_path, shape) -> None:
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=np.zeros(shape, np.float32))
+    out = tmp_path / "bundle"
+    options = ["--int8-student-copy", "--representative", str(samples)]
+
+    result = run(*keras_files, "--out", str(out), *options)
+
+    assert result.exit_code == EXIT_CONFIG, result.output
+    assert result.output == (
+        f"error: invalid --representative: {samples}: the representative data "
+        f"has shape {shape}, but the models take inputs of shape (64,); save an "
+        "x array of shape (N, 64)\n"
+    )
+    assert not out.exists()
+    # No staging directory is left next to --out.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "samples.npz",
+        "student.keras",
+        "teacher.keras",
+    ]
+
+
 def test_demo_rejects_negative_seed(tmp_path) -> None:
     out = tmp_path / "demo"
 
