@@ -500,6 +500,10 @@ class EdgeDaemon:
                     pass
             except PermissionError:
                 denied.append(path.name)
+            except OSError:
+                # A directory or a dangling symlink in place of a file is
+                # damage, which the restore renames to *.corrupt.
+                continue
         if denied:
             raise ConfigError(
                 f"{self.config.source}: the daemon's user may not read "

@@ -580,6 +580,32 @@ def test_unreadable_checkpoint_stops_daemon(mlp_pair, tmp_path) -> None:
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == saved
 
 
+def test_non_file_checkpoint_is_quarantined(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    assert writer.save_checkpoint()
+    assert writer.save_checkpoint()
+    writer._state_lock.release()
+    folder = state / "checkpoints"
+    (folder / "checkpoint-00000003.safetensors").symlink_to(tmp_path / "missing")
+    (folder / "checkpoint-00000004.safetensors").mkdir()
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+
+    try:
+        daemon._restore()
+    finally:
+        daemon._state_lock.release()
+
+    # Damaged, not a permission problem: both are renamed and 2 is restored.
+    assert daemon.restored_from == "checkpoint-00000002.safetensors"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "checkpoint-00000001.safetensors",
+        "checkpoint-00000002.safetensors",
+        "checkpoint-00000003.safetensors.corrupt",
+        "checkpoint-00000004.safetensors.corrupt",
+    ]
+
+
 def test_edited_state_falls_back_a_generation(tmp_path) -> None:
     folder = tmp_path / "checkpoints"
     save_checkpoint(folder, {"w": np.zeros(2, np.float32)}, {"run": 1})
