@@ -116,6 +116,8 @@ class _Reply:
     # True when the admission charged the privacy budget for labels that
     # this reply does not release, so the charge is taken back.
     refund: bool = False
+    # True when this reply releases labels that this worker made now.
+    release: bool = False
 
 
 class BatchLabeller:
@@ -364,7 +366,7 @@ class BatchLabeller:
                 )
                 continue
             payload = self._encode(item.device or "", request, rows)
-            replies.append(_Reply(item, key, STATUS_OK, payload))
+            replies.append(_Reply(item, key, STATUS_OK, payload, release=True))
             self.counters.answered += 1
         return replies
 
@@ -426,8 +428,13 @@ class BatchLabeller:
             for reply in replies
             if reply.refund and reply.stored and reply.key.request_id
         ]
+        released = [reply.key for reply in replies if reply.release]
         self.state.record_answers(
-            stored, time.time(), refunds=refunds, privacy=self.config.privacy
+            stored,
+            time.time(),
+            refunds=refunds,
+            released=released,
+            privacy=self.config.privacy,
         )
         assert self.client is not None
         sent = []

@@ -375,12 +375,17 @@ class HubState:
                 f"labelling {key.samples} more samples would spend epsilon "
                 f"{epsilon:.3g} of the budget {privacy.epsilon_budget:g}"
             )
+        self._add_releases(db, key.device, multiplier, key.samples)
+        return ""
+
+    def _add_releases(
+        self, db: sqlite3.Connection, device: str, multiplier: float, count: int
+    ) -> None:
         db.execute(
             "INSERT INTO releases (device, multiplier, count) VALUES (?, ?, ?) "
             "ON CONFLICT (device, multiplier) DO UPDATE SET count = count + ?",
-            (key.device, multiplier, key.samples, key.samples),
+            (device, multiplier, count, count),
         )
-        return ""
 
     def charge_releases(self, device: str, count: int, privacy: PrivacySettings) -> str:
         """Charge ``count`` released vectors outside a request, as pushes do.
@@ -411,6 +416,7 @@ class HubState:
         now: float,
         *,
         refunds: list[RequestKey] | None = None,
+        released: list[RequestKey] | None = None,
         privacy: PrivacySettings | None = None,
     ) -> None:
         """Store the status and payload sent for each request.
@@ -422,14 +428,22 @@ class HubState:
             refunds: requests among ``answers`` that were admitted, and so
                 charged, but whose labels are not released, such as labels
                 the teacher made NaN. With ``privacy``, their samples leave
-                the device's release count. A request answered before is not
-                refunded, so each charge is taken back at most once.
+                the device's release count. A request answered before, or
+                claimed by another worker since, is not refunded, so each
+                charge is taken back at most once and only by the worker
+                that holds the claim.
+            released: requests among ``answers`` whose labels this worker
+                made and releases. One that another worker took over after
+                a claim timeout is charged again, because that worker labels
+                it too, or took the admission charge back.
             privacy: the settings the admission charged with.
         """
         with self._transaction() as db:
             if privacy is not None:
                 for key in refunds or []:
                     self._refund_privacy(db, key, privacy)
+                for key in released or []:
+                    self._charge_taken_over(db, key, privacy)
             db.executemany(
                 "INSERT INTO requests "
                 "(device, request_id, worker, claimed, answered, status, payload) "
@@ -454,12 +468,16 @@ class HubState:
     def _refund_privacy(
         self, db: sqlite3.Connection, key: RequestKey, privacy: PrivacySettings
     ) -> None:
-        """Take back the admission charge of a request that is still unanswered."""
+        """Take back the admission charge of an unanswered request this worker holds.
+
+        A worker whose claim another worker took over after the claim timeout
+        refunds nothing, because that worker may still release labels.
+        """
         row = db.execute(
-            "SELECT answered FROM requests WHERE device = ? AND request_id = ?",
+            "SELECT worker, answered FROM requests WHERE device = ? AND request_id = ?",
             (key.device, key.request_id),
         ).fetchone()
-        if row is None or row[0] is not None:
+        if row is None or row[0] != self.worker_id or row[1] is not None:
             return
         db.execute(
             "UPDATE releases SET count = MAX(0, count - ?) "
@@ -473,6 +491,33 @@ class HubState:
             key.samples,
             key.device,
             key.request_id.hex(),
+        )
+
+    def _charge_taken_over(
+        self, db: sqlite3.Connection, key: RequestKey, privacy: PrivacySettings
+    ) -> None:
+        """Charge again a released request whose claim another worker took over.
+
+        The admission charged one release, but the worker that took the claim
+        over labels the request as well, or refunded the charge after its own
+        labels came out NaN. The labels are computed by now, so the charge is
+        not checked against the budget.
+        """
+        row = db.execute(
+            "SELECT worker FROM requests WHERE device = ? AND request_id = ?",
+            (key.device, key.request_id),
+        ).fetchone()
+        if row is None or row[0] == self.worker_id:
+            return
+        self._add_releases(db, key.device, privacy.noise_multiplier, key.samples)
+        logger.warning(
+            "Hub worker %s released labels for request %s of device %s after "
+            "worker %s took over its claim; charged its %d samples again",
+            self.worker_id,
+            key.request_id.hex(),
+            key.device,
+            row[0],
+            key.samples,
         )
 
     def forget_answers(self, before: float) -> int:

@@ -348,6 +348,77 @@ def test_privacy_budget_stops_admission(tmp_path) -> None:
     assert state.epsilon("cam", privacy) <= 2.0
 
 
+def test_refund_after_claim_takeover(tmp_path) -> None:
+    pytest.importorskip("dp_accounting")
+    from dslo_edge.privacy import PrivacySettings
+
+    privacy = PrivacySettings(noise_multiplier=10.0, epsilon_budget=50.0)
+    first = HubState(tmp_path / "state.sqlite", "w1")
+    second = HubState(tmp_path / "state.sqlite", "w2")
+    assert first.admit([key(1)], 0.0, RATE, privacy, 30)[0].kind == ADMITTED
+    # w1 is slow, so w2 takes the claim over and labels the request too.
+    assert second.admit([key(1)], 40.0, RATE, privacy, 30)[0].kind == ADMITTED
+    assert first.releases("cam") == {10.0: 4}
+
+    # w2's labels come out NaN: it refunds the one charge.
+    second.record_answers(
+        [(key(1), "rejected", b"nan")], 41.0, refunds=[key(1)], privacy=privacy
+    )
+    after_refund = first.releases("cam")
+    # w1 then releases its labels, which must be paid for.
+    first.record_answers(
+        [(key(1), "ok", b"labels")], 42.0, released=[key(1)], privacy=privacy
+    )
+
+    assert after_refund == {10.0: 0}
+    assert first.releases("cam") == {10.0: 4}
+
+
+def test_stale_worker_does_not_refund(tmp_path) -> None:
+    pytest.importorskip("dp_accounting")
+    from dslo_edge.privacy import PrivacySettings
+
+    privacy = PrivacySettings(noise_multiplier=10.0, epsilon_budget=50.0)
+    first = HubState(tmp_path / "state.sqlite", "w1")
+    second = HubState(tmp_path / "state.sqlite", "w2")
+    assert first.admit([key(1)], 0.0, RATE, privacy, 30)[0].kind == ADMITTED
+    assert second.admit([key(1)], 40.0, RATE, privacy, 30)[0].kind == ADMITTED
+
+    # w1 lost its claim, so its NaN labels refund nothing.
+    first.record_answers(
+        [(key(1), "rejected", b"nan")], 41.0, refunds=[key(1)], privacy=privacy
+    )
+    after_rejection = first.releases("cam")
+    # w2 holds the claim and releases its labels, paid by the admission.
+    second.record_answers(
+        [(key(1), "ok", b"labels")], 42.0, released=[key(1)], privacy=privacy
+    )
+
+    assert after_rejection == {10.0: 4}
+    assert first.releases("cam") == {10.0: 4}
+
+
+def test_both_workers_release_twice_charged(tmp_path) -> None:
+    pytest.importorskip("dp_accounting")
+    from dslo_edge.privacy import PrivacySettings
+
+    privacy = PrivacySettings(noise_multiplier=10.0, epsilon_budget=50.0)
+    first = HubState(tmp_path / "state.sqlite", "w1")
+    second = HubState(tmp_path / "state.sqlite", "w2")
+    assert first.admit([key(1)], 0.0, RATE, privacy, 30)[0].kind == ADMITTED
+    assert second.admit([key(1)], 40.0, RATE, privacy, 30)[0].kind == ADMITTED
+
+    second.record_answers(
+        [(key(1), "ok", b"a")], 41.0, released=[key(1)], privacy=privacy
+    )
+    first.record_answers(
+        [(key(1), "ok", b"b")], 42.0, released=[key(1)], privacy=privacy
+    )
+
+    # Two releases with fresh noise each for the same four samples.
+    assert first.releases("cam") == {10.0: 8}
+
+
 def test_teacher_rounds_are_shared(tmp_path) -> None:
     first = HubState(tmp_path / "state.sqlite", "w1")
     second = HubState(tmp_path / "state.sqlite", "w2")
