@@ -3,8 +3,10 @@
 ``write_report`` writes into a staging folder in ``out/evaluation`` and a
 temporary page in ``out`` and renames them into place. A process killed in
 between (SIGKILL, a power cut) leaves them behind, so each name contains the
-host name and the process id of its writer. A later report removes those of
-processes that no longer run on this host and leaves any other alone.
+host name, the process id and the PID namespace of its writer. A later report
+removes those of processes that no longer run on this host and leaves any
+other alone. The namespace tells apart the process ids of containers, which
+can have the host's name (``docker run --uts=host``) but ids of their own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 STAGING_PREFIX = ".staging-"
 PAGE_PREFIX = ".evaluation-"
 PAGE_SUFFIX = ".md"
+# Linux's PID_MAX_LIMIT (include/linux/threads.h) on 64-bit systems.
+MAX_PID = 4_194_304
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +54,17 @@ def remove_stale(out: Path) -> None:
     """Delete the temporary files that killed report writers left in ``out``.
 
     A file whose writer still runs on this host is kept, because that run
-    may be writing its own report. A file of another host, or one named
-    before names contained the writer, is kept and named in a warning.
+    may be writing its own report. A file of another host or PID namespace,
+    or one whose name does not contain its writer, is kept and named in a
+    warning.
     """
     leftovers = [*_entries(out / "evaluation", STAGING_PREFIX, "")]
     leftovers += _entries(out, PAGE_PREFIX, PAGE_SUFFIX)
-    host = socket.gethostname()
+    # NOTE: two machines with one host name that share ``out`` (NFS) still
+    # look like one host, so one can delete the other's running staging.
+    this_writer = (socket.gethostname(), _pid_namespace())
     for path, owner in leftovers:
-        if owner is None or owner[0] != host:
+        if owner is None or (owner[0], owner[2]) != this_writer:
             logger.warning(
                 "%s may be left by a killed dslo-edge evaluate; delete it when "
                 "no evaluate run writes into %s",
@@ -75,23 +82,33 @@ def remove_stale(out: Path) -> None:
 
 
 def _owned_prefix(prefix: str) -> str:
-    return f"{prefix}{socket.gethostname()}-{os.getpid()}-"
+    return f"{prefix}{socket.gethostname()}-{os.getpid()}-{_pid_namespace()}-"
+
+
+def _pid_namespace() -> int:
+    """Return the inode number of this process's PID namespace, 0 if unknown."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _entries(
     folder: Path, prefix: str, suffix: str
-) -> list[tuple[Path, tuple[str, int] | None]]:
-    """Return each temporary entry in ``folder`` with its (host, pid) owner."""
+) -> list[tuple[Path, tuple[str, int, int] | None]]:
+    """Return each temporary entry in ``folder`` with its (host, pid, namespace)."""
     if not folder.is_dir():
         return []
     found = []
     for path in sorted(folder.glob(f"{prefix}*{suffix}")):
         middle = path.name[len(prefix) : len(path.name) - len(suffix)]
         # mkstemp's random part has no "-", but a host name may.
-        parts = middle.rsplit("-", 2)
+        parts = middle.rsplit("-", 3)
         owner = None
-        if len(parts) == 3 and parts[1].isdigit():
-            owner = (parts[0], int(parts[1]))
+        if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
+            pid = int(parts[1])
+            if 1 <= pid <= MAX_PID:
+                owner = (parts[0], pid, int(parts[2]))
         found.append((path, owner))
     return found
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -449,6 +450,47 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+def own_pid_namespace() -> int:
+    """Return the inode number of this process's PID namespace."""
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
+def test_report_keeps_other_namespace_staging(tmp_path, caplog) -> None:
+    pytest.importorskip("matplotlib")
+    if not Path("/proc/self/ns/pid").exists():
+        pytest.skip("no /proc/self/ns/pid, so no PID namespace in the names")
+    out = tmp_path / "docs"
+    (out / "evaluation").mkdir(parents=True)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert ended.wait(timeout=60) == 0
+    # Process ids only mean something in their own PID namespace: one that
+    # does not run here may run in a container that shares the host name.
+    container = own_pid_namespace() + 1
+    ids = {
+        "container": f"{socket.gethostname()}-{ended.pid}-{container}",
+        "huge": f"{socket.gethostname()}-99999999999999999999-{own_pid_namespace()}",
+    }
+    entries = {
+        name: out / "evaluation" / f".staging-{owner}-ab_1"
+        for name, owner in ids.items()
+    }
+    for entry in entries.values():
+        entry.mkdir()
+    row = results_row("digits", 0, [0.9])
+    document = {"results": [row], "command": "dslo-edge evaluate", "seconds": 1.0}
+    path = saved_results(tmp_path, document)
+
+    with caplog.at_level("INFO", logger="dslo_edge"):
+        result = CliRunner().invoke(
+            main, ["evaluate", "--from-results", path, "--out", str(out)]
+        )
+
+    assert result.exit_code == 0, result.output
+    for entry in entries.values():
+        assert entry.is_dir()
+        assert f"{entry} may be left by a killed dslo-edge evaluate" in caplog.text
+
+
 def test_report_deletes_stale_staging(tmp_path, caplog) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "docs"
@@ -462,7 +504,8 @@ def test_report_deletes_stale_staging(tmp_path, caplog) -> None:
     assert len(stale) == 2
     # A run that is still writing, and a folder named without its writer.
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    live = out / "evaluation" / f".staging-{socket.gethostname()}-{running.pid}-ab_1"
+    owner = f"{socket.gethostname()}-{running.pid}-{own_pid_namespace()}"
+    live = out / "evaluation" / f".staging-{owner}-ab_1"
     live.mkdir()
     unnamed = out / "evaluation" / ".staging-ab12cd34"
     unnamed.mkdir()
