@@ -503,3 +503,47 @@ def test_convert_sigterm_deletes_staging(keras_files, tmp_path) -> None:
     assert convert.returncode == 143, stderr
     assert "Traceback" not in stderr
     assert list(parent.iterdir()) == []
+
+
+# Swaps OUT's fake bundle for a new one under sigterm_as_exit, as convert
+# does, and sends itself SIGTERM right after the first of the two renames.
+_SWAP_INTERRUPTED = """
+import os, shutil, signal, sys
+from pathlib import Path
+from converters.output_dir import make_staging_dir, move_into_place
+from dslo_edge.cli import sigterm_as_exit
+out = Path(sys.argv[1])
+staging = make_staging_dir(out)
+(staging / "manifest.json").write_text("new")
+rename = Path.rename
+def rename_then_signal(self, target):
+    moved = rename(self, target)
+    if self == out:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return moved
+Path.rename = rename_then_signal
+try:
+    with sigterm_as_exit():
+        move_into_place(staging, out, True, "--overwrite")
+finally:
+    if staging.exists():
+        shutil.rmtree(staging)
+"""
+
+
+def test_sigterm_during_swap_keeps_bundle(tmp_path) -> None:
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+
+    swap = subprocess.run(
+        [sys.executable, "-c", _SWAP_INTERRUPTED, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert swap.returncode == 143, swap.stderr
+    # The swap finished before the signal took effect.
+    assert (out / "manifest.json").read_text() == "new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]
