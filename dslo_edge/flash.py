@@ -438,6 +438,8 @@ def _install_config(
         # The file was not edited since, so the generated config replaces it.
         _write_if_changed(root, DEFAULT_CONFIG, content, result, mode=mode)
         _remove_pending_copy(root, content, result)
+        # A device.toml.new that was copied over device.toml is outdated now.
+        _remove_pending_copy(root, existing, result)
         return
     if replace:
         backup = _backup_path(root, existing, BACKUP_CONFIG)
@@ -488,7 +490,7 @@ def _generated_before(root: Path, device_path: PurePosixPath, existing: bytes) -
 
 
 def _remove_pending_copy(root: Path, content: bytes, result: FlashResult) -> None:
-    """Remove device.toml.new once device.toml has the same content."""
+    """Remove device.toml.new if its text is ``content``."""
     pending = on_target(root, PENDING_CONFIG)
     if pending.is_file() and pending.read_bytes() == content:
         pending.unlink()

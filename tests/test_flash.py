@@ -416,6 +416,25 @@ def test_new_options_replace_unedited_config(tmp_path: Path, pi4) -> None:
     assert verify_installation(root) == []
 
 
+def test_copied_pending_config_removed_later(tmp_path: Path, pi4) -> None:
+    bundle, root = flash_once(tmp_path, pi4)
+    config = root / "etc/dslo-edge/device.toml"
+    pending = root / "etc/dslo-edge/device.toml.new"
+    config.write_text(config.read_text() + SECURITY_TABLE)
+    moved = FlashOptions("kitchen-cam", broker_host="hub2.local", broker_port=8883)
+    flash(bundle, pi4, root, moved)
+    # The user takes the generated config by copying it, so both files stay.
+    shutil.copyfile(pending, config)
+    again = FlashOptions("kitchen-cam", broker_host="hub3.local", broker_port=8883)
+
+    third = flash(bundle, pi4, root, again)
+
+    assert load_config(config).mqtt.host == "hub3.local"
+    assert not pending.exists()
+    assert "/etc/dslo-edge/device.toml.new" in third.removed
+    assert third.warnings == []
+
+
 def test_config_kept_without_generated_record(tmp_path: Path, pi4) -> None:
     bundle, root = flash_once(tmp_path, pi4)
     listing_path = root / "opt/dslo-edge/installed.json"
