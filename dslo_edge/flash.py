@@ -21,8 +21,9 @@ rewritten, so running it again with the same inputs changes nothing.
 The file list also records the sha256 of the config and unit that flash
 generated. An existing ``device.toml`` that is still what an earlier flash
 generated is replaced. One that differs, for example one edited by hand, is
-kept, and the generated text goes to ``device.toml.new`` beside it. A caller
-can instead replace the file, which first copies it to ``device.toml.bak``.
+kept, and the generated text goes to ``device.toml.new`` beside it, after an
+edited ``device.toml.new`` is copied to ``device.toml.new.bak``. A caller can
+instead replace the file, which first copies it to ``device.toml.bak``.
 A unit file that differs from both the generated one and the one an earlier
 flash generated is replaced, after copying it to ``dslo-edge.service.bak``:
 local changes to a unit belong in a drop-in file, which flash leaves alone.
@@ -76,6 +77,7 @@ WANTS_LINK = PurePosixPath("/etc/systemd/system/multi-user.target.wants") / UNIT
 # The generated config when an existing device.toml differs from it.
 PENDING_CONFIG = DEFAULT_CONFIG.with_name(DEFAULT_CONFIG.name + ".new")
 BACKUP_CONFIG = DEFAULT_CONFIG.with_name(DEFAULT_CONFIG.name + ".bak")
+BACKUP_PENDING = PENDING_CONFIG.with_name(PENDING_CONFIG.name + ".bak")
 # Its suffix .bak is no unit type, so systemd does not load the file.
 BACKUP_UNIT = UNIT_PATH.with_name(UNIT_PATH.name + ".bak")
 # Room left free beyond the files themselves, for directory entries and the
@@ -450,6 +452,7 @@ def _install_config(
             f"replaced {DEFAULT_CONFIG}; the previous file is kept as {backup}"
         )
         return
+    _back_up_edited_pending(root, content, result)
     _write_if_changed(root, PENDING_CONFIG, content, result, mode=mode)
     result.unchanged.append(str(DEFAULT_CONFIG))
     result.warnings.append(
@@ -487,6 +490,27 @@ def _generated_before(root: Path, device_path: PurePosixPath, existing: bytes) -
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return recorded == hashlib.sha256(existing).hexdigest()
+
+
+def _back_up_edited_pending(root: Path, content: bytes, result: FlashResult) -> None:
+    """Copy a device.toml.new that was edited since flash wrote it to a backup.
+
+    A user may merge the two configs in device.toml.new, which the caller is
+    about to replace with ``content``.
+    """
+    pending = on_target(root, PENDING_CONFIG)
+    if not pending.is_file():
+        return
+    existing = pending.read_bytes()
+    if existing == content or _generated_before(root, DEFAULT_CONFIG, existing):
+        return
+    backup = _backup_path(root, existing, BACKUP_PENDING)
+    mode = pending.stat().st_mode & 0o7777
+    _write_if_changed(root, backup, existing, result, mode=mode)
+    result.warnings.append(
+        f"replaced {PENDING_CONFIG}, which differed from the config flash "
+        f"generated before; the previous file is kept as {backup}"
+    )
 
 
 def _remove_pending_copy(root: Path, content: bytes, result: FlashResult) -> None:

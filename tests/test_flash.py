@@ -435,6 +435,36 @@ def test_copied_pending_config_removed_later(tmp_path: Path, pi4) -> None:
     assert third.warnings == []
 
 
+def test_edited_pending_config_backed_up(tmp_path: Path, pi4) -> None:
+    bundle, root = flash_once(tmp_path, pi4)
+    config = root / "etc/dslo-edge/device.toml"
+    pending = root / "etc/dslo-edge/device.toml.new"
+    config.write_text(config.read_text() + SECURITY_TABLE)
+    moved = FlashOptions("kitchen-cam", broker_host="hub2.local", broker_port=8883)
+    flash(bundle, pi4, root, moved)
+    # The user merges the two configs in device.toml.new.
+    pending.write_text(pending.read_text() + SECURITY_TABLE)
+    merged = pending.read_bytes()
+    again = FlashOptions("kitchen-cam", broker_host="hub3.local", broker_port=8883)
+
+    third = flash(bundle, pi4, root, again)
+
+    backup = root / "etc/dslo-edge/device.toml.new.bak"
+    assert backup.read_bytes() == merged
+    assert load_config(pending).mqtt.host == "hub3.local"
+    assert len(third.warnings) == 2
+    assert third.warnings[0] == (
+        "replaced /etc/dslo-edge/device.toml.new, which differed from the config "
+        "flash generated before; the previous file is kept as "
+        "/etc/dslo-edge/device.toml.new.bak"
+    )
+    assert third.warnings[1].startswith("kept /etc/dslo-edge/device.toml")
+    # A fourth run finds the generated text in device.toml.new: no new copy.
+    fourth = flash(bundle, pi4, root, moved)
+    assert len(fourth.warnings) == 1
+    assert not (root / "etc/dslo-edge/device.toml.new.bak.1").exists()
+
+
 def test_config_kept_without_generated_record(tmp_path: Path, pi4) -> None:
     bundle, root = flash_once(tmp_path, pi4)
     listing_path = root / "opt/dslo-edge/installed.json"
