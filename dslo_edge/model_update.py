@@ -12,9 +12,12 @@ link, the weights and the checkpoints stay as they were.
 
 A release whose input shape, classes or heads differ from the running
 model's is rejected (``model_mismatch``), because its updates would not fit
-and the adapted weights would be lost. The sender may allow it in the
-release options (``ota-send --allow-model-change``); the daemon then keeps
-the old model's last checkpoint in ``kept-checkpoints/``. The outcome is
+and the adapted weights would be lost. So is a release whose student lacks
+a weight of the running one or has it in another shape, such as a wider
+hidden layer, because that weight's adapted values would be lost. The
+sender may allow either in the release options (``ota-send
+--allow-model-change``), and the daemon then keeps the old model's last
+checkpoint in ``kept-checkpoints/``. The outcome is
 published, retained, on ``dslo/<device>/ota/status``.
 """
 
@@ -44,6 +47,7 @@ from dslo_edge.swap import (
     BundleStore,
     check_student_health,
     load_new_student,
+    lost_weights,
     model_change,
 )
 
@@ -55,9 +59,9 @@ class ReleaseCandidate:
     """A received release whose student loaded and passed the health check.
 
     The ``active`` link does not name it yet, unless the same release was
-    sent again. ``model_changed`` is True when
-    its student takes other inputs or labels than the running one, which
-    the sender allowed.
+    sent again. ``model_changed`` is True when its student takes other
+    inputs or labels than the running one, or cannot take every adapted
+    weight of it, which the sender allowed.
     """
 
     transfer_id: str
@@ -227,6 +231,17 @@ class ModelUpdater:
             raise OtaError(
                 "bad_bundle", f"release {release.name} cannot be loaded: {error}"
             ) from error
+        lost = lost_weights(current.get_weights(), new.student.get_weights())
+        if lost is not None and change is None:
+            if not options.allow_model_change:
+                raise OtaError(
+                    "model_mismatch",
+                    f"release {release.name} has {lost}, so the adapted values of "
+                    "the running model would be lost. Send it with 'ota-send "
+                    "--allow-model-change' to switch models and keep the old "
+                    "model's last checkpoint",
+                )
+            change = lost
         try:
             check_student_health(new.student)
         except OtaError as error:

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 ACTIVE = "active"
 PREVIOUS = "previous"
 MAX_KEPT_MODELS = 3
+# Prefix of the optimizer's tensors among a student's weights, as
+# converters/optimizers.py names them (STATE_PREFIX).
+OPTIMIZER_STATE_PREFIX = "optimizer__"
 
 
 def release_id(bundle_dir: Path) -> str:
@@ -261,6 +264,35 @@ def model_change(current: Bundle, new: Bundle) -> str | None:
     if same:
         return None
     return f"{describe_model(new)}, but the running model has {describe_model(current)}"
+
+
+def lost_weights(
+    current: dict[str, np.ndarray], new: dict[str, np.ndarray]
+) -> str | None:
+    """Describe the weights of ``current`` that ``new`` cannot take over.
+
+    Optimizer state, such as Adam's moments, is left out: a new optimizer
+    may start its state afresh without losing what the model learned.
+
+    Returns:
+        Text that names up to three such weights, or None when ``new`` has
+        every model weight of ``current`` by name and shape, so
+        ``carry_over_weights`` keeps all adapted values.
+    """
+    lost = []
+    for name, value in current.items():
+        if name.startswith(OPTIMIZER_STATE_PREFIX):
+            continue
+        replacement = new.get(name)
+        if replacement is None:
+            lost.append(f"no weight {name}")
+        elif replacement.shape != value.shape:
+            lost.append(f"{name} of shape {replacement.shape}, not {value.shape}")
+    if not lost:
+        return None
+    listed = "; ".join(lost[:3])
+    more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+    return f"another student: {listed}{more}"
 
 
 class KeptCheckpoints:

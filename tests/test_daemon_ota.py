@@ -379,6 +379,79 @@ def test_ota_send_rejects_other_model_unless_allowed(
         np.testing.assert_array_equal(restored[name], value)
 
 
+@pytest.fixture(scope="module")
+def wider_bundle(mlp_pair, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Convert a 64-24-10 student whose layers have mlp_pair's student's names.
+
+    Its input shape and classes are mlp_pair's, but its hidden weights have
+    another shape, so the running student's adapted values cannot carry over.
+    """
+    keras = pytest.importorskip("keras")
+    from converters.bundle import convert_bundle
+
+    hidden, output = (layer.name for layer in mlp_pair.student.layers)
+    keras.utils.set_random_seed(12)
+    student = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(24, activation="relu", name=hidden),
+            keras.layers.Dense(10, activation="softmax", name=output),
+        ]
+    )
+    bundle = tmp_path_factory.mktemp("wider") / "bundle"
+    convert_bundle(mlp_pair.teacher, student, bundle)
+    return bundle
+
+
+def test_ota_send_rejects_student_of_other_weights(
+    mlp_pair, wider_bundle, broker, tmp_path
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    state = tmp_path / "state"
+    hidden = mlp_pair.student.layers[0].name
+    hub = hub_client(broker)
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, broker)
+    try:
+        for seed in range(3):
+            push(hub, daemon, update(seed))
+        adapted = daemon.student.get_weights()
+        checkpoints = checkpoint_files(state)
+
+        rejected = ota_send(broker, wider_bundle)
+
+        weights_after_reject = daemon.student.get_weights()
+        checkpoints_after_reject = checkpoint_files(state)
+        bundle_after_reject = daemon.bundle.path
+
+        allowed = ota_send(broker, wider_bundle, "--allow-model-change")
+
+        switched = daemon.student.get_weights()
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+
+    assert rejected.returncode == 1, rejected.stderr
+    assert ": model_mismatch: release " in rejected.stderr
+    assert f"{hidden}_kernel of shape (64, 24), not (64, 16)" in rejected.stderr
+    assert "--allow-model-change" in rejected.stderr
+    assert bundle_after_reject == mlp_pair.bundle
+    assert checkpoints_after_reject == checkpoints
+    for name, value in adapted.items():
+        np.testing.assert_array_equal(weights_after_reject[name], value)
+
+    assert allowed.returncode == 0, allowed.stderr
+    assert switched[f"{hidden}_kernel"].shape == (64, 24)
+    kept_checkpoint = load_latest_checkpoint(
+        state / KEPT_CHECKPOINTS / release_id(mlp_pair.bundle)
+    )
+    assert kept_checkpoint is not None
+    for name, value in adapted.items():
+        kept_value = kept_checkpoint.tensors[WEIGHT_PREFIX + name]
+        np.testing.assert_array_equal(kept_value, value)
+
+
 def test_ota_send_exit_status_follows_device(mlp_pair, broker, tmp_path) -> None:
     from dslo_edge.signing import generate_key_file
 

@@ -39,6 +39,7 @@ from dslo_edge.swap import (
     BundleStore,
     carry_over_weights,
     check_student_health,
+    lost_weights,
     model_change,
     swap_student,
 )
@@ -474,6 +475,25 @@ def test_carry_over_matches_name_and_shape() -> None:
     assert carry.reset == ("dense_kernel", "dense_bias", "dense_1_kernel", "extra_bias")
     assert np.all(carry.weights["dense_1_bias"] == 1)
     assert np.all(carry.weights["dense_kernel"] == 0)
+
+
+def test_lost_weights_skip_optimizer_state() -> None:
+    old = {
+        "dense_kernel": np.ones((64, 16)),
+        "dense_bias": np.ones(16),
+        "optimizer__m__dense_kernel": np.ones((64, 16)),
+    }
+    same_model_sgd = {"dense_kernel": np.zeros((64, 16)), "dense_bias": np.zeros(16)}
+    wider = {"dense_kernel": np.zeros((64, 24)), "dense_bias": np.zeros(24)}
+    renamed = {"hidden_kernel": np.zeros((64, 16)), "dense_bias": np.zeros(16)}
+
+    assert lost_weights(old, old) is None
+    assert lost_weights(old, same_model_sgd) is None
+    assert lost_weights(old, wider) == (
+        "another student: dense_kernel of shape (64, 24), not (64, 16); "
+        "dense_bias of shape (24,), not (16,)"
+    )
+    assert lost_weights(old, renamed) == "another student: no weight dense_kernel"
 
 
 def install(tmp_path: Path, store: BundleStore, seed: int, **shape: int) -> Path:
