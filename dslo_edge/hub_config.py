@@ -23,7 +23,7 @@ from dslo_edge.config_service import (
     check_tls_client_files,
     is_mqtt_host,
 )
-from dslo_edge.errors import ConfigError
+from dslo_edge.errors import BundleError, ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.privacy import ACCOUNTANTS, PrivacySettings
 from dslo_edge.protocol import Topics
@@ -371,15 +371,21 @@ def _check_push_data(config: HubConfig) -> None:
     """Load each push's data and check it against the teacher, as ``push`` does.
 
     Raises:
-        ConfigError: the teacher is a bundle with several heads or has no
-            teacher signature, or a push's data cannot be read or does not
-            fit the teacher.
+        ConfigError: the teacher is an invalid bundle or one with several
+            heads, or has no teacher signature, or a push's data cannot be
+            read or does not fit the teacher.
     """
     # Imported here because these modules load numpy and the interpreter.
     from dslo_edge.bundle import load_bundle
 
     path = config.teacher.path
-    bundle = load_bundle(path) if path.is_dir() else None
+    try:
+        bundle = load_bundle(path) if path.is_dir() else None
+    except BundleError as error:
+        # A restart cannot repair the bundle, so the worker exits with status 78.
+        raise ConfigError(
+            f"{config.source}: cannot load teacher.path {path}: {error}"
+        ) from error
     if bundle is not None and bundle.is_multi_head:
         raise ConfigError(
             f"{config.source}: teacher.path {path} is a bundle whose student has "

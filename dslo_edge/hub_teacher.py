@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dslo_edge.bundle import MANIFEST_NAME, load_bundle
-from dslo_edge.errors import BundleError, ConfigError
+from dslo_edge.errors import BundleError, ConfigError, RuntimeMissing
 from dslo_edge.hub_config import TeacherSettings
 from dslo_edge.hub_state import HubState
 from dslo_edge.models import TeacherModel, read_teacher
@@ -77,6 +77,17 @@ def _resolve(settings: TeacherSettings) -> tuple[Path, str]:
     return path, settings.output_kind
 
 
+def _load_error(path: Path, error: BundleError) -> ConfigError:
+    """Return the start-up error for a teacher that cannot be loaded."""
+    fix = ""
+    if path.is_file():
+        fix = (
+            "; expected a .tflite model file or a bundle directory written by "
+            "'dslo-edge convert'"
+        )
+    return ConfigError(f"cannot load teacher.path {path}: {error}{fix}")
+
+
 def _fingerprint(settings: TeacherSettings) -> tuple[Any, ...]:
     """Return what changes when the teacher is replaced, without hashing."""
     path = settings.path
@@ -97,10 +108,21 @@ class TeacherRegistry:
     """
 
     def __init__(self, settings: TeacherSettings, state: HubState):
+        """Load the configured teacher as the first version.
+
+        Raises:
+            ConfigError: the teacher cannot be loaded. A restart would not
+                repair the file, so the worker exits with status 78.
+        """
         self.settings = settings
         self.state = state
-        self.current = self._load()
-        self._model = self.current.new_model(settings.runtime)
+        try:
+            self.current = self._load()
+            self._model = self.current.new_model(settings.runtime)
+        except RuntimeMissing:
+            raise
+        except BundleError as error:
+            raise _load_error(settings.path, error) from error
         self._fingerprint = _fingerprint(settings)
         self._next_poll = time.monotonic() + settings.reload_poll_s
         # (fingerprint, error text) of the last failed load, logged once.

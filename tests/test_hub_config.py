@@ -273,6 +273,38 @@ def test_tflite_teacher_needs_output_kind(tmp_path) -> None:
     assert message.endswith("set it to 'probabilities' or 'logits'")
 
 
+def test_unloadable_teacher_file_exits_78(tmp_path) -> None:
+    path = write_config(tmp_path)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output.startswith(
+        f"error: cannot load teacher.path {tmp_path / 'teacher.tflite'}: "
+    )
+    assert "the interpreter cannot load the model" in result.output
+    assert "expected a .tflite model file or a bundle directory" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_corrupt_teacher_bundle_exits_78(tmp_path, mlp_pair) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mlp_pair.bundle, bundle)
+    with open(bundle / "teacher.tflite", "ab") as teacher:
+        teacher.write(b"x")
+    path = tmp_path / "hub.toml"
+    path.write_text('[hub]\nworker_id = "w1"\n[teacher]\npath = "bundle"\n')
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output.startswith(
+        f"error: {path}: cannot load teacher.path {bundle}: "
+    )
+    assert "checksum mismatch for" in result.output
+    assert "expected a .tflite model file" not in result.output
+
+
 def key(request: int, device: str = "cam", samples: int = 4) -> RequestKey:
     return RequestKey(device, request.to_bytes(16, "little"), samples)
 
