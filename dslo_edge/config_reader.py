@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import sys
 from collections.abc import Callable
@@ -64,6 +65,7 @@ class TableReader:
             if default is REQUIRED:
                 raise ConfigError(
                     f"{self.source}: missing required key {self.path}{key}"
+                    f"{self._misspelling_hint(key)}"
                 )
             return default
         value = self.table[key]
@@ -77,6 +79,14 @@ class TableReader:
         if check is not None and not check(value):
             raise self.fail(key, value, expected)
         return value
+
+    def _misspelling_hint(self, key: str) -> str:
+        """Return a hint naming a key of this table that looks like ``key``."""
+        others = [name for name in self.table if name not in self.used]
+        close = difflib.get_close_matches(key, others, n=1, cutoff=0.6)
+        if not close:
+            return ""
+        return f"; found {self.path}{close[0]}, which may be a misspelling of {key}"
 
     def file(self, key: str) -> Path | None:
         """Return an optional file path, resolved against the config's folder."""

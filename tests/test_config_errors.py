@@ -53,6 +53,29 @@ def test_non_utf8_config_is_named(tmp_path: Path) -> None:
     assert "save the file as UTF-8" in str(caught.value)
 
 
+def test_misspelt_required_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text('[device]\nidd = "porch"\nbundle = "bundle"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert str(caught.value) == (
+        f"{path}: missing required key device.id; found device.idd, which may "
+        "be a misspelling of id"
+    )
+
+
+def test_missing_required_key_has_no_hint(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text('[device]\nbundle = "bundle"\nstate_dir = "state"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert str(caught.value) == f"{path}: missing required key device.id"
+
+
 def test_unknown_runtime_is_rejected(tmp_path: Path) -> None:
     path, message = config_error(tmp_path, {"device": {"runtime": "tflite"}})
 

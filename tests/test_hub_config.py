@@ -273,6 +273,19 @@ def test_tflite_teacher_needs_output_kind(tmp_path) -> None:
     assert message.endswith("set it to 'probabilities' or 'logits'")
 
 
+def test_misspelt_teacher_path_is_named(tmp_path) -> None:
+    path = tmp_path / "hub.toml"
+    path.write_text('[hub]\nworker_id = "w1"\n[teacher]\npaht = "bundle"\n')
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: missing required key teacher.path; found teacher.paht, "
+        "which may be a misspelling of path\n"
+    )
+
+
 def test_unloadable_teacher_file_exits_78(tmp_path) -> None:
     path = write_config(tmp_path)
 
