@@ -7,6 +7,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 from dslo_edge.config import load_config, render_config
 from dslo_edge.errors import ConfigError
@@ -56,6 +57,15 @@ def check_broker_host(host: str, name: str = "broker host") -> None:
     with at least two colons. ``name`` is what the message calls the value,
     such as an option name.
     """
+    if "://" in host:
+        # A URL such as mqtt://hub.local:1883 would otherwise be read as the
+        # host 'mqtt' with the port '//hub.local'.
+        bare = urlsplit(host).hostname
+        example = f", such as {bare!r}," if bare else ""
+        raise ConfigError(
+            f"{name} {host!r} is invalid: it is a URL; give the host "
+            f"alone{example} and the port with --broker-port"
+        )
     if host.count(":") == 1:
         # The device config rejects a HOST:PORT pair, but its message names
         # mqtt.port, which a flash user does not set.

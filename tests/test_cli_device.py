@@ -194,6 +194,16 @@ def _flash_into_empty_target(tmp_path: Path, *options: str):
             "give the host alone, such as '10.0.0.2', and the port with "
             "--broker-port\n",
         ),
+        (
+            ["--broker-host", "mqtt://hub.local"],
+            "error: --broker-host 'mqtt://hub.local' is invalid: it is a URL; give "
+            "the host alone, such as 'hub.local', and the port with --broker-port\n",
+        ),
+        (
+            ["--broker-host", "mqtts://[fd00::1]:8883"],
+            "error: --broker-host 'mqtts://[fd00::1]:8883' is invalid: it is a URL; "
+            "give the host alone, such as 'fd00::1', and the port with",
+        ),
         (["--broker-host", "fe80::1%"], "error: --broker-host 'fe80::1%' is"),
         (["--broker-host", 'fe80::1%"x'], "error: --broker-host 'fe80::1%\"x' is"),
         (["--broker-host", "hub local"], "error: --broker-host 'hub local' is"),
