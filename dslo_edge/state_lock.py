@@ -33,10 +33,7 @@ class StateLock:
             state_dir.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except (FileExistsError, NotADirectoryError):
-            raise ConfigError(
-                f"device.state_dir {state_dir} is a file, expected a directory; "
-                "point state_dir at a folder for this device's checkpoints"
-            ) from None
+            raise _not_a_directory(state_dir) from None
         except IsADirectoryError:
             raise ConfigError(
                 f"{self.path} is a directory, expected the daemon's lock file; "
@@ -66,6 +63,19 @@ class StateLock:
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
+
+
+def _not_a_directory(state_dir: Path) -> ConfigError:
+    """Return the error for a state_dir that is, or lies under, a file."""
+    blocker = next(
+        (path for path in (state_dir, *state_dir.parents) if path.is_file()),
+        state_dir,
+    )
+    where = "is a file" if blocker == state_dir else f"is under the file {blocker}"
+    return ConfigError(
+        f"device.state_dir {state_dir} {where}, expected a directory; "
+        "point state_dir at a folder for this device's checkpoints"
+    )
 
 
 def _read_owner(descriptor: int) -> str:

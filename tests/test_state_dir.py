@@ -65,6 +65,21 @@ def test_state_dir_that_is_a_file_is_rejected(mlp_pair, tmp_path) -> None:
     assert state.read_text() == "not a folder"
 
 
+def test_state_dir_under_a_file_names_it(mlp_pair, tmp_path) -> None:
+    blocker = tmp_path / "device.toml.bak"
+    blocker.write_text("not a folder")
+    state = blocker / "state" / "porch"
+
+    with pytest.raises(ConfigError) as caught:
+        EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+
+    assert str(caught.value) == (
+        f"device.state_dir {state} is under the file {blocker}, expected a "
+        "directory; point state_dir at a folder for this device's checkpoints"
+    )
+    assert blocker.read_text() == "not a folder"
+
+
 def test_checkpoints_path_that_is_a_file(mlp_pair, tmp_path) -> None:
     state = tmp_path / "state"
     state.mkdir()
