@@ -110,8 +110,9 @@ def _checked_inputs(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
         )
     # The shape check comes first because a scalar x has no length.
     if x.ndim != len(input_shape) + 1 or x.shape[1:] != input_shape or not len(x):
+        expected = ", ".join(str(size) for size in ("N", *input_shape))
         raise InvalidUpdate(
-            "bad_inputs", f"x has shape {x.shape}, expected (N, {input_shape})"
+            "bad_inputs", f"x has shape {x.shape}, expected ({expected})"
         )
     if len(x) > MAX_INPUT_ROWS:
         raise InvalidUpdate("bad_inputs", f"{len(x)} inputs, limit {MAX_INPUT_ROWS}")

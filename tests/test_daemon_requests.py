@@ -210,7 +210,7 @@ def test_inference_rejects_scalar_and_text(
     assert app.answers[0]["ids"] == ["cam-0", "cam-1"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     prefix = f"Rejected inference input for device {DEVICE} (bad_inputs): "
-    assert prefix + "x has shape (), expected (N, (64,))" in warnings
+    assert prefix + "x has shape (), expected (N, 64)" in warnings
     assert prefix + "x has dtype <U3, expected a numeric dtype such as float32" in (
         warnings
     )
