@@ -402,9 +402,16 @@ def load_profile(name: str, directory: str | Path | None = None) -> FirmwareProf
     path = folder / f"{name}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+        listed = ", ".join(known) or "none"
+        if "/" in name or Path(name).is_file():
+            # A path is only loaded as a file when it ends in .toml.
+            raise ConfigError(
+                f"firmware profile {name!r} is a path, but not to a .toml file; "
+                f"give a profile file ending in .toml, or a profile name from "
+                f"{folder}: {listed}"
+            )
         raise ConfigError(
-            f"firmware profile {name!r} not found in {folder}; "
-            f"known profiles: {', '.join(known) or 'none'}"
+            f"firmware profile {name!r} not found in {folder}; known profiles: {listed}"
         )
     return load_profile_file(path)
 

@@ -203,6 +203,23 @@ def test_unknown_profile_lists_known_ones(tmp_path: Path) -> None:
         load_profile("pi9", tmp_path)
 
 
+@pytest.mark.parametrize("value", ["data.npz", "boards/pi", "/tmp"])
+def test_profile_path_without_toml_is_named(
+    tmp_path: Path, monkeypatch, value: str
+) -> None:
+    write_profile(tmp_path, name="board")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.npz").write_bytes(b"npz")
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile(value, tmp_path)
+
+    assert str(caught.value) == (
+        f"firmware profile {value!r} is a path, but not to a .toml file; give "
+        f"a profile file ending in .toml, or a profile name from {tmp_path}: board"
+    )
+
+
 # Footprint estimates
 
 
