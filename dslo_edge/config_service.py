@@ -385,4 +385,62 @@ def read_logging(reader: TableReader) -> LoggingSettings:
         backups=reader.get("backups", int, 2, lambda v: 0 <= v <= 100, "0..100"),
     )
     reader.reject_unknown()
+    _check_log_files(reader.source, settings)
     return settings
+
+
+def _check_log_files(source: Path, settings: LoggingSettings) -> None:
+    """Reject log paths whose rotation would destroy a file of other content.
+
+    Rotation renames the file to ``.1`` and deletes the oldest copy, so a
+    log path that names the config file or another file ends up deleted.
+
+    Raises:
+        ConfigError: a path is the config file, both paths name one file, or
+            ``metrics_file`` is a non-empty file that is not a metrics log.
+    """
+    paths = {"file": settings.file, "metrics_file": settings.metrics_file}
+    for key, path in paths.items():
+        if path is not None and _same_file(path, source):
+            raise ConfigError(
+                f"{source}: logging.{key} {path} is this config file, which the "
+                "daemon would append to and rotate away; choose another path"
+            )
+    if settings.file is not None and settings.metrics_file is not None:
+        if _same_file(settings.file, settings.metrics_file):
+            raise ConfigError(
+                f"{source}: logging.file and logging.metrics_file both name "
+                f"{settings.file}; give each its own file"
+            )
+    # NOTE: an existing logging.file of other content is not detected, so
+    # rotation can still delete it after `backups` rotations.
+    metrics = settings.metrics_file
+    if metrics is not None and not _starts_like_metrics_log(metrics):
+        raise ConfigError(
+            f"{source}: logging.metrics_file {metrics} is a file that is not a "
+            "metrics log (its first byte is not '{'); the daemon would append "
+            "to it and delete it after rotations, so choose another path or "
+            "move the file aside"
+        )
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return first.samefile(second)
+    except OSError:
+        return first.resolve() == second.resolve()
+
+
+def _starts_like_metrics_log(path: Path) -> bool:
+    """Check that ``path`` is missing, empty, not a file, or starts with '{'.
+
+    The daemon writes one JSON object per line. Only the first byte is
+    checked, so a log whose first line was cut short by a crash still passes.
+    """
+    try:
+        with path.open("rb") as stream:
+            first = stream.read(1)
+    except OSError:
+        # A missing path or a directory is reported when the file is opened.
+        return True
+    return first in (b"", b"{")

@@ -308,6 +308,59 @@ def test_log_file_under_file_exits_78(tmp_path: Path) -> None:
     assert blocker.read_text() == "a file where the log folder should be\n"
 
 
+def test_log_file_that_is_config_exits_78(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    path = write(tmp_path, bundle, {"logging": {"metrics_file": "device.toml"}})
+    content = path.read_text()
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78
+    assert result.stderr == (
+        f"error: {path}: logging.metrics_file {path} is this config file, which "
+        "the daemon would append to and rotate away; choose another path\n"
+    )
+    assert path.read_text() == content
+
+
+def test_one_file_for_both_logs_is_rejected(tmp_path: Path) -> None:
+    path, message = config_error(
+        tmp_path, {"logging": {"file": "daemon.log", "metrics_file": "daemon.log"}}
+    )
+
+    assert message == (
+        f"{path}: logging.file and logging.metrics_file both name "
+        f"{tmp_path / 'daemon.log'}; give each its own file"
+    )
+
+
+def test_metrics_file_of_other_content_is_kept(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("calibration notes\n")
+
+    path, message = config_error(tmp_path, {"logging": {"metrics_file": "notes.txt"}})
+
+    assert message.startswith(
+        f"{path}: logging.metrics_file {notes} is a file that is not a metrics log"
+    )
+    assert "choose another path or move the file aside" in message
+    assert notes.read_text() == "calibration notes\n"
+
+
+@pytest.mark.parametrize(
+    "content", ["", '{"device": "dev-a", "applied": 3}\n', '{"device": "de']
+)
+def test_existing_metrics_log_is_accepted(tmp_path: Path, content: str) -> None:
+    (tmp_path / "metrics.jsonl").write_text(content)
+    path = write(
+        tmp_path, tmp_path / "bundle", {"logging": {"metrics_file": "metrics.jsonl"}}
+    )
+
+    config = load_config(path)
+
+    assert config.logging.metrics_file == tmp_path / "metrics.jsonl"
+
+
 def test_metrics_file_directory_exits_78(mlp_pair, tmp_path: Path) -> None:
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
