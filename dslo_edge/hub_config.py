@@ -373,7 +373,8 @@ def _check_push_data(config: HubConfig) -> None:
     Raises:
         ConfigError: the teacher is an invalid bundle or one with several
             heads, or has no teacher signature, or a push's data cannot be
-            read or does not fit the teacher.
+            read or does not fit the teacher, or its first batch exceeds
+            the privacy budget.
     """
     # Imported here because these modules load numpy and the interpreter.
     from dslo_edge.bundle import load_bundle
@@ -415,3 +416,37 @@ def _check_push_data(config: HubConfig) -> None:
             raise ConfigError(
                 f"{config.source}: [[push]] {schedule.name!r}: {error}"
             ) from error
+        _check_push_budget(config, schedule, len(samples.x))
+
+
+def _check_push_budget(
+    config: HubConfig, schedule: PushSchedule, sample_count: int
+) -> None:
+    """Raise ConfigError when a push's first batch alone exceeds the budget.
+
+    The hub charges each batch before it sends it, so such a push would
+    never send labels to any device.
+    """
+    privacy = config.privacy
+    if privacy is None:
+        return
+    try:
+        from dslo_edge.privacy import epsilon_spent
+
+        first_batch = min(schedule.batch_size, sample_count)
+        epsilon = epsilon_spent(
+            {privacy.noise_multiplier: first_batch}, privacy.delta, privacy.accountant
+        )
+    except ImportError as error:
+        raise ConfigError(
+            f"{config.source}: [privacy] needs dp-accounting ({error}); install "
+            "it with: pip install 'dslo-edge[hub]'"
+        ) from error
+    if epsilon > privacy.epsilon_budget:
+        raise ConfigError(
+            f"{config.source}: [[push]] {schedule.name!r}: one batch of "
+            f"{first_batch} samples spends epsilon {epsilon:.3g}, more than "
+            f"privacy.epsilon_budget {privacy.epsilon_budget:g}, so this push "
+            "could never send labels; lower its batch_size, or raise "
+            "privacy.noise_multiplier or privacy.epsilon_budget"
+        )

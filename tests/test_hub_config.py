@@ -173,6 +173,33 @@ def test_push_data_of_other_shape_fails_at_start(tmp_path, mlp_pair) -> None:
     assert result.output == f"error: {message}\n"
 
 
+def test_push_over_budget_fails_at_start(tmp_path, mlp_pair) -> None:
+    # One release of 4 vectors at noise multiplier 2 spends epsilon 4.73.
+    extra = "[privacy]\nnoise_multiplier = 2.0\nepsilon_budget = 3\n" + PUSH
+    path = write_config(tmp_path, extra)
+    write_push_files(tmp_path, mlp_pair)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: [[push]] 'nightly': one batch of 4 samples spends "
+        "epsilon 4.73, more than privacy.epsilon_budget 3, so this push could "
+        "never send labels; lower its batch_size, or raise "
+        "privacy.noise_multiplier or privacy.epsilon_budget\n"
+    )
+
+
+def test_push_within_budget_is_accepted(tmp_path, mlp_pair) -> None:
+    extra = "[privacy]\nnoise_multiplier = 2.0\nepsilon_budget = 4.8\n" + PUSH
+    path = write_config(tmp_path, extra)
+    write_push_files(tmp_path, mlp_pair)
+
+    config = load_hub_config(path)
+
+    assert config.pushes[0].name == "nightly"
+
+
 @pytest.mark.parametrize(
     ("x", "fragment"),
     [
