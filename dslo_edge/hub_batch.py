@@ -270,11 +270,16 @@ class BatchLabeller:
                 "no_key", f"the hub cannot use the device's HMAC key: {error}"
             ) from error
         if self.config.keys_dir is not None and key is None:
-            raise InvalidRequest(
-                "no_key",
-                f"no HMAC key {item.device}.key in {self.config.keys_dir}; add the "
-                "device's key so the hub can sign its labels",
+            message = (
+                f"no HMAC key {device}.key in {self.config.keys_dir}; add the "
+                "device's key so the hub can sign its labels"
             )
+            # Only the device receives the rejection, so the hub's operator
+            # learns of the missing key from this line.
+            if device not in self._bad_keys_logged:
+                self._bad_keys_logged.add(device)
+                logger.error("Cannot sign labels for device %s: %s", device, message)
+            raise InvalidRequest("no_key", message)
 
     def _refusal(
         self,

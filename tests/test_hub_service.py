@@ -641,6 +641,34 @@ def test_key_added_while_running_is_used(mlp_pair, mosquitto, tmp_path) -> None:
         assert update.sample_ids == ["a", "b"]
 
 
+def test_missing_key_is_logged_once(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    folder = tmp_path / "hub"
+    keys = write_keys(folder)
+    extra = {"hub": 'keys_dir = "keys"'}
+    config = write_hub_config(folder, mosquitto.port, mlp_pair.bundle, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = subscribed_client(mosquitto.port, "dslo/+/labels")
+    start_online(worker, mosquitto.port)
+    statuses = []
+    try:
+        with caplog.at_level("ERROR", logger="dslo_edge.hub_batch"):
+            for request_id in (b"g" * 16, b"G" * 16):
+                send_request(client, "garage", request_id)
+                reply = received.get(timeout=10)
+                statuses.append(user_properties(reply.properties)["status"])
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    assert statuses == ["rejected", "rejected"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        f"Cannot sign labels for device garage: no HMAC key garage.key in {keys}; "
+        "add the device's key so the hub can sign its labels"
+    ]
+
+
 def test_bad_key_rejects_only_its_request(mlp_pair, mosquitto, tmp_path) -> None:
     folder = tmp_path / "hub"
     keys = write_keys(folder)
