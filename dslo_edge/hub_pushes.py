@@ -271,7 +271,19 @@ class PushScheduler(threading.Thread):
         )
 
     def _key(self, device: str) -> bytes | None:
+        """Return the device's HMAC key, or None when the hub signs nothing.
+
+        Raises:
+            ConfigError: keys_dir is set but the device's key file is missing
+                or unusable. A device with a key rejects unsigned updates, so
+                sending them would only spend its privacy budget.
+        """
         if self.config.keys_dir is None:
             return None
         path = self.config.keys_dir / f"{device}.key"
-        return load_key(path) if path.is_file() else None
+        if not path.is_file():
+            raise ConfigError(
+                f"no HMAC key {device}.key in {self.config.keys_dir}; add the "
+                "device's key so the hub can sign its labels"
+            )
+        return load_key(path)

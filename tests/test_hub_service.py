@@ -319,6 +319,46 @@ def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) ->
     assert worker.pushes.counters()["skipped_devices"] == 1
 
 
+def test_push_skips_device_without_key(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    folder = tmp_path / "hub"
+    keys = write_keys(folder)
+    extra = {"hub": 'keys_dir = "keys"'}
+    config = nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, x, extra)
+    config.write_text(
+        config.read_text().replace(
+            'devices = ["kitchen"]', 'devices = ["garage", "porch"]'
+        )
+    )
+    garage_client, garage = device_updates(mosquitto.port, "garage")
+    porch_client, porch = device_updates(mosquitto.port, "porch")
+    worker = HubWorker(load_hub_config(config, "w1"))
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    worker.start()
+    try:
+        signed = [porch.get(timeout=15) for _ in range(3)]
+        deadline = time.monotonic() + 15
+        while not push_summaries(caplog) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        worker.stop()
+        for client in (garage_client, porch_client):
+            client.disconnect()
+            client.loop_stop()
+
+    key = load_key(keys / "porch.key")
+    updates = [decode_update(verify(key, "dslo/porch/updates", p)) for p in signed]
+    assert [u.sample_count for u in updates] == [16, 16, 8]
+    assert garage.empty()
+    [error] = push_errors(caplog)
+    assert error == (
+        f"Push nightly to device garage failed: no HMAC key garage.key in {keys}; "
+        "add the device's key so the hub can sign its labels"
+    )
+    [summary] = push_summaries(caplog)
+    assert summary.endswith("to 1 of 2 devices")
+
+
 def test_push_thread_survives_unexpected_error(
     mlp_pair, mosquitto, tmp_path, caplog
 ) -> None:
