@@ -76,6 +76,35 @@ def configure_auth(client: mqtt.Client, settings: MqttSettings) -> None:
     client.username_pw_set(settings.username, password)
 
 
+def _check_tls_files(settings: MqttSettings, label: str) -> None:
+    """Load each TLS file on its own, so an error names the file that failed.
+
+    Raises:
+        ConfigError: the CA file, or the client certificate and key, cannot
+            be read or are not PEM.
+    """
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=str(settings.tls_ca_file))
+    except (ssl.SSLError, OSError) as error:
+        raise ConfigError(
+            f"cannot load the TLS CA file {settings.tls_ca_file} for {label}: "
+            f"{error}; expected the PEM certificate of the CA that signed the "
+            "broker's certificate"
+        ) from error
+    if settings.tls_cert_file is None:
+        return
+    key = settings.tls_key_file
+    files = f"{settings.tls_cert_file}" + (f" and key {key}" if key else "")
+    try:
+        context.load_cert_chain(settings.tls_cert_file, key)
+    except (ssl.SSLError, OSError) as error:
+        raise ConfigError(
+            f"cannot load the TLS client certificate {files} for {label}: "
+            f"{error}; expected a PEM certificate and its PEM private key"
+        ) from error
+
+
 def configure_tls(client: mqtt.Client, settings: MqttSettings, label: str) -> None:
     """Turn on TLS with the settings' CA and client files, if a CA file is set.
 
@@ -84,6 +113,7 @@ def configure_tls(client: mqtt.Client, settings: MqttSettings, label: str) -> No
     """
     if not settings.uses_tls:
         return
+    _check_tls_files(settings, label)
     try:
         client.tls_set(
             ca_certs=str(settings.tls_ca_file),

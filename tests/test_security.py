@@ -15,7 +15,8 @@ from tls_files import make_authority, make_server_certificate
 
 from dslo_edge.broker import Broker, find_mosquitto
 from dslo_edge.config import MqttSettings
-from dslo_edge.connection import MqttConnection
+from dslo_edge.connection import MqttConnection, configure_tls
+from dslo_edge.errors import ConfigError
 
 pytest.importorskip("cryptography")
 if find_mosquitto() is None:
@@ -154,6 +155,31 @@ def test_insecure_flag_skips_hostname_check_with_warning(tmp_path, pki, caplog) 
         finally:
             connection.stop()
     assert "hostname verification is off" in caplog.text
+
+
+def test_non_pem_tls_files_are_named(tmp_path, pki) -> None:
+    not_pem = tmp_path / "device.toml"
+    not_pem.write_text('[device]\nid = "dev-a"\n')
+    cases = [
+        (
+            MqttSettings(tls_ca_file=not_pem),
+            f"cannot load the TLS CA file {not_pem} for dev-a: ",
+            "expected the PEM certificate of the CA that signed the broker's "
+            "certificate",
+        ),
+        (
+            MqttSettings(tls_ca_file=pki["ca"], tls_cert_file=not_pem),
+            f"cannot load the TLS client certificate {not_pem} for dev-a: ",
+            "expected a PEM certificate and its PEM private key",
+        ),
+    ]
+    for config, start, fix in cases:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        with pytest.raises(ConfigError) as caught:
+            configure_tls(client, config, "dev-a")
+
+        assert str(caught.value).startswith(start)
+        assert str(caught.value).endswith(fix)
 
 
 def test_wrong_password_is_refused(tmp_path, pki) -> None:
