@@ -65,6 +65,7 @@ from dslo_edge.service import (
     free_backup_path,
     render_unit,
 )
+from dslo_edge.swap import ACTIVE
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ BACKUP_CONFIG = DEFAULT_CONFIG.with_name(DEFAULT_CONFIG.name + ".bak")
 BACKUP_PENDING = PENDING_CONFIG.with_name(PENDING_CONFIG.name + ".bak")
 # Its suffix .bak is no unit type, so systemd does not load the file.
 BACKUP_UNIT = UNIT_PATH.with_name(UNIT_PATH.name + ".bak")
+# The link to the over-the-air release that the daemon runs in place of
+# device.bundle (swap.BundleStore and swap.ACTIVE).
+OTA_ACTIVE_LINK = DEFAULT_STATE_DIR / "bundles" / ACTIVE
 # Room left free beyond the files themselves, for directory entries and the
 # file list, so the device's filesystem is not filled to the last block.
 SPACE_MARGIN_BYTES = 1 * MIB
@@ -210,6 +214,7 @@ def flash(
     except OSError as error:
         raise BundleError(_install_failure(root, error, result)) from error
     _prune_releases(root, result.release)
+    _warn_of_active_release(root, result)
     logger.info(
         "Installed release %s for profile %s onto %s (%d paths changed)",
         result.release,
@@ -218,6 +223,26 @@ def flash(
         len(result.changed),
     )
     return result
+
+
+def _warn_of_active_release(root: Path, result: FlashResult) -> None:
+    """Warn when an over-the-air release on the target overrides the bundle.
+
+    The daemon loads the release that ``bundles/active`` in its state
+    directory names, once one was installed, and not ``device.bundle``.
+    """
+    link = on_target(root, OTA_ACTIVE_LINK)
+    if not link.is_symlink() or not link.resolve().is_dir():
+        return
+    active = link.resolve().name
+    if active == result.release:
+        return
+    result.warnings.append(
+        f"the device runs the over-the-air release {active} that "
+        f"{OTA_ACTIVE_LINK} points to, and not the bundle flashed now; send "
+        f"this bundle with 'dslo-edge ota-send' instead, or remove that link "
+        "on the target to run the flashed bundle"
+    )
 
 
 def _install_failure(root: Path, error: OSError, result: FlashResult) -> str:

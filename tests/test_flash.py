@@ -288,6 +288,29 @@ def test_flash_rejects_symlink_loop(tmp_path: Path, links: dict, loop: str) -> N
     assert after == before
 
 
+def test_flash_warns_of_active_ota_release(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    flashed = release_id(load_bundle(bundle))
+    root = tmp_path / "rootfs"
+    releases = root / "var/lib/dslo-edge/bundles"
+    (releases / "0123456789abcdef").mkdir(parents=True)
+    (releases / "active").symlink_to("0123456789abcdef")
+
+    other_active = flash(bundle, pi4, root, OPTIONS)
+    (releases / flashed).mkdir()
+    (releases / "active").unlink()
+    (releases / "active").symlink_to(flashed)
+    same_active = flash(bundle, pi4, root, OPTIONS)
+
+    assert other_active.warnings == [
+        "the device runs the over-the-air release 0123456789abcdef that "
+        "/var/lib/dslo-edge/bundles/active points to, and not the bundle "
+        "flashed now; send this bundle with 'dslo-edge ota-send' instead, or "
+        "remove that link on the target to run the flashed bundle"
+    ]
+    assert same_active.warnings == []
+
+
 def test_flash_follows_relative_link(tmp_path: Path, pi4) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
