@@ -132,12 +132,17 @@ def burst_checkpoint_every(
 
 @dataclass(frozen=True)
 class _ModelState:
-    """The model the daemon trains: bundle, student, trainer and health guard."""
+    """The model the daemon trains: bundle, student, trainer and health guard.
+
+    ``reference`` is the bundle's teacher that label requests compare the
+    student with, or None when the request rule does not use it.
+    """
 
     bundle: Bundle
     student: StudentModel
     trainer: Trainer | MultiHeadTrainer
     health: HealthGuard
+    reference: TeacherModel | None
 
 
 class EdgeDaemon:
@@ -234,13 +239,6 @@ class EdgeDaemon:
             self.requester = make_requester(
                 self.device_id, config.mqtt.topic_prefix, config.requests
             )
-        reference = None
-        if self.requester is not None and config.requests.rule != "confidence":
-            reference = TeacherModel(
-                self.bundle.teacher_path,
-                self.bundle.teacher_output_kind,
-                config.runtime,
-            )
         self.infer_topic, predictions_topic = inference_topics(self.topics)
         self.inference = InferenceService(
             lambda topic, payload, properties=None: self.connection.publish(
@@ -248,9 +246,17 @@ class EdgeDaemon:
             ),
             predictions_topic,
             self.requester,
-            reference,
+            self._new_reference(self.bundle),
             self.costs.infer_ms,
             self.config.max_abs_input,
+        )
+
+    def _new_reference(self, bundle: Bundle) -> TeacherModel | None:
+        """Load the bundle's teacher when the label request rule compares with it."""
+        if self.requester is None or self.config.requests.rule == "confidence":
+            return None
+        return TeacherModel(
+            bundle.teacher_path, bundle.teacher_output_kind, self.config.runtime
         )
 
     def _init_queues_and_state(self) -> None:
@@ -1208,12 +1214,15 @@ class EdgeDaemon:
         return self._switch_model(candidate, prepared)
 
     def _prepare_model(self, candidate: ReleaseCandidate) -> _ModelState:
-        """Build the trainer and health guard of a candidate, changing nothing.
+        """Build the trainer, health guard and reference of a candidate.
+
+        Nothing of the running model changes.
 
         Raises:
             ConfigError: the device config does not fit the new model, for
                 example a task table names a head that it lacks.
-            BundleError: the release's probe set is invalid.
+            BundleError: the release's probe set is invalid, or its teacher
+                cannot be loaded as the label request reference.
         """
         bundle, student = candidate.bundle, candidate.student
         self._check_requests_fit(bundle)
@@ -1232,7 +1241,9 @@ class EdgeDaemon:
         health = self._new_health_guard(bundle)
         health.accuracy(student)
         health.accept(student.get_weights())
-        return _ModelState(bundle, student, trainer, health)
+        # The old bundle's teacher may take other inputs or give other classes.
+        reference = self._new_reference(bundle)
+        return _ModelState(bundle, student, trainer, health, reference)
 
     def _switch_model(self, candidate: ReleaseCandidate, prepared: _ModelState) -> str:
         """Make a prepared model current and return the status to publish.
@@ -1241,7 +1252,13 @@ class EdgeDaemon:
         after a model change its last checkpoint is kept. If a step fails,
         the old model stays current and the ``active`` link is rolled back.
         """
-        old = _ModelState(self.bundle, self.student, self.trainer, self.health)
+        old = _ModelState(
+            self.bundle,
+            self.student,
+            self.trainer,
+            self.health,
+            self.inference.reference,
+        )
         # None until ``activate`` ran, then whether it changed the link.
         activated: bool | None = None
         try:
@@ -1273,6 +1290,7 @@ class EdgeDaemon:
         self.student = state.student
         self.trainer = state.trainer
         self.health = state.health
+        self.inference.reference = state.reference
 
     def _keep_old_checkpoint(self) -> None:
         copy = KeptCheckpoints(self.config.state_dir).keep(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -23,6 +25,8 @@ from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import BundleError
+from dslo_edge.inference import inference_topics
+from dslo_edge.label_protocol import decode_request
 from dslo_edge.multihead import MultiHeadTrainer
 from dslo_edge.multihead_protocol import encode_multi_head_update
 from dslo_edge.ota import ota_topics
@@ -450,6 +454,46 @@ def test_ota_send_rejects_student_of_other_weights(
     for name, value in adapted.items():
         kept_value = kept_checkpoint.tensors[WEIGHT_PREFIX + name]
         np.testing.assert_array_equal(kept_value, value)
+
+
+def test_switch_replaces_request_reference(
+    mlp_pair, small_bundle, broker, tmp_path, caplog
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # label requests need MQTT 5
+    device_topics = Topics.for_device(DEVICE)
+    infer_topic, _ = inference_topics(device_topics)
+    requests_topic = f"dslo/{DEVICE}/requests"
+    requests: queue.Queue[bytes] = queue.Queue()
+    hub = hub_client(broker)
+    hub.on_message = lambda _c, _u, message: requests.put(message.payload)
+    hub.subscribe(requests_topic, qos=1)
+    # "either" with max_confidence 1 requests labels for every input, and it
+    # runs the reference teacher on every input as well.
+    daemon = start_daemon(
+        tmp_path,
+        mlp_pair.bundle,
+        broker,
+        requests={"enabled": True, "rule": "either", "max_confidence": 1.0},
+    )
+    caplog.set_level("ERROR", logger="dslo_edge.daemon")
+    rng = np.random.default_rng(3)
+    try:
+        switched = ota_send(broker, small_bundle, "--allow-model-change")
+        buffer = io.BytesIO()
+        np.savez(buffer, x=rng.random((2, 32), dtype=np.float32))
+        hub.publish(infer_topic, buffer.getvalue(), qos=1).wait_for_publish(10)
+        request = decode_request(requests.get(timeout=10), max_samples=32)
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+
+    assert switched.returncode == 0, switched.stderr
+    assert request.inputs.shape == (2, 32)
+    assert daemon.inference.reference is not None
+    assert daemon.inference.reference.predict(request.inputs).shape == (2, 5)
+    assert "failed to handle an inference input" not in caplog.text
 
 
 def test_ota_send_exit_status_follows_device(mlp_pair, broker, tmp_path) -> None:
