@@ -640,6 +640,8 @@ def push(
     paths = _checked_teachers(loaded, teachers)
     check_top_k(top_k, loaded)
     samples = _push_samples(loaded, data, hard_labels)
+    if float16_inputs:
+        _check_float16_range(samples.x, data)
     result = hub.push(
         paths,
         loaded.teacher_output_kind,
@@ -716,6 +718,23 @@ def _push_samples(bundle: Any, data: str, hard_labels: bool) -> Any:
     except ConfigError as error:
         raise ConfigError(f"invalid --data: {error}") from error
     return samples
+
+
+def _check_float16_range(x: Any, data: str) -> None:
+    """Raise ConfigError before sending if --float16-inputs cannot carry ``x``.
+
+    The encoder would otherwise fail at the first such batch, after the
+    earlier batches were sent.
+    """
+    import numpy as np
+
+    largest = float(np.max(np.abs(x))) if x.size else 0.0
+    if largest > float(np.finfo(np.float16).max):
+        raise ConfigError(
+            f"invalid --data: {data} has an input of magnitude {largest:.3g}, "
+            "beyond float16's 65504, so --float16-inputs cannot send it; push "
+            "without --float16-inputs or rescale the inputs"
+        )
 
 
 def _head_output_kinds(bundle: Any, hard_labels: bool) -> dict[str, str] | None:

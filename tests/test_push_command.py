@@ -298,6 +298,11 @@ def bad_input_cases(bundle: Path, other: Path, folder: Path) -> list:
     np.savez(text, x=np.full((4, 64), "0.5"))
     scalar = folder / "scalar.npz"
     np.savez(scalar, x=np.float32(0.5))
+    # One input beyond float16's range, in the last of several batches.
+    large = folder / "large.npz"
+    x = rng.random((40, 64), dtype=np.float32)
+    x[-1, 0] = 70000.0
+    np.savez(large, x=x)
     other_teacher = str(other / "teacher.tflite")
     student = str(bundle / "student.tflite")
     return [
@@ -307,6 +312,10 @@ def bad_input_cases(bundle: Path, other: Path, folder: Path) -> list:
         (["--data", str(text)], f"{text}: array 'x' has dtype <U3; expected a"),
         (["--data", str(scalar)], f"{scalar}: array 'x' is a scalar; expected one"),
         (["--data", str(unlabelled), "--hard-labels"], "needs a 'y' array"),
+        (
+            ["--data", str(large), "--float16-inputs"],
+            f"{large} has an input of magnitude 7e+04, beyond float16's 65504",
+        ),
         (["--teacher", other_teacher], "takes inputs of shape (32,)"),
         (["--teacher", student], "has no matching teacher signature"),
         (["--teacher", student], "outputs 'logits', 'probabilities'"),
