@@ -31,7 +31,7 @@ from dslo_edge.broker_login import BrokerLogin
 from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.models import TeacherModel
-from dslo_edge.privacy import PrivateRelease
+from dslo_edge.privacy import PrivacyBudgetExceeded, PrivateRelease
 from dslo_edge.protocol import (
     MAX_SAMPLE_ID_BYTES,
     SoftLabelUpdate,
@@ -578,9 +578,21 @@ def push(
         if wait:
             result.device_metrics = wait_for_saved(hub, before, timeout)
             result.device_counts = DeviceCounts.between(before, result.device_metrics)
+    except PrivacyBudgetExceeded as error:
+        raise PrivacyBudgetExceeded(_budget_stop(error, result)) from error
     finally:
         hub.close()
     return result
+
+
+def _budget_stop(error: PrivacyBudgetExceeded, result: PushResult) -> str:
+    """Describe a push that the privacy budget stopped, with what it sent."""
+    if not result.messages:
+        return f"{error}. The push sent nothing"
+    return (
+        f"{error}. The push stopped there, after sending {result.messages} "
+        f"updates ({result.samples} samples) in round {result.rounds + 1}"
+    )
 
 
 @dataclass(frozen=True)

@@ -383,6 +383,48 @@ def test_push_unwritable_ledger_sends_nothing(
     assert blocker.read_text() == ""
 
 
+def test_push_stopped_by_budget_counts_sent(
+    mlp_pair, broker_factory, tmp_path, data_file
+):
+    pytest.importorskip("dp_accounting")
+    broker = broker_factory("mosquitto")
+    received: list[bytes] = []
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda _client, _userdata, message: received.append(
+        message.payload
+    )
+    watcher.connect("127.0.0.1", broker.port)
+    watcher.subscribe(f"dslo/{DEVICE}/updates", qos=1)
+    watcher.loop_start()
+    try:
+        time.sleep(0.5)
+        # At noise multiplier 4, 16 releases spend epsilon 4.73 and 24 spend
+        # 5.98, so the budget of 5 admits two batches of 8.
+        result = run_push(
+            mlp_pair.bundle,
+            data_file,
+            broker.url,
+            "--no-wait",
+            "--dp-noise-multiplier",
+            "4",
+            "--dp-epsilon",
+            "5",
+            "--dp-ledger",
+            str(tmp_path / "ledger.json"),
+        )
+        time.sleep(0.5)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: releasing 8 more soft labels to ")
+    assert result.output.endswith(
+        ". The push stopped there, after sending 2 updates (16 samples) in round 1\n"
+    )
+    assert len(received) == 2
+
+
 @pytest.mark.parametrize(
     ("url", "options", "fragment"),
     [
