@@ -70,7 +70,12 @@ from dslo_edge.model_update import ModelUpdater, ReleaseCandidate
 from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer, make_trainer
 from dslo_edge.multihead_model import load_student
-from dslo_edge.ota import ota_topics, peek_transfer_id, status_payload
+from dslo_edge.ota import (
+    ota_topics,
+    peek_transfer_id,
+    state_write_error,
+    status_payload,
+)
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
 from dslo_edge.state_folders import (
@@ -281,6 +286,8 @@ class EdgeDaemon:
         self.stopping = threading.Event()
         self.restored_from = "factory weights"
         self.storage_error: str | None = None
+        # The error behind storage_error, for the fix in an OTA status.
+        self._storage_failure: OSError | None = None
         self.checkpoints_written = 0
         self.rollbacks = 0
         self.last_rollback: str | None = None
@@ -1271,9 +1278,12 @@ class EdgeDaemon:
             # Without a checkpoint of the new model, a restart would load the
             # new bundle with the old weights, so a failed save undoes the switch.
             if not self.save_checkpoint():
-                raise OSError(
-                    f"cannot write a checkpoint to {self.checkpoint_dir}: "
-                    f"{self.storage_error}"
+                assert self._storage_failure is not None
+                raise state_write_error(
+                    self._storage_failure,
+                    f"write a checkpoint of release {candidate.release.name} to "
+                    f"{self.checkpoint_dir}",
+                    self.checkpoint_dir,
                 )
         except Exception as error:
             self._set_model(old)
@@ -1293,9 +1303,15 @@ class EdgeDaemon:
         self.inference.reference = state.reference
 
     def _keep_old_checkpoint(self) -> None:
-        copy = KeptCheckpoints(self.config.state_dir).keep(
-            self.bundle, self.checkpoint_dir
-        )
+        kept = KeptCheckpoints(self.config.state_dir)
+        try:
+            copy = kept.keep(self.bundle, self.checkpoint_dir)
+        except OSError as error:
+            raise state_write_error(
+                error,
+                f"keep the last checkpoint of {self.bundle.path.name} in {kept.folder}",
+                kept.folder,
+            ) from error
         if copy is None:
             logger.info(
                 "Device %s has no checkpoint of %s to keep before the model change",
@@ -1414,6 +1430,7 @@ class EdgeDaemon:
         try:
             path = save_checkpoint(self.checkpoint_dir, tensors, state)
         except OSError as error:
+            self._storage_failure = error
             if self.storage_error is None:
                 logger.error(
                     "Device %s cannot write checkpoints to %s: %s; updates stay "

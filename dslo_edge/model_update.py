@@ -33,12 +33,14 @@ from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.models import StudentModel
 from dslo_edge.ota import (
     STATE_DIR_INVALID,
+    STATE_DIR_WRITE_FAILED,
     OtaError,
     OtaReceiver,
     ReceivedArchive,
     ReleaseOptions,
     peek_transfer_id,
     read_release_options,
+    state_write_error,
     status_payload,
 )
 from dslo_edge.signing import verified_body
@@ -143,8 +145,19 @@ class ModelUpdater:
 
         Returns:
             True when the link changed, so ``roll_back`` must undo it.
+
+        Raises:
+            OtaError: ``state_dir_write_failed`` when the link cannot be written.
         """
-        return self.store.activate(candidate.release)
+        try:
+            return self.store.activate(candidate.release)
+        except OSError as error:
+            raise state_write_error(
+                error,
+                f"point {self.store.folder / 'active'} at release "
+                f"{candidate.release.name}",
+                self.store.folder,
+            ) from error
 
     def installed(self, candidate: ReleaseCandidate) -> str:
         """Return the ``installed`` status of an activated candidate."""
@@ -160,7 +173,8 @@ class ModelUpdater:
         """
         self.store.discard(candidate.release)
         reason, detail = _failure(candidate.release, error)
-        logger.warning(
+        logger.log(
+            _log_level(error) if isinstance(error, OtaError) else logging.WARNING,
             "Rejected model update %s (release %s, %s): %s",
             candidate.transfer_id,
             candidate.release.name,
@@ -290,7 +304,8 @@ def _log_level(error: InvalidUpdate | OtaError) -> int:
 
     The sender cannot fix such a fault, so the device's operator must see it.
     """
-    if isinstance(error, OtaError) and error.reason == STATE_DIR_INVALID:
+    state_dir_faults = (STATE_DIR_INVALID, STATE_DIR_WRITE_FAILED)
+    if isinstance(error, OtaError) and error.reason in state_dir_faults:
         return logging.ERROR
     return logging.WARNING
 

@@ -35,11 +35,14 @@ it passes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import pwd
 import struct
 import tarfile
 import time
@@ -101,6 +104,80 @@ def make_state_folder(folder: Path, role: str) -> None:
             # A parent folder is a file, or ``folder`` changed since the check.
             problem = f"cannot create {role} {folder}: {error.strerror}"
     raise OtaError(STATE_DIR_INVALID, f"{problem}, then send the release again")
+
+
+# OtaError.reason when writing to the state directory failed, for example
+# with permission denied or no space left on the device.
+STATE_DIR_WRITE_FAILED = "state_dir_write_failed"
+
+
+def state_write_error(
+    error: OSError, action: str, folder: Path, needed_bytes: int | None = None
+) -> OtaError:
+    """Turn an OSError from a write to ``folder`` into a rejection with the fix.
+
+    Args:
+        error: the error from the write.
+        action: what failed, completing "cannot ...", for example
+            "store the transfer in /var/lib/dslo/ota".
+        folder: the state directory's folder that the write went to.
+        needed_bytes: the size of the release, named when space ran out.
+
+    Returns:
+        An ``OtaError`` with reason ``state_dir_write_failed`` whose message
+        names the path, the OS error and what to do.
+    """
+    cause = error.strerror or str(error)
+    if error.errno in errno.errorcode:
+        cause += f" ({errno.errorcode[error.errno]})"
+    # A failed write() or close() names no file, unlike a failed open().
+    if error.filename:
+        cause += f" on {error.filename}"
+    return OtaError(
+        STATE_DIR_WRITE_FAILED,
+        f"cannot {action}: {cause}; "
+        f"{_write_fix(error.errno, folder, needed_bytes)}, then send the "
+        "release again",
+    )
+
+
+def _write_fix(code: int | None, folder: Path, needed_bytes: int | None) -> str:
+    """Return what the device's operator can do about a failed write."""
+    if code in (errno.EACCES, errno.EPERM):
+        user = _user_name()
+        return (
+            f"give the user {user}, which runs the daemon, write access to "
+            f"{folder}, for example with 'chown -R {user} {folder} && "
+            f"chmod -R u+rwX {folder}'"
+        )
+    if code == errno.EROFS:
+        return (
+            f"{folder} is on a read-only file system: remount it read-write or "
+            "set device.state_dir to a writable directory and restart the daemon"
+        )
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        needed = ""
+        if needed_bytes is not None:
+            needed = f" (the release archive is {_size_text(needed_bytes)})"
+        return f"free space on the file system of {folder}{needed}"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        # mkdir on a file raises EEXIST, a path through a file ENOTDIR.
+        return f"a file is where {folder} or a folder in it belongs: move the file away"
+    return f"check {folder} and the file system it is on"
+
+
+def _size_text(size: int) -> str:
+    if size < 2**20:
+        return f"{math.ceil(size / 1024)} KiB"
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        # A user id without an entry in the password database.
+        return str(os.geteuid())
 
 
 def ota_topics(topics: Topics) -> tuple[str, str]:
@@ -362,8 +439,8 @@ class OtaReceiver:
         self.stale_after_s = stale_after_s
         self._clock = clock
         self._transfer: _Transfer | None = None
-        # The transfer whose first chunk found no usable folder. Its other
-        # chunks are dropped, because the transfer cannot complete.
+        # The last transfer that found no usable folder or failed to write its
+        # file. Its other chunks are dropped, because it cannot complete.
         self._failed_transfer: bytes | None = None
 
     @property
@@ -380,12 +457,25 @@ class OtaReceiver:
             OtaError: the chunk is malformed or too large, or the complete
                 archive's sha256 differs from the announced one. The partial
                 file is deleted in the last case. ``state_dir_invalid`` when
-                ``folder`` is not a directory, and the transfer's later chunks
-                then return None.
+                ``folder`` is not a directory and ``state_dir_write_failed``
+                when a write to it fails. After either, the partial file is
+                deleted and the transfer's later chunks return None.
         """
         header, data = parse_chunk(payload, self.max_archive_bytes)
         if header.transfer_id == self._failed_transfer:
             return None
+        try:
+            return self._store(header, data)
+        except OSError as error:
+            self._abandon(header.transfer_id)
+            raise state_write_error(
+                error,
+                f"store the transfer in {self.folder}",
+                self.folder,
+                header.total_bytes,
+            ) from error
+
+    def _store(self, header: ChunkHeader, data: bytes) -> ReceivedArchive | None:
         transfer = self._transfer_for(header)
         if header.index in transfer.received:
             return None  # a QoS 1 repeat
@@ -456,6 +546,17 @@ class OtaReceiver:
             if old != keep:
                 logger.info("Deleting %s, left by an interrupted model transfer", old)
                 old.unlink(missing_ok=True)
+
+    def _abandon(self, transfer_id: bytes) -> None:
+        """Drop a transfer whose file cannot be written, and its later chunks."""
+        self._failed_transfer = transfer_id
+        if self._transfer is not None and self._transfer.header.transfer_id == (
+            transfer_id
+        ):
+            self._transfer = None
+        # Deleting the partial file frees the space that it took.
+        with contextlib.suppress(OSError):
+            (self.folder / f"{transfer_id.hex()}.part").unlink(missing_ok=True)
 
     def _discard(self, transfer: _Transfer) -> None:
         transfer.path.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from dslo_edge.ota import (
     RELEASE_FILE,
     OtaError,
     make_state_folder,
+    state_write_error,
 )
 from dslo_edge.state_folders import BUNDLES, KEPT_CHECKPOINTS, STATE_FOLDERS
 
@@ -106,8 +107,18 @@ class BundleStore:
 
         Raises:
             OtaError: ``bad_bundle`` when the archive or the bundle is invalid,
-                ``state_dir_invalid`` when ``bundles`` is not a directory.
+                ``state_dir_invalid`` when ``bundles`` is not a directory,
+                ``state_dir_write_failed`` when a write to it fails.
         """
+        size = archive.stat().st_size
+        try:
+            return self._install_archive(archive)
+        except OSError as error:
+            raise state_write_error(
+                error, f"unpack the release into {self.folder}", self.folder, size
+            ) from error
+
+    def _install_archive(self, archive: Path) -> Path:
         make_state_folder(self.folder, STATE_FOLDERS[BUNDLES])
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.folder))
         try:
@@ -127,8 +138,8 @@ class BundleStore:
             staging.rename(release)
             return release
         finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+            # An error here would hide the one that stopped the install.
+            shutil.rmtree(staging, ignore_errors=True)
 
     def active_release(self) -> Path | None:
         """Return the release the ``active`` link names, or None for the factory."""

@@ -769,8 +769,13 @@ def test_unwritable_checkpoint_rolls_switch_back(mlp_pair, broker, tmp_path) -> 
 
     assert failed.returncode == 1, failed.stderr
     assert "rolled back" in failed.stderr
-    assert "install_failed" in failed.stderr
-    assert "cannot write a checkpoint to" in failed.stderr
+    assert (
+        f": state_dir_write_failed: cannot write a checkpoint of release "
+        f"{release_id(mlp_pair.bundle)} to {state / 'checkpoints'}: File exists "
+        f"(EEXIST) on {state / 'checkpoints'}; a file is where "
+        f"{state / 'checkpoints'} or a folder in it belongs: move the file away, "
+        "then send the release again\n"
+    ) in failed.stderr
     assert links == {}
     assert releases == []
     assert bundle_after == mlp_pair.bundle
@@ -821,6 +826,97 @@ def test_state_folder_file_rejects_update(
     assert file_after == "not a folder"
     assert installed.returncode == 0, installed.stderr
     assert bundle_after.parent == state / "bundles"
+
+
+def start_daemon_process(config: Path, log: Path) -> subprocess.Popen:
+    """Start ``dslo-edge run`` in a process that file permissions apply to.
+
+    Root ignores file permissions, so as root the daemon runs without the
+    capabilities that override them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH).
+    """
+    command = [sys.executable, "-m", "dslo_edge.cli", "run", "--config", str(config)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root ignores file permissions, and setpriv is missing")
+        capabilities = "--bounding-set=-dac_override,-dac_read_search"
+        command = [setpriv, "--inh-caps=-all", capabilities, *command]
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(log, "wb") as stream:
+        return subprocess.Popen(
+            command, stdout=stream, stderr=subprocess.STDOUT, env=environment
+        )
+
+
+def online_event(broker: Broker) -> tuple[mqtt.Client, threading.Event]:
+    """Subscribe to the device's status topic; the event is set on "online"."""
+    online = threading.Event()
+    subscribed = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_subscribe = lambda *_: subscribed.set()
+
+    def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+        if message.payload == b"online":
+            online.set()
+
+    client.on_message = on_message
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    client.subscribe(Topics.for_device(DEVICE).status, qos=1)
+    assert subscribed.wait(10)
+    return client, online
+
+
+@pytest.mark.parametrize(
+    ("folder", "action"),
+    [("ota", "store the transfer in"), ("bundles", "unpack the release into")],
+)
+def test_unwritable_state_folder_rejects_update(
+    mlp_pair, mosquitto, tmp_path, folder: str, action: str
+) -> None:
+    state = tmp_path / "state"
+    (state / folder).mkdir(parents=True)
+    (state / folder).chmod(0o555)
+    config = tmp_path / "device.toml"
+    config.write_text(render_config(DEVICE, mlp_pair.bundle, state, mosquitto.port))
+    log = tmp_path / "daemon.log"
+    watcher, online = online_event(mosquitto)
+    daemon = start_daemon_process(config, log)
+    try:
+        assert online.wait(60), log.read_text()
+
+        failed = ota_send(mosquitto, mlp_pair.bundle)
+
+        running_after_failure = daemon.poll() is None
+        (state / folder).chmod(0o755)
+        installed = ota_send(mosquitto, mlp_pair.bundle)
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        watcher.loop_stop()
+        watcher.disconnect()
+        (state / folder).chmod(0o755)
+
+    output = log.read_text()
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert failed.returncode == 1, failed.stderr
+    assert f"error: device {DEVICE} rejected transfer " in failed.stderr
+    assert (
+        f": state_dir_write_failed: cannot {action} {state / folder}: "
+        f"Permission denied (EACCES) on {state / folder}/"
+    ) in failed.stderr
+    assert f"write access to {state / folder}, for example with 'chown -R " in (
+        failed.stderr
+    )
+    assert failed.stderr.endswith(", then send the release again\n")
+    assert len(errors) == 1, output
+    assert f"cannot {action} {state / folder}: Permission denied" in errors[0]
+    assert "Traceback" not in output
+    assert running_after_failure
+    assert installed.returncode == 0, installed.stderr
+    assert f"device {DEVICE} installed release {release_id(mlp_pair.bundle)}" in (
+        installed.stdout
+    )
 
 
 def test_label_requests_block_switch_to_two_heads(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
+import os
 import queue
 import tarfile
 import threading
@@ -256,6 +259,149 @@ def test_bundle_store_rejects_file_as_folder(tmp_path: Path) -> None:
         "directory, then send the release again"
     )
     assert not (state / "missing-folder").exists()
+
+
+class FullDiskFile:
+    """A real file whose writes fail with ENOSPC once ``DiskSpace`` runs out."""
+
+    def __init__(self, stream: Any, space: DiskSpace):
+        self._stream = stream
+        self._space = space
+
+    def write(self, data: bytes) -> int:
+        if self._space.writes_left == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._space.writes_left -= 1
+        return self._stream.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __enter__(self) -> FullDiskFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stream.close()
+
+
+class DiskSpace:
+    """An ``open`` for one module: ``writes`` writes succeed, later ones fail."""
+
+    def __init__(self, writes: int):
+        self.writes_left = writes
+
+    def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        stream = open(file, mode, *args, **kwargs)
+        if mode in ("r", "rb"):
+            return stream
+        return FullDiskFile(stream, self)
+
+
+def test_full_disk_rejects_transfer_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dslo_edge import ota
+
+    factory = write_bundle(tmp_path / "factory")
+    current = FakeStudent(load_bundle(factory))
+    updater = ModelUpdater(tmp_path / "state", FakeStudent)  # type: ignore[arg-type]
+    archive = pack_bundle(write_bundle(tmp_path / "new", student_bytes=30_000))
+    chunks = split_archive(archive, 8 * 1024)
+    folder = tmp_path / "state" / "ota"
+    # The first chunk is written, the second finds the file system full.
+    monkeypatch.setattr(ota, "open", DiskSpace(writes=1).open, raising=False)
+
+    with caplog.at_level(logging.INFO, logger="dslo_edge"):
+        outcomes = [
+            updater.handle_chunk(chunk, current)  # type: ignore[arg-type]
+            for chunk in chunks
+        ]
+    files_after = list(folder.iterdir())
+    monkeypatch.undo()
+    # With space again, the same receiver takes a new transfer of the bundle.
+    received = receive_all(updater.receiver, split_archive(archive, 8 * 1024))
+
+    detail = (
+        f"cannot store the transfer in {folder}: No space left on device "
+        f"(ENOSPC); free space on the file system of {folder} (the release "
+        "archive is 50 KiB), then send the release again"
+    )
+    assert len(archive) == 51_200
+    assert len(chunks) == 7
+    statuses = [json.loads(o.status) if o.status else None for o in outcomes]
+    assert statuses[0] is None
+    assert statuses[1] is not None
+    assert statuses[1]["state"] == "rejected"
+    assert statuses[1]["reason"] == "state_dir_write_failed"
+    assert statuses[1]["detail"] == detail
+    assert statuses[2:] == [None] * 5
+    assert all(outcome.candidate is None for outcome in outcomes)
+    assert files_after == []
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(problems) == 1
+    assert problems[0].levelno == logging.ERROR
+    assert problems[0].exc_info is None
+    assert detail in problems[0].getMessage()
+    assert received.path.read_bytes() == archive
+
+
+def test_install_full_disk_leaves_no_staging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dslo_edge import swap
+
+    archive = tmp_path / "release.tar"
+    archive.write_bytes(pack_bundle(write_bundle(tmp_path / "bundle")))
+    store = BundleStore(tmp_path / "state")
+    monkeypatch.setattr(swap, "open", DiskSpace(writes=0).open, raising=False)
+
+    with pytest.raises(OtaError) as caught:
+        store.install_archive(archive)
+
+    assert caught.value.reason == "state_dir_write_failed"
+    assert str(caught.value) == (
+        f"cannot unpack the release into {store.folder}: No space left on device "
+        f"(ENOSPC); free space on the file system of {store.folder} (the release "
+        f"archive is {-(-archive.stat().st_size // 1024)} KiB), then send the "
+        "release again"
+    )
+    assert list(store.folder.iterdir()) == []
+
+
+def test_activate_full_disk_rejects_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dslo_edge import swap
+    from dslo_edge.model_update import ReleaseCandidate
+
+    updater = ModelUpdater(tmp_path / "state", FakeStudent)  # type: ignore[arg-type]
+    release = install(tmp_path, updater.store, 1)
+    bundle = load_bundle(release)
+    student = FakeStudent(bundle)
+    candidate = ReleaseCandidate("ab12", release, bundle, student, False)  # type: ignore[arg-type]
+
+    def no_space(*_: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(swap.os, "symlink", no_space)
+    with pytest.raises(OtaError) as caught:
+        updater.activate(candidate)
+    monkeypatch.undo()
+    status = json.loads(updater.reject(candidate, caught.value))
+
+    folder = updater.store.folder
+    detail = (
+        f"cannot point {folder / 'active'} at release {release.name}: No space "
+        f"left on device (ENOSPC); free space on the file system of {folder}, "
+        "then send the release again"
+    )
+    assert caught.value.reason == "state_dir_write_failed"
+    assert str(caught.value) == detail
+    assert status["state"] == "rejected"
+    assert status["reason"] == "state_dir_write_failed"
+    assert status["detail"] == detail
+    assert updater.store.active_release() is None
+    assert not release.exists()
 
 
 def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
