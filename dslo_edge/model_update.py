@@ -24,6 +24,7 @@ published, retained, on ``dslo/<device>/ota/status``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from dslo_edge.bundle import Bundle, load_bundle
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.models import StudentModel
 from dslo_edge.ota import (
+    DEFAULT_STALE_AFTER_S,
     STATE_DIR_INVALID,
     STATE_DIR_WRITE_FAILED,
     OtaError,
@@ -43,6 +45,7 @@ from dslo_edge.ota import (
     state_write_error,
     status_payload,
 )
+from dslo_edge.repeat_log import RepeatLimiter
 from dslo_edge.signing import verified_body
 from dslo_edge.state_folders import OTA
 from dslo_edge.swap import (
@@ -54,6 +57,12 @@ from dslo_edge.swap import (
 )
 
 logger = logging.getLogger(__name__)
+
+# A sender that misses the status goes on sending a rejected transfer, and
+# each chunk is rejected again. So one line is logged per transfer and reason,
+# then at most one per interval with the count of chunks rejected since.
+REJECTION_LOG_INTERVAL_S = DEFAULT_STALE_AFTER_S
+REJECTION_LOG_MEMORY = 64
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,7 @@ class ModelUpdater:
             interpreter choice).
         hmac_key: the device's key; with it, every chunk must be signed for
             ``topic``, as updates are, before anything is written to disk.
+        clock: monotonic seconds, injected in tests.
     """
 
     def __init__(
@@ -100,12 +110,16 @@ class ModelUpdater:
         *,
         hmac_key: bytes | None = None,
         topic: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.store = BundleStore(state_dir)
-        self.receiver = OtaReceiver(state_dir / OTA)
+        self.receiver = OtaReceiver(state_dir / OTA, clock=clock)
         self.load_student = load_student
         self.hmac_key = hmac_key
         self.topic = topic
+        self._rejection_log = RepeatLimiter(
+            REJECTION_LOG_INTERVAL_S, REJECTION_LOG_MEMORY, clock
+        )
 
     def active_bundle(self, factory: Path) -> Path:
         """Return the bundle to load at start: the installed release, else factory."""
@@ -123,8 +137,9 @@ class ModelUpdater:
             body = verified_body(self.hmac_key, self.topic, payload)
             archive = self.receiver.receive(body)
         except (InvalidUpdate, OtaError) as error:
-            logger.log(_log_level(error), "Rejected model update chunk: %s", error)
-            return _rejected(peek_transfer_id(payload), error)
+            transfer_id = peek_transfer_id(payload)
+            self._log_chunk_rejection(transfer_id, error)
+            return _rejected(transfer_id, error)
         if archive is None:
             return UpdateOutcome(None)
         try:
@@ -139,6 +154,24 @@ class ModelUpdater:
             return _rejected(archive.transfer_id, error)
         finally:
             archive.path.unlink(missing_ok=True)
+
+    def _log_chunk_rejection(
+        self, transfer_id: str | None, error: InvalidUpdate | OtaError
+    ) -> None:
+        """Log the first rejected chunk of a transfer, then count the others."""
+        skipped = self._rejection_log.skipped_before((transfer_id, error.reason))
+        if skipped is None:
+            return
+        logger.log(
+            _log_level(error),
+            "Rejected model transfer %s (%s): %s%s",
+            transfer_id or "(no transfer id)",
+            error.reason,
+            error,
+            f" ({skipped} more chunks rejected for this reason since the last line)"
+            if skipped
+            else "",
+        )
 
     def activate(self, candidate: ReleaseCandidate) -> bool:
         """Point the ``active`` link at the candidate's release.

@@ -29,7 +29,7 @@ from dslo_edge.inference import inference_topics
 from dslo_edge.label_protocol import decode_request
 from dslo_edge.multihead import MultiHeadTrainer
 from dslo_edge.multihead_protocol import encode_multi_head_update
-from dslo_edge.ota import ota_topics
+from dslo_edge.ota import ota_topics, split_archive
 from dslo_edge.ota_sender import pack_bundle, send_bundle
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
 from dslo_edge.swap import KEPT_CHECKPOINTS, BundleStore, release_id
@@ -826,6 +826,48 @@ def test_state_folder_file_rejects_update(
     assert file_after == "not a folder"
     assert installed.returncode == 0, installed.stderr
     assert bundle_after.parent == state / "bundles"
+
+
+def test_malformed_transfer_logs_one_line(mlp_pair, broker, tmp_path, caplog) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, broker)
+    listener, statuses = status_listener(broker)
+    hub = hub_client(broker)
+    chunk_topic = ota_topics(Topics.for_device(DEVICE))[0]
+    # Chunks of a sender with format version 2, which this device cannot read.
+    chunks = [
+        chunk[:4] + b"\x02" + chunk[5:]
+        for chunk in split_archive(pack_bundle(mlp_pair.bundle), 8192)
+    ]
+    try:
+        with caplog.at_level(logging.WARNING):
+            for chunk in chunks:
+                hub.publish(chunk_topic, chunk, qos=1).wait_for_publish(10)
+            wait_until(lambda: len(statuses) == len(chunks))
+        bundle_after = daemon.bundle.path
+    finally:
+        daemon.stop()
+        for client in (hub, listener):
+            client.loop_stop()
+            client.disconnect()
+
+    problems = [
+        record for record in caplog.records if record.levelno >= logging.WARNING
+    ]
+    transfer = chunks[0][5:21].hex()
+    assert len(chunks) == 7
+    assert len(problems) == 1
+    assert (
+        problems[0]
+        .getMessage()
+        .startswith(
+            f"Rejected model transfer {transfer} (malformed): chunk starts with "
+            "b'DSLB' version 2, expected b'DSLB' version 1"
+        )
+    )
+    assert {status["reason"] for status in statuses} == {"malformed"}
+    assert bundle_after == mlp_pair.bundle
 
 
 def start_daemon_process(config: Path, log: Path) -> subprocess.Popen:

@@ -787,6 +787,54 @@ def test_updater_without_key_names_signed_chunk(tmp_path: Path) -> None:
     assert "this device has no HMAC key" in status["detail"]
 
 
+def test_rejected_transfer_logs_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dslo_edge.model_update import REJECTION_LOG_INTERVAL_S
+
+    clock = FakeClock()
+    factory = write_bundle(tmp_path / "factory")
+    current = FakeStudent(load_bundle(factory))
+    updater = ModelUpdater(
+        tmp_path / "state",
+        FakeStudent,  # type: ignore[arg-type]
+        clock=clock,
+    )
+    updater.receiver.max_archive_bytes = 1024
+    archive = pack_bundle(write_bundle(tmp_path / "new"))
+    first = split_archive(archive, 4096)
+    second = split_archive(archive, 4096)
+
+    with caplog.at_level(logging.INFO, logger="dslo_edge"):
+        outcomes = [
+            updater.handle_chunk(chunk, current)  # type: ignore[arg-type]
+            for chunk in first[:-1]
+        ]
+        clock.advance(REJECTION_LOG_INTERVAL_S + 1)
+        outcomes.append(updater.handle_chunk(first[-1], current))  # type: ignore[arg-type]
+        for chunk in second:
+            updater.handle_chunk(chunk, current)  # type: ignore[arg-type]
+
+    first_id = peek_transfer_id(first[0])
+    second_id = peek_transfer_id(second[0])
+    rejection = (
+        f"(too_large): bundle archive of {len(archive)} bytes exceeds the limit "
+        "of 1024 bytes"
+    )
+    assert len(first) == 10
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Rejected model transfer {first_id} {rejection}",
+        f"Rejected model transfer {first_id} {rejection} (8 more chunks rejected "
+        "for this reason since the last line)",
+        f"Rejected model transfer {second_id} {rejection}",
+    ]
+    assert {record.levelno for record in caplog.records} == {logging.WARNING}
+    # Every chunk still gets its status, so a sender that joins late learns it.
+    statuses = [json.loads(outcome.status or "null") for outcome in outcomes]
+    assert [status["reason"] for status in statuses] == ["too_large"] * 10
+    assert {status["transfer"] for status in statuses} == {first_id}
+
+
 def test_updater_rejects_other_model(tmp_path: Path) -> None:
     factory = write_bundle(tmp_path / "factory")
     current = FakeStudent(load_bundle(factory), seed=5)
