@@ -279,6 +279,43 @@ class StatusWatcher:
             self._changed.notify_all()
 
 
+# The sender's next step for each device reason whose detail names no fix.
+NEXT_STEPS = {
+    "too_large": "shrink the model or install it with 'dslo-edge flash'",
+    "malformed": "the chunks do not follow the device's chunk format, so send the "
+    "bundle with the 'dslo-edge ota-send' of the device's dslo-edge version",
+    "bad_signature": "send it again with --hmac-key-file set to this device's key, "
+    "the file that its security.hmac_key_file names",
+    "bad_bundle": "check the bundle with 'dslo-edge inspect BUNDLE', and send a "
+    "bundle directory that 'dslo-edge convert' wrote",
+    "health_check": "the new student returns outputs that are not finite "
+    "probabilities or has weights that are not finite, so convert the model "
+    "again (with a softmax output) and send it again",
+    "install_failed": "the device hit an unexpected error and logged its "
+    "traceback: read the device's log, then send the bundle again",
+}
+# Device reasons whose detail already ends with the fix, so nothing is added.
+REASONS_WITH_FIX = (
+    "unsigned",
+    "unexpected_signature",
+    "checksum_mismatch",
+    "model_mismatch",
+    "config_mismatch",
+    "state_dir_invalid",
+    "state_dir_write_failed",
+)
+
+
+def _next_step(reason: str) -> str:
+    """Return "; " and the next step for a reason, or "" if its detail has one."""
+    if reason in REASONS_WITH_FIX:
+        return ""
+    step = NEXT_STEPS.get(
+        reason, "this dslo-edge version does not know the reason: read the device's log"
+    )
+    return f"; {step}"
+
+
 def check_outcome(
     status: dict[str, Any] | None,
     topics: Topics,
@@ -302,16 +339,18 @@ def check_outcome(
         )
     reason = status.get("reason") or "unknown"
     detail = status.get("detail") or "no detail"
+    step = _next_step(reason)
     if status["state"] == "rejected":
         raise OtaError(
             reason,
-            f"device {device_id} rejected transfer {transfer_id}: {reason}: {detail}",
+            f"device {device_id} rejected transfer {transfer_id}: {reason}: "
+            f"{detail}{step}",
         )
     if status["state"] == "rolled_back":
         running = status.get("release") or "its factory bundle"
         raise OtaError(
             reason,
             f"device {device_id} rolled back transfer {transfer_id} and runs "
-            f"{running} again: {reason}: {detail}",
+            f"{running} again: {reason}: {detail}{step}",
         )
     return f"device {device_id} installed release {status.get('release')}"

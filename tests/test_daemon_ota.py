@@ -512,6 +512,9 @@ def test_ota_send_exit_status_follows_device(mlp_pair, broker, tmp_path) -> None
     try:
         unsigned = ota_send(broker, mlp_pair.bundle)
         unsigned_bundle = daemon.bundle.path
+        other_key = tmp_path / "other.key"
+        generate_key_file(other_key)
+        wrong_key = ota_send(broker, mlp_pair.bundle, "--hmac-key-file", str(other_key))
         signed = ota_send(broker, mlp_pair.bundle, "--hmac-key-file", str(key_file))
         signed_bundle = daemon.bundle.path
     finally:
@@ -534,6 +537,13 @@ def test_ota_send_exit_status_follows_device(mlp_pair, broker, tmp_path) -> None
     assert f"error: device {DEVICE} rejected transfer " in unsigned.stderr
     assert ": unsigned: update is not signed" in unsigned.stderr
     assert unsigned_bundle == mlp_pair.bundle
+    assert wrong_key.returncode == 1, wrong_key.stderr
+    assert (
+        ": bad_signature: HMAC signature does not match for topic "
+        f"dslo/{DEVICE}/ota; the hub may be using another device's key; send it "
+        "again with --hmac-key-file set to this device's key, the file that its "
+        "security.hmac_key_file names\n"
+    ) in wrong_key.stderr
     release = release_id(mlp_pair.bundle)
     assert signed.returncode == 0, signed.stderr
     assert f"device {DEVICE} installed release {release}" in signed.stdout

@@ -1126,7 +1126,68 @@ def test_check_outcome_messages() -> None:
     assert caught.value.reason == "health_check"
     assert str(caught.value) == (
         "device kitchen-cam rolled back transfer ab12 and runs r0 again: "
-        "health_check: student output contains NaN or infinity"
+        "health_check: student output contains NaN or infinity; the new student "
+        "returns outputs that are not finite probabilities or has weights that "
+        "are not finite, so convert the model again (with a softmax output) and "
+        "send it again"
     )
     with pytest.raises(OtaError, match="no outcome for transfer ab12 within 5 s"):
         check_outcome(None, TOPICS, "kitchen-cam", "ab12", 5)
+
+
+@pytest.mark.parametrize(
+    ("reason", "detail", "step"),
+    [
+        (
+            "too_large",
+            "bundle archive of 9000 bytes exceeds the limit of 4096 bytes",
+            "; shrink the model or install it with 'dslo-edge flash'",
+        ),
+        (
+            "malformed",
+            "chunk starts with b'DSLB' version 2, expected b'DSLB' version 1",
+            "; the chunks do not follow the device's chunk format, so send the "
+            "bundle with the 'dslo-edge ota-send' of the device's dslo-edge version",
+        ),
+        (
+            "bad_signature",
+            "signed envelope is truncated or of an unknown version",
+            "; send it again with --hmac-key-file set to this device's key, the "
+            "file that its security.hmac_key_file names",
+        ),
+        (
+            "bad_bundle",
+            "archive member 'a/b' is not a plain top-level file",
+            "; check the bundle with 'dslo-edge inspect BUNDLE', and send a bundle "
+            "directory that 'dslo-edge convert' wrote",
+        ),
+        (
+            "install_failed",
+            "RuntimeError: interpreter crashed",
+            "; the device hit an unexpected error and logged its traceback: read "
+            "the device's log, then send the bundle again",
+        ),
+        (
+            "reason_from_a_newer_device",
+            "something new",
+            "; this dslo-edge version does not know the reason: read the device's log",
+        ),
+        # These details end with the fix, so nothing is added.
+        ("checksum_mismatch", "archive sha256 is 00; so send it again", ""),
+        ("state_dir_write_failed", "cannot store the transfer in /s/ota: ...", ""),
+        ("model_mismatch", "release r1 has input 32 ... --allow-model-change", ""),
+    ],
+)
+def test_check_outcome_adds_next_step(reason: str, detail: str, step: str) -> None:
+    from dslo_edge.ota_sender import check_outcome
+
+    status = {"state": "rejected", "transfer": "ab12", "reason": reason}
+    status["detail"] = detail
+
+    with pytest.raises(OtaError) as caught:
+        check_outcome(status, TOPICS, "kitchen-cam", "ab12", 5)
+
+    assert caught.value.reason == reason
+    assert str(caught.value) == (
+        f"device kitchen-cam rejected transfer ab12: {reason}: {detail}{step}"
+    )
