@@ -420,7 +420,11 @@ def test_privacy_budget_stops_admission(tmp_path) -> None:
     assert state.epsilon("cam", privacy) <= 2.0
 
 
-def test_refund_after_claim_takeover(tmp_path) -> None:
+def taken_over_request(tmp_path):
+    """Return privacy settings and two workers that both admitted request 1.
+
+    Worker w1 admits it first, and w2 takes the claim over after 40 s.
+    """
     pytest.importorskip("dp_accounting")
     from dslo_edge.privacy import PrivacySettings
 
@@ -428,8 +432,13 @@ def test_refund_after_claim_takeover(tmp_path) -> None:
     first = HubState(tmp_path / "state.sqlite", "w1")
     second = HubState(tmp_path / "state.sqlite", "w2")
     assert first.admit([key(1)], 0.0, RATE, privacy, 30)[0].kind == ADMITTED
-    # w1 is slow, so w2 takes the claim over and labels the request too.
     assert second.admit([key(1)], 40.0, RATE, privacy, 30)[0].kind == ADMITTED
+    return privacy, first, second
+
+
+def test_refund_after_claim_takeover(tmp_path) -> None:
+    # w1 is slow, so w2 takes the claim over and labels the request too.
+    privacy, first, second = taken_over_request(tmp_path)
     assert first.releases("cam") == {10.0: 4}
 
     # w2's labels come out NaN: it refunds the one charge.
@@ -447,14 +456,7 @@ def test_refund_after_claim_takeover(tmp_path) -> None:
 
 
 def test_stale_worker_does_not_refund(tmp_path) -> None:
-    pytest.importorskip("dp_accounting")
-    from dslo_edge.privacy import PrivacySettings
-
-    privacy = PrivacySettings(noise_multiplier=10.0, epsilon_budget=50.0)
-    first = HubState(tmp_path / "state.sqlite", "w1")
-    second = HubState(tmp_path / "state.sqlite", "w2")
-    assert first.admit([key(1)], 0.0, RATE, privacy, 30)[0].kind == ADMITTED
-    assert second.admit([key(1)], 40.0, RATE, privacy, 30)[0].kind == ADMITTED
+    privacy, first, second = taken_over_request(tmp_path)
 
     # w1 lost its claim, so its NaN labels refund nothing.
     first.record_answers(
@@ -471,14 +473,7 @@ def test_stale_worker_does_not_refund(tmp_path) -> None:
 
 
 def test_both_workers_release_twice_charged(tmp_path) -> None:
-    pytest.importorskip("dp_accounting")
-    from dslo_edge.privacy import PrivacySettings
-
-    privacy = PrivacySettings(noise_multiplier=10.0, epsilon_budget=50.0)
-    first = HubState(tmp_path / "state.sqlite", "w1")
-    second = HubState(tmp_path / "state.sqlite", "w2")
-    assert first.admit([key(1)], 0.0, RATE, privacy, 30)[0].kind == ADMITTED
-    assert second.admit([key(1)], 40.0, RATE, privacy, 30)[0].kind == ADMITTED
+    privacy, first, second = taken_over_request(tmp_path)
 
     second.record_answers(
         [(key(1), "ok", b"a")], 41.0, released=[key(1)], privacy=privacy
