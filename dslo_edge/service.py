@@ -43,6 +43,20 @@ SYSTEM_DIRECTORIES = frozenset(
         "/usr",
         "/var",
         "/var/tmp",
+        # Directories that hold other programs' data, which would become
+        # writable too, or, after a recursive chown, owned by the service.
+        "/home",
+        "/lib64",
+        "/media",
+        "/mnt",
+        "/opt",
+        "/root",
+        "/srv",
+        "/usr/local",
+        "/var/cache",
+        "/var/lib",
+        "/var/log",
+        "/var/spool",
     }
 )
 # PrivateTmp=yes gives the service new, empty copies of these on every start.

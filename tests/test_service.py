@@ -307,7 +307,6 @@ def test_service_install_root_has_no_state_directory(tmp_path) -> None:
             "/home/pi/dslo state",
             "mkdir -p '/home/pi/dslo state' && chown -R dslo: '/home/pi/dslo state'",
         ),
-        ("/var/lib", "mkdir -p /var/lib && chown -R dslo: /var/lib"),
         ("/var/lib/a:b", "mkdir -p /var/lib/a:b && chown -R dslo: /var/lib/a:b"),
         ("/var/lib/it's", """mkdir -p '/var/lib/it'"'"'s' && chown -R dslo:"""),
     ],
@@ -490,6 +489,7 @@ def test_watchdog_exits_when_trainer_thread_dies(tmp_path, mlp_pair, broker) -> 
         (["--state-dir", path], f"error: --state-dir '{path}' is a system directory")
         for path in ("/bin", "/boot", "/dev", "/lib", "/proc", "/run", "/sbin")
         + ("/sys", "/usr", "/var")
+        + ("/home", "/opt", "/srv", "/var/lib", "/var/log")
     ],
 )
 def test_service_install_rejects_bad_path(tmp_path, arguments, message) -> None:
@@ -505,7 +505,7 @@ def test_service_install_rejects_bad_path(tmp_path, arguments, message) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("state_dir", ["/var/lib/dslo-edge", "/srv/tmp", "/var/lib"])
+@pytest.mark.parametrize("state_dir", ["/var/lib/dslo-edge", "/srv/tmp", "/opt/dslo"])
 def test_service_install_accepts_state_dir(tmp_path, state_dir: str) -> None:
     result = CliRunner().invoke(
         main,
