@@ -395,19 +395,26 @@ class SoftLabelEngine:
     ) -> None:
         """Load what ``checkpoint_content`` saved; absent keys keep defaults.
 
+        A table with more ids than ``smoothing_capacity``, as after the
+        capacity was lowered, keeps its most recently used ids, as eviction
+        would have.
+
         Raises:
-            ValueError: stored ids and tables are malformed, disagree, or exceed
-                the capacity.
+            ValueError: stored ids and tables are malformed or disagree.
         """
         capacity = self.settings.smoothing_capacity
-        ids, rows = _take_rows(tensors, state, prefix, "smoothing")
+        ids, rows = _newest_rows(
+            *_take_rows(tensors, state, prefix, "smoothing"), capacity, "smoothing"
+        )
         # A rollback restores into the live engine, so an empty store in the
         # checkpoint must replace the rows written since.
         if ids:
             self.store = SmoothingStore.from_arrays(ids, rows, capacity)
         else:
             self.store = SmoothingStore(capacity)
-        monitor_ids, table = _take_rows(tensors, state, prefix, "monitor")
+        monitor_ids, table = _newest_rows(
+            *_take_rows(tensors, state, prefix, "monitor"), capacity, "monitor"
+        )
         if "monitor_state" in state:
             self.monitor = TeacherMonitor.from_state(
                 state["monitor_state"],
@@ -489,6 +496,27 @@ def _take_rows(
         )
     order = lru_order(stamps)
     return [ids[row] for row in order.tolist()], rows[order]
+
+
+def _newest_rows(
+    ids: list[str], rows: np.ndarray, capacity: int, table: str
+) -> tuple[list[str], np.ndarray]:
+    """Return the last ``capacity`` ids and rows of a table ordered oldest first.
+
+    Logs a warning with the count of ids dropped, if any.
+    """
+    if len(ids) <= capacity:
+        return ids, rows
+    logger.warning(
+        "The checkpoint's %s table has %d ids, more than smoothing.capacity %d; "
+        "keeping the %d most recently used and dropping %d, as eviction would",
+        table,
+        len(ids),
+        capacity,
+        capacity,
+        len(ids) - capacity,
+    )
+    return ids[len(ids) - capacity :], rows[len(ids) - capacity :]
 
 
 def _take_ids(

@@ -334,13 +334,15 @@ def test_checkpoints_of_other_model_are_kept(mlp_pair, tmp_path, caplog) -> None
     assert f"moved the checkpoints it cannot load to {moved_to}" in caplog.text
 
 
-def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) -> None:
+def test_lowered_capacity_keeps_newest_ids(mlp_pair, tmp_path, caplog) -> None:
     state = tmp_path / "state"
     folder = state / "checkpoints"
     written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
-    # A checkpoint of this model with adapted weights and three smoothing ids.
+    # A checkpoint of this model with adapted weights and three smoothing ids,
+    # saved oldest first without stamps, with row i filled with i.
     tensors = adapted_weights(written.tensors, 1.0)
-    tensors["smoothing/rows"] = np.zeros((3, 10), np.float32)
+    tensors["smoothing/rows"] = np.repeat(np.arange(3, dtype=np.float32), 10)
+    tensors["smoothing/rows"] = tensors["smoothing/rows"].reshape(3, 10)
     state_values = {**written.state, "smoothing_ids": ["a", "b", "c"]}
     save_checkpoint(folder, tensors, state_values)
     path = tmp_path / "lowered.toml"
@@ -350,19 +352,18 @@ def test_checkpoints_over_lowered_capacity_are_kept(mlp_pair, tmp_path, caplog) 
     )
 
     daemon = EdgeDaemon(load_config(path))
-    factory = daemon.student.get_weights()
-    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.dynamic"):
         daemon._restore()
     daemon._state_lock.release()
 
-    moved_files = list((state / "mismatched-checkpoints").glob("*/*"))
-    assert len(moved_files) == 1
-    # The weights loaded before the smoothing store failed, and were reset.
+    ids, rows = daemon.trainer.engine.store.to_arrays()
+    assert ids == ["b", "c"]
+    np.testing.assert_array_equal(rows[:, 0], [1.0, 2.0])
     for name, value in daemon.student.get_weights().items():
-        np.testing.assert_array_equal(value, factory[name])
-    assert "raise the smoothing capacity" in caplog.text
-    assert "moved the checkpoints it cannot load to " in caplog.text
-    assert "other model" not in caplog.text
+        np.testing.assert_array_equal(value, tensors[WEIGHT_PREFIX + name])
+    assert not (state / "mismatched-checkpoints").exists()
+    assert "smoothing table has 3 ids, more than smoothing.capacity 2" in caplog.text
+    assert "dropping 1" in caplog.text
 
 
 def test_checkpoint_with_invalid_ids_is_kept(mlp_pair, tmp_path, caplog) -> None:
