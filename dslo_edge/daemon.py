@@ -1285,6 +1285,7 @@ class EdgeDaemon:
                     f"{self.checkpoint_dir}",
                     self.checkpoint_dir,
                 )
+            self.updater.accept(candidate)
         except Exception as error:
             self._set_model(old)
             if activated is None:

@@ -49,6 +49,7 @@ from dslo_edge.repeat_log import RepeatLimiter
 from dslo_edge.signing import verified_body
 from dslo_edge.state_folders import OTA
 from dslo_edge.swap import (
+    ACTIVE,
     BundleStore,
     check_student_health,
     load_new_student,
@@ -183,13 +184,27 @@ class ModelUpdater:
             OtaError: ``state_dir_write_failed`` when the link cannot be written.
         """
         try:
-            return self.store.activate(candidate.release)
+            return self.store.activate(candidate.release, pending=True)
         except OSError as error:
             raise state_write_error(
                 error,
                 f"point {self.store.folder / 'active'} at release "
                 f"{candidate.release.name}",
                 self.store.folder,
+            ) from error
+
+    def accept(self, candidate: ReleaseCandidate) -> None:
+        """Mark an activated candidate's release as one the daemon may start.
+
+        Raises:
+            OtaError: ``state_dir_write_failed`` when the release's pending
+                marker cannot be removed.
+        """
+        try:
+            self.store.accept(candidate.release)
+        except OSError as error:
+            raise state_write_error(
+                error, f"accept release {candidate.release.name}", self.store.folder
             ) from error
 
     def installed(self, candidate: ReleaseCandidate) -> str:
@@ -221,8 +236,17 @@ class ModelUpdater:
     def roll_back(
         self, candidate: ReleaseCandidate, activated: bool, error: Exception
     ) -> str:
-        """Undo ``activate`` after the switch failed; return the status."""
-        restored = self.store.rollback() if activated else self.store.active_release()
+        """Undo ``activate`` after the switch failed; return the status.
+
+        When the ``active`` link cannot be moved back, the release keeps its
+        pending marker, so the daemon does not start it at its next start.
+        """
+        try:
+            restored = (
+                self.store.rollback() if activated else self.store.active_release()
+            )
+        except OSError as link_error:
+            return self._link_not_restored(candidate, error, link_error)
         self.store.discard(candidate.release)
         reason, detail = _failure(candidate.release, error)
         logger.error(
@@ -239,6 +263,30 @@ class ModelUpdater:
             release=restored.name if restored else None,
             reason=reason,
             detail=detail,
+        )
+
+    def _link_not_restored(
+        self, candidate: ReleaseCandidate, error: Exception, link_error: OSError
+    ) -> str:
+        """Return the status of a failed switch whose link could not be undone."""
+        link = self.store.folder / ACTIVE
+        problem = state_write_error(
+            link_error, f"point {link} back at the release before", self.store.folder
+        )
+        reason, detail = _failure(candidate.release, error)
+        detail = (
+            f"{detail}. The daemon keeps running its previous model, but {problem}. "
+            f"Release {candidate.release.name} stays marked as not accepted, so "
+            "the daemon does not start it"
+        )
+        logger.error(
+            "Model update %s (release %s) failed after activation: %s",
+            candidate.transfer_id,
+            candidate.release.name,
+            detail,
+        )
+        return status_payload(
+            "rejected", candidate.transfer_id, reason=reason, detail=detail
         )
 
     def _install(

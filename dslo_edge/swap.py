@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 ACTIVE = "active"
 PREVIOUS = "previous"
 MAX_KEPT_MODELS = 3
+# File in a release directory from its activation until the daemon accepts
+# it. A release that still has it at start was never accepted, for example
+# because the daemon could not move the active link back after a failed
+# switch, so the daemon starts the release before it instead.
+PENDING_MARKER = ".pending"
 # Prefix of the optimizer's tensors among a student's weights, as
 # converters/optimizers.py names them (STATE_PREFIX).
 OPTIMIZER_STATE_PREFIX = "optimizer__"
@@ -94,9 +99,25 @@ class BundleStore:
                 "release directories there"
             )
         target = _link_target(link)
-        if target is not None and target.is_dir():
+        if target is None or not target.is_dir():
+            return factory
+        if not (target / PENDING_MARKER).exists():
             return target
-        return factory
+        previous = _link_target(self.folder / PREVIOUS)
+        fallback = factory
+        if previous is not None and previous.is_dir():
+            if not (previous / PENDING_MARKER).exists():
+                fallback = previous
+        logger.error(
+            "Release %s that %s names was never accepted, because its switch "
+            "failed and the link could not be moved back, so the daemon starts "
+            "%s instead. Once the state directory is writable, send the "
+            "release again",
+            target.name,
+            link,
+            fallback,
+        )
+        return fallback
 
     def install_archive(self, archive: Path) -> Path:
         """Unpack a verified archive into its own release directory.
@@ -148,8 +169,11 @@ class BundleStore:
             return target
         return None
 
-    def activate(self, release: Path) -> bool:
+    def activate(self, release: Path, pending: bool = False) -> bool:
         """Point ``active`` at a release and ``previous`` at the one it replaces.
+
+        With ``pending``, the release is not started at the daemon's next
+        start until ``accept`` marks it.
 
         Returns:
             True when ``active`` named another release (or none) before, so
@@ -160,12 +184,20 @@ class BundleStore:
         target = _link_target(current)
         if target == release.resolve():
             return False
+        # Written first, so a release whose switch cannot be undone is not
+        # started later (see active_path).
+        if pending:
+            (release / PENDING_MARKER).touch()
         # A looping link names no release to roll back to.
         if target is not None:
             _replace_link(self.folder / PREVIOUS, os.readlink(current))
         _replace_link(current, release.name)
         self._prune()
         return True
+
+    def accept(self, release: Path) -> None:
+        """Mark an activated release as accepted, so the daemon starts it."""
+        (release / PENDING_MARKER).unlink(missing_ok=True)
 
     def discard(self, release: Path) -> None:
         """Delete an installed release unless ``active`` or ``previous`` names it."""
@@ -183,8 +215,8 @@ class BundleStore:
         if not previous.is_symlink():
             active.unlink(missing_ok=True)
             return None
-        _replace_link(active, os.readlink(previous))
-        previous.unlink()
+        # A rename creates no file, so it works on a full file system too.
+        os.replace(previous, active)
         return active.resolve()
 
     def _linked(self) -> set[str]:

@@ -404,6 +404,95 @@ def test_activate_full_disk_rejects_release(
     assert not release.exists()
 
 
+def test_rollback_on_full_disk_restores_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dslo_edge import swap
+
+    store = BundleStore(tmp_path / "state")
+    first = install(tmp_path, store, 1)
+    store.activate(first)
+    second = install(tmp_path, store, 2)
+    store.activate(second)
+
+    def no_space(*_: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # A new link needs a new inode, which a full file system may not have.
+    monkeypatch.setattr(swap.os, "symlink", no_space)
+    restored = store.rollback()
+    monkeypatch.undo()
+
+    assert restored == first
+    assert store.active_release() == first
+    assert not (store.folder / "previous").is_symlink()
+
+
+def test_unaccepted_release_is_not_started(tmp_path: Path, caplog) -> None:
+    factory = write_bundle(tmp_path / "factory")
+    store = BundleStore(tmp_path / "state")
+    first = install(tmp_path, store, 1)
+    store.activate(first, pending=True)
+    pending_first = store.active_path(factory)
+    store.accept(first)
+    second = install(tmp_path, store, 2)
+    store.activate(second, pending=True)
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="dslo_edge.swap"):
+        pending_second = store.active_path(factory)
+    store.accept(second)
+    accepted_second = store.active_path(factory)
+
+    assert pending_first == factory
+    assert pending_second == first
+    assert caplog.messages == [
+        f"Release {second.name} that {store.folder / 'active'} names was never "
+        "accepted, because its switch failed and the link could not be moved "
+        f"back, so the daemon starts {first} instead. Once the state directory "
+        "is writable, send the release again"
+    ]
+    assert accepted_second == second
+
+
+def test_failed_rollback_keeps_release_unstarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dslo_edge import swap
+    from dslo_edge.model_update import ReleaseCandidate
+
+    factory = write_bundle(tmp_path / "factory")
+    updater = ModelUpdater(tmp_path / "state", FakeStudent)  # type: ignore[arg-type]
+    first = install(tmp_path, updater.store, 1)
+    updater.store.activate(first)
+    release = install(tmp_path, updater.store, 2)
+    bundle = load_bundle(release)
+    candidate = ReleaseCandidate("ab12", release, bundle, FakeStudent(bundle), False)  # type: ignore[arg-type]
+    activated = updater.activate(candidate)
+    save_error = OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    def read_only(*_: Any) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    # A file system remounted read-only fails the checkpoint and the rollback.
+    monkeypatch.setattr(swap.os, "replace", read_only)
+    status = json.loads(updater.roll_back(candidate, activated, save_error))
+    monkeypatch.undo()
+
+    link = updater.store.folder / "active"
+    assert activated
+    assert status["state"] == "rejected"
+    assert status["reason"] == "install_failed"
+    assert f"cannot point {link} back at the release before: " in status["detail"]
+    assert "Read-only file system (EROFS)" in status["detail"]
+    assert status["detail"].endswith(
+        f"Release {release.name} stays marked as not accepted, so the daemon "
+        "does not start it"
+    )
+    assert updater.store.active_release() == release
+    assert updater.active_bundle(factory) == first
+
+
 def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
     archive = pack_bundle(write_bundle(tmp_path / "bundle"))
     wrong = hashlib.sha256(b"another archive").digest()
