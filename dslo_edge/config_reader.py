@@ -45,6 +45,9 @@ class TableReader:
         self.table = table
         self.path = path
         self.used: set[str] = set()
+        # Keys that the table accepts but that are read later, declared so
+        # that a missing key's misspelling hint does not name them.
+        self.declared: set[str] = set()
 
     def fail(self, key: str, value: Any, expected: str) -> ConfigError:
         return ConfigError(
@@ -80,9 +83,14 @@ class TableReader:
             raise self.fail(key, value, expected)
         return value
 
+    def declare(self, *keys: str) -> None:
+        """Name every key the table accepts, before a required one is read."""
+        self.declared.update(keys)
+
     def _misspelling_hint(self, key: str) -> str:
-        """Return a hint naming a key of this table that looks like ``key``."""
-        others = [name for name in self.table if name not in self.used]
+        """Return a hint naming an unknown key of this table that looks like ``key``."""
+        known = self.used | self.declared
+        others = [name for name in self.table if name not in known]
         close = difflib.get_close_matches(key, others, n=1, cutoff=0.6)
         if not close:
             return ""

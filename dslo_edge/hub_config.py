@@ -284,6 +284,9 @@ def _privacy(table: _Table) -> PrivacySettings | None:
 
 
 def _push(table: _Table) -> PushSchedule:
+    # every_s and expiry_s look alike, so a missing every_s must not be
+    # reported as a misspelt expiry_s.
+    table.declare("devices", "name", "data", "every_s", "batch_size", "expiry_s")
     devices = table.get("devices", list, _REQUIRED, bool, "a non-empty list of ids")
     for device in devices:
         if not isinstance(device, str) or not _topic_level(device):

@@ -313,6 +313,29 @@ def test_misspelt_teacher_path_is_named(tmp_path) -> None:
     )
 
 
+def test_missing_every_s_names_no_valid_key(tmp_path) -> None:
+    extra = PUSH.replace("every_s = 3600", "expiry_s = 600")
+    path = write_config(tmp_path, extra)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (f"error: {path}: missing required key push[0].every_s\n")
+
+
+def test_misspelt_every_s_is_named(tmp_path) -> None:
+    extra = PUSH.replace("every_s = 3600", "evry_s = 3600\nexpiry_s = 600")
+    path = write_config(tmp_path, extra)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: missing required key push[0].every_s; found "
+        "push[0].evry_s, which may be a misspelling of every_s\n"
+    )
+
+
 def test_unloadable_teacher_file_exits_78(tmp_path) -> None:
     path = write_config(tmp_path)
 
