@@ -60,7 +60,11 @@ def check_broker_host(host: str, name: str = "broker host") -> None:
     if "://" in host:
         # A URL such as mqtt://hub.local:1883 would otherwise be read as the
         # host 'mqtt' with the port '//hub.local'.
-        bare = urlsplit(host).hostname
+        try:
+            bare = urlsplit(host).hostname
+        except ValueError:
+            # urlsplit rejects a bracketed IPv6 host without its "]".
+            bare = None
         example = f", such as {bare!r}," if bare else ""
         raise ConfigError(
             f"{name} {host!r} is invalid: it is a URL; give the host "

@@ -204,6 +204,11 @@ def _flash_into_empty_target(tmp_path: Path, *options: str):
             "error: --broker-host 'mqtts://[fd00::1]:8883' is invalid: it is a URL; "
             "give the host alone, such as 'fd00::1', and the port with",
         ),
+        (
+            ["--broker-host", "mqtt://[fd00::1"],
+            "error: --broker-host 'mqtt://[fd00::1' is invalid: it is a URL; give "
+            "the host alone and the port with --broker-port\n",
+        ),
         (["--broker-host", "fe80::1%"], "error: --broker-host 'fe80::1%' is"),
         (["--broker-host", 'fe80::1%"x'], "error: --broker-host 'fe80::1%\"x' is"),
         (["--broker-host", "hub local"], "error: --broker-host 'hub local' is"),
