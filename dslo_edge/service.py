@@ -119,7 +119,7 @@ def check_state_dir(value: str, option: str) -> PurePosixPath:
 
     Raises:
         ConfigError: the path fails ``check_normalized_path`` or is one of
-            ``SYSTEM_DIRECTORIES``.
+            ``SYSTEM_DIRECTORIES`` or a directory right under /usr.
     """
     path = check_normalized_path(value, option)
     if value in PRIVATE_TMP_DIRECTORIES:
@@ -129,7 +129,9 @@ def check_state_dir(value: str, option: str) -> PurePosixPath:
         )
     elif value == "/":
         reason = "ReadWritePaths=/ turns the ProtectSystem=strict sandbox off"
-    elif value in SYSTEM_DIRECTORIES:
+    elif value in SYSTEM_DIRECTORIES or path.parent == PurePosixPath("/usr"):
+        # Every directory right under /usr, such as /usr/lib or /usr/share,
+        # holds files of the system's packages.
         reason = "ReadWritePaths= would let the service write all of it"
     else:
         # NOTE: directories below /tmp and /var/tmp are accepted, although

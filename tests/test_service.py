@@ -490,6 +490,7 @@ def test_watchdog_exits_when_trainer_thread_dies(tmp_path, mlp_pair, broker) -> 
         for path in ("/bin", "/boot", "/dev", "/lib", "/proc", "/run", "/sbin")
         + ("/sys", "/usr", "/var")
         + ("/home", "/opt", "/srv", "/var/lib", "/var/log")
+        + ("/usr/lib", "/usr/share", "/usr/bin")
     ],
 )
 def test_service_install_rejects_bad_path(tmp_path, arguments, message) -> None:
@@ -505,7 +506,9 @@ def test_service_install_rejects_bad_path(tmp_path, arguments, message) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("state_dir", ["/var/lib/dslo-edge", "/srv/tmp", "/opt/dslo"])
+@pytest.mark.parametrize(
+    "state_dir", ["/var/lib/dslo-edge", "/srv/tmp", "/opt/dslo", "/usr/local/dslo"]
+)
 def test_service_install_accepts_state_dir(tmp_path, state_dir: str) -> None:
     result = CliRunner().invoke(
         main,
