@@ -310,7 +310,7 @@ def load_config(path: str | Path) -> DeviceConfig:
     limits, tolerance, max_abs_input = _limits(root.section("limits"))
     security = read_security(root.section("security"))
     health = read_health(root.section("health"))
-    log_settings = read_logging(root.section("logging"))
+    log_settings = read_logging(root.section("logging"), state_dir)
     budget = read_budget(root.section("budget"))
     homeassistant = read_homeassistant(root.section("homeassistant"))
     requests = read_requests(root.section("requests"), mqtt)

@@ -367,7 +367,13 @@ def read_homeassistant(reader: TableReader) -> HomeAssistantSettings:
     return settings
 
 
-def read_logging(reader: TableReader) -> LoggingSettings:
+# The daemon's metrics log in device.state_dir when logging.metrics_file is unset.
+METRICS_LOG = "metrics.jsonl"
+
+
+def read_logging(reader: TableReader, state_dir: Path | None = None) -> LoggingSettings:
+    """Read the [logging] table; ``state_dir`` places the default metrics log."""
+
     def optional_path(key: str) -> Path | None:
         value = reader.get(key, str, "")
         return reader.source.parent / value if value else None
@@ -386,7 +392,21 @@ def read_logging(reader: TableReader) -> LoggingSettings:
     )
     reader.reject_unknown()
     _check_log_files(reader.source, settings)
+    if state_dir is not None and settings.metrics_file is None:
+        _check_default_metrics_log(reader.source, settings, state_dir / METRICS_LOG)
     return settings
+
+
+def _check_default_metrics_log(
+    source: Path, settings: LoggingSettings, metrics: Path
+) -> None:
+    """Raise ConfigError when logging.file names the default metrics log."""
+    if settings.file is not None and _same_file(settings.file, metrics):
+        raise ConfigError(
+            f"{source}: logging.file {settings.file} is the metrics log that the "
+            f"daemon writes to {METRICS_LOG} in device.state_dir, because "
+            "logging.metrics_file is unset; give logging.file another path"
+        )
 
 
 def _check_log_files(source: Path, settings: LoggingSettings) -> None:

@@ -60,6 +60,7 @@ from dslo_edge.checkpoint import (
     save_checkpoint,
 )
 from dslo_edge.config import DeviceConfig
+from dslo_edge.config_service import METRICS_LOG
 from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
@@ -98,7 +99,6 @@ OTA_QUEUE = 256
 # Reports in a burst come at most this often. A report at every idle moment
 # still shows the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
-METRICS_LOG = "metrics.jsonl"
 # Folder of state_dir for checkpoints that do not restore at start-up or rollback.
 MISMATCHED_CHECKPOINTS = "mismatched-checkpoints"
 # Suffix of a checkpoint that does not restore and cannot be moved to that folder.

@@ -334,6 +334,17 @@ def test_one_file_for_both_logs_is_rejected(tmp_path: Path) -> None:
     )
 
 
+def test_log_file_that_is_default_metrics_log(tmp_path: Path) -> None:
+    path, message = config_error(tmp_path, {"logging": {"file": "state/metrics.jsonl"}})
+
+    assert message == (
+        f"{path}: logging.file {tmp_path / 'state' / 'metrics.jsonl'} is the "
+        "metrics log that the daemon writes to metrics.jsonl in "
+        "device.state_dir, because logging.metrics_file is unset; give "
+        "logging.file another path"
+    )
+
+
 def test_metrics_file_of_other_content_is_kept(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("calibration notes\n")
