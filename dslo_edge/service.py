@@ -43,8 +43,12 @@ SYSTEM_DIRECTORIES = frozenset(
         "/usr",
         "/var",
         "/var/tmp",
-        # Directories that hold other programs' data, which would become
-        # writable too, or, after a recursive chown, owned by the service.
+    }
+)
+# Directories that hold other programs' data, which ReadWritePaths= would make
+# writable too, or a recursive chown for User= would hand to the service.
+SHARED_DIRECTORIES = frozenset(
+    {
         "/home",
         "/lib64",
         "/media",
@@ -119,7 +123,8 @@ def check_state_dir(value: str, option: str) -> PurePosixPath:
 
     Raises:
         ConfigError: the path fails ``check_normalized_path`` or is one of
-            ``SYSTEM_DIRECTORIES`` or a directory right under /usr.
+            ``SYSTEM_DIRECTORIES`` or ``SHARED_DIRECTORIES``, or a directory
+            right under /usr.
     """
     path = check_normalized_path(value, option)
     if value in PRIVATE_TMP_DIRECTORIES:
@@ -133,6 +138,12 @@ def check_state_dir(value: str, option: str) -> PurePosixPath:
         # Every directory right under /usr, such as /usr/lib or /usr/share,
         # holds files of the system's packages.
         reason = "ReadWritePaths= would let the service write all of it"
+    elif value in SHARED_DIRECTORIES:
+        raise ConfigError(
+            f"{option} {value!r} is a directory that other programs share, and "
+            "ReadWritePaths= would let the service write all of it; pass a "
+            "directory of the service's own, such as /var/lib/dslo-edge"
+        )
     else:
         # NOTE: directories below /tmp and /var/tmp are accepted, although
         # PrivateTmp=yes hides their content from the service as well.

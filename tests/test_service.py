@@ -489,8 +489,14 @@ def test_watchdog_exits_when_trainer_thread_dies(tmp_path, mlp_pair, broker) -> 
         (["--state-dir", path], f"error: --state-dir '{path}' is a system directory")
         for path in ("/bin", "/boot", "/dev", "/lib", "/proc", "/run", "/sbin")
         + ("/sys", "/usr", "/var")
-        + ("/home", "/opt", "/srv", "/var/lib", "/var/log")
         + ("/usr/lib", "/usr/share", "/usr/bin")
+    ]
+    + [
+        (
+            ["--state-dir", path],
+            f"error: --state-dir '{path}' is a directory that other programs share",
+        )
+        for path in ("/home", "/opt", "/srv", "/var/lib", "/var/log")
     ],
 )
 def test_service_install_rejects_bad_path(tmp_path, arguments, message) -> None:
