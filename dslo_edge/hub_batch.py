@@ -62,6 +62,10 @@ PUBLISH_TIMEOUT_S = 30.0
 # remembered for that, and beyond it all are forgotten.
 UNANSWERABLE_LOG_INTERVAL_S = 60.0
 UNANSWERABLE_LOG_MEMORY = 1024
+# A device's missing or unusable HMAC key is logged at most once an hour, or at
+# once after its key file was loaded again.
+KEY_LOG_INTERVAL_S = 3600.0
+KEY_LOG_MEMORY = 1024
 # Header bytes of a request before its shape, used to estimate sample counts.
 _COUNT_OFFSET = 30
 
@@ -131,8 +135,9 @@ class BatchLabeller:
         # Set by the worker once its MQTT client exists.
         self.client: mqtt.Client | None = None
         self._keys: dict[str, bytes] = {}
-        # Devices whose unusable key was logged, so resends add no log lines.
-        self._bad_keys_logged: set[str] = set()
+        # Devices whose unusable key was logged, so resends add few log lines.
+        # Its memory is bounded because any client can send under a new id.
+        self._key_log = RepeatLimiter(KEY_LOG_INTERVAL_S, KEY_LOG_MEMORY)
         self._unanswerable_log = RepeatLimiter(
             UNANSWERABLE_LOG_INTERVAL_S, UNANSWERABLE_LOG_MEMORY
         )
@@ -263,9 +268,7 @@ class BatchLabeller:
             key = self._key(device)
         except ConfigError as error:
             # Rejecting this request keeps the rest of the batch served.
-            if device not in self._bad_keys_logged:
-                self._bad_keys_logged.add(device)
-                logger.error("Cannot sign labels for device %s: %s", device, error)
+            self._log_key_problem(device, str(error))
             raise InvalidRequest(
                 "no_key", f"the hub cannot use the device's HMAC key: {error}"
             ) from error
@@ -276,10 +279,20 @@ class BatchLabeller:
             )
             # Only the device receives the rejection, so the hub's operator
             # learns of the missing key from this line.
-            if device not in self._bad_keys_logged:
-                self._bad_keys_logged.add(device)
-                logger.error("Cannot sign labels for device %s: %s", device, message)
+            self._log_key_problem(device, message)
             raise InvalidRequest("no_key", message)
+
+    def _log_key_problem(self, device: str, message: str) -> None:
+        """Log a device's missing or unusable key, at most once an hour."""
+        skipped = self._key_log.skipped_before(device)
+        if skipped is None:
+            return
+        logger.error(
+            "Cannot sign labels for device %s: %s%s",
+            device,
+            message,
+            f" ({skipped} more such requests since the last line)" if skipped else "",
+        )
 
     def _refusal(
         self,
@@ -417,7 +430,7 @@ class BatchLabeller:
             return None
         key = load_key(path)
         self._keys[device] = key
-        self._bad_keys_logged.discard(device)
+        self._key_log.forget(device)
         return key
 
     def _send(self, replies: list[_Reply]) -> None:

@@ -44,7 +44,8 @@ from dslo_edge.signing import load_key, sign
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 1.0
-# Budgets are never refilled, so a device stopped once is stopped at each later run.
+# Budgets are never refilled, so a device stopped once is stopped at each later
+# run. A missing key file also fails every run until it is added.
 BUDGET_LOG_INTERVAL_S = 3600.0
 BUDGET_LOG_MEMORY = 1024
 
@@ -74,6 +75,7 @@ class PushScheduler(threading.Thread):
         # The last error of each push's claim, so repeats are not logged.
         self._claim_errors: dict[str, str] = {}
         self._budget_log = RepeatLimiter(BUDGET_LOG_INTERVAL_S, BUDGET_LOG_MEMORY)
+        self._failure_log = RepeatLimiter(BUDGET_LOG_INTERVAL_S, BUDGET_LOG_MEMORY)
 
     def counters(self) -> dict[str, int]:
         """Return runs, updates sent and devices skipped for a spent budget."""
@@ -161,9 +163,7 @@ class PushScheduler(threading.Thread):
                 )
             except (DsloError, OSError) as error:
                 # One device's unreadable key must not stop the other devices.
-                logger.error(
-                    "Push %s to device %s failed: %s", schedule.name, device, error
-                )
+                self._log_failed(schedule, device, error)
                 self.skipped_devices += 1
                 continue
             self.updates += updates
@@ -256,6 +256,21 @@ class PushScheduler(threading.Thread):
         if kind == "logits":
             rows = label_probabilities_of(rows)
         return privatise(rows, privacy, self._rng), "probabilities"
+
+    def _log_failed(
+        self, schedule: PushSchedule, device: str, error: Exception
+    ) -> None:
+        """Log a device's failed push, and its repeats once an hour with a count."""
+        skipped = self._failure_log.skipped_before((schedule.name, device, str(error)))
+        if skipped is None:
+            return
+        logger.error(
+            "Push %s to device %s failed: %s%s",
+            schedule.name,
+            device,
+            error,
+            f" ({skipped} more failed runs since the last line)" if skipped else "",
+        )
 
     def _log_spent(self, device: str, refusal: str) -> None:
         """Log a push stopped by the budget, at most once an hour per device."""

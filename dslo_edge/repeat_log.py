@@ -40,3 +40,7 @@ class RepeatLimiter:
             self._logged.clear()
         self._logged[key] = (now, 0)
         return skipped
+
+    def forget(self, key: Hashable) -> None:
+        """Drop ``key``, so that its next event is logged at once."""
+        self._logged.pop(key, None)

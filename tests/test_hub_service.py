@@ -319,6 +319,34 @@ def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) ->
     assert worker.pushes.counters()["skipped_devices"] == 1
 
 
+def test_missing_key_logged_hourly(mlp_pair, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    folder = tmp_path / "hub"
+    (folder / "keys").mkdir(parents=True)
+    extra = {"hub": 'keys_dir = "keys"'}
+    config = load_hub_config(
+        nightly_push_config(folder, 1883, mlp_pair.bundle, x, extra), "w1"
+    )
+    worker = HubWorker(config)
+    assert worker.pushes is not None
+    now = [0.0]
+    worker.pushes._failure_log = RepeatLimiter(3600.0, 16, clock=lambda: now[0])
+    caplog.set_level("ERROR", logger="dslo_edge.hub_pushes")
+    [schedule] = config.pushes
+
+    # Nothing is published, because kitchen has no key file.
+    for seconds in (0.0, 60.0, 120.0, 3600.0):
+        now[0] = seconds
+        worker.pushes.run_once(schedule)
+
+    errors = push_errors(caplog)
+    assert len(errors) == 2
+    assert errors[0].startswith("Push nightly to device kitchen failed: no HMAC key")
+    assert "more failed runs" not in errors[0]
+    assert errors[1].endswith("(2 more failed runs since the last line)")
+    assert worker.pushes.counters()["skipped_devices"] == 4
+
+
 def test_push_skips_device_without_key(mlp_pair, mosquitto, tmp_path, caplog) -> None:
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     folder = tmp_path / "hub"
