@@ -7,6 +7,7 @@ here and a ``read_<table>`` function that validates it.
 from __future__ import annotations
 
 import logging.handlers
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -416,7 +417,8 @@ def _check_log_files(source: Path, settings: LoggingSettings) -> None:
     log path that names the config file or another file ends up deleted.
 
     Raises:
-        ConfigError: a path is the config file, both paths name one file, or
+        ConfigError: a path is the config file, both paths name one file,
+            ``file`` is a non-empty file that is not a daemon log, or
             ``metrics_file`` is a non-empty file that is not a metrics log.
     """
     paths = {"file": settings.file, "metrics_file": settings.metrics_file}
@@ -432,8 +434,14 @@ def _check_log_files(source: Path, settings: LoggingSettings) -> None:
                 f"{source}: logging.file and logging.metrics_file both name "
                 f"{settings.file}; give each its own file"
             )
-    # NOTE: an existing logging.file of other content is not detected, so
-    # rotation can still delete it after `backups` rotations.
+    log = settings.file
+    if log is not None and not _starts_like_daemon_log(log):
+        raise ConfigError(
+            f"{source}: logging.file {log} is a file that is not a dslo-edge log "
+            "(it does not start with a 'YYYY-MM-DD ' time stamp); the daemon "
+            "would append to it and delete it after rotations, so choose "
+            "another path or move the file aside"
+        )
     metrics = settings.metrics_file
     if metrics is not None and not _starts_like_metrics_log(metrics):
         raise ConfigError(
@@ -449,6 +457,22 @@ def _same_file(first: Path, second: Path) -> bool:
         return first.samefile(second)
     except OSError:
         return first.resolve() == second.resolve()
+
+
+def _starts_like_daemon_log(path: Path) -> bool:
+    """Check that ``path`` is missing, empty, not a file, or starts with a date.
+
+    Each line of the daemon's log starts with its time stamp, such as
+    ``2026-12-05 17:20:01,123``. A key, certificate or other program's log
+    does not, so rotating it away would destroy data.
+    """
+    try:
+        with path.open("rb") as stream:
+            start = stream.read(len("YYYY-MM-DD "))
+    except OSError:
+        # A missing path or a directory is reported when the file is opened.
+        return True
+    return start == b"" or re.fullmatch(rb"\d{4}-\d\d-\d\d ", start) is not None
 
 
 def _starts_like_metrics_log(path: Path) -> bool:

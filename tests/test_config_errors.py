@@ -372,6 +372,31 @@ def test_existing_metrics_log_is_accepted(tmp_path: Path, content: str) -> None:
     assert config.logging.metrics_file == tmp_path / "metrics.jsonl"
 
 
+def test_log_file_of_other_content_is_kept(tmp_path: Path) -> None:
+    key = tmp_path / "hmac.key"
+    key.write_text("6f1c2a9b8d7e6f5a4b3c2d1e0f9a8b7c\n")
+
+    path, message = config_error(tmp_path, {"logging": {"file": "hmac.key"}})
+
+    assert message.startswith(
+        f"{path}: logging.file {key} is a file that is not a dslo-edge log"
+    )
+    assert "choose another path or move the file aside" in message
+    assert key.read_text() == "6f1c2a9b8d7e6f5a4b3c2d1e0f9a8b7c\n"
+
+
+@pytest.mark.parametrize(
+    "content", ["", "2026-12-05 17:20:01,123 INFO dslo_edge.daemon: started\n"]
+)
+def test_existing_daemon_log_is_accepted(tmp_path: Path, content: str) -> None:
+    (tmp_path / "daemon.log").write_text(content)
+    path = write(tmp_path, tmp_path / "bundle", {"logging": {"file": "daemon.log"}})
+
+    config = load_config(path)
+
+    assert config.logging.file == tmp_path / "daemon.log"
+
+
 def test_metrics_file_directory_exits_78(mlp_pair, tmp_path: Path) -> None:
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
