@@ -188,8 +188,10 @@ class BundleStore:
         # started later (see active_path).
         if pending:
             (release / PENDING_MARKER).touch()
-        # A looping link names no release to roll back to.
-        if target is not None:
+        # A looping link names no release to roll back to. A release still
+        # pending was never started, so ``previous`` keeps naming the release
+        # that runs, and a rollback or the next start returns to it.
+        if target is not None and not (target / PENDING_MARKER).exists():
             _replace_link(self.folder / PREVIOUS, os.readlink(current))
         _replace_link(current, release.name)
         self._prune()

@@ -1280,3 +1280,27 @@ def test_check_outcome_adds_next_step(reason: str, detail: str, step: str) -> No
     assert str(caught.value) == (
         f"device kitchen-cam rejected transfer ab12: {reason}: {detail}{step}"
     )
+
+
+def test_release_after_unaccepted_one_rolls_back(tmp_path: Path) -> None:
+    factory = write_bundle(tmp_path / "factory")
+    store = BundleStore(tmp_path / "state")
+    running = install(tmp_path, store, 1)
+    store.activate(running, pending=True)
+    store.accept(running)
+    # The daemon stopped after switching to this release, before accepting it.
+    unaccepted = install(tmp_path, store, 2)
+    store.activate(unaccepted, pending=True)
+    started = store.active_path(factory)
+    failing = install(tmp_path, store, 3)
+
+    store.activate(failing, pending=True)
+    previous = store.folder / "previous"
+    previous_target = previous.resolve()
+    restored = store.rollback()
+
+    assert started == running
+    assert previous_target == running
+    assert running.is_dir()
+    assert restored == running
+    assert store.active_path(factory) == running
