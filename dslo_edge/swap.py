@@ -47,9 +47,9 @@ ACTIVE = "active"
 PREVIOUS = "previous"
 MAX_KEPT_MODELS = 3
 # File in a release directory from its activation until the daemon accepts
-# it. A release that still has it at start was never accepted, for example
-# because the daemon could not move the active link back after a failed
-# switch, so the daemon starts the release before it instead.
+# it. A release that still has it at start was never accepted, because the
+# daemon stopped during the switch or could not move the active link back
+# after a failed switch, so the daemon starts the release before it instead.
 PENDING_MARKER = ".pending"
 # Prefix of the optimizer's tensors among a student's weights, as
 # converters/optimizers.py names them (STATE_PREFIX).
@@ -109,10 +109,10 @@ class BundleStore:
             if not (previous / PENDING_MARKER).exists():
                 fallback = previous
         logger.error(
-            "Release %s that %s names was never accepted, because its switch "
-            "failed and the link could not be moved back, so the daemon starts "
-            "%s instead. Once the state directory is writable, send the "
-            "release again",
+            "Release %s that %s names was never accepted, because the daemon "
+            "stopped during its switch or could not move the link back after a "
+            "failed switch, so the daemon starts %s instead. Send the release "
+            "again, after making the state directory writable if it is read-only",
             target.name,
             link,
             fallback,

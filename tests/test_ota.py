@@ -448,9 +448,10 @@ def test_unaccepted_release_is_not_started(tmp_path: Path, caplog) -> None:
     assert pending_second == first
     assert caplog.messages == [
         f"Release {second.name} that {store.folder / 'active'} names was never "
-        "accepted, because its switch failed and the link could not be moved "
-        f"back, so the daemon starts {first} instead. Once the state directory "
-        "is writable, send the release again"
+        "accepted, because the daemon stopped during its switch or could not "
+        "move the link back after a failed switch, so the daemon starts "
+        f"{first} instead. Send the release again, after making the state "
+        "directory writable if it is read-only"
     ]
     assert accepted_second == second
 
