@@ -76,6 +76,9 @@ class PushScheduler(threading.Thread):
         self._claim_errors: dict[str, str] = {}
         self._budget_log = RepeatLimiter(BUDGET_LOG_INTERVAL_S, BUDGET_LOG_MEMORY)
         self._failure_log = RepeatLimiter(BUDGET_LOG_INTERVAL_S, BUDGET_LOG_MEMORY)
+        # The limiter key of each failing push to a device, dropped from the
+        # limiter once the push succeeds, so a new failure is logged at once.
+        self._failing: dict[tuple[str, str], tuple[str, str, str]] = {}
 
     def counters(self) -> dict[str, int]:
         """Return runs, updates sent and devices skipped for a spent budget."""
@@ -166,6 +169,9 @@ class PushScheduler(threading.Thread):
                 self._log_failed(schedule, device, error)
                 self.skipped_devices += 1
                 continue
+            failure = self._failing.pop((schedule.name, device), None)
+            if failure is not None:
+                self._failure_log.forget(failure)
             self.updates += updates
             sent_samples += count
             reached += count > 0
@@ -261,7 +267,9 @@ class PushScheduler(threading.Thread):
         self, schedule: PushSchedule, device: str, error: Exception
     ) -> None:
         """Log a device's failed push, and its repeats once an hour with a count."""
-        skipped = self._failure_log.skipped_before((schedule.name, device, str(error)))
+        key = (schedule.name, device, str(error))
+        self._failing[(schedule.name, device)] = key
+        skipped = self._failure_log.skipped_before(key)
         if skipped is None:
             return
         logger.error(

@@ -347,6 +347,50 @@ def test_missing_key_logged_hourly(mlp_pair, tmp_path, caplog) -> None:
     assert worker.pushes.counters()["skipped_devices"] == 4
 
 
+def test_push_failure_after_success_logged(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    folder = tmp_path / "hub"
+    keys = folder / "keys"
+    keys.mkdir(parents=True)
+    extra = {"hub": 'keys_dir = "keys"'}
+    config = load_hub_config(
+        nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, x, extra), "w1"
+    )
+    [schedule] = config.pushes
+    kitchen_client, kitchen = kitchen_updates(mosquitto.port)
+    worker = HubWorker(config)
+    assert worker.pushes is not None
+    now = [0.0]
+    worker.pushes._failure_log = RepeatLimiter(3600.0, 16, clock=lambda: now[0])
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    worker.start()
+    try:
+        # The scheduled run fails, because kitchen has no key file yet.
+        deadline = time.monotonic() + 15
+        while not push_summaries(caplog) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        generate_key_file(keys / "kitchen.key")
+        now[0] = 60.0
+        worker.pushes.run_once(schedule)
+        received = [kitchen.get(timeout=15) for _ in range(3)]
+        (keys / "kitchen.key").unlink()
+        now[0] = 120.0
+        worker.pushes.run_once(schedule)
+    finally:
+        worker.stop()
+        kitchen_client.disconnect()
+        kitchen_client.loop_stop()
+
+    errors = push_errors(caplog)
+    assert len(received) == 3
+    assert len(errors) == 2
+    assert errors[0].startswith("Push nightly to device kitchen failed: no HMAC key")
+    assert errors[1] == errors[0]
+    assert worker.pushes.counters()["skipped_devices"] == 2
+
+
 def test_push_skips_device_without_key(mlp_pair, mosquitto, tmp_path, caplog) -> None:
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     folder = tmp_path / "hub"
