@@ -507,6 +507,13 @@ def _newest_rows(
     """
     if len(ids) <= capacity:
         return ids, rows
+    # Checkpoints without stamps are not checked by _take_rows, and cutting
+    # both lists would pair the kept ids with the rows of other ids.
+    if len(rows) != len(ids):
+        raise ValueError(
+            f"the checkpoint's {table} table has {len(ids)} ids and {len(rows)} "
+            "rows; expected one row per id"
+        )
     logger.warning(
         "The checkpoint's %s table has %d ids, more than smoothing.capacity %d; "
         "keeping the %d most recently used and dropping %d, as eviction would",

@@ -576,3 +576,17 @@ def test_lru_table_evicts_in_order_at_scale() -> None:
     assert len(stored_ids) == 1000
     assert stored_ids[0] == "k4024"
     assert stored_ids[-1] == "k5023"
+
+
+def test_restore_over_capacity_checks_row_count() -> None:
+    engine = SoftLabelEngine(TaskSettings(smoothing_capacity=2))
+    # A checkpoint of an earlier version: ids as a JSON list, no stamps.
+    tensors = {"smoothing/rows": np.zeros((4, 10), np.float32)}
+    state = {"smoothing_ids": ["a", "b", "c"]}
+
+    with pytest.raises(ValueError) as raised:
+        engine.restore(tensors, state, "")
+
+    assert str(raised.value) == (
+        "the checkpoint's smoothing table has 3 ids and 4 rows; expected one row per id"
+    )
