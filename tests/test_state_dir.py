@@ -874,3 +874,38 @@ def test_rollback_restores_older_generation(
     assert [path.name for path in moved] == ["checkpoint-00000002.safetensors"]
     expected = "rolled back to checkpoint-00000001.safetensors: forced failure"
     assert expected in caplog.text
+
+
+def test_stop_before_accept_restores_old_model(mlp_pair, tmp_path, caplog) -> None:
+    from dslo_edge.ota_sender import pack_bundle
+    from dslo_edge.swap import BundleStore
+
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    written = take_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    adapted = adapted_weights(written.tensors, 1.0)
+    save_checkpoint(folder, adapted, written.state)
+    save_checkpoint(folder, adapted, written.state)
+    # The daemon switched to a release of another model and saved that model's
+    # checkpoint, then stopped before it accepted the release.
+    store = BundleStore(state)
+    archive = tmp_path / "release.tar"
+    archive.write_bytes(pack_bundle(mlp_pair.bundle))
+    release = store.install_archive(archive)
+    store.activate(release, pending=True)
+    other_model = {
+        name.replace(WEIGHT_PREFIX, f"{WEIGHT_PREFIX}other_", 1): value
+        for name, value in written.tensors.items()
+    }
+    save_checkpoint(folder, other_model, written.state)
+
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge"):
+        daemon._restore()
+    daemon._state_lock.release()
+
+    assert daemon.bundle.path == mlp_pair.bundle
+    for name, value in daemon.student.get_weights().items():
+        np.testing.assert_array_equal(value, adapted[WEIGHT_PREFIX + name])
+    moved = list((state / "mismatched-checkpoints").glob("*/*"))
+    assert [path.name for path in moved] == ["checkpoint-00000003.safetensors"]
