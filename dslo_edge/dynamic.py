@@ -515,7 +515,7 @@ def _newest_rows(
             "rows; expected one row per id"
         )
     logger.warning(
-        "The checkpoint's %s table has %d ids, more than smoothing.capacity %d; "
+        "The checkpoint's %s table has %d ids, more than the smoothing capacity %d; "
         "keeping the %d most recently used and dropping %d, as eviction would",
         table,
         len(ids),
