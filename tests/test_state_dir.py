@@ -362,7 +362,9 @@ def test_lowered_capacity_keeps_newest_ids(mlp_pair, tmp_path, caplog) -> None:
     for name, value in daemon.student.get_weights().items():
         np.testing.assert_array_equal(value, tensors[WEIGHT_PREFIX + name])
     assert not (state / "mismatched-checkpoints").exists()
-    assert "smoothing table has 3 ids, more than the smoothing capacity 2" in caplog.text
+    assert (
+        "smoothing table has 3 ids, more than the smoothing capacity 2" in caplog.text
+    )
     assert "dropping 1" in caplog.text
 
 
