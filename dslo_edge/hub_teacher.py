@@ -51,7 +51,13 @@ class TeacherVersion:
 
     def new_model(self, runtime: str = "auto") -> TeacherModel:
         """Return a new interpreter of this version, for a thread of its own."""
-        return TeacherModel(self.file, self.output_kind, runtime, content=self.content)
+        return TeacherModel(
+            self.file,
+            self.output_kind,
+            runtime,
+            content=self.content,
+            source=f"teacher.path {self.file}",
+        )
 
     def announcement(self) -> str:
         """Return the JSON text of the retained teacher announcement."""
@@ -179,7 +185,11 @@ class TeacherRegistry:
             content = read_teacher(file)
             identity = _sha256(content)
             model = TeacherModel(
-                file, output_kind, self.settings.runtime, content=content
+                file,
+                output_kind,
+                self.settings.runtime,
+                content=content,
+                source=f"teacher.path {file}",
             )
             shapes = _shapes(model)
         except (BundleError, ConfigError, OSError, ValueError, KeyError) as error:
@@ -248,7 +258,4 @@ def _sha256(content: bytes) -> str:
 
 def _shapes(model: TeacherModel) -> tuple[tuple[int, ...], int]:
     """Return a teacher's input shape per sample and its class count."""
-    runner = model.interpreter.get_signature_runner("infer")
-    inputs = runner.get_input_details()["x"]["shape"]
-    outputs = runner.get_output_details()["output"]["shape"]
-    return tuple(int(d) for d in inputs[1:]), int(outputs[-1])
+    return model.input_shape, model.class_count

@@ -9,6 +9,7 @@ import numpy as np
 
 from dslo_edge.bundle import Bundle
 from dslo_edge.errors import BundleError
+from dslo_edge.push_checks import teacher_signature_of
 from dslo_edge.runtime import as_float32, interpreter_class, load_interpreter
 
 _NUMPY = (np.ndarray, np.generic)
@@ -159,12 +160,27 @@ class TeacherModel:
         runtime: str = "auto",
         *,
         content: bytes | None = None,
+        source: str | None = None,
     ):
-        """Load the teacher from ``content``, or else from the file at ``path``."""
+        """Load the teacher from ``content``, or else from the file at ``path``.
+
+        Args:
+            source: how the file was given, for errors; default ``teacher PATH``.
+
+        Raises:
+            BundleError: the file cannot be read or is not a LiteRT model.
+            ConfigError: the model has no ``infer`` signature with input ``x``
+                and output ``output``, such as a student file.
+        """
         self.output_kind = output_kind
         if content is None:
             content = read_teacher(path)
         self.interpreter = load_interpreter(model_content=content, preference=runtime)
+        signature = teacher_signature_of(
+            self.interpreter, source or f"teacher {path}", ["output"]
+        )
+        self.input_shape = signature.input_shape
+        self.class_count = signature.class_counts["output"]
         self._infer = self.interpreter.get_signature_runner("infer")
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dslo_edge.bundle import Bundle
 from dslo_edge.errors import BundleError, ConfigError
@@ -50,6 +51,18 @@ def read_teacher_signature(
         interpreter = load_interpreter(path, preference=runtime)
     except BundleError as error:
         raise ConfigError(f"{source}: {error}") from error
+    return teacher_signature_of(interpreter, source, output_names)
+
+
+def teacher_signature_of(
+    interpreter: Any, source: str, output_names: Iterable[str]
+) -> TeacherSignature:
+    """Read the shapes of a loaded teacher's ``infer`` signature.
+
+    Raises:
+        ConfigError: as ``read_teacher_signature``, for a missing signature,
+            input ``x`` or output.
+    """
     expected = list(output_names)
     signatures = interpreter.get_signature_list()
     signature = signatures.get(TEACHER_SIGNATURE)

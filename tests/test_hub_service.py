@@ -155,6 +155,46 @@ def test_teacher_for_another_model_is_not_loaded(mlp_pair, tmp_path, caplog) -> 
     assert f"keeping {first.version}" in caplog.text
 
 
+def test_student_file_as_teacher_is_not_loaded(mlp_pair, tmp_path, caplog) -> None:
+    teacher, worker = worker_with_teacher_copy(mlp_pair.bundle, tmp_path)
+    first = worker.teacher.current
+    shutil.copy(load_bundle(mlp_pair.bundle).student_path, teacher)
+    caplog.set_level("WARNING", logger="dslo_edge.hub_teacher")
+
+    loaded = worker.teacher.reload_if_changed(force=True)
+
+    assert loaded is False
+    assert worker.teacher.current == first
+    assert worker.teacher.class_count == 10
+    assert "has no matching teacher signature" in caplog.text
+    assert "outputs 'logits', 'probabilities'" in caplog.text
+    assert f"keeping {first.version}" in caplog.text
+
+
+@pytest.mark.parametrize("model", ["student", "no infer signature"])
+def test_teacher_without_signature_stops_start(mlp_pair, tmp_path, model: str) -> None:
+    teacher = tmp_path / "teacher.tflite"
+    if model == "student":
+        shutil.copy(load_bundle(mlp_pair.bundle).student_path, teacher)
+        found = "its 'infer' signature has inputs 'x' and outputs 'logits'"
+    else:
+        tf = pytest.importorskip("tensorflow")
+        converter = tf.lite.TFLiteConverter.from_keras_model(mlp_pair.teacher)
+        teacher.write_bytes(converter.convert())
+        found = "its signatures: serving_default"
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    config = write_hub_config(tmp_path / "hub", 1883, teacher, extra)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(config)])
+
+    assert result.exit_code == EXIT_CONFIG
+    assert isinstance(result.exception, SystemExit)
+    assert f"teacher.path {teacher} has no matching teacher signature" in (
+        result.output
+    )
+    assert found in result.output
+
+
 def test_broken_teacher_is_logged_once(mlp_pair, tmp_path, caplog) -> None:
     teacher, worker = worker_with_teacher_copy(mlp_pair.bundle, tmp_path)
     first = worker.teacher.current
