@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -551,3 +552,41 @@ def test_multi_head_teacher_bundle_is_rejected(two_head_bundle, tmp_path) -> Non
     message = str(caught.value)
     assert "is a bundle whose student has several heads" in message
     assert "labels for students with one head only" in message
+
+
+HUB_DOC = Path(__file__).resolve().parent.parent / "docs" / "hub.md"
+
+
+def test_hub_reference_example_loads(tmp_path, mlp_pair) -> None:
+    text = re.search(r"```toml\n(.*?)```", HUB_DOC.read_text(), re.S).group(1)
+    shutil.copytree(mlp_pair.bundle, tmp_path / "bundle")
+    x = np.random.default_rng(0).normal(size=(40, 64)).astype(np.float32)
+    np.savez(tmp_path / "nightly.npz", x=x)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "hub.toml").write_text(text)
+
+    config = load_hub_config(tmp_path / "hub.toml")
+
+    assert config.privacy is not None
+    assert config.privacy.epsilon_budget == 8.0
+    assert config.pushes[0].name == "nightly"
+    assert config.pushes[0].batch_size == 32
+
+
+def test_hub_doc_epsilon_table_matches_accountant() -> None:
+    pytest.importorskip("dp_accounting")
+    from dslo_edge.privacy import epsilon_spent
+
+    table = re.search(
+        r"\| `noise_multiplier` \| 1 sample \| (.*?) \|\n\|[-| ]+\|\n((?:\|.*\|\n)+)",
+        HUB_DOC.read_text(),
+    )
+    counts = [1] + [int(count) for count in table.group(1).split(" | ")]
+    rows = [line.strip("|").split("|") for line in table.group(2).splitlines()]
+
+    assert len(rows) == 4
+    for row in rows:
+        multiplier = float(row[0])
+        for count, documented in zip(counts, row[1:], strict=True):
+            spent = epsilon_spent({multiplier: count}, 1e-5, "rdp")
+            assert documented.strip() == f"{spent:.3g}", (multiplier, count)
