@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import string
 from pathlib import Path
 
 from dslo_edge.errors import ConfigError, InvalidUpdate
@@ -28,21 +29,28 @@ TAG_BYTES = 32
 HEADER_BYTES = len(SIGNED_MAGIC) + 1 + TAG_BYTES
 MIN_KEY_BYTES = 16
 UNEXPECTED_SIGNATURE = "unexpected_signature"
+_HEX_TEXT = frozenset(string.hexdigits + string.whitespace)
 
 
 def load_key(path: Path) -> bytes:
     """Read a key file: hex text (as ``generate_key_file`` writes) or raw bytes.
 
     Raises:
-        ConfigError: the file is unreadable or contains fewer than 16 key bytes.
+        ConfigError: the file is unreadable, contains fewer than 16 key
+            bytes, or contains only hex digits and whitespace that do not
+            decode as hex.
     """
     try:
         data = path.read_bytes().strip()
     except OSError as error:
         raise ConfigError(f"cannot read the HMAC key file {path}: {error}") from error
     try:
-        key = bytes.fromhex(data.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c in _HEX_TEXT for c in text):
+        key = _key_from_hex(path, text)
+    else:
         key = data
     if len(key) < MIN_KEY_BYTES:
         raise ConfigError(
@@ -50,6 +58,24 @@ def load_key(path: Path) -> bytes:
             f"{MIN_KEY_BYTES}; create one with 'dslo-edge keygen'"
         )
     return key
+
+
+def _key_from_hex(path: Path, text: str) -> bytes:
+    """Decode a key file that contains only hex digits and whitespace.
+
+    Such a file is hex text, not raw bytes. Read as raw bytes, a hex key cut
+    short by one digit would sign with another key, which every device rejects.
+    """
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        digits = sum(c in string.hexdigits for c in text)
+        raise ConfigError(
+            f"HMAC key file {path} contains hex text that does not decode "
+            f"({digits} hex digits; expected an even number, with no space "
+            "inside a pair), so the key may be cut short; copy the whole file "
+            "that 'dslo-edge keygen' wrote"
+        ) from None
 
 
 def generate_key_file(path: Path) -> None:

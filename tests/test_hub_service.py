@@ -871,3 +871,54 @@ def test_top_k_not_below_class_count_stops_start(mlp_pair, tmp_path) -> None:
         "requests.top_k = 10 is invalid for a teacher with 10 classes; expected 0 "
         "(all probabilities) or 1..9" in result.output
     )
+
+
+def test_cut_short_hex_key_rejects_request(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    keys = write_keys(folder)
+    hex_key = (keys / "porch.key").read_text().strip()
+    (keys / "porch.key").write_text(hex_key[:-1] + "\n")
+    extra = {"hub": 'keys_dir = "keys"'}
+    config = write_hub_config(folder, mosquitto.port, mlp_pair.bundle, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = subscribed_client(mosquitto.port, "dslo/+/labels")
+    start_online(worker, mosquitto.port)
+    try:
+        send_request(client, "porch", b"p" * 16)
+        reply = received.get(timeout=10)
+        counters = worker.counters
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    assert user_properties(reply.properties)["status"] == "rejected"
+    assert reply.payload.decode() == (
+        "the hub cannot use the device's HMAC key: HMAC key file "
+        f"{keys / 'porch.key'} contains hex text that does not decode (63 hex "
+        "digits; expected an even number, with no space inside a pair), so the "
+        "key may be cut short; copy the whole file that 'dslo-edge keygen' wrote"
+    )
+    assert counters["rejected"] == 1
+    assert counters["answered"] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (
+            "00112233445566778899aabbccddeeff\n",
+            bytes.fromhex("00112233445566778899aabbccddeeff"),
+        ),
+        (
+            "0011 2233 4455 6677 8899 aabb ccdd eeff",
+            bytes.fromhex("00112233445566778899aabbccddeeff"),
+        ),
+        ("a raw passphrase of some length", b"a raw passphrase of some length"),
+    ],
+)
+def test_key_file_hex_or_raw(tmp_path, text: str, key: bytes) -> None:
+    path = tmp_path / "device.key"
+    path.write_text(text)
+
+    assert load_key(path) == key
