@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from dslo_edge.errors import ConfigError, DsloError
+from dslo_edge.errors import BrokerError, ConfigError, DsloError
 from dslo_edge.hub import (
     SampleSet,
     describe_non_finite_labels,
@@ -79,6 +79,7 @@ class PushScheduler(threading.Thread):
         # The limiter key of each failing push to a device, dropped from the
         # limiter once the push succeeds, so a new failure is logged at once.
         self._failing: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self._waiting_for_broker = False
 
     def counters(self) -> dict[str, int]:
         """Return runs, updates sent and devices skipped for a spent budget."""
@@ -95,6 +96,8 @@ class PushScheduler(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.wait(CHECK_EVERY_S):
+            if not self._connected():
+                continue
             for schedule in self.config.pushes:
                 if self._stopping.is_set():
                     return
@@ -117,6 +120,23 @@ class PushScheduler(threading.Thread):
                         schedule.name,
                         schedule.every_s,
                     )
+
+    def _connected(self) -> bool:
+        """Return whether the broker connection is up, logging once per outage.
+
+        Runs are not claimed while it is down, because a claimed run counts as
+        done for its period, even when paho could not publish its updates.
+        """
+        connected = self.client.is_connected()
+        if not connected and not self._waiting_for_broker:
+            logger.warning(
+                "Scheduled pushes wait for the broker connection; runs that "
+                "fall due meanwhile start when the worker reconnects"
+            )
+        elif connected and self._waiting_for_broker:
+            logger.info("Scheduled pushes resume: the broker connection is back")
+        self._waiting_for_broker = not connected
+        return connected
 
     def _claim(self, schedule: PushSchedule) -> bool:
         """Claim a due run in the state file, logging a failure once per error."""
@@ -165,7 +185,8 @@ class PushScheduler(threading.Thread):
                     schedule, device, samples, (current, outputs)
                 )
             except (DsloError, OSError) as error:
-                # One device's unreadable key must not stop the other devices.
+                # One device's unreadable key or lost publishes must not stop
+                # the other devices.
                 self._log_failed(schedule, device, error)
                 self.skipped_devices += 1
                 continue
@@ -244,7 +265,16 @@ class PushScheduler(threading.Thread):
             )
             sent_samples += len(labels)
         for info in sent:
-            info.wait_for_publish(timeout=30)
+            try:
+                info.wait_for_publish(timeout=30)
+            except (RuntimeError, ValueError) as error:
+                # paho keeps a QoS 1 message published while disconnected
+                # and sends it after reconnecting, unless the worker stops.
+                raise BrokerError(
+                    f"{len(sent)} updates were not acknowledged by the broker "
+                    f"({error}); paho sends the queued ones if the worker "
+                    "reconnects before it stops"
+                ) from error
         return len(sent), sent_samples
 
     def _release(

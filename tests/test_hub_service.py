@@ -922,3 +922,73 @@ def test_key_file_hex_or_raw(tmp_path, text: str, key: bytes) -> None:
     path.write_text(text)
 
     assert load_key(path) == key
+
+
+def test_push_waits_for_broker_outage(
+    mlp_pair, broker_factory, tmp_path, caplog
+) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    broker = broker_factory("mosquitto")
+    config = nightly_push_config(tmp_path / "hub", broker.port, mlp_pair.bundle, x)
+    text = config.read_text().replace(
+        'devices = ["kitchen"]', 'devices = ["kitchen", "porch"]'
+    )
+    config.write_text(text)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    assert worker.pushes is not None
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    broker.stop()
+    worker.start()
+    try:
+        # The scheduler checks every second, so a due run was looked at twice.
+        time.sleep(2.5)
+        runs_while_down = worker.pushes.counters()["runs"]
+        broker_factory("mosquitto", port=broker.port)
+        client, received = subscribed_client(
+            broker.port, "dslo/+/updates", lambda message: message.topic
+        )
+        topics = [received.get(timeout=15) for _ in range(6)]
+        client.disconnect()
+        client.loop_stop()
+    finally:
+        worker.stop()
+
+    assert runs_while_down == 0
+    assert sorted(set(topics)) == ["dslo/kitchen/updates", "dslo/porch/updates"]
+    assert topics.count("dslo/porch/updates") == 3
+    assert worker.pushes.counters()["runs"] == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert (
+        messages.count(
+            "Scheduled pushes wait for the broker connection; runs that fall due "
+            "meanwhile start when the worker reconnects"
+        )
+        == 1
+    )
+    assert "Scheduled pushes resume: the broker connection is back" in messages
+    assert not [m for m in messages if "failed" in m]
+
+
+def test_push_disconnected_tries_every_device(mlp_pair, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    config = nightly_push_config(tmp_path / "hub", 1883, mlp_pair.bundle, x)
+    text = config.read_text().replace(
+        'devices = ["kitchen"]', 'devices = ["kitchen", "porch"]'
+    )
+    config.write_text(text)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    assert worker.pushes is not None
+    [schedule] = worker.config.pushes
+    caplog.set_level("ERROR", logger="dslo_edge.hub_pushes")
+
+    # The worker never connected, so paho queues each publish and reports
+    # that the client is not connected.
+    worker.pushes.run_once(schedule)
+
+    errors = [r.getMessage() for r in caplog.records]
+    assert len(errors) == 2
+    for error, device in zip(errors, ("kitchen", "porch"), strict=True):
+        assert error.startswith(f"Push nightly to device {device} failed: 3 updates")
+        assert "The client is not currently connected" in error
+    assert worker.pushes.counters() == {"runs": 1, "updates": 0, "skipped_devices": 2}
+    worker.state.close()
