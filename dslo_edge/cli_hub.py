@@ -29,14 +29,40 @@ from dslo_edge.cli_device import handle_errors
     is_flag=True,
     help="Print the systemd template unit for hub workers and exit.",
 )
+@click.option(
+    "--exec",
+    "exec_path",
+    help="With --print-unit: path of the dslo-edge script that the unit starts; "
+    "default: this one.",
+)
 @handle_errors
-def hub(config_path: str | None, worker_id: str | None, print_unit: bool) -> None:
+def hub(
+    config_path: str | None,
+    worker_id: str | None,
+    print_unit: bool,
+    exec_path: str | None,
+) -> None:
     """Run a hub worker: serve label requests, run pushes, serve the teacher."""
+    if exec_path is not None and not print_unit:
+        raise click.UsageError("--exec is used only with --print-unit")
     if print_unit:
-        from dslo_edge.service import DEFAULT_HUB_CONFIG, render_hub_unit
+        from dslo_edge.service import (
+            DEFAULT_HUB_CONFIG,
+            check_unit_path,
+            render_hub_unit,
+            running_script,
+            script_paths,
+        )
 
         path = PurePosixPath(config_path) if config_path else DEFAULT_HUB_CONFIG
-        click.echo(render_hub_unit(config_path=path), nl=False)
+        # By default the unit starts this install, as 'service install' does.
+        executable = exec_path or running_script()
+        unit = render_hub_unit(
+            exec_path=check_unit_path(executable, "--exec"),
+            config_path=path,
+            read_paths=script_paths(executable),
+        )
+        click.echo(unit, nl=False)
         return
     if config_path is None:
         raise click.UsageError("--config is required unless --print-unit is given")

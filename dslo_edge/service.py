@@ -425,6 +425,7 @@ def render_hub_unit(
     user: str | None = None,
     restart_sec: int = 2,
     stop_timeout_sec: int = 30,
+    read_paths: tuple[PurePosixPath, ...] = (),
 ) -> str:
     """Return the text of the ``dslo-edge-hub@.service`` template unit.
 
@@ -442,6 +443,9 @@ def render_hub_unit(
             worker resumes its MQTT session and serves the requests it held,
             so keep this short.
         stop_timeout_sec: time to answer the received requests on SIGTERM.
+        read_paths: other files the worker must read, such as the script's
+            interpreter (``script_paths``); one in a home directory makes
+            ``ProtectHome`` read-only.
 
     Raises:
         ConfigError: a path is not absolute or contains a control character,
@@ -469,7 +473,7 @@ TimeoutStopSec={stop_timeout_sec}
 RestartPreventExitStatus={EXIT_CONFIG}
 NoNewPrivileges=yes
 ProtectSystem=strict
-{_protect_home_lines(exec_path, config_path, state_dir)}PrivateTmp=yes
+{_protect_home_lines(exec_path, config_path, state_dir, *read_paths)}PrivateTmp=yes
 ReadWritePaths={quote_path_list_entry(state_dir)}
 {_state_directory_lines(state_dir, user)}
 [Install]

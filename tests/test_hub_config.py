@@ -7,6 +7,8 @@ import logging
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -535,6 +537,47 @@ def test_hub_unit_runs_one_worker_per_instance() -> None:
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     assert "RestartPreventExitStatus=78" in unit
     assert "ReadWritePaths=/var/lib/dslo-edge-hub" in unit
+
+
+def test_hub_print_unit_starts_this_script() -> None:
+    script = Path(sys.executable).parent / "dslo-edge"
+    if not script.is_file():
+        pytest.skip(f"no dslo-edge script beside {sys.executable}")
+
+    result = subprocess.run(
+        [str(script), "hub", "--print-unit"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+    assert (
+        f"ExecStart={script} hub --config /etc/dslo-edge/hub.toml --worker-id %i"
+        in result.stdout.splitlines()
+    )
+
+
+def test_hub_print_unit_takes_exec() -> None:
+    result = CliRunner().invoke(
+        main, ["hub", "--print-unit", "--exec", "/opt/hub/bin/dslo-edge"]
+    )
+
+    assert result.exit_code == 0
+    assert (
+        "ExecStart=/opt/hub/bin/dslo-edge hub --config /etc/dslo-edge/hub.toml "
+        "--worker-id %i" in result.output.splitlines()
+    )
+    assert "ProtectHome=yes" in result.output.splitlines()
+
+
+def test_hub_exec_needs_print_unit(tmp_path) -> None:
+    result = CliRunner().invoke(
+        main, ["hub", "--config", str(tmp_path / "hub.toml"), "--exec", "/a"]
+    )
+
+    assert result.exit_code == 2
+    assert "--exec is used only with --print-unit" in result.output
 
 
 def test_device_unit_still_runs_daemon() -> None:
