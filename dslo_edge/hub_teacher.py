@@ -7,10 +7,12 @@ when they changed. Each new version gets the next round from the shared
 state, so all workers agree on it, and is announced on the retained
 ``<prefix>/_hub/teacher`` topic.
 
-Replace a teacher by writing the new bundle next to the old one and renaming
-it into place. A bundle whose checksum does not match its manifest (a copy
-still in progress) is skipped with a warning and tried again at the next
-poll, and the old version stays in use.
+Replace a teacher file by writing the new one next to the old one and
+renaming it into place. rename(2) cannot replace a directory that has files,
+so a bundle is swapped by replacing a symbolic link to it. A bundle whose
+checksum does not match its manifest (a copy still in progress) is skipped
+with a warning and tried again at the next poll, and the old version stays
+in use.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import queue
 import shutil
 import time
@@ -132,6 +135,46 @@ def worker_with_teacher_copy(bundle: Path, tmp_path: Path) -> tuple[Path, HubWor
     extra = {"teacher": 'output_kind = "probabilities"'}
     config = write_hub_config(tmp_path / "hub", 1883, teacher, extra)
     return teacher, HubWorker(load_hub_config(config, "w1"))
+
+
+def copy_bundle_with_new_teacher(bundle: Path, target: Path) -> str:
+    """Copy a bundle whose teacher has trailing bytes; return the new sha256."""
+    shutil.copytree(bundle, target)
+    teacher = target / "teacher.tflite"
+    with teacher.open("ab") as stream:
+        stream.write(b"\0" * 16)
+    content = teacher.read_bytes()
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["teacher"]["sha256"] = hashlib.sha256(content).hexdigest()
+    manifest["teacher"]["bytes"] = len(content)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return manifest["teacher"]["sha256"]
+
+
+def test_bundle_symlink_swap_loads_teacher(mlp_pair, tmp_path) -> None:
+    first = tmp_path / "bundle-v1"
+    shutil.copytree(mlp_pair.bundle, first)
+    second_sha256 = copy_bundle_with_new_teacher(mlp_pair.bundle, tmp_path / "v2")
+    link = tmp_path / "bundle"
+    link.symlink_to(first.name)
+    config = write_hub_config(tmp_path / "hub", 1883, link)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    first_version = worker.teacher.current
+
+    # rename(2) cannot replace a directory that has files, so a bundle is
+    # swapped by replacing a symbolic link to it.
+    with pytest.raises(OSError):
+        os.rename(tmp_path / "v2", first)
+    (tmp_path / "bundle.tmp").symlink_to("v2")
+    os.replace(tmp_path / "bundle.tmp", link)
+    loaded = worker.teacher.reload_if_changed(force=True)
+    worker.state.close()
+
+    assert loaded is True
+    assert first_version.round == 1
+    assert worker.teacher.current.identity == second_sha256
+    assert worker.teacher.current.round == 2
+    assert worker.teacher.current.version == f"bundle-{second_sha256[:12]}"
 
 
 def test_teacher_for_another_model_is_not_loaded(mlp_pair, tmp_path, caplog) -> None:
