@@ -57,8 +57,8 @@ from dslo_edge.signing import load_key, sign
 logger = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 30.0
-# Ignored requests of one device are logged at most once per this many
-# seconds, and the next line gives the count. At most this many devices are
+# Ignored and rejected requests of one device are logged at most once per
+# this many seconds, and the next line gives the count. At most this many devices are
 # remembered for that, and beyond it all are forgotten.
 UNANSWERABLE_LOG_INTERVAL_S = 60.0
 UNANSWERABLE_LOG_MEMORY = 1024
@@ -141,6 +141,9 @@ class BatchLabeller:
         self._unanswerable_log = RepeatLimiter(
             UNANSWERABLE_LOG_INTERVAL_S, UNANSWERABLE_LOG_MEMORY
         )
+        self._rejected_log = RepeatLimiter(
+            UNANSWERABLE_LOG_INTERVAL_S, UNANSWERABLE_LOG_MEMORY
+        )
         self._rng = np.random.default_rng()
 
     def _log_unanswerable(self, item: Incoming) -> None:
@@ -155,6 +158,26 @@ class BatchLabeller:
             device,
             item.response_topic,
             f" ({skipped} more such requests since the last line)" if skipped else "",
+        )
+
+    def _log_rejected(self, device: str, error: InvalidRequest) -> None:
+        """Log a rejected request, at most once a minute per device with a count.
+
+        A missing or unusable key is logged once per device where it is found.
+        """
+        if error.reason == "no_key":
+            return
+        skipped = self._rejected_log.skipped_before(device)
+        if skipped is None:
+            return
+        logger.warning(
+            "Rejected a label request from device %s (%s): %s%s",
+            device,
+            error.reason,
+            error,
+            f" ({skipped} more rejected requests since the last line)"
+            if skipped
+            else "",
         )
 
     @staticmethod
@@ -223,6 +246,7 @@ class BatchLabeller:
                 _Reply(item, key, STATUS_REJECTED, str(error).encode(), stored=False)
             )
             self.counters.rejected += 1
+            self._log_rejected(item.device, error)
             return None
         return (
             item,

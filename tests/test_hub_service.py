@@ -1035,3 +1035,45 @@ def test_push_disconnected_tries_every_device(mlp_pair, tmp_path, caplog) -> Non
         assert "The client is not currently connected" in error
     assert worker.pushes.counters() == {"runs": 1, "updates": 0, "skipped_devices": 2}
     worker.state.close()
+
+
+def test_rejected_requests_logged_once_a_minute(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    now = [0.0]
+    worker.labeller._rejected_log = RepeatLimiter(60.0, 16, clock=lambda: now[0])
+    client, received = subscribed_client(mosquitto.port, "dslo/+/labels")
+    caplog.set_level("WARNING", logger="dslo_edge.hub_batch")
+    start_online(worker, mosquitto.port)
+    statuses = []
+    try:
+        # Inputs of 60 values, but the teacher takes 64: a device whose
+        # bundle is of another model.
+        for index, minute in enumerate((0.0, 0.1, 0.2, 1.5)):
+            now[0] = minute * 60.0
+            request_id = bytes([index]) * 16
+            inputs = np.zeros((2, 60), np.float32)
+            request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
+            client.publish(
+                "dslo/garage/requests",
+                encode_request(request),
+                qos=1,
+                properties=request_properties("dslo/garage/labels", request_id),
+            )
+            reply = received.get(timeout=10)
+            statuses.append(user_properties(reply.properties)["status"])
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    assert statuses == ["rejected"] * 4
+    warnings = [r.getMessage() for r in caplog.records if "Rejected" in r.getMessage()]
+    problem = "inputs have shape (60,) per sample, the teacher expects (64,)"
+    assert warnings == [
+        f"Rejected a label request from device garage (shape_mismatch): {problem}",
+        f"Rejected a label request from device garage (shape_mismatch): {problem} "
+        "(2 more rejected requests since the last line)",
+    ]
