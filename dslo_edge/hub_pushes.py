@@ -5,7 +5,8 @@ Each ``[[push]]`` table names a dataset (``.npz`` with ``x`` and optional
 file claim each run there, so one worker runs it per period. A run labels
 the dataset with the current teacher and publishes updates on each
 device's ``updates`` topic, signed when the device has a key, with the
-privacy noise and budget of the request path. A device whose budget is spent
+privacy noise and budget of the request path. A run reads the dataset again
+when the file changed since the last run. A device whose budget is spent
 gets nothing more from that run.
 
 The scheduler has its own ``TeacherModel``, because the batcher thread uses
@@ -28,6 +29,7 @@ from paho.mqtt.properties import Properties
 from dslo_edge.errors import BrokerError, ConfigError, DsloError
 from dslo_edge.hub import (
     SampleSet,
+    check_samples,
     describe_non_finite_labels,
     label_probabilities_of,
     load_samples,
@@ -70,7 +72,8 @@ class PushScheduler(threading.Thread):
         self.skipped_devices = 0
         self._stopping = threading.Event()
         self._model: tuple[str, TeacherModel] | None = None
-        self._samples: dict[Path, SampleSet] = {}
+        # Each data file's samples, with the stamp of the file they came from.
+        self._samples: dict[Path, tuple[tuple[int, ...] | None, SampleSet]] = {}
         self._rng = np.random.default_rng()
         # The last error of each push's claim, so repeats are not logged.
         self._claim_errors: dict[str, str] = {}
@@ -165,10 +168,11 @@ class PushScheduler(threading.Thread):
             ConfigError: the teacher gave NaN or infinite labels; nothing was
                 sent.
         """
-        samples = self._load(schedule.data)
         # One version for the whole run, even when the teacher is reloaded.
         current = self.teacher.current
-        outputs = self._teacher_model(current).predict(samples.x)
+        model = self._teacher_model(current)
+        samples = self._load(schedule, model)
+        outputs = model.predict(samples.x)
         problem = describe_non_finite_labels(outputs, samples.x, samples.ids)
         if problem is not None:
             # Read the file again at the next run, in case it was fixed.
@@ -211,10 +215,43 @@ class PushScheduler(threading.Thread):
             len(schedule.devices),
         )
 
-    def _load(self, path: Path) -> SampleSet:
-        if path not in self._samples:
-            self._samples[path] = load_samples(path)
-        return self._samples[path]
+    def _load(self, schedule: PushSchedule, model: TeacherModel) -> SampleSet:
+        """Return the push's samples, read again when the file changed.
+
+        A changed file that cannot be read or does not fit the teacher, such
+        as a copy still in progress, is logged, and the samples read before
+        are sent.
+
+        Raises:
+            ConfigError: the file is invalid and no earlier samples exist.
+        """
+        path = schedule.data
+        stamp = _file_stamp(path)
+        cached = self._samples.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            samples = load_samples(path)
+            check_samples(
+                samples,
+                model.input_shape,
+                model.class_count,
+                str(path),
+                model="the teacher",
+            )
+        except ConfigError as error:
+            if cached is None:
+                raise
+            logger.error(
+                "Push %s cannot use the changed data file: %s; sending the %d "
+                "samples read from it before, and reading it again at the next run",
+                schedule.name,
+                error,
+                len(cached[1].x),
+            )
+            return cached[1]
+        self._samples[path] = (stamp, samples)
+        return samples
 
     def _teacher_model(self, current: TeacherVersion) -> TeacherModel:
         if self._model is None or self._model[0] != current.identity:
@@ -340,3 +377,12 @@ class PushScheduler(threading.Thread):
                 "device's key so the hub can sign its labels"
             )
         return load_key(path)
+
+
+def _file_stamp(path: Path) -> tuple[int, ...] | None:
+    """Return what changes when a file is rewritten or replaced, or None."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)

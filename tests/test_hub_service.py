@@ -1077,3 +1077,52 @@ def test_rejected_requests_logged_once_a_minute(
         f"Rejected a label request from device garage (shape_mismatch): {problem} "
         "(2 more rejected requests since the last line)",
     ]
+
+
+def test_push_reads_changed_data_file(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    rng = np.random.default_rng(0)
+    first_x = rng.random((40, 64), dtype=np.float32)
+    second_x = rng.random((24, 64), dtype=np.float32)
+    folder = tmp_path / "hub"
+    config = nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, first_x)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    assert worker.pushes is not None
+    [schedule] = worker.config.pushes
+    client, received = kitchen_updates(mosquitto.port)
+    caplog.set_level("ERROR", logger="dslo_edge.hub_pushes")
+
+    def replace_data(**arrays) -> None:
+        np.savez(folder / "new.npz", **arrays)
+        os.replace(folder / "new.npz", folder / "data.npz")
+
+    def run_and_receive(count: int) -> list[str]:
+        worker.pushes.run_once(schedule)
+        updates = [decode_update(received.get(timeout=10)) for _ in range(count)]
+        return [sample_id for update in updates for sample_id in update.sample_ids]
+
+    worker.connection.client.connect("127.0.0.1", mosquitto.port)
+    worker.connection.client.loop_start()
+    try:
+        first_ids = run_and_receive(3)
+        replace_data(x=second_x)
+        second_ids = run_and_receive(2)
+        # Inputs of another shape, as from a dataset of another model.
+        replace_data(x=second_x[:, :60])
+        kept_ids = run_and_receive(2)
+    finally:
+        worker.connection.client.disconnect()
+        worker.connection.client.loop_stop()
+        client.disconnect()
+        client.loop_stop()
+        worker.state.close()
+
+    assert first_ids == default_sample_ids(first_x)
+    assert second_ids == default_sample_ids(second_x)
+    assert kept_ids == second_ids
+    errors = [r.getMessage() for r in caplog.records]
+    assert errors == [
+        "Push nightly cannot use the changed data file: "
+        f"{folder / 'data.npz'}: x has samples of shape (60,), but the teacher "
+        "takes (64,); sending the 24 samples read from it before, and reading "
+        "it again at the next run"
+    ]
