@@ -52,7 +52,7 @@ from dslo_edge.label_protocol import (
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, encode_update
 from dslo_edge.repeat_log import RepeatLimiter
-from dslo_edge.signing import load_key, sign
+from dslo_edge.signing import key_file_present, load_key, sign
 
 logger = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ class BatchLabeller:
         # A missing or unusable key is looked for again on the next request,
         # so a key added or fixed while the hub runs is used from then on.
         path = Path(self.config.keys_dir) / f"{device}.key"
-        if not path.is_file():
+        if not key_file_present(path):
             return None
         key = load_key(path)
         self._keys[device] = key

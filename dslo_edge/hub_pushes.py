@@ -41,7 +41,7 @@ from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
 from dslo_edge.repeat_log import RepeatLimiter
-from dslo_edge.signing import load_key, sign
+from dslo_edge.signing import key_file_present, load_key, sign
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class PushScheduler(threading.Thread):
         if self.config.keys_dir is None:
             return None
         path = self.config.keys_dir / f"{device}.key"
-        if not path.is_file():
+        if not key_file_present(path):
             raise ConfigError(
                 f"no HMAC key {device}.key in {self.config.keys_dir}; add the "
                 "device's key so the hub can sign its labels"

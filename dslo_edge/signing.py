@@ -60,6 +60,15 @@ def load_key(path: Path) -> bytes:
     return key
 
 
+def key_file_present(path: Path) -> bool:
+    """Return whether a key file is there, even one that ``load_key`` rejects.
+
+    A directory or a dangling symbolic link at ``path`` counts as present, so
+    that ``load_key`` reports it as unreadable rather than as missing.
+    """
+    return path.exists() or path.is_symlink()
+
+
 def _key_from_hex(path: Path, text: str) -> bytes:
     """Decode a key file that contains only hex digits and whitespace.
 

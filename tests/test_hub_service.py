@@ -1126,3 +1126,39 @@ def test_push_reads_changed_data_file(mlp_pair, mosquitto, tmp_path, caplog) -> 
         "takes (64,); sending the 24 samples read from it before, and reading "
         "it again at the next run"
     ]
+
+
+def test_unreadable_key_file_is_named(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    keys = write_keys(folder)
+    (keys / "garage.key").mkdir()
+    (keys / "shed.key").symlink_to(tmp_path / "secrets" / "shed.key")
+    extra = {"hub": 'keys_dir = "keys"'}
+    config = write_hub_config(folder, mosquitto.port, mlp_pair.bundle, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = subscribed_client(mosquitto.port, "dslo/+/labels")
+    start_online(worker, mosquitto.port)
+    replies = {}
+    try:
+        for device in ("garage", "shed", "attic"):
+            send_request(client, device, device[0].encode() * 16)
+            reply = received.get(timeout=10)
+            replies[device] = reply.payload.decode()
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    prefix = "the hub cannot use the device's HMAC key: cannot read the HMAC key file "
+    assert replies["garage"] == (
+        f"{prefix}{keys / 'garage.key'}: [Errno 21] Is a directory: "
+        f"'{keys / 'garage.key'}'"
+    )
+    assert replies["shed"] == (
+        f"{prefix}{keys / 'shed.key'}: [Errno 2] No such file or directory: "
+        f"'{keys / 'shed.key'}'"
+    )
+    assert replies["attic"] == (
+        f"no HMAC key attic.key in {keys}; add the device's key so the hub can "
+        "sign its labels"
+    )
