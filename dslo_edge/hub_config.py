@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dslo_edge.config import MqttSettings
 from dslo_edge.config_reader import REQUIRED as _REQUIRED
@@ -27,6 +28,9 @@ from dslo_edge.errors import BundleError, ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.privacy import ACCOUNTANTS, PrivacySettings
 from dslo_edge.protocol import Topics
+
+if TYPE_CHECKING:
+    from dslo_edge.bundle import Bundle
 
 OUTPUT_KINDS = ("probabilities", "logits")
 HUB_SESSION_EXPIRY_S = 300
@@ -397,6 +401,7 @@ def _check_push_data(config: HubConfig) -> None:
             "labels for students with one head only; push to such a device "
             "with 'dslo-edge push --bundle'"
         )
+    _check_output_kind(config, bundle)
     if not config.pushes:
         return
     from dslo_edge.hub import check_samples, load_samples
@@ -420,6 +425,24 @@ def _check_push_data(config: HubConfig) -> None:
                 f"{config.source}: [[push]] {schedule.name!r}: {error}"
             ) from error
         _check_push_budget(config, schedule, len(samples.x))
+
+
+def _check_output_kind(config: HubConfig, bundle: Bundle | None) -> None:
+    """Raise ConfigError when teacher.output_kind contradicts the bundle's manifest.
+
+    The hub would send probabilities marked as logits, or the reverse, and
+    devices would train on softmax(probabilities) without any error.
+    """
+    configured = config.teacher.output_kind
+    if bundle is None or configured is None:
+        return
+    if configured != bundle.teacher_output_kind:
+        raise ConfigError(
+            f"{config.source}: teacher.output_kind = {configured!r} is invalid "
+            f"for the bundle {config.teacher.path}, whose manifest says its "
+            f"teacher outputs {bundle.teacher_output_kind!r}; remove "
+            "teacher.output_kind, which only a .tflite teacher file needs"
+        )
 
 
 def _check_push_budget(

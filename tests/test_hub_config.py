@@ -586,6 +586,29 @@ def test_device_unit_still_runs_daemon() -> None:
     assert "hub" not in unit
 
 
+@pytest.mark.parametrize(
+    ("output_kind", "error"), [("logits", True), ("probabilities", False)]
+)
+def test_bundle_output_kind_must_match(
+    tmp_path, mlp_pair, output_kind: str, error: bool
+) -> None:
+    extra = {"teacher": f'output_kind = "{output_kind}"'}
+    config = write_hub_config(tmp_path / "hub", 1883, mlp_pair.bundle, extra)
+
+    if not error:
+        assert load_hub_config(config, "w1").teacher.output_kind == output_kind
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(config, "w1")
+
+    assert str(caught.value) == (
+        f"{config}: teacher.output_kind = 'logits' is invalid for the bundle "
+        f"{mlp_pair.bundle}, whose manifest says its teacher outputs "
+        "'probabilities'; remove teacher.output_kind, which only a .tflite "
+        "teacher file needs"
+    )
+
+
 def test_multi_head_teacher_bundle_is_rejected(two_head_bundle, tmp_path) -> None:
     config = write_hub_config(tmp_path / "hub", 1883, two_head_bundle)
 
