@@ -1182,20 +1182,31 @@ def service_install(
             f"drop-in such as {path}.d/local.conf, which install does not change",
             err=True,
         )
-    if user is not None and state_directory_name(state_path) is None:
-        click.echo(_chown_state_dir_warning(state_dir, user), err=True)
+    if state_directory_name(state_path) is None:
+        click.echo(_create_state_dir_warning(state_dir, user), err=True)
     click.echo(
         f"wrote {path}; enable it with: systemctl daemon-reload && "
         "systemctl enable --now dslo-edge"
     )
 
 
-def _chown_state_dir_warning(state_dir: str, user: str) -> str:
+def _create_state_dir_warning(state_dir: str, user: str | None) -> str:
+    """Return the set-up step for a state dir that StateDirectory= cannot name."""
     quoted = shlex.quote(state_dir)
+    reason = (
+        "because it covers only directories below /var/lib whose name has no "
+        "':', quote or backslash"
+    )
+    if user is None:
+        return (
+            f"warning: systemd's StateDirectory= cannot create --state-dir "
+            f"{state_dir!r}, {reason}, and the unit does not start while it is "
+            f"missing. Before you start the service, run on the device: "
+            f"mkdir -p {quoted}"
+        )
     return (
         f"warning: the unit runs as user {user!r}, but systemd's StateDirectory= "
-        f"cannot give it --state-dir {state_dir!r}, because it covers only "
-        "directories below /var/lib whose name has no ':', quote or backslash. "
+        f"cannot give it --state-dir {state_dir!r}, {reason}. "
         "Before you start the service, run on the device: "
         f"mkdir -p {quoted} && chown -R {shlex.quote(user + ':')} {quoted}"
     )

@@ -262,20 +262,24 @@ def state_directory_name(state_dir: PurePosixPath) -> str | None:
 
 
 def _state_directory_lines(state_dir: PurePosixPath, user: str | None) -> str:
-    """Return the ``StateDirectory=`` line that gives ``state_dir`` to ``user``.
+    """Return the ``StateDirectory=`` line that creates ``state_dir`` for ``user``.
 
-    Root can write the state directory anyway, so a unit without ``User=``
-    gets no line. When ``state_dir`` has no ``StateDirectory=`` name, the
-    returned text is empty, and the caller has to tell the user to chown it.
+    ``ReadWritePaths=`` on a missing directory stops the unit from starting,
+    so the line is there for root too. When ``state_dir`` has no
+    ``StateDirectory=`` name, the returned text is empty, and the caller has
+    to tell the user to create the directory, and with ``User=`` to chown it.
     """
-    name = state_directory_name(state_dir) if user else None
+    name = state_directory_name(state_dir)
     if name is None:
         return ""
-    return (
-        "# systemd creates the state directory and, at every start, makes User=\n"
-        "# the owner of it and of its content.\n"
-        f"StateDirectory={_quote_word(name)}\n"
-    )
+    if user is None:
+        comment = "# systemd creates the state directory when it is missing.\n"
+    else:
+        comment = (
+            "# systemd creates the state directory and, at every start, makes User=\n"
+            "# the owner of it and of its content.\n"
+        )
+    return f"{comment}StateDirectory={_quote_word(name)}\n"
 
 
 def _check_paths(

@@ -288,15 +288,33 @@ def test_service_install_user_gets_state_directory(
     assert [item for item in lines if item.startswith("StateDirectory=")] == [line]
 
 
-def test_service_install_root_has_no_state_directory(tmp_path) -> None:
+def test_service_install_root_gets_state_directory(tmp_path) -> None:
     result = CliRunner().invoke(
         main, ["service", "install", "--unit-dir", str(tmp_path)]
     )
 
     assert result.exit_code == 0, result.output
+    lines = (tmp_path / "dslo-edge.service").read_text().splitlines()
+    assert "StateDirectory=dslo-edge" in lines
+    assert "ReadWritePaths=/var/lib/dslo-edge" in lines
+    assert not any(line.startswith("User=") for line in lines)
+    assert "warning" not in result.output
+
+
+def test_service_install_root_warns_to_create(tmp_path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["service", "install", "--unit-dir", str(tmp_path), "--state-dir", "/srv/dslo"],
+    )
+
+    assert result.exit_code == 0, result.output
     unit = (tmp_path / "dslo-edge.service").read_text()
     assert "StateDirectory=" not in unit
-    assert "warning" not in result.output
+    warning = result.output.splitlines()[0]
+    assert warning.startswith(
+        "warning: systemd's StateDirectory= cannot create --state-dir '/srv/dslo'"
+    )
+    assert warning.endswith("run on the device: mkdir -p /srv/dslo")
 
 
 @pytest.mark.parametrize(
@@ -338,7 +356,7 @@ def test_hub_unit_user_gets_state_directory() -> None:
 
     assert "User=dslo" in lines
     assert "StateDirectory=dslo-edge-hub" in lines
-    assert "StateDirectory=" not in render_hub_unit()
+    assert "StateDirectory=dslo-edge-hub" in render_hub_unit().splitlines()
 
 
 def _config(tmp_path, mlp_pair, broker) -> str:
