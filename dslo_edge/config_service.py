@@ -7,7 +7,6 @@ here and a ``read_<table>`` function that validates it.
 from __future__ import annotations
 
 import logging.handlers
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -472,7 +471,16 @@ def _starts_like_daemon_log(path: Path) -> bool:
     except OSError:
         # A missing path or a directory is reported when the file is opened.
         return True
-    return start == b"" or re.fullmatch(rb"\d{4}-\d\d-\d\d ", start) is not None
+    if start.startswith(b"\0"):
+        # A power cut can leave a file starting with zeros on some file
+        # systems, and a device that lost power must still start.
+        return True
+    # A start shorter than the stamp, as after a cut-short first line, is
+    # checked as far as it goes.
+    return all(
+        byte == expected or (expected == ord("d") and chr(byte).isdigit())
+        for byte, expected in zip(start, b"dddd-dd-dd ", strict=False)
+    )
 
 
 def _starts_like_metrics_log(path: Path) -> bool:

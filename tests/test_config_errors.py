@@ -386,10 +386,17 @@ def test_log_file_of_other_content_is_kept(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "content", ["", "2026-12-05 17:20:01,123 INFO dslo_edge.daemon: started\n"]
+    "content",
+    [
+        b"",
+        b"2026-12-05 17:20:01,123 INFO dslo_edge.daemon: started\n",
+        # A first line cut short, and zeros that a power cut can leave.
+        b"2026-1",
+        b"\0\0\0\0",
+    ],
 )
-def test_existing_daemon_log_is_accepted(tmp_path: Path, content: str) -> None:
-    (tmp_path / "daemon.log").write_text(content)
+def test_existing_daemon_log_is_accepted(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "daemon.log").write_bytes(content)
     path = write(tmp_path, tmp_path / "bundle", {"logging": {"file": "daemon.log"}})
 
     config = load_config(path)
