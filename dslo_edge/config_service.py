@@ -495,4 +495,5 @@ def _starts_like_metrics_log(path: Path) -> bool:
     except OSError:
         # A missing path or a directory is reported when the file is opened.
         return True
-    return first in (b"", b"{")
+    # Zeros are what a power cut can leave at the start of a file.
+    return first in (b"", b"{", b"\0")

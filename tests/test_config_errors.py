@@ -359,7 +359,7 @@ def test_metrics_file_of_other_content_is_kept(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "content", ["", '{"device": "dev-a", "applied": 3}\n', '{"device": "de']
+    "content", ["", '{"device": "dev-a", "applied": 3}\n', '{"device": "de', "\0\0"]
 )
 def test_existing_metrics_log_is_accepted(tmp_path: Path, content: str) -> None:
     (tmp_path / "metrics.jsonl").write_text(content)
