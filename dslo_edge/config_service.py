@@ -484,7 +484,7 @@ def _starts_like_daemon_log(path: Path) -> bool:
 
 
 def _starts_like_metrics_log(path: Path) -> bool:
-    """Check that ``path`` is missing, empty, not a file, or starts with '{'.
+    """Check that ``path`` is missing, empty, not a file, or starts with '{' or zero.
 
     The daemon writes one JSON object per line. Only the first byte is
     checked, so a log whose first line was cut short by a crash still passes.
