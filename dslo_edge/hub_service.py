@@ -219,7 +219,11 @@ class HubWorker:
         client.disconnect(properties=end_session_properties())
         self.connection.stop(timeout)
         self.state.close()
-        logger.info("Hub worker %s stopped: %s", self.worker_id, self.counters)
+        logger.info(
+            "Hub worker %s stopped: %s",
+            self.worker_id,
+            ", ".join(f"{name} {count}" for name, count in self.counters.items()),
+        )
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

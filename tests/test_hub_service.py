@@ -1162,3 +1162,16 @@ def test_unreadable_key_file_is_named(mlp_pair, mosquitto, tmp_path) -> None:
         f"no HMAC key attic.key in {keys}; add the device's key so the hub can "
         "sign its labels"
     )
+
+
+def test_stop_line_lists_counters(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    caplog.set_level("INFO", logger="dslo_edge.hub_service")
+    start_online(worker, mosquitto.port)
+    worker.stop()
+
+    [line] = [m for m in caplog.messages if m.startswith("Hub worker w1 stopped")]
+    assert line.startswith("Hub worker w1 stopped: requests 0, answered 0, ")
+    assert line.endswith(", largest_batch 0")
+    assert "{" not in line
