@@ -10,7 +10,8 @@
    labels came out NaN or infinite and were not released;
 5. publish the responses on each request's response topic with its
    correlation data, wait for the broker's PUBACKs, and only then
-   acknowledge the requests.
+   acknowledge the requests. A connection lost meanwhile raises
+   ``BrokerError`` and leaves the requests unacknowledged.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from dslo_edge.errors import ConfigError, InvalidRequest
+from dslo_edge.errors import BrokerError, ConfigError, InvalidRequest
 from dslo_edge.hub import describe_non_finite_labels, label_probabilities_of
 from dslo_edge.hub_config import HubConfig
 from dslo_edge.hub_state import (
@@ -493,7 +494,23 @@ class BatchLabeller:
                 )
             )
         for info in sent:
-            info.wait_for_publish(timeout=PUBLISH_TIMEOUT_S)
+            try:
+                info.wait_for_publish(timeout=PUBLISH_TIMEOUT_S)
+            except RuntimeError as error:
+                if info.rc not in _CONNECTION_LOST:
+                    raise
+                # paho-mqtt 2.2.0 stores a QoS 1 message in its outgoing queue
+                # before sending it, and resends the queue when this client
+                # reconnects, so the responses are delayed, not lost.
+                raise BrokerError(
+                    f"the broker connection was lost while {len(sent)} responses "
+                    "were sent; paho keeps the unsent ones queued and sends them "
+                    "when the worker reconnects, unless it stops first"
+                ) from error
+
+
+# paho return codes of a publish made or cut off without a broker connection.
+_CONNECTION_LOST = (mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_CONN_LOST)
 
 
 def _same_request(first: RequestKey, second: RequestKey) -> bool:

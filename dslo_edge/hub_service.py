@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 
 from dslo_edge import systemd
 from dslo_edge.connection import MqttConnection
-from dslo_edge.errors import ConfigError
+from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.hub_batch import Acknowledger, BatchLabeller, Incoming
 from dslo_edge.hub_config import HubConfig
 from dslo_edge.hub_drain import SessionDrain
@@ -335,6 +335,15 @@ class HubWorker:
                 continue
             try:
                 self.labeller.serve(batch)
+            except BrokerError as error:
+                logger.warning(
+                    "Hub worker %s did not finish serving %d requests: %s. The "
+                    "requests stay unacknowledged, so the broker sends them again "
+                    "if it kept the session, and they get their stored responses",
+                    self.worker_id,
+                    len(batch),
+                    error,
+                )
             except Exception:  # one bad batch must not stop the worker
                 logger.exception(
                     "Hub worker %s failed to serve %d requests; devices resend them",

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from dslo_edge.bundle import load_bundle
 from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.hub import default_sample_ids
+from dslo_edge.hub_batch import Incoming
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker, _takeover_fix
 from dslo_edge.hub_state import HubState
@@ -1175,3 +1176,72 @@ def test_stop_line_lists_counters(mlp_pair, mosquitto, tmp_path, caplog) -> None
     assert line.startswith("Hub worker w1 stopped: requests 0, answered 0, ")
     assert line.endswith(", largest_batch 0")
     assert "{" not in line
+
+
+def test_connection_lost_mid_batch_warns(
+    mlp_pair, broker_factory, tmp_path, caplog
+) -> None:
+    broker = broker_factory("mosquitto")
+    config = write_hub_config(tmp_path / "hub", broker.port, mlp_pair.bundle)
+    # The first reconnect comes at least 0.5 s after the broker is back, so
+    # the device below subscribes before paho sends the queued response.
+    text = config.read_text().replace("reconnect_min_s = 0.2", "reconnect_min_s = 1.0")
+    config.write_text(text)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    caplog.set_level("INFO", logger="dslo_edge.hub_service")
+    start_online(worker, broker.port)
+    acks = []
+    try:
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while worker.connection.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+        request = LabelRequest(b"k" * 16, time.time(), ["a", "b"], inputs)
+        worker.incoming.put(
+            Incoming(
+                device="kitchen",
+                payload=encode_request(request),
+                response_topic="dslo/kitchen/labels",
+                correlation=request.request_id,
+                redelivered=False,
+                ack=lambda: acks.append(request.request_id),
+                received_at=time.monotonic(),
+            )
+        )
+        deadline = time.monotonic() + 10
+        while not serve_warnings(caplog) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        broker_factory("mosquitto", port=broker.port)
+        client, received = subscribed_client(broker.port, "dslo/kitchen/labels")
+        try:
+            reply = received.get(timeout=15)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+    finally:
+        worker.stop()
+
+    [warning] = serve_warnings(caplog)
+    assert warning.exc_info is None
+    assert warning.getMessage() == (
+        "Hub worker w1 did not finish serving 1 requests: the broker connection "
+        "was lost while 1 responses were sent; paho keeps the unsent ones queued "
+        "and sends them when the worker reconnects, unless it stops first. The "
+        "requests stay unacknowledged, so the broker sends them again if it kept "
+        "the session, and they get their stored responses"
+    )
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    assert user_properties(reply.properties)["status"] == "ok"
+    assert reply.properties.CorrelationData == b"k" * 16
+    assert decode_update(reply.payload).sample_ids == ["a", "b"]
+    assert acks == []
+
+
+def serve_warnings(caplog) -> list:
+    return [
+        record
+        for record in caplog.records
+        if record.name == "dslo_edge.hub_service"
+        and "did not finish serving" in record.getMessage()
+    ]
