@@ -69,7 +69,10 @@ class PushScheduler(threading.Thread):
         self.client = client
         self.runs = 0
         self.updates = 0
+        # Per run and device: got no sample (a spent budget or a failed push),
+        # or got some before the budget ran out.
         self.skipped_devices = 0
+        self.cut_short_devices = 0
         self._stopping = threading.Event()
         self._model: tuple[str, TeacherModel] | None = None
         # Each data file's samples, with the stamp of the file they came from.
@@ -79,17 +82,27 @@ class PushScheduler(threading.Thread):
         self._claim_errors: dict[str, str] = {}
         self._budget_log = RepeatLimiter(BUDGET_LOG_INTERVAL_S, BUDGET_LOG_MEMORY)
         self._failure_log = RepeatLimiter(BUDGET_LOG_INTERVAL_S, BUDGET_LOG_MEMORY)
+        # Once every budget is spent, each run sends nothing, so the summary of
+        # such runs is logged at most once an hour per push.
+        self._empty_run_log = RepeatLimiter(BUDGET_LOG_INTERVAL_S, BUDGET_LOG_MEMORY)
         # The limiter key of each failing push to a device, dropped from the
         # limiter once the push succeeds, so a new failure is logged at once.
         self._failing: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._waiting_for_broker = False
 
     def counters(self) -> dict[str, int]:
-        """Return runs, updates sent and devices skipped for a spent budget."""
+        """Return the push metrics of this worker.
+
+        ``skipped_devices`` counts, per run, the devices that received no
+        sample, because their budget was spent or their push failed.
+        ``cut_short_devices`` counts those that received part of the dataset
+        before their budget ran out.
+        """
         return {
             "runs": self.runs,
             "updates": self.updates,
             "skipped_devices": self.skipped_devices,
+            "cut_short_devices": self.cut_short_devices,
         }
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -185,7 +198,7 @@ class PushScheduler(threading.Thread):
         reached = 0
         for device in schedule.devices:
             try:
-                updates, count = self._push_device(
+                updates, count, cut_short = self._push_device(
                     schedule, device, samples, (current, outputs)
                 )
             except (DsloError, OSError) as error:
@@ -200,19 +213,47 @@ class PushScheduler(threading.Thread):
             self.updates += updates
             sent_samples += count
             reached += count > 0
+            if count == 0:
+                self.skipped_devices += 1
+            elif cut_short:
+                self.cut_short_devices += 1
         self.runs += 1
+        self._log_run(schedule, current, len(samples.x), sent_samples, reached)
+
+    def _log_run(
+        self,
+        schedule: PushSchedule,
+        current: TeacherVersion,
+        dataset_size: int,
+        sent_samples: int,
+        reached: int,
+    ) -> None:
+        """Log a run's summary, and a run that sent nothing at most once an hour."""
+        if sent_samples:
+            self._empty_run_log.forget(schedule.name)
+            repeats = ""
+        else:
+            skipped = self._empty_run_log.skipped_before(schedule.name)
+            if skipped is None:
+                return
+            repeats = (
+                f" ({skipped} more runs sent nothing since the last line)"
+                if skipped
+                else ""
+            )
         # A spent privacy budget stops a device's push early, so the counts
         # can fall short of the dataset and the device list.
         logger.info(
             "Push %s sent %d samples in all (dataset %d) of teacher %s "
-            "(round %d) to %d of %d devices",
+            "(round %d) to %d of %d devices%s",
             schedule.name,
             sent_samples,
-            len(samples.x),
+            dataset_size,
             current.version,
             current.round,
             reached,
             len(schedule.devices),
+            repeats,
         )
 
     def _load(self, schedule: PushSchedule, model: TeacherModel) -> SampleSet:
@@ -265,22 +306,27 @@ class PushScheduler(threading.Thread):
         device: str,
         samples: SampleSet,
         labelled: tuple[TeacherVersion, np.ndarray],
-    ) -> tuple[int, int]:
-        """Publish one device's batches and return the updates and samples sent.
+    ) -> tuple[int, int, bool]:
+        """Publish one device's batches.
 
         Args:
             labelled: the teacher version and its outputs for ``samples``.
+
+        Returns:
+            The updates and samples sent, and True when the device's budget
+            ran out before the last batch.
         """
         current, outputs = labelled
         topic = Topics.for_device(device, self.config.prefix).updates
         key = self._key(device)
         sent = []
         sent_samples = 0
+        cut_short = False
         for start in range(0, len(samples.x), schedule.batch_size):
             stop = start + schedule.batch_size
             labels, kind = self._release(device, outputs[start:stop], current)
             if labels is None:
-                self.skipped_devices += 1
+                cut_short = True
                 break
             update = SoftLabelUpdate(
                 message_id=new_message_id(),
@@ -312,7 +358,7 @@ class PushScheduler(threading.Thread):
                     f"({error}); paho sends the queued ones if the worker "
                     "reconnects before it stops"
                 ) from error
-        return len(sent), sent_samples
+        return len(sent), sent_samples, cut_short
 
     def _release(
         self, device: str, rows: np.ndarray, current: TeacherVersion

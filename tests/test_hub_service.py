@@ -315,7 +315,12 @@ def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -
     assert first.sample_count == 16
     assert received.empty()
     assert worker.pushes is not None
-    assert worker.pushes.counters() == {"runs": 1, "updates": 1, "skipped_devices": 1}
+    assert worker.pushes.counters() == {
+        "runs": 1,
+        "updates": 1,
+        "skipped_devices": 0,
+        "cut_short_devices": 1,
+    }
 
 
 def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> None:
@@ -351,7 +356,60 @@ def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> No
     assert stops[0].startswith("Push to device kitchen stopped: labelling 16 more")
     assert "more stopped runs" not in stops[0]
     assert "(3 more stopped runs since the last line)" in stops[1]
-    assert worker.pushes.counters()["skipped_devices"] == 5
+    # The first run sent a batch before the budget ran out, the others none.
+    assert worker.pushes.counters()["skipped_devices"] == 4
+    assert worker.pushes.counters()["cut_short_devices"] == 1
+
+
+def test_empty_push_runs_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    privacy = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 2.5"}
+    config = load_hub_config(
+        nightly_push_config(
+            tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x, privacy
+        ),
+        "w1",
+    )
+    worker = HubWorker(config)
+    assert worker.pushes is not None
+    now = [0.0]
+    worker.pushes._empty_run_log = RepeatLimiter(3600.0, 16, clock=lambda: now[0])
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    [schedule] = config.pushes
+    client, received = kitchen_updates(mosquitto.port)
+    worker.connection.client.connect("127.0.0.1", mosquitto.port)
+    worker.connection.client.loop_start()
+    try:
+        # The first run sends one batch of 16, then the budget is spent.
+        for minute in (0, 1, 2, 3, 60, 61):
+            now[0] = minute * 60.0
+            worker.pushes.run_once(schedule)
+        first = decode_update(received.get(timeout=15))
+        time.sleep(0.5)
+    finally:
+        worker.connection.client.disconnect()
+        worker.connection.client.loop_stop()
+        client.disconnect()
+        client.loop_stop()
+        worker.state.close()
+
+    summaries = push_summaries(caplog)
+    assert len(summaries) == 3
+    assert summaries[0].startswith("Push nightly sent 16 samples in all (dataset 40)")
+    assert summaries[0].endswith("to 1 of 1 devices")
+    assert summaries[1].startswith("Push nightly sent 0 samples in all (dataset 40)")
+    assert summaries[1].endswith("to 0 of 1 devices")
+    assert summaries[2].endswith(
+        "to 0 of 1 devices (3 more runs sent nothing since the last line)"
+    )
+    assert first.sample_count == 16
+    assert received.empty()
+    assert worker.pushes.counters() == {
+        "runs": 6,
+        "updates": 1,
+        "skipped_devices": 5,
+        "cut_short_devices": 1,
+    }
 
 
 def write_keys(folder: Path) -> Path:
@@ -653,7 +711,12 @@ def test_teacher_overflow_stops_scheduled_push(
     assert "nothing was sent" in message
     assert received.empty()
     assert worker.pushes is not None
-    assert worker.pushes.counters() == {"runs": 0, "updates": 0, "skipped_devices": 0}
+    assert worker.pushes.counters() == {
+        "runs": 0,
+        "updates": 0,
+        "skipped_devices": 0,
+        "cut_short_devices": 0,
+    }
 
 
 def send_request(client: mqtt.Client, device: str, request_id: bytes) -> None:
@@ -1034,7 +1097,12 @@ def test_push_disconnected_tries_every_device(mlp_pair, tmp_path, caplog) -> Non
     for error, device in zip(errors, ("kitchen", "porch"), strict=True):
         assert error.startswith(f"Push nightly to device {device} failed: 3 updates")
         assert "The client is not currently connected" in error
-    assert worker.pushes.counters() == {"runs": 1, "updates": 0, "skipped_devices": 2}
+    assert worker.pushes.counters() == {
+        "runs": 1,
+        "updates": 0,
+        "skipped_devices": 2,
+        "cut_short_devices": 0,
+    }
     worker.state.close()
 
 
