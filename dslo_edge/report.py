@@ -200,6 +200,23 @@ def _histogram(summary: dict[str, Any]) -> tuple[list[float], list[float]] | Non
     return edges, counts
 
 
+def latest_histogram(
+    records: Sequence[dict[str, Any]], field: str
+) -> tuple[dict[str, Any], tuple[list[float], list[float]]] | None:
+    """Return ``field``'s summary and histogram from the newest report with samples.
+
+    A daemon that restarted publishes reports with empty latency windows
+    until it applies an update, so the last report of a log can have no
+    samples while earlier ones do.
+    """
+    for record in reversed(records):
+        summary = _mapping(record.get(field))
+        histogram = _histogram(summary)
+        if histogram is not None:
+            return summary, histogram
+    return None
+
+
 def _save(pyplot: Any, figure: Any, path: Path) -> Path:
     try:
         figure.savefig(path, dpi=100)
@@ -220,17 +237,15 @@ def _empty(axes: Any, text: str) -> None:
 def _plot_latency(
     pyplot: Any, records: Sequence[dict[str, Any]], path: Path, device: str
 ) -> Path:
-    last = records[-1]
     figure, axes_row = pyplot.subplots(1, len(LATENCY_FIELDS), figsize=(15, 4.2))
     for axes, (field, title) in zip(axes_row, LATENCY_FIELDS, strict=True):
-        summary = _mapping(last.get(field))
-        histogram = _histogram(summary)
-        if histogram is None:
+        latest = latest_histogram(records, field)
+        if latest is None:
             axes.set_title(title)
-            _empty(axes, f"no {field} histogram in the log")
+            _empty(axes, f"no {field} histogram with samples in the log")
             continue
+        summary, (edges, counts) = latest
         axes.set_title(f"{title}, last {summary.get('count', 0)} updates")
-        edges, counts = histogram
         widths = [high - low for low, high in zip(edges[:-1], edges[1:], strict=True)]
         axes.bar(
             edges[:-1],

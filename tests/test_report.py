@@ -19,6 +19,7 @@ from dslo_edge.power.sources import CpuModelSource
 from dslo_edge.report import (
     _histogram,
     append_metrics,
+    latest_histogram,
     read_metrics_log,
     series,
     write_report,
@@ -251,3 +252,26 @@ def test_histogram_checks_shape_and_counts() -> None:
     assert _histogram({"histogram": {"edges_ms": [0.1, 1.0], "counts": [0]}}) is None
     assert _histogram({"histogram": {"edges_ms": [], "counts": []}}) is None
     assert _histogram({"histogram": {"edges_ms": [1, True], "counts": [1]}}) is None
+
+
+def test_latency_plot_skips_reports_after_restart(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    metrics = DaemonMetrics()
+    for train_ms in (0.3, 0.4, 6.0):
+        metrics.record_applied(32, 1.0, 0.5, train_ms=train_ms, e2e_ms=2.0)
+    append_metrics(log, metrics.snapshot("cam", {"timestamp": 10.0}))
+    # A restarted daemon reports empty windows until it applies an update.
+    restarted = DaemonMetrics()
+    append_metrics(log, restarted.snapshot("cam", {"timestamp": 20.0}))
+    records = read_metrics_log(log)
+
+    latest = latest_histogram(records, "train_ms")
+
+    assert records[-1]["train_ms"]["count"] == 0
+    assert latest is not None
+    summary, (edges, counts) = latest
+    assert summary["count"] == 3
+    assert sum(counts) == 3
+    assert counts[edges.index(0.2)] == 2
+    assert counts[edges.index(5.0)] == 1
+    assert latest_histogram(records, "infer_ms") is None
