@@ -107,7 +107,9 @@ def series(
     """Return (minutes since the first report, value) for a numeric field.
 
     ``dotted`` names a nested field, for example ``teacher.mean_entropy``.
-    Reports without the field, or with null, are left out.
+    Reports without the field, or with null, are left out. So are the
+    ``teacher`` figures of a report whose ``teacher.latest_round`` is 0,
+    because the teacher monitor reports 0.0 for them before its first batch.
     """
     start = next(
         (
@@ -122,11 +124,19 @@ def series(
         value = _lookup(record, dotted)
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
+        if dotted.startswith("teacher.") and _before_first_batch(record):
+            continue
         stamp = record.get("timestamp")
         minutes = (stamp - start) / 60 if isinstance(stamp, int | float) else index
         times.append(minutes)
         values.append(float(value))
     return times, values
+
+
+def _before_first_batch(record: dict[str, Any]) -> bool:
+    """Check whether the report's teacher monitor has seen no batch yet."""
+    latest_round = _lookup(record, "teacher.latest_round")
+    return _is_number(latest_round) and latest_round == 0
 
 
 def _pyplot() -> Any:

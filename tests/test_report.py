@@ -144,6 +144,21 @@ def test_series_reads_nested_fields() -> None:
     assert series(records, "loss") == ([], [])
 
 
+def test_series_skips_teacher_before_first_batch() -> None:
+    # The teacher monitor reports 0.0 until its first batch (latest_round 0).
+    records: list[dict[str, Any]] = [
+        {"timestamp": 0.0, "teacher": {"mean_entropy": 0.0, "latest_round": 0.0}},
+        {"timestamp": 60.0, "teacher": {"mean_entropy": 0.6, "latest_round": 1.0}},
+        {"timestamp": 120.0, "teacher": {"mean_entropy": 0.0, "latest_round": 2.0}},
+        {"timestamp": 180.0, "teacher": {"mean_entropy": 0.4}},
+    ]
+
+    times, values = series(records, "teacher.mean_entropy")
+
+    assert times == [1.0, 2.0, 3.0]
+    assert values == [0.6, 0.0, 0.4]
+
+
 def test_report_writes_three_pngs(tmp_path: Path) -> None:
     records = read_metrics_log(metrics_log(tmp_path / "metrics.jsonl"))
     assert records[-1]["energy"]["source"] == (
