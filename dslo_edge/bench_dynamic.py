@@ -17,6 +17,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 from dslo_edge.bundle import load_bundle
 from dslo_edge.config import TrainingSettings
 from dslo_edge.dynamic_kernel import kernel_name
+from dslo_edge.errors import BundleError
 from dslo_edge.models import StudentModel
 from dslo_edge.protocol import SoftLabelUpdate, encode_update, new_message_id
 from dslo_edge.trainer import Trainer
@@ -32,6 +34,9 @@ from dslo_edge.trainer import Trainer
 # The demo streams 360 samples to the device, twice per round, for 5 rounds.
 DISTINCT_SAMPLES = 360
 UPDATES_PER_ROUND = 23
+# The exit status of the dslo-edge commands for an input that is not what
+# they expect, here a --bundle that is not a bundle.
+EXIT_CONFIG = 78
 
 
 @dataclass(frozen=True)
@@ -227,14 +232,52 @@ def format_share(result: DynamicShare) -> str:
     )
 
 
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    """Return an argparse type that accepts an integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid integer {text!r}; expected {low} to {high}"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range; expected {low} to {high}"
+            )
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m dslo_edge.bench_dynamic``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="converted bundle directory")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--updates", type=int, default=300)
+    # Each update takes batch-size consecutive ids of DISTINCT_SAMPLES, which
+    # must be unique within the update, and the numpy floor needs one id spare.
+    parser.add_argument(
+        "--batch-size",
+        type=_int_range(1, DISTINCT_SAMPLES - 1),
+        default=32,
+        help="samples per update (default 32)",
+    )
+    # The payloads are encoded before the timing, about 10 KB each for the
+    # digits student at batch 32, so the maximum keeps them to about 1 GB.
+    parser.add_argument(
+        "--updates",
+        type=_int_range(1, 100_000),
+        default=300,
+        help="timed updates per code, after 50 warm-up updates (default 300)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead")
     args = parser.parse_args(argv)
+    if args.bundle is not None:
+        try:
+            load_bundle(args.bundle)
+        except BundleError as error:
+            parser.exit(EXIT_CONFIG, f"error: --bundle: {error}\n")
     with tempfile.TemporaryDirectory(prefix="dslo-bench-") as tmp:
         bundle = args.bundle or convert_digits_student(Path(tmp))
         results = [
