@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -98,6 +100,18 @@ def test_bench_out_under_file_fails_first(tmp_path) -> None:
     )
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert blocker.read_text() == ""
+
+
+def test_docs_table_names_every_figure() -> None:
+    docs = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    table = docs.read_text().split("## Results")[0]
+    named = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            first_cell = line.split("|")[1]
+            named.update(re.findall(r"`([a-z0-9_]+)`", first_cell))
+
+    assert named == FIGURES
 
 
 def test_thread_cpu_counts_this_thread() -> None:
