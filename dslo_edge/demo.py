@@ -386,7 +386,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"train step ms: p50 {train['p50']}, p95 {train['p95']}; "
         f"end to end ms: p50 {end_to_end['p50']}, p95 {end_to_end['p95']}",
         *describe_energy(report.get("energy") or {}),
-        f"daemon peak RSS {report['daemon_peak_rss_mb']} MB; "
+        f"daemon peak RSS {report['daemon_peak_rss_mb']} MiB; "
         f"took {report['duration_s']} s",
         f"report: {report.get('report_path')}",
     ]
