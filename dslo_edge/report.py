@@ -49,7 +49,7 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
     A daemon killed mid-write leaves a torn last line, so unreadable lines are
     counted and logged instead of failing the report. A line counts as a
     report when it is a JSON object with the ``device`` key that every
-    published report has.
+    published report has. Zero bytes at the start of a line are ignored.
 
     Raises:
         ConfigError: the file cannot be read or contains no report at all.
@@ -62,6 +62,9 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
     records = []
     skipped = 0
     for line in lines:
+        # A power cut can leave zeros where the last lines before it were,
+        # and the daemon appends its next report right after them.
+        line = line.lstrip("\0")
         if not line.strip():
             continue
         try:

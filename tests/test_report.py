@@ -121,6 +121,24 @@ def test_read_skips_torn_lines(tmp_path: Path, caplog) -> None:
     assert "which is a JSON object with the key device" in caplog.text
 
 
+def test_read_accepts_zeros_from_power_cut(tmp_path: Path, caplog) -> None:
+    log = tmp_path / "metrics.jsonl"
+    # The daemon accepts such a log at start and appends to it.
+    log.write_bytes(
+        b"\0" * 4096
+        + b'{"device": "d", "applied": 1}\n'
+        + b'{"device": "d", "applied": 2}\n'
+        + b"\0" * 512
+        + b'{"device": "d", "applied": 3}\n\0\0\0\n'
+    )
+
+    with caplog.at_level("WARNING", logger="dslo_edge.report"):
+        records = read_metrics_log(log)
+
+    assert [r["applied"] for r in records] == [1, 2, 3]
+    assert "Skipped" not in caplog.text
+
+
 def test_read_rejects_log_without_reports(tmp_path: Path) -> None:
     log = tmp_path / "metrics.jsonl"
     log.write_text("not json\n")
