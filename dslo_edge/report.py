@@ -111,8 +111,9 @@ def series(
 
     ``dotted`` names a nested field, for example ``teacher.mean_entropy``.
     Reports without the field, or with null, are left out. So are the
-    ``teacher`` figures of a report whose ``teacher.latest_round`` is 0,
-    because the teacher monitor reports 0.0 for them before its first batch.
+    ``teacher`` figures of a report whose teacher monitor (for a multi-head
+    student, the head's monitor) has ``latest_round`` 0, because the monitor
+    reports 0.0 for them before its first batch.
     """
     start = next(
         (
@@ -127,7 +128,7 @@ def series(
         value = _lookup(record, dotted)
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if dotted.startswith("teacher.") and _before_first_batch(record):
+        if dotted.startswith("teacher.") and _before_first_batch(record, dotted):
             continue
         stamp = record.get("timestamp")
         minutes = (stamp - start) / 60 if isinstance(stamp, int | float) else index
@@ -136,10 +137,38 @@ def series(
     return times, values
 
 
-def _before_first_batch(record: dict[str, Any]) -> bool:
-    """Check whether the report's teacher monitor has seen no batch yet."""
-    latest_round = _lookup(record, "teacher.latest_round")
+def _before_first_batch(record: dict[str, Any], dotted: str) -> bool:
+    """Check whether the monitor that reports ``dotted`` has seen no batch yet."""
+    monitor = dotted.rsplit(".", 1)[0]
+    latest_round = _lookup(record, f"{monitor}.latest_round")
     return _is_number(latest_round) and latest_round == 0
+
+
+def head_series(
+    records: Sequence[dict[str, Any]], dotted: str
+) -> list[tuple[str | None, list[float], list[float]]]:
+    """Return (head, minutes, values) per line to plot for a field.
+
+    A multi-head student reports ``teacher`` per head, as
+    ``teacher.<head>.mean_entropy``. When ``dotted`` has no values and its
+    parent object contains one object per head, each head gets its own line.
+    Otherwise the one line has head None.
+    """
+    times, values = series(records, dotted)
+    parent, _, name = dotted.rpartition(".")
+    if values or not parent:
+        return [(None, times, values)]
+    heads: dict[str, None] = {}
+    for record in records:
+        for head, figures in _mapping(_lookup(record, parent)).items():
+            if isinstance(figures, dict) and name in figures:
+                heads[head] = None
+    lines: list[tuple[str | None, list[float], list[float]]] = []
+    for head in heads:
+        times, values = series(records, f"{parent}.{head}.{name}")
+        if values:
+            lines.append((head, times, values))
+    return lines or [(None, [], [])]
 
 
 def _pyplot() -> Any:
@@ -297,12 +326,16 @@ def _plot_training(
     )
     figure, grid = pyplot.subplots(2, 2, figsize=(12, 7), sharex=True)
     for axes, (field, title) in zip(grid.flat, panels, strict=True):
-        times, values = series(records, field)
+        lines = head_series(records, field)
         axes.set_title(title)
-        if not values:
+        if not any(values for _, _, values in lines):
             _empty(axes, f"no {field} in the log")
             continue
-        axes.plot(times, values, marker="." if len(values) < 50 else None)
+        for head, times, values in lines:
+            marker = "." if len(values) < 50 else None
+            axes.plot(times, values, marker=marker, label=head)
+        if lines[0][0] is not None:
+            axes.legend(title="head", fontsize="small")
         axes.grid(alpha=0.3)
     for axes in grid[1]:
         axes.set_xlabel("minutes since the first report")

@@ -19,6 +19,7 @@ from dslo_edge.power.sources import CpuModelSource
 from dslo_edge.report import (
     _histogram,
     append_metrics,
+    head_series,
     latest_histogram,
     read_metrics_log,
     series,
@@ -175,6 +176,38 @@ def test_series_skips_teacher_before_first_batch() -> None:
 
     assert times == [1.0, 2.0, 3.0]
     assert values == [0.6, 0.0, 0.4]
+
+
+def test_head_series_splits_multi_head_teacher() -> None:
+    # A multi-head student reports one teacher monitor per head.
+    records: list[dict[str, Any]] = [
+        {
+            "timestamp": 0.0,
+            "teacher": {
+                "digit": {"mean_entropy": 0.0, "latest_round": 0.0},
+                "shape": {"mean_entropy": 0.0, "latest_round": 0.0},
+            },
+        },
+        {
+            "timestamp": 60.0,
+            "teacher": {
+                "digit": {"mean_entropy": 0.8, "latest_round": 1.0},
+                "shape": {"mean_entropy": 0.3, "latest_round": 1.0},
+            },
+        },
+        {
+            "timestamp": 120.0,
+            "teacher": {"digit": {"mean_entropy": 0.6, "latest_round": 2.0}},
+        },
+    ]
+
+    lines = head_series(records, "teacher.mean_entropy")
+
+    assert lines == [("digit", [1.0, 2.0], [0.8, 0.6]), ("shape", [1.0], [0.3])]
+    assert head_series(records[:1], "teacher.mean_entropy") == [(None, [], [])]
+    assert head_series(records, "loss") == [(None, [], [])]
+    single = [{"timestamp": 0.0, "teacher": {"mean_entropy": 0.5}}]
+    assert head_series(single, "teacher.mean_entropy") == [(None, [0.0], [0.5])]
 
 
 def test_report_writes_three_pngs(tmp_path: Path) -> None:
