@@ -266,10 +266,12 @@ def _is_this_root(target: str) -> bool:
 @click.command()
 @click.option(
     "--metrics",
-    "metrics_path",
+    "metrics_paths",
     required=True,
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False),
-    help="Metrics log: one JSON metrics report per line.",
+    help="Metrics log: one JSON metrics report per line. Repeat it for the "
+    "rotated logs, oldest first (metrics.jsonl.2, metrics.jsonl.1, metrics.jsonl).",
 )
 @click.option(
     "--out",
@@ -278,13 +280,18 @@ def _is_this_root(target: str) -> bool:
     help="Directory for the PNG plots.",
 )
 @handle_errors
-def report(metrics_path: str, out: str) -> None:
+def report(metrics_paths: tuple[str, ...], out: str) -> None:
     """Plot latency, adaptation and energy from a metrics log (needs matplotlib)."""
     from dslo_edge.report import read_metrics_log, write_report
 
-    records = read_metrics_log(metrics_path)
+    records = []
+    for metrics_path in metrics_paths:
+        records.extend(read_metrics_log(metrics_path))
     paths = write_report(records, out)
-    click.echo(f"read {len(records)} metrics reports from {metrics_path}")
+    count = (
+        "1 metrics report" if len(records) == 1 else f"{len(records)} metrics reports"
+    )
+    click.echo(f"read {count} from {', '.join(metrics_paths)}")
     for path in paths:
         click.echo(f"  wrote {path}")
 

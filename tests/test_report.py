@@ -244,6 +244,40 @@ def test_report_command(tmp_path: Path) -> None:
     ]
 
 
+def test_report_command_reads_rotated_logs(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    for applied in range(5):
+        append_metrics(log, {"device": "cam", "applied": applied}, max_bytes=60)
+    rotated = tmp_path / "metrics.jsonl.1"
+    out = tmp_path / "plots"
+
+    result = CliRunner().invoke(
+        main,
+        ["report", "--metrics", str(rotated), "--metrics", str(log), "--out", str(out)],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert [r["applied"] for r in read_metrics_log(rotated)] == [0, 1, 2]
+    assert [r["applied"] for r in read_metrics_log(log)] == [3, 4]
+    assert f"read 5 metrics reports from {rotated}, {log}" in result.output
+    assert (out / "training.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_report_command_names_empty_rotated_log(tmp_path: Path) -> None:
+    log = metrics_log(tmp_path / "metrics.jsonl", reports=2)
+    empty = tmp_path / "metrics.jsonl.1"
+    empty.write_text("")
+
+    result = CliRunner().invoke(
+        main,
+        ["report", "--metrics", str(empty), "--metrics", str(log), "--out", "plots"],
+    )
+
+    assert result.exit_code == 78
+    assert result.output.startswith(f"error: metrics log {empty} has no metrics")
+    assert not (tmp_path / "plots").exists()
+
+
 def test_empty_panel_keeps_shared_ticks(tmp_path: Path) -> None:
     pyplot = pytest.importorskip("matplotlib.pyplot")
     from dslo_edge.report import _empty
