@@ -344,12 +344,26 @@ def _plot_training(
     return _save(pyplot, figure, path)
 
 
+def latest_energy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Return the ``energy`` object of the newest report that has an energy figure.
+
+    After a restart the daemon reports no ``joules_per_update`` and no battery
+    figures until it trains again, so the last report may have none. Without
+    any such report this returns the last report's ``energy``.
+    """
+    for record in reversed(records):
+        energy = _mapping(record.get("energy"))
+        if _is_number(energy.get("joules_per_update")):
+            return energy
+    return _mapping(records[-1].get("energy"))
+
+
 def _plot_energy(
     pyplot: Any, records: Sequence[dict[str, Any]], path: Path, device: str
 ) -> Path:
     figure, axes = pyplot.subplots(figsize=(9, 4.2))
     times, values = series(records, "energy.joules_per_update")
-    energy = _mapping(records[-1].get("energy"))
+    energy = latest_energy(records)
     source = str(energy.get("source") or "no source")
     if energy.get("estimated"):
         source += ", an estimate"

@@ -20,6 +20,7 @@ from dslo_edge.report import (
     _histogram,
     append_metrics,
     head_series,
+    latest_energy,
     latest_histogram,
     read_metrics_log,
     series,
@@ -375,3 +376,26 @@ def test_latency_plot_skips_reports_after_restart(tmp_path: Path) -> None:
     assert counts[edges.index(0.2)] == 2
     assert counts[edges.index(5.0)] == 1
     assert latest_histogram(records, "infer_ms") is None
+
+
+def test_energy_plot_skips_reports_after_restart(tmp_path: Path) -> None:
+    log = metrics_log(tmp_path / "metrics.jsonl", reports=3)
+    trained = read_metrics_log(log)[-1]["energy"]
+    # A restarted daemon's meter has measured no update yet.
+    clock = FakeClock(start=0.0)
+    model = PowerModel("raspberry-pi-4b", 2.7, 6.4, 4)
+    restarted = EnergyMeter(
+        [CpuModelSource(model, cpu_seconds=FakeClock(start=0.0), clock=clock)],
+        fallback_capacity=BatteryCapacity(37.0, "config battery_wh"),
+        clock=clock,
+    )
+    append_metrics(log, {"device": "kitchen-cam", "energy": restarted.report()})
+    records = read_metrics_log(log)
+
+    energy = latest_energy(records)
+
+    assert records[-1]["energy"]["joules_per_update"] is None
+    assert energy == trained
+    assert energy["joules_per_update"] > 0
+    assert energy["battery"]["percent_per_1000_updates"] > 0
+    assert latest_energy(records[-1:]) == records[-1]["energy"]
