@@ -83,6 +83,10 @@ def file_path_only(
     return value
 
 
+# Where a quick or partial evaluation writes its report unless --out is given.
+PARTIAL_EVALUATION_OUT = "evaluate-out"
+
+
 def non_empty_path(
     _context: click.Context, parameter: click.Parameter, value: str | None
 ) -> str | None:
@@ -755,11 +759,12 @@ def _head_output_kinds(bundle: Any, hard_labels: bool) -> dict[str, str] | None:
 @main.command()
 @click.option(
     "--out",
-    default="docs",
-    show_default=True,
     type=click.Path(file_okay=False),
     callback=non_empty_path,
-    help="Folder for evaluation.md and the evaluation/ plots.",
+    help="Folder for evaluation.md and the evaluation/ plots (default: docs "
+    f"for the full run and --from-results, {PARTIAL_EVALUATION_OUT} for a run "
+    "with --quick, --seeds or --dataset, so it does not replace the recorded "
+    "report).",
 )
 @click.option(
     "--seeds",
@@ -790,20 +795,22 @@ def _head_output_kinds(bundle: Any, hard_labels: bool) -> dict[str, str] | None:
 @handle_errors
 def evaluate(
     context: click.Context,
-    out: str,
+    out: str | None,
     seeds: int,
     datasets: tuple[str, ...],
     quick: bool,
     from_results: Path | None,
 ) -> None:
     """Compare DSL-O with static and annealed KD on shifted real data."""
+    run_options = {"seeds": "--seeds", "datasets": "--dataset", "quick": "--quick"}
+    passed = [
+        option
+        for name, option in run_options.items()
+        if context.get_parameter_source(name) is not ParameterSource.DEFAULT
+    ]
+    if out is None:
+        out = PARTIAL_EVALUATION_OUT if passed and from_results is None else "docs"
     if from_results is not None:
-        run_options = {"seeds": "--seeds", "datasets": "--dataset", "quick": "--quick"}
-        passed = [
-            option
-            for name, option in run_options.items()
-            if context.get_parameter_source(name) is not ParameterSource.DEFAULT
-        ]
         if passed:
             raise click.BadParameter(
                 f"the saved results fix the seeds and datasets; drop "

@@ -647,3 +647,27 @@ def test_report_page_mode_follows_umask(tmp_path) -> None:
     plot_mode = (out / "evaluation" / "digits-alpha.png").stat().st_mode & 0o777
     assert page_mode == 0o644
     assert plot_mode == 0o644
+
+
+@pytest.mark.parametrize(
+    ("arguments", "folder"),
+    [
+        ([], "docs"),
+        (["--quick"], "evaluate-out"),
+        (["--seeds", "2"], "evaluate-out"),
+        (["--dataset", "digits"], "evaluate-out"),
+    ],
+)
+def test_default_out_spares_recorded_report(
+    tmp_path, monkeypatch, arguments: list[str], folder: str
+) -> None:
+    # A file where the report would go stops the run before it starts, and
+    # shows which folder the command chose.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / folder).write_text("not a folder\n")
+
+    result = CliRunner().invoke(main, ["evaluate", *arguments])
+
+    assert result.exit_code == 2
+    assert f"cannot write into {folder}/evaluation: Not a directory" in result.output
+    assert (tmp_path / folder).read_text() == "not a folder\n"
