@@ -145,12 +145,35 @@ class ForwardPass:
 
     def _activation(self, node: GraphNode, inputs: list[tf.Tensor]) -> tf.Tensor:
         function = node.params["function"]
-        if function in ("relu", "leaky_relu"):
+        if function in ("relu", "relu6", "leaky_relu"):
+            max_value = 6.0 if function == "relu6" else node.params.get("max_value")
             op = activations.relu_family(
-                node.params.get("negative_slope", 0.0), node.params.get("max_value")
+                node.params.get("negative_slope", 0.0),
+                max_value,
+                fusable=not self._follows_bias_free_matmul(node),
             )
             return op(inputs[0])
         return activations.ACTIVATIONS[function](inputs[0])
+
+    def _follows_bias_free_matmul(self, node: GraphNode) -> bool:
+        """Return whether a matmul without bias produces this node's input.
+
+        Dense and 1x1 stride-1 convolutions are matmuls. Dropout and reshapes
+        in between pass the values on unchanged at inference.
+        """
+        name = node.inputs[0]
+        while name != INPUT and self.graph.node(name).op in ("dropout", "reshape"):
+            name = self.graph.node(name).inputs[0]
+        if name == INPUT:
+            return False
+        source = self.graph.node(name)
+        if "bias" in source.weights:
+            return False
+        if source.op == "dense":
+            return True
+        params = source.params
+        pointwise = params.get("kernel") == (1, 1) and params.get("strides") == (1, 1)
+        return source.op == "conv2d" and pointwise
 
     def _max_pool(self, node: GraphNode, inputs: list[tf.Tensor]) -> tf.Tensor:
         return pooling.max_pool(inputs[0], self._window(node, inputs[0]))

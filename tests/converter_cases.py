@@ -130,6 +130,22 @@ def dropout_between_dense() -> keras.Model:
     )
 
 
+def bias_free_matmuls_then_relu() -> keras.Model:
+    # The TensorFlow 2.21 LiteRT converter drops a ReLU fused into a matmul
+    # whose kernel is a variable, so these ReLUs must stay unfused.
+    return _model(
+        (4, 4, 3),
+        layers.Conv2D(4, 1, use_bias=False, activation="relu"),
+        layers.SeparableConv2D(4, 3, use_bias=False, activation="relu6"),
+        layers.Flatten(),
+        layers.Dense(8, use_bias=False, activation="relu"),
+        layers.Dense(8, use_bias=False),
+        layers.Dropout(0.3),
+        layers.ReLU(max_value=1.0),
+        layers.Dense(5),
+    )
+
+
 CASES: list[Callable[[], keras.Model]] = [
     conv_same_batch_norm_relu6,
     conv_strided_valid_and_same,
@@ -140,4 +156,5 @@ CASES: list[Callable[[], keras.Model]] = [
     activations,
     residual_add_and_concatenate,
     dropout_between_dense,
+    bias_free_matmuls_then_relu,
 ]

@@ -19,13 +19,25 @@ def _identity(x: tf.Tensor) -> tf.Tensor:
 
 
 def relu_family(
-    negative_slope: float = 0.0, max_value: float | None = None
+    negative_slope: float = 0.0,
+    max_value: float | None = None,
+    fusable: bool = True,
 ) -> Activation:
-    """Return a leaky, capped ReLU: slope * x below 0, x up to max_value."""
+    """Return a leaky, capped ReLU: slope * x below 0, x up to max_value.
+
+    With ``fusable=False`` the plain ReLU is written as a select, which the
+    LiteRT converter cannot fuse into the op before it. The converter of
+    TensorFlow 2.21 drops a RELU, RELU6 or RELU_N1_TO_1 that follows a matmul
+    with a variable right-hand side (BATCH_MATMUL), so such a ReLU must not
+    be fused.
+    """
 
     @tf.custom_gradient
     def op(x: tf.Tensor):  # type: ignore[no-untyped-def]
-        y = tf.maximum(x, 0.0)
+        if fusable:
+            y = tf.maximum(x, 0.0)
+        else:
+            y = tf.where(x > 0.0, x, tf.zeros_like(x))
         if negative_slope:
             y = tf.where(x > 0.0, x, x * negative_slope)
         if max_value is not None:
