@@ -47,14 +47,19 @@ def _activation_nodes(
     activation = name or _activation_name(layer)
     if activation == "linear":
         return []
-    params: dict[str, Any] = {"function": activation}
-    if activation == "leaky_relu":
-        params["negative_slope"] = 0.2  # keras.activations.leaky_relu default
+    params = _activation_params(activation)
     return [
         GraphNode(
             f"{layer.name}:activation", "activation", layer.name, [main], shape, params
         )
     ]
+
+
+def _activation_params(activation: str) -> dict[str, Any]:
+    params: dict[str, Any] = {"function": activation}
+    if activation == "leaky_relu":
+        params["negative_slope"] = 0.2  # keras.activations.leaky_relu default
+    return params
 
 
 def _activation_name(layer: Any) -> str:
@@ -197,7 +202,7 @@ def _read_batch_norm(
 def _read_activation(
     layer: Any, inputs: list[str], shape: tuple[int, ...]
 ) -> list[GraphNode]:
-    params = {"function": _activation_name(layer)}
+    params = _activation_params(_activation_name(layer))
     return [GraphNode(layer.name, "activation", layer.name, inputs, shape, params)]
 
 

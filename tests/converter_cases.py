@@ -94,6 +94,7 @@ def activations() -> keras.Model:
         layers.Dense(8, activation="hard_swish"),
         layers.LeakyReLU(0.1),
         layers.Dense(8, activation="leaky_relu"),
+        layers.Activation("leaky_relu"),
         layers.Dense(8, activation="hard_sigmoid"),
         layers.Dense(8, activation="softmax"),
         layers.Dense(8),
