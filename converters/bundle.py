@@ -119,12 +119,9 @@ def _check_io_counts(model: Any, role: str, outputs: int = 1) -> None:
 
 
 def _output_kind(model: Any) -> str:
-    activation = getattr(model.layers[-1], "activation", None)
-    return (
-        "probabilities"
-        if getattr(activation, "__name__", "") == "softmax"
-        else "logits"
-    )
+    # A single-output model; output_kinds also counts a Softmax layer.
+    (kind,) = output_kinds(model).values()
+    return kind
 
 
 def _signature_details(model: bytes) -> dict[str, Any]:

@@ -298,3 +298,25 @@ def test_lambda_model_file_names_safe_mode(tmp_path: Path) -> None:
     assert "convert loads models in Keras's safe mode" in message
     assert "replace the Lambda layer with built-in layers" in message
     assert "expected a .keras file written by model.save()" not in message
+
+
+@pytest.mark.slow
+def test_softmax_layer_output_is_probabilities(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(3)
+    teacher = keras.Sequential(
+        [keras.Input((6,)), layers.Dense(8, activation="relu"), layers.Dense(3)]
+    )
+    teacher.add(layers.Softmax())
+    student = keras.Sequential(
+        [keras.Input((6,)), layers.Dense(3), layers.Softmax(name="probs")]
+    )
+    samples = np.random.default_rng(3).random((16, 6), np.float32)
+    precision = PrecisionOptions(int8_student_copy=True, representative_data=samples)
+
+    manifest = convert_bundle(teacher, student, tmp_path / "b", precision=precision)
+
+    assert manifest["teacher"]["output_kind"] == "probabilities"
+    assert manifest["student_int8"]["output_kind"] == "probabilities"
+    bundle = load_bundle(tmp_path / "b")
+    labels = TeacherModel(bundle.teacher_path, bundle.teacher_output_kind)
+    np.testing.assert_allclose(labels.predict(samples).sum(axis=1), 1.0, atol=1e-5)
