@@ -270,6 +270,19 @@ def _read_reshape(
     return [GraphNode(layer.name, "reshape", layer.name, inputs, shape)]
 
 
+def _read_flatten(
+    layer: Any, inputs: list[str], shape: tuple[int, ...]
+) -> list[GraphNode]:
+    # Keras moves the channels last before flattening channels_first inputs.
+    if layer.data_format != "channels_last" and len(layer.input.shape) > 2:
+        raise ConversionError(
+            f"Flatten layer '{layer.name}' has data_format='{layer.data_format}'; "
+            "the converter supports only data_format='channels_last', so build "
+            "the student with channels-last (NHWC) inputs"
+        )
+    return _read_reshape(layer, inputs, shape)
+
+
 def _read_add(layer: Any, inputs: list[str], shape: tuple[int, ...]) -> list[GraphNode]:
     return [GraphNode(layer.name, "add", layer.name, inputs, shape)]
 
@@ -313,7 +326,7 @@ READERS: dict[str, LayerReader] = {
     "MaxPooling2D": _read_pool("max_pool"),
     "AveragePooling2D": _read_pool("avg_pool"),
     "GlobalAveragePooling2D": _read_global_pool,
-    "Flatten": _read_reshape,
+    "Flatten": _read_flatten,
     "Reshape": _read_reshape,
     "Add": _read_add,
     "Concatenate": _read_concatenate,

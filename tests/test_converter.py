@@ -12,6 +12,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from converters.bundle import convert_bundle  # noqa: E402
+from converters.layers import read_student  # noqa: E402
 from dslo_edge.bundle import load_bundle  # noqa: E402
 from dslo_edge.errors import BundleError, ConversionError  # noqa: E402
 from dslo_edge.models import StudentModel  # noqa: E402
@@ -177,6 +178,40 @@ def test_unsupported_layer_is_named(tmp_path) -> None:
     with pytest.raises(ConversionError, match="'memory'.*LSTM.*supported"):
         convert_bundle(teacher, student, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_channels_first_flatten_is_rejected(tmp_path) -> None:
+    student = keras.Sequential(
+        [
+            keras.Input((4, 4, 2)),
+            keras.layers.Conv2D(3, 1),
+            keras.layers.Flatten(data_format="channels_first", name="flat"),
+            keras.layers.Dense(3),
+        ]
+    )
+    teacher = keras.Sequential(
+        [keras.Input((4, 4, 2)), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+
+    with pytest.raises(ConversionError, match="'flat'.*channels_first.*channels_last"):
+        convert_bundle(teacher, student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_channels_first_flatten_of_vectors_is_read() -> None:
+    # Flatten leaves (batch, features) inputs unchanged in either data format.
+    student = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Flatten(data_format="channels_first", name="flat"),
+            keras.layers.Dense(3),
+        ]
+    )
+
+    graph = read_student(student)
+
+    assert graph.node("flat").op == "reshape"
+    assert graph.node("flat").output_shape == (6,)
 
 
 @pytest.mark.parametrize(
