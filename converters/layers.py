@@ -354,6 +354,24 @@ def _unsupported(layer: Any) -> ConversionError:
     )
 
 
+def _check_no_penalties(layer: Any) -> None:
+    # The train signature minimises the distillation loss alone and applies
+    # no constraint after its optimizer step, so both would be lost.
+    config = layer.get_config()
+    for key in sorted(config):
+        if not key.endswith(("_regularizer", "_constraint")) or config[key] is None:
+            continue
+        value = config[key]
+        name = value.get("class_name", value) if isinstance(value, dict) else value
+        hint = ""
+        if key.endswith("_regularizer"):
+            hint = ", and for weight decay on the device use --optimizer adamw"
+        raise ConversionError(
+            f"layer '{layer.name}' sets {key}={name}, which the train signature "
+            f"does not apply; set {key}=None before saving the student{hint}"
+        )
+
+
 def read_student(model: Any) -> StudentGraph:
     """Turn a built Keras student (Sequential or functional) into a graph.
 
@@ -366,7 +384,8 @@ def read_student(model: Any) -> StudentGraph:
 
     Raises:
         ConversionError: a layer or a layer setting is not supported, a layer
-            is used twice, or the model is not built.
+            has a regularizer or constraint, a layer is used twice, or the
+            model is not built.
     """
     graph = _functional_graph(model)
     nodes: list[GraphNode] = []
@@ -387,6 +406,7 @@ def read_student(model: Any) -> StudentGraph:
             reader = READERS.get(kind)
             if reader is None:
                 raise _unsupported(layer)
+            _check_no_penalties(layer)
             inputs = [
                 outputs[t._keras_history.operation.name]
                 for t in keras_node.input_tensors

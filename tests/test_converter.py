@@ -180,6 +180,34 @@ def test_unsupported_layer_is_named(tmp_path) -> None:
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (
+            keras.layers.Dense(4, kernel_regularizer="l2", name="hidden"),
+            "'hidden' sets kernel_regularizer=L2.*--optimizer adamw",
+        ),
+        (
+            keras.layers.Dense(
+                4, bias_constraint=keras.constraints.NonNeg(), name="hidden"
+            ),
+            "'hidden' sets bias_constraint=NonNeg.*set bias_constraint=None",
+        ),
+        (
+            keras.layers.BatchNormalization(gamma_regularizer="l1", name="norm"),
+            "'norm' sets gamma_regularizer=L1",
+        ),
+    ],
+)
+def test_regularizer_or_constraint_is_rejected(tmp_path, layer, message) -> None:
+    student = keras.Sequential([keras.Input((6,)), layer, keras.layers.Dense(3)])
+    teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+
+    with pytest.raises(ConversionError, match=message):
+        convert_bundle(teacher, student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_channels_first_flatten_is_rejected(tmp_path) -> None:
     student = keras.Sequential(
         [
