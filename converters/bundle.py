@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import tensorflow as tf
 
 from converters.export import InferenceModule, check_precision, to_tflite
 from converters.heads import check_teacher_heads, manifest_heads, output_kinds
-from converters.layers import read_student
+from converters.layers import SUPPORTED_LAYERS, read_student
 from converters.optimizers import OptimizerConfig
 from converters.output_dir import (
     STUDENT_FILE,
@@ -90,10 +91,31 @@ def load_keras_model(model: Any) -> Any:
     except Exception as error:  # Keras raises many unrelated types here
         if "safe_mode" in str(error):
             raise ConversionError(_unsafe_layer_message(path, error)) from error
+        custom = _CUSTOM_CLASS_PATTERN.search(str(error))
+        if custom:
+            raise ConversionError(
+                _custom_class_message(path, custom.group(1))
+            ) from error
         raise ConversionError(
             f"cannot load Keras model {path}: {error}; "
             "expected a .keras file written by model.save()"
         ) from error
+
+
+_CUSTOM_CLASS_PATTERN = re.compile(r"Could not locate class '([^']+)'")
+
+
+def _custom_class_message(path: Path, class_name: str) -> str:
+    # Keras's own message ends with the layer's whole config on one line,
+    # so only the class name is kept.
+    return (
+        f"cannot load Keras model {path}: it uses the custom class "
+        f"'{class_name}', which is not registered in this Python process. "
+        "A trainable student supports only these layers: "
+        f"{', '.join(SUPPORTED_LAYERS)}. For a teacher, import the module "
+        "that defines the class and pass the loaded model to convert_bundle "
+        "from Python"
+    )
 
 
 def _unsafe_layer_message(path: Path, error: Exception) -> str:

@@ -300,6 +300,27 @@ def test_lambda_model_file_names_safe_mode(tmp_path: Path) -> None:
     assert "expected a .keras file written by model.save()" not in message
 
 
+def test_custom_layer_file_names_class(tmp_path: Path) -> None:
+    @keras.saving.register_keras_serializable(package="tests")
+    class Scale(layers.Layer):
+        def call(self, inputs):  # type: ignore[no-untyped-def]
+            return inputs * 2.0
+
+    path = tmp_path / "student.keras"
+    keras.Sequential([keras.Input((4,)), Scale(), layers.Dense(3)]).save(path)
+    keras.saving.get_custom_objects().pop("tests>Scale")
+
+    with pytest.raises(ConversionError) as raised:
+        load_keras_model(path)
+
+    message = str(raised.value)
+    assert message.startswith(f"cannot load Keras model {path}: ")
+    assert "custom class 'Scale'" in message
+    assert "supports only these layers: InputLayer, Dense" in message
+    assert "import the module that defines the class" in message
+    assert "Full object config" not in message
+
+
 @pytest.mark.slow
 def test_softmax_layer_output_is_probabilities(tmp_path: Path) -> None:
     keras.utils.set_random_seed(3)
