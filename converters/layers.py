@@ -354,6 +354,35 @@ def _unsupported(layer: Any) -> ConversionError:
     )
 
 
+WEIGHT_PARTS = frozenset(
+    {
+        "kernel",
+        "bias",
+        "depthwise_kernel",
+        "pointwise_kernel",
+        "gamma",
+        "beta",
+        "moving_mean",
+        "moving_variance",
+    }
+)
+"""Weight names of the supported layers that the forward pass reads."""
+
+
+def _check_weight_parts(layer: Any, nodes: list[GraphNode]) -> None:
+    # LoRA (enable_lora) and Keras quantization (model.quantize) add weights
+    # such as lora_kernel_a or kernel_scale, which the forward pass would skip.
+    for node in nodes:
+        unknown = sorted(set(node.weights) - WEIGHT_PARTS)
+        if unknown:
+            raise ConversionError(
+                f"layer '{layer.name}' has the weights {', '.join(unknown)}, "
+                "which the converter cannot train; LoRA (enable_lora) and "
+                "quantized layers (model.quantize) are not supported, so save "
+                "the student in float32 without them"
+            )
+
+
 def _check_no_penalties(layer: Any) -> None:
     # The train signature minimises the distillation loss alone and applies
     # no constraint after its optimizer step, so both would be lost.
@@ -413,6 +442,7 @@ def read_student(model: Any) -> StudentGraph:
             ]
             shape = tuple(int(d) for d in keras_node.output_tensors[0].shape[1:])
             produced = reader(layer, inputs, shape)
+            _check_weight_parts(layer, produced)
             for node in produced:
                 node.params.setdefault("frozen", not layer.trainable)
             nodes.extend(produced)

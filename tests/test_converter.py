@@ -208,6 +208,26 @@ def test_regularizer_or_constraint_is_rejected(tmp_path, layer, message) -> None
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda model: model.layers[0].enable_lora(2), "lora_kernel_a, lora_kernel_b"),
+        (lambda model: model.quantize("int8"), "kernel_scale"),
+    ],
+    ids=["lora", "quantized"],
+)
+def test_lora_or_quantized_dense_is_rejected(tmp_path, change, message) -> None:
+    student = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(4, name="hidden"), keras.layers.Dense(3)]
+    )
+    change(student)
+    teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+
+    with pytest.raises(ConversionError, match=f"'hidden' has the weights {message}"):
+        convert_bundle(teacher, student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_channels_first_flatten_is_rejected(tmp_path) -> None:
     student = keras.Sequential(
         [
