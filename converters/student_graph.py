@@ -22,6 +22,7 @@ from converters.graph import StudentGraph
 from converters.loss import distillation_loss, log_softmax
 from converters.optimizers import GraphOptimizer, OptimizerConfig
 from converters.trainable import TrainableScope, is_trained, trained_layers
+from dslo_edge.errors import ConversionError
 
 __all__ = [
     "StudentModule",
@@ -78,6 +79,14 @@ class StudentModule(tf.Module):
             )
             if self.kinds[name] == "trained"
         ]
+        if not self.trained:
+            raise ConversionError(
+                f"the student has no weight that trainable scope "
+                f"{self.scope.describe()} would train: the layers it selects "
+                "have trainable=False or, for biases-and-batchnorm, no bias, "
+                "gamma or beta; set trainable=True on the layers to adapt or "
+                "choose another scope"
+            )
         self.optimizer = GraphOptimizer(self.optimizer_config, self.trained)
         for name, variable in self.optimizer.state:
             self._export(name, variable, "optimizer_state")

@@ -13,6 +13,7 @@ keras = pytest.importorskip("keras")
 
 from converters.bundle import convert_bundle  # noqa: E402
 from converters.layers import read_student  # noqa: E402
+from converters.trainable import TrainableScope  # noqa: E402
 from dslo_edge.bundle import load_bundle  # noqa: E402
 from dslo_edge.errors import BundleError, ConversionError  # noqa: E402
 from dslo_edge.models import StudentModel  # noqa: E402
@@ -225,6 +226,31 @@ def test_lora_or_quantized_dense_is_rejected(tmp_path, change, message) -> None:
 
     with pytest.raises(ConversionError, match=f"'hidden' has the weights {message}"):
         convert_bundle(teacher, student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize(
+    ("scope", "freeze"),
+    [("all", True), ("biases-and-batchnorm", False)],
+    ids=["frozen", "no_biases"],
+)
+def test_student_without_trained_weight_is_rejected(tmp_path, scope, freeze) -> None:
+    student = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4, use_bias=False),
+            keras.layers.Dense(3, use_bias=False),
+        ]
+    )
+    student.trainable = not freeze
+    teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+
+    with pytest.raises(
+        ConversionError, match=f"no weight that trainable scope {scope}"
+    ):
+        convert_bundle(
+            teacher, student, tmp_path / "bundle", trainable=TrainableScope.parse(scope)
+        )
     assert not (tmp_path / "bundle").exists()
 
 
