@@ -21,7 +21,12 @@ import numpy as np
 import tensorflow as tf
 
 from converters.export import InferenceModule, check_precision, to_tflite
-from converters.heads import check_teacher_heads, manifest_heads, output_kinds
+from converters.heads import (
+    check_output_activations,
+    check_teacher_heads,
+    manifest_heads,
+    output_kinds,
+)
 from converters.layers import SUPPORTED_LAYERS, read_student
 from converters.optimizers import OptimizerConfig
 from converters.output_dir import (
@@ -303,6 +308,7 @@ def _check_pair(teacher: Any, student: Any) -> tuple[int, ...]:
 
 
 def _check_classes(teacher: Any, module: StudentModule) -> None:
+    check_output_activations(teacher, "teacher")
     if module.graph.multi_head:
         check_teacher_heads(teacher, module.graph.heads)
         return
@@ -481,6 +487,7 @@ def convert_teacher(
     check_precision(precision, "teacher", trainable=False)
     model = load_keras_model(teacher)
     _check_io_counts(model, "teacher", outputs=max(1, len(model.outputs)))
+    check_output_activations(model, "teacher")
     input_shape = tuple(int(d) for d in model.input_shape[1:])
     module = InferenceModule(model, "teacher")
     data = to_tflite(

@@ -109,6 +109,28 @@ def output_kinds(model: Any) -> dict[str, str]:
     return {head_name(layer.name): _layer_output_kind(layer) for layer in layers}
 
 
+def check_output_activations(model: Any, role: str) -> None:
+    """Reject outputs that are neither logits nor softmax probabilities.
+
+    The hub sends each output as logits or probabilities, so a sigmoid or
+    ReLU output would reach the device as something it is not. Outputs of
+    layers without an ``activation`` attribute, such as ``Softmax``, pass.
+
+    Raises:
+        ConversionError: an output layer has another activation.
+    """
+    for tensor in model.outputs:
+        layer = tensor._keras_history.operation
+        activation = getattr(layer, "activation", None)
+        name = getattr(activation, "__name__", "linear")
+        if name not in ("linear", "softmax"):
+            raise ConversionError(
+                f"the {role}'s output layer '{layer.name}' applies {name}, so "
+                "its outputs are neither logits nor softmax probabilities; end "
+                "each output in a layer without activation or with softmax"
+            )
+
+
 def _layer_output_kind(layer: Any) -> str:
     activation = getattr(layer, "activation", None)
     softmax = type(layer).__name__ == "Softmax" or (

@@ -11,7 +11,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from converters.bundle import convert_bundle  # noqa: E402
+from converters.bundle import convert_bundle, convert_teacher  # noqa: E402
 from converters.layers import read_student  # noqa: E402
 from converters.trainable import TrainableScope  # noqa: E402
 from dslo_edge.bundle import load_bundle  # noqa: E402
@@ -252,6 +252,20 @@ def test_student_without_trained_weight_is_rejected(tmp_path, scope, freeze) -> 
             teacher, student, tmp_path / "bundle", trainable=TrainableScope.parse(scope)
         )
     assert not (tmp_path / "bundle").exists()
+
+
+def test_teacher_sigmoid_output_is_rejected(tmp_path) -> None:
+    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    teacher = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(3, activation="sigmoid", name="out")]
+    )
+
+    with pytest.raises(ConversionError, match="teacher's output layer 'out' applies"):
+        convert_bundle(teacher, student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    with pytest.raises(ConversionError, match="neither logits nor softmax"):
+        convert_teacher(teacher, tmp_path / "teacher.tflite")
+    assert not (tmp_path / "teacher.tflite").exists()
 
 
 def test_channels_first_flatten_is_rejected(tmp_path) -> None:
