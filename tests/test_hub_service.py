@@ -323,7 +323,12 @@ def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -
     }
 
 
-def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+def small_budget_worker(mlp_pair, mosquitto, tmp_path) -> tuple:
+    """Return the config and a worker whose nightly push to kitchen fits 16 samples.
+
+    With noise multiplier 8, the RDP accountant gives epsilon 2.17 for 16
+    releases and 3.19 for 32, so only the first batch fits in 2.5.
+    """
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     privacy = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 2.5"}
     config = load_hub_config(
@@ -332,7 +337,11 @@ def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> No
         ),
         "w1",
     )
-    worker = HubWorker(config)
+    return config, HubWorker(config)
+
+
+def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    config, worker = small_budget_worker(mlp_pair, mosquitto, tmp_path)
     assert worker.pushes is not None
     now = [0.0]
     worker.pushes._budget_log = RepeatLimiter(3600.0, 16, clock=lambda: now[0])
@@ -362,15 +371,7 @@ def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> No
 
 
 def test_empty_push_runs_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> None:
-    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
-    privacy = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 2.5"}
-    config = load_hub_config(
-        nightly_push_config(
-            tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x, privacy
-        ),
-        "w1",
-    )
-    worker = HubWorker(config)
+    config, worker = small_budget_worker(mlp_pair, mosquitto, tmp_path)
     assert worker.pushes is not None
     now = [0.0]
     worker.pushes._empty_run_log = RepeatLimiter(3600.0, 16, clock=lambda: now[0])
@@ -421,7 +422,13 @@ def write_keys(folder: Path) -> Path:
     return keys
 
 
-def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+def push_to_porch_and(device: str, mlp_pair, mosquitto, tmp_path, caplog) -> tuple:
+    """Run a signed push to ``device`` and porch, which has a valid key.
+
+    Returns:
+        The keys folder, the stopped worker, the queue of payloads that
+        ``device`` received, and porch's verified updates.
+    """
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     folder = tmp_path / "hub"
     keys = write_keys(folder)
@@ -429,10 +436,10 @@ def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) ->
     config = nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, x, extra)
     config.write_text(
         config.read_text().replace(
-            'devices = ["kitchen"]', 'devices = ["kitchen", "porch"]'
+            'devices = ["kitchen"]', f'devices = ["{device}", "porch"]'
         )
     )
-    kitchen_client, kitchen = kitchen_updates(mosquitto.port)
+    other_client, other = device_updates(mosquitto.port, device)
     porch_client, porch = device_updates(mosquitto.port, "porch")
     worker = HubWorker(load_hub_config(config, "w1"))
     caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
@@ -444,12 +451,19 @@ def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) ->
             time.sleep(0.1)
     finally:
         worker.stop()
-        for client in (kitchen_client, porch_client):
+        for client in (other_client, porch_client):
             client.disconnect()
             client.loop_stop()
 
     key = load_key(keys / "porch.key")
     updates = [decode_update(verify(key, "dslo/porch/updates", p)) for p in signed]
+    return keys, worker, other, updates
+
+
+def test_bad_key_skips_only_its_device(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    keys, worker, kitchen, updates = push_to_porch_and(
+        "kitchen", mlp_pair, mosquitto, tmp_path, caplog
+    )
     assert [u.sample_count for u in updates] == [16, 16, 8]
     assert kitchen.empty()
     [error] = push_errors(caplog)
@@ -534,34 +548,9 @@ def test_push_failure_after_success_logged(
 
 
 def test_push_skips_device_without_key(mlp_pair, mosquitto, tmp_path, caplog) -> None:
-    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
-    folder = tmp_path / "hub"
-    keys = write_keys(folder)
-    extra = {"hub": 'keys_dir = "keys"'}
-    config = nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, x, extra)
-    config.write_text(
-        config.read_text().replace(
-            'devices = ["kitchen"]', 'devices = ["garage", "porch"]'
-        )
+    keys, worker, garage, updates = push_to_porch_and(
+        "garage", mlp_pair, mosquitto, tmp_path, caplog
     )
-    garage_client, garage = device_updates(mosquitto.port, "garage")
-    porch_client, porch = device_updates(mosquitto.port, "porch")
-    worker = HubWorker(load_hub_config(config, "w1"))
-    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
-    worker.start()
-    try:
-        signed = [porch.get(timeout=15) for _ in range(3)]
-        deadline = time.monotonic() + 15
-        while not push_summaries(caplog) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        worker.stop()
-        for client in (garage_client, porch_client):
-            client.disconnect()
-            client.loop_stop()
-
-    key = load_key(keys / "porch.key")
-    updates = [decode_update(verify(key, "dslo/porch/updates", p)) for p in signed]
     assert [u.sample_count for u in updates] == [16, 16, 8]
     assert garage.empty()
     [error] = push_errors(caplog)
