@@ -83,7 +83,7 @@ def file_path_only(
     return value
 
 
-# Where a quick or partial evaluation writes its report unless --out is given.
+# The report folder of a quick or partial evaluation without --out.
 PARTIAL_EVALUATION_OUT = "evaluate-out"
 
 

@@ -458,42 +458,44 @@ def _same_file(first: Path, second: Path) -> bool:
         return first.resolve() == second.resolve()
 
 
+# The start of each line of the daemon's log, such as "2026-12-05 17:20:01,123",
+# with "d" for any decimal digit.
+DAEMON_LOG_START = b"dddd-dd-dd "
+# The start of each line of the metrics log, one JSON object per line.
+METRICS_LOG_START = b"{"
+
+
 def _starts_like_daemon_log(path: Path) -> bool:
     """Check that ``path`` is missing, empty, not a file, or starts with a date.
 
-    Each line of the daemon's log starts with its time stamp, such as
-    ``2026-12-05 17:20:01,123``. A key, certificate or other program's log
-    does not, so rotating it away would destroy data.
+    A key, certificate or other program's log does not start with the
+    daemon's time stamp, so rotating it away would destroy data.
+    """
+    return _starts_like(path, DAEMON_LOG_START)
+
+
+def _starts_like_metrics_log(path: Path) -> bool:
+    """Check that ``path`` is missing, empty, not a file, or starts with '{'."""
+    return _starts_like(path, METRICS_LOG_START)
+
+
+def _starts_like(path: Path, line_start: bytes) -> bool:
+    """Check that ``path`` is missing, empty, not a file, or starts with ``line_start``.
+
+    A start shorter than ``line_start``, as after a first line that a crash
+    cut short, is checked as far as it goes. A file starting with a zero byte
+    passes, because a power cut can leave one on some file systems and a
+    device that lost power must still start.
     """
     try:
         with path.open("rb") as stream:
-            start = stream.read(len("YYYY-MM-DD "))
+            start = stream.read(len(line_start))
     except OSError:
         # A missing path or a directory is reported when the file is opened.
         return True
     if start.startswith(b"\0"):
-        # A power cut can leave a file starting with zeros on some file
-        # systems, and a device that lost power must still start.
         return True
-    # A start shorter than the stamp, as after a cut-short first line, is
-    # checked as far as it goes.
     return all(
-        byte == expected or (expected == ord("d") and chr(byte).isdigit())
-        for byte, expected in zip(start, b"dddd-dd-dd ", strict=False)
+        byte == expected or (expected == ord("d") and ord("0") <= byte <= ord("9"))
+        for byte, expected in zip(start, line_start, strict=False)
     )
-
-
-def _starts_like_metrics_log(path: Path) -> bool:
-    """Check that ``path`` is missing, empty, not a file, or starts with '{' or zero.
-
-    The daemon writes one JSON object per line. Only the first byte is
-    checked, so a log whose first line was cut short by a crash still passes.
-    """
-    try:
-        with path.open("rb") as stream:
-            first = stream.read(1)
-    except OSError:
-        # A missing path or a directory is reported when the file is opened.
-        return True
-    # Zeros are what a power cut can leave at the start of a file.
-    return first in (b"", b"{", b"\0")

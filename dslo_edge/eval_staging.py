@@ -5,7 +5,7 @@ temporary page in ``out`` and renames them into place. A process killed in
 between (SIGKILL, a power cut) leaves them behind, so each name contains the
 host name, the process id and the PID namespace of its writer. A later report
 removes those of processes that no longer run on this host and leaves any
-other alone. The namespace tells apart the process ids of containers, which
+other alone. The namespace distinguishes the process ids of containers, which
 can have the host's name (``docker run --uts=host``) but ids of their own.
 """
 

@@ -52,7 +52,7 @@ from dslo_edge.label_protocol import (
 )
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, encode_update
-from dslo_edge.repeat_log import RepeatLimiter
+from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 from dslo_edge.signing import key_file_present, load_key, sign
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class BatchLabeller:
             "device's own labels topic%s",
             device,
             item.response_topic,
-            f" ({skipped} more such requests since the last line)" if skipped else "",
+            repeats_note(skipped, "such requests"),
         )
 
     def _log_rejected(self, device: str, error: InvalidRequest) -> None:
@@ -176,9 +176,7 @@ class BatchLabeller:
             device,
             error.reason,
             error,
-            f" ({skipped} more rejected requests since the last line)"
-            if skipped
-            else "",
+            repeats_note(skipped, "rejected requests"),
         )
 
     @staticmethod
@@ -316,7 +314,7 @@ class BatchLabeller:
             "Cannot sign labels for device %s: %s%s",
             device,
             message,
-            f" ({skipped} more such requests since the last line)" if skipped else "",
+            repeats_note(skipped, "such requests"),
         )
 
     def _refusal(

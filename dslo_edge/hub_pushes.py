@@ -40,7 +40,7 @@ from dslo_edge.hub_teacher import TeacherRegistry, TeacherVersion
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
-from dslo_edge.repeat_log import RepeatLimiter
+from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 from dslo_edge.signing import key_file_present, load_key, sign
 
 logger = logging.getLogger(__name__)
@@ -236,11 +236,7 @@ class PushScheduler(threading.Thread):
             skipped = self._empty_run_log.skipped_before(schedule.name)
             if skipped is None:
                 return
-            repeats = (
-                f" ({skipped} more runs sent nothing since the last line)"
-                if skipped
-                else ""
-            )
+            repeats = repeats_note(skipped, "runs sent nothing")
         # A spent privacy budget stops a device's push early, so the counts
         # can fall short of the dataset and the device list.
         logger.info(
@@ -390,7 +386,7 @@ class PushScheduler(threading.Thread):
             schedule.name,
             device,
             error,
-            f" ({skipped} more failed runs since the last line)" if skipped else "",
+            repeats_note(skipped, "failed runs"),
         )
 
     def _log_spent(self, device: str, refusal: str) -> None:
@@ -403,7 +399,7 @@ class PushScheduler(threading.Thread):
             "logged at most once an hour",
             device,
             refusal,
-            f" ({skipped} more stopped runs since the last line)" if skipped else "",
+            repeats_note(skipped, "stopped runs"),
         )
 
     def _key(self, device: str) -> bytes | None:

@@ -428,7 +428,7 @@ class HubState:
             refunds: requests among ``answers`` that were admitted, and so
                 charged, but whose labels are not released, such as labels
                 the teacher made NaN. With ``privacy``, their samples leave
-                the device's release count. A request answered before, or
+                the device's release count. A request with a stored response, or
                 claimed by another worker since, is not refunded, so each
                 charge is taken back at most once and only by the worker
                 that holds the claim.

@@ -51,7 +51,7 @@ from dslo_edge.label_protocol import (
     user_properties,
 )
 from dslo_edge.protocol import SoftLabelUpdate
-from dslo_edge.repeat_log import RepeatLimiter
+from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 from dslo_edge.signing import verified_body
 
 logger = logging.getLogger(__name__)
@@ -426,9 +426,7 @@ class LabelRequester:
                 self.device_id,
                 status,
                 text,
-                f" ({skipped} more such responses since the last line)"
-                if skipped
-                else "",
+                repeats_note(skipped, "such responses"),
             )
 
     def _skip_repeat(self, status: str, text: str) -> int | None:

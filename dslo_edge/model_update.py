@@ -45,7 +45,7 @@ from dslo_edge.ota import (
     state_write_error,
     status_payload,
 )
-from dslo_edge.repeat_log import RepeatLimiter
+from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 from dslo_edge.signing import verified_body
 from dslo_edge.state_folders import OTA
 from dslo_edge.swap import (
@@ -169,9 +169,7 @@ class ModelUpdater:
             transfer_id or "(no transfer id)",
             error.reason,
             error,
-            f" ({skipped} more chunks rejected for this reason since the last line)"
-            if skipped
-            else "",
+            repeats_note(skipped, "chunks rejected for this reason"),
         )
 
     def activate(self, candidate: ReleaseCandidate) -> bool:

@@ -44,3 +44,12 @@ class RepeatLimiter:
     def forget(self, key: Hashable) -> None:
         """Drop ``key``, so that its next event is logged at once."""
         self._logged.pop(key, None)
+
+
+def repeats_note(skipped: int, events: str) -> str:
+    """Return the suffix that counts ``events`` skipped since the last line.
+
+    The suffix is empty when none were skipped, and otherwise reads
+    `` (3 more <events> since the last line)``.
+    """
+    return f" ({skipped} more {events} since the last line)" if skipped else ""

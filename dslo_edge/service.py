@@ -136,7 +136,7 @@ def check_state_dir(value: str, option: str) -> PurePosixPath:
         reason = "ReadWritePaths=/ turns the ProtectSystem=strict sandbox off"
     elif value in SYSTEM_DIRECTORIES or path.parent == PurePosixPath("/usr"):
         # Every directory right under /usr, such as /usr/lib or /usr/share,
-        # holds files of the system's packages.
+        # contains files of the system's packages.
         reason = "ReadWritePaths= would let the service write all of it"
     elif value in SHARED_DIRECTORIES:
         raise ConfigError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dslo_edge.repeat_log import RepeatLimiter
+from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 
 
 def test_repeats_counted_until_interval() -> None:
@@ -40,3 +40,10 @@ def test_full_memory_forgets_every_key() -> None:
     # A third key clears the memory, so "a" is logged again at once.
     assert limiter.skipped_before("c") == 0
     assert limiter.skipped_before("a") == 0
+
+
+def test_repeats_note_counts_skipped() -> None:
+    assert repeats_note(0, "failed runs") == ""
+    assert repeats_note(3, "failed runs") == (
+        " (3 more failed runs since the last line)"
+    )
