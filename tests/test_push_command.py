@@ -64,6 +64,19 @@ def run_push(bundle: Path, data: Path, url: str, *extra: str) -> Result:
     return CliRunner().invoke(main, arguments)
 
 
+def watch_updates(port: int) -> tuple[mqtt.Client, list[bytes]]:
+    """Subscribe to the device's updates; return the client and received payloads."""
+    received: list[bytes] = []
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda _client, _userdata, message: received.append(
+        message.payload
+    )
+    watcher.connect("127.0.0.1", port)
+    watcher.subscribe(f"dslo/{DEVICE}/updates", qos=1)
+    watcher.loop_start()
+    return watcher, received
+
+
 def test_push_counts_only_its_own_updates(
     mlp_pair, broker_factory, tmp_path, data_file
 ):
@@ -349,14 +362,7 @@ def test_push_unwritable_ledger_sends_nothing(
     blocker = tmp_path / "afile"
     blocker.write_text("")
     ledger = blocker / "ledger.json"
-    received: list[bytes] = []
-    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    watcher.on_message = lambda _client, _userdata, message: received.append(
-        message.payload
-    )
-    watcher.connect("127.0.0.1", broker.port)
-    watcher.subscribe(f"dslo/{DEVICE}/updates", qos=1)
-    watcher.loop_start()
+    watcher, received = watch_updates(broker.port)
     try:
         time.sleep(0.5)
         result = run_push(
@@ -388,14 +394,7 @@ def test_push_stopped_by_budget_counts_sent(
 ):
     pytest.importorskip("dp_accounting")
     broker = broker_factory("mosquitto")
-    received: list[bytes] = []
-    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    watcher.on_message = lambda _client, _userdata, message: received.append(
-        message.payload
-    )
-    watcher.connect("127.0.0.1", broker.port)
-    watcher.subscribe(f"dslo/{DEVICE}/updates", qos=1)
-    watcher.loop_start()
+    watcher, received = watch_updates(broker.port)
     try:
         time.sleep(0.5)
         # At noise multiplier 4, 16 releases spend epsilon 4.73 and 24 spend
