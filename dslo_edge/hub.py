@@ -95,13 +95,32 @@ def load_samples(path: str | Path, *, read_labels: bool = True) -> SampleSet:
         _check_sample_ids(ids, source)
     else:
         ids = default_sample_ids(x)
-    if len(ids) != len(x) or (y is not None and len(y) != len(x)):
-        raise ConfigError(f"{source}: x, y and ids must have the same length")
+    _check_lengths(source, x, y, ids, given_ids="ids" in arrays)
     if not np.all(np.isfinite(x)):
         raise ConfigError(f"{source}: x contains NaN or infinity")
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: ids repeat; expected one unique id per sample")
     return SampleSet(x, ids, y)
+
+
+def _check_lengths(
+    source: Path, x: np.ndarray, y: np.ndarray | None, ids: list[str], given_ids: bool
+) -> None:
+    """Reject ``y`` or ``ids`` whose length differs from the samples in ``x``."""
+    lengths = {
+        "y": None if y is None else len(y),
+        "ids": len(ids) if given_ids else None,
+    }
+    mismatched = [
+        f"{name} has {length}"
+        for name, length in lengths.items()
+        if length is not None and length != len(x)
+    ]
+    if mismatched:
+        raise ConfigError(
+            f"{source}: x has {len(x)} samples (shape {x.shape}), but "
+            f"{' and '.join(mismatched)}; expected one entry per row of x"
+        )
 
 
 # Exceptions of np.load for a damaged archive: BadZipFile for a truncated file

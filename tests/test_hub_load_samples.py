@@ -122,3 +122,29 @@ def test_one_hot_labels_are_rejected(tmp_path: Path) -> None:
         caught.value
     )
     assert "y.argmax(axis=1)" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "shown"),
+    [
+        ({"y": np.array([0, 1])}, "x has 3 samples (shape (3, 64)), but y has 2"),
+        (
+            {"ids": np.array(["a", "b", "c", "d"])},
+            "x has 3 samples (shape (3, 64)), but ids has 4",
+        ),
+        (
+            {"y": np.array([0]), "ids": np.array(["a"])},
+            "but y has 1 and ids has 1",
+        ),
+    ],
+)
+def test_length_mismatch_names_lengths(
+    tmp_path: Path, arrays: dict[str, np.ndarray], shown: str
+) -> None:
+    path = write_samples(tmp_path / "lengths.npz", **arrays)
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(path)
+
+    assert shown in str(caught.value)
+    assert "expected one entry per row of x" in str(caught.value)
