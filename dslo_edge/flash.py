@@ -32,6 +32,7 @@ local changes to a unit belong in a drop-in file, which flash leaves alone.
 from __future__ import annotations
 
 import errno
+import filecmp
 import hashlib
 import json
 import logging
@@ -361,9 +362,20 @@ def _release_intact(release_dir: Path, bundle: Bundle) -> bool:
         load_bundle(release_dir)
     except BundleError:
         return False
-    return (release_dir / MANIFEST_NAME).read_bytes() == (
-        bundle.path / MANIFEST_NAME
-    ).read_bytes()
+    # The release id covers only the manifest, and _copy_bundle copies every
+    # file, so a probe.npz added, changed or removed since then must count.
+    source = _bundle_files(bundle.path)
+    installed = _bundle_files(release_dir)
+    if sorted(source) != sorted(installed):
+        return False
+    return all(
+        filecmp.cmp(source[name], installed[name], shallow=False) for name in source
+    )
+
+
+def _bundle_files(folder: Path) -> dict[str, Path]:
+    """Return the regular files directly in ``folder`` by name."""
+    return {path.name: path for path in folder.iterdir() if path.is_file()}
 
 
 def _check_free_space(

@@ -12,6 +12,7 @@ from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -200,6 +201,39 @@ def test_flash_repairs_a_damaged_release(tmp_path: Path, pi4) -> None:
     repaired = flash(bundle, pi4, root, OPTIONS)
 
     assert f"/opt/dslo-edge/releases/{result.release}" in repaired.changed
+    assert verify_installation(root) == []
+
+
+def write_probe(bundle: Path, labels: list[int]) -> bytes:
+    """Write a probe.npz for the 64-input, 10-class test bundle; return its bytes."""
+    x = np.zeros((len(labels), 64), dtype=np.float32)
+    np.savez(bundle / "probe.npz", x=x, y=np.array(labels))
+    return (bundle / "probe.npz").read_bytes()
+
+
+def test_flash_installs_probe_added_later(tmp_path: Path, pi4) -> None:
+    bundle, root = flash_once(tmp_path, pi4)
+    release = root / f"opt/dslo-edge/releases/{release_id(load_bundle(bundle))}"
+    device_release = "/" + str(release.relative_to(root))
+
+    first = write_probe(bundle, [0, 1])
+    added = flash(bundle, pi4, root, OPTIONS)
+
+    assert device_release in added.changed
+    assert (release / "probe.npz").read_bytes() == first
+    assert verify_installation(root) == []
+
+    second = write_probe(bundle, [2, 3, 4])
+    changed = flash(bundle, pi4, root, OPTIONS)
+
+    assert device_release in changed.changed
+    assert (release / "probe.npz").read_bytes() == second
+
+    (bundle / "probe.npz").unlink()
+    removed = flash(bundle, pi4, root, OPTIONS)
+
+    assert device_release in removed.changed
+    assert not (release / "probe.npz").exists()
     assert verify_installation(root) == []
 
 
