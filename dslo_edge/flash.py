@@ -58,6 +58,7 @@ from dslo_edge.flash_config import (
     render_device_config,
 )
 from dslo_edge.footprint import MIB, directory_size
+from dslo_edge.health import check_bundle_probe
 from dslo_edge.profiles import FirmwareProfile
 from dslo_edge.service import (
     DEFAULT_CONFIG,
@@ -159,11 +160,12 @@ def flash(
         ConfigError: an option makes the device config invalid, such as a
             device id that is not one MQTT topic level or a broker host with
             a quote.
-        BundleError: the bundle is invalid, the profile cannot run it, the
-            target lacks free space, a path leads out of the target or
-            through a symlink loop, or writing failed. Each file is replaced
-            whole, but a failure can come after some of them, such as the
-            ``bundle`` link, were replaced. The message then names them.
+        BundleError: the bundle or its probe.npz is invalid, the profile
+            cannot run it, the target lacks free space, a path leads out of
+            the target or through a symlink loop, or writing failed. Each
+            file is replaced whole, but a failure can come after some of
+            them, such as the ``bundle`` link, were replaced. The message
+            then names them.
     """
     check_device_id(options.device_id)
     check_broker_host(options.broker_host)
@@ -173,6 +175,9 @@ def flash(
         raise BundleError(f"target {root} is not a directory; mount the device first")
     _check_paths_inside_target(root, profile)
     bundle = load_bundle(bundle_path)
+    # The daemon stops with exit status 78 on a probe set it cannot use, and
+    # the unit does not restart it, so such a bundle must not be installed.
+    check_bundle_probe(bundle)
     fit = check_bundle(bundle, profile, batch_size=options.batch_size)
     if not fit.fits:
         raise BundleError(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dslo_edge.bundle import Bundle
 from dslo_edge.errors import BundleError
 from dslo_edge.metrics import LatencyWindow
 from dslo_edge.models import StudentModel
@@ -53,6 +54,19 @@ def load_probe(path: Path, input_shape: tuple[int, ...], class_count: int) -> Pr
     if y.min() < 0 or y.max() >= class_count:
         raise BundleError(f"probe labels in {path} must be in 0..{class_count - 1}")
     return ProbeSet(x, y)
+
+
+def check_bundle_probe(bundle: Bundle) -> None:
+    """Check the bundle's probe set as the daemon reads it at start.
+
+    A multi-head student's probe set is not read, so it is not checked.
+
+    Raises:
+        BundleError: ``probe.npz`` is unreadable or does not fit the student.
+    """
+    path = bundle.path / PROBE_FILE
+    if path.is_file() and not bundle.is_multi_head:
+        load_probe(path, bundle.input_shape, bundle.class_count)
 
 
 class HealthGuard:

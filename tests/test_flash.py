@@ -237,6 +237,20 @@ def test_flash_installs_probe_added_later(tmp_path: Path, pi4) -> None:
     assert verify_installation(root) == []
 
 
+def test_flash_rejects_probe_daemon_rejects(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    write_probe(bundle, [0, 10])
+    root = tmp_path / "rootfs"
+    root.mkdir()
+
+    with pytest.raises(BundleError) as caught:
+        flash(bundle, pi4, root, OPTIONS)
+
+    assert str(bundle / "probe.npz") in str(caught.value)
+    assert "0..9" in str(caught.value)
+    assert list(root.iterdir()) == []
+
+
 def test_flash_rejects_bundle_profile_cannot_run(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
