@@ -13,6 +13,7 @@ The norm check needs no probe set, so it also guards bundles without one.
 from __future__ import annotations
 
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,22 +39,62 @@ def load_probe(path: Path, input_shape: tuple[int, ...], class_count: int) -> Pr
     Raises:
         BundleError: the file is unreadable or its arrays do not fit.
     """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            x = np.asarray(data["x"], dtype=np.float32)
-            y = np.asarray(data["y"], dtype=np.int64)
-    except (OSError, KeyError, ValueError) as error:
+    x, labels = _read_probe_arrays(path)
+    if x.shape[1:] != input_shape or labels.shape != (len(x),) or len(x) == 0:
         raise BundleError(
-            f"cannot read probe set {path}: {error}; expected an .npz with x and y"
-        ) from error
-    if x.shape[1:] != input_shape or y.shape != (len(x),) or len(x) == 0:
-        raise BundleError(
-            f"probe set {path} has x {x.shape} and y {y.shape}; expected "
+            f"probe set {path} has x {x.shape} and y {labels.shape}; expected "
             f"x (N, {', '.join(map(str, input_shape))}) and y (N,) with N > 0"
         )
+    finite_rows = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if not finite_rows.all():
+        row = int(np.flatnonzero(~finite_rows)[0])
+        raise BundleError(
+            f"probe set {path}: x[{row}] contains NaN or infinity; expected "
+            "finite inputs, so drop or fill the rows with missing values"
+        )
+    # A float label such as 1.5 would turn into class 1 in the int64 cast.
+    with np.errstate(invalid="ignore"):
+        y = labels.astype(np.int64)
+    changed = np.flatnonzero(y != labels)
+    if len(changed):
+        index = int(changed[0])
+        raise BundleError(
+            f"probe set {path}: y[{index}] is {labels[index].item()!r}; expected "
+            f"a whole class index from 0 to {class_count - 1}"
+        )
     if y.min() < 0 or y.max() >= class_count:
-        raise BundleError(f"probe labels in {path} must be in 0..{class_count - 1}")
+        raise BundleError(
+            f"probe set {path} has labels {y.min()}..{y.max()}, but the student "
+            f"has {class_count} classes; expected labels in 0..{class_count - 1}"
+        )
     return ProbeSet(x, y)
+
+
+def _read_probe_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``x`` as float32 and ``y`` as float64 from a probe file."""
+    expected = "expected an .npz with x and y, written by numpy.savez(path, x=x, y=y)"
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(4)
+        if not head.startswith(b"PK"):
+            # np.load would try pickle and blame "pickled (object) data".
+            raise BundleError(
+                f"probe set {path} is not an .npz archive (it starts with "
+                f"{head!r}); {expected}"
+            )
+        with np.load(path, allow_pickle=False) as data:
+            names = sorted(data.files)
+            if "x" not in names or "y" not in names:
+                raise BundleError(f"probe set {path} has arrays {names}; {expected}")
+            # float64 keeps every int32 label exactly for the whole-number check.
+            return (
+                np.asarray(data["x"], dtype=np.float32),
+                np.asarray(data["y"], dtype=np.float64),
+            )
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise BundleError(
+            f"cannot read probe set {path}: {error}; {expected}"
+        ) from error
 
 
 def check_bundle_probe(bundle: Bundle) -> None:
