@@ -24,7 +24,7 @@ from typing import Any
 
 from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle
 from dslo_edge.errors import BrokerError, BundleError
-from dslo_edge.health import PROBE_FILE
+from dslo_edge.health import PROBE_FILE, check_bundle_probe
 from dslo_edge.ota import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_ARCHIVE_BYTES,
@@ -92,10 +92,13 @@ def pack_bundle(
             for ``OtaReceiver``'s default.
 
     Raises:
-        BundleError: the directory is not a valid bundle, or the archive
-            would exceed ``max_archive_bytes``.
+        BundleError: the directory is not a valid bundle, its probe.npz does
+            not fit the student, or the archive would exceed
+            ``max_archive_bytes``.
     """
     bundle = load_bundle(bundle_dir)
+    # The device would unpack the release and then reject it as bad_bundle.
+    check_bundle_probe(bundle)
     paths = bundle_files(bundle)
     if len(paths) + 1 > MAX_ARCHIVE_MEMBERS:
         raise BundleError(

@@ -152,6 +152,17 @@ def test_pack_names_missing_manifest_file(tmp_path: Path) -> None:
         pack_bundle(bundle)
 
 
+def test_pack_rejects_probe_device_rejects(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    np.savez(bundle / "probe.npz", x=np.zeros((2, 64)), y=np.array([0, 12]))
+
+    with pytest.raises(BundleError) as caught:
+        pack_bundle(bundle)
+
+    assert str(bundle / "probe.npz") in str(caught.value)
+    assert "has labels 0..12, but the student has 10 classes" in str(caught.value)
+
+
 def test_release_options_travel_in_archive(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     plain = pack_bundle(bundle)
