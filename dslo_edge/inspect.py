@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dslo_edge.bundle import load_bundle
+from dslo_edge.bundle import Bundle, load_bundle
 from dslo_edge.errors import BundleError
+from dslo_edge.health import PROBE_FILE, load_probe
 from dslo_edge.modelfile import FLEX_PREFIX, summarize_model
 
 FILE_ROLES = ("student", "teacher", "student_int8")
@@ -26,10 +27,11 @@ def inspect_bundle(path: str | Path, batch_size: int = 32) -> dict[str, Any]:
 
     Returns:
         A JSON-ready dict with one entry per file under "files", plus
-        "flex_free" for the whole bundle.
+        "flex_free" for the whole bundle and "probe" for its probe set.
 
     Raises:
-        BundleError: the bundle is missing, corrupt or unreadable.
+        BundleError: the bundle is missing, corrupt or unreadable, or its
+            probe set does not fit the student.
     """
     bundle = load_bundle(path)
     files = {}
@@ -44,7 +46,23 @@ def inspect_bundle(path: str | Path, batch_size: int = 32) -> dict[str, Any]:
         "batch_size": batch_size,
         "files": files,
         "flex_free": all(not report["flex_ops"] for report in files.values()),
+        "probe": _probe_report(bundle),
     }
+
+
+def _probe_report(bundle: Bundle) -> dict[str, Any] | None:
+    """Describe the probe set as the daemon reads it, or return None without one.
+
+    Raises:
+        BundleError: the daemon would reject the probe set at start.
+    """
+    path = bundle.path / PROBE_FILE
+    if not path.is_file():
+        return None
+    if bundle.is_multi_head:
+        return {"file": PROBE_FILE, "samples": None, "used": False}
+    probe = load_probe(path, bundle.input_shape, bundle.class_count)
+    return {"file": PROBE_FILE, "samples": len(probe.y), "used": True}
 
 
 def _file_report(path: Path, entry: dict[str, Any], batch_size: int) -> dict[str, Any]:
@@ -101,12 +119,21 @@ def format_report(report: dict[str, Any], show_variables: bool = False) -> str:
         lines.append("")
         lines.extend(_format_file(role, file, report["batch_size"], show_variables))
     lines.append("")
+    lines.append(_format_probe(report.get("probe")))
     lines.append(
         "Flex-free: yes"
         if report["flex_free"]
         else "Flex-free: NO (needs a Flex-enabled interpreter)"
     )
     return "\n".join(lines)
+
+
+def _format_probe(probe: dict[str, Any] | None) -> str:
+    if probe is None:
+        return "probe set: none, so rollbacks check the weights only"
+    if not probe["used"]:
+        return f"probe set: {probe['file']}, not read for a multi-head student"
+    return f"probe set: {probe['file']}, {probe['samples']} samples"
 
 
 def _format_file(
