@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dslo_edge.bundle import MANIFEST_NAME
-from dslo_edge.errors import ConversionError
-from dslo_edge.health import PROBE_FILE
+from dslo_edge.bundle import MANIFEST_NAME, load_bundle
+from dslo_edge.errors import BundleError, ConversionError
+from dslo_edge.health import PROBE_FILE, check_bundle_probe
 
 STUDENT_FILE = "student.tflite"
 TEACHER_FILE = "teacher.tflite"
@@ -168,14 +168,28 @@ def move_into_place(
 def _carry_probe(target: Path, staging: Path) -> None:
     """Copy the earlier bundle's probe set into the new bundle."""
     probe = target / PROBE_FILE
-    if probe.is_file() and not (staging / PROBE_FILE).exists():
-        shutil.copy2(probe, staging / PROBE_FILE)
-        logger.info(
-            "Kept %s from the earlier bundle in %s; replace it if the classes "
-            "or inputs changed",
+    if not probe.is_file() or (staging / PROBE_FILE).exists():
+        return
+    shutil.copy2(probe, staging / PROBE_FILE)
+    try:
+        check_bundle_probe(load_bundle(staging))
+    except BundleError as error:
+        # Kept anyway, because the earlier bundle and its copy are deleted.
+        logger.warning(
+            "Kept %s from the earlier bundle in %s, but it does not fit the new "
+            "student: %s. Replace it with one for the new inputs and classes or "
+            "delete it, because the daemon does not start with it",
             PROBE_FILE,
             target,
+            error,
         )
+        return
+    logger.info(
+        "Kept %s from the earlier bundle in %s; replace it if the classes "
+        "or inputs changed",
+        PROBE_FILE,
+        target,
+    )
 
 
 def _swap(staging: Path, target: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow")
@@ -125,3 +127,31 @@ def test_overwrite_carries_probe_set_over(mlp_pair, tmp_path) -> None:
 
     assert (out / "probe.npz").read_bytes() == b"probe set of the user"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_overwrite_warns_of_unfit_probe(mlp_pair, tmp_path, caplog) -> None:
+    out = tmp_path / "bundle"
+    shutil.copytree(mlp_pair.bundle, out)
+    np.savez(out / "probe.npz", x=np.zeros((4, 13)), y=np.arange(4))
+    kept = (out / "probe.npz").read_bytes()
+
+    with caplog.at_level(logging.INFO, logger="converters.output_dir"):
+        convert_bundle(mlp_pair.teacher, mlp_pair.student, out, overwrite=True)
+
+    assert (out / "probe.npz").read_bytes() == kept
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "does not fit the new student" in warnings[0].getMessage()
+    assert "has x (4, 13) and y (4,); expected x (N, 64)" in warnings[0].getMessage()
+
+
+def test_overwrite_keeps_fitting_probe_quietly(mlp_pair, tmp_path, caplog) -> None:
+    out = tmp_path / "bundle"
+    shutil.copytree(mlp_pair.bundle, out)
+    np.savez(out / "probe.npz", x=np.zeros((4, 64)), y=np.arange(4))
+
+    with caplog.at_level(logging.INFO, logger="converters.output_dir"):
+        convert_bundle(mlp_pair.teacher, mlp_pair.student, out, overwrite=True)
+
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "Kept probe.npz from the earlier bundle" in caplog.text
