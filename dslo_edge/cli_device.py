@@ -271,7 +271,8 @@ def _is_this_root(target: str) -> bool:
     multiple=True,
     type=click.Path(exists=True, dir_okay=False),
     help="Metrics log: one JSON metrics report per line. Repeat it for the "
-    "rotated logs, oldest first (metrics.jsonl.2, metrics.jsonl.1, metrics.jsonl).",
+    "rotated logs (metrics.jsonl.2, metrics.jsonl.1, metrics.jsonl), in any "
+    "order: they are read in time order.",
 )
 @click.option(
     "--out",
@@ -282,11 +283,9 @@ def _is_this_root(target: str) -> bool:
 @handle_errors
 def report(metrics_paths: tuple[str, ...], out: str) -> None:
     """Plot latency, adaptation and energy from a metrics log (needs matplotlib)."""
-    from dslo_edge.report import read_metrics_log, write_report
+    from dslo_edge.report import read_metrics_logs, write_report
 
-    records = []
-    for metrics_path in metrics_paths:
-        records.extend(read_metrics_log(metrics_path))
+    records = read_metrics_logs(metrics_paths)
     paths = write_report(records, out)
     count = (
         "1 metrics report" if len(records) == 1 else f"{len(records)} metrics reports"

@@ -95,6 +95,51 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_metrics_logs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Read several metrics logs, such as rotated ones, in time order.
+
+    The files are ordered by the timestamp of their first report, so
+    ``metrics.jsonl`` given before ``metrics.jsonl.1`` still plots forward
+    in time. Reports inside a file keep their order.
+
+    Raises:
+        ConfigError: a file is given twice, cannot be read or contains no
+            report at all.
+    """
+    sources = [Path(path) for path in paths]
+    for index, source in enumerate(sources):
+        for earlier in sources[:index]:
+            if _same_file(source, earlier):
+                raise ConfigError(
+                    f"metrics log {source} is given twice (also as {earlier}); "
+                    "give each log once"
+                )
+    logs = [(source, read_metrics_log(source)) for source in sources]
+    ordered = sorted(logs, key=lambda log: _first_timestamp(log[1]))
+    if [source for source, _ in ordered] != sources:
+        logger.info(
+            "Read the metrics logs in time order: %s",
+            ", ".join(str(source) for source, _ in ordered),
+        )
+    return [record for _, records in ordered for record in records]
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return first.samefile(second)
+    except OSError:
+        return first == second
+
+
+def _first_timestamp(records: Sequence[dict[str, Any]]) -> float:
+    """Return the first report's timestamp, or infinity when none has one."""
+    for record in records:
+        stamp = record.get("timestamp")
+        if _is_number(stamp):
+            return float(stamp)
+    return float("inf")
+
+
 def _lookup(record: dict[str, Any], dotted: str) -> Any:
     value: Any = record
     for key in dotted.split("."):

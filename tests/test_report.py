@@ -23,6 +23,7 @@ from dslo_edge.report import (
     latest_energy,
     latest_histogram,
     read_metrics_log,
+    read_metrics_logs,
     series,
     write_report,
 )
@@ -262,6 +263,36 @@ def test_report_command_reads_rotated_logs(tmp_path: Path) -> None:
     assert [r["applied"] for r in read_metrics_log(log)] == [3, 4]
     assert f"read 5 metrics reports from {rotated}, {log}" in result.output
     assert (out / "training.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_rotated_logs_read_in_time_order(tmp_path: Path) -> None:
+    newest_first = [
+        tmp_path / "metrics.jsonl",
+        tmp_path / "metrics.jsonl.1",
+        tmp_path / "metrics.jsonl.2",
+    ]
+    for index in range(6):
+        report = {"device": "cam", "applied": index, "timestamp": 1000.0 + 60 * index}
+        append_metrics(newest_first[2 - index // 2], report)
+
+    records = read_metrics_logs(newest_first)
+
+    assert [r["applied"] for r in records] == [0, 1, 2, 3, 4, 5]
+    minutes, _ = series(records, "applied")
+    assert minutes == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_report_command_rejects_log_given_twice(tmp_path: Path) -> None:
+    log = metrics_log(tmp_path / "metrics.jsonl", reports=2)
+
+    result = CliRunner().invoke(
+        main,
+        ["report", "--metrics", str(log), "--metrics", str(log), "--out", "plots"],
+    )
+
+    assert result.exit_code == 78
+    assert f"metrics log {log} is given twice" in result.output
+    assert not (tmp_path / "plots").exists()
 
 
 def test_report_command_names_empty_rotated_log(tmp_path: Path) -> None:
