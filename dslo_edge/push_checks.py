@@ -7,6 +7,7 @@ interpreter error after some updates were sent.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,31 @@ def read_teacher_signature(
     try:
         interpreter = load_interpreter(path, preference=runtime)
     except BundleError as error:
-        raise ConfigError(f"{source}: {error}") from error
+        raise ConfigError(f"{source}: {error}; {_teacher_file_hint(path)}") from error
     return teacher_signature_of(interpreter, source, output_names)
+
+
+def _teacher_file_hint(path: Path) -> str:
+    """Return what a teacher file must be, naming the Keras file mistake."""
+    if _is_keras_file(path):
+        return (
+            "it is a Keras model file, which the hub cannot run; convert the "
+            "teacher with 'dslo-edge convert' and pass the teacher.tflite that it "
+            "writes into the bundle"
+        )
+    return (
+        "expected a .tflite teacher that 'dslo-edge convert' wrote, such as "
+        "teacher.tflite in a bundle"
+    )
+
+
+def _is_keras_file(path: Path) -> bool:
+    """Check for a Keras 3 .keras file: a zip archive with config.json."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "config.json" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def teacher_signature_of(

@@ -6,6 +6,7 @@ import json
 import subprocess
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -318,6 +319,11 @@ def bad_input_cases(bundle: Path, other: Path, folder: Path) -> list:
     np.savez(large, x=x)
     other_teacher = str(other / "teacher.tflite")
     student = str(bundle / "student.tflite")
+    # A .keras file is a zip archive with config.json, as Keras 3 writes it.
+    keras_teacher = folder / "teacher.keras"
+    with zipfile.ZipFile(keras_teacher, "w") as archive:
+        archive.writestr("config.json", "{}")
+        archive.writestr("model.weights.h5", b"")
     return [
         (["--data", str(npy)], "is a single .npy array of shape (4, 64)"),
         (["--data", str(narrow)], "x has samples of shape (32,), but the bundle's"),
@@ -332,6 +338,14 @@ def bad_input_cases(bundle: Path, other: Path, folder: Path) -> list:
         (["--teacher", other_teacher], "takes inputs of shape (32,)"),
         (["--teacher", student], "has no matching teacher signature"),
         (["--teacher", student], "outputs 'logits', 'probabilities'"),
+        (
+            ["--teacher", str(keras_teacher)],
+            "it is a Keras model file, which the hub cannot run; convert the teacher",
+        ),
+        (
+            ["--teacher", str(unlabelled)],
+            "expected a .tflite teacher that 'dslo-edge convert' wrote",
+        ),
         (["--top-k", "50"], "--top-k is 50, but the bundle's student has 10 classes"),
     ]
 
