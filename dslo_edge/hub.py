@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -274,9 +275,17 @@ def check_samples(
         ConfigError: wrong input shape, or hard labels outside 0..K-1.
     """
     if samples.x.shape[1:] != input_shape:
+        fix = ""
+        if math.prod(samples.x.shape[1:]) == math.prod(input_shape):
+            # Such as digits images saved as (N, 8, 8) for a student of (8, 8, 1).
+            shape = ", ".join(map(str, input_shape))
+            fix = (
+                f"; the sizes match, so save x.reshape(len(x), {shape}) if the "
+                "values are in that order"
+            )
         raise ConfigError(
             f"{source}: x has samples of shape {samples.x.shape[1:]}, but "
-            f"{model} takes {input_shape}"
+            f"{model} takes {input_shape}{fix}"
         )
     y = samples.y
     if y is not None and (y.min() < 0 or y.max() >= class_count):

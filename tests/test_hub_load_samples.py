@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dslo_edge.errors import ConfigError
-from dslo_edge.hub import load_samples
+from dslo_edge.hub import check_samples, load_samples
 
 
 def write_samples(path: Path, **arrays: np.ndarray) -> Path:
@@ -148,3 +148,31 @@ def test_length_mismatch_names_lengths(
 
     assert shown in str(caught.value)
     assert "expected one entry per row of x" in str(caught.value)
+
+
+def test_shape_mismatch_of_same_size_suggests_reshape(tmp_path: Path) -> None:
+    images = np.zeros((3, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "images.npz", x=images)
+    samples = load_samples(tmp_path / "images.npz")
+
+    with pytest.raises(ConfigError) as caught:
+        check_samples(samples, (8, 8, 1), 10, "images.npz")
+
+    assert (
+        "x has samples of shape (8, 8), but the bundle's student takes (8, 8, 1)"
+        in (str(caught.value))
+    )
+    assert "save x.reshape(len(x), 8, 8, 1)" in str(caught.value)
+
+
+def test_shape_mismatch_of_other_size_has_no_reshape(tmp_path: Path) -> None:
+    np.savez(tmp_path / "narrow.npz", x=np.zeros((3, 32), dtype=np.float32))
+    samples = load_samples(tmp_path / "narrow.npz")
+
+    with pytest.raises(ConfigError) as caught:
+        check_samples(samples, (64,), 10, "narrow.npz")
+
+    assert "x has samples of shape (32,), but the bundle's student takes (64,)" in (
+        str(caught.value)
+    )
+    assert "reshape" not in str(caught.value)
