@@ -150,7 +150,19 @@ def write_plots(results: list[SeedResult], folder: Path) -> list[Path]:
             averaged = "1 seed" if len(seeds) == 1 else f"mean of {len(seeds)} seeds"
             axes.set_title(f"{dataset}: {title}, {averaged}")
             axes.grid(alpha=0.3)
-            axes.legend()
+            if axes.lines:
+                axes.legend()
+            else:
+                # load_results accepts runs without the per-update lists,
+                # which leave the plot without lines.
+                axes.text(
+                    0.5,
+                    0.5,
+                    "no per-update values in the results",
+                    ha="center",
+                    va="center",
+                    transform=axes.transAxes,
+                )
             figure.tight_layout()
             path = folder / f"{dataset}-{field}.png"
             figure.savefig(path, dpi=100)

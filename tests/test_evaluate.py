@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,40 @@ def test_report_of_one_seed_shows_no_spread() -> None:
     assert "±" not in markdown_table("digits", entry)
     tie = render_page({"digits": _entry([0], 0.0, 0.0)}, "cmd", 60.0, 1)
     assert "On digits, DSL-O and static KD tie in one seed" in tie
+
+
+def test_plots_without_curves_say_so(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from dslo_edge.evaluate import RunResult, SeedResult
+
+    runs = {m.name: RunResult(m.name, {}, 0.5, 0.6) for m in METHODS}
+    results = [SeedResult("digits", 0, [0.9], runs, 1.0)]
+    drawn = []
+    # Record each figure's texts and legend before write_plots closes it.
+    original_savefig = plt.Figure.savefig
+
+    def record(figure, *args, **kwargs):
+        axes = figure.axes[0]
+        drawn.append(([t.get_text() for t in axes.texts], axes.get_legend()))
+        return original_savefig(figure, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Figure, "savefig", record)
+        # matplotlib warns when legend() finds no labelled lines.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            written = eval_report.write_plots(results, tmp_path)
+
+    assert [path.name for path in written] == [
+        "digits-alpha.png",
+        "digits-entropy.png",
+        "digits-accuracy.png",
+    ]
+    for texts, legend in drawn:
+        assert texts == ["no per-update values in the results"]
+        assert legend is None
 
 
 def test_report_verdict_names_size_without_sign() -> None:
