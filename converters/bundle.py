@@ -249,11 +249,13 @@ def convert_bundle(
     Raises:
         ConversionError: unsupported layers or precision, mismatched shapes,
             Flex ops, an output directory that exists and is not empty (or,
-            with ``overwrite``, is not a bundle), or an output path that
-            cannot be written. An earlier bundle in ``out_dir`` stays
+            with ``overwrite``, is not a bundle), or a failed write or move
+            of the bundle files. An earlier bundle in ``out_dir`` stays
             unchanged when any of these is raised. The one exception is a
             failed move back after a failed swap, and its message names the
             directory that then contains the earlier bundle.
+        OutputPathError: ``out_dir`` is a file, or its parent cannot be
+            created or written to.
     """
     out = Path(out_dir)
     prepare_output_dir(out, overwrite=overwrite, overwrite_hint=overwrite_hint)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.bundle import MANIFEST_NAME, load_bundle
-from dslo_edge.errors import BundleError, ConversionError
+from dslo_edge.errors import BundleError, ConversionError, OutputPathError
 from dslo_edge.health import PROBE_FILE, check_bundle_probe
 
 STUDENT_FILE = "student.tflite"
@@ -53,20 +53,21 @@ def prepare_output_dir(
             messages, such as ``--overwrite`` on the command line.
 
     Raises:
-        ConversionError: ``out`` is a file, a non-empty directory without
-            ``overwrite``, a directory that is not a bundle, or its parent
-            cannot be created or written to.
+        ConversionError: ``out`` is a non-empty directory without
+            ``overwrite``, or a directory that is not a bundle.
+        OutputPathError: ``out`` is a file, or its parent cannot be created
+            or written to.
     """
     check_output_dir(out, overwrite=overwrite, overwrite_hint=overwrite_hint)
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise ConversionError(
+        raise OutputPathError(
             f"{parent} is a file, not a directory; choose another output path"
         ) from None
     except OSError as error:
-        raise ConversionError(
+        raise OutputPathError(
             f"cannot create directory {parent} for the bundle {out}: "
             f"{error.strerror or error}; choose an output path whose parent "
             "is a directory or can be created"
@@ -79,9 +80,12 @@ def prepare_output_dir(
 def check_output_dir(
     out: Path, *, overwrite: bool, overwrite_hint: str = "overwrite=True"
 ) -> None:
-    """Raise ConversionError unless ``out`` is missing, empty or a bundle to replace."""
+    """Raise ConversionError unless ``out`` is missing, empty or a bundle to replace.
+
+    A file at ``out`` raises OutputPathError.
+    """
     if out.exists() and not out.is_dir():
-        raise ConversionError(
+        raise OutputPathError(
             f"output path {out} is a file; choose a directory path for the bundle"
         )
     if not out.is_dir() or not any(out.iterdir()):
@@ -123,7 +127,7 @@ def make_staging_dir(out: Path) -> Path:
     try:
         return _make_unique_dir(parent, STAGING_PREFIX)
     except OSError as error:
-        raise ConversionError(
+        raise OutputPathError(
             f"cannot write to {parent}: {error.strerror or error}; "
             "choose an output path in a writable directory"
         ) from error

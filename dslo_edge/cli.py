@@ -22,6 +22,7 @@ from dslo_edge.errors import (
     BundleError,
     ConfigError,
     DsloError,
+    OutputPathError,
     RepresentativeDataError,
 )
 
@@ -116,12 +117,17 @@ def _trainable_scope(
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a DsloError as one line and exit non-zero; traceback with --verbose."""
+    """Print a DsloError as one line and exit non-zero; traceback with --verbose.
+
+    An OutputPathError becomes click.BadParameter, which exits with status 2.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except OutputPathError as error:
+            raise click.BadParameter(str(error), param_hint=error.option) from error
         except DsloError as error:
             if click.get_current_context().find_root().params.get("verbose"):
                 logger.exception("Command failed")
@@ -312,6 +318,8 @@ def convert(
             raise ConfigError(
                 f"invalid --representative: {representative}: {error}"
             ) from error
+        except OutputPathError as error:
+            raise OutputPathError(str(error), option="--out") from error
     student_ops = manifest["student"]["signatures"]["train"]["ops"]
     click.echo(
         f"wrote {out}: {_class_summary(manifest)}, train signature uses "
@@ -409,6 +417,8 @@ def _prepare_bundle_dir(out: Path, overwrite: bool) -> None:
 
     try:
         prepare_output_dir(out, overwrite=overwrite, overwrite_hint="--overwrite")
+    except OutputPathError as error:
+        raise OutputPathError(str(error), option="--out") from error
     except DsloError as error:
         raise ConfigError(str(error)) from error
 

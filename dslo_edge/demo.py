@@ -28,7 +28,7 @@ from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import load_latest_checkpoint
 from dslo_edge.config import TrainingSettings, load_config, render_config
 from dslo_edge.digits import SHIFT_DESCRIPTION, load_splits, teacher_training_set
-from dslo_edge.errors import ConfigError, DsloError
+from dslo_edge.errors import ConfigError, DsloError, OutputPathError
 from dslo_edge.hub import SampleSet, build_updates, push
 from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.power import describe_energy
@@ -162,7 +162,9 @@ def _claim_folder(out: Path) -> None:
     anything else is rejected rather than overwritten.
     """
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; choose a directory for --out")
+        raise OutputPathError(
+            f"{out} is a file; choose a directory for --out", option="--out"
+        )
     if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise ConfigError(
             f"{out} already contains files that are not from a dslo-edge demo; "
@@ -172,9 +174,10 @@ def _claim_folder(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / DEMO_MARKER).write_text("Written by dslo-edge demo; safe to delete.\n")
     except OSError as error:
-        raise ConfigError(
+        raise OutputPathError(
             f"cannot create the demo directory {out}: {error.strerror or error}; "
-            "choose a writable path for --out"
+            "choose a writable path for --out",
+            option="--out",
         ) from error
 
 
@@ -185,25 +188,31 @@ def _prepare_report_path(path: Path) -> None:
     run's results.
     """
     if path.is_dir():
-        raise ConfigError(f"{path} is a directory; choose a file path for --report")
+        raise OutputPathError(
+            f"{path} is a directory; choose a file path for --report",
+            option="--report",
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise ConfigError(
+        raise OutputPathError(
             f"{path.parent} is a file, not a directory; "
-            "choose another path for --report"
+            "choose another path for --report",
+            option="--report",
         ) from None
     except OSError as error:
-        raise ConfigError(
+        raise OutputPathError(
             f"cannot create directory {path.parent} for --report: "
-            f"{error.strerror or error}; choose a path in a writable directory"
+            f"{error.strerror or error}; choose a path in a writable directory",
+            option="--report",
         ) from error
     if not os.access(path.parent, os.W_OK | os.X_OK) or (
         path.exists() and not os.access(path, os.W_OK)
     ):
-        raise ConfigError(
+        raise OutputPathError(
             f"cannot write the report to {path}: permission denied; "
-            "choose a path in a writable directory for --report"
+            "choose a path in a writable directory for --report",
+            option="--report",
         )
 
 

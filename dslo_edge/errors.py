@@ -9,6 +9,7 @@ CLI can print one line and exit non-zero::
     │   └── RuntimeMissing   no interpreter package (also a ConfigError)
     ├── ConversionError      a Keras model cannot become a trainable bundle
     │   └── RepresentativeDataError  int8 calibration samples do not fit the models
+    ├── OutputPathError      an output folder or file cannot be created or written
     ├── InvalidUpdate        a soft-label payload failed decoding or validation
     ├── InvalidRequest       a label request failed decoding or validation
     └── BrokerError          an MQTT broker could not be started or reached
@@ -47,6 +48,22 @@ class RepresentativeDataError(ConversionError):
     The CLI reports it as an invalid ``--representative`` file, with exit
     status 78 like other input files that lack what the command expects.
     """
+
+
+class OutputPathError(DsloError):
+    """An output path cannot be created or written, such as a read-only folder.
+
+    The CLI reports it as an invalid value of ``option``, with click's usage
+    message and exit status 2, like other option values it does not accept.
+
+    Attributes:
+        option: the command-line option that named the path, such as
+            ``"--out"``, or None when a library caller passed it.
+    """
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class InvalidUpdate(DsloError):

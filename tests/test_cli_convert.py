@@ -52,8 +52,9 @@ def test_convert_parent_file_fails_first(keras_files, tmp_path) -> None:
 
     result = run(*keras_files, "--out", str(blocker / "bundle"))
 
-    assert result.exit_code == EXIT_CONFIG
-    assert f"error: {blocker} is a file, not a directory" in result.output
+    assert result.exit_code == 2
+    expected = f"Error: Invalid value for --out: {blocker} is a file, not a directory"
+    assert expected in result.output
     assert blocker.read_text() == ""
 
 
@@ -207,8 +208,9 @@ def test_demo_report_under_file_fails_first(tmp_path) -> None:
 
     result = run("demo", "--out", str(out), "--report", str(blocker / "r.json"))
 
-    assert result.exit_code == EXIT_CONFIG
-    assert f"error: {blocker} is a file, not a directory" in result.output
+    assert result.exit_code == 2
+    expected = f"Invalid value for --report: {blocker} is a file, not a directory"
+    assert f"Error: {expected}" in result.output
     assert not out.exists()
 
 
@@ -443,13 +445,42 @@ def test_convert_rejects_read_only_parent(tmp_path, existing) -> None:
     finally:
         parent.chmod(0o755)
 
-    assert result.returncode == EXIT_CONFIG, result.stderr
-    assert result.stderr.startswith(f"error: cannot write to {parent}: ")
+    # Exit status 2 and click's usage message, as for an unwritable
+    # evaluate, bench or selftest --out.
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("Usage: ")
+    assert f"Error: Invalid value for --out: cannot write to {parent}: " in (
+        result.stderr
+    )
     assert "Permission denied" in result.stderr
     assert "choose an output path in a writable directory" in result.stderr
     assert "tensorflow imported: False" in result.stderr
     expected = ["bundle"] if existing else []
     assert sorted(path.name for path in parent.iterdir()) == expected
+
+
+@pytest.mark.parametrize("option", ["--out", "--report"])
+def test_demo_rejects_read_only_folder(tmp_path, option) -> None:
+    pytest.importorskip("keras")
+    pytest.importorskip("sklearn")
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    paths = {"--out": tmp_path / "demo", "--report": tmp_path / "report.json"}
+    paths[option] = parent / "target"
+    arguments = [f"{name}={path}" for name, path in paths.items()]
+
+    try:
+        result = run_without_write_override("demo", *arguments)
+    finally:
+        parent.chmod(0o755)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("Usage: ")
+    assert f"Error: Invalid value for {option}: cannot " in result.stderr
+    assert "permission denied" in result.stderr.lower()
+    assert list(parent.iterdir()) == []
+    assert not (tmp_path / "demo").exists()
 
 
 @pytest.mark.parametrize("command", ["convert", "evaluate"])
