@@ -4,7 +4,10 @@
 to the output path and moves it into place only when every file is written,
 so a failed conversion leaves an earlier bundle untouched. With
 ``overwrite`` it replaces only a directory that contains a bundle and
-nothing else, never a directory of other files.
+nothing else, never a directory of other files. The staging directory's
+name contains the host name, process id and PID namespace of its writer, as
+in ``dslo_edge.eval_staging``, so that a later conversion into the same
+parent deletes those of killed writers.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 from dslo_edge.bundle import MANIFEST_NAME, load_bundle
 from dslo_edge.errors import BundleError, ConversionError, OutputPathError
+from dslo_edge.eval_staging import owned_entries, owned_prefix, remove_dead_writers
 from dslo_edge.health import PROBE_FILE, check_bundle_probe
 
 STUDENT_FILE = "student.tflite"
@@ -37,6 +41,9 @@ BUNDLE_FILES = (
     PROBE_FILE,
 )
 STAGING_PREFIX = ".bundle-"
+# The new bundle while it is written, and the earlier one during a swap.
+NEW_PREFIX = f"{STAGING_PREFIX}new-"
+BACKUP_PREFIX = f"{STAGING_PREFIX}old-"
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,7 @@ def prepare_output_dir(
             f"{error.strerror or error}; choose an output path whose parent "
             "is a directory or can be created"
         ) from error
+    remove_stale_staging(out)
     # The staging directory goes into the parent, after the slow model
     # loading, so a parent that rejects it is found now.
     make_staging_dir(out).rmdir()
@@ -115,17 +123,48 @@ def _not_bundle_reason(folder: Path) -> str | None:
     return None
 
 
+def remove_stale_staging(out: Path) -> None:
+    """Delete the staging directories that killed conversions left next to ``out``.
+
+    Only a directory of bundle files whose name contains a writer that no
+    longer runs on this host is deleted. Any other entry, and the backup of
+    an earlier bundle, stays.
+    """
+    # NOTE: a conversion killed during the swap leaves a .bundle-old-*
+    # backup, which can contain the only copy of the earlier bundle, so
+    # backups are never deleted here.
+    target = out.resolve()
+    parent = target.parent
+    leftovers = [
+        (path, owner)
+        for path, owner in owned_entries(parent, NEW_PREFIX, "")
+        if path != target
+    ]
+    remove_dead_writers(leftovers, "dslo-edge convert", parent, _not_staging_reason)
+
+
+def _not_staging_reason(path: Path) -> str | None:
+    """Return why ``path`` is not a staging directory of convert, or None."""
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a directory"
+    try:
+        entries = list(path.iterdir())
+    except OSError as error:
+        return f"it cannot be listed: {error.strerror or error}"
+    for entry in entries:
+        if entry.name not in BUNDLE_FILES or entry.is_symlink() or not entry.is_file():
+            return f"it contains {entry.name}, which convert does not write"
+    return None
+
+
 def make_staging_dir(out: Path) -> Path:
     """Create the hidden directory, next to ``out``, that receives the new files.
 
     It is on the same file system as ``out``, so the final move is a rename.
     """
-    # NOTE: a process killed with SIGKILL leaves the directory behind, and
-    # later runs do not delete it, because a .bundle-old-* sibling of the
-    # same prefix can contain the only copy of an earlier bundle.
     parent = out.resolve().parent
     try:
-        return _make_unique_dir(parent, STAGING_PREFIX)
+        return _make_unique_dir(parent, owned_prefix(NEW_PREFIX))
     except OSError as error:
         raise OutputPathError(
             f"cannot write to {parent}: {error.strerror or error}; "
@@ -203,7 +242,7 @@ def _swap(staging: Path, target: Path) -> None:
     # NOTE: two renames, so the target is missing for the moment between
     # them. Linux renameat2(RENAME_EXCHANGE) would close that gap, but
     # Python's os module (checked on 3.11) has no call for it.
-    backup = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}old-", dir=target.parent))
+    backup = Path(tempfile.mkdtemp(prefix=BACKUP_PREFIX, dir=target.parent))
     # An exception raised by a signal handler between the renames, such as
     # KeyboardInterrupt, would leave no bundle at target and the earlier
     # one under the hidden backup name, so the signals wait for the swap.

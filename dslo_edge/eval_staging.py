@@ -7,6 +7,9 @@ host name, the process id and the PID namespace of its writer. A later report
 removes those of processes that no longer run on this host and leaves any
 other alone. The namespace distinguishes the process ids of containers, which
 can have the host's name (``docker run --uts=host``) but ids of their own.
+``converters.output_dir`` names and removes the staging folders of
+``dslo-edge convert`` the same way, with ``owned_prefix``, ``owned_entries``
+and ``remove_dead_writers``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 STAGING_PREFIX = ".staging-"
@@ -26,10 +30,13 @@ MAX_PID = 4_194_304
 
 logger = logging.getLogger(__name__)
 
+# The host name, process id and PID namespace in a temporary file's name.
+Owner = tuple[str, int, int]
+
 
 def make_staging_dir(folder: Path) -> Path:
     """Create a staging folder in ``folder`` whose name contains this process."""
-    return Path(tempfile.mkdtemp(prefix=_owned_prefix(STAGING_PREFIX), dir=folder))
+    return Path(tempfile.mkdtemp(prefix=owned_prefix(STAGING_PREFIX), dir=folder))
 
 
 def make_page_file(out: Path) -> Path:
@@ -39,7 +46,7 @@ def make_page_file(out: Path) -> Path:
     and not mkstemp's 0600, because it becomes evaluation.md.
     """
     handle, name = tempfile.mkstemp(
-        prefix=_owned_prefix(PAGE_PREFIX), suffix=PAGE_SUFFIX, dir=out
+        prefix=owned_prefix(PAGE_PREFIX), suffix=PAGE_SUFFIX, dir=out
     )
     try:
         umask = os.umask(0)
@@ -58,18 +65,39 @@ def remove_stale(out: Path) -> None:
     or one whose name does not contain its writer, is kept and named in a
     warning.
     """
-    leftovers = [*_entries(out / "evaluation", STAGING_PREFIX, "")]
-    leftovers += _entries(out, PAGE_PREFIX, PAGE_SUFFIX)
-    # NOTE: two machines with one host name that share ``out`` (NFS) still
+    leftovers = owned_entries(out / "evaluation", STAGING_PREFIX, "")
+    leftovers += owned_entries(out, PAGE_PREFIX, PAGE_SUFFIX)
+    remove_dead_writers(leftovers, "dslo-edge evaluate", out)
+
+
+def remove_dead_writers(
+    leftovers: list[tuple[Path, Owner | None]],
+    command: str,
+    folder: Path,
+    reject: Callable[[Path], str | None] | None = None,
+) -> None:
+    """Delete each of ``leftovers`` whose writer no longer runs on this host.
+
+    Args:
+        leftovers: entries with their owners, as ``owned_entries`` returns.
+        command: the command that writes them, named in the warnings.
+        folder: the folder that the command writes into, named in the
+            warnings.
+        reject: returns why an entry of a dead writer must stay, or None to
+            delete it. A rejected entry is kept and named in a warning.
+    """
+    # NOTE: two machines with one host name that share ``folder`` (NFS) still
     # look like one host, so one can delete the other's running staging.
     this_writer = (socket.gethostname(), _pid_namespace())
     for path, owner in leftovers:
         if owner is None or (owner[0], owner[2]) != this_writer:
             logger.warning(
-                "%s may be left by a killed dslo-edge evaluate; delete it when "
-                "no evaluate run writes into %s",
+                "%s may be left by a killed %s; delete it when no %s run "
+                "writes into %s",
                 path,
-                out,
+                command,
+                command,
+                folder,
             )
         elif _process_running(owner[1]):
             logger.info(
@@ -77,11 +105,20 @@ def remove_stale(out: Path) -> None:
                 path,
                 owner[1],
             )
+        elif reject is not None and (reason := reject(path)) is not None:
+            logger.warning(
+                "Kept %s, although process %d, whose name it has, no longer "
+                "runs: %s; delete it by hand if it is not needed",
+                path,
+                owner[1],
+                reason,
+            )
         else:
             _remove(path, owner[1])
 
 
-def _owned_prefix(prefix: str) -> str:
+def owned_prefix(prefix: str) -> str:
+    """Return ``prefix`` followed by this process's host name, id and namespace."""
     return f"{prefix}{socket.gethostname()}-{os.getpid()}-{_pid_namespace()}-"
 
 
@@ -93,10 +130,14 @@ def _pid_namespace() -> int:
         return 0
 
 
-def _entries(
+def owned_entries(
     folder: Path, prefix: str, suffix: str
-) -> list[tuple[Path, tuple[str, int, int] | None]]:
-    """Return each temporary entry in ``folder`` with its (host, pid, namespace)."""
+) -> list[tuple[Path, Owner | None]]:
+    """Return each entry of ``folder`` whose name has ``prefix`` and ``suffix``.
+
+    Each comes with the (host, pid, namespace) that ``owned_prefix`` put in
+    its name, or None when the name does not contain them.
+    """
     if not folder.is_dir():
         return []
     found = []

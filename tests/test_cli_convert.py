@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -513,17 +514,7 @@ def test_convert_sigterm_deletes_staging(keras_files, tmp_path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        # The output check creates and removes a probe directory of the same
-        # prefix at once, so a name seen in two polls in a row is the staging.
-        previous: set[Path] = set()
-        current = set(parent.glob(".bundle-*"))
-        while not previous & current:
-            assert convert.poll() is None, "convert ended before it staged files"
-            assert time.monotonic() < deadline, "no staging directory within 120 s"
-            time.sleep(0.05)
-            previous, current = current, set(parent.glob(".bundle-*"))
-
+        wait_for_staging(convert, parent)
         convert.send_signal(signal.SIGTERM)
         _, stderr = convert.communicate(timeout=60)
     finally:
@@ -534,6 +525,44 @@ def test_convert_sigterm_deletes_staging(keras_files, tmp_path) -> None:
     assert convert.returncode == 143, stderr
     assert "Traceback" not in stderr
     assert list(parent.iterdir()) == []
+
+
+def wait_for_staging(convert: subprocess.Popen, parent: Path) -> None:
+    """Wait until ``convert`` writes into a staging directory in ``parent``."""
+    deadline = time.monotonic() + 120
+    # The output check creates and removes a probe directory of the same
+    # prefix at once, so a name seen in two polls in a row is the staging.
+    previous: set[Path] = set()
+    current = set(parent.glob(".bundle-*"))
+    while not previous & current:
+        assert convert.poll() is None, "convert ended before it staged files"
+        assert time.monotonic() < deadline, "no staging directory within 120 s"
+        time.sleep(0.05)
+        previous, current = current, set(parent.glob(".bundle-*"))
+
+
+@pytest.mark.slow
+def test_convert_after_sigkill_deletes_staging(keras_files, tmp_path) -> None:
+    parent = tmp_path / "bundles"
+    parent.mkdir()
+    out = parent / "bundle"
+    command = [sys.executable, "-m", "dslo_edge.cli", *keras_files, "--out", str(out)]
+    convert = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_staging(convert, parent)
+    finally:
+        convert.kill()
+        convert.wait()
+    (staging,) = parent.iterdir()
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert again.returncode == 0, again.stderr
+    assert f"Deleted {staging}, left by process {convert.pid}" in again.stderr
+    assert [path.name for path in parent.iterdir()] == ["bundle"]
+    assert (out / "manifest.json").is_file()
 
 
 # Swaps OUT's fake bundle for a new one under sigterm_as_exit, as convert
@@ -578,3 +607,81 @@ def test_sigterm_during_swap_keeps_bundle(tmp_path) -> None:
     # The swap finished before the signal took effect.
     assert (out / "manifest.json").read_text() == "new"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]
+
+
+# Stages half a bundle next to OUT, as convert does, then dies as on SIGKILL.
+_KILLED_CONVERT = """
+import os, signal, sys
+from pathlib import Path
+from converters.output_dir import make_staging_dir
+staging = make_staging_dir(Path(sys.argv[1]))
+(staging / "student.tflite").write_bytes(b"half a model")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_convert_deletes_staging_of_killed_writer(tmp_path, caplog) -> None:
+    from converters.output_dir import prepare_output_dir
+
+    if not Path("/proc/self/ns/pid").exists():
+        pytest.skip("no /proc/self/ns/pid, so no PID namespace in the names")
+    out = tmp_path / "bundle"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_CONVERT, str(out)], timeout=60
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (stale,) = tmp_path.glob(".bundle-new-*")
+    host = socket.gethostname()
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    dead = f"{host}-{killed_pid(stale)}-{namespace}"
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    kept = {
+        # A conversion that still runs.
+        "live": tmp_path / f".bundle-new-{host}-{running.pid}-{namespace}-ab12",
+        # Named as a staging directory of the dead writer, but not one.
+        "other files": tmp_path / f".bundle-new-{dead}-cd34",
+        "file": tmp_path / f".bundle-new-{dead}-ef56",
+        "symlink": tmp_path / f".bundle-new-{dead}-ab78",
+        # Another PID namespace, such as a container with the host's name.
+        "container": tmp_path / f".bundle-new-{host}-{killed_pid(stale)}-1-cd90",
+        "unnamed": tmp_path / ".bundle-new-ab12cd34",
+        # An earlier bundle that a swap killed midway had moved aside.
+        "backup": tmp_path / ".bundle-old-ab_12",
+    }
+    for name, path in kept.items():
+        if name == "file":
+            path.write_text("user data")
+        elif name == "symlink":
+            path.symlink_to(kept["live"])
+        else:
+            path.mkdir()
+    (kept["other files"] / "notes.txt").write_text("user data")
+    (kept["backup"] / "manifest.json").write_text("earlier bundle")
+
+    try:
+        with caplog.at_level("INFO", logger="dslo_edge"):
+            prepare_output_dir(out, overwrite=False)
+    finally:
+        running.kill()
+        running.wait()
+
+    assert not stale.exists()
+    assert f"Deleted {stale}, left by process {killed_pid(stale)}" in caplog.text
+    remaining = sorted(path.name for path in tmp_path.iterdir())
+    assert remaining == sorted(path.name for path in kept.values())
+    assert f"Kept {kept['live']}: process {running.pid}" in caplog.text
+    assert "it contains notes.txt, which convert does not write" in caplog.text
+    assert (kept["other files"] / "notes.txt").read_text() == "user data"
+    assert kept["file"].read_text() == "user data"
+    assert kept["symlink"].is_symlink()
+    assert caplog.text.count("runs: it is not a directory") == 2
+    for name in ("container", "unnamed"):
+        assert f"{kept[name]} may be left by a killed dslo-edge convert" in (
+            caplog.text
+        )
+    assert (kept["backup"] / "manifest.json").read_text() == "earlier bundle"
+
+
+def killed_pid(staging: Path) -> int:
+    """Return the process id in the name of a convert staging directory."""
+    return int(staging.name.rsplit("-", 3)[1])
