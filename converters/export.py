@@ -132,6 +132,11 @@ def _set_precision(
                 "(--representative FILE.npz with an x array)"
             )
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        # NOTE: TensorFlow 2.21's quantizer prints "fully_quantize: 0,
+        # inference_type: 6, ..." with LLVM's dbgs(), which is plain stderr in
+        # release builds, so TF_CPP_MIN_LOG_LEVEL and absl's levels cannot hide
+        # it. Redirecting file descriptor 2 would, but it would also swallow
+        # the converter's own message if the converter aborts the process.
         converter.representative_dataset = _samples(representative_data)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
 
