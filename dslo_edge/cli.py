@@ -855,6 +855,7 @@ def _run_and_report(
     """Run the evaluation of the ``chosen`` datasets and write its report."""
     import time
 
+    from dslo_edge.eval_report import usable_cpus
     from dslo_edge.evaluate import run_evaluation
 
     started = time.monotonic()
@@ -866,12 +867,12 @@ def _run_and_report(
         command += f" --seeds {seeds}"
     command += "".join(f" --dataset {name}" for name in datasets)
     seconds = time.monotonic() - started
+    cpus = usable_cpus()
     _write_evaluation_report(
         results,
         out,
-        command,
-        seconds,
-        lambda: _save_results_elsewhere(results, command, seconds, out),
+        (command, seconds, cpus),
+        lambda: _save_results_elsewhere(results, (command, seconds, cpus), out),
     )
 
 
@@ -889,30 +890,33 @@ def _report_from_results(path: Path, out: str) -> None:
         )
     from dslo_edge.eval_report import load_results
 
-    results, command, seconds = load_results(path)
+    results, command, seconds, cpus = load_results(path)
     _check_report_paths(Path(out), [result.dataset for result in results])
     with sigterm_as_exit():
         _write_evaluation_report(
-            results, out, command, seconds, lambda: f"the results stay in {path}"
+            results,
+            out,
+            (command, seconds, cpus),
+            lambda: f"the results stay in {path}",
         )
 
 
 def _write_evaluation_report(
     results: list[Any],
     out: str,
-    command: str,
-    seconds: float,
+    run: tuple[str, float, int | None],
     keep_results: Callable[[], str],
 ) -> None:
     """Write the report into ``out`` and print the summary lines.
 
-    When the report cannot be written, ``keep_results`` returns the end of
-    the error message, which names the file that contains the results.
+    ``run`` is the run's command, seconds and number of CPUs. When the report
+    cannot be written, ``keep_results`` returns the end of the error message,
+    which names the file that contains the results.
     """
     from dslo_edge.eval_report import summary_line, write_report
 
     try:
-        summary = write_report(results, Path(out), command, seconds)
+        summary = write_report(results, Path(out), *run)
     except OSError as error:
         raise DsloError(
             f"cannot write the evaluation report: {error}; the files of an "
@@ -924,7 +928,7 @@ def _write_evaluation_report(
 
 
 def _save_results_elsewhere(
-    results: list[Any], command: str, seconds: float, out: str
+    results: list[Any], run: tuple[str, float, int | None], out: str
 ) -> str:
     """Write the results as JSON into the temporary directory.
 
@@ -941,7 +945,7 @@ def _save_results_elsewhere(
     try:
         handle, name = tempfile.mkstemp(prefix="dslo-evaluation-", suffix=".json")
         with os.fdopen(handle, "w") as file:
-            json.dump(results_document(results, command, seconds), file, indent=1)
+            json.dump(results_document(results, *run), file, indent=1)
     except OSError as error:
         return f"saving the results in the temporary directory also failed: {error}"
     return (

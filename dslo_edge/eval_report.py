@@ -184,22 +184,33 @@ def write_json(results: list[SeedResult], path: Path) -> None:
 
 
 def results_document(
-    results: list[SeedResult], command: str, seconds: float
+    results: list[SeedResult], command: str, seconds: float, cpus: int | None
 ) -> dict[str, Any]:
     """Return every seed's runs with their curves, and the run's command and time.
 
-    ``load_results`` reads it back, so that ``write_report`` can run again
-    without the evaluation.
+    ``cpus`` is the number of CPUs that the run could use. ``load_results``
+    reads the document back, so that ``write_report`` can run again without
+    the evaluation.
     """
     return {
         "command": command,
         "seconds": seconds,
+        "cpus": cpus,
         "results": [asdict(result) for result in results],
     }
 
 
-def load_results(path: Path) -> tuple[list[SeedResult], str, float]:
-    """Read a ``results_document`` file: the results, the command and the time.
+def usable_cpus() -> int | None:
+    """Return the number of CPUs this process may run on, None if unknown."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count()
+
+
+def load_results(path: Path) -> tuple[list[SeedResult], str, float, int | None]:
+    """Read a ``results_document`` file: the results, command, time and CPUs.
+
+    The CPU count is None in a document without one.
 
     Raises:
         ConfigError: the file cannot be read, is not JSON, or does not contain
@@ -226,6 +237,7 @@ def load_results(path: Path) -> tuple[list[SeedResult], str, float]:
         results = [_seed_result(row) for row in document["results"]]
         command = str(document["command"])
         seconds = float(document["seconds"])
+        cpus = _cpu_count(document.get("cpus"))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
         raise ConfigError(
             f"{path} is not a complete results file ({type(error).__name__}: "
@@ -243,7 +255,14 @@ def load_results(path: Path) -> tuple[list[SeedResult], str, float]:
     problem = _inconsistency(results)
     if problem:
         raise ConfigError(f"{path}: {problem}; {expected}")
-    return results, command, seconds
+    return results, command, seconds, cpus
+
+
+def _cpu_count(value: Any) -> int | None:
+    """Return a saved CPU count, or None when it is missing or not a count."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
 
 
 def _inconsistency(results: list[SeedResult]) -> str | None:
@@ -328,14 +347,22 @@ def _seeds(count: int) -> str:
 
 
 def render_page(
-    summary: dict[str, Any], command: str, seconds: float, seeds: int
+    summary: dict[str, Any],
+    command: str,
+    seconds: float,
+    seeds: int,
+    cpus: int | None = None,
 ) -> str:
-    """Return docs/evaluation.md: setup, verdicts, one table per dataset."""
+    """Return docs/evaluation.md: setup, verdicts, one table per dataset.
+
+    ``cpus`` is the number of CPUs of the run, None if it was not recorded.
+    """
+    machine = "" if cpus is None else f" with {cpus} CPU{'s' if cpus > 1 else ''}"
     parts = [
         "# Evaluation: DSL-O against static and annealed distillation",
         "",
         f"Regenerate this page and its plots with `{command}` "
-        f"(took {seconds / 60:.1f} minutes on a 2-core machine). "
+        f"(took {seconds / 60:.1f} minutes on a machine{machine}). "
         "`dslo_edge/evaluate.py` describes the methods and "
         "`dslo_edge/eval_data.py` the datasets and device shifts.",
         "",
@@ -373,9 +400,16 @@ def render_page(
 
 
 def write_report(
-    results: list[SeedResult], out: Path, command: str, seconds: float
+    results: list[SeedResult],
+    out: Path,
+    command: str,
+    seconds: float,
+    cpus: int | None = None,
 ) -> dict[str, Any]:
     """Write evaluation.md, evaluation/*.png and evaluation/results.json.
+
+    ``seconds`` and ``cpus`` are the run's time and number of CPUs, which the
+    page states.
 
     The plots and results.json are written into a staging folder inside
     ``out/evaluation``, and the page into a temporary file in ``out``. Only
@@ -395,7 +429,7 @@ def write_report(
         written.append(staging / "results.json")
         write_json(results, written[-1])
         seeds = len({result.seed for result in results})
-        page.write_text(render_page(summary, command, seconds, seeds))
+        page.write_text(render_page(summary, command, seconds, seeds, cpus))
         for path in written:
             os.replace(path, folder / path.name)
         os.replace(page, out / "evaluation.md")

@@ -271,6 +271,7 @@ def test_report_write_error_keeps_results(tmp_path, monkeypatch) -> None:
     assert f"the results of every run are saved in {saved[0]}" in result.output
     document = json.loads(saved[0].read_text())
     assert document["command"] == "dslo-edge evaluate --seeds 1"
+    assert document["cpus"] == len(os.sched_getaffinity(0))
     rows = document["results"]
     assert rows[0]["teacher_test_accuracy"] == [0.7, 0.9]
     assert rows[0]["runs"]["DSL-O"]["test_accuracy"] == runs["DSL-O"].test_accuracy
@@ -289,6 +290,7 @@ def test_report_write_error_keeps_results(tmp_path, monkeypatch) -> None:
     assert f"digits: DSL-O minus static KD {difference:+.1f} points" in written.output
     page = (out / "evaluation.md").read_text()
     assert "`dslo-edge evaluate --seeds 1`" in page
+    assert f"on a machine with {document['cpus']} CPU" in page
     image = out / "evaluation" / "digits-alpha.png"
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -459,6 +461,35 @@ def test_report_from_results_keeps_input_file(tmp_path) -> None:
     assert "the report would replace it" in result.output
     assert json.loads(path.read_text()) == document
     assert not (out / "evaluation.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("cpus", "machine"),
+    [
+        (8, "on a machine with 8 CPUs)"),
+        (1, "on a machine with 1 CPU)"),
+        (None, "on a machine)"),
+        ("2", "on a machine)"),
+    ],
+)
+def test_report_page_states_run_cpus(tmp_path, cpus, machine) -> None:
+    pytest.importorskip("matplotlib")
+    row = results_row("digits", 0, [0.9])
+    document = {"results": [row], "command": "dslo-edge evaluate", "seconds": 60.0}
+    if cpus is not None:
+        document["cpus"] = cpus
+    out = tmp_path / "docs"
+
+    result = CliRunner().invoke(
+        main,
+        ["evaluate", "--from-results", saved_results(tmp_path, document)]
+        + ["--out", str(out)],
+    )
+
+    assert result.exit_code == 0, result.output
+    page = (out / "evaluation.md").read_text()
+    assert f"(took 1.0 minutes {machine}." in page
+    assert "2-core" not in page
 
 
 def test_report_from_results_rejects_run_options(tmp_path) -> None:
