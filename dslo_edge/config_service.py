@@ -487,11 +487,15 @@ def _starts_like(path: Path, line_start: bytes) -> bool:
     passes, because a power cut can leave one on some file systems and a
     device that lost power must still start.
     """
+    if not path.is_file():
+        # Opening a named pipe or a terminal to read would wait for a writer
+        # or for keyboard input, and RotatingFileHandler never rotates them.
+        return True
     try:
         with path.open("rb") as stream:
             start = stream.read(len(line_start))
     except OSError:
-        # A missing path or a directory is reported when the file is opened.
+        # An unreadable file is left to the handler, which opens it to append.
         return True
     if start.startswith(b"\0"):
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -402,6 +403,29 @@ def test_existing_daemon_log_is_accepted(tmp_path: Path, content: bytes) -> None
     config = load_config(path)
 
     assert config.logging.file == tmp_path / "daemon.log"
+
+
+@pytest.mark.parametrize("key", ["file", "metrics_file"])
+def test_log_pipe_is_accepted(tmp_path: Path, key: str) -> None:
+    # RotatingFileHandler writes to a named pipe or a terminal without
+    # rotating it. Reading one at start would wait for a writer or for
+    # keyboard input.
+    os.mkfifo(tmp_path / "log.pipe")
+    path = write(tmp_path, tmp_path / "bundle", {"logging": {key: "log.pipe"}})
+    code = (
+        "import sys; from dslo_edge.config import load_config; "
+        f"print(getattr(load_config(sys.argv[1]).logging, {key!r}))"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{tmp_path / 'log.pipe'}\n"
 
 
 def test_metrics_file_directory_exits_78(mlp_pair, tmp_path: Path) -> None:
