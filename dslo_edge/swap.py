@@ -103,11 +103,7 @@ class BundleStore:
             return factory
         if not (target / PENDING_MARKER).exists():
             return target
-        previous = _link_target(self.folder / PREVIOUS)
-        fallback = factory
-        if previous is not None and previous.is_dir():
-            if not (previous / PENDING_MARKER).exists():
-                fallback = previous
+        fallback = self._accepted_previous() or factory
         logger.error(
             "Release %s that %s names was never accepted, because the daemon "
             "stopped during its switch or could not move the link back after a "
@@ -163,11 +159,27 @@ class BundleStore:
             shutil.rmtree(staging, ignore_errors=True)
 
     def active_release(self) -> Path | None:
-        """Return the release the ``active`` link names, or None for the factory."""
+        """Return the release the daemon runs, or None for the factory bundle.
+
+        That is the release the ``active`` link names, unless it was never
+        accepted. Then the daemon runs the release before it, as
+        ``active_path`` chooses at start.
+        """
         target = _link_target(self.folder / ACTIVE)
-        if target is not None and target.is_dir():
-            return target
-        return None
+        if target is None or not target.is_dir():
+            return None
+        if (target / PENDING_MARKER).exists():
+            return self._accepted_previous()
+        return target
+
+    def _accepted_previous(self) -> Path | None:
+        """Return the release ``previous`` names, unless it is missing or pending."""
+        previous = _link_target(self.folder / PREVIOUS)
+        if previous is None or not previous.is_dir():
+            return None
+        if (previous / PENDING_MARKER).exists():
+            return None
+        return previous
 
     def activate(self, release: Path, pending: bool = False) -> bool:
         """Point ``active`` at a release and ``previous`` at the one it replaces.

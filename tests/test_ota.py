@@ -501,7 +501,8 @@ def test_failed_rollback_keeps_release_unstarted(
         f"Release {release.name} stays marked as not accepted, so the daemon "
         "does not start it"
     )
-    assert updater.store.active_release() == release
+    assert link.resolve() == release
+    assert updater.store.active_release() == first
     assert updater.active_bundle(factory) == first
 
 
@@ -783,6 +784,27 @@ def test_swap_rolls_back_on_failed_health_check(tmp_path: Path) -> None:
     assert "NaN or infinity" in (result.reason or "")
     assert result.release == good
     assert store.active_path(tmp_path) == good
+
+
+def test_health_check_names_running_not_unaccepted(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "state")
+    factory = write_bundle(tmp_path / "factory")
+    running = install(tmp_path, store, 1)
+    store.activate(running, pending=True)
+    store.accept(running)
+    # The daemon stopped after switching to this release, before accepting it,
+    # so at its next start it runs the release before.
+    unaccepted = install(tmp_path, store, 2)
+    store.activate(unaccepted, pending=True)
+    current = FakeStudent(load_bundle(store.active_path(factory)))
+    bad = install(tmp_path, store, 3)
+
+    result = swap_student(store, bad, current, lambda b: FakeStudent(b, broken=True))
+
+    assert current.bundle.path == running
+    assert not result.swapped
+    assert result.release == running
+    assert store.active_release() == running
 
 
 def test_swap_keeps_current_when_bundle_cannot_load(tmp_path: Path) -> None:
