@@ -113,8 +113,10 @@ def check_output_activations(model: Any, role: str) -> None:
     """Reject outputs that are neither logits nor softmax probabilities.
 
     The hub sends each output as logits or probabilities, so a sigmoid or
-    ReLU output would reach the device as something it is not. Outputs of
-    layers without an ``activation`` attribute, such as ``Softmax``, pass.
+    ReLU output would reach the device as something it is not. A log_softmax
+    output passes as logits, because softmax(log_softmax(z)) = softmax(z).
+    Outputs of layers without an ``activation`` attribute, such as
+    ``Softmax``, pass.
 
     Raises:
         ConversionError: an output layer has another activation.
@@ -123,7 +125,7 @@ def check_output_activations(model: Any, role: str) -> None:
         layer = tensor._keras_history.operation
         activation = getattr(layer, "activation", None)
         name = getattr(activation, "__name__", "linear")
-        if name not in ("linear", "softmax"):
+        if name not in ("linear", "softmax", "log_softmax"):
             raise ConversionError(
                 f"the {role}'s output layer '{layer.name}' applies {name}, so "
                 "its outputs are neither logits nor softmax probabilities; end "

@@ -268,6 +268,20 @@ def test_teacher_sigmoid_output_is_rejected(tmp_path) -> None:
     assert not (tmp_path / "teacher.tflite").exists()
 
 
+def test_teacher_log_softmax_output_is_logits(tmp_path) -> None:
+    # softmax(log_softmax(z)) equals softmax(z), so log-probabilities are
+    # logits that the hub and the device read correctly.
+    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    teacher = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(3, activation="log_softmax")]
+    )
+
+    manifest = convert_bundle(teacher, student, tmp_path / "bundle")
+
+    assert manifest["teacher"]["output_kind"] == "logits"
+    assert load_bundle(tmp_path / "bundle").teacher_output_kind == "logits"
+
+
 def test_channels_first_flatten_is_rejected(tmp_path) -> None:
     student = keras.Sequential(
         [
