@@ -236,9 +236,25 @@ def _warn_of_active_release(root: Path, result: FlashResult) -> None:
 
     The daemon loads the release that ``bundles/active`` in its state
     directory names, once one was installed, and not ``device.bundle``.
+    A link that is a symlink loop gets a warning too, because the daemon
+    does not start while it is there.
     """
     link = on_target(root, OTA_ACTIVE_LINK)
-    if not link.is_symlink() or not link.resolve().is_dir():
+    if not link.is_symlink():
+        return
+    try:
+        os.stat(link)
+    except OSError as error:
+        # Path.resolve raises RuntimeError for a loop up to Python 3.12. A
+        # dangling link names no release, so the daemon starts device.bundle.
+        if error.errno == errno.ELOOP:
+            result.warnings.append(
+                f"{OTA_ACTIVE_LINK} on the target is a symlink loop, and the "
+                "daemon does not start while it is there; remove that link on "
+                "the target to run the flashed bundle"
+            )
+        return
+    if not link.resolve().is_dir():
         return
     active = link.resolve().name
     if active == result.release:

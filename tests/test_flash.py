@@ -359,6 +359,23 @@ def test_flash_warns_of_active_ota_release(tmp_path: Path, pi4) -> None:
     assert same_active.warnings == []
 
 
+def test_flash_warns_of_active_link_loop(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    releases = root / "var/lib/dslo-edge/bundles"
+    releases.mkdir(parents=True)
+    (releases / "active").symlink_to("active")
+
+    result = flash(bundle, pi4, root, OPTIONS)
+
+    assert (root / "opt/dslo-edge/installed.json").is_file()
+    assert result.warnings == [
+        "/var/lib/dslo-edge/bundles/active on the target is a symlink loop, "
+        "and the daemon does not start while it is there; remove that link on "
+        "the target to run the flashed bundle"
+    ]
+
+
 def test_flash_follows_relative_link(tmp_path: Path, pi4) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
