@@ -7,6 +7,7 @@ here and a ``read_<table>`` function that validates it.
 from __future__ import annotations
 
 import logging.handlers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -455,7 +456,10 @@ def _same_file(first: Path, second: Path) -> bool:
     try:
         return first.samefile(second)
     except OSError:
-        return first.resolve() == second.resolve()
+        # A missing path, or a symlink loop, which open_file reports later.
+        # Path.resolve raises RuntimeError for a loop up to Python 3.12, and
+        # os.path.realpath does not.
+        return os.path.realpath(first) == os.path.realpath(second)
 
 
 # The start of each line of the daemon's log, such as "2026-12-05 17:20:01,123",

@@ -309,6 +309,22 @@ def test_log_file_under_file_exits_78(tmp_path: Path) -> None:
     assert blocker.read_text() == "a file where the log folder should be\n"
 
 
+def test_log_file_symlink_loop_exits_78(tmp_path: Path) -> None:
+    loop = tmp_path / "daemon.log"
+    loop.symlink_to("daemon.log")
+    bundle = write_bundle(tmp_path / "bundle")
+    path = write(tmp_path, bundle, {"logging": {"file": "daemon.log"}})
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78, result.stderr
+    assert result.stderr == (
+        f"error: cannot open logging.file {loop}: Too many levels of symbolic "
+        "links; set logging.file to a file in a directory that the daemon's "
+        "user can write\n"
+    )
+
+
 def test_log_file_that_is_config_exits_78(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     path = write(tmp_path, bundle, {"logging": {"metrics_file": "device.toml"}})
