@@ -75,14 +75,39 @@ class TeacherVersion:
 
 
 def _resolve(settings: TeacherSettings) -> tuple[Path, str]:
-    """Return the teacher file and output kind; checks a bundle's checksums."""
+    """Return the teacher file and output kind; checks a bundle's checksums.
+
+    Raises:
+        BundleError: the bundle is invalid.
+        ConfigError: the output kind is not set for a model file, or the set
+            kind contradicts the bundle's manifest.
+    """
     path = settings.path
     if path.is_dir():
         bundle = load_bundle(path)
-        return bundle.teacher_path, settings.output_kind or bundle.teacher_output_kind
+        _check_output_kind(settings, bundle.teacher_output_kind)
+        return bundle.teacher_path, bundle.teacher_output_kind
     if settings.output_kind is None:
         raise ConfigError(f"teacher.output_kind is needed for the file {path}")
     return path, settings.output_kind
+
+
+def _check_output_kind(settings: TeacherSettings, manifest_kind: str) -> None:
+    """Raise ConfigError when teacher.output_kind contradicts a bundle's manifest.
+
+    The configuration check at start-up covers the first bundle only. A bundle
+    swapped in later must pass the same check, or the hub would mark its
+    probabilities as logits, or the reverse.
+    """
+    configured = settings.output_kind
+    if configured is None or configured == manifest_kind:
+        return
+    raise ConfigError(
+        f"teacher.output_kind = {configured!r} contradicts the bundle "
+        f"{settings.path}, whose manifest says its teacher outputs "
+        f"{manifest_kind!r}; remove teacher.output_kind, which only a .tflite "
+        "teacher file needs, and restart the hub"
+    )
 
 
 def _load_error(path: Path, error: BundleError) -> ConfigError:

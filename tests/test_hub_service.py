@@ -178,6 +178,63 @@ def test_bundle_symlink_swap_loads_teacher(mlp_pair, tmp_path) -> None:
     assert worker.teacher.current.version == f"bundle-{second_sha256[:12]}"
 
 
+def swap_to_logits_bundle(mlp_pair, tmp_path: Path, extra=None) -> HubWorker:
+    """Start a worker on a bundle link, then point the link at a logits bundle."""
+    first = tmp_path / "bundle-v1"
+    shutil.copytree(mlp_pair.bundle, first)
+    copy_bundle_with_new_teacher(mlp_pair.bundle, tmp_path / "v2")
+    manifest_path = tmp_path / "v2" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["teacher"]["output_kind"] = "logits"
+    manifest_path.write_text(json.dumps(manifest))
+    link = tmp_path / "bundle"
+    link.symlink_to(first.name)
+    config = write_hub_config(tmp_path / "hub", 1883, link, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    (tmp_path / "bundle.tmp").symlink_to("v2")
+    os.replace(tmp_path / "bundle.tmp", link)
+    return worker
+
+
+def test_swapped_bundle_output_kind_checked(mlp_pair, tmp_path, caplog) -> None:
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    worker = swap_to_logits_bundle(mlp_pair, tmp_path, extra)
+    first = worker.teacher.current
+    caplog.set_level("WARNING", logger="dslo_edge.hub_teacher")
+
+    loaded = worker.teacher.reload_if_changed(force=True)
+    time.sleep(0.6)  # write_hub_config sets reload_poll_s = 0.5.
+    loaded_again = worker.teacher.reload_if_changed()
+    worker.state.close()
+
+    assert loaded is False
+    assert loaded_again is False
+    assert worker.teacher.current == first
+    assert worker.teacher.current.output_kind == "probabilities"
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert (
+        f"teacher.output_kind = 'probabilities' contradicts the bundle "
+        f"{tmp_path / 'bundle'}, whose manifest says its teacher outputs 'logits'"
+    ) in messages[0]
+    assert f"keeping {first.version}" in messages[0]
+
+
+def test_swapped_bundle_brings_its_output_kind(mlp_pair, tmp_path) -> None:
+    worker = swap_to_logits_bundle(mlp_pair, tmp_path)
+    first = worker.teacher.current
+
+    loaded = worker.teacher.reload_if_changed(force=True)
+    worker.state.close()
+
+    assert first.output_kind == "probabilities"
+    assert loaded is True
+    assert worker.teacher.current.output_kind == "logits"
+    assert json.loads(worker.teacher.current.announcement())["output_kind"] == (
+        "logits"
+    )
+
+
 def test_teacher_for_another_model_is_not_loaded(mlp_pair, tmp_path, caplog) -> None:
     keras = pytest.importorskip("keras")
     from converters.bundle import convert_teacher
