@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dslo_edge.errors import ConfigError
 from dslo_edge.hub_config import RateLimit
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS requests (
     device TEXT NOT NULL, request_id BLOB NOT NULL, worker TEXT NOT NULL,
     claimed REAL NOT NULL, answered REAL, status TEXT, payload BLOB,
+    charge_multiplier REAL, charge_count INTEGER,
     PRIMARY KEY (device, request_id));
 CREATE INDEX IF NOT EXISTS requests_answered ON requests (answered);
 CREATE TABLE IF NOT EXISTS teachers (
@@ -55,6 +57,9 @@ CREATE TABLE IF NOT EXISTS teachers (
 CREATE TABLE IF NOT EXISTS schedule (
     name TEXT PRIMARY KEY, next_due REAL NOT NULL);
 """
+# Columns of the requests table that state files of earlier dslo-edge versions
+# lack. Such a file gets them with NULL values, which mark an unknown charge.
+REQUEST_COLUMNS = (("charge_multiplier", "REAL"), ("charge_count", "INTEGER"))
 
 # Admission.kind values.
 ADMITTED = "admitted"
@@ -76,6 +81,20 @@ def _enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
             if "locked" not in str(error) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Add the REQUEST_COLUMNS that a state file of an older release lacks."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+    for name, kind in REQUEST_COLUMNS:
+        if name in present:
+            continue
+        try:
+            db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
+        except sqlite3.OperationalError as error:
+            # Another worker that opened the file at the same time added it.
+            if "duplicate column" not in str(error):
+                raise
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
@@ -150,6 +169,7 @@ class HubState:
             _enable_wal(db)
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(SCHEMA)
+            _add_missing_columns(db)
         except sqlite3.DatabaseError as error:
             db.close()
             # SQLite opens a file without write permission in read-only mode
@@ -300,28 +320,30 @@ class HubState:
         claim_timeout_s: float,
     ) -> Admission:
         row = db.execute(
-            "SELECT worker, claimed, answered, status, payload FROM requests "
-            "WHERE device = ? AND request_id = ?",
+            "SELECT worker, claimed, answered, status, payload, charge_multiplier, "
+            "charge_count FROM requests WHERE device = ? AND request_id = ?",
             (key.device, key.request_id),
         ).fetchone()
         if row is not None:
-            return self._admit_known(db, key, row, now, claim_timeout_s)
+            return self._admit_known(db, key, row, now, privacy, claim_timeout_s)
         tokens = self._tokens(db, key.device, now, rate)
         if tokens < 1.0:
             wait = (1.0 - tokens) / rate.rate
             return Admission(RATE_LIMITED, retry_after_s=wait)
+        charge: tuple[float | None, int] = (None, 0)
         if privacy is not None:
             refusal = self._charge_privacy(db, key, privacy)
             if refusal:
                 return Admission(BUDGET_EXHAUSTED, detail=refusal)
+            charge = (privacy.noise_multiplier, key.samples)
         db.execute(
             "UPDATE buckets SET tokens = ?, updated = ? WHERE device = ?",
             (tokens - 1.0, now, key.device),
         )
         db.execute(
-            "INSERT INTO requests (device, request_id, worker, claimed) "
-            "VALUES (?, ?, ?, ?)",
-            (key.device, key.request_id, self.worker_id, now),
+            "INSERT INTO requests (device, request_id, worker, claimed, "
+            "charge_multiplier, charge_count) VALUES (?, ?, ?, ?, ?, ?)",
+            (key.device, key.request_id, self.worker_id, now, *charge),
         )
         return Admission(ADMITTED)
 
@@ -329,23 +351,91 @@ class HubState:
         self,
         db: sqlite3.Connection,
         key: RequestKey,
-        row: tuple[str, float, float | None, str | None, bytes | None],
+        row: tuple[Any, ...],
         now: float,
+        privacy: PrivacySettings | None,
         claim_timeout_s: float,
     ) -> Admission:
-        worker, claimed, answered, status, payload = row
+        worker, claimed, answered, status, payload, *charge = row
         if answered is not None:
             return Admission(CACHED, status=status, payload=payload)
         if worker != self.worker_id and now - claimed < claim_timeout_s:
             return Admission(IN_PROGRESS)
-        # This worker's own claim (a redelivery after a reconnect) or a stale
-        # claim of a worker that died: label it, already paid for.
+        # This worker's own claim (a redelivery after a restart) or a stale
+        # claim of a worker that died: label it, already paid for unless the
+        # charge differs from what this worker releases.
+        if privacy is not None:
+            refusal = self._move_charge(db, key, privacy, charge[0], charge[1])
+            if refusal:
+                return Admission(BUDGET_EXHAUSTED, detail=refusal)
         db.execute(
             "UPDATE requests SET worker = ?, claimed = ? "
             "WHERE device = ? AND request_id = ?",
             (self.worker_id, now, key.device, key.request_id),
         )
         return Admission(ADMITTED)
+
+    def _move_charge(
+        self,
+        db: sqlite3.Connection,
+        key: RequestKey,
+        privacy: PrivacySettings,
+        multiplier: float | None,
+        count: int | None,
+    ) -> str:
+        """Replace a claimed request's charge with one for this worker's release.
+
+        A worker restarted with another noise multiplier, or one that takes
+        over the claim of a worker with another configuration, adds noise of
+        its own multiplier. A resend with the same request id may also carry
+        another number of samples. Returns "" when the charge fits the budget
+        or already matches, else why the budget does not allow it. The old
+        charge then stays.
+        """
+        wanted = (privacy.noise_multiplier, key.samples)
+        # NULL: a claim stored before charges were recorded, of unknown size.
+        if count is None or (multiplier, count) == wanted:
+            return ""
+        releases = self._releases(db, key.device)
+        if count and multiplier is not None:
+            releases[multiplier] = max(0, releases.get(multiplier, 0) - count)
+        releases[wanted[0]] = releases.get(wanted[0], 0) + key.samples
+        epsilon = epsilon_spent(releases, privacy.delta, privacy.accountant)
+        if epsilon > privacy.epsilon_budget:
+            return (
+                f"labelling {key.samples} samples with noise multiplier "
+                f"{wanted[0]:g} would spend epsilon {epsilon:.3g} of the budget "
+                f"{privacy.epsilon_budget:g}"
+            )
+        self._take_back(db, key, multiplier, count)
+        self._add_releases(db, key.device, *wanted)
+        db.execute(
+            "UPDATE requests SET charge_multiplier = ?, charge_count = ? "
+            "WHERE device = ? AND request_id = ?",
+            (*wanted, key.device, key.request_id),
+        )
+        return ""
+
+    def _take_back(
+        self,
+        db: sqlite3.Connection,
+        key: RequestKey,
+        multiplier: float | None,
+        count: int,
+    ) -> None:
+        """Remove a request's recorded charge from its device's releases."""
+        if not count or multiplier is None:
+            return
+        db.execute(
+            "UPDATE releases SET count = MAX(0, count - ?) "
+            "WHERE device = ? AND multiplier = ?",
+            (count, key.device, multiplier),
+        )
+        db.execute(
+            "UPDATE requests SET charge_multiplier = NULL, charge_count = 0 "
+            "WHERE device = ? AND request_id = ?",
+            (key.device, key.request_id),
+        )
 
     def _tokens(
         self, db: sqlite3.Connection, device: str, now: float, rate: RateLimit
@@ -427,8 +517,9 @@ class HubState:
         Args:
             refunds: requests among ``answers`` that were admitted, and so
                 charged, but whose labels are not released, such as labels
-                the teacher made NaN. With ``privacy``, their samples leave
-                the device's release count. A request with a stored response, or
+                the teacher made NaN. The charge recorded with each request
+                leaves the device's release count, whatever the current
+                ``privacy``. A request with a stored response, or
                 claimed by another worker since, is not refunded, so each
                 charge is taken back at most once and only by the worker
                 that holds the claim.
@@ -436,12 +527,12 @@ class HubState:
                 made and releases. One that another worker took over after
                 a claim timeout is charged again, because that worker labels
                 it too, or took the admission charge back.
-            privacy: the settings the admission charged with.
+            privacy: this worker's settings, which charge ``released``.
         """
         with self._transaction() as db:
+            for key in refunds or []:
+                self._refund_privacy(db, key)
             if privacy is not None:
-                for key in refunds or []:
-                    self._refund_privacy(db, key, privacy)
                 for key in released or []:
                     self._charge_taken_over(db, key, privacy)
             db.executemany(
@@ -465,30 +556,34 @@ class HubState:
                 ],
             )
 
-    def _refund_privacy(
-        self, db: sqlite3.Connection, key: RequestKey, privacy: PrivacySettings
-    ) -> None:
+    def _refund_privacy(self, db: sqlite3.Connection, key: RequestKey) -> None:
         """Take back the admission charge of an unanswered request this worker holds.
 
-        A worker whose claim another worker took over after the claim timeout
-        refunds nothing, because that worker may still release labels.
+        The refund removes the recorded charge, at the noise multiplier it
+        was made with. A worker whose claim another worker took over after
+        the claim timeout refunds nothing, because that worker may still
+        release labels.
         """
         row = db.execute(
-            "SELECT worker, answered FROM requests WHERE device = ? AND request_id = ?",
+            "SELECT worker, answered, charge_multiplier, charge_count FROM requests "
+            "WHERE device = ? AND request_id = ?",
             (key.device, key.request_id),
         ).fetchone()
         if row is None or row[0] != self.worker_id or row[1] is not None:
             return
-        db.execute(
-            "UPDATE releases SET count = MAX(0, count - ?) "
-            "WHERE device = ? AND multiplier = ?",
-            (key.samples, key.device, privacy.noise_multiplier),
-        )
+        multiplier, count = row[2], row[3]
+        # NOTE: a claim stored before charges were recorded (count NULL) is
+        # not refunded, because its multiplier and size are unknown.
+        if not count or multiplier is None:
+            return
+        self._take_back(db, key, multiplier, count)
         logger.info(
-            "Hub worker %s refunded the privacy charge of %d samples to device %s "
-            "for request %s, whose labels were not released",
+            "Hub worker %s refunded the privacy charge of %d samples at noise "
+            "multiplier %g to device %s for request %s, whose labels were not "
+            "released",
             self.worker_id,
-            key.samples,
+            count,
+            multiplier,
             key.device,
             key.request_id.hex(),
         )
