@@ -642,6 +642,7 @@ def push(
     from dslo_edge.broker_login import broker_settings
     from dslo_edge.bundle import load_bundle
     from dslo_edge.push_checks import check_top_k
+    from dslo_edge.push_progress import counted
     from dslo_edge.signing import load_key
 
     privacy = _private_release(
@@ -674,14 +675,22 @@ def push(
         head_output_kinds=head_output_kinds,
     )
     click.echo(
-        f"sent {result.messages} messages ({result.samples} samples, "
-        f"{result.payload_bytes} bytes) in {result.rounds} rounds"
+        f"sent {counted(result.messages, 'message')} "
+        f"({counted(result.samples, 'sample')}, "
+        f"{counted(result.payload_bytes, 'byte')}) in "
+        f"{counted(result.rounds, 'round')}"
     )
     counts = result.device_counts
     if counts is None:
         return
     click.echo(f"device {device_id}: {counts.describe()} of this push's updates")
-    if counts.duplicates:
+    if counts.duplicates == 1:
+        click.echo(
+            "1 duplicate rejection was a copy of an update the device had "
+            "already applied, which the broker delivered again after a restart "
+            "or reconnect; it is not an error"
+        )
+    elif counts.duplicates:
         click.echo(
             f"{counts.duplicates} duplicate rejections were copies of updates "
             "the device had already applied, which the broker delivered again "
@@ -691,7 +700,7 @@ def push(
         advice = "; ".join(counts.hints()) or "its log names each update and reason"
         click.echo(
             f"error: device {device_id} rejected {counts.failed_count} of the "
-            f"{result.messages} updates of this push "
+            f"{counted(result.messages, 'update')} of this push "
             f"({counts.reasons(failed_only=True)}); {advice}",
             err=True,
         )

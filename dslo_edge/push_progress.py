@@ -116,6 +116,21 @@ class DeviceCounts:
         return [REJECTION_HINTS[r] for r in self.rejected if r in REJECTION_HINTS]
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """Return ``count`` and the noun, plural unless the count is 1: ``3 updates``."""
+    word = noun if count == 1 else plural or f"{noun}s"
+    return f"{count} {word}"
+
+
+def _unsaved_updates(metrics: dict[str, Any]) -> str:
+    """Return the device's reported ``unsaved`` count as ``N update(s)``."""
+    unsaved = metrics.get("unsaved")
+    # The metrics are the device's JSON, so the value may not be a count.
+    if isinstance(unsaved, int) and not isinstance(unsaved, bool):
+        return counted(unsaved, "update")
+    return f"{unsaved} updates"
+
+
 def _rolled_back(before: dict[str, Any], metrics: dict[str, Any]) -> bool:
     """Check whether the device rolled back its student since ``before``.
 
@@ -207,9 +222,10 @@ def wait_for_processed(
         done = handled_count(latest) - handled_count(before)
         counts = DeviceCounts.between(before, latest)
         raise BrokerError(
-            f"device {hub.device_id} processed {done} of the {sent} updates sent "
-            f"so far within {timeout:.0f} s ({counts.describe()}, status "
-            f"{hub.status or 'unknown'}); {_stall_hint(latest)}"
+            f"device {hub.device_id} processed {done} of the "
+            f"{counted(sent, 'update')} sent so far within {timeout:.0f} s "
+            f"({counts.describe()}, status {hub.status or 'unknown'}); "
+            f"{_stall_hint(latest)}"
         ) from None
     if _rolled_back(before, metrics):
         raise _rollback_error(hub, metrics)
@@ -259,9 +275,10 @@ def wait_for_saved(
         metrics = hub.wait_for_metrics(settled, timeout)
     except BrokerError:
         latest = hub.latest_metrics or before
+        unsaved = _unsaved_updates(latest)
         raise BrokerError(
             f"device {hub.device_id} applied the updates but saved no checkpoint "
-            f"within {timeout:.0f} s ({latest.get('unsaved')} updates unsaved, "
+            f"within {timeout:.0f} s ({unsaved} unsaved, "
             f"{key_counters(latest)}). It saves after training.checkpoint_idle_s "
             "without updates: raise --timeout above that, or check the device's log"
         ) from None
@@ -277,11 +294,11 @@ def wait_for_saved(
             f"after a restart. {_storage_fix(storage)}"
         )
     logger.warning(
-        "Device %s paused training (%s) with %s updates not yet saved; they are "
-        "saved when training resumes",
+        "Device %s paused training (%s) with %s not yet saved, which it saves "
+        "when training resumes",
         hub.device_id,
         (metrics.get("training") or {}).get("reason"),
-        metrics.get("unsaved"),
+        _unsaved_updates(metrics),
     )
     return metrics
 

@@ -118,6 +118,25 @@ def test_push_rejected_by_device_exits_1(mlp_pair, broker_factory, tmp_path, dat
     assert f"applied {MESSAGES}, rejected 0 of this push" in signed.output
 
 
+def test_push_of_one_update_is_singular(mlp_pair, broker_factory, tmp_path):
+    broker = broker_factory("mosquitto")
+    key_file = tmp_path / "device.key"
+    generate_key_file(key_file)
+    security = {"hmac_key_file": str(key_file)}
+    daemon = start_daemon(mlp_pair.bundle, broker, tmp_path, security=security)
+    data = tmp_path / "one.npz"
+    np.savez(data, x=np.zeros((1, 64), dtype=np.float32))
+    try:
+        unsigned = run_push(mlp_pair.bundle, data, broker.url)
+    finally:
+        daemon.stop()
+
+    assert unsigned.exit_code == 1
+    assert "sent 1 message (1 sample, " in unsigned.output
+    assert " bytes) in 1 round\n" in unsigned.output
+    assert "rejected 1 of the 1 update of this push" in unsigned.output
+
+
 def test_push_to_offline_device_fails_fast(
     mlp_pair, broker_factory, tmp_path, data_file
 ):

@@ -7,6 +7,7 @@ import pytest
 from dslo_edge.errors import BrokerError
 from dslo_edge.push_progress import (
     DeviceCounts,
+    counted,
     handled_count,
     key_counters,
     wait_for_processed,
@@ -105,6 +106,10 @@ SAVE_CASES = [
         {"pid": 7, "unsaved": 3},
         "saved no checkpoint within 1 s (3 updates unsaved",
     ),
+    (
+        {"pid": 7, "unsaved": 1},
+        "saved no checkpoint within 1 s (1 update unsaved,",
+    ),
 ]
 
 
@@ -132,6 +137,20 @@ def test_save_wait_ends_when_training_pauses(broker_factory, caplog) -> None:
 
     assert metrics["unsaved"] == 2
     assert "paused training (hot) with 2 updates not yet saved" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("count", "noun", "plural", "text"),
+    [
+        (0, "update", None, "0 updates"),
+        (1, "update", None, "1 update"),
+        (2, "update", None, "2 updates"),
+        (1, "directory", "directories", "1 directory"),
+        (3, "directory", "directories", "3 directories"),
+    ],
+)
+def test_counted_noun_number(count, noun, plural, text) -> None:
+    assert counted(count, noun, plural) == text
 
 
 @pytest.mark.parametrize(
