@@ -578,8 +578,8 @@ class HubState:
             return
         self._take_back(db, key, multiplier, count)
         logger.info(
-            "Hub worker %s refunded the privacy charge of %d samples at noise "
-            "multiplier %g to device %s for request %s, whose labels were not "
+            "Hub worker %s refunded the privacy charge (samples %d, noise "
+            "multiplier %g) to device %s for request %s, whose labels were not "
             "released",
             self.worker_id,
             count,
