@@ -32,6 +32,7 @@ from dslo_edge.errors import BundleError, ConfigError, RuntimeMissing
 from dslo_edge.hub_config import TeacherSettings
 from dslo_edge.hub_state import HubState
 from dslo_edge.models import TeacherModel, read_teacher
+from dslo_edge.push_checks import check_output_kinds
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,19 @@ def _check_output_kind(settings: TeacherSettings, manifest_kind: str) -> None:
     )
 
 
+def _check_graph_kind(
+    settings: TeacherSettings, file: Path, output_kind: str, content: bytes
+) -> None:
+    """Raise ConfigError when the teacher's output op contradicts its output kind."""
+    if settings.path.is_dir():
+        kind_source = f"the manifest's teacher output kind in {settings.path}"
+    else:
+        kind_source = "teacher.output_kind"
+    check_output_kinds(
+        content, {"output": output_kind}, f"teacher.path {file}", kind_source
+    )
+
+
 def _load_error(path: Path, error: BundleError) -> ConfigError:
     """Return the start-up error for a teacher that cannot be loaded."""
     fix = ""
@@ -164,6 +178,7 @@ class TeacherRegistry:
     def _load(self) -> TeacherVersion:
         file, output_kind = _resolve(self.settings)
         content = read_teacher(file)
+        _check_graph_kind(self.settings, file, output_kind, content)
         return self._version(file, output_kind, _sha256(content), content)
 
     def _version(
@@ -210,6 +225,7 @@ class TeacherRegistry:
         try:
             file, output_kind = _resolve(self.settings)
             content = read_teacher(file)
+            _check_graph_kind(self.settings, file, output_kind, content)
             identity = _sha256(content)
             model = TeacherModel(
                 file,

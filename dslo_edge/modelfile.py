@@ -59,6 +59,50 @@ def flex_ops(ops: dict[str, list[str]]) -> list[str]:
     )
 
 
+# Ops that pass a tensor on with its meaning unchanged: an int8 model wraps
+# its float output in DEQUANTIZE, and a reshape keeps the values.
+_PASS_THROUGH_OPS = ("DEQUANTIZE", "QUANTIZE", "RESHAPE", "SQUEEZE", "CAST")
+
+
+def output_producers(model: bytes, signature: str) -> dict[str, str]:
+    """Return the op that computes each output of a signature.
+
+    Pass-through ops such as DEQUANTIZE are skipped, so the int8 and float
+    conversions of one Keras model give the same op. An output that no op
+    computes, such as a constant, maps to "".
+
+    Raises:
+        BundleError: the bytes are not a readable ``.tflite`` model, the
+            signature is missing, or ai-edge-litert is not installed.
+    """
+    schema = _schema()
+    parsed = _parse(schema, model)
+    op_name = _op_namer(schema, parsed)
+    found = [
+        entry
+        for entry in parsed.signatureDefs or []
+        if entry.signatureKey.decode() == signature
+    ]
+    if not found:
+        raise BundleError(f"the model has no '{signature}' signature")
+    subgraph = parsed.subgraphs[found[0].subgraphIndex]
+    producers = {
+        int(tensor): op for op in subgraph.operators or [] for tensor in op.outputs
+    }
+    result = {}
+    for output in found[0].outputs or []:
+        op = producers.get(int(output.tensorIndex))
+        name = op_name(op.opcodeIndex) if op is not None else ""
+        # At most one step per operator, so a malformed cycle cannot loop.
+        for _ in range(len(subgraph.operators or [])):
+            if name not in _PASS_THROUGH_OPS or op is None or not len(op.inputs):
+                break
+            op = producers.get(int(op.inputs[0]))
+            name = op_name(op.opcodeIndex) if op is not None else ""
+        result[output.name.decode()] = name
+    return result
+
+
 _ITEM_SIZES = {
     "FLOAT32": 4,
     "FLOAT16": 2,

@@ -15,6 +15,7 @@ from typing import Any
 
 from dslo_edge.bundle import Bundle
 from dslo_edge.errors import BundleError, ConfigError
+from dslo_edge.modelfile import output_producers
 from dslo_edge.runtime import load_interpreter
 
 TEACHER_SIGNATURE = "infer"
@@ -115,6 +116,65 @@ def teacher_signature_of(
     )
 
 
+def expected_output_kinds(bundle: Bundle) -> dict[str, str]:
+    """Return the teacher output kind per output tensor name, from the manifest."""
+    if not bundle.is_multi_head:
+        return {"output": bundle.teacher_output_kind}
+    from dslo_edge.hub_multihead import head_output_kinds
+
+    kinds = head_output_kinds(bundle.manifest)
+    return {f"output_{name}": kind for name, kind in kinds.items()}
+
+
+def check_output_kinds(
+    model: bytes, kinds: dict[str, str], source: str, kind_source: str
+) -> None:
+    """Check that a teacher's outputs are of the kinds the labels will be marked.
+
+    The converter records an output as probabilities when its Keras layer
+    ends in softmax, which LiteRT runs as a SOFTMAX op, and as logits
+    otherwise. A teacher file of the other kind would make the hub send
+    probabilities marked as logits, or the reverse, with no error.
+
+    Args:
+        model: the teacher's ``.tflite`` bytes.
+        kinds: the expected kind per output name, such as
+            ``{"output": "logits"}``.
+        source: how the file was given, such as ``--teacher t1.tflite``.
+        kind_source: where the expected kinds come from, such as
+            ``teacher.output_kind``.
+
+    Raises:
+        ConfigError: an output's op contradicts its expected kind.
+    """
+    try:
+        producers = output_producers(model, TEACHER_SIGNATURE)
+    except BundleError:
+        # NOTE: without ai-edge-litert's schema bindings (tflite-runtime
+        # only), or for a file the signature check rejects, nothing is checked.
+        return
+    for name, expected in kinds.items():
+        op = producers.get(name)
+        if op is None:
+            continue
+        found = "probabilities" if op == "SOFTMAX" else "logits"
+        if found == expected:
+            continue
+        raise ConfigError(
+            f"{source} computes its '{name}' output with a {op or 'constant'} op, "
+            f"so it outputs {found}, but {kind_source} is {expected!r}, so the "
+            f"hub would mark its {found} as {expected}; use a teacher whose "
+            f"last Keras layer {_last_layer(expected)}"
+        )
+
+
+def _last_layer(kind: str) -> str:
+    """Describe the last Keras layer of a teacher that outputs ``kind``."""
+    if kind == "probabilities":
+        return "ends in softmax"
+    return "has no softmax"
+
+
 def check_teacher(path: Path, bundle: Bundle, source: str) -> None:
     """Check that a teacher file takes the student's inputs and gives its classes.
 
@@ -122,11 +182,14 @@ def check_teacher(path: Path, bundle: Bundle, source: str) -> None:
         source: how the file was given, such as ``--teacher t1.tflite``.
 
     Raises:
-        ConfigError: the file has no matching teacher signature, or its input
-            shape or class counts differ from the student's.
+        ConfigError: the file has no matching teacher signature, its input
+            shape or class counts differ from the student's, or an output
+            is not of the kind in the bundle's manifest.
     """
     expected = expected_teacher_outputs(bundle)
     teacher = read_teacher_signature(path, source, expected)
+    kinds = expected_output_kinds(bundle)
+    check_output_kinds(path.read_bytes(), kinds, source, "the bundle's teacher kind")
     if teacher.input_shape != bundle.input_shape:
         raise ConfigError(
             f"{source} takes inputs of shape {teacher.input_shape}, but the "

@@ -96,6 +96,18 @@ def mlp_pair(tmp_path_factory: pytest.TempPathFactory) -> ConvertedPair:
 
 
 @pytest.fixture(scope="session")
+def logits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Convert a 64-10 teacher without softmax, so it outputs logits."""
+    keras = pytest.importorskip("keras")
+    from converters.bundle import convert_teacher
+
+    keras.utils.set_random_seed(5)
+    teacher = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    path = tmp_path_factory.mktemp("logits-teacher") / "teacher.tflite"
+    return convert_teacher(teacher, path)
+
+
+@pytest.fixture(scope="session")
 def two_head_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Convert the two-head student of ``tests/multihead_bundle.py`` once."""
     pytest.importorskip("keras")

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from dslo_edge.bundle import load_bundle
 from dslo_edge.cli import EXIT_CONFIG, main
+from dslo_edge.errors import ConfigError
 from dslo_edge.hub import default_sample_ids
 from dslo_edge.hub_batch import Incoming
 from dslo_edge.hub_config import load_hub_config
@@ -178,14 +179,20 @@ def test_bundle_symlink_swap_loads_teacher(mlp_pair, tmp_path) -> None:
     assert worker.teacher.current.version == f"bundle-{second_sha256[:12]}"
 
 
-def swap_to_logits_bundle(mlp_pair, tmp_path: Path, extra=None) -> HubWorker:
+def swap_to_logits_bundle(
+    mlp_pair, logits_teacher: Path, tmp_path: Path, extra=None
+) -> HubWorker:
     """Start a worker on a bundle link, then point the link at a logits bundle."""
     first = tmp_path / "bundle-v1"
     shutil.copytree(mlp_pair.bundle, first)
-    copy_bundle_with_new_teacher(mlp_pair.bundle, tmp_path / "v2")
+    shutil.copytree(mlp_pair.bundle, tmp_path / "v2")
+    content = logits_teacher.read_bytes()
+    (tmp_path / "v2" / "teacher.tflite").write_bytes(content)
     manifest_path = tmp_path / "v2" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["teacher"]["output_kind"] = "logits"
+    manifest["teacher"]["sha256"] = hashlib.sha256(content).hexdigest()
+    manifest["teacher"]["bytes"] = len(content)
     manifest_path.write_text(json.dumps(manifest))
     link = tmp_path / "bundle"
     link.symlink_to(first.name)
@@ -196,9 +203,11 @@ def swap_to_logits_bundle(mlp_pair, tmp_path: Path, extra=None) -> HubWorker:
     return worker
 
 
-def test_swapped_bundle_output_kind_checked(mlp_pair, tmp_path, caplog) -> None:
+def test_swapped_bundle_output_kind_checked(
+    mlp_pair, logits_teacher, tmp_path, caplog
+) -> None:
     extra = {"teacher": 'output_kind = "probabilities"'}
-    worker = swap_to_logits_bundle(mlp_pair, tmp_path, extra)
+    worker = swap_to_logits_bundle(mlp_pair, logits_teacher, tmp_path, extra)
     first = worker.teacher.current
     caplog.set_level("WARNING", logger="dslo_edge.hub_teacher")
 
@@ -220,8 +229,10 @@ def test_swapped_bundle_output_kind_checked(mlp_pair, tmp_path, caplog) -> None:
     assert f"keeping {first.version}" in messages[0]
 
 
-def test_swapped_bundle_brings_its_output_kind(mlp_pair, tmp_path) -> None:
-    worker = swap_to_logits_bundle(mlp_pair, tmp_path)
+def test_swapped_bundle_brings_its_output_kind(
+    mlp_pair, logits_teacher, tmp_path
+) -> None:
+    worker = swap_to_logits_bundle(mlp_pair, logits_teacher, tmp_path)
     first = worker.teacher.current
 
     loaded = worker.teacher.reload_if_changed(force=True)
@@ -254,6 +265,43 @@ def test_teacher_for_another_model_is_not_loaded(mlp_pair, tmp_path, caplog) -> 
     assert worker.teacher.predict(np.zeros((2, 64), np.float32)).shape == (2, 10)
     assert "takes inputs (64,) and gives 5 classes, but" in caplog.text
     assert f"keeping {first.version}" in caplog.text
+
+
+def test_logits_file_under_probabilities_not_loaded(
+    mlp_pair, logits_teacher, tmp_path, caplog
+) -> None:
+    teacher, worker = worker_with_teacher_copy(mlp_pair.bundle, tmp_path)
+    first = worker.teacher.current
+    shutil.copy(logits_teacher, teacher)
+    caplog.set_level("WARNING", logger="dslo_edge.hub_teacher")
+
+    loaded = worker.teacher.reload_if_changed(force=True)
+    worker.state.close()
+
+    assert loaded is False
+    assert worker.teacher.current == first
+    assert (
+        f"teacher.path {teacher} computes its 'output' output with a "
+        "FULLY_CONNECTED op, so it outputs logits, but teacher.output_kind is "
+        "'probabilities'"
+    ) in caplog.text
+    assert f"keeping {first.version}" in caplog.text
+
+
+def test_logits_file_under_probabilities_stops_start(logits_teacher, tmp_path) -> None:
+    teacher = tmp_path / "teacher.tflite"
+    shutil.copy(logits_teacher, teacher)
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    config = write_hub_config(tmp_path / "hub", 1883, teacher, extra)
+
+    # The worker is only built, never started, so it connects to no broker.
+    with pytest.raises(ConfigError) as caught:
+        HubWorker(load_hub_config(config, "w1"))
+
+    message = str(caught.value)
+    assert f"teacher.path {teacher} computes its 'output' output" in message
+    assert "but teacher.output_kind is 'probabilities'" in message
+    assert "use a teacher whose last Keras layer ends in softmax" in message
 
 
 def test_student_file_as_teacher_is_not_loaded(mlp_pair, tmp_path, caplog) -> None:

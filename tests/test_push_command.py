@@ -387,6 +387,21 @@ def test_push_rejects_bad_inputs_in_one_line(
         assert "Traceback" not in result.output
 
 
+def test_push_rejects_teacher_of_other_kind(mlp_pair, logits_teacher, data_file):
+    arguments = ["push", "--bundle", str(mlp_pair.bundle), "--device", DEVICE]
+    arguments += ["--broker", "mqtt://127.0.0.1:1", "--data", str(data_file)]
+
+    result = CliRunner().invoke(main, [*arguments, "--teacher", str(logits_teacher)])
+
+    assert result.exit_code == 78, result.output
+    assert (
+        f"--teacher {logits_teacher} computes its 'output' output with a "
+        "FULLY_CONNECTED op, so it outputs logits, but the bundle's teacher kind "
+        "is 'probabilities'"
+    ) in result.output
+    assert "use a teacher whose last Keras layer ends in softmax" in result.output
+
+
 def test_push_unwritable_ledger_sends_nothing(
     mlp_pair, broker_factory, tmp_path, data_file
 ):
