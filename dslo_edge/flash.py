@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dslo_edge import __version__
-from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from dslo_edge.bundle import Bundle, load_bundle, sha256_file
 from dslo_edge.errors import BundleError
 from dslo_edge.fit import FitReport, check_bundle
 from dslo_edge.flash_config import (
@@ -68,6 +68,7 @@ from dslo_edge.service import (
     render_unit,
 )
 from dslo_edge.swap import ACTIVE
+from dslo_edge.swap import release_id as bundle_release_id
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class FlashResult:
     """The outcome of one flash run.
 
     Attributes:
-        release: the bundle's release id (start of the manifest's sha256).
+        release: the bundle's release id (see ``swap.release_id``).
         changed: device paths written in this run.
         unchanged: device paths that already had the right content.
         fit: the profile check the bundle passed.
@@ -128,11 +129,12 @@ def on_target(target: Path, device_path: PurePosixPath) -> Path:
 
 
 def release_id(bundle: Bundle) -> str:
-    """Return the first 16 hex digits of the sha256 of the bundle manifest.
+    """Return the bundle's release id, the same one an over-the-air update uses.
 
-    The manifest lists every model file's sha256, so it identifies the bundle.
+    It covers the manifest, which lists every model file's sha256, and
+    ``probe.npz``.
     """
-    return sha256_file(bundle.path / MANIFEST_NAME)[:16]
+    return bundle_release_id(bundle.path)
 
 
 def flash(
@@ -383,8 +385,8 @@ def _release_intact(release_dir: Path, bundle: Bundle) -> bool:
         load_bundle(release_dir)
     except BundleError:
         return False
-    # The release id covers only the manifest, and _copy_bundle copies every
-    # file, so a probe.npz added, changed or removed since then must count.
+    # The release id covers only the manifest and probe.npz, and _copy_bundle
+    # copies every file, so any other file changed since then must count.
     source = _bundle_files(bundle.path)
     installed = _bundle_files(release_dir)
     if sorted(source) != sorted(installed):

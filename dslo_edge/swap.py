@@ -5,7 +5,7 @@ Layout under the daemon's state directory::
     bundles/<release>/     one directory per installed bundle
     bundles/active         link to the bundle the daemon runs
     bundles/previous       link to the bundle before it, for rollback
-    kept-checkpoints/<release>/
+    kept-checkpoints/<model>/
                            the last checkpoint of a model that a release with
                            another input shape, classes or heads replaced
 
@@ -17,6 +17,7 @@ stays where it is and is used while no ``active`` link exists.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ import numpy as np
 from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
 from dslo_edge.checkpoint import Checkpoint, load_latest_checkpoint
 from dslo_edge.errors import BundleError
+from dslo_edge.health import PROBE_FILE
 from dslo_edge.ota import (
     MAX_ARCHIVE_MEMBERS,
     RELEASE_FILE,
@@ -57,10 +59,28 @@ OPTIMIZER_STATE_PREFIX = "optimizer__"
 
 
 def release_id(bundle_dir: Path) -> str:
-    """Return a bundle's release id: the first 16 hex digits of its manifest sha256.
+    """Return a bundle's release id: a sha256 prefix over the files a release carries.
 
-    The manifest lists every model file's sha256, so the id names the bundle
-    wherever it is installed (``flash`` uses the same id).
+    The manifest lists every model file's sha256 but not ``probe.npz``, which
+    a release also carries. So without a probe set the id is the start of the
+    manifest's sha256, and with one it is the start of the sha256 of both
+    files' sha256 digests. A bundle sent again with another probe set gets
+    another id, instead of reusing the installed release with the old probe.
+    The id names the bundle wherever it is installed (``flash`` uses it too).
+    """
+    manifest_digest = sha256_file(bundle_dir / MANIFEST_NAME)
+    probe = bundle_dir / PROBE_FILE
+    if not probe.is_file():
+        return manifest_digest[:16]
+    both = f"{manifest_digest}\n{sha256_file(probe)}".encode()
+    return hashlib.sha256(both).hexdigest()[:16]
+
+
+def model_id(bundle_dir: Path) -> str:
+    """Return the first 16 hex digits of the manifest sha256, naming the model.
+
+    Bundles that differ only in their probe set share it, so a kept
+    checkpoint of the model is found whichever probe set comes with it.
     """
     return sha256_file(bundle_dir / MANIFEST_NAME)[:16]
 
@@ -355,8 +375,9 @@ def lost_weights(
 class KeptCheckpoints:
     """The last checkpoint of each model replaced by a model change.
 
-    One folder per release id under ``<state_dir>/kept-checkpoints``, so
-    installing that release again restores its adapted weights. The
+    One folder per ``model_id`` under ``<state_dir>/kept-checkpoints``, so
+    installing that model again restores its adapted weights, whichever
+    probe set comes with it. The
     ``MAX_KEPT_MODELS`` newest folders are kept.
     """
 
@@ -368,7 +389,7 @@ class KeptCheckpoints:
         latest = load_latest_checkpoint(checkpoint_dir)
         if latest is None:
             return None
-        target = self.folder / release_id(bundle.path)
+        target = self.folder / model_id(bundle.path)
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         copy = target / latest.path.name
@@ -378,7 +399,7 @@ class KeptCheckpoints:
 
     def load(self, bundle: Bundle) -> Checkpoint | None:
         """Return the kept checkpoint of a bundle, or None if there is none."""
-        folder = self.folder / release_id(bundle.path)
+        folder = self.folder / model_id(bundle.path)
         return load_latest_checkpoint(folder) if folder.is_dir() else None
 
     def _prune(self) -> None:
@@ -388,7 +409,7 @@ class KeptCheckpoints:
             reverse=True,
         )
         for old in folders[MAX_KEPT_MODELS:]:
-            logger.info("Deleting the kept checkpoint of release %s", old.name)
+            logger.info("Deleting the kept checkpoint of model %s", old.name)
             shutil.rmtree(old, ignore_errors=True)
 
 

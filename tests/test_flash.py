@@ -213,28 +213,46 @@ def write_probe(bundle: Path, labels: list[int]) -> bytes:
 
 def test_flash_installs_probe_added_later(tmp_path: Path, pi4) -> None:
     bundle, root = flash_once(tmp_path, pi4)
-    release = root / f"opt/dslo-edge/releases/{release_id(load_bundle(bundle))}"
-    device_release = "/" + str(release.relative_to(root))
+    releases = root / "opt/dslo-edge/releases"
+    without_probe = release_id(load_bundle(bundle))
 
     first = write_probe(bundle, [0, 1])
     added = flash(bundle, pi4, root, OPTIONS)
 
-    assert device_release in added.changed
-    assert (release / "probe.npz").read_bytes() == first
+    # The release id covers probe.npz, so each probe set is its own release.
+    assert added.release != without_probe
+    assert f"/opt/dslo-edge/releases/{added.release}" in added.changed
+    assert (releases / added.release / "probe.npz").read_bytes() == first
+    assert os.readlink(root / "opt/dslo-edge/bundle") == f"releases/{added.release}"
     assert verify_installation(root) == []
 
     second = write_probe(bundle, [2, 3, 4])
     changed = flash(bundle, pi4, root, OPTIONS)
 
-    assert device_release in changed.changed
-    assert (release / "probe.npz").read_bytes() == second
+    assert changed.release not in (without_probe, added.release)
+    assert f"/opt/dslo-edge/releases/{changed.release}" in changed.changed
+    assert (releases / changed.release / "probe.npz").read_bytes() == second
 
     (bundle / "probe.npz").unlink()
     removed = flash(bundle, pi4, root, OPTIONS)
 
-    assert device_release in removed.changed
-    assert not (release / "probe.npz").exists()
+    assert removed.release == without_probe
+    assert f"/opt/dslo-edge/releases/{without_probe}" in removed.changed
+    assert not (releases / without_probe / "probe.npz").exists()
     assert verify_installation(root) == []
+
+
+def test_flash_replaces_changed_bundle_file(tmp_path: Path, pi4) -> None:
+    bundle, root = flash_once(tmp_path, pi4)
+    release = root / f"opt/dslo-edge/releases/{release_id(load_bundle(bundle))}"
+    (bundle / "README.txt").write_text("first notes")
+    flash(bundle, pi4, root, OPTIONS)
+
+    (bundle / "README.txt").write_text("second notes")
+    changed = flash(bundle, pi4, root, OPTIONS)
+
+    assert "/" + str(release.relative_to(root)) in changed.changed
+    assert (release / "README.txt").read_text() == "second notes"
 
 
 def test_flash_rejects_probe_daemon_rejects(tmp_path: Path, pi4) -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from dslo_edge.broker import Broker
 from dslo_edge.bundle import Bundle, load_bundle
+from dslo_edge.checkpoint import save_checkpoint
 from dslo_edge.config import render_config
 from dslo_edge.errors import BundleError
 from dslo_edge.model_update import ModelUpdater, UpdateOutcome
@@ -40,10 +41,13 @@ from dslo_edge.ota_sender import pack_bundle, send_bundle
 from dslo_edge.protocol import Topics
 from dslo_edge.swap import (
     BundleStore,
+    KeptCheckpoints,
     carry_over_weights,
     check_student_health,
     lost_weights,
     model_change,
+    model_id,
+    release_id,
     swap_student,
 )
 from tests.bundle_files import write_bundle
@@ -623,6 +627,58 @@ def test_activate_same_release_keeps_previous(tmp_path: Path) -> None:
 
     assert store.active_release() == second
     assert store.rollback() == first
+
+
+def write_probe(bundle: Path, labels: list[int]) -> bytes:
+    """Write a probe.npz for the 64-input, 10-class test bundle; return its bytes."""
+    x = np.full((len(labels), 64), len(labels), dtype=np.float32)
+    np.savez(bundle / "probe.npz", x=x, y=np.array(labels))
+    return (bundle / "probe.npz").read_bytes()
+
+
+def install_bundle(tmp_path: Path, store: BundleStore, bundle: Path) -> Path:
+    archive = tmp_path / "update.tar"
+    archive.write_bytes(pack_bundle(bundle))
+    return store.install_archive(archive)
+
+
+def test_changed_probe_gets_new_release(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "state")
+    bundle = write_bundle(tmp_path / "bundle")
+    first_probe = write_probe(bundle, [0, 1])
+    first = install_bundle(tmp_path, store, bundle)
+    assert store.activate(first)
+
+    second_probe = write_probe(bundle, [2, 3, 4])
+    second = install_bundle(tmp_path, store, bundle)
+
+    assert second != first
+    assert (second / "probe.npz").read_bytes() == second_probe
+    assert (first / "probe.npz").read_bytes() == first_probe
+    assert store.activate(second)
+    assert store.rollback() == first
+
+    (bundle / "probe.npz").unlink()
+    without_probe = install_bundle(tmp_path, store, bundle)
+
+    assert without_probe not in (first, second)
+    assert not (without_probe / "probe.npz").exists()
+    assert without_probe.name == release_id(bundle) == model_id(bundle)
+
+
+def test_kept_checkpoint_found_with_other_probe(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    write_probe(bundle, [0, 1])
+    checkpoints = tmp_path / "checkpoints"
+    save_checkpoint(checkpoints, {"w": np.arange(3, dtype=np.float32)}, {"n": 1})
+    kept = KeptCheckpoints(tmp_path / "state")
+    assert kept.keep(load_bundle(bundle), checkpoints) is not None
+
+    write_probe(bundle, [2, 3, 4])
+    restored = kept.load(load_bundle(bundle))
+
+    assert restored is not None
+    assert restored.tensors["w"].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_active_link_loop_is_named(tmp_path: Path) -> None:
