@@ -596,8 +596,13 @@ def push(
                 if on_message_sent:
                     on_message_sent()
             result.rounds += 1
+            # The path, not the version: r1/teacher.tflite and r2/teacher.tflite
+            # share the version "teacher".
             logger.info(
-                "Round %d (%s) sent to device %s", round_number, version, device_id
+                "Round %d sent to device %s with teacher %s",
+                round_number,
+                device_id,
+                path,
             )
             if wait:
                 result.device_metrics = wait_for_processed(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import threading
 import time
@@ -213,6 +215,32 @@ def test_push_hard_labels_sends_y(mlp_pair, broker_factory, tmp_path):
     assert np.concatenate(sent).tolist() == labels.tolist()
     assert len(without_y) == MESSAGES
     assert all(decode_update(payload).hard_labels is None for payload in without_y)
+
+
+def test_push_logs_teacher_path_per_round(
+    mlp_pair, broker_factory, tmp_path, data_file, caplog
+):
+    broker = broker_factory("mosquitto")
+    teachers = []
+    for folder in (tmp_path / "r1", tmp_path / "r2"):
+        folder.mkdir()
+        shutil.copy(mlp_pair.bundle / "teacher.tflite", folder)
+        teachers.append(folder / "teacher.tflite")
+    options = [f"--teacher={teacher}" for teacher in teachers]
+
+    with caplog.at_level(logging.INFO, logger="dslo_edge.hub"):
+        result = run_push(mlp_pair.bundle, data_file, broker.url, "--no-wait", *options)
+
+    assert result.exit_code == 0, result.output
+    rounds = [
+        record.getMessage()
+        for record in caplog.records
+        if record.getMessage().startswith("Round ")
+    ]
+    assert rounds == [
+        f"Round 1 sent to device {DEVICE} with teacher {teachers[0]}",
+        f"Round 2 sent to device {DEVICE} with teacher {teachers[1]}",
+    ]
 
 
 def test_push_without_hard_labels_ignores_y(mlp_pair, broker_factory, tmp_path):
