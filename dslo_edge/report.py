@@ -52,23 +52,28 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
     published report has. Zero bytes at the start of a line are ignored.
 
     Raises:
-        ConfigError: the file cannot be read or contains no report at all.
+        ConfigError: the file cannot be read or contains no report at all,
+            for example because it is a binary file and not a text log.
     """
     source = Path(path)
     try:
-        lines = source.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
+        lines = source.read_bytes().splitlines()
+    except OSError as error:
         raise ConfigError(f"cannot read metrics log {source}: {error}") from error
     records = []
     skipped = 0
-    for line in lines:
+    not_text = 0
+    for raw in lines:
         # A power cut can leave zeros where the last lines before it were,
         # and the daemon appends its next report right after them.
-        line = line.lstrip("\0")
-        if not line.strip():
+        raw = raw.lstrip(b"\0")
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            not_text += 1
+            continue
         except json.JSONDecodeError:
             skipped += 1
             continue
@@ -76,6 +81,14 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
             records.append(record)
         else:
             skipped += 1
+    if not records and not_text:
+        raise ConfigError(
+            f"metrics log {source} is not a text metrics log: {not_text} of its "
+            f"lines are not UTF-8 text, as in a binary file such as an .npz; "
+            "give the JSON lines file that the daemon writes to "
+            "logging.metrics_file (by default state_dir/metrics.jsonl)"
+        )
+    skipped += not_text
     if skipped:
         logger.warning(
             "Skipped %d %s in %s that %s not a metrics report, which is a JSON "

@@ -155,6 +155,37 @@ def test_read_rejects_log_without_reports(tmp_path: Path) -> None:
         read_metrics_log(tmp_path / "missing.jsonl")
 
 
+def test_report_command_names_binary_file(tmp_path: Path) -> None:
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(0).random((50, 64)))
+
+    result = CliRunner().invoke(
+        main, ["report", "--metrics", str(data), "--out", str(tmp_path / "plots")]
+    )
+
+    assert result.exit_code == 78
+    assert result.output.startswith(
+        f"error: metrics log {data} is not a text metrics log: "
+    )
+    assert "lines are not UTF-8 text, as in a binary file" in result.output
+    assert "logging.metrics_file" in result.output
+    assert "codec" not in result.output
+    assert not (tmp_path / "plots").exists()
+
+
+def test_read_skips_line_that_is_not_utf8(tmp_path: Path, caplog) -> None:
+    log = tmp_path / "metrics.jsonl"
+    log.write_bytes(
+        b'{"device": "d", "applied": 1}\n\xf1\xff\n{"device": "d", "applied": 2}\n'
+    )
+
+    with caplog.at_level("WARNING", logger="dslo_edge.report"):
+        records = read_metrics_log(log)
+
+    assert [r["applied"] for r in records] == [1, 2]
+    assert f"Skipped 1 line in {log} that is not a metrics report" in caplog.text
+
+
 def test_series_reads_nested_fields() -> None:
     records: list[dict[str, Any]] = [
         {"timestamp": 100.0, "teacher": {"mean_entropy": 0.9}},
