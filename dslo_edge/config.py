@@ -41,9 +41,13 @@ from dslo_edge.dynamic import (
     ProgressSettings,
     TaskSettings,
 )
-from dslo_edge.errors import ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
-from dslo_edge.protocol import PayloadLimits, Topics
+from dslo_edge.protocol import (
+    TOPIC_LEVEL_EXPECTED,
+    PayloadLimits,
+    Topics,
+    is_topic_level,
+)
 from dslo_edge.runtime import RUNTIME_MODULES
 from dslo_edge.softlabels import AlphaPolicy
 
@@ -279,7 +283,13 @@ def load_config(path: str | Path) -> DeviceConfig:
     root = TableReader(source, data, "")
     device = root.section("device")
     base = source.parent
-    device_id = device.get("id", str, REQUIRED)
+    device_id = device.get(
+        "id",
+        str,
+        REQUIRED,
+        is_topic_level,
+        f"{TOPIC_LEVEL_EXPECTED}, for example 'kitchen-cam'",
+    )
     # An empty path would name the config's own folder.
     bundle = base / device.get("bundle", str, REQUIRED, bool, "a non-empty path")
     state_dir = base / device.get("state_dir", str, "state", bool, "a non-empty path")
@@ -335,12 +345,6 @@ def load_config(path: str | Path) -> DeviceConfig:
         requests,
         max_abs_input,
     )
-    try:
-        _ = config.topics
-    except ConfigError as error:
-        raise ConfigError(
-            f"{source}: device.id or mqtt.topic_prefix: {error}"
-        ) from error
     if device_id == HUB_LEVEL:
         raise device.fail(
             "id",

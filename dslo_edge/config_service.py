@@ -15,6 +15,7 @@ from typing import Any
 from dslo_edge.budget import BudgetSettings
 from dslo_edge.config_reader import TableReader
 from dslo_edge.errors import ConfigError
+from dslo_edge.protocol import TOPIC_LEVEL_EXPECTED, is_topic_level
 
 MQTT_PROTOCOLS = ("5", "3.1.1")
 
@@ -180,7 +181,13 @@ def read_mqtt(reader: TableReader) -> MqttSettings:
         port=reader.get(
             "port", int, 1883, lambda v: 0 < v < 65536, "a port in 1..65535"
         ),
-        topic_prefix=reader.get("topic_prefix", str, "dslo"),
+        topic_prefix=reader.get(
+            "topic_prefix",
+            str,
+            "dslo",
+            is_topic_level,
+            f"{TOPIC_LEVEL_EXPECTED}, for example 'dslo'",
+        ),
         keepalive=reader.get(
             "keepalive", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"
         ),

@@ -169,14 +169,22 @@ class Topics:
         )
 
 
-def _check_topic_level(name: str, value: str, example: str) -> None:
-    if value and not any(
+TOPIC_LEVEL_EXPECTED = "a non-empty name without '/', '+', '#', whitespace or NUL"
+
+
+def is_topic_level(value: str) -> bool:
+    """Return whether ``value`` can be one level of an MQTT topic name."""
+    return bool(value) and not any(
         char in _FORBIDDEN_TOPIC_CHARS or char.isspace() for char in value
-    ):
+    )
+
+
+def _check_topic_level(name: str, value: str, example: str) -> None:
+    if is_topic_level(value):
         return
     raise ConfigError(
-        f"{name} {value!r} is invalid: expected a non-empty name without '/', "
-        f"'+', '#', whitespace or NUL, for example {example!r}"
+        f"{name} {value!r} is invalid: expected {TOPIC_LEVEL_EXPECTED}, "
+        f"for example {example!r}"
     )
 
 

@@ -246,6 +246,27 @@ def test_reserved_hub_device_id_is_rejected(tmp_path: Path) -> None:
     assert "a device id other than '_hub'" in message
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value", "example"),
+    [
+        ("device", "id", "x/y", "kitchen-cam"),
+        ("device", "id", "", "kitchen-cam"),
+        ("mqtt", "topic_prefix", "a b", "dslo"),
+        ("mqtt", "topic_prefix", "dslo/home", "dslo"),
+    ],
+)
+def test_topic_level_error_names_key(
+    tmp_path: Path, section: str, key: str, value: str, example: str
+) -> None:
+    path, message = config_error(tmp_path, {section: {key: value}})
+
+    assert message == (
+        f"{path}: {section}.{key} = {value!r} is invalid; expected a non-empty "
+        "name without '/', '+', '#', whitespace or NUL, for example "
+        f"{example!r}"
+    )
+
+
 def test_boolean_values_are_shown_as_toml(tmp_path: Path) -> None:
     _, port_message = config_error(tmp_path, {"mqtt": {"port": True}})
     _, requests_message = config_error(
