@@ -150,6 +150,24 @@ class _ModelState:
     reference: TeacherModel | None
 
 
+def _load_hmac_key(config: DeviceConfig) -> bytes | None:
+    """Read the key that ``security.hmac_key_file`` names, if it names one.
+
+    Raises:
+        ConfigError: the key file is unreadable or does not contain a valid
+            key. The message names the config file and the key.
+    """
+    key_file = config.security.hmac_key_file
+    if key_file is None:
+        return None
+    try:
+        return load_key(key_file)
+    except ConfigError as error:
+        raise ConfigError(
+            f"{config.source}: security.hmac_key_file = {str(key_file)!r}: {error}"
+        ) from error
+
+
 class EdgeDaemon:
     """Receives soft-label updates for one device and trains its student."""
 
@@ -157,8 +175,7 @@ class EdgeDaemon:
         self.config = config
         self.device_id = config.device_id
         self.topics = config.topics
-        key_file = config.security.hmac_key_file
-        self.hmac_key = load_key(key_file) if key_file else None
+        self.hmac_key = _load_hmac_key(config)
 
         self._state_lock = StateLock(config.state_dir, self.device_id)
         try:
