@@ -1260,7 +1260,7 @@ def keygen(path: str) -> None:
     except FileExistsError:
         raise ConfigError(f"{path} exists; keys are never overwritten") from None
     except OSError as error:
-        raise ConfigError(_key_write_error(key_path, error)) from None
+        raise OutputPathError(_key_write_error(key_path, error), "'PATH'") from None
     click.echo(f"wrote {path}; give it to the device and to the hub")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from dslo_edge.cli_broker import broker_login_options
-from dslo_edge.errors import BundleError
+from dslo_edge.errors import BundleError, OutputPathError
 
 PROFILES_DIR_OPTION = click.option(
     "--profiles-dir",
@@ -286,7 +286,10 @@ def report(metrics_paths: tuple[str, ...], out: str) -> None:
     from dslo_edge.report import read_metrics_logs, write_report
 
     records = read_metrics_logs(metrics_paths)
-    paths = write_report(records, out)
+    try:
+        paths = write_report(records, out)
+    except OutputPathError as error:
+        raise OutputPathError(str(error), option="--out") from error
     count = (
         "1 metrics report" if len(records) == 1 else f"{len(records)} metrics reports"
     )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dslo_edge.errors import ConfigError
+from dslo_edge.errors import ConfigError, OutputPathError
 
 logger = logging.getLogger(__name__)
 
@@ -250,15 +250,15 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list
         The paths written.
 
     Raises:
-        ConfigError: matplotlib is not installed, or the directory or a plot
-            cannot be written.
+        ConfigError: matplotlib is not installed.
+        OutputPathError: the directory or a plot cannot be written.
     """
     pyplot = _pyplot()
     folder = Path(out_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError(
+        raise OutputPathError(
             f"cannot create the report directory {folder}: {error}; "
             "choose another --out"
         ) from error
@@ -321,7 +321,9 @@ def _save(pyplot: Any, figure: Any, path: Path) -> Path:
     try:
         figure.savefig(path, dpi=100)
     except OSError as error:
-        raise ConfigError(f"cannot write the plot {path}: {error}") from error
+        raise OutputPathError(
+            f"cannot write the plot {path}: {error}; choose another --out"
+        ) from error
     finally:
         pyplot.close(figure)
     return path

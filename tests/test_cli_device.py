@@ -352,10 +352,12 @@ def test_keygen_names_missing_directory(tmp_path: Path) -> None:
 
     result = run("keygen", str(directory / "device.key"))
 
-    assert result.exit_code == EXIT_CONFIG
-    assert result.output == (
-        f"error: cannot write {directory / 'device.key'}: directory {directory} does "
-        "not exist; create it first or choose another path\n"
+    # Exit status 2, as for convert's or demo's unwritable --out.
+    assert result.exit_code == 2
+    assert result.output.endswith(
+        f"Error: Invalid value for 'PATH': cannot write {directory / 'device.key'}: "
+        f"directory {directory} does not exist; create it first or choose "
+        "another path\n"
     )
     assert not directory.exists()
 
@@ -366,10 +368,21 @@ def test_keygen_rejects_file_as_directory(tmp_path: Path) -> None:
 
     result = run("keygen", str(parent / "device.key"))
 
-    assert result.exit_code == EXIT_CONFIG
+    assert result.exit_code == 2
+    assert "Error: Invalid value for 'PATH': cannot write " in result.output
     assert f"{parent} is a file, not a directory" in result.output
-    assert len(result.output.splitlines()) == 1
     assert parent.read_text() == "not a directory\n"
+
+
+def test_keygen_existing_key_exits_78(tmp_path: Path) -> None:
+    path = tmp_path / "device.key"
+    path.write_text("old key\n")
+
+    result = run("keygen", str(path))
+
+    assert result.exit_code == EXIT_CONFIG
+    assert result.output == f"error: {path} exists; keys are never overwritten\n"
+    assert path.read_text() == "old key\n"
 
 
 @pytest.mark.parametrize("path", ["", "  "])

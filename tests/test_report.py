@@ -366,11 +366,31 @@ def test_report_command_unwritable_out(tmp_path: Path) -> None:
         main, ["report", "--metrics", str(log), "--out", str(out)]
     )
 
-    assert result.exit_code == 78
-    assert result.output.startswith(f"error: cannot create the report directory {out}:")
-    assert "choose another --out" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    # Exit status 2, as for convert's or demo's unwritable --out.
+    assert result.exit_code == 2
+    assert (
+        f"Error: Invalid value for --out: cannot create the report directory {out}:"
+        in result.output
+    )
+    assert result.output.rstrip().endswith("choose another --out")
     assert blocker.read_text() == "not a directory"
+
+
+def test_report_command_unwritable_plot(tmp_path: Path) -> None:
+    log = metrics_log(tmp_path / "metrics.jsonl", reports=2)
+    out = tmp_path / "plots"
+    (out / "latency.png").mkdir(parents=True)
+
+    result = CliRunner().invoke(
+        main, ["report", "--metrics", str(log), "--out", str(out)]
+    )
+
+    assert result.exit_code == 2
+    assert (
+        f"Error: Invalid value for --out: cannot write the plot {out / 'latency.png'}:"
+        in result.output
+    )
+    assert result.output.rstrip().endswith("choose another --out")
 
 
 MALFORMED_FIELDS = {
