@@ -277,7 +277,7 @@ def convert_bundle(
     staging = make_staging_dir(out)
     try:
         files = _convert_files(
-            teacher_model, student_model, module, input_shape, options
+            teacher_model, student_model, module, input_shape, options, staging
         )
         _write_files(
             staging, files, module, input_shape, options, teacher_model, student_model
@@ -328,10 +328,17 @@ def _convert_files(
     module: StudentModule,
     input_shape: tuple[int, ...],
     options: PrecisionOptions,
+    work_dir: Path,
 ) -> dict[str, bytes]:
     data = options.representative_data
     files = {
-        STUDENT_FILE: to_tflite(module, module.signatures(), "student", options.student)
+        STUDENT_FILE: to_tflite(
+            module,
+            module.signatures(),
+            "student",
+            options.student,
+            work_dir=work_dir,
+        )
     }
     teacher_module = InferenceModule(teacher, "teacher")
     files[TEACHER_FILE] = to_tflite(
@@ -340,11 +347,17 @@ def _convert_files(
         "teacher",
         options.teacher,
         data,
+        work_dir=work_dir,
     )
     if options.int8_student_copy:
         copy = InferenceModule(student, "student_int8")
         files[STUDENT_INT8_FILE] = to_tflite(
-            copy, copy.signatures(input_shape), "int8 student copy", "int8", data
+            copy,
+            copy.signatures(input_shape),
+            "int8 student copy",
+            "int8",
+            data,
+            work_dir=work_dir,
         )
     return files
 

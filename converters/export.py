@@ -17,12 +17,14 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from converters.heads import head_name, output_layer_names
+from converters.output_dir import SAVED_MODEL_PREFIX
 from dslo_edge.errors import ConversionError
 
 PRECISIONS = ("float32", "float16", "int8")
@@ -87,6 +89,7 @@ def to_tflite(
     role: str,
     precision: str = "float32",
     representative_data: np.ndarray | None = None,
+    work_dir: Path | None = None,
 ) -> bytes:
     """Convert a module's signatures with LiteRT builtin ops only.
 
@@ -96,12 +99,17 @@ def to_tflite(
         role: "student", "teacher" or similar, used in error messages.
         precision: one of ``PRECISIONS``.
         representative_data: input samples for int8 calibration.
+        work_dir: the directory for the SavedModel that the converter
+            reads, the system temp directory by default. ``convert_bundle``
+            passes its staging directory, so a conversion killed by SIGKILL
+            leaves the SavedModel there, and the next conversion into the
+            same parent directory deletes it.
 
     Raises:
         ConversionError: Flex ops are needed, int8 lacks representative
             data, or the converter fails.
     """
-    with tempfile.TemporaryDirectory(prefix="dslo-convert-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=SAVED_MODEL_PREFIX, dir=work_dir) as tmp:
         tf.saved_model.save(module, tmp, signatures=signatures)
         converter = tf.lite.TFLiteConverter.from_saved_model(
             tmp, signature_keys=list(signatures)

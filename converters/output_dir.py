@@ -44,6 +44,9 @@ STAGING_PREFIX = ".bundle-"
 # The new bundle while it is written, and the earlier one during a swap.
 NEW_PREFIX = f"{STAGING_PREFIX}new-"
 BACKUP_PREFIX = f"{STAGING_PREFIX}old-"
+# The SavedModel that export.to_tflite writes for the LiteRT converter, in
+# the staging directory while convert runs.
+SAVED_MODEL_PREFIX = "dslo-convert-"
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +129,9 @@ def _not_bundle_reason(folder: Path) -> str | None:
 def remove_stale_staging(out: Path) -> None:
     """Delete the staging directories that killed conversions left next to ``out``.
 
-    Only a directory of bundle files whose name contains a writer that no
-    longer runs on this host is deleted. Any other entry, and the backup of
-    an earlier bundle, stays.
+    Only a directory of bundle files and ``SAVED_MODEL_PREFIX`` folders
+    whose name contains a writer that no longer runs on this host is
+    deleted. Any other entry, and the backup of an earlier bundle, stays.
     """
     # NOTE: a conversion killed during the swap leaves a .bundle-old-*
     # backup, which can contain the only copy of the earlier bundle, so
@@ -152,8 +155,13 @@ def _not_staging_reason(path: Path) -> str | None:
     except OSError as error:
         return f"it cannot be listed: {error.strerror or error}"
     for entry in entries:
-        if entry.name not in BUNDLE_FILES or entry.is_symlink() or not entry.is_file():
+        if entry.is_symlink():
             return f"it contains {entry.name}, which convert does not write"
+        if entry.name in BUNDLE_FILES and entry.is_file():
+            continue
+        if entry.name.startswith(SAVED_MODEL_PREFIX) and entry.is_dir():
+            continue
+        return f"it contains {entry.name}, which convert does not write"
     return None
 
 

@@ -682,6 +682,47 @@ def test_convert_deletes_staging_of_killed_writer(tmp_path, caplog) -> None:
     assert (kept["backup"] / "manifest.json").read_text() == "earlier bundle"
 
 
+@pytest.mark.slow
+def test_killed_convert_leaves_nothing_in_temp(keras_files, tmp_path) -> None:
+    from converters.output_dir import prepare_output_dir
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    out = tmp_path / "out" / "bundle"
+    command = [sys.executable, "-m", "dslo_edge.cli", *keras_files, "--out", str(out)]
+    convert = subprocess.Popen(
+        command,
+        env={**os.environ, "TMPDIR": str(temp)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        saved_models: list[Path] = []
+        deadline = time.monotonic() + 120
+        while not saved_models and convert.poll() is None:
+            assert time.monotonic() < deadline, "convert wrote no SavedModel in 120 s"
+            saved_models = [
+                *temp.glob("dslo-convert-*"),
+                *out.parent.glob(".bundle-new-*/dslo-convert-*"),
+            ]
+            time.sleep(0.01)
+        convert.kill()
+    finally:
+        convert.kill()
+        convert.wait()
+
+    assert convert.returncode == -signal.SIGKILL
+    (saved_model,) = saved_models
+    staging = saved_model.parent
+    assert staging.parent == out.parent
+    assert staging.name.startswith(".bundle-new-")
+    assert list(temp.glob("dslo-convert-*")) == []
+
+    prepare_output_dir(out, overwrite=False)
+
+    assert not staging.exists()
+
+
 def killed_pid(staging: Path) -> int:
     """Return the process id in the name of a convert staging directory."""
     return int(staging.name.rsplit("-", 3)[1])
