@@ -99,14 +99,39 @@ def _check_unique(names: list[str]) -> None:
         )
 
 
+# Layers that pass their input through unchanged at inference, so an output
+# of one of them has the values of the layer before it.
+_INFERENCE_IDENTITY_LAYERS = frozenset(
+    {
+        "ActivityRegularization",
+        "AlphaDropout",
+        "Dropout",
+        "GaussianDropout",
+        "GaussianNoise",
+        "Identity",
+        "SpatialDropout1D",
+        "SpatialDropout2D",
+        "SpatialDropout3D",
+    }
+)
+# TensorFlow's functions carry a version in their names: tf.nn.softmax is
+# softmax_v2 and tf.nn.log_softmax is log_softmax_v2 (TensorFlow 2.21).
+_ACTIVATION_ALIASES = {"softmax_v2": "softmax", "log_softmax_v2": "log_softmax"}
+
+
 def output_kinds(model: Any) -> dict[str, str]:
     """Return "probabilities" or "logits" for each output of a Keras model.
 
-    An output counts as probabilities when its layer is a ``Softmax`` layer
-    or has a softmax activation. The keys are head names.
+    An output counts as probabilities when it comes from a ``Softmax`` layer
+    or a softmax activation, also behind layers such as Dropout that pass
+    values through at inference. The keys are head names.
     """
-    layers = [tensor._keras_history.operation for tensor in model.outputs]
-    return {head_name(layer.name): _layer_output_kind(layer) for layer in layers}
+    return {
+        head_name(tensor._keras_history.operation.name): _layer_output_kind(
+            _output_source(tensor)
+        )
+        for tensor in model.outputs
+    }
 
 
 def check_output_activations(model: Any, role: str) -> None:
@@ -115,29 +140,67 @@ def check_output_activations(model: Any, role: str) -> None:
     The hub sends each output as logits or probabilities, so a sigmoid or
     ReLU output would reach the device as something it is not. A log_softmax
     output passes as logits, because softmax(log_softmax(z)) = softmax(z).
-    Outputs of layers without an ``activation`` attribute, such as
-    ``Softmax``, pass.
+    Layers such as Dropout, which pass values through at inference, are
+    looked past. Outputs of other layers without an ``activation``
+    attribute, such as ``Softmax``, pass.
 
     Raises:
-        ConversionError: an output layer has another activation.
+        ConversionError: an output comes from another activation.
     """
     for tensor in model.outputs:
-        layer = tensor._keras_history.operation
-        activation = getattr(layer, "activation", None)
-        name = getattr(activation, "__name__", "linear")
-        if name not in ("linear", "softmax", "log_softmax"):
-            raise ConversionError(
-                f"the {role}'s output layer '{layer.name}' applies {name}, so "
-                "its outputs are neither logits nor softmax probabilities; end "
-                "each output in a layer without activation or with softmax"
+        output_layer = tensor._keras_history.operation
+        layer = _output_source(tensor)
+        name = _activation_name(layer)
+        if name in ("linear", "softmax", "log_softmax"):
+            continue
+        if layer is output_layer:
+            problem = f"output layer '{layer.name}' applies {name}"
+        else:
+            problem = (
+                f"output layer '{output_layer.name}' passes on the values of "
+                f"layer '{layer.name}', which applies {name}"
             )
+        raise ConversionError(
+            f"the {role}'s {problem}, so its outputs are neither logits nor "
+            "softmax probabilities; end each output in a layer without "
+            "activation or with softmax"
+        )
+
+
+def _output_source(tensor: Any) -> Any:
+    """Return the layer whose values an output tensor has.
+
+    That is the output's own layer, unless it passes values through at
+    inference (Dropout, or an ``Activation`` layer with a linear function).
+    Then it is the first layer before it that does not.
+    """
+    history = tensor._keras_history
+    layer = history.operation
+    while _passes_values_through(layer):
+        inputs = layer._inbound_nodes[history.node_index].input_tensors
+        if len(inputs) != 1:
+            break
+        history = inputs[0]._keras_history
+        layer = history.operation
+    return layer
+
+
+def _passes_values_through(layer: Any) -> bool:
+    kind = type(layer).__name__
+    if kind in _INFERENCE_IDENTITY_LAYERS:
+        return True
+    return kind == "Activation" and _activation_name(layer) == "linear"
+
+
+def _activation_name(layer: Any) -> str:
+    """Return the name of a layer's activation, "linear" when it has none."""
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", "linear")
+    return _ACTIVATION_ALIASES.get(name, name)
 
 
 def _layer_output_kind(layer: Any) -> str:
-    activation = getattr(layer, "activation", None)
-    softmax = type(layer).__name__ == "Softmax" or (
-        getattr(activation, "__name__", "") == "softmax"
-    )
+    softmax = type(layer).__name__ == "Softmax" or _activation_name(layer) == "softmax"
     return "probabilities" if softmax else "logits"
 
 

@@ -12,6 +12,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from converters.bundle import convert_bundle, convert_teacher  # noqa: E402
+from converters.heads import check_output_activations, output_kinds  # noqa: E402
 from converters.layers import read_student  # noqa: E402
 from converters.trainable import TrainableScope  # noqa: E402
 from dslo_edge.bundle import load_bundle  # noqa: E402
@@ -280,6 +281,81 @@ def test_teacher_log_softmax_output_is_logits(tmp_path) -> None:
 
     assert manifest["teacher"]["output_kind"] == "logits"
     assert load_bundle(tmp_path / "bundle").teacher_output_kind == "logits"
+
+
+def _teacher_ending_in(*layers) -> keras.Model:
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(3), *layers])
+
+
+# The layers after a Dense(3) teacher output, and the output kind they give.
+OUTPUT_KINDS = {
+    "dense": (lambda: [], "logits"),
+    "softmax activation": (
+        lambda: [keras.layers.Activation("softmax")],
+        "probabilities",
+    ),
+    "tf.nn.softmax": (
+        lambda: [keras.layers.Activation(tf.nn.softmax)],
+        "probabilities",
+    ),
+    "tf.nn.log_softmax": (
+        lambda: [keras.layers.Activation(tf.nn.log_softmax)],
+        "logits",
+    ),
+    "softmax layer, dropout": (
+        lambda: [keras.layers.Softmax(), keras.layers.Dropout(0.3)],
+        "probabilities",
+    ),
+    "softmax, noise, dropout": (
+        lambda: [
+            keras.layers.Activation("softmax"),
+            keras.layers.GaussianNoise(0.1),
+            keras.layers.Dropout(0.3),
+        ],
+        "probabilities",
+    ),
+    "dropout": (lambda: [keras.layers.Dropout(0.3)], "logits"),
+}
+
+
+@pytest.mark.parametrize(("layers", "kind"), OUTPUT_KINDS.values(), ids=OUTPUT_KINDS)
+def test_teacher_output_kind_past_dropout(layers, kind) -> None:
+    teacher = _teacher_ending_in(*layers())
+
+    check_output_activations(teacher, "teacher")
+
+    assert list(output_kinds(teacher).values()) == [kind]
+
+
+def test_sigmoid_behind_dropout_is_rejected() -> None:
+    teacher = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(3, activation="sigmoid", name="scores"),
+            keras.layers.Dropout(0.3, name="drop"),
+        ]
+    )
+
+    with pytest.raises(ConversionError) as caught:
+        check_output_activations(teacher, "teacher")
+
+    assert str(caught.value).startswith(
+        "the teacher's output layer 'drop' passes on the values of layer "
+        "'scores', which applies sigmoid, so its outputs are neither logits nor "
+        "softmax probabilities"
+    )
+
+
+def test_teacher_tf_softmax_converts_as_probabilities(tmp_path) -> None:
+    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    teacher = _teacher_ending_in(
+        keras.layers.Activation(tf.nn.softmax), keras.layers.Dropout(0.3)
+    )
+
+    manifest = convert_bundle(teacher, student, tmp_path / "bundle")
+
+    assert manifest["teacher"]["output_kind"] == "probabilities"
+    assert load_bundle(tmp_path / "bundle").teacher_output_kind == "probabilities"
 
 
 def test_channels_first_flatten_is_rejected(tmp_path) -> None:
