@@ -19,6 +19,7 @@ import logging
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,16 @@ BUDGET_LOG_INTERVAL_S = 3600.0
 BUDGET_LOG_MEMORY = 1024
 
 
+@dataclass
+class _DevicePush:
+    """Updates and samples that one run's push sent to one device."""
+
+    updates: int = 0
+    samples: int = 0
+    # True when the device's budget ran out before the last batch.
+    cut_short: bool = False
+
+
 class PushScheduler(threading.Thread):
     """Runs the configured pushes when they are due."""
 
@@ -70,7 +81,7 @@ class PushScheduler(threading.Thread):
         self.runs = 0
         self.updates = 0
         # Per run and device: got no sample (a spent budget or a failed push),
-        # or got some before the budget ran out.
+        # or got some before the budget ran out or the push failed.
         self.skipped_devices = 0
         self.cut_short_devices = 0
         self._stopping = threading.Event()
@@ -96,7 +107,7 @@ class PushScheduler(threading.Thread):
         ``skipped_devices`` counts, per run, the devices that received no
         sample, because their budget was spent or their push failed.
         ``cut_short_devices`` counts those that received part of the dataset
-        before their budget ran out.
+        before their budget ran out or their push failed.
         """
         return {
             "runs": self.runs,
@@ -197,25 +208,26 @@ class PushScheduler(threading.Thread):
         sent_samples = 0
         reached = 0
         for device in schedule.devices:
+            sent = _DevicePush()
+            failed = False
             try:
-                updates, count, cut_short = self._push_device(
-                    schedule, device, samples, (current, outputs)
-                )
+                self._push_device(schedule, device, samples, (current, outputs), sent)
             except (DsloError, OSError) as error:
                 # One device's unreadable key or lost publishes must not stop
                 # the other devices.
                 self._log_failed(schedule, device, error)
+                failed = True
+            else:
+                failure = self._failing.pop((schedule.name, device), None)
+                if failure is not None:
+                    self._failure_log.forget(failure)
+            # A failed push still counts the updates the broker acknowledged.
+            self.updates += sent.updates
+            sent_samples += sent.samples
+            reached += sent.samples > 0
+            if sent.samples == 0:
                 self.skipped_devices += 1
-                continue
-            failure = self._failing.pop((schedule.name, device), None)
-            if failure is not None:
-                self._failure_log.forget(failure)
-            self.updates += updates
-            sent_samples += count
-            reached += count > 0
-            if count == 0:
-                self.skipped_devices += 1
-            elif cut_short:
+            elif failed or sent.cut_short:
                 self.cut_short_devices += 1
         self.runs += 1
         self._log_run(schedule, current, len(samples.x), sent_samples, reached)
@@ -302,28 +314,50 @@ class PushScheduler(threading.Thread):
         device: str,
         samples: SampleSet,
         labelled: tuple[TeacherVersion, np.ndarray],
-    ) -> tuple[int, int, bool]:
-        """Publish one device's batches.
+        sent: _DevicePush,
+    ) -> None:
+        """Publish one device's batches and record in ``sent`` what was sent.
 
         Args:
             labelled: the teacher version and its outputs for ``samples``.
+            sent: receives the updates and samples sent. When this raises,
+                it has those that the broker acknowledged before.
+        """
+        published: list[tuple[mqtt.MQTTMessageInfo, int]] = []
+        try:
+            self._publish_batches(schedule, device, samples, labelled, published, sent)
+            _wait_for_acknowledgements(published)
+        except Exception:
+            acknowledged = [count for info, count in published if _acknowledged(info)]
+            sent.updates = len(acknowledged)
+            sent.samples = sum(acknowledged)
+            raise
+        sent.updates = len(published)
+        sent.samples = sum(count for _, count in published)
 
-        Returns:
-            The updates and samples sent, and True when the device's budget
-            ran out before the last batch.
+    def _publish_batches(
+        self,
+        schedule: PushSchedule,
+        device: str,
+        samples: SampleSet,
+        labelled: tuple[TeacherVersion, np.ndarray],
+        published: list[tuple[mqtt.MQTTMessageInfo, int]],
+        sent: _DevicePush,
+    ) -> None:
+        """Publish each batch, appending its message and sample count to ``published``.
+
+        Sets ``sent.cut_short`` when the device's budget ran out before the
+        last batch.
         """
         current, outputs = labelled
         topic = Topics.for_device(device, self.config.prefix).updates
         key = self._key(device)
-        sent = []
-        sent_samples = 0
-        cut_short = False
         for start in range(0, len(samples.x), schedule.batch_size):
             stop = start + schedule.batch_size
             labels, kind = self._release(device, outputs[start:stop], current)
             if labels is None:
-                cut_short = True
-                break
+                sent.cut_short = True
+                return
             update = SoftLabelUpdate(
                 message_id=new_message_id(),
                 teacher_version=current.version,
@@ -339,22 +373,8 @@ class PushScheduler(threading.Thread):
             payload = body if key is None else sign(key, topic, body)
             properties = Properties(PacketTypes.PUBLISH)
             properties.MessageExpiryInterval = schedule.expiry_s
-            sent.append(
-                self.client.publish(topic, payload, qos=1, properties=properties)
-            )
-            sent_samples += len(labels)
-        for info in sent:
-            try:
-                info.wait_for_publish(timeout=30)
-            except (RuntimeError, ValueError) as error:
-                # paho keeps a QoS 1 message published while disconnected
-                # and sends it after reconnecting, unless the worker stops.
-                raise BrokerError(
-                    f"{len(sent)} updates were not acknowledged by the broker "
-                    f"({error}); paho sends the queued ones if the worker "
-                    "reconnects before it stops"
-                ) from error
-        return len(sent), sent_samples, cut_short
+            info = self.client.publish(topic, payload, qos=1, properties=properties)
+            published.append((info, len(labels)))
 
     def _release(
         self, device: str, rows: np.ndarray, current: TeacherVersion
@@ -419,6 +439,37 @@ class PushScheduler(threading.Thread):
                 "device's key so the hub can sign its labels"
             )
         return load_key(path)
+
+
+def _wait_for_acknowledgements(
+    published: list[tuple[mqtt.MQTTMessageInfo, int]],
+) -> None:
+    """Wait up to 30 s per update for the broker's acknowledgement.
+
+    Raises:
+        BrokerError: paho could not queue or publish an update.
+    """
+    for info, _ in published:
+        try:
+            info.wait_for_publish(timeout=30)
+        except (RuntimeError, ValueError) as error:
+            acknowledged = sum(_acknowledged(info) for info, _ in published)
+            # paho keeps a QoS 1 message published while disconnected
+            # and sends it after reconnecting, unless the worker stops.
+            raise BrokerError(
+                f"{len(published) - acknowledged} of {len(published)} updates "
+                f"were not acknowledged by the broker ({error}); paho sends the "
+                "queued ones if the worker reconnects before it stops"
+            ) from error
+
+
+def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
+    """Return whether the broker acknowledged a QoS 1 message by now."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        # paho raises for a message it could not queue or send (rc > 0).
+        return False
 
 
 def _file_stamp(path: Path) -> tuple[int, ...] | None:

@@ -8,6 +8,8 @@ import json
 import os
 import queue
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -1189,7 +1191,10 @@ def test_push_disconnected_tries_every_device(mlp_pair, tmp_path, caplog) -> Non
     errors = [r.getMessage() for r in caplog.records]
     assert len(errors) == 2
     for error, device in zip(errors, ("kitchen", "porch"), strict=True):
-        assert error.startswith(f"Push nightly to device {device} failed: 3 updates")
+        assert error.startswith(
+            f"Push nightly to device {device} failed: 3 of 3 updates were not "
+            "acknowledged"
+        )
         assert "The client is not currently connected" in error
     assert worker.pushes.counters() == {
         "runs": 1,
@@ -1198,6 +1203,81 @@ def test_push_disconnected_tries_every_device(mlp_pair, tmp_path, caplog) -> Non
         "cut_short_devices": 0,
     }
     worker.state.close()
+
+
+def wait_until_stopped(pid: int) -> None:
+    """Wait until process ``pid`` is stopped by SIGSTOP (state T in /proc)."""
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.01)
+
+
+def test_push_failing_midway_counts_sent(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    config = load_hub_config(
+        nightly_push_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x),
+        "w1",
+    )
+    [schedule] = config.pushes
+    kitchen_client, kitchen = kitchen_updates(mosquitto.port)
+    worker = HubWorker(config)
+    assert worker.pushes is not None
+    client = worker.connection.client
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    try:
+        worker.pushes.run_once(schedule)
+        first_run = [kitchen.get(timeout=15) for _ in range(3)]
+        # With the broker stopped no acknowledgement arrives, so paho queues
+        # the first 2 of the 3 updates and rejects the third. The broker then
+        # resumes and acknowledges those 2. paho sets the limit only between
+        # connections.
+        client.disconnect()
+        client.loop_stop()
+        client.max_queued_messages_set(2)
+        client.connect("127.0.0.1", mosquitto.port)
+        client.loop_start()
+        deadline = time.monotonic() + 10
+        while not client.is_connected():
+            assert time.monotonic() < deadline, "the hub client did not reconnect"
+            time.sleep(0.01)
+        os.kill(mosquitto.pid, signal.SIGSTOP)
+        resume = threading.Timer(1.0, os.kill, (mosquitto.pid, signal.SIGCONT))
+        try:
+            wait_until_stopped(mosquitto.pid)
+            resume.start()
+            worker.pushes.run_once(schedule)
+        finally:
+            resume.join()
+            os.kill(mosquitto.pid, signal.SIGCONT)
+        second_run = [kitchen.get(timeout=15) for _ in range(2)]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        kitchen_client.disconnect()
+        kitchen_client.loop_stop()
+        worker.state.close()
+
+    assert len(first_run) == 3
+    assert [decode_update(payload).sample_count for payload in second_run] == [16, 16]
+    assert kitchen.empty()
+    [error] = push_errors(caplog)
+    assert error.startswith(
+        "Push nightly to device kitchen failed: 1 of 3 updates were not "
+        "acknowledged by the broker (Message is not queued due to ERR_QUEUE_SIZE)"
+    )
+    summaries = push_summaries(caplog)
+    assert len(summaries) == 2
+    assert summaries[1].startswith("Push nightly sent 32 samples in all (dataset 40)")
+    assert summaries[1].endswith("to 1 of 1 devices")
+    assert worker.pushes.counters() == {
+        "runs": 2,
+        "updates": 5,
+        "skipped_devices": 0,
+        "cut_short_devices": 1,
+    }
 
 
 def test_rejected_requests_logged_once_a_minute(
