@@ -41,6 +41,7 @@ from dslo_edge.hub_teacher import TeacherRegistry, TeacherVersion
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+from dslo_edge.push_progress import counted
 from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 from dslo_edge.signing import key_file_present, load_key, sign
 
@@ -252,15 +253,15 @@ class PushScheduler(threading.Thread):
         # A spent privacy budget stops a device's push early, so the counts
         # can fall short of the dataset and the device list.
         logger.info(
-            "Push %s sent %d samples in all (dataset %d) of teacher %s "
-            "(round %d) to %d of %d devices%s",
+            "Push %s sent %s in all (dataset %d) of teacher %s (round %d) to "
+            "%d of %s%s",
             schedule.name,
-            sent_samples,
+            counted(sent_samples, "sample"),
             dataset_size,
             current.version,
             current.round,
             reached,
-            len(schedule.devices),
+            counted(len(schedule.devices), "device"),
             repeats,
         )
 
@@ -292,11 +293,11 @@ class PushScheduler(threading.Thread):
             if cached is None:
                 raise
             logger.error(
-                "Push %s cannot use the changed data file: %s; sending the %d "
-                "samples read from it before, and reading it again at the next run",
+                "Push %s cannot use the changed data file: %s; sending the %s "
+                "read from it before, and reading it again at the next run",
                 schedule.name,
                 error,
-                len(cached[1].x),
+                counted(len(cached[1].x), "sample"),
             )
             return cached[1]
         self._samples[path] = (stamp, samples)

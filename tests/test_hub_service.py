@@ -394,6 +394,35 @@ def test_scheduled_push_reaches_device(mlp_pair, mosquitto, tmp_path) -> None:
     assert worker.pushes.counters()["runs"] == 1
 
 
+def test_push_log_counts_one_sample(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    x = np.random.default_rng(0).random((1, 64), dtype=np.float32)
+    config = load_hub_config(
+        nightly_push_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x),
+        "w1",
+    )
+    worker = HubWorker(config)
+    assert worker.pushes is not None
+    [schedule] = config.pushes
+    client, received = kitchen_updates(mosquitto.port)
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    worker.connection.client.connect("127.0.0.1", mosquitto.port)
+    worker.connection.client.loop_start()
+    try:
+        worker.pushes.run_once(schedule)
+        update = decode_update(received.get(timeout=15))
+    finally:
+        worker.connection.client.disconnect()
+        worker.connection.client.loop_stop()
+        client.disconnect()
+        client.loop_stop()
+        worker.state.close()
+
+    [summary] = push_summaries(caplog)
+    assert summary.startswith("Push nightly sent 1 sample in all (dataset 1)")
+    assert summary.endswith("to 1 of 1 device")
+    assert update.sample_count == 1
+
+
 def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -> None:
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     # With noise multiplier 8, the RDP accountant gives epsilon 2.17 for 16
@@ -418,7 +447,7 @@ def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -
 
     [summary] = push_summaries(caplog)
     assert summary.startswith("Push nightly sent 16 samples in all (dataset 40)")
-    assert summary.endswith("to 1 of 1 devices")
+    assert summary.endswith("to 1 of 1 device")
     assert first.sample_count == 16
     assert received.empty()
     assert worker.pushes is not None
@@ -504,11 +533,11 @@ def test_empty_push_runs_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) ->
     summaries = push_summaries(caplog)
     assert len(summaries) == 3
     assert summaries[0].startswith("Push nightly sent 16 samples in all (dataset 40)")
-    assert summaries[0].endswith("to 1 of 1 devices")
+    assert summaries[0].endswith("to 1 of 1 device")
     assert summaries[1].startswith("Push nightly sent 0 samples in all (dataset 40)")
-    assert summaries[1].endswith("to 0 of 1 devices")
+    assert summaries[1].endswith("to 0 of 1 device")
     assert summaries[2].endswith(
-        "to 0 of 1 devices (3 more runs sent nothing since the last line)"
+        "to 0 of 1 device (3 more runs sent nothing since the last line)"
     )
     assert first.sample_count == 16
     assert received.empty()
