@@ -135,6 +135,18 @@ _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 _NUMPY_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")
 
 
+def has_label_array(path: str | Path) -> bool:
+    """Return whether an ``.npz`` file has a ``y`` array; False if it is unreadable."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except _NPZ_ERRORS:
+        return False
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return False
+    with loaded as data:
+        return "y" in data.files
+
+
 def _read_npz(source: Path) -> dict[str, np.ndarray]:
     """Return every array of an ``.npz`` file by name."""
     try:

@@ -10,6 +10,7 @@ it. The longest reconnect delay is 30 s, not 60 s. The protocol must be 5.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,8 @@ from dslo_edge.protocol import Topics
 
 if TYPE_CHECKING:
     from dslo_edge.bundle import Bundle
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_KINDS = ("probabilities", "logits")
 HUB_SESSION_EXPIRY_S = 300
@@ -103,7 +106,12 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class PushSchedule:
-    """Soft labels for a dataset, pushed to devices every ``every_s`` seconds."""
+    """Soft labels for a dataset, pushed to devices every ``every_s`` seconds.
+
+    ``hard_labels`` sends the data file's ``y`` array with the soft labels.
+    Those labels get no privacy noise and no budget charge, so a ``[privacy]``
+    table rejects it.
+    """
 
     name: str
     devices: tuple[str, ...]
@@ -111,6 +119,7 @@ class PushSchedule:
     every_s: float
     batch_size: int = 32
     expiry_s: int = 3600
+    hard_labels: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,7 +299,9 @@ def _privacy(table: _Table) -> PrivacySettings | None:
 def _push(table: _Table) -> PushSchedule:
     # every_s and expiry_s look alike, so a missing every_s must not be
     # reported as a misspelt expiry_s.
-    table.declare("devices", "name", "data", "every_s", "batch_size", "expiry_s")
+    table.declare(
+        "devices", "name", "data", "every_s", "batch_size", "expiry_s", "hard_labels"
+    )
     devices = table.get("devices", list, _REQUIRED, bool, "a non-empty list of ids")
     for device in devices:
         if not isinstance(device, str) or not _topic_level(device):
@@ -316,6 +327,7 @@ def _push(table: _Table) -> PushSchedule:
             lambda v: 0 < v < 2**32,
             "seconds in 1..4294967295",
         ),
+        hard_labels=table.get("hard_labels", bool, False),
     )
     table.reject_unknown()
     return schedule
@@ -360,6 +372,8 @@ def load_hub_config(path: str | Path, worker_id: str | None = None) -> HubConfig
     )
     _check_unique_pushes(source, config.pushes)
     root.reject_unknown()
+    for schedule in config.pushes:
+        check_private_hard_labels(config, schedule)
     _check_push_data(config)
     return config
 
@@ -380,8 +394,9 @@ def _check_push_data(config: HubConfig) -> None:
     Raises:
         ConfigError: the teacher is an invalid bundle or one with several
             heads, or has no teacher signature, or a push's data cannot be
-            read or does not fit the teacher, or its first batch exceeds
-            the privacy budget.
+            read or does not fit the teacher, or it has no ``y`` for a push
+            with ``hard_labels``, or its first batch exceeds the privacy
+            budget.
     """
     # Imported here because these modules load numpy and the interpreter.
     from dslo_edge.bundle import load_bundle
@@ -412,7 +427,8 @@ def _check_push_data(config: HubConfig) -> None:
     teacher = read_teacher_signature(file, source, ["output"], config.teacher.runtime)
     for schedule in config.pushes:
         try:
-            samples = load_samples(schedule.data)
+            samples = load_samples(schedule.data, read_labels=schedule.hard_labels)
+            check_hard_labels_present(schedule, samples.y is not None)
             check_samples(
                 samples,
                 teacher.input_shape,
@@ -425,6 +441,57 @@ def _check_push_data(config: HubConfig) -> None:
                 f"{config.source}: [[push]] {schedule.name!r}: {error}"
             ) from error
         _check_push_budget(config, schedule, len(samples.x))
+        _warn_unsent_labels(config, schedule)
+
+
+def check_private_hard_labels(config: HubConfig, schedule: PushSchedule) -> None:
+    """Raise ConfigError when a push would send hard labels under ``[privacy]``.
+
+    Hard labels are the data file's ``y`` values, sent without noise and
+    without a charge to any device's budget, so they would break the
+    ``(epsilon, delta)`` guarantee that ``[privacy]`` gives.
+    """
+    if not schedule.hard_labels or config.privacy is None:
+        return
+    raise ConfigError(
+        f"{config.source}: [[push]] {schedule.name!r}: hard_labels = true is "
+        "invalid with a [privacy] table, because the hub would send the y "
+        f"labels of {schedule.data} without noise and without charging the "
+        "privacy budget; remove hard_labels from this [[push]] table, so that "
+        "devices get only the noised soft labels"
+    )
+
+
+def check_hard_labels_present(schedule: PushSchedule, has_labels: bool) -> None:
+    """Raise ConfigError when ``hard_labels = true`` finds no ``y`` array."""
+    if not schedule.hard_labels or has_labels:
+        return
+    raise ConfigError(
+        f"hard_labels = true needs a 'y' array (one class index per sample) in "
+        f"{schedule.data}, which has none; add y to the file or remove "
+        "hard_labels from this [[push]] table"
+    )
+
+
+def _warn_unsent_labels(config: HubConfig, schedule: PushSchedule) -> None:
+    """Log a warning when a push without ``[privacy]`` leaves ``y`` unsent.
+
+    Earlier dslo-edge versions sent a data file's ``y`` on every push, so an
+    operator may expect it to be sent.
+    """
+    if schedule.hard_labels or config.privacy is not None:
+        return
+    from dslo_edge.hub import has_label_array
+
+    if has_label_array(schedule.data):
+        logger.warning(
+            "Push %s sends no hard labels, but %s has a y array; set "
+            "hard_labels = true in its [[push]] table in %s to send y as hard "
+            "labels",
+            schedule.name,
+            schedule.data,
+            config.source,
+        )
 
 
 def _check_output_kind(config: HubConfig, bundle: Bundle | None) -> None:

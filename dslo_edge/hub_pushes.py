@@ -5,9 +5,11 @@ Each ``[[push]]`` table names a dataset (``.npz`` with ``x`` and optional
 file claim each run there, so one worker runs it per period. A run labels
 the dataset with the current teacher and publishes updates on each
 device's ``updates`` topic, signed when the device has a key, with the
-privacy noise and budget of the request path. A run reads the dataset again
-when the file changed since the last run. A device whose budget is spent
-gets nothing more from that run.
+privacy noise and budget of the request path. The data file's ``y`` goes
+out as hard labels only when the push sets ``hard_labels``, which
+``[privacy]`` rejects. A run reads the dataset again when the file changed
+since the last run. A device whose budget is spent gets nothing more from
+that run.
 
 The scheduler has its own ``TeacherModel``, because the batcher thread uses
 the registry's interpreter and LiteRT interpreters are not thread-safe.
@@ -35,7 +37,12 @@ from dslo_edge.hub import (
     label_probabilities_of,
     load_samples,
 )
-from dslo_edge.hub_config import HubConfig, PushSchedule
+from dslo_edge.hub_config import (
+    HubConfig,
+    PushSchedule,
+    check_hard_labels_present,
+    check_private_hard_labels,
+)
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherRegistry, TeacherVersion
 from dslo_edge.models import TeacherModel
@@ -87,8 +94,11 @@ class PushScheduler(threading.Thread):
         self.cut_short_devices = 0
         self._stopping = threading.Event()
         self._model: tuple[str, TeacherModel] | None = None
-        # Each data file's samples, with the stamp of the file they came from.
-        self._samples: dict[Path, tuple[tuple[int, ...] | None, SampleSet]] = {}
+        # Each data file's samples, with and without y as pushes read them, and
+        # the stamp of the file they came from.
+        self._samples: dict[
+            tuple[Path, bool], tuple[tuple[int, ...] | None, SampleSet]
+        ] = {}
         self._rng = np.random.default_rng()
         # The last error of each push's claim, so repeats are not logged.
         self._claim_errors: dict[str, str] = {}
@@ -201,7 +211,7 @@ class PushScheduler(threading.Thread):
         problem = describe_non_finite_labels(outputs, samples.x, samples.ids)
         if problem is not None:
             # Read the file again at the next run, in case it was fixed.
-            self._samples.pop(schedule.data, None)
+            self._samples.pop((schedule.data, schedule.hard_labels), None)
             raise ConfigError(
                 f"{problem}. Check or rescale the inputs in {schedule.data}; "
                 "nothing was sent"
@@ -273,15 +283,21 @@ class PushScheduler(threading.Thread):
         are sent.
 
         Raises:
-            ConfigError: the file is invalid and no earlier samples exist.
+            ConfigError: the file is invalid and no earlier samples exist, or
+                the push sets ``hard_labels`` and the configuration has
+                ``[privacy]``.
         """
+        # The loaded configuration rejects this, but a HubConfig built in code
+        # is not checked, and hard labels must never bypass the privacy noise.
+        check_private_hard_labels(self.config, schedule)
         path = schedule.data
         stamp = _file_stamp(path)
-        cached = self._samples.get(path)
+        cached = self._samples.get((path, schedule.hard_labels))
         if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
-            samples = load_samples(path)
+            samples = load_samples(path, read_labels=schedule.hard_labels)
+            check_hard_labels_present(schedule, samples.y is not None)
             check_samples(
                 samples,
                 model.input_shape,
@@ -300,7 +316,7 @@ class PushScheduler(threading.Thread):
                 counted(len(cached[1].x), "sample"),
             )
             return cached[1]
-        self._samples[path] = (stamp, samples)
+        self._samples[(path, schedule.hard_labels)] = (stamp, samples)
         return samples
 
     def _teacher_model(self, current: TeacherVersion) -> TeacherModel:
@@ -368,7 +384,7 @@ class PushScheduler(threading.Thread):
                 inputs=samples.x[start:stop],
                 labels=labels,
                 label_kind=kind,
-                hard_labels=None if samples.y is None else samples.y[start:stop],
+                hard_labels=_batch_hard_labels(schedule, samples, start, stop),
             )
             body = encode_update(update)
             payload = body if key is None else sign(key, topic, body)
@@ -471,6 +487,15 @@ def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
     except (RuntimeError, ValueError):
         # paho raises for a message it could not queue or send (rc > 0).
         return False
+
+
+def _batch_hard_labels(
+    schedule: PushSchedule, samples: SampleSet, start: int, stop: int
+) -> np.ndarray | None:
+    """Return the hard labels of one batch, or None unless the push sends them."""
+    if not schedule.hard_labels or samples.y is None:
+        return None
+    return samples.y[start:stop]
 
 
 def _file_stamp(path: Path) -> tuple[int, ...] | None:

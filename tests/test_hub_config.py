@@ -203,6 +203,63 @@ def test_push_within_budget_is_accepted(tmp_path, mlp_pair) -> None:
     assert config.pushes[0].name == "nightly"
 
 
+def test_private_hard_labels_fail_at_start(tmp_path, mlp_pair) -> None:
+    extra = "[privacy]\nnoise_multiplier = 2.0\nepsilon_budget = 8\n" + PUSH
+    path = write_config(tmp_path, extra + "hard_labels = true\n")
+    write_push_files(tmp_path, mlp_pair)
+    np.savez(tmp_path / "data.npz", x=np.zeros((4, 64)), y=np.arange(4))
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: [[push]] 'nightly': hard_labels = true is invalid with "
+        "a [privacy] table, because the hub would send the y labels of "
+        f"{tmp_path / 'data.npz'} without noise and without charging the "
+        "privacy budget; remove hard_labels from this [[push]] table, so that "
+        "devices get only the noised soft labels\n"
+    )
+    assert not (tmp_path / "hub-state.sqlite").exists()
+
+
+def test_hard_labels_need_y_array(tmp_path, mlp_pair) -> None:
+    path = write_config(tmp_path, PUSH + "hard_labels = true\n")
+    write_push_files(tmp_path, mlp_pair)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: [[push]] 'nightly': hard_labels = true needs a 'y' "
+        f"array (one class index per sample) in {tmp_path / 'data.npz'}, which "
+        "has none; add y to the file or remove hard_labels from this [[push]] "
+        "table\n"
+    )
+
+
+def test_private_push_ignores_data_y(tmp_path, mlp_pair) -> None:
+    # Without hard_labels, y is never sent, so its values are not checked.
+    extra = "[privacy]\nnoise_multiplier = 2.0\nepsilon_budget = 8\n" + PUSH
+    path = write_config(tmp_path, extra)
+    write_push_files(tmp_path, mlp_pair)
+    np.savez(tmp_path / "data.npz", x=np.zeros((4, 64)), y=np.array([0, 1, 2, 99]))
+
+    config = load_hub_config(path)
+
+    assert config.pushes[0].hard_labels is False
+
+
+def test_hard_labels_must_be_boolean(tmp_path) -> None:
+    path = write_config(tmp_path, PUSH + 'hard_labels = "yes"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(path)
+
+    assert str(caught.value) == (
+        f"{path}: push[0].hard_labels = 'yes' is invalid; expected true or false"
+    )
+
+
 @pytest.mark.parametrize(
     ("x", "fragment"),
     [
