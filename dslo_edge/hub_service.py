@@ -49,6 +49,7 @@ from dslo_edge.hub_drain import SessionDrain
 from dslo_edge.hub_pushes import PushScheduler
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherRegistry
+from dslo_edge.hub_worker_lock import WorkerLock
 from dslo_edge.label_protocol import (
     WORKER_OFFLINE,
     WORKER_ONLINE,
@@ -114,9 +115,11 @@ def _takeover_fix(config: HubConfig) -> str:
             "which every worker that reads it uses: leave mqtt.client_id unset "
             "so that each worker connects as dslo-hub-<worker id>"
         )
+    # A duplicate id with this state file fails at start on its worker lock.
     return (
-        f"another worker probably runs with worker id {config.worker_id}: give "
-        "each worker its own --worker-id"
+        f"another worker probably runs with worker id {config.worker_id} on "
+        "another machine or with another hub.state_file: give each worker its "
+        "own --worker-id"
     )
 
 
@@ -126,6 +129,10 @@ class HubWorker:
     Args:
         config: the validated hub configuration; ``config.worker_id`` must
             differ between the workers that share a broker.
+
+    Raises:
+        ConfigError: the state file or teacher cannot be used, or another
+            worker with this state file runs with the same worker id.
     """
 
     def __init__(self, config: HubConfig):
@@ -134,10 +141,17 @@ class HubWorker:
         self.prefix = config.prefix
         self.state = HubState(config.state_file, config.worker_id)
         try:
+            # After HubState, which creates the state file's directory.
+            self._lock = WorkerLock(config.state_file, config.worker_id)
+        except BaseException:
+            self.state.close()
+            raise
+        try:
             self.teacher = TeacherRegistry(config.teacher, self.state)
             _check_top_k(config, self.teacher.class_count)
         except BaseException:
             self.state.close()
+            self._lock.release()
             raise
         self.labeller = BatchLabeller(config, self.state, self.teacher)
         self.incoming: queue.Queue[Incoming] = queue.Queue()
@@ -219,6 +233,7 @@ class HubWorker:
         client.disconnect(properties=end_session_properties())
         self.connection.stop(timeout)
         self.state.close()
+        self._lock.release()
         logger.info(
             "Hub worker %s stopped: %s",
             self.worker_id,

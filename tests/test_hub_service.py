@@ -945,11 +945,17 @@ def test_repeated_sample_id_rejects_label_request(
 
 
 def test_duplicate_worker_id_is_named(mlp_pair, mosquitto, tmp_path, caplog) -> None:
-    config = load_hub_config(
-        write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle),
-        "w1",
+    # Two state files stand for two machines: with one state file, the second
+    # worker fails at start on its worker lock.
+    first, second = (
+        HubWorker(
+            load_hub_config(
+                write_hub_config(tmp_path / machine, mosquitto.port, mlp_pair.bundle),
+                "w1",
+            )
+        )
+        for machine in ("machine-a", "machine-b")
     )
-    first, second = HubWorker(config), HubWorker(config)
     start_online(first, mosquitto.port)
     second.start()
     try:
@@ -963,7 +969,10 @@ def test_duplicate_worker_id_is_named(mlp_pair, mosquitto, tmp_path, caplog) -> 
     assert first.connection.takeovers >= 1
     taken_over = [r.getMessage() for r in caplog.records if "taken over" in r.message]
     assert taken_over
-    assert "another worker probably runs with worker id w1" in taken_over[0]
+    assert (
+        "another worker probably runs with worker id w1 on another machine or "
+        "with another hub.state_file" in taken_over[0]
+    )
     assert "give each worker its own --worker-id" in taken_over[0]
 
 
@@ -979,8 +988,8 @@ def test_takeover_fix_names_client_id(tmp_path) -> None:
     shared = _takeover_fix(load_hub_config(shared_id, "w1"))
 
     assert own == (
-        "another worker probably runs with worker id w1: give each worker its "
-        "own --worker-id"
+        "another worker probably runs with worker id w1 on another machine or "
+        "with another hub.state_file: give each worker its own --worker-id"
     )
     assert shared.startswith(f"{shared_id} sets mqtt.client_id = 'hub', ")
     assert "leave mqtt.client_id unset" in shared
