@@ -158,7 +158,7 @@ class BatchLabeller:
             "device's own labels topic%s",
             device,
             item.response_topic,
-            repeats_note(skipped, "such requests"),
+            repeats_note(skipped, "such request"),
         )
 
     def _log_rejected(self, device: str, error: InvalidRequest) -> None:
@@ -176,7 +176,7 @@ class BatchLabeller:
             device,
             error.reason,
             error,
-            repeats_note(skipped, "rejected requests"),
+            repeats_note(skipped, "rejected request"),
         )
 
     @staticmethod
@@ -314,7 +314,7 @@ class BatchLabeller:
             "Cannot sign labels for device %s: %s%s",
             device,
             message,
-            repeats_note(skipped, "such requests"),
+            repeats_note(skipped, "such request"),
         )
 
     def _refusal(

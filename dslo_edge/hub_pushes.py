@@ -259,7 +259,7 @@ class PushScheduler(threading.Thread):
             skipped = self._empty_run_log.skipped_before(schedule.name)
             if skipped is None:
                 return
-            repeats = repeats_note(skipped, "runs sent nothing")
+            repeats = repeats_note(skipped, "run sent nothing", "runs sent nothing")
         # A spent privacy budget stops a device's push early, so the counts
         # can fall short of the dataset and the device list.
         logger.info(
@@ -423,7 +423,7 @@ class PushScheduler(threading.Thread):
             schedule.name,
             device,
             error,
-            repeats_note(skipped, "failed runs"),
+            repeats_note(skipped, "failed run"),
         )
 
     def _log_spent(self, device: str, refusal: str) -> None:
@@ -436,7 +436,7 @@ class PushScheduler(threading.Thread):
             "logged at most once an hour",
             device,
             refusal,
-            repeats_note(skipped, "stopped runs"),
+            repeats_note(skipped, "stopped run"),
         )
 
     def _key(self, device: str) -> bytes | None:

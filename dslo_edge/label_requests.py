@@ -426,7 +426,7 @@ class LabelRequester:
                 self.device_id,
                 status,
                 text,
-                repeats_note(skipped, "such responses"),
+                repeats_note(skipped, "such response"),
             )
 
     def _skip_repeat(self, status: str, text: str) -> int | None:

@@ -169,7 +169,11 @@ class ModelUpdater:
             transfer_id or "(no transfer id)",
             error.reason,
             error,
-            repeats_note(skipped, "chunks rejected for this reason"),
+            repeats_note(
+                skipped,
+                "chunk rejected for this reason",
+                "chunks rejected for this reason",
+            ),
         )
 
     def activate(self, candidate: ReleaseCandidate) -> bool:

@@ -46,10 +46,15 @@ class RepeatLimiter:
         self._logged.pop(key, None)
 
 
-def repeats_note(skipped: int, events: str) -> str:
-    """Return the suffix that counts ``events`` skipped since the last line.
+def repeats_note(skipped: int, event: str, plural: str | None = None) -> str:
+    """Return the suffix that counts the events skipped since the last line.
 
     The suffix is empty when none were skipped, and otherwise reads
-    `` (3 more <events> since the last line)``.
+    `` (1 more <event> since the last line)`` or, for more than one,
+    `` (3 more <plural> since the last line)``, where ``plural`` defaults to
+    ``event`` with an ``s`` appended.
     """
-    return f" ({skipped} more {events} since the last line)" if skipped else ""
+    if not skipped:
+        return ""
+    events = event if skipped == 1 else plural or f"{event}s"
+    return f" ({skipped} more {events} since the last line)"

@@ -43,7 +43,17 @@ def test_full_memory_forgets_every_key() -> None:
 
 
 def test_repeats_note_counts_skipped() -> None:
-    assert repeats_note(0, "failed runs") == ""
-    assert repeats_note(3, "failed runs") == (
+    assert repeats_note(0, "failed run") == ""
+    assert repeats_note(3, "failed run") == (
         " (3 more failed runs since the last line)"
+    )
+
+
+def test_repeats_note_counts_one_event() -> None:
+    assert repeats_note(1, "failed run") == " (1 more failed run since the last line)"
+    assert repeats_note(1, "run sent nothing", "runs sent nothing") == (
+        " (1 more run sent nothing since the last line)"
+    )
+    assert repeats_note(2, "run sent nothing", "runs sent nothing") == (
+        " (2 more runs sent nothing since the last line)"
     )
