@@ -77,7 +77,15 @@ def output_producers(model: bytes, signature: str) -> dict[str, str]:
     """
     schema = _schema()
     parsed = _parse(schema, model)
-    op_name = _op_namer(schema, parsed)
+    # A damaged file can parse and still hold an index out of range, a
+    # missing table or a name that is not UTF-8.
+    try:
+        return _signature_producers(parsed, _op_namer(schema, parsed), signature)
+    except (IndexError, AttributeError, TypeError, ValueError) as error:
+        raise BundleError(f"not a valid .tflite flatbuffer: {error}") from error
+
+
+def _signature_producers(parsed: Any, op_name: Any, signature: str) -> dict[str, str]:
     found = [
         entry
         for entry in parsed.signatureDefs or []

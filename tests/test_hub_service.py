@@ -306,6 +306,46 @@ def test_logits_file_under_probabilities_stops_start(logits_teacher, tmp_path) -
     assert "use a teacher whose last Keras layer ends in softmax" in message
 
 
+def with_unknown_opcode(content: bytes) -> bytes:
+    """Return a copy of a model whose last op names an opcode it does not list."""
+    flatbuffers = pytest.importorskip("flatbuffers")
+    schema = pytest.importorskip("ai_edge_litert.schema_py_generated")
+    model = schema.ModelT.InitFromPackedBuf(content, 0)
+    model.subgraphs[0].operators[-1].opcodeIndex = len(model.operatorCodes)
+    builder = flatbuffers.Builder(0)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def test_corrupt_teacher_file_stops_start(logits_teacher, tmp_path) -> None:
+    teacher = tmp_path / "teacher.tflite"
+    teacher.write_bytes(with_unknown_opcode(logits_teacher.read_bytes()))
+    extra = {"teacher": 'output_kind = "logits"'}
+    config = write_hub_config(tmp_path / "hub", 1883, teacher, extra)
+
+    with pytest.raises(ConfigError) as caught:
+        HubWorker(load_hub_config(config, "w1"))
+
+    message = str(caught.value)
+    assert f"cannot load teacher.path {teacher}" in message
+    assert "the interpreter cannot load the model" in message
+
+
+def test_corrupt_teacher_file_is_not_loaded(mlp_pair, tmp_path, caplog) -> None:
+    teacher, worker = worker_with_teacher_copy(mlp_pair.bundle, tmp_path)
+    first = worker.teacher.current
+    teacher.write_bytes(with_unknown_opcode(teacher.read_bytes()))
+    caplog.set_level("WARNING", logger="dslo_edge.hub_teacher")
+
+    loaded = worker.teacher.reload_if_changed(force=True)
+    worker.state.close()
+
+    assert loaded is False
+    assert worker.teacher.current == first
+    assert "the interpreter cannot load the model" in caplog.text
+    assert f"keeping {first.version}" in caplog.text
+
+
 def test_student_file_as_teacher_is_not_loaded(mlp_pair, tmp_path, caplog) -> None:
     teacher, worker = worker_with_teacher_copy(mlp_pair.bundle, tmp_path)
     first = worker.teacher.current
