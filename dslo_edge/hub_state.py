@@ -302,7 +302,9 @@ class HubState:
 
         A new request takes one token from its device's bucket and, with
         privacy, charges one release per sample. It is then claimed by this
-        worker. A request seen before is never charged again.
+        worker. A request seen before takes no token. Its recorded charge is
+        replaced only when this worker releases it with another noise
+        multiplier or sample count, and otherwise it is not charged again.
         """
         with self._transaction() as db:
             return [
