@@ -99,16 +99,20 @@ def _check_unique(names: list[str]) -> None:
         )
 
 
-# Layers that pass their input through unchanged at inference, so an output
-# of one of them has the values of the layer before it.
+# Layers whose output at inference has the values of their input, perhaps in
+# another shape, so an output of one of them has the values of the layer
+# before it. LiteRT runs Reshape and Flatten as a RESHAPE op, which the hub
+# also looks through when it reads a teacher output's kind from its op.
 _INFERENCE_IDENTITY_LAYERS = frozenset(
     {
         "ActivityRegularization",
         "AlphaDropout",
         "Dropout",
+        "Flatten",
         "GaussianDropout",
         "GaussianNoise",
         "Identity",
+        "Reshape",
         "SpatialDropout1D",
         "SpatialDropout2D",
         "SpatialDropout3D",

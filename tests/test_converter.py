@@ -358,6 +358,34 @@ def test_teacher_tf_softmax_converts_as_probabilities(tmp_path) -> None:
     assert load_bundle(tmp_path / "bundle").teacher_output_kind == "probabilities"
 
 
+@pytest.mark.parametrize(
+    "ending",
+    [
+        [keras.layers.Reshape((1, 3)), keras.layers.Softmax(), keras.layers.Flatten()],
+        [keras.layers.Softmax(), keras.layers.Reshape((3,))],
+        [keras.layers.Softmax(), keras.layers.Identity()],
+    ],
+    ids=["flatten", "reshape", "identity"],
+)
+def test_teacher_softmax_then_reshape_is_probabilities(tmp_path, ending) -> None:
+    from dslo_edge.push_checks import check_output_kinds
+
+    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3), *ending])
+
+    manifest = convert_bundle(teacher, student, tmp_path / "bundle")
+
+    bundle = load_bundle(tmp_path / "bundle")
+    assert manifest["teacher"]["output_kind"] == "probabilities"
+    # The hub reads the kind from the teacher's output op in the same way.
+    check_output_kinds(
+        bundle.teacher_path.read_bytes(),
+        {"output": bundle.teacher_output_kind},
+        "teacher.tflite",
+        "the manifest",
+    )
+
+
 def test_channels_first_flatten_is_rejected(tmp_path) -> None:
     student = keras.Sequential(
         [
