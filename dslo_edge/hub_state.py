@@ -575,7 +575,8 @@ class HubState:
             return
         multiplier, count = row[2], row[3]
         # NOTE: a claim stored before charges were recorded (count NULL) is
-        # not refunded, because its multiplier and size are unknown.
+        # not refunded, because the noise multiplier it was charged at is
+        # unknown. That over-counts the spent budget, the safe direction.
         if not count or multiplier is None:
             return
         self._take_back(db, key, multiplier, count)
