@@ -648,6 +648,15 @@ def push(
     privacy = _private_release(
         device_id, dp_noise_multiplier, dp_epsilon, dp_delta, dp_ledger
     )
+    if privacy is not None and hard_labels:
+        # Hard labels go out unnoised and uncharged, which would break the
+        # (epsilon, delta) guarantee of the private release.
+        raise click.BadParameter(
+            "a private release sends only noised soft labels, but --hard-labels "
+            "would send the file's y unnoised and outside the privacy budget; "
+            "drop --hard-labels or the --dp-* options",
+            param_hint="--hard-labels",
+        )
     broker_settings(broker, login)
 
     loaded = load_bundle(bundle)

@@ -170,9 +170,10 @@ class PrivacyLedger:
     NOTE: budgets are per device, as configured. Every device's labels come
     from the same training data, so devices that pool what they received
     hold the composition of all their releases, which is more than any one
-    device's epsilon. Hard labels sent with ``--hard-labels`` are not noised
-    or counted, which is why the hub service rejects ``hard_labels`` in a
-    ``[[push]]`` table together with ``[privacy]``.
+    device's epsilon. Hard labels are not noised or counted, which is why
+    ``push`` rejects ``--hard-labels`` with the ``--dp-*`` options and the
+    hub service rejects ``hard_labels`` in a ``[[push]]`` table together
+    with ``[privacy]``.
     """
 
     def __init__(self, settings: PrivacySettings, path: str | Path | None = None):

@@ -465,6 +465,46 @@ def test_push_unwritable_ledger_sends_nothing(
     assert blocker.read_text() == ""
 
 
+def test_push_rejects_hard_labels_with_privacy(mlp_pair, broker_factory, tmp_path):
+    broker = broker_factory("mosquitto")
+    labelled = tmp_path / "labelled.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        labelled,
+        x=rng.random((SAMPLES, 64), dtype=np.float32),
+        y=rng.integers(0, 10, SAMPLES),
+    )
+    ledger = tmp_path / "ledger.json"
+    watcher, received = watch_updates(broker.port)
+    try:
+        time.sleep(0.5)
+        result = run_push(
+            mlp_pair.bundle,
+            labelled,
+            broker.url,
+            "--no-wait",
+            "--hard-labels",
+            "--dp-noise-multiplier",
+            "4",
+            "--dp-epsilon",
+            "5",
+            "--dp-ledger",
+            str(ledger),
+        )
+        time.sleep(0.5)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --hard-labels: a private release sends only " in (
+        result.output
+    )
+    assert "drop --hard-labels or the --dp-* options" in result.output
+    assert received == []
+    assert not ledger.exists()
+
+
 def test_push_stopped_by_budget_counts_sent(
     mlp_pair, broker_factory, tmp_path, data_file
 ):
