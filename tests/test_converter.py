@@ -124,6 +124,28 @@ def test_kd_term_golden_value(tmp_path) -> None:
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
+def test_student_tf_softmax_trains_like_softmax(tmp_path) -> None:
+    student = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(3),
+            keras.layers.Activation(tf.nn.softmax),
+        ]
+    )
+    student.set_weights([np.eye(3, dtype=np.float32), np.zeros(3, np.float32)])
+    teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+    convert_bundle(teacher, student, tmp_path / "bundle")
+    model = StudentModel(load_bundle(tmp_path / "bundle"))
+    q = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=np.float32)
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
+
+    loss = model.train_step(
+        np.log(q), p, np.array([-1, -1], np.int32), np.ones(2, np.float32), 1.0, 0.0
+    )
+
+    assert loss == pytest.approx(0.0592, abs=5e-5)
+
+
 def test_manifest_lists_builtin_ops_and_checksums(mlp_pair) -> None:
     manifest = json.loads((mlp_pair.bundle / "manifest.json").read_text())
     train = manifest["student"]["signatures"]["train"]
