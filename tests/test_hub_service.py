@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -1315,11 +1316,24 @@ def test_push_failing_midway_counts_sent(mlp_pair, mosquitto, tmp_path, caplog) 
         client.disconnect()
         client.loop_stop()
         client.max_queued_messages_set(2)
+        # On connecting, the worker publishes its status and its teacher at
+        # QoS 1. Those count against the queue limit until the broker
+        # acknowledges them, so the broker is stopped only after that.
+        connected = threading.Event()
+        on_connect = client.on_connect
+
+        def on_connect_then_mark(*arguments: Any) -> None:
+            on_connect(*arguments)
+            connected.set()
+
+        client.on_connect = on_connect_then_mark
         client.connect("127.0.0.1", mosquitto.port)
         client.loop_start()
+        assert connected.wait(10), "the hub client did not reconnect"
         deadline = time.monotonic() + 10
-        while not client.is_connected():
-            assert time.monotonic() < deadline, "the hub client did not reconnect"
+        # paho has no public call that tells whether QoS 1 messages wait.
+        while client._out_messages:
+            assert time.monotonic() < deadline, "the broker did not acknowledge"
             time.sleep(0.01)
         os.kill(mosquitto.pid, signal.SIGSTOP)
         resume = threading.Timer(1.0, os.kill, (mosquitto.pid, signal.SIGCONT))
@@ -1349,7 +1363,7 @@ def test_push_failing_midway_counts_sent(mlp_pair, mosquitto, tmp_path, caplog) 
     summaries = push_summaries(caplog)
     assert len(summaries) == 2
     assert summaries[1].startswith("Push nightly sent 32 samples in all (dataset 40)")
-    assert summaries[1].endswith("to 1 of 1 devices")
+    assert summaries[1].endswith("to 1 of 1 device")
     assert worker.pushes.counters() == {
         "runs": 2,
         "updates": 5,
