@@ -313,6 +313,10 @@ class EdgeDaemon:
         self._deferred_since_reconnect = False
         self._session_epoch = 0
         self._acks = AckLedger()
+        # True from restoring a checkpoint until the next save. The restored
+        # ids may be in the newest generation only, so until then a rejected
+        # duplicate is acknowledged after checkpoints, like an applied update.
+        self._restored_unconfirmed = False
         self._unsaved = 0
         self._changed_since_save = False
         self._in_burst = False
@@ -494,6 +498,7 @@ class EdgeDaemon:
             if restored is not None:
                 self.metrics.restore_rejected(restored.state.get("rejected", {}))
                 self.restored_from = restored.path.name
+                self._restored_unconfirmed = True
                 logger.info(
                     "Device %s restored %s (%d updates applied before)",
                     self.device_id,
@@ -1007,7 +1012,11 @@ class EdgeDaemon:
             return
         if not self.unacknowledged and not self._unsaved:
             return
-        if self._unsaved == 0 and self._acks.only_unsaved:
+        if (
+            self._unsaved == 0
+            and self._acks.only_unsaved
+            and not self._restored_unconfirmed
+        ):
             # Only rejected updates are waiting: nothing to make durable.
             self._send_acks(self._acks.release_unsaved())
             self.publish_metrics()
@@ -1464,6 +1473,7 @@ class EdgeDaemon:
         self.storage_error = None
         self._unsaved = 0
         self._changed_since_save = False
+        self._restored_unconfirmed = False
         self.checkpoints_written += 1
         self.health.accept()
         logger.debug("Device %s saved %s", self.device_id, path.name)

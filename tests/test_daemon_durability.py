@@ -1,0 +1,107 @@
+"""Acknowledged updates survive SIGKILLs and a corrupt newest checkpoint.
+
+Each test runs the daemon as its own process against mosquitto, kills it
+with SIGKILL and reads the checkpoints it left, as the fault suite does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dslo_edge.bundle import load_bundle
+from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
+from dslo_edge.config import render_config
+from dslo_edge.daemon import APPLIED_IDS
+from dslo_edge.fault_scenarios import FAST_SETTINGS
+from dslo_edge.faults import DEVICE, DaemonProcess, Publisher, make_updates
+from dslo_edge.protocol import Topics, encode_update
+
+TOPICS = Topics.for_device(DEVICE)
+
+
+def write_device_config(
+    folder: Path, bundle: Path, port: int, **training: float
+) -> Path:
+    overrides = {key: dict(value) for key, value in FAST_SETTINGS.items()}
+    overrides["training"].update(training)
+    path = folder / "device.toml"
+    path.write_text(
+        render_config(DEVICE, bundle, folder / "state", port, overrides=overrides)
+    )
+    return path
+
+
+def applied_ids(checkpoint) -> set[bytes]:
+    return {bytes(row) for row in checkpoint.tensors[APPLIED_IDS]}
+
+
+def corrupt_newest(folder: Path) -> str:
+    _, newest = list_checkpoints(folder)[0]
+    data = bytearray(newest.read_bytes())
+    data[-64] ^= 0xFF  # inside the tensor data, so the checksum fails
+    newest.write_bytes(bytes(data))
+    return newest.name
+
+
+def test_duplicate_ack_waits_for_two_generations(mlp_pair, mosquitto, tmp_path) -> None:
+    # No idle save in the first run, so the second update stays in the
+    # newest generation only and unacknowledged when the daemon is killed.
+    config = write_device_config(
+        tmp_path,
+        mlp_pair.bundle,
+        mosquitto.port,
+        checkpoint_every=1,
+        checkpoint_idle_s=600,
+    )
+    checkpoints = tmp_path / "state" / "checkpoints"
+    first, second, marker = (
+        encode_update(update)
+        for update in make_updates(load_bundle(mlp_pair.bundle), 3, seed=1)
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        hub.publish([first])
+        hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
+        hub.publish([second])
+        hub.wait(lambda m: m.get("applied_total") == 2 and m["unsaved"] == 0)
+        daemon.kill()
+        newest = load_latest_checkpoint(checkpoints)
+        assert second[6:22] in applied_ids(newest)
+
+        # The broker delivers the second update again, and the restarted
+        # daemon rejects the copy as a duplicate.
+        config.write_text(config.read_text().replace("= 600", "= 0.5"))
+        daemon.start()
+        hub.wait(
+            lambda m: (
+                m.get("pid") == daemon.pid
+                and m["rejected"].get("duplicate") == 1
+                and m["unacknowledged"] == 0
+            )
+        )
+        daemon.kill()
+        damaged = corrupt_newest(checkpoints)
+
+        daemon.start()
+        # Updates arrive in order, so a copy of the second one would come
+        # before the marker.
+        hub.publish([marker])
+        metrics = hub.wait(
+            lambda m: (
+                m.get("pid") == daemon.pid
+                and m["applied"] == 1
+                and m["unacknowledged"] == 0
+            )
+        )
+    finally:
+        hub.close()
+        if daemon.alive():
+            daemon.kill()
+
+    restored = load_latest_checkpoint(checkpoints)
+    assert damaged not in metrics["restored_from"]
+    assert metrics["applied_total"] == 3, daemon.log_text()[-3000:]
+    assert second[6:22] in applied_ids(restored)
+    assert marker[6:22] in applied_ids(restored)
