@@ -6,7 +6,6 @@ here and a ``read_<table>`` function that validates it.
 
 from __future__ import annotations
 
-import logging.handlers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from dslo_edge.budget import BudgetSettings
 from dslo_edge.config_reader import TableReader
 from dslo_edge.errors import ConfigError
+from dslo_edge.log_files import RotatingLogFile
 from dslo_edge.protocol import TOPIC_LEVEL_EXPECTED, is_topic_level
 
 MQTT_PROTOCOLS = ("5", "3.1.1")
@@ -99,7 +99,7 @@ class LoggingSettings:
 
     def open_file(
         self, path: Path, key: str, default: str | None = None
-    ) -> logging.handlers.RotatingFileHandler:
+    ) -> RotatingLogFile:
         """Open ``path`` for appending, rotated at max_bytes, creating its directories.
 
         ``key`` is the config key that sets the path, such as ``logging.file``.
@@ -113,9 +113,7 @@ class LoggingSettings:
         """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return logging.handlers.RotatingFileHandler(
-                path, maxBytes=self.max_bytes, backupCount=self.backups
-            )
+            return RotatingLogFile(str(path), self.max_bytes, self.backups)
         except IsADirectoryError:
             problem = "it is a directory"
         except (FileExistsError, NotADirectoryError):

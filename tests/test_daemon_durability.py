@@ -6,7 +6,12 @@ with SIGKILL and reads the checkpoints it left, as the fault suite does.
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
@@ -105,3 +110,67 @@ def test_duplicate_ack_waits_for_two_generations(mlp_pair, mosquitto, tmp_path) 
     assert metrics["applied_total"] == 3, daemon.log_text()[-3000:]
     assert second[6:22] in applied_ids(restored)
     assert marker[6:22] in applied_ids(restored)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """Mount a 1 MiB tmpfs for the state directory, skipping without root."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as stream:
+        try:
+            while True:
+                stream.write(b"\0" * 65536)
+                stream.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_full_disk_reports_metrics_log_once(mlp_pair, mosquitto, small_disk) -> None:
+    folder = small_disk.parent
+    config = write_device_config(folder, mlp_pair.bundle, mosquitto.port)
+    config.write_text(
+        config.read_text().replace(str(folder / "state"), str(small_disk / "state"))
+    )
+    payloads = [
+        encode_update(update)
+        for update in make_updates(load_bundle(mlp_pair.bundle), 20, seed=2)
+    ]
+    daemon = DaemonProcess(config, folder / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        hub.publish(payloads[:10])
+        hub.wait(lambda m: m.get("applied_total") == 10 and m["unacknowledged"] == 0)
+        filler = fill(small_disk)
+        hub.publish(payloads[10:])
+        hub.wait(lambda m: m.get("applied_total") == 20 and m["storage_error"])
+        # The idle loop tries to save, and logs a report, every 0.2 s.
+        time.sleep(3)
+        filler.unlink()
+        hub.wait(lambda m: m["unacknowledged"] == 0 and m["storage_error"] is None)
+    finally:
+        hub.close()
+        daemon.terminate()
+    log = daemon.log_text()
+
+    assert "Logging error" not in log
+    assert "Traceback" not in log
+    assert log.count(f"cannot write {small_disk / 'state' / 'metrics.jsonl'}") == 1
+    assert log.count(f"writing {small_disk / 'state' / 'metrics.jsonl'} again") == 1
