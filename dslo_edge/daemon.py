@@ -522,14 +522,24 @@ class EdgeDaemon:
                 raise ConfigError(f"{self.config.source}: {problem}")
 
     def _check_checkpoints_readable(self) -> None:
-        """Raise ConfigError when the daemon's user may not read a checkpoint.
+        """Raise ConfigError when the daemon's user may not read the checkpoints.
 
         Such a file is not damaged, so it must not be renamed to ``*.corrupt``
         and given up for the factory weights. One cause is a daemon
         that now runs as another user than the one that wrote the files.
         """
+        try:
+            generations = list_checkpoints(self.checkpoint_dir)
+        except PermissionError:
+            raise ConfigError(
+                f"{self.config.source}: the daemon's user may not list the "
+                f"checkpoints folder {self.checkpoint_dir} (permission denied); "
+                "give that user read and write access to device.state_dir "
+                f"{self.config.state_dir}, for example with chown -R, or run the "
+                "daemon as the user that wrote the checkpoints"
+            ) from None
         denied = []
-        for _, path in list_checkpoints(self.checkpoint_dir):
+        for _, path in generations:
             try:
                 with open(path, "rb"):
                     pass

@@ -598,6 +598,46 @@ def test_unreadable_checkpoint_stops_daemon(mlp_pair, tmp_path) -> None:
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == saved
 
 
+def test_unreadable_checkpoints_folder_stops_daemon(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    assert writer.save_checkpoint()
+    writer._state_lock.release()
+    folder = state / "checkpoints"
+    saved = {path.name: path.read_bytes() for path in folder.iterdir()}
+    folder.chmod(0)
+    config = tmp_path / "device.toml"
+    config.write_text(render_config("dev-a", mlp_pair.bundle, state, 9))
+
+    try:
+        result = subprocess.run(
+            [
+                *file_permissions_apply(),
+                sys.executable,
+                "-m",
+                "dslo_edge.cli",
+                "run",
+                "--config",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        folder.chmod(0o755)
+
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: {config}: the daemon's user may not list the checkpoints folder "
+        f"{folder} (permission denied); give that user read and write access "
+        f"to device.state_dir {state}, for example with chown -R, or run the "
+        "daemon as the user that wrote the checkpoints"
+    )
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == saved
+
+
 def test_non_file_checkpoint_is_quarantined(mlp_pair, tmp_path) -> None:
     state = tmp_path / "state"
     writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
