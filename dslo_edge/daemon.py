@@ -1426,10 +1426,16 @@ class EdgeDaemon:
             problem,
             self._unsaved,
         )
+        # The restored weights, not the rejected ones, are the baseline of
+        # the next check.
+        self.health.accuracy(self.student)
+        self.health.accept(self.student.get_weights())
         # The dropped updates are acknowledged: sending them again would
-        # repeat the harm.
+        # repeat the harm. The others waiting for acknowledgement may be in
+        # the restored generation only, so it is saved once more first.
         self._unsaved = 0
-        self._send_acks(self._acks.release_all())
+        if restored is None or self.save_checkpoint():
+            self._send_acks(self._acks.release_all())
         self.publish_metrics()
         return False
 

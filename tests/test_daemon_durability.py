@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dslo_edge.bundle import load_bundle
@@ -19,7 +20,12 @@ from dslo_edge.config import render_config
 from dslo_edge.daemon import APPLIED_IDS
 from dslo_edge.fault_scenarios import FAST_SETTINGS
 from dslo_edge.faults import DEVICE, DaemonProcess, Publisher, make_updates
-from dslo_edge.protocol import Topics, encode_update
+from dslo_edge.protocol import (
+    SoftLabelUpdate,
+    Topics,
+    encode_update,
+    new_message_id,
+)
 
 TOPICS = Topics.for_device(DEVICE)
 
@@ -174,3 +180,69 @@ def test_full_disk_reports_metrics_log_once(mlp_pair, mosquitto, small_disk) -> 
     assert "Traceback" not in log
     assert log.count(f"cannot write {small_disk / 'state' / 'metrics.jsonl'}") == 1
     assert log.count(f"writing {small_disk / 'state' / 'metrics.jsonl'} again") == 1
+
+
+def harmful_update() -> bytes:
+    """Return an update whose inputs pass the range limit but blow up the weights."""
+    rng = np.random.default_rng(300)
+    update = SoftLabelUpdate(
+        message_id=new_message_id(),
+        teacher_version="t",
+        teacher_round=1,
+        timestamp=time.time(),
+        sample_ids=[f"huge-{i}" for i in range(8)],
+        inputs=np.full((8, 64), 9e5, dtype=np.float32),
+        labels=rng.dirichlet(np.ones(10), size=8).astype(np.float32),
+        label_kind="probabilities",
+    )
+    return encode_update(update)
+
+
+def test_rollback_ack_waits_for_two_generations(mlp_pair, mosquitto, tmp_path) -> None:
+    config = write_device_config(
+        tmp_path,
+        mlp_pair.bundle,
+        mosquitto.port,
+        checkpoint_every=1,
+        checkpoint_idle_s=600,
+    )
+    checkpoints = tmp_path / "state" / "checkpoints"
+    first, second, marker = (
+        encode_update(update)
+        for update in make_updates(load_bundle(mlp_pair.bundle), 3, seed=3)
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        hub.publish([first])
+        hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
+        # The second update is in the newest generation only.
+        hub.publish([second])
+        hub.wait(lambda m: m.get("applied_total") == 2 and m["unsaved"] == 0)
+        hub.publish([harmful_update()])
+        hub.wait(lambda m: m["rollbacks"] == 1 and m["unacknowledged"] == 0)
+        # The rollback's save keeps the norm of the restored weights as the
+        # baseline, so a second harmful update is caught too.
+        hub.publish([harmful_update()])
+        hub.wait(lambda m: m["rollbacks"] == 2 and m["unacknowledged"] == 0)
+        daemon.kill()
+        damaged = corrupt_newest(checkpoints)
+
+        daemon.start()
+        hub.publish([marker])
+        metrics = hub.wait(
+            lambda m: (
+                m.get("pid") == daemon.pid and m["applied"] == 1 and m["unsaved"] == 0
+            )
+        )
+    finally:
+        hub.close()
+        if daemon.alive():
+            daemon.kill()
+
+    restored = load_latest_checkpoint(checkpoints)
+    assert damaged not in metrics["restored_from"]
+    assert metrics["applied_total"] == 3, daemon.log_text()[-3000:]
+    assert second[6:22] in applied_ids(restored)
+    assert marker[6:22] in applied_ids(restored)

@@ -911,7 +911,11 @@ def test_rollback_restores_older_generation(
     assert not healthy
     for name, value in daemon.student.get_weights().items():
         np.testing.assert_array_equal(value, adapted[WEIGHT_PREFIX + name])
-    assert generation_names(folder) == ["checkpoint-00000001.safetensors"]
+    # The restored generation and the copy that the rollback saved of it.
+    assert generation_names(folder) == [
+        "checkpoint-00000002.safetensors",
+        "checkpoint-00000001.safetensors",
+    ]
     moved = list((state / "mismatched-checkpoints").glob("*/*"))
     assert [path.name for path in moved] == ["checkpoint-00000002.safetensors"]
     expected = "rolled back to checkpoint-00000001.safetensors: forced failure"
