@@ -32,6 +32,16 @@ class StateLock:
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as error:
+            if not state_dir.is_dir():
+                raise _unusable(state_dir, error) from None
+            # The folder or an existing lock file, for example one that
+            # another user created, denies the daemon's user.
+            raise ConfigError(
+                f"cannot open the lock file {self.path} in device.state_dir: "
+                f"{error.strerror or error}; give the daemon's user write access "
+                f"to {state_dir} and the files in it, for example with chown -R"
+            ) from None
         except (FileExistsError, NotADirectoryError):
             raise _not_a_directory(state_dir) from None
         except IsADirectoryError:
@@ -40,11 +50,7 @@ class StateLock:
                 "move it out of device.state_dir"
             ) from None
         except OSError as error:
-            raise ConfigError(
-                f"cannot use device.state_dir {state_dir}: "
-                f"{error.strerror or error}; check that the folder is writable "
-                "by the daemon's user"
-            ) from None
+            raise _unusable(state_dir, error) from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -63,6 +69,15 @@ class StateLock:
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
+
+
+def _unusable(state_dir: Path, error: OSError) -> ConfigError:
+    """Return the error for a state_dir that cannot be created or written."""
+    return ConfigError(
+        f"cannot use device.state_dir {state_dir}: "
+        f"{error.strerror or error}; check that the folder is writable "
+        "by the daemon's user"
+    )
 
 
 def _not_a_directory(state_dir: Path) -> ConfigError:

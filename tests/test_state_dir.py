@@ -168,6 +168,38 @@ def test_lock_file_that_is_a_directory(mlp_pair, tmp_path) -> None:
     assert (state / ".lock").is_dir()
 
 
+def test_read_only_lock_file_stops_daemon(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    lock = state / ".lock"
+    lock.write_text("pid 1, device dev-a\n")
+    lock.chmod(0o444)
+    config = tmp_path / "device.toml"
+    config.write_text(render_config("dev-a", mlp_pair.bundle, state, 9))
+
+    result = subprocess.run(
+        [
+            *file_permissions_apply(),
+            sys.executable,
+            "-m",
+            "dslo_edge.cli",
+            "run",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot open the lock file {lock} in device.state_dir: "
+        f"Permission denied; give the daemon's user write access to {state} "
+        "and the files in it, for example with chown -R"
+    )
+
+
 def test_lock_is_released_when_holder_dies(tmp_path) -> None:
     state = tmp_path / "state"
     code = (
