@@ -243,6 +243,18 @@ def _training(
             f"at most half of queue_size ({settings.queue_size}), because updates "
             "are acknowledged to the broker only after a checkpoint",
         )
+    if settings.applied_id_capacity < settings.queue_size * 2:
+        # Up to about 3/4 of queue_size applied updates, plus one batch, wait
+        # for acknowledgement. A restart receives them again, and the ones
+        # whose ids the record already evicted would be applied twice.
+        raise reader.fail(
+            "applied_id_capacity",
+            settings.applied_id_capacity,
+            f"at least twice queue_size ({settings.queue_size}), because a "
+            "restart receives again the updates applied but not yet "
+            "acknowledged, and only ids still in the record are skipped; raise "
+            "applied_id_capacity or lower queue_size",
+        )
     reader.reject_unknown()
     smoothing.reject_unknown()
     return settings

@@ -195,6 +195,31 @@ def test_queue_size_of_one_is_rejected(tmp_path: Path) -> None:
     assert "2..100000" in str(caught.value)
 
 
+def test_applied_id_capacity_below_queue_is_rejected(tmp_path: Path) -> None:
+    overrides = {
+        "training": {"queue_size": 4000, "applied_id_capacity": 7999},
+    }
+
+    path, message = config_error(tmp_path, overrides)
+
+    assert message == (
+        f"{path}: training.applied_id_capacity = 7999 is invalid; expected at "
+        "least twice queue_size (4000), because a restart receives again the "
+        "updates applied but not yet acknowledged, and only ids still in the "
+        "record are skipped; raise applied_id_capacity or lower queue_size"
+    )
+
+
+def test_applied_id_capacity_of_twice_queue_is_accepted(tmp_path: Path) -> None:
+    overrides = {
+        "training": {"queue_size": 4000, "applied_id_capacity": 8000},
+    }
+
+    config = load_config(write(tmp_path, tmp_path / "bundle", overrides))
+
+    assert config.training.applied_id_capacity == 8000
+
+
 @pytest.mark.parametrize("prefix", ["home/+/x", "homeassistant/#"])
 def test_homeassistant_prefix_with_wildcard_rejected(
     tmp_path: Path, prefix: str
