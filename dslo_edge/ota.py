@@ -482,6 +482,10 @@ class OtaReceiver:
         with open(transfer.path, "r+b") as stream:
             stream.seek(header.index * header.chunk_bytes)
             stream.write(data)
+        # Recorded after the data, so a restart never counts a chunk that
+        # was not written. The chunk is acknowledged after both.
+        with open(_received_path(transfer.path), "ab") as stream:
+            stream.write(header.index.to_bytes(4, "little"))
         transfer.received.add(header.index)
         transfer.last_chunk_at = self._clock()
         if len(transfer.received) < header.count:
@@ -525,15 +529,27 @@ class OtaReceiver:
             raise
         path = self.folder / f"{header.transfer_id.hex()}.part"
         self._remove_abandoned(keep=path)
-        with open(path, "wb") as stream:
-            stream.truncate(header.total_bytes)
-        self._transfer = _Transfer(header, path, last_chunk_at=now)
-        logger.info(
-            "Receiving model transfer %s: %d bytes in %d chunks",
-            header.transfer_id.hex(),
-            header.total_bytes,
-            header.count,
-        )
+        received = _stored_chunks(path, header)
+        if received:
+            # The daemon restarted during this transfer. The broker does not
+            # send the chunks it acknowledged again, so they are kept.
+            logger.info(
+                "Resuming model transfer %s: %d of %d chunks already stored",
+                header.transfer_id.hex(),
+                len(received),
+                header.count,
+            )
+        else:
+            with open(path, "wb") as stream:
+                stream.truncate(header.total_bytes)
+            _received_path(path).write_bytes(b"")
+            logger.info(
+                "Receiving model transfer %s: %d bytes in %d chunks",
+                header.transfer_id.hex(),
+                header.total_bytes,
+                header.count,
+            )
+        self._transfer = _Transfer(header, path, received, last_chunk_at=now)
         return self._transfer
 
     def _remove_abandoned(self, keep: Path) -> None:
@@ -546,6 +562,7 @@ class OtaReceiver:
             if old != keep:
                 logger.info("Deleting %s, left by an interrupted model transfer", old)
                 old.unlink(missing_ok=True)
+                _received_path(old).unlink(missing_ok=True)
 
     def _abandon(self, transfer_id: bytes) -> None:
         """Drop a transfer whose file cannot be written, and its later chunks."""
@@ -555,14 +572,19 @@ class OtaReceiver:
         ):
             self._transfer = None
         # Deleting the partial file frees the space that it took.
+        path = self.folder / f"{transfer_id.hex()}.part"
         with contextlib.suppress(OSError):
-            (self.folder / f"{transfer_id.hex()}.part").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            _received_path(path).unlink(missing_ok=True)
 
     def _discard(self, transfer: _Transfer) -> None:
         transfer.path.unlink(missing_ok=True)
+        _received_path(transfer.path).unlink(missing_ok=True)
         self._transfer = None
 
     def _verify(self, transfer: _Transfer) -> ReceivedArchive:
+        _received_path(transfer.path).unlink(missing_ok=True)
         expected = transfer.header.sha256.hex()
         actual = sha256_file(transfer.path)
         transfer_id = transfer.header.transfer_id.hex()
@@ -576,6 +598,30 @@ class OtaReceiver:
         final = transfer.path.with_suffix(".tar")
         os.replace(transfer.path, final)
         return ReceivedArchive(transfer_id, final, transfer.header.total_bytes)
+
+
+def _received_path(part: Path) -> Path:
+    """Return the file that lists the stored chunks of ``part``, 4 bytes each."""
+    return part.with_suffix(".received")
+
+
+def _stored_chunks(part: Path, header: ChunkHeader) -> set[int]:
+    """Return the chunks of ``header`` that an earlier run stored in ``part``.
+
+    Returns an empty set when there is no such file or it does not fit the
+    announced archive. A wrong chunk would still fail the final sha256 check.
+    """
+    try:
+        if part.stat().st_size != header.total_bytes:
+            return set()
+        listed = _received_path(part).read_bytes()
+    except FileNotFoundError:
+        return set()
+    whole = len(listed) - len(listed) % 4
+    indices = (
+        int.from_bytes(listed[at : at + 4], "little") for at in range(0, whole, 4)
+    )
+    return {index for index in indices if index < header.count}
 
 
 def _same_archive(first: ChunkHeader, second: ChunkHeader) -> bool:

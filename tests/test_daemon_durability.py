@@ -6,12 +6,16 @@ with SIGKILL and reads the checkpoints it left, as the fault suite does.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from dslo_edge.bundle import load_bundle
@@ -20,6 +24,8 @@ from dslo_edge.config import render_config
 from dslo_edge.daemon import APPLIED_IDS
 from dslo_edge.fault_scenarios import FAST_SETTINGS
 from dslo_edge.faults import DEVICE, DaemonProcess, Publisher, make_updates
+from dslo_edge.ota import ota_topics, split_archive
+from dslo_edge.ota_sender import pack_bundle
 from dslo_edge.protocol import (
     SoftLabelUpdate,
     Topics,
@@ -246,3 +252,66 @@ def test_rollback_ack_waits_for_two_generations(mlp_pair, mosquitto, tmp_path) -
     assert metrics["applied_total"] == 3, daemon.log_text()[-3000:]
     assert second[6:22] in applied_ids(restored)
     assert marker[6:22] in applied_ids(restored)
+
+
+def ota_statuses(port: int) -> tuple[mqtt.Client, list[dict]]:
+    """Subscribe to the device's OTA status topic and collect its messages."""
+    _, status_topic = ota_topics(TOPICS)
+    statuses: list[dict] = []
+    subscribed = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = lambda _c, _u, message: statuses.append(
+        json.loads(message.payload)
+    )
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe(status_topic, qos=1)
+    assert subscribed.wait(10)
+    return client, statuses
+
+
+def test_ota_transfer_resumes_after_sigkill(mlp_pair, mosquitto, tmp_path) -> None:
+    config = write_device_config(tmp_path, mlp_pair.bundle, mosquitto.port)
+    chunk_topic, _ = ota_topics(TOPICS)
+    transfer = uuid.uuid4().bytes
+    chunks = split_archive(pack_bundle(mlp_pair.bundle), 1024, transfer)
+    half = len(chunks) // 2
+    (update,) = (
+        encode_update(u) for u in make_updates(load_bundle(mlp_pair.bundle), 1, 4)
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    watcher, statuses = ota_statuses(mosquitto.port)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        for chunk in chunks[:half]:
+            hub.client.publish(chunk_topic, chunk, qos=1).wait_for_publish(30)
+        # The trainer handles queued chunks before each update, so once the
+        # update is applied the first half is stored and acknowledged.
+        hub.publish([update])
+        hub.wait(lambda m: m.get("applied_total") == 1)
+        daemon.kill()
+
+        daemon.start()
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        for chunk in chunks[half:]:
+            hub.client.publish(chunk_topic, chunk, qos=1).wait_for_publish(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not statuses_of(statuses, transfer):
+            time.sleep(0.1)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        hub.close()
+        daemon.terminate()
+
+    outcome = statuses_of(statuses, transfer)
+    assert outcome, daemon.log_text()[-3000:]
+    assert outcome[-1]["state"] == "installed", outcome[-1]
+    assert "Resuming model transfer" in daemon.log_text()
+    assert list((tmp_path / "state" / "ota").glob(f"{transfer.hex()}.*")) == []
+
+
+def statuses_of(statuses: list[dict], transfer: bytes) -> list[dict]:
+    return [status for status in statuses if status.get("transfer") == transfer.hex()]

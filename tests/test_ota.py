@@ -323,8 +323,9 @@ def test_full_disk_rejects_transfer_once(
     archive = pack_bundle(write_bundle(tmp_path / "new", student_bytes=30_000))
     chunks = split_archive(archive, 8 * 1024)
     folder = tmp_path / "state" / "ota"
-    # The first chunk is written, the second finds the file system full.
-    monkeypatch.setattr(ota, "open", DiskSpace(writes=1).open, raising=False)
+    # The first chunk and its entry in the list of stored chunks are written,
+    # the second chunk finds the file system full.
+    monkeypatch.setattr(ota, "open", DiskSpace(writes=2).open, raising=False)
 
     with caplog.at_level(logging.INFO, logger="dslo_edge"):
         outcomes = [
