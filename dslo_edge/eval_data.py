@@ -53,7 +53,12 @@ _SEGMENT_BLUE = ("rawblue-mean", "exblue-mean")
 
 @dataclass(frozen=True)
 class EvalSplits:
-    """Inputs (float32) and labels (int32) of one dataset and seed."""
+    """Inputs (float32) and labels (int32) of one dataset and seed.
+
+    ``rows`` maps each split name (``base``, ``hub``, ``adapt``, ``val``,
+    ``test``) to the dataset rows it was drawn from, as indices into the
+    dataset in its shipped order.
+    """
 
     name: str
     base: tuple[np.ndarray, np.ndarray]
@@ -62,15 +67,23 @@ class EvalSplits:
     val: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
     shift: dict[str, object]
+    rows: dict[str, np.ndarray]
 
     @property
     def class_count(self) -> int:
         return int(self.base[1].max()) + 1
 
 
+SPLIT_NAMES = ("base", "hub", "adapt", "val", "test")
+
+
 def _split_order(count: int, rng: np.random.Generator) -> list[np.ndarray]:
     cuts = (np.cumsum(SPLIT_FRACTIONS) * count).astype(int)
     return np.split(rng.permutation(count), cuts)
+
+
+def _split_rows(parts: list[np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(zip(SPLIT_NAMES, parts, strict=True))
 
 
 def load_eval_splits(name: str, seed: int) -> EvalSplits:
@@ -95,7 +108,8 @@ def _digits(seed: int) -> EvalSplits:
     images = (digits.images / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int32)
     rng = np.random.default_rng(seed)
-    base, hub, adapt, val, test = _split_order(len(images), rng)
+    parts = _split_order(len(images), rng)
+    base, hub, adapt, val, test = parts
 
     def flat(batch: np.ndarray) -> np.ndarray:
         return batch.reshape(len(batch), -1).astype(np.float32)
@@ -115,6 +129,7 @@ def _digits(seed: int) -> EvalSplits:
         val=shifted(val),
         test=shifted(test),
         shift=dict(SHIFT_DESCRIPTION),
+        rows=_split_rows(parts),
     )
 
 
@@ -135,7 +150,8 @@ def read_segment() -> tuple[np.ndarray, np.ndarray, list[str]]:
 def _segment(seed: int) -> EvalSplits:
     raw, labels, names = read_segment()
     rng = np.random.default_rng(seed)
-    base, hub, adapt, val, test = _split_order(len(raw), rng)
+    parts = _split_order(len(raw), rng)
+    base, hub, adapt, val, test = parts
     mean = raw[base].mean(axis=0)
     std = raw[base].std(axis=0) + 1e-6
     intensity = np.array([names.index(n) for n in _SEGMENT_INTENSITY])
@@ -172,4 +188,5 @@ def _segment(seed: int) -> EvalSplits:
         val=shifted(val),
         test=shifted(test),
         shift=dict(SEGMENT_SHIFT),
+        rows=_split_rows(parts),
     )

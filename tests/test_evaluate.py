@@ -49,6 +49,32 @@ def test_splits_cover_data_once(dataset: str) -> None:
     assert len(splits.teacher[1]) > 4 * sizes[0]
 
 
+@pytest.mark.parametrize("dataset", ["digits", "segment"])
+def test_split_rows_disjoint(dataset: str) -> None:
+    pytest.importorskip("river" if dataset == "segment" else "sklearn")
+    for seed in range(5):
+        splits = load_eval_splits(dataset, seed)
+        rows = splits.rows
+        assert list(rows) == ["base", "hub", "adapt", "val", "test"]
+        every = np.concatenate(list(rows.values()))
+        assert len(np.unique(every)) == len(every)
+        assert len(rows["adapt"]) == len(splits.adapt[1])
+        assert len(rows["val"]) == len(splits.val[1])
+        assert len(rows["test"]) == len(splits.test[1])
+        assert len(rows["base"]) == len(splits.base[1])
+        labels = _dataset_labels(dataset)
+        assert np.array_equal(labels[rows["val"]], splits.val[1])
+        assert np.array_equal(labels[rows["test"]], splits.test[1])
+
+
+def _dataset_labels(dataset: str) -> np.ndarray:
+    if dataset == "segment":
+        return read_segment()[1]
+    from sklearn.datasets import load_digits
+
+    return load_digits().target
+
+
 def test_splits_depend_on_seed() -> None:
     first = load_eval_splits("digits", seed=0)
     second = load_eval_splits("digits", seed=1)
