@@ -67,6 +67,32 @@ def test_split_rows_disjoint(dataset: str) -> None:
         assert np.array_equal(labels[rows["test"]], splits.test[1])
 
 
+@pytest.mark.parametrize("dataset", ["digits", "segment"])
+def test_splits_share_no_duplicated_row(dataset: str) -> None:
+    pytest.importorskip("river" if dataset == "segment" else "sklearn")
+    features = _dataset_features(dataset)
+    for seed in range(5):
+        rows = load_eval_splits(dataset, seed).rows
+        training = {features[i].tobytes() for i in (*rows["base"], *rows["hub"])}
+        adapt = {features[i].tobytes() for i in rows["adapt"]}
+        val = {features[i].tobytes() for i in rows["val"]}
+        test = [features[i].tobytes() for i in rows["test"]]
+        # The teacher and factory student train on base and hub.
+        assert not training & val, f"seed {seed}: val repeats a training row"
+        assert not training & set(test), f"seed {seed}: test repeats a training row"
+        assert not adapt & set(test), f"seed {seed}: test repeats an adapt row"
+        assert not val & set(test), f"seed {seed}: test repeats a val row"
+        assert len(set(test)) == len(test), f"seed {seed}: test has a row twice"
+
+
+def _dataset_features(dataset: str) -> np.ndarray:
+    if dataset == "segment":
+        return read_segment()[0]
+    from sklearn.datasets import load_digits
+
+    return load_digits().data
+
+
 def _dataset_labels(dataset: str) -> np.ndarray:
     if dataset == "segment":
         return read_segment()[1]
