@@ -97,12 +97,13 @@ def markdown_table(dataset: str, entry: dict[str, Any]) -> str:
         gap = _spread(gap_mean, gap_std, seeds)
         lines.append(f"| {name} | {test} | {gap} |")
     rounds = ", ".join(f"{mean:.1f}" for mean, _ in entry["teacher_rounds"])
+    averaged = "1 seed" if seeds == 1 else f"mean over {seeds} seeds"
     diff, spread = entry["dslo_minus_static"]
     per_seed = ", ".join(f"{d:+.1f}" for d in entry["dslo_minus_static_per_seed"])
     boosted = ", ".join(str(count) for count in entry["dslo_boosted_updates"])
     lines += [
         "",
-        f"Teacher test accuracy by round (%): {rounds}.",
+        f"Teacher test accuracy by round (%, {averaged}): {rounds}.",
         f"Updates in which the drift boost raised DSL-O's lambda, per seed: {boosted}.",
         f"DSL-O minus static KD: {_spread(diff, spread, seeds, '+')} points "
         f"(per seed: {per_seed}).",
@@ -346,6 +347,22 @@ def _seeds(count: int) -> str:
     return "1 seed (so no standard deviation)" if count == 1 else f"{count} seeds"
 
 
+def _tuning(command: str) -> str:
+    """Return the sentence of the page that says how hyper-parameters were set."""
+    if "--quick" in command.split():
+        return (
+            "With `--quick`, each method tries one value of each hyper-parameter "
+            "(`QUICK_GRID` in `dslo_edge/evaluate.py`), so the validation split "
+            "chooses nothing."
+        )
+    return (
+        "Each method's learning rate, temperature and alpha (static KD's "
+        "constant alpha, alpha_start of the others) are chosen per seed on a "
+        "shifted validation split. Hard labels only tunes its learning rate "
+        "alone, and the factory student does not train."
+    )
+
+
 def render_page(
     summary: dict[str, Any],
     command: str,
@@ -369,9 +386,7 @@ def render_page(
         "Setup: a factory student trained on clean data adapts on a shifted "
         "device stream (5 teacher rounds, 2 passes over the device data per "
         "round, batches of 32) through the converted LiteRT student and the "
-        "project's `Trainer`. Each method's learning rate, temperature and "
-        "alpha (static KD's constant alpha, alpha_start of the others) are "
-        "chosen per seed on a shifted validation split. "
+        f"project's `Trainer`. {_tuning(command)} "
         f"Numbers are mean ± sample standard deviation over {_seeds(seeds)}, on "
         "the shifted test split, which no choice looked at. The gap is the "
         "final teacher's test accuracy minus the student's.",

@@ -165,6 +165,21 @@ def test_report_of_one_seed_shows_no_spread() -> None:
     assert "On digits, DSL-O and static KD tie in one seed" in tie
 
 
+def test_report_setup_names_what_was_tuned() -> None:
+    from dslo_edge.eval_report import render_page
+
+    entry = _entry([0, 1], -1.0, 2.0)
+    full = render_page({"digits": entry}, "dslo-edge evaluate", 60.0, 2)
+    quick = render_page({"digits": entry}, "dslo-edge evaluate --quick", 60.0, 2)
+
+    tuned = "are chosen per seed on a shifted validation split"
+    assert tuned in full
+    assert "Hard labels only tunes its learning rate alone" in full
+    assert tuned not in quick
+    assert "so the validation split chooses nothing" in quick
+    assert "Teacher test accuracy by round (%, mean over 2 seeds)" in full
+
+
 def test_plots_without_curves_say_so(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
