@@ -9,15 +9,18 @@ device would. Every method trains on the same stream of update batches:
 - ``hard labels only``: alpha = 0 with the ground-truth labels of the stream
   (labels a device usually lacks, so this is a supervised reference);
 - ``static KD``: constant alpha, labels of the final teacher only;
-- ``annealed KD``: the evolving teacher, time term only (linear 0.8 to 0.2),
-  no confidence term, no smoothing;
+- ``annealed KD``: the evolving teacher, time term only (linear from the
+  tuned alpha_start to 0.2), no confidence term, no smoothing;
 - ``DSL-O``: the evolving teacher with confidence and time terms, smoothing
   and the drift boost, at the library defaults, with the teacher's argmax as
   the CE label;
 - ``DSL-O with masked CE``: the same without a CE term, because the stream
   has no hard labels;
 - ``DSL-O`` with the confidence term, the time term, smoothing or the drift
-  boost switched off in turn.
+  boost switched off in turn. ``AlphaPolicy`` requires w_conf + w_time = 1,
+  so switching off one term gives the other the full weight. Switching off
+  smoothing also switches off the drift boost, which would otherwise set
+  lambda back above 0 after a drift spike.
 
 Each method's learning rate, temperature and alpha (static KD's constant
 alpha, or alpha_start of the dynamic methods, whose alpha_end stays at 0.2)

@@ -116,6 +116,48 @@ def test_grid_sizes_per_method() -> None:
     assert all(len(_candidates(m, QUICK_GRID)) == 1 for m in METHODS)
 
 
+def _changed_fields(settings, reference) -> set[str]:
+    """Return the training settings, and fields of alpha, that differ."""
+    changed = set()
+    compared = ("learning_rate", "temperature", "planned_updates", "progress")
+    compared += ("smoothing_lambda", "drift", "hard_label_fallback")
+    for name in compared:
+        if getattr(settings, name) != getattr(reference, name):
+            changed.add(name)
+    for name in ("alpha_start", "alpha_end", "w_conf", "w_time", "schedule"):
+        if getattr(settings.alpha, name) != getattr(reference.alpha, name):
+            changed.add(f"alpha.{name}")
+    return changed
+
+
+def test_ablations_change_only_named_part() -> None:
+    values = {"learning_rate": 0.05, "temperature": 2.0, "alpha_start": 0.95}
+    methods = {method.name: method for method in METHODS}
+    reference = methods["DSL-O"].settings(values)
+    expected = {
+        "annealed KD": {
+            "alpha.w_conf",
+            "alpha.w_time",
+            "smoothing_lambda",
+            "drift",
+        },
+        "DSL-O with masked CE": {"hard_label_fallback"},
+        "DSL-O without confidence": {"alpha.w_conf", "alpha.w_time"},
+        "DSL-O without time term": {"alpha.w_conf", "alpha.w_time"},
+        "DSL-O without smoothing": {"smoothing_lambda", "drift"},
+        "DSL-O without drift boost": {"drift"},
+    }
+    for name, fields in expected.items():
+        method = methods[name]
+        assert method.stream == "evolving", name
+        assert not method.hard_labels, name
+        assert _changed_fields(method.settings(values), reference) == fields, name
+    assert methods["DSL-O without confidence"].settings(values).alpha.w_conf == 0
+    assert methods["DSL-O without time term"].settings(values).alpha.w_time == 0
+    assert methods["DSL-O without smoothing"].settings(values).smoothing_lambda == 0
+    assert methods["DSL-O without drift boost"].settings(values).drift.updates == 0
+
+
 def test_quick_evaluation_writes_report(tmp_path) -> None:
     pytest.importorskip("keras")
     pytest.importorskip("matplotlib")
