@@ -25,7 +25,9 @@ device would. Every method trains on the same stream of update batches:
 Each method's learning rate, temperature and alpha (static KD's constant
 alpha, or alpha_start of the dynamic methods, whose alpha_end stays at 0.2)
 are chosen per seed on the shifted validation split. The test split is only
-reported.
+reported. The teacher ends in a softmax and its probabilities are sent as
+they are, as the hub sends them, so the temperature divides only the
+student's logits in the distillation term (``dslo_edge.losses``).
 """
 
 from __future__ import annotations
