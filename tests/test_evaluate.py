@@ -158,6 +158,41 @@ def test_ablations_change_only_named_part() -> None:
     assert methods["DSL-O without drift boost"].settings(values).drift.updates == 0
 
 
+def test_methods_share_update_stream() -> None:
+    from dslo_edge.evaluate import _stream, _updates
+
+    splits = load_eval_splits("digits", seed=0)
+    samples = len(splits.adapt[1])
+    rng = np.random.default_rng(7)
+    teacher_adapt = [
+        rng.dirichlet(np.ones(10), size=samples).astype(np.float32) for _ in range(5)
+    ]
+    stream = _stream(samples, 5, np.random.default_rng(0))
+    trained = [method for method in METHODS if method.stream != "none"]
+    streams = {
+        m.name: list(_updates(splits, stream, teacher_adapt, m)) for m in trained
+    }
+
+    first = streams["DSL-O"]
+    assert [u.teacher_round for u in first] == stream.rounds
+    for method in trained:
+        updates = streams[method.name]
+        assert len(updates) == len(first), method.name
+        for update, reference, batch in zip(
+            updates, first, stream.batches, strict=True
+        ):
+            assert update.sample_ids == reference.sample_ids, method.name
+            assert np.array_equal(update.inputs, reference.inputs), method.name
+            assert update.teacher_round == reference.teacher_round, method.name
+            label_round = 5 if method.stream == "final" else update.teacher_round
+            labels = teacher_adapt[label_round - 1][batch]
+            assert np.array_equal(update.labels, labels), method.name
+            if method.hard_labels:
+                assert np.array_equal(update.hard_labels, splits.adapt[1][batch])
+            else:
+                assert update.hard_labels is None, method.name
+
+
 def test_quick_evaluation_writes_report(tmp_path) -> None:
     pytest.importorskip("keras")
     pytest.importorskip("matplotlib")
