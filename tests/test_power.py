@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -236,9 +237,9 @@ def test_cpu_seconds_parse_stat_with_spaces(tmp_path: Path) -> None:
     assert process_cpu_seconds(tmp_path) == pytest.approx(4.0)
 
 
-def test_cpu_seconds_fall_back_to_os_times(tmp_path: Path) -> None:
-    times = os.times()
-    assert process_cpu_seconds(tmp_path) >= times.user + times.system
+def test_cpu_seconds_fall_back_to_process_time(tmp_path: Path) -> None:
+    before = time.process_time()
+    assert process_cpu_seconds(tmp_path) >= before
 
 
 def test_cpu_model_adds_idle_and_busy() -> None:
@@ -252,6 +253,23 @@ def test_cpu_model_adds_idle_and_busy() -> None:
     cpu.advance(2.0)
     # 2.7 W idle for 10 s, plus (6.4 - 2.7) / 4 W per busy core for 2 CPU s.
     assert source.read_joules() == pytest.approx(27.0 + 1.85)
+
+
+def test_cpu_model_resolves_short_spans() -> None:
+    # A train step often takes under a millisecond, far less than one clock
+    # tick of /proc/self/stat, so each span must see its own CPU time. The
+    # fake wall clock does not advance, so only the CPU term adds energy.
+    source = discover_sources("/", power_model=PI4_MODEL, clock=FakeClock())[-1]
+    per_core_watts = (PI4_MODEL.active_watts - PI4_MODEL.idle_watts) / 4
+    spans = []
+    for _ in range(10):
+        start_joules = source.read_joules()
+        busy_until = time.process_time() + 0.003
+        while time.process_time() < busy_until:
+            pass
+        spans.append((source.read_joules() - start_joules) / per_core_watts)
+    assert min(spans) >= 0.003
+    assert max(spans) < 0.006
 
 
 def test_discover_sources_best_first(tmp_path: Path) -> None:

@@ -225,17 +225,21 @@ class PowerModel:
 def process_cpu_seconds(root: str | Path = "/") -> float:
     """Return user plus system CPU seconds of this process.
 
-    Reads ``<root>/proc/self/stat`` (fields 14 and 15, in clock ticks) and
-    falls back to ``os.times()`` where that file does not exist.
+    On the real root this is ``time.process_time()``, which counts in
+    nanoseconds. ``/proc/self/stat`` counts in clock ticks (10 ms at the
+    usual 100 Hz), longer than most train steps, so a step would read as no
+    CPU time or as a whole tick. Under another root, such as a fake tree in
+    tests, it reads ``<root>/proc/self/stat`` (fields 14 and 15) and falls
+    back to ``time.process_time()`` where that file does not exist.
     """
-    stat = read_text(Path(root) / "proc" / "self" / "stat")
-    if stat is not None:
-        # The command name in field 2 may contain spaces, so split after it.
-        fields = stat.rsplit(")", 1)[-1].split()
-        ticks = int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
-    times = os.times()
-    return times.user + times.system
+    if Path(root).resolve() != Path("/"):
+        stat = read_text(Path(root) / "proc" / "self" / "stat")
+        if stat is not None:
+            # The command name in field 2 may contain spaces, so split after it.
+            fields = stat.rsplit(")", 1)[-1].split()
+            ticks = int(fields[11]) + int(fields[12])
+            return ticks / os.sysconf("SC_CLK_TCK")
+    return time.process_time()
 
 
 class CpuModelSource(EnergySource):
@@ -288,8 +292,8 @@ def discover_sources(
         power_files: ``(path, unit)`` pairs of board-specific power attributes,
             with paths relative to the real root and resolved under ``root``.
         clock: monotonic seconds, injected in tests.
-        cpu_seconds: process CPU seconds for the model; defaults to reading
-            ``<root>/proc/self/stat``.
+        cpu_seconds: process CPU seconds for the model; defaults to
+            ``process_cpu_seconds(root)``.
     """
     sources: list[EnergySource] = []
     sources.extend(_battery_sources(root, clock))
