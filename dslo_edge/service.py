@@ -122,9 +122,9 @@ def check_state_dir(value: str, option: str) -> PurePosixPath:
     """Return ``value`` as the directory for ``ReadWritePaths=``.
 
     Raises:
-        ConfigError: the path fails ``check_normalized_path`` or is one of
-            ``SYSTEM_DIRECTORIES`` or ``SHARED_DIRECTORIES``, or a directory
-            right under /usr.
+        ConfigError: the path fails ``check_normalized_path``, is one of
+            ``SYSTEM_DIRECTORIES`` or ``SHARED_DIRECTORIES``, a directory right
+            under /usr, or lies below /tmp or /var/tmp.
     """
     path = check_normalized_path(value, option)
     if value in PRIVATE_TMP_DIRECTORIES:
@@ -145,13 +145,24 @@ def check_state_dir(value: str, option: str) -> PurePosixPath:
             "directory of the service's own, such as /var/lib/dslo-edge"
         )
     else:
-        # NOTE: directories below /tmp and /var/tmp are accepted, although
-        # PrivateTmp=yes hides their content from the service as well.
+        _reject_below_private_tmp(path, option)
         return path
     raise ConfigError(
         f"{option} {value!r} is a system directory, and {reason}; pass a "
         "directory of the service's own, such as /var/lib/dslo-edge"
     )
+
+
+def _reject_below_private_tmp(path: PurePosixPath, option: str) -> None:
+    """Raise ConfigError for a state directory that PrivateTmp=yes hides."""
+    for directory in sorted(PRIVATE_TMP_DIRECTORIES):
+        if path.is_relative_to(directory):
+            raise ConfigError(
+                f"{option} {str(path)!r} lies below {directory}, but PrivateTmp=yes "
+                f"gives the service an empty {directory} on every start, so the "
+                "service would not find this directory; pass a directory of the "
+                "service's own, such as /var/lib/dslo-edge"
+            )
 
 
 def check_unit_dir(value: str, option: str) -> Path:

@@ -497,6 +497,14 @@ def test_watchdog_exits_when_trainer_thread_dies(tmp_path, mlp_pair, broker) -> 
         ),
         (["--state-dir", "/var/tmp"], "PrivateTmp=yes gives the service an empty"),
         (
+            ["--state-dir", "/tmp/dslo-edge"],
+            "error: --state-dir '/tmp/dslo-edge' lies below /tmp, but PrivateTmp=yes "
+            "gives the service an empty /tmp on every start, so the service would "
+            "not find this directory; pass a directory of the service's own, such "
+            "as /var/lib/dslo-edge",
+        ),
+        (["--state-dir", "/var/tmp/a/b"], "lies below /var/tmp, but PrivateTmp=yes"),
+        (
             ["--state-dir", "/etc"],
             "error: --state-dir '/etc' is a system directory, and ReadWritePaths= "
             "would let the service write all of it; pass a directory of the "
