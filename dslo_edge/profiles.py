@@ -165,11 +165,19 @@ class _Table:
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(
-                f"{self.source}: unknown key {self.prefix}{unknown[0]}; "
-                f"known keys here: {', '.join(sorted(self.used))}"
+        if not unknown:
+            return
+        hint = ""
+        if self.prefix and unknown[0] in PROFILE_KEYS:
+            # TOML puts every key after a [table] header into that table.
+            hint = (
+                f"; {unknown[0]} is a top-level key, so write it above the first "
+                "[table] header"
             )
+        raise ConfigError(
+            f"{self.source}: unknown key {self.prefix}{unknown[0]}; "
+            f"known keys here: {', '.join(sorted(self.used))}{hint}"
+        )
 
 
 def _positive(value: float) -> bool:
@@ -335,7 +343,8 @@ def _interpreters(root: _Table, entries: Any) -> tuple[InterpreterWheel, ...]:
     if entries is None:
         raise ConfigError(
             f"{root.source}: missing [[interpreters]] tables; list the LiteRT "
-            "wheels that exist for this board, or write interpreters = []"
+            "wheels that exist for this board, or write interpreters = [] above "
+            "the first [table] header"
         )
     if not isinstance(entries, list):
         raise root.error("interpreters", entries, "a list of [[interpreters]] tables")

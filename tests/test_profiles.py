@@ -165,6 +165,30 @@ def test_misspelt_table_is_named_as_unknown(tmp_path: Path) -> None:
     assert "missing" not in message
 
 
+def test_top_level_key_after_table_is_explained(tmp_path: Path) -> None:
+    # TOML puts a key written after [thermal] into that table.
+    text = VALID_PROFILE.format(name="board")
+    text = text[: text.index("[[interpreters]]")] + "interpreters = []\n"
+    with pytest.raises(ConfigError) as raised:
+        load_profile_file(write_profile(tmp_path, text))
+
+    message = str(raised.value)
+    assert "unknown key thermal.interpreters" in message
+    assert "interpreters is a top-level key" in message
+    assert "above the first [table] header" in message
+
+
+def test_missing_interpreters_says_where(tmp_path: Path) -> None:
+    text = VALID_PROFILE.format(name="board")
+    text = text[: text.index("[[interpreters]]")]
+    with pytest.raises(ConfigError) as raised:
+        load_profile_file(write_profile(tmp_path, text))
+
+    message = str(raised.value)
+    assert "missing [[interpreters]] tables" in message
+    assert "write interpreters = [] above the first [table] header" in message
+
+
 def test_empty_profile_directory_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a profile\n")
     with pytest.raises(
