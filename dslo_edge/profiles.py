@@ -137,7 +137,7 @@ class _Table:
             if required:
                 raise ConfigError(
                     f"{self.source}: missing required key {self.prefix}{key} "
-                    f"({expected})"
+                    f"({expected}){self._misspelling_hint(key)}"
                 )
             return None
         value = self.data[key]
@@ -146,6 +146,15 @@ class _Table:
         if check is not None and not check(value):
             raise self.error(key, value, expected)
         return value
+
+    def _misspelling_hint(self, key: str) -> str:
+        """Return a did-you-mean hint for an unread key that resembles ``key``."""
+        # A cutoff of 0.8 matches core for cores, but not storage_mb for ram_mb.
+        unread = sorted(set(self.data) - self.used)
+        close = difflib.get_close_matches(key, unread, n=1, cutoff=0.8)
+        if not close:
+            return ""
+        return f"; found {self.prefix}{close[0]}: did you mean {key}?"
 
     def parsed(self, key: str, parse: Callable[[str], Any], expected: str) -> Any:
         text = self.value(key, str, expected)

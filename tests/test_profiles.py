@@ -165,6 +165,51 @@ def test_misspelt_table_is_named_as_unknown(tmp_path: Path) -> None:
     assert "missing" not in message
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "cores = 4",
+            "core = 4",
+            "board.cores (a positive core count); found "
+            "board.core: did you mean cores?",
+        ),
+        (
+            "limit_c = 75",
+            "limit = 75",
+            "thermal.limit_c (degrees Celsius in "
+            "30..120); found thermal.limit: did you mean limit_c?",
+        ),
+        (
+            "idle_watts = 1.0",
+            "idle_watt = 1.0",
+            "power.idle_watts (positive watts); found power.idle_watt: did you "
+            "mean idle_watts?",
+        ),
+    ],
+)
+def test_misspelt_key_is_named(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    text = VALID_PROFILE.format(name="board").replace(old, new)
+    with pytest.raises(ConfigError) as raised:
+        load_profile_file(write_profile(tmp_path, text))
+
+    assert f"missing required key {expected}" in str(raised.value)
+
+
+def test_missing_key_names_no_other_key(tmp_path: Path) -> None:
+    text = VALID_PROFILE.format(name="board").replace("ram_mb = 256\n", "")
+    with pytest.raises(ConfigError) as raised:
+        load_profile_file(write_profile(tmp_path, text))
+
+    message = str(raised.value)
+    assert message.endswith(
+        "missing required key budget.ram_mb (a positive size "
+        "in MiB, at most the board's 1024 MiB)"
+    )
+
+
 def test_top_level_key_after_table_is_explained(tmp_path: Path) -> None:
     # TOML puts a key written after [thermal] into that table.
     text = VALID_PROFILE.format(name="board")
