@@ -467,6 +467,25 @@ def test_describe_energy_names_sources() -> None:
     assert "capacity 37 Wh from config battery_wh" in lines[2]
 
 
+@pytest.mark.parametrize(
+    ("joules", "text"),
+    [
+        (0.008147, "energy per update: 8.147 mJ"),
+        (0.5, "energy per update: 500 mJ"),
+        (10.0, "energy per update: 10 J"),
+        (14.8, "energy per update: 14.8 J"),
+        (123.456, "energy per update: 123.5 J"),
+    ],
+)
+def test_describe_energy_unit_fits_value(joules: float, text: str) -> None:
+    report = {"source": "hwmon/ina226 (hwmon2)/power1_input", "estimated": False}
+    report.update(joules_per_update=joules, average_power_w=None, battery=None)
+
+    line = describe_energy(report)[0]
+
+    assert line == f"{text} (hwmon/ina226 (hwmon2)/power1_input)"
+
+
 def test_describe_energy_without_measurement() -> None:
     assert describe_energy(EnergyMeter([]).report()) == [
         "energy per update: not measured (no energy source was readable)"

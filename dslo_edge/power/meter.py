@@ -252,7 +252,7 @@ def describe_energy(report: dict[str, Any]) -> list[str]:
         return ["energy per update: not measured (no energy source was readable)"]
     label = f"{source}, an estimate" if report.get("estimated") else source
     lines = [
-        f"energy per update: {report['joules_per_update'] * 1000:.4g} mJ ({label})",
+        f"energy per update: {_format_joules(report['joules_per_update'])} ({label})",
     ]
     if report.get("average_power_w") is not None:
         lines.append(
@@ -277,3 +277,13 @@ def describe_energy(report: dict[str, Any]) -> list[str]:
     impact = ", ".join(parts) or "not measured yet"
     lines.append(f"battery impact: {impact} (capacity {capacity}; energy {label})")
     return lines
+
+
+def _format_joules(joules: float) -> str:
+    """Format energy in mJ below 1 J and in J above, to 4 significant digits.
+
+    ``.4g`` alone would print 10 J as ``1e+04 mJ``.
+    """
+    if joules < 1:
+        return f"{joules * 1000:.4g} mJ"
+    return f"{joules:.4g} J"
