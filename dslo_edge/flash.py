@@ -27,6 +27,8 @@ instead replace the file, which first copies it to ``device.toml.bak``.
 A unit file that differs from both the generated one and the one an earlier
 flash generated is replaced, after copying it to ``dslo-edge.service.bak``:
 local changes to a unit belong in a drop-in file, which flash leaves alone.
+A profile copy under ``/etc/dslo-edge/profiles`` that differs from the file
+an earlier flash installed is copied to ``<name>.toml.bak`` the same way.
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def flash(
             elif device_path == UNIT_PATH:
                 _install_unit(root, content, result)
             else:
-                _write_if_changed(root, device_path, content, result)
+                _install_profile_copy(root, device_path, content, result)
         _link_if_changed(root, WANTS_LINK, PurePosixPath("..") / UNIT_NAME, result)
         _make_directories(on_target(root, DEFAULT_STATE_DIR))
         generated = {
@@ -536,6 +538,34 @@ def _install_unit(root: Path, content: bytes, result: FlashResult) -> None:
             f"such as {UNIT_PATH}.d/local.conf, which flash does not change"
         )
     _write_if_changed(root, UNIT_PATH, content, result)
+
+
+def _install_profile_copy(
+    root: Path, device_path: PurePosixPath, content: bytes, result: FlashResult
+) -> None:
+    """Write the profile copy, first copying one that was edited on the device."""
+    path = on_target(root, device_path)
+    existing = path.read_bytes() if path.is_file() else content
+    if existing != content and not _installed_before(root, device_path, existing):
+        first = device_path.with_name(device_path.name + ".bak")
+        backup = _backup_path(root, existing, first)
+        _write_if_changed(root, backup, existing, result)
+        result.warnings.append(
+            f"replaced {device_path}, which differed from the profile file flash "
+            f"installed; the previous file is kept as {backup}. Make changes in "
+            "the file given to --profile, so the next flash keeps them"
+        )
+    _write_if_changed(root, device_path, content, result)
+
+
+def _installed_before(root: Path, device_path: PurePosixPath, existing: bytes) -> bool:
+    """Return whether ``existing`` is the file an earlier flash installed there."""
+    try:
+        document = json.loads(on_target(root, FILE_LIST).read_text())
+        recorded = document["files"][str(device_path)]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return recorded == hashlib.sha256(existing).hexdigest()
 
 
 def _generated_before(root: Path, device_path: PurePosixPath, existing: bytes) -> bool:

@@ -704,6 +704,58 @@ def test_flash_installs_custom_profile_file(tmp_path: Path, pi4) -> None:
     assert verify_installation(root) == []
 
 
+def test_flash_backs_up_profile_edited_on_device(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    custom = tmp_path / "shed-pi.toml"
+    text = pi4.source.read_text().replace(
+        'name = "raspberry-pi-4b"', 'name = "shed-pi"'
+    )
+    custom.write_text(text)
+    flash(bundle, load_profile(str(custom)), root, OPTIONS)
+    copy = root / "etc/dslo-edge/profiles/shed-pi.toml"
+    copy.write_text(text.replace("idle_watts = 2.7", "idle_watts = 3.3"))
+    edited = copy.read_bytes()
+    custom.write_text(text.replace("limit_c = 75.0", "limit_c = 70.0"))
+
+    replaced = flash(bundle, load_profile(str(custom)), root, OPTIONS)
+    again = flash(bundle, load_profile(str(custom)), root, OPTIONS)
+
+    backup = root / "etc/dslo-edge/profiles/shed-pi.toml.bak"
+    assert copy.read_bytes() == custom.read_bytes()
+    assert backup.read_bytes() == edited
+    assert replaced.warnings == [
+        "replaced /etc/dslo-edge/profiles/shed-pi.toml, which differed from the "
+        "profile file flash installed; the previous file is kept as "
+        "/etc/dslo-edge/profiles/shed-pi.toml.bak. Make changes in the file "
+        "given to --profile, so the next flash keeps them"
+    ]
+    assert again.changed == []
+    assert again.warnings == []
+    assert verify_installation(root) == []
+
+
+def test_flash_replaces_unedited_profile_copy(tmp_path: Path, pi4) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    custom = tmp_path / "shed-pi.toml"
+    text = pi4.source.read_text().replace(
+        'name = "raspberry-pi-4b"', 'name = "shed-pi"'
+    )
+    custom.write_text(text)
+    flash(bundle, load_profile(str(custom)), root, OPTIONS)
+    custom.write_text(text.replace("limit_c = 75.0", "limit_c = 70.0"))
+
+    result = flash(bundle, load_profile(str(custom)), root, OPTIONS)
+
+    copy = root / "etc/dslo-edge/profiles/shed-pi.toml"
+    assert load_profile_file(copy).thermal_limit_c == 70.0
+    assert result.warnings == []
+    assert not (root / "etc/dslo-edge/profiles/shed-pi.toml.bak").exists()
+
+
 def test_flashed_daemon_runs_with_profile(tmp_path: Path, pi4, mlp_pair) -> None:
     root = tmp_path / "rootfs"
     root.mkdir()
