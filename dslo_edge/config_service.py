@@ -281,6 +281,19 @@ def read_health(reader: TableReader) -> HealthSettings:
     return settings
 
 
+def _check_default_resume_percent(reader: TableReader, values: dict[str, Any]) -> None:
+    """Raise ConfigError when battery_min_percent exceeds an unset resume default."""
+    minimum = values["battery_min_percent"]
+    resume = values["battery_resume_percent"]
+    if "battery_resume_percent" in reader.table or minimum <= resume:
+        return
+    raise ConfigError(
+        f"{reader.source}: [budget] battery_resume_percent = {resume} (the "
+        f"default) is invalid; expected {minimum}..100, at least "
+        "battery_min_percent; set battery_resume_percent in [budget] too"
+    )
+
+
 def read_budget(reader: TableReader) -> BudgetSettings:
     def optional(key: str, check: Any, expected: str) -> float | None:
         # A missing key means "not set"; any written value must be valid.
@@ -308,6 +321,7 @@ def read_budget(reader: TableReader) -> BudgetSettings:
             "energy_budget_j_per_hour", lambda v: v > 0, "positive joules"
         ),
     }
+    _check_default_resume_percent(reader, values)
     try:
         settings = BudgetSettings(**values)
     except ConfigError as error:

@@ -97,6 +97,16 @@ def test_budget_error_names_file_once(tmp_path: Path) -> None:
     assert "battery_min_percent = 150.0 is invalid" in message
 
 
+def test_budget_resume_default_below_new_minimum(tmp_path: Path) -> None:
+    path, message = config_error(tmp_path, {"budget": {"battery_min_percent": 30.0}})
+
+    assert message == (
+        f"{path}: [budget] battery_resume_percent = 25.0 (the default) is "
+        "invalid; expected 30.0..100, at least battery_min_percent; set "
+        "battery_resume_percent in [budget] too"
+    )
+
+
 def test_unknown_profile_names_key(mlp_pair, tmp_path: Path) -> None:
     path = write(tmp_path, mlp_pair.bundle, {"device": {"profile": "no-such-board"}})
 
