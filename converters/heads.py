@@ -119,8 +119,9 @@ _INFERENCE_IDENTITY_LAYERS = frozenset(
     }
 )
 # TensorFlow's functions carry a version in their names: tf.nn.softmax is
-# softmax_v2 and tf.nn.log_softmax is log_softmax_v2 (TensorFlow 2.21).
-_ACTIVATION_ALIASES = {"softmax_v2": "softmax", "log_softmax_v2": "log_softmax"}
+# softmax_v2 and tf.nn.log_softmax is log_softmax_v2 (TensorFlow 2.21). They
+# compute what Keras's softmax and log_softmax do.
+ACTIVATION_ALIASES = {"softmax_v2": "softmax", "log_softmax_v2": "log_softmax"}
 
 
 def output_kinds(model: Any) -> dict[str, str]:
@@ -200,7 +201,7 @@ def _activation_name(layer: Any) -> str:
     """Return the name of a layer's activation, "linear" when it has none."""
     activation = getattr(layer, "activation", None)
     name = getattr(activation, "__name__", "linear")
-    return _ACTIVATION_ALIASES.get(name, name)
+    return ACTIVATION_ALIASES.get(name, name)
 
 
 def _layer_output_kind(layer: Any) -> str:

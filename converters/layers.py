@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from converters.graph import INPUT, GraphNode, StudentGraph
-from converters.heads import read_heads
+from converters.heads import ACTIVATION_ALIASES, read_heads
 from dslo_edge.errors import ConversionError
 
 ACTIVATIONS = (
@@ -62,15 +62,10 @@ def _activation_params(activation: str) -> dict[str, Any]:
     return params
 
 
-# TensorFlow's tf.nn.softmax and tf.nn.log_softmax are named softmax_v2 and
-# log_softmax_v2 (TensorFlow 2.21) and compute what Keras's functions do.
-_ACTIVATION_ALIASES = {"softmax_v2": "softmax", "log_softmax_v2": "log_softmax"}
-
-
 def _activation_name(layer: Any) -> str:
     activation = getattr(layer, "activation", None)
     name = getattr(activation, "__name__", str(activation))
-    name = _ACTIVATION_ALIASES.get(name, name)
+    name = ACTIVATION_ALIASES.get(name, name)
     if name not in ACTIVATIONS:
         raise ConversionError(
             f"layer '{layer.name}' uses activation '{name}', which the converter "
