@@ -654,11 +654,29 @@ class HubState:
             return number
 
     def claim_run(self, name: str, now: float, every_s: float) -> bool:
-        """Return True, once per period across workers, when a push is due."""
+        """Return True, once per period across workers, when a push is due.
+
+        A run stored as due more than ``every_s`` ahead, because ``every_s``
+        was shortened since the last run, is moved to ``now + every_s``.
+        """
         with self._transaction() as db:
             row = db.execute(
                 "SELECT next_due FROM schedule WHERE name = ?", (name,)
             ).fetchone()
+            if row is not None and row[0] > now + every_s:
+                db.execute(
+                    "UPDATE schedule SET next_due = ? WHERE name = ?",
+                    (now + every_s, name),
+                )
+                logger.info(
+                    "Push %s was due in %.0f s, more than its every_s %g; its "
+                    "next run is in %g s",
+                    name,
+                    row[0] - now,
+                    every_s,
+                    every_s,
+                )
+                return False
             if row is not None and row[0] > now:
                 return False
             db.execute(

@@ -586,6 +586,24 @@ def test_push_run_is_claimed_once_per_period(tmp_path) -> None:
     assert second.claim_run("nightly", 60.0, 60.0)
 
 
+def test_shortened_push_period_moves_next_run(tmp_path, caplog) -> None:
+    state = HubState(tmp_path / "state.sqlite", "w1")
+    caplog.set_level("INFO", logger="dslo_edge.hub_state")
+    assert state.claim_run("nightly", 0.0, 86400.0)
+    # Restarted with every_s = 60: the run due at 86400 moves to 100 + 60.
+    assert not state.claim_run("nightly", 100.0, 60.0)
+    assert not state.claim_run("nightly", 159.0, 60.0)
+    assert state.claim_run("nightly", 160.0, 60.0)
+    assert not state.claim_run("nightly", 200.0, 60.0)
+    assert state.claim_run("nightly", 220.0, 60.0)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "Push nightly was due in 86300 s, more than its every_s 60; its next "
+        "run is in 60 s"
+    ]
+    state.close()
+
+
 def test_hub_unit_runs_one_worker_per_instance() -> None:
     unit = render_hub_unit()
     assert "ExecStart=/opt/dslo-edge/venv/bin/dslo-edge hub --config" in unit
