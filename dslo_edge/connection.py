@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 # MQTT 5 DISCONNECT reason code sent when another client connects with the
 # same client id.
 SESSION_TAKEN_OVER = 142
+# CONNACK reason codes of a refused login: MQTT 5 "Bad user name or password"
+# and "Not authorized". paho maps the MQTT 3.1.1 return codes 4 and 5 to them.
+LOGIN_REFUSALS = (0x86, 0x87)
 # A connection that stayed up this long resets the backoff to its minimum.
 STABLE_CONNECTION_S = 10.0
 
@@ -64,6 +67,24 @@ def describe_tls_failure(
             return f"certificate expired ({message})"
         return f"certificate verification failed ({message})"
     return f"TLS handshake failed ({error.reason or error})"
+
+
+def describe_refusal(reason: Any, settings: MqttSettings) -> str:
+    """Return a refused CONNACK's reason with the [mqtt] keys to check."""
+    text = f"broker refused the connection: {reason}"
+    if getattr(reason, "value", None) not in LOGIN_REFUSALS:
+        return text
+    if not settings.username:
+        return (
+            f"{text}; the broker needs a login: set mqtt.username and "
+            "mqtt.password_file"
+        )
+    return (
+        f"{text}; check that the broker's password file has user "
+        f"{settings.username!r} (mqtt.username) with the password in "
+        f"{settings.password_file or 'mqtt.password_file, which is not set'}, "
+        "and that its ACL lets that user connect"
+    )
 
 
 def configure_auth(client: mqtt.Client, settings: MqttSettings) -> None:
@@ -174,6 +195,8 @@ class MqttConnection:
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self.last_error: str | None = None
+        # Whether the broker sent a CONNACK on the current connection.
+        self._answered = False
         self.takeovers = 0
         self.connects = 0
         self._reconnect_now = threading.Event()
@@ -303,6 +326,7 @@ class MqttConnection:
 
     def _connect_once(self) -> bool:
         clean_start: Any = False if self.is_v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        self._answered = False
         try:
             self.client.connect(
                 self.settings.host,
@@ -324,8 +348,9 @@ class MqttConnection:
     def _handle_connect(
         self, _c: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any
     ) -> None:
+        self._answered = True
         if reason.is_failure:
-            self.last_error = f"broker refused the connection: {reason}"
+            self.last_error = describe_refusal(reason, self.settings)
             logger.error("%s: %s", self.label, self.last_error)
             self.client.disconnect()
             return
@@ -359,6 +384,12 @@ class MqttConnection:
                 f"{self.client_id}; {self.takeover_fix}"
             )
             logger.error("%s: %s", self.label, self.last_error)
+        elif not self._answered and not self.settings.uses_tls:
+            # mosquitto closes a plain connection to a TLS listener this way.
+            self.last_error = (
+                f"disconnected: {reason}, before the broker answered the "
+                "connect; if its listener expects TLS, set mqtt.tls_ca_file"
+            )
         elif not (self.last_error or "").startswith("broker refused"):
             # A refused CONNACK already set the more useful reason.
             self.last_error = f"disconnected: {reason}"

@@ -195,6 +195,48 @@ def test_wrong_password_is_refused(tmp_path, pki) -> None:
     assert not connection.connected.is_set()
 
 
+def test_refused_login_names_keys(tmp_path, pki) -> None:
+    with start_broker(tmp_path, pki) as broker:
+        wrong = settings(broker, tmp_path, "dev-a", pki["ca"])
+        wrong.password_file.write_text("not-the-password\n")
+        anonymous = MqttSettings(
+            host="127.0.0.1", port=broker.port, tls_ca_file=pki["ca"]
+        )
+        errors = []
+        for config in (wrong, anonymous):
+            connection = connect(config, "dev-a")
+            try:
+                errors.append(wait_for_error(connection))
+            finally:
+                connection.stop()
+
+    assert errors[0] == (
+        "broker refused the connection: Not authorized; check that the broker's "
+        f"password file has user 'dev-a' (mqtt.username) with the password in "
+        f"{wrong.password_file}, and that its ACL lets that user connect"
+    )
+    assert errors[1] == (
+        "broker refused the connection: Not authorized; the broker needs a "
+        "login: set mqtt.username and mqtt.password_file"
+    )
+
+
+def test_plain_connection_to_tls_names_fix(tmp_path, pki) -> None:
+    with start_broker(tmp_path, pki) as broker:
+        config = settings(broker, tmp_path, "dev-a", pki["ca"], tls_ca_file=None)
+        connection = connect(config, "dev-a")
+        try:
+            error = wait_for_error(connection)
+        finally:
+            connection.stop()
+
+    assert error == (
+        "disconnected: Unspecified error, before the broker answered the "
+        "connect; if its listener expects TLS, set mqtt.tls_ca_file"
+    )
+    assert not connection.connected.is_set()
+
+
 class Client:
     """A plain paho client over TLS that records what it receives."""
 
