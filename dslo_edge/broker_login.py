@@ -150,7 +150,8 @@ def start_client(client: mqtt.Client, settings: MqttSettings, label: str) -> Non
     Raises:
         ConfigError: a TLS file cannot be read.
         BrokerError: the broker cannot be reached, the TLS handshake failed,
-            or the broker refused the login or sent no CONNACK within 10 s.
+            the broker refused the login, closed the connection before its
+            CONNACK, or sent no CONNACK within 10 s.
     """
     configure_auth(client, settings)
     configure_tls(client, settings, label)
@@ -158,6 +159,17 @@ def start_client(client: mqtt.Client, settings: MqttSettings, label: str) -> Non
     answered = threading.Event()
     failure_reasons: list[str] = []
     accepted_callback: Any = client.on_connect
+    closed_before_answer: list[str] = []
+    disconnected_callback: Any = client.on_disconnect
+
+    def on_disconnect(
+        own: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if not answered.is_set():
+            closed_before_answer.append(str(reason))
+            answered.set()
+        elif disconnected_callback is not None:
+            disconnected_callback(own, userdata, flags, reason, properties)
 
     def on_connect(
         own: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -169,6 +181,7 @@ def start_client(client: mqtt.Client, settings: MqttSettings, label: str) -> Non
         answered.set()
 
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     try:
         client.connect(settings.host, settings.port, keepalive=30)
     except ssl.SSLError as error:
@@ -177,10 +190,25 @@ def start_client(client: mqtt.Client, settings: MqttSettings, label: str) -> Non
     except OSError as error:
         raise BrokerError(f"cannot reach the broker at {address}: {error}") from error
     client.loop_start()
-    if answered.wait(CONNECT_TIMEOUT_S) and not failure_reasons:
+    if answered.wait(CONNECT_TIMEOUT_S) and not (
+        failure_reasons or closed_before_answer
+    ):
+        client.on_disconnect = disconnected_callback
         return
     client.disconnect()
     client.loop_stop()
+    if closed_before_answer and not settings.uses_tls:
+        # mosquitto closes a plain connection to a TLS listener this way.
+        raise BrokerError(
+            f"the broker at {address} closed the connection before answering "
+            f"it ({closed_before_answer[0]}); if its listener expects TLS, use "
+            f"mqtts://{address} with --tls-ca-file"
+        )
+    if closed_before_answer:
+        raise BrokerError(
+            f"the broker at {address} closed the connection before answering "
+            f"it ({closed_before_answer[0]})"
+        )
     if failure_reasons:
         raise BrokerError(
             f"the broker at {address} refused the connection ({failure_reasons[0]}); "

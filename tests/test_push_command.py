@@ -621,6 +621,34 @@ def test_push_logs_in_to_password_broker(mlp_pair, tmp_path, data_file):
     assert f"sent {MESSAGES} messages" in right.output
 
 
+def test_plain_push_to_tls_listener_names_fix(mlp_pair, tmp_path, data_file):
+    pytest.importorskip("cryptography")
+    from tls_files import make_authority, make_server_certificate
+
+    authority = make_authority(tmp_path, "test-ca")
+    certificate, key = make_server_certificate(
+        authority, tmp_path, "broker", ["127.0.0.1"]
+    )
+    text = (
+        f"listener {{port}} 127.0.0.1\nallow_anonymous true\n"
+        f"cafile {authority.path}\ncertfile {certificate}\nkeyfile {key}\n"
+    )
+    with Broker.start(
+        kind="mosquitto", workdir=tmp_path / "broker", config_text=text
+    ) as broker:
+        started = time.monotonic()
+        result = run_push(mlp_pair.bundle, data_file, broker.url, "--no-wait")
+        took = time.monotonic() - started
+
+    assert result.exit_code == 1
+    assert result.output == (
+        f"error: the broker at 127.0.0.1:{broker.port} closed the connection "
+        "before answering it (Unspecified error); if its listener expects TLS, "
+        f"use mqtts://127.0.0.1:{broker.port} with --tls-ca-file\n"
+    )
+    assert took < 5
+
+
 def test_push_and_ota_send_over_tls_with_login(mlp_pair, tmp_path, data_file):
     pytest.importorskip("cryptography")
     from tls_files import make_authority, make_server_certificate
