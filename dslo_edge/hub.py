@@ -43,6 +43,7 @@ from dslo_edge.protocol import (
 from dslo_edge.push_progress import (
     BASELINE_TIMEOUT_S,
     DeviceCounts,
+    counted,
     key_counters,
     wait_for_baseline,
     wait_for_processed,
@@ -404,6 +405,14 @@ def label_probabilities_of(logits: np.ndarray, temperature: float = 1.0) -> np.n
     return (exponentials / exponentials.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+# MQTT 5 PUBACK reason code of a publish that no subscription matched.
+NO_MATCHING_SUBSCRIBERS = 0x10
+
+
+class DeviceNotSubscribed(BrokerError):
+    """The broker dropped an update because no client subscribes to its topic."""
+
+
 class HubClient:
     """An MQTT client that publishes updates and follows a device's status and metrics.
 
@@ -431,6 +440,9 @@ class HubClient:
         # The retained presence string, STATUS_ONLINE or STATUS_OFFLINE.
         self.status: str | None = None
         self._metrics_changed = threading.Condition()
+        # The PUBACK reason code per message id, read after wait_for_publish,
+        # which returns only after paho called on_publish.
+        self._puback_codes: dict[int, int] = {}
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"dslo-hub-{device_id}-{uuid.uuid4().hex[:8]}",
@@ -438,6 +450,7 @@ class HubClient:
         )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
         settings = (login or BrokerLogin()).settings(host, port)
         broker_login.start_client(self.client, settings, f"hub of {device_id}")
 
@@ -445,6 +458,11 @@ class HubClient:
         self, client: mqtt.Client, _u: Any, _f: Any, _r: Any, _p: Any
     ) -> None:
         client.subscribe([(self.topics.status, 1), (self.topics.metrics, 1)])
+
+    def _on_publish(
+        self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any
+    ) -> None:
+        self._puback_codes[mid] = int(getattr(reason, "value", 0))
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topics.status:
@@ -478,6 +496,13 @@ class HubClient:
         if not info.is_published():
             raise BrokerError(
                 f"update for device {self.device_id} was not acknowledged by the broker"
+            )
+        if self._puback_codes.pop(info.mid, 0) == NO_MATCHING_SUBSCRIBERS:
+            raise DeviceNotSubscribed(
+                f"the broker dropped the update for device {self.device_id} "
+                f"unread, because no client subscribes to {self.topics.updates} "
+                "(the device never connected, its session expired, or --device "
+                "is mistyped)"
             )
 
     def wait_for_metrics(
@@ -601,7 +626,12 @@ def push(
                 if wait and result.messages >= window:
                     count = result.messages - window + 1
                     wait_for_processed(hub, before, count, result.messages, timeout)
-                hub.publish(payload, expiry_s)
+                try:
+                    hub.publish(payload, expiry_s)
+                except DeviceNotSubscribed as error:
+                    raise BrokerError(
+                        _dropped_stop(error, update.sample_count, result, privacy)
+                    ) from error
                 result.messages += 1
                 result.samples += update.sample_count
                 result.payload_bytes += len(payload)
@@ -628,6 +658,30 @@ def push(
     finally:
         hub.close()
     return result
+
+
+def _dropped_stop(
+    error: DeviceNotSubscribed,
+    samples: int,
+    result: PushResult,
+    privacy: PrivateRelease | None,
+) -> str:
+    """Refund an update the broker dropped, and describe where the push stopped."""
+    refund = ""
+    if privacy is not None:
+        privacy.ledger.refund(privacy.device_id, samples)
+        refund = f"; took back the privacy charge of its {samples} samples"
+    fix = (
+        "start the device's daemon once, so that the broker keeps its updates "
+        "while it is offline, and push again"
+    )
+    if not result.messages:
+        return f"{error}{refund}. The push sent nothing; {fix}"
+    return (
+        f"{error}{refund}. The push stopped there, after sending "
+        f"{counted(result.messages, 'update')} ({counted(result.samples, 'sample')}) "
+        f"in round {result.rounds + 1}; {fix}"
+    )
 
 
 def _budget_stop(error: PrivacyBudgetExceeded, result: PushResult) -> str:

@@ -246,6 +246,31 @@ class PrivacyLedger:
                 ) from error
         return after
 
+    def refund(self, device_id: str, count: int) -> None:
+        """Take back ``count`` vectors charged by ``charge`` that no one received.
+
+        Raises:
+            ConfigError: the ledger file cannot be written. The charge then
+                stays, which overstates the spent budget but never hides a
+                release.
+        """
+        previous = self._releases.get(device_id, {})
+        multiplier = self.settings.noise_multiplier
+        device = dict(previous)
+        device[multiplier] = max(0, device.get(multiplier, 0) - count)
+        self._releases[device_id] = device
+        if self.path is None:
+            return
+        try:
+            _write_ledger(self.path, self._releases)
+        except OSError as error:
+            self._releases[device_id] = previous
+            raise ConfigError(
+                f"cannot write privacy ledger {self.path}: {error}; it still "
+                f"counts {count} soft labels for device {device_id!r} that the "
+                "broker dropped unread"
+            ) from error
+
     def release(
         self,
         device_id: str,

@@ -275,8 +275,13 @@ def test_push_timeout_names_key_counters(mlp_pair, broker_factory, data_file):
     metrics["train_ms"] = {"p50": 1.0, "p95": 2.0, "samples": [0.5] * 200}
     publish_retained(broker, f"dslo/{DEVICE}/status", "online")
     publish_retained(broker, f"dslo/{DEVICE}/metrics", json.dumps(metrics))
-
-    result = run_push(mlp_pair.bundle, data_file, broker.url, "--timeout", "1")
+    watcher, _received = watch_updates(broker.port)
+    try:
+        time.sleep(0.5)
+        result = run_push(mlp_pair.bundle, data_file, broker.url, "--timeout", "1")
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
 
     assert result.exit_code == 1
     assert f"processed 0 of the {MESSAGES} updates sent so far within 1 s" in (
@@ -505,6 +510,38 @@ def test_push_rejects_hard_labels_with_privacy(mlp_pair, broker_factory, tmp_pat
     assert not ledger.exists()
 
 
+def test_push_to_device_without_session_refunds(
+    mlp_pair, broker_factory, tmp_path, data_file
+):
+    pytest.importorskip("dp_accounting")
+    broker = broker_factory("mosquitto")
+    ledger = tmp_path / "ledger.json"
+    # No client subscribes to the device's updates: it never connected.
+    result = run_push(
+        mlp_pair.bundle,
+        data_file,
+        broker.url,
+        "--no-wait",
+        "--dp-noise-multiplier",
+        "8",
+        "--dp-epsilon",
+        "100",
+        "--dp-ledger",
+        str(ledger),
+    )
+
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"error: the broker dropped the update for device {DEVICE} unread, "
+        f"because no client subscribes to dslo/{DEVICE}/updates (the device never "
+        "connected, its session expired, or --device is mistyped); took back "
+        f"the privacy charge of its {BATCH} samples. The push sent nothing; "
+        "start the device's daemon once, so that the broker keeps its updates "
+        "while it is offline, and push again\n"
+    )
+    assert json.loads(ledger.read_text())["devices"] == {DEVICE: {"8.0": 0}}
+
+
 def test_push_stopped_by_budget_counts_sent(
     mlp_pair, broker_factory, tmp_path, data_file
 ):
@@ -595,6 +632,13 @@ def test_push_logs_in_to_password_broker(mlp_pair, tmp_path, data_file):
     with Broker.start(
         kind="mosquitto", workdir=tmp_path / "broker", config_text=text
     ) as broker:
+        # The device's subscription, without which the broker drops updates.
+        device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        device.username_pw_set("hub", "hub-secret")
+        device.connect("127.0.0.1", broker.port)
+        device.subscribe(f"dslo/{DEVICE}/updates", qos=1)
+        device.loop_start()
+        time.sleep(0.5)
         anonymous = run_push(mlp_pair.bundle, data_file, broker.url, "--no-wait")
         wrong = run_push(
             mlp_pair.bundle,
@@ -612,6 +656,8 @@ def test_push_logs_in_to_password_broker(mlp_pair, tmp_path, data_file):
             *login,
             str(tmp_path / "hub.password"),
         )
+        device.disconnect()
+        device.loop_stop()
 
     for result in (anonymous, wrong):
         assert result.exit_code == 1
