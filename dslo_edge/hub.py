@@ -689,8 +689,9 @@ def _budget_stop(error: PrivacyBudgetExceeded, result: PushResult) -> str:
     if not result.messages:
         return f"{error}. The push sent nothing"
     return (
-        f"{error}. The push stopped there, after sending {result.messages} "
-        f"updates ({result.samples} samples) in round {result.rounds + 1}"
+        f"{error}. The push stopped there, after sending "
+        f"{counted(result.messages, 'update')} ({counted(result.samples, 'sample')}) "
+        f"in round {result.rounds + 1}"
     )
 
 

@@ -577,6 +577,40 @@ def test_push_stopped_by_budget_counts_sent(
     assert len(received) == 2
 
 
+def test_push_stopped_after_one_update_reads_singular(
+    mlp_pair, broker_factory, tmp_path, data_file
+):
+    pytest.importorskip("dp_accounting")
+    broker = broker_factory("mosquitto")
+    watcher, received = watch_updates(broker.port)
+    try:
+        time.sleep(0.5)
+        # At noise multiplier 4, 8 releases spend epsilon 3.19 and 16 spend
+        # 4.73, so the budget of 4 admits one batch of 8.
+        result = run_push(
+            mlp_pair.bundle,
+            data_file,
+            broker.url,
+            "--no-wait",
+            "--dp-noise-multiplier",
+            "4",
+            "--dp-epsilon",
+            "4",
+            "--dp-ledger",
+            str(tmp_path / "ledger.json"),
+        )
+        time.sleep(0.5)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+
+    assert result.exit_code == 1, result.output
+    assert result.output.endswith(
+        ". The push stopped there, after sending 1 update (8 samples) in round 1\n"
+    )
+    assert len(received) == 1
+
+
 @pytest.mark.parametrize(
     ("url", "options", "fragment"),
     [
