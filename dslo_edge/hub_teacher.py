@@ -115,12 +115,17 @@ def _check_graph_kind(
     settings: TeacherSettings, file: Path, output_kind: str, content: bytes
 ) -> None:
     """Raise ConfigError when the teacher's output op contradicts its output kind."""
-    if settings.path.is_dir():
+    is_bundle = settings.path.is_dir()
+    if is_bundle:
         kind_source = f"the manifest's teacher output kind in {settings.path}"
     else:
         kind_source = "teacher.output_kind"
     check_output_kinds(
-        content, {"output": output_kind}, f"teacher.path {file}", kind_source
+        content,
+        {"output": output_kind},
+        f"teacher.path {file}",
+        kind_source,
+        kind_is_setting=not is_bundle,
     )
 
 

@@ -127,7 +127,12 @@ def expected_output_kinds(bundle: Bundle) -> dict[str, str]:
 
 
 def check_output_kinds(
-    model: bytes, kinds: dict[str, str], source: str, kind_source: str
+    model: bytes,
+    kinds: dict[str, str],
+    source: str,
+    kind_source: str,
+    *,
+    kind_is_setting: bool = False,
 ) -> None:
     """Check that a teacher's outputs are of the kinds the labels will be marked.
 
@@ -143,6 +148,8 @@ def check_output_kinds(
         source: how the file was given, such as ``--teacher t1.tflite``.
         kind_source: where the expected kinds come from, such as
             ``teacher.output_kind``.
+        kind_is_setting: ``kind_source`` is a setting the user may change,
+            so the error suggests setting it to the kind the file outputs.
 
     Raises:
         ConfigError: an output's op contradicts its expected kind.
@@ -160,11 +167,13 @@ def check_output_kinds(
         found = "probabilities" if op == "SOFTMAX" else "logits"
         if found == expected:
             continue
+        fix = f"use a teacher whose last Keras layer {_last_layer(expected)}"
+        if kind_is_setting:
+            fix = f"set {kind_source} = {found!r} if this file is the teacher, or {fix}"
         raise ConfigError(
             f"{source} computes its '{name}' output with a {op or 'constant'} op, "
             f"so it outputs {found}, but {kind_source} is {expected!r}, so the "
-            f"hub would mark its {found} as {expected}; use a teacher whose "
-            f"last Keras layer {_last_layer(expected)}"
+            f"hub would mark its {found} as {expected}; {fix}"
         )
 
 

@@ -304,7 +304,10 @@ def test_logits_file_under_probabilities_stops_start(logits_teacher, tmp_path) -
     message = str(caught.value)
     assert f"teacher.path {teacher} computes its 'output' output" in message
     assert "but teacher.output_kind is 'probabilities'" in message
-    assert "use a teacher whose last Keras layer ends in softmax" in message
+    assert message.endswith(
+        "; set teacher.output_kind = 'logits' if this file is the teacher, or "
+        "use a teacher whose last Keras layer ends in softmax"
+    )
 
 
 def with_unknown_opcode(content: bytes) -> bytes:
