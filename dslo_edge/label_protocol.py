@@ -275,11 +275,19 @@ class _Reader:
         return np.frombuffer(data, dtype=_FLOAT32).reshape((count, *shape)).copy()
 
 
-def request_properties(response_topic: str, request_id: bytes) -> Properties:
-    """Return the PUBLISH properties of a request: response topic and id."""
+def request_properties(
+    response_topic: str, request_id: bytes, expiry_s: int | None = None
+) -> Properties:
+    """Return the PUBLISH properties of a request: response topic and id.
+
+    ``expiry_s`` sets the MQTT 5 message expiry, after which the broker
+    drops a request that no hub worker has received.
+    """
     properties = Properties(PacketTypes.PUBLISH)
     properties.ResponseTopic = response_topic
     properties.CorrelationData = request_id
+    if expiry_s is not None:
+        properties.MessageExpiryInterval = expiry_s
     return properties
 
 

@@ -23,6 +23,7 @@ the MQTT network thread while the trainer thread calls ``propose`` and
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -333,13 +334,23 @@ class LabelRequester:
             return pending
 
     def publish(self, client: mqtt.Client, pending: PendingRequest) -> None:
-        """Publish a request at QoS 1 with its response topic and correlation."""
+        """Publish a request at QoS 1 with its response topic and correlation.
+
+        The request expires on the broker when this device gives it up, so
+        a hub worker that returns from an outage later does not label and
+        charge requests whose responses the device would drop.
+        """
+        settings = self.settings
+        give_up_at = pending.first_sent + settings.timeout_s * (
+            2**settings.max_attempts - 1
+        )
+        expiry_s = max(1, math.ceil(give_up_at - self._clock()))
         client.publish(
             self.topics.requests,
             pending.payload,
             qos=1,
             properties=request_properties(
-                self.topics.labels, pending.request.request_id
+                self.topics.labels, pending.request.request_id, expiry_s
             ),
         )
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from dslo_edge.errors import ConfigError, InvalidRequest, InvalidUpdate
 from dslo_edge.label_protocol import (
@@ -263,3 +268,51 @@ def test_rejections_differing_in_numbers_repeat(caplog) -> None:
     assert len(lines) == 2
     assert "has 40 samples, max 32.5" in lines[0]
     assert lines[1].endswith("with status rejected: bad key")
+
+
+def _session_client(port: int, client_id: str, received: list) -> mqtt.Client:
+    """Connect a persistent-session MQTT 5 client that records correlation ids."""
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+    )
+    client.on_message = lambda _c, _u, m: received.append(m.properties.CorrelationData)
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 300
+    client.connect("127.0.0.1", port, clean_start=False, properties=properties)
+    client.loop_start()
+    return client
+
+
+def test_request_expires_when_device_gives_up(mosquitto) -> None:
+    # A hub worker that subscribed and then died: its session queues requests.
+    received: list[bytes] = []
+    hub = _session_client(mosquitto.port, "dslo-hub-w1", received)
+    subscribed = threading.Event()
+    hub.on_subscribe = lambda *_: subscribed.set()
+    hub.subscribe("$share/dslo-hub/dslo/+/requests", qos=1)
+    assert subscribed.wait(10)
+    hub.disconnect()
+    hub.loop_stop()
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    device.connect("127.0.0.1", mosquitto.port)
+    device.loop_start()
+    inputs = np.zeros((1, 4), np.float32)
+    # Given up after 0.5 + 1.0 s, so the broker keeps it for 2 s.
+    short = LabelRequester("cam", settings=RequestSettings(0.5, max_attempts=2))
+    first = short.open(["a"], inputs)
+    # Given up after 75 s: still queued when the worker returns.
+    long = LabelRequester("cam", settings=RequestSettings(5.0, max_attempts=4))
+    second = long.open(["b"], inputs)
+    assert first is not None and second is not None
+    short.publish(device, first)
+    long.publish(device, second)
+    time.sleep(3.0)
+    device.disconnect()
+    device.loop_stop()
+
+    hub = _session_client(mosquitto.port, "dslo-hub-w1", received)
+    time.sleep(1.0)
+    hub.disconnect()
+    hub.loop_stop()
+
+    assert received == [second.request.request_id]
