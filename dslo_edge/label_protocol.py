@@ -224,7 +224,9 @@ def decode_request(
     if not 1 <= count <= max_samples:
         raise InvalidRequest(
             "too_many_samples",
-            f"request has {count} samples, expected 1 to {max_samples}",
+            f"request has {count} samples, expected 1 to {max_samples}; set "
+            f"requests.max_samples in the device config to at most {max_samples}, "
+            "or raise requests.max_samples in the hub config",
         )
     reader = _Reader(payload, _HEADER.size)
     shape = reader.unpack(f"<{rank}I")

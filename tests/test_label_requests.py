@@ -103,6 +103,11 @@ def test_request_sample_limit() -> None:
     with pytest.raises(InvalidRequest) as caught:
         decode_request(encode_request(make_request(5)), max_samples=4)
     assert caught.value.reason == "too_many_samples"
+    assert str(caught.value).endswith(
+        "request has 5 samples, expected 1 to 4; set requests.max_samples in "
+        "the device config to at most 4, or raise requests.max_samples in the "
+        "hub config"
+    )
 
 
 def test_request_topic_names_device() -> None:
