@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 # same client id.
 SESSION_TAKEN_OVER = 142
 # CONNACK reason codes of a refused login: MQTT 5 "Bad user name or password"
-# and "Not authorized". paho maps the MQTT 3.1.1 return codes 4 and 5 to them.
+# and "Not authorized". paho-mqtt 2.2.0 maps the MQTT 3.1.1 return codes 4 and
+# 5 to them.
 LOGIN_REFUSALS = (0x86, 0x87)
 # A connection that stayed up this long resets the backoff to its minimum.
 STABLE_CONNECTION_S = 10.0
