@@ -227,11 +227,21 @@ def test_push_logs_teacher_path_per_round(
         shutil.copy(mlp_pair.bundle / "teacher.tflite", folder)
         teachers.append(folder / "teacher.tflite")
     options = [f"--teacher={teacher}" for teacher in teachers]
-
-    with caplog.at_level(logging.INFO, logger="dslo_edge.hub"):
-        result = run_push(mlp_pair.bundle, data_file, broker.url, "--no-wait", *options)
+    # A subscriber stands for the device: the broker drops updates that no
+    # client subscribes to, and push then stops.
+    watcher, received = watch_updates(broker.port)
+    try:
+        time.sleep(0.5)
+        with caplog.at_level(logging.INFO, logger="dslo_edge.hub"):
+            result = run_push(
+                mlp_pair.bundle, data_file, broker.url, "--no-wait", *options
+            )
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
 
     assert result.exit_code == 0, result.output
+    assert len(received) == 2 * SAMPLES // BATCH
     rounds = [
         record.getMessage()
         for record in caplog.records
