@@ -37,14 +37,14 @@ from dslo_edge.protocol import (
     MAGIC,
     MAX_TEACHER_VERSION_BYTES,
     MESSAGE_ID_BYTES,
-    ModelSpec,
     SoftLabelUpdate,
     _as_numeric,
     _checked_hard_labels,
     _encode_sample_id,
     _wire_inputs,
     compress_top_k,
-    validate_update,
+    validate_inputs,
+    validate_labels,
 )
 
 __all__ = [
@@ -383,20 +383,21 @@ def validate_multi_head_update(
 ) -> None:
     """Check a decoded multi-head update against the student's heads.
 
-    The update must have labels for exactly the student's heads. Each head's
-    labels then pass ``protocol.validate_update`` with that head's class
-    count, and its errors are raised with the head name in front.
+    The update must have labels for exactly the student's heads. Its inputs
+    and sample ids then pass ``protocol.validate_inputs`` once, and each
+    head's labels pass ``protocol.validate_labels`` with that head's class
+    count, whose errors are raised with the head name in front.
 
     Raises:
         InvalidUpdate: ``shape_mismatch`` for a missing or unknown head, and
             otherwise the reasons of ``validate_update``.
     """
     _check_head_names(update, spec)
+    validate_inputs(head_update(update, next(iter(spec.heads))), spec.input_shape)
     for name, class_count in spec.heads.items():
-        head_spec = ModelSpec(input_shape=spec.input_shape, class_count=class_count)
         try:
-            validate_update(
-                head_update(update, name), head_spec, sum_tolerance=sum_tolerance
+            validate_labels(
+                head_update(update, name), class_count, sum_tolerance=sum_tolerance
             )
         except InvalidUpdate as error:
             raise InvalidUpdate(

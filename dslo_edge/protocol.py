@@ -48,6 +48,8 @@ __all__ = [
     "expand_top_k",
     "label_probabilities",
     "new_message_id",
+    "validate_inputs",
+    "validate_labels",
     "validate_update",
 ]
 
@@ -953,8 +955,54 @@ def validate_update(
             and the first failure is raised. The reason is ``malformed`` for a
             hand-built update without samples or with an unknown ``label_kind``.
     """
-    _check_shapes(update, spec)
-    _check_finite(update)
+    _check_input_shape(update, spec.input_shape)
+    _check_label_shape(update, spec.class_count)
+    _check_rows(update, with_labels=True)
+    _check_finite(update, "inputs", update.inputs)
+    _check_label_values(update, spec.class_count, sum_tolerance)
+    _check_unique_ids(update)
+
+
+def validate_inputs(update: SoftLabelUpdate, input_shape: tuple[int, ...]) -> None:
+    """Check an update's sample ids and inputs, but not its labels.
+
+    A multi-head update checks these once for all its heads, and each head's
+    labels with ``validate_labels``.
+
+    Raises:
+        InvalidUpdate: ``malformed`` for an update without samples,
+            ``shape_mismatch``, ``non_finite`` or ``duplicate_sample_id``.
+    """
+    _check_input_shape(update, input_shape)
+    _check_rows(update, with_labels=False)
+    _check_finite(update, "inputs", update.inputs)
+    _check_unique_ids(update)
+
+
+def validate_labels(
+    update: SoftLabelUpdate, class_count: int, *, sum_tolerance: float = 1e-3
+) -> None:
+    """Check an update's labels, temperature and hard labels, but not its inputs.
+
+    Raises:
+        InvalidUpdate: with the reasons of ``validate_update`` other than
+            ``duplicate_sample_id``, for the labels only.
+    """
+    _check_label_shape(update, class_count)
+    _check_rows(update, with_labels=True)
+    _check_label_values(update, class_count, sum_tolerance)
+
+
+def _check_label_values(
+    update: SoftLabelUpdate, class_count: int, sum_tolerance: float
+) -> None:
+    _check_finite(update, "labels", update.labels)
+    if update.temperature is not None and not math.isfinite(update.temperature):
+        raise _rejection(
+            update,
+            "non_finite",
+            f"temperature is {update.temperature}, expected a finite value",
+        )
     if update.temperature is not None:
         _check_temperature(update.temperature, update.message_id_hex)
     if update.label_kind == "probabilities":
@@ -966,43 +1014,46 @@ def validate_update(
             f"label kind is {update.label_kind!r}, expected one of {LABEL_KINDS}",
         )
     if update.hard_labels is not None:
-        _check_hard_labels(update, update.hard_labels, spec.class_count)
-    _check_unique_ids(update)
+        _check_hard_labels(update, update.hard_labels, class_count)
 
 
 def _rejection(update: SoftLabelUpdate, reason: str, detail: str) -> InvalidUpdate:
     return InvalidUpdate(reason, detail, update.message_id_hex)
 
 
-def _check_shapes(update: SoftLabelUpdate, spec: ModelSpec) -> None:
+def _check_input_shape(update: SoftLabelUpdate, input_shape: tuple[int, ...]) -> None:
     if update.sample_count == 0:
         raise _rejection(update, "malformed", "update has no samples, expected >= 1")
     received_input = tuple(update.inputs.shape[1:])
-    if received_input != tuple(spec.input_shape):
+    if received_input != tuple(input_shape):
         raise _rejection(
             update,
             "shape_mismatch",
             f"per-sample input shape is {received_input}, the model expects "
-            f"{tuple(spec.input_shape)}. The hub must send inputs shaped for this "
+            f"{tuple(input_shape)}. The hub must send inputs shaped for this "
             "student",
         )
+
+
+def _check_label_shape(update: SoftLabelUpdate, class_count: int) -> None:
     received_classes = update.labels.shape[-1] if update.labels.ndim else 0
-    if update.labels.ndim != 2 or received_classes != spec.class_count:
+    if update.labels.ndim != 2 or received_classes != class_count:
         raise _rejection(
             update,
             "shape_mismatch",
             f"labels have shape {update.labels.shape}, the model expects "
-            f"{spec.class_count} classes. The hub's teacher and this student must "
+            f"{class_count} classes. The hub's teacher and this student must "
             "share one class list",
         )
+
+
+def _check_rows(update: SoftLabelUpdate, *, with_labels: bool) -> None:
     sample_count = update.sample_count
-    counts = {
-        "inputs": update.inputs.shape[0],
-        "labels": update.labels.shape[0],
-        "hard labels": sample_count
-        if update.hard_labels is None
-        else update.hard_labels.shape[0],
-    }
+    counts = {"inputs": update.inputs.shape[0]}
+    if with_labels:
+        counts["labels"] = update.labels.shape[0]
+        if update.hard_labels is not None:
+            counts["hard labels"] = update.hard_labels.shape[0]
     for name, count in counts.items():
         if count != sample_count:
             raise _rejection(
@@ -1013,29 +1064,22 @@ def _check_shapes(update: SoftLabelUpdate, spec: ModelSpec) -> None:
             )
 
 
-def _check_finite(update: SoftLabelUpdate) -> None:
-    for name, array in (("inputs", update.inputs), ("labels", update.labels)):
-        # A float64 sum of float32 values cannot overflow, and it is NaN or
-        # infinite exactly when some value is: one reduction, no mask array.
-        # Adding +inf and -inf warns, and the check below names the row.
-        with np.errstate(invalid="ignore"):
-            total = array.sum(dtype=np.float64)
-        if math.isfinite(total):
-            continue
-        bad_rows = ~np.isfinite(array).reshape(array.shape[0], -1).all(axis=1)
-        if bad_rows.any():
-            sample_id = update.sample_ids[int(np.argmax(bad_rows))]
-            raise _rejection(
-                update,
-                "non_finite",
-                f"{name} for sample {sample_id!r} contain NaN or infinity, "
-                "expected finite values",
-            )
-    if update.temperature is not None and not math.isfinite(update.temperature):
+def _check_finite(update: SoftLabelUpdate, name: str, array: np.ndarray) -> None:
+    # A float64 sum of float32 values cannot overflow, and it is NaN or
+    # infinite exactly when some value is: one reduction, no mask array.
+    # Adding +inf and -inf warns, and the check below names the row.
+    with np.errstate(invalid="ignore"):
+        total = array.sum(dtype=np.float64)
+    if math.isfinite(total):
+        return
+    bad_rows = ~np.isfinite(array).reshape(array.shape[0], -1).all(axis=1)
+    if bad_rows.any():
+        sample_id = update.sample_ids[int(np.argmax(bad_rows))]
         raise _rejection(
             update,
             "non_finite",
-            f"temperature is {update.temperature}, expected a finite value",
+            f"{name} for sample {sample_id!r} contain NaN or infinity, "
+            "expected finite values",
         )
 
 

@@ -312,6 +312,25 @@ def test_validation_names_head_with_bad_labels() -> None:
     assert "is 10, expected -1 (none) or a class index 0 to 9" in str(hard_error)
 
 
+def test_shared_field_errors_name_no_head() -> None:
+    wrong_shape = MultiHeadSpec((32,), {"digit": 10, "shape": 3})
+    nan_inputs = make_update()
+    nan_inputs.inputs[2, 5] = np.nan
+    repeated_ids = make_update()
+    repeated_ids.sample_ids = ["a", "b", "a", "c"]
+
+    shape_error = _validation_error(make_update(), wrong_shape)
+    nan_error = _validation_error(nan_inputs, SPEC)
+    ids_error = _validation_error(repeated_ids, SPEC)
+
+    assert shape_error.reason == "shape_mismatch"
+    assert str(shape_error).startswith("per-sample input shape is (64,)")
+    assert nan_error.reason == "non_finite"
+    assert str(nan_error).startswith("inputs for sample 's2' contain NaN")
+    assert ids_error.reason == "duplicate_sample_id"
+    assert str(ids_error).startswith("sample id 'a' appears more than once")
+
+
 BASES = [encode_multi_head_update(make_update(seed=seed)) for seed in range(4)]
 
 
