@@ -39,6 +39,26 @@ INT8_TRAINABLE_REFUSAL = (
 )
 
 
+# TensorFlow 2.21 opens a name scope per Keras layer when it traces a model,
+# and its error message gives this pattern for scope names.
+_SCOPE_NAME = re.compile(r"[A-Za-z0-9_.\\/>-]*")
+
+
+def _check_scope_names(model: Any, role: str) -> None:
+    """Reject a model with a layer name that TensorFlow cannot trace."""
+    layers = list(model.layers)
+    while layers:
+        layer = layers.pop()
+        layers.extend(getattr(layer, "layers", []))
+        if not _SCOPE_NAME.fullmatch(layer.name):
+            raise ConversionError(
+                f"the {role}'s layer {layer.name!r} has a name that TensorFlow "
+                "cannot trace: it accepts only ASCII letters, digits and "
+                "_ . / > - in layer names; rename the layer, and an output layer "
+                "in both the student and the teacher"
+            )
+
+
 class InferenceModule(tf.Module):
     """A Keras model exported with one ``infer`` signature.
 
@@ -49,6 +69,7 @@ class InferenceModule(tf.Module):
 
     def __init__(self, model: Any, name: str):
         super().__init__(name=name)
+        _check_scope_names(model, "student" if name.startswith("student") else name)
         self.model = model
         # Keras 3 variables are invisible to tf.Module tracking; holding the
         # backing tf.Variables makes the saved model (and LiteRT) keep them.

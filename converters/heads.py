@@ -17,7 +17,7 @@ from dslo_edge.multihead_protocol import MAX_HEAD_NAME_BYTES
 
 def head_name(layer_name: str) -> str:
     """Return the signature-safe head name of a Keras output layer name."""
-    return re.sub(r"\W", "_", layer_name)
+    return re.sub(r"\W", "_", layer_name, flags=re.ASCII)
 
 
 def output_layer_names(model: Any) -> list[str]:

@@ -38,7 +38,29 @@ DROPOUT_STEP = "dropout_step"
 
 def weight_name(layer_name: str, part: str) -> str:
     """Return a signature-safe name for a layer weight, e.g. 'dense_1_kernel'."""
-    return re.sub(r"\W", "_", f"{layer_name}_{part}")
+    return re.sub(r"\W", "_", f"{layer_name}_{part}", flags=re.ASCII)
+
+
+def _check_weight_name(name: str, layer: str, layer_of_name: dict[str, str]) -> None:
+    """Reject a weight name that the exported signatures cannot carry.
+
+    TensorFlow 2.21 binds signature tensors as Python parameters, so a name
+    must be unique and must not start with a digit or, because tf.function
+    renames such parameters, with "_".
+    """
+    if not name[0].isalpha():
+        raise ConversionError(
+            f"the student's layer {layer!r} gives the weight name {name!r}, but "
+            "exported weight names must start with a letter; rename the layer "
+            "so that its name starts with a letter"
+        )
+    other = layer_of_name.get(name)
+    if other is not None and other != layer:
+        raise ConversionError(
+            f"the student's layers {other!r} and {layer!r} both give the weight "
+            f"name {name!r}, because characters other than ASCII letters, digits "
+            "and '_' become '_'; rename one of the layers"
+        )
 
 
 class StudentModule(tf.Module):
@@ -110,10 +132,13 @@ class StudentModule(tf.Module):
         # Layers with at least one trained weight; see converters.trainable.
         self.trained_layers = trained_layers(self.graph, self.scope)
         node_variables: dict[str, dict[str, tf.Variable]] = {}
+        layer_of_name: dict[str, str] = {}
         for node in self.graph.nodes:
             node_variables[node.name] = {}
             for part, value in node.weights.items():
                 name = weight_name(node.layer, part)
+                _check_weight_name(name, node.layer, layer_of_name)
+                layer_of_name[name] = node.layer
                 variable = tf.Variable(value, name=name)
                 node_variables[node.name][part] = variable
                 if part in ("moving_mean", "moving_variance"):

@@ -277,6 +277,61 @@ def test_student_without_trained_weight_is_rejected(tmp_path, scope, freeze) -> 
     assert not (tmp_path / "bundle").exists()
 
 
+def _student_with_hidden_layers(*names: str) -> keras.Model:
+    x = keras.Input((6,))
+    hidden = x
+    for name in names:
+        hidden = keras.layers.Dense(4, activation="relu", name=name)(hidden)
+    return keras.Model(x, keras.layers.Dense(3, name="out")(hidden))
+
+
+def _plain_teacher() -> keras.Model:
+    return keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(3, activation="softmax")]
+    )
+
+
+def test_non_ascii_layer_name_converts(tmp_path) -> None:
+    student = _student_with_hidden_layers("größe")
+
+    convert_bundle(_plain_teacher(), student, tmp_path / "bundle")
+
+    weights = json.loads((tmp_path / "bundle" / "manifest.json").read_text())[
+        "student"
+    ]["weights"]
+    assert "gr__e_kernel" in weights
+    assert "gr__e_bias" in weights
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (("a-b", "a_b"), "layers 'a-b' and 'a_b' both give the weight name 'a_b_"),
+        (("1st",), "layer '1st' gives the weight name '1st_.*start with a letter"),
+        (("_hidden",), "layer '_hidden' gives .*start with a letter"),
+    ],
+)
+def test_unexportable_layer_name_is_rejected(tmp_path, names, message) -> None:
+    student = _student_with_hidden_layers(*names)
+
+    with pytest.raises(ConversionError, match=message):
+        convert_bundle(_plain_teacher(), student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_teacher_layer_name_tensorflow_rejects(tmp_path) -> None:
+    teacher = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(3, activation="softmax", name="größe")]
+    )
+    student = _student_with_hidden_layers("hidden")
+
+    with pytest.raises(ConversionError, match="teacher's layer 'größe' has a name"):
+        convert_bundle(teacher, student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    with pytest.raises(ConversionError, match="teacher's layer 'größe' has a name"):
+        convert_teacher(teacher, tmp_path / "teacher.tflite")
+
+
 def test_teacher_sigmoid_output_is_rejected(tmp_path) -> None:
     student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
     teacher = keras.Sequential(

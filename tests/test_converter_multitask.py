@@ -329,6 +329,23 @@ def test_overlong_head_name_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
 
 
+def test_non_ascii_head_name_rejected(tmp_path: Path) -> None:
+    x = keras.Input((64,))
+    trunk = keras.layers.Dense(8, activation="relu")(x)
+    outputs = [
+        keras.layers.Dense(3, name="größe")(trunk),
+        keras.layers.Dense(3, name="short")(trunk),
+    ]
+    student = keras.Model(x, outputs)
+
+    with pytest.raises(ConversionError) as caught:
+        convert_bundle(_teacher({"größe": 3, "short": 3}), student, tmp_path / "b")
+
+    assert "teacher's layer 'größe' has a name" in str(caught.value)
+    assert "only ASCII letters, digits" in str(caught.value)
+    assert not (tmp_path / "b").exists()
+
+
 def test_trainer_rejects_multi_head_bundle(pair: MultiHeadPair) -> None:
     from dslo_edge.config import TrainingSettings
     from dslo_edge.models import StudentModel
