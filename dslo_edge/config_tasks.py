@@ -21,7 +21,7 @@ from dslo_edge.errors import ConfigError
 from dslo_edge.softlabels import SCHEDULE_KINDS, AlphaPolicy, Schedule
 
 # Head names as the converter writes them (converters.heads.head_name).
-HEAD_NAME = re.compile(r"\w+")
+HEAD_NAME = re.compile(r"\w+", re.ASCII)
 _UNIT = (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 # The smoothing store and the teacher monitor each allocate one row per sample
 # id, so a mistyped capacity such as 1e17 would fail to allocate once they fill.
@@ -37,17 +37,30 @@ def read_tasks(reader: TableReader, base: TaskSettings) -> dict[str, TaskSetting
     """Read every ``[training.tasks.<head>]`` table, in file order.
 
     Raises:
-        ConfigError: a head name is not a word of letters, digits and '_', a
-            table has an invalid or unknown key, or a value is out of range.
+        ConfigError: a head name is not a word of ASCII letters, digits and
+            '_', a table has an invalid or unknown key, or a value is out of
+            range.
     """
     tasks = {}
     for name in list(reader.table):
         if not HEAD_NAME.fullmatch(name):
-            raise reader.fail(
-                name, reader.table[name], "a head name of letters, digits and '_'"
-            )
+            raise _invalid_head_name(reader, name)
         tasks[name] = _task(reader.section(name), base)
     return tasks
+
+
+def _invalid_head_name(reader: TableReader, name: str) -> ConfigError:
+    message = (
+        f"{reader.source}: [{reader.path}{name}] has an invalid head name "
+        f"{name!r}, expected ASCII letters, digits and '_' only"
+    )
+    converted = re.sub(r"\W", "_", name, flags=re.ASCII)
+    if converted:
+        message += (
+            ". The converter names the head of output layer "
+            f"{name!r} {converted!r}, so write [{reader.path}{converted}]"
+        )
+    return ConfigError(message)
 
 
 def _task(reader: TableReader, base: TaskSettings) -> TaskSettings:

@@ -35,7 +35,20 @@ def test_task_table_errors_name_key(tmp_path) -> None:
     cases = {
         "[training.tasks.digit]\nspeed = 1\n": "unknown key training.tasks.digit.speed",
         "[training.tasks.digit]\nweight = -1.0\n": "training.tasks.digit.weight = -1.0",
-        '[training.tasks]\n"a-b" = {}\n': "training.tasks.a-b = {} is invalid",
+        '[training.tasks]\n"a-b" = {}\n': (
+            "[training.tasks.a-b] has an invalid head name 'a-b', expected ASCII "
+            "letters, digits and '_' only. The converter names the head of output "
+            "layer 'a-b' 'a_b', so write [training.tasks.a_b]"
+        ),
+        '[training.tasks."größe"]\nweight = 1\n': (
+            "head name 'größe', expected ASCII letters, digits and '_' only. The "
+            "converter names the head of output layer 'größe' 'gr__e', so write "
+            "[training.tasks.gr__e]"
+        ),
+        '[training.tasks.""]\nweight = 1\n': (
+            "[training.tasks.] has an invalid head name '', expected ASCII "
+            "letters, digits and '_' only"
+        ),
         "[training.tasks.digit.alpha]\nw_conf = 0.5\n": (
             "[training.tasks.digit.alpha] invalid weights w_conf=0.5"
         ),
