@@ -12,7 +12,7 @@ from typing import Any
 
 from converters.graph import GraphNode, OutputHead
 from dslo_edge.errors import ConversionError
-from dslo_edge.multihead_protocol import MAX_HEAD_NAME_BYTES
+from dslo_edge.multihead_protocol import MAX_HEAD_NAME_BYTES, MAX_HEADS
 
 
 def head_name(layer_name: str) -> str:
@@ -36,8 +36,9 @@ def read_heads(
         outputs: the last op node of each Keras layer, by layer name.
 
     Raises:
-        ConversionError: two outputs come from the same layer, or two layer
-            names give the same head name.
+        ConversionError: two outputs come from the same layer, two layer
+            names give the same head name, or there are more than
+            ``MAX_HEADS`` outputs.
     """
     by_name = {node.name: node for node in nodes}
     heads: list[OutputHead] = []
@@ -53,6 +54,12 @@ def read_heads(
     _check_unique([head.name for head in heads])
     if len(heads) > 1:
         _check_lengths([head.name for head in heads])
+    if len(heads) > MAX_HEADS:
+        raise ConversionError(
+            f"the student has {len(heads)} outputs, but updates carry labels for "
+            f"at most {MAX_HEADS} heads; give the student at most {MAX_HEADS} "
+            "outputs"
+        )
     return heads
 
 

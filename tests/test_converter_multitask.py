@@ -329,6 +329,22 @@ def test_overlong_head_name_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
 
 
+def test_more_heads_than_payloads_carry_rejected(tmp_path: Path) -> None:
+    heads = {f"h{index}": 2 for index in range(33)}
+    x = keras.Input((64,))
+    trunk = keras.layers.Dense(8, activation="relu")(x)
+    student = keras.Model(
+        x, [keras.layers.Dense(2, name=name)(trunk) for name in heads]
+    )
+
+    with pytest.raises(ConversionError) as caught:
+        convert_bundle(_teacher(heads), student, tmp_path / "b")
+
+    assert "the student has 33 outputs" in str(caught.value)
+    assert "at most 32 heads" in str(caught.value)
+    assert not (tmp_path / "b").exists()
+
+
 def test_non_ascii_head_name_rejected(tmp_path: Path) -> None:
     x = keras.Input((64,))
     trunk = keras.layers.Dense(8, activation="relu")(x)
