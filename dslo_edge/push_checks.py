@@ -8,7 +8,7 @@ interpreter error after some updates were sent.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,15 +215,19 @@ def check_teacher(path: Path, bundle: Bundle, source: str) -> None:
 
 
 def check_top_k(top_k: int | None, bundle: Bundle) -> None:
-    """Check ``--top-k`` against the student's class count.
+    """Check ``--top-k`` against the student's class counts.
 
     A multi-head student sends full labels for heads of k classes or fewer,
-    so only a single-head student limits k.
+    so k must be below the class count of at least one head.
 
     Raises:
-        ConfigError: k is not below the class count of a single-head student.
+        ConfigError: k is not below the class count of a single-head student,
+            or of any head of a multi-head student.
     """
-    if top_k is None or bundle.is_multi_head:
+    if top_k is None:
+        return
+    if bundle.is_multi_head:
+        _check_head_top_k(top_k, bundle.heads)
         return
     if top_k >= bundle.class_count:
         raise ConfigError(
@@ -231,3 +235,15 @@ def check_top_k(top_k: int | None, bundle: Bundle) -> None:
             f"{bundle.class_count} classes; expected 1 to {bundle.class_count - 1}, "
             "or no --top-k to send every probability"
         )
+
+
+def _check_head_top_k(top_k: int, heads: Mapping[str, int]) -> None:
+    largest = max(heads.values())
+    if top_k < largest:
+        return
+    counts = ", ".join(f"{name} {count}" for name, count in heads.items())
+    raise ConfigError(
+        f"--top-k is {top_k}, but no head of the bundle's student has more than "
+        f"{top_k} classes ({counts}), so every head would get full labels; "
+        f"expected 1 to {largest - 1}, or no --top-k to send every probability"
+    )

@@ -183,3 +183,21 @@ def test_push_command_rejects_hard_labels(two_head_bundle: Path, tmp_path) -> No
     assert result.exit_code == 2
     assert "has several heads" in result.output
     assert "push without --hard-labels" in result.output
+
+
+def test_push_rejects_top_k_above_heads(two_head_bundle: Path, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from dslo_edge.cli import main
+
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=_samples().x)
+    arguments = ["push", "--bundle", str(two_head_bundle), "--data", str(data)]
+    arguments += ["--device", DEVICE, "--broker", "mqtt://127.0.0.1:1", "--no-wait"]
+
+    result = CliRunner().invoke(main, [*arguments, "--top-k", "10"])
+
+    assert result.exit_code == 78
+    assert "--top-k is 10, but no head of the bundle's student" in result.output
+    assert "(digit 10, shape 3)" in result.output
+    assert "expected 1 to 9" in result.output
