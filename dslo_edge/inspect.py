@@ -27,7 +27,9 @@ def inspect_bundle(path: str | Path, batch_size: int = 32) -> dict[str, Any]:
 
     Returns:
         A JSON-ready dict with one entry per file under "files", plus
-        "flex_free" for the whole bundle and "probe" for its probe set.
+        "heads" (the class count of each head by name, the one head of a
+        single-head student named ""), "flex_free" for the whole bundle and
+        "probe" for its probe set.
 
     Raises:
         BundleError: the bundle is missing, corrupt or unreadable, or its
@@ -44,6 +46,7 @@ def inspect_bundle(path: str | Path, batch_size: int = 32) -> dict[str, Any]:
         "format_version": bundle.manifest["format_version"],
         "created_by": bundle.manifest.get("created_by", "unknown"),
         "batch_size": batch_size,
+        "heads": bundle.heads or {"": bundle.class_count},
         "files": files,
         "flex_free": all(not report["flex_ops"] for report in files.values()),
         "probe": _probe_report(bundle),
@@ -114,6 +117,7 @@ def format_report(report: dict[str, Any], show_variables: bool = False) -> str:
     lines = [
         f"bundle {report['path']} (format {report['format_version']}, "
         f"{report['created_by']})",
+        _format_heads(report["heads"]),
     ]
     for role, file in report["files"].items():
         lines.append("")
@@ -126,6 +130,13 @@ def format_report(report: dict[str, Any], show_variables: bool = False) -> str:
         else "Flex-free: NO (needs a Flex-enabled interpreter)"
     )
     return "\n".join(lines)
+
+
+def _format_heads(heads: dict[str, int]) -> str:
+    if list(heads) == [""]:
+        return f"student output: {heads['']} classes"
+    listed = ", ".join(f"{name} ({count} classes)" for name, count in heads.items())
+    return f"student heads, as [training.tasks.<head>] names them: {listed}"
 
 
 def _format_probe(probe: dict[str, Any] | None) -> str:

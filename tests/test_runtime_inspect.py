@@ -31,6 +31,23 @@ def test_inspect_reports_flex_free_mobilenet() -> None:
     assert "Flex-free: yes" in format_report(report)
 
 
+def test_inspect_lists_class_count(tmp_path: Path) -> None:
+    report = inspect_bundle(write_bundle(tmp_path / "bundle"))
+
+    assert report["heads"] == {"": 10}
+    assert "student output: 10 classes" in format_report(report)
+
+
+def test_inspect_lists_heads(two_head_bundle: Path) -> None:
+    report = inspect_bundle(two_head_bundle)
+
+    assert report["heads"] == {"digit": 10, "shape": 3}
+    assert (
+        "student heads, as [training.tasks.<head>] names them: "
+        "digit (10 classes), shape (3 classes)"
+    ) in format_report(report)
+
+
 def test_inspect_counts_probe_samples(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     np.savez(bundle / "probe.npz", x=np.zeros((5, 64)), y=np.arange(5))
