@@ -229,6 +229,32 @@ def head_series(
     return lines or [(None, [], [])]
 
 
+def alpha_series(
+    records: Sequence[dict[str, Any]],
+) -> list[tuple[str | None, list[float], list[float]]]:
+    """Return (label, minutes, values) per mean alpha line to plot.
+
+    A multi-head student reports ``mean_alpha`` over all heads' samples and
+    each head's own as ``dynamic.heads.<head>.alpha.mean``, so it gets an
+    "all heads" line and one line per head. Otherwise the one line has label
+    None.
+    """
+    times, values = series(records, "mean_alpha")
+    heads: dict[str, None] = {}
+    for record in records:
+        for head, figures in _mapping(_lookup(record, "dynamic.heads")).items():
+            if isinstance(figures, dict):
+                heads[head] = None
+    lines: list[tuple[str | None, list[float], list[float]]] = []
+    for head in heads:
+        head_times, head_values = series(records, f"dynamic.heads.{head}.alpha.mean")
+        if head_values:
+            lines.append((head, head_times, head_values))
+    if not lines:
+        return [(None, times, values)]
+    return [("all heads", times, values), *lines]
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -386,14 +412,21 @@ def _plot_training(
     )
     figure, grid = pyplot.subplots(2, 2, figsize=(12, 7), sharex=True)
     for axes, (field, title) in zip(grid.flat, panels, strict=True):
-        lines = head_series(records, field)
+        if field == "mean_alpha":
+            lines = alpha_series(records)
+        else:
+            lines = head_series(records, field)
         axes.set_title(title)
         if not any(values for _, _, values in lines):
             _empty(axes, f"no {field} in the log")
             continue
         for head, times, values in lines:
             marker = "." if len(values) < 50 else None
-            axes.plot(times, values, marker=marker, label=head)
+            if head == "all heads":
+                # Black keeps each head's color the same as in the other panels.
+                axes.plot(times, values, marker=marker, label=head, color="black")
+            else:
+                axes.plot(times, values, marker=marker, label=head)
         if lines[0][0] is not None:
             axes.legend(title="head", fontsize="small")
         axes.grid(alpha=0.3)

@@ -18,6 +18,7 @@ from dslo_edge.power import BatteryCapacity, EnergyMeter, PowerModel
 from dslo_edge.power.sources import CpuModelSource
 from dslo_edge.report import (
     _histogram,
+    alpha_series,
     append_metrics,
     head_series,
     latest_energy,
@@ -241,6 +242,39 @@ def test_head_series_splits_multi_head_teacher() -> None:
     assert head_series(records, "loss") == [(None, [], [])]
     single = [{"timestamp": 0.0, "teacher": {"mean_entropy": 0.5}}]
     assert head_series(single, "teacher.mean_entropy") == [(None, [0.0], [0.5])]
+
+
+def test_alpha_series_splits_heads() -> None:
+    records: list[dict[str, Any]] = [
+        {"timestamp": 0.0, "mean_alpha": None, "dynamic": {"heads": {}}},
+        {
+            "timestamp": 60.0,
+            "mean_alpha": 0.7,
+            "dynamic": {
+                "heads": {
+                    "digit": {"alpha": {"mean": 0.8}},
+                    "shape": {"alpha": {"mean": 0.6}},
+                }
+            },
+        },
+        {
+            "timestamp": 120.0,
+            "mean_alpha": 0.5,
+            "dynamic": {
+                "heads": {"digit": {"alpha": None}, "shape": {"alpha": {"mean": 0.6}}}
+            },
+        },
+    ]
+
+    lines = alpha_series(records)
+
+    assert lines == [
+        ("all heads", [1.0, 2.0], [0.7, 0.5]),
+        ("digit", [1.0], [0.8]),
+        ("shape", [1.0, 2.0], [0.6, 0.6]),
+    ]
+    single = [{"timestamp": 0.0, "mean_alpha": 0.4, "dynamic": {"progress": 0.1}}]
+    assert alpha_series(single) == [(None, [0.0], [0.4])]
 
 
 def test_report_writes_three_pngs(tmp_path: Path) -> None:
