@@ -76,9 +76,10 @@ HEAD_FIELDS = struct.Struct("<BHfH")
 
 _FLOAT32 = np.dtype("<f4")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-# Head names are Keras output layer names with non-word characters replaced
-# by "_" (converters.heads.head_name), so they match this pattern.
-HEAD_NAME_PATTERN = re.compile(r"\w+")
+# Head names are Keras output layer names with every character other than
+# ASCII letters, digits and "_" replaced by "_" (converters.heads.head_name),
+# so they match this pattern.
+HEAD_NAME_PATTERN = re.compile(r"\w+", re.ASCII)
 
 
 @dataclass(eq=False)

@@ -163,6 +163,11 @@ MALFORMED = {
         "head 'digit' is listed twice",
     ),
     "head name": (_patched(FIRST_HEAD + 1, b"dig-t"), "malformed", "'dig-t'"),
+    "non-ASCII head name": (
+        _patched(FIRST_HEAD + 1, "digä".encode()),
+        "malformed",
+        "'digä'",
+    ),
     "head flag": (
         _patched(FIRST_HEAD + 6, b"\x12"),
         "malformed",
