@@ -78,6 +78,7 @@ from dslo_edge.ota import (
     status_payload,
 )
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
+from dslo_edge.push_progress import counted
 from dslo_edge.signing import load_key
 from dslo_edge.state_folders import (
     BUNDLES,
@@ -1419,12 +1420,12 @@ class EdgeDaemon:
             restored = self._restore_checkpoint(checkpoint)
         target = "the factory weights" if restored is None else restored.path.name
         logger.error(
-            "Device %s rolled back to %s: %s; %d updates since the last "
-            "checkpoint are dropped",
+            "Device %s rolled back to %s: %s; dropped %s applied since the "
+            "last checkpoint",
             self.device_id,
             target,
             problem,
-            self._unsaved,
+            counted(self._unsaved, "update"),
         )
         # The restored weights, not the rejected ones, are the baseline of
         # the next check.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import threading
@@ -302,7 +303,9 @@ def test_push_timeout_names_key_counters(mlp_pair, broker_factory, data_file):
     assert len(result.output.splitlines()[-1]) < 300
 
 
-def test_push_reports_rollback_of_its_updates(mlp_pair, broker_factory, tmp_path):
+def test_push_reports_rollback_of_its_updates(
+    mlp_pair, broker_factory, tmp_path, caplog
+):
     broker = broker_factory("mosquitto")
     x = np.random.default_rng(0).random((SAMPLES, 64), dtype=np.float32)
     # Below max_abs_input (1e6), yet its gradients grow the weights past the
@@ -312,11 +315,20 @@ def test_push_reports_rollback_of_its_updates(mlp_pair, broker_factory, tmp_path
     np.savez(data, x=x)
     daemon = start_daemon(mlp_pair.bundle, broker, tmp_path)
     try:
-        result = run_push(mlp_pair.bundle, data, broker.url)
+        with caplog.at_level(logging.ERROR, logger="dslo_edge.daemon"):
+            result = run_push(mlp_pair.bundle, data, broker.url)
         rollbacks = daemon.rollbacks
     finally:
         daemon.stop()
 
+    messages = [record.getMessage() for record in caplog.records]
+    [logged] = [message for message in messages if "rolled back" in message]
+    # The count agrees with its noun: "1 update", "2 updates".
+    assert re.search(
+        r"; dropped (1 update|([02-9]|\d\d+) updates) applied since the last "
+        r"checkpoint$",
+        logged,
+    ), logged
     assert result.exit_code == 1
     assert f"device {DEVICE} rolled back its student during the push" in (result.output)
     assert "weight norm grew" in result.output
