@@ -172,6 +172,15 @@ class AckLedger:
         ready, self._unsaved = self._unsaved, []
         return ready
 
+    def forget_saved_once(self) -> int:
+        """Drop the group saved once without acknowledging it; return its size.
+
+        The broker delivers those messages again after the next reconnect.
+        """
+        count = len(self._saved_once)
+        self._saved_once = []
+        return count
+
     def release_all(self) -> list[tuple[int, int, int]]:
         ready = self._saved_once + self._unsaved
         self._saved_once, self._unsaved = [], []

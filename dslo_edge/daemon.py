@@ -318,6 +318,9 @@ class EdgeDaemon:
         # ids may be in the newest generation only, so until then a rejected
         # duplicate is acknowledged after checkpoints, like an applied update.
         self._restored_unconfirmed = False
+        # The checkpoint that contains the updates saved once: the last one saved,
+        # or the one restored at start.
+        self._newest_saved: str | None = None
         self._unsaved = 0
         self._changed_since_save = False
         self._in_burst = False
@@ -500,6 +503,7 @@ class EdgeDaemon:
                 self.metrics.restore_rejected(restored.state.get("rejected", {}))
                 self.restored_from = restored.path.name
                 self._restored_unconfirmed = True
+                self._newest_saved = restored.path.name
                 logger.info(
                     "Device %s restored %s (%d updates applied before)",
                     self.device_id,
@@ -1435,10 +1439,34 @@ class EdgeDaemon:
         # repeat the harm. The others waiting for acknowledgement may be in
         # the restored generation only, so it is saved once more first.
         self._unsaved = 0
+        if restored is not None and restored.path.name != self._newest_saved:
+            self._redeliver_saved_once(restored)
         if restored is None or self.save_checkpoint():
             self._send_acks(self._acks.release_all())
         self.publish_metrics()
         return False
+
+    def _redeliver_saved_once(self, restored: Checkpoint) -> None:
+        """Leave the updates that ``restored`` lacks for the broker to send again.
+
+        The rollback restored a generation older than the last one saved,
+        because that one could not be read or restored. The updates saved
+        once are in that newest generation only, so acknowledging them
+        would lose them. The idle loop reconnects, and the broker then
+        delivers them again.
+        """
+        forgotten = self._acks.forget_saved_once()
+        if not forgotten:
+            return
+        self._deferred_since_reconnect = True
+        logger.warning(
+            "Device %s restored %s, which lacks %d updates saved only in %s; "
+            "they stay unacknowledged and it reconnects to receive them again",
+            self.device_id,
+            restored.path.name,
+            forgotten,
+            self._newest_saved,
+        )
 
     def _reset_to_bundle_weights(self) -> None:
         """Give the student the bundle's weights and a new trainer."""
@@ -1491,6 +1519,7 @@ class EdgeDaemon:
         self._unsaved = 0
         self._changed_since_save = False
         self._restored_unconfirmed = False
+        self._newest_saved = path.name
         self.checkpoints_written += 1
         self.health.accept()
         logger.debug("Device %s saved %s", self.device_id, path.name)

@@ -22,6 +22,7 @@ from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
 from dslo_edge.config import render_config
 from dslo_edge.daemon import APPLIED_IDS
+from dslo_edge.errors import BrokerError
 from dslo_edge.fault_scenarios import FAST_SETTINGS
 from dslo_edge.faults import DEVICE, DaemonProcess, Publisher, make_updates
 from dslo_edge.ota import ota_topics, split_archive
@@ -315,3 +316,55 @@ def test_ota_transfer_resumes_after_sigkill(mlp_pair, mosquitto, tmp_path) -> No
 
 def statuses_of(statuses: list[dict], transfer: bytes) -> list[dict]:
     return [status for status in statuses if status.get("transfer") == transfer.hex()]
+
+
+def test_rollback_past_corrupt_newest_keeps_update(
+    mlp_pair, mosquitto, tmp_path
+) -> None:
+    # The second update is saved in the newest generation only, which turns
+    # unreadable before a harmful update makes the daemon roll back. The
+    # rollback restores the generation before it, which lacks the second
+    # update, so the broker must deliver that update again.
+    config = write_device_config(
+        tmp_path,
+        mlp_pair.bundle,
+        mosquitto.port,
+        checkpoint_every=1,
+        checkpoint_idle_s=600,
+    )
+    checkpoints = tmp_path / "state" / "checkpoints"
+    first, second = (
+        encode_update(update)
+        for update in make_updates(load_bundle(mlp_pair.bundle), 2, seed=5)
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        hub.publish([first])
+        hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
+        hub.publish([second])
+        hub.wait(lambda m: m.get("applied_total") == 2 and m["unsaved"] == 0)
+        corrupt_newest(checkpoints)
+        hub.publish([harmful_update()])
+        hub.wait(lambda m: m["rollbacks"] == 1)
+        try:
+            metrics = hub.wait(
+                lambda m: (
+                    m["connects"] == 2 and m["applied_total"] == 2 and m["unsaved"] == 0
+                ),
+                timeout=10,
+            )
+        except BrokerError:
+            metrics = dict(hub.metrics or {})
+    finally:
+        hub.close()
+        daemon.terminate()
+
+    restored = load_latest_checkpoint(checkpoints)
+    log = daemon.log_text()
+    assert second[6:22] in applied_ids(restored), log[-3000:]
+    assert first[6:22] in applied_ids(restored)
+    assert metrics["applied_total"] == 2, log[-3000:]
+    assert "rolled back to checkpoint-00000001.safetensors" in log
+    assert "lacks 1 updates saved only in" in log
