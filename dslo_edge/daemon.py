@@ -1414,7 +1414,10 @@ class EdgeDaemon:
             return True
         self.rollbacks += 1
         self.last_rollback = problem
-        checkpoint = load_latest_checkpoint(self.checkpoint_dir)
+        # Unreadable generations are renamed, as at start, because the save
+        # below would otherwise count one as a generation and prune the one
+        # it restores.
+        checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
         restored = None
         if checkpoint is None:
             self._reset_to_bundle_weights()

@@ -16,6 +16,7 @@ from dslo_edge.checkpoint import (
     Checkpoint,
     list_checkpoints,
     load_latest_checkpoint,
+    load_older_checkpoint,
     move_generations,
     save_checkpoint,
 )
@@ -952,6 +953,30 @@ def test_rollback_restores_older_generation(
     assert [path.name for path in moved] == ["checkpoint-00000002.safetensors"]
     expected = "rolled back to checkpoint-00000001.safetensors: forced failure"
     assert expected in caplog.text
+
+
+def test_rollback_past_unreadable_newest_keeps_two(
+    mlp_pair, tmp_path, monkeypatch, caplog
+) -> None:
+    state = tmp_path / "state"
+    folder = state / "checkpoints"
+    daemon, written = daemon_and_first_checkpoint(tmp_path, mlp_pair.bundle, state)
+    adapted = adapted_weights(written.tensors, 0.5)
+    save_checkpoint(folder, adapted, written.state)
+    newest = save_checkpoint(folder, adapted, written.state)
+    newest.write_bytes(newest.read_bytes()[:-64])
+
+    healthy = forced_rollback(daemon, monkeypatch, caplog)
+
+    assert not healthy
+    # Both generations left hold every acknowledged update, so the
+    # unreadable one must not count as one of them when the save prunes.
+    generations = list_checkpoints(folder)
+    assert len(generations) == 2, generation_names(folder)
+    for sequence, path in generations:
+        readable = load_older_checkpoint(folder, sequence + 1)
+        assert readable is not None and readable.path == path, path.name
+    assert (folder / "checkpoint-00000002.safetensors.corrupt").is_file()
 
 
 def test_stop_before_accept_restores_old_model(mlp_pair, tmp_path, caplog) -> None:
