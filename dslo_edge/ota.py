@@ -50,6 +50,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from dslo_edge.bundle import sha256_file
 from dslo_edge.errors import BundleError
@@ -479,13 +480,17 @@ class OtaReceiver:
         transfer = self._transfer_for(header)
         if header.index in transfer.received:
             return None  # a QoS 1 repeat
+        # Each write is synced, because the daemon acknowledges the chunk
+        # when this returns and the broker never sends it again. The data
+        # comes first, so after a power cut the list names no chunk that is
+        # not on disk.
         with open(transfer.path, "r+b") as stream:
             stream.seek(header.index * header.chunk_bytes)
             stream.write(data)
-        # Recorded after the data, so a restart never counts a chunk that
-        # was not written. The chunk is acknowledged after both.
+            _sync(stream)
         with open(_received_path(transfer.path), "ab") as stream:
             stream.write(header.index.to_bytes(4, "little"))
+            _sync(stream)
         transfer.received.add(header.index)
         transfer.last_chunk_at = self._clock()
         if len(transfer.received) < header.count:
@@ -543,6 +548,9 @@ class OtaReceiver:
             with open(path, "wb") as stream:
                 stream.truncate(header.total_bytes)
             _received_path(path).write_bytes(b"")
+            # Both names must survive a power cut, or a restart would start
+            # the transfer anew without the chunks acknowledged before it.
+            _sync_folder(self.folder)
             logger.info(
                 "Receiving model transfer %s: %d bytes in %d chunks",
                 header.transfer_id.hex(),
@@ -598,6 +606,21 @@ class OtaReceiver:
         final = transfer.path.with_suffix(".tar")
         os.replace(transfer.path, final)
         return ReceivedArchive(transfer_id, final, transfer.header.total_bytes)
+
+
+def _sync(stream: BinaryIO) -> None:
+    """Write ``stream``'s buffer and its file's data to the disk."""
+    stream.flush()
+    os.fsync(stream.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
+    """Write the entries of ``folder`` to the disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _received_path(part: Path) -> Path:

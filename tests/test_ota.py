@@ -213,6 +213,38 @@ def test_chunks_out_of_order_and_repeated(tmp_path: Path) -> None:
     assert receiver.progress is None
 
 
+def test_stored_chunk_is_on_disk_before_return(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemon acknowledges a chunk once receive returns, and the broker
+    # never sends it again, so the data and its entry in the list of stored
+    # chunks must survive a power cut by then.
+    archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
+    chunks = split_archive(archive, chunk_bytes=16 * 1024)
+    folder = tmp_path / "ota"
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def record(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", record)
+    receiver = OtaReceiver(folder)
+    assert receiver.receive(chunks[1]) is None
+    monkeypatch.undo()
+
+    transfer = peek_transfer_id(chunks[1])
+    part = str(folder / f"{transfer}.part")
+    listed = str(folder / f"{transfer}.received")
+    assert part in synced, synced
+    assert listed in synced, synced
+    assert str(folder) in synced, synced
+    # The data first, so the list never names a chunk that is not on disk.
+    assert synced.index(part) < len(synced) - 1 - synced[::-1].index(listed)
+    assert synced[-1] == listed
+
+
 def test_new_transfer_deletes_abandoned_part(tmp_path: Path) -> None:
     archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
     chunks = split_archive(archive, chunk_bytes=16 * 1024)
