@@ -478,10 +478,22 @@ class OtaReceiver:
 
     def _store(self, header: ChunkHeader, data: bytes) -> ReceivedArchive | None:
         transfer = self._transfer_for(header)
-        if header.index in transfer.received:
-            return None  # a QoS 1 repeat
+        if header.index not in transfer.received:
+            self._write_chunk(transfer, header, data)
+        # Else a QoS 1 repeat. After a restart it may also be the last chunk,
+        # stored before the archive was checked, so a complete transfer is
+        # checked here too.
+        transfer.last_chunk_at = self._clock()
+        if len(transfer.received) < header.count:
+            return None
+        self._transfer = None
+        return self._verify(transfer)
+
+    def _write_chunk(
+        self, transfer: _Transfer, header: ChunkHeader, data: bytes
+    ) -> None:
         # Each write is synced, because the daemon acknowledges the chunk
-        # when this returns and the broker never sends it again. The data
+        # once receive returns, and the broker never sends it again. The data
         # comes first, so after a power cut the list names no chunk that is
         # not on disk.
         with open(transfer.path, "r+b") as stream:
@@ -492,11 +504,6 @@ class OtaReceiver:
             stream.write(header.index.to_bytes(4, "little"))
             _sync(stream)
         transfer.received.add(header.index)
-        transfer.last_chunk_at = self._clock()
-        if len(transfer.received) < header.count:
-            return None
-        self._transfer = None
-        return self._verify(transfer)
 
     def _transfer_for(self, header: ChunkHeader) -> _Transfer:
         current = self._transfer
@@ -592,12 +599,15 @@ class OtaReceiver:
         self._transfer = None
 
     def _verify(self, transfer: _Transfer) -> ReceivedArchive:
-        _received_path(transfer.path).unlink(missing_ok=True)
+        # The list of stored chunks is deleted last, so a restart during the
+        # check resumes the complete transfer and checks it again.
+        listed = _received_path(transfer.path)
         expected = transfer.header.sha256.hex()
         actual = sha256_file(transfer.path)
         transfer_id = transfer.header.transfer_id.hex()
         if actual != expected:
             transfer.path.unlink(missing_ok=True)
+            listed.unlink(missing_ok=True)
             raise OtaError(
                 "checksum_mismatch",
                 f"model transfer {transfer_id}: archive sha256 is {actual}, the hub "
@@ -605,6 +615,7 @@ class OtaReceiver:
             )
         final = transfer.path.with_suffix(".tar")
         os.replace(transfer.path, final)
+        listed.unlink(missing_ok=True)
         return ReceivedArchive(transfer_id, final, transfer.header.total_bytes)
 
 

@@ -245,6 +245,40 @@ def test_stored_chunk_is_on_disk_before_return(
     assert synced[-1] == listed
 
 
+@pytest.mark.parametrize("stopped_in", ["_verify", "sha256_file"])
+def test_restart_before_check_completes_transfer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped_in: str
+) -> None:
+    # A daemon killed after it stored the last chunk, before or while it
+    # checked the archive, did not acknowledge that chunk, so the broker
+    # sends it again after the restart. Every other chunk was acknowledged.
+    from dslo_edge import ota
+
+    archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
+    chunks = split_archive(archive, chunk_bytes=16 * 1024)
+    folder = tmp_path / "ota"
+    before = OtaReceiver(folder)
+    for chunk in chunks[:-1]:
+        assert before.receive(chunk) is None
+
+    def killed(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    if stopped_in == "_verify":
+        monkeypatch.setattr(OtaReceiver, "_verify", killed)
+    else:
+        monkeypatch.setattr(ota, "sha256_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        before.receive(chunks[-1])
+    monkeypatch.undo()
+
+    received = OtaReceiver(folder).receive(chunks[-1])
+
+    assert received is not None
+    assert received.path.read_bytes() == archive
+    assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
+
+
 def test_new_transfer_deletes_abandoned_part(tmp_path: Path) -> None:
     archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
     chunks = split_archive(archive, chunk_bytes=16 * 1024)
