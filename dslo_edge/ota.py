@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 MAGIC = b"DSLB"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sB16sQIII32s")
+# Transfer id, archive bytes, chunk bytes, chunk count and sha256, as the
+# list of stored chunks starts (see _archive_identity).
+_IDENTITY = struct.Struct("<16sQII32s")
 HEADER_BYTES = _HEADER.size
 DEFAULT_CHUNK_BYTES = 64 * 1024
 DEFAULT_MAX_ARCHIVE_BYTES = 64 * 1024 * 1024
@@ -554,7 +557,7 @@ class OtaReceiver:
         else:
             with open(path, "wb") as stream:
                 stream.truncate(header.total_bytes)
-            _received_path(path).write_bytes(b"")
+            _received_path(path).write_bytes(_archive_identity(header))
             # Both names must survive a power cut, or a restart would start
             # the transfer anew without the chunks acknowledged before it.
             _sync_folder(self.folder)
@@ -635,15 +638,34 @@ def _sync_folder(folder: Path) -> None:
 
 
 def _received_path(part: Path) -> Path:
-    """Return the file that lists the stored chunks of ``part``, 4 bytes each."""
+    """Return the file that lists the stored chunks of ``part``.
+
+    It starts with ``_archive_identity`` of the transfer, then has 4 bytes,
+    little-endian, per stored chunk index.
+    """
     return part.with_suffix(".received")
+
+
+def _archive_identity(header: ChunkHeader) -> bytes:
+    """Return the header fields that every chunk of one archive repeats, packed.
+
+    64 bytes, a multiple of an index's 4, so the indices after it stay aligned.
+    """
+    return _IDENTITY.pack(
+        header.transfer_id,
+        header.total_bytes,
+        header.chunk_bytes,
+        header.count,
+        header.sha256,
+    )
 
 
 def _stored_chunks(part: Path, header: ChunkHeader) -> set[int]:
     """Return the chunks of ``header`` that an earlier run stored in ``part``.
 
     Returns an empty set when there is no such file or it does not fit the
-    announced archive. A wrong chunk would still fail the final sha256 check.
+    announced archive, for example when a sender reused the transfer id for
+    another archive. A wrong chunk would still fail the final sha256 check.
     """
     try:
         if part.stat().st_size != header.total_bytes:
@@ -651,9 +673,13 @@ def _stored_chunks(part: Path, header: ChunkHeader) -> set[int]:
         listed = _received_path(part).read_bytes()
     except FileNotFoundError:
         return set()
+    identity = _archive_identity(header)
+    if not listed.startswith(identity):
+        return set()
     whole = len(listed) - len(listed) % 4
     indices = (
-        int.from_bytes(listed[at : at + 4], "little") for at in range(0, whole, 4)
+        int.from_bytes(listed[at : at + 4], "little")
+        for at in range(len(identity), whole, 4)
     )
     return {index for index in indices if index < header.count}
 

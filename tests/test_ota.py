@@ -279,6 +279,22 @@ def test_restart_before_check_completes_transfer(
     assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
 
 
+def test_restart_does_not_mix_two_archives(tmp_path: Path) -> None:
+    # A sender that reuses a transfer id for another archive of the same
+    # size after a restart: the chunks stored before must not be kept.
+    transfer = b"t" * 16
+    first = split_archive(os.urandom(50_000), 16 * 1024, transfer)
+    archive = os.urandom(50_000)
+    second = split_archive(archive, 16 * 1024, transfer)
+    folder = tmp_path / "ota"
+    for chunk in first[:2]:
+        assert OtaReceiver(folder).receive(chunk) is None
+
+    received = receive_all(OtaReceiver(folder), second)
+
+    assert received.path.read_bytes() == archive
+
+
 def test_new_transfer_deletes_abandoned_part(tmp_path: Path) -> None:
     archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
     chunks = split_archive(archive, chunk_bytes=16 * 1024)
