@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ def save_checkpoint(
 
 
 def _read(path: Path, sequence: int) -> Checkpoint:
-    data = path.read_bytes()
+    data = _read_regular_file(path)
     tensors = load_tensors(data)
     header_length = int.from_bytes(data[:8], "little")
     metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
@@ -166,6 +167,19 @@ def _read(path: Path, sequence: int) -> Checkpoint:
     ):
         raise ValueError("state checksum does not match")
     return Checkpoint(path, sequence, tensors, json.loads(state_text))
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """Read ``path``, raising ValueError when it is not a regular file.
+
+    The file is opened without blocking, so a FIFO in place of a checkpoint
+    fails here instead of waiting for a writer.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ValueError("not a regular file")
+        return stream.read()
 
 
 def load_older_checkpoint(

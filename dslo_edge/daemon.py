@@ -545,14 +545,17 @@ class EdgeDaemon:
             ) from None
         denied = []
         for _, path in generations:
+            # A directory, FIFO or dangling symlink in place of a file is
+            # damage, which the restore renames to *.corrupt. Opening a FIFO
+            # would block until a writer opens it.
+            if not path.is_file():
+                continue
             try:
                 with open(path, "rb"):
                     pass
             except PermissionError:
                 denied.append(path.name)
             except OSError:
-                # A directory or a dangling symlink in place of a file is
-                # damage, which the restore renames to *.corrupt.
                 continue
         if denied:
             raise ConfigError(

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -694,6 +695,34 @@ def test_non_file_checkpoint_is_quarantined(mlp_pair, tmp_path) -> None:
         "checkpoint-00000002.safetensors",
         "checkpoint-00000003.safetensors.corrupt",
         "checkpoint-00000004.safetensors.corrupt",
+    ]
+
+
+def test_fifo_checkpoint_does_not_block_start(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    writer = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    assert writer.save_checkpoint()
+    writer._state_lock.release()
+    folder = state / "checkpoints"
+    fifo = folder / "checkpoint-00000002.safetensors"
+    os.mkfifo(fifo)
+    daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
+    restore = threading.Thread(target=daemon._restore, daemon=True)
+
+    restore.start()
+    restore.join(30)
+    blocked = restore.is_alive()
+    if blocked:
+        # Opening the FIFO for writing releases the reader that waits on it.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        restore.join(60)
+    daemon._state_lock.release()
+
+    assert not blocked
+    assert daemon.restored_from == "checkpoint-00000001.safetensors"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "checkpoint-00000001.safetensors",
+        "checkpoint-00000002.safetensors.corrupt",
     ]
 
 
