@@ -19,6 +19,7 @@ The policy only decides. The caller stops taking updates off its queue while
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -201,13 +202,22 @@ class BudgetPolicy:
             )
             if percent < threshold:
                 self._battery_paused = True
-                return (
-                    f"battery {battery.name} at {percent:.0f}% and discharging, "
-                    f"below {settings.battery_min_percent:g}%; resumes at "
-                    f"{settings.battery_resume_percent:g}% or on external power"
-                )
+                return self._battery_reason(battery.name, percent)
         self._battery_paused = False
         return None
+
+    def _battery_reason(self, name: str, percent: float) -> str:
+        settings = self.settings
+        if percent < settings.battery_min_percent:
+            cause = f"below {settings.battery_min_percent:g}%"
+        else:
+            # Between the two thresholds, the pause continues from an earlier drop.
+            cause = f"paused since it fell below {settings.battery_min_percent:g}%"
+        return (
+            f"battery {name} at {_percent_text(percent)}% and discharging, "
+            f"{cause}; resumes at {settings.battery_resume_percent:g}% or on "
+            "external power"
+        )
 
     def _check_thermal(self) -> str | None:
         margin = self.settings.thermal_resume_margin_c if self._thermal_paused else 0
@@ -265,3 +275,14 @@ class BudgetPolicy:
             )
         elif not decision.paused and self._last.paused:
             logger.info("Device %s resumes training", self.device_id)
+
+
+def _percent_text(percent: float) -> str:
+    """Format a charge in percent, rounded down to a tenth.
+
+    A charge from energy_now/energy_full is fractional. Rounded down, 19.96%
+    reads as 19.9%, not as 20%, beside a threshold of 20% that it is below.
+    """
+    if percent == int(percent):
+        return f"{percent:.0f}"
+    return f"{math.floor(percent * 10) / 10:.1f}"

@@ -46,10 +46,35 @@ def test_low_battery_pauses_and_resumes(tmp_path: Path) -> None:
     )
 
     battery(tmp_path, 22)  # above the pause threshold, below the resume one
-    assert policy.check().paused
+    decision = policy.check()
+    assert decision.paused
+    assert decision.reason == (
+        "battery BAT0 at 22% and discharging, paused since it fell below 20%; "
+        "resumes at 25% or on external power"
+    )
 
     battery(tmp_path, 25)
     assert not policy.check().paused
+
+
+def test_fractional_charge_reads_below_threshold(tmp_path: Path) -> None:
+    policy = BudgetPolicy(BudgetSettings(20, 25), root=tmp_path)
+    power_supply(
+        tmp_path,
+        "BAT0",
+        type="Battery",
+        status="Discharging",
+        energy_now=19_960_000,
+        energy_full=100_000_000,
+    )
+
+    decision = policy.check()
+
+    assert decision.paused
+    assert decision.reason == (
+        "battery BAT0 at 19.9% and discharging, below 20%; "
+        "resumes at 25% or on external power"
+    )
 
 
 def test_low_battery_resumes_on_external_power(tmp_path: Path) -> None:
