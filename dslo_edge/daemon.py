@@ -117,6 +117,8 @@ BURST_GAP_S = 0.01
 # Updates that arrive this soon after a burst gap's acknowledgements show
 # that the broker's in-flight window had stopped it.
 WINDOW_PROOF_S = 0.05
+# Wait between tries of a rollback whose checkpoints could not be read.
+ROLLBACK_RETRY_S = 1.0
 
 
 def burst_checkpoint_every(
@@ -309,6 +311,9 @@ class EdgeDaemon:
         self.checkpoints_written = 0
         self.rollbacks = 0
         self.last_rollback: str | None = None
+        # The health problem of a rollback that could not read the
+        # checkpoints. Training waits until the rollback is done.
+        self._pending_rollback: str | None = None
         self.deferred = 0
         self.inference_rejected: Counter[str] = Counter()
         self._deferred_since_reconnect = False
@@ -773,7 +778,8 @@ class EdgeDaemon:
         # Two generations, so every handled update is acknowledged.
         self._checkpoint_and_ack()
         self._checkpoint_and_ack()
-        if self._changed_since_save:
+        # A pending rollback means that the student must not be saved.
+        if self._changed_since_save and self._pending_rollback is None:
             self.save_checkpoint()  # keeps the last rejection counts
         self.publish_metrics()
         if self.connection.connected.is_set():
@@ -989,6 +995,10 @@ class EdgeDaemon:
                 logger.exception(
                     "Device %s failed to apply a model update", self.device_id
                 )
+            if self._pending_rollback is not None:
+                if not self.stopping.wait(ROLLBACK_RETRY_S):
+                    self._check_health()
+                continue
             if self._budget_paused():
                 self.stopping.wait(0.5)
                 continue
@@ -1412,15 +1422,25 @@ class EdgeDaemon:
             True when the student is healthy and may be saved.
         """
         self._since_probe = 0
-        problem = self.health.problem(self.student, self.student.get_weights())
+        problem = self._pending_rollback or self.health.problem(
+            self.student, self.student.get_weights()
+        )
         if problem is None:
             return True
+        try:
+            checkpoint = self._latest_for_rollback()
+        except (ConfigError, OSError) as error:
+            self._postpone_rollback(problem, error)
+            return False
+        if self._pending_rollback is not None:
+            logger.info(
+                "Device %s can read its checkpoints again and rolls back",
+                self.device_id,
+            )
+            self._pending_rollback = None
+            self.storage_error = None
         self.rollbacks += 1
         self.last_rollback = problem
-        # Unreadable generations are renamed, as at start, because the save
-        # below would otherwise count one as a generation and prune the one
-        # it restores.
-        checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
         restored = None
         if checkpoint is None:
             self._reset_to_bundle_weights()
@@ -1473,6 +1493,46 @@ class EdgeDaemon:
             forgotten,
             self._newest_saved,
         )
+
+    def _latest_for_rollback(self) -> Checkpoint | None:
+        """Return the newest checkpoint that reads back intact, or None.
+
+        Raises:
+            ConfigError: the daemon's user may not list the checkpoints or
+                read one of them. Such a checkpoint is not damaged, so the
+                rollback must not skip it for an older one or the factory
+                weights.
+            OSError: listing the checkpoints failed for another reason.
+        """
+        self._check_checkpoints_readable()
+        # Unreadable generations are renamed, as at start, because the save
+        # after the rollback would otherwise count one as a generation and
+        # prune the one it restores.
+        return load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
+
+    def _postpone_rollback(self, problem: str, error: Exception) -> None:
+        """Keep the unhealthy student unsaved until its checkpoints can be read.
+
+        Training waits and the updates since the last checkpoint stay
+        unacknowledged, so the broker keeps them while the train loop retries.
+        """
+        if isinstance(error, OSError):
+            cause = f"{type(error).__name__}: {error.strerror or error}"
+        else:
+            # Drop the config file name that starts a ConfigError's message.
+            cause = str(error).removeprefix(f"{self.config.source}: ")
+        if self._pending_rollback is None:
+            logger.error(
+                "Device %s cannot roll back (%s): %s; training waits and the "
+                "updates since the last checkpoint stay unacknowledged until "
+                "the checkpoints can be read",
+                self.device_id,
+                problem,
+                cause,
+            )
+            self._pending_rollback = problem
+            self.storage_error = f"rollback waits: {cause}"
+            self.publish_metrics()
 
     def _reset_to_bundle_weights(self) -> None:
         """Give the student the bundle's weights and a new trainer."""

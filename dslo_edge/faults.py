@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,9 +92,11 @@ def make_updates(
 class DaemonProcess:
     """``dslo-edge run`` as a child process, with its log in a file."""
 
-    def __init__(self, config_path: Path, log_path: Path):
+    def __init__(self, config_path: Path, log_path: Path, prefix: Sequence[str] = ()):
         self.config_path = config_path
         self.log_path = log_path
+        # A command that starts the daemon, such as setpriv with its options.
+        self.prefix = list(prefix)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
@@ -102,6 +104,7 @@ class DaemonProcess:
         try:
             self.process = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "dslo_edge.cli",

@@ -7,6 +7,8 @@ with SIGKILL and reads the checkpoints it left, as the fault suite does.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import threading
 import time
@@ -253,6 +255,67 @@ def test_rollback_ack_waits_for_two_generations(mlp_pair, mosquitto, tmp_path) -
     assert metrics["applied_total"] == 3, daemon.log_text()[-3000:]
     assert second[6:22] in applied_ids(restored)
     assert marker[6:22] in applied_ids(restored)
+
+
+def file_permissions_apply() -> list[str]:
+    """Return a command prefix under which file permissions apply, also to root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root ignores file permissions and setpriv is missing")
+    return [setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_rollback_waits_for_readable_checkpoints(mlp_pair, mosquitto, tmp_path) -> None:
+    config = write_device_config(
+        tmp_path, mlp_pair.bundle, mosquitto.port, checkpoint_every=1
+    )
+    checkpoints = tmp_path / "state" / "checkpoints"
+    (good,) = (
+        encode_update(update)
+        for update in make_updates(load_bundle(mlp_pair.bundle), 1, seed=4)
+    )
+    harmful = harmful_update()
+    daemon = DaemonProcess(
+        config, tmp_path / "daemon.log", prefix=file_permissions_apply()
+    ).start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        hub.publish([good])
+        hub.wait(lambda m: m.get("applied_total") == 1 and m["unacknowledged"] == 0)
+        checkpoints.chmod(0)
+        hub.publish([harmful])
+        waiting = hub.wait(lambda m: m.get("applied_total") == 2 and m["storage_error"])
+        # The daemon retries the rollback every second.
+        time.sleep(3)
+        alive_while_unreadable = daemon.alive()
+        checkpoints.chmod(0o755)
+        rolled_back = hub.wait(
+            lambda m: m["rollbacks"] == 1 and m["unacknowledged"] == 0
+        )
+    finally:
+        checkpoints.chmod(0o755)
+        hub.close()
+        status = daemon.terminate() if daemon.alive() else daemon.process.returncode
+    log = daemon.log_text()
+
+    assert alive_while_unreadable, log[-3000:]
+    assert status == 0, log[-3000:]
+    assert "Traceback" not in log
+    assert waiting["rollbacks"] == 0
+    assert waiting["unacknowledged"] == 1
+    assert waiting["storage_error"].startswith(
+        "rollback waits: the daemon's user may not list the checkpoints folder "
+        f"{checkpoints} (permission denied)"
+    )
+    assert rolled_back["storage_error"] is None
+    assert rolled_back["applied_total"] == 1
+    assert log.count("cannot roll back") == 1
+    restored = load_latest_checkpoint(checkpoints)
+    assert good[6:22] in applied_ids(restored)
+    assert harmful[6:22] not in applied_ids(restored)
 
 
 def ota_statuses(port: int) -> tuple[mqtt.Client, list[dict]]:
