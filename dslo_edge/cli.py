@@ -1187,12 +1187,13 @@ def service_install(
 ) -> None:
     """Write dslo-edge.service with a watchdog, restarts and sandboxing."""
     from dslo_edge.service import (
-        check_normalized_path,
+        check_config_path,
         check_state_dir,
         check_unit_dir,
         check_unit_path,
         check_user_name,
         install_unit,
+        private_tmp_directory,
         render_unit,
         running_script,
         script_paths,
@@ -1201,13 +1202,15 @@ def service_install(
 
     executable = exec_path or running_script()
     state_path = check_state_dir(state_dir, "--state-dir")
+    exec_unit_path = check_unit_path(executable, "--exec")
+    read_paths = script_paths(executable)
     text = render_unit(
-        exec_path=check_unit_path(executable, "--exec"),
-        config_path=check_normalized_path(config_path, "--config"),
+        exec_path=exec_unit_path,
+        config_path=check_config_path(config_path, "--config"),
         state_dir=state_path,
         user=check_user_name(user, "--user") if user is not None else None,
         watchdog_sec=watchdog_sec,
-        read_paths=script_paths(executable),
+        read_paths=read_paths,
     )
     directory = check_unit_dir(unit_dir, "--unit-dir")
     try:
@@ -1223,9 +1226,29 @@ def service_install(
         )
     if state_directory_name(state_path) is None:
         click.echo(_create_state_dir_warning(state_dir, user), err=True)
+    hidden = [
+        str(path)
+        for path in dict.fromkeys((exec_unit_path, *read_paths))
+        if private_tmp_directory(path) is not None
+    ]
+    if hidden:
+        click.echo(_private_tmp_exec_warning(executable, hidden), err=True)
     click.echo(
         f"wrote {path}; enable it with: systemctl daemon-reload && "
         "systemctl enable --now dslo-edge"
+    )
+
+
+def _private_tmp_exec_warning(executable: str, hidden: list[str]) -> str:
+    """Return the warning for a script or interpreter that PrivateTmp=yes hides."""
+    # A warning, not an error: --exec names the path on the device, which
+    # may differ from this machine's, such as a test run from a venv in /tmp.
+    return (
+        f"warning: --exec {executable!r} runs {', '.join(hidden)}, in /tmp or "
+        "/var/tmp, but PrivateTmp=yes gives the service empty copies of both, so "
+        "the unit fails to start (status 203/EXEC); on the device, install "
+        "dslo-edge elsewhere, such as in /opt/dslo-edge/venv, and pass its "
+        "dslo-edge script as --exec"
     )
 
 

@@ -155,14 +155,45 @@ def check_state_dir(value: str, option: str) -> PurePosixPath:
 
 def _reject_below_private_tmp(path: PurePosixPath, option: str) -> None:
     """Raise ConfigError for a state directory that PrivateTmp=yes hides."""
+    directory = private_tmp_directory(path)
+    if directory is not None:
+        raise ConfigError(
+            f"{option} {str(path)!r} lies below {directory}, but PrivateTmp=yes "
+            f"gives the service an empty {directory} on every start, so the "
+            "service would not find this directory; pass a directory of the "
+            "service's own, such as /var/lib/dslo-edge"
+        )
+
+
+def private_tmp_directory(path: PurePosixPath) -> str | None:
+    """Return /tmp or /var/tmp when ``path`` lies in it, else None.
+
+    PrivateTmp=yes gives the service empty copies of both, so it cannot
+    find a path there.
+    """
     for directory in sorted(PRIVATE_TMP_DIRECTORIES):
         if path.is_relative_to(directory):
-            raise ConfigError(
-                f"{option} {str(path)!r} lies below {directory}, but PrivateTmp=yes "
-                f"gives the service an empty {directory} on every start, so the "
-                "service would not find this directory; pass a directory of the "
-                "service's own, such as /var/lib/dslo-edge"
-            )
+            return directory
+    return None
+
+
+def check_config_path(value: str, option: str) -> PurePosixPath:
+    """Return ``value`` as the config file path to write into a unit file.
+
+    Raises:
+        ConfigError: the path fails ``check_normalized_path`` or lies in
+            /tmp or /var/tmp, which the service cannot see.
+    """
+    path = check_normalized_path(value, option)
+    directory = private_tmp_directory(path)
+    if directory is not None:
+        raise ConfigError(
+            f"{option} {value!r} lies in {directory}, but PrivateTmp=yes gives "
+            f"the service an empty {directory} on every start, so the service "
+            "would not find the file and exit with status 78; put the config "
+            "file elsewhere, such as in /etc/dslo-edge"
+        )
+    return path
 
 
 def check_unit_dir(value: str, option: str) -> Path:
@@ -297,7 +328,7 @@ def _check_paths(
     exec_path: PurePosixPath, config_path: PurePosixPath, state_dir: PurePosixPath
 ) -> None:
     check_unit_path(str(exec_path), "executable path")
-    check_normalized_path(str(config_path), "config path")
+    check_config_path(str(config_path), "config path")
     check_state_dir(str(state_dir), "state directory")
 
 

@@ -27,6 +27,10 @@ from dslo_edge.service import (
     script_paths,
 )
 
+# A script outside /tmp, so that tests run from a venv in /tmp get no warning
+# about PrivateTmp=yes. It does not exist here, so its #! line is not read.
+DEVICE_SCRIPT = "/usr/local/bin/dslo-edge"
+
 
 def test_service_install_writes_notify_unit(tmp_path) -> None:
     result = CliRunner().invoke(
@@ -66,7 +70,7 @@ def test_service_install_writes_notify_unit(tmp_path) -> None:
 
 def test_service_install_backs_up_edited_unit(tmp_path) -> None:
     arguments = ["service", "install", "--unit-dir", str(tmp_path)]
-    arguments += ["--exec", sys.executable]
+    arguments += ["--exec", DEVICE_SCRIPT]
     unit = tmp_path / "dslo-edge.service"
 
     first = CliRunner().invoke(main, arguments)
@@ -278,7 +282,7 @@ def test_service_install_user_gets_state_directory(
     result = CliRunner().invoke(
         main,
         ["service", "install", "--unit-dir", str(tmp_path), "--user", "dslo"]
-        + ["--state-dir", state_dir],
+        + ["--state-dir", state_dir, "--exec", DEVICE_SCRIPT],
     )
 
     assert result.exit_code == 0, result.output
@@ -290,7 +294,8 @@ def test_service_install_user_gets_state_directory(
 
 def test_service_install_root_gets_state_directory(tmp_path) -> None:
     result = CliRunner().invoke(
-        main, ["service", "install", "--unit-dir", str(tmp_path)]
+        main,
+        ["service", "install", "--unit-dir", str(tmp_path), "--exec", DEVICE_SCRIPT],
     )
 
     assert result.exit_code == 0, result.output
@@ -505,6 +510,14 @@ def test_watchdog_exits_when_trainer_thread_dies(tmp_path, mlp_pair, broker) -> 
         ),
         (["--state-dir", "/var/tmp/a/b"], "lies below /var/tmp, but PrivateTmp=yes"),
         (
+            ["--config", "/tmp/device.toml"],
+            "error: --config '/tmp/device.toml' lies in /tmp, but PrivateTmp=yes "
+            "gives the service an empty /tmp on every start, so the service would "
+            "not find the file and exit with status 78; put the config file "
+            "elsewhere, such as in /etc/dslo-edge",
+        ),
+        (["--config", "/var/tmp/a/device.toml"], "lies in /var/tmp, but PrivateTmp"),
+        (
             ["--state-dir", "/etc"],
             "error: --state-dir '/etc' is a system directory, and ReadWritePaths= "
             "would let the service write all of it; pass a directory of the "
@@ -645,6 +658,45 @@ def test_service_install_reads_script_interpreter(tmp_path) -> None:
     assert "ProtectHome=read-only" in lines
     assert "# /home/pi/venv/bin/python" in lines
     assert f"ExecStart={script} run --config /etc/dslo-edge/device.toml" in lines
+
+
+def test_service_install_warns_exec_in_tmp(tmp_path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["service", "install", "--unit-dir", str(tmp_path)]
+        + ["--exec", "/tmp/venv/bin/dslo-edge"],
+    )
+
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "dslo-edge.service").read_text().splitlines()
+    assert (
+        "ExecStart=/tmp/venv/bin/dslo-edge run --config /etc/dslo-edge/device.toml"
+        in lines
+    )
+    assert result.output.splitlines()[0] == (
+        "warning: --exec '/tmp/venv/bin/dslo-edge' runs /tmp/venv/bin/dslo-edge, "
+        "in /tmp or /var/tmp, but PrivateTmp=yes gives the service empty copies "
+        "of both, so the unit fails to start (status 203/EXEC); on the device, "
+        "install dslo-edge elsewhere, such as in /opt/dslo-edge/venv, and pass "
+        "its dslo-edge script as --exec"
+    )
+
+
+def test_service_install_warns_interpreter_in_tmp(tmp_path) -> None:
+    script = tmp_path / "bin" / "dslo-edge"
+    script.parent.mkdir()
+    script.write_text("#!/var/tmp/venv/bin/python\nprint('dslo-edge')\n")
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+
+    result = CliRunner().invoke(
+        main, ["service", "install", "--unit-dir", str(unit_dir), "--exec", str(script)]
+    )
+
+    assert result.exit_code == 0, result.output
+    warning = result.output.splitlines()[0]
+    assert warning.startswith(f"warning: --exec {str(script)!r} runs ")
+    assert "/var/tmp/venv/bin/python, in /tmp or /var/tmp" in warning
 
 
 def test_script_paths_of_missing_script() -> None:
