@@ -31,6 +31,7 @@ from paho.mqtt.properties import Properties
 
 from dslo_edge.errors import BrokerError, ConfigError, DsloError
 from dslo_edge.hub import (
+    NO_MATCHING_SUBSCRIBERS,
     SampleSet,
     check_samples,
     describe_non_finite_labels,
@@ -48,6 +49,7 @@ from dslo_edge.hub_teacher import TeacherRegistry, TeacherVersion
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
+from dslo_edge.pubacks import PubackTracker
 from dslo_edge.push_progress import counted
 from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 from dslo_edge.signing import key_file_present, load_key, sign
@@ -86,6 +88,7 @@ class PushScheduler(threading.Thread):
         self.state = state
         self.teacher = teacher
         self.client = client
+        self._pubacks = PubackTracker(client)
         self.runs = 0
         self.updates = 0
         # Per run and device: got no sample (a spent budget or a failed push),
@@ -337,20 +340,29 @@ class PushScheduler(threading.Thread):
 
         Args:
             labelled: the teacher version and its outputs for ``samples``.
-            sent: receives the updates and samples sent. When this raises,
-                it has those that the broker acknowledged before.
+            sent: receives the updates and samples that the broker
+                acknowledged and did not drop. When this raises, it has those
+                acknowledged before.
+
+        Raises:
+            BrokerError: paho could not queue or publish an update, or the
+                broker dropped one because no client subscribes to the
+                device's topic.
         """
         published: list[tuple[mqtt.MQTTMessageInfo, int]] = []
+        # Only PUBACKs numbered after this one can acknowledge this device's updates.
+        since = self._pubacks.sequence
         try:
             self._publish_batches(schedule, device, samples, labelled, published, sent)
             _wait_for_acknowledgements(published)
         except Exception:
-            acknowledged = [count for info, count in published if _acknowledged(info)]
-            sent.updates = len(acknowledged)
-            sent.samples = sum(acknowledged)
+            dropped = self._record_delivered(device, published, since, sent)
+            if dropped:
+                logger.error("Push %s to device %s: %s", schedule.name, device, dropped)
             raise
-        sent.updates = len(published)
-        sent.samples = sum(count for _, count in published)
+        dropped = self._record_delivered(device, published, since, sent)
+        if dropped:
+            raise BrokerError(dropped)
 
     def _publish_batches(
         self,
@@ -392,6 +404,60 @@ class PushScheduler(threading.Thread):
             properties.MessageExpiryInterval = schedule.expiry_s
             info = self.client.publish(topic, payload, qos=1, properties=properties)
             published.append((info, len(labels)))
+
+    def _record_delivered(
+        self,
+        device: str,
+        published: list[tuple[mqtt.MQTTMessageInfo, int]],
+        since: int,
+        sent: _DevicePush,
+    ) -> str:
+        """Record in ``sent`` the updates acknowledged and kept by the broker.
+
+        Returns:
+            "", or a description of the updates that the broker dropped,
+            whose privacy charge this takes back.
+        """
+        delivered = []
+        dropped = []
+        for info, count in published:
+            reason_code = self._pubacks.reason_code(info.mid, since)
+            if reason_code == NO_MATCHING_SUBSCRIBERS:
+                dropped.append(count)
+            elif reason_code is not None:
+                delivered.append(count)
+        sent.updates = len(delivered)
+        sent.samples = sum(delivered)
+        if not dropped:
+            return ""
+        return self._refund_dropped(device, dropped, len(published))
+
+    def _refund_dropped(self, device: str, dropped: list[int], published: int) -> str:
+        """Take back the privacy charge of dropped updates and describe them.
+
+        Args:
+            dropped: the sample count of each update that the broker dropped.
+            published: the number of updates published to the device.
+        """
+        refund = ""
+        privacy = self.config.privacy
+        if privacy is not None:
+            self.state.refund_releases(device, sum(dropped), privacy.noise_multiplier)
+            refund = (
+                f"; took back the privacy charge of {counted(sum(dropped), 'sample')}"
+            )
+        if published == 1:
+            share = "its update"
+        elif len(dropped) == published:
+            share = f"all {published} updates"
+        else:
+            share = f"{len(dropped)} of {published} updates"
+        topic = Topics.for_device(device, self.config.prefix).updates
+        return (
+            f"the broker dropped {share} unread, because no client subscribes "
+            f"to {topic} (the device never connected, its session expired, or "
+            f"its id in push.devices is mistyped){refund}"
+        )
 
     def _release(
         self, device: str, rows: np.ndarray, current: TeacherVersion

@@ -487,6 +487,18 @@ class HubState:
         with self._transaction() as db:
             return self._charge_privacy(db, RequestKey(device, b"", count), privacy)
 
+    def refund_releases(self, device: str, count: int, multiplier: float) -> None:
+        """Take back ``count`` releases that ``charge_releases`` charged.
+
+        Pushes call it for labels that the broker dropped unread.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE releases SET count = MAX(0, count - ?) "
+                "WHERE device = ? AND multiplier = ?",
+                (count, device, multiplier),
+            )
+
     def _releases(self, db: sqlite3.Connection, device: str) -> dict[float, int]:
         rows = db.execute(
             "SELECT multiplier, count FROM releases WHERE device = ?", (device,)

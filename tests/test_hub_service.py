@@ -528,6 +528,7 @@ def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> No
     caplog.set_level("WARNING", logger="dslo_edge.hub_pushes")
     [schedule] = config.pushes
     # The first batch of 16 fits in the budget, so the first run sends it.
+    client, _received = kitchen_updates(mosquitto.port)
     worker.connection.client.connect("127.0.0.1", mosquitto.port)
     worker.connection.client.loop_start()
     try:
@@ -539,6 +540,8 @@ def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> No
     finally:
         worker.connection.client.disconnect()
         worker.connection.client.loop_stop()
+        client.disconnect()
+        client.loop_stop()
 
     stops = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
     assert len(stops) == 2
@@ -740,6 +743,61 @@ def test_push_skips_device_without_key(mlp_pair, mosquitto, tmp_path, caplog) ->
     )
     [summary] = push_summaries(caplog)
     assert summary.endswith("to 1 of 2 devices")
+
+
+def test_push_refunds_device_without_session(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    privacy = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 20.0"}
+    config = nightly_push_config(
+        tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x, privacy
+    )
+    config.write_text(
+        config.read_text().replace(
+            'devices = ["kitchen"]', 'devices = ["kitchen", "garage"]'
+        )
+    )
+    loaded = load_hub_config(config, "w1")
+    [schedule] = loaded.pushes
+    # Only kitchen subscribes: garage never connected, so it has no session.
+    client, received = kitchen_updates(mosquitto.port)
+    worker = HubWorker(loaded)
+    assert worker.pushes is not None
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    worker.connection.client.connect("127.0.0.1", mosquitto.port)
+    worker.connection.client.loop_start()
+    try:
+        worker.pushes.run_once(schedule)
+        kitchen = [received.get(timeout=15) for _ in range(3)]
+        releases = {
+            device: worker.state.releases(device) for device in ("kitchen", "garage")
+        }
+    finally:
+        worker.connection.client.disconnect()
+        worker.connection.client.loop_stop()
+        client.disconnect()
+        client.loop_stop()
+        worker.state.close()
+
+    assert len(kitchen) == 3
+    assert releases == {"kitchen": {8.0: 40}, "garage": {8.0: 0}}
+    [error] = push_errors(caplog)
+    assert error == (
+        "Push nightly to device garage failed: the broker dropped all 3 updates "
+        "unread, because no client subscribes to dslo/garage/updates (the device "
+        "never connected, its session expired, or its id in push.devices is "
+        "mistyped); took back the privacy charge of 40 samples"
+    )
+    [summary] = push_summaries(caplog)
+    assert summary.startswith("Push nightly sent 40 samples in all (dataset 40)")
+    assert summary.endswith("to 1 of 2 devices")
+    assert worker.pushes.counters() == {
+        "runs": 1,
+        "updates": 3,
+        "skipped_devices": 1,
+        "cut_short_devices": 0,
+    }
 
 
 def test_push_thread_survives_unexpected_error(

@@ -57,6 +57,11 @@ def test_push_claim_error_keeps_scheduler(
     config.write_text(config.read_text() + push)
     worker = HubWorker(load_hub_config(config, "w1"))
     watcher = HubWatcher(mosquitto.port)
+    # Without the device's subscription, the broker would drop the updates and
+    # each run would log that as an error.
+    kitchen, _received = subscribed_client(
+        mosquitto.port, "dslo/kitchen/updates", lambda message: message.payload
+    )
     caplog.set_level(logging.ERROR, logger="dslo_edge.hub_pushes")
     try:
         worker.start()
@@ -73,6 +78,8 @@ def test_push_claim_error_keeps_scheduler(
     finally:
         worker.stop()
         watcher.close()
+        kitchen.disconnect()
+        kitchen.loop_stop()
 
     messages = [record.getMessage() for record in caplog.records]
     assert failed
