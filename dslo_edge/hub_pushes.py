@@ -61,6 +61,10 @@ CHECK_EVERY_S = 1.0
 # run. A missing key file also fails every run until it is added.
 BUDGET_LOG_INTERVAL_S = 3600.0
 BUDGET_LOG_MEMORY = 1024
+# How long a run waits for the broker to acknowledge one update, counted from
+# the acknowledgement before it. It includes a reconnect after the connection
+# dropped during the run.
+PUBLISH_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -222,6 +226,9 @@ class PushScheduler(threading.Thread):
         sent_samples = 0
         reached = 0
         for device in schedule.devices:
+            if self._stopping.is_set():
+                # The run's other devices get the dataset at the next run.
+                break
             sent = _DevicePush()
             failed = False
             try:
@@ -345,24 +352,27 @@ class PushScheduler(threading.Thread):
                 acknowledged before.
 
         Raises:
-            BrokerError: paho could not queue or publish an update, or the
-                broker dropped one because no client subscribes to the
-                device's topic.
+            BrokerError: the broker did not acknowledge an update in time, or
+                dropped one because no client subscribes to the device's topic.
         """
         published: list[tuple[mqtt.MQTTMessageInfo, int]] = []
         # Only PUBACKs numbered after this one can acknowledge this device's updates.
         since = self._pubacks.sequence
         try:
             self._publish_batches(schedule, device, samples, labelled, published, sent)
-            _wait_for_acknowledgements(published)
         except Exception:
             dropped = self._record_delivered(device, published, since, sent)
             if dropped:
                 logger.error("Push %s to device %s: %s", schedule.name, device, dropped)
             raise
-        dropped = self._record_delivered(device, published, since, sent)
-        if dropped:
-            raise BrokerError(dropped)
+        problems = [
+            self._wait_for_acknowledgements(published, since),
+            self._record_delivered(device, published, since, sent),
+        ]
+        if any(problems):
+            raise BrokerError(
+                ". Also, ".join(problem for problem in problems if problem)
+            )
 
     def _publish_batches(
         self,
@@ -404,6 +414,25 @@ class PushScheduler(threading.Thread):
             properties.MessageExpiryInterval = schedule.expiry_s
             info = self.client.publish(topic, payload, qos=1, properties=properties)
             published.append((info, len(labels)))
+
+    def _wait_for_acknowledgements(
+        self, published: list[tuple[mqtt.MQTTMessageInfo, int]], since: int
+    ) -> str:
+        """Wait for the broker to acknowledge each update; return "" or what failed."""
+        messages = [info for info, _ in published]
+        problem = self._pubacks.wait_for_all(
+            messages, since, PUBLISH_TIMEOUT_S, self._stopping
+        )
+        if not problem:
+            return ""
+        waiting = sum(
+            self._pubacks.reason_code(info.mid, since) is None for info in messages
+        )
+        return (
+            f"{waiting} of {len(messages)} updates were not acknowledged by the "
+            f"broker ({problem}); paho sends the queued ones if the worker "
+            "reconnects before it stops"
+        )
 
     def _record_delivered(
         self,
@@ -522,37 +551,6 @@ class PushScheduler(threading.Thread):
                 "device's key so the hub can sign its labels"
             )
         return load_key(path)
-
-
-def _wait_for_acknowledgements(
-    published: list[tuple[mqtt.MQTTMessageInfo, int]],
-) -> None:
-    """Wait up to 30 s per update for the broker's acknowledgement.
-
-    Raises:
-        BrokerError: paho could not queue or publish an update.
-    """
-    for info, _ in published:
-        try:
-            info.wait_for_publish(timeout=30)
-        except (RuntimeError, ValueError) as error:
-            acknowledged = sum(_acknowledged(info) for info, _ in published)
-            # paho keeps a QoS 1 message published while disconnected
-            # and sends it after reconnecting, unless the worker stops.
-            raise BrokerError(
-                f"{len(published) - acknowledged} of {len(published)} updates "
-                f"were not acknowledged by the broker ({error}); paho sends the "
-                "queued ones if the worker reconnects before it stops"
-            ) from error
-
-
-def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
-    """Return whether the broker acknowledged a QoS 1 message by now."""
-    try:
-        return info.is_published()
-    except (RuntimeError, ValueError):
-        # paho raises for a message it could not queue or send (rc > 0).
-        return False
 
 
 def _batch_hard_labels(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import paho.mqtt.client as mqtt
 
 from dslo_edge.hub import NO_MATCHING_SUBSCRIBERS
@@ -39,3 +41,16 @@ def test_tracker_keeps_earlier_handler(mosquitto) -> None:
     # A PUBACK numbered up to ``since`` does not count for a later publish.
     assert tracker.reason_code(delivered.mid, sequence) is None
     assert tracker.reason_code(delivered.mid, since) == 0
+
+
+def test_wait_for_all_stops_early() -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    tracker = PubackTracker(client)
+    stopping = threading.Event()
+    stopping.set()
+    # Never connected, so paho keeps the message and no PUBACK comes.
+    info = client.publish("some/topic", b"x", qos=1)
+
+    problem = tracker.wait_for_all([info], tracker.sequence, 30.0, stopping)
+
+    assert problem == "stopped waiting, because the worker is stopping"
