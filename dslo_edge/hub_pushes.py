@@ -28,6 +28,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from dslo_edge.errors import BrokerError, ConfigError, DsloError
 from dslo_edge.hub import (
@@ -65,6 +66,10 @@ BUDGET_LOG_MEMORY = 1024
 # the acknowledgement before it. It includes a reconnect after the connection
 # dropped during the run.
 PUBLISH_TIMEOUT_S = 30.0
+# MQTT 5 PUBACK reason codes: from 0x80 on, the broker did not accept the
+# publish. mosquitto 2.0.11 sends NOT_AUTHORIZED when its ACL denies it.
+FIRST_FAILURE_CODE = 0x80
+NOT_AUTHORIZED = 0x87
 
 
 @dataclass
@@ -444,49 +449,52 @@ class PushScheduler(threading.Thread):
         """Record in ``sent`` the updates acknowledged and kept by the broker.
 
         Returns:
-            "", or a description of the updates that the broker dropped,
-            whose privacy charge this takes back.
+            "", or a description of the updates that the broker dropped or
+            rejected, whose privacy charge this takes back.
         """
         delivered = []
-        dropped = []
+        # The sample counts of the dropped or rejected updates, per reason code.
+        undelivered: dict[int, list[int]] = {}
         for info, count in published:
             reason_code = self._pubacks.reason_code(info.mid, since)
-            if reason_code == NO_MATCHING_SUBSCRIBERS:
-                dropped.append(count)
-            elif reason_code is not None:
+            if reason_code is None:
+                continue
+            if (
+                reason_code == NO_MATCHING_SUBSCRIBERS
+                or reason_code >= FIRST_FAILURE_CODE
+            ):
+                undelivered.setdefault(reason_code, []).append(count)
+            else:
                 delivered.append(count)
         sent.updates = len(delivered)
         sent.samples = sum(delivered)
-        if not dropped:
+        if not undelivered:
             return ""
-        return self._refund_dropped(device, dropped, len(published))
+        return self._refund_undelivered(device, undelivered, len(published))
 
-    def _refund_dropped(self, device: str, dropped: list[int], published: int) -> str:
-        """Take back the privacy charge of dropped updates and describe them.
+    def _refund_undelivered(
+        self, device: str, undelivered: dict[int, list[int]], published: int
+    ) -> str:
+        """Take back the privacy charge of undelivered updates and describe them.
 
         Args:
-            dropped: the sample count of each update that the broker dropped.
+            undelivered: the sample count of each update that the broker
+                dropped or rejected, per PUBACK reason code.
             published: the number of updates published to the device.
         """
-        refund = ""
+        topic = Topics.for_device(device, self.config.prefix).updates
+        problems = [
+            _describe_undelivered(reason_code, len(counts), published, topic)
+            for reason_code, counts in sorted(undelivered.items())
+        ]
+        samples = sum(sum(counts) for counts in undelivered.values())
         privacy = self.config.privacy
         if privacy is not None:
-            self.state.refund_releases(device, sum(dropped), privacy.noise_multiplier)
-            refund = (
-                f"; took back the privacy charge of {counted(sum(dropped), 'sample')}"
+            self.state.refund_releases(device, samples, privacy.noise_multiplier)
+            problems.append(
+                f"took back the privacy charge of {counted(samples, 'sample')}"
             )
-        if published == 1:
-            share = "its update"
-        elif len(dropped) == published:
-            share = f"all {published} updates"
-        else:
-            share = f"{len(dropped)} of {published} updates"
-        topic = Topics.for_device(device, self.config.prefix).updates
-        return (
-            f"the broker dropped {share} unread, because no client subscribes "
-            f"to {topic} (the device never connected, its session expired, or "
-            f"its id in push.devices is mistyped){refund}"
-        )
+        return "; ".join(problems)
 
     def _release(
         self, device: str, rows: np.ndarray, current: TeacherVersion
@@ -551,6 +559,44 @@ class PushScheduler(threading.Thread):
                 "device's key so the hub can sign its labels"
             )
         return load_key(path)
+
+
+def _describe_undelivered(
+    reason_code: int, count: int, published: int, topic: str
+) -> str:
+    """Describe ``count`` of ``published`` updates that got ``reason_code``."""
+    if published == 1:
+        share = "its update"
+    elif count == published:
+        share = f"all {published} updates"
+    else:
+        share = f"{count} of {published} updates"
+    if reason_code == NO_MATCHING_SUBSCRIBERS:
+        return (
+            f"the broker dropped {share} unread, because no client subscribes "
+            f"to {topic} (the device never connected, its session expired, or "
+            "its id in push.devices is mistyped)"
+        )
+    problem = (
+        f"the broker rejected {share} to {topic} with reason code {reason_code} "
+        f"({_reason_name(reason_code)})"
+    )
+    if reason_code == NOT_AUTHORIZED:
+        problem += (
+            ", which mosquitto sends when its ACL does not let the hub's MQTT "
+            "user publish there; grant that user write access to the devices' "
+            "updates topics"
+        )
+    return problem
+
+
+def _reason_name(reason_code: int) -> str:
+    """Return the MQTT 5 name of a PUBACK reason code, such as "Not authorized"."""
+    try:
+        return str(ReasonCode(PacketTypes.PUBACK, identifier=reason_code))
+    except ValueError:
+        # paho raises for a code that MQTT 5 does not define for PUBACK.
+        return "not defined for PUBACK"
 
 
 def _batch_hard_labels(

@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from dslo_edge import hub_pushes
+from dslo_edge.broker import Broker, find_mosquitto
 from dslo_edge.bundle import load_bundle
 from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.errors import ConfigError
@@ -792,6 +793,74 @@ def test_push_refunds_device_without_session(
     )
     [summary] = push_summaries(caplog)
     assert summary.startswith("Push nightly sent 40 samples in all (dataset 40)")
+    assert summary.endswith("to 1 of 2 devices")
+    assert worker.pushes.counters() == {
+        "runs": 1,
+        "updates": 3,
+        "skipped_devices": 1,
+        "cut_short_devices": 0,
+    }
+
+
+def test_push_refunds_updates_acl_rejects(mlp_pair, tmp_path, caplog) -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    (folder / "acl").write_text("topic readwrite #\ntopic deny dslo/garage/updates\n")
+    broker = Broker.start(
+        kind="mosquitto",
+        workdir=folder,
+        config_text=(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {workdir}/acl\n"
+        ),
+    )
+    privacy = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 20.0"}
+    config = nightly_push_config(
+        tmp_path / "hub", broker.port, mlp_pair.bundle, x, privacy
+    )
+    config.write_text(
+        config.read_text().replace(
+            'devices = ["kitchen"]', 'devices = ["kitchen", "garage"]'
+        )
+    )
+    loaded = load_hub_config(config, "w1")
+    [schedule] = loaded.pushes
+    kitchen_client, kitchen = kitchen_updates(broker.port)
+    garage_client, garage = device_updates(broker.port, "garage")
+    worker = HubWorker(loaded)
+    assert worker.pushes is not None
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    worker.connection.client.connect("127.0.0.1", broker.port)
+    worker.connection.client.loop_start()
+    try:
+        worker.pushes.run_once(schedule)
+        received = [kitchen.get(timeout=15) for _ in range(3)]
+        releases = {
+            device: worker.state.releases(device) for device in ("kitchen", "garage")
+        }
+    finally:
+        worker.connection.client.disconnect()
+        worker.connection.client.loop_stop()
+        for client in (kitchen_client, garage_client):
+            client.disconnect()
+            client.loop_stop()
+        worker.state.close()
+        broker.stop()
+
+    assert len(received) == 3
+    assert garage.empty()
+    assert releases == {"kitchen": {8.0: 40}, "garage": {8.0: 0}}
+    [error] = push_errors(caplog)
+    assert error == (
+        "Push nightly to device garage failed: the broker rejected all 3 updates "
+        "to dslo/garage/updates with reason code 135 (Not authorized), which "
+        "mosquitto sends when its ACL does not let the hub's MQTT user publish "
+        "there; grant that user write access to the devices' updates topics; "
+        "took back the privacy charge of 40 samples"
+    )
+    [summary] = push_summaries(caplog)
     assert summary.endswith("to 1 of 2 devices")
     assert worker.pushes.counters() == {
         "runs": 1,
