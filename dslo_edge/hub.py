@@ -26,6 +26,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from dslo_edge import broker_login
 from dslo_edge.broker_login import BrokerLogin
@@ -407,9 +408,25 @@ def label_probabilities_of(logits: np.ndarray, temperature: float = 1.0) -> np.n
 
 # MQTT 5 PUBACK reason code of a publish that no subscription matched.
 NO_MATCHING_SUBSCRIBERS = 0x10
+# MQTT 5 reason codes from 0x80 up are failures. mosquitto 2.0.11 answers a
+# publish that its ACL denies with 0x87 (not authorized), and paho still
+# reports the message as published.
+FIRST_FAILURE_CODE = 0x80
+NOT_AUTHORIZED = 0x87
 
 
-class DeviceNotSubscribed(BrokerError):
+class UpdateNotDelivered(BrokerError):
+    """The broker acknowledged an update but will not deliver it.
+
+    ``fix`` tells the user what to change before pushing again.
+    """
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
+class DeviceNotSubscribed(UpdateNotDelivered):
     """The broker dropped an update because no client subscribes to its topic."""
 
 
@@ -497,12 +514,29 @@ class HubClient:
             raise BrokerError(
                 f"update for device {self.device_id} was not acknowledged by the broker"
             )
-        if self._puback_codes.pop(info.mid, 0) == NO_MATCHING_SUBSCRIBERS:
+        code = self._puback_codes.pop(info.mid, 0)
+        if code == NO_MATCHING_SUBSCRIBERS:
             raise DeviceNotSubscribed(
                 f"the broker dropped the update for device {self.device_id} "
                 f"unread, because no client subscribes to {self.topics.updates} "
                 "(the device never connected, its session expired, or --device "
-                "is mistyped)"
+                "is mistyped)",
+                "start the device's daemon once, so that the broker keeps its "
+                "updates while it is offline, and push again",
+            )
+        if code >= FIRST_FAILURE_CODE:
+            fix = "check the broker's log for the reason, and push again"
+            if code == NOT_AUTHORIZED:
+                fix = (
+                    "mosquitto sends this code when its ACL does not let the "
+                    "push's MQTT user publish there; grant that user write "
+                    f"access to {self.topics.updates} and push again"
+                )
+            raise UpdateNotDelivered(
+                f"the broker rejected the update for device {self.device_id} "
+                f"on {self.topics.updates} with reason code {code} "
+                f"({reason_name(code)})",
+                fix,
             )
 
     def wait_for_metrics(
@@ -628,7 +662,7 @@ def push(
                     wait_for_processed(hub, before, count, result.messages, timeout)
                 try:
                     hub.publish(payload, expiry_s)
-                except DeviceNotSubscribed as error:
+                except UpdateNotDelivered as error:
                     raise BrokerError(
                         _dropped_stop(error, update.sample_count, result, privacy)
                     ) from error
@@ -661,20 +695,17 @@ def push(
 
 
 def _dropped_stop(
-    error: DeviceNotSubscribed,
+    error: UpdateNotDelivered,
     samples: int,
     result: PushResult,
     privacy: PrivateRelease | None,
 ) -> str:
-    """Refund an update the broker dropped, and describe where the push stopped."""
+    """Refund an update the broker will not deliver, and say where the push stopped."""
     refund = ""
     if privacy is not None:
         privacy.ledger.refund(privacy.device_id, samples)
         refund = f"; took back the privacy charge of its {samples} samples"
-    fix = (
-        "start the device's daemon once, so that the broker keeps its updates "
-        "while it is offline, and push again"
-    )
+    fix = error.fix
     if not result.messages:
         return f"{error}{refund}. The push sent nothing; {fix}"
     return (
@@ -755,3 +786,12 @@ def _encoded_multi_head_updates(
     ):
         update.input_dtype = input_dtype
         yield update, encode_multi_head_update(update)
+
+
+def reason_name(reason_code: int) -> str:
+    """Return the MQTT 5 name of a PUBACK reason code, such as "Not authorized"."""
+    try:
+        return str(ReasonCode(PacketTypes.PUBACK, identifier=reason_code))
+    except ValueError:
+        # paho raises for a code that MQTT 5 does not define for PUBACK.
+        return "not defined for PUBACK"

@@ -28,16 +28,18 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from dslo_edge.errors import BrokerError, ConfigError, DsloError
 from dslo_edge.hub import (
+    FIRST_FAILURE_CODE,
     NO_MATCHING_SUBSCRIBERS,
+    NOT_AUTHORIZED,
     SampleSet,
     check_samples,
     describe_non_finite_labels,
     label_probabilities_of,
     load_samples,
+    reason_name,
 )
 from dslo_edge.hub_config import (
     HubConfig,
@@ -66,10 +68,6 @@ BUDGET_LOG_MEMORY = 1024
 # the acknowledgement before it. It includes a reconnect after the connection
 # dropped during the run.
 PUBLISH_TIMEOUT_S = 30.0
-# MQTT 5 PUBACK reason codes: from 0x80 on, the broker did not accept the
-# publish. mosquitto 2.0.11 sends NOT_AUTHORIZED when its ACL denies it.
-FIRST_FAILURE_CODE = 0x80
-NOT_AUTHORIZED = 0x87
 
 
 @dataclass
@@ -579,7 +577,7 @@ def _describe_undelivered(
         )
     problem = (
         f"the broker rejected {share} to {topic} with reason code {reason_code} "
-        f"({_reason_name(reason_code)})"
+        f"({reason_name(reason_code)})"
     )
     if reason_code == NOT_AUTHORIZED:
         problem += (
@@ -588,15 +586,6 @@ def _describe_undelivered(
             "updates topics"
         )
     return problem
-
-
-def _reason_name(reason_code: int) -> str:
-    """Return the MQTT 5 name of a PUBACK reason code, such as "Not authorized"."""
-    try:
-        return str(ReasonCode(PacketTypes.PUBACK, identifier=reason_code))
-    except ValueError:
-        # paho raises for a code that MQTT 5 does not define for PUBACK.
-        return "not defined for PUBACK"
 
 
 def _batch_hard_labels(

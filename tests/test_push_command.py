@@ -822,3 +822,53 @@ def test_push_and_ota_send_over_tls_with_login(mlp_pair, tmp_path, data_file):
     assert "check --tls-ca-file" in unknown_ca.output
     assert sent.exit_code == 0, sent.output
     assert f"to device {DEVICE} as transfer" in sent.output
+
+
+def test_push_rejected_by_acl_refunds(mlp_pair, tmp_path, data_file):
+    pytest.importorskip("dp_accounting")
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    # Anonymous clients may read the device's updates but not publish them.
+    (folder / "acl").write_text(f"topic read dslo/{DEVICE}/updates\n")
+    broker = Broker.start(
+        kind="mosquitto",
+        workdir=folder,
+        config_text=(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {workdir}/acl\n"
+        ),
+    )
+    ledger = tmp_path / "ledger.json"
+    watcher, received = watch_updates(broker.port)
+    try:
+        time.sleep(0.5)
+        result = run_push(
+            mlp_pair.bundle,
+            data_file,
+            broker.url,
+            "--no-wait",
+            "--dp-noise-multiplier",
+            "8",
+            "--dp-epsilon",
+            "100",
+            "--dp-ledger",
+            str(ledger),
+        )
+        time.sleep(0.5)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        broker.stop()
+
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"error: the broker rejected the update for device {DEVICE} on "
+        f"dslo/{DEVICE}/updates with reason code 135 (Not authorized); took back "
+        f"the privacy charge of its {BATCH} samples. The push sent nothing; "
+        "mosquitto sends this code when its ACL does not let the push's MQTT "
+        f"user publish there; grant that user write access to dslo/{DEVICE}/updates "
+        "and push again\n"
+    )
+    assert received == []
+    assert json.loads(ledger.read_text())["devices"] == {DEVICE: {"8.0": 0}}
