@@ -249,9 +249,10 @@ def flash(
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(
-        "on the device, create the environment the unit runs: "
-        "python3 -m venv /opt/dslo-edge/venv && "
-        "/opt/dslo-edge/venv/bin/pip install dslo-edge"
+        "on the device, create the environment the unit runs from a copy of "
+        "the dslo-edge source tree in ./dslo-edge, because dslo-edge is not on "
+        "PyPI: python3 -m venv /opt/dslo-edge/venv && "
+        "/opt/dslo-edge/venv/bin/pip install ./dslo-edge"
     )
 
 

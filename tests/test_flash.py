@@ -436,6 +436,27 @@ def test_flash_to_this_machine_root_needs_flag(tmp_path: Path, monkeypatch) -> N
     assert targets == ["/"]
 
 
+def test_flash_hint_installs_source_tree(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+
+    result = CliRunner().invoke(
+        main,
+        ["flash", str(bundle), "--profile", "raspberry-pi-4b", "--target", str(root)],
+    )
+
+    assert result.exit_code == 0, result.output
+    hint = result.output.splitlines()[-1]
+    # dslo-edge is not on PyPI, so the device installs it from a copy of the
+    # source tree; "pip install dslo-edge" fails there.
+    assert "is not on PyPI" in hint
+    assert hint.endswith(
+        "python3 -m venv /opt/dslo-edge/venv && "
+        "/opt/dslo-edge/venv/bin/pip install ./dslo-edge"
+    )
+
+
 def test_flash_config_error_names_device_path() -> None:
     options = FlashOptions("porch", broker_port=0)
     with pytest.raises(ConfigError) as caught:
