@@ -37,7 +37,8 @@ fi
 # The device dependencies from pyproject.toml, with the numpy that
 # tflite-runtime 2.14 needs.
 "$VENV/bin/python" -m pip install -q "tflite-runtime==2.14.0" "numpy<2" \
-    "paho-mqtt>=2.0,<3" "click>=8.1" "safetensors>=0.4" "pytest>=8"
+    "paho-mqtt>=2.0,<3" "click>=8.1" "safetensors>=0.4" "packaging>=22" \
+    "tomli>=2.0; python_version < '3.11'" "pytest>=8"
 
 echo "runtime tests with tflite-runtime 2.14"
 PYTHONPATH="$PWD" DSLO_RUNTIME=tflite-runtime "$VENV/bin/python" -m pytest -q \
