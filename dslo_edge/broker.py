@@ -77,12 +77,14 @@ def _resolve_kind(kind: str) -> str:
     if kind == "mosquitto" and find_mosquitto() is None:
         raise BrokerError(
             "mosquitto not found on PATH or at /usr/sbin/mosquitto; install it "
-            "(apt-get install mosquitto) or use kind='amqtt'"
+            "(apt-get install mosquitto) or use the amqtt broker "
+            "(dslo-edge demo --broker amqtt, or kind='amqtt' in Broker.start)"
         )
     if kind == "amqtt" and not amqtt_available():
         raise BrokerError(
-            "amqtt is not installed; install it (pip install amqtt) "
-            "or use kind='mosquitto'"
+            "amqtt is not installed; install it (pip install amqtt) or use "
+            "mosquitto (dslo-edge demo --broker mosquitto, or kind='mosquitto' "
+            "in Broker.start)"
         )
     if kind != "auto":
         return kind

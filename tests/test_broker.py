@@ -218,3 +218,15 @@ def test_start_failure_reports_log_tail(
     message = str(raised.value)
     assert "exited with code" in message
     assert "no_such_option" in message
+
+
+def test_missing_mosquitto_names_demo_option(monkeypatch) -> None:
+    monkeypatch.setattr(broker_module, "find_mosquitto", lambda: None)
+
+    with pytest.raises(BrokerError) as caught:
+        broker_module.Broker.start(kind="mosquitto")
+
+    assert str(caught.value).endswith(
+        "install it (apt-get install mosquitto) or use the amqtt broker "
+        "(dslo-edge demo --broker amqtt, or kind='amqtt' in Broker.start)"
+    )
