@@ -7,6 +7,7 @@ charges that its earlier configuration made for requests still in flight.
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
@@ -160,3 +161,30 @@ def test_older_state_file_gets_charge_columns(tmp_path) -> None:
     # The charge of the older claim has no recorded size, so it stays.
     assert admission.kind == ADMITTED
     assert state.releases("cam") == {4.0: 32, 2.0: 0}
+
+
+def test_pld_admission_fast_at_many_releases(tmp_path) -> None:
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant()
+    accountant.compose(dp_event.GaussianDpEvent(8.0), 30_000)
+    budget = float(accountant.get_epsilon(DELTA))
+    settings = PrivacySettings(
+        noise_multiplier=8.0, epsilon_budget=budget, accountant="pld"
+    )
+    state = HubState(tmp_path / "state.sqlite", "w1")
+    assert state.charge_releases("cam", 29_990, settings) == ""
+
+    # dp-accounting's PLD accountant took 7 s per admission at this count
+    # on a 2-core Xeon.
+    started = time.perf_counter()
+    last_fitting = state.admit([key(1, samples=10)], 0.0, RATE, settings, 30)[0]
+    one_over = state.admit([key(2, samples=1)], 1.0, RATE, settings, 30)[0]
+    elapsed = time.perf_counter() - started
+
+    assert elapsed < 1.0
+    assert last_fitting.kind == ADMITTED
+    assert one_over.kind == BUDGET_EXHAUSTED
+    assert state.releases("cam") == {8.0: 30_000}
+    assert state.epsilon("cam", settings) <= budget

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -120,6 +121,72 @@ def test_epsilon_matches_pld_accountant() -> None:
     accountant.compose(dp_event.GaussianDpEvent(4.0), 200)
     expected = accountant.get_epsilon(1e-5)
     assert epsilon_spent({4.0: 200}, 1e-5, "pld") == pytest.approx(expected, rel=1e-9)
+
+
+def pld_library_epsilon(releases: dict[float, int], delta: float) -> float:
+    accountant = pld_privacy_accountant.PLDAccountant()
+    for multiplier, count in releases.items():
+        accountant.compose(dp_event.GaussianDpEvent(multiplier), count)
+    return float(accountant.get_epsilon(delta))
+
+
+def gaussian_log_delta(releases: dict[float, int], epsilon: float) -> float:
+    """Return log delta(epsilon) of composed Gaussian releases, from the formula.
+
+    delta(epsilon) = Phi(mu / 2 - epsilon / mu) - e^epsilon Phi(-mu / 2 - epsilon
+    / mu) with mu^2 = sum count / multiplier^2.
+    """
+    from scipy.stats import norm
+
+    mu = math.sqrt(sum(count / m**2 for m, count in releases.items()))
+    first = norm.logcdf(mu / 2 - epsilon / mu)
+    second = epsilon + norm.logcdf(-mu / 2 - epsilon / mu)
+    return first + math.log1p(-math.exp(second - first))
+
+
+PLD_CASES = [
+    ({1.0: 1}, 1e-5),
+    ({4.0: 200}, 1e-5),
+    ({8.0: 1000}, 1e-5),
+    ({20.0: 3680}, 1e-6),
+    ({2.0: 50, 4.0: 10}, 1e-5),
+    ({1.0: 1, 8.0: 100}, 1e-3),
+    ({0.3: 3}, 1e-8),
+    ({100.0: 1}, 1e-5),
+]
+
+
+@pytest.mark.parametrize(("releases", "delta"), PLD_CASES)
+def test_pld_epsilon_within_pld_accountant(
+    releases: dict[float, int], delta: float
+) -> None:
+    expected = pld_library_epsilon(releases, delta)
+    epsilon = epsilon_spent(releases, delta, "pld")
+    # The library's discretised loss is pessimistic, so it may only be above.
+    assert epsilon <= expected + 1e-9
+    assert epsilon == pytest.approx(expected, abs=3e-7)
+
+
+@pytest.mark.parametrize(("releases", "delta"), PLD_CASES)
+def test_pld_epsilon_never_under_counts(
+    releases: dict[float, int], delta: float
+) -> None:
+    epsilon = epsilon_spent(releases, delta, "pld")
+    # The returned epsilon gives at most the target delta, and one 1e-6
+    # below it gives more, so it is the tight value rounded up.
+    assert gaussian_log_delta(releases, epsilon) <= math.log(delta)
+    assert gaussian_log_delta(releases, epsilon - 1e-6) > math.log(delta)
+
+
+def test_pld_epsilon_fast_for_many_releases() -> None:
+    # dp-accounting's PLD accountant took 7 s for 30,000 releases at 8.0
+    # on a 2-core Xeon.
+    started = time.perf_counter()
+    epsilon = epsilon_spent({8.0: 30_000}, 1e-5, "pld")
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.5
+    assert epsilon == pytest.approx(epsilon_spent({8.0: 30_000}, 1e-5, "rdp"), rel=0.1)
+    assert epsilon < epsilon_spent({8.0: 30_000}, 1e-5, "rdp")
 
 
 def test_single_release_meets_classic_gaussian_bound() -> None:
