@@ -327,7 +327,8 @@ class BatchLabeller:
         if admission.kind == CACHED:
             self.counters.cached += 1
             status = admission.status or STATUS_REJECTED
-            replies.append(_Reply(item, key, status, admission.payload or b""))
+            payload = admission.payload or b""
+            replies.append(_Reply(item, key, status, payload, admission.retry_after_s))
         elif admission.kind == IN_PROGRESS:
             self.counters.in_progress += 1
         elif admission.kind == RATE_LIMITED:

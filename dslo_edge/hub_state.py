@@ -36,6 +36,7 @@ from typing import Any
 
 from dslo_edge.errors import ConfigError
 from dslo_edge.hub_config import RateLimit
+from dslo_edge.label_protocol import STATUS_RATE_LIMITED
 from dslo_edge.privacy import PrivacySettings, epsilon_spent
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class Admission:
         kind: ``admitted`` (label it), ``cached`` (send ``payload`` again
             with ``status``), ``in_progress`` (another worker is labelling
             it), ``rate_limited`` or ``budget_exhausted``.
-        retry_after_s: for ``rate_limited``, when the next token is due.
+        retry_after_s: for ``rate_limited``, and for a ``cached`` response
+            with that status, seconds until the device's next token is due.
     """
 
     kind: str
@@ -327,7 +329,7 @@ class HubState:
             (key.device, key.request_id),
         ).fetchone()
         if row is not None:
-            return self._admit_known(db, key, row, now, privacy, claim_timeout_s)
+            return self._admit_known(db, key, row, now, rate, privacy, claim_timeout_s)
         tokens = self._tokens(db, key.device, now, rate)
         if tokens < 1.0:
             wait = (1.0 - tokens) / rate.rate
@@ -355,10 +357,17 @@ class HubState:
         key: RequestKey,
         row: tuple[Any, ...],
         now: float,
+        rate: RateLimit,
         privacy: PrivacySettings | None,
         claim_timeout_s: float,
     ) -> Admission:
         worker, claimed, answered, status, payload, *charge = row
+        if answered is not None and status == STATUS_RATE_LIMITED:
+            # The wait given with the stored response has partly passed, so
+            # the replay gives the time left until the bucket's next token.
+            tokens = self._tokens(db, key.device, now, rate)
+            wait = max(0.0, 1.0 - tokens) / rate.rate
+            return Admission(CACHED, status, payload, retry_after_s=wait)
         if answered is not None:
             return Admission(CACHED, status=status, payload=payload)
         if worker != self.worker_id and now - claimed < claim_timeout_s:

@@ -462,6 +462,25 @@ def test_rate_limit_is_a_token_bucket(tmp_path) -> None:
     assert other.kind == ADMITTED
 
 
+def test_stored_rate_limit_recomputes_retry(tmp_path) -> None:
+    state = HubState(tmp_path / "state.sqlite", "w1")
+    state.admit([key(1), key(2)], 0.0, RATE, None, 30)
+    refused = state.admit([key(3)], 0.0, RATE, None, 30)[0]
+    state.record_answers([(key(3), "rate_limited", b"too often")], 0.0)
+
+    replayed = state.admit([key(3)], 0.25, RATE, None, 30)[0]
+    late = state.admit([key(3)], 2.0, RATE, None, 30)[0]
+
+    assert refused.retry_after_s == pytest.approx(1.0)
+    assert replayed.kind == CACHED
+    assert replayed.status == "rate_limited"
+    assert replayed.payload == b"too often"
+    assert replayed.retry_after_s == pytest.approx(0.75)
+    # A token is due by now, so the device may send its next request at once.
+    assert late.kind == CACHED
+    assert late.retry_after_s == 0.0
+
+
 def test_two_workers_share_one_bucket(tmp_path) -> None:
     first = HubState(tmp_path / "state.sqlite", "w1")
     second = HubState(tmp_path / "state.sqlite", "w2")

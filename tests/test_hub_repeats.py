@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -131,3 +132,49 @@ def test_request_without_correlation_data(mlp_pair, mosquitto, tmp_path) -> None
 
     assert user_properties(reply.properties)["status"] == "rejected"
     assert reply.payload.decode().startswith("the request has no correlation data")
+
+
+def test_replayed_rate_limit_has_retry_time(mlp_pair, mosquitto, tmp_path) -> None:
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+    # One request per 10 s and no burst, so a second request is rate limited.
+    text = config.read_text().replace(
+        "requests_per_s = 1.0\nburst = 2", "requests_per_s = 0.1\nburst = 1"
+    )
+    config.write_text(text)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = subscribed_client(mosquitto.port, "dslo/kitchen/labels")
+    watcher = HubWatcher(mosquitto.port)
+
+    def send(request_id: bytes):
+        properties = request_properties("dslo/kitchen/labels", request_id)
+        payload = request_payload(2).replace(REQUEST_ID, request_id)
+        client.publish("dslo/kitchen/requests", payload, qos=1, properties=properties)
+        return received.get(timeout=10)
+
+    try:
+        worker.start()
+        wait_online(watcher, ["w1"])
+        first = send(b"a" * 16)
+        limited = send(b"b" * 16)
+        time.sleep(1.0)
+        replayed = send(b"b" * 16)
+        counters = worker.counters
+    finally:
+        worker.stop()
+        watcher.close()
+        client.disconnect()
+        client.loop_stop()
+
+    limited_properties = user_properties(limited.properties)
+    replayed_properties = user_properties(replayed.properties)
+    assert user_properties(first.properties)["status"] == "ok"
+    assert limited_properties["status"] == "rate_limited"
+    assert replayed_properties["status"] == "rate_limited"
+    assert replayed.payload == limited.payload
+    assert counters["cached"] == 1
+    # The replay gives the time still left until the next token, which is
+    # about 1 s less than the first response gave.
+    first_wait = float(limited_properties["retry_after_s"])
+    replayed_wait = float(replayed_properties["retry_after_s"])
+    assert 9.0 < first_wait <= 10.0
+    assert replayed_wait == pytest.approx(first_wait - 1.0, abs=0.5)
