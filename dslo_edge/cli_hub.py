@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 import click
 
 from dslo_edge.cli_device import handle_errors
+from dslo_edge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dslo_edge.hub_config import HubConfig
 
 
 @click.command()
@@ -30,6 +35,12 @@ from dslo_edge.cli_device import handle_errors
     help="Print the systemd template unit for hub workers and exit.",
 )
 @click.option(
+    "--show-budget",
+    is_flag=True,
+    help="Print each device's released samples and spent privacy epsilon, read "
+    "from hub.state_file with the [privacy] settings of --config, and exit.",
+)
+@click.option(
     "--exec",
     "exec_path",
     help="With --print-unit: path of the dslo-edge script that the unit starts; "
@@ -40,11 +51,14 @@ def hub(
     config_path: str | None,
     worker_id: str | None,
     print_unit: bool,
+    show_budget: bool,
     exec_path: str | None,
 ) -> None:
     """Run a hub worker: serve label requests, run pushes, serve the teacher."""
     if exec_path is not None and not print_unit:
         raise click.UsageError("--exec is used only with --print-unit")
+    if print_unit and show_budget:
+        raise click.UsageError("give --print-unit or --show-budget, not both")
     if print_unit:
         from dslo_edge.service import (
             DEFAULT_HUB_CONFIG,
@@ -67,7 +81,25 @@ def hub(
     if config_path is None:
         raise click.UsageError("--config is required unless --print-unit is given")
     from dslo_edge.hub_config import load_hub_config
-    from dslo_edge.hub_service import HubWorker
 
     config = load_hub_config(config_path, worker_id)
+    if show_budget:
+        _show_budget(config)
+        return
+    from dslo_edge.hub_service import HubWorker
+
     sys.exit(HubWorker(config).run())
+
+
+def _show_budget(config: HubConfig) -> None:
+    """Print the spent privacy budget of every device in the state file."""
+    from dslo_edge.hub_budget import format_budgets, read_budgets
+
+    if config.privacy is None:
+        raise ConfigError(
+            f"{config.source}: --show-budget needs the [privacy] table that the "
+            "workers use, because epsilon depends on its delta and accountant; "
+            "without it the workers charge no privacy budget"
+        )
+    budgets = read_budgets(config.state_file, config.privacy)
+    click.echo(format_budgets(budgets, config.privacy, config.state_file), nl=False)
