@@ -145,12 +145,15 @@ class AckLedger:
 
     ``add`` records a handled message. ``saved`` is called after each
     successful checkpoint and returns the acknowledgements that are now safe
-    to send, in arrival order, because MQTT requires that order.
+    to send, in arrival order, because MQTT requires that order. Entries are
+    ``(packet id, QoS, session epoch)``.
     """
 
     def __init__(self) -> None:
-        self._unsaved: list[tuple[int, int, int]] = []
-        self._saved_once: list[tuple[int, int, int]] = []
+        # Each entry also records whether the message was rejected as a
+        # duplicate, which only a rollback to an older generation needs.
+        self._unsaved: list[tuple[int, int, int, bool]] = []
+        self._saved_once: list[tuple[int, int, int, bool]] = []
 
     def __len__(self) -> int:
         return len(self._unsaved) + len(self._saved_once)
@@ -161,27 +164,43 @@ class AckLedger:
         return not self._saved_once
 
     def add(self, mid: int, qos: int, epoch: int = 0) -> None:
-        self._unsaved.append((mid, qos, epoch))
+        self._unsaved.append((mid, qos, epoch, False))
+
+    def mark_duplicate(self) -> None:
+        """Mark the message added last as rejected for an already applied id."""
+        mid, qos, epoch, _ = self._unsaved[-1]
+        self._unsaved[-1] = (mid, qos, epoch, True)
 
     def saved(self) -> list[tuple[int, int, int]]:
         ready, self._saved_once, self._unsaved = self._saved_once, self._unsaved, []
-        return ready
+        return _entries(ready)
 
     def release_unsaved(self) -> list[tuple[int, int, int]]:
         """Return the unsaved group for sending now (nothing in it changed state)."""
         ready, self._unsaved = self._unsaved, []
-        return ready
+        return _entries(ready)
 
-    def forget_saved_once(self) -> int:
-        """Drop the group saved once without acknowledging it; return its size.
+    def forget_for_older_generation(self) -> int:
+        """Drop, unacknowledged, what a generation before the newest may lack.
 
-        The broker delivers those messages again after the next reconnect.
+        That is the group saved once, which is in the newest generation
+        only, and the unsaved messages rejected as duplicates, whose first
+        copy may be in that group or in the newest generation only. The
+        broker delivers them again after the next reconnect.
+
+        Returns:
+            The number of messages dropped.
         """
-        count = len(self._saved_once)
-        self._saved_once = []
+        still_unsaved = [entry for entry in self._unsaved if not entry[3]]
+        count = len(self._saved_once) + len(self._unsaved) - len(still_unsaved)
+        self._saved_once, self._unsaved = [], still_unsaved
         return count
 
     def release_all(self) -> list[tuple[int, int, int]]:
         ready = self._saved_once + self._unsaved
         self._saved_once, self._unsaved = [], []
-        return ready
+        return _entries(ready)
+
+
+def _entries(ledger: list[tuple[int, int, int, bool]]) -> list[tuple[int, int, int]]:
+    return [(mid, qos, epoch) for mid, qos, epoch, _ in ledger]

@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 
 from dslo_edge import systemd
 from dslo_edge.admission import (
+    DUPLICATE,
     TRAIN_ERROR,
     AckLedger,
     Received,
@@ -1098,6 +1099,8 @@ class EdgeDaemon:
             )
             return update
         except InvalidUpdate as error:
+            if error.reason == DUPLICATE:
+                self._acks.mark_duplicate()
             self._reject(error)
         except Exception:
             self.metrics.record_rejected(TRAIN_ERROR)
@@ -1473,24 +1476,26 @@ class EdgeDaemon:
         return False
 
     def _redeliver_saved_once(self, restored: Checkpoint) -> None:
-        """Leave the updates that ``restored`` lacks for the broker to send again.
+        """Leave the updates that ``restored`` may lack for the broker to send again.
 
         The rollback restored a generation older than the last one saved,
         because that one could not be read or restored. The updates saved
-        once are in that newest generation only, so acknowledging them
-        would lose them. The idle loop reconnects, and the broker then
-        delivers them again.
+        once are in that newest generation only, and so may be the first
+        copies of updates rejected since as duplicates. Acknowledging either
+        would lose those updates. The idle loop reconnects, and the broker
+        then delivers them again.
         """
-        forgotten = self._acks.forget_saved_once()
+        forgotten = self._acks.forget_for_older_generation()
         if not forgotten:
             return
         self._deferred_since_reconnect = True
         logger.warning(
-            "Device %s restored %s, which lacks %d updates saved only in %s; "
-            "they stay unacknowledged and it reconnects to receive them again",
+            "Device %s restored %s, which may lack %s saved only in %s or "
+            "rejected as duplicates since; they stay unacknowledged and it "
+            "reconnects to receive them again",
             self.device_id,
             restored.path.name,
-            forgotten,
+            counted(forgotten, "update"),
             self._newest_saved,
         )
 
