@@ -1451,6 +1451,10 @@ class EdgeDaemon:
             # The generation before the newest contains every acknowledged
             # update, so it is tried before the bundle's own weights.
             restored = self._restore_checkpoint(checkpoint)
+        if restored is None:
+            # No update is in the bundle's weights, so none may be rejected
+            # as a duplicate when the broker delivers it again.
+            self.applied_ids = AppliedIds(self.config.training.applied_id_capacity)
         target = "the factory weights" if restored is None else restored.path.name
         logger.error(
             "Device %s rolled back to %s: %s; dropped %s applied since the "
@@ -1468,18 +1472,19 @@ class EdgeDaemon:
         # repeat the harm. The others waiting for acknowledgement may be in
         # the restored generation only, so it is saved once more first.
         self._unsaved = 0
-        if restored is not None and restored.path.name != self._newest_saved:
-            self._redeliver_saved_once(restored)
+        if self._newest_saved is not None and target != self._newest_saved:
+            self._redeliver_saved_once(target)
         if restored is None or self.save_checkpoint():
             self._send_acks(self._acks.release_all())
         self.publish_metrics()
         return False
 
-    def _redeliver_saved_once(self, restored: Checkpoint) -> None:
-        """Leave the updates that ``restored`` may lack for the broker to send again.
+    def _redeliver_saved_once(self, target: str) -> None:
+        """Leave the updates that ``target`` may lack for the broker to send again.
 
-        The rollback restored a generation older than the last one saved,
-        because that one could not be read or restored. The updates saved
+        The rollback restored ``target``, a generation older than the last one
+        saved or the factory weights, because the last one saved could not
+        be read or restored. The updates saved
         once are in that newest generation only, and so may be the first
         copies of updates rejected since as duplicates. Acknowledging either
         would lose those updates. The idle loop reconnects, and the broker
@@ -1494,7 +1499,7 @@ class EdgeDaemon:
             "rejected as duplicates since; they stay unacknowledged and it "
             "reconnects to receive them again",
             self.device_id,
-            restored.path.name,
+            target,
             counted(forgotten, "update"),
             self._newest_saved,
         )

@@ -491,3 +491,56 @@ def test_rollback_past_corrupt_newest_keeps_duplicate(
     assert first[6:22] in applied_ids(restored)
     assert second[6:22] in applied_ids(restored), log[-3000:]
     assert metrics["applied_total"] == 2, log[-3000:]
+
+
+def test_rollback_to_factory_weights_keeps_update(
+    mlp_pair, mosquitto, tmp_path
+) -> None:
+    # Both generations turn unreadable before a harmful update makes the
+    # daemon roll back, so it goes back to the bundle's own weights. The
+    # first update, acknowledged after two generations, is lost with them,
+    # but the second one is not acknowledged yet and must come again.
+    config = write_device_config(
+        tmp_path,
+        mlp_pair.bundle,
+        mosquitto.port,
+        checkpoint_every=1,
+        checkpoint_idle_s=600,
+    )
+    checkpoints = tmp_path / "state" / "checkpoints"
+    first, second = (
+        encode_update(update)
+        for update in make_updates(load_bundle(mlp_pair.bundle), 2, seed=8)
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        hub.publish([first])
+        hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
+        hub.publish([second])
+        hub.wait(lambda m: m.get("applied_total") == 2 and m["unsaved"] == 0)
+        for _, path in list_checkpoints(checkpoints):
+            path.write_bytes(b"\0" * 64)
+        hub.publish([harmful_update()])
+        hub.wait(lambda m: m["rollbacks"] == 1)
+        try:
+            metrics = hub.wait(
+                lambda m: m["applied_total"] == 1 and m["unacknowledged"] == 0,
+                timeout=10,
+            )
+        except BrokerError:
+            metrics = dict(hub.metrics or {})
+    finally:
+        hub.close()
+        daemon.terminate()
+
+    restored = load_latest_checkpoint(checkpoints)
+    log = daemon.log_text()
+    assert "rolled back to the factory weights" in log, log[-3000:]
+    assert restored is not None, log[-3000:]
+    assert second[6:22] in applied_ids(restored), log[-3000:]
+    assert first[6:22] not in applied_ids(restored)
+    assert metrics["applied_total"] == 1, log[-3000:]
+    assert metrics["rejected"].get("duplicate") is None
+    assert "may lack 1 update saved only in" in log
