@@ -480,6 +480,9 @@ class OtaReceiver:
             ) from error
 
     def _store(self, header: ChunkHeader, data: bytes) -> ReceivedArchive | None:
+        left = self._verified_archive_left(header)
+        if left is not None:
+            return left
         transfer = self._transfer_for(header)
         if header.index not in transfer.received:
             self._write_chunk(transfer, header, data)
@@ -491,6 +494,32 @@ class OtaReceiver:
             return None
         self._transfer = None
         return self._verify(transfer)
+
+    def _verified_archive_left(self, header: ChunkHeader) -> ReceivedArchive | None:
+        """Return this transfer's verified archive if a restart cut off its install.
+
+        The daemon acknowledges the last chunk only after the install, so
+        after a kill during the install the broker delivers that chunk
+        again. The archive is checked once more, because a kill during the
+        rename or a power cut may have left it incomplete.
+        """
+        if self._transfer is not None:
+            return None
+        final = self.folder / f"{header.transfer_id.hex()}.tar"
+        try:
+            if final.stat().st_size != header.total_bytes:
+                return None
+        except (FileNotFoundError, NotADirectoryError):
+            # _start reports a missing or invalid folder.
+            return None
+        if sha256_file(final) != header.sha256.hex():
+            return None
+        logger.info(
+            "Installing the verified archive of model transfer %s again, because "
+            "the daemon stopped during its install",
+            header.transfer_id.hex(),
+        )
+        return ReceivedArchive(header.transfer_id.hex(), final, header.total_bytes)
 
     def _write_chunk(
         self, transfer: _Transfer, header: ChunkHeader, data: bytes
@@ -571,16 +600,20 @@ class OtaReceiver:
         return self._transfer
 
     def _remove_abandoned(self, keep: Path) -> None:
-        """Delete partial archives of transfers that a restart cut off.
+        """Delete partial and complete archives of transfers that a restart cut off.
 
         One transfer runs at a time, so any other ``.part`` file is left
-        over from a transfer that stopped with the daemon.
+        over from a transfer that stopped with the daemon. A ``.tar`` file
+        is left by a kill during its install, and a new transfer replaces it.
         """
         for old in self.folder.glob("*.part"):
             if old != keep:
                 logger.info("Deleting %s, left by an interrupted model transfer", old)
                 old.unlink(missing_ok=True)
                 _received_path(old).unlink(missing_ok=True)
+        for old in self.folder.glob("*.tar"):
+            logger.info("Deleting %s, left by an interrupted model install", old)
+            old.unlink(missing_ok=True)
 
     def _abandon(self, transfer_id: bytes) -> None:
         """Drop a transfer whose file cannot be written, and its later chunks."""

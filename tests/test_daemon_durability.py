@@ -544,3 +544,44 @@ def test_rollback_to_factory_weights_keeps_update(
     assert metrics["applied_total"] == 1, log[-3000:]
     assert metrics["rejected"].get("duplicate") is None
     assert "may lack 1 update saved only in" in log
+
+
+def test_ota_install_finishes_after_sigkill(mlp_pair, mosquitto, tmp_path) -> None:
+    # The daemon is killed once the last chunk made the archive complete and
+    # verified, while it installs the release. The broker then delivers the
+    # unacknowledged last chunk again to the restarted daemon.
+    config = write_device_config(tmp_path, mlp_pair.bundle, mosquitto.port)
+    chunk_topic, _ = ota_topics(TOPICS)
+    transfer = uuid.uuid4().bytes
+    chunks = split_archive(pack_bundle(mlp_pair.bundle), 1024, transfer)
+    archive = tmp_path / "state" / "ota" / f"{transfer.hex()}.tar"
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    watcher, statuses = ota_statuses(mosquitto.port)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        for chunk in chunks:
+            hub.client.publish(chunk_topic, chunk, qos=1).wait_for_publish(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not archive.exists():
+            time.sleep(0.0005)
+        daemon.kill()
+        left_after_kill = archive.exists()
+
+        daemon.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not statuses_of(statuses, transfer):
+            time.sleep(0.1)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        hub.close()
+        daemon.terminate()
+
+    log = daemon.log_text()
+    assert left_after_kill, log[-3000:]
+    outcome = statuses_of(statuses, transfer)
+    assert outcome, log[-3000:]
+    assert outcome[-1]["state"] == "installed", outcome[-1]
+    assert "Installing the verified archive of model transfer" in log, log[-3000:]
+    assert list(archive.parent.glob(f"{transfer.hex()}.*")) == []

@@ -311,6 +311,39 @@ def test_new_transfer_deletes_abandoned_part(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
 
 
+def test_new_transfer_deletes_archive_left_by_install(tmp_path: Path) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
+    chunks = split_archive(archive, chunk_bytes=16 * 1024)
+    folder = tmp_path / "ota"
+    folder.mkdir()
+    # Left by a kill during the install of another transfer.
+    abandoned = folder / ("ab" * 16 + ".tar")
+    abandoned.write_bytes(b"\0" * 51_200)
+
+    received = receive_all(OtaReceiver(folder), chunks)
+
+    assert not abandoned.exists()
+    assert received.path.read_bytes() == archive
+    assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
+
+
+def test_damaged_archive_left_by_install_is_received_again(tmp_path: Path) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
+    chunks = split_archive(archive, chunk_bytes=16 * 1024)
+    folder = tmp_path / "ota"
+    folder.mkdir()
+    transfer = chunks[0][5:21].hex()
+    damaged = folder / f"{transfer}.tar"
+    damaged.write_bytes(b"\0" * len(archive))
+
+    receiver = OtaReceiver(folder)
+    outcomes = [receiver.receive(chunk) for chunk in chunks]
+
+    assert outcomes[:-1] == [None] * (len(chunks) - 1)
+    assert outcomes[-1] is not None
+    assert outcomes[-1].path.read_bytes() == archive
+
+
 def test_file_as_folder_rejects_transfer_once(tmp_path: Path) -> None:
     archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
     chunks = split_archive(archive, chunk_bytes=16 * 1024)
