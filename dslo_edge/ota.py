@@ -609,8 +609,14 @@ class OtaReceiver:
         for old in self.folder.glob("*.part"):
             if old != keep:
                 logger.info("Deleting %s, left by an interrupted model transfer", old)
-                old.unlink(missing_ok=True)
-                _received_path(old).unlink(missing_ok=True)
+                _delete_partial(old)
+        # A kill after _verify renamed the archive leaves its list behind, and
+        # so did a kill between the deletions of versions that deleted the
+        # archive first.
+        for listed in self.folder.glob("*.received"):
+            if not listed.with_suffix(".part").exists():
+                logger.info("Deleting %s, left by an interrupted transfer", listed)
+                listed.unlink(missing_ok=True)
         for old in self.folder.glob("*.tar"):
             logger.info("Deleting %s, left by an interrupted model install", old)
             old.unlink(missing_ok=True)
@@ -625,13 +631,12 @@ class OtaReceiver:
         # Deleting the partial file frees the space that it took.
         path = self.folder / f"{transfer_id.hex()}.part"
         with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
             _received_path(path).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
     def _discard(self, transfer: _Transfer) -> None:
-        transfer.path.unlink(missing_ok=True)
-        _received_path(transfer.path).unlink(missing_ok=True)
+        _delete_partial(transfer.path)
         self._transfer = None
 
     def _verify(self, transfer: _Transfer) -> ReceivedArchive:
@@ -642,8 +647,7 @@ class OtaReceiver:
         actual = sha256_file(transfer.path)
         transfer_id = transfer.header.transfer_id.hex()
         if actual != expected:
-            transfer.path.unlink(missing_ok=True)
-            listed.unlink(missing_ok=True)
+            _delete_partial(transfer.path)
             raise OtaError(
                 "checksum_mismatch",
                 f"model transfer {transfer_id}: archive sha256 is {actual}, the hub "
@@ -668,6 +672,16 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _delete_partial(part: Path) -> None:
+    """Delete a partial archive and its list of stored chunks.
+
+    The list goes first, so a kill in between leaves a ``.part`` file,
+    which the next transfer deletes, and never a list without its archive.
+    """
+    _received_path(part).unlink(missing_ok=True)
+    part.unlink(missing_ok=True)
 
 
 def _received_path(part: Path) -> Path:

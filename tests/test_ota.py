@@ -344,6 +344,40 @@ def test_damaged_archive_left_by_install_is_received_again(tmp_path: Path) -> No
     assert outcomes[-1].path.read_bytes() == archive
 
 
+def test_kill_while_deleting_leaves_no_orphan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = split_archive(os.urandom(50_000), 16 * 1024, b"a" * 16)
+    archive = os.urandom(50_000)
+    second = split_archive(archive, 16 * 1024, b"b" * 16)
+    folder = tmp_path / "ota"
+    assert OtaReceiver(folder).receive(first[0]) is None
+    # Left by another kill after _verify renamed the archive of a transfer.
+    orphan = folder / ("cd" * 16 + ".received")
+    orphan.write_bytes(b"\0" * 64)
+    deleted: list[str] = []
+    unlink = Path.unlink
+
+    def killed_after_one(path: Path, missing_ok: bool = False) -> None:
+        if deleted:
+            raise KeyboardInterrupt
+        deleted.append(path.name)
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        OtaReceiver(folder).receive(second[0])
+    monkeypatch.undo()
+    left = sorted(p.name for p in folder.iterdir())
+
+    received = receive_all(OtaReceiver(folder), second)
+
+    assert deleted == [("61" * 16) + ".received"]
+    assert ("61" * 16) + ".part" in left
+    assert received.path.read_bytes() == archive
+    assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
+
+
 def test_file_as_folder_rejects_transfer_once(tmp_path: Path) -> None:
     archive = pack_bundle(write_bundle(tmp_path / "bundle", student_bytes=50_000))
     chunks = split_archive(archive, chunk_bytes=16 * 1024)
