@@ -18,7 +18,10 @@ from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.config import TrainingSettings
 from dslo_edge.errors import InvalidUpdate
 from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer
-from dslo_edge.signing import verified_body
+from dslo_edge.multihead_protocol import payload_message_id
+from dslo_edge.protocol import MAGIC
+from dslo_edge.signing import HEADER_BYTES as SIGNED_HEADER_BYTES
+from dslo_edge.signing import SIGNED_MAGIC, verified_body
 from dslo_edge.trainer import Trainer
 
 DUPLICATE = "duplicate"
@@ -59,11 +62,28 @@ def admit(
     max_abs_input: float = float("inf"),
 ) -> AnyUpdate:
     """Return the decoded update if it may be applied, else raise InvalidUpdate."""
-    body = verified_body(hmac_key, topic, item.payload)
+    try:
+        body = verified_body(hmac_key, topic, item.payload)
+    except InvalidUpdate as error:
+        error.message_id = error.message_id or readable_message_id(item.payload)
+        raise
     update = trainer.decode(body)
     check_input_range(update, max_abs_input)
     check_new_and_fresh(update, item.received_at, applied_ids, settings)
     return update
+
+
+def readable_message_id(payload: bytes) -> str | None:
+    """Return the hex message id of an update payload, signed or not, if it has one.
+
+    Only for naming a rejected update in the log: the id of a payload that
+    failed its signature check is not authenticated.
+    """
+    if payload.startswith(SIGNED_MAGIC):
+        payload = payload[SIGNED_HEADER_BYTES:]
+    if not payload.startswith(MAGIC):
+        return None
+    return payload_message_id(payload)
 
 
 def check_input_range(update: AnyUpdate, max_abs_input: float) -> None:
