@@ -1444,6 +1444,9 @@ class EdgeDaemon:
             self.storage_error = None
         self.rollbacks += 1
         self.last_rollback = problem
+        # The last loss is the dropped update's, and the restored weights have
+        # none of their own until the next update trains them.
+        self.metrics.forget_loss()
         restored = None
         if checkpoint is None:
             self._reset_to_bundle_weights()

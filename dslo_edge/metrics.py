@@ -150,6 +150,11 @@ class DaemonMetrics:
             if prepare_ms is not None:
                 self.prepare_ms.add(prepare_ms)
 
+    def forget_loss(self) -> None:
+        """Report no loss until the next update, after a rollback dropped its source."""
+        with self._lock:
+            self.last_loss = None
+
     def record_admission(self, queue_ms: float, admit_ms: float) -> None:
         """Record the time an update waited in the queue and its admission time.
 

@@ -585,3 +585,36 @@ def test_ota_install_finishes_after_sigkill(mlp_pair, mosquitto, tmp_path) -> No
     assert outcome[-1]["state"] == "installed", outcome[-1]
     assert "Installing the verified archive of model transfer" in log, log[-3000:]
     assert list(archive.parent.glob(f"{transfer.hex()}.*")) == []
+
+
+def test_rollback_reports_no_loss(mlp_pair, mosquitto, tmp_path) -> None:
+    config = write_device_config(
+        tmp_path,
+        mlp_pair.bundle,
+        mosquitto.port,
+        checkpoint_every=1,
+        checkpoint_idle_s=600,
+    )
+    first, marker = (
+        encode_update(update)
+        for update in make_updates(load_bundle(mlp_pair.bundle), 2, seed=6)
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        hub.publish([first])
+        before = hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
+        hub.publish([harmful_update()])
+        rolled_back = hub.wait(lambda m: m["rollbacks"] == 1)
+        hub.publish([marker])
+        after = hub.wait(lambda m: m["applied"] == 3)
+    finally:
+        hub.close()
+        daemon.terminate()
+
+    log = daemon.log_text()
+    assert isinstance(before["loss"], float), log[-3000:]
+    assert rolled_back["loss"] is None, rolled_back
+    assert isinstance(after["loss"], float)
+    assert after["loss"] < 100, after
