@@ -73,6 +73,7 @@ from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer, make_trainer
 from dslo_edge.multihead_model import load_student
 from dslo_edge.ota import (
+    OtaError,
     ota_topics,
     peek_transfer_id,
     state_write_error,
@@ -1261,7 +1262,9 @@ class EdgeDaemon:
         Returns:
             The OTA status to publish, or None while the transfer goes on.
         """
-        outcome = self.updater.handle_chunk(payload, self.student)
+        outcome = self.updater.handle_chunk(
+            payload, self.student, self._check_health_before_switch
+        )
         candidate = outcome.candidate
         if candidate is None:
             return outcome.status
@@ -1276,6 +1279,24 @@ class EdgeDaemon:
                 )
             return self.updater.reject(candidate, error)
         return self._switch_model(candidate, prepared)
+
+    def _check_health_before_switch(self) -> None:
+        """Roll back harmful updates before a new release copies the weights.
+
+        Raises:
+            OtaError: ``health_check`` while a rollback waits for readable
+                checkpoints, because the weights are still the harmful ones.
+        """
+        if self._unsaved or self._pending_rollback is not None:
+            self._check_health()
+        if self._pending_rollback is not None:
+            raise OtaError(
+                "health_check",
+                f"the running student failed its health check "
+                f"({self._pending_rollback}) and waits to roll back until its "
+                "checkpoints can be read; make them readable, then send the "
+                "release again",
+            )
 
     def _prepare_model(self, candidate: ReleaseCandidate) -> _ModelState:
         """Build the trainer, health guard and reference of a candidate.

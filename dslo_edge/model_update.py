@@ -126,8 +126,17 @@ class ModelUpdater:
         """Return the bundle to load at start: the installed release, else factory."""
         return self.store.active_path(factory)
 
-    def handle_chunk(self, payload: bytes, current: StudentModel) -> UpdateOutcome:
+    def handle_chunk(
+        self,
+        payload: bytes,
+        current: StudentModel,
+        before_install: Callable[[], None] | None = None,
+    ) -> UpdateOutcome:
         """Store a chunk; on the last one install the release and load its student.
+
+        ``before_install`` runs once the archive is verified, before the new
+        student copies the weights of ``current``. An ``OtaError`` from it
+        rejects the release.
 
         Returns:
             An outcome with a status for a rejected chunk or release, with a
@@ -144,6 +153,8 @@ class ModelUpdater:
         if archive is None:
             return UpdateOutcome(None)
         try:
+            if before_install is not None:
+                before_install()
             return self._install(archive, current)
         except OtaError as error:
             logger.log(

@@ -35,6 +35,7 @@ from dslo_edge.protocol import (
     encode_update,
     new_message_id,
 )
+from dslo_edge.trainer import WEIGHT_PREFIX
 
 TOPICS = Topics.for_device(DEVICE)
 
@@ -618,3 +619,49 @@ def test_rollback_reports_no_loss(mlp_pair, mosquitto, tmp_path) -> None:
     assert rolled_back["loss"] is None, rolled_back
     assert isinstance(after["loss"], float)
     assert after["loss"] < 100, after
+
+
+def test_ota_switch_drops_harmful_update(mlp_pair, mosquitto, tmp_path) -> None:
+    # The harmful update is applied but neither checked nor saved when the
+    # last chunk of a transfer arrives, so the new release would copy its
+    # weights unless the health check runs first.
+    config = write_device_config(
+        tmp_path,
+        mlp_pair.bundle,
+        mosquitto.port,
+        checkpoint_every=30,
+        checkpoint_idle_s=600,
+    )
+    chunk_topic, _ = ota_topics(TOPICS)
+    transfer = uuid.uuid4().bytes
+    chunks = split_archive(pack_bundle(mlp_pair.bundle), 8192, transfer)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    watcher, statuses = ota_statuses(mosquitto.port)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        hub.publish([harmful_update()])
+        hub.wait(lambda m: m["applied"] == 1 and m["unsaved"] == 1)
+        for chunk in chunks:
+            hub.client.publish(chunk_topic, chunk, qos=1).wait_for_publish(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not statuses_of(statuses, transfer):
+            time.sleep(0.1)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        hub.close()
+        daemon.terminate()
+
+    log = daemon.log_text()
+    outcome = statuses_of(statuses, transfer)
+    assert outcome, log[-3000:]
+    assert outcome[-1]["state"] == "installed", outcome[-1]
+    assert "rolled back to" in log, log[-3000:]
+    weights = load_latest_checkpoint(tmp_path / "state" / "checkpoints").tensors
+    peak = max(
+        float(np.abs(value).max())
+        for name, value in weights.items()
+        if name.startswith(WEIGHT_PREFIX)
+    )
+    assert peak < 100, peak
