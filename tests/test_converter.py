@@ -240,6 +240,8 @@ def test_regularizer_or_constraint_is_rejected(tmp_path, layer, message) -> None
     ],
     ids=["lora", "quantized"],
 )
+# Keras 3 warns that the model's InputLayer has nothing to quantize.
+@pytest.mark.filterwarnings("ignore:Layer InputLayer does not have a `quantize`")
 def test_lora_or_quantized_dense_is_rejected(tmp_path, change, message) -> None:
     student = keras.Sequential(
         [keras.Input((6,)), keras.layers.Dense(4, name="hidden"), keras.layers.Dense(3)]
