@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,42 @@ def write_device_config(
     return path
 
 
+def write_rollback_config(folder: Path, bundle: Path, port: int) -> Path:
+    """Write a device config that saves after each update and never when idle."""
+    return write_device_config(
+        folder, bundle, port, checkpoint_every=1, checkpoint_idle_s=600
+    )
+
+
+def encoded_updates(bundle: Path, count: int, seed: int) -> list[bytes]:
+    return [
+        encode_update(update)
+        for update in make_updates(load_bundle(bundle), count, seed=seed)
+    ]
+
+
+def publish_and_wait_saved(hub: Publisher, updates: list[bytes]) -> dict:
+    """Publish the updates one at a time, waiting until the daemon saved each.
+
+    Returns the metrics that show the last update applied and saved.
+    """
+    metrics: dict = {}
+    for total, update in enumerate(updates, start=1):
+        hub.publish([update])
+        metrics = hub.wait(
+            lambda m, total=total: m.get("applied_total") == total and m["unsaved"] == 0
+        )
+    return metrics
+
+
+def wait_or_last_metrics(hub: Publisher, condition: Callable[[dict], bool]) -> dict:
+    """Wait 10 s for metrics that meet the condition, else return the last ones."""
+    try:
+        return hub.wait(condition, timeout=10)
+    except BrokerError:
+        return dict(hub.metrics or {})
+
+
 def applied_ids(checkpoint) -> set[bytes]:
     return {bytes(row) for row in checkpoint.tensors[APPLIED_IDS]}
 
@@ -67,26 +103,14 @@ def corrupt_newest(folder: Path) -> str:
 def test_duplicate_ack_waits_for_two_generations(mlp_pair, mosquitto, tmp_path) -> None:
     # No idle save in the first run, so the second update stays in the
     # newest generation only and unacknowledged when the daemon is killed.
-    config = write_device_config(
-        tmp_path,
-        mlp_pair.bundle,
-        mosquitto.port,
-        checkpoint_every=1,
-        checkpoint_idle_s=600,
-    )
+    config = write_rollback_config(tmp_path, mlp_pair.bundle, mosquitto.port)
     checkpoints = tmp_path / "state" / "checkpoints"
-    first, second, marker = (
-        encode_update(update)
-        for update in make_updates(load_bundle(mlp_pair.bundle), 3, seed=1)
-    )
+    first, second, marker = encoded_updates(mlp_pair.bundle, 3, seed=1)
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     hub = Publisher(mosquitto.port, TOPICS)
     try:
         hub.wait(lambda m: m.get("pid") == daemon.pid)
-        hub.publish([first])
-        hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
-        hub.publish([second])
-        hub.wait(lambda m: m.get("applied_total") == 2 and m["unsaved"] == 0)
+        publish_and_wait_saved(hub, [first, second])
         daemon.kill()
         newest = load_latest_checkpoint(checkpoints)
         assert second[6:22] in applied_ids(newest)
@@ -209,27 +233,15 @@ def harmful_update() -> bytes:
 
 
 def test_rollback_ack_waits_for_two_generations(mlp_pair, mosquitto, tmp_path) -> None:
-    config = write_device_config(
-        tmp_path,
-        mlp_pair.bundle,
-        mosquitto.port,
-        checkpoint_every=1,
-        checkpoint_idle_s=600,
-    )
+    config = write_rollback_config(tmp_path, mlp_pair.bundle, mosquitto.port)
     checkpoints = tmp_path / "state" / "checkpoints"
-    first, second, marker = (
-        encode_update(update)
-        for update in make_updates(load_bundle(mlp_pair.bundle), 3, seed=3)
-    )
+    first, second, marker = encoded_updates(mlp_pair.bundle, 3, seed=3)
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     hub = Publisher(mosquitto.port, TOPICS)
     try:
         hub.wait(lambda m: m.get("pid") == daemon.pid)
-        hub.publish([first])
-        hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
         # The second update is in the newest generation only.
-        hub.publish([second])
-        hub.wait(lambda m: m.get("applied_total") == 2 and m["unsaved"] == 0)
+        publish_and_wait_saved(hub, [first, second])
         hub.publish([harmful_update()])
         hub.wait(lambda m: m["rollbacks"] == 1 and m["unacknowledged"] == 0)
         # The rollback's save keeps the norm of the restored weights as the
@@ -389,38 +401,23 @@ def test_rollback_past_corrupt_newest_keeps_update(
     # unreadable before a harmful update makes the daemon roll back. The
     # rollback restores the generation before it, which lacks the second
     # update, so the broker must deliver that update again.
-    config = write_device_config(
-        tmp_path,
-        mlp_pair.bundle,
-        mosquitto.port,
-        checkpoint_every=1,
-        checkpoint_idle_s=600,
-    )
+    config = write_rollback_config(tmp_path, mlp_pair.bundle, mosquitto.port)
     checkpoints = tmp_path / "state" / "checkpoints"
-    first, second = (
-        encode_update(update)
-        for update in make_updates(load_bundle(mlp_pair.bundle), 2, seed=5)
-    )
+    first, second = encoded_updates(mlp_pair.bundle, 2, seed=5)
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     hub = Publisher(mosquitto.port, TOPICS)
     try:
         hub.wait(lambda m: m.get("pid") == daemon.pid)
-        hub.publish([first])
-        hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
-        hub.publish([second])
-        hub.wait(lambda m: m.get("applied_total") == 2 and m["unsaved"] == 0)
+        publish_and_wait_saved(hub, [first, second])
         corrupt_newest(checkpoints)
         hub.publish([harmful_update()])
         hub.wait(lambda m: m["rollbacks"] == 1)
-        try:
-            metrics = hub.wait(
-                lambda m: (
-                    m["connects"] == 2 and m["applied_total"] == 2 and m["unsaved"] == 0
-                ),
-                timeout=10,
-            )
-        except BrokerError:
-            metrics = dict(hub.metrics or {})
+        metrics = wait_or_last_metrics(
+            hub,
+            lambda m: (
+                m["connects"] == 2 and m["applied_total"] == 2 and m["unsaved"] == 0
+            ),
+        )
     finally:
         hub.close()
         daemon.terminate()
@@ -442,26 +439,14 @@ def test_rollback_past_corrupt_newest_keeps_duplicate(
     # generation then turns unreadable and a harmful update makes the daemon
     # roll back to the generation before it, which lacks the second update.
     # Acknowledging the copy would then lose the update.
-    config = write_device_config(
-        tmp_path,
-        mlp_pair.bundle,
-        mosquitto.port,
-        checkpoint_every=1,
-        checkpoint_idle_s=600,
-    )
+    config = write_rollback_config(tmp_path, mlp_pair.bundle, mosquitto.port)
     checkpoints = tmp_path / "state" / "checkpoints"
-    first, second = (
-        encode_update(update)
-        for update in make_updates(load_bundle(mlp_pair.bundle), 2, seed=7)
-    )
+    first, second = encoded_updates(mlp_pair.bundle, 2, seed=7)
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     hub = Publisher(mosquitto.port, TOPICS)
     try:
         hub.wait(lambda m: m.get("pid") == daemon.pid)
-        hub.publish([first])
-        hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
-        hub.publish([second])
-        hub.wait(lambda m: m.get("applied_total") == 2 and m["unsaved"] == 0)
+        publish_and_wait_saved(hub, [first, second])
         daemon.kill()
 
         daemon.start()
@@ -475,13 +460,9 @@ def test_rollback_past_corrupt_newest_keeps_duplicate(
         corrupt_newest(checkpoints)
         hub.publish([harmful_update()])
         hub.wait(lambda m: m["rollbacks"] == 1)
-        try:
-            metrics = hub.wait(
-                lambda m: m["applied_total"] == 2 and m["unacknowledged"] == 0,
-                timeout=10,
-            )
-        except BrokerError:
-            metrics = dict(hub.metrics or {})
+        metrics = wait_or_last_metrics(
+            hub, lambda m: m["applied_total"] == 2 and m["unacknowledged"] == 0
+        )
     finally:
         hub.close()
         daemon.terminate()
@@ -501,37 +482,21 @@ def test_rollback_to_factory_weights_keeps_update(
     # daemon roll back, so it goes back to the bundle's own weights. The
     # first update, acknowledged after two generations, is lost with them,
     # but the second one is not acknowledged yet and must come again.
-    config = write_device_config(
-        tmp_path,
-        mlp_pair.bundle,
-        mosquitto.port,
-        checkpoint_every=1,
-        checkpoint_idle_s=600,
-    )
+    config = write_rollback_config(tmp_path, mlp_pair.bundle, mosquitto.port)
     checkpoints = tmp_path / "state" / "checkpoints"
-    first, second = (
-        encode_update(update)
-        for update in make_updates(load_bundle(mlp_pair.bundle), 2, seed=8)
-    )
+    first, second = encoded_updates(mlp_pair.bundle, 2, seed=8)
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     hub = Publisher(mosquitto.port, TOPICS)
     try:
         hub.wait(lambda m: m.get("pid") == daemon.pid)
-        hub.publish([first])
-        hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
-        hub.publish([second])
-        hub.wait(lambda m: m.get("applied_total") == 2 and m["unsaved"] == 0)
+        publish_and_wait_saved(hub, [first, second])
         for _, path in list_checkpoints(checkpoints):
             path.write_bytes(b"\0" * 64)
         hub.publish([harmful_update()])
         hub.wait(lambda m: m["rollbacks"] == 1)
-        try:
-            metrics = hub.wait(
-                lambda m: m["applied_total"] == 1 and m["unacknowledged"] == 0,
-                timeout=10,
-            )
-        except BrokerError:
-            metrics = dict(hub.metrics or {})
+        metrics = wait_or_last_metrics(
+            hub, lambda m: m["applied_total"] == 1 and m["unacknowledged"] == 0
+        )
     finally:
         hub.close()
         daemon.terminate()
@@ -589,23 +554,13 @@ def test_ota_install_finishes_after_sigkill(mlp_pair, mosquitto, tmp_path) -> No
 
 
 def test_rollback_reports_no_loss(mlp_pair, mosquitto, tmp_path) -> None:
-    config = write_device_config(
-        tmp_path,
-        mlp_pair.bundle,
-        mosquitto.port,
-        checkpoint_every=1,
-        checkpoint_idle_s=600,
-    )
-    first, marker = (
-        encode_update(update)
-        for update in make_updates(load_bundle(mlp_pair.bundle), 2, seed=6)
-    )
+    config = write_rollback_config(tmp_path, mlp_pair.bundle, mosquitto.port)
+    first, marker = encoded_updates(mlp_pair.bundle, 2, seed=6)
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     hub = Publisher(mosquitto.port, TOPICS)
     try:
         hub.wait(lambda m: m.get("pid") == daemon.pid)
-        hub.publish([first])
-        before = hub.wait(lambda m: m.get("applied_total") == 1 and m["unsaved"] == 0)
+        before = publish_and_wait_saved(hub, [first])
         hub.publish([harmful_update()])
         rolled_back = hub.wait(lambda m: m["rollbacks"] == 1)
         hub.publish([marker])
