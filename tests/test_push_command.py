@@ -81,6 +81,36 @@ def watch_updates(port: int) -> tuple[mqtt.Client, list[bytes]]:
     return watcher, received
 
 
+def dp_options(noise_multiplier: float, epsilon: float, ledger: Path) -> list[str]:
+    """Return the push options for a private release charged to the ledger."""
+    return [
+        "--dp-noise-multiplier",
+        str(noise_multiplier),
+        "--dp-epsilon",
+        str(epsilon),
+        "--dp-ledger",
+        str(ledger),
+    ]
+
+
+def push_while_watching(
+    broker: Broker, bundle: Path, data: Path, *extra: str
+) -> tuple[Result, list[bytes]]:
+    """Run a --no-wait push while a client subscribes to the device's updates.
+
+    Returns the push's result and the update payloads the subscriber received.
+    """
+    watcher, received = watch_updates(broker.port)
+    try:
+        time.sleep(0.5)
+        result = run_push(bundle, data, broker.url, "--no-wait", *extra)
+        time.sleep(0.5)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+    return result, received
+
+
 def test_push_counts_only_its_own_updates(
     mlp_pair, broker_factory, tmp_path, data_file
 ):
@@ -465,25 +495,9 @@ def test_push_unwritable_ledger_sends_nothing(
     blocker = tmp_path / "afile"
     blocker.write_text("")
     ledger = blocker / "ledger.json"
-    watcher, received = watch_updates(broker.port)
-    try:
-        time.sleep(0.5)
-        result = run_push(
-            mlp_pair.bundle,
-            data_file,
-            broker.url,
-            "--no-wait",
-            "--dp-noise-multiplier",
-            "8",
-            "--dp-epsilon",
-            "100",
-            "--dp-ledger",
-            str(ledger),
-        )
-        time.sleep(0.5)
-    finally:
-        watcher.loop_stop()
-        watcher.disconnect()
+    result, received = push_while_watching(
+        broker, mlp_pair.bundle, data_file, *dp_options(8, 100, ledger)
+    )
 
     assert result.exit_code == 78, result.output
     assert result.output.startswith(f"error: cannot write privacy ledger {ledger}")
@@ -502,26 +516,9 @@ def test_push_rejects_hard_labels_with_privacy(mlp_pair, broker_factory, tmp_pat
         y=rng.integers(0, 10, SAMPLES),
     )
     ledger = tmp_path / "ledger.json"
-    watcher, received = watch_updates(broker.port)
-    try:
-        time.sleep(0.5)
-        result = run_push(
-            mlp_pair.bundle,
-            labelled,
-            broker.url,
-            "--no-wait",
-            "--hard-labels",
-            "--dp-noise-multiplier",
-            "4",
-            "--dp-epsilon",
-            "5",
-            "--dp-ledger",
-            str(ledger),
-        )
-        time.sleep(0.5)
-    finally:
-        watcher.loop_stop()
-        watcher.disconnect()
+    result, received = push_while_watching(
+        broker, mlp_pair.bundle, labelled, "--hard-labels", *dp_options(4, 5, ledger)
+    )
 
     assert result.exit_code == 2, result.output
     assert "Invalid value for --hard-labels: a private release sends only " in (
@@ -544,12 +541,7 @@ def test_push_to_device_without_session_refunds(
         data_file,
         broker.url,
         "--no-wait",
-        "--dp-noise-multiplier",
-        "8",
-        "--dp-epsilon",
-        "100",
-        "--dp-ledger",
-        str(ledger),
+        *dp_options(8, 100, ledger),
     )
 
     assert result.exit_code == 1, result.output
@@ -569,27 +561,11 @@ def test_push_stopped_by_budget_counts_sent(
 ):
     pytest.importorskip("dp_accounting")
     broker = broker_factory("mosquitto")
-    watcher, received = watch_updates(broker.port)
-    try:
-        time.sleep(0.5)
-        # At noise multiplier 4, 16 releases spend epsilon 4.73 and 24 spend
-        # 5.98, so the budget of 5 admits two batches of 8.
-        result = run_push(
-            mlp_pair.bundle,
-            data_file,
-            broker.url,
-            "--no-wait",
-            "--dp-noise-multiplier",
-            "4",
-            "--dp-epsilon",
-            "5",
-            "--dp-ledger",
-            str(tmp_path / "ledger.json"),
-        )
-        time.sleep(0.5)
-    finally:
-        watcher.loop_stop()
-        watcher.disconnect()
+    # At noise multiplier 4, 16 releases spend epsilon 4.73 and 24 spend
+    # 5.98, so the budget of 5 admits two batches of 8.
+    result, received = push_while_watching(
+        broker, mlp_pair.bundle, data_file, *dp_options(4, 5, tmp_path / "ledger.json")
+    )
 
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error: releasing 8 more soft labels to ")
@@ -604,27 +580,11 @@ def test_push_stopped_after_one_update_reads_singular(
 ):
     pytest.importorskip("dp_accounting")
     broker = broker_factory("mosquitto")
-    watcher, received = watch_updates(broker.port)
-    try:
-        time.sleep(0.5)
-        # At noise multiplier 4, 8 releases spend epsilon 3.19 and 16 spend
-        # 4.73, so the budget of 4 admits one batch of 8.
-        result = run_push(
-            mlp_pair.bundle,
-            data_file,
-            broker.url,
-            "--no-wait",
-            "--dp-noise-multiplier",
-            "4",
-            "--dp-epsilon",
-            "4",
-            "--dp-ledger",
-            str(tmp_path / "ledger.json"),
-        )
-        time.sleep(0.5)
-    finally:
-        watcher.loop_stop()
-        watcher.disconnect()
+    # At noise multiplier 4, 8 releases spend epsilon 3.19 and 16 spend
+    # 4.73, so the budget of 4 admits one batch of 8.
+    result, received = push_while_watching(
+        broker, mlp_pair.bundle, data_file, *dp_options(4, 4, tmp_path / "ledger.json")
+    )
 
     assert result.exit_code == 1, result.output
     assert result.output.endswith(
@@ -840,25 +800,11 @@ def test_push_rejected_by_acl_refunds(mlp_pair, tmp_path, data_file):
         ),
     )
     ledger = tmp_path / "ledger.json"
-    watcher, received = watch_updates(broker.port)
     try:
-        time.sleep(0.5)
-        result = run_push(
-            mlp_pair.bundle,
-            data_file,
-            broker.url,
-            "--no-wait",
-            "--dp-noise-multiplier",
-            "8",
-            "--dp-epsilon",
-            "100",
-            "--dp-ledger",
-            str(ledger),
+        result, received = push_while_watching(
+            broker, mlp_pair.bundle, data_file, *dp_options(8, 100, ledger)
         )
-        time.sleep(0.5)
     finally:
-        watcher.loop_stop()
-        watcher.disconnect()
         broker.stop()
 
     assert result.exit_code == 1, result.output
