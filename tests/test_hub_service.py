@@ -26,7 +26,7 @@ from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.errors import ConfigError
 from dslo_edge.hub import default_sample_ids
 from dslo_edge.hub_batch import Incoming
-from dslo_edge.hub_config import load_hub_config
+from dslo_edge.hub_config import HubConfig, PushSchedule, load_hub_config
 from dslo_edge.hub_service import HubWorker, _takeover_fix
 from dslo_edge.hub_state import HubState
 from dslo_edge.label_protocol import (
@@ -747,37 +747,56 @@ def test_push_skips_device_without_key(mlp_pair, mosquitto, tmp_path, caplog) ->
     assert summary.endswith("to 1 of 2 devices")
 
 
-def test_push_refunds_device_without_session(
-    mlp_pair, mosquitto, tmp_path, caplog
-) -> None:
-    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+def private_push_to_kitchen_and_garage(
+    folder: Path, port: int, bundle: Path, x: np.ndarray
+) -> HubConfig:
+    """Load a hub config whose private nightly push sends to kitchen and garage."""
     privacy = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 20.0"}
-    config = nightly_push_config(
-        tmp_path / "hub", mosquitto.port, mlp_pair.bundle, x, privacy
-    )
+    config = nightly_push_config(folder / "hub", port, bundle, x, privacy)
     config.write_text(
         config.read_text().replace(
             'devices = ["kitchen"]', 'devices = ["kitchen", "garage"]'
         )
     )
-    loaded = load_hub_config(config, "w1")
+    return load_hub_config(config, "w1")
+
+
+def run_push_once(
+    worker: HubWorker, schedule: PushSchedule, port: int, kitchen: queue.Queue
+) -> list:
+    """Connect the worker to the broker, run the push once, then disconnect.
+
+    Returns the three updates that kitchen's subscriber received.
+    """
+    worker.connection.client.connect("127.0.0.1", port)
+    worker.connection.client.loop_start()
+    try:
+        worker.pushes.run_once(schedule)  # type: ignore[union-attr]
+        return [kitchen.get(timeout=15) for _ in range(3)]
+    finally:
+        worker.connection.client.disconnect()
+        worker.connection.client.loop_stop()
+
+
+def test_push_refunds_device_without_session(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    loaded = private_push_to_kitchen_and_garage(
+        tmp_path, mosquitto.port, mlp_pair.bundle, x
+    )
     [schedule] = loaded.pushes
     # Only kitchen subscribes: garage never connected, so it has no session.
     client, received = kitchen_updates(mosquitto.port)
     worker = HubWorker(loaded)
     assert worker.pushes is not None
     caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
-    worker.connection.client.connect("127.0.0.1", mosquitto.port)
-    worker.connection.client.loop_start()
     try:
-        worker.pushes.run_once(schedule)
-        kitchen = [received.get(timeout=15) for _ in range(3)]
+        kitchen = run_push_once(worker, schedule, mosquitto.port, received)
         releases = {
             device: worker.state.releases(device) for device in ("kitchen", "garage")
         }
     finally:
-        worker.connection.client.disconnect()
-        worker.connection.client.loop_stop()
         client.disconnect()
         client.loop_stop()
         worker.state.close()
@@ -816,33 +835,21 @@ def test_push_refunds_updates_acl_rejects(mlp_pair, tmp_path, caplog) -> None:
             "listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {workdir}/acl\n"
         ),
     )
-    privacy = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 20.0"}
-    config = nightly_push_config(
-        tmp_path / "hub", broker.port, mlp_pair.bundle, x, privacy
+    loaded = private_push_to_kitchen_and_garage(
+        tmp_path, broker.port, mlp_pair.bundle, x
     )
-    config.write_text(
-        config.read_text().replace(
-            'devices = ["kitchen"]', 'devices = ["kitchen", "garage"]'
-        )
-    )
-    loaded = load_hub_config(config, "w1")
     [schedule] = loaded.pushes
     kitchen_client, kitchen = kitchen_updates(broker.port)
     garage_client, garage = device_updates(broker.port, "garage")
     worker = HubWorker(loaded)
     assert worker.pushes is not None
     caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
-    worker.connection.client.connect("127.0.0.1", broker.port)
-    worker.connection.client.loop_start()
     try:
-        worker.pushes.run_once(schedule)
-        received = [kitchen.get(timeout=15) for _ in range(3)]
+        received = run_push_once(worker, schedule, broker.port, kitchen)
         releases = {
             device: worker.state.releases(device) for device in ("kitchen", "garage")
         }
     finally:
-        worker.connection.client.disconnect()
-        worker.connection.client.loop_stop()
         for client in (kitchen_client, garage_client):
             client.disconnect()
             client.loop_stop()
