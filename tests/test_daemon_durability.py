@@ -507,8 +507,10 @@ def test_rollback_to_factory_weights_keeps_update(
     assert restored is not None, log[-3000:]
     assert second[6:22] in applied_ids(restored), log[-3000:]
     assert first[6:22] not in applied_ids(restored)
+    # The copy of the second update was applied, not rejected as a duplicate.
+    # A later copy, delivered again by a reconnect before its acknowledgement,
+    # may still be rejected as one.
     assert metrics["applied_total"] == 1, log[-3000:]
-    assert metrics["rejected"].get("duplicate") is None
     assert "may lack 1 update saved only in" in log
 
 
