@@ -301,8 +301,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        for number in dict.fromkeys(received):
-            signal.raise_signal(number)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
 
 
 def _restore(backup: Path, target: Path) -> None:

@@ -132,7 +132,7 @@ def state_write_error(
         names the path, the OS error and what to do.
     """
     cause = error.strerror or str(error)
-    if error.errno in errno.errorcode:
+    if error.errno is not None and error.errno in errno.errorcode:
         cause += f" ({errno.errorcode[error.errno]})"
     # A failed write() or close() names no file, unlike a failed open().
     if error.filename:

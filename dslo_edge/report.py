@@ -147,7 +147,7 @@ def _same_file(first: Path, second: Path) -> bool:
 def _first_timestamp(records: Sequence[dict[str, Any]]) -> float:
     """Return the first report's timestamp, or infinity when none has one."""
     for record in records:
-        stamp = record.get("timestamp")
+        stamp: Any = record.get("timestamp")
         if _is_number(stamp):
             return float(stamp)
     return float("inf")
