@@ -49,7 +49,7 @@ def _digest(tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _fsync_directory(folder: Path) -> None:
+def fsync_directory(folder: Path) -> None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -110,8 +110,8 @@ def _move_into_new_folder(paths: list[Path], destination: Path) -> Path:
     target = Path(tempfile.mkdtemp(prefix=stamp, dir=destination))
     for path in paths:
         path.rename(target / path.name)
-    _fsync_directory(paths[0].parent)
-    _fsync_directory(target)
+    fsync_directory(paths[0].parent)
+    fsync_directory(target)
     return target
 
 
@@ -142,7 +142,7 @@ def save_checkpoint(
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, target)
-        _fsync_directory(folder)
+        fsync_directory(folder)
     finally:
         if temporary.exists():
             temporary.unlink()

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dslo_edge.bundle import sha256_file
+from dslo_edge.checkpoint import fsync_directory
 from dslo_edge.errors import BundleError
 from dslo_edge.protocol import Topics
 from dslo_edge.signing import HEADER_BYTES as SIGNED_HEADER_BYTES
@@ -589,7 +590,7 @@ class OtaReceiver:
             _received_path(path).write_bytes(_archive_identity(header))
             # Both names must survive a power cut, or a restart would start
             # the transfer anew without the chunks acknowledged before it.
-            _sync_folder(self.folder)
+            fsync_directory(self.folder)
             logger.info(
                 "Receiving model transfer %s: %d bytes in %d chunks",
                 header.transfer_id.hex(),
@@ -663,15 +664,6 @@ def _sync(stream: BinaryIO) -> None:
     """Write ``stream``'s buffer and its file's data to the disk."""
     stream.flush()
     os.fsync(stream.fileno())
-
-
-def _sync_folder(folder: Path) -> None:
-    """Write the entries of ``folder`` to the disk."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _delete_partial(part: Path) -> None:
