@@ -348,7 +348,7 @@ def _seeds(count: int) -> str:
 
 
 def _tuning(command: str) -> str:
-    """Return the sentence of the page that says how hyper-parameters were set."""
+    """Return the page's sentence on how hyper-parameters were set."""
     if "--quick" in command.split():
         return (
             "With `--quick`, each method tries one value of each hyper-parameter "

@@ -408,8 +408,8 @@ def label_probabilities_of(logits: np.ndarray, temperature: float = 1.0) -> np.n
 
 # MQTT 5 PUBACK reason code of a publish that no subscription matched.
 NO_MATCHING_SUBSCRIBERS = 0x10
-# MQTT 5 reason codes from 0x80 up are failures. mosquitto 2.0.11 answers a
-# publish that its ACL denies with 0x87 (not authorized), and paho still
+# MQTT 5 reason codes from 0x80 up are failures. mosquitto 2.0.11 acknowledges
+# a publish that its ACL denies with 0x87 (not authorized), and paho still
 # reports the message as published.
 FIRST_FAILURE_CODE = 0x80
 NOT_AUTHORIZED = 0x87
@@ -418,7 +418,7 @@ NOT_AUTHORIZED = 0x87
 class UpdateNotDelivered(BrokerError):
     """The broker acknowledged an update but will not deliver it.
 
-    ``fix`` tells the user what to change before pushing again.
+    ``fix`` is the change the user must make before pushing again.
     """
 
     def __init__(self, message: str, fix: str):
@@ -700,7 +700,7 @@ def _dropped_stop(
     result: PushResult,
     privacy: PrivateRelease | None,
 ) -> str:
-    """Refund an update the broker will not deliver, and say where the push stopped."""
+    """Refund an update the broker will not deliver; return where the push stopped."""
     refund = ""
     if privacy is not None:
         privacy.ledger.refund(privacy.device_id, samples)

@@ -1551,7 +1551,7 @@ def test_push_failing_midway_counts_sent(mlp_pair, mosquitto, tmp_path, caplog) 
         client.loop_start()
         assert connected.wait(10), "the hub client did not reconnect"
         deadline = time.monotonic() + 10
-        # paho has no public call that tells whether QoS 1 messages wait.
+        # paho has no public call that returns whether QoS 1 messages wait.
         while client._out_messages:
             assert time.monotonic() < deadline, "the broker did not acknowledge"
             time.sleep(0.01)
