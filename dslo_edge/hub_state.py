@@ -403,27 +403,27 @@ class HubState:
         or already matches, else why the budget does not allow it. The old
         charge then stays.
         """
-        wanted = (privacy.noise_multiplier, key.samples)
-        # NULL: a claim stored before charges were recorded, of unknown size.
-        if count is None or (multiplier, count) == wanted:
+        new_charge = (privacy.noise_multiplier, key.samples)
+        # NULL: a claim stored before charges were recorded, at an unknown multiplier.
+        if count is None or (multiplier, count) == new_charge:
             return ""
         releases = self._releases(db, key.device)
         if count and multiplier is not None:
             releases[multiplier] = max(0, releases.get(multiplier, 0) - count)
-        releases[wanted[0]] = releases.get(wanted[0], 0) + key.samples
+        releases[new_charge[0]] = releases.get(new_charge[0], 0) + key.samples
         epsilon = epsilon_spent(releases, privacy.delta, privacy.accountant)
         if epsilon > privacy.epsilon_budget:
             return (
                 f"labelling {key.samples} samples with noise multiplier "
-                f"{wanted[0]:g} would spend epsilon {epsilon:.3g} of the budget "
+                f"{new_charge[0]:g} would spend epsilon {epsilon:.3g} of the budget "
                 f"{privacy.epsilon_budget:g}"
             )
         self._take_back(db, key, multiplier, count)
-        self._add_releases(db, key.device, *wanted)
+        self._add_releases(db, key.device, *new_charge)
         db.execute(
             "UPDATE requests SET charge_multiplier = ?, charge_count = ? "
             "WHERE device = ? AND request_id = ?",
-            (*wanted, key.device, key.request_id),
+            (*new_charge, key.device, key.request_id),
         )
         return ""
 
