@@ -389,21 +389,24 @@ PyDoc_STRVAR(prepare_doc,
 "caller gave new ids rows (known is -1 for those). None is also returned\n"
 "for an id that repeats in the batch. stamps is the first\n"
 "stamp of each table. smoothing is (lambda, boost_lambda, threshold,\n"
-"boost_remaining, boost_updates) and alpha is (offset, slope, low, high).\n"
+"boost_remaining, boost_updates, boost_min_rows) and alpha is (offset, slope,\n"
+"low, high). The boost starts when the batch drift exceeds threshold over at\n"
+"least min(boost_min_rows, rows of the batch) rows with drift.\n"
 "hard is None or int32 labels with -1 for none.");
 
 static PyObject *prepare(PyObject *self, PyObject *args) {
     PyObject *ids, *p_object, *monitor_tuple, *store_tuple, *given_object;
     PyObject *hard_object, *soft_object, *alpha_object, *labels_object;
     long long monitor_stamp, store_stamp, teacher_round, boost_remaining,
-        boost_updates;
+        boost_updates, boost_min_rows;
     double entropy_scale, lam, boost_lambda, threshold, coefficients[4];
     int argmax;
-    if (!PyArg_ParseTuple(args, "O!OOOO(LL)Ld(dddLL)(dddd)OpOOO", &PyList_Type,
+    if (!PyArg_ParseTuple(args, "O!OOOO(LL)Ld(dddLLL)(dddd)OpOOO", &PyList_Type,
                           &ids, &p_object, &monitor_tuple, &store_tuple,
                           &given_object, &monitor_stamp, &store_stamp,
                           &teacher_round, &entropy_scale, &lam, &boost_lambda,
                           &threshold, &boost_remaining, &boost_updates,
+                          &boost_min_rows,
                           &coefficients[0], &coefficients[1], &coefficients[2],
                           &coefficients[3], &hard_object, &argmax, &soft_object,
                           &alpha_object, &labels_object)) {
@@ -509,7 +512,11 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
     MonitorSums sums = observe_rows(p, monitor_known, monitor_rows, &monitor,
                                     monitor_stamp, teacher_round, entropy_scale,
                                     entropy);
+    /* As DriftBoost.starts: a batch smaller than boost_min_rows needs drift
+     * in every row. */
+    long long needed_rows = boost_min_rows < count ? boost_min_rows : count;
     int spike = boost_updates > 0 && sums.drift_count > 0 &&
+                sums.drift_count >= needed_rows &&
                 sums.drift_sum / (double)sums.drift_count > threshold;
     if ((spike || boost_remaining > 0) && boost_lambda > lam) {
         lam = boost_lambda;

@@ -432,6 +432,7 @@ def render_config(
             "drift_threshold": 0.5,
             "drift_lambda": 3.0,
             "drift_updates": 20,
+            "drift_min_rows": 8,
         },
         "limits": {
             "max_payload_bytes": 4194304,

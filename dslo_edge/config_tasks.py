@@ -3,8 +3,8 @@
 Each table sets the fields of ``dynamic.TaskSettings``: ``weight``,
 ``temperature``, ``smoothing_lambda``, ``smoothing_capacity``,
 ``hard_label_fallback``, ``monitor_decay``, the drift boost as
-``drift_threshold``, ``drift_lambda`` and ``drift_updates`` (the names of the
-``[monitor]`` table), and an ``alpha`` sub-table with the keys of the
+``drift_threshold``, ``drift_lambda``, ``drift_updates`` and ``drift_min_rows``
+(the names of the ``[monitor]`` table), and an ``alpha`` sub-table with the keys of the
 device-wide ``[alpha]`` table. A key that a table leaves out takes the
 device-wide value, except ``weight``, which defaults to 1. Head names are
 checked against the bundle when the trainer is built, because the config does
@@ -132,6 +132,13 @@ def read_drift_boost(reader: TableReader, base: DriftBoost) -> DriftBoost:
             base.updates,
             lambda v: 0 <= v <= 1_000_000,
             "a count of updates in 0..1000000 (0 switches the boost off)",
+        ),
+        min_rows=reader.get(
+            "drift_min_rows",
+            int,
+            base.min_rows,
+            lambda v: 1 <= v <= 1_000_000,
+            "a count of rows in 1..1000000",
         ),
     )
 

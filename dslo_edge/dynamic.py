@@ -121,15 +121,22 @@ class DriftBoost:
     next ``updates - 1`` ones. A later batch above the threshold restarts the
     count, so the boost lasts while the drift stays high.
 
+    The drift of a batch counts only over its rows whose id was seen in an
+    earlier round. So that one sample whose label changed cannot start the
+    boost alone, a batch needs at least ``min(min_rows, batch rows)`` such
+    rows: a batch smaller than ``min_rows`` needs every row.
+
     Attributes:
         threshold: batch drift in nats that counts as a spike, > 0.
         smoothing_lambda: lambda while boosted, >= 0.
         updates: number of boosted updates, 0 to switch the boost off.
+        min_rows: rows with drift that a batch needs to start the boost, >= 1.
     """
 
     threshold: float = 0.5
     smoothing_lambda: float = 3.0
     updates: int = 20
+    min_rows: int = 8
 
     def __post_init__(self) -> None:
         _require(
@@ -150,11 +157,33 @@ class DriftBoost:
             self.updates,
             "an integer >= 0",
         )
+        _require(
+            _is_count(self.min_rows, 1),
+            "drift boost min rows",
+            self.min_rows,
+            "an integer >= 1",
+        )
         # Plain floats, so that numpy mixes rows in the same precision
         # whether a config or a numpy scalar set them.
         object.__setattr__(self, "threshold", float(self.threshold))
         object.__setattr__(self, "smoothing_lambda", float(self.smoothing_lambda))
         object.__setattr__(self, "updates", int(self.updates))
+        object.__setattr__(self, "min_rows", int(self.min_rows))
+
+    def starts(self, batch_drift: float | None, drift_rows: int, rows: int) -> bool:
+        """Check whether a batch starts the boost, or restarts its count.
+
+        Args:
+            batch_drift: the batch drift, None when no row has drift.
+            drift_rows: rows of the batch with drift.
+            rows: rows in the batch.
+        """
+        return (
+            self.updates > 0
+            and batch_drift is not None
+            and drift_rows >= min(self.min_rows, rows)
+            and batch_drift > self.threshold
+        )
 
 
 @dataclass(frozen=True)
@@ -285,7 +314,9 @@ class SoftLabelEngine:
         batch_drift = self.monitor.observe(
             ids, statistics.rows, teacher_round, statistics
         )
-        lam = self._smoothing_lambda(batch_drift)
+        lam = self._smoothing_lambda(
+            batch_drift, self.monitor.batch_drift_rows, len(ids)
+        )
         soft = self.store.smooth(ids, statistics.rows, lam)
         progress = self.progress
         alpha = self.settings.alpha.alpha_from_entropy(statistics.entropy, progress)
@@ -313,9 +344,11 @@ class SoftLabelEngine:
             self.progress_settings.planned_rounds,
         )
 
-    def _smoothing_lambda(self, batch_drift: float | None) -> float:
+    def _smoothing_lambda(
+        self, batch_drift: float | None, drift_rows: int, rows: int
+    ) -> float:
         boost = self.settings.drift
-        if boost.updates and batch_drift is not None and batch_drift > boost.threshold:
+        if boost.starts(batch_drift, drift_rows, rows):
             self.boost_remaining = boost.updates
         if self.boost_remaining > 0:
             return max(self.settings.smoothing_lambda, boost.smoothing_lambda)

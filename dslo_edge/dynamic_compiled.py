@@ -82,6 +82,7 @@ def prepare_compiled(
             boost.threshold,
             engine.boost_remaining,
             boost.updates,
+            boost.min_rows,
         ),
         settings.alpha.coefficients(progress),
         hard_labels,

@@ -441,6 +441,7 @@ class TeacherMonitor:
         self._batch_entropy = 0.0
         self._batch_confidence = 0.0
         self._batch_drift: float | None = None
+        self._batch_drift_rows = 0
         self._latest_round: int | None = None
         self._drift_round: int | None = None
         self._drift_sum = 0.0
@@ -451,6 +452,11 @@ class TeacherMonitor:
     def capacity(self) -> int:
         """Maximum number of sample ids kept for drift."""
         return self._store.capacity
+
+    @property
+    def batch_drift_rows(self) -> int:
+        """Number of rows of the last batch that had drift, 0 when none had."""
+        return self._batch_drift_rows
 
     def observe(
         self,
@@ -487,6 +493,7 @@ class TeacherMonitor:
                 f"got {len(sample_ids)} sample ids for {rows.shape[0]} probability rows"
             )
         self._batch_drift = None
+        self._batch_drift_rows = 0
         if rows.shape[0] == 0:
             return None
         self._store.check_classes(rows.shape[1])
@@ -508,6 +515,7 @@ class TeacherMonitor:
         if kl is not None:
             total = float(kl.sum())
             self._batch_drift = total / kl.shape[0]
+            self._batch_drift_rows = kl.shape[0]
             self._add_drift(teacher_round, total, kl.shape[0])
 
         current = stored_rounds <= teacher_round
@@ -563,6 +571,7 @@ class TeacherMonitor:
         """
         entropy_sum, confidence_sum, drift_sum, drift_count = sums
         self._batch_drift = None
+        self._batch_drift_rows = drift_count
         self._update_means_from(entropy_sum, confidence_sum, count)
         if self._latest_round is None or teacher_round > self._latest_round:
             self._latest_round = teacher_round

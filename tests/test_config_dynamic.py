@@ -30,6 +30,7 @@ def test_rendered_config_has_engine_defaults(tmp_path: Path) -> None:
     assert task.drift.threshold == 0.5
     assert task.drift.smoothing_lambda == 3.0
     assert task.drift.updates == 20
+    assert task.drift.min_rows == 8
     assert task.alpha.schedule.decay == 5.0
     assert task.alpha.schedule.steps == 4
 
@@ -43,6 +44,7 @@ def test_config_reads_engine_keys(tmp_path: Path) -> None:
             'schedule = "linear"': 'schedule = "step"',
             "steps = 4": "steps = 5",
             "drift_updates = 20": "drift_updates = 0",
+            "drift_min_rows = 8": "drift_min_rows = 3",
             'hard_label_fallback = "argmax"': 'hard_label_fallback = "mask"',
         },
     )
@@ -51,6 +53,7 @@ def test_config_reads_engine_keys(tmp_path: Path) -> None:
     assert training.task().alpha.schedule.kind == "step"
     assert training.task().alpha.schedule.steps == 5
     assert training.task().drift.updates == 0
+    assert training.task().drift.min_rows == 3
     assert training.task().hard_label_fallback == "mask"
 
 
@@ -91,6 +94,17 @@ def test_config_reads_engine_keys(tmp_path: Path) -> None:
             "drift_updates = 20",
             "drift_updates = -2",
             r"monitor\.drift_updates = -2 .*0\.\.1000000",
+        ),
+        (
+            "drift_min_rows = 8",
+            "drift_min_rows = 0",
+            r"monitor\.drift_min_rows = 0 is invalid; expected a count of rows in "
+            r"1\.\.1000000",
+        ),
+        (
+            "drift_min_rows = 8",
+            "drift_min_rows = 2.5",
+            r"monitor\.drift_min_rows = 2\.5 is invalid; expected a count of rows",
         ),
     ],
 )

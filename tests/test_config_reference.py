@@ -42,3 +42,4 @@ def test_multi_head_example_loads(tmp_path) -> None:
     assert shape.alpha.w_conf == 0.7  # from the device-wide [alpha] default
     assert shape.alpha.schedule.kind == "constant"
     assert shape.drift.updates == 20
+    assert shape.drift.min_rows == 8

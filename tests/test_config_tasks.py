@@ -31,8 +31,25 @@ def test_task_inherits_device_settings(tmp_path) -> None:
     assert config.training.head_task("shape").weight == 1.0
 
 
+def test_task_drift_min_rows_overrides_monitor(tmp_path) -> None:
+    config = _load(
+        tmp_path,
+        "[monitor]\ndrift_min_rows = 4\n"
+        "[training.tasks.digit]\ndrift_min_rows = 16\n"
+        "[training.tasks.shape]\nweight = 0.5\n",
+    )
+
+    assert config.training.tasks["digit"].drift.min_rows == 16
+    assert config.training.tasks["shape"].drift.min_rows == 4
+    assert config.training.head_task("parity").drift.min_rows == 4
+
+
 def test_task_table_errors_name_key(tmp_path) -> None:
     cases = {
+        "[training.tasks.digit]\ndrift_min_rows = 0\n": (
+            "training.tasks.digit.drift_min_rows = 0 is invalid; expected a "
+            "count of rows in 1..1000000"
+        ),
         "[training.tasks.digit]\nspeed = 1\n": "unknown key training.tasks.digit.speed",
         "[training.tasks.digit]\nweight = -1.0\n": "training.tasks.digit.weight = -1.0",
         '[training.tasks]\n"a-b" = {}\n': (

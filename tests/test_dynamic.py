@@ -261,12 +261,91 @@ def test_small_drift_does_not_boost() -> None:
     assert targets.smoothing_lambda == 0.5
 
 
+def drifted_batch(engine: SoftLabelEngine, drifted: int, unseen: int):
+    """Prepare a round 2 batch after a round 1 batch of its first ``drifted`` ids.
+
+    The ``drifted`` ids change their top class, so each of those rows drifts
+    by SWITCH_KL_3. The ``unseen`` ids are new in round 2 and have no drift.
+    """
+    engine.prepare(ids(drifted), sharp(drifted, 3, 0), 1)
+    engine.finish_update()
+    batch_ids = ids(drifted) + ids(unseen, "new")
+    p = np.vstack([sharp(drifted, 3, 1), sharp(unseen, 3, 0)])
+    return engine.prepare(batch_ids, p, 2)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize(
+    ("drifted", "unseen", "boosted"),
+    [
+        (1, 31, False),
+        (7, 25, False),
+        (8, 24, True),
+        (32, 0, True),
+        (4, 0, True),
+        (3, 1, False),
+    ],
+    ids=[
+        "1 of 32 rows",
+        "7 of 32 rows",
+        "8 of 32 rows",
+        "32 of 32 rows",
+        "all 4 rows",
+        "3 of 4 rows",
+    ],
+)
+def test_drift_min_rows_gates_boost(
+    compiled: bool, drifted: int, unseen: int, boosted: bool
+) -> None:
+    # Default boost: threshold 0.5 nats, lambda 3.0, 20 updates, 8 rows.
+    engine = SoftLabelEngine(TaskSettings(smoothing_lambda=0.5))
+    engine.compiled = compiled
+
+    targets = drifted_batch(engine, drifted, unseen)
+
+    # Every drifted row has the same KL, so the batch drift is that KL,
+    # far above the threshold, whether or not the boost starts.
+    assert targets.batch_drift == pytest.approx(SWITCH_KL_3, rel=1e-5)
+    assert engine.monitor.batch_drift_rows == drifted
+    assert engine.snapshot()["teacher"]["batch_drift"] == pytest.approx(
+        SWITCH_KL_3, rel=1e-5
+    )
+    assert targets.smoothing_lambda == (3.0 if boosted else 0.5)
+    assert engine.boost_remaining == (20 if boosted else 0)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_drift_min_rows_one_boosts_on_one_row(compiled: bool) -> None:
+    engine = SoftLabelEngine(
+        TaskSettings(smoothing_lambda=0.5, drift=DriftBoost(min_rows=1))
+    )
+    engine.compiled = compiled
+    targets = drifted_batch(engine, 1, 31)
+    assert targets.smoothing_lambda == 3.0
+    assert engine.boost_remaining == 20
+
+
+def test_gated_batch_keeps_running_boost() -> None:
+    # A batch too thin to restart the count still gets the boosted lambda.
+    engine = switching_engine(
+        DriftBoost(threshold=1.0, smoothing_lambda=4.0, updates=3)
+    )
+    drifted_batch(engine, 8, 0)
+    engine.finish_update()
+    thin = engine.prepare(["s0"] + ids(7, "other"), sharp(8, 3, 2), 3)
+    assert thin.batch_drift == pytest.approx(SWITCH_KL_3, rel=1e-5)
+    assert thin.smoothing_lambda == 4.0
+    assert engine.boost_remaining == 2
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
         ({"threshold": 0.0}, r"drift threshold 0\.0.*> 0"),
         ({"smoothing_lambda": -1.0}, r"drift smoothing lambda -1\.0"),
         ({"updates": -1}, r"drift boost updates -1"),
+        ({"min_rows": 0}, r"drift boost min rows 0.*>= 1"),
+        ({"min_rows": 2.5}, r"drift boost min rows 2\.5.*integer"),
     ],
 )
 def test_drift_boost_rejects_invalid_fields(fields: dict, message: str) -> None:

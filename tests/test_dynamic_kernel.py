@@ -117,7 +117,13 @@ SETTINGS = {
     ),
     "boost on small drift, large capacity": TaskSettings(
         smoothing_capacity=1000,
-        drift=DriftBoost(threshold=0.05, smoothing_lambda=2.0, updates=3),
+        drift=DriftBoost(threshold=0.05, smoothing_lambda=2.0, updates=3, min_rows=1),
+    ),
+    # In this stream 44 batches drift above the threshold in fewer rows than
+    # min(6, batch rows), so the boost differs from min_rows = 1.
+    "boost needs 6 drifted rows": TaskSettings(
+        smoothing_capacity=1000,
+        drift=DriftBoost(threshold=0.05, smoothing_lambda=2.0, updates=3, min_rows=6),
     ),
 }
 
@@ -179,6 +185,38 @@ def test_compiled_boost_after_teacher_switch(
     assert switched.smoothing_lambda == 4.0
     assert engine.boost_remaining == settings.drift.updates
     assert counting.prepared == 2
+
+
+def test_compiled_min_rows_matches_numpy(counting: CountingKernel) -> None:
+    # Each round changes every top class, so each row seen in the round
+    # before drifts by about 2.4 nats, above the 0.5 threshold.
+    compiled, reference = _engines(
+        TaskSettings(smoothing_lambda=0.1, drift=DriftBoost(updates=1, min_rows=4))
+    )
+    old = ["a", "b", "c", "d", "e", "f"]
+    batches = [
+        (old, 0, 1),
+        (["a", "n1", "n2", "n3", "n4", "n5"], 1, 2),  # 1 of 6 rows drifts
+        (["b", "c", "d", "n6", "n7", "n8"], 1, 2),  # 3 of 6
+        (["a", "b", "c", "d", "n9", "n10"], 2, 3),  # 4 of 6
+        (["e", "f"], 2, 3),  # all 2 rows, below min_rows
+        (["a", "m1"], 0, 4),  # 1 of 2
+    ]
+    lambdas = []
+    for batch_ids, top_class, teacher_round in batches:
+        p = np.full((len(batch_ids), 3), 0.05)
+        p[:, top_class] = 0.9
+        got = compiled.prepare(batch_ids, p, teacher_round)
+        want = reference.prepare(batch_ids, p, teacher_round)
+        _assert_same_targets(got, want)
+        assert compiled.monitor.batch_drift_rows == reference.monitor.batch_drift_rows
+        lambdas.append(got.smoothing_lambda)
+        compiled.finish_update()
+        reference.finish_update()
+    assert lambdas == [0.1, 0.1, 0.1, 3.0, 3.0, 0.1]
+    _assert_same_state(compiled, reference)
+    # Only the first batch, which allocates the tables, took numpy.
+    assert counting.prepared == len(batches) - 1
 
 
 def test_untaken_batch_gets_numpy_result(
@@ -270,7 +308,7 @@ def _kernel_arguments(engine: SoftLabelEngine, ids: list[str]) -> list:
         (1, 1),
         1,
         -1.0,
-        (0.3, 3.0, 0.5, 0, 20),
+        (0.3, 3.0, 0.5, 0, 20, 8),
         (0.7, 0.4, 0.2, 0.8),
         None,
         True,
@@ -327,7 +365,7 @@ kernel.lookup(store[0], ids, np.empty(200, np.int64))
 ClearingId.armed = True
 ids = [ClearingId("id0")] + ["".join(["id", str(n)]) for n in range(1, 200)]
 kernel.prepare(ids, np.full((200, 2), 0.5), monitor, store, None, (1, 1), 2,
-               -1.0, (0.3, 3.0, 0.5, 0, 20), (0.7, 0.4, 0.2, 0.8), None, True,
+               -1.0, (0.3, 3.0, 0.5, 0, 20, 8), (0.7, 0.4, 0.2, 0.8), None, True,
                np.empty((200, 2), np.float32), np.empty(200, np.float32),
                np.empty(200, np.int32))
 print("done")
@@ -427,6 +465,7 @@ def _small_streams(draw):
             threshold=draw(st.sampled_from([1e-3, 0.5])),
             smoothing_lambda=draw(st.sampled_from([0.0, 3.0])),
             updates=draw(st.integers(0, 3)),
+            min_rows=draw(st.integers(1, 9)),
         ),
     )
     batches = []
