@@ -140,7 +140,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     bundle = Bundle(folder, manifest)
     _check_signatures(bundle)
     for role in ("student", "teacher"):
-        _check_file(folder, manifest[role], verify)
+        _check_file(folder, role, manifest[role], verify)
     return bundle
 
 
@@ -154,10 +154,14 @@ def _check_signatures(bundle: Bundle) -> None:
         )
 
 
-def _check_file(folder: Path, entry: dict[str, Any], verify: bool) -> None:
+def _check_file(folder: Path, role: str, entry: dict[str, Any], verify: bool) -> None:
     path = folder / entry["file"]
     if not path.is_file():
-        raise BundleError(f"bundle file {path} is missing")
+        raise BundleError(
+            f"bundle file {path} is missing, but {MANIFEST_NAME} names it as the "
+            f"{role} model; copy the whole bundle directory again, or write it "
+            "again with 'dslo-edge convert'"
+        )
     if verify:
         actual = sha256_file(path)
         if actual != entry["sha256"]:

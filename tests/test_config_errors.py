@@ -139,6 +139,14 @@ def _break_student_checksum(bundle: Path) -> str:
     return f"checksum mismatch for {bundle / 'student.tflite'}: manifest has "
 
 
+def _remove_student_file(bundle: Path) -> str:
+    (bundle / "student.tflite").unlink()
+    return (
+        f"bundle file {bundle / 'student.tflite'} is missing, but manifest.json "
+        "names it as the student model; copy the whole bundle directory again"
+    )
+
+
 def _make_manifest_an_array(bundle: Path) -> str:
     (bundle / "manifest.json").write_text("[1, 2]")
     return f"{bundle / 'manifest.json'} contains [1, 2] (an array); expected"
@@ -146,7 +154,12 @@ def _make_manifest_an_array(bundle: Path) -> str:
 
 @pytest.mark.parametrize(
     "corrupt",
-    [_break_manifest_json, _break_student_checksum, _make_manifest_an_array],
+    [
+        _break_manifest_json,
+        _break_student_checksum,
+        _remove_student_file,
+        _make_manifest_an_array,
+    ],
 )
 def test_corrupt_bundle_exits_78(tmp_path: Path, corrupt) -> None:
     bundle = write_bundle(tmp_path / "bundle")
