@@ -2,9 +2,11 @@
 
 Each ``[[push]]`` table names a dataset (``.npz`` with ``x`` and optional
 ``ids`` and ``y``), its devices and a period. Workers that share the state
-file claim each run there, so one worker runs it per period. A run labels
-the dataset with the current teacher and publishes updates on each
-device's ``updates`` topic, signed when the device has a key, with the
+file claim each run there, so one worker runs it per period. The state
+file also keeps the devices that the run has not pushed to yet, so a worker
+stopped or killed part way through a run sends the rest when it starts again.
+A run labels the dataset with the current teacher and publishes updates on
+each device's ``updates`` topic, signed when the device has a key, with the
 privacy noise and budget of the request path. The data file's ``y`` goes
 out as hard labels only when the push sets ``hard_labels``, which
 ``[privacy]`` rejects. A run reads the dataset again when the file changed
@@ -121,6 +123,8 @@ class PushScheduler(threading.Thread):
         # limiter once the push succeeds, so a new failure is logged at once.
         self._failing: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._waiting_for_broker = False
+        # Unfinished runs are looked for once, at the first broker connection.
+        self._resume_checked = False
 
     def counters(self) -> dict[str, int]:
         """Return the push metrics of this worker.
@@ -146,28 +150,95 @@ class PushScheduler(threading.Thread):
         while not self._stopping.wait(CHECK_EVERY_S):
             if not self._connected():
                 continue
+            if not self._resume_checked:
+                self._resume_checked = True
+                self._resume_unfinished()
             for schedule in self.config.pushes:
                 if self._stopping.is_set():
                     return
-                if not self._claim(schedule):
-                    continue
-                try:
-                    self.run_once(schedule)
-                except (DsloError, OSError, RuntimeError) as error:
-                    logger.error(
-                        "Push %s failed: %s; the next run is in %.0f s",
-                        schedule.name,
-                        error,
-                        schedule.every_s,
-                    )
-                except Exception:
-                    # Without this, one bug would end every later push while
-                    # the worker keeps serving requests as if all were well.
-                    logger.exception(
-                        "Push %s failed unexpectedly; the next run is in %.0f s",
-                        schedule.name,
-                        schedule.every_s,
-                    )
+                if self._claim(schedule):
+                    self._run(schedule, schedule.devices)
+
+    def _run(self, schedule: PushSchedule, devices: tuple[str, ...]) -> None:
+        """Run a push for ``devices``, logging a failure of the whole run."""
+        try:
+            self.run_once(schedule, devices)
+            return
+        except (DsloError, OSError, RuntimeError, sqlite3.Error) as error:
+            logger.error(
+                "Push %s failed: %s; the next run is in %.0f s",
+                schedule.name,
+                error,
+                schedule.every_s,
+            )
+        except Exception:
+            # Without this, one bug would end every later push while
+            # the worker keeps serving requests as if all were well.
+            logger.exception(
+                "Push %s failed unexpectedly; the next run is in %.0f s",
+                schedule.name,
+                schedule.every_s,
+            )
+        self._end_run(schedule)
+
+    def _end_run(self, schedule: PushSchedule) -> None:
+        """Record a failed or emptied run as ended, so a restart does not send it."""
+        try:
+            self.state.end_run(schedule.name)
+        except sqlite3.Error as error:
+            logger.error(
+                "Push %s cannot record the end of its failed run in "
+                "hub.state_file %s: %s; a restart of this worker before the "
+                "next run sends the run to the devices it had not reached",
+                schedule.name,
+                self.state.path,
+                error,
+            )
+
+    def _resume_unfinished(self) -> None:
+        """Send the runs that this worker id claimed before it stopped mid-run.
+
+        The worker has its id's lock, so no other live worker runs them.
+        """
+        for schedule in self.config.pushes:
+            if self._stopping.is_set():
+                return
+            try:
+                unfinished = self.state.take_unfinished_run(schedule.name, time.time())
+            except sqlite3.Error as error:
+                logger.error(
+                    "Push %s cannot read its unfinished run from hub.state_file "
+                    "%s: %s; the devices it had not reached get the next run",
+                    schedule.name,
+                    self.state.path,
+                    error,
+                )
+                continue
+            if unfinished is None:
+                continue
+            for device in unfinished.interrupted:
+                logger.warning(
+                    "Push %s to device %s was under way when worker %s stopped; "
+                    "the device gets no more of that run, because it may have "
+                    "received and been charged for part of it",
+                    schedule.name,
+                    device,
+                    self.state.worker_id,
+                )
+            # A device removed from push.devices since the run was claimed
+            # gets nothing more.
+            devices = tuple(d for d in schedule.devices if d in unfinished.pending)
+            if not devices:
+                self._end_run(schedule)
+                continue
+            logger.info(
+                "Push %s resumes the run that was cut off: %d of %s remain (%s)",
+                schedule.name,
+                len(devices),
+                counted(len(schedule.devices), "device"),
+                ", ".join(devices),
+            )
+            self._run(schedule, devices)
 
     def _connected(self) -> bool:
         """Return whether the broker connection is up, logging once per outage.
@@ -189,7 +260,9 @@ class PushScheduler(threading.Thread):
     def _claim(self, schedule: PushSchedule) -> bool:
         """Claim a due run in the state file, logging a failure once per error."""
         try:
-            claimed = self.state.claim_run(schedule.name, time.time(), schedule.every_s)
+            claimed = self.state.claim_run(
+                schedule.name, time.time(), schedule.every_s, schedule.devices
+            )
         except sqlite3.Error as error:
             # A locked or damaged state file must not end the scheduler thread.
             if str(error) != self._claim_errors.get(schedule.name):
@@ -206,8 +279,16 @@ class PushScheduler(threading.Thread):
         self._claim_errors.pop(schedule.name, None)
         return claimed
 
-    def run_once(self, schedule: PushSchedule) -> None:
-        """Label the schedule's dataset and publish it to each of its devices.
+    def run_once(
+        self, schedule: PushSchedule, devices: tuple[str, ...] | None = None
+    ) -> None:
+        """Label the schedule's dataset and publish it to each of ``devices``.
+
+        Each device leaves the run's record in the state file once its push
+        ends, and the run's record goes when the run ends without a stop.
+
+        Args:
+            devices: the devices to push to, by default all of the schedule's.
 
         Raises:
             ConfigError: the teacher gave NaN or infinite labels; nothing was
@@ -226,11 +307,16 @@ class PushScheduler(threading.Thread):
                 f"{problem}. Check or rescale the inputs in {schedule.data}; "
                 "nothing was sent"
             )
+        if devices is None:
+            devices = schedule.devices
         sent_samples = 0
         reached = 0
-        for device in schedule.devices:
+        stopped = False
+        for device in devices:
             if self._stopping.is_set():
-                # The run's other devices get the dataset at the next run.
+                # The state file keeps the other devices, which get the
+                # dataset when this worker id starts again.
+                stopped = True
                 break
             sent = _DevicePush()
             failed = False
@@ -253,8 +339,13 @@ class PushScheduler(threading.Thread):
                 self.skipped_devices += 1
             elif failed or sent.cut_short:
                 self.cut_short_devices += 1
+            self.state.end_device_push(schedule.name, device)
+        if not stopped:
+            self.state.end_run(schedule.name)
         self.runs += 1
-        self._log_run(schedule, current, len(samples.x), sent_samples, reached)
+        self._log_run(
+            schedule, current, len(samples.x), sent_samples, (reached, len(devices))
+        )
 
     def _log_run(
         self,
@@ -262,9 +353,13 @@ class PushScheduler(threading.Thread):
         current: TeacherVersion,
         dataset_size: int,
         sent_samples: int,
-        reached: int,
+        reached: tuple[int, int],
     ) -> None:
-        """Log a run's summary, and a run that sent nothing at most once an hour."""
+        """Log a run's summary, and a run that sent nothing at most once an hour.
+
+        Args:
+            reached: the devices that received samples, and the run's devices.
+        """
         if sent_samples:
             self._empty_run_log.forget(schedule.name)
             repeats = ""
@@ -283,8 +378,8 @@ class PushScheduler(threading.Thread):
             dataset_size,
             current.version,
             current.round,
-            reached,
-            counted(len(schedule.devices), "device"),
+            reached[0],
+            counted(reached[1], "device"),
             repeats,
         )
 
@@ -394,6 +489,10 @@ class PushScheduler(threading.Thread):
         current, outputs = labelled
         topic = Topics.for_device(device, self.config.prefix).updates
         key = self._key(device)
+        # NOTE: a restart after this point does not push to the device again,
+        # because which of its updates the broker delivered and which were
+        # charged is not stored per batch.
+        self.state.start_device_push(schedule.name, device)
         for start in range(0, len(samples.x), schedule.batch_size):
             stop = start + schedule.batch_size
             labels, kind = self._release(device, outputs[start:stop], current)

@@ -9,7 +9,9 @@ Workers that share the file agree on:
   and a repeated request (a device resend, or a broker redelivery to
   another worker) gets the stored response again;
 - teacher rounds: every worker gives the same teacher file the same round;
-- push runs: each scheduled push runs on one worker per period.
+- push runs: each scheduled push runs on one worker per period, and the
+  devices its current run has not reached yet are stored, so that a worker
+  killed part way through a run finishes it when it starts again.
 
 Every check-and-charge runs in one ``BEGIN IMMEDIATE`` transaction, which
 holds SQLite's write lock, so two workers cannot both spend a device's last
@@ -28,7 +30,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +59,15 @@ CREATE TABLE IF NOT EXISTS teachers (
     identity TEXT PRIMARY KEY, round INTEGER NOT NULL, version TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS schedule (
     name TEXT PRIMARY KEY, next_due REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS push_devices (
+    name TEXT NOT NULL, device TEXT NOT NULL, position INTEGER NOT NULL,
+    worker TEXT NOT NULL, started INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, device));
 """
+# push_devices contains the devices of each push's current run whose push has not
+# ended, in the order of push.devices, with the worker that claimed the run.
+# State files of earlier dslo-edge versions lack it and get it empty, so their
+# last runs count as finished.
 # Columns of the requests table that state files of earlier dslo-edge versions
 # lack. Such a file gets them with NULL values, which mark an unknown charge.
 REQUEST_COLUMNS = (("charge_multiplier", "REAL"), ("charge_count", "INTEGER"))
@@ -114,6 +124,21 @@ class RequestKey:
     device: str
     request_id: bytes
     samples: int
+
+
+@dataclass(frozen=True)
+class UnfinishedRun:
+    """The devices of a push run that a stopped worker claimed and did not finish.
+
+    Attributes:
+        pending: devices whose push had not started, in the order of the
+            push's ``devices``.
+        interrupted: devices whose push started but did not end, so they may
+            have received and been charged for part of the run.
+    """
+
+    pending: tuple[str, ...]
+    interrupted: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -674,11 +699,15 @@ class HubState:
             )
             return number
 
-    def claim_run(self, name: str, now: float, every_s: float) -> bool:
+    def claim_run(
+        self, name: str, now: float, every_s: float, devices: Sequence[str] = ()
+    ) -> bool:
         """Return True, once per period across workers, when a push is due.
 
-        A run stored as due more than ``every_s`` ahead, because ``every_s``
-        was shortened since the last run, is moved to ``now + every_s``.
+        A claimed run stores ``devices`` as not yet pushed, in place of what
+        the push's previous run left. A run stored as due more than
+        ``every_s`` ahead, because ``every_s`` was shortened since the last
+        run, is moved to ``now + every_s``.
         """
         with self._transaction() as db:
             row = db.execute(
@@ -705,4 +734,70 @@ class HubState:
                 "ON CONFLICT (name) DO UPDATE SET next_due = excluded.next_due",
                 (name, now + every_s),
             )
+            db.execute("DELETE FROM push_devices WHERE name = ?", (name,))
+            db.executemany(
+                "INSERT INTO push_devices (name, device, position, worker) "
+                "VALUES (?, ?, ?, ?)",
+                [
+                    (name, device, position, self.worker_id)
+                    for position, device in enumerate(devices)
+                ],
+            )
             return True
+
+    def take_unfinished_run(self, name: str, now: float) -> UnfinishedRun | None:
+        """Take the run of a push that this worker id claimed and did not finish.
+
+        Call it only while holding the worker id's lock, because a run
+        claimed by a live worker with the same id is in progress. The
+        interrupted devices are removed from the run, so a second call
+        returns only the pending ones. Returns None when no such run is
+        stored, or when its period is over and the next run is due, since
+        that run pushes to every device.
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT next_due FROM schedule WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None or row[0] <= now:
+                return None
+            rows = db.execute(
+                "SELECT device, started FROM push_devices "
+                "WHERE name = ? AND worker = ? ORDER BY position",
+                (name, self.worker_id),
+            ).fetchall()
+            if not rows:
+                return None
+            db.execute(
+                "DELETE FROM push_devices WHERE name = ? AND worker = ? AND started",
+                (name, self.worker_id),
+            )
+        return UnfinishedRun(
+            pending=tuple(device for device, started in rows if not started),
+            interrupted=tuple(device for device, started in rows if started),
+        )
+
+    def start_device_push(self, name: str, device: str) -> None:
+        """Record that this worker's run of a push starts publishing to a device."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE push_devices SET started = 1 "
+                "WHERE name = ? AND device = ? AND worker = ?",
+                (name, device, self.worker_id),
+            )
+
+    def end_device_push(self, name: str, device: str) -> None:
+        """Record that this worker's run of a push is done with a device."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM push_devices WHERE name = ? AND device = ? AND worker = ?",
+                (name, device, self.worker_id),
+            )
+
+    def end_run(self, name: str) -> None:
+        """Record that this worker's run of a push ended, even with devices left."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM push_devices WHERE name = ? AND worker = ?",
+                (name, self.worker_id),
+            )

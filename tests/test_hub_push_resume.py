@@ -1,0 +1,284 @@
+"""A scheduled push run that a killed worker left unfinished resumes at restart."""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from dslo_edge.hub_config import load_hub_config
+from dslo_edge.hub_service import HubWorker
+from dslo_edge.hub_state import HubState, UnfinishedRun
+from dslo_edge.protocol import decode_update
+from dslo_edge.signing import generate_key_file, load_key, verify
+from tests.hub_fleet import start_worker, subscribed_client
+from tests.test_hub_service import device_updates, nightly_push_config
+
+DEVICES = ("kitchen", "porch", "garage")
+
+
+def write_resume_config(folder: Path, port: int, bundle: Path) -> Path:
+    """Write a private, signed nightly push of 40 samples to the three DEVICES.
+
+    porch's key file is a FIFO, so the worker blocks when it reads that key,
+    after it pushed kitchen and before it publishes anything to porch.
+    """
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    keys = folder / "keys"
+    keys.mkdir(parents=True)
+    generate_key_file(keys / "kitchen.key")
+    generate_key_file(keys / "garage.key")
+    os.mkfifo(keys / "porch.key")
+    extra = {
+        "hub": 'keys_dir = "keys"',
+        "privacy": "noise_multiplier = 8.0\nepsilon_budget = 20.0",
+    }
+    config = nightly_push_config(folder, port, bundle, x, extra)
+    devices = ", ".join(f'"{device}"' for device in DEVICES)
+    config.write_text(
+        config.read_text().replace('devices = ["kitchen"]', f"devices = [{devices}]")
+    )
+    return config
+
+
+@contextmanager
+def blocked_reader(fifo: Path, process: subprocess.Popen) -> Iterator[None]:
+    """Wait until ``process`` opens ``fifo`` to read, and keep its read blocked.
+
+    Opening a FIFO to write without blocking fails with ENXIO until a reader
+    has it open. The writer stays open and writes nothing, so the read waits.
+    """
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, "the worker exited before reading the key"
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as error:
+            if error.errno != errno.ENXIO:
+                raise
+        assert time.monotonic() < deadline, "the worker never read porch's key"
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        os.close(writer)
+
+
+def wait_for_log(log: Path, text: str, process: subprocess.Popen) -> str:
+    """Wait until the worker's log contains ``text``; return the log."""
+    deadline = time.monotonic() + 30
+    while text not in (content := log.read_text()):
+        assert process.poll() is None, f"the worker exited:\n{content}"
+        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{content}"
+        time.sleep(0.1)
+    return content
+
+
+def stop(process: subprocess.Popen, sig: signal.Signals) -> None:
+    process.send_signal(sig)
+    process.wait(30)
+
+
+def wait_for_updates(received: queue.Queue, count: int) -> None:
+    """Wait until the queue contains ``count`` updates, leaving them in it."""
+    deadline = time.monotonic() + 15
+    while received.qsize() < count:
+        assert time.monotonic() < deadline, f"{received.qsize()} of {count} updates"
+        time.sleep(0.05)
+
+
+def sample_counts(received: queue.Queue, keys: Path, device: str) -> list[int]:
+    """Return the sample count of each signed update in the queue, emptying it."""
+    key = load_key(keys / f"{device}.key")
+    counts = []
+    while not received.empty():
+        body = verify(key, f"dslo/{device}/updates", received.get())
+        counts.append(decode_update(body).sample_count)
+    return counts
+
+
+def test_killed_push_run_resumes_remaining_devices(
+    mlp_pair, mosquitto, tmp_path
+) -> None:
+    folder = tmp_path / "hub"
+    config = write_resume_config(folder, mosquitto.port, mlp_pair.bundle)
+    subscribers = {device: device_updates(mosquitto.port, device) for device in DEVICES}
+    received = {device: queue_ for device, (_, queue_) in subscribers.items()}
+    keys = folder / "keys"
+    fifo = keys / "porch.key"
+    logs = [tmp_path / f"worker-{start}.log" for start in range(3)]
+    try:
+        first = start_worker(config, "w1", logs[0])
+        try:
+            with blocked_reader(fifo, first):
+                kitchen_first = [received["kitchen"].get(timeout=15) for _ in range(3)]
+                # Killed after kitchen got its push, before porch and garage.
+                stop(first, signal.SIGKILL)
+        finally:
+            if first.poll() is None:
+                stop(first, signal.SIGKILL)
+        fifo.unlink()
+        generate_key_file(fifo)
+        after_kill = {
+            device: sample_counts(received[device], keys, device) for device in DEVICES
+        }
+
+        second = start_worker(config, "w1", logs[1])
+        try:
+            resumed_log = wait_for_log(logs[1], "Push nightly sent", second)
+            for device in ("porch", "garage"):
+                wait_for_updates(received[device], 3)
+            # Time for an update the worker should not send to arrive.
+            time.sleep(0.5)
+        finally:
+            stop(second, signal.SIGTERM)
+        resumed = {
+            device: sample_counts(received[device], keys, device) for device in DEVICES
+        }
+
+        third = start_worker(config, "w1", logs[2])
+        try:
+            wait_for_log(logs[2], "hub worker w1 connected to", third)
+            # The scheduler looks for due runs every second.
+            time.sleep(3.0)
+        finally:
+            stop(third, signal.SIGTERM)
+        after_finish = {
+            device: sample_counts(received[device], keys, device) for device in DEVICES
+        }
+    finally:
+        for client, _ in subscribers.values():
+            client.disconnect()
+            client.loop_stop()
+
+    assert len(kitchen_first) == 3
+    assert after_kill == {"kitchen": [], "porch": [], "garage": []}
+    assert "Push nightly resumes the run that was cut off: 2 of 3 devices" in (
+        resumed_log
+    )
+    assert resumed == {"kitchen": [], "porch": [16, 16, 8], "garage": [16, 16, 8]}
+    assert after_finish == {"kitchen": [], "porch": [], "garage": []}
+    state = HubState(folder / "state.sqlite", "reader")
+    try:
+        releases = {device: state.releases(device) for device in DEVICES}
+    finally:
+        state.close()
+    assert releases == {device: {8.0: 40} for device in DEVICES}
+
+
+def test_unfinished_run_lists_devices_left(tmp_path) -> None:
+    path = tmp_path / "state.sqlite"
+    state = HubState(path, "w1")
+    assert state.claim_run("nightly", 0.0, 3600.0, DEVICES)
+    state.start_device_push("nightly", "kitchen")
+    state.end_device_push("nightly", "kitchen")
+    state.start_device_push("nightly", "porch")
+    state.close()
+
+    restarted = HubState(path, "w1")
+    other = HubState(path, "w2")
+    try:
+        assert other.take_unfinished_run("nightly", 10.0) is None
+        first = restarted.take_unfinished_run("nightly", 10.0)
+        second = restarted.take_unfinished_run("nightly", 10.0)
+        restarted.end_run("nightly")
+        after_end = restarted.take_unfinished_run("nightly", 10.0)
+    finally:
+        restarted.close()
+        other.close()
+
+    assert first == UnfinishedRun(pending=("garage",), interrupted=("porch",))
+    assert second == UnfinishedRun(pending=("garage",), interrupted=())
+    assert after_end is None
+
+
+def test_unfinished_run_dropped_when_next_due(tmp_path) -> None:
+    state = HubState(tmp_path / "state.sqlite", "w1")
+    try:
+        assert state.claim_run("nightly", 0.0, 3600.0, DEVICES)
+        at_next_run = state.take_unfinished_run("nightly", 3600.0)
+        assert state.claim_run("nightly", 3600.0, 3600.0, ("kitchen",))
+        after_claim = state.take_unfinished_run("nightly", 3601.0)
+    finally:
+        state.close()
+
+    assert at_next_run is None
+    assert after_claim == UnfinishedRun(pending=("kitchen",), interrupted=())
+
+
+def test_state_file_without_push_devices_loads(tmp_path) -> None:
+    path = tmp_path / "state.sqlite"
+    # The schedule table as dslo-edge wrote it before push_devices existed.
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE schedule (name TEXT PRIMARY KEY, next_due REAL NOT NULL)")
+    old.execute("INSERT INTO schedule VALUES ('nightly', 3600.0)")
+    old.commit()
+    old.close()
+
+    state = HubState(path, "w1")
+    try:
+        unfinished = state.take_unfinished_run("nightly", 10.0)
+        claimed_early = state.claim_run("nightly", 10.0, 3600.0, DEVICES)
+        claimed_due = state.claim_run("nightly", 3600.0, 3600.0, DEVICES)
+        after_claim = state.take_unfinished_run("nightly", 3601.0)
+    finally:
+        state.close()
+
+    assert unfinished is None
+    assert claimed_early is False
+    assert claimed_due is True
+    assert after_claim == UnfinishedRun(pending=DEVICES, interrupted=())
+
+
+def test_resume_waits_for_broker(mlp_pair, broker_factory, tmp_path, caplog) -> None:
+    broker = broker_factory("mosquitto")
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    config = nightly_push_config(tmp_path / "hub", broker.port, mlp_pair.bundle, x)
+    config.write_text(
+        config.read_text().replace(
+            'devices = ["kitchen"]', 'devices = ["kitchen", "porch"]'
+        )
+    )
+    loaded = load_hub_config(config, "w1")
+    # A run of this worker id that reached kitchen and not porch.
+    earlier = HubState(loaded.state_file, "w1")
+    earlier.claim_run("nightly", time.time(), 3600.0, ("kitchen", "porch"))
+    earlier.end_device_push("nightly", "kitchen")
+    earlier.close()
+    broker.stop()
+    worker = HubWorker(loaded)
+    assert worker.pushes is not None
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    worker.start()
+    try:
+        time.sleep(2.5)
+        runs_while_down = worker.pushes.counters()["runs"]
+        broker_factory("mosquitto", port=broker.port)
+        client, received = subscribed_client(
+            broker.port, "dslo/+/updates", lambda message: message.topic
+        )
+        topics = [received.get(timeout=15) for _ in range(3)]
+        time.sleep(0.5)
+        client.disconnect()
+        client.loop_stop()
+    finally:
+        worker.stop()
+
+    assert runs_while_down == 0
+    assert topics == ["dslo/porch/updates"] * 3
+    assert received.empty()
+    assert worker.pushes.counters()["runs"] == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert (
+        "Push nightly resumes the run that was cut off: 1 of 2 devices remain (porch)"
+    ) in messages
