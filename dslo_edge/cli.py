@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 # sysexits.h EX_CONFIG: a service manager can exclude it from restarts.
 EXIT_CONFIG = 78
 EXIT_ERROR = 1
+# 128 + SIGINT, the shell's status of a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 logger = logging.getLogger("dslo_edge")
 
@@ -535,6 +537,14 @@ def _add_log_file(settings: Any) -> None:
     "sample's id is a hash of its x row, so an input keeps its id across files.",
 )
 @click.option(
+    "--skip-samples",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Leave out the first N samples of --data in every round, to resume "
+    "a push that was interrupted after the broker acknowledged N samples.",
+)
+@click.option(
     "--device", "device_id", required=True, help="Device id, as in its config."
 )
 @click.option(
@@ -621,6 +631,7 @@ def push(
     bundle: str,
     teachers: tuple[str, ...],
     data: str,
+    skip_samples: int,
     device_id: str,
     broker: str,
     login: BrokerLogin,
@@ -663,26 +674,31 @@ def push(
     head_output_kinds = _head_output_kinds(loaded, hard_labels)
     paths = _checked_teachers(loaded, teachers)
     check_top_k(top_k, loaded)
-    samples = _push_samples(loaded, data, hard_labels)
+    samples = _push_samples(loaded, data, hard_labels, skip_samples)
     if float16_inputs:
         _check_float16_range(samples.x, data)
-    result = hub.push(
-        paths,
-        loaded.teacher_output_kind,
-        samples,
-        device_id,
-        broker,
-        login=login,
-        batch_size=batch_size,
-        wait=wait,
-        timeout=timeout,
-        top_k=top_k,
-        privacy=privacy,
-        hmac_key=load_key(Path(hmac_key_file)) if hmac_key_file else None,
-        protocol=5 if mqtt_protocol == "5" else 4,
-        input_dtype="float16" if float16_inputs else "float32",
-        head_output_kinds=head_output_kinds,
-    )
+    try:
+        result = hub.push(
+            paths,
+            loaded.teacher_output_kind,
+            samples,
+            device_id,
+            broker,
+            login=login,
+            batch_size=batch_size,
+            wait=wait,
+            timeout=timeout,
+            top_k=top_k,
+            privacy=privacy,
+            hmac_key=load_key(Path(hmac_key_file)) if hmac_key_file else None,
+            protocol=5 if mqtt_protocol == "5" else 4,
+            input_dtype="float16" if float16_inputs else "float32",
+            head_output_kinds=head_output_kinds,
+        )
+    except hub.PushInterrupted as interrupt:
+        resumable = len(paths) == 1
+        click.echo(_interrupted_push(interrupt, skip_samples, resumable), err=True)
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(
         f"sent {counted(result.messages, 'message')} "
         f"({counted(result.samples, 'sample')}, "
@@ -729,8 +745,49 @@ def _checked_teachers(bundle: Any, teachers: tuple[str, ...]) -> list[Path]:
     return [Path(teacher) for teacher in teachers]
 
 
-def _push_samples(bundle: Any, data: str, hard_labels: bool) -> Any:
-    """Load and check the --data samples; keep y only with --hard-labels."""
+def _interrupted_push(interrupt: Any, skipped: int, resumable: bool) -> str:
+    """Return one line on what an interrupted push published, and how to resume.
+
+    ``skipped`` is the --skip-samples of this push. ``resumable`` is true for
+    a push of one round, which --skip-samples can resume.
+    """
+    from dslo_edge.push_progress import counted
+
+    result = interrupt.result
+    published = result.messages + interrupt.unacknowledged
+    messages = counted(interrupt.total_messages, "message")
+    line = (
+        f"interrupted: published {published} and the broker acknowledged "
+        f"{result.messages} (PUBACK) of the {messages} of this push, "
+        f"{result.samples} of its "
+        f"{counted(interrupt.total_samples, 'sample')} acknowledged"
+    )
+    if interrupt.unacknowledged:
+        line += (
+            f"; the unacknowledged message "
+            f"({counted(interrupt.unacknowledged_samples, 'sample')}) may or may "
+            "not reach the device"
+        )
+    if not published:
+        return f"{line}. Nothing was sent, so push again to send all of them"
+    line += (
+        f". Pushing the same file again sends all {messages} again, and the "
+        "device trains twice on the samples it already received"
+    )
+    if resumable and result.samples < interrupt.total_samples:
+        line += (
+            "; to send only the rest, push again with --skip-samples "
+            f"{skipped + result.samples}"
+        )
+    return line
+
+
+def _push_samples(bundle: Any, data: str, hard_labels: bool, skip: int = 0) -> Any:
+    """Load and check the --data samples; keep y only with --hard-labels.
+
+    ``skip`` leaves out the first samples after their ids are derived, so
+    a sample keeps the id it has in a push of the whole file.
+    """
     from dslo_edge import hub
 
     try:
@@ -749,7 +806,23 @@ def _push_samples(bundle: Any, data: str, hard_labels: bool) -> Any:
         hub.check_samples(samples, bundle.input_shape, class_count, data)
     except ConfigError as error:
         raise ConfigError(f"invalid --data: {error}") from error
-    return samples
+    return _skipped(samples, skip, data)
+
+
+def _skipped(samples: Any, skip: int, data: str) -> Any:
+    """Return ``samples`` without the first ``skip``, or raise if none are left."""
+    from dslo_edge import hub
+
+    if skip == 0:
+        return samples
+    if skip >= len(samples.x):
+        raise click.BadParameter(
+            f"{skip} skips all {len(samples.x)} samples of {data}, so nothing is "
+            f"left to push; give a number below {len(samples.x)}",
+            param_hint="--skip-samples",
+        )
+    y = None if samples.y is None else samples.y[skip:]
+    return hub.SampleSet(samples.x[skip:], samples.ids[skip:], y)
 
 
 def _check_float16_range(x: Any, data: str) -> None:

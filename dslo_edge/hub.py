@@ -460,6 +460,8 @@ class HubClient:
         # The PUBACK reason code per message id, read after wait_for_publish,
         # which returns only after paho called on_publish.
         self._puback_codes: dict[int, int] = {}
+        # The update that publish() handed to paho and whose PUBACK it waits for.
+        self.in_flight: mqtt.MQTTMessageInfo | None = None
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"dslo-hub-{device_id}-{uuid.uuid4().hex[:8]}",
@@ -509,7 +511,9 @@ class HubClient:
         info = self.client.publish(
             self.topics.updates, payload, qos=1, properties=properties
         )
+        self.in_flight = info
         info.wait_for_publish(timeout=30)
+        self.in_flight = None
         if not info.is_published():
             raise BrokerError(
                 f"update for device {self.device_id} was not acknowledged by the broker"
@@ -538,6 +542,17 @@ class HubClient:
                 f"({reason_name(code)})",
                 fix,
             )
+
+    def in_flight_accepted(self) -> bool:
+        """Check whether the broker accepted the update whose PUBACK publish() awaited.
+
+        After an interrupt of publish(), the PUBACK may still have arrived.
+        """
+        info = self.in_flight
+        if info is None or not info.is_published():
+            return False
+        code = self._puback_codes.get(info.mid, 0)
+        return code != NO_MATCHING_SUBSCRIBERS and code < FIRST_FAILURE_CODE
 
     def wait_for_metrics(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float
@@ -574,6 +589,31 @@ class PushResult:
     device_counts: DeviceCounts | None = None
 
 
+class PushInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) stopped a push.
+
+    ``result`` counts the updates that the broker acknowledged (PUBACK)
+    before the interrupt. ``unacknowledged`` and ``unacknowledged_samples``
+    count the update that was published but not yet acknowledged, 0 or 1,
+    which may or may not reach the device. ``total_messages`` and
+    ``total_samples`` are those of the whole push, over all rounds.
+    """
+
+    def __init__(
+        self,
+        result: PushResult,
+        unacknowledged_samples: int | None,
+        total_messages: int,
+        total_samples: int,
+    ):
+        super().__init__()
+        self.result = result
+        self.unacknowledged = 0 if unacknowledged_samples is None else 1
+        self.unacknowledged_samples = unacknowledged_samples or 0
+        self.total_messages = total_messages
+        self.total_samples = total_samples
+
+
 def push(
     teachers: list[Path],
     output_kind: str,
@@ -599,7 +639,8 @@ def push(
 
     ``top_k`` and ``privacy`` are passed to ``build_updates``. With privacy,
     a push stops with ``PrivacyBudgetExceeded`` at the first update that
-    would exceed the budget, after publishing the updates before it.
+    would exceed the budget, after publishing the updates before it. SIGINT
+    stops a push with ``PushInterrupted``, which counts what was published.
 
     Args:
         samples: inputs and ids to label. Their ``y``, when set, is sent as
@@ -639,6 +680,8 @@ def push(
     settings = broker_login.broker_settings(broker_url, login)
     hub = HubClient(settings.host, settings.port, device_id, protocol, login=login)
     result = PushResult()
+    # The sample count of the update being published, None between publishes.
+    publishing: int | None = None
     try:
         before = (
             wait_for_baseline(hub, min(timeout, BASELINE_TIMEOUT_S)) if wait else {}
@@ -660,12 +703,14 @@ def push(
                 if wait and result.messages >= window:
                     count = result.messages - window + 1
                     wait_for_processed(hub, before, count, result.messages, timeout)
+                publishing = update.sample_count
                 try:
                     hub.publish(payload, expiry_s)
                 except UpdateNotDelivered as error:
                     raise BrokerError(
                         _dropped_stop(error, update.sample_count, result, privacy)
                     ) from error
+                publishing = None
                 result.messages += 1
                 result.samples += update.sample_count
                 result.payload_bytes += len(payload)
@@ -689,6 +734,15 @@ def push(
             result.device_counts = DeviceCounts.between(before, result.device_metrics)
     except PrivacyBudgetExceeded as error:
         raise PrivacyBudgetExceeded(_budget_stop(error, result)) from error
+    except KeyboardInterrupt as interrupt:
+        if publishing is not None and hub.in_flight_accepted():
+            result.messages += 1
+            result.samples += publishing
+            publishing = None
+        messages = math.ceil(len(samples.x) / batch_size) * len(teachers)
+        raise PushInterrupted(
+            result, publishing, messages, len(samples.x) * len(teachers)
+        ) from interrupt
     finally:
         hub.close()
     return result

@@ -1,0 +1,177 @@
+"""A `dslo-edge push` stopped by SIGINT, and --skip-samples to resume it."""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from click.testing import CliRunner
+
+from dslo_edge.broker import Broker, find_mosquitto
+from dslo_edge.cli import main
+from dslo_edge.hub import load_samples
+from dslo_edge.protocol import decode_update
+
+pytest.importorskip("keras")
+if find_mosquitto() is None:
+    pytest.skip("mosquitto is not installed", allow_module_level=True)
+
+DEVICE = "kitchen"
+BATCH = 8
+
+INTERRUPTED_LINE = re.compile(
+    r"interrupted: published (\d+) and the broker acknowledged (\d+) \(PUBACK\) "
+    r"of the (\d+) messages of this push, (\d+) of its (\d+) samples acknowledged"
+)
+
+
+class UpdateWatcher:
+    """A client subscribed to the device's updates, as the device would be."""
+
+    def __init__(self, broker: Broker):
+        self.payloads: list[bytes] = []
+        subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher")
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.on_message = lambda _c, _u, message: self.payloads.append(
+            message.payload
+        )
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.client.subscribe(f"dslo/{DEVICE}/updates", qos=1)
+        assert subscribed.wait(10)
+
+    def sample_ids(self) -> list[str]:
+        """Return the sample ids of the received updates, in order."""
+        return [i for p in self.payloads for i in decode_update(p).sample_ids]
+
+    def wait_for(self, count: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.payloads) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def push_arguments(bundle: Path, data: Path, broker: Broker, *extra: str) -> list:
+    return [
+        "push",
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(data),
+        "--device",
+        DEVICE,
+        "--broker",
+        broker.url,
+        "--batch-size",
+        str(BATCH),
+        "--no-wait",
+        *extra,
+    ]
+
+
+def test_push_sigint_prints_acknowledged_counts(mlp_pair, broker_factory, tmp_path):
+    broker = broker_factory("mosquitto")
+    samples = 80_000
+    data = tmp_path / "large.npz"
+    rng = np.random.default_rng(3)
+    np.savez(data, x=rng.random((samples, 64), dtype=np.float32))
+    watcher = UpdateWatcher(broker)
+    command = [sys.executable, "-m", "dslo_edge.cli"]
+    command += push_arguments(mlp_pair.bundle, data, broker)
+    push = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Interrupt once updates are arriving, so one may be in flight.
+        watcher.wait_for(20, timeout=60)
+        assert len(watcher.payloads) >= 20, "the push sent nothing within 60 s"
+        push.send_signal(signal.SIGINT)
+        stdout, stderr = push.communicate(timeout=60)
+        time.sleep(1)
+        received = watcher.sample_ids()
+    finally:
+        if push.poll() is None:
+            push.kill()
+        watcher.close()
+
+    assert push.returncode == 130, stderr
+    assert "Aborted!" not in stderr
+    assert "Traceback" not in stderr
+    assert stdout == ""
+    match = INTERRUPTED_LINE.search(stderr)
+    assert match, stderr
+    published, acknowledged, total, acked_samples, total_samples = map(
+        int, match.groups()
+    )
+    assert total == math.ceil(samples / BATCH)
+    assert total_samples == samples
+    assert acknowledged >= 20
+    assert acknowledged <= published <= acknowledged + 1
+    assert published < total
+    assert acked_samples == acknowledged * BATCH
+    assert f"--skip-samples {acked_samples}" in stderr
+    # LiteRT prints a notice when it creates its XNNPACK delegate.
+    lines = [line for line in stderr.splitlines() if "XNNPACK" not in line]
+    assert len(lines) == 1
+    assert lines[0].startswith("interrupted: ")
+    # The broker delivered every acknowledged update, and none beyond the
+    # published ones, in the file's order.
+    ids = load_samples(data).ids
+    assert acked_samples <= len(received) <= published * BATCH
+    assert received == ids[: len(received)]
+
+
+def test_push_skip_samples_sends_the_rest(mlp_pair, broker_factory, tmp_path):
+    broker = broker_factory("mosquitto")
+    data = tmp_path / "samples.npz"
+    rng = np.random.default_rng(4)
+    np.savez(data, x=rng.random((40, 64), dtype=np.float32))
+    watcher = UpdateWatcher(broker)
+    try:
+        arguments = push_arguments(mlp_pair.bundle, data, broker)
+        result = CliRunner().invoke(main, [*arguments, "--skip-samples", "24"])
+        watcher.wait_for(2)
+        time.sleep(0.3)
+    finally:
+        watcher.close()
+
+    assert result.exit_code == 0, result.output
+    assert "sent 2 messages (16 samples" in result.output
+    # The ids are those of the whole file, so the device keeps its state
+    # per sample across the interrupted push and the resumed one.
+    assert watcher.sample_ids() == load_samples(data).ids[24:]
+
+
+def test_push_skip_samples_rejects_all(mlp_pair, tmp_path):
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=np.ones((5, 64), dtype=np.float32))
+    arguments = [
+        "push",
+        "--bundle",
+        str(mlp_pair.bundle),
+        "--data",
+        str(data),
+        "--device",
+        DEVICE,
+        "--skip-samples",
+        "5",
+    ]
+
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 2
+    assert "--skip-samples" in result.output
+    assert "5 skips all 5 samples" in result.output
