@@ -105,12 +105,20 @@ class Bundle:
         return MultiHeadSpec(input_shape=self.input_shape, heads=self.heads)
 
 
-def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+BUNDLE_MODELS = ("student", "teacher")
+
+
+def load_bundle(
+    path: str | Path, *, verify: bool = True, models: tuple[str, ...] = BUNDLE_MODELS
+) -> Bundle:
     """Read a bundle's manifest and check its files.
 
     Args:
         path: the bundle directory written by ``dslo-edge convert``.
         verify: compare each model file's sha256 with the manifest.
+        models: the models whose files must be present, "student" and
+            "teacher". The hub passes ``("teacher",)``, because it runs only
+            the teacher. The whole manifest is checked either way.
 
     Raises:
         BundleError: a missing or unreadable manifest, a manifest that is not
@@ -139,7 +147,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     check_manifest_keys(manifest, manifest_path)
     bundle = Bundle(folder, manifest)
     _check_signatures(bundle)
-    for role in ("student", "teacher"):
+    for role in models:
         _check_file(folder, role, manifest[role], verify)
     return bundle
 

@@ -403,7 +403,7 @@ def _check_push_data(config: HubConfig) -> None:
 
     path = config.teacher.path
     try:
-        bundle = load_bundle(path) if path.is_dir() else None
+        bundle = load_bundle(path, models=("teacher",)) if path.is_dir() else None
     except BundleError as error:
         # A restart cannot repair the bundle, so the worker exits with status 78.
         raise ConfigError(

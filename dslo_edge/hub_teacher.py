@@ -85,7 +85,7 @@ def _resolve(settings: TeacherSettings) -> tuple[Path, str]:
     """
     path = settings.path
     if path.is_dir():
-        bundle = load_bundle(path)
+        bundle = load_bundle(path, models=("teacher",))
         _check_output_kind(settings, bundle.teacher_output_kind)
         return bundle.teacher_path, bundle.teacher_output_kind
     if settings.output_kind is None:

@@ -184,6 +184,51 @@ def test_bundle_symlink_swap_loads_teacher(mlp_pair, tmp_path) -> None:
     assert worker.teacher.current.version == f"bundle-{second_sha256[:12]}"
 
 
+def copy_teacher_only(bundle: Path, target: Path) -> Path:
+    """Copy a bundle without its student file, as a hub would hold it."""
+    shutil.copytree(bundle, target)
+    (target / "student.tflite").unlink()
+    return target
+
+
+def test_bundle_without_student_serves_teacher(mlp_pair, tmp_path) -> None:
+    first = copy_teacher_only(mlp_pair.bundle, tmp_path / "v1")
+    second_sha256 = copy_bundle_with_new_teacher(first, tmp_path / "v2")
+    link = tmp_path / "bundle"
+    link.symlink_to(first.name)
+    x = np.random.default_rng(5).random((4, 64), dtype=np.float32)
+    config = nightly_push_config(tmp_path / "hub", 1883, link, x)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    first_version = worker.teacher.current
+    labels = worker.teacher.predict(x)
+
+    (tmp_path / "bundle.tmp").symlink_to("v2")
+    os.replace(tmp_path / "bundle.tmp", link)
+    loaded = worker.teacher.reload_if_changed(force=True)
+    worker.state.close()
+
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert not (first / "student.tflite").exists()
+    assert first_version.identity == manifest["teacher"]["sha256"]
+    assert labels.shape == (4, 10)
+    assert np.allclose(labels.sum(axis=1), 1.0, atol=1e-5)
+    assert loaded is True
+    assert worker.teacher.current.identity == second_sha256
+
+
+def test_bundle_without_student_checks_teacher(mlp_pair, tmp_path) -> None:
+    bundle = copy_teacher_only(mlp_pair.bundle, tmp_path / "bundle")
+    with open(bundle / "teacher.tflite", "ab") as teacher:
+        teacher.write(b"x")
+    config = write_hub_config(tmp_path / "hub", 1883, bundle)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(config)])
+
+    assert result.exit_code == EXIT_CONFIG
+    assert f"checksum mismatch for {bundle / 'teacher.tflite'}" in result.output
+    assert "student.tflite" not in result.output
+
+
 def swap_to_logits_bundle(
     mlp_pair, logits_teacher: Path, tmp_path: Path, extra=None
 ) -> HubWorker:
