@@ -622,3 +622,60 @@ def test_ota_switch_drops_harmful_update(mlp_pair, mosquitto, tmp_path) -> None:
         if name.startswith(WEIGHT_PREFIX)
     )
     assert peak < 100, peak
+
+
+def test_ota_rejected_while_rollback_waits(mlp_pair, mosquitto, tmp_path) -> None:
+    # The newest generation turns unreadable for the daemon's user, so the
+    # rollback after a harmful update waits. The folder stays writable, so
+    # any save in that time would write the harmful weights and prune the
+    # good generation. A release of the same student then arrives.
+    config = write_rollback_config(tmp_path, mlp_pair.bundle, mosquitto.port)
+    checkpoints = tmp_path / "state" / "checkpoints"
+    (good,) = encoded_updates(mlp_pair.bundle, 1, seed=9)
+    harmful = harmful_update()
+    chunk_topic, _ = ota_topics(TOPICS)
+    transfer = uuid.uuid4().bytes
+    chunks = split_archive(pack_bundle(mlp_pair.bundle), 8192, transfer)
+    daemon = DaemonProcess(
+        config, tmp_path / "daemon.log", prefix=file_permissions_apply()
+    ).start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    watcher, statuses = ota_statuses(mosquitto.port)
+    newest: Path | None = None
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        publish_and_wait_saved(hub, [good])
+        (_, newest), *_ = list_checkpoints(checkpoints)
+        newest.chmod(0)
+        before = sorted(path.name for path in checkpoints.iterdir())
+        hub.publish([harmful])
+        waiting = hub.wait(lambda m: m.get("applied_total") == 2 and m["storage_error"])
+        for chunk in chunks:
+            hub.client.publish(chunk_topic, chunk, qos=1).wait_for_publish(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not statuses_of(statuses, transfer):
+            time.sleep(0.1)
+        after = sorted(path.name for path in checkpoints.iterdir())
+        newest.chmod(0o644)
+        rolled_back = hub.wait(
+            lambda m: m["rollbacks"] == 1 and m["unacknowledged"] == 0
+        )
+    finally:
+        if newest is not None:
+            newest.chmod(0o644)
+        watcher.loop_stop()
+        watcher.disconnect()
+        hub.close()
+        daemon.terminate()
+
+    log = daemon.log_text()
+    outcome = statuses_of(statuses, transfer)
+    assert waiting["storage_error"].startswith("rollback waits:"), waiting
+    assert outcome, log[-3000:]
+    assert outcome[-1]["state"] == "rejected", outcome[-1]
+    assert outcome[-1]["reason"] == "health_check", outcome[-1]
+    assert after == before, log[-3000:]
+    assert rolled_back["applied_total"] == 1
+    restored = load_latest_checkpoint(checkpoints)
+    assert good[6:22] in applied_ids(restored)
+    assert harmful[6:22] not in applied_ids(restored)
