@@ -9,6 +9,7 @@ applied-id record, and the freshness window. Each failure raises
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,13 @@ def admit(
     hmac_key: bytes | None,
     topic: str,
     max_abs_input: float = float("inf"),
+    dropped_ids: Container[bytes] = (),
 ) -> AnyUpdate:
-    """Return the decoded update if it may be applied, else raise InvalidUpdate."""
+    """Return the decoded update if it may be applied, else raise InvalidUpdate.
+
+    ``dropped_ids`` are the ids of updates that a rollback dropped. Their
+    copies are rejected as duplicates, like copies of applied updates.
+    """
     try:
         body = verified_body(hmac_key, topic, item.payload)
     except InvalidUpdate as error:
@@ -69,7 +75,9 @@ def admit(
         raise
     update = trainer.decode(body)
     check_input_range(update, max_abs_input)
-    check_new_and_fresh(update, item.received_at, applied_ids, settings)
+    check_new_and_fresh(
+        update, item.received_at, applied_ids, settings, dropped_ids=dropped_ids
+    )
     return update
 
 
@@ -113,8 +121,10 @@ def check_new_and_fresh(
     received_at: float,
     applied_ids: AppliedIds,
     settings: TrainingSettings,
+    *,
+    dropped_ids: Container[bytes] = (),
 ) -> None:
-    """Reject an update already applied, too old, or from the future."""
+    """Reject an update already applied or dropped, too old, or from the future."""
     if not math.isfinite(update.timestamp):
         raise InvalidUpdate(
             "non_finite",
@@ -123,6 +133,10 @@ def check_new_and_fresh(
         )
     if update.message_id in applied_ids:
         raise InvalidUpdate(DUPLICATE, "already applied", update.message_id_hex)
+    if update.message_id in dropped_ids:
+        raise InvalidUpdate(
+            DUPLICATE, "dropped by an earlier rollback", update.message_id_hex
+        )
     age = received_at - update.timestamp
     if age > settings.max_age_s:
         raise InvalidUpdate(

@@ -64,6 +64,7 @@ from dslo_edge.config import DeviceConfig
 from dslo_edge.config_service import METRICS_LOG
 from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
+from dslo_edge.dropped_ids import DROPPED_IDS_FILE, DroppedIds
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.health import PROBE_FILE, HealthGuard, load_probe
 from dslo_edge.inference import InferenceService, inference_topics, make_requester
@@ -208,6 +209,10 @@ class EdgeDaemon:
         self.student = load_student(self.bundle, config.runtime)
         self.trainer = self._new_trainer()
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
+        self.dropped_ids = DroppedIds(
+            self.checkpoint_dir / DROPPED_IDS_FILE,
+            config.training.applied_id_capacity,
+        )
 
     def _load_active_bundle(self) -> Bundle:
         """Load the installed over-the-air release, else device.bundle.
@@ -329,6 +334,10 @@ class EdgeDaemon:
         # or the one restored at start.
         self._newest_saved: str | None = None
         self._unsaved = 0
+        # Message ids of the updates applied since the last save, which a
+        # rollback drops.
+        self._unsaved_ids: list[bytes] = []
+        self._dropped_ids_failed = False
         self._changed_since_save = False
         self._in_burst = False
         # Largest count of unacknowledged updates at which the broker was
@@ -517,8 +526,22 @@ class EdgeDaemon:
                     restored.path.name,
                     self.trainer.applied_updates,
                 )
+        self._load_dropped_ids()
         self.health.accuracy(self.student)
         self.health.accept(self.student.get_weights())
+
+    def _load_dropped_ids(self) -> None:
+        """Read the ids of updates that earlier rollbacks dropped."""
+        try:
+            self.dropped_ids.load()
+        except OSError as error:
+            logger.warning(
+                "Device %s cannot read its record of dropped updates %s: %s; "
+                "copies of updates that a rollback dropped may be applied again",
+                self.device_id,
+                self.dropped_ids.path,
+                error,
+            )
 
     def _check_state_folders(self, *names: str) -> None:
         """Raise ConfigError when a folder of the state directory is a file.
@@ -1166,6 +1189,7 @@ class EdgeDaemon:
                 hmac_key=self.hmac_key,
                 topic=self.topics.updates,
                 max_abs_input=self.config.max_abs_input,
+                dropped_ids=self.dropped_ids,
             )
         assert self.requester is not None
         if not isinstance(self.trainer, Trainer):
@@ -1180,7 +1204,11 @@ class EdgeDaemon:
         )
         check_input_range(update, self.config.max_abs_input)
         check_new_and_fresh(
-            update, item.received_at, self.applied_ids, self.config.training
+            update,
+            item.received_at,
+            self.applied_ids,
+            self.config.training,
+            dropped_ids=self.dropped_ids,
         )
         return update
 
@@ -1221,6 +1249,7 @@ class EdgeDaemon:
         for update, result in zip(updates, results, strict=True):
             self.applied_ids.add(update.message_id)
             self._unsaved += 1
+            self._unsaved_ids.append(update.message_id)
             self._since_probe += 1
             self.metrics.record_applied(
                 result.samples,
@@ -1479,6 +1508,7 @@ class EdgeDaemon:
             # No update is in the bundle's weights, so none may be rejected
             # as a duplicate when the broker delivers it again.
             self.applied_ids = AppliedIds(self.config.training.applied_id_capacity)
+        self._record_dropped()
         target = "the factory weights" if restored is None else restored.path.name
         logger.error(
             "Device %s rolled back to %s: %s; dropped %s applied since the "
@@ -1502,6 +1532,43 @@ class EdgeDaemon:
             self._send_acks(self._acks.release_all())
         self.publish_metrics()
         return False
+
+    def _record_dropped(self) -> None:
+        """Write the ids of the dropped updates durably, before any acknowledgement.
+
+        Their acknowledgements wait for the save after the rollback. If the
+        daemon stops before then, the broker delivers them again, and the
+        restored checkpoint lacks their ids, so the record rejects them.
+        """
+        dropped, self._unsaved_ids = self._unsaved_ids, []
+        if dropped:
+            self._write_dropped_ids(dropped)
+
+    def _write_dropped_ids(self, dropped: list[bytes]) -> None:
+        """Add ids to the record of dropped updates and write it; log a failure."""
+        try:
+            self.dropped_ids.record(dropped)
+        except OSError as error:
+            # NOTE: on a disk with no free block this write fails like the
+            # checkpoint save. Until a later save writes it, a crash lets the
+            # broker deliver the dropped updates again, and they are applied
+            # and rolled back once more.
+            if not self._dropped_ids_failed:
+                logger.error(
+                    "Device %s cannot write its record of dropped updates %s: "
+                    "%s; each later checkpoint tries again, and until then a "
+                    "restart may apply the dropped updates again",
+                    self.device_id,
+                    self.dropped_ids.path,
+                    error,
+                )
+            self._dropped_ids_failed = True
+            return
+        if self._dropped_ids_failed:
+            logger.info(
+                "Device %s wrote its record of dropped updates again", self.device_id
+            )
+        self._dropped_ids_failed = False
 
     def _redeliver_saved_once(self, target: str) -> None:
         """Leave the updates that ``target`` may lack for the broker to send again.
@@ -1617,11 +1684,15 @@ class EdgeDaemon:
             logger.info("Device %s can write checkpoints again", self.device_id)
         self.storage_error = None
         self._unsaved = 0
+        self._unsaved_ids.clear()
         self._changed_since_save = False
         self._restored_unconfirmed = False
         self._newest_saved = path.name
         self.checkpoints_written += 1
         self.health.accept()
+        if self.dropped_ids.unwritten:
+            # Before the callers acknowledge the dropped updates.
+            self._write_dropped_ids([])
         logger.debug("Device %s saved %s", self.device_id, path.name)
         return True
 

@@ -24,6 +24,7 @@ from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
 from dslo_edge.config import render_config
 from dslo_edge.daemon import APPLIED_IDS
+from dslo_edge.dropped_ids import DROPPED_IDS_FILE
 from dslo_edge.errors import BrokerError
 from dslo_edge.fault_scenarios import FAST_SETTINGS
 from dslo_edge.faults import DEVICE, DaemonProcess, Publisher, make_updates
@@ -679,3 +680,85 @@ def test_ota_rejected_while_rollback_waits(mlp_pair, mosquitto, tmp_path) -> Non
     restored = load_latest_checkpoint(checkpoints)
     assert good[6:22] in applied_ids(restored)
     assert harmful[6:22] not in applied_ids(restored)
+
+
+def fill_leaving(disk: Path, free_bytes: int) -> Path:
+    """Fill ``disk``, free ``free_bytes`` of it again and return the filler file."""
+    filler = fill(disk)
+    os.truncate(filler, filler.stat().st_size - free_bytes)
+    return filler
+
+
+def test_dropped_update_not_reapplied_after_crash(
+    mlp_pair, mosquitto, small_disk
+) -> None:
+    # The disk has room for the record of dropped ids but not for a
+    # checkpoint, so the rollback's own save fails and its acknowledgements
+    # wait. The daemon is killed in that window, and the broker delivers the
+    # dropped updates again to a daemon whose newest checkpoint lacks them.
+    folder = small_disk.parent
+    overrides = {key: dict(value) for key, value in FAST_SETTINGS.items()}
+    overrides["training"].update(checkpoint_every=1, checkpoint_idle_s=600)
+    # The metrics log goes to another disk, so it takes none of the free room.
+    overrides["logging"] = {"metrics_file": str(folder / "metrics.jsonl")}
+    config = folder / "device.toml"
+    config.write_text(
+        render_config(
+            DEVICE,
+            mlp_pair.bundle,
+            small_disk / "state",
+            mosquitto.port,
+            overrides=overrides,
+        )
+    )
+    checkpoints = small_disk / "state" / "checkpoints"
+    record = checkpoints / DROPPED_IDS_FILE
+    first, second = encoded_updates(mlp_pair.bundle, 2, seed=12)
+    harmful = harmful_update()
+    daemon = DaemonProcess(config, folder / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        publish_and_wait_saved(hub, [first])
+        (_, saved), *_ = list_checkpoints(checkpoints)
+        checkpoint_bytes = saved.stat().st_size
+        # One tmpfs page: enough for the record of two ids, too small for a
+        # checkpoint.
+        filler = fill_leaving(small_disk, 4096)
+        hub.publish([second, harmful])
+        dropped = hub.wait(lambda m: m["rollbacks"] == 1 and m["storage_error"])
+        generations = [path.name for _, path in list_checkpoints(checkpoints)]
+        recorded = record.read_bytes() if record.exists() else b""
+        daemon.kill()
+        first_run = daemon.log_text()
+        filler.unlink()
+
+        daemon.start()
+        restarted = hub.wait(
+            lambda m: (
+                m.get("pid") == daemon.pid
+                and m["processed"] == 3
+                and m["unacknowledged"] == 0
+            )
+        )
+    finally:
+        hub.close()
+        daemon.terminate()
+
+    log = daemon.log_text()
+    second_run = log[len(first_run) :]
+    assert checkpoint_bytes > 4096
+    assert "dropped 2 updates" in first_run, first_run[-3000:]
+    assert dropped["unacknowledged"] == 3, dropped
+    assert generations == ["checkpoint-00000001.safetensors"]
+    assert restarted["applied"] == 0, second_run[-3000:]
+    assert restarted["rejected"] == {"duplicate": 3}
+    assert restarted["rollbacks"] == 0
+    assert "rolled back" not in second_run
+    assert second_run.count("dropped by an earlier rollback") == 2
+    restored = load_latest_checkpoint(checkpoints)
+    assert first[6:22] in applied_ids(restored)
+    assert harmful[6:22] not in applied_ids(restored)
+    # The record: both ids, then their sha256.
+    assert recorded[:32] == second[6:22] + harmful[6:22]
+    assert len(recorded) == 32 + 32
