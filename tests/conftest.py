@@ -24,7 +24,9 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     """
     started: list[Broker] = []
 
-    def start(kind: str = "auto", port: int | None = None) -> Broker:
+    def start(
+        kind: str = "auto", port: int | None = None, persistence: bool = False
+    ) -> Broker:
         if kind == "mosquitto" and find_mosquitto() is None:
             pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
         if kind == "amqtt" and not amqtt_available():
@@ -32,7 +34,10 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         if kind == "auto" and find_mosquitto() is None and not amqtt_available():
             pytest.skip("no MQTT broker: neither mosquitto nor amqtt is installed")
         broker = Broker.start(
-            port=port, kind=kind, workdir=tmp_path / f"broker-{len(started)}"
+            port=port,
+            kind=kind,
+            workdir=tmp_path / f"broker-{len(started)}",
+            persistence=persistence,
         )
         started.append(broker)
         return broker

@@ -8,19 +8,23 @@ import queue
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
 from dslo_edge.hub_state import HubState, UnfinishedRun
 from dslo_edge.protocol import decode_update
 from dslo_edge.signing import generate_key_file, load_key, verify
-from tests.hub_fleet import start_worker, subscribed_client
+from tests.hub_fleet import start_worker
 from tests.test_hub_service import device_updates, nightly_push_config
 
 DEVICES = ("kitchen", "porch", "garage")
@@ -240,8 +244,38 @@ def test_state_file_without_push_devices_loads(tmp_path) -> None:
     assert after_claim == UnfinishedRun(pending=DEVICES, interrupted=())
 
 
+def persistent_subscriber(port: int, topic: str) -> tuple[mqtt.Client, queue.Queue]:
+    """Subscribe to ``topic`` in a session that outlives the connection.
+
+    The broker keeps the subscription while the client is offline, and across
+    a restart when it has persistence on, and queues QoS 1 messages for it.
+    paho reconnects after the connection drops. Returns the client and a queue
+    of the topics of the messages it receives.
+    """
+    received: queue.Queue = queue.Queue()
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id="resume-test-watcher",
+        protocol=mqtt.MQTTv5,
+    )
+    client.on_message = lambda _c, _u, message: received.put(message.topic)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.reconnect_delay_set(min_delay=0.2, max_delay=1)
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 600
+    client.connect("127.0.0.1", port, clean_start=False, properties=properties)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    assert subscribed.wait(10), f"the broker did not confirm the subscription {topic}"
+    return client, received
+
+
 def test_resume_waits_for_broker(mlp_pair, broker_factory, tmp_path, caplog) -> None:
-    broker = broker_factory("mosquitto")
+    # With persistence, the restarted broker keeps the subscriber's session, so
+    # the resumed updates reach it whether the worker or the subscriber
+    # reconnects first.
+    broker = broker_factory("mosquitto", persistence=True)
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     config = nightly_push_config(tmp_path / "hub", broker.port, mlp_pair.bundle, x)
     config.write_text(
@@ -255,24 +289,24 @@ def test_resume_waits_for_broker(mlp_pair, broker_factory, tmp_path, caplog) -> 
     earlier.claim_run("nightly", time.time(), 3600.0, ("kitchen", "porch"))
     earlier.end_device_push("nightly", "kitchen")
     earlier.close()
-    broker.stop()
-    worker = HubWorker(loaded)
-    assert worker.pushes is not None
-    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
-    worker.start()
+    client, received = persistent_subscriber(broker.port, "dslo/+/updates")
     try:
-        time.sleep(2.5)
-        runs_while_down = worker.pushes.counters()["runs"]
-        broker_factory("mosquitto", port=broker.port)
-        client, received = subscribed_client(
-            broker.port, "dslo/+/updates", lambda message: message.topic
-        )
-        topics = [received.get(timeout=15) for _ in range(3)]
-        time.sleep(0.5)
+        broker.stop()
+        worker = HubWorker(loaded)
+        assert worker.pushes is not None
+        caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+        worker.start()
+        try:
+            time.sleep(2.5)
+            runs_while_down = worker.pushes.counters()["runs"]
+            broker.restart()
+            topics = [received.get(timeout=15) for _ in range(3)]
+            time.sleep(0.5)
+        finally:
+            worker.stop()
+    finally:
         client.disconnect()
         client.loop_stop()
-    finally:
-        worker.stop()
 
     assert runs_while_down == 0
     assert topics == ["dslo/porch/updates"] * 3
