@@ -190,9 +190,14 @@ def start_client(client: mqtt.Client, settings: MqttSettings, label: str) -> Non
     except OSError as error:
         raise BrokerError(f"cannot reach the broker at {address}: {error}") from error
     client.loop_start()
-    if answered.wait(CONNECT_TIMEOUT_S) and not (
-        failure_reasons or closed_before_answer
-    ):
+    try:
+        answered_in_time = answered.wait(CONNECT_TIMEOUT_S)
+    except KeyboardInterrupt:
+        # The caller gets no client to close, so stop the network thread here.
+        client.disconnect()
+        client.loop_stop()
+        raise
+    if answered_in_time and not (failure_reasons or closed_before_answer):
         client.on_disconnect = disconnected_callback
         return
     client.disconnect()

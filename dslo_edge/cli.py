@@ -656,27 +656,29 @@ def push(
     from dslo_edge.push_progress import counted
     from dslo_edge.signing import load_key
 
-    privacy = _private_release(
-        device_id, dp_noise_multiplier, dp_epsilon, dp_delta, dp_ledger
-    )
-    if privacy is not None and hard_labels:
-        # Hard labels go out unnoised and uncharged, which would break the
-        # (epsilon, delta) guarantee of the private release.
-        raise click.BadParameter(
-            "a private release sends only noised soft labels, but --hard-labels "
-            "would send the file's y unnoised and outside the privacy budget; "
-            "drop --hard-labels or the --dp-* options",
-            param_hint="--hard-labels",
+    with _exit_on_sigint_before_push():
+        privacy = _private_release(
+            device_id, dp_noise_multiplier, dp_epsilon, dp_delta, dp_ledger
         )
-    broker_settings(broker, login)
+        if privacy is not None and hard_labels:
+            # Hard labels go out unnoised and uncharged, which would break the
+            # (epsilon, delta) guarantee of the private release.
+            raise click.BadParameter(
+                "a private release sends only noised soft labels, but --hard-labels "
+                "would send the file's y unnoised and outside the privacy budget; "
+                "drop --hard-labels or the --dp-* options",
+                param_hint="--hard-labels",
+            )
+        broker_settings(broker, login)
 
-    loaded = load_bundle(bundle)
-    head_output_kinds = _head_output_kinds(loaded, hard_labels)
-    paths = _checked_teachers(loaded, teachers)
-    check_top_k(top_k, loaded)
-    samples = _push_samples(loaded, data, hard_labels, skip_samples)
-    if float16_inputs:
-        _check_float16_range(samples.x, data)
+        loaded = load_bundle(bundle)
+        head_output_kinds = _head_output_kinds(loaded, hard_labels)
+        paths = _checked_teachers(loaded, teachers)
+        check_top_k(top_k, loaded)
+        samples = _push_samples(loaded, data, hard_labels, skip_samples)
+        if float16_inputs:
+            _check_float16_range(samples.x, data)
+        hmac_key = load_key(Path(hmac_key_file)) if hmac_key_file else None
     try:
         result = hub.push(
             paths,
@@ -690,7 +692,7 @@ def push(
             timeout=timeout,
             top_k=top_k,
             privacy=privacy,
-            hmac_key=load_key(Path(hmac_key_file)) if hmac_key_file else None,
+            hmac_key=hmac_key,
             protocol=5 if mqtt_protocol == "5" else 4,
             input_dtype="float16" if float16_inputs else "float32",
             head_output_kinds=head_output_kinds,
@@ -743,6 +745,23 @@ def _checked_teachers(bundle: Any, teachers: tuple[str, ...]) -> list[Path]:
     for teacher in teachers:
         check_teacher(Path(teacher), bundle, f"--teacher {teacher}")
     return [Path(teacher) for teacher in teachers]
+
+
+@contextlib.contextmanager
+def _exit_on_sigint_before_push() -> Iterator[None]:
+    """Exit with status 130 on SIGINT while push loads and checks its inputs.
+
+    Without this, click prints "Aborted!" and exits with status 1.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(
+            "interrupted before the push connected to the broker, so nothing "
+            "was sent; push again to send all samples",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _interrupted_push(interrupt: Any, skipped: int, resumable: bool) -> str:

@@ -678,8 +678,16 @@ def push(
         )
     login = login or BrokerLogin()
     settings = broker_login.broker_settings(broker_url, login)
-    hub = HubClient(settings.host, settings.port, device_id, protocol, login=login)
+    total_messages = math.ceil(len(samples.x) / batch_size) * len(teachers)
+    total_samples = len(samples.x) * len(teachers)
     result = PushResult()
+    try:
+        hub = HubClient(settings.host, settings.port, device_id, protocol, login=login)
+    except KeyboardInterrupt as interrupt:
+        # SIGINT while the client waited for the broker's CONNACK.
+        raise PushInterrupted(
+            result, None, total_messages, total_samples
+        ) from interrupt
     # The sample count of the update being published, None between publishes.
     publishing: int | None = None
     try:
@@ -739,9 +747,8 @@ def push(
             result.messages += 1
             result.samples += publishing
             publishing = None
-        messages = math.ceil(len(samples.x) / batch_size) * len(teachers)
         raise PushInterrupted(
-            result, publishing, messages, len(samples.x) * len(teachers)
+            result, publishing, total_messages, total_samples
         ) from interrupt
     finally:
         hub.close()

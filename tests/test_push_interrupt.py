@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -175,3 +178,77 @@ def test_push_skip_samples_rejects_all(mlp_pair, tmp_path):
     assert result.exit_code == 2
     assert "--skip-samples" in result.output
     assert "5 skips all 5 samples" in result.output
+
+
+def interrupt_when(ready, command: list[str]) -> subprocess.CompletedProcess:
+    """Run ``command``, send SIGINT once ``ready()`` is true, and collect its output."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready() and process.poll() is None:
+            assert time.monotonic() < deadline, "the push never reached the step"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_push_sigint_before_connack_exits_130(mlp_pair, tmp_path):
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=np.ones((40, 64), dtype=np.float32))
+    # A listener that accepts the connection and never sends a CONNACK.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(60)
+        port = server.getsockname()[1]
+        command = [sys.executable, "-m", "dslo_edge.cli", "push"]
+        command += ["--bundle", str(mlp_pair.bundle), "--data", str(data)]
+        command += ["--device", DEVICE, "--broker", f"mqtt://127.0.0.1:{port}"]
+        connections: list[socket.socket] = []
+
+        def connected() -> bool:
+            connections.append(server.accept()[0])
+            return True
+
+        result = interrupt_when(connected, command)
+        for connection in connections:
+            connection.close()
+
+    assert result.returncode == 130, result.stderr
+    assert "Aborted!" not in result.stderr
+    assert "published 0 and the broker acknowledged 0 (PUBACK)" in result.stderr
+    assert "Nothing was sent" in result.stderr
+
+
+def test_push_sigint_while_reading_data_exits_130(mlp_pair, tmp_path):
+    # push blocks reading a FIFO until the test writes to it, which it never does.
+    data = tmp_path / "samples.npz"
+    os.mkfifo(data)
+    writers: list[int] = []
+
+    def reading() -> bool:
+        try:
+            writers.append(os.open(data, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as error:
+            # ENXIO: no process has the FIFO open for reading yet.
+            assert error.errno == errno.ENXIO
+            return False
+        return True
+
+    command = [sys.executable, "-m", "dslo_edge.cli", "push"]
+    command += ["--bundle", str(mlp_pair.bundle), "--data", str(data)]
+    command += ["--device", DEVICE, "--broker", "mqtt://127.0.0.1:1"]
+    try:
+        result = interrupt_when(reading, command)
+    finally:
+        for writer in writers:
+            os.close(writer)
+
+    assert result.returncode == 130, result.stderr
+    assert "Aborted!" not in result.stderr
+    assert "interrupted before the push connected to the broker" in result.stderr
