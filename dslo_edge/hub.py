@@ -690,6 +690,9 @@ def push(
         ) from interrupt
     # The sample count of the update being published, None between publishes.
     publishing: int | None = None
+    # The sample count of an update that privacy charged and that push has
+    # not yet handed to the broker, such as while it waits for the device.
+    unsent: int | None = None
     try:
         before = (
             wait_for_baseline(hub, min(timeout, BASELINE_TIMEOUT_S)) if wait else {}
@@ -706,12 +709,14 @@ def push(
                 privacy,
                 input_dtype,
             ):
+                unsent = update.sample_count
                 if hmac_key is not None:
                     payload = sign(hmac_key, hub.topics.updates, payload)
                 if wait and result.messages >= window:
                     count = result.messages - window + 1
                     wait_for_processed(hub, before, count, result.messages, timeout)
                 publishing = update.sample_count
+                unsent = None
                 try:
                     hub.publish(payload, expiry_s)
                 except UpdateNotDelivered as error:
@@ -743,6 +748,8 @@ def push(
     except PrivacyBudgetExceeded as error:
         raise PrivacyBudgetExceeded(_budget_stop(error, result)) from error
     except KeyboardInterrupt as interrupt:
+        if unsent is not None and privacy is not None:
+            _refund_unsent(privacy, unsent)
         if publishing is not None and hub.in_flight_accepted():
             result.messages += 1
             result.samples += publishing
@@ -774,6 +781,15 @@ def _dropped_stop(
         f"{counted(result.messages, 'update')} ({counted(result.samples, 'sample')}) "
         f"in round {result.rounds + 1}; {fix}"
     )
+
+
+def _refund_unsent(privacy: PrivateRelease, samples: int) -> None:
+    """Take back the privacy charge of an update that an interrupt kept unsent."""
+    try:
+        privacy.ledger.refund(privacy.device_id, samples)
+    except ConfigError as error:
+        # The charge stays, which overstates the spent budget but hides nothing.
+        logger.warning("Privacy charge of an unsent update stays: %s", error)
 
 
 def _budget_stop(error: PrivacyBudgetExceeded, result: PushResult) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
@@ -252,3 +253,48 @@ def test_push_sigint_while_reading_data_exits_130(mlp_pair, tmp_path):
     assert result.returncode == 130, result.stderr
     assert "Aborted!" not in result.stderr
     assert "interrupted before the push connected to the broker" in result.stderr
+
+
+def ledger_count(ledger: Path) -> int:
+    """Return the vectors the privacy ledger file charges to DEVICE."""
+    if not ledger.exists():
+        return 0
+    devices = json.loads(ledger.read_text())["devices"]
+    return sum(devices.get(DEVICE, {}).values())
+
+
+def test_push_sigint_refunds_unsent_charge(mlp_pair, broker_factory, tmp_path):
+    pytest.importorskip("dp_accounting")
+    broker = broker_factory("mosquitto")
+    data = tmp_path / "samples.npz"
+    rng = np.random.default_rng(5)
+    np.savez(data, x=rng.random((129, 64), dtype=np.float32))
+    ledger = tmp_path / "ledger.json"
+    # A device that is online and subscribed but applies nothing, so a push
+    # with --wait stops before its 129th update, after 128 outstanding ones.
+    watcher = UpdateWatcher(broker)
+    status = f"dslo/{DEVICE}/status"
+    watcher.client.publish(status, "online", qos=1, retain=True).wait_for_publish(10)
+    metrics = json.dumps({"applied_total": 0})
+    watcher.client.publish(
+        f"dslo/{DEVICE}/metrics", metrics, qos=1, retain=True
+    ).wait_for_publish(10)
+    command = [sys.executable, "-m", "dslo_edge.cli", "push"]
+    command += ["--bundle", str(mlp_pair.bundle), "--data", str(data)]
+    command += ["--device", DEVICE, "--broker", broker.url, "--batch-size", "1"]
+    command += ["--dp-noise-multiplier", "1", "--dp-epsilon", "1000"]
+    command += ["--dp-ledger", str(ledger)]
+    try:
+        # The ledger charges the 129th update before the push waits to send it.
+        result = interrupt_when(lambda: ledger_count(ledger) == 129, command)
+        watcher.wait_for(128)
+    finally:
+        watcher.close()
+
+    assert result.returncode == 130, result.stderr
+    assert "published 128 and the broker acknowledged 128" in result.stderr
+    assert "--skip-samples 128" in result.stderr
+    assert len(watcher.payloads) == 128
+    # Only the 128 sent vectors stay charged, so a push resumed with
+    # --skip-samples 128 charges the last sample once.
+    assert ledger_count(ledger) == 128
