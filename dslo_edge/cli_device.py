@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from dslo_edge.cli_broker import broker_login_options
+from dslo_edge.config import DEFAULT_QUEUE_SIZE
 from dslo_edge.errors import BundleError, OutputPathError
 
 PROFILES_DIR_OPTION = click.option(
@@ -117,7 +118,7 @@ def show_command(name: str, profiles_dir: str | None) -> None:
 )
 @click.option(
     "--queue-size",
-    default=256,
+    default=DEFAULT_QUEUE_SIZE,
     show_default=True,
     type=click.IntRange(1, 100000),
     help="Updates the daemon may hold waiting.",

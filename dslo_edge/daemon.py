@@ -94,6 +94,7 @@ from dslo_edge.state_folders import (
 from dslo_edge.state_lock import StateLock
 from dslo_edge.swap import ACTIVE, KeptCheckpoints
 from dslo_edge.trainer import Trainer
+from dslo_edge.update_queue import UpdateQueue
 
 logger = logging.getLogger(__name__)
 
@@ -307,8 +308,8 @@ class EdgeDaemon:
             self.batcher = UpdateBatcher(policy)
         # The broker is asked for at most queue_size unacknowledged updates
         # (MQTT 5 receive maximum), and the spare room covers redeliveries.
-        self.updates: queue.Queue[Received] = queue.Queue(
-            maxsize=training.queue_size * 2
+        self.updates: UpdateQueue[Received] = UpdateQueue(
+            training.queue_size * 2, training.max_queued_bytes
         )
         self.stopping = threading.Event()
         self.restored_from = "factory weights"
@@ -956,9 +957,14 @@ class EdgeDaemon:
             if not self._deferred_since_reconnect:
                 self._deferred_since_reconnect = True
                 logger.warning(
-                    "Device %s queue of %d is full; leaving updates for redelivery",
+                    "Device %s update queue is full (%d updates, %d payload bytes, "
+                    "limits %d and training.max_queued_bytes = %d); leaving "
+                    "updates for redelivery",
                     self.device_id,
+                    self.updates.qsize(),
+                    self.updates.queued_bytes,
                     self.updates.maxsize,
+                    self.updates.max_bytes,
                 )
 
     def _queue_wait_s(self) -> float:

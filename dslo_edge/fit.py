@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from packaging.requirements import InvalidRequirement, Requirement
 
 from dslo_edge.bundle import Bundle
+from dslo_edge.config import DEFAULT_QUEUE_SIZE
 from dslo_edge.footprint import (
     MIB,
     MemoryEstimate,
@@ -51,7 +52,7 @@ def check_bundle(
     profile: FirmwareProfile,
     *,
     batch_size: int = 32,
-    queue_size: int = 256,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
 ) -> FitReport:
     """Compare a bundle's estimated footprint and interpreter needs with a board.
 

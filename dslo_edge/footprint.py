@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.bundle import Bundle
+from dslo_edge.config import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_QUEUE_SIZE
 from dslo_edge.errors import BundleError
 from dslo_edge.modelfile import summarize_model
 
@@ -93,8 +94,9 @@ def estimate_memory(
     bundle: Bundle,
     *,
     batch_size: int = 32,
-    queue_size: int = 256,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
     smoothing_capacity: int = 10000,
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
 ) -> MemoryEstimate:
     """Estimate the daemon's resident memory for a bundle.
 
@@ -103,6 +105,8 @@ def estimate_memory(
         batch_size: samples per update the hub sends.
         queue_size: updates the daemon may hold waiting (``training.queue_size``).
         smoothing_capacity: sample ids in the smoothing store.
+        max_queued_bytes: payload bytes the update queue may hold
+            (``training.max_queued_bytes``).
     """
     weight_count = sum(math.prod(shape) for shape in bundle.weight_shapes.values())
     update_bytes = estimate_update_bytes(bundle, batch_size)
@@ -116,7 +120,7 @@ def estimate_memory(
         weights=weight_count * FLOAT_BYTES * WEIGHT_COPIES,
         signature_tensors=_signature_tensor_bytes(bundle, batch_size),
         activations=_activation_bytes(bundle, batch_size),
-        update_queue=queue_size * update_bytes,
+        update_queue=min(queue_size * update_bytes, max_queued_bytes),
         smoothing_store=smoothing_capacity * smoothing_row_bytes,
     )
 

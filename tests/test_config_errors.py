@@ -218,6 +218,16 @@ def test_queue_size_of_one_is_rejected(tmp_path: Path) -> None:
     assert "2..100000" in str(caught.value)
 
 
+@pytest.mark.parametrize("value", [0, -1, 1.5, "32MiB"])
+def test_max_queued_bytes_must_be_positive(tmp_path: Path, value) -> None:
+    overrides = {"training": {"max_queued_bytes": value}}
+
+    path, message = config_error(tmp_path, overrides)
+
+    assert message.startswith(f"{path}: training.max_queued_bytes = ")
+    assert message.endswith("expected a positive byte count")
+
+
 def test_applied_id_capacity_below_queue_is_rejected(tmp_path: Path) -> None:
     overrides = {
         "training": {"queue_size": 4000, "applied_id_capacity": 7999},

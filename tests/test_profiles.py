@@ -314,6 +314,18 @@ def test_memory_estimate_parts(tmp_path: Path) -> None:
     )
 
 
+def test_memory_estimate_caps_update_queue(tmp_path: Path) -> None:
+    bundle = load_bundle(write_bundle(tmp_path / "bundle"))
+    per_update = 64 + 256 * (64 * 4 + 10 * 4 + 4 + 16)
+    uncapped = estimate_memory(bundle, batch_size=256, queue_size=100)
+    capped = estimate_memory(
+        bundle, batch_size=256, queue_size=100, max_queued_bytes=1_000_000
+    )
+    assert uncapped.update_queue == 100 * per_update
+    assert capped.update_queue == 1_000_000
+    assert uncapped.total - capped.total == 100 * per_update - 1_000_000
+
+
 def test_storage_estimate_counts_update_copies(tmp_path: Path) -> None:
     bundle = load_bundle(write_bundle(tmp_path / "bundle"))
     storage = estimate_storage(bundle, smoothing_capacity=100)
