@@ -82,6 +82,8 @@ class BenchOptions:
         startup_repeats: process starts per side.
         tcp_nodelay: start mosquitto with ``set_tcp_nodelay true``, which
             turns off Nagle's algorithm on its client sockets.
+        queue_size: ``training.queue_size`` of both daemons, or None for
+            the default of the device config.
     """
 
     quick: bool = False
@@ -95,10 +97,14 @@ class BenchOptions:
     throughput_repeats: int = 3
     startup_repeats: int = 5
     tcp_nodelay: bool = False
+    queue_size: int | None = None
 
     @classmethod
     def quick_run(
-        cls, message_samples: int = 32, tcp_nodelay: bool = False
+        cls,
+        message_samples: int = 32,
+        tcp_nodelay: bool = False,
+        queue_size: int | None = None,
     ) -> BenchOptions:
         """Return the options of ``--quick``: seconds per figure."""
         return cls(
@@ -112,7 +118,18 @@ class BenchOptions:
             throughput_repeats=1,
             startup_repeats=1,
             tcp_nodelay=tcp_nodelay,
+            queue_size=queue_size,
         )
+
+    def daemon_settings(
+        self, settings: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, dict[str, Any]] | None:
+        """Return the config overrides of a bench daemon, with the queue size."""
+        if self.queue_size is None:
+            return settings
+        merged = {table: dict(values) for table, values in (settings or {}).items()}
+        merged.setdefault("training", {})["queue_size"] = self.queue_size
+        return merged
 
 
 @dataclass(frozen=True)
@@ -213,7 +230,9 @@ def _mqtt_figures(out: Path, bundle: Path, options: BenchOptions) -> dict[str, A
         broker_latency = reference_latency(
             host, port, latency_payloads, options.latency_gap_s
         )
-        daemon = DaemonProcess.start(device, bundle, host, port)
+        daemon = DaemonProcess.start(
+            device, bundle, host, port, options.daemon_settings()
+        )
         try:
             daemon_latency = daemon.latency(
                 with_new_ids(latency_payloads), options.latency_gap_s
@@ -292,7 +311,7 @@ def _coalesced_throughput(
         bundle,
         host,
         port,
-        COALESCED_SETTINGS,
+        options.daemon_settings(COALESCED_SETTINGS),
         device_id="bench-coalesced",
     )
     try:
@@ -513,6 +532,8 @@ def _command(options: BenchOptions) -> str:
         command += f" --message-samples {options.message_samples}"
     if options.tcp_nodelay:
         command += " --tcp-nodelay"
+    if options.queue_size is not None:
+        command += f" --queue-size {options.queue_size}"
     return command
 
 

@@ -35,8 +35,20 @@ from dslo_edge.cli_device import handle_errors
     is_flag=True,
     help="Start mosquitto with set_tcp_nodelay true (Nagle's algorithm off).",
 )
+@click.option(
+    "--queue-size",
+    type=click.IntRange(40, 50000),
+    help="training.queue_size of the bench's daemons, to compare with the "
+    "default of the device config.",
+)
 @handle_errors
-def bench(quick: bool, out: str, message_samples: int, tcp_nodelay: bool) -> None:
+def bench(
+    quick: bool,
+    out: str,
+    message_samples: int,
+    tcp_nodelay: bool,
+    queue_size: int | None,
+) -> None:
     """Measure each performance figure beside its reference and print a table."""
     from dslo_edge.bench import BenchOptions, format_table, run_bench
     from dslo_edge.cli import _check_writable_dir, sigterm_as_exit
@@ -44,9 +56,13 @@ def bench(quick: bool, out: str, message_samples: int, tcp_nodelay: bool) -> Non
     _check_writable_dir(Path(out), "--out")
 
     options = (
-        BenchOptions.quick_run(message_samples, tcp_nodelay)
+        BenchOptions.quick_run(message_samples, tcp_nodelay, queue_size)
         if quick
-        else BenchOptions(message_samples=message_samples, tcp_nodelay=tcp_nodelay)
+        else BenchOptions(
+            message_samples=message_samples,
+            tcp_nodelay=tcp_nodelay,
+            queue_size=queue_size,
+        )
     )
     started = time.monotonic()
     with sigterm_as_exit():

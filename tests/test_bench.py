@@ -134,3 +134,26 @@ def test_cpu_per_message_leaves_out_idle_threads() -> None:
     assert cpu_us_per_message(before, after, 100) == [2000.0, 1000.0, 200.0]
     assert cpu_us_per_message(None, after, 100) is None
     assert cpu_us_per_message(before, after, 0) is None
+
+
+def test_queue_size_option_reaches_both_daemons() -> None:
+    from dslo_edge.bench import COALESCED_SETTINGS, BenchOptions, _command
+
+    options = BenchOptions.quick_run(queue_size=256)
+
+    assert options.daemon_settings() == {"training": {"queue_size": 256}}
+    assert options.daemon_settings(COALESCED_SETTINGS) == {
+        "training": {"batch_size": 256, "batch_wait_ms": 0, "queue_size": 256}
+    }
+    assert "queue_size" not in COALESCED_SETTINGS["training"]
+    assert _command(options) == "dslo-edge bench --quick --queue-size 256"
+
+
+def test_default_bench_keeps_config_defaults() -> None:
+    from dslo_edge.bench import COALESCED_SETTINGS, BenchOptions, _command
+
+    options = BenchOptions()
+
+    assert options.daemon_settings() is None
+    assert options.daemon_settings(COALESCED_SETTINGS) is COALESCED_SETTINGS
+    assert _command(options) == "dslo-edge bench"
