@@ -82,4 +82,7 @@ class UpdateQueue(queue.Queue[Item]):
     def _get(self) -> Item:
         item = self.queue.popleft()
         self.queued_bytes -= len(item.payload)
+        # queue.Queue.get wakes one waiting put, but the freed bytes may fit
+        # a put other than that one, so every waiting put checks again.
+        self.not_full.notify_all()
         return item

@@ -96,3 +96,75 @@ def test_negative_timeout_rejected() -> None:
     updates.put(Item(b"a"))
     with pytest.raises(ValueError, match="non-negative"):
         updates.put(Item(b"b"), timeout=-1.0)
+
+
+def test_threads_keep_byte_count_consistent() -> None:
+    updates = UpdateQueue(8, 300)
+    sizes = [(i * 37) % 120 + 1 for i in range(5000)]
+    received: list[int] = []
+    lowest = [0]
+    highest = [0]
+    done = threading.Event()
+
+    def produce() -> None:
+        for size in sizes:
+            updates.put(Item(bytes(size)), timeout=5.0)
+
+    def consume() -> None:
+        for _ in sizes:
+            received.append(len(updates.get(timeout=5.0).payload))
+            updates.task_done()
+
+    def watch() -> None:
+        while not done.is_set():
+            with updates.mutex:
+                lowest[0] = min(lowest[0], updates.queued_bytes)
+                highest[0] = max(highest[0], updates.queued_bytes)
+            updates.qsize()
+            updates.empty()
+
+    threads = [threading.Thread(target=f) for f in (produce, consume, watch)]
+    for thread in threads:
+        thread.start()
+    threads[0].join(timeout=30.0)
+    threads[1].join(timeout=30.0)
+    updates.join()
+    done.set()
+    threads[2].join(timeout=5.0)
+
+    assert received == sizes
+    assert lowest[0] == 0
+    assert highest[0] <= 300
+    assert updates.queued_bytes == 0
+    assert updates.unfinished_tasks == 0
+
+
+def test_get_wakes_every_put_that_now_fits() -> None:
+    updates = UpdateQueue(10, 15)
+    updates.put(Item(bytes(5)))
+    updates.put(Item(bytes(5)))
+    small_done = threading.Event()
+
+    def put_large() -> None:
+        # Waits until the queue is empty: 5 + 11 is past 15.
+        updates.put(Item(bytes(11)), timeout=2.0)
+
+    def put_small() -> None:
+        updates.put(Item(bytes(6)), timeout=2.0)
+        small_done.set()
+
+    large = threading.Thread(target=put_large)
+    large.start()
+    time.sleep(0.05)
+    small = threading.Thread(target=put_small)
+    small.start()
+    time.sleep(0.05)
+    assert len(updates.get().payload) == 5
+
+    # 5 + 6 fits, so the small put must not wait for the large one.
+    assert small_done.wait(1.0)
+    assert updates.queued_bytes == 11
+    while updates.qsize():
+        updates.get()
+    large.join(timeout=5.0)
+    small.join(timeout=5.0)
