@@ -957,13 +957,14 @@ class EdgeDaemon:
             if not self._deferred_since_reconnect:
                 self._deferred_since_reconnect = True
                 logger.warning(
-                    "Device %s update queue is full (%d updates, %d payload bytes, "
-                    "limits %d and training.max_queued_bytes = %d); leaving "
-                    "updates for redelivery",
+                    "Device %s update queue is full (%d updates of at most %d, "
+                    "twice training.queue_size; %d payload bytes of "
+                    "training.max_queued_bytes = %d); leaving updates for "
+                    "redelivery after the queue drains",
                     self.device_id,
                     self.updates.qsize(),
-                    self.updates.queued_bytes,
                     self.updates.maxsize,
+                    self.updates.queued_bytes,
                     self.updates.max_bytes,
                 )
 
