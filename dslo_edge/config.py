@@ -59,7 +59,7 @@ from dslo_edge.softlabels import AlphaPolicy
 DEFAULT_QUEUE_SIZE = 1024
 # Payload bytes that the queue of received updates may hold, so that its
 # memory stays bounded whatever size the hub gives each update.
-DEFAULT_MAX_QUEUED_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_QUEUED_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,8 @@ def estimate_memory(
     Args:
         bundle: the loaded bundle; its manifest gives shapes and file sizes.
         batch_size: samples per update the hub sends.
-        queue_size: updates the daemon may hold waiting (``training.queue_size``).
+        queue_size: ``training.queue_size``; the daemon holds up to twice as
+            many updates waiting.
         smoothing_capacity: sample ids in the smoothing store.
         max_queued_bytes: payload bytes the update queue may hold
             (``training.max_queued_bytes``).
@@ -120,7 +121,8 @@ def estimate_memory(
         weights=weight_count * FLOAT_BYTES * WEIGHT_COPIES,
         signature_tensors=_signature_tensor_bytes(bundle, batch_size),
         activations=_activation_bytes(bundle, batch_size),
-        update_queue=min(queue_size * update_bytes, max_queued_bytes),
+        # The queue has room for twice queue_size updates, for redeliveries.
+        update_queue=min(2 * queue_size * update_bytes, max_queued_bytes),
         smoothing_store=smoothing_capacity * smoothing_row_bytes,
     )
 

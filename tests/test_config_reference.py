@@ -19,7 +19,7 @@ def test_reference_example_loads_with_documented_defaults(tmp_path) -> None:
 
     assert isinstance(config, DeviceConfig)
     assert config.training.queue_size == 1024
-    assert config.training.max_queued_bytes == 16 * 1024 * 1024
+    assert config.training.max_queued_bytes == 8 * 1024 * 1024
     assert config.mqtt.session_expiry_s == 7 * 24 * 3600
     assert config.requests.enabled is False
     assert config.budget.thermal_limit_c is None

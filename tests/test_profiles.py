@@ -308,7 +308,7 @@ def test_memory_estimate_parts(tmp_path: Path) -> None:
     train = 32 * (64 + 10 + 1 + 1) + 3
     assert memory.signature_tensors == 4 * (infer + train + 2 * weights + 1)
     per_sample = 64 * 4 + 10 * 4 + 4 + 16
-    assert memory.update_queue == 256 * (64 + 32 * per_sample)
+    assert memory.update_queue == 2 * 256 * (64 + 32 * per_sample)
     assert memory.total == sum(
         value for key, value in memory.as_dict().items() if key != "total"
     )
@@ -317,13 +317,13 @@ def test_memory_estimate_parts(tmp_path: Path) -> None:
 def test_memory_estimate_caps_update_queue(tmp_path: Path) -> None:
     bundle = load_bundle(write_bundle(tmp_path / "bundle"))
     per_update = 64 + 256 * (64 * 4 + 10 * 4 + 4 + 16)
-    uncapped = estimate_memory(bundle, batch_size=256, queue_size=100)
+    uncapped = estimate_memory(bundle, batch_size=256, queue_size=40)
     capped = estimate_memory(
-        bundle, batch_size=256, queue_size=100, max_queued_bytes=1_000_000
+        bundle, batch_size=256, queue_size=40, max_queued_bytes=1_000_000
     )
-    assert uncapped.update_queue == 100 * per_update
+    assert uncapped.update_queue == 2 * 40 * per_update
     assert capped.update_queue == 1_000_000
-    assert uncapped.total - capped.total == 100 * per_update - 1_000_000
+    assert uncapped.total - capped.total == 2 * 40 * per_update - 1_000_000
 
 
 def test_storage_estimate_counts_update_copies(tmp_path: Path) -> None:
@@ -345,7 +345,7 @@ def test_estimates_count_every_head(two_head_bundle: Path) -> None:
     assert memory.weights == weights * 4 * 3
     assert memory.smoothing_store == 10000 * ((10 + 3) * 4 + 2 * 16)
     per_sample = 64 * 4 + (10 + 3) * 4 + 2 * 4 + 16
-    assert memory.update_queue == 256 * (64 + 32 * per_sample)
+    assert memory.update_queue == 2 * 256 * (64 + 32 * per_sample)
     assert storage.checkpoints == 2 * (weights * 4 + 100 * (10 + 3) * 4)
 
 
