@@ -81,6 +81,17 @@ def watch_updates(port: int) -> tuple[mqtt.Client, list[bytes]]:
     return watcher, received
 
 
+def wait_for_count(received: list[bytes], count: int, timeout: float = 10.0) -> None:
+    """Wait until ``received`` has ``count`` payloads or ``timeout`` seconds pass.
+
+    A push's PUBACKs come from the broker, which may still be sending the
+    last updates to the subscriber when the push returns.
+    """
+    deadline = time.monotonic() + timeout
+    while len(received) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def dp_options(noise_multiplier: float, epsilon: float, ledger: Path) -> list[str]:
     """Return the push options for a private release charged to the ledger."""
     return [
@@ -267,6 +278,9 @@ def test_push_logs_teacher_path_per_round(
             result = run_push(
                 mlp_pair.bundle, data_file, broker.url, "--no-wait", *options
             )
+        wait_for_count(received, 2 * SAMPLES // BATCH)
+        # Any update beyond the expected ones would arrive within this wait.
+        time.sleep(0.2)
     finally:
         watcher.loop_stop()
         watcher.disconnect()
