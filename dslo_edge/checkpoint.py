@@ -57,6 +57,28 @@ def fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or new file.
+
+    The data goes to a temporary file beside it, which is fsynced and
+    renamed over ``path``, and then the folder is fsynced.
+
+    Raises:
+        OSError: a step failed. Before the rename, ``path`` is unchanged and
+            the temporary file is removed.
+    """
+    temporary = path.with_suffix(".tmp")
+    try:
+        with open(temporary, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """Return (sequence, path) of checkpoint files, newest first."""
     if not folder.is_dir():
@@ -134,18 +156,7 @@ def save_checkpoint(
         "sha256": _digest(tensors),
         "state_sha256": hashlib.sha256(state_text.encode()).hexdigest(),
     }
-    data = save_tensors(tensors, metadata=metadata)
-    temporary = target.with_suffix(".tmp")
-    try:
-        with open(temporary, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-        fsync_directory(folder)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    write_durably(target, save_tensors(tensors, metadata=metadata))
     for _, old in list_checkpoints(folder)[keep:]:
         old.unlink(missing_ok=True)
     return target

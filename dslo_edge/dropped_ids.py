@@ -8,20 +8,18 @@ writes their ids to this file before it sends any of those
 acknowledgements, and rejects copies of them as duplicates.
 
 The file is the 16-byte ids, oldest first, then a sha256 over them. It is
-written like a checkpoint: to a temporary file, fsynced, renamed into place,
-then the directory is fsynced.
+written as checkpoints are, with ``checkpoint.write_durably``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from dslo_edge.applied_ids import ID_BYTES
-from dslo_edge.checkpoint import fsync_directory
+from dslo_edge.checkpoint import write_durably
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +88,7 @@ class DroppedIds:
         self.unwritten = True
         ids = b"".join(self._ids)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        try:
-            with open(temporary, "wb") as stream:
-                stream.write(ids + hashlib.sha256(ids).digest())
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, self.path)
-            fsync_directory(self.path.parent)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_durably(self.path, ids + hashlib.sha256(ids).digest())
         self.unwritten = False
 
     def _add(self, message_ids: Iterable[bytes]) -> None:
