@@ -49,6 +49,7 @@ from typing import Any
 
 from dslo_edge import __version__
 from dslo_edge.bundle import Bundle, load_bundle, sha256_file
+from dslo_edge.checkpoint import fsync_directory
 from dslo_edge.errors import BundleError
 from dslo_edge.fit import FitReport, check_bundle
 from dslo_edge.flash_config import (
@@ -440,7 +441,7 @@ def _install_release(
             if final.exists():
                 shutil.rmtree(final)  # a damaged earlier copy
             staging.rename(final)
-            _fsync_directory(releases)
+            fsync_directory(releases)
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
@@ -608,7 +609,7 @@ def _remove_pending_copy(root: Path, content: bytes, result: FlashResult) -> Non
     pending = on_target(root, PENDING_CONFIG)
     if pending.is_file() and pending.read_bytes() == content:
         pending.unlink()
-        _fsync_directory(pending.parent)
+        fsync_directory(pending.parent)
         result.removed.append(str(PENDING_CONFIG))
 
 
@@ -646,7 +647,7 @@ def _write_if_changed(
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     result.changed.append(str(device_path))
 
 
@@ -665,7 +666,7 @@ def _link_if_changed(
     temporary.unlink(missing_ok=True)
     os.symlink(link_target, temporary)
     os.replace(temporary, path)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     result.changed.append(str(device_path))
 
 
@@ -736,14 +737,6 @@ def _make_directories(folder: Path) -> None:
         path.mkdir(exist_ok=True)
         # mkdir applies the umask to its mode argument, chmod does not.
         os.chmod(path, DIR_MODE)
-
-
-def _fsync_directory(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def verify_installation(target: str | Path) -> list[str]:
