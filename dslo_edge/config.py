@@ -54,8 +54,8 @@ from dslo_edge.softlabels import AlphaPolicy
 # Updates the daemon may hold unacknowledged, also its MQTT 5 receive maximum.
 # A burst saves a checkpoint every 3/8 of it (burst_checkpoint_every in
 # daemon.py), so a larger queue means fewer checkpoints in a burst. With the
-# digits student, 1024 applied about 20 % more updates per second than 256
-# (docs/benchmarks.md).
+# digits student, 1024 applied 14 to 25 % more updates per second than 256
+# in paired throughput runs (docs/benchmarks.md).
 DEFAULT_QUEUE_SIZE = 1024
 # Payload bytes that the queue of received updates may hold, so that its
 # memory stays bounded whatever size the hub gives each update.
