@@ -169,6 +169,13 @@ def _training(
     monitor: TableReader,
 ) -> TrainingSettings:
     monitor_decay, drift = _drift(monitor)
+    applied_id_capacity = reader.get(
+        "applied_id_capacity",
+        int,
+        100_000,
+        lambda v: 1000 <= v <= 10_000_000,
+        "a count of message ids in 1000..10000000",
+    )
     settings = TrainingSettings(
         learning_rate=reader.get(
             "learning_rate", float, 0.05, lambda v: 0 < v <= 10, "a number in (0, 10]"
@@ -196,10 +203,12 @@ def _training(
             "metrics_every", int, 5, positive, "a positive count of updates"
         ),
         queue_size=reader.get(
-            # At least 2, so that checkpoint_every = 1 fits in half of it.
+            # At least 2, so that checkpoint_every = 1 fits in half of it. The
+            # default stays within half of applied_id_capacity, so a config
+            # that lowers only the capacity still loads.
             "queue_size",
             int,
-            DEFAULT_QUEUE_SIZE,
+            min(DEFAULT_QUEUE_SIZE, applied_id_capacity // 2),
             lambda v: 2 <= v <= 100000,
             "a count in 2..100000",
         ),
@@ -230,13 +239,7 @@ def _training(
         max_clock_skew_s=reader.get(
             "max_clock_skew_s", float, 300.0, positive, "a positive number of seconds"
         ),
-        applied_id_capacity=reader.get(
-            "applied_id_capacity",
-            int,
-            100_000,
-            lambda v: 1000 <= v <= 10_000_000,
-            "a count of message ids in 1000..10000000",
-        ),
+        applied_id_capacity=applied_id_capacity,
         checkpoint_idle_s=reader.get(
             "checkpoint_idle_s",
             float,

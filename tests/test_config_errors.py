@@ -253,6 +253,26 @@ def test_applied_id_capacity_of_twice_queue_is_accepted(tmp_path: Path) -> None:
     assert config.training.applied_id_capacity == 8000
 
 
+@pytest.mark.parametrize(
+    ("capacity", "queue_size"), [(1000, 500), (2047, 1023), (2048, 1024)]
+)
+def test_default_queue_size_follows_small_capacity(
+    tmp_path: Path, capacity: int, queue_size: int
+) -> None:
+    path = write(
+        tmp_path, tmp_path / "bundle", {"training": {"applied_id_capacity": capacity}}
+    )
+    lines = path.read_text().splitlines()
+    path.write_text(
+        "\n".join(line for line in lines if not line.startswith("queue_size ="))
+    )
+
+    config = load_config(path)
+
+    assert config.training.queue_size == queue_size
+    assert config.training.applied_id_capacity == capacity
+
+
 @pytest.mark.parametrize("prefix", ["home/+/x", "homeassistant/#"])
 def test_homeassistant_prefix_with_wildcard_rejected(
     tmp_path: Path, prefix: str
