@@ -325,6 +325,9 @@ class EdgeDaemon:
         self.deferred = 0
         self.inference_rejected: Counter[str] = Counter()
         self._deferred_since_reconnect = False
+        # True once a full queue was logged, until the reconnect after it.
+        # Separate from the flag above, which a rollback also sets.
+        self._queue_full_logged = False
         self._session_epoch = 0
         self._acks = AckLedger()
         # True from restoring a checkpoint until the next save. The restored
@@ -954,8 +957,9 @@ class EdgeDaemon:
             # again. Brokers that ignore receive-maximum (mosquitto 2.0.11
             # after the first PUBACK, MQTT 3.1.1) can overrun the queue.
             self.deferred += 1
-            if not self._deferred_since_reconnect:
-                self._deferred_since_reconnect = True
+            self._deferred_since_reconnect = True
+            if not self._queue_full_logged:
+                self._queue_full_logged = True
                 logger.warning(
                     "Device %s update queue is full (%d updates of at most %d, "
                     "twice training.queue_size; %d payload bytes of "
@@ -1064,6 +1068,7 @@ class EdgeDaemon:
             self._checkpoint_and_ack()
             self._checkpoint_and_ack()
             self._deferred_since_reconnect = False
+            self._queue_full_logged = False
             logger.info(
                 "Device %s reconnects to receive the updates it left queued",
                 self.device_id,

@@ -95,6 +95,53 @@ def test_byte_limit_defers_then_applies_all_once(
     assert f"{3 * update_bytes} payload bytes" in message
 
 
+def test_full_queue_warns_during_pending_reconnect(
+    mlp_pair, broker, tmp_path, caplog
+) -> None:
+    if broker.kind != "mosquitto":
+        pytest.skip("redelivery needs mosquitto's MQTT 5 session")
+    updates = [make_update(1300 + seed, samples=4) for seed in range(20)]
+    update_bytes = len(encode_update(updates[0]))
+    config = write_config(
+        tmp_path,
+        mlp_pair.bundle,
+        broker,
+        training={
+            "checkpoint_every": 4,
+            "queue_size": 16,
+            "checkpoint_idle_s": 0.2,
+            "max_queued_bytes": 3 * update_bytes,
+        },
+    )
+    daemon = EdgeDaemon(config)
+    release = held_trainer(daemon)
+    caplog.set_level(logging.INFO, logger="dslo_edge.daemon")
+    daemon.start()
+    hub = hub_client(broker)
+    try:
+        hub.wait_for_metrics(lambda m: True, WAIT_S)
+        # A rollback that restored an older generation sets this flag, so
+        # that the idle loop reconnects for redelivery.
+        daemon._deferred_since_reconnect = True
+        for update in updates:
+            hub.publish(encode_update(update))
+        wait_until(lambda: daemon.deferred >= 1, WAIT_S)
+        release.set()
+        metrics = hub.wait_for_metrics(
+            lambda m: m["applied"] >= 20 and m["unacknowledged"] == 0, WAIT_S
+        )
+    finally:
+        release.set()
+        hub.close()
+        daemon.stop()
+
+    full = [r for r in caplog.records if "update queue is full" in r.getMessage()]
+    assert metrics["applied"] == 20
+    assert metrics["deferred_for_redelivery"] >= 1
+    assert len(full) >= 1
+    assert "3 updates of at most 32" in full[0].getMessage()
+
+
 def test_update_above_byte_limit_is_applied(mlp_pair, broker, tmp_path) -> None:
     small = [make_update(1100 + seed, samples=4) for seed in range(5)]
     large = make_update(1200, samples=512)
