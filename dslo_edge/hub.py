@@ -690,9 +690,9 @@ def push(
         ) from interrupt
     # The sample count of the update being published, None between publishes.
     publishing: int | None = None
-    # The sample count of an update that privacy charged and that push has
-    # not yet handed to the broker, such as while it waits for the device.
-    unsent: int | None = None
+    # result.samples before the update being published was counted in it.
+    counted_before = 0
+    charged_before = _charged(privacy)
     try:
         before = (
             wait_for_baseline(hub, min(timeout, BASELINE_TIMEOUT_S)) if wait else {}
@@ -709,24 +709,26 @@ def push(
                 privacy,
                 input_dtype,
             ):
-                unsent = update.sample_count
                 if hmac_key is not None:
                     payload = sign(hmac_key, hub.topics.updates, payload)
                 if wait and result.messages >= window:
                     count = result.messages - window + 1
                     wait_for_processed(hub, before, count, result.messages, timeout)
                 publishing = update.sample_count
-                unsent = None
+                counted_before = result.samples
                 try:
                     hub.publish(payload, expiry_s)
                 except UpdateNotDelivered as error:
                     raise BrokerError(
                         _dropped_stop(error, update.sample_count, result, privacy)
                     ) from error
-                publishing = None
                 result.messages += 1
                 result.samples += update.sample_count
                 result.payload_bytes += len(payload)
+                # Cleared last, so that an interrupt finds the update's samples
+                # in result or in publishing. Otherwise the refund below would
+                # take back the charge of samples that were sent.
+                publishing = None
                 if on_message_sent:
                     on_message_sent()
             result.rounds += 1
@@ -748,8 +750,16 @@ def push(
     except PrivacyBudgetExceeded as error:
         raise PrivacyBudgetExceeded(_budget_stop(error, result)) from error
     except KeyboardInterrupt as interrupt:
-        if unsent is not None and privacy is not None:
-            _refund_unsent(privacy, unsent)
+        if publishing is not None and result.samples > counted_before:
+            publishing = None  # SIGINT came after result counted the update
+        if privacy is not None:
+            # Charged but never handed to the broker: an update that waited
+            # for the device, or one that SIGINT stopped between its charge
+            # and its publish, such as while it was encoded.
+            unsent = _charged(privacy) - charged_before - result.samples
+            unsent -= publishing or 0
+            if unsent > 0:
+                _refund_unsent(privacy, unsent)
         if publishing is not None and hub.in_flight_accepted():
             result.messages += 1
             result.samples += publishing
@@ -783,8 +793,16 @@ def _dropped_stop(
     )
 
 
+def _charged(privacy: PrivateRelease | None) -> int:
+    """Return the vectors the ledger charges to the device at the push's noise."""
+    if privacy is None:
+        return 0
+    releases = privacy.ledger.releases(privacy.device_id)
+    return releases.get(privacy.ledger.settings.noise_multiplier, 0)
+
+
 def _refund_unsent(privacy: PrivateRelease, samples: int) -> None:
-    """Take back the privacy charge of an update that an interrupt kept unsent."""
+    """Take back the privacy charge of updates that an interrupt kept unsent."""
     try:
         privacy.ledger.refund(privacy.device_id, samples)
     except ConfigError as error:

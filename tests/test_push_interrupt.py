@@ -298,3 +298,55 @@ def test_push_sigint_refunds_unsent_charge(mlp_pair, broker_factory, tmp_path):
     # Only the 128 sent vectors stay charged, so a push resumed with
     # --skip-samples 128 charges the last sample once.
     assert ledger_count(ledger) == 128
+
+
+def test_push_sigint_while_encoding_refunds(
+    mlp_pair, broker_factory, tmp_path, monkeypatch
+):
+    pytest.importorskip("dp_accounting")
+    from dslo_edge import hub
+    from dslo_edge.bundle import load_bundle
+    from dslo_edge.privacy import PrivacyLedger, PrivacySettings, PrivateRelease
+
+    broker = broker_factory("mosquitto")
+    rng = np.random.default_rng(6)
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=rng.random((40, 64), dtype=np.float32))
+    ledger_path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(PrivacySettings(1.0, 1000.0), ledger_path)
+    privacy = PrivateRelease(ledger, DEVICE, rng)
+    bundle = load_bundle(mlp_pair.bundle)
+    encode = hub.encode_update
+    encoded: list[int] = []
+
+    def encode_then_interrupt(update):
+        # SIGINT arrives while the third update, already charged, is encoded.
+        encoded.append(update.sample_count)
+        if len(encoded) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return encode(update)
+
+    monkeypatch.setattr(hub, "encode_update", encode_then_interrupt)
+    watcher = UpdateWatcher(broker)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(hub.PushInterrupted) as caught:
+            hub.push(
+                [bundle.teacher_path],
+                bundle.teacher_output_kind,
+                load_samples(data),
+                DEVICE,
+                broker.url,
+                batch_size=BATCH,
+                wait=False,
+                privacy=privacy,
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        watcher.close()
+
+    assert len(encoded) == 3
+    assert caught.value.result.samples == 2 * BATCH
+    assert caught.value.unacknowledged == 0
+    # The third update was charged but never handed to the broker.
+    assert ledger_count(ledger_path) == 2 * BATCH
