@@ -121,8 +121,11 @@ def estimate_memory(
         weights=weight_count * FLOAT_BYTES * WEIGHT_COPIES,
         signature_tensors=_signature_tensor_bytes(bundle, batch_size),
         activations=_activation_bytes(bundle, batch_size),
-        # The queue has room for twice queue_size updates, for redeliveries.
-        update_queue=min(2 * queue_size * update_bytes, max_queued_bytes),
+        # The queue has room for twice queue_size updates, for redeliveries,
+        # and takes one update larger than max_queued_bytes when it is empty.
+        update_queue=max(
+            min(2 * queue_size * update_bytes, max_queued_bytes), update_bytes
+        ),
         smoothing_store=smoothing_capacity * smoothing_row_bytes,
     )
 

@@ -326,6 +326,17 @@ def test_memory_estimate_caps_update_queue(tmp_path: Path) -> None:
     assert uncapped.total - capped.total == 2 * 40 * per_update - 1_000_000
 
 
+def test_memory_estimate_counts_one_oversized_update(tmp_path: Path) -> None:
+    bundle = load_bundle(write_bundle(tmp_path / "bundle"))
+    per_update = 64 + 256 * (64 * 4 + 10 * 4 + 4 + 16)
+    memory = estimate_memory(
+        bundle, batch_size=256, queue_size=40, max_queued_bytes=50_000
+    )
+    # The queue takes one update larger than max_queued_bytes when it is empty.
+    assert per_update > 50_000
+    assert memory.update_queue == per_update
+
+
 def test_storage_estimate_counts_update_copies(tmp_path: Path) -> None:
     bundle = load_bundle(write_bundle(tmp_path / "bundle"))
     storage = estimate_storage(bundle, smoothing_capacity=100)
