@@ -295,7 +295,7 @@ class PrivacyLedger:
             raise ConfigError(
                 f"cannot write privacy ledger {self.path}: {error}; it still "
                 f"counts {count} soft labels for device {device_id!r} that the "
-                "broker dropped unread"
+                "device never received"
             ) from error
 
     def release(

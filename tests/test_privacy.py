@@ -295,3 +295,23 @@ def test_privacy_settings_reject_invalid(fields: dict, message: str) -> None:
     values = {"noise_multiplier": 1.0, "epsilon_budget": 1.0, **fields}
     with pytest.raises(ConfigError, match=message):
         PrivacySettings(**values)
+
+
+def test_refund_failure_names_unreceived_labels(tmp_path) -> None:
+    folder = tmp_path / "ledgers"
+    ledger = PrivacyLedger(PrivacySettings(1.0, 1000.0), folder / "ledger.json")
+    ledger.charge("kitchen", 8)
+    # A file in place of the ledger's folder makes the write fail.
+    (folder / "ledger.json").unlink()
+    folder.rmdir()
+    folder.write_text("")
+
+    with pytest.raises(ConfigError) as caught:
+        ledger.refund("kitchen", 8)
+
+    # A push refunds updates the broker dropped and updates that SIGINT kept
+    # from the broker, so the message names neither cause.
+    assert "8 soft labels for device 'kitchen'" in str(caught.value)
+    assert "the device never received" in str(caught.value)
+    assert "broker" not in str(caught.value)
+    assert ledger.releases("kitchen") == {1.0: 8}
