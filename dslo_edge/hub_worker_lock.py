@@ -10,6 +10,10 @@ restarted after a crash, by hand or by systemd, finds it free.
 
 Workers on other machines, or with another ``state_file``, lock other files,
 so a duplicate id there still shows only as a broker session takeover.
+
+A worker that finds a push run claimed by another worker id takes that id's
+lock for a moment (``lock_if_stopped``) to learn whether its worker runs. A
+worker starting meanwhile waits up to ``LOCK_WAIT_S`` for the lock.
 """
 
 from __future__ import annotations
@@ -17,12 +21,19 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dslo_edge.errors import ConfigError
 
 # Linux's NAME_MAX: the longest file name, in bytes, on ext4, XFS and btrfs.
 MAX_NAME_BYTES = 255
+# How long a starting worker waits for its id's lock, which another worker
+# holds only while it checks whether the id's worker runs.
+LOCK_WAIT_S = 2.0
+LOCK_POLL_S = 0.05
 
 
 def lock_path(state_file: Path, worker_id: str) -> Path:
@@ -65,9 +76,7 @@ class WorkerLock:
                 "user write access to the directory of hub.state_file and to "
                 "the file"
             ) from None
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_within(descriptor, LOCK_WAIT_S):
             owner = _read_owner(descriptor)
             os.close(descriptor)
             raise ConfigError(
@@ -91,6 +100,44 @@ class WorkerLock:
         # A worker that is built but never stopped, as in tests, must not keep
         # its id locked for the rest of the process.
         self.release()
+
+
+def _lock_within(descriptor: int, timeout_s: float) -> bool:
+    """Take an exclusive flock, retrying until ``timeout_s``; return True if taken."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+        time.sleep(LOCK_POLL_S)
+
+
+@contextmanager
+def lock_if_stopped(state_file: Path, worker_id: str) -> Iterator[bool]:
+    """Hold the lock of another worker id for the ``with`` block, if it is free.
+
+    Yields True when no worker with that id and ``state_file`` runs, because
+    its lock is free or its lock file is missing, and False when one holds
+    the lock. A missing lock file is not created. Keep the block short: a
+    worker with that id that starts meanwhile waits up to ``LOCK_WAIT_S``.
+    """
+    try:
+        descriptor = os.open(lock_path(state_file, worker_id), os.O_RDWR)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)
 
 
 def _read_owner(descriptor: int) -> str:

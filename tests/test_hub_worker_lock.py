@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,12 @@ import pytest
 from dslo_edge.errors import ConfigError
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
-from dslo_edge.hub_worker_lock import WorkerLock, lock_path
+from dslo_edge.hub_worker_lock import (
+    LOCK_WAIT_S,
+    WorkerLock,
+    lock_if_stopped,
+    lock_path,
+)
 from tests.hub_fleet import HubWatcher, start_worker, wait_online, write_hub_config
 
 
@@ -154,3 +162,42 @@ def test_lock_path_that_is_a_directory(tmp_path) -> None:
         "move it out of the directory of hub.state_file"
     )
     assert path.is_dir()
+
+
+def test_worker_lock_waits_for_brief_holder(tmp_path) -> None:
+    state_file = tmp_path / "state.sqlite"
+    # Another worker's check whether w1 runs holds w1's lock for 0.5 s.
+    descriptor = os.open(lock_path(state_file, "w1"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    releaser = threading.Timer(0.5, os.close, (descriptor,))
+    releaser.start()
+    started = time.monotonic()
+    try:
+        lock = WorkerLock(state_file, "w1")
+    finally:
+        releaser.join()
+    waited = time.monotonic() - started
+    lock.release()
+
+    assert 0.4 < waited < LOCK_WAIT_S
+
+
+def test_lock_if_stopped_sees_running_worker(tmp_path) -> None:
+    state_file = tmp_path / "state.sqlite"
+    with lock_if_stopped(state_file, "w1") as missing_stopped:
+        created = lock_path(state_file, "w1").exists()
+    running = WorkerLock(state_file, "w1")
+    try:
+        with lock_if_stopped(state_file, "w1") as running_stopped:
+            pass
+    finally:
+        running.release()
+    with lock_if_stopped(state_file, "w1") as released_stopped:
+        # The block holds the lock, so a worker with the id cannot start.
+        with pytest.raises(ConfigError):
+            WorkerLock(state_file, "w1")
+
+    assert missing_stopped is True
+    assert created is False
+    assert running_stopped is False
+    assert released_stopped is True
