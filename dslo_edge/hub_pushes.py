@@ -5,6 +5,8 @@ Each ``[[push]]`` table names a dataset (``.npz`` with ``x`` and optional
 file claim each run there, so one worker runs it per period. The state
 file also keeps the devices that the run has not pushed to yet, so a worker
 stopped or killed part way through a run sends the rest when it starts again.
+When no worker with that worker id runs, another worker that shares the state
+file sends the rest, at its start or at its next check.
 A run labels the dataset with the current teacher and publishes updates on
 each device's ``updates`` topic, signed when the device has a key, with the
 privacy noise and budget of the request path. The data file's ``y`` goes
@@ -70,6 +72,8 @@ BUDGET_LOG_MEMORY = 1024
 # the acknowledgement before it. It includes a reconnect after the connection
 # dropped during the run.
 PUBLISH_TIMEOUT_S = 30.0
+# How often a running worker looks for runs that a stopped worker id left.
+RESUME_CHECK_S = 10.0
 
 
 @dataclass
@@ -123,8 +127,9 @@ class PushScheduler(threading.Thread):
         # limiter once the push succeeds, so a new failure is logged at once.
         self._failing: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._waiting_for_broker = False
-        # Unfinished runs are looked for once, at the first broker connection.
-        self._resume_checked = False
+        # Unfinished runs are looked for at the first broker connection, then
+        # every RESUME_CHECK_S for those of other worker ids that stopped.
+        self._next_resume_check = 0.0
 
     def counters(self) -> dict[str, int]:
         """Return the push metrics of this worker.
@@ -150,8 +155,8 @@ class PushScheduler(threading.Thread):
         while not self._stopping.wait(CHECK_EVERY_S):
             if not self._connected():
                 continue
-            if not self._resume_checked:
-                self._resume_checked = True
+            if time.monotonic() >= self._next_resume_check:
+                self._next_resume_check = time.monotonic() + RESUME_CHECK_S
                 self._resume_unfinished()
             for schedule in self.config.pushes:
                 if self._stopping.is_set():
@@ -196,9 +201,10 @@ class PushScheduler(threading.Thread):
             )
 
     def _resume_unfinished(self) -> None:
-        """Send the runs that this worker id claimed before it stopped mid-run.
+        """Send the runs that stopped workers claimed and did not finish.
 
-        The worker has its id's lock, so no other live worker runs them.
+        The runs are this worker id's, which no other live worker runs because
+        this worker has the id's lock, or those of other ids with no worker.
         """
         for schedule in self.config.pushes:
             if self._stopping.is_set():
@@ -216,6 +222,13 @@ class PushScheduler(threading.Thread):
                 continue
             if unfinished is None:
                 continue
+            for worker in unfinished.taken_from:
+                logger.info(
+                    "Push %s takes over the unfinished run of worker %s, which is "
+                    "not running",
+                    schedule.name,
+                    worker,
+                )
             for device in unfinished.interrupted:
                 logger.warning(
                     "Push %s to device %s was under way when worker %s stopped; "
@@ -223,7 +236,7 @@ class PushScheduler(threading.Thread):
                     "received and been charged for part of it",
                     schedule.name,
                     device,
-                    self.state.worker_id,
+                    ", ".join(unfinished.taken_from) or self.state.worker_id,
                 )
             # A device removed from push.devices since the run was claimed
             # gets nothing more.
@@ -315,7 +328,8 @@ class PushScheduler(threading.Thread):
         for device in devices:
             if self._stopping.is_set():
                 # The state file keeps the other devices, which get the
-                # dataset when this worker id starts again.
+                # dataset when this worker id starts again, or from another
+                # worker if it does not.
                 stopped = True
                 break
             sent = _DevicePush()

@@ -11,7 +11,8 @@ Workers that share the file agree on:
 - teacher rounds: every worker gives the same teacher file the same round;
 - push runs: each scheduled push runs on one worker per period, and the
   devices its current run has not reached yet are stored, so that a worker
-  killed part way through a run finishes it when it starts again.
+  killed part way through a run finishes it when it starts again, or
+  another worker does when the killed worker's id is not running.
 
 Every check-and-charge runs in one ``BEGIN IMMEDIATE`` transaction, which
 holds SQLite's write lock, so two workers cannot both spend a device's last
@@ -31,13 +32,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dslo_edge.errors import ConfigError
 from dslo_edge.hub_config import RateLimit
+from dslo_edge.hub_worker_lock import lock_if_stopped
 from dslo_edge.label_protocol import STATUS_RATE_LIMITED
 from dslo_edge.privacy import PrivacySettings, epsilon_spent
 
@@ -135,10 +137,13 @@ class UnfinishedRun:
             push's ``devices``.
         interrupted: devices whose push started but did not end, so they may
             have received and been charged for part of the run.
+        taken_from: the other worker ids whose run this worker took over,
+            because no worker with that id was running.
     """
 
     pending: tuple[str, ...]
     interrupted: tuple[str, ...]
+    taken_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -746,21 +751,26 @@ class HubState:
             return True
 
     def take_unfinished_run(self, name: str, now: float) -> UnfinishedRun | None:
-        """Take the run of a push that this worker id claimed and did not finish.
+        """Take the run of a push that a stopped worker claimed and did not finish.
 
-        Call it only while holding the worker id's lock, because a run
-        claimed by a live worker with the same id is in progress. The
-        interrupted devices are removed from the run, so a second call
-        returns only the pending ones. Returns None when no such run is
-        stored, or when its period is over and the next run is due, since
-        that run pushes to every device.
+        The run is this worker id's, or another worker id's whose lock is
+        free, so that no worker with that id runs on this machine. Call it
+        only while holding this worker id's lock, and not while this worker
+        runs the push, because such a run is in progress. The interrupted
+        devices are removed from the run, so a second call returns only the
+        pending ones. Returns None when no such run is stored, or when its
+        period is over and the next run is due, since that run pushes to
+        every device.
         """
-        with self._transaction() as db:
+        # Other ids' locks are held until the commit, so a worker with such
+        # an id that starts meanwhile waits and then finds the run taken.
+        with ExitStack() as other_locks, self._transaction() as db:
             row = db.execute(
                 "SELECT next_due FROM schedule WHERE name = ?", (name,)
             ).fetchone()
             if row is None or row[0] <= now:
                 return None
+            taken_from = self._take_stopped_workers_runs(db, name, other_locks)
             rows = db.execute(
                 "SELECT device, started FROM push_devices "
                 "WHERE name = ? AND worker = ? ORDER BY position",
@@ -775,7 +785,35 @@ class HubState:
         return UnfinishedRun(
             pending=tuple(device for device, started in rows if not started),
             interrupted=tuple(device for device, started in rows if started),
+            taken_from=taken_from,
         )
+
+    def _take_stopped_workers_runs(
+        self, db: sqlite3.Connection, name: str, other_locks: ExitStack
+    ) -> tuple[str, ...]:
+        """Move a push's devices from stopped worker ids to this one.
+
+        Returns the worker ids taken over. Their locks stay in
+        ``other_locks`` until it closes.
+        """
+        workers = [
+            str(worker)
+            for (worker,) in db.execute(
+                "SELECT DISTINCT worker FROM push_devices "
+                "WHERE name = ? AND worker != ? ORDER BY worker",
+                (name, self.worker_id),
+            )
+        ]
+        taken_over = []
+        for worker in workers:
+            if not other_locks.enter_context(lock_if_stopped(self.path, worker)):
+                continue
+            db.execute(
+                "UPDATE push_devices SET worker = ? WHERE name = ? AND worker = ?",
+                (self.worker_id, name, worker),
+            )
+            taken_over.append(worker)
+        return tuple(taken_over)
 
     def start_device_push(self, name: str, device: str) -> None:
         """Record that this worker's run of a push starts publishing to a device."""

@@ -1,4 +1,4 @@
-"""A scheduled push run that a killed worker left unfinished resumes at restart."""
+"""A push run that a killed worker left unfinished resumes on a later worker."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from paho.mqtt.properties import Properties
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
 from dslo_edge.hub_state import HubState, UnfinishedRun
+from dslo_edge.hub_worker_lock import WorkerLock
 from dslo_edge.protocol import decode_update
 from dslo_edge.signing import generate_key_file, load_key, verify
 from tests.hub_fleet import start_worker
@@ -93,9 +94,9 @@ def stop(process: subprocess.Popen, sig: signal.Signals) -> None:
     process.wait(30)
 
 
-def wait_for_updates(received: queue.Queue, count: int) -> None:
+def wait_for_updates(received: queue.Queue, count: int, timeout_s: float = 15) -> None:
     """Wait until the queue contains ``count`` updates, leaving them in it."""
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + timeout_s
     while received.qsize() < count:
         assert time.monotonic() < deadline, f"{received.qsize()} of {count} updates"
         time.sleep(0.05)
@@ -111,6 +112,34 @@ def sample_counts(received: queue.Queue, keys: Path, device: str) -> list[int]:
     return counts
 
 
+def kill_after_kitchen(
+    config: Path,
+    received: dict,
+    log: Path,
+    before_kill: Callable[[], None] | None = None,
+) -> list[bytes]:
+    """Start worker w1 and SIGKILL it once kitchen got its push.
+
+    w1 is killed while it reads porch's key, a FIFO, so porch and garage
+    got nothing. ``before_kill`` runs just before the kill. Replaces the
+    FIFO with a real key and returns kitchen's updates.
+    """
+    fifo = config.parent / "keys" / "porch.key"
+    first = start_worker(config, "w1", log)
+    try:
+        with blocked_reader(fifo, first):
+            kitchen = [received["kitchen"].get(timeout=15) for _ in range(3)]
+            if before_kill is not None:
+                before_kill()
+            stop(first, signal.SIGKILL)
+    finally:
+        if first.poll() is None:
+            stop(first, signal.SIGKILL)
+    fifo.unlink()
+    generate_key_file(fifo)
+    return kitchen
+
+
 def test_killed_push_run_resumes_remaining_devices(
     mlp_pair, mosquitto, tmp_path
 ) -> None:
@@ -119,20 +148,9 @@ def test_killed_push_run_resumes_remaining_devices(
     subscribers = {device: device_updates(mosquitto.port, device) for device in DEVICES}
     received = {device: queue_ for device, (_, queue_) in subscribers.items()}
     keys = folder / "keys"
-    fifo = keys / "porch.key"
     logs = [tmp_path / f"worker-{start}.log" for start in range(3)]
     try:
-        first = start_worker(config, "w1", logs[0])
-        try:
-            with blocked_reader(fifo, first):
-                kitchen_first = [received["kitchen"].get(timeout=15) for _ in range(3)]
-                # Killed after kitchen got its push, before porch and garage.
-                stop(first, signal.SIGKILL)
-        finally:
-            if first.poll() is None:
-                stop(first, signal.SIGKILL)
-        fifo.unlink()
-        generate_key_file(fifo)
+        kitchen_first = kill_after_kitchen(config, received, logs[0])
         after_kill = {
             device: sample_counts(received[device], keys, device) for device in DEVICES
         }
@@ -180,6 +198,84 @@ def test_killed_push_run_resumes_remaining_devices(
     assert releases == {device: {8.0: 40} for device in DEVICES}
 
 
+def test_other_worker_id_resumes_killed_run(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    config = write_resume_config(folder, mosquitto.port, mlp_pair.bundle)
+    subscribers = {device: device_updates(mosquitto.port, device) for device in DEVICES}
+    received = {device: queue_ for device, (_, queue_) in subscribers.items()}
+    keys = folder / "keys"
+    try:
+        kill_after_kitchen(config, received, tmp_path / "w1.log")
+        # w1 does not come back, as when its unit is disabled or renamed.
+        log = tmp_path / "w2.log"
+        second = start_worker(config, "w2", log)
+        try:
+            resumed_log = wait_for_log(log, "Push nightly sent", second)
+            for device in ("porch", "garage"):
+                wait_for_updates(received[device], 3)
+            time.sleep(0.5)
+        finally:
+            stop(second, signal.SIGTERM)
+        resumed = {
+            device: sample_counts(received[device], keys, device) for device in DEVICES
+        }
+    finally:
+        for client, _ in subscribers.values():
+            client.disconnect()
+            client.loop_stop()
+
+    assert (
+        "Push nightly takes over the unfinished run of worker w1, which is not "
+        "running" in resumed_log
+    )
+    assert "Push nightly resumes the run that was cut off: 2 of 3 devices" in (
+        resumed_log
+    )
+    assert resumed == {"kitchen": [], "porch": [16, 16, 8], "garage": [16, 16, 8]}
+    state = HubState(folder / "state.sqlite", "reader")
+    try:
+        releases = {device: state.releases(device) for device in DEVICES}
+    finally:
+        state.close()
+    assert releases == {device: {8.0: 40} for device in DEVICES}
+
+
+def test_running_peer_takes_over_killed_run(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    config = write_resume_config(folder, mosquitto.port, mlp_pair.bundle)
+    subscribers = {device: device_updates(mosquitto.port, device) for device in DEVICES}
+    received = {device: queue_ for device, (_, queue_) in subscribers.items()}
+    keys = folder / "keys"
+    log = tmp_path / "w2.log"
+    peers: list[subprocess.Popen] = []
+
+    def start_peer() -> None:
+        peers.append(start_worker(config, "w2", log))
+        wait_for_log(log, "hub worker w2 connected to", peers[0])
+
+    try:
+        kill_after_kitchen(config, received, tmp_path / "w1.log", start_peer)
+        try:
+            for device in ("porch", "garage"):
+                # The peer looks for runs of stopped worker ids every 10 s.
+                wait_for_updates(received[device], 3, timeout_s=30)
+            peer_log = wait_for_log(log, "Push nightly sent", peers[0])
+            time.sleep(0.5)
+        finally:
+            for peer in peers:
+                stop(peer, signal.SIGTERM)
+        resumed = {
+            device: sample_counts(received[device], keys, device) for device in DEVICES
+        }
+    finally:
+        for client, _ in subscribers.values():
+            client.disconnect()
+            client.loop_stop()
+
+    assert "Push nightly takes over the unfinished run of worker w1" in peer_log
+    assert resumed == {"kitchen": [], "porch": [16, 16, 8], "garage": [16, 16, 8]}
+
+
 def test_unfinished_run_lists_devices_left(tmp_path) -> None:
     path = tmp_path / "state.sqlite"
     state = HubState(path, "w1")
@@ -190,6 +286,8 @@ def test_unfinished_run_lists_devices_left(tmp_path) -> None:
     state.close()
 
     restarted = HubState(path, "w1")
+    # A running worker holds its id's lock, so other ids leave its run alone.
+    lock = WorkerLock(path, "w1")
     other = HubState(path, "w2")
     try:
         assert other.take_unfinished_run("nightly", 10.0) is None
@@ -200,10 +298,45 @@ def test_unfinished_run_lists_devices_left(tmp_path) -> None:
     finally:
         restarted.close()
         other.close()
+        lock.release()
 
     assert first == UnfinishedRun(pending=("garage",), interrupted=("porch",))
     assert second == UnfinishedRun(pending=("garage",), interrupted=())
     assert after_end is None
+
+
+def test_stopped_worker_id_run_taken_over(tmp_path) -> None:
+    path = tmp_path / "state.sqlite"
+    killed = HubState(path, "w1")
+    killed_lock = WorkerLock(path, "w1")
+    assert killed.claim_run("nightly", 0.0, 3600.0, DEVICES)
+    killed.start_device_push("nightly", "kitchen")
+    killed.end_device_push("nightly", "kitchen")
+    killed.start_device_push("nightly", "porch")
+    killed.close()
+    other = HubState(path, "w2")
+    other_lock = WorkerLock(path, "w2")
+    try:
+        while_running = other.take_unfinished_run("nightly", 10.0)
+        killed_lock.release()
+        taken = other.take_unfinished_run("nightly", 10.0)
+        # The run is w2's now, so w1 finds nothing when it starts again.
+        restarted = HubState(path, "w1")
+        try:
+            for_restarted = restarted.take_unfinished_run("nightly", 10.0)
+        finally:
+            restarted.close()
+        again = other.take_unfinished_run("nightly", 10.0)
+    finally:
+        other.close()
+        other_lock.release()
+
+    assert while_running is None
+    assert taken == UnfinishedRun(
+        pending=("garage",), interrupted=("porch",), taken_from=("w1",)
+    )
+    assert for_restarted is None
+    assert again == UnfinishedRun(pending=("garage",), interrupted=())
 
 
 def test_unfinished_run_dropped_when_next_due(tmp_path) -> None:
