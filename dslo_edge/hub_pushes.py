@@ -505,7 +505,9 @@ class PushScheduler(threading.Thread):
         key = self._key(device)
         # NOTE: a restart after this point does not push to the device again,
         # because which of its updates the broker delivered and which were
-        # charged is not stored per batch.
+        # charged is not stored per batch. Resending an unacknowledged batch
+        # safely needs its message id, which the device's applied ids skip,
+        # and its noised labels, because fresh noise is a second release.
         self.state.start_device_push(schedule.name, device)
         for start in range(0, len(samples.x), schedule.batch_size):
             stop = start + schedule.batch_size
