@@ -360,6 +360,7 @@ def ota_send(
 
     from dslo_edge.broker_login import broker_settings, start_client
     from dslo_edge.errors import BrokerError
+    from dslo_edge.flash_config import check_device_id
     from dslo_edge.ota import ReleaseOptions
     from dslo_edge.ota_sender import (
         StatusWatcher,
@@ -370,6 +371,7 @@ def ota_send(
     from dslo_edge.protocol import Topics
     from dslo_edge.signing import load_key
 
+    check_device_id(device_id)
     settings = broker_settings(broker, login)
     host, port = settings.host, settings.port
     topics = Topics.for_device(device_id, topic_prefix)

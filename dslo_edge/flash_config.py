@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from dslo_edge.config import load_config, render_config
 from dslo_edge.errors import ConfigError
+from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.profiles import FirmwareProfile
 from dslo_edge.protocol import Topics
 from dslo_edge.service import DEFAULT_CONFIG, DEFAULT_STATE_DIR
@@ -38,8 +39,9 @@ class FlashOptions:
 def check_device_id(device_id: str, name: str = "device id", fix: str = "") -> None:
     """Raise ConfigError unless ``device_id`` can be one MQTT topic level.
 
-    ``name`` is what the message calls the value, such as an option name, and
-    ``fix`` is appended to the message.
+    The level ``HUB_LEVEL`` is invalid too, because the hub workers' own
+    topics use it. ``name`` is what the message calls the value, such as an
+    option name, and ``fix`` is appended to the message.
     """
     try:
         Topics.for_device(device_id)
@@ -48,6 +50,11 @@ def check_device_id(device_id: str, name: str = "device id", fix: str = "") -> N
             f"{name} {device_id!r} is invalid: expected a non-empty name without "
             f"'/', '+', '#', whitespace or NUL, for example 'kitchen-cam'{fix}"
         ) from None
+    if device_id == HUB_LEVEL:
+        raise ConfigError(
+            f"{name} {device_id!r} is invalid: the hub workers' own topics use "
+            f"that level, so no device can have it{fix}"
+        )
 
 
 def check_broker_host(host: str, name: str = "broker host") -> None:

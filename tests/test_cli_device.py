@@ -418,3 +418,39 @@ def test_keygen_writes_owner_only_key(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert path.stat().st_mode & 0o777 == 0o600
     assert len(bytes.fromhex(path.read_text().strip())) == 32
+
+
+@pytest.mark.parametrize(
+    ("command", "option"), [("ota-send", "--device"), ("flash", "--device-id")]
+)
+def test_hub_level_device_id_is_rejected(
+    tmp_path: Path, mosquitto, command: str, option: str
+) -> None:
+    from tests.hub_fleet import subscribed_client
+
+    bundle = str(write_bundle(tmp_path / "bundle"))
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    options = {
+        "ota-send": ["--broker", mosquitto.url, "--timeout", "2"],
+        "flash": ["--profile", "raspberry-pi-4b", "--target", str(target)],
+    }[command]
+    watcher, received = subscribed_client(mosquitto.port, "dslo/#")
+    try:
+        result = run(command, bundle, option, "_hub", *options)
+        watcher.publish("dslo/check/done", b"", qos=1).wait_for_publish(5)
+        last = received.get(timeout=5)
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+
+    assert result.exit_code == EXIT_CONFIG, result.output
+    name = "device id" if command == "ota-send" else "--device-id"
+    assert result.output == (
+        f"error: {name} '_hub' is invalid: the hub workers' own topics use that "
+        "level, so no device can have it\n"
+    )
+    # The first message the watcher received is its own, so nothing went to
+    # the hub's topics before it.
+    assert last.topic == "dslo/check/done"
+    assert list(target.iterdir()) == []
