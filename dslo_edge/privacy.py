@@ -324,10 +324,48 @@ def _read_ledger(path: Path) -> dict[str, dict[float, int]]:
             f"privacy ledger {path} is not a format {LEDGER_FORMAT} ledger; "
             "move it away only if no labels were released with it"
         )
+    devices = data.get("devices", {})
+    if not isinstance(devices, dict):
+        raise _invalid_ledger(path, f"devices = {devices!r}", "an object of devices")
     return {
-        device: {float(multiplier): int(count) for multiplier, count in counts.items()}
-        for device, counts in data.get("devices", {}).items()
+        device: _read_device_releases(path, device, counts)
+        for device, counts in devices.items()
     }
+
+
+def _read_device_releases(path: Path, device: str, counts: Any) -> dict[float, int]:
+    """Read and check one device's release counts per noise multiplier."""
+    key = f"devices.{device}"
+    if not isinstance(counts, dict):
+        raise _invalid_ledger(
+            path, f"{key} = {counts!r}", "an object of release counts"
+        )
+    releases: dict[float, int] = {}
+    for text, count in counts.items():
+        try:
+            multiplier = float(text)
+        except ValueError:
+            multiplier = math.nan
+        if not (math.isfinite(multiplier) and multiplier > 0):
+            raise _invalid_ledger(
+                path, f"key {text!r} of {key}", "a noise multiplier > 0"
+            )
+        # bool is an int subclass, and a fraction or a negative count would
+        # make the device's spent epsilon smaller than what it received.
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise _invalid_ledger(
+                path, f"{key}.{text} = {count!r}", "a whole number of releases >= 0"
+            )
+        releases[multiplier] = count
+    return releases
+
+
+def _invalid_ledger(path: Path, entry: str, expected: str) -> ConfigError:
+    return ConfigError(
+        f"privacy ledger {path}: {entry} is invalid; expected {expected}. "
+        "The file was changed by hand or damaged, so restore it from a backup, "
+        "because a new ledger would let devices spend their budget again"
+    )
 
 
 def _write_ledger(path: Path, releases: dict[str, dict[float, int]]) -> None:

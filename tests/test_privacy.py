@@ -270,6 +270,51 @@ def test_ledger_rejects_foreign_file(tmp_path) -> None:
         PrivacyLedger(privacy, path)
 
 
+@pytest.mark.parametrize(
+    ("devices", "entry", "expected"),
+    [
+        ("[]", "devices = []", "an object of devices"),
+        ('{"kitchen": 7}', "devices.kitchen = 7", "an object of release counts"),
+        ('{"kitchen": {"four": 3}}', "key 'four' of devices.kitchen", "a noise"),
+        ('{"kitchen": {"0.0": 3}}', "key '0.0' of devices.kitchen", "a noise"),
+        ('{"kitchen": {"NaN": 3}}', "key 'NaN' of devices.kitchen", "a noise"),
+        ('{"kitchen": {"5.0": -5}}', "devices.kitchen.5.0 = -5", "a whole number"),
+        ('{"kitchen": {"5.0": 31.9}}', "devices.kitchen.5.0 = 31.9", "a whole"),
+        ('{"kitchen": {"5.0": "32"}}', "devices.kitchen.5.0 = '32'", "a whole"),
+        ('{"kitchen": {"5.0": true}}', "devices.kitchen.5.0 = True", "a whole"),
+    ],
+)
+def test_ledger_rejects_invalid_entries(
+    tmp_path, devices: str, entry: str, expected: str
+) -> None:
+    path = tmp_path / "ledger.json"
+    text = f'{{"format": 1, "devices": {devices}}}'
+    path.write_text(text)
+    privacy = PrivacySettings(noise_multiplier=5.0, epsilon_budget=10.0)
+
+    with pytest.raises(ConfigError) as caught:
+        PrivacyLedger(privacy, path)
+
+    message = str(caught.value)
+    assert message.startswith(f"privacy ledger {path}: {entry} is invalid; ")
+    assert f"expected {expected}" in message
+    assert message.endswith(
+        "restore it from a backup, because a new ledger would "
+        "let devices spend their budget again"
+    )
+    assert path.read_text() == text
+
+
+def test_ledger_reads_valid_entries(tmp_path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text('{"format": 1, "devices": {"kitchen": {"5.0": 32, "2.5": 0}}}')
+    privacy = PrivacySettings(noise_multiplier=5.0, epsilon_budget=10.0)
+
+    ledger = PrivacyLedger(privacy, path)
+
+    assert ledger.releases("kitchen") == {5.0: 32, 2.5: 0}
+
+
 def test_release_converts_logits_and_charges(tmp_path) -> None:
     privacy = PrivacySettings(noise_multiplier=1.0, epsilon_budget=100.0)
     release = PrivateRelease(
