@@ -162,7 +162,28 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@click.group()
+class InterruptibleGroup(click.Group):
+    """A command group that exits with status 130 and one line on Ctrl-C.
+
+    click itself prints "Aborted!" and exits with status 1. Commands that
+    report what an interrupt left behind, such as push, catch
+    KeyboardInterrupt first.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            command = ctx.invoked_subcommand or ctx.info_name
+            click.echo(
+                f"error: dslo-edge {command} stopped on Ctrl-C (SIGINT) before "
+                "it completed",
+                err=True,
+            )
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=InterruptibleGroup)
 @click.option("--verbose", is_flag=True, help="Debug logging and tracebacks on errors.")
 @click.version_option(package_name="dslo-edge")
 def main(verbose: bool) -> None:

@@ -97,7 +97,7 @@ def _console_script(folder) -> str:
     script.write_text(
         f"#!{sys.executable}\n"
         "import sys\n"
-        "from dslo_edge.cli import main\n"
+        "from dslo_edge.console import main\n"
         "sys.exit(main())\n"
     )
     script.chmod(0o755)
