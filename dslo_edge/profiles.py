@@ -413,13 +413,15 @@ def load_profile(name: str, directory: str | Path | None = None) -> FirmwareProf
     Raises:
         ConfigError: no such profile, or the profile is invalid.
     """
-    if name.endswith(".toml"):
-        return load_profile_file(name)
     folder = Path(directory) if directory else default_profiles_dir()
+    if name.endswith(".toml"):
+        if not Path(name).exists():
+            raise ConfigError(_missing_profile_file(Path(name), folder))
+        return load_profile_file(name)
     _reject_file_as_directory(folder)
     path = folder / f"{name}.toml"
     if not path.is_file():
-        known = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+        known = _known_profiles(folder)
         listed = ", ".join(known) or "none"
         if "/" in name or Path(name).is_file():
             # A path is only loaded as a file when it ends in .toml.
@@ -432,6 +434,31 @@ def load_profile(name: str, directory: str | Path | None = None) -> FirmwareProf
             f"firmware profile {name!r} not found in {folder}; known profiles: {listed}"
         )
     return load_profile_file(path)
+
+
+def _known_profiles(folder: Path) -> list[str]:
+    """Return the profile names in ``folder``; empty if it is not a directory."""
+    return sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+
+
+def _missing_profile_file(path: Path, folder: Path) -> str:
+    """Return the error for a profile path ending in .toml that does not exist.
+
+    A shipped profile's name with .toml added is a likely slip, so the
+    message then names the profile to use instead.
+    """
+    known = _known_profiles(folder)
+    message = f"firmware profile file {path} not found"
+    if path.stem in known:
+        return (
+            f"{message}; to use the shipped profile, give its name "
+            f"{path.stem!r} without .toml"
+        )
+    listed = ", ".join(known) or "none"
+    return (
+        f"{message}; give the path of an existing .toml profile file, or a "
+        f"profile name from {folder}: {listed}"
+    )
 
 
 def _reject_file_as_directory(folder: Path) -> None:

@@ -289,6 +289,40 @@ def test_profile_path_without_toml_is_named(
     )
 
 
+def test_missing_profile_file_lists_names(tmp_path: Path, monkeypatch) -> None:
+    write_profile(tmp_path, name="board")
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile("boards/pi9.toml", tmp_path)
+
+    assert str(caught.value) == (
+        "firmware profile file boards/pi9.toml not found; give the path of an "
+        f"existing .toml profile file, or a profile name from {tmp_path}: board"
+    )
+
+
+def test_profile_name_with_toml_suggests_name(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "shipped").mkdir()
+    write_profile(tmp_path / "shipped", name="board")
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile("board.toml", tmp_path / "shipped")
+
+    assert str(caught.value) == (
+        "firmware profile file board.toml not found; to use the shipped "
+        "profile, give its name 'board' without .toml"
+    )
+
+
+def test_profile_file_with_toml_still_loads(tmp_path: Path, monkeypatch) -> None:
+    write_profile(tmp_path, name="board")
+    monkeypatch.chdir(tmp_path)
+
+    assert load_profile("board.toml", tmp_path / "unused").name == "board"
+
+
 # Footprint estimates
 
 
