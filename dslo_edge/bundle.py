@@ -135,7 +135,13 @@ def load_bundle(
         )
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(
+            f"{manifest_path} is not valid JSON ({error}); the copy is damaged "
+            "or incomplete, so copy the whole bundle directory again, or write "
+            "it again with 'dslo-edge convert'"
+        ) from error
+    except OSError as error:
         raise BundleError(f"cannot read {manifest_path}: {error}") from error
     manifest = check_top_level(manifest, manifest_path)
     version = manifest.get("format_version")

@@ -131,7 +131,21 @@ def test_bundle_that_is_a_file_is_named(tmp_path: Path) -> None:
 
 def _break_manifest_json(bundle: Path) -> str:
     (bundle / "manifest.json").write_text('{"format_version": 1,')
-    return f"cannot read {bundle / 'manifest.json'}: Expecting property name"
+    return (
+        f"{bundle / 'manifest.json'} is not valid JSON (Expecting property name "
+        "enclosed in double quotes: line 1 column 22 (char 21)); the copy is "
+        "damaged or incomplete, so copy the whole bundle directory again, or "
+        "write it again with 'dslo-edge convert'"
+    )
+
+
+def _make_manifest_binary(bundle: Path) -> str:
+    (bundle / "manifest.json").write_bytes(b"\xff\xfe{")
+    return (
+        f"{bundle / 'manifest.json'} is not valid JSON ('utf-8' codec can't "
+        "decode byte 0xff in position 0: invalid start byte); the copy is "
+        "damaged or incomplete, so copy the whole bundle directory again"
+    )
 
 
 def _break_student_checksum(bundle: Path) -> str:
@@ -156,6 +170,7 @@ def _make_manifest_an_array(bundle: Path) -> str:
     "corrupt",
     [
         _break_manifest_json,
+        _make_manifest_binary,
         _break_student_checksum,
         _remove_student_file,
         _make_manifest_an_array,
