@@ -33,8 +33,21 @@ def read_toml(source: Path, what: str) -> dict[str, Any]:
             f"cannot read {source}: it is not UTF-8 text ({error.reason} at byte "
             f"{error.start}); save the file as UTF-8"
         ) from error
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(
+            f"cannot read {source}: {error}; {_toml_fix(str(error))}"
+        ) from error
+    except OSError as error:
         raise ConfigError(f"cannot read {source}: {error}") from error
+
+
+def _toml_fix(message: str) -> str:
+    """Return what to do about a TOML syntax error, from tomllib's message."""
+    if message.startswith("Cannot overwrite a value"):
+        return "a key is given twice there, so keep only one of them"
+    if message.startswith("Cannot declare"):
+        return "a table is given twice, so merge its keys into one table"
+    return "correct the TOML syntax at that line"
 
 
 class TableReader:

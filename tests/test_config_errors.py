@@ -43,6 +43,33 @@ def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     assert marked.bundle == plain.bundle
 
 
+@pytest.mark.parametrize(
+    ("extra", "fix"),
+    [
+        ("port = 1884\n", "a key is given twice there, so keep only one of them"),
+        (
+            "[mqtt]\nkeepalive = 30\n",
+            "a table is given twice, so merge its keys into one table",
+        ),
+        ("port = \n", "correct the TOML syntax at that line"),
+    ],
+)
+def test_toml_syntax_error_names_fix(tmp_path: Path, extra: str, fix: str) -> None:
+    path = write(tmp_path, tmp_path / "bundle")
+    text = path.read_text()
+    # The extra lines go at the end of the [mqtt] table, whose port the first
+    # case repeats.
+    path.write_text(text.replace("[training]\n", extra + "\n[training]\n"))
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"cannot read {path}: ")
+    assert "(at line " in message
+    assert message.endswith(f"; {fix}")
+
+
 def test_non_utf8_config_is_named(tmp_path: Path) -> None:
     path = write(tmp_path, tmp_path / "bundle")
     path.write_bytes(path.read_bytes().replace(b'"dev-a"', b'"dev-\xe9"'))
