@@ -5,14 +5,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 import click
 
 from dslo_edge.cli_device import handle_errors
-from dslo_edge.errors import ConfigError
+from dslo_edge.errors import ConfigError, RuntimeMissing
 
 if TYPE_CHECKING:
     from dslo_edge.hub_config import HubConfig
@@ -88,7 +90,9 @@ def hub(
         return
     from dslo_edge.hub_service import HubWorker
 
-    sys.exit(HubWorker(config).run())
+    with _naming_config_file(config):
+        worker = HubWorker(config)
+    sys.exit(worker.run())
 
 
 def _show_budget(config: HubConfig) -> None:
@@ -101,5 +105,23 @@ def _show_budget(config: HubConfig) -> None:
             "workers use, because epsilon depends on its delta and accountant; "
             "without it the workers charge no privacy budget"
         )
-    budgets = read_budgets(config.state_file, config.privacy)
+    with _naming_config_file(config):
+        budgets = read_budgets(config.state_file, config.privacy)
     click.echo(format_budgets(budgets, config.privacy, config.state_file), nl=False)
+
+
+@contextlib.contextmanager
+def _naming_config_file(config: HubConfig) -> Iterator[None]:
+    """Put the config file in front of a ConfigError that does not name it.
+
+    The worker opens hub.state_file and teacher.path, and the budget report
+    opens hub.state_file, in code that does not know which file named them.
+    """
+    try:
+        yield
+    except RuntimeMissing:
+        raise
+    except ConfigError as error:
+        if str(error).startswith(f"{config.source}: "):
+            raise
+        raise ConfigError(f"{config.source}: {error}") from error

@@ -96,7 +96,8 @@ def test_show_budget_missing_state_file(tmp_path) -> None:
 
     assert exit_code == 78
     assert lines == [
-        f"error: hub.state_file {tmp_path / 'state' / 'hub.sqlite'} not found: no "
+        f"error: {config}: hub.state_file {tmp_path / 'state' / 'hub.sqlite'} not "
+        "found: no "
         "worker with this configuration has run yet, or hub.state_file names "
         "another file"
     ]
@@ -121,7 +122,9 @@ def test_show_budget_rejects_other_file(tmp_path) -> None:
     exit_code, lines = show_budget(config)
 
     assert exit_code == 78
-    assert "cannot read the privacy budgets" in lines[0]
+    assert lines[0].startswith(
+        f"error: {config}: cannot read the privacy budgets in hub.state_file "
+    )
 
 
 def test_show_budget_with_print_unit(tmp_path) -> None:

@@ -297,7 +297,9 @@ def test_corrupt_state_file_is_named_and_kept(tmp_path) -> None:
     result = CliRunner().invoke(main, ["hub", "--config", str(path)])
 
     assert result.exit_code == 78
-    assert f"hub.state_file {state_file} is not a hub state database" in result.output
+    assert result.output.startswith(
+        f"error: {path}: hub.state_file {state_file} is not a hub state database "
+    )
     assert "move it aside" in result.output
     assert result.output.count("\n") == 1
     assert state_file.read_bytes() == content
@@ -322,7 +324,9 @@ def test_read_only_state_file_is_named(tmp_path, monkeypatch) -> None:
     result = CliRunner().invoke(main, ["hub", "--config", str(path)])
 
     assert result.exit_code == 78
-    assert result.output.startswith(f"error: cannot write hub.state_file {state_file}")
+    assert result.output.startswith(
+        f"error: {path}: cannot write hub.state_file {state_file}: "
+    )
     assert "attempt to write a readonly database" in result.output
     assert "give this worker's user write access" in result.output
     assert result.output.count("\n") == 1
@@ -340,7 +344,7 @@ def test_unopenable_state_file_is_named(tmp_path, state_file: str) -> None:
 
     assert result.exit_code == 78
     assert result.output.startswith(
-        f"error: cannot open hub.state_file {tmp_path / state_file}: "
+        f"error: {path}: cannot open hub.state_file {tmp_path / state_file}: "
     )
     assert "a directory this worker can write to" in result.output
     assert result.output.count("\n") == 1
@@ -403,7 +407,7 @@ def test_unloadable_teacher_file_exits_78(tmp_path) -> None:
 
     assert result.exit_code == 78
     assert result.output.startswith(
-        f"error: cannot load teacher.path {tmp_path / 'teacher.tflite'}: "
+        f"error: {path}: cannot load teacher.path {tmp_path / 'teacher.tflite'}: "
     )
     assert "the interpreter cannot load the model" in result.output
     assert "expected a .tflite model file or a bundle directory" in result.output

@@ -431,8 +431,8 @@ def test_teacher_without_signature_stops_start(mlp_pair, tmp_path, model: str) -
 
     assert result.exit_code == EXIT_CONFIG
     assert isinstance(result.exception, SystemExit)
-    assert f"teacher.path {teacher} has no matching teacher signature" in (
-        result.output
+    assert result.output.startswith(
+        f"error: {config}: teacher.path {teacher} has no matching teacher signature"
     )
     assert found in result.output
 

@@ -76,7 +76,7 @@ def test_duplicate_worker_process_exits_78(mlp_pair, mosquitto, tmp_path) -> Non
 
     assert status == 78
     lines = log.read_text().splitlines()
-    assert lines[-1] == "error: " + in_use_message(folder, "w1", os.getpid())
+    assert lines[-1] == f"error: {path}: " + in_use_message(folder, "w1", os.getpid())
 
 
 def test_lock_free_after_sigkill(mlp_pair, mosquitto, tmp_path) -> None:
