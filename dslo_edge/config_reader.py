@@ -53,10 +53,19 @@ def _toml_fix(message: str) -> str:
 class TableReader:
     """Typed access to one TOML table with errors that name file and key."""
 
-    def __init__(self, source: Path, table: dict[str, Any], path: str):
+    def __init__(
+        self,
+        source: Path,
+        table: dict[str, Any],
+        path: str,
+        parent: tuple[TableReader, str] | None = None,
+    ):
         self.source = source
         self.table = table
         self.path = path
+        # The reader of the enclosing table and this table's key in it, so
+        # that a missing key can name a misspelt table header.
+        self.parent = parent
         self.used: set[str] = set()
         # Keys that the table accepts but that are read later, declared so
         # that a missing key's misspelling hint does not name them.
@@ -81,7 +90,7 @@ class TableReader:
             if default is REQUIRED:
                 raise ConfigError(
                     f"{self.source}: missing required key {self.path}{key}"
-                    f"{self._misspelling_hint(key)}"
+                    f"{self._misspelling_hint(key) or self._table_hint()}"
                 )
             return default
         value = self.table[key]
@@ -102,12 +111,36 @@ class TableReader:
 
     def _misspelling_hint(self, key: str) -> str:
         """Return a hint naming an unknown key of this table that looks like ``key``."""
-        known = self.used | self.declared
-        others = [name for name in self.table if name not in known]
-        close = difflib.get_close_matches(key, others, n=1, cutoff=0.6)
-        if not close:
+        close = self._unknown_like(key, tables_only=False)
+        if close is None:
             return ""
-        return f"; found {self.path}{close[0]}, which may be a misspelling of {key}"
+        return f"; found {self.path}{close}, which may be a misspelling of {key}"
+
+    def _table_hint(self) -> str:
+        """Return a hint naming an unknown table that looks like this absent one."""
+        if self.parent is None:
+            return ""
+        parent, name = self.parent
+        if name in parent.table:
+            return ""
+        close = parent._unknown_like(name, tables_only=True)
+        if close is None:
+            return ""
+        return (
+            f"; found the unknown table {parent.path}{close}, which may be a "
+            f"misspelling of {parent.path}{name}"
+        )
+
+    def _unknown_like(self, key: str, tables_only: bool) -> str | None:
+        """Return the unread key of this table that looks most like ``key``."""
+        known = self.used | self.declared
+        others = [
+            name
+            for name, value in self.table.items()
+            if name not in known and (isinstance(value, dict) or not tables_only)
+        ]
+        close = difflib.get_close_matches(key, others, n=1, cutoff=0.6)
+        return close[0] if close else None
 
     def file(self, key: str) -> Path | None:
         """Return an optional file path, resolved against the config's folder."""
@@ -145,7 +178,7 @@ class TableReader:
         value = self.table.get(key, {})
         if not isinstance(value, dict):
             raise self.fail(key, value, "a table")
-        return TableReader(self.source, value, f"{self.path}{key}.")
+        return TableReader(self.source, value, f"{self.path}{key}.", (self, key))
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.table) - self.used)

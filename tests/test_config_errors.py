@@ -94,6 +94,30 @@ def test_misspelt_required_key_is_named(tmp_path: Path) -> None:
     )
 
 
+def test_misspelt_required_table_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text('[devise]\nid = "porch"\nbundle = "bundle"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert str(caught.value) == (
+        f"{path}: missing required key device.id; found the unknown table "
+        "devise, which may be a misspelling of device"
+    )
+
+
+def test_similar_top_level_key_has_no_hint(tmp_path: Path) -> None:
+    # A top-level key devise is no table header, so it is not named.
+    path = tmp_path / "device.toml"
+    path.write_text('devise = "porch"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert str(caught.value) == f"{path}: missing required key device.id"
+
+
 def test_missing_required_key_has_no_hint(tmp_path: Path) -> None:
     path = tmp_path / "device.toml"
     path.write_text('[device]\nbundle = "bundle"\nstate_dir = "state"\n')

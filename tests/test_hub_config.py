@@ -377,6 +377,19 @@ def test_misspelt_teacher_path_is_named(tmp_path) -> None:
     )
 
 
+def test_misspelt_teacher_table_is_named(tmp_path) -> None:
+    path = tmp_path / "hub.toml"
+    path.write_text('[hub]\nworker_id = "w1"\n[teachr]\npath = "bundle"\n')
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: missing required key teacher.path; found the unknown "
+        "table teachr, which may be a misspelling of teacher\n"
+    )
+
+
 def test_missing_every_s_names_no_valid_key(tmp_path) -> None:
     extra = PUSH.replace("every_s = 3600", "expiry_s = 600")
     path = write_config(tmp_path, extra)
