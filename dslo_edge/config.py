@@ -234,10 +234,14 @@ def _training(
         monitor_decay=monitor_decay,
         drift=drift,
         max_age_s=reader.get(
-            "max_age_s", float, 3600.0, positive, "a positive number of seconds"
+            "max_age_s", float, 3600.0, positive, "a finite positive number of seconds"
         ),
         max_clock_skew_s=reader.get(
-            "max_clock_skew_s", float, 300.0, positive, "a positive number of seconds"
+            "max_clock_skew_s",
+            float,
+            300.0,
+            positive,
+            "a finite positive number of seconds",
         ),
         applied_id_capacity=applied_id_capacity,
         checkpoint_idle_s=reader.get(
@@ -298,7 +302,7 @@ def _limits(reader: TableReader) -> tuple[PayloadLimits, float, float]:
         "sum_tolerance", float, 1e-3, lambda v: 0 < v < 0.5, "a number in (0, 0.5)"
     )
     max_abs_input = reader.get(
-        "max_abs_input", float, 1e6, positive, "a positive magnitude"
+        "max_abs_input", float, 1e6, positive, "a finite positive magnitude"
     )
     reader.reject_unknown()
     return limits, tolerance, max_abs_input
@@ -339,7 +343,7 @@ def load_config(path: str | Path) -> DeviceConfig:
         # not to the daemon's working directory ("/" under systemd).
         profile = str(base / profile)
     battery_wh = device.get(
-        "battery_wh", float, 0.0, lambda v: v >= 0, "watt-hours >= 0"
+        "battery_wh", float, 0.0, lambda v: v >= 0, "finite watt-hours >= 0"
     )
     device.reject_unknown()
     mqtt = read_mqtt(root.section("mqtt"))

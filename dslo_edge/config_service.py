@@ -318,7 +318,7 @@ def read_budget(reader: TableReader) -> BudgetSettings:
             "degrees in 0..50",
         ),
         "energy_budget_j_per_hour": optional(
-            "energy_budget_j_per_hour", lambda v: v > 0, "positive joules"
+            "energy_budget_j_per_hour", lambda v: v > 0, "finite positive joules"
         ),
     }
     _check_default_resume_percent(reader, values)

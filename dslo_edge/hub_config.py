@@ -220,7 +220,9 @@ def _teacher(table: _Table) -> TeacherSettings:
             lambda v: v in OUTPUT_KINDS,
             "'probabilities' or 'logits'",
         ),
-        reload_poll_s=table.get("reload_poll_s", float, 5.0, _positive, "seconds > 0"),
+        reload_poll_s=table.get(
+            "reload_poll_s", float, 5.0, _positive, "finite seconds > 0"
+        ),
         runtime=table.get(
             "runtime",
             str,
@@ -255,10 +257,10 @@ def _requests(table: _Table) -> RequestSettings:
         ),
         top_k=table.get("top_k", int, 0, lambda v: v >= 0, "0 (all) or k >= 1"),
         claim_timeout_s=table.get(
-            "claim_timeout_s", float, 30.0, _positive, "seconds > 0"
+            "claim_timeout_s", float, 30.0, _positive, "finite seconds > 0"
         ),
         answered_ttl_s=table.get(
-            "answered_ttl_s", float, 3600.0, _positive, "seconds > 0"
+            "answered_ttl_s", float, 3600.0, _positive, "finite seconds > 0"
         ),
     )
     table.reject_unknown()
@@ -268,7 +270,7 @@ def _requests(table: _Table) -> RequestSettings:
 def _rate(table: _Table) -> RateLimit:
     limit = RateLimit(
         requests_per_s=table.get(
-            "requests_per_s", float, 1.0, _positive, "requests per second > 0"
+            "requests_per_s", float, 1.0, _positive, "finite requests per second > 0"
         ),
         burst=table.get("burst", int, 5, lambda v: v >= 1, "an integer >= 1"),
         share=table.get("share", float, 1.0, lambda v: 0 < v <= 1, "(0, 1]"),
@@ -282,10 +284,10 @@ def _privacy(table: _Table) -> PrivacySettings | None:
         return None
     settings = PrivacySettings(
         noise_multiplier=table.get(
-            "noise_multiplier", float, _REQUIRED, _positive, "a number > 0"
+            "noise_multiplier", float, _REQUIRED, _positive, "a finite number > 0"
         ),
         epsilon_budget=table.get(
-            "epsilon_budget", float, _REQUIRED, _positive, "a number > 0"
+            "epsilon_budget", float, _REQUIRED, _positive, "a finite number > 0"
         ),
         delta=table.get("delta", float, 1e-5, lambda v: 0 < v < 1, "(0, 1)"),
         accountant=table.get(
@@ -315,7 +317,7 @@ def _push(table: _Table) -> PushSchedule:
         name=table.get("name", str, _REQUIRED, bool, "a non-empty name"),
         devices=tuple(devices),
         data=table.path_value("data", _REQUIRED, must_exist=True),
-        every_s=table.get("every_s", float, _REQUIRED, _positive, "seconds > 0"),
+        every_s=table.get("every_s", float, _REQUIRED, _positive, "finite seconds > 0"),
         batch_size=table.get(
             "batch_size", int, 32, lambda v: 1 <= v <= 4096, "1..4096"
         ),
@@ -354,7 +356,9 @@ def load_hub_config(path: str | Path, worker_id: str | None = None) -> HubConfig
     group = hub.get("group", str, "dslo-hub", _topic_level, TOPIC_LEVEL)
     state_file = hub.path_value("state_file", "hub-state.sqlite")
     keys_dir = hub.path_value("keys_dir", None, must_exist=True)
-    metrics_every_s = hub.get("metrics_every_s", float, 10.0, _positive, "seconds > 0")
+    metrics_every_s = hub.get(
+        "metrics_every_s", float, 10.0, _positive, "finite seconds > 0"
+    )
     hub.reject_unknown()
     config = HubConfig(
         source=source,

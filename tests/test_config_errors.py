@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -126,6 +127,24 @@ def test_missing_required_key_has_no_hint(tmp_path: Path) -> None:
         load_config(path)
 
     assert str(caught.value) == f"{path}: missing required key device.id"
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "expected"),
+    [
+        ("training", "max_age_s", "a finite positive number of seconds"),
+        ("training", "max_clock_skew_s", "a finite positive number of seconds"),
+        ("limits", "max_abs_input", "a finite positive magnitude"),
+        ("device", "battery_wh", "finite watt-hours >= 0"),
+        ("budget", "energy_budget_j_per_hour", "finite positive joules"),
+    ],
+)
+def test_infinite_float_expects_finite(
+    tmp_path: Path, table: str, key: str, expected: str
+) -> None:
+    path, message = config_error(tmp_path, {table: {key: math.inf}})
+
+    assert message == f"{path}: {table}.{key} = inf is invalid; expected {expected}"
 
 
 def test_unknown_runtime_is_rejected(tmp_path: Path) -> None:

@@ -68,6 +68,52 @@ def write_push_files(tmp_path: Path, mlp_pair, input_width: int = 64) -> None:
     np.savez(tmp_path / "data.npz", x=x)
 
 
+@pytest.mark.parametrize(
+    ("table", "key", "expected"),
+    [
+        ("hub", "metrics_every_s", "finite seconds > 0"),
+        ("teacher", "reload_poll_s", "finite seconds > 0"),
+        ("requests", "claim_timeout_s", "finite seconds > 0"),
+        ("requests", "answered_ttl_s", "finite seconds > 0"),
+        ("rate_limit", "requests_per_s", "finite requests per second > 0"),
+        ("privacy", "noise_multiplier", "a finite number > 0"),
+        ("privacy", "epsilon_budget", "a finite number > 0"),
+        ("push", "every_s", "finite seconds > 0"),
+    ],
+)
+def test_infinite_float_expects_finite(tmp_path, table, key, expected) -> None:
+    (tmp_path / "teacher.tflite").write_bytes(b"model")
+    (tmp_path / "data.npz").write_bytes(b"npz")
+    tables = {
+        "[hub]": {"worker_id": '"w1"'},
+        "[teacher]": {"path": '"teacher.tflite"', "output_kind": '"logits"'},
+        "[privacy]": {"noise_multiplier": "2.0", "epsilon_budget": "8.0"},
+        "[[push]]": {
+            "name": '"nightly"',
+            "devices": '["a"]',
+            "data": '"data.npz"',
+            "every_s": "3600",
+        },
+    }
+    header = "[[push]]" if table == "push" else f"[{table}]"
+    tables.setdefault(header, {})[key] = "inf"
+    path = tmp_path / "hub.toml"
+    path.write_text(
+        "".join(
+            name + "\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
+            for name, values in tables.items()
+        )
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(path)
+
+    shown = "push[0]" if table == "push" else table
+    assert str(caught.value) == (
+        f"{path}: {shown}.{key} = inf is invalid; expected {expected}"
+    )
+
+
 def test_pushes_and_privacy_are_read(tmp_path, mlp_pair) -> None:
     extra = "[privacy]\nnoise_multiplier = 2.0\nepsilon_budget = 8\n" + PUSH
     path = write_config(tmp_path, extra)
