@@ -176,6 +176,12 @@ def _check_file(folder: Path, role: str, entry: dict[str, Any], verify: bool) ->
             f"{role} model; copy the whole bundle directory again, or write it "
             "again with 'dslo-edge convert'"
         )
+    if path.stat().st_size == 0:
+        raise BundleError(
+            f"bundle file {path} is empty (0 bytes), but {MANIFEST_NAME} names it "
+            f"as the {role} model; copy the whole bundle directory again, or "
+            "write it again with 'dslo-edge convert'"
+        )
     if verify:
         actual = sha256_file(path)
         if actual != entry["sha256"]:

@@ -132,7 +132,12 @@ def _check_graph_kind(
 def _load_error(path: Path, error: BundleError) -> ConfigError:
     """Return the start-up error for a teacher that cannot be loaded."""
     fix = ""
-    if path.is_file():
+    if path.is_file() and path.stat().st_size == 0:
+        fix = (
+            "; point teacher.path at a .tflite file that 'dslo-edge convert' "
+            "wrote, or convert the teacher again"
+        )
+    elif path.is_file():
         fix = (
             "; expected a .tflite model file or a bundle directory written by "
             "'dslo-edge convert'"

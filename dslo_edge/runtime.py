@@ -65,14 +65,31 @@ def load_interpreter(
     model_content: bytes | None = None,
     preference: str = "auto",
 ) -> Any:
-    """Create an interpreter for a model file or model bytes."""
+    """Create an interpreter for a model file or model bytes.
+
+    Raises:
+        BundleError: the model is empty or the interpreter cannot load it.
+    """
     cls, _ = interpreter_class(preference)
+    if _is_empty(model_path, model_content):
+        # For empty bytes LiteRT reports that no model was given at all.
+        raise BundleError("the model file is empty (0 bytes)")
     try:
         if model_content is not None:
             return cls(model_content=model_content, num_threads=1)
         return cls(model_path=str(model_path), num_threads=1)
     except (ValueError, RuntimeError, SystemError) as error:
         raise BundleError(f"the interpreter cannot load the model: {error}") from error
+
+
+def _is_empty(model_path: str | Path | None, model_content: bytes | None) -> bool:
+    if model_content is not None:
+        return not model_content
+    try:
+        return Path(str(model_path)).stat().st_size == 0
+    except OSError:
+        # The interpreter reports a missing or unreadable file.
+        return False
 
 
 def is_numeric(array: np.ndarray) -> bool:

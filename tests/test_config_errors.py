@@ -231,6 +231,15 @@ def _remove_student_file(bundle: Path) -> str:
     )
 
 
+def _empty_student_file(bundle: Path) -> str:
+    (bundle / "student.tflite").write_bytes(b"")
+    return (
+        f"bundle file {bundle / 'student.tflite'} is empty (0 bytes), but "
+        "manifest.json names it as the student model; copy the whole bundle "
+        "directory again, or write it again with 'dslo-edge convert'\n"
+    )
+
+
 def _make_manifest_an_array(bundle: Path) -> str:
     (bundle / "manifest.json").write_text("[1, 2]")
     return f"{bundle / 'manifest.json'} contains [1, 2] (an array); expected"
@@ -243,6 +252,7 @@ def _make_manifest_an_array(bundle: Path) -> str:
         _make_manifest_binary,
         _break_student_checksum,
         _remove_student_file,
+        _empty_student_file,
         _make_manifest_an_array,
     ],
 )

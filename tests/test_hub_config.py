@@ -473,6 +473,20 @@ def test_unloadable_teacher_file_exits_78(tmp_path) -> None:
     assert result.output.count("\n") == 1
 
 
+def test_empty_teacher_file_is_named(tmp_path) -> None:
+    path = write_config(tmp_path)
+    (tmp_path / "teacher.tflite").write_bytes(b"")
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: cannot load teacher.path {tmp_path / 'teacher.tflite'}: "
+        "the model file is empty (0 bytes); point teacher.path at a .tflite file "
+        "that 'dslo-edge convert' wrote, or convert the teacher again\n"
+    )
+
+
 def test_corrupt_teacher_bundle_exits_78(tmp_path, mlp_pair) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(mlp_pair.bundle, bundle)

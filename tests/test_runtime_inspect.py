@@ -13,6 +13,7 @@ import pytest
 
 from dslo_edge.errors import BundleError
 from dslo_edge.inspect import format_report, inspect_bundle
+from dslo_edge.runtime import load_interpreter
 from tests.bundle_files import write_bundle
 from tests.runtime_fixtures import fixture_dir
 
@@ -75,3 +76,16 @@ def test_inspect_rejects_probe_daemon_rejects(tmp_path: Path) -> None:
         inspect_bundle(bundle)
 
     assert "has x (5, 32) and y (5,); expected x (N, 64)" in str(caught.value)
+
+
+def test_empty_model_is_named(tmp_path: Path) -> None:
+    model = tmp_path / "model.tflite"
+    model.write_bytes(b"")
+
+    with pytest.raises(BundleError) as from_file:
+        load_interpreter(model)
+    with pytest.raises(BundleError) as from_bytes:
+        load_interpreter(model_content=b"")
+
+    assert str(from_file.value) == "the model file is empty (0 bytes)"
+    assert str(from_bytes.value) == "the model file is empty (0 bytes)"
