@@ -1403,7 +1403,11 @@ def keygen(path: str) -> None:
     try:
         generate_key_file(key_path)
     except FileExistsError:
-        raise ConfigError(f"{path} exists; keys are never overwritten") from None
+        raise ConfigError(
+            f"{path} exists, and keygen never overwrites a key; remove the file "
+            "first to replace its key (the device and the hub then need the new "
+            "one), or choose another path"
+        ) from None
     except OSError as error:
         raise OutputPathError(_key_write_error(key_path, error), "'PATH'") from None
     click.echo(f"wrote {path}; give it to the device and to the hub")

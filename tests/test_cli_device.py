@@ -381,7 +381,11 @@ def test_keygen_existing_key_exits_78(tmp_path: Path) -> None:
     result = run("keygen", str(path))
 
     assert result.exit_code == EXIT_CONFIG
-    assert result.output == f"error: {path} exists; keys are never overwritten\n"
+    assert result.output == (
+        f"error: {path} exists, and keygen never overwrites a key; remove the "
+        "file first to replace its key (the device and the hub then need the "
+        "new one), or choose another path\n"
+    )
     assert path.read_text() == "old key\n"
 
 
