@@ -6,7 +6,10 @@ file claim each run there, so one worker runs it per period. The state
 file also keeps the devices that the run has not pushed to yet, so a worker
 stopped or killed part way through a run sends the rest when it starts again.
 When no worker with that worker id runs, another worker that shares the state
-file sends the rest, at its start or at its next check.
+file sends the rest, at its start or at its next check. A device whose push
+was under way gets the rest of it: each update is stored with its charge,
+so the resumed run publishes the unacknowledged ones again byte for byte,
+with their message ids and no new charge, and then the batches never charged.
 A run labels the dataset with the current teacher and publishes updates on
 each device's ``updates`` topic, signed when the device has a key, with the
 privacy noise and budget of the request path. The data file's ``y`` goes
@@ -21,11 +24,12 @@ the registry's interpreter and LiteRT interpreters are not thread-safe.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +55,7 @@ from dslo_edge.hub_config import (
     check_hard_labels_present,
     check_private_hard_labels,
 )
-from dslo_edge.hub_state import HubState
+from dslo_edge.hub_state import HubState, StoredBatch
 from dslo_edge.hub_teacher import TeacherRegistry, TeacherVersion
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import privatise
@@ -74,6 +78,9 @@ BUDGET_LOG_MEMORY = 1024
 PUBLISH_TIMEOUT_S = 30.0
 # How often a running worker looks for runs that a stopped worker id left.
 RESUME_CHECK_S = 10.0
+# The default of the device's max_age_s (dslo_edge.config): a device with that
+# default rejects an update older than this, also one published again.
+DEVICE_MAX_AGE_S = 3600.0
 
 
 @dataclass
@@ -84,6 +91,31 @@ class _DevicePush:
     samples: int = 0
     # True when the device's budget ran out before the last batch.
     cut_short: bool = False
+    # Samples of the updates that the broker acknowledged to a stopped worker
+    # before this run resumed the device's push.
+    earlier_samples: int = 0
+
+
+@dataclass(frozen=True)
+class _Labelled:
+    """A run's teacher version and outputs, and what they were made from."""
+
+    current: TeacherVersion
+    outputs: np.ndarray
+    # The teacher file and data file version that StoredBatch.source records.
+    source: str
+
+
+@dataclass(frozen=True)
+class _Published:
+    """One update published to a device, and its batch index in the push."""
+
+    info: mqtt.MQTTMessageInfo
+    samples: int
+    batch: int
+    # A stored update published again, which the device may have received at
+    # the first publish, so its charge is never taken back.
+    republished: bool = False
 
 
 class PushScheduler(threading.Thread):
@@ -108,6 +140,10 @@ class PushScheduler(threading.Thread):
         # or got some before the budget ran out or the push failed.
         self.skipped_devices = 0
         self.cut_short_devices = 0
+        # Stored updates of interrupted pushes published again, and those of
+        # them older than DEVICE_MAX_AGE_S, which such a device rejects.
+        self.republished_updates = 0
+        self.stale_republished_updates = 0
         self._stopping = threading.Event()
         self._model: tuple[str, TeacherModel] | None = None
         # Each data file's samples, with and without y as pushes read them, and
@@ -138,12 +174,18 @@ class PushScheduler(threading.Thread):
         sample, because their budget was spent or their push failed.
         ``cut_short_devices`` counts those that received part of the dataset
         before their budget ran out or their push failed.
+        ``republished_updates`` counts the updates of an interrupted push
+        that a resumed run published again unchanged, and
+        ``stale_republished_updates`` those of them older than a device's
+        default ``max_age_s``, which such a device rejects.
         """
         return {
             "runs": self.runs,
             "updates": self.updates,
             "skipped_devices": self.skipped_devices,
             "cut_short_devices": self.cut_short_devices,
+            "republished_updates": self.republished_updates,
+            "stale_republished_updates": self.stale_republished_updates,
         }
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -231,8 +273,9 @@ class PushScheduler(threading.Thread):
                 )
             for device in unfinished.interrupted:
                 logger.warning(
-                    "Push %s to device %s was under way when worker %s stopped; "
-                    "the device gets no more of that run, because it may have "
+                    "Push %s to device %s was under way when worker %s stopped, "
+                    "which ran a dslo-edge version that stores no batches; the "
+                    "device gets no more of that run, because it may have "
                     "received and been charged for part of it",
                     schedule.name,
                     device,
@@ -240,7 +283,8 @@ class PushScheduler(threading.Thread):
                 )
             # A device removed from push.devices since the run was claimed
             # gets nothing more.
-            devices = tuple(d for d in schedule.devices if d in unfinished.pending)
+            remaining = {*unfinished.pending, *unfinished.partly_sent}
+            devices = tuple(d for d in schedule.devices if d in remaining)
             if not devices:
                 self._end_run(schedule)
                 continue
@@ -322,6 +366,7 @@ class PushScheduler(threading.Thread):
             )
         if devices is None:
             devices = schedule.devices
+        labelled = _Labelled(current, outputs, self._source(schedule, current))
         sent_samples = 0
         reached = 0
         stopped = False
@@ -335,7 +380,7 @@ class PushScheduler(threading.Thread):
             sent = _DevicePush()
             failed = False
             try:
-                self._push_device(schedule, device, samples, (current, outputs), sent)
+                self._push_device(schedule, device, samples, labelled, sent)
             except (DsloError, OSError) as error:
                 # One device's unreadable key or lost publishes must not stop
                 # the other devices.
@@ -348,11 +393,16 @@ class PushScheduler(threading.Thread):
             # A failed push still counts the updates the broker acknowledged.
             self.updates += sent.updates
             sent_samples += sent.samples
-            reached += sent.samples > 0
-            if sent.samples == 0:
+            reached += sent.samples + sent.earlier_samples > 0
+            if sent.samples + sent.earlier_samples == 0:
                 self.skipped_devices += 1
             elif failed or sent.cut_short:
                 self.cut_short_devices += 1
+            if failed and self._stopping.is_set():
+                # The device's charged batches stay stored, so the run that
+                # resumes publishes those not acknowledged and the rest.
+                stopped = True
+                break
             self.state.end_device_push(schedule.name, device)
         if not stopped:
             self.state.end_run(schedule.name)
@@ -441,6 +491,22 @@ class PushScheduler(threading.Thread):
         self._samples[(path, schedule.hard_labels)] = (stamp, samples)
         return samples
 
+    def _source(self, schedule: PushSchedule, current: TeacherVersion) -> str:
+        """Return what the run's batches are made from, for ``StoredBatch.source``.
+
+        It names the teacher file and the version of the data file that
+        ``_load`` returned, so a resumed run can tell whether its batches match.
+        """
+        stamp = self._samples[(schedule.data, schedule.hard_labels)][0]
+        return json.dumps(
+            {
+                "teacher": current.identity,
+                "data": str(schedule.data),
+                "data_stamp": stamp,
+                "hard_labels": schedule.hard_labels,
+            }
+        )
+
     def _teacher_model(self, current: TeacherVersion) -> TeacherModel:
         if self._model is None or self._model[0] != current.identity:
             model = current.new_model(self.config.teacher.runtime)
@@ -452,13 +518,12 @@ class PushScheduler(threading.Thread):
         schedule: PushSchedule,
         device: str,
         samples: SampleSet,
-        labelled: tuple[TeacherVersion, np.ndarray],
+        labelled: _Labelled,
         sent: _DevicePush,
     ) -> None:
         """Publish one device's batches and record in ``sent`` what was sent.
 
         Args:
-            labelled: the teacher version and its outputs for ``samples``.
             sent: receives the updates and samples that the broker
                 acknowledged and did not drop. When this raises, it has those
                 acknowledged before.
@@ -467,7 +532,7 @@ class PushScheduler(threading.Thread):
             BrokerError: the broker did not acknowledge an update in time, or
                 dropped one because no client subscribes to the device's topic.
         """
-        published: list[tuple[mqtt.MQTTMessageInfo, int]] = []
+        published: list[_Published] = []
         # Only PUBACKs numbered after this one can acknowledge this device's updates.
         since = self._pubacks.sequence
         try:
@@ -478,7 +543,7 @@ class PushScheduler(threading.Thread):
                 logger.error("Push %s to device %s: %s", schedule.name, device, dropped)
             raise
         problems = [
-            self._wait_for_acknowledgements(published, since),
+            self._wait_for_acknowledgements(schedule, device, published, since),
             self._record_delivered(device, published, since, sent),
         ]
         if any(problems):
@@ -491,71 +556,207 @@ class PushScheduler(threading.Thread):
         schedule: PushSchedule,
         device: str,
         samples: SampleSet,
-        labelled: tuple[TeacherVersion, np.ndarray],
-        published: list[tuple[mqtt.MQTTMessageInfo, int]],
+        labelled: _Labelled,
+        published: list[_Published],
         sent: _DevicePush,
     ) -> None:
-        """Publish each batch, appending its message and sample count to ``published``.
+        """Publish each batch, appending it to ``published``.
 
-        Sets ``sent.cut_short`` when the device's budget ran out before the
-        last batch.
+        A device whose push a stopped worker left gets again the stored
+        batches that the broker did not acknowledge, then the batches never
+        charged. Sets ``sent.cut_short`` when the device's budget ran out
+        before the last batch, or when the stored batches came from another
+        teacher or data file.
         """
-        current, outputs = labelled
         topic = Topics.for_device(device, self.config.prefix).updates
         key = self._key(device)
-        # NOTE: a restart after this point does not push to the device again,
-        # because which of its updates the broker delivered and which were
-        # charged is not stored per batch. Resending an unacknowledged batch
-        # safely needs its message id, which the device's applied ids skip,
-        # and its noised labels, because fresh noise is a second release.
         self.state.start_device_push(schedule.name, device)
-        for start in range(0, len(samples.x), schedule.batch_size):
-            stop = start + schedule.batch_size
-            labels, kind = self._release(device, outputs[start:stop], current)
-            if labels is None:
+        stored = self.state.stored_push_batches(schedule.name, device)
+        first = 0
+        if stored:
+            sent.earlier_samples = sum(
+                batch.end_sample - batch.first_sample
+                for batch in stored
+                if batch.acknowledged
+            )
+            self._republish(schedule, device, topic, stored, published)
+            if stored[-1].source != labelled.source:
+                self._log_changed_source(schedule, device, stored[-1])
                 sent.cut_short = True
                 return
-            update = SoftLabelUpdate(
-                message_id=new_message_id(),
-                teacher_version=current.version,
-                teacher_round=current.round,
-                timestamp=time.time(),
-                sample_ids=samples.ids[start:stop],
-                inputs=samples.x[start:stop],
-                labels=labels,
-                label_kind=kind,
-                hard_labels=_batch_hard_labels(schedule, samples, start, stop),
+            first = stored[-1].end_sample
+        starts = range(first, len(samples.x), schedule.batch_size)
+        for index, start in enumerate(starts, start=len(stored)):
+            stop = min(start + schedule.batch_size, len(samples.x))
+            batch = self._new_batch(schedule, samples, labelled, (start, stop), index)
+            payload = batch.payload if key is None else sign(key, topic, batch.payload)
+            batch = replace(batch, payload=payload)
+            # The charge and the stored payload are on disk before the publish,
+            # so a resumed run sends these same bytes and charges nothing more.
+            refusal = self.state.store_push_batch(
+                schedule.name, device, batch, self.config.privacy
             )
-            body = encode_update(update)
-            payload = body if key is None else sign(key, topic, body)
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.MessageExpiryInterval = schedule.expiry_s
-            info = self.client.publish(topic, payload, qos=1, properties=properties)
-            published.append((info, len(labels)))
+            if refusal:
+                self._log_spent(device, refusal)
+                sent.cut_short = True
+                return
+            info = self._publish(topic, payload, schedule.expiry_s)
+            published.append(_Published(info, stop - start, index))
+
+    def _new_batch(
+        self,
+        schedule: PushSchedule,
+        samples: SampleSet,
+        labelled: _Labelled,
+        rows: tuple[int, int],
+        index: int,
+    ) -> StoredBatch:
+        """Label the dataset rows ``rows`` (end excluded) into an unsigned update."""
+        start, stop = rows
+        labels, kind = self._labels(labelled.outputs[start:stop], labelled.current)
+        now = time.time()
+        update = SoftLabelUpdate(
+            message_id=new_message_id(),
+            teacher_version=labelled.current.version,
+            teacher_round=labelled.current.round,
+            timestamp=now,
+            sample_ids=samples.ids[start:stop],
+            inputs=samples.x[start:stop],
+            labels=labels,
+            label_kind=kind,
+            hard_labels=_batch_hard_labels(schedule, samples, start, stop),
+        )
+        return StoredBatch(
+            batch=index,
+            first_sample=start,
+            end_sample=stop,
+            source=labelled.source,
+            created=now,
+            payload=encode_update(update),
+        )
+
+    def _publish(
+        self, topic: str, payload: bytes, expiry_s: float
+    ) -> mqtt.MQTTMessageInfo:
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.MessageExpiryInterval = max(1, int(expiry_s))
+        return self.client.publish(topic, payload, qos=1, properties=properties)
+
+    def _republish(
+        self,
+        schedule: PushSchedule,
+        device: str,
+        topic: str,
+        stored: list[StoredBatch],
+        published: list[_Published],
+    ) -> None:
+        """Publish again, unchanged, the stored batches the broker did not acknowledge.
+
+        They keep their message ids, so a device that got one before skips it,
+        and their charge, so nothing is charged again.
+        """
+        # NOTE: a device whose key was replaced since rejects the updates
+        # signed with its old key.
+        waiting = [batch for batch in stored if not batch.acknowledged]
+        now = time.time()
+        stale = 0
+        for batch in waiting:
+            age = now - batch.created
+            stale += age > DEVICE_MAX_AGE_S
+            # The update keeps what remains of the push's expiry_s, counted
+            # from the first publish, and at least 1 s.
+            info = self._publish(topic, batch.payload, schedule.expiry_s - age)
+            samples = batch.end_sample - batch.first_sample
+            published.append(_Published(info, samples, batch.batch, republished=True))
+        self.republished_updates += len(waiting)
+        self.stale_republished_updates += stale
+        logger.info(
+            "Push %s resumes device %s after batch %d: skips %d acknowledged "
+            "before the stop and publishes %d again unchanged",
+            schedule.name,
+            device,
+            stored[-1].batch,
+            len(stored) - len(waiting),
+            len(waiting),
+        )
+        if stale:
+            logger.warning(
+                "Push %s to device %s published again %d of its updates that are "
+                "older than %.0f s, which a device with the default max_age_s "
+                "rejects",
+                schedule.name,
+                device,
+                stale,
+                DEVICE_MAX_AGE_S,
+            )
+
+    def _log_changed_source(
+        self, schedule: PushSchedule, device: str, last: StoredBatch
+    ) -> None:
+        logger.warning(
+            "Push %s to device %s stops after batch %d (sample %d of the dataset): "
+            "the teacher file or the data file changed since the interrupted run "
+            "made its first batches, so the rest would not match them; the device "
+            "gets the whole dataset at the next run",
+            schedule.name,
+            device,
+            last.batch,
+            last.end_sample,
+        )
 
     def _wait_for_acknowledgements(
-        self, published: list[tuple[mqtt.MQTTMessageInfo, int]], since: int
+        self,
+        schedule: PushSchedule,
+        device: str,
+        published: list[_Published],
+        since: int,
     ) -> str:
-        """Wait for the broker to acknowledge each update; return "" or what failed."""
-        messages = [info for info, _ in published]
-        problem = self._pubacks.wait_for_all(
-            messages, since, PUBLISH_TIMEOUT_S, self._stopping
-        )
-        if not problem:
+        """Wait for the broker to acknowledge each update; return "" or what failed.
+
+        Each acknowledged batch is marked so in the state file at once, so a
+        resumed run does not publish it again.
+        """
+        for entry in published:
+            problem = self._pubacks.wait_for_all(
+                [entry.info], since, PUBLISH_TIMEOUT_S, self._stopping
+            )
+            if problem:
+                break
+            self._mark_acknowledged(schedule, device, entry.batch)
+        else:
             return ""
         waiting = sum(
-            self._pubacks.reason_code(info.mid, since) is None for info in messages
+            self._pubacks.reason_code(entry.info.mid, since) is None
+            for entry in published
         )
         return (
-            f"{waiting} of {len(messages)} updates were not acknowledged by the "
+            f"{waiting} of {len(published)} updates were not acknowledged by the "
             f"broker ({problem}); paho sends the queued ones if the worker "
             "reconnects before it stops"
         )
 
+    def _mark_acknowledged(
+        self, schedule: PushSchedule, device: str, batch: int
+    ) -> None:
+        try:
+            self.state.acknowledge_push_batch(schedule.name, device, batch)
+        except sqlite3.Error as error:
+            # Only a resumed run reads the mark. Without it, that run publishes
+            # the batch again with its message id, which the device skips.
+            logger.warning(
+                "Push %s cannot mark batch %d of device %s as acknowledged in "
+                "hub.state_file %s: %s",
+                schedule.name,
+                batch,
+                device,
+                self.state.path,
+                error,
+            )
+
     def _record_delivered(
         self,
         device: str,
-        published: list[tuple[mqtt.MQTTMessageInfo, int]],
+        published: list[_Published],
         since: int,
         sent: _DevicePush,
     ) -> str:
@@ -568,25 +769,31 @@ class PushScheduler(threading.Thread):
         delivered = []
         # The sample counts of the dropped or rejected updates, per reason code.
         undelivered: dict[int, list[int]] = {}
-        for info, count in published:
-            reason_code = self._pubacks.reason_code(info.mid, since)
+        refunded = 0
+        for entry in published:
+            reason_code = self._pubacks.reason_code(entry.info.mid, since)
             if reason_code is None:
                 continue
             if (
                 reason_code == NO_MATCHING_SUBSCRIBERS
                 or reason_code >= FIRST_FAILURE_CODE
             ):
-                undelivered.setdefault(reason_code, []).append(count)
+                undelivered.setdefault(reason_code, []).append(entry.samples)
+                refunded += 0 if entry.republished else entry.samples
             else:
-                delivered.append(count)
+                delivered.append(entry.samples)
         sent.updates = len(delivered)
         sent.samples = sum(delivered)
         if not undelivered:
             return ""
-        return self._refund_undelivered(device, undelivered, len(published))
+        return self._refund_undelivered(device, undelivered, len(published), refunded)
 
     def _refund_undelivered(
-        self, device: str, undelivered: dict[int, list[int]], published: int
+        self,
+        device: str,
+        undelivered: dict[int, list[int]],
+        published: int,
+        refunded: int,
     ) -> str:
         """Take back the privacy charge of undelivered updates and describe them.
 
@@ -594,33 +801,40 @@ class PushScheduler(threading.Thread):
             undelivered: the sample count of each update that the broker
                 dropped or rejected, per PUBACK reason code.
             published: the number of updates published to the device.
+            refunded: the samples of ``undelivered`` to take back, which
+                exclude those of updates published again after a stop.
         """
         topic = Topics.for_device(device, self.config.prefix).updates
         problems = [
             _describe_undelivered(reason_code, len(counts), published, topic)
             for reason_code, counts in sorted(undelivered.items())
         ]
-        samples = sum(sum(counts) for counts in undelivered.values())
         privacy = self.config.privacy
-        if privacy is not None:
-            self.state.refund_releases(device, samples, privacy.noise_multiplier)
+        if privacy is not None and refunded:
+            self.state.refund_releases(device, refunded, privacy.noise_multiplier)
             problems.append(
-                f"took back the privacy charge of {counted(samples, 'sample')}"
+                f"took back the privacy charge of {counted(refunded, 'sample')}"
+            )
+        samples = sum(sum(counts) for counts in undelivered.values())
+        if privacy is not None and refunded < samples:
+            problems.append(
+                f"kept the charge of {counted(samples - refunded, 'sample')} "
+                "published again after a stop, which the device may have "
+                "received the first time"
             )
         return "; ".join(problems)
 
-    def _release(
-        self, device: str, rows: np.ndarray, current: TeacherVersion
-    ) -> tuple[np.ndarray | None, str]:
-        """Return the labels to send and their kind; None when the budget is spent."""
+    def _labels(
+        self, rows: np.ndarray, current: TeacherVersion
+    ) -> tuple[np.ndarray, str]:
+        """Return the labels to send and their kind, noised under ``[privacy]``.
+
+        The caller charges them before it publishes them.
+        """
         privacy = self.config.privacy
         kind = current.output_kind
         if privacy is None:
             return np.asarray(rows, dtype=np.float32), kind
-        refusal = self.state.charge_releases(device, len(rows), privacy)
-        if refusal:
-            self._log_spent(device, refusal)
-            return None, kind
         if kind == "logits":
             rows = label_probabilities_of(rows)
         return privatise(rows, privacy, self._rng), "probabilities"

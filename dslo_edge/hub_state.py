@@ -12,7 +12,10 @@ Workers that share the file agree on:
 - push runs: each scheduled push runs on one worker per period, and the
   devices its current run has not reached yet are stored, so that a worker
   killed part way through a run finishes it when it starts again, or
-  another worker does when the killed worker's id is not running.
+  another worker does when the killed worker's id is not running. Each
+  charged update of a device whose push is under way is stored with its
+  payload, so the run that resumes publishes it again unchanged, not
+  charged again, and charges only the rest.
 
 Every check-and-charge runs in one ``BEGIN IMMEDIATE`` transaction, which
 holds SQLite's write lock, so two workers cannot both spend a device's last
@@ -64,15 +67,29 @@ CREATE TABLE IF NOT EXISTS schedule (
 CREATE TABLE IF NOT EXISTS push_devices (
     name TEXT NOT NULL, device TEXT NOT NULL, position INTEGER NOT NULL,
     worker TEXT NOT NULL, started INTEGER NOT NULL DEFAULT 0,
+    batches_stored INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (name, device));
+CREATE TABLE IF NOT EXISTS push_batches (
+    name TEXT NOT NULL, device TEXT NOT NULL, batch INTEGER NOT NULL,
+    first_sample INTEGER NOT NULL, end_sample INTEGER NOT NULL,
+    source TEXT NOT NULL, created REAL NOT NULL, payload BLOB NOT NULL,
+    acknowledged INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, device, batch));
 """
 # push_devices contains the devices of each push's current run whose push has not
 # ended, in the order of push.devices, with the worker that claimed the run.
 # State files of earlier dslo-edge versions lack it and get it empty, so their
 # last runs count as finished.
-# Columns of the requests table that state files of earlier dslo-edge versions
-# lack. Such a file gets them with NULL values, which mark an unknown charge.
-REQUEST_COLUMNS = (("charge_multiplier", "REAL"), ("charge_count", "INTEGER"))
+# push_batches contains each charged update of a device whose push started and
+# has not ended, with its exact payload, so a resumed run publishes it again
+# unchanged. push_devices.batches_stored marks a device whose push stores them:
+# a started device without it was started by an earlier dslo-edge version.
+# Columns that state files of earlier dslo-edge versions lack, per table. The
+# requests columns are added with NULL values, which mark an unknown charge.
+ADDED_COLUMNS = {
+    "requests": (("charge_multiplier", "REAL"), ("charge_count", "INTEGER")),
+    "push_devices": (("batches_stored", "INTEGER NOT NULL DEFAULT 0"),),
+}
 
 # Admission.kind values.
 ADMITTED = "admitted"
@@ -97,17 +114,18 @@ def _enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
-    """Add the REQUEST_COLUMNS that a state file of an older release lacks."""
-    present = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
-    for name, kind in REQUEST_COLUMNS:
-        if name in present:
-            continue
-        try:
-            db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
-        except sqlite3.OperationalError as error:
-            # Another worker that opened the file at the same time added it.
-            if "duplicate column" not in str(error):
-                raise
+    """Add the ADDED_COLUMNS that a state file of an older release lacks."""
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns:
+            if name in present:
+                continue
+            try:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as error:
+                # Another worker that opened the file at the same time added it.
+                if "duplicate column" not in str(error):
+                    raise
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
@@ -135,15 +153,44 @@ class UnfinishedRun:
     Attributes:
         pending: devices whose push had not started, in the order of the
             push's ``devices``.
-        interrupted: devices whose push started but did not end, so they may
-            have received and been charged for part of the run.
+        interrupted: devices whose push an earlier dslo-edge version started
+            and did not end, so they may have received and been charged for
+            part of the run, with no stored batches to resume from.
         taken_from: the other worker ids whose run this worker took over,
             because no worker with that id was running.
+        partly_sent: devices whose push started and did not end, with the
+            batches charged so far stored in ``push_batches``, in the order
+            of the push's ``devices``.
     """
 
     pending: tuple[str, ...]
     interrupted: tuple[str, ...]
     taken_from: tuple[str, ...] = ()
+    partly_sent: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """One charged update of a device's push, as published.
+
+    Attributes:
+        batch: the batch's index in the device's push, from 0.
+        first_sample, end_sample: the dataset rows it labels, end excluded.
+        source: the teacher and data file it was made from, as the pusher
+            describes them, to tell whether later batches would match.
+        created: when it was made and charged, in seconds since the epoch,
+            which is also the update's timestamp.
+        payload: the encoded, and signed when the device has a key, update.
+        acknowledged: whether the broker acknowledged it.
+    """
+
+    batch: int
+    first_sample: int
+    end_sample: int
+    source: str
+    created: float
+    payload: bytes
+    acknowledged: bool = False
 
 
 @dataclass(frozen=True)
@@ -740,6 +787,7 @@ class HubState:
                 (name, now + every_s),
             )
             db.execute("DELETE FROM push_devices WHERE name = ?", (name,))
+            db.execute("DELETE FROM push_batches WHERE name = ?", (name,))
             db.executemany(
                 "INSERT INTO push_devices (name, device, position, worker) "
                 "VALUES (?, ?, ?, ?)",
@@ -757,10 +805,10 @@ class HubState:
         free, so that no worker with that id runs on this machine. Call it
         only while holding this worker id's lock, and not while this worker
         runs the push, because such a run is in progress. The interrupted
-        devices are removed from the run, so a second call returns only the
-        pending ones. Returns None when no such run is stored, or when its
-        period is over and the next run is due, since that run pushes to
-        every device.
+        devices, which have no stored batches, are removed from the run, so a
+        second call returns only the pending and partly sent ones. Returns
+        None when no such run is stored, or when its period is over and the
+        next run is due, since that run pushes to every device.
         """
         # Other ids' locks are held until the commit, so a worker with such
         # an id that starts meanwhile waits and then finds the run taken.
@@ -772,20 +820,26 @@ class HubState:
                 return None
             taken_from = self._take_stopped_workers_runs(db, name, other_locks)
             rows = db.execute(
-                "SELECT device, started FROM push_devices "
+                "SELECT device, started, batches_stored FROM push_devices "
                 "WHERE name = ? AND worker = ? ORDER BY position",
                 (name, self.worker_id),
             ).fetchall()
             if not rows:
                 return None
             db.execute(
-                "DELETE FROM push_devices WHERE name = ? AND worker = ? AND started",
+                "DELETE FROM push_devices WHERE name = ? AND worker = ? AND started "
+                "AND NOT batches_stored",
                 (name, self.worker_id),
             )
         return UnfinishedRun(
-            pending=tuple(device for device, started in rows if not started),
-            interrupted=tuple(device for device, started in rows if started),
+            pending=tuple(device for device, started, _ in rows if not started),
+            interrupted=tuple(
+                device for device, started, stored in rows if started and not stored
+            ),
             taken_from=taken_from,
+            partly_sent=tuple(
+                device for device, started, stored in rows if started and stored
+            ),
         )
 
     def _take_stopped_workers_runs(
@@ -816,10 +870,23 @@ class HubState:
         return tuple(taken_over)
 
     def start_device_push(self, name: str, device: str) -> None:
-        """Record that this worker's run of a push starts publishing to a device."""
+        """Record that this worker's run of a push starts publishing to a device.
+
+        The device's charged batches are stored from now on, through
+        ``store_push_batch``, so a resumed run can continue its push.
+        """
         with self._transaction() as db:
+            # Batches of a device not started in this run are left from an
+            # earlier run, which an older dslo-edge version may have claimed
+            # without deleting them.
             db.execute(
-                "UPDATE push_devices SET started = 1 "
+                "DELETE FROM push_batches WHERE name = ? AND device = ? AND "
+                "NOT EXISTS (SELECT 1 FROM push_devices WHERE name = ? AND "
+                "device = ? AND started)",
+                (name, device, name, device),
+            )
+            db.execute(
+                "UPDATE push_devices SET started = 1, batches_stored = 1 "
                 "WHERE name = ? AND device = ? AND worker = ?",
                 (name, device, self.worker_id),
             )
@@ -831,6 +898,10 @@ class HubState:
                 "DELETE FROM push_devices WHERE name = ? AND device = ? AND worker = ?",
                 (name, device, self.worker_id),
             )
+            db.execute(
+                "DELETE FROM push_batches WHERE name = ? AND device = ?",
+                (name, device),
+            )
 
     def end_run(self, name: str) -> None:
         """Record that this worker's run of a push ended, even with devices left."""
@@ -839,3 +910,78 @@ class HubState:
                 "DELETE FROM push_devices WHERE name = ? AND worker = ?",
                 (name, self.worker_id),
             )
+            db.execute(
+                "DELETE FROM push_batches WHERE name = ? AND device NOT IN "
+                "(SELECT device FROM push_devices WHERE name = ?)",
+                (name, name),
+            )
+
+    def store_push_batch(
+        self,
+        name: str,
+        device: str,
+        batch: StoredBatch,
+        privacy: PrivacySettings | None,
+    ) -> str:
+        """Charge a push's batch to a device and store it, in one transaction.
+
+        Without ``privacy`` the batch is only stored. Nothing is stored when
+        the budget does not allow the batch.
+
+        Returns:
+            "" when charged and stored, else why the budget does not allow it.
+        """
+        samples = batch.end_sample - batch.first_sample
+        with self._transaction() as db:
+            if privacy is not None:
+                key = RequestKey(device, b"", samples)
+                refusal = self._charge_privacy(db, key, privacy)
+                if refusal:
+                    return refusal
+            db.execute(
+                "INSERT INTO push_batches (name, device, batch, first_sample, "
+                "end_sample, source, created, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    device,
+                    batch.batch,
+                    batch.first_sample,
+                    batch.end_sample,
+                    batch.source,
+                    batch.created,
+                    batch.payload,
+                ),
+            )
+            return ""
+
+    def acknowledge_push_batch(self, name: str, device: str, batch: int) -> None:
+        """Record that the broker acknowledged a stored batch of a push."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE push_batches SET acknowledged = 1 "
+                "WHERE name = ? AND device = ? AND batch = ?",
+                (name, device, batch),
+            )
+
+    def stored_push_batches(self, name: str, device: str) -> list[StoredBatch]:
+        """Return the stored batches of a device's push, by batch index."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT batch, first_sample, end_sample, source, created, payload, "
+                "acknowledged FROM push_batches WHERE name = ? AND device = ? "
+                "ORDER BY batch",
+                (name, device),
+            ).fetchall()
+        return [
+            StoredBatch(
+                batch=int(row[0]),
+                first_sample=int(row[1]),
+                end_sample=int(row[2]),
+                source=str(row[3]),
+                created=float(row[4]),
+                payload=bytes(row[5]),
+                acknowledged=bool(row[6]),
+            )
+            for row in rows
+        ]

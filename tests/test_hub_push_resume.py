@@ -300,9 +300,33 @@ def test_unfinished_run_lists_devices_left(tmp_path) -> None:
         other.close()
         lock.release()
 
-    assert first == UnfinishedRun(pending=("garage",), interrupted=("porch",))
-    assert second == UnfinishedRun(pending=("garage",), interrupted=())
+    assert first == UnfinishedRun(
+        pending=("garage",), interrupted=(), partly_sent=("porch",)
+    )
+    assert second == first
     assert after_end is None
+
+
+def test_device_started_by_older_version_interrupted(tmp_path) -> None:
+    path = tmp_path / "state.sqlite"
+    state = HubState(path, "w1")
+    assert state.claim_run("nightly", 0.0, 3600.0, DEVICES)
+    state.close()
+    # An earlier dslo-edge version set started and stored no batches.
+    old = sqlite3.connect(path)
+    old.execute("UPDATE push_devices SET started = 1 WHERE device = 'porch'")
+    old.commit()
+    old.close()
+
+    restarted = HubState(path, "w1")
+    try:
+        first = restarted.take_unfinished_run("nightly", 10.0)
+        second = restarted.take_unfinished_run("nightly", 10.0)
+    finally:
+        restarted.close()
+
+    assert first == UnfinishedRun(pending=("kitchen", "garage"), interrupted=("porch",))
+    assert second == UnfinishedRun(pending=("kitchen", "garage"), interrupted=())
 
 
 def test_stopped_worker_id_run_taken_over(tmp_path) -> None:
@@ -333,10 +357,15 @@ def test_stopped_worker_id_run_taken_over(tmp_path) -> None:
 
     assert while_running is None
     assert taken == UnfinishedRun(
-        pending=("garage",), interrupted=("porch",), taken_from=("w1",)
+        pending=("garage",),
+        interrupted=(),
+        taken_from=("w1",),
+        partly_sent=("porch",),
     )
     assert for_restarted is None
-    assert again == UnfinishedRun(pending=("garage",), interrupted=())
+    assert again == UnfinishedRun(
+        pending=("garage",), interrupted=(), partly_sent=("porch",)
+    )
 
 
 def test_unfinished_run_dropped_when_next_due(tmp_path) -> None:

@@ -547,6 +547,8 @@ def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -
         "updates": 1,
         "skipped_devices": 0,
         "cut_short_devices": 1,
+        "republished_updates": 0,
+        "stale_republished_updates": 0,
     }
 
 
@@ -640,6 +642,8 @@ def test_empty_push_runs_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) ->
         "updates": 1,
         "skipped_devices": 5,
         "cut_short_devices": 1,
+        "republished_updates": 0,
+        "stale_republished_updates": 0,
     }
 
 
@@ -863,6 +867,8 @@ def test_push_refunds_device_without_session(
         "updates": 3,
         "skipped_devices": 1,
         "cut_short_devices": 0,
+        "republished_updates": 0,
+        "stale_republished_updates": 0,
     }
 
 
@@ -919,6 +925,8 @@ def test_push_refunds_updates_acl_rejects(mlp_pair, tmp_path, caplog) -> None:
         "updates": 3,
         "skipped_devices": 1,
         "cut_short_devices": 0,
+        "republished_updates": 0,
+        "stale_republished_updates": 0,
     }
 
 
@@ -1065,6 +1073,8 @@ def test_teacher_overflow_stops_scheduled_push(
         "updates": 0,
         "skipped_devices": 0,
         "cut_short_devices": 0,
+        "republished_updates": 0,
+        "stale_republished_updates": 0,
     }
 
 
@@ -1470,6 +1480,8 @@ def test_push_waits_for_reconnect_mid_run(
         "updates": 3,
         "skipped_devices": 0,
         "cut_short_devices": 0,
+        "republished_updates": 0,
+        "stale_republished_updates": 0,
     }
 
 
@@ -1509,6 +1521,8 @@ def test_push_wait_ends_when_worker_stops(mlp_pair, tmp_path, caplog) -> None:
         "updates": 0,
         "skipped_devices": 1,
         "cut_short_devices": 0,
+        "republished_updates": 0,
+        "stale_republished_updates": 0,
     }
 
 
@@ -1545,6 +1559,8 @@ def test_push_disconnected_tries_every_device(
         "updates": 0,
         "skipped_devices": 2,
         "cut_short_devices": 0,
+        "republished_updates": 0,
+        "stale_republished_updates": 0,
     }
     worker.state.close()
 
@@ -1635,6 +1651,8 @@ def test_push_failing_midway_counts_sent(mlp_pair, mosquitto, tmp_path, caplog) 
         "updates": 5,
         "skipped_devices": 0,
         "cut_short_devices": 1,
+        "republished_updates": 0,
+        "stale_republished_updates": 0,
     }
 
 

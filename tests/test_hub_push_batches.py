@@ -1,0 +1,336 @@
+"""A device whose push a killed worker left part way gets the rest of the run.
+
+The worker stores each charged batch with its exact payload, so the run that
+resumes publishes the unacknowledged ones again unchanged and charges only
+the batches never charged.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dslo_edge.hub_state import HubState, StoredBatch, UnfinishedRun
+from dslo_edge.privacy import PrivacySettings
+from dslo_edge.protocol import decode_update
+from dslo_edge.signing import generate_key_file, load_key, verify
+from tests.hub_fleet import start_worker
+from tests.mqtt_proxy import PubackProxy
+from tests.test_hub_push_resume import stop, wait_for_log, wait_for_updates
+from tests.test_hub_service import device_updates, nightly_push_config
+
+DEVICES = ("kitchen", "porch", "garage")
+SETTINGS = PrivacySettings(noise_multiplier=8.0, epsilon_budget=20.0)
+
+
+def write_config(folder: Path, port: int, bundle: Path) -> Path:
+    """Write a private, signed nightly push of 40 samples, 3 batches, to DEVICES."""
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    keys = folder / "keys"
+    keys.mkdir(parents=True)
+    for device in DEVICES:
+        generate_key_file(keys / f"{device}.key")
+    extra = {
+        "hub": 'keys_dir = "keys"',
+        "privacy": "noise_multiplier = 8.0\nepsilon_budget = 20.0",
+    }
+    config = nightly_push_config(folder, port, bundle, x, extra)
+    devices = ", ".join(f'"{device}"' for device in DEVICES)
+    config.write_text(
+        config.read_text().replace('devices = ["kitchen"]', f"devices = [{devices}]")
+    )
+    return config
+
+
+def drain_updates(received: queue.Queue, keys: Path, device: str) -> list[tuple]:
+    """Return (message id, sample count, payload) of each update, emptying the queue."""
+    key = load_key(keys / f"{device}.key")
+    updates = []
+    while not received.empty():
+        payload = received.get()
+        update = decode_update(verify(key, f"dslo/{device}/updates", payload))
+        updates.append((update.message_id, update.sample_count, payload))
+    return updates
+
+
+def stored_rows(path: Path, device: str) -> list[tuple[int, int]]:
+    """Return (batch, acknowledged) of the device's stored batches."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(
+            "SELECT batch, acknowledged FROM push_batches WHERE device = ? "
+            "ORDER BY batch",
+            (device,),
+        ).fetchall()
+    finally:
+        db.close()
+
+
+def wait_for_rows(path: Path, device: str, expected: list, process) -> None:
+    """Wait until the worker stored ``expected`` as the device's batches."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            rows = stored_rows(path, device)
+        except sqlite3.OperationalError:
+            # The worker has not created the file or its tables yet.
+            rows = None
+        if rows == expected:
+            return
+        assert process.poll() is None, "the worker exited"
+        assert time.monotonic() < deadline, f"stored batches of {device}: {rows}"
+        time.sleep(0.05)
+
+
+def undo_last_batch(path: Path) -> None:
+    """Turn the state into what a kill just before porch's last charge leaves.
+
+    The stored row and the charge both go, because ``store_push_batch`` makes
+    them in one transaction.
+    """
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM push_batches WHERE device = 'porch' AND batch = 2")
+    db.commit()
+    db.close()
+    state = HubState(path, "editor")
+    state.refund_releases("porch", 8, 8.0)
+    state.close()
+
+
+# unacknowledged: porch's last update was published, and w1 was killed while
+# waiting for its PUBACK. terminated: the same, but w1 got SIGTERM. stale: as
+# unacknowledged, with the stored updates made two hours before the restart.
+# uncharged: w1 was killed before it charged porch's last batch.
+# data_changed: as uncharged, and the data file changed before the restart.
+def age_batches(path: Path, seconds: float) -> None:
+    """Move the creation time of every stored batch ``seconds`` back."""
+    db = sqlite3.connect(path)
+    db.execute("UPDATE push_batches SET created = created - ?", (seconds,))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(
+    "cut", ["unacknowledged", "terminated", "stale", "uncharged", "data_changed"]
+)
+def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> None:
+    folder = tmp_path / "hub"
+    # The broker delivers porch's third update, but w1 never gets its PUBACK.
+    proxy = PubackProxy(mosquitto.port, "dslo/porch/updates", acknowledged=2)
+    config = write_config(folder, proxy.port, mlp_pair.bundle)
+    state_file = folder / "state.sqlite"
+    keys = folder / "keys"
+    subscribers = {device: device_updates(mosquitto.port, device) for device in DEVICES}
+    received = {device: queue_ for device, (_, queue_) in subscribers.items()}
+    logs = [tmp_path / "w1-first.log", tmp_path / "w1-second.log"]
+    try:
+        first = start_worker(config, "w1", logs[0])
+        try:
+            wait_for_rows(state_file, "porch", [(0, 1), (1, 1), (2, 0)], first)
+            wait_for_updates(received["porch"], 3)
+        finally:
+            stop(first, signal.SIGTERM if cut == "terminated" else signal.SIGKILL)
+        proxy.forward_all()
+        first_run = {
+            device: drain_updates(received[device], keys, device) for device in DEVICES
+        }
+        if cut in ("uncharged", "data_changed"):
+            undo_last_batch(state_file)
+        if cut == "stale":
+            age_batches(state_file, 7200.0)
+        if cut == "data_changed":
+            data = folder / "data.npz"
+            os.utime(data, ns=(time.time_ns(), time.time_ns()))
+
+        second = start_worker(config, "w1", logs[1])
+        try:
+            resumed_log = wait_for_log(logs[1], "Push nightly sent", second)
+            wait_for_updates(received["garage"], 3)
+            time.sleep(0.5)
+        finally:
+            stop(second, signal.SIGTERM)
+        resumed = {
+            device: drain_updates(received[device], keys, device) for device in DEVICES
+        }
+    finally:
+        proxy.close()
+        for client, _ in subscribers.values():
+            client.disconnect()
+            client.loop_stop()
+
+    first_ids = [message_id for message_id, _, _ in first_run["porch"]]
+    assert [count for _, count, _ in first_run["kitchen"]] == [16, 16, 8]
+    assert [count for _, count, _ in first_run["porch"]] == [16, 16, 8]
+    assert first_run["garage"] == []
+    assert resumed["kitchen"] == []
+    assert [count for _, count, _ in resumed["garage"]] == [16, 16, 8]
+    assert (
+        "Push nightly resumes the run that was cut off: 2 of 3 devices remain "
+        "(porch, garage)"
+    ) in resumed_log
+    stale_warning = (
+        "Push nightly to device porch published again 1 of its updates that are "
+        "older than 3600 s, which a device with the default max_age_s rejects"
+    )
+    assert (stale_warning in resumed_log) == (cut == "stale")
+    if cut in ("unacknowledged", "terminated", "stale"):
+        # The same bytes again, so the device skips the update by its id.
+        assert [update[2] for update in resumed["porch"]] == [first_run["porch"][2][2]]
+        assert len({*first_ids, resumed["porch"][0][0]}) == 3
+        assert (
+            "Push nightly resumes device porch after batch 2: skips 2 acknowledged "
+            "before the stop and publishes 1 again unchanged"
+        ) in resumed_log
+    elif cut == "uncharged":
+        # Batch 2 is labelled and charged again, with a new message id.
+        assert [count for _, count, _ in resumed["porch"]] == [8]
+        assert resumed["porch"][0][0] not in first_ids
+        assert (
+            "Push nightly resumes device porch after batch 1: skips 2 acknowledged "
+            "before the stop and publishes 0 again unchanged"
+        ) in resumed_log
+    else:
+        assert resumed["porch"] == []
+        assert (
+            "Push nightly to device porch stops after batch 1 (sample 32 of the "
+            "dataset): the teacher file or the data file changed"
+        ) in resumed_log
+    state = HubState(state_file, "reader")
+    try:
+        releases = {device: state.releases(device) for device in DEVICES}
+        left = state.take_unfinished_run("nightly", time.time())
+    finally:
+        state.close()
+    porch_charge = 32 if cut == "data_changed" else 40
+    assert releases == {
+        "kitchen": {8.0: 40},
+        "porch": {8.0: porch_charge},
+        "garage": {8.0: 40},
+    }
+    assert left is None
+    assert stored_rows(state_file, "porch") == []
+
+
+def batch(index: int, first: int, end: int) -> StoredBatch:
+    return StoredBatch(index, first, end, "source", 100.0, bytes([index]) * 4)
+
+
+def test_stored_batch_charged_with_its_row(tmp_path) -> None:
+    state = HubState(tmp_path / "state.sqlite", "w1")
+    spent = PrivacySettings(noise_multiplier=8.0, epsilon_budget=0.001)
+    try:
+        assert state.claim_run("nightly", 0.0, 3600.0, DEVICES)
+        state.start_device_push("nightly", "porch")
+        stored = state.store_push_batch("nightly", "porch", batch(0, 0, 16), SETTINGS)
+        refused = state.store_push_batch("nightly", "porch", batch(1, 16, 32), spent)
+        state.acknowledge_push_batch("nightly", "porch", 0)
+        rows = state.stored_push_batches("nightly", "porch")
+        releases = state.releases("porch")
+    finally:
+        state.close()
+
+    assert stored == ""
+    assert "would spend epsilon" in refused
+    assert rows == [replace_acknowledged(batch(0, 0, 16))]
+    assert releases == {8.0: 16}
+
+
+def replace_acknowledged(stored: StoredBatch) -> StoredBatch:
+    return StoredBatch(
+        stored.batch,
+        stored.first_sample,
+        stored.end_sample,
+        stored.source,
+        stored.created,
+        stored.payload,
+        acknowledged=True,
+    )
+
+
+def test_stored_batches_deleted_when_push_ends(tmp_path) -> None:
+    state = HubState(tmp_path / "state.sqlite", "w1")
+    try:
+        assert state.claim_run("nightly", 0.0, 3600.0, DEVICES)
+        for device in DEVICES:
+            state.start_device_push("nightly", device)
+            state.store_push_batch("nightly", device, batch(0, 0, 16), None)
+        state.end_device_push("nightly", "kitchen")
+        after_device_end = {
+            device: len(state.stored_push_batches("nightly", device))
+            for device in DEVICES
+        }
+        unfinished = state.take_unfinished_run("nightly", 10.0)
+        state.end_run("nightly")
+        after_run_end = [state.stored_push_batches("nightly", d) for d in DEVICES]
+        assert state.claim_run("nightly", 3600.0, 3600.0, DEVICES)
+        state.start_device_push("nightly", "porch")
+        state.store_push_batch("nightly", "porch", batch(0, 0, 16), None)
+        assert state.claim_run("nightly", 7200.0, 3600.0, DEVICES)
+        after_next_claim = state.stored_push_batches("nightly", "porch")
+    finally:
+        state.close()
+
+    assert after_device_end == {"kitchen": 0, "porch": 1, "garage": 1}
+    assert unfinished == UnfinishedRun(
+        pending=(), interrupted=(), partly_sent=("porch", "garage")
+    )
+    assert after_run_end == [[], [], []]
+    assert after_next_claim == []
+
+
+def test_push_devices_without_batches_stored_migrated(tmp_path) -> None:
+    path = tmp_path / "state.sqlite"
+    # push_devices as dslo-edge wrote it before it stored batches.
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE schedule (name TEXT PRIMARY KEY, next_due REAL NOT NULL)")
+    old.execute(
+        "CREATE TABLE push_devices (name TEXT NOT NULL, device TEXT NOT NULL, "
+        "position INTEGER NOT NULL, worker TEXT NOT NULL, "
+        "started INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (name, device))"
+    )
+    old.execute("INSERT INTO schedule VALUES ('nightly', 3600.0)")
+    old.executemany(
+        "INSERT INTO push_devices VALUES ('nightly', ?, ?, 'w1', ?)",
+        [("kitchen", 0, 1), ("porch", 1, 0)],
+    )
+    old.commit()
+    old.close()
+
+    state = HubState(path, "w1")
+    try:
+        unfinished = state.take_unfinished_run("nightly", 10.0)
+    finally:
+        state.close()
+
+    assert unfinished == UnfinishedRun(pending=("porch",), interrupted=("kitchen",))
+
+
+def test_batches_of_earlier_run_dropped_at_start(tmp_path) -> None:
+    path = tmp_path / "state.sqlite"
+    state = HubState(path, "w1")
+    try:
+        assert state.claim_run("nightly", 0.0, 3600.0, DEVICES)
+        state.start_device_push("nightly", "porch")
+        state.store_push_batch("nightly", "porch", batch(0, 0, 16), None)
+        # A claim by an earlier dslo-edge version, which keeps push_batches.
+        old = sqlite3.connect(path)
+        old.execute("DELETE FROM push_devices")
+        old.execute(
+            "INSERT INTO push_devices (name, device, position, worker) "
+            "VALUES ('nightly', 'porch', 0, 'w1')"
+        )
+        old.commit()
+        old.close()
+        state.start_device_push("nightly", "porch")
+        at_start = state.stored_push_batches("nightly", "porch")
+    finally:
+        state.close()
+
+    assert at_start == []
