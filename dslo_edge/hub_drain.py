@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from dslo_edge.connection import MqttConnection
+from dslo_edge.config import MqttSettings
+from dslo_edge.connection import Backoff, MqttConnection
 from dslo_edge.label_protocol import (
     WORKER_STOPPED,
     device_of_request_topic,
@@ -45,39 +47,84 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
 DRAIN_IDLE_S = 1.0
 DRAIN_MAX_S = 120.0
+# paho-mqtt 2.2.0's default socket connect timeout, which bounds one
+# reconnect attempt of a peer.
+PEER_CONNECT_S = 5.0
+# Connect attempts of one drain before it gives up.
+DRAIN_ATTEMPTS = 5
+# How often a drain in its grace period checks the worker's connection.
+GRACE_POLL_S = 0.2
+
+
+def grace_period(settings: MqttSettings) -> float:
+    """Return how long a peer must stay offline before a worker drains it.
+
+    A live worker retries its connection at most ``reconnect_max_s`` apart
+    (``Backoff`` caps each delay there), and one attempt takes at most
+    ``PEER_CONNECT_S``. So a live peer has reconnected and published
+    ``online`` within this time after the broker accepts connections again.
+    """
+    # NOTE: this assumes that the peers use the same mqtt.reconnect_max_s as
+    # this worker; a peer with a larger value can still be drained while live.
+    return settings.reconnect_max_s + PEER_CONNECT_S
 
 
 class SessionDrain(threading.Thread):
-    """A thread that serves the requests left in a dead peer's session."""
+    """A thread that serves the requests left in a dead peer's session.
 
-    def __init__(self, worker: HubWorker, peer: str, peer_client_id: str):
+    Args:
+        worker: the worker that serves the drained requests.
+        peer: the peer's worker id.
+        peer_client_id: the client id of the peer's session.
+        grace_s: how long the peer must stay offline, and the worker stay
+            connected, before the drain connects; see ``grace_period``.
+    """
+
+    def __init__(
+        self, worker: HubWorker, peer: str, peer_client_id: str, grace_s: float
+    ):
         super().__init__(name=f"dslo-hub-drain-{peer}", daemon=True)
         self.worker = worker
         self.peer = peer
         self.peer_client_id = peer_client_id
+        self.grace_s = grace_s
         self.received = 0
+        self._seen_offline_at = time.monotonic()
         self._outstanding = 0
         self._last_message = time.monotonic()
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._closed = threading.Event()
+        self._cancelled = threading.Event()
         self._session_present = False
         settings = dataclasses.replace(worker.config.mqtt, client_id=peer_client_id)
+        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         # Used for its client setup (TLS, authentication) only: the drain
-        # connects once and must not reconnect, or it would take the session
-        # back from a peer that restarted.
+        # does not reconnect after its connection closes, or it would take
+        # the session back from a peer that restarted.
         self._connection = MqttConnection(
             settings,
             peer_client_id,
             on_connected=self._on_connected,
             on_message=self._on_message,
+            on_disconnected=self._closed.set,
             manual_ack=True,
             label=f"hub worker {worker.worker_id} draining {peer}",
         )
         self.client = self._connection.client
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether the peer came back before the drain connected."""
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stop a drain that has not connected yet: the peer is back."""
+        self._cancelled.set()
+
     def run(self) -> None:
         try:
-            self._drain()
+            self._attempt_drain()
         except Exception:  # a failed drain leaves the requests to device resends
             logger.exception(
                 "Hub worker %s failed to drain the session of %s",
@@ -85,27 +132,95 @@ class SessionDrain(threading.Thread):
                 self.peer,
             )
 
-    def _drain(self) -> None:
+    def _attempt_drain(self) -> None:
+        rng = random.Random()
+        for attempt in range(1, DRAIN_ATTEMPTS + 1):
+            if not self._wait_for_grace():
+                return
+            error = self._connect()
+            if error is None:
+                self._drain()
+                return
+            if attempt == DRAIN_ATTEMPTS:
+                logger.warning(
+                    "Hub worker %s gives up draining the session of %s after %d "
+                    "failed connects as %s: %s. Devices resend its requests, and "
+                    "the worker tries again when it next receives %s's offline "
+                    "status, after its own reconnect",
+                    self.worker.worker_id,
+                    self.peer,
+                    DRAIN_ATTEMPTS,
+                    self.peer_client_id,
+                    error,
+                    self.peer,
+                )
+                return
+            delay = self._backoff.delay(attempt - 1, rng)
+            logger.warning(
+                "Hub worker %s could not connect as %s to drain the session of %s "
+                "(attempt %d of %d): %s; trying again in %.1f s",
+                self.worker.worker_id,
+                self.peer_client_id,
+                self.peer,
+                attempt,
+                DRAIN_ATTEMPTS,
+                error,
+                delay,
+            )
+            self._cancelled.wait(delay)
+
+    def _wait_for_grace(self) -> bool:
+        """Wait out the grace period; return False if the drain must not run."""
+        while not self.worker.stopping.is_set():
+            if self._cancelled.is_set():
+                logger.info(
+                    "Hub worker %s does not drain %s: its status is %s again",
+                    self.worker.worker_id,
+                    self.peer,
+                    self.worker.peer_state(self.peer),
+                )
+                return False
+            connected_at = self.worker.connected_at()
+            if connected_at is not None:
+                due = max(self._seen_offline_at, connected_at) + self.grace_s
+                if time.monotonic() >= due:
+                    return True
+            self._cancelled.wait(GRACE_POLL_S)
+        return False
+
+    def _connect(self) -> str | None:
+        """Connect under the peer's client id; return the error, None on success."""
         settings = self.worker.config.mqtt
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = settings.session_expiry_s
-        self.client.connect(
-            settings.host,
-            settings.port,
-            settings.keepalive,
-            clean_start=False,
-            properties=properties,
-        )
-        self.client.loop_start()
+        self._connected.clear()
+        self._closed.clear()
         try:
-            if not self._connected.wait(CONNECT_TIMEOUT_S):
-                logger.warning(
-                    "Hub worker %s could not resume the session of %s within %.0f s",
-                    self.worker.worker_id,
-                    self.peer,
-                    CONNECT_TIMEOUT_S,
-                )
-                return
+            self.client.connect(
+                settings.host,
+                settings.port,
+                settings.keepalive,
+                clean_start=False,
+                properties=properties,
+            )
+        except OSError as error:  # includes ssl.SSLError
+            return str(error) or type(error).__name__
+        self.client.loop_start()
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._connected.is_set() or self._closed.is_set():
+                break
+            time.sleep(0.05)
+        if self._connected.is_set():
+            return None
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self._closed.is_set():
+            return self._connection.last_error or "connection closed"
+        return f"no CONNACK within {CONNECT_TIMEOUT_S:g} s"
+
+    def _drain(self) -> None:
+        try:
             if self._session_present:
                 self._wait_until_answered()
             self._end_session()
@@ -168,7 +283,14 @@ class SessionDrain(threading.Thread):
             return
         self.client.publish(
             worker_status_topic(self.worker.prefix, self.peer),
-            json.dumps({"state": WORKER_STOPPED, "drained_by": self.worker.worker_id}),
+            json.dumps(
+                {
+                    "state": WORKER_STOPPED,
+                    "client_id": self.peer_client_id,
+                    "group": self.worker.config.group,
+                    "drained_by": self.worker.worker_id,
+                }
+            ),
             qos=1,
             retain=True,
         ).wait_for_publish(timeout=5)

@@ -16,11 +16,13 @@ Threads:
 Requests a dead worker held: mosquitto 2.0.11 keeps them, and a share of
 new ones, in the dead worker's persistent session and never passes them to
 another member of the group. When a worker sees a peer's will (its status
-turns ``offline``), it resumes the peer's session under the peer's client
-id, receives those requests again (the broker redelivers them with the DUP
-flag), answers them, and ends the session. A restarted worker resumes its
-own session the same way. Devices also resend a request that is not
-answered in time.
+turns ``offline``) and the peer stays offline for a grace period, it
+resumes the peer's session under the peer's client id, receives those
+requests again (the broker redelivers them with the DUP flag), answers
+them, and ends the session. It drains only peers of its own ``group``,
+because their requests are labelled with the group's teacher and charged
+to the group's budgets. A restarted worker resumes its own session the
+same way. Devices also resend a request that is not answered in time.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from dslo_edge.connection import MqttConnection
 from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.hub_batch import Acknowledger, BatchLabeller, Incoming
 from dslo_edge.hub_config import HubConfig
-from dslo_edge.hub_drain import SessionDrain
+from dslo_edge.hub_drain import SessionDrain, grace_period
 from dslo_edge.hub_pushes import PushScheduler
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherRegistry
@@ -75,9 +77,9 @@ STOP_IDLE_S = 0.5
 STATE_CHECK_S = 1.0
 
 
-def status_payload(state: str, client_id: str, **extra: Any) -> str:
+def status_payload(state: str, client_id: str, group: str, **extra: Any) -> str:
     """Return the JSON text of a worker's retained status."""
-    return json.dumps({"state": state, "client_id": client_id, **extra})
+    return json.dumps({"state": state, "client_id": client_id, "group": group, **extra})
 
 
 def end_session_properties() -> Properties:
@@ -159,14 +161,22 @@ class HubWorker:
         self._reload_requested = threading.Event()
         self._drains: dict[str, SessionDrain] = {}
         self._drains_lock = threading.Lock()
+        # The last status state received from each peer.
+        self._peer_states: dict[str, str] = {}
+        # The group of each peer not drained because it is in another group.
+        self._skipped_groups: dict[str, Any] = {}
+        # When the current connection was accepted (time.monotonic), or
+        # None while disconnected.
+        self._connected_at: float | None = None
         self._timers = _Timers()
         self.status_topic = worker_status_topic(self.prefix, self.worker_id)
         self.connection = MqttConnection(
             config.mqtt,
             config.client_id,
-            will=(self.status_topic, status_payload(WORKER_OFFLINE, config.client_id)),
+            will=(self.status_topic, self._status(WORKER_OFFLINE)),
             on_connected=self._on_connected,
             on_message=self._on_message,
+            on_disconnected=self._on_disconnected,
             manual_ack=True,
             receive_maximum=RECEIVE_MAXIMUM,
             label=f"hub worker {self.worker_id}",
@@ -225,7 +235,7 @@ class HubWorker:
         if self.connection.connected.is_set():
             client.publish(
                 self.status_topic,
-                status_payload(WORKER_STOPPED, self.config.client_id),
+                self._status(WORKER_STOPPED),
                 qos=1,
                 retain=True,
             ).wait_for_publish(timeout=5)
@@ -276,13 +286,28 @@ class HubWorker:
 
     # Connection callbacks, on the connection thread
 
+    def _status(self, state: str) -> str:
+        return status_payload(state, self.config.client_id, self.config.group)
+
+    def connected_at(self) -> float | None:
+        """Return when the current connection was accepted, None if disconnected."""
+        return self._connected_at
+
+    def peer_state(self, peer: str) -> str | None:
+        """Return the last status state received from worker ``peer``."""
+        return self._peer_states.get(peer)
+
+    def _on_disconnected(self) -> None:
+        self._connected_at = None
+
     def _on_connected(self, _session_present: bool) -> None:
+        self._connected_at = time.monotonic()
         client = self.connection.client
         client.subscribe(shared_request_filter(self.prefix, self.config.group), qos=1)
         client.subscribe(worker_status_topic(self.prefix, "+"), qos=1)
         client.publish(
             self.status_topic,
-            status_payload(WORKER_ONLINE, self.config.client_id),
+            self._status(WORKER_ONLINE),
             qos=1,
             retain=True,
         )
@@ -320,16 +345,51 @@ class HubWorker:
             status = json.loads(message.payload)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return
-        if not isinstance(status, dict) or status.get("state") != WORKER_OFFLINE:
+        if not isinstance(status, dict) or not isinstance(status.get("state"), str):
             return
+        state = status["state"]
+        self._peer_states[peer] = state
         with self._drains_lock:
-            running = self._drains.get(peer)
-            if running is not None and running.is_alive():
+            pending = self._drains.get(peer)
+            if pending is not None and pending.is_alive() and not pending.cancelled:
+                if state != WORKER_OFFLINE:
+                    pending.cancel()
                 return
-            drain = SessionDrain(
-                self, peer, str(status.get("client_id") or f"dslo-hub-{peer}")
-            )
+        if state == WORKER_OFFLINE and self._drains_peer(peer, status):
+            self._start_drain(peer, str(status.get("client_id") or f"dslo-hub-{peer}"))
+
+    def _drains_peer(self, peer: str, status: dict[str, Any]) -> bool:
+        """Return whether this worker may drain ``peer``: only its own group."""
+        group = status.get("group")
+        if group == self.config.group:
+            return True
+        # The broker sends a status again on each reconnect: log it once.
+        if self._skipped_groups.get(peer, "") == group:
+            return False
+        self._skipped_groups[peer] = group
+        logger.info(
+            "Hub worker %s does not drain %s, which is offline: %s, and this "
+            "worker serves group %s",
+            self.worker_id,
+            peer,
+            f"it served group {group}"
+            if group
+            else "its status names no group (a worker older than this one)",
+            self.config.group,
+        )
+        return False
+
+    def _start_drain(self, peer: str, peer_client_id: str) -> None:
+        grace_s = grace_period(self.config.mqtt)
+        drain = SessionDrain(self, peer, peer_client_id, grace_s)
+        with self._drains_lock:
             self._drains[peer] = drain
+        logger.info(
+            "Hub worker %s drains the session of %s if it stays offline for %g s",
+            self.worker_id,
+            peer,
+            grace_s,
+        )
         drain.start()
 
     # Batcher thread

@@ -43,7 +43,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def write_hub_config(
     folder: Path, port: int, teacher: Path, extra: dict[str, str] | None = None
 ) -> Path:
-    """Write a hub TOML file for workers on the broker at 127.0.0.1:port."""
+    """Write a hub TOML file for workers on the broker at 127.0.0.1:port.
+
+    ``extra`` adds lines to a section, and a line replaces the default line
+    that sets the same key.
+    """
     sections = {
         "hub": 'state_file = "state.sqlite"\nmetrics_every_s = 0.5',
         "mqtt": f"port = {port}\nreconnect_min_s = 0.2\nreconnect_max_s = 2.0",
@@ -52,7 +56,13 @@ def write_hub_config(
         "requests": "batch_wait_s = 0.02",
     }
     for section, text in (extra or {}).items():
-        sections[section] = sections.get(section, "") + "\n" + text
+        keys = {line.split("=")[0].strip() for line in text.splitlines()}
+        default_lines = [
+            line
+            for line in sections.get(section, "").splitlines()
+            if line.split("=")[0].strip() not in keys
+        ]
+        sections[section] = "\n".join([*default_lines, text])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "hub.toml"
     path.write_text("\n".join(f"[{name}]\n{text}\n" for name, text in sections.items()))
