@@ -303,7 +303,7 @@ def _budget(table: _Table, board: dict[str, Any]) -> dict[str, Any]:
 
 
 def _power(table: _Table) -> dict[str, Any]:
-    idle = table.value("idle_watts", (int, float), "positive watts", _positive)
+    idle = table.value("idle_watts", (int, float), "finite positive watts", _positive)
     active = table.value(
         "active_watts",
         (int, float),
@@ -313,7 +313,7 @@ def _power(table: _Table) -> dict[str, Any]:
     battery = table.value(
         "battery_wh",
         (int, float),
-        "a positive capacity in Wh",
+        "a finite positive capacity in Wh",
         _positive,
         required=False,
     )

@@ -139,6 +139,52 @@ def test_invalid_value_names_file_key_and_value(
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "idle_watts = 1.0",
+            "idle_watts = inf",
+            "power.idle_watts = inf is invalid; expected finite positive watts",
+        ),
+        (
+            "idle_watts = 1.0",
+            "idle_watts = nan",
+            "power.idle_watts = nan is invalid; expected finite positive watts",
+        ),
+        (
+            "active_watts = 4.0",
+            "active_watts = 4.0\nbattery_wh = inf",
+            "power.battery_wh = inf is invalid; expected a finite positive "
+            "capacity in Wh",
+        ),
+        (
+            "active_watts = 4.0",
+            "active_watts = 4.0\nbattery_wh = -1.0",
+            "power.battery_wh = -1.0 is invalid; expected a finite positive "
+            "capacity in Wh",
+        ),
+        (
+            "active_watts = 4.0",
+            "active_watts = inf",
+            "power.active_watts = inf is invalid; expected finite watts above "
+            "idle_watts (1.0)",
+        ),
+    ],
+)
+def test_unbounded_float_error_says_finite(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    text = VALID_PROFILE.format(name="board")
+    assert old in text
+    path = write_profile(tmp_path, text.replace(old, new, 1))
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile_file(path)
+
+    assert str(caught.value) == f"{path}: {expected}"
+
+
 def test_name_must_match_file_name(tmp_path: Path) -> None:
     path = write_profile(tmp_path, VALID_PROFILE.format(name="other"), name="board")
     with pytest.raises(
@@ -183,8 +229,8 @@ def test_misspelt_table_is_named_as_unknown(tmp_path: Path) -> None:
         (
             "idle_watts = 1.0",
             "idle_watt = 1.0",
-            "power.idle_watts (positive watts); found power.idle_watt: did you "
-            "mean idle_watts?",
+            "power.idle_watts (finite positive watts); found power.idle_watt: "
+            "did you mean idle_watts?",
         ),
     ],
 )
