@@ -70,6 +70,9 @@ class TableReader:
         # Keys that the table accepts but that are read later, declared so
         # that a missing key's misspelling hint does not name them.
         self.declared: set[str] = set()
+        # Keys read as tables or arrays of tables, which an unknown table's
+        # name is compared with.
+        self.table_keys: set[str] = set()
 
     def fail(self, key: str, value: Any, expected: str) -> ConfigError:
         return ConfigError(
@@ -165,6 +168,7 @@ class TableReader:
     def tables(self, key: str) -> list[TableReader]:
         """Return the readers of an array of tables such as ``[[push]]``."""
         self.used.add(key)
+        self.table_keys.add(key)
         value = self.table.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise self.fail(key, value, "an array of tables ([[push]])")
@@ -175,6 +179,7 @@ class TableReader:
 
     def section(self, key: str) -> TableReader:
         self.used.add(key)
+        self.table_keys.add(key)
         value = self.table.get(key, {})
         if not isinstance(value, dict):
             raise self.fail(key, value, "a table")
@@ -185,9 +190,24 @@ class TableReader:
         if unknown:
             known = ", ".join(sorted(self.used))
             raise ConfigError(
-                f"{self.source}: unknown key {self.path}{unknown[0]}; "
-                f"known keys here: {known}"
+                f"{self.source}: unknown key {self.path}{unknown[0]}"
+                f"{self._known_table_hint(unknown[0])}; known keys here: {known}"
             )
+
+    def _known_table_hint(self, key: str) -> str:
+        """Return a hint naming the known table that an unknown table resembles."""
+        value = self.table[key]
+        is_table = isinstance(value, dict) or (
+            isinstance(value, list)
+            and bool(value)
+            and all(isinstance(item, dict) for item in value)
+        )
+        if not is_table:
+            return ""
+        close = difflib.get_close_matches(key, sorted(self.table_keys), n=1, cutoff=0.6)
+        if not close:
+            return ""
+        return f", which may be a misspelling of {self.path}{close[0]}"
 
 
 # The TOML names of the types that ``TableReader.get`` reads.

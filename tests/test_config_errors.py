@@ -108,6 +108,36 @@ def test_misspelt_required_table_is_named(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            "[smoothng]\nlambda = 0.5\n",
+            "smoothng, which may be a misspelling of smoothing",
+        ),
+        (
+            '[securty]\nhmac_key_file = "key"\n',
+            "securty, which may be a misspelling of security",
+        ),
+        ("[colour]\nred = 1\n", "colour"),
+    ],
+)
+def test_misspelt_optional_table_is_named(
+    tmp_path: Path, table: str, expected: str
+) -> None:
+    path = write(tmp_path, tmp_path / "bundle")
+    path.write_text(path.read_text() + "\n" + table)
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert str(caught.value) == (
+        f"{path}: unknown key {expected}; known keys here: alpha, budget, device, "
+        "health, homeassistant, limits, logging, monitor, mqtt, requests, "
+        "security, smoothing, training"
+    )
+
+
 def test_similar_top_level_key_has_no_hint(tmp_path: Path) -> None:
     # A top-level key devise is no table header, so it is not named.
     path = tmp_path / "device.toml"

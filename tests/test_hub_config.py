@@ -436,6 +436,47 @@ def test_misspelt_teacher_table_is_named(tmp_path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            "[privcy]\nepsilon_budget = 8.0\n",
+            "privcy, which may be a misspelling of privacy",
+        ),
+        (
+            "[rate_limt]\nburst = 2\n",
+            "rate_limt, which may be a misspelling of rate_limit",
+        ),
+        ('[[psh]]\nname = "nightly"\n', "psh, which may be a misspelling of push"),
+        ("[colour]\nred = 1\n", "colour"),
+    ],
+)
+def test_misspelt_optional_table_is_named(tmp_path, table, expected) -> None:
+    path = write_config(tmp_path, table)
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: unknown key {expected}; known keys here: hub, mqtt, "
+        "privacy, push, rate_limit, requests, teacher\n"
+    )
+
+
+def test_value_like_table_name_has_no_hint(tmp_path) -> None:
+    # privcy = 1 is a value, not a table header, so it gets no hint.
+    path = write_config(tmp_path)
+    path.write_text("privcy = 1\n" + path.read_text())
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: unknown key privcy; known keys here: hub, mqtt, privacy, "
+        "push, rate_limit, requests, teacher\n"
+    )
+
+
 def test_missing_every_s_names_no_valid_key(tmp_path) -> None:
     extra = PUSH.replace("every_s = 3600", "expiry_s = 600")
     path = write_config(tmp_path, extra)
