@@ -538,13 +538,13 @@ class PushScheduler(threading.Thread):
         try:
             self._publish_batches(schedule, device, samples, labelled, published, sent)
         except Exception:
-            dropped = self._record_delivered(device, published, since, sent)
+            dropped = self._record_delivered(schedule, device, published, since, sent)
             if dropped:
                 logger.error("Push %s to device %s: %s", schedule.name, device, dropped)
             raise
         problems = [
             self._wait_for_acknowledgements(schedule, device, published, since),
-            self._record_delivered(device, published, since, sent),
+            self._record_delivered(schedule, device, published, since, sent),
         ]
         if any(problems):
             raise BrokerError(
@@ -755,6 +755,7 @@ class PushScheduler(threading.Thread):
 
     def _record_delivered(
         self,
+        schedule: PushSchedule,
         device: str,
         published: list[_Published],
         since: int,
@@ -769,7 +770,8 @@ class PushScheduler(threading.Thread):
         delivered = []
         # The sample counts of the dropped or rejected updates, per reason code.
         undelivered: dict[int, list[int]] = {}
-        refunded = 0
+        # The undelivered updates whose charge goes back.
+        refunded: list[_Published] = []
         for entry in published:
             reason_code = self._pubacks.reason_code(entry.info.mid, since)
             if reason_code is None:
@@ -779,21 +781,25 @@ class PushScheduler(threading.Thread):
                 or reason_code >= FIRST_FAILURE_CODE
             ):
                 undelivered.setdefault(reason_code, []).append(entry.samples)
-                refunded += 0 if entry.republished else entry.samples
+                if not entry.republished:
+                    refunded.append(entry)
             else:
                 delivered.append(entry.samples)
         sent.updates = len(delivered)
         sent.samples = sum(delivered)
         if not undelivered:
             return ""
-        return self._refund_undelivered(device, undelivered, len(published), refunded)
+        return self._refund_undelivered(
+            schedule, device, undelivered, len(published), refunded
+        )
 
     def _refund_undelivered(
         self,
+        schedule: PushSchedule,
         device: str,
         undelivered: dict[int, list[int]],
         published: int,
-        refunded: int,
+        refunded: list[_Published],
     ) -> str:
         """Take back the privacy charge of undelivered updates and describe them.
 
@@ -801,8 +807,8 @@ class PushScheduler(threading.Thread):
             undelivered: the sample count of each update that the broker
                 dropped or rejected, per PUBACK reason code.
             published: the number of updates published to the device.
-            refunded: the samples of ``undelivered`` to take back, which
-                exclude those of updates published again after a stop.
+            refunded: the updates of ``undelivered`` whose charge to take
+                back, which excludes those published again after a stop.
         """
         topic = Topics.for_device(device, self.config.prefix).updates
         problems = [
@@ -810,15 +816,24 @@ class PushScheduler(threading.Thread):
             for reason_code, counts in sorted(undelivered.items())
         ]
         privacy = self.config.privacy
+        refunded_samples = sum(entry.samples for entry in refunded)
         if privacy is not None and refunded:
-            self.state.refund_releases(device, refunded, privacy.noise_multiplier)
+            # A refunded update is marked acknowledged with its refund, so a
+            # run that resumes after a stop does not send it again uncharged.
+            self.state.refund_push_batches(
+                schedule.name,
+                device,
+                [entry.batch for entry in refunded],
+                refunded_samples,
+                privacy.noise_multiplier,
+            )
             problems.append(
-                f"took back the privacy charge of {counted(refunded, 'sample')}"
+                f"took back the privacy charge of {counted(refunded_samples, 'sample')}"
             )
         samples = sum(sum(counts) for counts in undelivered.values())
-        if privacy is not None and refunded < samples:
+        if privacy is not None and refunded_samples < samples:
             problems.append(
-                f"kept the charge of {counted(samples - refunded, 'sample')} "
+                f"kept the charge of {counted(samples - refunded_samples, 'sample')} "
                 "published again after a stop, which the device may have "
                 "received the first time"
             )

@@ -964,6 +964,35 @@ class HubState:
                 (name, device, batch),
             )
 
+    def refund_push_batches(
+        self,
+        name: str,
+        device: str,
+        batches: Sequence[int],
+        count: int,
+        multiplier: float,
+    ) -> None:
+        """Take back the charge of a push's dropped batches and mark them as done.
+
+        The batches are marked acknowledged in the refund's transaction, so a
+        resumed run never publishes an update again after its charge went.
+
+        Args:
+            batches: the indices of the batches that the broker dropped.
+            count: their samples, which leave the device's releases.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE releases SET count = MAX(0, count - ?) "
+                "WHERE device = ? AND multiplier = ?",
+                (count, device, multiplier),
+            )
+            db.executemany(
+                "UPDATE push_batches SET acknowledged = 1 "
+                "WHERE name = ? AND device = ? AND batch = ?",
+                [(name, device, batch) for batch in batches],
+            )
+
     def stored_push_batches(self, name: str, device: str) -> list[StoredBatch]:
         """Return the stored batches of a device's push, by batch index."""
         with self._lock:

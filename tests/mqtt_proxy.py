@@ -1,7 +1,8 @@
 """A TCP proxy on loopback that withholds the broker's PUBACKs for one topic.
 
 It forwards every byte between MQTT clients and a broker, except the PUBACKs
-for the QoS 1 publishes to ``topic`` after the first ``acknowledged``. The
+for the QoS 1 publishes to ``topic`` after the first ``acknowledged``, or
+for those whose numbers are in ``withheld``. The
 broker still delivers those publishes to its subscribers, so they receive an
 update whose PUBACK the publisher never gets, as when the publisher is killed
 before the PUBACK arrives.
@@ -54,12 +55,21 @@ class PubackProxy:
         port: the port clients connect to.
         acknowledged: how many publishes to ``topic`` get their PUBACK
             forwarded; None forwards every PUBACK.
+        withheld: the numbers, from 1, of the publishes to ``topic`` whose
+            PUBACK is withheld, whatever ``acknowledged`` is.
     """
 
-    def __init__(self, broker_port: int, topic: str, acknowledged: int | None):
+    def __init__(
+        self,
+        broker_port: int,
+        topic: str,
+        acknowledged: int | None,
+        withheld: frozenset[int] = frozenset(),
+    ):
         self.broker_port = broker_port
         self.topic = topic.encode()
         self.acknowledged = acknowledged
+        self.withheld = withheld
         self.publishes = 0
         self._held: set[int] = set()
         self._lock = threading.Lock()
@@ -72,6 +82,7 @@ class PubackProxy:
         """Forward every PUBACK from now on, also for later publishes to topic."""
         with self._lock:
             self.acknowledged = None
+            self.withheld = frozenset()
             self._held.clear()
 
     def close(self) -> None:
@@ -121,6 +132,8 @@ class PubackProxy:
         with self._lock:
             self.publishes += 1
             if self.acknowledged is not None and self.publishes > self.acknowledged:
+                self._held.add(packet_id)
+            if self.publishes in self.withheld:
                 self._held.add(packet_id)
         return True
 

@@ -334,3 +334,61 @@ def test_batches_of_earlier_run_dropped_at_start(tmp_path) -> None:
         state.close()
 
     assert at_start == []
+
+
+def test_refunded_update_not_published_again(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    # porch has no subscriber at first, so the broker drops its updates unread
+    # and w1 refunds them. Their PUBACKs arrive except that of the second.
+    proxy = PubackProxy(
+        mosquitto.port, "dslo/porch/updates", None, withheld=frozenset({2})
+    )
+    config = write_config(folder, proxy.port, mlp_pair.bundle)
+    state_file = folder / "state.sqlite"
+    keys = folder / "keys"
+    subscribers = {
+        device: device_updates(mosquitto.port, device)
+        for device in ("kitchen", "garage")
+    }
+    logs = [tmp_path / "w1-first.log", tmp_path / "w1-second.log"]
+    porch = None
+    try:
+        first = start_worker(config, "w1", logs[0])
+        try:
+            wait_for_rows(state_file, "porch", [(0, 1), (1, 0), (2, 0)], first)
+            # The PUBACK of the third update, numbered after the withheld one.
+            time.sleep(1.0)
+        finally:
+            stop(first, signal.SIGTERM)
+        state = HubState(state_file, "reader")
+        try:
+            charged_at_stop = state.releases("porch")
+        finally:
+            state.close()
+        proxy.forward_all()
+        porch = device_updates(mosquitto.port, "porch")
+        second = start_worker(config, "w1", logs[1])
+        try:
+            wait_for_log(logs[1], "Push nightly sent", second)
+            wait_for_updates(subscribers["garage"][1], 3)
+            time.sleep(0.5)
+        finally:
+            stop(second, signal.SIGTERM)
+        received = [count for _, count, _ in drain_updates(porch[1], keys, "porch")]
+    finally:
+        proxy.close()
+        for client, _ in [*subscribers.values(), *([porch] if porch else [])]:
+            client.disconnect()
+            client.loop_stop()
+
+    state = HubState(state_file, "reader")
+    try:
+        charged = state.releases("porch")
+    finally:
+        state.close()
+    # The first and third updates were dropped unread and refunded; only the
+    # second, whose PUBACK never came, stays charged.
+    assert charged_at_stop == {8.0: 16}
+    # Each update porch received is charged: none goes out after its refund.
+    assert received == [16]
+    assert charged == {8.0: sum(received)}
