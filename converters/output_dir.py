@@ -12,21 +12,17 @@ parent deletes those of killed writers.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import shutil
-import signal
 import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from dslo_edge.bundle import MANIFEST_NAME, load_bundle
 from dslo_edge.errors import BundleError, ConversionError, OutputPathError
 from dslo_edge.eval_staging import owned_entries, owned_prefix, remove_dead_writers
 from dslo_edge.health import PROBE_FILE, check_bundle_probe
+from dslo_edge.signal_deferral import signals_deferred
 
 STUDENT_FILE = "student.tflite"
 TEACHER_FILE = "teacher.tflite"
@@ -254,7 +250,7 @@ def _swap(staging: Path, target: Path) -> None:
     # An exception raised by a signal handler between the renames, such as
     # KeyboardInterrupt, would leave no bundle at target and the earlier
     # one under the hidden backup name, so the signals wait for the swap.
-    with _signals_deferred():
+    with signals_deferred():
         try:
             target.rename(backup)  # replaces the empty backup directory
         except OSError:
@@ -269,40 +265,6 @@ def _swap(staging: Path, target: Path) -> None:
             shutil.rmtree(backup)
         except OSError as error:
             logger.warning("Could not delete the replaced bundle %s: %s", backup, error)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold back SIGINT and SIGTERM while the block runs, then raise them again.
-
-    Blocking the signals with pthread_sigmask would not do, because the
-    kernel delivers a signal sent to the process to any thread that does
-    not block it, such as the OpenBLAS worker threads that numpy starts.
-    Python then runs the handler in the main thread at once. Only the main
-    thread can set handlers, so in other threads the block runs without
-    deferral.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def remember(signum: int, _frame: Any) -> None:
-        received.append(signum)
-
-    previous = {}
-    for number in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(number)
-        # None: a handler that Python did not install, which it cannot restore.
-        if handler is not None:
-            previous[number] = signal.signal(number, remember)
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        for signum in dict.fromkeys(received):
-            signal.raise_signal(signum)
 
 
 def _restore(backup: Path, target: Path) -> None:

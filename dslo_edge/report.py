@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dslo_edge.errors import ConfigError, OutputPathError
+from dslo_edge.report_staging import make_staging_dir, move_into_place
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +274,10 @@ def _pyplot() -> Any:
 def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     """Write ``latency.png``, ``training.png`` and ``energy.png`` into a directory.
 
+    The plots are saved into a staging folder first and replace the earlier
+    ones only when all three are written, so a failed or interrupted run
+    leaves an earlier report as it was (see ``dslo_edge.report_staging``).
+
     Returns:
         The paths written.
 
@@ -289,12 +295,16 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list
             "choose another --out"
         ) from error
     device = records[-1].get("device", "device")
-    written = [
-        _plot_latency(pyplot, records, folder / "latency.png", device),
-        _plot_training(pyplot, records, folder / "training.png", device),
-        _plot_energy(pyplot, records, folder / "energy.png", device),
-    ]
-    return written
+    staging = make_staging_dir(folder)
+    try:
+        staged = [
+            _plot_latency(pyplot, records, staging / "latency.png", device),
+            _plot_training(pyplot, records, staging / "training.png", device),
+            _plot_energy(pyplot, records, staging / "energy.png", device),
+        ]
+        return move_into_place(staged, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _mapping(value: Any) -> dict[str, Any]:
