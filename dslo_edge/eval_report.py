@@ -15,6 +15,7 @@ from dslo_edge.errors import ConfigError
 from dslo_edge.eval_data import DATASETS
 from dslo_edge.eval_staging import make_page_file, make_staging_dir, remove_stale
 from dslo_edge.evaluate import METHODS, RunResult, SeedResult
+from dslo_edge.signal_deferral import signals_deferred
 
 CURVE_METHODS = ("static KD", "annealed KD", "DSL-O")
 # Per dataset: the curve field, the y-axis label and the title of each plot.
@@ -429,8 +430,10 @@ def write_report(
     The plots and results.json are written into a staging folder inside
     ``out/evaluation``, and the page into a temporary file in ``out``. Only
     then is each renamed into place within its own folder, so a failed
-    write, such as a full disk, leaves an earlier report as it was. Those
-    temporary files of earlier writers that were killed are deleted first.
+    write, such as a full disk, leaves an earlier report as it was. SIGINT
+    and SIGTERM wait until the last rename, so Ctrl-C leaves the earlier or
+    the new report and not a mix of both. Those temporary files of earlier
+    writers that were killed are deleted first.
     """
     summary = summarise(results)
     folder = out / "evaluation"
@@ -445,9 +448,10 @@ def write_report(
         write_json(results, written[-1])
         seeds = len({result.seed for result in results})
         page.write_text(render_page(summary, command, seconds, seeds, cpus))
-        for path in written:
-            os.replace(path, folder / path.name)
-        os.replace(page, out / "evaluation.md")
+        with signals_deferred():
+            for path in written:
+                os.replace(path, folder / path.name)
+            os.replace(page, out / "evaluation.md")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if page is not None:

@@ -1,7 +1,7 @@
 """Deferral of SIGINT and SIGTERM while files are moved into place.
 
-``dslo-edge convert`` and ``report`` write their output into a staging
-folder and then rename it into place. A KeyboardInterrupt raised
+``dslo-edge convert``, ``report`` and ``evaluate`` write their output into
+a staging folder and then rename it into place. A KeyboardInterrupt raised
 between two of those renames would leave the output half old and half new,
 so the renames run inside ``signals_deferred``. This module imports only the
 standard library, so both ``converters`` and the runtime can use it.
