@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
@@ -49,6 +50,11 @@ from dslo_edge.bench_process import measure_startup
 from dslo_edge.broker import Broker, find_mosquitto
 from dslo_edge.errors import DsloError
 
+BENCH_FILE = "bench.json"
+# The report of the run before, kept so that an interrupted run does not
+# leave it under the name of this run's report.
+PREVIOUS_BENCH_FILE = "bench-previous.json"
+TEMPORARY_PREFIX = f".{BENCH_FILE}."
 THROUGHPUT_TARGET = 20_000.0
 # Samples per train step of the second daemon, which coalesces queued
 # updates (training.batch_size) and never waits for more (batch_wait_ms 0).
@@ -64,6 +70,8 @@ MOSQUITTO_NODELAY = (
     "max_inflight_messages 100\n"
     "set_tcp_nodelay true\n"
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,7 +169,7 @@ def run_bench(out: Path, options: BenchOptions) -> dict[str, Any]:
             "the bench needs mosquitto (apt-get install mosquitto) for its "
             "throughput and latency runs"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out)
     bundle, reference = _tensorflow_side(out)
 
     measured: dict[str, Any] = {}
@@ -198,8 +206,69 @@ def run_bench(out: Path, options: BenchOptions) -> dict[str, Any]:
         "figures": {f.name: asdict(f) for f in _figures(measured)},
         "measured": measured,
     }
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_bench_json(out, report)
     return report
+
+
+def prepare_out_dir(out: Path) -> Path | None:
+    """Create ``out`` and rename an earlier run's bench.json to bench-previous.json.
+
+    Temporary files of a killed run's bench.json are deleted.
+
+    bench.json is written only when a run ends, so an earlier one left in
+    place would sit beside the files of an interrupted run as if it were
+    that run's result.
+
+    Returns:
+        The path of the renamed earlier report, or None if there was none.
+
+    Raises:
+        DsloError: ``out/bench.json`` is a directory, or it cannot be
+            renamed.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    # Left by a run killed while it wrote bench.json. A second run into the
+    # same folder would clash with this one's broker and device folders
+    # anyway, so no running writer is checked for.
+    for leftover in out.glob(f"{TEMPORARY_PREFIX}*.tmp"):
+        leftover.unlink(missing_ok=True)
+    earlier = out / BENCH_FILE
+    if not earlier.exists() and not earlier.is_symlink():
+        return None
+    if earlier.is_dir():
+        raise DsloError(
+            f"{earlier} is a directory, but the bench writes its report there; "
+            "move it away or choose another --out"
+        )
+    previous = out / PREVIOUS_BENCH_FILE
+    try:
+        os.replace(earlier, previous)
+    except OSError as error:
+        raise DsloError(
+            f"cannot rename the earlier {earlier} to {previous}: "
+            f"{error.strerror or error}; move one of them away"
+        ) from error
+    logger.info("Renamed the earlier %s to %s", earlier, previous)
+    return previous
+
+
+def write_bench_json(out: Path, report: dict[str, Any]) -> Path:
+    """Write ``report`` to ``out/bench.json`` through a temporary file and a rename.
+
+    A write that fails, such as on a full disk, leaves bench.json as it was
+    and no partial file under that name.
+    """
+    path = out / BENCH_FILE
+    temporary = out / f"{TEMPORARY_PREFIX}{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as stream:
+            stream.write(json.dumps(report, indent=2) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _tensorflow_side(out: Path) -> tuple[Path, Any]:

@@ -21,7 +21,8 @@ from dslo_edge.cli_device import handle_errors
     default="bench-out",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Folder for bench.json, the bundle, and the broker and daemon logs.",
+    help="Folder for bench.json, the bundle, and the broker and daemon logs. "
+    "An earlier bench.json there is renamed to bench-previous.json at the start.",
 )
 @click.option(
     "--message-samples",
