@@ -365,7 +365,7 @@ def test_read_only_state_file_is_named(tmp_path, monkeypatch) -> None:
     def connect_read_only(database, **options):
         return connect(f"file:{database}?mode=ro", uri=True, **options)
 
-    monkeypatch.setattr("dslo_edge.hub_state.sqlite3.connect", connect_read_only)
+    monkeypatch.setattr("dslo_edge.hub_state_file.sqlite3.connect", connect_read_only)
 
     result = CliRunner().invoke(main, ["hub", "--config", str(path)])
 
