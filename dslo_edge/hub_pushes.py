@@ -20,6 +20,10 @@ that run.
 
 The scheduler has its own ``TeacherModel``, because the batcher thread uses
 the registry's interpreter and LiteRT interpreters are not thread-safe.
+
+This module schedules, claims and resumes runs and labels the dataset. The
+publishing of each device's batches, the PUBACK waits and the refunds are in
+``hub_push_batches``.
 """
 
 from __future__ import annotations
@@ -29,25 +33,17 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from dslo_edge.errors import BrokerError, ConfigError, DsloError
+from dslo_edge.errors import ConfigError, DsloError
 from dslo_edge.hub import (
-    FIRST_FAILURE_CODE,
-    NO_MATCHING_SUBSCRIBERS,
-    NOT_AUTHORIZED,
     SampleSet,
     check_samples,
     describe_non_finite_labels,
-    label_probabilities_of,
     load_samples,
-    reason_name,
 )
 from dslo_edge.hub_config import (
     HubConfig,
@@ -55,15 +51,13 @@ from dslo_edge.hub_config import (
     check_hard_labels_present,
     check_private_hard_labels,
 )
-from dslo_edge.hub_state import HubState, StoredBatch
+from dslo_edge.hub_push_batches import BatchPublisher, DevicePush, Labelled
+from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherRegistry, TeacherVersion
 from dslo_edge.models import TeacherModel
-from dslo_edge.privacy import privatise
-from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
 from dslo_edge.pubacks import PubackTracker
 from dslo_edge.push_progress import counted
 from dslo_edge.repeat_log import RepeatLimiter, repeats_note
-from dslo_edge.signing import key_file_present, load_key, sign
 
 logger = logging.getLogger(__name__)
 
@@ -72,53 +66,11 @@ CHECK_EVERY_S = 1.0
 # run. A missing key file also fails every run until it is added.
 BUDGET_LOG_INTERVAL_S = 3600.0
 BUDGET_LOG_MEMORY = 1024
-# How long a run waits for the broker to acknowledge one update, counted from
-# the acknowledgement before it. It includes a reconnect after the connection
-# dropped during the run.
-PUBLISH_TIMEOUT_S = 30.0
 # How often a running worker looks for runs that a stopped worker id left.
 RESUME_CHECK_S = 10.0
-# The default of the device's max_age_s (dslo_edge.config): a device with that
-# default rejects an update older than this, also one published again.
-DEVICE_MAX_AGE_S = 3600.0
 
 
-@dataclass
-class _DevicePush:
-    """Updates and samples that one run's push sent to one device."""
-
-    updates: int = 0
-    samples: int = 0
-    # True when the device's budget ran out before the last batch.
-    cut_short: bool = False
-    # Samples of the updates that the broker acknowledged to a stopped worker
-    # before this run resumed the device's push.
-    earlier_samples: int = 0
-
-
-@dataclass(frozen=True)
-class _Labelled:
-    """A run's teacher version and outputs, and what they were made from."""
-
-    current: TeacherVersion
-    outputs: np.ndarray
-    # The teacher file and data file version that StoredBatch.source records.
-    source: str
-
-
-@dataclass(frozen=True)
-class _Published:
-    """One update published to a device, and its batch index in the push."""
-
-    info: mqtt.MQTTMessageInfo
-    samples: int
-    batch: int
-    # A stored update published again, which the device may have received at
-    # the first publish, so its charge is never taken back.
-    republished: bool = False
-
-
-class PushScheduler(threading.Thread):
+class PushScheduler(BatchPublisher, threading.Thread):
     """Runs the configured pushes when they are due."""
 
     def __init__(
@@ -366,7 +318,7 @@ class PushScheduler(threading.Thread):
             )
         if devices is None:
             devices = schedule.devices
-        labelled = _Labelled(current, outputs, self._source(schedule, current))
+        labelled = Labelled(current, outputs, self._source(schedule, current))
         sent_samples = 0
         reached = 0
         stopped = False
@@ -377,7 +329,7 @@ class PushScheduler(threading.Thread):
                 # worker if it does not.
                 stopped = True
                 break
-            sent = _DevicePush()
+            sent = DevicePush()
             failed = False
             try:
                 self._push_device(schedule, device, samples, labelled, sent)
@@ -513,347 +465,6 @@ class PushScheduler(threading.Thread):
             self._model = (current.identity, model)
         return self._model[1]
 
-    def _push_device(
-        self,
-        schedule: PushSchedule,
-        device: str,
-        samples: SampleSet,
-        labelled: _Labelled,
-        sent: _DevicePush,
-    ) -> None:
-        """Publish one device's batches and record in ``sent`` what was sent.
-
-        Args:
-            sent: receives the updates and samples that the broker
-                acknowledged and did not drop. When this raises, it has those
-                acknowledged before.
-
-        Raises:
-            BrokerError: the broker did not acknowledge an update in time, or
-                dropped one because no client subscribes to the device's topic.
-        """
-        published: list[_Published] = []
-        # Only PUBACKs numbered after this one can acknowledge this device's updates.
-        since = self._pubacks.sequence
-        try:
-            self._publish_batches(schedule, device, samples, labelled, published, sent)
-        except Exception:
-            dropped = self._record_delivered(schedule, device, published, since, sent)
-            if dropped:
-                logger.error("Push %s to device %s: %s", schedule.name, device, dropped)
-            raise
-        problems = [
-            self._wait_for_acknowledgements(schedule, device, published, since),
-            self._record_delivered(schedule, device, published, since, sent),
-        ]
-        if any(problems):
-            raise BrokerError(
-                ". Also, ".join(problem for problem in problems if problem)
-            )
-
-    def _publish_batches(
-        self,
-        schedule: PushSchedule,
-        device: str,
-        samples: SampleSet,
-        labelled: _Labelled,
-        published: list[_Published],
-        sent: _DevicePush,
-    ) -> None:
-        """Publish each batch, appending it to ``published``.
-
-        A device whose push a stopped worker left gets again the stored
-        batches that the broker did not acknowledge, then the batches never
-        charged. Sets ``sent.cut_short`` when the device's budget ran out
-        before the last batch, or when the stored batches came from another
-        teacher or data file.
-        """
-        topic = Topics.for_device(device, self.config.prefix).updates
-        key = self._key(device)
-        self.state.start_device_push(schedule.name, device)
-        stored = self.state.stored_push_batches(schedule.name, device)
-        first = 0
-        if stored:
-            sent.earlier_samples = sum(
-                batch.end_sample - batch.first_sample
-                for batch in stored
-                if batch.acknowledged
-            )
-            self._republish(schedule, device, topic, stored, published)
-            if stored[-1].source != labelled.source:
-                self._log_changed_source(schedule, device, stored[-1])
-                sent.cut_short = True
-                return
-            first = stored[-1].end_sample
-        starts = range(first, len(samples.x), schedule.batch_size)
-        for index, start in enumerate(starts, start=len(stored)):
-            stop = min(start + schedule.batch_size, len(samples.x))
-            batch = self._new_batch(schedule, samples, labelled, (start, stop), index)
-            payload = batch.payload if key is None else sign(key, topic, batch.payload)
-            batch = replace(batch, payload=payload)
-            # The charge and the stored payload are on disk before the publish,
-            # so a resumed run sends these same bytes and charges nothing more.
-            refusal = self.state.store_push_batch(
-                schedule.name, device, batch, self.config.privacy
-            )
-            if refusal:
-                self._log_spent(device, refusal)
-                sent.cut_short = True
-                return
-            info = self._publish(topic, payload, schedule.expiry_s)
-            published.append(_Published(info, stop - start, index))
-
-    def _new_batch(
-        self,
-        schedule: PushSchedule,
-        samples: SampleSet,
-        labelled: _Labelled,
-        rows: tuple[int, int],
-        index: int,
-    ) -> StoredBatch:
-        """Label the dataset rows ``rows`` (end excluded) into an unsigned update."""
-        start, stop = rows
-        labels, kind = self._labels(labelled.outputs[start:stop], labelled.current)
-        now = time.time()
-        update = SoftLabelUpdate(
-            message_id=new_message_id(),
-            teacher_version=labelled.current.version,
-            teacher_round=labelled.current.round,
-            timestamp=now,
-            sample_ids=samples.ids[start:stop],
-            inputs=samples.x[start:stop],
-            labels=labels,
-            label_kind=kind,
-            hard_labels=_batch_hard_labels(schedule, samples, start, stop),
-        )
-        return StoredBatch(
-            batch=index,
-            first_sample=start,
-            end_sample=stop,
-            source=labelled.source,
-            created=now,
-            payload=encode_update(update),
-        )
-
-    def _publish(
-        self, topic: str, payload: bytes, expiry_s: float
-    ) -> mqtt.MQTTMessageInfo:
-        properties = Properties(PacketTypes.PUBLISH)
-        properties.MessageExpiryInterval = max(1, int(expiry_s))
-        return self.client.publish(topic, payload, qos=1, properties=properties)
-
-    def _republish(
-        self,
-        schedule: PushSchedule,
-        device: str,
-        topic: str,
-        stored: list[StoredBatch],
-        published: list[_Published],
-    ) -> None:
-        """Publish again, unchanged, the stored batches the broker did not acknowledge.
-
-        They keep their message ids, so a device that got one before skips it,
-        and their charge, so nothing is charged again.
-        """
-        # NOTE: a device whose key was replaced since rejects the updates
-        # signed with its old key.
-        waiting = [batch for batch in stored if not batch.acknowledged]
-        now = time.time()
-        stale = 0
-        for batch in waiting:
-            age = now - batch.created
-            stale += age > DEVICE_MAX_AGE_S
-            # The update keeps what remains of the push's expiry_s, counted
-            # from the first publish, and at least 1 s.
-            info = self._publish(topic, batch.payload, schedule.expiry_s - age)
-            samples = batch.end_sample - batch.first_sample
-            published.append(_Published(info, samples, batch.batch, republished=True))
-        self.republished_updates += len(waiting)
-        self.stale_republished_updates += stale
-        logger.info(
-            "Push %s resumes device %s after batch %d: skips %d acknowledged "
-            "before the stop and publishes %d again unchanged",
-            schedule.name,
-            device,
-            stored[-1].batch,
-            len(stored) - len(waiting),
-            len(waiting),
-        )
-        if stale:
-            logger.warning(
-                "Push %s to device %s published again %d of its updates that are "
-                "older than %.0f s, which a device with the default max_age_s "
-                "rejects",
-                schedule.name,
-                device,
-                stale,
-                DEVICE_MAX_AGE_S,
-            )
-
-    def _log_changed_source(
-        self, schedule: PushSchedule, device: str, last: StoredBatch
-    ) -> None:
-        logger.warning(
-            "Push %s to device %s stops after batch %d (sample %d of the dataset): "
-            "the teacher file or the data file changed since the interrupted run "
-            "made its first batches, so the rest would not match them; the device "
-            "gets the whole dataset at the next run",
-            schedule.name,
-            device,
-            last.batch,
-            last.end_sample,
-        )
-
-    def _wait_for_acknowledgements(
-        self,
-        schedule: PushSchedule,
-        device: str,
-        published: list[_Published],
-        since: int,
-    ) -> str:
-        """Wait for the broker to acknowledge each update; return "" or what failed.
-
-        Each acknowledged batch is marked so in the state file at once, so a
-        resumed run does not publish it again.
-        """
-        for entry in published:
-            problem = self._pubacks.wait_for_all(
-                [entry.info], since, PUBLISH_TIMEOUT_S, self._stopping
-            )
-            if problem:
-                break
-            self._mark_acknowledged(schedule, device, entry.batch)
-        else:
-            return ""
-        waiting = sum(
-            self._pubacks.reason_code(entry.info.mid, since) is None
-            for entry in published
-        )
-        return (
-            f"{waiting} of {len(published)} updates were not acknowledged by the "
-            f"broker ({problem}); paho sends the queued ones if the worker "
-            "reconnects before it stops"
-        )
-
-    def _mark_acknowledged(
-        self, schedule: PushSchedule, device: str, batch: int
-    ) -> None:
-        try:
-            self.state.acknowledge_push_batch(schedule.name, device, batch)
-        except sqlite3.Error as error:
-            # Only a resumed run reads the mark. Without it, that run publishes
-            # the batch again with its message id, which the device skips.
-            logger.warning(
-                "Push %s cannot mark batch %d of device %s as acknowledged in "
-                "hub.state_file %s: %s",
-                schedule.name,
-                batch,
-                device,
-                self.state.path,
-                error,
-            )
-
-    def _record_delivered(
-        self,
-        schedule: PushSchedule,
-        device: str,
-        published: list[_Published],
-        since: int,
-        sent: _DevicePush,
-    ) -> str:
-        """Record in ``sent`` the updates acknowledged and kept by the broker.
-
-        Returns:
-            "", or a description of the updates that the broker dropped or
-            rejected, whose privacy charge this takes back.
-        """
-        delivered = []
-        # The sample counts of the dropped or rejected updates, per reason code.
-        undelivered: dict[int, list[int]] = {}
-        # The undelivered updates whose charge goes back.
-        refunded: list[_Published] = []
-        for entry in published:
-            reason_code = self._pubacks.reason_code(entry.info.mid, since)
-            if reason_code is None:
-                continue
-            if (
-                reason_code == NO_MATCHING_SUBSCRIBERS
-                or reason_code >= FIRST_FAILURE_CODE
-            ):
-                undelivered.setdefault(reason_code, []).append(entry.samples)
-                if not entry.republished:
-                    refunded.append(entry)
-            else:
-                delivered.append(entry.samples)
-        sent.updates = len(delivered)
-        sent.samples = sum(delivered)
-        if not undelivered:
-            return ""
-        return self._refund_undelivered(
-            schedule, device, undelivered, len(published), refunded
-        )
-
-    def _refund_undelivered(
-        self,
-        schedule: PushSchedule,
-        device: str,
-        undelivered: dict[int, list[int]],
-        published: int,
-        refunded: list[_Published],
-    ) -> str:
-        """Take back the privacy charge of undelivered updates and describe them.
-
-        Args:
-            undelivered: the sample count of each update that the broker
-                dropped or rejected, per PUBACK reason code.
-            published: the number of updates published to the device.
-            refunded: the updates of ``undelivered`` whose charge to take
-                back, which excludes those published again after a stop.
-        """
-        topic = Topics.for_device(device, self.config.prefix).updates
-        problems = [
-            _describe_undelivered(reason_code, len(counts), published, topic)
-            for reason_code, counts in sorted(undelivered.items())
-        ]
-        privacy = self.config.privacy
-        refunded_samples = sum(entry.samples for entry in refunded)
-        if privacy is not None and refunded:
-            # A refunded update is marked acknowledged with its refund, so a
-            # run that resumes after a stop does not send it again uncharged.
-            self.state.refund_push_batches(
-                schedule.name,
-                device,
-                [entry.batch for entry in refunded],
-                refunded_samples,
-                privacy.noise_multiplier,
-            )
-            problems.append(
-                f"took back the privacy charge of {counted(refunded_samples, 'sample')}"
-            )
-        samples = sum(sum(counts) for counts in undelivered.values())
-        if privacy is not None and refunded_samples < samples:
-            problems.append(
-                f"kept the charge of {counted(samples - refunded_samples, 'sample')} "
-                "published again after a stop, which the device may have "
-                "received the first time"
-            )
-        return "; ".join(problems)
-
-    def _labels(
-        self, rows: np.ndarray, current: TeacherVersion
-    ) -> tuple[np.ndarray, str]:
-        """Return the labels to send and their kind, noised under ``[privacy]``.
-
-        The caller charges them before it publishes them.
-        """
-        privacy = self.config.privacy
-        kind = current.output_kind
-        if privacy is None:
-            return np.asarray(rows, dtype=np.float32), kind
-        if kind == "logits":
-            rows = label_probabilities_of(rows)
-        return privatise(rows, privacy, self._rng), "probabilities"
-
     def _log_failed(
         self, schedule: PushSchedule, device: str, error: Exception
     ) -> None:
@@ -870,75 +481,6 @@ class PushScheduler(threading.Thread):
             error,
             repeats_note(skipped, "failed run"),
         )
-
-    def _log_spent(self, device: str, refusal: str) -> None:
-        """Log a push stopped by the budget, at most once an hour per device."""
-        skipped = self._budget_log.skipped_before(device)
-        if skipped is None:
-            return
-        logger.warning(
-            "Push to device %s stopped: %s%s. Later stops for this device are "
-            "logged at most once an hour",
-            device,
-            refusal,
-            repeats_note(skipped, "stopped run"),
-        )
-
-    def _key(self, device: str) -> bytes | None:
-        """Return the device's HMAC key, or None when the hub signs nothing.
-
-        Raises:
-            ConfigError: keys_dir is set but the device's key file is missing
-                or unusable. A device with a key rejects unsigned updates, so
-                sending them would only spend its privacy budget.
-        """
-        if self.config.keys_dir is None:
-            return None
-        path = self.config.keys_dir / f"{device}.key"
-        if not key_file_present(path):
-            raise ConfigError(
-                f"no HMAC key {device}.key in {self.config.keys_dir}; add the "
-                "device's key so the hub can sign its labels"
-            )
-        return load_key(path)
-
-
-def _describe_undelivered(
-    reason_code: int, count: int, published: int, topic: str
-) -> str:
-    """Describe ``count`` of ``published`` updates that got ``reason_code``."""
-    if published == 1:
-        share = "its update"
-    elif count == published:
-        share = f"all {published} updates"
-    else:
-        share = f"{count} of {published} updates"
-    if reason_code == NO_MATCHING_SUBSCRIBERS:
-        return (
-            f"the broker dropped {share} unread, because no client subscribes "
-            f"to {topic} (the device never connected, its session expired, or "
-            "its id in push.devices is mistyped)"
-        )
-    problem = (
-        f"the broker rejected {share} to {topic} with reason code {reason_code} "
-        f"({reason_name(reason_code)})"
-    )
-    if reason_code == NOT_AUTHORIZED:
-        problem += (
-            ", which mosquitto sends when its ACL does not let the hub's MQTT "
-            "user publish there; grant that user write access to the devices' "
-            "updates topics"
-        )
-    return problem
-
-
-def _batch_hard_labels(
-    schedule: PushSchedule, samples: SampleSet, start: int, stop: int
-) -> np.ndarray | None:
-    """Return the hard labels of one batch, or None unless the push sends them."""
-    if not schedule.hard_labels or samples.y is None:
-        return None
-    return samples.y[start:stop]
 
 
 def _file_stamp(path: Path) -> tuple[int, ...] | None:

@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
 
-from dslo_edge import hub_pushes
+from dslo_edge import hub_push_batches
 from dslo_edge.broker import Broker, find_mosquitto
 from dslo_edge.bundle import load_bundle
 from dslo_edge.cli import EXIT_CONFIG, main
@@ -1529,7 +1529,7 @@ def test_push_wait_ends_when_worker_stops(mlp_pair, tmp_path, caplog) -> None:
 def test_push_disconnected_tries_every_device(
     mlp_pair, tmp_path, caplog, monkeypatch
 ) -> None:
-    monkeypatch.setattr(hub_pushes, "PUBLISH_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(hub_push_batches, "PUBLISH_TIMEOUT_S", 1.0)
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
     config = nightly_push_config(tmp_path / "hub", 1883, mlp_pair.bundle, x)
     text = config.read_text().replace(
