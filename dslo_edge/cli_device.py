@@ -285,11 +285,15 @@ def _is_this_root(target: str) -> bool:
 @handle_errors
 def report(metrics_paths: tuple[str, ...], out: str) -> None:
     """Plot latency, adaptation and energy from a metrics log (needs matplotlib)."""
+    from dslo_edge.cli import sigterm_as_exit
     from dslo_edge.report import read_metrics_logs, write_report
 
     records = read_metrics_logs(metrics_paths)
     try:
-        paths = write_report(records, out)
+        # By default SIGTERM ends the process at once and leaves the staging
+        # folder beside --out. Raised as SystemExit, it lets write_report delete it.
+        with sigterm_as_exit():
+            paths = write_report(records, out)
     except OutputPathError as error:
         raise OutputPathError(str(error), option="--out") from error
     count = (

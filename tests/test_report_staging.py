@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,40 @@ def test_staging_stays_inside_mount_point() -> None:
         pytest.skip("/proc is not a separate file system here")
 
     assert _staging_places(mount) == [mount]
+
+
+def test_sigterm_in_report_leaves_no_staging(tmp_path) -> None:
+    log = metrics_log(tmp_path / "metrics.jsonl", reports=200)
+    out = tmp_path / "plots"
+    command = [
+        sys.executable,
+        "-m",
+        "dslo_edge.cli",
+        "report",
+        "--metrics",
+        str(log),
+        "--out",
+        str(out),
+    ]
+    subprocess.run(command, capture_output=True, check=True, timeout=120)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # SIGTERM once the first plot is staged, while later ones are drawn.
+        # Before that, matplotlib may still be importing its backend, and the
+        # import turns the SystemExit into an ImportError.
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(f"{STAGING_PREFIX}*/latency.png")):
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        process.send_signal(signal.SIGTERM)
+        _stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert staging_leftovers(tmp_path, out) == []
+    assert sorted(path.name for path in out.iterdir()) == PLOTS
