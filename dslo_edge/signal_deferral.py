@@ -46,5 +46,18 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        for signum in dict.fromkeys(received):
-            signal.raise_signal(signum)
+        _raise_each(list(dict.fromkeys(received)))
+
+
+def _raise_each(signals: list[int]) -> None:
+    """Raise each signal in turn, also when the handler of an earlier one raises.
+
+    So after SIGINT and SIGTERM, SIGTERM's handler runs even though SIGINT's
+    raised KeyboardInterrupt, and its exception is the one that propagates.
+    """
+    if not signals:
+        return
+    try:
+        signal.raise_signal(signals[0])
+    finally:
+        _raise_each(signals[1:])

@@ -51,3 +51,25 @@ def test_other_thread_runs_block_without_deferral() -> None:
     thread.join()
 
     assert handlers == [before]
+
+
+def test_sigterm_after_sigint_still_raised() -> None:
+    def exit_on_sigterm(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        # BaseException, so that a lone KeyboardInterrupt fails the test
+        # rather than stopping pytest.
+        with pytest.raises(BaseException) as caught:
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
+
+    assert isinstance(caught.value, SystemExit)
+    assert caught.value.code == 128 + signal.SIGTERM
+    assert isinstance(caught.value.__context__, KeyboardInterrupt)
