@@ -48,6 +48,7 @@ from dslo_edge.bench_mqtt import (
 )
 from dslo_edge.bench_process import measure_startup
 from dslo_edge.broker import Broker, find_mosquitto
+from dslo_edge.checkpoint import fsync_directory
 from dslo_edge.errors import DsloError
 
 BENCH_FILE = "bench.json"
@@ -256,7 +257,8 @@ def write_bench_json(out: Path, report: dict[str, Any]) -> Path:
     """Write ``report`` to ``out/bench.json`` through a temporary file and a rename.
 
     A write that fails, such as on a full disk, leaves bench.json as it was
-    and no partial file under that name.
+    and no partial file under that name. The folder is fsynced after the
+    rename, so the new file survives a power loss.
     """
     path = out / BENCH_FILE
     temporary = out / f"{TEMPORARY_PREFIX}{os.getpid()}.tmp"
@@ -266,6 +268,7 @@ def write_bench_json(out: Path, report: dict[str, Any]) -> Path:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+        fsync_directory(out)
     finally:
         temporary.unlink(missing_ok=True)
     return path
