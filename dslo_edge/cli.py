@@ -1010,7 +1010,6 @@ def _run_and_report(
 def _report_from_results(path: Path, out: str) -> None:
     """Write the evaluation report from a file of saved results, without a run."""
     _require_modules(("matplotlib",), "eval")
-    _check_report_dirs(Path(out))
     written = Path(out) / "evaluation" / "results.json"
     # That file gets the results without their curves, which the report needs.
     if written.exists() and written.samefile(path):
@@ -1022,6 +1021,8 @@ def _report_from_results(path: Path, out: str) -> None:
     from dslo_edge.eval_report import load_results
 
     results, command, seconds, cpus = load_results(path)
+    # Checked after the results load, so an invalid file creates no folders.
+    _check_report_dirs(Path(out))
     _check_report_paths(Path(out), [result.dataset for result in results])
     with sigterm_as_exit():
         _write_evaluation_report(

@@ -569,7 +569,7 @@ def test_report_from_inconsistent_results_rejected(tmp_path, rows, message) -> N
     assert message in result.output
     assert "expected the JSON file that dslo-edge evaluate saved" in result.output
     assert not (tmp_path / "x-alpha.png").exists()
-    assert not (tmp_path / "docs" / "evaluation.md").exists()
+    assert not (tmp_path / "docs").exists()
 
 
 def test_report_from_infinite_count_rejected(tmp_path) -> None:
