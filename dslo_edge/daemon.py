@@ -16,6 +16,10 @@ contain its effect and its message id. A crash before that makes the broker
 deliver it again, and the restored id record skips any copy already applied.
 Waiting for the second generation means that falling back to the previous
 checkpoint, when the newest one is corrupt, loses no acknowledged update.
+
+``EdgeDaemon`` takes its start-up restore from ``dslo_edge.daemon_restore``,
+and its health checks, rollback, checkpoint saves and acknowledgements from
+``dslo_edge.daemon_checkpoints``.
 """
 
 from __future__ import annotations
@@ -50,20 +54,17 @@ from dslo_edge.admission import (
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.batching import BatchPolicy, UpdateBatcher
 from dslo_edge.bundle import Bundle, load_bundle
-from dslo_edge.checkpoint import (
-    Checkpoint,
-    list_checkpoints,
-    load_latest_checkpoint,
-    load_older_checkpoint,
-    move_file,
-    move_generations,
-    rename_aside,
-    save_checkpoint,
-)
 from dslo_edge.config import DeviceConfig
 from dslo_edge.config_service import METRICS_LOG
 from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
+from dslo_edge.daemon_checkpoints import CheckpointsMixin
+
+# Re-exported, because callers import these names from dslo_edge.daemon.
+from dslo_edge.daemon_restore import APPLIED_IDS as APPLIED_IDS
+from dslo_edge.daemon_restore import MISMATCHED_CHECKPOINTS as MISMATCHED_CHECKPOINTS
+from dslo_edge.daemon_restore import MISMATCHED_SUFFIX as MISMATCHED_SUFFIX
+from dslo_edge.daemon_restore import RestoreMixin, restore_trainer
 from dslo_edge.dropped_ids import DROPPED_IDS_FILE, DroppedIds
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.health import PROBE_FILE, HealthGuard, load_probe
@@ -81,7 +82,6 @@ from dslo_edge.ota import (
     status_payload,
 )
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
-from dslo_edge.push_progress import counted
 from dslo_edge.signing import load_key
 from dslo_edge.state_folders import (
     BUNDLES,
@@ -98,16 +98,11 @@ from dslo_edge.update_queue import UpdateQueue
 
 logger = logging.getLogger(__name__)
 
-APPLIED_IDS = "applied_ids"
 INFER_QUEUE = 64
 OTA_QUEUE = 256
 # Reports in a burst come at most this often. A report at every idle moment
 # still shows the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
-# Folder of state_dir for checkpoints that do not restore at start-up or rollback.
-MISMATCHED_CHECKPOINTS = "mismatched-checkpoints"
-# Suffix of a checkpoint that does not restore and cannot be moved to that folder.
-MISMATCHED_SUFFIX = ".mismatched"
 # sysexits.h EX_SOFTWARE: an internal thread died or hung.
 EXIT_WATCHDOG = 70
 # A train step that has not returned after this long counts as a hang.
@@ -175,7 +170,7 @@ def _load_hmac_key(config: DeviceConfig) -> bytes | None:
         ) from error
 
 
-class EdgeDaemon:
+class EdgeDaemon(RestoreMixin, CheckpointsMixin):
     """Receives soft-label updates for one device and trains its student."""
 
     def __init__(self, config: DeviceConfig):
@@ -500,53 +495,6 @@ class EdgeDaemon:
         self.connection.start()
         systemd.notify("READY=1")
 
-    def _restore(self) -> None:
-        self._check_state_folders(CHECKPOINTS)
-        folder = self.checkpoint_dir
-        self._check_checkpoints_readable()
-        generations = len(list_checkpoints(folder))
-        checkpoint = load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
-        if checkpoint is None and generations:
-            logger.warning(
-                "Device %s could read none of its %d checkpoints in %s (renamed "
-                "to *.corrupt); it starts from the factory weights",
-                self.device_id,
-                generations,
-                self.checkpoint_dir,
-            )
-        elif checkpoint is None:
-            logger.info("Device %s starts from the factory weights", self.device_id)
-        else:
-            self._check_owner(checkpoint)
-            restored = self._restore_checkpoint(checkpoint)
-            if restored is not None:
-                self.metrics.restore_rejected(restored.state.get("rejected", {}))
-                self.restored_from = restored.path.name
-                self._restored_unconfirmed = True
-                self._newest_saved = restored.path.name
-                logger.info(
-                    "Device %s restored %s (%d updates applied before)",
-                    self.device_id,
-                    restored.path.name,
-                    self.trainer.applied_updates,
-                )
-        self._load_dropped_ids()
-        self.health.accuracy(self.student)
-        self.health.accept(self.student.get_weights())
-
-    def _load_dropped_ids(self) -> None:
-        """Read the ids of updates that earlier rollbacks dropped."""
-        try:
-            self.dropped_ids.load()
-        except OSError as error:
-            logger.warning(
-                "Device %s cannot read its record of dropped updates %s: %s; "
-                "copies of updates that a rollback dropped may be applied again",
-                self.device_id,
-                self.dropped_ids.path,
-                error,
-            )
-
     def _check_state_folders(self, *names: str) -> None:
         """Raise ConfigError when a folder of the state directory is a file.
 
@@ -559,245 +507,6 @@ class EdgeDaemon:
             problem = state_folder_problem(folder, STATE_FOLDERS[name])
             if problem is not None:
                 raise ConfigError(f"{self.config.source}: {problem}")
-
-    def _check_checkpoints_readable(self) -> None:
-        """Raise ConfigError when the daemon's user may not read the checkpoints.
-
-        Such a file is not damaged, so it must not be renamed to ``*.corrupt``
-        and given up for the factory weights. One cause is a daemon
-        that now runs as another user than the one that wrote the files.
-        """
-        try:
-            generations = list_checkpoints(self.checkpoint_dir)
-        except PermissionError:
-            raise ConfigError(
-                f"{self.config.source}: the daemon's user may not list the "
-                f"checkpoints folder {self.checkpoint_dir} (permission denied); "
-                "give that user read and write access to device.state_dir "
-                f"{self.config.state_dir}, for example with chown -R, or run the "
-                "daemon as the user that wrote the checkpoints"
-            ) from None
-        denied = []
-        for _, path in generations:
-            # A directory, FIFO or dangling symlink in place of a file is
-            # damage, which the restore renames to *.corrupt. Opening a FIFO
-            # would block until a writer opens it.
-            if not path.is_file():
-                continue
-            try:
-                with open(path, "rb"):
-                    pass
-            except PermissionError:
-                denied.append(path.name)
-            except OSError:
-                continue
-        if denied:
-            raise ConfigError(
-                f"{self.config.source}: the daemon's user may not read "
-                f"{', '.join(denied)} in {self.checkpoint_dir} (permission denied); "
-                "give that user read and write access to device.state_dir "
-                f"{self.config.state_dir}, for example with chown -R, or run the "
-                "daemon as the user that wrote the checkpoints"
-            )
-
-    def _check_owner(self, checkpoint: Checkpoint) -> None:
-        """Raise ConfigError when another device wrote ``checkpoint``."""
-        owner = checkpoint.state.get("device_id")
-        # Checkpoints written before the device id was saved have none.
-        if owner is not None and owner != self.device_id:
-            raise ConfigError(
-                f"{self.config.source}: device.state_dir {self.config.state_dir} "
-                f"holds checkpoints of device {owner!r}, but this config is for "
-                f"{self.device_id!r}; give each device its own state_dir, or "
-                f"set device.id = {owner!r} if the device was renamed"
-            )
-
-    def _restore_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint | None:
-        """Restore ``checkpoint``, else the generation before it.
-
-        Returns:
-            The restored checkpoint, or None when neither restores and the
-            daemon starts from the bundle's own weights.
-        """
-        try:
-            self._load(checkpoint)
-        except ValueError as error:
-            return self._restore_older(checkpoint, error)
-        return checkpoint
-
-    def _restore_older(
-        self, newest: Checkpoint, error: ValueError
-    ) -> Checkpoint | None:
-        """Restore the generation before ``newest``, which failed with ``error``.
-
-        A newest generation that reads back intact but does not restore,
-        while the one before it does, was written wrongly or edited. It is
-        moved out of the checkpoints folder. Every update acknowledged to the
-        broker is in both, because acknowledgements wait for two generations.
-        When the one before does not restore either, the checkpoints do not
-        fit the bundle or the config, and ``_start_from_bundle_weights`` handles them.
-
-        Returns:
-            The restored checkpoint, or None when the daemon starts from the
-            bundle's own weights.
-        """
-        older = self._older_of_this_device(newest.sequence)
-        if older is not None and not self._load_older(older, newest):
-            older = None
-        if older is None:
-            self._start_from_bundle_weights(newest, error)
-            return None
-        logger.warning(
-            "Device %s cannot restore its newest checkpoint %s (%s) and restores "
-            "%s instead; %s",
-            self.device_id,
-            newest.path.name,
-            error,
-            older.path.name,
-            self._set_aside_newest(newest),
-        )
-        return older
-
-    def _older_of_this_device(self, sequence: int) -> Checkpoint | None:
-        """Return the newest readable generation before ``sequence`` of this device.
-
-        A generation that another device wrote is set aside on its own, so it
-        is neither restored nor moved along with this device's generations.
-        Unreadable generations are quarantined, because pruning counts every
-        generation left in the folder and would delete the restored one first.
-        """
-        while True:
-            older = load_older_checkpoint(
-                self.checkpoint_dir, sequence, quarantine=True
-            )
-            if older is None:
-                return None
-            owner = older.state.get("device_id")
-            # Checkpoints written before the device id was saved have none.
-            if owner is None or owner == self.device_id:
-                return older
-            logger.warning(
-                "Device %s does not restore %s, which device %r wrote; %s",
-                self.device_id,
-                older.path.name,
-                owner,
-                self._set_aside(older, "it", ""),
-            )
-            sequence = older.sequence
-
-    def _load_older(self, older: Checkpoint, newest: Checkpoint) -> bool:
-        """Load ``older`` in place of ``newest``, or log why it cannot be used."""
-        # The failed load may have set some of the newest's weights.
-        self._reset_to_bundle_weights()
-        try:
-            self._load(older)
-        except ValueError as error:
-            logger.warning(
-                "Device %s cannot restore %s, the generation before %s, either (%s)",
-                self.device_id,
-                older.path.name,
-                newest.path.name,
-                error,
-            )
-            return False
-        return True
-
-    def _set_aside_newest(self, newest: Checkpoint) -> str:
-        """Move ``newest`` out of the generations and describe where it went.
-
-        Pruning counts every generation in the checkpoints folder, so a newest
-        left there would make the next save delete the restored one.
-        """
-        return self._set_aside(
-            newest, "the newest", " and the next save deletes the restored one"
-        )
-
-    def _set_aside(self, checkpoint: Checkpoint, noun: str, if_left: str) -> str:
-        """Move one checkpoint out of the checkpoints folder; describe where it went.
-
-        ``noun`` names the generation in the description, and ``if_left``
-        ends it when the generation stays in the checkpoints folder.
-        """
-        destination = self.config.state_dir / MISMATCHED_CHECKPOINTS
-        try:
-            return f"moved {noun} to {move_file(checkpoint.path, destination)}"
-        except OSError as error:
-            move_error = error
-        # Renaming in the same folder needs no new directory, so it still
-        # works when, for example, the disk is too full to create one.
-        try:
-            renamed = rename_aside(checkpoint.path, MISMATCHED_SUFFIX)
-        except OSError as rename_error:
-            return (
-                f"moving {noun} to {destination} failed ({move_error}) and "
-                f"renaming it failed ({rename_error}), so it stays in "
-                f"{self.checkpoint_dir}{if_left}"
-            )
-        return (
-            f"renamed {noun} to {renamed.name} because moving it to "
-            f"{destination} failed ({move_error})"
-        )
-
-    def _start_from_bundle_weights(
-        self, checkpoint: Checkpoint, error: ValueError
-    ) -> None:
-        """Start from the bundle's weights after ``checkpoint`` failed to load."""
-        # A model update switched the bundle before its first checkpoint,
-        # device.bundle now names another model, or a capacity was lowered.
-        logger.warning(
-            "Device %s cannot use %s with bundle %s (%s); starting from the "
-            "bundle's own weights",
-            self.device_id,
-            checkpoint.path.name,
-            self.bundle.path.name,
-            error,
-        )
-        # The weights may have loaded before a later part of the
-        # checkpoint failed, so the student and trainer start over.
-        self._reset_to_bundle_weights()
-        self._set_aside_checkpoints()
-
-    def _set_aside_checkpoints(self) -> None:
-        """Move checkpoints that do not load where pruning cannot delete them.
-
-        They may belong to another model, or to this one under a config that
-        lowered a capacity below what they contain.
-        """
-        destination = self.config.state_dir / MISMATCHED_CHECKPOINTS
-        try:
-            moved = move_generations(self.checkpoint_dir, destination)
-        except OSError as error:
-            logger.warning(
-                "Device %s cannot move the checkpoints it cannot load out of "
-                "%s (%s); the next checkpoints will replace them",
-                self.device_id,
-                self.checkpoint_dir,
-                error,
-            )
-            return
-        logger.warning(
-            "Device %s moved the checkpoints it cannot load to %s; to use them "
-            "again, stop the daemon, undo the cause logged above (another "
-            "device.bundle or a lower capacity) and swap those files with the "
-            "ones in %s",
-            self.device_id,
-            moved,
-            self.checkpoint_dir,
-        )
-
-    def _load(self, checkpoint: Checkpoint) -> None:
-        """Restore ``checkpoint`` into the trainer and the applied ids.
-
-        Raises:
-            ValueError: the checkpoint does not fit the bundle or the config,
-                or a value in its state has the wrong type.
-        """
-        restore_trainer(self.trainer, checkpoint)
-        if APPLIED_IDS in checkpoint.tensors:
-            self.applied_ids = AppliedIds.from_array(
-                checkpoint.tensors[APPLIED_IDS],
-                self.config.training.applied_id_capacity,
-            )
 
     def stop(self) -> None:
         """Finish the current step, checkpoint, publish "offline", disconnect."""
@@ -1478,236 +1187,6 @@ class EdgeDaemon:
         )
         return trainer, True
 
-    # Health, checkpoints and acknowledgements
-
-    def _check_health(self) -> bool:
-        """Roll back to the last checkpoint if the student got worse.
-
-        Returns:
-            True when the student is healthy and may be saved.
-        """
-        self._since_probe = 0
-        problem = self._pending_rollback or self.health.problem(
-            self.student, self.student.get_weights()
-        )
-        if problem is None:
-            return True
-        try:
-            checkpoint = self._latest_for_rollback()
-        except (ConfigError, OSError) as error:
-            self._postpone_rollback(problem, error)
-            return False
-        if self._pending_rollback is not None:
-            logger.info(
-                "Device %s can read its checkpoints again and rolls back",
-                self.device_id,
-            )
-            self._pending_rollback = None
-            self.storage_error = None
-        self.rollbacks += 1
-        self.last_rollback = problem
-        # The last loss is the dropped update's, and the restored weights have
-        # none of their own until the next update trains them.
-        self.metrics.forget_loss()
-        restored = None
-        if checkpoint is None:
-            self._reset_to_bundle_weights()
-        else:
-            # The generation before the newest contains every acknowledged
-            # update, so it is tried before the bundle's own weights.
-            restored = self._restore_checkpoint(checkpoint)
-        if restored is None:
-            # No update is in the bundle's weights, so none may be rejected
-            # as a duplicate when the broker delivers it again.
-            self.applied_ids = AppliedIds(self.config.training.applied_id_capacity)
-        self._record_dropped()
-        target = "the factory weights" if restored is None else restored.path.name
-        logger.error(
-            "Device %s rolled back to %s: %s; dropped %s applied since the "
-            "last checkpoint",
-            self.device_id,
-            target,
-            problem,
-            counted(self._unsaved, "update"),
-        )
-        # The restored weights, not the rejected ones, are the baseline of
-        # the next check.
-        self.health.accuracy(self.student)
-        self.health.accept(self.student.get_weights())
-        # The dropped updates are acknowledged: sending them again would
-        # repeat the harm. The others waiting for acknowledgement may be in
-        # the restored generation only, so it is saved once more first.
-        self._unsaved = 0
-        if self._newest_saved is not None and target != self._newest_saved:
-            self._redeliver_saved_once(target)
-        if restored is None or self.save_checkpoint():
-            self._send_acks(self._acks.release_all())
-        self.publish_metrics()
-        return False
-
-    def _record_dropped(self) -> None:
-        """Write the ids of the dropped updates durably, before any acknowledgement.
-
-        Their acknowledgements wait for the save after the rollback. If the
-        daemon stops before then, the broker delivers them again, and the
-        restored checkpoint lacks their ids, so the record rejects them.
-        """
-        dropped, self._unsaved_ids = self._unsaved_ids, []
-        if dropped:
-            self._write_dropped_ids(dropped)
-
-    def _write_dropped_ids(self, dropped: list[bytes]) -> None:
-        """Add ids to the record of dropped updates and write it; log a failure."""
-        try:
-            self.dropped_ids.record(dropped)
-        except OSError as error:
-            # NOTE: on a disk with no free block this write fails like the
-            # checkpoint save. Until a later save writes it, a crash lets the
-            # broker deliver the dropped updates again, and they are applied
-            # and rolled back once more.
-            if not self._dropped_ids_failed:
-                logger.error(
-                    "Device %s cannot write its record of dropped updates %s: "
-                    "%s; each later checkpoint tries again, and until then a "
-                    "restart may apply the dropped updates again",
-                    self.device_id,
-                    self.dropped_ids.path,
-                    error,
-                )
-            self._dropped_ids_failed = True
-            return
-        if self._dropped_ids_failed:
-            logger.info(
-                "Device %s wrote its record of dropped updates again", self.device_id
-            )
-        self._dropped_ids_failed = False
-
-    def _redeliver_saved_once(self, target: str) -> None:
-        """Leave the updates that ``target`` may lack for the broker to send again.
-
-        The rollback restored ``target``, a generation older than the last one
-        saved or the factory weights, because the last one saved could not
-        be read or restored. The updates saved
-        once are in that newest generation only, and so may be the first
-        copies of updates rejected since as duplicates. Acknowledging either
-        would lose those updates. The idle loop reconnects, and the broker
-        then delivers them again.
-        """
-        forgotten = self._acks.forget_for_older_generation()
-        if not forgotten:
-            return
-        self._deferred_since_reconnect = True
-        logger.warning(
-            "Device %s restored %s, which may lack %s saved only in %s or "
-            "rejected as duplicates since; they stay unacknowledged and it "
-            "reconnects to receive them again",
-            self.device_id,
-            target,
-            counted(forgotten, "update"),
-            self._newest_saved,
-        )
-
-    def _latest_for_rollback(self) -> Checkpoint | None:
-        """Return the newest checkpoint that reads back intact, or None.
-
-        Raises:
-            ConfigError: the daemon's user may not list the checkpoints or
-                read one of them. Such a checkpoint is not damaged, so the
-                rollback must not skip it for an older one or the factory
-                weights.
-            OSError: listing the checkpoints failed for another reason.
-        """
-        self._check_checkpoints_readable()
-        # Unreadable generations are renamed, as at start, because the save
-        # after the rollback would otherwise count one as a generation and
-        # prune the one it restores.
-        return load_latest_checkpoint(self.checkpoint_dir, quarantine=True)
-
-    def _postpone_rollback(self, problem: str, error: Exception) -> None:
-        """Keep the unhealthy student unsaved until its checkpoints can be read.
-
-        Training waits and the updates since the last checkpoint stay
-        unacknowledged, so the broker keeps them while the train loop retries.
-        """
-        if isinstance(error, OSError):
-            cause = f"{type(error).__name__}: {error.strerror or error}"
-        else:
-            # Drop the config file name that starts a ConfigError's message.
-            cause = str(error).removeprefix(f"{self.config.source}: ")
-        if self._pending_rollback is None:
-            logger.error(
-                "Device %s cannot roll back (%s): %s; training waits and the "
-                "updates since the last checkpoint stay unacknowledged until "
-                "the checkpoints can be read",
-                self.device_id,
-                problem,
-                cause,
-            )
-            self._pending_rollback = problem
-            self.storage_error = f"rollback waits: {cause}"
-            self.publish_metrics()
-
-    def _reset_to_bundle_weights(self) -> None:
-        """Give the student the bundle's weights and a new trainer."""
-        self.student.set_weights(self._factory_weights())
-        self.trainer = self._new_trainer()
-
-    def _factory_weights(self) -> dict[str, Any]:
-        return StudentModel(self.bundle, self.config.runtime).get_weights()
-
-    def _checkpoint_and_ack(self) -> None:
-        """Write a checkpoint, then acknowledge what two generations now hold."""
-        if not self.unacknowledged and not self._unsaved:
-            return
-        if self._unsaved and not self._check_health():
-            return
-        if self.save_checkpoint():
-            self._send_acks(self._acks.saved())
-
-    def _send_acks(self, acks: list[tuple[int, int, int]]) -> None:
-        for mid, qos, epoch in acks:
-            # Packet ids of an earlier broker session may now name other messages.
-            if epoch == self._session_epoch:
-                self.connection.ack(mid, qos)
-
-    def save_checkpoint(self) -> bool:
-        """Write a checkpoint of weights, adaptation state and applied ids."""
-        tensors, state = self.trainer.checkpoint_content()
-        tensors[APPLIED_IDS] = self.applied_ids.to_array()
-        # Rejections since this checkpoint are redelivered and counted again
-        # after a crash, so restored counters count each update once.
-        state["rejected"] = self.metrics.rejected_counts()
-        state["device_id"] = self.device_id
-        try:
-            path = save_checkpoint(self.checkpoint_dir, tensors, state)
-        except OSError as error:
-            self._storage_failure = error
-            if self.storage_error is None:
-                logger.error(
-                    "Device %s cannot write checkpoints to %s: %s; updates stay "
-                    "unacknowledged and the next save tries again",
-                    self.device_id,
-                    self.checkpoint_dir,
-                    error,
-                )
-            self.storage_error = f"{type(error).__name__}: {error.strerror or error}"
-            return False
-        if self.storage_error is not None:
-            logger.info("Device %s can write checkpoints again", self.device_id)
-        self.storage_error = None
-        self._unsaved = 0
-        self._unsaved_ids.clear()
-        self._changed_since_save = False
-        self._restored_unconfirmed = False
-        self._newest_saved = path.name
-        self.checkpoints_written += 1
-        self.health.accept()
-        if self.dropped_ids.unwritten:
-            # Before the callers acknowledge the dropped updates.
-            self._write_dropped_ids([])
-        logger.debug("Device %s saved %s", self.device_id, path.name)
-        return True
-
     # Watchdog thread
 
     def _watchdog_loop(self) -> None:
@@ -1825,25 +1304,6 @@ def _same_labels(
             and dict(trainer.spec.heads) == dict(other.spec.heads)
         )
     return trainer.spec.class_count == other.spec.class_count
-
-
-def restore_trainer(
-    trainer: Trainer | MultiHeadTrainer, checkpoint: Checkpoint
-) -> None:
-    """Restore ``checkpoint`` into ``trainer``.
-
-    Raises:
-        ValueError: the checkpoint does not fit the bundle or the config, or
-            a value in its state has the wrong type.
-    """
-    try:
-        trainer.restore(checkpoint)
-    except (TypeError, KeyError, AttributeError) as error:
-        # The state's checksum matched, so the writer put a wrong value there.
-        # Callers fall back as for any other checkpoint that does not fit.
-        raise ValueError(
-            f"invalid state in {checkpoint.path.name} ({type(error).__name__}: {error})"
-        ) from error
 
 
 def _load_profile(config: DeviceConfig) -> Any:
