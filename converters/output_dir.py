@@ -20,7 +20,12 @@ from pathlib import Path
 
 from dslo_edge.bundle import MANIFEST_NAME, load_bundle
 from dslo_edge.errors import BundleError, ConversionError, OutputPathError
-from dslo_edge.eval_staging import owned_entries, owned_prefix, remove_dead_writers
+from dslo_edge.eval_staging import (
+    foreign_entry_reason,
+    owned_entries,
+    owned_prefix,
+    remove_dead_writers,
+)
 from dslo_edge.health import PROBE_FILE, check_bundle_probe
 from dslo_edge.signal_deferral import signals_deferred
 
@@ -144,21 +149,15 @@ def remove_stale_staging(out: Path) -> None:
 
 def _not_staging_reason(path: Path) -> str | None:
     """Return why ``path`` is not a staging directory of convert, or None."""
-    if path.is_symlink() or not path.is_dir():
-        return "it is not a directory"
-    try:
-        entries = list(path.iterdir())
-    except OSError as error:
-        return f"it cannot be listed: {error.strerror or error}"
-    for entry in entries:
-        if entry.is_symlink():
-            return f"it contains {entry.name}, which convert does not write"
-        if entry.name in BUNDLE_FILES and entry.is_file():
-            continue
-        if entry.name.startswith(SAVED_MODEL_PREFIX) and entry.is_dir():
-            continue
-        return f"it contains {entry.name}, which convert does not write"
-    return None
+    return foreign_entry_reason(path, _is_bundle_entry, "convert")
+
+
+def _is_bundle_entry(entry: Path) -> bool:
+    if entry.is_symlink():
+        return False
+    if entry.name in BUNDLE_FILES and entry.is_file():
+        return True
+    return entry.name.startswith(SAVED_MODEL_PREFIX) and entry.is_dir()
 
 
 def make_staging_dir(out: Path) -> Path:

@@ -117,6 +117,25 @@ def remove_dead_writers(
             _remove(path, owner[1])
 
 
+def foreign_entry_reason(
+    path: Path, accepts: Callable[[Path], bool], command: str
+) -> str | None:
+    """Return why ``path`` is not a staging folder that ``command`` wrote, or None.
+
+    It must be a directory whose entries ``accepts`` all take.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a directory"
+    try:
+        entries = list(path.iterdir())
+    except OSError as error:
+        return f"it cannot be listed: {error.strerror or error}"
+    for entry in entries:
+        if not accepts(entry):
+            return f"it contains {entry.name}, which {command} does not write"
+    return None
+
+
 def owned_prefix(prefix: str) -> str:
     """Return ``prefix`` followed by this process's host name, id and namespace."""
     return f"{prefix}{socket.gethostname()}-{os.getpid()}-{_pid_namespace()}-"

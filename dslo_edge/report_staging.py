@@ -19,7 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dslo_edge.errors import OutputPathError
-from dslo_edge.eval_staging import owned_entries, owned_prefix, remove_dead_writers
+from dslo_edge.eval_staging import (
+    foreign_entry_reason,
+    owned_entries,
+    owned_prefix,
+    remove_dead_writers,
+)
 from dslo_edge.signal_deferral import signals_deferred
 
 STAGING_PREFIX = ".report-new-"
@@ -74,17 +79,11 @@ def remove_stale_staging(place: Path) -> None:
 
 def _not_staging_reason(path: Path) -> str | None:
     """Return why ``path`` is not a staging folder of report, or None."""
-    if path.is_symlink() or not path.is_dir():
-        return "it is not a directory"
-    try:
-        entries = list(path.iterdir())
-    except OSError as error:
-        return f"it cannot be listed: {error.strerror or error}"
-    for entry in entries:
-        if entry.name in PLOT_NAMES and entry.is_file() and not entry.is_symlink():
-            continue
-        return f"it contains {entry.name}, which report does not write"
-    return None
+    return foreign_entry_reason(path, _is_plot, "report")
+
+
+def _is_plot(entry: Path) -> bool:
+    return entry.name in PLOT_NAMES and entry.is_file() and not entry.is_symlink()
 
 
 def move_into_place(staged: Sequence[Path], folder: Path) -> list[Path]:
