@@ -1,9 +1,10 @@
 """Health checks, rollback, checkpoint saves and acknowledgements of the daemon.
 
-``CheckpointsMixin`` contains the ``EdgeDaemon`` methods that roll a student
-that got worse back to its last checkpoint, record the ids of the updates
-that a rollback dropped, leave updates for the broker to deliver again,
-write checkpoints and send the PUBACKs that two checkpoint generations allow.
+``CheckpointsMixin`` contains the ``EdgeDaemon`` methods for these steps. A
+student that got worse is rolled back to its last checkpoint, and the ids of
+the updates that the rollback dropped are recorded. Updates are left for the
+broker to deliver again. Checkpoints are written, and the PUBACKs that two
+checkpoint generations allow are sent.
 """
 
 from __future__ import annotations

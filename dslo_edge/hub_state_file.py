@@ -1,6 +1,6 @@
 """The hub state's SQLite file, which the parts of ``HubState`` share.
 
-It holds the schema, the columns added to files of older dslo-edge versions,
+It contains the schema, the columns added to files of older dslo-edge versions,
 the WAL journal setup, the transactions that every check-and-charge runs in,
 and the recovery of a state file deleted or replaced while a worker runs.
 """
