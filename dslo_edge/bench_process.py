@@ -96,11 +96,14 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def thread_cpu_s(pid: int) -> dict[int, float] | None:
-    """Return CPU seconds (user + system) per thread of a process, by thread id.
+    """Return CPU seconds per thread of a process, by thread id.
 
-    Reads ``/proc/PID/task/*/stat``, which counts whole clock ticks: 10 ms
-    where ``SC_CLK_TCK`` is 100. Returns None where ``/proc`` has no such
-    entries.
+    Reads ``/proc/PID/task/*/schedstat``, whose first field counts
+    nanoseconds on the CPU. Kernels built without scheduler statistics lack
+    that file or show 0 there. For them it reads user + system time from
+    ``stat``, which counts whole clock ticks (10 ms where ``SC_CLK_TCK`` is
+    100). There, a thread busy for less than a tick may read 0. Returns None
+    where ``/proc`` has no such entries.
     """
     tick = os.sysconf("SC_CLK_TCK")
     seconds = {}
@@ -110,14 +113,25 @@ def thread_cpu_s(pid: int) -> dict[int, float] | None:
         return None
     for task in tasks:
         try:
-            with open(f"/proc/{pid}/task/{task}/stat") as stat:
-                # Fields after the ")" that ends the thread name: utime is the
-                # 12th and stime the 13th.
-                fields = stat.read().rpartition(")")[2].split()
+            seconds[int(task)] = _task_cpu_s(f"/proc/{pid}/task/{task}", tick)
         except OSError:
             continue  # The thread ended after the listing.
-        seconds[int(task)] = (int(fields[11]) + int(fields[12])) / tick
     return seconds
+
+
+def _task_cpu_s(task: str, tick: int) -> float:
+    try:
+        with open(f"{task}/schedstat") as schedstat:
+            on_cpu_ns = int(schedstat.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        on_cpu_ns = 0
+    if on_cpu_ns > 0:
+        return on_cpu_ns / 1e9
+    with open(f"{task}/stat") as stat:
+        # Fields after the ")" that ends the thread name: utime is the 12th
+        # and stime the 13th.
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / tick
 
 
 def cpu_us_per_message(

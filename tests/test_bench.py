@@ -127,6 +127,51 @@ def test_thread_cpu_counts_this_thread() -> None:
     assert thread_cpu_s(2**22 + 1) is None
 
 
+def _has_scheduler_statistics() -> bool:
+    try:
+        with open("/proc/self/schedstat") as schedstat:
+            return int(schedstat.read().split()[0]) > 0
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(
+    not _has_scheduler_statistics(), reason="the kernel keeps no scheduler statistics"
+)
+def test_thread_cpu_below_one_tick() -> None:
+    # A quick bench run keeps a daemon thread busy for less than one 10 ms
+    # tick. The worker is blocked at both readings, so its run time is exact.
+    start, spun, finish = threading.Event(), threading.Event(), threading.Event()
+    native_id = []
+
+    def spin() -> None:
+        native_id.append(threading.get_native_id())
+        start.wait()
+        started = time.thread_time()
+        while time.thread_time() - started < 0.002:
+            pass
+        spun.set()
+        finish.wait()
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        time.sleep(0.05)
+        before = thread_cpu_s(os.getpid())
+        start.set()
+        assert spun.wait(5)
+        time.sleep(0.05)
+        after = thread_cpu_s(os.getpid())
+    finally:
+        start.set()
+        finish.set()
+        worker.join()
+
+    assert before is not None and after is not None
+    (thread,) = native_id
+    assert 0.0019 <= after[thread] - before[thread] < 0.02
+
+
 def test_cpu_per_message_leaves_out_idle_threads() -> None:
     before = {1: 1.0, 2: 5.0, 3: 0.5}
     after = {1: 1.2, 2: 5.0, 3: 0.6, 4: 0.02}
