@@ -33,7 +33,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,27 +58,24 @@ from dslo_edge.config_service import METRICS_LOG
 from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
 from dslo_edge.daemon_checkpoints import CheckpointsMixin
+from dslo_edge.daemon_model_switch import ModelSwitchMixin
 
 # Re-exported, because callers import these names from dslo_edge.daemon.
 from dslo_edge.daemon_restore import APPLIED_IDS as APPLIED_IDS
 from dslo_edge.daemon_restore import MISMATCHED_CHECKPOINTS as MISMATCHED_CHECKPOINTS
 from dslo_edge.daemon_restore import MISMATCHED_SUFFIX as MISMATCHED_SUFFIX
-from dslo_edge.daemon_restore import RestoreMixin, restore_trainer
+from dslo_edge.daemon_restore import RestoreMixin
 from dslo_edge.dropped_ids import DROPPED_IDS_FILE, DroppedIds
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.health import PROBE_FILE, HealthGuard, load_probe
 from dslo_edge.inference import InferenceService, inference_topics, make_requester
 from dslo_edge.metrics import DaemonMetrics
-from dslo_edge.model_update import ModelUpdater, ReleaseCandidate
+from dslo_edge.model_update import ModelUpdater
 from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer, make_trainer
 from dslo_edge.multihead_model import load_student
 from dslo_edge.ota import (
-    OtaError,
     ota_topics,
-    peek_transfer_id,
-    state_write_error,
-    status_payload,
 )
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
@@ -92,7 +88,7 @@ from dslo_edge.state_folders import (
     state_folder_problem,
 )
 from dslo_edge.state_lock import StateLock
-from dslo_edge.swap import ACTIVE, KeptCheckpoints
+from dslo_edge.swap import ACTIVE
 from dslo_edge.trainer import Trainer
 from dslo_edge.update_queue import UpdateQueue
 
@@ -137,21 +133,6 @@ def burst_checkpoint_every(
     return max(checkpoint_every, window // 2)
 
 
-@dataclass(frozen=True)
-class _ModelState:
-    """The model the daemon trains: bundle, student, trainer and health guard.
-
-    ``reference`` is the bundle's teacher that label requests compare the
-    student with, or None when the request rule does not use it.
-    """
-
-    bundle: Bundle
-    student: StudentModel
-    trainer: Trainer | MultiHeadTrainer
-    health: HealthGuard
-    reference: TeacherModel | None
-
-
 def _load_hmac_key(config: DeviceConfig) -> bytes | None:
     """Read the key that ``security.hmac_key_file`` names, if it names one.
 
@@ -170,7 +151,7 @@ def _load_hmac_key(config: DeviceConfig) -> bytes | None:
         ) from error
 
 
-class EdgeDaemon(RestoreMixin, CheckpointsMixin):
+class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
     """Receives soft-label updates for one device and trains its student."""
 
     def __init__(self, config: DeviceConfig):
@@ -981,212 +962,6 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin):
                 prepare_ms=result.prepare_ms,
             )
 
-    # Model updates over the air
-
-    def _apply_model_updates(self) -> None:
-        while not self.ota_chunks.empty():
-            item = self.ota_chunks.get_nowait()
-            try:
-                status = self._handle_ota_chunk(item.payload)
-            except Exception as error:
-                logger.exception(
-                    "Device %s failed to handle a model update chunk", self.device_id
-                )
-                status = status_payload(
-                    "rejected",
-                    peek_transfer_id(item.payload),
-                    reason="install_failed",
-                    detail=f"{type(error).__name__}: {error}",
-                )
-            # Every chunk is acknowledged, whatever the outcome. Its data is on
-            # disk or its transfer is finished, and a redelivered copy would
-            # only fail the same way again.
-            self.connection.ack(item.mid, item.qos)
-            if status is not None:
-                # Retained, so a client that subscribes later still reads the outcome.
-                self.connection.publish(self.ota_status_topic, status, retain=True)
-
-    def _handle_ota_chunk(self, payload: bytes) -> str | None:
-        """Store one chunk and switch models once a release is complete.
-
-        Returns:
-            The OTA status to publish, or None while the transfer goes on.
-        """
-        outcome = self.updater.handle_chunk(
-            payload, self.student, self._check_health_before_switch
-        )
-        candidate = outcome.candidate
-        if candidate is None:
-            return outcome.status
-        try:
-            prepared = self._prepare_model(candidate)
-        except Exception as error:
-            if not isinstance(error, (ConfigError, BundleError, ValueError)):
-                logger.exception(
-                    "Device %s cannot prepare release %s",
-                    self.device_id,
-                    candidate.release.name,
-                )
-            return self.updater.reject(candidate, error)
-        return self._switch_model(candidate, prepared)
-
-    def _check_health_before_switch(self) -> None:
-        """Roll back harmful updates before a new release copies the weights.
-
-        Raises:
-            OtaError: ``health_check`` while a rollback waits for readable
-                checkpoints, because the weights are still the harmful ones.
-        """
-        if self._unsaved or self._pending_rollback is not None:
-            self._check_health()
-        if self._pending_rollback is not None:
-            raise OtaError(
-                "health_check",
-                f"the running student failed its health check "
-                f"({self._pending_rollback}) and waits to roll back until its "
-                "checkpoints can be read; make them readable, then send the "
-                "release again",
-            )
-
-    def _prepare_model(self, candidate: ReleaseCandidate) -> _ModelState:
-        """Build the trainer, health guard and reference of a candidate.
-
-        Nothing of the running model changes.
-
-        Raises:
-            ConfigError: the device config does not fit the new model, for
-                example a task table names a head that it lacks.
-            BundleError: the release's probe set is invalid, or its teacher
-                cannot be loaded as the label request reference.
-        """
-        bundle, student = candidate.bundle, candidate.student
-        self._check_requests_fit(bundle)
-        old = self.trainer
-        trainer = self._new_trainer(student)
-        restored = False
-        if candidate.model_changed:
-            trainer, restored = self._restore_kept_checkpoint(bundle, trainer)
-        # A restored engine is the new model's own, and the old engine stays
-        # untouched, so a failed switch keeps the old trainer as it was.
-        if not restored and _same_labels(trainer, old):
-            # Smoothing store, monitor and progress stay valid for the same classes.
-            trainer.engine = old.engine  # type: ignore[assignment]
-        else:
-            trainer.applied_updates = old.applied_updates
-        health = self._new_health_guard(bundle)
-        health.accuracy(student)
-        health.accept(student.get_weights())
-        # The old bundle's teacher may take other inputs or give other classes.
-        reference = self._new_reference(bundle)
-        return _ModelState(bundle, student, trainer, health, reference)
-
-    def _switch_model(self, candidate: ReleaseCandidate, prepared: _ModelState) -> str:
-        """Make a prepared model current and return the status to publish.
-
-        The old model's updates are checkpointed and acknowledged first, and
-        after a model change its last checkpoint is kept. If a step fails,
-        the old model stays current and the ``active`` link is rolled back.
-        """
-        old = _ModelState(
-            self.bundle,
-            self.student,
-            self.trainer,
-            self.health,
-            self.inference.reference,
-        )
-        # None until ``activate`` ran, then whether it changed the link.
-        activated: bool | None = None
-        try:
-            self._checkpoint_and_ack()
-            self._checkpoint_and_ack()
-            if candidate.model_changed:
-                self._keep_old_checkpoint()
-            activated = self.updater.activate(candidate)
-            self._set_model(prepared)
-            # Without a checkpoint of the new model, a restart would load the
-            # new bundle with the old weights, so a failed save undoes the switch.
-            if not self.save_checkpoint():
-                assert self._storage_failure is not None
-                raise state_write_error(
-                    self._storage_failure,
-                    f"write a checkpoint of release {candidate.release.name} to "
-                    f"{self.checkpoint_dir}",
-                    self.checkpoint_dir,
-                )
-            self.updater.accept(candidate)
-        except Exception as error:
-            self._set_model(old)
-            if activated is None:
-                return self.updater.reject(candidate, error)
-            return self.updater.roll_back(candidate, activated, error)
-        # Two generations of the new model, so no older one is ever restored.
-        self.save_checkpoint()
-        logger.info("Device %s now trains %s", self.device_id, candidate.release.name)
-        return self.updater.installed(candidate)
-
-    def _set_model(self, state: _ModelState) -> None:
-        self.bundle = state.bundle
-        self.student = state.student
-        self.trainer = state.trainer
-        self.health = state.health
-        self.inference.reference = state.reference
-
-    def _keep_old_checkpoint(self) -> None:
-        kept = KeptCheckpoints(self.config.state_dir)
-        try:
-            copy = kept.keep(self.bundle, self.checkpoint_dir)
-        except OSError as error:
-            raise state_write_error(
-                error,
-                f"keep the last checkpoint of {self.bundle.path.name} in {kept.folder}",
-                kept.folder,
-            ) from error
-        if copy is None:
-            logger.info(
-                "Device %s has no checkpoint of %s to keep before the model change",
-                self.device_id,
-                self.bundle.path.name,
-            )
-        else:
-            logger.info(
-                "Device %s kept the last checkpoint of %s in %s",
-                self.device_id,
-                self.bundle.path.name,
-                copy,
-            )
-
-    def _restore_kept_checkpoint(
-        self, bundle: Bundle, trainer: Trainer | MultiHeadTrainer
-    ) -> tuple[Trainer | MultiHeadTrainer, bool]:
-        """Restore the checkpoint kept for ``bundle`` into a new trainer.
-
-        Returns:
-            The trainer to use and whether it restored a kept checkpoint.
-        """
-        checkpoint = KeptCheckpoints(self.config.state_dir).load(bundle)
-        if checkpoint is None:
-            return trainer, False
-        loaded = trainer.student.get_weights()
-        try:
-            restore_trainer(trainer, checkpoint)
-        except ValueError as error:
-            logger.warning(
-                "Device %s cannot restore the kept checkpoint %s: %s; starting "
-                "from the weights carried over from the old model and the "
-                "bundle's own weights for the rest",
-                self.device_id,
-                checkpoint.path,
-                error,
-            )
-            # The checkpoint's weights may have loaded before a later part
-            # failed, so the student gets back the weights it was loaded with.
-            trainer.student.set_weights(loaded)
-            return self._new_trainer(trainer.student), False
-        logger.info(
-            "Device %s restored the kept checkpoint %s", self.device_id, checkpoint.path
-        )
-        return trainer, True
-
     # Watchdog thread
 
     def _watchdog_loop(self) -> None:
@@ -1291,19 +1066,6 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin):
         if not busy or now - self._last_logged_at >= 1.0:
             self._last_logged_at = now
             self._metrics_log.info(payload)
-
-
-def _same_labels(
-    trainer: Trainer | MultiHeadTrainer, other: Trainer | MultiHeadTrainer
-) -> bool:
-    """Return True when both trainers take labels of the same heads and classes."""
-    if isinstance(trainer, MultiHeadTrainer) or isinstance(other, MultiHeadTrainer):
-        return (
-            isinstance(trainer, MultiHeadTrainer)
-            and isinstance(other, MultiHeadTrainer)
-            and dict(trainer.spec.heads) == dict(other.spec.heads)
-        )
-    return trainer.spec.class_count == other.spec.class_count
 
 
 def _load_profile(config: DeviceConfig) -> Any:
