@@ -3,7 +3,8 @@
 ``BatchPublisher`` labels each batch of the dataset, charges and stores it,
 signs it when the device has a key, and publishes it. For a device whose
 push a stopped worker left, it first publishes again, unchanged, the stored
-batches that the broker did not acknowledge. It then waits for the broker's
+batches that the broker did not acknowledge (signed again if the device's
+key changed). It then waits for the broker's
 PUBACKs and takes back the privacy charge of updates that the broker dropped
 or rejected.
 """
@@ -39,7 +40,7 @@ from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_messa
 from dslo_edge.pubacks import PubackTracker
 from dslo_edge.push_progress import counted
 from dslo_edge.repeat_log import RepeatLimiter, repeats_note
-from dslo_edge.signing import key_file_present, load_key, sign
+from dslo_edge.signing import key_file_present, load_key, sign, unverified_body
 
 # The logger of hub_pushes, where this code was before, so that log lines and
 # logging filters keep its name.
@@ -168,7 +169,7 @@ class BatchPublisher:
                 for batch in stored
                 if batch.acknowledged
             )
-            self._republish(schedule, device, topic, stored, published)
+            self._republish(schedule, device, (topic, key), stored, published)
             if stored[-1].source != labelled.source:
                 self._log_changed_source(schedule, device, stored[-1])
                 sent.cut_short = True
@@ -235,26 +236,31 @@ class BatchPublisher:
         self,
         schedule: PushSchedule,
         device: str,
-        topic: str,
+        destination: tuple[str, bytes | None],
         stored: list[StoredBatch],
         published: list[_Published],
     ) -> None:
-        """Publish again, unchanged, the stored batches the broker did not acknowledge.
+        """Publish again the stored batches the broker did not acknowledge.
 
         They keep their message ids, so a device that got one before skips it,
-        and their charge, so nothing is charged again.
+        and their charge, so nothing is charged again. Each is signed with the
+        device's current key, ``destination``'s second item, so the bytes are
+        unchanged unless the key changed since the first publish.
         """
-        # NOTE: a device whose key was replaced since rejects the updates
-        # signed with its old key.
+        topic, key = destination
         waiting = [batch for batch in stored if not batch.acknowledged]
         now = time.time()
         stale = 0
+        signed_again = 0
         for batch in waiting:
             age = now - batch.created
             stale += age > DEVICE_MAX_AGE_S
+            body = unverified_body(batch.payload)
+            payload = body if key is None else sign(key, topic, body)
+            signed_again += payload != batch.payload
             # The update keeps what remains of the push's expiry_s, counted
             # from the first publish, and at least 1 s.
-            info = self._publish(topic, batch.payload, schedule.expiry_s - age)
+            info = self._publish(topic, payload, schedule.expiry_s - age)
             samples = batch.end_sample - batch.first_sample
             published.append(_Published(info, samples, batch.batch, republished=True))
         self.republished_updates += len(waiting)
@@ -268,6 +274,14 @@ class BatchPublisher:
             len(stored) - len(waiting),
             len(waiting),
         )
+        if signed_again:
+            logger.info(
+                "Push %s: the key of device %s changed since the first publish, "
+                "so %d of the updates published again carry its current key",
+                schedule.name,
+                device,
+                signed_again,
+            )
         if stale:
             logger.warning(
                 "Push %s to device %s published again %d of its updates that are "

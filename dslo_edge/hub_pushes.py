@@ -8,8 +8,9 @@ stopped or killed part way through a run sends the rest when it starts again.
 When no worker with that worker id runs, another worker that shares the state
 file sends the rest, at its start or at its next check. A device whose push
 was under way gets the rest of it: each update is stored with its charge,
-so the resumed run publishes the unacknowledged ones again byte for byte,
-with their message ids and no new charge, and then the batches never charged.
+so the resumed run publishes the unacknowledged ones again byte for byte
+(signed again if the device's key changed), with their message ids and no
+new charge, and then the batches never charged.
 A run labels the dataset with the current teacher and publishes updates on
 each device's ``updates`` topic, signed when the device has a key, with the
 privacy noise and budget of the request path. The data file's ``y`` goes

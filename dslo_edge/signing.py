@@ -104,6 +104,17 @@ def sign(key: bytes, topic: str, body: bytes) -> bytes:
     return SIGNED_MAGIC + bytes([ENVELOPE_VERSION]) + _tag(key, topic, body) + body
 
 
+def unverified_body(payload: bytes) -> bytes:
+    """Return the update body of a payload, removing its envelope unchecked.
+
+    For payloads that the caller signed itself, as a hub re-signing a stored
+    update with a device's new key.
+    """
+    if payload.startswith(SIGNED_MAGIC):
+        return payload[HEADER_BYTES:]
+    return payload
+
+
 def verified_body(key: bytes | None, topic: str, payload: bytes) -> bytes:
     """Return the update body of a payload, verifying its envelope with ``key``.
 

@@ -20,7 +20,7 @@ import pytest
 from dslo_edge.hub_state import HubState, StoredBatch, UnfinishedRun
 from dslo_edge.privacy import PrivacySettings
 from dslo_edge.protocol import decode_update
-from dslo_edge.signing import generate_key_file, load_key, verify
+from dslo_edge.signing import HEADER_BYTES, generate_key_file, load_key, verify
 from tests.hub_fleet import start_worker
 from tests.mqtt_proxy import PubackProxy
 from tests.test_hub_push_resume import stop, wait_for_log, wait_for_updates
@@ -109,6 +109,7 @@ def undo_last_batch(path: Path) -> None:
 # unacknowledged, with the stored updates made two hours before the restart.
 # uncharged: w1 was killed before it charged porch's last batch.
 # data_changed: as uncharged, and the data file changed before the restart.
+# key_replaced: as unacknowledged, and porch got a new key before the restart.
 def age_batches(path: Path, seconds: float) -> None:
     """Move the creation time of every stored batch ``seconds`` back."""
     db = sqlite3.connect(path)
@@ -118,7 +119,15 @@ def age_batches(path: Path, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "cut", ["unacknowledged", "terminated", "stale", "uncharged", "data_changed"]
+    "cut",
+    [
+        "unacknowledged",
+        "terminated",
+        "stale",
+        "uncharged",
+        "data_changed",
+        "key_replaced",
+    ],
 )
 def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> None:
     folder = tmp_path / "hub"
@@ -145,6 +154,9 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
             undo_last_batch(state_file)
         if cut == "stale":
             age_batches(state_file, 7200.0)
+        if cut == "key_replaced":
+            (keys / "porch.key").unlink()
+            generate_key_file(keys / "porch.key")
         if cut == "data_changed":
             data = folder / "data.npz"
             os.utime(data, ns=(time.time_ns(), time.time_ns()))
@@ -180,6 +192,11 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
         "older than 3600 s, which a device with the default max_age_s rejects"
     )
     assert (stale_warning in resumed_log) == (cut == "stale")
+    signed_again = (
+        "Push nightly: the key of device porch changed since the first publish, "
+        "so 1 of the updates published again carry its current key"
+    )
+    assert (signed_again in resumed_log) == (cut == "key_replaced")
     if cut in ("unacknowledged", "terminated", "stale"):
         # The same bytes again, so the device skips the update by its id.
         assert [update[2] for update in resumed["porch"]] == [first_run["porch"][2][2]]
@@ -188,6 +205,15 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
             "Push nightly resumes device porch after batch 2: skips 2 acknowledged "
             "before the stop and publishes 1 again unchanged"
         ) in resumed_log
+    elif cut == "key_replaced":
+        # drain_updates verified it with the new key. The body and the message
+        # id are the first publish's, and only the envelope's tag differs.
+        ((message_id, count, payload),) = resumed["porch"]
+        first_payload = first_run["porch"][2][2]
+        assert message_id == first_ids[2]
+        assert count == 8
+        assert payload != first_payload
+        assert payload[HEADER_BYTES:] == first_payload[HEADER_BYTES:]
     elif cut == "uncharged":
         # Batch 2 is labelled and charged again, with a new message id.
         assert [count for _, count, _ in resumed["porch"]] == [8]
