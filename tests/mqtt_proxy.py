@@ -72,7 +72,11 @@ class PubackProxy:
         self.withheld = withheld
         self.publishes = 0
         self._held: set[int] = set()
+        # The withheld PUBACKs, with the client socket each was meant for.
+        self._withheld_pubacks: list[tuple[socket.socket, bytes]] = []
         self._lock = threading.Lock()
+        # Serializes the writes to a client of the pump and of release_held.
+        self._send_lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = [self._listener]
@@ -84,6 +88,15 @@ class PubackProxy:
             self.acknowledged = None
             self.withheld = frozenset()
             self._held.clear()
+
+    def release_held(self) -> None:
+        """Forward every PUBACK from now on, and send those withheld so far."""
+        self.forward_all()
+        with self._lock:
+            pubacks, self._withheld_pubacks = self._withheld_pubacks, []
+        with self._send_lock:
+            for client, packet in pubacks:
+                client.sendall(packet)
 
     def close(self) -> None:
         for sock in self._sockets:
@@ -104,7 +117,7 @@ class PubackProxy:
             ).start()
             threading.Thread(
                 target=self._pump,
-                args=(broker, client, self._pass_puback),
+                args=(broker, client, self._puback_check(client)),
                 daemon=True,
             ).start()
 
@@ -113,7 +126,8 @@ class PubackProxy:
             while True:
                 packet = read_packet(source)
                 if check(packet):
-                    target.sendall(packet)
+                    with self._send_lock:
+                        target.sendall(packet)
         except OSError:
             pass
         finally:
@@ -137,9 +151,17 @@ class PubackProxy:
                 self._held.add(packet_id)
         return True
 
-    def _pass_puback(self, packet: bytes) -> bool:
-        if packet[0] >> 4 != PUBACK:
-            return True
-        packet_id = int.from_bytes(_body(packet)[:2], "big")
-        with self._lock:
-            return packet_id not in self._held
+    def _puback_check(self, client: socket.socket):
+        """Return the check of the packets from the broker to ``client``."""
+
+        def pass_puback(packet: bytes) -> bool:
+            if packet[0] >> 4 != PUBACK:
+                return True
+            packet_id = int.from_bytes(_body(packet)[:2], "big")
+            with self._lock:
+                if packet_id not in self._held:
+                    return True
+                self._withheld_pubacks.append((client, packet))
+                return False
+
+        return pass_puback
