@@ -84,9 +84,14 @@ class PushState(ChargeState):
         A claimed run stores ``devices`` as not yet pushed, in place of what
         the push's previous run left. A run stored as due more than
         ``every_s`` ahead, because ``every_s`` was shortened since the last
-        run, is moved to ``now + every_s``.
+        run, is moved to ``now + every_s``. A due run is not claimed while
+        another worker id whose lock is held has devices of the previous run
+        left, because that run is still in progress.
         """
-        with self._transaction() as db:
+        # The locks of stopped worker ids are held until the commit, so a
+        # worker with such an id that starts meanwhile waits, then finds the
+        # new run claimed.
+        with ExitStack() as other_locks, self._transaction() as db:
             row = db.execute(
                 "SELECT next_due FROM schedule WHERE name = ?", (name,)
             ).fetchone()
@@ -106,6 +111,8 @@ class PushState(ChargeState):
                 return False
             if row is not None and row[0] > now:
                 return False
+            if self._run_in_progress(db, name, other_locks):
+                return False
             db.execute(
                 "INSERT INTO schedule (name, next_due) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET next_due = excluded.next_due",
@@ -122,6 +129,24 @@ class PushState(ChargeState):
                 ],
             )
             return True
+
+    def _run_in_progress(
+        self, db: sqlite3.Connection, name: str, other_locks: ExitStack
+    ) -> bool:
+        """Return whether a running worker of another id still runs the push.
+
+        The runs and stored batches of a push have no run id, so a second run
+        would take over the first one's stored batches and publish them again
+        as its own. This worker's own devices left are never in progress,
+        because its scheduler runs one push at a time.
+        """
+        for (worker,) in db.execute(
+            "SELECT DISTINCT worker FROM push_devices WHERE name = ? AND worker != ?",
+            (name, self.worker_id),
+        ).fetchall():
+            if not other_locks.enter_context(lock_if_stopped(self.path, str(worker))):
+                return True
+        return False
 
     def take_unfinished_run(self, name: str, now: float) -> UnfinishedRun | None:
         """Take the run of a push that a stopped worker claimed and did not finish.

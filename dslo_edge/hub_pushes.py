@@ -304,6 +304,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
             ConfigError: the teacher gave NaN or infinite labels; nothing was
                 sent.
         """
+        started = time.monotonic()
         # One version for the whole run, even when the teacher is reloaded.
         current = self.teacher.current
         model = self._teacher_model(current)
@@ -363,6 +364,15 @@ class PushScheduler(BatchPublisher, threading.Thread):
         self._log_run(
             schedule, current, len(samples.x), sent_samples, (reached, len(devices))
         )
+        duration = time.monotonic() - started
+        if duration > schedule.every_s:
+            logger.warning(
+                "Push %s took %.1f s, longer than its every_s of %g s; no worker "
+                "starts the next run of a push before the run in progress ends",
+                schedule.name,
+                duration,
+                schedule.every_s,
+            )
 
     def _log_run(
         self,
