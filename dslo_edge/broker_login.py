@@ -188,7 +188,10 @@ def start_client(client: mqtt.Client, settings: MqttSettings, label: str) -> Non
         failure = describe_tls_failure(error, "--tls-ca-file", "the --broker host")
         raise BrokerError(f"TLS connection to {address} failed: {failure}") from error
     except OSError as error:
-        raise BrokerError(f"cannot reach the broker at {address}: {error}") from error
+        raise BrokerError(
+            f"cannot reach the broker at {address}: {error}; expected an MQTT "
+            "broker listening there, so start it or pass its URL with --broker"
+        ) from error
     client.loop_start()
     try:
         answered_in_time = answered.wait(CONNECT_TIMEOUT_S)
