@@ -166,7 +166,7 @@ def _read_npz(source: Path) -> dict[str, np.ndarray]:
     except FileNotFoundError as error:
         raise ConfigError(f"sample file not found: {source}") from error
     except _NPZ_ERRORS as error:
-        raise ConfigError(f"cannot read {source} as .npz: {error}") from error
+        raise _npz_read_error(source, error) from error
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ConfigError(
             f"{source} is a single .npy array of shape {loaded.shape}; expected "
@@ -176,9 +176,22 @@ def _read_npz(source: Path) -> dict[str, np.ndarray]:
         try:
             return {key: data[key] for key in data.files}
         except _NPZ_ERRORS as error:
-            # Object arrays need pickle, which stays off because unpickling
-            # an untrusted file can run code.
-            raise ConfigError(f"cannot read {source} as .npz: {error}") from error
+            raise _npz_read_error(source, error) from error
+
+
+def _npz_read_error(source: Path, error: Exception) -> ConfigError:
+    """Return the error for an ``.npz`` file that numpy cannot read."""
+    if isinstance(error, ValueError) and "allow_pickle" in str(error):
+        # Object arrays need pickle, which stays off because unpickling
+        # an untrusted file can run code.
+        return ConfigError(
+            f"cannot read {source} as .npz: it contains an object array, which "
+            "needs pickle; save x, y and ids as numeric or string arrays"
+        )
+    return ConfigError(
+        f"cannot read {source} as .npz: {error}; the file is damaged or "
+        "incomplete, so write it again with numpy.savez(path, x=x)"
+    )
 
 
 def _per_sample_array(

@@ -23,8 +23,31 @@ def test_truncated_npz_is_config_error(tmp_path: Path) -> None:
     path = tmp_path / "truncated.npz"
     path.write_bytes(whole[: len(whole) // 2])
 
-    with pytest.raises(ConfigError, match="cannot read .*truncated.npz as .npz"):
+    with pytest.raises(ConfigError) as caught:
         load_samples(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"cannot read {path} as .npz: ")
+    assert message.endswith(
+        "; the file is damaged or incomplete, so write it again with "
+        "numpy.savez(path, x=x)"
+    )
+
+
+def test_object_array_names_pickle_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "objects.npz"
+    ragged = np.empty(2, dtype=object)
+    ragged[0] = [0.1]
+    ragged[1] = [0.1, 0.2]
+    np.savez(path, x=ragged)
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(path)
+
+    assert str(caught.value) == (
+        f"cannot read {path} as .npz: it contains an object array, which needs "
+        "pickle; save x, y and ids as numeric or string arrays"
+    )
 
 
 def test_npz_with_bad_crc_is_config_error(tmp_path: Path) -> None:
