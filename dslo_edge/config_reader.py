@@ -191,20 +191,24 @@ class TableReader:
             known = ", ".join(sorted(self.used))
             raise ConfigError(
                 f"{self.source}: unknown key {self.path}{unknown[0]}"
-                f"{self._known_table_hint(unknown[0])}; known keys here: {known}"
+                f"{self._known_key_hint(unknown[0])}; known keys here: {known}"
             )
 
-    def _known_table_hint(self, key: str) -> str:
-        """Return a hint naming the known table that an unknown table resembles."""
+    def _known_key_hint(self, key: str) -> str:
+        """Return a hint naming the known key of the same kind that ``key`` resembles.
+
+        An unknown table is compared with the known tables and an unknown value
+        with the known values, so a value such as ``privcy = 1`` is not taken
+        for a misspelt ``[privacy]`` table.
+        """
         value = self.table[key]
         is_table = isinstance(value, dict) or (
             isinstance(value, list)
             and bool(value)
             and all(isinstance(item, dict) for item in value)
         )
-        if not is_table:
-            return ""
-        close = difflib.get_close_matches(key, sorted(self.table_keys), n=1, cutoff=0.6)
+        same_kind = self.table_keys if is_table else self.used - self.table_keys
+        close = difflib.get_close_matches(key, sorted(same_kind), n=1, cutoff=0.6)
         if not close:
             return ""
         return f", which may be a misspelling of {self.path}{close[0]}"

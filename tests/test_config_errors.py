@@ -138,6 +138,31 @@ def test_misspelt_optional_table_is_named(
     )
 
 
+@pytest.mark.parametrize(
+    ("known", "misspelt"),
+    [
+        ("learning_rate = 0.05", "learning_rat = 0.05"),
+        ("checkpoint_every = 20", "checkpoint_evry = 20"),
+    ],
+)
+def test_misspelt_value_key_is_named(tmp_path: Path, known: str, misspelt: str) -> None:
+    path = write(tmp_path, tmp_path / "bundle")
+    text = path.read_text()
+    assert known in text
+    path.write_text(text.replace(known, misspelt))
+    wrong, right = misspelt.split(" = ")[0], known.split(" = ")[0]
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78
+    assert result.stdout == ""
+    assert result.stderr.startswith(
+        f"error: {path}: unknown key training.{wrong}, which may be a "
+        f"misspelling of training.{right}; known keys here: "
+    )
+    assert result.stderr.count("\n") == 1
+
+
 def test_similar_top_level_key_has_no_hint(tmp_path: Path) -> None:
     # A top-level key devise is no table header, so it is not named.
     path = tmp_path / "device.toml"

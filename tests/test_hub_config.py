@@ -463,6 +463,23 @@ def test_misspelt_optional_table_is_named(tmp_path, table, expected) -> None:
     )
 
 
+def test_misspelt_push_value_is_named(tmp_path) -> None:
+    path = write_config(
+        tmp_path,
+        '[[push]]\nname = "n"\ndevices = ["d1"]\ndata = "data.npz"\n'
+        "every_s = 60\nbatch_sise = 8\n",
+    )
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: unknown key push[0].batch_sise, which may be a "
+        "misspelling of push[0].batch_size; known keys here: batch_size, data, "
+        "devices, every_s, expiry_s, hard_labels, name\n"
+    )
+
+
 def test_value_like_table_name_has_no_hint(tmp_path) -> None:
     # privcy = 1 is a value, not a table header, so it gets no hint.
     path = write_config(tmp_path)
