@@ -35,13 +35,13 @@ def read_toml(source: Path, what: str) -> dict[str, Any]:
         ) from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(
-            f"cannot read {source}: {error}; {_toml_fix(str(error))}"
+            f"cannot read {source}: {error}; {toml_fix(str(error))}"
         ) from error
     except OSError as error:
         raise ConfigError(f"cannot read {source}: {error}") from error
 
 
-def _toml_fix(message: str) -> str:
+def toml_fix(message: str) -> str:
     """Return what to do about a TOML syntax error, from tomllib's message."""
     if message.startswith("Cannot overwrite a value"):
         return "a key is given twice there, so keep only one of them"

@@ -21,6 +21,7 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from dslo_edge.config_reader import toml_fix
 from dslo_edge.errors import ConfigError
 from dslo_edge.power.sources import POWER_FILE_UNITS, PowerModel
 
@@ -205,7 +206,11 @@ def load_profile_file(path: str | Path) -> FirmwareProfile:
         data = tomllib.loads(source.read_text())
     except FileNotFoundError as error:
         raise ConfigError(f"firmware profile not found: {source}") from error
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(
+            f"cannot read firmware profile {source}: {error}; {toml_fix(str(error))}"
+        ) from error
+    except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read firmware profile {source}: {error}") from error
     root = _Table(source, data)
     _reject_unknown_tables(source, data)

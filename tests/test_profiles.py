@@ -197,8 +197,13 @@ def test_missing_table_and_bad_toml(tmp_path: Path) -> None:
     text = VALID_PROFILE.format(name="board").replace("[thermal]\nlimit_c = 75\n", "")
     with pytest.raises(ConfigError, match=r"missing required table \[thermal\]"):
         load_profile_file(write_profile(tmp_path, text))
-    with pytest.raises(ConfigError, match="cannot read firmware profile"):
-        load_profile_file(write_profile(tmp_path, "name = ", name="broken"))
+    broken = write_profile(tmp_path, "name = ", name="broken")
+    with pytest.raises(ConfigError) as caught:
+        load_profile_file(broken)
+    message = str(caught.value)
+    assert message.startswith(f"cannot read firmware profile {broken}: ")
+    assert "Invalid value (at end of document)" in message
+    assert message.endswith("; correct the TOML syntax at that line")
 
 
 def test_misspelt_table_is_named_as_unknown(tmp_path: Path) -> None:
