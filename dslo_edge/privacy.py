@@ -317,7 +317,15 @@ class PrivacyLedger:
 def _read_ledger(path: Path) -> dict[str, dict[float, int]]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except json.JSONDecodeError as error:
+        # The ledger is replaced atomically, so a damaged one was changed by
+        # something else. Deleting it would forget the privacy already spent.
+        raise ConfigError(
+            f"cannot read privacy ledger {path}: it is not valid JSON ({error}); "
+            "restore it from a backup, and move it away only if no labels were "
+            "released with it"
+        ) from error
+    except OSError as error:
         raise ConfigError(f"cannot read privacy ledger {path}: {error}") from error
     if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
         raise ConfigError(
