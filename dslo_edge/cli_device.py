@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from dslo_edge.cli_broker import broker_login_options
 from dslo_edge.config import DEFAULT_QUEUE_SIZE
+from dslo_edge.console import EXIT_INTERRUPTED
 from dslo_edge.errors import BundleError, OutputPathError
 
 PROFILES_DIR_OPTION = click.option(
@@ -304,6 +306,19 @@ def report(metrics_paths: tuple[str, ...], out: str) -> None:
         click.echo(f"  wrote {path}")
 
 
+def _exit_interrupted_after_send(
+    transfer_id: str, device_id: str, topic: str
+) -> NoReturn:
+    """Exit with status 130 and one line on Ctrl-C after every chunk was sent."""
+    click.echo(
+        f"interrupted after every chunk of transfer {transfer_id} was sent, so "
+        f"device {device_id} may still install it; its outcome is the retained "
+        f"message on {topic}",
+        err=True,
+    )
+    sys.exit(EXIT_INTERRUPTED)
+
+
 @click.command("ota-send")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option(
@@ -402,11 +417,14 @@ def ota_send(
             hmac_key=key,
             stop=lambda: watcher.outcome(transfer.hex()) is not None,
         )
-        click.echo(
-            f"sent {bundle} to device {device_id} as transfer {transfer.hex()} "
-            f"({sent} chunks, {len(archive)} bytes)"
-        )
-        status = watcher.wait(transfer.hex(), timeout)
+        try:
+            click.echo(
+                f"sent {bundle} to device {device_id} as transfer {transfer.hex()} "
+                f"({sent} chunks, {len(archive)} bytes)"
+            )
+            status = watcher.wait(transfer.hex(), timeout)
+        except KeyboardInterrupt:
+            _exit_interrupted_after_send(transfer.hex(), device_id, watcher.topic)
     except (ValueError, RuntimeError) as error:
         raise BrokerError(
             f"sending the bundle to {host}:{port} failed: {error}"
