@@ -304,6 +304,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         # True once a full queue was logged, until the reconnect after it.
         # Separate from the flag above, which a rollback also sets.
         self._queue_full_logged = False
+        self._ota_full_logged = False
         self._session_epoch = 0
         self._acks = AckLedger()
         # True from restoring a checkpoint until the next save. The restored
@@ -617,10 +618,17 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             try:
                 self.ota_chunks.put_nowait(item)
             except queue.Full:
-                # Left unacknowledged: the broker sends it again on reconnect.
-                logger.warning(
-                    "Device %s has too many model update chunks queued", self.device_id
-                )
+                # Left unacknowledged. A broker sends it again only on a
+                # reconnect, which the trainer makes once it is idle.
+                self._deferred_since_reconnect = True
+                if not self._ota_full_logged:
+                    self._ota_full_logged = True
+                    logger.warning(
+                        "Device %s model update chunk queue is full (%d chunks); "
+                        "leaving chunks for redelivery after the queue drains",
+                        self.device_id,
+                        self.ota_chunks.maxsize,
+                    )
             return
         if message.topic == self.infer_topic:
             self._queue_inputs(item)
@@ -759,6 +767,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             self._checkpoint_and_ack()
             self._deferred_since_reconnect = False
             self._queue_full_logged = False
+            self._ota_full_logged = False
             logger.info(
                 "Device %s reconnects to receive the updates it left queued",
                 self.device_id,

@@ -997,3 +997,42 @@ def test_label_requests_block_switch_to_two_heads(
     assert bundle_after == mlp_pair.bundle
     assert isinstance(trainer, Trainer)
     assert_same_weights(weights_after, weights)
+
+
+def test_full_chunk_queue_reconnects_for_rest(
+    mlp_pair, broker, tmp_path, caplog
+) -> None:
+    if broker.kind != "mosquitto":
+        return  # the daemon's default protocol here is MQTT 5
+    new_bundle = tmp_path / "new-bundle"
+    shutil.copytree(mlp_pair.bundle, new_bundle)
+    listener, statuses = status_listener(broker)
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, broker)
+    # The trainer empties the queue once per loop, so a queue of 4 fills at once.
+    daemon.ota_chunks = queue.Queue(maxsize=4)
+    hub = hub_client(broker)
+    try:
+        with caplog.at_level(logging.INFO, logger="dslo_edge.daemon"):
+            transfer = send_bundle(
+                hub, Topics.for_device(DEVICE), new_bundle, chunk_bytes=1024
+            )
+            wait_until(lambda: statuses, timeout=60)
+    finally:
+        daemon.stop()
+        hub.loop_stop()
+        hub.disconnect()
+        listener.loop_stop()
+        listener.disconnect()
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert statuses[-1]["state"] == "installed"
+    assert statuses[-1]["transfer"] == transfer
+    assert daemon.bundle.path.parent == tmp_path / "state" / "bundles"
+    full = (
+        f"Device {DEVICE} model update chunk queue is full (4 chunks); leaving "
+        "chunks for redelivery after the queue drains"
+    )
+    assert full in messages
+    assert (
+        f"Device {DEVICE} reconnects to receive the updates it left queued"
+    ) in messages
