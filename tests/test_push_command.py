@@ -69,15 +69,25 @@ def run_push(bundle: Path, data: Path, url: str, *extra: str) -> Result:
 
 
 def watch_updates(port: int) -> tuple[mqtt.Client, list[bytes]]:
-    """Subscribe to the device's updates; return the client and received payloads."""
+    """Subscribe to the device's updates; return the client and received payloads.
+
+    Returns once the broker has acknowledged the subscription, because the
+    broker drops an update that no client subscribes to, and push then stops.
+    """
     received: list[bytes] = []
+    subscribed = threading.Event()
     watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_subscribe = lambda *args: subscribed.set()
     watcher.on_message = lambda _client, _userdata, message: received.append(
         message.payload
     )
     watcher.connect("127.0.0.1", port)
     watcher.subscribe(f"dslo/{DEVICE}/updates", qos=1)
     watcher.loop_start()
+    if not subscribed.wait(30):
+        watcher.loop_stop()
+        watcher.disconnect()
+        raise AssertionError("timed out after 30 s waiting for the SUBACK")
     return watcher, received
 
 
@@ -105,16 +115,18 @@ def dp_options(noise_multiplier: float, epsilon: float, ledger: Path) -> list[st
 
 
 def push_while_watching(
-    broker: Broker, bundle: Path, data: Path, *extra: str
+    broker: Broker, bundle: Path, data: Path, *extra: str, expected: int = 0
 ) -> tuple[Result, list[bytes]]:
     """Run a --no-wait push while a client subscribes to the device's updates.
 
-    Returns the push's result and the update payloads the subscriber received.
+    Waits up to 10 s for ``expected`` updates, then 0.5 s more, in which any
+    update beyond them would arrive. Returns the push's result and the update
+    payloads the subscriber received.
     """
     watcher, received = watch_updates(broker.port)
     try:
-        time.sleep(0.5)
         result = run_push(bundle, data, broker.url, "--no-wait", *extra)
+        wait_for_count(received, expected)
         time.sleep(0.5)
     finally:
         watcher.loop_stop()
@@ -273,7 +285,6 @@ def test_push_logs_teacher_path_per_round(
     # client subscribes to, and push then stops.
     watcher, received = watch_updates(broker.port)
     try:
-        time.sleep(0.5)
         with caplog.at_level(logging.INFO, logger="dslo_edge.hub"):
             result = run_push(
                 mlp_pair.bundle, data_file, broker.url, "--no-wait", *options
@@ -332,7 +343,6 @@ def test_push_timeout_names_key_counters(mlp_pair, broker_factory, data_file):
     publish_retained(broker, f"dslo/{DEVICE}/metrics", json.dumps(metrics))
     watcher, _received = watch_updates(broker.port)
     try:
-        time.sleep(0.5)
         result = run_push(mlp_pair.bundle, data_file, broker.url, "--timeout", "1")
     finally:
         watcher.loop_stop()
@@ -578,7 +588,11 @@ def test_push_stopped_by_budget_counts_sent(
     # At noise multiplier 4, 16 releases spend epsilon 4.73 and 24 spend
     # 5.98, so the budget of 5 admits two batches of 8.
     result, received = push_while_watching(
-        broker, mlp_pair.bundle, data_file, *dp_options(4, 5, tmp_path / "ledger.json")
+        broker,
+        mlp_pair.bundle,
+        data_file,
+        *dp_options(4, 5, tmp_path / "ledger.json"),
+        expected=2,
     )
 
     assert result.exit_code == 1, result.output
@@ -597,7 +611,11 @@ def test_push_stopped_after_one_update_reads_singular(
     # At noise multiplier 4, 8 releases spend epsilon 3.19 and 16 spend
     # 4.73, so the budget of 4 admits one batch of 8.
     result, received = push_while_watching(
-        broker, mlp_pair.bundle, data_file, *dp_options(4, 4, tmp_path / "ledger.json")
+        broker,
+        mlp_pair.bundle,
+        data_file,
+        *dp_options(4, 4, tmp_path / "ledger.json"),
+        expected=1,
     )
 
     assert result.exit_code == 1, result.output
@@ -664,11 +682,13 @@ def test_push_logs_in_to_password_broker(mlp_pair, tmp_path, data_file):
     ) as broker:
         # The device's subscription, without which the broker drops updates.
         device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        subscribed = threading.Event()
+        device.on_subscribe = lambda *args: subscribed.set()
         device.username_pw_set("hub", "hub-secret")
         device.connect("127.0.0.1", broker.port)
         device.subscribe(f"dslo/{DEVICE}/updates", qos=1)
         device.loop_start()
-        time.sleep(0.5)
+        assert subscribed.wait(30), "timed out after 30 s waiting for the SUBACK"
         anonymous = run_push(mlp_pair.bundle, data_file, broker.url, "--no-wait")
         wrong = run_push(
             mlp_pair.bundle,
