@@ -291,6 +291,12 @@ def test_acl_confines_each_device_to_its_topics(tmp_path, pki) -> None:
             dev_b.publish("dslo/dev-a/updates", b"forged by dev-b")
             dev_a.publish("dslo/dev-a/status", b"online")
             dev_a.publish("dslo/dev-b/status", b"spoofed by dev-a")
+            # Wait for the allowed messages, then 1 s more for any denied one.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not (
+                dev_a.received and ("dslo/dev-a/status", b"online") in hub.received
+            ):
+                time.sleep(0.05)
             time.sleep(1.0)
         finally:
             for client in (hub, dev_a, dev_b):
