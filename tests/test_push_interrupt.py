@@ -104,6 +104,11 @@ def test_push_sigint_prints_acknowledged_counts(mlp_pair, broker_factory, tmp_pa
         assert len(watcher.payloads) >= 20, "the push sent nothing within 60 s"
         push.send_signal(signal.SIGINT)
         stdout, stderr = push.communicate(timeout=60)
+        # The broker may still be delivering acknowledged updates: wait for
+        # them, then 1 s more for any published one beyond them.
+        interrupted = INTERRUPTED_LINE.search(stderr)
+        if interrupted:
+            watcher.wait_for(int(interrupted.group(2)), timeout=30)
         time.sleep(1)
         received = watcher.sample_ids()
     finally:
