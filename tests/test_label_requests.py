@@ -275,6 +275,13 @@ def test_rejections_differing_in_numbers_repeat(caplog) -> None:
     assert lines[1].endswith("with status rejected: bad key")
 
 
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s"
+        time.sleep(0.05)
+
+
 def _session_client(port: int, client_id: str, received: list) -> mqtt.Client:
     """Connect a persistent-session MQTT 5 client that records correlation ids."""
     client = mqtt.Client(
@@ -299,6 +306,8 @@ def test_request_expires_when_device_gives_up(mosquitto) -> None:
     hub.disconnect()
     hub.loop_stop()
     device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pubacks: list[int] = []
+    device.on_publish = lambda _c, _u, mid, *_: pubacks.append(mid)
     device.connect("127.0.0.1", mosquitto.port)
     device.loop_start()
     inputs = np.zeros((1, 4), np.float32)
@@ -311,11 +320,15 @@ def test_request_expires_when_device_gives_up(mosquitto) -> None:
     assert first is not None and second is not None
     short.publish(device, first)
     long.publish(device, second)
+    # The broker counts a message's expiry from when it receives it.
+    wait_until(lambda: len(pubacks) == 2)
     time.sleep(3.0)
     device.disconnect()
     device.loop_stop()
 
     hub = _session_client(mosquitto.port, "dslo-hub-w1", received)
+    # Wait for the queued request, then 1 s more for the expired one.
+    wait_until(lambda: received)
     time.sleep(1.0)
     hub.disconnect()
     hub.loop_stop()
