@@ -1444,6 +1444,15 @@ def test_push_waits_for_broker_outage(
     assert not [m for m in messages if "failed" in m]
 
 
+def wait_for_queued_publishes(client: mqtt.Client, count: int) -> None:
+    """Wait until paho holds ``count`` QoS 1 messages not yet acknowledged."""
+    deadline = time.monotonic() + 30
+    # paho has no public call that returns whether QoS 1 messages wait.
+    while len(client._out_messages) < count:
+        assert time.monotonic() < deadline, f"{count} publishes were not queued in 30 s"
+        time.sleep(0.01)
+
+
 def test_push_waits_for_reconnect_mid_run(
     mlp_pair, mosquitto, tmp_path, caplog
 ) -> None:
@@ -1459,7 +1468,7 @@ def test_push_waits_for_reconnect_mid_run(
     # restart, so paho queues the updates and sends them once it connects.
     run = threading.Thread(target=worker.pushes.run_once, args=(schedule,))
     run.start()
-    time.sleep(1.0)
+    wait_for_queued_publishes(worker.connection.client, 3)
     worker.connection.client.connect("127.0.0.1", mosquitto.port)
     worker.connection.client.loop_start()
     try:
@@ -1501,7 +1510,7 @@ def test_push_wait_ends_when_worker_stops(mlp_pair, tmp_path, caplog) -> None:
     # acknowledgements, and 30 s more for porch's.
     run = threading.Thread(target=worker.pushes.run_once, args=(schedule,))
     run.start()
-    time.sleep(1.0)
+    wait_for_queued_publishes(worker.connection.client, 3)
     started = time.monotonic()
     worker.pushes.stop()
     run.join(5)
