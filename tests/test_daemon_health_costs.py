@@ -157,6 +157,11 @@ def test_energy_budget_pauses_training(mlp_pair, broker, tmp_path) -> None:
         for seed in range(3):
             hub.publish(one_class_update(201 + seed))
         metrics = hub.wait_for_metrics(lambda m: m["training"]["paused"], 30)
+        # The pause may come before the broker delivers all three updates.
+        deadline = time.monotonic() + 30
+        while daemon.updates.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Training stays paused, so none of them is applied in this time.
         time.sleep(1.5)
         held = daemon.updates.qsize()
         applied = daemon.metrics.applied
