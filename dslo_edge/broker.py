@@ -40,6 +40,9 @@ BROKER_KINDS = ("auto", "mosquitto", "amqtt")
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
 
 START_TIMEOUT_S = 10.0
+# Free ports that ``Broker.start`` tries, because another socket can take a
+# port between free_port's check and the broker's bind.
+PORT_ATTEMPTS = 3
 STOP_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 20
 
@@ -98,6 +101,10 @@ def _resolve_kind(kind: str) -> str:
     )
 
 
+class _PortTaken(BrokerError):
+    """The broker's port is in use by another socket."""
+
+
 def _check_port_free(port: int) -> None:
     # Without this check, a foreign listener on the port would pass the
     # readiness probe before our broker exits with "address in use".
@@ -106,7 +113,7 @@ def _check_port_free(port: int) -> None:
         try:
             sock.bind((HOST, port))
         except OSError as exc:
-            raise BrokerError(
+            raise _PortTaken(
                 f"port {port} on {HOST} is already in use ({exc}); "
                 "pass another port or port=None to pick a free one"
             ) from exc
@@ -216,7 +223,9 @@ class Broker:
         """Start a broker on 127.0.0.1 and wait until it accepts TCP connections.
 
         Args:
-            port: TCP port to listen on; None picks a free one.
+            port: TCP port to listen on; None picks a free one, and picks
+                another, up to ``PORT_ATTEMPTS`` in all, when the broker
+                finds it taken.
             kind: ``"mosquitto"``, ``"amqtt"``, or ``"auto"`` for mosquitto
                 when installed, else amqtt.
             workdir: directory for the configuration and log files; None
@@ -241,20 +250,37 @@ class Broker:
         else:
             workdir = Path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
-        broker = cls(
-            resolved,
-            port or free_port(),
-            workdir,
-            owns_workdir,
-            persistence,
-            config_text,
-        )
-        try:
-            broker._launch()
-        except BaseException:
-            broker.stop()
-            raise
-        return broker
+        attempts = 1 if port else PORT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            broker = cls(
+                resolved,
+                port or free_port(),
+                workdir,
+                owns_workdir,
+                persistence,
+                config_text,
+            )
+            try:
+                broker._launch()
+                return broker
+            except _PortTaken as error:
+                if attempt == attempts:
+                    broker.stop()
+                    raise
+                # Removing the log keeps the next attempt's errors apart.
+                broker._terminate()
+                broker.log_path.unlink(missing_ok=True)
+                logger.warning(
+                    "Retrying the %s broker on another port (%d of %d): %s",
+                    resolved,
+                    attempt + 1,
+                    attempts,
+                    error,
+                )
+            except BaseException:
+                broker.stop()
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _launch(self) -> None:
         _check_port_free(self.port)
@@ -308,9 +334,16 @@ class Broker:
             if self._process.poll() is not None:
                 code = self._process.returncode
                 self._process = None
-                raise BrokerError(
+                tail = _tail(self.log_path)
+                # mosquitto 2.0.11 logs "Error: Address already in use".
+                error = (
+                    _PortTaken
+                    if "address already in use" in tail.lower()
+                    else BrokerError
+                )
+                raise error(
                     f"{self.kind} broker exited with code {code} while starting "
-                    f"on port {self.port}; log tail:\n{_tail(self.log_path)}"
+                    f"on port {self.port}; log tail:\n{tail}"
                 )
             if _port_accepts(self.port):
                 return

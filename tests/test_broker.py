@@ -198,6 +198,75 @@ def test_start_rejects_port_in_use(broker_factory: Callable[..., Broker]) -> Non
             broker_factory("auto", port=port)
 
 
+def test_start_retries_port_taken_after_check(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A socket that listens on the port free_port returned, as when another
+    # process binds it between the check and the broker's start.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = taken.getsockname()[1]
+        ports = iter([taken_port, broker_module.free_port()])
+        monkeypatch.setattr(broker_module, "free_port", lambda: next(ports))
+        broker = Broker.start(kind="auto", workdir=tmp_path)
+        try:
+            port = broker.port
+            accepts = port_accepts(port)
+        finally:
+            broker.stop()
+
+    assert port != taken_port
+    assert accepts
+
+
+def test_start_retries_port_the_broker_cannot_bind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if broker_module.find_mosquitto() is None:
+        pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
+    # Bound without listening, as a client's local port is, so that only
+    # mosquitto's exit shows the port taken, not the readiness probe.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken_port = taken.getsockname()[1]
+        ports = iter([taken_port, broker_module.free_port()])
+        monkeypatch.setattr(broker_module, "free_port", lambda: next(ports))
+        # The check passes, so only mosquitto's own bind finds the port taken.
+        monkeypatch.setattr(broker_module, "_check_port_free", lambda port: None)
+        broker = Broker.start(kind="mosquitto", workdir=tmp_path)
+        try:
+            port = broker.port
+            accepts = port_accepts(port)
+            log = broker.log_path.read_text()
+        finally:
+            broker.stop()
+
+    assert port != taken_port
+    assert accepts
+    assert "Address already in use" not in log
+
+
+def test_start_gives_up_after_three_taken_ports(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = taken.getsockname()[1]
+        calls = []
+
+        def taken_free_port() -> int:
+            calls.append(taken_port)
+            return taken_port
+
+        monkeypatch.setattr(broker_module, "free_port", taken_free_port)
+        with pytest.raises(BrokerError, match=f"port {taken_port} .* already in use"):
+            Broker.start(kind="auto", workdir=tmp_path)
+
+    assert len(calls) == broker_module.PORT_ATTEMPTS
+
+
 def test_start_rejects_unknown_kind(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'rabbitmq'.*auto, mosquitto, amqtt"):
         Broker.start(kind="rabbitmq", workdir=tmp_path)
