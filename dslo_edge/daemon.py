@@ -335,6 +335,8 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         # True when the rate limit skipped a report that is not yet sent.
         self._metrics_pending = False
         self._last_logged_at = float("-inf")
+        # The last report sent over MQTT but not written to the metrics log.
+        self._unlogged_report: str | None = None
         self._rejection_log = RejectionLog()
         self._metrics_log = self._make_metrics_log()
 
@@ -762,6 +764,11 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
     def _on_idle(self) -> None:
         if self._metrics_pending:
             self.publish_metrics()
+        elif self._unlogged_report is not None:
+            # The log ends a burst with its last report, as MQTT does.
+            self._last_logged_at = time.monotonic()
+            self._metrics_log.info(self._unlogged_report)
+            self._unlogged_report = None
         if self._deferred_since_reconnect:
             self._checkpoint_and_ack()
             self._checkpoint_and_ack()
@@ -1063,6 +1070,8 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         the skipped report once the queue has stayed empty for 0.2 s. The
         metrics log keeps at most one line a second of the reports after
         updates, and every other report, such as the one at a burst's end.
+        A report after updates that goes out unlogged is logged once the
+        trainer is idle, unless a later report is logged first.
         """
         now = time.monotonic()
         if busy and now - self._last_metrics_at < METRICS_MIN_INTERVAL_S:
@@ -1074,7 +1083,10 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self.connection.publish(self.topics.metrics, payload, retain=True)
         if not busy or now - self._last_logged_at >= 1.0:
             self._last_logged_at = now
+            self._unlogged_report = None
             self._metrics_log.info(payload)
+        else:
+            self._unlogged_report = payload
 
 
 def _load_profile(config: DeviceConfig) -> Any:

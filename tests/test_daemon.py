@@ -20,7 +20,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 from dslo_edge.admission import Received
 from dslo_edge.bundle import load_bundle
 from dslo_edge.config import DeviceConfig, load_config, render_config
-from dslo_edge.daemon import METRICS_LOG, EdgeDaemon, burst_checkpoint_every
+from dslo_edge.daemon import (
+    METRICS_LOG,
+    METRICS_MIN_INTERVAL_S,
+    EdgeDaemon,
+    burst_checkpoint_every,
+)
 from dslo_edge.hub import HubClient
 from dslo_edge.models import StudentModel
 from dslo_edge.protocol import SoftLabelUpdate, encode_update, new_message_id
@@ -346,6 +351,11 @@ def test_replayed_update_is_applied_once(running_daemon) -> None:
     assert metrics["rejected"] == {"duplicate": 1}
 
 
+def last_logged(log: Path) -> dict:
+    """Return the last report in a metrics log."""
+    return json.loads(log.read_text().splitlines()[-1])
+
+
 def test_metrics_log_ends_with_final_counts(mlp_pair, broker, tmp_path) -> None:
     # No idle checkpoint, so only the report at the burst's end can log 30.
     config = write_config(
@@ -359,8 +369,11 @@ def test_metrics_log_ends_with_final_counts(mlp_pair, broker, tmp_path) -> None:
         for seed in range(30):
             hub.publish(encode_update(make_update(200 + seed, samples=1)))
         wait_processed(hub, 30)
-        time.sleep(1.0)
-        lines = (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()
+        log = tmp_path / "state" / "metrics.jsonl"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and last_logged(log)["applied"] < 30:
+            time.sleep(0.05)
+        lines = log.read_text().splitlines()
     finally:
         hub.close()
         daemon.stop()
@@ -368,6 +381,36 @@ def test_metrics_log_ends_with_final_counts(mlp_pair, broker, tmp_path) -> None:
     assert json.loads(lines[-1])["applied"] == 30
     # A burst of 30 updates logs far fewer lines than updates.
     assert len(lines) < 15
+
+
+def test_metrics_log_ends_with_report_sent_unlogged(mlp_pair, broker, tmp_path) -> None:
+    config = write_config(
+        tmp_path, mlp_pair.bundle, broker, training={"checkpoint_idle_s": 600.0}
+    )
+    log = tmp_path / "state" / "metrics.jsonl"
+    daemon = EdgeDaemon(config)
+    daemon.start()
+    hub = hub_client(broker)
+    try:
+        wait_processed(hub, 0)
+        hub.publish(encode_update(make_update(300, samples=1)))
+        wait_processed(hub, 1)
+        # The next update's report is past the MQTT rate limit, but the log
+        # has just taken its one line a second, so the report goes out unlogged.
+        time.sleep(METRICS_MIN_INTERVAL_S + 0.1)
+        daemon._last_logged_at = time.monotonic()
+        hub.publish(encode_update(make_update(301, samples=1)))
+        wait_processed(hub, 2)
+        # The idle trainer logs the report within about QUEUE_WAIT_S.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and last_logged(log)["processed"] < 2:
+            time.sleep(0.05)
+        last = last_logged(log)
+    finally:
+        hub.close()
+        daemon.stop()
+
+    assert last["processed"] == 2
 
 
 def test_metrics_log_is_size_capped(mlp_pair, broker, tmp_path) -> None:
