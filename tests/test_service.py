@@ -372,11 +372,14 @@ def _config(tmp_path, mlp_pair, broker) -> str:
     return str(path)
 
 
+# Seconds to wait for READY=1 from a daemon subprocess.
+STARTUP_TIMEOUT_S = 60
+
+
 def test_daemon_sends_ready_and_watchdog(tmp_path, mlp_pair, broker) -> None:
     address = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
-    sock.settimeout(10)
     env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"}
     process = subprocess.Popen(
         [
@@ -393,6 +396,11 @@ def test_daemon_sends_ready_and_watchdog(tmp_path, mlp_pair, broker) -> None:
     )
     messages = []
     try:
+        # The daemon loads its models before READY=1, which can take several
+        # seconds on a busy machine. Watchdog pings then come every second.
+        sock.settimeout(STARTUP_TIMEOUT_S)
+        messages.append(sock.recv(256).decode())
+        sock.settimeout(10)
         while len(messages) < 3:
             messages.append(sock.recv(256).decode())
     finally:
@@ -410,7 +418,7 @@ def test_daemon_stop_signal_exits_zero(tmp_path, mlp_pair, broker, signum) -> No
     address = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
-    sock.settimeout(10)
+    sock.settimeout(STARTUP_TIMEOUT_S)
     log_path = tmp_path / "daemon.log"
     config = _config(tmp_path, mlp_pair, broker)
     with open(log_path, "wb") as log:
