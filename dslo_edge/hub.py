@@ -188,6 +188,13 @@ def _npz_read_error(source: Path, error: Exception) -> ConfigError:
             f"cannot read {source} as .npz: it contains an object array, which "
             "needs pickle; save x, y and ids as numeric or string arrays"
         )
+    if isinstance(error, OSError) and error.errno is not None:
+        # The system refused the open or read, as for a folder or a file this
+        # user cannot read, so the contents were never checked.
+        return ConfigError(
+            f"cannot read {source} as .npz: {error}; check that the path names "
+            "a file that this process can read"
+        )
     return ConfigError(
         f"cannot read {source} as .npz: {error}; the file is damaged or "
         "incomplete, so write it again with numpy.savez(path, x=x)"

@@ -34,6 +34,21 @@ def test_truncated_npz_is_config_error(tmp_path: Path) -> None:
     )
 
 
+def test_unreadable_npz_path_is_not_called_damaged(tmp_path: Path) -> None:
+    # The open fails before numpy reads any bytes, so no message calls the file
+    # damaged, because writing it again would not help.
+    folder = tmp_path / "samples.npz"
+    folder.mkdir()
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(folder)
+
+    message = str(caught.value)
+    assert message.startswith(f"cannot read {folder} as .npz: [Errno 21] ")
+    assert "damaged" not in message
+    assert "numpy.savez" not in message
+
+
 def test_object_array_names_pickle_and_fix(tmp_path: Path) -> None:
     path = tmp_path / "objects.npz"
     ragged = np.empty(2, dtype=object)
