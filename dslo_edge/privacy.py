@@ -316,8 +316,9 @@ class PrivacyLedger:
 
 def _read_ledger(path: Path) -> dict[str, dict[float, int]]:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        # JSON text is UTF-8 (RFC 8259), whatever the locale.
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         # The ledger is replaced atomically, so a damaged one was changed by
         # something else. Deleting it would forget the privacy already spent.
         raise ConfigError(

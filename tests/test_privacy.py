@@ -280,6 +280,23 @@ def test_ledger_rejects_damaged_json(tmp_path) -> None:
     assert path.read_text() == '{"format": 1, "devices": {"kitchen"'
 
 
+def test_ledger_rejects_bytes_not_utf8(tmp_path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_bytes(b'{"format": 1, "devices": {"kitchen\xff": {}}}')
+    privacy = PrivacySettings(noise_multiplier=5.0, epsilon_budget=10.0)
+
+    with pytest.raises(ConfigError) as caught:
+        PrivacyLedger(privacy, path)
+
+    message = str(caught.value)
+    assert message.startswith(f"cannot read privacy ledger {path}: it is not valid ")
+    assert "can't decode byte 0xff" in message
+    assert message.endswith(
+        "restore it from a backup, and move it away only if no labels were "
+        "released with it"
+    )
+
+
 def test_ledger_rejects_foreign_file(tmp_path) -> None:
     path = tmp_path / "ledger.json"
     path.write_text('{"devices": {}}')
