@@ -267,12 +267,14 @@ class BatchPublisher:
         self.stale_republished_updates += stale
         logger.info(
             "Push %s resumes device %s after batch %d: skips %d acknowledged "
-            "before the stop and publishes %d again unchanged",
+            "before the stop and publishes %d again %s",
             schedule.name,
             device,
             stored[-1].batch,
             len(stored) - len(waiting),
             len(waiting),
+            # The next line says why the signed bytes differ.
+            "with the same bodies and message ids" if signed_again else "unchanged",
         )
         if signed_again:
             logger.info(

@@ -214,6 +214,12 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
         assert count == 8
         assert payload != first_payload
         assert payload[HEADER_BYTES:] == first_payload[HEADER_BYTES:]
+        assert (
+            "Push nightly resumes device porch after batch 2: skips 2 acknowledged "
+            "before the stop and publishes 1 again with the same bodies and "
+            "message ids"
+        ) in resumed_log
+        assert "again unchanged" not in resumed_log
     elif cut == "uncharged":
         # Batch 2 is labelled and charged again, with a new message id.
         assert [count for _, count, _ in resumed["porch"]] == [8]
