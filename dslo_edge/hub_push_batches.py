@@ -276,7 +276,15 @@ class BatchPublisher:
             # The next line says why the signed bytes differ.
             "with the same bodies and message ids" if signed_again else "unchanged",
         )
-        if signed_again:
+        if signed_again and key is None:
+            logger.info(
+                "Push %s: the hub config sets no keys_dir now, so %d of the "
+                "updates published again to device %s go unsigned",
+                schedule.name,
+                signed_again,
+                device,
+            )
+        elif signed_again:
             logger.info(
                 "Push %s: the key of device %s changed since the first publish, "
                 "so %d of the updates published again carry its current key",

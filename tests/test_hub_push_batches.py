@@ -50,12 +50,19 @@ def write_config(folder: Path, port: int, bundle: Path) -> Path:
 
 
 def drain_updates(received: queue.Queue, keys: Path, device: str) -> list[tuple]:
-    """Return (message id, sample count, payload) of each update, emptying the queue."""
-    key = load_key(keys / f"{device}.key")
+    """Return (message id, sample count, payload) of each update, emptying the queue.
+
+    Verifies each payload with the device's key, if its key file exists.
+    """
+    path = keys / f"{device}.key"
+    key = load_key(path) if path.exists() else None
     updates = []
     while not received.empty():
         payload = received.get()
-        update = decode_update(verify(key, f"dslo/{device}/updates", payload))
+        body = (
+            payload if key is None else verify(key, f"dslo/{device}/updates", payload)
+        )
+        update = decode_update(body)
         updates.append((update.message_id, update.sample_count, payload))
     return updates
 
@@ -110,6 +117,7 @@ def undo_last_batch(path: Path) -> None:
 # uncharged: w1 was killed before it charged porch's last batch.
 # data_changed: as uncharged, and the data file changed before the restart.
 # key_replaced: as unacknowledged, and porch got a new key before the restart.
+# keys_dir_dropped: as unacknowledged, and keys_dir left the hub config.
 def age_batches(path: Path, seconds: float) -> None:
     """Move the creation time of every stored batch ``seconds`` back."""
     db = sqlite3.connect(path)
@@ -127,6 +135,7 @@ def age_batches(path: Path, seconds: float) -> None:
         "uncharged",
         "data_changed",
         "key_replaced",
+        "keys_dir_dropped",
     ],
 )
 def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> None:
@@ -157,6 +166,10 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
         if cut == "key_replaced":
             (keys / "porch.key").unlink()
             generate_key_file(keys / "porch.key")
+        if cut == "keys_dir_dropped":
+            config.write_text(config.read_text().replace('keys_dir = "keys"', ""))
+            # The resumed run signs nothing, so nothing is verified.
+            keys = folder / "no-keys"
         if cut == "data_changed":
             data = folder / "data.npz"
             os.utime(data, ns=(time.time_ns(), time.time_ns()))
@@ -197,6 +210,11 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
         "so 1 of the updates published again carry its current key"
     )
     assert (signed_again in resumed_log) == (cut == "key_replaced")
+    unsigned = (
+        "Push nightly: the hub config sets no keys_dir now, so 1 of the "
+        "updates published again to device porch go unsigned"
+    )
+    assert (unsigned in resumed_log) == (cut == "keys_dir_dropped")
     if cut in ("unacknowledged", "terminated", "stale"):
         # The same bytes again, so the device skips the update by its id.
         assert [update[2] for update in resumed["porch"]] == [first_run["porch"][2][2]]
@@ -220,6 +238,12 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
             "message ids"
         ) in resumed_log
         assert "again unchanged" not in resumed_log
+    elif cut == "keys_dir_dropped":
+        # The stored body without its envelope, with the same message id.
+        ((message_id, count, payload),) = resumed["porch"]
+        assert message_id == first_ids[2]
+        assert count == 8
+        assert payload == first_run["porch"][2][2][HEADER_BYTES:]
     elif cut == "uncharged":
         # Batch 2 is labelled and charged again, with a new message id.
         assert [count for _, count, _ in resumed["porch"]] == [8]
