@@ -266,7 +266,14 @@ class Broker:
             except _PortTaken as error:
                 if attempt == attempts:
                     broker.stop()
-                    raise
+                    if port:
+                        raise
+                    raise BrokerError(
+                        f"{attempts} free ports on {HOST} were taken before the "
+                        f"broker could bind them, the last was port {broker.port} "
+                        "(already in use); start it again, and stop whatever "
+                        "opens many local sockets if this repeats"
+                    ) from error
                 # Removing the log keeps the next attempt's errors apart.
                 broker._terminate()
                 broker.log_path.unlink(missing_ok=True)
