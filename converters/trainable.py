@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from converters.graph import GraphNode, StudentGraph
-from dslo_edge.errors import ConversionError
+from dslo_edge.errors import ConversionError, TrainableScopeError
 
 SCOPES = ("all", "from-layer", "last-layers", "biases-and-batchnorm")
 _LOW_MEMORY_PARTS = ("bias", "gamma", "beta")
@@ -62,13 +62,13 @@ def trained_layers(graph: StudentGraph, scope: TrainableScope) -> set[str]:
     """Return the Keras layer names whose weights (some or all) are trained.
 
     Raises:
-        ConversionError: the named layer does not exist, "last:N" names more
+        TrainableScopeError: the named layer does not exist, "last:N" names more
             layers than have weights, or the scope selects no weights.
     """
     weighted = [name for name in graph.layers if _has_weights(graph, name)]
     if scope.kind == "from-layer":
         if scope.layer not in graph.layers:
-            raise ConversionError(
+            raise TrainableScopeError(
                 f"trainable scope names layer '{scope.layer}', which the student "
                 f"does not have; its layers are: {', '.join(graph.layers)}"
             )
@@ -81,7 +81,7 @@ def trained_layers(graph: StudentGraph, scope: TrainableScope) -> set[str]:
     else:
         chosen = set(weighted)
     if not chosen:
-        raise ConversionError(
+        raise TrainableScopeError(
             f"trainable scope {scope.describe()} selects no layer with weights; "
             "choose an earlier layer"
         )
@@ -91,7 +91,7 @@ def trained_layers(graph: StudentGraph, scope: TrainableScope) -> set[str]:
 def _check_count(count: int, weighted: list[str]) -> None:
     if count <= len(weighted) or not weighted:
         return
-    raise ConversionError(
+    raise TrainableScopeError(
         f"trainable scope last:{count} names {count} layers, but the student "
         f"has {len(weighted)} layers with weights; "
         f"expected last:N with N from 1 to {len(weighted)}, from:LAYER, all "

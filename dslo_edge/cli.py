@@ -27,6 +27,7 @@ from dslo_edge.errors import (
     DsloError,
     OutputPathError,
     RepresentativeDataError,
+    TrainableScopeError,
 )
 
 if TYPE_CHECKING:
@@ -310,6 +311,9 @@ def convert(
             ) from error
         except OutputPathError as error:
             raise OutputPathError(str(error), option="--out") from error
+        except TrainableScopeError as error:
+            # The student's layers are known only once TensorFlow loaded it.
+            raise click.BadParameter(str(error), param_hint="--trainable") from error
     student_ops = manifest["student"]["signatures"]["train"]["ops"]
     click.echo(
         f"wrote {out}: {_class_summary(manifest)}, train signature uses "

@@ -8,7 +8,8 @@ CLI can print one line and exit non-zero::
     ├── BundleError          bundle missing, corrupt or incompatible
     │   └── RuntimeMissing   no interpreter package (also a ConfigError)
     ├── ConversionError      a Keras model cannot become a trainable bundle
-    │   └── RepresentativeDataError  int8 calibration samples do not fit the models
+    │   ├── RepresentativeDataError  int8 calibration samples do not fit the models
+    │   └── TrainableScopeError      the trainable scope does not fit the student
     ├── OutputPathError      an output folder or file cannot be created or written
     ├── InvalidUpdate        a soft-label payload failed decoding or validation
     ├── InvalidRequest       a label request failed decoding or validation
@@ -47,6 +48,17 @@ class RepresentativeDataError(ConversionError):
 
     The CLI reports it as an invalid ``--representative`` file, with exit
     status 78 like other input files that lack what the command expects.
+    """
+
+
+class TrainableScopeError(ConversionError):
+    """A trainable scope selects layers that the student does not have.
+
+    The scope names a missing layer, more layers than the student has with
+    weights, or only layers without weights.
+
+    The CLI reports it as an invalid ``--trainable`` value, with click's usage
+    message and exit status 2, like other option values outside their range.
     """
 
 

@@ -192,6 +192,41 @@ def test_convert_rejects_representative_shape(keras_files, tmp_path, shape) -> N
     ]
 
 
+@pytest.mark.parametrize(
+    ("scope", "message"),
+    [
+        (
+            "last:99",
+            "trainable scope last:99 names 99 layers, but the student has 2 "
+            "layers with weights; expected last:N with N from 1 to 2, "
+            "from:LAYER, all or biases-and-batchnorm",
+        ),
+        (
+            "from:missing",
+            # Keras numbers layer names per process, so the list is left out.
+            "trainable scope names layer 'missing', which the student does not "
+            "have; its layers are: ",
+        ),
+    ],
+)
+def test_convert_scope_outside_student_exits_2(
+    keras_files, tmp_path, scope, message
+) -> None:
+    out = tmp_path / "bundle"
+
+    result = run(*keras_files, "--out", str(out), "--trainable", scope)
+
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Usage: ")
+    assert f"Error: Invalid value for --trainable: {message}" in result.output
+    assert not out.exists()
+    # No staging directory is left next to --out.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "student.keras",
+        "teacher.keras",
+    ]
+
+
 def test_demo_rejects_negative_seed(tmp_path) -> None:
     out = tmp_path / "demo"
 
