@@ -52,12 +52,18 @@ class BrokerLogin:
         )
 
     def check(self) -> None:
-        """Raise a ConfigError for options that only work together."""
+        """Raise a ConfigError for options that only work together.
+
+        It also rejects a password file that cannot be read or contains only
+        whitespace, which would log in with an empty password.
+        """
         if self.password_file is not None and not self.username:
             raise ConfigError(
                 "--password-file needs --username: the broker checks the "
                 "password of a named user"
             )
+        if self.password_file is not None:
+            _check_password_file(self.password_file, self.username)
         for option, path in (
             ("--tls-cert-file", self.tls_cert_file),
             ("--tls-key-file", self.tls_key_file),
@@ -67,6 +73,23 @@ class BrokerLogin:
                     f"{option} {path} needs --tls-ca-file and an mqtts:// broker "
                     "URL: a client certificate is only sent over TLS"
                 )
+
+
+def _check_password_file(path: Path, username: str) -> None:
+    # configure_auth sends the file's text without surrounding whitespace.
+    try:
+        password = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"cannot read --password-file {path}: {error}; expected a readable "
+            "text file with the password on its first line"
+        ) from error
+    if not password:
+        raise ConfigError(
+            f"--password-file {path} contains no password; write the password of user "
+            f"{username!r} on its first line, or drop --username and "
+            "--password-file for a broker that accepts anonymous clients"
+        )
 
 
 def parse_broker_url(url: str) -> tuple[str, str, int]:

@@ -657,6 +657,45 @@ def test_push_rejects_bad_broker_options(
     assert "secret" not in result.output
 
 
+@pytest.mark.parametrize("content", ["", "\n", " \n\n"])
+def test_empty_password_file_is_rejected(mlp_pair, mosquitto, tmp_path, content):
+    password_file = tmp_path / "hub.password"
+    password_file.write_text(content)
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=np.zeros((BATCH, 64), np.float32))
+    login = ["--username", "hub", "--password-file", str(password_file)]
+    expected = (
+        f"error: --password-file {password_file} contains no password; write "
+        "the password of user 'hub' on its first line, or drop --username and "
+        "--password-file for a broker that accepts anonymous clients\n"
+    )
+    # The broker accepts any login, so only the check stops the push.
+    watcher, received = watch_updates(mosquitto.port)
+    try:
+        pushed = run_push(mlp_pair.bundle, data, mosquitto.url, "--no-wait", *login)
+        sent = CliRunner().invoke(
+            main,
+            [
+                "ota-send",
+                str(mlp_pair.bundle),
+                "--device",
+                DEVICE,
+                "--broker",
+                mosquitto.url,
+                *login,
+            ],
+        )
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+
+    assert pushed.exit_code == 78, pushed.output
+    assert pushed.output == expected
+    assert received == []
+    assert sent.exit_code == 78, sent.output
+    assert sent.output == expected
+
+
 # Login and TLS against mosquitto without anonymous access.
 
 
