@@ -204,6 +204,7 @@ def flash(
     release_dir = on_target(root, RELEASES_DIR / result.release)
     release_needed = not _release_intact(release_dir, bundle)
     _check_free_space(root, bundle, release_needed, files, disk_usage)
+    previous_release = _linked_release(root)
 
     try:
         _install_release(root, bundle, result, release_needed)
@@ -224,7 +225,7 @@ def flash(
         _write_if_changed(root, FILE_LIST, file_list, result)
     except OSError as error:
         raise BundleError(_install_failure(root, error, result)) from error
-    _prune_releases(root, result.release)
+    _prune_releases(root, result.release, previous_release)
     _warn_of_active_release(root, result)
     logger.info(
         "Installed release %s for profile %s onto %s (%d paths changed)",
@@ -705,10 +706,24 @@ def _file_list(
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _prune_releases(root: Path, current: str) -> None:
-    """Remove releases other than the current one and the newest older one.
+def _linked_release(root: Path) -> str | None:
+    """Return the release that the ``bundle`` link names, or None without one."""
+    try:
+        target = PurePosixPath(os.readlink(on_target(root, BUNDLE_LINK)))
+    except OSError:
+        return None
+    if target.parent != PurePosixPath("releases"):
+        return None
+    return target.name
 
-    The newest older release stays so an operator can point the link back.
+
+def _prune_releases(root: Path, current: str, previous: str | None) -> None:
+    """Remove releases other than the current one and one older release.
+
+    The older release that stays, so an operator can point the link back, is
+    ``previous``, the one the ``bundle`` link named before this run. Without
+    it the newest by mtime stays, and of releases with equal mtimes the one
+    whose name sorts last.
     """
     releases = on_target(root, RELEASES_DIR)
     older = [
@@ -716,7 +731,12 @@ def _prune_releases(root: Path, current: str) -> None:
         for path in releases.iterdir()
         if path.is_dir() and path.name != current and not path.name.startswith(".")
     ]
-    older.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    # NOTE: release names are content hashes, so the name only makes the
+    # order total. It does not show which release is newer.
+    older.sort(
+        key=lambda path: (path.name == previous, path.stat().st_mtime_ns, path.name),
+        reverse=True,
+    )
     for path in older[1:]:
         shutil.rmtree(path, ignore_errors=True)
         logger.info("Removed old release %s from %s", path.name, root)

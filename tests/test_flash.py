@@ -187,6 +187,32 @@ def test_flash_new_bundle_keeps_previous_release(tmp_path: Path, pi4) -> None:
     assert verify_installation(root) == []
 
 
+# The mtimes of the first and second release: a tie, and a first release
+# that looks newer, as after the clock of a board without a real-time clock
+# stepped back.
+@pytest.mark.parametrize(
+    "mtimes_ns",
+    [(1_700_000_000 * 10**9,) * 2, (1_800_000_000 * 10**9, 1_700_000_000 * 10**9)],
+)
+def test_flash_prune_keeps_linked_release(tmp_path: Path, pi4, mtimes_ns) -> None:
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    folder = root / "opt/dslo-edge/releases"
+    releases = []
+    for seed in range(3):
+        if seed == 2:
+            for release, mtime_ns in zip(releases, mtimes_ns, strict=True):
+                os.utime(folder / release, ns=(mtime_ns, mtime_ns))
+        bundle = write_bundle(tmp_path / f"bundle-{seed}", seed=seed)
+        releases.append(flash(bundle, pi4, root, OPTIONS).release)
+
+    remaining = sorted(path.name for path in folder.iterdir())
+
+    # The second release, which the bundle link named before, stays.
+    assert remaining == sorted(releases[1:])
+    assert os.readlink(root / "opt/dslo-edge/bundle") == f"releases/{releases[2]}"
+
+
 def test_flash_repairs_a_damaged_release(tmp_path: Path, pi4) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     root = tmp_path / "rootfs"
