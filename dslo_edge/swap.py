@@ -31,7 +31,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
-from dslo_edge.checkpoint import Checkpoint, load_latest_checkpoint
+from dslo_edge.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    load_latest_checkpoint,
+)
 from dslo_edge.errors import BundleError
 from dslo_edge.health import PROBE_FILE
 from dslo_edge.ota import (
@@ -394,7 +398,7 @@ class KeptCheckpoints:
         target.mkdir(parents=True)
         copy = target / latest.path.name
         shutil.copy2(latest.path, copy)
-        self._prune()
+        self._prune(newest=target)
         return copy
 
     def load(self, bundle: Bundle) -> Checkpoint | None:
@@ -402,15 +406,30 @@ class KeptCheckpoints:
         folder = self.folder / model_id(bundle.path)
         return load_latest_checkpoint(folder) if folder.is_dir() else None
 
-    def _prune(self) -> None:
+    def _prune(self, newest: Path) -> None:
         folders = sorted(
             (path for path in self.folder.iterdir() if path.is_dir()),
-            key=lambda path: path.stat().st_mtime,
+            key=lambda path: _kept_order(path, newest),
             reverse=True,
         )
         for old in folders[MAX_KEPT_MODELS:]:
             logger.info("Deleting the kept checkpoint of model %s", old.name)
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _kept_order(folder: Path, newest: Path) -> tuple[bool, int, int, str]:
+    """Return a sort key of a kept folder that is larger for newer folders.
+
+    ``newest``, the folder that ``keep`` just wrote, gets the largest key even
+    when the clock stepped back. The others go by mtime, then by the sequence
+    number of their checkpoint, then by name. The sequence number rises across
+    model changes because the daemon numbers the generations of every model in
+    one folder. It starts again at 1 only after the daemon moved aside the
+    checkpoints that it could not load.
+    """
+    generations = list_checkpoints(folder)
+    sequence = generations[0][0] if generations else 0
+    return (folder == newest, folder.stat().st_mtime_ns, sequence, folder.name)
 
 
 @dataclass(frozen=True)

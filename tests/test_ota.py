@@ -831,6 +831,38 @@ def test_kept_checkpoint_found_with_other_probe(tmp_path: Path) -> None:
     assert restored.tensors["w"].tolist() == [0.0, 1.0, 2.0]
 
 
+# A fixed past time for a tie, and a time after the next write, as after the
+# clock of a board without a real-time clock stepped back.
+EQUAL_MTIMES_NS = [1_700_000_000 * 10**9, 4_000_000_000 * 10**9]
+
+
+@pytest.mark.parametrize("mtime_ns", EQUAL_MTIMES_NS)
+def test_kept_checkpoints_equal_mtimes_prune_oldest(
+    tmp_path: Path, mtime_ns: int
+) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    kept = KeptCheckpoints(tmp_path / "state")
+    models = []
+    for seed in range(4):
+        bundle = load_bundle(write_bundle(tmp_path / f"bundle-{seed}", seed=seed))
+        weights = {"w": np.full(2, seed, dtype=np.float32)}
+        save_checkpoint(checkpoints, weights, {"n": seed})
+        if seed == 3:
+            # The three kept folders get one mtime, so the sequence numbers
+            # of their checkpoints decide which one is the oldest.
+            for model in models:
+                os.utime(kept.folder / model, ns=(mtime_ns, mtime_ns))
+        assert kept.keep(bundle, checkpoints) is not None
+        models.append(model_id(bundle.path))
+
+    remaining = sorted(path.name for path in kept.folder.iterdir())
+
+    assert remaining == sorted(models[1:])
+    newest = kept.load(load_bundle(tmp_path / "bundle-3"))
+    assert newest is not None
+    assert newest.tensors["w"].tolist() == [3.0, 3.0]
+
+
 def test_active_link_loop_is_named(tmp_path: Path) -> None:
     store = BundleStore(tmp_path / "state")
     first = install(tmp_path, store, 1)
