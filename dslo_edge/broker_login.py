@@ -19,7 +19,12 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 
 from dslo_edge.config import MqttSettings
-from dslo_edge.connection import configure_auth, configure_tls, describe_tls_failure
+from dslo_edge.connection import (
+    configure_auth,
+    configure_tls,
+    describe_tls_failure,
+    read_password,
+)
 from dslo_edge.errors import BrokerError, ConfigError
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -54,8 +59,8 @@ class BrokerLogin:
     def check(self) -> None:
         """Raise a ConfigError for options that only work together.
 
-        It also rejects a password file that cannot be read or contains only
-        whitespace, which would log in with an empty password.
+        It also rejects a password file that cannot be read or whose first
+        line is empty or whitespace, which would log in with an empty password.
         """
         if self.password_file is not None and not self.username:
             raise ConfigError(
@@ -76,9 +81,8 @@ class BrokerLogin:
 
 
 def _check_password_file(path: Path, username: str) -> None:
-    # configure_auth sends the file's text without surrounding whitespace.
     try:
-        password = path.read_text().strip()
+        password = read_password(path)
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(
             f"cannot read --password-file {path}: {error}; expected a readable "

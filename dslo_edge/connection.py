@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -94,8 +95,18 @@ def configure_auth(client: mqtt.Client, settings: MqttSettings) -> None:
         return
     password = None
     if settings.password_file is not None:
-        password = settings.password_file.read_text().strip()
+        password = read_password(settings.password_file)
     client.username_pw_set(settings.username, password)
+
+
+def read_password(path: Path) -> str:
+    """Return the first line of a password file, without surrounding whitespace.
+
+    Raises:
+        OSError, UnicodeDecodeError: the file cannot be read as text.
+    """
+    lines = path.read_text().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 def _check_tls_files(settings: MqttSettings, label: str) -> None:

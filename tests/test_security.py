@@ -308,3 +308,18 @@ def test_acl_confines_each_device_to_its_topics(tmp_path, pki) -> None:
     assert ("dslo/dev-a/status", b"online") in hub_topics
     assert ("dslo/dev-b/status", b"spoofed by dev-a") not in hub_topics
     assert ("dslo/dev-a/updates", b"forged by dev-b") not in hub_topics
+
+
+def test_password_file_sends_first_line(tmp_path, pki) -> None:
+    with start_broker(tmp_path, pki) as broker:
+        config = settings(broker, tmp_path, "dev-a", pki["ca"])
+        # The line after the password is a note, not part of it.
+        config.password_file.write_text(
+            f"  {PASSWORDS['dev-a']}  \nrotated on 2026-12-01\n"
+        )
+        connection = connect(config, "dev-a")
+        try:
+            assert connection.connected.wait(10)
+            assert connection.last_error is None
+        finally:
+            connection.stop()
