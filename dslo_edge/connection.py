@@ -211,7 +211,11 @@ class MqttConnection:
         self._answered = False
         self.takeovers = 0
         self.connects = 0
-        self._reconnect_now = threading.Event()
+        # Counts request_reconnect calls. A connection during which it grew
+        # was dropped on purpose, so it is neither a failure nor a takeover.
+        self._reconnect_requests = 0
+        # Makes a request's count and its disconnect one step for _supervise.
+        self._reconnect_lock = threading.Lock()
         self._short_connections = 0
         self._on_connected = on_connected
         self._on_message = on_message
@@ -282,26 +286,34 @@ class MqttConnection:
     def request_reconnect(self) -> None:
         """Drop the connection and reconnect at once, resuming the session.
 
-        The broker then sends every unacknowledged message again.
+        The broker then sends every unacknowledged message again. Does
+        nothing while no connection is up, because the next connection
+        resumes the session too. A disconnect then could drop a connection
+        before its CONNACK, which counts as a failure.
         """
-        self._reconnect_now.set()
-        self.client.disconnect()
+        with self._reconnect_lock:
+            if not self.connected.is_set():
+                return
+            self._reconnect_requests += 1
+            self.client.disconnect()
 
     def _supervise(self) -> None:
         attempt = 0
         while not self.stopping.is_set():
             started = time.monotonic()
+            with self._reconnect_lock:
+                requests = self._reconnect_requests
             if self._connect_once():
                 self.client.loop_forever(timeout=0.5)
                 lasted = time.monotonic() - started
                 if lasted >= STABLE_CONNECTION_S:
                     attempt = 0
                     self._short_connections = 0
-                self._check_takeover(lasted)
+                if self._reconnect_requests == requests:
+                    self._check_takeover(lasted)
             if self.stopping.is_set():
                 return
-            if self._reconnect_now.is_set():
-                self._reconnect_now.clear()
+            if self._reconnect_requests != requests:
                 continue
             delay = self._backoff.delay(attempt, self._rng)
             attempt += 1
@@ -319,7 +331,7 @@ class MqttConnection:
         # Brokers that send no DISCONNECT reason (mosquitto 2.0.11 closes the
         # socket) show a takeover only as connections that keep dropping
         # right after they were accepted.
-        if self._reconnect_now.is_set() or self.connects == 0:
+        if self.connects == 0:
             return
         closed_without_reason = self.last_error == "disconnected: Unspecified error"
         if lasted < STABLE_CONNECTION_S and closed_without_reason:
