@@ -50,6 +50,8 @@ class Received:
     response: Any = None
     # Broker session the message came in; its packet id is valid only there.
     epoch: int = 0
+    # Number of the connection it came in (``MqttConnection.connects``).
+    connection: int = 0
 
 
 def admit(

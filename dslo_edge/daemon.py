@@ -615,6 +615,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             message.qos,
             time.time(),
             epoch=self._session_epoch,
+            connection=self.connection.connects,
         )
         if message.topic == self.ota_topic:
             try:
@@ -769,7 +770,9 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             self._last_logged_at = time.monotonic()
             self._metrics_log.info(self._unlogged_report)
             self._unlogged_report = None
-        if self._deferred_since_reconnect:
+        if self._deferred_since_reconnect and self.ota_chunks.empty():
+            # Chunks still queued are handled first, so they get their PUBACK
+            # on the connection that delivered them.
             self._checkpoint_and_ack()
             self._checkpoint_and_ack()
             self._deferred_since_reconnect = False

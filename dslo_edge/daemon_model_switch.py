@@ -107,8 +107,11 @@ class ModelSwitchMixin:
                 )
             # Every chunk is acknowledged, whatever the outcome. Its data is on
             # disk or its transfer is finished, and a redelivered copy would
-            # only fail the same way again.
-            self.connection.ack(item.mid, item.qos)
+            # only fail the same way again. A chunk from an earlier connection
+            # was sent again on this one, whose copy gets the PUBACK. A second
+            # PUBACK could confirm a later message that reused the packet id.
+            if item.connection == self.connection.connects:
+                self.connection.ack(item.mid, item.qos)
             if status is not None:
                 # Retained, so a client that subscribes later still reads the outcome.
                 self.connection.publish(self.ota_status_topic, status, retain=True)

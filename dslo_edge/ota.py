@@ -447,6 +447,10 @@ class OtaReceiver:
         # The last transfer that found no usable folder or failed to write its
         # file. Its other chunks are dropped, because it cannot complete.
         self._failed_transfer: bytes | None = None
+        # The last transfer whose chunks all arrived. Copies that the broker
+        # sends again after a reconnect are dropped, so they start no new
+        # transfer.
+        self._complete_transfer: bytes | None = None
 
     @property
     def progress(self) -> tuple[int, int] | None:
@@ -465,9 +469,11 @@ class OtaReceiver:
                 ``folder`` is not a directory and ``state_dir_write_failed``
                 when a write to it fails. After either, the partial file is
                 deleted and the transfer's later chunks return None.
+
+        Chunks of the last transfer whose chunks all arrived return None too.
         """
         header, data = parse_chunk(payload, self.max_archive_bytes)
-        if header.transfer_id == self._failed_transfer:
+        if header.transfer_id in (self._failed_transfer, self._complete_transfer):
             return None
         try:
             return self._store(header, data)
@@ -494,6 +500,7 @@ class OtaReceiver:
         if len(transfer.received) < header.count:
             return None
         self._transfer = None
+        self._complete_transfer = header.transfer_id
         return self._verify(transfer)
 
     def _verified_archive_left(self, header: ChunkHeader) -> ReceivedArchive | None:
