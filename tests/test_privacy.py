@@ -262,9 +262,20 @@ def test_unwritable_ledger_charges_nothing(tmp_path) -> None:
     assert blocker.read_text() == ""
 
 
-def test_ledger_rejects_damaged_json(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (
+            b'{"format": 1, "devices": {"kitchen"',
+            "(Expecting ':' delimiter: line 1 column 36 (char 35))",
+        ),
+        (b'{"format": 1, "devices": {"kitchen\xff": {}}}', "can't decode byte 0xff"),
+    ],
+    ids=["truncated", "not_utf8"],
+)
+def test_ledger_rejects_damaged_json(tmp_path, content: bytes, reason: str) -> None:
     path = tmp_path / "ledger.json"
-    path.write_text('{"format": 1, "devices": {"kitchen"')
+    path.write_bytes(content)
     privacy = PrivacySettings(noise_multiplier=5.0, epsilon_budget=10.0)
 
     with pytest.raises(ConfigError) as caught:
@@ -272,29 +283,12 @@ def test_ledger_rejects_damaged_json(tmp_path) -> None:
 
     message = str(caught.value)
     assert message.startswith(f"cannot read privacy ledger {path}: it is not valid ")
-    assert "(Expecting ':' delimiter: line 1 column 36 (char 35))" in message
+    assert reason in message
     assert message.endswith(
         "restore it from a backup, and move it away only if no labels were "
         "released with it"
     )
-    assert path.read_text() == '{"format": 1, "devices": {"kitchen"'
-
-
-def test_ledger_rejects_bytes_not_utf8(tmp_path) -> None:
-    path = tmp_path / "ledger.json"
-    path.write_bytes(b'{"format": 1, "devices": {"kitchen\xff": {}}}')
-    privacy = PrivacySettings(noise_multiplier=5.0, epsilon_budget=10.0)
-
-    with pytest.raises(ConfigError) as caught:
-        PrivacyLedger(privacy, path)
-
-    message = str(caught.value)
-    assert message.startswith(f"cannot read privacy ledger {path}: it is not valid ")
-    assert "can't decode byte 0xff" in message
-    assert message.endswith(
-        "restore it from a backup, and move it away only if no labels were "
-        "released with it"
-    )
+    assert path.read_bytes() == content
 
 
 def test_ledger_rejects_foreign_file(tmp_path) -> None:
