@@ -139,15 +139,14 @@ def cpu_us_per_message(
 ) -> list[float] | None:
     """Return each thread's CPU microseconds per message, busiest first.
 
-    Threads that used no CPU between the two readings are left out.
+    Values are rounded to 0.1 us. Threads that used less than that per
+    message between the two readings are left out.
     """
     if before is None or after is None or messages < 1:
         return None
     used = [after[task] - before.get(task, 0.0) for task in after]
-    return sorted(
-        (round(seconds / messages * 1e6, 1) for seconds in used if seconds > 0),
-        reverse=True,
-    )
+    per_message = (round(seconds / messages * 1e6, 1) for seconds in used)
+    return sorted((value for value in per_message if value > 0), reverse=True)
 
 
 def measure_startup(config: Path, log: Path, repeats: int) -> dict[str, float]:

@@ -173,8 +173,9 @@ def test_thread_cpu_below_one_tick() -> None:
 
 
 def test_cpu_per_message_leaves_out_idle_threads() -> None:
-    before = {1: 1.0, 2: 5.0, 3: 0.5}
-    after = {1: 1.2, 2: 5.0, 3: 0.6, 4: 0.02}
+    # Thread 5 used 4 us in all, 0.04 us per message, which rounds to 0.
+    before = {1: 1.0, 2: 5.0, 3: 0.5, 5: 2.0}
+    after = {1: 1.2, 2: 5.0, 3: 0.6, 4: 0.02, 5: 2.000004}
 
     assert cpu_us_per_message(before, after, 100) == [2000.0, 1000.0, 200.0]
     assert cpu_us_per_message(None, after, 100) is None
