@@ -74,9 +74,7 @@ from dslo_edge.model_update import ModelUpdater
 from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer, make_trainer
 from dslo_edge.multihead_model import load_student
-from dslo_edge.ota import (
-    ota_topics,
-)
+from dslo_edge.ota import ota_topics
 from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
 from dslo_edge.signing import load_key
 from dslo_edge.state_folders import (
