@@ -19,12 +19,8 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 
 from dslo_edge.config import MqttSettings
-from dslo_edge.connection import (
-    configure_auth,
-    configure_tls,
-    describe_tls_failure,
-    read_password,
-)
+from dslo_edge.config_service import read_password
+from dslo_edge.connection import configure_auth, configure_tls, describe_tls_failure
 from dslo_edge.errors import BrokerError, ConfigError
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}

@@ -235,15 +235,42 @@ def check_login(reader: TableReader, settings: MqttSettings) -> None:
     """Raise ConfigError when ``password_file`` is set without ``username``.
 
     The broker checks a password against a user name, so a password
-    without one is not a usable login. ``dslo-edge push`` rejects it too.
+    without one is not a usable login. A password file whose first line is
+    empty would log in with an empty password. ``dslo-edge push`` rejects
+    both too.
     """
-    if settings.password_file and not settings.username:
+    if not settings.password_file:
+        return
+    if not settings.username:
         raise reader.fail(
             "password_file",
             str(settings.password_file),
             "username to be set too, because the broker checks the password "
             "of a named user",
         )
+    try:
+        password = read_password(settings.password_file)
+    except (OSError, UnicodeDecodeError):
+        # The connect reads the file again and reports the error, and this
+        # user may lack the service user's read permission.
+        return
+    if not password:
+        raise reader.fail(
+            "password_file",
+            str(settings.password_file),
+            f"a file whose first line is the password of user "
+            f"{settings.username!r}, not an empty line",
+        )
+
+
+def read_password(path: Path) -> str:
+    """Return the first line of a password file, without surrounding whitespace.
+
+    Raises:
+        OSError, UnicodeDecodeError: the file cannot be read as text.
+    """
+    lines = path.read_text().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 def check_tls_client_files(reader: TableReader, settings: MqttSettings) -> None:

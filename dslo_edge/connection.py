@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -24,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from dslo_edge.config import MqttSettings
+from dslo_edge.config_service import read_password
 from dslo_edge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -97,16 +97,6 @@ def configure_auth(client: mqtt.Client, settings: MqttSettings) -> None:
     if settings.password_file is not None:
         password = read_password(settings.password_file)
     client.username_pw_set(settings.username, password)
-
-
-def read_password(path: Path) -> str:
-    """Return the first line of a password file, without surrounding whitespace.
-
-    Raises:
-        OSError, UnicodeDecodeError: the file cannot be read as text.
-    """
-    lines = path.read_text().splitlines()
-    return lines[0].strip() if lines else ""
 
 
 def _check_tls_files(settings: MqttSettings, label: str) -> None:

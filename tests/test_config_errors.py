@@ -557,6 +557,20 @@ def test_password_without_username_is_rejected(tmp_path: Path) -> None:
     assert "expected username to be set too" in message
 
 
+@pytest.mark.parametrize("text", ["", "\n", "  \nsecret\n"])
+def test_empty_password_line_is_rejected(tmp_path: Path, text: str) -> None:
+    password = tmp_path / "password"
+    password.write_text(text)
+    mqtt = {"username": "dev-a", "password_file": "password"}
+
+    path, message = config_error(tmp_path, {"mqtt": mqtt})
+
+    assert message == (
+        f"{path}: mqtt.password_file = '{password}' is invalid; expected a file "
+        "whose first line is the password of user 'dev-a', not an empty line"
+    )
+
+
 def test_log_file_under_file_exits_78(tmp_path: Path) -> None:
     blocker = tmp_path / "logs"
     blocker.write_text("a file where the log folder should be\n")
