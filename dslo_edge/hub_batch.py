@@ -135,7 +135,9 @@ class BatchLabeller:
         self.counters = BatchCounters()
         # Set by the worker once its MQTT client exists.
         self.client: mqtt.Client | None = None
-        self._keys: dict[str, bytes] = {}
+        # Each device's key, with the key file's (inode, size, mtime) when it
+        # was read, so a replaced file is read again.
+        self._keys: dict[str, tuple[tuple[int, int, int], bytes]] = {}
         # Devices whose unusable key was logged, so resends add few log lines.
         # Its memory is bounded because any client can send under a new id.
         self._key_log = RepeatLimiter(KEY_LOG_INTERVAL_S, KEY_LOG_MEMORY)
@@ -444,16 +446,25 @@ class BatchLabeller:
     def _key(self, device: str) -> bytes | None:
         if self.config.keys_dir is None:
             return None
-        key = self._keys.get(device)
-        if key is not None:
-            return key
         # A missing or unusable key is looked for again on the next request,
-        # so a key added or fixed while the hub runs is used from then on.
+        # so a key added, fixed or replaced while the hub runs is used from
+        # then on.
         path = Path(self.config.keys_dir) / f"{device}.key"
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None
+        if stat is not None:
+            version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            cached = self._keys.get(device)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+        self._keys.pop(device, None)
         if not key_file_present(path):
             return None
         key = load_key(path)
-        self._keys[device] = key
+        if stat is not None:
+            self._keys[device] = (version, key)
         self._key_log.forget(device)
         return key
 

@@ -1230,7 +1230,7 @@ def test_takeover_fix_names_client_id(tmp_path) -> None:
     assert "worker id w1" not in shared
 
 
-def test_key_added_while_running_is_used(mlp_pair, mosquitto, tmp_path) -> None:
+def test_key_added_or_replaced_while_running(mlp_pair, mosquitto, tmp_path) -> None:
     folder = tmp_path / "hub"
     keys = write_keys(folder)
     extra = {"hub": 'keys_dir = "keys"'}
@@ -1249,6 +1249,12 @@ def test_key_added_while_running_is_used(mlp_pair, mosquitto, tmp_path) -> None:
         for device, request_id in (("garage", b"G" * 16), ("kitchen", b"K" * 16)):
             send_request(client, device, request_id)
             replies.append(received.get(timeout=10))
+        old_kitchen_key = load_key(keys / "kitchen.key")
+        # A replaced key file is read again, not taken from the cache.
+        (keys / "kitchen.key").unlink()
+        generate_key_file(keys / "kitchen.key")
+        send_request(client, "kitchen", b"L" * 16)
+        replaced = received.get(timeout=10)
     finally:
         worker.stop()
         client.disconnect()
@@ -1256,14 +1262,23 @@ def test_key_added_while_running_is_used(mlp_pair, mosquitto, tmp_path) -> None:
 
     statuses = [user_properties(reply.properties)["status"] for reply in replies]
     assert statuses == ["rejected", "rejected", "ok", "ok"]
+    new_kitchen_key = load_key(keys / "kitchen.key")
+    assert new_kitchen_key != old_kitchen_key
+    update = decode_update(
+        verify(new_kitchen_key, "dslo/kitchen/labels", replaced.payload)
+    )
+    assert update.sample_ids == ["a", "b"]
     assert replies[0].payload.decode().startswith("no HMAC key garage.key in ")
     assert (
         replies[1]
         .payload.decode()
         .startswith("the hub cannot use the device's HMAC key: ")
     )
-    for reply, device in zip(replies[2:], ("garage", "kitchen"), strict=True):
-        key = load_key(keys / f"{device}.key")
+    signed_with = (
+        ("garage", load_key(keys / "garage.key")),
+        ("kitchen", old_kitchen_key),
+    )
+    for reply, (device, key) in zip(replies[2:], signed_with, strict=True):
         update = decode_update(verify(key, f"dslo/{device}/labels", reply.payload))
         assert update.sample_ids == ["a", "b"]
 
