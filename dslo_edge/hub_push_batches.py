@@ -273,7 +273,7 @@ class BatchPublisher:
             stored[-1].batch,
             len(stored) - len(waiting),
             len(waiting),
-            # The next line says why the signed bytes differ.
+            # The next log line explains why the signed bytes differ.
             "with the same bodies and message ids" if signed_again else "unchanged",
         )
         if signed_again and key is None:

@@ -1460,7 +1460,7 @@ def test_push_waits_for_broker_outage(
 
 
 def wait_for_queued_publishes(client: mqtt.Client, count: int) -> None:
-    """Wait until paho holds ``count`` QoS 1 messages not yet acknowledged."""
+    """Wait until paho has ``count`` QoS 1 messages not yet acknowledged."""
     deadline = time.monotonic() + 30
     # paho has no public call that returns whether QoS 1 messages wait.
     while len(client._out_messages) < count:

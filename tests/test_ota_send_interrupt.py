@@ -27,7 +27,7 @@ def test_sigint_after_send_names_transfer(
 ) -> None:
     broker = broker_factory("mosquitto")
     chunks: list[bytes] = []
-    # Stands in for the device's subscription, so the test sees the chunks
+    # Stands in for the device's subscription, so the test receives the chunks
     # that reached the broker. No device runs, so no outcome ever arrives.
     listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="listener")
     listener.on_message = lambda _client, _userdata, message: chunks.append(
