@@ -345,3 +345,38 @@ def test_unknown_decoder_choice_is_logged() -> None:
 
     assert result.stdout.strip() == "compiled"
     assert "DSLO_PAYLOAD_DECODER is 'fast', expected 'python'" in result.stderr
+
+
+@pytest.mark.parametrize("position", [0, 255])
+@pytest.mark.parametrize("half", [0x7C00, 0xFC00, 0x7E00], ids=["inf", "-inf", "NaN"])
+def test_float16_non_finite_input_rejected(half: int, position: int) -> None:
+    update = make_update(
+        np.random.default_rng(6), count=4, shape=(64,), classes=5, input_dtype="float16"
+    )
+    valid = encode_update(update)
+    # The float16 inputs, 4 x 64 of 2 bytes each, precede the float32 labels.
+    inputs_at = len(valid) - 2 * 4 * 64 - 4 * 4 * 5
+    payload = replace(valid, inputs_at + 2 * position, "<H", half)
+    spec = spec_of(update)
+
+    assert python_outcome(payload, spec)[0] == "rejected"
+    assert not took_compiled_path(payload, spec)
+
+
+def test_float16_subnormals_keep_sign_and_peak() -> None:
+    tiny = np.float16(2.0**-24)
+    values = np.array([0.0, -0.0, tiny, -3 * tiny, 1023 * tiny, -512 * tiny])
+    inputs = np.resize(values.astype(np.float16), (2, 64))
+    update = make_update(
+        np.random.default_rng(7), count=2, shape=(64,), classes=3, input_dtype="float16"
+    )
+    update.inputs = inputs.astype(np.float32)
+    payload = encode_update(update)
+    spec = spec_of(update)
+
+    decoded = decode_checked(payload, spec, LIMITS)
+
+    assert took_compiled_path(payload, spec)
+    assert decoded.inputs.tobytes() == inputs.astype(np.float32).tobytes()
+    assert np.signbit(decoded.inputs[0, 1])
+    assert decoded.input_peak == 1023 * 2.0**-24
