@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_KINDS = ("probabilities", "logits")
 HUB_SESSION_EXPIRY_S = 300
+# The largest mqtt.reconnect_max_s, in seconds, that a hub config accepts.
+RECONNECT_MAX_S_LIMIT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,11 @@ def _mqtt(table: _Table) -> MqttSettings:
             "reconnect_min_s", float, 1.0, lambda v: 0.1 <= v <= 60, "seconds 0.1..60"
         ),
         reconnect_max_s=table.get(
-            "reconnect_max_s", float, 30.0, lambda v: 1 <= v <= 3600, "seconds 1..3600"
+            "reconnect_max_s",
+            float,
+            30.0,
+            lambda v: 1 <= v <= RECONNECT_MAX_S_LIMIT,
+            f"seconds 1..{RECONNECT_MAX_S_LIMIT:g}",
         ),
         username=table.get("username", str, ""),
         password_file=table.file("password_file"),
