@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -32,6 +33,7 @@ from paho.mqtt.properties import Properties
 
 from dslo_edge.config import MqttSettings
 from dslo_edge.connection import Backoff, MqttConnection
+from dslo_edge.hub_config import RECONNECT_MAX_S_LIMIT
 from dslo_edge.label_protocol import (
     WORKER_STOPPED,
     device_of_request_topic,
@@ -56,17 +58,51 @@ DRAIN_ATTEMPTS = 5
 GRACE_POLL_S = 0.2
 
 
-def grace_period(settings: MqttSettings) -> float:
+def peer_reconnect_max_s(status: dict[str, Any]) -> tuple[float | None, str]:
+    """Read ``reconnect_max_s`` from a peer's retained status.
+
+    Returns the value to use and a description of what was wrong with the
+    received one ("" if nothing). The value is None when the status has no
+    such field, or when the field is not a finite number >= 0. A value above
+    the largest that a hub config accepts is capped there.
+    """
+    if "reconnect_max_s" not in status:
+        return None, ""
+    value = status["reconnect_max_s"]
+    # JSON true arrives as bool, a subclass of int, and is no number of seconds.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None, f"reconnect_max_s = {value!r} is not a number"
+    if not math.isfinite(value) or value < 0:
+        return None, f"reconnect_max_s = {value!r} is not a finite number >= 0"
+    if value > RECONNECT_MAX_S_LIMIT:
+        return RECONNECT_MAX_S_LIMIT, (
+            f"reconnect_max_s = {value!r} is above the maximum "
+            f"{RECONNECT_MAX_S_LIMIT:g}, so it is capped there"
+        )
+    return float(value), ""
+
+
+def grace_period(settings: MqttSettings, peer_max_s: float | None = None) -> float:
     """Return how long a peer must stay offline before a worker drains it.
 
     A live worker retries its connection at most ``reconnect_max_s`` apart
     (``Backoff`` caps each delay there), and one attempt takes at most
     ``PEER_CONNECT_S``. So a live peer has reconnected and published
     ``online`` within this time after the broker accepts connections again.
+
+    Args:
+        settings: this worker's MQTT settings.
+        peer_max_s: the ``reconnect_max_s`` in the peer's status, from
+            ``peer_reconnect_max_s``. The larger of it and this worker's
+            value is used.
     """
-    # NOTE: this assumes that the peers use the same mqtt.reconnect_max_s as
-    # this worker; a peer with a larger value can still be drained while live.
-    return settings.reconnect_max_s + PEER_CONNECT_S
+    reconnect_max_s = settings.reconnect_max_s
+    if peer_max_s is None:
+        # NOTE: a status without the value (from a dslo-edge version before
+        # it was added, or with an invalid one) gets this worker's value, so
+        # such a peer with a larger value can still be drained while live.
+        return reconnect_max_s + PEER_CONNECT_S
+    return max(reconnect_max_s, peer_max_s) + PEER_CONNECT_S
 
 
 class SessionDrain(threading.Thread):

@@ -47,7 +47,7 @@ from dslo_edge.connection import MqttConnection
 from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.hub_batch import Acknowledger, BatchLabeller, Incoming
 from dslo_edge.hub_config import HubConfig
-from dslo_edge.hub_drain import SessionDrain, grace_period
+from dslo_edge.hub_drain import SessionDrain, grace_period, peer_reconnect_max_s
 from dslo_edge.hub_pushes import PushScheduler
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherRegistry
@@ -165,6 +165,8 @@ class HubWorker:
         self._peer_states: dict[str, str] = {}
         # The group of each peer not drained because it is in another group.
         self._skipped_groups: dict[str, Any] = {}
+        # The last problem logged with each peer's reconnect_max_s.
+        self._reconnect_problems: dict[str, str] = {}
         # When the current connection was accepted (time.monotonic), or
         # None while disconnected.
         self._connected_at: float | None = None
@@ -287,7 +289,14 @@ class HubWorker:
     # Connection callbacks, on the connection thread
 
     def _status(self, state: str) -> str:
-        return status_payload(state, self.config.client_id, self.config.group)
+        # Peers size the grace period of a drain of this worker by
+        # reconnect_max_s, so the will (state offline) must contain it.
+        return status_payload(
+            state,
+            self.config.client_id,
+            self.config.group,
+            reconnect_max_s=self.config.mqtt.reconnect_max_s,
+        )
 
     def connected_at(self) -> float | None:
         """Return when the current connection was accepted, None if disconnected."""
@@ -356,7 +365,7 @@ class HubWorker:
                     pending.cancel()
                 return
         if state == WORKER_OFFLINE and self._drains_peer(peer, status):
-            self._start_drain(peer, str(status.get("client_id") or f"dslo-hub-{peer}"))
+            self._start_drain(peer, status)
 
     def _drains_peer(self, peer: str, status: dict[str, Any]) -> bool:
         """Return whether this worker may drain ``peer``: only its own group."""
@@ -379,8 +388,29 @@ class HubWorker:
         )
         return False
 
-    def _start_drain(self, peer: str, peer_client_id: str) -> None:
-        grace_s = grace_period(self.config.mqtt)
+    def _peer_grace(self, peer: str, status: dict[str, Any]) -> float:
+        """Return the grace period before a drain of ``peer``, from its status."""
+        peer_max_s, problem = peer_reconnect_max_s(status)
+        # The broker sends a status again on each reconnect: log it once.
+        if problem and self._reconnect_problems.get(peer) != problem:
+            used = "its own" if peer_max_s is None else f"{peer_max_s:g} s as"
+            logger.warning(
+                "Hub worker %s received an invalid status from %s: %s. It uses "
+                "%s reconnect_max_s for the grace period before a drain of %s; "
+                "check the mqtt.reconnect_max_s of worker %s",
+                self.worker_id,
+                peer,
+                problem,
+                used,
+                peer,
+                peer,
+            )
+        self._reconnect_problems[peer] = problem
+        return grace_period(self.config.mqtt, peer_max_s)
+
+    def _start_drain(self, peer: str, status: dict[str, Any]) -> None:
+        peer_client_id = str(status.get("client_id") or f"dslo-hub-{peer}")
+        grace_s = self._peer_grace(peer, status)
         drain = SessionDrain(self, peer, peer_client_id, grace_s)
         with self._drains_lock:
             self._drains[peer] = drain

@@ -2,17 +2,98 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import signal
 import time
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from dslo_edge.broker import Broker
+from dslo_edge.config import MqttSettings
 from dslo_edge.hub_config import load_hub_config
-from dslo_edge.hub_drain import DRAIN_ATTEMPTS, grace_period
+from dslo_edge.hub_drain import DRAIN_ATTEMPTS, grace_period, peer_reconnect_max_s
 from dslo_edge.hub_service import HubWorker
-from tests.hub_fleet import HubWatcher, start_worker, wait_online, write_hub_config
+from dslo_edge.label_protocol import worker_status_topic
+from tests.hub_fleet import (
+    HubWatcher,
+    start_worker,
+    subscribed_client,
+    wait_online,
+    write_hub_config,
+)
+
+OWN_SETTINGS = MqttSettings(reconnect_max_s=30.0)
+
+
+@pytest.mark.parametrize(
+    ("peer_value", "expected_grace"),
+    [(50.0, 55.0), (10, 35.0), (30.0, 35.0), (0, 35.0), (1e9, 3605.0)],
+)
+def test_grace_uses_larger_reconnect_max(peer_value, expected_grace) -> None:
+    status = {"state": "offline", "reconnect_max_s": peer_value}
+    peer_max_s, _problem = peer_reconnect_max_s(status)
+
+    assert grace_period(OWN_SETTINGS, peer_max_s) == expected_grace
+
+
+def test_grace_without_peer_value_uses_own() -> None:
+    peer_max_s, problem = peer_reconnect_max_s({"state": "offline"})
+
+    assert peer_max_s is None
+    assert problem == ""
+    assert grace_period(OWN_SETTINGS, peer_max_s) == 35.0
+    assert grace_period(OWN_SETTINGS) == 35.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected_problem"),
+    [
+        (-1, "reconnect_max_s = -1 is not a finite number >= 0"),
+        (-0.5, "reconnect_max_s = -0.5 is not a finite number >= 0"),
+        (math.nan, "reconnect_max_s = nan is not a finite number >= 0"),
+        (math.inf, "reconnect_max_s = inf is not a finite number >= 0"),
+        ("40", "reconnect_max_s = '40' is not a number"),
+        (True, "reconnect_max_s = True is not a number"),
+        (None, "reconnect_max_s = None is not a number"),
+        ([40], "reconnect_max_s = [40] is not a number"),
+    ],
+)
+def test_peer_reconnect_max_rejects_bad_value(value, expected_problem) -> None:
+    peer_max_s, problem = peer_reconnect_max_s({"reconnect_max_s": value})
+
+    assert peer_max_s is None
+    assert problem == expected_problem
+    assert grace_period(OWN_SETTINGS, peer_max_s) == 35.0
+
+
+def test_peer_reconnect_max_caps_large_value() -> None:
+    peer_max_s, problem = peer_reconnect_max_s({"reconnect_max_s": 1e9})
+
+    assert peer_max_s == 3600.0
+    assert problem == (
+        "reconnect_max_s = 1000000000.0 is above the maximum 3600, so it is "
+        "capped there"
+    )
+
+
+def test_peer_reconnect_max_accepts_valid_values() -> None:
+    for value, expected in [(0, 0.0), (2, 2.0), (16.5, 16.5), (3600, 3600.0)]:
+        peer_max_s, problem = peer_reconnect_max_s({"reconnect_max_s": value})
+        assert peer_max_s == expected
+        assert isinstance(peer_max_s, float)
+        assert problem == ""
+
+
+def test_peer_reconnect_max_reads_json_nan() -> None:
+    # Python's json module writes and reads NaN, although JSON has no NaN.
+    status = json.loads('{"state": "offline", "reconnect_max_s": NaN}')
+    peer_max_s, problem = peer_reconnect_max_s(status)
+
+    assert peer_max_s is None
+    assert problem == "reconnect_max_s = nan is not a finite number >= 0"
 
 
 def drain_messages(caplog) -> list[str]:
@@ -122,6 +203,138 @@ def test_broker_restart_keeps_live_peer_connected(
     assert r1_connects == 2
     assert r1_connected[-1].endswith("(session resumed)")
     assert r1_status == "online"
+
+
+def test_broker_restart_keeps_slower_peer_connected(
+    mlp_pair, broker_factory, tmp_path, caplog
+) -> None:
+    broker = broker_factory("mosquitto", persistence=True)
+    # w1's own grace would be 1 + 5 = 6 s, but r1 retries only 8 to 16 s
+    # after the broker dropped it, so w1 must wait r1's 16 + 5 = 21 s.
+    fast = {"mqtt": "reconnect_min_s = 0.2\nreconnect_max_s = 1.0"}
+    slow = {"mqtt": "reconnect_min_s = 16.0\nreconnect_max_s = 16.0"}
+    w1_config = write_hub_config(tmp_path / "w1", broker.port, mlp_pair.bundle, fast)
+    r1_config = write_hub_config(tmp_path / "r1", broker.port, mlp_pair.bundle, slow)
+    caplog.set_level(logging.INFO)
+    w1 = HubWorker(load_hub_config(w1_config, "w1"))
+    r1 = HubWorker(load_hub_config(r1_config, "r1"))
+    watcher = None
+    try:
+        w1.start()
+        r1.start()
+        watcher = HubWatcher(broker.port)
+        wait_online(watcher, ["w1", "r1"])
+        watcher.close()
+        watcher = None
+        broker.restart()
+        watcher = HubWatcher(broker.port)
+        watcher.wait_for(lambda w: w.status.get("r1") == "offline", timeout=10)
+        wait_online(watcher, ["w1", "r1"])
+        time.sleep(1.0)
+        r1_connects = r1.connection.connects
+        r1_status = watcher.status.get("r1")
+    finally:
+        if watcher is not None:
+            watcher.close()
+        w1.stop()
+        r1.stop()
+
+    grace_lines = [
+        record.getMessage()
+        for record in caplog.records
+        if record.getMessage().startswith("Hub worker w1 drains the session of r1")
+    ]
+    assert grace_lines == [
+        "Hub worker w1 drains the session of r1 if it stays offline for 21 s"
+    ]
+    assert peer_drain_lines(caplog, "r1") == []
+    assert r1_connects == 2
+    assert r1_status == "online"
+
+
+def wait_for_lines(caplog, prefix: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until ``count`` log lines start with ``prefix``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [r.getMessage() for r in caplog.records]
+        if sum(line.startswith(prefix) for line in lines) >= count:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"fewer than {count} log lines start with {prefix!r}")
+
+
+def test_status_reconnect_max_sent_and_checked(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    topic = worker_status_topic("dslo", "x9")
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    publisher.connect("127.0.0.1", mosquitto.port)
+    publisher.loop_start()
+    reader, statuses = subscribed_client(
+        mosquitto.port, worker_status_topic("dslo", "w1"), lambda m: m.payload
+    )
+    caplog.set_level(logging.INFO)
+
+    def publish(state: str, value: object) -> None:
+        status = {"state": state, "client_id": "dslo-hub-x9", "group": "dslo-hub"}
+        payload = json.dumps({**status, "reconnect_max_s": value})
+        publisher.publish(topic, payload, qos=1).wait_for_publish(timeout=5)
+
+    started = "Hub worker w1 drains the session of x9"
+    cancelled = "Hub worker w1 does not drain x9"
+    try:
+        worker.start()
+        own_status = json.loads(statuses.get(timeout=10))
+        # The same bad value twice, then another bad value.
+        publish("offline", -1)
+        wait_for_lines(caplog, started, 1)
+        publish("online", -1)
+        wait_for_lines(caplog, cancelled, 1)
+        publish("offline", -1)
+        wait_for_lines(caplog, started, 2)
+        publish("online", -1)
+        wait_for_lines(caplog, cancelled, 2)
+        publish("offline", 1e9)
+        wait_for_lines(caplog, started, 3)
+    finally:
+        worker.stop()
+        for client in (publisher, reader):
+            client.disconnect()
+            client.loop_stop()
+
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and "invalid status" in record.getMessage()
+    ]
+    grace_lines = [
+        record.getMessage()
+        for record in caplog.records
+        if record.getMessage().startswith(started)
+    ]
+    assert own_status == {
+        "state": "online",
+        "client_id": "dslo-hub-w1",
+        "group": "dslo-hub",
+        "reconnect_max_s": 2.0,
+    }
+    assert warnings == [
+        "Hub worker w1 received an invalid status from x9: reconnect_max_s = -1 "
+        "is not a finite number >= 0. It uses its own reconnect_max_s for the "
+        "grace period before a drain of x9; check the mqtt.reconnect_max_s of "
+        "worker x9",
+        "Hub worker w1 received an invalid status from x9: reconnect_max_s = "
+        "1000000000.0 is above the maximum 3600, so it is capped there. It uses "
+        "3600 s as reconnect_max_s for the grace period before a drain of x9; "
+        "check the mqtt.reconnect_max_s of worker x9",
+    ]
+    assert grace_lines == [
+        f"{started} if it stays offline for 7 s",
+        f"{started} if it stays offline for 7 s",
+        f"{started} if it stays offline for 3605 s",
+    ]
 
 
 def test_drain_skips_peer_of_other_group(mlp_pair, mosquitto, tmp_path, caplog) -> None:
