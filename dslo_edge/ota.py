@@ -25,7 +25,9 @@ cover it.
 
 On the device, ``OtaReceiver`` writes chunks into a preallocated file in the
 state directory, ignores repeats (QoS 1 may deliver twice) and verifies the
-sha256 once every chunk arrived. ``BundleStore`` unpacks a verified archive
+sha256 once every chunk arrived. It drops chunks of the last 16 complete and
+the last 16 failed transfers, also after a restart (``FinishedTransfers``).
+``BundleStore`` unpacks a verified archive
 into its own release directory and switches an ``active`` link to it,
 keeping the previous release behind a ``previous`` link for rollback.
 ``swap_student`` loads the new student, carries over adapted weights whose
@@ -55,6 +57,13 @@ from typing import BinaryIO
 from dslo_edge.bundle import sha256_file
 from dslo_edge.checkpoint import fsync_directory
 from dslo_edge.errors import BundleError
+from dslo_edge.finished_transfers import (
+    COMPLETE,
+    DEFAULT_CAPACITY,
+    FAILED,
+    FINISHED_TRANSFERS_FILE,
+    FinishedTransfers,
+)
 from dslo_edge.protocol import Topics
 from dslo_edge.signing import HEADER_BYTES as SIGNED_HEADER_BYTES
 from dslo_edge.signing import SIGNED_MAGIC
@@ -428,6 +437,9 @@ class OtaReceiver:
             directory, so it survives a restart of the daemon).
         max_archive_bytes: reject larger archives before writing anything.
         stale_after_s: drop a transfer that received no chunk for this long.
+        finished_capacity: the number of complete transfers, and of failed
+            ones, whose late chunks are dropped. Their ids are stored in
+            ``finished-transfers.json`` in ``folder``.
         clock: monotonic seconds, injected in tests.
     """
 
@@ -437,6 +449,7 @@ class OtaReceiver:
         *,
         max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        finished_capacity: int = DEFAULT_CAPACITY,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.folder = folder
@@ -444,13 +457,15 @@ class OtaReceiver:
         self.stale_after_s = stale_after_s
         self._clock = clock
         self._transfer: _Transfer | None = None
-        # The last transfer that found no usable folder or failed to write its
-        # file. Its other chunks are dropped, because it cannot complete.
-        self._failed_transfer: bytes | None = None
-        # The last transfer whose chunks all arrived. Copies that the broker
-        # sends again after a reconnect are dropped, so they start no new
-        # transfer.
-        self._complete_transfer: bytes | None = None
+        # Transfers whose chunks all arrived, and transfers that found no
+        # usable folder or failed to write their file. A copy of one of their
+        # chunks would start the transfer again, so it is dropped.
+        self.finished = FinishedTransfers(
+            folder / FINISHED_TRANSFERS_FILE, finished_capacity
+        )
+        self.finished.load()
+        # Finished transfers with a dropped chunk, so each is logged once.
+        self._drops_logged: dict[bytes, None] = {}
 
     @property
     def progress(self) -> tuple[int, int] | None:
@@ -470,10 +485,19 @@ class OtaReceiver:
                 when a write to it fails. After either, the partial file is
                 deleted and the transfer's later chunks return None.
 
-        Chunks of the last transfer whose chunks all arrived return None too.
+        Chunks of the last 16 (``finished_capacity``) complete transfers
+        return None too. The exception is a complete transfer whose verified
+        archive is still in ``folder`` because a restart cut off its
+        install. Its chunk returns that archive again.
         """
         header, data = parse_chunk(payload, self.max_archive_bytes)
-        if header.transfer_id in (self._failed_transfer, self._complete_transfer):
+        outcome = self.finished.outcome(header.transfer_id)
+        if outcome == COMPLETE:
+            left = self._verified_archive_left(header)
+            if left is not None:
+                return left
+        if outcome is not None:
+            self._log_drop(header, outcome)
             return None
         try:
             return self._store(header, data)
@@ -500,8 +524,49 @@ class OtaReceiver:
         if len(transfer.received) < header.count:
             return None
         self._transfer = None
-        self._complete_transfer = header.transfer_id
-        return self._verify(transfer)
+        # Recorded after the check, so a restart during it resumes the
+        # transfer and checks it again.
+        try:
+            archive = self._verify(transfer)
+        except OtaError:
+            self._remember(header.transfer_id, COMPLETE)
+            raise
+        self._remember(header.transfer_id, COMPLETE)
+        return archive
+
+    def _remember(self, transfer_id: bytes, outcome: str) -> None:
+        """Record a finished transfer, logging a failed write instead of raising."""
+        try:
+            self.finished.add(transfer_id, outcome)
+        except OSError as error:
+            # The rejection of a failed transfer is logged as an error that
+            # names the folder, and this write most likely failed the same way.
+            level = logging.WARNING if outcome == COMPLETE else logging.DEBUG
+            logger.log(
+                level,
+                "Cannot record model transfer %s as %s in %s: %s; a copy of its "
+                "chunks that arrives after a daemon restart starts it again",
+                transfer_id.hex(),
+                outcome,
+                self.finished.path,
+                error,
+            )
+
+    def _log_drop(self, header: ChunkHeader, outcome: str) -> None:
+        """Log the first dropped chunk of a finished transfer."""
+        if header.transfer_id in self._drops_logged:
+            return
+        self._drops_logged[header.transfer_id] = None
+        # Enough for every transfer that ``finished`` keeps.
+        while len(self._drops_logged) > 2 * self.finished.capacity:
+            del self._drops_logged[next(iter(self._drops_logged))]
+        logger.info(
+            "Dropping chunk %d of model transfer %s, which already %s; later "
+            "copies of its chunks are dropped without a log line",
+            header.index,
+            header.transfer_id.hex(),
+            "completed" if outcome == COMPLETE else "failed",
+        )
 
     def _verified_archive_left(self, header: ChunkHeader) -> ReceivedArchive | None:
         """Return this transfer's verified archive if a restart cut off its install.
@@ -577,7 +642,7 @@ class OtaReceiver:
         try:
             make_state_folder(self.folder, STATE_FOLDERS[OTA])
         except OtaError:
-            self._failed_transfer = header.transfer_id
+            self._remember(header.transfer_id, FAILED)
             raise
         path = self.folder / f"{header.transfer_id.hex()}.part"
         self._remove_abandoned(keep=path)
@@ -631,7 +696,6 @@ class OtaReceiver:
 
     def _abandon(self, transfer_id: bytes) -> None:
         """Drop a transfer whose file cannot be written, and its later chunks."""
-        self._failed_transfer = transfer_id
         if self._transfer is not None and self._transfer.header.transfer_id == (
             transfer_id
         ):
@@ -642,6 +706,7 @@ class OtaReceiver:
             _received_path(path).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
+        self._remember(transfer_id, FAILED)
 
     def _discard(self, transfer: _Transfer) -> None:
         _delete_partial(transfer.path)

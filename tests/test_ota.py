@@ -24,6 +24,7 @@ from dslo_edge.bundle import Bundle, load_bundle
 from dslo_edge.checkpoint import save_checkpoint
 from dslo_edge.config import render_config
 from dslo_edge.errors import BundleError
+from dslo_edge.finished_transfers import FINISHED_TRANSFERS_FILE
 from dslo_edge.model_update import ModelUpdater, UpdateOutcome
 from dslo_edge.ota import (
     DEFAULT_MAX_ARCHIVE_BYTES,
@@ -276,7 +277,9 @@ def test_restart_before_check_completes_transfer(
 
     assert received is not None
     assert received.path.read_bytes() == archive
-    assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [FINISHED_TRANSFERS_FILE, received.path.name]
+    )
 
 
 def test_restart_does_not_mix_two_archives(tmp_path: Path) -> None:
@@ -308,7 +311,9 @@ def test_new_transfer_deletes_abandoned_part(tmp_path: Path) -> None:
 
     assert not abandoned.exists()
     assert received.path.read_bytes() == archive
-    assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [FINISHED_TRANSFERS_FILE, received.path.name]
+    )
 
 
 def test_new_transfer_deletes_archive_left_by_install(tmp_path: Path) -> None:
@@ -324,7 +329,9 @@ def test_new_transfer_deletes_archive_left_by_install(tmp_path: Path) -> None:
 
     assert not abandoned.exists()
     assert received.path.read_bytes() == archive
-    assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [FINISHED_TRANSFERS_FILE, received.path.name]
+    )
 
 
 def test_damaged_archive_left_by_install_is_received_again(tmp_path: Path) -> None:
@@ -375,7 +382,9 @@ def test_kill_while_deleting_leaves_no_orphan(
     assert deleted == [("61" * 16) + ".received"]
     assert ("61" * 16) + ".part" in left
     assert received.path.read_bytes() == archive
-    assert sorted(p.name for p in folder.iterdir()) == [received.path.name]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [FINISHED_TRANSFERS_FILE, received.path.name]
+    )
 
 
 def test_file_as_folder_rejects_transfer_once(tmp_path: Path) -> None:
@@ -501,7 +510,7 @@ def test_full_disk_rejects_transfer_once(
     assert statuses[1]["detail"] == detail
     assert statuses[2:] == [None] * 5
     assert all(outcome.candidate is None for outcome in outcomes)
-    assert files_after == []
+    assert [p.name for p in files_after] == [FINISHED_TRANSFERS_FILE]
     problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(problems) == 1
     assert problems[0].levelno == logging.ERROR
@@ -672,7 +681,7 @@ def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
     ) as caught:
         receiver.receive(chunks[-1])
     assert caught.value.reason == "checksum_mismatch"
-    assert list((tmp_path / "ota").iterdir()) == []
+    assert [p.name for p in (tmp_path / "ota").iterdir()] == [FINISHED_TRANSFERS_FILE]
 
 
 def test_corrupted_chunk_fails_checksum(tmp_path: Path) -> None:
@@ -1301,7 +1310,9 @@ def test_bad_checksum_over_broker_keeps_old(tmp_path: Path, broker: Broker) -> N
     assert isinstance(result, OtaError)
     assert result.reason == "checksum_mismatch"
     assert store.active_path(tmp_path) == old
-    assert list((tmp_path / "state/ota").iterdir()) == []
+    assert [p.name for p in (tmp_path / "state/ota").iterdir()] == [
+        FINISHED_TRANSFERS_FILE
+    ]
     hub.disconnect()
     hub.loop_stop()
     device.close()
