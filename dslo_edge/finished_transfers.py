@@ -1,9 +1,10 @@
 """Ids of finished over-the-air transfers, kept across restarts of the daemon.
 
 A transfer is finished when all its chunks arrived, whether or not the
-archive matched its sha256, or when its file could not be written. The
-broker may deliver a chunk of a finished transfer again, for example a QoS 1
-copy after a reconnect. With MQTT 3.1.1 the daemon's session
+archive matched its sha256, when its file could not be written, or when
+another transfer replaced it before it completed and its partial file was
+deleted. The broker may deliver a chunk of a finished transfer again, for
+example a QoS 1 copy after a reconnect. With MQTT 3.1.1 the daemon's session
 (``clean_session`` False) outlives a restart, so the broker also delivers
 such a copy after a restart. Such a chunk would start its transfer again,
 which deletes the partial file of the transfer in progress, and copies of
@@ -39,7 +40,9 @@ _ID_BYTES = 16
 
 
 class FinishedTransfers:
-    """The ids of the newest ``capacity`` complete and failed transfers.
+    """The ids of the newest ``capacity`` complete and unfinished transfers.
+
+    Unfinished transfers failed or were replaced, and are kept as ``FAILED``.
 
     Args:
         path: the JSON file that keeps them across restarts.

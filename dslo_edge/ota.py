@@ -436,9 +436,11 @@ class OtaReceiver:
         folder: directory for partial and complete archives (in the state
             directory, so it survives a restart of the daemon).
         max_archive_bytes: reject larger archives before writing anything.
-        stale_after_s: drop a transfer that received no chunk for this long.
+        stale_after_s: a transfer that received no chunk for this long is
+            logged as paused when its next chunk arrives, or as idle when
+            another transfer replaces it.
         finished_capacity: the number of complete transfers, and of failed
-            ones, whose late chunks are dropped. Their ids are stored in
+            or replaced ones, whose late chunks are dropped. Their ids are stored in
             ``finished-transfers.json`` in ``folder``.
         clock: monotonic seconds, injected in tests.
     """
@@ -458,8 +460,8 @@ class OtaReceiver:
         self._clock = clock
         self._transfer: _Transfer | None = None
         # Transfers whose chunks all arrived, and transfers that found no
-        # usable folder or failed to write their file. A copy of one of their
-        # chunks would start the transfer again, so it is dropped.
+        # usable folder, failed to write their file or were replaced. A copy
+        # of one of their chunks would start it again, so it is dropped.
         self.finished = FinishedTransfers(
             folder / FINISHED_TRANSFERS_FILE, finished_capacity
         )
@@ -565,7 +567,7 @@ class OtaReceiver:
             "copies of its chunks are dropped without a log line",
             header.index,
             header.transfer_id.hex(),
-            "completed" if outcome == COMPLETE else "failed",
+            "completed" if outcome == COMPLETE else "failed or was replaced",
         )
 
     def _verified_archive_left(self, header: ChunkHeader) -> ReceivedArchive | None:
@@ -613,29 +615,39 @@ class OtaReceiver:
     def _transfer_for(self, header: ChunkHeader) -> _Transfer:
         current = self._transfer
         now = self._clock()
-        if current is not None and now - current.last_chunk_at > self.stale_after_s:
-            logger.warning(
-                "Dropping model transfer %s: no chunk for %.0f s",
-                current.header.transfer_id.hex(),
-                now - current.last_chunk_at,
-            )
-            self._discard(current)
-            current = None
         if current is not None and current.header.transfer_id == header.transfer_id:
-            if _same_archive(current.header, header):
-                return current
-            raise OtaError(
-                "malformed",
-                f"chunk {header.index} of transfer {header.transfer_id.hex()} "
-                "announces a different archive than earlier chunks",
-            )
+            if not _same_archive(current.header, header):
+                raise OtaError(
+                    "malformed",
+                    f"chunk {header.index} of transfer {header.transfer_id.hex()} "
+                    "announces a different archive than earlier chunks",
+                )
+            # The broker does not send acknowledged chunks again, so a
+            # transfer that pauses, for example while the device is offline,
+            # goes on with the chunks it stored.
+            idle_s = now - current.last_chunk_at
+            if idle_s > self.stale_after_s:
+                logger.info(
+                    "Model transfer %s goes on after %.0f s without a chunk",
+                    header.transfer_id.hex(),
+                    idle_s,
+                )
+            return current
         if current is not None:
+            replaced = current.header.transfer_id
+            idle_s = now - current.last_chunk_at
             logger.warning(
-                "Model transfer %s replaced by %s before it completed",
-                current.header.transfer_id.hex(),
+                "Model transfer %s replaced by %s before it completed%s",
+                replaced.hex(),
                 header.transfer_id.hex(),
+                f" (no chunk for {idle_s:.0f} s)"
+                if idle_s > self.stale_after_s
+                else "",
             )
             self._discard(current)
+            # Its partial file is gone, so a late chunk of it must not start
+            # it again and delete the new transfer's file.
+            self._remember(replaced, FAILED)
         return self._start(header, now)
 
     def _start(self, header: ChunkHeader, now: float) -> _Transfer:
@@ -683,6 +695,9 @@ class OtaReceiver:
             if old != keep:
                 logger.info("Deleting %s, left by an interrupted model transfer", old)
                 _delete_partial(old)
+                transfer_id = _transfer_id_of(old)
+                if transfer_id is not None:
+                    self._remember(transfer_id, FAILED)
         # A kill after _verify renamed the archive leaves its list behind, and
         # so did a kill between the deletions of versions that deleted the
         # archive first.
@@ -769,6 +784,15 @@ def _archive_identity(header: ChunkHeader) -> bytes:
         header.count,
         header.sha256,
     )
+
+
+def _transfer_id_of(part: Path) -> bytes | None:
+    """Return the transfer id that names a partial file, or None for another name."""
+    try:
+        transfer_id = bytes.fromhex(part.stem)
+    except ValueError:
+        return None
+    return transfer_id if len(transfer_id) == 16 else None
 
 
 def _stored_chunks(part: Path, header: ChunkHeader) -> set[int]:

@@ -738,15 +738,21 @@ def test_new_transfer_replaces_unfinished_one(tmp_path: Path) -> None:
     assert list((tmp_path / "ota").glob("*.part")) == []
 
 
-def test_stale_transfer_is_dropped(tmp_path: Path) -> None:
-    chunks = split_archive(pack_bundle(write_bundle(tmp_path / "a")), 8 * 1024)
+def test_paused_transfer_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    archive = pack_bundle(write_bundle(tmp_path / "a"))
+    chunks = split_archive(archive, 8 * 1024)
     clock = FakeClock()
     receiver = OtaReceiver(tmp_path / "ota", stale_after_s=60, clock=clock)
     receiver.receive(chunks[0])
     clock.advance(61)
-    for chunk in chunks[1:]:
-        assert receiver.receive(chunk) is None
-    assert receiver.progress == (len(chunks) - 1, len(chunks))
+
+    with caplog.at_level(logging.INFO, logger="dslo_edge.ota"):
+        received = receive_all(receiver, chunks[1:])
+
+    assert received.path.read_bytes() == archive
+    assert "goes on after 61 s without a chunk" in caplog.text
 
 
 # Installing and switching releases

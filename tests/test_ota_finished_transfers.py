@@ -285,3 +285,40 @@ def test_unwritable_memory_keeps_ids_in_memory(
             f"{folder / FINISHED_TRANSFERS_FILE}: [Errno 21] Is a directory"
         )
     )
+
+
+def test_late_chunk_of_replaced_transfer_dropped(tmp_path: Path) -> None:
+    folder = tmp_path / "ota"
+    receiver = OtaReceiver(folder)
+    replaced_id, _, replaced = transfer(b"a")
+    current_id, current_archive, current = transfer(b"b")
+    assert receiver.receive(replaced[0]) is None
+    assert receiver.receive(current[0]) is None
+
+    late = receiver.receive(replaced[1])
+
+    assert late is None
+    assert receiver.finished.ids(FAILED) == [replaced_id]
+    assert part_of(folder, current_id).exists()
+    assert not part_of(folder, replaced_id).exists()
+    received = [receiver.receive(chunk) for chunk in current[1:]]
+    assert received[-1] is not None
+    assert received[-1].path.read_bytes() == current_archive
+
+
+def test_transfer_cut_off_by_restart_then_replaced_dropped(tmp_path: Path) -> None:
+    folder = tmp_path / "ota"
+    cut_id, _, cut = transfer(b"a")
+    current_id, current_archive, current = transfer(b"b")
+    assert OtaReceiver(folder).receive(cut[0]) is None
+
+    restarted = OtaReceiver(folder)
+    assert restarted.receive(current[0]) is None
+    late = restarted.receive(cut[1])
+
+    assert late is None
+    assert restarted.finished.ids(FAILED) == [cut_id]
+    assert part_of(folder, current_id).exists()
+    received = [restarted.receive(chunk) for chunk in current[1:]]
+    assert received[-1] is not None
+    assert received[-1].path.read_bytes() == current_archive
