@@ -285,17 +285,27 @@ def _training(
     return settings
 
 
+# MQTT's maximum packet size (MQTT 3.1.1 and 5), so no payload is larger. Every
+# sample takes at least one byte, so it also bounds the sample count. Both limits
+# go to the compiled decoder as C ssize_t, which a larger int would overflow.
+MAX_MQTT_PACKET_BYTES = 268_435_455
+
+
 def _limits(reader: TableReader) -> tuple[PayloadLimits, float, float]:
     limits = PayloadLimits(
         max_payload_bytes=reader.get(
             "max_payload_bytes",
             int,
             4 * 1024 * 1024,
-            positive,
-            "a positive byte count",
+            lambda v: 1 <= v <= MAX_MQTT_PACKET_BYTES,
+            f"a byte count in 1..{MAX_MQTT_PACKET_BYTES}, the MQTT maximum",
         ),
         max_samples=reader.get(
-            "max_samples", int, 4096, positive, "a positive sample count"
+            "max_samples",
+            int,
+            4096,
+            lambda v: 1 <= v <= MAX_MQTT_PACKET_BYTES,
+            f"a sample count in 1..{MAX_MQTT_PACKET_BYTES}",
         ),
     )
     tolerance = reader.get(

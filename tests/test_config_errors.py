@@ -779,3 +779,24 @@ def test_mqtt_host_forms_are_accepted(tmp_path: Path, host: str) -> None:
     path = write(tmp_path, tmp_path / "bundle", {"mqtt": {"host": host}})
 
     assert load_config(path).mqtt.host == host
+
+
+@pytest.mark.parametrize("key", ["max_payload_bytes", "max_samples"])
+@pytest.mark.parametrize("value", [0, 268_435_456, 10**20])
+def test_payload_limit_out_of_range_is_rejected(
+    tmp_path: Path, key: str, value: int
+) -> None:
+    path, message = config_error(tmp_path, {"limits": {key: value}})
+
+    assert message.startswith(f"{path}: limits.{key} = {value} is invalid")
+    assert "in 1..268435455" in message
+
+
+def test_payload_limits_at_maximum_are_accepted(tmp_path: Path) -> None:
+    limits = {"max_payload_bytes": 268_435_455, "max_samples": 268_435_455}
+    path = write(tmp_path, tmp_path / "bundle", {"limits": limits})
+
+    config = load_config(path)
+
+    assert config.limits.max_payload_bytes == 268_435_455
+    assert config.limits.max_samples == 268_435_455
