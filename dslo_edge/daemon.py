@@ -28,6 +28,7 @@ import gc
 import json
 import logging
 import os
+import platform
 import queue
 import signal
 import threading
@@ -1096,8 +1097,23 @@ def _load_profile(config: DeviceConfig) -> Any:
     from dslo_edge.profiles import load_profile
 
     try:
-        return load_profile(config.profile)
+        profile = load_profile(config.profile)
     except ConfigError as error:
         raise ConfigError(
             f"{config.source}: device.profile = {config.profile!r}: {error}"
         ) from error
+    machine = platform.machine()
+    if profile.architecture != machine:
+        # NOTE: a 32-bit OS on a 64-bit kernel (armv7l userland) reports aarch64,
+        # so this is a warning and not an error.
+        logger.warning(
+            "Device %s: profile %s is for %s boards, but this machine is %s, so "
+            "its power model and thermal limit may not fit; set device.profile "
+            "in %s to this board's profile",
+            config.device_id,
+            profile.name,
+            profile.architecture,
+            machine,
+            config.source,
+        )
+    return profile

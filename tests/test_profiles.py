@@ -547,3 +547,40 @@ def test_profile_name_stays_a_name(tmp_path: Path) -> None:
 
     assert config.profile == "raspberry-pi-4b"
     assert _load_profile(config).name == "raspberry-pi-4b"
+
+
+def _profile_config(tmp_path: Path, profile: str) -> Path:
+    config_path = tmp_path / "device.toml"
+    config_path.write_text(
+        f'[device]\nid = "pi"\nbundle = "bundle"\nprofile = "{profile}"\n'
+    )
+    return config_path
+
+
+def test_profile_of_other_architecture_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    config = load_config(_profile_config(tmp_path, "raspberry-pi-4b"))
+    caplog.set_level("WARNING", logger="dslo_edge.daemon")
+
+    profile = _load_profile(config)
+
+    assert profile.name == "raspberry-pi-4b"
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert "profile raspberry-pi-4b is for aarch64 boards" in messages[0]
+    assert "this machine is x86_64" in messages[0]
+    assert str(config.source) in messages[0]
+
+
+def test_profile_of_same_architecture_is_quiet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    config = load_config(_profile_config(tmp_path, "raspberry-pi-4b"))
+    caplog.set_level("WARNING", logger="dslo_edge.daemon")
+
+    _load_profile(config)
+
+    assert caplog.records == []
