@@ -66,6 +66,48 @@ def _check_uncompressed(payload: bytes) -> None:
                 f"member {member.filename} is compressed; send np.savez, not "
                 "np.savez_compressed",
             )
+    _check_declared_sizes(payload, members)
+
+
+def _check_declared_sizes(payload: bytes, members: list[zipfile.ZipInfo]) -> None:
+    """Reject an .npy member whose header declares more data than it holds.
+
+    numpy allocates the array that the header declares before it reads the
+    data, so a 300-byte member that declares terabytes raises MemoryError, and
+    one that declares gigabytes can exhaust a small board's memory.
+    """
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        for member in members:
+            if member.filename.endswith(".npy"):
+                with archive.open(member) as stream:
+                    declared = _declared_npy_bytes(stream, member.filename)
+                    data_bytes = member.file_size - stream.tell()
+                if declared > data_bytes:
+                    raise InvalidUpdate(
+                        "bad_inputs",
+                        f"member {member.filename} declares {declared} bytes of "
+                        f"data but holds {data_bytes} bytes; write the archive with "
+                        "np.savez",
+                    )
+
+
+def _declared_npy_bytes(stream: Any, name: str) -> int:
+    """Return the data size that an .npy header declares (shape times item size)."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            header = np.lib.format.read_array_header_1_0(stream)
+        else:
+            header = np.lib.format.read_array_header_2_0(stream)
+    except ValueError as error:
+        raise InvalidUpdate(
+            "bad_inputs", f"member {name} has an invalid .npy header: {error}"
+        ) from error
+    shape, _, dtype = header
+    count = 1
+    for size in shape:
+        count *= size
+    return count * dtype.itemsize
 
 
 def decode_inputs(

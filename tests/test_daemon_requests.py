@@ -388,3 +388,44 @@ def test_paused_training_sends_no_requests(mlp_pair, mosquitto, tmp_path) -> Non
     assert report["label_requests"]["sent"] == 1
     assert report["label_requests"]["answered"] == 1
     assert report["applied_total"] == 1
+
+
+def _npz_with_npy_header(shape: tuple[int, ...], data_bytes: int) -> bytes:
+    """Build an .npz whose x.npy header declares ``shape`` over ``data_bytes``."""
+    import struct
+    import zipfile
+
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}"
+    header = header.ljust(118) + "\n"
+    npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("x.npy", npy + bytes(data_bytes))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(4096, 10**5, 10**5, 1), (2, 8, 8, 1)])
+def test_inference_rejects_oversized_npy_header(shape: tuple[int, ...]) -> None:
+    from dslo_edge.errors import InvalidUpdate
+    from dslo_edge.inference import decode_inputs
+
+    payload = _npz_with_npy_header(shape, 64)
+
+    with pytest.raises(InvalidUpdate) as caught:
+        decode_inputs(payload, (8, 8, 1))
+
+    assert caught.value.reason == "bad_inputs"
+    assert "member x.npy declares" in str(caught.value)
+    assert "holds 64 bytes" in str(caught.value)
+
+
+def test_inference_accepts_exact_npy_header() -> None:
+    from dslo_edge.inference import decode_inputs
+
+    payload = _npz_with_npy_header((2, 8, 8, 1), 2 * 64 * 4)
+
+    ids, x = decode_inputs(payload, (8, 8, 1))
+
+    assert len(ids) == 2
+    assert x.shape == (2, 8, 8, 1)
+    assert float(x.sum()) == 0.0
