@@ -151,10 +151,15 @@ def _checked_inputs(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
             f"x has dtype {x.dtype}, expected a numeric dtype such as float32",
         )
     # The shape check comes first because a scalar x has no length.
-    if x.ndim != len(input_shape) + 1 or x.shape[1:] != input_shape or not len(x):
+    if x.ndim != len(input_shape) + 1 or x.shape[1:] != input_shape:
         expected = ", ".join(str(size) for size in ("N", *input_shape))
         raise InvalidUpdate(
             "bad_inputs", f"x has shape {x.shape}, expected ({expected})"
+        )
+    if not len(x):
+        raise InvalidUpdate(
+            "bad_inputs",
+            f"x has shape {x.shape}, so no inputs; expected 1 to {MAX_INPUT_ROWS}",
         )
     if len(x) > MAX_INPUT_ROWS:
         raise InvalidUpdate("bad_inputs", f"{len(x)} inputs, limit {MAX_INPUT_ROWS}")

@@ -429,3 +429,17 @@ def test_inference_accepts_exact_npy_header() -> None:
     assert len(ids) == 2
     assert x.shape == (2, 8, 8, 1)
     assert float(x.sum()) == 0.0
+
+
+def test_inference_rejects_zero_rows() -> None:
+    from dslo_edge.errors import InvalidUpdate
+    from dslo_edge.inference import decode_inputs
+
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros((0, 8, 8, 1), np.float32))
+
+    with pytest.raises(InvalidUpdate) as caught:
+        decode_inputs(buffer.getvalue(), (8, 8, 1))
+
+    assert caught.value.reason == "bad_inputs"
+    assert str(caught.value).endswith("so no inputs; expected 1 to 4096")
