@@ -170,6 +170,12 @@ def _check_signatures(bundle: Bundle) -> None:
 
 def _check_file(folder: Path, role: str, entry: dict[str, Any], verify: bool) -> None:
     path = folder / entry["file"]
+    if path.exists() and not path.is_file():
+        raise BundleError(
+            f"bundle file {path} is not a regular file, but {MANIFEST_NAME} names "
+            f"it as the {role} model; copy the whole bundle directory again, or "
+            "write it again with 'dslo-edge convert'"
+        )
     if not path.is_file():
         raise BundleError(
             f"bundle file {path} is missing, but {MANIFEST_NAME} names it as the "

@@ -286,6 +286,16 @@ def _remove_student_file(bundle: Path) -> str:
     )
 
 
+def _make_student_a_directory(bundle: Path) -> str:
+    (bundle / "student.tflite").unlink()
+    (bundle / "student.tflite").mkdir()
+    return (
+        f"bundle file {bundle / 'student.tflite'} is not a regular file, but "
+        "manifest.json names it as the student model; copy the whole bundle "
+        "directory again"
+    )
+
+
 def _empty_student_file(bundle: Path) -> str:
     (bundle / "student.tflite").write_bytes(b"")
     return (
@@ -307,6 +317,7 @@ def _make_manifest_an_array(bundle: Path) -> str:
         _make_manifest_binary,
         _break_student_checksum,
         _remove_student_file,
+        _make_student_a_directory,
         _empty_student_file,
         _make_manifest_an_array,
     ],
