@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dslo_edge.config import MqttSettings
+from dslo_edge.config import MAX_MQTT_PACKET_BYTES, MqttSettings
 from dslo_edge.config_reader import REQUIRED as _REQUIRED
 from dslo_edge.config_reader import TableReader as _Table
 from dslo_edge.config_reader import read_toml
@@ -253,7 +253,11 @@ def _requests(table: _Table) -> RequestSettings:
     settings = RequestSettings(
         max_samples=table.get("max_samples", int, 256, *count),
         max_payload_bytes=table.get(
-            "max_payload_bytes", int, 4 * 1024 * 1024, _positive, "bytes > 0"
+            "max_payload_bytes",
+            int,
+            4 * 1024 * 1024,
+            lambda v: 1 <= v <= MAX_MQTT_PACKET_BYTES,
+            f"a byte count in 1..{MAX_MQTT_PACKET_BYTES}, the MQTT maximum",
         ),
         batch_max_samples=table.get(
             "batch_max_samples", int, 1024, lambda v: 1 <= v <= 65536, "1..65536"

@@ -180,6 +180,11 @@ def test_pushes_and_privacy_are_read(tmp_path, mlp_pair) -> None:
             r"push\[0\]\.expiry_s = 4294967296 is invalid; expected seconds in "
             r"1\.\.4294967295",
         ),
+        (
+            "[requests]\nmax_payload_bytes = 268435456\n",
+            r"requests\.max_payload_bytes = 268435456 is invalid; expected a byte "
+            r"count in 1\.\.268435455, the MQTT maximum",
+        ),
     ],
 )
 def test_invalid_values_name_file_and_key(tmp_path, extra, message) -> None:
