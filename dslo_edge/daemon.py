@@ -1104,12 +1104,13 @@ def _load_profile(config: DeviceConfig) -> Any:
         ) from error
     machine = platform.machine()
     if profile.architecture != machine:
-        # NOTE: a 32-bit OS on a 64-bit kernel (armv7l userland) reports aarch64,
-        # so this is a warning and not an error.
+        # uname -m names the kernel's architecture, which can differ from the
+        # OS image's (a 32-bit OS on a 64-bit kernel), so this only warns.
         logger.warning(
-            "Device %s: profile %s is for %s boards, but this machine is %s, so "
-            "its power model and thermal limit may not fit; set device.profile "
-            "in %s to this board's profile",
+            "Device %s: profile %s is for %s systems, but uname -m reports %s "
+            "here, so its power model, thermal limit and interpreter wheels may "
+            "not fit; set device.profile in %s to a profile for this machine "
+            "(dslo-edge profiles list)",
             config.device_id,
             profile.name,
             profile.architecture,

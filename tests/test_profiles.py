@@ -569,8 +569,8 @@ def test_profile_of_other_architecture_warns(
     assert profile.name == "raspberry-pi-4b"
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 1
-    assert "profile raspberry-pi-4b is for aarch64 boards" in messages[0]
-    assert "this machine is x86_64" in messages[0]
+    assert "profile raspberry-pi-4b is for aarch64 systems" in messages[0]
+    assert "uname -m reports x86_64" in messages[0]
     assert str(config.source) in messages[0]
 
 
