@@ -10,10 +10,13 @@ other member ever receives them.
 ``clean_start = False``. The broker resumes the session and sends its
 requests again (unacknowledged ones with the DUP flag). The drain
 unsubscribes at once, so the broker routes nothing new to the session,
-passes every request to the worker's batcher, waits until all are
-acknowledged and none has arrived for ``DRAIN_IDLE_S``, then disconnects
-with session expiry 0, which ends the session. If the dead worker comes
-back meanwhile, its connect takes the session over and it answers the rest.
+and passes every request to the worker's batcher. mosquitto sends at most
+``max_inflight_messages`` requests at a time, and the next ones only after
+the drain acknowledges earlier ones. So the drain waits until all requests
+are acknowledged and no request has arrived for ``DRAIN_IDLE_S`` since it
+connected or last acknowledged one. Then it disconnects with session
+expiry 0, which ends the session. If the dead worker comes back
+meanwhile, its connect takes the session over and it serves the rest.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+# NOTE: if the broker takes longer than this to send the next request after
+# an acknowledgement, the drain ends the session early, and only device
+# resends serve the requests still queued in it.
 DRAIN_IDLE_S = 1.0
 DRAIN_MAX_S = 120.0
 # paho-mqtt 2.2.0's default socket connect timeout, which bounds one
@@ -127,7 +133,9 @@ class SessionDrain(threading.Thread):
         self.received = 0
         self._seen_offline_at = time.monotonic()
         self._outstanding = 0
-        self._last_message = time.monotonic()
+        # When the drain connected or last received or acknowledged a
+        # request. The idle time that ends the drain counts from here.
+        self._last_activity = time.monotonic()
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._closed = threading.Event()
@@ -271,6 +279,8 @@ class SessionDrain(threading.Thread):
 
     def _on_connected(self, session_present: bool) -> None:
         self._session_present = session_present
+        with self._lock:
+            self._last_activity = time.monotonic()
         if session_present:
             prefix, group = self.worker.prefix, self.worker.config.group
             self.client.unsubscribe(
@@ -290,18 +300,19 @@ class SessionDrain(threading.Thread):
         with self._lock:
             self.received += 1
             self._outstanding += 1
-            self._last_message = time.monotonic()
+            self._last_activity = time.monotonic()
         self.worker.enqueue(message, _CountingClient(self), drained=True)
 
     def _acknowledged(self) -> None:
         with self._lock:
             self._outstanding -= 1
+            self._last_activity = time.monotonic()
 
     def _wait_until_answered(self) -> None:
         deadline = time.monotonic() + DRAIN_MAX_S
         while time.monotonic() < deadline and self.client.is_connected():
             with self._lock:
-                idle = time.monotonic() - self._last_message
+                idle = time.monotonic() - self._last_activity
                 done = self._outstanding == 0 and idle >= DRAIN_IDLE_S
             if done:
                 return

@@ -1,18 +1,24 @@
-"""A TCP proxy on loopback that withholds the broker's PUBACKs for one topic.
+"""TCP proxies on loopback between MQTT clients and a broker.
 
-It forwards every byte between MQTT clients and a broker, except the PUBACKs
-for the QoS 1 publishes to ``topic`` after the first ``acknowledged``, or
-for those whose numbers are in ``withheld``. The
+``PubackProxy`` forwards every byte, except the PUBACKs for the QoS 1
+publishes to ``topic`` after the first ``acknowledged``, or for those whose
+numbers are in ``withheld``. The
 broker still delivers those publishes to its subscribers, so they receive an
 update whose PUBACK the publisher never gets, as when the publisher is killed
 before the PUBACK arrives.
+
+``DelayProxy`` delays what the broker sends to one client id, as a busy
+broker or a slow link does.
 """
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
+import time
 
+CONNECT = 1
 PUBLISH = 3
 PUBACK = 4
 
@@ -165,3 +171,116 @@ class PubackProxy:
                 return False
 
         return pass_puback
+
+
+def _read_length(data: bytes, index: int) -> tuple[int, int]:
+    """Return a variable byte integer at ``index`` and the index after it."""
+    value = 0
+    for shift in range(0, 28, 7):
+        byte = data[index]
+        index += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+    return value, index
+
+
+def connect_client_id(packet: bytes) -> str:
+    """Return the client id of an MQTT 3.1.1 or 5 CONNECT packet."""
+    body = _body(packet)
+    name_length = int.from_bytes(body[:2], "big")
+    # Protocol name, then protocol level, connect flags and keep alive.
+    index = 2 + name_length
+    level = body[index]
+    index += 4
+    if level == 5:
+        properties_length, index = _read_length(body, index)
+        index += properties_length
+    id_length = int.from_bytes(body[index : index + 2], "big")
+    return body[index + 2 : index + 2 + id_length].decode()
+
+
+class DelayProxy:
+    """Forward MQTT between clients and the broker on ``broker_port``.
+
+    Every packet that the broker sends after the CONNACK to a client that
+    connects as ``client_id`` reaches it ``delay_s`` late. Other clients and
+    the packets that clients send are not delayed.
+
+    Attributes:
+        port: the port clients connect to.
+    """
+
+    def __init__(self, broker_port: int, client_id: str, delay_s: float):
+        self.broker_port = broker_port
+        self.client_id = client_id
+        self.delay_s = delay_s
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            broker = socket.create_connection(("127.0.0.1", self.broker_port))
+            self._sockets += [client, broker]
+            threading.Thread(
+                target=self._serve, args=(client, broker), daemon=True
+            ).start()
+
+    def _serve(self, client: socket.socket, broker: socket.socket) -> None:
+        try:
+            connect = read_packet(client)
+            broker.sendall(connect)
+        except OSError:
+            client.close()
+            broker.close()
+            return
+        threading.Thread(
+            target=_forward, args=(client, broker, 0.0), daemon=True
+        ).start()
+        delayed = connect[0] >> 4 == CONNECT and (
+            connect_client_id(connect) == self.client_id
+        )
+        _forward(broker, client, self.delay_s if delayed else 0.0)
+
+
+def _forward(source: socket.socket, target: socket.socket, delay_s: float) -> None:
+    """Send each packet from ``source`` to ``target``, all but the first late."""
+    # A second thread sends, so that reading goes on while a packet waits.
+    due: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+    sender = threading.Thread(target=_send_when_due, args=(due, target), daemon=True)
+    sender.start()
+    first = True
+    try:
+        while True:
+            packet = read_packet(source)
+            due.put((time.monotonic() + (0.0 if first else delay_s), packet))
+            first = False
+    except OSError:
+        pass
+    finally:
+        due.put(None)
+        sender.join()
+        source.close()
+        target.close()
+
+
+def _send_when_due(
+    due: queue.Queue[tuple[float, bytes] | None], target: socket.socket
+) -> None:
+    while (item := due.get()) is not None:
+        send_at, packet = item
+        time.sleep(max(0.0, send_at - time.monotonic()))
+        try:
+            target.sendall(packet)
+        except OSError:
+            return

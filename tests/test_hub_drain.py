@@ -5,18 +5,31 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import signal
 import time
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
 from dslo_edge.broker import Broker
 from dslo_edge.config import MqttSettings
 from dslo_edge.hub_config import load_hub_config
-from dslo_edge.hub_drain import DRAIN_ATTEMPTS, grace_period, peer_reconnect_max_s
+from dslo_edge.hub_drain import (
+    DRAIN_ATTEMPTS,
+    DRAIN_IDLE_S,
+    grace_period,
+    peer_reconnect_max_s,
+)
 from dslo_edge.hub_service import HubWorker
-from dslo_edge.label_protocol import worker_status_topic
+from dslo_edge.label_protocol import (
+    LabelRequest,
+    encode_request,
+    request_properties,
+    user_properties,
+    worker_status_topic,
+)
 from tests.hub_fleet import (
     HubWatcher,
     start_worker,
@@ -24,6 +37,7 @@ from tests.hub_fleet import (
     wait_online,
     write_hub_config,
 )
+from tests.mqtt_proxy import DelayProxy
 
 OWN_SETTINGS = MqttSettings(reconnect_max_s=30.0)
 
@@ -450,3 +464,78 @@ def test_drain_retries_refused_connect_then_gives_up(
     assert drain_messages(caplog)[-1] == (
         "Hub worker w1 drained the session of w2: 0 requests received again"
     )
+
+
+def test_drain_waits_for_late_requests(mlp_pair, tmp_path, caplog) -> None:
+    # mosquitto 2.0.11 sends at most max_inflight_messages requests of the
+    # resumed session, and each further one only after the drain acknowledges
+    # an earlier one.
+    text = "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 5\n"
+    broker = Broker.start(kind="mosquitto", workdir=tmp_path / "b", config_text=text)
+    # The drain receives the CONNACK at once and each request half of
+    # DRAIN_IDLE_S late.
+    proxy = DelayProxy(broker.port, "dslo-hub-w1", delay_s=DRAIN_IDLE_S / 2)
+    w1_config = write_hub_config(tmp_path / "w1", broker.port, mlp_pair.bundle)
+    w2_config = write_hub_config(tmp_path / "w2", proxy.port, mlp_pair.bundle)
+    devices = [f"dev-{index:02d}" for index in range(12)]
+    peer = start_worker(w1_config, "w1", tmp_path / "w1.log")
+    watcher = HubWatcher(broker.port)
+    client, received = subscribed_client(broker.port, "dslo/+/labels")
+    worker = HubWorker(load_hub_config(w2_config, "w2"))
+    caplog.set_level(logging.INFO)
+    try:
+        wait_online(watcher, ["w1"])
+        peer.send_signal(signal.SIGKILL)
+        peer.wait(timeout=10)
+        watcher.wait_for(lambda w: w.status.get("w1") == "offline")
+        # w1 is the only member of the group, so its session queues them all.
+        inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+        for index, device in enumerate(devices):
+            request_id = bytes([index]) * 16
+            request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
+            client.publish(
+                f"dslo/{device}/requests",
+                encode_request(request),
+                qos=1,
+                properties=request_properties(f"dslo/{device}/labels", request_id),
+            ).wait_for_publish(timeout=10)
+
+        # A batch that takes longer than DRAIN_IDLE_S, as on a loaded CPU,
+        # acknowledges each request more than DRAIN_IDLE_S after it arrived.
+        serve = worker.labeller.serve
+
+        def slow_serve(batch) -> None:
+            time.sleep(DRAIN_IDLE_S + 0.2)
+            serve(batch)
+
+        worker.labeller.serve = slow_serve
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not drain_messages(caplog) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # The worker responds before it acknowledges, so the responses to
+        # every drained request are sent when the drain ends.
+        replies = {}
+        while len(replies) < len(devices):
+            try:
+                reply = received.get(timeout=5.0)
+            except queue.Empty:
+                break
+            replies[reply.topic] = user_properties(reply.properties)["status"]
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait(timeout=10)
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+        watcher.close()
+        proxy.close()
+        broker.stop()
+
+    assert drain_messages(caplog) == [
+        f"Hub worker w2 drained the session of w1: {len(devices)} requests "
+        "received again"
+    ]
+    assert sorted(replies) == [f"dslo/{device}/labels" for device in devices]
+    assert set(replies.values()) == {"ok"}
