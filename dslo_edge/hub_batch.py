@@ -88,6 +88,8 @@ class Incoming:
     redelivered: bool
     ack: Callable[[], None]
     received_at: float
+    # The dead worker whose session a drain received this request from.
+    drained_from: str | None = None
 
 
 @dataclass
@@ -252,7 +254,12 @@ class BatchLabeller:
         return (
             item,
             request,
-            RequestKey(item.device, request.request_id, request.sample_count),
+            RequestKey(
+                item.device,
+                request.request_id,
+                request.sample_count,
+                drained_from=item.drained_from,
+            ),
         )
 
     def _response_topic_valid(self, item: Incoming) -> bool:

@@ -301,7 +301,7 @@ class SessionDrain(threading.Thread):
             self.received += 1
             self._outstanding += 1
             self._last_activity = time.monotonic()
-        self.worker.enqueue(message, _CountingClient(self), drained=True)
+        self.worker.enqueue(message, _CountingClient(self), drained_from=self.peer)
 
     def _acknowledged(self) -> None:
         with self._lock:

@@ -328,21 +328,29 @@ class HubWorker:
             client = self.connection.client
             client.ack(message.mid, message.qos)
             return
-        self.enqueue(message, self.connection.client, drained=False)
+        self.enqueue(message, self.connection.client)
 
     def enqueue(
-        self, message: mqtt.MQTTMessage, ack_client: Acknowledger, drained: bool
+        self,
+        message: mqtt.MQTTMessage,
+        ack_client: Acknowledger,
+        drained_from: str | None = None,
     ) -> None:
-        """Queue a request for the batcher; ``ack_client`` acknowledges it."""
+        """Queue a request for the batcher; ``ack_client`` acknowledges it.
+
+        ``drained_from`` names the dead peer whose session a drain received
+        the request from.
+        """
         device = device_of_request_topic(message.topic, self.prefix)
         item = Incoming(
             device=device,
             payload=bytes(message.payload),
             response_topic=response_topic_of(message.properties),
             correlation=correlation_of(message.properties),
-            redelivered=bool(message.dup) or drained,
+            redelivered=bool(message.dup) or drained_from is not None,
             ack=_acker(ack_client, message.mid, message.qos),
             received_at=time.monotonic(),
+            drained_from=drained_from,
         )
         self.incoming.put(item)
 

@@ -30,11 +30,17 @@ BUDGET_EXHAUSTED = "budget_exhausted"
 
 @dataclass(frozen=True)
 class RequestKey:
-    """One request of one device, with its sample count."""
+    """One request of one device, with its sample count.
+
+    Attributes:
+        drained_from: the dead worker whose session this worker drained the
+            request from, or None. A claim of that worker is stale.
+    """
 
     device: str
     request_id: bytes
     samples: int
+    drained_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,10 @@ class ChargeState(StateFile):
             return Admission(CACHED, status, payload, retry_after_s=wait)
         if answered is not None:
             return Admission(CACHED, status=status, payload=payload)
-        if worker != self.worker_id and now - claimed < claim_timeout_s:
+        # A drained request comes from the session of a worker that stayed
+        # offline for the drain's grace period, so that worker's claim is stale.
+        live_claim = worker not in (self.worker_id, key.drained_from)
+        if live_claim and now - claimed < claim_timeout_s:
             return Admission(IN_PROGRESS)
         # This worker's own claim (a redelivery after a restart) or a stale
         # claim of a worker that died: label it, already paid for unless the

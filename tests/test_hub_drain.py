@@ -23,6 +23,7 @@ from dslo_edge.hub_drain import (
     peer_reconnect_max_s,
 )
 from dslo_edge.hub_service import HubWorker
+from dslo_edge.hub_state import ADMITTED, HubState, RequestKey
 from dslo_edge.label_protocol import (
     LabelRequest,
     encode_request,
@@ -466,6 +467,23 @@ def test_drain_retries_refused_connect_then_gives_up(
     )
 
 
+def publish_requests(client: mqtt.Client, devices: list[str]) -> list[bytes]:
+    """Publish one 2-sample request per device; return the request ids."""
+    inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+    request_ids = []
+    for index, device in enumerate(devices):
+        request_id = bytes([index]) * 16
+        request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
+        client.publish(
+            f"dslo/{device}/requests",
+            encode_request(request),
+            qos=1,
+            properties=request_properties(f"dslo/{device}/labels", request_id),
+        ).wait_for_publish(timeout=10)
+        request_ids.append(request_id)
+    return request_ids
+
+
 def test_drain_waits_for_late_requests(mlp_pair, tmp_path, caplog) -> None:
     # mosquitto 2.0.11 sends at most max_inflight_messages requests of the
     # resumed session, and each further one only after the drain acknowledges
@@ -489,16 +507,7 @@ def test_drain_waits_for_late_requests(mlp_pair, tmp_path, caplog) -> None:
         peer.wait(timeout=10)
         watcher.wait_for(lambda w: w.status.get("w1") == "offline")
         # w1 is the only member of the group, so its session queues them all.
-        inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
-        for index, device in enumerate(devices):
-            request_id = bytes([index]) * 16
-            request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
-            client.publish(
-                f"dslo/{device}/requests",
-                encode_request(request),
-                qos=1,
-                properties=request_properties(f"dslo/{device}/labels", request_id),
-            ).wait_for_publish(timeout=10)
+        publish_requests(client, devices)
 
         # A batch that takes longer than DRAIN_IDLE_S, as on a loaded CPU,
         # acknowledges each request more than DRAIN_IDLE_S after it arrived.
@@ -539,3 +548,63 @@ def test_drain_waits_for_late_requests(mlp_pair, tmp_path, caplog) -> None:
     ]
     assert sorted(replies) == [f"dslo/{device}/labels" for device in devices]
     assert set(replies.values()) == {"ok"}
+
+
+def test_drain_serves_requests_dead_peer_claimed(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+    devices = ["kitchen", "garage"]
+    peer = start_worker(config, "w1", tmp_path / "w1.log")
+    watcher = HubWatcher(mosquitto.port)
+    client, received = subscribed_client(mosquitto.port, "dslo/+/labels")
+    worker = None
+    caplog.set_level(logging.INFO)
+    try:
+        wait_online(watcher, ["w1"])
+        peer.send_signal(signal.SIGKILL)
+        peer.wait(timeout=10)
+        watcher.wait_for(lambda w: w.status.get("w1") == "offline")
+        request_ids = publish_requests(client, devices)
+        # As if w1 had admitted the kitchen request and died while labelling it.
+        peer_config = load_hub_config(config, "w1")
+        peer_state = HubState(peer_config.state_file, "w1")
+        claims = peer_state.admit(
+            [RequestKey("kitchen", request_ids[0], 2)],
+            time.time(),
+            peer_config.rate,
+            None,
+            peer_config.requests.claim_timeout_s,
+        )
+        peer_state.close()
+
+        worker = HubWorker(load_hub_config(config, "w2"))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not drain_messages(caplog) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        replies = {}
+        while len(replies) < len(devices):
+            try:
+                reply = received.get(timeout=5.0)
+            except queue.Empty:
+                break
+            replies[reply.topic] = user_properties(reply.properties)["status"]
+        counters = worker.counters
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait(timeout=10)
+        if worker is not None:
+            worker.stop()
+        client.disconnect()
+        client.loop_stop()
+        watcher.close()
+
+    assert [claim.kind for claim in claims] == [ADMITTED]
+    assert drain_messages(caplog) == [
+        "Hub worker w2 drained the session of w1: 2 requests received again"
+    ]
+    assert replies == {"dslo/kitchen/labels": "ok", "dslo/garage/labels": "ok"}
+    assert counters["in_progress"] == 0
+    assert counters["answered"] == 2
