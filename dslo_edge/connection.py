@@ -90,12 +90,23 @@ def describe_refusal(reason: Any, settings: MqttSettings) -> str:
 
 
 def configure_auth(client: mqtt.Client, settings: MqttSettings) -> None:
-    """Set the user name and the password read from ``settings.password_file``."""
+    """Set the user name and the password read from ``settings.password_file``.
+
+    Raises:
+        ConfigError: the password file cannot be read as UTF-8 text.
+    """
     if not settings.username:
         return
     password = None
     if settings.password_file is not None:
-        password = read_password(settings.password_file)
+        try:
+            password = read_password(settings.password_file)
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(
+                f"cannot read mqtt.password_file {settings.password_file}: {error}; "
+                "expected a UTF-8 text file that the service's user can read, "
+                "with the password on its first line"
+            ) from error
     client.username_pw_set(settings.username, password)
 
 

@@ -582,6 +582,25 @@ def test_empty_password_line_is_rejected(tmp_path: Path, text: str) -> None:
     )
 
 
+def test_binary_password_file_exits_78(mlp_pair, tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_bytes(b"\xea\x00\xff not text\n")
+    mqtt = {"username": "dev-a", "password_file": "password"}
+    path = write(tmp_path, mlp_pair.bundle, {"mqtt": mqtt})
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(
+        f"error: cannot read mqtt.password_file {password}: 'utf-8' codec "
+    )
+    assert result.stderr.endswith(
+        "expected a UTF-8 text file that the service's user can read, with the "
+        "password on its first line\n"
+    )
+
+
 def test_log_file_under_file_exits_78(tmp_path: Path) -> None:
     blocker = tmp_path / "logs"
     blocker.write_text("a file where the log folder should be\n")
