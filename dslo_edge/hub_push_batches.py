@@ -66,6 +66,9 @@ class DevicePush:
     # Samples of the updates that the broker acknowledged to a stopped worker
     # before this run resumed the device's push.
     earlier_samples: int = 0
+    # True when the worker began to stop before the device's last batch. The
+    # device's push then stays open, so the run that resumes sends the rest.
+    stopped: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ class BatchPublisher:
         batches that the broker did not acknowledge, then the batches never
         charged. Sets ``sent.cut_short`` when the device's budget ran out
         before the last batch, or when the stored batches came from another
-        teacher or data file.
+        teacher or data file. Sets ``sent.stopped`` when the worker began to
+        stop before the last batch.
         """
         topic = Topics.for_device(device, self.config.prefix).updates
         key = self._key(device)
@@ -177,6 +181,9 @@ class BatchPublisher:
             first = stored[-1].end_sample
         starts = range(first, len(samples.x), schedule.batch_size)
         for index, start in enumerate(starts, start=len(stored)):
+            if self._stopping.is_set():
+                sent.stopped = True
+                return
             stop = min(start + schedule.batch_size, len(samples.x))
             batch = self._new_batch(schedule, samples, labelled, (start, stop), index)
             payload = batch.payload if key is None else sign(key, topic, batch.payload)

@@ -350,9 +350,11 @@ class PushScheduler(BatchPublisher, threading.Thread):
             reached += sent.samples + sent.earlier_samples > 0
             if sent.samples + sent.earlier_samples == 0:
                 self.skipped_devices += 1
-            elif failed or sent.cut_short:
+            elif failed or sent.cut_short or sent.stopped:
                 self.cut_short_devices += 1
-            if failed and self._stopping.is_set():
+            if sent.stopped and not failed:
+                self._log_stopped(schedule, device, sent)
+            if sent.stopped or (failed and self._stopping.is_set()):
                 # The device's charged batches stay stored, so the run that
                 # resumes publishes those not acknowledged and the rest.
                 stopped = True
@@ -475,6 +477,17 @@ class PushScheduler(BatchPublisher, threading.Thread):
             model = current.new_model(self.config.teacher.runtime)
             self._model = (current.identity, model)
         return self._model[1]
+
+    def _log_stopped(
+        self, schedule: PushSchedule, device: str, sent: DevicePush
+    ) -> None:
+        logger.info(
+            "Push %s to device %s stops with %s acknowledged by the broker, "
+            "because the worker is stopping; the run that resumes it sends the rest",
+            schedule.name,
+            device,
+            counted(sent.samples + sent.earlier_samples, "sample"),
+        )
 
     def _log_failed(
         self, schedule: PushSchedule, device: str, error: Exception

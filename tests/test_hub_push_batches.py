@@ -448,3 +448,54 @@ def test_refunded_update_not_published_again(mlp_pair, mosquitto, tmp_path) -> N
     # Each update porch received is charged: none goes out after its refund.
     assert received == [16]
     assert charged == {8.0: sum(received)}
+
+
+def test_terminated_mid_device_push_stops_promptly(
+    mlp_pair, mosquitto, tmp_path
+) -> None:
+    folder = tmp_path / "hub"
+    # One sample per update, so kitchen's push takes far longer than the stop.
+    total = 10000
+    x = np.random.default_rng(1).random((total, 64), dtype=np.float32)
+    config = nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, x)
+    config.write_text(config.read_text().replace("batch_size = 16", "batch_size = 1"))
+    state_file = folder / "state.sqlite"
+    client, received = device_updates(mosquitto.port, "kitchen")
+    logs = [tmp_path / "w1-first.log", tmp_path / "w1-second.log"]
+    try:
+        first = start_worker(config, "w1", logs[0])
+        try:
+            wait_for_updates(received, 1, timeout_s=30)
+            stop_sent = time.monotonic()
+            first.send_signal(signal.SIGTERM)
+            first.wait(30)
+            stop_seconds = time.monotonic() - stop_sent
+        finally:
+            if first.poll() is None:
+                stop(first, signal.SIGKILL)
+        stored_at_stop = len(stored_rows(state_file, "kitchen"))
+
+        second = start_worker(config, "w1", logs[1])
+        try:
+            wait_for_updates(received, total, timeout_s=120)
+            resumed_log = wait_for_log(logs[1], "Push nightly sent", second)
+            time.sleep(0.5)
+        finally:
+            stop(second, signal.SIGTERM)
+        updates = drain_updates(received, folder / "keys", "kitchen")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+    first_log = logs[0].read_text()
+    message_ids = {message_id for message_id, _, _ in updates}
+    # The worker stops after the batch under way, well before kitchen's push
+    # ends and before the scheduler thread's 10 s join timeout.
+    assert stop_seconds < 8.0
+    assert 0 < stored_at_stop < total
+    assert "closed database" not in first_log
+    assert "Push nightly to device kitchen stops with" in first_log
+    assert "Push nightly resumes device kitchen after batch" in resumed_log
+    # Each sample reached kitchen once, by message id.
+    assert len(message_ids) == total
+    assert stored_rows(state_file, "kitchen") == []
