@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import string
@@ -28,17 +29,32 @@ ENVELOPE_VERSION = 1
 TAG_BYTES = 32
 HEADER_BYTES = len(SIGNED_MAGIC) + 1 + TAG_BYTES
 MIN_KEY_BYTES = 16
+KEYGEN_KEY_BYTES = 32
+# Share of hex digits among a key file's non-whitespace characters from which
+# the file is read as hex text and must decode.
+HEX_TEXT_SHARE = 0.9
 UNEXPECTED_SIGNATURE = "unexpected_signature"
 _HEX_TEXT = frozenset(string.hexdigits + string.whitespace)
+_NEW_KEY_FIX = (
+    "make a new key with 'dslo-edge keygen KEYFILE' and copy it to both the "
+    "device (security.hmac_key_file) and the hub (keys_dir/DEVICE.key)"
+)
+
+logger = logging.getLogger(__name__)
 
 
 def load_key(path: Path) -> bytes:
     """Read a key file: hex text (as ``generate_key_file`` writes) or raw bytes.
 
+    A file whose characters, apart from whitespace, are at least 90% hex
+    digits is read as hex text and must decode as hex, so that a damaged hex
+    key is rejected rather than taken as a raw key. A key of 16 to 31 bytes
+    is used with a warning, because ``keygen`` writes 32 and a shorter one may
+    be a hex key cut short.
+
     Raises:
         ConfigError: the file is unreadable, contains fewer than 16 key
-            bytes, or contains only hex digits and whitespace that do not
-            decode as hex.
+            bytes, or is hex text that does not decode as hex.
     """
     try:
         data = path.read_bytes().strip()
@@ -48,14 +64,24 @@ def load_key(path: Path) -> bytes:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         text = ""
-    if text and all(c in _HEX_TEXT for c in text):
+    if _is_hex_text(text):
         key = _key_from_hex(path, text)
     else:
         key = data
     if len(key) < MIN_KEY_BYTES:
         raise ConfigError(
             f"HMAC key in {path} has {len(key)} bytes, expected at least "
-            f"{MIN_KEY_BYTES}; create one with 'dslo-edge keygen'"
+            f"{MIN_KEY_BYTES}; {_NEW_KEY_FIX}"
+        )
+    if len(key) < KEYGEN_KEY_BYTES:
+        logger.warning(
+            "HMAC key in %s has %d bytes, fewer than the %d that 'dslo-edge "
+            "keygen' writes, so it may be cut short; if updates are rejected "
+            "as bad_signature, %s",
+            path,
+            len(key),
+            KEYGEN_KEY_BYTES,
+            _NEW_KEY_FIX,
         )
     return key
 
@@ -69,12 +95,33 @@ def key_file_present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def _key_from_hex(path: Path, text: str) -> bytes:
-    """Decode a key file that contains only hex digits and whitespace.
+def _is_hex_text(text: str) -> bool:
+    """Return whether ``text`` is meant as hex: 90% or more hex digits.
 
-    Such a file is hex text, not raw bytes. Read as raw bytes, a hex key cut
-    short by one digit would sign with another key, which every device rejects.
+    Of a random raw key's bytes about 9% are hex digits (22 of 256), and a
+    passphrase usually has well under 90%, so neither is taken as hex.
     """
+    characters = [c for c in text if c not in string.whitespace]
+    if not characters:
+        return False
+    digits = sum(c in string.hexdigits for c in characters)
+    return digits >= HEX_TEXT_SHARE * len(characters)
+
+
+def _key_from_hex(path: Path, text: str) -> bytes:
+    """Decode a key file that ``_is_hex_text`` takes as hex text.
+
+    Read as raw bytes, a hex key with one damaged or missing digit would sign
+    with another key, which every device rejects as bad_signature.
+    """
+    for position, character in enumerate(text, start=1):
+        if character not in _HEX_TEXT:
+            raise ConfigError(
+                f"HMAC key file {path} looks like hex text, but character "
+                f"{position} is {character!r}, which is not a hex digit, so the "
+                f"key is damaged; expected {2 * KEYGEN_KEY_BYTES} hex digits as "
+                f"'dslo-edge keygen' writes them, so {_NEW_KEY_FIX}"
+            )
     try:
         return bytes.fromhex(text)
     except ValueError:
@@ -83,7 +130,7 @@ def _key_from_hex(path: Path, text: str) -> bytes:
             f"HMAC key file {path} contains hex text that does not decode "
             f"({digits} hex digits; expected an even number, with no space "
             "inside a pair), so the key may be cut short; copy the whole file "
-            "that 'dslo-edge keygen' wrote"
+            f"that 'dslo-edge keygen' wrote, or {_NEW_KEY_FIX}"
         ) from None
 
 
@@ -91,7 +138,7 @@ def generate_key_file(path: Path) -> None:
     """Write a new random 32-byte key as hex, readable by the owner only."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as stream:
-        stream.write(secrets.token_hex(32) + "\n")
+        stream.write(secrets.token_hex(KEYGEN_KEY_BYTES) + "\n")
 
 
 def _tag(key: bytes, topic: str, body: bytes) -> bytes:

@@ -523,6 +523,24 @@ def test_odd_hex_key_names_config_key(tmp_path: Path) -> None:
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_damaged_hex_key_names_config_key(tmp_path: Path) -> None:
+    key_file = tmp_path / "device.key"
+    key_file.write_text("g" + "a" * 63 + "\n")
+    bundle = write_bundle(tmp_path / "bundle")
+    path = write(tmp_path, bundle, {"security": {"hmac_key_file": "device.key"}})
+
+    result = run_cli("run", "--config", str(path))
+
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.startswith(
+        f"error: {path}: security.hmac_key_file = {str(key_file)!r}: "
+        f"HMAC key file {key_file} looks like hex text, but character 1 is 'g', "
+        "which is not a hex digit, so the key is damaged; expected 64 hex digits"
+    )
+    assert "make a new key with 'dslo-edge keygen KEYFILE'" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_boolean_values_are_shown_as_toml(tmp_path: Path) -> None:
     _, port_message = config_error(tmp_path, {"mqtt": {"port": True}})
     _, requests_message = config_error(

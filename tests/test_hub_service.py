@@ -1363,11 +1363,31 @@ def test_top_k_not_below_class_count_stops_start(mlp_pair, tmp_path) -> None:
     )
 
 
-def test_cut_short_hex_key_rejects_request(mlp_pair, mosquitto, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (
+            lambda text: text[:-1],
+            "contains hex text that does not decode (63 hex digits; expected an "
+            "even number, with no space inside a pair), so the key may be cut "
+            "short; copy the whole file that 'dslo-edge keygen' wrote, or ",
+        ),
+        (
+            lambda text: "g" + text[1:],
+            "looks like hex text, but character 1 is 'g', which is not a hex "
+            "digit, so the key is damaged; expected 64 hex digits as 'dslo-edge "
+            "keygen' writes them, so ",
+        ),
+    ],
+    ids=["cut short", "damaged"],
+)
+def test_bad_hex_key_rejects_request(
+    mlp_pair, mosquitto, tmp_path, damage, problem: str
+) -> None:
     folder = tmp_path / "hub"
     keys = write_keys(folder)
     hex_key = (keys / "porch.key").read_text().strip()
-    (keys / "porch.key").write_text(hex_key[:-1] + "\n")
+    (keys / "porch.key").write_text(damage(hex_key) + "\n")
     extra = {"hub": 'keys_dir = "keys"'}
     config = write_hub_config(folder, mosquitto.port, mlp_pair.bundle, extra)
     worker = HubWorker(load_hub_config(config, "w1"))
@@ -1385,9 +1405,9 @@ def test_cut_short_hex_key_rejects_request(mlp_pair, mosquitto, tmp_path) -> Non
     assert user_properties(reply.properties)["status"] == "rejected"
     assert reply.payload.decode() == (
         "the hub cannot use the device's HMAC key: HMAC key file "
-        f"{keys / 'porch.key'} contains hex text that does not decode (63 hex "
-        "digits; expected an even number, with no space inside a pair), so the "
-        "key may be cut short; copy the whole file that 'dslo-edge keygen' wrote"
+        f"{keys / 'porch.key'} {problem}make a new key with 'dslo-edge keygen "
+        "KEYFILE' and copy it to both the device (security.hmac_key_file) and "
+        "the hub (keys_dir/DEVICE.key)"
     )
     assert counters["rejected"] == 1
     assert counters["answered"] == 0
