@@ -242,6 +242,9 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self.health = self._new_health_guard()
         self.metrics = DaemonMetrics()
         self.requester = None
+        # Latency of each admitted labels response by its request id, until
+        # its labels are applied and the requester counts it as answered.
+        self._response_latencies: dict[bytes, float] = {}
         self._check_requests_fit(self.bundle)
         if config.requests.enabled:
             self.requester = make_requester(
@@ -818,7 +821,8 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         try:
             self._apply_all(updates)
         except Exception:  # one bad update must not stop the trainer
-            for _ in updates:
+            for update in updates:
+                self._response_latencies.pop(update.message_id, None)
                 self.metrics.record_rejected(TRAIN_ERROR)
             logger.exception(
                 "Device %s failed to apply %d updates", self.device_id, len(updates)
@@ -930,6 +934,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             self.config.training,
             dropped_ids=self.dropped_ids,
         )
+        self._response_latencies[update.message_id] = item.response.latency_s
         return update
 
     def _reject(self, error: InvalidUpdate) -> None:
@@ -971,6 +976,11 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             self._unsaved += 1
             self._unsaved_ids.append(update.message_id)
             self._since_probe += 1
+            # Counted before record_applied, so a report that counts this
+            # update as applied also counts its response as answered.
+            latency_s = self._response_latencies.pop(update.message_id, None)
+            if latency_s is not None and self.requester is not None:
+                self.requester.record_answered(latency_s)
             self.metrics.record_applied(
                 result.samples,
                 result.loss,

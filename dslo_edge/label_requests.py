@@ -205,6 +205,9 @@ class RequestCounters:
 
     sent: int = 0
     resent: int = 0
+    # Responses whose labels the device applied. An ok response that the
+    # device rejects, such as one with a bad signature, is not counted here
+    # but in the metrics report's rejected counts, under its reason.
     answered: int = 0
     rate_limited: int = 0
     budget_exhausted: int = 0
@@ -212,7 +215,7 @@ class RequestCounters:
     timed_out: int = 0
     duplicates: int = 0
     unexpected: int = 0
-    # Seconds from first send to response of the latest labelled requests.
+    # Seconds from first send to response of the latest answered requests.
     latencies_s: deque[float] = field(
         default_factory=lambda: deque(maxlen=LATENCY_WINDOW)
     )
@@ -398,7 +401,7 @@ class LabelRequester:
             now = self._clock()
             self._finish(pending.request.request_id)
             latency = now - pending.first_sent
-            self._count(status, properties, now, latency)
+            self._count(status, properties, now)
             blocked_s = max(0.0, self._blocked_until - now)
         if status != STATUS_OK:
             self._log_rejection(status, pending.request, payload, blocked_s)
@@ -450,13 +453,23 @@ class LabelRequester:
             (status, VARIABLE_PART.sub("#", text))
         )
 
-    def _count(
-        self, status: str, properties: dict[str, str], now: float, latency: float
-    ) -> None:
-        if status == STATUS_OK:
+    def record_answered(self, latency_s: float) -> None:
+        """Count an ok response whose labels the device applied.
+
+        Args:
+            latency_s: the response's ``latency_s``, seconds from the first
+                send of its request.
+        """
+        with self._lock:
             self.counters.answered += 1
-            self.counters.latencies_s.append(latency)
-        elif status == STATUS_RATE_LIMITED:
+            self.counters.latencies_s.append(latency_s)
+
+    def _count(self, status: str, properties: dict[str, str], now: float) -> None:
+        # An ok response is counted by ``record_answered`` once its labels
+        # are applied, because verification or validation may still reject it.
+        if status == STATUS_OK:
+            return
+        if status == STATUS_RATE_LIMITED:
             self.counters.rate_limited += 1
             self._blocked_until = max(
                 self._blocked_until, now + _retry_after(properties)

@@ -215,6 +215,7 @@ class SimulatedDevice:
             self.tally.rejected[error.reason] += 1
             return
         self.trainer.apply(update)
+        self.requester.record_answered(response.latency_s)
         self.tally.applied[response.request.request_id] += 1
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
 from dslo_edge.inference import encode_inputs, inference_topics
 from dslo_edge.protocol import Topics
+from dslo_edge.signing import generate_key_file
 from tests.hub_fleet import write_hub_config
 
 DEVICE = "asking-device"
@@ -61,13 +62,16 @@ class LocalApp:
         self.client.disconnect()
 
 
-def start_daemon(tmp_path, bundle, port, requests: dict) -> EdgeDaemon:
+def start_daemon(
+    tmp_path, bundle, port, requests: dict, security: dict | None = None
+) -> EdgeDaemon:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "device.toml"
+    overrides = {"requests": requests}
+    if security is not None:
+        overrides["security"] = security
     path.write_text(
-        render_config(
-            DEVICE, bundle, tmp_path / "state", port, overrides={"requests": requests}
-        )
+        render_config(DEVICE, bundle, tmp_path / "state", port, overrides=overrides)
     )
     daemon = EdgeDaemon(load_config(path))
     daemon.start()
@@ -272,6 +276,47 @@ def test_unsure_inputs_get_labels_from_the_hub(mlp_pair, mosquitto, tmp_path) ->
     assert requests["latency_ms_p50"] > 0
     assert report["samples_applied"] == 4
     assert report["applied_total"] == 1
+
+
+def test_rejected_labels_are_not_answered(mlp_pair, mosquitto, tmp_path) -> None:
+    # The hub signs with another key than the device's, so the device rejects
+    # the labels as bad_signature.
+    device_key = tmp_path / "device.key"
+    generate_key_file(device_key)
+    keys = tmp_path / "hub" / "keys"
+    keys.mkdir(parents=True)
+    generate_key_file(keys / f"{DEVICE}.key")
+    teacher = tmp_path / "teacher.tflite"
+    shutil.copy(load_bundle(mlp_pair.bundle).teacher_path, teacher)
+    extra = {"teacher": 'output_kind = "probabilities"', "hub": 'keys_dir = "keys"'}
+    hub_config = write_hub_config(tmp_path / "hub", mosquitto.port, teacher, extra)
+    worker = HubWorker(load_hub_config(hub_config, "w1"))
+    worker.start()
+    daemon = start_daemon(
+        tmp_path / "device",
+        mlp_pair.bundle,
+        mosquitto.port,
+        {"enabled": True, "max_confidence": 1.0, "max_samples": 4},
+        security={"hmac_key_file": str(device_key)},
+    )
+    app = LocalApp(mosquitto.port)
+    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+    try:
+        app.ask(encode_inputs(x))
+        wait_until(lambda: daemon.status_report()["rejected"])
+        report = daemon.status_report()
+    finally:
+        app.close()
+        daemon.stop()
+        worker.stop()
+
+    assert report["rejected"] == {"bad_signature": 1}
+    requests = report["label_requests"]
+    assert requests["sent"] == 1
+    assert requests["answered"] == 0
+    assert requests["rejected"] == 0
+    assert "latency_ms_p50" not in requests
+    assert report["applied_total"] == 0
 
 
 def test_requests_skip_unusable_sample_ids(

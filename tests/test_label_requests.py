@@ -157,9 +157,25 @@ def test_first_response_finishes_request() -> None:
     assert second.kind == DUPLICATE
     assert stray.kind == UNEXPECTED
     assert requester.pending == 0
-    assert requester.counters.answered == 1
+    assert requester.counters.answered == 0
     assert requester.counters.duplicates == 1
     assert requester.counters.unexpected == 1
+
+
+def test_ok_response_answered_once_applied() -> None:
+    clock = FakeClock()
+    requester = LabelRequester("cam", clock=clock)
+    pending = requester.open(["a"], np.zeros((1, 4), np.float32))
+    clock.now += 2.5
+    response = requester.match(message(pending.request.request_id, "ok", b"labels"))
+
+    assert requester.counters.answered == 0
+    assert list(requester.counters.latencies_s) == []
+
+    requester.record_answered(response.latency_s)
+
+    assert requester.counters.answered == 1
+    assert list(requester.counters.latencies_s) == [2.5]
 
 
 def test_unanswered_request_is_resent_then_given_up() -> None:
