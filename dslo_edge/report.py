@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -28,6 +29,17 @@ LATENCY_FIELDS = (
 DEFAULT_LOG_MAX_BYTES = 8 * 1024 * 1024
 # Keys present in every metrics report the daemon publishes.
 REPORT_KEYS = frozenset({"device"})
+# Top-level fields that the daemon writes as finite numbers, and those that it
+# writes as a number (NaN for a diverged loss) or null. A line with another
+# value in one of them is not from the daemon and is skipped.
+FINITE_FIELDS = ("timestamp", "applied", "samples_applied", "processed")
+NUMBER_OR_NULL_FIELDS = (
+    "last_processed_at",
+    "loss",
+    "mean_alpha",
+    "peak_rss_mb",
+    "probe_accuracy",
+)
 
 
 def append_metrics(
@@ -51,7 +63,9 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
     A daemon killed mid-write leaves a torn last line, so unreadable lines are
     counted and logged instead of failing the report. A line counts as a
     report when it is a JSON object with the ``device`` key that every
-    published report has. Zero bytes at the start of a line are ignored.
+    published report has, and with the value types that the daemon writes
+    in ``FINITE_FIELDS`` and ``NUMBER_OR_NULL_FIELDS``. Zero bytes at the
+    start of a line are ignored.
 
     Raises:
         ConfigError: the file cannot be read or contains no report at all,
@@ -65,7 +79,8 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
     records = []
     skipped = 0
     not_text = 0
-    for raw in lines:
+    invalid: list[tuple[int, str]] = []
+    for number, raw in enumerate(lines, start=1):
         # A power cut can leave zeros where the last lines before it were,
         # and the daemon appends its next report right after them.
         raw = raw.lstrip(b"\0")
@@ -79,10 +94,14 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             skipped += 1
             continue
-        if isinstance(record, dict) and REPORT_KEYS <= record.keys():
+        if not isinstance(record, dict) or not REPORT_KEYS <= record.keys():
+            skipped += 1
+            continue
+        problem = _invalid_value(record)
+        if problem is None:
             records.append(record)
         else:
-            skipped += 1
+            invalid.append((number, problem))
     if not records and not_text:
         raise ConfigError(
             f"metrics log {source} is not a text metrics log: {not_text} of its "
@@ -102,12 +121,38 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
             "key" if len(REPORT_KEYS) == 1 else "keys",
             ", ".join(sorted(REPORT_KEYS)),
         )
+    if invalid:
+        first_line, first_problem = invalid[0]
+        logger.warning(
+            "Skipped %d %s in %s with an invalid value, first line %d: %s",
+            len(invalid),
+            "line" if len(invalid) == 1 else "lines",
+            source,
+            first_line,
+            first_problem,
+        )
     if not records:
         raise ConfigError(
             f"metrics log {source} has no metrics reports; expected one JSON "
             "object per line as published on dslo/<device>/metrics"
         )
     return records
+
+
+def _invalid_value(record: dict[str, Any]) -> str | None:
+    """Describe the first field of ``record`` whose value the daemon never writes."""
+    device = record["device"]
+    if not isinstance(device, str):
+        return f"device = {json.dumps(device)}, expected a string"
+    for name in FINITE_FIELDS:
+        value = record.get(name)
+        if name in record and not (_is_number(value) and math.isfinite(value)):
+            return f"{name} = {json.dumps(value)}, expected a finite number"
+    for name in NUMBER_OR_NULL_FIELDS:
+        value = record.get(name)
+        if value is not None and not _is_number(value):
+            return f"{name} = {json.dumps(value)}, expected a number or null"
+    return None
 
 
 def read_metrics_logs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:

@@ -187,6 +187,70 @@ def test_read_skips_line_that_is_not_utf8(tmp_path: Path, caplog) -> None:
     assert f"Skipped 1 line in {log} that is not a metrics report" in caplog.text
 
 
+INVALID_VALUES = {
+    "timestamp is text": (
+        {"device": "x", "timestamp": "abc", "applied": "zz"},
+        'timestamp = "abc", expected a finite number',
+    ),
+    "applied is text": ({"device": "x", "applied": "zz"}, 'applied = "zz"'),
+    "applied is true": ({"device": "x", "applied": True}, "applied = true"),
+    "timestamp is NaN": ({"device": "x", "timestamp": math.nan}, "timestamp = NaN"),
+    "device is a number": ({"device": 7}, "device = 7, expected a string"),
+    "loss is text": (
+        {"device": "x", "loss": "0.5"},
+        'loss = "0.5", expected a number or null',
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"), INVALID_VALUES.values(), ids=INVALID_VALUES
+)
+def test_read_skips_invalid_values(
+    tmp_path: Path, caplog, fields: dict, problem: str
+) -> None:
+    log = tmp_path / "metrics.jsonl"
+    append_metrics(log, {"device": "x", "timestamp": 1.0, "applied": 1})
+    append_metrics(log, fields)
+    append_metrics(log, fields)
+    append_metrics(log, {"device": "x", "timestamp": 2.0, "applied": 2})
+
+    with caplog.at_level("WARNING", logger="dslo_edge.report"):
+        records = read_metrics_log(log)
+
+    assert [r["applied"] for r in records] == [1, 2]
+    assert f"Skipped 2 lines in {log} with an invalid value, first line 2: " in (
+        caplog.text
+    )
+    assert problem in caplog.text
+
+
+def test_read_keeps_null_and_nan_loss(tmp_path: Path, caplog) -> None:
+    log = tmp_path / "metrics.jsonl"
+    append_metrics(log, {"device": "x", "timestamp": 1.0, "loss": None})
+    append_metrics(log, {"device": "x", "timestamp": 2.0, "loss": math.nan})
+
+    with caplog.at_level("WARNING", logger="dslo_edge.report"):
+        records = read_metrics_log(log)
+
+    assert [r["timestamp"] for r in records] == [1.0, 2.0]
+    assert caplog.text == ""
+
+
+def test_report_command_skips_invalid_line(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"device":"x","timestamp":"abc","applied":"zz"}\n')
+    out = tmp_path / "plots"
+
+    result = CliRunner().invoke(
+        main, ["report", "--metrics", str(log), "--out", str(out)]
+    )
+
+    assert result.exit_code == 78, result.output
+    assert f"error: metrics log {log} has no metrics reports" in result.output
+    assert not out.exists()
+
+
 def test_series_reads_nested_fields() -> None:
     records: list[dict[str, Any]] = [
         {"timestamp": 100.0, "teacher": {"mean_entropy": 0.9}},
