@@ -364,7 +364,7 @@ def script_paths(script: str) -> tuple[PurePosixPath, ...]:
         interpreter = shutil.which(words[1]) or ""
     if interpreter.startswith("/"):
         found += [interpreter, os.path.realpath(interpreter)]
-    return tuple(PurePosixPath(item) for item in dict.fromkeys(found))
+    return tuple(dict.fromkeys(PurePosixPath(item) for item in found))
 
 
 def _protect_home_lines(*paths: PurePosixPath) -> str:
@@ -373,10 +373,12 @@ def _protect_home_lines(*paths: PurePosixPath) -> str:
     ``yes`` hides the home directories from the service. When the script,
     config or state directory lies inside one, the unit uses ``read-only``.
     ``ReadWritePaths=`` still lets the service write its state directory.
+    The comment lists each path once, although the executable is usually
+    also among ``script_paths``.
     """
     inside = [
         str(path)
-        for path in paths
+        for path in dict.fromkeys(paths)
         if any(path.is_relative_to(home) for home in HOME_DIRECTORIES)
     ]
     if not inside:

@@ -668,6 +668,33 @@ def test_service_install_reads_script_interpreter(tmp_path) -> None:
     assert f"ExecStart={script} run --config /etc/dslo-edge/device.toml" in lines
 
 
+def test_home_paths_comment_lists_each_once() -> None:
+    script = PurePosixPath("/home/pi/.local/bin/dslo-edge")
+    python = PurePosixPath("/home/pi/.local/bin/python3")
+    # The executable again, as script_paths resolves it, and one path twice.
+    read_paths = (script, python, python)
+
+    for render in (render_unit, render_hub_unit):
+        lines = render(exec_path=script, read_paths=read_paths).splitlines()
+
+        assert f"# {script} {python}" in lines
+        assert "ProtectHome=read-only" in lines
+
+
+def test_hub_print_unit_lists_interpreter_once(tmp_path) -> None:
+    script = tmp_path / "bin" / "dslo-edge"
+    script.parent.mkdir()
+    # Two spellings of one path: the shebang's, and its resolved form.
+    script.write_text("#!/home/pi/.local//bin/python3\nprint('dslo-edge')\n")
+
+    result = CliRunner().invoke(main, ["hub", "--print-unit", "--exec", str(script)])
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "# /home/pi/.local/bin/python3" in lines
+    assert "ProtectHome=read-only" in lines
+
+
 def test_service_install_warns_exec_in_tmp(tmp_path) -> None:
     result = CliRunner().invoke(
         main,
