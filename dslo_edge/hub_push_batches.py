@@ -4,9 +4,10 @@
 signs it when the device has a key, and publishes it. For a device whose
 push a stopped worker left, it first publishes again, unchanged, the stored
 batches that the broker did not acknowledge (signed again if the device's
-key changed). It then waits for the broker's
-PUBACKs and takes back the privacy charge of updates that the broker dropped
-or rejected.
+key changed). While it publishes, it marks the stored batches whose PUBACK
+arrived as acknowledged, as ``hub_push_window`` describes. It then waits for
+the remaining PUBACKs and takes back the privacy charge of updates that the
+broker dropped or rejected.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from paho.mqtt.properties import Properties
 
 from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.hub import (
-    FIRST_FAILURE_CODE,
     NO_MATCHING_SUBSCRIBERS,
     NOT_AUTHORIZED,
     SampleSet,
@@ -33,6 +33,12 @@ from dslo_edge.hub import (
 )
 from dslo_edge.hub_config import HubConfig, PushSchedule
 from dslo_edge.hub_push_state import StoredBatch
+from dslo_edge.hub_push_window import (
+    PUBLISH_WINDOW,
+    Published,
+    PublishWindow,
+    is_delivered,
+)
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherVersion
 from dslo_edge.privacy import privatise
@@ -81,18 +87,6 @@ class Labelled:
     source: str
 
 
-@dataclass(frozen=True)
-class _Published:
-    """One update published to a device, and its batch index in the push."""
-
-    info: mqtt.MQTTMessageInfo
-    samples: int
-    batch: int
-    # A stored update published again, which the device may have received at
-    # the first publish, so its charge is never taken back.
-    republished: bool = False
-
-
 class BatchPublisher:
     """The device pushes of ``PushScheduler``, which sets these attributes."""
 
@@ -125,18 +119,20 @@ class BatchPublisher:
             BrokerError: the broker did not acknowledge an update in time, or
                 dropped one because no client subscribes to the device's topic.
         """
-        published: list[_Published] = []
         # Only PUBACKs numbered after this one can acknowledge this device's updates.
         since = self._pubacks.sequence
+        window = PublishWindow(self._pubacks, since, PUBLISH_WINDOW)
+        published = window.published
         try:
-            self._publish_batches(schedule, device, samples, labelled, published, sent)
+            self._publish_batches(schedule, device, samples, labelled, window, sent)
         except Exception:
+            self._mark_acknowledged(schedule, device, window.take_acknowledged())
             dropped = self._record_delivered(schedule, device, published, since, sent)
             if dropped:
                 logger.error("Push %s to device %s: %s", schedule.name, device, dropped)
             raise
         problems = [
-            self._wait_for_acknowledgements(schedule, device, published, since),
+            self._wait_for_acknowledgements(schedule, device, window),
             self._record_delivered(schedule, device, published, since, sent),
         ]
         if any(problems):
@@ -150,17 +146,22 @@ class BatchPublisher:
         device: str,
         samples: SampleSet,
         labelled: Labelled,
-        published: list[_Published],
+        window: PublishWindow,
         sent: DevicePush,
     ) -> None:
-        """Publish each batch, appending it to ``published``.
+        """Publish each batch, appending it to ``window.published``.
 
         A device whose push a stopped worker left gets again the stored
         batches that the broker did not acknowledge, then the batches never
-        charged. Sets ``sent.cut_short`` when the device's budget ran out
-        before the last batch, or when the stored batches came from another
-        teacher or data file. Sets ``sent.stopped`` when the worker began to
-        stop before the last batch.
+        charged. Each new batch waits for room in ``window``, and its charge
+        marks the batches acknowledged since the batch before. Sets
+        ``sent.cut_short`` when the device's budget ran out before the last
+        batch, or when the stored batches came from another teacher or data
+        file. Sets ``sent.stopped`` when the worker began to stop before the
+        last batch.
+
+        Raises:
+            BrokerError: the broker did not acknowledge an update in time.
         """
         topic = Topics.for_device(device, self.config.prefix).updates
         key = self._key(device)
@@ -173,7 +174,7 @@ class BatchPublisher:
                 for batch in stored
                 if batch.acknowledged
             )
-            self._republish(schedule, device, (topic, key), stored, published)
+            self._republish(schedule, device, (topic, key), stored, window.published)
             if stored[-1].source != labelled.source:
                 self._log_changed_source(schedule, device, stored[-1])
                 sent.cut_short = True
@@ -181,7 +182,7 @@ class BatchPublisher:
             first = stored[-1].end_sample
         starts = range(first, len(samples.x), schedule.batch_size)
         for index, start in enumerate(starts, start=len(stored)):
-            if self._stopping.is_set():
+            if not self._wait_for_room(window):
                 sent.stopped = True
                 return
             stop = min(start + schedule.batch_size, len(samples.x))
@@ -191,14 +192,34 @@ class BatchPublisher:
             # The charge and the stored payload are on disk before the publish,
             # so a resumed run sends these same bytes and charges nothing more.
             refusal = self.state.store_push_batch(
-                schedule.name, device, batch, self.config.privacy
+                schedule.name,
+                device,
+                batch,
+                self.config.privacy,
+                acknowledged=window.take_acknowledged(),
             )
             if refusal:
                 self._log_spent(device, refusal)
                 sent.cut_short = True
                 return
             info = self._publish(topic, payload, schedule.expiry_s)
-            published.append(_Published(info, stop - start, index))
+            window.published.append(Published(info, stop - start, index))
+
+    def _wait_for_room(self, window: PublishWindow) -> bool:
+        """Wait until ``window`` has room for one more update; return False on a stop.
+
+        Raises:
+            BrokerError: the broker did not acknowledge the oldest update
+                without a PUBACK in time.
+        """
+        if self._stopping.is_set():
+            return False
+        problem = window.wait_for_room(PUBLISH_TIMEOUT_S, self._stopping)
+        if self._stopping.is_set():
+            return False
+        if problem:
+            raise BrokerError(self._describe_unacknowledged(window, problem))
+        return True
 
     def _new_batch(
         self,
@@ -245,7 +266,7 @@ class BatchPublisher:
         device: str,
         destination: tuple[str, bytes | None],
         stored: list[StoredBatch],
-        published: list[_Published],
+        published: list[Published],
     ) -> None:
         """Publish again the stored batches the broker did not acknowledge.
 
@@ -269,7 +290,7 @@ class BatchPublisher:
             # from the first publish, and at least 1 s.
             info = self._publish(topic, payload, schedule.expiry_s - age)
             samples = batch.end_sample - batch.first_sample
-            published.append(_Published(info, samples, batch.batch, republished=True))
+            published.append(Published(info, samples, batch.batch, republished=True))
         self.republished_updates += len(waiting)
         self.stale_republished_updates += stale
         logger.info(
@@ -325,49 +346,48 @@ class BatchPublisher:
         )
 
     def _wait_for_acknowledgements(
-        self,
-        schedule: PushSchedule,
-        device: str,
-        published: list[_Published],
-        since: int,
+        self, schedule: PushSchedule, device: str, window: PublishWindow
     ) -> str:
         """Wait for the broker to acknowledge each update; return "" or what failed.
 
-        Each acknowledged batch is marked so in the state file at once, so a
-        resumed run does not publish it again.
+        The batches acknowledged are marked so in the state file as their
+        PUBACKs arrive, so a resumed run does not publish them again.
         """
-        for entry in published:
-            problem = self._pubacks.wait_for_all(
-                [entry.info], since, PUBLISH_TIMEOUT_S, self._stopping
-            )
-            if problem:
-                break
-            self._mark_acknowledged(schedule, device, entry.batch)
-        else:
+        problem = ""
+        while window.unchecked and not problem:
+            problem = window.wait_for_next(PUBLISH_TIMEOUT_S, self._stopping)
+            self._mark_acknowledged(schedule, device, window.take_acknowledged())
+        if not problem:
             return ""
+        return self._describe_unacknowledged(window, problem)
+
+    def _describe_unacknowledged(self, window: PublishWindow, problem: str) -> str:
         waiting = sum(
-            self._pubacks.reason_code(entry.info.mid, since) is None
-            for entry in published
+            self._pubacks.reason_code(entry.info.mid, window.since) is None
+            for entry in window.published
         )
         return (
-            f"{waiting} of {len(published)} updates were not acknowledged by the "
-            f"broker ({problem}); paho sends the queued ones if the worker "
+            f"{waiting} of {len(window.published)} updates were not acknowledged "
+            f"by the broker ({problem}); paho sends the queued ones if the worker "
             "reconnects before it stops"
         )
 
     def _mark_acknowledged(
-        self, schedule: PushSchedule, device: str, batch: int
+        self, schedule: PushSchedule, device: str, batches: list[int]
     ) -> None:
+        if not batches:
+            return
         try:
-            self.state.acknowledge_push_batch(schedule.name, device, batch)
+            self.state.acknowledge_push_batches(schedule.name, device, batches)
         except sqlite3.Error as error:
-            # Only a resumed run reads the mark. Without it, that run publishes
-            # the batch again with its message id, which the device skips.
+            # Only a resumed run reads the marks. Without them, that run
+            # publishes the batches again with their message ids, which the
+            # device skips.
             logger.warning(
-                "Push %s cannot mark batch %d of device %s as acknowledged in "
+                "Push %s cannot mark %s of device %s as acknowledged in "
                 "hub.state_file %s: %s",
                 schedule.name,
-                batch,
+                counted(len(batches), "batch", "batches"),
                 device,
                 self.state.path,
                 error,
@@ -377,7 +397,7 @@ class BatchPublisher:
         self,
         schedule: PushSchedule,
         device: str,
-        published: list[_Published],
+        published: list[Published],
         since: int,
         sent: DevicePush,
     ) -> str:
@@ -391,15 +411,12 @@ class BatchPublisher:
         # The sample counts of the dropped or rejected updates, per reason code.
         undelivered: dict[int, list[int]] = {}
         # The undelivered updates whose charge goes back.
-        refunded: list[_Published] = []
+        refunded: list[Published] = []
         for entry in published:
             reason_code = self._pubacks.reason_code(entry.info.mid, since)
             if reason_code is None:
                 continue
-            if (
-                reason_code == NO_MATCHING_SUBSCRIBERS
-                or reason_code >= FIRST_FAILURE_CODE
-            ):
+            if not is_delivered(reason_code):
                 undelivered.setdefault(reason_code, []).append(entry.samples)
                 if not entry.republished:
                     refunded.append(entry)
@@ -419,7 +436,7 @@ class BatchPublisher:
         device: str,
         undelivered: dict[int, list[int]],
         published: int,
-        refunded: list[_Published],
+        refunded: list[Published],
     ) -> str:
         """Take back the privacy charge of undelivered updates and describe them.
 

@@ -272,17 +272,25 @@ class PushState(ChargeState):
         device: str,
         batch: StoredBatch,
         privacy: PrivacySettings | None,
+        acknowledged: Sequence[int] = (),
     ) -> str:
         """Charge a push's batch to a device and store it, in one transaction.
 
         Without ``privacy`` the batch is only stored. Nothing is stored when
         the budget does not allow the batch.
 
+        Args:
+            acknowledged: earlier batches of the push that the broker
+                acknowledged, marked so in the same transaction, also when
+                the budget does not allow the batch. This saves the pusher a
+                synced commit of its own for the marks.
+
         Returns:
             "" when charged and stored, else why the budget does not allow it.
         """
         samples = batch.end_sample - batch.first_sample
         with self._transaction() as db:
+            _mark_acknowledged(db, name, device, acknowledged)
             if privacy is not None:
                 key = RequestKey(device, b"", samples)
                 refusal = self._charge_privacy(db, key, privacy)
@@ -305,14 +313,12 @@ class PushState(ChargeState):
             )
             return ""
 
-    def acknowledge_push_batch(self, name: str, device: str, batch: int) -> None:
-        """Record that the broker acknowledged a stored batch of a push."""
+    def acknowledge_push_batches(
+        self, name: str, device: str, batches: Sequence[int]
+    ) -> None:
+        """Record that the broker acknowledged stored batches of a push."""
         with self._transaction() as db:
-            db.execute(
-                "UPDATE push_batches SET acknowledged = 1 "
-                "WHERE name = ? AND device = ? AND batch = ?",
-                (name, device, batch),
-            )
+            _mark_acknowledged(db, name, device, batches)
 
     def refund_push_batches(
         self,
@@ -337,11 +343,7 @@ class PushState(ChargeState):
                 "WHERE device = ? AND multiplier = ?",
                 (count, device, multiplier),
             )
-            db.executemany(
-                "UPDATE push_batches SET acknowledged = 1 "
-                "WHERE name = ? AND device = ? AND batch = ?",
-                [(name, device, batch) for batch in batches],
-            )
+            _mark_acknowledged(db, name, device, batches)
 
     def stored_push_batches(self, name: str, device: str) -> list[StoredBatch]:
         """Return the stored batches of a device's push, by batch index."""
@@ -364,3 +366,13 @@ class PushState(ChargeState):
             )
             for row in rows
         ]
+
+
+def _mark_acknowledged(
+    db: sqlite3.Connection, name: str, device: str, batches: Sequence[int]
+) -> None:
+    db.executemany(
+        "UPDATE push_batches SET acknowledged = 1 "
+        "WHERE name = ? AND device = ? AND batch = ?",
+        [(name, device, batch) for batch in batches],
+    )

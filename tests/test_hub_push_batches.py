@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dslo_edge import hub_push_batches
+from dslo_edge.hub_config import load_hub_config
+from dslo_edge.hub_push_window import PUBLISH_WINDOW
+from dslo_edge.hub_service import HubWorker
 from dslo_edge.hub_state import HubState, StoredBatch, UnfinishedRun
 from dslo_edge.privacy import PrivacySettings
 from dslo_edge.protocol import decode_update
@@ -286,7 +292,7 @@ def test_stored_batch_charged_with_its_row(tmp_path) -> None:
         state.start_device_push("nightly", "porch")
         stored = state.store_push_batch("nightly", "porch", batch(0, 0, 16), SETTINGS)
         refused = state.store_push_batch("nightly", "porch", batch(1, 16, 32), spent)
-        state.acknowledge_push_batch("nightly", "porch", 0)
+        state.acknowledge_push_batches("nightly", "porch", [0])
         rows = state.stored_push_batches("nightly", "porch")
         releases = state.releases("porch")
     finally:
@@ -411,8 +417,10 @@ def test_refunded_update_not_published_again(mlp_pair, mosquitto, tmp_path) -> N
     try:
         first = start_worker(config, "w1", logs[0])
         try:
-            wait_for_rows(state_file, "porch", [(0, 1), (1, 0), (2, 0)], first)
-            # The PUBACK of the third update, numbered after the withheld one.
+            # A dropped update is marked only with its refund, which waits for
+            # the withheld PUBACK, so all three stay unmarked until the stop.
+            wait_for_rows(state_file, "porch", [(0, 0), (1, 0), (2, 0)], first)
+            # The PUBACKs of the first and third updates, which the refund needs.
             time.sleep(1.0)
         finally:
             stop(first, signal.SIGTERM)
@@ -495,3 +503,94 @@ def test_terminated_push_stops_at_next_batch(mlp_pair, mosquitto, tmp_path) -> N
     # Each sample reached kitchen once, by message id.
     assert len(message_ids) == total
     assert stored_rows(state_file, "kitchen") == []
+
+
+RESUME_LINE = re.compile(
+    r"Push nightly resumes device kitchen after batch (\d+): skips (\d+) "
+    r"acknowledged before the stop and publishes (\d+) again unchanged"
+)
+
+
+def test_killed_push_skips_acknowledged_updates(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    # One sample per update, so the kill lands part way through kitchen's push.
+    total = 3000
+    x = np.random.default_rng(2).random((total, 64), dtype=np.float32)
+    config = nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, x)
+    config.write_text(config.read_text().replace("batch_size = 16", "batch_size = 1"))
+    state_file = folder / "state.sqlite"
+    client, received = device_updates(mosquitto.port, "kitchen")
+    logs = [tmp_path / "w1-first.log", tmp_path / "w1-second.log"]
+    try:
+        first = start_worker(config, "w1", logs[0])
+        try:
+            wait_for_updates(received, 500, timeout_s=60)
+        finally:
+            stop(first, signal.SIGKILL)
+        # Updates that the broker took before the kill may still be on the way.
+        time.sleep(0.5)
+        before_kill = drain_updates(received, folder / "keys", "kitchen")
+        delivered_before = len({message_id for message_id, _, _ in before_kill})
+
+        second = start_worker(config, "w1", logs[1])
+        try:
+            wait_for_updates(received, total - delivered_before, timeout_s=120)
+            resumed_log = wait_for_log(logs[1], "Push nightly sent", second)
+            time.sleep(0.5)
+        finally:
+            stop(second, signal.SIGTERM)
+        after_restart = drain_updates(received, folder / "keys", "kitchen")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+    resumed = RESUME_LINE.search(resumed_log)
+    assert resumed is not None, resumed_log
+    last_batch, skipped, republished = (int(group) for group in resumed.groups())
+    receipts = Counter(
+        message_id for message_id, _, _ in [*before_kill, *after_restart]
+    )
+    # Kitchen subscribes, so the broker drops none of its updates. Then at most
+    # PUBLISH_WINDOW stored updates lack the acknowledged mark at any time, so
+    # the resumed run publishes at most that many again, and the device can
+    # have received only those twice.
+    assert skipped + republished == last_batch + 1
+    assert republished <= PUBLISH_WINDOW
+    assert skipped >= delivered_before - PUBLISH_WINDOW
+    assert len(receipts) == total
+    assert sum(receipts.values()) - total <= PUBLISH_WINDOW
+    assert max(receipts.values()) <= 2
+    assert stored_rows(state_file, "kitchen") == []
+
+
+def test_unacknowledged_window_stops_charges(
+    mlp_pair, tmp_path, caplog, monkeypatch
+) -> None:
+    monkeypatch.setattr(hub_push_batches, "PUBLISH_TIMEOUT_S", 1.0)
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    extra = {"privacy": "noise_multiplier = 8.0\nepsilon_budget = 20.0"}
+    config = nightly_push_config(tmp_path / "hub", 1883, mlp_pair.bundle, x, extra)
+    config.write_text(config.read_text().replace("batch_size = 16", "batch_size = 1"))
+    worker = HubWorker(load_hub_config(config, "w1"))
+    assert worker.pushes is not None
+    [schedule] = worker.config.pushes
+    caplog.set_level("ERROR", logger="dslo_edge.hub_pushes")
+
+    # The worker never connected, so no PUBACK arrives and the window fills.
+    started = time.monotonic()
+    worker.pushes.run_once(schedule)
+    duration = time.monotonic() - started
+    releases = worker.state.releases("kitchen")
+    worker.state.close()
+
+    errors = [record.getMessage() for record in caplog.records]
+    assert errors == [
+        f"Push nightly to device kitchen failed: {PUBLISH_WINDOW} of "
+        f"{PUBLISH_WINDOW} updates were not acknowledged by the broker (timed "
+        "out after 1 s without a broker connection); paho sends the queued ones "
+        "if the worker reconnects before it stops"
+    ]
+    # Only the window's updates are charged, not the whole dataset.
+    assert releases == {8.0: PUBLISH_WINDOW}
+    # One timeout, for the oldest update, and no second wait after it.
+    assert duration < 5.0
