@@ -78,7 +78,10 @@ def peer_reconnect_max_s(status: dict[str, Any]) -> tuple[float | None, str]:
     # JSON true arrives as bool, a subclass of int, and is no number of seconds.
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None, f"reconnect_max_s = {value!r} is not a number"
-    if not math.isfinite(value) or value < 0:
+    # An int is finite, and math.isfinite raises OverflowError for one beyond
+    # the float range, which a JSON number can be.
+    finite = isinstance(value, int) or math.isfinite(value)
+    if not finite or value < 0:
         return None, f"reconnect_max_s = {value!r} is not a finite number >= 0"
     if value > RECONNECT_MAX_S_LIMIT:
         return RECONNECT_MAX_S_LIMIT, (

@@ -360,7 +360,10 @@ class HubWorker:
             return
         try:
             status = json.loads(message.payload)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except ValueError:
+            # Invalid JSON or UTF-8, or an int of more digits than Python reads
+            # from text (sys.get_int_max_str_digits), which json.loads rejects
+            # with a plain ValueError.
             return
         if not isinstance(status, dict) or not isinstance(status.get("state"), str):
             return

@@ -94,6 +94,14 @@ def test_peer_reconnect_max_caps_large_value() -> None:
     )
 
 
+def test_peer_reconnect_max_caps_huge_integer() -> None:
+    # Beyond the float range, where math.isfinite raises OverflowError.
+    peer_max_s, problem = peer_reconnect_max_s({"reconnect_max_s": 10**400})
+
+    assert peer_max_s == 3600.0
+    assert problem.endswith("is above the maximum 3600, so it is capped there")
+
+
 def test_peer_reconnect_max_accepts_valid_values() -> None:
     for value, expected in [(0, 0.0), (2, 2.0), (16.5, 16.5), (3600, 3600.0)]:
         peer_max_s, problem = peer_reconnect_max_s({"reconnect_max_s": value})
@@ -349,6 +357,57 @@ def test_status_reconnect_max_sent_and_checked(
         f"{started} if it stays offline for 7 s",
         f"{started} if it stays offline for 7 s",
         f"{started} if it stays offline for 3605 s",
+    ]
+
+
+def test_status_huge_number_keeps_worker_connected(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    publisher.connect("127.0.0.1", mosquitto.port)
+    publisher.loop_start()
+    reader, statuses = subscribed_client(
+        mosquitto.port, worker_status_topic("dslo", "w1"), lambda m: m.payload
+    )
+    caplog.set_level(logging.INFO)
+    # A float has no value this large: 400 digits overflow math.isfinite, and
+    # 5000 digits are above Python's limit for reading an int from text.
+    huge_values = {"x8": "1" * 400, "x9": "1" * 5000}
+
+    def publish(peer: str, value: str) -> None:
+        status = (
+            f'{{"state": "offline", "client_id": "dslo-hub-{peer}", '
+            f'"group": "dslo-hub", "reconnect_max_s": {value}}}'
+        )
+        topic = worker_status_topic("dslo", peer)
+        publisher.publish(topic, status, qos=1).wait_for_publish(timeout=5)
+
+    try:
+        worker.start()
+        statuses.get(timeout=10)
+        for peer, value in huge_values.items():
+            publish(peer, value)
+        # A valid status after them still arrives, so the network thread lives.
+        publish("x7", "2.0")
+        wait_for_lines(caplog, "Hub worker w1 drains the session of x7", 1)
+        alive = worker.connection.client.is_connected()
+    finally:
+        worker.stop()
+        for client in (publisher, reader):
+            client.disconnect()
+            client.loop_stop()
+
+    drains = [
+        record.getMessage()
+        for record in caplog.records
+        if record.getMessage().startswith("Hub worker w1 drains the session of")
+    ]
+    assert alive
+    assert drains == [
+        "Hub worker w1 drains the session of x8 if it stays offline for 3605 s",
+        "Hub worker w1 drains the session of x7 if it stays offline for 7 s",
     ]
 
 
