@@ -91,7 +91,10 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
         except UnicodeDecodeError:
             not_text += 1
             continue
-        except json.JSONDecodeError:
+        except ValueError:
+            # Invalid JSON, or an int of more digits than Python reads from
+            # text (sys.get_int_max_str_digits), which json.loads rejects
+            # with a plain ValueError.
             skipped += 1
             continue
         if not isinstance(record, dict) or not REPORT_KEYS <= record.keys():
@@ -146,13 +149,28 @@ def _invalid_value(record: dict[str, Any]) -> str | None:
         return f"device = {json.dumps(device)}, expected a string"
     for name in FINITE_FIELDS:
         value = record.get(name)
-        if name in record and not (_is_number(value) and math.isfinite(value)):
+        number = _as_float(value)
+        if name in record and (number is None or not math.isfinite(number)):
             return f"{name} = {json.dumps(value)}, expected a finite number"
     for name in NUMBER_OR_NULL_FIELDS:
         value = record.get(name)
-        if value is not None and not _is_number(value):
+        if value is not None and _as_float(value) is None:
             return f"{name} = {json.dumps(value)}, expected a number or null"
     return None
+
+
+def _as_float(value: Any) -> float | None:
+    """Convert a JSON number to float, or return None for another value.
+
+    A JSON int can be beyond the float range, where float() raises
+    OverflowError, and the daemon never writes one.
+    """
+    if not _is_number(value):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def read_metrics_logs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:

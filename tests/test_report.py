@@ -200,6 +200,15 @@ INVALID_VALUES = {
         {"device": "x", "loss": "0.5"},
         'loss = "0.5", expected a number or null',
     ),
+    # Ints beyond the float range, where math.isfinite and float() raise.
+    "applied is huge": (
+        {"device": "x", "applied": 10**400},
+        f"applied = {10**400}, expected a finite number",
+    ),
+    "loss is huge": (
+        {"device": "x", "loss": -(10**400)},
+        f"loss = {-(10**400)}, expected a number or null",
+    ),
 }
 
 
@@ -223,6 +232,22 @@ def test_read_skips_invalid_values(
         caplog.text
     )
     assert problem in caplog.text
+
+
+def test_read_skips_too_many_digits(tmp_path: Path, caplog) -> None:
+    log = tmp_path / "metrics.jsonl"
+    append_metrics(log, {"device": "x", "timestamp": 1.0, "applied": 1})
+    # json.loads raises a plain ValueError for an int of more digits than
+    # sys.get_int_max_str_digits(), 4300 by default.
+    with log.open("a") as stream:
+        stream.write('{"device": "x", "applied": ' + "1" * 5000 + "}\n")
+    append_metrics(log, {"device": "x", "timestamp": 2.0, "applied": 2})
+
+    with caplog.at_level("WARNING", logger="dslo_edge.report"):
+        records = read_metrics_log(log)
+
+    assert [r["applied"] for r in records] == [1, 2]
+    assert f"Skipped 1 line in {log} that is not a metrics report" in caplog.text
 
 
 def test_read_keeps_null_and_nan_loss(tmp_path: Path, caplog) -> None:
