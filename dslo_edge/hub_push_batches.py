@@ -6,8 +6,8 @@ push a stopped worker left, it first publishes again, unchanged, the stored
 batches that the broker did not acknowledge (signed again if the device's
 key changed). While it publishes, it marks the stored batches whose PUBACK
 arrived as acknowledged, as ``hub_push_window`` describes. It then waits for
-the remaining PUBACKs and takes back the privacy charge of updates that the
-broker dropped or rejected.
+the remaining PUBACKs, unless the worker is stopping, and takes back the
+privacy charge of updates that the broker dropped or rejected.
 """
 
 from __future__ import annotations
@@ -131,8 +131,16 @@ class BatchPublisher:
             if dropped:
                 logger.error("Push %s to device %s: %s", schedule.name, device, dropped)
             raise
+        waited = ""
+        if sent.stopped:
+            # A stopping worker does not wait for the missing PUBACKs. Their
+            # batches stay unmarked, so the run that resumes the push
+            # publishes them again.
+            self._mark_acknowledged(schedule, device, window.take_acknowledged())
+        else:
+            waited = self._wait_for_acknowledgements(schedule, device, window)
         problems = [
-            self._wait_for_acknowledgements(schedule, device, window),
+            waited,
             self._record_delivered(schedule, device, published, since, sent),
         ]
         if any(problems):

@@ -505,6 +505,42 @@ def test_terminated_push_stops_at_next_batch(mlp_pair, mosquitto, tmp_path) -> N
     assert stored_rows(state_file, "kitchen") == []
 
 
+def test_terminated_push_skips_missing_pubacks(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    total = 200
+    x = np.random.default_rng(3).random((total, 64), dtype=np.float32)
+    # The broker's PUBACKs of kitchen's updates after the fifth never reach
+    # w1, as when they are still on the way at the stop.
+    proxy = PubackProxy(mosquitto.port, "dslo/kitchen/updates", 5)
+    config = nightly_push_config(folder, proxy.port, mlp_pair.bundle, x)
+    config.write_text(config.read_text().replace("batch_size = 16", "batch_size = 1"))
+    state_file = folder / "state.sqlite"
+    client, received = device_updates(mosquitto.port, "kitchen")
+    log = tmp_path / "w1.log"
+    try:
+        worker = start_worker(config, "w1", log)
+        try:
+            # Five acknowledged updates and a full window that waits for room.
+            wait_for_updates(received, 5 + PUBLISH_WINDOW, timeout_s=30)
+            time.sleep(0.5)
+            stop(worker, signal.SIGTERM)
+        finally:
+            if worker.poll() is None:
+                stop(worker, signal.SIGKILL)
+        rows = stored_rows(state_file, "kitchen")
+    finally:
+        proxy.close()
+        client.disconnect()
+        client.loop_stop()
+
+    text = log.read_text()
+    # A stop is no failed push: the resumed run publishes the unmarked rest.
+    assert worker.returncode == 0
+    assert "Push nightly to device kitchen failed" not in text
+    assert "Push nightly to device kitchen stops with 5 samples acknowledged" in text
+    assert rows == [(batch, int(batch < 5)) for batch in range(5 + PUBLISH_WINDOW)]
+
+
 RESUME_LINE = re.compile(
     r"Push nightly resumes device kitchen after batch (\d+): skips (\d+) "
     r"acknowledged before the stop and publishes (\d+) again unchanged"
