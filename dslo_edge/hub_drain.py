@@ -144,21 +144,17 @@ class SessionDrain(threading.Thread):
         self._closed = threading.Event()
         self._cancelled = threading.Event()
         self._session_present = False
-        settings = dataclasses.replace(worker.config.mqtt, client_id=peer_client_id)
-        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
-        # Used for its client setup (TLS, authentication) only: the drain
-        # does not reconnect after its connection closes, or it would take
-        # the session back from a peer that restarted.
-        self._connection = MqttConnection(
-            settings,
-            peer_client_id,
-            on_connected=self._on_connected,
-            on_message=self._on_message,
-            on_disconnected=self._closed.set,
-            manual_ack=True,
-            label=f"hub worker {worker.worker_id} draining {peer}",
+        self._settings = dataclasses.replace(
+            worker.config.mqtt, client_id=peer_client_id
         )
-        self.client = self._connection.client
+        self._backoff = Backoff(
+            self._settings.reconnect_min_s, self._settings.reconnect_max_s
+        )
+        # Set by run, because the client setup reads the password and TLS
+        # files, which can fail, and this constructor runs on the worker's
+        # network thread, which an exception would end.
+        self._connection: MqttConnection
+        self.client: mqtt.Client
 
     @property
     def cancelled(self) -> bool:
@@ -171,6 +167,7 @@ class SessionDrain(threading.Thread):
 
     def run(self) -> None:
         try:
+            self._open_connection()
             self._attempt_drain()
         except Exception:  # a failed drain leaves the requests to device resends
             logger.exception(
@@ -178,6 +175,21 @@ class SessionDrain(threading.Thread):
                 self.worker.worker_id,
                 self.peer,
             )
+
+    def _open_connection(self) -> None:
+        # Used for its client setup (TLS, authentication) only: the drain
+        # does not reconnect after its connection closes, or it would take
+        # the session back from a peer that restarted.
+        self._connection = MqttConnection(
+            self._settings,
+            self.peer_client_id,
+            on_connected=self._on_connected,
+            on_message=self._on_message,
+            on_disconnected=self._closed.set,
+            manual_ack=True,
+            label=f"hub worker {self.worker.worker_id} draining {self.peer}",
+        )
+        self.client = self._connection.client
 
     def _attempt_drain(self) -> None:
         rng = random.Random()

@@ -411,6 +411,58 @@ def test_status_huge_number_keeps_worker_connected(
     ]
 
 
+def test_unreadable_password_fails_drain_only(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    password_file = folder / "password"
+    password_file.write_text("secret\n")
+    # mosquitto in the tests accepts any user name and password.
+    auth = {"mqtt": 'username = "hub"\npassword_file = "password"'}
+    config = write_hub_config(folder, mosquitto.port, mlp_pair.bundle, auth)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    publisher.connect("127.0.0.1", mosquitto.port)
+    publisher.loop_start()
+    reader, statuses = subscribed_client(
+        mosquitto.port, worker_status_topic("dslo", "w1"), lambda m: m.payload
+    )
+    caplog.set_level(logging.INFO)
+
+    def publish_offline(peer: str) -> None:
+        status = {"state": "offline", "client_id": f"dslo-hub-{peer}"}
+        topic = worker_status_topic("dslo", peer)
+        payload = json.dumps({**status, "group": "dslo-hub", "reconnect_max_s": 2})
+        publisher.publish(topic, payload, qos=1).wait_for_publish(timeout=5)
+
+    try:
+        worker.start()
+        statuses.get(timeout=10)
+        # Not valid UTF-8, as after a botched rotation of the password file.
+        password_file.write_bytes(b"\xff\xfe")
+        publish_offline("x8")
+        publish_offline("x7")
+        wait_for_lines(caplog, "Hub worker w1 drains the session of x7", 1)
+        alive = worker.connection.client.is_connected()
+    finally:
+        worker.stop()
+        for client in (publisher, reader):
+            client.disconnect()
+            client.loop_stop()
+
+    failures = [
+        record.getMessage()
+        for record in caplog.records
+        if record.getMessage().startswith("Hub worker w1 failed to drain")
+    ]
+    assert alive
+    assert failures == [
+        "Hub worker w1 failed to drain the session of x8",
+        "Hub worker w1 failed to drain the session of x7",
+    ]
+
+
 def test_drain_skips_peer_of_other_group(mlp_pair, mosquitto, tmp_path, caplog) -> None:
     other_group = {"hub": 'group = "rgroup"'}
     config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle)
