@@ -511,7 +511,9 @@ class HubClient:
             return
         try:
             report = json.loads(message.payload)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except ValueError:
+            # Also an int of more digits than Python reads from text, which
+            # json.loads rejects with a plain ValueError.
             logger.warning("Ignoring unreadable metrics from device %s", self.device_id)
             return
         with self._metrics_changed:

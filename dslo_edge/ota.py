@@ -263,7 +263,9 @@ class ReleaseOptions:
         """
         try:
             document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except ValueError as error:
+            # Also an int of more digits than Python reads from text, which
+            # json.loads rejects with a plain ValueError.
             raise OtaError(
                 "bad_bundle", f"{RELEASE_FILE} in the archive is not JSON: {error}"
             ) from error

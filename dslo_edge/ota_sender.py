@@ -267,7 +267,9 @@ class StatusWatcher:
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         try:
             status = json.loads(message.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except ValueError as error:
+            # Also an int of more digits than Python reads from text, which
+            # json.loads rejects with a plain ValueError.
             logger.warning(
                 "Ignoring a status on %s that is not JSON: %s", self.topic, error
             )

@@ -38,7 +38,7 @@ from dslo_edge.ota import (
     read_release_options,
     split_archive,
 )
-from dslo_edge.ota_sender import pack_bundle, send_bundle
+from dslo_edge.ota_sender import StatusWatcher, pack_bundle, send_bundle
 from dslo_edge.protocol import Topics
 from dslo_edge.swap import (
     BundleStore,
@@ -184,6 +184,9 @@ def test_release_options_travel_in_archive(tmp_path: Path) -> None:
 def test_release_options_reject_bad_json() -> None:
     with pytest.raises(OtaError, match="is not JSON") as caught:
         ReleaseOptions.from_json(b"{")
+    assert caught.value.reason == "bad_bundle"
+    with pytest.raises(OtaError, match="is not JSON") as caught:
+        ReleaseOptions.from_json(b'{"format_version": 1' + b"0" * 5000 + b"}")
     assert caught.value.reason == "bad_bundle"
     with pytest.raises(OtaError, match='expected {"format_version": 1'):
         ReleaseOptions.from_json(b'{"format_version": 1, "allow_model_change": 1}')
@@ -1593,3 +1596,30 @@ def test_release_after_unaccepted_one_rolls_back(tmp_path: Path) -> None:
     assert running.is_dir()
     assert restored == running
     assert store.active_path(factory) == running
+
+
+def test_status_watcher_survives_int_too_long(broker) -> None:
+    topics = Topics.for_device("d1")
+    watcher_client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    watcher_client.connect("127.0.0.1", broker.port)
+    watcher_client.loop_start()
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    device.connect("127.0.0.1", broker.port)
+    device.loop_start()
+    try:
+        watcher = StatusWatcher(watcher_client, topics)
+        watcher.subscribe(10)
+        _, status_topic = ota_topics(topics)
+        # json.loads rejects an int of more than 4300 digits with a ValueError,
+        # which must not end the watcher's network thread.
+        huge = b'{"state": "installed", "n": 1' + b"0" * 5000 + b"}"
+        device.publish(status_topic, huge, qos=1).wait_for_publish(10)
+        final = {"state": "installed", "transfer": "ab" * 16}
+        device.publish(status_topic, json.dumps(final), qos=1).wait_for_publish(10)
+
+        assert watcher.wait("ab" * 16, 10) == final
+        assert watcher_client.is_connected()
+    finally:
+        for client in (watcher_client, device):
+            client.disconnect()
+            client.loop_stop()

@@ -270,8 +270,9 @@ def test_unwritable_ledger_charges_nothing(tmp_path) -> None:
             "(Expecting ':' delimiter: line 1 column 36 (char 35))",
         ),
         (b'{"format": 1, "devices": {"kitchen\xff": {}}}', "can't decode byte 0xff"),
+        (b'{"format": 1' + b"0" * 5000 + b"}", "Exceeds the limit (4300 digits)"),
     ],
-    ids=["truncated", "not_utf8"],
+    ids=["truncated", "not_utf8", "int_too_long"],
 )
 def test_ledger_rejects_damaged_json(tmp_path, content: bytes, reason: str) -> None:
     path = tmp_path / "ledger.json"

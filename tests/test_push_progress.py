@@ -178,3 +178,29 @@ def test_process_wait_names_pause(broker_factory, training, hint) -> None:
     message = str(caught.value)
     assert "processed 0 of the 5 updates sent so far within 1 s" in message
     assert hint in message
+
+
+def test_hub_client_survives_metrics_int_too_long(broker) -> None:
+    import json
+
+    import paho.mqtt.client as mqtt
+
+    first = {"pid": 7, "applied": 1}
+    hub = _hub_with_metrics(broker, first)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        # json.loads rejects an int of more than 4300 digits with a ValueError,
+        # which must not end the client's network thread.
+        huge = b'{"applied": 1' + b"0" * 5000 + b"}"
+        client.publish("dslo/d1/metrics", huge, qos=1).wait_for_publish(10)
+        good = {"pid": 7, "applied": 3}
+        client.publish("dslo/d1/metrics", json.dumps(good), qos=1).wait_for_publish(10)
+
+        assert hub.wait_for_metrics(lambda m: m == good, 10) == good
+        assert hub.client.is_connected()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        hub.close()
