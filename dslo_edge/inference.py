@@ -79,9 +79,15 @@ def _check_declared_sizes(payload: bytes, members: list[zipfile.ZipInfo]) -> Non
     with zipfile.ZipFile(io.BytesIO(payload)) as archive:
         for member in members:
             if member.filename.endswith(".npy"):
-                with archive.open(member) as stream:
-                    declared = _declared_npy_bytes(stream, member.filename)
-                    data_bytes = member.file_size - stream.tell()
+                try:
+                    with archive.open(member) as stream:
+                        declared = _declared_npy_bytes(stream, member.filename)
+                        data_bytes = member.file_size - stream.tell()
+                except (zipfile.BadZipFile, OSError) as error:
+                    # For example a local header that names another file.
+                    raise InvalidUpdate(
+                        "bad_inputs", f"expected an .npz archive: {error}"
+                    ) from error
                 if declared > data_bytes:
                     raise InvalidUpdate(
                         "bad_inputs",

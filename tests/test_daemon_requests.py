@@ -476,6 +476,24 @@ def test_inference_accepts_exact_npy_header() -> None:
     assert float(x.sum()) == 0.0
 
 
+def test_inference_rejects_local_header_of_other_name() -> None:
+    from dslo_edge.errors import InvalidUpdate
+    from dslo_edge.inference import decode_inputs
+
+    payload = _npz_with_npy_header((2, 8, 8, 1), 2 * 64 * 4)
+    # The first local header's file name, at offset 30, differs from the
+    # central directory's, which zipfile reports as BadZipFile.
+    assert payload[30:35] == b"x.npy"
+    damaged = payload[:30] + b"y.npy" + payload[35:]
+
+    with pytest.raises(InvalidUpdate) as caught:
+        decode_inputs(damaged, (8, 8, 1))
+
+    assert caught.value.reason == "bad_inputs"
+    assert "expected an .npz archive" in str(caught.value)
+    assert "differ" in str(caught.value)
+
+
 def test_inference_rejects_zero_rows() -> None:
     from dslo_edge.errors import InvalidUpdate
     from dslo_edge.inference import decode_inputs
