@@ -184,58 +184,20 @@ def connection_messages(caplog) -> list[str]:
     ]
 
 
-def test_broker_restart_keeps_live_peer_connected(
-    mlp_pair, broker_factory, tmp_path, caplog
-) -> None:
+def restart_broker_beside_peer(
+    mlp_pair, broker_factory, tmp_path, caplog, peer_retry_s: float, after_s: float
+) -> tuple[int, str | None]:
+    """Restart the broker under w1 and r1, which retries every ``peer_retry_s``.
+
+    w1 is back within 1 s of the broker and receives r1's retained offline
+    will. Returns r1's connect count and status ``after_s`` after both are
+    online again.
+    """
     broker = broker_factory("mosquitto", persistence=True)
-    # w1 is back within 1 s of the broker and receives r1's retained offline
-    # will, and r1 retries only 2 to 4 s after the broker dropped it.
     fast = {"mqtt": "reconnect_min_s = 0.2\nreconnect_max_s = 1.0"}
-    slow = {"mqtt": "reconnect_min_s = 4.0\nreconnect_max_s = 4.0"}
-    w1_config = write_hub_config(tmp_path / "w1", broker.port, mlp_pair.bundle, fast)
-    r1_config = write_hub_config(tmp_path / "r1", broker.port, mlp_pair.bundle, slow)
-    caplog.set_level(logging.INFO)
-    w1 = HubWorker(load_hub_config(w1_config, "w1"))
-    r1 = HubWorker(load_hub_config(r1_config, "r1"))
-    watcher = None
-    try:
-        w1.start()
-        r1.start()
-        watcher = HubWatcher(broker.port)
-        wait_online(watcher, ["w1", "r1"])
-        watcher.close()
-        watcher = None
-        broker.restart()
-        watcher = HubWatcher(broker.port)
-        wait_online(watcher, ["w1", "r1"])
-        time.sleep(grace_period(r1.config.mqtt) + 2.0)
-        r1_connects = r1.connection.connects
-        r1_status = watcher.status.get("r1")
-    finally:
-        if watcher is not None:
-            watcher.close()
-        w1.stop()
-        r1.stop()
-
-    r1_connected = [
-        message
-        for message in connection_messages(caplog)
-        if message.startswith("hub worker r1 connected")
-    ]
-    assert peer_drain_lines(caplog, "r1") == []
-    assert r1_connects == 2
-    assert r1_connected[-1].endswith("(session resumed)")
-    assert r1_status == "online"
-
-
-def test_broker_restart_keeps_slower_peer_connected(
-    mlp_pair, broker_factory, tmp_path, caplog
-) -> None:
-    broker = broker_factory("mosquitto", persistence=True)
-    # w1's own grace would be 1 + 5 = 6 s, but r1 retries only 8 to 16 s
-    # after the broker dropped it, so w1 must wait r1's 16 + 5 = 21 s.
-    fast = {"mqtt": "reconnect_min_s = 0.2\nreconnect_max_s = 1.0"}
-    slow = {"mqtt": "reconnect_min_s = 16.0\nreconnect_max_s = 16.0"}
+    slow = {
+        "mqtt": f"reconnect_min_s = {peer_retry_s}\nreconnect_max_s = {peer_retry_s}"
+    }
     w1_config = write_hub_config(tmp_path / "w1", broker.port, mlp_pair.bundle, fast)
     r1_config = write_hub_config(tmp_path / "r1", broker.port, mlp_pair.bundle, slow)
     caplog.set_level(logging.INFO)
@@ -253,14 +215,43 @@ def test_broker_restart_keeps_slower_peer_connected(
         watcher = HubWatcher(broker.port)
         watcher.wait_for(lambda w: w.status.get("r1") == "offline", timeout=10)
         wait_online(watcher, ["w1", "r1"])
-        time.sleep(1.0)
-        r1_connects = r1.connection.connects
-        r1_status = watcher.status.get("r1")
+        time.sleep(after_s)
+        return r1.connection.connects, watcher.status.get("r1")
     finally:
         if watcher is not None:
             watcher.close()
         w1.stop()
         r1.stop()
+
+
+def test_broker_restart_keeps_live_peer_connected(
+    mlp_pair, broker_factory, tmp_path, caplog
+) -> None:
+    # r1 retries only 2 to 4 s after the broker dropped it, within w1's grace.
+    after_s = grace_period(MqttSettings(reconnect_max_s=4.0)) + 2.0
+    r1_connects, r1_status = restart_broker_beside_peer(
+        mlp_pair, broker_factory, tmp_path, caplog, 4.0, after_s
+    )
+
+    r1_connected = [
+        message
+        for message in connection_messages(caplog)
+        if message.startswith("hub worker r1 connected")
+    ]
+    assert peer_drain_lines(caplog, "r1") == []
+    assert r1_connects == 2
+    assert r1_connected[-1].endswith("(session resumed)")
+    assert r1_status == "online"
+
+
+def test_broker_restart_keeps_slower_peer_connected(
+    mlp_pair, broker_factory, tmp_path, caplog
+) -> None:
+    # w1's own grace would be 1 + 5 = 6 s, but r1 retries only 8 to 16 s
+    # after the broker dropped it, so w1 must wait r1's 16 + 5 = 21 s.
+    r1_connects, r1_status = restart_broker_beside_peer(
+        mlp_pair, broker_factory, tmp_path, caplog, 16.0, 1.0
+    )
 
     grace_lines = [
         record.getMessage()
