@@ -399,11 +399,15 @@ def ota_send(
     archive = pack_bundle(
         bundle, options=ReleaseOptions(allow_model_change=allow_model_change)
     )
+    transfer = uuid.uuid4().bytes
+    # The transfer id makes the client id unique. Two ota-send runs for one
+    # device with one client id would take the connection from each other
+    # every second, and each would lose its status subscription.
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=f"dslo-edge-{device_id}-ota"
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"dslo-edge-{device_id}-ota-{transfer.hex()[:8]}",
     )
     start_client(client, settings, f"ota-send to {device_id}")
-    transfer = uuid.uuid4().bytes
     try:
         watcher = StatusWatcher(client, topics)
         watcher.subscribe(timeout)
