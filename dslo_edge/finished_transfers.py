@@ -131,6 +131,9 @@ def _parse(data: bytes) -> dict[str, list[bytes]]:
         document: Any = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"not JSON ({error})") from error
+    except RecursionError:
+        # Arrays or objects nested deeper than Python's recursion limit.
+        raise ValueError("not JSON (nested too deeply to parse)") from None
     if not isinstance(document, dict):
         raise ValueError(f"expected a JSON object, found {type(document).__name__}")
     version = document.get("format_version")

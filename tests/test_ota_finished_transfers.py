@@ -209,6 +209,10 @@ def test_restart_during_install_installs_again(tmp_path: Path) -> None:
         (b"\x00\xff garbage", "is damaged: not JSON"),
         (b'{"format_version": 1, "complete": ["61', "is damaged: not JSON"),
         (b"[]", "is damaged: expected a JSON object, found list"),
+        # Deeper than Python's recursion limit, which json.loads hits.
+        pytest.param(
+            b"[" * 100_000 + b"]" * 100_000, "is damaged: not JSON", id="deep-lists"
+        ),
         (b'{"format_version": 2}', "is damaged: format_version is 2, expected 1"),
         (
             b'{"format_version": 1, "complete": ["abcd"], "failed": []}',
