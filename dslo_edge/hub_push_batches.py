@@ -6,8 +6,9 @@ push a stopped worker left, it first publishes again, unchanged, the stored
 batches that the broker did not acknowledge (signed again if the device's
 key changed). While it publishes, it marks the stored batches whose PUBACK
 arrived as acknowledged, as ``hub_push_window`` describes. It then waits for
-the remaining PUBACKs, unless the worker is stopping, and takes back the
-privacy charge of updates that the broker dropped or rejected.
+the remaining PUBACKs, for at most ``STOP_PUBACK_WAIT_S`` when the worker is
+stopping, and takes back the privacy charge of updates that the broker
+dropped or rejected.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ logger = logging.getLogger("dslo_edge.hub_pushes")
 # the acknowledgement before it. It includes a reconnect after the connection
 # dropped during the run.
 PUBLISH_TIMEOUT_S = 30.0
+# How long a stopping worker waits in all for the PUBACKs of the updates it
+# has published. A broker that works normally sends them well within that
+# time, so the resumed run publishes none of them again. A broker that stopped
+# answering delays the stop by this much.
+STOP_PUBACK_WAIT_S = 1.0
 # The default of the device's max_age_s (dslo_edge.config): a device with that
 # default rejects an update older than this, also one published again.
 DEVICE_MAX_AGE_S = 3600.0
@@ -133,9 +139,10 @@ class BatchPublisher:
             raise
         waited = ""
         if sent.stopped:
-            # A stopping worker does not wait for the missing PUBACKs. Their
-            # batches stay unmarked, so the run that resumes the push
-            # publishes them again.
+            # A stopping worker waits only briefly for the missing PUBACKs.
+            # The batches still without one stay unmarked, so the run that
+            # resumes the push publishes them again.
+            window.wait_for_rest(STOP_PUBACK_WAIT_S)
             self._mark_acknowledged(schedule, device, window.take_acknowledged())
         else:
             waited = self._wait_for_acknowledgements(schedule, device, window)

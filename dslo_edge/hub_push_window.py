@@ -13,6 +13,7 @@ device at most that many updates a second time.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -75,6 +76,18 @@ class PublishWindow:
     def wait_for_next(self, timeout: float, stopping: threading.Event) -> str:
         """Wait for the oldest missing PUBACK; return "" or why it did not come."""
         return self._wait_until(self._next_to_wait + 1, timeout, stopping)
+
+    def wait_for_rest(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds in all for each missing PUBACK.
+
+        Unlike the other waits, this one does not end when the worker stops.
+        """
+        deadline = time.monotonic() + timeout
+        never_set = threading.Event()
+        while self.unchecked:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.wait_for_next(remaining, never_set):
+                return
 
     def take_acknowledged(self) -> list[int]:
         """Return the batches that the broker acknowledged and kept since the last call.

@@ -477,7 +477,8 @@ def test_terminated_push_stops_at_next_batch(mlp_pair, mosquitto, tmp_path) -> N
         finally:
             if first.poll() is None:
                 stop(first, signal.SIGKILL)
-        stored_at_stop = len(stored_rows(state_file, "kitchen"))
+        rows_at_stop = stored_rows(state_file, "kitchen")
+        stored_at_stop = len(rows_at_stop)
 
         second = start_worker(config, "w1", logs[1])
         try:
@@ -500,8 +501,12 @@ def test_terminated_push_stops_at_next_batch(mlp_pair, mosquitto, tmp_path) -> N
     assert "closed database" not in first_log
     assert "Push nightly to device kitchen stops with" in first_log
     assert "Push nightly resumes device kitchen after batch" in resumed_log
+    # The broker acknowledged every published update before the stop ended,
+    # so each is marked and the resumed run publishes none again.
+    assert [acknowledged for _, acknowledged in rows_at_stop] == [1] * stored_at_stop
     # Each sample reached kitchen once, by message id.
     assert len(message_ids) == total
+    assert len(updates) == total
     assert stored_rows(state_file, "kitchen") == []
 
 
