@@ -14,6 +14,7 @@ are caught by the message-id record and the freshness window.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import hmac
 import logging
@@ -35,6 +36,13 @@ KEYGEN_KEY_BYTES = 32
 HEX_TEXT_SHARE = 0.9
 UNEXPECTED_SIGNATURE = "unexpected_signature"
 _HEX_TEXT = frozenset(string.hexdigits + string.whitespace)
+# Byte order marks that text editors, Windows Notepad among them, may write at
+# the start of a key file saved as text, and the codec each one selects.
+_TEXT_ENCODINGS = (
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 _NEW_KEY_FIX = (
     "make a new key with 'dslo-edge keygen KEYFILE' and copy it to both the "
     "device (security.hmac_key_file) and the hub (keys_dir/DEVICE.key)"
@@ -46,24 +54,22 @@ logger = logging.getLogger(__name__)
 def load_key(path: Path) -> bytes:
     """Read a key file: hex text (as ``generate_key_file`` writes) or raw bytes.
 
-    A file whose characters, apart from whitespace, are at least 90% hex
-    digits is read as hex text and must decode as hex, so that a damaged hex
-    key is rejected rather than taken as a raw key. A key of 16 to 31 bytes
-    is used with a warning, because ``keygen`` writes 32 and a shorter one may
-    be a hex key cut short.
+    A file whose characters, apart from whitespace and a byte order mark,
+    are at least 90% hex digits is read as hex text and must decode as hex.
+    So a damaged hex key is rejected rather than taken as a raw key. A key of
+    16 to 31 bytes is used with a warning, because ``keygen`` writes 32 and a
+    shorter one may be a hex key cut short.
 
     Raises:
         ConfigError: the file is unreadable, contains fewer than 16 key
             bytes, or is hex text that does not decode as hex.
     """
     try:
-        data = path.read_bytes().strip()
+        content = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"cannot read the HMAC key file {path}: {error}") from error
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        text = ""
+    data = content.strip()
+    text = _key_text(content).strip()
     if _is_hex_text(text):
         key = _key_from_hex(path, text)
     else:
@@ -93,6 +99,24 @@ def key_file_present(path: Path) -> bool:
     that ``load_key`` reports it as unreadable rather than as missing.
     """
     return path.exists() or path.is_symlink()
+
+
+def _key_text(content: bytes) -> str:
+    """Decode a key file as text, or return "" when it is not text.
+
+    A byte order mark selects UTF-8 or UTF-16, so that a hex key that an
+    editor saved with one is read as hex and not as a raw key. A file
+    without one is text only when it is ASCII.
+    """
+    encoding = "ascii"
+    for mark, codec in _TEXT_ENCODINGS:
+        if content.startswith(mark):
+            encoding = codec
+            break
+    try:
+        return content.decode(encoding)
+    except UnicodeDecodeError:
+        return ""
 
 
 def _is_hex_text(text: str) -> bool:

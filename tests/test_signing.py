@@ -136,6 +136,27 @@ def test_damaged_hex_key_is_rejected(
     )
 
 
+@pytest.mark.parametrize(
+    "encoding",
+    ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be"],
+)
+def test_hex_key_with_byte_order_mark_loads(tmp_path, caplog, encoding: str) -> None:
+    path, text = keygen_file(tmp_path)
+    saved = tmp_path / "saved.key"
+    # Windows editors save text this way, with a byte order mark and CRLF. The
+    # bare utf-16-le and utf-16-be codecs write no mark, so the test adds it.
+    content = text + "\r\n"
+    if encoding in ("utf-16-le", "utf-16-be"):
+        content = "\ufeff" + content
+    saved.write_bytes(content.encode(encoding))
+
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.signing"):
+        key = load_key(saved)
+
+    assert key == bytes.fromhex(text)
+    assert caplog.records == []
+
+
 def test_odd_length_hex_key_names_fix(tmp_path) -> None:
     path, text = keygen_file(tmp_path)
     path.write_text(text[:39])
