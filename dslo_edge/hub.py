@@ -511,9 +511,10 @@ class HubClient:
             return
         try:
             report = json.loads(message.payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             # Also an int of more digits than Python reads from text, which
-            # json.loads rejects with a plain ValueError.
+            # json.loads rejects with a plain ValueError, and arrays or objects
+            # nested deeper than the recursion limit.
             logger.warning("Ignoring unreadable metrics from device %s", self.device_id)
             return
         with self._metrics_changed:

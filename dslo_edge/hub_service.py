@@ -360,10 +360,12 @@ class HubWorker:
             return
         try:
             status = json.loads(message.payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             # Invalid JSON or UTF-8, or an int of more digits than Python reads
             # from text (sys.get_int_max_str_digits), which json.loads rejects
-            # with a plain ValueError.
+            # with a plain ValueError. RecursionError is for arrays or objects
+            # nested deeper than the recursion limit. Either would end paho's
+            # network thread if it escaped.
             return
         if not isinstance(status, dict) or not isinstance(status.get("state"), str):
             return

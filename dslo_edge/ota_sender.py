@@ -267,9 +267,10 @@ class StatusWatcher:
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         try:
             status = json.loads(message.payload)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             # Also an int of more digits than Python reads from text, which
-            # json.loads rejects with a plain ValueError.
+            # json.loads rejects with a plain ValueError, and arrays or objects
+            # nested deeper than the recursion limit.
             logger.warning(
                 "Ignoring a status on %s that is not JSON: %s", self.topic, error
             )

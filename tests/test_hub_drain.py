@@ -365,7 +365,12 @@ def test_status_huge_number_keeps_worker_connected(
     caplog.set_level(logging.INFO)
     # A float has no value this large: 400 digits overflow math.isfinite, and
     # 5000 digits are above Python's limit for reading an int from text.
-    huge_values = {"x8": "1" * 400, "x9": "1" * 5000}
+    # Lists nested 100000 deep are beyond the recursion limit of json.loads.
+    huge_values = {
+        "x8": "1" * 400,
+        "x9": "1" * 5000,
+        "x6": "[" * 100_000 + "]" * 100_000,
+    }
 
     def publish(peer: str, value: str) -> None:
         status = (

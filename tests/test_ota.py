@@ -1598,7 +1598,17 @@ def test_release_after_unaccepted_one_rolls_back(tmp_path: Path) -> None:
     assert store.active_path(factory) == running
 
 
-def test_status_watcher_survives_int_too_long(broker) -> None:
+@pytest.mark.parametrize(
+    "unparsable",
+    [
+        # json.loads rejects an int of more than 4300 digits with a ValueError.
+        b'{"state": "installed", "n": 1' + b"0" * 5000 + b"}",
+        # Lists nested deeper than its recursion limit raise RecursionError.
+        b"[" * 100_000 + b"]" * 100_000,
+    ],
+    ids=["int-too-long", "deep-lists"],
+)
+def test_status_watcher_survives_unparsable_json(broker, unparsable: bytes) -> None:
     topics = Topics.for_device("d1")
     watcher_client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     watcher_client.connect("127.0.0.1", broker.port)
@@ -1610,10 +1620,8 @@ def test_status_watcher_survives_int_too_long(broker) -> None:
         watcher = StatusWatcher(watcher_client, topics)
         watcher.subscribe(10)
         _, status_topic = ota_topics(topics)
-        # json.loads rejects an int of more than 4300 digits with a ValueError,
-        # which must not end the watcher's network thread.
-        huge = b'{"state": "installed", "n": 1' + b"0" * 5000 + b"}"
-        device.publish(status_topic, huge, qos=1).wait_for_publish(10)
+        # The error of json.loads must not end the watcher's network thread.
+        device.publish(status_topic, unparsable, qos=1).wait_for_publish(10)
         final = {"state": "installed", "transfer": "ab" * 16}
         device.publish(status_topic, json.dumps(final), qos=1).wait_for_publish(10)
 
