@@ -233,6 +233,10 @@ class StatusWatcher:
         """
         self._client.message_callback_add(self.topic, self._on_message)
         self._client.on_subscribe = self._on_subscribe
+        # The client starts a clean session, so a reconnect loses the
+        # subscription. The device retains its last status, so subscribing
+        # again delivers an outcome published while the client was away.
+        self._client.on_connect = self._on_reconnect
         self._client.subscribe(self.topic, qos=1)
         if not self._subscribed.wait(timeout):
             raise BrokerError(
@@ -263,6 +267,9 @@ class StatusWatcher:
         if failed:
             self._rejection = str(failed[0])
         self._subscribed.set()
+
+    def _on_reconnect(self, client: Any, *_: Any) -> None:
+        client.subscribe(self.topic, qos=1)
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         try:

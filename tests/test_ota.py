@@ -1631,3 +1631,33 @@ def test_status_watcher_survives_unparsable_json(broker, unparsable: bytes) -> N
         for client in (watcher_client, device):
             client.disconnect()
             client.loop_stop()
+
+
+def test_status_watcher_subscribes_again_after_reconnect(broker_factory) -> None:
+    broker = broker_factory("mosquitto")
+    topics = Topics.for_device("d1")
+    watcher_client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    watcher_client.reconnect_delay_set(min_delay=1, max_delay=1)
+    watcher_client.connect("127.0.0.1", broker.port)
+    watcher_client.loop_start()
+    device = None
+    try:
+        watcher = StatusWatcher(watcher_client, topics)
+        watcher.subscribe(10)
+        # The restarted broker has no session of the watcher's client.
+        broker.restart()
+        device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        device.connect("127.0.0.1", broker.port)
+        device.loop_start()
+        _, status_topic = ota_topics(topics)
+        final = {"state": "installed", "transfer": "cd" * 16}
+        device.publish(
+            status_topic, json.dumps(final), qos=1, retain=True
+        ).wait_for_publish(10)
+
+        assert watcher.wait("cd" * 16, 15) == final
+    finally:
+        for client in (watcher_client, device):
+            if client is not None:
+                client.disconnect()
+                client.loop_stop()
