@@ -551,8 +551,9 @@ def _describe_undelivered(
     if reason_code == NO_MATCHING_SUBSCRIBERS:
         return (
             f"the broker dropped {share} unread, because no client subscribes "
-            f"to {topic} (the device never connected, its session expired, or "
-            "its id in push.devices is mistyped)"
+            f"to {topic} (the device never connected, its session expired, the "
+            "broker restarted without persistence, or its id in push.devices "
+            "is mistyped)"
         )
     problem = (
         f"the broker rejected {share} to {topic} with reason code {reason_code} "

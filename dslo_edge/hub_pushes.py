@@ -323,6 +323,9 @@ class PushScheduler(BatchPublisher, threading.Thread):
         labelled = Labelled(current, outputs, self._source(schedule, current))
         sent_samples = 0
         reached = 0
+        # Devices that received part of the dataset: a failed push, a spent
+        # budget or a stop.
+        cut_short = 0
         stopped = False
         for device in devices:
             if self._stopping.is_set():
@@ -352,6 +355,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
                 self.skipped_devices += 1
             elif failed or sent.cut_short or sent.stopped:
                 self.cut_short_devices += 1
+                cut_short += 1
             if sent.stopped and not failed:
                 self._log_stopped(schedule, device, sent)
             if sent.stopped or (failed and self._stopping.is_set()):
@@ -364,7 +368,11 @@ class PushScheduler(BatchPublisher, threading.Thread):
             self.state.end_run(schedule.name)
         self.runs += 1
         self._log_run(
-            schedule, current, len(samples.x), sent_samples, (reached, len(devices))
+            schedule,
+            current,
+            len(samples.x),
+            sent_samples,
+            (reached, len(devices), cut_short),
         )
         duration = time.monotonic() - started
         if duration > schedule.every_s:
@@ -382,12 +390,13 @@ class PushScheduler(BatchPublisher, threading.Thread):
         current: TeacherVersion,
         dataset_size: int,
         sent_samples: int,
-        reached: tuple[int, int],
+        reached: tuple[int, int, int],
     ) -> None:
         """Log a run's summary, and a run that sent nothing at most once an hour.
 
         Args:
-            reached: the devices that received samples, and the run's devices.
+            reached: the devices that received samples, the run's devices,
+                and the devices that received only part of the dataset.
         """
         if sent_samples:
             self._empty_run_log.forget(schedule.name)
@@ -399,9 +408,12 @@ class PushScheduler(BatchPublisher, threading.Thread):
             repeats = repeats_note(skipped, "run sent nothing", "runs sent nothing")
         # A spent privacy budget stops a device's push early, so the counts
         # can fall short of the dataset and the device list.
+        partial = (
+            f", {reached[2]} of them only part of the dataset" if reached[2] else ""
+        )
         logger.info(
             "Push %s sent %s in all (dataset %d) of teacher %s (round %d) to "
-            "%d of %s%s",
+            "%d of %s%s%s",
             schedule.name,
             counted(sent_samples, "sample"),
             dataset_size,
@@ -409,6 +421,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
             current.round,
             reached[0],
             counted(reached[1], "device"),
+            partial,
             repeats,
         )
 

@@ -538,7 +538,7 @@ def test_spent_budget_shows_in_push_log(mlp_pair, mosquitto, tmp_path, caplog) -
 
     [summary] = push_summaries(caplog)
     assert summary.startswith("Push nightly sent 16 samples in all (dataset 40)")
-    assert summary.endswith("to 1 of 1 device")
+    assert summary.endswith("to 1 of 1 device, 1 of them only part of the dataset")
     assert first.sample_count == 16
     assert received.empty()
     assert worker.pushes is not None
@@ -629,7 +629,7 @@ def test_empty_push_runs_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) ->
     summaries = push_summaries(caplog)
     assert len(summaries) == 3
     assert summaries[0].startswith("Push nightly sent 16 samples in all (dataset 40)")
-    assert summaries[0].endswith("to 1 of 1 device")
+    assert summaries[0].endswith("to 1 of 1 device, 1 of them only part of the dataset")
     assert summaries[1].startswith("Push nightly sent 0 samples in all (dataset 40)")
     assert summaries[1].endswith("to 0 of 1 device")
     assert summaries[2].endswith(
@@ -856,8 +856,9 @@ def test_push_refunds_device_without_session(
     assert error == (
         "Push nightly to device garage failed: the broker dropped all 3 updates "
         "unread, because no client subscribes to dslo/garage/updates (the device "
-        "never connected, its session expired, or its id in push.devices is "
-        "mistyped); took back the privacy charge of 40 samples"
+        "never connected, its session expired, the broker restarted without "
+        "persistence, or its id in push.devices is mistyped); took back the "
+        "privacy charge of 40 samples"
     )
     [summary] = push_summaries(caplog)
     assert summary.startswith("Push nightly sent 40 samples in all (dataset 40)")
@@ -1689,7 +1690,7 @@ def test_push_failing_midway_counts_sent(mlp_pair, mosquitto, tmp_path, caplog) 
     summaries = push_summaries(caplog)
     assert len(summaries) == 2
     assert summaries[1].startswith("Push nightly sent 32 samples in all (dataset 40)")
-    assert summaries[1].endswith("to 1 of 1 device")
+    assert summaries[1].endswith("to 1 of 1 device, 1 of them only part of the dataset")
     assert worker.pushes.counters() == {
         "runs": 2,
         "updates": 5,
