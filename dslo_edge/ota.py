@@ -263,9 +263,10 @@ class ReleaseOptions:
         """
         try:
             document = json.loads(data)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             # Also an int of more digits than Python reads from text, which
-            # json.loads rejects with a plain ValueError.
+            # json.loads rejects with a plain ValueError, and arrays or objects
+            # nested deeper than the recursion limit.
             raise OtaError(
                 "bad_bundle", f"{RELEASE_FILE} in the archive is not JSON: {error}"
             ) from error

@@ -318,9 +318,10 @@ def _read_ledger(path: Path) -> dict[str, dict[float, int]]:
     try:
         # JSON text is UTF-8 (RFC 8259), whatever the locale.
         data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         # Also an int of more digits than Python reads from text, which
-        # json.loads rejects with a plain ValueError.
+        # json.loads rejects with a plain ValueError, and arrays or objects
+        # nested deeper than the recursion limit.
         # The ledger is replaced atomically, so a damaged one was changed by
         # something else. Deleting it would forget the privacy already spent.
         raise ConfigError(

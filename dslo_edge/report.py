@@ -91,10 +91,10 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
         except UnicodeDecodeError:
             not_text += 1
             continue
-        except ValueError:
-            # Invalid JSON, or an int of more digits than Python reads from
-            # text (sys.get_int_max_str_digits), which json.loads rejects
-            # with a plain ValueError.
+        except (ValueError, RecursionError):
+            # Invalid JSON, an int of more digits than Python reads from text
+            # (sys.get_int_max_str_digits), which json.loads rejects with a
+            # plain ValueError, or arrays nested deeper than the recursion limit.
             skipped += 1
             continue
         if not isinstance(record, dict) or not REPORT_KEYS <= record.keys():

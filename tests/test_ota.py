@@ -188,6 +188,9 @@ def test_release_options_reject_bad_json() -> None:
     with pytest.raises(OtaError, match="is not JSON") as caught:
         ReleaseOptions.from_json(b'{"format_version": 1' + b"0" * 5000 + b"}")
     assert caught.value.reason == "bad_bundle"
+    with pytest.raises(OtaError, match="is not JSON") as caught:
+        ReleaseOptions.from_json(b"[" * 100_000 + b"]" * 100_000)
+    assert caught.value.reason == "bad_bundle"
     with pytest.raises(OtaError, match='expected {"format_version": 1'):
         ReleaseOptions.from_json(b'{"format_version": 1, "allow_model_change": 1}')
 

@@ -271,8 +271,9 @@ def test_unwritable_ledger_charges_nothing(tmp_path) -> None:
         ),
         (b'{"format": 1, "devices": {"kitchen\xff": {}}}', "can't decode byte 0xff"),
         (b'{"format": 1' + b"0" * 5000 + b"}", "Exceeds the limit (4300 digits)"),
+        (b"[" * 100_000 + b"]" * 100_000, "maximum recursion depth exceeded"),
     ],
-    ids=["truncated", "not_utf8", "int_too_long"],
+    ids=["truncated", "not_utf8", "int_too_long", "nested_too_deeply"],
 )
 def test_ledger_rejects_damaged_json(tmp_path, content: bytes, reason: str) -> None:
     path = tmp_path / "ledger.json"

@@ -234,13 +234,22 @@ def test_read_skips_invalid_values(
     assert problem in caplog.text
 
 
-def test_read_skips_too_many_digits(tmp_path: Path, caplog) -> None:
+@pytest.mark.parametrize(
+    "line",
+    [
+        # json.loads raises a plain ValueError for an int of more digits than
+        # sys.get_int_max_str_digits(), 4300 by default.
+        '{"device": "x", "applied": ' + "1" * 5000 + "}",
+        # and RecursionError for arrays nested deeper than the recursion limit.
+        "[" * 100_000 + "]" * 100_000,
+    ],
+    ids=["too_many_digits", "nested_too_deeply"],
+)
+def test_read_skips_unparsable_line(tmp_path: Path, caplog, line: str) -> None:
     log = tmp_path / "metrics.jsonl"
     append_metrics(log, {"device": "x", "timestamp": 1.0, "applied": 1})
-    # json.loads raises a plain ValueError for an int of more digits than
-    # sys.get_int_max_str_digits(), 4300 by default.
     with log.open("a") as stream:
-        stream.write('{"device": "x", "applied": ' + "1" * 5000 + "}\n")
+        stream.write(line + "\n")
     append_metrics(log, {"device": "x", "timestamp": 2.0, "applied": 2})
 
     with caplog.at_level("WARNING", logger="dslo_edge.report"):
