@@ -736,10 +736,7 @@ def test_killed_convert_leaves_nothing_in_temp(keras_files, tmp_path) -> None:
         deadline = time.monotonic() + 120
         while not saved_models and convert.poll() is None:
             assert time.monotonic() < deadline, "convert wrote no SavedModel in 120 s"
-            saved_models = [
-                *temp.glob("dslo-convert-*"),
-                *out.parent.glob(".bundle-new-*/dslo-convert-*"),
-            ]
+            saved_models = _saved_models(temp, out.parent)
             time.sleep(0.01)
         convert.kill()
     finally:
@@ -756,6 +753,22 @@ def test_killed_convert_leaves_nothing_in_temp(keras_files, tmp_path) -> None:
     prepare_output_dir(out, overwrite=False)
 
     assert not staging.exists()
+
+
+def _saved_models(temp: Path, parent: Path) -> list[Path]:
+    """Return the SavedModel folders that convert has written so far.
+
+    convert renames or deletes its staging folder while this looks, and
+    glob raises FileNotFoundError for a folder that went away meanwhile.
+    That counts as none found yet.
+    """
+    try:
+        return [
+            *temp.glob("dslo-convert-*"),
+            *parent.glob(".bundle-new-*/dslo-convert-*"),
+        ]
+    except FileNotFoundError:
+        return []
 
 
 def killed_pid(staging: Path) -> int:
