@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.checkpoint import write_durably
+from dslo_edge.json_input import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +129,9 @@ def _parse(data: bytes) -> dict[str, list[bytes]]:
         ValueError: the content is not the documented JSON.
     """
     try:
-        document: Any = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        document: Any = parse_json(data)
+    except ValueError as error:
         raise ValueError(f"not JSON ({error})") from error
-    except RecursionError:
-        # Arrays or objects nested deeper than Python's recursion limit.
-        raise ValueError("not JSON (nested too deeply to parse)") from None
     if not isinstance(document, dict):
         raise ValueError(f"expected a JSON object, found {type(document).__name__}")
     version = document.get("format_version")

@@ -9,7 +9,6 @@ message of the round, and only then starts the next one.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import threading
@@ -31,6 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from dslo_edge import broker_login
 from dslo_edge.broker_login import BrokerLogin
 from dslo_edge.errors import BrokerError, ConfigError
+from dslo_edge.json_input import parse_json
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.models import TeacherModel
 from dslo_edge.privacy import PrivacyBudgetExceeded, PrivateRelease
@@ -510,11 +510,8 @@ class HubClient:
                 self._metrics_changed.notify_all()
             return
         try:
-            report = json.loads(message.payload)
-        except (ValueError, RecursionError):
-            # Also an int of more digits than Python reads from text, which
-            # json.loads rejects with a plain ValueError, and arrays or objects
-            # nested deeper than the recursion limit.
+            report = parse_json(message.payload)
+        except ValueError:
             logger.warning("Ignoring unreadable metrics from device %s", self.device_id)
             return
         with self._metrics_changed:

@@ -52,6 +52,7 @@ from dslo_edge.hub_pushes import PushScheduler
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherRegistry
 from dslo_edge.hub_worker_lock import WorkerLock
+from dslo_edge.json_input import parse_json
 from dslo_edge.label_protocol import (
     WORKER_OFFLINE,
     WORKER_ONLINE,
@@ -359,13 +360,8 @@ class HubWorker:
         if peer == self.worker_id:
             return
         try:
-            status = json.loads(message.payload)
-        except (ValueError, RecursionError):
-            # Invalid JSON or UTF-8, or an int of more digits than Python reads
-            # from text (sys.get_int_max_str_digits), which json.loads rejects
-            # with a plain ValueError. RecursionError is for arrays or objects
-            # nested deeper than the recursion limit. Either would end paho's
-            # network thread if it escaped.
+            status = parse_json(message.payload)
+        except ValueError:
             return
         if not isinstance(status, dict) or not isinstance(status.get("state"), str):
             return

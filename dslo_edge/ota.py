@@ -64,6 +64,7 @@ from dslo_edge.finished_transfers import (
     FINISHED_TRANSFERS_FILE,
     FinishedTransfers,
 )
+from dslo_edge.json_input import parse_json
 from dslo_edge.protocol import Topics
 from dslo_edge.signing import HEADER_BYTES as SIGNED_HEADER_BYTES
 from dslo_edge.signing import SIGNED_MAGIC
@@ -262,11 +263,8 @@ class ReleaseOptions:
             OtaError: ``bad_bundle`` when the file is not the expected JSON.
         """
         try:
-            document = json.loads(data)
-        except (ValueError, RecursionError) as error:
-            # Also an int of more digits than Python reads from text, which
-            # json.loads rejects with a plain ValueError, and arrays or objects
-            # nested deeper than the recursion limit.
+            document = parse_json(data)
+        except ValueError as error:
             raise OtaError(
                 "bad_bundle", f"{RELEASE_FILE} in the archive is not JSON: {error}"
             ) from error

@@ -13,7 +13,6 @@ is never taken for the new transfer's.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tarfile
 import threading
@@ -25,6 +24,7 @@ from typing import Any
 from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle
 from dslo_edge.errors import BrokerError, BundleError
 from dslo_edge.health import PROBE_FILE, check_bundle_probe
+from dslo_edge.json_input import parse_json
 from dslo_edge.ota import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_ARCHIVE_BYTES,
@@ -273,11 +273,8 @@ class StatusWatcher:
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         try:
-            status = json.loads(message.payload)
-        except (ValueError, RecursionError) as error:
-            # Also an int of more digits than Python reads from text, which
-            # json.loads rejects with a plain ValueError, and arrays or objects
-            # nested deeper than the recursion limit.
+            status = parse_json(message.payload)
+        except ValueError as error:
             logger.warning(
                 "Ignoring a status on %s that is not JSON: %s", self.topic, error
             )

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dslo_edge.errors import ConfigError, DsloError
+from dslo_edge.json_input import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -317,11 +318,8 @@ class PrivacyLedger:
 def _read_ledger(path: Path) -> dict[str, dict[float, int]]:
     try:
         # JSON text is UTF-8 (RFC 8259), whatever the locale.
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:
-        # Also an int of more digits than Python reads from text, which
-        # json.loads rejects with a plain ValueError, and arrays or objects
-        # nested deeper than the recursion limit.
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except ValueError as error:
         # The ledger is replaced atomically, so a damaged one was changed by
         # something else. Deleting it would forget the privacy already spent.
         raise ConfigError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.errors import ConfigError, OutputPathError
+from dslo_edge.json_input import parse_json
 from dslo_edge.report_staging import make_staging_dir, move_into_place
 
 logger = logging.getLogger(__name__)
@@ -87,14 +88,11 @@ def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw.decode("utf-8"))
+            record = parse_json(raw.decode("utf-8"))
         except UnicodeDecodeError:
             not_text += 1
             continue
-        except (ValueError, RecursionError):
-            # Invalid JSON, an int of more digits than Python reads from text
-            # (sys.get_int_max_str_digits), which json.loads rejects with a
-            # plain ValueError, or arrays nested deeper than the recursion limit.
+        except ValueError:
             skipped += 1
             continue
         if not isinstance(record, dict) or not REPORT_KEYS <= record.keys():
