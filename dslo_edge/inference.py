@@ -51,50 +51,49 @@ def _check_uncompressed(payload: bytes) -> None:
     payload.
     """
     try:
-        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
-            members = archive.infolist()
+        archive = zipfile.ZipFile(io.BytesIO(payload))
     except (zipfile.BadZipFile, ValueError, OSError) as error:
         raise InvalidUpdate(
             "bad_inputs", f"expected an .npz archive: {error}"
         ) from error
-    for member in members:
-        if member.compress_type != zipfile.ZIP_STORED or member.file_size > len(
-            payload
-        ):
-            raise InvalidUpdate(
-                "bad_inputs",
-                f"member {member.filename} is compressed; send np.savez, not "
-                "np.savez_compressed",
-            )
-    _check_declared_sizes(payload, members)
+    with archive:
+        for member in archive.infolist():
+            if member.compress_type != zipfile.ZIP_STORED or member.file_size > len(
+                payload
+            ):
+                raise InvalidUpdate(
+                    "bad_inputs",
+                    f"member {member.filename} is compressed; send np.savez, not "
+                    "np.savez_compressed",
+                )
+        _check_declared_sizes(archive)
 
 
-def _check_declared_sizes(payload: bytes, members: list[zipfile.ZipInfo]) -> None:
+def _check_declared_sizes(archive: zipfile.ZipFile) -> None:
     """Reject an .npy member whose header declares more data than it holds.
 
     numpy allocates the array that the header declares before it reads the
     data, so a 300-byte member that declares terabytes raises MemoryError, and
     one that declares gigabytes can exhaust a small board's memory.
     """
-    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
-        for member in members:
-            if member.filename.endswith(".npy"):
-                try:
-                    with archive.open(member) as stream:
-                        declared = _declared_npy_bytes(stream, member.filename)
-                        data_bytes = member.file_size - stream.tell()
-                except (zipfile.BadZipFile, OSError) as error:
-                    # For example a local header that names another file.
-                    raise InvalidUpdate(
-                        "bad_inputs", f"expected an .npz archive: {error}"
-                    ) from error
-                if declared > data_bytes:
-                    raise InvalidUpdate(
-                        "bad_inputs",
-                        f"member {member.filename} declares {declared} bytes of "
-                        f"data but holds {data_bytes} bytes; write the archive with "
-                        "np.savez",
-                    )
+    for member in archive.infolist():
+        if not member.filename.endswith(".npy"):
+            continue
+        try:
+            with archive.open(member) as stream:
+                declared = _declared_npy_bytes(stream, member.filename)
+                data_bytes = member.file_size - stream.tell()
+        except (zipfile.BadZipFile, OSError) as error:
+            # For example a local header that names another file.
+            raise InvalidUpdate(
+                "bad_inputs", f"expected an .npz archive: {error}"
+            ) from error
+        if declared > data_bytes:
+            raise InvalidUpdate(
+                "bad_inputs",
+                f"member {member.filename} declares {declared} bytes of data but "
+                f"holds {data_bytes} bytes; write the archive with np.savez",
+            )
 
 
 def _declared_npy_bytes(stream: Any, name: str) -> int:
