@@ -59,8 +59,8 @@ logger = logging.getLogger("dslo_edge.hub_pushes")
 PUBLISH_TIMEOUT_S = 30.0
 # How long a stopping worker waits in all for the PUBACKs of the updates it
 # has published. A broker that works normally sends them well within that
-# time, so the resumed run publishes none of them again. A broker that stopped
-# answering delays the stop by this much.
+# time, so the resumed run publishes none of them again. A broker that no
+# longer sends PUBACKs delays the stop by this much.
 STOP_PUBACK_WAIT_S = 1.0
 # The default of the device's max_age_s (dslo_edge.config): a device with that
 # default rejects an update older than this, also one published again.

@@ -53,7 +53,7 @@ def test_overlapping_sends_both_get_outcome(
     mlp_pair, broker_factory: Callable[..., Broker]
 ) -> None:
     broker = broker_factory("mosquitto")
-    # This client stands in for the device and publishes each outcome retained,
+    # This client acts as the device and publishes each outcome retained,
     # as the daemon does, once both senders wait for theirs.
     device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="device")
     device.connect("127.0.0.1", broker.port)
