@@ -4,7 +4,8 @@ A teacher for such a student has one output per head. ``convert_bundle`` and
 ``convert_teacher`` export its ``infer`` signature with an ``output_<head>``
 tensor for each head, and the bundle manifest lists each head's output kind
 under ``teacher.output_kinds``. ``build_multi_head_updates`` cuts the labelled
-samples into format version 3 updates.
+samples into format version 3 updates for ``dslo-edge push``, and the hub
+service's scheduled pushes make each batch's update with ``multi_head_update``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dslo_edge.hub import (
     describe_non_finite_labels,
     label_probabilities_of,
 )
+from dslo_edge.models import read_teacher
 from dslo_edge.multihead_protocol import HeadLabels, MultiHeadUpdate
 from dslo_edge.protocol import new_message_id
 from dslo_edge.runtime import as_float32, load_interpreter
@@ -31,15 +33,24 @@ class MultiHeadTeacherModel:
     """A teacher ``.tflite`` whose ``infer`` returns ``output_<head>`` per head."""
 
     def __init__(
-        self, path: str | Path, output_kinds: Mapping[str, str], runtime: str = "auto"
+        self,
+        path: str | Path,
+        output_kinds: Mapping[str, str],
+        runtime: str = "auto",
+        *,
+        content: bytes | None = None,
     ):
-        """Load the teacher and check that it has an output for every head.
+        """Load the teacher from ``content``, or else from the file at ``path``.
 
         Raises:
+            BundleError: the file cannot be read or is not a LiteRT model.
             ConfigError: the teacher file lacks the output of a head.
         """
         self.output_kinds = dict(output_kinds)
-        self.interpreter = load_interpreter(path, preference=runtime)
+        self.interpreter = load_interpreter(
+            model_content=read_teacher(path) if content is None else content,
+            preference=runtime,
+        )
         self._infer = self.interpreter.get_signature_runner("infer")
         outputs = set(self.interpreter.get_signature_list()["infer"]["outputs"])
         missing = [name for name in output_kinds if f"output_{name}" not in outputs]
@@ -49,6 +60,13 @@ class MultiHeadTeacherModel:
                 f"student's heads need output_{missing[0]}; convert the teacher "
                 "with one output per head, named like the student's output layers"
             )
+        details = self._infer.get_input_details()["x"]["shape"][1:]
+        self.input_shape = tuple(int(d) for d in details)
+        output_details = self._infer.get_output_details()
+        self.class_counts = {
+            name: int(output_details[f"output_{name}"]["shape"][-1])
+            for name in self.output_kinds
+        }
 
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Return each head's teacher output (probabilities or logits)."""
@@ -82,33 +100,66 @@ def build_multi_head_updates(
     """
     for start in range(0, len(samples.x), batch_size):
         x = samples.x[start : start + batch_size]
+        ids = samples.ids[start : start + batch_size]
         outputs = teacher.predict(x)
-        _check_finite_heads(outputs, x, samples.ids[start : start + batch_size])
-        heads = {
-            name: _head_labels(outputs[name], teacher.output_kinds[name], top_k)
-            for name in teacher.output_kinds
-        }
-        yield MultiHeadUpdate(
-            message_id=new_message_id(),
+        problem = describe_non_finite_heads(outputs, x, ids)
+        if problem is not None:
+            raise ConfigError(
+                f"{problem}. Check or rescale the inputs in the sample file; "
+                "updates of earlier batches were already sent"
+            )
+        yield multi_head_update(
+            outputs,
+            teacher.output_kinds,
+            x,
+            ids,
             teacher_version=teacher_version,
             teacher_round=teacher_round,
-            timestamp=time.time(),
-            sample_ids=samples.ids[start : start + batch_size],
-            inputs=x,
-            heads=heads,
+            top_k=top_k,
         )
 
 
-def _check_finite_heads(
+def multi_head_update(
+    outputs: Mapping[str, np.ndarray],
+    output_kinds: Mapping[str, str],
+    x: np.ndarray,
+    sample_ids: list[str],
+    *,
+    teacher_version: str,
+    teacher_round: int,
+    top_k: int | None = None,
+) -> MultiHeadUpdate:
+    """Return the update of one batch from each head's teacher output.
+
+    Args:
+        outputs: each head's teacher output for the inputs ``x``.
+        output_kinds: each head's output kind, "probabilities" or "logits".
+        top_k: as for ``build_multi_head_updates``.
+    """
+    heads = {
+        name: _head_labels(outputs[name], output_kinds[name], top_k)
+        for name in output_kinds
+    }
+    return MultiHeadUpdate(
+        message_id=new_message_id(),
+        teacher_version=teacher_version,
+        teacher_round=teacher_round,
+        timestamp=time.time(),
+        sample_ids=list(sample_ids),
+        inputs=x,
+        heads=heads,
+    )
+
+
+def describe_non_finite_heads(
     outputs: Mapping[str, np.ndarray], x: np.ndarray, ids: list[str]
-) -> None:
+) -> str | None:
+    """Describe the first head whose labels are NaN or infinite, or return None."""
     for name, labels in outputs.items():
         problem = describe_non_finite_labels(labels, x, ids)
         if problem is not None:
-            raise ConfigError(
-                f"head {name}: {problem}. Check or rescale the inputs in the "
-                "sample file; updates of earlier batches were already sent"
-            )
+            return f"head {name}: {problem}"
+    return None
 
 
 def _head_labels(output: np.ndarray, kind: str, top_k: int | None) -> HeadLabels:
