@@ -11,6 +11,7 @@ it. The longest reconnect delay is 30 s, not 60 s. The protocol must be 5.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +61,9 @@ class RequestSettings:
     """Limits and batching of the label requests a worker serves.
 
     Attributes:
+        enabled: whether the worker serves label requests. False for a
+            worker that runs only the scheduled pushes, which a teacher with
+            several heads needs.
         max_samples: samples per request; larger requests are rejected.
         max_payload_bytes: request payload size limit.
         batch_max_samples: samples per teacher call, summed over the
@@ -72,6 +76,7 @@ class RequestSettings:
         answered_ttl_s: how long answers stay cached for repeated requests.
     """
 
+    enabled: bool = True
     max_samples: int = 256
     max_payload_bytes: int = 4 * 1024 * 1024
     batch_max_samples: int = 1024
@@ -251,6 +256,7 @@ def _teacher(table: _Table) -> TeacherSettings:
 def _requests(table: _Table) -> RequestSettings:
     count = (lambda v: 1 <= v <= 4096, "an integer in 1..4096")
     settings = RequestSettings(
+        enabled=table.get("enabled", bool, True),
         max_samples=table.get("max_samples", int, 256, *count),
         max_payload_bytes=table.get(
             "max_payload_bytes",
@@ -406,11 +412,11 @@ def _check_push_data(config: HubConfig) -> None:
     """Load each push's data and check it against the teacher, as ``push`` does.
 
     Raises:
-        ConfigError: the teacher is an invalid bundle or one with several
-            heads, or has no teacher signature, or a push's data cannot be
-            read or does not fit the teacher, or it has no ``y`` for a push
-            with ``hard_labels``, or its first batch exceeds the privacy
-            budget.
+        ConfigError: the teacher is an invalid bundle, or one with several
+            heads and a setting that such a teacher cannot serve, or has no
+            teacher signature. Also when a push's data cannot be read or
+            does not fit the teacher, has no ``y`` for a push with
+            ``hard_labels``, or its first batch exceeds the privacy budget.
     """
     # Imported here because these modules load numpy and the interpreter.
     from dslo_edge.bundle import load_bundle
@@ -424,29 +430,28 @@ def _check_push_data(config: HubConfig) -> None:
             f"{config.source}: cannot load teacher.path {path}: {error}"
         ) from error
     if bundle is not None and bundle.is_multi_head:
-        raise ConfigError(
-            f"{config.source}: teacher.path {path} is a bundle whose student has "
-            f"several heads ({', '.join(bundle.heads)}), but the hub service "
-            "labels for students with one head only; push to such a device "
-            "with 'dslo-edge push --bundle'"
-        )
-    _check_output_kind(config, bundle)
+        _check_multi_head(config, bundle)
+    else:
+        _check_output_kind(config, bundle)
     if not config.pushes:
         return
     from dslo_edge.hub import check_samples, load_samples
-    from dslo_edge.push_checks import read_teacher_signature
+    from dslo_edge.push_checks import expected_teacher_outputs, read_teacher_signature
 
     file = bundle.teacher_path if bundle is not None else path
     source = f"{config.source}: teacher.path {file}"
-    teacher = read_teacher_signature(file, source, ["output"], config.teacher.runtime)
+    outputs = ["output"] if bundle is None else list(expected_teacher_outputs(bundle))
+    teacher = read_teacher_signature(file, source, outputs, config.teacher.runtime)
     for schedule in config.pushes:
         try:
             samples = load_samples(schedule.data, read_labels=schedule.hard_labels)
             check_hard_labels_present(schedule, samples.y is not None)
+            # Only a push with hard_labels reads y, and _check_multi_head
+            # rejects that for a teacher without the single "output".
             check_samples(
                 samples,
                 teacher.input_shape,
-                teacher.class_counts["output"],
+                teacher.class_counts.get("output", 0),
                 str(schedule.data),
                 model="the teacher",
             )
@@ -455,7 +460,71 @@ def _check_push_data(config: HubConfig) -> None:
                 f"{config.source}: [[push]] {schedule.name!r}: {error}"
             ) from error
         _check_push_budget(config, schedule, len(samples.x))
-        _warn_unsent_labels(config, schedule)
+        if bundle is None or not bundle.is_multi_head:
+            _warn_unsent_labels(config, schedule)
+
+
+def _check_multi_head(config: HubConfig, bundle: Bundle) -> None:
+    """Raise ConfigError for the settings that a multi-head teacher cannot serve.
+
+    Such a worker runs the scheduled pushes with format version 3 updates,
+    like ``dslo-edge push --bundle``, and serves no label requests.
+    """
+    heads = ", ".join(bundle.heads)
+    teacher = (
+        f"teacher.path {config.teacher.path} is a bundle whose student has "
+        f"several heads ({heads})"
+    )
+    if config.teacher.output_kind is not None:
+        raise ConfigError(
+            f"{config.source}: teacher.output_kind = "
+            f"{config.teacher.output_kind!r} is invalid, because {teacher} and "
+            "its manifest names each head's teacher output kind; remove "
+            "teacher.output_kind"
+        )
+    if config.requests.enabled:
+        raise ConfigError(
+            f"{config.source}: requests.enabled = true (the default) is "
+            f"invalid, because {teacher}, and the hub serves label requests "
+            "with single-head labels only; set enabled = false in the "
+            "[requests] table, so that the worker runs only the [[push]] "
+            "schedules"
+        )
+    _check_multi_head_privacy(config, bundle.heads)
+    for schedule in config.pushes:
+        check_multi_head_push(config, schedule, bundle.heads)
+
+
+def check_multi_head_push(
+    config: HubConfig, schedule: PushSchedule, heads: Collection[str]
+) -> None:
+    """Raise ConfigError when a push cannot label for a student with ``heads``.
+
+    Such a push sends neither hard labels, because the data's ``y`` has one
+    label per sample and not one per head, nor private labels, which the
+    hub makes for single-head students only. ``dslo-edge push --bundle``
+    rejects both options for such a student too.
+    """
+    _check_multi_head_privacy(config, heads)
+    student = f"the student has several heads ({', '.join(heads)})"
+    if schedule.hard_labels:
+        raise ConfigError(
+            f"{config.source}: [[push]] {schedule.name!r}: hard_labels = true is "
+            f"invalid, because {student} and the y of {schedule.data} has one "
+            "label per sample, not one per head; remove hard_labels from this "
+            "[[push]] table"
+        )
+
+
+def _check_multi_head_privacy(config: HubConfig, heads: Collection[str]) -> None:
+    if config.privacy is None:
+        return
+    raise ConfigError(
+        f"{config.source}: the [privacy] table is invalid, because the "
+        f"student has several heads ({', '.join(heads)}) and the hub makes "
+        "private labels for single-head students only; remove the [privacy] "
+        "table"
+    )
 
 
 def check_private_hard_labels(config: HubConfig, schedule: PushSchedule) -> None:

@@ -1,7 +1,8 @@
 """The publishing of one device's batches in a push run, for ``PushScheduler``.
 
 ``BatchPublisher`` labels each batch of the dataset, charges and stores it,
-signs it when the device has a key, and publishes it. For a device whose
+signs it when the device has a key, and publishes it. A teacher with several
+heads gives one format version 3 update per batch. For a device whose
 push a stopped worker left, it first publishes again, unchanged, the stored
 batches that the broker did not acknowledge (signed again if the device's
 key changed). While it publishes, it marks the stored batches whose PUBACK
@@ -33,6 +34,7 @@ from dslo_edge.hub import (
     reason_name,
 )
 from dslo_edge.hub_config import HubConfig, PushSchedule
+from dslo_edge.hub_multihead import multi_head_update
 from dslo_edge.hub_push_state import StoredBatch
 from dslo_edge.hub_push_window import (
     PUBLISH_WINDOW,
@@ -42,6 +44,7 @@ from dslo_edge.hub_push_window import (
 )
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherVersion
+from dslo_edge.multihead_protocol import MultiHeadUpdate, encode_multi_head_update
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
 from dslo_edge.pubacks import PubackTracker
@@ -88,7 +91,9 @@ class Labelled:
     """A run's teacher version and outputs, and what they were made from."""
 
     current: TeacherVersion
-    outputs: np.ndarray
+    # The teacher's output for the whole dataset, or each head's output for a
+    # teacher whose version has head_output_kinds.
+    outputs: np.ndarray | dict[str, np.ndarray]
     # The teacher file and data file version that StoredBatch.source records.
     source: str
 
@@ -244,28 +249,37 @@ class BatchPublisher:
         rows: tuple[int, int],
         index: int,
     ) -> StoredBatch:
-        """Label the dataset rows ``rows`` (end excluded) into an unsigned update."""
+        """Label the dataset rows ``rows`` (end excluded) into an unsigned update.
+
+        The update is a format version 3 update, with labels per head, when
+        the teacher has several heads.
+        """
         start, stop = rows
-        labels, kind = self._labels(labelled.outputs[start:stop], labelled.current)
-        now = time.time()
-        update = SoftLabelUpdate(
-            message_id=new_message_id(),
-            teacher_version=labelled.current.version,
-            teacher_round=labelled.current.round,
-            timestamp=now,
-            sample_ids=samples.ids[start:stop],
-            inputs=samples.x[start:stop],
-            labels=labels,
-            label_kind=kind,
-            hard_labels=_batch_hard_labels(schedule, samples, start, stop),
-        )
+        outputs = labelled.outputs
+        if isinstance(outputs, dict):
+            heads = _multi_head_update(samples, labelled.current, outputs, rows)
+            timestamp, payload = heads.timestamp, encode_multi_head_update(heads)
+        else:
+            labels, kind = self._labels(outputs[start:stop], labelled.current)
+            update = SoftLabelUpdate(
+                message_id=new_message_id(),
+                teacher_version=labelled.current.version,
+                teacher_round=labelled.current.round,
+                timestamp=time.time(),
+                sample_ids=samples.ids[start:stop],
+                inputs=samples.x[start:stop],
+                labels=labels,
+                label_kind=kind,
+                hard_labels=_batch_hard_labels(schedule, samples, start, stop),
+            )
+            timestamp, payload = update.timestamp, encode_update(update)
         return StoredBatch(
             batch=index,
             first_sample=start,
             end_sample=stop,
             source=labelled.source,
-            created=now,
-            payload=encode_update(update),
+            created=timestamp,
+            payload=payload,
         )
 
     def _publish(
@@ -566,6 +580,31 @@ def _describe_undelivered(
             "updates topics"
         )
     return problem
+
+
+def _multi_head_update(
+    samples: SampleSet,
+    current: TeacherVersion,
+    outputs: dict[str, np.ndarray],
+    rows: tuple[int, int],
+) -> MultiHeadUpdate:
+    """Return the multi-head update of the dataset rows ``rows`` (end excluded).
+
+    Such a push sends no hard labels and no private labels: the loaded
+    configuration rejects both for a teacher with several heads.
+    """
+    start, stop = rows
+    kinds = current.head_output_kinds
+    # run_once makes outputs per head only for a version with head_output_kinds.
+    assert kinds is not None
+    return multi_head_update(
+        {name: head_rows[start:stop] for name, head_rows in outputs.items()},
+        kinds,
+        samples.x[start:stop],
+        samples.ids[start:stop],
+        teacher_version=current.version,
+        teacher_round=current.round,
+    )
 
 
 def _batch_hard_labels(

@@ -13,7 +13,10 @@ so the resumed run publishes the unacknowledged ones again byte for byte
 new charge, and then the batches never charged.
 A run labels the dataset with the current teacher and publishes updates on
 each device's ``updates`` topic, signed when the device has a key, with the
-privacy noise and budget of the request path. The data file's ``y`` goes
+privacy noise and budget of the request path. A teacher for a student with
+several heads labels with every head, and the run publishes format version 3
+updates. The configuration rejects privacy noise and hard labels for such a
+teacher. The data file's ``y`` goes
 out as hard labels only when the push sets ``hard_labels``, which
 ``[privacy]`` rejects. A run reads the dataset again when the file changed
 since the last run. A device whose budget is spent gets nothing more from
@@ -50,11 +53,13 @@ from dslo_edge.hub_config import (
     HubConfig,
     PushSchedule,
     check_hard_labels_present,
+    check_multi_head_push,
     check_private_hard_labels,
 )
+from dslo_edge.hub_multihead import MultiHeadTeacherModel, describe_non_finite_heads
 from dslo_edge.hub_push_batches import BatchPublisher, DevicePush, Labelled
 from dslo_edge.hub_state import HubState
-from dslo_edge.hub_teacher import TeacherRegistry, TeacherVersion
+from dslo_edge.hub_teacher import AnyTeacherModel, TeacherRegistry, TeacherVersion
 from dslo_edge.models import TeacherModel
 from dslo_edge.pubacks import PubackTracker
 from dslo_edge.push_progress import counted
@@ -98,7 +103,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
         self.republished_updates = 0
         self.stale_republished_updates = 0
         self._stopping = threading.Event()
-        self._model: tuple[str, TeacherModel] | None = None
+        self._model: tuple[str, AnyTeacherModel] | None = None
         # Each data file's samples, with and without y as pushes read them, and
         # the stamp of the file they came from.
         self._samples: dict[
@@ -310,7 +315,10 @@ class PushScheduler(BatchPublisher, threading.Thread):
         model = self._teacher_model(current)
         samples = self._load(schedule, model)
         outputs = model.predict(samples.x)
-        problem = describe_non_finite_labels(outputs, samples.x, samples.ids)
+        if isinstance(outputs, dict):
+            problem = describe_non_finite_heads(outputs, samples.x, samples.ids)
+        else:
+            problem = describe_non_finite_labels(outputs, samples.x, samples.ids)
         if problem is not None:
             # Read the file again at the next run, in case it was fixed.
             self._samples.pop((schedule.data, schedule.hard_labels), None)
@@ -425,7 +433,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
             repeats,
         )
 
-    def _load(self, schedule: PushSchedule, model: TeacherModel) -> SampleSet:
+    def _load(self, schedule: PushSchedule, model: AnyTeacherModel) -> SampleSet:
         """Return the push's samples, read again when the file changed.
 
         A changed file that cannot be read or does not fit the teacher, such
@@ -435,11 +443,15 @@ class PushScheduler(BatchPublisher, threading.Thread):
         Raises:
             ConfigError: the file is invalid and no earlier samples exist, or
                 the push sets ``hard_labels`` and the configuration has
-                ``[privacy]``.
+                ``[privacy]``, or the teacher has several heads and the push
+                sets ``hard_labels`` or the configuration has ``[privacy]``.
         """
-        # The loaded configuration rejects this, but a HubConfig built in code
-        # is not checked, and hard labels must never bypass the privacy noise.
+        # The loaded configuration rejects these, but a HubConfig built in code
+        # is not checked. Hard labels must never bypass the privacy noise, and
+        # multi-head labels are made without it.
         check_private_hard_labels(self.config, schedule)
+        if isinstance(model, MultiHeadTeacherModel):
+            check_multi_head_push(self.config, schedule, model.output_kinds)
         path = schedule.data
         stamp = _file_stamp(path)
         cached = self._samples.get((path, schedule.hard_labels))
@@ -451,7 +463,9 @@ class PushScheduler(BatchPublisher, threading.Thread):
             check_samples(
                 samples,
                 model.input_shape,
-                model.class_count,
+                # Only hard labels are checked against it, which a multi-head
+                # teacher rejects above.
+                model.class_count if isinstance(model, TeacherModel) else 0,
                 str(path),
                 model="the teacher",
             )
@@ -485,7 +499,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
             }
         )
 
-    def _teacher_model(self, current: TeacherVersion) -> TeacherModel:
+    def _teacher_model(self, current: TeacherVersion) -> AnyTeacherModel:
         if self._model is None or self._model[0] != current.identity:
             model = current.new_model(self.config.teacher.runtime)
             self._model = (current.identity, model)

@@ -151,7 +151,8 @@ class HubWorker:
             raise
         try:
             self.teacher = TeacherRegistry(config.teacher, self.state)
-            _check_top_k(config, self.teacher.class_count)
+            if config.requests.enabled:
+                _check_top_k(config, self.teacher.class_count)
         except BaseException:
             self.state.close()
             self._lock.release()
@@ -171,6 +172,8 @@ class HubWorker:
         # When the current connection was accepted (time.monotonic), or
         # None while disconnected.
         self._connected_at: float | None = None
+        # Requests that a worker with requests.enabled = false dropped.
+        self._dropped_requests = 0
         self._timers = _Timers()
         self.status_topic = worker_status_topic(self.prefix, self.worker_id)
         self.connection = MqttConnection(
@@ -213,6 +216,11 @@ class HubWorker:
             self.config.mqtt.host,
             self.config.mqtt.port,
         )
+        if not self.config.requests.enabled:
+            logger.info(
+                "Hub worker %s serves no label requests (requests.enabled = false)",
+                self.worker_id,
+            )
         self._batcher.start()
         self.connection.start()
         if self.pushes is not None:
@@ -223,7 +231,7 @@ class HubWorker:
         """Serve what was received, then end the session so no request waits."""
         systemd.notify("STOPPING=1")
         client = self.connection.client
-        if self.connection.connected.is_set():
+        if self.connection.connected.is_set() and self.config.requests.enabled:
             client.unsubscribe(shared_request_filter(self.prefix, self.config.group))
             self._wait_idle(timeout)
         self.stopping.set()
@@ -313,7 +321,12 @@ class HubWorker:
     def _on_connected(self, _session_present: bool) -> None:
         self._connected_at = time.monotonic()
         client = self.connection.client
-        client.subscribe(shared_request_filter(self.prefix, self.config.group), qos=1)
+        requests = shared_request_filter(self.prefix, self.config.group)
+        if self.config.requests.enabled:
+            client.subscribe(requests, qos=1)
+        else:
+            # A session resumed from a run with requests enabled still has it.
+            client.unsubscribe(requests)
         client.subscribe(worker_status_topic(self.prefix, "+"), qos=1)
         client.publish(
             self.status_topic,
@@ -329,7 +342,27 @@ class HubWorker:
             client = self.connection.client
             client.ack(message.mid, message.qos)
             return
+        if not self.config.requests.enabled:
+            self._drop_request(message)
+            return
         self.enqueue(message, self.connection.client)
+
+    def _drop_request(self, message: mqtt.MQTTMessage) -> None:
+        """Acknowledge a request that the resumed session held, without a response.
+
+        The device sends it again, and the broker gives it to a worker of the
+        group that serves requests, if one runs.
+        """
+        self._dropped_requests += 1
+        if self._dropped_requests == 1:
+            logger.warning(
+                "Hub worker %s drops the label requests that its resumed session "
+                "held, such as one on %s, because requests.enabled = false; the "
+                "devices send them again",
+                self.worker_id,
+                message.topic,
+            )
+        self.connection.client.ack(message.mid, message.qos)
 
     def enqueue(
         self,
@@ -377,7 +410,13 @@ class HubWorker:
             self._start_drain(peer, status)
 
     def _drains_peer(self, peer: str, status: dict[str, Any]) -> bool:
-        """Return whether this worker may drain ``peer``: only its own group."""
+        """Return whether this worker may drain ``peer``: only its own group.
+
+        A worker that serves no label requests drains no peer, because a
+        drain serves the requests that the peer's session held.
+        """
+        if not self.config.requests.enabled:
+            return False
         group = status.get("group")
         if group == self.config.group:
             return True

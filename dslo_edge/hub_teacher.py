@@ -30,9 +30,13 @@ import numpy as np
 from dslo_edge.bundle import MANIFEST_NAME, load_bundle
 from dslo_edge.errors import BundleError, ConfigError, RuntimeMissing
 from dslo_edge.hub_config import TeacherSettings
+from dslo_edge.hub_multihead import MultiHeadTeacherModel, head_output_kinds
 from dslo_edge.hub_state import HubState
 from dslo_edge.models import TeacherModel, read_teacher
 from dslo_edge.push_checks import check_output_kinds
+
+# The teacher of a single-head or of a multi-head student.
+AnyTeacherModel = TeacherModel | MultiHeadTeacherModel
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class TeacherVersion:
     """One version of the teacher: its file, identity and round."""
 
     file: Path
+    # The output kind of a single-head teacher, "" for a multi-head one.
     output_kind: str
     identity: str  # sha256 of the teacher file
     version: str  # at most 64 bytes, sent in every update
@@ -51,32 +56,53 @@ class TeacherVersion:
     # because the file may have been replaced since by a teacher that was not
     # loaded.
     content: bytes = field(default=b"", repr=False, compare=False)
+    # Each head's output kind for the teacher of a student with several
+    # heads, or None for a student with one head.
+    head_output_kinds: dict[str, str] | None = field(default=None, hash=False)
 
-    def new_model(self, runtime: str = "auto") -> TeacherModel:
+    def new_model(self, runtime: str = "auto") -> AnyTeacherModel:
         """Return a new interpreter of this version, for a thread of its own."""
-        return TeacherModel(
-            self.file,
-            self.output_kind,
-            runtime,
-            content=self.content,
-            source=f"teacher.path {self.file}",
-        )
+        resolved = _Resolved(self.file, self.output_kind, self.head_output_kinds)
+        return _new_model(resolved, self.content, runtime)
 
     def announcement(self) -> str:
-        """Return the JSON text of the retained teacher announcement."""
+        """Return the JSON text of the retained teacher announcement.
+
+        It has ``output_kind`` for a single-head teacher, and ``output_kinds``
+        (the kind per head) for a multi-head one.
+        """
+        kinds: dict[str, Any] = {"output_kind": self.output_kind}
+        if self.head_output_kinds is not None:
+            kinds = {"output_kinds": self.head_output_kinds}
         return json.dumps(
             {
                 "version": self.version,
                 "round": self.round,
                 "sha256": self.identity,
-                "output_kind": self.output_kind,
+                **kinds,
                 "loaded_at": self.loaded_at,
             }
         )
 
 
-def _resolve(settings: TeacherSettings) -> tuple[Path, str]:
-    """Return the teacher file and output kind; checks a bundle's checksums.
+@dataclass(frozen=True)
+class _Resolved:
+    """The teacher file that ``teacher.path`` names, and its output kinds."""
+
+    file: Path
+    output_kind: str
+    head_output_kinds: dict[str, str] | None = None
+
+    @property
+    def tensor_output_kinds(self) -> dict[str, str]:
+        """Return the expected output kind per teacher output tensor."""
+        if self.head_output_kinds is None:
+            return {"output": self.output_kind}
+        return {f"output_{h}": kind for h, kind in self.head_output_kinds.items()}
+
+
+def _resolve(settings: TeacherSettings) -> _Resolved:
+    """Return the teacher file and output kinds; checks a bundle's checksums.
 
     Raises:
         BundleError: the bundle is invalid.
@@ -86,11 +112,48 @@ def _resolve(settings: TeacherSettings) -> tuple[Path, str]:
     path = settings.path
     if path.is_dir():
         bundle = load_bundle(path, models=("teacher",))
+        if bundle.is_multi_head:
+            _check_no_output_kind(settings)
+            return _Resolved(
+                bundle.teacher_path, "", head_output_kinds(bundle.manifest)
+            )
         _check_output_kind(settings, bundle.teacher_output_kind)
-        return bundle.teacher_path, bundle.teacher_output_kind
+        return _Resolved(bundle.teacher_path, bundle.teacher_output_kind)
     if settings.output_kind is None:
         raise ConfigError(f"teacher.output_kind is needed for the file {path}")
-    return path, settings.output_kind
+    return _Resolved(path, settings.output_kind)
+
+
+def _new_model(resolved: _Resolved, content: bytes, runtime: str) -> AnyTeacherModel:
+    """Load the teacher ``content`` of the file that ``resolved`` names.
+
+    Raises:
+        BundleError: ``content`` is not a LiteRT model.
+        ConfigError: the model lacks the teacher signature or an output.
+    """
+    if resolved.head_output_kinds is not None:
+        return MultiHeadTeacherModel(
+            resolved.file, resolved.head_output_kinds, runtime, content=content
+        )
+    return TeacherModel(
+        resolved.file,
+        resolved.output_kind,
+        runtime,
+        content=content,
+        source=f"teacher.path {resolved.file}",
+    )
+
+
+def _check_no_output_kind(settings: TeacherSettings) -> None:
+    """Raise ConfigError when teacher.output_kind is set for a multi-head bundle."""
+    if settings.output_kind is None:
+        return
+    raise ConfigError(
+        f"teacher.output_kind = {settings.output_kind!r} is invalid for the "
+        f"bundle {settings.path}, whose student has several heads and whose "
+        "manifest names each head's teacher output kind; remove "
+        "teacher.output_kind and restart the hub"
+    )
 
 
 def _check_output_kind(settings: TeacherSettings, manifest_kind: str) -> None:
@@ -112,9 +175,9 @@ def _check_output_kind(settings: TeacherSettings, manifest_kind: str) -> None:
 
 
 def _check_graph_kind(
-    settings: TeacherSettings, file: Path, output_kind: str, content: bytes
+    settings: TeacherSettings, resolved: _Resolved, content: bytes
 ) -> None:
-    """Raise ConfigError when the teacher's output op contradicts its output kind."""
+    """Raise ConfigError when a teacher's output op contradicts its output kind."""
     is_bundle = settings.path.is_dir()
     if is_bundle:
         kind_source = f"the manifest's teacher output kind in {settings.path}"
@@ -122,8 +185,8 @@ def _check_graph_kind(
         kind_source = "teacher.output_kind"
     check_output_kinds(
         content,
-        {"output": output_kind},
-        f"teacher.path {file}",
+        resolved.tensor_output_kinds,
+        f"teacher.path {resolved.file}",
         kind_source,
         kind_is_setting=not is_bundle,
     )
@@ -186,24 +249,26 @@ class TeacherRegistry:
         self._failure: tuple[Any, ...] | None = None
 
     def _load(self) -> TeacherVersion:
-        file, output_kind = _resolve(self.settings)
-        content = read_teacher(file)
-        _check_graph_kind(self.settings, file, output_kind, content)
-        return self._version(file, output_kind, _sha256(content), content)
+        resolved = _resolve(self.settings)
+        content = read_teacher(resolved.file)
+        _check_graph_kind(self.settings, resolved, content)
+        return self._version(resolved, _sha256(content), content)
 
     def _version(
-        self, file: Path, output_kind: str, identity: str, content: bytes
+        self, resolved: _Resolved, identity: str, content: bytes
     ) -> TeacherVersion:
+        file = resolved.file
         name = self.settings.path.name if self.settings.path.is_dir() else file.stem
         version = f"{name[:50]}-{identity[:12]}"
         return TeacherVersion(
             file,
-            output_kind,
+            resolved.output_kind,
             identity,
             version,
             self.state.teacher_round(identity, version),
             time.time(),
             content,
+            resolved.head_output_kinds,
         )
 
     @property
@@ -213,12 +278,28 @@ class TeacherRegistry:
 
     @property
     def class_count(self) -> int:
-        """Class count of the current teacher."""
-        return _shapes(self._model)[1]
+        """Class count of the current teacher, which must have one head.
+
+        Raises:
+            ConfigError: the teacher has several heads.
+        """
+        return self._single_head_model().class_count
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Run the current teacher on a batch."""
-        return self._model.predict(x)
+        """Run the current teacher, which must have one head, on a batch.
+
+        Raises:
+            ConfigError: the teacher has several heads.
+        """
+        return self._single_head_model().predict(x)
+
+    def _single_head_model(self) -> TeacherModel:
+        if not isinstance(self._model, TeacherModel):
+            raise ConfigError(
+                f"the teacher at {self.settings.path} has several heads, and "
+                "label requests are served for single-head teachers only"
+            )
+        return self._model
 
     def reload_if_changed(self, force: bool = False) -> bool:
         """Load a new version if the file changed; return True if one was loaded.
@@ -233,17 +314,12 @@ class TeacherRegistry:
         if fingerprint == self._fingerprint and not force:
             return False
         try:
-            file, output_kind = _resolve(self.settings)
+            resolved = _resolve(self.settings)
+            file = resolved.file
             content = read_teacher(file)
-            _check_graph_kind(self.settings, file, output_kind, content)
+            _check_graph_kind(self.settings, resolved, content)
             identity = _sha256(content)
-            model = TeacherModel(
-                file,
-                output_kind,
-                self.settings.runtime,
-                content=content,
-                source=f"teacher.path {file}",
-            )
+            model = _new_model(resolved, content, self.settings.runtime)
             shapes = _shapes(model)
         except (BundleError, ConfigError, OSError, ValueError, KeyError) as error:
             self._log_failure(fingerprint, error, force)
@@ -257,21 +333,22 @@ class TeacherRegistry:
             # Remembered, so the same file is not checked and logged again.
             self._fingerprint = fingerprint
             logger.error(
-                "Teacher at %s takes inputs %s and gives %d classes, but %s takes "
-                "%s and gives %d; keeping %s. A new teacher must fit the same "
+                "Teacher at %s takes inputs %s and gives %s, but %s takes "
+                "%s and gives %s; keeping %s. A new teacher must fit the same "
                 "student: restart the hub to change models",
                 file,
                 shapes[0],
-                shapes[1],
+                _describe_classes(shapes[1]),
                 self.current.version,
-                *current_shapes,
+                current_shapes[0],
+                _describe_classes(current_shapes[1]),
                 self.current.version,
             )
             return False
         # The round lookup can fail, for example while another process holds
         # the state file's lock. The fingerprint is set only after it, so the
         # next poll tries this file again.
-        candidate = self._version(file, output_kind, identity, content)
+        candidate = self._version(resolved, identity, content)
         self._fingerprint = fingerprint
         self._model = model
         logger.info(
@@ -309,6 +386,19 @@ def _sha256(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def _shapes(model: TeacherModel) -> tuple[tuple[int, ...], int]:
-    """Return a teacher's input shape per sample and its class count."""
-    return model.input_shape, model.class_count
+def _shapes(model: AnyTeacherModel) -> tuple[tuple[int, ...], dict[str, int]]:
+    """Return a teacher's input shape per sample and its class count per head.
+
+    A single-head teacher has one head, named "".
+    """
+    if isinstance(model, TeacherModel):
+        return model.input_shape, {"": model.class_count}
+    return model.input_shape, model.class_counts
+
+
+def _describe_classes(class_counts: dict[str, int]) -> str:
+    """Describe class counts, such as "5 classes" for a single-head teacher."""
+    if list(class_counts) == [""]:
+        return f"{class_counts['']} classes"
+    counts = ", ".join(f"{name} {count}" for name, count in class_counts.items())
+    return f"the heads {counts} (classes per head)"

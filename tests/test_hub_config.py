@@ -843,15 +843,26 @@ def test_bundle_output_kind_must_match(
     )
 
 
-def test_multi_head_teacher_bundle_is_rejected(two_head_bundle, tmp_path) -> None:
+def test_multi_head_teacher_needs_requests_off(two_head_bundle, tmp_path) -> None:
     config = write_hub_config(tmp_path / "hub", 1883, two_head_bundle)
 
     with pytest.raises(ConfigError) as caught:
         load_hub_config(config, "w1")
 
     message = str(caught.value)
-    assert "is a bundle whose student has several heads" in message
-    assert "labels for students with one head only" in message
+    assert "is a bundle whose student has several heads (digit, shape)" in message
+    assert "serves label requests with single-head labels only" in message
+    assert "set enabled = false in the [requests] table" in message
+
+
+def test_multi_head_teacher_without_requests_loads(two_head_bundle, tmp_path) -> None:
+    extra = {"requests": "enabled = false"}
+    config = write_hub_config(tmp_path / "hub", 1883, two_head_bundle, extra)
+
+    loaded = load_hub_config(config, "w1")
+
+    assert loaded.requests.enabled is False
+    assert loaded.pushes == ()
 
 
 HUB_DOC = Path(__file__).resolve().parent.parent / "docs" / "hub.md"
