@@ -68,7 +68,7 @@ from dslo_edge.daemon_restore import MISMATCHED_SUFFIX as MISMATCHED_SUFFIX
 from dslo_edge.daemon_restore import RestoreMixin
 from dslo_edge.dropped_ids import DROPPED_IDS_FILE, DroppedIds
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
-from dslo_edge.health import PROBE_FILE, HealthGuard, load_probe
+from dslo_edge.health import HealthGuard, load_bundle_probe
 from dslo_edge.inference import InferenceService, inference_topics, make_requester
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.model_update import ModelUpdater
@@ -415,27 +415,11 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         variables = bundle.manifest["student"].get("variables", {})
         trained = {n for n, v in variables.items() if v.get("kind") == "trained"}
         return HealthGuard(
-            self._load_probe(bundle),
+            load_bundle_probe(bundle),
             self.config.health.max_accuracy_drop,
             self.costs.infer_ms,
             norm_names=trained or None,
         )
-
-    def _load_probe(self, bundle: Bundle) -> Any:
-        path = bundle.path / PROBE_FILE
-        if not path.is_file():
-            return None
-        if bundle.is_multi_head:
-            # NOTE: probe.npz has one label column, so a multi-head student is
-            # checked for non-finite weights only.
-            logger.warning(
-                "Device %s ignores %s: probe sets are read for single-head "
-                "students only",
-                self.device_id,
-                path,
-            )
-            return None
-        return load_probe(path, bundle.input_shape, bundle.class_count)
 
     def _make_metrics_log(self) -> logging.Logger:
         settings = self.config.logging
@@ -1048,6 +1032,9 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             "label_requests": self._request_report(),
             **self.costs.report(),
         }
+        if self.bundle.is_multi_head:
+            # probe_accuracy is then the mean over the heads.
+            extra["probe_accuracy_heads"] = self.health.last_head_accuracy
         return self.metrics.snapshot(self.device_id, extra)
 
     def _request_report(self) -> dict[str, Any] | None:

@@ -1,12 +1,14 @@
 """Model health: probe-set accuracy and finite weights, checked before saving.
 
-A small labelled probe set travels with the bundle (``probe.npz`` with ``x``
-and ``y``). The daemon measures the student's accuracy on it every few
-updates and before every checkpoint. Three findings make the daemon roll
-back to the last good checkpoint instead of saving. The first is accuracy
-more than the configured margin below the accuracy at that checkpoint. The
-others are any non-finite weight, and trained weights whose L2 norm grew
-beyond a factor of the norm at that checkpoint.
+A small labelled probe set travels with the bundle (``probe.npz``). For a
+single-head student it contains ``x`` and ``y``. For a student with several
+heads it contains ``x`` and one label array ``y_<head>`` per head. The daemon
+measures the student's accuracy on it every few updates and before every
+checkpoint. Three findings make the daemon roll back to the last good
+checkpoint instead of saving. The first is accuracy (of any head) more than
+the configured margin below the accuracy at that checkpoint. The others are
+any non-finite weight, and trained weights whose L2 norm grew beyond a factor
+of the norm at that checkpoint.
 The norm check needs no probe set, so it also guards bundles without one.
 """
 
@@ -29,22 +31,111 @@ PROBE_FILE = "probe.npz"
 
 @dataclass(frozen=True)
 class ProbeSet:
+    """Probe inputs ``x`` and the class index ``y`` of each row."""
+
     x: np.ndarray
     y: np.ndarray
 
 
+@dataclass(frozen=True)
+class MultiHeadProbeSet:
+    """Probe inputs ``x`` and, for each head by name, the class index of each row."""
+
+    x: np.ndarray
+    labels: dict[str, np.ndarray]
+
+
+def head_label_array(head: str) -> str:
+    """Return the name of a head's label array in ``probe.npz``."""
+    return f"y_{head}"
+
+
 def load_probe(path: Path, input_shape: tuple[int, ...], class_count: int) -> ProbeSet:
-    """Read and check a probe file against the student's shapes.
+    """Read and check a single-head probe file against the student's shapes.
 
     Raises:
         BundleError: the file is unreadable or its arrays do not fit.
     """
-    x, labels = _read_probe_arrays(path)
+    expected = "expected an .npz with x and y, written by numpy.savez(path, x=x, y=y)"
+    x, arrays = _read_probe_arrays(path, ["y"], expected)
+    _check_shapes(path, x, "y", arrays["y"], input_shape)
+    _check_inputs(path, x)
+    y = _class_indices(path, "y", arrays["y"], class_count, "the student")
+    return ProbeSet(x, y)
+
+
+def load_multi_head_probe(
+    path: Path, input_shape: tuple[int, ...], heads: dict[str, int]
+) -> MultiHeadProbeSet:
+    """Read and check a probe file with one label array per head.
+
+    Args:
+        path: the ``probe.npz`` file.
+        input_shape: the student's input shape without the batch axis.
+        heads: the class count of each head, by the manifest's head names.
+
+    Raises:
+        BundleError: the file is unreadable, lacks a head's ``y_<head>``
+            array, has a ``y_<name>`` array for a head the student lacks, or
+            its arrays do not fit.
+    """
+    names = [head_label_array(head) for head in heads]
+    keywords = ", ".join(f"{name}=..." for name in names)
+    expected = (
+        f"expected an .npz with x and one label array per head "
+        f"({', '.join(names)}), written by numpy.savez(path, x=x, {keywords})"
+    )
+    x, arrays = _read_probe_arrays(path, names, expected)
+    for name in names:
+        _check_shapes(path, x, name, arrays[name], input_shape)
+    _check_inputs(path, x)
+    labels = {}
+    for head, classes in heads.items():
+        name = head_label_array(head)
+        labels[head] = _class_indices(
+            path, name, arrays[name], classes, f"head {head!r}"
+        )
+    return MultiHeadProbeSet(x, labels)
+
+
+def load_bundle_probe(bundle: Bundle) -> ProbeSet | MultiHeadProbeSet | None:
+    """Read the bundle's probe set as the daemon does, or return None without one.
+
+    Raises:
+        BundleError: ``probe.npz`` is unreadable or does not fit the student.
+    """
+    path = bundle.path / PROBE_FILE
+    if not path.is_file():
+        return None
+    if bundle.is_multi_head:
+        return load_multi_head_probe(path, bundle.input_shape, bundle.heads)
+    return load_probe(path, bundle.input_shape, bundle.class_count)
+
+
+def check_bundle_probe(bundle: Bundle) -> None:
+    """Check the bundle's probe set as the daemon reads it at start.
+
+    Raises:
+        BundleError: ``probe.npz`` is unreadable or does not fit the student.
+    """
+    load_bundle_probe(bundle)
+
+
+def _check_shapes(
+    path: Path,
+    x: np.ndarray,
+    name: str,
+    labels: np.ndarray,
+    input_shape: tuple[int, ...],
+) -> None:
     if x.shape[1:] != input_shape or labels.shape != (len(x),) or len(x) == 0:
         raise BundleError(
-            f"probe set {path} has x {x.shape} and y {labels.shape}; expected "
-            f"x (N, {', '.join(map(str, input_shape))}) and y (N,) with N > 0"
+            f"probe set {path} has x {x.shape} and {name} {labels.shape}; expected "
+            f"x (N, {', '.join(map(str, input_shape))}) and {name} (N,) with N > 0"
         )
+
+
+def _check_inputs(path: Path, x: np.ndarray) -> None:
     finite_rows = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if not finite_rows.all():
         row = int(np.flatnonzero(~finite_rows)[0])
@@ -52,6 +143,16 @@ def load_probe(path: Path, input_shape: tuple[int, ...], class_count: int) -> Pr
             f"probe set {path}: x[{row}] contains NaN or infinity; expected "
             "finite inputs, so drop or fill the rows with missing values"
         )
+
+
+def _class_indices(
+    path: Path, name: str, labels: np.ndarray, class_count: int, owner: str
+) -> np.ndarray:
+    """Return ``labels`` as int64 class indices, or raise BundleError.
+
+    ``owner`` names who has ``class_count`` classes in the messages, such as
+    "the student" or "head 'shape'".
+    """
     # A float label such as 1.5 would turn into class 1 in the int64 cast.
     with np.errstate(invalid="ignore"):
         y = labels.astype(np.int64)
@@ -59,20 +160,25 @@ def load_probe(path: Path, input_shape: tuple[int, ...], class_count: int) -> Pr
     if len(changed):
         index = int(changed[0])
         raise BundleError(
-            f"probe set {path}: y[{index}] is {labels[index].item()!r}; expected "
-            f"a whole class index from 0 to {class_count - 1}"
+            f"probe set {path}: {name}[{index}] is {labels[index].item()!r}; "
+            f"expected a whole class index from 0 to {class_count - 1}"
         )
     if y.min() < 0 or y.max() >= class_count:
+        subject = "labels" if name == "y" else f"{name} labels"
         raise BundleError(
-            f"probe set {path} has labels {y.min()}..{y.max()}, but the student "
-            f"has {class_count} classes; expected labels in 0..{class_count - 1}"
+            f"probe set {path} has {subject} {y.min()}..{y.max()}, but {owner} has "
+            f"{class_count} classes; expected labels in 0..{class_count - 1}"
         )
-    return ProbeSet(x, y)
+    return y
 
 
-def _read_probe_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``x`` as float32 and ``y`` as float64 from a probe file."""
-    expected = "expected an .npz with x and y, written by numpy.savez(path, x=x, y=y)"
+def _read_probe_arrays(
+    path: Path, label_names: list[str], expected: str
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Return ``x`` as float32 and the label arrays as float64 from a probe file.
+
+    ``expected`` describes the expected file at the end of each message.
+    """
     try:
         with open(path, "rb") as stream:
             head = stream.read(4)
@@ -84,12 +190,14 @@ def _read_probe_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
             )
         with np.load(path, allow_pickle=False) as data:
             names = sorted(data.files)
-            if "x" not in names or "y" not in names:
-                raise BundleError(f"probe set {path} has arrays {names}; {expected}")
+            _check_array_names(path, names, label_names, expected)
             # float64 keeps every int32 label exactly for the whole-number check.
             return (
                 np.asarray(data["x"], dtype=np.float32),
-                np.asarray(data["y"], dtype=np.float64),
+                {
+                    name: np.asarray(data[name], dtype=np.float64)
+                    for name in label_names
+                },
             )
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise BundleError(
@@ -97,17 +205,37 @@ def _read_probe_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         ) from error
 
 
-def check_bundle_probe(bundle: Bundle) -> None:
-    """Check the bundle's probe set as the daemon reads it at start.
+def _check_array_names(
+    path: Path, names: list[str], label_names: list[str], expected: str
+) -> None:
+    """Raise BundleError unless ``x`` and every label array are in the file.
 
-    A multi-head student's probe set is not read, so it is not checked.
-
-    Raises:
-        BundleError: ``probe.npz`` is unreadable or does not fit the student.
+    Per-head files (``label_names`` other than ``["y"]``) must not contain a
+    ``y_<name>`` array for another head, because that is most likely a
+    misspelt head name whose labels would go unchecked.
     """
-    path = bundle.path / PROBE_FILE
-    if path.is_file() and not bundle.is_multi_head:
-        load_probe(path, bundle.input_shape, bundle.class_count)
+    missing = [name for name in ["x", *label_names] if name not in names]
+    if label_names == ["y"]:
+        if missing:
+            raise BundleError(f"probe set {path} has arrays {names}; {expected}")
+        return
+    unknown = [n for n in names if n.startswith("y_") and n not in label_names]
+    if unknown:
+        raise BundleError(
+            f"probe set {path} has {', '.join(unknown)}, which names no head of "
+            f"the student; {expected}"
+        )
+    if not missing:
+        return
+    if "y" in names and not any(n.startswith("y_") for n in names):
+        raise BundleError(
+            f"probe set {path} has arrays {names}: a single y fits only a "
+            f"single-head student, so save each head's labels as y_<head>; "
+            f"{expected}"
+        )
+    raise BundleError(
+        f"probe set {path} has arrays {names}, without {', '.join(missing)}; {expected}"
+    )
 
 
 class HealthGuard:
@@ -116,13 +244,14 @@ class HealthGuard:
     Args:
         probe: the probe set, or None to check finite weights only.
         max_drop: largest accepted fall in probe accuracy (fraction, 0..1)
-            below the accuracy at the last good checkpoint.
+            below the accuracy at the last good checkpoint. With a
+            multi-head probe set it applies to each head on its own.
         infer_ms: latency window that records each probe inference.
     """
 
     def __init__(
         self,
-        probe: ProbeSet | None,
+        probe: ProbeSet | MultiHeadProbeSet | None,
         max_drop: float,
         infer_ms: LatencyWindow | None = None,
         max_norm_growth: float = 10.0,
@@ -134,19 +263,33 @@ class HealthGuard:
         self.max_norm_growth = max_norm_growth
         self.norm_names = norm_names
         self.baseline: float | None = None
+        # For a multi-head probe set, last_accuracy is the mean over heads.
         self.last_accuracy: float | None = None
+        self.baseline_heads: dict[str, float] | None = None
+        self.last_head_accuracy: dict[str, float] | None = None
         self.baseline_norm: float | None = None
         self.last_norm: float | None = None
 
     def accuracy(self, student: StudentModel) -> float | None:
-        """Measure probe accuracy now, or return None without a probe set."""
+        """Measure probe accuracy now, or return None without a probe set.
+
+        With a multi-head probe set this stores each head's accuracy in
+        ``last_head_accuracy`` and returns their mean.
+        """
         if self.probe is None:
             return None
         started = time.perf_counter()
-        predicted = np.argmax(student.infer(self.probe.x), axis=1)
+        outputs = student.infer(self.probe.x)
         if self.infer_ms is not None:
             self.infer_ms.add((time.perf_counter() - started) * 1000)
-        self.last_accuracy = float(np.mean(predicted == self.probe.y))
+        if isinstance(self.probe, MultiHeadProbeSet):
+            self.last_head_accuracy = {
+                head: _accuracy(outputs[head], labels)
+                for head, labels in self.probe.labels.items()
+            }
+            self.last_accuracy = float(np.mean(list(self.last_head_accuracy.values())))
+        else:
+            self.last_accuracy = _accuracy(outputs, self.probe.y)
         return self.last_accuracy
 
     def problem(
@@ -170,12 +313,30 @@ class HealthGuard:
         accuracy = self.accuracy(student)
         if accuracy is None or self.baseline is None:
             return None
+        if isinstance(self.probe, MultiHeadProbeSet):
+            return self._head_accuracy_problem()
         if accuracy < self.baseline - self.max_drop:
             return (
                 f"probe accuracy fell to {accuracy:.3f} from {self.baseline:.3f}, "
                 f"more than the allowed {self.max_drop:.3f}"
             )
         return None
+
+    def _head_accuracy_problem(self) -> str | None:
+        """Name every head whose probe accuracy fell too far, or return None."""
+        assert self.last_head_accuracy is not None
+        assert self.baseline_heads is not None
+        fallen = [
+            f"on head {head!r} to {accuracy:.3f} from {self.baseline_heads[head]:.3f}"
+            for head, accuracy in self.last_head_accuracy.items()
+            if accuracy < self.baseline_heads[head] - self.max_drop
+        ]
+        if not fallen:
+            return None
+        return (
+            f"probe accuracy fell {' and '.join(fallen)}, more than the allowed "
+            f"{self.max_drop:.3f}"
+        )
 
     def norm(self, weights: dict[str, np.ndarray]) -> float:
         """Return the L2 norm over the trained weights (all, without a list)."""
@@ -189,7 +350,15 @@ class HealthGuard:
         """Mark the current state as good: its accuracy and norm become baselines."""
         if self.last_accuracy is not None:
             self.baseline = self.last_accuracy
+        if self.last_head_accuracy is not None:
+            self.baseline_heads = dict(self.last_head_accuracy)
         if weights is not None:
             self.last_norm = self.norm(weights)
         if self.last_norm is not None:
             self.baseline_norm = self.last_norm
+
+
+def _accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Return the fraction of rows whose most probable class is the label."""
+    predicted = np.argmax(np.asarray(probabilities), axis=1)
+    return float(np.mean(predicted == labels))

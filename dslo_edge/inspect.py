@@ -12,7 +12,7 @@ from typing import Any
 
 from dslo_edge.bundle import Bundle, load_bundle
 from dslo_edge.errors import BundleError
-from dslo_edge.health import PROBE_FILE, load_probe
+from dslo_edge.health import PROBE_FILE, MultiHeadProbeSet, load_bundle_probe
 from dslo_edge.modelfile import FLEX_PREFIX, summarize_model
 
 FILE_ROLES = ("student", "teacher", "student_int8")
@@ -59,13 +59,13 @@ def _probe_report(bundle: Bundle) -> dict[str, Any] | None:
     Raises:
         BundleError: the daemon would reject the probe set at start.
     """
-    path = bundle.path / PROBE_FILE
-    if not path.is_file():
+    probe = load_bundle_probe(bundle)
+    if probe is None:
         return None
-    if bundle.is_multi_head:
-        return {"file": PROBE_FILE, "samples": None, "used": False}
-    probe = load_probe(path, bundle.input_shape, bundle.class_count)
-    return {"file": PROBE_FILE, "samples": len(probe.y), "used": True}
+    report: dict[str, Any] = {"file": PROBE_FILE, "samples": len(probe.x), "used": True}
+    if isinstance(probe, MultiHeadProbeSet):
+        report["heads"] = list(probe.labels)
+    return report
 
 
 def _file_report(path: Path, entry: dict[str, Any], batch_size: int) -> dict[str, Any]:
@@ -142,9 +142,10 @@ def _format_heads(heads: dict[str, int]) -> str:
 def _format_probe(probe: dict[str, Any] | None) -> str:
     if probe is None:
         return "probe set: none, so rollbacks check the weights only"
-    if not probe["used"]:
-        return f"probe set: {probe['file']}, not read for a multi-head student"
-    return f"probe set: {probe['file']}, {probe['samples']} samples"
+    line = f"probe set: {probe['file']}, {probe['samples']} samples"
+    if "heads" in probe:
+        line += f" with labels for the heads {', '.join(probe['heads'])}"
+    return line
 
 
 def _format_file(

@@ -465,7 +465,10 @@ def check_student_health(student: Student, samples: np.ndarray | None = None) ->
     """Run the student on probe inputs and check its outputs and weights.
 
     A multi-head student is checked on every head's probabilities. The
-    bundle's ``probe.npz`` has one label column, so it is not used here.
+    bundle's ``probe.npz`` is not used here. The daemon checks the running
+    student's probe accuracy before the switch when it has unsaved updates,
+    and measures the new student's as its baseline
+    (``dslo_edge.daemon_model_switch``).
 
     Args:
         student: the loaded student.

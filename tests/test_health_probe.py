@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dslo_edge.errors import BundleError
-from dslo_edge.health import load_probe
+from dslo_edge.health import load_multi_head_probe, load_probe
 
 INPUT_SHAPE = (4,)
 CLASSES = 3
@@ -102,3 +102,112 @@ def test_single_npy_array_is_rejected(tmp_path: Path) -> None:
         load_probe(path, INPUT_SHAPE, CLASSES)
 
     assert "is not an .npz archive" in str(caught.value)
+
+
+HEADS = {"digit": 10, "shape": 3}
+
+
+def test_multi_head_probe_is_read(tmp_path: Path) -> None:
+    path = write_probe(
+        tmp_path / "probe.npz",
+        x=inputs(),
+        y_digit=np.array([9, 0, 4]),
+        y_shape=np.array([2.0, 1.0, 0.0]),
+    )
+
+    probe = load_multi_head_probe(path, INPUT_SHAPE, HEADS)
+
+    assert probe.x.shape == (3, 4)
+    assert list(probe.labels) == ["digit", "shape"]
+    assert probe.labels["digit"].tolist() == [9, 0, 4]
+    assert probe.labels["shape"].dtype == np.int64
+    assert probe.labels["shape"].tolist() == [2, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "shown"),
+    [
+        (
+            {"y_digit": np.array([0, 1, 2]), "y_shape": np.array([0.0, 0.5, 2.0])},
+            "y_shape[1] is 0.5; expected a whole class index from 0 to 2",
+        ),
+        (
+            {"y_digit": np.array([0, 1, 2]), "y_shape": np.array([0, 3, 1])},
+            "has y_shape labels 0..3, but head 'shape' has 3 classes; "
+            "expected labels in 0..2",
+        ),
+        (
+            {"y_digit": np.array([0, 10, 2]), "y_shape": np.array([0, 1, 2])},
+            "has y_digit labels 0..10, but head 'digit' has 10 classes",
+        ),
+        (
+            {"y_digit": np.array([0, 1]), "y_shape": np.array([0, 1, 2])},
+            "has x (3, 4) and y_digit (2,); expected x (N, 4) and y_digit (N,)",
+        ),
+        (
+            {"y_digit": np.array([0, 1, 2]), "y_shape": np.zeros((3, 3))},
+            "has x (3, 4) and y_shape (3, 3); expected x (N, 4) and y_shape (N,)",
+        ),
+    ],
+)
+def test_bad_head_labels_are_named(
+    tmp_path: Path, arrays: dict[str, np.ndarray], shown: str
+) -> None:
+    path = write_probe(tmp_path / "probe.npz", x=inputs(), **arrays)
+
+    with pytest.raises(BundleError) as caught:
+        load_multi_head_probe(path, INPUT_SHAPE, HEADS)
+
+    assert shown in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_single_label_array_names_head_arrays(tmp_path: Path) -> None:
+    path = write_probe(tmp_path / "probe.npz", x=inputs(), y=np.array([0, 1, 2]))
+
+    with pytest.raises(BundleError) as caught:
+        load_multi_head_probe(path, INPUT_SHAPE, HEADS)
+
+    message = str(caught.value)
+    assert "has arrays ['x', 'y']: a single y fits only a single-head" in message
+    assert "save each head's labels as y_<head>" in message
+    assert "numpy.savez(path, x=x, y_digit=..., y_shape=...)" in message
+
+
+def test_missing_head_labels_are_named(tmp_path: Path) -> None:
+    path = write_probe(tmp_path / "probe.npz", x=inputs(), y_digit=np.arange(3))
+
+    with pytest.raises(BundleError) as caught:
+        load_multi_head_probe(path, INPUT_SHAPE, HEADS)
+
+    message = str(caught.value)
+    assert "has arrays ['x', 'y_digit'], without y_shape" in message
+    assert "one label array per head (y_digit, y_shape)" in message
+
+
+def test_labels_of_unknown_head_are_rejected(tmp_path: Path) -> None:
+    path = write_probe(
+        tmp_path / "probe.npz",
+        x=inputs(),
+        y_digit=np.arange(3),
+        y_shape=np.arange(3),
+        y_shapes=np.arange(3),
+    )
+
+    with pytest.raises(BundleError) as caught:
+        load_multi_head_probe(path, INPUT_SHAPE, HEADS)
+
+    assert "has y_shapes, which names no head of the student" in str(caught.value)
+
+
+def test_non_finite_input_of_multi_head_probe(tmp_path: Path) -> None:
+    x = inputs()
+    x[1, 0] = np.inf
+    path = write_probe(
+        tmp_path / "probe.npz", x=x, y_digit=np.arange(3), y_shape=np.arange(3)
+    )
+
+    with pytest.raises(BundleError) as caught:
+        load_multi_head_probe(path, INPUT_SHAPE, HEADS)
+
+    assert "x[1] contains NaN or infinity" in str(caught.value)
