@@ -68,7 +68,7 @@ from dslo_edge.daemon_restore import MISMATCHED_SUFFIX as MISMATCHED_SUFFIX
 from dslo_edge.daemon_restore import RestoreMixin
 from dslo_edge.dropped_ids import DROPPED_IDS_FILE, DroppedIds
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
-from dslo_edge.health import HealthGuard, load_bundle_probe
+from dslo_edge.health import HealthGuard, check_bundle_probe, load_bundle_probe
 from dslo_edge.inference import InferenceService, inference_topics, make_requester
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.model_update import ModelUpdater
@@ -194,13 +194,19 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         """Load the installed over-the-air release, else device.bundle.
 
         Raises:
-            BundleError: the bundle is missing or corrupt. For a release, the
-                message also gives the steps back to device.bundle, because
-                the daemon cannot receive a new release without starting.
+            BundleError: the bundle is missing or corrupt, or its probe set
+                does not fit the student. For a release, the message also
+                gives the steps back to device.bundle, because the daemon
+                cannot receive a new release without starting.
         """
         path = self._active_bundle_path()
         try:
-            return load_bundle(path)
+            bundle = load_bundle(path)
+            # Checked here so that a release gets the steps below. A release
+            # installed by an earlier version may have a probe set that this
+            # one rejects, such as a multi-head probe set with a single y.
+            check_bundle_probe(bundle)
+            return bundle
         except BundleError as error:
             if path == self.config.bundle:
                 raise

@@ -28,7 +28,7 @@ from dslo_edge.multihead_protocol import (
 )
 from dslo_edge.ota_sender import pack_bundle
 from dslo_edge.protocol import new_message_id
-from dslo_edge.swap import release_id
+from dslo_edge.swap import BundleStore, release_id
 from tests.multihead_bundle import HEADS, INPUT_SIZE
 from tests.test_daemon_health_costs import DEVICE, start
 
@@ -140,6 +140,29 @@ def test_single_label_probe_is_rejected(two_head_bundle: Path, tmp_path) -> None
         assert f"probe set {bundle / 'probe.npz'} has arrays ['x', 'y']" in message
         assert "save each head's labels as y_<head>" in message
         assert "numpy.savez(path, x=x, y_digit=..., y_shape=...)" in message
+
+
+def test_old_release_probe_names_way_back(two_head_bundle: Path, tmp_path) -> None:
+    bundle = self_labelled(two_head_bundle, tmp_path)
+    state = tmp_path / "state"
+    archive = tmp_path / "release.tar"
+    archive.write_bytes(pack_bundle(bundle))
+    store = BundleStore(state)
+    release = store.install_archive(archive)
+    store.activate(release)
+    # Earlier versions installed a multi-head release with a single y.
+    np.savez(release / "probe.npz", x=probe_inputs(), y=np.zeros(PROBE_ROWS))
+    config = tmp_path / "device.toml"
+    config.write_text(render_config("old-release", bundle, state, 1883))
+
+    with pytest.raises(BundleError) as caught:
+        EdgeDaemon(load_config(config))
+
+    message = str(caught.value)
+    link = state / "bundles" / "active"
+    assert f"probe set {release / 'probe.npz'} has arrays ['x', 'y']" in message
+    assert "save each head's labels as y_<head>" in message
+    assert f"remove {link} so that it starts from device.bundle {bundle}" in message
 
 
 def test_bad_head_labels_reject_bundle(two_head_bundle: Path, tmp_path) -> None:
