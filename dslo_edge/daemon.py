@@ -68,7 +68,12 @@ from dslo_edge.daemon_restore import MISMATCHED_SUFFIX as MISMATCHED_SUFFIX
 from dslo_edge.daemon_restore import RestoreMixin
 from dslo_edge.dropped_ids import DROPPED_IDS_FILE, DroppedIds
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
-from dslo_edge.health import HealthGuard, check_bundle_probe, load_bundle_probe
+from dslo_edge.health import (
+    HealthGuard,
+    SingleLabelProbeError,
+    check_bundle_probe,
+    load_bundle_probe,
+)
 from dslo_edge.inference import InferenceService, inference_topics, make_requester
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.model_update import ModelUpdater
@@ -202,10 +207,11 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         path = self._active_bundle_path()
         try:
             bundle = load_bundle(path)
-            # Checked here so that a release gets the steps below. A release
-            # installed by an earlier version may have a probe set that this
-            # one rejects, such as a multi-head probe set with a single y.
-            check_bundle_probe(bundle)
+            # Checked here so that a release gets the steps below.
+            try:
+                check_bundle_probe(bundle)
+            except SingleLabelProbeError:
+                pass  # _new_health_guard logs it and leaves the probe set out.
             return bundle
         except BundleError as error:
             if path == self.config.bundle:
@@ -420,8 +426,17 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         bundle = bundle or self.bundle
         variables = bundle.manifest["student"].get("variables", {})
         trained = {n for n, v in variables.items() if v.get("kind") == "trained"}
+        try:
+            probe = load_bundle_probe(bundle)
+        except SingleLabelProbeError as error:
+            logger.warning(
+                "Device %s checks the student's weights without its probe set: %s",
+                self.device_id,
+                error,
+            )
+            probe = None
         return HealthGuard(
-            load_bundle_probe(bundle),
+            probe,
             self.config.health.max_accuracy_drop,
             self.costs.infer_ms,
             norm_names=trained or None,

@@ -29,6 +29,14 @@ from dslo_edge.models import StudentModel
 PROBE_FILE = "probe.npz"
 
 
+class SingleLabelProbeError(BundleError):
+    """A multi-head student's probe set has one ``y``, as earlier versions allowed.
+
+    Earlier versions ignored such a file with a warning, so the daemon still
+    starts with one and runs without the probe set.
+    """
+
+
 @dataclass(frozen=True)
 class ProbeSet:
     """Probe inputs ``x`` and the class index ``y`` of each row."""
@@ -228,7 +236,7 @@ def _check_array_names(
     if not missing:
         return
     if "y" in names and not any(n.startswith("y_") for n in names):
-        raise BundleError(
+        raise SingleLabelProbeError(
             f"probe set {path} has arrays {names}: a single y fits only a "
             f"single-head student, so save each head's labels as y_<head>; "
             f"{expected}"

@@ -3,6 +3,7 @@ check, the bundle checks and a running daemon."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -15,8 +16,6 @@ import numpy as np
 import pytest
 
 from dslo_edge.bundle import load_bundle
-from dslo_edge.config import load_config, render_config
-from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import BundleError
 from dslo_edge.health import HealthGuard, check_bundle_probe, load_bundle_probe
 from dslo_edge.inspect import format_report, inspect_bundle
@@ -124,25 +123,50 @@ def test_fall_within_max_drop_is_accepted(two_head_bundle: Path, tmp_path) -> No
     assert guard.baseline_heads == {"digit": 1.0, "shape": 1.0}
 
 
-def test_single_label_probe_is_rejected(two_head_bundle: Path, tmp_path) -> None:
+def test_single_label_probe_is_rejected_by_checks(
+    two_head_bundle: Path, tmp_path
+) -> None:
     labels = factory_predictions(two_head_bundle)
     bundle = copy_with_probe(two_head_bundle, tmp_path, y=labels["digit"])
-    config = tmp_path / "device.toml"
-    config.write_text(render_config("old-probe", bundle, tmp_path / "state", 1883))
 
-    with pytest.raises(BundleError) as checked:
+    with pytest.raises(BundleError) as caught:
         check_bundle_probe(load_bundle(bundle))
-    with pytest.raises(BundleError) as started:
-        EdgeDaemon(load_config(config))
 
-    for caught in (checked, started):
-        message = str(caught.value)
-        assert f"probe set {bundle / 'probe.npz'} has arrays ['x', 'y']" in message
-        assert "save each head's labels as y_<head>" in message
-        assert "numpy.savez(path, x=x, y_digit=..., y_shape=...)" in message
+    message = str(caught.value)
+    assert f"probe set {bundle / 'probe.npz'} has arrays ['x', 'y']" in message
+    assert "save each head's labels as y_<head>" in message
+    assert "numpy.savez(path, x=x, y_digit=..., y_shape=...)" in message
 
 
-def test_old_release_probe_names_way_back(two_head_bundle: Path, tmp_path) -> None:
+def test_daemon_starts_without_single_label_probe(
+    two_head_bundle: Path, broker, tmp_path, caplog
+) -> None:
+    """A device upgraded with such a probe set, which earlier versions ignored."""
+    labels = factory_predictions(two_head_bundle)
+    bundle = copy_with_probe(two_head_bundle, tmp_path, y=labels["digit"])
+
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon, hub = start(tmp_path, bundle, broker)
+    try:
+        metrics = hub.wait_for_metrics(lambda m: True, 30)
+    finally:
+        hub.close()
+        daemon.stop()
+
+    assert daemon.health.probe is None
+    assert metrics["probe_accuracy_heads"] is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "checks the student's weights without its probe set" in text
+        and "has arrays ['x', 'y']" in text
+        and "save each head's labels as y_<head>" in text
+        for text in warnings
+    ), warnings
+
+
+def test_old_release_probe_is_left_out(
+    two_head_bundle: Path, broker, tmp_path, caplog
+) -> None:
     bundle = self_labelled(two_head_bundle, tmp_path)
     state = tmp_path / "state"
     archive = tmp_path / "release.tar"
@@ -152,17 +176,18 @@ def test_old_release_probe_names_way_back(two_head_bundle: Path, tmp_path) -> No
     store.activate(release)
     # Earlier versions installed a multi-head release with a single y.
     np.savez(release / "probe.npz", x=probe_inputs(), y=np.zeros(PROBE_ROWS))
-    config = tmp_path / "device.toml"
-    config.write_text(render_config("old-release", bundle, state, 1883))
 
-    with pytest.raises(BundleError) as caught:
-        EdgeDaemon(load_config(config))
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon, hub = start(tmp_path, bundle, broker)
+    hub.close()
+    daemon.stop()
 
-    message = str(caught.value)
-    link = state / "bundles" / "active"
-    assert f"probe set {release / 'probe.npz'} has arrays ['x', 'y']" in message
-    assert "save each head's labels as y_<head>" in message
-    assert f"remove {link} so that it starts from device.bundle {bundle}" in message
+    assert daemon.bundle.path == release
+    assert daemon.health.probe is None
+    assert any(
+        f"probe set {release / 'probe.npz'} has arrays ['x', 'y']" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_bad_head_labels_reject_bundle(two_head_bundle: Path, tmp_path) -> None:
