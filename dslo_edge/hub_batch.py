@@ -7,7 +7,8 @@
    privacy budgets), which also charges the admitted ones;
 3. label every admitted sample in one teacher call and split the output;
 4. store the responses, taking back the privacy charge of a request whose
-   labels came out NaN or infinite and were not released;
+   labels came out NaN or infinite, or whose response would exceed
+   ``requests.max_payload_bytes``, and so were not released;
 5. publish the responses on each request's response topic with its
    correlation data, wait for the broker's PUBACKs, and only then
    acknowledge the requests. A connection lost meanwhile raises
@@ -417,9 +418,41 @@ class BatchLabeller:
                 )
                 continue
             payload = self._encode(item.device or "", request, rows)
+            oversize = self._describe_oversize(request, len(payload))
+            if oversize is not None:
+                self.counters.rejected += 1
+                logger.warning(
+                    "Rejected request %s from device %s: %s",
+                    request.request_id_hex,
+                    item.device,
+                    oversize,
+                )
+                replies.append(
+                    _Reply(item, key, STATUS_REJECTED, oversize.encode(), refund=True)
+                )
+                continue
             replies.append(_Reply(item, key, STATUS_OK, payload, release=True))
             self.counters.answered += 1
         return replies
+
+    def _describe_oversize(self, request: LabelRequest, size: int) -> str | None:
+        """Describe a response payload above ``requests.max_payload_bytes``.
+
+        The response repeats the request's inputs and adds the labels, so it
+        is larger than the request. mosquitto 2.0.11 closes the connection of
+        an MQTT 5 client that publishes a payload above its
+        ``message_size_limit``, and paho sends the queued response again after
+        each reconnect, so publishing it would cut the worker off the broker.
+        A device also rejects an update above its own ``max_payload_bytes``.
+        """
+        limit = self.config.requests.max_payload_bytes
+        if size <= limit:
+            return None
+        return (
+            f"labels for the {request.sample_count} samples of the request make "
+            f"a response of {size} bytes, above the hub's requests."
+            f"max_payload_bytes of {limit}; ask for fewer samples per request"
+        )
 
     def _encode(self, device: str, request: LabelRequest, rows: np.ndarray) -> bytes:
         current = self.teacher.current

@@ -65,7 +65,7 @@ class RequestSettings:
             worker that runs only the scheduled pushes, which a teacher with
             several heads needs.
         max_samples: samples per request; larger requests are rejected.
-        max_payload_bytes: request payload size limit.
+        max_payload_bytes: size limit of a request payload and of its response.
         batch_max_samples: samples per teacher call, summed over the
             requests of many devices.
         batch_wait_s: how long the first request of a batch may wait for

@@ -1164,6 +1164,76 @@ def test_rejected_labels_cost_no_privacy(relu_teacher, mosquitto, tmp_path) -> N
     assert epsilon < epsilon_spent({2.0: 5}, settings.delta)
 
 
+def test_oversized_response_is_rejected_and_refunded(mlp_pair, tmp_path) -> None:
+    pytest.importorskip("dp_accounting")
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    # mosquitto 2.0.11 closes the connection of an MQTT 5 client that
+    # publishes a payload above this limit.
+    broker = Broker.start(
+        kind="mosquitto",
+        workdir=folder,
+        config_text=(
+            "listener {port} 127.0.0.1\nallow_anonymous true\n"
+            "message_size_limit 20000\n"
+        ),
+    )
+    extra = {
+        "requests": "max_payload_bytes = 20000",
+        "privacy": "noise_multiplier = 10.0\nepsilon_budget = 100.0",
+    }
+    config = write_hub_config(tmp_path / "hub", broker.port, mlp_pair.bundle, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = subscribed_client(broker.port, "dslo/+/labels")
+    inputs = np.random.default_rng(0).random((70, 64), dtype=np.float32)
+    ids = [f"s{index}" for index in range(70)]
+    large = LabelRequest(b"L" * 16, time.time(), ids, inputs)
+    small = LabelRequest(b"S" * 16, time.time(), ids[:2], inputs[:2])
+    try:
+        start_online(worker, broker.port)
+        replies = []
+        for device, request in [("kitchen", large), ("garage", small)]:
+            client.publish(
+                f"dslo/{device}/requests",
+                encode_request(request),
+                qos=1,
+                properties=request_properties(
+                    f"dslo/{device}/labels", request.request_id
+                ),
+            )
+            replies.append(received.get(timeout=10))
+        releases = {
+            device: worker.state.releases(device) for device in ("kitchen", "garage")
+        }
+        counters = worker.counters
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+        broker.stop()
+
+    assert len(encode_request(large)) < 20000
+    large_reply, small_reply = replies
+    assert large_reply.topic == "dslo/kitchen/labels"
+    assert user_properties(large_reply.properties)["status"] == "rejected"
+    assert large_reply.payload.decode().startswith(
+        "labels for the 70 samples of the request make a response of "
+    )
+    assert large_reply.payload.decode().endswith(
+        "above the hub's requests.max_payload_bytes of 20000; ask for fewer "
+        "samples per request"
+    )
+    # The worker stays connected and serves the next device.
+    assert small_reply.topic == "dslo/garage/labels"
+    assert user_properties(small_reply.properties)["status"] == "ok"
+    # The labels that were not sent cost no privacy.
+    assert releases == {"kitchen": {10.0: 0}, "garage": {10.0: 2}}
+    assert counters["rejected"] == 1
+    assert counters["answered"] == 1
+
+
 def test_repeated_sample_id_rejects_label_request(
     mlp_pair, mosquitto, tmp_path
 ) -> None:
