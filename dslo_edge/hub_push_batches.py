@@ -182,6 +182,8 @@ class BatchPublisher:
 
         Raises:
             BrokerError: the broker did not acknowledge an update in time.
+            ConfigError: a new batch's update is above
+                ``requests.max_payload_bytes``. It is neither charged nor sent.
         """
         topic = Topics.for_device(device, self.config.prefix).updates
         key = self._key(device)
@@ -208,6 +210,7 @@ class BatchPublisher:
             stop = min(start + schedule.batch_size, len(samples.x))
             batch = self._new_batch(schedule, samples, labelled, (start, stop), index)
             payload = batch.payload if key is None else sign(key, topic, batch.payload)
+            _check_update_size(schedule, (start, stop), len(payload), self.config)
             batch = replace(batch, payload=payload)
             # The charge and the stored payload are on disk before the publish,
             # so a resumed run sends these same bytes and charges nothing more.
@@ -614,3 +617,25 @@ def _batch_hard_labels(
     if not schedule.hard_labels or samples.y is None:
         return None
     return samples.y[start:stop]
+
+
+def _check_update_size(
+    schedule: PushSchedule, rows: tuple[int, int], size: int, config: HubConfig
+) -> None:
+    """Raise ConfigError for an update above ``requests.max_payload_bytes``.
+
+    mosquitto 2.0.11 closes the connection of an MQTT 5 client that publishes
+    a payload above its ``message_size_limit``, and paho sends the queued
+    update again after each reconnect, so publishing it would cut the worker
+    off the broker. A device also rejects an update above its own
+    ``max_payload_bytes``.
+    """
+    limit = config.requests.max_payload_bytes
+    if size <= limit:
+        return
+    start, stop = rows
+    raise ConfigError(
+        f"the update for samples {start} to {stop - 1} is {size} bytes, above "
+        f"requests.max_payload_bytes of {limit}, so it was neither charged nor "
+        f"sent; lower batch_size of push {schedule.name} below {schedule.batch_size}"
+    )

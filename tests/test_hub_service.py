@@ -931,6 +931,64 @@ def test_push_refunds_updates_acl_rejects(mlp_pair, tmp_path, caplog) -> None:
     }
 
 
+def test_oversized_push_update_is_not_sent(mlp_pair, tmp_path, caplog) -> None:
+    pytest.importorskip("dp_accounting")
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    # mosquitto 2.0.11 closes the connection of an MQTT 5 client that
+    # publishes a payload above this limit.
+    broker = Broker.start(
+        kind="mosquitto",
+        workdir=folder,
+        config_text=(
+            "listener {port} 127.0.0.1\nallow_anonymous true\n"
+            "message_size_limit 20000\n"
+        ),
+    )
+    x = np.random.default_rng(0).random((70, 64), dtype=np.float32)
+    extra = {
+        "requests": "max_payload_bytes = 20000",
+        "privacy": "noise_multiplier = 10.0\nepsilon_budget = 100.0",
+    }
+    config = nightly_push_config(
+        tmp_path / "hub", broker.port, mlp_pair.bundle, x, extra
+    )
+    config.write_text(config.read_text().replace("batch_size = 16", "batch_size = 70"))
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = subscribed_client(broker.port, "dslo/+/labels")
+    updates_client, updates = kitchen_updates(broker.port)
+    caplog.set_level("INFO", logger="dslo_edge.hub_pushes")
+    try:
+        start_online(worker, broker.port)
+        deadline = time.monotonic() + 15
+        while not push_errors(caplog) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        send_request(client, "garage", b"g" * 16)
+        reply = received.get(timeout=10)
+        releases = worker.state.releases("kitchen")
+    finally:
+        worker.stop()
+        for subscriber in (client, updates_client):
+            subscriber.disconnect()
+            subscriber.loop_stop()
+        broker.stop()
+
+    [error] = push_errors(caplog)
+    prefix = "Push nightly to device kitchen failed: the update for samples 0 to 69 is "
+    assert error.startswith(prefix)
+    assert int(error[len(prefix) :].split(" ")[0]) > 20000
+    assert error.endswith(
+        " bytes, above requests.max_payload_bytes of 20000, so it was neither "
+        "charged nor sent; lower batch_size of push nightly below 70"
+    )
+    assert updates.empty()
+    assert releases == {}
+    # The worker stays connected and serves label requests.
+    assert user_properties(reply.properties)["status"] == "ok"
+
+
 def test_push_thread_survives_unexpected_error(
     mlp_pair, mosquitto, tmp_path, caplog
 ) -> None:
