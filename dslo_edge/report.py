@@ -475,6 +475,13 @@ def _plot_latency(
 def _plot_training(
     pyplot: Any, records: Sequence[dict[str, Any]], path: Path, device: str
 ) -> Path:
+    return _save(pyplot, _training_figure(pyplot, records, device), path)
+
+
+def _training_figure(
+    pyplot: Any, records: Sequence[dict[str, Any]], device: str
+) -> Any:
+    """Draw alpha, teacher entropy, loss and probe accuracy over time."""
     panels = (
         ("mean_alpha", "mean alpha (distillation weight)"),
         ("teacher.mean_entropy", "teacher entropy (normalised)"),
@@ -482,7 +489,8 @@ def _plot_training(
         ("probe_accuracy", "probe accuracy"),
     )
     figure, grid = pyplot.subplots(2, 2, figsize=(12, 7), sharex=True)
-    for axes, (field, title) in zip(grid.flat, panels, strict=True):
+    empty: set[int] = set()
+    for index, (axes, (field, title)) in enumerate(zip(grid.flat, panels, strict=True)):
         if field == "mean_alpha":
             lines = alpha_series(records)
         else:
@@ -490,6 +498,7 @@ def _plot_training(
         axes.set_title(title)
         if not any(values for _, _, values in lines):
             _empty(axes, f"no {field} in the log")
+            empty.add(index)
             continue
         for head, times, values in lines:
             marker = "." if len(values) < 50 else None
@@ -501,11 +510,16 @@ def _plot_training(
         if lines[0][0] is not None:
             axes.legend(title="head", fontsize="small")
         axes.grid(alpha=0.3)
-    for axes in grid[1]:
+    for column, axes in enumerate(grid[1]):
+        if column + 2 in empty and column not in empty:
+            # sharex hides the tick labels of the top row, so without this a
+            # panel above an empty one has no time axis.
+            axes = grid[0][column]
+            axes.tick_params(labelbottom=True)
         axes.set_xlabel("minutes since the first report")
     figure.suptitle(f"Adaptation on {device}")
     figure.tight_layout()
-    return _save(pyplot, figure, path)
+    return figure
 
 
 def latest_energy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -613,3 +613,23 @@ def test_energy_plot_skips_reports_after_restart(tmp_path: Path) -> None:
     assert energy["joules_per_update"] > 0
     assert energy["battery"]["percent_per_1000_updates"] > 0
     assert latest_energy(records[-1:]) == records[-1]["energy"]
+
+
+def test_training_plot_axis_above_empty_panel(tmp_path: Path) -> None:
+    pyplot = pytest.importorskip("matplotlib.pyplot")
+    from dslo_edge.report import _training_figure
+
+    records = read_metrics_log(metrics_log(tmp_path / "metrics.jsonl", reports=8))
+    for record in records:
+        # A bundle without probe.npz: the daemon reports no probe accuracy.
+        record["probe_accuracy"] = None
+    figure = _training_figure(pyplot, records, "kitchen-cam")
+    figure.canvas.draw()
+    (_, entropy), (_, probe) = figure.axes[:2], figure.axes[2:]
+
+    labels = [label.get_text() for label in entropy.get_xticklabels()]
+    assert any(label.get_visible() for label in entropy.get_xticklabels())
+    assert any(labels)
+    assert entropy.get_xlabel() == "minutes since the first report"
+    assert probe.get_xlabel() == ""
+    pyplot.close(figure)
