@@ -1068,7 +1068,7 @@ def service_install(
         check_unit_path,
         check_user_name,
         install_unit,
-        private_tmp_directory,
+        private_tmp_exec_warning,
         render_unit,
         running_script,
         script_paths,
@@ -1101,29 +1101,14 @@ def service_install(
         )
     if state_directory_name(state_path) is None:
         click.echo(_create_state_dir_warning(state_dir, user), err=True)
-    hidden = [
-        str(path)
-        for path in dict.fromkeys((exec_unit_path, *read_paths))
-        if private_tmp_directory(path) is not None
-    ]
-    if hidden:
-        click.echo(_private_tmp_exec_warning(executable, hidden), err=True)
+    warning = private_tmp_exec_warning(
+        executable, (exec_unit_path, *read_paths), "device"
+    )
+    if warning is not None:
+        click.echo(warning, err=True)
     click.echo(
         f"wrote {path}; enable it with: systemctl daemon-reload && "
         "systemctl enable --now dslo-edge"
-    )
-
-
-def _private_tmp_exec_warning(executable: str, hidden: list[str]) -> str:
-    """Return the warning for a script or interpreter that PrivateTmp=yes hides."""
-    # A warning, not an error: --exec names the path on the device, which
-    # may differ from this machine's, such as a test run from a venv in /tmp.
-    return (
-        f"warning: --exec {executable!r} runs {', '.join(hidden)}, in /tmp or "
-        "/var/tmp, but PrivateTmp=yes gives the service empty copies of both, so "
-        "the unit fails to start (status 203/EXEC); on the device, install "
-        "dslo-edge elsewhere, such as in /opt/dslo-edge/venv, and pass its "
-        "dslo-edge script as --exec"
     )
 
 

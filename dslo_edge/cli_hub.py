@@ -65,6 +65,7 @@ def hub(
         from dslo_edge.service import (
             DEFAULT_HUB_CONFIG,
             check_unit_path,
+            private_tmp_exec_warning,
             render_hub_unit,
             running_script,
             script_paths,
@@ -73,11 +74,19 @@ def hub(
         path = PurePosixPath(config_path) if config_path else DEFAULT_HUB_CONFIG
         # By default the unit starts this install, as 'service install' does.
         executable = exec_path or running_script()
+        exec_unit_path = check_unit_path(executable, "--exec")
+        read_paths = script_paths(executable)
         unit = render_hub_unit(
-            exec_path=check_unit_path(executable, "--exec"),
+            exec_path=exec_unit_path,
             config_path=path,
-            read_paths=script_paths(executable),
+            read_paths=read_paths,
         )
+        warning = private_tmp_exec_warning(
+            executable, (exec_unit_path, *read_paths), "hub"
+        )
+        if warning is not None:
+            # The warning goes to stderr, so a unit redirected to a file stays valid.
+            click.echo(warning, err=True)
         click.echo(unit, nl=False)
         return
     if config_path is None:

@@ -177,6 +177,34 @@ def private_tmp_directory(path: PurePosixPath) -> str | None:
     return None
 
 
+def private_tmp_exec_warning(
+    executable: str, paths: tuple[PurePosixPath, ...], machine: str
+) -> str | None:
+    """Return the warning for a script or interpreter that PrivateTmp=yes hides.
+
+    Args:
+        executable: the ``--exec`` value, as given.
+        paths: the script and the files it runs (``script_paths``).
+        machine: where the unit runs, "device" or "hub".
+    """
+    hidden = [
+        str(path)
+        for path in dict.fromkeys(paths)
+        if private_tmp_directory(path) is not None
+    ]
+    if not hidden:
+        return None
+    # A warning, not an error: --exec names the path on the target machine,
+    # which may differ from this one's, such as a test run from a venv in /tmp.
+    return (
+        f"warning: --exec {executable!r} runs {', '.join(hidden)}, in /tmp or "
+        "/var/tmp, but PrivateTmp=yes gives the service empty copies of both, so "
+        f"the unit fails to start (status 203/EXEC); on the {machine}, install "
+        "dslo-edge elsewhere, such as in /opt/dslo-edge/venv, and pass its "
+        "dslo-edge script as --exec"
+    )
+
+
 def check_config_path(value: str, option: str) -> PurePosixPath:
     """Return ``value`` as the config file path to write into a unit file.
 

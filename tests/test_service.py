@@ -717,6 +717,35 @@ def test_service_install_warns_exec_in_tmp(tmp_path) -> None:
     )
 
 
+def test_hub_print_unit_warns_exec_in_tmp() -> None:
+    result = CliRunner().invoke(
+        main, ["hub", "--print-unit", "--exec", "/tmp/venv/bin/dslo-edge"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("[Unit]\n")
+    assert (
+        "ExecStart=/tmp/venv/bin/dslo-edge hub --config /etc/dslo-edge/hub.toml "
+        "--worker-id %i" in result.stdout.splitlines()
+    )
+    assert result.stderr.splitlines() == [
+        "warning: --exec '/tmp/venv/bin/dslo-edge' runs /tmp/venv/bin/dslo-edge, "
+        "in /tmp or /var/tmp, but PrivateTmp=yes gives the service empty copies "
+        "of both, so the unit fails to start (status 203/EXEC); on the hub, "
+        "install dslo-edge elsewhere, such as in /opt/dslo-edge/venv, and pass "
+        "its dslo-edge script as --exec"
+    ]
+
+
+def test_hub_print_unit_no_warning_outside_tmp() -> None:
+    result = CliRunner().invoke(
+        main, ["hub", "--print-unit", "--exec", "/opt/hub/bin/dslo-edge"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+
+
 def test_service_install_warns_interpreter_in_tmp(tmp_path) -> None:
     script = tmp_path / "bin" / "dslo-edge"
     script.parent.mkdir()
