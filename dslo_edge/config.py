@@ -60,6 +60,7 @@ DEFAULT_QUEUE_SIZE = 1024
 # Payload bytes that the queue of received updates may hold, so that its
 # memory stays bounded whatever size the hub gives each update.
 DEFAULT_MAX_QUEUED_BYTES = 8 * 1024 * 1024
+DEFAULT_APPLIED_ID_CAPACITY = 100_000
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class TrainingSettings:
     max_age_s: float = 3600.0
     # Payload timestamps this far in the future are rejected as clock skew.
     max_clock_skew_s: float = 300.0
-    applied_id_capacity: int = 100_000
+    applied_id_capacity: int = DEFAULT_APPLIED_ID_CAPACITY
     # Idle time after the last update before a checkpoint is written.
     checkpoint_idle_s: float = 2.0
     # Samples per train step when queued updates are coalesced; 0 trains

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from dslo_edge.bundle import Bundle
-from dslo_edge.config import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_QUEUE_SIZE
+from dslo_edge.config import (
+    DEFAULT_APPLIED_ID_CAPACITY,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_QUEUE_SIZE,
+)
 from dslo_edge.errors import BundleError
 from dslo_edge.modelfile import summarize_model
 
@@ -37,6 +41,10 @@ ACTIVATION_COPIES = 3
 CHECKPOINTS_KEPT = 2
 UPDATE_HEADER_BYTES = 64
 SAMPLE_ID_BYTES = 16
+# A checkpoint stores each id of the smoothing store and of the teacher monitor
+# with an int64 use stamp, and each applied message id as 16 bytes.
+STAMP_BYTES = 8
+MESSAGE_ID_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -131,14 +139,26 @@ def estimate_memory(
 
 
 def estimate_storage(
-    bundle: Bundle, *, smoothing_capacity: int = 10000
+    bundle: Bundle,
+    *,
+    smoothing_capacity: int = 10000,
+    applied_id_capacity: int = DEFAULT_APPLIED_ID_CAPACITY,
 ) -> StorageEstimate:
-    """Estimate the disk space a device needs for a bundle and its state."""
+    """Estimate the disk space a device needs for a bundle and its state.
+
+    Args:
+        bundle: the loaded bundle.
+        smoothing_capacity: sample ids in the smoothing store, which the
+            teacher monitor keeps as many of.
+        applied_id_capacity: message ids kept against replays
+            (``training.applied_id_capacity``).
+    """
     bundle_bytes = directory_size(bundle.path)
     weight_count = sum(math.prod(shape) for shape in bundle.weight_shapes.values())
     checkpoint = (
         weight_count * FLOAT_BYTES
-        + smoothing_capacity * _label_values(bundle) * FLOAT_BYTES
+        + smoothing_capacity * _checkpoint_bytes_per_sample(bundle)
+        + applied_id_capacity * MESSAGE_ID_BYTES
     )
     return StorageEstimate(
         bundle=bundle_bytes,
@@ -147,6 +167,17 @@ def estimate_storage(
         # A model update keeps the old bundle, the new one and its archive.
         model_update=2 * bundle_bytes,
     )
+
+
+def _checkpoint_bytes_per_sample(bundle: Bundle) -> int:
+    """Return the checkpoint bytes of one sample id, over every head.
+
+    Each head saves a smoothing row of K floats and a monitor row of K floats
+    plus the sample's teacher round, each with the id and a use stamp.
+    """
+    heads = _head_count(bundle)
+    floats = 2 * _label_values(bundle) + heads
+    return floats * FLOAT_BYTES + 2 * heads * (SAMPLE_ID_BYTES + STAMP_BYTES)
 
 
 def estimate_update_bytes(bundle: Bundle, batch_size: int) -> int:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.bundle import load_bundle
+from dslo_edge.checkpoint import save_checkpoint
 from dslo_edge.config import load_config
 from dslo_edge.daemon import _load_profile
+from dslo_edge.dynamic import SoftLabelEngine, TaskSettings
 from dslo_edge.errors import ConfigError
 from dslo_edge.fit import check_bundle
 from dslo_edge.footprint import (
@@ -424,12 +428,44 @@ def test_memory_estimate_counts_one_oversized_update(tmp_path: Path) -> None:
 
 def test_storage_estimate_counts_update_copies(tmp_path: Path) -> None:
     bundle = load_bundle(write_bundle(tmp_path / "bundle"))
-    storage = estimate_storage(bundle, smoothing_capacity=100)
+    storage = estimate_storage(bundle, smoothing_capacity=100, applied_id_capacity=0)
     size = sum(p.stat().st_size for p in bundle.path.iterdir())
     assert storage.bundle == size
     assert storage.model_update == 2 * size
     weights = 64 * 32 + 32 + 32 * 10 + 10
-    assert storage.checkpoints == 2 * (weights * 4 + 100 * 10 * 4)
+    # Smoothing row of 10 floats, monitor row of 10 floats and the round,
+    # each with a 16-byte id and an 8-byte stamp.
+    per_sample = (10 + 11) * 4 + 2 * (16 + 8)
+    assert storage.checkpoints == 2 * (weights * 4 + 100 * per_sample)
+
+
+def test_storage_estimate_matches_full_checkpoint(tmp_path: Path) -> None:
+    bundle = load_bundle(write_bundle(tmp_path / "bundle"))
+    capacity, applied_capacity = 2000, 5000
+    engine = SoftLabelEngine(TaskSettings(smoothing_capacity=capacity))
+    rng = np.random.default_rng(0)
+    for start in range(0, capacity, 100):
+        # Ids of 15 characters, about the size of a hash id from push.
+        ids = [f"sample-{index:08d}" for index in range(start, start + 100)]
+        engine.prepare(ids, rng.dirichlet(np.ones(10), size=100), teacher_round=1)
+        engine.finish_update()
+    applied = AppliedIds(applied_capacity)
+    for index in range(applied_capacity):
+        applied.add(index.to_bytes(16, "big"))
+    tensors, state = engine.checkpoint_content("")
+    for name, shape in bundle.weight_shapes.items():
+        tensors[f"weights/{name}"] = rng.random(shape, dtype=np.float32)
+    tensors["applied_ids"] = applied.to_array()
+    path = save_checkpoint(tmp_path / "checkpoints", tensors, state)
+
+    storage = estimate_storage(
+        bundle, smoothing_capacity=capacity, applied_id_capacity=applied_capacity
+    )
+    per_checkpoint = storage.checkpoints // 2
+    size = path.stat().st_size
+    assert len(engine.store) == capacity
+    assert size <= per_checkpoint * 1.05
+    assert size >= per_checkpoint * 0.9
 
 
 def test_estimates_count_every_head(two_head_bundle: Path) -> None:
@@ -442,7 +478,8 @@ def test_estimates_count_every_head(two_head_bundle: Path) -> None:
     assert memory.smoothing_store == 10000 * ((10 + 3) * 4 + 2 * 16)
     per_sample = 64 * 4 + (10 + 3) * 4 + 2 * 4 + 16
     assert memory.update_queue == 2 * 256 * (64 + 32 * per_sample)
-    assert storage.checkpoints == 2 * (weights * 4 + 100 * (10 + 3) * 4)
+    per_sample = (2 * (10 + 3) + 2) * 4 + 2 * 2 * (16 + 8)
+    assert storage.checkpoints == 2 * (weights * 4 + 100 * per_sample + 100_000 * 16)
 
 
 # Bundle fit checks
