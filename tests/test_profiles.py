@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -403,6 +404,38 @@ def test_memory_estimate_parts(tmp_path: Path) -> None:
     )
 
 
+def test_memory_estimate_matches_full_stores(tmp_path: Path) -> None:
+    bundle = load_bundle(write_bundle(tmp_path / "bundle"))
+    capacity, applied_capacity = 20_000, 20_000
+    rng = np.random.default_rng(0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        engine = SoftLabelEngine(TaskSettings(smoothing_capacity=capacity))
+        for start in range(0, capacity, 500):
+            ids = [f"sample-{index:08d}" for index in range(start, start + 500)]
+            probabilities = rng.dirichlet(np.ones(10), size=500).astype(np.float32)
+            engine.prepare(ids, probabilities, teacher_round=1)
+            engine.finish_update()
+        stores = tracemalloc.get_traced_memory()[0] - before
+        applied = AppliedIds(applied_capacity)
+        for index in range(applied_capacity):
+            applied.add(index.to_bytes(16, "big"))
+        applied_bytes = tracemalloc.get_traced_memory()[0] - before - stores
+    finally:
+        tracemalloc.stop()
+
+    memory = estimate_memory(
+        bundle, smoothing_capacity=capacity, applied_id_capacity=applied_capacity
+    )
+    assert len(engine.store) == capacity
+    assert len(applied) == applied_capacity
+    assert stores <= memory.smoothing_store
+    assert stores >= memory.smoothing_store * 0.75
+    assert applied_bytes <= memory.applied_ids
+    assert applied_bytes >= memory.applied_ids * 0.75
+
+
 def test_memory_estimate_caps_update_queue(tmp_path: Path) -> None:
     bundle = load_bundle(write_bundle(tmp_path / "bundle"))
     per_update = 64 + 256 * (64 * 4 + 10 * 4 + 4 + 16)
@@ -475,7 +508,9 @@ def test_estimates_count_every_head(two_head_bundle: Path) -> None:
     # A 64-32 trunk with a 10-class head "digit" and a 3-class head "shape".
     weights = 64 * 32 + 32 + 32 * 10 + 10 + 32 * 3 + 3
     assert memory.weights == weights * 4 * 3
-    assert memory.smoothing_store == 10000 * ((10 + 3) * 4 + 2 * 16)
+    # Smoothing and monitor rows of both heads, and each head's id objects.
+    assert memory.smoothing_store == 10000 * ((2 * (10 + 3) + 2) * 4 + 2 * 280)
+    assert memory.applied_ids == 100_000 * 176
     per_sample = 64 * 4 + (10 + 3) * 4 + 2 * 4 + 16
     assert memory.update_queue == 2 * 256 * (64 + 32 * per_sample)
     per_sample = (2 * (10 + 3) + 2) * 4 + 2 * 2 * (16 + 8)
