@@ -276,7 +276,8 @@ def _is_this_root(target: str) -> bool:
     type=click.Path(exists=True, dir_okay=False),
     help="Metrics log: one JSON metrics report per line. Repeat it for the "
     "rotated logs (metrics.jsonl.2, metrics.jsonl.1, metrics.jsonl), in any "
-    "order: they are read in time order.",
+    "order: they are read in time order. Reports of devices other than the "
+    "one of the last report are left out, with a warning.",
 )
 @click.option(
     "--out",
@@ -288,9 +289,22 @@ def _is_this_root(target: str) -> bool:
 def report(metrics_paths: tuple[str, ...], out: str) -> None:
     """Plot latency, adaptation and energy from a metrics log (needs matplotlib)."""
     from dslo_edge.cli import sigterm_as_exit
-    from dslo_edge.report import read_metrics_logs, write_report
+    from dslo_edge.report import (
+        newest_device_reports,
+        read_metrics_logs,
+        write_report,
+    )
 
-    records = read_metrics_logs(metrics_paths)
+    read = read_metrics_logs(metrics_paths)
+    records, others = newest_device_reports(read)
+    if others:
+        counts = ", ".join(f"{name}: {count}" for name, count in others.items())
+        click.echo(
+            f"warning: left out {sum(others.values())} reports of other devices "
+            f"({counts}); the plots show only device {records[-1]['device']}, which "
+            "sent the last report read. Give only one device's logs to plot another",
+            err=True,
+        )
     try:
         # By default SIGTERM ends the process at once and leaves the staging
         # folder beside --out. Raised as SystemExit, it lets write_report delete it.
@@ -298,9 +312,7 @@ def report(metrics_paths: tuple[str, ...], out: str) -> None:
             paths = write_report(records, out)
     except OutputPathError as error:
         raise OutputPathError(str(error), option="--out") from error
-    count = (
-        "1 metrics report" if len(records) == 1 else f"{len(records)} metrics reports"
-    )
+    count = "1 metrics report" if len(read) == 1 else f"{len(read)} metrics reports"
     click.echo(f"read {count} from {', '.join(metrics_paths)}")
     for path in paths:
         click.echo(f"  wrote {path}")

@@ -200,6 +200,29 @@ def read_metrics_logs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return [record for _, records in ordered for record in records]
 
 
+def newest_device_reports(
+    records: Sequence[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Keep the reports of the device that sent the last report.
+
+    Logs of several devices, given together or written to one
+    ``metrics_file``, would otherwise be drawn as one line under one
+    device's name.
+
+    Returns:
+        The kept reports in their order, and the count of left-out reports
+        per other device.
+    """
+    device = records[-1].get("device")
+    kept = [record for record in records if record.get("device") == device]
+    others: dict[str, int] = {}
+    for record in records:
+        if record.get("device") != device:
+            name = str(record.get("device"))
+            others[name] = others.get(name, 0) + 1
+    return kept, others
+
+
 def _same_file(first: Path, second: Path) -> bool:
     try:
         return first.samefile(second)

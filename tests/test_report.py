@@ -23,6 +23,7 @@ from dslo_edge.report import (
     head_series,
     latest_energy,
     latest_histogram,
+    newest_device_reports,
     read_metrics_log,
     read_metrics_logs,
     series,
@@ -426,6 +427,54 @@ def test_report_command_reads_rotated_logs(tmp_path: Path) -> None:
     assert [r["applied"] for r in read_metrics_log(log)] == [3, 4]
     assert f"read 5 metrics reports from {rotated}, {log}" in result.output
     assert (out / "training.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_report_command_plots_one_device(tmp_path: Path) -> None:
+    kitchen = tmp_path / "kitchen.jsonl"
+    porch = tmp_path / "porch.jsonl"
+    for index in range(4):
+        report = {"device": "kitchen", "applied": index, "timestamp": 1000.0 + index}
+        append_metrics(kitchen, report)
+    for index in range(3):
+        report = {"device": "porch", "applied": index, "timestamp": 2000.0 + index}
+        append_metrics(porch, report)
+    out = tmp_path / "plots"
+
+    result = CliRunner().invoke(
+        main,
+        [
+            "report",
+            "--metrics",
+            str(kitchen),
+            "--metrics",
+            str(porch),
+            "--out",
+            str(out),
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "warning: left out 4 reports of other devices (kitchen: 4); the plots "
+        "show only device porch, which sent the last report read. Give only one "
+        "device's logs to plot another"
+    ]
+    assert f"read 7 metrics reports from {kitchen}, {porch}" in result.stdout
+    assert (out / "training.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_newest_device_reports_keeps_order() -> None:
+    records = [
+        {"device": "a", "applied": 0},
+        {"device": "b", "applied": 1},
+        {"device": "c", "applied": 2},
+        {"device": "a", "applied": 3},
+    ]
+
+    kept, others = newest_device_reports(records)
+
+    assert [r["applied"] for r in kept] == [0, 3]
+    assert others == {"b": 1, "c": 1}
 
 
 def test_rotated_logs_read_in_time_order(tmp_path: Path) -> None:
