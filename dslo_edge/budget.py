@@ -250,7 +250,7 @@ class BudgetPolicy:
             return None, None
         resume_in = self._seconds_until_below(budget, now)
         message = (
-            f"energy budget spent: {spent:.1f} J of {budget:g} J in the last "
+            f"energy budget spent: {_joules(spent)} J of {budget:g} J in the last "
             f"hour; resumes in about {resume_in:.0f} s"
         )
         return message, resume_in
@@ -286,3 +286,11 @@ def _percent_text(percent: float) -> str:
     if percent == int(percent):
         return f"{percent:.0f}"
     return f"{math.floor(percent * 10) / 10:.1f}"
+
+
+def _joules(value: float) -> str:
+    """Format joules with one decimal, or 3 significant digits below 10 J.
+
+    One decimal alone would print a spent budget of 0.012 J as 0.0 J.
+    """
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"

@@ -154,6 +154,25 @@ def test_energy_budget_pauses_until_window_passes() -> None:
     assert policy.spent_last_hour() == pytest.approx(50.0)
 
 
+def test_small_energy_budget_shows_spent() -> None:
+    clock = FakeClock()
+    policy = BudgetPolicy(
+        BudgetSettings(energy_budget_j_per_hour=0.01),
+        clock=clock,
+        battery_reader=list,
+        thermal_reader=list,
+    )
+    policy.record_energy(0.0123)
+
+    decision = policy.check()
+
+    assert decision.paused
+    assert decision.reason == (
+        "energy budget spent: 0.0123 J of 0.01 J in the last hour; "
+        "resumes in about 3600 s"
+    )
+
+
 def test_several_reasons_are_joined(tmp_path: Path) -> None:
     policy = BudgetPolicy(
         BudgetSettings(thermal_limit_c=70.0, energy_budget_j_per_hour=1.0),
