@@ -507,6 +507,50 @@ def _add_log_file(settings: Any) -> None:
     logging.getLogger().addHandler(handler)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
+    """Raise KeyboardInterrupt on SIGTERM as on SIGINT while the block runs.
+
+    The yielded list receives the number of each SIGTERM.
+    """
+    signals: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        # signal.signal works only in the main thread.
+        yield signals
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield signals
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_interrupts_push(command: Callable[..., None]) -> Callable[..., None]:
+    """Stop push on SIGTERM as on Ctrl-C, then exit with status 143.
+
+    Python's default action for SIGTERM ends the process at once, so push
+    would not report what the broker acknowledged and how to resume, as it
+    does on Ctrl-C.
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        with _sigterm_as_interrupt() as signals:
+            try:
+                command(*args, **kwargs)
+            except SystemExit as stop:
+                if signals and stop.code == EXIT_INTERRUPTED:
+                    raise SystemExit(128 + signals[0]) from None
+                raise
+
+    return run
+
+
 @main.command()
 @click.option(
     "--bundle",
@@ -619,6 +663,7 @@ def _add_log_file(settings: Any) -> None:
     help="MQTT protocol version of the broker.",
 )
 @handle_errors
+@_sigterm_interrupts_push
 def push(
     bundle: str,
     teachers: tuple[str, ...],

@@ -143,6 +143,41 @@ def test_push_sigint_prints_acknowledged_counts(mlp_pair, broker_factory, tmp_pa
     assert received == ids[: len(received)]
 
 
+def test_push_sigterm_prints_acknowledged_counts(mlp_pair, broker_factory, tmp_path):
+    broker = broker_factory("mosquitto")
+    samples = 80_000
+    data = tmp_path / "large.npz"
+    rng = np.random.default_rng(5)
+    np.savez(data, x=rng.random((samples, 64), dtype=np.float32))
+    watcher = UpdateWatcher(broker)
+    command = [sys.executable, "-m", "dslo_edge.cli"]
+    command += push_arguments(mlp_pair.bundle, data, broker)
+    push = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        watcher.wait_for(20, timeout=60)
+        assert len(watcher.payloads) >= 20, "the push sent nothing within 60 s"
+        push.send_signal(signal.SIGTERM)
+        stdout, stderr = push.communicate(timeout=60)
+    finally:
+        if push.poll() is None:
+            push.kill()
+        watcher.close()
+
+    # 128 + SIGTERM, as a process that a service manager stopped.
+    assert push.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert stdout == ""
+    match = INTERRUPTED_LINE.search(stderr)
+    assert match, stderr
+    acknowledged = int(match.group(2))
+    acked_samples = int(match.group(4))
+    assert acknowledged >= 20
+    assert acked_samples == acknowledged * BATCH
+    assert f"--skip-samples {acked_samples}" in stderr
+
+
 def test_push_skip_samples_sends_the_rest(mlp_pair, broker_factory, tmp_path):
     broker = broker_factory("mosquitto")
     data = tmp_path / "samples.npz"
