@@ -37,6 +37,10 @@ REJECTION_HINTS = {
     "unexpected_signature": "the device has no HMAC key: set its "
     "security.hmac_key_file or push without --hmac-key-file",
     "shape_mismatch": "the device runs another model: push with its bundle",
+    "too_large": "an update was longer than the device's "
+    "limits.max_payload_bytes: push with a smaller --batch-size",
+    "out_of_range": "an input's magnitude exceeded the device's "
+    "limits.max_abs_input: check how --data is scaled",
 }
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from dslo_edge.cli import main
+from dslo_edge.config import render_config
 from dslo_edge.errors import BrokerError
+from dslo_edge.faults import DEVICE, DaemonProcess
 from dslo_edge.push_progress import (
     DeviceCounts,
     counted,
@@ -204,3 +209,44 @@ def test_hub_client_survives_metrics_int_too_long(broker) -> None:
         client.disconnect()
         client.loop_stop()
         hub.close()
+
+
+def test_push_names_fix_for_too_large(mlp_pair, mosquitto, tmp_path) -> None:
+    config = tmp_path / "device.toml"
+    config.write_text(
+        render_config(
+            DEVICE,
+            mlp_pair.bundle,
+            tmp_path / "state",
+            mosquitto.port,
+            # 32 samples of 64 float32 inputs take 8 KiB, so no update fits.
+            overrides={"limits": {"max_payload_bytes": 4096}},
+        )
+    )
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        result = CliRunner().invoke(
+            main,
+            ["push", "--bundle", str(mlp_pair.bundle), "--data", str(data)]
+            + ["--device", DEVICE, "--broker", mosquitto.url, "--timeout", "30"],
+        )
+    finally:
+        daemon.terminate()
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"error: device {DEVICE} rejected 2 of the 2 updates of this push "
+        "(too_large: 2); an update was longer than the device's "
+        "limits.max_payload_bytes: push with a smaller --batch-size"
+    )
+
+
+def test_push_hint_for_out_of_range() -> None:
+    counts = DeviceCounts(applied=3, rejected={"out_of_range": 2, "duplicate": 1})
+
+    assert counts.hints() == [
+        "an input's magnitude exceeded the device's limits.max_abs_input: "
+        "check how --data is scaled"
+    ]
