@@ -35,6 +35,8 @@ from dslo_edge.power.thermal import ThermalZone, read_thermal_zones
 logger = logging.getLogger(__name__)
 
 ENERGY_WINDOW_S = 3600.0
+# Checkpoints keep the last hour's training energy summed per minute.
+ENERGY_BUCKET_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,45 @@ class BudgetPolicy:
         """Count joules spent on training now against the hourly budget."""
         if joules > 0:
             self._spending.append((self._clock(), joules))
+
+    def saved_spending(self) -> list[list[float]]:
+        """Return the last hour's spending as [age in s, joules] per minute.
+
+        A checkpoint keeps it, so that a restarted daemon counts the energy
+        spent before the restart against the hourly budget. Each age is
+        rounded down to the minute, so restored joules leave the window up
+        to a minute late.
+        """
+        now = self._clock()
+        self._forget_old_spending(now)
+        minutes: dict[int, float] = {}
+        for recorded_at, joules in self._spending:
+            minute = int((now - recorded_at) // ENERGY_BUCKET_S)
+            minutes[minute] = minutes.get(minute, 0.0) + joules
+        return [
+            [minute * ENERGY_BUCKET_S, joules]
+            for minute, joules in sorted(minutes.items(), reverse=True)
+        ]
+
+    def restore_spending(self, saved: Any, seconds_since_save: float) -> None:
+        """Count ``saved_spending`` output from before a restart as spent.
+
+        Entries older than an hour by now are left out, and a value that is
+        not such a list, as in checkpoints of earlier versions, adds nothing.
+        """
+        if not isinstance(saved, list):
+            return
+        now = self._clock()
+        elapsed = max(0.0, seconds_since_save)
+        restored = []
+        for entry in saved:
+            if not _is_spending_entry(entry):
+                continue
+            age = float(entry[0]) + elapsed
+            if age < ENERGY_WINDOW_S:
+                restored.append((now - age, float(entry[1])))
+        restored.sort()
+        self._spending.extendleft(reversed(restored))
 
     def spent_last_hour(self) -> float:
         """Return the joules recorded within the last hour."""
@@ -294,3 +335,16 @@ def _joules(value: float) -> str:
     One decimal alone would print a spent budget of 0.012 J as 0.0 J.
     """
     return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def _is_spending_entry(entry: Any) -> bool:
+    """Check for an [age in s, joules] pair of finite non-negative numbers."""
+    if not isinstance(entry, list) or len(entry) != 2:
+        return False
+    return all(
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+        for value in entry
+    )

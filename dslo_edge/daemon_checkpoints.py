@@ -10,6 +10,7 @@ checkpoint generations allow are sent.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from dslo_edge.bundle import Bundle
 from dslo_edge.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from dslo_edge.config import DeviceConfig
 from dslo_edge.connection import MqttConnection
+from dslo_edge.costs import AdaptationCosts
 from dslo_edge.daemon_restore import APPLIED_IDS
 from dslo_edge.dropped_ids import DroppedIds
 from dslo_edge.errors import ConfigError
@@ -44,6 +46,7 @@ class CheckpointsMixin:
     trainer: Trainer | MultiHeadTrainer
     health: HealthGuard
     metrics: DaemonMetrics
+    costs: AdaptationCosts
     connection: MqttConnection
     applied_ids: AppliedIds
     dropped_ids: DroppedIds
@@ -280,6 +283,10 @@ class CheckpointsMixin:
         # after a crash, so restored counters count each update once.
         state["rejected"] = self.metrics.rejected_counts()
         state["device_id"] = self.device_id
+        state["energy_spent"] = {
+            "saved_at": time.time(),
+            "minutes": self.costs.policy.saved_spending(),
+        }
         try:
             path = save_checkpoint(self.checkpoint_dir, tensors, state)
         except OSError as error:

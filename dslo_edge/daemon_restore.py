@@ -9,8 +9,10 @@ folder. The rollback in ``dslo_edge.daemon_checkpoints`` reuses them.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.bundle import Bundle
@@ -24,6 +26,7 @@ from dslo_edge.checkpoint import (
     rename_aside,
 )
 from dslo_edge.config import DeviceConfig
+from dslo_edge.costs import AdaptationCosts
 from dslo_edge.dropped_ids import DroppedIds
 from dslo_edge.errors import ConfigError
 from dslo_edge.health import HealthGuard
@@ -73,6 +76,7 @@ class RestoreMixin:
     trainer: Trainer | MultiHeadTrainer
     health: HealthGuard
     metrics: DaemonMetrics
+    costs: AdaptationCosts
     applied_ids: AppliedIds
     dropped_ids: DroppedIds
     restored_from: str
@@ -109,6 +113,7 @@ class RestoreMixin:
             restored = self._restore_checkpoint(checkpoint)
             if restored is not None:
                 self.metrics.restore_rejected(restored.state.get("rejected", {}))
+                self._restore_energy_spent(restored.state.get("energy_spent"))
                 self.restored_from = restored.path.name
                 self._restored_unconfirmed = True
                 self._newest_saved = restored.path.name
@@ -121,6 +126,16 @@ class RestoreMixin:
         self._load_dropped_ids()
         self.health.accuracy(self.student)
         self.health.accept(self.student.get_weights())
+
+    def _restore_energy_spent(self, saved: Any) -> None:
+        """Count the training energy of the hour before the restart as spent."""
+        if not isinstance(saved, dict):
+            return
+        saved_at = saved.get("saved_at")
+        if not isinstance(saved_at, int | float) or not math.isfinite(saved_at):
+            return
+        since_save = time.time() - saved_at
+        self.costs.policy.restore_spending(saved.get("minutes"), since_save)
 
     def _load_dropped_ids(self) -> None:
         """Read the ids of updates that earlier rollbacks dropped."""

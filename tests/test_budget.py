@@ -173,6 +173,68 @@ def test_small_energy_budget_shows_spent() -> None:
     )
 
 
+def test_energy_spending_survives_restart() -> None:
+    clock = FakeClock()
+    settings = BudgetSettings(energy_budget_j_per_hour=100.0)
+    before = BudgetPolicy(
+        settings, clock=clock, battery_reader=list, thermal_reader=list
+    )
+    before.record_energy(70.0)
+    clock.advance(600)
+    before.record_energy(40.0)
+    clock.advance(30)
+    saved = before.saved_spending()
+
+    # A new process: its monotonic clock starts elsewhere, 20 s after the save.
+    restarted_clock = FakeClock(start=5.0)
+    after = BudgetPolicy(
+        settings, clock=restarted_clock, battery_reader=list, thermal_reader=list
+    )
+    after.restore_spending(saved, seconds_since_save=20.0)
+
+    assert saved == [[600.0, 70.0], [0.0, 40.0]]
+    assert after.spent_last_hour() == pytest.approx(110.0)
+    decision = after.check()
+    assert decision.paused
+    assert decision.codes == ("energy",)
+    # The 70 J were recorded 650 s ago as restored (630 s, rounded down to
+    # 600 s, plus 20 s), so they leave the window in 2,980 s.
+    assert decision.resume_in_s == pytest.approx(2980.0)
+    restarted_clock.advance(2980)
+    assert not after.check().paused
+    assert after.spent_last_hour() == pytest.approx(40.0)
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [None, "60", [[60.0]], [[-1.0, 5.0]], [[60.0, float("nan")]], [[True, 5.0]]],
+)
+def test_restore_spending_skips_invalid(saved) -> None:
+    policy = BudgetPolicy(
+        BudgetSettings(energy_budget_j_per_hour=100.0),
+        clock=FakeClock(),
+        battery_reader=list,
+        thermal_reader=list,
+    )
+
+    policy.restore_spending(saved, seconds_since_save=0.0)
+
+    assert policy.spent_last_hour() == 0.0
+
+
+def test_restore_spending_drops_old_minutes() -> None:
+    policy = BudgetPolicy(
+        BudgetSettings(energy_budget_j_per_hour=100.0),
+        clock=FakeClock(),
+        battery_reader=list,
+        thermal_reader=list,
+    )
+
+    policy.restore_spending([[3000.0, 80.0], [60.0, 30.0]], seconds_since_save=700.0)
+
+    assert policy.spent_last_hour() == pytest.approx(30.0)
+
+
 def test_several_reasons_are_joined(tmp_path: Path) -> None:
     policy = BudgetPolicy(
         BudgetSettings(thermal_limit_c=70.0, energy_budget_j_per_hour=1.0),

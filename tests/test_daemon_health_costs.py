@@ -174,6 +174,40 @@ def test_energy_budget_pauses_training(mlp_pair, broker, tmp_path) -> None:
     assert held == 3
 
 
+def test_energy_budget_survives_restart(mlp_pair, broker, tmp_path) -> None:
+    sections = {
+        "device": {"profile": "generic-x86_64"},
+        "budget": {"energy_budget_j_per_hour": 1e-9},
+    }
+    daemon, hub = start(tmp_path, mlp_pair.bundle, broker, **sections)
+    try:
+        hub.publish(one_class_update(210))
+        hub.wait_for_metrics(lambda m: m["applied"] == 1, 30)
+    finally:
+        hub.close()
+        daemon.stop()
+
+    # The same state_dir: the budget spent before the stop still counts.
+    restarted, hub = start(tmp_path, mlp_pair.bundle, broker, **sections)
+    try:
+        hub.publish(one_class_update(211))
+        deadline = time.monotonic() + 30
+        while restarted.updates.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)
+        held = restarted.updates.qsize()
+        applied = restarted.metrics.applied
+        decision = restarted.costs.decision()
+    finally:
+        hub.close()
+        restarted.stop()
+
+    assert decision.paused
+    assert decision.codes == ("energy",)
+    assert applied == 0
+    assert held == 1
+
+
 def test_weight_blow_up_rolls_back_without_probe(mlp_pair, broker, tmp_path) -> None:
     daemon, hub = start(tmp_path, mlp_pair.bundle, broker)
     factory = daemon.student.get_weights()
