@@ -250,6 +250,10 @@ class StateFile:
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite rolls a transaction back by itself after some errors,
+                # such as SQLITE_FULL, and a second ROLLBACK would raise
+                # "no transaction is active" in place of the error.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")

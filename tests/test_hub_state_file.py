@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 
 from dslo_edge.hub_config import RateLimit, load_hub_config
 from dslo_edge.hub_service import HubWorker
-from dslo_edge.hub_state import ADMITTED, HubState, RequestKey
+from dslo_edge.hub_state import ADMITTED, HubState, RequestKey, StoredBatch
 from dslo_edge.label_protocol import (
     LabelRequest,
     encode_request,
@@ -139,3 +140,26 @@ def test_worker_writes_deleted_file_back(mlp_pair, mosquitto, tmp_path) -> None:
     assert before == 2
     assert restored == 2
     assert after == 4
+
+
+def test_full_state_file_raises_full_error(tmp_path) -> None:
+    path = tmp_path / "state.sqlite"
+    state = HubState(path, "w1")
+    batch = StoredBatch(0, 0, 16, "teacher", 1.0, bytes(8192))
+    try:
+        # SQLite's page limit at the file's size fails the insert with
+        # SQLITE_FULL, as on a full disk, and SQLite rolls the transaction back.
+        (pages,) = state._db.execute("PRAGMA page_count").fetchone()
+        state._db.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            state.store_push_batch("nightly", "kitchen", batch, None)
+        state._db.execute(f"PRAGMA max_page_count = {0xFFFFFFFE}")
+        stored_after_failure = state.stored_push_batches("nightly", "kitchen")
+        # The connection is still usable for the next transaction.
+        state.store_push_batch("nightly", "kitchen", batch, None)
+        stored = state.stored_push_batches("nightly", "kitchen")
+    finally:
+        state.close()
+
+    assert stored_after_failure == []
+    assert stored == [batch]
