@@ -137,7 +137,7 @@ class BatchPublisher:
         try:
             self._publish_batches(schedule, device, samples, labelled, window, sent)
         except Exception:
-            self._mark_acknowledged(schedule, device, window.take_acknowledged())
+            self._mark_acknowledged(schedule, device, window)
             dropped = self._record_delivered(schedule, device, published, since, sent)
             if dropped:
                 logger.error("Push %s to device %s: %s", schedule.name, device, dropped)
@@ -148,7 +148,7 @@ class BatchPublisher:
             # The batches still without one stay unmarked, so the run that
             # resumes the push publishes them again.
             window.wait_for_rest(STOP_PUBACK_WAIT_S)
-            self._mark_acknowledged(schedule, device, window.take_acknowledged())
+            self._mark_acknowledged(schedule, device, window)
         else:
             waited = self._wait_for_acknowledgements(schedule, device, window)
         problems = [
@@ -214,13 +214,14 @@ class BatchPublisher:
             batch = replace(batch, payload=payload)
             # The charge and the stored payload are on disk before the publish,
             # so a resumed run sends these same bytes and charges nothing more.
-            refusal = self.state.store_push_batch(
-                schedule.name,
-                device,
-                batch,
-                self.config.privacy,
-                acknowledged=window.take_acknowledged(),
-            )
+            with window.marking() as acknowledged:
+                refusal = self.state.store_push_batch(
+                    schedule.name,
+                    device,
+                    batch,
+                    self.config.privacy,
+                    acknowledged=acknowledged,
+                )
             if refusal:
                 self._log_spent(device, refusal)
                 sent.cut_short = True
@@ -388,7 +389,7 @@ class BatchPublisher:
         problem = ""
         while window.unchecked and not problem:
             problem = window.wait_for_next(PUBLISH_TIMEOUT_S, self._stopping)
-            self._mark_acknowledged(schedule, device, window.take_acknowledged())
+            self._mark_acknowledged(schedule, device, window)
         if not problem:
             return ""
         return self._describe_unacknowledged(window, problem)
@@ -405,21 +406,22 @@ class BatchPublisher:
         )
 
     def _mark_acknowledged(
-        self, schedule: PushSchedule, device: str, batches: list[int]
+        self, schedule: PushSchedule, device: str, window: PublishWindow
     ) -> None:
-        if not batches:
-            return
+        """Mark the batches of ``window`` acknowledged since the last marks."""
         try:
-            self.state.acknowledge_push_batches(schedule.name, device, batches)
+            with window.marking() as batches:
+                if batches:
+                    self.state.acknowledge_push_batches(schedule.name, device, batches)
         except sqlite3.Error as error:
             # Only a resumed run reads the marks. Without them, that run
             # publishes the batches again with their message ids, which the
             # device skips.
             logger.warning(
                 "Push %s cannot mark %s of device %s as acknowledged in "
-                "hub.state_file %s: %s",
+                "hub.state_file %s: %s; a later write of this push tries again",
                 schedule.name,
-                counted(len(batches), "batch", "batches"),
+                counted(window.unmarked, "batch", "batches"),
                 device,
                 self.state.path,
                 error,

@@ -277,7 +277,8 @@ class PushState(ChargeState):
         """Charge a push's batch to a device and store it, in one transaction.
 
         Without ``privacy`` the batch is only stored. Nothing is stored when
-        the budget does not allow the batch.
+        the budget does not allow the batch, and nothing at all, the marks
+        included, when the transaction fails.
 
         Args:
             acknowledged: earlier batches of the push that the broker

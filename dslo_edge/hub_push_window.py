@@ -3,17 +3,21 @@
 The pusher marks stored batches as acknowledged in the state file while it
 publishes. Before it charges each next batch, it waits until fewer than
 ``PUBLISH_WINDOW`` updates lack a PUBACK, and it marks those whose PUBACK
-arrived in the transaction that charges the next batch. So a worker killed at
-any point leaves at most ``PUBLISH_WINDOW`` stored updates without the mark,
-not counting those the broker dropped or rejected, which are marked with their
-refund after the device's last PUBACK. The run that resumes the push sends the
-device at most that many updates a second time.
+arrived in the transaction that charges the next batch. When that transaction
+fails, for example on a full disk, the window keeps the marks, and the next
+write to the state file stores them. So unless that write fails too, a worker
+killed at any point leaves at most ``PUBLISH_WINDOW`` stored updates without
+the mark, not counting those the broker dropped or rejected, which are marked
+with their refund after the device's last PUBACK. The run that resumes the
+push sends the device at most that many updates a second time.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -57,8 +61,10 @@ class PublishWindow:
         self._size = size
         # The index of the oldest update not yet seen with a PUBACK.
         self._next_to_wait = 0
-        # The index of the oldest update that take_acknowledged has not gone past.
+        # The index of the oldest update that _take_acknowledged has not gone past.
         self._next_to_take = 0
+        # Batches acknowledged by the broker whose marks are not stored yet.
+        self._unmarked: list[int] = []
 
     @property
     def unchecked(self) -> int:
@@ -89,7 +95,25 @@ class PublishWindow:
             if remaining <= 0 or self.wait_for_next(remaining, never_set):
                 return
 
-    def take_acknowledged(self) -> list[int]:
+    @property
+    def unmarked(self) -> int:
+        """The number of batches acknowledged by the broker and not yet marked."""
+        return len(self._unmarked)
+
+    @contextmanager
+    def marking(self) -> Iterator[list[int]]:
+        """Yield the batches acknowledged and kept by the broker, not yet marked.
+
+        The caller marks them in the state file inside the ``with`` block. The
+        window removes them only when the block ends without an exception, so
+        the marks of a failed transaction are yielded again by the next call.
+        """
+        self._unmarked.extend(self._take_acknowledged())
+        batches = list(self._unmarked)
+        yield batches
+        del self._unmarked[: len(batches)]
+
+    def _take_acknowledged(self) -> list[int]:
         """Return the batches that the broker acknowledged and kept since the last call.
 
         It goes through the updates in publishing order and stops at the first
