@@ -190,9 +190,14 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self.student = load_student(self.bundle, config.runtime)
         self.trainer = self._new_trainer()
         self.applied_ids = AppliedIds(config.training.applied_id_capacity)
+        # A rollback drops the updates applied since the last save, which all
+        # still lack their PUBACK, and the broker sends at most queue_size QoS 1
+        # updates without one (the MQTT 5 receive maximum). NOTE: QoS 0 updates
+        # have no such limit, so more ids can be dropped than headroom allows.
         self.dropped_ids = DroppedIds(
             self.checkpoint_dir / DROPPED_IDS_FILE,
             config.training.applied_id_capacity,
+            headroom=config.training.queue_size,
         )
 
     def _load_active_bundle(self) -> Bundle:
@@ -333,6 +338,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         # rollback drops.
         self._unsaved_ids: list[bytes] = []
         self._dropped_ids_failed = False
+        self._reserve_failed = False
         self._changed_since_save = False
         self._in_burst = False
         # Largest count of unacknowledged updates at which the broker was

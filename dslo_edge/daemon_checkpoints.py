@@ -64,6 +64,7 @@ class CheckpointsMixin:
     _unsaved: int
     _unsaved_ids: list[bytes]
     _dropped_ids_failed: bool
+    _reserve_failed: bool
     _changed_since_save: bool
     _since_probe: int
 
@@ -164,12 +165,12 @@ class CheckpointsMixin:
     def _write_dropped_ids(self, dropped: list[bytes]) -> None:
         """Add ids to the record of dropped updates and write it; log a failure."""
         try:
-            self.dropped_ids.record(dropped)
+            released = self.dropped_ids.record(dropped)
         except OSError as error:
-            # NOTE: on a disk with no free block this write fails like the
-            # checkpoint save. Until a later save writes it, a crash lets the
-            # broker deliver the dropped updates again, and they are applied
-            # and rolled back once more.
+            # NOTE: this fails on a full disk when the reserve file is missing
+            # or too small. Until a later save writes the record, a crash lets
+            # the broker deliver the dropped updates again, and they are
+            # applied and rolled back once more.
             if not self._dropped_ids_failed:
                 logger.error(
                     "Device %s cannot write its record of dropped updates %s: "
@@ -181,11 +182,43 @@ class CheckpointsMixin:
                 )
             self._dropped_ids_failed = True
             return
+        if released:
+            logger.warning(
+                "Device %s found the disk full and wrote its record of dropped "
+                "updates %s into the space reserved for it; the next checkpoint "
+                "saved reserves the space again",
+                self.device_id,
+                self.dropped_ids.path,
+            )
         if self._dropped_ids_failed:
             logger.info(
                 "Device %s wrote its record of dropped updates again", self.device_id
             )
         self._dropped_ids_failed = False
+
+    def _reserve_for_dropped_ids(self) -> None:
+        """Keep free blocks for the record of dropped updates; log a failure once."""
+        try:
+            self.dropped_ids.reserve()
+        except OSError as error:
+            if not self._reserve_failed:
+                logger.warning(
+                    "Device %s cannot reserve %d bytes for its record of dropped "
+                    "updates in %s: %s; on a full disk a rollback may then fail "
+                    "to write the record. It tries again after each checkpoint",
+                    self.device_id,
+                    self.dropped_ids.reserved_bytes(),
+                    self.dropped_ids.reserve_path,
+                    error,
+                )
+            self._reserve_failed = True
+            return
+        if self._reserve_failed:
+            logger.info(
+                "Device %s reserved the space for its record of dropped updates",
+                self.device_id,
+            )
+        self._reserve_failed = False
 
     def _redeliver_saved_once(self, target: str) -> None:
         """Leave the updates that ``target`` may lack for the broker to send again.
@@ -314,5 +347,6 @@ class CheckpointsMixin:
         if self.dropped_ids.unwritten:
             # Before the callers acknowledge the dropped updates.
             self._write_dropped_ids([])
+        self._reserve_for_dropped_ids()
         logger.debug("Device %s saved %s", self.device_id, path.name)
         return True

@@ -92,6 +92,8 @@ class RestoreMixin:
 
         def _reset_to_bundle_weights(self) -> None: ...
 
+        def _reserve_for_dropped_ids(self) -> None: ...
+
     def _restore(self) -> None:
         self._check_state_folders(CHECKPOINTS)
         folder = self.checkpoint_dir
@@ -124,6 +126,7 @@ class RestoreMixin:
                     self.trainer.applied_updates,
                 )
         self._load_dropped_ids()
+        self._reserve_for_dropped_ids()
         self.health.accuracy(self.student)
         self.health.accept(self.student.get_weights())
 

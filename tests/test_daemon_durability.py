@@ -24,7 +24,7 @@ from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
 from dslo_edge.config import render_config
 from dslo_edge.daemon import APPLIED_IDS
-from dslo_edge.dropped_ids import DROPPED_IDS_FILE
+from dslo_edge.dropped_ids import DROPPED_IDS_FILE, DROPPED_IDS_RESERVE_FILE
 from dslo_edge.errors import BrokerError
 from dslo_edge.fault_scenarios import FAST_SETTINGS
 from dslo_edge.faults import DEVICE, DaemonProcess, Publisher, make_updates
@@ -762,3 +762,82 @@ def test_dropped_update_not_reapplied_after_crash(
     # The record: both ids, then their sha256.
     assert recorded[:32] == second[6:22] + harmful[6:22]
     assert len(recorded) == 32 + 32
+
+
+def test_dropped_ids_recorded_on_full_disk(mlp_pair, mosquitto, small_disk) -> None:
+    # As above, but the disk has no free page left at the rollback, so the
+    # record of dropped ids fits only into the space reserved for it at start.
+    folder = small_disk.parent
+    overrides = {key: dict(value) for key, value in FAST_SETTINGS.items()}
+    overrides["training"].update(checkpoint_every=1, checkpoint_idle_s=600)
+    overrides["logging"] = {"metrics_file": str(folder / "metrics.jsonl")}
+    config = folder / "device.toml"
+    config.write_text(
+        render_config(
+            DEVICE,
+            mlp_pair.bundle,
+            small_disk / "state",
+            mosquitto.port,
+            overrides=overrides,
+        )
+    )
+    checkpoints = small_disk / "state" / "checkpoints"
+    record = checkpoints / DROPPED_IDS_FILE
+    reserve = checkpoints / DROPPED_IDS_RESERVE_FILE
+    first, second = encoded_updates(mlp_pair.bundle, 2, seed=13)
+    harmful = harmful_update()
+    daemon = DaemonProcess(config, folder / "daemon.log").start()
+    hub = Publisher(mosquitto.port, TOPICS)
+    try:
+        hub.wait(lambda m: m.get("pid") == daemon.pid)
+        publish_and_wait_saved(hub, [first])
+        reserved_bytes = reserve.stat().st_size
+        filler = fill(small_disk)
+        hub.publish([second, harmful])
+        dropped = hub.wait(lambda m: m["rollbacks"] == 1 and m["storage_error"])
+        recorded = record.read_bytes() if record.exists() else b""
+        reserve_left = reserve.exists()
+        daemon.kill()
+        first_run = daemon.log_text()
+        filler.unlink()
+
+        # The copies rejected as duplicates wait for a checkpoint after the
+        # restart. Copies that arrive one at a time make no burst, so only
+        # the idle save sends their acknowledgements.
+        config.write_text(
+            config.read_text().replace(
+                "checkpoint_idle_s = 600", "checkpoint_idle_s = 0.5"
+            )
+        )
+        daemon.start()
+        restarted = hub.wait(
+            lambda m: (
+                m.get("pid") == daemon.pid
+                and m["processed"] == 3
+                and m["unacknowledged"] == 0
+            )
+        )
+    finally:
+        hub.close()
+        daemon.terminate()
+
+    log = daemon.log_text()
+    second_run = log[len(first_run) :]
+    # FAST_SETTINGS' queue_size of 64 ids, then the sha256.
+    assert reserved_bytes == 64 * 16 + 32
+    assert "dropped 2 updates" in first_run, first_run[-3000:]
+    assert "into the space reserved for it" in first_run, first_run[-3000:]
+    assert "cannot write its record of dropped updates" not in first_run
+    assert dropped["unacknowledged"] == 3, dropped
+    assert recorded[:32] == second[6:22] + harmful[6:22]
+    assert len(recorded) == 32 + 32
+    assert not reserve_left
+    # The restarted daemon rejects the copies that the broker delivers again.
+    assert restarted["applied"] == 0, second_run[-3000:]
+    assert restarted["rejected"] == {"duplicate": 3}
+    assert restarted["rollbacks"] == 0
+    assert "rolled back" not in second_run
+    assert second_run.count("dropped by an earlier rollback") == 2
+    # The disk has room again, so the start reserved the space once more, now
+    # for the two ids recorded and 64 more.
+    assert reserve.stat().st_size == (2 + 64) * 16 + 32

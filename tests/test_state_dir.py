@@ -23,6 +23,7 @@ from dslo_edge.checkpoint import (
 )
 from dslo_edge.config import load_config, render_config
 from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.dropped_ids import DROPPED_IDS_RESERVE_FILE
 from dslo_edge.errors import ConfigError
 from dslo_edge.lru_rows import pack_ids
 from dslo_edge.multihead_model import load_student
@@ -351,7 +352,11 @@ def test_checkpoints_of_other_model_are_kept(mlp_pair, tmp_path, caplog) -> None
     }
     save_checkpoint(folder, renamed, written.state)
     save_checkpoint(folder, renamed, written.state)
-    other_model = {path.name: path.read_bytes() for path in folder.iterdir()}
+    other_model = {
+        path.name: path.read_bytes()
+        for path in folder.iterdir()
+        if path.name != DROPPED_IDS_RESERVE_FILE
+    }
 
     daemon = EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-a", state))
     with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
@@ -695,6 +700,7 @@ def test_non_file_checkpoint_is_quarantined(mlp_pair, tmp_path) -> None:
         "checkpoint-00000002.safetensors",
         "checkpoint-00000003.safetensors.corrupt",
         "checkpoint-00000004.safetensors.corrupt",
+        DROPPED_IDS_RESERVE_FILE,
     ]
 
 
@@ -723,6 +729,7 @@ def test_fifo_checkpoint_does_not_block_start(mlp_pair, tmp_path) -> None:
     assert sorted(path.name for path in folder.iterdir()) == [
         "checkpoint-00000001.safetensors",
         "checkpoint-00000002.safetensors.corrupt",
+        DROPPED_IDS_RESERVE_FILE,
     ]
 
 
