@@ -20,6 +20,7 @@ import pytest
 from dslo_edge import hub_service
 from dslo_edge.hub_state import HubState, StoredBatch
 from dslo_edge.privacy import PrivacySettings
+from tests.mqtt_proxy import PubackProxy
 from tests.test_hub_push_batches import drain_updates, stored_rows
 from tests.test_hub_push_overlap import close_worker, connected_worker
 from tests.test_hub_push_resume import wait_for_updates
@@ -45,6 +46,8 @@ class StateFullAtOneBatch(HubState):
     that the transaction contained.
     """
 
+    # The proxy that withholds the PUBACKs until the batch before FULL_AT.
+    proxy: PubackProxy
     failed_marks: list[int] | None = None
 
     def store_push_batch(
@@ -55,12 +58,16 @@ class StateFullAtOneBatch(HubState):
         privacy: PrivacySettings | None,
         acknowledged: Sequence[int] = (),
     ) -> str:
-        if batch.batch == FULL_AT - 1:
-            # The PUBACKs of the batches published so far arrive meanwhile,
-            # so the failing transaction contains their marks.
-            time.sleep(0.5)
         if batch.batch != FULL_AT:
-            return super().store_push_batch(name, device, batch, privacy, acknowledged)
+            refusal = super().store_push_batch(
+                name, device, batch, privacy, acknowledged
+            )
+            if batch.batch == FULL_AT - 1:
+                # The PUBACKs of the batches before arrive only now, after
+                # this transaction, so the failing one contains their marks.
+                self.proxy.release_held()
+                time.sleep(0.5)
+            return refusal
         self.failed_marks = list(acknowledged)
         with self._lock:
             (pages,) = self._db.execute("PRAGMA page_count").fetchone()
@@ -80,13 +87,15 @@ def test_marks_survive_failed_batch_store(
     # so that each insert needs new pages.
     total = 160
     x = np.random.default_rng(4).random((total, 64), dtype=np.float32)
-    config = nightly_push_config(folder, mosquitto.port, mlp_pair.bundle, x)
+    proxy = PubackProxy(mosquitto.port, "dslo/kitchen/updates", 0)
+    config = nightly_push_config(folder, proxy.port, mlp_pair.bundle, x)
     state_file = folder / "state.sqlite"
     client, received = device_updates(mosquitto.port, "kitchen")
     caplog.set_level(logging.INFO, logger="dslo_edge.hub_pushes")
     try:
         monkeypatch.setattr(hub_service, "HubState", StateFullAtOneBatch)
-        first = connected_worker(config, "w1", mosquitto.port)
+        monkeypatch.setattr(StateFullAtOneBatch, "proxy", proxy, raising=False)
+        first = connected_worker(config, "w1", proxy.port)
         assert isinstance(first.state, StateFullAtOneBatch)
         assert first.pushes is not None
         [schedule] = first.config.pushes
@@ -101,7 +110,7 @@ def test_marks_survive_failed_batch_store(
         rows_after_failure = stored_rows(state_file, "kitchen")
 
         monkeypatch.setattr(hub_service, "HubState", HubState)
-        second = connected_worker(config, "w1", mosquitto.port)
+        second = connected_worker(config, "w1", proxy.port)
         assert second.pushes is not None
         try:
             second.pushes._resume_unfinished()
@@ -111,6 +120,7 @@ def test_marks_survive_failed_batch_store(
             close_worker(second)
         updates = drain_updates(received, folder / "keys", "kitchen")
     finally:
+        proxy.close()
         client.disconnect()
         client.loop_stop()
 
@@ -123,9 +133,10 @@ def test_marks_survive_failed_batch_store(
 
     # The first worker stored batches 0 to 5 and failed at batch 6.
     assert [batch for batch, _ in rows_after_failure] == list(range(FULL_AT))
-    # The failed transaction contained marks, and each of them was stored.
-    # Before, those marks were lost with the transaction.
-    assert failed_marks, "no PUBACK arrived before the failing store"
+    # The failed transaction contained the marks of batches 0 to 4, and
+    # each of them was stored. Before, those marks were lost with it.
+    assert failed_marks is not None
+    assert set(range(FULL_AT - 1)) <= set(failed_marks)
     assert set(failed_marks) <= marked
     # Only batches whose PUBACK came after the failure can lack the mark.
     assert all(batch > max(failed_marks) for batch in unmarked)
