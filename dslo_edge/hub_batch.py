@@ -403,8 +403,14 @@ class BatchLabeller:
             problem = describe_non_finite_labels(
                 rows, request.inputs, request.sample_ids
             )
+            payload = b""
             if problem is not None:
                 # Finite inputs of extreme magnitude overflowed the teacher.
+                problem = f"{problem}; rescale the inputs and ask again"
+            else:
+                payload = self._encode(item.device or "", request, rows)
+                problem = self._describe_oversize(request, len(payload))
+            if problem is not None:
                 self.counters.rejected += 1
                 logger.warning(
                     "Rejected request %s from device %s: %s",
@@ -412,23 +418,8 @@ class BatchLabeller:
                     item.device,
                     problem,
                 )
-                message = f"{problem}; rescale the inputs and ask again"
                 replies.append(
-                    _Reply(item, key, STATUS_REJECTED, message.encode(), refund=True)
-                )
-                continue
-            payload = self._encode(item.device or "", request, rows)
-            oversize = self._describe_oversize(request, len(payload))
-            if oversize is not None:
-                self.counters.rejected += 1
-                logger.warning(
-                    "Rejected request %s from device %s: %s",
-                    request.request_id_hex,
-                    item.device,
-                    oversize,
-                )
-                replies.append(
-                    _Reply(item, key, STATUS_REJECTED, oversize.encode(), refund=True)
+                    _Reply(item, key, STATUS_REJECTED, problem.encode(), refund=True)
                 )
                 continue
             replies.append(_Reply(item, key, STATUS_OK, payload, release=True))
