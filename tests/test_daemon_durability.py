@@ -693,6 +693,26 @@ def fill_leaving(disk: Path, free_bytes: int) -> Path:
     return filler
 
 
+def restart_for_copies(config: Path, daemon: DaemonProcess, hub: Publisher) -> dict:
+    """Restart the daemon and return its metrics once it handled 3 copies.
+
+    The copies rejected as duplicates wait for a checkpoint after the
+    restart. Copies that arrive one at a time make no burst, so only the
+    idle save, here after 0.5 s, sends their acknowledgements.
+    """
+    config.write_text(
+        config.read_text().replace("checkpoint_idle_s = 600", "checkpoint_idle_s = 0.5")
+    )
+    daemon.start()
+    return hub.wait(
+        lambda m: (
+            m.get("pid") == daemon.pid
+            and m["processed"] == 3
+            and m["unacknowledged"] == 0
+        )
+    )
+
+
 def test_dropped_update_not_reapplied_after_crash(
     mlp_pair, mosquitto, small_disk
 ) -> None:
@@ -737,22 +757,7 @@ def test_dropped_update_not_reapplied_after_crash(
         first_run = daemon.log_text()
         filler.unlink()
 
-        # The copies rejected as duplicates wait for a checkpoint after the
-        # restart. Copies that arrive one at a time make no burst, so only
-        # the idle save sends their acknowledgements.
-        config.write_text(
-            config.read_text().replace(
-                "checkpoint_idle_s = 600", "checkpoint_idle_s = 0.5"
-            )
-        )
-        daemon.start()
-        restarted = hub.wait(
-            lambda m: (
-                m.get("pid") == daemon.pid
-                and m["processed"] == 3
-                and m["unacknowledged"] == 0
-            )
-        )
+        restarted = restart_for_copies(config, daemon, hub)
     finally:
         hub.close()
         daemon.terminate()
@@ -813,22 +818,7 @@ def test_dropped_ids_recorded_on_full_disk(mlp_pair, mosquitto, small_disk) -> N
         first_run = daemon.log_text()
         filler.unlink()
 
-        # The copies rejected as duplicates wait for a checkpoint after the
-        # restart. Copies that arrive one at a time make no burst, so only
-        # the idle save sends their acknowledgements.
-        config.write_text(
-            config.read_text().replace(
-                "checkpoint_idle_s = 600", "checkpoint_idle_s = 0.5"
-            )
-        )
-        daemon.start()
-        restarted = hub.wait(
-            lambda m: (
-                m.get("pid") == daemon.pid
-                and m["processed"] == 3
-                and m["unacknowledged"] == 0
-            )
-        )
+        restarted = restart_for_copies(config, daemon, hub)
     finally:
         hub.close()
         daemon.terminate()
