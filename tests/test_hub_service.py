@@ -933,20 +933,7 @@ def test_push_refunds_updates_acl_rejects(mlp_pair, tmp_path, caplog) -> None:
 
 def test_oversized_push_update_is_not_sent(mlp_pair, tmp_path, caplog) -> None:
     pytest.importorskip("dp_accounting")
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    # mosquitto 2.0.11 closes the connection of an MQTT 5 client that
-    # publishes a payload above this limit.
-    broker = Broker.start(
-        kind="mosquitto",
-        workdir=folder,
-        config_text=(
-            "listener {port} 127.0.0.1\nallow_anonymous true\n"
-            "message_size_limit 20000\n"
-        ),
-    )
+    broker = start_size_limited_broker(tmp_path)
     x = np.random.default_rng(0).random((70, 64), dtype=np.float32)
     extra = {
         "requests": "max_payload_bytes = 20000",
@@ -1222,15 +1209,17 @@ def test_rejected_labels_cost_no_privacy(relu_teacher, mosquitto, tmp_path) -> N
     assert epsilon < epsilon_spent({2.0: 5}, settings.delta)
 
 
-def test_oversized_response_is_rejected_and_refunded(mlp_pair, tmp_path) -> None:
-    pytest.importorskip("dp_accounting")
+def start_size_limited_broker(tmp_path: Path) -> Broker:
+    """Start mosquitto with message_size_limit 20000, or skip without it.
+
+    mosquitto 2.0.11 closes the connection of an MQTT 5 client that
+    publishes a payload above this limit.
+    """
     if find_mosquitto() is None:
         pytest.skip("mosquitto not found on PATH or at /usr/sbin/mosquitto")
     folder = tmp_path / "broker"
     folder.mkdir()
-    # mosquitto 2.0.11 closes the connection of an MQTT 5 client that
-    # publishes a payload above this limit.
-    broker = Broker.start(
+    return Broker.start(
         kind="mosquitto",
         workdir=folder,
         config_text=(
@@ -1238,6 +1227,11 @@ def test_oversized_response_is_rejected_and_refunded(mlp_pair, tmp_path) -> None
             "message_size_limit 20000\n"
         ),
     )
+
+
+def test_oversized_response_is_rejected_and_refunded(mlp_pair, tmp_path) -> None:
+    pytest.importorskip("dp_accounting")
+    broker = start_size_limited_broker(tmp_path)
     extra = {
         "requests": "max_payload_bytes = 20000",
         "privacy": "noise_multiplier = 10.0\nepsilon_budget = 100.0",
