@@ -341,6 +341,31 @@ def alpha_series(
     return [("all heads", times, values), *lines]
 
 
+def probe_series(
+    records: Sequence[dict[str, Any]],
+) -> list[tuple[str | None, list[float], list[float]]]:
+    """Return (label, minutes, values) per probe accuracy line to plot.
+
+    A multi-head student reports ``probe_accuracy`` as the mean over its
+    heads and each head's accuracy in ``probe_accuracy_heads``, and it rolls
+    back when any one head falls. So it gets an "all heads" line and one
+    line per head. Otherwise the one line has label None.
+    """
+    times, values = series(records, "probe_accuracy")
+    heads: dict[str, None] = {}
+    for record in records:
+        for head in _mapping(record.get("probe_accuracy_heads")):
+            heads[head] = None
+    lines: list[tuple[str | None, list[float], list[float]]] = []
+    for head in heads:
+        head_times, head_values = series(records, f"probe_accuracy_heads.{head}")
+        if head_values:
+            lines.append((head, head_times, head_values))
+    if not lines:
+        return [(None, times, values)]
+    return [("all heads", times, values), *lines]
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -516,6 +541,8 @@ def _training_figure(
     for index, (axes, (field, title)) in enumerate(zip(grid.flat, panels, strict=True)):
         if field == "mean_alpha":
             lines = alpha_series(records)
+        elif field == "probe_accuracy":
+            lines = probe_series(records)
         else:
             lines = head_series(records, field)
         axes.set_title(title)

@@ -24,6 +24,7 @@ from dslo_edge.report import (
     latest_energy,
     latest_histogram,
     newest_device_reports,
+    probe_series,
     read_metrics_log,
     read_metrics_logs,
     series,
@@ -374,6 +375,34 @@ def test_alpha_series_splits_heads() -> None:
     ]
     single = [{"timestamp": 0.0, "mean_alpha": 0.4, "dynamic": {"progress": 0.1}}]
     assert alpha_series(single) == [(None, [0.0], [0.4])]
+
+
+def test_probe_series_splits_heads(tmp_path: Path) -> None:
+    # The daemon reports the mean over the heads and each head's accuracy, and
+    # rolls back when one head falls, so each head needs its own line.
+    log = tmp_path / "metrics.jsonl"
+    reports = [
+        (0.0, None, None),
+        (60.0, 0.5, {"digit": 0.3, "big": 0.7}),
+        (120.0, 0.9, {"digit": 0.85, "big": 0.95}),
+    ]
+    for timestamp, mean, heads in reports:
+        report = {"device": "dev1", "timestamp": timestamp, "applied": 1}
+        report |= {"probe_accuracy": mean, "probe_accuracy_heads": heads}
+        append_metrics(log, report)
+    records = read_metrics_log(log)
+
+    lines = probe_series(records)
+
+    assert lines == [
+        ("all heads", [1.0, 2.0], [0.5, 0.9]),
+        ("digit", [1.0, 2.0], [0.3, 0.85]),
+        ("big", [1.0, 2.0], [0.7, 0.95]),
+    ]
+    single = [{"timestamp": 0.0, "probe_accuracy": 0.4}]
+    assert probe_series(single) == [(None, [0.0], [0.4])]
+    paths = write_report(records, tmp_path / "report")
+    assert (tmp_path / "report" / "training.png") in paths
 
 
 def test_report_writes_three_pngs(tmp_path: Path) -> None:
