@@ -104,8 +104,8 @@ def teacher_signature_of(
         raise ConfigError(
             f"{source} has no matching teacher signature: expected an "
             f"'{TEACHER_SIGNATURE}' signature with input 'x' and outputs "
-            f"{', '.join(map(repr, expected))} ({found}); pass a teacher file "
-            "that 'dslo-edge convert' wrote for this model"
+            f"{', '.join(map(repr, expected))} ({found}); "
+            f"{_signature_fix(expected, outputs)}"
         )
     runner = interpreter.get_signature_runner(TEACHER_SIGNATURE)
     input_shape = runner.get_input_details()["x"]["shape"][1:]
@@ -114,6 +114,22 @@ def teacher_signature_of(
         tuple(int(d) for d in input_shape),
         {name: int(details[name]["shape"][-1]) for name in expected},
     )
+
+
+def _signature_fix(expected: list[str], outputs: set[str]) -> str:
+    """Say how to fix a teacher whose outputs differ from ``expected``."""
+    heads = sorted(name.removeprefix("output_") for name in outputs)
+    several_heads = bool(outputs) and all(n.startswith("output_") for n in outputs)
+    if expected == ["output"] and several_heads:
+        # Only a bundle's manifest names the heads' output kinds, so such a
+        # teacher file needs the bundle of its student.
+        return (
+            f"this is the teacher of a student with several heads "
+            f"({', '.join(heads)}), which works only with the manifest of "
+            "that student's bundle: name the bundle directory as the hub's "
+            "teacher.path, or as --bundle of 'dslo-edge push'"
+        )
+    return "pass a teacher file that 'dslo-edge convert' wrote for this model"
 
 
 def expected_output_kinds(bundle: Bundle) -> dict[str, str]:

@@ -247,6 +247,25 @@ def test_multi_head_config_rejects(two_head_bundle, tmp_path, extra, expected) -
         assert part.format(bundle=two_head_bundle) in message
 
 
+def test_multi_head_teacher_file_names_bundle(two_head_bundle, tmp_path) -> None:
+    # Only the manifest names the heads' output kinds, so the hub needs the
+    # bundle directory and not the teacher.tflite of such a bundle.
+    teacher = tmp_path / "teacher.tflite"
+    teacher.write_bytes(load_bundle(two_head_bundle).teacher_path.read_bytes())
+    extra = {"teacher": 'output_kind = "probabilities"'}
+    config, _ = write_push_config(tmp_path / "hub", 1883, teacher, ["porch"], extra)
+
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(config, "w1")
+
+    message = str(caught.value)
+    assert "has no matching teacher signature" in message
+    assert "'output_digit', 'output_shape'" in message
+    assert "a student with several heads (digit, shape)" in message
+    assert "name the bundle directory as the hub's teacher.path" in message
+    assert "pass a teacher file that 'dslo-edge convert' wrote" not in message
+
+
 def test_push_in_code_with_privacy_sends_nothing(two_head_bundle, tmp_path) -> None:
     config, _ = write_push_config(tmp_path / "hub", 1883, two_head_bundle, ["porch"])
     loaded = load_hub_config(config, "w1")
