@@ -247,10 +247,11 @@ class PushScheduler(BatchPublisher, threading.Thread):
                 self._end_run(schedule)
                 continue
             logger.info(
-                "Push %s resumes the run that was cut off: %d of %s remain (%s)",
+                "Push %s resumes the run that was cut off: %d of %s %s (%s)",
                 schedule.name,
                 len(devices),
                 counted(len(schedule.devices), "device"),
+                "remains" if len(devices) == 1 else "remain",
                 ", ".join(devices),
             )
             self._run(schedule, devices)

@@ -476,5 +476,5 @@ def test_resume_waits_for_broker(mlp_pair, broker_factory, tmp_path, caplog) -> 
     assert worker.pushes.counters()["runs"] == 1
     messages = [record.getMessage() for record in caplog.records]
     assert (
-        "Push nightly resumes the run that was cut off: 1 of 2 devices remain (porch)"
+        "Push nightly resumes the run that was cut off: 1 of 2 devices remains (porch)"
     ) in messages
