@@ -136,8 +136,9 @@ class DroppedIds:
             True when it wrote the file, False when it was large enough.
 
         Raises:
-            OSError: the file cannot be written. A part written is deleted,
-                so that it takes no space from the checkpoints.
+            OSError: the file cannot be written. The part written is cut off
+                again, so that it takes no space from the checkpoints, and a
+                reserve file that was there keeps its earlier size.
         """
         size = self.reserved_bytes()
         try:
@@ -154,7 +155,12 @@ class DroppedIds:
                 stream.flush()
                 os.fsync(stream.fileno())
         except OSError:
-            self.reserve_path.unlink(missing_ok=True)
+            # A failed growth happens on a nearly full disk, where the blocks
+            # reserved before are needed most, so only the new part goes.
+            if present:
+                os.truncate(self.reserve_path, present)
+            else:
+                self.reserve_path.unlink(missing_ok=True)
             raise
         return True
 

@@ -166,3 +166,29 @@ def test_failed_reserve_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
 
     assert raised.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_reserve_growth_keeps_old_reserve(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / DROPPED_IDS_FILE
+    reserve = tmp_path / DROPPED_IDS_RESERVE_FILE
+    record = DroppedIds(path, 10, headroom=4)
+    record.reserve()
+    old_size = reserve.stat().st_size
+    record.record(ids(1, 2, 3))
+    # Room for the record and the old reserve, not for the grown reserve.
+    limit_folder(monkeypatch, tmp_path, path.stat().st_size + old_size)
+
+    with pytest.raises(OSError) as raised:
+        record.reserve()
+    size_after_failure = reserve.stat().st_size if reserve.exists() else 0
+    released = record.record(ids(4))
+
+    assert raised.value.errno == errno.ENOSPC
+    assert old_size == 4 * 16 + 32
+    assert size_after_failure == old_size
+    # The old reserve still frees its blocks for the next record on a full disk.
+    assert released
+    assert not reserve.exists()
+    loaded = DroppedIds(path, 10)
+    loaded.load()
+    assert list(loaded) == ids(1, 2, 3, 4)
