@@ -26,7 +26,7 @@ from dslo_edge.eval_staging import (
     owned_prefix,
     remove_dead_writers,
 )
-from dslo_edge.health import PROBE_FILE, check_bundle_probe
+from dslo_edge.health import PROBE_FILE, SingleLabelProbeError, check_bundle_probe
 from dslo_edge.signal_deferral import signals_deferred
 
 STUDENT_FILE = "student.tflite"
@@ -219,6 +219,16 @@ def _carry_probe(target: Path, staging: Path) -> None:
     shutil.copy2(probe, staging / PROBE_FILE)
     try:
         check_bundle_probe(load_bundle(staging))
+    except SingleLabelProbeError as error:
+        logger.warning(
+            "Kept %s from the earlier bundle in %s, but it has one y for a "
+            "student with several heads: %s. The daemon checks the weights "
+            "without it, and flash and ota-send reject the bundle",
+            PROBE_FILE,
+            target,
+            error,
+        )
+        return
     except BundleError as error:
         # Kept anyway, because the earlier bundle and its copy are deleted.
         logger.warning(

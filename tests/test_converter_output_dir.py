@@ -14,6 +14,7 @@ pytest.importorskip("tensorflow")
 
 from converters.bundle import convert_bundle  # noqa: E402
 from converters.optimizers import OptimizerConfig  # noqa: E402
+from converters.output_dir import _carry_probe  # noqa: E402
 from dslo_edge.errors import ConversionError  # noqa: E402
 
 
@@ -155,3 +156,25 @@ def test_overwrite_keeps_fitting_probe_quietly(mlp_pair, tmp_path, caplog) -> No
 
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert "Kept probe.npz from the earlier bundle" in caplog.text
+
+
+def test_carried_single_y_probe_of_two_heads(two_head_bundle, tmp_path, caplog) -> None:
+    # An earlier bundle's probe set with one y, kept for a two-head student.
+    target = tmp_path / "bundle"
+    target.mkdir()
+    np.savez(target / "probe.npz", x=np.zeros((4, 64)), y=np.arange(4))
+    staging = tmp_path / "staging"
+    shutil.copytree(two_head_bundle, staging)
+    (staging / "probe.npz").unlink(missing_ok=True)
+
+    with caplog.at_level(logging.INFO, logger="converters.output_dir"):
+        _carry_probe(target, staging)
+
+    assert (staging / "probe.npz").read_bytes() == (target / "probe.npz").read_bytes()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    # The daemon starts with such a file and leaves it out, with a warning.
+    assert "the daemon does not start with it" not in warnings[0]
+    assert "checks the weights without it" in warnings[0]
+    assert "flash and ota-send reject the bundle" in warnings[0]
+    assert "save each head's labels as y_<head>" in warnings[0]
