@@ -249,6 +249,9 @@ class StateFile:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                # A failed COMMIT leaves the transaction open, and every later
+                # BEGIN would then fail, so it is rolled back below too.
+                self._db.execute("COMMIT")
             except BaseException:
                 # SQLite rolls a transaction back by itself after some errors,
                 # such as SQLITE_FULL, and a second ROLLBACK would raise
@@ -256,4 +259,3 @@ class StateFile:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")

@@ -163,3 +163,27 @@ def test_full_state_file_raises_full_error(tmp_path) -> None:
 
     assert stored_after_failure == []
     assert stored == [batch]
+
+
+def test_failed_commit_leaves_no_open_transaction(tmp_path) -> None:
+    state = HubState(tmp_path / "state.db", "w1")
+    try:
+        # A deferred foreign key fails at COMMIT, and SQLite then keeps the
+        # transaction open.
+        state._db.executescript(
+            "PRAGMA foreign_keys = ON;"
+            "CREATE TABLE parent (id INTEGER PRIMARY KEY);"
+            "CREATE TABLE child (parent INTEGER REFERENCES parent (id) "
+            "DEFERRABLE INITIALLY DEFERRED);"
+        )
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+            with state._transaction() as db:
+                db.execute("INSERT INTO child VALUES (7)")
+
+        assert not state._db.in_transaction
+        (children,) = state._db.execute("SELECT COUNT(*) FROM child").fetchone()
+        assert children == 0
+        # The next write of the state file commits.
+        state.admit([RequestKey("door", b"a" * 16, 1)], 0.0, RATE, None, 30)
+    finally:
+        state.close()
