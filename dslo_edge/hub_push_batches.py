@@ -419,7 +419,8 @@ class BatchPublisher:
             # device skips.
             logger.warning(
                 "Push %s cannot mark %s of device %s as acknowledged in "
-                "hub.state_file %s: %s; a later write of this push tries again",
+                "hub.state_file %s: %s; a resumed run would publish them again, "
+                "and the device skips them by message id",
                 schedule.name,
                 counted(window.unmarked, "batch", "batches"),
                 device,
@@ -626,11 +627,9 @@ def _check_update_size(
 ) -> None:
     """Raise ConfigError for an update above ``requests.max_payload_bytes``.
 
-    mosquitto 2.0.11 closes the connection of an MQTT 5 client that publishes
-    a payload above its ``message_size_limit``, and paho sends the queued
-    update again after each reconnect, so publishing it would cut the worker
-    off the broker. A device also rejects an update above its own
-    ``max_payload_bytes``.
+    Publishing it could cut the worker off the broker, for the reason that
+    ``_describe_oversize`` in ``dslo_edge.hub_batch`` gives for a label
+    response.
     """
     limit = config.requests.max_payload_bytes
     if size <= limit:
