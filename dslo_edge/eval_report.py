@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from dslo_edge.dynamic import DriftBoost
 from dslo_edge.errors import ConfigError
 from dslo_edge.eval_data import DATASETS
 from dslo_edge.eval_staging import make_page_file, make_staging_dir, remove_stale
-from dslo_edge.evaluate import METHODS, RunResult, SeedResult
+from dslo_edge.evaluate import METHODS, Grid, RunResult, SeedResult
 from dslo_edge.signal_deferral import signals_deferred
 
 CURVE_METHODS = ("static KD", "annealed KD", "DSL-O")
@@ -66,6 +67,9 @@ def summarise(results: list[SeedResult]) -> dict[str, Any]:
             "dslo_boosted_updates": [
                 seed.runs["DSL-O"].boosted_updates for seed in seeds
             ],
+            "dslo_drift_thresholds": [
+                _drift_threshold(seed.runs["DSL-O"]) for seed in seeds
+            ],
             "teacher_rounds": [
                 _mean_std([100 * seed.teacher_test_accuracy[r] for seed in seeds])
                 for r in range(len(seeds[0].teacher_test_accuracy))
@@ -75,6 +79,11 @@ def summarise(results: list[SeedResult]) -> dict[str, Any]:
             "dslo_minus_static_per_seed": differences,
         }
     return summary
+
+
+def _drift_threshold(run: RunResult) -> float:
+    # Results saved before the threshold was tuned ran at the default.
+    return run.values.get("drift_threshold", DriftBoost().threshold)
 
 
 def _spread(mean: float, std: float, seeds: int, sign: str = "") -> str:
@@ -102,9 +111,11 @@ def markdown_table(dataset: str, entry: dict[str, Any]) -> str:
     diff, spread = entry["dslo_minus_static"]
     per_seed = ", ".join(f"{d:+.1f}" for d in entry["dslo_minus_static_per_seed"])
     boosted = ", ".join(str(count) for count in entry["dslo_boosted_updates"])
+    thresholds = ", ".join(f"{value:g}" for value in entry["dslo_drift_thresholds"])
     lines += [
         "",
         f"Teacher test accuracy by round (%, {averaged}): {rounds}.",
+        f"DSL-O's drift threshold (nats), per seed: {thresholds}.",
         f"Updates in which the drift boost raised DSL-O's lambda, per seed: {boosted}.",
         f"DSL-O minus static KD: {_spread(diff, spread, seeds, '+')} points "
         f"(per seed: {per_seed}).",
@@ -356,11 +367,14 @@ def _tuning(command: str) -> str:
             "(`QUICK_GRID` in `dslo_edge/evaluate.py`), so the validation split "
             "chooses nothing."
         )
+    thresholds = ", ".join(f"{value:g}" for value in Grid().drift_thresholds)
     return (
         "Each method's learning rate, temperature and alpha (static KD's "
         "constant alpha, alpha_start of the others) are chosen per seed on a "
-        "shifted validation split. Hard labels only tunes its learning rate "
-        "alone, and the factory student does not train."
+        "shifted validation split. So is the drift threshold of DSL-O and of "
+        f"its variants that keep the drift boost, among {thresholds} nats "
+        f"({DriftBoost().threshold:g} is the library default). Hard labels only "
+        "tunes its learning rate alone, and the factory student does not train."
     )
 
 

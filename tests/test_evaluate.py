@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from dslo_edge import eval_report
 from dslo_edge.cli import main
+from dslo_edge.dynamic import DriftBoost
 from dslo_edge.eval_data import load_eval_splits, read_segment
 from dslo_edge.evaluate import METHODS, QUICK_GRID, Grid, _candidates
 
@@ -112,8 +113,31 @@ def test_grid_sizes_per_method() -> None:
     assert sizes["factory student"] == 1
     assert sizes["hard labels only"] == 3
     assert sizes["static KD"] == 3 * 3 * 4
-    assert sizes["DSL-O"] == 3 * 3 * 3
+    assert sizes["annealed KD"] == 3 * 3 * 3
+    assert sizes["DSL-O"] == 3 * 3 * 3 * 3
+    assert sizes["DSL-O with masked CE"] == 3 * 3 * 3 * 3
+    assert sizes["DSL-O without confidence"] == 3 * 3 * 3 * 3
+    assert sizes["DSL-O without time term"] == 3 * 3 * 3 * 3
+    assert sizes["DSL-O without smoothing"] == 3 * 3 * 3
+    assert sizes["DSL-O without drift boost"] == 3 * 3 * 3
     assert all(len(_candidates(m, QUICK_GRID)) == 1 for m in METHODS)
+
+
+def test_drift_threshold_reaches_settings() -> None:
+    methods = {method.name: method for method in METHODS}
+    tried = {
+        values["drift_threshold"] for values in _candidates(methods["DSL-O"], Grid())
+    }
+    values = {"learning_rate": 0.05, "temperature": 2.0, "drift_threshold": 0.05}
+    settings = methods["DSL-O"].settings(values)
+
+    assert tried == {0.5, 0.15, 0.05}
+    assert _candidates(methods["DSL-O"], Grid())[0]["drift_threshold"] == 0.5
+    assert settings.drift.threshold == 0.05
+    assert settings.drift.updates == DriftBoost().updates
+    assert methods["DSL-O without drift boost"].settings(values).drift.updates == 0
+    for values in _candidates(methods["DSL-O without drift boost"], Grid()):
+        assert "drift_threshold" not in values
 
 
 def _changed_fields(settings, reference) -> set[str]:
@@ -224,6 +248,7 @@ def _entry(seeds: list[int], diff: float, spread: float) -> dict:
         "dslo_minus_static": (diff, spread),
         "dslo_minus_static_per_seed": [diff] * len(seeds),
         "dslo_boosted_updates": [0] * len(seeds),
+        "dslo_drift_thresholds": [0.5] * len(seeds),
     }
 
 
@@ -255,6 +280,8 @@ def test_report_setup_names_what_was_tuned() -> None:
     assert tuned not in quick
     assert "so the validation split chooses nothing" in quick
     assert "Teacher test accuracy by round (%, mean over 2 seeds)" in full
+    assert "among 0.5, 0.15, 0.05 nats (0.5 is the library default)" in full
+    assert "DSL-O's drift threshold (nats), per seed: 0.5, 0.5." in full
 
 
 def test_plots_without_curves_say_so(tmp_path) -> None:
@@ -881,3 +908,88 @@ def test_default_out_spares_recorded_report(
     assert result.exit_code == 2
     assert f"cannot write into {folder}/evaluation: Not a directory" in result.output
     assert (tmp_path / folder).read_text() == "not a folder\n"
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory) -> tuple[list[np.ndarray], object]:
+    """Train the evaluation's digits teacher for seed 0.
+
+    Returns its probabilities on the device stream per round, and the stream.
+    """
+    pytest.importorskip("keras")
+    from converters.eval_models import train_eval_models
+    from dslo_edge.evaluate import ROUND_EPOCHS, STUDENT_HIDDEN, _stream
+
+    splits = load_eval_splits("digits", seed=0)
+    models = train_eval_models(
+        splits.base,
+        splits.teacher,
+        {"adapt": splits.adapt[0]},
+        tmp_path_factory.mktemp("teacher"),
+        seed=0,
+        round_epochs=ROUND_EPOCHS,
+        student_hidden=STUDENT_HIDDEN["digits"],
+        student_epochs=1,
+    )
+    samples = len(splits.adapt[1])
+    stream = _stream(samples, len(ROUND_EPOCHS), np.random.default_rng(0))
+    return [rounds["adapt"] for rounds in models.teacher_rounds], stream
+
+
+def _lambdas(engine, rounds: list[np.ndarray], stream) -> list[tuple]:
+    """Run the stream through an engine; return round, drift, rows, lambda."""
+    seen = []
+    for batch, teacher_round in zip(stream.batches, stream.rounds, strict=True):
+        ids = [f"adapt-{i}" for i in batch]
+        targets = engine.prepare(ids, rounds[teacher_round - 1][batch], teacher_round)
+        drift_rows = engine.monitor.batch_drift_rows
+        seen.append(
+            (teacher_round, targets.batch_drift, drift_rows, targets.smoothing_lambda)
+        )
+        engine.finish_update()
+    return seen
+
+
+def test_teacher_round_change_boost(digits_teacher) -> None:
+    from dslo_edge.dynamic import SoftLabelEngine, TaskSettings
+
+    rounds, stream = digits_teacher
+    default = _lambdas(SoftLabelEngine(TaskSettings()), rounds, stream)
+    low = TaskSettings(drift=DriftBoost(threshold=0.05))
+    tuned = _lambdas(SoftLabelEngine(low), rounds, stream)
+
+    changes = [
+        n
+        for n in range(1, len(stream.rounds))
+        if stream.rounds[n - 1] != stream.rounds[n]
+    ]
+    assert len(changes) == 4
+    for n in changes:
+        teacher_round, drift, drift_rows, _ = default[n]
+        # Every row of a round's first batch was seen in the round before.
+        assert drift_rows == 32, teacher_round
+        assert 0.05 < drift < DriftBoost().threshold, (teacher_round, drift)
+        assert tuned[n][3] == DriftBoost().smoothing_lambda, teacher_round
+    assert {lam for *_, lam in default} == {TaskSettings().smoothing_lambda}
+    assert all(
+        lam == TaskSettings().smoothing_lambda for *_, lam in tuned[: changes[0]]
+    )
+
+
+def test_same_round_repeat_no_boost(digits_teacher) -> None:
+    from dslo_edge.dynamic import SoftLabelEngine, TaskSettings
+
+    rounds, stream = digits_teacher
+    engine = SoftLabelEngine(TaskSettings(drift=DriftBoost(threshold=0.05)))
+    batch = stream.batches[0]
+    ids = [f"adapt-{i}" for i in batch]
+
+    first = engine.prepare(ids, rounds[0][batch], 1)
+    repeat = engine.prepare(ids, rounds[0][batch], 1)
+    relabelled = engine.prepare(ids, rounds[1][batch], 2)
+
+    assert first.batch_drift is None
+    assert repeat.batch_drift is None
+    assert repeat.smoothing_lambda == TaskSettings().smoothing_lambda
+    assert relabelled.batch_drift > 0.05
+    assert relabelled.smoothing_lambda == DriftBoost().smoothing_lambda
