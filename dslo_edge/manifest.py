@@ -152,10 +152,13 @@ def _check_items(
 def _check_input(path: Path, manifest: dict[str, Any]) -> None:
     table = _typed(path, manifest, "input", OBJECT)
     shape = _typed(path, table, "shape", ARRAY, "input.shape")
-    if not shape:
+    # A shape of only the batch dimension is rejected here, so the error
+    # names the key instead of a later check failing on probe.npz.
+    if len(shape) < 2:
         raise BundleError(
-            f"{path}: key input.shape is []; expected the batch dimension "
-            f"followed by the sample dimensions, such as [null, 64]; {CONVERT_HINT}"
+            f"{path}: key input.shape is {json.dumps(shape)}; expected the batch "
+            "dimension followed by at least one sample dimension, such as "
+            f"[null, 64]; {CONVERT_HINT}"
         )
     # The first entry is the batch dimension (null in converted bundles),
     # which dslo-edge does not read.

@@ -277,6 +277,11 @@ def _set_input_shape(manifest: dict[str, Any]) -> Any:
     return manifest
 
 
+def _keep_batch_dimension_only(manifest: dict[str, Any]) -> Any:
+    manifest["input"]["shape"] = [None]
+    return manifest
+
+
 def _set_input_dtype(manifest: dict[str, Any]) -> Any:
     manifest["input"]["dtype"] = "complex128"
     return manifest
@@ -309,6 +314,11 @@ BAD_MANIFESTS = [
     (
         _set_input_shape,
         ": key input.shape[1] is 64.5 (a number); expected an integer of at least 1",
+    ),
+    (
+        _keep_batch_dimension_only,
+        ": key input.shape is [null]; expected the batch dimension followed by "
+        "at least one sample dimension, such as [null, 64]",
     ),
     (
         _set_input_dtype,
