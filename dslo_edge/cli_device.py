@@ -137,12 +137,14 @@ def check_command(
     """Check that BUNDLE fits a board's RAM and storage and has an interpreter."""
     from dslo_edge.bundle import load_bundle
     from dslo_edge.fit import check_bundle
+    from dslo_edge.health import check_bundle_probe
     from dslo_edge.profiles import load_profile
 
     profile = load_profile(profile_name, profiles_dir)
-    report = check_bundle(
-        load_bundle(bundle), profile, batch_size=batch_size, queue_size=queue_size
-    )
+    loaded = load_bundle(bundle)
+    # The daemon does not start with such a probe set, so flash rejects it too.
+    check_bundle_probe(loaded)
+    report = check_bundle(loaded, profile, batch_size=batch_size, queue_size=queue_size)
     click.echo(f"{bundle} on {profile.name} ({profile.title})")
     click.echo(
         f"  memory   {_mib(report.memory.total)} estimated, budget "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -52,6 +53,21 @@ def test_profiles_check_fits_and_fails(tmp_path: Path) -> None:
     assert fails.exit_code == EXIT_ERROR
     assert "problem: JetPack 4.6" in fails.output
     assert "does not fit profile jetson-nano" in fails.output
+
+
+def test_profiles_check_rejects_bad_probe(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    probe = bundle / "probe.npz"
+    # Label 10 is outside the bundle's classes 0..9.
+    np.savez(probe, x=np.zeros((2, 64), np.float32), y=np.array([0, 10]))
+
+    result = run("profiles", "check", str(bundle), "--profile", "raspberry-pi-4b")
+
+    assert result.exit_code == EXIT_ERROR, result.output
+    assert result.output == (
+        f"error: probe set {probe} has labels 0..10, but the student has 10 "
+        "classes; expected labels in 0..9\n"
+    )
 
 
 def test_profiles_check_two_head_bundle(two_head_bundle: Path) -> None:
