@@ -220,7 +220,8 @@ def _check_array_names(
 
     Per-head files (``label_names`` other than ``["y"]``) must not contain a
     ``y_<name>`` array for another head, because that is most likely a
-    misspelt head name whose labels would go unchecked.
+    misspelt head name whose labels would go unchecked. For the same reason
+    they must not contain ``y`` beside every ``y_<head>``.
     """
     missing = [name for name in ["x", *label_names] if name not in names]
     if label_names == ["y"]:
@@ -234,6 +235,11 @@ def _check_array_names(
             f"the student; {expected}"
         )
     if not missing:
+        if "y" in names:
+            raise BundleError(
+                f"probe set {path} has y, which a student with several heads "
+                f"does not read, so remove it; {expected}"
+            )
         return
     if "y" in names and not any(n.startswith("y_") for n in names):
         raise SingleLabelProbeError(

@@ -190,6 +190,28 @@ def test_old_release_probe_is_left_out(
     )
 
 
+def test_extra_single_label_is_rejected(two_head_bundle: Path, tmp_path) -> None:
+    labels = factory_predictions(two_head_bundle)
+    bundle = copy_with_probe(
+        two_head_bundle,
+        tmp_path,
+        y=labels["digit"],
+        y_digit=labels["digit"],
+        y_shape=labels["shape"],
+    )
+
+    with pytest.raises(BundleError) as caught:
+        check_bundle_probe(load_bundle(bundle))
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"probe set {bundle / 'probe.npz'} has y, which a student with several "
+        "heads does not read, so remove it; expected an .npz with x and one "
+        "label array per head (y_digit, y_shape)"
+    )
+    assert "numpy.savez(path, x=x, y_digit=..., y_shape=...)" in message
+
+
 def test_bad_head_labels_reject_bundle(two_head_bundle: Path, tmp_path) -> None:
     labels = factory_predictions(two_head_bundle)
     shape = labels["shape"].copy()
