@@ -76,6 +76,9 @@ class DevicePush:
 
     updates: int = 0
     samples: int = 0
+    # The part of ``samples`` in stored updates of an interrupted run that
+    # were published again, with the teacher round they were labelled by.
+    republished_samples: int = 0
     # True when the device's budget ran out before the last batch.
     cut_short: bool = False
     # Samples of the updates that the broker acknowledged to a stopped worker
@@ -443,6 +446,7 @@ class BatchPublisher:
             rejected, whose privacy charge this takes back.
         """
         delivered = []
+        republished = 0
         # The sample counts of the dropped or rejected updates, per reason code.
         undelivered: dict[int, list[int]] = {}
         # The undelivered updates whose charge goes back.
@@ -457,8 +461,10 @@ class BatchPublisher:
                     refunded.append(entry)
             else:
                 delivered.append(entry.samples)
+                republished += entry.samples if entry.republished else 0
         sent.updates = len(delivered)
         sent.samples = sum(delivered)
+        sent.republished_samples = republished
         if not undelivered:
             return ""
         return self._refund_undelivered(

@@ -331,6 +331,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
             devices = schedule.devices
         labelled = Labelled(current, outputs, self._source(schedule, current))
         sent_samples = 0
+        republished_samples = 0
         reached = 0
         # Devices that received part of the dataset: a failed push, a spent
         # budget or a stop.
@@ -359,6 +360,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
             # A failed push still counts the updates the broker acknowledged.
             self.updates += sent.updates
             sent_samples += sent.samples
+            republished_samples += sent.republished_samples
             reached += sent.samples + sent.earlier_samples > 0
             if sent.samples + sent.earlier_samples == 0:
                 self.skipped_devices += 1
@@ -380,7 +382,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
             schedule,
             current,
             len(samples.x),
-            sent_samples,
+            (sent_samples - republished_samples, republished_samples),
             (reached, len(devices), cut_short),
         )
         duration = time.monotonic() - started
@@ -398,16 +400,19 @@ class PushScheduler(BatchPublisher, threading.Thread):
         schedule: PushSchedule,
         current: TeacherVersion,
         dataset_size: int,
-        sent_samples: int,
+        sent: tuple[int, int],
         reached: tuple[int, int, int],
     ) -> None:
         """Log a run's summary, and a run that sent nothing at most once an hour.
 
         Args:
+            sent: the samples that this run labelled, and those in stored
+                updates of an interrupted run that it published again.
             reached: the devices that received samples, the run's devices,
                 and the devices that received only part of the dataset.
         """
-        if sent_samples:
+        new_samples, republished_samples = sent
+        if new_samples or republished_samples:
             self._empty_run_log.forget(schedule.name)
             repeats = ""
         else:
@@ -420,17 +425,26 @@ class PushScheduler(BatchPublisher, threading.Thread):
         partial = (
             f", {reached[2]} of them only part of the dataset" if reached[2] else ""
         )
+        # Those updates keep the labels and teacher round of their first
+        # publish, which may be another teacher's.
+        republished = (
+            f", and {counted(republished_samples, 'sample')} again with the labels "
+            "that the interrupted run gave them"
+            if republished_samples
+            else ""
+        )
         logger.info(
             "Push %s sent %s in all (dataset %d) of teacher %s (round %d) to "
-            "%d of %s%s%s",
+            "%d of %s%s%s%s",
             schedule.name,
-            counted(sent_samples, "sample"),
+            counted(new_samples, "sample"),
             dataset_size,
             current.version,
             current.round,
             reached[0],
             counted(reached[1], "device"),
             partial,
+            republished,
             repeats,
         )
 

@@ -30,10 +30,25 @@ from dslo_edge.signing import HEADER_BYTES, generate_key_file, load_key, verify
 from tests.hub_fleet import start_worker
 from tests.mqtt_proxy import PubackProxy
 from tests.test_hub_push_resume import stop, wait_for_log, wait_for_updates
-from tests.test_hub_service import device_updates, nightly_push_config
+from tests.test_hub_service import (
+    copy_bundle_with_new_teacher,
+    device_updates,
+    nightly_push_config,
+)
 
 DEVICES = ("kitchen", "porch", "garage")
 SETTINGS = PrivacySettings(noise_multiplier=8.0, epsilon_budget=20.0)
+SUMMARY_LINE = re.compile(
+    r"Push nightly sent (?P<new>\d+) samples in all \(dataset 40\) of teacher "
+    r"\S+ \(round (?P<round>\d+)\) to 2 of 2 devices(?P<rest>.*)$",
+    re.MULTILINE,
+)
+GARAGE = "dslo/garage/updates"
+
+
+def verify_porch(keys: Path, payload: bytes) -> bytes:
+    """Return the body of a payload signed with porch's key."""
+    return verify(load_key(keys / "porch.key"), "dslo/porch/updates", payload)
 
 
 def write_config(folder: Path, port: int, bundle: Path) -> Path:
@@ -124,6 +139,7 @@ def undo_last_batch(path: Path) -> None:
 # data_changed: as uncharged, and the data file changed before the restart.
 # key_replaced: as unacknowledged, and porch got a new key before the restart.
 # keys_dir_dropped: as unacknowledged, and keys_dir left the hub config.
+# teacher_changed: as unacknowledged, and the hub serves another teacher file.
 def age_batches(path: Path, seconds: float) -> None:
     """Move the creation time of every stored batch ``seconds`` back."""
     db = sqlite3.connect(path)
@@ -142,6 +158,7 @@ def age_batches(path: Path, seconds: float) -> None:
         "data_changed",
         "key_replaced",
         "keys_dir_dropped",
+        "teacher_changed",
     ],
 )
 def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> None:
@@ -176,6 +193,13 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
             config.write_text(config.read_text().replace('keys_dir = "keys"', ""))
             # The resumed run signs nothing, so nothing is verified.
             keys = folder / "no-keys"
+        if cut == "teacher_changed":
+            copy_bundle_with_new_teacher(mlp_pair.bundle, folder / "new-teacher")
+            config.write_text(
+                config.read_text().replace(
+                    str(mlp_pair.bundle), str(folder / "new-teacher")
+                )
+            )
         if cut == "data_changed":
             data = folder / "data.npz"
             os.utime(data, ns=(time.time_ns(), time.time_ns()))
@@ -221,6 +245,37 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
         "updates published again to device porch go unsigned"
     )
     assert (unsigned in resumed_log) == (cut == "keys_dir_dropped")
+    # The updates published again keep the labels and round of their first
+    # publish, so the summary counts them apart from the run's new samples.
+    resent = 0 if cut in ("uncharged", "data_changed") else 8
+    new_samples = {"uncharged": 48}.get(cut, 40)
+    summary = SUMMARY_LINE.search(resumed_log)
+    assert summary, resumed_log
+    assert int(summary["new"]) == new_samples
+    assert int(summary["round"]) == (2 if cut == "teacher_changed" else 1)
+    cut_short = cut in ("data_changed", "teacher_changed")
+    partial = ", 1 of them only part of the dataset" if cut_short else ""
+    again = (
+        f", and {resent} samples again with the labels that the interrupted run "
+        "gave them"
+        if resent
+        else ""
+    )
+    assert summary["rest"] == partial + again
+    if cut == "teacher_changed":
+        (republished,) = resumed["porch"]
+        assert republished[2] == first_run["porch"][2][2]
+        assert decode_update(verify_porch(keys, republished[2])).teacher_round == 1
+        garage_key = load_key(keys / "garage.key")
+        garage_rounds = [
+            decode_update(verify(garage_key, GARAGE, payload)).teacher_round
+            for _, _, payload in resumed["garage"]
+        ]
+        assert garage_rounds == [2, 2, 2]
+        assert (
+            "Push nightly to device porch stops after batch 2 (sample 40 of the "
+            "dataset): the teacher file or the data file changed"
+        ) in resumed_log
     if cut in ("unacknowledged", "terminated", "stale"):
         # The same bytes again, so the device skips the update by its id.
         assert [update[2] for update in resumed["porch"]] == [first_run["porch"][2][2]]
@@ -258,7 +313,7 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
             "Push nightly resumes device porch after batch 1: skips 2 acknowledged "
             "before the stop and publishes 0 again unchanged"
         ) in resumed_log
-    else:
+    elif cut == "data_changed":
         assert resumed["porch"] == []
         assert (
             "Push nightly to device porch stops after batch 1 (sample 32 of the "
