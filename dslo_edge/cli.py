@@ -530,12 +530,11 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _sigterm_interrupts_push(command: Callable[..., None]) -> Callable[..., None]:
-    """Stop push on SIGTERM as on Ctrl-C, then exit with status 143.
+def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
+    """Stop a command on SIGTERM as on Ctrl-C, then exit with status 143.
 
     Python's default action for SIGTERM ends the process at once, so push
-    would not report what the broker acknowledged and how to resume, as it
-    does on Ctrl-C.
+    and ota-send would not report what they sent, as they do on Ctrl-C.
     """
 
     @functools.wraps(command)
@@ -547,6 +546,16 @@ def _sigterm_interrupts_push(command: Callable[..., None]) -> Callable[..., None
                 if signals and stop.code == EXIT_INTERRUPTED:
                     raise SystemExit(128 + signals[0]) from None
                 raise
+            except KeyboardInterrupt:
+                if not signals:
+                    raise
+                # The line that InterruptibleGroup prints names Ctrl-C.
+                name = click.get_current_context().info_name
+                click.echo(
+                    f"error: dslo-edge {name} stopped on SIGTERM before it completed",
+                    err=True,
+                )
+                raise SystemExit(128 + signals[0]) from None
 
     return run
 
@@ -663,7 +672,7 @@ def _sigterm_interrupts_push(command: Callable[..., None]) -> Callable[..., None
     help="MQTT protocol version of the broker.",
 )
 @handle_errors
-@_sigterm_interrupts_push
+@sigterm_interrupts
 def push(
     bundle: str,
     teachers: tuple[str, ...],

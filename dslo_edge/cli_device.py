@@ -40,6 +40,18 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def sigterm_interrupts(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply ``dslo_edge.cli.sigterm_interrupts`` when the command runs."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dslo_edge.cli import sigterm_interrupts as cli_sigterm_interrupts
+
+        return cli_sigterm_interrupts(command)(*args, **kwargs)
+
+    return wrapper
+
+
 def _mib(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MiB"
 
@@ -333,6 +345,25 @@ def _exit_interrupted_after_send(
     sys.exit(EXIT_INTERRUPTED)
 
 
+def _exit_interrupted_during_send(
+    transfer_id: str, device_id: str, acknowledged: int, chunk_count: int
+) -> NoReturn:
+    """Exit with status 130 and one line on Ctrl-C before the last chunk was sent.
+
+    ``sigterm_interrupts`` turns the status into 143 on SIGTERM.
+    """
+    # OtaReceiver keeps the stored chunks until another transfer starts, and
+    # each ota-send run sends a new transfer id, so none of them is reused.
+    click.echo(
+        f"interrupted after the broker acknowledged {acknowledged} of "
+        f"{chunk_count} chunks of transfer {transfer_id}, so device {device_id} "
+        "installs nothing and deletes the chunks it stored when the next "
+        "transfer starts; run ota-send again to send the whole bundle",
+        err=True,
+    )
+    sys.exit(EXIT_INTERRUPTED)
+
+
 @click.command("ota-send")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option(
@@ -370,6 +401,7 @@ def _exit_interrupted_after_send(
     "heads; it keeps the old model's last checkpoint to switch back.",
 )
 @handle_errors
+@sigterm_interrupts
 def ota_send(
     bundle: str,
     device_id: str,
@@ -385,6 +417,7 @@ def ota_send(
 
     Waits for the device's outcome and exits non-zero when the device
     rejected or rolled back the update, or reported nothing within --timeout.
+    On Ctrl-C or SIGTERM it prints how many chunks the broker acknowledged.
     """
     import uuid
     from pathlib import Path
@@ -394,7 +427,7 @@ def ota_send(
     from dslo_edge.broker_login import broker_settings, start_client
     from dslo_edge.errors import BrokerError
     from dslo_edge.flash_config import check_device_id
-    from dslo_edge.ota import ReleaseOptions
+    from dslo_edge.ota import ReleaseOptions, chunk_count
     from dslo_edge.ota_sender import (
         StatusWatcher,
         check_outcome,
@@ -425,16 +458,31 @@ def ota_send(
     try:
         watcher = StatusWatcher(client, topics)
         watcher.subscribe(timeout)
-        sent = send_archive(
-            client,
-            topics,
-            archive,
-            transfer,
-            chunk_bytes=chunk_size,
-            timeout=timeout,
-            hmac_key=key,
-            stop=lambda: watcher.outcome(transfer.hex()) is not None,
-        )
+        acknowledged = 0
+
+        def count_acknowledged(count: int) -> None:
+            nonlocal acknowledged
+            acknowledged = count
+
+        try:
+            sent = send_archive(
+                client,
+                topics,
+                archive,
+                transfer,
+                chunk_bytes=chunk_size,
+                timeout=timeout,
+                hmac_key=key,
+                stop=lambda: watcher.outcome(transfer.hex()) is not None,
+                on_acknowledged=count_acknowledged,
+            )
+        except KeyboardInterrupt:
+            _exit_interrupted_during_send(
+                transfer.hex(),
+                device_id,
+                acknowledged,
+                chunk_count(len(archive), chunk_size),
+            )
         try:
             click.echo(
                 f"sent {bundle} to device {device_id} as transfer {transfer.hex()} "

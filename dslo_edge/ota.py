@@ -318,6 +318,11 @@ def peek_transfer_id(payload: bytes) -> str | None:
     return payload[5:21].hex()
 
 
+def chunk_count(archive_bytes: int, chunk_bytes: int) -> int:
+    """Return how many chunks ``split_archive`` makes of an archive's bytes."""
+    return max(1, math.ceil(archive_bytes / chunk_bytes))
+
+
 def split_archive(
     archive: bytes,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -337,7 +342,7 @@ def split_archive(
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     transfer = transfer_id or uuid.uuid4().bytes
     checksum = digest or hashlib.sha256(archive).digest()
-    count = max(1, math.ceil(len(archive) / chunk_bytes))
+    count = chunk_count(len(archive), chunk_bytes)
     chunks = []
     for index in range(count):
         data = archive[index * chunk_bytes : (index + 1) * chunk_bytes]

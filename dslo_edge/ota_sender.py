@@ -177,6 +177,7 @@ def send_archive(
     timeout: float = 30.0,
     hmac_key: bytes | None = None,
     stop: Callable[[], bool] | None = None,
+    on_acknowledged: Callable[[int], None] | None = None,
 ) -> int:
     """Publish an archive in chunks at QoS 1 and return the chunks sent.
 
@@ -185,6 +186,8 @@ def send_archive(
     signed for the OTA topic, as devices with a key require. ``stop`` is
     called before each chunk; when it returns True the rest is not sent
     (for example once the device rejected the transfer).
+    ``on_acknowledged`` receives the number of chunks acknowledged so far
+    after each acknowledgement.
 
     Raises:
         BrokerError: a chunk was not acknowledged within ``timeout`` seconds.
@@ -204,6 +207,8 @@ def send_archive(
                 f"was not acknowledged within {timeout:g} s; check the broker "
                 "connection and send the bundle again"
             )
+        if on_acknowledged is not None:
+            on_acknowledged(index + 1)
     return len(chunks)
 
 
