@@ -1299,4 +1299,9 @@ main.add_command(evaluate)
 
 
 if __name__ == "__main__":
-    main()
+    from dslo_edge.console import ignore_late_interrupts
+
+    try:
+        main()
+    finally:
+        ignore_late_interrupts()

@@ -562,6 +562,31 @@ def test_convert_sigterm_deletes_staging(keras_files, tmp_path) -> None:
     assert list(parent.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_sigint_after_wrote_exits_0(keras_files, tmp_path) -> None:
+    out = tmp_path / "bundle"
+    command = [sys.executable, "-m", "dslo_edge.cli", *keras_files, "--out", str(out)]
+    convert = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wrote = convert.stdout.readline()
+        # The interpreter is shutting down by then, and the signal must not
+        # end the process as killed by SIGINT (-2).
+        time.sleep(0.05)
+        convert.send_signal(signal.SIGINT)
+        _, stderr = convert.communicate(timeout=60)
+    finally:
+        if convert.poll() is None:
+            convert.kill()
+            convert.wait()
+
+    assert wrote.startswith(f"wrote {out}: 10 classes"), stderr
+    assert convert.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert json.loads((out / "manifest.json").read_text())["class_count"] == 10
+
+
 def wait_for_staging(convert: subprocess.Popen, parent: Path) -> None:
     """Wait until ``convert`` writes into a staging directory in ``parent``."""
     deadline = time.monotonic() + 120
