@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,7 +273,7 @@ def convert(
     _prepare_bundle_dir(Path(out), overwrite)
     _quiet_tensorflow()
     try:
-        from converters.bundle import PrecisionOptions, convert_bundle
+        from converters.bundle import PrecisionOptions
         from converters.optimizers import OptimizerConfig
     except ImportError as error:
         raise ConfigError(
@@ -291,15 +293,78 @@ def convert(
         int8_student_copy=int8_student_copy,
         representative_data=representative_data,
     )
+    started_ns = time.time_ns()
+    try:
+        manifest = _convert_bundle_in_place(
+            (teacher, student, out),
+            overwrite=overwrite,
+            optimizer=config,
+            trainable=trainable,
+            precision=precision,
+            representative=representative,
+        )
+    except (KeyboardInterrupt, SystemExit) as stop:
+        signal_name = _stop_signal_name(stop)
+        if signal_name is None or not _bundle_written_since(Path(out), started_ns):
+            raise
+        # The signal arrived during or just after the final rename, so the
+        # bundle is complete. convert_bundle defers it during a swap.
+        click.echo(
+            f"{signal_name} arrived as the bundle was moved into place, after "
+            "the conversion completed",
+            err=True,
+        )
+        from dslo_edge.bundle import MANIFEST_NAME
+
+        manifest = json.loads((Path(out) / MANIFEST_NAME).read_text())
+    student_ops = manifest["student"]["signatures"]["train"]["ops"]
+    click.echo(
+        f"wrote {out}: {_class_summary(manifest)}, train signature uses "
+        f"{len(student_ops)} builtin op types, no Flex ops"
+    )
+
+
+def _bundle_written_since(out: Path, started_ns: int) -> bool:
+    """Return whether ``out`` has a manifest written after ``started_ns``."""
+    from dslo_edge.bundle import MANIFEST_NAME
+
+    try:
+        return (out / MANIFEST_NAME).stat().st_mtime_ns >= started_ns
+    except OSError:
+        return False
+
+
+def _stop_signal_name(stop: BaseException) -> str | None:
+    """Return the signal that ``sigterm_as_exit`` or SIGINT raised as ``stop``."""
+    if isinstance(stop, KeyboardInterrupt):
+        return "Ctrl-C (SIGINT)"
+    if isinstance(stop, SystemExit) and stop.code == 128 + signal.SIGTERM:
+        return "SIGTERM"
+    return None
+
+
+def _convert_bundle_in_place(
+    paths: tuple[str, str, str],
+    *,
+    overwrite: bool,
+    optimizer: Any,
+    trainable: TrainableScope,
+    precision: Any,
+    representative: str | None,
+) -> dict[str, Any]:
+    """Run convert_bundle, raising its errors as the CLI's, and return the manifest."""
+    from converters.bundle import convert_bundle
+
+    teacher, student, out = paths
     # SIGTERM then deletes the staging directory next to --out.
     with sigterm_as_exit():
         try:
-            manifest = convert_bundle(
+            return convert_bundle(
                 teacher,
                 student,
                 out,
                 overwrite=overwrite,
-                optimizer=config,
+                optimizer=optimizer,
                 trainable=trainable,
                 precision=precision,
                 overwrite_hint="--overwrite",
@@ -314,11 +379,6 @@ def convert(
         except TrainableScopeError as error:
             # The student's layers are known only once TensorFlow loaded it.
             raise click.BadParameter(str(error), param_hint="--trainable") from error
-    student_ops = manifest["student"]["signatures"]["train"]["ops"]
-    click.echo(
-        f"wrote {out}: {_class_summary(manifest)}, train signature uses "
-        f"{len(student_ops)} builtin op types, no Flex ops"
-    )
 
 
 def _int8_options(teacher_precision: str, int8_student_copy: bool) -> list[str]:

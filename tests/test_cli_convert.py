@@ -587,6 +587,49 @@ def test_sigint_after_wrote_exits_0(keras_files, tmp_path) -> None:
     assert json.loads((out / "manifest.json").read_text())["class_count"] == 10
 
 
+# Runs convert and sends itself SIGINT right after the rename that moves the
+# new bundle to --out, so the signal lands once the bundle is complete.
+_INTERRUPT_AFTER_MOVE = """
+import os, signal, sys
+from pathlib import Path
+from dslo_edge.cli import main
+out = Path(sys.argv[sys.argv.index("--out") + 1]).resolve()
+rename = Path.rename
+def rename_then_signal(self, target):
+    moved = rename(self, target)
+    if Path(target) == out:
+        os.kill(os.getpid(), signal.SIGINT)
+    return moved
+Path.rename = rename_then_signal
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_sigint_during_move_reports_bundle(keras_files, tmp_path) -> None:
+    out = tmp_path / "bundle"
+
+    convert = subprocess.run(
+        [sys.executable, "-c", _INTERRUPT_AFTER_MOVE, *keras_files, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert convert.returncode == 0, convert.stderr
+    assert convert.stdout.startswith(f"wrote {out}: 10 classes")
+    assert convert.stderr == (
+        "Ctrl-C (SIGINT) arrived as the bundle was moved into place, after the "
+        "conversion completed\n"
+    )
+    assert json.loads((out / "manifest.json").read_text())["class_count"] == 10
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "bundle",
+        "student.keras",
+        "teacher.keras",
+    ]
+
+
 def wait_for_staging(convert: subprocess.Popen, parent: Path) -> None:
     """Wait until ``convert`` writes into a staging directory in ``parent``."""
     deadline = time.monotonic() + 120
