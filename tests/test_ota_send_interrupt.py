@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,3 +138,29 @@ def test_sigterm_during_send_counts_chunks(
         "ota-send again to send the whole bundle\n"
     )
     assert len(chunks) == 4
+
+
+def test_sigterm_before_connack_exits_143(mlp_pair) -> None:
+    # A listener that accepts the connection and never sends a CONNACK, so
+    # ota-send waits for it until the signal arrives.
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    process = start_ota_send(mlp_pair.bundle, port)
+    try:
+        server.settimeout(30)
+        connection, _ = server.accept()
+        # The CONNECT packet arrived, so ota-send now waits for the CONNACK.
+        connection.settimeout(30)
+        assert connection.recv(1) == bytes([0x10])
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        server.close()
+
+    assert process.returncode == 143
+    assert stdout == ""
+    assert stderr == (
+        "error: dslo-edge ota-send stopped on SIGTERM before it completed\n"
+    )
+    connection.close()
