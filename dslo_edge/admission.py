@@ -143,16 +143,25 @@ def check_new_and_fresh(
     if age > settings.max_age_s:
         raise InvalidUpdate(
             STALE,
-            f"published {age:.0f} s ago, older than "
-            f"max_age_s = {settings.max_age_s:.0f}",
+            f"published {_format_seconds(age)} s ago, older than "
+            f"max_age_s = {_format_seconds(settings.max_age_s)}",
             update.message_id_hex,
         )
     if -age > settings.max_clock_skew_s:
         raise InvalidUpdate(
             CLOCK_SKEW,
-            f"timestamp is {-age:.0f} s in the future; check the hub's clock",
+            f"timestamp is {_format_seconds(-age)} s in the future, more than "
+            f"max_clock_skew_s = {_format_seconds(settings.max_clock_skew_s)}; "
+            "check the hub's clock",
             update.message_id_hex,
         )
+
+
+def _format_seconds(value: float) -> str:
+    """Format seconds so that a limit below 1 s does not print as 0."""
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
 
 
 class RejectionLog:
