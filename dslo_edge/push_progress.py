@@ -41,6 +41,11 @@ REJECTION_HINTS = {
     "limits.max_payload_bytes: push with a smaller --batch-size",
     "out_of_range": "an input's magnitude exceeded the device's "
     "limits.max_abs_input: check how --data is scaled",
+    "stale": "updates arrived older than the device's training.max_age_s: "
+    "check that the hub's clock is not behind the device's, or raise max_age_s",
+    "clock_skew": "update timestamps were ahead of the device's clock by more "
+    "than its training.max_clock_skew_s: synchronise the hub's and the "
+    "device's clocks (NTP)",
 }
 
 

@@ -250,3 +250,15 @@ def test_push_hint_for_out_of_range() -> None:
         "an input's magnitude exceeded the device's limits.max_abs_input: "
         "check how --data is scaled"
     ]
+
+
+def test_push_hints_for_clock_rejections() -> None:
+    counts = DeviceCounts(applied=0, rejected={"stale": 4, "clock_skew": 1})
+
+    hints = counts.hints()
+
+    assert len(hints) == 2
+    assert "training.max_age_s" in hints[0]
+    assert "hub's clock" in hints[0]
+    assert "training.max_clock_skew_s" in hints[1]
+    assert "NTP" in hints[1]
