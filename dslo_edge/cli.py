@@ -661,6 +661,12 @@ def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
 )
 @broker_login_options
 @click.option(
+    "--topic-prefix",
+    default="dslo",
+    show_default=True,
+    help="First level of the device's topics, its mqtt.topic_prefix.",
+)
+@click.option(
     "--batch-size",
     default=32,
     show_default=True,
@@ -741,6 +747,7 @@ def push(
     device_id: str,
     broker: str,
     login: BrokerLogin,
+    topic_prefix: str,
     batch_size: int,
     hard_labels: bool,
     wait: bool,
@@ -758,6 +765,7 @@ def push(
     from dslo_edge import hub
     from dslo_edge.broker_login import broker_settings
     from dslo_edge.bundle import load_bundle
+    from dslo_edge.protocol import Topics
     from dslo_edge.push_checks import check_top_k
     from dslo_edge.push_progress import counted
     from dslo_edge.signing import load_key
@@ -776,6 +784,7 @@ def push(
                 param_hint="--hard-labels",
             )
         broker_settings(broker, login)
+        Topics.for_device(device_id, topic_prefix)
 
         loaded = load_bundle(bundle)
         head_output_kinds = _head_output_kinds(loaded, hard_labels)
@@ -802,6 +811,7 @@ def push(
             protocol=5 if mqtt_protocol == "5" else 4,
             input_dtype="float16" if float16_inputs else "float32",
             head_output_kinds=head_output_kinds,
+            topic_prefix=topic_prefix,
         )
     except hub.PushInterrupted as interrupt:
         resumable = len(paths) == 1

@@ -465,8 +465,9 @@ class HubClient:
         protocol: Any = mqtt.MQTTv5,
         *,
         login: BrokerLogin | None = None,
+        topic_prefix: str = "dslo",
     ):
-        self.topics = Topics.for_device(device_id)
+        self.topics = Topics.for_device(device_id, topic_prefix)
         if device_id == HUB_LEVEL:
             raise ConfigError(
                 f"device id {device_id!r} is invalid: the hub workers' own topics "
@@ -654,6 +655,7 @@ def push(
     window: int = 128,
     input_dtype: str = "float32",
     head_output_kinds: dict[str, str] | None = None,
+    topic_prefix: str = "dslo",
 ) -> PushResult:
     """Publish soft labels from each teacher snapshot in turn, one round each.
 
@@ -683,6 +685,7 @@ def push(
             teacher output kind. The teachers must then have one output per
             head, and the updates carry one label set per head (format
             version 3). ``output_kind`` is then unused.
+        topic_prefix: the first topic level, the device's ``mqtt.topic_prefix``.
 
     Raises:
         ConfigError: ``head_output_kinds`` is combined with ``privacy``, or
@@ -702,7 +705,14 @@ def push(
     total_samples = len(samples.x) * len(teachers)
     result = PushResult()
     try:
-        hub = HubClient(settings.host, settings.port, device_id, protocol, login=login)
+        hub = HubClient(
+            settings.host,
+            settings.port,
+            device_id,
+            protocol,
+            login=login,
+            topic_prefix=topic_prefix,
+        )
     except KeyboardInterrupt as interrupt:
         # SIGINT while the client waited for the broker's CONNACK.
         raise PushInterrupted(

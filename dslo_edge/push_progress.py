@@ -202,7 +202,8 @@ def wait_for_baseline(hub: HubClient, timeout: float = BASELINE_TIMEOUT_S) -> di
     raise BrokerError(
         f"device {hub.device_id} has published no metrics within {timeout:.0f} s; "
         "start the daemon ('dslo-edge run') before pushing with --wait, and check "
-        "that its device id and topic prefix match"
+        "that --device and --topic-prefix match its device.id and "
+        "mqtt.topic_prefix"
     )
 
 

@@ -223,6 +223,35 @@ def test_push_to_hub_level_is_rejected(mlp_pair, broker_factory, data_file):
     assert "sent" not in result.output
 
 
+def test_push_reaches_device_with_topic_prefix(
+    mlp_pair, broker_factory, tmp_path, data_file
+):
+    broker = broker_factory("mosquitto")
+    mqtt_settings = {"topic_prefix": "home"}
+    daemon = start_daemon(mlp_pair.bundle, broker, tmp_path, mqtt=mqtt_settings)
+    try:
+        result = run_push(
+            mlp_pair.bundle, data_file, broker.url, "--topic-prefix", "home"
+        )
+    finally:
+        daemon.stop()
+
+    assert result.exit_code == 0, result.output
+    assert f"sent {MESSAGES} messages" in result.output
+    expected = f"device {DEVICE}: applied {MESSAGES}, rejected 0 of this push"
+    assert expected in result.output
+
+
+def test_push_rejects_invalid_topic_prefix(mlp_pair, broker_factory, data_file):
+    broker = broker_factory("mosquitto")
+
+    result = run_push(mlp_pair.bundle, data_file, broker.url, "--topic-prefix", "a/b")
+
+    assert result.exit_code == 78, result.output
+    assert "topic prefix 'a/b' is invalid" in result.output
+    assert "sent" not in result.output
+
+
 def capture_updates(broker: Broker, push: Callable[[], Result]) -> list[bytes]:
     """Run ``push`` and return the payloads published on the device's topic."""
     payloads: list[bytes] = []
