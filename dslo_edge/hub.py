@@ -545,7 +545,7 @@ class HubClient:
                 f"the broker dropped the update for device {self.device_id} "
                 f"unread, because no client subscribes to {self.topics.updates} "
                 "(the device never connected, its session expired, or --device "
-                "is mistyped)",
+                "or --topic-prefix differs from the device config)",
                 "start the device's daemon once, so that the broker keeps its "
                 "updates while it is offline, and push again",
             )

@@ -579,7 +579,7 @@ def _describe_undelivered(
             f"the broker dropped {share} unread, because no client subscribes "
             f"to {topic} (the device never connected, its session expired, the "
             "broker restarted without persistence, or its id in push.devices "
-            "is mistyped)"
+            "or the hub's mqtt.topic_prefix differs from the device config)"
         )
     problem = (
         f"the broker rejected {share} to {topic} with reason code {reason_code} "

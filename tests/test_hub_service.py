@@ -857,7 +857,8 @@ def test_push_refunds_device_without_session(
         "Push nightly to device garage failed: the broker dropped all 3 updates "
         "unread, because no client subscribes to dslo/garage/updates (the device "
         "never connected, its session expired, the broker restarted without "
-        "persistence, or its id in push.devices is mistyped); took back the "
+        "persistence, or its id in push.devices or the hub's mqtt.topic_prefix "
+        "differs from the device config); took back the "
         "privacy charge of 40 samples"
     )
     [summary] = push_summaries(caplog)

@@ -601,7 +601,8 @@ def test_push_to_device_without_session_refunds(
     assert result.output == (
         f"error: the broker dropped the update for device {DEVICE} unread, "
         f"because no client subscribes to dslo/{DEVICE}/updates (the device never "
-        "connected, its session expired, or --device is mistyped); took back "
+        "connected, its session expired, or --device or --topic-prefix differs "
+        "from the device config); took back "
         f"the privacy charge of its {BATCH} samples. The push sent nothing; "
         "start the device's daemon once, so that the broker keeps its updates "
         "while it is offline, and push again\n"
