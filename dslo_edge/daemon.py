@@ -385,6 +385,8 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self.subscribed = threading.Event()
         self._subscribe_mid: int | None = None
         self._subscriptions: list[tuple[str, int]] = []
+        # Topics of an earlier config that the daemon unsubscribed from.
+        self._stray_topics: set[str] = set()
         self.connection.client.on_subscribe = self._on_subscribed
 
     def _check_requests_fit(self, bundle: Bundle) -> None:
@@ -663,6 +665,9 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
                 response,
                 epoch=item.epoch,
             )
+        elif message.topic != self.topics.updates:
+            self._drop_stray(message)
+            return
         try:
             self.updates.put(item, timeout=self._queue_wait_s())
         except queue.Full:
@@ -685,6 +690,29 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
                     self.updates.queued_bytes,
                     self.updates.max_bytes,
                 )
+
+    def _drop_stray(self, message: mqtt.MQTTMessage) -> None:
+        """Acknowledge and drop a message on a topic this config does not use.
+
+        A resumed broker session keeps the subscriptions of an earlier
+        config, for example one with another mqtt.topic_prefix, and the
+        broker goes on sending their messages. They are neither trained on
+        nor checked against this config's topics, and unsubscribing ends them.
+        """
+        self.connection.ack(message.mid, message.qos)
+        if message.topic in self._stray_topics:
+            return
+        self._stray_topics.add(message.topic)
+        logger.warning(
+            "Device %s dropped a message on %s, which its config does not "
+            "subscribe to; its broker session kept that subscription from an "
+            "earlier config, such as one with another mqtt.topic_prefix, so the "
+            "device unsubscribes from it. Point the hub at %s",
+            self.device_id,
+            message.topic,
+            self.topics.updates,
+        )
+        self.connection.client.unsubscribe(message.topic)
 
     def _queue_wait_s(self) -> float:
         """Return how long the network thread may wait for queue room.

@@ -1,0 +1,91 @@
+"""A daemon whose broker session kept the subscriptions of an earlier config."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dslo_edge.config import load_config, render_config
+from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.hub import DeviceNotSubscribed, HubClient
+from dslo_edge.protocol import SoftLabelUpdate, encode_update, new_message_id
+
+DEVICE = "porch"
+WAIT_S = 30.0
+
+
+def make_update(seed: int) -> SoftLabelUpdate:
+    rng = np.random.default_rng(seed)
+    return SoftLabelUpdate(
+        message_id=new_message_id(),
+        teacher_version="test-teacher",
+        teacher_round=1,
+        timestamp=time.time(),
+        sample_ids=[f"s{seed}-{i}" for i in range(8)],
+        inputs=rng.random((8, 64), dtype=np.float32),
+        labels=rng.dirichlet(np.ones(10), size=8).astype(np.float32),
+        label_kind="probabilities",
+    )
+
+
+def start_daemon(tmp_path: Path, bundle: Path, port: int, prefix: str) -> EdgeDaemon:
+    path = tmp_path / f"device-{prefix}.toml"
+    text = render_config(
+        DEVICE,
+        bundle,
+        tmp_path / "state",
+        port,
+        overrides={"mqtt": {"topic_prefix": prefix}},
+    )
+    path.write_text(text)
+    daemon = EdgeDaemon(load_config(path))
+    daemon.start()
+    assert daemon.subscribed.wait(WAIT_S)
+    return daemon
+
+
+def publish_until_dropped(hub: HubClient, timeout: float = 10.0) -> bool:
+    """Publish updates until the broker reports that no client subscribes."""
+    deadline = time.monotonic() + timeout
+    seed = 100
+    while time.monotonic() < deadline:
+        try:
+            hub.publish(encode_update(make_update(seed)))
+        except DeviceNotSubscribed:
+            return True
+        seed += 1
+        time.sleep(0.1)
+    return False
+
+
+def test_old_prefix_update_is_not_trained(mlp_pair, mosquitto, tmp_path, caplog):
+    # The first config subscribes under dslo/, and the broker keeps the
+    # session after the daemon stops.
+    start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, "dslo").stop()
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, "home")
+    old_hub = HubClient(mosquitto.host, mosquitto.port, DEVICE, topic_prefix="dslo")
+    new_hub = HubClient(mosquitto.host, mosquitto.port, DEVICE, topic_prefix="home")
+    try:
+        with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+            old_hub.publish(encode_update(make_update(1)))
+            new_hub.publish(encode_update(make_update(2)))
+            metrics = new_hub.wait_for_metrics(lambda m: m["processed"] >= 1, WAIT_S)
+            unsubscribed = publish_until_dropped(old_hub)
+    finally:
+        old_hub.close()
+        new_hub.close()
+        daemon.stop()
+
+    assert metrics["applied"] == 1
+    assert metrics["rejected"] == {}
+    assert daemon.metrics.applied == 1
+    assert unsubscribed
+    warnings = [
+        r.getMessage() for r in caplog.records if "dropped a message" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert f"on dslo/{DEVICE}/updates" in warnings[0]
+    assert f"Point the hub at home/{DEVICE}/updates" in warnings[0]
