@@ -372,10 +372,15 @@ class LabelRequester:
                     self._finish(request_id)
                     self.counters.timed_out += 1
                     logger.warning(
-                        "Device %s gave up label request %s after %d attempts",
+                        "Device %s gave up label request %s after %d attempts "
+                        "without a response on %s; check that a hub worker "
+                        "with [requests] enabled = true runs on this broker and "
+                        "reads %s, which needs the device's mqtt.topic_prefix",
                         self.device_id,
                         pending.request.request_id_hex,
                         pending.attempts,
+                        self.topics.labels,
+                        self.topics.requests,
                     )
                     continue
                 pending.attempts += 1

@@ -197,6 +197,23 @@ def test_unanswered_request_is_resent_then_given_up() -> None:
     assert requester.counters.timed_out == 1
 
 
+def test_given_up_request_names_topics(caplog) -> None:
+    clock = FakeClock()
+    settings = RequestSettings(timeout_s=1.0, max_attempts=1)
+    requester = LabelRequester("cam", "home", settings=settings, clock=clock)
+    requester.open(["a"], np.zeros((1, 4), np.float32))
+    clock.now += 1.0
+
+    with caplog.at_level("WARNING", logger="dslo_edge.label_requests"):
+        assert requester.due() == []
+
+    [record] = caplog.records
+    assert "gave up label request" in record.getMessage()
+    assert "without a response on home/cam/labels" in record.getMessage()
+    assert "reads home/cam/requests" in record.getMessage()
+    assert "mqtt.topic_prefix" in record.getMessage()
+
+
 def test_rate_limited_response_blocks_new_requests() -> None:
     clock = FakeClock()
     requester = LabelRequester("cam", clock=clock)
