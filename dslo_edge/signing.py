@@ -222,7 +222,8 @@ def verify(key: bytes, topic: str, payload: bytes) -> bytes:
         raise InvalidUpdate(
             "unsigned",
             "update is not signed but this device requires HMAC signatures; "
-            "push with the device's key (--hmac-key-file)",
+            "push with the device's key (--hmac-key-file), or give the hub "
+            "service its key file in keys_dir",
         )
     if len(payload) < HEADER_BYTES or payload[4] != ENVELOPE_VERSION:
         raise InvalidUpdate(

@@ -53,6 +53,8 @@ def test_plain_payload_with_key_is_unsigned() -> None:
         verified_body(KEY, TOPIC, BODY)
 
     assert caught.value.reason == "unsigned"
+    assert "(--hmac-key-file)" in str(caught.value)
+    assert "hub service its key file in keys_dir" in str(caught.value)
 
 
 def test_push_hint_for_unexpected_signature() -> None:
