@@ -346,17 +346,33 @@ def _exit_interrupted_after_send(
 
 
 def _exit_interrupted_during_send(
-    transfer_id: str, device_id: str, acknowledged: int, chunk_count: int
+    transfer_id: str,
+    device_id: str,
+    acknowledged: tuple[int, int],
+    status_topic: str,
 ) -> NoReturn:
-    """Exit with status 130 and one line on Ctrl-C before the last chunk was sent.
+    """Exit with status 130 and one line on Ctrl-C before the last chunk's PUBACK.
 
-    ``sigterm_interrupts`` turns the status into 143 on SIGTERM.
+    ``acknowledged`` is the chunks the broker acknowledged and the chunk
+    count. ``sigterm_interrupts`` turns the status into 143 on SIGTERM.
     """
+    done, count = acknowledged
+    if done == count - 1:
+        # Only the last PUBACK is missing, and the broker may have received
+        # that chunk and delivered the whole transfer.
+        click.echo(
+            f"interrupted after the broker acknowledged {done} of {count} chunks "
+            f"of transfer {transfer_id}, but the last chunk may have reached it, "
+            f"so device {device_id} may still install it; its outcome is the "
+            f"retained message on {status_topic}",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     # OtaReceiver keeps the stored chunks until another transfer starts, and
     # each ota-send run sends a new transfer id, so none of them is reused.
     click.echo(
-        f"interrupted after the broker acknowledged {acknowledged} of "
-        f"{chunk_count} chunks of transfer {transfer_id}, so device {device_id} "
+        f"interrupted after the broker acknowledged {done} of "
+        f"{count} chunks of transfer {transfer_id}, so device {device_id} "
         "installs nothing and deletes the chunks it stored when the next "
         "transfer starts; run ota-send again to send the whole bundle",
         err=True,
@@ -480,8 +496,8 @@ def ota_send(
             _exit_interrupted_during_send(
                 transfer.hex(),
                 device_id,
-                acknowledged,
-                chunk_count(len(archive), chunk_size),
+                (acknowledged, chunk_count(len(archive), chunk_size)),
+                watcher.topic,
             )
         try:
             click.echo(

@@ -164,3 +164,43 @@ def test_sigterm_before_connack_exits_143(mlp_pair) -> None:
         "error: dslo-edge ota-send stopped on SIGTERM before it completed\n"
     )
     connection.close()
+
+
+def test_sigterm_before_last_puback_may_install(
+    mlp_pair, broker_factory: Callable[..., Broker]
+) -> None:
+    broker = broker_factory("mosquitto")
+    chunk_count = len(split_archive(pack_bundle(mlp_pair.bundle), 1024))
+    # Every chunk reaches the broker and the listener, but the PUBACK of the
+    # last one is withheld, so ota-send waits for it until the signal arrives.
+    proxy = PubackProxy(broker.port, f"dslo/{DEVICE}/ota", acknowledged=chunk_count - 1)
+    chunks: list[bytes] = []
+    listener = start_listener(broker.port, chunks)
+    process = start_ota_send(mlp_pair.bundle, proxy.port, "--chunk-size", "1024")
+    try:
+        deadline = time.monotonic() + 30
+        while len(chunks) < chunk_count:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the last chunk did not arrive"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        listener.loop_stop()
+        listener.disconnect()
+        proxy.close()
+
+    match = TRANSFER_LINE.match(stderr)
+    assert match, stderr
+    assert process.returncode == 143
+    assert stdout == ""
+    # The device received the whole transfer, so it can install it.
+    assert len(chunks) == chunk_count
+    assert "installs nothing" not in stderr
+    assert stderr == (
+        f"interrupted after the broker acknowledged {chunk_count - 1} of "
+        f"{chunk_count} chunks of transfer {match.group(2)}, but the last chunk "
+        f"may have reached it, so device {DEVICE} may still install it; its "
+        f"outcome is the retained message on dslo/{DEVICE}/ota/status\n"
+    )
