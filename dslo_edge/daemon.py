@@ -71,6 +71,7 @@ from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.health import (
     HealthGuard,
     SingleLabelProbeError,
+    UnreadLabelProbeError,
     check_bundle_probe,
     load_bundle_probe,
 )
@@ -215,8 +216,8 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             # Checked here so that a release gets the steps below.
             try:
                 check_bundle_probe(bundle)
-            except SingleLabelProbeError:
-                pass  # _new_health_guard logs it and leaves the probe set out.
+            except (SingleLabelProbeError, UnreadLabelProbeError):
+                pass  # _new_health_guard logs it.
             return bundle
         except BundleError as error:
             if path == self.config.bundle:
@@ -443,6 +444,13 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
                 error,
             )
             probe = None
+        except UnreadLabelProbeError as error:
+            logger.warning(
+                "Device %s ignores y in its probe set and reads y_<head>: %s",
+                self.device_id,
+                error,
+            )
+            probe = load_bundle_probe(bundle, ignore_unread_y=True)
         return HealthGuard(
             probe,
             self.config.health.max_accuracy_drop,

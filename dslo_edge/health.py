@@ -37,6 +37,14 @@ class SingleLabelProbeError(BundleError):
     """
 
 
+class UnreadLabelProbeError(BundleError):
+    """A multi-head student's probe set has ``y`` beside every ``y_<head>``.
+
+    Earlier versions read such a file and ignored its ``y``, so the daemon
+    still starts with one and reads the ``y_<head>`` arrays.
+    """
+
+
 @dataclass(frozen=True)
 class ProbeSet:
     """Probe inputs ``x`` and the class index ``y`` of each row."""
@@ -73,7 +81,11 @@ def load_probe(path: Path, input_shape: tuple[int, ...], class_count: int) -> Pr
 
 
 def load_multi_head_probe(
-    path: Path, input_shape: tuple[int, ...], heads: dict[str, int]
+    path: Path,
+    input_shape: tuple[int, ...],
+    heads: dict[str, int],
+    *,
+    ignore_unread_y: bool = False,
 ) -> MultiHeadProbeSet:
     """Read and check a probe file with one label array per head.
 
@@ -81,6 +93,7 @@ def load_multi_head_probe(
         path: the ``probe.npz`` file.
         input_shape: the student's input shape without the batch axis.
         heads: the class count of each head, by the manifest's head names.
+        ignore_unread_y: accept a ``y`` array beside every ``y_<head>``.
 
     Raises:
         BundleError: the file is unreadable, lacks a head's ``y_<head>``
@@ -93,7 +106,7 @@ def load_multi_head_probe(
         f"expected an .npz with x and one label array per head "
         f"({', '.join(names)}), written by numpy.savez(path, x=x, {keywords})"
     )
-    x, arrays = _read_probe_arrays(path, names, expected)
+    x, arrays = _read_probe_arrays(path, names, expected, ignore_unread_y)
     for name in names:
         _check_shapes(path, x, name, arrays[name], input_shape)
     _check_inputs(path, x)
@@ -106,8 +119,13 @@ def load_multi_head_probe(
     return MultiHeadProbeSet(x, labels)
 
 
-def load_bundle_probe(bundle: Bundle) -> ProbeSet | MultiHeadProbeSet | None:
+def load_bundle_probe(
+    bundle: Bundle, *, ignore_unread_y: bool = False
+) -> ProbeSet | MultiHeadProbeSet | None:
     """Read the bundle's probe set as the daemon does, or return None without one.
+
+    ``ignore_unread_y`` accepts a ``y`` beside every ``y_<head>`` of a
+    multi-head student and leaves it out.
 
     Raises:
         BundleError: ``probe.npz`` is unreadable or does not fit the student.
@@ -116,7 +134,9 @@ def load_bundle_probe(bundle: Bundle) -> ProbeSet | MultiHeadProbeSet | None:
     if not path.is_file():
         return None
     if bundle.is_multi_head:
-        return load_multi_head_probe(path, bundle.input_shape, bundle.heads)
+        return load_multi_head_probe(
+            path, bundle.input_shape, bundle.heads, ignore_unread_y=ignore_unread_y
+        )
     return load_probe(path, bundle.input_shape, bundle.class_count)
 
 
@@ -181,7 +201,7 @@ def _class_indices(
 
 
 def _read_probe_arrays(
-    path: Path, label_names: list[str], expected: str
+    path: Path, label_names: list[str], expected: str, ignore_unread_y: bool = False
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Return ``x`` as float32 and the label arrays as float64 from a probe file.
 
@@ -198,7 +218,7 @@ def _read_probe_arrays(
             )
         with np.load(path, allow_pickle=False) as data:
             names = sorted(data.files)
-            _check_array_names(path, names, label_names, expected)
+            _check_array_names(path, names, label_names, expected, ignore_unread_y)
             # float64 keeps every int32 label exactly for the whole-number check.
             return (
                 np.asarray(data["x"], dtype=np.float32),
@@ -214,7 +234,11 @@ def _read_probe_arrays(
 
 
 def _check_array_names(
-    path: Path, names: list[str], label_names: list[str], expected: str
+    path: Path,
+    names: list[str],
+    label_names: list[str],
+    expected: str,
+    ignore_unread_y: bool = False,
 ) -> None:
     """Raise BundleError unless ``x`` and every label array are in the file.
 
@@ -235,8 +259,8 @@ def _check_array_names(
             f"the student; {expected}"
         )
     if not missing:
-        if "y" in names:
-            raise BundleError(
+        if "y" in names and not ignore_unread_y:
+            raise UnreadLabelProbeError(
                 f"probe set {path} has y, which a student with several heads "
                 f"does not read, so remove it; {expected}"
             )

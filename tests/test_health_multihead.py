@@ -385,3 +385,39 @@ def test_swap_rolls_back_fallen_head_first(
     for name, value in factory.items():
         np.testing.assert_array_equal(weights[name], value)
     assert guard.baseline_heads == {"digit": 1.0, "shape": 1.0}
+
+
+def test_release_extra_y_keeps_head_probe(
+    two_head_bundle: Path, broker, tmp_path, caplog
+) -> None:
+    bundle = self_labelled(two_head_bundle, tmp_path)
+    state = tmp_path / "state"
+    archive = tmp_path / "release.tar"
+    archive.write_bytes(pack_bundle(bundle))
+    store = BundleStore(state)
+    release = store.install_archive(archive)
+    store.activate(release)
+    labels = factory_predictions(two_head_bundle)
+    # Earlier versions installed and read such a release, ignoring its y.
+    np.savez(
+        release / "probe.npz",
+        x=probe_inputs(),
+        y=np.zeros(PROBE_ROWS),
+        y_digit=labels["digit"],
+        y_shape=labels["shape"],
+    )
+
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+        daemon, hub = start(tmp_path, bundle, broker)
+    hub.close()
+    daemon.stop()
+
+    assert daemon.bundle.path == release
+    assert daemon.health.probe is not None
+    assert set(daemon.health.probe.labels) == set(HEADS)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "ignores y in its probe set" in text
+        and f"probe set {release / 'probe.npz'} has y" in text
+        for text in warnings
+    ), warnings
