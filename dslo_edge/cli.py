@@ -11,7 +11,6 @@ import shlex
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,7 +292,7 @@ def convert(
         int8_student_copy=int8_student_copy,
         representative_data=representative_data,
     )
-    started_ns = time.time_ns()
+    earlier_manifest = _manifest_identity(Path(out))
     try:
         manifest = _convert_bundle_in_place(
             (teacher, student, out),
@@ -305,7 +304,8 @@ def convert(
         )
     except (KeyboardInterrupt, SystemExit) as stop:
         signal_name = _stop_signal_name(stop)
-        if signal_name is None or not _bundle_written_since(Path(out), started_ns):
+        written = _manifest_identity(Path(out))
+        if signal_name is None or written in (None, earlier_manifest):
             raise
         # The signal arrived during or just after the final rename, so the
         # bundle is complete. convert_bundle defers it during a swap.
@@ -324,14 +324,21 @@ def convert(
     )
 
 
-def _bundle_written_since(out: Path, started_ns: int) -> bool:
-    """Return whether ``out`` has a manifest written after ``started_ns``."""
+def _manifest_identity(out: Path) -> tuple[int, int] | None:
+    """Return the device and inode of ``out``'s manifest, or None without one.
+
+    convert writes a new manifest file in its staging directory while any
+    earlier bundle still exists, so a manifest with another identity after
+    the run is the new bundle's. Modification times would not do, because
+    a copied bundle may keep a time ahead of this host's clock.
+    """
     from dslo_edge.bundle import MANIFEST_NAME
 
     try:
-        return (out / MANIFEST_NAME).stat().st_mtime_ns >= started_ns
+        stat = (out / MANIFEST_NAME).stat()
     except OSError:
-        return False
+        return None
+    return (stat.st_dev, stat.st_ino)
 
 
 def _stop_signal_name(stop: BaseException) -> str | None:

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from dslo_edge.broker import find_mosquitto
-from dslo_edge.cli import EXIT_CONFIG, main
+from dslo_edge.cli import EXIT_CONFIG, EXIT_INTERRUPTED, main
 
 
 def run(*arguments: str):
@@ -628,6 +628,58 @@ def test_sigint_during_move_reports_bundle(keras_files, tmp_path) -> None:
         "student.keras",
         "teacher.keras",
     ]
+
+
+# Runs convert and sends itself SIGINT just before the new bundle is moved
+# to --out, so the conversion is cut off and --out keeps the earlier bundle.
+_INTERRUPT_BEFORE_MOVE = """
+import os, signal, sys
+import converters.bundle
+from dslo_edge.cli import main
+move = converters.bundle.move_into_place
+def signal_then_move(*args):
+    os.kill(os.getpid(), signal.SIGINT)
+    return move(*args)
+converters.bundle.move_into_place = signal_then_move
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_sigint_before_move_keeps_newer_bundle(keras_files, tmp_path) -> None:
+    out = tmp_path / "bundle"
+    first = subprocess.run(
+        [sys.executable, "-m", "dslo_edge.cli", *keras_files, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert first.returncode == 0, first.stderr
+    manifest = out / "manifest.json"
+    earlier = manifest.read_bytes()
+    # A bundle copied with its times from a host whose clock is ahead.
+    future = time.time() + 3600
+    os.utime(manifest, (future, future))
+
+    convert = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _INTERRUPT_BEFORE_MOVE,
+            *keras_files,
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert convert.returncode == EXIT_INTERRUPTED, convert.stdout
+    assert convert.stdout == ""
+    assert "stopped on Ctrl-C (SIGINT) before it completed" in convert.stderr
+    assert manifest.read_bytes() == earlier
 
 
 def wait_for_staging(convert: subprocess.Popen, parent: Path) -> None:
