@@ -68,13 +68,7 @@ from dslo_edge.daemon_restore import MISMATCHED_SUFFIX as MISMATCHED_SUFFIX
 from dslo_edge.daemon_restore import RestoreMixin
 from dslo_edge.dropped_ids import DROPPED_IDS_FILE, DroppedIds
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
-from dslo_edge.health import (
-    HealthGuard,
-    SingleLabelProbeError,
-    UnreadLabelProbeError,
-    check_bundle_probe,
-    load_bundle_probe,
-)
+from dslo_edge.health import HealthGuard, load_device_probe
 from dslo_edge.inference import InferenceService, inference_topics, make_requester
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.model_update import ModelUpdater
@@ -214,10 +208,8 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         try:
             bundle = load_bundle(path)
             # Checked here so that a release gets the steps below.
-            try:
-                check_bundle_probe(bundle)
-            except (SingleLabelProbeError, UnreadLabelProbeError):
-                pass  # _new_health_guard logs it.
+            # _new_health_guard logs the warning.
+            load_device_probe(bundle)
             return bundle
         except BundleError as error:
             if path == self.config.bundle:
@@ -435,22 +427,9 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         bundle = bundle or self.bundle
         variables = bundle.manifest["student"].get("variables", {})
         trained = {n for n, v in variables.items() if v.get("kind") == "trained"}
-        try:
-            probe = load_bundle_probe(bundle)
-        except SingleLabelProbeError as error:
-            logger.warning(
-                "Device %s checks the student's weights without its probe set: %s",
-                self.device_id,
-                error,
-            )
-            probe = None
-        except UnreadLabelProbeError as error:
-            logger.warning(
-                "Device %s ignores y in its probe set and reads y_<head>: %s",
-                self.device_id,
-                error,
-            )
-            probe = load_bundle_probe(bundle, ignore_unread_y=True)
+        probe, warning = load_device_probe(bundle)
+        if warning is not None:
+            logger.warning("Device %s %s", self.device_id, warning)
         return HealthGuard(
             probe,
             self.config.health.max_accuracy_drop,

@@ -140,6 +140,28 @@ def load_bundle_probe(
     return load_probe(path, bundle.input_shape, bundle.class_count)
 
 
+def load_device_probe(
+    bundle: Bundle,
+) -> tuple[ProbeSet | MultiHeadProbeSet | None, str | None]:
+    """Read the bundle's probe set as the daemon does, and a warning or None.
+
+    The daemon also starts with the two multi-head probe files that earlier
+    versions accepted and that ``check_bundle_probe`` rejects. A file with a
+    single ``y`` gives no probe set, and one with ``y`` beside every
+    ``y_<head>`` gives the ``y_<head>`` arrays. The warning then says which.
+
+    Raises:
+        BundleError: ``probe.npz`` is unreadable or does not fit the student.
+    """
+    try:
+        return load_bundle_probe(bundle), None
+    except SingleLabelProbeError as error:
+        return None, f"checks the student's weights without its probe set: {error}"
+    except UnreadLabelProbeError as error:
+        probe = load_bundle_probe(bundle, ignore_unread_y=True)
+        return probe, f"ignores y in its probe set and reads y_<head>: {error}"
+
+
 def check_bundle_probe(bundle: Bundle) -> None:
     """Check the bundle's probe set as the daemon reads it at start.
 
