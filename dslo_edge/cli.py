@@ -109,6 +109,23 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
+def _sigterm_handled_by(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Call ``handler`` on SIGTERM while the block runs, then restore the old one.
+
+    In a thread other than the main thread the block runs unchanged,
+    because signal.signal works only in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """Raise SystemExit(143) on SIGTERM while the block runs.
 
@@ -116,19 +133,12 @@ def sigterm_as_exit() -> Iterator[None]:
     finally blocks that stop the brokers and daemons a command started never
     run and those children keep running. Raising lets them run.
     """
-    if threading.current_thread() is not threading.main_thread():
-        # signal.signal works only in the main thread.
-        yield
-        return
 
     def exit_now(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, exit_now)
-    try:
+    with _sigterm_handled_by(exit_now):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class InterruptibleGroup(click.Group):
@@ -581,20 +591,13 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
     The yielded list receives the number of each SIGTERM.
     """
     signals: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        # signal.signal works only in the main thread.
-        yield signals
-        return
 
     def interrupt(signum: int, _frame: Any) -> None:
         signals.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with _sigterm_handled_by(interrupt):
         yield signals
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
