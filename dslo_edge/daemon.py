@@ -113,6 +113,9 @@ BURST_GAP_S = 0.01
 WINDOW_PROOF_S = 0.05
 # Wait between tries of a rollback whose checkpoints could not be read.
 ROLLBACK_RETRY_S = 1.0
+# Topics of an earlier config get one warning each, up to this many topics.
+# The messages of further topics are still dropped and counted.
+MAX_STRAY_TOPICS = 64
 
 
 def burst_checkpoint_every(
@@ -379,7 +382,9 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self._subscribe_mid: int | None = None
         self._subscriptions: list[tuple[str, int]] = []
         # Topics of an earlier config that the daemon unsubscribed from.
+        # Topics warned about, for one warning per topic.
         self._stray_topics: set[str] = set()
+        self.stray_dropped = 0
         self.connection.client.on_subscribe = self._on_subscribed
 
     def _check_requests_fit(self, bundle: Bundle) -> None:
@@ -685,9 +690,17 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         config, for example one with another mqtt.topic_prefix, and the
         broker goes on sending their messages. They are neither trained on
         nor checked against this config's topics, and unsubscribing ends them.
+        The metrics' ``stray_dropped`` counts them.
         """
         self.connection.ack(message.mid, message.qos)
-        if message.topic in self._stray_topics:
+        self.stray_dropped += 1
+        # Each stray message sends the unsubscribe again, because an earlier
+        # one may have been lost with a connection.
+        self.connection.client.unsubscribe(message.topic)
+        if (
+            message.topic in self._stray_topics
+            or len(self._stray_topics) >= MAX_STRAY_TOPICS
+        ):
             return
         self._stray_topics.add(message.topic)
         logger.warning(
@@ -699,7 +712,6 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             message.topic,
             self.topics.updates,
         )
-        self.connection.client.unsubscribe(message.topic)
 
     def _queue_wait_s(self) -> float:
         """Return how long the network thread may wait for queue room.
@@ -1057,6 +1069,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             "unacknowledged": self.unacknowledged,
             "deferred_for_redelivery": self.deferred,
             "inference_rejected": dict(self.inference_rejected),
+            "stray_dropped": self.stray_dropped,
             # Survives restarts (both parts are in the checkpoints), so a hub
             # can pace against it across a device restart.
             "processed_total": self.trainer.applied_updates

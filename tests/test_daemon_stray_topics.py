@@ -47,18 +47,28 @@ def start_daemon(tmp_path: Path, bundle: Path, port: int, prefix: str) -> EdgeDa
     return daemon
 
 
-def publish_until_dropped(hub: HubClient, timeout: float = 10.0) -> bool:
-    """Publish updates until the broker reports that no client subscribes."""
+def publish_until_dropped(hub: HubClient, timeout: float = 10.0) -> int | None:
+    """Publish updates until the broker reports that no client subscribes.
+
+    Returns how many the broker took before that, or None on timeout.
+    """
     deadline = time.monotonic() + timeout
-    seed = 100
+    published = 0
     while time.monotonic() < deadline:
         try:
-            hub.publish(encode_update(make_update(seed)))
+            hub.publish(encode_update(make_update(100 + published)))
         except DeviceNotSubscribed:
-            return True
-        seed += 1
+            return published
+        published += 1
         time.sleep(0.1)
-    return False
+    return None
+
+
+def wait_for_strays(daemon: EdgeDaemon, count: int) -> int:
+    deadline = time.monotonic() + WAIT_S
+    while daemon.stray_dropped < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return daemon.stray_dropped
 
 
 def test_old_prefix_update_is_not_trained(mlp_pair, mosquitto, tmp_path, caplog):
@@ -73,7 +83,8 @@ def test_old_prefix_update_is_not_trained(mlp_pair, mosquitto, tmp_path, caplog)
             old_hub.publish(encode_update(make_update(1)))
             new_hub.publish(encode_update(make_update(2)))
             metrics = new_hub.wait_for_metrics(lambda m: m["processed"] >= 1, WAIT_S)
-            unsubscribed = publish_until_dropped(old_hub)
+            published = publish_until_dropped(old_hub)
+            strays = wait_for_strays(daemon, 1 + (published or 0))
     finally:
         old_hub.close()
         new_hub.close()
@@ -82,10 +93,40 @@ def test_old_prefix_update_is_not_trained(mlp_pair, mosquitto, tmp_path, caplog)
     assert metrics["applied"] == 1
     assert metrics["rejected"] == {}
     assert daemon.metrics.applied == 1
-    assert unsubscribed
+    assert published is not None
+    assert strays == 1 + published
+    assert daemon.status_report()["stray_dropped"] == strays
     warnings = [
         r.getMessage() for r in caplog.records if "dropped a message" in r.getMessage()
     ]
     assert len(warnings) == 1
     assert f"on dslo/{DEVICE}/updates" in warnings[0]
     assert f"Point the hub at home/{DEVICE}/updates" in warnings[0]
+
+
+def test_stray_topic_unsubscribed_again(mlp_pair, mosquitto, tmp_path, caplog):
+    # An unsubscribe lost with a connection leaves the subscription in place.
+    # The daemon unsubscribes again on the next stray message and warns once.
+    start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, "dslo").stop()
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, "home")
+    old_hub = HubClient(mosquitto.host, mosquitto.port, DEVICE, topic_prefix="dslo")
+    try:
+        with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+            first = publish_until_dropped(old_hub)
+            assert first is not None
+            wait_for_strays(daemon, first)
+            daemon.connection.client.subscribe(f"dslo/{DEVICE}/updates", qos=1)
+            second = publish_until_dropped(old_hub)
+            assert second is not None
+            strays = wait_for_strays(daemon, first + second)
+    finally:
+        old_hub.close()
+        daemon.stop()
+
+    assert second >= 1
+    assert strays == first + second
+    assert daemon.metrics.applied == 0
+    warnings = [
+        r.getMessage() for r in caplog.records if "dropped a message" in r.getMessage()
+    ]
+    assert len(warnings) == 1
