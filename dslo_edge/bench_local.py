@@ -135,7 +135,7 @@ def measure_train_step(
 
 def measure_update_split(
     bundle_path: Path, *, batch_size: int = 32, updates: int = 300, warmup: int = 50
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Return median microseconds per update for each part the trainer runs.
 
     ``dynamic_us`` is everything before the train step: decode, validate,

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
 
 from dslo_edge import systemd
 from dslo_edge.admission import (
@@ -265,9 +266,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             )
         self.infer_topic, predictions_topic = inference_topics(self.topics)
         self.inference = InferenceService(
-            lambda topic, payload, properties=None: self.connection.publish(
-                topic, payload, properties=properties
-            ),
+            self._publish_inference,
             predictions_topic,
             self.requester,
             self._new_reference(self.bundle),
@@ -682,6 +681,12 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
                     self.updates.queued_bytes,
                     self.updates.max_bytes,
                 )
+
+    def _publish_inference(
+        self, topic: str, payload: bytes | str, properties: Properties | None = None
+    ) -> mqtt.MQTTMessageInfo:
+        """Publish a prediction or a label request on the connection."""
+        return self.connection.publish(topic, payload, properties=properties)
 
     def _drop_stray(self, message: mqtt.MQTTMessage) -> None:
         """Acknowledge and drop a message on a topic this config does not use.

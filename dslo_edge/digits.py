@@ -9,10 +9,11 @@ and given Gaussian sensor noise (sigma 0.05 on the 0..1 pixel scale).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-SHIFT_DESCRIPTION = {
+SHIFT_DESCRIPTION: dict[str, Any] = {
     "rotation_degrees": [8.0, 14.0],
     "offset_pixels": [0.6, 0.4],
     "contrast": 0.85,

@@ -178,6 +178,14 @@ def make_row(
     return row
 
 
+def _processed_at_least(count: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda metrics: metrics.get("processed", 0) >= count
+
+
+def _processed_changed_from(seen: object) -> Callable[[dict[str, Any]], bool]:
+    return lambda metrics: metrics.get("processed") != seen
+
+
 def wait_applied(hub: Publisher, total: int, daemon: DaemonProcess) -> dict[str, Any]:
     """Wait until this daemon process reports ``total`` applied updates.
 
@@ -411,9 +419,9 @@ def read_final_state_at(state_dir: Path) -> FinalState:
 
 def scenario_duplicate_client_id(suite: Suite) -> Row:
     broker = suite.broker("duplicate-id")
-    shared = {"mqtt": {"client_id": "dslo-device-shared-id"}}
-    config_a = suite.config("duplicate-id/a", broker.port, **shared)
-    config_b = suite.config("duplicate-id/b", broker.port, **shared)
+    shared = {"client_id": "dslo-device-shared-id"}
+    config_a = suite.config("duplicate-id/a", broker.port, mqtt=shared)
+    config_b = suite.config("duplicate-id/b", broker.port, mqtt=shared)
     first = suite.daemon(config_a).start()
     hub = Publisher(broker.port, suite.topics)
     hub.wait(lambda m: True)
@@ -486,7 +494,7 @@ def scenario_fuzz(suite: Suite) -> Row:
     chunk = 100
     for start in range(0, len(fuzzed), chunk):
         hub.publish(fuzzed[start : start + chunk])
-        hub.wait(lambda m, n=start: m.get("processed", 0) >= 100 + n)
+        hub.wait(_processed_at_least(100 + start))
     hub.publish(valid[100:])
     total = len(valid) + len(fuzzed)
     hub.wait(lambda m: m.get("processed", 0) >= total)
@@ -520,7 +528,7 @@ def wait_quiet(hub: Publisher, quiet_s: float) -> dict[str, Any]:
     while time.monotonic() < deadline:
         seen = metrics.get("processed")
         try:
-            metrics = hub.wait(lambda m, n=seen: m.get("processed") != n, quiet_s)
+            metrics = hub.wait(_processed_changed_from(seen), quiet_s)
         except BrokerError:
             return metrics
     raise BrokerError(

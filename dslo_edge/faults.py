@@ -165,7 +165,9 @@ class Publisher:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
-        self.client.reconnect_delay_set(0.2, 1.0)
+        # paho annotates the delays as int but only adds and sleeps them, so
+        # a fraction of a second works.
+        self.client.reconnect_delay_set(0.2, 1.0)  # type: ignore[arg-type]
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
@@ -196,7 +198,7 @@ class Publisher:
             info.wait_for_publish(timeout=WAIT_S)
 
     def wait(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = WAIT_S
+        self, predicate: Callable[[dict[str, Any]], object], timeout: float = WAIT_S
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self._changed:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 
-def parse_json(text: str | bytes) -> Any:
+def parse_json(text: str | bytes | bytearray) -> Any:
     """Parse JSON text, raising ValueError for any text that is not readable JSON.
 
     ``json.loads`` raises ``JSONDecodeError`` and ``UnicodeDecodeError``, both

@@ -31,6 +31,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -72,6 +73,14 @@ VARIABLE_PART = re.compile(r"\b[0-9a-fA-F]{8,}\b|\d+(?:\.\d+)?")
 # Distinct rejection messages remembered for that. Beyond it, all are forgotten.
 REPEAT_LOG_MEMORY = 64
 LATENCY_WINDOW = 1024
+
+
+class RequestPublisher(Protocol):
+    """The part of an MQTT client that ``LabelRequester.publish`` uses."""
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = ..., properties: Any = ...
+    ) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -336,7 +345,7 @@ class LabelRequester:
             self.counters.sent += 1
             return pending
 
-    def publish(self, client: mqtt.Client, pending: PendingRequest) -> None:
+    def publish(self, client: RequestPublisher, pending: PendingRequest) -> None:
         """Publish a request at QoS 1 with its response topic and correlation.
 
         The request expires on the broker when this device gives it up, so
