@@ -475,13 +475,9 @@ def _check_multi_head(config: HubConfig, bundle: Bundle) -> None:
         f"teacher.path {config.teacher.path} is a bundle whose student has "
         f"several heads ({heads})"
     )
-    if config.teacher.output_kind is not None:
-        raise ConfigError(
-            f"{config.source}: teacher.output_kind = "
-            f"{config.teacher.output_kind!r} is invalid, because {teacher} and "
-            "its manifest names each head's teacher output kind; remove "
-            "teacher.output_kind"
-        )
+    problem = describe_multi_head_output_kind(config.teacher, bundle.heads)
+    if problem is not None:
+        raise ConfigError(f"{config.source}: {problem}")
     if config.requests.enabled:
         raise ConfigError(
             f"{config.source}: requests.enabled = true (the default) is "
@@ -493,6 +489,25 @@ def _check_multi_head(config: HubConfig, bundle: Bundle) -> None:
     _check_multi_head_privacy(config, bundle.heads)
     for schedule in config.pushes:
         check_multi_head_push(config, schedule, bundle.heads)
+
+
+def describe_multi_head_output_kind(
+    settings: TeacherSettings, heads: Collection[str]
+) -> str | None:
+    """Describe why teacher.output_kind is invalid for a bundle with ``heads``.
+
+    The manifest of such a bundle names each head's teacher output kind, so
+    one configured kind cannot apply. Returns None when the kind is unset.
+    The hub checks this at start and for each bundle swapped in later.
+    """
+    if settings.output_kind is None:
+        return None
+    return (
+        f"teacher.output_kind = {settings.output_kind!r} is invalid, because "
+        f"teacher.path {settings.path} is a bundle whose student has several "
+        f"heads ({', '.join(heads)}) and its manifest names each head's teacher "
+        "output kind; remove teacher.output_kind"
+    )
 
 
 def check_multi_head_push(

@@ -29,7 +29,7 @@ import numpy as np
 
 from dslo_edge.bundle import MANIFEST_NAME, load_bundle
 from dslo_edge.errors import BundleError, ConfigError, RuntimeMissing
-from dslo_edge.hub_config import TeacherSettings
+from dslo_edge.hub_config import TeacherSettings, describe_multi_head_output_kind
 from dslo_edge.hub_multihead import MultiHeadTeacherModel, head_output_kinds
 from dslo_edge.hub_state import HubState
 from dslo_edge.models import TeacherModel, read_teacher
@@ -113,7 +113,9 @@ def _resolve(settings: TeacherSettings) -> _Resolved:
     if path.is_dir():
         bundle = load_bundle(path, models=("teacher",))
         if bundle.is_multi_head:
-            _check_no_output_kind(settings)
+            problem = describe_multi_head_output_kind(settings, bundle.heads)
+            if problem is not None:
+                raise ConfigError(f"{problem} and restart the hub")
             return _Resolved(
                 bundle.teacher_path, "", head_output_kinds(bundle.manifest)
             )
@@ -141,18 +143,6 @@ def _new_model(resolved: _Resolved, content: bytes, runtime: str) -> AnyTeacherM
         runtime,
         content=content,
         source=f"teacher.path {resolved.file}",
-    )
-
-
-def _check_no_output_kind(settings: TeacherSettings) -> None:
-    """Raise ConfigError when teacher.output_kind is set for a multi-head bundle."""
-    if settings.output_kind is None:
-        return
-    raise ConfigError(
-        f"teacher.output_kind = {settings.output_kind!r} is invalid for the "
-        f"bundle {settings.path}, whose student has several heads and whose "
-        "manifest names each head's teacher output kind; remove "
-        "teacher.output_kind and restart the hub"
     )
 
 

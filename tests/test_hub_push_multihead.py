@@ -20,10 +20,11 @@ import pytest
 from dslo_edge.bundle import load_bundle
 from dslo_edge.daemon import EdgeDaemon
 from dslo_edge.errors import ConfigError
-from dslo_edge.hub_config import load_hub_config
+from dslo_edge.hub_config import TeacherSettings, load_hub_config
 from dslo_edge.hub_multihead import MultiHeadTeacherModel, head_output_kinds
 from dslo_edge.hub_service import HubWorker
 from dslo_edge.hub_state import HubState
+from dslo_edge.hub_teacher import TeacherRegistry
 from dslo_edge.multihead_decode import decode_multi_head_update
 from dslo_edge.multihead_protocol import MultiHeadUpdate
 from dslo_edge.privacy import PrivacySettings
@@ -245,6 +246,24 @@ def test_multi_head_config_rejects(two_head_bundle, tmp_path, extra, expected) -
     assert message.startswith(f"{config}: ")
     for part in expected:
         assert part.format(bundle=two_head_bundle) in message
+
+
+def test_registry_rejects_output_kind_for_heads(two_head_bundle, tmp_path) -> None:
+    # A configuration built in code skips load_hub_config, and a bundle
+    # swapped in later is not checked there, so the registry checks again.
+    settings = TeacherSettings(two_head_bundle, output_kind="probabilities")
+    state = HubState(tmp_path / "hub.sqlite", "w1")
+
+    with pytest.raises(ConfigError) as caught:
+        TeacherRegistry(settings, state)
+    state.close()
+
+    assert str(caught.value) == (
+        "teacher.output_kind = 'probabilities' is invalid, because teacher.path "
+        f"{two_head_bundle} is a bundle whose student has several heads "
+        "(digit, shape) and its manifest names each head's teacher output kind; "
+        "remove teacher.output_kind and restart the hub"
+    )
 
 
 def test_multi_head_teacher_file_names_bundle(two_head_bundle, tmp_path) -> None:
