@@ -360,14 +360,23 @@ def describe_non_finite_labels(
     )
 
 
+def non_finite_batch_error(problem: str) -> ConfigError:
+    """Return the error that stops ``push`` at a batch with NaN or infinite labels.
+
+    Args:
+        problem: the batch's description from ``describe_non_finite_labels``.
+    """
+    return ConfigError(
+        f"{problem}. Check or rescale the inputs in the sample file; updates "
+        "of earlier batches were already sent"
+    )
+
+
 def _check_finite_labels(labels: np.ndarray, x: np.ndarray, ids: list[str]) -> None:
     """Raise ConfigError for labels that the device would reject as non-finite."""
     problem = describe_non_finite_labels(labels, x, ids)
     if problem is not None:
-        raise ConfigError(
-            f"{problem}. Check or rescale the inputs in the sample file; updates "
-            "of earlier batches were already sent"
-        )
+        raise non_finite_batch_error(problem)
 
 
 def build_updates(

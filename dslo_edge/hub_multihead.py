@@ -22,6 +22,7 @@ from dslo_edge.hub import (
     SampleSet,
     describe_non_finite_labels,
     label_probabilities_of,
+    non_finite_batch_error,
 )
 from dslo_edge.models import read_teacher
 from dslo_edge.multihead_protocol import HeadLabels, MultiHeadUpdate
@@ -104,10 +105,7 @@ def build_multi_head_updates(
         outputs = teacher.predict(x)
         problem = describe_non_finite_heads(outputs, x, ids)
         if problem is not None:
-            raise ConfigError(
-                f"{problem}. Check or rescale the inputs in the sample file; "
-                "updates of earlier batches were already sent"
-            )
+            raise non_finite_batch_error(problem)
         yield multi_head_update(
             outputs,
             teacher.output_kinds,

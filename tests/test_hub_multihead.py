@@ -111,6 +111,10 @@ def test_teacher_overflow_stops_multi_head_push() -> None:
     assert message.startswith("head shape: the teacher gave NaN or infinite labels")
     assert "sample 'h13' (1 of 8 samples labelled together)" in message
     assert "input magnitude is 3e+38" in message
+    assert message.endswith(
+        "Check or rescale the inputs in the sample file; updates of earlier "
+        "batches were already sent"
+    )
 
 
 def test_push_trains_two_head_daemon(

@@ -108,5 +108,9 @@ def test_teacher_overflow_stops_push() -> None:
         next(updates)
     message = str(caught.value)
     assert "NaN or infinite labels for sample 's37'" in message
+    assert message.endswith(
+        "Check or rescale the inputs in the sample file; updates of earlier "
+        "batches were already sent"
+    )
     assert "1 of 8 samples labelled together" in message
     assert "input magnitude is 3e+38" in message
