@@ -160,6 +160,19 @@ def describe_non_finite_heads(
     return None
 
 
+def describe_non_finite_outputs(
+    outputs: np.ndarray | Mapping[str, np.ndarray], x: np.ndarray, ids: list[str]
+) -> str | None:
+    """Describe the first NaN or infinite label of a teacher's output, or return None.
+
+    Args:
+        outputs: a single-head teacher's labels, or each head's labels.
+    """
+    if isinstance(outputs, Mapping):
+        return describe_non_finite_heads(outputs, x, ids)
+    return describe_non_finite_labels(outputs, x, ids)
+
+
 def _head_labels(output: np.ndarray, kind: str, top_k: int | None) -> HeadLabels:
     head_top_k = top_k if top_k is not None and top_k < output.shape[1] else None
     if head_top_k is not None and kind == "logits":

@@ -22,7 +22,7 @@ out as hard labels only when the push sets ``hard_labels``, which
 since the last run. A device whose budget is spent gets nothing more from
 that run.
 
-The scheduler has its own ``TeacherModel``, because the batcher thread uses
+The scheduler has its own teacher model, because the batcher thread uses
 the registry's interpreter and LiteRT interpreters are not thread-safe.
 
 This module schedules, claims and resumes runs and labels the dataset. The
@@ -43,12 +43,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from dslo_edge.errors import ConfigError, DsloError
-from dslo_edge.hub import (
-    SampleSet,
-    check_samples,
-    describe_non_finite_labels,
-    load_samples,
-)
+from dslo_edge.hub import SampleSet, check_samples, load_samples
 from dslo_edge.hub_config import (
     HubConfig,
     PushSchedule,
@@ -56,11 +51,10 @@ from dslo_edge.hub_config import (
     check_multi_head_push,
     check_private_hard_labels,
 )
-from dslo_edge.hub_multihead import MultiHeadTeacherModel, describe_non_finite_heads
+from dslo_edge.hub_multihead import MultiHeadTeacherModel, describe_non_finite_outputs
 from dslo_edge.hub_push_batches import BatchPublisher, DevicePush, Labelled
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import AnyTeacherModel, TeacherRegistry, TeacherVersion
-from dslo_edge.models import TeacherModel
 from dslo_edge.pubacks import PubackTracker
 from dslo_edge.push_progress import counted
 from dslo_edge.repeat_log import RepeatLimiter, repeats_note
@@ -316,10 +310,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
         model = self._teacher_model(current)
         samples = self._load(schedule, model)
         outputs = model.predict(samples.x)
-        if isinstance(outputs, dict):
-            problem = describe_non_finite_heads(outputs, samples.x, samples.ids)
-        else:
-            problem = describe_non_finite_labels(outputs, samples.x, samples.ids)
+        problem = describe_non_finite_outputs(outputs, samples.x, samples.ids)
         if problem is not None:
             # Read the file again at the next run, in case it was fixed.
             self._samples.pop((schedule.data, schedule.hard_labels), None)
@@ -467,6 +458,11 @@ class PushScheduler(BatchPublisher, threading.Thread):
         check_private_hard_labels(self.config, schedule)
         if isinstance(model, MultiHeadTeacherModel):
             check_multi_head_push(self.config, schedule, model.output_kinds)
+            # Only hard labels are checked against the class count, and
+            # check_multi_head_push rejects them.
+            class_count = 0
+        else:
+            class_count = model.class_count
         path = schedule.data
         stamp = _file_stamp(path)
         cached = self._samples.get((path, schedule.hard_labels))
@@ -478,9 +474,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
             check_samples(
                 samples,
                 model.input_shape,
-                # Only hard labels are checked against it, which a multi-head
-                # teacher rejects above.
-                model.class_count if isinstance(model, TeacherModel) else 0,
+                class_count,
                 str(path),
                 model="the teacher",
             )
