@@ -122,7 +122,11 @@ def _resolve(settings: TeacherSettings) -> _Resolved:
         _check_output_kind(settings, bundle.teacher_output_kind)
         return _Resolved(bundle.teacher_path, bundle.teacher_output_kind)
     if settings.output_kind is None:
-        raise ConfigError(f"teacher.output_kind is needed for the file {path}")
+        raise ConfigError(
+            f"missing teacher.output_kind, which teacher.path {path} needs "
+            "because it is a model file, not a bundle whose manifest names the "
+            "kind; set it to 'probabilities' or 'logits'"
+        )
     return _Resolved(path, settings.output_kind)
 
 
@@ -287,7 +291,9 @@ class TeacherRegistry:
         if not isinstance(self._model, TeacherModel):
             raise ConfigError(
                 f"the teacher at {self.settings.path} has several heads, and "
-                "label requests are served for single-head teachers only"
+                "label requests are served for single-head teachers only; set "
+                "requests.enabled = false, so that the worker runs only the "
+                "[[push]] schedules"
             )
         return self._model
 

@@ -266,6 +266,21 @@ def test_registry_rejects_output_kind_for_heads(two_head_bundle, tmp_path) -> No
     )
 
 
+def test_registry_class_count_needs_one_head(two_head_bundle, tmp_path) -> None:
+    state = HubState(tmp_path / "hub.sqlite", "w1")
+    registry = TeacherRegistry(TeacherSettings(two_head_bundle), state)
+
+    with pytest.raises(ConfigError) as caught:
+        _ = registry.class_count
+    state.close()
+
+    assert str(caught.value) == (
+        f"the teacher at {two_head_bundle} has several heads, and label requests "
+        "are served for single-head teachers only; set requests.enabled = false, "
+        "so that the worker runs only the [[push]] schedules"
+    )
+
+
 def test_multi_head_teacher_file_names_bundle(two_head_bundle, tmp_path) -> None:
     # Only the manifest names the heads' output kinds, so the hub needs the
     # bundle directory and not the teacher.tflite of such a bundle.

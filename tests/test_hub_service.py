@@ -26,9 +26,15 @@ from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.errors import ConfigError
 from dslo_edge.hub import default_sample_ids
 from dslo_edge.hub_batch import Incoming
-from dslo_edge.hub_config import HubConfig, PushSchedule, load_hub_config
+from dslo_edge.hub_config import (
+    HubConfig,
+    PushSchedule,
+    TeacherSettings,
+    load_hub_config,
+)
 from dslo_edge.hub_service import HubWorker, _takeover_fix
 from dslo_edge.hub_state import HubState
+from dslo_edge.hub_teacher import TeacherRegistry
 from dslo_edge.label_protocol import (
     LabelRequest,
     encode_request,
@@ -251,6 +257,22 @@ def swap_to_logits_bundle(
     (tmp_path / "bundle.tmp").symlink_to("v2")
     os.replace(tmp_path / "bundle.tmp", link)
     return worker
+
+
+def test_registry_needs_kind_for_model_file(logits_teacher, tmp_path) -> None:
+    # load_hub_config rejects this too, but a configuration built in code
+    # reaches the registry unchecked.
+    state = HubState(tmp_path / "hub.sqlite", "w1")
+
+    with pytest.raises(ConfigError) as caught:
+        TeacherRegistry(TeacherSettings(logits_teacher), state)
+    state.close()
+
+    assert str(caught.value) == (
+        f"missing teacher.output_kind, which teacher.path {logits_teacher} needs "
+        "because it is a model file, not a bundle whose manifest names the kind; "
+        "set it to 'probabilities' or 'logits'"
+    )
 
 
 def test_swapped_bundle_output_kind_checked(
