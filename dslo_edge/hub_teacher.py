@@ -62,7 +62,7 @@ class TeacherVersion:
 
     def new_model(self, runtime: str = "auto") -> AnyTeacherModel:
         """Return a new interpreter of this version, for a thread of its own."""
-        resolved = _Resolved(self.file, self.output_kind, self.head_output_kinds)
+        resolved = _ResolvedTeacher(self.file, self.output_kind, self.head_output_kinds)
         return _new_model(resolved, self.content, runtime)
 
     def announcement(self) -> str:
@@ -86,7 +86,7 @@ class TeacherVersion:
 
 
 @dataclass(frozen=True)
-class _Resolved:
+class _ResolvedTeacher:
     """The teacher file that ``teacher.path`` names, and its output kinds."""
 
     file: Path
@@ -101,7 +101,7 @@ class _Resolved:
         return {f"output_{h}": kind for h, kind in self.head_output_kinds.items()}
 
 
-def _resolve(settings: TeacherSettings) -> _Resolved:
+def _resolve(settings: TeacherSettings) -> _ResolvedTeacher:
     """Return the teacher file and output kinds; checks a bundle's checksums.
 
     Raises:
@@ -116,21 +116,23 @@ def _resolve(settings: TeacherSettings) -> _Resolved:
             problem = describe_multi_head_output_kind(settings, bundle.heads)
             if problem is not None:
                 raise ConfigError(f"{problem} and restart the hub")
-            return _Resolved(
+            return _ResolvedTeacher(
                 bundle.teacher_path, "", head_output_kinds(bundle.manifest)
             )
         _check_output_kind(settings, bundle.teacher_output_kind)
-        return _Resolved(bundle.teacher_path, bundle.teacher_output_kind)
+        return _ResolvedTeacher(bundle.teacher_path, bundle.teacher_output_kind)
     if settings.output_kind is None:
         raise ConfigError(
             f"missing teacher.output_kind, which teacher.path {path} needs "
             "because it is a model file, not a bundle whose manifest names the "
             "kind; set it to 'probabilities' or 'logits'"
         )
-    return _Resolved(path, settings.output_kind)
+    return _ResolvedTeacher(path, settings.output_kind)
 
 
-def _new_model(resolved: _Resolved, content: bytes, runtime: str) -> AnyTeacherModel:
+def _new_model(
+    resolved: _ResolvedTeacher, content: bytes, runtime: str
+) -> AnyTeacherModel:
     """Load the teacher ``content`` of the file that ``resolved`` names.
 
     Raises:
@@ -169,7 +171,7 @@ def _check_output_kind(settings: TeacherSettings, manifest_kind: str) -> None:
 
 
 def _check_graph_kind(
-    settings: TeacherSettings, resolved: _Resolved, content: bytes
+    settings: TeacherSettings, resolved: _ResolvedTeacher, content: bytes
 ) -> None:
     """Raise ConfigError when a teacher's output op contradicts its output kind."""
     is_bundle = settings.path.is_dir()
@@ -249,7 +251,7 @@ class TeacherRegistry:
         return self._version(resolved, _sha256(content), content)
 
     def _version(
-        self, resolved: _Resolved, identity: str, content: bytes
+        self, resolved: _ResolvedTeacher, identity: str, content: bytes
     ) -> TeacherVersion:
         file = resolved.file
         name = self.settings.path.name if self.settings.path.is_dir() else file.stem
