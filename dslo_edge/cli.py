@@ -684,7 +684,10 @@ def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
     help="Samples per message.",
 )
 @click.option(
-    "--hard-labels", is_flag=True, help="Send the file's y array as hard labels."
+    "--hard-labels",
+    is_flag=True,
+    help="Send the file's y array as hard labels, or its y_<head> arrays for a "
+    "student with several heads.",
 )
 @click.option(
     "--wait/--no-wait",
@@ -797,7 +800,7 @@ def push(
         Topics.for_device(device_id, topic_prefix)
 
         loaded = load_bundle(bundle)
-        head_output_kinds = _head_output_kinds(loaded, hard_labels)
+        head_output_kinds = _head_output_kinds(loaded)
         paths = _checked_teachers(loaded, teachers)
         check_top_k(top_k, loaded)
         samples = _push_samples(loaded, data, hard_labels, skip_samples)
@@ -928,27 +931,31 @@ def _interrupted_push(interrupt: Any, skipped: int, resumable: bool) -> str:
 
 
 def _push_samples(bundle: Any, data: str, hard_labels: bool, skip: int = 0) -> Any:
-    """Load and check the --data samples; keep y only with --hard-labels.
+    """Load and check the --data samples; keep their labels only with --hard-labels.
 
-    ``skip`` leaves out the first samples after their ids are derived, so
-    a sample keeps the id it has in a push of the whole file.
+    The labels are ``y``, or one ``y_<head>`` per head of a student with
+    several heads. ``skip`` leaves out the first samples after their ids are
+    derived, so a sample keeps the id it has in a push of the whole file.
     """
     from dslo_edge import hub
 
+    heads = bundle.heads if bundle.is_multi_head else {}
     try:
-        samples = hub.load_samples(data, read_labels=hard_labels)
+        samples = hub.load_samples(data, read_labels=hard_labels, heads=list(heads))
     except ConfigError as error:
         raise ConfigError(f"invalid --data: {error}") from error
-    if hard_labels and samples.y is None:
+    if hard_labels and not heads and samples.y is None:
         raise ConfigError(
             f"--hard-labels needs a 'y' array (one class index per sample) in "
             f"--data {data}, which has none; add y to the .npz or drop --hard-labels"
         )
     # Without hard labels the class count is not read, so a multi-head
     # student passes 0.
-    class_count = 0 if bundle.is_multi_head else bundle.class_count
+    class_count = 0 if heads else bundle.class_count
     try:
-        hub.check_samples(samples, bundle.input_shape, class_count, data)
+        hub.check_samples(
+            samples, bundle.input_shape, class_count, data, head_classes=heads
+        )
     except ConfigError as error:
         raise ConfigError(f"invalid --data: {error}") from error
     return _skipped(samples, skip, data)
@@ -956,8 +963,6 @@ def _push_samples(bundle: Any, data: str, hard_labels: bool, skip: int = 0) -> A
 
 def _skipped(samples: Any, skip: int, data: str) -> Any:
     """Return ``samples`` without the first ``skip``, or raise if none are left."""
-    from dslo_edge import hub
-
     if skip == 0:
         return samples
     if skip >= len(samples.x):
@@ -966,8 +971,7 @@ def _skipped(samples: Any, skip: int, data: str) -> Any:
             f"left to push; give a number below {len(samples.x)}",
             param_hint="--skip-samples",
         )
-    y = None if samples.y is None else samples.y[skip:]
-    return hub.SampleSet(samples.x[skip:], samples.ids[skip:], y)
+    return samples.skip(skip)
 
 
 def _check_float16_range(x: Any, data: str) -> None:
@@ -987,16 +991,10 @@ def _check_float16_range(x: Any, data: str) -> None:
         )
 
 
-def _head_output_kinds(bundle: Any, hard_labels: bool) -> dict[str, str] | None:
+def _head_output_kinds(bundle: Any) -> dict[str, str] | None:
     """Return the teacher output kind per head, or None for a single-head bundle."""
     if not bundle.is_multi_head:
         return None
-    if hard_labels:
-        raise click.BadParameter(
-            f"the student in {bundle.path} has several heads, and the data's y "
-            "has one label per sample; push without --hard-labels",
-            param_hint="--hard-labels",
-        )
     from dslo_edge.hub_multihead import head_output_kinds
 
     return head_output_kinds(bundle.manifest)

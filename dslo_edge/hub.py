@@ -16,7 +16,7 @@ import time
 import uuid
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,19 +58,37 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SampleSet:
-    """Samples the hub labels: inputs, optional hard labels and sample ids."""
+    """Samples the hub labels: inputs, optional hard labels and sample ids.
+
+    ``y`` contains the hard labels of a single-head student, and ``head_y``
+    those of a student with several heads, by head name.
+    """
 
     x: np.ndarray
     ids: list[str]
     y: np.ndarray | None = None
+    head_y: dict[str, np.ndarray] | None = None
+
+    def skip(self, count: int) -> SampleSet:
+        """Return the samples after the first ``count``."""
+        head_y = self.head_y
+        if head_y is not None:
+            head_y = {head: labels[count:] for head, labels in head_y.items()}
+        y = None if self.y is None else self.y[count:]
+        return SampleSet(self.x[count:], self.ids[count:], y, head_y)
 
 
-def load_samples(path: str | Path, *, read_labels: bool = True) -> SampleSet:
+def load_samples(
+    path: str | Path, *, read_labels: bool = True, heads: Sequence[str] = ()
+) -> SampleSet:
     """Read an ``.npz`` file with ``x`` and optional ``y`` and ``ids`` arrays.
 
     Args:
         read_labels: False ignores ``y``, so the result has none and ``y``
             is not checked.
+        heads: the head names of a student with several heads. With
+            ``read_labels``, the file must then have one ``y_<head>`` array
+            per head and no ``y``, and they go to ``head_y``.
 
     Raises:
         ConfigError: the file is missing, unreadable or not a valid zip
@@ -78,7 +96,8 @@ def load_samples(path: str | Path, *, read_labels: bool = True) -> SampleSet:
             numeric, an array is a scalar, ``x`` has no samples, or the arrays
             disagree in length. Also when ``y`` has more than one axis or a
             value that is not a whole int32 class index, or an id is not
-            UTF-8 text of at most 255 bytes.
+            UTF-8 text of at most 255 bytes. With ``heads``, also when a
+            head's array is missing, an array names no head, or ``y`` is there.
     """
     source = Path(path)
     arrays = _read_npz(source)
@@ -92,28 +111,40 @@ def load_samples(path: str | Path, *, read_labels: bool = True) -> SampleSet:
             f"{source}: x has shape {x.shape}, so the file has no samples; "
             "expected at least one row in x"
         )
-    y = _class_labels(arrays, source) if read_labels and "y" in arrays else None
+    head_y = None
+    if read_labels and heads:
+        head_y = _head_class_labels(arrays, source, heads)
+    y = None
+    if read_labels and not heads and "y" in arrays:
+        y = _class_labels(arrays, source)
     if "ids" in arrays:
         ids = [str(i) for i in _per_sample_array(arrays, "ids", source)]
         _check_sample_ids(ids, source)
     else:
         ids = default_sample_ids(x)
-    _check_lengths(source, x, y, ids, given_ids="ids" in arrays)
+    labels = {} if head_y is None else {f"y_{head}": a for head, a in head_y.items()}
+    if y is not None:
+        labels["y"] = y
+    _check_lengths(source, x, labels, ids, given_ids="ids" in arrays)
     if not np.all(np.isfinite(x)):
         raise ConfigError(f"{source}: x contains NaN or infinity")
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: ids repeat; expected one unique id per sample")
-    return SampleSet(x, ids, y)
+    return SampleSet(x, ids, y, head_y)
 
 
 def _check_lengths(
-    source: Path, x: np.ndarray, y: np.ndarray | None, ids: list[str], given_ids: bool
+    source: Path,
+    x: np.ndarray,
+    labels: dict[str, np.ndarray],
+    ids: list[str],
+    given_ids: bool,
 ) -> None:
-    """Reject ``y`` or ``ids`` whose length differs from the samples in ``x``."""
-    lengths = {
-        "y": None if y is None else len(y),
-        "ids": len(ids) if given_ids else None,
+    """Reject label arrays or ``ids`` whose length differs from the rows of ``x``."""
+    lengths: dict[str, int | None] = {
+        name: len(array) for name, array in labels.items()
     }
+    lengths["ids"] = len(ids) if given_ids else None
     mismatched = [
         f"{name} has {length}"
         for name, length in lengths.items()
@@ -228,18 +259,54 @@ def _numeric_array(
     return np.asarray(array, dtype=dtype)
 
 
-def _class_labels(arrays: dict[str, np.ndarray], source: Path) -> np.ndarray:
-    """Return ``y`` as int32, rejecting values that the cast would change.
+def _head_class_labels(
+    arrays: dict[str, np.ndarray], source: Path, heads: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Return each head's ``y_<head>`` array as int32 class indices.
+
+    Raises:
+        ConfigError: ``y`` is there, a head's array is missing, or a
+            ``y_<name>`` array names no head.
+    """
+    names = [f"y_{head}" for head in heads]
+    keywords = ", ".join(f"{name}=..." for name in names)
+    expected = (
+        f"expected one label array per head of the student ({', '.join(names)}), "
+        f"written by numpy.savez(path, x=x, {keywords})"
+    )
+    if "y" in arrays:
+        raise ConfigError(
+            f"{source} has a single y, but the student has several heads; "
+            f"{expected}, and no y"
+        )
+    missing = [name for name in names if name not in arrays]
+    if missing:
+        raise ConfigError(f"{source} lacks {', '.join(missing)}; {expected}")
+    unknown = sorted(
+        name for name in arrays if name.startswith("y_") and name not in names
+    )
+    if unknown:
+        raise ConfigError(
+            f"{source} has {', '.join(unknown)}, which names no head of the "
+            f"student; {expected}"
+        )
+    return {head: _class_labels(arrays, source, f"y_{head}") for head in heads}
+
+
+def _class_labels(
+    arrays: dict[str, np.ndarray], source: Path, name: str = "y"
+) -> np.ndarray:
+    """Return the array ``name`` as int32, rejecting values the cast would change.
 
     A float label such as 1.5 or NaN, or an integer outside int32, would
     otherwise turn silently into another class index.
     """
-    exact = _numeric_array(arrays, "y", source, np.float64)
+    exact = _numeric_array(arrays, name, source, np.float64)
     if exact.ndim != 1:
         raise ConfigError(
-            f"{source}: y has shape {exact.shape}; expected one class index per "
-            f"sample, shape ({len(exact)},). For one-hot rows save "
-            "y.argmax(axis=1)"
+            f"{source}: {name} has shape {exact.shape}; expected one class index "
+            f"per sample, shape ({len(exact)},). For one-hot rows save "
+            f"{name}.argmax(axis=1)"
         )
     # float64 represents every int32 exactly, so a label survives the round trip
     # through int32 only when the cast keeps its value.
@@ -249,8 +316,8 @@ def _class_labels(arrays: dict[str, np.ndarray], source: Path) -> np.ndarray:
     if len(changed):
         index = int(changed[0])
         raise ConfigError(
-            f"{source}: y[{index}] is {arrays['y'][index].item()!r}; expected "
-            "a whole class index that fits int32, such as 0, 1 or 2"
+            f"{source}: {name}[{index}] is {arrays[name][index].item()!r}; "
+            "expected a whole class index that fits int32, such as 0, 1 or 2"
         )
     return labels
 
@@ -299,11 +366,13 @@ def check_samples(
     class_count: int,
     source: str,
     model: str = "the bundle's student",
+    head_classes: Mapping[str, int] | None = None,
 ) -> None:
     """Check samples against the model before anything is sent.
 
     Args:
         model: the model that takes ``input_shape``, for the error message.
+        head_classes: the class count of each head, for ``samples.head_y``.
 
     Raises:
         ConfigError: wrong input shape, or hard labels outside 0..K-1.
@@ -327,6 +396,13 @@ def check_samples(
             f"{source}: y has labels {y.min()}..{y.max()}, "
             f"expected 0..{class_count - 1}"
         )
+    for head, labels in (samples.head_y or {}).items():
+        classes = (head_classes or {}).get(head, 0)
+        if labels.min() < 0 or labels.max() >= classes:
+            raise ConfigError(
+                f"{source}: y_{head} has labels {labels.min()}..{labels.max()}, "
+                f"expected 0..{classes - 1}, the classes of head {head!r}"
+            )
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:

@@ -33,6 +33,7 @@ from dslo_edge.protocol import Topics
 
 if TYPE_CHECKING:
     from dslo_edge.bundle import Bundle
+    from dslo_edge.hub import SampleSet
 
 logger = logging.getLogger(__name__)
 
@@ -442,18 +443,23 @@ def _check_push_data(config: HubConfig) -> None:
     source = f"{config.source}: teacher.path {file}"
     outputs = ["output"] if bundle is None else list(expected_teacher_outputs(bundle))
     teacher = read_teacher_signature(file, source, outputs, config.teacher.runtime)
+    heads = bundle.heads if bundle is not None else {}
     for schedule in config.pushes:
         try:
-            samples = load_samples(schedule.data, read_labels=schedule.hard_labels)
-            check_hard_labels_present(schedule, samples.y is not None)
-            # Only a push with hard_labels reads y, and _check_multi_head
-            # rejects that for a teacher without the single "output".
+            samples = load_samples(
+                schedule.data, read_labels=schedule.hard_labels, heads=list(heads)
+            )
+            check_hard_labels_present(schedule, samples)
+            # Only a push with hard_labels reads the labels. A multi-head
+            # teacher has no single "output", and its heads' labels are
+            # checked against the student's heads.
             check_samples(
                 samples,
                 teacher.input_shape,
                 teacher.class_counts.get("output", 0),
                 str(schedule.data),
                 model="the teacher",
+                head_classes=heads,
             )
         except ConfigError as error:
             raise ConfigError(
@@ -486,9 +492,7 @@ def _check_multi_head(config: HubConfig, bundle: Bundle) -> None:
             "[requests] table, so that the worker runs only the [[push]] "
             "schedules"
         )
-    _check_multi_head_privacy(config, bundle.heads)
-    for schedule in config.pushes:
-        check_multi_head_push(config, schedule, bundle.heads)
+    check_multi_head_privacy(config, bundle.heads)
 
 
 def describe_multi_head_output_kind(
@@ -510,28 +514,12 @@ def describe_multi_head_output_kind(
     )
 
 
-def check_multi_head_push(
-    config: HubConfig, schedule: PushSchedule, heads: Collection[str]
-) -> None:
-    """Raise ConfigError when a push cannot label for a student with ``heads``.
+def check_multi_head_privacy(config: HubConfig, heads: Collection[str]) -> None:
+    """Raise ConfigError when ``[privacy]`` is set for a student with ``heads``.
 
-    Such a push sends neither hard labels, because the data's ``y`` has one
-    label per sample and not one per head, nor private labels, which the
-    hub makes for single-head students only. ``dslo-edge push --bundle``
-    rejects both options for such a student too.
+    The hub makes private labels for single-head students only, and
+    ``dslo-edge push --bundle`` rejects them for such a student too.
     """
-    _check_multi_head_privacy(config, heads)
-    student = f"the student has several heads ({', '.join(heads)})"
-    if schedule.hard_labels:
-        raise ConfigError(
-            f"{config.source}: [[push]] {schedule.name!r}: hard_labels = true is "
-            f"invalid, because {student} and the y of {schedule.data} has one "
-            "label per sample, not one per head; remove hard_labels from this "
-            "[[push]] table"
-        )
-
-
-def _check_multi_head_privacy(config: HubConfig, heads: Collection[str]) -> None:
     if config.privacy is None:
         return
     raise ConfigError(
@@ -560,9 +548,13 @@ def check_private_hard_labels(config: HubConfig, schedule: PushSchedule) -> None
     )
 
 
-def check_hard_labels_present(schedule: PushSchedule, has_labels: bool) -> None:
-    """Raise ConfigError when ``hard_labels = true`` finds no ``y`` array."""
-    if not schedule.hard_labels or has_labels:
+def check_hard_labels_present(schedule: PushSchedule, samples: SampleSet) -> None:
+    """Raise ConfigError when ``hard_labels = true`` finds no ``y`` array.
+
+    A file read for a student with several heads has its ``y_<head>``
+    arrays, because ``load_samples`` rejects one without them.
+    """
+    if not schedule.hard_labels or samples.y is not None or samples.head_y:
         return
     raise ConfigError(
         f"hard_labels = true needs a 'y' array (one class index per sample) in "

@@ -92,8 +92,8 @@ def build_multi_head_updates(
             softmax(logits) at T = 1. Heads with k classes or fewer get full
             labels.
 
-    Hard labels are not sent, because ``SampleSet.y`` has one label per
-    sample, not one per head.
+    Each head's hard labels from ``samples.head_y`` go with its labels,
+    and none are sent without them.
 
     Raises:
         ConfigError: the teacher gave NaN or infinite labels for a batch; the
@@ -106,6 +106,12 @@ def build_multi_head_updates(
         problem = describe_non_finite_heads(outputs, x, ids)
         if problem is not None:
             raise non_finite_batch_error(problem)
+        hard = None
+        if samples.head_y is not None:
+            hard = {
+                head: labels[start : start + batch_size]
+                for head, labels in samples.head_y.items()
+            }
         yield multi_head_update(
             outputs,
             teacher.output_kinds,
@@ -114,6 +120,7 @@ def build_multi_head_updates(
             teacher_version=teacher_version,
             teacher_round=teacher_round,
             top_k=top_k,
+            hard_labels=hard,
         )
 
 
@@ -126,6 +133,7 @@ def multi_head_update(
     teacher_version: str,
     teacher_round: int,
     top_k: int | None = None,
+    hard_labels: Mapping[str, np.ndarray] | None = None,
 ) -> MultiHeadUpdate:
     """Return the update of one batch from each head's teacher output.
 
@@ -133,9 +141,11 @@ def multi_head_update(
         outputs: each head's teacher output for the inputs ``x``.
         output_kinds: each head's output kind, "probabilities" or "logits".
         top_k: as for ``build_multi_head_updates``.
+        hard_labels: each head's class indices for the batch, or None.
     """
+    hard = hard_labels or {}
     heads = {
-        name: _head_labels(outputs[name], output_kinds[name], top_k)
+        name: _head_labels(outputs[name], output_kinds[name], top_k, hard.get(name))
         for name in output_kinds
     }
     return MultiHeadUpdate(
@@ -173,11 +183,17 @@ def describe_non_finite_outputs(
     return describe_non_finite_labels(outputs, x, ids)
 
 
-def _head_labels(output: np.ndarray, kind: str, top_k: int | None) -> HeadLabels:
+def _head_labels(
+    output: np.ndarray, kind: str, top_k: int | None, hard: np.ndarray | None
+) -> HeadLabels:
     head_top_k = top_k if top_k is not None and top_k < output.shape[1] else None
+    if hard is not None:
+        hard = np.ascontiguousarray(hard, dtype=np.int32)
     if head_top_k is not None and kind == "logits":
-        return HeadLabels(label_probabilities_of(output), top_k=head_top_k)
-    return HeadLabels(output.astype(np.float32), kind, top_k=head_top_k)
+        return HeadLabels(
+            label_probabilities_of(output), hard_labels=hard, top_k=head_top_k
+        )
+    return HeadLabels(output.astype(np.float32), kind, hard, top_k=head_top_k)
 
 
 def head_output_kinds(manifest: Mapping[str, Any]) -> dict[str, str]:

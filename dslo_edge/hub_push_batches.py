@@ -264,7 +264,9 @@ class BatchPublisher:
         start, stop = rows
         outputs = labelled.outputs
         if isinstance(outputs, dict):
-            heads = _multi_head_update(samples, labelled.current, outputs, rows)
+            heads = _multi_head_update(
+                samples, labelled.current, outputs, rows, schedule.hard_labels
+            )
             timestamp, payload = heads.timestamp, encode_multi_head_update(heads)
         else:
             labels, kind = self._labels(outputs[start:stop], labelled.current)
@@ -599,16 +601,21 @@ def _multi_head_update(
     current: TeacherVersion,
     outputs: dict[str, np.ndarray],
     rows: tuple[int, int],
+    hard_labels: bool,
 ) -> MultiHeadUpdate:
     """Return the multi-head update of the dataset rows ``rows`` (end excluded).
 
-    Such a push sends no hard labels and no private labels: the loaded
-    configuration rejects both for a teacher with several heads.
+    With ``hard_labels`` it carries each head's rows of ``samples.head_y``.
+    Such a push sends no private labels: the loaded configuration rejects
+    them for a teacher with several heads.
     """
     start, stop = rows
     kinds = current.head_output_kinds
     # run_once makes outputs per head only for a version with head_output_kinds.
     assert kinds is not None
+    hard = None
+    if hard_labels and samples.head_y is not None:
+        hard = {name: labels[start:stop] for name, labels in samples.head_y.items()}
     return multi_head_update(
         {name: head_rows[start:stop] for name, head_rows in outputs.items()},
         kinds,
@@ -616,6 +623,7 @@ def _multi_head_update(
         samples.ids[start:stop],
         teacher_version=current.version,
         teacher_round=current.round,
+        hard_labels=hard,
     )
 
 

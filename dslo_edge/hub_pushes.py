@@ -48,7 +48,7 @@ from dslo_edge.hub_config import (
     HubConfig,
     PushSchedule,
     check_hard_labels_present,
-    check_multi_head_push,
+    check_multi_head_privacy,
     check_private_hard_labels,
 )
 from dslo_edge.hub_multihead import MultiHeadTeacherModel, describe_non_finite_outputs
@@ -449,17 +449,17 @@ class PushScheduler(BatchPublisher, threading.Thread):
         Raises:
             ConfigError: the file is invalid and no earlier samples exist, or
                 the push sets ``hard_labels`` and the configuration has
-                ``[privacy]``, or the teacher has several heads and the push
-                sets ``hard_labels`` or the configuration has ``[privacy]``.
+                ``[privacy]``, or the teacher has several heads and the
+                configuration has ``[privacy]``.
         """
         # The loaded configuration rejects these, but a HubConfig built in code
         # is not checked. Hard labels must never bypass the privacy noise, and
         # multi-head labels are made without it.
         check_private_hard_labels(self.config, schedule)
+        head_classes: dict[str, int] = {}
         if isinstance(model, MultiHeadTeacherModel):
-            check_multi_head_push(self.config, schedule, model.output_kinds)
-            # Only hard labels are checked against the class count, and
-            # check_multi_head_push rejects them.
+            check_multi_head_privacy(self.config, model.output_kinds)
+            head_classes = model.class_counts
             class_count = 0
         else:
             class_count = model.class_count
@@ -469,14 +469,17 @@ class PushScheduler(BatchPublisher, threading.Thread):
         if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
-            samples = load_samples(path, read_labels=schedule.hard_labels)
-            check_hard_labels_present(schedule, samples.y is not None)
+            samples = load_samples(
+                path, read_labels=schedule.hard_labels, heads=list(head_classes)
+            )
+            check_hard_labels_present(schedule, samples)
             check_samples(
                 samples,
                 model.input_shape,
                 class_count,
                 str(path),
                 model="the teacher",
+                head_classes=head_classes,
             )
         except ConfigError as error:
             if cached is None:

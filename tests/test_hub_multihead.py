@@ -171,22 +171,132 @@ def test_push_rejects_privacy_for_heads(two_head_bundle: Path, tmp_path) -> None
         )
 
 
-def test_push_command_rejects_hard_labels(two_head_bundle: Path, tmp_path) -> None:
+def _head_labels() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {
+        f"y_{name}": rng.integers(0, classes, SAMPLES, dtype=np.int32)
+        for name, classes in HEADS.items()
+    }
+
+
+def test_updates_carry_hard_labels_per_head(two_head_bundle: Path) -> None:
+    bundle = load_bundle(two_head_bundle)
+    teacher = MultiHeadTeacherModel(
+        bundle.teacher_path, head_output_kinds(bundle.manifest)
+    )
+    labels = _head_labels()
+    samples = SampleSet(
+        _samples().x,
+        [f"h{i}" for i in range(SAMPLES)],
+        head_y={name: labels[f"y_{name}"] for name in HEADS},
+    )
+
+    updates = list(
+        build_multi_head_updates(
+            teacher, samples, teacher_version="r1", teacher_round=1, batch_size=8
+        )
+    )
+
+    for name in HEADS:
+        sent = np.concatenate([update.heads[name].hard_labels for update in updates])
+        np.testing.assert_array_equal(sent, labels[f"y_{name}"])
+        assert sent.dtype == np.int32
+
+
+def test_push_command_sends_head_hard_labels(
+    two_head_bundle: Path, broker_factory, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from dslo_edge.cli import main
+    from dslo_edge.multihead_decode import decode_multi_head_update
+    from tests.test_hub_service import device_updates
+
+    broker = broker_factory("mosquitto")
+    labels = _head_labels()
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=_samples().x, **labels)
+    config = write_config(tmp_path, two_head_bundle, broker)
+    daemon = EdgeDaemon(config)
+    daemon.start()
+    client, received = device_updates(broker.port, DEVICE)
+    try:
+        result = CliRunner().invoke(
+            main,
+            [
+                "push",
+                "--bundle",
+                str(two_head_bundle),
+                "--data",
+                str(data),
+                "--device",
+                DEVICE,
+                "--broker",
+                f"mqtt://{broker.host}:{broker.port}",
+                "--batch-size",
+                "8",
+                "--hard-labels",
+            ],
+        )
+        applied = daemon.metrics.applied
+        rejected = dict(daemon.metrics.rejected)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        daemon.stop()
+
+    assert result.exit_code == 0, result.output
+    assert "applied 3" in result.output
+    assert applied == 3
+    assert rejected == {}
+    updates = [decode_multi_head_update(received.get(timeout=5)) for _ in range(3)]
+    for name in HEADS:
+        sent = np.concatenate([update.heads[name].hard_labels for update in updates])
+        np.testing.assert_array_equal(sent, labels[f"y_{name}"])
+
+
+@pytest.mark.parametrize(
+    ("arrays", "expected"),
+    [
+        (
+            {"y": np.zeros(SAMPLES, np.int32)},
+            "has a single y, but the student has several heads; expected one "
+            "label array per head of the student (y_digit, y_shape), written by "
+            "numpy.savez(path, x=x, y_digit=..., y_shape=...), and no y",
+        ),
+        ({"y_digit": np.zeros(SAMPLES, np.int32)}, "lacks y_shape; expected one"),
+        (
+            {**_head_labels(), "y_colour": np.zeros(SAMPLES, np.int32)},
+            "has y_colour, which names no head of the student; expected one",
+        ),
+        (
+            {**_head_labels(), "y_shape": np.full(SAMPLES, 3, np.int32)},
+            "y_shape has labels 3..3, expected 0..2, the classes of head 'shape'",
+        ),
+        (
+            {**_head_labels(), "y_digit": np.full(SAMPLES, 1.5)},
+            "y_digit[0] is 1.5; expected a whole class index",
+        ),
+    ],
+    ids=["single-y", "missing-head", "unknown-head", "out-of-range", "fraction"],
+)
+def test_push_command_rejects_bad_head_labels(
+    two_head_bundle: Path, tmp_path: Path, arrays: dict, expected: str
+) -> None:
     from click.testing import CliRunner
 
     from dslo_edge.cli import main
 
-    samples = _samples()
     data = tmp_path / "samples.npz"
-    np.savez(data, x=samples.x, y=np.zeros(SAMPLES, dtype=np.int32))
+    np.savez(data, x=_samples().x, **arrays)
     arguments = ["push", "--bundle", str(two_head_bundle), "--data", str(data)]
     arguments += ["--device", DEVICE, "--broker", "mqtt://127.0.0.1:1"]
 
     result = CliRunner().invoke(main, [*arguments, "--hard-labels"])
 
-    assert result.exit_code == 2
-    assert "has several heads" in result.output
-    assert "push without --hard-labels" in result.output
+    assert result.exit_code == 78
+    assert f"invalid --data: {data}" in result.output
+    assert expected in " ".join(result.output.split())
 
 
 def test_push_rejects_top_k_above_heads(two_head_bundle: Path, tmp_path) -> None:

@@ -71,13 +71,24 @@ def teacher_outputs(bundle: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     return teacher.predict(x)
 
 
+@pytest.mark.parametrize("hard_labels", [False, True], ids=["soft", "hard"])
 def test_scheduled_push_trains_two_head_daemon(
-    two_head_bundle, mosquitto, tmp_path, caplog
+    two_head_bundle, mosquitto, tmp_path, caplog, hard_labels
 ) -> None:
     # "ghost" never connects, so the broker drops its updates unread.
+    folder = tmp_path / "hub"
     config, x = write_push_config(
-        tmp_path / "hub", mosquitto.port, two_head_bundle, [DEVICE, "ghost"]
+        folder, mosquitto.port, two_head_bundle, [DEVICE, "ghost"]
     )
+    rng = np.random.default_rng(4)
+    head_y = {
+        name: rng.integers(0, classes, len(x), dtype=np.int32)
+        for name, classes in HEADS.items()
+    }
+    if hard_labels:
+        arrays = {f"y_{name}": labels for name, labels in head_y.items()}
+        np.savez(folder / "data.npz", x=x, **arrays)
+        config.write_text(config.read_text() + "hard_labels = true\n")
     daemon = EdgeDaemon(write_config(tmp_path, two_head_bundle, mosquitto))
     daemon.start()
     device = hub_client(mosquitto)
@@ -113,7 +124,11 @@ def test_scheduled_push_trains_two_head_daemon(
         assert {update.heads[name].label_kind for update in updates} == {
             "probabilities"
         }
-        assert all(update.heads[name].hard_labels is None for update in updates)
+        sent = [update.heads[name].hard_labels for update in updates]
+        if hard_labels:
+            np.testing.assert_array_equal(np.concatenate(sent), head_y[name])
+        else:
+            assert sent == [None, None, None]
     assert metrics["applied"] == 3
     assert metrics["samples_applied"] == 40
     assert metrics["rejected"] == {}
@@ -214,9 +229,10 @@ def _drain(received: queue.Queue) -> list[bytes]:
         (
             {"push": "hard_labels = true"},
             [
-                "[[push]] 'nightly': hard_labels = true is invalid, because the "
-                "student has several heads (digit, shape) and the y of",
-                "remove hard_labels from this [[push]] table",
+                "[[push]] 'nightly': {folder}/data.npz has a single y, but the "
+                "student has several heads; expected one label array per head "
+                "of the student (y_digit, y_shape), written by "
+                "numpy.savez(path, x=x, y_digit=..., y_shape=...), and no y",
             ],
         ),
         (
@@ -245,7 +261,7 @@ def test_multi_head_config_rejects(two_head_bundle, tmp_path, extra, expected) -
     message = str(caught.value)
     assert message.startswith(f"{config}: ")
     for part in expected:
-        assert part.format(bundle=two_head_bundle) in message
+        assert part.format(bundle=two_head_bundle, folder=folder) in message
 
 
 def test_registry_rejects_output_kind_for_heads(two_head_bundle, tmp_path) -> None:
