@@ -435,8 +435,11 @@ def load_profile(name: str, directory: str | Path | None = None) -> FirmwareProf
                 f"give a profile file ending in .toml, or a profile name from "
                 f"{folder}: {listed}"
             )
+        closest = difflib.get_close_matches(name, known, n=1)
+        hint = f", which may be a misspelling of {closest[0]}" if closest else ""
         raise ConfigError(
-            f"firmware profile {name!r} not found in {folder}; known profiles: {listed}"
+            f"firmware profile {name!r} not found in {folder}{hint}; "
+            f"known profiles: {listed}"
         )
     return load_profile_file(path)
 

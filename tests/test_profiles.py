@@ -328,6 +328,19 @@ def test_unknown_profile_lists_known_ones(tmp_path: Path) -> None:
         load_profile("pi9", tmp_path)
 
 
+def test_misspelt_profile_names_closest(tmp_path: Path) -> None:
+    write_profile(tmp_path, name="raspberry-pi-4b")
+    write_profile(tmp_path, name="jetson-nano")
+
+    with pytest.raises(ConfigError) as caught:
+        load_profile("raspbery-pi-4b", tmp_path)
+
+    message = str(caught.value)
+    assert "'raspbery-pi-4b' not found" in message
+    assert "which may be a misspelling of raspberry-pi-4b;" in message
+    assert "known profiles: jetson-nano, raspberry-pi-4b" in message
+
+
 @pytest.mark.parametrize("value", ["data.npz", "boards/pi", "/tmp"])
 def test_profile_path_without_toml_is_named(
     tmp_path: Path, monkeypatch, value: str
