@@ -695,7 +695,9 @@ def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
     show_default=True,
     help="Wait for the device to process each round and then to save a "
     "checkpoint, and exit 1 if it rejected any update of this push or rolled "
-    "back.",
+    "back. --no-wait publishes without pacing, so a broker drops the updates "
+    "beyond its queue limit per client without an error (mosquitto's "
+    "max_queued_messages, 1000 by default).",
 )
 @click.option(
     "--timeout",
