@@ -336,7 +336,8 @@ class BatchPublisher:
             "before the stop and publishes %d again %s",
             schedule.name,
             device,
-            stored[-1].batch,
+            # Logs count batches from 1, so "after batch 3" means 3 were stored.
+            stored[-1].batch + 1,
             len(stored) - len(waiting),
             len(waiting),
             # The next log line explains why the signed bytes differ.
@@ -379,7 +380,7 @@ class BatchPublisher:
             "gets the whole dataset at the next run",
             schedule.name,
             device,
-            last.batch,
+            last.batch + 1,
             last.end_sample,
         )
 

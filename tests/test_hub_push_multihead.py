@@ -181,7 +181,7 @@ def test_killed_multi_head_push_resumes(two_head_bundle, mosquitto, tmp_path) ->
     # porch's third update again, byte for byte, so porch skips it by its id.
     assert resumed["porch"] == [first_run["porch"][2]]
     assert (
-        "Push nightly resumes device porch after batch 2: skips 2 acknowledged "
+        "Push nightly resumes device porch after batch 3: skips 2 acknowledged "
         "before the stop and publishes 1 again unchanged"
     ) in resumed_log
     garage = [decode_multi_head_update(payload) for payload in resumed["garage"]]
