@@ -102,7 +102,9 @@ class TableReader:
         wrong_type = not isinstance(value, kind) or (
             kind in (int, float) and isinstance(value, bool)
         )
-        if wrong_type or (kind is float and not math.isfinite(value)):
+        if wrong_type:
+            raise self.fail(key, value, _expected_kind(key, value, kind, expected))
+        if kind is float and not math.isfinite(value):
             raise self.fail(key, value, expected or _type_name(kind))
         if check is not None and not check(value):
             raise self.fail(key, value, expected)
@@ -226,6 +228,24 @@ _TYPE_NAMES = {
 
 def _type_name(kind: type) -> str:
     return _TYPE_NAMES.get(kind, f"a {kind.__name__}")
+
+
+def _expected_kind(key: str, value: Any, kind: type, expected: str) -> str:
+    """Return the TOML type that ``key`` needs, followed by ``expected`` if set.
+
+    A number in quotes, such as ``port = "1883"``, looks valid beside a range
+    alone, so the message names the type and how to write the value.
+    """
+    text = f"{_type_name(kind)} ({expected})" if expected else _type_name(kind)
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            number = kind(value)
+        except ValueError:
+            return text
+        if not math.isfinite(number):
+            return text
+        text += f"; write it without quotes, as {key} = {value.strip()}"
+    return text
 
 
 def _shown(value: Any) -> str:

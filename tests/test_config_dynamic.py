@@ -104,7 +104,8 @@ def test_config_reads_engine_keys(tmp_path: Path) -> None:
         (
             "drift_min_rows = 8",
             "drift_min_rows = 2.5",
-            r"monitor\.drift_min_rows = 2\.5 is invalid; expected a count of rows",
+            r"monitor\.drift_min_rows = 2\.5 is invalid; expected an integer \(a count "
+            "of rows",
         ),
     ],
 )

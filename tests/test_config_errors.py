@@ -386,7 +386,10 @@ def test_max_queued_bytes_must_be_positive(tmp_path: Path, value) -> None:
     path, message = config_error(tmp_path, overrides)
 
     assert message.startswith(f"{path}: training.max_queued_bytes = ")
-    assert message.endswith("expected a positive byte count")
+    if isinstance(value, int):
+        assert message.endswith("expected a positive byte count")
+    else:
+        assert message.endswith("expected an integer (a positive byte count)")
 
 
 def test_applied_id_capacity_below_queue_is_rejected(tmp_path: Path) -> None:
@@ -558,6 +561,21 @@ def test_boolean_values_are_shown_as_toml(tmp_path: Path) -> None:
         (
             {"mqtt": {"tls_insecure": 1}},
             "mqtt.tls_insecure = 1 is invalid; expected true or false",
+        ),
+        (
+            {"mqtt": {"port": "1883"}},
+            "mqtt.port = '1883' is invalid; expected an integer (a port in "
+            "1..65535); write it without quotes, as port = 1883",
+        ),
+        (
+            {"training": {"learning_rate": "0.05"}},
+            "training.learning_rate = '0.05' is invalid; expected a finite number "
+            "(a number in (0, 10]); write it without quotes, as "
+            "learning_rate = 0.05",
+        ),
+        (
+            {"mqtt": {"port": "mqtt"}},
+            "mqtt.port = 'mqtt' is invalid; expected an integer (a port in 1..65535)",
         ),
     ],
 )
