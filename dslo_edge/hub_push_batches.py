@@ -226,7 +226,7 @@ class BatchPublisher:
                     acknowledged=acknowledged,
                 )
             if refusal:
-                self._log_spent(device, refusal)
+                self._log_spent(schedule.name, device, refusal)
                 sent.cut_short = True
                 return
             info = self._publish(topic, payload, schedule.expiry_s)
@@ -535,14 +535,19 @@ class BatchPublisher:
             rows = label_probabilities_of(rows)
         return privatise(rows, privacy, self._rng), "probabilities"
 
-    def _log_spent(self, device: str, refusal: str) -> None:
-        """Log a push stopped by the budget, at most once an hour per device."""
+    def _log_spent(self, name: str, device: str, refusal: str) -> None:
+        """Log push ``name`` stopped by the budget, at most once an hour per device.
+
+        The repeats counted in the line include those of other pushes to the
+        same device, because a spent budget stops all of them.
+        """
         skipped = self._budget_log.skipped_before(device)
         if skipped is None:
             return
         logger.warning(
-            "Push to device %s stopped: %s%s. Later stops for this device are "
+            "Push %s to device %s stopped: %s%s. Later stops for this device are "
             "logged at most once an hour",
+            name,
             device,
             refusal,
             repeats_note(skipped, "stopped run"),

@@ -616,7 +616,9 @@ def test_spent_budget_logged_hourly(mlp_pair, mosquitto, tmp_path, caplog) -> No
 
     stops = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
     assert len(stops) == 2
-    assert stops[0].startswith("Push to device kitchen stopped: labelling 16 more")
+    assert stops[0].startswith(
+        "Push nightly to device kitchen stopped: labelling 16 more"
+    )
     assert "more stopped runs" not in stops[0]
     assert "(3 more stopped runs since the last line)" in stops[1]
     # The first run sent a batch before the budget ran out, the others none.
