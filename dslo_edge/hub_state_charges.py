@@ -193,8 +193,8 @@ class ChargeState(StateFile):
         if epsilon > privacy.epsilon_budget:
             return (
                 f"labelling {key.samples} samples with noise multiplier "
-                f"{new_charge[0]:g} would spend epsilon {epsilon:.3g} of the budget "
-                f"{privacy.epsilon_budget:g}"
+                f"{new_charge[0]:g} would raise the device's spent epsilon to "
+                f"{epsilon:.3g}, above its budget of {privacy.epsilon_budget:g}"
             )
         self._take_back(db, key, multiplier, count)
         self._add_releases(db, key.device, *new_charge)
@@ -251,8 +251,9 @@ class ChargeState(StateFile):
         epsilon = epsilon_spent(releases, privacy.delta, privacy.accountant)
         if epsilon > privacy.epsilon_budget:
             return (
-                f"labelling {key.samples} more samples would spend epsilon "
-                f"{epsilon:.3g} of the budget {privacy.epsilon_budget:g}"
+                f"labelling {key.samples} more samples would raise the device's "
+                f"spent epsilon to {epsilon:.3g}, above its budget of "
+                f"{privacy.epsilon_budget:g}"
             )
         self._add_releases(db, key.device, multiplier, key.samples)
         return ""

@@ -385,7 +385,7 @@ def test_spent_budget_is_logged_on_device(
     message = record.getMessage()
     assert record.levelname == "WARNING"
     assert f"of device {DEVICE} because the privacy budget is spent" in message
-    assert "would spend epsilon" in message
+    assert "would raise the device's spent epsilon to" in message
     assert "no label requests for 3600 s" in message
     assert report["label_requests"]["budget_exhausted"] == 1
     assert report["applied_total"] == 0

@@ -354,7 +354,10 @@ def test_stored_batch_charged_with_its_row(tmp_path) -> None:
         state.close()
 
     assert stored == ""
-    assert "would spend epsilon" in refused
+    assert refused == (
+        "labelling 16 more samples would raise the device's spent epsilon to "
+        "3.19, above its budget of 0.001"
+    )
     assert rows == [replace_acknowledged(batch(0, 0, 16))]
     assert releases == {8.0: 16}
 
