@@ -694,10 +694,10 @@ def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
     default=True,
     show_default=True,
     help="Wait for the device to process each round and then to save a "
-    "checkpoint, and exit 1 if it rejected any update of this push or rolled "
-    "back. --no-wait publishes without pacing, so a broker drops the updates "
-    "beyond its queue limit per client without an error (mosquitto's "
-    "max_queued_messages, 1000 by default).",
+    "checkpoint, and exit 1 if it rolled back or rejected any update of this "
+    "push for a reason other than duplicate. --no-wait publishes without "
+    "pacing, so a broker drops the updates beyond its queue limit per client "
+    "without an error (mosquitto's max_queued_messages, 1000 by default).",
 )
 @click.option(
     "--timeout",
