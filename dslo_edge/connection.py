@@ -208,6 +208,8 @@ class MqttConnection:
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self.last_error: str | None = None
+        # Whether nothing listened at the broker's address on the last attempt.
+        self._refused = False
         # Whether the broker sent a CONNACK on the current connection.
         self._answered = False
         self.takeovers = 0
@@ -319,14 +321,28 @@ class MqttConnection:
             delay = self._backoff.delay(attempt, self._rng)
             attempt += 1
             logger.warning(
-                "%s: broker %s:%d unavailable (%s); reconnecting in %.1f s",
+                "%s: broker %s:%d unavailable (%s); reconnecting in %.1f s%s",
                 self.label,
                 self.settings.host,
                 self.settings.port,
                 self.last_error or "connection closed",
                 delay,
+                self._address_hint(),
             )
             self.stopping.wait(delay)
+
+    def _address_hint(self) -> str:
+        """Return a hint to check the address while no connection has succeeded.
+
+        A refused first connection is what a mistyped host or port gives, and
+        the retries alone do not tell it apart from a broker still starting.
+        """
+        if self.connects or not self._refused:
+            return ""
+        return (
+            "; no connection has succeeded since the start, so check the host "
+            "and port in the [mqtt] table unless the broker is still starting"
+        )
 
     def _check_takeover(self, lasted: float) -> None:
         # Brokers that send no DISCONNECT reason (mosquitto 2.0.11 closes the
@@ -352,6 +368,7 @@ class MqttConnection:
     def _connect_once(self) -> bool:
         clean_start: Any = False if self.is_v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY
         self._answered = False
+        self._refused = False
         try:
             self.client.connect(
                 self.settings.host,
@@ -365,6 +382,7 @@ class MqttConnection:
             return False
         except OSError as error:
             self.last_error = str(error) or type(error).__name__
+            self._refused = isinstance(error, ConnectionRefusedError)
             return False
         return True
 
