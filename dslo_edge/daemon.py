@@ -162,6 +162,8 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self.device_id = config.device_id
         self.topics = config.topics
         self.hmac_key = _load_hmac_key(config)
+        # Before the lock, so a mistyped profile leaves no state_dir behind.
+        self.profile = _load_profile(config)
 
         self._state_lock = StateLock(config.state_dir, self.device_id)
         try:
@@ -249,7 +251,6 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
     def _init_costs_and_inference(self) -> None:
         """Set up the energy budget, health checks and the inference service."""
         config = self.config
-        self.profile = _load_profile(config)
         self.costs = AdaptationCosts(
             self.device_id, self.profile, config.budget, battery_wh=config.battery_wh
         )

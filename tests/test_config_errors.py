@@ -241,6 +241,7 @@ def test_unknown_profile_names_key(mlp_pair, tmp_path: Path) -> None:
     message = str(caught.value)
     assert f"{path}: device.profile = 'no-such-board'" in message
     assert "known profiles: " in message
+    assert not (tmp_path / "state").exists()
 
 
 def test_bundle_that_is_a_file_is_named(tmp_path: Path) -> None:
