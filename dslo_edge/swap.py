@@ -39,10 +39,10 @@ from dslo_edge.checkpoint import (
 from dslo_edge.errors import BundleError
 from dslo_edge.health import PROBE_FILE
 from dslo_edge.ota import (
-    MAX_ARCHIVE_MEMBERS,
     RELEASE_FILE,
     OtaError,
     make_state_folder,
+    read_members,
     state_write_error,
 )
 from dslo_edge.state_folders import BUNDLES, KEPT_CHECKPOINTS, STATE_FOLDERS
@@ -273,14 +273,7 @@ def _extract(archive: Path, target: Path) -> None:
     """Extract regular top-level files only, rejecting links and paths."""
     try:
         with tarfile.open(archive, mode="r:") as tar:
-            members = tar.getmembers()
-            if len(members) > MAX_ARCHIVE_MEMBERS:
-                raise OtaError(
-                    "bad_bundle",
-                    f"archive has {len(members)} members, at most "
-                    f"{MAX_ARCHIVE_MEMBERS} are allowed",
-                )
-            for member in members:
+            for member in read_members(tar):
                 name = member.name
                 if not member.isfile() or "/" in name or name in ("", ".", ".."):
                     raise OtaError(

@@ -1,0 +1,66 @@
+"""Hostile model update transfers that the running daemon must reject cheaply."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import tracemalloc
+
+from dslo_edge.ota import ota_topics, split_archive
+from dslo_edge.protocol import Topics
+from tests.test_daemon_ota import (
+    DEVICE,
+    hub_client,
+    start_daemon,
+    status_listener,
+    wait_until,
+)
+
+MIB = 2**20
+
+
+def empty_members_archive(count: int) -> bytes:
+    """Return a tar archive of ``count`` empty files, 512 header bytes each."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
+        for index in range(count):
+            tar.addfile(tarfile.TarInfo(f"m{index}"))
+    return buffer.getvalue()
+
+
+def test_many_members_rejected_without_reading_all(
+    mlp_pair, mosquitto, tmp_path
+) -> None:
+    # 40,000 headers in a 20 MiB archive. Reading every header before the
+    # member count check held about 17 MiB of TarInfo objects.
+    chunks = split_archive(empty_members_archive(40_000), 256 * 1024)
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto)
+    listener, statuses = status_listener(mosquitto)
+    hub = hub_client(mosquitto)
+    chunk_topic = ota_topics(Topics.for_device(DEVICE))[0]
+    try:
+        for chunk in chunks[:-1]:
+            hub.publish(chunk_topic, chunk, qos=1).wait_for_publish(10)
+        waiting = (len(chunks) - 1, len(chunks))
+        wait_until(lambda: daemon.updater.receiver.progress == waiting)
+        # Only the install that the last chunk starts is measured.
+        tracemalloc.start()
+        try:
+            hub.publish(chunk_topic, chunks[-1], qos=1).wait_for_publish(10)
+            wait_until(lambda: statuses)
+            _, peak_bytes = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        bundle_after = daemon.bundle.path
+    finally:
+        daemon.stop()
+        for client in (hub, listener):
+            client.loop_stop()
+            client.disconnect()
+
+    assert len(chunks) == 79
+    assert statuses[-1]["state"] == "rejected"
+    assert statuses[-1]["reason"] == "bad_bundle"
+    assert "at most 16 are allowed" in statuses[-1]["detail"]
+    assert peak_bytes < 4 * MIB
+    assert bundle_after == mlp_pair.bundle
