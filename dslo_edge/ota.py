@@ -81,6 +81,9 @@ _IDENTITY = struct.Struct("<16sQII32s")
 HEADER_BYTES = _HEADER.size
 DEFAULT_CHUNK_BYTES = 64 * 1024
 DEFAULT_MAX_ARCHIVE_BYTES = 64 * 1024 * 1024
+# The smallest --chunk-size of ota-send. It bounds the chunk count, and so
+# the set of received chunk indices, to 65,536 for a 64 MiB archive.
+MIN_CHUNK_BYTES = 1024
 DEFAULT_STALE_AFTER_S = 300.0
 MAX_ARCHIVE_MEMBERS = 16
 RELEASE_FILE = "ota-release.json"
@@ -405,8 +408,9 @@ def parse_chunk(payload: bytes, max_archive_bytes: int) -> tuple[ChunkHeader, by
     """Split a chunk payload into its header and data, checking every field.
 
     Raises:
-        OtaError: ``malformed`` for a bad header or data length,
-            ``too_large`` for an archive above ``max_archive_bytes``.
+        OtaError: ``malformed`` for a bad header or data length or for a
+            chunk size below ``MIN_CHUNK_BYTES`` in an archive of several
+            chunks, ``too_large`` for an archive above ``max_archive_bytes``.
     """
     if len(payload) < HEADER_BYTES:
         raise OtaError(
@@ -433,6 +437,13 @@ def parse_chunk(payload: bytes, max_archive_bytes: int) -> tuple[ChunkHeader, by
             "malformed",
             f"chunk {index} of {count} with chunk size {size} does not fit an "
             f"archive of {total} bytes",
+        )
+    if count > 1 and size < MIN_CHUNK_BYTES:
+        raise OtaError(
+            "malformed",
+            f"chunk size {size} is below {MIN_CHUNK_BYTES} bytes for an archive "
+            f"of {total} bytes in {count} chunks; send it with 'dslo-edge "
+            f"ota-send', whose --chunk-size is at least {MIN_CHUNK_BYTES}",
         )
     data = payload[HEADER_BYTES:]
     expected_length = min(size, total - index * size)

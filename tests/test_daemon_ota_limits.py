@@ -6,7 +6,7 @@ import io
 import tarfile
 import tracemalloc
 
-from dslo_edge.ota import ota_topics, split_archive
+from dslo_edge.ota import _HEADER, FORMAT_VERSION, MAGIC, ota_topics, split_archive
 from dslo_edge.protocol import Topics
 from tests.test_daemon_ota import (
     DEVICE,
@@ -64,3 +64,30 @@ def test_many_members_rejected_without_reading_all(
     assert "at most 16 are allowed" in statuses[-1]["detail"]
     assert peak_bytes < 4 * MIB
     assert bundle_after == mlp_pair.bundle
+
+
+def test_tiny_chunks_rejected(mlp_pair, mosquitto, tmp_path) -> None:
+    # One-byte chunks of a 60 MiB archive would take 62,914,560 messages,
+    # each adding an index to the set of received chunks.
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, b"t" * 16, 60 * MIB, 1, 0, 60 * MIB, b"\0" * 32
+    )
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto)
+    listener, statuses = status_listener(mosquitto)
+    hub = hub_client(mosquitto)
+    chunk_topic = ota_topics(Topics.for_device(DEVICE))[0]
+    try:
+        hub.publish(chunk_topic, header + b"x", qos=1).wait_for_publish(10)
+        wait_until(lambda: statuses or daemon.updater.receiver.progress)
+        progress = daemon.updater.receiver.progress
+    finally:
+        daemon.stop()
+        for client in (hub, listener):
+            client.loop_stop()
+            client.disconnect()
+
+    assert progress is None
+    assert statuses[-1]["state"] == "rejected"
+    assert statuses[-1]["reason"] == "malformed"
+    assert "chunk size 1 is below 1024 bytes" in statuses[-1]["detail"]
+    assert list((tmp_path / "state" / "ota").glob("*.part")) == []
