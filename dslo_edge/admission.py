@@ -158,8 +158,12 @@ def check_new_and_fresh(
 
 
 def _format_seconds(value: float) -> str:
-    """Format seconds so that a limit below 1 s does not print as 0."""
-    if abs(value) >= 100:
+    """Format seconds so that a limit below 1 s does not print as 0.
+
+    A forged timestamp such as 1e300 prints with an exponent, not as a
+    301-digit number.
+    """
+    if 100 <= abs(value) < 1e10:
         return f"{value:.0f}"
     return f"{value:.3g}"
 
