@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_INPUT_BYTES = 4 * 1024 * 1024
 MAX_INPUT_ROWS = 4096
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def inference_topics(topics: Topics) -> tuple[str, str]:
@@ -168,10 +169,17 @@ def _checked_inputs(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
         )
     if len(x) > MAX_INPUT_ROWS:
         raise InvalidUpdate("bad_inputs", f"{len(x)} inputs, limit {MAX_INPUT_ROWS}")
-    x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise InvalidUpdate("bad_inputs", "x contains NaN or infinity")
-    return x
+    # Checked before the cast, which would turn such values into infinity.
+    magnitude = float(np.abs(x).max())
+    if magnitude > FLOAT32_MAX:
+        raise InvalidUpdate(
+            "bad_inputs",
+            f"x has magnitude {magnitude:.3g}, above the float32 maximum "
+            f"{FLOAT32_MAX:.2g} of the student's inputs; rescale the inputs",
+        )
+    return x.astype(np.float32)
 
 
 def _check_range(ids: list[str], x: np.ndarray, max_abs_input: float) -> None:

@@ -506,3 +506,27 @@ def test_inference_rejects_zero_rows() -> None:
 
     assert caught.value.reason == "bad_inputs"
     assert str(caught.value).endswith("so no inputs; expected 1 to 4096")
+
+
+def test_inference_rejects_float64_overflow(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    # 1e300 is finite as float64 but overflows the student's float32 input.
+    caplog.set_level(logging.WARNING)
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, {})
+    app = LocalApp(mosquitto.port)
+    x = np.zeros((2, 64), np.float32)
+    huge = np.full((2, 64), 1e300)
+    try:
+        app.ask(npz_payload(x=huge))
+        app.ask(encode_inputs(x, ["cam-0", "cam-1"]))
+        wait_until(lambda: app.answers)
+    finally:
+        app.close()
+        daemon.stop()
+
+    assert daemon.inference_rejected == {"bad_inputs": 1}
+    assert app.answers[0]["ids"] == ["cam-0", "cam-1"]
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(messages) == 1
+    assert "x has magnitude 1e+300, above the float32 maximum 3.4e+38" in messages[0]
