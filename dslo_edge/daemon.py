@@ -70,7 +70,12 @@ from dslo_edge.daemon_restore import RestoreMixin
 from dslo_edge.dropped_ids import DROPPED_IDS_FILE, DroppedIds
 from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.health import HealthGuard, load_device_probe
-from dslo_edge.inference import InferenceService, inference_topics, make_requester
+from dslo_edge.inference import (
+    MAX_INPUT_BYTES,
+    InferenceService,
+    inference_topics,
+    make_requester,
+)
 from dslo_edge.metrics import DaemonMetrics
 from dslo_edge.model_update import ModelUpdater
 from dslo_edge.models import StudentModel, TeacherModel
@@ -95,6 +100,10 @@ from dslo_edge.update_queue import UpdateQueue
 logger = logging.getLogger(__name__)
 
 INFER_QUEUE = 64
+# Two inference payloads of the largest size wait at most. Without it, 64
+# payloads of 4 MiB could take 256 MiB. NOTE: the memory estimate of
+# ``profiles check`` and ``flash`` does not count these bytes.
+INFER_QUEUE_BYTES = 2 * MAX_INPUT_BYTES
 OTA_QUEUE = 256
 # Reports in a burst come at most this often. A report at every idle moment
 # still shows the hub how far the device has got.
@@ -287,7 +296,9 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         """Create the bounded queues, the batcher and the counters."""
         training = self.config.training
         self.ota_chunks: queue.Queue[Received] = queue.Queue(maxsize=OTA_QUEUE)
-        self.infer_inputs: queue.Queue[Received] = queue.Queue(maxsize=INFER_QUEUE)
+        self.infer_inputs: UpdateQueue[Received] = UpdateQueue(
+            INFER_QUEUE, INFER_QUEUE_BYTES
+        )
         self.batcher: UpdateBatcher[Received, AnyUpdate] | None = None
         if training.batch_size:
             policy = BatchPolicy(
@@ -320,6 +331,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         # Separate from the flag above, which a rollback also sets.
         self._queue_full_logged = False
         self._ota_full_logged = False
+        self._infer_full_logged = False
         self._session_epoch = 0
         self._acks = AckLedger()
         # True from restoring a checkpoint until the next save. The restored
@@ -738,12 +750,28 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             self.inference_rejected["queue_full"] += 1
             self._metrics_pending = True
             self.connection.ack(item.mid, item.qos)
+            # Logged once until the trainer empties the queue again.
+            if not self._infer_full_logged:
+                self._infer_full_logged = True
+                logger.warning(
+                    "Device %s rejected an inference payload of %d bytes "
+                    "(queue_full): %d payloads of %d bytes wait, at most %d or "
+                    "%d bytes; publish the next inputs after their predictions",
+                    self.device_id,
+                    len(item.payload),
+                    self.infer_inputs.qsize(),
+                    self.infer_inputs.queued_bytes,
+                    self.infer_inputs.maxsize,
+                    self.infer_inputs.max_bytes,
+                )
 
     # Trainer thread
 
     def _answer_inputs(self) -> None:
         """Handle queued inference payloads, which come before training."""
         self.inference.requests_paused = self._trainer_paused
+        if self.infer_inputs.empty():
+            self._infer_full_logged = False
         while not self.infer_inputs.empty():
             item = self.infer_inputs.get_nowait()
             try:

@@ -530,3 +530,50 @@ def test_inference_rejects_float64_overflow(
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(messages) == 1
     assert "x has magnitude 1e+300, above the float32 maximum 3.4e+38" in messages[0]
+
+
+def test_inference_queue_bounded_by_bytes(
+    mlp_pair, mosquitto, tmp_path, caplog
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dslo_edge.daemon")
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, {})
+    app = LocalApp(mosquitto.port)
+    # The trainer stops in the first payload's handler, so the rest wait.
+    handle = daemon.inference.handle
+    holding = threading.Event()
+    release = threading.Event()
+
+    def held_handle(payload: bytes, student) -> None:
+        if not holding.is_set():
+            holding.set()
+            release.wait(30)
+        handle(payload, student)
+
+    daemon.inference.handle = held_handle
+    payload = b"PK" + bytes(4 * 2**20 - 2)
+    try:
+        app.ask(payload)
+        wait_until(holding.is_set)
+        for _ in range(9):
+            app.ask(payload)
+        wait_until(
+            lambda: (
+                daemon.infer_inputs.qsize() + daemon.inference_rejected["queue_full"]
+                == 9
+            )
+        )
+        queued = daemon.infer_inputs.qsize()
+        queued_bytes = sum(len(item.payload) for item in daemon.infer_inputs.queue)
+        release.set()
+        wait_until(lambda: daemon.inference_rejected["bad_inputs"] == 1 + queued)
+    finally:
+        release.set()
+        app.close()
+        daemon.stop()
+
+    assert queued == 2
+    assert queued_bytes == 2 * len(payload)
+    assert daemon.inference_rejected["queue_full"] == 7
+    full = [r.getMessage() for r in caplog.records if "queue_full" in r.getMessage()]
+    assert len(full) == 1
+    assert "2 payloads of 8388608 bytes wait, at most 64 or 8388608 bytes" in full[0]
