@@ -105,6 +105,11 @@ INFER_QUEUE = 64
 # ``profiles check`` and ``flash`` does not count these bytes.
 INFER_QUEUE_BYTES = 2 * MAX_INPUT_BYTES
 OTA_QUEUE = 256
+# 256 chunks of ota-send's default 64 KiB. Without it, 256 chunks of 1 MiB
+# (the largest --chunk-size) could take 256 MiB, which the memory estimate
+# does not count either. Chunks past the bound wait at the broker until the
+# device reconnects, as when the count is reached.
+OTA_QUEUE_BYTES = 16 * 2**20
 # Reports in a burst come at most this often. A report at every idle moment
 # still shows the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
@@ -295,7 +300,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
     def _init_queues_and_state(self) -> None:
         """Create the bounded queues, the batcher and the counters."""
         training = self.config.training
-        self.ota_chunks: queue.Queue[Received] = queue.Queue(maxsize=OTA_QUEUE)
+        self.ota_chunks: UpdateQueue[Received] = UpdateQueue(OTA_QUEUE, OTA_QUEUE_BYTES)
         self.infer_inputs: UpdateQueue[Received] = UpdateQueue(
             INFER_QUEUE, INFER_QUEUE_BYTES
         )
@@ -646,10 +651,14 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
                 if not self._ota_full_logged:
                     self._ota_full_logged = True
                     logger.warning(
-                        "Device %s model update chunk queue is full (%d chunks); "
-                        "leaving chunks for redelivery after the queue drains",
+                        "Device %s model update chunk queue is full (%d chunks "
+                        "of %d bytes, at most %d or %d bytes); leaving chunks "
+                        "for redelivery after the queue drains",
                         self.device_id,
+                        self.ota_chunks.qsize(),
+                        self.ota_chunks.queued_bytes,
                         self.ota_chunks.maxsize,
+                        self.ota_chunks.max_bytes,
                     )
             return
         if message.topic == self.infer_topic:

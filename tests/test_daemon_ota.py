@@ -23,7 +23,7 @@ import pytest
 from dslo_edge.broker import Broker
 from dslo_edge.checkpoint import list_checkpoints, load_latest_checkpoint
 from dslo_edge.config import load_config, render_config
-from dslo_edge.daemon import EdgeDaemon
+from dslo_edge.daemon import OTA_QUEUE_BYTES, EdgeDaemon
 from dslo_edge.errors import BundleError
 from dslo_edge.inference import inference_topics
 from dslo_edge.label_protocol import decode_request
@@ -34,6 +34,7 @@ from dslo_edge.ota_sender import pack_bundle, send_bundle
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
 from dslo_edge.swap import KEPT_CHECKPOINTS, BundleStore, release_id
 from dslo_edge.trainer import WEIGHT_PREFIX, Trainer
+from dslo_edge.update_queue import UpdateQueue
 from tests.multihead_bundle import make_multi_head_update
 
 DEVICE = "ota-device"
@@ -1009,7 +1010,7 @@ def test_full_chunk_queue_reconnects_for_rest(
     listener, statuses = status_listener(broker)
     daemon = start_daemon(tmp_path, mlp_pair.bundle, broker)
     # The trainer empties the queue once per loop, so a queue of 4 fills at once.
-    daemon.ota_chunks = queue.Queue(maxsize=4)
+    daemon.ota_chunks = UpdateQueue(4, OTA_QUEUE_BYTES)
     hub = hub_client(broker)
     try:
         with caplog.at_level(logging.INFO):
@@ -1030,11 +1031,19 @@ def test_full_chunk_queue_reconnects_for_rest(
     assert statuses[-1]["state"] == "installed"
     assert statuses[-1]["transfer"] == transfer
     assert daemon.bundle.path.parent == tmp_path / "state" / "bundles"
-    full = (
-        f"Device {DEVICE} model update chunk queue is full (4 chunks); leaving "
-        "chunks for redelivery after the queue drains"
+    full = [
+        text
+        for text in messages
+        if text.startswith(f"Device {DEVICE} model update chunk queue is full")
+    ]
+    assert full
+    assert full[0].startswith(
+        f"Device {DEVICE} model update chunk queue is full (4 chunks of "
     )
-    assert full in messages
+    assert full[0].endswith(
+        f" bytes, at most 4 or {OTA_QUEUE_BYTES} bytes); leaving chunks for "
+        "redelivery after the queue drains"
+    )
     assert (
         f"Device {DEVICE} reconnects to receive the updates it left queued"
     ) in messages

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+import threading
+import time
 import tracemalloc
 
 from dslo_edge.ota import _HEADER, FORMAT_VERSION, MAGIC, ota_topics, split_archive
@@ -91,3 +94,49 @@ def test_tiny_chunks_rejected(mlp_pair, mosquitto, tmp_path) -> None:
     assert statuses[-1]["reason"] == "malformed"
     assert "chunk size 1 is below 1024 bytes" in statuses[-1]["detail"]
     assert list((tmp_path / "state" / "ota").glob("*.part")) == []
+
+
+def test_chunk_queue_bounded_by_bytes(mlp_pair, mosquitto, tmp_path) -> None:
+    archive = os.urandom(40 * MIB)
+    chunks = split_archive(archive, MIB)
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto)
+    listener, statuses = status_listener(mosquitto)
+    hub = hub_client(mosquitto)
+    chunk_topic = ota_topics(Topics.for_device(DEVICE))[0]
+    # The trainer stops in the first chunk's handler, so the rest wait.
+    handle_chunk = daemon.updater.handle_chunk
+    holding = threading.Event()
+    release = threading.Event()
+
+    def held_handle_chunk(*args, **kwargs):
+        if not holding.is_set():
+            holding.set()
+            release.wait(60)
+        return handle_chunk(*args, **kwargs)
+
+    daemon.updater.handle_chunk = held_handle_chunk
+    try:
+        hub.publish(chunk_topic, chunks[0], qos=1).wait_for_publish(10)
+        wait_until(holding.is_set)
+        for chunk in chunks[1:]:
+            hub.publish(chunk_topic, chunk, qos=1).wait_for_publish(10)
+        wait_until(lambda: daemon.ota_chunks.qsize() >= 15)
+        # Gives the network thread time to queue chunks past the bound.
+        time.sleep(1.0)
+        queued = daemon.ota_chunks.qsize()
+        release.set()
+        # Chunks left out are delivered again after the device reconnects.
+        wait_until(lambda: statuses, timeout=120)
+        received = daemon.updater.receiver.finished.outcome(chunks[0][5:21])
+    finally:
+        release.set()
+        daemon.stop()
+        for client in (hub, listener):
+            client.loop_stop()
+            client.disconnect()
+
+    assert len(chunks) == 40
+    # 16 MiB fits 15 chunks of 1 MiB plus their 73-byte headers.
+    assert queued == 15
+    assert statuses[-1]["reason"] == "bad_bundle"
+    assert received == "complete"
