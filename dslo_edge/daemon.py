@@ -101,14 +101,13 @@ logger = logging.getLogger(__name__)
 
 INFER_QUEUE = 64
 # Two inference payloads of the largest size wait at most. Without it, 64
-# payloads of 4 MiB could take 256 MiB. NOTE: the memory estimate of
-# ``profiles check`` and ``flash`` does not count these bytes.
+# payloads of 4 MiB could take 256 MiB.
 INFER_QUEUE_BYTES = 2 * MAX_INPUT_BYTES
 OTA_QUEUE = 256
 # 256 chunks of ota-send's default 64 KiB. Without it, 256 chunks of 1 MiB
-# (the largest --chunk-size) could take 256 MiB, which the memory estimate
-# does not count either. Chunks past the bound wait at the broker until the
-# device reconnects, as when the count is reached.
+# (the largest --chunk-size) could take 256 MiB. Chunks past the bound wait
+# at the broker until the device reconnects, as when the count is reached.
+# The memory estimate of ``profiles check`` and ``flash`` counts both bounds.
 OTA_QUEUE_BYTES = 16 * 2**20
 # Reports in a burst come at most this often. A report at every idle moment
 # still shows the hub how far the device has got.

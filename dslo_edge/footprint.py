@@ -68,6 +68,8 @@ class MemoryEstimate:
     update_queue: int
     smoothing_store: int
     applied_ids: int
+    # The daemon's bounds on waiting inference payloads and model update chunks.
+    other_queues: int
 
     @property
     def total(self) -> int:
@@ -80,6 +82,7 @@ class MemoryEstimate:
             + self.update_queue
             + self.smoothing_store
             + self.applied_ids
+            + self.other_queues
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -132,6 +135,9 @@ def estimate_memory(
         applied_id_capacity: message ids kept against replays
             (``training.applied_id_capacity``).
     """
+    # Imported here: the daemon module loads the MQTT client and more.
+    from dslo_edge.daemon import INFER_QUEUE_BYTES, OTA_QUEUE_BYTES
+
     weight_count = sum(math.prod(shape) for shape in bundle.weight_shapes.values())
     update_bytes = estimate_update_bytes(bundle, batch_size)
     # Each head keeps a smoothing row of K floats and a monitor row of K floats
@@ -152,6 +158,7 @@ def estimate_memory(
         ),
         smoothing_store=smoothing_capacity * smoothing_row_bytes,
         applied_ids=applied_id_capacity * APPLIED_ID_OBJECT_BYTES,
+        other_queues=INFER_QUEUE_BYTES + OTA_QUEUE_BYTES,
     )
 
 

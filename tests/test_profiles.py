@@ -412,6 +412,8 @@ def test_memory_estimate_parts(tmp_path: Path) -> None:
     assert memory.signature_tensors == 4 * (infer + train + 2 * weights + 1)
     per_sample = 64 * 4 + 10 * 4 + 4 + 16
     assert memory.update_queue == 2 * 256 * (64 + 32 * per_sample)
+    # Two 4 MiB inference payloads and 16 MiB of model update chunks.
+    assert memory.other_queues == 8 * 2**20 + 16 * 2**20
     assert memory.total == sum(
         value for key, value in memory.as_dict().items() if key != "total"
     )
