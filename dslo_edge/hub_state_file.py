@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from dslo_edge.errors import ConfigError
@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS push_batches (
 # has not ended, with its exact payload, so a resumed run publishes it again
 # unchanged. push_devices.batches_stored marks a device whose push stores them:
 # a started device without it was started by an earlier dslo-edge version.
+# The schema version that this dslo-edge writes to PRAGMA user_version. State
+# files of versions that wrote none read 0 and are brought up to it. A worker
+# rejects a file of a higher version, whose tables it may write wrongly.
+SCHEMA_VERSION = 1
 # Columns that state files of earlier dslo-edge versions lack, per table. The
 # requests columns are added with NULL values, which mark an unknown charge.
 ADDED_COLUMNS = {
@@ -93,6 +97,55 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
                 # Another worker that opened the file at the same time added it.
                 if "duplicate column" not in str(error):
                     raise
+
+
+def _check_schema_version(db: sqlite3.Connection, path: Path) -> None:
+    """Reject a state file written by a newer dslo-edge, before anything is written."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"hub.state_file {path} has schema version {version}, written by a "
+            f"newer dslo-edge; this version reads up to {SCHEMA_VERSION}. "
+            "Upgrade dslo-edge on this machine to the version of the other "
+            "workers, or set hub.state_file to another path"
+        )
+
+
+def _expected_columns() -> dict[str, list[str]]:
+    """Return the column names of each table in SCHEMA."""
+    with closing(sqlite3.connect(":memory:")) as db:
+        db.executescript(SCHEMA)
+        tables = [
+            row[0]
+            for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        ]
+        return {
+            table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+            for table in tables
+        }
+
+
+def _check_columns(db: sqlite3.Connection, path: Path) -> None:
+    """Reject a database whose tables of the hub's names lack the hub's columns.
+
+    ``CREATE TABLE IF NOT EXISTS`` keeps a table of another schema, so without
+    this check such a file fails only at the first write of that table. It
+    runs before anything is written, so a rejected file stays unchanged.
+    """
+    for table, columns in _expected_columns().items():
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if not present:
+            continue
+        added = {name for name, _ in ADDED_COLUMNS.get(table, ())}
+        missing = [name for name in columns if name not in present | added]
+        if missing:
+            raise ConfigError(
+                f"hub.state_file {path} is not a hub state database (table "
+                f"{table} lacks the columns {', '.join(missing)}); move it "
+                f"aside, for example to {path}.corrupt, and start again to "
+                "create a new one, which starts with empty rate limits, privacy "
+                "budgets and stored responses"
+            )
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
@@ -132,10 +185,16 @@ class StateFile:
                 "file path in a directory this worker can write to"
             ) from error
         try:
+            _check_schema_version(db, self.path)
+            _check_columns(db, self.path)
             _enable_wal(db)
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(SCHEMA)
             _add_missing_columns(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except ConfigError:
+            db.close()
+            raise
         except sqlite3.DatabaseError as error:
             db.close()
             # SQLite opens a file without write permission in read-only mode

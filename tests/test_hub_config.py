@@ -356,6 +356,69 @@ def test_corrupt_state_file_is_named_and_kept(tmp_path) -> None:
     assert state_file.read_bytes() == content
 
 
+def test_newer_schema_state_file_is_kept(tmp_path) -> None:
+    path = write_config(tmp_path)
+    state_file = tmp_path / "hub-state.sqlite"
+    with contextlib.closing(sqlite3.connect(state_file)) as database:
+        database.executescript(
+            "CREATE TABLE push_batches (name TEXT NOT NULL, head TEXT NOT NULL);"
+            "PRAGMA user_version = 7;"
+        )
+    content = state_file.read_bytes()
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output.startswith(
+        f"error: {path}: hub.state_file {state_file} has schema version 7, "
+        "written by a newer dslo-edge; this version reads up to 1. "
+    )
+    assert "Upgrade dslo-edge on this machine" in result.output
+    assert result.output.count("\n") == 1
+    assert state_file.read_bytes() == content
+    assert sorted(path.name for path in tmp_path.glob("hub-state.sqlite*")) == [
+        "hub-state.sqlite"
+    ]
+
+
+def test_other_schema_state_file_is_kept(tmp_path) -> None:
+    path = write_config(tmp_path)
+    state_file = tmp_path / "hub-state.sqlite"
+    with contextlib.closing(sqlite3.connect(state_file)) as database:
+        database.execute("CREATE TABLE buckets (device TEXT, level INTEGER)")
+    content = state_file.read_bytes()
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output.startswith(
+        f"error: {path}: hub.state_file {state_file} is not a hub state database "
+        "(table buckets lacks the columns tokens, updated); move it aside"
+    )
+    assert result.output.count("\n") == 1
+    assert state_file.read_bytes() == content
+
+
+def test_state_file_records_schema_version(tmp_path) -> None:
+    state_file = tmp_path / "hub-state.sqlite"
+    # A file of an earlier version: no user_version, and requests without
+    # the charge columns.
+    with contextlib.closing(sqlite3.connect(state_file)) as database:
+        database.execute(
+            "CREATE TABLE requests (device TEXT NOT NULL, request_id BLOB NOT "
+            "NULL, worker TEXT NOT NULL, claimed REAL NOT NULL, answered REAL, "
+            "status TEXT, payload BLOB, PRIMARY KEY (device, request_id))"
+        )
+
+    HubState(state_file, "w1").close()
+
+    with contextlib.closing(sqlite3.connect(state_file)) as database:
+        version = database.execute("PRAGMA user_version").fetchone()[0]
+        columns = [row[1] for row in database.execute("PRAGMA table_info(requests)")]
+    assert version == 1
+    assert columns[-2:] == ["charge_multiplier", "charge_count"]
+
+
 def test_read_only_state_file_is_named(tmp_path, monkeypatch) -> None:
     path = write_config(tmp_path)
     state_file = tmp_path / "hub-state.sqlite"
