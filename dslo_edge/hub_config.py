@@ -373,6 +373,13 @@ def load_hub_config(path: str | Path, worker_id: str | None = None) -> HubConfig
     group = hub.get("group", str, "dslo-hub", _topic_level, TOPIC_LEVEL)
     state_file = hub.path_value("state_file", "hub-state.sqlite")
     keys_dir = hub.path_value("keys_dir", None, must_exist=True)
+    if keys_dir is not None and not keys_dir.is_dir():
+        raise hub.fail(
+            "keys_dir",
+            hub.table["keys_dir"],
+            "a directory of <device>.key files (relative to the config), "
+            "not a file; set it to the directory that contains the key file",
+        )
     metrics_every_s = hub.get(
         "metrics_every_s", float, 10.0, _positive, "finite seconds > 0"
     )

@@ -356,6 +356,22 @@ def test_corrupt_state_file_is_named_and_kept(tmp_path) -> None:
     assert state_file.read_bytes() == content
 
 
+def test_keys_dir_file_is_rejected(tmp_path) -> None:
+    path = write_config(tmp_path, PUSH)
+    path.write_text(
+        path.read_text().replace("[hub]\n", '[hub]\nkeys_dir = "a.key"\n', 1)
+    )
+    (tmp_path / "a.key").write_text("00" * 32)
+
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: hub.keys_dir = 'a.key' is invalid; ")
+    assert "expected a directory of <device>.key files" in message
+    assert message.endswith("set it to the directory that contains the key file")
+
+
 def test_newer_schema_state_file_is_kept(tmp_path) -> None:
     path = write_config(tmp_path)
     state_file = tmp_path / "hub-state.sqlite"
