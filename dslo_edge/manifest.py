@@ -44,6 +44,12 @@ POSITIVE = JsonKind(
     "an integer of at least 1", lambda value: _is_integer(value) and value >= 1
 )
 
+# An update marks its labels as logits or else as probabilities, so any other
+# kind would send a logits teacher's labels marked as probabilities.
+OUTPUT_KIND = JsonKind(
+    '"probabilities" or "logits"', lambda value: value in ("probabilities", "logits")
+)
+
 # A model file must sit in the bundle directory itself, because flash and
 # ota-send copy only that directory's files.
 FILE_NAME = JsonKind(
@@ -100,7 +106,9 @@ def check_manifest_keys(manifest: dict[str, Any], path: Path) -> None:
         _check_file_entry(path, manifest, role, optional=role == "student_int8")
     _check_weights(path, manifest["student"])
     teacher = manifest["teacher"]
-    _typed(path, teacher, "output_kind", STRING, "teacher.output_kind", optional=True)
+    _typed(
+        path, teacher, "output_kind", OUTPUT_KIND, "teacher.output_kind", optional=True
+    )
     _typed(path, teacher, "output_kinds", OBJECT, "teacher.output_kinds", optional=True)
 
 
@@ -185,7 +193,11 @@ def _check_classes(path: Path, manifest: dict[str, Any]) -> None:
         _typed(path, head, "name", STRING, f"{prefix}.name")
         _typed(path, head, "class_count", POSITIVE, f"{prefix}.class_count")
         _typed(
-            path, head, "teacher_output_kind", STRING, f"{prefix}.teacher_output_kind"
+            path,
+            head,
+            "teacher_output_kind",
+            OUTPUT_KIND,
+            f"{prefix}.teacher_output_kind",
         )
 
 

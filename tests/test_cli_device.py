@@ -303,6 +303,11 @@ def _set_input_dtype(manifest: dict[str, Any]) -> Any:
     return manifest
 
 
+def _set_output_kind(manifest: dict[str, Any]) -> Any:
+    manifest["teacher"]["output_kind"] = "softmax"
+    return manifest
+
+
 BAD_MANIFESTS = [
     (
         lambda manifest: [1, 2],
@@ -335,6 +340,11 @@ BAD_MANIFESTS = [
         _keep_batch_dimension_only,
         ": key input.shape is [null]; expected the batch dimension followed by "
         "at least one sample dimension, such as [null, 64]",
+    ),
+    (
+        _set_output_kind,
+        ': key teacher.output_kind is "softmax" (a string); expected '
+        '"probabilities" or "logits"',
     ),
     (
         _set_input_dtype,

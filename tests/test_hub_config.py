@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import shutil
@@ -29,6 +30,7 @@ from dslo_edge.hub_state import (
     RequestKey,
 )
 from dslo_edge.service import render_hub_unit, render_unit
+from tests.bundle_files import write_bundle
 from tests.hub_fleet import write_hub_config
 
 
@@ -354,6 +356,26 @@ def test_corrupt_state_file_is_named_and_kept(tmp_path) -> None:
     assert "move it aside" in result.output
     assert result.output.count("\n") == 1
     assert state_file.read_bytes() == content
+
+
+def test_bundle_output_kind_is_checked(tmp_path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["teacher"]["output_kind"] = "softmax"
+    manifest_path.write_text(json.dumps(manifest))
+    path = tmp_path / "hub.toml"
+    path.write_text('[teacher]\npath = "bundle"\n')
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output.startswith(
+        f"error: {path}: cannot load teacher.path {bundle}: {manifest_path}: key "
+        'teacher.output_kind is "softmax" (a string); expected "probabilities" '
+        'or "logits"; convert the models again'
+    )
+    assert result.output.count("\n") == 1
 
 
 def test_keys_dir_file_is_rejected(tmp_path) -> None:
