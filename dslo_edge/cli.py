@@ -20,6 +20,7 @@ import click
 from dslo_edge.cli_broker import broker_login_options
 
 # Re-exported, because other command modules import them from here.
+from dslo_edge.cli_params import FiniteFloatRange
 from dslo_edge.cli_params import file_path_only as file_path_only
 from dslo_edge.cli_params import non_empty_path as non_empty_path
 from dslo_edge.errors import (
@@ -703,7 +704,7 @@ def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
     "--timeout",
     default=120.0,
     show_default=True,
-    type=click.FloatRange(min=1),
+    type=FiniteFloatRange(min=1),
     help="Seconds to wait per round, and for the final checkpoint, which "
     "the device saves after training.checkpoint_idle_s without updates.",
 )
@@ -714,20 +715,20 @@ def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
 )
 @click.option(
     "--dp-noise-multiplier",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     help="Add Gaussian noise of this many times the L2 sensitivity sqrt(2) to "
     "every probability vector (needs the hub extra).",
 )
 @click.option(
     "--dp-epsilon",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     help="Privacy budget per device; a push that would exceed it stops.",
 )
 @click.option(
     "--dp-delta",
     default=1e-5,
     show_default=True,
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
     help="Delta of the (epsilon, delta) privacy guarantee.",
 )
 @click.option(

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from dslo_edge.cli_broker import broker_login_options
+from dslo_edge.cli_params import FiniteFloatRange
 from dslo_edge.config import DEFAULT_QUEUE_SIZE
 from dslo_edge.console import EXIT_INTERRUPTED
 from dslo_edge.errors import BundleError, OutputPathError
@@ -401,7 +402,7 @@ def _exit_interrupted_during_send(
     "--timeout",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(min=1),
+    type=FiniteFloatRange(min=1),
     help="Seconds to wait for the broker to acknowledge each chunk, and then "
     "for the device to report the outcome.",
 )

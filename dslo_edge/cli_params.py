@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import click
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A ``click.FloatRange`` that also rejects nan and infinity.
+
+    ``FloatRange`` accepts nan, because every comparison with nan is false,
+    and infinity when the range has no maximum.
+    """
+
+    name = "finite float range"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number; give a value such as 1.0")
+        return number
 
 
 def file_path_only(

@@ -687,6 +687,46 @@ def test_push_rejects_bad_broker_options(
     assert "secret" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        ("push", "--timeout", "nan"),
+        ("push", "--timeout", "inf"),
+        ("push", "--dp-noise-multiplier", "inf"),
+        ("push", "--dp-epsilon", "nan"),
+        ("push", "--dp-delta", "nan"),
+        ("ota-send", "--timeout", "nan"),
+    ],
+)
+def test_non_finite_option_is_usage_error(tmp_path, command, option, value):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"npz")
+    arguments = {
+        "push": ["push", "--bundle", str(bundle), "--data", str(data)],
+        "ota-send": ["ota-send", str(bundle)],
+    }[command]
+
+    result = CliRunner().invoke(
+        main,
+        [
+            *arguments,
+            "--device",
+            DEVICE,
+            option,
+            value,
+            "--broker",
+            "mqtt://127.0.0.1:1",
+        ],
+    )
+
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': {value} is not a finite number" in (
+        result.output
+    )
+
+
 @pytest.mark.parametrize("content", ["", "\n", " \n\n"])
 def test_empty_password_file_is_rejected(mlp_pair, mosquitto, tmp_path, content):
     password_file = tmp_path / "hub.password"
