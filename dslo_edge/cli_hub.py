@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from dslo_edge.cli_device import handle_errors
-from dslo_edge.errors import ConfigError, RuntimeMissing
+from dslo_edge.errors import ConfigError, DsloError, RuntimeMissing
 
 if TYPE_CHECKING:
     from dslo_edge.hub_config import HubConfig
@@ -99,7 +100,7 @@ def hub(
         return
     from dslo_edge.hub_service import HubWorker
 
-    with _naming_config_file(config):
+    with _naming_config_file(config), _naming_state_file_errors(config):
         worker = HubWorker(config)
     sys.exit(worker.run())
 
@@ -117,6 +118,34 @@ def _show_budget(config: HubConfig) -> None:
     with _naming_config_file(config):
         budgets = read_budgets(config.state_file, config.privacy)
     click.echo(format_budgets(budgets, config.privacy, config.state_file), nl=False)
+
+
+@contextlib.contextmanager
+def _naming_state_file_errors(config: HubConfig) -> Iterator[None]:
+    """Turn an SQLite error of the state file at start-up into one line.
+
+    It is a DsloError but not a ConfigError, so the exit status is 1 and
+    systemd restarts the worker, because a lock held by another process
+    usually ends.
+    """
+    from dslo_edge import hub_state_file
+
+    try:
+        yield
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error):
+            waited_s = hub_state_file.BUSY_TIMEOUT_S
+            hint = (
+                f"another process held a lock on it for more than {waited_s:g} s; "
+                f"find it with 'fuser {config.state_file}' and stop it, or let "
+                "it finish, then start this worker again"
+            )
+        else:
+            hint = "check the file and its directory, then start this worker again"
+        raise DsloError(
+            f"{config.source}: hub.state_file {config.state_file} failed while "
+            f"the worker started ({error}); {hint}"
+        ) from error
 
 
 @contextlib.contextmanager

@@ -58,6 +58,9 @@ CREATE TABLE IF NOT EXISTS push_batches (
 # has not ended, with its exact payload, so a resumed run publishes it again
 # unchanged. push_devices.batches_stored marks a device whose push stores them:
 # a started device without it was started by an earlier dslo-edge version.
+# How long a worker waits for another process's lock on the state file, in
+# seconds, before the statement fails with "database is locked".
+BUSY_TIMEOUT_S = 30.0
 # The schema version that this dslo-edge writes to PRAGMA user_version. State
 # files of versions that wrote none read 0 and are brought up to it. A worker
 # rejects a file of a higher version, whose tables it may write wrongly.
@@ -177,7 +180,10 @@ class StateFile:
         try:
             self._create_directories()
             db = sqlite3.connect(
-                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+                self.path,
+                timeout=BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
             )
         except (OSError, sqlite3.OperationalError) as error:
             raise ConfigError(
@@ -187,7 +193,7 @@ class StateFile:
         try:
             _check_schema_version(db, self.path)
             _check_columns(db, self.path)
-            _enable_wal(db)
+            _enable_wal(db, BUSY_TIMEOUT_S)
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(SCHEMA)
             _add_missing_columns(db)

@@ -457,6 +457,41 @@ def test_state_file_records_schema_version(tmp_path) -> None:
     assert columns[-2:] == ["charge_multiplier", "charge_count"]
 
 
+def test_locked_state_file_is_one_line(tmp_path, monkeypatch) -> None:
+    path = write_config(tmp_path)
+    state_file = tmp_path / "hub-state.sqlite"
+    HubState(state_file, "w0").close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(60)\n",
+            str(state_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    monkeypatch.setattr("dslo_edge.hub_state_file.BUSY_TIMEOUT_S", 0.5)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(
+        f"error: {path}: hub.state_file {state_file} failed while the worker "
+        "started (database is locked); another process held a lock on it for "
+        f"more than 0.5 s; find it with 'fuser {state_file}'"
+    )
+    assert result.output.count("\n") == 1
+
+
 def test_read_only_state_file_is_named(tmp_path, monkeypatch) -> None:
     path = write_config(tmp_path)
     state_file = tmp_path / "hub-state.sqlite"
