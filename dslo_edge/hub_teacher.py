@@ -121,6 +121,14 @@ def _resolve(settings: TeacherSettings) -> _ResolvedTeacher:
             )
         _check_output_kind(settings, bundle.teacher_output_kind)
         return _ResolvedTeacher(bundle.teacher_path, bundle.teacher_output_kind)
+    # The config check at start requires the path, so only a running worker
+    # gets here after the directory or file was removed or renamed.
+    if not path.exists():
+        raise BundleError(
+            f"teacher.path {path} does not exist; put the bundle directory or "
+            "teacher file back, or set teacher.path to its new place and "
+            "restart the worker"
+        )
     if settings.output_kind is None:
         raise ConfigError(
             f"missing teacher.output_kind, which teacher.path {path} needs "

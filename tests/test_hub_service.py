@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import queue
 import shutil
@@ -188,6 +189,29 @@ def test_bundle_symlink_swap_loads_teacher(mlp_pair, tmp_path) -> None:
     assert worker.teacher.current.identity == second_sha256
     assert worker.teacher.current.round == 2
     assert worker.teacher.current.version == f"bundle-{second_sha256[:12]}"
+
+
+def test_removed_bundle_is_named_missing(mlp_pair, tmp_path, caplog) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mlp_pair.bundle, bundle)
+    config = write_hub_config(tmp_path / "hub", 1883, bundle)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    first_version = worker.teacher.current
+
+    shutil.rmtree(bundle)
+    with caplog.at_level(logging.WARNING, logger="dslo_edge.hub_teacher"):
+        loaded = worker.teacher.reload_if_changed(force=True)
+    worker.state.close()
+
+    assert loaded is False
+    assert worker.teacher.current == first_version
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith(
+        f"Teacher at {bundle} is not loadable (teacher.path {bundle} does not "
+        "exist; put the bundle directory or teacher file back"
+    )
+    assert "output_kind" not in messages[0]
 
 
 def copy_teacher_only(bundle: Path, target: Path) -> Path:
