@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dslo_edge.errors import ConfigError
+from dslo_edge.hub_state_file import check_schema_version
 from dslo_edge.privacy import PrivacySettings, epsilon_spent
 
 
@@ -70,6 +71,8 @@ def read_budgets(state_file: Path, privacy: PrivacySettings) -> list[DeviceBudge
 def _read_releases(state_file: Path) -> list[tuple[str, float, int]]:
     database = sqlite3.connect(f"{state_file.resolve().as_uri()}?mode=ro", uri=True)
     try:
+        # A newer schema may count releases in another way.
+        check_schema_version(database, state_file)
         return database.execute(
             "SELECT device, multiplier, count FROM releases"
         ).fetchall()

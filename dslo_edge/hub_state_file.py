@@ -102,7 +102,7 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
                     raise
 
 
-def _check_schema_version(db: sqlite3.Connection, path: Path) -> None:
+def check_schema_version(db: sqlite3.Connection, path: Path) -> None:
     """Reject a state file written by a newer dslo-edge, before anything is written."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
@@ -191,7 +191,7 @@ class StateFile:
                 "file path in a directory this worker can write to"
             ) from error
         try:
-            _check_schema_version(db, self.path)
+            check_schema_version(db, self.path)
             _check_columns(db, self.path)
             _enable_wal(db, BUSY_TIMEOUT_S)
             db.execute("PRAGMA synchronous=FULL")

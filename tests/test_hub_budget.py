@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,28 @@ def test_show_budget_rejects_other_file(tmp_path) -> None:
     assert lines[0].startswith(
         f"error: {config}: cannot read the privacy budgets in hub.state_file "
     )
+
+
+def test_show_budget_rejects_newer_schema(tmp_path) -> None:
+    config = write_config(tmp_path)
+    state_file = tmp_path / "state" / "hub.sqlite"
+    state = HubState(state_file, "w1")
+    settings = PrivacySettings(noise_multiplier=4.0, epsilon_budget=8.0)
+    assert state.charge_releases("kitchen-pi", 32, settings) == ""
+    state.close()
+    database = sqlite3.connect(state_file)
+    database.execute("PRAGMA user_version = 2")
+    database.close()
+
+    exit_code, lines = show_budget(config)
+
+    assert exit_code == 78
+    assert lines == [
+        f"error: {config}: hub.state_file {state_file} has schema version 2, "
+        "written by a newer dslo-edge; this version reads up to 1. Upgrade "
+        "dslo-edge on this machine to the version of the other workers, or set "
+        "hub.state_file to another path"
+    ]
 
 
 def test_show_budget_with_print_unit(tmp_path) -> None:
