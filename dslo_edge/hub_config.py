@@ -161,17 +161,29 @@ def _positive(value: float) -> bool:
     return value > 0
 
 
+# An MQTT topic name is at most 65,535 bytes of UTF-8. A hub topic has at most
+# two of these levels (the prefix and a device or worker id) and 22 more bytes,
+# as in <prefix>/_hub/workers/<worker>/metrics, so it stays within that limit.
+MAX_TOPIC_LEVEL_BYTES = 32_000
+
+
 def _topic_level(value: str) -> bool:
     try:
         Topics.for_device(value)
     except ConfigError:
         return False
-    return value != HUB_LEVEL
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        # A --worker-id of bytes that are not UTF-8 reaches here as surrogates.
+        return False
+    return value != HUB_LEVEL and size <= MAX_TOPIC_LEVEL_BYTES
 
 
 # Hub topics live under HUB_LEVEL, so _topic_level rejects it too.
 TOPIC_LEVEL = (
-    f"a name without '/', '+', '#', whitespace or NUL, other than {HUB_LEVEL!r}"
+    f"a name without '/', '+', '#', whitespace or NUL, other than {HUB_LEVEL!r}, "
+    f"of at most {MAX_TOPIC_LEVEL_BYTES} bytes of UTF-8"
 )
 
 

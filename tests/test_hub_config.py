@@ -211,7 +211,9 @@ def test_reserved_worker_id_is_named(tmp_path) -> None:
         load_hub_config(write_config(tmp_path), worker_id="_hub")
 
     assert str(caught.value).startswith("worker id '_hub' is invalid")
-    assert str(caught.value).endswith("other than '_hub'")
+    assert str(caught.value).endswith(
+        "other than '_hub', of at most 32000 bytes of UTF-8"
+    )
 
 
 def test_push_data_of_other_shape_fails_at_start(tmp_path, mlp_pair) -> None:
@@ -392,6 +394,46 @@ def test_keys_dir_file_is_rejected(tmp_path) -> None:
     assert message.startswith(f"{path}: hub.keys_dir = 'a.key' is invalid; ")
     assert "expected a directory of <device>.key files" in message
     assert message.endswith("set it to the directory that contains the key file")
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        ("hub", "worker_id", "w" * 32_001),
+        ("hub", "group", "g" * 32_001),
+        ("mqtt", "topic_prefix", "p" * 32_001),
+        ("push", "devices", ["\u00e9" * 16_001]),
+    ],
+    ids=["worker_id", "group", "topic_prefix", "device"],
+)
+def test_topic_level_too_long_is_rejected(tmp_path, table, key, value) -> None:
+    path = write_config(tmp_path, PUSH)
+    text = path.read_text()
+    if table == "push":
+        text = text.replace('devices = ["a", "b"]', f"devices = {json.dumps(value)}")
+    else:
+        text += f"[{table}]\n{key} = {json.dumps(value)}\n"
+        text = text.replace('[hub]\nworker_id = "w1"\n', "[hub]\n")
+        if table == "hub":
+            text = text.replace("[hub]\n", "", 1)
+    path.write_text(text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {'push[0].' if table == 'push' else ''}")
+    assert f"{key} = " in message
+    assert message.endswith("of at most 32000 bytes of UTF-8")
+
+
+def test_worker_id_not_utf8_is_rejected(tmp_path) -> None:
+    path = write_config(tmp_path)
+
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(path, worker_id="w\udcff")
+
+    assert str(caught.value).startswith("worker id 'w\\udcff' is invalid; expected ")
 
 
 def test_newer_schema_state_file_is_kept(tmp_path) -> None:
