@@ -181,9 +181,20 @@ def is_topic_level(value: str) -> bool:
     )
 
 
+# An MQTT topic name is at most 65,535 bytes of UTF-8. A device topic has two
+# of these levels and at most 13 more bytes, as in <prefix>/<device>/predictions.
+MAX_TOPIC_LEVEL_BYTES = 32_000
+
+
 def _check_topic_level(name: str, value: str, example: str) -> None:
     if is_topic_level(value):
-        return
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size <= MAX_TOPIC_LEVEL_BYTES:
+            return
+        raise ConfigError(
+            f"{name} {value[:40]!r}... is invalid: it is {size} bytes of UTF-8, "
+            f"expected at most {MAX_TOPIC_LEVEL_BYTES}, for example {example!r}"
+        )
     raise ConfigError(
         f"{name} {value!r} is invalid: expected {TOPIC_LEVEL_EXPECTED}, "
         f"for example {example!r}"

@@ -727,6 +727,25 @@ def test_non_finite_option_is_usage_error(tmp_path, command, option, value):
     )
 
 
+def test_push_device_id_too_long(mlp_pair, tmp_path, data_file):
+    device = "d" * 70_000
+
+    result = CliRunner().invoke(
+        main,
+        [
+            "push",
+            *("--bundle", str(mlp_pair.bundle), "--data", str(data_file)),
+            *("--device", device, "--broker", "mqtt://127.0.0.1:1"),
+        ],
+    )
+
+    assert result.exit_code == 78, result.output
+    assert result.output == (
+        f"error: device id {'d' * 40!r}... is invalid: it is 70000 bytes of "
+        "UTF-8, expected at most 32000, for example 'kitchen-cam'\n"
+    )
+
+
 @pytest.mark.parametrize("content", ["", "\n", " \n\n"])
 def test_empty_password_file_is_rejected(mlp_pair, mosquitto, tmp_path, content):
     password_file = tmp_path / "hub.password"
