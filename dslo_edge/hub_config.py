@@ -29,7 +29,7 @@ from dslo_edge.config_service import (
 from dslo_edge.errors import BundleError, ConfigError
 from dslo_edge.label_protocol import HUB_LEVEL
 from dslo_edge.privacy import ACCOUNTANTS, PrivacySettings
-from dslo_edge.protocol import Topics
+from dslo_edge.protocol import MAX_TOPIC_LEVEL_BYTES, Topics
 
 if TYPE_CHECKING:
     from dslo_edge.bundle import Bundle
@@ -161,13 +161,9 @@ def _positive(value: float) -> bool:
     return value > 0
 
 
-# An MQTT topic name is at most 65,535 bytes of UTF-8. A hub topic has at most
-# two of these levels (the prefix and a device or worker id) and 22 more bytes,
-# as in <prefix>/_hub/workers/<worker>/metrics, so it stays within that limit.
-MAX_TOPIC_LEVEL_BYTES = 32_000
-
-
 def _topic_level(value: str) -> bool:
+    # The longest hub topic, <prefix>/_hub/workers/<worker>/metrics, has two
+    # such levels and 22 more bytes, so it stays within MQTT's 65,535 bytes.
     try:
         Topics.for_device(value)
     except ConfigError:
