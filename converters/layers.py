@@ -414,8 +414,8 @@ def read_student(model: Any) -> StudentGraph:
 
     Raises:
         ConversionError: a layer or a layer setting is not supported, a layer
-            has a regularizer or constraint, a layer is used twice, or the
-            model is not built.
+            has a regularizer or constraint, a layer is used twice, the
+            input's dtype is not float32, or the model is not built.
     """
     graph = _functional_graph(model)
     nodes: list[GraphNode] = []
@@ -463,6 +463,7 @@ def _finish(
         raise ConversionError(
             f"the student has {len(graph.inputs)} inputs; expected exactly one"
         )
+    _check_input_dtype(graph.inputs[0])
     heads = read_heads(graph, nodes, outputs)
     if not any(node.weights for node in nodes):
         raise ConversionError(
@@ -473,3 +474,17 @@ def _finish(
     return StudentGraph(
         input_shape, nodes, first.logits, first.final_softmax, order, heads
     )
+
+
+def _check_input_dtype(tensor: Any) -> None:
+    # Keras casts each sample to the input's dtype before the first layer, so
+    # an int32 input drops fractions that the float32 signatures would keep.
+    dtype = str(tensor.dtype)
+    if dtype != "float32":
+        raise ConversionError(
+            f"the student's input '{tensor.name}' has dtype {dtype}, expected "
+            f"float32: Keras casts each sample to {dtype} before the first "
+            "layer, and the bundle's float32 signatures would not. Build the "
+            'student on keras.Input(shape, dtype="float32") and copy the '
+            "weights with set_weights(old_student.get_weights())"
+        )

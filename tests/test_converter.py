@@ -204,6 +204,20 @@ def test_unsupported_layer_is_named(tmp_path) -> None:
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.parametrize("dtype", ["int32", "uint8", "float16"])
+def test_student_input_not_float32_is_rejected(tmp_path, dtype) -> None:
+    # Keras casts each sample to the input dtype first, so an int32 student
+    # drops fractions that a float32 train signature would keep.
+    inputs = keras.Input((8,), dtype=dtype, name="pixels")
+    student = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+
+    message = f"input 'pixels' has dtype {dtype}.*dtype=\"float32\""
+    with pytest.raises(ConversionError, match=message):
+        convert_bundle(teacher, student, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
 @pytest.mark.parametrize(
     ("layer", "message"),
     [
