@@ -22,6 +22,7 @@ from dslo_edge.cli_broker import broker_login_options
 # Re-exported, because other command modules import them from here.
 from dslo_edge.cli_params import FiniteFloatRange
 from dslo_edge.cli_params import file_path_only as file_path_only
+from dslo_edge.cli_params import model_file_path as model_file_path
 from dslo_edge.cli_params import non_empty_path as non_empty_path
 from dslo_edge.errors import (
     BundleError,
@@ -175,14 +176,16 @@ def main(verbose: bool) -> None:
 @click.option(
     "--teacher",
     required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Teacher .keras file.",
+    type=click.Path(exists=True),
+    callback=model_file_path,
+    help="Teacher .keras or .h5 file.",
 )
 @click.option(
     "--student",
     required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Student .keras file.",
+    type=click.Path(exists=True),
+    callback=model_file_path,
+    help="Student .keras or .h5 file.",
 )
 @click.option(
     "--out",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import click
@@ -40,6 +41,26 @@ def file_path_only(
             "after the slash"
         )
     return value
+
+
+def model_file_path(
+    _context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | None:
+    """Reject a directory given as a Keras model file, naming the formats."""
+    if value is None or not Path(value).is_dir():
+        return value
+    expected = "a .keras file written by model.save(), or a legacy .h5 file"
+    if (Path(value) / "saved_model.pb").is_file():
+        raise click.BadParameter(
+            f"{value} is a TensorFlow SavedModel directory, expected {expected}. "
+            "Keras 3 cannot load a SavedModel as a model, so save the Keras "
+            'model with model.save("model.keras") and pass that file',
+            param_hint=parameter.opts[0],
+        )
+    raise click.BadParameter(
+        f"{value} is a directory, expected {expected}",
+        param_hint=parameter.opts[0],
+    )
 
 
 def non_empty_path(

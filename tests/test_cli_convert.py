@@ -59,6 +59,40 @@ def test_convert_parent_file_fails_first(keras_files, tmp_path) -> None:
     assert blocker.read_text() == ""
 
 
+@pytest.mark.parametrize("option", ["--teacher", "--student"])
+def test_convert_savedmodel_directory_is_explained(tmp_path, option) -> None:
+    saved_model = tmp_path / "exported"
+    saved_model.mkdir()
+    (saved_model / "saved_model.pb").write_bytes(b"")
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"")
+    paths = {"--teacher": str(model), "--student": str(model), option: str(saved_model)}
+    out = tmp_path / "bundle"
+
+    result = run(
+        "convert", *[i for pair in paths.items() for i in pair], "--out", str(out)
+    )
+
+    assert result.exit_code == 2
+    assert f"Invalid value for {option}: {saved_model} is a TensorFlow" in result.output
+    assert 'save the Keras model with model.save("model.keras")' in result.output
+    assert not out.exists()
+
+
+def test_convert_directory_as_model_is_rejected(tmp_path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+
+    result = run(
+        "convert", "--teacher", str(folder), "--student", str(folder), "--out", "b"
+    )
+
+    assert result.exit_code == 2
+    expected = f"Invalid value for --teacher: {folder} is a directory, expected a"
+    assert expected in result.output
+    assert ".keras file written by model.save()" in result.output
+
+
 def test_convert_overwrite_keeps_other_files(keras_files, tmp_path) -> None:
     out = tmp_path / "precious"
     out.mkdir()
