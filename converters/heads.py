@@ -68,10 +68,11 @@ def _check_logits(layer_name: str, by_name: dict[str, GraphNode], logits: str) -
 
     The runtime applies softmax to the logits, so a sigmoid output, or a
     softmax followed by Dropout, would be squashed a second time. Dropout
-    passes its input through at inference, so the check looks past it.
+    passes its input through at inference, and so does a linear activation,
+    so the check looks past both.
     """
     node = by_name[logits]
-    while node.op == "dropout":
+    while node.op == "dropout" or _is_linear_activation(node):
         node = by_name[node.inputs[0]]
     if node.op == "activation":
         function = node.params["function"]
@@ -82,6 +83,10 @@ def _check_logits(layer_name: str, by_name: dict[str, GraphNode], logits: str) -
             "optionally followed by softmax as the very last layer, and put any "
             "Dropout before the last Dense layer"
         )
+
+
+def _is_linear_activation(node: GraphNode) -> bool:
+    return node.op == "activation" and node.params["function"] == "linear"
 
 
 def _check_lengths(names: list[str]) -> None:

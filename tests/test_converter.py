@@ -539,6 +539,31 @@ def test_activation_before_head_is_rejected(tmp_path, ending, message) -> None:
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.parametrize(
+    "ending",
+    [
+        [keras.layers.Activation("linear", name="out")],
+        [keras.layers.Activation("linear"), keras.layers.Softmax(name="out")],
+    ],
+)
+def test_linear_activation_head_converts(tmp_path, ending) -> None:
+    student = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(3, name="scores"), *ending]
+    )
+    teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+
+    convert_bundle(teacher, student, tmp_path / "bundle")
+
+    model = StudentModel(load_bundle(tmp_path / "bundle"))
+    expected = np.asarray(student(x))
+    if isinstance(ending[-1], keras.layers.Softmax):
+        actual = model.infer(x)
+    else:
+        actual = model.logits(x)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_existing_output_is_not_overwritten(mlp_pair, tmp_path) -> None:
     out = tmp_path / "bundle"
     out.mkdir()
