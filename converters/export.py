@@ -186,4 +186,26 @@ def _conversion_error(error: Exception, role: str) -> ConversionError:
             f"Flex: {', '.join(ops)}; remove or replace the layers that "
             "use them, since device interpreters have no Flex support"
         )
+    if "TensorList" in str(error):
+        return _tensor_list_error(str(error), role)
     return ConversionError(f"LiteRT conversion of the {role} failed: {error}")
+
+
+# TensorFlow's converter names the op that failed with its name scope, such
+# as "sequential_1/gru_1/TensorArrayV2_1" for the Keras layer "gru".
+_TENSOR_LIST_SCOPE_PATTERN = re.compile(r'"TensorList\w+:", "([^"@]+)/[^/"@]+@')
+
+
+def _tensor_list_error(text: str, role: str) -> ConversionError:
+    # Keras runs a recurrent layer's time steps in a while loop over
+    # TensorList ops, which TensorFlow 2.21 lowers to builtin ops only for a
+    # static element shape, and the batch size is dynamic. An unrolled layer
+    # has no loop.
+    scopes = sorted(set(_TENSOR_LIST_SCOPE_PATTERN.findall(text)))
+    where = f", at TensorFlow name scope {', '.join(scopes)}," if scopes else ","
+    return ConversionError(
+        f"the {role} has a recurrent layer, such as GRU or LSTM{where} "
+        "whose time-step loop LiteRT's builtin ops cannot run; set "
+        "unroll=True on the layer, which its fixed sequence length allows, "
+        "then save the model again"
+    )

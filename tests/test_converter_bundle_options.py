@@ -245,6 +245,27 @@ def test_inspect_command_prints_summary(bundles: SimpleNamespace) -> None:
     assert "runtime memory estimate at batch 32" in result.output
 
 
+def test_recurrent_teacher_names_unroll(tmp_path) -> None:
+    teacher = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Reshape((4, 2)),
+            keras.layers.GRU(3, name="memory"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    student = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+
+    with pytest.raises(ConversionError) as raised:
+        convert_bundle(teacher, student, tmp_path / "bundle")
+
+    message = str(raised.value)
+    assert "the teacher has a recurrent layer" in message
+    assert "memory" in message
+    assert "set unroll=True" in message
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_flex_only_teacher_names_the_op(tmp_path: Path) -> None:
     import tensorflow as tf
 
