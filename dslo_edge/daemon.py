@@ -397,8 +397,8 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self.subscribed = threading.Event()
         self._subscribe_mid: int | None = None
         self._subscriptions: list[tuple[str, int]] = []
-        # Topics of an earlier config that the daemon unsubscribed from.
-        # Topics warned about, for one warning per topic.
+        # Topics of an earlier config that already got their one warning, at
+        # most MAX_STRAY_TOPICS of them.
         self._stray_topics: set[str] = set()
         self.stray_dropped = 0
         self.connection.client.on_subscribe = self._on_subscribed
