@@ -214,3 +214,26 @@ def test_shape_mismatch_of_other_size_has_no_reshape(tmp_path: Path) -> None:
         str(caught.value)
     )
     assert "reshape" not in str(caught.value)
+
+
+def test_skip_keeps_head_labels_aligned(tmp_path: Path) -> None:
+    # dslo-edge push --skip-samples with --hard-labels resumes a multi-head
+    # push, so each head's labels must stay with their samples and ids.
+    path = write_samples(
+        tmp_path / "heads.npz",
+        ids=np.array(["a", "b", "c"]),
+        y_digit=np.array([7, 8, 9]),
+        y_shape=np.array([0, 1, 2]),
+    )
+    samples = load_samples(path, heads=["digit", "shape"])
+
+    rest = samples.skip(1)
+
+    assert samples.y is None
+    assert samples.head_y is not None
+    assert rest.head_y is not None
+    assert rest.ids == ["b", "c"]
+    np.testing.assert_array_equal(rest.x, samples.x[1:])
+    assert rest.head_y["digit"].tolist() == [8, 9]
+    assert rest.head_y["shape"].tolist() == [1, 2]
+    assert rest.head_y["digit"].dtype == np.int32
