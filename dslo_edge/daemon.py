@@ -668,6 +668,8 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             if response.kind != "ok":
                 # Refusals, repeats and strays change nothing to make durable.
                 self.connection.ack(message.mid, message.qos)
+                # No update follows, so the idle trainer publishes their count.
+                self._metrics_pending = True
                 return
             item = Received(
                 item.payload,
@@ -780,6 +782,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self.inference.requests_paused = self._trainer_paused
         if self.infer_inputs.empty():
             self._infer_full_logged = False
+        request_counts = self._request_counts()
         while not self.infer_inputs.empty():
             item = self.infer_inputs.get_nowait()
             try:
@@ -798,6 +801,15 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             finally:
                 self.connection.ack(item.mid, item.qos)
         self.inference.resend_due()
+        if self._request_counts() != request_counts:
+            # Sent, resent and abandoned label requests change no update
+            # count, so the idle trainer publishes them.
+            self._metrics_pending = True
+
+    def _request_counts(self) -> tuple[int, ...]:
+        if self.requester is None:
+            return ()
+        return self.requester.counters.counts()
 
     def _train_loop(self) -> None:
         while not self.stopping.is_set():

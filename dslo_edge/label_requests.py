@@ -229,6 +229,20 @@ class RequestCounters:
         default_factory=lambda: deque(maxlen=LATENCY_WINDOW)
     )
 
+    def counts(self) -> tuple[int, ...]:
+        """Return the counters without the latencies, to tell when one changed."""
+        return (
+            self.sent,
+            self.resent,
+            self.answered,
+            self.rate_limited,
+            self.budget_exhausted,
+            self.rejected,
+            self.timed_out,
+            self.duplicates,
+            self.unexpected,
+        )
+
 
 class LabelRequester:
     """Pending label requests of one device, with resend and matching.

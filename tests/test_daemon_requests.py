@@ -391,6 +391,65 @@ def test_spent_budget_is_logged_on_device(
     assert report["applied_total"] == 0
 
 
+def test_unanswered_request_reaches_metrics(mlp_pair, mosquitto, tmp_path) -> None:
+    # No hub worker runs, so the request times out and nothing trains.
+    settings = {
+        "enabled": True,
+        "max_confidence": 1.0,
+        "max_samples": 4,
+        "timeout_s": 0.2,
+        "max_attempts": 2,
+    }
+    daemon = start_daemon(
+        tmp_path / "device", mlp_pair.bundle, mosquitto.port, settings
+    )
+    app = LocalApp(mosquitto.port)
+    hub = HubClient("127.0.0.1", mosquitto.port, DEVICE)
+    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+    try:
+        app.ask(encode_inputs(x))
+        wait_until(lambda: daemon.requester.counters.timed_out == 1)
+        # The idle trainer publishes the counts, as no update follows.
+        metrics = hub.wait_for_metrics(
+            lambda m: m["label_requests"]["timed_out"] == 1, 10
+        )
+    finally:
+        hub.close()
+        app.close()
+        daemon.stop()
+
+    requests = metrics["label_requests"]
+    assert requests["sent"] == 1
+    assert requests["resent"] == 1
+    assert requests["answered"] == 0
+    assert metrics["applied"] == 0
+
+
+def test_refused_request_reaches_metrics(mlp_pair, mosquitto, tmp_path) -> None:
+    # With noise multiplier 1, four releases spend epsilon 10.7 (RDP), so
+    # this budget rejects the first request and nothing trains.
+    privacy = "noise_multiplier = 1.0\nepsilon_budget = 4.0"
+    worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path, privacy)
+    daemon = start_unsure_daemon(mlp_pair, mosquitto.port, tmp_path)
+    app = LocalApp(mosquitto.port)
+    hub = HubClient("127.0.0.1", mosquitto.port, DEVICE)
+    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+    try:
+        app.ask(encode_inputs(x))
+        wait_until(lambda: daemon.requester.counters.budget_exhausted == 1)
+        metrics = hub.wait_for_metrics(
+            lambda m: m["label_requests"]["budget_exhausted"] == 1, 10
+        )
+    finally:
+        hub.close()
+        app.close()
+        daemon.stop()
+        worker.stop()
+
+    assert metrics["label_requests"]["sent"] == 1
+    assert metrics["applied"] == 0
+
+
 def test_paused_training_sends_no_requests(mlp_pair, mosquitto, tmp_path) -> None:
     worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path)
     # The profile's power model charges energy for the first train step, which
