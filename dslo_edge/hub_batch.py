@@ -68,6 +68,10 @@ UNANSWERABLE_LOG_MEMORY = 1024
 # once after its key file was loaded again.
 KEY_LOG_INTERVAL_S = 3600.0
 KEY_LOG_MEMORY = 1024
+# A device's spent privacy budget is logged at most once an hour, with the
+# count of requests rejected for it since the last line.
+BUDGET_LOG_INTERVAL_S = 3600.0
+BUDGET_LOG_MEMORY = 1024
 # Header bytes of a request before its shape, used to estimate sample counts.
 _COUNT_OFFSET = 30
 
@@ -150,6 +154,7 @@ class BatchLabeller:
         self._rejected_log = RepeatLimiter(
             UNANSWERABLE_LOG_INTERVAL_S, UNANSWERABLE_LOG_MEMORY
         )
+        self._budget_log = RepeatLimiter(BUDGET_LOG_INTERVAL_S, BUDGET_LOG_MEMORY)
         self._rng = np.random.default_rng()
 
     def _log_unanswerable(self, item: Incoming) -> None:
@@ -181,6 +186,20 @@ class BatchLabeller:
             device,
             error.reason,
             error,
+            repeats_note(skipped, "rejected request"),
+        )
+
+    def _log_spent(self, device: str, detail: str) -> None:
+        """Log a request rejected for a spent budget, at most hourly per device."""
+        skipped = self._budget_log.skipped_before(device)
+        if skipped is None:
+            return
+        logger.warning(
+            "Rejected a label request from device %s because its privacy budget is "
+            "spent (%s)%s. Later rejections for this device are logged at most "
+            "once an hour",
+            device,
+            detail,
             repeats_note(skipped, "rejected request"),
         )
 
@@ -355,6 +374,7 @@ class BatchLabeller:
             )
         elif admission.kind == BUDGET_EXHAUSTED:
             self.counters.budget_exhausted += 1
+            self._log_spent(key.device, admission.detail)
             replies.append(
                 _Reply(item, key, STATUS_BUDGET_EXHAUSTED, admission.detail.encode())
             )

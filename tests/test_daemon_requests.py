@@ -450,6 +450,44 @@ def test_refused_request_reaches_metrics(mlp_pair, mosquitto, tmp_path) -> None:
     assert metrics["applied"] == 0
 
 
+def ask_until_budget_refusal(mlp_pair, port: int, tmp_path: Path, x) -> None:
+    """Start a daemon, send it x and wait until the hub rejects the request."""
+    daemon = start_unsure_daemon(mlp_pair, port, tmp_path)
+    app = LocalApp(port)
+    try:
+        app.ask(encode_inputs(x))
+        wait_until(lambda: daemon.requester.counters.budget_exhausted == 1)
+    finally:
+        app.close()
+        daemon.stop()
+
+
+def test_spent_budget_is_logged_on_hub(mlp_pair, mosquitto, tmp_path, caplog) -> None:
+    # With noise multiplier 1, four releases spend epsilon 10.7 (RDP), so
+    # this budget rejects every request of four samples.
+    privacy = "noise_multiplier = 1.0\nepsilon_budget = 4.0"
+    worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path, privacy)
+    caplog.set_level(logging.INFO, logger="dslo_edge.hub_batch")
+    x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
+    try:
+        # A new daemon forgets its backoff, so it requests at once again.
+        for attempt in range(2):
+            ask_until_budget_refusal(
+                mlp_pair, mosquitto.port, tmp_path / str(attempt), x
+            )
+    finally:
+        worker.stop()
+
+    records = [r for r in caplog.records if r.name == "dslo_edge.hub_batch"]
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert records[0].levelname == "WARNING"
+    assert f"device {DEVICE} because its privacy budget is spent" in message
+    assert "would raise the device's spent epsilon to" in message
+    assert "at most once an hour" in message
+    assert worker.labeller.counters.budget_exhausted == 2
+
+
 def test_paused_training_sends_no_requests(mlp_pair, mosquitto, tmp_path) -> None:
     worker = start_hub_worker(mlp_pair, mosquitto.port, tmp_path)
     # The profile's power model charges energy for the first train step, which
