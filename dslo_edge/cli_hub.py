@@ -9,7 +9,6 @@ import contextlib
 import sqlite3
 import sys
 from collections.abc import Iterator
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 import click
@@ -26,7 +25,8 @@ if TYPE_CHECKING:
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
-    help="Hub TOML file.",
+    help="Hub TOML file. With --print-unit: its absolute path on the hub, which "
+    "the unit passes to the worker; default: /etc/dslo-edge/hub.toml.",
 )
 @click.option(
     "--worker-id",
@@ -62,9 +62,15 @@ def hub(
         raise click.UsageError("--exec is used only with --print-unit")
     if print_unit and show_budget:
         raise click.UsageError("give --print-unit or --show-budget, not both")
+    if print_unit and worker_id is not None:
+        raise click.UsageError(
+            "--worker-id is not used with --print-unit: the unit is a template, "
+            "and each instance name, as in dslo-edge-hub@1, is its worker id"
+        )
     if print_unit:
         from dslo_edge.service import (
             DEFAULT_HUB_CONFIG,
+            check_config_path,
             check_unit_path,
             private_tmp_exec_warning,
             render_hub_unit,
@@ -72,7 +78,9 @@ def hub(
             script_paths,
         )
 
-        path = PurePosixPath(config_path) if config_path else DEFAULT_HUB_CONFIG
+        path = DEFAULT_HUB_CONFIG
+        if config_path is not None:
+            path = check_config_path(config_path, "--config")
         # By default the unit starts this install, as 'service install' does.
         executable = exec_path or running_script()
         exec_unit_path = check_unit_path(executable, "--exec")

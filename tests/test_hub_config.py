@@ -983,6 +983,32 @@ def test_hub_print_unit_takes_exec() -> None:
     assert "ProtectHome=yes" in result.output.splitlines()
 
 
+def test_hub_print_unit_takes_config() -> None:
+    arguments = ["hub", "--print-unit", "--exec", "/opt/hub/bin/dslo-edge"]
+    result = CliRunner().invoke(main, [*arguments, "--config", "/srv/hub/hub.toml"])
+
+    assert result.exit_code == 0
+    assert (
+        "ExecStart=/opt/hub/bin/dslo-edge hub --config /srv/hub/hub.toml "
+        "--worker-id %i" in result.output.splitlines()
+    )
+
+
+def test_hub_print_unit_names_config_option() -> None:
+    arguments = ["hub", "--print-unit", "--exec", "/opt/hub/bin/dslo-edge"]
+    result = CliRunner().invoke(main, [*arguments, "--config", "hub.toml"])
+
+    assert result.exit_code == 78
+    assert "error: --config 'hub.toml' is not an absolute path" in result.output
+
+
+def test_hub_print_unit_rejects_worker_id() -> None:
+    result = CliRunner().invoke(main, ["hub", "--print-unit", "--worker-id", "3"])
+
+    assert result.exit_code == 2
+    assert "--worker-id is not used with --print-unit" in result.output
+
+
 def test_hub_exec_needs_print_unit(tmp_path) -> None:
     result = CliRunner().invoke(
         main, ["hub", "--config", str(tmp_path / "hub.toml"), "--exec", "/a"]
