@@ -806,9 +806,9 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             # count, so the idle trainer publishes them.
             self._metrics_pending = True
 
-    def _request_counts(self) -> tuple[int, ...]:
+    def _request_counts(self) -> dict[str, int]:
         if self.requester is None:
-            return ()
+            return {}
         return self.requester.counters.counts()
 
     def _train_loop(self) -> None:
@@ -1150,20 +1150,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         if self.requester is None:
             return None
         counters = self.requester.counters
-        report: dict[str, Any] = {
-            name: getattr(counters, name)
-            for name in (
-                "sent",
-                "resent",
-                "answered",
-                "rate_limited",
-                "budget_exhausted",
-                "rejected",
-                "timed_out",
-                "duplicates",
-                "unexpected",
-            )
-        }
+        report: dict[str, Any] = counters.counts()
         latencies = [s * 1000 for s in counters.latencies_s]
         if latencies:
             report["latency_ms_p50"] = round(float(np.percentile(latencies, 50)), 3)

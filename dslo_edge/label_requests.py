@@ -229,19 +229,19 @@ class RequestCounters:
         default_factory=lambda: deque(maxlen=LATENCY_WINDOW)
     )
 
-    def counts(self) -> tuple[int, ...]:
-        """Return the counters without the latencies, to tell when one changed."""
-        return (
-            self.sent,
-            self.resent,
-            self.answered,
-            self.rate_limited,
-            self.budget_exhausted,
-            self.rejected,
-            self.timed_out,
-            self.duplicates,
-            self.unexpected,
-        )
+    def counts(self) -> dict[str, int]:
+        """Return each counter by name, without the latencies."""
+        return {
+            "sent": self.sent,
+            "resent": self.resent,
+            "answered": self.answered,
+            "rate_limited": self.rate_limited,
+            "budget_exhausted": self.budget_exhausted,
+            "rejected": self.rejected,
+            "timed_out": self.timed_out,
+            "duplicates": self.duplicates,
+            "unexpected": self.unexpected,
+        }
 
 
 class LabelRequester:
