@@ -49,6 +49,11 @@ if TYPE_CHECKING:
     help="With --print-unit: path of the dslo-edge script that the unit starts; "
     "default: this one.",
 )
+@click.option(
+    "--user",
+    help="With --print-unit: run the workers as this user instead of root, "
+    "e.g. dslo.",
+)
 @handle_errors
 def hub(
     config_path: str | None,
@@ -56,10 +61,16 @@ def hub(
     print_unit: bool,
     show_budget: bool,
     exec_path: str | None,
+    user: str | None,
 ) -> None:
     """Run a hub worker: serve label requests, run pushes, serve the teacher."""
     if exec_path is not None and not print_unit:
         raise click.UsageError("--exec is used only with --print-unit")
+    if user is not None and not print_unit:
+        raise click.UsageError(
+            "--user is used only with --print-unit; a worker started by hand "
+            "runs as the user who starts it"
+        )
     if print_unit and show_budget:
         raise click.UsageError("give --print-unit or --show-budget, not both")
     if print_unit and worker_id is not None:
@@ -72,6 +83,7 @@ def hub(
             DEFAULT_HUB_CONFIG,
             check_config_path,
             check_unit_path,
+            check_user_name,
             private_tmp_exec_warning,
             render_hub_unit,
             running_script,
@@ -88,6 +100,7 @@ def hub(
         unit = render_hub_unit(
             exec_path=exec_unit_path,
             config_path=path,
+            user=check_user_name(user, "--user") if user is not None else None,
             read_paths=read_paths,
         )
         warning = private_tmp_exec_warning(

@@ -1002,6 +1002,40 @@ def test_hub_print_unit_names_config_option() -> None:
     assert "error: --config 'hub.toml' is not an absolute path" in result.output
 
 
+def test_hub_print_unit_takes_user() -> None:
+    arguments = ["hub", "--print-unit", "--exec", "/opt/hub/bin/dslo-edge"]
+    result = CliRunner().invoke(main, [*arguments, "--user", "dslo"])
+
+    lines = result.output.splitlines()
+    assert result.exit_code == 0
+    assert "User=dslo" in lines
+    assert "StateDirectory=dslo-edge-hub" in lines
+    assert "# the owner of it and of its content." in lines
+
+
+@pytest.mark.parametrize(
+    ("arguments", "status", "expected"),
+    [
+        (
+            ["--print-unit", "--user", "bad;name"],
+            78,
+            "error: --user 'bad;name' is not a valid user name",
+        ),
+        (
+            ["--config", "hub.toml", "--user", "dslo"],
+            2,
+            "--user is used only with --print-unit",
+        ),
+    ],
+    ids=["invalid-name", "without-print-unit"],
+)
+def test_hub_user_rejected(arguments, status, expected) -> None:
+    result = CliRunner().invoke(main, ["hub", *arguments])
+
+    assert result.exit_code == status
+    assert expected in result.output
+
+
 def test_hub_print_unit_rejects_worker_id() -> None:
     result = CliRunner().invoke(main, ["hub", "--print-unit", "--worker-id", "3"])
 
