@@ -158,8 +158,9 @@ class Topics:
         """Build the topics ``<prefix>/<device_id>/{updates,status,metrics}``.
 
         Raises:
-            ConfigError: if ``device_id`` or ``prefix`` is empty or contains
-                ``/``, ``+``, ``#``, whitespace or NUL.
+            ConfigError: if ``device_id`` or ``prefix`` is empty, contains
+                ``/``, ``+``, ``#``, whitespace or NUL, is not UTF-8 text, or
+                is longer than ``MAX_TOPIC_LEVEL_BYTES`` bytes of UTF-8.
         """
         _check_topic_level("device id", device_id, example="kitchen-cam")
         _check_topic_level("topic prefix", prefix, example="dslo")
@@ -187,18 +188,25 @@ MAX_TOPIC_LEVEL_BYTES = 32_000
 
 
 def _check_topic_level(name: str, value: str, example: str) -> None:
-    if is_topic_level(value):
-        size = len(value.encode("utf-8", "surrogatepass"))
-        if size <= MAX_TOPIC_LEVEL_BYTES:
-            return
+    if not is_topic_level(value):
+        raise ConfigError(
+            f"{name} {value!r} is invalid: expected {TOPIC_LEVEL_EXPECTED}, "
+            f"for example {example!r}"
+        )
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        # A command-line argument of bytes that are not UTF-8 arrives as
+        # surrogates, which paho cannot encode into a topic.
+        raise ConfigError(
+            f"{name} {value!r} is invalid: it is not UTF-8 text; give it in "
+            f"UTF-8, for example {example!r}"
+        ) from None
+    if size > MAX_TOPIC_LEVEL_BYTES:
         raise ConfigError(
             f"{name} {value[:40]!r}... is invalid: it is {size} bytes of UTF-8, "
             f"expected at most {MAX_TOPIC_LEVEL_BYTES}, for example {example!r}"
         )
-    raise ConfigError(
-        f"{name} {value!r} is invalid: expected {TOPIC_LEVEL_EXPECTED}, "
-        f"for example {example!r}"
-    )
 
 
 # --- Update -----------------------------------------------------------------

@@ -128,6 +128,21 @@ def test_topics_reject_device_id(device_id: str) -> None:
     assert "without '/', '+', '#', whitespace or NUL" in message
 
 
+@pytest.mark.parametrize(
+    ("device_id", "prefix", "rejected"),
+    [
+        ("k\udcff", "dslo", "device id 'k\\udcff'"),
+        ("cam", "d\udcff", "topic prefix 'd\\udcff'"),
+    ],
+)
+def test_topics_reject_surrogates(device_id: str, prefix: str, rejected: str) -> None:
+    # Bytes that are not UTF-8 in a command-line argument arrive as surrogates.
+    with pytest.raises(ConfigError) as caught:
+        Topics.for_device(device_id, prefix)
+    message = str(caught.value)
+    assert message.startswith(f"{rejected} is invalid: it is not UTF-8 text; ")
+
+
 @pytest.mark.parametrize("prefix", ["", "home/dslo", "+", "#", " dslo"])
 def test_topics_reject_prefix(prefix: str) -> None:
     with pytest.raises(ConfigError, match="topic prefix"):

@@ -746,6 +746,23 @@ def test_push_device_id_too_long(mlp_pair, tmp_path, data_file):
     )
 
 
+def test_push_device_id_not_utf8(mlp_pair, tmp_path, data_file):
+    # The shell passes the bytes b"k\xff", which Python decodes to a surrogate.
+    result = CliRunner().invoke(
+        main,
+        [
+            "push",
+            *("--bundle", str(mlp_pair.bundle), "--data", str(data_file)),
+            *("--device", "k\udcff", "--broker", "mqtt://127.0.0.1:1"),
+        ],
+    )
+
+    assert result.exit_code == 78, result.output
+    assert result.output.startswith(
+        "error: device id 'k\\udcff' is invalid: it is not UTF-8 text; "
+    )
+
+
 @pytest.mark.parametrize("content", ["", "\n", " \n\n"])
 def test_empty_password_file_is_rejected(mlp_pair, mosquitto, tmp_path, content):
     password_file = tmp_path / "hub.password"
