@@ -51,8 +51,7 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--user",
-    help="With --print-unit: run the workers as this user instead of root, "
-    "e.g. dslo.",
+    help="With --print-unit: run the workers as this user instead of root, e.g. dslo.",
 )
 @handle_errors
 def hub(
