@@ -162,18 +162,15 @@ def _positive(value: float) -> bool:
 
 
 def _topic_level(value: str) -> bool:
-    # The longest hub topic, <prefix>/_hub/workers/<worker>/metrics, has two
-    # such levels and 22 more bytes, so it stays within MQTT's 65,535 bytes.
+    # Topics.for_device also rejects a --worker-id of bytes that are not UTF-8
+    # and a level above MAX_TOPIC_LEVEL_BYTES. The longest hub topic,
+    # <prefix>/_hub/workers/<worker>/metrics, has two such levels and 22 more
+    # bytes, so it stays within MQTT's 65,535 bytes.
     try:
         Topics.for_device(value)
     except ConfigError:
         return False
-    try:
-        size = len(value.encode())
-    except UnicodeEncodeError:
-        # A --worker-id of bytes that are not UTF-8 reaches here as surrogates.
-        return False
-    return value != HUB_LEVEL and size <= MAX_TOPIC_LEVEL_BYTES
+    return value != HUB_LEVEL
 
 
 # Hub topics live under HUB_LEVEL, so _topic_level rejects it too.
