@@ -1,9 +1,11 @@
-"""The daemon's queue of received updates, bounded by count and by bytes.
+"""The daemon's queues of received messages, bounded by count and by bytes.
 
-The count bound follows the receive maximum that the device requests from
-the broker. The byte bound keeps the memory of waiting payloads below a
-fixed size whatever the hub puts in one message, up to
-``limits.max_payload_bytes`` each.
+The daemon keeps one for soft-label updates, one for inference inputs and
+one for model update chunks. The count bound of the updates' queue follows
+the receive maximum that the device requests from the broker. The byte
+bound keeps the memory of waiting payloads below a fixed size whatever the
+hub puts in one message, except that one payload goes into an empty queue
+whatever its size.
 """
 
 from __future__ import annotations
