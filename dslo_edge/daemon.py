@@ -650,13 +650,13 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
                 if not self._ota_full_logged:
                     self._ota_full_logged = True
                     logger.warning(
-                        "Device %s model update chunk queue is full (%d chunks "
-                        "of %d bytes, at most %d or %d bytes); leaving chunks "
+                        "Device %s model update chunk queue is full (%d of at "
+                        "most %d chunks, %d of at most %d bytes); leaving chunks "
                         "for redelivery after the queue drains",
                         self.device_id,
                         self.ota_chunks.qsize(),
-                        self.ota_chunks.queued_bytes,
                         self.ota_chunks.maxsize,
+                        self.ota_chunks.queued_bytes,
                         self.ota_chunks.max_bytes,
                     )
             return
@@ -765,13 +765,14 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
                 self._infer_full_logged = True
                 logger.warning(
                     "Device %s rejected an inference payload of %d bytes "
-                    "(queue_full): %d payloads of %d bytes wait, at most %d or "
-                    "%d bytes; publish the next inputs after their predictions",
+                    "(queue_full): %d of at most %d payloads wait, %d of at "
+                    "most %d bytes; publish the next inputs after their "
+                    "predictions",
                     self.device_id,
                     len(item.payload),
                     self.infer_inputs.qsize(),
-                    self.infer_inputs.queued_bytes,
                     self.infer_inputs.maxsize,
+                    self.infer_inputs.queued_bytes,
                     self.infer_inputs.max_bytes,
                 )
 

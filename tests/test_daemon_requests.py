@@ -673,4 +673,6 @@ def test_inference_queue_bounded_by_bytes(
     assert daemon.inference_rejected["queue_full"] == 7
     full = [r.getMessage() for r in caplog.records if "queue_full" in r.getMessage()]
     assert len(full) == 1
-    assert "2 payloads of 8388608 bytes wait, at most 64 or 8388608 bytes" in full[0]
+    assert (
+        "2 of at most 64 payloads wait, 8388608 of at most 8388608 bytes" in (full[0])
+    )
