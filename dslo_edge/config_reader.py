@@ -244,7 +244,9 @@ def _expected_kind(key: str, value: Any, kind: type, expected: str) -> str:
             return text
         if not math.isfinite(number):
             return text
-        text += f"; write it without quotes, as {key} = {value.strip()}"
+        # The parsed number, because TOML rejects some text that int() and
+        # float() accept, such as the leading zero of "0883".
+        text += f"; write it without quotes, as {key} = {number}"
     return text
 
 

@@ -575,6 +575,15 @@ def test_boolean_values_are_shown_as_toml(tmp_path: Path) -> None:
             "learning_rate = 0.05",
         ),
         (
+            {"mqtt": {"port": "0883"}},
+            "mqtt.port = '0883' is invalid; expected an integer (a port in "
+            "1..65535); write it without quotes, as port = 883",
+        ),
+        (
+            {"training": {"learning_rate": " 5e-2"}},
+            "write it without quotes, as learning_rate = 0.05",
+        ),
+        (
             {"mqtt": {"port": "mqtt"}},
             "mqtt.port = 'mqtt' is invalid; expected an integer (a port in 1..65535)",
         ),
