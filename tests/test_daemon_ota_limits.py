@@ -9,7 +9,15 @@ import threading
 import time
 import tracemalloc
 
-from dslo_edge.ota import _HEADER, FORMAT_VERSION, MAGIC, ota_topics, split_archive
+from dslo_edge.cli_device import ota_send
+from dslo_edge.ota import (
+    _HEADER,
+    FORMAT_VERSION,
+    MAGIC,
+    MIN_CHUNK_BYTES,
+    ota_topics,
+    split_archive,
+)
 from dslo_edge.protocol import Topics
 from tests.test_daemon_ota import (
     DEVICE,
@@ -94,6 +102,13 @@ def test_tiny_chunks_rejected(mlp_pair, mosquitto, tmp_path) -> None:
     assert statuses[-1]["reason"] == "malformed"
     assert "chunk size 1 is below 1024 bytes" in statuses[-1]["detail"]
     assert list((tmp_path / "state" / "ota").glob("*.part")) == []
+
+
+def test_ota_send_chunk_size_floor_matches_device() -> None:
+    # The device's rejection message tells the sender to use ota-send, so
+    # every --chunk-size that ota-send takes must pass the device's check.
+    (option,) = [p for p in ota_send.params if p.name == "chunk_size"]
+    assert option.type.min == MIN_CHUNK_BYTES
 
 
 def test_chunk_queue_bounded_by_bytes(mlp_pair, mosquitto, tmp_path) -> None:
