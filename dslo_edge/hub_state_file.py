@@ -58,13 +58,16 @@ CREATE TABLE IF NOT EXISTS push_batches (
 # has not ended, with its exact payload, so a resumed run publishes it again
 # unchanged. push_devices.batches_stored marks a device whose push stores them:
 # a started device without it was started by an earlier dslo-edge version.
+
 # How long a worker waits for another process's lock on the state file, in
 # seconds, before the statement fails with "database is locked".
 BUSY_TIMEOUT_S = 30.0
+
 # The schema version that this dslo-edge writes to PRAGMA user_version. State
 # files of versions that wrote none read 0 and are brought up to it. A worker
 # rejects a file of a higher version, whose tables it may write wrongly.
 SCHEMA_VERSION = 1
+
 # Columns that state files of earlier dslo-edge versions lack, per table. The
 # requests columns are added with NULL values, which mark an unknown charge.
 ADDED_COLUMNS = {
@@ -73,7 +76,7 @@ ADDED_COLUMNS = {
 }
 
 
-def _enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+def _enable_wal(db: sqlite3.Connection, timeout_s: float) -> None:
     # Switching to WAL does not wait on SQLite's busy timeout: when two
     # workers open a new file at once, one gets "database is locked".
     deadline = time.monotonic() + timeout_s
