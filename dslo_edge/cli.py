@@ -945,7 +945,8 @@ def _push_samples(bundle: Any, data: str, hard_labels: bool, skip: int = 0) -> A
     """
     from dslo_edge import hub
 
-    heads = bundle.heads if bundle.is_multi_head else {}
+    # Empty for a student with one head.
+    heads = bundle.heads
     try:
         samples = hub.load_samples(data, read_labels=hard_labels, heads=list(heads))
     except ConfigError as error:
