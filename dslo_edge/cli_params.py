@@ -23,7 +23,11 @@ class FiniteFloatRange(click.FloatRange):
     ) -> Any:
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
-            self.fail(f"{number} is not a finite number; give a value such as 1.0")
+            # Worded as FloatRange's own message for a value out of range.
+            self.fail(
+                f"{number} is not a finite number in the range "
+                f"{self._describe_range()}."
+            )
         return number
 
 

@@ -688,17 +688,17 @@ def test_push_rejects_bad_broker_options(
 
 
 @pytest.mark.parametrize(
-    ("command", "option", "value"),
+    ("command", "option", "value", "valid"),
     [
-        ("push", "--timeout", "nan"),
-        ("push", "--timeout", "inf"),
-        ("push", "--dp-noise-multiplier", "inf"),
-        ("push", "--dp-epsilon", "nan"),
-        ("push", "--dp-delta", "nan"),
-        ("ota-send", "--timeout", "nan"),
+        ("push", "--timeout", "nan", "x>=1"),
+        ("push", "--timeout", "inf", "x>=1"),
+        ("push", "--dp-noise-multiplier", "inf", "x>0"),
+        ("push", "--dp-epsilon", "nan", "x>0"),
+        ("push", "--dp-delta", "nan", "0<x<1"),
+        ("ota-send", "--timeout", "nan", "x>=1"),
     ],
 )
-def test_non_finite_option_is_usage_error(tmp_path, command, option, value):
+def test_non_finite_option_is_usage_error(tmp_path, command, option, value, valid):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     data = tmp_path / "data.npz"
@@ -722,9 +722,10 @@ def test_non_finite_option_is_usage_error(tmp_path, command, option, value):
     )
 
     assert result.exit_code == 2, result.output
-    assert f"Invalid value for '{option}': {value} is not a finite number" in (
-        result.output
-    )
+    assert (
+        f"Invalid value for '{option}': {value} is not a finite number in the "
+        f"range {valid}.\n"
+    ) in result.output
 
 
 def test_push_device_id_too_long(mlp_pair, tmp_path, data_file):
