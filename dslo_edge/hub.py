@@ -440,7 +440,9 @@ def non_finite_batch_error(problem: str) -> ConfigError:
     """Return the error that stops ``push`` at a batch with NaN or infinite labels.
 
     Args:
-        problem: the batch's description from ``describe_non_finite_labels``.
+        problem: the batch's description from ``describe_non_finite_labels``,
+            or from ``hub_multihead.describe_non_finite_heads`` for a
+            teacher with several heads.
     """
     return ConfigError(
         f"{problem}. Check or rescale the inputs in the sample file; updates "
