@@ -130,3 +130,39 @@ def test_stray_topic_unsubscribed_again(mlp_pair, mosquitto, tmp_path, caplog):
         r.getMessage() for r in caplog.records if "dropped a message" in r.getMessage()
     ]
     assert len(warnings) == 1
+
+
+def test_stray_warnings_stop_at_limit(mlp_pair, mosquitto, tmp_path, caplog):
+    # Subscriptions that an earlier config left on more topics than the daemon
+    # warns about: every message is dropped and counted, and each topic up to
+    # the limit gets one warning.
+    from dslo_edge.daemon import MAX_STRAY_TOPICS
+
+    daemon = start_daemon(tmp_path, mlp_pair.bundle, mosquitto.port, "home")
+    topics = [f"old/{index}/updates" for index in range(MAX_STRAY_TOPICS + 1)]
+    for topic in topics:
+        daemon.connection.client.subscribe(topic, qos=1)
+    hub = HubClient(mosquitto.host, mosquitto.port, DEVICE, topic_prefix="home")
+    try:
+        with caplog.at_level(logging.WARNING, logger="dslo_edge.daemon"):
+            for topic in topics:
+                # The broker drops a message sent before it took the
+                # subscription, so send until one arrives.
+                seen = daemon.stray_dropped
+                deadline = time.monotonic() + WAIT_S
+                while daemon.stray_dropped == seen:
+                    assert time.monotonic() < deadline, f"nothing arrived on {topic}"
+                    hub.client.publish(topic, b"stray", qos=1).wait_for_publish(10)
+                    time.sleep(0.05)
+            strays = daemon.stray_dropped
+    finally:
+        hub.close()
+        daemon.stop()
+
+    warnings = [
+        r.getMessage() for r in caplog.records if "dropped a message" in r.getMessage()
+    ]
+    assert strays >= MAX_STRAY_TOPICS + 1
+    assert len(warnings) == MAX_STRAY_TOPICS
+    assert f"on old/{MAX_STRAY_TOPICS - 1}/updates" in warnings[-1]
+    assert daemon.metrics.applied == 0
