@@ -280,16 +280,21 @@ def _head_class_labels(
             f"{expected}, and no y"
         )
     missing = [name for name in names if name not in arrays]
-    if missing:
-        raise ConfigError(f"{source} lacks {', '.join(missing)}; {expected}")
     unknown = sorted(
         name for name in arrays if name.startswith("y_") and name not in names
     )
+    # Both lists name the arrays, so a misspelt head name such as y_shpae
+    # shows up beside the y_shape it was meant to be.
+    problems = []
+    if missing:
+        problems.append(f"lacks {', '.join(missing)}")
     if unknown:
-        raise ConfigError(
-            f"{source} has {', '.join(unknown)}, which names no head of the "
-            f"student; {expected}"
+        verb = "names" if len(unknown) == 1 else "name"
+        problems.append(
+            f"has {', '.join(unknown)}, which {verb} no head of the student"
         )
+    if problems:
+        raise ConfigError(f"{source} {' and '.join(problems)}; {expected}")
     return {head: _class_labels(arrays, source, f"y_{head}") for head in heads}
 
 

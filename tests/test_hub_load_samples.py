@@ -237,3 +237,33 @@ def test_skip_keeps_head_labels_aligned(tmp_path: Path) -> None:
     assert rest.head_y["digit"].tolist() == [8, 9]
     assert rest.head_y["shape"].tolist() == [1, 2]
     assert rest.head_y["digit"].dtype == np.int32
+
+
+def test_misspelt_head_label_is_named(tmp_path: Path) -> None:
+    path = write_samples(
+        tmp_path / "heads.npz",
+        y_digit=np.array([7, 8, 9]),
+        y_shpae=np.array([0, 1, 2]),
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(path, heads=["digit", "shape"])
+
+    message = str(caught.value)
+    assert f"{path} lacks y_shape and has y_shpae, which names no head" in message
+    assert "numpy.savez(path, x=x, y_digit=..., y_shape=...)" in message
+
+
+def test_labels_of_two_unknown_heads_are_named(tmp_path: Path) -> None:
+    path = write_samples(
+        tmp_path / "heads.npz",
+        y_digit=np.array([7, 8, 9]),
+        y_shape=np.array([0, 1, 2]),
+        y_cat=np.array([0, 1, 2]),
+        y_dog=np.array([0, 1, 2]),
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_samples(path, heads=["digit", "shape"])
+
+    assert f"{path} has y_cat, y_dog, which name no head of" in str(caught.value)
