@@ -276,9 +276,13 @@ def _check_array_names(
         return
     unknown = [n for n in names if n.startswith("y_") and n not in label_names]
     if unknown:
+        # Naming the missing arrays too shows a misspelt head name, such as
+        # y_shpae, beside the y_shape it was meant to be.
+        verb = "names" if len(unknown) == 1 else "name"
+        lacking = f", and lacks {', '.join(missing)}" if missing else ""
         raise BundleError(
-            f"probe set {path} has {', '.join(unknown)}, which names no head of "
-            f"the student; {expected}"
+            f"probe set {path} has {', '.join(unknown)}, which {verb} no head "
+            f"of the student{lacking}; {expected}"
         )
     if not missing:
         if "y" in names and not ignore_unread_y:

@@ -200,6 +200,38 @@ def test_labels_of_unknown_head_are_rejected(tmp_path: Path) -> None:
     assert "has y_shapes, which names no head of the student" in str(caught.value)
 
 
+def test_probe_for_other_heads_names_missing(tmp_path: Path) -> None:
+    path = write_probe(
+        tmp_path / "probe.npz",
+        x=inputs(),
+        y_cat=np.arange(3),
+        y_dog=np.arange(3),
+    )
+
+    with pytest.raises(BundleError) as caught:
+        load_multi_head_probe(path, INPUT_SHAPE, HEADS)
+
+    message = str(caught.value)
+    assert "has y_cat, y_dog, which name no head of the student" in message
+    assert "and lacks y_digit, y_shape;" in message
+
+
+def test_misspelt_probe_head_names_both(tmp_path: Path) -> None:
+    path = write_probe(
+        tmp_path / "probe.npz",
+        x=inputs(),
+        y_digit=np.arange(3),
+        y_shpae=np.arange(3),
+    )
+
+    with pytest.raises(BundleError) as caught:
+        load_multi_head_probe(path, INPUT_SHAPE, HEADS)
+
+    message = str(caught.value)
+    assert "has y_shpae, which names no head of the student" in message
+    assert "and lacks y_shape;" in message
+
+
 def test_non_finite_input_of_multi_head_probe(tmp_path: Path) -> None:
     x = inputs()
     x[1, 0] = np.inf
