@@ -807,6 +807,13 @@ def push(
 
         loaded = load_bundle(bundle)
         head_output_kinds = _head_output_kinds(loaded)
+        if privacy is not None and head_output_kinds is not None:
+            raise ConfigError(
+                f"--dp-noise-multiplier, --dp-epsilon and --dp-ledger make private "
+                f"labels for single-head students only, but the student of "
+                f"{bundle} has several heads ({', '.join(head_output_kinds)}); "
+                "drop the --dp-* options to push soft labels to it"
+            )
         paths = _checked_teachers(loaded, teachers)
         check_top_k(top_k, loaded)
         samples = _push_samples(loaded, data, hard_labels, skip_samples)

@@ -315,3 +315,27 @@ def test_push_rejects_top_k_above_heads(two_head_bundle: Path, tmp_path) -> None
     assert "--top-k is 10, but no head of the bundle's student" in result.output
     assert "(digit 10, shape 3)" in result.output
     assert "expected 1 to 9" in result.output
+
+
+def test_push_command_rejects_private_labels(
+    two_head_bundle: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from dslo_edge.cli import main
+
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=_samples().x)
+    ledger = tmp_path / "ledger.json"
+    arguments = ["push", "--bundle", str(two_head_bundle), "--data", str(data)]
+    arguments += ["--device", DEVICE, "--broker", "mqtt://127.0.0.1:1"]
+    arguments += ["--dp-noise-multiplier", "1", "--dp-epsilon", "8"]
+
+    result = CliRunner().invoke(main, [*arguments, "--dp-ledger", str(ledger)])
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 78
+    assert f"the student of {two_head_bundle} has several heads" in output
+    assert "(digit, shape)" in output
+    assert "drop the --dp-* options" in output
+    assert not ledger.exists()
