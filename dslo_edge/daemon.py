@@ -60,7 +60,7 @@ from dslo_edge.config_service import METRICS_LOG
 from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
 from dslo_edge.daemon_checkpoints import CheckpointsMixin
-from dslo_edge.daemon_model_switch import ModelSwitchMixin
+from dslo_edge.daemon_model_switch import ModelSwitchMixin, ModelUpdateOutcomes
 
 # Re-exported, because callers import these names from dslo_edge.daemon.
 from dslo_edge.daemon_restore import APPLIED_IDS as APPLIED_IDS
@@ -300,6 +300,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         """Create the bounded queues, the batcher and the counters."""
         training = self.config.training
         self.ota_chunks: UpdateQueue[Received] = UpdateQueue(OTA_QUEUE, OTA_QUEUE_BYTES)
+        self.model_updates = ModelUpdateOutcomes()
         self.infer_inputs: UpdateQueue[Received] = UpdateQueue(
             INFER_QUEUE, INFER_QUEUE_BYTES
         )
@@ -1125,6 +1126,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             "deferred_for_redelivery": self.deferred,
             "inference_rejected": dict(self.inference_rejected),
             "stray_dropped": self.stray_dropped,
+            "model_updates": self.model_updates.report(),
             # Survives restarts (both parts are in the checkpoints), so a hub
             # can pace against it across a device restart.
             "processed_total": self.trainer.applied_updates

@@ -8,8 +8,10 @@ acknowledged before the switch, and a failed step keeps the old model.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +35,56 @@ if TYPE_CHECKING:
 
 # The daemon's logger name, because tests capture these records by that name.
 logger = logging.getLogger("dslo_edge.daemon")
+
+
+# Transfers whose outcome was counted, kept so that the status of each later
+# chunk of a rejected transfer does not count it again.
+COUNTED_TRANSFERS = 64
+
+
+class ModelUpdateOutcomes:
+    """Counts of model update transfers by outcome, for the metrics.
+
+    Each transfer counts once, although the device publishes a status for
+    every chunk of a rejected one. A chunk without a readable transfer id
+    counts on its own.
+    """
+
+    def __init__(self) -> None:
+        self.installed = 0
+        self.rejected: Counter[str] = Counter()
+        self.rolled_back: Counter[str] = Counter()
+        self._counted: deque[tuple[str, str]] = deque(maxlen=COUNTED_TRANSFERS)
+
+    def record(self, status: str) -> bool:
+        """Count the outcome in a status message of ``ota.status_payload``.
+
+        Returns whether a count changed.
+        """
+        document = json.loads(status)
+        state, transfer = document["state"], document["transfer"]
+        if state == "receiving":
+            return False
+        if transfer is not None:
+            if (state, transfer) in self._counted:
+                return False
+            self._counted.append((state, transfer))
+        reason = str(document["reason"])
+        if state == "installed":
+            self.installed += 1
+        elif state == "rejected":
+            self.rejected[reason] += 1
+        else:
+            self.rolled_back[reason] += 1
+        return True
+
+    def report(self) -> dict[str, object]:
+        """Return the counts as the metrics' ``model_updates``."""
+        return {
+            "installed": self.installed,
+            "rejected": dict(self.rejected),
+            "rolled_back": dict(self.rolled_back),
+        }
 
 
 @dataclass(frozen=True)
@@ -65,6 +117,8 @@ class ModelSwitchMixin:
     updater: ModelUpdater
     ota_chunks: queue.Queue[Received]
     ota_status_topic: str
+    model_updates: ModelUpdateOutcomes
+    _metrics_pending: bool
     _storage_failure: OSError | None
     _pending_rollback: str | None
     _unsaved: int
@@ -113,6 +167,9 @@ class ModelSwitchMixin:
             if item.connection == self.connection.connects:
                 self.connection.ack(item.mid, item.qos)
             if status is not None:
+                if self.model_updates.record(status):
+                    # Published when the trainer is next idle.
+                    self._metrics_pending = True
                 # Retained, so a client that subscribes later still reads the outcome.
                 self.connection.publish(self.ota_status_topic, status, retain=True)
 

@@ -111,12 +111,14 @@ def test_ota_swaps_bundle_and_keeps_adapted_weights(mlp_pair, broker, tmp_path) 
         hub.publish(topics.updates, update(10), qos=1).wait_for_publish()
         wait_until(lambda: daemon.metrics.applied == 4)
         final = daemon.student.infer(x)
+        outcomes = daemon.status_report()["model_updates"]
     finally:
         daemon.stop()
         hub.loop_stop()
         hub.disconnect()
 
     assert statuses[-1]["state"] == "installed"
+    assert outcomes == {"installed": 1, "rejected": {}, "rolled_back": {}}
     assert active.parent == tmp_path / "state" / "bundles"
     np.testing.assert_array_equal(swapped, adapted)
     restarted = EdgeDaemon(load_config(config_path))
@@ -773,6 +775,7 @@ def test_unwritable_checkpoint_rolls_switch_back(mlp_pair, broker, tmp_path) -> 
         (state / "checkpoints.aside").rename(state / "checkpoints")
         push(hub, daemon, update(2))
         applied = daemon.trainer.applied_updates
+        outcomes = daemon.status_report()["model_updates"]
     finally:
         daemon.stop()
         hub.loop_stop()
@@ -780,6 +783,11 @@ def test_unwritable_checkpoint_rolls_switch_back(mlp_pair, broker, tmp_path) -> 
 
     assert failed.returncode == 1, failed.stderr
     assert "rolled back" in failed.stderr
+    assert outcomes == {
+        "installed": 0,
+        "rejected": {},
+        "rolled_back": {"state_dir_write_failed": 1},
+    }
     assert (
         f": state_dir_write_failed: cannot write a checkpoint of release "
         f"{release_id(mlp_pair.bundle)} to {state / 'checkpoints'}: File exists "
@@ -857,6 +865,7 @@ def test_malformed_transfer_logs_one_line(mlp_pair, broker, tmp_path, caplog) ->
                 hub.publish(chunk_topic, chunk, qos=1).wait_for_publish(10)
             wait_until(lambda: len(statuses) == len(chunks))
         bundle_after = daemon.bundle.path
+        outcomes = daemon.status_report()["model_updates"]
     finally:
         daemon.stop()
         for client in (hub, listener):
@@ -878,6 +887,8 @@ def test_malformed_transfer_logs_one_line(mlp_pair, broker, tmp_path, caplog) ->
         )
     )
     assert {status["reason"] for status in statuses} == {"malformed"}
+    # Seven rejected chunks of one transfer count once.
+    assert outcomes == {"installed": 0, "rejected": {"malformed": 1}, "rolled_back": {}}
     assert bundle_after == mlp_pair.bundle
 
 
