@@ -32,6 +32,7 @@ from dslo_edge.errors import (
     RepresentativeDataError,
     TrainableScopeError,
 )
+from dslo_edge.signal_deferral import SigtermExit
 
 if TYPE_CHECKING:
     from converters.trainable import TrainableScope
@@ -129,15 +130,16 @@ def _sigterm_handled_by(handler: Callable[[int, Any], None]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
-    """Raise SystemExit(143) on SIGTERM while the block runs.
+    """Raise SigtermExit(143) on SIGTERM while the block runs.
 
     Python's default action for SIGTERM ends the process at once, so the
     finally blocks that stop the brokers and daemons a command started never
-    run and those children keep running. Raising lets them run.
+    run and those children keep running. Raising lets them run, and
+    InterruptibleGroup prints the line that names the signal.
     """
 
     def exit_now(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise SigtermExit(128 + signum)
 
     with _sigterm_handled_by(exit_now):
         yield
@@ -145,6 +147,9 @@ def sigterm_as_exit() -> Iterator[None]:
 
 class InterruptibleGroup(click.Group):
     """A command group that exits with status 130 and one line on Ctrl-C.
+
+    It also prints one line for the SIGTERM that ``sigterm_as_exit`` raises,
+    and exits with status 143.
 
     click itself prints "Aborted!" and exits with status 1. Commands that
     report what an interrupt left behind, such as push, catch
@@ -154,6 +159,13 @@ class InterruptibleGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except SigtermExit as stop:
+            command = ctx.invoked_subcommand or ctx.info_name
+            click.echo(
+                f"error: dslo-edge {command} stopped on SIGTERM before it completed",
+                err=True,
+            )
+            sys.exit(stop.code)
         except KeyboardInterrupt:
             command = ctx.invoked_subcommand or ctx.info_name
             click.echo(

@@ -16,6 +16,14 @@ from collections.abc import Iterator
 from typing import Any
 
 
+class SigtermExit(SystemExit):
+    """The SystemExit(143) that ``dslo_edge.cli.sigterm_as_exit`` raises on SIGTERM.
+
+    It is defined here, not in ``dslo_edge.cli``, so that ``python -m
+    dslo_edge.cli``, which loads that module twice, has one class to catch.
+    """
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold back SIGINT and SIGTERM while the block runs, then raise them again.

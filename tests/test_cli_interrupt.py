@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
 import click
 from click.testing import CliRunner
 
-from dslo_edge.cli import EXIT_INTERRUPTED, InterruptibleGroup
+from dslo_edge.cli import EXIT_INTERRUPTED, InterruptibleGroup, sigterm_as_exit
 
 # Sends a real SIGINT to itself while dslo_edge.cli is being imported, the
 # window before any command installs its own handler.
@@ -79,4 +81,23 @@ def test_sigint_in_command_exits_130():
     assert "Aborted!" not in result.output
     assert result.output.strip() == (
         "error: dslo-edge slow stopped on Ctrl-C (SIGINT) before it completed"
+    )
+
+
+def test_sigterm_in_command_prints_line():
+    @click.group(cls=InterruptibleGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def slow() -> None:
+        with sigterm_as_exit():
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()
+
+    result = CliRunner().invoke(group, ["slow"])
+
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert result.output.strip() == (
+        "error: dslo-edge slow stopped on SIGTERM before it completed"
     )

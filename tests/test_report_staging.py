@@ -183,5 +183,8 @@ def test_sigterm_in_report_leaves_no_staging(tmp_path) -> None:
             process.wait()
 
     assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().endswith(
+        "error: dslo-edge report stopped on SIGTERM before it completed"
+    )
     assert staging_leftovers(tmp_path, out) == []
     assert sorted(path.name for path in out.iterdir()) == PLOTS
