@@ -283,20 +283,52 @@ def run_demo(
 
 
 def _write_report(report: dict[str, Any], path: Path | None, out: Path) -> Path:
-    """Write the report to ``path``, or to OUT/report.json if that fails."""
+    """Write the report to ``path``, or to OUT/report.json if that fails.
+
+    Raises:
+        DsloError: OUT/report.json cannot be written either.
+    """
     text = json.dumps(report, indent=2) + "\n"
     fallback = out / "report.json"
     try:
-        (path or fallback).write_text(text)
+        _replace_text(path or fallback, text)
     except OSError as error:
+        reason = error.strerror or str(error)
         if path is None:
-            raise
-        fallback.write_text(text)
+            raise DsloError(
+                f"cannot write the report to {fallback}: {reason}; any earlier "
+                "report there is unchanged. Free space or choose another --out"
+            ) from error
+        try:
+            _replace_text(fallback, text)
+        except OSError as fallback_error:
+            raise DsloError(
+                f"cannot write the report to {path}: {reason}, nor to "
+                f"{fallback}: {fallback_error.strerror or fallback_error}; "
+                "free space or choose another --report"
+            ) from fallback_error
         raise DsloError(
-            f"cannot write the report to {path}: {error.strerror or error}; "
+            f"cannot write the report to {path}: {reason}; "
             f"it was written to {fallback} instead"
         ) from error
     return path or fallback
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over it.
+
+    A failed write, such as on a full disk, leaves an earlier file at
+    ``path`` as it was.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _report(

@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 from dslo_edge.demo import format_report
+
+# Writes a report of about 100 kB under a 4 KiB file size limit
+# (RLIMIT_FSIZE), so the write fails with EFBIG part way, as on a full disk.
+WRITE_OVER_SIZE_LIMIT = """
+import json
+import resource
+import signal
+import sys
+from pathlib import Path
+
+from dslo_edge.demo import _write_report
+from dslo_edge.errors import DsloError
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+report_path = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+try:
+    _write_report({"padding": "x" * 100_000}, report_path, Path(sys.argv[1]))
+except DsloError as error:
+    print(error)
+"""
 
 
 def demo_report() -> dict:
@@ -34,3 +59,51 @@ def test_peak_rss_line_says_mib() -> None:
 
     assert "daemon peak RSS 59.6 MiB; took 32.6 s" in lines
     assert "updates: sent 115, applied 115, rejected 0" in lines
+
+
+def write_over_size_limit(*paths) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", WRITE_OVER_SIZE_LIMIT, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_failed_write_keeps_earlier_report(tmp_path) -> None:
+    earlier = json.dumps(demo_report(), indent=2) + "\n"
+    (tmp_path / "report.json").write_text(earlier)
+
+    result = write_over_size_limit(tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.strip() == (
+        f"cannot write the report to {tmp_path / 'report.json'}: File too "
+        "large; any earlier report there is unchanged. Free space or choose "
+        "another --out"
+    )
+    assert (tmp_path / "report.json").read_text() == earlier
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_failed_fallback_keeps_both_reports(tmp_path) -> None:
+    earlier = json.dumps(demo_report(), indent=2) + "\n"
+    (tmp_path / "report.json").write_text(earlier)
+    chosen = tmp_path / "chosen.json"
+    chosen.write_text(earlier)
+
+    result = write_over_size_limit(tmp_path, chosen)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"cannot write the report to {chosen}: File too large, nor to "
+        f"{tmp_path / 'report.json'}: File too large; free space or choose "
+        "another --report"
+    )
+    assert chosen.read_text() == earlier
+    assert (tmp_path / "report.json").read_text() == earlier
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "chosen.json",
+        "report.json",
+    ]
