@@ -258,9 +258,12 @@ def test_broker_restart_keeps_slower_peer_connected(
         for record in caplog.records
         if record.getMessage().startswith("Hub worker w1 drains the session of r1")
     ]
-    assert grace_lines == [
+    # Under load, w1 can also read r1's offline status at start, before r1
+    # publishes online, and plan a drain that r1's online status cancels.
+    assert len(grace_lines) >= 1
+    assert set(grace_lines) == {
         "Hub worker w1 drains the session of r1 if it stays offline for 21 s"
-    ]
+    }
     assert peer_drain_lines(caplog, "r1") == []
     assert r1_connects == 2
     assert r1_status == "online"
