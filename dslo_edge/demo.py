@@ -25,7 +25,7 @@ import numpy as np
 
 from dslo_edge.broker import Broker
 from dslo_edge.bundle import load_bundle
-from dslo_edge.checkpoint import load_latest_checkpoint
+from dslo_edge.checkpoint import load_latest_checkpoint, write_durably
 from dslo_edge.config import TrainingSettings, load_config, render_config
 from dslo_edge.digits import SHIFT_DESCRIPTION, load_splits, teacher_training_set
 from dslo_edge.errors import ConfigError, DsloError, OutputPathError
@@ -291,7 +291,7 @@ def _write_report(report: dict[str, Any], path: Path | None, out: Path) -> Path:
     text = json.dumps(report, indent=2) + "\n"
     fallback = out / "report.json"
     try:
-        _replace_text(path or fallback, text)
+        write_durably(path or fallback, text.encode())
     except OSError as error:
         reason = error.strerror or str(error)
         if path is None:
@@ -300,7 +300,7 @@ def _write_report(report: dict[str, Any], path: Path | None, out: Path) -> Path:
                 "report there is unchanged. Free space or choose another --out"
             ) from error
         try:
-            _replace_text(fallback, text)
+            write_durably(fallback, text.encode())
         except OSError as fallback_error:
             raise DsloError(
                 f"cannot write the report to {path}: {reason}, nor to "
@@ -312,23 +312,6 @@ def _write_report(report: dict[str, Any], path: Path | None, out: Path) -> Path:
             f"it was written to {fallback} instead"
         ) from error
     return path or fallback
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over it.
-
-    A failed write, such as on a full disk, leaves an earlier file at
-    ``path`` as it was.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _report(
