@@ -105,7 +105,7 @@ def test_tiny_chunks_rejected(mlp_pair, mosquitto, tmp_path) -> None:
 
 
 def test_ota_send_chunk_size_floor_matches_device() -> None:
-    # The device's rejection message tells the sender to use ota-send, so
+    # The device's rejection message names ota-send as the fix, so
     # every --chunk-size that ota-send takes must pass the device's check.
     (option,) = [p for p in ota_send.params if p.name == "chunk_size"]
     assert option.type.min == MIN_CHUNK_BYTES

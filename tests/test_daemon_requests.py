@@ -425,7 +425,7 @@ def test_unanswered_request_reaches_metrics(mlp_pair, mosquitto, tmp_path) -> No
     assert metrics["applied"] == 0
 
 
-def test_refused_request_reaches_metrics(mlp_pair, mosquitto, tmp_path) -> None:
+def test_rejected_request_reaches_metrics(mlp_pair, mosquitto, tmp_path) -> None:
     # With noise multiplier 1, four releases spend epsilon 10.7 (RDP), so
     # this budget rejects the first request and nothing trains.
     privacy = "noise_multiplier = 1.0\nepsilon_budget = 4.0"
@@ -450,7 +450,7 @@ def test_refused_request_reaches_metrics(mlp_pair, mosquitto, tmp_path) -> None:
     assert metrics["applied"] == 0
 
 
-def ask_until_budget_refusal(mlp_pair, port: int, tmp_path: Path, x) -> None:
+def ask_until_budget_rejection(mlp_pair, port: int, tmp_path: Path, x) -> None:
     """Start a daemon, send it x and wait until the hub rejects the request."""
     daemon = start_unsure_daemon(mlp_pair, port, tmp_path)
     app = LocalApp(port)
@@ -470,9 +470,9 @@ def test_spent_budget_is_logged_on_hub(mlp_pair, mosquitto, tmp_path, caplog) ->
     caplog.set_level(logging.INFO, logger="dslo_edge.hub_batch")
     x = np.random.default_rng(2).random((6, 64), dtype=np.float32)
     try:
-        # A new daemon forgets its backoff, so it requests at once again.
+        # A new daemon starts without the backoff, so it requests at once again.
         for attempt in range(2):
-            ask_until_budget_refusal(
+            ask_until_budget_rejection(
                 mlp_pair, mosquitto.port, tmp_path / str(attempt), x
             )
     finally:
