@@ -376,8 +376,8 @@ static void alpha_and_labels(const double *entropy, const float *soft,
 }
 
 PyDoc_STRVAR(prepare_doc,
-"prepare(ids, p, monitor, store, given, stamps, teacher_round, entropy_scale,\n"
-"        smoothing, alpha, hard, argmax, soft_out, alpha_out, hard_out)\n"
+"prepare(ids, p, monitor, store, given, stamps, teacher_round, fixed,\n"
+"        boost_remaining, alpha, hard, soft_out, alpha_out, hard_out)\n"
 "    -> (entropy_sum, confidence_sum, drift_sum, drift_count, lam, spike)\n"
 "    or None\n\n"
 "The dynamic part of one batch with unique ids, as SoftLabelEngine.prepare\n"
@@ -388,11 +388,12 @@ PyDoc_STRVAR(prepare_doc,
 "(monitor_known, monitor_positions, store_known, store_positions) after the\n"
 "caller gave new ids rows (known is -1 for those). None is also returned\n"
 "for an id that repeats in the batch. stamps is the first\n"
-"stamp of each table. smoothing is (lambda, boost_lambda, threshold,\n"
-"boost_remaining, boost_updates, boost_min_rows) and alpha is (offset, slope,\n"
-"low, high). The boost starts when the batch drift exceeds threshold over at\n"
-"least min(boost_min_rows, rows of the batch) rows with drift.\n"
-"hard is None or int32 labels with -1 for none.");
+"stamp of each table. fixed is (entropy_scale, lambda, boost_lambda,\n"
+"threshold, boost_updates, boost_min_rows, argmax), the arguments that only\n"
+"the settings and the class count decide, and alpha is (offset, slope, low,\n"
+"high). The boost starts when the batch drift exceeds threshold over at\n"
+"least min(boost_min_rows, rows of the batch) rows with drift. hard is None\n"
+"or int32 labels with -1 for none; argmax labels the rows without one.");
 
 static PyObject *prepare(PyObject *self, PyObject *args) {
     PyObject *ids, *p_object, *monitor_tuple, *store_tuple, *given_object;
@@ -401,14 +402,14 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
         boost_updates, boost_min_rows;
     double entropy_scale, lam, boost_lambda, threshold, coefficients[4];
     int argmax;
-    if (!PyArg_ParseTuple(args, "O!OOOO(LL)Ld(dddLLL)(dddd)OpOOO", &PyList_Type,
+    if (!PyArg_ParseTuple(args, "O!OOOO(LL)L(ddddLLp)L(dddd)OOOO", &PyList_Type,
                           &ids, &p_object, &monitor_tuple, &store_tuple,
                           &given_object, &monitor_stamp, &store_stamp,
                           &teacher_round, &entropy_scale, &lam, &boost_lambda,
-                          &threshold, &boost_remaining, &boost_updates,
-                          &boost_min_rows,
+                          &threshold, &boost_updates, &boost_min_rows, &argmax,
+                          &boost_remaining,
                           &coefficients[0], &coefficients[1], &coefficients[2],
-                          &coefficients[3], &hard_object, &argmax, &soft_object,
+                          &coefficients[3], &hard_object, &soft_object,
                           &alpha_object, &labels_object)) {
         return NULL;
     }

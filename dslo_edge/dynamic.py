@@ -11,14 +11,13 @@ over the batch, with one dictionary lookup per id in each of the two row
 tables as the only per-id Python work.
 
 NOTE: with the 64-32-10 digits student at batch 32, the dynamic part takes
-about 26 % of the update time with the compiled loops and about 45 to 60 %
-in numpy, not the intended 10 % at most. On a shared 2-core x86 machine,
-``dslo-edge bench`` and ``python -m dslo_edge.bench_dynamic`` measured 23
-to 50 us compiled and 135 to 205 us in numpy, against a 35 to 90 us train
-step. On a faster machine with a 16 us train step, the compiled part took
-9 to 10 us. In a hot loop there, the kernel call took 3.1 us for 32 rows,
-or 4.5 us with the drift, whose 640 float64 logs take about 1.9 us. The
-Python around the call took about 3.5 us at any batch size.
+about 27 % of the update time with the compiled loops and about 60 % in
+numpy, not the intended 10 % at most. On a 2-core x86 machine with a 14 us
+train step, ``python -m dslo_edge.bench_dynamic`` measured 7.6 to 7.9 us
+compiled and about 38 us in numpy. In a hot loop there, the kernel call took
+3.5 us for 32 rows, or 4.5 us with the drift, whose 320 float64 logs take
+about 1 us, as many as the entropy's; the 64 id lookups take about 1 us
+more. The Python around the call took about 3.5 us.
 """
 
 from __future__ import annotations
@@ -268,6 +267,9 @@ class SoftLabelEngine:
         self.boost_remaining = 0
         # False runs every batch through the numpy code, for comparisons.
         self.compiled = True
+        # (class count, the compiled loops' arguments that depend only on the
+        # settings and that count), set by dynamic_compiled.py.
+        self.kernel_arguments: tuple[int, tuple[Any, ...]] | None = None
         self._last: Targets | None = None
 
     @property
@@ -302,7 +304,8 @@ class SoftLabelEngine:
             and teacher_round > self.highest_round + 1
         ):
             self._warn_round_jump(teacher_round)
-        ids = list(sample_ids)
+        # The decoder gives a list, which the compiled loops read in place.
+        ids = sample_ids if type(sample_ids) is list else list(sample_ids)
         if self.compiled and ids and type(probabilities) is np.ndarray:
             targets = prepare_compiled(
                 self, ids, probabilities, teacher_round, hard_labels, temperature

@@ -19,7 +19,7 @@ drifts then differ by float32 rounding.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,14 +58,14 @@ def prepare_compiled(
     settings = engine.settings
     count = len(ids)
     classes = probabilities.shape[1] if probabilities.ndim == 2 else 0
-    engine.highest_round = max(engine.highest_round, round_number)
+    if round_number > engine.highest_round:
+        engine.highest_round = round_number
     progress = engine.progress
     soft = np.empty((count, classes), dtype=np.float32)
     alpha = np.empty(count, dtype=np.float32)
     hard = np.empty(count, dtype=np.int32)
     if hard_labels is not None:
         hard_labels = np.ascontiguousarray(hard_labels, dtype=np.int32)
-    boost = settings.drift
     monitor, store = engine.monitor.table, engine.store.table
     arguments = [
         ids,
@@ -75,18 +75,10 @@ def prepare_compiled(
         None,
         (monitor.next_stamp, store.next_stamp),
         round_number,
-        entropy_scale(classes),
-        (
-            settings.smoothing_lambda,
-            boost.smoothing_lambda,
-            boost.threshold,
-            engine.boost_remaining,
-            boost.updates,
-            boost.min_rows,
-        ),
+        _fixed_arguments(engine, classes),
+        engine.boost_remaining,
         settings.alpha.coefficients(progress),
         hard_labels,
-        settings.hard_label_fallback == "argmax",
         soft,
         alpha,
         hard,
@@ -112,7 +104,7 @@ def prepare_compiled(
         result = kernel.prepare(*arguments)
     batch_drift = engine.monitor.record_batch(result[:4], count, teacher_round)
     if result[5]:
-        engine.boost_remaining = boost.updates
+        engine.boost_remaining = settings.drift.updates
     return Targets(
         soft=soft,
         hard=hard,
@@ -123,6 +115,28 @@ def prepare_compiled(
         batch_drift=batch_drift,
         dynamic_ms=0.0,
     )
+
+
+def _fixed_arguments(engine: SoftLabelEngine, classes: int) -> tuple[Any, ...]:
+    """Return the kernel's arguments that only the settings and K decide.
+
+    The engine keeps them, so that each batch does not build them again.
+    """
+    cached = engine.kernel_arguments
+    if cached is None or cached[0] != classes:
+        settings = engine.settings
+        boost = settings.drift
+        fixed = (
+            entropy_scale(classes),
+            settings.smoothing_lambda,
+            boost.smoothing_lambda,
+            boost.threshold,
+            boost.updates,
+            boost.min_rows,
+            settings.hard_label_fallback == "argmax",
+        )
+        cached = engine.kernel_arguments = (classes, fixed)
+    return cached[1]
 
 
 def _fits(engine: SoftLabelEngine, ids: list[str], probabilities: np.ndarray) -> bool:

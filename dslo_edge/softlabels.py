@@ -16,6 +16,7 @@ All functions are vectorised over the batch, take float arrays of shape
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -281,12 +282,19 @@ class AlphaPolicy:
         Raises:
             ValueError: ``progress`` is not finite.
         """
+        span, low, high = self._span_and_bounds
         time_term = self.schedule.value(progress)
-        span = self.alpha_start - self.alpha_end
         offset = self.alpha_end + span * (self.w_conf + self.w_time * time_term)
-        low = min(self.alpha_start, self.alpha_end)
-        high = max(self.alpha_start, self.alpha_end)
         return offset, span * self.w_conf, low, high
+
+    @functools.cached_property
+    def _span_and_bounds(self) -> tuple[float, float, float]:
+        # Computed once: the update path calls coefficients for every batch.
+        return (
+            self.alpha_start - self.alpha_end,
+            min(self.alpha_start, self.alpha_end),
+            max(self.alpha_start, self.alpha_end),
+        )
 
 
 def _validate_batch(sample_ids: Sequence[str], p: np.ndarray) -> np.ndarray:

@@ -307,11 +307,10 @@ def _kernel_arguments(engine: SoftLabelEngine, ids: list[str]) -> list:
         None,
         (1, 1),
         1,
-        -1.0,
-        (0.3, 3.0, 0.5, 0, 20, 8),
+        (-1.0, 0.3, 3.0, 0.5, 20, 8, True),
+        0,
         (0.7, 0.4, 0.2, 0.8),
         None,
-        True,
         np.empty((count, 2), np.float32),
         np.empty(count, np.float32),
         np.empty(count, np.int32),
@@ -365,7 +364,7 @@ kernel.lookup(store[0], ids, np.empty(200, np.int64))
 ClearingId.armed = True
 ids = [ClearingId("id0")] + ["".join(["id", str(n)]) for n in range(1, 200)]
 kernel.prepare(ids, np.full((200, 2), 0.5), monitor, store, None, (1, 1), 2,
-               -1.0, (0.3, 3.0, 0.5, 0, 20, 8), (0.7, 0.4, 0.2, 0.8), None, True,
+               (-1.0, 0.3, 3.0, 0.5, 20, 8, True), 0, (0.7, 0.4, 0.2, 0.8), None,
                np.empty((200, 2), np.float32), np.empty(200, np.float32),
                np.empty(200, np.int32))
 print("done")
