@@ -197,6 +197,7 @@ class MqttConnection:
         on_disconnected: Callable[[], None] | None = None,
         manual_ack: bool = False,
         receive_maximum: int | None = None,
+        maximum_packet_size: int | None = None,
         label: str = "client",
         takeover_fix: str = "give each device its own id",
     ):
@@ -205,6 +206,7 @@ class MqttConnection:
         self.client_id = client_id
         self.label = label
         self.receive_maximum = receive_maximum
+        self.maximum_packet_size = maximum_packet_size
         self.connected = threading.Event()
         self.stopping = threading.Event()
         self.last_error: str | None = None
@@ -269,6 +271,8 @@ class MqttConnection:
         properties.SessionExpiryInterval = self.settings.session_expiry_s
         if self.receive_maximum:
             properties.ReceiveMaximum = self.receive_maximum
+        if self.maximum_packet_size:
+            properties.MaximumPacketSize = self.maximum_packet_size
         return properties
 
     # Lifecycle

@@ -55,7 +55,7 @@ from dslo_edge.admission import (
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.batching import BatchPolicy, UpdateBatcher
 from dslo_edge.bundle import Bundle, load_bundle
-from dslo_edge.config import DeviceConfig
+from dslo_edge.config import MAX_MQTT_PACKET_BYTES, DeviceConfig
 from dslo_edge.config_service import METRICS_LOG
 from dslo_edge.connection import MqttConnection
 from dslo_edge.costs import AdaptationCosts
@@ -81,8 +81,8 @@ from dslo_edge.model_update import ModelUpdater
 from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.multihead import AnyUpdate, MultiHeadTrainer, make_trainer
 from dslo_edge.multihead_model import load_student
-from dslo_edge.ota import ota_topics
-from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE
+from dslo_edge.ota import MAX_CHUNK_BYTES, ota_topics
+from dslo_edge.protocol import STATUS_OFFLINE, STATUS_ONLINE, PayloadLimits
 from dslo_edge.signing import load_key
 from dslo_edge.state_folders import (
     BUNDLES,
@@ -109,6 +109,9 @@ OTA_QUEUE = 256
 # at the broker until the device reconnects, as when the count is reached.
 # The memory estimate of ``profiles check`` and ``flash`` counts both bounds.
 OTA_QUEUE_BYTES = 16 * 2**20
+# Room in a packet for the topic, whose levels take up to 32,000 bytes each,
+# and the properties.
+PACKET_HEADROOM_BYTES = 256 * 1024
 # Reports in a burst come at most this often. A report at every idle moment
 # still shows the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
@@ -130,6 +133,21 @@ ROLLBACK_RETRY_S = 1.0
 # Topics of an earlier config get one warning each, up to this many topics.
 # The messages of further topics are still dropped and counted.
 MAX_STRAY_TOPICS = 64
+
+
+def maximum_packet_bytes(limits: PayloadLimits) -> int:
+    """Return the largest MQTT packet that the device's broker may send it.
+
+    An MQTT 5 broker discards a larger message for this client without
+    sending it, so one message cannot make the network thread read hundreds
+    of MiB before any check. The bound is twice the largest payload the
+    device takes (an update, an inference input or a model update chunk),
+    so that a payload somewhat over ``limits.max_payload_bytes`` still
+    arrives and is rejected as ``too_large``, which tells the hub to send
+    smaller batches. MQTT 3.1.1 has no such bound.
+    """
+    largest = max(limits.max_payload_bytes, MAX_INPUT_BYTES, MAX_CHUNK_BYTES)
+    return min(2 * largest + PACKET_HEADROOM_BYTES, MAX_MQTT_PACKET_BYTES)
 
 
 def burst_checkpoint_every(
@@ -390,6 +408,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
             on_disconnected=self._on_disconnected,
             manual_ack=True,
             receive_maximum=self.config.training.queue_size,
+            maximum_packet_size=maximum_packet_bytes(self.config.limits),
             label=f"device {self.device_id}",
         )
         # Set while the broker has confirmed this connection's subscriptions, so

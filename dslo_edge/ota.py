@@ -84,6 +84,9 @@ DEFAULT_MAX_ARCHIVE_BYTES = 64 * 1024 * 1024
 # The smallest --chunk-size of ota-send. It bounds the chunk count, and so
 # the set of received chunk indices, to 65,536 for a 64 MiB archive.
 MIN_CHUNK_BYTES = 1024
+# The largest --chunk-size of ota-send (in cli_device.py, which does not
+# import this module, to start faster).
+MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_STALE_AFTER_S = 300.0
 MAX_ARCHIVE_MEMBERS = 16
 RELEASE_FILE = "ota-release.json"

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from dslo_edge.daemon import EdgeDaemon
-from dslo_edge.protocol import encode_update
+from dslo_edge.daemon import EdgeDaemon, maximum_packet_bytes
+from dslo_edge.protocol import PayloadLimits, encode_update
 from tests.test_daemon import WAIT_S, hub_client, make_update, write_config
 
 
@@ -171,3 +171,40 @@ def test_update_above_byte_limit_is_applied(mlp_pair, broker, tmp_path) -> None:
     assert metrics["samples_applied"] == 512 + 5 * 4
     assert large.message_id in daemon.applied_ids
     assert metrics["deferred_for_redelivery"] == 0
+
+
+def test_packet_limit_is_twice_largest_payload() -> None:
+    # Below 4 MiB, the largest inference input sets the bound, and MQTT's
+    # maximum packet size caps it.
+    assert maximum_packet_bytes(PayloadLimits(max_payload_bytes=4096)) == 8_650_752
+    assert maximum_packet_bytes(PayloadLimits(max_payload_bytes=64 << 20)) == (
+        128 * 2**20 + 256 * 1024
+    )
+    assert maximum_packet_bytes(PayloadLimits(max_payload_bytes=200 << 20)) == (
+        268_435_455
+    )
+
+
+def test_broker_drops_update_over_packet_limit(mlp_pair, broker, tmp_path) -> None:
+    if broker.kind != "mosquitto":
+        pytest.skip("the packet limit is an MQTT 5 connect property")
+    config = write_config(tmp_path, mlp_pair.bundle, broker)
+    limit = maximum_packet_bytes(config.limits)
+    daemon = EdgeDaemon(config)
+    daemon.start()
+    hub = hub_client(broker)
+    try:
+        hub.wait_for_metrics(lambda m: True, WAIT_S)
+        # Over the limit: the broker never sends it. Under it but over
+        # limits.max_payload_bytes: it arrives and is rejected by name.
+        hub.publish(b"DSLO" + bytes(limit))
+        hub.publish(b"DSLO" + bytes(config.limits.max_payload_bytes + 1))
+        hub.publish(encode_update(make_update(1500)))
+        metrics = hub.wait_for_metrics(lambda m: m["applied"] >= 1, WAIT_S)
+    finally:
+        hub.close()
+        daemon.stop()
+
+    assert metrics["applied"] == 1
+    assert metrics["rejected"] == {"too_large": 1}
+    assert metrics["processed"] == 2
