@@ -55,6 +55,9 @@ from dslo_edge.signing import sign
 
 logger = logging.getLogger(__name__)
 
+# The hard label of a sample that has none, in data files and in updates.
+NO_HARD_LABEL = -1
+
 
 @dataclass(frozen=True)
 class SampleSet:
@@ -380,7 +383,8 @@ def check_samples(
         head_classes: the class count of each head, for ``samples.head_y``.
 
     Raises:
-        ConfigError: wrong input shape, or hard labels outside 0..K-1.
+        ConfigError: wrong input shape, or a hard label that is neither a
+            class index 0..K-1 nor -1 (no hard label).
     """
     if samples.x.shape[1:] != input_shape:
         fix = ""
@@ -395,19 +399,28 @@ def check_samples(
             f"{source}: x has samples of shape {samples.x.shape[1:]}, but "
             f"{model} takes {input_shape}{fix}"
         )
-    y = samples.y
-    if y is not None and (y.min() < 0 or y.max() >= class_count):
-        raise ConfigError(
-            f"{source}: y has labels {y.min()}..{y.max()}, "
-            f"expected 0..{class_count - 1}"
-        )
+    if samples.y is not None:
+        _check_class_labels(samples.y, class_count, f"{source}: y", "")
     for head, labels in (samples.head_y or {}).items():
         classes = (head_classes or {}).get(head, 0)
-        if labels.min() < 0 or labels.max() >= classes:
-            raise ConfigError(
-                f"{source}: y_{head} has labels {labels.min()}..{labels.max()}, "
-                f"expected 0..{classes - 1}, the classes of head {head!r}"
-            )
+        _check_class_labels(
+            labels, classes, f"{source}: y_{head}", f" of head {head!r}"
+        )
+
+
+def _check_class_labels(
+    labels: np.ndarray, class_count: int, name: str, classes_of: str
+) -> None:
+    """Reject labels that are neither a class index nor -1 (no hard label)."""
+    bad = np.flatnonzero((labels < NO_HARD_LABEL) | (labels >= class_count))
+    if not len(bad):
+        return
+    index = int(bad[0])
+    raise ConfigError(
+        f"{name}[{index}] is {labels[index]}; expected a class index "
+        f"0..{class_count - 1}{classes_of}, or {NO_HARD_LABEL} for a sample "
+        f"without a hard label (invalid labels: {len(bad)} of {len(labels)})"
+    )
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:

@@ -267,3 +267,68 @@ def test_labels_of_two_unknown_heads_are_named(tmp_path: Path) -> None:
         load_samples(path, heads=["digit", "shape"])
 
     assert f"{path} has y_cat, y_dog, which name no head of" in str(caught.value)
+
+
+def test_minus_one_label_is_accepted(tmp_path: Path) -> None:
+    path = write_samples(tmp_path / "labels.npz", y=np.array([-1, 4, -1]))
+    samples = load_samples(path)
+
+    check_samples(samples, (64,), 10, "labels.npz")
+
+    assert samples.y is not None
+    assert samples.y.tolist() == [-1, 4, -1]
+
+
+def test_minus_one_head_label_is_accepted(tmp_path: Path) -> None:
+    path = write_samples(
+        tmp_path / "heads.npz",
+        y_digit=np.array([-1, -1, -1]),
+        y_shape=np.array([2, -1, 0]),
+    )
+    samples = load_samples(path, heads=["digit", "shape"])
+
+    check_samples(
+        samples, (64,), 0, "heads.npz", head_classes={"digit": 10, "shape": 3}
+    )
+
+    assert samples.head_y is not None
+    assert samples.head_y["digit"].tolist() == [-1, -1, -1]
+    assert samples.head_y["shape"].tolist() == [2, -1, 0]
+
+
+@pytest.mark.parametrize(
+    ("labels", "index", "value"),
+    [([0, -2, 9], 1, -2), ([-1, 3, -5], 2, -5), ([-1, -1, -2], 2, -2)],
+)
+def test_label_below_minus_one_is_rejected(
+    tmp_path: Path, labels: list[int], index: int, value: int
+) -> None:
+    path = write_samples(tmp_path / "labels.npz", y=np.array(labels))
+    samples = load_samples(path)
+
+    with pytest.raises(ConfigError) as caught:
+        check_samples(samples, (64,), 10, "labels.npz")
+
+    assert str(caught.value) == (
+        f"labels.npz: y[{index}] is {value}; expected a class index 0..9, or -1 "
+        "for a sample without a hard label (invalid labels: 1 of 3)"
+    )
+
+
+def test_head_label_below_minus_one_is_rejected(tmp_path: Path) -> None:
+    path = write_samples(
+        tmp_path / "heads.npz",
+        y_digit=np.array([7, 8, 9]),
+        y_shape=np.array([-1, -3, 3]),
+    )
+    samples = load_samples(path, heads=["digit", "shape"])
+
+    with pytest.raises(ConfigError) as caught:
+        check_samples(
+            samples, (64,), 0, "heads.npz", head_classes={"digit": 10, "shape": 3}
+        )
+
+    assert str(caught.value) == (
+        "heads.npz: y_shape[1] is -3; expected a class index 0..2 of head "
+        "'shape', or -1 for a sample without a hard label (invalid labels: 2 of 3)"
+    )

@@ -271,7 +271,8 @@ def test_push_command_sends_head_hard_labels(
         ),
         (
             {**_head_labels(), "y_shape": np.full(SAMPLES, 3, np.int32)},
-            "y_shape has labels 3..3, expected 0..2, the classes of head 'shape'",
+            "y_shape[0] is 3; expected a class index 0..2 of head 'shape', or -1 "
+            "for a sample without a hard label (invalid labels: 20 of 20)",
         ),
         (
             {**_head_labels(), "y_digit": np.full(SAMPLES, 1.5)},
