@@ -703,7 +703,8 @@ def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
     "--hard-labels",
     is_flag=True,
     help="Send the file's y array as hard labels, or its y_<head> arrays for a "
-    "student with several heads.",
+    "student with several heads. A label of -1 marks a sample without a hard "
+    "label.",
 )
 @click.option(
     "--wait/--no-wait",

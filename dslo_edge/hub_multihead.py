@@ -21,6 +21,7 @@ from dslo_edge.errors import ConfigError
 from dslo_edge.hub import (
     SampleSet,
     describe_non_finite_labels,
+    hard_labels_to_send,
     label_probabilities_of,
     non_finite_batch_error,
 )
@@ -93,7 +94,8 @@ def build_multi_head_updates(
             labels.
 
     Each head's hard labels from ``samples.head_y`` go with its labels,
-    and none are sent without them.
+    and none are sent without them. A head whose labels in a batch are all
+    -1 (no hard label) gets no hard label array in that update.
 
     Raises:
         ConfigError: the teacher gave NaN or infinite labels for a batch; the
@@ -141,7 +143,9 @@ def multi_head_update(
         outputs: each head's teacher output for the inputs ``x``.
         output_kinds: each head's output kind, "probabilities" or "logits".
         top_k: as for ``build_multi_head_updates``.
-        hard_labels: each head's class indices for the batch, or None.
+        hard_labels: each head's class indices for the batch, -1 where a
+            sample has none, or None. A head whose labels are all -1 gets no
+            hard label array.
     """
     hard = hard_labels or {}
     heads = {
@@ -187,6 +191,7 @@ def _head_labels(
     output: np.ndarray, kind: str, top_k: int | None, hard: np.ndarray | None
 ) -> HeadLabels:
     head_top_k = top_k if top_k is not None and top_k < output.shape[1] else None
+    hard = hard_labels_to_send(hard)
     if hard is not None:
         hard = np.ascontiguousarray(hard, dtype=np.int32)
     if head_top_k is not None and kind == "logits":

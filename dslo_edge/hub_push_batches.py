@@ -30,6 +30,7 @@ from dslo_edge.hub import (
     NO_MATCHING_SUBSCRIBERS,
     NOT_AUTHORIZED,
     SampleSet,
+    hard_labels_to_send,
     label_probabilities_of,
     reason_name,
 )
@@ -636,10 +637,14 @@ def _multi_head_update(
 def _batch_hard_labels(
     schedule: PushSchedule, samples: SampleSet, start: int, stop: int
 ) -> np.ndarray | None:
-    """Return the hard labels of one batch, or None unless the push sends them."""
+    """Return the hard labels of one batch to send, or None.
+
+    The result is None when the push sends no hard labels or when every label
+    of the batch is -1.
+    """
     if not schedule.hard_labels or samples.y is None:
         return None
-    return samples.y[start:stop]
+    return hard_labels_to_send(samples.y[start:stop])
 
 
 def _check_update_size(

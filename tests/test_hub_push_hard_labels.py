@@ -121,6 +121,25 @@ def test_push_sends_hard_labels_when_asked(
     assert caplog.records == []
 
 
+def test_push_sends_minus_one_labels(mlp_pair, mosquitto, tmp_path) -> None:
+    folder = tmp_path / "hub"
+    config = push_config(
+        folder, mosquitto.port, mlp_pair.bundle, push_keys="hard_labels = true\n"
+    )
+    labels = Y.copy()
+    labels[[2, 5]] = -1
+    # The second batch, rows 16 to 19, has no hard label at all.
+    labels[16:] = -1
+    np.savez(folder / "data.npz", x=X, y=labels)
+    worker = HubWorker(load_hub_config(config, "w1"))
+
+    updates = run_push(worker, mosquitto.port, 2)
+
+    assert updates[0].hard_labels is not None
+    assert updates[0].hard_labels.tolist() == labels[:16].tolist()
+    assert updates[1].hard_labels is None
+
+
 def test_changed_file_without_y_keeps_old_samples(
     mlp_pair, mosquitto, tmp_path, caplog
 ) -> None:
