@@ -66,9 +66,6 @@ PUBLISH_TIMEOUT_S = 30.0
 # time, so the resumed run publishes none of them again. A broker that no
 # longer sends PUBACKs delays the stop by this much.
 STOP_PUBACK_WAIT_S = 1.0
-# The default of the device's max_age_s (dslo_edge.config): a device with that
-# default rejects an update older than this, also one published again.
-DEVICE_MAX_AGE_S = 3600.0
 
 
 @dataclass
@@ -321,7 +318,9 @@ class BatchPublisher:
         signed_again = 0
         for batch in waiting:
             age = now - batch.created
-            stale += age > DEVICE_MAX_AGE_S
+            # expiry_s stands for the device's max_age_s, which the docs ask
+            # to match: a device rejects an update older than that.
+            stale += age > schedule.expiry_s
             body = unverified_body(batch.payload)
             payload = body if key is None else sign(key, topic, body)
             signed_again += payload != batch.payload
@@ -363,12 +362,12 @@ class BatchPublisher:
         if stale:
             logger.warning(
                 "Push %s to device %s published again %d of its updates that are "
-                "older than %.0f s, which a device with the default max_age_s "
-                "rejects",
+                "older than the push's expiry_s of %d s; a device whose max_age_s "
+                "is that long rejects them",
                 schedule.name,
                 device,
                 stale,
-                DEVICE_MAX_AGE_S,
+                schedule.expiry_s,
             )
 
     def _log_changed_source(

@@ -93,7 +93,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
         self.skipped_devices = 0
         self.cut_short_devices = 0
         # Stored updates of interrupted pushes published again, and those of
-        # them older than DEVICE_MAX_AGE_S, which such a device rejects.
+        # them older than the push's expiry_s.
         self.republished_updates = 0
         self.stale_republished_updates = 0
         self._stopping = threading.Event()
@@ -128,8 +128,8 @@ class PushScheduler(BatchPublisher, threading.Thread):
         before their budget ran out or their push failed.
         ``republished_updates`` counts the updates of an interrupted push
         that a resumed run published again unchanged, and
-        ``stale_republished_updates`` those of them older than a device's
-        default ``max_age_s``, which such a device rejects.
+        ``stale_republished_updates`` those of them older than the push's
+        ``expiry_s``, which a device whose ``max_age_s`` matches it rejects.
         """
         return {
             "runs": self.runs,

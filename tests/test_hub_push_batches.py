@@ -134,7 +134,8 @@ def undo_last_batch(path: Path) -> None:
 
 # unacknowledged: porch's last update was published, and w1 was killed while
 # waiting for its PUBACK. terminated: the same, but w1 got SIGTERM. stale: as
-# unacknowledged, with the stored updates made two hours before the restart.
+# unacknowledged, with the stored updates made four hours before a restart
+# with a push expiry_s of three hours.
 # uncharged: w1 was killed before it charged porch's last batch.
 # data_changed: as uncharged, and the data file changed before the restart.
 # key_replaced: as unacknowledged, and porch got a new key before the restart.
@@ -185,7 +186,12 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
         if cut in ("uncharged", "data_changed"):
             undo_last_batch(state_file)
         if cut == "stale":
-            age_batches(state_file, 7200.0)
+            age_batches(state_file, 14400.0)
+            config.write_text(
+                config.read_text().replace(
+                    "every_s = 3600", "expiry_s = 10800\nevery_s = 3600"
+                )
+            )
         if cut == "key_replaced":
             (keys / "porch.key").unlink()
             generate_key_file(keys / "porch.key")
@@ -232,7 +238,8 @@ def test_killed_mid_device_push_resumes(mlp_pair, mosquitto, tmp_path, cut) -> N
     ) in resumed_log
     stale_warning = (
         "Push nightly to device porch published again 1 of its updates that are "
-        "older than 3600 s, which a device with the default max_age_s rejects"
+        "older than the push's expiry_s of 10800 s; a device whose max_age_s is "
+        "that long rejects them"
     )
     assert (stale_warning in resumed_log) == (cut == "stale")
     signed_again = (
