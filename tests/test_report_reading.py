@@ -331,3 +331,20 @@ def test_read_plots_same_as_whole_reports(
     for path, expected_path in zip(written, expected, strict=True):
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         assert path.read_bytes() == expected_path.read_bytes(), path.name
+
+
+def test_read_counts_carriage_return_lines(tmp_path: Path, caplog) -> None:
+    log = tmp_path / "metrics.jsonl"
+    # bytes.splitlines, which the line numbers follow, also splits at a lone \r.
+    log.write_bytes(
+        b'{"device": "x", "applied": 1}\r{"device": "x", "applied": 2}\r\n'
+        b'{"device": 7}\n{"device": "x", "applied": 3}\r'
+    )
+
+    with caplog.at_level("WARNING", logger="dslo_edge.report"):
+        records = read_metrics_log(log)
+
+    assert [record["applied"] for record in records] == [1, 2, 3]
+    assert f"Skipped 1 line in {log} with an invalid value, first line 3: " in (
+        caplog.text
+    )
