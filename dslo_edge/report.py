@@ -18,7 +18,12 @@ from typing import Any, BinaryIO
 
 from dslo_edge.errors import ConfigError, OutputPathError
 from dslo_edge.json_input import parse_json
-from dslo_edge.report_records import ReportCollector, _histogram, _is_number, _mapping
+from dslo_edge.report_records import (
+    ReportCollector,
+    as_mapping,
+    histogram_of,
+    is_number,
+)
 from dslo_edge.report_staging import make_staging_dir, move_into_place
 
 logger = logging.getLogger(__name__)
@@ -200,7 +205,7 @@ def _as_float(value: Any) -> float | None:
     A JSON int can be beyond the float range, where float() raises
     OverflowError, and the daemon never writes one.
     """
-    if not _is_number(value):
+    if not is_number(value):
         return None
     try:
         return float(value)
@@ -271,7 +276,7 @@ def _first_timestamp(records: Sequence[dict[str, Any]]) -> float:
     """Return the first report's timestamp, or infinity when none has one."""
     for record in records:
         stamp: Any = record.get("timestamp")
-        if _is_number(stamp):
+        if is_number(stamp):
             return float(stamp)
     return float("inf")
 
@@ -322,7 +327,7 @@ def _before_first_batch(record: dict[str, Any], dotted: str) -> bool:
     """Check whether the monitor that reports ``dotted`` has seen no batch yet."""
     monitor = dotted.rsplit(".", 1)[0]
     latest_round = _lookup(record, f"{monitor}.latest_round")
-    return _is_number(latest_round) and latest_round == 0
+    return is_number(latest_round) and latest_round == 0
 
 
 def head_series(
@@ -341,7 +346,7 @@ def head_series(
         return [(None, times, values)]
     heads: dict[str, None] = {}
     for record in records:
-        for head, figures in _mapping(_lookup(record, parent)).items():
+        for head, figures in as_mapping(_lookup(record, parent)).items():
             if isinstance(figures, dict) and name in figures:
                 heads[head] = None
     lines: list[tuple[str | None, list[float], list[float]]] = []
@@ -365,7 +370,7 @@ def alpha_series(
     times, values = series(records, "mean_alpha")
     heads: dict[str, None] = {}
     for record in records:
-        for head, figures in _mapping(_lookup(record, "dynamic.heads")).items():
+        for head, figures in as_mapping(_lookup(record, "dynamic.heads")).items():
             if isinstance(figures, dict):
                 heads[head] = None
     lines: list[tuple[str | None, list[float], list[float]]] = []
@@ -391,7 +396,7 @@ def probe_series(
     times, values = series(records, "probe_accuracy")
     heads: dict[str, None] = {}
     for record in records:
-        for head in _mapping(record.get("probe_accuracy_heads")):
+        for head in as_mapping(record.get("probe_accuracy_heads")):
             heads[head] = None
     lines: list[tuple[str | None, list[float], list[float]]] = []
     for head in heads:
@@ -463,8 +468,8 @@ def latest_histogram(
     samples while earlier ones do.
     """
     for record in reversed(records):
-        summary = _mapping(record.get(field))
-        histogram = _histogram(summary)
+        summary = as_mapping(record.get(field))
+        histogram = histogram_of(summary)
         if histogram is not None:
             return summary, histogram
     return None
@@ -515,7 +520,7 @@ def _plot_latency(
         axes.set_ylabel("updates")
         for name, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
             value = summary.get(name)
-            if _is_number(value):
+            if is_number(value):
                 axes.axvline(
                     value,
                     color="#c44e52",
@@ -588,10 +593,10 @@ def latest_energy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     any such report this returns the last report's ``energy``.
     """
     for record in reversed(records):
-        energy = _mapping(record.get("energy"))
-        if _is_number(energy.get("joules_per_update")):
+        energy = as_mapping(record.get("energy"))
+        if is_number(energy.get("joules_per_update")):
             return energy
-    return _mapping(records[-1].get("energy"))
+    return as_mapping(records[-1].get("energy"))
 
 
 def _plot_energy(
@@ -613,9 +618,9 @@ def _plot_energy(
         axes.set_xlabel("minutes since the first report")
         axes.set_ylabel("mJ per update")
         axes.grid(alpha=0.3)
-        battery = _mapping(energy.get("battery"))
+        battery = as_mapping(energy.get("battery"))
         per_thousand = battery.get("percent_per_1000_updates")
-        if _is_number(per_thousand):
+        if is_number(per_thousand):
             axes.text(
                 0.99,
                 0.95,

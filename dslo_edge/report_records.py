@@ -68,11 +68,11 @@ class ReportCollector:
         newest = self._newest.setdefault(device, _NewestFigures())
         newest.last = (index, report)
         for name in self._latency_fields:
-            summary = _mapping(report.get(name))
-            if _histogram(summary) is not None:
+            summary = as_mapping(report.get(name))
+            if histogram_of(summary) is not None:
                 newest.latency[name] = (index, summary)
         energy = report.get("energy")
-        if isinstance(energy, dict) and _is_number(energy.get("joules_per_update")):
+        if isinstance(energy, dict) and is_number(energy.get("joules_per_update")):
             newest.energy = (index, energy)
 
     def reports(self) -> list[dict[str, Any]]:
@@ -98,7 +98,7 @@ class ReportCollector:
                 figure = self._shared(value) if key == "device" else value
             elif key == "teacher" and isinstance(value, dict):
                 figure = self._monitor_figures(value)
-            elif key == "dynamic" and isinstance(_mapping(value).get("heads"), dict):
+            elif key == "dynamic" and isinstance(as_mapping(value).get("heads"), dict):
                 figure = {"heads": self._head_alphas(value["heads"])}
             elif key == "probe_accuracy_heads" and isinstance(value, dict):
                 figure = {
@@ -150,29 +150,29 @@ def _is_scalar(value: Any) -> bool:
     return not isinstance(value, dict | list)
 
 
-def _mapping(value: Any) -> dict[str, Any]:
+def as_mapping(value: Any) -> dict[str, Any]:
     """Return ``value`` if it is a JSON object, else an empty one."""
     return value if isinstance(value, dict) else {}
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _histogram(summary: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+def histogram_of(summary: dict[str, Any]) -> tuple[list[float], list[float]] | None:
     """Return a latency histogram's (edges, counts), or None if it is unusable.
 
     A usable histogram has numeric edges and one numeric count per bucket,
     with at least one sample.
     """
-    histogram = _mapping(summary.get("histogram"))
+    histogram = as_mapping(summary.get("histogram"))
     edges = histogram.get("edges_ms")
     counts = histogram.get("counts")
     if not isinstance(edges, list) or not isinstance(counts, list):
         return None
     if len(edges) != len(counts) + 1 or not counts:
         return None
-    if not all(_is_number(value) for value in edges + counts):
+    if not all(is_number(value) for value in edges + counts):
         return None
     if not sum(counts):
         return None

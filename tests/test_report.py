@@ -17,7 +17,6 @@ from dslo_edge.metrics import HISTOGRAM_EDGES_MS, DaemonMetrics, LatencyWindow
 from dslo_edge.power import BatteryCapacity, EnergyMeter, PowerModel
 from dslo_edge.power.sources import CpuModelSource
 from dslo_edge.report import (
-    _histogram,
     alpha_series,
     append_metrics,
     head_series,
@@ -30,6 +29,7 @@ from dslo_edge.report import (
     series,
     write_report,
 )
+from dslo_edge.report_records import histogram_of
 from tests.sysfs_tree import FakeClock
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -641,10 +641,10 @@ def test_report_skips_malformed_fields(tmp_path: Path, fields: dict) -> None:
 def test_histogram_checks_shape_and_counts() -> None:
     summary = {"histogram": {"edges_ms": [0.1, 1.0, 10.0], "counts": [3, 0]}}
 
-    assert _histogram(summary) == ([0.1, 1.0, 10.0], [3, 0])
-    assert _histogram({"histogram": {"edges_ms": [0.1, 1.0], "counts": [0]}}) is None
-    assert _histogram({"histogram": {"edges_ms": [], "counts": []}}) is None
-    assert _histogram({"histogram": {"edges_ms": [1, True], "counts": [1]}}) is None
+    assert histogram_of(summary) == ([0.1, 1.0, 10.0], [3, 0])
+    assert histogram_of({"histogram": {"edges_ms": [0.1, 1.0], "counts": [0]}}) is None
+    assert histogram_of({"histogram": {"edges_ms": [], "counts": []}}) is None
+    assert histogram_of({"histogram": {"edges_ms": [1, True], "counts": [1]}}) is None
 
 
 def test_latency_plot_skips_reports_after_restart(tmp_path: Path) -> None:
