@@ -94,6 +94,7 @@ from dslo_edge.state_folders import (
 )
 from dslo_edge.state_lock import StateLock
 from dslo_edge.swap import ACTIVE
+from dslo_edge.systemd import EXIT_WATCHDOG
 from dslo_edge.trainer import Trainer
 from dslo_edge.update_queue import UpdateQueue
 
@@ -115,8 +116,6 @@ PACKET_HEADROOM_BYTES = 256 * 1024
 # Reports in a burst come at most this often. A report at every idle moment
 # still shows the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
-# sysexits.h EX_SOFTWARE: an internal thread died or hung.
-EXIT_WATCHDOG = 70
 # A train step that has not returned after this long counts as a hang.
 TRAINER_STALL_S = 60.0
 # Maximum wait of the network thread for room in a full update queue.

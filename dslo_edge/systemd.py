@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 import socket
 
+# sysexits.h EX_SOFTWARE: the status that the device daemon and the hub worker
+# exit with when an internal thread died or hung, so the service manager
+# restarts them.
+EXIT_WATCHDOG = 70
+
 
 def notify(message: str) -> bool:
     """Send a state string such as "READY=1"; return False outside systemd."""
