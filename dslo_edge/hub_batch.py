@@ -41,6 +41,7 @@ from dslo_edge.hub_state import (
     RequestKey,
 )
 from dslo_edge.hub_teacher import TeacherRegistry
+from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.label_protocol import (
     STATUS_BUDGET_EXHAUSTED,
     STATUS_OK,
@@ -140,6 +141,8 @@ class BatchLabeller:
         self.state = state
         self.teacher = teacher
         self.counters = BatchCounters()
+        # The progress of the batcher thread, which calls serve.
+        self.progress = Heartbeat()
         # Set by the worker once its MQTT client exists.
         self.client: mqtt.Client | None = None
         # Each device's key, with the key file's (inode, size, mtime) when it
@@ -411,7 +414,10 @@ class BatchLabeller:
         if not admitted:
             return []
         inputs = np.concatenate([request.inputs for _, request, _ in admitted])
+        # One call for the whole batch: requests.batch_max_samples samples,
+        # plus at most one request, sets how long it goes without a beat.
         outputs = self.teacher.predict(inputs)
+        self.progress.beat()
         self.counters.teacher_calls += 1
         self.counters.labelled_samples += len(inputs)
         self.counters.largest_batch = max(self.counters.largest_batch, len(admitted))
@@ -557,6 +563,7 @@ class BatchLabeller:
         for info in sent:
             try:
                 info.wait_for_publish(timeout=PUBLISH_TIMEOUT_S)
+                self.progress.beat()
             except RuntimeError as error:
                 if info.rc not in _CONNECTION_LOST:
                     raise

@@ -41,6 +41,10 @@ OUTPUT_KINDS = ("probabilities", "logits")
 HUB_SESSION_EXPIRY_S = 300
 # The largest mqtt.reconnect_max_s, in seconds, that a hub config accepts.
 RECONNECT_MAX_S_LIMIT = 3600.0
+# The default hub.watchdog_stall_s, ten times the 30 s that a push may wait for
+# one PUBACK, and its allowed range in seconds.
+WATCHDOG_STALL_S = 300.0
+WATCHDOG_STALL_S_RANGE = (1.0, 86400.0)
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,9 @@ class HubConfig:
     keys_dir: Path | None = None
     pushes: tuple[PushSchedule, ...] = ()
     metrics_every_s: float = 10.0
+    # Seconds that a busy worker thread may go without progress before the
+    # watchdog ends the worker (dslo_edge.hub_watchdog).
+    watchdog_stall_s: float = WATCHDOG_STALL_S
 
     @property
     def client_id(self) -> str:
@@ -388,6 +395,7 @@ def load_hub_config(path: str | Path, worker_id: str | None = None) -> HubConfig
     metrics_every_s = hub.get(
         "metrics_every_s", float, 10.0, _positive, "finite seconds > 0"
     )
+    watchdog_stall_s = _watchdog_stall_s(hub)
     hub.reject_unknown()
     config = HubConfig(
         source=source,
@@ -402,6 +410,7 @@ def load_hub_config(path: str | Path, worker_id: str | None = None) -> HubConfig
         keys_dir=keys_dir,
         pushes=tuple(_push(table) for table in root.tables("push")),
         metrics_every_s=metrics_every_s,
+        watchdog_stall_s=watchdog_stall_s,
     )
     _check_unique_pushes(source, config.pushes)
     root.reject_unknown()
@@ -409,6 +418,18 @@ def load_hub_config(path: str | Path, worker_id: str | None = None) -> HubConfig
         check_private_hard_labels(config, schedule)
     _check_push_data(config)
     return config
+
+
+def _watchdog_stall_s(hub: _Table) -> float:
+    low, high = WATCHDOG_STALL_S_RANGE
+    return hub.get(
+        "watchdog_stall_s",
+        float,
+        WATCHDOG_STALL_S,
+        lambda v: low <= v <= high,
+        f"seconds in {low:g}..{high:g}; set a value in that range, or remove "
+        f"the key to use the default {WATCHDOG_STALL_S:g}",
+    )
 
 
 def _check_unique_pushes(source: Path, pushes: tuple[PushSchedule, ...]) -> None:

@@ -45,6 +45,7 @@ from dslo_edge.hub_push_window import (
 )
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherVersion
+from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.multihead_protocol import MultiHeadUpdate, encode_multi_head_update
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
@@ -111,6 +112,9 @@ class BatchPublisher:
     _stopping: threading.Event
     _rng: np.random.Generator
     _budget_log: RepeatLimiter
+    # The push thread's progress, beaten at each update published and each
+    # PUBACK wait that ends.
+    progress: Heartbeat
 
     def _push_device(
         self,
@@ -133,7 +137,7 @@ class BatchPublisher:
         """
         # Only PUBACKs numbered after this one can acknowledge this device's updates.
         since = self._pubacks.sequence
-        window = PublishWindow(self._pubacks, since, PUBLISH_WINDOW)
+        window = PublishWindow(self._pubacks, since, PUBLISH_WINDOW, self.progress)
         published = window.published
         try:
             self._publish_batches(schedule, device, samples, labelled, window, sent)
@@ -229,6 +233,7 @@ class BatchPublisher:
                 return
             info = self._publish(topic, payload, schedule.expiry_s)
             window.published.append(Published(info, stop - start, index))
+            self.progress.beat()
 
     def _wait_for_room(self, window: PublishWindow) -> bool:
         """Wait until ``window`` has room for one more update; return False on a stop.
@@ -329,6 +334,7 @@ class BatchPublisher:
             info = self._publish(topic, payload, schedule.expiry_s - age)
             samples = batch.end_sample - batch.first_sample
             published.append(Published(info, samples, batch.batch, republished=True))
+            self.progress.beat()
         self.republished_updates += len(waiting)
         self.stale_republished_updates += stale
         logger.info(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from dslo_edge.hub import FIRST_FAILURE_CODE, NO_MATCHING_SUBSCRIBERS
+from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.pubacks import PubackTracker
 
 # paho-mqtt 2.2.0's default max_inflight_messages, which the hub's client does
@@ -52,10 +53,19 @@ class PublishWindow:
     """The updates published in one device's push, oldest first, and their PUBACKs.
 
     Only PUBACKs numbered after ``since`` count, as in ``PubackTracker``.
+    ``progress`` gets a beat each time the wait for one PUBACK ends, timed
+    out or not.
     """
 
-    def __init__(self, pubacks: PubackTracker, since: int, size: int):
+    def __init__(
+        self,
+        pubacks: PubackTracker,
+        since: int,
+        size: int,
+        progress: Heartbeat | None = None,
+    ):
         self.published: list[Published] = []
+        self._progress = progress or Heartbeat()
         self.since = since
         self._pubacks = pubacks
         self._size = size
@@ -136,6 +146,7 @@ class PublishWindow:
         while self._next_to_wait < min(end, len(self.published)):
             info = self.published[self._next_to_wait].info
             problem = self._pubacks.wait_for_all([info], self.since, timeout, stopping)
+            self._progress.beat()
             if problem:
                 return problem
             self._next_to_wait += 1

@@ -54,7 +54,13 @@ from dslo_edge.hub_config import (
 from dslo_edge.hub_multihead import MultiHeadTeacherModel, describe_non_finite_outputs
 from dslo_edge.hub_push_batches import BatchPublisher, DevicePush, Labelled
 from dslo_edge.hub_state import HubState
-from dslo_edge.hub_teacher import AnyTeacherModel, TeacherRegistry, TeacherVersion
+from dslo_edge.hub_teacher import (
+    AnyTeacherModel,
+    TeacherRegistry,
+    TeacherVersion,
+    predict_in_chunks,
+)
+from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.pubacks import PubackTracker
 from dslo_edge.push_progress import counted
 from dslo_edge.repeat_log import RepeatLimiter, repeats_note
@@ -86,6 +92,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
         self.teacher = teacher
         self.client = client
         self._pubacks = PubackTracker(client)
+        self.progress = Heartbeat()
         self.runs = 0
         self.updates = 0
         # Per run and device: got no sample (a spent budget or a failed push),
@@ -146,7 +153,9 @@ class PushScheduler(BatchPublisher, threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
+        self.progress.beat()
         while not self._stopping.wait(CHECK_EVERY_S):
+            self.progress.beat()
             if not self._connected():
                 continue
             if time.monotonic() >= self._next_resume_check:
@@ -309,7 +318,7 @@ class PushScheduler(BatchPublisher, threading.Thread):
         current = self.teacher.current
         model = self._teacher_model(current)
         samples = self._load(schedule, model)
-        outputs = model.predict(samples.x)
+        outputs = predict_in_chunks(model.predict, samples.x, self.progress)
         problem = describe_non_finite_outputs(outputs, samples.x, samples.ids)
         if problem is not None:
             # Read the file again at the next run, in case it was fixed.

@@ -11,7 +11,11 @@ Threads:
   per request and only then acknowledges the requests (manual PUBACK), so a
   worker that dies before responding leaves them unacknowledged;
 - the push scheduler thread (``hub_pushes``) when pushes are configured;
-- a drain thread per dead peer (``hub_drain``).
+- a drain thread per dead peer (``hub_drain``);
+- the watchdog thread (``hub_watchdog``), which exits the process with
+  status 70 when the batcher, push scheduler or connection thread died, or
+  when the batcher or push scheduler made no progress for
+  ``hub.watchdog_stall_s``. Drain threads are not watched.
 
 Requests a dead worker held: mosquitto 2.0.11 keeps them, and a share of
 new ones, in the dead worker's persistent session and never passes them to
@@ -45,12 +49,15 @@ from paho.mqtt.properties import Properties
 from dslo_edge import systemd
 from dslo_edge.connection import MqttConnection
 from dslo_edge.errors import BrokerError, ConfigError
+from dslo_edge.hub_batch import PUBLISH_TIMEOUT_S as RESPONSE_PUBACK_WAIT_S
 from dslo_edge.hub_batch import Acknowledger, BatchLabeller, Incoming
 from dslo_edge.hub_config import HubConfig
 from dslo_edge.hub_drain import SessionDrain, grace_period, peer_reconnect_max_s
+from dslo_edge.hub_push_batches import PUBLISH_TIMEOUT_S as PUSH_PUBACK_WAIT_S
 from dslo_edge.hub_pushes import PushScheduler
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherRegistry
+from dslo_edge.hub_watchdog import HubWatchdog, WatchedThread
 from dslo_edge.hub_worker_lock import WorkerLock
 from dslo_edge.json_input import parse_json
 from dslo_edge.label_protocol import (
@@ -197,6 +204,21 @@ class HubWorker:
         self._batcher = threading.Thread(
             target=self._batch_loop, name="dslo-hub-batcher", daemon=True
         )
+        self._watchdog = HubWatchdog(
+            self.worker_id, self._watched_threads(), config.watchdog_stall_s
+        )
+
+    def _watched_threads(self) -> list[WatchedThread]:
+        watched = [
+            WatchedThread("batcher", self._batcher.is_alive, self.labeller.progress),
+            WatchedThread("MQTT connection", lambda: self.connection.alive),
+        ]
+        if self.pushes is not None:
+            pushes = self.pushes
+            watched.append(
+                WatchedThread("push scheduler", pushes.is_alive, pushes.progress)
+            )
+        return watched
 
     @property
     def counters(self) -> dict[str, int]:
@@ -221,15 +243,33 @@ class HubWorker:
                 "Hub worker %s serves no label requests (requests.enabled = false)",
                 self.worker_id,
             )
+        self._warn_short_stall()
         self._batcher.start()
         self.connection.start()
         if self.pushes is not None:
             self.pushes.start()
+        self._watchdog.start()
         systemd.notify("READY=1")
+
+    def _warn_short_stall(self) -> None:
+        stall_s = self.config.watchdog_stall_s
+        puback_wait_s = max(PUSH_PUBACK_WAIT_S, RESPONSE_PUBACK_WAIT_S)
+        if stall_s > puback_wait_s:
+            return
+        logger.warning(
+            "Hub worker %s has hub.watchdog_stall_s = %g, not above the %g s that "
+            "it may wait for one PUBACK, so a broker that is slow to acknowledge "
+            "makes the watchdog end the worker; set hub.watchdog_stall_s above %g",
+            self.worker_id,
+            stall_s,
+            puback_wait_s,
+            puback_wait_s,
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Serve what was received, then end the session so no request waits."""
         systemd.notify("STOPPING=1")
+        self._watchdog.stop()
         client = self.connection.client
         if self.connection.connected.is_set() and self.config.requests.enabled:
             client.unsubscribe(shared_request_filter(self.prefix, self.config.group))
@@ -474,6 +514,7 @@ class HubWorker:
 
     def _batch_loop(self) -> None:
         while not (self.stopping.is_set() and self.incoming.empty()):
+            self.labeller.progress.beat()
             try:
                 self._housekeeping()
             except Exception:  # requests must still be served

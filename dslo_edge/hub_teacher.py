@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from dslo_edge.errors import BundleError, ConfigError, RuntimeMissing
 from dslo_edge.hub_config import TeacherSettings, describe_multi_head_output_kind
 from dslo_edge.hub_multihead import MultiHeadTeacherModel, head_output_kinds
 from dslo_edge.hub_state import HubState
+from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.models import TeacherModel, read_teacher
 from dslo_edge.push_checks import check_output_kinds
 
@@ -39,6 +41,11 @@ from dslo_edge.push_checks import check_output_kinds
 AnyTeacherModel = TeacherModel | MultiHeadTeacherModel
 
 logger = logging.getLogger(__name__)
+
+# Samples per teacher call when the hub labels a whole dataset or batch, with a
+# watchdog beat after each call. At the default hub.watchdog_stall_s of 300 s,
+# a teacher that takes more than about 1 s per sample trips the watchdog.
+LABEL_CHUNK_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -386,6 +393,28 @@ class TeacherRegistry:
             self.current.version,
             self.settings.reload_poll_s,
         )
+
+
+def predict_in_chunks(
+    predict: Callable[[np.ndarray], Any], x: np.ndarray, progress: Heartbeat
+) -> Any:
+    """Return ``predict(x)``, called on chunks of ``x`` with a beat after each.
+
+    ``predict`` returns an array, or a dict of arrays (one per head), with
+    one row per sample. The chunks' results are joined in order.
+    """
+    if len(x) <= LABEL_CHUNK_SAMPLES:
+        outputs = predict(x)
+        progress.beat()
+        return outputs
+    parts = []
+    for start in range(0, len(x), LABEL_CHUNK_SAMPLES):
+        parts.append(predict(x[start : start + LABEL_CHUNK_SAMPLES]))
+        progress.beat()
+    if isinstance(parts[0], dict):
+        heads = parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in heads}
+    return np.concatenate(parts)
 
 
 def _sha256(content: bytes) -> str:

@@ -501,6 +501,7 @@ def render_hub_unit(
     user: str | None = None,
     restart_sec: int = 2,
     stop_timeout_sec: int = 30,
+    watchdog_sec: int = 60,
     read_paths: tuple[PurePosixPath, ...] = (),
 ) -> str:
     """Return the text of the ``dslo-edge-hub@.service`` template unit.
@@ -519,6 +520,9 @@ def render_hub_unit(
             worker resumes its MQTT session and serves the requests it held,
             so keep this short.
         stop_timeout_sec: time to answer the received requests on SIGTERM.
+        watchdog_sec: systemd restarts a worker that sends no WATCHDOG=1 for
+            this long; the worker pings at half this period while its
+            watchdog thread runs.
         read_paths: other files the worker must read, such as the script's
             interpreter (``script_paths``); one in a home directory makes
             ``ProtectHome`` read-only.
@@ -538,8 +542,14 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-# The worker sends READY=1 once its teacher is loaded and its threads run.
+# The worker sends READY=1 once its teacher is loaded and its threads run. Its
+# watchdog thread exits it with status 70 when a thread died or made no
+# progress for hub.watchdog_stall_s (300 s by default), and sends WATCHDOG=1
+# every WatchdogSec / 2 while none did. WatchdogSec catches a worker whose
+# watchdog thread itself no longer runs, so it can be shorter than the
+# stall limit.
 Type=notify
+WatchdogSec={watchdog_sec}
 ExecStart={command} --worker-id %i
 # SIGHUP makes the worker look for a new teacher version at once.
 ExecReload=/bin/kill -HUP $MAINPID

@@ -55,6 +55,40 @@ def test_defaults_and_override(tmp_path) -> None:
     assert config.teacher.path == tmp_path / "teacher.tflite"
     assert config.privacy is None
     assert config.pushes == ()
+    assert config.watchdog_stall_s == 300.0
+
+
+def write_stall_config(tmp_path: Path, value: str) -> Path:
+    """Write a config whose [hub] table sets watchdog_stall_s = value."""
+    path = write_config(tmp_path)
+    hub = f'worker_id = "w1"\nwatchdog_stall_s = {value}\n'
+    path.write_text(path.read_text().replace('worker_id = "w1"\n', hub))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("1", 1.0), ("2.5", 2.5), ("86400", 86400.0)]
+)
+def test_watchdog_stall_in_range_read(tmp_path, value: str, seconds: float) -> None:
+    config = load_hub_config(write_stall_config(tmp_path, value))
+    assert config.watchdog_stall_s == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("0.5", "0.5"), ("0", "0.0"), ("86401", "86401.0"), ("-300", "-300.0")],
+)
+def test_watchdog_stall_out_of_range_rejected(tmp_path, value, shown) -> None:
+    path = write_stall_config(tmp_path, value)
+
+    with pytest.raises(ConfigError) as caught:
+        load_hub_config(path)
+
+    assert str(caught.value) == (
+        f"{path}: hub.watchdog_stall_s = {shown} is invalid; expected seconds in "
+        "1..86400; set a value in that range, or remove the key to use the "
+        "default 300"
+    )
 
 
 PUSH = (
@@ -946,6 +980,7 @@ def test_hub_unit_runs_one_worker_per_instance() -> None:
     assert "ExecStart=/opt/dslo-edge/venv/bin/dslo-edge hub --config" in unit
     assert "--worker-id %i" in unit
     assert "Type=notify" in unit
+    assert "WatchdogSec=60" in unit.splitlines()
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     assert "RestartPreventExitStatus=78" in unit
     assert "ReadWritePaths=/var/lib/dslo-edge-hub" in unit
@@ -981,6 +1016,7 @@ def test_hub_print_unit_takes_exec() -> None:
         "--worker-id %i" in result.output.splitlines()
     )
     assert "ProtectHome=yes" in result.output.splitlines()
+    assert "WatchdogSec=60" in result.output.splitlines()
 
 
 def test_hub_print_unit_takes_config() -> None:
