@@ -100,7 +100,7 @@ def parse_broker_url(url: str) -> tuple[str, str, int]:
     Raises:
         ConfigError: another scheme, no host, an unbalanced or invalid IPv6
             address in brackets, an IPv6 address without brackets, user info,
-            or a port outside 1..65535.
+            a path, query or fragment, or a port outside 1..65535.
     """
     expected = "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
     try:
@@ -129,6 +129,12 @@ def parse_broker_url(url: str) -> tuple[str, str, int]:
         port = -1
     if parsed.scheme not in DEFAULT_PORTS or not parsed.hostname:
         raise ConfigError(f"broker URL {url!r} is invalid; {expected}")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ConfigError(
+            f"broker URL {url!r} is invalid: MQTT uses no path, query or "
+            f"fragment after the host and port; {expected}, and give the "
+            "first topic level with --topic-prefix"
+        )
     if port is not None and not 0 < port < 65536:
         raise ConfigError(
             f"broker URL {url!r} has an invalid port; {expected} with a port "
