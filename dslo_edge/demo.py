@@ -28,12 +28,13 @@ from dslo_edge.bundle import load_bundle
 from dslo_edge.checkpoint import load_latest_checkpoint, write_durably
 from dslo_edge.config import TrainingSettings, load_config, render_config
 from dslo_edge.digits import SHIFT_DESCRIPTION, load_splits, teacher_training_set
-from dslo_edge.errors import ConfigError, DsloError, OutputPathError
+from dslo_edge.errors import ConfigError, DsloError, OutputPathError, StateDirInUse
 from dslo_edge.hub import SampleSet, build_updates, push
 from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.power import describe_energy
 from dslo_edge.protocol import encode_update
 from dslo_edge.softlabels import AlphaPolicy, Schedule
+from dslo_edge.state_lock import StateLock
 from dslo_edge.trainer import Trainer
 
 DEVICE_ID = "demo-device"
@@ -77,12 +78,14 @@ def _convert(out: Path, student: Path, rounds: list[Path]) -> tuple[Path, list[P
 
 
 def _start_daemon(
-    out: Path, bundle: Path, broker: Broker, planned: int
+    out: Path, bundle: Path, broker: Broker, planned: int, state_lock: StateLock
 ) -> tuple[subprocess.Popen[bytes], Path]:
     state = out / "state"
     if state.exists():
         for old in state.glob("checkpoints/*"):
             old.unlink()
+    # The daemon takes the lock itself as it starts.
+    state_lock.release()
     protocol = "5" if broker.kind == "mosquitto" else "3.1.1"
     config = out / "device.toml"
     config.write_text(
@@ -181,6 +184,24 @@ def _claim_folder(out: Path) -> None:
         ) from error
 
 
+def _lock_state(out: Path) -> StateLock:
+    """Lock the demo's state directory until the demo starts its own daemon.
+
+    A daemon that a user started with the demo's device.toml holds this lock.
+    The demo would otherwise replace that daemon's bundle and delete its
+    checkpoints while it runs.
+    """
+    state = out / "state"
+    try:
+        return StateLock(state, DEVICE_ID)
+    except StateDirInUse as error:
+        raise ConfigError(
+            f"{state} is in use by a running dslo-edge daemon ({error.owner}), "
+            "and the demo would replace its bundle and checkpoints; stop that "
+            "daemon, or choose another --out"
+        ) from None
+
+
 def _prepare_report_path(path: Path) -> None:
     """Create the parent of --report and check that it can be written.
 
@@ -225,6 +246,24 @@ def run_demo(
     if report_path is not None:
         _prepare_report_path(report_path)
     _claim_folder(out)
+    state_lock = _lock_state(out)
+    try:
+        return _run_demo_locked(
+            out, report_path, seed, broker_kind, state_lock, started
+        )
+    finally:
+        state_lock.release()
+
+
+def _run_demo_locked(
+    out: Path,
+    report_path: Path | None,
+    seed: int,
+    broker_kind: str,
+    state_lock: StateLock,
+    started: float,
+) -> dict[str, Any]:
+    """Run the demo in ``out`` once ``run_demo`` has locked its state folder."""
     messages_per_round = PASSES_PER_ROUND * -(-int(0.2 * 1797) // BATCH_SIZE)
     total_messages = messages_per_round * len(ROUND_EPOCHS)
     with click.progressbar(
@@ -241,7 +280,7 @@ def run_demo(
         )
         with Broker.start(kind=broker_kind, workdir=out / "broker") as broker:
             process, config_path = _start_daemon(
-                out, bundle_path, broker, total_messages
+                out, bundle_path, broker, total_messages, state_lock
             )
             try:
                 result = push(

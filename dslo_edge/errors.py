@@ -5,6 +5,7 @@ CLI can print one line and exit non-zero::
 
     DsloError
     ├── ConfigError          device TOML or CLI input is invalid
+    │   └── StateDirInUse    another process holds a state directory's lock
     ├── BundleError          bundle missing, corrupt or incompatible
     │   └── RuntimeMissing   no interpreter package (also a ConfigError)
     ├── ConversionError      a Keras model cannot become a trainable bundle
@@ -25,6 +26,19 @@ class DsloError(Exception):
 
 class ConfigError(DsloError):
     """Invalid configuration file or option value."""
+
+
+class StateDirInUse(ConfigError):
+    """Another process, such as a running daemon, holds a state directory's lock.
+
+    Attributes:
+        owner: the holder's line from the lock file, such as
+            "pid 4242, device porch", or "owner unknown".
+    """
+
+    def __init__(self, message: str, owner: str):
+        super().__init__(message)
+        self.owner = owner
 
 
 class BundleError(DsloError):

@@ -13,7 +13,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from dslo_edge.errors import ConfigError
+from dslo_edge.errors import ConfigError, StateDirInUse
 
 LOCK_FILE = ".lock"
 
@@ -25,8 +25,9 @@ class StateLock:
         """Create ``state_dir`` if needed and lock it.
 
         Raises:
+            StateDirInUse: another process holds the lock.
             ConfigError: ``state_dir`` is not a directory that can be created
-                and written, or another process holds its lock.
+                and written.
         """
         self.path = state_dir / LOCK_FILE
         try:
@@ -56,9 +57,10 @@ class StateLock:
         except BlockingIOError:
             owner = _read_owner(descriptor)
             os.close(descriptor)
-            raise ConfigError(
+            raise StateDirInUse(
                 f"device.state_dir {state_dir} is in use by another dslo-edge "
-                f"daemon ({owner}); give each device its own state_dir"
+                f"daemon ({owner}); give each device its own state_dir",
+                owner,
             ) from None
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"pid {os.getpid()}, device {device_id}\n".encode())

@@ -19,6 +19,8 @@ from click.testing import CliRunner
 
 from dslo_edge.broker import find_mosquitto
 from dslo_edge.cli import EXIT_CONFIG, EXIT_INTERRUPTED, main
+from dslo_edge.config import render_config
+from tests.cli_process import run_cli
 
 
 def run(*arguments: str):
@@ -928,3 +930,82 @@ def _saved_models(temp: Path, parent: Path) -> list[Path]:
 def killed_pid(staging: Path) -> int:
     """Return the process id in the name of a convert staging directory."""
     return int(staging.name.rsplit("-", 3)[1])
+
+
+def _folder_contents(folder: Path) -> dict[str, bytes]:
+    """Return every file below ``folder`` by relative path, with its bytes."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _wait_for_last_checkpoint(folder: Path) -> None:
+    """Wait until the daemon has made its idle saves after the last update.
+
+    The daemon saves again training.checkpoint_idle_s (2 s) after the save
+    that the push waited for, so 4 s without a new file means it is done.
+    """
+    deadline = time.monotonic() + 60
+    names = sorted(folder.iterdir())
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < 4:
+        assert time.monotonic() < deadline, "the daemon kept saving for 60 s"
+        time.sleep(0.2)
+        latest = sorted(folder.iterdir())
+        if latest != names:
+            names = latest
+            quiet_since = time.monotonic()
+
+
+def test_demo_leaves_running_daemon_alone(mlp_pair, mosquitto, tmp_path) -> None:
+    pytest.importorskip("keras")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / ".dslo-demo").write_text("Written by dslo-edge demo; safe to delete.\n")
+    bundle = out / "bundle"
+    shutil.copytree(mlp_pair.bundle, bundle)
+    config = out / "device.toml"
+    config.write_text(
+        render_config("demo-device", bundle, out / "state", mosquitto.port)
+    )
+    data = tmp_path / "samples.npz"
+    x = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    np.savez(data, x=x)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "dslo_edge.cli", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # The daemon uses the demo's folder, as in the README's push example.
+        pushed = run_cli(
+            "push",
+            f"--bundle={bundle}",
+            f"--data={data}",
+            "--device=demo-device",
+            f"--broker={mosquitto.url}",
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        _wait_for_last_checkpoint(out / "state" / "checkpoints")
+        before = _folder_contents(out)
+        assert any(name.startswith("state/checkpoints/") for name in before)
+
+        demo = run_cli("demo", f"--out={out}", "--broker=mosquitto")
+
+        assert daemon.poll() is None
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    assert demo.returncode == EXIT_CONFIG, demo.stderr
+    assert demo.stderr == (
+        f"error: {out / 'state'} is in use by a running dslo-edge daemon "
+        f"(pid {daemon.pid}, device demo-device), and the demo would replace its "
+        "bundle and checkpoints; stop that daemon, or choose another --out\n"
+    )
+    after = _folder_contents(out)
+    after.pop("state/metrics.jsonl")
+    before.pop("state/metrics.jsonl")
+    assert after == before
