@@ -156,6 +156,16 @@ def _static_kd(
 
 
 DEMO_MARKER = ".dslo-demo"
+# Folders and files that the demo writes inside --out, checked before training.
+DEMO_FOLDERS = ("bundle", "hub", "broker", "state", "state/checkpoints")
+DEMO_FILES = (
+    "device.toml",
+    "daemon.log",
+    "report.json",
+    "student.keras",
+    *(f"teacher-round-{n}.keras" for n in range(1, len(ROUND_EPOCHS) + 1)),
+    *(f"hub/teacher-round-{n}.tflite" for n in range(1, len(ROUND_EPOCHS) + 1)),
+)
 
 
 def _claim_folder(out: Path) -> None:
@@ -182,6 +192,27 @@ def _claim_folder(out: Path) -> None:
             "choose a writable path for --out",
             option="--out",
         ) from error
+    _check_demo_entries(out)
+
+
+def _check_demo_entries(out: Path) -> None:
+    """Reject a file where the demo writes a folder, or a folder for a file."""
+    for name in DEMO_FOLDERS:
+        path = out / name
+        if path.exists() and not path.is_dir():
+            raise OutputPathError(
+                f"{path} is a file, but the demo writes a folder there; "
+                "move the file away or choose another --out",
+                option="--out",
+            )
+    for name in DEMO_FILES:
+        path = out / name
+        if path.is_dir():
+            raise OutputPathError(
+                f"{path} is a folder, but the demo writes a file there; "
+                "move the folder away or choose another --out",
+                option="--out",
+            )
 
 
 def _lock_state(out: Path) -> StateLock:
