@@ -27,7 +27,10 @@ def read_toml(source: Path, what: str) -> dict[str, Any]:
         # utf-8-sig drops the byte-order mark that some Windows editors add.
         return tomllib.loads(source.read_text(encoding="utf-8-sig"))
     except FileNotFoundError as error:
-        raise ConfigError(f"{what} file not found: {source}") from error
+        raise ConfigError(
+            f"{what} file not found: {source}; check the path, because a relative "
+            "path is read from the current directory"
+        ) from error
     except UnicodeDecodeError as error:
         raise ConfigError(
             f"cannot read {source}: it is not UTF-8 text ({error.reason} at byte "

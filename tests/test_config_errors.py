@@ -71,6 +71,18 @@ def test_toml_syntax_error_names_fix(tmp_path: Path, extra: str, fix: str) -> No
     assert message.endswith(f"; {fix}")
 
 
+def test_missing_config_names_fix(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml"
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert str(caught.value) == (
+        f"config file not found: {path}; check the path, because a relative "
+        "path is read from the current directory"
+    )
+
+
 def test_non_utf8_config_is_named(tmp_path: Path) -> None:
     path = write(tmp_path, tmp_path / "bundle")
     path.write_bytes(path.read_bytes().replace(b'"dev-a"', b'"dev-\xe9"'))
