@@ -130,7 +130,7 @@ def load_samples(
         labels["y"] = y
     _check_lengths(source, x, labels, ids, given_ids="ids" in arrays)
     if not np.all(np.isfinite(x)):
-        raise ConfigError(f"{source}: x contains NaN or infinity")
+        raise ConfigError(_non_finite_input_message(source, arrays["x"], x))
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: ids repeat; expected one unique id per sample")
     return SampleSet(x, ids, y, head_y)
@@ -248,6 +248,24 @@ def _per_sample_array(
     return array
 
 
+def _non_finite_input_message(source: Path, raw: np.ndarray, x: np.ndarray) -> str:
+    """Return the error for inputs that are not finite once read as float32.
+
+    A finite value beyond float32's range becomes infinity in the cast, so
+    the message names that value rather than calling it NaN or infinity.
+    """
+    position = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+    value = raw[position]
+    if not np.isfinite(value):
+        return f"{source}: x contains NaN or infinity"
+    limit = float(np.finfo(np.float32).max)
+    return (
+        f"{source}: x{list(position)} is {float(value):g}, beyond the float32 "
+        f"range of +-{limit:.4g} that the student reads; scale x as the "
+        "student's training data was scaled"
+    )
+
+
 def _numeric_array(
     arrays: dict[str, np.ndarray], name: str, source: Path, dtype: type
 ) -> np.ndarray:
@@ -259,7 +277,9 @@ def _numeric_array(
             f"numeric dtype (integer or floating point, such as "
             f"{np.dtype(dtype).name}), so save {name} as numbers"
         )
-    return np.asarray(array, dtype=dtype)
+    # The caller rejects values beyond the range of dtype, which become inf.
+    with np.errstate(over="ignore"):
+        return np.asarray(array, dtype=dtype)
 
 
 def _head_class_labels(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -331,4 +332,23 @@ def test_head_label_below_minus_one_is_rejected(tmp_path: Path) -> None:
     assert str(caught.value) == (
         "heads.npz: y_shape[1] is -3; expected a class index 0..2 of head "
         "'shape', or -1 for a sample without a hard label (invalid labels: 2 of 3)"
+    )
+
+
+def test_input_beyond_float32_is_named(tmp_path: Path) -> None:
+    x = np.zeros((3, 64))
+    x[2, 5] = 1e40
+    path = tmp_path / "samples.npz"
+    np.savez(path, x=x)
+
+    # A RuntimeWarning from the float32 cast would print above the error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError) as caught:
+            load_samples(path)
+
+    assert str(caught.value) == (
+        f"{path}: x[2, 5] is 1e+40, beyond the float32 range of +-3.403e+38 "
+        "that the student reads; scale x as the student's training data was "
+        "scaled"
     )
