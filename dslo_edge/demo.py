@@ -110,6 +110,27 @@ def _start_daemon(
     return process, config
 
 
+def _daemon_exit_error(process: subprocess.Popen[bytes], log: Path) -> DsloError | None:
+    """Return an error naming the daemon's exit and last log line, if it exited.
+
+    A push to a daemon that exited at start fails as if no daemon ran, so
+    this names the actual cause, which only the daemon's log has.
+    """
+    status = process.poll()
+    if status is None:
+        return None
+    try:
+        lines = log.read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        lines = []
+    last = next((line for line in reversed(lines) if line.strip()), None)
+    cause = f": {last.strip()}" if last else ""
+    return DsloError(
+        f"the demo's daemon exited with status {status} before the push "
+        f"completed{cause} (from {log})"
+    )
+
+
 def _stop_daemon(process: subprocess.Popen[bytes]) -> int:
     process.send_signal(signal.SIGTERM)
     try:
@@ -324,6 +345,11 @@ def _run_demo_locked(
                     protocol=5 if broker.kind == "mosquitto" else 4,
                     on_message_sent=lambda: bar.update(1),
                 )
+            except DsloError:
+                exited = _daemon_exit_error(process, out / "daemon.log")
+                if exited is None:
+                    raise
+                raise exited from None
             finally:
                 exit_code = _stop_daemon(process)
         config = load_config(config_path)

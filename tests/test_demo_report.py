@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from dslo_edge.demo import format_report
+from dslo_edge.demo import _daemon_exit_error, format_report
 
 # Writes a report of about 100 kB under a 4 KiB file size limit
 # (RLIMIT_FSIZE), so the write fails with EFBIG part way, as on a full disk.
@@ -107,3 +107,27 @@ def test_failed_fallback_keeps_both_reports(tmp_path) -> None:
         "chosen.json",
         "report.json",
     ]
+
+
+def test_exited_daemon_error_names_last_log_line(tmp_path) -> None:
+    log = tmp_path / "daemon.log"
+    script = "print('INFO starting'); print('error: bundle is missing'); exit(78)"
+    with log.open("wb") as stream:
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=stream)
+        process.wait(timeout=60)
+
+    error = _daemon_exit_error(process, log)
+
+    assert str(error) == (
+        "the demo's daemon exited with status 78 before the push completed: "
+        f"error: bundle is missing (from {log})"
+    )
+
+
+def test_running_daemon_gives_no_exit_error(tmp_path) -> None:
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _daemon_exit_error(process, tmp_path / "daemon.log") is None
+    finally:
+        process.kill()
+        process.wait(timeout=60)
