@@ -328,7 +328,10 @@ def report(metrics_paths: tuple[str, ...], out: str) -> None:
     except OutputPathError as error:
         raise OutputPathError(str(error), option="--out") from error
     count = "1 metrics report" if len(read) == 1 else f"{len(read)} metrics reports"
-    click.echo(f"read {count} from {', '.join(metrics_paths)}")
+    plotted = f", plotted {len(records)} of device {records[-1]['device']}"
+    click.echo(
+        f"read {count} from {', '.join(metrics_paths)}{plotted if others else ''}"
+    )
     for path in paths:
         click.echo(f"  wrote {path}")
 

@@ -488,7 +488,9 @@ def test_report_command_plots_one_device(tmp_path: Path) -> None:
         "show only device porch, which sent the last report read. Give only one "
         "device's logs to plot another"
     ]
-    assert f"read 7 metrics reports from {kitchen}, {porch}" in result.stdout
+    assert (
+        f"read 7 metrics reports from {kitchen}, {porch}, plotted 3 of device porch"
+    ) in result.stdout
     assert (out / "training.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
