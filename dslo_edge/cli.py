@@ -683,7 +683,8 @@ def sigterm_interrupts(command: Callable[..., None]) -> Callable[..., None]:
     default="mqtt://127.0.0.1:1883",
     show_default=True,
     help="Broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS, port 8883 "
-    "by default); give the login with --username and --password-file.",
+    "by default); a bare HOST[:PORT] means mqtt://. Give the login with "
+    "--username and --password-file.",
 )
 @broker_login_options
 @click.option(

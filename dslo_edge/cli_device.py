@@ -390,7 +390,11 @@ def _exit_interrupted_during_send(
     "--device", "device_id", required=True, help="Device id, as in its config."
 )
 @click.option(
-    "--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker URL."
+    "--broker",
+    default="mqtt://127.0.0.1:1883",
+    show_default=True,
+    help="Broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS, port 8883 "
+    "by default); a bare HOST[:PORT] means mqtt://.",
 )
 @broker_login_options
 @click.option("--topic-prefix", default="dslo", show_default=True, help="Topic prefix.")
