@@ -274,18 +274,30 @@ def _extract(archive: Path, target: Path) -> None:
     try:
         with tarfile.open(archive, mode="r:") as tar:
             for member in read_members(tar):
-                name = member.name
-                if not member.isfile() or "/" in name or name in ("", ".", ".."):
-                    raise OtaError(
-                        "bad_bundle",
-                        f"archive member {name!r} is not a plain top-level file",
-                    )
+                problem = _member_problem(member)
+                if problem is not None:
+                    raise OtaError("bad_bundle", problem)
                 source = tar.extractfile(member)
                 assert source is not None
-                with source, open(target / name, "wb") as stream:
+                with source, open(target / member.name, "wb") as stream:
                     shutil.copyfileobj(source, stream)
     except tarfile.TarError as error:
         raise OtaError("bad_bundle", f"cannot read the archive: {error}") from error
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    """Return why an archive member cannot be unpacked, or None if it can."""
+    name = member.name
+    if not member.isfile() or "/" in name or name in ("", ".", ".."):
+        return f"archive member {name!r} is not a plain top-level file"
+    # A sparse member unpacks to its declared size, so even an archive of a
+    # few KiB can fill the disk of the state directory.
+    if member.issparse():
+        return (
+            f"archive member {name!r} is a sparse file of {member.size} bytes; "
+            "send the bundle with 'dslo-edge ota-send', which packs plain files"
+        )
+    return None
 
 
 def _link_target(link: Path) -> Path | None:

@@ -18,6 +18,7 @@ from dslo_edge.ota import (
     ota_topics,
     split_archive,
 )
+from dslo_edge.ota_sender import pack_bundle
 from dslo_edge.protocol import Topics
 from tests.test_daemon_ota import (
     DEVICE,
@@ -75,6 +76,68 @@ def test_many_members_rejected_without_reading_all(
     assert "at most 16 are allowed" in statuses[-1]["detail"]
     assert peak_bytes < 4 * MIB
     assert bundle_after == mlp_pair.bundle
+
+
+def bundle_with_extra_member(bundle, extra: tarfile.TarInfo) -> bytes:
+    """Return the archive ota-send packs for ``bundle``, with ``extra`` added."""
+    buffer = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(pack_bundle(bundle))) as source,
+        tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for member in source.getmembers():
+            tar.addfile(member, source.extractfile(member))
+        tar.addfile(extra, io.BytesIO(b""))
+    return buffer.getvalue()
+
+
+def send_archive(mosquitto, tmp_path, bundle, archive: bytes):
+    """Send ``archive`` to a daemon running ``bundle``.
+
+    Returns the last OTA status, the ``model_updates`` counts and the bundle
+    that the daemon runs after it.
+    """
+    daemon = start_daemon(tmp_path, bundle, mosquitto)
+    listener, statuses = status_listener(mosquitto)
+    hub = hub_client(mosquitto)
+    chunk_topic = ota_topics(Topics.for_device(DEVICE))[0]
+    try:
+        for chunk in split_archive(archive, 8192):
+            hub.publish(chunk_topic, chunk, qos=1).wait_for_publish(10)
+        wait_until(lambda: statuses)
+        counts = daemon.model_updates.report()
+        running = daemon.bundle.path
+    finally:
+        daemon.stop()
+        for client in (hub, listener):
+            client.loop_stop()
+            client.disconnect()
+    return statuses[-1], counts, running
+
+
+def state_bytes(state) -> int:
+    return sum(path.stat().st_size for path in state.rglob("*") if path.is_file())
+
+
+def test_sparse_member_rejected(mlp_pair, mosquitto, tmp_path) -> None:
+    # A GNU sparse member (PAX format 0.1) that declares 80 MiB and stores no
+    # data. The archive of the 64-16-10 bundle has about 50 KiB.
+    sparse = tarfile.TarInfo("zeros")
+    sparse.pax_headers = {"GNU.sparse.map": "0,0", "GNU.sparse.size": str(80 * MIB)}
+    archive = bundle_with_extra_member(mlp_pair.bundle, sparse)
+
+    status, counts, running = send_archive(
+        mosquitto, tmp_path, mlp_pair.bundle, archive
+    )
+
+    assert len(archive) < MIB
+    assert status["state"] == "rejected"
+    assert status["reason"] == "bad_bundle"
+    assert "'zeros' is a sparse file of 83886080 bytes" in status["detail"]
+    assert counts["rejected"] == {"bad_bundle": 1}
+    assert counts["installed"] == 0
+    assert running == mlp_pair.bundle
+    assert state_bytes(tmp_path / "state") < MIB
 
 
 def test_tiny_chunks_rejected(mlp_pair, mosquitto, tmp_path) -> None:
