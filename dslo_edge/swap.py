@@ -57,6 +57,8 @@ MAX_KEPT_MODELS = 3
 # daemon stopped during the switch or could not move the active link back
 # after a failed switch, so the daemon starts the release before it instead.
 PENDING_MARKER = ".pending"
+# NAME_MAX of Linux file systems such as ext4, in bytes.
+_MAX_NAME_BYTES = 255
 # Prefix of the optimizer's tensors among a student's weights, as
 # converters/optimizers.py names them (STATE_PREFIX).
 OPTIMIZER_STATE_PREFIX = "optimizer__"
@@ -296,6 +298,13 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
         return (
             f"archive member {name!r} is a sparse file of {member.size} bytes; "
             "send the bundle with 'dslo-edge ota-send', which packs plain files"
+        )
+    # open() raises ValueError for a NUL and ENAMETOOLONG for a long name,
+    # which would report the archive as a fault of the state directory.
+    if "\x00" in name or len(os.fsencode(name)) > _MAX_NAME_BYTES:
+        return (
+            f"archive member {name[:64]!r} is not a valid file name, because it "
+            f"contains a NUL byte or is longer than {_MAX_NAME_BYTES} bytes"
         )
     return None
 

@@ -9,6 +9,8 @@ import threading
 import time
 import tracemalloc
 
+import pytest
+
 from dslo_edge.cli_device import ota_send
 from dslo_edge.ota import (
     _HEADER,
@@ -138,6 +140,32 @@ def test_sparse_member_rejected(mlp_pair, mosquitto, tmp_path) -> None:
     assert counts["installed"] == 0
     assert running == mlp_pair.bundle
     assert state_bytes(tmp_path / "state") < MIB
+
+
+@pytest.mark.parametrize(
+    ("pax_path", "shown"),
+    [("a" * 300, "a" * 64), ("a\x00b", "a\x00b")],
+    ids=["300-byte name", "NUL in name"],
+)
+def test_invalid_member_name_rejected(
+    mlp_pair, mosquitto, tmp_path, pax_path, shown
+) -> None:
+    # A PAX header sets the name, because a ustar header has no room for
+    # either name.
+    member = tarfile.TarInfo("placeholder")
+    member.pax_headers = {"path": pax_path}
+    archive = bundle_with_extra_member(mlp_pair.bundle, member)
+
+    status, counts, running = send_archive(
+        mosquitto, tmp_path, mlp_pair.bundle, archive
+    )
+
+    assert status["state"] == "rejected"
+    assert status["reason"] == "bad_bundle"
+    assert f"archive member {shown!r} is not a valid file name" in status["detail"]
+    assert counts["rejected"] == {"bad_bundle": 1}
+    assert running == mlp_pair.bundle
+    assert list((tmp_path / "state" / "bundles").iterdir()) == []
 
 
 def test_tiny_chunks_rejected(mlp_pair, mosquitto, tmp_path) -> None:
