@@ -73,10 +73,12 @@ class StudentModel:
         self.bundle = bundle
         _, self.runtime_name = interpreter_class(runtime)
         self.interpreter = load_interpreter(bundle.student_path, preference=runtime)
-        self._infer = SignatureCall(self.interpreter.get_signature_runner("infer"))
+        infer = self.interpreter.get_signature_runner("infer")
+        self._infer = SignatureCall(infer)
         self._train = SignatureCall(self.interpreter.get_signature_runner("train"))
         self._get_weights = self.interpreter.get_signature_runner("get_weights")
         self._set_weights = self.interpreter.get_signature_runner("set_weights")
+        check_student_shapes(infer, self._get_weights, bundle)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return np.array(self._infer(x=as_float32(x))["logits"])
@@ -132,6 +134,96 @@ class StudentModel:
                 )
             arrays[name] = value
         self._set_weights(**arrays)
+
+
+def check_student_shapes(infer: Any, get_weights: Any, bundle: Bundle) -> None:
+    """Compare the student model's tensor shapes with those its manifest states.
+
+    The sha256 in the manifest covers the model file but not the manifest,
+    so a hand-edited input shape or class count passes ``load_bundle``.
+    The daemon would then reject every update shaped for the model.
+
+    Args:
+        infer: the student's ``infer`` signature runner.
+        get_weights: the student's ``get_weights`` signature runner.
+        bundle: the bundle whose manifest is checked.
+
+    Raises:
+        BundleError: the input shape, a class count or a weight shape
+            differs, naming the manifest key and both shapes.
+    """
+    for key, tensor, expected, found in _stated_shapes(infer, get_weights, bundle):
+        kind = "" if tensor.startswith("weight") else "per-sample "
+        if found != expected:
+            raise BundleError(
+                f"{bundle.path / 'manifest.json'}: {key} gives {tensor} the "
+                f"{kind}shape {expected}, but {bundle.student_path.name} has "
+                f"{found if found is not None else 'no such tensor'}; the "
+                "manifest was edited or belongs to another model, so convert the "
+                "models again with 'dslo-edge convert'"
+            )
+
+
+_StatedShape = tuple[str, str, tuple[int, ...], tuple[int, ...] | None]
+
+
+def _stated_shapes(infer: Any, get_weights: Any, bundle: Bundle) -> list[_StatedShape]:
+    """Return (manifest key and value, tensor, stated shape, model's shape) rows.
+
+    Inputs and outputs are compared without their batch dimension.
+    """
+    outputs = infer.get_output_details()
+    weights = get_weights.get_output_details()
+    checks: list[_StatedShape] = [
+        (
+            f"input.shape {[None, *bundle.input_shape]}",
+            "input x",
+            bundle.input_shape,
+            _sample_shape(infer.get_input_details().get("x")),
+        )
+    ]
+    if bundle.is_multi_head:
+        for name, count in bundle.heads.items():
+            tensor = f"probabilities_{name}"
+            checks.append(
+                (
+                    f"class_count {count} of head {name!r}",
+                    f"output {tensor}",
+                    (count,),
+                    _sample_shape(outputs.get(tensor)),
+                )
+            )
+    else:
+        count = bundle.class_count
+        checks.append(
+            (
+                f"class_count {count}",
+                "output probabilities",
+                (count,),
+                _sample_shape(outputs.get("probabilities")),
+            )
+        )
+    for name, shape in bundle.weight_shapes.items():
+        checks.append(
+            (
+                f"student.weights.{name} {list(shape)}",
+                f"weight {name}",
+                shape,
+                _shape(weights.get(name)),
+            )
+        )
+    return checks
+
+
+def _shape(detail: dict[str, Any] | None) -> tuple[int, ...] | None:
+    if detail is None:
+        return None
+    return tuple(int(size) for size in detail["shape_signature"])
+
+
+def _sample_shape(detail: dict[str, Any] | None) -> tuple[int, ...] | None:
+    shape = _shape(detail)
+    return None if shape is None else shape[1:]
 
 
 def read_teacher(path: Any) -> bytes:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 pytest.importorskip("keras")
 
 from dslo_edge.bundle import load_bundle  # noqa: E402
+from dslo_edge.config import render_config  # noqa: E402
+from dslo_edge.errors import BundleError  # noqa: E402
 from dslo_edge.models import SignatureCall, StudentModel  # noqa: E402
+from tests.cli_process import run_cli  # noqa: E402
 
 
 def batch(seed: int, count: int) -> dict[str, np.ndarray]:
@@ -72,3 +80,54 @@ def test_signature_call_rejects_unknown_input(mlp_pair) -> None:
 
     with pytest.raises(ValueError):
         student._infer(y=x)
+
+
+def edit_manifest(source: Path, target: Path, key: str, value: object) -> Path:
+    """Copy a bundle and set one top-level manifest key, as a hand edit would."""
+    shutil.copytree(source, target)
+    manifest_path = target / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest[key] = value
+    manifest_path.write_text(json.dumps(manifest))
+    return target
+
+
+def test_student_matches_its_manifest(mlp_pair) -> None:
+    student = StudentModel(load_bundle(mlp_pair.bundle))
+
+    assert student.infer(batch(0, 2)["x"]).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "input",
+            {"shape": [None, 65], "dtype": "float32"},
+            "input.shape [None, 65] gives input x the per-sample shape (65,), "
+            "but student.tflite has (64,)",
+        ),
+        (
+            "class_count",
+            11,
+            "class_count 11 gives output probabilities the per-sample shape "
+            "(11,), but student.tflite has (10,)",
+        ),
+    ],
+    ids=["input shape", "class count"],
+)
+def test_edited_manifest_stops_daemon_start(
+    mlp_pair, tmp_path, key, value, message
+) -> None:
+    bundle = edit_manifest(mlp_pair.bundle, tmp_path / "bundle", key, value)
+    config = tmp_path / "device.toml"
+    config.write_text(render_config("edited", bundle, tmp_path / "state", 9))
+
+    with pytest.raises(BundleError, match=re.escape(message)):
+        StudentModel(load_bundle(bundle))
+    result = run_cli("run", "--config", str(config))
+
+    assert result.returncode == 78
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {bundle / 'manifest.json'}: {key}")
+    assert message in result.stderr
