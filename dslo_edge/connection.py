@@ -22,11 +22,28 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from dslo_edge.config import MqttSettings
+from dslo_edge.config import MAX_MQTT_PACKET_BYTES, MqttSettings
 from dslo_edge.config_service import read_password
 from dslo_edge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+# Room in a packet for the topic, whose levels take up to 32,000 bytes each,
+# and the properties.
+PACKET_HEADROOM_BYTES = 256 * 1024
+
+
+def packet_size_limit(largest_payload: int) -> int:
+    """Return the MQTT 5 Maximum Packet Size of a client, from its largest payload.
+
+    An MQTT 5 broker discards a larger message for the client without
+    sending it, so one message cannot make the network thread read hundreds
+    of MiB before any check. The bound is twice the largest payload, so that
+    a payload somewhat over the client's own limit still arrives and is
+    rejected by name, which tells its sender what to change. MQTT 3.1.1 has
+    no such bound.
+    """
+    return min(2 * largest_payload + PACKET_HEADROOM_BYTES, MAX_MQTT_PACKET_BYTES)
+
 
 # MQTT 5 DISCONNECT reason code sent when another client connects with the
 # same client id.

@@ -55,9 +55,9 @@ from dslo_edge.admission import (
 from dslo_edge.applied_ids import AppliedIds
 from dslo_edge.batching import BatchPolicy, UpdateBatcher
 from dslo_edge.bundle import Bundle, load_bundle
-from dslo_edge.config import MAX_MQTT_PACKET_BYTES, DeviceConfig
+from dslo_edge.config import DeviceConfig
 from dslo_edge.config_service import METRICS_LOG
-from dslo_edge.connection import MqttConnection
+from dslo_edge.connection import MqttConnection, packet_size_limit
 from dslo_edge.costs import AdaptationCosts
 from dslo_edge.daemon_checkpoints import CheckpointsMixin
 from dslo_edge.daemon_model_switch import ModelSwitchMixin, ModelUpdateOutcomes
@@ -110,9 +110,6 @@ OTA_QUEUE = 256
 # at the broker until the device reconnects, as when the count is reached.
 # The memory estimate of ``profiles check`` and ``flash`` counts both bounds.
 OTA_QUEUE_BYTES = 16 * 2**20
-# Room in a packet for the topic, whose levels take up to 32,000 bytes each,
-# and the properties.
-PACKET_HEADROOM_BYTES = 256 * 1024
 # Reports in a burst come at most this often. A report at every idle moment
 # still shows the hub how far the device has got.
 METRICS_MIN_INTERVAL_S = 0.25
@@ -137,16 +134,14 @@ MAX_STRAY_TOPICS = 64
 def maximum_packet_bytes(limits: PayloadLimits) -> int:
     """Return the largest MQTT packet that the device's broker may send it.
 
-    An MQTT 5 broker discards a larger message for this client without
-    sending it, so one message cannot make the network thread read hundreds
-    of MiB before any check. The bound is twice the largest payload the
-    device takes (an update, an inference input or a model update chunk),
-    so that a payload somewhat over ``limits.max_payload_bytes`` still
-    arrives and is rejected as ``too_large``, which tells the hub to send
-    smaller batches. MQTT 3.1.1 has no such bound.
+    ``packet_size_limit`` of the largest payload the device takes: an
+    update, an inference input or a model update chunk. An update somewhat
+    over ``limits.max_payload_bytes`` still arrives and is rejected as
+    ``too_large``, which tells the hub to send smaller batches.
     """
-    largest = max(limits.max_payload_bytes, MAX_INPUT_BYTES, MAX_CHUNK_BYTES)
-    return min(2 * largest + PACKET_HEADROOM_BYTES, MAX_MQTT_PACKET_BYTES)
+    return packet_size_limit(
+        max(limits.max_payload_bytes, MAX_INPUT_BYTES, MAX_CHUNK_BYTES)
+    )
 
 
 def burst_checkpoint_every(

@@ -35,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from dslo_edge.config import MqttSettings
-from dslo_edge.connection import Backoff, MqttConnection
+from dslo_edge.connection import Backoff, MqttConnection, packet_size_limit
 from dslo_edge.hub_config import RECONNECT_MAX_S_LIMIT
 from dslo_edge.label_protocol import (
     WORKER_STOPPED,
@@ -187,6 +187,9 @@ class SessionDrain(threading.Thread):
             on_message=self._on_message,
             on_disconnected=self._closed.set,
             manual_ack=True,
+            maximum_packet_size=packet_size_limit(
+                self.worker.config.requests.max_payload_bytes
+            ),
             label=f"hub worker {self.worker.worker_id} draining {self.peer}",
         )
         self.client = self._connection.client

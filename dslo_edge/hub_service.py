@@ -47,7 +47,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from dslo_edge import systemd
-from dslo_edge.connection import MqttConnection
+from dslo_edge.connection import MqttConnection, packet_size_limit
 from dslo_edge.errors import BrokerError, ConfigError
 from dslo_edge.hub_batch import PUBLISH_TIMEOUT_S as RESPONSE_PUBACK_WAIT_S
 from dslo_edge.hub_batch import Acknowledger, BatchLabeller, Incoming
@@ -192,6 +192,8 @@ class HubWorker:
             on_disconnected=self._on_disconnected,
             manual_ack=True,
             receive_maximum=RECEIVE_MAXIMUM,
+            # Requests are the largest messages a worker receives.
+            maximum_packet_size=packet_size_limit(config.requests.max_payload_bytes),
             label=f"hub worker {self.worker_id}",
             takeover_fix=_takeover_fix(config),
         )

@@ -24,6 +24,7 @@ from dslo_edge import hub_push_batches
 from dslo_edge.broker import Broker, find_mosquitto
 from dslo_edge.bundle import load_bundle
 from dslo_edge.cli import EXIT_CONFIG, main
+from dslo_edge.connection import packet_size_limit
 from dslo_edge.errors import ConfigError
 from dslo_edge.hub import default_sample_ids
 from dslo_edge.hub_batch import Incoming
@@ -1276,6 +1277,43 @@ def start_size_limited_broker(tmp_path: Path) -> Broker:
             "message_size_limit 20000\n"
         ),
     )
+
+
+def test_broker_drops_request_over_packet_limit(mlp_pair, mosquitto, tmp_path) -> None:
+    extra = {"requests": "max_payload_bytes = 20000"}
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    client, received = subscribed_client(mosquitto.port, "dslo/+/labels")
+    inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+    small = LabelRequest(b"S" * 16, time.time(), ["a", "b"], inputs)
+    requests = [
+        # Over the worker's packet limit: the broker never sends it.
+        ("kitchen", b"L" * packet_size_limit(20000), b"L" * 16),
+        ("garage", encode_request(small), small.request_id),
+    ]
+    try:
+        start_online(worker, mosquitto.port)
+        for device, payload, request_id in requests:
+            client.publish(
+                f"dslo/{device}/requests",
+                payload,
+                qos=1,
+                properties=request_properties(f"dslo/{device}/labels", request_id),
+            ).wait_for_publish(10)
+        reply = received.get(timeout=10)
+        # A reply to kitchen would have come first.
+        time.sleep(0.5)
+        counters = worker.counters
+    finally:
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    assert reply.topic == "dslo/garage/labels"
+    assert user_properties(reply.properties)["status"] == "ok"
+    assert received.empty()
+    assert counters["rejected"] == 0
+    assert counters["answered"] == 1
 
 
 def test_oversized_response_is_rejected_and_refunded(mlp_pair, tmp_path) -> None:
