@@ -166,12 +166,20 @@ class ModelSwitchMixin:
             # PUBACK could confirm a later message that reused the packet id.
             if item.connection == self.connection.connects:
                 self.connection.ack(item.mid, item.qos)
+            # A transfer that this chunk's transfer replaced gets its outcome
+            # first, so the retained status ends with this chunk's.
+            statuses = self.updater.replaced_statuses()
             if status is not None:
-                if self.model_updates.record(status):
-                    # Published when the trainer is next idle.
-                    self._metrics_pending = True
-                # Retained, so a client that subscribes later still reads the outcome.
-                self.connection.publish(self.ota_status_topic, status, retain=True)
+                statuses.append(status)
+            for outcome in statuses:
+                self._publish_ota_status(outcome)
+
+    def _publish_ota_status(self, status: str) -> None:
+        if self.model_updates.record(status):
+            # Published when the trainer is next idle.
+            self._metrics_pending = True
+        # Retained, so a client that subscribes later still reads the outcome.
+        self.connection.publish(self.ota_status_topic, status, retain=True)
 
     def _handle_ota_chunk(self, payload: bytes) -> str | None:
         """Store one chunk and switch models once a release is complete.

@@ -34,6 +34,7 @@ from dslo_edge.errors import BundleError, ConfigError, InvalidUpdate
 from dslo_edge.models import StudentModel
 from dslo_edge.ota import (
     DEFAULT_STALE_AFTER_S,
+    REPLACED,
     STATE_DIR_INVALID,
     STATE_DIR_WRITE_FAILED,
     OtaError,
@@ -166,6 +167,22 @@ class ModelUpdater:
             return _rejected(archive.transfer_id, error)
         finally:
             archive.path.unlink(missing_ok=True)
+
+    def replaced_statuses(self) -> list[str]:
+        """Return a ``rejected`` status for each transfer replaced since the last call.
+
+        Call it after every ``handle_chunk``, also one that raised, so each
+        replaced transfer gets its outcome once.
+        """
+        return [
+            status_payload(
+                "rejected",
+                replaced.transfer_id,
+                reason=REPLACED,
+                detail=replaced.detail(),
+            )
+            for replaced in self.receiver.take_replaced()
+        ]
 
     def _log_chunk_rejection(
         self, transfer_id: str | None, error: InvalidUpdate | OtaError

@@ -108,6 +108,10 @@ class OtaError(BundleError):
 # OtaError.reason when a folder in the state directory is not a directory.
 STATE_DIR_INVALID = "state_dir_invalid"
 
+# The status reason of a transfer that a newer transfer replaced before all
+# its chunks arrived.
+REPLACED = "replaced"
+
 
 def make_state_folder(folder: Path, role: str) -> None:
     """Create ``folder`` in the daemon's state directory unless it exists.
@@ -467,6 +471,25 @@ class _Transfer:
 
 
 @dataclass(frozen=True)
+class ReplacedTransfer:
+    """A transfer that a newer one replaced before it completed, ids in hex."""
+
+    transfer_id: str
+    replaced_by: str
+
+    def detail(self) -> str:
+        """Return the status detail, which names the new transfer and the fix."""
+        return (
+            f"model transfer {self.transfer_id} was replaced by transfer "
+            f"{self.replaced_by}, which started before all chunks of "
+            f"{self.transfer_id} arrived, so its chunks are discarded; send one "
+            "release at a time, waiting until ota-send reports the outcome of "
+            "one before sending the next, then send this release again if the "
+            "device should install it"
+        )
+
+
+@dataclass(frozen=True)
 class ReceivedArchive:
     """A complete archive whose sha256 matched the announced one."""
 
@@ -514,6 +537,8 @@ class OtaReceiver:
         self.finished.load()
         # Finished transfers with a dropped chunk, so each is logged once.
         self._drops_logged: dict[bytes, None] = {}
+        # Replaced transfers that take_replaced has not returned yet.
+        self._replaced: list[ReplacedTransfer] = []
 
     @property
     def progress(self) -> tuple[int, int] | None:
@@ -521,6 +546,17 @@ class OtaReceiver:
         if self._transfer is None:
             return None
         return len(self._transfer.received), self._transfer.header.count
+
+    def take_replaced(self) -> list[ReplacedTransfer]:
+        """Return the transfers replaced since the last call, oldest first.
+
+        A chunk that starts a transfer replaces the incomplete one before
+        it, also one that a daemon restart cut off. ``receive`` records the
+        replaced transfer here even when it then raises, so the caller can
+        report each replaced transfer once.
+        """
+        replaced, self._replaced = self._replaced, []
+        return replaced
 
     def receive(self, payload: bytes) -> ReceivedArchive | None:
         """Store one chunk; return the archive once the last chunk arrived.
@@ -694,6 +730,9 @@ class OtaReceiver:
             # Its partial file is gone, so a late chunk of it must not start
             # it again and delete the new transfer's file.
             self._remember(replaced, FAILED)
+            self._replaced.append(
+                ReplacedTransfer(replaced.hex(), header.transfer_id.hex())
+            )
         return self._start(header, now)
 
     def _start(self, header: ChunkHeader, now: float) -> _Transfer:
@@ -744,6 +783,9 @@ class OtaReceiver:
                 transfer_id = _transfer_id_of(old)
                 if transfer_id is not None:
                     self._remember(transfer_id, FAILED)
+                    self._replaced.append(
+                        ReplacedTransfer(transfer_id.hex(), keep.stem)
+                    )
         # A kill after _verify renamed the archive leaves its list behind, and
         # so did a kill between the deletions of versions that deleted the
         # archive first.

@@ -314,6 +314,7 @@ REASONS_WITH_FIX = (
     "unsigned",
     "unexpected_signature",
     "checksum_mismatch",
+    "replaced",
     "model_mismatch",
     "config_mismatch",
     "state_dir_invalid",

@@ -15,7 +15,13 @@ from dslo_edge.finished_transfers import (
     FAILED,
     FINISHED_TRANSFERS_FILE,
 )
-from dslo_edge.ota import OtaError, OtaReceiver, ReceivedArchive, split_archive
+from dslo_edge.ota import (
+    OtaError,
+    OtaReceiver,
+    ReceivedArchive,
+    ReplacedTransfer,
+    split_archive,
+)
 
 CHUNK_BYTES = 4096
 ARCHIVE_BYTES = 10_000  # three chunks
@@ -303,6 +309,9 @@ def test_late_chunk_of_replaced_transfer_dropped(tmp_path: Path) -> None:
 
     assert late is None
     assert receiver.finished.ids(FAILED) == [replaced_id]
+    assert receiver.take_replaced() == [
+        ReplacedTransfer(replaced_id.hex(), current_id.hex())
+    ]
     assert part_of(folder, current_id).exists()
     assert not part_of(folder, replaced_id).exists()
     received = [receiver.receive(chunk) for chunk in current[1:]]
@@ -322,6 +331,11 @@ def test_transfer_cut_off_by_restart_then_replaced_dropped(tmp_path: Path) -> No
 
     assert late is None
     assert restarted.finished.ids(FAILED) == [cut_id]
+    # The transfer cut off by the restart is reported as replaced.
+    assert restarted.take_replaced() == [
+        ReplacedTransfer(cut_id.hex(), current_id.hex())
+    ]
+    assert restarted.take_replaced() == []
     assert part_of(folder, current_id).exists()
     received = [restarted.receive(chunk) for chunk in current[1:]]
     assert received[-1] is not None
