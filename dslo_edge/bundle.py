@@ -108,6 +108,19 @@ class Bundle:
 BUNDLE_MODELS = ("student", "teacher")
 
 
+def manifest_files(manifest: dict[str, Any]) -> dict[str, str]:
+    """Return the file name of each manifest entry that names a file, by key.
+
+    These are the student, the teacher and the int8 copy, as written by
+    ``dslo-edge convert``. The names are not checked here.
+    """
+    return {
+        key: str(entry["file"])
+        for key, entry in manifest.items()
+        if isinstance(entry, dict) and "file" in entry
+    }
+
+
 def load_bundle(
     path: str | Path, *, verify: bool = True, models: tuple[str, ...] = BUNDLE_MODELS
 ) -> Bundle:

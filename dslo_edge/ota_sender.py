@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle
+from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, manifest_files
 from dslo_edge.errors import BrokerError, BundleError
 from dslo_edge.health import PROBE_FILE, check_bundle_probe
 from dslo_edge.json_input import parse_json
@@ -55,15 +55,13 @@ def bundle_files(bundle: Bundle) -> list[Path]:
             file name.
     """
     names = {MANIFEST_NAME}
-    for key, entry in bundle.manifest.items():
-        if isinstance(entry, dict) and "file" in entry:
-            name = str(entry["file"])
-            if "/" in name or name in ("", ".", "..", RELEASE_FILE):
-                raise BundleError(
-                    f"manifest entry {key!r} in {bundle.path} names file {name!r}; "
-                    "expected a plain file name in the bundle directory"
-                )
-            names.add(name)
+    for key, name in manifest_files(bundle.manifest).items():
+        if "/" in name or name in ("", ".", "..", RELEASE_FILE):
+            raise BundleError(
+                f"manifest entry {key!r} in {bundle.path} names file {name!r}; "
+                "expected a plain file name in the bundle directory"
+            )
+        names.add(name)
     if (bundle.path / PROBE_FILE).is_file():
         names.add(PROBE_FILE)
     paths = [bundle.path / name for name in sorted(names)]

@@ -30,7 +30,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dslo_edge.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from dslo_edge.bundle import (
+    MANIFEST_NAME,
+    Bundle,
+    load_bundle,
+    manifest_files,
+    sha256_file,
+)
 from dslo_edge.checkpoint import (
     Checkpoint,
     list_checkpoints,
@@ -38,6 +44,8 @@ from dslo_edge.checkpoint import (
 )
 from dslo_edge.errors import BundleError
 from dslo_edge.health import PROBE_FILE
+from dslo_edge.json_input import parse_json
+from dslo_edge.manifest import check_top_level
 from dslo_edge.ota import (
     RELEASE_FILE,
     OtaError,
@@ -272,19 +280,83 @@ class BundleStore:
 
 
 def _extract(archive: Path, target: Path) -> None:
-    """Extract regular top-level files only, rejecting links and paths."""
+    """Extract the files of a bundle, after checking every member.
+
+    Raises:
+        OtaError: ``bad_bundle`` for a member that is not a plain top-level
+            file or is not part of the bundle. Nothing is extracted then.
+    """
     try:
         with tarfile.open(archive, mode="r:") as tar:
-            for member in read_members(tar):
+            members = read_members(tar)
+            for member in members:
                 problem = _member_problem(member)
                 if problem is not None:
                     raise OtaError("bad_bundle", problem)
+            _check_bundle_members(tar, members)
+            for member in members:
                 source = tar.extractfile(member)
                 assert source is not None
                 with source, open(target / member.name, "wb") as stream:
                     shutil.copyfileobj(source, stream)
     except tarfile.TarError as error:
         raise OtaError("bad_bundle", f"cannot read the archive: {error}") from error
+
+
+def _check_bundle_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> None:
+    """Reject a member that ``ota-send`` does not pack, such as a stray file.
+
+    ``ota-send`` packs ``manifest.json``, the files it names, ``probe.npz``
+    and ``ota-release.json``. Any other member would be kept in the release.
+
+    Raises:
+        OtaError: ``bad_bundle`` for another member, or for a missing or
+            invalid ``manifest.json``.
+    """
+    allowed = {MANIFEST_NAME, PROBE_FILE, RELEASE_FILE}
+    allowed.update(manifest_files(_read_manifest(tar, members)).values())
+    for member in members:
+        if member.name not in allowed:
+            raise OtaError(
+                "bad_bundle",
+                f"archive member {member.name!r} is not a file that "
+                f"{MANIFEST_NAME} names; ota-send packs only {MANIFEST_NAME}, the "
+                f"files it names, {PROBE_FILE} and {RELEASE_FILE}, so send the "
+                "bundle folder with 'dslo-edge ota-send'",
+            )
+
+
+def _read_manifest(
+    tar: tarfile.TarFile, members: list[tarfile.TarInfo]
+) -> dict[str, Any]:
+    """Parse the archive's ``manifest.json`` member, a JSON object.
+
+    Raises:
+        OtaError: ``bad_bundle`` when it is missing or not a JSON object.
+    """
+    found = [member for member in members if member.name == MANIFEST_NAME]
+    if not found:
+        raise OtaError(
+            "bad_bundle",
+            f"received bundle is invalid: the archive has no {MANIFEST_NAME}; "
+            "send a bundle folder that 'dslo-edge convert' wrote with "
+            "'dslo-edge ota-send'",
+        )
+    # _member_problem passed, so the member is a plain file.
+    source = tar.extractfile(found[-1])
+    assert source is not None
+    with source:
+        text = source.read()
+    try:
+        return check_top_level(parse_json(text), Path(MANIFEST_NAME))
+    except ValueError as error:
+        raise OtaError(
+            "bad_bundle",
+            f"received bundle is invalid: {MANIFEST_NAME} is not valid JSON "
+            f"({error}); write the bundle again with 'dslo-edge convert'",
+        ) from error
+    except BundleError as error:
+        raise OtaError("bad_bundle", f"received bundle is invalid: {error}") from error
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:

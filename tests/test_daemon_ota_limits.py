@@ -168,6 +168,26 @@ def test_invalid_member_name_rejected(
     assert list((tmp_path / "state" / "bundles").iterdir()) == []
 
 
+def test_member_outside_manifest_rejected(mlp_pair, mosquitto, tmp_path) -> None:
+    archive = bundle_with_extra_member(mlp_pair.bundle, tarfile.TarInfo("notes.txt"))
+
+    status, counts, running = send_archive(
+        mosquitto, tmp_path, mlp_pair.bundle, archive
+    )
+
+    assert status["state"] == "rejected"
+    assert status["reason"] == "bad_bundle"
+    assert status["detail"] == (
+        "archive member 'notes.txt' is not a file that manifest.json names; "
+        "ota-send packs only manifest.json, the files it names, probe.npz and "
+        "ota-release.json, so send the bundle folder with 'dslo-edge ota-send'"
+    )
+    assert counts["rejected"] == {"bad_bundle": 1}
+    assert counts["installed"] == 0
+    assert running == mlp_pair.bundle
+    assert list((tmp_path / "state" / "bundles").iterdir()) == []
+
+
 def test_tiny_chunks_rejected(mlp_pair, mosquitto, tmp_path) -> None:
     # One-byte chunks of a 60 MiB archive would take 62,914,560 messages,
     # each adding an index to the set of received chunks.

@@ -939,6 +939,39 @@ def test_install_rejects_unsafe_archive(tmp_path: Path) -> None:
     assert [p.name for p in store.folder.iterdir()] == []
 
 
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        (None, "received bundle is invalid: the archive has no manifest.json"),
+        (b"{", "received bundle is invalid: manifest.json is not valid JSON"),
+        (b"[]", "received bundle is invalid: manifest.json contains"),
+    ],
+    ids=["missing", "not JSON", "not an object"],
+)
+def test_install_rejects_archive_without_manifest(
+    tmp_path: Path, manifest: bytes | None, message: str
+) -> None:
+    files = {"student.tflite": b"model"}
+    if manifest is not None:
+        files["manifest.json"] = manifest
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "release.tar"
+    archive.write_bytes(buffer.getvalue())
+    store = BundleStore(tmp_path / "state")
+
+    with pytest.raises(OtaError) as caught:
+        store.install_archive(archive)
+
+    assert caught.value.reason == "bad_bundle"
+    assert str(caught.value).startswith(message)
+    assert list(store.folder.iterdir()) == []
+
+
 def test_install_rejects_bundle_with_bad_file(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     archive_bytes = pack_bundle(bundle)
