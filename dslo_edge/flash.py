@@ -62,6 +62,7 @@ from dslo_edge.flash_config import (
 )
 from dslo_edge.footprint import MIB, directory_size
 from dslo_edge.health import check_bundle_probe
+from dslo_edge.models import check_student_file
 from dslo_edge.profiles import FirmwareProfile
 from dslo_edge.service import (
     DEFAULT_CONFIG,
@@ -183,6 +184,9 @@ def flash(
     # The daemon stops with exit status 78 on a probe set it cannot use, and
     # the unit does not restart it, so such a bundle must not be installed.
     check_bundle_probe(bundle)
+    # The daemon also stops with exit status 78 on a manifest whose shapes
+    # differ from the student's, such as a hand-edited input shape.
+    _check_student_shapes(bundle)
     fit = check_bundle(bundle, profile, batch_size=options.batch_size)
     if not fit.fits:
         raise BundleError(
@@ -235,6 +239,25 @@ def flash(
         len(result.changed),
     )
     return result
+
+
+def _check_student_shapes(bundle: Bundle) -> None:
+    """Compare the student's tensor shapes with its manifest if it loads here.
+
+    Raises:
+        BundleError: a shape differs, with the message the daemon gives.
+    """
+    problem = check_student_file(bundle)
+    if problem is not None:
+        # NOTE: a student that this machine's interpreter cannot load is not
+        # rejected, because the device may run another interpreter version.
+        logger.warning(
+            "Cannot load the student %s on this machine (%s), so its tensor "
+            "shapes were not compared with the manifest; the daemon compares "
+            "them at start",
+            bundle.student_path,
+            problem,
+        )
 
 
 def _warn_of_active_release(root: Path, result: FlashResult) -> None:

@@ -14,6 +14,7 @@ from dslo_edge.bundle import Bundle, load_bundle
 from dslo_edge.errors import BundleError
 from dslo_edge.health import PROBE_FILE, MultiHeadProbeSet, load_bundle_probe
 from dslo_edge.modelfile import FLEX_PREFIX, summarize_model
+from dslo_edge.models import check_student_file
 
 FILE_ROLES = ("student", "teacher", "student_int8")
 
@@ -32,10 +33,13 @@ def inspect_bundle(path: str | Path, batch_size: int = 32) -> dict[str, Any]:
         "probe" for its probe set.
 
     Raises:
-        BundleError: the bundle is missing, corrupt or unreadable, or its
-            probe set does not fit the student.
+        BundleError: the bundle is missing, corrupt or unreadable, its
+            manifest states other tensor shapes than the student has, or its
+            probe set does not fit the student. The daemon rejects each of
+            them at start.
     """
     bundle = load_bundle(path)
+    unchecked = check_student_file(bundle)
     files = {}
     for role in FILE_ROLES:
         entry = bundle.manifest.get(role)
@@ -50,6 +54,9 @@ def inspect_bundle(path: str | Path, batch_size: int = 32) -> dict[str, Any]:
         "files": files,
         "flex_free": all(not report["flex_ops"] for report in files.values()),
         "probe": _probe_report(bundle),
+        # Why the student's tensor shapes were not compared with the
+        # manifest, or None when they were and match.
+        "shapes_unchecked": unchecked,
     }
 
 
@@ -123,6 +130,12 @@ def format_report(report: dict[str, Any], show_variables: bool = False) -> str:
         lines.append("")
         lines.extend(_format_file(role, file, report["batch_size"], show_variables))
     lines.append("")
+    unchecked = report.get("shapes_unchecked")
+    if unchecked is not None:
+        lines.append(
+            "student tensor shapes: not compared with the manifest, because the "
+            f"student cannot be loaded on this machine ({unchecked})"
+        )
     lines.append(_format_probe(report.get("probe")))
     lines.append(
         "Flex-free: yes"

@@ -164,6 +164,39 @@ def check_student_shapes(infer: Any, get_weights: Any, bundle: Bundle) -> None:
             )
 
 
+def check_student_file(bundle: Bundle, runtime: str = "auto") -> str | None:
+    """Load the student with a LiteRT interpreter and check its tensor shapes.
+
+    This is the check that ``StudentModel`` runs at the daemon's start, for
+    commands that only read a bundle, such as ``flash`` and ``inspect``.
+
+    Returns:
+        None after the check, or why the student could not be loaded on
+        this machine: no interpreter package is installed, or the installed
+        one cannot load the model file.
+
+    Raises:
+        BundleError: the student lacks its ``infer`` or ``get_weights``
+            signature, or a shape differs from the manifest.
+    """
+    try:
+        interpreter = load_interpreter(bundle.student_path, preference=runtime)
+    except BundleError as error:
+        # RuntimeMissing is a BundleError too.
+        return str(error)
+    try:
+        infer = interpreter.get_signature_runner("infer")
+        get_weights = interpreter.get_signature_runner("get_weights")
+    except ValueError as error:
+        manifest = bundle.path / "manifest.json"
+        raise BundleError(
+            f"{bundle.student_path} lacks a signature that {manifest} names: "
+            f"{error}; convert the models again with 'dslo-edge convert'"
+        ) from error
+    check_student_shapes(infer, get_weights, bundle)
+    return None
+
+
 _StatedShape = tuple[str, str, tuple[int, ...], tuple[int, ...] | None]
 
 
