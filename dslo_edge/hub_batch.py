@@ -1,11 +1,12 @@
-"""Serve a batch of label requests from many devices with one teacher call.
+"""Serve a batch of label requests from many devices with few teacher calls.
 
 ``BatchLabeller.serve`` runs on the hub worker's batcher thread:
 
 1. decode each request and check its device, response topic and shape;
 2. admit them in one shared-state transaction (repeats, rate limits,
    privacy budgets), which also charges the admitted ones;
-3. label every admitted sample in one teacher call and split the output;
+3. label every admitted sample, ``LABEL_CHUNK_SAMPLES`` per teacher call,
+   and split the output;
 4. store the responses, taking back the privacy charge of a request whose
    labels came out NaN or infinite, or whose response would exceed
    ``requests.max_payload_bytes``, and so were not released;
@@ -40,7 +41,11 @@ from dslo_edge.hub_state import (
     HubState,
     RequestKey,
 )
-from dslo_edge.hub_teacher import TeacherRegistry
+from dslo_edge.hub_teacher import (
+    LABEL_CHUNK_SAMPLES,
+    TeacherRegistry,
+    predict_in_chunks,
+)
 from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.label_protocol import (
     STATUS_BUDGET_EXHAUSTED,
@@ -414,11 +419,10 @@ class BatchLabeller:
         if not admitted:
             return []
         inputs = np.concatenate([request.inputs for _, request, _ in admitted])
-        # One call for the whole batch: requests.batch_max_samples samples,
-        # plus at most one request, sets how long it goes without a beat.
-        outputs = self.teacher.predict(inputs)
-        self.progress.beat()
-        self.counters.teacher_calls += 1
+        # Chunks bound the time between beats, as in a push, because one call
+        # on a batch of up to 65536 samples can outlast hub.watchdog_stall_s.
+        outputs = predict_in_chunks(self.teacher.predict, inputs, self.progress)
+        self.counters.teacher_calls += -(-len(inputs) // LABEL_CHUNK_SAMPLES)
         self.counters.labelled_samples += len(inputs)
         self.counters.largest_batch = max(self.counters.largest_batch, len(admitted))
         replies = []

@@ -71,8 +71,8 @@ class RequestSettings:
             several heads needs.
         max_samples: samples per request; larger requests are rejected.
         max_payload_bytes: size limit of a request payload and of its response.
-        batch_max_samples: samples per teacher call, summed over the
-            requests of many devices.
+        batch_max_samples: samples per batch, summed over the requests of
+            many devices; the teacher labels a batch 256 samples per call.
         batch_wait_s: how long the first request of a batch may wait for
             more to join it.
         top_k: send only the k largest probabilities per sample, 0 for all.

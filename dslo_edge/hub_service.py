@@ -7,7 +7,7 @@ Threads:
   enqueues them;
 - the batcher thread takes the requests of many devices at once, admits
   them against the shared state (rate limits, privacy budgets, repeats),
-  labels all admitted samples with one teacher call, publishes one response
+  labels all admitted samples, 256 per teacher call, publishes one response
   per request and only then acknowledges the requests (manual PUBACK), so a
   worker that dies before responding leaves them unacknowledged;
 - the push scheduler thread (``hub_pushes``) when pushes are configured;

@@ -1,4 +1,6 @@
-"""The hub worker's watchdog: the stall decision, and a worker whose push hangs."""
+"""The hub worker's watchdog: the stall decision, beats between teacher calls,
+and a worker whose push hangs.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +16,20 @@ from pathlib import Path
 import numpy as np
 
 from dslo_edge.daemon import EXIT_WATCHDOG
+from dslo_edge.hub_config import load_hub_config
+from dslo_edge.hub_service import HubWorker
 from dslo_edge.hub_teacher import LABEL_CHUNK_SAMPLES, predict_in_chunks
 from dslo_edge.hub_watchdog import Heartbeat, WatchedThread, thread_problem
 from dslo_edge.hub_worker_lock import lock_if_stopped
-from tests.hub_fleet import REPO_ROOT, subscribed_client, write_hub_config
+from dslo_edge.label_protocol import LabelRequest, encode_request, request_properties
+from dslo_edge.protocol import decode_update
+from tests.hub_fleet import (
+    REPO_ROOT,
+    HubWatcher,
+    subscribed_client,
+    wait_online,
+    write_hub_config,
+)
 
 # Seconds to wait for READY=1 from a worker subprocess, which loads its
 # teacher and checks the push data first.
@@ -105,6 +117,62 @@ def test_chunked_labels_match_one_call() -> None:
     assert len(beats) == 3
     np.testing.assert_array_equal(outputs["a"], x * 2)
     np.testing.assert_array_equal(outputs["b"], x[:, :1])
+
+
+def test_request_batch_labelled_in_chunks(mlp_pair, mosquitto, tmp_path) -> None:
+    # The request is larger than a chunk, so the batcher must beat between
+    # chunks as a push does. Otherwise a slow teacher on a full batch trips
+    # the watchdog.
+    count = 2 * LABEL_CHUNK_SAMPLES + 9
+    extra = {"requests": f"max_samples = {count}"}
+    config = write_hub_config(tmp_path / "hub", mosquitto.port, mlp_pair.bundle, extra)
+    worker = HubWorker(load_hub_config(config, "w1"))
+    calls: list[int] = []
+    beats_after: list[int] = []
+    predict = worker.teacher.predict
+
+    def recorded_predict(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        return predict(x)
+
+    class Progress(Heartbeat):
+        def beat(self) -> None:
+            super().beat()
+            beats_after.append(len(calls))
+
+    worker.teacher.predict = recorded_predict  # type: ignore[method-assign]
+    worker.labeller.progress = Progress()
+    inputs = np.random.default_rng(0).random((count, 64), dtype=np.float32)
+    ids = [f"s{i}" for i in range(count)]
+    request = LabelRequest(b"c" * 16, time.time(), ids, inputs)
+    client, received = subscribed_client(mosquitto.port, "dslo/kitchen/labels")
+    watcher = HubWatcher(mosquitto.port)
+    try:
+        worker.start()
+        wait_online(watcher, ["w1"])
+        client.publish(
+            "dslo/kitchen/requests",
+            encode_request(request),
+            qos=1,
+            properties=request_properties("dslo/kitchen/labels", request.request_id),
+        )
+        reply = received.get(timeout=20)
+        counters = worker.counters
+    finally:
+        watcher.close()
+        worker.stop()
+        client.disconnect()
+        client.loop_stop()
+
+    update = decode_update(reply.payload)
+    assert update.sample_ids == ids
+    assert update.labels.shape == (count, 10)
+    np.testing.assert_allclose(update.labels, predict(inputs), rtol=1e-6, atol=1e-7)
+    assert calls == [LABEL_CHUNK_SAMPLES, LABEL_CHUNK_SAMPLES, 9]
+    for done in (1, 2, 3):
+        assert done in beats_after
+    assert counters["teacher_calls"] == 3
+    assert counters["labelled_samples"] == count
 
 
 def start_hub(config: Path, log: Path, notify: str) -> subprocess.Popen:
