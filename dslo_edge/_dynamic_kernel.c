@@ -556,4 +556,18 @@ static struct PyModuleDef module = {
     methods,
 };
 
-PyMODINIT_FUNC PyInit__dynamic_kernel(void) { return PyModule_Create(&module); }
+/* Raise it whenever the arguments of lookup or prepare change, with
+   KERNEL_API_VERSION in dynamic_kernel.py. An editable install keeps a module
+   built from the older source until it is rebuilt, and dynamic_kernel.py does
+   not use such a module. */
+#define API_VERSION 2
+
+PyMODINIT_FUNC PyInit__dynamic_kernel(void) {
+    PyObject *created = PyModule_Create(&module);
+    if (created != NULL &&
+        PyModule_AddIntConstant(created, "API_VERSION", API_VERSION) < 0) {
+        Py_DECREF(created);
+        return NULL;
+    }
+    return created;
+}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from dslo_edge import dynamic, dynamic_compiled, lru_rows
 from dslo_edge.dynamic import DriftBoost, SoftLabelEngine, TaskSettings
-from dslo_edge.dynamic_kernel import KERNEL_VARIABLE, kernel
+from dslo_edge.dynamic_kernel import KERNEL_API_VERSION, KERNEL_VARIABLE, kernel
 from dslo_edge.lru_rows import LruRowTable
 from dslo_edge.softlabels import AlphaPolicy, Schedule
 from dslo_edge.targets import Targets
@@ -277,6 +277,33 @@ def test_environment_selects_numpy_code() -> None:
         check=True,
     ).stdout
     assert output.strip() == "numpy"
+
+
+def test_kernel_api_version_matches_source() -> None:
+    assert kernel.API_VERSION == KERNEL_API_VERSION
+
+
+def test_stale_kernel_build_not_used() -> None:
+    # A module without API_VERSION is what a build from the source before it
+    # gives, and that build takes prepare's arguments in another order.
+    script = (
+        "import sys, types\n"
+        "stale = types.ModuleType('dslo_edge._dynamic_kernel')\n"
+        "sys.modules['dslo_edge._dynamic_kernel'] = stale\n"
+        "from dslo_edge import dynamic_kernel as k\n"
+        "print(k.kernel_name())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={k: v for k, v in os.environ.items() if k != KERNEL_VARIABLE},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+    assert result.stdout.strip() == "numpy"
+    assert "built from another version of _dynamic_kernel.c" in result.stderr
+    assert "(API_VERSION None, expected 2)" in result.stderr
 
 
 def test_rounds_progress_matches_numpy(
