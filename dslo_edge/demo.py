@@ -34,7 +34,7 @@ from dslo_edge.models import StudentModel, TeacherModel
 from dslo_edge.power import describe_energy
 from dslo_edge.protocol import encode_update
 from dslo_edge.softlabels import AlphaPolicy, Schedule
-from dslo_edge.state_lock import StateLock
+from dslo_edge.state_lock import DEMO_HOLDER, StateLock
 from dslo_edge.trainer import Trainer
 
 DEVICE_ID = "demo-device"
@@ -239,14 +239,19 @@ def _check_demo_entries(out: Path) -> None:
 def _lock_state(out: Path) -> StateLock:
     """Lock the demo's state directory until the demo starts its own daemon.
 
-    A daemon that a user started with the demo's device.toml holds this lock.
-    The demo would otherwise replace that daemon's bundle and delete its
-    checkpoints while it runs.
+    A daemon that a user started with the demo's device.toml, or another
+    demo on the same folder, may hold this lock. The demo would otherwise
+    replace the bundle and delete the checkpoints that the holder uses.
     """
     state = out / "state"
     try:
-        return StateLock(state, DEVICE_ID)
+        return StateLock(state, DEVICE_ID, for_demo=True)
     except StateDirInUse as error:
+        if error.owner.endswith(DEMO_HOLDER):
+            raise ConfigError(
+                f"{state} is in use by another dslo-edge demo ({error.owner}); "
+                "wait until it ends, or choose another --out"
+            ) from None
         raise ConfigError(
             f"{state} is in use by a running dslo-edge daemon ({error.owner}), "
             "and the demo would replace its bundle and checkpoints; stop that "

@@ -16,13 +16,22 @@ from pathlib import Path
 from dslo_edge.errors import ConfigError, StateDirInUse
 
 LOCK_FILE = ".lock"
+# The end of the owner line of a lock that ``dslo-edge demo`` takes while it
+# replaces the bundle and checkpoints in its folder, before its daemon runs.
+DEMO_HOLDER = "dslo-edge demo"
 
 
 class StateLock:
     """The lock of one state directory, held until ``release``."""
 
-    def __init__(self, state_dir: Path, device_id: str):
+    def __init__(self, state_dir: Path, device_id: str, for_demo: bool = False):
         """Create ``state_dir`` if needed and lock it.
+
+        Args:
+            state_dir: the folder to lock.
+            device_id: the device id, for the owner line in the lock file.
+            for_demo: the lock is the demo's, so the owner line ends in
+                ``DEMO_HOLDER`` and a daemon that finds it names the demo.
 
         Raises:
             StateDirInUse: another process holds the lock.
@@ -57,13 +66,12 @@ class StateLock:
         except BlockingIOError:
             owner = _read_owner(descriptor)
             os.close(descriptor)
-            raise StateDirInUse(
-                f"device.state_dir {state_dir} is in use by another dslo-edge "
-                f"daemon ({owner}); give each device its own state_dir",
-                owner,
-            ) from None
+            raise StateDirInUse(_in_use_message(state_dir, owner), owner) from None
+        line = f"pid {os.getpid()}, device {device_id}"
+        if for_demo:
+            line += f", {DEMO_HOLDER}"
         os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"pid {os.getpid()}, device {device_id}\n".encode())
+        os.write(descriptor, f"{line}\n".encode())
         self._descriptor: int | None = descriptor
 
     def release(self) -> None:
@@ -71,6 +79,20 @@ class StateLock:
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
+
+
+def _in_use_message(state_dir: Path, owner: str) -> str:
+    """Return the error for a state_dir whose lock ``owner`` holds."""
+    if owner.endswith(DEMO_HOLDER):
+        return (
+            f"device.state_dir {state_dir} is in use by a running dslo-edge demo "
+            f"({owner}), which replaces the bundle and checkpoints there and "
+            "then starts its own daemon. Start this daemon after the demo ends"
+        )
+    return (
+        f"device.state_dir {state_dir} is in use by another dslo-edge "
+        f"daemon ({owner}); give each device its own state_dir"
+    )
 
 
 def _unusable(state_dir: Path, error: OSError) -> ConfigError:

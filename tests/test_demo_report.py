@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-from dslo_edge.demo import _daemon_exit_error, format_report
+from dslo_edge.demo import DEMO_MARKER, _daemon_exit_error, format_report
+from dslo_edge.state_lock import StateLock
+from tests.cli_process import run_cli
 
 # Writes a report of about 100 kB under a 4 KiB file size limit
 # (RLIMIT_FSIZE), so the write fails with EFBIG part way, as on a full disk.
@@ -131,3 +134,23 @@ def test_running_daemon_gives_no_exit_error(tmp_path) -> None:
     finally:
         process.kill()
         process.wait(timeout=60)
+
+
+def test_second_demo_on_folder_names_demo(tmp_path) -> None:
+    out = tmp_path / "demo-out"
+    out.mkdir()
+    (out / DEMO_MARKER).write_text("Written by dslo-edge demo; safe to delete.\n")
+    # The lock as a first demo holds it while it trains and converts.
+    first = StateLock(out / "state", "demo-device", for_demo=True)
+    try:
+        result = run_cli("demo", f"--out={out}")
+    finally:
+        first.release()
+
+    assert result.returncode == 78, result.stderr
+    assert result.stderr == (
+        f"error: {out / 'state'} is in use by another dslo-edge demo (pid "
+        f"{os.getpid()}, device demo-device, dslo-edge demo); wait until it "
+        "ends, or choose another --out\n"
+    )
+    assert sorted(path.name for path in out.iterdir()) == [DEMO_MARKER, "state"]

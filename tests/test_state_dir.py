@@ -57,6 +57,25 @@ def test_second_daemon_on_state_dir_is_rejected(mlp_pair, tmp_path) -> None:
     EdgeDaemon(device_config(tmp_path, mlp_pair.bundle, "dev-b", state))
 
 
+def test_daemon_on_demo_state_names_demo(mlp_pair, tmp_path) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "device.toml"
+    config.write_text(render_config("demo-device", mlp_pair.bundle, state, 9))
+    demo = StateLock(state, "demo-device", for_demo=True)
+    try:
+        result = run_cli("run", "--config", str(config))
+    finally:
+        demo.release()
+
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: device.state_dir {state} is in use by a running dslo-edge demo "
+        f"(pid {os.getpid()}, device demo-device, dslo-edge demo), which replaces "
+        "the bundle and checkpoints there and then starts its own daemon. Start "
+        "this daemon after the demo ends"
+    )
+
+
 def test_state_dir_that_is_a_file_is_rejected(mlp_pair, tmp_path) -> None:
     state = tmp_path / "state"
     state.write_text("not a folder")
