@@ -323,8 +323,9 @@ class BatchPublisher:
         signed_again = 0
         for batch in waiting:
             age = now - batch.created
-            # expiry_s stands for the device's max_age_s, which the docs ask
-            # to match: a device rejects an update older than that.
+            # expiry_s stands for the device's max_age_s, which it should be
+            # at most: a device rejects an update older than its max_age_s.
+            # With a shorter expiry_s this counts some that a device accepts.
             stale += age > schedule.expiry_s
             body = unverified_body(batch.payload)
             payload = body if key is None else sign(key, topic, body)
