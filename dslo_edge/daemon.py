@@ -94,9 +94,9 @@ from dslo_edge.state_folders import (
 )
 from dslo_edge.state_lock import StateLock
 from dslo_edge.swap import ACTIVE
-from dslo_edge.systemd import EXIT_WATCHDOG
 from dslo_edge.trainer import Trainer
 from dslo_edge.update_queue import UpdateQueue
+from dslo_edge.watchdog import Heartbeat, Watchdog, WatchedThread
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def maximum_packet_bytes(limits: PayloadLimits) -> int:
     ``packet_size_limit`` of the largest payload the device takes: an
     update, an inference input or a model update chunk. An update somewhat
     over ``limits.max_payload_bytes`` still arrives and is rejected as
-    ``too_large``, which tells the hub to send smaller batches.
+    ``too_large``, and the hub's push names the fix: smaller batches.
     """
     return packet_size_limit(
         max(limits.max_payload_bytes, MAX_INPUT_BYTES, MAX_CHUNK_BYTES)
@@ -375,7 +375,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self._paused_reason: str | None = None
         self._trainer_paused = False
         self._last_update_at = time.monotonic()
-        self._trainer_beat = time.monotonic()
+        self._trainer_progress = Heartbeat()
         self._last_metrics_at = float("-inf")
         # True when the rate limit skipped a report that is not yet sent.
         self._metrics_pending = False
@@ -390,8 +390,16 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
         self._trainer_thread = threading.Thread(
             target=self._train_loop, name="dslo-trainer", daemon=True
         )
-        self._watchdog_thread = threading.Thread(
-            target=self._watchdog_loop, name="dslo-watchdog", daemon=True
+        self._watchdog_thread = Watchdog(
+            f"Device {self.device_id}",
+            [
+                WatchedThread(
+                    "trainer", self._trainer_thread.is_alive, self._trainer_progress
+                ),
+                WatchedThread("MQTT connection", lambda: self.connection.alive),
+            ],
+            TRAINER_STALL_S,
+            stopped=self.stopping,
         )
         self.connection = MqttConnection(
             self.config.mqtt,
@@ -828,7 +836,7 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
 
     def _train_loop(self) -> None:
         while not self.stopping.is_set():
-            self._trainer_beat = time.monotonic()
+            self._trainer_progress.beat()
             try:
                 self._answer_inputs()
             except Exception:  # a failed inference must not stop training
@@ -1096,35 +1104,6 @@ class EdgeDaemon(RestoreMixin, CheckpointsMixin, ModelSwitchMixin):
                 (now - update.timestamp) * 1000,
                 prepare_ms=result.prepare_ms,
             )
-
-    # Watchdog thread
-
-    def _watchdog_loop(self) -> None:
-        ping_every = systemd.watchdog_interval_s()
-        last_ping = 0.0
-        while not self.stopping.wait(1.0):
-            problem = self._thread_problem()
-            if problem:
-                logger.critical(
-                    "Device %s watchdog: %s; exiting", self.device_id, problem
-                )
-                logging.shutdown()
-                os._exit(EXIT_WATCHDOG)
-            if ping_every and time.monotonic() - last_ping >= ping_every:
-                systemd.notify("WATCHDOG=1")
-                last_ping = time.monotonic()
-
-    def _thread_problem(self) -> str | None:
-        if self.stopping.is_set():
-            return None
-        if not self._trainer_thread.is_alive():
-            return "the trainer thread died"
-        stalled = time.monotonic() - self._trainer_beat
-        if stalled > TRAINER_STALL_S:
-            return f"the trainer made no progress for {stalled:.0f} s"
-        if not self.connection.alive:
-            return "the MQTT connection thread died"
-        return None
 
     # Outputs
 

@@ -46,7 +46,6 @@ from dslo_edge.hub_teacher import (
     TeacherRegistry,
     predict_in_chunks,
 )
-from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.label_protocol import (
     STATUS_BUDGET_EXHAUSTED,
     STATUS_OK,
@@ -61,6 +60,7 @@ from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, encode_update
 from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 from dslo_edge.signing import key_file_present, load_key, sign
+from dslo_edge.watchdog import Heartbeat
 
 logger = logging.getLogger(__name__)
 

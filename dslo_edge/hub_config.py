@@ -151,7 +151,7 @@ class HubConfig:
     pushes: tuple[PushSchedule, ...] = ()
     metrics_every_s: float = 10.0
     # Seconds that a busy worker thread may go without progress before the
-    # watchdog ends the worker (dslo_edge.hub_watchdog).
+    # watchdog ends the worker (dslo_edge.watchdog).
     watchdog_stall_s: float = WATCHDOG_STALL_S
 
     @property

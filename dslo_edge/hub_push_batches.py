@@ -45,7 +45,6 @@ from dslo_edge.hub_push_window import (
 )
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherVersion
-from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.multihead_protocol import MultiHeadUpdate, encode_multi_head_update
 from dslo_edge.privacy import privatise
 from dslo_edge.protocol import SoftLabelUpdate, Topics, encode_update, new_message_id
@@ -53,6 +52,7 @@ from dslo_edge.pubacks import PubackTracker
 from dslo_edge.push_progress import counted
 from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 from dslo_edge.signing import key_file_present, load_key, sign, unverified_body
+from dslo_edge.watchdog import Heartbeat
 
 # The logger of hub_pushes, where this code was before, so that log lines and
 # logging filters keep its name.

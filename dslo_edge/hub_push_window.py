@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from dslo_edge.hub import FIRST_FAILURE_CODE, NO_MATCHING_SUBSCRIBERS
-from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.pubacks import PubackTracker
+from dslo_edge.watchdog import Heartbeat
 
 # paho-mqtt 2.2.0's default max_inflight_messages, which the hub's client does
 # not change. paho sends at most this many QoS 1 messages at once and queues the

@@ -60,10 +60,10 @@ from dslo_edge.hub_teacher import (
     TeacherVersion,
     predict_in_chunks,
 )
-from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.pubacks import PubackTracker
 from dslo_edge.push_progress import counted
 from dslo_edge.repeat_log import RepeatLimiter, repeats_note
+from dslo_edge.watchdog import Heartbeat
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Threads:
   worker that dies before responding leaves them unacknowledged;
 - the push scheduler thread (``hub_pushes``) when pushes are configured;
 - a drain thread per dead peer (``hub_drain``);
-- the watchdog thread (``hub_watchdog``), which exits the process with
+- the watchdog thread (``watchdog``), which exits the process with
   status 70 when the batcher, push scheduler or connection thread died, or
   when the batcher or push scheduler made no progress for
   ``hub.watchdog_stall_s``. Drain threads are not watched.
@@ -57,7 +57,6 @@ from dslo_edge.hub_push_batches import PUBLISH_TIMEOUT_S as PUSH_PUBACK_WAIT_S
 from dslo_edge.hub_pushes import PushScheduler
 from dslo_edge.hub_state import HubState
 from dslo_edge.hub_teacher import TeacherRegistry
-from dslo_edge.hub_watchdog import HubWatchdog, WatchedThread
 from dslo_edge.hub_worker_lock import WorkerLock
 from dslo_edge.json_input import parse_json
 from dslo_edge.label_protocol import (
@@ -72,6 +71,7 @@ from dslo_edge.label_protocol import (
     worker_metrics_topic,
     worker_status_topic,
 )
+from dslo_edge.watchdog import Watchdog, WatchedThread
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +206,15 @@ class HubWorker:
         self._batcher = threading.Thread(
             target=self._batch_loop, name="dslo-hub-batcher", daemon=True
         )
-        self._watchdog = HubWatchdog(
-            self.worker_id, self._watched_threads(), config.watchdog_stall_s
+        self._watchdog = Watchdog(
+            f"Hub worker {self.worker_id}",
+            self._watched_threads(),
+            config.watchdog_stall_s,
+            limit_name="hub.watchdog_stall_s",
+            exit_note=(
+                ", which releases its worker lock so that another worker can "
+                "take over its push runs"
+            ),
         )
 
     def _watched_threads(self) -> list[WatchedThread]:

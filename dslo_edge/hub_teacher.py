@@ -33,9 +33,9 @@ from dslo_edge.errors import BundleError, ConfigError, RuntimeMissing
 from dslo_edge.hub_config import TeacherSettings, describe_multi_head_output_kind
 from dslo_edge.hub_multihead import MultiHeadTeacherModel, head_output_kinds
 from dslo_edge.hub_state import HubState
-from dslo_edge.hub_watchdog import Heartbeat
 from dslo_edge.models import TeacherModel, read_teacher
 from dslo_edge.push_checks import check_output_kinds
+from dslo_edge.watchdog import Heartbeat
 
 # The teacher of a single-head or of a multi-head student.
 AnyTeacherModel = TeacherModel | MultiHeadTeacherModel

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dslo_edge.daemon import EXIT_WATCHDOG
 from dslo_edge.hub_config import load_hub_config
 from dslo_edge.hub_service import HubWorker
 from dslo_edge.hub_teacher import LABEL_CHUNK_SAMPLES, predict_in_chunks
-from dslo_edge.hub_watchdog import Heartbeat, WatchedThread, thread_problem
 from dslo_edge.hub_worker_lock import lock_if_stopped
 from dslo_edge.label_protocol import LabelRequest, encode_request, request_properties
 from dslo_edge.protocol import decode_update
+from dslo_edge.systemd import EXIT_WATCHDOG
+from dslo_edge.watchdog import Heartbeat, WatchedThread, thread_problem
 from tests.hub_fleet import (
     REPO_ROOT,
     HubWatcher,
@@ -44,6 +44,10 @@ def dead() -> bool:
     return False
 
 
+# The hub setting that gives the stall limit, named in the message.
+LIMIT = "hub.watchdog_stall_s"
+
+
 def test_stall_decision_names_stalled_thread() -> None:
     batcher = Heartbeat(at=100.0)
     pushes = Heartbeat(at=50.0)
@@ -56,12 +60,12 @@ def test_stall_decision_names_stalled_thread() -> None:
     # At 102 the push scheduler's beat is 52 s old.
     assert thread_problem(watched, now=102.0, stall_s=60.0) is None
     assert thread_problem(watched, now=110.0, stall_s=60.0) is None
-    assert thread_problem(watched, now=110.5, stall_s=60.0) == (
+    assert thread_problem(watched, now=110.5, stall_s=60.0, limit_name=LIMIT) == (
         "the push scheduler thread made no progress for 60 s, more than "
         "hub.watchdog_stall_s = 60"
     )
     # Both are stalled, and the batcher comes first.
-    assert thread_problem(watched, now=401.0, stall_s=300.0) == (
+    assert thread_problem(watched, now=401.0, stall_s=300.0, limit_name=LIMIT) == (
         "the batcher thread made no progress for 301 s, more than "
         "hub.watchdog_stall_s = 300"
     )
@@ -93,8 +97,7 @@ def test_stall_decision_names_dead_thread() -> None:
     )
     # The first problem in the order given wins.
     assert thread_problem(watched, now=100.0, stall_s=5.0) == (
-        "the batcher thread made no progress for 100 s, more than "
-        "hub.watchdog_stall_s = 5"
+        "the batcher thread made no progress for 100 s, more than 5 s"
     )
 
 

@@ -17,7 +17,6 @@ from click.testing import CliRunner
 
 from dslo_edge.cli import EXIT_CONFIG, main
 from dslo_edge.config import render_config
-from dslo_edge.daemon import EXIT_WATCHDOG
 from dslo_edge.errors import ConfigError
 from dslo_edge.service import (
     quote_exec_word,
@@ -26,6 +25,7 @@ from dslo_edge.service import (
     render_unit,
     script_paths,
 )
+from dslo_edge.systemd import EXIT_WATCHDOG
 
 # A script outside /tmp, so that tests run from a venv in /tmp get no warning
 # about PrivateTmp=yes. It does not exist here, so its #! line is not read.

@@ -1,15 +1,11 @@
-"""The hub worker's watchdog: progress beats of its threads and the stall check.
+"""Watchdog threads: progress beats of the threads they watch, and the stall check.
 
-Each long-running worker thread that can block records a beat
-(``Heartbeat.beat``) where it is known to move. It beats at each idle loop
-turn, each chunk of teacher labelling and each update or response
-published. It also beats when a bounded PUBACK wait ends, timed out or not.
-``HubWatchdog`` checks the beats every second. A thread that died, or that
-went ``hub.watchdog_stall_s`` without a beat, makes it log one critical
-line and exit the process with ``EXIT_WATCHDOG``. The kernel then releases
-the worker's lock (``hub_worker_lock``), so another worker can take over
-the push run that the hung thread claimed. systemd restarts the worker
-(``Restart=on-failure``).
+The device daemon and the hub worker each run one. A watched thread that
+can block records a beat (``Heartbeat.beat``) where it is known to move.
+``Watchdog`` checks the beats every second. A thread that died, or that
+went longer than the stall limit without a beat, makes it log one critical
+line and exit the process with ``EXIT_WATCHDOG``, so that systemd restarts
+the service (``Restart=on-failure``) and the kernel releases its locks.
 While all threads are healthy, it sends ``WATCHDOG=1`` at half of
 systemd's ``WatchdogSec``.
 """
@@ -44,7 +40,7 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class WatchedThread:
-    """A worker thread that the watchdog checks.
+    """A thread that the watchdog checks.
 
     Attributes:
         name: the thread's role in log lines, such as "push scheduler".
@@ -59,12 +55,16 @@ class WatchedThread:
 
 
 def thread_problem(
-    watched: Sequence[WatchedThread], now: float, stall_s: float
+    watched: Sequence[WatchedThread],
+    now: float,
+    stall_s: float,
+    limit_name: str | None = None,
 ) -> str | None:
     """Return how the first dead or stalled thread fails, or None if all are well.
 
     A thread stalls when its last beat is more than ``stall_s`` seconds
-    before ``now`` (``time.monotonic``).
+    before ``now`` (``time.monotonic``). ``limit_name`` is the setting that
+    gives ``stall_s``, for the message, or None for a fixed limit.
     """
     for thread in watched:
         if not thread.is_alive():
@@ -73,40 +73,56 @@ def thread_problem(
             continue
         stalled = now - thread.heartbeat.at
         if stalled > stall_s:
+            limit = f"{limit_name} = {stall_s:g}" if limit_name else f"{stall_s:g} s"
             return (
                 f"the {thread.name} thread made no progress for {stalled:.0f} s, "
-                f"more than hub.watchdog_stall_s = {stall_s:g}"
+                f"more than {limit}"
             )
     return None
 
 
-class HubWatchdog(threading.Thread):
-    """Exits the worker process when one of its threads died or hung.
+class Watchdog(threading.Thread):
+    """Exits the process when one of the watched threads died or hung.
 
     Args:
-        worker_id: the worker id, for the log line.
+        owner: the service instance for the log line, such as "Device porch".
         watched: the threads to check, in the order their problems are named.
         stall_s: seconds without a beat after which a thread counts as hung.
+        limit_name: the setting that gives ``stall_s``, for the log line.
+        exit_note: text that follows the exit status in the log line.
+        stopped: set when the service stops its threads on purpose, which
+            ends the checks; ``stop`` sets it too.
     """
 
     def __init__(
-        self, worker_id: str, watched: Sequence[WatchedThread], stall_s: float
+        self,
+        owner: str,
+        watched: Sequence[WatchedThread],
+        stall_s: float,
+        *,
+        limit_name: str | None = None,
+        exit_note: str = "",
+        stopped: threading.Event | None = None,
     ):
-        super().__init__(name="dslo-hub-watchdog", daemon=True)
-        self.worker_id = worker_id
+        super().__init__(name="dslo-watchdog", daemon=True)
+        self.owner = owner
         self.watched = tuple(watched)
         self.stall_s = stall_s
-        self._stopped = threading.Event()
+        self.limit_name = limit_name
+        self.exit_note = exit_note
+        self._stopped = stopped or threading.Event()
 
     def stop(self) -> None:
-        """Stop checking, because the worker stops its threads on purpose."""
+        """Stop checking, because the service stops its threads on purpose."""
         self._stopped.set()
 
     def run(self) -> None:
         ping_every = systemd.watchdog_interval_s()
         last_ping = 0.0
         while not self._stopped.wait(CHECK_EVERY_S):
-            problem = thread_problem(self.watched, time.monotonic(), self.stall_s)
+            problem = thread_problem(
+                self.watched, time.monotonic(), self.stall_s, self.limit_name
+            )
             if problem and not self._stopped.is_set():
                 self._exit(problem)
             if ping_every and time.monotonic() - last_ping >= ping_every:
@@ -115,11 +131,11 @@ class HubWatchdog(threading.Thread):
 
     def _exit(self, problem: str) -> None:
         logger.critical(
-            "Hub worker %s watchdog: %s; exiting with status %d, which releases "
-            "its worker lock so that another worker can take over its push runs",
-            self.worker_id,
+            "%s watchdog: %s; exiting with status %d%s",
+            self.owner,
             problem,
             EXIT_WATCHDOG,
+            self.exit_note,
         )
         logging.shutdown()
         os._exit(EXIT_WATCHDOG)
