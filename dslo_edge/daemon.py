@@ -94,6 +94,9 @@ from dslo_edge.state_folders import (
 )
 from dslo_edge.state_lock import StateLock
 from dslo_edge.swap import ACTIVE
+
+# Re-exported, because callers import it from dslo_edge.daemon.
+from dslo_edge.systemd import EXIT_WATCHDOG as EXIT_WATCHDOG
 from dslo_edge.trainer import Trainer
 from dslo_edge.update_queue import UpdateQueue
 from dslo_edge.watchdog import Heartbeat, Watchdog, WatchedThread

@@ -214,6 +214,14 @@ def test_path_list_entry_keeps_dollar() -> None:
     assert quote_path_list_entry(PurePosixPath("/var/lib/$x y")) == '"/var/lib/$x y"'
 
 
+def test_daemon_module_exports_exit_watchdog() -> None:
+    from dslo_edge import daemon
+
+    # Callers that imported the status from the daemon keep working.
+    assert daemon.EXIT_WATCHDOG == 70
+    assert daemon.EXIT_WATCHDOG == EXIT_WATCHDOG
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
