@@ -308,6 +308,8 @@ def _check_bundle_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) 
 
     ``ota-send`` packs ``manifest.json``, the files it names, ``probe.npz``
     and ``ota-release.json``. Any other member would be kept in the release.
+    An ota-send from before that rule packed every file of the bundle folder,
+    so the message names both fixes.
 
     Raises:
         OtaError: ``bad_bundle`` for another member, or for a missing or
@@ -320,9 +322,12 @@ def _check_bundle_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) 
             raise OtaError(
                 "bad_bundle",
                 f"archive member {member.name!r} is not a file that "
-                f"{MANIFEST_NAME} names; ota-send packs only {MANIFEST_NAME}, the "
-                f"files it names, {PROBE_FILE} and {RELEASE_FILE}, so send the "
-                "bundle folder with 'dslo-edge ota-send'",
+                f"{MANIFEST_NAME} names; the device accepts only {MANIFEST_NAME}, "
+                f"the files it names, {PROBE_FILE} and {RELEASE_FILE}, which is "
+                "all that a current 'dslo-edge ota-send' packs, but an older one "
+                "packed every file of the bundle folder; remove "
+                f"{member.name!r} from the bundle folder or update dslo-edge on "
+                "the sending machine, then send the bundle again",
             )
 
 

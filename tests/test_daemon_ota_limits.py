@@ -179,8 +179,11 @@ def test_member_outside_manifest_rejected(mlp_pair, mosquitto, tmp_path) -> None
     assert status["reason"] == "bad_bundle"
     assert status["detail"] == (
         "archive member 'notes.txt' is not a file that manifest.json names; "
-        "ota-send packs only manifest.json, the files it names, probe.npz and "
-        "ota-release.json, so send the bundle folder with 'dslo-edge ota-send'"
+        "the device accepts only manifest.json, the files it names, probe.npz "
+        "and ota-release.json, which is all that a current 'dslo-edge ota-send' "
+        "packs, but an older one packed every file of the bundle folder; remove "
+        "'notes.txt' from the bundle folder or update dslo-edge on the sending "
+        "machine, then send the bundle again"
     )
     assert counts["rejected"] == {"bad_bundle": 1}
     assert counts["installed"] == 0

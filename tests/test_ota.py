@@ -972,6 +972,49 @@ def test_install_rejects_archive_without_manifest(
     assert list(store.folder.iterdir()) == []
 
 
+def pack_every_file(bundle: Path) -> Path:
+    """Pack every top-level file of a bundle folder, as an older ota-send did.
+
+    That ota-send also wrote no ota-release.json.
+    """
+    archive = bundle.parent / "older-ota-send.tar"
+    with tarfile.open(archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(bundle.iterdir()):
+            tar.add(path, arcname=path.name)
+    return archive
+
+
+def test_install_older_sender_archive(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    store = BundleStore(tmp_path / "state")
+
+    release = store.install_archive(pack_every_file(bundle))
+
+    assert release.parent == store.folder
+    assert (release / "student.tflite").is_file()
+
+
+def test_install_older_sender_stray_file(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle")
+    (bundle / "notes.txt").write_text("trained on the March data\n")
+    store = BundleStore(tmp_path / "state")
+
+    with pytest.raises(OtaError) as caught:
+        store.install_archive(pack_every_file(bundle))
+
+    assert caught.value.reason == "bad_bundle"
+    # The sender did use ota-send, so the message names the fixes that work.
+    assert str(caught.value) == (
+        "archive member 'notes.txt' is not a file that manifest.json names; "
+        "the device accepts only manifest.json, the files it names, probe.npz "
+        "and ota-release.json, which is all that a current 'dslo-edge ota-send' "
+        "packs, but an older one packed every file of the bundle folder; remove "
+        "'notes.txt' from the bundle folder or update dslo-edge on the sending "
+        "machine, then send the bundle again"
+    )
+    assert list(store.folder.iterdir()) == []
+
+
 def test_install_rejects_bundle_with_bad_file(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle")
     archive_bytes = pack_bundle(bundle)
