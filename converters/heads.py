@@ -14,6 +14,11 @@ from converters.graph import GraphNode, OutputHead
 from dslo_edge.errors import ConversionError
 from dslo_edge.multihead_protocol import MAX_HEAD_NAME_BYTES, MAX_HEADS
 
+# Update payloads carry 2 to 65535 classes per head (a uint16 count), and a
+# softmax over one class is always 1, so such a head would never train.
+MIN_CLASSES = 2
+MAX_CLASSES = 0xFFFF
+
 
 def head_name(layer_name: str) -> str:
     """Return the signature-safe head name of a Keras output layer name."""
@@ -37,8 +42,9 @@ def read_heads(
 
     Raises:
         ConversionError: two outputs come from the same layer, two layer
-            names give the same head name, or there are more than
-            ``MAX_HEADS`` outputs.
+            names give the same head name, an output has fewer than 2 or
+            more than 65535 classes, or there are more than ``MAX_HEADS``
+            outputs.
     """
     by_name = {node.name: node for node in nodes}
     heads: list[OutputHead] = []
@@ -48,6 +54,7 @@ def read_heads(
         logits = last.inputs[0] if final_softmax else last.name
         _check_logits(layer_name, by_name, logits)
         class_count = int(by_name[logits].output_shape[-1])
+        _check_class_count(layer_name, class_count)
         heads.append(
             OutputHead(head_name(layer_name), logits, final_softmax, class_count)
         )
@@ -83,6 +90,22 @@ def _check_logits(layer_name: str, by_name: dict[str, GraphNode], logits: str) -
             "optionally followed by softmax as the very last layer, and put any "
             "Dropout before the last Dense layer"
         )
+
+
+def _check_class_count(layer_name: str, class_count: int) -> None:
+    if MIN_CLASSES <= class_count <= MAX_CLASSES:
+        return
+    fix = "reduce the number of classes"
+    if class_count < MIN_CLASSES:
+        fix = (
+            "for a yes/no task end the output in Dense(2), optionally with "
+            "softmax, in place of one unit"
+        )
+    classes = "1 class" if class_count == 1 else f"{class_count} classes"
+    raise ConversionError(
+        f"the student's output '{layer_name}' has {classes}, but "
+        f"updates carry labels of {MIN_CLASSES} to {MAX_CLASSES} classes; {fix}"
+    )
 
 
 def _is_linear_activation(node: GraphNode) -> bool:

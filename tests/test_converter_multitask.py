@@ -371,3 +371,30 @@ def test_trainer_rejects_multi_head_bundle(pair: MultiHeadPair) -> None:
 
     with pytest.raises(BundleError, match="train it with .*MultiHeadTrainer"):
         Trainer(student, TrainingSettings())
+
+
+def test_one_class_output_rejected(tmp_path: Path) -> None:
+    # A softmax over one class is always 1, and updates carry 2 classes or more.
+    x = keras.Input((64,))
+    trunk = keras.layers.Dense(8, activation="relu")(x)
+    several = keras.Model(
+        x,
+        [
+            keras.layers.Dense(10, name="digit")(trunk),
+            keras.layers.Dense(1, name="odd")(trunk),
+        ],
+    )
+    single = keras.Model(x, keras.layers.Dense(1, name="odd")(trunk))
+    cases = {
+        "several": (several, _teacher({"digit": 10, "odd": 1})),
+        "single": (single, _teacher({"odd": 1})),
+    }
+
+    for case, (student, teacher) in cases.items():
+        with pytest.raises(ConversionError) as caught:
+            convert_bundle(teacher, student, tmp_path / case)
+
+        assert "output 'odd' has 1 class," in str(caught.value)
+        assert "2 to 65535 classes" in str(caught.value)
+        assert "Dense(2)" in str(caught.value)
+        assert not (tmp_path / case).exists()
