@@ -44,6 +44,13 @@ POSITIVE = JsonKind(
     "an integer of at least 1", lambda value: _is_integer(value) and value >= 1
 )
 
+# Update payloads carry 2 to 65535 classes per head, and a softmax over one
+# class is always 1, so a bundle of one class would never train.
+CLASS_COUNT = JsonKind(
+    "an integer from 2 to 65535",
+    lambda value: _is_integer(value) and 2 <= value <= 0xFFFF,
+)
+
 # An update marks its labels as logits or else as probabilities, so any other
 # kind would send a logits teacher's labels marked as probabilities.
 OUTPUT_KIND = JsonKind(
@@ -184,14 +191,14 @@ def _check_input(path: Path, manifest: dict[str, Any]) -> None:
 def _check_classes(path: Path, manifest: dict[str, Any]) -> None:
     """Check class_count for a single-head student or heads for several."""
     if "class_count" in manifest or "heads" not in manifest:
-        _typed(path, manifest, "class_count", POSITIVE)
+        _typed(path, manifest, "class_count", CLASS_COUNT)
         return
     heads = _typed(path, manifest, "heads", ARRAY)
     _check_items(path, heads, "heads", OBJECT)
     for index, head in enumerate(heads):
         prefix = f"heads[{index}]"
         _typed(path, head, "name", STRING, f"{prefix}.name")
-        _typed(path, head, "class_count", POSITIVE, f"{prefix}.class_count")
+        _typed(path, head, "class_count", CLASS_COUNT, f"{prefix}.class_count")
         _typed(
             path,
             head,

@@ -277,6 +277,20 @@ def _set_weight_shape(manifest: dict[str, Any]) -> Any:
     return manifest
 
 
+def _set_one_class(manifest: dict[str, Any]) -> Any:
+    manifest["class_count"] = 1
+    return manifest
+
+
+def _set_one_class_head(manifest: dict[str, Any]) -> Any:
+    classes = manifest.pop("class_count")
+    manifest["heads"] = [
+        {"name": "digit", "class_count": classes, "teacher_output_kind": "logits"},
+        {"name": "odd", "class_count": 1, "teacher_output_kind": "logits"},
+    ]
+    return manifest
+
+
 def _drop_teacher_file(manifest: dict[str, Any]) -> Any:
     del manifest["teacher"]["file"]
     return manifest
@@ -316,7 +330,16 @@ BAD_MANIFESTS = [
     ),
     (
         _set_class_count,
-        ': key class_count is "ten" (a string); expected an integer of at least 1',
+        ': key class_count is "ten" (a string); expected an integer from 2 to 65535',
+    ),
+    (
+        _set_one_class,
+        ": key class_count is 1 (an integer); expected an integer from 2 to 65535",
+    ),
+    (
+        _set_one_class_head,
+        ": key heads[1].class_count is 1 (an integer); expected an integer from 2 "
+        "to 65535",
     ),
     (
         _set_weight_shape,
