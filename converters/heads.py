@@ -47,8 +47,10 @@ def read_heads(
             outputs.
     """
     by_name = {node.name: node for node in nodes}
+    layer_names = output_layer_names(keras_graph)
+    _check_distinct_layers(layer_names)
     heads: list[OutputHead] = []
-    for layer_name in output_layer_names(keras_graph):
+    for layer_name in layer_names:
         last = by_name[outputs[layer_name]]
         final_softmax = last.op == "activation" and last.params["function"] == "softmax"
         logits = last.inputs[0] if final_softmax else last.name
@@ -122,6 +124,16 @@ def _check_lengths(names: list[str]) -> None:
                 f"of {size} bytes, but updates carry head names of at most "
                 f"{MAX_HEAD_NAME_BYTES} bytes; rename the output layer"
             )
+
+
+def _check_distinct_layers(layer_names: list[str]) -> None:
+    repeated = sorted({name for name in layer_names if layer_names.count(name) > 1})
+    if repeated:
+        raise ConversionError(
+            f"the student's outputs {layer_names} give the output of layer "
+            f"{', '.join(repeated)} more than once; list each output layer once, "
+            "or add a layer per head after it"
+        )
 
 
 def _check_unique(names: list[str]) -> None:
@@ -252,13 +264,21 @@ def check_teacher_heads(teacher: Any, heads: list[OutputHead]) -> None:
     class count, but the outputs may come in any order.
 
     Raises:
-        ConversionError: a head is missing, extra or has another class count.
+        ConversionError: two teacher outputs give the same head name, or a
+            head is missing, extra or has another class count.
     """
-    teacher_classes = {
-        head_name(layer_name): int(tensor.shape[-1])
-        for layer_name, tensor in zip(
-            output_layer_names(teacher), teacher.outputs, strict=True
+    layer_names = output_layer_names(teacher)
+    names = [head_name(layer_name) for layer_name in layer_names]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConversionError(
+            f"the teacher's output layers {layer_names} give the head names "
+            f"{names}, in which {', '.join(repeated)} occurs more than once; "
+            "rename the teacher's output layers to the student's output layer names"
         )
+    teacher_classes = {
+        name: int(tensor.shape[-1])
+        for name, tensor in zip(names, teacher.outputs, strict=True)
     }
     student_classes = {head.name: head.class_count for head in heads}
     if teacher_classes != student_classes:

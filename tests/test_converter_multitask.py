@@ -398,3 +398,36 @@ def test_one_class_output_rejected(tmp_path: Path) -> None:
         assert "2 to 65535 classes" in str(caught.value)
         assert "Dense(2)" in str(caught.value)
         assert not (tmp_path / case).exists()
+
+
+def test_same_output_layer_twice_rejected(tmp_path: Path) -> None:
+    x = keras.Input((64,))
+    trunk = keras.layers.Dense(8, activation="relu")(x)
+    digit = keras.layers.Dense(10, name="digit")(trunk)
+    student = keras.Model(x, [digit, digit])
+
+    with pytest.raises(ConversionError) as caught:
+        convert_bundle(_teacher({"digit": 10}), student, tmp_path / "b")
+
+    assert "give the output of layer digit more than once" in str(caught.value)
+    assert "list each output layer once" in str(caught.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_teacher_head_name_clash_rejected(tmp_path: Path) -> None:
+    x = keras.Input((64,))
+    hidden = keras.layers.Dense(8, activation="tanh")(x)
+    teacher = keras.Model(
+        x,
+        [
+            keras.layers.Dense(10, name="dig_it")(hidden),
+            keras.layers.Dense(10, name="dig-it")(hidden),
+        ],
+    )
+
+    with pytest.raises(ConversionError) as caught:
+        convert_bundle(teacher, _student(), tmp_path / "b")
+
+    assert "give the head names ['dig_it', 'dig_it']" in str(caught.value)
+    assert "dig_it occurs more than once" in str(caught.value)
+    assert not (tmp_path / "b").exists()
