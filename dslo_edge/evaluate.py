@@ -342,7 +342,8 @@ def evaluate_seed(
         # Selected on validation accuracy only; the first wins a tie.
         runs[method.name] = max(tried, key=lambda run: run.val_accuracy)
     seconds = time.monotonic() - started
-    logger.info("Evaluated %s seed %d in %.0f s", dataset, seed, seconds)
+    # The CLI prints each seed through progress, so the log line is for debugging.
+    logger.debug("Evaluated %s seed %d in %.0f s", dataset, seed, seconds)
     return SeedResult(dataset, seed, teacher_test, runs, seconds)
 
 

@@ -993,3 +993,20 @@ def test_same_round_repeat_no_boost(digits_teacher) -> None:
     assert repeat.smoothing_lambda == TaskSettings().smoothing_lambda
     assert relabelled.batch_drift > 0.05
     assert relabelled.smoothing_lambda == DriftBoost().smoothing_lambda
+
+
+def test_evaluate_prints_each_seed_once(tmp_path) -> None:
+    pytest.importorskip("keras")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "docs"
+    command = [sys.executable, "-m", "dslo_edge.console", "evaluate", "--quick"]
+    arguments = ["--seeds", "1", "--dataset", "segment", "--out", str(out)]
+
+    result = subprocess.run(
+        [*command, *arguments], capture_output=True, text=True, timeout=300
+    )
+
+    assert result.returncode == 0, result.stderr
+    seed_lines = [line for line in result.stderr.splitlines() if "seed 0" in line]
+    assert len(seed_lines) == 1, seed_lines
+    assert seed_lines[0].startswith("segment seed 0: ")
