@@ -263,6 +263,7 @@ class StateFile:
             identity = _file_identity(self.path)
             if identity == self._identity:
                 return False
+            self._empty_journal()
             if identity is None:
                 restored = self._restore()
                 logger.error(
@@ -288,6 +289,24 @@ class StateFile:
             self._db = db
             self._identity = _file_identity(self.path)
             return True
+
+    def _empty_journal(self) -> None:
+        """Move the WAL journal into the open file and truncate it to 0 bytes.
+
+        SQLite finds the journal by the path, ``<state_file>-wal``, so a file
+        opened at the path would read this file's journal as its own, and a
+        replacement file would show the old file's pages in place of its own.
+
+        Raises:
+            sqlite3.OperationalError: another connection kept the journal in
+                use for longer than the busy timeout.
+        """
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite3.OperationalError(
+                f"cannot empty the WAL journal {self.path}-wal of the previous "
+                "file: another connection kept it in use"
+            )
 
     def _restore(self) -> bool:
         """Write the open database to the missing path, unless another worker did first.

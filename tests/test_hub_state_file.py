@@ -79,6 +79,24 @@ def test_replaced_file_is_used(tmp_path) -> None:
     assert stored_buckets(path) == {"door": 3.0}
 
 
+def test_file_renamed_over_is_read(tmp_path) -> None:
+    # A rename leaves the old file's -wal journal at the path, unlike an rm.
+    path = tmp_path / "state.sqlite"
+    state = HubState(path, "w1")
+    state.admit([RequestKey("cam", b"a" * 16, 1)], 0.0, RATE, None, 30)
+    other = tmp_path / "other.sqlite"
+    other_state = HubState(other, "w2")
+    other_state.admit([RequestKey("door", b"a" * 16, 1)], 0.0, RATE, None, 30)
+    other_state.close()
+    other.rename(path)
+
+    assert state.reopen_if_moved()
+
+    request = RequestKey("door", b"b" * 16, 1)
+    assert state.admit([request], 0.0, RATE, None, 30)[0].kind == ADMITTED
+    assert stored_buckets(path) == {"door": 3.0}
+
+
 def send_request(client: mqtt.Client, request_id: bytes) -> None:
     inputs = np.random.default_rng(0).random((2, 64), dtype=np.float32)
     request = LabelRequest(request_id, time.time(), ["a", "b"], inputs)
