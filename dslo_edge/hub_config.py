@@ -647,7 +647,7 @@ def _check_push_budget(
     if privacy is None:
         return
     try:
-        from dslo_edge.privacy import epsilon_spent
+        from dslo_edge.privacy import epsilon_spent, format_epsilon_over
 
         first_batch = min(schedule.batch_size, sample_count)
         epsilon = epsilon_spent(
@@ -661,7 +661,8 @@ def _check_push_budget(
     if epsilon > privacy.epsilon_budget:
         raise ConfigError(
             f"{config.source}: [[push]] {schedule.name!r}: one batch of "
-            f"{first_batch} samples spends epsilon {epsilon:.3g}, more than "
+            f"{first_batch} samples spends epsilon "
+            f"{format_epsilon_over(epsilon, privacy.epsilon_budget)}, more than "
             f"privacy.epsilon_budget {privacy.epsilon_budget:g}, so this push "
             "could never send labels; lower its batch_size, or raise "
             "privacy.noise_multiplier or privacy.epsilon_budget"

@@ -14,7 +14,7 @@ from typing import Any
 from dslo_edge.hub_config import RateLimit
 from dslo_edge.hub_state_file import StateFile
 from dslo_edge.label_protocol import STATUS_RATE_LIMITED
-from dslo_edge.privacy import PrivacySettings, epsilon_spent
+from dslo_edge.privacy import PrivacySettings, epsilon_spent, format_epsilon_over
 
 # The logger of hub_state, where this code was before, so that log lines and
 # logging filters keep its name.
@@ -194,7 +194,8 @@ class ChargeState(StateFile):
             return (
                 f"labelling {key.samples} samples with noise multiplier "
                 f"{new_charge[0]:g} would raise the device's spent epsilon to "
-                f"{epsilon:.3g}, above its budget of {privacy.epsilon_budget:g}"
+                f"{format_epsilon_over(epsilon, privacy.epsilon_budget)}, above its "
+                f"budget of {privacy.epsilon_budget:g}"
             )
         self._take_back(db, key, multiplier, count)
         self._add_releases(db, key.device, *new_charge)
@@ -252,7 +253,9 @@ class ChargeState(StateFile):
         if epsilon > privacy.epsilon_budget:
             return (
                 f"labelling {key.samples} more samples would raise the device's "
-                f"spent epsilon to {epsilon:.3g}, above its budget of "
+                "spent epsilon to "
+                f"{format_epsilon_over(epsilon, privacy.epsilon_budget)}, above its "
+                "budget of "
                 f"{privacy.epsilon_budget:g}"
             )
         self._add_releases(db, key.device, multiplier, key.samples)

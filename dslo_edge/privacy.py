@@ -137,6 +137,20 @@ def privatise(
     return project_to_simplex(noisy).astype(np.float32)
 
 
+def format_epsilon_over(epsilon: float, budget: float) -> str:
+    """Format an epsilon above ``budget`` so that it reads as larger than it.
+
+    Three significant digits by default. More where three would round it to
+    the budget as ``{budget:g}`` shows it, such as 12.03 against 12.
+    """
+    shown_budget = float(f"{budget:g}")
+    for digits in range(3, 18):
+        text = f"{epsilon:.{digits}g}"
+        if float(text) > shown_budget:
+            return text
+    return repr(epsilon)
+
+
 def epsilon_spent(
     releases: dict[float, int], delta: float, accountant: str = "rdp"
 ) -> float:
