@@ -138,7 +138,9 @@ def _check_columns(db: sqlite3.Connection, path: Path) -> None:
     this check such a file fails only at the first write of that table. It
     runs before anything is written, so a rejected file stays unchanged.
     """
-    for table, columns in _expected_columns().items():
+    expected = _expected_columns()
+    _check_foreign_tables(db, path, set(expected))
+    for table, columns in expected.items():
         present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if not present:
             continue
@@ -152,6 +154,24 @@ def _check_columns(db: sqlite3.Connection, path: Path) -> None:
                 "create a new one, which starts with empty rate limits, privacy "
                 "budgets and stored responses"
             )
+
+
+def _check_foreign_tables(
+    db: sqlite3.Connection, path: Path, hub_tables: set[str]
+) -> None:
+    """Reject a database with tables but none of the hub's, as another program's."""
+    rows = db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' "
+        "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+    )
+    tables = [str(row[0]) for row in rows]
+    if not tables or hub_tables.intersection(tables):
+        return
+    raise ConfigError(
+        f"hub.state_file {path} is not a hub state database (it has the tables "
+        f"{', '.join(tables)} and none of the hub's, so another program may "
+        "use it); set hub.state_file to another path"
+    )
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:

@@ -513,6 +513,27 @@ def test_other_schema_state_file_is_kept(tmp_path) -> None:
     assert state_file.read_bytes() == content
 
 
+def test_other_program_state_file_is_kept(tmp_path) -> None:
+    path = write_config(tmp_path)
+    state_file = tmp_path / "hub-state.sqlite"
+    with contextlib.closing(sqlite3.connect(state_file)) as database:
+        database.executescript(
+            "CREATE TABLE notes (text TEXT); CREATE TABLE tags (name TEXT);"
+            "INSERT INTO notes VALUES ('keep me');"
+        )
+    content = state_file.read_bytes()
+
+    result = CliRunner().invoke(main, ["hub", "--config", str(path)])
+
+    assert result.exit_code == 78
+    assert result.output == (
+        f"error: {path}: hub.state_file {state_file} is not a hub state database "
+        "(it has the tables notes, tags and none of the hub's, so another "
+        "program may use it); set hub.state_file to another path\n"
+    )
+    assert state_file.read_bytes() == content
+
+
 def test_state_file_records_schema_version(tmp_path) -> None:
     state_file = tmp_path / "hub-state.sqlite"
     # A file of an earlier version: no user_version, and requests without
