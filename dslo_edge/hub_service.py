@@ -71,6 +71,7 @@ from dslo_edge.label_protocol import (
     worker_metrics_topic,
     worker_status_topic,
 )
+from dslo_edge.repeat_log import RepeatLimiter, repeats_note
 from dslo_edge.watchdog import Watchdog, WatchedThread
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ STOP_IDLE_S = 0.5
 # NOTE: after one worker writes a deleted file back, the charges that other
 # workers commit to the deleted file within this interval are lost.
 STATE_CHECK_S = 1.0
+# A warning about a device's QoS 0 requests is logged at most this often, in
+# seconds, for at most this many devices at once.
+QOS0_LOG_INTERVAL_S = 60.0
+QOS0_LOG_MEMORY = 10_000
 
 
 def status_payload(state: str, client_id: str, group: str, **extra: Any) -> str:
@@ -181,6 +186,9 @@ class HubWorker:
         self._connected_at: float | None = None
         # Requests that a worker with requests.enabled = false dropped.
         self._dropped_requests = 0
+        # Requests published with QoS 0, dropped before they were queued.
+        self._qos0_requests = 0
+        self._qos0_log = RepeatLimiter(QOS0_LOG_INTERVAL_S, QOS0_LOG_MEMORY)
         self._timers = _Timers()
         self.status_topic = worker_status_topic(self.prefix, self.worker_id)
         self.connection = MqttConnection(
@@ -231,8 +239,14 @@ class HubWorker:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Counts of requests, responses and teacher calls of this worker."""
-        return asdict(self.labeller.counters)
+        """Counts of requests, responses and teacher calls of this worker.
+
+        ``unanswerable`` includes the requests published with QoS 0.
+        """
+        counts = asdict(self.labeller.counters)
+        counts["requests"] += self._qos0_requests
+        counts["unanswerable"] += self._qos0_requests
+        return counts
 
     # Lifecycle
 
@@ -425,6 +439,9 @@ class HubWorker:
         the request from.
         """
         device = device_of_request_topic(message.topic, self.prefix)
+        if message.qos == 0:
+            self._drop_qos0_request(device)
+            return
         item = Incoming(
             device=device,
             payload=bytes(message.payload),
@@ -436,6 +453,24 @@ class HubWorker:
             drained_from=drained_from,
         )
         self.incoming.put(item)
+
+    def _drop_qos0_request(self, device: str | None) -> None:
+        """Count and log a request published with QoS 0, which gets no response.
+
+        The broker's flow control (the Receive Maximum) counts only QoS 1 and
+        2 messages, so queued QoS 0 requests could fill the worker's memory.
+        """
+        self._qos0_requests += 1
+        name = device or "(no device)"
+        skipped = self._qos0_log.skipped_before(name)
+        if skipped is None:
+            return
+        logger.warning(
+            "Ignoring a label request from %s published with QoS 0; label "
+            "requests need QoS 1%s",
+            name,
+            repeats_note(skipped, "such request"),
+        )
 
     def _on_worker_status(self, message: mqtt.MQTTMessage) -> None:
         peer = message.topic.split("/")[-2]
