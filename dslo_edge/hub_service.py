@@ -88,6 +88,9 @@ STATE_CHECK_S = 1.0
 # seconds, for at most this many devices at once.
 QOS0_LOG_INTERVAL_S = 60.0
 QOS0_LOG_MEMORY = 10_000
+# A state file error of the batcher is logged at most this often, in seconds,
+# per error message.
+STATE_ERROR_LOG_INTERVAL_S = 60.0
 
 
 def status_payload(state: str, client_id: str, group: str, **extra: Any) -> str:
@@ -189,6 +192,7 @@ class HubWorker:
         # Requests published with QoS 0, dropped before they were queued.
         self._qos0_requests = 0
         self._qos0_log = RepeatLimiter(QOS0_LOG_INTERVAL_S, QOS0_LOG_MEMORY)
+        self._state_error_log = RepeatLimiter(STATE_ERROR_LOG_INTERVAL_S, 100)
         self._timers = _Timers()
         self.status_topic = worker_status_topic(self.prefix, self.worker_id)
         self.connection = MqttConnection(
@@ -582,12 +586,32 @@ class HubWorker:
                     len(batch),
                     error,
                 )
+            except sqlite3.Error as error:
+                self._log_state_error(len(batch), error)
+                _acknowledge(batch)
             except Exception:  # one bad batch must not stop the worker
                 logger.exception(
                     "Hub worker %s failed to serve %d requests; devices resend them",
                     self.worker_id,
                     len(batch),
                 )
+                _acknowledge(batch)
+
+    def _log_state_error(self, count: int, error: sqlite3.Error) -> None:
+        """Log a state file error of the batcher, at most once a minute per message."""
+        skipped = self._state_error_log.skipped_before(str(error))
+        if skipped is None:
+            return
+        logger.error(
+            "Hub worker %s did not serve %d requests: hub.state_file %s failed "
+            "(%s); the devices resend them, and they are served once the file "
+            "can be written again%s",
+            self.worker_id,
+            count,
+            self.config.state_file,
+            error,
+            repeats_note(skipped, "such batch", "such batches"),
+        )
 
     def _collect(self) -> list[Incoming]:
         try:
@@ -677,6 +701,18 @@ class HubWorker:
             qos=1,
             retain=True,
         )
+
+
+def _acknowledge(batch: list[Incoming]) -> None:
+    """Acknowledge requests that failed, which the broker would not send again.
+
+    The connection stays up, so the broker redelivers an unacknowledged
+    request only after a reconnect. Until then each one would take one of
+    the RECEIVE_MAXIMUM messages that the broker may have in flight to this
+    worker, and 1000 of them would stop its deliveries.
+    """
+    for item in batch:
+        item.ack()
 
 
 def _acker(client: Acknowledger, mid: int, qos: int) -> Callable[[], None]:
