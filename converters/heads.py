@@ -12,12 +12,8 @@ from typing import Any
 
 from converters.graph import GraphNode, OutputHead
 from dslo_edge.errors import ConversionError
+from dslo_edge.manifest import MAX_CLASSES, MIN_CLASSES
 from dslo_edge.multihead_protocol import MAX_HEAD_NAME_BYTES, MAX_HEADS
-
-# Update payloads carry 2 to 65535 classes per head (a uint16 count), and a
-# softmax over one class is always 1, so such a head would never train.
-MIN_CLASSES = 2
-MAX_CLASSES = 0xFFFF
 
 
 def head_name(layer_name: str) -> str:
@@ -126,8 +122,13 @@ def _check_lengths(names: list[str]) -> None:
             )
 
 
+def _repeated(names: list[str]) -> list[str]:
+    """Return the names that occur more than once, sorted."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def _check_distinct_layers(layer_names: list[str]) -> None:
-    repeated = sorted({name for name in layer_names if layer_names.count(name) > 1})
+    repeated = _repeated(layer_names)
     if repeated:
         raise ConversionError(
             f"the student's outputs {layer_names} give the output of layer "
@@ -137,7 +138,7 @@ def _check_distinct_layers(layer_names: list[str]) -> None:
 
 
 def _check_unique(names: list[str]) -> None:
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = _repeated(names)
     if repeated:
         raise ConversionError(
             f"the student's output layers give the head names {names}, in "
@@ -269,7 +270,7 @@ def check_teacher_heads(teacher: Any, heads: list[OutputHead]) -> None:
     """
     layer_names = output_layer_names(teacher)
     names = [head_name(layer_name) for layer_name in layer_names]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = _repeated(names)
     if repeated:
         raise ConversionError(
             f"the teacher's output layers {layer_names} give the head names "

@@ -44,11 +44,13 @@ POSITIVE = JsonKind(
     "an integer of at least 1", lambda value: _is_integer(value) and value >= 1
 )
 
-# Update payloads carry 2 to 65535 classes per head, and a softmax over one
-# class is always 1, so a bundle of one class would never train.
+# Update payloads carry 2 to 65535 classes per head (a uint16 count). A
+# softmax over one class is always 1, so a head of one class would never train.
+MIN_CLASSES = 2
+MAX_CLASSES = 0xFFFF
 CLASS_COUNT = JsonKind(
-    "an integer from 2 to 65535",
-    lambda value: _is_integer(value) and 2 <= value <= 0xFFFF,
+    f"an integer from {MIN_CLASSES} to {MAX_CLASSES}",
+    lambda value: _is_integer(value) and MIN_CLASSES <= value <= MAX_CLASSES,
 )
 
 # An update marks its labels as logits or else as probabilities, so any other
