@@ -39,8 +39,8 @@ def packet_size_limit(largest_payload: int) -> int:
     sending it, so one message cannot make the network thread read hundreds
     of MiB before any check. The bound is twice the largest payload, so that
     a payload somewhat over the client's own limit still arrives and is
-    rejected by name, which tells its sender what to change. MQTT 3.1.1 has
-    no such bound.
+    rejected with a message that names the limit, for its sender to fix.
+    MQTT 3.1.1 has no such bound.
     """
     return min(2 * largest_payload + PACKET_HEADROOM_BYTES, MAX_MQTT_PACKET_BYTES)
 

@@ -32,9 +32,11 @@ def test_qos0_requests_get_no_labels(mlp_pair, mosquitto, tmp_path, caplog) -> N
     )
     caplog.set_level("WARNING", logger="dslo_edge.hub_service")
     watcher = HubWatcher(mosquitto.port)
+
     try:
         worker.start()
         wait_online(watcher, ["w1"])
+
         for index in range(3):
             request_id = bytes([index]) * 16
             client.publish(
@@ -43,6 +45,7 @@ def test_qos0_requests_get_no_labels(mlp_pair, mosquitto, tmp_path, caplog) -> N
                 qos=0,
                 properties=request_properties("dslo/cam/labels", request_id),
             )
+
         request_id = b"q" * 16
         client.publish(
             "dslo/cam/requests",
@@ -50,7 +53,9 @@ def test_qos0_requests_get_no_labels(mlp_pair, mosquitto, tmp_path, caplog) -> N
             qos=1,
             properties=request_properties("dslo/cam/labels", request_id),
         )
+
         assert received.get(timeout=10) == "ok"
+        # Leaves time for a late response to one of the QoS 0 requests.
         time.sleep(0.5)
         assert received.empty()
         counters = worker.counters
@@ -59,6 +64,7 @@ def test_qos0_requests_get_no_labels(mlp_pair, mosquitto, tmp_path, caplog) -> N
         watcher.close()
         client.disconnect()
         client.loop_stop()
+
     assert counters["requests"] == 4
     assert counters["answered"] == 1
     assert counters["unanswerable"] == 3

@@ -190,16 +190,16 @@ def test_pld_admission_fast_at_many_releases(tmp_path) -> None:
     assert state.epsilon("cam", settings) <= budget
 
 
-def test_refusal_epsilon_reads_above_budget(tmp_path) -> None:
+def test_rejection_epsilon_reads_above_budget(tmp_path) -> None:
     # 77 releases at 4.0 spend 12.03, which three significant digits show as 12.
     settings = privacy(4.0, budget=12.0)
     state = HubState(tmp_path / "state.sqlite", "w1")
     assert state.charge_releases("cam", 76, settings) == ""
 
-    refusal = state.admit([key(1, samples=1)], 0.0, RATE, settings, 30)[0]
+    rejection = state.admit([key(1, samples=1)], 0.0, RATE, settings, 30)[0]
 
-    assert refusal.kind == BUDGET_EXHAUSTED
-    shown_epsilon = refusal.detail.split("spent epsilon to ")[1].split(",")[0]
+    assert rejection.kind == BUDGET_EXHAUSTED
+    shown_epsilon = rejection.detail.split("spent epsilon to ")[1].split(",")[0]
     assert float(shown_epsilon) > 12.0
     assert float(shown_epsilon) == pytest.approx(rdp_epsilon({4.0: 77}), abs=0.01)
-    assert refusal.detail.endswith("above its budget of 12")
+    assert rejection.detail.endswith("above its budget of 12")

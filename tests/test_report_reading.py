@@ -217,25 +217,25 @@ def rotated_logs(folder: Path) -> list[Path]:
 
 def plotted_values(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Return every value that the three plots draw or print."""
-    kept, others = newest_device_reports(records)
+    device_reports, others = newest_device_reports(records)
     histograms: dict[str, list[Any] | None] = {}
     for name in ("infer_ms", "train_ms", "end_to_end_ms"):
-        latest = latest_histogram(kept, name)
+        latest = latest_histogram(device_reports, name)
         if latest is None:
             histograms[name] = None
             continue
         summary, (_, counts) = latest
         peak = max(counts)
         histograms[name] = [summary["count"], summary["p50"], counts.index(peak), peak]
-    energy = latest_energy(kept)
+    energy = latest_energy(device_reports)
     return {
-        "device": kept[-1]["device"],
+        "device": device_reports[-1]["device"],
         "others": others,
-        "alpha": alpha_series(kept),
-        "entropy": head_series(kept, "teacher.mean_entropy"),
-        "loss": head_series(kept, "loss"),
-        "probe": probe_series(kept),
-        "energy": series(kept, "energy.joules_per_update"),
+        "alpha": alpha_series(device_reports),
+        "entropy": head_series(device_reports, "teacher.mean_entropy"),
+        "loss": head_series(device_reports, "loss"),
+        "probe": probe_series(device_reports),
+        "energy": series(device_reports, "energy.joules_per_update"),
         "histograms": histograms,
         "energy_source": energy["source"],
         "battery": energy["battery"]["percent_per_1000_updates"],
