@@ -95,7 +95,8 @@ from dslo_edge.state_folders import (
 from dslo_edge.state_lock import StateLock
 from dslo_edge.swap import ACTIVE
 
-# Re-exported, because callers import it from dslo_edge.daemon.
+# Re-exported: it was defined here before, and code that imports it from here
+# keeps working.
 from dslo_edge.systemd import EXIT_WATCHDOG as EXIT_WATCHDOG
 from dslo_edge.trainer import Trainer
 from dslo_edge.update_queue import UpdateQueue
